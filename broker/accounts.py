@@ -1,0 +1,201 @@
+"""Accounts: names, roles and argon2 hashes in one JSON file under the data directory.
+
+The running broker and the operator's ``imcli admin user …`` commands share the file:
+writers take an exclusive ``flock`` and replace the file atomically; readers notice a
+changed file by its ``stat`` and reload. Passwords exist only as argon2id hashes
+(argon2-cffi's defaults, RFC 9106 "low memory": t=3, m=64 MiB, p=4); neither a password
+nor a hash is ever logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from imcli.errors import AccountError, InvalidInput, NameTaken, NotFound
+from imcli.wire import NAME_RULE, RESERVED_NAMES, is_name
+
+log = logging.getLogger(__name__)
+
+MIN_PASSWORD_LENGTH = 8
+MAX_PASSWORD_LENGTH = 1024
+
+
+class Role(enum.StrEnum):
+    USER = "user"
+    SERVICE = "service"  # workers: may write replies, notices, presence, events
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    name: str
+    role: Role
+    created: float
+    hash: str  # argon2 encoded hash, never logged (excluded from repr below)
+
+    def __repr__(self) -> str:
+        return f"Account(name={self.name!r}, role={self.role.value!r})"
+
+
+def check_password(password: str) -> str:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise InvalidInput(f"password too short (at least {MIN_PASSWORD_LENGTH} characters)")
+    if len(password) > MAX_PASSWORD_LENGTH:
+        raise InvalidInput(f"password too long (at most {MAX_PASSWORD_LENGTH} characters)")
+    return password
+
+
+class AccountStore:
+    """Accounts of one data directory. Thread-safe; safe against concurrent processes."""
+
+    FILE_NAME = "accounts.json"
+
+    def __init__(self, data_dir: Path, hasher: PasswordHasher | None = None) -> None:
+        self.data_dir = data_dir
+        self.path = data_dir / self.FILE_NAME
+        self._lock_path = data_dir / "accounts.lock"
+        self._hasher = hasher or PasswordHasher()
+        self._mutex = threading.Lock()
+        self._accounts: dict[str, Account] = {}
+        self._stamp: tuple[int, int, int] | None = None
+        # verifying against a fixed hash for unknown names keeps their timing like a known name's
+        self._dummy_hash = self._hasher.hash("imcli-dummy-password")
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.refresh()
+
+    # ------------------------------------------------------------------ reading
+
+    def refresh(self) -> None:
+        """Reload the file if another process (or this one) changed it."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            with self._mutex:
+                self._accounts, self._stamp = {}, None
+            return
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return
+        accounts = self._read()
+        with self._mutex:
+            self._accounts, self._stamp = accounts, stamp
+
+    def _read(self) -> dict[str, Account]:
+        try:
+            raw = json.loads(self.path.read_text())
+            return {
+                name: Account(name, Role(entry["role"]), float(entry["created"]), entry["hash"])
+                for name, entry in raw["accounts"].items()
+            }
+        except FileNotFoundError:
+            return {}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AccountError(f"account file {self.path} is damaged: {exc}") from exc
+
+    def get(self, name: str) -> Account | None:
+        self.refresh()
+        return self._accounts.get(name)
+
+    def cached_role(self, name: str) -> Role | None:
+        """The role as last loaded, without touching the disk (hot path: topic checks)."""
+        account = self._accounts.get(name)
+        return account.role if account else None
+
+    def list(self) -> list[Account]:
+        self.refresh()
+        return sorted(self._accounts.values(), key=lambda a: a.name)
+
+    def verify(self, name: str, password: str) -> Account | None:
+        """The account if ``password`` is right; ``None`` otherwise (unknown name included).
+
+        Slow on purpose (argon2): call it from a worker thread in async code.
+        """
+        account = self.get(name)
+        try:
+            self._hasher.verify(account.hash if account else self._dummy_hash, password)
+        except (VerificationError, InvalidHashError):
+            return None
+        return account
+
+    # ------------------------------------------------------------------ writing
+
+    def add(self, name: str, password: str, role: Role = Role.USER, *, allow_reserved: bool = False) -> Account:
+        if not is_name(name):
+            raise InvalidInput(f"invalid account name {name!r}", NAME_RULE)
+        if name in RESERVED_NAMES and not allow_reserved:
+            raise InvalidInput(f"the name {name!r} is reserved", "choose another name")
+        hashed = self._hasher.hash(check_password(password))  # slow: outside the file lock
+        with self._locked() as accounts:
+            if name in accounts:
+                raise NameTaken(f"the name {name!r} is taken", "choose another name")
+            account = Account(name, role, time.time(), hashed)
+            accounts[name] = account
+        log.info("account %s added (role %s)", name, role.value)
+        return account
+
+    def set_password(self, name: str, password: str) -> None:
+        hashed = self._hasher.hash(check_password(password))
+        with self._locked() as accounts:
+            old = accounts.get(name)
+            if old is None:
+                raise NotFound(f"no account named {name!r}")
+            accounts[name] = Account(name, old.role, old.created, hashed)
+
+    def ensure_service(self, name: str, password: str) -> None:
+        """Create or re-key a service account (used by ``imcli serve`` for its own workers)."""
+        hashed = self._hasher.hash(check_password(password))
+        with self._locked() as accounts:
+            old = accounts.get(name)
+            if old is not None and old.role is not Role.SERVICE:
+                raise NameTaken(
+                    f"the service account name {name!r} belongs to a user",
+                    "remove that user or configure another service account name",
+                )
+            accounts[name] = Account(name, Role.SERVICE, old.created if old else time.time(), hashed)
+
+    def remove(self, name: str) -> None:
+        with self._locked() as accounts:
+            if accounts.pop(name, None) is None:
+                raise NotFound(f"no account named {name!r}", "see imcli admin user list")
+        log.info("account %s removed", name)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, Account]]:
+        """Read-modify-write under an exclusive lock shared with other processes."""
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            accounts = self._read()
+            yield accounts
+            self._write(accounts)
+        finally:
+            os.close(fd)  # closing releases the flock
+        self.refresh()
+
+    def _write(self, accounts: dict[str, Account]) -> None:
+        doc = {
+            "version": 1,
+            "accounts": {
+                a.name: {"role": a.role.value, "created": a.created, "hash": a.hash}
+                for a in sorted(accounts.values(), key=lambda a: a.name)
+            },
+        }
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(doc, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)

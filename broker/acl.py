@@ -1,0 +1,120 @@
+"""Who may publish, subscribe to and receive which topic: the contract of DESIGN.md as code.
+
+The rules are Mosquitto-style patterns (``%u`` is the authenticated username) so that
+``deploy/mosquitto`` can state the same rules in Mosquitto's own ACL language. Everything
+here is pure: no broker, no I/O, easy to test exhaustively.
+
+A publish must also name a topic the wire parser accepts (so ``+`` levels hold valid
+names), and a subscription filter is allowed only if *every* topic it can match is
+readable (``#`` alone is not within ``im/room/#``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from imcli.wire import Topics, TopicKind, is_name
+
+from broker.accounts import Role
+
+
+class Access(enum.StrEnum):
+    PUBLISH = "publish"
+    SUBSCRIBE = "subscribe"
+    RECEIVE = "receive"
+
+
+# retained messages are state; chat is not: a retained chat line would replay forever
+RETAINABLE = frozenset({TopicKind.STATUS, TopicKind.PRESENCE, TopicKind.GROUP_INFO})
+
+USER_WRITE = ("room/+/%u", "user/+/dm/%u", "status/%u/+", "request/%u/+")
+USER_READ = ("room/#", "user/%u/#", "presence/#", "events")
+SERVICE_WRITE = (
+    "user/+/reply/+",
+    "user/+/notice",
+    "presence/+",
+    "events",
+    "group/+/info",
+    "status/%u/+",
+)
+SERVICE_READ = ("#",)
+
+
+def topic_matches(topic: str, pattern: str) -> bool:
+    """MQTT matching of a concrete topic against a filter/pattern."""
+    return _matches(tuple(topic.split("/")), tuple(pattern.split("/")))
+
+
+def _matches(levels: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    for i, p in enumerate(pattern):
+        if p == "#":
+            return True
+        if i >= len(levels) or (p != "+" and p != levels[i]):
+            return False
+    return len(levels) == len(pattern)
+
+
+def filter_within(filt: str, pattern: str) -> bool:
+    """Whether every topic matched by subscription filter ``filt`` is matched by ``pattern``."""
+    f, p = filt.split("/"), pattern.split("/")
+    for i, pl in enumerate(p):
+        if pl == "#":
+            return True
+        if i >= len(f):
+            return False
+        fl = f[i]
+        if fl == "#":
+            return False  # filter reaches deeper/wider than a pattern without '#'
+        if pl == "+":
+            continue
+        if fl != pl:  # a literal pattern level admits only the same literal
+            return False
+    return len(f) == len(p)
+
+
+@dataclass(frozen=True)
+class TopicAcl:
+    """The access rules for one topic prefix."""
+
+    topics: Topics = field(default_factory=Topics)
+
+    def allows(self, username: str | None, role: Role | None, topic: str, access: Access) -> bool:
+        if username is None or role is None or not is_name(username):
+            return False
+        if access is Access.SUBSCRIBE:
+            return any(filter_within(topic, p) for p in self._patterns(username, role, write=False))
+        if "+" in topic or "#" in topic:
+            return False
+        if access is Access.PUBLISH:
+            parsed = self.topics.parse(topic)
+            if parsed is None:
+                return False
+        patterns = self._patterns(username, role, write=access is Access.PUBLISH)
+        levels = tuple(topic.split("/"))
+        return any(_matches(levels, tuple(p.split("/"))) for p in patterns)
+
+    def may_retain(self, topic: str) -> bool:
+        parsed = self.topics.parse(topic)
+        return parsed is not None and parsed.kind in RETAINABLE
+
+    def _patterns(self, username: str, role: Role, *, write: bool) -> tuple[str, ...]:
+        return _expand(self.topics.prefix, username, role, write)
+
+    def mosquitto_rules(self) -> list[str]:
+        """The same rules in Mosquitto's ACL-file language (documentation and deploy/)."""
+        p = self.topics.prefix
+        lines = ["# users"]
+        lines += [f"pattern write {p}/{r}" for r in USER_WRITE]
+        lines += [f"pattern read {p}/{r}" for r in USER_READ]
+        return lines
+
+
+@lru_cache(maxsize=65536)
+def _expand(prefix: str, username: str, role: Role, write: bool) -> tuple[str, ...]:
+    if role is Role.SERVICE:
+        rules = SERVICE_WRITE if write else SERVICE_READ
+    else:
+        rules = USER_WRITE if write else USER_READ
+    return tuple(f"{prefix}/{r}".replace("%u", username) for r in rules)

@@ -1,0 +1,150 @@
+"""amqtt plugins: account authentication and the topic ACL.
+
+Each plugin is an amqtt plugin (nested ``Config`` dataclass, keyword-only async hooks)
+whose decisions come from pure code (``AccountStore``, ``TopicAcl``). ``ImBroker`` calls
+their synchronous parts directly on its hot paths; see ``broker/server.py`` for why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from amqtt.contexts import Action
+from amqtt.mqtt.connack import (
+    BAD_USERNAME_PASSWORD,
+    CONNECTION_ACCEPTED,
+    IDENTIFIER_REJECTED,
+    NOT_AUTHORIZED,
+)
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+
+from broker.accounts import AccountStore, Role
+from broker.acl import Access, TopicAcl
+from imcli.errors import ImcliError
+from imcli.wire import DEFAULT_PREFIX, Topics, client_id_account
+
+log = logging.getLogger(__name__)
+
+REGISTER_PREFIX = "register:"  # username "register:<name>" asks to create account <name>
+
+_stores: dict[Path, AccountStore] = {}
+_stores_lock = threading.Lock()
+
+
+def shared_store(data_dir: str | Path) -> AccountStore:
+    """One ``AccountStore`` per data directory and process, shared by both plugins."""
+    path = Path(data_dir).resolve()
+    with _stores_lock:
+        if path not in _stores:
+            _stores[path] = AccountStore(path)
+        return _stores[path]
+
+
+def forget_store(data_dir: str | Path) -> None:
+    with _stores_lock:
+        _stores.pop(Path(data_dir).resolve(), None)
+
+
+class AccountAuthPlugin(BaseAuthPlugin):
+    """Accounts from ``<data_dir>/accounts.json``; anonymous refused; client ids bound.
+
+    A CONNECT is accepted when the password verifies, the client id is ``<account>`` or
+    ``<account>:<device>`` (or empty, then one is assigned), and a Last Will, if any, is on
+    a topic the account may publish to. With open registration, username
+    ``register:<name>`` creates the account ``<name>`` with the given password.
+    """
+
+    @dataclass
+    class Config:
+        data_dir: str = "."
+        prefix: str = DEFAULT_PREFIX
+        registration: str = "open"  # "open" or "closed" (admin-only)
+
+    def __init__(self, context: object) -> None:
+        super().__init__(context)  # type: ignore[arg-type]
+        self.store = shared_store(self.config.data_dir)
+        self.acl = TopicAcl(Topics(self.config.prefix))
+        if self.config.registration not in ("open", "closed"):
+            raise ValueError(f"registration must be 'open' or 'closed', not {self.config.registration!r}")
+
+    async def authenticate(self, *, session: Session) -> bool:
+        return await self.check_connect(session) == CONNECTION_ACCEPTED
+
+    async def check_connect(self, session: Session) -> int:
+        """The CONNACK return code this CONNECT deserves (0 means accepted)."""
+        username, password = session.username, session.password
+        if not username or password is None:
+            return NOT_AUTHORIZED  # anonymous
+        if isinstance(password, bytes):
+            try:
+                password = password.decode("utf-8")
+            except UnicodeDecodeError:
+                return BAD_USERNAME_PASSWORD
+        if username.startswith(REGISTER_PREFIX):
+            return await self._register(session, username.removeprefix(REGISTER_PREFIX), password)
+
+        account = await asyncio.to_thread(self.store.verify, username, password)
+        if account is None:
+            log.info("login refused for %r: unknown account or wrong password", username)
+            return BAD_USERNAME_PASSWORD
+        if not session.client_id:
+            session.client_id = f"{username}:{secrets.token_hex(6)}"
+        elif client_id_account(session.client_id) != username:
+            log.warning("login refused for %r: client id %r is not bound to it", username, session.client_id)
+            return IDENTIFIER_REJECTED
+        if session.will_flag and not self._will_allowed(username, account.role, session):
+            log.warning("login refused for %r: Last Will on %r not allowed", username, session.will_topic)
+            return NOT_AUTHORIZED
+        return CONNECTION_ACCEPTED
+
+    def _will_allowed(self, username: str, role: Role, session: Session) -> bool:
+        topic = session.will_topic or ""
+        if not self.acl.allows(username, role, topic, Access.PUBLISH):
+            return False
+        return not session.will_retain or self.acl.may_retain(topic)
+
+    async def _register(self, session: Session, name: str, password: str) -> int:
+        if self.config.registration != "open":
+            log.info("registration of %r refused: registration is closed", name)
+            return NOT_AUTHORIZED
+        if session.client_id != REGISTER_PREFIX + name or session.will_flag:
+            return IDENTIFIER_REJECTED
+        try:
+            await asyncio.to_thread(self.store.add, name, password)
+        except ImcliError as exc:
+            log.info("registration of %r refused: %s", name, exc)
+            return BAD_USERNAME_PASSWORD
+        return CONNECTION_ACCEPTED
+
+
+class TopicAclPlugin(BaseTopicPlugin):
+    """The topic contract of DESIGN.md, enforced on publish, subscribe and delivery."""
+
+    @dataclass
+    class Config:
+        data_dir: str = "."
+        prefix: str = DEFAULT_PREFIX
+        max_payload: int = field(default=16 * 1024)
+
+    def __init__(self, context: object) -> None:
+        super().__init__(context)  # type: ignore[arg-type]
+        self.store = shared_store(self.config.data_dir)
+        self.acl = TopicAcl(Topics(self.config.prefix))
+
+    def check(self, username: str | None, topic: str, access: Access) -> bool:
+        if username is None:
+            return False
+        return self.acl.allows(username, self.store.cached_role(username), topic, access)
+
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+    ) -> bool:
+        if session is None or topic is None or action is None:
+            return False
+        return self.check(session.username, topic, Access(action.value))

@@ -1,0 +1,232 @@
+"""The embedded broker: amqtt's ``Broker`` with this project's plugins and its traps closed.
+
+amqtt 0.12.1 (pinned exactly in pyproject.toml) has behaviour that an auth plugin alone
+cannot fix; ``ImBroker`` overrides the few private methods involved, each marked below:
+
+* A CONNECT deletes (clean session) or merges into (persistent session) the existing
+  session of its client id, and takes over a connected one, *before* authentication.
+  A wrong password with a victim's client id would wipe or kick the victim. We
+  authenticate right after reading the CONNECT, before any session is touched.
+* The Last Will topic is never checked: the auth plugin checks it like a publish.
+* Messages queued for an offline persistent session are delivered with retain=1 and
+  without a RECEIVE check: we deliver them as ordinary messages, checked.
+* A publish the topic plugin refuses is dropped silently (the sender still gets its
+  PUBACK): we tell the sender on its notice topic. There is no payload size limit and
+  anyone may retain anything: we refuse oversized payloads and retained chat.
+* Every topic check goes through ``PluginManager.map_plugin_topic``, which creates one
+  task per plugin per call, per recipient on fan-out. Our ACL is pure and synchronous,
+  so ``_topic_filtering`` calls it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from amqtt.broker import Broker
+from amqtt.contexts import Action
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import CONNECTION_ACCEPTED, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import Session
+from amqtt.utils import gen_client_id
+
+from broker.accounts import AccountStore
+from broker.acl import Access
+from broker.plugins import AccountAuthPlugin, TopicAclPlugin, forget_store, shared_store
+from imcli.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_PREFIX, Notice, Topics, encode, is_name
+
+log = logging.getLogger(__name__)
+
+SERVICE_ACCOUNT = "presence"
+
+_P = TypeVar("_P")
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    data_dir: Path
+    bind: str = "127.0.0.1"
+    port: int = 1883
+    prefix: str = DEFAULT_PREFIX
+    registration: str = "open"
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+
+    def amqtt_config(self) -> dict[str, Any]:
+        host = f"[{self.bind}]" if ":" in self.bind else self.bind
+        data_dir = str(self.data_dir.resolve())
+        return {
+            "listeners": {"default": {"type": "tcp", "bind": f"{host}:{self.port}"}},
+            "timeout_disconnect_delay": 2,
+            "plugins": {
+                "broker.plugins.AccountAuthPlugin": {
+                    "data_dir": data_dir,
+                    "prefix": self.prefix,
+                    "registration": self.registration,
+                },
+                "broker.plugins.TopicAclPlugin": {
+                    "data_dir": data_dir,
+                    "prefix": self.prefix,
+                    "max_payload": self.max_payload,
+                },
+            },
+        }
+
+
+class ImBroker(Broker):  # type: ignore[misc]
+    """amqtt ``Broker`` that authenticates before touching sessions and enforces limits."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        super().__init__(settings.amqtt_config())
+        self.settings = settings
+        self.topics = Topics(settings.prefix)
+        self._auth = _plugin(self, AccountAuthPlugin)
+        self._acl = _plugin(self, TopicAclPlugin)
+        self._preauthenticated: set[int] = set()
+
+    @property
+    def accounts(self) -> AccountStore:
+        return shared_store(self.settings.data_dir)
+
+    def bound_port(self) -> int:
+        """The TCP port actually bound (useful with port 0)."""
+        # amqtt keeps its asyncio servers private; there is no public accessor in 0.12.1
+        server = self._servers["default"].instance
+        return int(server.sockets[0].getsockname()[1])
+
+    # ---------------------------------------------------------------- connect
+
+    async def _initialize_client_session(  # amqtt private: see module docstring
+        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        try:
+            handler, incoming = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        except (AMQTTError, MQTTError, NoDataError) as exc:
+            log.info("bad CONNECT from %s:%s: %s", remote_address, remote_port, exc)
+            raise AMQTTError(exc) from exc
+
+        code = await self._auth.check_connect(incoming)
+        if code != CONNECTION_ACCEPTED:
+            # refuse before any existing session is deleted, merged or taken over
+            await ConnackPacket.build(0, code).to_stream(writer)
+            await writer.close()
+            raise MQTTError(f"CONNECT refused ({code}) for {incoming.username!r}")
+
+        session = incoming
+        if incoming.clean_session:
+            if incoming.client_id:
+                await self._delete_session(incoming.client_id)
+            else:
+                incoming.client_id = gen_client_id()
+            incoming.parent = 0
+        elif incoming.client_id in self._sessions:
+            existing, _ = self._sessions[incoming.client_id]
+            for attr in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
+                         "username", "password"):
+                setattr(existing, attr, getattr(incoming, attr))
+            session = existing
+            session.parent = 1
+        else:
+            incoming.parent = 0
+
+        delay = self.config.timeout_disconnect_delay or 0
+        if session.keep_alive > 0 and isinstance(delay, int):
+            session.keep_alive += delay
+        self._preauthenticated.add(id(session))
+        return handler, session
+
+    async def _authenticate(self, session: Session, listener: Any) -> bool:  # amqtt private
+        if id(session) in self._preauthenticated:
+            self._preauthenticated.discard(id(session))
+            return True
+        return False
+
+    # ---------------------------------------------------------------- topics
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:  # amqtt private
+        allowed = self._acl.check(session.username, topic, Access(action.value))
+        if not allowed and action is Action.PUBLISH:
+            await self.notify(session.username, "denied", f"you may not publish to {topic}", topic)
+        return allowed
+
+    async def _handle_message_delivery(  # amqtt private: limits before amqtt's own handling
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
+    ) -> bool:
+        message = wait_deliver.result()
+        if message is not None and message.topic:
+            size = len(message.data or b"")
+            if size > self.settings.max_payload:
+                await self.notify(
+                    client_session.username,
+                    "too_large",
+                    f"message of {size} bytes dropped: the limit is {self.settings.max_payload} bytes",
+                    message.topic,
+                )
+                return True
+            packet = message.publish_packet
+            if packet is not None and packet.retain_flag and not self._acl.acl.may_retain(message.topic):
+                await self.notify(
+                    client_session.username,
+                    "denied",
+                    f"retained messages are not allowed on {message.topic}",
+                    message.topic,
+                )
+                return True
+        result: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
+        return result
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:  # amqtt private
+        # amqtt sends messages queued while offline with retain=1 and unchecked
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        while not session.retained_messages.empty():
+            queued = session.retained_messages.get_nowait()
+            if self._acl.check(session.username, queued.topic, Access.RECEIVE):
+                tasks.append(asyncio.ensure_future(handler.mqtt_publish(queued.topic, queued.data, queued.qos, False)))
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def notify(self, username: str | None, code: str, text: str, topic: str | None = None) -> None:
+        """Tell one user something on its notice topic (nobody hears it if it is not listening)."""
+        if username is None or not is_name(username):
+            return
+        log.info("notice to %s: %s", username, text)
+        payload = encode(Notice(code=code, text=text, topic=topic))
+        await self.internal_message_broadcast(self.topics.notice(username), payload, 1)
+
+
+def _plugin(broker: Broker, kind: type[_P]) -> _P:
+    for plugin in broker.plugins_manager.plugins:
+        if isinstance(plugin, kind):
+            return plugin
+    raise RuntimeError(f"{kind.__name__} is not loaded")
+
+
+class EmbeddedBroker:
+    """Start and stop an ``ImBroker`` (async context manager)."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+        self.broker: ImBroker | None = None
+
+    async def __aenter__(self) -> ImBroker:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.broker = ImBroker(self.settings)
+        await self.broker.start()
+        return self.broker
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.broker is not None:
+            await self.broker.shutdown()
+            self.broker = None
+        forget_store(self.settings.data_dir)
+
+
+def new_service_password() -> str:
+    return secrets.token_urlsafe(24)

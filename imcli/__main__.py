@@ -1,0 +1,3 @@
+from imcli.cli import main
+
+main()

@@ -1,0 +1,306 @@
+"""Client services: accounts, sending, request/reply and listening. No Typer, no Rich.
+
+Every function takes what it needs (address, credentials, topics) explicitly, so bots
+and tests can call them without the CLI.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from imcli.errors import (
+    AccountError,
+    AuthenticationFailed,
+    ImcliError,
+    InvalidInput,
+    NameTaken,
+    NotFound,
+    RequestTimeout,
+)
+from imcli.mqtt import BrokerAddress, ConnectionListener, Credentials, Message, MqttClient
+from imcli.wire import (
+    DEFAULT_MAX_PAYLOAD,
+    ChatMessage,
+    ErrorReply,
+    MalformedPayload,
+    Notice,
+    Payload,
+    Received,
+    ResolveRequest,
+    Resolved,
+    TopicKind,
+    Topics,
+    WireModel,
+    check_name,
+    decode,
+    decode_chat,
+    encode,
+    new_id,
+)
+
+REGISTER_PREFIX = "register:"
+REQUEST_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is talking to which broker, from which device."""
+
+    address: BrokerAddress
+    credentials: Credentials
+    device: str
+    topics: Topics = field(default_factory=Topics)
+
+    @property
+    def account(self) -> str:
+        return self.credentials.username
+
+    def client_id(self, purpose: str | None = None) -> str:
+        """``<account>:<device>``; one-shot commands add a random suffix so they never take
+        over (or flap) the device's long-lived session."""
+        suffix = f"-{purpose}{secrets.token_hex(3)}" if purpose else ""
+        return f"{self.account}:{self.device}{suffix}"
+
+
+# ---------------------------------------------------------------- accounts
+
+
+def register(address: BrokerAddress, name: str, password: str) -> None:
+    """Create an account on a broker with open registration."""
+    check_name(name)
+    creds = Credentials(REGISTER_PREFIX + name, password)
+    try:
+        with MqttClient(address, creds, REGISTER_PREFIX + name):
+            pass
+    except AuthenticationFailed as exc:
+        if exc.code == 4:
+            raise NameTaken(f"cannot register {name!r}: the name is taken or reserved", "choose another name") from exc
+        if exc.code == 5:
+            raise AccountError(
+                "registration is closed on this broker", "ask its operator to run 'imcli admin user add NAME'"
+            ) from exc
+        raise
+
+
+def verify_login(address: BrokerAddress, credentials: Credentials, device: str) -> None:
+    """Connect once to check the credentials."""
+    try:
+        with MqttClient(address, credentials, f"{credentials.username}:{device}-login{secrets.token_hex(3)}"):
+            pass
+    except AuthenticationFailed as exc:
+        if exc.code == 4:
+            raise AuthenticationFailed(
+                "wrong account name or password", "check both, or create the account with 'imcli register NAME'",
+                code=4,
+            ) from exc
+        raise
+
+
+# ---------------------------------------------------------------- sending
+
+
+def prepare_text(text: str, max_payload: int = DEFAULT_MAX_PAYLOAD) -> ChatMessage:
+    """Build the message for ``text``, refusing empty and over-long ones before sending."""
+    if text.endswith("\n"):
+        text = text[:-1]  # `echo hi | imcli say -` sends "hi"
+    if not text.strip():
+        raise InvalidInput("empty message", "type some text, or pipe it in with '-'")
+    message = ChatMessage(text=text)
+    size = len(encode(message))
+    if size > max_payload:
+        raise InvalidInput(
+            f"message too long: {size} bytes encoded, the limit is {max_payload}",
+            "split it into several messages",
+        )
+    return message
+
+
+def say(identity: Identity, room: str, message: ChatMessage) -> None:
+    topic = identity.topics.room(check_name(room, "room name"), identity.account)
+    with MqttClient(identity.address, identity.credentials, identity.client_id("say")) as client:
+        client.publish(topic, encode(message), qos=1)
+
+
+def send_dm(identity: Identity, name: str, message: ChatMessage) -> str:
+    """Resolve ``name`` (account or nickname) and send; returns the recipient's account."""
+    with MqttClient(identity.address, identity.credentials, identity.client_id("dm")) as client:
+        requests = Requests(client, identity)
+        to = resolve(requests, name)
+        client.publish(identity.topics.dm(to, identity.account), encode(message), qos=1)
+    return to
+
+
+def resolve(requests: Requests, name: str) -> str:
+    wanted = name.removeprefix("@").strip()
+    if not wanted:
+        raise InvalidInput("empty recipient name")
+    reply = requests.ask(ResolveRequest(name=wanted))
+    if isinstance(reply, Resolved):
+        return reply.account
+    raise NotFound(f"unknown recipient {wanted!r}", "check the name with 'imcli who'")
+
+
+# ---------------------------------------------------------------- request / reply
+
+
+class Requests:
+    """Request/reply without MQTT 5: subscribe to our reply topic, publish, wait."""
+
+    def __init__(self, client: MqttClient, identity: Identity, timeout: float = REQUEST_TIMEOUT) -> None:
+        self._client = client
+        self._identity = identity
+        self._timeout = timeout
+        self._subscribed = False
+
+    def ask(self, request: WireModel) -> Payload:
+        topics, me = self._identity.topics, self._identity.account
+        if not self._subscribed:
+            self._client.subscribe([topics.reply_filter(me)])
+            self._subscribed = True
+        corr = new_id()
+        self._client.publish(topics.request(me, corr), encode(request), qos=1)
+        deadline = _Deadline(self._timeout)
+        while (left := deadline.left()) > 0:
+            msg = self._client.get(timeout=left)
+            if msg is None:
+                break
+            parsed = topics.parse(msg.topic)
+            if parsed is None or parsed.kind is not TopicKind.REPLY or parsed.key != corr:
+                continue
+            try:
+                reply = decode(msg.payload)
+            except MalformedPayload as exc:
+                raise ImcliError(f"a worker sent a malformed reply: {exc}") from exc
+            if isinstance(reply, ErrorReply) and reply.code not in ("not_found",):
+                raise ImcliError(reply.text)
+            return reply
+        raise RequestTimeout(
+            f"no worker answered within {self._timeout:g}s",
+            "is the presence worker running? 'imcli serve' starts it",
+        )
+
+
+class _Deadline:
+    def __init__(self, seconds: float) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self._end = self._clock() + seconds
+
+    def left(self) -> float:
+        return self._end - self._clock()
+
+
+# ---------------------------------------------------------------- receiving
+
+
+class RecentIds:
+    """Message ids seen lately: QoS 1 is at-least-once, so duplicates are dropped here."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._capacity = capacity
+
+    def seen(self, message_id: str) -> bool:
+        if message_id in self._ids:
+            return True
+        self._ids[message_id] = None
+        if len(self._ids) > self._capacity:
+            self._ids.popitem(last=False)
+        return False
+
+
+def to_received(topics: Topics, message: Message) -> Received | None:
+    """What a client shows for one MQTT message; ``None`` for topics it does not display."""
+    parsed = topics.parse(message.topic)
+    if parsed is None or parsed.kind not in (TopicKind.ROOM, TopicKind.DM, TopicKind.NOTICE):
+        return None
+    if parsed.kind is TopicKind.NOTICE:
+        try:
+            notice = decode(message.payload)
+        except MalformedPayload as exc:
+            return _malformed(message, exc)
+        if not isinstance(notice, Notice):
+            return _malformed(message, MalformedPayload(f"a {notice.type!r} payload on a notice topic"))
+        return Received(kind="notice", id=notice.id, ts=notice.ts, text=notice.text)
+    try:
+        chat, plain = decode_chat(message.payload)
+    except MalformedPayload as exc:
+        return _malformed(message, exc, sender=parsed.sender)
+    common = {"id": chat.id, "ts": chat.ts, "text": chat.text, "format": "text" if plain else "json"}
+    if parsed.kind is TopicKind.ROOM:
+        return Received(kind="room", sender=parsed.sender, room=parsed.name, **common)
+    return Received(kind="dm", sender=parsed.sender, to=parsed.owner, **common)
+
+
+def _malformed(message: Message, exc: Exception, sender: str | None = None) -> Received:
+    import time
+
+    return Received(
+        kind="malformed", sender=sender, id=new_id(), ts=time.time(), text=f"{message.topic}: {exc}"
+    )
+
+
+class Listener:
+    """Rooms, direct messages and notices as they arrive; reconnects by itself.
+
+    ``with Listener(identity) as l: for item in l: ...`` — iteration ends only when the
+    connection is refused for good (``ImcliError`` raised) or the listener is closed.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        rooms: list[str] | None = None,
+        on_connection: ConnectionListener | None = None,
+    ) -> None:
+        self.identity = identity
+        topics = identity.topics
+        room_filters = [topics.room_filter(check_name(r, "room name")) for r in rooms] if rooms else [
+            topics.room_filter()
+        ]
+        self._filters = [*room_filters, topics.user_filter(identity.account)]
+        self._client = MqttClient(
+            identity.address,
+            identity.credentials,
+            identity.client_id("listen"),
+            reconnect=True,
+            on_connection=on_connection,
+        )
+        self._seen = RecentIds()
+        self._stop = threading.Event()
+
+    def __enter__(self) -> Listener:
+        self._client.connect()
+        try:
+            self._client.subscribe(self._filters)
+        except ImcliError:
+            self._client.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._client.close()
+
+    def __iter__(self) -> Iterator[Received]:
+        while not self._stop.is_set():
+            if self._client.fatal is not None:
+                raise self._client.fatal
+            message = self._client.get(timeout=0.5)
+            if message is None:
+                continue
+            item = to_received(self.identity.topics, message)
+            if item is None or (item.kind != "malformed" and self._seen.seen(item.id)):
+                continue
+            yield item
+
+
+Handler = Callable[[Received], None]

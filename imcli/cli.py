@@ -1,0 +1,406 @@
+"""imcli: chat over an MQTT broker that enforces who may say what.
+
+Commands parse their options, call a service (``imcli.chat``, ``imcli.embedded``,
+``broker.accounts``) and render. Heavy modules (paho, pydantic, amqtt, Rich) are
+imported inside the commands that use them, so ``imcli say`` starts fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+from typer.core import TyperGroup
+
+from imcli.errors import ImcliError, InvalidInput
+
+if TYPE_CHECKING:
+    from imcli.chat import Identity
+    from imcli.config import Profile
+    from imcli.mqtt import BrokerAddress
+
+
+def print_error(exc: ImcliError) -> None:
+    """The one way users see an expected failure: ``Error: <what> (<what to do>)`` on stderr."""
+    from rich.console import Console
+    from rich.text import Text
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(Text("Error: ", style="bold red") + Text(str(exc)))
+
+
+class _Group(TyperGroup):
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ImcliError as exc:
+            print_error(exc)
+            raise typer.Exit(1) from exc
+
+
+app = typer.Typer(
+    cls=_Group,
+    help=__doc__.split("\n\n")[0] if __doc__ else None,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+admin_app = typer.Typer(cls=_Group, help="Operator commands (run on the broker's machine).", no_args_is_help=True)
+user_app = typer.Typer(cls=_Group, help="Accounts in the broker's data directory.", no_args_is_help=True)
+admin_app.add_typer(user_app, name="user")
+app.add_typer(admin_app, name="admin")
+
+HostOpt = Annotated[
+    str | None, typer.Option("--host", envvar="IMCLI_HOST", help="Broker host [default: profile's, else 127.0.0.1]")
+]
+PortOpt = Annotated[
+    int | None, typer.Option("--port", envvar="IMCLI_PORT", help="Broker port [default: profile's, else 1883]")
+]
+PasswordStdin = Annotated[
+    bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option("--data-dir", envvar="IMCLI_DATA_DIR", help="Broker data directory [default: per-user data dir]"),
+]
+
+
+def main() -> NoReturn:
+    sys.exit(app())
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _out() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _address(host: str | None, port: int | None, profile: Profile | None = None) -> BrokerAddress:
+    from imcli.mqtt import BrokerAddress
+
+    if port is not None and not 0 < port < 65536:
+        raise InvalidInput(f"invalid port {port}", "use 1-65535")
+    return BrokerAddress(
+        host or (profile.host if profile else "127.0.0.1"),
+        port if port is not None else (profile.port if profile else 1883),
+    )
+
+
+def _identity(host: str | None, port: int | None) -> Identity:
+    from imcli.chat import Identity
+    from imcli.config import load_profile
+
+    profile = load_profile()
+    return Identity(_address(host, port, profile), profile.credentials, profile.device)
+
+
+def _password(from_stdin: bool, *, confirm: bool) -> str:
+    if from_stdin:
+        line = sys.stdin.readline().rstrip("\r\n")
+        if not line:
+            raise InvalidInput("no password on stdin")
+        return line
+    env = os.environ.get("IMCLI_PASSWORD")
+    if env:
+        return env
+    if not sys.stdin.isatty():
+        raise InvalidInput("no password given", "type it at a terminal, set IMCLI_PASSWORD or use --password-stdin")
+    value: str = typer.prompt("Password", hide_input=True, confirmation_prompt=confirm)
+    return value
+
+
+def _text(text: str) -> str:
+    return sys.stdin.read() if text == "-" else text
+
+
+def _max_payload() -> int:
+    from imcli.wire import DEFAULT_MAX_PAYLOAD
+
+    raw = os.environ.get("IMCLI_MAX_PAYLOAD")
+    if raw is None:
+        return DEFAULT_MAX_PAYLOAD
+    if not raw.isdigit() or int(raw) < 64:
+        raise InvalidInput(f"invalid IMCLI_MAX_PAYLOAD {raw!r}", "give a number of bytes, at least 64")
+    return int(raw)
+
+
+# ---------------------------------------------------------------- serve
+
+
+@app.command()
+def serve(
+    bind: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).")] = 1883,
+    data_dir: DataDirOpt = None,
+    registration: Annotated[
+        str, typer.Option(help="'open': anyone may register; 'closed': only 'imcli admin user add'.")
+    ] = "open",
+    max_payload: Annotated[int, typer.Option(help="Largest message payload in bytes.")] = 16 * 1024,
+    allow_remote: Annotated[
+        bool, typer.Option("--allow-remote", help="Allow binding beyond loopback (passwords travel in clear).")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log connections and refusals.")] = False,
+) -> None:
+    """Run the embedded broker (accounts, topic ACL, limits) and the presence worker."""
+    import asyncio
+    import ipaddress
+    import logging
+    import signal
+
+    from broker.server import BrokerSettings
+    from imcli.config import default_data_dir
+    from imcli.embedded import ServeInfo, serve_forever
+
+    if registration not in ("open", "closed"):
+        raise InvalidInput(f"invalid --registration {registration!r}", "use 'open' or 'closed'")
+    if not 0 <= port < 65536:
+        raise InvalidInput(f"invalid port {port}", "use 0-65535")
+    if max_payload < 256:
+        raise InvalidInput(f"--max-payload {max_payload} is too small", "use at least 256 bytes")
+    try:
+        loopback = bind == "localhost" or ipaddress.ip_address(bind).is_loopback
+    except ValueError as exc:
+        raise InvalidInput(f"invalid --bind address {bind!r}", "give an IP address such as 127.0.0.1") from exc
+    if not loopback and not allow_remote:
+        raise InvalidInput(
+            f"refusing to listen on {bind}: beyond this machine, passwords would travel unencrypted",
+            "add --allow-remote if that is what you want",
+        )
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    if not verbose:  # amqtt logs every refused client at WARNING and more
+        logging.getLogger("amqtt").setLevel(logging.CRITICAL)
+    settings = BrokerSettings(
+        data_dir=(data_dir or default_data_dir()).expanduser(),
+        bind="127.0.0.1" if bind == "localhost" else bind,
+        port=port,
+        registration=registration,
+        max_payload=max_payload,
+    )
+    out = _out()
+
+    def banner(info: ServeInfo) -> None:
+        a = info.address
+        out.print(f"imcli serve: listening on {info.bind}:{a.port}", style="bold green")
+        out.print(f"  data        {info.data_dir}")
+        out.print(f"  accounts    registration {info.registration}; presence worker running")
+        out.print(f"  connect     imcli register NAME --host {a.host} --port {a.port}")
+        out.print("  stop        Ctrl-C", style="dim")
+        sys.stdout.flush()
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_forever(settings, banner, stop)
+
+    asyncio.run(run())
+    out.print("imcli serve: stopped", style="dim")
+
+
+# ---------------------------------------------------------------- accounts
+
+
+@app.command()
+def register(
+    name: Annotated[str, typer.Argument(help="Account name: lowercase letters, digits, '_' or '-'.")],
+    host: HostOpt = None,
+    port: PortOpt = None,
+    password_stdin: PasswordStdin = False,
+) -> None:
+    """Create an account on the broker (if its registration is open) and log in."""
+    from broker.accounts import check_password
+    from imcli import chat
+    from imcli.config import Profile, new_device_name, save_profile
+    from imcli.mqtt import Credentials
+    from imcli.wire import RESERVED_NAMES, check_name
+
+    check_name(name)
+    if name in RESERVED_NAMES:
+        raise InvalidInput(f"the name {name!r} is reserved", "choose another name")
+    password = check_password(_password(password_stdin, confirm=True))
+    address = _address(host, port)
+    chat.register(address, name, password)
+    device = new_device_name()
+    chat.verify_login(address, Credentials(name, password), device)
+    save_profile(Profile(name, password, address.host, address.port, device))
+    _out().print(f"registered {name} on {address} and logged in")
+
+
+@app.command()
+def login(
+    name: Annotated[str, typer.Argument(help="Your account name.")],
+    host: HostOpt = None,
+    port: PortOpt = None,
+    password_stdin: PasswordStdin = False,
+) -> None:
+    """Check your password with the broker and remember this login (file mode 0600)."""
+    from imcli import chat
+    from imcli.config import Profile, new_device_name, save_profile
+    from imcli.mqtt import Credentials
+    from imcli.wire import check_name
+
+    check_name(name)
+    password = _password(password_stdin, confirm=False)
+    address = _address(host, port)
+    device = new_device_name()
+    chat.verify_login(address, Credentials(name, password), device)
+    save_profile(Profile(name, password, address.host, address.port, device))
+    _out().print(f"logged in as {name} on {address}")
+
+
+@app.command()
+def logout() -> None:
+    """Forget the stored login."""
+    from imcli.config import delete_profile
+
+    profile = delete_profile()
+    _out().print(f"logged out {profile.account}")
+
+
+@app.command()
+def whoami(json_: JsonOpt = False) -> None:
+    """Show the stored login (account, broker, device)."""
+    import json
+
+    from imcli.config import load_profile
+
+    p = load_profile()
+    if json_:
+        print(json.dumps({"account": p.account, "host": p.host, "port": p.port, "device": p.device}))
+    else:
+        _out().print(f"{p.account} on {p.host}:{p.port} (device {p.device})")
+
+
+# ---------------------------------------------------------------- chat
+
+
+@app.command()
+def say(
+    text: Annotated[str, typer.Argument(help="The message, or '-' to read it from stdin.")],
+    room: Annotated[str, typer.Option("--room", "-r", help="Room to speak in.")] = "lobby",
+    host: HostOpt = None,
+    port: PortOpt = None,
+) -> None:
+    """Send a message to a room (default: lobby)."""
+    from imcli import chat
+    from imcli.wire import check_name
+
+    check_name(room, "room name")
+    identity = _identity(host, port)
+    message = chat.prepare_text(_text(text), _max_payload())
+    chat.say(identity, room, message)
+    _out().print(f"sent to #{room}")
+
+
+@app.command()
+def dm(
+    user: Annotated[str, typer.Argument(help="Recipient: account name (or nickname).")],
+    text: Annotated[str, typer.Argument(help="The message, or '-' to read it from stdin.")],
+    host: HostOpt = None,
+    port: PortOpt = None,
+) -> None:
+    """Send a direct message that only USER can read."""
+    from imcli import chat
+
+    identity = _identity(host, port)
+    message = chat.prepare_text(_text(text), _max_payload())
+    to = chat.send_dm(identity, user, message)
+    _out().print(f"sent to @{to}")
+
+
+@app.command()
+def listen(
+    room: Annotated[
+        list[str] | None, typer.Option("--room", "-r", help="Only these rooms (repeatable) [default: all]")
+    ] = None,
+    json_: JsonOpt = False,
+    host: HostOpt = None,
+    port: PortOpt = None,
+) -> None:
+    """Print room and direct messages as they arrive, until Ctrl-C."""
+    from rich.console import Console
+
+    from imcli.chat import Listener
+    from imcli.render import received_line
+
+    identity = _identity(host, port)
+    out = _out()
+    err = Console(stderr=True, highlight=False)
+
+    def connection(up: bool) -> None:
+        err.print("reconnected" if up else "connection lost, reconnecting…", style="dim")
+
+    try:
+        with Listener(identity, room or None, on_connection=connection) as listener:
+            if not json_:
+                err.print(f"listening as {identity.account} on {identity.address} (Ctrl-C to stop)", style="dim")
+            for item in listener:
+                if json_:
+                    sys.stdout.write(item.to_json() + "\n")
+                    sys.stdout.flush()
+                else:
+                    out.print(received_line(item, identity.account))
+    except KeyboardInterrupt:
+        pass
+
+
+# ---------------------------------------------------------------- admin
+
+
+def _store(data_dir: Path | None) -> Any:
+    from broker.accounts import AccountStore
+    from imcli.config import default_data_dir
+
+    return AccountStore((data_dir or default_data_dir()).expanduser())
+
+
+@user_app.command("add")
+def user_add(
+    name: Annotated[str, typer.Argument(help="Account name.")],
+    data_dir: DataDirOpt = None,
+    service: Annotated[bool, typer.Option("--service", help="A worker's service account.")] = False,
+    password_stdin: PasswordStdin = False,
+) -> None:
+    """Create an account directly in the data directory (works with registration closed)."""
+    from broker.accounts import Role, check_password
+    from imcli.wire import check_name
+
+    check_name(name)
+    password = check_password(_password(password_stdin, confirm=True))
+    _store(data_dir).add(name, password, Role.SERVICE if service else Role.USER, allow_reserved=service)
+    _out().print(f"added {'service account' if service else 'user'} {name}")
+
+
+@user_app.command("remove")
+def user_remove(
+    name: Annotated[str, typer.Argument(help="Account name.")],
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Delete an account (its next connection is refused)."""
+    _store(data_dir).remove(name)
+    _out().print(f"removed {name}")
+
+
+@user_app.command("list")
+def user_list(data_dir: DataDirOpt = None, json_: JsonOpt = False) -> None:
+    """List accounts with their role and creation time."""
+    import json
+    import time
+
+    accounts = _store(data_dir).list()
+    if json_:
+        print(json.dumps([{"name": a.name, "role": a.role.value, "created": a.created} for a in accounts]))
+        return
+    from rich.table import Table
+
+    table = Table("account", "role", "created", box=None)
+    for a in accounts:
+        table.add_row(a.name, a.role.value, time.strftime("%Y-%m-%d %H:%M", time.localtime(a.created)))
+    _out().print(table if accounts else "no accounts")

@@ -1,0 +1,127 @@
+"""The embedded default: broker and workers in one process (``imcli serve``).
+
+``serve_forever`` runs them on the current event loop until ``stop`` is set;
+``BackgroundServer`` runs the same in a thread (tests, benchmarks, bots' fixtures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from amqtt.errors import BrokerError as AmqttBrokerError
+
+from broker.accounts import AccountStore, Role
+from broker.server import SERVICE_ACCOUNT, BrokerSettings, EmbeddedBroker, new_service_password
+from imcli.errors import ImcliError
+from imcli.mqtt import BrokerAddress, Credentials
+from presence.worker import PresenceWorker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeInfo:
+    address: BrokerAddress  # where clients on this machine connect
+    bind: str
+    data_dir: Path
+    registration: str
+
+
+class StoreDirectory:
+    """The presence worker's view of the embedded broker's accounts."""
+
+    def __init__(self, store: AccountStore) -> None:
+        self._store = store
+
+    def is_user(self, name: str) -> bool:
+        account = self._store.get(name)
+        return account is not None and account.role is Role.USER
+
+
+def connect_host(bind: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(bind, bind)
+
+
+async def serve_forever(
+    settings: BrokerSettings, ready: Callable[[ServeInfo], None], stop: asyncio.Event
+) -> None:
+    try:
+        broker_cm = EmbeddedBroker(settings)
+        broker = await broker_cm.__aenter__()
+    except AmqttBrokerError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OSError):
+            raise ImcliError(
+                f"cannot listen on {settings.bind}:{settings.port}: {cause.strerror or cause}",
+                "is another broker running there? choose another --port",
+            ) from exc
+        raise ImcliError(f"the broker did not start: {exc}") from exc
+    try:
+        password = new_service_password()
+        await asyncio.to_thread(broker.accounts.ensure_service, SERVICE_ACCOUNT, password)
+        address = BrokerAddress(connect_host(settings.bind), broker.bound_port())
+        worker = PresenceWorker(
+            address,
+            Credentials(SERVICE_ACCOUNT, password),
+            StoreDirectory(broker.accounts),
+            broker.topics,
+            device="embedded",
+        )
+        await asyncio.to_thread(worker.__enter__)
+        try:
+            ready(ServeInfo(address, settings.bind, settings.data_dir, settings.registration))
+            await stop.wait()
+        finally:
+            await asyncio.to_thread(worker.__exit__, None, None, None)
+    finally:
+        await broker_cm.__aexit__(None, None, None)
+
+
+class BackgroundServer:
+    """``with BackgroundServer(settings) as info:`` runs the embedded default in a thread."""
+
+    def __init__(self, settings: BrokerSettings, start_timeout: float = 30.0) -> None:
+        self.settings = settings
+        self._start_timeout = start_timeout
+        self._ready = threading.Event()
+        self._info: ServeInfo | None = None
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="imcli-serve", daemon=True)
+
+    def __enter__(self) -> ServeInfo:
+        self._thread.start()
+        if not self._ready.wait(self._start_timeout):
+            raise ImcliError(f"the embedded broker did not start within {self._start_timeout:g}s")
+        if self._error is not None:
+            raise self._error
+        assert self._info is not None
+        return self._info
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            await serve_forever(self.settings, self._on_ready, self._stop)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # surfaced to the starting thread
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def _on_ready(self, info: ServeInfo) -> None:
+        self._info = info
+        self._ready.set()

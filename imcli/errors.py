@@ -1,0 +1,72 @@
+"""Every error imcli expects, under one root.
+
+    ImcliError                      one line for the user: "<what happened> (<what to do>)"
+     ├── InvalidInput               a name, text or option the user typed is not acceptable
+     ├── NotLoggedIn                no profile in the config directory
+     ├── AccountError               registration or account administration refused
+     │    └── NameTaken
+     ├── NotFound                   unknown recipient, unknown account
+     └── BrokerError                anything on the way to and from the broker
+          ├── BrokerUnreachable     TCP connect failed / broker went away
+          ├── AuthenticationFailed  CONNACK 4/5: wrong name or password, client id refused
+          ├── PublishFailed         no PUBACK, subscription refused
+          └── RequestTimeout        no worker answered a request
+
+The CLI catches ``ImcliError`` once and prints ``Error: <message>`` on stderr with exit code 1.
+Lower layers (paho, OS errors) are translated at the boundary with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class ImcliError(Exception):
+    """Root of every expected failure; ``str(err)`` is the line shown to the user."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(f"{message} ({hint})" if hint else message)
+
+
+class InvalidInput(ImcliError):
+    """A name, text or option is not acceptable."""
+
+
+class NotLoggedIn(ImcliError):
+    """No stored profile."""
+
+
+class AccountError(ImcliError):
+    """Registration or administration of an account was refused."""
+
+
+class NameTaken(AccountError):
+    """The account name exists already."""
+
+
+class NotFound(ImcliError):
+    """A name that should exist does not."""
+
+
+class BrokerError(ImcliError):
+    """Something between us and the broker failed."""
+
+
+class BrokerUnreachable(BrokerError):
+    """No TCP connection to the broker."""
+
+
+class AuthenticationFailed(BrokerError):
+    """The broker refused the CONNECT; ``code`` is the MQTT 3.1.1 CONNACK return code."""
+
+    def __init__(self, message: str, hint: str | None = None, *, code: int = 5) -> None:
+        super().__init__(message, hint)
+        self.code = code
+
+
+class PublishFailed(BrokerError):
+    """A publish or subscribe was not acknowledged."""
+
+
+class RequestTimeout(BrokerError):
+    """No worker answered a request in time."""

@@ -1,0 +1,344 @@
+"""The wire format: every topic and every payload imcli puts on MQTT.
+
+This module is the single source of truth for names, topics and payloads. It imports
+neither paho, Rich nor Typer, so the broker plugins, the workers and the CLI share it.
+No other module builds a topic string or encodes JSON for the wire.
+
+The sender of anything is a topic level that the broker checks against the
+authenticated username; payloads carry no trusted ``from`` field.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from imcli.errors import InvalidInput
+
+PROTOCOL_VERSION = 1
+DEFAULT_PREFIX = "im"
+DEFAULT_ROOM = "lobby"
+DEFAULT_MAX_PAYLOAD = 16 * 1024
+
+NAME_RULE = (
+    "1-32 characters: lowercase letters, digits, '_' or '-', starting with a letter or digit"
+)
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+_DEVICE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,47}")
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_PREFIX = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}(/[a-z0-9][a-z0-9_-]{0,31}){0,3}")
+
+# Reserved: service accounts and words that would confuse people or tools.
+RESERVED_NAMES = frozenset(
+    {"admin", "root", "system", "imcli", "presence", "archive", "register", "everyone", "all", "me"}
+)
+
+
+def is_name(value: str) -> bool:
+    """Whether ``value`` is a valid account, room or group name."""
+    return _NAME.fullmatch(value) is not None
+
+
+def check_name(value: str, what: str = "account name") -> str:
+    """Return ``value`` if it is a valid name, else raise ``InvalidInput`` stating the rule."""
+    if not is_name(value):
+        raise InvalidInput(f"invalid {what} {value!r}", NAME_RULE)
+    return value
+
+
+def is_device(value: str) -> bool:
+    return _DEVICE.fullmatch(value) is not None
+
+
+def is_id(value: str) -> bool:
+    return _ID.fullmatch(value) is not None
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def client_id_account(client_id: str) -> str:
+    """The account a client id belongs to: ``alice`` for ``alice`` and ``alice:laptop``."""
+    return client_id.split(":", 1)[0]
+
+
+def client_id_for(account: str, device: str) -> str:
+    return f"{account}:{device}"
+
+
+# --------------------------------------------------------------------------- topics
+
+
+class TopicKind(enum.StrEnum):
+    ROOM = "room"
+    DM = "dm"
+    REPLY = "reply"
+    NOTICE = "notice"
+    GROUP_MSG = "group_msg"
+    GROUP_INFO = "group_info"
+    STATUS = "status"
+    PRESENCE = "presence"
+    REQUEST = "request"
+    EVENTS = "events"
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """A parsed topic of the contract.
+
+    ``owner`` is the user whose private subtree the topic is in (the DM recipient, the
+    ``<me>`` of reply/notice), ``sender`` is the level the broker checks against the
+    username (``<from>``, the status/request user), ``name`` is the room or group, and
+    ``key`` is the correlation id or device.
+    """
+
+    kind: TopicKind
+    sender: str | None = None
+    owner: str | None = None
+    name: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Builds and parses the topics under one prefix (``im`` unless configured)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if _PREFIX.fullmatch(self.prefix) is None:
+            raise InvalidInput(f"invalid topic prefix {self.prefix!r}", "use lowercase words joined by '/'")
+
+    # builders: every argument is checked, so a built topic is always one the parser accepts
+    def room(self, room: str, sender: str) -> str:
+        return f"{self.prefix}/room/{_n(room)}/{_n(sender)}"
+
+    def room_filter(self, room: str | None = None) -> str:
+        return f"{self.prefix}/room/{_n(room) if room else '+'}/+"
+
+    def dm(self, to: str, sender: str) -> str:
+        return f"{self.prefix}/user/{_n(to)}/dm/{_n(sender)}"
+
+    def user_filter(self, me: str) -> str:
+        return f"{self.prefix}/user/{_n(me)}/#"
+
+    def reply(self, me: str, corr: str) -> str:
+        return f"{self.prefix}/user/{_n(me)}/reply/{_i(corr)}"
+
+    def reply_filter(self, me: str) -> str:
+        return f"{self.prefix}/user/{_n(me)}/reply/+"
+
+    def notice(self, me: str) -> str:
+        return f"{self.prefix}/user/{_n(me)}/notice"
+
+    def request(self, sender: str, corr: str) -> str:
+        return f"{self.prefix}/request/{_n(sender)}/{_i(corr)}"
+
+    def request_filter(self) -> str:
+        return f"{self.prefix}/request/+/+"
+
+    def status(self, user: str, device: str) -> str:
+        if not is_device(device):
+            raise InvalidInput(f"invalid device name {device!r}")
+        return f"{self.prefix}/status/{_n(user)}/{device}"
+
+    def status_filter(self) -> str:
+        return f"{self.prefix}/status/+/+"
+
+    def presence(self, user: str) -> str:
+        return f"{self.prefix}/presence/{_n(user)}"
+
+    def presence_filter(self) -> str:
+        return f"{self.prefix}/presence/+"
+
+    def events(self) -> str:
+        return f"{self.prefix}/events"
+
+    def group_msg(self, group: str, sender: str) -> str:
+        return f"{self.prefix}/group/{_n(group)}/msg/{_n(sender)}"
+
+    def group_info(self, group: str) -> str:
+        return f"{self.prefix}/group/{_n(group)}/info"
+
+    def parse(self, topic: str) -> Topic | None:
+        """Parse a concrete topic (no wildcards); ``None`` if it is not part of the contract."""
+        head = self.prefix + "/"
+        if not topic.startswith(head):
+            return None
+        levels = topic[len(head) :].split("/")
+        match levels:
+            case ["room", room, sender] if is_name(room) and is_name(sender):
+                return Topic(TopicKind.ROOM, sender=sender, name=room)
+            case ["user", to, "dm", sender] if is_name(to) and is_name(sender):
+                return Topic(TopicKind.DM, sender=sender, owner=to)
+            case ["user", me, "reply", corr] if is_name(me) and is_id(corr):
+                return Topic(TopicKind.REPLY, owner=me, key=corr)
+            case ["user", me, "notice"] if is_name(me):
+                return Topic(TopicKind.NOTICE, owner=me)
+            case ["group", group, "msg", sender] if is_name(group) and is_name(sender):
+                return Topic(TopicKind.GROUP_MSG, sender=sender, name=group)
+            case ["group", group, "info"] if is_name(group):
+                return Topic(TopicKind.GROUP_INFO, name=group)
+            case ["status", user, device] if is_name(user) and is_device(device):
+                return Topic(TopicKind.STATUS, sender=user, key=device)
+            case ["presence", user] if is_name(user):
+                return Topic(TopicKind.PRESENCE, owner=user)
+            case ["request", sender, corr] if is_name(sender) and is_id(corr):
+                return Topic(TopicKind.REQUEST, sender=sender, key=corr)
+            case ["events"]:
+                return Topic(TopicKind.EVENTS)
+        return None
+
+
+def _n(value: str) -> str:
+    return check_name(value, "name")
+
+
+def _i(value: str) -> str:
+    if not is_id(value):
+        raise InvalidInput(f"invalid id {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- payloads
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+MessageId = Annotated[str, Field(pattern=_ID.pattern, default_factory=new_id)]
+Timestamp = Annotated[float, Field(default_factory=time.time, ge=0)]
+
+
+class ChatMessage(WireModel):
+    """A room, direct or group message. The sender is the topic's ``<from>`` level."""
+
+    type: Literal["chat"] = "chat"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId
+    ts: Timestamp
+    text: Annotated[str, Field(min_length=1)]
+
+
+class Notice(WireModel):
+    """The broker or a worker tells one user something (``<prefix>/user/<me>/notice``)."""
+
+    type: Literal["notice"] = "notice"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId
+    ts: Timestamp
+    code: str
+    text: str
+    topic: str | None = None
+
+
+class ResolveRequest(WireModel):
+    """Ask a worker which account a name (account or nickname) is."""
+
+    type: Literal["resolve"] = "resolve"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId
+    name: str
+
+
+class Resolved(WireModel):
+    type: Literal["resolved"] = "resolved"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    account: str
+
+
+class ErrorReply(WireModel):
+    """A worker's refusal of a request; ``code`` is stable, ``text`` is for people."""
+
+    type: Literal["error"] = "error"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    code: Literal["not_found", "invalid", "denied", "taken", "internal"]
+    text: str
+
+
+Payload = Annotated[
+    ChatMessage | Notice | ResolveRequest | Resolved | ErrorReply,
+    Field(discriminator="type"),
+]
+_PAYLOAD: TypeAdapter[Payload] = TypeAdapter(Payload)
+
+
+class MalformedPayload(ValueError):
+    """A payload that is neither one of our models nor (on chat topics) plain UTF-8 text."""
+
+
+def encode(model: WireModel) -> bytes:
+    return model.model_dump_json(exclude_none=True).encode()
+
+
+def decode(data: bytes) -> Payload:
+    """Decode one of our JSON payloads; raise ``MalformedPayload`` on anything else."""
+    try:
+        return _PAYLOAD.validate_json(data)
+    except ValidationError as exc:
+        raise MalformedPayload(_first_error(exc)) from exc
+
+
+def decode_chat(data: bytes) -> tuple[ChatMessage, bool]:
+    """Decode a chat-topic payload, accepting plain UTF-8 text from bots.
+
+    Returns the message and whether it arrived as plain text. A JSON object with a
+    ``type`` member must be a valid ``ChatMessage``; anything else that is valid UTF-8
+    is a text message (a bot's ``mosquitto_pub -m 'hi'``).
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedPayload("not valid UTF-8") from exc
+    if text.lstrip().startswith("{"):
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) and "type" in obj:
+            payload = decode(data)
+            if not isinstance(payload, ChatMessage):
+                raise MalformedPayload(f"a {payload.type!r} payload on a chat topic")
+            return payload, False
+    if not text.strip():
+        raise MalformedPayload("empty text")
+    return ChatMessage(text=text), True
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "payload"
+    return f"{where}: {err['msg']}"
+
+
+# --------------------------------------------------------------------------- what clients show
+
+
+class Received(WireModel):
+    """One line of ``imcli listen``: what arrived, from whom, where (also its ``--json`` form)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    kind: Literal["room", "dm", "group", "notice", "malformed"]
+    sender: str | None = Field(default=None, alias="from")
+    to: str | None = None
+    room: str | None = None
+    group: str | None = None
+    id: str
+    ts: float
+    text: str
+    format: Literal["json", "text"] = "json"
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True)
