@@ -15,9 +15,8 @@ import enum
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from imcli.wire import Topics, TopicKind, is_name
-
 from broker.accounts import Role
+from imcli.wire import TopicKind, Topics, is_name
 
 
 class Access(enum.StrEnum):
@@ -113,6 +112,7 @@ class TopicAcl:
 
 @lru_cache(maxsize=65536)
 def _expand(prefix: str, username: str, role: Role, write: bool) -> tuple[str, ...]:
+    rules: tuple[str, ...]
     if role is Role.SERVICE:
         rules = SERVICE_WRITE if write else SERVICE_READ
     else:

@@ -15,12 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from amqtt.contexts import Action
-from amqtt.mqtt.connack import (
-    BAD_USERNAME_PASSWORD,
-    CONNECTION_ACCEPTED,
-    IDENTIFIER_REJECTED,
-    NOT_AUTHORIZED,
-)
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
@@ -31,7 +25,14 @@ from imcli.wire import DEFAULT_PREFIX, Topics, client_id_account
 
 log = logging.getLogger(__name__)
 
+# MQTT 3.1.1 CONNACK return codes (section 3.2.2.3)
+CONNECTION_ACCEPTED = 0
+IDENTIFIER_REJECTED = 2
+BAD_USERNAME_PASSWORD = 4
+NOT_AUTHORIZED = 5
+
 REGISTER_PREFIX = "register:"  # username "register:<name>" asks to create account <name>
+AMQTT_RANDOM_ID = "amqtt/"  # amqtt.utils.gen_client_id's prefix for CONNECTs with an empty client id
 
 _stores: dict[Path, AccountStore] = {}
 _stores_lock = threading.Lock()
@@ -67,7 +68,7 @@ class AccountAuthPlugin(BaseAuthPlugin):
         registration: str = "open"  # "open" or "closed" (admin-only)
 
     def __init__(self, context: object) -> None:
-        super().__init__(context)  # type: ignore[arg-type]
+        super().__init__(context)
         self.store = shared_store(self.config.data_dir)
         self.acl = TopicAcl(Topics(self.config.prefix))
         if self.config.registration not in ("open", "closed"):
@@ -93,7 +94,8 @@ class AccountAuthPlugin(BaseAuthPlugin):
         if account is None:
             log.info("login refused for %r: unknown account or wrong password", username)
             return BAD_USERNAME_PASSWORD
-        if not session.client_id:
+        if not session.client_id or (session.clean_session and session.client_id.startswith(AMQTT_RANDOM_ID)):
+            # an empty client id (amqtt's decoder already replaced it with a random one)
             session.client_id = f"{username}:{secrets.token_hex(6)}"
         elif client_id_account(session.client_id) != username:
             log.warning("login refused for %r: client id %r is not bound to it", username, session.client_id)
@@ -133,7 +135,7 @@ class TopicAclPlugin(BaseTopicPlugin):
         max_payload: int = field(default=16 * 1024)
 
     def __init__(self, context: object) -> None:
-        super().__init__(context)  # type: ignore[arg-type]
+        super().__init__(context)
         self.store = shared_store(self.config.data_dir)
         self.acl = TopicAcl(Topics(self.config.prefix))
 

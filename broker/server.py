@@ -30,14 +30,14 @@ from typing import Any, TypeVar
 from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
-from amqtt.mqtt.connack import CONNECTION_ACCEPTED, ConnackPacket
+from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
 from broker.accounts import AccountStore
 from broker.acl import Access
-from broker.plugins import AccountAuthPlugin, TopicAclPlugin, forget_store, shared_store
+from broker.plugins import CONNECTION_ACCEPTED, AccountAuthPlugin, TopicAclPlugin, forget_store, shared_store
 from imcli.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_PREFIX, Notice, Topics, encode, is_name
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class BrokerSettings:
         }
 
 
-class ImBroker(Broker):  # type: ignore[misc]
+class ImBroker(Broker):
     """amqtt ``Broker`` that authenticates before touching sessions and enforces limits."""
 
     def __init__(self, settings: BrokerSettings) -> None:
@@ -104,7 +104,9 @@ class ImBroker(Broker):  # type: ignore[misc]
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
         try:
-            handler, incoming = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+            handler, incoming = await BrokerProtocolHandler.init_from_connect(
+                reader, writer, self.plugins_manager
+            )
         except (AMQTTError, MQTTError, NoDataError) as exc:
             log.info("bad CONNECT from %s:%s: %s", remote_address, remote_port, exc)
             raise AMQTTError(exc) from exc
@@ -125,8 +127,16 @@ class ImBroker(Broker):  # type: ignore[misc]
             incoming.parent = 0
         elif incoming.client_id in self._sessions:
             existing, _ = self._sessions[incoming.client_id]
-            for attr in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
-                         "username", "password"):
+            for attr in (
+                "will_flag",
+                "will_message",
+                "will_topic",
+                "will_qos",
+                "will_retain",
+                "keep_alive",
+                "username",
+                "password",
+            ):
                 setattr(existing, attr, getattr(incoming, attr))
             session = existing
             session.parent = 1
@@ -188,7 +198,9 @@ class ImBroker(Broker):  # type: ignore[misc]
         while not session.retained_messages.empty():
             queued = session.retained_messages.get_nowait()
             if self._acl.check(session.username, queued.topic, Access.RECEIVE):
-                tasks.append(asyncio.ensure_future(handler.mqtt_publish(queued.topic, queued.data, queued.qos, False)))
+                tasks.append(
+                    asyncio.ensure_future(handler.mqtt_publish(queued.topic, queued.data, queued.qos, False))
+                )
         if tasks:
             await asyncio.wait(tasks)
 

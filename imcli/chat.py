@@ -30,8 +30,8 @@ from imcli.wire import (
     Notice,
     Payload,
     Received,
-    ResolveRequest,
     Resolved,
+    ResolveRequest,
     TopicKind,
     Topics,
     WireModel,
@@ -78,7 +78,9 @@ def register(address: BrokerAddress, name: str, password: str) -> None:
             pass
     except AuthenticationFailed as exc:
         if exc.code == 4:
-            raise NameTaken(f"cannot register {name!r}: the name is taken or reserved", "choose another name") from exc
+            raise NameTaken(
+                f"cannot register {name!r}: the name is taken or reserved", "choose another name"
+            ) from exc
         if exc.code == 5:
             raise AccountError(
                 "registration is closed on this broker", "ask its operator to run 'imcli admin user add NAME'"
@@ -94,7 +96,8 @@ def verify_login(address: BrokerAddress, credentials: Credentials, device: str) 
     except AuthenticationFailed as exc:
         if exc.code == 4:
             raise AuthenticationFailed(
-                "wrong account name or password", "check both, or create the account with 'imcli register NAME'",
+                "wrong account name or password",
+                "check both, or create the account with 'imcli register NAME'",
                 code=4,
             ) from exc
         raise
@@ -260,9 +263,11 @@ class Listener:
     ) -> None:
         self.identity = identity
         topics = identity.topics
-        room_filters = [topics.room_filter(check_name(r, "room name")) for r in rooms] if rooms else [
-            topics.room_filter()
-        ]
+        room_filters = (
+            [topics.room_filter(check_name(r, "room name")) for r in rooms]
+            if rooms
+            else [topics.room_filter()]
+        )
         self._filters = [*room_filters, topics.user_filter(identity.account)]
         self._client = MqttClient(
             identity.address,

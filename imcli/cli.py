@@ -28,7 +28,9 @@ def print_error(exc: ImcliError) -> None:
     from rich.console import Console
     from rich.text import Text
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(Text("Error: ", style="bold red") + Text(str(exc)))
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        Text("Error: ", style="bold red") + Text(str(exc))
+    )
 
 
 class _Group(TyperGroup):
@@ -47,16 +49,20 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-admin_app = typer.Typer(cls=_Group, help="Operator commands (run on the broker's machine).", no_args_is_help=True)
+admin_app = typer.Typer(
+    cls=_Group, help="Operator commands (run on the broker's machine).", no_args_is_help=True
+)
 user_app = typer.Typer(cls=_Group, help="Accounts in the broker's data directory.", no_args_is_help=True)
 admin_app.add_typer(user_app, name="user")
 app.add_typer(admin_app, name="admin")
 
 HostOpt = Annotated[
-    str | None, typer.Option("--host", envvar="IMCLI_HOST", help="Broker host [default: profile's, else 127.0.0.1]")
+    str | None,
+    typer.Option("--host", envvar="IMCLI_HOST", help="Broker host [default: profile's, else 127.0.0.1]"),
 ]
 PortOpt = Annotated[
-    int | None, typer.Option("--port", envvar="IMCLI_PORT", help="Broker port [default: profile's, else 1883]")
+    int | None,
+    typer.Option("--port", envvar="IMCLI_PORT", help="Broker port [default: profile's, else 1883]"),
 ]
 PasswordStdin = Annotated[
     bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
@@ -64,7 +70,9 @@ PasswordStdin = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 DataDirOpt = Annotated[
     Path | None,
-    typer.Option("--data-dir", envvar="IMCLI_DATA_DIR", help="Broker data directory [default: per-user data dir]"),
+    typer.Option(
+        "--data-dir", envvar="IMCLI_DATA_DIR", help="Broker data directory [default: per-user data dir]"
+    ),
 ]
 
 
@@ -110,7 +118,9 @@ def _password(from_stdin: bool, *, confirm: bool) -> str:
     if env:
         return env
     if not sys.stdin.isatty():
-        raise InvalidInput("no password given", "type it at a terminal, set IMCLI_PASSWORD or use --password-stdin")
+        raise InvalidInput(
+            "no password given", "type it at a terminal, set IMCLI_PASSWORD or use --password-stdin"
+        )
     value: str = typer.prompt("Password", hide_input=True, confirmation_prompt=confirm)
     return value
 
@@ -143,7 +153,8 @@ def serve(
     ] = "open",
     max_payload: Annotated[int, typer.Option(help="Largest message payload in bytes.")] = 16 * 1024,
     allow_remote: Annotated[
-        bool, typer.Option("--allow-remote", help="Allow binding beyond loopback (passwords travel in clear).")
+        bool,
+        typer.Option("--allow-remote", help="Allow binding beyond loopback (passwords travel in clear)."),
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log connections and refusals.")] = False,
 ) -> None:
@@ -166,13 +177,17 @@ def serve(
     try:
         loopback = bind == "localhost" or ipaddress.ip_address(bind).is_loopback
     except ValueError as exc:
-        raise InvalidInput(f"invalid --bind address {bind!r}", "give an IP address such as 127.0.0.1") from exc
+        raise InvalidInput(
+            f"invalid --bind address {bind!r}", "give an IP address such as 127.0.0.1"
+        ) from exc
     if not loopback and not allow_remote:
         raise InvalidInput(
             f"refusing to listen on {bind}: beyond this machine, passwords would travel unencrypted",
             "add --allow-remote if that is what you want",
         )
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
+    )
     if not verbose:  # amqtt logs every refused client at WARNING and more
         logging.getLogger("amqtt").setLevel(logging.CRITICAL)
     settings = BrokerSettings(
@@ -340,7 +355,9 @@ def listen(
     try:
         with Listener(identity, room or None, on_connection=connection) as listener:
             if not json_:
-                err.print(f"listening as {identity.account} on {identity.address} (Ctrl-C to stop)", style="dim")
+                err.print(
+                    f"listening as {identity.account} on {identity.address} (Ctrl-C to stop)", style="dim"
+                )
             for item in listener:
                 if json_:
                     sys.stdout.write(item.to_json() + "\n")

@@ -9,7 +9,6 @@ paho's own network thread (``on_message`` runs there: use ``publish_nowait`` in 
 from __future__ import annotations
 
 import queue
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -129,7 +128,7 @@ class MqttClient:
         self._paho = client
         try:
             client.connect(self.address.host, self.address.port, keepalive=self._keepalive)
-        except (OSError, socket.timeout) as exc:
+        except (TimeoutError, OSError) as exc:
             raise BrokerUnreachable(
                 f"cannot reach the broker at {self.address}: {exc.strerror or exc}",
                 "start one with 'imcli serve', or point --host/--port (IMCLI_HOST/IMCLI_PORT) at yours",
@@ -218,7 +217,9 @@ class MqttClient:
     def _enqueue(self, message: Message) -> None:
         self._inbox.put(message)
 
-    def _handle_connect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+    def _handle_connect(
+        self, client: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object
+    ) -> None:
         self._connack_rc = rc
         self._connack.set()
         if rc.is_failure:
@@ -233,7 +234,9 @@ class MqttClient:
         if reconnected and self._on_connection is not None:
             self._on_connection(True)
 
-    def _handle_disconnect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+    def _handle_disconnect(
+        self, client: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object
+    ) -> None:
         if not self._closing and self._was_connected and self._on_connection is not None:
             self._on_connection(False)
         if not self._reconnect and not self._closing:
@@ -256,4 +259,6 @@ class MqttClient:
 
 def _refusal(rc: ReasonCode) -> AuthenticationFailed:
     code = _CONNACK_V311.get(rc.value, rc.value)
-    return AuthenticationFailed(f"the broker refused the connection: {str(rc).lower()} (code {code})", code=code)
+    return AuthenticationFailed(
+        f"the broker refused the connection: {str(rc).lower()} (code {code})", code=code
+    )

@@ -25,8 +25,11 @@ def name_style(name: str) -> str:
 def safe(text: str) -> str:
     """Control characters (ESC, BEL, CR, …) shown as ``\\xNN`` instead of acted upon."""
     return "".join(
-        ch if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf") else f"\\x{ord(ch):02x}"
-        if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
+        ch
+        if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf")
+        else f"\\x{ord(ch):02x}"
+        if ord(ch) < 0x100
+        else f"\\u{ord(ch):04x}"
         for ch in text
     )
 

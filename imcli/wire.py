@@ -16,20 +16,18 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from imcli.errors import InvalidInput
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION: Final = 1
 DEFAULT_PREFIX = "im"
 DEFAULT_ROOM = "lobby"
 DEFAULT_MAX_PAYLOAD = 16 * 1024
 
-NAME_RULE = (
-    "1-32 characters: lowercase letters, digits, '_' or '-', starting with a letter or digit"
-)
+NAME_RULE = "1-32 characters: lowercase letters, digits, '_' or '-', starting with a letter or digit"
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _DEVICE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,47}")
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -215,8 +213,8 @@ class WireModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-MessageId = Annotated[str, Field(pattern=_ID.pattern, default_factory=new_id)]
-Timestamp = Annotated[float, Field(default_factory=time.time, ge=0)]
+MessageId = Annotated[str, Field(pattern=f"^{_ID.pattern}$")]
+Timestamp = Annotated[float, Field(ge=0)]
 
 
 class ChatMessage(WireModel):
@@ -224,9 +222,13 @@ class ChatMessage(WireModel):
 
     type: Literal["chat"] = "chat"
     v: Literal[1] = PROTOCOL_VERSION
-    id: MessageId
-    ts: Timestamp
+    id: MessageId = Field(default_factory=new_id)
+    ts: Timestamp = Field(default_factory=time.time)
     text: Annotated[str, Field(min_length=1)]
+    # Accepted for bots that send one, never trusted: the topic's <from> level is the sender.
+    claimed_from: str | None = Field(default=None, alias="from", exclude=True)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class Notice(WireModel):
@@ -234,8 +236,8 @@ class Notice(WireModel):
 
     type: Literal["notice"] = "notice"
     v: Literal[1] = PROTOCOL_VERSION
-    id: MessageId
-    ts: Timestamp
+    id: MessageId = Field(default_factory=new_id)
+    ts: Timestamp = Field(default_factory=time.time)
     code: str
     text: str
     topic: str | None = None
@@ -246,7 +248,7 @@ class ResolveRequest(WireModel):
 
     type: Literal["resolve"] = "resolve"
     v: Literal[1] = PROTOCOL_VERSION
-    id: MessageId
+    id: MessageId = Field(default_factory=new_id)
     name: str
 
 

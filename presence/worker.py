@@ -65,7 +65,12 @@ class PresenceWorker:
 
     def _on_message(self, message: Message) -> None:
         parsed = self.topics.parse(message.topic)
-        if parsed is None or parsed.kind is not TopicKind.REQUEST or parsed.sender is None or parsed.key is None:
+        if (
+            parsed is None
+            or parsed.kind is not TopicKind.REQUEST
+            or parsed.sender is None
+            or parsed.key is None
+        ):
             return
         sender, corr = parsed.sender, parsed.key
         try:
@@ -88,7 +93,9 @@ class PresenceWorker:
                 return Resolved(id=request.id, account=name)
             return ErrorReply(id=request.id, code="not_found", text=f"unknown user {request.name!r}")
         kind = getattr(request, "type", "?")
-        return ErrorReply(id=getattr(request, "id", "-"), code="invalid", text=f"unsupported request {kind!r}")
+        return ErrorReply(
+            id=getattr(request, "id", "-"), code="invalid", text=f"unsupported request {kind!r}"
+        )
 
     def _reply(self, sender: str, corr: str, reply: WireModel) -> None:
         self._client.publish_nowait(self.topics.reply(sender, corr), encode(reply), qos=1)

@@ -1,0 +1,282 @@
+"""Attacks through raw MQTT clients against the embedded broker: each must fail.
+
+Absence is proven with a barrier: after the forbidden publish, a legitimate one is sent on
+the same connection; once the victim has that one, the forbidden one would have arrived
+before it (one connection's messages are delivered in order).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from broker.server import BrokerSettings
+from imcli.embedded import BackgroundServer
+from imcli.wire import ChatMessage, encode
+from tests.conftest import Raw, password_of
+
+RawFactory = Callable[..., Raw]
+
+
+def chat(text: str) -> bytes:
+    return encode(ChatMessage(text=text))
+
+
+@pytest.fixture
+def alice_bob(users: Callable[..., None], raw: RawFactory) -> tuple[Raw, Raw]:
+    users("alice", "bob", "carol")
+    alice = raw("alice", client_id="alice:laptop")
+    bob = raw("bob", client_id="bob:phone")
+    assert alice.rc == 0 and bob.rc == 0
+    assert bob.subscribe("im/room/+/+") == 1
+    assert bob.subscribe("im/user/bob/#") == 1
+    assert alice.subscribe("im/user/alice/notice") == 1
+    return alice, bob
+
+
+# ---------------------------------------------------------------- connecting
+
+
+def test_anonymous_connect_is_refused(server: object, raw: RawFactory) -> None:
+    assert raw(None, client_id="anon").rc == 5
+
+
+def test_wrong_password_and_unknown_account_are_refused(users: Callable[..., None], raw: RawFactory) -> None:
+    users("alice")
+    assert raw("alice", "not-her-password", "alice:x").rc == 4
+    assert raw("mallory", "whatever-password", "mallory:x").rc == 4
+
+
+@pytest.mark.parametrize("client_id", ["bob", "bob:phone", "bob:", "carol:x"])
+def test_client_id_of_another_account_is_refused(
+    users: Callable[..., None], raw: RawFactory, client_id: str
+) -> None:
+    users("alice", "bob")
+    assert raw("alice", client_id=client_id).rc == 2
+
+
+def test_empty_client_id_gets_one_bound_to_the_account(users: Callable[..., None], raw: RawFactory) -> None:
+    users("alice")
+    assert raw("alice", client_id="").rc == 0
+
+
+@pytest.mark.parametrize(
+    ("topic", "retain"),
+    [
+        ("im/room/lobby/bob", False),
+        ("im/user/bob/dm/carol", False),
+        ("im/status/bob/phone", True),
+        ("im/presence/alice", True),
+        ("im/room/lobby/alice", True),
+    ],
+)
+def test_last_will_cannot_speak_as_another_or_outside_the_rules(
+    users: Callable[..., None], raw: RawFactory, topic: str, retain: bool
+) -> None:
+    users("alice", "bob")
+    assert raw("alice", client_id="alice:x", will=(topic, b"gone", retain)).rc == 5
+
+
+def test_own_status_will_is_allowed(users: Callable[..., None], raw: RawFactory) -> None:
+    users("alice")
+    assert raw("alice", client_id="alice:x", will=("im/status/alice/x", b"{}", True)).rc == 0
+
+
+# ---------------------------------------------------------------- session takeover
+
+
+def test_failed_login_with_victims_client_id_leaves_session_and_queue_intact(
+    users: Callable[..., None], raw: RawFactory
+) -> None:
+    users("alice", "bob")
+    bob = raw("bob", client_id="bob:phone", clean=False)
+    assert bob.subscribe("im/user/bob/#") == 1
+    bob.close()  # persistent session stays on the broker, offline
+
+    alice = raw("alice", client_id="alice:laptop")
+    alice.publish("im/user/bob/dm/alice", chat("queued while you were away"))
+
+    # wrong password with bob's client id, clean and persistent; right password of another account
+    assert raw("bob", "wrong-password", "bob:phone", clean=True).rc == 4
+    assert raw("bob", "wrong-password", "bob:phone", clean=False).rc == 4
+    assert raw("alice", client_id="bob:phone", clean=True).rc == 2
+    assert raw("register:newbie", "whatever-password", "bob:phone").rc == 2
+
+    bob_again = raw("bob", client_id="bob:phone", clean=False)
+    assert bob_again.rc == 0
+    msg = bob_again.expect("im/user/bob/dm/alice")
+    assert json.loads(msg.payload)["text"] == "queued while you were away"
+    assert msg.retain is False  # amqtt would have flagged a queued message as retained
+
+
+def test_failed_login_does_not_kick_a_connected_victim(alice_bob: tuple[Raw, Raw], raw: RawFactory) -> None:
+    alice, bob = alice_bob
+    assert raw("bob", "wrong-password", "bob:phone").rc == 4
+    assert raw("alice", client_id="bob:phone").rc == 2
+    alice.publish("im/user/bob/dm/alice", chat("still there?"))
+    assert json.loads(bob.expect("im/user/bob/dm/alice").payload)["text"] == "still there?"
+    assert not bob.disconnected.is_set()
+
+
+# ---------------------------------------------------------------- publishing as another
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "im/room/lobby/bob",
+        "im/user/bob/dm/carol",
+        "im/user/bob/notice",
+        "im/user/bob/reply/abc",
+        "im/events",
+        "im/presence/bob",
+        "im/status/bob/phone",
+        "im/request/bob/abc",
+        "im/user/bob/dm/alice/x",
+        "im/room/Lobby/alice",
+        "elsewhere/topic",
+    ],
+)
+def test_publish_outside_own_topics_never_reaches_anyone(
+    alice_bob: tuple[Raw, Raw], raw: RawFactory, topic: str
+) -> None:
+    alice, _bob = alice_bob
+    spy = raw("carol", client_id="carol:x")
+    # carol sees everything she may read; bob is the victim
+    assert spy.subscribe("im/room/#") == 1
+    assert spy.subscribe("im/user/carol/#") == 1
+    victim = raw("bob", client_id="bob:tablet")
+    assert victim.subscribe("im/user/bob/#") == 1
+    assert victim.subscribe("im/room/#") == 1
+
+    alice.publish(topic, chat("forged"))
+    alice.publish("im/room/lobby/alice", chat("barrier"))
+    victim.expect("im/room/lobby/alice")
+    spy.expect("im/room/lobby/alice")
+    assert [m.topic for m in victim.silent(0.2)] == []
+    notice = json.loads(alice.expect("im/user/alice/notice").payload)
+    assert notice["code"] == "denied" and notice["topic"] == topic
+
+
+def test_dm_reaches_only_its_recipient(alice_bob: tuple[Raw, Raw], raw: RawFactory) -> None:
+    alice, bob = alice_bob
+    carol = raw("carol", client_id="carol:x")
+    assert carol.subscribe("im/user/carol/#") == 1
+    assert carol.subscribe("im/room/+/+") == 1
+    alice.publish("im/user/bob/dm/alice", chat("for bob only"))
+    alice.publish("im/room/lobby/alice", chat("barrier"))
+    assert bob.expect("im/user/bob/dm/alice").payload
+    carol.expect("im/room/lobby/alice")
+    assert [m.topic for m in carol.silent(0.2)] == []
+
+
+# ---------------------------------------------------------------- reading others
+
+
+@pytest.mark.parametrize(
+    "topic_filter",
+    [
+        "#",
+        "im/#",
+        "im/user/#",
+        "im/user/bob/#",
+        "im/user/bob/dm/+",
+        "im/user/+/dm/+",
+        "im/user/+/#",
+        "im/request/+/+",
+        "im/status/#",
+        "+/user/bob/dm/+",
+        "$SYS/#",
+        "im/+/bob/#",
+    ],
+)
+def test_subscribing_beyond_what_one_may_read_is_refused(
+    users: Callable[..., None], raw: RawFactory, topic_filter: str
+) -> None:
+    users("alice", "bob")
+    alice = raw("alice", client_id="alice:x")
+    assert alice.subscribe(topic_filter) == 128
+
+
+def test_refused_subscription_receives_nothing(alice_bob: tuple[Raw, Raw], raw: RawFactory) -> None:
+    alice, _bob = alice_bob
+    eve = raw("carol", client_id="carol:eve")
+    assert eve.subscribe("#") == 128
+    assert eve.subscribe("im/user/bob/#") == 128
+    assert eve.subscribe("im/room/+/+") == 1
+    alice.publish("im/user/bob/dm/alice", chat("private"))
+    alice.publish("im/room/lobby/alice", chat("barrier"))
+    eve.expect("im/room/lobby/alice")
+    assert [m.topic for m in eve.silent(0.2)] == []
+
+
+# ---------------------------------------------------------------- limits
+
+
+def test_oversized_payload_is_dropped_and_sender_told(alice_bob: tuple[Raw, Raw]) -> None:
+    alice, bob = alice_bob
+    alice.publish("im/room/lobby/alice", b"x" * (16 * 1024 + 1))
+    alice.publish("im/room/lobby/alice", chat("barrier"))
+    assert json.loads(bob.expect("im/room/lobby/alice").payload)["text"] == "barrier"
+    notice = json.loads(alice.expect("im/user/alice/notice").payload)
+    assert notice["code"] == "too_large"
+
+
+def test_retained_chat_is_refused(alice_bob: tuple[Raw, Raw], raw: RawFactory) -> None:
+    alice, _bob = alice_bob
+    alice.publish("im/room/lobby/alice", chat("stuck forever?"), retain=True)
+    assert json.loads(alice.expect("im/user/alice/notice").payload)["code"] == "denied"
+    late = raw("carol", client_id="carol:late")
+    assert late.subscribe("im/room/+/+") == 1
+    alice.publish("im/room/lobby/alice", chat("barrier"))
+    assert json.loads(late.expect("im/room/lobby/alice").payload)["text"] == "barrier"
+
+
+# ---------------------------------------------------------------- registration
+
+
+def test_registration_creates_an_account_with_no_rights_on_that_connection(
+    server: object, raw: RawFactory
+) -> None:
+    reg = raw("register:newbie", "newbie-password", "register:newbie")
+    assert reg.rc == 0
+    assert reg.subscribe("im/room/+/+") == 128
+    assert raw("newbie", "newbie-password", "newbie:x").rc == 0
+    assert raw("register:newbie", "other-password", "register:newbie").rc == 4  # taken
+
+
+@pytest.mark.parametrize("name", ["presence", "admin", "Bad", "a/b", "x" * 33])
+def test_registration_refuses_reserved_and_invalid_names(server: object, raw: RawFactory, name: str) -> None:
+    assert raw(f"register:{name}", "some-password", f"register:{name}").rc == 4
+
+
+def test_closed_registration_refuses(tmp_path: Path) -> None:
+    settings = BrokerSettings(data_dir=tmp_path / "closed", port=0, registration="closed")
+    with BackgroundServer(settings) as info:
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        codes: list[int] = []
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id="register:newbie")
+        client.username_pw_set("register:newbie", "newbie-password")
+        client.on_connect = lambda _c, _u, _f, rc, _p: codes.append(rc.value)
+        client.connect(info.address.host, info.address.port)
+        client.loop_start()
+        try:
+            from tests.conftest import wait_until
+
+            assert wait_until(lambda: bool(codes))
+            assert codes == [135]  # MQTT 3.1.1 code 5, not authorized
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+
+def test_password_is_never_in_the_account_file(users: Callable[..., None], server: object) -> None:
+    users("alice")
+    text = (server.data_dir / "accounts.json").read_text()  # type: ignore[attr-defined]
+    assert password_of("alice") not in text
+    assert "$argon2id$" in text

@@ -1,0 +1,280 @@
+"""Pure parts without a broker: names, topics, payloads, the ACL, the account store."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from argon2 import PasswordHasher
+from hypothesis import given
+from hypothesis import strategies as st
+
+from broker.accounts import AccountStore, Role
+from broker.acl import Access, TopicAcl, filter_within, topic_matches
+from imcli.chat import RecentIds, prepare_text, to_received
+from imcli.errors import InvalidInput, NameTaken, NotFound
+from imcli.mqtt import Message
+from imcli.render import safe
+from imcli.wire import (
+    ChatMessage,
+    MalformedPayload,
+    Notice,
+    Received,
+    TopicKind,
+    Topics,
+    check_name,
+    decode,
+    decode_chat,
+    encode,
+    is_name,
+)
+
+names = st.from_regex(r"[a-z0-9][a-z0-9_-]{0,31}", fullmatch=True)
+T = Topics()
+ACL = TopicAcl()
+
+# ---------------------------------------------------------------- names and topics
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "Alice", "a b", "a/b", "a+b", "#", "-x", "_x", "x" * 33, "é", "a\0b", "a:b"]
+)
+def test_invalid_names(bad: str) -> None:
+    assert not is_name(bad)
+    with pytest.raises(InvalidInput):
+        check_name(bad)
+
+
+@given(names, names)
+def test_room_topic_round_trips(room: str, sender: str) -> None:
+    parsed = T.parse(T.room(room, sender))
+    assert parsed is not None
+    assert (parsed.kind, parsed.name, parsed.sender) == (TopicKind.ROOM, room, sender)
+
+
+@given(names, names)
+def test_dm_topic_round_trips(to: str, sender: str) -> None:
+    parsed = T.parse(T.dm(to, sender))
+    assert parsed is not None
+    assert (parsed.kind, parsed.owner, parsed.sender) == (TopicKind.DM, to, sender)
+
+
+@given(st.text(max_size=80))
+def test_parser_never_crashes_and_accepts_only_valid_levels(topic: str) -> None:
+    parsed = T.parse(topic)
+    if parsed is not None:
+        assert "+" not in topic and "#" not in topic
+        for value in (parsed.sender, parsed.owner, parsed.name):
+            assert value is None or is_name(value)
+
+
+def test_custom_prefix() -> None:
+    t = Topics("acme/chat")
+    assert t.room("lobby", "alice") == "acme/chat/room/lobby/alice"
+    assert t.parse("im/room/lobby/alice") is None
+    with pytest.raises(InvalidInput):
+        Topics("bad prefix/#")
+
+
+# ---------------------------------------------------------------- payloads
+
+
+@given(st.text(min_size=1).filter(lambda s: s.strip() != ""))
+def test_chat_message_round_trips(text: str) -> None:
+    message = ChatMessage(text=text)
+    assert decode(encode(message)) == message
+
+
+def test_plain_text_and_malformed_chat_payloads() -> None:
+    msg, plain = decode_chat("hello ✓".encode())
+    assert plain and msg.text == "hello ✓"
+    msg, plain = decode_chat(b'{"not": "ours"}')  # JSON without a type is a bot's text
+    assert plain and msg.text == '{"not": "ours"}'
+    for bad in (
+        b"\xff",
+        b'{"type": "chat"}',
+        b'{"type":"chat","v":2,"text":"x"}',
+        b'{"type":"chat","v":1,"text":"x","id":"bad id"}',
+        b"  \n",
+        b'{"type":"notice","code":"x","text":"y"}',
+    ):
+        with pytest.raises(MalformedPayload):
+            decode_chat(bad)
+
+
+@given(st.binary(max_size=200))
+def test_decode_chat_never_raises_anything_but_malformed(data: bytes) -> None:
+    try:
+        msg, _ = decode_chat(data)
+    except MalformedPayload:
+        return
+    assert msg.text.strip()
+
+
+def test_payload_from_is_ignored_the_topic_names_the_sender() -> None:
+    r = to_received(
+        T, Message("im/room/lobby/alice", b'{"type":"chat","v":1,"text":"hi","from":"bob"}', 1, False)
+    )
+    assert r is not None and r.sender == "alice"
+    assert "from" not in json.loads(encode(ChatMessage(text="x")))
+
+
+def test_to_received_maps_topics() -> None:
+    r = to_received(T, Message("im/user/bob/dm/alice", encode(ChatMessage(text="hi")), 1, False))
+    assert r is not None and (r.kind, r.sender, r.to) == ("dm", "alice", "bob")
+    n = to_received(T, Message("im/user/bob/notice", encode(Notice(code="denied", text="no")), 1, False))
+    assert n is not None and (n.kind, n.text) == ("notice", "no")
+    assert to_received(T, Message("im/user/bob/reply/abc", b"{}", 1, False)) is None
+    bad = to_received(T, Message("im/room/lobby/alice", b"\xff", 1, False))
+    assert bad is not None and bad.kind == "malformed" and bad.sender == "alice"
+
+
+def test_received_json_uses_from() -> None:
+    line = Received(kind="room", sender="alice", room="lobby", id="x", ts=1.0, text="hi").to_json()
+    assert json.loads(line) == {
+        "kind": "room",
+        "from": "alice",
+        "room": "lobby",
+        "id": "x",
+        "ts": 1.0,
+        "text": "hi",
+        "format": "json",
+    }
+
+
+def test_prepare_text_limits() -> None:
+    assert prepare_text("hi\n").text == "hi"
+    with pytest.raises(InvalidInput, match="empty message"):
+        prepare_text(" \n")
+    with pytest.raises(InvalidInput, match="message too long"):
+        prepare_text("x" * 20000)
+    # the limit counts the encoded payload, so JSON escaping is included
+    with pytest.raises(InvalidInput):
+        prepare_text('"' * 9000)
+
+
+def test_recent_ids_forgets_the_oldest() -> None:
+    ids = RecentIds(capacity=2)
+    assert not ids.seen("a") and not ids.seen("b") and ids.seen("a")
+    assert not ids.seen("c") and not ids.seen("a")  # "a" was evicted by "c"... then re-added
+
+
+def test_safe_neutralises_terminal_controls() -> None:
+    assert safe("a\x1b[2Jb\x07\r") == "a\\x1b[2Jb\\x07\\x0d"
+    assert safe("line\nnext\ttab ✓") == "line\nnext\ttab ✓"
+    assert safe("\u202etxt") == "\\u202etxt"
+
+
+# ---------------------------------------------------------------- ACL
+
+
+@pytest.mark.parametrize(
+    ("filt", "pattern", "within"),
+    [
+        ("im/room/+/+", "im/room/#", True),
+        ("im/room/#", "im/room/#", True),
+        ("im/room", "im/room/#", True),
+        ("#", "im/room/#", False),
+        ("im/#", "im/room/#", False),
+        ("im/+/lobby/x", "im/room/#", False),
+        ("im/user/alice/#", "im/user/alice/#", True),
+        ("im/user/+/#", "im/user/alice/#", False),
+        ("im/user/alice/dm/+", "im/user/alice/#", True),
+        ("im/events", "im/events", True),
+        ("im/events/#", "im/events", False),
+        ("im/presence/+", "im/presence/#", True),
+    ],
+)
+def test_filter_within(filt: str, pattern: str, within: bool) -> None:
+    assert filter_within(filt, pattern) is within
+
+
+@given(
+    st.lists(st.sampled_from(["im", "room", "user", "alice", "bob", "+", "#", "x"]), min_size=1, max_size=5),
+    st.lists(st.sampled_from(["im", "room", "user", "alice", "bob", "x", "y"]), min_size=1, max_size=5),
+)
+def test_filter_within_is_sound(filt_levels: list[str], topic_levels: list[str]) -> None:
+    """If a filter is within a pattern, every topic the filter matches, the pattern matches."""
+    if "#" in filt_levels[:-1]:
+        return
+    filt, topic = "/".join(filt_levels), "/".join(topic_levels)
+    for pattern in ("im/room/#", "im/user/alice/#", "im/events", "im/room/+/alice"):
+        if filter_within(filt, pattern) and topic_matches(topic, filt):
+            assert topic_matches(topic, pattern), (filt, pattern, topic)
+
+
+@pytest.mark.parametrize(
+    ("user", "topic", "access", "allowed"),
+    [
+        ("alice", "im/room/lobby/alice", Access.PUBLISH, True),
+        ("alice", "im/room/lobby/bob", Access.PUBLISH, False),
+        ("alice", "im/user/bob/dm/alice", Access.PUBLISH, True),
+        ("alice", "im/user/bob/dm/carol", Access.PUBLISH, False),
+        ("alice", "im/user/alice/dm/alice", Access.PUBLISH, True),
+        ("alice", "im/user/bob/notice", Access.PUBLISH, False),
+        ("alice", "im/status/alice/laptop", Access.PUBLISH, True),
+        ("alice", "im/status/bob/laptop", Access.PUBLISH, False),
+        ("alice", "im/request/alice/c1", Access.PUBLISH, True),
+        ("alice", "im/request/bob/c1", Access.PUBLISH, False),
+        ("alice", "im/room/+/alice", Access.PUBLISH, False),
+        ("alice", "im/room/Lobby/alice", Access.PUBLISH, False),
+        ("alice", "im/user/alice/dm/bob", Access.RECEIVE, True),
+        ("alice", "im/user/bob/dm/alice", Access.RECEIVE, False),
+        ("alice", "im/room/lobby/bob", Access.RECEIVE, True),
+        ("alice", "im/presence/bob", Access.RECEIVE, True),
+        ("register:alice", "im/room/lobby/alice", Access.PUBLISH, False),
+    ],
+)
+def test_user_rules(user: str, topic: str, access: Access, allowed: bool) -> None:
+    assert ACL.allows(user, Role.USER, topic, access) is allowed
+
+
+def test_service_rules() -> None:
+    assert ACL.allows("presence", Role.SERVICE, "im/user/bob/reply/x1", Access.PUBLISH)
+    assert ACL.allows("presence", Role.SERVICE, "im/presence/bob", Access.PUBLISH)
+    assert ACL.allows("presence", Role.SERVICE, "im/request/+/+", Access.SUBSCRIBE)
+    assert not ACL.allows("presence", Role.SERVICE, "im/room/lobby/bob", Access.PUBLISH)
+    assert not ACL.allows("presence", None, "im/presence/bob", Access.PUBLISH)
+
+
+def test_retain_only_on_state_topics() -> None:
+    assert ACL.may_retain("im/status/alice/x")
+    assert not ACL.may_retain("im/room/lobby/alice")
+    assert not ACL.may_retain("im/user/bob/dm/alice")
+
+
+# ---------------------------------------------------------------- accounts
+
+FAST = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)  # unit tests only: the store's logic
+
+
+def test_account_store_lifecycle(tmp_path: Path) -> None:
+    store = AccountStore(tmp_path, FAST)
+    store.add("alice", "password-1")
+    assert store.verify("alice", "password-1") is not None
+    assert store.verify("alice", "password-2") is None
+    assert store.verify("nobody", "password-1") is None
+    with pytest.raises(NameTaken):
+        store.add("alice", "password-3")
+    with pytest.raises(InvalidInput, match="reserved"):
+        store.add("presence", "password-1")
+    with pytest.raises(InvalidInput, match="too short"):
+        store.add("bob", "short")
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+    other = AccountStore(tmp_path, FAST)  # another process's view
+    other.remove("alice")
+    assert store.get("alice") is None  # noticed the changed file
+    with pytest.raises(NotFound):
+        store.remove("alice")
+    assert "password" not in repr(other.list())
+
+
+def test_service_account_cannot_take_a_user_name(tmp_path: Path) -> None:
+    store = AccountStore(tmp_path, FAST)
+    store.add("worker", "password-1")
+    with pytest.raises(NameTaken):
+        store.ensure_service("worker", "password-2")
+    store.ensure_service("presence", "password-3")
+    assert store.cached_role("presence") is Role.SERVICE
