@@ -131,9 +131,7 @@ class AccountStore:
 
     # ------------------------------------------------------------------ writing
 
-    def add(
-        self, name: str, password: str, role: Role = Role.USER, *, allow_reserved: bool = False
-    ) -> Account:
+    def add(self, name: str, password: str, role: Role = Role.USER, *, allow_reserved: bool = False) -> Account:
         if not is_name(name):
             raise InvalidInput(f"invalid account name {name!r}", NAME_RULE)
         if name in RESERVED_NAMES and not allow_reserved:

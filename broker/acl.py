@@ -36,7 +36,7 @@ SERVICE_WRITE = (
     "presence/+",
     "events",
     "group/+/info",
-    "status/%u/+",
+    "status/+/+",  # the presence worker clears statuses of devices that vanished without a Last Will
 )
 SERVICE_READ = ("#",)
 
@@ -112,9 +112,7 @@ class TopicAcl:
 
 @lru_cache(maxsize=65536)
 def _expand(prefix: str, username: str, role: Role, write: bool) -> tuple[str, ...]:
-    rules: tuple[str, ...]
-    if role is Role.SERVICE:
-        rules = SERVICE_WRITE if write else SERVICE_READ
-    else:
-        rules = USER_WRITE if write else USER_READ
+    table = {(Role.SERVICE, True): SERVICE_WRITE, (Role.SERVICE, False): SERVICE_READ,
+             (Role.USER, True): USER_WRITE, (Role.USER, False): USER_READ}  # fmt: skip
+    rules = table[role, write]
     return tuple(f"{prefix}/{r}".replace("%u", username) for r in rules)

@@ -35,7 +35,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
-from broker.accounts import AccountStore
+from broker.accounts import AccountStore, Role
 from broker.acl import Access
 from broker.plugins import CONNECTION_ACCEPTED, AccountAuthPlugin, TopicAclPlugin, forget_store, shared_store
 from imcli.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_PREFIX, Notice, Topics, encode, is_name
@@ -104,9 +104,7 @@ class ImBroker(Broker):
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
         try:
-            handler, incoming = await BrokerProtocolHandler.init_from_connect(
-                reader, writer, self.plugins_manager
-            )
+            handler, incoming = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
         except (AMQTTError, MQTTError, NoDataError) as exc:
             log.info("bad CONNECT from %s:%s: %s", remote_address, remote_port, exc)
             raise AMQTTError(exc) from exc
@@ -169,7 +167,8 @@ class ImBroker(Broker):
         message = wait_deliver.result()
         if message is not None and message.topic:
             size = len(message.data or b"")
-            if size > self.settings.max_payload:
+            trusted = self._acl.store.cached_role(client_session.username or "") is Role.SERVICE
+            if size > self.settings.max_payload and not trusted:  # a worker's `who` reply may be large
                 await self.notify(
                     client_session.username,
                     "too_large",
@@ -198,9 +197,7 @@ class ImBroker(Broker):
         while not session.retained_messages.empty():
             queued = session.retained_messages.get_nowait()
             if self._acl.check(session.username, queued.topic, Access.RECEIVE):
-                tasks.append(
-                    asyncio.ensure_future(handler.mqtt_publish(queued.topic, queued.data, queued.qos, False))
-                )
+                tasks.append(asyncio.ensure_future(handler.mqtt_publish(queued.topic, queued.data, queued.qos, False)))
         if tasks:
             await asyncio.wait(tasks)
 

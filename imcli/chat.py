@@ -6,11 +6,13 @@ and tests can call them without the CLI.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from imcli.errors import (
     AccountError,
@@ -21,26 +23,38 @@ from imcli.errors import (
     NotFound,
     RequestTimeout,
 )
-from imcli.mqtt import BrokerAddress, ConnectionListener, Credentials, Message, MqttClient
+from imcli.mqtt import BrokerAddress, ConnectionListener, Credentials, Message, MqttClient, Will
 from imcli.wire import (
+    DEFAULT_HEARTBEAT,
     DEFAULT_MAX_PAYLOAD,
+    NICK_RULE,
     ChatMessage,
+    DeviceStatus,
     ErrorReply,
+    Event,
     MalformedPayload,
     Notice,
     Payload,
+    Presence,
     Received,
+    Renamed,
+    RenameRequest,
     Resolved,
     ResolveRequest,
+    Roster,
     TopicKind,
     Topics,
+    WhoRequest,
     WireModel,
     check_name,
     decode,
     decode_chat,
     encode,
+    is_nick,
     new_id,
 )
+
+_R = TypeVar("_R")
 
 REGISTER_PREFIX = "register:"
 REQUEST_TIMEOUT = 5.0
@@ -78,9 +92,7 @@ def register(address: BrokerAddress, name: str, password: str) -> None:
             pass
     except AuthenticationFailed as exc:
         if exc.code == 4:
-            raise NameTaken(
-                f"cannot register {name!r}: the name is taken or reserved", "choose another name"
-            ) from exc
+            raise NameTaken(f"cannot register {name!r}: the name is taken or reserved", "choose another name") from exc
         if exc.code == 5:
             raise AccountError(
                 "registration is closed on this broker", "ask its operator to run 'imcli admin user add NAME'"
@@ -142,9 +154,37 @@ def resolve(requests: Requests, name: str) -> str:
     if not wanted:
         raise InvalidInput("empty recipient name")
     reply = requests.ask(ResolveRequest(name=wanted))
-    if isinstance(reply, Resolved):
-        return reply.account
-    raise NotFound(f"unknown recipient {wanted!r}", "check the name with 'imcli who'")
+    if isinstance(reply, ErrorReply) and reply.code == "not_found":
+        raise NotFound(f"unknown recipient {wanted!r}", "check the name with 'imcli who --all'")
+    return expect(reply, Resolved).account
+
+
+def who(identity: Identity, include_offline: bool = False) -> list[Presence]:
+    with MqttClient(identity.address, identity.credentials, identity.client_id("who")) as client:
+        reply = Requests(client, identity).ask(WhoRequest(all=include_offline))
+    return expect(reply, Roster).users
+
+
+def rename(identity: Identity, nick: str) -> str:
+    if not is_nick(nick):
+        raise InvalidInput(f"invalid nickname {nick!r}", NICK_RULE)
+    with MqttClient(identity.address, identity.credentials, identity.client_id("nick")) as client:
+        reply = Requests(client, identity).ask(RenameRequest(nick=nick))
+    if isinstance(reply, ErrorReply) and reply.code == "taken":
+        raise NameTaken(f"the nickname {nick!r} is taken", "choose another one")
+    return expect(reply, Renamed).nick
+
+
+_ERRORS: dict[str, type[ImcliError]] = {"not_found": NotFound, "taken": NameTaken, "invalid": InvalidInput}
+
+
+def expect(reply: Payload, kind: type[_R]) -> _R:
+    """The reply if it is a ``kind``; a worker's refusal becomes the matching error."""
+    if isinstance(reply, kind):
+        return reply
+    if isinstance(reply, ErrorReply):
+        raise _ERRORS.get(reply.code, ImcliError)(reply.text)
+    raise ImcliError(f"a worker answered with an unexpected {reply.type!r}")
 
 
 # ---------------------------------------------------------------- request / reply
@@ -175,12 +215,9 @@ class Requests:
             if parsed is None or parsed.kind is not TopicKind.REPLY or parsed.key != corr:
                 continue
             try:
-                reply = decode(msg.payload)
+                return decode(msg.payload)
             except MalformedPayload as exc:
                 raise ImcliError(f"a worker sent a malformed reply: {exc}") from exc
-            if isinstance(reply, ErrorReply) and reply.code not in ("not_found",):
-                raise ImcliError(reply.text)
-            return reply
         raise RequestTimeout(
             f"no worker answered within {self._timeout:g}s",
             "is the presence worker running? 'imcli serve' starts it",
@@ -220,8 +257,28 @@ class RecentIds:
 def to_received(topics: Topics, message: Message) -> Received | None:
     """What a client shows for one MQTT message; ``None`` for topics it does not display."""
     parsed = topics.parse(message.topic)
-    if parsed is None or parsed.kind not in (TopicKind.ROOM, TopicKind.DM, TopicKind.NOTICE):
+    if parsed is None or parsed.kind not in (
+        TopicKind.ROOM,
+        TopicKind.DM,
+        TopicKind.NOTICE,
+        TopicKind.EVENTS,
+    ):
         return None
+    if parsed.kind is TopicKind.EVENTS:
+        try:
+            event = decode(message.payload)
+        except MalformedPayload as exc:
+            return _malformed(message, exc)
+        if not isinstance(event, Event):
+            return _malformed(message, MalformedPayload(f"a {event.type!r} payload on the events topic"))
+        return Received(
+            kind="event",
+            sender=event.account,
+            nick=event.nick,
+            id=event.id,
+            ts=event.ts,
+            text=event_text(event),
+        )
     if parsed.kind is TopicKind.NOTICE:
         try:
             notice = decode(message.payload)
@@ -240,19 +297,26 @@ def to_received(topics: Topics, message: Message) -> Received | None:
     return Received(kind="dm", sender=parsed.sender, to=parsed.owner, **common)
 
 
+def event_text(event: Event) -> str:
+    if event.event == "rename":
+        return f"{event.old_nick} is now known as {event.nick}"
+    who = event.nick if event.nick == event.account else f"{event.nick} ({event.account})"
+    return f"{who} is {'online' if event.event == 'join' else 'offline'}"
+
+
 def _malformed(message: Message, exc: Exception, sender: str | None = None) -> Received:
     import time
 
-    return Received(
-        kind="malformed", sender=sender, id=new_id(), ts=time.time(), text=f"{message.topic}: {exc}"
-    )
+    return Received(kind="malformed", sender=sender, id=new_id(), ts=time.time(), text=f"{message.topic}: {exc}")
 
 
 class Listener:
-    """Rooms, direct messages and notices as they arrive; reconnects by itself.
+    """Rooms, direct messages, notices and events as they arrive; reconnects by itself.
 
-    ``with Listener(identity) as l: for item in l: ...`` — iteration ends only when the
-    connection is refused for good (``ImcliError`` raised) or the listener is closed.
+    While it runs, the device is online: a retained status on
+    ``<prefix>/status/<me>/<device>`` repeated every ``heartbeat`` seconds, an empty
+    retained Last Will that clears it if the process dies, and a clear on a clean exit.
+    ``with Listener(identity) as l: for item in l: ...``
     """
 
     def __init__(
@@ -260,52 +324,100 @@ class Listener:
         identity: Identity,
         rooms: list[str] | None = None,
         on_connection: ConnectionListener | None = None,
+        heartbeat: float = DEFAULT_HEARTBEAT,
     ) -> None:
         self.identity = identity
         topics = identity.topics
         room_filters = (
-            [topics.room_filter(check_name(r, "room name")) for r in rooms]
-            if rooms
-            else [topics.room_filter()]
+            [topics.room_filter(check_name(r, "room name")) for r in rooms] if rooms else [topics.room_filter()]
         )
-        self._filters = [*room_filters, topics.user_filter(identity.account)]
+        self._filters = [
+            *room_filters,
+            topics.user_filter(identity.account),
+            topics.presence_filter(),
+            topics.events(),
+        ]
+        client_id = identity.client_id("listen")
+        self._status_topic = topics.status(identity.account, client_id.split(":", 1)[1])
+        self._heartbeat = heartbeat
+        self._user_on_connection = on_connection
         self._client = MqttClient(
             identity.address,
             identity.credentials,
-            identity.client_id("listen"),
+            client_id,
             reconnect=True,
-            on_connection=on_connection,
+            will=Will(self._status_topic, b"", qos=1, retain=True),
+            on_connection=self._connection_changed,
         )
         self._seen = RecentIds()
+        self._nicks: dict[str, str] = {}
         self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._beat_loop, name="imcli-heartbeat", daemon=True)
 
     def __enter__(self) -> Listener:
         self._client.connect()
         try:
             self._client.subscribe(self._filters)
+            self._client.publish(self._status_topic, self._status(), qos=1, retain=True)
         except ImcliError:
             self._client.close()
             raise
+        self._beat.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
+        """Say offline (clear the device's status) and disconnect."""
+        if self._stop.is_set():
+            return
         self._stop.set()
+        if self._client.connected:
+            # if the broker is gone, the Last Will or the worker's expiry says offline instead
+            with contextlib.suppress(ImcliError):
+                self._client.publish(self._status_topic, b"", qos=1, retain=True)
         self._client.close()
 
+    def _status(self) -> bytes:
+        return encode(DeviceStatus(interval=self._heartbeat))
+
+    def _connection_changed(self, up: bool) -> None:
+        if up:  # paho's thread: announce again without waiting
+            self._client.publish_nowait(self._status_topic, self._status(), qos=1, retain=True)
+        if self._user_on_connection is not None:
+            self._user_on_connection(up)
+
+    def _beat_loop(self) -> None:
+        while not self._stop.wait(self._heartbeat):
+            if self._client.connected:
+                self._client.publish_nowait(self._status_topic, self._status(), qos=1, retain=True)
+
     def __iter__(self) -> Iterator[Received]:
+        topics = self.identity.topics
         while not self._stop.is_set():
             if self._client.fatal is not None:
                 raise self._client.fatal
             message = self._client.get(timeout=0.5)
             if message is None:
                 continue
-            item = to_received(self.identity.topics, message)
+            parsed = topics.parse(message.topic)
+            if parsed is not None and parsed.kind is TopicKind.PRESENCE:
+                self._remember_nick(message.payload)
+                continue
+            item = to_received(topics, message)
             if item is None or (item.kind != "malformed" and self._seen.seen(item.id)):
                 continue
+            if item.kind == "event" and item.sender and item.nick:
+                self._nicks[item.sender] = item.nick
+            elif item.sender and self._nicks.get(item.sender, item.sender) != item.sender:
+                item = item.model_copy(update={"nick": self._nicks[item.sender]})
             yield item
 
-
-Handler = Callable[[Received], None]
+    def _remember_nick(self, payload: bytes) -> None:
+        try:
+            record = decode(payload)
+        except MalformedPayload:
+            return
+        if isinstance(record, Presence):
+            self._nicks[record.account] = record.nick

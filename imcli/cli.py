@@ -7,6 +7,8 @@ imported inside the commands that use them, so ``imcli say`` starts fast.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -28,9 +30,7 @@ def print_error(exc: ImcliError) -> None:
     from rich.console import Console
     from rich.text import Text
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(
-        Text("Error: ", style="bold red") + Text(str(exc))
-    )
+    Console(stderr=True, highlight=False, soft_wrap=True).print(Text("Error: ", style="bold red") + Text(str(exc)))
 
 
 class _Group(TyperGroup):
@@ -49,9 +49,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-admin_app = typer.Typer(
-    cls=_Group, help="Operator commands (run on the broker's machine).", no_args_is_help=True
-)
+admin_app = typer.Typer(cls=_Group, help="Operator commands (run on the broker's machine).", no_args_is_help=True)
 user_app = typer.Typer(cls=_Group, help="Accounts in the broker's data directory.", no_args_is_help=True)
 admin_app.add_typer(user_app, name="user")
 app.add_typer(admin_app, name="admin")
@@ -70,9 +68,7 @@ PasswordStdin = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 DataDirOpt = Annotated[
     Path | None,
-    typer.Option(
-        "--data-dir", envvar="IMCLI_DATA_DIR", help="Broker data directory [default: per-user data dir]"
-    ),
+    typer.Option("--data-dir", envvar="IMCLI_DATA_DIR", help="Broker data directory [default: per-user data dir]"),
 ]
 
 
@@ -118,15 +114,28 @@ def _password(from_stdin: bool, *, confirm: bool) -> str:
     if env:
         return env
     if not sys.stdin.isatty():
-        raise InvalidInput(
-            "no password given", "type it at a terminal, set IMCLI_PASSWORD or use --password-stdin"
-        )
+        raise InvalidInput("no password given", "type it at a terminal, set IMCLI_PASSWORD or use --password-stdin")
     value: str = typer.prompt("Password", hide_input=True, confirmation_prompt=confirm)
     return value
 
 
 def _text(text: str) -> str:
     return sys.stdin.read() if text == "-" else text
+
+
+def _heartbeat() -> float:
+    from imcli.wire import DEFAULT_HEARTBEAT
+
+    raw = os.environ.get("IMCLI_HEARTBEAT")
+    if raw is None:
+        return DEFAULT_HEARTBEAT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 1 <= value <= 3600:
+        raise InvalidInput(f"invalid IMCLI_HEARTBEAT {raw!r}", "give seconds between 1 and 3600")
+    return value
 
 
 def _max_payload() -> int:
@@ -177,17 +186,13 @@ def serve(
     try:
         loopback = bind == "localhost" or ipaddress.ip_address(bind).is_loopback
     except ValueError as exc:
-        raise InvalidInput(
-            f"invalid --bind address {bind!r}", "give an IP address such as 127.0.0.1"
-        ) from exc
+        raise InvalidInput(f"invalid --bind address {bind!r}", "give an IP address such as 127.0.0.1") from exc
     if not loopback and not allow_remote:
         raise InvalidInput(
             f"refusing to listen on {bind}: beyond this machine, passwords would travel unencrypted",
             "add --allow-remote if that is what you want",
         )
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     if not verbose:  # amqtt logs every refused client at WARNING and more
         logging.getLogger("amqtt").setLevel(logging.CRITICAL)
     settings = BrokerSettings(
@@ -282,8 +287,6 @@ def logout() -> None:
 @app.command()
 def whoami(json_: JsonOpt = False) -> None:
     """Show the stored login (account, broker, device)."""
-    import json
-
     from imcli.config import load_profile
 
     p = load_profile()
@@ -348,16 +351,15 @@ def listen(
     identity = _identity(host, port)
     out = _out()
     err = Console(stderr=True, highlight=False)
+    heartbeat = _heartbeat()
 
     def connection(up: bool) -> None:
         err.print("reconnected" if up else "connection lost, reconnecting…", style="dim")
 
     try:
-        with Listener(identity, room or None, on_connection=connection) as listener:
+        with Listener(identity, room or None, on_connection=connection, heartbeat=heartbeat) as listener:
             if not json_:
-                err.print(
-                    f"listening as {identity.account} on {identity.address} (Ctrl-C to stop)", style="dim"
-                )
+                err.print(f"listening as {identity.account} on {identity.address} (Ctrl-C to stop)", style="dim")
             for item in listener:
                 if json_:
                     sys.stdout.write(item.to_json() + "\n")
@@ -366,6 +368,83 @@ def listen(
                     out.print(received_line(item, identity.account))
     except KeyboardInterrupt:
         pass
+
+
+@app.command()
+def who(
+    all_: Annotated[
+        bool, typer.Option("--all", "-a", help="Include offline users with when they were last seen.")
+    ] = False,
+    json_: JsonOpt = False,
+    host: HostOpt = None,
+    port: PortOpt = None,
+) -> None:
+    """Who is online (nickname, account, since when, how many devices)."""
+    from imcli import chat
+
+    users = chat.who(_identity(host, port), include_offline=all_)
+    if json_:
+        print(json.dumps([u.model_dump() for u in users]))
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    from imcli.render import ago, name_style
+
+    if not users:
+        _out().print("nobody is online" if not all_ else "no users yet")
+        return
+    table = Table("nick", "account", "state" if all_ else "since", *(["since"] if all_ else []), "devices", box=None)
+    for u in users:
+        state = [u.state] if all_ else []
+        table.add_row(f"[{name_style(u.account)}]{escape(u.nick)}[/]", u.account, *state, ago(u.since), str(u.devices))
+    _out().print(table)
+
+
+@app.command()
+def rename(
+    nick: Annotated[str, typer.Argument(help="New nickname: letters, digits, '_', '-' or '.'.")],
+    host: HostOpt = None,
+    port: PortOpt = None,
+) -> None:
+    """Change your nickname (unique, case-insensitively, among nicknames and account names)."""
+    from imcli import chat
+
+    new = chat.rename(_identity(host, port), nick)
+    _out().print(f"you are now known as {new}")
+
+
+@app.command()
+def presence(
+    host: HostOpt = None,
+    port: PortOpt = None,
+    account: Annotated[str, typer.Option(help="The worker's service account.")] = "presence",
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Embedded broker's data dir, to know every account.")
+    ] = None,
+    password_stdin: PasswordStdin = False,
+) -> None:
+    """Run the presence worker alone against any broker (imcli serve already runs one)."""
+    import signal
+    import threading
+
+    from imcli.mqtt import Credentials
+    from presence.worker import PresenceWorker
+
+    directory = None
+    if data_dir is not None:
+        from imcli.embedded import StoreDirectory
+
+        directory = StoreDirectory(_store(data_dir))
+    password = _password(password_stdin, confirm=False)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    address = _address(host, port)
+    with PresenceWorker(address, Credentials(account, password), directory, device="standalone"):
+        _out().print(f"presence worker running as {account} on {address} (Ctrl-C to stop)")
+        sys.stdout.flush()
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait()
 
 
 # ---------------------------------------------------------------- admin
@@ -408,7 +487,6 @@ def user_remove(
 @user_app.command("list")
 def user_list(data_dir: DataDirOpt = None, json_: JsonOpt = False) -> None:
     """List accounts with their role and creation time."""
-    import json
     import time
 
     accounts = _store(data_dir).list()

@@ -48,9 +48,7 @@ def connect_host(bind: str) -> str:
     return wildcard.get(bind, bind)
 
 
-async def serve_forever(
-    settings: BrokerSettings, ready: Callable[[ServeInfo], None], stop: asyncio.Event
-) -> None:
+async def serve_forever(settings: BrokerSettings, ready: Callable[[ServeInfo], None], stop: asyncio.Event) -> None:
     try:
         broker_cm = EmbeddedBroker(settings)
         broker = await broker_cm.__aenter__()

@@ -136,9 +136,7 @@ class MqttClient:
         client.loop_start()
         if not self._connack.wait(self.timeout):
             self.close()
-            raise BrokerUnreachable(
-                f"no answer from {self.address} within {self.timeout:g}s", "is it an MQTT broker?"
-            )
+            raise BrokerUnreachable(f"no answer from {self.address} within {self.timeout:g}s", "is it an MQTT broker?")
         rc = self._connack_rc
         if rc is not None and rc.is_failure:
             self.close()
@@ -167,9 +165,7 @@ class MqttClient:
         except (RuntimeError, ValueError) as exc:
             raise PublishFailed(f"publish to {topic} failed: {exc}") from exc
         if not info.is_published():
-            raise PublishFailed(
-                f"the broker did not acknowledge the message within {self.timeout:g}s", "try again"
-            )
+            raise PublishFailed(f"the broker did not acknowledge the message within {self.timeout:g}s", "try again")
 
     def publish_nowait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         """Queue a publish without waiting (safe inside ``on_message``)."""
@@ -217,9 +213,7 @@ class MqttClient:
     def _enqueue(self, message: Message) -> None:
         self._inbox.put(message)
 
-    def _handle_connect(
-        self, client: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object
-    ) -> None:
+    def _handle_connect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
         self._connack_rc = rc
         self._connack.set()
         if rc.is_failure:
@@ -234,9 +228,7 @@ class MqttClient:
         if reconnected and self._on_connection is not None:
             self._on_connection(True)
 
-    def _handle_disconnect(
-        self, client: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object
-    ) -> None:
+    def _handle_disconnect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
         if not self._closing and self._was_connected and self._on_connection is not None:
             self._on_connection(False)
         if not self._reconnect and not self._closing:
@@ -245,9 +237,7 @@ class MqttClient:
     def _handle_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         self._on_message(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
 
-    def _handle_subscribe(
-        self, _c: paho.Client, _u: object, mid: int, codes: list[ReasonCode], _p: object
-    ) -> None:
+    def _handle_subscribe(self, _c: paho.Client, _u: object, mid: int, codes: list[ReasonCode], _p: object) -> None:
         with self._lock:
             self._suback_codes[mid] = list(codes)
             waiter = self._suback_waiters.get(mid)
@@ -259,6 +249,4 @@ class MqttClient:
 
 def _refusal(rc: ReasonCode) -> AuthenticationFailed:
     code = _CONNACK_V311.get(rc.value, rc.value)
-    return AuthenticationFailed(
-        f"the broker refused the connection: {str(rc).lower()} (code {code})", code=code
-    )
+    return AuthenticationFailed(f"the broker refused the connection: {str(rc).lower()} (code {code})", code=code)

@@ -40,17 +40,38 @@ def received_line(item: Received, me: str) -> Text:
     if item.kind == "notice":
         line.append("! " + safe(item.text), style="yellow")
         return line
+    if item.kind == "event":
+        line.append("* " + safe(item.text), style="dim")
+        return line
     if item.kind == "malformed":
         line.append("(malformed message on " + safe(item.text) + ")", style="dim italic")
         return line
     sender = item.sender or "?"
     if item.kind == "dm":
         line.append("[dm] ", style="bold red")
-        line.append(sender, style="bold " + name_style(sender))
+        _append_sender(line, sender, item.nick)
         line.append(" → " + ("you" if item.to == me else (item.to or "?")), style="dim")
     else:
         line.append(f"#{item.room} ", style="dim")
-        line.append(sender, style="bold " + name_style(sender))
+        _append_sender(line, sender, item.nick)
     line.append(": ")
     line.append(safe(item.text), style="bold" if item.kind == "dm" else "")
     return line
+
+
+def _append_sender(line: Text, account: str, nick: str | None) -> None:
+    line.append(safe(nick or account), style="bold " + name_style(account))
+    if nick and nick != account:
+        line.append(f" (@{account})", style="dim")
+
+
+def ago(ts: float, now: float | None = None) -> str:
+    """``just now``, ``5 min ago``, ``3 h ago``, or a date for older times."""
+    seconds = (time.time() if now is None else now) - ts
+    if seconds < 60:
+        return "just now"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min ago"
+    if seconds < 86400:
+        return f"{int(seconds // 3600)} h ago"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))

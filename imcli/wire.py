@@ -148,6 +148,10 @@ class Topics:
             raise InvalidInput(f"invalid device name {device!r}")
         return f"{self.prefix}/status/{_n(user)}/{device}"
 
+    def sync(self, service: str) -> str:
+        """Where a worker sends its own sync barrier (its notice topic)."""
+        return self.notice(service)
+
     def status_filter(self) -> str:
         return f"{self.prefix}/status/+/+"
 
@@ -269,8 +273,104 @@ class ErrorReply(WireModel):
     text: str
 
 
+NICK_RULE = "1-32 characters: letters, digits, '_', '-' or '.', starting with a letter or digit"
+_NICK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+DEFAULT_HEARTBEAT = 30.0
+
+
+def is_nick(value: str) -> bool:
+    return _NICK.fullmatch(value) is not None
+
+
+class DeviceStatus(WireModel):
+    """A device says it is online (retained on ``<prefix>/status/<user>/<device>``).
+
+    It repeats this every ``interval`` seconds; a device not heard for 2.5 intervals is
+    gone. An empty retained payload (the Last Will, or a clean exit) clears the device.
+    """
+
+    type: Literal["status"] = "status"
+    v: Literal[1] = PROTOCOL_VERSION
+    state: Literal["online", "offline"] = "online"
+    interval: Annotated[float, Field(ge=1, le=3600)] = DEFAULT_HEARTBEAT
+    ts: Timestamp = Field(default_factory=time.time)
+
+
+class Presence(WireModel):
+    """One user's aggregate presence (retained on ``<prefix>/presence/<user>``, worker only)."""
+
+    type: Literal["presence"] = "presence"
+    v: Literal[1] = PROTOCOL_VERSION
+    account: str
+    nick: str
+    state: Literal["online", "offline"]
+    since: float  # online since, or offline since (last seen)
+    devices: Annotated[int, Field(ge=0)] = 0
+
+
+class Event(WireModel):
+    """Join, leave and rename, broadcast on ``<prefix>/events`` by the presence worker."""
+
+    type: Literal["event"] = "event"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    ts: Timestamp = Field(default_factory=time.time)
+    event: Literal["join", "leave", "rename"]
+    account: str
+    nick: str
+    old_nick: str | None = None
+
+
+class WhoRequest(WireModel):
+    type: Literal["who"] = "who"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    all: bool = False
+
+
+class Roster(WireModel):
+    type: Literal["roster"] = "roster"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    users: list[Presence]
+
+
+class RenameRequest(WireModel):
+    type: Literal["rename"] = "rename"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    nick: str
+
+
+class Renamed(WireModel):
+    type: Literal["renamed"] = "renamed"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    nick: str
+
+
+class SyncMarker(WireModel):
+    """A worker's own barrier message: once it arrives, the retained state before it has too."""
+
+    type: Literal["sync"] = "sync"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+
+
 Payload = Annotated[
-    ChatMessage | Notice | ResolveRequest | Resolved | ErrorReply,
+    ChatMessage
+    | Notice
+    | ResolveRequest
+    | Resolved
+    | ErrorReply
+    | DeviceStatus
+    | Presence
+    | Event
+    | WhoRequest
+    | Roster
+    | RenameRequest
+    | Renamed
+    | SyncMarker,
     Field(discriminator="type"),
 ]
 _PAYLOAD: TypeAdapter[Payload] = TypeAdapter(Payload)
@@ -332,8 +432,9 @@ class Received(WireModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    kind: Literal["room", "dm", "group", "notice", "malformed"]
+    kind: Literal["room", "dm", "group", "notice", "event", "malformed"]
     sender: str | None = Field(default=None, alias="from")
+    nick: str | None = None  # the sender's nickname when it differs from the account
     to: str | None = None
     room: str | None = None
     group: str | None = None

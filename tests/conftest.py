@@ -152,9 +152,7 @@ def raw(server: ServeInfo) -> Iterator[Callable[..., Raw]]:
         client.on_connect = on_connect
         client.on_disconnect = lambda *_a: r.disconnected.set()
         client.on_message = lambda _c, _u, m: r.messages.put(m)
-        client.on_subscribe = lambda _c, _u, mid, codes, _p: r.subacks.__setitem__(
-            mid, [c.value for c in codes]
-        )
+        client.on_subscribe = lambda _c, _u, mid, codes, _p: r.subacks.__setitem__(mid, [c.value for c in codes])
         client.connect(server.address.host, server.address.port, keepalive=30)
         client.loop_start()
         assert r.connected.wait(10), "no CONNACK"

@@ -131,9 +131,7 @@ def test_unreachable_broker_says_where_and_what_to_do(cli_as: CliFactory) -> Non
     assert "imcli serve" in result.stderr
 
 
-def test_env_vars_give_the_broker_address(
-    users: Callable[..., None], server: ServeInfo, cli_as: CliFactory
-) -> None:
+def test_env_vars_give_the_broker_address(users: Callable[..., None], server: ServeInfo, cli_as: CliFactory) -> None:
     users("alice")
     env = {
         "IMCLI_HOST": server.address.host,
@@ -213,6 +211,7 @@ def test_human_listen_output(alice: Cli, cli_as: CliFactory, procs: Callable[...
     bob.login("bob")
     p = procs("listen", env=listen_env(bob))
     p.wait_stderr("listening as bob")
+    assert re.fullmatch(r"\d\d:\d\d:\d\d \* bob is online", p.line()), p.err_lines
     assert alice("dm", "bob", "hi \x1b[2J [red]bob[/red]").exit_code == 0
     line = p.line()
     assert re.fullmatch(r"\d\d:\d\d:\d\d \[dm\] alice → you: hi \\x1b\[2J \[red\]bob\[/red\]", line), line
@@ -262,7 +261,7 @@ def test_duplicate_message_ids_are_shown_once(
         (["say", "-"], "\n", "Error: empty message"),
         (["say", "x" * 17000], None, "Error: message too long: "),
         (["say", "--room", "No Way", "hi"], None, "Error: invalid room name 'No Way'"),
-        (["dm", "zed", "hi"], None, "Error: unknown recipient 'zed' (check the name with 'imcli who')"),
+        (["dm", "zed", "hi"], None, "Error: unknown recipient 'zed' (check the name with 'imcli who --all')"),
         (["dm", "bob", "   "], None, "Error: empty message"),
     ],
 )
@@ -292,13 +291,9 @@ def test_max_payload_is_configurable_on_the_client(alice: Cli) -> None:
 def test_admin_user_lifecycle_with_closed_registration(tmp_path: Path, cli_as: CliFactory) -> None:
     admin = cli_as("admin")
     data = str(tmp_path / "admin-data")
-    added = admin(
-        "admin", "user", "add", "gina", "--data-dir", data, "--password-stdin", input="gina-password\n"
-    )
+    added = admin("admin", "user", "add", "gina", "--data-dir", data, "--password-stdin", input="gina-password\n")
     assert added.exit_code == 0 and added.stdout.strip() == "added user gina"
-    dup = admin(
-        "admin", "user", "add", "gina", "--data-dir", data, "--password-stdin", input="gina-password\n"
-    )
+    dup = admin("admin", "user", "add", "gina", "--data-dir", data, "--password-stdin", input="gina-password\n")
     assert dup.exit_code == 1 and dup.stderr.startswith("Error: the name 'gina' is taken")
     listed = admin("admin", "user", "list", "--data-dir", data, "--json")
     assert [a["name"] for a in json.loads(listed.stdout)] == ["gina"]
@@ -348,9 +343,7 @@ def test_serve_stops_cleanly_and_listen_survives_a_broker_restart(
     assert any("imcli serve: stopped" in line for line in [*iter_lines(serve)]), serve.err_lines
     listener.wait_stderr("connection lost")
     down = alice("say", "nobody home")
-    assert down.exit_code == 1 and down.stderr.startswith(
-        f"Error: cannot reach the broker at 127.0.0.1:{port}"
-    )
+    assert down.exit_code == 1 and down.stderr.startswith(f"Error: cannot reach the broker at 127.0.0.1:{port}")
 
     serve2, port2 = start_serve(procs, data, port)  # same accounts, same port
     assert port2 == port

@@ -51,9 +51,7 @@ def test_wrong_password_and_unknown_account_are_refused(users: Callable[..., Non
 
 
 @pytest.mark.parametrize("client_id", ["bob", "bob:phone", "bob:", "carol:x"])
-def test_client_id_of_another_account_is_refused(
-    users: Callable[..., None], raw: RawFactory, client_id: str
-) -> None:
+def test_client_id_of_another_account_is_refused(users: Callable[..., None], raw: RawFactory, client_id: str) -> None:
     users("alice", "bob")
     assert raw("alice", client_id=client_id).rc == 2
 
@@ -238,9 +236,7 @@ def test_retained_chat_is_refused(alice_bob: tuple[Raw, Raw], raw: RawFactory) -
 # ---------------------------------------------------------------- registration
 
 
-def test_registration_creates_an_account_with_no_rights_on_that_connection(
-    server: object, raw: RawFactory
-) -> None:
+def test_registration_creates_an_account_with_no_rights_on_that_connection(server: object, raw: RawFactory) -> None:
     reg = raw("register:newbie", "newbie-password", "register:newbie")
     assert reg.rc == 0
     assert reg.subscribe("im/room/+/+") == 128

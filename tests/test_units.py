@@ -38,9 +38,7 @@ ACL = TopicAcl()
 # ---------------------------------------------------------------- names and topics
 
 
-@pytest.mark.parametrize(
-    "bad", ["", "Alice", "a b", "a/b", "a+b", "#", "-x", "_x", "x" * 33, "é", "a\0b", "a:b"]
-)
+@pytest.mark.parametrize("bad", ["", "Alice", "a b", "a/b", "a+b", "#", "-x", "_x", "x" * 33, "é", "a\0b", "a:b"])
 def test_invalid_names(bad: str) -> None:
     assert not is_name(bad)
     with pytest.raises(InvalidInput):
@@ -114,9 +112,7 @@ def test_decode_chat_never_raises_anything_but_malformed(data: bytes) -> None:
 
 
 def test_payload_from_is_ignored_the_topic_names_the_sender() -> None:
-    r = to_received(
-        T, Message("im/room/lobby/alice", b'{"type":"chat","v":1,"text":"hi","from":"bob"}', 1, False)
-    )
+    r = to_received(T, Message("im/room/lobby/alice", b'{"type":"chat","v":1,"text":"hi","from":"bob"}', 1, False))
     assert r is not None and r.sender == "alice"
     assert "from" not in json.loads(encode(ChatMessage(text="x")))
 
