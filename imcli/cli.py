@@ -356,8 +356,12 @@ def listen(
     def connection(up: bool) -> None:
         err.print("reconnected" if up else "connection lost, reconnecting…", style="dim")
 
+    import signal
+
     try:
         with Listener(identity, room or None, on_connection=connection, heartbeat=heartbeat) as listener:
+            # SIGTERM (service managers, kill) ends the loop like Ctrl-C, so the device says offline
+            signal.signal(signal.SIGTERM, lambda *_: listener.close())
             if not json_:
                 err.print(f"listening as {identity.account} on {identity.address} (Ctrl-C to stop)", style="dim")
             for item in listener:

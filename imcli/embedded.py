@@ -48,7 +48,9 @@ def connect_host(bind: str) -> str:
     return wildcard.get(bind, bind)
 
 
-async def serve_forever(settings: BrokerSettings, ready: Callable[[ServeInfo], None], stop: asyncio.Event) -> None:
+async def serve_forever(
+    settings: BrokerSettings, ready: Callable[[ServeInfo], None], stop: asyncio.Event, *, workers: bool = True
+) -> None:
     try:
         broker_cm = EmbeddedBroker(settings)
         broker = await broker_cm.__aenter__()
@@ -61,9 +63,13 @@ async def serve_forever(settings: BrokerSettings, ready: Callable[[ServeInfo], N
             ) from exc
         raise ImcliError(f"the broker did not start: {exc}") from exc
     try:
+        address = BrokerAddress(connect_host(settings.bind), broker.bound_port())
+        if not workers:
+            ready(ServeInfo(address, settings.bind, settings.data_dir, settings.registration))
+            await stop.wait()
+            return
         password = new_service_password()
         await asyncio.to_thread(broker.accounts.ensure_service, SERVICE_ACCOUNT, password)
-        address = BrokerAddress(connect_host(settings.bind), broker.bound_port())
         worker = PresenceWorker(
             address,
             Credentials(SERVICE_ACCOUNT, password),
@@ -84,8 +90,9 @@ async def serve_forever(settings: BrokerSettings, ready: Callable[[ServeInfo], N
 class BackgroundServer:
     """``with BackgroundServer(settings) as info:`` runs the embedded default in a thread."""
 
-    def __init__(self, settings: BrokerSettings, start_timeout: float = 30.0) -> None:
+    def __init__(self, settings: BrokerSettings, start_timeout: float = 30.0, *, workers: bool = True) -> None:
         self.settings = settings
+        self._workers = workers
         self._start_timeout = start_timeout
         self._ready = threading.Event()
         self._info: ServeInfo | None = None
@@ -112,7 +119,7 @@ class BackgroundServer:
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
-            await serve_forever(self.settings, self._on_ready, self._stop)
+            await serve_forever(self.settings, self._on_ready, self._stop, workers=self._workers)
 
         try:
             asyncio.run(main())

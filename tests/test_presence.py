@@ -1,0 +1,342 @@
+"""Presence on a real broker: online/offline, devices, Last Will, rename races, worker restarts."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from broker.accounts import AccountStore
+from broker.server import BrokerSettings
+from imcli import chat
+from imcli.chat import Identity, Listener
+from imcli.embedded import BackgroundServer, ServeInfo, StoreDirectory
+from imcli.errors import NameTaken, NotFound, RequestTimeout
+from imcli.mqtt import Credentials
+from imcli.wire import DeviceStatus, Presence, encode
+from presence.roster import PresenceRoster
+from presence.worker import PresenceWorker
+from tests.conftest import Cli, Proc, Raw, password_of, wait_until
+
+RawFactory = Callable[..., Raw]
+
+
+def identity(server: ServeInfo, name: str, device: str = "test") -> Identity:
+    return Identity(server.address, Credentials(name, password_of(name)), device)
+
+
+class PresenceWatch:
+    """A raw subscriber to every presence record and event (what any signed-in user may read)."""
+
+    def __init__(self, raw: Raw) -> None:
+        assert raw.subscribe("im/presence/+") == 1
+        assert raw.subscribe("im/events") == 1
+        self.raw = raw
+        self.records: dict[str, dict[str, object]] = {}
+        self.events: list[dict[str, object]] = []
+
+    def _drain(self, timeout: float) -> None:
+        msg = None
+        try:
+            msg = self.raw.messages.get(timeout=timeout)
+        except Exception:  # queue.Empty
+            return
+        if not msg.payload:
+            return
+        data = json.loads(msg.payload)
+        if msg.topic == "im/events":
+            self.events.append(data)
+        else:
+            self.records[data["account"]] = data
+
+    def wait_events(self, count: int, timeout: float = 10.0) -> list[dict[str, object]]:
+        deadline = time.monotonic() + timeout
+        while len(self.events) < count and time.monotonic() < deadline:
+            self._drain(0.05)
+        self._drain(0.2)  # and nothing more than expected
+        return self.events
+
+    def wait(self, account: str, timeout: float = 10.0, **expected: object) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            record = self.records.get(account)
+            if record is not None and all(record.get(k) == v for k, v in expected.items()):
+                return record
+            self._drain(0.05)
+        raise AssertionError(f"{account}: wanted {expected}, last record {self.records.get(account)}")
+
+
+@pytest.fixture
+def watch(users: Callable[..., None], raw: RawFactory) -> PresenceWatch:
+    users("alice", "bob", "carol", "watcher")
+    return PresenceWatch(raw("watcher", client_id="watcher:w"))
+
+
+# ---------------------------------------------------------------- online / offline
+
+
+def test_listener_is_online_while_it_runs_and_offline_after_clean_exit(server: ServeInfo, watch: PresenceWatch) -> None:
+    with Listener(identity(server, "alice")):
+        watch.wait("alice", state="online", devices=1)
+        users = chat.who(identity(server, "bob"))
+        assert [(u.account, u.state, u.devices) for u in users] == [("alice", "online", 1)]
+    watch.wait("alice", state="offline", devices=0)
+    assert chat.who(identity(server, "bob")) == []
+    everyone = chat.who(identity(server, "bob"), include_offline=True)
+    assert [(u.account, u.state) for u in everyone] == [("alice", "offline")]
+    assert [(e["event"], e["account"]) for e in watch.wait_events(2)] == [("join", "alice"), ("leave", "alice")]
+
+
+def test_one_shot_commands_never_make_a_user_flap(server: ServeInfo, watch: PresenceWatch) -> None:
+    chat.say(identity(server, "alice"), "lobby", chat.prepare_text("hello"))
+    chat.who(identity(server, "alice"))
+    with Listener(identity(server, "bob")):
+        watch.wait("bob", state="online")
+    assert "alice" not in watch.records
+    assert all(e["account"] != "alice" for e in watch.events)
+
+
+def test_two_devices_of_one_user(server: ServeInfo, watch: PresenceWatch) -> None:
+    laptop = Listener(identity(server, "alice", "laptop")).__enter__()
+    phone = Listener(identity(server, "alice", "phone")).__enter__()
+    try:
+        watch.wait("alice", state="online", devices=2)
+        laptop.close()
+        watch.wait("alice", state="online", devices=1)
+    finally:
+        phone.close()
+    watch.wait("alice", state="offline", devices=0)
+    assert [e["event"] for e in watch.wait_events(2)] == ["join", "leave"]
+
+
+def test_killed_client_goes_offline_by_its_last_will(
+    server: ServeInfo, watch: PresenceWatch, cli_as: Callable[[str], Cli], procs: Callable[..., Proc]
+) -> None:
+    bob = cli_as("bob")
+    bob.login("bob")
+    p = procs("listen", "--json", env={"IMCLI_CONFIG_DIR": str(bob.config_dir)})
+    watch.wait("bob", state="online", timeout=20)
+    p.popen.send_signal(signal.SIGKILL)
+    p.popen.wait(10)
+    watch.wait("bob", state="offline", timeout=10)  # far sooner than the 75 s heartbeat expiry
+
+
+def test_sigterm_makes_listen_say_offline(
+    server: ServeInfo, watch: PresenceWatch, cli_as: Callable[[str], Cli], procs: Callable[..., Proc]
+) -> None:
+    bob = cli_as("bob")
+    bob.login("bob")
+    p = procs("listen", "--json", env={"IMCLI_CONFIG_DIR": str(bob.config_dir)})
+    watch.wait("bob", state="online", timeout=20)
+    assert p.stop() == 0
+    watch.wait("bob", state="offline")
+
+
+def test_device_without_last_will_expires(server: ServeInfo, watch: PresenceWatch, raw: RawFactory) -> None:
+    """A device that stops its heartbeat and left no Last Will (a crash the broker never saw)."""
+    ghost = raw("carol", client_id="carol:ghost")
+    ghost.publish("im/status/carol/ghost", encode(DeviceStatus(interval=1)), retain=True)
+    watch.wait("carol", state="online")
+    ghost.close()  # a clean DISCONNECT: no Last Will, the retained status stays
+    started = time.monotonic()
+    watch.wait("carol", state="offline", timeout=10)
+    assert time.monotonic() - started < 6  # 2.5 intervals + the worker's 1 s sweep, with slack
+
+
+# ---------------------------------------------------------------- nicknames
+
+
+def test_rename_shows_in_presence_who_dm_and_listen(
+    server: ServeInfo, watch: PresenceWatch, cli_as: Callable[[str], Cli], procs: Callable[..., Proc]
+) -> None:
+    alice, bob = cli_as("alice"), cli_as("bob")
+    alice.login("alice")
+    bob.login("bob")
+    listener = procs("listen", "--json", env={"IMCLI_CONFIG_DIR": str(bob.config_dir)})
+    watch.wait("bob", state="online", timeout=20)
+
+    renamed = alice("rename", "Ally")
+    assert renamed.exit_code == 0 and renamed.stdout.strip() == "you are now known as Ally"
+    watch.wait("alice", nick="Ally")
+    listed = json.loads(alice("who", "--all", "--json").stdout)
+    assert {u["account"]: u["nick"] for u in listed}["alice"] == "Ally"
+
+    sent = alice("dm", "bob", "hi")
+    assert sent.exit_code == 0
+    by_nick = bob("dm", "ally", "hi Ally")  # nicknames resolve case-insensitively
+    assert by_nick.exit_code == 0 and by_nick.stdout.strip() == "sent to @alice"
+
+    lines = [json.loads(listener.line()) for _ in range(3)]  # bob's own join, the rename, the DM
+    rename_event = next(line for line in lines if line["kind"] == "event" and "known as" in line["text"])
+    assert rename_event["text"] == "alice is now known as Ally"
+    dm = next(line for line in lines if line["kind"] == "dm")
+    assert (dm["from"], dm["nick"]) == ("alice", "Ally")
+
+
+@pytest.mark.parametrize(
+    ("nick", "error"),
+    [
+        ("bob", "Error: the nickname 'bob' is taken"),
+        ("BOB", "Error: the nickname 'BOB' is taken"),
+        ("presence", "Error: the nickname 'presence' is taken"),
+        ("no spaces", "Error: invalid nickname 'no spaces'"),
+    ],
+)
+def test_rename_refusals(watch: PresenceWatch, cli_as: Callable[[str], Cli], nick: str, error: str) -> None:
+    alice = cli_as("alice")
+    alice.login("alice")
+    result = alice("rename", nick)
+    assert result.exit_code == 1
+    assert result.stderr.startswith(error), result.stderr
+
+
+def test_a_taken_nickname_is_compared_case_insensitively(server: ServeInfo, watch: PresenceWatch) -> None:
+    assert chat.rename(identity(server, "alice"), "Zed") == "Zed"
+    with pytest.raises(NameTaken):
+        chat.rename(identity(server, "bob"), "zED")
+    assert chat.rename(identity(server, "alice"), "alice") == "alice"  # back to the account name
+    assert chat.rename(identity(server, "bob"), "zed") == "zed"  # now free
+
+
+def test_concurrent_renames_have_exactly_one_winner(server: ServeInfo, users: Callable[..., None]) -> None:
+    racers = [f"racer{i}" for i in range(8)]
+    users(*racers)
+    barrier = threading.Barrier(len(racers))
+    results: dict[str, str] = {}
+
+    def race(name: str) -> None:
+        ident = identity(server, name)
+        barrier.wait()
+        try:
+            results[name] = chat.rename(ident, "Winner")
+        except NameTaken:
+            results[name] = "taken"
+
+    threads = [threading.Thread(target=race, args=(n,)) for n in racers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results.values()) == ["Winner"] + ["taken"] * 7
+    winner = next(n for n, r in results.items() if r == "Winner")
+    everyone = chat.who(identity(server, racers[0]), include_offline=True)
+    assert [u.account for u in everyone if u.nick.casefold() == "winner"] == [winner]
+
+
+def test_dm_to_unknown_name(server: ServeInfo, watch: PresenceWatch) -> None:
+    with pytest.raises(NotFound):
+        chat.send_dm(identity(server, "alice"), "nobody-here", chat.prepare_text("hi"))
+
+
+# ---------------------------------------------------------------- the worker itself
+
+
+@pytest.fixture
+def bare_broker(tmp_path: Path) -> Iterator[tuple[ServeInfo, Callable[[], PresenceWorker]]]:
+    """A broker without workers, and a way to start presence workers against it."""
+    with BackgroundServer(BrokerSettings(data_dir=tmp_path / "bare", port=0), workers=False) as info:
+        store = AccountStore(info.data_dir)
+        store.ensure_service("presence", "service-password")
+        for name in ("alice", "bob", "watcher"):
+            store.add(name, password_of(name))
+
+        def worker() -> PresenceWorker:
+            return PresenceWorker(
+                info.address, Credentials("presence", "service-password"), StoreDirectory(store), device="t"
+            )
+
+        yield info, worker
+
+
+def test_no_worker_means_a_clear_timeout(bare_broker: tuple[ServeInfo, Callable[[], PresenceWorker]]) -> None:
+    info, _ = bare_broker
+    started = time.monotonic()
+    with pytest.raises(RequestTimeout, match="no worker answered within 5s"):
+        chat.who(identity(info, "alice"))
+    assert time.monotonic() - started < 10
+
+
+def test_restarted_worker_rebuilds_the_roster_unnoticed(
+    bare_broker: tuple[ServeInfo, Callable[[], PresenceWorker]], tmp_path: Path
+) -> None:
+    info, make_worker = bare_broker
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    events: list[dict[str, object]] = []
+    watcher = paho.Client(CallbackAPIVersion.VERSION2, client_id="watcher:w")
+    watcher.username_pw_set("watcher", password_of("watcher"))
+    watcher.on_message = lambda _c, _u, m: events.append(json.loads(m.payload)) if m.topic == "im/events" else None
+    watcher.connect(info.address.host, info.address.port)
+    watcher.loop_start()
+    watcher.subscribe("im/events", 1)
+    try:
+        first = make_worker().__enter__()
+        alice = Listener(identity(info, "alice", "laptop")).__enter__()
+        bob = Listener(identity(info, "bob", "phone")).__enter__()
+        assert chat.rename(identity(info, "alice"), "Ally") == "Ally"
+        assert wait_until(lambda: len(events) == 3)  # join, join, rename
+        first.__exit__(None, None, None)  # the worker dies...
+
+        bob.close()  # ...and bob leaves while nobody is watching
+        second = make_worker().__enter__()
+        try:
+            who = {u.account: u for u in chat.who(identity(info, "alice"), include_offline=True)}
+            assert (who["alice"].state, who["alice"].nick, who["alice"].devices) == ("online", "Ally", 1)
+            assert who["bob"].state == "offline"
+            assert wait_until(lambda: len(events) == 4)
+            assert (events[3]["event"], events[3]["account"]) == ("leave", "bob")  # and no second join for alice
+            time.sleep(0.3)
+            assert len(events) == 4
+            assert chat.send_dm(identity(info, "bob"), "ally", chat.prepare_text("hi")) == "alice"
+        finally:
+            alice.close()
+            second.__exit__(None, None, None)
+    finally:
+        watcher.disconnect()
+        watcher.loop_stop()
+
+
+# ---------------------------------------------------------------- the roster, pure
+
+
+class Users:
+    def __init__(self, *names: str) -> None:
+        self.names = set(names)
+
+    def is_user(self, name: str) -> bool:
+        return name in self.names
+
+
+def test_roster_sync_emits_only_real_changes() -> None:
+    roster = PresenceRoster(Users("alice", "bob"))
+    roster.load_presence(Presence(account="alice", nick="Ally", state="online", since=1.0, devices=1))
+    roster.load_presence(Presence(account="bob", nick="bob", state="online", since=1.0, devices=1))
+    roster.device_seen("alice", "laptop", DeviceStatus(), now=5.0)
+    effects = roster.finish_sync(now=10.0)
+    assert [(e.event, e.account) for e in effects.events] == [("leave", "bob")]
+    assert [(p.account, p.state) for p in effects.presence] == [("bob", "offline")]
+    assert roster.resolve("ALLY") == "alice"
+
+
+def test_roster_expiry_clears_the_ghost() -> None:
+    roster = PresenceRoster()
+    roster.finish_sync(0.0)
+    roster.device_seen("carol", "d1", DeviceStatus(interval=10), now=0.0)
+    assert roster.expire(now=24.0).presence == []
+    effects = roster.expire(now=26.0)
+    assert effects.clear_status == [("carol", "d1")]
+    assert [e.event for e in effects.events] == ["leave"]
+
+
+def test_roster_records_loaded_with_clashing_nicks_keep_one_owner() -> None:
+    roster = PresenceRoster(Users("alice", "bob"))
+    roster.load_presence(Presence(account="alice", nick="Sam", state="offline", since=1.0))
+    roster.load_presence(Presence(account="bob", nick="sam", state="offline", since=1.0))
+    assert roster.resolve("sam") == "alice"
+    assert roster.nick_of("bob") == "bob"
