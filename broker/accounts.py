@@ -145,6 +145,21 @@ class AccountStore:
         log.info("account %s added (role %s)", name, role.value)
         return account
 
+    def add_many(self, credentials: list[tuple[str, str]], role: Role = Role.USER) -> None:
+        """Add several accounts in one write (imports, benchmarks); all or none."""
+        hashed = []
+        for name, password in credentials:
+            if not is_name(name) or name in RESERVED_NAMES:
+                raise InvalidInput(f"invalid or reserved account name {name!r}", NAME_RULE)
+            hashed.append((name, self._hasher.hash(check_password(password))))
+        with self._locked() as accounts:
+            taken = [name for name, _ in hashed if name in accounts]
+            if taken:
+                raise NameTaken(f"the name {taken[0]!r} is taken", "choose another name")
+            now = time.time()
+            for name, digest in hashed:
+                accounts[name] = Account(name, role, now, digest)
+
     def set_password(self, name: str, password: str) -> None:
         hashed = self._hasher.hash(check_password(password))
         with self._locked() as accounts:
