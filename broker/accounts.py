@@ -113,7 +113,7 @@ class AccountStore:
         account = self._accounts.get(name)
         return account.role if account else None
 
-    def list(self) -> list[Account]:
+    def list_accounts(self) -> list[Account]:
         self.refresh()
         return sorted(self._accounts.values(), key=lambda a: a.name)
 

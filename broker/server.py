@@ -7,6 +7,9 @@ cannot fix; ``ImBroker`` overrides the few private methods involved, each marked
   session of its client id, and takes over a connected one, *before* authentication.
   A wrong password with a victim's client id would wipe or kick the victim. We
   authenticate right after reading the CONNECT, before any session is touched.
+* Every CONNECT is sent the retained messages of every filter anyone subscribed to,
+  without a topic check (the worker's ``status/+/+`` would reach every user). We send a
+  resumed session the retained messages of its own filters only, checked.
 * The Last Will topic is never checked: the auth plugin checks it like a publish.
 * Messages queued for an offline persistent session are delivered with retain=1 and
   without a RECEIVE check: we deliver them as ordinary messages, checked.
@@ -29,11 +32,13 @@ from typing import Any, TypeVar
 
 from amqtt.broker import Broker
 from amqtt.contexts import Action
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
+from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
+from transitions import MachineError
 
 from broker.accounts import AccountStore, Role
 from broker.acl import Access
@@ -86,7 +91,7 @@ class ImBroker(Broker):
         self.topics = Topics(settings.prefix)
         self._auth = _plugin(self, AccountAuthPlugin)
         self._acl = _plugin(self, TopicAclPlugin)
-        self._preauthenticated: set[int] = set()
+        self._streams: set[asyncio.StreamWriter] = set()
 
     @property
     def accounts(self) -> AccountStore:
@@ -99,6 +104,30 @@ class ImBroker(Broker):
         return int(server.sockets[0].getsockname()[1])
 
     # ---------------------------------------------------------------- connect
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        self._streams.add(writer)
+        try:
+            await super().stream_connected(reader, writer, listener_name)
+        finally:
+            self._streams.discard(writer)
+            writer.close()  # amqtt leaves some finished connections open (found by ResourceWarnings)
+
+    async def shutdown(self) -> None:
+        # stop accepting first: amqtt closes its listeners last, after the sessions, so clients
+        # reconnecting meanwhile would be accepted into a loop that is about to end
+        for server in self._servers.values():  # amqtt private, as in bound_port()
+            if server.instance is not None:
+                server.instance.close()
+        await super().shutdown()
+        # asyncio.Server.close() leaves accepted connections open before Python 3.13
+        writers = list(self._streams)
+        for writer in writers:
+            writer.close()
+        if writers:
+            await asyncio.wait([asyncio.ensure_future(w.wait_closed()) for w in writers], timeout=5)
 
     async def _initialize_client_session(  # amqtt private: see module docstring
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
@@ -144,14 +173,73 @@ class ImBroker(Broker):
         delay = self.config.timeout_disconnect_delay or 0
         if session.keep_alive > 0 and isinstance(delay, int):
             session.keep_alive += delay
-        self._preauthenticated.add(id(session))
         return handler, session
 
-    async def _authenticate(self, session: Session, listener: Any) -> bool:  # amqtt private
-        if id(session) in self._preauthenticated:
-            self._preauthenticated.discard(id(session))
-            return True
-        return False
+    async def _handle_client_session(  # amqtt private: see module docstring
+        self,
+        reader: Any,
+        writer: Any,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        server: Any,
+        listener_name: str,
+    ) -> None:
+        # amqtt's version authenticates again here and then, for every CONNECT, re-sends the
+        # retained messages of every filter *anyone* subscribed to, unchecked: a leak (the
+        # worker's status/+/+ to every user) and O(subscriptions x retained) per CONNECT.
+        if client_session.client_id is None:
+            raise BrokerError("client id was not set")
+        while True:
+            try:
+                client_session.transitions.connect()
+                break
+            except (MachineError, ValueError):
+                if client_session.transitions.is_connected():  # same account, same client id: take over
+                    _old_session, old_handler = self._sessions[client_session.client_id]
+                    await old_handler.handle_connection_closed()
+                    await old_handler.stop()
+                    break
+                await asyncio.sleep(1)  # the old connection of this session is still closing
+
+        handler.attach(client_session, reader, writer)
+        self._sessions[client_session.client_id] = (client_session, handler)
+        await handler.mqtt_connack_authorize(True)
+        await self.plugins_manager.fire_event(
+            BrokerEvents.CLIENT_CONNECTED, client_id=client_session.client_id, client_session=client_session
+        )
+        await handler.start()
+        await self._publish_session_retained_messages(client_session)
+        if client_session.parent:  # a resumed persistent session: retained messages of its own filters
+            own = [
+                (topic_filter, qos)
+                for topic_filter, subscribers in list(self._subscriptions.items())
+                for subscriber, qos in subscribers
+                if subscriber.client_id == client_session.client_id
+            ]
+            for subscription in own:
+                await self._publish_retained_messages_for_subscription(subscription, client_session)
+        await self._client_message_loop(client_session, handler)
+
+    async def _publish_retained_messages_for_subscription(  # amqtt private
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        # checked per message (RECEIVE), and only topics under the filter's literal prefix are matched
+        topic_filter, qos = subscription
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        prefix = _literal_prefix(topic_filter)
+        tasks = [
+            asyncio.ensure_future(
+                handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)
+            )
+            for topic, retained in list(self._retained_messages.items())
+            if topic.startswith(prefix)
+            and self._matches(topic, topic_filter)
+            and self._acl.check(session.username, topic, Access.RECEIVE)
+        ]
+        if tasks:
+            await asyncio.wait(tasks)
 
     # ---------------------------------------------------------------- topics
 
@@ -208,6 +296,12 @@ class ImBroker(Broker):
         log.info("notice to %s: %s", username, text)
         payload = encode(Notice(code=code, text=text, topic=topic))
         await self.internal_message_broadcast(self.topics.notice(username), payload, 1)
+
+
+def _literal_prefix(topic_filter: str) -> str:
+    """``im/room/`` for ``im/room/+/+``: every topic the filter matches starts with it."""
+    cut = min((i for i in (topic_filter.find("+"), topic_filter.find("#")) if i >= 0), default=len(topic_filter))
+    return topic_filter[:cut]
 
 
 def _plugin(broker: Broker, kind: type[_P]) -> _P:

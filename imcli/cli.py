@@ -493,7 +493,7 @@ def user_list(data_dir: DataDirOpt = None, json_: JsonOpt = False) -> None:
     """List accounts with their role and creation time."""
     import time
 
-    accounts = _store(data_dir).list()
+    accounts = _store(data_dir).list_accounts()
     if json_:
         print(json.dumps([{"name": a.name, "role": a.role.value, "created": a.created} for a in accounts]))
         return

@@ -434,7 +434,7 @@ class Received(WireModel):
 
     kind: Literal["room", "dm", "group", "notice", "event", "malformed"]
     sender: str | None = Field(default=None, alias="from")
-    nick: str | None = None  # the sender's nickname when it differs from the account
+    nick: str | None = None  # chat lines: the sender's nickname if it differs; events: always
     to: str | None = None
     room: str | None = None
     group: str | None = None

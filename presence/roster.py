@@ -70,6 +70,7 @@ class PresenceRoster:
         self._directory = directory
         self._users: dict[str, _User] = {}
         self._nicks: dict[str, str] = {}  # casefolded nick -> account
+        self._pending = Effects()  # changes to other users caused by the current call
         self.synced = False
 
     # ---------------------------------------------------------------- reading state
@@ -87,12 +88,13 @@ class PresenceRoster:
     def device_seen(self, account: str, device: str, status: DeviceStatus, now: float) -> Effects:
         if status.state == "offline":
             return self.device_gone(account, device, now)
-        user = self._user(account)
+        user = self._user(account, now)
         known = device in user.devices
         user.devices[device] = _Device(now, status.interval)
-        if not self.synced or known:
-            return Effects()
-        return self._changed(user, now)
+        effects = self._take_pending()
+        if self.synced and not known:
+            effects += self._changed(user, now)
+        return effects
 
     def device_gone(self, account: str, device: str, now: float) -> Effects:
         user = self._users.get(account)
@@ -125,7 +127,7 @@ class PresenceRoster:
             return ErrorReply(id=request_id, code="invalid", text=f"invalid nickname {nick!r}"), Effects()
         if not self._nick_free(nick, account):
             return ErrorReply(id=request_id, code="taken", text=f"the nickname {nick!r} is taken"), Effects()
-        user = self._user(account)
+        user = self._user(account, now)
         old = user.nick
         if old == nick:
             return Renamed(id=request_id, nick=nick), Effects()
@@ -133,19 +135,17 @@ class PresenceRoster:
         self._nicks[nick.casefold()] = account
         user.nick = nick
         user.published, user.published_devices = True, len(user.devices)
-        effects = Effects(presence=[user.record()])
+        effects = self._take_pending()
+        effects.presence.append(user.record())
         effects.events.append(Event(event="rename", account=account, nick=nick, old_nick=old, ts=now))
         return Renamed(id=request_id, nick=nick), effects
 
     def resolve(self, name: str) -> str | None:
         """The account for an account name or a current nickname (case-insensitive)."""
-        owner = self._nicks.get(name.casefold())
-        if owner is not None:
-            return owner
         lowered = name.lower()
         if is_name(lowered) and (lowered in self._users or self._is_user(lowered)):
-            return lowered
-        return None
+            return lowered  # an account name always means that account, never someone's nickname
+        return self._nicks.get(name.casefold())
 
     def who(self, include_offline: bool = False) -> list[Presence]:
         users = sorted(self._users.values(), key=lambda u: u.nick.casefold())
@@ -160,14 +160,29 @@ class PresenceRoster:
 
     # ---------------------------------------------------------------- internals
 
-    def _user(self, account: str) -> _User:
+    def _user(self, account: str, now: float) -> _User:
         user = self._users.get(account)
         if user is None:
-            nick = account if self._nick_free(account, account) else f"{account}-{len(self._users)}"
-            user = _User(account, nick)
+            holder = self._nicks.get(account)
+            if holder is not None and holder != account:
+                # the nickname was taken before this account existed: account names win
+                self._reset_nick(self._users[holder], now)
+            user = _User(account, account, since=now)
             self._users[account] = user
-            self._nicks[nick.casefold()] = account
+            self._nicks[account] = account
         return user
+
+    def _reset_nick(self, user: _User, now: float) -> None:
+        old, user.nick = user.nick, user.account
+        self._nicks.pop(old.casefold(), None)
+        self._nicks[user.account] = user.account
+        user.published_devices = len(user.devices)
+        self._pending.presence.append(user.record())
+        self._pending.events.append(Event(event="rename", account=user.account, nick=user.nick, old_nick=old, ts=now))
+
+    def _take_pending(self) -> Effects:
+        pending, self._pending = self._pending, Effects()
+        return pending
 
     def _nick_free(self, nick: str, account: str) -> bool:
         folded = nick.casefold()

@@ -159,8 +159,12 @@ class PresenceWorker:
             log.info("malformed request from %s: %s", sender, exc)
             self._reply(sender, corr, ErrorReply(id=corr, code="invalid", text=f"malformed request: {exc}"))
             return
-        with self._lock:
-            reply = self.handle(sender, request)
+        try:
+            with self._lock:
+                reply = self.handle(sender, request)
+        except Exception:  # a bug in one handler must not leave the client waiting for its timeout
+            log.exception("request %s from %s failed", request.type, sender)
+            reply = ErrorReply(id=corr, code="internal", text="the presence worker failed on this request")
         self._reply(sender, corr, reply)
 
     def handle(self, sender: str, request: WireModel) -> WireModel:

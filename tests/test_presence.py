@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from broker.accounts import AccountStore
 from broker.server import BrokerSettings
@@ -340,3 +341,53 @@ def test_roster_records_loaded_with_clashing_nicks_keep_one_owner() -> None:
     roster.load_presence(Presence(account="bob", nick="sam", state="offline", since=1.0))
     assert roster.resolve("sam") == "alice"
     assert roster.nick_of("bob") == "bob"
+
+
+def test_standalone_worker_command(
+    bare_broker: tuple[ServeInfo, Callable[[], PresenceWorker]], procs: Callable[..., Proc], tmp_path: Path
+) -> None:
+    info, _ = bare_broker
+    worker = procs(
+        "presence", "--host", info.address.host, "--port", str(info.address.port), "--data-dir", str(info.data_dir),
+        env={"IMCLI_PASSWORD": "service-password"},
+    )  # fmt: skip
+    assert worker.line(timeout=30) == f"presence worker running as presence on {info.address} (Ctrl-C to stop)"
+    with Listener(identity(info, "alice", "laptop")):
+        alice = Cli(CliRunner(), info, tmp_path / "alice-config")
+        alice.login("alice")
+        assert wait_until(lambda: "alice" in alice("who").stdout, 10)
+        table = alice("who").stdout.splitlines()
+        assert table[0].split() == ["nick", "account", "since", "devices"]
+        assert table[1].split() == ["alice", "alice", "just", "now", "1"]
+        assert alice("dm", "bob", "hi").exit_code == 0  # resolves through the standalone worker
+    assert worker.stop() == 0
+
+
+def test_standalone_worker_with_wrong_password_fails_clearly(
+    bare_broker: tuple[ServeInfo, Callable[[], PresenceWorker]], procs: Callable[..., Proc]
+) -> None:
+    info, _ = bare_broker
+    worker = procs("presence", "--port", str(info.address.port), env={"IMCLI_PASSWORD": "wrong-password"})
+    assert worker.popen.wait(30) == 1
+    worker.stop()
+    assert worker.err_lines[0].startswith("Error: the broker refused the connection"), worker.err_lines
+
+
+def test_an_account_name_wins_over_an_earlier_nickname() -> None:
+    known = Users("alice")
+    roster = PresenceRoster(known)
+    roster.finish_sync(0.0)
+    reply, _ = roster.rename("alice", "dave", "r1", now=1.0)  # dave has no account yet
+    assert reply.type == "renamed"
+    known.names.add("dave")  # dave registers later
+    assert roster.resolve("dave") == "dave"  # dm dave reaches dave, not alice
+    effects = roster.device_seen("dave", "d1", DeviceStatus(), now=2.0)
+    assert roster.nick_of("alice") == "alice" and roster.nick_of("dave") == "dave"
+    assert [(e.event, e.account) for e in effects.events] == [("rename", "alice"), ("join", "dave")]
+
+
+def test_renaming_before_ever_being_online_has_a_real_since() -> None:
+    roster = PresenceRoster(Users("alice"))
+    roster.finish_sync(0.0)
+    _, effects = roster.rename("alice", "Ally", "r1", now=123.0)
+    assert effects.presence[0].since == 123.0

@@ -276,3 +276,17 @@ def test_password_is_never_in_the_account_file(users: Callable[..., None], serve
     text = (server.data_dir / "accounts.json").read_text()  # type: ignore[attr-defined]
     assert password_of("alice") not in text
     assert "$argon2id$" in text
+
+
+def test_a_new_connection_gets_no_retained_messages_it_did_not_subscribe_to(
+    users: Callable[..., None], raw: RawFactory
+) -> None:
+    """amqtt 0.12.1 re-sends, on every CONNECT, the retained messages of every filter anyone
+    subscribed to, unchecked: here the worker's im/status/+/+ would leak bob's device status."""
+    users("alice", "bob")
+    bob = raw("bob", client_id="bob:phone")
+    bob.publish("im/status/bob/phone", b'{"type":"status","v":1,"state":"online","interval":30,"ts":1}', retain=True)
+    alice = raw("alice", client_id="alice:x")  # subscribes to nothing
+    assert alice.silent(0.5) == []
+    assert alice.subscribe("im/room/+/+") == 1
+    assert [m.topic for m in alice.silent(0.3)] == []

@@ -264,7 +264,7 @@ def test_account_store_lifecycle(tmp_path: Path) -> None:
     assert store.get("alice") is None  # noticed the changed file
     with pytest.raises(NotFound):
         store.remove("alice")
-    assert "password" not in repr(other.list())
+    assert "password" not in repr(other.list_accounts())
 
 
 def test_service_account_cannot_take_a_user_name(tmp_path: Path) -> None:
