@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Protocol
 
 from broker.accounts import Role
 from imcli.wire import TopicKind, Topics, is_name
@@ -39,6 +40,22 @@ SERVICE_WRITE = (
     "status/+/+",  # the presence worker clears statuses of devices that vanished without a Last Will
 )
 SERVICE_READ = ("#",)
+
+
+class GroupView(Protocol):
+    """Group membership as the broker last read it from ``<prefix>/group/<g>/info``."""
+
+    def is_member(self, group: str, user: str) -> bool: ...
+
+    def is_public(self, group: str) -> bool: ...
+
+
+class NoGroups:
+    def is_member(self, group: str, user: str) -> bool:
+        return False
+
+    def is_public(self, group: str) -> bool:
+        return False
 
 
 def topic_matches(topic: str, pattern: str) -> bool:
@@ -78,10 +95,13 @@ class TopicAcl:
     """The access rules for one topic prefix."""
 
     topics: Topics = field(default_factory=Topics)
+    groups: GroupView = field(default_factory=NoGroups)
 
     def allows(self, username: str | None, role: Role | None, topic: str, access: Access) -> bool:
         if username is None or role is None or not is_name(username):
             return False
+        if role is Role.USER and topic.startswith(self._group_head):
+            return self._group_rule(username, topic, access)
         if access is Access.SUBSCRIBE:
             return any(filter_within(topic, p) for p in self._patterns(username, role, write=False))
         if "+" in topic or "#" in topic:
@@ -93,6 +113,33 @@ class TopicAcl:
         patterns = self._patterns(username, role, write=access is Access.PUBLISH)
         levels = tuple(topic.split("/"))
         return any(_matches(levels, tuple(p.split("/"))) for p in patterns)
+
+    @property
+    def _group_head(self) -> str:
+        return f"{self.topics.prefix}/group/"
+
+    def _group_rule(self, user: str, topic: str, access: Access) -> bool:
+        """Group topics for users: messages for members only, info for members or if public."""
+        levels = topic[len(self._group_head) :].split("/")
+        group, rest = levels[0], levels[1:]
+        if access is Access.SUBSCRIBE:
+            if group == "+":  # all my groups: every delivery is checked (RECEIVE) below
+                return rest in (["msg", "+"], ["info"])
+            if not is_name(group):
+                return False
+            if rest == ["info"]:
+                return self.groups.is_member(group, user) or self.groups.is_public(group)
+            is_msg_filter = len(rest) == 2 and rest[0] == "msg" and (rest[1] == "+" or is_name(rest[1]))
+            return (is_msg_filter or rest == ["#"]) and self.groups.is_member(group, user)
+        if not is_name(group) or "+" in topic or "#" in topic:
+            return False
+        if rest == ["info"]:
+            return access is Access.RECEIVE and (self.groups.is_member(group, user) or self.groups.is_public(group))
+        if len(rest) != 2 or rest[0] != "msg" or not is_name(rest[1]):
+            return False
+        if access is Access.PUBLISH and rest[1] != user:
+            return False
+        return self.groups.is_member(group, user)
 
     def may_retain(self, topic: str) -> bool:
         parsed = self.topics.parse(topic)

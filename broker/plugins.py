@@ -21,7 +21,7 @@ from amqtt.session import Session
 from broker.accounts import AccountStore, Role
 from broker.acl import Access, TopicAcl
 from imcli.errors import ImcliError
-from imcli.wire import DEFAULT_PREFIX, Topics, client_id_account
+from imcli.wire import DEFAULT_PREFIX, GroupInfo, MalformedPayload, Topics, client_id_account, decode
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,39 @@ class AccountAuthPlugin(BaseAuthPlugin):
         return CONNECTION_ACCEPTED
 
 
+class GroupCache:
+    """Membership of every group, from the retained ``<prefix>/group/<g>/info`` records.
+
+    Only service accounts may publish those (the ACL), so what is here is the group
+    worker's word. Updated in the broker's event loop; read on every group delivery.
+    """
+
+    def __init__(self) -> None:
+        self._members: dict[str, frozenset[str]] = {}
+        self._public: set[str] = set()
+
+    def is_member(self, group: str, user: str) -> bool:
+        return user in self._members.get(group, ())
+
+    def is_public(self, group: str) -> bool:
+        return group in self._public
+
+    def update(self, group: str, payload: bytes) -> None:
+        self._public.discard(group)
+        self._members.pop(group, None)
+        if not payload:
+            return  # the group was deleted
+        try:
+            info = decode(payload)
+        except MalformedPayload:
+            log.warning("malformed group record for %s ignored: the group is closed to everyone", group)
+            return
+        if isinstance(info, GroupInfo) and info.name == group:
+            self._members[group] = frozenset(info.members)
+            if not info.private:
+                self._public.add(group)
+
+
 class TopicAclPlugin(BaseTopicPlugin):
     """The topic contract of DESIGN.md, enforced on publish, subscribe and delivery."""
 
@@ -137,7 +170,8 @@ class TopicAclPlugin(BaseTopicPlugin):
     def __init__(self, context: object) -> None:
         super().__init__(context)
         self.store = shared_store(self.config.data_dir)
-        self.acl = TopicAcl(Topics(self.config.prefix))
+        self.groups = GroupCache()
+        self.acl = TopicAcl(Topics(self.config.prefix), groups=self.groups)
 
     def check(self, username: str | None, topic: str, access: Access) -> bool:
         if username is None:

@@ -43,7 +43,7 @@ from transitions import MachineError
 from broker.accounts import AccountStore, Role
 from broker.acl import Access
 from broker.plugins import CONNECTION_ACCEPTED, AccountAuthPlugin, TopicAclPlugin, forget_store, shared_store
-from imcli.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_PREFIX, Notice, Topics, encode, is_name
+from imcli.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_PREFIX, Notice, TopicKind, Topics, encode, is_name
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +288,18 @@ class ImBroker(Broker):
                 tasks.append(asyncio.ensure_future(handler.mqtt_publish(queued.topic, queued.data, queued.qos, False)))
         if tasks:
             await asyncio.wait(tasks)
+
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        await super().retain_message(source_session, topic_name, data, qos)
+        parsed = self.topics.parse(topic_name) if topic_name else None
+        if parsed is not None and parsed.kind is TopicKind.GROUP_INFO and parsed.name:
+            self._acl.groups.update(parsed.name, bytes(data or b""))
 
     async def notify(self, username: str | None, code: str, text: str, topic: str | None = None) -> None:
         """Tell one user something on its notice topic (nobody hears it if it is not listening)."""

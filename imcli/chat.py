@@ -20,6 +20,7 @@ from imcli.errors import (
     ImcliError,
     InvalidInput,
     NameTaken,
+    NotAllowed,
     NotFound,
     RequestTimeout,
 )
@@ -32,6 +33,10 @@ from imcli.wire import (
     DeviceStatus,
     ErrorReply,
     Event,
+    GroupList,
+    GroupOp,
+    GroupReply,
+    GroupRequest,
     MalformedPayload,
     Notice,
     Payload,
@@ -175,7 +180,35 @@ def rename(identity: Identity, nick: str) -> str:
     return expect(reply, Renamed).nick
 
 
-_ERRORS: dict[str, type[ImcliError]] = {"not_found": NotFound, "taken": NameTaken, "invalid": InvalidInput}
+_ERRORS: dict[str, type[ImcliError]] = {
+    "not_found": NotFound,
+    "taken": NameTaken,
+    "invalid": InvalidInput,
+    "denied": NotAllowed,
+}
+
+
+def group_request(
+    identity: Identity, op: GroupOp, group: str = "", user: str | None = None, private: bool = False
+) -> GroupReply | GroupList:
+    if op != "list":
+        check_name(group, "group name")
+    request = GroupRequest(op=op, group=group, user=user, private=private)
+    with MqttClient(identity.address, identity.credentials, identity.client_id("group")) as client:
+        reply = Requests(client, identity).ask(request)
+    if isinstance(reply, GroupList):
+        return reply
+    return expect(reply, GroupReply)
+
+
+def group_say(identity: Identity, group: str, message: ChatMessage) -> None:
+    """Send to a group, after checking membership (the broker would drop it silently)."""
+    check_name(group, "group name")
+    with MqttClient(identity.address, identity.credentials, identity.client_id("gsay")) as client:
+        reply = expect(Requests(client, identity).ask(GroupRequest(op="members", group=group)), GroupReply)
+        if reply.group is None or identity.account not in reply.group.members:
+            raise NotAllowed(f"you are not a member of &{group}", f"join it first: imcli group join {group}")
+        client.publish(identity.topics.group_msg(group, identity.account), encode(message), qos=1)
 
 
 def expect(reply: Payload, kind: type[_R]) -> _R:
@@ -260,6 +293,7 @@ def to_received(topics: Topics, message: Message) -> Received | None:
     if parsed is None or parsed.kind not in (
         TopicKind.ROOM,
         TopicKind.DM,
+        TopicKind.GROUP_MSG,
         TopicKind.NOTICE,
         TopicKind.EVENTS,
     ):
@@ -294,6 +328,8 @@ def to_received(topics: Topics, message: Message) -> Received | None:
     common = {"id": chat.id, "ts": chat.ts, "text": chat.text, "format": "text" if plain else "json"}
     if parsed.kind is TopicKind.ROOM:
         return Received(kind="room", sender=parsed.sender, room=parsed.name, **common)
+    if parsed.kind is TopicKind.GROUP_MSG:
+        return Received(kind="group", sender=parsed.sender, group=parsed.name, **common)
     return Received(kind="dm", sender=parsed.sender, to=parsed.owner, **common)
 
 
@@ -334,6 +370,7 @@ class Listener:
         self._filters = [
             *room_filters,
             topics.user_filter(identity.account),
+            topics.group_msg_filter(),  # every group: the broker delivers only my groups' messages
             topics.presence_filter(),
             topics.events(),
         ]

@@ -53,6 +53,8 @@ admin_app = typer.Typer(cls=_Group, help="Operator commands (run on the broker's
 user_app = typer.Typer(cls=_Group, help="Accounts in the broker's data directory.", no_args_is_help=True)
 admin_app.add_typer(user_app, name="user")
 app.add_typer(admin_app, name="admin")
+group_app = typer.Typer(cls=_Group, help="Group chat; membership is enforced by the broker.", no_args_is_help=True)
+app.add_typer(group_app, name="group")
 
 HostOpt = Annotated[
     str | None,
@@ -449,6 +451,131 @@ def presence(
         sys.stdout.flush()
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
+
+
+# ---------------------------------------------------------------- groups
+
+GroupArg = Annotated[str, typer.Argument(help="Group name.")]
+
+
+def _group_line(info: Any) -> str:
+    kind = "private" if info.private else "public"
+    return (
+        f"&{info.name}  {kind}, {len(info.members)} member{'s' if len(info.members) != 1 else ''}, owner {info.owner}"
+    )
+
+
+@group_app.command("create")
+def group_create(
+    name: GroupArg,
+    private: Annotated[bool, typer.Option("--private", help="Only invited people can join or see it.")] = False,
+    host: HostOpt = None,
+    port: PortOpt = None,
+) -> None:
+    """Create a group; you become its owner."""
+    from imcli import chat
+
+    chat.group_request(_identity(host, port), "create", name, private=private)
+    _out().print(f"created &{name} ({'private' if private else 'public'})")
+
+
+@group_app.command("join")
+def group_join(name: GroupArg, host: HostOpt = None, port: PortOpt = None) -> None:
+    """Join a public group."""
+    from imcli import chat
+
+    chat.group_request(_identity(host, port), "join", name)
+    _out().print(f"joined &{name}")
+
+
+@group_app.command("leave")
+def group_leave(name: GroupArg, host: HostOpt = None, port: PortOpt = None) -> None:
+    """Leave a group (the last one out deletes it)."""
+    from imcli import chat
+
+    reply = chat.group_request(_identity(host, port), "leave", name)
+    gone = getattr(reply, "group", True) is None
+    _out().print(f"left &{name}" + (" (it had no other members and is gone)" if gone else ""))
+
+
+@group_app.command("invite")
+def group_invite(name: GroupArg, user: Annotated[str, typer.Argument(help="Account to add.")],
+                 host: HostOpt = None, port: PortOpt = None) -> None:  # fmt: skip
+    """Add someone to a group (owner and admins)."""
+    from imcli import chat
+
+    chat.group_request(_identity(host, port), "invite", name, user=user.removeprefix("@"))
+    _out().print(f"added {user} to &{name}")
+
+
+@group_app.command("kick")
+def group_kick(name: GroupArg, user: Annotated[str, typer.Argument(help="Member to remove.")],
+               host: HostOpt = None, port: PortOpt = None) -> None:  # fmt: skip
+    """Remove a member (owner and admins); they stop receiving at once."""
+    from imcli import chat
+
+    chat.group_request(_identity(host, port), "kick", name, user=user.removeprefix("@"))
+    _out().print(f"removed {user} from &{name}")
+
+
+@group_app.command("list")
+def group_list(json_: JsonOpt = False, host: HostOpt = None, port: PortOpt = None) -> None:
+    """Groups you are in, and public groups you can join."""
+    from imcli import chat
+    from imcli.wire import GroupList
+
+    reply = chat.group_request(_identity(host, port), "list")
+    assert isinstance(reply, GroupList)
+    if json_:
+        print(
+            json.dumps({"mine": [g.model_dump() for g in reply.mine], "public": [g.model_dump() for g in reply.public]})
+        )
+        return
+    out = _out()
+    out.print("your groups:" if reply.mine else "you are in no group")
+    for info in reply.mine:
+        out.print("  " + _group_line(info))
+    if reply.public:
+        out.print("public groups you can join:")
+        for info in reply.public:
+            out.print("  " + _group_line(info))
+
+
+@group_app.command("members")
+def group_members(name: GroupArg, json_: JsonOpt = False, host: HostOpt = None, port: PortOpt = None) -> None:
+    """Members of a group (yours, or a public one)."""
+    from imcli import chat
+    from imcli.errors import NotFound
+    from imcli.wire import GroupReply
+
+    reply = chat.group_request(_identity(host, port), "members", name)
+    if not isinstance(reply, GroupReply) or reply.group is None:
+        raise NotFound(f"no group &{name}")
+    info = reply.group
+    if json_:
+        print(info.model_dump_json())
+        return
+    out = _out()
+    out.print(_group_line(info))
+    for member in info.members:
+        role = "owner" if member == info.owner else "admin" if member in info.admins else ""
+        out.print(f"  {member}" + (f"  ({role})" if role else ""))
+
+
+@group_app.command("say")
+def group_say(
+    name: GroupArg,
+    text: Annotated[str, typer.Argument(help="The message, or '-' to read it from stdin.")],
+    host: HostOpt = None,
+    port: PortOpt = None,
+) -> None:
+    """Send a message to a group you are a member of."""
+    from imcli import chat
+
+    identity = _identity(host, port)
+    message = chat.prepare_text(_text(text), _max_payload())
+    chat.group_say(identity, name, message)
+    _out().print(f"sent to &{name}")
 
 
 # ---------------------------------------------------------------- admin

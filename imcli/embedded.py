@@ -17,9 +17,13 @@ from amqtt.errors import BrokerError as AmqttBrokerError
 
 from broker.accounts import AccountStore, Role
 from broker.server import SERVICE_ACCOUNT, BrokerSettings, EmbeddedBroker, new_service_password
+from groups.worker import GroupWorker
 from imcli.errors import ImcliError
 from imcli.mqtt import BrokerAddress, Credentials
+from imcli.worker import ServiceWorker
 from presence.worker import PresenceWorker
+
+GROUPS_ACCOUNT = "groups"
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +72,23 @@ async def serve_forever(
             ready(ServeInfo(address, settings.bind, settings.data_dir, settings.registration))
             await stop.wait()
             return
-        password = new_service_password()
-        await asyncio.to_thread(broker.accounts.ensure_service, SERVICE_ACCOUNT, password)
-        worker = PresenceWorker(
-            address,
-            Credentials(SERVICE_ACCOUNT, password),
-            StoreDirectory(broker.accounts),
-            broker.topics,
-            device="embedded",
-        )
-        await asyncio.to_thread(worker.__enter__)
+        directory = StoreDirectory(broker.accounts)
+        workers_up: list[ServiceWorker] = []
         try:
+            for account, make in (
+                (SERVICE_ACCOUNT, lambda creds: PresenceWorker(address, creds, directory, broker.topics, "embedded")),
+                (GROUPS_ACCOUNT, lambda creds: GroupWorker(address, creds, directory, broker.topics, "embedded")),
+            ):
+                password = new_service_password()
+                await asyncio.to_thread(broker.accounts.ensure_service, account, password)
+                started = make(Credentials(account, password))
+                await asyncio.to_thread(started.__enter__)
+                workers_up.append(started)
             ready(ServeInfo(address, settings.bind, settings.data_dir, settings.registration))
             await stop.wait()
         finally:
-            await asyncio.to_thread(worker.__exit__, None, None, None)
+            for worker in reversed(workers_up):
+                await asyncio.to_thread(worker.__exit__, None, None, None)
     finally:
         await broker_cm.__aexit__(None, None, None)
 

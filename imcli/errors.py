@@ -5,7 +5,8 @@
      ├── NotLoggedIn                no profile in the config directory
      ├── AccountError               registration or account administration refused
      │    └── NameTaken
-     ├── NotFound                   unknown recipient, unknown account
+     ├── NotFound                   unknown recipient, unknown account or group
+ ├── NotAllowed                 a worker refused: not an admin, a private group
      └── BrokerError                anything on the way to and from the broker
           ├── BrokerUnreachable     TCP connect failed / broker went away
           ├── AuthenticationFailed  CONNACK 4/5: wrong name or password, client id refused
@@ -46,6 +47,10 @@ class NameTaken(AccountError):
 
 class NotFound(ImcliError):
     """A name that should exist does not."""
+
+
+class NotAllowed(ImcliError):
+    """A worker refused the request for this user (not an admin, private group, …)."""
 
 
 class BrokerError(ImcliError):

@@ -51,6 +51,9 @@ def received_line(item: Received, me: str) -> Text:
         line.append("[dm] ", style="bold red")
         _append_sender(line, sender, item.nick)
         line.append(" → " + ("you" if item.to == me else (item.to or "?")), style="dim")
+    elif item.kind == "group":
+        line.append(f"&{item.group} ", style="bold blue")
+        _append_sender(line, sender, item.nick)
     else:
         line.append(f"#{item.room} ", style="dim")
         _append_sender(line, sender, item.nick)

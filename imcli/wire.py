@@ -35,7 +35,7 @@ _PREFIX = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}(/[a-z0-9][a-z0-9_-]{0,31}){0,3}"
 
 # Reserved: service accounts and words that would confuse people or tools.
 RESERVED_NAMES = frozenset(
-    {"admin", "root", "system", "imcli", "presence", "archive", "register", "everyone", "all", "me"}
+    {"admin", "root", "system", "imcli", "presence", "groups", "archive", "register", "everyone", "all", "me"}
 )
 
 
@@ -169,6 +169,12 @@ class Topics:
 
     def group_info(self, group: str) -> str:
         return f"{self.prefix}/group/{_n(group)}/info"
+
+    def group_msg_filter(self, group: str | None = None) -> str:
+        return f"{self.prefix}/group/{_n(group) if group else '+'}/msg/+"
+
+    def group_info_filter(self) -> str:
+        return f"{self.prefix}/group/+/info"
 
     def parse(self, topic: str) -> Topic | None:
         """Parse a concrete topic (no wildcards); ``None`` if it is not part of the contract."""
@@ -349,6 +355,50 @@ class Renamed(WireModel):
     nick: str
 
 
+class GroupInfo(WireModel):
+    """A group's state (retained on ``<prefix>/group/<group>/info``, written by the group worker).
+
+    The embedded broker reads it too: membership in it is what the topic ACL enforces.
+    """
+
+    type: Literal["group"] = "group"
+    v: Literal[1] = PROTOCOL_VERSION
+    name: str
+    owner: str
+    admins: list[str]
+    members: list[str]  # everyone, owner and admins included
+    private: bool = False
+    created: float
+
+
+GroupOp = Literal["create", "join", "leave", "invite", "kick", "members", "list"]
+
+
+class GroupRequest(WireModel):
+    type: Literal["group_request"] = "group_request"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    op: GroupOp
+    group: str = ""
+    user: str | None = None  # invite, kick
+    private: bool = False  # create
+
+
+class GroupReply(WireModel):
+    type: Literal["group_reply"] = "group_reply"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    group: GroupInfo | None = None  # None when the request deleted it (the last member left)
+
+
+class GroupList(WireModel):
+    type: Literal["group_list"] = "group_list"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    mine: list[GroupInfo]
+    public: list[GroupInfo]  # public groups I am not in
+
+
 class SyncMarker(WireModel):
     """A worker's own barrier message: once it arrives, the retained state before it has too."""
 
@@ -370,6 +420,10 @@ Payload = Annotated[
     | Roster
     | RenameRequest
     | Renamed
+    | GroupInfo
+    | GroupRequest
+    | GroupReply
+    | GroupList
     | SyncMarker,
     Field(discriminator="type"),
 ]

@@ -1,0 +1,255 @@
+"""Groups on a real broker: the life cycle through the CLI, and membership enforced by the
+broker against raw MQTT clients (non-members, kicked members, forged group records)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from broker.accounts import AccountStore
+from broker.server import BrokerSettings
+from groups.worker import GroupWorker
+from imcli import chat
+from imcli.chat import Identity
+from imcli.embedded import BackgroundServer, ServeInfo, StoreDirectory
+from imcli.errors import NameTaken, NotFound
+from imcli.mqtt import Credentials
+from imcli.wire import ChatMessage, GroupInfo, GroupList, GroupReply, encode
+from tests.conftest import Cli, Raw, password_of
+
+RawFactory = Callable[..., Raw]
+
+
+def ident(server: ServeInfo, name: str) -> Identity:
+    return Identity(server.address, Credentials(name, password_of(name)), "test")
+
+
+def chat_bytes(text: str) -> bytes:
+    return encode(ChatMessage(text=text))
+
+
+@pytest.fixture
+def team(server: ServeInfo, users: Callable[..., None]) -> str:
+    """A private group 'team' owned by alice with bob as member; carol is an outsider."""
+    users("alice", "bob", "carol", "dave")
+    alice = ident(server, "alice")
+    chat.group_request(alice, "create", "team", private=True)
+    chat.group_request(alice, "invite", "team", user="bob")
+    return "team"
+
+
+# ---------------------------------------------------------------- life cycle through the CLI
+
+
+def test_public_group_life_cycle(server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli]) -> None:
+    users("alice", "bob", "carol")
+    alice, bob, carol = cli_as("alice"), cli_as("bob"), cli_as("carol")
+    for cli, name in ((alice, "alice"), (bob, "bob"), (carol, "carol")):
+        cli.login(name)
+
+    assert alice("group", "create", "book-club").stdout.strip() == "created &book-club (public)"
+    listed = json.loads(bob("group", "list", "--json").stdout)
+    assert [g["name"] for g in listed["public"]] == ["book-club"] and listed["mine"] == []
+    assert bob("group", "join", "book-club").stdout.strip() == "joined &book-club"
+    assert carol("group", "join", "book-club").exit_code == 0
+    members = json.loads(alice("group", "members", "book-club", "--json").stdout)
+    assert members["members"] == ["alice", "bob", "carol"] and members["owner"] == "alice"
+
+    said = bob("group", "say", "book-club", "chapter 3?")
+    assert said.exit_code == 0 and said.stdout.strip() == "sent to &book-club"
+
+    assert alice("group", "leave", "book-club").stdout.strip() == "left &book-club"
+    members = json.loads(bob("group", "members", "book-club", "--json").stdout)
+    assert (members["owner"], members["admins"], members["members"]) == ("bob", ["bob"], ["bob", "carol"])
+    assert bob("group", "leave", "book-club").exit_code == 0
+    assert carol("group", "leave", "book-club").stdout.strip() == (
+        "left &book-club (it had no other members and is gone)"
+    )
+    gone = alice("group", "members", "book-club")
+    assert gone.exit_code == 1 and gone.stderr.startswith("Error: no group &book-club")
+
+
+@pytest.mark.parametrize(
+    ("who", "args", "error"),
+    [
+        ("carol", ["group", "join", "team"], "Error: no group &team (or it is private)"),
+        ("carol", ["group", "members", "team"], "Error: no group &team (or it is private)"),
+        ("carol", ["group", "say", "team", "hi"], "Error: no group &team (or it is private)"),
+        ("bob", ["group", "invite", "team", "carol"], "Error: only admins of &team can do that"),
+        ("bob", ["group", "kick", "team", "alice"], "Error: only admins of &team can do that"),
+        (
+            "alice",
+            ["group", "kick", "team", "alice"],
+            "Error: only the owner can remove an admin, and nobody the owner",
+        ),
+        ("alice", ["group", "invite", "team", "zed"], "Error: unknown user 'zed'"),
+        ("alice", ["group", "invite", "team", "bob"], "Error: bob is already a member of &team"),
+        ("alice", ["group", "create", "team"], "Error: the group name 'team' is taken"),
+        ("alice", ["group", "create", "Bad Name"], "Error: invalid group name 'Bad Name'"),
+        ("carol", ["group", "leave", "team"], "Error: you are not a member of &team"),
+        ("alice", ["group", "say", "team", ""], "Error: empty message"),
+    ],
+)
+def test_group_errors(team: str, cli_as: Callable[[str], Cli], who: str, args: list[str], error: str) -> None:
+    cli = cli_as(who)
+    cli.login(who)
+    result = cli(*args)
+    assert result.exit_code == 1
+    assert result.stderr.startswith(error), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_private_group_is_invisible_to_outsiders(server: ServeInfo, team: str) -> None:
+    reply = chat.group_request(ident(server, "carol"), "list")
+    assert isinstance(reply, GroupList)
+    assert reply.mine == [] and reply.public == []
+    mine = chat.group_request(ident(server, "bob"), "list")
+    assert isinstance(mine, GroupList) and [g.name for g in mine.mine] == ["team"]
+
+
+def test_concurrent_creates_have_one_winner(server: ServeInfo, users: Callable[..., None]) -> None:
+    names = [f"c{i}" for i in range(6)]
+    users(*names)
+    barrier = threading.Barrier(len(names))
+    results: list[str] = []
+
+    def create(name: str) -> None:
+        barrier.wait()
+        try:
+            chat.group_request(ident(server, name), "create", "hot")
+            results.append("created")
+        except NameTaken:
+            results.append("taken")
+
+    threads = [threading.Thread(target=create, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == ["created"] + ["taken"] * 5
+
+
+# ---------------------------------------------------------------- the broker enforces membership
+
+
+def test_members_receive_group_messages_through_listen(server: ServeInfo, team: str) -> None:
+    got: list[tuple[str, str | None, str]] = []
+    with chat.Listener(ident(server, "bob")) as listener:
+        reader = threading.Thread(target=lambda: got.extend((i.kind, i.group, i.text) for i in listener), daemon=True)
+        reader.start()
+        chat.group_say(ident(server, "alice"), "team", chat.prepare_text("hello team"))
+        assert _wait(lambda: ("group", "team", "hello team") in got)
+
+
+def test_outsider_cannot_publish_subscribe_or_read(server: ServeInfo, team: str, raw: RawFactory) -> None:
+    bob = raw("bob", client_id="bob:raw")
+    assert bob.subscribe("im/group/team/msg/+") == 1
+    carol = raw("carol", client_id="carol:raw")
+    for topic_filter in ("im/group/team/msg/+", "im/group/team/#", "im/group/team/info", "im/group/team/msg/alice"):
+        assert carol.subscribe(topic_filter) == 128, topic_filter
+    assert carol.subscribe("im/group/+/msg/+") == 1  # allowed, but only my groups' messages are delivered
+    assert carol.subscribe("im/group/+/info") == 1  # public groups' records only
+    assert carol.subscribe("im/user/carol/notice") == 1
+
+    carol.publish("im/group/team/msg/carol", chat_bytes("let me in"))
+    notice = json.loads(carol.expect("im/user/carol/notice").payload)
+    assert notice["code"] == "denied"
+    alice = raw("alice", client_id="alice:raw")
+    alice.publish("im/group/team/msg/alice", chat_bytes("members only"))
+    alice.publish("im/group/team/msg/alice", chat_bytes("barrier"))
+    assert [json.loads(bob.expect().payload)["text"] for _ in range(2)] == ["members only", "barrier"]
+    assert carol.silent(0.3) == []
+
+
+def test_kicked_member_stops_receiving_at_once_even_with_an_old_subscription(
+    server: ServeInfo, team: str, raw: RawFactory
+) -> None:
+    bob = raw("bob", client_id="bob:raw")
+    assert bob.subscribe("im/group/team/msg/+") == 1
+    assert bob.subscribe("im/room/+/+") == 1
+    alice = raw("alice", client_id="alice:raw")
+    alice.publish("im/group/team/msg/alice", chat_bytes("before"))
+    assert json.loads(bob.expect("im/group/team/msg/alice").payload)["text"] == "before"
+
+    chat.group_request(ident(server, "alice"), "kick", "team", user="bob")
+    alice.publish("im/group/team/msg/alice", chat_bytes("after the kick"))
+    alice.publish("im/room/lobby/alice", chat_bytes("barrier"))
+    bob.expect("im/room/lobby/alice")
+    assert [m.topic for m in bob.silent(0.3)] == []
+    with pytest.raises(NotFound):  # a private group is invisible to a former member too
+        chat.group_say(ident(server, "bob"), "team", chat.prepare_text("can I still talk?"))
+    assert bob.subscribe("im/group/team/msg/+") == 128
+
+
+def test_nobody_but_the_worker_writes_group_records(server: ServeInfo, team: str, raw: RawFactory) -> None:
+    carol = raw("carol", client_id="carol:raw")
+    forged = GroupInfo(name="team", owner="carol", admins=["carol"], members=["carol"], private=False, created=1)
+    carol.publish("im/group/team/info", encode(forged), retain=True)
+    carol.publish("im/group/team/info", encode(forged))
+    assert carol.subscribe("im/group/team/msg/+") == 128  # the broker's view is unchanged
+    reply = chat.group_request(ident(server, "alice"), "members", "team")
+    assert isinstance(reply, GroupReply) and reply.group is not None
+    assert reply.group.members == ["alice", "bob"]
+
+
+def test_public_group_records_are_readable_private_ones_are_not(server: ServeInfo, team: str, raw: RawFactory) -> None:
+    chat.group_request(ident(server, "alice"), "create", "open-house")
+    carol = raw("carol", client_id="carol:raw")
+    assert carol.subscribe("im/group/+/info") == 1
+    record = json.loads(carol.expect().payload)
+    assert record["name"] == "open-house"
+    assert carol.silent(0.3) == []  # and not the private 'team'
+
+
+def test_invited_user_hears_of_it(server: ServeInfo, team: str, raw: RawFactory) -> None:
+    dave = raw("dave", client_id="dave:raw")
+    assert dave.subscribe("im/user/dave/notice") == 1
+    chat.group_request(ident(server, "alice"), "invite", "team", user="dave")
+    notice = json.loads(dave.expect("im/user/dave/notice").payload)
+    assert notice["text"] == "alice added you to &team"
+    assert dave.subscribe("im/group/team/msg/+") == 1  # and may read it now
+
+
+# ---------------------------------------------------------------- the worker's state
+
+
+@pytest.fixture
+def bare(tmp_path: Path) -> Iterator[tuple[ServeInfo, Callable[[], GroupWorker]]]:
+    with BackgroundServer(BrokerSettings(data_dir=tmp_path / "bare", port=0), workers=False) as info:
+        store = AccountStore(info.data_dir)
+        store.ensure_service("groups", "service-password")
+        for name in ("alice", "bob"):
+            store.add(name, password_of(name))
+
+        def worker() -> GroupWorker:
+            return GroupWorker(info.address, Credentials("groups", "service-password"), StoreDirectory(store))
+
+        yield info, worker
+
+
+def test_restarted_group_worker_keeps_every_group(bare: tuple[ServeInfo, Callable[[], GroupWorker]]) -> None:
+    info, make = bare
+    first = make().__enter__()
+    alice = ident(info, "alice")
+    chat.group_request(alice, "create", "secret", private=True)
+    chat.group_request(alice, "invite", "secret", user="bob")
+    first.__exit__(None, None, None)
+    second = make().__enter__()
+    try:
+        reply = chat.group_request(ident(info, "bob"), "members", "secret")
+        assert isinstance(reply, GroupReply) and reply.group is not None
+        assert reply.group.members == ["alice", "bob"] and reply.group.private
+        with pytest.raises(NotFound):
+            chat.group_request(alice, "members", "never-made")
+    finally:
+        second.__exit__(None, None, None)
+
+
+def _wait(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    from tests.conftest import wait_until
+
+    return wait_until(predicate, timeout)
