@@ -27,7 +27,7 @@ class Access(enum.StrEnum):
 
 
 # retained messages are state; chat is not: a retained chat line would replay forever
-RETAINABLE = frozenset({TopicKind.STATUS, TopicKind.PRESENCE, TopicKind.GROUP_INFO})
+RETAINABLE = frozenset({TopicKind.STATUS, TopicKind.PRESENCE, TopicKind.GROUP_INFO, TopicKind.FRIENDS})
 
 USER_WRITE = ("room/+/%u", "user/+/dm/%u", "status/%u/+", "request/%u/+")
 USER_READ = ("room/#", "user/%u/#", "presence/#", "events")
@@ -37,6 +37,7 @@ SERVICE_WRITE = (
     "presence/+",
     "events",
     "group/+/info",
+    "user/+/friends",
     "status/+/+",  # the presence worker clears statuses of devices that vanished without a Last Will
 )
 SERVICE_READ = ("#",)
@@ -48,6 +49,17 @@ class GroupView(Protocol):
     def is_member(self, group: str, user: str) -> bool: ...
 
     def is_public(self, group: str) -> bool: ...
+
+
+class FriendView(Protocol):
+    """Who accepts direct messages from whom, as the broker last read it."""
+
+    def dm_allowed(self, to: str, sender: str) -> bool: ...
+
+
+class Everyone:
+    def dm_allowed(self, to: str, sender: str) -> bool:
+        return True
 
 
 class NoGroups:
@@ -96,6 +108,7 @@ class TopicAcl:
 
     topics: Topics = field(default_factory=Topics)
     groups: GroupView = field(default_factory=NoGroups)
+    friends: FriendView = field(default_factory=Everyone)
 
     def allows(self, username: str | None, role: Role | None, topic: str, access: Access) -> bool:
         if username is None or role is None or not is_name(username):
@@ -109,6 +122,13 @@ class TopicAcl:
         if access is Access.PUBLISH:
             parsed = self.topics.parse(topic)
             if parsed is None:
+                return False
+            if (
+                parsed.kind is TopicKind.DM
+                and role is Role.USER
+                and parsed.owner
+                and not self.friends.dm_allowed(parsed.owner, username)
+            ):
                 return False
         patterns = self._patterns(username, role, write=access is Access.PUBLISH)
         levels = tuple(topic.split("/"))
@@ -140,6 +160,20 @@ class TopicAcl:
         if access is Access.PUBLISH and rest[1] != user:
             return False
         return self.groups.is_member(group, user)
+
+    def refusal(self, username: str | None, topic: str) -> str:
+        """Why a publish was refused, in words for the sender's notice."""
+        parsed = self.topics.parse(topic)
+        if (
+            username
+            and parsed is not None
+            and parsed.kind is TopicKind.DM
+            and parsed.sender == username
+            and parsed.owner
+            and not self.friends.dm_allowed(parsed.owner, username)
+        ):
+            return f"{parsed.owner} accepts direct messages from friends only"
+        return f"you may not publish to {topic}"
 
     def may_retain(self, topic: str) -> bool:
         parsed = self.topics.parse(topic)

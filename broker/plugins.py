@@ -21,7 +21,7 @@ from amqtt.session import Session
 from broker.accounts import AccountStore, Role
 from broker.acl import Access, TopicAcl
 from imcli.errors import ImcliError
-from imcli.wire import DEFAULT_PREFIX, GroupInfo, MalformedPayload, Topics, client_id_account, decode
+from imcli.wire import DEFAULT_PREFIX, Friends, GroupInfo, MalformedPayload, Topics, client_id_account, decode
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,29 @@ class GroupCache:
                 self._public.add(group)
 
 
+class FriendCache:
+    """Friends and DM policy of every user, from the retained ``<prefix>/user/<u>/friends``."""
+
+    def __init__(self) -> None:
+        self._friends_only: dict[str, frozenset[str]] = {}  # users with dm_policy "friends"
+
+    def dm_allowed(self, to: str, sender: str) -> bool:
+        allowed = self._friends_only.get(to)
+        return allowed is None or sender in allowed or sender == to
+
+    def update(self, user: str, payload: bytes) -> None:
+        self._friends_only.pop(user, None)
+        if not payload:
+            return
+        try:
+            record = decode(payload)
+        except MalformedPayload:
+            log.warning("malformed friends record for %s ignored", user)
+            return
+        if isinstance(record, Friends) and record.account == user and record.dm_policy == "friends":
+            self._friends_only[user] = frozenset(record.friends)
+
+
 class TopicAclPlugin(BaseTopicPlugin):
     """The topic contract of DESIGN.md, enforced on publish, subscribe and delivery."""
 
@@ -171,7 +194,8 @@ class TopicAclPlugin(BaseTopicPlugin):
         super().__init__(context)
         self.store = shared_store(self.config.data_dir)
         self.groups = GroupCache()
-        self.acl = TopicAcl(Topics(self.config.prefix), groups=self.groups)
+        self.friends = FriendCache()
+        self.acl = TopicAcl(Topics(self.config.prefix), groups=self.groups, friends=self.friends)
 
     def check(self, username: str | None, topic: str, access: Access) -> bool:
         if username is None:

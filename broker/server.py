@@ -246,7 +246,7 @@ class ImBroker(Broker):
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:  # amqtt private
         allowed = self._acl.check(session.username, topic, Access(action.value))
         if not allowed and action is Action.PUBLISH:
-            await self.notify(session.username, "denied", f"you may not publish to {topic}", topic)
+            await self.notify(session.username, "denied", self._acl.acl.refusal(session.username, topic), topic)
         return allowed
 
     async def _handle_message_delivery(  # amqtt private: limits before amqtt's own handling
@@ -300,6 +300,8 @@ class ImBroker(Broker):
         parsed = self.topics.parse(topic_name) if topic_name else None
         if parsed is not None and parsed.kind is TopicKind.GROUP_INFO and parsed.name:
             self._acl.groups.update(parsed.name, bytes(data or b""))
+        elif parsed is not None and parsed.kind is TopicKind.FRIENDS and parsed.owner:
+            self._acl.friends.update(parsed.owner, bytes(data or b""))
 
     async def notify(self, username: str | None, code: str, text: str, topic: str | None = None) -> None:
         """Tell one user something on its notice topic (nobody hears it if it is not listening)."""

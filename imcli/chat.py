@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,8 +32,13 @@ from imcli.wire import (
     NICK_RULE,
     ChatMessage,
     DeviceStatus,
+    DmPolicy,
     ErrorReply,
     Event,
+    FriendOp,
+    FriendReply,
+    FriendRequest,
+    Friends,
     GroupList,
     GroupOp,
     GroupReply,
@@ -150,8 +156,22 @@ def send_dm(identity: Identity, name: str, message: ChatMessage) -> str:
     with MqttClient(identity.address, identity.credentials, identity.client_id("dm")) as client:
         requests = Requests(client, identity)
         to = resolve(requests, name)
+        # the broker would drop a refused DM silently (the PUBACK comes anyway): ask first
+        check = expect(requests.ask(FriendRequest(op="can_dm", user=to)), FriendReply)
+        if not check.allowed:
+            raise NotAllowed(f"{to} accepts direct messages from friends only", f"ask first: imcli friend add {to}")
         client.publish(identity.topics.dm(to, identity.account), encode(message), qos=1)
     return to
+
+
+def friend_request(
+    identity: Identity, op: FriendOp, user: str | None = None, policy: DmPolicy | None = None
+) -> Friends:
+    if user is not None:
+        check_name(user.removeprefix("@"))
+    request = FriendRequest(op=op, user=user, dm_policy=policy)
+    with MqttClient(identity.address, identity.credentials, identity.client_id("friend")) as client:
+        return expect(Requests(client, identity).ask(request), FriendReply).record
 
 
 def resolve(requests: Requests, name: str) -> str:
@@ -388,6 +408,7 @@ class Listener:
         )
         self._seen = RecentIds()
         self._nicks: dict[str, str] = {}
+        self._requests_shown: set[str] = set()
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._beat_loop, name="imcli-heartbeat", daemon=True)
 
@@ -442,6 +463,9 @@ class Listener:
             if parsed is not None and parsed.kind is TopicKind.PRESENCE:
                 self._remember_nick(message.payload)
                 continue
+            if parsed is not None and parsed.kind is TopicKind.FRIENDS:
+                yield from self._new_requests(message.payload)
+                continue
             item = to_received(topics, message)
             if item is None or (item.kind != "malformed" and self._seen.seen(item.id)):
                 continue
@@ -450,6 +474,20 @@ class Listener:
             elif item.sender and self._nicks.get(item.sender, item.sender) != item.sender:
                 item = item.model_copy(update={"nick": self._nicks[item.sender]})
             yield item
+
+    def _new_requests(self, payload: bytes) -> Iterator[Received]:
+        """Friend requests waiting in my retained record: they reach me even if I was offline."""
+        try:
+            record = decode(payload) if payload else None
+        except MalformedPayload:
+            return
+        if not isinstance(record, Friends):
+            return
+        for asker in record.incoming:
+            if asker not in self._requests_shown:
+                self._requests_shown.add(asker)
+                text = f"{asker} wants to be your friend (imcli friend accept {asker})"
+                yield Received(kind="notice", sender=asker, id=new_id(), ts=time.time(), text=text)
 
     def _remember_nick(self, payload: bytes) -> None:
         try:

@@ -55,6 +55,10 @@ admin_app.add_typer(user_app, name="user")
 app.add_typer(admin_app, name="admin")
 group_app = typer.Typer(cls=_Group, help="Group chat; membership is enforced by the broker.", no_args_is_help=True)
 app.add_typer(group_app, name="group")
+friend_app = typer.Typer(cls=_Group, help="Friends and friend requests.", no_args_is_help=True)
+app.add_typer(friend_app, name="friend")
+config_app = typer.Typer(cls=_Group, help="Your settings, kept by the broker's workers.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 
 HostOpt = Annotated[
     str | None,
@@ -576,6 +580,91 @@ def group_say(
     message = chat.prepare_text(_text(text), _max_payload())
     chat.group_say(identity, name, message)
     _out().print(f"sent to &{name}")
+
+
+# ---------------------------------------------------------------- friends
+
+UserArg = Annotated[str, typer.Argument(help="Account name.")]
+
+
+def _friend(op: str, user: str | None, host: str | None, port: int | None, done: str) -> None:
+    from imcli import chat
+
+    chat.friend_request(_identity(host, port), op, user)  # type: ignore[arg-type]
+    _out().print(done)
+
+
+@friend_app.command("add")
+def friend_add(user: UserArg, host: HostOpt = None, port: PortOpt = None) -> None:
+    """Send a friend request (it waits for USER even while they are offline)."""
+    _friend("add", user, host, port, f"asked {user} to be your friend")
+
+
+@friend_app.command("accept")
+def friend_accept(user: UserArg, host: HostOpt = None, port: PortOpt = None) -> None:
+    """Accept a friend request."""
+    _friend("accept", user, host, port, f"you and {user} are friends")
+
+
+@friend_app.command("decline")
+def friend_decline(user: UserArg, host: HostOpt = None, port: PortOpt = None) -> None:
+    """Decline a friend request."""
+    _friend("decline", user, host, port, f"declined {user}'s request")
+
+
+@friend_app.command("remove")
+def friend_remove(user: UserArg, host: HostOpt = None, port: PortOpt = None) -> None:
+    """Remove a friend (on both sides)."""
+    _friend("remove", user, host, port, f"removed {user} from your friends")
+
+
+@friend_app.command("list")
+def friend_list(json_: JsonOpt = False, host: HostOpt = None, port: PortOpt = None) -> None:
+    """Your friends with their presence, and pending requests."""
+    from imcli import chat
+    from imcli.errors import RequestTimeout
+
+    identity = _identity(host, port)
+    record = chat.friend_request(identity, "list")
+    try:
+        presence = {u.account: u for u in chat.who(identity, include_offline=True)}
+    except RequestTimeout:
+        presence = {}  # no presence worker: the list is still worth showing
+    if json_:
+        rows = [{"account": f, "state": presence[f].state if f in presence else "unknown"} for f in record.friends]
+        print(json.dumps({"friends": rows, "incoming": record.incoming, "outgoing": record.outgoing,
+                          "dm_policy": record.dm_policy}))  # fmt: skip
+        return
+    from imcli.render import ago
+
+    out = _out()
+    out.print("friends:" if record.friends else "no friends yet")
+    for f in record.friends:
+        p = presence.get(f)
+        out.print(f"  {f}  " + (f"{p.state} since {ago(p.since)}" if p else "presence unknown"))
+    for asker in record.incoming:
+        out.print(f"  {asker} wants to be your friend (imcli friend accept {asker})")
+    for asked in record.outgoing:
+        out.print(f"  waiting for {asked} to answer")
+    out.print(f"direct messages from: {'friends only' if record.dm_policy == 'friends' else 'anyone'}", style="dim")
+
+
+@config_app.command("set")
+def config_set(
+    key: Annotated[str, typer.Argument(help="Setting: dm-policy.")],
+    value: Annotated[str, typer.Argument(help="dm-policy: 'anyone' or 'friends'.")],
+    host: HostOpt = None,
+    port: PortOpt = None,
+) -> None:
+    """Change a setting: 'dm-policy friends' lets only friends send you direct messages."""
+    from imcli import chat
+
+    if key != "dm-policy":
+        raise InvalidInput(f"unknown setting {key!r}", "settings: dm-policy")
+    if value not in ("anyone", "friends"):
+        raise InvalidInput(f"invalid dm-policy {value!r}", "use 'anyone' or 'friends'")
+    chat.friend_request(_identity(host, port), "policy", policy=value)  # type: ignore[arg-type]
+    _out().print(f"dm-policy is now {value}")
 
 
 # ---------------------------------------------------------------- admin

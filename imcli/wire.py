@@ -80,6 +80,7 @@ class TopicKind(enum.StrEnum):
     DM = "dm"
     REPLY = "reply"
     NOTICE = "notice"
+    FRIENDS = "friends"
     GROUP_MSG = "group_msg"
     GROUP_INFO = "group_info"
     STATUS = "status"
@@ -137,6 +138,12 @@ class Topics:
     def notice(self, me: str) -> str:
         return f"{self.prefix}/user/{_n(me)}/notice"
 
+    def friends(self, me: str) -> str:
+        return f"{self.prefix}/user/{_n(me)}/friends"
+
+    def friends_filter(self) -> str:
+        return f"{self.prefix}/user/+/friends"
+
     def request(self, sender: str, corr: str) -> str:
         return f"{self.prefix}/request/{_n(sender)}/{_i(corr)}"
 
@@ -191,6 +198,8 @@ class Topics:
                 return Topic(TopicKind.REPLY, owner=me, key=corr)
             case ["user", me, "notice"] if is_name(me):
                 return Topic(TopicKind.NOTICE, owner=me)
+            case ["user", me, "friends"] if is_name(me):
+                return Topic(TopicKind.FRIENDS, owner=me)
             case ["group", group, "msg", sender] if is_name(group) and is_name(sender):
                 return Topic(TopicKind.GROUP_MSG, sender=sender, name=group)
             case ["group", group, "info"] if is_name(group):
@@ -399,6 +408,45 @@ class GroupList(WireModel):
     public: list[GroupInfo]  # public groups I am not in
 
 
+DmPolicy = Literal["anyone", "friends"]
+
+
+class Friends(WireModel):
+    """One user's friends, pending requests and DM policy (retained on ``<prefix>/user/<me>/friends``).
+
+    Written by the group worker, readable by its owner only; the embedded broker reads it
+    to enforce ``dm_policy``.
+    """
+
+    type: Literal["friends"] = "friends"
+    v: Literal[1] = PROTOCOL_VERSION
+    account: str
+    friends: list[str] = Field(default_factory=list)
+    incoming: list[str] = Field(default_factory=list)  # asked me, waiting for my answer
+    outgoing: list[str] = Field(default_factory=list)  # I asked, waiting for theirs
+    dm_policy: DmPolicy = "anyone"
+
+
+FriendOp = Literal["add", "accept", "decline", "remove", "list", "policy", "can_dm"]
+
+
+class FriendRequest(WireModel):
+    type: Literal["friend_request"] = "friend_request"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    op: FriendOp
+    user: str | None = None
+    dm_policy: DmPolicy | None = None
+
+
+class FriendReply(WireModel):
+    type: Literal["friend_reply"] = "friend_reply"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    record: Friends
+    allowed: bool | None = None  # can_dm: may I send a direct message to that user?
+
+
 class SyncMarker(WireModel):
     """A worker's own barrier message: once it arrives, the retained state before it has too."""
 
@@ -424,6 +472,9 @@ Payload = Annotated[
     | GroupRequest
     | GroupReply
     | GroupList
+    | Friends
+    | FriendRequest
+    | FriendReply
     | SyncMarker,
     Field(discriminator="type"),
 ]

@@ -1,0 +1,129 @@
+"""Friends, friend requests (also to someone offline) and dm-policy enforced by the broker."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+
+from imcli.embedded import ServeInfo
+from imcli.wire import ChatMessage, encode
+from tests.conftest import Cli, Proc, Raw
+
+CliFactory = Callable[[str], Cli]
+
+
+@pytest.fixture
+def people(users: Callable[..., None], cli_as: CliFactory) -> dict[str, Cli]:
+    users("alice", "bob", "carol")
+    clis = {name: cli_as(name) for name in ("alice", "bob", "carol")}
+    for name, cli in clis.items():
+        cli.login(name)
+    return clis
+
+
+def test_friend_request_reaches_someone_offline_and_is_accepted(
+    people: dict[str, Cli], procs: Callable[..., Proc]
+) -> None:
+    alice, bob = people["alice"], people["bob"]
+    asked = alice("friend", "add", "bob")  # bob is not running anything
+    assert asked.exit_code == 0 and asked.stdout.strip() == "asked bob to be your friend"
+
+    listener = procs("listen", "--json", env={"IMCLI_CONFIG_DIR": str(bob.config_dir)})
+    lines = [json.loads(listener.line(timeout=20)) for _ in range(2)]  # his own join event, the request
+    request = next(line for line in lines if line["kind"] == "notice")
+    assert request["text"] == "alice wants to be your friend (imcli friend accept alice)"
+
+    accepted = bob("friend", "accept", "alice")
+    assert accepted.exit_code == 0 and accepted.stdout.strip() == "you and alice are friends"
+    for cli, other in ((alice, "bob"), (bob, "alice")):
+        listed = json.loads(cli("friend", "list", "--json").stdout)
+        assert [f["account"] for f in listed["friends"]] == [other]
+        assert listed["incoming"] == [] and listed["outgoing"] == []
+    assert json.loads(alice("friend", "list", "--json").stdout)["friends"][0]["state"] == "online"  # bob listens
+
+    assert alice("friend", "remove", "bob").exit_code == 0
+    assert json.loads(bob("friend", "list", "--json").stdout)["friends"] == []
+
+
+def test_asking_back_is_accepting(people: dict[str, Cli]) -> None:
+    assert people["alice"]("friend", "add", "carol").exit_code == 0
+    assert people["carol"]("friend", "add", "alice").exit_code == 0
+    assert json.loads(people["alice"]("friend", "list", "--json").stdout)["friends"][0]["account"] == "carol"
+
+
+def test_declined_request_disappears_on_both_sides(people: dict[str, Cli]) -> None:
+    assert people["alice"]("friend", "add", "bob").exit_code == 0
+    assert people["bob"]("friend", "decline", "alice").stdout.strip() == "declined alice's request"
+    assert json.loads(people["alice"]("friend", "list", "--json").stdout)["outgoing"] == []
+    assert json.loads(people["bob"]("friend", "list", "--json").stdout)["incoming"] == []
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["friend", "add", "alice"], "Error: you cannot be your own friend"),
+        (["friend", "add", "zed"], "Error: unknown user 'zed'"),
+        (["friend", "add", "Not Valid"], "Error: invalid account name 'Not Valid'"),
+        (["friend", "accept", "bob"], "Error: no friend request from bob"),
+        (["friend", "remove", "bob"], "Error: bob is not your friend"),
+        (["config", "set", "dm-policy", "nobody"], "Error: invalid dm-policy 'nobody' (use 'anyone' or 'friends')"),
+        (["config", "set", "colour", "red"], "Error: unknown setting 'colour'"),
+    ],
+)
+def test_friend_errors(people: dict[str, Cli], args: list[str], error: str) -> None:
+    result = people["alice"](*args)
+    assert result.exit_code == 1
+    assert result.stderr.startswith(error), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_asking_twice_is_refused(people: dict[str, Cli]) -> None:
+    assert people["alice"]("friend", "add", "bob").exit_code == 0
+    again = people["alice"]("friend", "add", "bob")
+    assert again.exit_code == 1 and again.stderr.startswith("Error: you already asked bob")
+
+
+def test_dm_policy_friends_refuses_strangers_and_accepts_friends(
+    people: dict[str, Cli], server: ServeInfo, raw: Callable[..., Raw]
+) -> None:
+    alice, bob, carol = people["alice"], people["bob"], people["carol"]
+    assert bob("config", "set", "dm-policy", "friends").stdout.strip() == "dm-policy is now friends"
+    assert alice("friend", "add", "bob").exit_code == 0
+    assert bob("friend", "accept", "alice").exit_code == 0
+
+    refused = carol("dm", "bob", "hi stranger")
+    assert refused.exit_code == 1
+    assert refused.stderr.strip() == (
+        "Error: bob accepts direct messages from friends only (ask first: imcli friend add bob)"
+    )
+    assert alice("dm", "bob", "hi friend").stdout.strip() == "sent to @bob"
+
+    # a raw client skipping the CLI's check: the broker drops it and says why
+    victim = raw("bob", client_id="bob:raw")
+    assert victim.subscribe("im/user/bob/dm/+") == 1
+    stranger = raw("carol", client_id="carol:raw")
+    assert stranger.subscribe("im/user/carol/notice") == 1
+    stranger.publish("im/user/bob/dm/carol", encode(ChatMessage(text="sneaky")))
+    notice = json.loads(stranger.expect("im/user/carol/notice").payload)
+    assert notice["text"] == "bob accepts direct messages from friends only"
+    friend = raw("alice", client_id="alice:raw")
+    friend.publish("im/user/bob/dm/alice", encode(ChatMessage(text="barrier")))
+    assert victim.expect().topic == "im/user/bob/dm/alice"
+    assert victim.silent(0.3) == []
+
+    assert bob("config", "set", "dm-policy", "anyone").exit_code == 0
+    assert carol("dm", "bob", "now?").exit_code == 0
+
+
+def test_friend_records_are_private_and_worker_only(people: dict[str, Cli], raw: Callable[..., Raw]) -> None:
+    assert people["alice"]("friend", "add", "bob").exit_code == 0
+    carol = raw("carol", client_id="carol:raw")
+    assert carol.subscribe("im/user/bob/friends") == 128
+    assert carol.subscribe("im/user/+/friends") == 128
+    assert carol.subscribe("im/user/carol/notice") == 1
+    forged = b'{"type":"friends","v":1,"account":"carol","friends":["bob"],"dm_policy":"anyone"}'
+    carol.publish("im/user/carol/friends", forged, retain=True)
+    assert json.loads(carol.expect("im/user/carol/notice").payload)["code"] == "denied"
+    assert json.loads(people["carol"]("friend", "list", "--json").stdout)["friends"] == []
