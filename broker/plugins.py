@@ -143,16 +143,20 @@ class GroupCache:
         return group in self._public
 
     def update(self, group: str, payload: bytes) -> None:
+        info: GroupInfo | None = None
+        if payload:
+            try:
+                decoded = decode(payload)
+            except MalformedPayload:
+                log.warning("malformed group record for %s ignored: keeping the last good one", group)
+                return
+            if not isinstance(decoded, GroupInfo) or decoded.name != group:
+                log.warning("a record for group %s that is not that group's: ignored", group)
+                return
+            info = decoded
         self._public.discard(group)
         self._members.pop(group, None)
-        if not payload:
-            return  # the group was deleted
-        try:
-            info = decode(payload)
-        except MalformedPayload:
-            log.warning("malformed group record for %s ignored: the group is closed to everyone", group)
-            return
-        if isinstance(info, GroupInfo) and info.name == group:
+        if info is not None:  # else the group was deleted
             self._members[group] = frozenset(info.members)
             if not info.private:
                 self._public.add(group)
@@ -169,15 +173,19 @@ class FriendCache:
         return allowed is None or sender in allowed or sender == to
 
     def update(self, user: str, payload: bytes) -> None:
-        self._friends_only.pop(user, None)
         if not payload:
+            self._friends_only.pop(user, None)
             return
         try:
             record = decode(payload)
         except MalformedPayload:
-            log.warning("malformed friends record for %s ignored", user)
+            log.warning("malformed friends record for %s ignored: keeping the last good one", user)
             return
-        if isinstance(record, Friends) and record.account == user and record.dm_policy == "friends":
+        if not isinstance(record, Friends) or record.account != user:
+            log.warning("a friends record for %s that is not theirs: ignored", user)
+            return
+        self._friends_only.pop(user, None)
+        if record.dm_policy == "friends":
             self._friends_only[user] = frozenset(record.friends)
 
 

@@ -483,6 +483,7 @@ class Listener:
             return
         if not isinstance(record, Friends):
             return
+        self._requests_shown &= set(record.incoming)  # a request asked again after a decline shows again
         for asker in record.incoming:
             if asker not in self._requests_shown:
                 self._requests_shown.add(asker)

@@ -137,7 +137,8 @@ class ServiceWorker:
                 reply = self.handle(sender, request)
         except Exception:  # a bug in one handler must not leave the client waiting for its timeout
             log.exception("%s: request %s from %s failed", self.account, request.type, sender)
-            reply = ErrorReply(id=corr, code="internal", text=f"the {self.account} worker failed on this request")
+            request_id = getattr(request, "id", corr)
+            reply = ErrorReply(id=request_id, code="internal", text=f"the {self.account} worker failed on this request")
         if reply is not None:
             self.client.publish_nowait(self.topics.reply(sender, corr), encode(reply), qos=1)
 

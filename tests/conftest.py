@@ -68,6 +68,7 @@ class Raw:
     connected: threading.Event = field(default_factory=threading.Event)
     disconnected: threading.Event = field(default_factory=threading.Event)
     subacks: dict[int, list[int]] = field(default_factory=dict)
+    skipped: list[paho.MQTTMessage] = field(default_factory=list)  # passed over by expect(topic)
 
     def subscribe(self, topic: str, qos: int = 1) -> int:
         """Subscribe and return the granted QoS, or 128 when refused."""
@@ -89,12 +90,14 @@ class Raw:
                 break
             if topic is None or msg.topic == topic:
                 return msg
+            self.skipped.append(msg)  # kept: silent() reports it, so a barrier cannot hide it
         raise AssertionError(f"no message on {topic or 'any topic'} within {timeout}s")
 
     def silent(self, seconds: float = 1.0, topic_prefix: str = "") -> list[paho.MQTTMessage]:
         """Messages that arrived within ``seconds`` (after a barrier elsewhere, used to prove absence)."""
         end = time.monotonic() + seconds
-        got = []
+        got = [m for m in self.skipped if m.topic.startswith(topic_prefix)]
+        self.skipped.clear()
         while (left := end - time.monotonic()) > 0:
             try:
                 msg = self.messages.get(timeout=left)

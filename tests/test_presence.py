@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from broker.accounts import AccountStore
 from broker.server import BrokerSettings
+from groups.worker import GroupWorker
 from imcli import chat
 from imcli.chat import Identity, Listener
 from imcli.embedded import BackgroundServer, ServeInfo, StoreDirectory
@@ -243,6 +244,7 @@ def bare_broker(tmp_path: Path) -> Iterator[tuple[ServeInfo, Callable[[], Presen
     with BackgroundServer(BrokerSettings(data_dir=tmp_path / "bare", port=0), workers=False) as info:
         store = AccountStore(info.data_dir)
         store.ensure_service("presence", "service-password")
+        store.ensure_service("groups", "service-password")
         for name in ("alice", "bob", "watcher"):
             store.add(name, password_of(name))
 
@@ -251,7 +253,9 @@ def bare_broker(tmp_path: Path) -> Iterator[tuple[ServeInfo, Callable[[], Presen
                 info.address, Credentials("presence", "service-password"), StoreDirectory(store), device="t"
             )
 
-        yield info, worker
+        # dm asks the group worker whether the recipient accepts it, as under imcli serve
+        with GroupWorker(info.address, Credentials("groups", "service-password"), StoreDirectory(store)):
+            yield info, worker
 
 
 def test_no_worker_means_a_clear_timeout(bare_broker: tuple[ServeInfo, Callable[[], PresenceWorker]]) -> None:

@@ -1,0 +1,662 @@
+"""deploy/mosquitto against a real Mosquitto 2: the embedded broker's rules, attacked the same way.
+
+Each test starts ``mosquitto -c <conf>`` on a free loopback port, with a config derived from
+deploy/mosquitto/mosquitto.conf (only the port, the file paths and ``user`` replaced) and the
+unchanged deploy/mosquitto/aclfile, then connects raw paho clients: what an attacker or a bot
+would use.
+
+Absence is proven with a barrier: after the forbidden publish a legitimate one follows; every
+message an observer got *up to and including* the barrier is kept and checked (one connection's
+messages are delivered in order, and a QoS 1 publish is fanned out before its PUBACK), then a
+short silence is checked too.
+
+A rule Mosquitto cannot enforce is tested anyway and marked ``xfail(strict=True)`` with the
+reason: the gap is documented in deploy/mosquitto/README.md, and the test fails loudly if a
+future Mosquitto or config closes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
+LIMIT = 16384  # message_size_limit in deploy/mosquitto/mosquitto.conf
+ACCOUNTS = ("alice", "bob", "carol", "presence")
+
+# Debian puts the broker in /usr/sbin, which a non-root PATH may lack
+MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/local/sbin:/usr/sbin")
+MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
+
+pytestmark = [pytest.mark.slow]
+if MOSQUITTO is None or MOSQUITTO_PASSWD is None:
+    pytestmark.append(pytest.mark.skip(reason="mosquitto not installed (.ci/run installs it)"))
+
+NO_CLIENT_ID_BINDING = (
+    "Mosquitto 2.0 cannot bind a client id to its account for several devices: password_file "
+    "and acl_file accept any id, use_username_as_clientid allows one connection per account, "
+    "dynamic-security's clientid is one exact id (deploy/mosquitto/README.md)"
+)
+
+
+def password_of(name: str) -> str:
+    return f"correct-horse-{name}"
+
+
+def chat(text: str) -> bytes:
+    return json.dumps({"type": "chat", "v": 1, "id": uuid.uuid4().hex, "ts": time.time(), "text": text}).encode()
+
+
+def status(interval: float = 30.0) -> bytes:
+    return json.dumps({"type": "status", "v": 1, "state": "online", "interval": interval, "ts": time.time()}).encode()
+
+
+# ---------------------------------------------------------------- the broker
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mosquitto_config(port: int, workdir: Path) -> str:
+    """deploy/mosquitto/mosquitto.conf with this port, temp paths and the current user."""
+    replace = {
+        "listener": f"listener {port} 127.0.0.1",
+        "password_file": f"password_file {workdir / 'passwd'}",
+        "acl_file": f"acl_file {DEPLOY / 'aclfile'}",
+        "persistence_location": f"persistence_location {workdir}/",
+    }
+    seen: list[str] = []
+    lines = []
+    for line in (DEPLOY / "mosquitto.conf").read_text().splitlines():
+        words = line.split()
+        key = words[0] if words and not words[0].startswith("#") else ""
+        if key in replace:
+            seen.append(key)
+            lines.append(replace[key])
+        elif key != "user":
+            lines.append(line)
+    assert sorted(seen) == sorted(replace), f"deploy/mosquitto/mosquitto.conf changed shape: {seen}"
+    # as root, mosquitto would drop to user `mosquitto`, which cannot read the temp files
+    lines.append(f"user {pwd.getpwuid(os.geteuid()).pw_name}")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Mosquitto:
+    port: int
+    workdir: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def log(self) -> str:
+        return (self.workdir / "mosquitto.log").read_text(errors="replace")
+
+
+def wait_listening(broker: Mosquitto, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if broker.proc.poll() is not None:
+            raise AssertionError(f"mosquitto exited with {broker.proc.returncode}:\n{broker.log}")
+        try:
+            with socket.create_connection(("127.0.0.1", broker.port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise AssertionError(f"mosquitto did not listen on {broker.port} within {timeout}s:\n{broker.log}")
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    workdir = tmp_path / "mosquitto"
+    workdir.mkdir()
+    pwfile = workdir / "passwd"
+    for i, name in enumerate(ACCOUNTS):
+        create = ["-c"] if i == 0 else []
+        subprocess.run(
+            [str(MOSQUITTO_PASSWD), *create, "-b", str(pwfile), name, password_of(name)],
+            check=True,
+            capture_output=True,
+        )
+    port = free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(mosquitto_config(port, workdir))
+    with (workdir / "mosquitto.log").open("wb") as log:
+        proc = subprocess.Popen([str(MOSQUITTO), "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    b = Mosquitto(port, workdir, proc)
+    try:
+        wait_listening(b)
+        yield b
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+# ---------------------------------------------------------------- raw clients
+
+
+@dataclass
+class Raw:
+    """A raw paho client (MQTT 3.1.1, paho 2 callbacks)."""
+
+    client: paho.Client
+    username: str | None
+    rc: int | None = None
+    messages: queue.Queue[paho.MQTTMessage] = field(default_factory=queue.Queue)
+    connected: threading.Event = field(default_factory=threading.Event)
+    disconnected: threading.Event = field(default_factory=threading.Event)
+    subacks: dict[int, list[int]] = field(default_factory=dict)
+
+    def subscribe(self, *filters: str) -> list[int]:
+        """Subscribe and return the granted QoS of each filter (128 when refused)."""
+        granted = []
+        for topic_filter in filters:
+            _, mid = self.client.subscribe(topic_filter, 1)
+            assert wait_until(lambda mid=mid: mid in self.subacks), "no SUBACK"
+            granted.append(self.subacks[mid][0])
+        return granted
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        info.wait_for_publish(5)
+        assert info.is_published()
+
+    def until(self, topic: str, payload: bytes | None = None, timeout: float = 5.0) -> list[paho.MQTTMessage]:
+        """Every message received up to and including the first on ``topic`` (with ``payload``)."""
+        got: list[paho.MQTTMessage] = []
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = self.messages.get(timeout=left)
+            except queue.Empty:
+                break
+            got.append(msg)
+            if msg.topic == topic and (payload is None or msg.payload == payload):
+                return got
+        raise AssertionError(f"nothing on {topic} within {timeout}s; got {[m.topic for m in got]}")
+
+    def silent(self, seconds: float = 0.3) -> list[paho.MQTTMessage]:
+        end = time.monotonic() + seconds
+        got = []
+        while (left := end - time.monotonic()) > 0:
+            try:
+                got.append(self.messages.get(timeout=left))
+            except queue.Empty:
+                break
+        return got
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def kill(self) -> None:
+        """Drop the TCP connection without DISCONNECT (the Last Will fires)."""
+        sock = self.client.socket()
+        self.client.loop_stop()
+        if sock is not None:
+            sock.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+RawFactory = Callable[..., Raw]
+
+
+@pytest.fixture
+def raw(broker: Mosquitto) -> Iterator[RawFactory]:
+    """``raw(username, client_id, password=None, clean=True, will=None)``: a connected or refused client.
+
+    A refused client is closed at once (paho would retry); ``rc`` is the MQTT 3.1.1 CONNACK code.
+    """
+    opened: list[Raw] = []
+
+    def connect(
+        username: str | None,
+        client_id: str,
+        password: str | None = None,
+        *,
+        clean: bool = True,
+        will: tuple[str, bytes, bool] | None = None,
+    ) -> Raw:
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean)
+        r = Raw(client, username)
+        if username is not None:
+            client.username_pw_set(username, password if password is not None else password_of(username))
+        if will is not None:
+            client.will_set(will[0], will[1], qos=1, retain=will[2])
+
+        def on_connect(_c: object, _u: object, _f: object, rc: object, _p: object) -> None:
+            if r.rc is None:
+                r.rc = {0: 0, 133: 2, 134: 4, 135: 5}.get(rc.value, rc.value)  # type: ignore[attr-defined]
+            r.connected.set()
+
+        client.on_connect = on_connect
+        client.on_disconnect = lambda *_a: r.disconnected.set()
+        client.on_message = lambda _c, _u, m: r.messages.put(m)
+        client.on_subscribe = lambda _c, _u, mid, codes, _p: r.subacks.__setitem__(mid, [c.value for c in codes])
+        client.connect("127.0.0.1", broker.port, keepalive=30)
+        client.loop_start()
+        opened.append(r)
+        assert r.connected.wait(10), "no CONNACK"
+        if r.rc != 0:
+            r.close()
+        return r
+
+    yield connect
+    for r in opened:
+        r.close()
+
+
+def barrier(sender: Raw, *observers: Raw) -> list[list[str]]:
+    """A legitimate room message from ``sender``; each observer's topics before it arrived, then
+    during a short silence after it (the barrier itself left out)."""
+    topic = f"im/room/lobby/{sender.username}"
+    payload = chat("barrier")
+    sender.publish(topic, payload)
+    seen = []
+    for o in observers:
+        got = o.until(topic, payload)[:-1] + o.silent(0.2)
+        seen.append([m.topic for m in got])
+    return seen
+
+
+# ---------------------------------------------------------------- connecting
+
+
+def test_anonymous_connect_is_refused(raw: RawFactory) -> None:
+    assert raw(None, "anon").rc == 5
+
+
+def test_wrong_password_and_unknown_account_are_refused(raw: RawFactory) -> None:
+    # Mosquitto 2.0 answers 5 (not authorized) where the embedded broker answers 4
+    assert raw("alice", "alice:x", "not-her-password").rc == 5
+    assert raw("mallory", "mallory:x", "whatever-password").rc == 5
+
+
+def test_failed_login_with_victims_client_id_leaves_session_and_queue_intact(raw: RawFactory) -> None:
+    bob = raw("bob", "bob:phone", clean=False)
+    assert bob.subscribe("im/user/bob/#") == [1]
+    bob.close()  # persistent session stays on the broker, offline
+    alice = raw("alice", "alice:laptop")
+    alice.publish("im/user/bob/dm/alice", chat("queued while you were away"))
+
+    assert raw("bob", "bob:phone", "wrong-password", clean=True).rc == 5
+    assert raw("bob", "bob:phone", "wrong-password", clean=False).rc == 5
+
+    bob_again = raw("bob", "bob:phone", clean=False)
+    assert bob_again.rc == 0
+    msg = bob_again.until("im/user/bob/dm/alice")[-1]
+    assert json.loads(msg.payload)["text"] == "queued while you were away"
+    assert msg.retain is False
+
+
+def test_failed_login_does_not_kick_a_connected_victim(raw: RawFactory) -> None:
+    bob = raw("bob", "bob:phone")
+    assert bob.subscribe("im/user/bob/#") == [1]
+    assert raw("bob", "bob:phone", "wrong-password").rc == 5
+    alice = raw("alice", "alice:laptop")
+    alice.publish("im/user/bob/dm/alice", chat("still there?"))
+    assert json.loads(bob.until("im/user/bob/dm/alice")[-1].payload)["text"] == "still there?"
+    assert not bob.disconnected.is_set()
+
+
+@pytest.mark.xfail(reason=NO_CLIENT_ID_BINDING, strict=True)
+@pytest.mark.parametrize("client_id", ["bob", "bob:phone"])
+def test_client_id_of_another_account_is_refused(raw: RawFactory, client_id: str) -> None:
+    bob = raw("bob", client_id)
+    intruder = raw("carol", client_id)
+    assert intruder.rc == 2
+    assert not bob.disconnected.is_set()
+
+
+def test_hijacked_session_leaks_nothing(raw: RawFactory) -> None:
+    """carol takes over bob's persistent session (no binding): she gets bob's subscriptions, but
+    Mosquitto re-checks read rights for her on queued messages and on every delivery."""
+    bob = raw("bob", "bob:phone", clean=False)
+    assert bob.subscribe("im/user/bob/#", "im/room/+/+") == [1, 1]
+    bob.close()
+    alice = raw("alice", "alice:laptop")
+    alice.publish("im/user/bob/dm/alice", chat("queued for bob"))
+
+    carol = raw("carol", "bob:phone", clean=False)
+    assert carol.rc == 0
+    alice.publish("im/user/bob/dm/alice", chat("sent while carol holds the session"))
+    [seen] = barrier(alice, carol)
+    assert [t for t in seen if not t.startswith("im/room/")] == []
+
+
+@pytest.mark.xfail(reason=NO_CLIENT_ID_BINDING + "; a takeover discards the victim's queue", strict=True)
+def test_victims_queue_survives_another_account_using_its_client_id(raw: RawFactory) -> None:
+    bob = raw("bob", "bob:phone", clean=False)
+    assert bob.subscribe("im/user/bob/#") == [1]
+    bob.close()
+    alice = raw("alice", "alice:laptop")
+    alice.publish("im/user/bob/dm/alice", chat("queued while you were away"))
+    raw("carol", "bob:phone", clean=False).close()
+
+    bob_again = raw("bob", "bob:phone", clean=False)
+    assert json.loads(bob_again.until("im/user/bob/dm/alice", timeout=2)[-1].payload)["text"] == (
+        "queued while you were away"
+    )
+
+
+# ---------------------------------------------------------------- Last Will
+
+
+@pytest.mark.parametrize("topic", ["im/room/lobby/bob", "im/user/bob/dm/carol", "im/presence/alice"])
+def test_forged_last_will_is_never_delivered(raw: RawFactory, topic: str) -> None:
+    bob = raw("bob", "bob:phone")
+    spy = raw("presence", "presence:spy")
+    assert bob.subscribe("im/room/+/+", "im/user/bob/#", "im/presence/+") == [1, 1, 1]
+    assert spy.subscribe("#") == [1]
+    alice = raw("alice", "alice:x", will=(topic, b"gone", False))
+    alice.kill()
+    time.sleep(0.3)  # the broker handles alice's lost connection before carol's barrier arrives
+    carol = raw("carol", "carol:x")
+    assert barrier(carol, bob, spy) == [[], []]
+
+
+@pytest.mark.xfail(
+    reason="Mosquitto 2.0 accepts any Last Will topic at CONNECT; it checks the write rule only "
+    "when it publishes the Will, and then drops it (test_forged_last_will_is_never_delivered)",
+    strict=True,
+)
+def test_last_will_outside_own_topics_refuses_the_connect(raw: RawFactory) -> None:
+    assert raw("alice", "alice:x", will=("im/room/lobby/bob", b"gone", False)).rc == 5
+
+
+def test_own_status_will_reaches_the_worker(raw: RawFactory) -> None:
+    worker = raw("presence", "presence:test")
+    assert worker.subscribe("im/status/+/+") == [1]
+    alice = raw("alice", "alice:laptop", will=("im/status/alice/laptop", b"", True))
+    alice.publish("im/status/alice/laptop", status(), retain=True)
+    assert worker.until("im/status/alice/laptop")[-1].payload != b""
+    alice.kill()
+    assert worker.until("im/status/alice/laptop")[-1].payload == b""
+
+
+# ---------------------------------------------------------------- publishing as another
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "im/room/lobby/bob",
+        "im/user/bob/dm/carol",
+        "im/user/bob/notice",
+        "im/user/alice/notice",
+        "im/user/bob/reply/abc",
+        "im/user/alice/reply/abc",
+        "im/events",
+        "im/presence/bob",
+        "im/presence/alice",
+        "im/status/bob/phone",
+        "im/request/bob/abc",
+        "im/user/bob/dm/alice/x",
+        "im/group/team/info",
+        "im/group/team/msg/alice",
+        "elsewhere/topic",
+    ],
+)
+def test_publish_outside_own_topics_never_reaches_anyone(raw: RawFactory, topic: str) -> None:
+    victim = raw("bob", "bob:tablet")
+    assert victim.subscribe("im/room/#", "im/user/bob/#", "im/presence/+", "im/events") == [1, 1, 1, 1]
+    spy = raw("presence", "presence:spy")  # a service account reads everything
+    assert spy.subscribe("#") == [1]
+    alice = raw("alice", "alice:laptop")
+    alice.publish(topic, chat("forged"))
+    alice.publish(topic, chat("forged and retained"), retain=True)
+    assert barrier(alice, victim, spy) == [[], []]
+    late = raw("presence", "presence:late")  # nothing retained either
+    assert late.subscribe("#") == [1]
+    assert [m.topic for m in late.silent(0.3)] == []
+
+
+@pytest.mark.xfail(
+    reason="acl_file matches + against any topic level: it cannot check that a level is a valid "
+    "name or id, as the embedded broker's contract parser does (the sender level is still bound)",
+    strict=True,
+)
+@pytest.mark.parametrize("topic", ["im/room/Lobby/alice", "im/request/alice/not.an.id"])
+def test_publish_to_a_malformed_contract_topic_is_dropped(raw: RawFactory, topic: str) -> None:
+    spy = raw("presence", "presence:spy")
+    assert spy.subscribe("#") == [1]
+    alice = raw("alice", "alice:laptop")
+    alice.publish(topic, chat("odd topic"))
+    assert barrier(alice, spy) == [[]]
+
+
+def test_dm_reaches_only_its_recipient(raw: RawFactory) -> None:
+    bob = raw("bob", "bob:phone")
+    carol = raw("carol", "carol:x")
+    assert bob.subscribe("im/user/bob/#", "im/room/+/+") == [1, 1]
+    assert carol.subscribe("im/user/carol/#", "im/room/+/+") == [1, 1]
+    alice = raw("alice", "alice:laptop")
+    alice.publish("im/user/bob/dm/alice", chat("for bob only"))
+    bob_seen, carol_seen = barrier(alice, bob, carol)
+    assert bob_seen == ["im/user/bob/dm/alice"]
+    assert carol_seen == []
+
+
+# ---------------------------------------------------------------- reading others
+
+
+@pytest.mark.parametrize(
+    "topic_filter",
+    [
+        "#",
+        "im/#",
+        "im/user/#",
+        "im/user/bob/#",
+        "im/user/bob/dm/+",
+        "im/user/+/dm/+",
+        "im/user/+/#",
+        "im/request/+/+",
+        "im/status/#",
+        "+/user/bob/dm/+",
+        "im/+/bob/#",
+        "$SYS/#",
+    ],
+)
+def test_wide_subscription_delivers_nothing_private(raw: RawFactory, topic_filter: str) -> None:
+    bob = raw("bob", "bob:phone")
+    bob.publish("im/status/bob/phone", status(), retain=True)  # retained, sent on subscribe if readable
+    eve = raw("carol", "carol:eve")
+    eve.subscribe(topic_filter, "im/room/+/+")  # granted or not: what matters is what arrives
+    alice = raw("alice", "alice:laptop")
+    worker = raw("presence", "presence:test")
+    alice.publish("im/user/bob/dm/alice", chat("private"))
+    bob.publish("im/request/bob/c1", b'{"type":"who","v":1,"id":"c1","all":false}')
+    worker.publish("im/user/bob/reply/c1", b'{"type":"roster","v":1,"id":"c1","users":[]}')
+    worker.publish("im/user/bob/notice", b'{"type":"notice","v":1,"code":"denied","text":"x"}')
+    [seen] = barrier(alice, eve)
+    assert [t for t in seen if not t.startswith("im/room/")] == []
+
+
+@pytest.mark.xfail(
+    reason="Mosquitto 2.0's acl_file grants every SUBSCRIBE (security_default.c: 'FIXME - implement "
+    "ACL subscription strings') and filters each delivery by the read rules instead",
+    strict=True,
+)
+@pytest.mark.parametrize("topic_filter", ["#", "im/user/bob/#", "im/user/+/dm/+"])
+def test_subscribing_beyond_what_one_may_read_is_refused(raw: RawFactory, topic_filter: str) -> None:
+    assert raw("alice", "alice:x").subscribe(topic_filter) == [128]
+
+
+# ---------------------------------------------------------------- the service account
+
+
+def test_service_account_writes_worker_topics(raw: RawFactory) -> None:
+    alice = raw("alice", "alice:laptop")
+    assert alice.subscribe("im/presence/+", "im/events", "im/user/alice/#") == [1, 1, 1]
+    worker = raw("presence", "presence:test")
+    record = b'{"type":"presence","v":1,"account":"bob","nick":"bob","state":"online","since":1.0,"devices":1}'
+    worker.publish("im/presence/bob", record, retain=True)
+    worker.publish("im/events", b'{"type":"event","v":1,"event":"join","account":"bob","nick":"bob"}')
+    worker.publish("im/user/alice/reply/c1", b'{"type":"roster","v":1,"id":"c1","users":[]}')
+    worker.publish("im/user/alice/notice", b'{"type":"notice","v":1,"code":"denied","text":"x"}')
+    got = alice.until("im/user/alice/notice")
+    assert [m.topic for m in got] == ["im/presence/bob", "im/events", "im/user/alice/reply/c1", "im/user/alice/notice"]
+    late = raw("carol", "carol:late")  # the record is retained state
+    assert late.subscribe("im/presence/+") == [1]
+    assert late.until("im/presence/bob")[-1].payload == record
+
+
+def test_service_account_clears_a_vanished_device_status(raw: RawFactory) -> None:
+    alice = raw("alice", "alice:cron")
+    alice.publish("im/status/alice/cron", status(), retain=True)
+    worker = raw("presence", "presence:test")
+    assert worker.subscribe("im/status/+/+") == [1]
+    assert worker.until("im/status/alice/cron")[-1].retain is True
+    worker.publish("im/status/alice/cron", b"", retain=True)
+    restarted = raw("presence", "presence:restarted")
+    assert restarted.subscribe("im/status/+/+") == [1]
+    assert restarted.silent(0.3) == []
+
+
+@pytest.mark.parametrize("topic", ["im/room/lobby/presence", "im/user/bob/dm/presence"])
+def test_service_account_cannot_chat_as_itself(raw: RawFactory, topic: str) -> None:
+    bob = raw("bob", "bob:phone")
+    assert bob.subscribe("im/room/+/+", "im/user/bob/#") == [1, 1]
+    worker = raw("presence", "presence:test")
+    worker.publish(topic, chat("hello from a worker"))
+    carol = raw("carol", "carol:x")
+    assert barrier(carol, bob) == [[]]
+
+
+def test_request_and_reply_round_trip(raw: RawFactory) -> None:
+    worker = raw("presence", "presence:test")
+    assert worker.subscribe("im/request/+/+") == [1]
+    alice = raw("alice", "alice:laptop")
+    assert alice.subscribe("im/user/alice/reply/+") == [1]
+    alice.publish("im/request/alice/c1", b'{"type":"who","v":1,"id":"r1","all":false}')
+    assert worker.until("im/request/alice/c1")[-1].payload
+    worker.publish("im/user/alice/reply/c1", b'{"type":"roster","v":1,"id":"r1","users":[]}')
+    assert json.loads(alice.until("im/user/alice/reply/c1")[-1].payload)["type"] == "roster"
+
+
+# ---------------------------------------------------------------- limits and retained messages
+
+
+def test_oversized_payload_is_not_delivered(raw: RawFactory) -> None:
+    bob = raw("bob", "bob:phone")
+    assert bob.subscribe("im/room/+/+") == [1]
+    alice = raw("alice", "alice:laptop")
+    alice.publish("im/room/lobby/alice", b"x" * (LIMIT + 1))
+    alice.publish("im/room/lobby/alice", b"y" * LIMIT)
+    payload = chat("barrier")
+    alice.publish("im/room/lobby/alice", payload)
+    got = bob.until("im/room/lobby/alice", payload)
+    assert [len(m.payload) for m in got] == [LIMIT, len(payload)]
+    assert not alice.disconnected.is_set()
+
+
+@pytest.mark.xfail(
+    reason="message_size_limit is global: Mosquitto has no per-account exemption, so a worker's "
+    "reply over 16 KiB (a roster of about 100 to 160 users) is dropped as well",
+    strict=True,
+)
+def test_service_accounts_are_exempt_from_the_size_limit(raw: RawFactory) -> None:
+    alice = raw("alice", "alice:laptop")
+    assert alice.subscribe("im/user/alice/reply/+") == [1]
+    worker = raw("presence", "presence:test")
+    worker.publish("im/user/alice/reply/big", b"x" * (LIMIT + 1))
+    assert len(alice.until("im/user/alice/reply/big", timeout=1)[-1].payload) == LIMIT + 1
+
+
+@pytest.mark.xfail(
+    reason="Mosquitto has no per-topic retain rule (retain_available is all or nothing, and presence "
+    "needs retained messages): a retained chat line is stored and replayed to every new subscriber",
+    strict=True,
+)
+@pytest.mark.parametrize("topic", ["im/room/lobby/alice", "im/user/bob/dm/alice"])
+def test_retained_chat_is_not_stored(raw: RawFactory, topic: str) -> None:
+    alice = raw("alice", "alice:laptop")
+    alice.publish(topic, chat("stuck forever?"), retain=True)
+    late = raw("bob", "bob:late")
+    assert late.subscribe("im/room/+/+", "im/user/bob/#") == [1, 1]
+    assert barrier(alice, late) == [[]]
+
+
+# ---------------------------------------------------------------- the presence worker, unchanged
+
+
+def test_presence_worker_runs_unchanged(broker: Mosquitto, raw: RawFactory, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMCLI_")}
+    env["IMCLI_CONFIG_DIR"] = str(tmp_path / "worker-config")
+    out = tmp_path / "worker.log"
+    args = ["presence", "--password-stdin", "--host", "127.0.0.1", "--port", str(broker.port)]
+    with out.open("wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "imcli", *args],
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=log,
+            env=env,
+        )
+    try:
+        assert worker.stdin is not None
+        worker.stdin.write(password_of("presence").encode() + b"\n")
+        worker.stdin.close()
+
+        alice = raw("alice", "alice:laptop-listen1a2b3c", will=("im/status/alice/laptop-listen1a2b3c", b"", True))
+        assert alice.subscribe("im/presence/+", "im/events", "im/user/alice/reply/+") == [1, 1, 1]
+        alice.publish("im/status/alice/laptop-listen1a2b3c", status(), retain=True)
+        record = json.loads(alice.until("im/presence/alice", timeout=15)[-1].payload)
+        assert (record["state"], record["devices"]) == ("online", 1), out.read_text()
+        event = json.loads(alice.until("im/events")[-1].payload)
+        assert (event["event"], event["account"]) == ("join", "alice")
+
+        def who() -> list[str] | None:
+            corr = uuid.uuid4().hex
+            alice.publish(f"im/request/alice/{corr}", json.dumps({"type": "who", "v": 1, "id": corr}).encode())
+            try:
+                reply = json.loads(alice.until(f"im/user/alice/reply/{corr}", timeout=2)[-1].payload)
+            except AssertionError:
+                return None  # the worker subscribes to requests only after its sync barrier
+            return [u["account"] for u in reply["users"]]
+
+        assert wait_until(lambda: who() == ["alice"], 15), out.read_text()
+
+        alice.kill()  # the Last Will clears the device: offline record and a leave event
+        bob = raw("bob", "bob:phone")
+        assert bob.subscribe("im/presence/+") == [1]
+        assert wait_until(
+            lambda: any(json.loads(m.payload)["state"] == "offline" for m in bob.silent(0.2) if m.payload), 10
+        ), out.read_text()
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait(10)
