@@ -113,6 +113,20 @@ class GroupBook:
                    (target, f"{user} removed you from &{info.name}")]  # fmt: skip
         return self._store(req, new, notices)
 
+    def _promote(self, user: str, req: GroupRequest, now: float) -> Outcome:
+        info = self._visible(user, req.group)
+        if info is None:
+            return _missing(req)
+        if user != info.owner:
+            return _error(req, "denied", f"only the owner of &{info.name} can appoint admins")
+        target = req.user or ""
+        if target not in info.members:
+            return _error(req, "not_found", f"{target!r} is not a member of &{info.name}")
+        if target in info.admins:
+            return _error(req, "invalid", f"{target} is already an admin of &{info.name}")
+        new = info.model_copy(update={"admins": [*info.admins, target]})
+        return self._store(req, new, _tell(info.members, f"{user} made {target} an admin of &{info.name}"))
+
     def _members(self, user: str, req: GroupRequest, now: float) -> Outcome:
         info = self._visible(user, req.group)
         return Outcome(GroupReply(id=req.id, group=info)) if info is not None else _missing(req)

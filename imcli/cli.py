@@ -522,6 +522,16 @@ def group_kick(name: GroupArg, user: Annotated[str, typer.Argument(help="Member 
     _out().print(f"removed {user} from &{name}")
 
 
+@group_app.command("promote")
+def group_promote(name: GroupArg, user: Annotated[str, typer.Argument(help="Member to make an admin.")],
+                  host: HostOpt = None, port: PortOpt = None) -> None:  # fmt: skip
+    """Make a member an admin (owner only): admins may invite and kick."""
+    from imcli import chat
+
+    chat.group_request(_identity(host, port), "promote", name, user=user.removeprefix("@"))
+    _out().print(f"{user} is now an admin of &{name}")
+
+
 @group_app.command("list")
 def group_list(json_: JsonOpt = False, host: HostOpt = None, port: PortOpt = None) -> None:
     """Groups you are in, and public groups you can join."""

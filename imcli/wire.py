@@ -380,7 +380,7 @@ class GroupInfo(WireModel):
     created: float
 
 
-GroupOp = Literal["create", "join", "leave", "invite", "kick", "members", "list"]
+GroupOp = Literal["create", "join", "leave", "invite", "kick", "promote", "members", "list"]
 
 
 class GroupRequest(WireModel):
@@ -389,7 +389,7 @@ class GroupRequest(WireModel):
     id: MessageId = Field(default_factory=new_id)
     op: GroupOp
     group: str = ""
-    user: str | None = None  # invite, kick
+    user: str | None = None  # invite, kick, promote
     private: bool = False  # create
 
 

@@ -92,6 +92,8 @@ def test_public_group_life_cycle(server: ServeInfo, users: Callable[..., None], 
         ("alice", ["group", "create", "Bad Name"], "Error: invalid group name 'Bad Name'"),
         ("carol", ["group", "leave", "team"], "Error: you are not a member of &team"),
         ("alice", ["group", "say", "team", ""], "Error: empty message"),
+        ("bob", ["group", "promote", "team", "bob"], "Error: only the owner of &team can appoint admins"),
+        ("alice", ["group", "promote", "team", "carol"], "Error: 'carol' is not a member of &team"),
     ],
 )
 def test_group_errors(team: str, cli_as: Callable[[str], Cli], who: str, args: list[str], error: str) -> None:
@@ -253,3 +255,19 @@ def _wait(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     from tests.conftest import wait_until
 
     return wait_until(predicate, timeout)
+
+
+def test_promoted_admin_may_invite_and_kick_but_not_remove_the_owner(
+    server: ServeInfo, team: str, cli_as: Callable[[str], Cli]
+) -> None:
+    alice, bob = cli_as("alice"), cli_as("bob")
+    alice.login("alice")
+    bob.login("bob")
+    assert bob("group", "invite", "team", "carol").exit_code == 1
+    assert alice("group", "promote", "team", "bob").stdout.strip() == "bob is now an admin of &team"
+    assert bob("group", "invite", "team", "carol").exit_code == 0
+    assert bob("group", "kick", "team", "carol").exit_code == 0
+    refused = bob("group", "kick", "team", "alice")
+    assert refused.exit_code == 1 and refused.stderr.startswith("Error: only the owner can remove an admin")
+    members = json.loads(alice("group", "members", "team", "--json").stdout)
+    assert (members["admins"], members["members"]) == (["alice", "bob"], ["alice", "bob"])
