@@ -16,6 +16,8 @@ cannot fix; ``ImBroker`` overrides the few private methods involved, each marked
 * A publish the topic plugin refuses is dropped silently (the sender still gets its
   PUBACK): we tell the sender on its notice topic. There is no payload size limit and
   anyone may retain anything: we refuse oversized payloads and retained chat.
+* Retained messages live in memory only: the workers' state records (presence, groups,
+  friends) are also kept in ``<data_dir>/retained.sqlite3`` and restored on start.
 * Every topic check goes through ``PluginManager.map_plugin_topic``, which creates one
   task per plugin per call, per recipient on fan-out. Our ACL is pure and synchronous,
   so ``_topic_filtering`` calls it directly.
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from amqtt.broker import Broker
+from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
@@ -43,6 +45,7 @@ from transitions import MachineError
 from broker.accounts import AccountStore, Role
 from broker.acl import Access
 from broker.plugins import CONNECTION_ACCEPTED, AccountAuthPlugin, TopicAclPlugin, forget_store, shared_store
+from broker.retained import DURABLE, RetainedStore
 from imcli.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_PREFIX, Notice, TopicKind, Topics, encode, is_name
 
 log = logging.getLogger(__name__)
@@ -92,6 +95,7 @@ class ImBroker(Broker):
         self._auth = _plugin(self, AccountAuthPlugin)
         self._acl = _plugin(self, TopicAclPlugin)
         self._streams: set[asyncio.StreamWriter] = set()
+        self._durable = RetainedStore(settings.data_dir)
 
     @property
     def accounts(self) -> AccountStore:
@@ -115,6 +119,12 @@ class ImBroker(Broker):
             self._streams.discard(writer)
             writer.close()  # amqtt leaves some finished connections open (found by ResourceWarnings)
 
+    async def start(self) -> None:
+        await super().start()  # amqtt starts with no retained messages
+        for topic, payload, qos in self._durable.all():
+            self._retained_messages[topic] = RetainedApplicationMessage(None, topic, payload, qos)
+            self._track_state(topic, payload)
+
     async def shutdown(self) -> None:
         # stop accepting first: amqtt closes its listeners last, after the sessions, so clients
         # reconnecting meanwhile would be accepted into a loop that is about to end
@@ -122,6 +132,7 @@ class ImBroker(Broker):
             if server.instance is not None:
                 server.instance.close()
         await super().shutdown()
+        self._durable.close()
         # asyncio.Server.close() leaves accepted connections open before Python 3.13
         writers = list(self._streams)
         for writer in writers:
@@ -297,11 +308,21 @@ class ImBroker(Broker):
         qos: int | None = None,
     ) -> None:
         await super().retain_message(source_session, topic_name, data, qos)
-        parsed = self.topics.parse(topic_name) if topic_name else None
-        if parsed is not None and parsed.kind is TopicKind.GROUP_INFO and parsed.name:
-            self._acl.groups.update(parsed.name, bytes(data or b""))
-        elif parsed is not None and parsed.kind is TopicKind.FRIENDS and parsed.owner:
-            self._acl.friends.update(parsed.owner, bytes(data or b""))
+        if topic_name:
+            kind = self._track_state(topic_name, bytes(data or b""))
+            if kind in DURABLE:
+                self._durable.put(topic_name, bytes(data or b""), qos or 0)
+
+    def _track_state(self, topic: str, payload: bytes) -> TopicKind | None:
+        """Feed the ACL's caches from the records the workers retain."""
+        parsed = self.topics.parse(topic)
+        if parsed is None:
+            return None
+        if parsed.kind is TopicKind.GROUP_INFO and parsed.name:
+            self._acl.groups.update(parsed.name, payload)
+        elif parsed.kind is TopicKind.FRIENDS and parsed.owner:
+            self._acl.friends.update(parsed.owner, payload)
+        return parsed.kind
 
     async def notify(self, username: str | None, code: str, text: str, topic: str | None = None) -> None:
         """Tell one user something on its notice topic (nobody hears it if it is not listening)."""

@@ -16,7 +16,7 @@ from groups.worker import GroupWorker
 from imcli import chat
 from imcli.chat import Identity
 from imcli.embedded import BackgroundServer, ServeInfo, StoreDirectory
-from imcli.errors import NameTaken, NotFound
+from imcli.errors import NameTaken, NotAllowed, NotFound
 from imcli.mqtt import Credentials
 from imcli.wire import ChatMessage, GroupInfo, GroupList, GroupReply, encode
 from tests.conftest import Cli, Raw, password_of
@@ -271,3 +271,29 @@ def test_promoted_admin_may_invite_and_kick_but_not_remove_the_owner(
     assert refused.exit_code == 1 and refused.stderr.startswith("Error: only the owner can remove an admin")
     members = json.loads(alice("group", "members", "team", "--json").stdout)
     assert (members["admins"], members["members"]) == (["alice", "bob"], ["alice", "bob"])
+
+
+def test_groups_friends_and_nicknames_survive_a_restart_of_the_embedded_default(tmp_path: Path) -> None:
+    settings = BrokerSettings(data_dir=tmp_path / "durable", port=0)
+    with BackgroundServer(settings) as info:
+        store = AccountStore(info.data_dir)
+        for name in ("alice", "bob", "carol"):
+            store.add(name, password_of(name))
+        alice, bob = ident(info, "alice"), ident(info, "bob")
+        chat.group_request(alice, "create", "keep", private=True)
+        chat.group_request(alice, "invite", "keep", user="bob")
+        chat.friend_request(alice, "add", "bob")
+        chat.friend_request(bob, "accept", "alice")
+        chat.friend_request(bob, "policy", policy="friends")
+        assert chat.rename(alice, "Ally") == "Ally"
+        port = info.address.port
+    with BackgroundServer(BrokerSettings(data_dir=tmp_path / "durable", port=port)) as info:
+        alice, bob, carol = ident(info, "alice"), ident(info, "bob"), ident(info, "carol")
+        reply = chat.group_request(bob, "members", "keep")
+        assert isinstance(reply, GroupReply) and reply.group is not None
+        assert reply.group.members == ["alice", "bob"]
+        assert chat.friend_request(bob, "list").friends == ["alice"]
+        assert {u.account: u.nick for u in chat.who(bob, include_offline=True)}["alice"] == "Ally"
+        with pytest.raises(NotAllowed):  # bob's dm-policy came back, and the broker enforces it again
+            chat.send_dm(carol, "bob", chat.prepare_text("hi"))
+        assert chat.send_dm(alice, "bob", chat.prepare_text("hi")) == "bob"
