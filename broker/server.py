@@ -28,7 +28,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,7 +45,15 @@ from transitions import MachineError
 
 from broker.accounts import AccountStore, Role
 from broker.acl import Access
-from broker.plugins import CONNECTION_ACCEPTED, AccountAuthPlugin, TopicAclPlugin, forget_store, shared_store
+from broker.limits import Limits, PublishRate
+from broker.plugins import (
+    CONNECTION_ACCEPTED,
+    NOT_AUTHORIZED,
+    AccountAuthPlugin,
+    TopicAclPlugin,
+    forget_store,
+    shared_store,
+)
 from broker.retained import DURABLE, RetainedStore
 from imcli.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_PREFIX, Notice, TopicKind, Topics, encode, is_name
 
@@ -63,6 +72,7 @@ class BrokerSettings:
     prefix: str = DEFAULT_PREFIX
     registration: str = "open"
     max_payload: int = DEFAULT_MAX_PAYLOAD
+    limits: Limits = field(default_factory=Limits)
 
     def amqtt_config(self) -> dict[str, Any]:
         host = f"[{self.bind}]" if ":" in self.bind else self.bind
@@ -96,6 +106,7 @@ class ImBroker(Broker):
         self._acl = _plugin(self, TopicAclPlugin)
         self._streams: set[asyncio.StreamWriter] = set()
         self._durable = RetainedStore(settings.data_dir)
+        self._rate = PublishRate(settings.limits.publish_rate, settings.limits.publish_burst)
 
     @property
     def accounts(self) -> AccountStore:
@@ -150,6 +161,10 @@ class ImBroker(Broker):
             raise AMQTTError(exc) from exc
 
         code = await self._auth.check_connect(incoming)
+        if code == CONNECTION_ACCEPTED and self._too_many_connections(incoming):
+            log.warning("CONNECT refused for %r: %d connections already", incoming.username,
+                        self.settings.limits.max_connections)  # fmt: skip
+            code = NOT_AUTHORIZED
         if code != CONNECTION_ACCEPTED:
             # refuse before any existing session is deleted, merged or taken over
             await ConnackPacket.build(0, code).to_stream(writer)
@@ -252,6 +267,33 @@ class ImBroker(Broker):
         if tasks:
             await asyncio.wait(tasks)
 
+    def _too_many_connections(self, incoming: Session) -> bool:
+        if self._acl.store.cached_role(incoming.username or "") is Role.SERVICE:
+            return False
+        others = sum(
+            1
+            for client_id, (session, _) in self._sessions.items()
+            if session.username == incoming.username
+            and client_id != incoming.client_id  # a reconnect of the same client id replaces itself
+            and session.transitions.state == "connected"
+        )
+        return others >= self.settings.limits.max_connections
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        topic_filter = subscription[0]
+        held = sum(
+            1
+            for f, subscribers in self._subscriptions.items()
+            if f != topic_filter and any(s.client_id == session.client_id for s, _ in subscribers)
+        )
+        service = self._acl.store.cached_role(session.username or "") is Role.SERVICE
+        if held >= self.settings.limits.max_subscriptions and not service:
+            limit = self.settings.limits.max_subscriptions
+            await self.notify(session.username, "limit", f"subscription to {topic_filter} refused: at most {limit}")
+            return 0x80
+        result: int = await super().add_subscription(subscription, session)
+        return result
+
     # ---------------------------------------------------------------- topics
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:  # amqtt private
@@ -266,7 +308,14 @@ class ImBroker(Broker):
         message = wait_deliver.result()
         if message is not None and message.topic:
             size = len(message.data or b"")
-            trusted = self._acl.store.cached_role(client_session.username or "") is Role.SERVICE
+            account = client_session.username or ""
+            trusted = self._acl.store.cached_role(account) is Role.SERVICE
+            now = time.monotonic()
+            if not trusted and not self._rate.allow(account, now):
+                if self._rate.should_warn(account, now):
+                    rate = self.settings.limits.publish_rate
+                    await self.notify(account, "rate", f"slow down: messages beyond {rate:g} a second are dropped")
+                return True
             if size > self.settings.max_payload and not trusted:  # a worker's `who` reply may be large
                 await self.notify(
                     client_session.username,

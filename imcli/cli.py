@@ -167,6 +167,9 @@ def serve(
         str, typer.Option(help="'open': anyone may register; 'closed': only 'imcli admin user add'.")
     ] = "open",
     max_payload: Annotated[int, typer.Option(help="Largest message payload in bytes.")] = 16 * 1024,
+    max_rate: Annotated[float, typer.Option(help="Messages per second per account (bursts of 3 s allowed).")] = 20.0,
+    max_connections: Annotated[int, typer.Option(help="Connections per account.")] = 10,
+    max_subscriptions: Annotated[int, typer.Option(help="Subscriptions per connection.")] = 100,
     allow_remote: Annotated[
         bool,
         typer.Option("--allow-remote", help="Allow binding beyond loopback (passwords travel in clear)."),
@@ -179,6 +182,7 @@ def serve(
     import logging
     import signal
 
+    from broker.limits import Limits
     from broker.server import BrokerSettings
     from imcli.config import default_data_dir
     from imcli.embedded import ServeInfo, serve_forever
@@ -189,6 +193,10 @@ def serve(
         raise InvalidInput(f"invalid port {port}", "use 0-65535")
     if max_payload < 256:
         raise InvalidInput(f"--max-payload {max_payload} is too small", "use at least 256 bytes")
+    if max_rate <= 0 or max_connections < 1 or max_subscriptions < 8:
+        raise InvalidInput(
+            "limits too small", "--max-rate > 0, --max-connections >= 1, --max-subscriptions >= 8 (listen needs 6)"
+        )
     try:
         loopback = bind == "localhost" or ipaddress.ip_address(bind).is_loopback
     except ValueError as exc:
@@ -207,6 +215,12 @@ def serve(
         port=port,
         registration=registration,
         max_payload=max_payload,
+        limits=Limits(
+            publish_rate=max_rate,
+            publish_burst=max(1, int(max_rate * 3)),
+            max_subscriptions=max_subscriptions,
+            max_connections=max_connections,
+        ),
     )
     out = _out()
 

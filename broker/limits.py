@@ -1,0 +1,48 @@
+"""Per-account limits of the embedded broker, as pure code (the clock is passed in)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Limits:
+    publish_rate: float = 20.0  # messages per second per account, sustained
+    publish_burst: int = 60  # messages an account may send at once
+    max_subscriptions: int = 100  # per connection
+    max_connections: int = 10  # per account (devices and one-shot commands together)
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+    warned: float = -1e9
+
+
+@dataclass
+class PublishRate:
+    """A token bucket per account: ``allow`` spends one token or refuses."""
+
+    rate: float
+    burst: int
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+
+    def allow(self, account: str, now: float) -> bool:
+        bucket = self._buckets.get(account)
+        if bucket is None:
+            bucket = self._buckets[account] = _Bucket(float(self.burst), now)
+        bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.stamp) * self.rate)
+        bucket.stamp = now
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
+            return True
+        return False
+
+    def should_warn(self, account: str, now: float) -> bool:
+        """At most one notice a second, so a flood of refusals is not answered by a flood."""
+        bucket = self._buckets[account]
+        if now - bucket.warned >= 1.0:
+            bucket.warned = now
+            return True
+        return False

@@ -1,0 +1,94 @@
+"""Limits of the embedded broker: publish rate, subscriptions, connections. Each tells why."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from broker.accounts import AccountStore
+from broker.limits import Limits, PublishRate
+from broker.server import BrokerSettings
+from imcli.embedded import BackgroundServer, ServeInfo
+from imcli.wire import ChatMessage, encode
+from tests.conftest import Raw, password_of, wait_until
+
+LIMITS = Limits(publish_rate=5, publish_burst=10, max_subscriptions=3, max_connections=2)
+
+
+@pytest.fixture
+def limited(tmp_path: Path) -> Iterator[ServeInfo]:
+    with BackgroundServer(BrokerSettings(data_dir=tmp_path / "limited", port=0, limits=LIMITS)) as info:
+        store = AccountStore(info.data_dir)
+        for name in ("alice", "bob"):
+            store.add(name, password_of(name))
+        yield info
+
+
+@pytest.fixture
+def connect(limited: ServeInfo) -> Iterator[object]:
+    opened: list[Raw] = []
+
+    def make(name: str, client_id: str) -> Raw:
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+        r = Raw(client)
+        client.username_pw_set(name, password_of(name))
+        client.on_connect = lambda _c, _u, _f, rc, _p: (setattr(r, "rc", rc.value), r.connected.set())
+        client.on_message = lambda _c, _u, m: r.messages.put(m)
+        client.on_subscribe = lambda _c, _u, mid, codes, _p: r.subacks.__setitem__(mid, [c.value for c in codes])
+        client.connect(limited.address.host, limited.address.port)
+        client.loop_start()
+        assert r.connected.wait(10)
+        opened.append(r)
+        return r
+
+    yield make
+    for r in opened:
+        r.close()
+
+
+def test_publish_rate_is_limited_and_the_sender_told(connect) -> None:  # type: ignore[no-untyped-def]
+    bob = connect("bob", "bob:x")
+    assert bob.subscribe("im/room/+/+") == 1
+    alice = connect("alice", "alice:x")
+    assert alice.subscribe("im/user/alice/notice") == 1
+    for i in range(40):  # far beyond the burst of 10, in well under a second
+        alice.publish("im/room/lobby/alice", encode(ChatMessage(text=f"m{i}")))
+    notice = json.loads(alice.expect("im/user/alice/notice").payload)
+    assert notice["code"] == "rate" and "slow down" in notice["text"]
+    got = bob.silent(1.0)
+    assert 10 <= len(got) < 40  # the burst, and a few more as tokens refill
+
+
+def test_subscriptions_per_connection_are_limited(connect) -> None:  # type: ignore[no-untyped-def]
+    alice = connect("alice", "alice:x")
+    assert [alice.subscribe(f) for f in ("im/room/a/+", "im/room/b/+", "im/user/alice/#")] == [1, 1, 1]
+    assert alice.subscribe("im/room/c/+") == 128
+    assert json.loads(alice.expect("im/user/alice/notice").payload)["code"] == "limit"
+    assert alice.subscribe("im/room/a/+") == 1  # renewing one it holds is fine
+
+
+def test_connections_per_account_are_limited(connect) -> None:  # type: ignore[no-untyped-def]
+    first, second = connect("alice", "alice:one"), connect("alice", "alice:two")
+    assert (first.rc, second.rc) == (0, 0)
+    third = connect("alice", "alice:three")
+    assert third.rc == 135  # MQTT 3.1.1 code 5, not authorized
+    assert not first.disconnected.is_set()
+    again = connect("alice", "alice:two")  # the same client id replaces its own connection
+    assert again.rc == 0
+    assert connect("bob", "bob:x").rc == 0  # others are not affected
+    second.close()
+    first.close()
+    assert wait_until(lambda: connect("alice", "alice:four").rc == 0, 10)
+
+
+def test_token_bucket_refills() -> None:
+    rate = PublishRate(rate=2, burst=3)
+    assert [rate.allow("a", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert rate.allow("a", 0.5)  # one token back after half a second at 2/s
+    assert not rate.allow("a", 0.5)
+    assert rate.allow("b", 0.5)  # per account
