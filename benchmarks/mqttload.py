@@ -2,7 +2,7 @@
 
 paho runs one thread per client when looped in the background; thousands of simulated
 users need one event loop instead. This speaks just enough MQTT (CONNECT with Will,
-PUBLISH QoS 0/1, SUBSCRIBE, PUBACK, PINGREQ-free short runs, DISCONNECT) to drive the
+PUBLISH QoS 0/1, SUBSCRIBE, PUBACK, DISCONNECT; no PINGREQ: runs are shorter than the keepalive) to drive the
 broker; the product itself uses paho (imcli/mqtt.py).
 """
 
@@ -36,7 +36,6 @@ class LoadClient:
         self._next_id = 0
         self._acks: dict[int, asyncio.Future[bytes]] = {}
         self._task: asyncio.Task[None] | None = None
-        self.closed = asyncio.Event()
 
     async def connect(
         self, host: str, port: int, username: str, password: str, client_id: str,
@@ -88,13 +87,6 @@ class LoadClient:
         if self._task is not None:
             self._task.cancel()
 
-    def abort(self) -> None:
-        """Drop the TCP connection without DISCONNECT: the Last Will fires."""
-        if self._writer is not None:
-            self._writer.transport.abort()
-        if self._task is not None:
-            self._task.cancel()
-
     async def _read_loop(self) -> None:
         assert self._reader is not None and self._writer is not None
         try:
@@ -126,5 +118,3 @@ class LoadClient:
                         fut.set_result(body[2:])
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
-        finally:
-            self.closed.set()

@@ -160,14 +160,6 @@ class AccountStore:
             for name, digest in hashed:
                 accounts[name] = Account(name, role, now, digest)
 
-    def set_password(self, name: str, password: str) -> None:
-        hashed = self._hasher.hash(check_password(password))
-        with self._locked() as accounts:
-            old = accounts.get(name)
-            if old is None:
-                raise NotFound(f"no account named {name!r}")
-            accounts[name] = Account(name, old.role, old.created, hashed)
-
     def ensure_service(self, name: str, password: str) -> None:
         """Create or re-key a service account (used by ``imcli serve`` for its own workers)."""
         hashed = self._hasher.hash(check_password(password))

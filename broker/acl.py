@@ -182,14 +182,6 @@ class TopicAcl:
     def _patterns(self, username: str, role: Role, *, write: bool) -> tuple[str, ...]:
         return _expand(self.topics.prefix, username, role, write)
 
-    def mosquitto_rules(self) -> list[str]:
-        """The same rules in Mosquitto's ACL-file language (documentation and deploy/)."""
-        p = self.topics.prefix
-        lines = ["# users"]
-        lines += [f"pattern write {p}/{r}" for r in USER_WRITE]
-        lines += [f"pattern read {p}/{r}" for r in USER_READ]
-        return lines
-
 
 @lru_cache(maxsize=65536)
 def _expand(prefix: str, username: str, role: Role, write: bool) -> tuple[str, ...]:

@@ -11,8 +11,10 @@ import asyncio
 import logging
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
@@ -21,9 +23,20 @@ from amqtt.session import Session
 from broker.accounts import AccountStore, Role
 from broker.acl import Access, TopicAcl
 from imcli.errors import ImcliError
-from imcli.wire import DEFAULT_PREFIX, Friends, GroupInfo, MalformedPayload, Topics, client_id_account, decode
+from imcli.wire import (
+    DEFAULT_PREFIX,
+    Friends,
+    GroupInfo,
+    MalformedPayload,
+    Topics,
+    WireModel,
+    client_id_account,
+    decode_as,
+)
 
 log = logging.getLogger(__name__)
+
+_R = TypeVar("_R", bound=WireModel)
 
 # MQTT 3.1.1 CONNACK return codes (section 3.2.2.3)
 CONNECTION_ACCEPTED = 0
@@ -143,17 +156,9 @@ class GroupCache:
         return group in self._public
 
     def update(self, group: str, payload: bytes) -> None:
-        info: GroupInfo | None = None
-        if payload:
-            try:
-                decoded = decode(payload)
-            except MalformedPayload:
-                log.warning("malformed group record for %s ignored: keeping the last good one", group)
-                return
-            if not isinstance(decoded, GroupInfo) or decoded.name != group:
-                log.warning("a record for group %s that is not that group's: ignored", group)
-                return
-            info = decoded
+        info = _record(payload, GroupInfo, lambda r: r.name == group, f"group {group}") if payload else None
+        if payload and info is None:
+            return  # unusable: keep the last good record
         self._public.discard(group)
         self._members.pop(group, None)
         if info is not None:  # else the group was deleted
@@ -173,20 +178,25 @@ class FriendCache:
         return allowed is None or sender in allowed or sender == to
 
     def update(self, user: str, payload: bytes) -> None:
-        if not payload:
-            self._friends_only.pop(user, None)
-            return
-        try:
-            record = decode(payload)
-        except MalformedPayload:
-            log.warning("malformed friends record for %s ignored: keeping the last good one", user)
-            return
-        if not isinstance(record, Friends) or record.account != user:
-            log.warning("a friends record for %s that is not theirs: ignored", user)
-            return
+        record = _record(payload, Friends, lambda r: r.account == user, f"friends of {user}") if payload else None
+        if payload and record is None:
+            return  # unusable: keep the last good record
         self._friends_only.pop(user, None)
-        if record.dm_policy == "friends":
+        if record is not None and record.dm_policy == "friends":
             self._friends_only[user] = frozenset(record.friends)
+
+
+def _record(payload: bytes, kind: type[_R], belongs: Callable[[_R], bool], what: str) -> _R | None:
+    """A worker's retained record, or ``None`` (logged) if it is malformed or names someone else."""
+    try:
+        record = decode_as(payload, kind)
+    except MalformedPayload as exc:
+        log.warning("record for %s ignored, keeping the last good one: %s", what, exc)
+        return None
+    if not belongs(record):
+        log.warning("record for %s names someone else: ignored", what)
+        return None
+    return record
 
 
 class TopicAclPlugin(BaseTopicPlugin):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from imcli.wire import RESERVED_NAMES, ErrorReply, GroupInfo, GroupList, GroupReply, GroupRequest, is_name
-from presence.roster import AccountDirectory
+from imcli.worker import AccountDirectory
 
 DEFAULT_MAX_MEMBERS = 1000
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from imcli.wire import RESERVED_NAMES, ErrorReply, FriendReply, FriendRequest, Friends, is_name
-from presence.roster import AccountDirectory
+from imcli.worker import AccountDirectory
 
 
 @dataclass

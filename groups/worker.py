@@ -18,17 +18,15 @@ from imcli.wire import (
     Friends,
     GroupInfo,
     GroupRequest,
-    MalformedPayload,
     Notice,
     Topic,
     TopicKind,
     Topics,
     WireModel,
-    decode,
+    decode_as,
     encode,
 )
-from imcli.worker import ServiceWorker
-from presence.roster import AccountDirectory
+from imcli.worker import AccountDirectory, ServiceWorker
 
 
 class GroupWorker(ServiceWorker):
@@ -51,14 +49,14 @@ class GroupWorker(ServiceWorker):
     def on_state(self, topic: Topic, payload: bytes) -> None:
         if self.synced.is_set() or not payload:
             return  # after sync, records coming back are our own
-        try:
-            record = decode(payload)
-        except MalformedPayload:
-            return
-        if topic.kind is TopicKind.GROUP_INFO and isinstance(record, GroupInfo) and record.name == topic.name:
-            self.book.load(record)
-        elif topic.kind is TopicKind.FRIENDS and isinstance(record, Friends) and record.account == topic.owner:
-            self.friends.load(record)
+        if topic.kind is TopicKind.GROUP_INFO:
+            info = decode_as(payload, GroupInfo)
+            if info.name == topic.name:
+                self.book.load(info)
+        elif topic.kind is TopicKind.FRIENDS:
+            record = decode_as(payload, Friends)
+            if record.account == topic.owner:
+                self.friends.load(record)
 
     def on_reconnected(self) -> None:
         for info in self.book.records():

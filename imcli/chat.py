@@ -59,6 +59,7 @@ from imcli.wire import (
     WireModel,
     check_name,
     decode,
+    decode_as,
     decode_chat,
     encode,
     is_nick,
@@ -259,8 +260,8 @@ class Requests:
             self._subscribed = True
         corr = new_id()
         self._client.publish(topics.request(me, corr), encode(request), qos=1)
-        deadline = _Deadline(self._timeout)
-        while (left := deadline.left()) > 0:
+        deadline = time.monotonic() + self._timeout
+        while (left := deadline - time.monotonic()) > 0:
             msg = self._client.get(timeout=left)
             if msg is None:
                 break
@@ -275,17 +276,6 @@ class Requests:
             f"no worker answered within {self._timeout:g}s",
             "is the presence worker running? 'imcli serve' starts it",
         )
-
-
-class _Deadline:
-    def __init__(self, seconds: float) -> None:
-        import time
-
-        self._clock = time.monotonic
-        self._end = self._clock() + seconds
-
-    def left(self) -> float:
-        return self._end - self._clock()
 
 
 # ---------------------------------------------------------------- receiving
@@ -320,11 +310,9 @@ def to_received(topics: Topics, message: Message) -> Received | None:
         return None
     if parsed.kind is TopicKind.EVENTS:
         try:
-            event = decode(message.payload)
+            event = decode_as(message.payload, Event)
         except MalformedPayload as exc:
             return _malformed(message, exc)
-        if not isinstance(event, Event):
-            return _malformed(message, MalformedPayload(f"a {event.type!r} payload on the events topic"))
         return Received(
             kind="event",
             sender=event.account,
@@ -335,11 +323,9 @@ def to_received(topics: Topics, message: Message) -> Received | None:
         )
     if parsed.kind is TopicKind.NOTICE:
         try:
-            notice = decode(message.payload)
+            notice = decode_as(message.payload, Notice)
         except MalformedPayload as exc:
             return _malformed(message, exc)
-        if not isinstance(notice, Notice):
-            return _malformed(message, MalformedPayload(f"a {notice.type!r} payload on a notice topic"))
         return Received(kind="notice", id=notice.id, ts=notice.ts, text=notice.text)
     try:
         chat, plain = decode_chat(message.payload)
@@ -361,8 +347,6 @@ def event_text(event: Event) -> str:
 
 
 def _malformed(message: Message, exc: Exception, sender: str | None = None) -> Received:
-    import time
-
     return Received(kind="malformed", sender=sender, id=new_id(), ts=time.time(), text=f"{message.topic}: {exc}")
 
 
@@ -478,10 +462,8 @@ class Listener:
     def _new_requests(self, payload: bytes) -> Iterator[Received]:
         """Friend requests waiting in my retained record: they reach me even if I was offline."""
         try:
-            record = decode(payload) if payload else None
+            record = decode_as(payload, Friends)
         except MalformedPayload:
-            return
-        if not isinstance(record, Friends):
             return
         self._requests_shown &= set(record.incoming)  # a request asked again after a decline shows again
         for asker in record.incoming:
@@ -492,8 +474,7 @@ class Listener:
 
     def _remember_nick(self, payload: bytes) -> None:
         try:
-            record = decode(payload)
+            record = decode_as(payload, Presence)
         except MalformedPayload:
             return
-        if isinstance(record, Presence):
-            self._nicks[record.account] = record.nick
+        self._nicks[record.account] = record.nick

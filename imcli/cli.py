@@ -322,14 +322,15 @@ def whoami(json_: JsonOpt = False) -> None:
 @app.command()
 def say(
     text: Annotated[str, typer.Argument(help="The message, or '-' to read it from stdin.")],
-    room: Annotated[str, typer.Option("--room", "-r", help="Room to speak in.")] = "lobby",
+    room: Annotated[str | None, typer.Option("--room", "-r", help="Room to speak in [default: lobby].")] = None,
     host: HostOpt = None,
     port: PortOpt = None,
 ) -> None:
     """Send a message to a room (default: lobby)."""
     from imcli import chat
-    from imcli.wire import check_name
+    from imcli.wire import DEFAULT_ROOM, check_name
 
+    room = room or DEFAULT_ROOM
     check_name(room, "room name")
     identity = _identity(host, port)
     message = chat.prepare_text(_text(text), _max_payload())

@@ -13,9 +13,12 @@ import secrets
 import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imcli.errors import ImcliError, NotLoggedIn
-from imcli.mqtt import BrokerAddress, Credentials
+
+if TYPE_CHECKING:  # imported where used: `imcli whoami` and `logout` need no MQTT
+    from imcli.mqtt import BrokerAddress, Credentials
 
 PROFILE_FILE = "profile.json"
 
@@ -56,10 +59,14 @@ class Profile:
 
     @property
     def address(self) -> BrokerAddress:
+        from imcli.mqtt import BrokerAddress
+
         return BrokerAddress(self.host, self.port)
 
     @property
     def credentials(self) -> Credentials:
+        from imcli.mqtt import Credentials
+
         return Credentials(self.account, self.password)
 
 

@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -66,10 +66,6 @@ def new_id() -> str:
 def client_id_account(client_id: str) -> str:
     """The account a client id belongs to: ``alice`` for ``alice`` and ``alice:laptop``."""
     return client_id.split(":", 1)[0]
-
-
-def client_id_for(account: str, device: str) -> str:
-    return f"{account}:{device}"
 
 
 # --------------------------------------------------------------------------- topics
@@ -481,6 +477,9 @@ Payload = Annotated[
 _PAYLOAD: TypeAdapter[Payload] = TypeAdapter(Payload)
 
 
+_M = TypeVar("_M", bound=WireModel)
+
+
 class MalformedPayload(ValueError):
     """A payload that is neither one of our models nor (on chat topics) plain UTF-8 text."""
 
@@ -495,6 +494,14 @@ def decode(data: bytes) -> Payload:
         return _PAYLOAD.validate_json(data)
     except ValidationError as exc:
         raise MalformedPayload(_first_error(exc)) from exc
+
+
+def decode_as(data: bytes, kind: type[_M]) -> _M:
+    """Decode a payload that must be a ``kind``; any other model is malformed here too."""
+    payload = decode(data)
+    if not isinstance(payload, kind):
+        raise MalformedPayload(f"a {payload.type!r} payload where a {kind.__name__} belongs")
+    return payload
 
 
 def decode_chat(data: bytes) -> tuple[ChatMessage, bool]:
@@ -514,10 +521,7 @@ def decode_chat(data: bytes) -> tuple[ChatMessage, bool]:
         except ValueError:
             obj = None
         if isinstance(obj, dict) and "type" in obj:
-            payload = decode(data)
-            if not isinstance(payload, ChatMessage):
-                raise MalformedPayload(f"a {payload.type!r} payload on a chat topic")
-            return payload, False
+            return decode_as(data, ChatMessage), False
     if not text.strip():
         raise MalformedPayload("empty text")
     return ChatMessage(text=text), True

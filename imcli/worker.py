@@ -14,14 +14,32 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from imcli.errors import RequestTimeout
 from imcli.mqtt import BrokerAddress, Credentials, Message, MqttClient
-from imcli.wire import ErrorReply, MalformedPayload, SyncMarker, Topic, TopicKind, Topics, WireModel, decode, encode
+from imcli.wire import (
+    ErrorReply,
+    MalformedPayload,
+    SyncMarker,
+    Topic,
+    TopicKind,
+    Topics,
+    WireModel,
+    decode,
+    decode_as,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
 SYNC_TIMEOUT = 30.0
+
+
+class AccountDirectory(Protocol):
+    """Which user accounts exist: the embedded broker's store, or (``None``) whatever a worker sees."""
+
+    def is_user(self, name: str) -> bool: ...
 
 
 class ServiceWorker:
@@ -57,7 +75,7 @@ class ServiceWorker:
         return []
 
     def on_state(self, topic: Topic, payload: bytes) -> None:
-        """A message on a state topic (under ``self.lock``)."""
+        """A message on a state topic (under ``self.lock``); ``MalformedPayload`` is logged and ignored."""
 
     def on_synced(self) -> None:
         """The retained state has been read (under ``self.lock``)."""
@@ -115,15 +133,13 @@ class ServiceWorker:
             else:
                 with self.lock:
                     self.on_state(parsed, message.payload)
+        except MalformedPayload as exc:
+            log.info("%s ignored a malformed message on %s: %s", self.account, message.topic, exc)
         except Exception:  # one bad message must not stop the worker
             log.exception("%s failed on %s", self.account, message.topic)
 
     def _on_marker(self, payload: bytes) -> None:
-        try:
-            marker = decode(payload)
-        except MalformedPayload:
-            return
-        if isinstance(marker, SyncMarker) and marker.id == self._sync_id:
+        if decode_as(payload, SyncMarker).id == self._sync_id:
             self.synced.set()
 
     def _on_request(self, sender: str, corr: str, payload: bytes) -> None:

@@ -13,17 +13,12 @@ changes, so a restarted worker is invisible to users.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 from imcli.wire import RESERVED_NAMES, DeviceStatus, ErrorReply, Event, Presence, Renamed, is_name, is_nick
+from imcli.worker import AccountDirectory
 
 GRACE_INTERVALS = 2.5  # a device not heard for this many heartbeat intervals is gone
-
-
-class AccountDirectory(Protocol):
-    """Which user accounts exist (the embedded broker's store, or what the worker has seen)."""
-
-    def is_user(self, name: str) -> bool: ...
 
 
 @dataclass

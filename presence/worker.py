@@ -8,7 +8,6 @@ procedure); devices that stop their heartbeat without a Last Will expire.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +16,6 @@ from imcli.mqtt import BrokerAddress, Credentials
 from imcli.wire import (
     DeviceStatus,
     ErrorReply,
-    MalformedPayload,
     Presence,
     RenameRequest,
     Resolved,
@@ -28,13 +26,11 @@ from imcli.wire import (
     Topics,
     WhoRequest,
     WireModel,
-    decode,
+    decode_as,
     encode,
 )
-from imcli.worker import ServiceWorker
-from presence.roster import AccountDirectory, Effects, PresenceRoster
-
-log = logging.getLogger(__name__)
+from imcli.worker import AccountDirectory, ServiceWorker
+from presence.roster import Effects, PresenceRoster
 
 
 class PresenceWorker(ServiceWorker):
@@ -71,25 +67,14 @@ class PresenceWorker(ServiceWorker):
         if topic.kind is TopicKind.STATUS and topic.sender and topic.key:
             self._on_status(topic.sender, topic.key, payload)
         elif topic.kind is TopicKind.PRESENCE and not self.synced.is_set() and payload:
-            try:  # after sync, records coming back are our own
-                record = decode(payload)
-            except MalformedPayload:
-                return
-            if isinstance(record, Presence):
-                self.roster.load_presence(record)
+            self.roster.load_presence(decode_as(payload, Presence))  # after sync: our own records
 
     def _on_status(self, user: str, device: str, payload: bytes) -> None:
         now = self.clock()
         if not payload:
             self._apply(self.roster.device_gone(user, device, now))
-            return
-        try:
-            status = decode(payload)
-        except MalformedPayload as exc:
-            log.info("malformed status from %s/%s: %s", user, device, exc)
-            return
-        if isinstance(status, DeviceStatus):
-            self._apply(self.roster.device_seen(user, device, status, now))
+        else:
+            self._apply(self.roster.device_seen(user, device, decode_as(payload, DeviceStatus), now))
 
     def on_synced(self) -> None:
         self._apply(self.roster.finish_sync(self.clock()))
