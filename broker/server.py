@@ -29,6 +29,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -105,6 +106,8 @@ class ImBroker(Broker):
         self._auth = _plugin(self, AccountAuthPlugin)
         self._acl = _plugin(self, TopicAclPlugin)
         self._streams: set[asyncio.StreamWriter] = set()
+        self._open: Counter[str] = Counter()  # open connections per account
+        self._filters: dict[str, dict[str, int]] = {}  # client id -> its subscriptions (filter -> QoS)
         self._durable = RetainedStore(settings.data_dir)
         self._rate = PublishRate(settings.limits.publish_rate, settings.limits.publish_burst)
 
@@ -227,6 +230,19 @@ class ImBroker(Broker):
                     break
                 await asyncio.sleep(1)  # the old connection of this session is still closing
 
+        account = client_session.username or ""
+        self._open[account] += 1  # this call lasts as long as the connection: counted until it ends
+        try:
+            await self._serve_connection(client_session, handler, reader, writer)
+        finally:
+            self._open[account] -= 1
+            if not self._open[account]:
+                del self._open[account]
+
+    async def _serve_connection(
+        self, client_session: Session, handler: BrokerProtocolHandler, reader: Any, writer: Any
+    ) -> None:
+        assert client_session.client_id is not None
         handler.attach(client_session, reader, writer)
         self._sessions[client_session.client_id] = (client_session, handler)
         await handler.mqtt_connack_authorize(True)
@@ -236,13 +252,7 @@ class ImBroker(Broker):
         await handler.start()
         await self._publish_session_retained_messages(client_session)
         if client_session.parent:  # a resumed persistent session: retained messages of its own filters
-            own = [
-                (topic_filter, qos)
-                for topic_filter, subscribers in list(self._subscriptions.items())
-                for subscriber, qos in subscribers
-                if subscriber.client_id == client_session.client_id
-            ]
-            for subscription in own:
+            for subscription in list(self._filters.get(client_session.client_id, {}).items()):
                 await self._publish_retained_messages_for_subscription(subscription, client_session)
         await self._client_message_loop(client_session, handler)
 
@@ -267,32 +277,41 @@ class ImBroker(Broker):
         if tasks:
             await asyncio.wait(tasks)
 
+    def _is_service(self, session: Session) -> bool:
+        """Workers' service accounts are trusted: no limits apply to them."""
+        return self._acl.store.cached_role(session.username or "") is Role.SERVICE
+
     def _too_many_connections(self, incoming: Session) -> bool:
-        if self._acl.store.cached_role(incoming.username or "") is Role.SERVICE:
+        if self._is_service(incoming):
             return False
-        others = sum(
-            1
-            for client_id, (session, _) in self._sessions.items()
-            if session.username == incoming.username
-            and client_id != incoming.client_id  # a reconnect of the same client id replaces itself
-            and session.transitions.state == "connected"
+        current = self._sessions.get(incoming.client_id or "")
+        replaced = (  # a reconnect of the same client id replaces its own connection
+            current is not None
+            and current[0].username == incoming.username
+            and current[0].transitions.state == "connected"
         )
-        return others >= self.settings.limits.max_connections
+        return self._open[incoming.username or ""] - replaced >= self.settings.limits.max_connections
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
         topic_filter = subscription[0]
-        held = sum(
-            1
-            for f, subscribers in self._subscriptions.items()
-            if f != topic_filter and any(s.client_id == session.client_id for s, _ in subscribers)
-        )
-        service = self._acl.store.cached_role(session.username or "") is Role.SERVICE
-        if held >= self.settings.limits.max_subscriptions and not service:
-            limit = self.settings.limits.max_subscriptions
+        held = self._filters.setdefault(session.client_id or "", {})
+        limit = self.settings.limits.max_subscriptions
+        if topic_filter not in held and len(held) >= limit and not self._is_service(session):
             await self.notify(session.username, "limit", f"subscription to {topic_filter} refused: at most {limit}")
             return 0x80
-        result: int = await super().add_subscription(subscription, session)
-        return result
+        granted: int = await super().add_subscription(subscription, session)
+        if granted != 0x80:
+            held[topic_filter] = granted
+        return granted
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:  # amqtt private: every removal path
+        deleted: int = super()._del_subscription(a_filter, session)
+        held = self._filters.get(session.client_id or "")
+        if deleted and held is not None:
+            held.pop(a_filter, None)
+            if not held:
+                del self._filters[session.client_id or ""]
+        return deleted
 
     # ---------------------------------------------------------------- topics
 
@@ -309,7 +328,7 @@ class ImBroker(Broker):
         if message is not None and message.topic:
             size = len(message.data or b"")
             account = client_session.username or ""
-            trusted = self._acl.store.cached_role(account) is Role.SERVICE
+            trusted = self._is_service(client_session)
             now = time.monotonic()
             if not trusted and not self._rate.allow(account, now):
                 if self._rate.should_warn(account, now):
