@@ -8,26 +8,20 @@ import queue
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 from typer.testing import CliRunner
 
 from broker.accounts import AccountStore
 from broker.server import BrokerSettings
 from imcli.cli import app
 from imcli.embedded import BackgroundServer, ServeInfo
+from tests.rawmqtt import Raw, connect_raw, password_of, wait_until
 
-PASSWORD = "correct-horse-{}"
-
-
-def password_of(name: str) -> str:
-    return PASSWORD.format(name)
+__all__ = ["Raw", "password_of", "wait_until"]  # tests import these from here
 
 
 @pytest.fixture(autouse=True)
@@ -58,107 +52,13 @@ def users(server: ServeInfo) -> Callable[..., None]:
 # ---------------------------------------------------------------- raw MQTT
 
 
-@dataclass
-class Raw:
-    """A raw paho client: what an attacker or a bot would use."""
-
-    client: paho.Client
-    rc: int | None = None
-    messages: queue.Queue[paho.MQTTMessage] = field(default_factory=queue.Queue)
-    connected: threading.Event = field(default_factory=threading.Event)
-    disconnected: threading.Event = field(default_factory=threading.Event)
-    subacks: dict[int, list[int]] = field(default_factory=dict)
-    skipped: list[paho.MQTTMessage] = field(default_factory=list)  # passed over by expect(topic)
-
-    def subscribe(self, topic: str, qos: int = 1) -> int:
-        """Subscribe and return the granted QoS, or 128 when refused."""
-        _, mid = self.client.subscribe(topic, qos)
-        assert wait_until(lambda: mid in self.subacks), "no SUBACK"
-        return self.subacks[mid][0]
-
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> None:
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        info.wait_for_publish(5)
-        assert info.is_published()
-
-    def expect(self, topic: str | None = None, timeout: float = 5.0) -> paho.MQTTMessage:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                msg = self.messages.get(timeout=left)
-            except queue.Empty:
-                break
-            if topic is None or msg.topic == topic:
-                return msg
-            self.skipped.append(msg)  # kept: silent() reports it, so a barrier cannot hide it
-        raise AssertionError(f"no message on {topic or 'any topic'} within {timeout}s")
-
-    def silent(self, seconds: float = 1.0, topic_prefix: str = "") -> list[paho.MQTTMessage]:
-        """Messages that arrived within ``seconds`` (after a barrier elsewhere, used to prove absence)."""
-        end = time.monotonic() + seconds
-        got = [m for m in self.skipped if m.topic.startswith(topic_prefix)]
-        self.skipped.clear()
-        while (left := end - time.monotonic()) > 0:
-            try:
-                msg = self.messages.get(timeout=left)
-            except queue.Empty:
-                break
-            if msg.topic.startswith(topic_prefix):
-                got.append(msg)
-        return got
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def kill(self) -> None:
-        """Drop the TCP connection without DISCONNECT (the Last Will fires)."""
-        sock = self.client.socket()
-        self.client.loop_stop()
-        if sock is not None:
-            sock.close()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
 @pytest.fixture
 def raw(server: ServeInfo) -> Iterator[Callable[..., Raw]]:
-    """``raw(username, password, client_id, clean=True, will=None)`` → connected or refused ``Raw``."""
+    """``raw(username, password=None, client_id="", clean=True, will=None)`` → connected or refused ``Raw``."""
     opened: list[Raw] = []
 
-    def connect(
-        username: str | None,
-        password: str | None = None,
-        client_id: str = "",
-        *,
-        clean: bool = True,
-        will: tuple[str, bytes, bool] | None = None,
-    ) -> Raw:
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean)
-        r = Raw(client)
-        if username is not None:
-            client.username_pw_set(username, password if password is not None else password_of(username))
-        if will is not None:
-            client.will_set(will[0], will[1], qos=1, retain=will[2])
-
-        def on_connect(_c: object, _u: object, _f: object, rc: object, _p: object) -> None:
-            r.rc = {0: 0, 133: 2, 134: 4, 135: 5}.get(rc.value, rc.value)  # type: ignore[attr-defined]
-            r.connected.set()
-
-        client.on_connect = on_connect
-        client.on_disconnect = lambda *_a: r.disconnected.set()
-        client.on_message = lambda _c, _u, m: r.messages.put(m)
-        client.on_subscribe = lambda _c, _u, mid, codes, _p: r.subacks.__setitem__(mid, [c.value for c in codes])
-        client.connect(server.address.host, server.address.port, keepalive=30)
-        client.loop_start()
-        assert r.connected.wait(10), "no CONNACK"
+    def connect(username: str | None, password: str | None = None, client_id: str = "", **options: object) -> Raw:
+        r = connect_raw(server.address.host, server.address.port, username, client_id, password, **options)  # type: ignore[arg-type]
         opened.append(r)
         return r
 

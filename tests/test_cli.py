@@ -31,6 +31,16 @@ def alice(users: Callable[..., None], cli_as: CliFactory) -> Cli:
     return cli
 
 
+@pytest.fixture
+def bob_listens(alice: Cli, cli_as: CliFactory, procs: Callable[..., Proc]) -> Proc:
+    """bob logged in, running `imcli listen --json`, subscribed (alice is logged in too)."""
+    bob = cli_as("bob")
+    bob.login("bob")
+    p = start_listener(procs, bob)
+    wait_listening(bob, p)
+    return p
+
+
 def listen_env(cli: Cli) -> dict[str, str]:
     return {"IMCLI_CONFIG_DIR": str(cli.config_dir)}
 
@@ -189,17 +199,10 @@ def test_listen_room_filter(alice: Cli, cli_as: CliFactory, procs: Callable[...,
 
 
 def test_bot_plain_text_is_shown_as_a_message(
-    alice: Cli,
-    cli_as: CliFactory,
-    procs: Callable[..., Proc],
-    raw: Callable[..., Raw],
-    users: Callable[..., None],
+    bob_listens: Proc, raw: Callable[..., Raw], users: Callable[..., None]
 ) -> None:
     users("ci-bot")
-    bob = cli_as("bob")
-    bob.login("bob")
-    p = start_listener(procs, bob)
-    wait_listening(bob, p)
+    p = bob_listens
     bot = raw("ci-bot", client_id="ci-bot:cron")
     bot.publish("im/room/lobby/ci-bot", "build #42 passed ✓".encode())
     line = json.loads(p.line())
@@ -217,13 +220,8 @@ def test_human_listen_output(alice: Cli, cli_as: CliFactory, procs: Callable[...
     assert re.fullmatch(r"\d\d:\d\d:\d\d \[dm\] alice → you: hi \\x1b\[2J \[red\]bob\[/red\]", line), line
 
 
-def test_malformed_payloads_never_stop_listen(
-    alice: Cli, cli_as: CliFactory, procs: Callable[..., Proc], raw: Callable[..., Raw]
-) -> None:
-    bob = cli_as("bob")
-    bob.login("bob")
-    p = start_listener(procs, bob)
-    wait_listening(bob, p)
+def test_malformed_payloads_never_stop_listen(bob_listens: Proc, raw: Callable[..., Raw]) -> None:
+    p = bob_listens
     attacker = raw("alice", client_id="alice:raw")
     for payload in (
         b"\xff\xfe",
@@ -239,13 +237,8 @@ def test_malformed_payloads_never_stop_listen(
     assert p.popen.poll() is None
 
 
-def test_duplicate_message_ids_are_shown_once(
-    alice: Cli, cli_as: CliFactory, procs: Callable[..., Proc], raw: Callable[..., Raw]
-) -> None:
-    bob = cli_as("bob")
-    bob.login("bob")
-    p = start_listener(procs, bob)
-    wait_listening(bob, p)
+def test_duplicate_message_ids_are_shown_once(bob_listens: Proc, raw: Callable[..., Raw]) -> None:
+    p = bob_listens
     sender = raw("alice", client_id="alice:raw")
     payload = b'{"type":"chat","v":1,"id":"same-id","ts":1,"text":"once"}'
     sender.publish("im/room/lobby/alice", payload)

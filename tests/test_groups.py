@@ -187,6 +187,23 @@ def test_kicked_member_stops_receiving_at_once_even_with_an_old_subscription(
     assert bob.subscribe("im/group/team/msg/+") == 128
 
 
+def test_messages_queued_for_a_member_who_is_kicked_meanwhile_are_not_delivered(
+    server: ServeInfo, team: str, raw: RawFactory
+) -> None:
+    bob = raw("bob", client_id="bob:phone", clean=False)
+    assert bob.subscribe("im/group/team/msg/+") == 1
+    bob.close()  # offline, with a persistent session: the broker queues for him
+    alice = raw("alice", client_id="alice:raw")
+    alice.publish("im/group/team/msg/alice", chat_bytes("sent while bob was away"))
+    chat.group_request(ident(server, "alice"), "kick", "team", user="bob")
+
+    back = raw("bob", client_id="bob:phone", clean=False)
+    assert back.rc == 0 and back.subscribe("im/room/+/+") == 1
+    alice.publish("im/room/lobby/alice", chat_bytes("barrier"))
+    back.expect("im/room/lobby/alice")
+    assert [m.topic for m in back.silent(0.3)] == []
+
+
 def test_nobody_but_the_worker_writes_group_records(server: ServeInfo, team: str, raw: RawFactory) -> None:
     carol = raw("carol", client_id="carol:raw")
     forged = GroupInfo(name="team", owner="carol", admins=["carol"], members=["carol"], private=False, created=1)

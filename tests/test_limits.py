@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.accounts import AccountStore
 from broker.limits import Limits, PublishRate
 from broker.server import BrokerSettings
 from imcli.embedded import BackgroundServer, ServeInfo
 from imcli.wire import ChatMessage, encode
-from tests.conftest import Raw, password_of, wait_until
+from tests.rawmqtt import Raw, connect_raw, password_of, wait_until
 
 LIMITS = Limits(publish_rate=5, publish_burst=10, max_subscriptions=3, max_connections=2)
 
@@ -30,19 +28,11 @@ def limited(tmp_path: Path) -> Iterator[ServeInfo]:
 
 
 @pytest.fixture
-def connect(limited: ServeInfo) -> Iterator[object]:
+def connect(limited: ServeInfo) -> Iterator[Callable[[str, str], Raw]]:
     opened: list[Raw] = []
 
     def make(name: str, client_id: str) -> Raw:
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
-        r = Raw(client)
-        client.username_pw_set(name, password_of(name))
-        client.on_connect = lambda _c, _u, _f, rc, _p: (setattr(r, "rc", rc.value), r.connected.set())
-        client.on_message = lambda _c, _u, m: r.messages.put(m)
-        client.on_subscribe = lambda _c, _u, mid, codes, _p: r.subacks.__setitem__(mid, [c.value for c in codes])
-        client.connect(limited.address.host, limited.address.port)
-        client.loop_start()
-        assert r.connected.wait(10)
+        r = connect_raw(limited.address.host, limited.address.port, name, client_id)
         opened.append(r)
         return r
 
@@ -51,7 +41,7 @@ def connect(limited: ServeInfo) -> Iterator[object]:
         r.close()
 
 
-def test_publish_rate_is_limited_and_the_sender_told(connect) -> None:  # type: ignore[no-untyped-def]
+def test_publish_rate_is_limited_and_the_sender_told(connect: Callable[[str, str], Raw]) -> None:
     bob = connect("bob", "bob:x")
     assert bob.subscribe("im/room/+/+") == 1
     alice = connect("alice", "alice:x")
@@ -64,7 +54,7 @@ def test_publish_rate_is_limited_and_the_sender_told(connect) -> None:  # type: 
     assert 10 <= len(got) < 40  # the burst, and a few more as tokens refill
 
 
-def test_subscriptions_per_connection_are_limited(connect) -> None:  # type: ignore[no-untyped-def]
+def test_subscriptions_per_connection_are_limited(connect: Callable[[str, str], Raw]) -> None:
     alice = connect("alice", "alice:x")
     assert [alice.subscribe(f) for f in ("im/room/a/+", "im/room/b/+", "im/user/alice/#")] == [1, 1, 1]
     assert alice.subscribe("im/room/c/+") == 128
@@ -72,11 +62,11 @@ def test_subscriptions_per_connection_are_limited(connect) -> None:  # type: ign
     assert alice.subscribe("im/room/a/+") == 1  # renewing one it holds is fine
 
 
-def test_connections_per_account_are_limited(connect) -> None:  # type: ignore[no-untyped-def]
+def test_connections_per_account_are_limited(connect: Callable[[str, str], Raw]) -> None:
     first, second = connect("alice", "alice:one"), connect("alice", "alice:two")
     assert (first.rc, second.rc) == (0, 0)
     third = connect("alice", "alice:three")
-    assert third.rc == 135  # MQTT 3.1.1 code 5, not authorized
+    assert third.rc == 5  # not authorized
     assert not first.disconnected.is_set()
     again = connect("alice", "alice:two")  # the same client id replaces its own connection
     assert again.rc == 0

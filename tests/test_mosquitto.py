@@ -20,21 +20,19 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import queue
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.rawmqtt import Raw, connect_raw, password_of, wait_until
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
 LIMIT = 16384  # message_size_limit in deploy/mosquitto/mosquitto.conf
@@ -53,10 +51,6 @@ NO_CLIENT_ID_BINDING = (
     "and acl_file accept any id, use_username_as_clientid allows one connection per account, "
     "dynamic-security's clientid is one exact id (deploy/mosquitto/README.md)"
 )
-
-
-def password_of(name: str) -> str:
-    return f"correct-horse-{name}"
 
 
 def chat(text: str) -> bytes:
@@ -156,119 +150,17 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
 
 # ---------------------------------------------------------------- raw clients
 
-
-@dataclass
-class Raw:
-    """A raw paho client (MQTT 3.1.1, paho 2 callbacks)."""
-
-    client: paho.Client
-    username: str | None
-    rc: int | None = None
-    messages: queue.Queue[paho.MQTTMessage] = field(default_factory=queue.Queue)
-    connected: threading.Event = field(default_factory=threading.Event)
-    disconnected: threading.Event = field(default_factory=threading.Event)
-    subacks: dict[int, list[int]] = field(default_factory=dict)
-
-    def subscribe(self, *filters: str) -> list[int]:
-        """Subscribe and return the granted QoS of each filter (128 when refused)."""
-        granted = []
-        for topic_filter in filters:
-            _, mid = self.client.subscribe(topic_filter, 1)
-            assert wait_until(lambda mid=mid: mid in self.subacks), "no SUBACK"
-            granted.append(self.subacks[mid][0])
-        return granted
-
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
-        info.wait_for_publish(5)
-        assert info.is_published()
-
-    def until(self, topic: str, payload: bytes | None = None, timeout: float = 5.0) -> list[paho.MQTTMessage]:
-        """Every message received up to and including the first on ``topic`` (with ``payload``)."""
-        got: list[paho.MQTTMessage] = []
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                msg = self.messages.get(timeout=left)
-            except queue.Empty:
-                break
-            got.append(msg)
-            if msg.topic == topic and (payload is None or msg.payload == payload):
-                return got
-        raise AssertionError(f"nothing on {topic} within {timeout}s; got {[m.topic for m in got]}")
-
-    def silent(self, seconds: float = 0.3) -> list[paho.MQTTMessage]:
-        end = time.monotonic() + seconds
-        got = []
-        while (left := end - time.monotonic()) > 0:
-            try:
-                got.append(self.messages.get(timeout=left))
-            except queue.Empty:
-                break
-        return got
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def kill(self) -> None:
-        """Drop the TCP connection without DISCONNECT (the Last Will fires)."""
-        sock = self.client.socket()
-        self.client.loop_stop()
-        if sock is not None:
-            sock.close()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
 RawFactory = Callable[..., Raw]
 
 
 @pytest.fixture
 def raw(broker: Mosquitto) -> Iterator[RawFactory]:
-    """``raw(username, client_id, password=None, clean=True, will=None)``: a connected or refused client.
-
-    A refused client is closed at once (paho would retry); ``rc`` is the MQTT 3.1.1 CONNACK code.
-    """
+    """``raw(username, client_id, password=None, clean=True, will=None)``: a connected or refused client."""
     opened: list[Raw] = []
 
-    def connect(
-        username: str | None,
-        client_id: str,
-        password: str | None = None,
-        *,
-        clean: bool = True,
-        will: tuple[str, bytes, bool] | None = None,
-    ) -> Raw:
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean)
-        r = Raw(client, username)
-        if username is not None:
-            client.username_pw_set(username, password if password is not None else password_of(username))
-        if will is not None:
-            client.will_set(will[0], will[1], qos=1, retain=will[2])
-
-        def on_connect(_c: object, _u: object, _f: object, rc: object, _p: object) -> None:
-            if r.rc is None:
-                r.rc = {0: 0, 133: 2, 134: 4, 135: 5}.get(rc.value, rc.value)  # type: ignore[attr-defined]
-            r.connected.set()
-
-        client.on_connect = on_connect
-        client.on_disconnect = lambda *_a: r.disconnected.set()
-        client.on_message = lambda _c, _u, m: r.messages.put(m)
-        client.on_subscribe = lambda _c, _u, mid, codes, _p: r.subacks.__setitem__(mid, [c.value for c in codes])
-        client.connect("127.0.0.1", broker.port, keepalive=30)
-        client.loop_start()
+    def connect(username: str | None, client_id: str, password: str | None = None, **options: object) -> Raw:
+        r = connect_raw("127.0.0.1", broker.port, username, client_id, password, **options)  # type: ignore[arg-type]
         opened.append(r)
-        assert r.connected.wait(10), "no CONNACK"
-        if r.rc != 0:
-            r.close()
         return r
 
     yield connect
@@ -304,7 +196,7 @@ def test_wrong_password_and_unknown_account_are_refused(raw: RawFactory) -> None
 
 def test_failed_login_with_victims_client_id_leaves_session_and_queue_intact(raw: RawFactory) -> None:
     bob = raw("bob", "bob:phone", clean=False)
-    assert bob.subscribe("im/user/bob/#") == [1]
+    assert bob.subscribe_all("im/user/bob/#") == [1]
     bob.close()  # persistent session stays on the broker, offline
     alice = raw("alice", "alice:laptop")
     alice.publish("im/user/bob/dm/alice", chat("queued while you were away"))
@@ -321,7 +213,7 @@ def test_failed_login_with_victims_client_id_leaves_session_and_queue_intact(raw
 
 def test_failed_login_does_not_kick_a_connected_victim(raw: RawFactory) -> None:
     bob = raw("bob", "bob:phone")
-    assert bob.subscribe("im/user/bob/#") == [1]
+    assert bob.subscribe_all("im/user/bob/#") == [1]
     assert raw("bob", "bob:phone", "wrong-password").rc == 5
     alice = raw("alice", "alice:laptop")
     alice.publish("im/user/bob/dm/alice", chat("still there?"))
@@ -342,7 +234,7 @@ def test_hijacked_session_leaks_nothing(raw: RawFactory) -> None:
     """carol takes over bob's persistent session (no binding): she gets bob's subscriptions, but
     Mosquitto re-checks read rights for her on queued messages and on every delivery."""
     bob = raw("bob", "bob:phone", clean=False)
-    assert bob.subscribe("im/user/bob/#", "im/room/+/+") == [1, 1]
+    assert bob.subscribe_all("im/user/bob/#", "im/room/+/+") == [1, 1]
     bob.close()
     alice = raw("alice", "alice:laptop")
     alice.publish("im/user/bob/dm/alice", chat("queued for bob"))
@@ -357,7 +249,7 @@ def test_hijacked_session_leaks_nothing(raw: RawFactory) -> None:
 @pytest.mark.xfail(reason=NO_CLIENT_ID_BINDING + "; a takeover discards the victim's queue", strict=True)
 def test_victims_queue_survives_another_account_using_its_client_id(raw: RawFactory) -> None:
     bob = raw("bob", "bob:phone", clean=False)
-    assert bob.subscribe("im/user/bob/#") == [1]
+    assert bob.subscribe_all("im/user/bob/#") == [1]
     bob.close()
     alice = raw("alice", "alice:laptop")
     alice.publish("im/user/bob/dm/alice", chat("queued while you were away"))
@@ -376,8 +268,8 @@ def test_victims_queue_survives_another_account_using_its_client_id(raw: RawFact
 def test_forged_last_will_is_never_delivered(raw: RawFactory, topic: str) -> None:
     bob = raw("bob", "bob:phone")
     spy = raw("presence", "presence:spy")
-    assert bob.subscribe("im/room/+/+", "im/user/bob/#", "im/presence/+") == [1, 1, 1]
-    assert spy.subscribe("#") == [1]
+    assert bob.subscribe_all("im/room/+/+", "im/user/bob/#", "im/presence/+") == [1, 1, 1]
+    assert spy.subscribe_all("#") == [1]
     alice = raw("alice", "alice:x", will=(topic, b"gone", False))
     alice.kill()
     time.sleep(0.3)  # the broker handles alice's lost connection before carol's barrier arrives
@@ -396,7 +288,7 @@ def test_last_will_outside_own_topics_refuses_the_connect(raw: RawFactory) -> No
 
 def test_own_status_will_reaches_the_worker(raw: RawFactory) -> None:
     worker = raw("presence", "presence:test")
-    assert worker.subscribe("im/status/+/+") == [1]
+    assert worker.subscribe_all("im/status/+/+") == [1]
     alice = raw("alice", "alice:laptop", will=("im/status/alice/laptop", b"", True))
     alice.publish("im/status/alice/laptop", status(), retain=True)
     assert worker.until("im/status/alice/laptop")[-1].payload != b""
@@ -429,15 +321,15 @@ def test_own_status_will_reaches_the_worker(raw: RawFactory) -> None:
 )
 def test_publish_outside_own_topics_never_reaches_anyone(raw: RawFactory, topic: str) -> None:
     victim = raw("bob", "bob:tablet")
-    assert victim.subscribe("im/room/#", "im/user/bob/#", "im/presence/+", "im/events") == [1, 1, 1, 1]
+    assert victim.subscribe_all("im/room/#", "im/user/bob/#", "im/presence/+", "im/events") == [1, 1, 1, 1]
     spy = raw("presence", "presence:spy")  # a service account reads everything
-    assert spy.subscribe("#") == [1]
+    assert spy.subscribe_all("#") == [1]
     alice = raw("alice", "alice:laptop")
     alice.publish(topic, chat("forged"))
     alice.publish(topic, chat("forged and retained"), retain=True)
     assert barrier(alice, victim, spy) == [[], []]
     late = raw("presence", "presence:late")  # nothing retained either
-    assert late.subscribe("#") == [1]
+    assert late.subscribe_all("#") == [1]
     assert [m.topic for m in late.silent(0.3)] == []
 
 
@@ -449,7 +341,7 @@ def test_publish_outside_own_topics_never_reaches_anyone(raw: RawFactory, topic:
 @pytest.mark.parametrize("topic", ["im/room/Lobby/alice", "im/request/alice/not.an.id"])
 def test_publish_to_a_malformed_contract_topic_is_dropped(raw: RawFactory, topic: str) -> None:
     spy = raw("presence", "presence:spy")
-    assert spy.subscribe("#") == [1]
+    assert spy.subscribe_all("#") == [1]
     alice = raw("alice", "alice:laptop")
     alice.publish(topic, chat("odd topic"))
     assert barrier(alice, spy) == [[]]
@@ -458,8 +350,8 @@ def test_publish_to_a_malformed_contract_topic_is_dropped(raw: RawFactory, topic
 def test_dm_reaches_only_its_recipient(raw: RawFactory) -> None:
     bob = raw("bob", "bob:phone")
     carol = raw("carol", "carol:x")
-    assert bob.subscribe("im/user/bob/#", "im/room/+/+") == [1, 1]
-    assert carol.subscribe("im/user/carol/#", "im/room/+/+") == [1, 1]
+    assert bob.subscribe_all("im/user/bob/#", "im/room/+/+") == [1, 1]
+    assert carol.subscribe_all("im/user/carol/#", "im/room/+/+") == [1, 1]
     alice = raw("alice", "alice:laptop")
     alice.publish("im/user/bob/dm/alice", chat("for bob only"))
     bob_seen, carol_seen = barrier(alice, bob, carol)
@@ -491,7 +383,7 @@ def test_wide_subscription_delivers_nothing_private(raw: RawFactory, topic_filte
     bob = raw("bob", "bob:phone")
     bob.publish("im/status/bob/phone", status(), retain=True)  # retained, sent on subscribe if readable
     eve = raw("carol", "carol:eve")
-    eve.subscribe(topic_filter, "im/room/+/+")  # granted or not: what matters is what arrives
+    eve.subscribe_all(topic_filter, "im/room/+/+")  # granted or not: what matters is what arrives
     alice = raw("alice", "alice:laptop")
     worker = raw("presence", "presence:test")
     alice.publish("im/user/bob/dm/alice", chat("private"))
@@ -509,7 +401,7 @@ def test_wide_subscription_delivers_nothing_private(raw: RawFactory, topic_filte
 )
 @pytest.mark.parametrize("topic_filter", ["#", "im/user/bob/#", "im/user/+/dm/+"])
 def test_subscribing_beyond_what_one_may_read_is_refused(raw: RawFactory, topic_filter: str) -> None:
-    assert raw("alice", "alice:x").subscribe(topic_filter) == [128]
+    assert raw("alice", "alice:x").subscribe_all(topic_filter) == [128]
 
 
 # ---------------------------------------------------------------- the service account
@@ -517,7 +409,7 @@ def test_subscribing_beyond_what_one_may_read_is_refused(raw: RawFactory, topic_
 
 def test_service_account_writes_worker_topics(raw: RawFactory) -> None:
     alice = raw("alice", "alice:laptop")
-    assert alice.subscribe("im/presence/+", "im/events", "im/user/alice/#") == [1, 1, 1]
+    assert alice.subscribe_all("im/presence/+", "im/events", "im/user/alice/#") == [1, 1, 1]
     worker = raw("presence", "presence:test")
     record = b'{"type":"presence","v":1,"account":"bob","nick":"bob","state":"online","since":1.0,"devices":1}'
     worker.publish("im/presence/bob", record, retain=True)
@@ -527,7 +419,7 @@ def test_service_account_writes_worker_topics(raw: RawFactory) -> None:
     got = alice.until("im/user/alice/notice")
     assert [m.topic for m in got] == ["im/presence/bob", "im/events", "im/user/alice/reply/c1", "im/user/alice/notice"]
     late = raw("carol", "carol:late")  # the record is retained state
-    assert late.subscribe("im/presence/+") == [1]
+    assert late.subscribe_all("im/presence/+") == [1]
     assert late.until("im/presence/bob")[-1].payload == record
 
 
@@ -535,18 +427,18 @@ def test_service_account_clears_a_vanished_device_status(raw: RawFactory) -> Non
     alice = raw("alice", "alice:cron")
     alice.publish("im/status/alice/cron", status(), retain=True)
     worker = raw("presence", "presence:test")
-    assert worker.subscribe("im/status/+/+") == [1]
+    assert worker.subscribe_all("im/status/+/+") == [1]
     assert worker.until("im/status/alice/cron")[-1].retain is True
     worker.publish("im/status/alice/cron", b"", retain=True)
     restarted = raw("presence", "presence:restarted")
-    assert restarted.subscribe("im/status/+/+") == [1]
+    assert restarted.subscribe_all("im/status/+/+") == [1]
     assert restarted.silent(0.3) == []
 
 
 @pytest.mark.parametrize("topic", ["im/room/lobby/presence", "im/user/bob/dm/presence"])
 def test_service_account_cannot_chat_as_itself(raw: RawFactory, topic: str) -> None:
     bob = raw("bob", "bob:phone")
-    assert bob.subscribe("im/room/+/+", "im/user/bob/#") == [1, 1]
+    assert bob.subscribe_all("im/room/+/+", "im/user/bob/#") == [1, 1]
     worker = raw("presence", "presence:test")
     worker.publish(topic, chat("hello from a worker"))
     carol = raw("carol", "carol:x")
@@ -555,9 +447,9 @@ def test_service_account_cannot_chat_as_itself(raw: RawFactory, topic: str) -> N
 
 def test_request_and_reply_round_trip(raw: RawFactory) -> None:
     worker = raw("presence", "presence:test")
-    assert worker.subscribe("im/request/+/+") == [1]
+    assert worker.subscribe_all("im/request/+/+") == [1]
     alice = raw("alice", "alice:laptop")
-    assert alice.subscribe("im/user/alice/reply/+") == [1]
+    assert alice.subscribe_all("im/user/alice/reply/+") == [1]
     alice.publish("im/request/alice/c1", b'{"type":"who","v":1,"id":"r1","all":false}')
     assert worker.until("im/request/alice/c1")[-1].payload
     worker.publish("im/user/alice/reply/c1", b'{"type":"roster","v":1,"id":"r1","users":[]}')
@@ -569,7 +461,7 @@ def test_request_and_reply_round_trip(raw: RawFactory) -> None:
 
 def test_oversized_payload_is_not_delivered(raw: RawFactory) -> None:
     bob = raw("bob", "bob:phone")
-    assert bob.subscribe("im/room/+/+") == [1]
+    assert bob.subscribe_all("im/room/+/+") == [1]
     alice = raw("alice", "alice:laptop")
     alice.publish("im/room/lobby/alice", b"x" * (LIMIT + 1))
     alice.publish("im/room/lobby/alice", b"y" * LIMIT)
@@ -587,7 +479,7 @@ def test_oversized_payload_is_not_delivered(raw: RawFactory) -> None:
 )
 def test_service_accounts_are_exempt_from_the_size_limit(raw: RawFactory) -> None:
     alice = raw("alice", "alice:laptop")
-    assert alice.subscribe("im/user/alice/reply/+") == [1]
+    assert alice.subscribe_all("im/user/alice/reply/+") == [1]
     worker = raw("presence", "presence:test")
     worker.publish("im/user/alice/reply/big", b"x" * (LIMIT + 1))
     assert len(alice.until("im/user/alice/reply/big", timeout=1)[-1].payload) == LIMIT + 1
@@ -603,7 +495,7 @@ def test_retained_chat_is_not_stored(raw: RawFactory, topic: str) -> None:
     alice = raw("alice", "alice:laptop")
     alice.publish(topic, chat("stuck forever?"), retain=True)
     late = raw("bob", "bob:late")
-    assert late.subscribe("im/room/+/+", "im/user/bob/#") == [1, 1]
+    assert late.subscribe_all("im/room/+/+", "im/user/bob/#") == [1, 1]
     assert barrier(alice, late) == [[]]
 
 
@@ -629,7 +521,7 @@ def test_presence_worker_runs_unchanged(broker: Mosquitto, raw: RawFactory, tmp_
         worker.stdin.close()
 
         alice = raw("alice", "alice:laptop-listen1a2b3c", will=("im/status/alice/laptop-listen1a2b3c", b"", True))
-        assert alice.subscribe("im/presence/+", "im/events", "im/user/alice/reply/+") == [1, 1, 1]
+        assert alice.subscribe_all("im/presence/+", "im/events", "im/user/alice/reply/+") == [1, 1, 1]
         alice.publish("im/status/alice/laptop-listen1a2b3c", status(), retain=True)
         record = json.loads(alice.until("im/presence/alice", timeout=15)[-1].payload)
         assert (record["state"], record["devices"]) == ("online", 1), out.read_text()
@@ -649,7 +541,7 @@ def test_presence_worker_runs_unchanged(broker: Mosquitto, raw: RawFactory, tmp_
 
         alice.kill()  # the Last Will clears the device: offline record and a leave event
         bob = raw("bob", "bob:phone")
-        assert bob.subscribe("im/presence/+") == [1]
+        assert bob.subscribe_all("im/presence/+") == [1]
         assert wait_until(
             lambda: any(json.loads(m.payload)["state"] == "offline" for m in bob.silent(0.2) if m.payload), 10
         ), out.read_text()

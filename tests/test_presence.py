@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import threading
 import time
@@ -43,10 +44,9 @@ class PresenceWatch:
         self.events: list[dict[str, object]] = []
 
     def _drain(self, timeout: float) -> None:
-        msg = None
         try:
             msg = self.raw.messages.get(timeout=timeout)
-        except Exception:  # queue.Empty
+        except queue.Empty:
             return
         if not msg.payload:
             return
@@ -116,13 +116,19 @@ def test_two_devices_of_one_user(server: ServeInfo, watch: PresenceWatch) -> Non
     assert [e["event"] for e in watch.wait_events(2)] == ["join", "leave"]
 
 
-def test_killed_client_goes_offline_by_its_last_will(
-    server: ServeInfo, watch: PresenceWatch, cli_as: Callable[[str], Cli], procs: Callable[..., Proc]
-) -> None:
+def bob_listening(cli_as: Callable[[str], Cli], procs: Callable[..., Proc], watch: PresenceWatch) -> Proc:
+    """`imcli listen --json` as bob, in its own process, once the worker says he is online."""
     bob = cli_as("bob")
     bob.login("bob")
     p = procs("listen", "--json", env={"IMCLI_CONFIG_DIR": str(bob.config_dir)})
     watch.wait("bob", state="online", timeout=20)
+    return p
+
+
+def test_killed_client_goes_offline_by_its_last_will(
+    server: ServeInfo, watch: PresenceWatch, cli_as: Callable[[str], Cli], procs: Callable[..., Proc]
+) -> None:
+    p = bob_listening(cli_as, procs, watch)
     p.popen.send_signal(signal.SIGKILL)
     p.popen.wait(10)
     watch.wait("bob", state="offline", timeout=10)  # far sooner than the 75 s heartbeat expiry
@@ -131,10 +137,7 @@ def test_killed_client_goes_offline_by_its_last_will(
 def test_sigterm_makes_listen_say_offline(
     server: ServeInfo, watch: PresenceWatch, cli_as: Callable[[str], Cli], procs: Callable[..., Proc]
 ) -> None:
-    bob = cli_as("bob")
-    bob.login("bob")
-    p = procs("listen", "--json", env={"IMCLI_CONFIG_DIR": str(bob.config_dir)})
-    watch.wait("bob", state="online", timeout=20)
+    p = bob_listening(cli_as, procs, watch)
     assert p.stop() == 0
     watch.wait("bob", state="offline")
 
