@@ -49,6 +49,13 @@ class Account:
         return f"Account(name={self.name!r}, role={self.role.value!r})"
 
 
+def unusable_data_dir(data_dir: Path, exc: OSError) -> AccountError:
+    return AccountError(
+        f"cannot use the data directory {data_dir}: {exc.strerror or exc}",
+        "give a writable directory with --data-dir or IMCLI_DATA_DIR",
+    )
+
+
 def check_password(password: str) -> str:
     if len(password) < MIN_PASSWORD_LENGTH:
         raise InvalidInput(f"password too short (at least {MIN_PASSWORD_LENGTH} characters)")
@@ -72,8 +79,11 @@ class AccountStore:
         self._stamp: tuple[int, int, int] | None = None
         # verifying against a fixed hash for unknown names keeps their timing like a known name's
         self._dummy_hash = self._hasher.hash("imcli-dummy-password")
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.refresh()
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.refresh()
+        except OSError as exc:
+            raise unusable_data_dir(data_dir, exc) from exc
 
     # ------------------------------------------------------------------ reading
 
@@ -181,6 +191,14 @@ class AccountStore:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, Account]]:
         """Read-modify-write under an exclusive lock shared with other processes."""
+        try:
+            with self._locked_unchecked() as accounts:
+                yield accounts
+        except OSError as exc:
+            raise unusable_data_dir(self.data_dir, exc) from exc
+
+    @contextlib.contextmanager
+    def _locked_unchecked(self) -> Iterator[dict[str, Account]]:
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+from imcli.errors import ImcliError
 from imcli.wire import TopicKind
 
 DURABLE = frozenset({TopicKind.PRESENCE, TopicKind.GROUP_INFO, TopicKind.FRIENDS})
@@ -23,10 +24,17 @@ class RetainedStore:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / self.FILE_NAME
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.path.chmod(0o600)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a crash of the process
-        self._db.execute("CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, payload BLOB, qos INTEGER)")
+        try:
+            self.path.chmod(0o600)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a crash of the process
+            self._db.execute("CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, payload BLOB, qos INTEGER)")
+        except (sqlite3.Error, OSError) as exc:
+            self._db.close()
+            raise ImcliError(
+                f"the saved state {self.path} cannot be used: {exc}",
+                "move it aside to start without saved groups, friends and nicknames",
+            ) from exc
 
     def put(self, topic: str, payload: bytes, qos: int) -> None:
         if payload:

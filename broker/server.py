@@ -100,6 +100,9 @@ class ImBroker(Broker):
     """amqtt ``Broker`` that authenticates before touching sessions and enforces limits."""
 
     def __init__(self, settings: BrokerSettings) -> None:
+        # opened before amqtt loads the plugins (which share it), so that an unusable data
+        # directory is reported as such rather than wrapped in amqtt's PluginInitError
+        shared_store(settings.data_dir)
         super().__init__(settings.amqtt_config())
         self.settings = settings
         self.topics = Topics(settings.prefix)
@@ -422,7 +425,6 @@ class EmbeddedBroker:
         self.broker: ImBroker | None = None
 
     async def __aenter__(self) -> ImBroker:
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.broker = ImBroker(self.settings)
         await self.broker.start()
         return self.broker

@@ -124,6 +124,12 @@ def verify_login(address: BrokerAddress, credentials: Credentials, device: str) 
                 "check both, or create the account with 'imcli register NAME'",
                 code=4,
             ) from exc
+        if exc.code == 5:  # Mosquitto's answer to a wrong password; ours beyond --max-connections
+            raise AuthenticationFailed(
+                f"the broker did not let {credentials.username} in (not authorized)",
+                "check the name and password; close other sessions if the broker limits connections",
+                code=5,
+            ) from exc
         raise
 
 

@@ -305,6 +305,29 @@ def test_serve_refuses_remote_bind_without_consent(cli_as: CliFactory, tmp_path:
     assert result.stderr.startswith("Error: refusing to listen on 0.0.0.0")
 
 
+def test_serve_reports_an_unusable_data_dir(cli_as: CliFactory, tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    result = cli_as("op")("serve", "--port", "0", "--data-dir", str(not_a_dir))
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        f"Error: cannot use the data directory {not_a_dir}: File exists "
+        "(give a writable directory with --data-dir or IMCLI_DATA_DIR)"
+    )
+    listed = cli_as("op")("admin", "user", "list", "--data-dir", str(not_a_dir / "sub"))
+    assert listed.exit_code == 1 and listed.stderr.startswith("Error: cannot use the data directory")
+
+
+def test_serve_reports_damaged_saved_state(cli_as: CliFactory, tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "retained.sqlite3").write_text("not a database")
+    result = cli_as("op")("serve", "--port", "0", "--data-dir", str(data))
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: the saved state {data / 'retained.sqlite3'} cannot be used")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_serve_reports_a_busy_port(server: ServeInfo, cli_as: CliFactory, tmp_path: Path) -> None:
     result = cli_as("op")("serve", "--port", str(server.address.port), "--data-dir", str(tmp_path / "d"))
     assert result.exit_code == 1

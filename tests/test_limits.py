@@ -11,7 +11,10 @@ import pytest
 from broker.accounts import AccountStore
 from broker.limits import Limits, PublishRate
 from broker.server import BrokerSettings
+from imcli.chat import verify_login
 from imcli.embedded import BackgroundServer, ServeInfo
+from imcli.errors import AuthenticationFailed
+from imcli.mqtt import Credentials
 from imcli.wire import ChatMessage, encode
 from tests.rawmqtt import Raw, connect_raw, password_of, wait_until
 
@@ -62,11 +65,13 @@ def test_subscriptions_per_connection_are_limited(connect: Callable[[str, str], 
     assert alice.subscribe("im/room/a/+") == 1  # renewing one it holds is fine
 
 
-def test_connections_per_account_are_limited(connect: Callable[[str, str], Raw]) -> None:
+def test_connections_per_account_are_limited(connect: Callable[[str, str], Raw], limited: ServeInfo) -> None:
     first, second = connect("alice", "alice:one"), connect("alice", "alice:two")
     assert (first.rc, second.rc) == (0, 0)
     third = connect("alice", "alice:three")
     assert third.rc == 5  # not authorized
+    with pytest.raises(AuthenticationFailed, match="the broker did not let alice in"):  # what login says
+        verify_login(limited.address, Credentials("alice", password_of("alice")), "laptop")
     assert not first.disconnected.is_set()
     again = connect("alice", "alice:two")  # the same client id replaces its own connection
     assert again.rc == 0
