@@ -1,0 +1,143 @@
+"""What every imcli command shares: the one error handler, the common options, and the
+helpers that turn options and the stored profile into an identity.
+
+Heavy modules (paho, pydantic, Rich) are imported inside the helpers that need them, so
+importing this module costs nothing at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from imcli.errors import ImcliError, InvalidInput
+
+if TYPE_CHECKING:
+    from broker.accounts import AccountStore
+    from imcli.chat import Identity
+    from imcli.config import Profile
+    from imcli.mqtt import BrokerAddress
+
+
+def print_error(exc: ImcliError) -> None:
+    """The one way users see an expected failure: ``Error: <what> (<what to do>)`` on stderr."""
+    from rich.console import Console
+    from rich.text import Text
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(Text("Error: ", style="bold red") + Text(str(exc)))
+
+
+class CliGroup(TyperGroup):
+    """Every command group: an ImcliError becomes one red line and exit code 1, never a traceback."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ImcliError as exc:
+            print_error(exc)
+            raise typer.Exit(1) from exc
+
+
+def sub_app(help_text: str) -> typer.Typer:
+    """A noun's sub-app (``imcli group …``) with the shared error handling."""
+    return typer.Typer(cls=CliGroup, help=help_text, no_args_is_help=True)
+
+
+HostOpt = Annotated[
+    str | None,
+    typer.Option("--host", envvar="IMCLI_HOST", help="Broker host [default: profile's, else 127.0.0.1]"),
+]
+PortOpt = Annotated[
+    int | None,
+    typer.Option("--port", envvar="IMCLI_PORT", help="Broker port [default: profile's, else 1883]"),
+]
+PasswordStdin = Annotated[
+    bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option("--data-dir", envvar="IMCLI_DATA_DIR", help="Broker data directory [default: per-user data dir]"),
+]
+
+
+def console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def broker_address(host: str | None, port: int | None, profile: Profile | None = None) -> BrokerAddress:
+    from imcli.mqtt import BrokerAddress
+
+    if port is not None and not 0 < port < 65536:
+        raise InvalidInput(f"invalid port {port}", "use 1-65535")
+    return BrokerAddress(
+        host or (profile.host if profile else "127.0.0.1"),
+        port if port is not None else (profile.port if profile else 1883),
+    )
+
+
+def signed_in(host: str | None, port: int | None) -> Identity:
+    from imcli.chat import Identity
+    from imcli.config import load_profile
+
+    profile = load_profile()
+    return Identity(broker_address(host, port, profile), profile.credentials, profile.device)
+
+
+def ask_password(from_stdin: bool, *, confirm: bool) -> str:
+    if from_stdin:
+        line = sys.stdin.readline().rstrip("\r\n")
+        if not line:
+            raise InvalidInput("no password on stdin")
+        return line
+    env = os.environ.get("IMCLI_PASSWORD")
+    if env:
+        return env
+    if not sys.stdin.isatty():
+        raise InvalidInput("no password given", "type it at a terminal, set IMCLI_PASSWORD or use --password-stdin")
+    value: str = typer.prompt("Password", hide_input=True, confirmation_prompt=confirm)
+    return value
+
+
+def message_text(text: str) -> str:
+    return sys.stdin.read() if text == "-" else text
+
+
+def heartbeat_seconds() -> float:
+    from imcli.wire import DEFAULT_HEARTBEAT
+
+    raw = os.environ.get("IMCLI_HEARTBEAT")
+    if raw is None:
+        return DEFAULT_HEARTBEAT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 1 <= value <= 3600:
+        raise InvalidInput(f"invalid IMCLI_HEARTBEAT {raw!r}", "give seconds between 1 and 3600")
+    return value
+
+
+def max_payload_bytes() -> int:
+    from imcli.wire import DEFAULT_MAX_PAYLOAD
+
+    raw = os.environ.get("IMCLI_MAX_PAYLOAD")
+    if raw is None:
+        return DEFAULT_MAX_PAYLOAD
+    if not raw.isdigit() or int(raw) < 64:
+        raise InvalidInput(f"invalid IMCLI_MAX_PAYLOAD {raw!r}", "give a number of bytes, at least 64")
+    return int(raw)
+
+
+def account_store(data_dir: Path | None) -> AccountStore:
+    from broker.accounts import AccountStore
+    from imcli.config import default_data_dir
+
+    return AccountStore((data_dir or default_data_dir()).expanduser())
