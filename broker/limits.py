@@ -11,6 +11,7 @@ class Limits:
     publish_burst: int = 60  # messages an account may send at once
     max_subscriptions: int = 100  # per connection
     max_connections: int = 10  # per account (devices and one-shot commands together)
+    max_queued: int = 1000  # messages kept for one offline persistent session; the archive keeps the rest
 
 
 @dataclass

@@ -113,6 +113,7 @@ class ImBroker(Broker):
         self._filters: dict[str, dict[str, int]] = {}  # client id -> its subscriptions (filter -> QoS)
         self._durable = RetainedStore(settings.data_dir)
         self._rate = PublishRate(settings.limits.publish_rate, settings.limits.publish_burst)
+        self._queue_drops: Counter[str] = Counter()  # per client id, to log a full queue once
 
     @property
     def accounts(self) -> AccountStore:
@@ -370,6 +371,17 @@ class ImBroker(Broker):
                 tasks.append(asyncio.ensure_future(handler.mqtt_publish(queued.topic, queued.data, queued.qos, False)))
         if tasks:
             await asyncio.wait(tasks)
+
+    async def _retain_broadcast_message(  # amqtt private: its offline queue is unbounded
+        self, broadcast: dict[str, Any], qos: int, target_session: Session
+    ) -> None:
+        queue = target_session.retained_messages
+        if queue.qsize() >= self.settings.limits.max_queued:
+            queue.get_nowait()  # keep the newest; the archive still has the oldest for 'imcli history'
+            self._queue_drops[target_session.client_id] += 1
+            if self._queue_drops[target_session.client_id] == 1:
+                log.info("offline queue of %s is full: dropping its oldest", target_session.client_id)
+        await super()._retain_broadcast_message(broadcast, qos, target_session)
 
     async def retain_message(
         self,

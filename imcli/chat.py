@@ -6,14 +6,10 @@ and tests can call them without the CLI.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Literal, Protocol, TypeVar
 
 from imcli.errors import (
     AccountError,
@@ -25,16 +21,14 @@ from imcli.errors import (
     NotFound,
     RequestTimeout,
 )
-from imcli.mqtt import BrokerAddress, ConnectionListener, Credentials, Message, MqttClient, Will
+from imcli.mqtt import BrokerAddress, Credentials, MqttClient
 from imcli.wire import (
-    DEFAULT_HEARTBEAT,
     DEFAULT_MAX_PAYLOAD,
+    HISTORY_MAX,
     NICK_RULE,
     ChatMessage,
-    DeviceStatus,
     DmPolicy,
     ErrorReply,
-    Event,
     FriendOp,
     FriendReply,
     FriendRequest,
@@ -43,8 +37,9 @@ from imcli.wire import (
     GroupOp,
     GroupReply,
     GroupRequest,
+    HistoryReply,
+    HistoryRequest,
     MalformedPayload,
-    Notice,
     Payload,
     Presence,
     Received,
@@ -59,8 +54,6 @@ from imcli.wire import (
     WireModel,
     check_name,
     decode,
-    decode_as,
-    decode_chat,
     encode,
     is_nick,
     new_id,
@@ -163,12 +156,15 @@ def send_dm(identity: Identity, name: str, message: ChatMessage) -> str:
     with MqttClient(identity.address, identity.credentials, identity.client_id("dm")) as client:
         requests = Requests(client, identity)
         to = resolve(requests, name)
-        # the broker would drop a refused DM silently (the PUBACK comes anyway): ask first
-        check = expect(requests.ask(FriendRequest(op="can_dm", user=to)), FriendReply)
-        if not check.allowed:
-            raise NotAllowed(f"{to} accepts direct messages from friends only", f"ask first: imcli friend add {to}")
+        check_can_dm(requests, to)
         client.publish(identity.topics.dm(to, identity.account), encode(message), qos=1)
     return to
+
+
+def check_can_dm(asker: Asker, to: str) -> None:
+    """The broker would drop a refused DM silently (the PUBACK comes anyway): ask first."""
+    if not expect(asker.ask(FriendRequest(op="can_dm", user=to)), FriendReply).allowed:
+        raise NotAllowed(f"{to} accepts direct messages from friends only", f"ask first: imcli friend add {to}")
 
 
 def friend_request(
@@ -181,11 +177,11 @@ def friend_request(
         return expect(Requests(client, identity).ask(request), FriendReply).record
 
 
-def resolve(requests: Requests, name: str) -> str:
+def resolve(asker: Asker, name: str) -> str:
     wanted = name.removeprefix("@").strip()
     if not wanted:
         raise InvalidInput("empty recipient name")
-    reply = requests.ask(ResolveRequest(name=wanted))
+    reply = asker.ask(ResolveRequest(name=wanted))
     if isinstance(reply, ErrorReply) and reply.code == "not_found":
         raise NotFound(f"unknown recipient {wanted!r}", "check the name with 'imcli who --all'")
     return expect(reply, Resolved).account
@@ -193,15 +189,27 @@ def resolve(requests: Requests, name: str) -> str:
 
 def who(identity: Identity, include_offline: bool = False) -> list[Presence]:
     with MqttClient(identity.address, identity.credentials, identity.client_id("who")) as client:
-        reply = Requests(client, identity).ask(WhoRequest(all=include_offline))
-    return expect(reply, Roster).users
+        return ask_who(Requests(client, identity), include_offline)
+
+
+def ask_who(asker: Asker, include_offline: bool = False) -> list[Presence]:
+    return expect(asker.ask(WhoRequest(all=include_offline)), Roster).users
 
 
 def rename(identity: Identity, nick: str) -> str:
+    check_nick(nick)
+    with MqttClient(identity.address, identity.credentials, identity.client_id("nick")) as client:
+        return ask_rename(Requests(client, identity), nick)
+
+
+def check_nick(nick: str) -> str:
     if not is_nick(nick):
         raise InvalidInput(f"invalid nickname {nick!r}", NICK_RULE)
-    with MqttClient(identity.address, identity.credentials, identity.client_id("nick")) as client:
-        reply = Requests(client, identity).ask(RenameRequest(nick=nick))
+    return nick
+
+
+def ask_rename(asker: Asker, nick: str) -> str:
+    reply = asker.ask(RenameRequest(nick=check_nick(nick)))
     if isinstance(reply, ErrorReply) and reply.code == "taken":
         raise NameTaken(f"the nickname {nick!r} is taken", "choose another one")
     return expect(reply, Renamed).nick
@@ -232,10 +240,83 @@ def group_say(identity: Identity, group: str, message: ChatMessage) -> None:
     """Send to a group, after checking membership (the broker would drop it silently)."""
     check_name(group, "group name")
     with MqttClient(identity.address, identity.credentials, identity.client_id("gsay")) as client:
-        reply = expect(Requests(client, identity).ask(GroupRequest(op="members", group=group)), GroupReply)
-        if reply.group is None or identity.account not in reply.group.members:
-            raise NotAllowed(f"you are not a member of &{group}", f"join it first: imcli group join {group}")
+        check_member(Requests(client, identity), group, identity.account)
         client.publish(identity.topics.group_msg(group, identity.account), encode(message), qos=1)
+
+
+def check_member(asker: Asker, group: str, me: str) -> None:
+    reply = expect(asker.ask(GroupRequest(op="members", group=check_name(group, "group name"))), GroupReply)
+    if reply.group is None or me not in reply.group.members:
+        raise NotAllowed(f"you are not a member of #{group}", f"join it first: imcli group join {group}")
+
+
+# ---------------------------------------------------------------- history
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Where a line goes or comes from: a room (``lobby``), a person (``@bob``) or a group (``#team``)."""
+
+    kind: Literal["room", "dm", "group"]
+    name: str
+
+    def __str__(self) -> str:
+        return {"room": "", "dm": "@", "group": "#"}[self.kind] + self.name
+
+    @classmethod
+    def parse(cls, text: str) -> Conversation:
+        text = text.strip()
+        if text.startswith("@"):
+            return cls("dm", check_name(text[1:], "account name"))
+        if text.startswith("#"):
+            return cls("group", check_name(text[1:], "group name"))
+        return cls("room", check_name(text, "room name"))
+
+    @classmethod
+    def of(cls, item: Received, me: str) -> Conversation | None:
+        if item.kind == "room" and item.room:
+            return cls("room", item.room)
+        if item.kind == "group" and item.group:
+            return cls("group", item.group)
+        if item.kind == "dm" and item.sender and item.to:
+            return cls("dm", item.to if item.sender == me else item.sender)
+        return None
+
+
+def history(
+    identity: Identity,
+    where: Conversation | None,
+    limit: int = 50,
+    since: float | None = None,
+    before: float | None = None,
+) -> HistoryReply:
+    with MqttClient(identity.address, identity.credentials, identity.client_id("history")) as client:
+        return ask_history(Requests(client, identity), where, limit, since, before)
+
+
+def ask_history(
+    asker: Asker,
+    where: Conversation | None,
+    limit: int = 50,
+    since: float | None = None,
+    before: float | None = None,
+) -> HistoryReply:
+    """Past messages of one conversation, or (``where=None``) of everything I may read."""
+    if not 1 <= limit <= HISTORY_MAX:
+        raise InvalidInput(f"invalid limit {limit}", f"use 1-{HISTORY_MAX}")
+    target: dict[str, str] = {}
+    if where is not None:
+        if where.kind == "dm":
+            target["user"] = resolve(asker, where.name)
+        else:
+            target[where.kind] = where.name
+    request = HistoryRequest(limit=limit, since=since, before=before, **target)
+    try:
+        return expect(asker.ask(request), HistoryReply)
+    except RequestTimeout as exc:
+        raise RequestTimeout(
+            "the archive did not answer", "history needs the archive worker, which 'imcli serve' runs"
+        ) from exc
 
 
 def expect(reply: Payload, kind: type[_R]) -> _R:
@@ -248,6 +329,12 @@ def expect(reply: Payload, kind: type[_R]) -> _R:
 
 
 # ---------------------------------------------------------------- request / reply
+
+
+class Asker(Protocol):
+    """Something that sends a request to the workers and returns the reply."""
+
+    def ask(self, request: WireModel) -> Payload: ...
 
 
 class Requests:
@@ -278,209 +365,10 @@ class Requests:
                 return decode(msg.payload)
             except MalformedPayload as exc:
                 raise ImcliError(f"a worker sent a malformed reply: {exc}") from exc
-        raise RequestTimeout(
-            f"no worker answered within {self._timeout:g}s",
-            "is the presence worker running? 'imcli serve' starts it",
-        )
+        raise no_worker(self._timeout)
 
 
-# ---------------------------------------------------------------- receiving
-
-
-class RecentIds:
-    """Message ids seen lately: QoS 1 is at-least-once, so duplicates are dropped here."""
-
-    def __init__(self, capacity: int = 10_000) -> None:
-        self._ids: OrderedDict[str, None] = OrderedDict()
-        self._capacity = capacity
-
-    def seen(self, message_id: str) -> bool:
-        if message_id in self._ids:
-            return True
-        self._ids[message_id] = None
-        if len(self._ids) > self._capacity:
-            self._ids.popitem(last=False)
-        return False
-
-
-def to_received(topics: Topics, message: Message) -> Received | None:
-    """What a client shows for one MQTT message; ``None`` for topics it does not display."""
-    parsed = topics.parse(message.topic)
-    if parsed is None or parsed.kind not in (
-        TopicKind.ROOM,
-        TopicKind.DM,
-        TopicKind.GROUP_MSG,
-        TopicKind.NOTICE,
-        TopicKind.EVENTS,
-    ):
-        return None
-    if parsed.kind is TopicKind.EVENTS:
-        try:
-            event = decode_as(message.payload, Event)
-        except MalformedPayload as exc:
-            return _malformed(message, exc)
-        return Received(
-            kind="event",
-            sender=event.account,
-            nick=event.nick,
-            id=event.id,
-            ts=event.ts,
-            text=event_text(event),
-        )
-    if parsed.kind is TopicKind.NOTICE:
-        try:
-            notice = decode_as(message.payload, Notice)
-        except MalformedPayload as exc:
-            return _malformed(message, exc)
-        return Received(kind="notice", id=notice.id, ts=notice.ts, text=notice.text)
-    try:
-        chat, plain = decode_chat(message.payload)
-    except MalformedPayload as exc:
-        return _malformed(message, exc, sender=parsed.sender)
-    common = {"id": chat.id, "ts": chat.ts, "text": chat.text, "format": "text" if plain else "json"}
-    if parsed.kind is TopicKind.ROOM:
-        return Received(kind="room", sender=parsed.sender, room=parsed.name, **common)
-    if parsed.kind is TopicKind.GROUP_MSG:
-        return Received(kind="group", sender=parsed.sender, group=parsed.name, **common)
-    return Received(kind="dm", sender=parsed.sender, to=parsed.owner, **common)
-
-
-def event_text(event: Event) -> str:
-    if event.event == "rename":
-        return f"{event.old_nick} is now known as {event.nick}"
-    who = event.nick if event.nick == event.account else f"{event.nick} ({event.account})"
-    return f"{who} is {'online' if event.event == 'join' else 'offline'}"
-
-
-def _malformed(message: Message, exc: Exception, sender: str | None = None) -> Received:
-    return Received(kind="malformed", sender=sender, id=new_id(), ts=time.time(), text=f"{message.topic}: {exc}")
-
-
-class Listener:
-    """Rooms, direct messages, notices and events as they arrive; reconnects by itself.
-
-    While it runs, the device is online: a retained status on
-    ``<prefix>/status/<me>/<device>`` repeated every ``heartbeat`` seconds, an empty
-    retained Last Will that clears it if the process dies, and a clear on a clean exit.
-    ``with Listener(identity) as l: for item in l: ...``
-    """
-
-    def __init__(
-        self,
-        identity: Identity,
-        rooms: list[str] | None = None,
-        on_connection: ConnectionListener | None = None,
-        heartbeat: float = DEFAULT_HEARTBEAT,
-    ) -> None:
-        self.identity = identity
-        topics = identity.topics
-        room_filters = (
-            [topics.room_filter(check_name(r, "room name")) for r in rooms] if rooms else [topics.room_filter()]
-        )
-        self._filters = [
-            *room_filters,
-            topics.user_filter(identity.account),
-            topics.group_msg_filter(),  # every group: the broker delivers only my groups' messages
-            topics.presence_filter(),
-            topics.events(),
-        ]
-        client_id = identity.client_id("listen")
-        self._status_topic = topics.status(identity.account, client_id.split(":", 1)[1])
-        self._heartbeat = heartbeat
-        self._user_on_connection = on_connection
-        self._client = MqttClient(
-            identity.address,
-            identity.credentials,
-            client_id,
-            reconnect=True,
-            will=Will(self._status_topic, b"", qos=1, retain=True),
-            on_connection=self._connection_changed,
-        )
-        self._seen = RecentIds()
-        self._nicks: dict[str, str] = {}
-        self._requests_shown: set[str] = set()
-        self._stop = threading.Event()
-        self._beat = threading.Thread(target=self._beat_loop, name="imcli-heartbeat", daemon=True)
-
-    def __enter__(self) -> Listener:
-        self._client.connect()
-        try:
-            self._client.subscribe(self._filters)
-            self._client.publish(self._status_topic, self._status(), qos=1, retain=True)
-        except ImcliError:
-            self._client.close()
-            raise
-        self._beat.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Say offline (clear the device's status) and disconnect."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        if self._client.connected:
-            # if the broker is gone, the Last Will or the worker's expiry says offline instead
-            with contextlib.suppress(ImcliError):
-                self._client.publish(self._status_topic, b"", qos=1, retain=True)
-        self._client.close()
-
-    def _status(self) -> bytes:
-        return encode(DeviceStatus(interval=self._heartbeat))
-
-    def _connection_changed(self, up: bool) -> None:
-        if up:  # paho's thread: announce again without waiting
-            self._client.publish_nowait(self._status_topic, self._status(), qos=1, retain=True)
-        if self._user_on_connection is not None:
-            self._user_on_connection(up)
-
-    def _beat_loop(self) -> None:
-        while not self._stop.wait(self._heartbeat):
-            if self._client.connected:
-                self._client.publish_nowait(self._status_topic, self._status(), qos=1, retain=True)
-
-    def __iter__(self) -> Iterator[Received]:
-        topics = self.identity.topics
-        while not self._stop.is_set():
-            if self._client.fatal is not None:
-                raise self._client.fatal
-            message = self._client.get(timeout=0.5)
-            if message is None:
-                continue
-            parsed = topics.parse(message.topic)
-            if parsed is not None and parsed.kind is TopicKind.PRESENCE:
-                self._remember_nick(message.payload)
-                continue
-            if parsed is not None and parsed.kind is TopicKind.FRIENDS:
-                yield from self._new_requests(message.payload)
-                continue
-            item = to_received(topics, message)
-            if item is None or (item.kind != "malformed" and self._seen.seen(item.id)):
-                continue
-            if item.kind == "event" and item.sender and item.nick:
-                self._nicks[item.sender] = item.nick
-            elif item.sender and self._nicks.get(item.sender, item.sender) != item.sender:
-                item = item.model_copy(update={"nick": self._nicks[item.sender]})
-            yield item
-
-    def _new_requests(self, payload: bytes) -> Iterator[Received]:
-        """Friend requests waiting in my retained record: they reach me even if I was offline."""
-        try:
-            record = decode_as(payload, Friends)
-        except MalformedPayload:
-            return
-        self._requests_shown &= set(record.incoming)  # a request asked again after a decline shows again
-        for asker in record.incoming:
-            if asker not in self._requests_shown:
-                self._requests_shown.add(asker)
-                text = f"{asker} wants to be your friend (imcli friend accept {asker})"
-                yield Received(kind="notice", sender=asker, id=new_id(), ts=time.time(), text=text)
-
-    def _remember_nick(self, payload: bytes) -> None:
-        try:
-            record = decode_as(payload, Presence)
-        except MalformedPayload:
-            return
-        self._nicks[record.account] = record.nick
+def no_worker(timeout: float) -> RequestTimeout:
+    return RequestTimeout(
+        f"no worker answered within {timeout:g}s", "is the presence worker running? 'imcli serve' starts it"
+    )

@@ -233,7 +233,7 @@ def say(
     identity = signed_in(host, port)
     message = chat.prepare_text(message_text(text), max_payload_bytes())
     chat.say(identity, room, message)
-    console().print(f"sent to #{room}")
+    console().print(f"sent to {room}")
 
 
 @app.command()
@@ -264,7 +264,7 @@ def listen(
     """Print room, direct and group messages, notices and events as they arrive, until Ctrl-C."""
     from rich.console import Console
 
-    from imcli.chat import Listener
+    from imcli.inbox import Listener
     from imcli.render import received_line
 
     identity = signed_in(host, port)

@@ -23,7 +23,7 @@ GroupArg = Annotated[str, typer.Argument(help="Group name.")]
 def _group_line(info: Any) -> str:
     kind = "private" if info.private else "public"
     return (
-        f"&{info.name}  {kind}, {len(info.members)} member{'s' if len(info.members) != 1 else ''}, owner {info.owner}"
+        f"#{info.name}  {kind}, {len(info.members)} member{'s' if len(info.members) != 1 else ''}, owner {info.owner}"
     )
 
 
@@ -38,7 +38,7 @@ def group_create(
     from imcli import chat
 
     chat.group_request(signed_in(host, port), "create", name, private=private)
-    console().print(f"created &{name} ({'private' if private else 'public'})")
+    console().print(f"created #{name} ({'private' if private else 'public'})")
 
 
 @group_app.command("join")
@@ -47,7 +47,7 @@ def group_join(name: GroupArg, host: HostOpt = None, port: PortOpt = None) -> No
     from imcli import chat
 
     chat.group_request(signed_in(host, port), "join", name)
-    console().print(f"joined &{name}")
+    console().print(f"joined #{name}")
 
 
 @group_app.command("leave")
@@ -57,7 +57,7 @@ def group_leave(name: GroupArg, host: HostOpt = None, port: PortOpt = None) -> N
 
     reply = chat.group_request(signed_in(host, port), "leave", name)
     gone = getattr(reply, "group", True) is None
-    console().print(f"left &{name}" + (" (it had no other members and is gone)" if gone else ""))
+    console().print(f"left #{name}" + (" (it had no other members and is gone)" if gone else ""))
 
 
 @group_app.command("invite")
@@ -67,7 +67,7 @@ def group_invite(name: GroupArg, user: Annotated[str, typer.Argument(help="Accou
     from imcli import chat
 
     chat.group_request(signed_in(host, port), "invite", name, user=user.removeprefix("@"))
-    console().print(f"added {user} to &{name}")
+    console().print(f"added {user} to #{name}")
 
 
 @group_app.command("kick")
@@ -77,7 +77,7 @@ def group_kick(name: GroupArg, user: Annotated[str, typer.Argument(help="Member 
     from imcli import chat
 
     chat.group_request(signed_in(host, port), "kick", name, user=user.removeprefix("@"))
-    console().print(f"removed {user} from &{name}")
+    console().print(f"removed {user} from #{name}")
 
 
 @group_app.command("promote")
@@ -87,7 +87,7 @@ def group_promote(name: GroupArg, user: Annotated[str, typer.Argument(help="Memb
     from imcli import chat
 
     chat.group_request(signed_in(host, port), "promote", name, user=user.removeprefix("@"))
-    console().print(f"{user} is now an admin of &{name}")
+    console().print(f"{user} is now an admin of #{name}")
 
 
 @group_app.command("list")
@@ -122,7 +122,7 @@ def group_members(name: GroupArg, json_: JsonOpt = False, host: HostOpt = None, 
 
     reply = chat.group_request(signed_in(host, port), "members", name)
     if not isinstance(reply, GroupReply) or reply.group is None:
-        raise NotFound(f"no group &{name}")
+        raise NotFound(f"no group #{name}")
     info = reply.group
     if json_:
         print(info.model_dump_json())
@@ -147,7 +147,7 @@ def group_say(
     identity = signed_in(host, port)
     message = chat.prepare_text(message_text(text), max_payload_bytes())
     chat.group_say(identity, name, message)
-    console().print(f"sent to &{name}")
+    console().print(f"sent to #{name}")
 
 
 # ---------------------------------------------------------------- friends

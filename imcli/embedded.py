@@ -15,6 +15,7 @@ from pathlib import Path
 
 from amqtt.errors import BrokerError as AmqttBrokerError
 
+from archive.worker import ArchiveWorker
 from broker.accounts import AccountStore, Role
 from broker.server import SERVICE_ACCOUNT, BrokerSettings, EmbeddedBroker, new_service_password
 from groups.worker import GroupWorker
@@ -24,6 +25,7 @@ from imcli.worker import ServiceWorker
 from presence.worker import PresenceWorker
 
 GROUPS_ACCOUNT = "groups"
+ARCHIVE_ACCOUNT = "archive"
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,10 @@ async def serve_forever(
             for account, make in (
                 (SERVICE_ACCOUNT, lambda creds: PresenceWorker(address, creds, directory, broker.topics, "embedded")),
                 (GROUPS_ACCOUNT, lambda creds: GroupWorker(address, creds, directory, broker.topics, "embedded")),
+                (
+                    ARCHIVE_ACCOUNT,
+                    lambda creds: ArchiveWorker(address, creds, settings.data_dir, broker.topics, "embedded"),
+                ),
             ):
                 password = new_service_password()
                 await asyncio.to_thread(broker.accounts.ensure_service, account, password)

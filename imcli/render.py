@@ -47,15 +47,17 @@ def received_line(item: Received, me: str) -> Text:
         line.append("(malformed message on " + safe(item.text) + ")", style="dim italic")
         return line
     sender = item.sender or "?"
+    if item.missed:
+        line.append("(missed) ", style="italic yellow")
     if item.kind == "dm":
         line.append("[dm] ", style="bold red")
         _append_sender(line, sender, item.nick)
         line.append(" → " + ("you" if item.to == me else (item.to or "?")), style="dim")
     elif item.kind == "group":
-        line.append(f"&{item.group} ", style="bold blue")
+        line.append(f"#{item.group} ", style="bold blue")
         _append_sender(line, sender, item.nick)
     else:
-        line.append(f"#{item.room} ", style="dim")
+        line.append(f"{item.room} ", style="dim")
         _append_sender(line, sender, item.nick)
     line.append(": ")
     line.append(safe(item.text), style="bold" if item.kind == "dm" else "")

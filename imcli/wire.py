@@ -122,6 +122,10 @@ class Topics:
     def dm(self, to: str, sender: str) -> str:
         return f"{self.prefix}/user/{_n(to)}/dm/{_n(sender)}"
 
+    def dm_filter(self) -> str:
+        """Every direct message (the archive's subscription; a user may read only its own)."""
+        return f"{self.prefix}/user/+/dm/+"
+
     def user_filter(self, me: str) -> str:
         return f"{self.prefix}/user/{_n(me)}/#"
 
@@ -451,6 +455,58 @@ class SyncMarker(WireModel):
     id: MessageId = Field(default_factory=new_id)
 
 
+HISTORY_MAX = 1000
+
+
+class HistoryRequest(WireModel):
+    """Ask the archive worker for past messages; the requester is the request topic's sender.
+
+    At most one of ``room``, ``user`` (a direct conversation with that account) and
+    ``group``; none of them asks for everything the requester may read (catching up).
+    """
+
+    type: Literal["history"] = "history"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    room: str | None = None
+    user: str | None = None
+    group: str | None = None
+    since: Timestamp | None = None  # archive time, inclusive
+    before: Timestamp | None = None  # archive time, exclusive
+    limit: Annotated[int, Field(ge=1, le=HISTORY_MAX)] = 50
+
+
+class Received(WireModel):
+    """One line of ``imcli listen``: what arrived, from whom, where (also its ``--json`` form)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    kind: Literal["room", "dm", "group", "notice", "event", "malformed"]
+    sender: str | None = Field(default=None, alias="from")
+    nick: str | None = None  # chat lines: the sender's nickname if it differs; events: always
+    to: str | None = None
+    room: str | None = None
+    group: str | None = None
+    id: str
+    ts: float
+    text: str
+    format: Literal["json", "text"] = "json"
+    missed: bool | None = None  # arrived while the reader was away (queued, or fetched from the archive)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
+class HistoryReply(WireModel):
+    """The newest ``limit`` matching messages, oldest first; ``more`` if older ones were left out."""
+
+    type: Literal["history_reply"] = "history_reply"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    messages: list[Received]
+    more: bool = False
+
+
 Payload = Annotated[
     ChatMessage
     | Notice
@@ -471,7 +527,9 @@ Payload = Annotated[
     | Friends
     | FriendRequest
     | FriendReply
-    | SyncMarker,
+    | SyncMarker
+    | HistoryRequest
+    | HistoryReply,
     Field(discriminator="type"),
 ]
 _PAYLOAD: TypeAdapter[Payload] = TypeAdapter(Payload)
@@ -485,7 +543,7 @@ class MalformedPayload(ValueError):
 
 
 def encode(model: WireModel) -> bytes:
-    return model.model_dump_json(exclude_none=True).encode()
+    return model.model_dump_json(by_alias=True, exclude_none=True).encode()
 
 
 def decode(data: bytes) -> Payload:
@@ -534,23 +592,3 @@ def _first_error(exc: ValidationError) -> str:
 
 
 # --------------------------------------------------------------------------- what clients show
-
-
-class Received(WireModel):
-    """One line of ``imcli listen``: what arrived, from whom, where (also its ``--json`` form)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    kind: Literal["room", "dm", "group", "notice", "event", "malformed"]
-    sender: str | None = Field(default=None, alias="from")
-    nick: str | None = None  # chat lines: the sender's nickname if it differs; events: always
-    to: str | None = None
-    room: str | None = None
-    group: str | None = None
-    id: str
-    ts: float
-    text: str
-    format: Literal["json", "text"] = "json"
-
-    def to_json(self) -> str:
-        return self.model_dump_json(by_alias=True, exclude_none=True)

@@ -52,6 +52,8 @@ class ServiceWorker:
         topics: Topics | None = None,
         device: str = "worker",
         clock: Callable[[], float] = time.time,
+        *,
+        persistent: bool = False,
     ) -> None:
         self.topics = topics or Topics()
         self.account = credentials.username
@@ -64,6 +66,7 @@ class ServiceWorker:
             address,
             credentials,
             f"{credentials.username}:{device}",
+            clean_session=not persistent,  # persistent: the broker queues what arrives while we are away
             reconnect=True,
             on_message=self._on_message,
             on_connection=self._on_connection,

@@ -165,7 +165,7 @@ def test_two_users_chat_through_the_cli(
     wait_listening(bob, bob_listens)
 
     said = alice("say", "hello everyone")
-    assert said.exit_code == 0 and said.stdout.strip() == "sent to #lobby"
+    assert said.exit_code == 0 and said.stdout.strip() == "sent to lobby"
     line = json.loads(bob_listens.line())
     assert (line["kind"], line["from"], line["room"], line["text"]) == (
         "room",
@@ -180,7 +180,7 @@ def test_two_users_chat_through_the_cli(
     assert (line["kind"], line["from"], line["to"], line["text"]) == ("dm", "alice", "bob", "just for you")
 
     other_room = alice("say", "--room", "dev", "-", input="from a pipe\n")
-    assert other_room.exit_code == 0 and other_room.stdout.strip() == "sent to #dev"
+    assert other_room.exit_code == 0 and other_room.stdout.strip() == "sent to dev"
     line = json.loads(bob_listens.line())
     assert (line["room"], line["text"]) == ("dev", "from a pipe")
 

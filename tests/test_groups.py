@@ -13,7 +13,7 @@ import pytest
 from broker.accounts import AccountStore
 from broker.server import BrokerSettings
 from groups.worker import GroupWorker
-from imcli import chat
+from imcli import chat, inbox
 from imcli.chat import Identity
 from imcli.embedded import BackgroundServer, ServeInfo, StoreDirectory
 from imcli.errors import NameTaken, NotAllowed, NotFound
@@ -51,49 +51,49 @@ def test_public_group_life_cycle(server: ServeInfo, users: Callable[..., None], 
     for cli, name in ((alice, "alice"), (bob, "bob"), (carol, "carol")):
         cli.login(name)
 
-    assert alice("group", "create", "book-club").stdout.strip() == "created &book-club (public)"
+    assert alice("group", "create", "book-club").stdout.strip() == "created #book-club (public)"
     listed = json.loads(bob("group", "list", "--json").stdout)
     assert [g["name"] for g in listed["public"]] == ["book-club"] and listed["mine"] == []
-    assert bob("group", "join", "book-club").stdout.strip() == "joined &book-club"
+    assert bob("group", "join", "book-club").stdout.strip() == "joined #book-club"
     assert carol("group", "join", "book-club").exit_code == 0
     members = json.loads(alice("group", "members", "book-club", "--json").stdout)
     assert members["members"] == ["alice", "bob", "carol"] and members["owner"] == "alice"
 
     said = bob("group", "say", "book-club", "chapter 3?")
-    assert said.exit_code == 0 and said.stdout.strip() == "sent to &book-club"
+    assert said.exit_code == 0 and said.stdout.strip() == "sent to #book-club"
 
-    assert alice("group", "leave", "book-club").stdout.strip() == "left &book-club"
+    assert alice("group", "leave", "book-club").stdout.strip() == "left #book-club"
     members = json.loads(bob("group", "members", "book-club", "--json").stdout)
     assert (members["owner"], members["admins"], members["members"]) == ("bob", ["bob"], ["bob", "carol"])
     assert bob("group", "leave", "book-club").exit_code == 0
     assert carol("group", "leave", "book-club").stdout.strip() == (
-        "left &book-club (it had no other members and is gone)"
+        "left #book-club (it had no other members and is gone)"
     )
     gone = alice("group", "members", "book-club")
-    assert gone.exit_code == 1 and gone.stderr.startswith("Error: no group &book-club")
+    assert gone.exit_code == 1 and gone.stderr.startswith("Error: no group #book-club")
 
 
 @pytest.mark.parametrize(
     ("who", "args", "error"),
     [
-        ("carol", ["group", "join", "team"], "Error: no group &team (or it is private)"),
-        ("carol", ["group", "members", "team"], "Error: no group &team (or it is private)"),
-        ("carol", ["group", "say", "team", "hi"], "Error: no group &team (or it is private)"),
-        ("bob", ["group", "invite", "team", "carol"], "Error: only admins of &team can do that"),
-        ("bob", ["group", "kick", "team", "alice"], "Error: only admins of &team can do that"),
+        ("carol", ["group", "join", "team"], "Error: no group #team (or it is private)"),
+        ("carol", ["group", "members", "team"], "Error: no group #team (or it is private)"),
+        ("carol", ["group", "say", "team", "hi"], "Error: no group #team (or it is private)"),
+        ("bob", ["group", "invite", "team", "carol"], "Error: only admins of #team can do that"),
+        ("bob", ["group", "kick", "team", "alice"], "Error: only admins of #team can do that"),
         (
             "alice",
             ["group", "kick", "team", "alice"],
             "Error: only the owner can remove an admin, and nobody the owner",
         ),
         ("alice", ["group", "invite", "team", "zed"], "Error: unknown user 'zed'"),
-        ("alice", ["group", "invite", "team", "bob"], "Error: bob is already a member of &team"),
+        ("alice", ["group", "invite", "team", "bob"], "Error: bob is already a member of #team"),
         ("alice", ["group", "create", "team"], "Error: the group name 'team' is taken"),
         ("alice", ["group", "create", "Bad Name"], "Error: invalid group name 'Bad Name'"),
-        ("carol", ["group", "leave", "team"], "Error: you are not a member of &team"),
+        ("carol", ["group", "leave", "team"], "Error: you are not a member of #team"),
         ("alice", ["group", "say", "team", ""], "Error: empty message"),
-        ("bob", ["group", "promote", "team", "bob"], "Error: only the owner of &team can appoint admins"),
-        ("alice", ["group", "promote", "team", "carol"], "Error: 'carol' is not a member of &team"),
+        ("bob", ["group", "promote", "team", "bob"], "Error: only the owner of #team can appoint admins"),
+        ("alice", ["group", "promote", "team", "carol"], "Error: 'carol' is not a member of #team"),
     ],
 )
 def test_group_errors(team: str, cli_as: Callable[[str], Cli], who: str, args: list[str], error: str) -> None:
@@ -140,7 +140,7 @@ def test_concurrent_creates_have_one_winner(server: ServeInfo, users: Callable[.
 
 def test_members_receive_group_messages_through_listen(server: ServeInfo, team: str) -> None:
     got: list[tuple[str, str | None, str]] = []
-    with chat.Listener(ident(server, "bob")) as listener:
+    with inbox.Listener(ident(server, "bob")) as listener:
         reader = threading.Thread(target=lambda: got.extend((i.kind, i.group, i.text) for i in listener), daemon=True)
         reader.start()
         chat.group_say(ident(server, "alice"), "team", chat.prepare_text("hello team"))
@@ -229,7 +229,7 @@ def test_invited_user_hears_of_it(server: ServeInfo, team: str, raw: RawFactory)
     assert dave.subscribe("im/user/dave/notice") == 1
     chat.group_request(ident(server, "alice"), "invite", "team", user="dave")
     notice = json.loads(dave.expect("im/user/dave/notice").payload)
-    assert notice["text"] == "alice added you to &team"
+    assert notice["text"] == "alice added you to #team"
     assert dave.subscribe("im/group/team/msg/+") == 1  # and may read it now
 
 
@@ -281,7 +281,7 @@ def test_promoted_admin_may_invite_and_kick_but_not_remove_the_owner(
     alice.login("alice")
     bob.login("bob")
     assert bob("group", "invite", "team", "carol").exit_code == 1
-    assert alice("group", "promote", "team", "bob").stdout.strip() == "bob is now an admin of &team"
+    assert alice("group", "promote", "team", "bob").stdout.strip() == "bob is now an admin of #team"
     assert bob("group", "invite", "team", "carol").exit_code == 0
     assert bob("group", "kick", "team", "carol").exit_code == 0
     refused = bob("group", "kick", "team", "alice")

@@ -17,7 +17,8 @@ from broker.accounts import AccountStore
 from broker.server import BrokerSettings
 from groups.worker import GroupWorker
 from imcli import chat
-from imcli.chat import Identity, Listener
+from imcli.chat import Identity
+from imcli.inbox import Listener
 from imcli.embedded import BackgroundServer, ServeInfo, StoreDirectory
 from imcli.errors import NameTaken, NotFound, RequestTimeout
 from imcli.mqtt import Credentials

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from broker.accounts import AccountStore, Role
 from broker.acl import Access, TopicAcl, filter_within, topic_matches
-from imcli.chat import RecentIds, prepare_text, to_received
+from imcli.chat import prepare_text
+from imcli.inbox import RecentIds, to_received
 from imcli.errors import InvalidInput, NameTaken, NotFound
 from imcli.mqtt import Message
 from imcli.render import safe
