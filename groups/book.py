@@ -58,14 +58,14 @@ class GroupBook:
         if user in info.members:
             return Outcome(GroupReply(id=req.id, group=info))
         if len(info.members) >= self.max_members:
-            return _error(req, "denied", f"&{info.name} is full ({self.max_members} members)")
+            return _error(req, "denied", f"#{info.name} is full ({self.max_members} members)")
         new = info.model_copy(update={"members": [*info.members, user]})
-        return self._store(req, new, _tell(info.members, f"{user} joined &{info.name}"))
+        return self._store(req, new, _tell(info.members, f"{user} joined #{info.name}"))
 
     def _leave(self, user: str, req: GroupRequest, now: float) -> Outcome:
         info = self._visible(user, req.group)
         if info is None or user not in info.members:
-            return _error(req, "not_found", f"you are not a member of &{req.group}")
+            return _error(req, "not_found", f"you are not a member of #{req.group}")
         members = [m for m in info.members if m != user]
         if not members:
             del self._groups[info.name]
@@ -77,7 +77,7 @@ class GroupBook:
         if owner not in admins:
             admins.insert(0, owner)
         new = info.model_copy(update={"members": members, "admins": admins, "owner": owner})
-        return self._store(req, new, _tell(members, f"{user} left &{info.name}"))
+        return self._store(req, new, _tell(members, f"{user} left #{info.name}"))
 
     def _invite(self, user: str, req: GroupRequest, now: float) -> Outcome:
         info, error = self._as_admin(user, req)
@@ -88,12 +88,12 @@ class GroupBook:
         if guest in RESERVED_NAMES or not is_name(guest) or not self._is_user(guest):
             return _error(req, "not_found", f"unknown user {guest!r}")
         if guest in info.members:
-            return _error(req, "invalid", f"{guest} is already a member of &{info.name}")
+            return _error(req, "invalid", f"{guest} is already a member of #{info.name}")
         if len(info.members) >= self.max_members:
-            return _error(req, "denied", f"&{info.name} is full ({self.max_members} members)")
+            return _error(req, "denied", f"#{info.name} is full ({self.max_members} members)")
         new = info.model_copy(update={"members": [*info.members, guest]})
-        notices = [*_tell(info.members, f"{user} invited {guest} to &{info.name}"),
-                   (guest, f"{user} added you to &{info.name}")]  # fmt: skip
+        notices = [*_tell(info.members, f"{user} invited {guest} to #{info.name}"),
+                   (guest, f"{user} added you to #{info.name}")]  # fmt: skip
         return self._store(req, new, notices)
 
     def _kick(self, user: str, req: GroupRequest, now: float) -> Outcome:
@@ -103,14 +103,14 @@ class GroupBook:
         assert info is not None
         target = req.user or ""
         if target not in info.members:
-            return _error(req, "not_found", f"{target!r} is not a member of &{info.name}")
+            return _error(req, "not_found", f"{target!r} is not a member of #{info.name}")
         if target == info.owner or (target in info.admins and user != info.owner):
             return _error(req, "denied", "only the owner can remove an admin, and nobody the owner")
         members = [m for m in info.members if m != target]
         admins = [a for a in info.admins if a != target]
         new = info.model_copy(update={"members": members, "admins": admins})
-        notices = [*_tell(members, f"{user} removed {target} from &{info.name}"),
-                   (target, f"{user} removed you from &{info.name}")]  # fmt: skip
+        notices = [*_tell(members, f"{user} removed {target} from #{info.name}"),
+                   (target, f"{user} removed you from #{info.name}")]  # fmt: skip
         return self._store(req, new, notices)
 
     def _promote(self, user: str, req: GroupRequest, now: float) -> Outcome:
@@ -118,14 +118,14 @@ class GroupBook:
         if info is None:
             return _missing(req)
         if user != info.owner:
-            return _error(req, "denied", f"only the owner of &{info.name} can appoint admins")
+            return _error(req, "denied", f"only the owner of #{info.name} can appoint admins")
         target = req.user or ""
         if target not in info.members:
-            return _error(req, "not_found", f"{target!r} is not a member of &{info.name}")
+            return _error(req, "not_found", f"{target!r} is not a member of #{info.name}")
         if target in info.admins:
-            return _error(req, "invalid", f"{target} is already an admin of &{info.name}")
+            return _error(req, "invalid", f"{target} is already an admin of #{info.name}")
         new = info.model_copy(update={"admins": [*info.admins, target]})
-        return self._store(req, new, _tell(info.members, f"{user} made {target} an admin of &{info.name}"))
+        return self._store(req, new, _tell(info.members, f"{user} made {target} an admin of #{info.name}"))
 
     def _members(self, user: str, req: GroupRequest, now: float) -> Outcome:
         info = self._visible(user, req.group)
@@ -150,7 +150,7 @@ class GroupBook:
         if info is None:
             return None, _missing(req)
         if user not in info.admins:
-            return None, _error(req, "denied", f"only admins of &{info.name} can do that")
+            return None, _error(req, "denied", f"only admins of #{info.name} can do that")
         return info, None
 
     def _store(self, req: GroupRequest, info: GroupInfo, notices: list[tuple[str, str]]) -> Outcome:
@@ -166,7 +166,7 @@ def _error(req: GroupRequest, code: str, text: str) -> Outcome:
 
 
 def _missing(req: GroupRequest) -> Outcome:
-    return _error(req, "not_found", f"no group &{req.group} (or it is private)")
+    return _error(req, "not_found", f"no group #{req.group} (or it is private)")
 
 
 def _tell(users: list[str], text: str) -> list[tuple[str, str]]:
