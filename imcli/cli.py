@@ -17,6 +17,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from imcli.cli_admin import admin_app
+from imcli.cli_chat import history
 from imcli.cli_common import (
     CliGroup,
     DataDirOpt,
@@ -47,6 +48,7 @@ app.add_typer(admin_app, name="admin")
 app.add_typer(group_app, name="group")
 app.add_typer(friend_app, name="friend")
 app.add_typer(config_app, name="config")
+app.command()(history)
 
 
 def main() -> NoReturn:

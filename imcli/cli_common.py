@@ -72,6 +72,12 @@ def console() -> Any:
     return Console(highlight=False, soft_wrap=True)
 
 
+def err_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
 def broker_address(host: str | None, port: int | None, profile: Profile | None = None) -> BrokerAddress:
     from imcli.mqtt import BrokerAddress
 
@@ -141,3 +147,25 @@ def account_store(data_dir: Path | None) -> AccountStore:
     from imcli.config import default_data_dir
 
     return AccountStore((data_dir or default_data_dir()).expanduser())
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str, now: float) -> float:
+    """``30m``, ``2h``, ``3d`` ago; or a local date/time (``2026-11-23``, ``2026-11-23 09:30``, ``09:30`` today)."""
+    import datetime as dt
+
+    value = text.strip()
+    if value[:-1].isdigit() and value[-1:] in _UNITS:
+        return now - int(value[:-1]) * _UNITS[value[-1]]
+    today = dt.datetime.fromtimestamp(now).date()
+    for fmt, on_today in (("%H:%M", True), ("%Y-%m-%d", False), ("%Y-%m-%d %H:%M", False), ("%Y-%m-%dT%H:%M", False)):
+        try:
+            parsed = dt.datetime.strptime(value, fmt)
+        except ValueError:
+            continue
+        if on_today:
+            parsed = dt.datetime.combine(today, parsed.time())
+        return parsed.timestamp()
+    raise InvalidInput(f"invalid time {text!r}", "give a duration (30m, 2h, 3d) or a time (2026-11-23 09:30)")

@@ -18,9 +18,9 @@ from broker.server import BrokerSettings
 from groups.worker import GroupWorker
 from imcli import chat
 from imcli.chat import Identity
-from imcli.inbox import Listener
 from imcli.embedded import BackgroundServer, ServeInfo, StoreDirectory
 from imcli.errors import NameTaken, NotFound, RequestTimeout
+from imcli.inbox import Listener
 from imcli.mqtt import Credentials
 from imcli.wire import DeviceStatus, Presence, encode
 from presence.roster import PresenceRoster

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from broker.accounts import AccountStore, Role
 from broker.acl import Access, TopicAcl, filter_within, topic_matches
 from imcli.chat import prepare_text
-from imcli.inbox import RecentIds, to_received
 from imcli.errors import InvalidInput, NameTaken, NotFound
+from imcli.inbox import RecentIds, to_received
 from imcli.mqtt import Message
 from imcli.render import safe
 from imcli.wire import (

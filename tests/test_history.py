@@ -1,0 +1,213 @@
+"""The archive and ``imcli history``: what is kept, who may read it (tried through raw MQTT),
+and that it survives a restart of the broker."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from archive.store import ArchiveStore
+from broker.accounts import AccountStore
+from broker.server import BrokerSettings
+from imcli import chat
+from imcli.chat import Conversation, Identity
+from imcli.cli_common import parse_since
+from imcli.embedded import BackgroundServer, ServeInfo
+from imcli.errors import InvalidInput, NotAllowed, NotFound
+from imcli.mqtt import Credentials
+from imcli.wire import ChatMessage, ErrorReply, HistoryReply, HistoryRequest, Received, Topics, decode, encode
+from tests.conftest import Cli, Raw, password_of, wait_until
+
+T = Topics()
+
+
+def ident(server: ServeInfo, name: str) -> Identity:
+    return Identity(server.address, Credentials(name, password_of(name)), "test")
+
+
+def texts(reply: HistoryReply) -> list[str]:
+    return [m.text for m in reply.messages]
+
+
+def history_until(identity: Identity, where: Conversation | None, wanted: list[str], limit: int = 50) -> HistoryReply:
+    """The archive stores what it receives a moment after the sender's PUBACK: wait for it."""
+    replies: list[HistoryReply] = []
+
+    def arrived() -> bool:
+        replies.append(chat.history(identity, where, limit))
+        return all(w in texts(replies[-1]) for w in wanted)
+
+    assert wait_until(arrived, 10), texts(replies[-1])
+    return replies[-1]
+
+
+@pytest.fixture
+def talk(server: ServeInfo, users: Callable[..., None]) -> ServeInfo:
+    """alice and bob talk in the lobby, in private, and in alice's private group 'team'."""
+    users("alice", "bob", "carol")
+    alice, bob = ident(server, "alice"), ident(server, "bob")
+    chat.group_request(alice, "create", "team", private=True)
+    chat.group_request(alice, "invite", "team", user="bob")
+    chat.say(alice, "lobby", ChatMessage(text="hello lobby"))
+    chat.send_dm(alice, "bob", ChatMessage(text="secret for bob"))
+    chat.send_dm(bob, "alice", ChatMessage(text="secret for alice"))
+    chat.group_say(bob, "team", ChatMessage(text="team only"))
+    history_until(alice, None, ["hello lobby", "secret for bob", "secret for alice", "team only"])
+    return server
+
+
+def ask_raw(raw: Raw, sender: str, request: HistoryRequest) -> object:
+    raw.subscribe(T.reply_filter(sender))
+    raw.publish(T.request(sender, request.id), encode(request))
+    return decode(raw.expect(T.reply(sender, request.id)).payload)
+
+
+# ---------------------------------------------------------------- what is kept, for whom
+
+
+def test_each_party_reads_its_conversations(talk: ServeInfo) -> None:
+    alice, bob = ident(talk, "alice"), ident(talk, "bob")
+    assert texts(chat.history(alice, Conversation.parse("lobby"))) == ["hello lobby"]
+    assert texts(chat.history(bob, Conversation.parse("@alice"))) == ["secret for bob", "secret for alice"]
+    assert texts(chat.history(alice, Conversation.parse("@bob"))) == ["secret for bob", "secret for alice"]
+    group = chat.history(alice, Conversation.parse("#team"))
+    assert [(m.kind, m.sender, m.group, m.text) for m in group.messages] == [("group", "bob", "team", "team only")]
+    everything = chat.history(bob, None)
+    assert texts(everything) == ["hello lobby", "secret for bob", "secret for alice", "team only"]
+    dm = everything.messages[1]
+    assert (dm.kind, dm.sender, dm.to) == ("dm", "alice", "bob")
+
+
+def test_an_outsider_reads_the_rooms_and_nothing_else(talk: ServeInfo) -> None:
+    carol = ident(talk, "carol")
+    assert texts(chat.history(carol, None)) == ["hello lobby"]
+    assert texts(chat.history(carol, Conversation.parse("@alice"))) == []  # carol and alice: nothing
+    with pytest.raises(NotFound, match=r"no group #team \(or it is private\)"):
+        chat.history(carol, Conversation.parse("#team"))
+
+
+def test_raw_requests_cannot_reach_others_conversations(talk: ServeInfo, raw: Callable[..., Raw]) -> None:
+    carol = raw("carol", client_id="carol:raw")
+    # the archive builds the conversation from the request's sender: 'user' is always "me and X"
+    for request in (HistoryRequest(user="bob"), HistoryRequest(user="alice"), HistoryRequest(limit=1000)):
+        reply = ask_raw(carol, "carol", request)
+        assert isinstance(reply, HistoryReply)
+        assert all(m.kind == "room" for m in reply.messages), reply
+    hidden = ask_raw(carol, "carol", HistoryRequest(group="team"))
+    assert isinstance(hidden, ErrorReply) and hidden.code == "not_found"
+    confused = ask_raw(carol, "carol", HistoryRequest(user="bob", group="team"))
+    assert isinstance(confused, ErrorReply) and confused.code == "invalid"
+    # asking in alice's name, or reading her replies, is refused by the broker
+    assert carol.subscribe(T.reply_filter("alice")) == 128
+    carol.publish(T.request("alice", "forged1"), encode(HistoryRequest(user="bob")))
+    spy = raw("carol", client_id="carol:spy")
+    assert spy.subscribe(T.dm_filter()) == 128
+    assert carol.silent(1.0, T.prefix + "/user/alice") == []
+
+
+def test_a_removed_member_loses_the_group_history(talk: ServeInfo) -> None:
+    alice, bob = ident(talk, "alice"), ident(talk, "bob")
+    chat.group_request(alice, "kick", "team", user="bob")
+    with pytest.raises(NotFound):
+        chat.history(bob, Conversation.parse("#team"))
+    assert "team only" not in texts(chat.history(bob, None))
+    chat.group_request(alice, "create", "open-club")
+    with pytest.raises(NotAllowed, match="not a member of #open-club"):
+        chat.history(bob, Conversation.parse("#open-club"))
+
+
+def test_limit_since_and_more(server: ServeInfo, users: Callable[..., None]) -> None:
+    users("alice")
+    alice = ident(server, "alice")
+    for i in range(5):
+        chat.say(alice, "dev", ChatMessage(text=f"m{i}"))
+    history_until(alice, Conversation.parse("dev"), ["m4"])
+    page = chat.history(alice, Conversation.parse("dev"), limit=2)
+    assert texts(page) == ["m3", "m4"] and page.more
+    assert texts(chat.history(alice, Conversation.parse("dev"), limit=5)) == ["m0", "m1", "m2", "m3", "m4"]
+    assert not chat.history(alice, Conversation.parse("dev"), limit=5).more
+    assert texts(chat.history(alice, Conversation.parse("dev"), since=time.time() + 60)) == []
+    with pytest.raises(InvalidInput):
+        chat.history(alice, Conversation.parse("dev"), limit=0)
+
+
+def test_history_survives_a_broker_restart(tmp_path: Path) -> None:
+    settings = BrokerSettings(data_dir=tmp_path / "restart", port=0)
+    with BackgroundServer(settings) as info:
+        store = AccountStore(info.data_dir)
+        for name in ("alice", "bob"):
+            store.add(name, password_of(name))
+        chat.send_dm(ident(info, "alice"), "bob", ChatMessage(text="before the restart"))
+        history_until(ident(info, "bob"), Conversation.parse("@alice"), ["before the restart"])
+    with BackgroundServer(settings) as info:
+        assert texts(chat.history(ident(info, "bob"), Conversation.parse("@alice"))) == ["before the restart"]
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_history_command(talk: ServeInfo, cli_as: Callable[[str], Cli]) -> None:
+    bob = cli_as("bob")
+    bob.login("bob")
+    lines = bob("history", "@alice").stdout.strip().splitlines()
+    assert len(lines) == 2 and "secret for bob" in lines[0] and "secret for alice" in lines[1]
+    as_json = [json.loads(line) for line in bob("history", "#team", "--json").stdout.splitlines()]
+    assert [(m["kind"], m["from"], m["group"], m["text"]) for m in as_json] == [("group", "bob", "team", "team only")]
+    assert bob("history", "lobby", "-n", "1", "--since", "10m").stdout.strip().endswith("hello lobby")
+    assert bob("history", "quiet-room").stdout.strip() == "no messages in quiet-room"
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["history", "Bad Room"], "Error: invalid room name 'Bad Room'"),
+        (["history", "#"], "Error: invalid group name ''"),
+        (["history", "lobby", "--limit", "0"], "Error: invalid limit 0 (use 1-1000)"),
+        (["history", "lobby", "--since", "yesterday"], "Error: invalid time 'yesterday'"),
+        (["history", "@nobody"], "Error: unknown recipient 'nobody'"),
+    ],
+)
+def test_history_command_refuses_bad_input(
+    talk: ServeInfo, cli_as: Callable[[str], Cli], args: list[str], error: str
+) -> None:
+    bob = cli_as("bob")
+    bob.login("bob")
+    result = bob(*args)
+    assert result.exit_code == 1 and result.stderr.startswith(error), result.output
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def test_parse_since() -> None:
+    now = 1_800_000_000.0
+    assert parse_since("30m", now) == now - 1800
+    assert parse_since("2h", now) == now - 7200
+    assert parse_since("3d", now) == now - 3 * 86400
+    assert parse_since("2026-11-23 09:30", now) == time.mktime((2026, 11, 23, 9, 30, 0, 0, 0, -1))
+    for bad in ("", "m", "-5m", "5x", "tomorrow", "25:99"):
+        with pytest.raises(InvalidInput):
+            parse_since(bad, now)
+
+
+def test_conversation_names() -> None:
+    assert (Conversation.parse("lobby").kind, Conversation.parse("@bob").kind) == ("room", "dm")
+    assert str(Conversation.parse("#team")) == "#team" and str(Conversation.parse("lobby")) == "lobby"
+    for bad in ("", "@", "#", "Lobby", "@Bob!", "#a/b", "a b"):
+        with pytest.raises(InvalidInput):
+            Conversation.parse(bad)
+
+
+def test_store_keeps_one_copy_per_sender_and_id(tmp_path: Path) -> None:
+    store = ArchiveStore(tmp_path / "a.sqlite3")
+    line = Received(kind="room", sender="alice", room="lobby", id="m1", ts=1.0, text="hi")
+    assert store.add(line, at=1.0) and not store.add(line, at=2.0)  # a QoS 1 redelivery
+    # the same id from someone else is another message: nobody can hide alice's by reusing it
+    assert store.add(line.model_copy(update={"sender": "mallory", "text": "fake"}), at=3.0)
+    assert store.count() == 2
+    assert oct(store.path.stat().st_mode & 0o777) == "0o600"
+    store.close()
