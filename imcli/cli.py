@@ -17,7 +17,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from imcli.cli_admin import admin_app
-from imcli.cli_chat import history
+from imcli.cli_chat import chat, history
 from imcli.cli_common import (
     CliGroup,
     DataDirOpt,
@@ -48,6 +48,7 @@ app.add_typer(admin_app, name="admin")
 app.add_typer(group_app, name="group")
 app.add_typer(friend_app, name="friend")
 app.add_typer(config_app, name="config")
+app.command()(chat)
 app.command()(history)
 
 
@@ -264,8 +265,11 @@ def listen(
     port: PortOpt = None,
 ) -> None:
     """Print room, direct and group messages, notices and events as they arrive, until Ctrl-C."""
+    import zlib
+
     from rich.console import Console
 
+    from imcli.chatstate import device_session
     from imcli.inbox import Listener
     from imcli.render import received_line
 
@@ -279,8 +283,15 @@ def listen(
 
     import signal
 
+    # a persistent session per device and room selection: the broker keeps what arrives while away
+    session = f"{identity.device}.listen" + (f"-{zlib.crc32(' '.join(sorted(room)).encode()):08x}" if room else "")
     try:
-        with Listener(identity, room or None, on_connection=connection, heartbeat=heartbeat) as listener:
+        with (
+            device_session(f"{identity.account}:{session}") as own,
+            Listener(
+                identity, room or None, on_connection=connection, heartbeat=heartbeat, session=session if own else None
+            ) as listener,
+        ):
             # SIGTERM (service managers, kill) ends the loop like Ctrl-C, so the device says offline
             signal.signal(signal.SIGTERM, lambda *_: listener.close())
             if not json_:

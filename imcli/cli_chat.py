@@ -8,7 +8,16 @@ from typing import Annotated
 
 import typer
 
-from imcli.cli_common import HostOpt, JsonOpt, PortOpt, console, err_console, parse_since, signed_in
+from imcli.cli_common import (
+    HostOpt,
+    JsonOpt,
+    PortOpt,
+    console,
+    err_console,
+    heartbeat_seconds,
+    parse_since,
+    signed_in,
+)
 
 
 def history(
@@ -44,3 +53,14 @@ def history(
         err_console().print("(older messages left out: raise --limit, or use --since)", style="dim")
     for item in page.messages:
         out.print(received_line(item, identity.account))
+
+
+def chat(host: HostOpt = None, port: PortOpt = None) -> None:
+    """Talk interactively: rooms, direct messages and groups in one window (/help inside).
+
+    Messages sent to you while you were away arrive when you come back, marked missed,
+    each once; the archive fills in what the broker could not keep.
+    """
+    from imcli.chatui import run_chat
+
+    run_chat(signed_in(host, port), heartbeat_seconds())

@@ -161,6 +161,7 @@ class Listener:
         )
         self.seen = seen or RecentIds()
         self.nicks: dict[str, str] = {}
+        self.online: set[str] = set()  # accounts the presence worker says are online
         self._inbox: queue.Queue[tuple[Message, bool]] = queue.Queue()
         self._catching_up = True  # until our SUBACK: what arrives first was queued while we were away
         self._waiting: dict[str, queue.Queue[Message]] = {}
@@ -267,6 +268,8 @@ class Listener:
             yield from self._new_requests(message.payload)
             return
         item = to_received(self.identity.topics, message)
+        if item is not None and missed and item.kind == "event":
+            return  # "bob is online" from hours ago: presence records say how things are now
         if item is None or (item.kind != "malformed" and self.seen.seen(seen_key(item))):
             return
         if item.kind == "event" and item.sender and item.nick:
@@ -296,6 +299,10 @@ class Listener:
         except MalformedPayload:
             return
         self.nicks[record.account] = record.nick
+        if record.state == "online":
+            self.online.add(record.account)
+        else:
+            self.online.discard(record.account)
 
     # ---------------------------------------------------------------- online status
 

@@ -1,0 +1,318 @@
+"""``imcli chat`` in a real pseudo-terminal, and offline delivery: what was sent while a
+user was away arrives once, in order, marked missed — from the broker's queue, or from
+the archive when the broker was restarted in between."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pexpect
+import pytest
+from typer.testing import CliRunner
+
+from broker.accounts import AccountStore
+from broker.limits import Limits
+from broker.server import BrokerSettings
+from imcli import chat
+from imcli.chat import Conversation, Identity
+from imcli.chatsession import ChatSession
+from imcli.chatstate import ChatState
+from imcli.cli import app
+from imcli.embedded import BackgroundServer, ServeInfo
+from imcli.inbox import Listener, RecentIds
+from imcli.mqtt import Credentials
+from imcli.wire import ChatMessage, Received, Topics, encode
+from tests.conftest import Cli, Proc, Raw, password_of, wait_until
+from tests.rawmqtt import connect_raw
+
+T = Topics()
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]")
+
+
+def ident(info: ServeInfo, name: str, device: str = "laptop") -> Identity:
+    return Identity(info.address, Credentials(name, password_of(name)), device)
+
+
+# ---------------------------------------------------------------- in a terminal
+
+
+class Terminal:
+    """``imcli chat`` under pexpect; ``expect`` matches the screen text without escape codes."""
+
+    def __init__(self, config_dir: Path) -> None:
+        env = {
+            **os.environ,
+            "IMCLI_CONFIG_DIR": str(config_dir),
+            "TERM": "xterm",
+            "NO_COLOR": "1",
+            "PROMPT_TOOLKIT_NO_CPR": "1",  # pexpect does not answer cursor position requests
+        }
+        self.child = pexpect.spawn(
+            sys.executable, ["-m", "imcli", "chat"], env=env, encoding="utf-8", timeout=20, dimensions=(40, 160)
+        )
+        self.seen = ""
+
+    def expect(self, pattern: str) -> str:
+        """Wait until ``pattern`` (a regex) appears in the plain text; return that text."""
+        while (match := re.search(pattern, self.seen)) is None:
+            try:
+                self.seen += ANSI.sub("", self.child.read_nonblocking(4096, timeout=20))
+            except pexpect.TIMEOUT:
+                raise AssertionError(f"{pattern!r} did not appear; screen so far:\n{self.seen[-2000:]}") from None
+        found, self.seen = self.seen[: match.end()], self.seen[match.end() :]
+        return found
+
+    def type(self, line: str) -> None:
+        self.child.sendline(line)
+
+    def exit_code(self) -> int:
+        self.child.expect(pexpect.EOF, timeout=20)
+        self.child.close()
+        return int(self.child.exitstatus if self.child.exitstatus is not None else -1)
+
+    def close(self) -> None:
+        if self.child.isalive():
+            self.child.terminate(force=True)
+
+
+@pytest.fixture
+def terminal(cli_as: Callable[[str], Cli]) -> Iterator[Callable[[str], Terminal]]:
+    opened: list[Terminal] = []
+
+    def start(name: str) -> Terminal:
+        cli = cli_as(name)
+        cli.login(name)
+        t = Terminal(cli.config_dir)
+        opened.append(t)
+        return t
+
+    yield start
+    for t in opened:
+        t.close()
+
+
+def online(info: ServeInfo, name: str) -> bool:
+    return any(u.account == name for u in chat.who(ident(info, "carol", "probe")))
+
+
+def test_chat_in_a_terminal(
+    server: ServeInfo, users: Callable[..., None], terminal: Callable[[str], Terminal], cli_as: Callable[[str], Cli]
+) -> None:
+    users("alice", "bob", "carol")
+    alice = cli_as("alice")
+    alice.login("alice")
+    bob = terminal("bob")
+    bob.expect(r"lobby>")
+    assert wait_until(lambda: online(server, "bob"), 10)
+
+    assert alice("say", "hi everyone").exit_code == 0
+    bob.expect(r"lobby alice: hi everyone")
+    bob.type("hello from bob")
+    bob.expect(r"lobby bob: hello from bob")
+    assert "hello from bob" in [
+        m.text for m in chat.history(ident(server, "alice"), Conversation.parse("lobby")).messages
+    ]
+
+    bob.type("/dm alice")
+    bob.expect(r"now talking in @alice")
+    bob.type("just for you")
+    bob.expect(r"\[dm\] bob → alice: just for you")
+    received = chat.history(ident(server, "alice"), Conversation.parse("@bob")).messages
+    assert [(m.sender, m.to, m.text) for m in received] == [("bob", "alice", "just for you")]
+    assert alice("dm", "bob", "back at you").exit_code == 0
+    bob.expect(r"\[dm\] alice → you: back at you")
+
+    bob.type("/nick Bobby")
+    bob.expect(r"you are now known as Bobby")
+    bob.type("/who")
+    bob.expect(r"online: .*Bobby \(bob\)")
+    bob.type("/room dev")
+    bob.expect(r"now talking in dev")
+    bob.type("/history 5")
+    bob.expect(r"no messages in dev yet")
+    bob.type("/group nowhere")
+    bob.expect(r"no group #nowhere")
+    bob.type("/frobnicate")
+    bob.expect(r"unknown command /frobnicate \(type /help for the list\)")
+    bob.type("/quit")
+    bob.expect(r"left imcli chat: bob is offline here")
+    assert bob.exit_code() == 0
+    assert wait_until(lambda: not online(server, "bob"), 10)
+
+
+@pytest.mark.parametrize("key", ["c", "d"], ids=["ctrl-c", "ctrl-d"])
+def test_ctrl_c_and_ctrl_d_leave_cleanly(
+    server: ServeInfo, users: Callable[..., None], terminal: Callable[[str], Terminal], key: str
+) -> None:
+    users("bob", "carol")
+    bob = terminal("bob")
+    bob.expect(r"lobby>")
+    assert wait_until(lambda: online(server, "bob"), 10)
+    bob.child.sendcontrol(key)
+    text = bob.expect(r"left imcli chat: bob is offline here")
+    assert "Traceback" not in text
+    assert bob.exit_code() == 0
+    assert wait_until(lambda: not online(server, "bob"), 10)
+
+
+def test_a_mention_rings_the_bell(
+    server: ServeInfo, users: Callable[..., None], terminal: Callable[[str], Terminal]
+) -> None:
+    users("alice", "bob")
+    bob = terminal("bob")
+    bob.expect(r"lobby>")
+    chat.say(ident(server, "alice"), "lobby", ChatMessage(text="no names here"))
+    chat.say(ident(server, "alice"), "lobby", ChatMessage(text="@bob look"))
+    screen = ""  # unfiltered: the bell is a control character
+    while "look" not in screen:
+        try:
+            screen += bob.child.read_nonblocking(4096, timeout=20)
+        except pexpect.TIMEOUT:
+            raise AssertionError(screen) from None
+    before, _, mention = screen.partition("no names here")
+    assert "\a" not in before.split("lobby>")[-1] and "\a" in mention
+
+
+def test_chat_needs_a_terminal(server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli]) -> None:
+    users("bob")
+    bob = cli_as("bob")
+    bob.login("bob")
+    result = bob("chat")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "Error: imcli chat needs a terminal (in scripts use 'imcli listen' and 'imcli say')"
+
+
+# ---------------------------------------------------------------- offline delivery
+
+
+@pytest.fixture
+def roomy(tmp_path: Path) -> BrokerSettings:
+    """Settings whose rate limit lets alice send 50 messages at once."""
+    return BrokerSettings(data_dir=tmp_path / "data", port=0, limits=Limits(publish_rate=200, publish_burst=500))
+
+
+def add_users(info: ServeInfo, *names: str) -> None:
+    store = AccountStore(info.data_dir)
+    for name in names:
+        store.add(name, password_of(name))
+
+
+def send_fifty(info: ServeInfo, raw_alice: Raw) -> list[str]:
+    """25 direct messages and 25 group messages from alice to bob, interleaved; their texts."""
+    sent = []
+    for i in range(25):
+        for topic, text in ((T.dm("bob", "alice"), f"dm {i}"), (T.group_msg("team", "alice"), f"group {i}")):
+            raw_alice.publish(topic, encode(ChatMessage(text=text)))
+            sent.append(text)
+    history_has(info, sent)
+    return sent
+
+
+def history_has(info: ServeInfo, texts: list[str]) -> None:
+    bob = ident(info, "bob", "probe")
+    assert wait_until(lambda: set(texts) <= {m.text for m in chat.history(bob, None, limit=1000).messages}, 15), (
+        "the archive did not get every message"
+    )
+
+
+def make_team(info: ServeInfo) -> None:
+    alice = ident(info, "alice")
+    chat.group_request(alice, "create", "team", private=True)
+    chat.group_request(alice, "invite", "team", user="bob")
+
+
+def chat_start(
+    info: ServeInfo, state: ChatState, seen: list[str] | None = None
+) -> tuple[Listener, ChatSession, list[Received]]:
+    """What ``imcli chat`` does on start, without the terminal: connect, then catch up."""
+    listener = Listener(ident(info, "bob"), session="laptop", seen=RecentIds(initial=state.seen))
+    listener.__enter__()
+    session = ChatSession(ident(info, "bob"), state, listener)
+    report = session.catch_up(list(listener.pending()))
+    return listener, session, report.shown
+
+
+def assert_once_in_order(shown: list[Received], sent: list[str]) -> None:
+    mine = [m for m in shown if m.sender == "alice" and m.kind in ("dm", "group")]
+    assert sorted(m.text for m in mine) == sorted(sent), "each message exactly once"
+    for kind in ("dm", "group"):
+        assert [m.text for m in mine if m.kind == kind] == [t for t in sent if t.startswith(kind)], "in order"
+    assert all(m.missed for m in mine)
+
+
+def test_offline_messages_arrive_once_in_order_from_the_queue(roomy: BrokerSettings, tmp_path: Path) -> None:
+    with BackgroundServer(roomy) as info:
+        add_users(info, "alice", "bob")
+        make_team(info)
+        listener, session, _ = chat_start(info, ChatState())  # bob's first run: the session exists from now on
+        listener.close()
+        state = session.remember()
+        alice = connect_raw(info.address.host, info.address.port, "alice", "alice:bot")
+        try:
+            sent = send_fifty(info, alice)
+        finally:
+            alice.close()
+        listener, session, shown = chat_start(info, state)  # queued by the broker *and* in the archive
+        listener.close()
+        assert_once_in_order(shown, sent)
+
+
+def test_offline_messages_survive_a_broker_restart(roomy: BrokerSettings) -> None:
+    with BackgroundServer(roomy) as info:
+        add_users(info, "alice", "bob")
+        make_team(info)
+        listener, session, _ = chat_start(info, ChatState())
+        listener.close()
+        state = session.remember()
+        alice = connect_raw(info.address.host, info.address.port, "alice", "alice:bot")
+        try:
+            sent = send_fifty(info, alice)
+        finally:
+            alice.close()
+    with BackgroundServer(roomy) as info:  # the broker's queue is gone; the archive is not
+        listener, session, shown = chat_start(info, state)
+        listener.close()
+        assert_once_in_order(shown, sent)
+        state = session.remember()
+        listener, session, shown_again = chat_start(info, state)  # and the next start shows none of them again
+        listener.close()
+        assert [m for m in shown_again if m.sender == "alice"] == []
+
+
+def test_listen_gets_what_was_queued_while_it_was_away(
+    roomy: BrokerSettings, tmp_path: Path, procs: Callable[..., Proc]
+) -> None:
+    with BackgroundServer(roomy) as info:
+        add_users(info, "alice", "bob")
+        make_team(info)
+        env = {"IMCLI_CONFIG_DIR": str(tmp_path / "bob-config")}
+        args = ["login", "bob", "--host", info.address.host, "--port", str(info.address.port), "--password-stdin"]
+        assert CliRunner().invoke(app, args, input=password_of("bob") + "\n", env=env).exit_code == 0
+        first = procs("listen", env=env)
+        first.wait_stderr("listening as bob")
+        assert first.stop() == 0
+        alice = connect_raw(info.address.host, info.address.port, "alice", "alice:bot")
+        try:
+            sent = send_fifty(info, alice)
+        finally:
+            alice.close()
+        again = procs("listen", "--json", env=env)
+        got: list[Received] = []
+        while len([m for m in got if m.sender == "alice"]) < len(sent):
+            got.append(Received.model_validate(json.loads(again.line())))
+        assert_once_in_order(got, sent)
+        assert all(m.text not in sent for m in _lines_within(again, 1.0))  # and nothing twice
+
+
+def _lines_within(proc: Proc, seconds: float) -> list[Received]:
+    got = []
+    with contextlib.suppress(AssertionError):
+        while True:
+            got.append(Received.model_validate(json.loads(proc.line(seconds))))
+    return got
