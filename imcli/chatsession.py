@@ -20,6 +20,7 @@ from imcli.errors import ImcliError, InvalidInput, RequestTimeout
 from imcli.inbox import Listener, seen_key
 from imcli.wire import DEFAULT_MAX_PAYLOAD, HISTORY_MAX, Presence, Received, encode
 
+ROOM_BACKLOG = 20  # missed lines shown per visited room on start
 CATCH_UP_OVERLAP = 120.0  # seconds asked again at the start: clocks differ; seen keys de-duplicate
 
 COMMANDS = {
@@ -101,12 +102,17 @@ class ChatSession:
                 ]
             except RequestTimeout:
                 report.archive_answered = False
-        for item in sorted([*queued, *fetched], key=lambda m: m.ts):
+        backlog: Counter[str] = Counter()
+        for item in sorted([*queued, *fetched], key=lambda m: m.ts, reverse=True):
             where = Conversation.of(item, self.me)
             if item.missed and where is not None:
                 report.unread[str(where)] += 1
-            if item.kind != "room" or item.room in self.rooms:
+            if item.kind != "room":
                 report.shown.append(item)
+            elif item.room in self.rooms and backlog[item.room or ""] < ROOM_BACKLOG:
+                backlog[item.room or ""] += 1  # a busy room's last lines only; /history has the rest
+                report.shown.append(item)
+        report.shown.reverse()
         return report
 
     def toolbar(self) -> str:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from prompt_toolkit.completion import CompleteEvent
+from prompt_toolkit.document import Document
 from typer.testing import CliRunner
 
 from broker.accounts import AccountStore
@@ -23,6 +25,7 @@ from imcli import chat
 from imcli.chat import Conversation, Identity
 from imcli.chatsession import ChatSession
 from imcli.chatstate import ChatState
+from imcli.chatui import ChatCompleter
 from imcli.cli import app
 from imcli.embedded import BackgroundServer, ServeInfo
 from imcli.inbox import Listener, RecentIds
@@ -140,10 +143,22 @@ def test_chat_in_a_terminal(
     bob.expect(r"no group #nowhere")
     bob.type("/frobnicate")
     bob.expect(r"unknown command /frobnicate \(type /help for the list\)")
+    bob.child.send("/he\t")  # Tab completes the command
+    bob.expect(r"/help")
+    bob.type("")
+    bob.expect(r"/quit +leave")
     bob.type("/quit")
     bob.expect(r"left imcli chat: bob is offline here")
     assert bob.exit_code() == 0
     assert wait_until(lambda: not online(server, "bob"), 10)
+
+    assert alice("dm", "bob", "while you were out").exit_code == 0
+    again = terminal("bob")
+    again.expect(r"while you were away: 1 in @alice")
+    again.expect(r"\(missed\) \[dm\] alice → you: while you were out")
+    again.expect(r"dev>")  # back where it left off
+    again.child.sendcontrol("d")
+    assert again.exit_code() == 0
 
 
 @pytest.mark.parametrize("key", ["c", "d"], ids=["ctrl-c", "ctrl-d"])
@@ -177,6 +192,22 @@ def test_a_mention_rings_the_bell(
             raise AssertionError(screen) from None
     before, _, mention = screen.partition("no names here")
     assert "\a" not in before.split("lobby>")[-1] and "\a" in mention
+
+
+def test_tab_completes_online_names() -> None:
+    class Online:
+        def online(self) -> list[str]:
+            return ["Ally", "alice", "bob"]
+
+    completer = ChatCompleter(Online())  # type: ignore[arg-type]
+
+    def complete(text: str) -> list[str]:
+        return [c.text for c in completer.get_completions(Document(text), CompleteEvent())]
+
+    assert complete("hi al") == ["Ally", "alice"]
+    assert complete("ping @b") == ["@bob"]
+    assert complete("/d") == ["/dm "]
+    assert complete("/nosuch") == []
 
 
 def test_chat_needs_a_terminal(server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli]) -> None:
