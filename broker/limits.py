@@ -12,6 +12,7 @@ class Limits:
     max_subscriptions: int = 100  # per connection
     max_connections: int = 10  # per account (devices and one-shot commands together)
     max_queued: int = 1000  # messages kept for one offline persistent session; the archive keeps the rest
+    session_expiry: float = 7 * 86400.0  # seconds a persistent session is kept while its client is away
 
 
 @dataclass

@@ -114,6 +114,8 @@ class ImBroker(Broker):
         self._durable = RetainedStore(settings.data_dir)
         self._rate = PublishRate(settings.limits.publish_rate, settings.limits.publish_burst)
         self._queue_drops: Counter[str] = Counter()  # per client id, to log a full queue once
+        self._away: dict[str, float] = {}  # persistent sessions whose client left -> since (monotonic)
+        self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def accounts(self) -> AccountStore:
@@ -142,8 +144,36 @@ class ImBroker(Broker):
         for topic, payload, qos in self._durable.all():
             self._retained_messages[topic] = RetainedApplicationMessage(None, topic, payload, qos)
             self._track_state(topic, payload)
+        self._sweeper = asyncio.create_task(self._expire_sessions())
+
+    async def _expire_sessions(self) -> None:
+        """amqtt keeps a persistent session (its subscriptions and queue) forever: every login
+        that never comes back would cost memory for good. We drop one away for too long."""
+        expiry = self.settings.limits.session_expiry
+        while True:
+            await asyncio.sleep(min(expiry / 4, 600.0))
+            now = time.monotonic()
+            for client_id, since in list(self._away.items()):
+                if now - since < expiry:
+                    continue
+                del self._away[client_id]
+                session = self._sessions.get(client_id, (None, None))[0]
+                if session is None or session.transitions.is_connected():
+                    continue
+                try:
+                    await self._delete_session(client_id)
+                except Exception:  # one bad session must not end the sweeping
+                    log.exception("could not expire the session %s", client_id)
+                self._queue_drops.pop(client_id, None)
+                log.info("persistent session %s expired after %.0f s away", client_id, expiry)
+
+    def persistent_sessions(self) -> set[str]:
+        """Client ids of the persistent sessions the broker keeps (connected or not)."""
+        return {cid for cid, (session, _) in self._sessions.items() if not session.clean_session}
 
     async def shutdown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         # stop accepting first: amqtt closes its listeners last, after the sessions, so clients
         # reconnecting meanwhile would be accepted into a loop that is about to end
         for server in self._servers.values():  # amqtt private, as in bound_port()
@@ -236,12 +266,15 @@ class ImBroker(Broker):
 
         account = client_session.username or ""
         self._open[account] += 1  # this call lasts as long as the connection: counted until it ends
+        self._away.pop(client_session.client_id, None)
         try:
             await self._serve_connection(client_session, handler, reader, writer)
         finally:
             self._open[account] -= 1
             if not self._open[account]:
                 del self._open[account]
+            if not client_session.clean_session:
+                self._away[client_session.client_id] = time.monotonic()
 
     async def _serve_connection(
         self, client_session: Session, handler: BrokerProtocolHandler, reader: Any, writer: Any

@@ -126,6 +126,20 @@ def verify_login(address: BrokerAddress, credentials: Credentials, device: str) 
         raise
 
 
+def drop_device_sessions(address: BrokerAddress, credentials: Credentials, device: str) -> bool:
+    """End the persistent sessions of ``imcli chat`` and ``listen`` on this device (a clean
+    CONNECT with their client ids makes the broker forget them); ``False`` if unreachable."""
+    for session in (device, f"{device}.listen"):
+        try:
+            with MqttClient(address, credentials, f"{credentials.username}:{session}", timeout=3.0):
+                pass
+        except AuthenticationFailed:
+            return True  # the account is gone, and its sessions cannot be resumed
+        except ImcliError:
+            return False
+    return True
+
+
 # ---------------------------------------------------------------- sending
 
 

@@ -29,6 +29,7 @@ from imcli.cli_common import (
     ask_password,
     broker_address,
     console,
+    err_console,
     heartbeat_seconds,
     max_payload_bytes,
     message_text,
@@ -198,11 +199,17 @@ def login(
 
 @app.command()
 def logout() -> None:
-    """Forget the stored login."""
+    """Forget the stored login, and ask the broker to drop what it keeps for this device."""
     from imcli.config import delete_profile
 
     profile = delete_profile()
     console().print(f"logged out {profile.account}")
+    from imcli import chat
+
+    if not chat.drop_device_sessions(profile.address, profile.credentials, profile.device):
+        err_console().print(
+            "the broker was not reachable: it keeps this device's offline messages until it expires them", style="dim"
+        )
 
 
 @app.command()

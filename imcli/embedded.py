@@ -10,14 +10,14 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from amqtt.errors import BrokerError as AmqttBrokerError
 
 from archive.worker import ArchiveWorker
 from broker.accounts import AccountStore, Role
-from broker.server import SERVICE_ACCOUNT, BrokerSettings, EmbeddedBroker, new_service_password
+from broker.server import SERVICE_ACCOUNT, BrokerSettings, EmbeddedBroker, ImBroker, new_service_password
 from groups.worker import GroupWorker
 from imcli.errors import ImcliError
 from imcli.mqtt import BrokerAddress, Credentials
@@ -36,6 +36,7 @@ class ServeInfo:
     bind: str
     data_dir: Path
     registration: str
+    broker: ImBroker | None = field(default=None, compare=False, repr=False)  # for tests and benchmarks
 
 
 class StoreDirectory:
@@ -71,7 +72,7 @@ async def serve_forever(
     try:
         address = BrokerAddress(connect_host(settings.bind), broker.bound_port())
         if not workers:
-            ready(ServeInfo(address, settings.bind, settings.data_dir, settings.registration))
+            ready(ServeInfo(address, settings.bind, settings.data_dir, settings.registration, broker))
             await stop.wait()
             return
         directory = StoreDirectory(broker.accounts)
@@ -90,7 +91,7 @@ async def serve_forever(
                 started = make(Credentials(account, password))
                 await asyncio.to_thread(started.__enter__)
                 workers_up.append(started)
-            ready(ServeInfo(address, settings.bind, settings.data_dir, settings.registration))
+            ready(ServeInfo(address, settings.bind, settings.data_dir, settings.registration, broker))
             await stop.wait()
         finally:
             for worker in reversed(workers_up):

@@ -347,3 +347,45 @@ def _lines_within(proc: Proc, seconds: float) -> list[Received]:
         while True:
             got.append(Received.model_validate(json.loads(proc.line(seconds))))
     return got
+
+
+def test_a_persistent_session_away_too_long_is_dropped(tmp_path: Path) -> None:
+    settings = BrokerSettings(data_dir=tmp_path / "data", port=0, limits=Limits(session_expiry=0.5))
+    with BackgroundServer(settings) as info:
+        assert info.broker is not None
+        add_users(info, "bob")
+        away = connect_raw(info.address.host, info.address.port, "bob", "bob:laptop", clean=False)
+        here = connect_raw(info.address.host, info.address.port, "bob", "bob:phone", clean=False)
+        for r in (away, here):
+            assert r.subscribe(T.user_filter("bob")) == 1
+        away.close()
+        assert {"bob:laptop", "bob:phone"} <= info.broker.persistent_sessions()
+        assert wait_until(lambda: "bob:laptop" not in info.broker.persistent_sessions(), 10)
+        assert "bob:phone" in info.broker.persistent_sessions()  # connected: kept however long
+        here.close()
+
+
+def test_logout_drops_the_devices_sessions(
+    server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli]
+) -> None:
+    assert server.broker is not None
+    users("bob")
+    bob = cli_as("bob")
+    bob.login("bob")
+    device = json.loads(bob("whoami", "--json").stdout)["device"]
+    with Listener(ident(server, "bob", device), session=device):
+        pass
+    assert f"bob:{device}" in server.broker.persistent_sessions()
+    out = bob("logout")
+    assert out.exit_code == 0 and out.stdout.strip() == "logged out bob" and out.stderr == ""
+    assert not any(cid.startswith("bob:") for cid in server.broker.persistent_sessions())
+
+
+def test_logout_without_a_broker_still_logs_out(cli_as: Callable[[str], Cli], tmp_path: Path) -> None:
+    with BackgroundServer(BrokerSettings(data_dir=tmp_path / "gone", port=0)) as info:
+        add_users(info, "bob")
+        bob = Cli(CliRunner(), info, tmp_path / "bob-gone")
+        bob.login("bob")
+    out = bob("logout")
+    assert out.exit_code == 0 and out.stdout.strip() == "logged out bob"
+    assert "the broker was not reachable" in out.stderr
