@@ -78,7 +78,7 @@ def serve(
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log connections and refusals.")] = False,
 ) -> None:
-    """Run the embedded broker (accounts, topic ACL, limits) with its presence and group workers."""
+    """Run the embedded broker (accounts, topic ACL, limits) with its presence, group and archive workers."""
     import asyncio
     import ipaddress
     import logging
@@ -130,7 +130,7 @@ def serve(
         a = info.address
         out.print(f"imcli serve: listening on {info.bind}:{a.port}", style="bold green")
         out.print(f"  data        {info.data_dir}")
-        out.print(f"  accounts    registration {info.registration}; presence and group workers running")
+        out.print(f"  accounts    registration {info.registration}; presence, group and archive workers running")
         out.print(f"  connect     imcli register NAME --host {a.host} --port {a.port}")
         out.print("  stop        Ctrl-C", style="dim")
         sys.stdout.flush()
