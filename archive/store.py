@@ -101,6 +101,11 @@ class ArchiveStore:
             readable.append(f"conv IN ({','.join('?' * len(convs))})")
         return self._page(f"({' OR '.join(readable)})", [account, account, *convs], limit, since, before)
 
+    def prune(self, before: float) -> int:
+        """Forget messages that arrived before ``before``; how many went."""
+        with self._lock:
+            return self._db.execute("DELETE FROM messages WHERE at < ?", (before,)).rowcount
+
     def count(self) -> int:
         with self._lock:
             (n,) = self._db.execute("SELECT count(*) FROM messages").fetchone()

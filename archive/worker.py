@@ -14,6 +14,7 @@ broker kept for it. Who may read what is decided here, from the requester's acco
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,10 +50,28 @@ class ArchiveWorker(ServiceWorker):
         topics: Topics | None = None,
         device: str = "worker",
         clock: Callable[[], float] = time.time,
+        retention_days: float | None = None,
     ) -> None:
         super().__init__(address, credentials, topics, device, clock, persistent=True)
         self.store = ArchiveStore(data_dir / ARCHIVE_FILE)
         self._groups: dict[str, GroupInfo] = {}
+        self._retention = retention_days * 86400 if retention_days else None
+        self._pruner = threading.Thread(target=self._prune_loop, name="archive-prune", daemon=True)
+
+    def started(self) -> None:
+        if self._retention is not None:
+            self._prune()
+            self._pruner.start()
+
+    def _prune_loop(self) -> None:
+        while not self.stopping.wait(3600):
+            self._prune()
+
+    def _prune(self) -> None:
+        assert self._retention is not None
+        gone = self.store.prune(self.clock() - self._retention)
+        if gone:
+            log.info("archive: %d messages older than %g days removed", gone, self._retention / 86400)
 
     def state_filters(self) -> list[str]:
         t = self.topics
@@ -60,6 +79,8 @@ class ArchiveWorker(ServiceWorker):
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
+        if self._pruner.is_alive():
+            self._pruner.join(5)
         self.store.close()
 
     def on_state(self, topic: Topic, payload: bytes) -> None:

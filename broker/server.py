@@ -74,6 +74,7 @@ class BrokerSettings:
     registration: str = "open"
     max_payload: int = DEFAULT_MAX_PAYLOAD
     limits: Limits = field(default_factory=Limits)
+    history_days: float | None = None  # the archive worker's retention; None keeps everything
 
     def amqtt_config(self) -> dict[str, Any]:
         host = f"[{self.bind}]" if ":" in self.bind else self.bind

@@ -72,6 +72,9 @@ def serve(
     max_rate: Annotated[float, typer.Option(help="Messages per second per account (bursts of 3 s allowed).")] = 20.0,
     max_connections: Annotated[int, typer.Option(help="Connections per account.")] = 10,
     max_subscriptions: Annotated[int, typer.Option(help="Subscriptions per connection.")] = 100,
+    history_days: Annotated[
+        float | None, typer.Option(help="Keep archived messages this many days [default: for ever].")
+    ] = None,
     allow_remote: Annotated[
         bool,
         typer.Option("--allow-remote", help="Allow binding beyond loopback (passwords travel in clear)."),
@@ -99,6 +102,8 @@ def serve(
         raise InvalidInput(
             "limits too small", "--max-rate > 0, --max-connections >= 1, --max-subscriptions >= 8 (listen needs 6)"
         )
+    if history_days is not None and history_days <= 0:
+        raise InvalidInput(f"invalid --history-days {history_days:g}", "give a number of days above 0")
     try:
         loopback = bind == "localhost" or ipaddress.ip_address(bind).is_loopback
     except ValueError as exc:
@@ -117,6 +122,7 @@ def serve(
         port=port,
         registration=registration,
         max_payload=max_payload,
+        history_days=history_days,
         limits=Limits(
             publish_rate=max_rate,
             publish_burst=max(1, int(max_rate * 3)),

@@ -83,7 +83,14 @@ async def serve_forever(
                 (GROUPS_ACCOUNT, lambda creds: GroupWorker(address, creds, directory, broker.topics, "embedded")),
                 (
                     ARCHIVE_ACCOUNT,
-                    lambda creds: ArchiveWorker(address, creds, settings.data_dir, broker.topics, "embedded"),
+                    lambda creds: ArchiveWorker(
+                        address,
+                        creds,
+                        settings.data_dir,
+                        broker.topics,
+                        "embedded",
+                        retention_days=settings.history_days,
+                    ),
                 ),
             ):
                 password = new_service_password()

@@ -211,3 +211,22 @@ def test_store_keeps_one_copy_per_sender_and_id(tmp_path: Path) -> None:
     assert store.count() == 2
     assert oct(store.path.stat().st_mode & 0o777) == "0o600"
     store.close()
+
+
+def test_history_days_forgets_old_messages(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    old = ArchiveStore(data / "archive.sqlite3")
+    now = time.time()
+    for text, age_days in (("ancient", 40), ("recent", 1)):
+        line = Received(kind="room", sender="alice", room="lobby", id=text, ts=now - age_days * 86400, text=text)
+        old.add(line, at=now - age_days * 86400)
+    old.close()
+    with BackgroundServer(BrokerSettings(data_dir=data, port=0, history_days=30)) as info:
+        AccountStore(info.data_dir).add("bob", password_of("bob"))
+        assert texts(chat.history(ident(info, "bob"), Conversation.parse("lobby"))) == ["recent"]
+
+
+def test_serve_refuses_a_bad_history_days(cli_as: Callable[[str], Cli]) -> None:
+    result = cli_as("op")("serve", "--port", "0", "--history-days", "0")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "Error: invalid --history-days 0 (give a number of days above 0)"
