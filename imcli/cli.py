@@ -35,6 +35,7 @@ from imcli.cli_common import (
     signed_in,
 )
 from imcli.cli_groups import config_app, friend_app, group_app
+from imcli.cli_workers import workers
 from imcli.errors import InvalidInput
 
 app = typer.Typer(
@@ -381,3 +382,6 @@ def presence(
         sys.stdout.flush()
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
+
+
+app.command()(workers)  # imcli/cli_workers.py: both workers against an external broker
