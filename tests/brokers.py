@@ -48,6 +48,7 @@ NOT_INSTALLED = "mosquitto not installed (.ci/run installs Debian's package)"
 # created before the broker starts (cheap with mosquitto_passwd); users() adds others with a reload
 ACCOUNTS = ("alice", "bob", "carol", "dave", "presence", "groups")
 SERVICES = ("presence", "groups")
+LIMIT = 16384  # message_size_limit in deploy/mosquitto/mosquitto.conf
 
 
 def mosquitto_available() -> bool:
