@@ -61,12 +61,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def mosquitto_config(port: int, workdir: Path, extra: str = "") -> str:
+def mosquitto_config(port: int, workdir: Path, extra: str = "", aclfile: Path = DEPLOY / "aclfile") -> str:
     """deploy/mosquitto/mosquitto.conf with this port, temp paths and the current user."""
     replace = {
         "listener": f"listener {port} 127.0.0.1",
         "password_file": f"password_file {workdir / 'passwd'}",
-        "acl_file": f"acl_file {DEPLOY / 'aclfile'}",
+        "acl_file": f"acl_file {aclfile}",
         "persistence_location": f"persistence_location {workdir}/",
         "plugin": f"plugin {DYNSEC_PLUGIN}",
         "plugin_opt_config_file": f"plugin_opt_config_file {workdir / 'imcli-dynsec.json'}",
@@ -155,7 +155,9 @@ def _passwd(path: Path, name: str, *, create: bool) -> None:
 
 
 @contextlib.contextmanager
-def running_mosquitto(workdir: Path, accounts: tuple[str, ...] = ACCOUNTS, extra: str = "") -> Iterator[Mosquitto]:
+def running_mosquitto(
+    workdir: Path, accounts: tuple[str, ...] = ACCOUNTS, extra: str = "", aclfile: Path = DEPLOY / "aclfile"
+) -> Iterator[Mosquitto]:
     """A mosquitto from deploy/mosquitto on a free loopback port, with ``accounts`` (password_of)."""
     assert MOSQUITTO is not None, NOT_INSTALLED
     workdir.mkdir(parents=True)
@@ -164,7 +166,7 @@ def running_mosquitto(workdir: Path, accounts: tuple[str, ...] = ACCOUNTS, extra
     shutil.copy(DEPLOY / "imcli-dynsec.json", workdir / "imcli-dynsec.json")
     port = free_port()
     conf = workdir / "mosquitto.conf"
-    conf.write_text(mosquitto_config(port, workdir, extra))
+    conf.write_text(mosquitto_config(port, workdir, extra, aclfile))
     with (workdir / "mosquitto.log").open("wb") as log:
         proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     broker = Mosquitto(port, workdir, proc)

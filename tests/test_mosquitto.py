@@ -18,6 +18,7 @@ future Mosquitto or config closes it.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,7 +31,7 @@ from imcli.cli import app
 from tests.brokers import LIMIT, Mosquitto, mosquitto_available, running_mosquitto
 from tests.brokers import NOT_INSTALLED as _NOT_INSTALLED
 from tests.conftest import Proc
-from tests.rawmqtt import Raw, connect_raw, password_of
+from tests.rawmqtt import Raw, connect_raw, password_of, wait_until
 
 pytestmark = [pytest.mark.slow]
 if not mosquitto_available():
@@ -478,3 +479,77 @@ def test_cli_and_workers_run_unchanged(
     assert listen.stop() == 0
     assert workers.stop() == 0, workers.err_lines
     assert not [e for e in workers.err_lines if "Traceback" in e]
+
+
+# ---------------------------------------------------------------- federation: a bridged pair
+
+
+def test_bridged_pair_carries_chat_and_presence(tmp_path: Path) -> None:
+    """alice on broker A, bob on broker B, bridged by deploy/mosquitto/bridge.conf; workers on B only."""
+    from imcli import chat as im
+    from imcli.chat import Identity
+    from imcli.mqtt import Credentials
+    from tests.brokers import DEPLOY, running_workers
+
+    acl_b = tmp_path / "aclfile-b"
+    acl_b.write_text((DEPLOY / "aclfile").read_text() + (DEPLOY / "bridge.aclfile").read_text())
+    # one account namespace: B's password file (read by the workers) lists A's users too (bridge.conf)
+    accounts_b = ("alice", "bob", "carol", "presence", "groups", "imcli-bridge")
+    with running_mosquitto(tmp_path / "b", accounts_b, aclfile=acl_b) as b:
+        bridge = (DEPLOY / "bridge.conf").read_text()
+        bridge = bridge.replace("address 127.0.0.1:1884", f"address 127.0.0.1:{b.port}")
+        bridge = bridge.replace("remote_password CHANGE-ME", f"remote_password {password_of('imcli-bridge')}")
+        with running_mosquitto(tmp_path / "a", ("alice",), extra=bridge) as a, running_workers(b):
+            bob_raw = connect_raw("127.0.0.1", b.port, "bob", "bob:raw")
+            try:
+                assert bob_raw.subscribe("im/room/+/+") == 1
+                alice_raw = connect_raw("127.0.0.1", a.port, "alice", "alice:raw")
+                try:  # the bridge connects in the background: A's messages reach B once it is up
+                    probe = chat("is the bridge up?")
+                    assert wait_until(lambda: _published_and_seen(alice_raw, bob_raw, probe), 15), a.log + b.log
+                finally:
+                    alice_raw.close()
+            finally:
+                bob_raw.close()
+
+            alice = Identity(a.address, Credentials("alice", password_of("alice")), "laptop")
+            bob = Identity(b.address, Credentials("bob", password_of("bob")), "phone")
+            with im.Listener(alice) as alice_listens, im.Listener(bob) as bob_listens:
+                alice_got: list[tuple[str, str | None, str]] = []
+                bob_got: list[tuple[str, str | None, str]] = []
+                for listener, sink in ((alice_listens, alice_got), (bob_listens, bob_got)):
+                    threading.Thread(
+                        target=lambda li=listener, s=sink: s.extend((i.kind, i.sender, i.text) for i in li),
+                        daemon=True,
+                    ).start()
+                # presence: the worker on B sees alice's device through the bridge, and A sees its records
+                assert wait_until(lambda: {u.account for u in im.who(alice)} == {"alice", "bob"}, 15)
+                assert {u.account for u in im.who(bob)} == {"alice", "bob"}
+
+                im.say(alice, "lobby", im.prepare_text("hello from A"))
+                assert wait_until(lambda: ("room", "alice", "hello from A") in bob_got)
+                assert im.send_dm(bob, "alice", im.prepare_text("hello from B")) == "alice"
+                assert wait_until(lambda: ("dm", "bob", "hello from B") in alice_got)
+                assert im.send_dm(alice, "bob", im.prepare_text("and back")) == "bob"
+                assert wait_until(lambda: ("dm", "alice", "and back") in bob_got)
+            # a forged sender is refused on A before it could cross the bridge
+            carol_spy = connect_raw("127.0.0.1", b.port, "carol", "carol:spy")
+            forger = connect_raw("127.0.0.1", a.port, "alice", "alice:forger")
+            try:
+                assert carol_spy.subscribe("im/room/+/+") == 1
+                forger.publish("im/room/lobby/bob", chat("forged bob"))
+                barrier = chat("barrier")
+                forger.publish("im/room/lobby/alice", barrier)
+                assert [m.topic for m in carol_spy.until("im/room/lobby/alice", barrier)] == ["im/room/lobby/alice"]
+            finally:
+                forger.close()
+                carol_spy.close()
+
+
+def _published_and_seen(sender: Raw, observer: Raw, payload: bytes) -> bool:
+    sender.publish(f"im/room/lobby/{sender.username}", payload)
+    try:
+        observer.until(f"im/room/lobby/{sender.username}", payload, timeout=0.3)
+    except AssertionError:
+        return False
+    return True
