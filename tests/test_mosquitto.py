@@ -457,11 +457,11 @@ def test_cli_and_workers_run_unchanged(
     # groups: private, enforced by the broker through dynamic security
     assert cli("alice", "group", "create", "team", "--private").exit_code == 0
     assert cli("alice", "group", "invite", "team", "bob").exit_code == 0
-    assert cli("alice", "group", "say", "team", "hello team").stdout.strip() == "sent to &team"
+    assert cli("alice", "group", "say", "team", "hello team").stdout.strip() == "sent to #team"
     line = _lines_until(listen, lambda line: line["kind"] == "group")
     assert (line["group"], line["from"], line["text"]) == ("team", "alice", "hello team")
     outsider = cli("carol", "group", "say", "team", "let me in")
-    assert outsider.exit_code == 1 and outsider.stderr.startswith("Error: no group &team (or it is private)")
+    assert outsider.exit_code == 1 and outsider.stderr.startswith("Error: no group #team (or it is private)")
     invite_zed = cli("alice", "group", "invite", "team", "zed")  # --accounts-file: every account is known
     assert invite_zed.exit_code == 1 and invite_zed.stderr.startswith("Error: unknown user 'zed'")
 
@@ -487,6 +487,7 @@ def test_cli_and_workers_run_unchanged(
 def test_bridged_pair_carries_chat_and_presence(tmp_path: Path) -> None:
     """alice on broker A, bob on broker B, bridged by deploy/mosquitto/bridge.conf; workers on B only."""
     from imcli import chat as im
+    from imcli import inbox
     from imcli.chat import Identity
     from imcli.mqtt import Credentials
     from tests.brokers import DEPLOY, running_workers
@@ -514,7 +515,7 @@ def test_bridged_pair_carries_chat_and_presence(tmp_path: Path) -> None:
 
             alice = Identity(a.address, Credentials("alice", password_of("alice")), "laptop")
             bob = Identity(b.address, Credentials("bob", password_of("bob")), "phone")
-            with im.Listener(alice) as alice_listens, im.Listener(bob) as bob_listens:
+            with inbox.Listener(alice) as alice_listens, inbox.Listener(bob) as bob_listens:
                 alice_got: list[tuple[str, str | None, str]] = []
                 bob_got: list[tuple[str, str | None, str]] = []
                 for listener, sink in ((alice_listens, alice_got), (bob_listens, bob_got)):
