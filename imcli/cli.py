@@ -36,6 +36,7 @@ from imcli.cli_common import (
     signed_in,
 )
 from imcli.cli_groups import config_app, friend_app, group_app
+from imcli.cli_workers import workers
 from imcli.errors import InvalidInput
 
 app = typer.Typer(
@@ -394,3 +395,6 @@ def presence(
         sys.stdout.flush()
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
+
+
+app.command()(workers)  # imcli/cli_workers.py: both workers against an external broker

@@ -122,9 +122,9 @@ class Topics:
     def dm(self, to: str, sender: str) -> str:
         return f"{self.prefix}/user/{_n(to)}/dm/{_n(sender)}"
 
-    def dm_filter(self) -> str:
-        """Every direct message (the archive's subscription; a user may read only its own)."""
-        return f"{self.prefix}/user/+/dm/+"
+    def dm_filter(self, to: str | None = None) -> str:
+        """DMs to ``to``, or every direct message (the archive's subscription; a user may read only its own)."""
+        return f"{self.prefix}/user/{_n(to) if to else '+'}/dm/+"
 
     def user_filter(self, me: str) -> str:
         return f"{self.prefix}/user/{_n(me)}/#"

@@ -14,11 +14,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
-from imcli.errors import RequestTimeout
+from imcli.errors import InvalidInput, RequestTimeout
 from imcli.mqtt import BrokerAddress, Credentials, Message, MqttClient
 from imcli.wire import (
+    RESERVED_NAMES,
     ErrorReply,
     MalformedPayload,
     SyncMarker,
@@ -40,6 +42,35 @@ class AccountDirectory(Protocol):
     """Which user accounts exist: the embedded broker's store, or (``None``) whatever a worker sees."""
 
     def is_user(self, name: str) -> bool: ...
+
+
+class PasswordFileDirectory:
+    """The accounts of a Mosquitto password file (``name:hash`` lines), re-read when it changes.
+
+    Only the names are read. Reserved names (the workers' service accounts) are not users.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._names: frozenset[str] = frozenset()
+        self.names()  # an unreadable file fails at start, not at the first request
+
+    def names(self) -> frozenset[str]:
+        try:
+            st = self.path.stat()
+            if (st.st_mtime_ns, st.st_size) != self._stamp:
+                lines = self.path.read_text(encoding="utf-8").splitlines()
+                self._names = frozenset(line.split(":", 1)[0] for line in lines if ":" in line)
+                self._stamp = (st.st_mtime_ns, st.st_size)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidInput(
+                f"cannot read the password file {self.path}: {exc}", "check the path and its mode"
+            ) from exc
+        return self._names
+
+    def is_user(self, name: str) -> bool:
+        return name in self.names() and name not in RESERVED_NAMES
 
 
 class ServiceWorker:
@@ -90,16 +121,19 @@ class ServiceWorker:
         """Answer a request (under ``self.lock``); ``None`` if another worker owns this type."""
         return None
 
+    def on_foreign(self, message: Message) -> None:
+        """A message outside the topic contract (a broker's ``$CONTROL`` answer), in paho's thread."""
+
     # ---------------------------------------------------------------- lifecycle
 
     def __enter__(self) -> ServiceWorker:
         self.client.connect()
         try:
             self._sync()
+            self.started()
         except BaseException:
-            self.client.close()
+            self.__exit__(None, None, None)
             raise
-        self.started()
         return self
 
     def started(self) -> None:
@@ -127,6 +161,7 @@ class ServiceWorker:
     def _on_message(self, message: Message) -> None:
         parsed = self.topics.parse(message.topic)
         if parsed is None:
+            self.on_foreign(message)
             return
         try:
             if parsed.kind is TopicKind.REQUEST and parsed.sender and parsed.key:

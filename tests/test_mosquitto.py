@@ -18,33 +18,24 @@ future Mosquitto or config closes it.
 from __future__ import annotations
 
 import json
-import os
-import pwd
-import shutil
-import socket
-import subprocess
-import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner, Result
 
+from imcli.cli import app
+from tests.brokers import LIMIT, Mosquitto, mosquitto_available, running_mosquitto
+from tests.brokers import NOT_INSTALLED as _NOT_INSTALLED
+from tests.conftest import Proc
 from tests.rawmqtt import Raw, connect_raw, password_of, wait_until
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
-LIMIT = 16384  # message_size_limit in deploy/mosquitto/mosquitto.conf
-ACCOUNTS = ("alice", "bob", "carol", "presence")
-
-# Debian puts the broker in /usr/sbin, which a non-root PATH may lack
-MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/local/sbin:/usr/sbin")
-MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
-
 pytestmark = [pytest.mark.slow]
-if MOSQUITTO is None or MOSQUITTO_PASSWD is None:
-    pytestmark.append(pytest.mark.skip(reason="mosquitto not installed (.ci/run installs it)"))
+if not mosquitto_available():
+    pytestmark.append(pytest.mark.skip(reason=_NOT_INSTALLED))
 
 NO_CLIENT_ID_BINDING = (
     "Mosquitto 2.0 cannot bind a client id to its account for several devices: password_file "
@@ -64,88 +55,10 @@ def status(interval: float = 30.0) -> bytes:
 # ---------------------------------------------------------------- the broker
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def mosquitto_config(port: int, workdir: Path) -> str:
-    """deploy/mosquitto/mosquitto.conf with this port, temp paths and the current user."""
-    replace = {
-        "listener": f"listener {port} 127.0.0.1",
-        "password_file": f"password_file {workdir / 'passwd'}",
-        "acl_file": f"acl_file {DEPLOY / 'aclfile'}",
-        "persistence_location": f"persistence_location {workdir}/",
-    }
-    seen: list[str] = []
-    lines = []
-    for line in (DEPLOY / "mosquitto.conf").read_text().splitlines():
-        words = line.split()
-        key = words[0] if words and not words[0].startswith("#") else ""
-        if key in replace:
-            seen.append(key)
-            lines.append(replace[key])
-        elif key != "user":
-            lines.append(line)
-    assert sorted(seen) == sorted(replace), f"deploy/mosquitto/mosquitto.conf changed shape: {seen}"
-    # as root, mosquitto would drop to user `mosquitto`, which cannot read the temp files
-    lines.append(f"user {pwd.getpwuid(os.geteuid()).pw_name}")
-    return "\n".join(lines) + "\n"
-
-
-@dataclass
-class Mosquitto:
-    port: int
-    workdir: Path
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def log(self) -> str:
-        return (self.workdir / "mosquitto.log").read_text(errors="replace")
-
-
-def wait_listening(broker: Mosquitto, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if broker.proc.poll() is not None:
-            raise AssertionError(f"mosquitto exited with {broker.proc.returncode}:\n{broker.log}")
-        try:
-            with socket.create_connection(("127.0.0.1", broker.port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise AssertionError(f"mosquitto did not listen on {broker.port} within {timeout}s:\n{broker.log}")
-
-
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    workdir = tmp_path / "mosquitto"
-    workdir.mkdir()
-    pwfile = workdir / "passwd"
-    for i, name in enumerate(ACCOUNTS):
-        create = ["-c"] if i == 0 else []
-        subprocess.run(
-            [str(MOSQUITTO_PASSWD), *create, "-b", str(pwfile), name, password_of(name)],
-            check=True,
-            capture_output=True,
-        )
-    port = free_port()
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(mosquitto_config(port, workdir))
-    with (workdir / "mosquitto.log").open("wb") as log:
-        proc = subprocess.Popen([str(MOSQUITTO), "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-    b = Mosquitto(port, workdir, proc)
-    try:
-        wait_listening(b)
+    with running_mosquitto(tmp_path / "mosquitto") as b:
         yield b
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 # ---------------------------------------------------------------- raw clients
@@ -499,56 +412,145 @@ def test_retained_chat_is_not_stored(raw: RawFactory, topic: str) -> None:
     assert barrier(alice, late) == [[]]
 
 
-# ---------------------------------------------------------------- the presence worker, unchanged
+# ---------------------------------------------------------------- the CLI and workers, unchanged
 
 
-def test_presence_worker_runs_unchanged(broker: Mosquitto, raw: RawFactory, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMCLI_")}
-    env["IMCLI_CONFIG_DIR"] = str(tmp_path / "worker-config")
-    out = tmp_path / "worker.log"
-    args = ["presence", "--password-stdin", "--host", "127.0.0.1", "--port", str(broker.port)]
-    with out.open("wb") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "imcli", *args],
-            stdin=subprocess.PIPE,
-            stdout=log,
-            stderr=log,
-            env=env,
-        )
-    try:
-        assert worker.stdin is not None
-        worker.stdin.write(password_of("presence").encode() + b"\n")
-        worker.stdin.close()
+def _lines_until(proc: Proc, predicate: Callable[[dict[str, object]], bool], timeout: float = 20) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while (left := deadline - time.monotonic()) > 0:
+        item = json.loads(proc.line(timeout=left))
+        seen.append(item)
+        if predicate(item):
+            return item
+    raise AssertionError(f"no such line within {timeout}s: {seen}")
 
-        alice = raw("alice", "alice:laptop-listen1a2b3c", will=("im/status/alice/laptop-listen1a2b3c", b"", True))
-        assert alice.subscribe_all("im/presence/+", "im/events", "im/user/alice/reply/+") == [1, 1, 1]
-        alice.publish("im/status/alice/laptop-listen1a2b3c", status(), retain=True)
-        record = json.loads(alice.until("im/presence/alice", timeout=15)[-1].payload)
-        assert (record["state"], record["devices"]) == ("online", 1), out.read_text()
-        event = json.loads(alice.until("im/events")[-1].payload)
-        assert (event["event"], event["account"]) == ("join", "alice")
 
-        def who() -> list[str] | None:
-            corr = uuid.uuid4().hex
-            alice.publish(f"im/request/alice/{corr}", json.dumps({"type": "who", "v": 1, "id": corr}).encode())
+def test_cli_and_workers_run_unchanged(
+    broker: Mosquitto, raw: RawFactory, procs: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """``imcli workers --dynsec`` beside deploy/mosquitto, and the CLI as on the embedded broker."""
+    workers = procs(
+        "workers", "--host", "127.0.0.1", "--port", str(broker.port), "--dynsec", "--accounts-file", str(broker.passwd),
+        env={"IMCLI_PRESENCE_PASSWORD": password_of("presence"), "IMCLI_GROUPS_PASSWORD": password_of("groups"),
+             "IMCLI_CONFIG_DIR": str(tmp_path / "workers")},
+    )  # fmt: skip
+    assert "workers running as presence and groups" in workers.line(timeout=30), workers.err_lines
+
+    runner = CliRunner()
+
+    def cli(name: str, *args: str, stdin: str | None = None) -> Result:
+        return runner.invoke(app, list(args), input=stdin, env={"IMCLI_CONFIG_DIR": str(tmp_path / name)})
+
+    where = ["--host", "127.0.0.1", "--port", str(broker.port)]
+    for name in ("alice", "bob", "carol"):
+        logged = cli(name, "login", name, *where, "--password-stdin", stdin=password_of(name) + "\n")
+        assert logged.exit_code == 0, logged.output
+    refused = cli("newbie", "register", "newbie", *where, "--password-stdin", stdin="newbie-password\n")
+    assert refused.exit_code == 1 and len(refused.stderr.strip().splitlines()) == 1  # mosquitto_passwd makes accounts
+
+    listen = procs("listen", "--json", env={"IMCLI_CONFIG_DIR": str(tmp_path / "bob")})
+    _lines_until(listen, lambda line: line["kind"] == "event" and line["from"] == "bob")  # his own join
+    who = json.loads(cli("alice", "who", "--json").stdout)
+    assert [u["account"] for u in who] == ["bob"]
+
+    # groups: private, enforced by the broker through dynamic security
+    assert cli("alice", "group", "create", "team", "--private").exit_code == 0
+    assert cli("alice", "group", "invite", "team", "bob").exit_code == 0
+    assert cli("alice", "group", "say", "team", "hello team").stdout.strip() == "sent to #team"
+    line = _lines_until(listen, lambda line: line["kind"] == "group")
+    assert (line["group"], line["from"], line["text"]) == ("team", "alice", "hello team")
+    outsider = cli("carol", "group", "say", "team", "let me in")
+    assert outsider.exit_code == 1 and outsider.stderr.startswith("Error: no group #team (or it is private)")
+    invite_zed = cli("alice", "group", "invite", "team", "zed")  # --accounts-file: every account is known
+    assert invite_zed.exit_code == 1 and invite_zed.stderr.startswith("Error: unknown user 'zed'")
+
+    # dm-policy friends: the CLI asks first; a raw client is dropped at delivery by bob's dynsec role
+    assert cli("bob", "config", "set", "dm-policy", "friends").exit_code == 0
+    assert cli("alice", "friend", "add", "bob").exit_code == 0
+    assert cli("bob", "friend", "accept", "alice").exit_code == 0
+    stranger = cli("carol", "dm", "bob", "hi stranger")
+    assert stranger.exit_code == 1 and "accepts direct messages from friends only" in stranger.stderr
+    raw("carol", "carol:raw").publish("im/user/bob/dm/carol", chat("sneaky"))
+    assert cli("alice", "dm", "bob", "hi friend").stdout.strip() == "sent to @bob"
+    line = _lines_until(listen, lambda line: line["kind"] == "dm")
+    assert (line["from"], line["text"]) == ("alice", "hi friend")  # carol's came first, and never arrived
+
+    assert listen.stop() == 0
+    assert workers.stop() == 0, workers.err_lines
+    assert not [e for e in workers.err_lines if "Traceback" in e]
+
+
+# ---------------------------------------------------------------- federation: a bridged pair
+
+
+def test_bridged_pair_carries_chat_and_presence(tmp_path: Path) -> None:
+    """alice on broker A, bob on broker B, bridged by deploy/mosquitto/bridge.conf; workers on B only."""
+    from imcli import chat as im
+    from imcli import inbox
+    from imcli.chat import Identity
+    from imcli.mqtt import Credentials
+    from tests.brokers import DEPLOY, running_workers
+
+    acl_b = tmp_path / "aclfile-b"
+    acl_b.write_text((DEPLOY / "aclfile").read_text() + (DEPLOY / "bridge.aclfile").read_text())
+    # one account namespace: B's password file (read by the workers) lists A's users too (bridge.conf)
+    accounts_b = ("alice", "bob", "carol", "presence", "groups", "imcli-bridge")
+    with running_mosquitto(tmp_path / "b", accounts_b, aclfile=acl_b) as b:
+        bridge = (DEPLOY / "bridge.conf").read_text()
+        bridge = bridge.replace("address 127.0.0.1:1884", f"address 127.0.0.1:{b.port}")
+        bridge = bridge.replace("remote_password CHANGE-ME", f"remote_password {password_of('imcli-bridge')}")
+        with running_mosquitto(tmp_path / "a", ("alice",), extra=bridge) as a, running_workers(b):
+            bob_raw = connect_raw("127.0.0.1", b.port, "bob", "bob:raw")
             try:
-                reply = json.loads(alice.until(f"im/user/alice/reply/{corr}", timeout=2)[-1].payload)
-            except AssertionError:
-                return None  # the worker subscribes to requests only after its sync barrier
-            return [u["account"] for u in reply["users"]]
+                assert bob_raw.subscribe("im/room/+/+") == 1
+                alice_raw = connect_raw("127.0.0.1", a.port, "alice", "alice:raw")
+                try:  # the bridge connects in the background: A's messages reach B once it is up
+                    probe = chat("is the bridge up?")
+                    assert wait_until(lambda: _published_and_seen(alice_raw, bob_raw, probe), 15), a.log + b.log
+                finally:
+                    alice_raw.close()
+            finally:
+                bob_raw.close()
 
-        assert wait_until(lambda: who() == ["alice"], 15), out.read_text()
+            alice = Identity(a.address, Credentials("alice", password_of("alice")), "laptop")
+            bob = Identity(b.address, Credentials("bob", password_of("bob")), "phone")
+            with inbox.Listener(alice) as alice_listens, inbox.Listener(bob) as bob_listens:
+                alice_got: list[tuple[str, str | None, str]] = []
+                bob_got: list[tuple[str, str | None, str]] = []
+                for listener, sink in ((alice_listens, alice_got), (bob_listens, bob_got)):
+                    threading.Thread(
+                        target=lambda li=listener, s=sink: s.extend((i.kind, i.sender, i.text) for i in li),
+                        daemon=True,
+                    ).start()
+                # presence: the worker on B sees alice's device through the bridge, and A sees its records
+                assert wait_until(lambda: {u.account for u in im.who(alice)} == {"alice", "bob"}, 15)
+                assert {u.account for u in im.who(bob)} == {"alice", "bob"}
 
-        alice.kill()  # the Last Will clears the device: offline record and a leave event
-        bob = raw("bob", "bob:phone")
-        assert bob.subscribe_all("im/presence/+") == [1]
-        assert wait_until(
-            lambda: any(json.loads(m.payload)["state"] == "offline" for m in bob.silent(0.2) if m.payload), 10
-        ), out.read_text()
-    finally:
-        worker.terminate()
-        try:
-            worker.wait(10)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait(10)
+                im.say(alice, "lobby", im.prepare_text("hello from A"))
+                assert wait_until(lambda: ("room", "alice", "hello from A") in bob_got)
+                assert im.send_dm(bob, "alice", im.prepare_text("hello from B")) == "alice"
+                assert wait_until(lambda: ("dm", "bob", "hello from B") in alice_got)
+                assert im.send_dm(alice, "bob", im.prepare_text("and back")) == "bob"
+                assert wait_until(lambda: ("dm", "alice", "and back") in bob_got)
+            # a forged sender is refused on A before it could cross the bridge
+            carol_spy = connect_raw("127.0.0.1", b.port, "carol", "carol:spy")
+            forger = connect_raw("127.0.0.1", a.port, "alice", "alice:forger")
+            try:
+                assert carol_spy.subscribe("im/room/+/+") == 1
+                forger.publish("im/room/lobby/bob", chat("forged bob"))
+                barrier = chat("barrier")
+                forger.publish("im/room/lobby/alice", barrier)
+                assert [m.topic for m in carol_spy.until("im/room/lobby/alice", barrier)] == ["im/room/lobby/alice"]
+            finally:
+                forger.close()
+                carol_spy.close()
+
+
+def _published_and_seen(sender: Raw, observer: Raw, payload: bytes) -> bool:
+    sender.publish(f"im/room/lobby/{sender.username}", payload)
+    try:
+        observer.until(f"im/room/lobby/{sender.username}", payload, timeout=0.3)
+    except AssertionError:
+        return False
+    return True

@@ -1,0 +1,248 @@
+"""Brokers for the tests: a real Mosquitto 2 started from deploy/mosquitto, and fixtures that
+run one test module against both the embedded broker and Mosquitto.
+
+A module opts in by binding the fixtures (``server`` and ``users`` replace conftest's)::
+
+    broker_kind, broker_under_test, server, users = brokers.BOTH
+
+conftest's ``raw``, ``cli_as`` and the rest then connect to whichever broker the test runs on.
+On Mosquitto the presence and group workers run beside it exactly as ``imcli workers --dynsec
+--accounts-file <passwd>`` runs them (the same classes, in this process: a subprocess per test
+would cost a second each; tests/test_mosquitto.py runs the real command). A test that cannot
+pass on one broker carries ``@pytest.mark.broker_xfail("mosquitto", reason=...)``: it still runs
+there, as ``xfail(strict=True)``, so it fails loudly the day the gap closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from broker.accounts import AccountStore
+from broker.server import BrokerSettings
+from groups.worker import GroupWorker
+from imcli.embedded import BackgroundServer, ServeInfo
+from imcli.mqtt import BrokerAddress, Credentials
+from imcli.worker import PasswordFileDirectory
+from presence.worker import PresenceWorker
+from tests.rawmqtt import connect_raw, password_of
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
+# Debian puts the broker in /usr/sbin, which a non-root PATH may lack
+MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/local/sbin:/usr/sbin")
+MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
+DYNSEC_PLUGIN = next(iter(sorted(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so"))), None)
+NOT_INSTALLED = "mosquitto not installed (.ci/run installs Debian's package)"
+# created before the broker starts (cheap with mosquitto_passwd); users() adds others with a reload
+ACCOUNTS = ("alice", "bob", "carol", "dave", "presence", "groups")
+SERVICES = ("presence", "groups")
+LIMIT = 16384  # message_size_limit in deploy/mosquitto/mosquitto.conf
+
+
+def mosquitto_available() -> bool:
+    return MOSQUITTO is not None and MOSQUITTO_PASSWD is not None and DYNSEC_PLUGIN is not None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mosquitto_config(port: int, workdir: Path, extra: str = "", aclfile: Path = DEPLOY / "aclfile") -> str:
+    """deploy/mosquitto/mosquitto.conf with this port, temp paths and the current user."""
+    replace = {
+        "listener": f"listener {port} 127.0.0.1",
+        "password_file": f"password_file {workdir / 'passwd'}",
+        "acl_file": f"acl_file {aclfile}",
+        "persistence_location": f"persistence_location {workdir}/",
+        "plugin": f"plugin {DYNSEC_PLUGIN}",
+        "plugin_opt_config_file": f"plugin_opt_config_file {workdir / 'imcli-dynsec.json'}",
+    }
+    seen: list[str] = []
+    lines = []
+    for line in (DEPLOY / "mosquitto.conf").read_text().splitlines():
+        words = line.split()
+        key = words[0] if words and not words[0].startswith("#") else ""
+        if key in replace:
+            seen.append(key)
+            lines.append(replace[key])
+        elif key != "user":
+            lines.append(line)
+    assert sorted(seen) == sorted(replace), f"deploy/mosquitto/mosquitto.conf changed shape: {seen}"
+    # as root, mosquitto would drop to user `mosquitto`, which cannot read the temp files
+    lines.append(f"user {pwd.getpwuid(os.geteuid()).pw_name}")
+    return "\n".join(lines) + "\n" + extra
+
+
+@dataclass
+class Mosquitto:
+    port: int
+    workdir: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def log(self) -> str:
+        return (self.workdir / "mosquitto.log").read_text(errors="replace")
+
+    @property
+    def address(self) -> BrokerAddress:
+        return BrokerAddress("127.0.0.1", self.port)
+
+    @property
+    def passwd(self) -> Path:
+        return self.workdir / "passwd"
+
+    def info(self) -> ServeInfo:
+        return ServeInfo(self.address, "127.0.0.1", self.workdir, "none: accounts come from mosquitto_passwd")
+
+    def has_account(self, name: str) -> bool:
+        return any(line.split(":", 1)[0] == name for line in self.passwd.read_text().splitlines())
+
+    def add_account(self, name: str) -> None:
+        """mosquitto_passwd, then SIGHUP; returns once the new account can log in."""
+        _passwd(self.passwd, name, create=False)
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            probe = connect_raw("127.0.0.1", self.port, name, f"{name}:probe")
+            probe.close()
+            if probe.rc == 0:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"mosquitto did not take account {name} within 10s:\n{self.log}")
+
+    def wait_listening(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mosquitto exited with {self.proc.returncode}:\n{self.log}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        raise AssertionError(f"mosquitto did not listen on {self.port} within {timeout}s:\n{self.log}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _passwd(path: Path, name: str, *, create: bool) -> None:
+    assert MOSQUITTO_PASSWD is not None
+    flags = ["-c"] if create else []
+    subprocess.run(
+        [MOSQUITTO_PASSWD, *flags, "-b", str(path), name, password_of(name)], check=True, capture_output=True
+    )
+
+
+@contextlib.contextmanager
+def running_mosquitto(
+    workdir: Path, accounts: tuple[str, ...] = ACCOUNTS, extra: str = "", aclfile: Path = DEPLOY / "aclfile"
+) -> Iterator[Mosquitto]:
+    """A mosquitto from deploy/mosquitto on a free loopback port, with ``accounts`` (password_of)."""
+    assert MOSQUITTO is not None, NOT_INSTALLED
+    workdir.mkdir(parents=True)
+    for i, name in enumerate(accounts):
+        _passwd(workdir / "passwd", name, create=i == 0)
+    shutil.copy(DEPLOY / "imcli-dynsec.json", workdir / "imcli-dynsec.json")
+    port = free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(mosquitto_config(port, workdir, extra, aclfile))
+    with (workdir / "mosquitto.log").open("wb") as log:
+        proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    broker = Mosquitto(port, workdir, proc)
+    try:
+        broker.wait_listening()
+        yield broker
+    finally:
+        broker.stop()
+
+
+@contextlib.contextmanager
+def running_workers(broker: Mosquitto) -> Iterator[tuple[object, object]]:
+    """What ``imcli workers --dynsec --accounts-file <passwd>`` runs, in this process."""
+    directory = PasswordFileDirectory(broker.passwd)
+    creds = {name: Credentials(name, password_of(name)) for name in SERVICES}
+    with (
+        PresenceWorker(broker.address, creds["presence"], directory, device="test") as presence,
+        GroupWorker(broker.address, creds["groups"], directory, device="test", dynsec=True) as groups,
+    ):
+        yield presence, groups
+
+
+# ---------------------------------------------------------------- both brokers
+
+
+@dataclass
+class BrokerUnderTest:
+    kind: str  # "amqtt" (the embedded default) or "mosquitto"
+    info: ServeInfo
+    add_users: Callable[..., None]
+
+
+@pytest.fixture(params=["amqtt", "mosquitto"])
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    if kind == "mosquitto" and not mosquitto_available():
+        pytest.skip(NOT_INSTALLED)
+    for mark in request.node.iter_markers("broker_xfail"):
+        if kind in mark.args:
+            request.applymarker(pytest.mark.xfail(reason=f"{kind}: {mark.kwargs['reason']}", strict=True))
+    return kind
+
+
+@pytest.fixture
+def broker_under_test(broker_kind: str, tmp_path: Path) -> Iterator[BrokerUnderTest]:
+    if broker_kind == "amqtt":
+        with BackgroundServer(BrokerSettings(data_dir=tmp_path / "data", port=0)) as info:
+            store = AccountStore(info.data_dir)
+
+            def add_amqtt(*names: str) -> None:
+                for name in names:
+                    store.add(name, password_of(name))
+
+            yield BrokerUnderTest(broker_kind, info, add_amqtt)
+        return
+    with running_mosquitto(tmp_path / "mosquitto") as mosquitto, running_workers(mosquitto):
+
+        def add_mosquitto(*names: str) -> None:
+            for name in names:
+                if not mosquitto.has_account(name):
+                    mosquitto.add_account(name)
+
+        yield BrokerUnderTest(broker_kind, mosquitto.info(), add_mosquitto)
+
+
+@pytest.fixture
+def server(broker_under_test: BrokerUnderTest) -> ServeInfo:
+    """conftest's ``server``, on the embedded broker and on Mosquitto (with its workers)."""
+    return broker_under_test.info
+
+
+@pytest.fixture
+def users(broker_under_test: BrokerUnderTest) -> Callable[..., None]:
+    """``users("alice", "bob")``: accounts with password ``password_of(name)``, on either broker."""
+    return broker_under_test.add_users
+
+
+# A module runs on both brokers with:  broker_kind, broker_under_test, server, users = brokers.BOTH
+BOTH = (broker_kind, broker_under_test, server, users)
