@@ -51,6 +51,9 @@ def dm_conversation(a: str, b: str) -> str:
     return f"dm:{first}|{second}"
 
 
+ARCHIVE_FILE = "archive.sqlite3"
+
+
 @dataclass(frozen=True)
 class Page:
     messages: list[Received]
@@ -64,7 +67,8 @@ class ArchiveStore:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            # the embedded broker's journal and the archive worker share the file: wait for each other
+            self._db = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses no committed message
             self._db.executescript(_SCHEMA)

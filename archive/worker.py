@@ -19,8 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from archive.store import ArchiveStore, Page, dm_conversation
-from imcli.inbox import chat_received
+from archive.store import ARCHIVE_FILE, ArchiveStore, Page, dm_conversation
 from imcli.mqtt import BrokerAddress, Credentials
 from imcli.wire import (
     ErrorReply,
@@ -31,14 +30,13 @@ from imcli.wire import (
     TopicKind,
     Topics,
     WireModel,
+    chat_received,
     decode_as,
     is_name,
 )
 from imcli.worker import ServiceWorker
 
 log = logging.getLogger(__name__)
-
-ARCHIVE_FILE = "archive.sqlite3"
 
 
 class ArchiveWorker(ServiceWorker):
@@ -51,10 +49,12 @@ class ArchiveWorker(ServiceWorker):
         device: str = "worker",
         clock: Callable[[], float] = time.time,
         retention_days: float | None = None,
+        store_messages: bool = True,
     ) -> None:
         super().__init__(address, credentials, topics, device, clock, persistent=True)
         self.store = ArchiveStore(data_dir / ARCHIVE_FILE)
         self._groups: dict[str, GroupInfo] = {}
+        self._store_messages = store_messages  # False beside the embedded broker, which journals them itself
         self._retention = retention_days * 86400 if retention_days else None
         self._pruner = threading.Thread(target=self._prune_loop, name="archive-prune", daemon=True)
 
@@ -75,7 +75,8 @@ class ArchiveWorker(ServiceWorker):
 
     def state_filters(self) -> list[str]:
         t = self.topics
-        return [t.group_info_filter(), t.room_filter(), t.dm_filter(), t.group_msg_filter()]
+        chat = [t.room_filter(), t.dm_filter(), t.group_msg_filter()] if self._store_messages else []
+        return [t.group_info_filter(), *chat]
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)

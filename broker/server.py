@@ -40,12 +40,13 @@ from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import Session
+from amqtt.session import ApplicationMessage, Session
 from amqtt.utils import gen_client_id
 from transitions import MachineError
 
 from broker.accounts import AccountStore, Role
 from broker.acl import Access
+from broker.journal import AckAfterJournal, Journal
 from broker.limits import Limits, PublishRate
 from broker.plugins import (
     CONNECTION_ACCEPTED,
@@ -116,6 +117,11 @@ class ImBroker(Broker):
         self._rate = PublishRate(settings.limits.publish_rate, settings.limits.publish_burst)
         self._queue_drops: Counter[str] = Counter()  # per client id, to log a full queue once
         self._away: dict[str, float] = {}  # persistent sessions whose client left -> since (monotonic)
+        self._journal = Journal(
+            settings.data_dir, self.topics, lambda user, topic: self._acl.check(user, topic, Access.PUBLISH)
+        )
+        # QoS 1 messages whose rate token was taken before their PUBACK: id -> (message, allowed, when)
+        self._charged: dict[int, tuple[ApplicationMessage, bool, float]] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
     @property
@@ -154,6 +160,9 @@ class ImBroker(Broker):
         while True:
             await asyncio.sleep(min(expiry / 4, 600.0))
             now = time.monotonic()
+            for key, (_, _, when) in list(self._charged.items()):
+                if now - when > 60:  # its connection ended before the broker delivered it
+                    del self._charged[key]
             for client_id, since in list(self._away.items()):
                 if now - since < expiry:
                     continue
@@ -182,6 +191,7 @@ class ImBroker(Broker):
                 server.instance.close()
         await super().shutdown()
         self._durable.close()
+        self._journal.close()
         # asyncio.Server.close() leaves accepted connections open before Python 3.13
         writers = list(self._streams)
         for writer in writers:
@@ -193,7 +203,7 @@ class ImBroker(Broker):
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
         try:
-            handler, incoming = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+            handler, incoming = await AckAfterJournal.init_from_connect(reader, writer, self.plugins_manager)
         except (AMQTTError, MQTTError, NoDataError) as exc:
             log.info("bad CONNECT from %s:%s: %s", remote_address, remote_port, exc)
             raise AMQTTError(exc) from exc
@@ -234,6 +244,8 @@ class ImBroker(Broker):
         else:
             incoming.parent = 0
 
+        if isinstance(handler, AckAfterJournal):
+            handler.before_ack = self._before_ack
         delay = self.config.timeout_disconnect_delay or 0
         if session.keep_alive > 0 and isinstance(delay, int):
             session.keep_alive += delay
@@ -368,7 +380,11 @@ class ImBroker(Broker):
             account = client_session.username or ""
             trusted = self._is_service(client_session)
             now = time.monotonic()
-            if not trusted and not self._rate.allow(account, now):
+            charged = self._charged.pop(id(message), None)
+            allowed = (
+                charged[1] if charged is not None and charged[0] is message else self._rate_allows(client_session, now)
+            )
+            if not allowed:
                 if self._rate.should_warn(account, now):
                     rate = self.settings.limits.publish_rate
                     await self.notify(account, "rate", f"slow down: messages beyond {rate:g} a second are dropped")
@@ -390,8 +406,26 @@ class ImBroker(Broker):
                     message.topic,
                 )
                 return True
+            if charged is None:  # QoS 0: never acknowledged, kept as it is delivered
+                self._journal.record(client_session.username, message)
         result: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
         return result
+
+    def _may_publish(self, username: str | None, topic: str) -> bool:
+        return self._acl.check(username, topic, Access.PUBLISH)
+
+    def _rate_allows(self, session: Session, now: float) -> bool:
+        return self._is_service(session) or self._rate.allow(session.username or "", now)
+
+    def _before_ack(self, session: Session, message: ApplicationMessage) -> None:
+        """A QoS 1 PUBLISH is about to be acknowledged: take its rate token and, if it will be
+        delivered, write it to the archive first (broker/journal.py)."""
+        now = time.monotonic()
+        allowed = self._rate_allows(session, now)
+        self._charged[id(message)] = (message, allowed, now)
+        small = len(message.data or b"") <= self.settings.max_payload or self._is_service(session)
+        if allowed and small:
+            self._journal.record(session.username, message)
 
     async def _publish_session_retained_messages(self, session: Session) -> None:  # amqtt private
         # amqtt sends messages queued while offline with retain=1 and unchecked

@@ -90,6 +90,7 @@ async def serve_forever(
                         broker.topics,
                         "embedded",
                         retention_days=settings.history_days,
+                        store_messages=False,  # the broker journals each message before its PUBACK
                     ),
                 ),
             ):

@@ -30,14 +30,13 @@ from imcli.wire import (
     Payload,
     Presence,
     Received,
-    Topic,
     TopicKind,
     Topics,
     WireModel,
+    chat_received,
     check_name,
     decode,
     decode_as,
-    decode_chat,
     encode,
     new_id,
 )
@@ -88,19 +87,6 @@ def to_received(topics: Topics, message: Message) -> Received | None:
         return Received(
             kind="malformed", sender=parsed.sender, id=new_id(), ts=time.time(), text=f"{message.topic}: {exc}"
         )
-
-
-def chat_received(parsed: Topic, payload: bytes) -> Received:
-    """A room, direct or group message; ``MalformedPayload`` if it is not one."""
-    chat, plain = decode_chat(payload)
-    common = {"id": chat.id, "ts": chat.ts, "text": chat.text, "format": "text" if plain else "json"}
-    if parsed.kind is TopicKind.ROOM:
-        return Received(kind="room", sender=parsed.sender, room=parsed.name, **common)
-    if parsed.kind is TopicKind.GROUP_MSG:
-        return Received(kind="group", sender=parsed.sender, group=parsed.name, **common)
-    if parsed.kind is TopicKind.DM:
-        return Received(kind="dm", sender=parsed.sender, to=parsed.owner, **common)
-    raise MalformedPayload(f"not a chat topic: {parsed.kind}")
 
 
 def event_text(event: Event) -> str:

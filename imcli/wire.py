@@ -592,3 +592,16 @@ def _first_error(exc: ValidationError) -> str:
 
 
 # --------------------------------------------------------------------------- what clients show
+
+
+def chat_received(parsed: Topic, payload: bytes) -> Received:
+    """A room, direct or group message; ``MalformedPayload`` if it is not one."""
+    chat, plain = decode_chat(payload)
+    common = {"id": chat.id, "ts": chat.ts, "text": chat.text, "format": "text" if plain else "json"}
+    if parsed.kind is TopicKind.ROOM:
+        return Received(kind="room", sender=parsed.sender, room=parsed.name, **common)
+    if parsed.kind is TopicKind.GROUP_MSG:
+        return Received(kind="group", sender=parsed.sender, group=parsed.name, **common)
+    if parsed.kind is TopicKind.DM:
+        return Received(kind="dm", sender=parsed.sender, to=parsed.owner, **common)
+    raise MalformedPayload(f"not a chat topic: {parsed.kind}")

@@ -1,0 +1,65 @@
+"""Acknowledged means kept: the embedded broker writes each chat message to the archive
+before it sends the PUBACK.
+
+amqtt acknowledges a QoS 1 PUBLISH as soon as it has queued it in memory, so a broker
+killed a moment later loses a message its sender was told had arrived. ``AckAfterJournal``
+is amqtt's protocol handler with one hook before that PUBACK; ``Journal`` writes the
+message to ``<data-dir>/archive.sqlite3`` (WAL: a committed row survives the process
+being killed) if the broker is going to deliver it — a chat topic the sender may publish
+to, within the size limit, not retained. Whoever was offline then gets it from the
+archive (``imcli chat`` catches up on start). QoS 0 messages are journalled on delivery.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import INCOMING, ApplicationMessage, Session
+
+from archive.store import ARCHIVE_FILE, ArchiveStore
+from imcli.wire import MalformedPayload, TopicKind, Topics, chat_received
+
+log = logging.getLogger(__name__)
+
+BeforeAck = Callable[[Session, ApplicationMessage], None]
+
+_CHAT = (TopicKind.ROOM, TopicKind.DM, TopicKind.GROUP_MSG)
+
+
+class AckAfterJournal(BrokerProtocolHandler):
+    """amqtt's broker-side protocol handler, calling ``before_ack`` before each PUBACK."""
+
+    before_ack: BeforeAck | None = None
+
+    async def _handle_qos1_message_flow(self, app_message: Any) -> None:  # amqtt private
+        if app_message.direction == INCOMING and self.before_ack is not None and self.session is not None:
+            self.before_ack(self.session, app_message)
+        await super()._handle_qos1_message_flow(app_message)
+
+
+class Journal:
+    def __init__(self, data_dir: Path, topics: Topics, may_publish: Callable[[str | None, str], bool]) -> None:
+        self.store = ArchiveStore(data_dir / ARCHIVE_FILE)
+        self._topics = topics
+        self._may_publish = may_publish
+
+    def record(self, username: str | None, message: ApplicationMessage) -> None:
+        """Keep ``message`` if it is chat the broker will deliver (the caller checked the limits)."""
+        parsed = self._topics.parse(message.topic)
+        if parsed is None or parsed.kind not in _CHAT or message.retain:
+            return
+        if not self._may_publish(username, message.topic):
+            return
+        try:
+            item = chat_received(parsed, bytes(message.data or b""))
+        except MalformedPayload:
+            return  # delivered as it is, shown as malformed; nothing to keep
+        self.store.add(item, time.time())
+
+    def close(self) -> None:
+        self.store.close()
