@@ -91,6 +91,7 @@ class ChatView:
             complete_while_typing=False,
             bottom_toolbar=session.toolbar,
             refresh_interval=0.5,
+            erase_when_done=True,  # the line comes back from the broker (a DM as a local echo)
         )
         previous = signal.signal(signal.SIGTERM, lambda *_: self._leave())
         try:
