@@ -20,6 +20,10 @@ Two facts of Mosquitto 2.0.11 shape this (``plugins/dynamic-security/*.c``):
   with ``modifyRole``: nobody is kicked when they join or leave a group.
 - ACL topics have no ``%u``: each role names its user's topics literally.
 
+Mosquitto drops a DM refused by dm-policy at delivery, not at publish, so a service account
+that reads every DM (the archive) would still get it. Each such *reader* gets one role,
+``imcli-reader-<account>``, with every friends-only user's refusals.
+
 Order: Mosquitto handles one client's PUBLISHes in order and runs a ``$CONTROL`` command
 before it reads the next packet (``handle__publish`` → ``control__process``), so commands
 the worker sends before a group record and its reply are in force when those arrive.
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = CONTROL_TOPIC + "/response"
 ROLE_PREFIX = "imcli-user-"
+READER_PREFIX = "imcli-reader-"
 PROBE = "imcli-probe"
 LIST_ROLES = "imcli-list-roles"
 
@@ -85,11 +90,19 @@ def role_of(user: str) -> str:
     return ROLE_PREFIX + user
 
 
+def reader_role_of(account: str) -> str:
+    return READER_PREFIX + account
+
+
 class DynsecMirror:
     """The group worker's records, as one dynsec role per user. Not thread-safe: the worker's lock."""
 
-    def __init__(self, topics: Topics) -> None:
+    def __init__(self, topics: Topics, dm_readers: Iterable[str] = ()) -> None:
         self.topics = topics
+        # service accounts whose aclfile section reads every DM (the archive): on Mosquitto a DM
+        # refused by dm-policy is dropped at delivery, so each reader gets the recipients' refusals too
+        self.dm_readers = tuple(sorted(set(dm_readers)))
+        self._reader_acls: list[Acl] | None = None  # what the readers' roles last got
         self._members: dict[str, frozenset[str]] = {}  # group -> members
         self._member_of: dict[str, set[str]] = {}  # user -> groups
         self._dm_friends: dict[str, frozenset[str]] = {}  # user with dm-policy friends -> friends
@@ -130,13 +143,22 @@ class DynsecMirror:
             acls.append(Acl(acltype="publishClientSend", topic=t.group_msg(group, user), priority=1))
             acls.append(Acl(acltype="publishClientReceive", topic=t.group_msg_filter(group), priority=1))
             acls.append(Acl(acltype="publishClientReceive", topic=t.group_info(group), priority=1))
+        return acls + self._dm_policy(user)
+
+    def _dm_policy(self, user: str) -> list[Acl]:
+        """Who may reach ``user`` by DM, if only friends may: receive rights on ``user``'s DM topics."""
+        t = self.topics
         friends = self._dm_friends.get(user)
-        if friends is not None:
-            # checked in priority order: friends (and oneself) first, then everyone else's DMs refused
-            for sender in sorted(friends | {user}):
-                acls.append(Acl(acltype="publishClientReceive", topic=t.dm(user, sender), priority=1))
-            acls.append(Acl(acltype="publishClientReceive", topic=t.dm_filter(user), priority=0, allow=False))
+        if friends is None:
+            return []
+        # checked in priority order: friends (and oneself) first, then everyone else's DMs refused
+        acls = [Acl(acltype="publishClientReceive", topic=t.dm(user, s), priority=1) for s in sorted(friends | {user})]
+        acls.append(Acl(acltype="publishClientReceive", topic=t.dm_filter(user), priority=0, allow=False))
         return acls
+
+    def reader_acls(self) -> list[Acl]:
+        """A DM reader's role: every friends-only user's refusals, so a dropped DM is not archived either."""
+        return [acl for user in sorted(self._dm_friends) for acl in self._dm_policy(user)]
 
     def commands(self, users: Iterable[str]) -> bytes | None:
         """The commands giving ``users`` their current rights, or ``None`` if there are none."""
@@ -149,7 +171,22 @@ class DynsecMirror:
                 commands.append(Command(command="createClient", username=user, roles=[RoleRef(rolename=role)]))
                 self._created.add(user)
             commands.append(Command(command="modifyRole", rolename=role, acls=acls))
+        commands.extend(self._reader_commands())
         return _encode(commands) if commands else None
+
+    def _reader_commands(self) -> list[Command]:
+        acls = self.reader_acls()
+        if acls == self._reader_acls:
+            return []
+        commands: list[Command] = []
+        for reader in self.dm_readers:
+            role = reader_role_of(reader)
+            if self._reader_acls is None:  # first time: both fail harmlessly ("already exists") after a restart
+                commands.append(Command(command="createRole", rolename=role, acls=acls))
+                commands.append(Command(command="createClient", username=reader, roles=[RoleRef(rolename=role)]))
+            commands.append(Command(command="modifyRole", rolename=role, acls=acls))
+        self._reader_acls = acls
+        return commands
 
     def probe(self) -> bytes:
         """Asks for the role list: the answer proves the plugin runs and lets ``stale`` clear old roles."""

@@ -51,11 +51,12 @@ class GroupWorker(ServiceWorker):
         clock: Callable[[], float] = time.time,
         *,
         dynsec: bool = False,
+        dm_readers: tuple[str, ...] = (),
     ) -> None:
         super().__init__(address, credentials, topics, device, clock)
         self.book = GroupBook(directory)
         self.friends = FriendBook(directory)
-        self.mirror = dynsec_module.DynsecMirror(self.topics) if dynsec else None
+        self.mirror = dynsec_module.DynsecMirror(self.topics, dm_readers) if dynsec else None
         self._dynsec_answered = threading.Event()
 
     def state_filters(self) -> list[str]:

@@ -1,37 +1,47 @@
-"""``imcli workers``: the presence and group workers alone, against a broker run elsewhere
-(Mosquitto, EMQX, or another ``imcli serve``). ``imcli serve`` runs the same two inside it."""
+"""``imcli workers``: the presence, group and archive workers alone, against a broker run
+elsewhere (Mosquitto, EMQX, or another ``imcli serve``). ``imcli serve`` runs the same three
+inside it."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from imcli.cli_common import HostOpt, PortOpt, broker_address, console
 from imcli.errors import InvalidInput
 
+if TYPE_CHECKING:
+    from imcli.worker import ServiceWorker
 
-def _passwords(from_stdin: bool, accounts: tuple[str, str]) -> tuple[str, str]:
+
+def password_variable(account: str) -> str:
+    return f"IMCLI_{account.upper().replace('-', '_')}_PASSWORD"
+
+
+def _passwords(from_stdin: bool, accounts: list[str]) -> list[str]:
     """One password per service account: stdin lines in order, else IMCLI_<ACCOUNT>_PASSWORD, else a prompt."""
     found: list[str] = []
     for account in accounts:
         if from_stdin:
             value = sys.stdin.readline().rstrip("\r\n")
         else:
-            value = os.environ.get(f"IMCLI_{account.upper().replace('-', '_')}_PASSWORD", "")
+            value = os.environ.get(password_variable(account), "")
             if not value and sys.stdin.isatty():
                 value = typer.prompt(f"Password of {account}", hide_input=True)
         if not value:
             raise InvalidInput(
                 f"no password for the service account {account!r}",
-                f"give one line per account on stdin (--password-stdin) or set IMCLI_{account.upper()}_PASSWORD",
+                f"give one line per account on stdin (--password-stdin: {', '.join(accounts)}) "
+                f"or set {password_variable(account)}",
             )
         found.append(value)
-    return found[0], found[1]
+    return found
 
 
 def workers(
@@ -39,8 +49,13 @@ def workers(
     port: PortOpt = None,
     presence_account: Annotated[str, typer.Option(help="Service account of the presence worker.")] = "presence",
     groups_account: Annotated[str, typer.Option(help="Service account of the group worker.")] = "groups",
+    archive_account: Annotated[str, typer.Option(help="Service account of the archive worker.")] = "archive",
     password_stdin: Annotated[
-        bool, typer.Option("--password-stdin", help="Read the two passwords (presence's, then groups') from stdin.")
+        bool,
+        typer.Option(
+            "--password-stdin",
+            help="Read the passwords from stdin, one line each: presence's, groups', archive's (unless --no-archive).",
+        ),
     ] = False,
     accounts_file: Annotated[
         Path | None,
@@ -50,38 +65,76 @@ def workers(
         bool,
         typer.Option("--dynsec", help="Enforce groups and dm-policy on Mosquitto through its dynamic-security plugin."),
     ] = False,
+    archive: Annotated[
+        bool, typer.Option("--archive/--no-archive", help="Run the archive worker (history, offline catch-up).")
+    ] = True,
+    archive_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--archive-dir",
+            help="Directory of the archive's archive.sqlite3 [default: per-user data dir]",
+        ),
+    ] = None,
+    history_days: Annotated[
+        float | None, typer.Option(help="Keep archived messages this many days [default: for ever].")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the workers do.")] = False,
 ) -> None:
-    """Run the presence and group workers against an external broker, until Ctrl-C or SIGTERM."""
+    """Run the presence, group and archive workers against an external broker, until Ctrl-C or SIGTERM."""
     import logging
     import signal
     import threading
 
+    from archive.worker import ArchiveWorker
     from groups.worker import GroupWorker
+    from imcli.config import default_data_dir
     from imcli.mqtt import Credentials
     from imcli.wire import check_name
     from imcli.worker import PasswordFileDirectory
     from presence.worker import PresenceWorker
 
-    for account in (presence_account, groups_account):
+    accounts = [presence_account, groups_account] + ([archive_account] if archive else [])
+    for account in accounts:
         check_name(account, "service account name")
-    if presence_account == groups_account:
-        raise InvalidInput("the two workers need two service accounts", "give different names")
+    if len(set(accounts)) != len(accounts):
+        raise InvalidInput(f"the {len(accounts)} workers need {len(accounts)} service accounts", "give different names")
+    if history_days is not None and (history_days <= 0 or not archive):
+        raise InvalidInput(
+            f"invalid --history-days {history_days:g}", "give a number of days above 0, with the archive"
+        )
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     directory = PasswordFileDirectory(accounts_file.expanduser()) if accounts_file is not None else None
-    presence_password, groups_password = _passwords(password_stdin, (presence_account, groups_account))
+    passwords = dict(zip(accounts, _passwords(password_stdin, accounts), strict=True))
     address = broker_address(host, port)
+    data_dir = (archive_dir or default_data_dir()).expanduser()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    presence = PresenceWorker(address, Credentials(presence_account, presence_password), directory, device="workers")
-    groups = GroupWorker(
-        address, Credentials(groups_account, groups_password), directory, device="workers", dynsec=dynsec
-    )
-    with presence, groups:
-        mode = "; groups enforced through dynamic security" if dynsec else ""
-        console().print(
-            f"workers running as {presence_account} and {groups_account} on {address}{mode} (Ctrl-C to stop)"
+
+    def creds(account: str) -> Credentials:
+        return Credentials(account, passwords[account])
+
+    makers: list[Callable[[], ServiceWorker]] = [
+        lambda: PresenceWorker(address, creds(presence_account), directory, device="workers"),
+        lambda: GroupWorker(
+            address, creds(groups_account), directory, device="workers", dynsec=dynsec, dm_readers=(archive_account,)
+        ),
+    ]
+    if archive:
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise InvalidInput(f"cannot create the archive directory {data_dir}: {exc}", "check --archive-dir") from exc
+        makers.append(
+            lambda: ArchiveWorker(
+                address, creds(archive_account), data_dir, device="workers", retention_days=history_days
+            )
         )
+    with contextlib.ExitStack() as stack:
+        for make in makers:  # made one by one: a worker that fails to start closes those before it
+            stack.enter_context(make())
+        mode = "; groups enforced through dynamic security" if dynsec else ""
+        where = f"; archive in {data_dir}" if archive else "; no archive"
+        console().print(f"workers running as {', '.join(accounts)} on {address}{mode}{where} (Ctrl-C to stop)")
         sys.stdout.flush()
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()

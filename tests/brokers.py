@@ -6,8 +6,8 @@ A module opts in by binding the fixtures (``server`` and ``users`` replace conft
     broker_kind, broker_under_test, server, users = brokers.BOTH
 
 conftest's ``raw``, ``cli_as`` and the rest then connect to whichever broker the test runs on.
-On Mosquitto the presence and group workers run beside it exactly as ``imcli workers --dynsec
---accounts-file <passwd>`` runs them (the same classes, in this process: a subprocess per test
+On Mosquitto the presence, group and archive workers run beside it exactly as ``imcli workers
+--dynsec --accounts-file <passwd>`` runs them (the same classes, in this process: a subprocess per test
 would cost a second each; tests/test_mosquitto.py runs the real command). A test that cannot
 pass on one broker carries ``@pytest.mark.broker_xfail("mosquitto", reason=...)``: it still runs
 there, as ``xfail(strict=True)``, so it fails loudly the day the gap closes.
@@ -30,12 +30,13 @@ from pathlib import Path
 
 import pytest
 
+from archive.worker import ArchiveWorker
 from broker.accounts import AccountStore
 from broker.server import BrokerSettings
 from groups.worker import GroupWorker
 from imcli.embedded import BackgroundServer, ServeInfo
 from imcli.mqtt import BrokerAddress, Credentials
-from imcli.worker import PasswordFileDirectory
+from imcli.worker import PasswordFileDirectory, ServiceWorker
 from presence.worker import PresenceWorker
 from tests.rawmqtt import connect_raw, password_of
 
@@ -46,8 +47,8 @@ MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
 DYNSEC_PLUGIN = next(iter(sorted(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so"))), None)
 NOT_INSTALLED = "mosquitto not installed (.ci/run installs Debian's package)"
 # created before the broker starts (cheap with mosquitto_passwd); users() adds others with a reload
-ACCOUNTS = ("alice", "bob", "carol", "dave", "presence", "groups")
-SERVICES = ("presence", "groups")
+ACCOUNTS = ("alice", "bob", "carol", "dave", "presence", "groups", "archive")
+SERVICES = ("presence", "groups", "archive")
 LIMIT = 16384  # message_size_limit in deploy/mosquitto/mosquitto.conf
 
 
@@ -178,15 +179,29 @@ def running_mosquitto(
 
 
 @contextlib.contextmanager
-def running_workers(broker: Mosquitto) -> Iterator[tuple[object, object]]:
-    """What ``imcli workers --dynsec --accounts-file <passwd>`` runs, in this process."""
+def running_workers(broker: Mosquitto, archive: bool = True) -> Iterator[list[ServiceWorker]]:
+    """What ``imcli workers --dynsec --accounts-file <passwd> --archive-dir <workdir>/archive`` runs,
+    in this process (``archive=False``: ``--no-archive``)."""
     directory = PasswordFileDirectory(broker.passwd)
     creds = {name: Credentials(name, password_of(name)) for name in SERVICES}
-    with (
-        PresenceWorker(broker.address, creds["presence"], directory, device="test") as presence,
-        GroupWorker(broker.address, creds["groups"], directory, device="test", dynsec=True) as groups,
-    ):
-        yield presence, groups
+    with contextlib.ExitStack() as stack:
+        started: list[ServiceWorker] = [
+            stack.enter_context(PresenceWorker(broker.address, creds["presence"], directory, device="test")),
+            stack.enter_context(
+                GroupWorker(
+                    broker.address, creds["groups"], directory, device="test", dynsec=True, dm_readers=("archive",)
+                )
+            ),
+        ]
+        if archive:
+            started.append(stack.enter_context(archive_worker(broker)))
+        yield started
+
+
+def archive_worker(broker: Mosquitto) -> ArchiveWorker:
+    """The archive worker of ``running_workers`` (same account, device and directory), not yet started."""
+    creds = Credentials("archive", password_of("archive"))
+    return ArchiveWorker(broker.address, creds, broker.workdir / "archive", device="test")
 
 
 # ---------------------------------------------------------------- both brokers

@@ -369,6 +369,49 @@ def test_request_and_reply_round_trip(raw: RawFactory) -> None:
     assert json.loads(alice.until("im/user/alice/reply/c1")[-1].payload)["type"] == "roster"
 
 
+# ---------------------------------------------------------------- the archive's account
+
+
+def test_archive_account_reads_chat_and_requests_and_answers(raw: RawFactory) -> None:
+    archive = raw("archive", "archive:test")
+    assert archive.subscribe_all("im/room/+/+", "im/user/+/dm/+", "im/request/+/+") == [1, 1, 1]
+    alice = raw("alice", "alice:laptop")
+    assert alice.subscribe_all("im/user/alice/reply/+") == [1]
+    alice.publish("im/room/lobby/alice", chat("in the lobby"))
+    alice.publish("im/user/bob/dm/alice", chat("to bob"))
+    alice.publish("im/request/alice/c1", b'{"type":"history","v":1,"id":"r1","user":"bob"}')
+    got = archive.until("im/request/alice/c1")
+    assert [m.topic for m in got] == ["im/room/lobby/alice", "im/user/bob/dm/alice", "im/request/alice/c1"]
+    archive.publish("im/user/alice/reply/c1", b'{"type":"history_reply","v":1,"id":"r1","messages":[]}')
+    assert alice.until("im/user/alice/reply/c1")[-1].payload.startswith(b'{"type":"history_reply"')
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "im/room/lobby/archive",
+        "im/user/bob/dm/archive",
+        "im/request/archive/c1",
+        "im/status/archive/test",
+        "im/status/bob/phone",
+        "im/presence/bob",
+        "im/events",
+        "im/group/team/info",
+        "im/user/bob/friends",
+        "im/user/bob/notice",
+    ],
+)
+def test_archive_account_writes_nothing_but_replies(raw: RawFactory, topic: str) -> None:
+    """Least privilege: unlike presence and groups, the archive cannot chat, announce or keep records."""
+    bob = raw("bob", "bob:phone")
+    assert bob.subscribe_all("im/room/+/+", "im/user/bob/#", "im/presence/+", "im/events") == [1, 1, 1, 1]
+    worker = raw("presence", "presence:spy")  # reads every topic
+    assert worker.subscribe_all("#") == [1]
+    raw("archive", "archive:test").publish(topic, chat("from the archive"))
+    carol = raw("carol", "carol:x")
+    assert barrier(carol, bob, worker) == [[], []]
+
+
 # ---------------------------------------------------------------- limits and retained messages
 
 
@@ -432,10 +475,11 @@ def test_cli_and_workers_run_unchanged(
     """``imcli workers --dynsec`` beside deploy/mosquitto, and the CLI as on the embedded broker."""
     workers = procs(
         "workers", "--host", "127.0.0.1", "--port", str(broker.port), "--dynsec", "--accounts-file", str(broker.passwd),
+        "--archive-dir", str(tmp_path / "archive"),
         env={"IMCLI_PRESENCE_PASSWORD": password_of("presence"), "IMCLI_GROUPS_PASSWORD": password_of("groups"),
-             "IMCLI_CONFIG_DIR": str(tmp_path / "workers")},
+             "IMCLI_ARCHIVE_PASSWORD": password_of("archive"), "IMCLI_CONFIG_DIR": str(tmp_path / "workers")},
     )  # fmt: skip
-    assert "workers running as presence and groups" in workers.line(timeout=30), workers.err_lines
+    assert "workers running as presence, groups, archive" in workers.line(timeout=30), workers.err_lines
 
     runner = CliRunner()
 
@@ -476,6 +520,13 @@ def test_cli_and_workers_run_unchanged(
     line = _lines_until(listen, lambda line: line["kind"] == "dm")
     assert (line["from"], line["text"]) == ("alice", "hi friend")  # carol's came first, and never arrived
 
+    # the archive: history as on the embedded broker; carol's dropped DM was not archived either
+    # (the reader role the group worker gives the archive): it reached the archive before alice's
+    assert wait_until(lambda: "hi friend" in cli("bob", "history", "@alice").stdout, 10)
+    assert cli("bob", "history", "@carol").stdout.strip() == "no messages in @carol"
+    assert "hello team" in cli("bob", "history", "#team").stdout
+    assert (tmp_path / "archive" / "archive.sqlite3").is_file()
+
     assert listen.stop() == 0
     assert workers.stop() == 0, workers.err_lines
     assert not [e for e in workers.err_lines if "Traceback" in e]
@@ -500,7 +551,7 @@ def test_bridged_pair_carries_chat_and_presence(tmp_path: Path) -> None:
         bridge = (DEPLOY / "bridge.conf").read_text()
         bridge = bridge.replace("address 127.0.0.1:1884", f"address 127.0.0.1:{b.port}")
         bridge = bridge.replace("remote_password CHANGE-ME", f"remote_password {password_of('imcli-bridge')}")
-        with running_mosquitto(tmp_path / "a", ("alice",), extra=bridge) as a, running_workers(b):
+        with running_mosquitto(tmp_path / "a", ("alice",), extra=bridge) as a, running_workers(b, archive=False):
             bob_raw = connect_raw("127.0.0.1", b.port, "bob", "bob:raw")
             try:
                 assert bob_raw.subscribe("im/room/+/+") == 1
