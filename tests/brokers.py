@@ -137,6 +137,20 @@ class Mosquitto:
                 time.sleep(0.02)
         raise AssertionError(f"mosquitto did not listen on {self.port} within {timeout}s:\n{self.log}")
 
+    def restart(self) -> None:
+        """Stop (SIGTERM: Mosquitto saves retained messages and persistent sessions) and start
+        again on the same port and files."""
+        assert MOSQUITTO is not None, NOT_INSTALLED
+        self.stop()
+        with (self.workdir / "mosquitto.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [MOSQUITTO, "-c", str(self.workdir / "mosquitto.conf")],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        self.wait_listening()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

@@ -27,11 +27,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
+from imcli.chatstate import ChatState
 from imcli.cli import app
-from tests.brokers import LIMIT, Mosquitto, mosquitto_available, running_mosquitto
+from imcli.wire import Received
+from imcli.worker import ServiceWorker
+from tests.brokers import LIMIT, Mosquitto, mosquitto_available, running_mosquitto, running_workers
 from tests.brokers import NOT_INSTALLED as _NOT_INSTALLED
 from tests.conftest import Proc
 from tests.rawmqtt import Raw, connect_raw, password_of, wait_until
+from tests.test_chat import assert_once_in_order, chat_start, make_team, send_fifty
 
 pytestmark = [pytest.mark.slow]
 if not mosquitto_available():
@@ -532,6 +536,82 @@ def test_cli_and_workers_run_unchanged(
     assert not [e for e in workers.err_lines if "Traceback" in e]
 
 
+# ---------------------------------------------------------------- offline delivery: persistent sessions
+# tests/test_chat.py's offline-delivery tests, on Mosquitto with the three workers beside it.
+
+
+@pytest.fixture
+def with_workers(broker: Mosquitto) -> Iterator[list[ServiceWorker]]:
+    with running_workers(broker) as started:
+        yield started
+
+
+def test_listen_gets_what_mosquitto_queued_while_it_was_away(
+    broker: Mosquitto, with_workers: list[ServiceWorker], procs: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """``imcli listen`` does not ask the archive: what it gets after a break, Mosquitto queued."""
+    info = broker.info()
+    make_team(info)
+    env = {"IMCLI_CONFIG_DIR": str(tmp_path / "bob-config")}
+    args = ["login", "bob", "--host", "127.0.0.1", "--port", str(broker.port), "--password-stdin"]
+    assert CliRunner().invoke(app, args, input=password_of("bob") + "\n", env=env).exit_code == 0
+    first = procs("listen", env=env)
+    first.wait_stderr("listening as bob")
+    assert first.stop() == 0
+    alice = connect_raw("127.0.0.1", broker.port, "alice", "alice:bot")
+    try:
+        sent = send_fifty(info, alice)
+    finally:
+        alice.close()
+    again = procs("listen", "--json", env=env)
+    got: list[Received] = []
+    while len([m for m in got if m.sender == "alice"]) < len(sent):
+        got.append(Received.model_validate(json.loads(again.line())))
+    assert_once_in_order(got, sent)
+
+
+def test_an_offline_session_keeps_1000_messages(raw: RawFactory) -> None:
+    """deploy/mosquitto/mosquitto.conf's max_queued_messages: 1000 in all, as the embedded broker
+    (which keeps the newest; Mosquitto keeps the oldest)."""
+    away = raw("bob", "bob:away", clean=False)
+    assert away.subscribe_all("im/user/bob/#") == [1]
+    away.close()
+    alice = raw("alice", "alice:bot")
+    for i in range(1100):
+        alice.client.publish("im/user/bob/dm/alice", f"m{i}", qos=1)
+    alice.publish("im/user/bob/dm/alice", "barrier")
+    back = raw("bob", "bob:away", clean=False)
+    got = back.until("im/user/bob/dm/alice", b"m999", timeout=10) + back.silent(0.5)
+    assert [m.payload for m in got] == [f"m{i}".encode() for i in range(1000)]
+
+
+def test_offline_messages_survive_a_mosquitto_restart_once_each(
+    broker: Mosquitto, with_workers: list[ServiceWorker]
+) -> None:
+    """Mosquitto keeps the queue over a restart (persistence), and the archive has the same
+    messages: ``imcli chat`` shows each once, in order, and none again on its next start."""
+    info = broker.info()
+    make_team(info)
+    listener, session, _ = chat_start(info, ChatState())
+    listener.close()
+    state = session.remember()
+    alice = connect_raw("127.0.0.1", broker.port, "alice", "alice:bot")
+    try:
+        sent = send_fifty(info, alice)
+    finally:
+        alice.close()
+    broker.restart()
+    assert wait_until(lambda: all(w.client.connected for w in with_workers), 15), broker.log
+    listener, session, shown = chat_start(info, state)
+    queued = [m for m in shown if m.sender == "alice"]
+    listener.close()
+    assert_once_in_order(shown, sent)
+    state = session.remember()
+    listener, session, shown_again = chat_start(info, state)
+    listener.close()
+    assert [m for m in shown_again if m.sender == "alice"] == [] and len(queued) == len(sent)
+
+
 # ---------------------------------------------------------------- federation: a bridged pair
 
 
@@ -541,7 +621,7 @@ def test_bridged_pair_carries_chat_and_presence(tmp_path: Path) -> None:
     from imcli import inbox
     from imcli.chat import Identity
     from imcli.mqtt import Credentials
-    from tests.brokers import DEPLOY, running_workers
+    from tests.brokers import DEPLOY
 
     acl_b = tmp_path / "aclfile-b"
     acl_b.write_text((DEPLOY / "aclfile").read_text() + (DEPLOY / "bridge.aclfile").read_text())
