@@ -404,3 +404,30 @@ def test_systemd_analyze_verify_finds_nothing(tmp_path: Path) -> None:
     verify = ["systemd-analyze", "verify", "--man=no", *copies]
     result = subprocess.run(verify, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+# ---------------------------------------------------------------- imcli workers: bad input
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "error"),
+    [
+        (["--presence-account", "same", "--groups-account", "same"], None,
+         "Error: the 3 workers need 3 service accounts (give different names)"),
+        (["--archive-account", "Bad!"], None, "Error: invalid service account name 'Bad!'"),
+        (["--history-days", "0"], None, "Error: invalid --history-days 0"),
+        (["--no-archive", "--history-days", "3"], None, "Error: invalid --history-days 3"),
+        (["--password-stdin"], "p-presence\np-groups\n", "Error: no password for the service account 'archive'"),
+        (["--archive-dir", "{file}/archive"], None, "Error: cannot create the archive directory"),
+    ],
+)  # fmt: skip
+def test_workers_refuse_bad_input_before_connecting(
+    args: list[str], stdin: str | None, error: str, tmp_path: Path
+) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    env = {f"IMCLI_{a.upper()}_PASSWORD": f"p-{a}" for a in ("presence", "groups", "archive")}
+    args = [a.replace("{file}", str(tmp_path / "file")) for a in args]
+    # port 1: nothing listens there, so getting past the checks would fail differently
+    result = CliRunner().invoke(app, ["workers", "--port", "1", *args], input=stdin, env=env)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(error) and len(result.stderr.strip().splitlines()) == 1, result.stderr
