@@ -94,7 +94,7 @@ def workers(
     from presence.worker import PresenceWorker
 
     accounts = [presence_account, groups_account] + ([archive_account] if archive else [])
-    for account in accounts:
+    for account in (presence_account, groups_account, archive_account):  # the archive's also names a dynsec role
         check_name(account, "service account name")
     if len(set(accounts)) != len(accounts):
         raise InvalidInput(f"the {len(accounts)} workers need {len(accounts)} service accounts", "give different names")
