@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -62,6 +63,8 @@ from imcli.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_PREFIX, Notice, TopicKind, T
 log = logging.getLogger(__name__)
 
 SERVICE_ACCOUNT = "presence"
+WS_LISTENER = "ws"
+TLS_LISTENER = "tls"
 
 _P = TypeVar("_P")
 
@@ -76,12 +79,34 @@ class BrokerSettings:
     max_payload: int = DEFAULT_MAX_PAYLOAD
     limits: Limits = field(default_factory=Limits)
     history_days: float | None = None  # the archive worker's retention; None keeps everything
+    tls_cert: Path | None = None  # PEM certificate (chain) and key: TLS on every listener bound to `bind`
+    tls_key: Path | None = None
+    ws_port: int | None = None  # an MQTT-over-WebSocket listener as well (wss with TLS)
+    connect_timeout: float = 10.0  # seconds a new connection has to send a complete CONNECT
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     def amqtt_config(self) -> dict[str, Any]:
         host = f"[{self.bind}]" if ":" in self.bind else self.bind
         data_dir = str(self.data_dir.resolve())
+        secure: dict[str, Any] = {}
+        if self.tls_cert is not None and self.tls_key is not None:
+            secure = {"ssl": True, "certfile": str(self.tls_cert), "keyfile": str(self.tls_key)}
+        main = {"type": "tcp", "bind": f"{host}:{self.port}", **secure}
+        if secure:
+            # amqtt copies every field a listener leaves at its default value (ssl=False among them)
+            # from the listener named "default", so "default" must be the plain one. It is where the
+            # in-process workers connect: plain MQTT on loopback only, so they need not trust (or
+            # match the host name of) whatever certificate the operator gave.
+            listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": "127.0.0.1:0"}, TLS_LISTENER: main}
+        else:
+            listeners = {"default": main}
+        if self.ws_port is not None:
+            listeners[WS_LISTENER] = {"type": "ws", "bind": f"{host}:{self.ws_port}", **secure}
         return {
-            "listeners": {"default": {"type": "tcp", "bind": f"{host}:{self.port}"}},
+            "listeners": listeners,
             "timeout_disconnect_delay": 2,
             "plugins": {
                 "broker.plugins.AccountAuthPlugin": {
@@ -128,11 +153,16 @@ class ImBroker(Broker):
     def accounts(self) -> AccountStore:
         return shared_store(self.settings.data_dir)
 
-    def bound_port(self) -> int:
-        """The TCP port actually bound (useful with port 0)."""
-        # amqtt keeps its asyncio servers private; there is no public accessor in 0.12.1
-        server = self._servers["default"].instance
-        return int(server.sockets[0].getsockname()[1])
+    def bound_port(self, listener: str | None = None) -> int:
+        """The TCP port a listener actually bound (useful with port 0); by default the main one."""
+        name = listener or (TLS_LISTENER if self.settings.tls else "default")
+        # amqtt keeps its asyncio/websockets servers private; there is no public accessor in 0.12.1
+        server = self._servers[name].instance
+        return int(next(iter(server.sockets)).getsockname()[1])
+
+    def worker_port(self) -> int:
+        """Where the in-process workers connect: the plain loopback listener when TLS is on."""
+        return self.bound_port("default")
 
     # ---------------------------------------------------------------- connect
 
@@ -147,7 +177,14 @@ class ImBroker(Broker):
             writer.close()  # amqtt leaves some finished connections open (found by ResourceWarnings)
 
     async def start(self) -> None:
-        await super().start()  # amqtt starts with no retained messages
+        try:
+            await super().start()  # amqtt starts with no retained messages
+        except BaseException:
+            # amqtt leaves the listeners it already started open when a later one fails to bind
+            for server in self._servers.values():
+                if server.instance is not None:
+                    server.instance.close()
+            raise
         for topic, payload, qos in self._durable.all():
             self._retained_messages[topic] = RetainedApplicationMessage(None, topic, payload, qos)
             self._track_state(topic, payload)
@@ -203,9 +240,15 @@ class ImBroker(Broker):
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
         try:
-            handler, incoming = await AckAfterJournal.init_from_connect(reader, writer, self.plugins_manager)
-        except (AMQTTError, MQTTError, NoDataError) as exc:
-            log.info("bad CONNECT from %s:%s: %s", remote_address, remote_port, exc)
+            # amqtt waits for the CONNECT forever, and its parser reads past a short packet's
+            # remaining length (a TLS ClientHello parses as one): without a deadline any peer
+            # holds a connection, a task and its buffers open for as long as it likes
+            handler, incoming = await asyncio.wait_for(
+                AckAfterJournal.init_from_connect(reader, writer, self.plugins_manager),
+                self.settings.connect_timeout,
+            )
+        except (AMQTTError, MQTTError, NoDataError, TimeoutError) as exc:
+            log.info("bad CONNECT from %s:%s: %s", remote_address, remote_port, exc or "none in time")
             raise AMQTTError(exc) from exc
 
         code = await self._auth.check_connect(incoming)
@@ -514,6 +557,19 @@ class EmbeddedBroker:
             await self.broker.shutdown()
             self.broker = None
         forget_store(self.settings.data_dir)
+
+
+def check_tls_files(cert: Path, key: Path) -> None:
+    """Raise ``ValueError`` saying what is wrong with a certificate/key pair (amqtt would only
+    fail later, inside its start-up, with a wrapped traceback)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except FileNotFoundError as exc:
+        raise ValueError(f"no such file: {exc.filename}") from exc
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise ValueError(f"cannot use {cert} with {key}: {reason}") from exc
 
 
 def new_service_password() -> str:

@@ -19,15 +19,18 @@ import typer
 from imcli.cli_admin import admin_app
 from imcli.cli_chat import chat, history
 from imcli.cli_common import (
+    CaOpt,
     CliGroup,
     DataDirOpt,
     HostOpt,
     JsonOpt,
     PasswordStdin,
     PortOpt,
+    TlsOpt,
     account_store,
     ask_password,
     broker_address,
+    check_tls_options,
     console,
     err_console,
     heartbeat_seconds,
@@ -76,9 +79,16 @@ def serve(
     history_days: Annotated[
         float | None, typer.Option(help="Keep archived messages this many days [default: for ever].")
     ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="PEM certificate (chain): TLS on --port and --ws-port.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert.")] = None,
+    ws_port: Annotated[
+        int | None, typer.Option("--ws-port", help="Also serve MQTT over WebSocket here (wss with TLS; 0: any).")
+    ] = None,
     allow_remote: Annotated[
         bool,
-        typer.Option("--allow-remote", help="Allow binding beyond loopback (passwords travel in clear)."),
+        typer.Option("--allow-remote", help="Allow binding beyond loopback without TLS (passwords travel in clear)."),
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log connections and refusals.")] = False,
 ) -> None:
@@ -95,8 +105,9 @@ def serve(
 
     if registration not in ("open", "closed"):
         raise InvalidInput(f"invalid --registration {registration!r}", "use 'open' or 'closed'")
-    if not 0 <= port < 65536:
-        raise InvalidInput(f"invalid port {port}", "use 0-65535")
+    if not 0 <= port < 65536 or (ws_port is not None and not 0 <= ws_port < 65536):
+        raise InvalidInput(f"invalid port {port if not 0 <= port < 65536 else ws_port}", "use 0-65535")
+    check_tls_options(tls_cert, tls_key)
     if max_payload < 256:
         raise InvalidInput(f"--max-payload {max_payload} is too small", "use at least 256 bytes")
     if max_rate <= 0 or max_connections < 1 or max_subscriptions < 8:
@@ -109,10 +120,10 @@ def serve(
         loopback = bind == "localhost" or ipaddress.ip_address(bind).is_loopback
     except ValueError as exc:
         raise InvalidInput(f"invalid --bind address {bind!r}", "give an IP address such as 127.0.0.1") from exc
-    if not loopback and not allow_remote:
+    if not loopback and not allow_remote and tls_cert is None:
         raise InvalidInput(
             f"refusing to listen on {bind}: beyond this machine, passwords would travel unencrypted",
-            "add --allow-remote if that is what you want",
+            "give --tls-cert/--tls-key, or add --allow-remote if that is what you want",
         )
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     if not verbose:  # amqtt logs every refused client at WARNING and more
@@ -124,6 +135,9 @@ def serve(
         registration=registration,
         max_payload=max_payload,
         history_days=history_days,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        ws_port=ws_port,
         limits=Limits(
             publish_rate=max_rate,
             publish_burst=max(1, int(max_rate * 3)),
@@ -135,10 +149,13 @@ def serve(
 
     def banner(info: ServeInfo) -> None:
         a = info.address
-        out.print(f"imcli serve: listening on {info.bind}:{a.port}", style="bold green")
+        out.print(f"imcli serve: listening on {info.bind}:{a.port}" + (" (TLS)" if a.tls else ""), style="bold green")
+        if info.ws_port is not None:
+            out.print(f"  websocket   {'wss' if a.tls else 'ws'}://{a.host}:{info.ws_port}/")
         out.print(f"  data        {info.data_dir}")
         out.print(f"  accounts    registration {info.registration}; presence, group and archive workers running")
-        out.print(f"  connect     imcli register NAME --host {a.host} --port {a.port}")
+        tls_hint = " --tls [--ca CA.pem]" if a.tls else ""
+        out.print(f"  connect     imcli register NAME --host {a.host} --port {a.port}{tls_hint}")
         out.print("  stop        Ctrl-C", style="dim")
         sys.stdout.flush()
 
@@ -161,6 +178,8 @@ def register(
     name: Annotated[str, typer.Argument(help="Account name: lowercase letters, digits, '_' or '-'.")],
     host: HostOpt = None,
     port: PortOpt = None,
+    tls: TlsOpt = None,
+    ca: CaOpt = None,
     password_stdin: PasswordStdin = False,
 ) -> None:
     """Create an account on the broker (if its registration is open) and log in."""
@@ -174,11 +193,11 @@ def register(
     if name in RESERVED_NAMES:
         raise InvalidInput(f"the name {name!r} is reserved", "choose another name")
     password = check_password(ask_password(password_stdin, confirm=True))
-    address = broker_address(host, port)
+    address = broker_address(host, port, tls=tls, ca=ca)
     chat.register(address, name, password)
     device = new_device_name()
     chat.verify_login(address, Credentials(name, password), device)
-    save_profile(Profile(name, password, address.host, address.port, device))
+    save_profile(Profile(name, password, address.host, address.port, device, address.tls, address.ca))
     console().print(f"registered {name} on {address} and logged in")
 
 
@@ -187,6 +206,8 @@ def login(
     name: Annotated[str, typer.Argument(help="Your account name.")],
     host: HostOpt = None,
     port: PortOpt = None,
+    tls: TlsOpt = None,
+    ca: CaOpt = None,
     password_stdin: PasswordStdin = False,
 ) -> None:
     """Check your password with the broker and remember this login (file mode 0600)."""
@@ -197,10 +218,10 @@ def login(
 
     check_name(name)
     password = ask_password(password_stdin, confirm=False)
-    address = broker_address(host, port)
+    address = broker_address(host, port, tls=tls, ca=ca)
     device = new_device_name()
     chat.verify_login(address, Credentials(name, password), device)
-    save_profile(Profile(name, password, address.host, address.port, device))
+    save_profile(Profile(name, password, address.host, address.port, device, address.tls, address.ca))
     console().print(f"logged in as {name} on {address}")
 
 

@@ -56,6 +56,14 @@ PortOpt = Annotated[
     int | None,
     typer.Option("--port", envvar="IMCLI_PORT", help="Broker port [default: profile's, else 1883]"),
 ]
+TlsOpt = Annotated[
+    bool | None,
+    typer.Option("--tls/--no-tls", help="Speak TLS to the broker [default: IMCLI_TLS, else profile's, else no]"),
+]
+CaOpt = Annotated[
+    Path | None,
+    typer.Option("--ca", help="PEM file of the CA that signed the broker's certificate (implies --tls; IMCLI_CA)"),
+]
 PasswordStdin = Annotated[
     bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
 ]
@@ -78,15 +86,49 @@ def err_console() -> Any:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def broker_address(host: str | None, port: int | None, profile: Profile | None = None) -> BrokerAddress:
+def broker_address(
+    host: str | None,
+    port: int | None,
+    profile: Profile | None = None,
+    *,
+    tls: bool | None = None,
+    ca: Path | None = None,
+) -> BrokerAddress:
+    """Options first, then IMCLI_TLS/IMCLI_CA, then the profile, then plain 127.0.0.1:1883."""
     from imcli.mqtt import BrokerAddress
 
     if port is not None and not 0 < port < 65536:
         raise InvalidInput(f"invalid port {port}", "use 1-65535")
+    if ca is None and os.environ.get("IMCLI_CA"):
+        ca = Path(os.environ["IMCLI_CA"])
+    if tls is None and os.environ.get("IMCLI_TLS"):
+        tls = os.environ["IMCLI_TLS"].strip().lower() not in ("0", "no", "false", "off")
+    if ca is not None:
+        if not ca.expanduser().is_file():
+            raise InvalidInput(f"no CA file {ca}", "give the PEM file of the CA that signed the broker's certificate")
+        ca_file: str | None = str(ca.expanduser().resolve())  # the profile is used from any directory
+        tls = True if tls is None else tls
+    else:
+        ca_file = profile.ca if profile else None
     return BrokerAddress(
         host or (profile.host if profile else "127.0.0.1"),
         port if port is not None else (profile.port if profile else 1883),
+        tls if tls is not None else bool(profile and profile.tls),
+        ca_file,
     )
+
+
+def check_tls_options(cert: Path | None, key: Path | None) -> None:
+    """``imcli serve``'s --tls-cert/--tls-key: both or neither, and a pair that loads."""
+    if (cert is None) != (key is None):
+        raise InvalidInput("--tls-cert and --tls-key go together", "give both PEM files, or neither")
+    if cert is not None and key is not None:
+        from broker.server import check_tls_files
+
+        try:
+            check_tls_files(cert, key)
+        except ValueError as exc:
+            raise InvalidInput(f"unusable TLS certificate: {exc}", "give a PEM certificate and its key") from exc
 
 
 def signed_in(host: str | None, port: int | None) -> Identity:

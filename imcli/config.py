@@ -1,7 +1,8 @@
 """Where a signed-in user's profile lives: ``$IMCLI_CONFIG_DIR/profile.json`` (mode 0600).
 
 The profile holds the account, its password (MQTT needs it on every CONNECT, as
-Mosquitto's own clients do), the broker address and this machine's device name.
+Mosquitto's own clients do), the broker address (with TLS and its CA file, if used) and
+this machine's device name.
 """
 
 from __future__ import annotations
@@ -56,12 +57,14 @@ class Profile:
     host: str
     port: int
     device: str
+    tls: bool = False
+    ca: str | None = None  # absolute path of the CA file given at login
 
     @property
     def address(self) -> BrokerAddress:
         from imcli.mqtt import BrokerAddress
 
-        return BrokerAddress(self.host, self.port)
+        return BrokerAddress(self.host, self.port, self.tls, self.ca)
 
     @property
     def credentials(self) -> Credentials:
@@ -78,7 +81,8 @@ def load_profile() -> Profile:
     path = profile_path()
     try:
         raw = json.loads(path.read_text())
-        return Profile(**{k: raw[k] for k in ("account", "password", "host", "port", "device")})
+        optional = {k: raw[k] for k in ("tls", "ca") if k in raw}  # profiles saved before TLS lack them
+        return Profile(**{k: raw[k] for k in ("account", "password", "host", "port", "device")}, **optional)
     except FileNotFoundError:
         raise NotLoggedIn("not logged in", "run 'imcli login NAME' or 'imcli register NAME'") from None
     except (ValueError, KeyError, TypeError) as exc:

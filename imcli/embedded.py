@@ -17,7 +17,14 @@ from amqtt.errors import BrokerError as AmqttBrokerError
 
 from archive.worker import ArchiveWorker
 from broker.accounts import AccountStore, Role
-from broker.server import SERVICE_ACCOUNT, BrokerSettings, EmbeddedBroker, ImBroker, new_service_password
+from broker.server import (
+    SERVICE_ACCOUNT,
+    WS_LISTENER,
+    BrokerSettings,
+    EmbeddedBroker,
+    ImBroker,
+    new_service_password,
+)
 from groups.worker import GroupWorker
 from imcli.errors import ImcliError
 from imcli.mqtt import BrokerAddress, Credentials
@@ -37,6 +44,7 @@ class ServeInfo:
     data_dir: Path
     registration: str
     broker: ImBroker | None = field(default=None, compare=False, repr=False)  # for tests and benchmarks
+    ws_port: int | None = None  # the WebSocket listener's port, if there is one
 
 
 class StoreDirectory:
@@ -70,21 +78,25 @@ async def serve_forever(
             ) from exc
         raise ImcliError(f"the broker did not start: {exc}") from exc
     try:
-        address = BrokerAddress(connect_host(settings.bind), broker.bound_port())
+        address = BrokerAddress(connect_host(settings.bind), broker.bound_port(), tls=settings.tls)
+        ws_port = broker.bound_port(WS_LISTENER) if settings.ws_port is not None else None
+        info = ServeInfo(address, settings.bind, settings.data_dir, settings.registration, broker, ws_port)
         if not workers:
-            ready(ServeInfo(address, settings.bind, settings.data_dir, settings.registration, broker))
+            ready(info)
             await stop.wait()
             return
         directory = StoreDirectory(broker.accounts)
+        # with TLS the workers use the broker's plain loopback-only listener (see BrokerSettings)
+        local = BrokerAddress("127.0.0.1", broker.worker_port()) if settings.tls else address
         workers_up: list[ServiceWorker] = []
         try:
             for account, make in (
-                (SERVICE_ACCOUNT, lambda creds: PresenceWorker(address, creds, directory, broker.topics, "embedded")),
-                (GROUPS_ACCOUNT, lambda creds: GroupWorker(address, creds, directory, broker.topics, "embedded")),
+                (SERVICE_ACCOUNT, lambda creds: PresenceWorker(local, creds, directory, broker.topics, "embedded")),
+                (GROUPS_ACCOUNT, lambda creds: GroupWorker(local, creds, directory, broker.topics, "embedded")),
                 (
                     ARCHIVE_ACCOUNT,
                     lambda creds: ArchiveWorker(
-                        address,
+                        local,
                         creds,
                         settings.data_dir,
                         broker.topics,
@@ -99,7 +111,7 @@ async def serve_forever(
                 started = make(Credentials(account, password))
                 await asyncio.to_thread(started.__enter__)
                 workers_up.append(started)
-            ready(ServeInfo(address, settings.bind, settings.data_dir, settings.registration, broker))
+            ready(info)
             await stop.wait()
         finally:
             for worker in reversed(workers_up):

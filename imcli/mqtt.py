@@ -9,6 +9,7 @@ paho's own network thread (``on_message`` runs there: use ``publish_nowait`` in 
 from __future__ import annotations
 
 import queue
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,9 +28,11 @@ _CONNACK_V311 = {128: 1, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
 class BrokerAddress:
     host: str = "127.0.0.1"
     port: int = 1883
+    tls: bool = False  # verify the broker's certificate and host name, then speak MQTT inside TLS
+    ca: str | None = None  # PEM file of the CA(s) to trust; None: the system's trust store
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,8 @@ class MqttClient:
             protocol=paho.MQTTv311,
         )
         client.username_pw_set(self._credentials.username, self._credentials.password)
+        if self.address.tls:
+            client.tls_set_context(_tls_context(self.address.ca))
         if self._will is not None:
             client.will_set(self._will.topic, self._will.payload, self._will.qos, self._will.retain)
         client.reconnect_delay_set(min_delay=1, max_delay=4)
@@ -128,7 +133,13 @@ class MqttClient:
         self._paho = client
         try:
             client.connect(self.address.host, self.address.port, keepalive=self._keepalive)
-        except (TimeoutError, OSError) as exc:
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            raise _tls_failure(self.address, exc) from exc
+        except TimeoutError as exc:
+            if self.address.tls:  # a plain broker waits for the rest of the "CONNECT" a ClientHello looks like
+                raise BrokerUnreachable(f"no TLS handshake with {self.address}", "does that port speak TLS?") from exc
+            raise BrokerUnreachable(f"no answer from {self.address}", "is the broker there?") from exc
+        except OSError as exc:
             raise BrokerUnreachable(
                 f"cannot reach the broker at {self.address}: {exc.strerror or exc}",
                 "start one with 'imcli serve', or point --host/--port (IMCLI_HOST/IMCLI_PORT) at yours",
@@ -137,6 +148,10 @@ class MqttClient:
         if not self._connack.wait(self.timeout):
             self.close()
             raise BrokerUnreachable(f"no answer from {self.address} within {self.timeout:g}s", "is it an MQTT broker?")
+        if self._connack_rc is None:  # closed before any CONNACK: see _handle_disconnect
+            self.close()
+            hint = "is TLS on there? then log in with --tls" if not self.address.tls else "is it an MQTT broker?"
+            raise BrokerUnreachable(f"{self.address} closed the connection without answering", hint)
         rc = self._connack_rc
         if rc is not None and rc.is_failure:
             self.close()
@@ -229,6 +244,8 @@ class MqttClient:
             self._on_connection(True)
 
     def _handle_disconnect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+        if not self._connack.is_set():  # e.g. a plain CONNECT sent to a TLS port: fail now, not after the timeout
+            self._connack.set()
         if not self._closing and self._was_connected and self._on_connection is not None:
             self._on_connection(False)
         if not self._reconnect and not self._closing:
@@ -245,6 +262,39 @@ class MqttClient:
             waiter.set()
         elif self._was_connected and any(c.is_failure for c in codes):
             self.fatal = PublishFailed("the broker refused a subscription after reconnecting")
+
+
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """paho drops the socket of a failed handshake without closing it (a ResourceWarning per failure)."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
+def _tls_context(ca: str | None) -> ssl.SSLContext:
+    """Certificate and host name verified by the handshake itself (paho's own host name check uses
+    ``ssl.match_hostname``, deprecated and gone in Python 3.12), TLS 1.2 or later."""
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise BrokerUnreachable(f"cannot read the CA file {ca}: {exc}", "give a PEM file") from exc
+    context.sslsocket_class = _ClosingSSLSocket
+    return context
+
+
+def _tls_failure(address: BrokerAddress, exc: ValueError | OSError) -> BrokerUnreachable:
+    if isinstance(exc, ssl.SSLCertVerificationError | ssl.CertificateError):
+        reason = getattr(exc, "verify_message", None) or str(exc)
+        return BrokerUnreachable(
+            f"the certificate of {address} is not trusted: {reason}",
+            "give the CA that signed it with --ca FILE (IMCLI_CA), and connect by the name in the certificate",
+        )
+    reason = getattr(exc, "reason", None) or str(exc)
+    return BrokerUnreachable(f"TLS handshake with {address} failed: {reason}", "does that port speak TLS?")
 
 
 def _refusal(rc: ReasonCode) -> AuthenticationFailed:

@@ -121,9 +121,21 @@ def connect_raw(
     *,
     clean: bool = True,
     will: tuple[str, bytes, bool] | None = None,
+    transport: str = "tcp",
+    ca: str | None = None,
 ) -> Raw:
-    """A connected client, or a refused one (closed at once: paho would keep retrying)."""
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean)
+    """A connected client, or a refused one (closed at once: paho would keep retrying).
+
+    ``transport="websockets"`` speaks MQTT over WebSocket; ``ca`` turns TLS on, trusting that CA file.
+    """
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=clean,
+        transport=transport,  # type: ignore[arg-type]
+    )
+    if ca is not None:
+        client.tls_set(ca_certs=ca)
     r = Raw(client, username)
     if username is not None:
         client.username_pw_set(username, password if password is not None else password_of(username))
