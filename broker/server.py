@@ -18,6 +18,9 @@ cannot fix; ``ImBroker`` overrides the few private methods involved, each marked
   anyone may retain anything: we refuse oversized payloads and retained chat.
 * Retained messages live in memory only: the workers' state records (presence, groups,
   friends) are also kept in ``<data_dir>/retained.sqlite3`` and restored on start.
+* amqtt trusts every length field, waits for a CONNECT forever and buffers a packet of any
+  size before the payload limit applies: ``PacketGuard`` (broker/packets.py) keeps its
+  parser inside each packet, caps the packet size and times out a packet left unfinished.
 * Every topic check goes through ``PluginManager.map_plugin_topic``, which creates one
   task per plugin per call, per recipient on fan-out. Our ACL is pure and synchronous,
   so ``_topic_filtering`` calls it directly.
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from amqtt.adapters import StreamWriterAdapter
 from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
@@ -49,6 +53,7 @@ from broker.accounts import AccountStore, Role
 from broker.acl import Access
 from broker.journal import AckAfterJournal, Journal
 from broker.limits import Limits, PublishRate
+from broker.packets import MalformedPacket, PacketGuard
 from broker.plugins import (
     CONNECTION_ACCEPTED,
     NOT_AUTHORIZED,
@@ -82,7 +87,13 @@ class BrokerSettings:
     tls_cert: Path | None = None  # PEM certificate (chain) and key: TLS on every listener bound to `bind`
     tls_key: Path | None = None
     ws_port: int | None = None  # an MQTT-over-WebSocket listener as well (wss with TLS)
-    connect_timeout: float = 10.0  # seconds a new connection has to send a complete CONNECT
+    packet_timeout: float = 10.0  # seconds a peer has to complete its CONNECT, or any packet it started
+
+    @property
+    def max_packet(self) -> int:
+        """Largest MQTT packet accepted from a user: a payload at the limit plus the longest possible
+        topic and CONNECT fields (payloads in between are dropped with a notice, larger packets cut)."""
+        return self.max_payload + 4 * 65_536
 
     @property
     def tls(self) -> bool:
@@ -170,8 +181,9 @@ class ImBroker(Broker):
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
         self._streams.add(writer)
-        try:
-            await super().stream_connected(reader, writer, listener_name)
+        try:  # amqtt's stream_connected, with the reader kept inside its packets (see broker/packets.py)
+            guard = PacketGuard(reader, self.settings.max_packet, self.settings.packet_timeout)
+            await self._client_connected(listener_name, guard, StreamWriterAdapter(writer))
         finally:
             self._streams.discard(writer)
             writer.close()  # amqtt leaves some finished connections open (found by ResourceWarnings)
@@ -245,13 +257,15 @@ class ImBroker(Broker):
             # holds a connection, a task and its buffers open for as long as it likes
             handler, incoming = await asyncio.wait_for(
                 AckAfterJournal.init_from_connect(reader, writer, self.plugins_manager),
-                self.settings.connect_timeout,
+                self.settings.packet_timeout,
             )
-        except (AMQTTError, MQTTError, NoDataError, TimeoutError) as exc:
+        except (AMQTTError, MQTTError, NoDataError, TimeoutError, MalformedPacket, UnicodeDecodeError) as exc:
             log.info("bad CONNECT from %s:%s: %s", remote_address, remote_port, exc or "none in time")
             raise AMQTTError(exc) from exc
 
         code = await self._auth.check_connect(incoming)
+        if code == CONNECTION_ACCEPTED and isinstance(reader, PacketGuard) and self._is_service(incoming):
+            reader.limit = None  # a worker's `who` reply may be large
         if code == CONNECTION_ACCEPTED and self._too_many_connections(incoming):
             log.warning("CONNECT refused for %r: %d connections already", incoming.username,
                         self.settings.limits.max_connections)  # fmt: skip
