@@ -22,21 +22,31 @@ from __future__ import annotations
 
 import asyncio
 
-from amqtt.adapters import StreamReaderAdapter
+from amqtt.adapters import ReaderAdapter
 
 
 class MalformedPacket(Exception):
     """The peer broke the framing, the size limit or the time limit: its connection is closed."""
 
 
-class PacketGuard(StreamReaderAdapter):
-    def __init__(self, reader: asyncio.StreamReader, limit: int | None, timeout: float) -> None:
-        super().__init__(reader)
+class PacketGuard(ReaderAdapter):
+    """Wraps amqtt's reader of one connection (TCP stream or WebSocket)."""
+
+    def __init__(self, inner: ReaderAdapter, limit: int | None, timeout: float) -> None:
         self.limit = limit  # None: no size limit (the workers' service accounts)
         self.timeout = timeout
-        self._stream = reader
+        self._inner = inner
         self._packet = b""
         self._pos = 0
+
+    def feed_eof(self) -> None:
+        self._inner.feed_eof()
+
+    async def _exact(self, n: int) -> bytes:
+        data: bytes = await self._inner.read(n)
+        if len(data) < n:  # the WebSocket reader returns what it has when the connection closes
+            raise asyncio.IncompleteReadError(data, n)
+        return data
 
     async def read(self, n: int = -1) -> bytes:
         if n == 0:  # an empty field (a zero-length password or payload)
@@ -55,13 +65,13 @@ class PacketGuard(StreamReaderAdapter):
         # waiting for a packet to start is not timed here: amqtt's keep-alive (and, before the
         # CONNECT, the broker's CONNECT deadline) bound that. IncompleteReadError at the end of
         # the stream is what amqtt expects from a closed connection.
-        first = await self._stream.readexactly(1)
+        first = await self._exact(1)
         try:
             async with asyncio.timeout(self.timeout):
                 header = bytearray(first)
                 length, multiplier = 0, 1
                 while True:
-                    byte = (await self._stream.readexactly(1))[0]
+                    byte = (await self._exact(1))[0]
                     header.append(byte)
                     length += (byte & 0x7F) * multiplier
                     if not byte & 0x80:
@@ -71,7 +81,7 @@ class PacketGuard(StreamReaderAdapter):
                         raise MalformedPacket("a remaining length of more than 4 bytes")
                 if self.limit is not None and length > self.limit:
                     raise MalformedPacket(f"a packet of {length} bytes: the limit is {self.limit}")
-                body = await self._stream.readexactly(length) if length else b""
+                body = await self._exact(length) if length else b""
         except TimeoutError:
             raise MalformedPacket(f"a packet was not complete within {self.timeout:g}s") from None
         self._packet = bytes(header) + body

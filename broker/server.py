@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from amqtt.adapters import StreamWriterAdapter
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter, WebSocketsReader, WebSocketsWriter
 from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
@@ -182,11 +182,16 @@ class ImBroker(Broker):
     ) -> None:
         self._streams.add(writer)
         try:  # amqtt's stream_connected, with the reader kept inside its packets (see broker/packets.py)
-            guard = PacketGuard(reader, self.settings.max_packet, self.settings.packet_timeout)
+            guard = PacketGuard(StreamReaderAdapter(reader), self.settings.max_packet, self.settings.packet_timeout)
             await self._client_connected(listener_name, guard, StreamWriterAdapter(writer))
         finally:
             self._streams.discard(writer)
             writer.close()  # amqtt leaves some finished connections open (found by ResourceWarnings)
+
+    async def ws_connected(self, websocket: Any, listener_name: str) -> None:
+        # amqtt's ws_connected, with the same packet guard as TCP connections
+        guard = PacketGuard(WebSocketsReader(websocket), self.settings.max_packet, self.settings.packet_timeout)
+        await self._client_connected(listener_name, guard, WebSocketsWriter(websocket))
 
     async def start(self) -> None:
         try:

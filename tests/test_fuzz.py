@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -119,7 +120,8 @@ class Fuzz:
 @pytest.fixture(scope="module")
 def fuzz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzz]:
     data = tmp_path_factory.mktemp("fuzz") / "data"
-    with BackgroundServer(BrokerSettings(data_dir=data, port=0, packet_timeout=CONNECT_DEADLINE)) as info:
+    settings = BrokerSettings(data_dir=data, port=0, ws_port=0, packet_timeout=CONNECT_DEADLINE)
+    with BackgroundServer(settings) as info:
         store = AccountStore(info.data_dir)
         for name in ("alice", "bob", "carol", "mallory"):
             store.add(name, password_of(name))
@@ -318,3 +320,32 @@ def test_packets_with_lying_lengths_after_connect(fuzz: Fuzz, header: int, body:
             except (ConnectionResetError, TimeoutError):
                 break
     fuzz.still_chatting()
+
+
+# ---------------------------------------------------------------- over WebSocket
+
+
+@pytest.mark.parametrize(
+    "case", ["PUBLISH topic length beyond the packet", "PUBLISH started, never finished", "second CONNECT"]
+)
+def test_websocket_connections_are_guarded_too(fuzz: Fuzz, case: str) -> None:
+    """The same framing rules on the WebSocket listener (amqtt's ws reader has the same trust in lengths)."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    assert fuzz.info.ws_port is not None
+    uri = f"ws://127.0.0.1:{fuzz.info.ws_port}/"
+    with connect(uri, subprotocols=["mqtt"], open_timeout=10) as ws:  # type: ignore[list-item]
+        ws.send(login("mallory"))
+        assert ws.recv(timeout=10) == b"\x20\x02\x00\x00"
+        ws.send(AFTER_CONNECT[case])
+        with pytest.raises(ConnectionClosed):  # a TimeoutError here: the broker kept the connection open
+            _receive_until_closed(ws)
+    fuzz.still_chatting()
+
+
+def _receive_until_closed(ws: Any) -> None:
+    """Whatever the broker sends first, then its close (ConnectionClosed); TimeoutError if it stays open."""
+    deadline = time.monotonic() + CLOSE_WITHIN
+    while time.monotonic() < deadline:
+        ws.recv(timeout=CLOSE_WITHIN)
