@@ -69,12 +69,14 @@ class ArchiveStore:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # the embedded broker's journal and the archive worker share the file: wait for each other
             self._db = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
+            # before WAL is on: sqlite gives the -wal and -shm files (recent messages, DMs among
+            # them) the database file's mode at the time it creates them
+            path.chmod(0o600)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses no committed message
             self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise ImcliError(f"cannot open the message archive {path}: {exc}", "move the damaged file away") from exc
-        path.chmod(0o600)
         self._lock = threading.Lock()
 
     def close(self) -> None:

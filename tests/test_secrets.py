@@ -4,7 +4,7 @@
 Scanned: the broker's stdout and stderr, every client's stdout and stderr, and every file in
 the data directory (the account file holds argon2 hashes only, checked separately). The
 credential files must be private: the login profile, the account file and its lock 0600,
-the profile's and the data directory 0700.
+the profile's and the data directory 0700, and nothing in the data directory open to others.
 """
 
 from __future__ import annotations
@@ -68,7 +68,9 @@ def test_no_password_in_logs_or_data_files(tmp_path: Path, procs: Callable[..., 
     codes = [r.returncode for r in runs]
     assert codes == [0, 0, 1, 0, 0, 0, 0, 0, 0, 1], [(r.args[3:5], r.stderr) for r in runs]
     assert "wrong account name or password" in runs[2].stderr  # the wrong password was really tried against the broker
+    open_while_running = _open_to_others(data)  # sqlite's -wal/-shm files exist only while the broker runs
     assert serve.stop() == 0
+    assert open_while_running == [], f"files open to others while the broker ran: {open_while_running}"
 
     logged = {"broker stdout": "\n".join(_drain(serve)), "broker stderr": "\n".join(serve.err_lines)}
     for i, r in enumerate(runs):
@@ -88,7 +90,8 @@ def test_no_password_in_logs_or_data_files(tmp_path: Path, procs: Callable[..., 
     for name, content in files.items():
         if name != "accounts.json":
             assert b"$argon2" not in content, f"a password hash is in {name}"
-    assert files["accounts.json"].count(b"$argon2id$") == 5  # alice, bob, carol and the two workers
+    services = ("presence", "groups", "archive")  # the workers imcli serve runs
+    assert files["accounts.json"].count(b"$argon2id$") == 3 + len(services)
 
     def mode(path: Path) -> int:
         return stat.S_IMODE(path.stat().st_mode)
@@ -97,9 +100,16 @@ def test_no_password_in_logs_or_data_files(tmp_path: Path, procs: Callable[..., 
     assert mode(data / "accounts.json") == 0o600
     assert mode(data / "accounts.lock") == 0o600
     assert mode(data / "retained.sqlite3") == 0o600
+    assert _open_to_others(data) == []
     for config in (tmp_path / "alice", tmp_path / "bob"):
         assert mode(config) == 0o700
         assert mode(config / "profile.json") == 0o600
+
+
+def _open_to_others(data: Path) -> list[str]:
+    """Files and folders in the data directory (the archive, with DMs, among them) that others may read."""
+    modes = {p: p.stat().st_mode & 0o777 for p in data.rglob("*")}
+    return [f"{p.relative_to(data)} {oct(m)}" for p, m in modes.items() if m & 0o077]
 
 
 def _drain(proc: Proc) -> list[str]:
