@@ -1,0 +1,236 @@
+"""The three brokers under test, each started by the benchmark on a free loopback port.
+
+- ``stock``: amqtt 0.12.1 as shipped (its default plugins, anonymous access), no workers;
+- ``embedded``: ``imcli serve`` (our plugins, the presence and group workers, one process);
+- ``mosquitto``: Mosquitto 2 with deploy/mosquitto's config and aclfile, plus the presence
+  worker as its own process (``imcli presence``), skipped when mosquitto is not installed.
+
+Accounts ``u00000…`` (and the few helpers the scenarios use) exist on every broker with
+one password. The embedded broker's accounts use cheap argon2 parameters (t=1, m=1 MiB)
+so that the figures measure messaging, not password hashing: a real first login costs a
+full argon2 verification (docs/PERFORMANCE.md); later logins hit the credential cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy" / "mosquitto"
+PASSWORD = "bench-password"
+HELPERS = ("watch", "pinga", "pingb", "pingc", "pingd", "pinge", "pongr", "colds")
+SERVICE = "presence"
+
+MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/local/sbin:/usr/sbin")
+MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
+MOSQUITTO_SUB = shutil.which("mosquitto_sub")
+MOSQUITTO_PUB = shutil.which("mosquitto_pub")
+
+
+def user_names(count: int) -> list[str]:
+    return [f"u{i:05d}" for i in range(count)] + list(HELPERS)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def wait_listening(port: int, proc: subprocess.Popen[str], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"broker exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on {port} after {timeout:g}s")
+
+
+def _read_port(proc: subprocess.Popen[str], pattern: str, timeout: float = 60.0) -> int:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        match = re.search(pattern, line)
+        if match:
+            return int(match.group(1))
+    proc.kill()
+    raise RuntimeError("the broker did not say where it listens")
+
+
+@dataclass
+class Broker:
+    """One running broker; ``pid`` is the broker process (its RSS is what we report)."""
+
+    name: str
+    port: int
+    procs: list[subprocess.Popen[str]]
+    workdir: tempfile.TemporaryDirectory[str]
+    has_presence: bool
+    note: str = ""
+    extra_pids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.procs[0].pid
+
+    def rss_mb(self) -> float:
+        return rss_mb(self.pid)
+
+    def client_id(self, user: str, device: str) -> str:
+        return f"{user}:{device}"
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+            if proc.stdout is not None:
+                proc.stdout.close()
+            if proc.stdin is not None:
+                proc.stdin.close()
+        self.workdir.cleanup()
+
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _python(*args: str, **kwargs: object) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, *args], text=True, cwd=REPO, **kwargs)  # type: ignore[call-overload]
+
+
+def start_stock() -> Broker:
+    workdir = tempfile.TemporaryDirectory(prefix="bench-stock-")
+    proc = _python("-m", "benchmarks.stock_amqtt", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    port = _read_port(proc, r"listening on (\d+)")
+    return Broker("stock", port, [proc], workdir, has_presence=False, note="amqtt 0.12.1, default plugins, anonymous")
+
+
+def start_embedded(users: int) -> Broker:
+    from argon2 import PasswordHasher
+
+    from broker.accounts import AccountStore
+
+    workdir = tempfile.TemporaryDirectory(prefix="bench-embedded-")
+    data = Path(workdir.name) / "data"
+    store = AccountStore(data, PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+    # one hash for every account: the same password, and hashing 10,000 would take a minute
+    digest = store._hasher.hash(PASSWORD)
+    created = time.time()
+    doc = {
+        "version": 1,
+        "accounts": {name: {"role": "user", "created": created, "hash": digest} for name in user_names(users)},
+    }
+    (data / AccountStore.FILE_NAME).write_text(json.dumps(doc))
+    os.chmod(data / AccountStore.FILE_NAME, 0o600)
+    proc = _python(
+        "-m", "imcli", "serve", "--port", "0", "--data-dir", str(data),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    port = _read_port(proc, r"listening on 127\.0\.0\.1:(\d+)")
+    return Broker("embedded", port, [proc], workdir, has_presence=True, note="imcli serve: broker + workers")
+
+
+def mosquitto_available() -> bool:
+    return all((MOSQUITTO, MOSQUITTO_PASSWD, MOSQUITTO_SUB, MOSQUITTO_PUB))
+
+
+def start_mosquitto(users: int) -> Broker:
+    assert MOSQUITTO is not None and MOSQUITTO_PASSWD is not None
+    workdir = tempfile.TemporaryDirectory(prefix="bench-mosquitto-")
+    work = Path(workdir.name)
+    port = free_port()
+    passwd = work / "passwd"
+    passwd.write_text("".join(f"{name}:{PASSWORD}\n" for name in [*user_names(users), SERVICE]))
+    subprocess.run([MOSQUITTO_PASSWD, "-U", str(passwd)], check=True)
+    passwd.chmod(0o600)
+    replace = {
+        "listener": f"listener {port} 127.0.0.1",
+        "password_file": f"password_file {passwd}",
+        "acl_file": f"acl_file {DEPLOY / 'aclfile'}",
+        "persistence_location": f"persistence_location {work}/",
+        # deploy/mosquitto/README.md: raise it for teams beyond ~130 users, or `who` replies are dropped
+        "message_size_limit": "message_size_limit 0",
+    }
+    lines = []
+    for line in (DEPLOY / "mosquitto.conf").read_text().splitlines():
+        words = line.split()
+        key = words[0] if words and not words[0].startswith("#") else ""
+        if key in replace:
+            lines.append(replace[key])
+        elif key not in ("user", "log_type", "connection_messages"):
+            lines.append(line)
+    lines += ["log_type error", "log_type warning", f"user {pwd.getpwuid(os.geteuid()).pw_name}"]
+    conf = work / "mosquitto.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    proc = subprocess.Popen(
+        [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True
+    )
+    wait_listening(port, proc)
+    broker = Broker(
+        "mosquitto", port, [proc], workdir, has_presence=True,
+        note="Mosquitto 2 with deploy/mosquitto (message_size_limit lifted for who); presence worker alone",
+    )  # fmt: skip
+    try:
+        worker = _python(
+            "-m", "imcli", "presence", "--host", "127.0.0.1", "--port", str(port), "--password-stdin",
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env={**os.environ, "COLUMNS": "200"},
+        )  # fmt: skip
+        broker.procs.append(worker)
+        assert worker.stdin is not None and worker.stdout is not None
+        worker.stdin.write(PASSWORD + "\n")
+        worker.stdin.close()
+        worker.stdin = None
+        if "presence worker running" not in worker.stdout.readline():
+            raise RuntimeError("the presence worker did not start on mosquitto")
+        broker.extra_pids["presence worker"] = worker.pid
+    except BaseException:
+        broker.stop()
+        raise
+    return broker
+
+
+def start(name: str, users: int) -> Broker:
+    if name == "stock":
+        return start_stock()
+    if name == "embedded":
+        return start_embedded(users)
+    if name == "mosquitto":
+        return start_mosquitto(users)
+    raise ValueError(name)

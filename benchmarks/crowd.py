@@ -1,0 +1,146 @@
+"""A crowd of simulated signed-in users in one process, driven over stdin/stdout.
+
+    python -m benchmarks.crowd --port P --first 0 --count 2500 [--room-listeners 50] [--talk 10]
+
+Each user connects with a Last Will on its device status and publishes a retained online
+status, as ``imcli listen`` does, then subscribes to its own ``im/user/<me>/#``. The
+benchmark starts several crowds (one event loop per process, so the load generator has
+more than one core to itself) and talks to each with one JSON line per command:
+
+- on start the crowd prints ``{"event": "joined", "t0": …, "t1": …, "ok": n, "refused": m}``
+  (``t0``/``t1`` are ``time.time()`` stamps of the first CONNECT and of the last status);
+- ``flip`` makes every user go offline and online again (two retained statuses) and
+  prints ``{"event": "flipped", …}``;
+- ``quit`` disconnects everyone (a DISCONNECT, so no Last Will) and exits.
+
+``--no-status`` leaves the retained status out (a broker without a presence worker);
+``--room-listeners K`` subscribes the first K users to the background room too;
+``--talk R`` makes the first ten users say R messages a second in total in that room.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+from benchmarks.mqttload import LoadClient
+from imcli.wire import ChatMessage, DeviceStatus, Topics, encode, new_id
+
+T = Topics()
+BACKGROUND_ROOM = "background"
+DEVICE = "bench"
+
+
+def user_name(index: int) -> str:
+    return f"u{index:05d}"
+
+
+def say(line: dict[str, object]) -> None:
+    sys.stdout.write(json.dumps(line) + "\n")
+    sys.stdout.flush()
+
+
+class Crowd:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.names = [user_name(i) for i in range(args.first, args.first + args.count)]
+        self.clients: dict[str, LoadClient] = {}
+        self.status = encode(DeviceStatus(interval=3600))
+        self.refused = 0
+        self.talking = asyncio.Event()
+
+    async def join(self) -> None:
+        gate = asyncio.Semaphore(self.args.concurrency)
+        listeners = set(self.names[: self.args.room_listeners])
+
+        async def one(name: str) -> None:
+            async with gate:
+                client = LoadClient()
+                topic = T.status(name, DEVICE)
+                try:
+                    rc = await client.connect(
+                        self.args.host, self.args.port, name, self.args.password, f"{name}:{DEVICE}",
+                        will=(topic, b"", True),
+                    )  # fmt: skip
+                except OSError:
+                    rc = -1
+                if rc != 0:
+                    self.refused += 1
+                    return
+                self.clients[name] = client
+                if self.args.status:
+                    await client.publish(topic, self.status, qos=1, retain=True)
+                await client.subscribe(T.user_filter(name))
+                if name in listeners:
+                    await client.subscribe(T.room_filter(BACKGROUND_ROOM))
+
+        t0 = time.time()
+        await asyncio.gather(*(one(n) for n in self.names))
+        say({"event": "joined", "t0": t0, "t1": time.time(), "ok": len(self.clients), "refused": self.refused})
+
+    async def flip(self) -> None:
+        gate = asyncio.Semaphore(self.args.concurrency)
+
+        async def one(name: str, client: LoadClient) -> None:
+            async with gate:
+                topic = T.status(name, DEVICE)
+                await client.publish(topic, b"", qos=1, retain=True)
+                await client.publish(topic, self.status, qos=1, retain=True)
+
+        t0 = time.time()
+        await asyncio.gather(*(one(n, c) for n, c in self.clients.items()))
+        say({"event": "flipped", "t0": t0, "t1": time.time(), "changes": 2 * len(self.clients)})
+
+    async def talk(self) -> None:
+        """Background room traffic: the first ten users take turns, ``--talk`` messages a second."""
+        talkers = [c for n, c in self.clients.items() if n in self.names[:10]]
+        if not talkers or self.args.talk <= 0:
+            return
+        period = 1.0 / self.args.talk
+        turn = 0
+        next_at = time.perf_counter()
+        while True:
+            client = talkers[turn % len(talkers)]
+            name = self.names[turn % len(talkers)]
+            message = encode(ChatMessage(id=new_id(), text=f"background line {turn}"))
+            await client.publish(T.room(BACKGROUND_ROOM, name), message, qos=1)
+            turn += 1
+            next_at += period
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+
+    async def run(self) -> None:
+        await self.join()
+        talker = asyncio.create_task(self.talk())
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while True:
+            command = (await reader.readline()).decode().strip()
+            if command == "flip":
+                await self.flip()
+            elif command in ("quit", ""):
+                break
+        talker.cancel()
+        await asyncio.gather(*(c.disconnect() for c in self.clients.values()), return_exceptions=True)
+        say({"event": "done"})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--password", default="bench-password")
+    parser.add_argument("--first", type=int, default=0)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--room-listeners", type=int, default=0)
+    parser.add_argument("--talk", type=float, default=0.0)
+    parser.add_argument("--no-status", dest="status", action="store_false", help="no retained online status")
+    asyncio.run(Crowd(parser.parse_args()).run())
+
+
+if __name__ == "__main__":
+    main()

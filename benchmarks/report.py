@@ -1,0 +1,143 @@
+"""Tables, target ratios and PNG charts for a benchmark run (charts need the ``bench`` extra)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+BROKER_ORDER = ("stock", "embedded", "mosquitto")
+COLUMNS: dict[str, list[tuple[str, str]]] = {
+    "fanout_qos1": [("deliveries_per_s", "deliveries/s"), ("deliveries", "delivered"), ("seconds", "s")],
+    "fanout_qos0": [("deliveries_per_s", "deliveries/s"), ("deliveries", "delivered"), ("seconds", "s")],
+    "dm": [("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("max_ms", "max ms"), ("samples", "samples"),
+           ("idle_users", "idle users")],
+    "capacity": [("users", "users"), ("connects_per_s", "connects/s"), ("rss_mb_loaded", "broker RSS MB"),
+                 ("rss_mb_presence_worker", "worker RSS MB"), ("who_ms_median", "who ms"),
+                 ("presence_settled_s", "presence settled s")],
+    "churn": [("users", "users"), ("status_changes_per_s", "status/s"), ("roster_consistent", "consistent")],
+    "cold": [("imcli_say_ms", "imcli say ms"), ("paho_script_ms", "paho script ms"), ("ratio", "ratio")],
+}  # fmt: skip
+
+
+def brief(label: str, figures: dict[str, Any]) -> str:
+    if "error" in figures:
+        return str(figures["error"])
+    if label == "fanout+cold":
+        parts = []
+        for key in ("qos1", "qos0"):
+            if key in figures:
+                parts.append(f"{key} {figures[key]['deliveries_per_s']}/s")
+        if "cold" in figures:
+            parts.append(f"say {figures['cold']['imcli_say_ms']} ms vs paho {figures['cold']['paho_script_ms']} ms")
+        return ", ".join(parts)
+    keys = [k for k, _ in COLUMNS.get(label, [])]
+    return ", ".join(f"{k}={figures[k]}" for k in keys if k in figures) or str(figures)
+
+
+def _get(doc: dict[str, Any], scenario: str, broker: str, key: str) -> float | None:
+    value = doc.get(scenario, {}).get(broker, {}).get(key)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a is not None and b else None
+
+
+def targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 7's targets, each as measured in this run (``None`` when a side was not run)."""
+    s = scenarios
+    rows: list[tuple[str, float | None, str, float]] = [
+        ("fan-out QoS 1: embedded / stock amqtt", _ratio(_get(s, "fanout_qos1", "embedded", "deliveries_per_s"),
+                                                       _get(s, "fanout_qos1", "stock", "deliveries_per_s")), ">=", 0.9),
+        ("fan-out QoS 0: embedded / stock amqtt", _ratio(_get(s, "fanout_qos0", "embedded", "deliveries_per_s"),
+                                                       _get(s, "fanout_qos0", "stock", "deliveries_per_s")), ">=", 0.9),
+        ("fan-out QoS 1: embedded / Mosquitto", _ratio(_get(s, "fanout_qos1", "embedded", "deliveries_per_s"),
+                                                     _get(s, "fanout_qos1", "mosquitto", "deliveries_per_s")), ">=", 0.33),
+        ("fan-out QoS 1: stock amqtt / Mosquitto", _ratio(_get(s, "fanout_qos1", "stock", "deliveries_per_s"),
+                                                        _get(s, "fanout_qos1", "mosquitto", "deliveries_per_s")), "info", 0),
+        ("DM p99: embedded / Mosquitto", _ratio(_get(s, "dm", "embedded", "p99_ms"),
+                                               _get(s, "dm", "mosquitto", "p99_ms")), "<=", 2.0),
+        ("capacity: embedded broker RSS (MB)", _get(s, "capacity", "embedded", "rss_mb_loaded"), "<=", 600),
+        ("capacity: embedded connects/s", _get(s, "capacity", "embedded", "connects_per_s"), ">=", 1000),
+        ("capacity: embedded who median (ms)", _get(s, "capacity", "embedded", "who_ms_median"), "<=", 200),
+        ("cold start: imcli say / paho script (embedded)", _get(s, "cold", "embedded", "ratio"), "<=", 1.5),
+    ]  # fmt: skip
+    out = []
+    for name, value, op, goal in rows:
+        met = None
+        if value is not None and op != "info":
+            met = value >= goal if op == ">=" else value <= goal
+        out.append({"target": name, "value": value, "goal": f"{op} {goal:g}" if op != "info" else "", "met": met})
+    return out
+
+
+def print_tables(doc: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=140)
+    for scenario, columns in COLUMNS.items():
+        per_broker = doc["scenarios"].get(scenario)
+        if not per_broker:
+            continue
+        table = Table(title=scenario, title_justify="left")
+        table.add_column("broker")
+        for _, header in columns:
+            table.add_column(header, justify="right")
+        for broker in BROKER_ORDER:
+            figures = per_broker.get(broker)
+            if figures is None:
+                continue
+            if "error" in figures or "skipped" in figures:
+                table.add_row(broker, str(figures.get("error") or figures.get("skipped")))
+                continue
+            table.add_row(broker, *(str(figures.get(key, "")) for key, _ in columns))
+        console.print(table)
+    for what, why in doc.get("skipped", {}).items():
+        console.print(f"[yellow]{what} skipped: {why}[/yellow]")
+    table = Table(title=f"targets ({doc['size']} run; ratios from this one run)", title_justify="left")
+    for header in ("target", "measured", "goal", "met"):
+        table.add_column(header)
+    for row in doc["targets"]:
+        met = {True: "[green]yes[/green]", False: "[red]no[/red]", None: ""}[row["met"]]
+        table.add_row(row["target"], "n/a" if row["value"] is None else f"{row['value']:g}", row["goal"], met)
+    console.print(table)
+    console.print(f"wall time {doc['wall_s']} s; {doc['machine']}")
+
+
+def charts(doc: dict[str, Any], out: Path, stem: str) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("charts skipped: matplotlib is missing (pip install -e '.[bench]')")
+        return []
+    s = doc["scenarios"]
+    panels = [
+        ("fanout_qos1", "deliveries_per_s", "room fan-out QoS 1\ndeliveries/s (higher is better)"),
+        ("fanout_qos0", "deliveries_per_s", "room fan-out QoS 0\ndeliveries/s (higher is better)"),
+        ("dm", "p99_ms", "DM latency p99, ms\n(lower is better)"),
+        ("capacity", "rss_mb_loaded", "broker RSS with the crowd, MB\n(lower is better)"),
+        ("capacity", "connects_per_s", "join storm connects/s\n(higher is better)"),
+        ("churn", "status_changes_per_s", "presence churn status/s\n(higher is better)"),
+        ("cold", "ratio", "imcli say / paho script\nwall time (lower is better)"),
+    ]
+    colours = {"stock": "#999999", "embedded": "#2b7bba", "mosquitto": "#e07b39"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels), 3.6))
+    for ax, (scenario, key, title) in zip(axes, panels, strict=True):
+        names = [b for b in BROKER_ORDER if _get(s, scenario, b, key) is not None]
+        values = [_get(s, scenario, b, key) or 0.0 for b in names]
+        ax.bar(names, values, color=[colours[n] for n in names])
+        for i, v in enumerate(values):
+            ax.annotate(f"{v:,.0f}" if v >= 10 else f"{v:.2f}", (i, v), ha="center", va="bottom", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelsize=8, rotation=20)
+        ax.tick_params(axis="y", labelsize=8)
+    fig.suptitle(f"imcli benchmarks, {doc['date']} ({doc['size']}), {doc['machine']}", fontsize=9)
+    fig.tight_layout()
+    path = out / f"{stem}.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,425 @@
+"""The five scenarios of issue 7, each run against one started broker.
+
+Every scenario returns a flat dict of figures. The load generators are other processes:
+the C clients ``mosquitto_sub``/``mosquitto_pub`` for fan-out, and crowds of asyncio
+clients (``benchmarks/crowd.py``), several processes at a time, for signed-in users.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.brokers import MOSQUITTO_PUB, MOSQUITTO_SUB, PASSWORD, REPO, Broker
+from benchmarks.mqttload import LoadClient
+from imcli.wire import ChatMessage, Roster, Topics, WhoRequest, decode, encode, new_id
+
+T = Topics()
+STDBUF = shutil.which("stdbuf")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, period: float = 0.02) -> None:
+    """Poll ``predicate`` (a file, a process) until it holds; the benchmark's only waiting."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} within {timeout:g}s")
+        time.sleep(period)
+
+
+# ---------------------------------------------------------------- 1. room fan-out
+
+
+def fanout(broker: Broker, members: int, messages: int, qos: int) -> dict[str, object]:
+    """``members`` each say ``messages / members`` lines in one room; everyone hears everything.
+
+    Members are C clients: ``mosquitto_sub`` writes one time stamp per message (line
+    buffered through ``stdbuf``) and ``mosquitto_pub -l`` publishes its stdin line by line.
+    Before the clock starts, probe messages in a second room show that every subscriber is
+    subscribed and every publisher connected.
+    """
+    assert MOSQUITTO_SUB is not None and MOSQUITTO_PUB is not None
+    per_member = messages // members
+    total = per_member * members
+    room, probe_room = f"fanout{qos}", f"fprobe{qos}"
+    names = [f"u{i:05d}" for i in range(members)]
+    line = encode(ChatMessage(id=new_id(), text="x" * 60)).decode()
+    unbuffered = [STDBUF, "-oL"] if STDBUF else []
+    common = ["-h", "127.0.0.1", "-p", str(broker.port), "-P", PASSWORD, "-q", str(qos)]
+    with tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp:
+        out = Path(tmp)
+        files = [out / f"sub-{name}" for name in names]
+        subs: list[subprocess.Popen[str]] = []
+        pubs: list[subprocess.Popen[str]] = []
+
+        def stamps(path: Path, topic_room: str) -> list[float]:
+            marker = f" {T.prefix}/room/{topic_room}/"
+            return [float(x.split()[0]) for x in path.read_text().splitlines() if marker in x]
+
+        try:
+            for name, path in zip(names, files, strict=True):
+                subs.append(subprocess.Popen(
+                    [*unbuffered, MOSQUITTO_SUB, *common, "-u", name, "-i", f"{name}:fsub{qos}",
+                     "-t", T.room_filter(room), "-t", T.room_filter(probe_room), "-F", "%U %t"],
+                    stdout=path.open("w"), stderr=subprocess.DEVNULL, text=True,
+                ))  # fmt: skip
+            for name in names:
+                pubs.append(subprocess.Popen(
+                    [MOSQUITTO_PUB, *common, "-u", name, "-i", f"{name}:fpub{qos}", "-t", T.room(room, name), "-l"],
+                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+                ))  # fmt: skip
+            probe = [MOSQUITTO_PUB, *common, "-u", "watch", "-i", "watch:probe", "-q", "1",
+                     "-t", T.room(probe_room, "watch"), "-m", "probe"]  # fmt: skip
+            deadline = time.monotonic() + 60
+            while not all(path.stat().st_size for path in files):  # each probe is one more chance
+                if time.monotonic() > deadline:
+                    raise TimeoutError("fan-out subscribers not ready within 60s")
+                subprocess.run(probe, check=False, capture_output=True)
+                time.sleep(0.05)
+            time.sleep(0.5)  # let the publishers' CONNECTs finish: lines written earlier would wait for them
+            body = (line + "\n") * per_member
+            started = time.time()
+            for pub in pubs:
+                assert pub.stdin is not None
+                pub.stdin.write(body)
+                pub.stdin.close()
+            expected_bytes = total * members * (len(f"{started:.9f} ") + len(T.room(room, names[0])) + 1)
+            deadline = time.monotonic() + (300 if qos else 60)
+            last_size, last_change = 0, time.monotonic()
+            while time.monotonic() < deadline:
+                size = sum(path.stat().st_size for path in files)
+                if size != last_size:
+                    last_size, last_change = size, time.monotonic()
+                elif time.monotonic() - last_change > 3.0:
+                    break  # nothing more arrives (QoS 0 may lose some)
+                if size >= expected_bytes and sum(len(stamps(p, room)) for p in files) >= total * members:
+                    break
+                time.sleep(0.1)
+        finally:
+            for proc in subs + pubs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                if proc.stdout is not None:
+                    proc.stdout.close()
+        delivered, last = 0, started
+        for path in files:
+            got = stamps(path, room)
+            delivered += len(got)
+            if got:
+                last = max(last, max(got))
+    elapsed = max(last - started, 1e-6)
+    return {
+        "members": members,
+        "messages": total,
+        "qos": qos,
+        "expected_deliveries": total * members,
+        "deliveries": delivered,
+        "seconds": round(elapsed, 3),
+        "deliveries_per_s": round(delivered / elapsed),
+    }
+
+
+# ---------------------------------------------------------------- crowds
+
+
+@dataclass
+class Crowds:
+    """Several ``benchmarks.crowd`` processes holding ``users`` signed-in users between them."""
+
+    procs: list[subprocess.Popen[str]]
+
+    @classmethod
+    @contextlib.contextmanager
+    def join(
+        cls, broker: Broker, users: int, processes: int, *, status: bool = True, listeners: int = 0, talk: float = 0
+    ) -> Iterator[tuple[Crowds, dict[str, float]]]:
+        share = -(-users // processes)
+        procs = []
+        for k in range(processes):
+            first, count = k * share, min(share, users - k * share)
+            if count <= 0:
+                break
+            args = ["--port", str(broker.port), "--first", str(first), "--count", str(count)]
+            if k == 0:
+                args += ["--room-listeners", str(listeners), "--talk", str(talk)]
+            if not status:
+                args.append("--no-status")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.crowd", *args],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+            ))  # fmt: skip
+        crowds = cls(procs)
+        try:
+            joined = crowds.collect("joined")
+            ok = sum(int(j["ok"]) for j in joined)
+            t0, t1 = min(j["t0"] for j in joined), max(j["t1"] for j in joined)
+            yield crowds, {"ok": ok, "refused": sum(int(j["refused"]) for j in joined), "seconds": t1 - t0}
+        finally:
+            crowds.quit()
+
+    def collect(self, event: str) -> list[dict[str, float]]:
+        lines = []
+        for proc in self.procs:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"a crowd process ended before {event}")
+            record = json.loads(line)
+            assert record["event"] == event, record
+            lines.append(record)
+        return lines
+
+    def command(self, command: str) -> None:
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write(command + "\n")
+            proc.stdin.flush()
+
+    def quit(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None and proc.stdin is not None:
+                with contextlib.suppress(BrokenPipeError):
+                    proc.stdin.write("quit\n")
+                    proc.stdin.close()
+        for proc in self.procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+class Watcher:
+    """A signed-in observer: presence records, and `who` requests with their replies."""
+
+    def __init__(self) -> None:
+        self.online: set[str] = set()
+        self.records = 0
+        self.replies: dict[str, tuple[float, bytes]] = {}
+        self.changed = asyncio.Event()
+        self.client = LoadClient(on_message=self)
+
+    def __call__(self, topic: str, payload: bytes) -> None:
+        parsed = T.parse(topic)
+        if parsed is None:
+            return
+        if "/reply/" in topic and parsed.key:
+            self.replies[parsed.key] = (time.perf_counter(), payload)
+        elif payload and parsed.owner:
+            record = json.loads(payload)
+            self.records += 1
+            if record.get("state") == "online":
+                self.online.add(record["account"])
+            else:
+                self.online.discard(record["account"])
+        self.changed.set()
+
+    async def start(self, port: int) -> None:
+        rc = await self.client.connect("127.0.0.1", port, "watch", PASSWORD, "watch:bench")
+        if rc != 0:
+            raise RuntimeError(f"watcher refused: {rc}")
+        await self.client.subscribe(T.presence_filter())
+        await self.client.subscribe(T.reply_filter("watch"))
+
+    async def until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.perf_counter() + timeout
+        while not predicate():
+            self.changed.clear()
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise TimeoutError(f"{what} within {timeout:g}s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), min(left, 1.0))
+
+    async def who(self, timeout: float = 60) -> tuple[float, int, int]:
+        corr = new_id()
+        started = time.perf_counter()
+        await self.client.publish(T.request("watch", corr), encode(WhoRequest()))
+        await self.until(lambda: corr in self.replies, timeout, "a who reply")
+        arrived, payload = self.replies.pop(corr)
+        roster = decode(payload)
+        assert isinstance(roster, Roster)
+        return arrived - started, len(roster.users), len(payload)
+
+
+# ---------------------------------------------------------------- 2. DM latency
+
+
+async def _ping(port: int, samples: int, rate: float) -> list[float]:
+    senders = ["pinga", "pingb", "pingc", "pingd", "pinge"]
+    sent: dict[str, float] = {}
+    latencies: list[float] = []
+    done = asyncio.Event()
+
+    def received(topic: str, payload: bytes) -> None:
+        message_id = json.loads(payload)["id"]
+        if message_id in sent:
+            latencies.append(time.perf_counter() - sent.pop(message_id))
+            if len(latencies) >= samples:
+                done.set()
+
+    receiver = LoadClient(on_message=received)
+    assert await receiver.connect("127.0.0.1", port, "pongr", PASSWORD, "pongr:bench") == 0
+    await receiver.subscribe(T.user_filter("pongr"))
+    clients = []
+    for name in senders:
+        client = LoadClient()
+        assert await client.connect("127.0.0.1", port, name, PASSWORD, f"{name}:bench") == 0
+        clients.append(client)
+    period, next_at = 1.0 / rate, time.perf_counter()
+    pending = set()
+    for i in range(samples):
+        message = ChatMessage(id=new_id(), text=f"ping {i}")
+        sender = senders[i % len(senders)]
+        sent[message.id] = time.perf_counter()
+        # open loop: the next ping leaves on time whether or not the last one was acknowledged
+        pending.add(asyncio.ensure_future(clients[i % len(clients)].publish(T.dm("pongr", sender), encode(message))))
+        next_at += period
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(done.wait(), 30)
+    await asyncio.gather(*pending, return_exceptions=True)
+    for client in [receiver, *clients]:
+        await client.disconnect()
+    return latencies
+
+
+def dm_latency(broker: Broker, idle_users: int, samples: int, talk: float) -> dict[str, object]:
+    listeners = 50
+    with Crowds.join(broker, idle_users, 2, status=broker.has_presence, listeners=listeners, talk=talk) as (_, joined):
+        latencies = sorted(asyncio.run(_ping(broker.port, samples, rate=50.0)))
+    if not latencies:
+        return {"idle_users": joined["ok"], "samples": 0}
+    quantile = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {
+        "idle_users": joined["ok"],
+        "background": f"{talk:g} msg/s to {listeners} room listeners",
+        "samples": len(latencies),
+        "lost": samples - len(latencies),
+        "p50_ms": round(quantile[49] * 1000, 2),
+        "p99_ms": round(quantile[98] * 1000, 2),
+        "max_ms": round(latencies[-1] * 1000, 2),
+    }
+
+
+# ---------------------------------------------------------------- 3. capacity
+
+
+def capacity(broker: Broker, users: int, processes: int) -> dict[str, object]:
+    result: dict[str, object] = {"users": users, "rss_mb_idle": round(broker.rss_mb(), 1)}
+
+    async def observe() -> None:
+        watcher = Watcher()
+        await watcher.start(broker.port)
+        started = time.perf_counter()
+        await watcher.until(lambda: len(watcher.online) >= users, 600, f"{users} users online in presence")
+        result["presence_settled_s"] = round(time.perf_counter() - started, 2)
+        timings = [await watcher.who() for _ in range(5)]
+        result["who_ms_median"] = round(statistics.median(t[0] for t in timings) * 1000, 1)
+        result["who_ms_max"] = round(max(t[0] for t in timings) * 1000, 1)
+        result["who_users"] = timings[0][1]
+        result["who_reply_kb"] = round(timings[0][2] / 1024)
+        await watcher.client.disconnect()
+
+    with Crowds.join(broker, users, processes, status=broker.has_presence) as (_, joined):
+        result["joined"] = joined["ok"]
+        result["refused"] = joined["refused"]
+        result["join_seconds"] = round(joined["seconds"], 2)
+        result["connects_per_s"] = round(joined["ok"] / joined["seconds"])
+        if broker.has_presence:
+            asyncio.run(observe())
+        result["rss_mb_loaded"] = round(broker.rss_mb(), 1)
+        for what, pid in broker.extra_pids.items():
+            from benchmarks.brokers import rss_mb
+
+            result[f"rss_mb_{what.replace(' ', '_')}"] = round(rss_mb(pid), 1)
+    return result
+
+
+# ---------------------------------------------------------------- 4. presence churn
+
+
+def churn(broker: Broker, users: int, processes: int) -> dict[str, object]:
+    if not broker.has_presence:
+        return {"skipped": "no presence worker on this broker"}
+    result: dict[str, object] = {"users": users}
+
+    async def settle(watcher: Watcher, records: int) -> float:
+        started = time.perf_counter()
+        await watcher.until(
+            lambda: watcher.records >= records and len(watcher.online) >= users, 600, "a settled roster"
+        )
+        return time.perf_counter() - started
+
+    with Crowds.join(broker, users, processes) as (crowds, _):
+
+        async def run() -> None:
+            watcher = Watcher()
+            await watcher.start(broker.port)
+            await watcher.until(lambda: len(watcher.online) >= users, 600, "everyone online")
+            before = watcher.records
+            started = time.perf_counter()
+            crowds.command("flip")
+            # the crowds flip in their own processes; this loop keeps reading the records meanwhile
+            flipped = await asyncio.to_thread(crowds.collect, "flipped")
+            changes = sum(int(f["changes"]) for f in flipped)
+            await settle(watcher, before + changes)
+            elapsed = time.perf_counter() - started
+            _, listed, _ = await watcher.who()
+            result["status_changes"] = changes
+            result["seconds"] = round(elapsed, 2)
+            result["status_changes_per_s"] = round(changes / elapsed)
+            result["roster_consistent"] = listed == users and len(watcher.online) == users
+            await watcher.client.disconnect()
+
+        asyncio.run(run())
+    return result
+
+
+# ---------------------------------------------------------------- 5. CLI cold start
+
+
+PAHO_SAY = REPO / "benchmarks" / "paho_say.py"
+
+
+def cold_start(broker: Broker, runs: int) -> dict[str, object]:
+    with tempfile.TemporaryDirectory(prefix="bench-cli-") as tmp:
+        env = {**os.environ, "IMCLI_CONFIG_DIR": tmp, "COLUMNS": "200"}
+        env.pop("IMCLI_PASSWORD", None)
+        imcli = [sys.executable, "-m", "imcli"]
+        subprocess.run(
+            [*imcli, "login", "colds", "--host", "127.0.0.1", "--port", str(broker.port), "--password-stdin"],
+            input=PASSWORD + "\n", env=env, check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        commands = {
+            "imcli_say": [*imcli, "say", "cold start", "--room", "bench"],
+            "paho_script": [sys.executable, str(PAHO_SAY), str(broker.port), "colds", PASSWORD],
+        }
+        times: dict[str, list[float]] = {k: [] for k in commands}
+        for _ in range(runs):
+            for name, command in commands.items():  # interleaved, so noise hits both alike
+                started = time.perf_counter()
+                subprocess.run(command, env=env, check=True, capture_output=True)
+                times[name].append(time.perf_counter() - started)
+    say_ms = statistics.median(times["imcli_say"]) * 1000
+    paho_ms = statistics.median(times["paho_script"]) * 1000
+    return {
+        "runs": runs,
+        "imcli_say_ms": round(say_ms, 1),
+        "paho_script_ms": round(paho_ms, 1),
+        "ratio": round(say_ms / paho_ms, 2),
+    }
