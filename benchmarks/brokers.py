@@ -186,6 +186,8 @@ def start_mosquitto(users: int) -> Broker:
         "persistence_location": f"persistence_location {work}/",
         # deploy/mosquitto/README.md: raise it for teams beyond ~130 users, or `who` replies are dropped
         "message_size_limit": "message_size_limit 0",
+        # 1,000 queued per client would drop most of a 2,000-message burst; amqtt queues without limit
+        "max_queued_messages": "max_queued_messages 0",
     }
     lines = []
     for line in (DEPLOY / "mosquitto.conf").read_text().splitlines():
@@ -217,12 +219,14 @@ def start_mosquitto(users: int) -> Broker:
         worker.stdin.write(PASSWORD + "\n")
         worker.stdin.close()
         worker.stdin = None
-        if "presence worker running" not in worker.stdout.readline():
-            raise RuntimeError("the presence worker did not start on mosquitto")
+        started = "presence worker running" in worker.stdout.readline()
         broker.extra_pids["presence worker"] = worker.pid
     except BaseException:
         broker.stop()
         raise
+    if not started:
+        broker.stop()
+        raise RuntimeError("the presence worker did not start on mosquitto")
     return broker
 
 

@@ -5,6 +5,16 @@ writers take an exclusive ``flock`` and replace the file atomically; readers not
 changed file by its ``stat`` and reload. Passwords exist only as argon2id hashes
 (argon2-cffi's defaults, RFC 9106 "low memory": t=3, m=64 MiB, p=4); neither a password
 nor a hash is ever logged.
+
+A full verification costs about 150 ms of CPU and 64 MiB, on purpose. So that a team
+reconnecting after a network blip (or ``imcli say`` in a loop) is not throttled to a few
+logins a second, ``verify`` remembers the last password it verified for each account as
+an HMAC-SHA256 under a secret drawn when the process starts: never the password, never
+written anywhere, dropped when the account's file entry changes or the account goes
+(the account's argon2 hash is part of the HMAC input too). Trade-off: someone who can
+read the broker's memory could test guesses against a remembered HMAC at SHA-256 speed
+instead of argon2 speed; such a reader already sees passwords as CONNECT packets arrive.
+A wrong password is never remembered, so guessing over the network still costs argon2.
 """
 
 from __future__ import annotations
@@ -12,9 +22,12 @@ from __future__ import annotations
 import contextlib
 import enum
 import fcntl
+import hashlib
+import hmac
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -77,6 +90,8 @@ class AccountStore:
         self._mutex = threading.Lock()
         self._accounts: dict[str, Account] = {}
         self._stamp: tuple[int, int, int] | None = None
+        self._secret = secrets.token_bytes(32)  # keys the remembered logins; lives and dies with the process
+        self._verified: dict[str, bytes] = {}  # account -> HMAC of the password last verified for it
         # verifying against a fixed hash for unknown names keeps their timing like a known name's
         self._dummy_hash = self._hasher.hash("imcli-dummy-password")
         try:
@@ -100,7 +115,10 @@ class AccountStore:
             return
         accounts = self._read()
         with self._mutex:
+            old = self._accounts
             self._accounts, self._stamp = accounts, stamp
+            # a changed or removed account forgets its remembered login
+            self._verified = {n: d for n, d in self._verified.items() if n in accounts and accounts[n] == old.get(n)}
 
     def _read(self) -> dict[str, Account]:
         try:
@@ -130,14 +148,34 @@ class AccountStore:
     def verify(self, name: str, password: str) -> Account | None:
         """The account if ``password`` is right; ``None`` otherwise (unknown name included).
 
-        Slow on purpose (argon2): call it from a worker thread in async code.
+        Slow on purpose (argon2) unless ``recall`` would succeed: call it from a worker
+        thread in async code.
         """
+        account = self.recall(name, password)
+        if account is not None:
+            return account
         account = self.get(name)
         try:
             self._hasher.verify(account.hash if account else self._dummy_hash, password)
         except (VerificationError, InvalidHashError):
             return None
+        if account is not None:
+            self._verified[name] = self._login_digest(account, password)
         return account
+
+    def recall(self, name: str, password: str) -> Account | None:
+        """The account if ``password`` is the one last verified for it (cheap: no argon2)."""
+        remembered = self._verified.get(name)
+        if remembered is None:
+            return None
+        account = self.get(name)
+        if account is None or not hmac.compare_digest(remembered, self._login_digest(account, password)):
+            return None
+        return account
+
+    def _login_digest(self, account: Account, password: str) -> bytes:
+        message = b"\0".join((account.name.encode(), account.hash.encode(), password.encode()))
+        return hmac.new(self._secret, message, hashlib.sha256).digest()
 
     # ------------------------------------------------------------------ writing
 

@@ -103,7 +103,10 @@ class AccountAuthPlugin(BaseAuthPlugin):
         if username.startswith(REGISTER_PREFIX):
             return await self._register(session, username.removeprefix(REGISTER_PREFIX), password)
 
-        account = await asyncio.to_thread(self.store.verify, username, password)
+        # a login verified before is recalled in the event loop; anything else costs argon2 in a thread
+        account = self.store.recall(username, password)
+        if account is None:
+            account = await asyncio.to_thread(self.store.verify, username, password)
         if account is None:
             log.info("login refused for %r: unknown account or wrong password", username)
             return BAD_USERNAME_PASSWORD

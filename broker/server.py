@@ -24,6 +24,9 @@ cannot fix; ``ImBroker`` overrides the few private methods involved, each marked
 * Every topic check goes through ``PluginManager.map_plugin_topic``, which creates one
   task per plugin per call, per recipient on fan-out. Our ACL is pure and synchronous,
   so ``_topic_filtering`` calls it directly.
+* Every message is matched against every subscription filter, each copy is sent by its
+  own task, and every SUBSCRIBE scans every retained topic: ``_run_broadcast`` and the
+  retained lookups use the indexes and batched writes of ``broker/fanout.py``.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from transitions import MachineError
 
 from broker.accounts import AccountStore, Role
 from broker.acl import Access
+from broker.fanout import Deliveries, EncodedPublish, FilterIndex, RetainedIndex
 from broker.journal import AckAfterJournal, Journal
 from broker.limits import Limits, PublishRate
 from broker.packets import MalformedPacket, PacketGuard
@@ -70,6 +74,7 @@ log = logging.getLogger(__name__)
 SERVICE_ACCOUNT = "presence"
 WS_LISTENER = "ws"
 TLS_LISTENER = "tls"
+BROADCAST_BATCH = 256  # messages fanned out together, each connection written once per batch
 
 _P = TypeVar("_P")
 
@@ -159,6 +164,8 @@ class ImBroker(Broker):
         # QoS 1 messages whose rate token was taken before their PUBACK: id -> (message, allowed, when)
         self._charged: dict[int, tuple[ApplicationMessage, bool, float]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._filter_index = FilterIndex()
+        self._retained_index = RetainedIndex()
 
     @property
     def accounts(self) -> AccountStore:
@@ -204,6 +211,7 @@ class ImBroker(Broker):
             raise
         for topic, payload, qos in self._durable.all():
             self._retained_messages[topic] = RetainedApplicationMessage(None, topic, payload, qos)
+            self._retained_index.add(topic)
             self._track_state(topic, payload)
         self._sweeper = asyncio.create_task(self._expire_sessions())
 
@@ -376,13 +384,13 @@ class ImBroker(Broker):
         handler = self._get_handler(session)
         if handler is None:
             return
-        prefix = _literal_prefix(topic_filter)
+        retained_messages = self._retained_messages
         tasks = [
             asyncio.ensure_future(
                 handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)
             )
-            for topic, retained in list(self._retained_messages.items())
-            if topic.startswith(prefix)
+            for topic in self._retained_index.under(topic_filter, retained_messages)
+            if (retained := retained_messages.get(topic)) is not None
             and self._matches(topic, topic_filter)
             and self._acl.check(session.username, topic, Access.RECEIVE)
         ]
@@ -414,6 +422,7 @@ class ImBroker(Broker):
         granted: int = await super().add_subscription(subscription, session)
         if granted != 0x80:
             held[topic_filter] = granted
+            self._filter_index.add(topic_filter)
         return granted
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:  # amqtt private: every removal path
@@ -424,6 +433,47 @@ class ImBroker(Broker):
             if not held:
                 del self._filters[session.client_id or ""]
         return deleted
+
+    # ---------------------------------------------------------------- delivery
+
+    async def _run_broadcast(self, running_tasks: Any) -> None:  # amqtt private: see broker/fanout.py
+        batch = [await self._broadcast_queue.get()]
+        while len(batch) < BROADCAST_BATCH and not self._broadcast_queue.empty():
+            batch.append(self._broadcast_queue.get_nowait())
+        deliveries = Deliveries(asyncio.get_running_loop())
+        for broadcast in batch:
+            await self._fan_out(broadcast, deliveries, running_tasks)
+        deliveries.flush()
+
+    async def _fan_out(self, broadcast: dict[str, Any], deliveries: Deliveries, running_tasks: Any) -> None:
+        """amqtt's ``_run_broadcast`` for one message, with the same rules, minus its per-copy costs."""
+        topic, data = broadcast["topic"], bytes(broadcast["data"] or b"")
+        forced_qos = broadcast.get("qos")
+        encoded = EncodedPublish(topic, data)
+        subscriptions = self._subscriptions
+        for topic_filter in self._filter_index.candidates(topic):
+            targets = subscriptions.get(topic_filter)
+            if targets is None:
+                self._filter_index.discard(topic_filter)
+                continue
+            if not targets or not self._matches(topic, topic_filter):
+                continue
+            for session, sub_qos in list(targets):
+                qos = sub_qos if forced_qos is None else forced_qos
+                if not self._acl.check(session.username, topic, Access.RECEIVE):
+                    continue
+                if session.transitions.state != "connected":
+                    # as amqtt: kept for an offline persistent session, at QoS 1 or 2
+                    if not session.clean_session and qos in (1, 2) and not session.is_anonymous:
+                        await self._retain_broadcast_message(broadcast, qos, session)
+                    continue
+                handler = self._get_handler(session)
+                if handler is None:
+                    continue
+                if qos in (0, 1) and isinstance(handler.writer, StreamWriterAdapter):
+                    deliveries.add(handler, session, encoded, qos)
+                else:  # QoS 2, or a transport that needs its drain: amqtt's own path
+                    running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False)))
 
     # ---------------------------------------------------------------- topics
 
@@ -522,6 +572,10 @@ class ImBroker(Broker):
     ) -> None:
         await super().retain_message(source_session, topic_name, data, qos)
         if topic_name:
+            if topic_name in self._retained_messages:
+                self._retained_index.add(topic_name)
+            else:
+                self._retained_index.discard(topic_name)
             kind = self._track_state(topic_name, bytes(data or b""))
             if kind in DURABLE:
                 self._durable.put(topic_name, bytes(data or b""), qos or 0)
@@ -544,12 +598,6 @@ class ImBroker(Broker):
         log.info("notice to %s: %s", username, text)
         payload = encode(Notice(code=code, text=text, topic=topic))
         await self.internal_message_broadcast(self.topics.notice(username), payload, 1)
-
-
-def _literal_prefix(topic_filter: str) -> str:
-    """``im/room/`` for ``im/room/+/+``: every topic the filter matches starts with it."""
-    cut = min((i for i in (topic_filter.find("+"), topic_filter.find("#")) if i >= 0), default=len(topic_filter))
-    return topic_filter[:cut]
 
 
 def _plugin(broker: Broker, kind: type[_P]) -> _P:

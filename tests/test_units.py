@@ -275,3 +275,28 @@ def test_service_account_cannot_take_a_user_name(tmp_path: Path) -> None:
         store.ensure_service("worker", "password-2")
     store.ensure_service("presence", "password-3")
     assert store.cached_role("presence") is Role.SERVICE
+
+
+def test_remembered_login_is_an_hmac_and_is_forgotten_when_the_account_changes(tmp_path: Path) -> None:
+    store = AccountStore(tmp_path, FAST)
+    store.add("alice", "password-1")
+    store.add("bob", "password-2")
+    assert store.recall("alice", "password-1") is None  # nothing remembered before a full verification
+    assert store.verify("alice", "password-1") is not None
+    assert store.recall("alice", "password-1") is not None
+    assert store.recall("alice", "password-2") is None
+    assert store.verify("bob", "wrong-password") is None
+    assert store.recall("bob", "wrong-password") is None  # a failure is never remembered
+    remembered = store._verified["alice"]
+    assert len(remembered) == 32 and b"password-1" not in remembered
+
+    other = AccountStore(tmp_path, FAST)  # the operator, in another process
+    other.remove("alice")
+    other.add("alice", "password-3")  # same name, new password
+    assert store.recall("alice", "password-1") is None
+    assert store.verify("alice", "password-1") is None
+    assert store.verify("alice", "password-3") is not None
+    other.remove("alice")
+    assert store.recall("alice", "password-3") is None
+    assert store.verify("alice", "password-3") is None
+    assert "alice" not in store._verified
