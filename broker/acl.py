@@ -12,6 +12,7 @@ readable (``#`` alone is not within ``im/room/#``).
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Protocol
@@ -130,9 +131,10 @@ class TopicAcl:
                 and not self.friends.dm_allowed(parsed.owner, username)
             ):
                 return False
-        patterns = self._patterns(username, role, write=access is Access.PUBLISH)
         levels = tuple(topic.split("/"))
-        return any(_matches(levels, tuple(p.split("/"))) for p in patterns)
+        return any(
+            _matches(levels, p) for p in _expand_levels(self.topics.prefix, username, role, access is Access.PUBLISH)
+        )
 
     @property
     def _group_head(self) -> str:
@@ -161,6 +163,24 @@ class TopicAcl:
             return False
         return self.groups.is_member(group, user)
 
+    def receive_check(self, topic: str) -> Callable[[str | None, Role | None], bool]:
+        """``allows(user, role, topic, RECEIVE)`` for one message and many recipients.
+
+        The topic is split once, not once per recipient; group topics (whose rule reads
+        membership) take ``allows`` itself.
+        """
+        if topic.startswith(self._group_head) or "+" in topic or "#" in topic:
+            return lambda username, role: self.allows(username, role, topic, Access.RECEIVE)
+        levels = tuple(topic.split("/"))
+        prefix = self.topics.prefix
+
+        def check(username: str | None, role: Role | None) -> bool:
+            if username is None or role is None or not is_name(username):
+                return False
+            return any(_matches(levels, p) for p in _expand_levels(prefix, username, role, False))
+
+        return check
+
     def refusal(self, username: str | None, topic: str) -> str:
         """Why a publish was refused, in words for the sender's notice."""
         parsed = self.topics.parse(topic)
@@ -181,6 +201,11 @@ class TopicAcl:
 
     def _patterns(self, username: str, role: Role, *, write: bool) -> tuple[str, ...]:
         return _expand(self.topics.prefix, username, role, write)
+
+
+@lru_cache(maxsize=65536)
+def _expand_levels(prefix: str, username: str, role: Role, write: bool) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(p.split("/")) for p in _expand(prefix, username, role, write))
 
 
 @lru_cache(maxsize=65536)

@@ -13,7 +13,7 @@ message; in a busy room most of the broker's time goes to those per-copy costs.
 * ``RetainedIndex``: retained topics by their first two and three levels, so a SUBSCRIBE
   looks only at the retained messages under its filter's literal head;
 * ``Deliveries``: the copies of a batch of messages, encoded once per message and written
-  to each connection with one ``write`` per batch; a QoS 1 copy registers amqtt's PUBACK
+  to each connection with one ``write`` per batch (and per event-loop round); a QoS 1 copy registers amqtt's PUBACK
   waiter and in-flight record (a future with a callback, not a task).
 """
 
@@ -141,6 +141,13 @@ class Deliveries:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._chunks: dict[Any, list[bytes]] = {}
+        self._flush_scheduled = False
+
+    def flush_soon(self) -> None:
+        """Write at the end of this event-loop round: copies queued meanwhile share the write."""
+        if not self._flush_scheduled and self._chunks:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
 
     def add(self, handler: Any, session: Session, message: EncodedPublish, qos: int) -> None:
         chunks = self._chunks.get(handler)
@@ -177,6 +184,7 @@ class Deliveries:
         waiter.add_done_callback(acknowledged)
 
     def flush(self) -> None:
+        self._flush_scheduled = False
         for handler, chunks in self._chunks.items():
             writer = handler.writer
             if writer is None:

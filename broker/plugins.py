@@ -223,6 +223,11 @@ class TopicAclPlugin(BaseTopicPlugin):
             return False
         return self.acl.allows(username, self.store.cached_role(username), topic, access)
 
+    def receive_check(self, topic: str) -> Callable[[str | None], bool]:
+        """``check(username, topic, RECEIVE)`` for one message and many recipients (fan-out)."""
+        allowed, role_of = self.acl.receive_check(topic), self.store.cached_role
+        return lambda username: username is not None and allowed(username, role_of(username))
+
     async def topic_filtering(
         self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
     ) -> bool:

@@ -166,6 +166,7 @@ class ImBroker(Broker):
         self._sweeper: asyncio.Task[None] | None = None
         self._filter_index = FilterIndex()
         self._retained_index = RetainedIndex()
+        self._deliveries: Deliveries | None = None  # created in the running loop
 
     @property
     def accounts(self) -> AccountStore:
@@ -440,16 +441,18 @@ class ImBroker(Broker):
         batch = [await self._broadcast_queue.get()]
         while len(batch) < BROADCAST_BATCH and not self._broadcast_queue.empty():
             batch.append(self._broadcast_queue.get_nowait())
-        deliveries = Deliveries(asyncio.get_running_loop())
+        if self._deliveries is None:
+            self._deliveries = Deliveries(asyncio.get_running_loop())
         for broadcast in batch:
-            await self._fan_out(broadcast, deliveries, running_tasks)
-        deliveries.flush()
+            await self._fan_out(broadcast, self._deliveries, running_tasks)
+        self._deliveries.flush_soon()
 
     async def _fan_out(self, broadcast: dict[str, Any], deliveries: Deliveries, running_tasks: Any) -> None:
         """amqtt's ``_run_broadcast`` for one message, with the same rules, minus its per-copy costs."""
         topic, data = broadcast["topic"], bytes(broadcast["data"] or b"")
         forced_qos = broadcast.get("qos")
         encoded = EncodedPublish(topic, data)
+        may_receive = self._acl.receive_check(topic)
         subscriptions = self._subscriptions
         for topic_filter in self._filter_index.candidates(topic):
             targets = subscriptions.get(topic_filter)
@@ -460,7 +463,7 @@ class ImBroker(Broker):
                 continue
             for session, sub_qos in list(targets):
                 qos = sub_qos if forced_qos is None else forced_qos
-                if not self._acl.check(session.username, topic, Access.RECEIVE):
+                if not may_receive(session.username):
                     continue
                 if session.transitions.state != "connected":
                     # as amqtt: kept for an offline persistent session, at QoS 1 or 2
