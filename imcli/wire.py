@@ -229,7 +229,8 @@ def _i(value: str) -> str:
 
 
 class WireModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # schemas are built on first use, so a command pays only for the models it touches (issue 7)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 MessageId = Annotated[str, Field(pattern=f"^{_ID.pattern}$")]
@@ -532,7 +533,7 @@ Payload = Annotated[
     | HistoryReply,
     Field(discriminator="type"),
 ]
-_PAYLOAD: TypeAdapter[Payload] = TypeAdapter(Payload)
+_PAYLOAD: TypeAdapter[Payload] = TypeAdapter(Payload, config=ConfigDict(defer_build=True))
 
 
 _M = TypeVar("_M", bound=WireModel)
