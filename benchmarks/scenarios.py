@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.brokers import MOSQUITTO_PUB, MOSQUITTO_SUB, PASSWORD, REPO, Broker
+from benchmarks.brokers import MOSQUITTO_PUB, MOSQUITTO_SUB, PASSWORD, REPO, Broker, rss_mb
 from benchmarks.mqttload import LoadClient
 from imcli.wire import ChatMessage, Roster, Topics, WhoRequest, decode, encode, new_id
 
@@ -344,9 +344,11 @@ def capacity(broker: Broker, users: int, processes: int) -> dict[str, object]:
             asyncio.run(observe())
         result["rss_mb_loaded"] = round(broker.rss_mb(), 1)
         for what, pid in broker.extra_pids.items():
-            from benchmarks.brokers import rss_mb
-
             result[f"rss_mb_{what.replace(' ', '_')}"] = round(rss_mb(pid), 1)
+    # everyone leaves and comes back: logins the broker has verified before (a network blip)
+    with Crowds.join(broker, users, processes, status=broker.has_presence) as (_, rejoined):
+        result["rejoined"] = rejoined["ok"]
+        result["reconnects_per_s"] = round(rejoined["ok"] / rejoined["seconds"])
     return result
 
 

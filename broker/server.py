@@ -26,7 +26,8 @@ cannot fix; ``ImBroker`` overrides the few private methods involved, each marked
   so ``_topic_filtering`` calls it directly.
 * After every SUBSCRIBE, amqtt logs ``repr(self._subscriptions)`` at debug level, built
   even when debug is off: O(subscriptions) per SUBSCRIBE, a third of a join storm's time
-  at 3,000 users. Our subscription table's repr is its size.
+  at 3,000 users; and each session carries a full ``transitions.Machine`` (about 12 KB).
+  ``broker/sessions.py`` has the lighter stand-ins.
 * Every message is matched against every subscription filter, each copy is sent by its
   own task, and every SUBSCRIBE scans every retained topic: ``_run_broadcast`` and the
   retained lookups use the indexes and batched writes of ``broker/fanout.py``.
@@ -70,6 +71,7 @@ from broker.plugins import (
     shared_store,
 )
 from broker.retained import DURABLE, RetainedStore
+from broker.sessions import SubscriptionTable, lighten
 from imcli.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_PREFIX, Notice, TopicKind, Topics, encode, is_name
 
 log = logging.getLogger(__name__)
@@ -140,13 +142,6 @@ class BrokerSettings:
                 },
             },
         }
-
-
-class SubscriptionTable(dict[str, list[tuple[Session, int]]]):
-    """amqtt's ``Broker._subscriptions`` (filter -> sessions), with a repr that costs nothing."""
-
-    def __repr__(self) -> str:
-        return f"<{len(self)} subscription filters>"
 
 
 class ImBroker(Broker):
@@ -288,6 +283,7 @@ class ImBroker(Broker):
             log.info("bad CONNECT from %s:%s: %s", remote_address, remote_port, exc or "none in time")
             raise AMQTTError(exc) from exc
 
+        lighten(incoming)
         code = await self._auth.check_connect(incoming)
         if code == CONNECTION_ACCEPTED and isinstance(reader, PacketGuard) and self._is_service(incoming):
             reader.limit = None  # a worker's `who` reply may be large

@@ -1,0 +1,59 @@
+"""Lighter stand-ins for two amqtt 0.12.1 structures that every connection pays for (issue 7).
+
+* ``SessionState`` replaces a session's ``transitions.Machine``: amqtt builds a full state
+  machine (about 12 KB of Python objects and a millisecond of CPU) per connection, and
+  uses of it only ``state``, ``connect()``, ``disconnect()`` and ``is_connected()``.
+* ``SubscriptionTable`` is ``Broker._subscriptions`` with a repr that costs nothing:
+  amqtt logs ``repr(self._subscriptions)`` at debug level after every SUBSCRIBE, built
+  even when debug logging is off, which made a join storm quadratic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from amqtt.session import Session
+from transitions import MachineError
+
+
+class SessionState:
+    """The session state machine amqtt uses: new -> connected <-> disconnected."""
+
+    __slots__ = ("_session", "state")
+
+    def __init__(self, session: Session, state: str = "new") -> None:
+        self._session = session
+        self.state = state
+
+    def connect(self) -> None:
+        if self.state == "connected":  # what transitions.Machine raises, and amqtt catches
+            raise MachineError(f'"Can\'t trigger event connect from state {self.state}!"')
+        self.state = "connected"
+        self._session._on_enter_connected()  # amqtt private: the Machine's on_enter callback
+
+    def disconnect(self) -> None:
+        self.state = "disconnected"
+        self._session._on_enter_disconnected()  # amqtt private: the Machine's on_enter callback
+
+    def is_connected(self) -> bool:
+        return self.state == "connected"
+
+    def is_disconnected(self) -> bool:
+        return self.state == "disconnected"
+
+    def is_new(self) -> bool:
+        return self.state == "new"
+
+
+def lighten(session: Session) -> None:
+    """Swap the session's ``transitions.Machine`` for a ``SessionState`` in the same state."""
+    machine: Any = session.transitions
+    if not isinstance(machine, SessionState):
+        session.transitions = SessionState(session, machine.state)
+
+
+class SubscriptionTable(dict[str, list[tuple[Session, int]]]):
+    """amqtt's ``Broker._subscriptions`` (filter -> sessions), with a repr that costs nothing."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} subscription filters>"
