@@ -433,6 +433,14 @@ class ImBroker(Broker):
             self._filter_index.add(topic_filter)
         return granted
 
+    async def _del_all_subscriptions(self, session: Session) -> None:  # amqtt private
+        # amqtt walks every filter on the broker for each session it ends or replaces (quadratic
+        # in a storm of 10,000 reconnects); the session's own filters are in self._filters
+        for topic_filter in list(self._filters.get(session.client_id or "", {})):
+            self._del_subscription(topic_filter, session)
+            if not self._subscriptions.get(topic_filter, True):
+                del self._subscriptions[topic_filter]
+
     def _del_subscription(self, a_filter: str, session: Session) -> int:  # amqtt private: every removal path
         deleted: int = super()._del_subscription(a_filter, session)
         held = self._filters.get(session.client_id or "")

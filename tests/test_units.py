@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from broker.accounts import AccountStore, Role
 from broker.acl import Access, TopicAcl, filter_within, topic_matches
+from broker.fanout import FilterIndex, RetainedIndex
 from imcli.chat import prepare_text
 from imcli.errors import InvalidInput, NameTaken, NotFound
 from imcli.inbox import RecentIds, to_received
@@ -300,3 +301,38 @@ def test_remembered_login_is_an_hmac_and_is_forgotten_when_the_account_changes(t
     assert store.recall("alice", "password-3") is None
     assert store.verify("alice", "password-3") is None
     assert "alice" not in store._verified
+
+
+# ---------------------------------------------------------------- broker indexes (broker/fanout.py)
+
+_LEVEL = st.sampled_from(["im", "room", "user", "alice", "bob", "lobby", "status", "$SYS", ""])
+_FILTER_LEVEL = st.one_of(_LEVEL, st.just("+"))
+
+
+@given(
+    st.lists(st.lists(_LEVEL, min_size=1, max_size=5).map("/".join), min_size=1, max_size=8),
+    st.lists(
+        st.tuples(st.lists(_FILTER_LEVEL, min_size=0, max_size=4), st.booleans()).map(
+            lambda t: "/".join([*t[0], "#"] if t[1] or not t[0] else t[0])
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_indexes_never_miss_a_matching_filter_or_retained_topic(topics: list[str], filters: list[str]) -> None:
+    index, retained = FilterIndex(), RetainedIndex()
+    for f in filters:
+        index.add(f)
+    for t in topics:
+        retained.add(t)
+    for t in topics:
+        candidates = set(index.candidates(t))
+        assert {f for f in filters if topic_matches(t, f)} <= candidates
+    for f in filters:
+        assert {t for t in topics if topic_matches(t, f)} <= set(retained.under(f, topics))
+    for t in topics:
+        retained.discard(t)
+    for f in filters:
+        index.discard(f)
+        assert all(len(retained.under(g, [])) == 0 for g in filters)
+    assert len(index) == 0
