@@ -1,0 +1,44 @@
+"""Smoke test of the benchmark suite's scenario code at tiny sizes (no figure is asserted).
+
+The figures themselves are for docs/PERFORMANCE.md, never for assertions: this only checks
+that every scenario runs against the embedded default and reports what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.brokers import MOSQUITTO_PUB, MOSQUITTO_SUB
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.slow]
+
+
+def test_every_scenario_runs_at_tiny_size(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--tiny", "--brokers", "embedded", "--no-charts", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    (written,) = tmp_path.glob("*-tiny.json")
+    doc = json.loads(written.read_text())
+    scenarios = doc["scenarios"]
+    for name in ("dm", "capacity", "churn"):
+        assert "error" not in scenarios[name]["embedded"], scenarios[name]
+    assert scenarios["dm"]["embedded"]["samples"] == doc["sizes"]["samples"]
+    capacity = scenarios["capacity"]["embedded"]
+    assert capacity["joined"] == capacity["rejoined"] == capacity["who_users"] == doc["sizes"]["capacity"]
+    assert scenarios["churn"]["embedded"]["roster_consistent"] is True
+    if MOSQUITTO_SUB and MOSQUITTO_PUB:
+        expected = doc["sizes"]["members"] * doc["sizes"]["messages"]
+        assert scenarios["fanout_qos1"]["embedded"]["deliveries"] == expected
+        assert scenarios["cold"]["embedded"]["imcli_say_ms"] > 0
+    else:
+        assert "fanout" in doc["skipped"]
+    assert "target" in run.stdout.lower()
