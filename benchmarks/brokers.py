@@ -2,8 +2,9 @@
 
 - ``stock``: amqtt 0.12.1 as shipped (its default plugins, anonymous access), no workers;
 - ``embedded``: ``imcli serve`` (our plugins, the presence and group workers, one process);
-- ``mosquitto``: Mosquitto 2 with deploy/mosquitto's config and aclfile, plus the presence
-  worker as its own process (``imcli presence``), skipped when mosquitto is not installed.
+- ``mosquitto``: Mosquitto 2 with deploy/mosquitto's config, aclfile and dynamic-security
+  plugin, plus ``imcli workers --dynsec`` (presence and groups) as its own process, as
+  deploy/mosquitto/README.md sets it up; skipped when mosquitto is not installed.
 
 Accounts ``u00000…`` (and the few helpers the scenarios use) exist on every broker with
 one password. The embedded broker's accounts use cheap argon2 parameters (t=1, m=1 MiB)
@@ -13,6 +14,7 @@ full argon2 verification (docs/PERFORMANCE.md); later logins hit the credential 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pwd
@@ -30,12 +32,13 @@ REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy" / "mosquitto"
 PASSWORD = "bench-password"
 HELPERS = ("watch", "pinga", "pingb", "pingc", "pingd", "pinge", "pongr", "colds")
-SERVICE = "presence"
+SERVICES = ("presence", "groups")
 
 MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/local/sbin:/usr/sbin")
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
 MOSQUITTO_SUB = shutil.which("mosquitto_sub")
 MOSQUITTO_PUB = shutil.which("mosquitto_pub")
+DYNSEC_PLUGIN = next(iter(sorted(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so"))), None)
 
 
 def user_names(count: int) -> list[str]:
@@ -167,7 +170,7 @@ def start_embedded(users: int) -> Broker:
 
 
 def mosquitto_available() -> bool:
-    return all((MOSQUITTO, MOSQUITTO_PASSWD, MOSQUITTO_SUB, MOSQUITTO_PUB))
+    return all((MOSQUITTO, MOSQUITTO_PASSWD, MOSQUITTO_SUB, MOSQUITTO_PUB, DYNSEC_PLUGIN))
 
 
 def start_mosquitto(users: int) -> Broker:
@@ -176,7 +179,7 @@ def start_mosquitto(users: int) -> Broker:
     work = Path(workdir.name)
     port = free_port()
     passwd = work / "passwd"
-    passwd.write_text("".join(f"{name}:{PASSWORD}\n" for name in [*user_names(users), SERVICE]))
+    passwd.write_text("".join(f"{name}:{PASSWORD}\n" for name in [*user_names(users), *SERVICES]))
     subprocess.run([MOSQUITTO_PASSWD, "-U", str(passwd)], check=True)
     passwd.chmod(0o600)
     replace = {
@@ -184,6 +187,8 @@ def start_mosquitto(users: int) -> Broker:
         "password_file": f"password_file {passwd}",
         "acl_file": f"acl_file {DEPLOY / 'aclfile'}",
         "persistence_location": f"persistence_location {work}/",
+        "plugin": f"plugin {DYNSEC_PLUGIN}",
+        "plugin_opt_config_file": f"plugin_opt_config_file {work / 'imcli-dynsec.json'}",
         # deploy/mosquitto/README.md: raise it for teams beyond ~130 users, or `who` replies are dropped
         "message_size_limit": "message_size_limit 0",
         # 1,000 queued per client would drop most of a 2,000-message burst; amqtt queues without limit
@@ -198,6 +203,7 @@ def start_mosquitto(users: int) -> Broker:
         elif key not in ("user", "log_type", "connection_messages"):
             lines.append(line)
     lines += ["log_type error", "log_type warning", f"user {pwd.getpwuid(os.geteuid()).pw_name}"]
+    shutil.copy(DEPLOY / "imcli-dynsec.json", work / "imcli-dynsec.json")
     conf = work / "mosquitto.conf"
     conf.write_text("\n".join(lines) + "\n")
     proc = subprocess.Popen(
@@ -206,27 +212,28 @@ def start_mosquitto(users: int) -> Broker:
     wait_listening(port, proc)
     broker = Broker(
         "mosquitto", port, [proc], workdir, has_presence=True,
-        note="Mosquitto 2 with deploy/mosquitto (message_size_limit lifted for who); presence worker alone",
+        note="Mosquitto 2 with deploy/mosquitto (message_size_limit and max_queued_messages lifted); imcli workers",
     )  # fmt: skip
     try:
         worker = _python(
-            "-m", "imcli", "presence", "--host", "127.0.0.1", "--port", str(port), "--password-stdin",
+            "-m", "imcli", "workers", "--host", "127.0.0.1", "--port", str(port), "--password-stdin",
+            "--accounts-file", str(passwd), "--dynsec",
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env={**os.environ, "COLUMNS": "200"},
         )  # fmt: skip
         broker.procs.append(worker)
         assert worker.stdin is not None and worker.stdout is not None
-        worker.stdin.write(PASSWORD + "\n")
+        worker.stdin.write(f"{PASSWORD}\n{PASSWORD}\n")
         worker.stdin.close()
         worker.stdin = None
-        started = "presence worker running" in worker.stdout.readline()
-        broker.extra_pids["presence worker"] = worker.pid
+        started = "workers running" in worker.stdout.readline()
+        broker.extra_pids["workers"] = worker.pid
     except BaseException:
         broker.stop()
         raise
     if not started:
         broker.stop()
-        raise RuntimeError("the presence worker did not start on mosquitto")
+        raise RuntimeError("imcli workers did not start on mosquitto")
     return broker
 
 

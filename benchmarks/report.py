@@ -13,7 +13,7 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
            ("idle_users", "idle users")],
     "capacity": [("users", "users"), ("connects_per_s", "first logins/s"), ("reconnects_per_s", "reconnects/s"),
                  ("rss_mb_loaded", "broker RSS MB"),
-                 ("rss_mb_presence_worker", "worker RSS MB"), ("who_ms_median", "who ms"),
+                 ("rss_mb_workers", "workers RSS MB"), ("who_ms_median", "who ms"),
                  ("presence_settled_s", "presence settled s")],
     "churn": [("users", "users"), ("status_changes_per_s", "status/s"), ("roster_consistent", "consistent")],
     "cold": [("imcli_say_ms", "imcli say ms"), ("paho_script_ms", "paho script ms"), ("ratio", "ratio")],
