@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -320,6 +321,10 @@ def listen(
 
     # a persistent session per device and room selection: the broker keeps what arrives while away
     session = f"{identity.device}.listen" + (f"-{zlib.crc32(' '.join(sorted(room)).encode()):08x}" if room else "")
+    # SIGTERM (service managers, kill) ends the loop like Ctrl-C, so the device says offline; one that
+    # arrives while connecting (the status may be out already) exits at once and the Last Will says it
+    closing: list[Callable[[], None]] = []
+    signal.signal(signal.SIGTERM, lambda *_: closing[0]() if closing else sys.exit(0))
     try:
         with (
             device_session(f"{identity.account}:{session}") as own,
@@ -327,8 +332,7 @@ def listen(
                 identity, room or None, on_connection=connection, heartbeat=heartbeat, session=session if own else None
             ) as listener,
         ):
-            # SIGTERM (service managers, kill) ends the loop like Ctrl-C, so the device says offline
-            signal.signal(signal.SIGTERM, lambda *_: listener.close())
+            closing.append(listener.close)
             if not json_:
                 err.print(f"listening as {identity.account} on {identity.address} (Ctrl-C to stop)", style="dim")
             for item in listener:
