@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=3000)
     parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args()
-    spy = shutil.which("py-spy")
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if spy is None:
         raise SystemExit("py-spy is missing: pip install -e '.[bench]'")
     with tempfile.TemporaryDirectory() as tmp, brokers.start("embedded", max(args.users, 60)) as broker:

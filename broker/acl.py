@@ -166,18 +166,23 @@ class TopicAcl:
     def receive_check(self, topic: str) -> Callable[[str | None, Role | None], bool]:
         """``allows(user, role, topic, RECEIVE)`` for one message and many recipients.
 
-        The topic is split once, not once per recipient; group topics (whose rule reads
-        membership) take ``allows`` itself.
+        The topic is split once, not once per recipient, and the rules without ``%u``
+        (``room/#`` for every user) are decided once per role; group topics (whose rule
+        reads membership) take ``allows`` itself.
         """
         if topic.startswith(self._group_head) or "+" in topic or "#" in topic:
             return lambda username, role: self.allows(username, role, topic, Access.RECEIVE)
         levels = tuple(topic.split("/"))
         prefix = self.topics.prefix
+        for_everyone: dict[Role, bool] = {}
 
         def check(username: str | None, role: Role | None) -> bool:
             if username is None or role is None or not is_name(username):
                 return False
-            return any(_matches(levels, p) for p in _expand_levels(prefix, username, role, False))
+            everyone = for_everyone.get(role)
+            if everyone is None:
+                everyone = for_everyone[role] = any(_matches(levels, p) for p in _generic_levels(prefix, role))
+            return everyone or any(_matches(levels, p) for p in _expand_levels(prefix, username, role, False))
 
         return check
 
@@ -201,6 +206,13 @@ class TopicAcl:
 
     def _patterns(self, username: str, role: Role, *, write: bool) -> tuple[str, ...]:
         return _expand(self.topics.prefix, username, role, write)
+
+
+@lru_cache(maxsize=64)
+def _generic_levels(prefix: str, role: Role) -> tuple[tuple[str, ...], ...]:
+    """The read rules of ``role`` that name no user (the same for every account of that role)."""
+    rules = SERVICE_READ if role is Role.SERVICE else USER_READ
+    return tuple(tuple(f"{prefix}/{r}".split("/")) for r in rules if "%u" not in r)
 
 
 @lru_cache(maxsize=65536)

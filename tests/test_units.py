@@ -336,3 +336,16 @@ def test_indexes_never_miss_a_matching_filter_or_retained_topic(topics: list[str
         index.discard(f)
         assert all(len(retained.under(g, [])) == 0 for g in filters)
     assert len(index) == 0
+
+
+_TOPIC_LEVEL = st.sampled_from(["im", "room", "user", "alice", "bob", "dm", "presence", "events", "group", "info", "x"])
+
+
+@given(
+    st.lists(_TOPIC_LEVEL, min_size=1, max_size=5).map("/".join),
+    st.sampled_from(["alice", "bob", "register:alice", "Bad", None]),
+    st.sampled_from([Role.USER, Role.SERVICE, None]),
+)
+def test_receive_check_decides_as_allows(topic: str, user: str | None, role: Role | None) -> None:
+    # the fan-out path decides RECEIVE once per message; it must agree with the rule itself
+    assert ACL.receive_check(topic)(user, role) == ACL.allows(user, role, topic, Access.RECEIVE)
