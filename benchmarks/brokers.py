@@ -3,7 +3,7 @@
 - ``stock``: amqtt 0.12.1 as shipped (its default plugins, anonymous access), no workers;
 - ``embedded``: ``imcli serve`` (our plugins, the presence and group workers, one process);
 - ``mosquitto``: Mosquitto 2 with deploy/mosquitto's config, aclfile and dynamic-security
-  plugin, plus ``imcli workers --dynsec`` (presence and groups) as its own process, as
+  plugin, plus ``imcli workers --dynsec`` (presence, groups, archive) as its own process, as
   deploy/mosquitto/README.md sets it up; skipped when mosquitto is not installed.
 
 Accounts ``u00000…`` (and the few helpers the scenarios use) exist on every broker with
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy" / "mosquitto"
 PASSWORD = "bench-password"
 HELPERS = ("watch", "pinga", "pingb", "pingc", "pingd", "pinge", "pongr", "colds")
-SERVICES = ("presence", "groups")
+SERVICES = ("presence", "groups", "archive")
 
 MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/local/sbin:/usr/sbin")
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
@@ -217,13 +217,13 @@ def start_mosquitto(users: int) -> Broker:
     try:
         worker = _python(
             "-m", "imcli", "workers", "--host", "127.0.0.1", "--port", str(port), "--password-stdin",
-            "--accounts-file", str(passwd), "--dynsec",
+            "--accounts-file", str(passwd), "--dynsec", "--archive-dir", str(work / "archive"),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env={**os.environ, "COLUMNS": "200"},
         )  # fmt: skip
         broker.procs.append(worker)
         assert worker.stdin is not None and worker.stdout is not None
-        worker.stdin.write(f"{PASSWORD}\n{PASSWORD}\n")
+        worker.stdin.write(f"{PASSWORD}\n" * len(SERVICES))
         worker.stdin.close()
         worker.stdin = None
         started = "workers running" in worker.stdout.readline()
