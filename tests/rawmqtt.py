@@ -103,6 +103,7 @@ class Raw:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        _close_wakeup_pair(self.client)
 
     def kill(self) -> None:
         """Drop the TCP connection without DISCONNECT (the Last Will fires)."""
@@ -110,6 +111,14 @@ class Raw:
         self.client.loop_stop()
         if sock is not None:
             sock.close()
+        _close_wakeup_pair(self.client)
+
+
+def _close_wakeup_pair(client: paho.Client) -> None:
+    # paho wakes its loop through a pair of loopback TCP sockets that only Client.__del__
+    # closes; clients still referenced at interpreter exit are finalised in no set order,
+    # and pytest (warnings as errors) then fails the run on an "unclosed socket"
+    client._reset_sockets(sockpair_only=True)
 
 
 def connect_raw(

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.accounts import AccountStore
+from broker.limits import Limits
 from broker.server import BrokerSettings
 from imcli.embedded import BackgroundServer, ServeInfo
 from tests.rawmqtt import Raw, connect_raw, password_of
@@ -120,7 +121,15 @@ class Fuzz:
 @pytest.fixture(scope="module")
 def fuzz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzz]:
     data = tmp_path_factory.mktemp("fuzz") / "data"
-    settings = BrokerSettings(data_dir=data, port=0, ws_port=0, packet_timeout=CONNECT_DEADLINE)
+    # alice says "still here" after every case, faster than the default 20/s once logins are
+    # remembered: the rate limit (tested in test_limits.py) must not be what drops her line
+    settings = BrokerSettings(
+        data_dir=data,
+        port=0,
+        ws_port=0,
+        packet_timeout=CONNECT_DEADLINE,
+        limits=Limits(publish_rate=10_000.0, publish_burst=10_000),
+    )
     with BackgroundServer(settings) as info:
         store = AccountStore(info.data_dir)
         for name in ("alice", "bob", "carol", "mallory"):
