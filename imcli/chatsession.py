@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from imcli import chat
 from imcli.chat import Conversation, Identity
-from imcli.chatstate import ChatState
+from imcli.chatstate import SEEN_KEPT, ChatState
 from imcli.errors import ImcliError, InvalidInput, RequestTimeout
 from imcli.inbox import Listener, seen_key
 from imcli.wire import DEFAULT_MAX_PAYLOAD, HISTORY_MAX, Presence, Received, encode
@@ -55,7 +55,9 @@ class CatchUp:
 
 
 class ChatSession:
-    def __init__(self, identity: Identity, state: ChatState, listener: Listener) -> None:
+    def __init__(
+        self, identity: Identity, state: ChatState, listener: Listener, max_payload: int = DEFAULT_MAX_PAYLOAD
+    ) -> None:
         self.identity = identity
         self.me = identity.account
         self.state = state
@@ -64,7 +66,7 @@ class ChatSession:
         self.rooms = {r for r in state.rooms if _valid_room(r)} or {"lobby"}
         self.unread: Counter[str] = Counter()  # rooms not shown, since this run started
         self.quit = threading.Event()
-        self.max_payload = DEFAULT_MAX_PAYLOAD
+        self.max_payload = max_payload
 
     # ---------------------------------------------------------------- arriving messages
 
@@ -127,7 +129,7 @@ class ChatSession:
 
     def remember(self) -> ChatState:
         self.state.last_seen = time.time()
-        self.state.seen = self.listener.seen.newest(2000)
+        self.state.seen = self.listener.seen.newest(SEEN_KEPT)
         self.state.here = str(self.here)
         self.state.rooms = sorted(self.rooms)
         return self.state

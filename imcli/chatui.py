@@ -51,7 +51,7 @@ class ChatCompleter(Completer):
                 yield Completion(at + name, start_position=-len(word))
 
 
-def run_chat(identity: Identity, heartbeat: float) -> None:
+def run_chat(identity: Identity, heartbeat: float, max_payload: int) -> None:
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise InvalidInput("imcli chat needs a terminal", "in scripts use 'imcli listen' and 'imcli say'")
     state = load_state(identity.account)
@@ -65,7 +65,7 @@ def run_chat(identity: Identity, heartbeat: float) -> None:
             on_connection=view.connection_changed,
         )
         with listener:
-            session = ChatSession(identity, state, listener)
+            session = ChatSession(identity, state, listener, max_payload)
             try:
                 view.run(session)
             finally:

@@ -15,6 +15,7 @@ from imcli.cli_common import (
     console,
     err_console,
     heartbeat_seconds,
+    max_payload_bytes,
     parse_since,
     signed_in,
 )
@@ -63,4 +64,4 @@ def chat(host: HostOpt = None, port: PortOpt = None) -> None:
     """
     from imcli.chatui import run_chat
 
-    run_chat(signed_in(host, port), heartbeat_seconds())
+    run_chat(signed_in(host, port), heartbeat_seconds(), max_payload_bytes())

@@ -147,7 +147,7 @@ def group_say(
     identity = signed_in(host, port)
     message = chat.prepare_text(message_text(text), max_payload_bytes())
     chat.group_say(identity, name, message)
-    console().print(f"sent to #{name}")
+    typer.echo(f"sent to #{name}")  # plain, as in say: no Rich import for a one-line answer
 
 
 # ---------------------------------------------------------------- friends
