@@ -164,9 +164,7 @@ class ImBroker(Broker):
         self._rate = PublishRate(settings.limits.publish_rate, settings.limits.publish_burst)
         self._queue_drops: Counter[str] = Counter()  # per client id, to log a full queue once
         self._away: dict[str, float] = {}  # persistent sessions whose client left -> since (monotonic)
-        self._journal = Journal(
-            settings.data_dir, self.topics, lambda user, topic: self._acl.check(user, topic, Access.PUBLISH)
-        )
+        self._journal = Journal(settings.data_dir, self.topics, self._may_publish)
         # QoS 1 messages whose rate token was taken before their PUBACK: id -> (message, allowed, when)
         self._charged: dict[int, tuple[ApplicationMessage, bool, float]] = {}
         self._sweeper: asyncio.Task[None] | None = None

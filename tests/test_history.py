@@ -258,3 +258,21 @@ def test_serve_refuses_a_bad_history_days(cli_as: Callable[[str], Cli]) -> None:
     result = cli_as("op")("serve", "--port", "0", "--history-days", "0")
     assert result.exit_code == 1
     assert result.stderr.strip() == "Error: invalid --history-days 0 (give a number of days above 0)"
+
+
+@pytest.mark.broker_xfail(
+    "mosquitto",
+    reason="Mosquitto has no per-topic retain rule: it delivers a retained chat line, so the archive keeps it "
+    "(the forged lines are refused there too)",
+)
+def test_what_the_broker_drops_is_never_archived(talk: ServeInfo, raw: Callable[..., Raw]) -> None:
+    """The embedded broker journals before its PUBACK: only what it will deliver may be kept."""
+    mallory = raw("carol", client_id="carol:forger")
+    for topic in (T.dm("bob", "alice"), T.room("lobby", "alice"), T.group_msg("team", "carol")):
+        mallory.publish(topic, encode(ChatMessage(text=f"forged on {topic}")))  # PUBACKed, then dropped
+    mallory.publish(T.room("lobby", "carol"), encode(ChatMessage(text="retained chat")), retain=True)
+    mallory.publish(T.room("lobby", "carol"), encode(ChatMessage(text="honest line")))
+    bob = ident(talk, "bob")
+    history_until(bob, Conversation.parse("lobby"), ["honest line"])  # later than the forgeries
+    everything = texts(chat.history(bob, None, limit=1000))
+    assert not [t for t in everything if t.startswith("forged") or t == "retained chat"], everything
