@@ -1,3 +1,3 @@
-from imcli.cli import main
+from imcli.quick import main
 
 main()

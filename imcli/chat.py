@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
 from imcli.errors import (
@@ -21,7 +21,9 @@ from imcli.errors import (
     NotFound,
     RequestTimeout,
 )
+from imcli.identity import Identity
 from imcli.mqtt import BrokerAddress, Credentials, MqttClient
+from imcli.send import check_size, clean_text, publish_to_room
 from imcli.wire import (
     DEFAULT_MAX_PAYLOAD,
     HISTORY_MAX,
@@ -49,7 +51,6 @@ from imcli.wire import (
     ResolveRequest,
     Roster,
     TopicKind,
-    Topics,
     WhoRequest,
     WireModel,
     check_name,
@@ -63,26 +64,6 @@ _R = TypeVar("_R")
 
 REGISTER_PREFIX = "register:"
 REQUEST_TIMEOUT = 5.0
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who is talking to which broker, from which device."""
-
-    address: BrokerAddress
-    credentials: Credentials
-    device: str
-    topics: Topics = field(default_factory=Topics)
-
-    @property
-    def account(self) -> str:
-        return self.credentials.username
-
-    def client_id(self, purpose: str | None = None) -> str:
-        """``<account>:<device>``; one-shot commands add a random suffix so they never take
-        over (or flap) the device's long-lived session."""
-        suffix = f"-{purpose}{secrets.token_hex(3)}" if purpose else ""
-        return f"{self.account}:{self.device}{suffix}"
 
 
 # ---------------------------------------------------------------- accounts
@@ -145,24 +126,13 @@ def drop_device_sessions(address: BrokerAddress, credentials: Credentials, devic
 
 def prepare_text(text: str, max_payload: int = DEFAULT_MAX_PAYLOAD) -> ChatMessage:
     """Build the message for ``text``, refusing empty and over-long ones before sending."""
-    if text.endswith("\n"):
-        text = text[:-1]  # `echo hi | imcli say -` sends "hi"
-    if not text.strip():
-        raise InvalidInput("empty message", "type some text, or pipe it in with '-'")
-    message = ChatMessage(text=text)
-    size = len(encode(message))
-    if size > max_payload:
-        raise InvalidInput(
-            f"message too long: {size} bytes encoded, the limit is {max_payload}",
-            "split it into several messages",
-        )
+    message = ChatMessage(text=clean_text(text))
+    check_size(len(encode(message)), max_payload)
     return message
 
 
 def say(identity: Identity, room: str, message: ChatMessage) -> None:
-    topic = identity.topics.room(check_name(room, "room name"), identity.account)
-    with MqttClient(identity.address, identity.credentials, identity.client_id("say")) as client:
-        client.publish(topic, encode(message), qos=1)
+    publish_to_room(identity, room, encode(message))
 
 
 def send_dm(identity: Identity, name: str, message: ChatMessage) -> str:

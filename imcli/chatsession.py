@@ -14,9 +14,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from imcli import chat
-from imcli.chat import Conversation, Identity
+from imcli.chat import Conversation
 from imcli.chatstate import SEEN_KEPT, ChatState
 from imcli.errors import ImcliError, InvalidInput, RequestTimeout
+from imcli.identity import Identity
 from imcli.inbox import Listener, seen_key
 from imcli.wire import DEFAULT_MAX_PAYLOAD, HISTORY_MAX, Presence, Received, encode
 

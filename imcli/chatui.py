@@ -20,11 +20,11 @@ from prompt_toolkit.history import FileHistory
 from prompt_toolkit.patch_stdout import patch_stdout
 from rich.console import Console
 
-from imcli.chat import Identity
 from imcli.chatsession import COMMANDS, CatchUp, ChatSession, Note, Output
 from imcli.chatstate import device_session, load_state, save_state
 from imcli.config import config_dir
 from imcli.errors import ImcliError, InvalidInput
+from imcli.identity import Identity
 from imcli.inbox import Listener, RecentIds
 from imcli.render import received_line
 

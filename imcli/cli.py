@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
@@ -30,18 +30,14 @@ from imcli.cli_common import (
     TlsOpt,
     account_store,
     ask_password,
-    broker_address,
     check_tls_options,
     console,
     err_console,
-    heartbeat_seconds,
-    max_payload_bytes,
-    message_text,
-    signed_in,
 )
 from imcli.cli_groups import config_app, friend_app, group_app
 from imcli.cli_workers import workers
 from imcli.errors import InvalidInput
+from imcli.identity import broker_address, heartbeat_seconds, max_payload_bytes, message_text, signed_in
 
 app = typer.Typer(
     cls=CliGroup,
@@ -56,10 +52,6 @@ app.add_typer(friend_app, name="friend")
 app.add_typer(config_app, name="config")
 app.command()(chat)
 app.command()(history)
-
-
-def main() -> NoReturn:
-    sys.exit(app())
 
 
 # ---------------------------------------------------------------- serve
@@ -264,15 +256,9 @@ def say(
     port: PortOpt = None,
 ) -> None:
     """Send a message to a room (default: lobby)."""
-    from imcli import chat
-    from imcli.wire import DEFAULT_ROOM, check_name
+    from imcli import quick  # the plain form never reaches Typer: quick.main sends it (issue 7)
 
-    room = room or DEFAULT_ROOM
-    check_name(room, "room name")
-    identity = signed_in(host, port)
-    message = chat.prepare_text(message_text(text), max_payload_bytes())
-    chat.say(identity, room, message)
-    typer.echo(f"sent to {room}")  # plain: importing Rich would cost a third of say's start-up
+    typer.echo(f"sent to {quick.run_say(quick.SayArgs(text, room, host, port))}")
 
 
 @app.command()

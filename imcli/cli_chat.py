@@ -14,11 +14,9 @@ from imcli.cli_common import (
     PortOpt,
     console,
     err_console,
-    heartbeat_seconds,
-    max_payload_bytes,
     parse_since,
-    signed_in,
 )
+from imcli.identity import heartbeat_seconds, max_payload_bytes, signed_in
 
 
 def history(

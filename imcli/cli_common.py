@@ -1,5 +1,5 @@
-"""What every imcli command shares: the one error handler, the common options, and the
-helpers that turn options and the stored profile into an identity.
+"""What every imcli command shares: the one error handler and the common options. The
+options become an identity in :mod:`imcli.identity`.
 
 Heavy modules (paho, pydantic, Rich) are imported inside the helpers that need them, so
 importing this module costs nothing at start-up.
@@ -19,9 +19,6 @@ from imcli.errors import ImcliError, InvalidInput
 
 if TYPE_CHECKING:
     from broker.accounts import AccountStore
-    from imcli.chat import Identity
-    from imcli.config import Profile
-    from imcli.mqtt import BrokerAddress
 
 
 def print_error(exc: ImcliError) -> None:
@@ -86,38 +83,6 @@ def err_console() -> Any:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def broker_address(
-    host: str | None,
-    port: int | None,
-    profile: Profile | None = None,
-    *,
-    tls: bool | None = None,
-    ca: Path | None = None,
-) -> BrokerAddress:
-    """Options first, then IMCLI_TLS/IMCLI_CA, then the profile, then plain 127.0.0.1:1883."""
-    from imcli.mqtt import BrokerAddress
-
-    if port is not None and not 0 < port < 65536:
-        raise InvalidInput(f"invalid port {port}", "use 1-65535")
-    if ca is None and os.environ.get("IMCLI_CA"):
-        ca = Path(os.environ["IMCLI_CA"])
-    if tls is None and os.environ.get("IMCLI_TLS"):
-        tls = os.environ["IMCLI_TLS"].strip().lower() not in ("0", "no", "false", "off")
-    if ca is not None:
-        if not ca.expanduser().is_file():
-            raise InvalidInput(f"no CA file {ca}", "give the PEM file of the CA that signed the broker's certificate")
-        ca_file: str | None = str(ca.expanduser().resolve())  # the profile is used from any directory
-        tls = True if tls is None else tls
-    else:
-        ca_file = profile.ca if profile else None
-    return BrokerAddress(
-        host or (profile.host if profile else "127.0.0.1"),
-        port if port is not None else (profile.port if profile else 1883),
-        tls if tls is not None else bool(profile and profile.tls),
-        ca_file,
-    )
-
-
 def check_tls_options(cert: Path | None, key: Path | None) -> None:
     """``imcli serve``'s --tls-cert/--tls-key: both or neither, and a pair that loads."""
     if (cert is None) != (key is None):
@@ -129,14 +94,6 @@ def check_tls_options(cert: Path | None, key: Path | None) -> None:
             check_tls_files(cert, key)
         except ValueError as exc:
             raise InvalidInput(f"unusable TLS certificate: {exc}", "give a PEM certificate and its key") from exc
-
-
-def signed_in(host: str | None, port: int | None) -> Identity:
-    from imcli.chat import Identity
-    from imcli.config import load_profile
-
-    profile = load_profile()
-    return Identity(broker_address(host, port, profile), profile.credentials, profile.device)
 
 
 def ask_password(from_stdin: bool, *, confirm: bool) -> str:
@@ -152,36 +109,6 @@ def ask_password(from_stdin: bool, *, confirm: bool) -> str:
         raise InvalidInput("no password given", "type it at a terminal, set IMCLI_PASSWORD or use --password-stdin")
     value: str = typer.prompt("Password", hide_input=True, confirmation_prompt=confirm)
     return value
-
-
-def message_text(text: str) -> str:
-    return sys.stdin.read() if text == "-" else text
-
-
-def heartbeat_seconds() -> float:
-    from imcli.wire import DEFAULT_HEARTBEAT
-
-    raw = os.environ.get("IMCLI_HEARTBEAT")
-    if raw is None:
-        return DEFAULT_HEARTBEAT
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not 1 <= value <= 3600:
-        raise InvalidInput(f"invalid IMCLI_HEARTBEAT {raw!r}", "give seconds between 1 and 3600")
-    return value
-
-
-def max_payload_bytes() -> int:
-    from imcli.wire import DEFAULT_MAX_PAYLOAD
-
-    raw = os.environ.get("IMCLI_MAX_PAYLOAD")
-    if raw is None:
-        return DEFAULT_MAX_PAYLOAD
-    if not raw.isdigit() or int(raw) < 64:
-        raise InvalidInput(f"invalid IMCLI_MAX_PAYLOAD {raw!r}", "give a number of bytes, at least 64")
-    return int(raw)
 
 
 def account_store(data_dir: Path | None) -> AccountStore:

@@ -7,8 +7,15 @@ from typing import Annotated, Any
 
 import typer
 
-from imcli.cli_common import HostOpt, JsonOpt, PortOpt, console, max_payload_bytes, message_text, signed_in, sub_app
+from imcli.cli_common import (
+    HostOpt,
+    JsonOpt,
+    PortOpt,
+    console,
+    sub_app,
+)
 from imcli.errors import InvalidInput
+from imcli.identity import max_payload_bytes, message_text, signed_in
 
 group_app = sub_app("Group chat; membership is enforced by the broker.")
 friend_app = sub_app("Friends and friend requests.")

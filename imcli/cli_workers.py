@@ -13,8 +13,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from imcli.cli_common import HostOpt, PortOpt, broker_address, console
+from imcli.cli_common import (
+    HostOpt,
+    PortOpt,
+    console,
+)
 from imcli.errors import InvalidInput
+from imcli.identity import broker_address
 
 if TYPE_CHECKING:
     from imcli.worker import ServiceWorker

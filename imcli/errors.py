@@ -6,7 +6,7 @@
      ├── AccountError               registration or account administration refused
      │    └── NameTaken
      ├── NotFound                   unknown recipient, unknown account or group
- ├── NotAllowed                 a worker refused: not an admin, a private group
+     ├── NotAllowed                 a worker refused: not an admin, a private group
      └── BrokerError                anything on the way to and from the broker
           ├── BrokerUnreachable     TCP connect failed / broker went away
           ├── AuthenticationFailed  CONNACK 4/5: wrong name or password, client id refused

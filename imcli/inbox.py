@@ -17,8 +17,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 
-from imcli.chat import REQUEST_TIMEOUT, Identity, no_worker
+from imcli.chat import REQUEST_TIMEOUT, no_worker
 from imcli.errors import ImcliError
+from imcli.identity import Identity
 from imcli.mqtt import ConnectionListener, Message, MqttClient, Will
 from imcli.wire import (
     DEFAULT_HEARTBEAT,

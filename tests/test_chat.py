@@ -22,12 +22,13 @@ from broker.accounts import AccountStore
 from broker.limits import Limits
 from broker.server import BrokerSettings
 from imcli import chat
-from imcli.chat import Conversation, Identity
+from imcli.chat import Conversation
 from imcli.chatsession import ChatSession
 from imcli.chatstate import ChatState
 from imcli.chatui import ChatCompleter
 from imcli.cli import app
 from imcli.embedded import BackgroundServer, ServeInfo
+from imcli.identity import Identity
 from imcli.inbox import Listener, RecentIds
 from imcli.mqtt import Credentials
 from imcli.wire import ChatMessage, Received, Topics, encode

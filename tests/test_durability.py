@@ -20,9 +20,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.accounts import AccountStore
 from imcli import chat
-from imcli.chat import Conversation, Identity
+from imcli.chat import Conversation
 from imcli.chatsession import ChatSession
 from imcli.chatstate import ChatState
+from imcli.identity import Identity
 from imcli.inbox import Listener
 from imcli.mqtt import BrokerAddress, Credentials
 from imcli.wire import ChatMessage, GroupReply, Topics, encode

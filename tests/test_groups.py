@@ -18,9 +18,9 @@ from broker.accounts import AccountStore
 from broker.server import BrokerSettings
 from groups.worker import GroupWorker
 from imcli import chat, inbox
-from imcli.chat import Identity
 from imcli.embedded import BackgroundServer, ServeInfo, StoreDirectory
 from imcli.errors import NameTaken, NotAllowed, NotFound
+from imcli.identity import Identity
 from imcli.mqtt import Credentials
 from imcli.wire import ChatMessage, GroupInfo, GroupList, GroupReply, encode
 from tests import brokers

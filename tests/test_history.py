@@ -17,10 +17,11 @@ from archive.store import ArchiveStore
 from broker.accounts import AccountStore
 from broker.server import BrokerSettings
 from imcli import chat
-from imcli.chat import Conversation, Identity
+from imcli.chat import Conversation
 from imcli.cli_common import parse_since
 from imcli.embedded import BackgroundServer, ServeInfo
 from imcli.errors import InvalidInput, NotAllowed, NotFound
+from imcli.identity import Identity
 from imcli.mqtt import Credentials
 from imcli.wire import ChatMessage, ErrorReply, HistoryReply, HistoryRequest, Received, Topics, decode, encode
 from tests import brokers

@@ -619,7 +619,7 @@ def test_bridged_pair_carries_chat_and_presence(tmp_path: Path) -> None:
     """alice on broker A, bob on broker B, bridged by deploy/mosquitto/bridge.conf; workers on B only."""
     from imcli import chat as im
     from imcli import inbox
-    from imcli.chat import Identity
+    from imcli.identity import Identity
     from imcli.mqtt import Credentials
     from tests.brokers import DEPLOY
 

@@ -17,9 +17,9 @@ from broker.accounts import AccountStore
 from broker.server import BrokerSettings
 from groups.worker import GroupWorker
 from imcli import chat
-from imcli.chat import Identity
 from imcli.embedded import BackgroundServer, ServeInfo, StoreDirectory
 from imcli.errors import NameTaken, NotFound, RequestTimeout
+from imcli.identity import Identity
 from imcli.inbox import Listener
 from imcli.mqtt import Credentials
 from imcli.wire import DeviceStatus, Presence, encode
