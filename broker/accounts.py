@@ -90,6 +90,7 @@ class AccountStore:
         self._mutex = threading.Lock()
         self._accounts: dict[str, Account] = {}
         self._stamp: tuple[int, int, int] | None = None
+        self.generation = 0  # counts reloads: whoever caches something of the accounts compares it
         self._secret = secrets.token_bytes(32)  # keys the remembered logins; lives and dies with the process
         self._verified: dict[str, bytes] = {}  # account -> HMAC of the password last verified for it
         # verifying against a fixed hash for unknown names keeps their timing like a known name's
@@ -108,6 +109,7 @@ class AccountStore:
             st = self.path.stat()
         except FileNotFoundError:
             with self._mutex:
+                self.generation += self._stamp is not None
                 self._accounts, self._stamp = {}, None
             return
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -119,6 +121,7 @@ class AccountStore:
             self._accounts, self._stamp = accounts, stamp
             # a changed or removed account forgets its remembered login
             self._verified = {n: d for n, d in self._verified.items() if n in accounts and accounts[n] == old.get(n)}
+            self.generation += 1
 
     def _read(self) -> dict[str, Account]:
         try:

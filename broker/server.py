@@ -65,6 +65,7 @@ from broker.packets import MalformedPacket, PacketGuard
 from broker.plugins import (
     CONNECTION_ACCEPTED,
     NOT_AUTHORIZED,
+    REGISTER_PREFIX,
     AccountAuthPlugin,
     TopicAclPlugin,
     forget_store,
@@ -79,6 +80,7 @@ log = logging.getLogger(__name__)
 SERVICE_ACCOUNT = "presence"
 WS_LISTENER = "ws"
 TLS_LISTENER = "tls"
+ACCOUNT_CHECK = 1.0  # seconds between looks at accounts.json for removed accounts
 BROADCAST_BATCH = 256  # messages fanned out together, each connection written once per batch
 
 _P = TypeVar("_P")
@@ -168,6 +170,7 @@ class ImBroker(Broker):
         # QoS 1 messages whose rate token was taken before their PUBACK: id -> (message, allowed, when)
         self._charged: dict[int, tuple[ApplicationMessage, bool, float]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._revoker: asyncio.Task[None] | None = None
         self._filter_index = FilterIndex()
         self._retained_index = RetainedIndex()
         self._deliveries: Deliveries | None = None  # created in the running loop
@@ -219,6 +222,7 @@ class ImBroker(Broker):
             self._retained_index.add(topic)
             self._track_state(topic, payload)
         self._sweeper = asyncio.create_task(self._expire_sessions())
+        self._revoker = asyncio.create_task(self._end_revoked_logins())
 
     async def _expire_sessions(self) -> None:
         """amqtt keeps a persistent session (its subscriptions and queue) forever: every login
@@ -244,13 +248,49 @@ class ImBroker(Broker):
                 self._queue_drops.pop(client_id, None)
                 log.info("persistent session %s expired after %.0f s away", client_id, expiry)
 
+    async def _end_revoked_logins(self) -> None:
+        """``imcli admin user remove`` edits accounts.json from another process, and amqtt would
+        go on serving the removed account's open connections and keep its persistent sessions.
+        Once a second the file's stamp is looked at. The connections of an account that is gone,
+        or was made again with another password, are closed (their Last Will fires) and its
+        sessions are deleted, so that a new owner of the name cannot resume them."""
+        seen, known = -1, dict[str, str]()
+        doomed: set[str] = set()  # client ids to delete once their connection has ended
+        while True:
+            await asyncio.sleep(ACCOUNT_CHECK)
+            try:
+                self.accounts.refresh()
+                if self.accounts.generation != seen:
+                    seen = self.accounts.generation
+                    current = {a.name: a.hash for a in self.accounts.list_accounts()}
+                    replaced = {name for name, key in known.items() if current.get(name, key) != key}
+                    known = current
+                    for client_id, (session, handler) in list(self._sessions.items()):
+                        name = session.username or ""
+                        if not name or name.startswith(REGISTER_PREFIX) or (name in current and name not in replaced):
+                            continue
+                        doomed.add(client_id)
+                        if session.transitions.is_connected():
+                            log.warning("closing %s: its account was removed or replaced", client_id)
+                            await handler.handle_connection_closed()
+                            await handler.stop()
+                for client_id in list(doomed):
+                    session = self._sessions.get(client_id, (None, None))[0]
+                    if session is None or not session.transitions.is_connected():
+                        doomed.discard(client_id)
+                        self._away.pop(client_id, None)
+                        await self._delete_session(client_id)
+            except Exception:  # a damaged accounts.json or one bad session must not end the watch
+                log.exception("could not end the sessions of removed accounts")
+
     def persistent_sessions(self) -> set[str]:
         """Client ids of the persistent sessions the broker keeps (connected or not)."""
         return {cid for cid, (session, _) in self._sessions.items() if not session.clean_session}
 
     async def shutdown(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in (self._sweeper, self._revoker):
+            if task is not None:
+                task.cancel()
         # stop accepting first: amqtt closes its listeners last, after the sessions, so clients
         # reconnecting meanwhile would be accepted into a loop that is about to end
         for server in self._servers.values():  # amqtt private, as in bound_port()

@@ -36,7 +36,7 @@ def user_remove(
     name: Annotated[str, typer.Argument(help="Account name.")],
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Delete an account (its next connection is refused)."""
+    """Delete an account: its connections to `imcli serve` close within a second, and its sessions end."""
     account_store(data_dir).remove(name)
     console().print(f"removed {name}")
 

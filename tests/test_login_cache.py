@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from broker.accounts import AccountStore
 from imcli.embedded import ServeInfo
-from tests.conftest import Raw
+from tests.conftest import Raw, wait_until
 
 RawFactory = Callable[..., Raw]
 
@@ -27,3 +27,27 @@ def test_a_remembered_login_ends_with_the_account(
     assert raw("alice", "a-brand-new-password", "alice:e").rc == 0
     assert raw("bob", "not-bobs-password", "bob:x").rc == 4  # a failure is never remembered
     assert raw("bob", client_id="bob:y").rc == 0
+
+
+def test_removing_an_account_ends_its_open_connections_and_sessions(
+    users: Callable[..., None], server: ServeInfo, raw: RawFactory
+) -> None:
+    users("alice", "bob")
+    alice = raw("alice", client_id="alice:phone", clean=False)
+    assert alice.subscribe("im/user/alice/#") == 1
+    bob = raw("bob", client_id="bob:laptop")
+    assert server.broker is not None
+    assert "alice:phone" in server.broker.persistent_sessions()
+
+    operator = AccountStore(server.data_dir)  # `imcli admin user remove`, in another process
+    operator.remove("alice")
+    assert alice.disconnected.wait(5), "the removed account's connection stayed open"
+    assert wait_until(lambda: "alice:phone" not in server.broker.persistent_sessions())  # type: ignore[union-attr]
+    assert not bob.disconnected.is_set()
+
+    # whoever gets the name next starts afresh: nothing of the old alice's session is resumed
+    operator.add("alice", "a-brand-new-password")
+    bob.publish("im/user/alice/dm/bob", b"for the new alice only")
+    newcomer = raw("alice", "a-brand-new-password", "alice:phone", clean=False)
+    assert newcomer.rc == 0
+    assert newcomer.silent(1.0) == []  # no subscription came back with the session
