@@ -77,7 +77,7 @@ def workers(
         Path | None,
         typer.Option(
             "--archive-dir",
-            help="Directory of the archive's archive.sqlite3 [default: per-user data dir]",
+            help="Directory of the archive's archive.sqlite3 [default: the per-user data dir's workers/]",
         ),
     ] = None,
     history_days: Annotated[
@@ -92,7 +92,7 @@ def workers(
 
     from archive.worker import ArchiveWorker
     from groups.worker import GroupWorker
-    from imcli.config import default_data_dir
+    from imcli.config import default_workers_dir
     from imcli.mqtt import Credentials
     from imcli.wire import check_name
     from imcli.worker import PasswordFileDirectory
@@ -111,7 +111,7 @@ def workers(
     directory = PasswordFileDirectory(accounts_file.expanduser()) if accounts_file is not None else None
     passwords = dict(zip(accounts, _passwords(password_stdin, accounts), strict=True))
     address = broker_address(host, port)
-    data_dir = (archive_dir or default_data_dir()).expanduser()
+    data_dir = (archive_dir or default_workers_dir()).expanduser()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 

@@ -42,6 +42,14 @@ def default_data_dir() -> Path:
     return platformdirs.user_data_path("imcli") / "broker"
 
 
+def default_workers_dir() -> Path:
+    """Where ``imcli workers`` keeps its archive unless told: beside, never inside, the
+    embedded broker's data, so a machine that runs both keeps two archives apart."""
+    import platformdirs
+
+    return platformdirs.user_data_path("imcli") / "workers"
+
+
 def new_device_name() -> str:
     """``<hostname>-<4 hex>``: readable in ``who``, distinct per login."""
     host = re.sub(r"[^a-z0-9-]", "", socket.gethostname().lower().split(".")[0])[:24] or "device"

@@ -349,3 +349,13 @@ _TOPIC_LEVEL = st.sampled_from(["im", "room", "user", "alice", "bob", "dm", "pre
 def test_receive_check_decides_as_allows(topic: str, user: str | None, role: Role | None) -> None:
     # the fan-out path decides RECEIVE once per message; it must agree with the rule itself
     assert ACL.receive_check(topic)(user, role) == ACL.allows(user, role, topic, Access.RECEIVE)
+
+
+def test_workers_and_serve_keep_their_archives_apart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from imcli.config import default_data_dir, default_workers_dir
+
+    monkeypatch.delenv("IMCLI_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    broker, workers = default_data_dir(), default_workers_dir()
+    assert broker.parent == workers.parent == tmp_path / "imcli"
+    assert broker != workers
