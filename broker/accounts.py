@@ -86,6 +86,7 @@ class AccountStore:
         self.data_dir = data_dir
         self.path = data_dir / self.FILE_NAME
         self._lock_path = data_dir / "accounts.lock"
+        self._removed_path = data_dir / "removed-accounts.json"  # names not given again without --reuse
         self._hasher = hasher or PasswordHasher()
         self._mutex = threading.Lock()
         self._accounts: dict[str, Account] = {}
@@ -182,7 +183,11 @@ class AccountStore:
 
     # ------------------------------------------------------------------ writing
 
-    def add(self, name: str, password: str, role: Role = Role.USER, *, allow_reserved: bool = False) -> Account:
+    def add(
+        self, name: str, password: str, role: Role = Role.USER, *, allow_reserved: bool = False, reuse: bool = False
+    ) -> Account:
+        """A new account. The name of a removed one is refused unless ``reuse``: the archive
+        still holds the old owner's direct messages, which the name would open to the new one."""
         if not is_name(name):
             raise InvalidInput(f"invalid account name {name!r}", NAME_RULE)
         if name in RESERVED_NAMES and not allow_reserved:
@@ -191,6 +196,15 @@ class AccountStore:
         with self._locked() as accounts:
             if name in accounts:
                 raise NameTaken(f"the name {name!r} is taken", "choose another name")
+            removed = self._read_removed()
+            if name in removed:
+                if not reuse:
+                    raise NameTaken(
+                        f"the name {name!r} belonged to a removed account",
+                        "choose another name; an operator may give it again with 'imcli admin user add --reuse'",
+                    )
+                del removed[name]
+                self._write_removed(removed)
             account = Account(name, role, time.time(), hashed)
             accounts[name] = account
         log.info("account %s added (role %s)", name, role.value)
@@ -204,7 +218,8 @@ class AccountStore:
                 raise InvalidInput(f"invalid or reserved account name {name!r}", NAME_RULE)
             hashed.append((name, self._hasher.hash(check_password(password))))
         with self._locked() as accounts:
-            taken = [name for name, _ in hashed if name in accounts]
+            removed = self._read_removed()
+            taken = [name for name, _ in hashed if name in accounts or name in removed]
             if taken:
                 raise NameTaken(f"the name {taken[0]!r} is taken", "choose another name")
             now = time.time()
@@ -227,6 +242,9 @@ class AccountStore:
         with self._locked() as accounts:
             if accounts.pop(name, None) is None:
                 raise NotFound(f"no account named {name!r}", "see imcli admin user list")
+            removed = self._read_removed()
+            removed[name] = time.time()
+            self._write_removed(removed)  # before accounts.json: a crash leaves it kept
         log.info("account %s removed", name)
 
     @contextlib.contextmanager
@@ -258,10 +276,27 @@ class AccountStore:
                 for a in sorted(accounts.values(), key=lambda a: a.name)
             },
         }
-        tmp = self.path.with_suffix(".tmp")
+        self._write_json(self.path, doc)
+
+    def _read_removed(self) -> dict[str, float]:
+        """Removed account names -> when (read under the file lock)."""
+        try:
+            raw = json.loads(self._removed_path.read_text())
+            return {str(name): float(when) for name, when in raw["removed"].items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise AccountError(f"account file {self._removed_path} is damaged: {exc}") from exc
+
+    def _write_removed(self, removed: dict[str, float]) -> None:
+        self._write_json(self._removed_path, {"version": 1, "removed": removed})
+
+    @staticmethod
+    def _write_json(path: Path, doc: object) -> None:
+        tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(doc, fh, indent=1)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        os.replace(tmp, path)

@@ -19,6 +19,12 @@ def user_add(
     name: Annotated[str, typer.Argument(help="Account name.")],
     data_dir: DataDirOpt = None,
     service: Annotated[bool, typer.Option("--service", help="A worker's service account.")] = False,
+    reuse: Annotated[
+        bool,
+        typer.Option(
+            "--reuse", help="Give the name of a removed account again (the archive's old direct messages go with it)."
+        ),
+    ] = False,
     password_stdin: PasswordStdin = False,
 ) -> None:
     """Create an account directly in the data directory (works with registration closed)."""
@@ -27,7 +33,9 @@ def user_add(
 
     check_name(name)
     password = check_password(ask_password(password_stdin, confirm=True))
-    account_store(data_dir).add(name, password, Role.SERVICE if service else Role.USER, allow_reserved=service)
+    account_store(data_dir).add(
+        name, password, Role.SERVICE if service else Role.USER, allow_reserved=service, reuse=reuse
+    )
     console().print(f"added {'service account' if service else 'user'} {name}")
 
 

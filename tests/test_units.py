@@ -293,7 +293,7 @@ def test_remembered_login_is_an_hmac_and_is_forgotten_when_the_account_changes(t
 
     other = AccountStore(tmp_path, FAST)  # the operator, in another process
     other.remove("alice")
-    other.add("alice", "password-3")  # same name, new password
+    other.add("alice", "password-3", reuse=True)  # same name, new password
     assert store.recall("alice", "password-1") is None
     assert store.verify("alice", "password-1") is None
     assert store.verify("alice", "password-3") is not None
