@@ -262,8 +262,11 @@ class ImBroker(Broker):
                 self.accounts.refresh()
                 if self.accounts.generation != seen:
                     seen = self.accounts.generation
-                    current = {a.name: a.hash for a in self.accounts.list_accounts()}
-                    replaced = {name for name, key in known.items() if current.get(name, key) != key}
+                    accounts = self.accounts.list_accounts()
+                    current = {a.name: a.hash for a in accounts}
+                    # `imcli serve` gives its workers new passwords at every start, while they connect
+                    rekeyed = {a.name for a in accounts if a.role is Role.SERVICE}
+                    replaced = {name for name, key in known.items() if current.get(name, key) != key} - rekeyed
                     known = current
                     for client_id, (session, handler) in list(self._sessions.items()):
                         name = session.username or ""
