@@ -1,4 +1,7 @@
-"""Friends, friend requests (also to someone offline) and dm-policy enforced by the broker."""
+"""Friends, friend requests (also to someone offline) and dm-policy enforced by the broker.
+
+Every test runs on the embedded broker and on Mosquitto with ``imcli workers --dynsec``
+beside it (tests/brokers.py); what Mosquitto cannot do is a strict ``broker_xfail``."""
 
 from __future__ import annotations
 
@@ -9,9 +12,12 @@ import pytest
 
 from imcli.embedded import ServeInfo
 from imcli.wire import ChatMessage, encode
+from tests import brokers
 from tests.conftest import Cli, Proc, Raw
 
 CliFactory = Callable[[str], Cli]
+
+broker_kind, broker_under_test, server, users = brokers.BOTH  # every test on both brokers
 
 
 @pytest.fixture
@@ -100,16 +106,18 @@ def test_dm_policy_friends_refuses_strangers_and_accepts_friends(
     )
     assert alice("dm", "bob", "hi friend").stdout.strip() == "sent to @bob"
 
-    # a raw client skipping the CLI's check: the broker drops it and says why
+    # a raw client skipping the CLI's check: the broker drops it
     victim = raw("bob", client_id="bob:raw")
     assert victim.subscribe("im/user/bob/dm/+") == 1
+    assert victim.subscribe("im/room/lobby/carol") == 1
     stranger = raw("carol", client_id="carol:raw")
-    assert stranger.subscribe("im/user/carol/notice") == 1
     stranger.publish("im/user/bob/dm/carol", encode(ChatMessage(text="sneaky")))
-    notice = json.loads(stranger.expect("im/user/carol/notice").payload)
-    assert notice["text"] == "bob accepts direct messages from friends only"
+    barrier = encode(ChatMessage(text="barrier"))
+    stranger.publish("im/room/lobby/carol", barrier)  # same connection: would arrive after "sneaky"
+    got = victim.until("im/room/lobby/carol", barrier)
+    assert [m.topic for m in got] == ["im/room/lobby/carol"]
     friend = raw("alice", client_id="alice:raw")
-    friend.publish("im/user/bob/dm/alice", encode(ChatMessage(text="barrier")))
+    friend.publish("im/user/bob/dm/alice", encode(ChatMessage(text="from a friend")))
     assert victim.expect().topic == "im/user/bob/dm/alice"
     assert victim.silent(0.3) == []
 
@@ -117,13 +125,43 @@ def test_dm_policy_friends_refuses_strangers_and_accepts_friends(
     assert carol("dm", "bob", "now?").exit_code == 0
 
 
+@pytest.mark.broker_xfail("mosquitto", reason=brokers.NO_NOTICES)
+def test_a_stranger_skipping_the_dm_policy_check_is_told(people: dict[str, Cli], raw: Callable[..., Raw]) -> None:
+    assert people["bob"]("config", "set", "dm-policy", "friends").exit_code == 0
+    stranger = raw("carol", client_id="carol:raw")
+    assert stranger.subscribe("im/user/carol/notice") == 1
+    stranger.publish("im/user/bob/dm/carol", encode(ChatMessage(text="sneaky")))
+    notice = json.loads(stranger.expect("im/user/carol/notice").payload)
+    assert notice["text"] == "bob accepts direct messages from friends only"
+
+
 def test_friend_records_are_private_and_worker_only(people: dict[str, Cli], raw: Callable[..., Raw]) -> None:
-    assert people["alice"]("friend", "add", "bob").exit_code == 0
+    assert people["alice"]("friend", "add", "bob").exit_code == 0  # bob's record now lists alice's request
+    carol = raw("carol", client_id="carol:raw")
+    carol.subscribe_all("im/user/bob/friends", "im/user/+/friends", "im/room/lobby/carol")
+    forged = b'{"type":"friends","v":1,"account":"carol","friends":["bob"],"dm_policy":"anyone"}'
+    carol.publish("im/user/carol/friends", forged, retain=True)
+    barrier = encode(ChatMessage(text="barrier"))
+    carol.publish("im/room/lobby/carol", barrier)
+    assert [m.topic for m in carol.until("im/room/lobby/carol", barrier)] == ["im/room/lobby/carol"]
+    assert carol.silent(0.3) == []  # nothing of bob's record, whatever the SUBACK said
+    fresh = raw("carol", client_id="carol:fresh")
+    assert fresh.subscribe("im/user/carol/friends") == 1
+    assert all(m.payload != forged for m in fresh.silent(0.3))  # the forged record was not retained
+    assert json.loads(people["carol"]("friend", "list", "--json").stdout)["friends"] == []
+
+
+@pytest.mark.broker_xfail("mosquitto", reason=brokers.SUBSCRIBE_GRANTED)
+def test_subscribing_to_others_friend_records_is_refused(people: dict[str, Cli], raw: Callable[..., Raw]) -> None:
     carol = raw("carol", client_id="carol:raw")
     assert carol.subscribe("im/user/bob/friends") == 128
     assert carol.subscribe("im/user/+/friends") == 128
+
+
+@pytest.mark.broker_xfail("mosquitto", reason=brokers.NO_NOTICES)
+def test_forging_a_friend_record_is_explained_by_a_notice(people: dict[str, Cli], raw: Callable[..., Raw]) -> None:
+    carol = raw("carol", client_id="carol:raw")
     assert carol.subscribe("im/user/carol/notice") == 1
     forged = b'{"type":"friends","v":1,"account":"carol","friends":["bob"],"dm_policy":"anyone"}'
     carol.publish("im/user/carol/friends", forged, retain=True)
     assert json.loads(carol.expect("im/user/carol/notice").payload)["code"] == "denied"
-    assert json.loads(people["carol"]("friend", "list", "--json").stdout)["friends"] == []
