@@ -383,6 +383,9 @@ def presence(
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", help="Embedded broker's data dir, to know every account.")
     ] = None,
+    accounts_file: Annotated[
+        Path | None, typer.Option(help="Mosquitto password file, to know every account (as imcli workers).")
+    ] = None,
     password_stdin: PasswordStdin = False,
 ) -> None:
     """Run the presence worker alone against any broker (imcli serve already runs one)."""
@@ -390,13 +393,18 @@ def presence(
     import threading
 
     from imcli.mqtt import Credentials
+    from imcli.worker import AccountDirectory, PasswordFileDirectory
     from presence.worker import PresenceWorker
 
-    directory = None
+    if data_dir is not None and accounts_file is not None:
+        raise InvalidInput("--data-dir and --accounts-file both name the accounts", "give one of them")
+    directory: AccountDirectory | None = None
     if data_dir is not None:
         from imcli.embedded import StoreDirectory
 
         directory = StoreDirectory(account_store(data_dir))
+    elif accounts_file is not None:
+        directory = PasswordFileDirectory(accounts_file.expanduser())
     password = ask_password(password_stdin, confirm=False)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -1,4 +1,7 @@
-"""Presence on a real broker: online/offline, devices, Last Will, rename races, worker restarts."""
+"""Presence on a real broker: online/offline, devices, Last Will, rename races, worker restarts.
+
+Every test using ``server`` runs on the embedded broker and on Mosquitto with ``imcli workers
+--dynsec`` beside it (tests/brokers.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,17 +21,22 @@ from broker.accounts import AccountStore
 from broker.server import BrokerSettings
 from groups.worker import GroupWorker
 from imcli import chat
+from imcli.cli import app
 from imcli.embedded import BackgroundServer, ServeInfo, StoreDirectory
 from imcli.errors import NameTaken, NotFound, RequestTimeout
 from imcli.identity import Identity
 from imcli.inbox import Listener
 from imcli.mqtt import Credentials
 from imcli.wire import DeviceStatus, Presence, encode
+from imcli.worker import PasswordFileDirectory
 from presence.roster import PresenceRoster
 from presence.worker import PresenceWorker
+from tests import brokers
 from tests.conftest import Cli, Proc, Raw, password_of, wait_until
 
 RawFactory = Callable[..., Raw]
+
+broker_kind, broker_under_test, server, users = brokers.BOTH  # every test using `server` on both brokers
 
 
 def identity(server: ServeInfo, name: str, device: str = "test") -> Identity:
@@ -242,38 +251,61 @@ def test_dm_to_unknown_name(server: ServeInfo, watch: PresenceWatch) -> None:
 # ---------------------------------------------------------------- the worker itself
 
 
-@pytest.fixture
-def bare_broker(tmp_path: Path) -> Iterator[tuple[ServeInfo, Callable[[], PresenceWorker]]]:
-    """A broker without workers, and a way to start presence workers against it."""
-    with BackgroundServer(BrokerSettings(data_dir=tmp_path / "bare", port=0), workers=False) as info:
-        store = AccountStore(info.data_dir)
-        store.ensure_service("presence", "service-password")
-        store.ensure_service("groups", "service-password")
-        for name in ("alice", "bob", "watcher"):
-            store.add(name, password_of(name))
+@dataclass
+class Bare:
+    """A broker whose presence worker the test starts and stops itself."""
 
-        def worker() -> PresenceWorker:
-            return PresenceWorker(
-                info.address, Credentials("presence", "service-password"), StoreDirectory(store), device="t"
+    info: ServeInfo
+    make_worker: Callable[[], PresenceWorker]
+    password: str  # the presence service account's
+    accounts: list[str]  # how `imcli presence` learns every account on this broker
+
+
+@pytest.fixture
+def bare_broker(broker_kind: str, tmp_path: Path) -> Iterator[Bare]:
+    """A broker without a presence worker, and a way to start presence workers against it. The group
+    worker runs (dm asks it whether the recipient accepts the message), as under imcli serve or workers."""
+    if broker_kind == "amqtt":
+        with BackgroundServer(BrokerSettings(data_dir=tmp_path / "bare", port=0), workers=False) as info:
+            store = AccountStore(info.data_dir)
+            store.ensure_service("presence", "service-password")
+            store.ensure_service("groups", "service-password")
+            for name in ("alice", "bob", "watcher"):
+                store.add(name, password_of(name))
+
+            def worker() -> PresenceWorker:
+                return PresenceWorker(
+                    info.address, Credentials("presence", "service-password"), StoreDirectory(store), device="t"
+                )
+
+            with GroupWorker(info.address, Credentials("groups", "service-password"), StoreDirectory(store)):
+                yield Bare(info, worker, "service-password", ["--data-dir", str(info.data_dir)])
+        return
+    # Mosquitto, as `imcli workers --dynsec --accounts-file` would run beside it, minus presence
+    with brokers.running_mosquitto(tmp_path / "bare", (*brokers.ACCOUNTS, "watcher")) as mosquitto:
+        directory = PasswordFileDirectory(mosquitto.passwd)
+
+        def mosquitto_worker() -> PresenceWorker:
+            creds = Credentials("presence", password_of("presence"))
+            return PresenceWorker(mosquitto.address, creds, directory, device="t")
+
+        groups = Credentials("groups", password_of("groups"))
+        with GroupWorker(mosquitto.address, groups, directory, device="t", dynsec=True):
+            yield Bare(
+                mosquitto.info(), mosquitto_worker, password_of("presence"), ["--accounts-file", str(mosquitto.passwd)]
             )
 
-        # dm asks the group worker whether the recipient accepts it, as under imcli serve
-        with GroupWorker(info.address, Credentials("groups", "service-password"), StoreDirectory(store)):
-            yield info, worker
 
-
-def test_no_worker_means_a_clear_timeout(bare_broker: tuple[ServeInfo, Callable[[], PresenceWorker]]) -> None:
-    info, _ = bare_broker
+def test_no_worker_means_a_clear_timeout(bare_broker: Bare) -> None:
+    info = bare_broker.info
     started = time.monotonic()
     with pytest.raises(RequestTimeout, match="no worker answered within 5s"):
         chat.who(identity(info, "alice"))
     assert time.monotonic() - started < 10
 
 
-def test_restarted_worker_rebuilds_the_roster_unnoticed(
-    bare_broker: tuple[ServeInfo, Callable[[], PresenceWorker]], tmp_path: Path
-) -> None:
-    info, make_worker = bare_broker
+def test_restarted_worker_rebuilds_the_roster_unnoticed(bare_broker: Bare) -> None:
+    info, make_worker = bare_broker.info, bare_broker.make_worker
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -351,13 +383,11 @@ def test_roster_records_loaded_with_clashing_nicks_keep_one_owner() -> None:
     assert roster.nick_of("bob") == "bob"
 
 
-def test_standalone_worker_command(
-    bare_broker: tuple[ServeInfo, Callable[[], PresenceWorker]], procs: Callable[..., Proc], tmp_path: Path
-) -> None:
-    info, _ = bare_broker
+def test_standalone_worker_command(bare_broker: Bare, procs: Callable[..., Proc], tmp_path: Path) -> None:
+    info = bare_broker.info
     worker = procs(
-        "presence", "--host", info.address.host, "--port", str(info.address.port), "--data-dir", str(info.data_dir),
-        env={"IMCLI_PASSWORD": "service-password"},
+        "presence", "--host", info.address.host, "--port", str(info.address.port), *bare_broker.accounts,
+        env={"IMCLI_PASSWORD": bare_broker.password},
     )  # fmt: skip
     assert worker.line(timeout=30) == f"presence worker running as presence on {info.address} (Ctrl-C to stop)"
     with Listener(identity(info, "alice", "laptop")):
@@ -371,10 +401,8 @@ def test_standalone_worker_command(
     assert worker.stop() == 0
 
 
-def test_standalone_worker_with_wrong_password_fails_clearly(
-    bare_broker: tuple[ServeInfo, Callable[[], PresenceWorker]], procs: Callable[..., Proc]
-) -> None:
-    info, _ = bare_broker
+def test_standalone_worker_with_wrong_password_fails_clearly(bare_broker: Bare, procs: Callable[..., Proc]) -> None:
+    info = bare_broker.info
     worker = procs("presence", "--port", str(info.address.port), env={"IMCLI_PASSWORD": "wrong-password"})
     assert worker.popen.wait(30) == 1
     worker.stop()
@@ -399,3 +427,18 @@ def test_renaming_before_ever_being_online_has_a_real_since() -> None:
     roster.finish_sync(0.0)
     _, effects = roster.rename("alice", "Ally", "r1", now=123.0)
     assert effects.presence[0].since == 123.0
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--data-dir", "d", "--accounts-file", "p"], "Error: --data-dir and --accounts-file both name the accounts"),
+        (["--accounts-file", "missing"], "Error: cannot read the password file missing"),
+    ],
+)
+def test_standalone_worker_refuses_bad_account_sources(args: list[str], error: str) -> None:
+    # no broker needed: the accounts are checked before connecting
+    result = CliRunner().invoke(app, ["presence", "--port", "1", *args], env={"IMCLI_PASSWORD": "service-password"})
+    assert result.exit_code == 1
+    assert result.stderr.startswith(error), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
