@@ -80,8 +80,10 @@ def register(address: BrokerAddress, name: str, password: str) -> None:
         if exc.code == 4:
             raise NameTaken(f"cannot register {name!r}: the name is taken or reserved", "choose another name") from exc
         if exc.code == 5:
-            raise AccountError(
-                "registration is closed on this broker", "ask its operator to run 'imcli admin user add NAME'"
+            raise AccountError(  # imcli serve --registration closed, or Mosquitto (no self-registration)
+                "registration is closed on this broker",
+                "ask its operator to make the account: "
+                "'imcli admin user add NAME' for imcli serve, mosquitto_passwd for Mosquitto",
             ) from exc
         raise
 

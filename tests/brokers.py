@@ -286,3 +286,8 @@ def users(broker_under_test: BrokerUnderTest) -> Callable[..., None]:
 
 # A module runs on both brokers with:  broker_kind, broker_under_test, server, users = brokers.BOTH
 BOTH = (broker_kind, broker_under_test, server, users)
+
+# In such a module, ``@brokers.EMBEDDED_ONLY`` runs one test on the embedded broker alone (it is
+# parametrised directly, which overrides the fixture's params): for a test about ``imcli serve``
+# or the embedded broker itself, or one that never reaches a broker. Say why in a comment above it.
+EMBEDDED_ONLY = pytest.mark.parametrize("broker_kind", ["amqtt"], indirect=True)

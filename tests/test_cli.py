@@ -1,7 +1,14 @@
-"""The CLI against a real embedded broker: accounts, chat, listen, errors, serve."""
+"""The CLI against a real broker: accounts, chat, listen, errors, serve.
+
+The commands that talk to a broker run on the embedded broker and on Mosquitto with ``imcli
+workers --dynsec`` beside it (tests/brokers.py): accounts there come from mosquitto_passwd, so
+``imcli register`` is a strict ``broker_xfail``. Tests of ``imcli serve``, of the embedded
+broker's own account store, and of checks made before any broker is reached are
+``brokers.EMBEDDED_ONLY``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,10 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from imcli.embedded import ServeInfo
+from broker.server import BrokerSettings
+from imcli.embedded import BackgroundServer, ServeInfo
+from tests import brokers
 from tests.conftest import Cli, Proc, Raw, password_of, wait_until
 
 CliFactory = Callable[[str], Cli]
+
+broker_kind, broker_under_test, server, users = brokers.BOTH  # every test using `server` on both brokers
 
 
 def port_args(server: ServeInfo) -> list[str]:
@@ -73,11 +84,23 @@ def wait_listening(cli: Cli, p: Proc) -> None:
 # ---------------------------------------------------------------- accounts
 
 
-def test_register_logs_in_with_a_private_profile(server: ServeInfo, cli_as: CliFactory) -> None:
+@pytest.mark.broker_xfail("mosquitto", reason=brokers.NO_REGISTRATION)
+def test_register_logs_in(server: ServeInfo, cli_as: CliFactory) -> None:
     cli = cli_as("dora")
     result = cli("register", "dora", *port_args(server), env={"IMCLI_PASSWORD": "dora-password"})
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == f"registered dora on {server.address} and logged in"
+    who = cli("whoami", "--json")
+    assert json.loads(who.stdout)["account"] == "dora"
+
+
+def test_login_keeps_a_private_profile_until_logout(
+    users: Callable[..., None], server: ServeInfo, cli_as: CliFactory
+) -> None:
+    users("dora")
+    cli = cli_as("dora")
+    result = cli("login", "dora", *port_args(server), env={"IMCLI_PASSWORD": password_of("dora")})
+    assert result.exit_code == 0, result.output
     profile = cli.config_dir / "profile.json"
     assert stat.S_IMODE(profile.stat().st_mode) == 0o600
     who = cli("whoami", "--json")
@@ -90,6 +113,7 @@ def test_register_logs_in_with_a_private_profile(server: ServeInfo, cli_as: CliF
     assert gone.stderr.strip() == "Error: not logged in (run 'imcli login NAME' or 'imcli register NAME')"
 
 
+@pytest.mark.broker_xfail("mosquitto", reason=brokers.NO_REGISTRATION)
 def test_register_reads_password_from_stdin(server: ServeInfo, cli_as: CliFactory) -> None:
     cli = cli_as("erin")
     result = cli("register", "erin", *port_args(server), "--password-stdin", input="erin-password\n")
@@ -98,12 +122,21 @@ def test_register_reads_password_from_stdin(server: ServeInfo, cli_as: CliFactor
     assert again.exit_code == 0, again.output
 
 
+# Mosquitto answers a wrong password with CONNACK 5 (not authorized), not 4
+MOSQUITTO_LOGIN_REFUSED = "Error: the broker did not let {name} in (not authorized) (check the name and password"
+
+
 @pytest.mark.parametrize(
     ("args", "password", "error"),
     [
         (["register", "Bad Name"], "long-enough", "Error: invalid account name 'Bad Name' (1-32 characters"),
         (["register", "presence"], "long-enough", "Error: the name 'presence' is reserved"),
-        (["register", "alice"], "long-enough", "Error: cannot register 'alice': the name is taken"),
+        pytest.param(
+            ["register", "alice"],
+            "long-enough",
+            "Error: cannot register 'alice': the name is taken",
+            marks=pytest.mark.broker_xfail("mosquitto", reason=brokers.NO_REGISTRATION),
+        ),
         (["register", "frank"], "short", "Error: password too short (at least 8 characters)"),
         (["login", "alice"], "wrong-password", "Error: wrong account name or password"),
         (["login", "nobody"], "wrong-password", "Error: wrong account name or password"),
@@ -112,6 +145,7 @@ def test_register_reads_password_from_stdin(server: ServeInfo, cli_as: CliFactor
 def test_account_errors(
     users: Callable[..., None],
     server: ServeInfo,
+    broker_kind: str,
     cli_as: CliFactory,
     args: list[str],
     password: str,
@@ -119,18 +153,42 @@ def test_account_errors(
 ) -> None:
     users("alice")
     result = cli_as("x")(*args, *port_args(server), env={"IMCLI_PASSWORD": password})
+    if broker_kind == "mosquitto" and args[0] == "login":
+        error = MOSQUITTO_LOGIN_REFUSED.format(name=args[1])
     assert result.exit_code == 1
     assert result.stderr.startswith(error), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (cli_as("x").config_dir / "profile.json").exists()
 
 
+def test_register_where_the_operator_makes_accounts(
+    broker_kind: str, server: ServeInfo, cli_as: CliFactory, tmp_path: Path
+) -> None:
+    """Mosquitto, like ``imcli serve --registration closed``, refuses with 5: one line that
+    names both ways an operator makes an account."""
+    with contextlib.ExitStack() as stack:
+        if broker_kind == "amqtt":
+            settings = BrokerSettings(data_dir=tmp_path / "closed", port=0, registration="closed")
+            server = stack.enter_context(BackgroundServer(settings))
+        result = cli_as("x")("register", "newbie", *port_args(server), env={"IMCLI_PASSWORD": "newbie-password"})
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        "Error: registration is closed on this broker (ask its operator to make the account: "
+        "'imcli admin user add NAME' for imcli serve, mosquitto_passwd for Mosquitto)"
+    )
+    assert not (cli_as("x").config_dir / "profile.json").exists()
+
+
+# never reaches a broker: the password is asked for first
+@brokers.EMBEDDED_ONLY
 def test_password_required_without_terminal(server: ServeInfo, cli_as: CliFactory) -> None:
     result = cli_as("x")("login", "alice", *port_args(server))
     assert result.exit_code == 1
     assert "Error: no password given" in result.stderr
 
 
+# no broker at all
+@brokers.EMBEDDED_ONLY
 def test_unreachable_broker_says_where_and_what_to_do(cli_as: CliFactory) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -265,6 +323,8 @@ def test_chat_errors(alice: Cli, args: list[str], stdin: str | None, error: str)
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+# never reaches a broker
+@brokers.EMBEDDED_ONLY
 def test_not_logged_in(cli_as: CliFactory) -> None:
     for args in (["say", "hi"], ["dm", "bob", "hi"], ["listen"], ["logout"]):
         result = cli_as("nobody")(*args)
@@ -272,6 +332,8 @@ def test_not_logged_in(cli_as: CliFactory) -> None:
         assert result.stderr.startswith("Error: not logged in"), (args, result.stderr)
 
 
+# checked by the client before it publishes
+@brokers.EMBEDDED_ONLY
 def test_max_payload_is_configurable_on_the_client(alice: Cli) -> None:
     result = alice("say", "x" * 300, env={"IMCLI_MAX_PAYLOAD": "200"})
     assert result.exit_code == 1
@@ -281,6 +343,8 @@ def test_max_payload_is_configurable_on_the_client(alice: Cli) -> None:
 # ---------------------------------------------------------------- admin
 
 
+# the embedded broker's account store (Mosquitto's is mosquitto_passwd)
+@brokers.EMBEDDED_ONLY
 def test_admin_user_lifecycle_with_closed_registration(tmp_path: Path, cli_as: CliFactory) -> None:
     admin = cli_as("admin")
     data = str(tmp_path / "admin-data")
@@ -299,12 +363,16 @@ def test_admin_user_lifecycle_with_closed_registration(tmp_path: Path, cli_as: C
 # ---------------------------------------------------------------- serve
 
 
+# about imcli serve itself
+@brokers.EMBEDDED_ONLY
 def test_serve_refuses_remote_bind_without_consent(cli_as: CliFactory, tmp_path: Path) -> None:
     result = cli_as("op")("serve", "--bind", "0.0.0.0", "--port", "0", "--data-dir", str(tmp_path / "d"))
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: refusing to listen on 0.0.0.0")
 
 
+# about imcli serve itself
+@brokers.EMBEDDED_ONLY
 def test_serve_reports_an_unusable_data_dir(cli_as: CliFactory, tmp_path: Path) -> None:
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
@@ -318,6 +386,8 @@ def test_serve_reports_an_unusable_data_dir(cli_as: CliFactory, tmp_path: Path) 
     assert listed.exit_code == 1 and listed.stderr.startswith("Error: cannot use the data directory")
 
 
+# about imcli serve itself
+@brokers.EMBEDDED_ONLY
 def test_serve_reports_damaged_saved_state(cli_as: CliFactory, tmp_path: Path) -> None:
     data = tmp_path / "d"
     data.mkdir()
@@ -328,6 +398,8 @@ def test_serve_reports_damaged_saved_state(cli_as: CliFactory, tmp_path: Path) -
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+# about imcli serve itself
+@brokers.EMBEDDED_ONLY
 def test_serve_reports_a_busy_port(server: ServeInfo, cli_as: CliFactory, tmp_path: Path) -> None:
     result = cli_as("op")("serve", "--port", str(server.address.port), "--data-dir", str(tmp_path / "d"))
     assert result.exit_code == 1
@@ -342,6 +414,8 @@ def start_serve(procs: Callable[..., Proc], data_dir: Path, port: int = 0, *extr
     return p, int(match.group(1))
 
 
+# imcli serve (tests/test_mosquitto.py restarts Mosquitto under imcli listen)
+@brokers.EMBEDDED_ONLY
 @pytest.mark.slow
 def test_serve_stops_cleanly_and_listen_survives_a_broker_restart(
     tmp_path: Path, procs: Callable[..., Proc], cli_as: CliFactory
