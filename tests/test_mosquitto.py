@@ -33,9 +33,10 @@ from imcli.wire import Received
 from imcli.worker import ServiceWorker
 from tests.brokers import LIMIT, Mosquitto, mosquitto_available, running_mosquitto, running_workers
 from tests.brokers import NOT_INSTALLED as _NOT_INSTALLED
-from tests.conftest import Proc
+from tests.conftest import Cli, Proc
 from tests.rawmqtt import Raw, connect_raw, password_of, wait_until
 from tests.test_chat import assert_once_in_order, chat_start, make_team, send_fifty
+from tests.test_cli import start_listener, wait_listening
 
 pytestmark = [pytest.mark.slow]
 if not mosquitto_available():
@@ -610,6 +611,32 @@ def test_offline_messages_survive_a_mosquitto_restart_once_each(
     listener, session, shown_again = chat_start(info, state)
     listener.close()
     assert [m for m in shown_again if m.sender == "alice"] == [] and len(queued) == len(sent)
+
+
+def test_listen_survives_a_mosquitto_restart(
+    broker: Mosquitto, with_workers: list[ServiceWorker], procs: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """tests/test_cli.py's restart of ``imcli serve`` under ``imcli listen``, with Mosquitto."""
+    alice, bob = (Cli(CliRunner(), broker.info(), tmp_path / f"config-{name}") for name in ("alice", "bob"))
+    alice.login("alice")
+    bob.login("bob")
+    listener = start_listener(procs, bob)
+    wait_listening(bob, listener)
+
+    broker.stop()
+    listener.wait_stderr("connection lost")
+    down = alice("say", "nobody home")
+    assert down.exit_code == 1 and down.stderr.startswith(f"Error: cannot reach the broker at 127.0.0.1:{broker.port}")
+
+    broker.restart()  # same port, same files
+    listener.wait_stderr("reconnected", timeout=20)
+    assert wait_until(lambda: all(w.client.connected for w in with_workers), 15), broker.log
+    wait_listening(bob, listener)
+    assert alice("say", "back again").exit_code == 0
+    assert json.loads(listener.line())["text"] == "back again"
+    assert alice("dm", "bob", "still there?").exit_code == 0  # the workers are back too: bob resolves
+    assert json.loads(listener.line())["text"] == "still there?"
+    assert listener.stop() == 0
 
 
 # ---------------------------------------------------------------- federation: a bridged pair
