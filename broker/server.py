@@ -72,7 +72,7 @@ from broker.plugins import (
     shared_store,
 )
 from broker.retained import DURABLE, RetainedStore
-from broker.sessions import SubscriptionTable, lighten
+from broker.sessions import SubscriptionTable, lighten, use_light_sessions
 from imcli.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_PREFIX, Notice, TopicKind, Topics, encode, is_name
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,7 @@ class ImBroker(Broker):
         # opened before amqtt loads the plugins (which share it), so that an unusable data
         # directory is reported as such rather than wrapped in amqtt's PluginInitError
         shared_store(settings.data_dir)
+        use_light_sessions()
         super().__init__(settings.amqtt_config())
         self._subscriptions: dict[str, list[tuple[Session, int]]] = SubscriptionTable()
         self.settings = settings
@@ -324,7 +325,7 @@ class ImBroker(Broker):
             log.info("bad CONNECT from %s:%s: %s", remote_address, remote_port, exc or "none in time")
             raise AMQTTError(exc) from exc
 
-        lighten(incoming)
+        lighten(incoming)  # already a LightSession (use_light_sessions); kept should amqtt build one elsewhere
         code = await self._auth.check_connect(incoming)
         if code == CONNECTION_ACCEPTED and isinstance(reader, PacketGuard) and self._is_service(incoming):
             reader.limit = None  # a worker's `who` reply may be large

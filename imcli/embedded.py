@@ -17,6 +17,7 @@ from amqtt.errors import BrokerError as AmqttBrokerError
 
 from archive.worker import ArchiveWorker
 from broker.accounts import AccountStore, Role
+from broker.gcpause import calm_collector
 from broker.server import (
     SERVICE_ACCOUNT,
     WS_LISTENER,
@@ -64,8 +65,15 @@ def connect_host(bind: str) -> str:
 
 
 async def serve_forever(
-    settings: BrokerSettings, ready: Callable[[ServeInfo], None], stop: asyncio.Event, *, workers: bool = True
+    settings: BrokerSettings,
+    ready: Callable[[ServeInfo], None],
+    stop: asyncio.Event,
+    *,
+    workers: bool = True,
+    tune_gc: bool = True,
 ) -> None:
+    """Run the broker (and its workers) until ``stop``; ``tune_gc`` changes this process's garbage
+    collector (broker/gcpause.py), so BackgroundServer, which runs inside another program, leaves it off."""
     try:
         broker_cm = EmbeddedBroker(settings)
         broker = await broker_cm.__aenter__()
@@ -82,6 +90,8 @@ async def serve_forever(
         ws_port = broker.bound_port(WS_LISTENER) if settings.ws_port is not None else None
         info = ServeInfo(address, settings.bind, settings.data_dir, settings.registration, broker, ws_port)
         if not workers:
+            if tune_gc:
+                calm_collector()
             ready(info)
             await stop.wait()
             return
@@ -111,6 +121,8 @@ async def serve_forever(
                 started = make(Credentials(account, password))
                 await asyncio.to_thread(started.__enter__)
                 workers_up.append(started)
+            if tune_gc:
+                calm_collector()
             ready(info)
             await stop.wait()
         finally:
@@ -152,7 +164,7 @@ class BackgroundServer:
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
-            await serve_forever(self.settings, self._on_ready, self._stop, workers=self._workers)
+            await serve_forever(self.settings, self._on_ready, self._stop, workers=self._workers, tune_gc=False)
 
         try:
             asyncio.run(main())
