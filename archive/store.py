@@ -83,6 +83,11 @@ class ArchiveStore:
         with self._lock:
             self._db.close()
 
+    def defer_checkpoints(self) -> None:
+        """No automatic WAL checkpoint on this connection's commits: the caller runs them elsewhere."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
+
     def add(self, item: Received, at: float) -> bool:
         """Store one message; ``False`` if it was already there (a QoS 1 duplicate)."""
         row = (conversation(item), item.kind, item.sender, item.to, item.id, item.ts, at, item.text, item.format)
