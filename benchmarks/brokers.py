@@ -1,7 +1,7 @@
 """The three brokers under test, each started by the benchmark on a free loopback port.
 
 - ``stock``: amqtt 0.12.1 as shipped (its default plugins, anonymous access), no workers;
-- ``embedded``: ``imcli serve`` (our plugins, the presence and group workers, one process);
+- ``embedded``: ``imcli serve`` (our plugins; the presence, group and archive workers in its child process);
 - ``mosquitto``: Mosquitto 2 with deploy/mosquitto's config, aclfile and dynamic-security
   plugin, plus ``imcli workers --dynsec`` (presence, groups, archive) as its own process, as
   deploy/mosquitto/README.md sets it up; skipped when mosquitto is not installed.
@@ -166,7 +166,17 @@ def start_embedded(users: int) -> Broker:
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip
     port = _read_port(proc, r"listening on 127\.0\.0\.1:(\d+)")
-    return Broker("embedded", port, [proc], workdir, has_presence=True, note="imcli serve: broker + workers")
+    broker = Broker("embedded", port, [proc], workdir, has_presence=True, note="imcli serve: broker + workers")
+    for child in _children(proc.pid):  # imcli serve runs its workers in a child process
+        broker.extra_pids["workers"] = child
+    return broker
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def mosquitto_available() -> bool:

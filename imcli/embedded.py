@@ -1,4 +1,4 @@
-"""The embedded default: broker and workers in one process (``imcli serve``).
+"""The embedded default: broker and workers as one command (``imcli serve``).
 
 ``serve_forever`` runs them on the current event loop until ``stop`` is set;
 ``BackgroundServer`` runs the same in a thread (tests, benchmarks, bots' fixtures).
@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from groups.worker import GroupWorker
 from imcli.errors import ImcliError
 from imcli.mqtt import BrokerAddress, Credentials
 from imcli.worker import ServiceWorker
+from imcli.workers_child import WorkerProcess
 from presence.worker import PresenceWorker
 
 GROUPS_ACCOUNT = "groups"
@@ -46,6 +48,7 @@ class ServeInfo:
     registration: str
     broker: ImBroker | None = field(default=None, compare=False, repr=False)  # for tests and benchmarks
     ws_port: int | None = None  # the WebSocket listener's port, if there is one
+    workers_pid: int | None = None  # the workers' child process (imcli serve), None when they run in threads
 
 
 class StoreDirectory:
@@ -71,9 +74,15 @@ async def serve_forever(
     *,
     workers: bool = True,
     tune_gc: bool = True,
+    workers_in_child: bool = True,
 ) -> None:
-    """Run the broker (and its workers) until ``stop``; ``tune_gc`` changes this process's garbage
-    collector (broker/gcpause.py), so BackgroundServer, which runs inside another program, leaves it off."""
+    """Run the broker and its workers until ``stop``.
+
+    ``imcli serve`` runs the workers in a child process (imcli/workers_child.py: the second
+    core) and tunes this process's garbage collector (broker/gcpause.py); BackgroundServer,
+    which runs inside another program (tests, bots' fixtures), keeps them in threads and
+    leaves the collector alone.
+    """
     try:
         broker_cm = EmbeddedBroker(settings)
         broker = await broker_cm.__aenter__()
@@ -95,41 +104,97 @@ async def serve_forever(
             ready(info)
             await stop.wait()
             return
-        directory = StoreDirectory(broker.accounts)
         # with TLS the workers use the broker's plain loopback-only listener (see BrokerSettings)
         local = BrokerAddress("127.0.0.1", broker.worker_port()) if settings.tls else address
-        workers_up: list[ServiceWorker] = []
-        try:
-            for account, make in (
-                (SERVICE_ACCOUNT, lambda creds: PresenceWorker(local, creds, directory, broker.topics, "embedded")),
-                (GROUPS_ACCOUNT, lambda creds: GroupWorker(local, creds, directory, broker.topics, "embedded")),
-                (
-                    ARCHIVE_ACCOUNT,
-                    lambda creds: ArchiveWorker(
-                        local,
-                        creds,
-                        settings.data_dir,
-                        broker.topics,
-                        "embedded",
-                        retention_days=settings.history_days,
-                        store_messages=False,  # the broker journals each message before its PUBACK
-                    ),
-                ),
-            ):
-                password = new_service_password()
-                await asyncio.to_thread(broker.accounts.ensure_service, account, password)
-                started = make(Credentials(account, password))
-                await asyncio.to_thread(started.__enter__)
-                workers_up.append(started)
-            if tune_gc:
-                calm_collector()
-            ready(info)
-            await stop.wait()
-        finally:
-            for worker in reversed(workers_up):
-                await asyncio.to_thread(worker.__exit__, None, None, None)
+        passwords = {}
+        for account in (SERVICE_ACCOUNT, GROUPS_ACCOUNT, ARCHIVE_ACCOUNT):
+            passwords[account] = new_service_password()
+            await asyncio.to_thread(broker.accounts.ensure_service, account, passwords[account])
+        if workers_in_child:
+            await _run_with_child(settings, local, passwords, info, ready, stop, tune_gc=tune_gc)
+        else:
+            await _run_with_threads(settings, broker, local, passwords, info, ready, stop, tune_gc=tune_gc)
     finally:
         await broker_cm.__aexit__(None, None, None)
+
+
+async def _run_with_child(
+    settings: BrokerSettings,
+    local: BrokerAddress,
+    passwords: dict[str, str],
+    info: ServeInfo,
+    ready: Callable[[ServeInfo], None],
+    stop: asyncio.Event,
+    *,
+    tune_gc: bool,
+) -> None:
+    child = WorkerProcess(
+        {
+            "host": local.host,
+            "port": local.port,
+            "data_dir": str(settings.data_dir.resolve()),
+            "prefix": settings.prefix,
+            "history_days": settings.history_days,
+            "presence": SERVICE_ACCOUNT,
+            "groups": GROUPS_ACCOUNT,
+            "archive": ARCHIVE_ACCOUNT,
+            "passwords": {
+                "presence": passwords[SERVICE_ACCOUNT],
+                "groups": passwords[GROUPS_ACCOUNT],
+                "archive": passwords[ARCHIVE_ACCOUNT],
+            },
+        }
+    )
+    await child.start()
+    try:
+        if tune_gc:
+            calm_collector()
+        ready(dataclasses.replace(info, workers_pid=child.pid))
+        await stop.wait()
+    finally:
+        await child.stop()
+
+
+async def _run_with_threads(
+    settings: BrokerSettings,
+    broker: ImBroker,
+    local: BrokerAddress,
+    passwords: dict[str, str],
+    info: ServeInfo,
+    ready: Callable[[ServeInfo], None],
+    stop: asyncio.Event,
+    *,
+    tune_gc: bool,
+) -> None:
+    directory = StoreDirectory(broker.accounts)
+    workers_up: list[ServiceWorker] = []
+    try:
+        for account, make in (
+            (SERVICE_ACCOUNT, lambda creds: PresenceWorker(local, creds, directory, broker.topics, "embedded")),
+            (GROUPS_ACCOUNT, lambda creds: GroupWorker(local, creds, directory, broker.topics, "embedded")),
+            (
+                ARCHIVE_ACCOUNT,
+                lambda creds: ArchiveWorker(
+                    local,
+                    creds,
+                    settings.data_dir,
+                    broker.topics,
+                    "embedded",
+                    retention_days=settings.history_days,
+                    store_messages=False,  # the broker journals each message before its PUBACK
+                ),
+            ),
+        ):
+            started = make(Credentials(account, passwords[account]))
+            await asyncio.to_thread(started.__enter__)
+            workers_up.append(started)
+        if tune_gc:
+            calm_collector()
+        ready(info)
+        await stop.wait()
+    finally:
+        for worker in reversed(workers_up):
+            await asyncio.to_thread(worker.__exit__, None, None, None)
 
 
 class BackgroundServer:
@@ -164,7 +229,9 @@ class BackgroundServer:
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
-            await serve_forever(self.settings, self._on_ready, self._stop, workers=self._workers, tune_gc=False)
+            await serve_forever(
+                self.settings, self._on_ready, self._stop, workers=self._workers, tune_gc=False, workers_in_child=False
+            )
 
         try:
             asyncio.run(main())
