@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -48,7 +47,6 @@ class ServeInfo:
     registration: str
     broker: ImBroker | None = field(default=None, compare=False, repr=False)  # for tests and benchmarks
     ws_port: int | None = None  # the WebSocket listener's port, if there is one
-    workers_pid: int | None = None  # the workers' child process (imcli serve), None when they run in threads
 
 
 class StoreDirectory:
@@ -106,7 +104,7 @@ async def serve_forever(
             return
         # with TLS the workers use the broker's plain loopback-only listener (see BrokerSettings)
         local = BrokerAddress("127.0.0.1", broker.worker_port()) if settings.tls else address
-        passwords = {}
+        passwords: dict[str, str] = {}
         for account in (SERVICE_ACCOUNT, GROUPS_ACCOUNT, ARCHIVE_ACCOUNT):
             passwords[account] = new_service_password()
             await asyncio.to_thread(broker.accounts.ensure_service, account, passwords[account])
@@ -149,7 +147,7 @@ async def _run_with_child(
     try:
         if tune_gc:
             calm_collector()
-        ready(dataclasses.replace(info, workers_pid=child.pid))
+        ready(info)
         await stop.wait()
     finally:
         await child.stop()

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from contextlib import ExitStack
@@ -47,6 +48,8 @@ def main() -> int:
     from presence.worker import PresenceWorker
 
     parent = os.getppid()
+    # Ctrl-C in a terminal reaches the whole process group: imcli serve stops the child itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="imcli workers: %(levelname)s %(name)s: %(message)s")
     config = json.loads(sys.stdin.readline())
     local = BrokerAddress(config["host"], int(config["port"]))
