@@ -29,6 +29,7 @@ from broker.server import (
 from groups.worker import GroupWorker
 from imcli.errors import ImcliError
 from imcli.mqtt import BrokerAddress, Credentials
+from imcli.wire import Topics
 from imcli.worker import ServiceWorker
 from imcli.workers_child import WorkerProcess
 from presence.worker import PresenceWorker
@@ -133,14 +134,7 @@ async def _run_with_child(
             "data_dir": str(settings.data_dir.resolve()),
             "prefix": settings.prefix,
             "history_days": settings.history_days,
-            "presence": SERVICE_ACCOUNT,
-            "groups": GROUPS_ACCOUNT,
-            "archive": ARCHIVE_ACCOUNT,
-            "passwords": {
-                "presence": passwords[SERVICE_ACCOUNT],
-                "groups": passwords[GROUPS_ACCOUNT],
-                "archive": passwords[ARCHIVE_ACCOUNT],
-            },
+            "passwords": passwords,  # service account -> its password for this run
         }
     )
     await child.start()
@@ -164,28 +158,14 @@ async def _run_with_threads(
     *,
     tune_gc: bool,
 ) -> None:
-    directory = StoreDirectory(broker.accounts)
     workers_up: list[ServiceWorker] = []
     try:
-        for account, make in (
-            (SERVICE_ACCOUNT, lambda creds: PresenceWorker(local, creds, directory, broker.topics, "embedded")),
-            (GROUPS_ACCOUNT, lambda creds: GroupWorker(local, creds, directory, broker.topics, "embedded")),
-            (
-                ARCHIVE_ACCOUNT,
-                lambda creds: ArchiveWorker(
-                    local,
-                    creds,
-                    settings.data_dir,
-                    broker.topics,
-                    "embedded",
-                    retention_days=settings.history_days,
-                    store_messages=False,  # the broker journals each message before its PUBACK
-                ),
-            ),
+        directory = StoreDirectory(broker.accounts)
+        for worker in embedded_workers(
+            local, passwords, directory, settings.data_dir, broker.topics, settings.history_days
         ):
-            started = make(Credentials(account, passwords[account]))
-            await asyncio.to_thread(started.__enter__)
-            workers_up.append(started)
+            await asyncio.to_thread(worker.__enter__)
+            workers_up.append(worker)
         if tune_gc:
             calm_collector()
         ready(info)
@@ -193,6 +173,31 @@ async def _run_with_threads(
     finally:
         for worker in reversed(workers_up):
             await asyncio.to_thread(worker.__exit__, None, None, None)
+
+
+def embedded_workers(
+    local: BrokerAddress,
+    passwords: dict[str, str],
+    directory: StoreDirectory,
+    data_dir: Path,
+    topics: Topics,
+    history_days: float | None,
+) -> list[ServiceWorker]:
+    """The presence, group and archive workers of the embedded default, not yet started
+    (in threads beside the broker, or in imcli/workers_child.py's process)."""
+    return [
+        PresenceWorker(local, Credentials(SERVICE_ACCOUNT, passwords[SERVICE_ACCOUNT]), directory, topics, "embedded"),
+        GroupWorker(local, Credentials(GROUPS_ACCOUNT, passwords[GROUPS_ACCOUNT]), directory, topics, "embedded"),
+        ArchiveWorker(
+            local,
+            Credentials(ARCHIVE_ACCOUNT, passwords[ARCHIVE_ACCOUNT]),
+            data_dir,
+            topics,
+            "embedded",
+            retention_days=history_days,
+            store_messages=False,  # the broker journals each message before its PUBACK
+        ),
+    ]
 
 
 class BackgroundServer:

@@ -39,13 +39,10 @@ STEADY = 60.0  # seconds a child must live for its end to count as a first failu
 def main() -> int:
     """The child: run the three workers until stdin ends."""
     # the workers' modules are imported here, not at the top: the parent imports this module too
-    from archive.worker import ArchiveWorker
     from broker.accounts import AccountStore
-    from groups.worker import GroupWorker
-    from imcli.embedded import StoreDirectory
-    from imcli.mqtt import BrokerAddress, Credentials
+    from imcli.embedded import StoreDirectory, embedded_workers
+    from imcli.mqtt import BrokerAddress
     from imcli.wire import Topics
-    from presence.worker import PresenceWorker
 
     parent = os.getppid()
     # Ctrl-C in a terminal reaches the whole process group: imcli serve stops the child itself
@@ -56,25 +53,10 @@ def main() -> int:
     data_dir = Path(config["data_dir"])
     topics = Topics(config["prefix"])
     directory = StoreDirectory(AccountStore(data_dir))
-    passwords: dict[str, str] = config["passwords"]
+    workers = embedded_workers(local, config["passwords"], directory, data_dir, topics, config["history_days"])
     with ExitStack() as running:
-        running.enter_context(
-            PresenceWorker(local, Credentials(config["presence"], passwords["presence"]), directory, topics, "embedded")
-        )
-        running.enter_context(
-            GroupWorker(local, Credentials(config["groups"], passwords["groups"]), directory, topics, "embedded")
-        )
-        running.enter_context(
-            ArchiveWorker(
-                local,
-                Credentials(config["archive"], passwords["archive"]),
-                data_dir,
-                topics,
-                "embedded",
-                retention_days=config["history_days"],
-                store_messages=False,  # the broker journals each message before its PUBACK
-            )
-        )
+        for worker in workers:
+            running.enter_context(worker)
         print(READY_LINE, flush=True)
         sys.stdin.read()  # until the parent closes the pipe or dies
         if os.getppid() != parent:  # the broker died with it: nobody to say goodbye to, and it may restart now
