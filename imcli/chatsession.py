@@ -18,7 +18,7 @@ from imcli.chat import Conversation
 from imcli.chatstate import SEEN_KEPT, ChatState
 from imcli.errors import ImcliError, InvalidInput, RequestTimeout
 from imcli.identity import Identity
-from imcli.inbox import Listener, seen_key
+from imcli.inbox import Listener, content_key, seen_key
 from imcli.wire import DEFAULT_MAX_PAYLOAD, HISTORY_MAX, Presence, Received, encode
 
 ROOM_BACKLOG = 20  # missed lines shown per visited room on start
@@ -93,18 +93,27 @@ class ChatSession:
         """
         report = CatchUp()
         fetched: list[Received] = []
-        if self.state.last_seen is not None:
+        last_seen = self.state.last_seen
+        if last_seen is not None:
             try:
-                since = self.state.last_seen - CATCH_UP_OVERLAP
-                page = chat.ask_history(self.listener, None, HISTORY_MAX, since=since)
+                page = chat.ask_history(self.listener, None, HISTORY_MAX, since=last_seen - CATCH_UP_OVERLAP)
                 report.more = page.more
-                fetched = [
-                    m.model_copy(update={"missed": True})
-                    for m in page.messages
-                    if m.sender != self.me and not self.listener.seen.seen(seen_key(m))
-                ]
             except RequestTimeout:
                 report.archive_answered = False
+            else:
+                # plain-text lines have no id of their own: the archive's copy of one the broker
+                # queued is matched by content (a count, so a repeated line stays repeated), and
+                # the overlap, asked again for ids, would show last run's lines once more
+                queued_lines = Counter(content_key(m) for m in queued if m.format == "text")
+                for m in page.messages:
+                    if m.sender == self.me or self.listener.seen.seen(seen_key(m)):
+                        continue
+                    if m.format == "text" and m.ts < last_seen:
+                        continue
+                    if m.format == "text" and queued_lines[key := content_key(m)] > 0:
+                        queued_lines[key] -= 1
+                        continue
+                    fetched.append(m.model_copy(update={"missed": True}))
         backlog: Counter[str] = Counter()
         for item in sorted([*queued, *fetched], key=lambda m: m.ts, reverse=True):
             where = Conversation.of(item, self.me)

@@ -11,6 +11,7 @@ before the SUBACK of our subscription, and are marked ``missed``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import queue
 import threading
 import time
@@ -67,6 +68,13 @@ class RecentIds:
 def seen_key(item: Received) -> str:
     """Ids are chosen by senders, so one sender cannot hide another's message by reusing its id."""
     return f"{item.sender or ''}/{item.id}"
+
+
+def content_key(item: Received) -> str:
+    """What a plain-text line (a bot's ``mosquitto_pub -m``) says, where and from whom: such a
+    line carries no id, every reader makes one up, so copies of it are matched by this."""
+    digest = hashlib.sha256(item.text.encode()).hexdigest()[:32]
+    return f"{item.kind}/{item.room or item.group or item.to or ''}/{item.sender or ''}/{digest}"
 
 
 def to_received(topics: Topics, message: Message) -> Received | None:

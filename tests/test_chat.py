@@ -295,6 +295,32 @@ def test_offline_messages_arrive_once_in_order_from_the_queue(roomy: BrokerSetti
         assert_once_in_order(shown, sent)
 
 
+def test_a_bots_plain_lines_are_shown_once(roomy: BrokerSettings) -> None:
+    """``mosquitto_pub -m 'deploy done'`` carries no id, so every reader makes one up: the
+    queued copy and the archive's are matched by content, and a line shown live in the last
+    run is not shown again by the catch-up's overlap."""
+    with BackgroundServer(roomy) as info:
+        add_users(info, "alice", "bob")
+        listener, session, _ = chat_start(info, ChatState())
+        bot = connect_raw(info.address.host, info.address.port, "alice", "alice:bot")
+        try:
+            bot.publish(T.dm("bob", "alice"), b"seen live")
+            assert wait_until(lambda: any(m.text == "seen live" for m in listener.pending()))
+            history_has(info, ["seen live"])
+            listener.close()
+            state = session.remember()
+            lines = ["deploy done", "tests green", "deploy done"]  # a repeated line stays repeated
+            for line in lines:
+                bot.publish(T.dm("bob", "alice"), line.encode())
+            history_has(info, lines)
+        finally:
+            bot.close()
+        listener, session, shown = chat_start(info, state)  # queued by the broker *and* in the archive
+        listener.close()
+        assert [m.text for m in shown if m.sender == "alice"] == lines
+        assert all(m.format == "text" and m.missed for m in shown if m.sender == "alice")
+
+
 def test_offline_messages_survive_a_broker_restart(roomy: BrokerSettings) -> None:
     with BackgroundServer(roomy) as info:
         add_users(info, "alice", "bob")
