@@ -135,6 +135,7 @@ async def _run_with_child(
             "prefix": settings.prefix,
             "history_days": settings.history_days,
             "passwords": passwords,  # service account -> its password for this run
+            "log_level": logging.getLogger().getEffectiveLevel(),  # `imcli serve --verbose` reaches the workers
         }
     )
     await child.start()

@@ -47,8 +47,10 @@ def main() -> int:
     parent = os.getppid()
     # Ctrl-C in a terminal reaches the whole process group: imcli serve stops the child itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.WARNING, format="imcli workers: %(levelname)s %(name)s: %(message)s")
     config = json.loads(sys.stdin.readline())
+    logging.basicConfig(
+        level=config.get("log_level", logging.WARNING), format="%(asctime)s imcli workers: %(name)s %(message)s"
+    )
     local = BrokerAddress(config["host"], int(config["port"]))
     data_dir = Path(config["data_dir"])
     topics = Topics(config["prefix"])
