@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -97,35 +98,28 @@ async def serve_forever(
         address = BrokerAddress(connect_host(settings.bind), broker.bound_port(), tls=settings.tls)
         ws_port = broker.bound_port(WS_LISTENER) if settings.ws_port is not None else None
         info = ServeInfo(address, settings.bind, settings.data_dir, settings.registration, broker, ws_port)
-        if not workers:
+        async with contextlib.AsyncExitStack() as running:  # the workers stop first, the broker last
+            if workers:
+                # with TLS the workers use the broker's plain loopback-only listener (see BrokerSettings)
+                local = BrokerAddress("127.0.0.1", broker.worker_port()) if settings.tls else address
+                passwords: dict[str, str] = {}
+                for account in (SERVICE_ACCOUNT, GROUPS_ACCOUNT, ARCHIVE_ACCOUNT):
+                    passwords[account] = new_service_password()
+                    await asyncio.to_thread(broker.accounts.ensure_service, account, passwords[account])
+                if workers_in_child:
+                    await _start_child(running, settings, local, passwords)
+                else:
+                    await _start_threads(running, settings, broker, local, passwords)
             if tune_gc:
                 calm_collector()
             ready(info)
             await stop.wait()
-            return
-        # with TLS the workers use the broker's plain loopback-only listener (see BrokerSettings)
-        local = BrokerAddress("127.0.0.1", broker.worker_port()) if settings.tls else address
-        passwords: dict[str, str] = {}
-        for account in (SERVICE_ACCOUNT, GROUPS_ACCOUNT, ARCHIVE_ACCOUNT):
-            passwords[account] = new_service_password()
-            await asyncio.to_thread(broker.accounts.ensure_service, account, passwords[account])
-        if workers_in_child:
-            await _run_with_child(settings, local, passwords, info, ready, stop, tune_gc=tune_gc)
-        else:
-            await _run_with_threads(settings, broker, local, passwords, info, ready, stop, tune_gc=tune_gc)
     finally:
         await broker_cm.__aexit__(None, None, None)
 
 
-async def _run_with_child(
-    settings: BrokerSettings,
-    local: BrokerAddress,
-    passwords: dict[str, str],
-    info: ServeInfo,
-    ready: Callable[[ServeInfo], None],
-    stop: asyncio.Event,
-    *,
-    tune_gc: bool,
+async def _start_child(
+    running: contextlib.AsyncExitStack, settings: BrokerSettings, local: BrokerAddress, passwords: dict[str, str]
 ) -> None:
     child = WorkerProcess(
         {
@@ -139,41 +133,22 @@ async def _run_with_child(
         }
     )
     await child.start()
-    try:
-        if tune_gc:
-            calm_collector()
-        ready(info)
-        await stop.wait()
-    finally:
-        await child.stop()
+    running.push_async_callback(child.stop)
 
 
-async def _run_with_threads(
+async def _start_threads(
+    running: contextlib.AsyncExitStack,
     settings: BrokerSettings,
     broker: ImBroker,
     local: BrokerAddress,
     passwords: dict[str, str],
-    info: ServeInfo,
-    ready: Callable[[ServeInfo], None],
-    stop: asyncio.Event,
-    *,
-    tune_gc: bool,
 ) -> None:
-    workers_up: list[ServiceWorker] = []
-    try:
-        directory = StoreDirectory(broker.accounts)
-        for worker in embedded_workers(
-            local, passwords, directory, settings.data_dir, broker.topics, settings.history_days
-        ):
-            await asyncio.to_thread(worker.__enter__)
-            workers_up.append(worker)
-        if tune_gc:
-            calm_collector()
-        ready(info)
-        await stop.wait()
-    finally:
-        for worker in reversed(workers_up):
-            await asyncio.to_thread(worker.__exit__, None, None, None)
+    directory = StoreDirectory(broker.accounts)
+    for worker in embedded_workers(
+        local, passwords, directory, settings.data_dir, broker.topics, settings.history_days
+    ):
+        await asyncio.to_thread(worker.__enter__)
+        running.push_async_callback(asyncio.to_thread, worker.__exit__, None, None, None)
 
 
 def embedded_workers(
