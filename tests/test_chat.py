@@ -343,28 +343,35 @@ def test_offline_messages_survive_a_broker_restart(roomy: BrokerSettings) -> Non
         assert [m for m in shown_again if m.sender == "alice"] == []
 
 
+def listen_after_a_break(info: ServeInfo, procs: Callable[..., Proc], tmp_path: Path) -> tuple[Proc, list[str]]:
+    """bob's ``imcli listen`` runs once and stops, alice sends fifty, and a second ``listen
+    --json`` prints each of them once, in order; returns that listen and the texts sent."""
+    env = {"IMCLI_CONFIG_DIR": str(tmp_path / "bob-config")}
+    args = ["login", "bob", "--host", info.address.host, "--port", str(info.address.port), "--password-stdin"]
+    assert CliRunner().invoke(app, args, input=password_of("bob") + "\n", env=env).exit_code == 0
+    first = procs("listen", env=env)
+    first.wait_stderr("listening as bob")
+    assert first.stop() == 0
+    alice = connect_raw(info.address.host, info.address.port, "alice", "alice:bot")
+    try:
+        sent = send_fifty(info, alice)
+    finally:
+        alice.close()
+    again = procs("listen", "--json", env=env)
+    got: list[Received] = []
+    while len([m for m in got if m.sender == "alice"]) < len(sent):
+        got.append(Received.model_validate(json.loads(again.line())))
+    assert_once_in_order(got, sent)
+    return again, sent
+
+
 def test_listen_gets_what_was_queued_while_it_was_away(
     roomy: BrokerSettings, tmp_path: Path, procs: Callable[..., Proc]
 ) -> None:
     with BackgroundServer(roomy) as info:
         add_users(info, "alice", "bob")
         make_team(info)
-        env = {"IMCLI_CONFIG_DIR": str(tmp_path / "bob-config")}
-        args = ["login", "bob", "--host", info.address.host, "--port", str(info.address.port), "--password-stdin"]
-        assert CliRunner().invoke(app, args, input=password_of("bob") + "\n", env=env).exit_code == 0
-        first = procs("listen", env=env)
-        first.wait_stderr("listening as bob")
-        assert first.stop() == 0
-        alice = connect_raw(info.address.host, info.address.port, "alice", "alice:bot")
-        try:
-            sent = send_fifty(info, alice)
-        finally:
-            alice.close()
-        again = procs("listen", "--json", env=env)
-        got: list[Received] = []
-        while len([m for m in got if m.sender == "alice"]) < len(sent):
-            got.append(Received.model_validate(json.loads(again.line())))
-        assert_once_in_order(got, sent)
+        again, sent = listen_after_a_break(info, procs, tmp_path)
         assert all(m.text not in sent for m in _lines_within(again, 1.0))  # and nothing twice
 
 

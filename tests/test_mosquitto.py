@@ -29,13 +29,12 @@ from typer.testing import CliRunner, Result
 
 from imcli.chatstate import ChatState
 from imcli.cli import app
-from imcli.wire import Received
 from imcli.worker import ServiceWorker
 from tests.brokers import LIMIT, Mosquitto, mosquitto_available, running_mosquitto, running_workers
 from tests.brokers import NOT_INSTALLED as _NOT_INSTALLED
 from tests.conftest import Cli, Proc
 from tests.rawmqtt import Raw, connect_raw, password_of, wait_until
-from tests.test_chat import assert_once_in_order, chat_start, make_team, send_fifty
+from tests.test_chat import assert_once_in_order, chat_start, listen_after_a_break, make_team, send_fifty
 from tests.test_cli import start_listener, wait_listening
 
 pytestmark = [pytest.mark.slow]
@@ -553,22 +552,7 @@ def test_listen_gets_what_mosquitto_queued_while_it_was_away(
     """``imcli listen`` does not ask the archive: what it gets after a break, Mosquitto queued."""
     info = broker.info()
     make_team(info)
-    env = {"IMCLI_CONFIG_DIR": str(tmp_path / "bob-config")}
-    args = ["login", "bob", "--host", "127.0.0.1", "--port", str(broker.port), "--password-stdin"]
-    assert CliRunner().invoke(app, args, input=password_of("bob") + "\n", env=env).exit_code == 0
-    first = procs("listen", env=env)
-    first.wait_stderr("listening as bob")
-    assert first.stop() == 0
-    alice = connect_raw("127.0.0.1", broker.port, "alice", "alice:bot")
-    try:
-        sent = send_fifty(info, alice)
-    finally:
-        alice.close()
-    again = procs("listen", "--json", env=env)
-    got: list[Received] = []
-    while len([m for m in got if m.sender == "alice"]) < len(sent):
-        got.append(Received.model_validate(json.loads(again.line())))
-    assert_once_in_order(got, sent)
+    listen_after_a_break(info, procs, tmp_path)
 
 
 def test_an_offline_session_keeps_1000_messages(raw: RawFactory) -> None:
