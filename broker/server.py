@@ -72,7 +72,7 @@ from broker.plugins import (
     shared_store,
 )
 from broker.retained import DURABLE, RetainedStore
-from broker.sessions import SubscriptionTable, lighten, use_light_sessions
+from broker.sessions import SubscriptionTable, use_light_sessions
 from imcli.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_PREFIX, Notice, TopicKind, Topics, encode, is_name
 
 log = logging.getLogger(__name__)
@@ -325,7 +325,6 @@ class ImBroker(Broker):
             log.info("bad CONNECT from %s:%s: %s", remote_address, remote_port, exc or "none in time")
             raise AMQTTError(exc) from exc
 
-        lighten(incoming)  # already a LightSession (use_light_sessions); kept should amqtt build one elsewhere
         code = await self._auth.check_connect(incoming)
         if code == CONNECTION_ACCEPTED and isinstance(reader, PacketGuard) and self._is_service(incoming):
             reader.limit = None  # a worker's `who` reply may be large

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any
 
 from amqtt.mqtt.protocol import broker_handler
 from amqtt.session import Session
@@ -76,13 +75,6 @@ def use_light_sessions() -> None:
     sessions built from a CONNECT change; amqtt's client keeps its own ``Session``.
     """
     broker_handler.Session = LightSession
-
-
-def lighten(session: Session) -> None:
-    """Swap the session's ``transitions.Machine`` for a ``SessionState`` in the same state."""
-    machine: Any = session.transitions
-    if not isinstance(machine, SessionState):
-        session.transitions = SessionState(session, machine.state)
 
 
 class SubscriptionTable(dict[str, list[tuple[Session, int]]]):
