@@ -147,7 +147,7 @@ def start_stock() -> Broker:
 def start_embedded(users: int) -> Broker:
     from argon2 import PasswordHasher
 
-    from broker.accounts import AccountStore
+    from imcli.broker.accounts import AccountStore
 
     workdir = tempfile.TemporaryDirectory(prefix="bench-embedded-")
     data = Path(workdir.name) / "data"

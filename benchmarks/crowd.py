@@ -27,7 +27,7 @@ import sys
 import time
 
 from benchmarks.mqttload import LoadClient
-from imcli.wire import ChatMessage, DeviceStatus, Topics, encode, new_id
+from imcli.core.wire import ChatMessage, DeviceStatus, Topics, encode, new_id
 
 T = Topics()
 BACKGROUND_ROOM = "background"

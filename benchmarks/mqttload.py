@@ -3,7 +3,7 @@
 paho runs one thread per client when looped in the background; thousands of simulated
 users need one event loop instead. This speaks just enough MQTT (CONNECT with Will,
 PUBLISH QoS 0/1, SUBSCRIBE, PUBACK, DISCONNECT; no PINGREQ: runs are shorter than the keepalive) to drive the
-broker; the product itself uses paho (imcli/mqtt.py).
+broker; the product itself uses paho (imcli/core/mqtt.py).
 """
 
 from __future__ import annotations

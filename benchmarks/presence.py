@@ -34,8 +34,8 @@ from pathlib import Path
 from argon2 import PasswordHasher
 
 from benchmarks.mqttload import LoadClient
-from broker.accounts import AccountStore
-from imcli.wire import DeviceStatus, Roster, Topics, WhoRequest, decode, encode, new_id
+from imcli.broker.accounts import AccountStore
+from imcli.core.wire import DeviceStatus, Roster, Topics, WhoRequest, decode, encode, new_id
 
 T = Topics()
 PASSWORD = "bench-password"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from benchmarks.brokers import MOSQUITTO_PUB, MOSQUITTO_SUB, PASSWORD, REPO, Broker, rss_mb
 from benchmarks.mqttload import LoadClient
-from imcli.wire import ChatMessage, Roster, Topics, WhoRequest, decode, encode, new_id
+from imcli.core.wire import ChatMessage, Roster, Topics, WhoRequest, decode, encode, new_id
 
 T = Topics()
 STDBUF = shutil.which("stdbuf")

@@ -38,8 +38,8 @@ from argon2 import PasswordHasher
 
 from benchmarks.mqttload import LoadClient
 from benchmarks.presence import PASSWORD, start_serve
-from broker.accounts import AccountStore
-from imcli.wire import ChatMessage, Topics, decode_chat, encode
+from imcli.broker.accounts import AccountStore
+from imcli.core.wire import ChatMessage, Topics, decode_chat, encode
 
 T = Topics()
 MAX_RSS_GROWTH = 0.10

@@ -1,3 +1,3 @@
-from imcli.quick import main
+from imcli.cli.main import main
 
 main()

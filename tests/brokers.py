@@ -30,14 +30,14 @@ from pathlib import Path
 
 import pytest
 
-from archive.worker import ArchiveWorker
-from broker.accounts import AccountStore
-from broker.server import BrokerSettings
-from groups.worker import GroupWorker
-from imcli.embedded import BackgroundServer, ServeInfo
-from imcli.mqtt import BrokerAddress, Credentials
-from imcli.worker import PasswordFileDirectory, ServiceWorker
-from presence.worker import PresenceWorker
+from imcli.archive.worker import ArchiveWorker
+from imcli.broker.accounts import AccountStore
+from imcli.broker.server import BrokerSettings
+from imcli.core.mqtt import BrokerAddress, Credentials
+from imcli.core.service import PasswordFileDirectory, ServiceWorker
+from imcli.groups.worker import GroupWorker
+from imcli.presence.worker import PresenceWorker
+from imcli.serve.host import BackgroundServer, ServeInfo
 from tests.rawmqtt import connect_raw, password_of
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from broker.accounts import AccountStore
-from broker.server import BrokerSettings
-from imcli.cli import app
-from imcli.embedded import BackgroundServer, ServeInfo
+from imcli.broker.accounts import AccountStore
+from imcli.broker.server import BrokerSettings
+from imcli.cli.app import app
+from imcli.serve.host import BackgroundServer, ServeInfo
 from tests.rawmqtt import Raw, connect_raw, password_of, wait_until
 
 __all__ = ["Raw", "password_of", "wait_until"]  # tests import these from here

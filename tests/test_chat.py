@@ -18,20 +18,20 @@ from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 from typer.testing import CliRunner
 
-from broker.accounts import AccountStore
-from broker.limits import Limits
-from broker.server import BrokerSettings
-from imcli import chat
-from imcli.chat import Conversation
-from imcli.chatsession import ChatSession
-from imcli.chatstate import ChatState
-from imcli.chatui import ChatCompleter
-from imcli.cli import app
-from imcli.embedded import BackgroundServer, ServeInfo
-from imcli.identity import Identity
-from imcli.inbox import Listener, RecentIds
-from imcli.mqtt import Credentials
-from imcli.wire import ChatMessage, Received, Topics, encode
+from imcli.broker.accounts import AccountStore
+from imcli.broker.limits import Limits
+from imcli.broker.server import BrokerSettings
+from imcli.cli.app import app
+from imcli.cli.chat_session import ChatSession
+from imcli.cli.chat_state import ChatState
+from imcli.cli.chat_ui import ChatCompleter
+from imcli.client import services
+from imcli.client.identity import Identity
+from imcli.client.listener import Listener, RecentIds
+from imcli.client.services import Conversation
+from imcli.core.mqtt import Credentials
+from imcli.core.wire import ChatMessage, Received, Topics, encode
+from imcli.serve.host import BackgroundServer, ServeInfo
 from tests.conftest import Cli, Proc, Raw, password_of, wait_until
 from tests.rawmqtt import connect_raw
 
@@ -102,7 +102,7 @@ def terminal(cli_as: Callable[[str], Cli]) -> Iterator[Callable[[str], Terminal]
 
 
 def online(info: ServeInfo, name: str) -> bool:
-    return any(u.account == name for u in chat.who(ident(info, "carol", "probe")))
+    return any(u.account == name for u in services.who(ident(info, "carol", "probe")))
 
 
 def test_chat_in_a_terminal(
@@ -120,14 +120,14 @@ def test_chat_in_a_terminal(
     bob.type("hello from bob")
     bob.expect(r"lobby bob: hello from bob")
     assert "hello from bob" in [
-        m.text for m in chat.history(ident(server, "alice"), Conversation.parse("lobby")).messages
+        m.text for m in services.history(ident(server, "alice"), Conversation.parse("lobby")).messages
     ]
 
     bob.type("/dm alice")
     bob.expect(r"now talking in @alice")
     bob.type("just for you")
     bob.expect(r"\[dm\] bob → alice: just for you")
-    received = chat.history(ident(server, "alice"), Conversation.parse("@bob")).messages
+    received = services.history(ident(server, "alice"), Conversation.parse("@bob")).messages
     assert [(m.sender, m.to, m.text) for m in received] == [("bob", "alice", "just for you")]
     assert alice("dm", "bob", "back at you").exit_code == 0
     bob.expect(r"\[dm\] alice → you: back at you")
@@ -183,8 +183,8 @@ def test_a_mention_rings_the_bell(
     users("alice", "bob")
     bob = terminal("bob")
     bob.expect(r"lobby>")
-    chat.say(ident(server, "alice"), "lobby", ChatMessage(text="no names here"))
-    chat.say(ident(server, "alice"), "lobby", ChatMessage(text="@bob look"))
+    services.say(ident(server, "alice"), "lobby", ChatMessage(text="no names here"))
+    services.say(ident(server, "alice"), "lobby", ChatMessage(text="@bob look"))
     screen = ""  # unfiltered: the bell is a control character
     while "look" not in screen:
         try:
@@ -248,15 +248,15 @@ def send_fifty(info: ServeInfo, raw_alice: Raw) -> list[str]:
 
 def history_has(info: ServeInfo, texts: list[str]) -> None:
     bob = ident(info, "bob", "probe")
-    assert wait_until(lambda: set(texts) <= {m.text for m in chat.history(bob, None, limit=1000).messages}, 15), (
+    assert wait_until(lambda: set(texts) <= {m.text for m in services.history(bob, None, limit=1000).messages}, 15), (
         "the archive did not get every message"
     )
 
 
 def make_team(info: ServeInfo) -> None:
     alice = ident(info, "alice")
-    chat.group_request(alice, "create", "team", private=True)
-    chat.group_request(alice, "invite", "team", user="bob")
+    services.group_request(alice, "create", "team", private=True)
+    services.group_request(alice, "invite", "team", user="bob")
 
 
 def chat_start(

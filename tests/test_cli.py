@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.server import BrokerSettings
-from imcli.embedded import BackgroundServer, ServeInfo
+from imcli.broker.server import BrokerSettings
+from imcli.serve.host import BackgroundServer, ServeInfo
 from tests import brokers
 from tests.conftest import Cli, Proc, Raw, password_of, wait_until
 

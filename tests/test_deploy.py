@@ -2,7 +2,7 @@
 not run in it) are parsed and checked against what does run.
 
 - deploy/emqx/acl.conf (Erlang terms) grants exactly what deploy/mosquitto/aclfile grants,
-  account by account and topic by topic; the aclfile states broker/acl.py's rules.
+  account by account and topic by topic; the aclfile states imcli/broker/acl.py's rules.
 - deploy/emqx/docker-compose.yml describes three clustered EMQX nodes and a workers container
   whose command is a valid ``imcli workers`` command line for the same service accounts.
 - deploy/systemd/*.service parse, carry the hardening they claim, and start valid ``imcli``
@@ -26,11 +26,11 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from broker.acl import USER_READ, USER_WRITE, topic_matches
-from broker.limits import Limits
-from imcli.cli import app
-from imcli.cli_workers import password_variable
-from imcli.wire import DEFAULT_MAX_PAYLOAD, RESERVED_NAMES
+from imcli.broker.acl import USER_READ, USER_WRITE, topic_matches
+from imcli.broker.limits import Limits
+from imcli.cli.app import app
+from imcli.cli.workers import password_variable
+from imcli.core.wire import DEFAULT_MAX_PAYLOAD, RESERVED_NAMES
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 MOSQUITTO_ONLY = "$CONTROL/"  # Mosquitto's dynamic-security API: EMQX has no such plugin

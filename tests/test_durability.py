@@ -18,15 +18,15 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker.accounts import AccountStore
-from imcli import chat
-from imcli.chat import Conversation
-from imcli.chatsession import ChatSession
-from imcli.chatstate import ChatState
-from imcli.identity import Identity
-from imcli.inbox import Listener
-from imcli.mqtt import BrokerAddress, Credentials
-from imcli.wire import ChatMessage, GroupReply, Topics, encode
+from imcli.broker.accounts import AccountStore
+from imcli.cli.chat_session import ChatSession
+from imcli.cli.chat_state import ChatState
+from imcli.client import services
+from imcli.client.identity import Identity
+from imcli.client.listener import Listener
+from imcli.client.services import Conversation
+from imcli.core.mqtt import BrokerAddress, Credentials
+from imcli.core.wire import ChatMessage, GroupReply, Topics, encode
 from tests.conftest import password_of, wait_until
 
 T = Topics()
@@ -131,13 +131,13 @@ def test_kill_9_loses_no_acknowledged_message(serve: tuple[Path, list[Serve]], k
     data, started = serve
     started.append(first := Serve(data))
     alice = ident(first.address, "alice")
-    chat.group_request(alice, "create", "team", private=True)
-    chat.group_request(alice, "invite", "team", user="bob")
+    services.group_request(alice, "create", "team", private=True)
+    services.group_request(alice, "invite", "team", user="bob")
     with Listener(ident(first.address, "bob"), session="laptop"):
         pass  # bob has been here: his persistent session exists, then the broker dies with its queue
     begin = time.time()
     flood = Flood(first.address, 900)  # within one history page
-    chat.group_request(alice, "kick", "team", user="bob")  # worker state changing while messages flow
+    services.group_request(alice, "kick", "team", user="bob")  # worker state changing while messages flow
     assert wait_until(lambda: len(flood.acked) >= kill_after, 60), len(flood.acked)
     first.kill9()
     acked = flood.stop()
@@ -147,7 +147,7 @@ def test_kill_9_loses_no_acknowledged_message(serve: tuple[Path, list[Serve]], k
         assert integrity(data / name) == "ok"
     started.append(second := Serve(data))
     bob = ident(second.address, "bob")
-    kept = chat.history(bob, Conversation.parse("@alice"), limit=1000)
+    kept = services.history(bob, Conversation.parse("@alice"), limit=1000)
     kept_ids = [m.id for m in kept.messages]
     assert len(kept_ids) == len(set(kept_ids)), "an archived message twice"
     assert set(acked) <= set(kept_ids), f"{len(set(acked) - set(kept_ids))} acknowledged messages lost"
@@ -160,6 +160,6 @@ def test_kill_9_loses_no_acknowledged_message(serve: tuple[Path, list[Serve]], k
     assert len(shown_ids) == len(set(shown_ids)) and set(acked) <= set(shown_ids)
 
     # the group record is whole: bob was either still in or already out, never half-written
-    team = chat.group_request(ident(second.address, "alice"), "members", "team")
+    team = services.group_request(ident(second.address, "alice"), "members", "team")
     assert isinstance(team, GroupReply) and team.group is not None
     assert team.group.owner == "alice" and "alice" in team.group.members

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import pytest
 
-from imcli.embedded import ServeInfo
-from imcli.wire import ChatMessage, encode
+from imcli.core.wire import ChatMessage, encode
+from imcli.serve.host import ServeInfo
 from tests import brokers
 from tests.conftest import Cli, Proc, Raw
 

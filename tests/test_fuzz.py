@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.accounts import AccountStore
-from broker.limits import Limits
-from broker.server import BrokerSettings
-from imcli.embedded import BackgroundServer, ServeInfo
+from imcli.broker.accounts import AccountStore
+from imcli.broker.limits import Limits
+from imcli.broker.server import BrokerSettings
+from imcli.serve.host import BackgroundServer, ServeInfo
 from tests.rawmqtt import Raw, connect_raw, password_of
 
 CONNECT_DEADLINE = 1.0

@@ -14,15 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from broker.accounts import AccountStore
-from broker.server import BrokerSettings
-from groups.worker import GroupWorker
-from imcli import chat, inbox
-from imcli.embedded import BackgroundServer, ServeInfo, StoreDirectory
-from imcli.errors import NameTaken, NotAllowed, NotFound
-from imcli.identity import Identity
-from imcli.mqtt import Credentials
-from imcli.wire import ChatMessage, GroupInfo, GroupList, GroupReply, encode
+from imcli.broker.accounts import AccountStore
+from imcli.broker.server import BrokerSettings
+from imcli.client import services
+from imcli.client.identity import Identity
+from imcli.client.listener import Listener
+from imcli.core.errors import NameTaken, NotAllowed, NotFound
+from imcli.core.mqtt import Credentials
+from imcli.core.wire import ChatMessage, GroupInfo, GroupList, GroupReply, encode
+from imcli.groups.worker import GroupWorker
+from imcli.serve.host import BackgroundServer, ServeInfo
+from imcli.serve.workers import StoreDirectory
 from tests import brokers
 from tests.conftest import Cli, Raw, password_of
 
@@ -47,8 +49,8 @@ def team(server: ServeInfo, users: Callable[..., None]) -> str:
     """A private group 'team' owned by alice with bob as member; carol is an outsider."""
     users("alice", "bob", "carol", "dave")
     alice = ident(server, "alice")
-    chat.group_request(alice, "create", "team", private=True)
-    chat.group_request(alice, "invite", "team", user="bob")
+    services.group_request(alice, "create", "team", private=True)
+    services.group_request(alice, "invite", "team", user="bob")
     return "team"
 
 
@@ -116,10 +118,10 @@ def test_group_errors(team: str, cli_as: Callable[[str], Cli], who: str, args: l
 
 
 def test_private_group_is_invisible_to_outsiders(server: ServeInfo, team: str) -> None:
-    reply = chat.group_request(ident(server, "carol"), "list")
+    reply = services.group_request(ident(server, "carol"), "list")
     assert isinstance(reply, GroupList)
     assert reply.mine == [] and reply.public == []
-    mine = chat.group_request(ident(server, "bob"), "list")
+    mine = services.group_request(ident(server, "bob"), "list")
     assert isinstance(mine, GroupList) and [g.name for g in mine.mine] == ["team"]
 
 
@@ -132,7 +134,7 @@ def test_concurrent_creates_have_one_winner(server: ServeInfo, users: Callable[.
     def create(name: str) -> None:
         barrier.wait()
         try:
-            chat.group_request(ident(server, name), "create", "hot")
+            services.group_request(ident(server, name), "create", "hot")
             results.append("created")
         except NameTaken:
             results.append("taken")
@@ -150,10 +152,10 @@ def test_concurrent_creates_have_one_winner(server: ServeInfo, users: Callable[.
 
 def test_members_receive_group_messages_through_listen(server: ServeInfo, team: str) -> None:
     got: list[tuple[str, str | None, str]] = []
-    with inbox.Listener(ident(server, "bob")) as listener:
+    with Listener(ident(server, "bob")) as listener:
         reader = threading.Thread(target=lambda: got.extend((i.kind, i.group, i.text) for i in listener), daemon=True)
         reader.start()
-        chat.group_say(ident(server, "alice"), "team", chat.prepare_text("hello team"))
+        services.group_say(ident(server, "alice"), "team", services.prepare_text("hello team"))
         assert _wait(lambda: ("group", "team", "hello team") in got)
 
 
@@ -211,13 +213,13 @@ def test_kicked_member_stops_receiving_at_once_even_with_an_old_subscription(
     alice.publish("im/group/team/msg/alice", chat_bytes("before"))
     assert json.loads(bob.expect("im/group/team/msg/alice").payload)["text"] == "before"
 
-    chat.group_request(ident(server, "alice"), "kick", "team", user="bob")
+    services.group_request(ident(server, "alice"), "kick", "team", user="bob")
     alice.publish("im/group/team/msg/alice", chat_bytes("after the kick"))
     alice.publish("im/room/lobby/alice", chat_bytes("barrier"))
     bob.expect("im/room/lobby/alice")
     assert [m.topic for m in bob.silent(0.3)] == []
     with pytest.raises(NotFound):  # a private group is invisible to a former member too
-        chat.group_say(ident(server, "bob"), "team", chat.prepare_text("can I still talk?"))
+        services.group_say(ident(server, "bob"), "team", services.prepare_text("can I still talk?"))
     bob.publish("im/group/team/msg/bob", chat_bytes("sneaking in"))  # past the CLI's check
     spy = raw("alice", client_id="alice:spy")
     assert spy.subscribe("im/group/team/msg/+") == 1
@@ -228,7 +230,7 @@ def test_kicked_member_stops_receiving_at_once_even_with_an_old_subscription(
 
 @pytest.mark.broker_xfail("mosquitto", reason=SUBSCRIBE_GRANTED)
 def test_former_member_subscription_is_refused(server: ServeInfo, team: str, raw: RawFactory) -> None:
-    chat.group_request(ident(server, "alice"), "kick", "team", user="bob")
+    services.group_request(ident(server, "alice"), "kick", "team", user="bob")
     assert raw("bob", client_id="bob:raw").subscribe("im/group/team/msg/+") == 128
 
 
@@ -240,7 +242,7 @@ def test_messages_queued_for_a_member_who_is_kicked_meanwhile_are_not_delivered(
     bob.close()  # offline, with a persistent session: the broker queues for him
     alice = raw("alice", client_id="alice:raw")
     alice.publish("im/group/team/msg/alice", chat_bytes("sent while bob was away"))
-    chat.group_request(ident(server, "alice"), "kick", "team", user="bob")
+    services.group_request(ident(server, "alice"), "kick", "team", user="bob")
 
     back = raw("bob", client_id="bob:phone", clean=False)
     assert back.rc == 0 and back.subscribe("im/room/+/+") == 1
@@ -261,7 +263,7 @@ def test_nobody_but_the_worker_writes_group_records(server: ServeInfo, team: str
     assert member.subscribe("im/group/team/info") == 1
     assert GroupInfo.model_validate_json(member.expect("im/group/team/info").payload).members == ["alice", "bob"]
     assert carol.silent(0.3) == []  # the broker's view is unchanged: carol is no member
-    reply = chat.group_request(ident(server, "alice"), "members", "team")
+    reply = services.group_request(ident(server, "alice"), "members", "team")
     assert isinstance(reply, GroupReply) and reply.group is not None
     assert reply.group.members == ["alice", "bob"]
 
@@ -273,7 +275,7 @@ def test_nobody_but_the_worker_writes_group_records(server: ServeInfo, team: str
     "'group list' and 'group members' replies instead)",
 )
 def test_public_group_records_are_readable_private_ones_are_not(server: ServeInfo, team: str, raw: RawFactory) -> None:
-    chat.group_request(ident(server, "alice"), "create", "open-house")
+    services.group_request(ident(server, "alice"), "create", "open-house")
     carol = raw("carol", client_id="carol:raw")
     assert carol.subscribe("im/group/+/info") == 1
     record = json.loads(carol.expect().payload)
@@ -284,7 +286,7 @@ def test_public_group_records_are_readable_private_ones_are_not(server: ServeInf
 def test_invited_user_hears_of_it(server: ServeInfo, team: str, raw: RawFactory) -> None:
     dave = raw("dave", client_id="dave:raw")
     assert dave.subscribe("im/user/dave/notice") == 1
-    chat.group_request(ident(server, "alice"), "invite", "team", user="dave")
+    services.group_request(ident(server, "alice"), "invite", "team", user="dave")
     notice = json.loads(dave.expect("im/user/dave/notice").payload)
     assert notice["text"] == "alice added you to #team"
     assert dave.subscribe("im/group/team/msg/+") == 1  # and may read it now
@@ -315,16 +317,16 @@ def test_restarted_group_worker_keeps_every_group(bare: tuple[ServeInfo, Callabl
     info, make = bare
     first = make().__enter__()
     alice = ident(info, "alice")
-    chat.group_request(alice, "create", "secret", private=True)
-    chat.group_request(alice, "invite", "secret", user="bob")
+    services.group_request(alice, "create", "secret", private=True)
+    services.group_request(alice, "invite", "secret", user="bob")
     first.__exit__(None, None, None)
     second = make().__enter__()
     try:
-        reply = chat.group_request(ident(info, "bob"), "members", "secret")
+        reply = services.group_request(ident(info, "bob"), "members", "secret")
         assert isinstance(reply, GroupReply) and reply.group is not None
         assert reply.group.members == ["alice", "bob"] and reply.group.private
         with pytest.raises(NotFound):
-            chat.group_request(alice, "members", "never-made")
+            services.group_request(alice, "members", "never-made")
     finally:
         second.__exit__(None, None, None)
 
@@ -358,20 +360,20 @@ def test_groups_friends_and_nicknames_survive_a_restart_of_the_embedded_default(
         for name in ("alice", "bob", "carol"):
             store.add(name, password_of(name))
         alice, bob = ident(info, "alice"), ident(info, "bob")
-        chat.group_request(alice, "create", "keep", private=True)
-        chat.group_request(alice, "invite", "keep", user="bob")
-        chat.friend_request(alice, "add", "bob")
-        chat.friend_request(bob, "accept", "alice")
-        chat.friend_request(bob, "policy", policy="friends")
-        assert chat.rename(alice, "Ally") == "Ally"
+        services.group_request(alice, "create", "keep", private=True)
+        services.group_request(alice, "invite", "keep", user="bob")
+        services.friend_request(alice, "add", "bob")
+        services.friend_request(bob, "accept", "alice")
+        services.friend_request(bob, "policy", policy="friends")
+        assert services.rename(alice, "Ally") == "Ally"
         port = info.address.port
     with BackgroundServer(BrokerSettings(data_dir=tmp_path / "durable", port=port)) as info:
         alice, bob, carol = ident(info, "alice"), ident(info, "bob"), ident(info, "carol")
-        reply = chat.group_request(bob, "members", "keep")
+        reply = services.group_request(bob, "members", "keep")
         assert isinstance(reply, GroupReply) and reply.group is not None
         assert reply.group.members == ["alice", "bob"]
-        assert chat.friend_request(bob, "list").friends == ["alice"]
-        assert {u.account: u.nick for u in chat.who(bob, include_offline=True)}["alice"] == "Ally"
+        assert services.friend_request(bob, "list").friends == ["alice"]
+        assert {u.account: u.nick for u in services.who(bob, include_offline=True)}["alice"] == "Ally"
         with pytest.raises(NotAllowed):  # bob's dm-policy came back, and the broker enforces it again
-            chat.send_dm(carol, "bob", chat.prepare_text("hi"))
-        assert chat.send_dm(alice, "bob", chat.prepare_text("hi")) == "bob"
+            services.send_dm(carol, "bob", services.prepare_text("hi"))
+        assert services.send_dm(alice, "bob", services.prepare_text("hi")) == "bob"

@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from archive.store import ArchiveStore
-from broker.accounts import AccountStore
-from broker.server import BrokerSettings
-from imcli import chat
-from imcli.chat import Conversation
-from imcli.cli_common import parse_since
-from imcli.embedded import BackgroundServer, ServeInfo
-from imcli.errors import InvalidInput, NotAllowed, NotFound
-from imcli.identity import Identity
-from imcli.mqtt import Credentials
-from imcli.wire import ChatMessage, ErrorReply, HistoryReply, HistoryRequest, Received, Topics, decode, encode
+from imcli.archive.store import ArchiveStore
+from imcli.broker.accounts import AccountStore
+from imcli.broker.server import BrokerSettings
+from imcli.cli.common import parse_since
+from imcli.client import services
+from imcli.client.identity import Identity
+from imcli.client.services import Conversation
+from imcli.core.errors import InvalidInput, NotAllowed, NotFound
+from imcli.core.mqtt import Credentials
+from imcli.core.wire import ChatMessage, ErrorReply, HistoryReply, HistoryRequest, Received, Topics, decode, encode
+from imcli.serve.host import BackgroundServer, ServeInfo
 from tests import brokers
 from tests.conftest import Cli, Raw, password_of, wait_until
 
@@ -45,7 +45,7 @@ def history_until(identity: Identity, where: Conversation | None, wanted: list[s
     replies: list[HistoryReply] = []
 
     def arrived() -> bool:
-        replies.append(chat.history(identity, where, limit))
+        replies.append(services.history(identity, where, limit))
         return all(w in texts(replies[-1]) for w in wanted)
 
     assert wait_until(arrived, 10), texts(replies[-1])
@@ -57,12 +57,12 @@ def talk(server: ServeInfo, users: Callable[..., None]) -> ServeInfo:
     """alice and bob talk in the lobby, in private, and in alice's private group 'team'."""
     users("alice", "bob", "carol")
     alice, bob = ident(server, "alice"), ident(server, "bob")
-    chat.group_request(alice, "create", "team", private=True)
-    chat.group_request(alice, "invite", "team", user="bob")
-    chat.say(alice, "lobby", ChatMessage(text="hello lobby"))
-    chat.send_dm(alice, "bob", ChatMessage(text="secret for bob"))
-    chat.send_dm(bob, "alice", ChatMessage(text="secret for alice"))
-    chat.group_say(bob, "team", ChatMessage(text="team only"))
+    services.group_request(alice, "create", "team", private=True)
+    services.group_request(alice, "invite", "team", user="bob")
+    services.say(alice, "lobby", ChatMessage(text="hello lobby"))
+    services.send_dm(alice, "bob", ChatMessage(text="secret for bob"))
+    services.send_dm(bob, "alice", ChatMessage(text="secret for alice"))
+    services.group_say(bob, "team", ChatMessage(text="team only"))
     history_until(alice, None, ["hello lobby", "secret for bob", "secret for alice", "team only"])
     return server
 
@@ -78,12 +78,12 @@ def ask_raw(raw: Raw, sender: str, request: HistoryRequest) -> object:
 
 def test_each_party_reads_its_conversations(talk: ServeInfo) -> None:
     alice, bob = ident(talk, "alice"), ident(talk, "bob")
-    assert texts(chat.history(alice, Conversation.parse("lobby"))) == ["hello lobby"]
-    assert texts(chat.history(bob, Conversation.parse("@alice"))) == ["secret for bob", "secret for alice"]
-    assert texts(chat.history(alice, Conversation.parse("@bob"))) == ["secret for bob", "secret for alice"]
-    group = chat.history(alice, Conversation.parse("#team"))
+    assert texts(services.history(alice, Conversation.parse("lobby"))) == ["hello lobby"]
+    assert texts(services.history(bob, Conversation.parse("@alice"))) == ["secret for bob", "secret for alice"]
+    assert texts(services.history(alice, Conversation.parse("@bob"))) == ["secret for bob", "secret for alice"]
+    group = services.history(alice, Conversation.parse("#team"))
     assert [(m.kind, m.sender, m.group, m.text) for m in group.messages] == [("group", "bob", "team", "team only")]
-    everything = chat.history(bob, None)
+    everything = services.history(bob, None)
     assert texts(everything) == ["hello lobby", "secret for bob", "secret for alice", "team only"]
     dm = everything.messages[1]
     assert (dm.kind, dm.sender, dm.to) == ("dm", "alice", "bob")
@@ -91,10 +91,10 @@ def test_each_party_reads_its_conversations(talk: ServeInfo) -> None:
 
 def test_an_outsider_reads_the_rooms_and_nothing_else(talk: ServeInfo) -> None:
     carol = ident(talk, "carol")
-    assert texts(chat.history(carol, None)) == ["hello lobby"]
-    assert texts(chat.history(carol, Conversation.parse("@alice"))) == []  # carol and alice: nothing
+    assert texts(services.history(carol, None)) == ["hello lobby"]
+    assert texts(services.history(carol, Conversation.parse("@alice"))) == []  # carol and alice: nothing
     with pytest.raises(NotFound, match=r"no group #team \(or it is private\)"):
-        chat.history(carol, Conversation.parse("#team"))
+        services.history(carol, Conversation.parse("#team"))
 
 
 @pytest.mark.broker_xfail(
@@ -131,8 +131,8 @@ def test_raw_spying_on_history_delivers_nothing(talk: ServeInfo, raw: Callable[.
     alice = raw("alice", client_id="alice:raw")
     mine = ask_raw(alice, "alice", HistoryRequest(user="bob"))  # alice's own request: the reply is hers alone
     assert isinstance(mine, HistoryReply) and "secret for bob" in texts(mine)
-    chat.send_dm(ident(talk, "bob"), "alice", ChatMessage(text="another secret"))
-    chat.group_say(ident(talk, "bob"), "team", ChatMessage(text="team again"))
+    services.send_dm(ident(talk, "bob"), "alice", ChatMessage(text="another secret"))
+    services.group_say(ident(talk, "bob"), "team", ChatMessage(text="team again"))
     history_until(ident(talk, "alice"), None, ["another secret", "team again"])
     leaked = [m.topic for m in spy.silent(1.0) if m.topic.startswith(("im/user/alice", "im/user/bob", "im/group/"))]
     assert leaked == []
@@ -140,28 +140,28 @@ def test_raw_spying_on_history_delivers_nothing(talk: ServeInfo, raw: Callable[.
 
 def test_a_removed_member_loses_the_group_history(talk: ServeInfo) -> None:
     alice, bob = ident(talk, "alice"), ident(talk, "bob")
-    chat.group_request(alice, "kick", "team", user="bob")
+    services.group_request(alice, "kick", "team", user="bob")
     with pytest.raises(NotFound):
-        chat.history(bob, Conversation.parse("#team"))
-    assert "team only" not in texts(chat.history(bob, None))
-    chat.group_request(alice, "create", "open-club")
+        services.history(bob, Conversation.parse("#team"))
+    assert "team only" not in texts(services.history(bob, None))
+    services.group_request(alice, "create", "open-club")
     with pytest.raises(NotAllowed, match="not a member of #open-club"):
-        chat.history(bob, Conversation.parse("#open-club"))
+        services.history(bob, Conversation.parse("#open-club"))
 
 
 def test_limit_since_and_more(server: ServeInfo, users: Callable[..., None]) -> None:
     users("alice")
     alice = ident(server, "alice")
     for i in range(5):
-        chat.say(alice, "dev", ChatMessage(text=f"m{i}"))
+        services.say(alice, "dev", ChatMessage(text=f"m{i}"))
     history_until(alice, Conversation.parse("dev"), ["m4"])
-    page = chat.history(alice, Conversation.parse("dev"), limit=2)
+    page = services.history(alice, Conversation.parse("dev"), limit=2)
     assert texts(page) == ["m3", "m4"] and page.more
-    assert texts(chat.history(alice, Conversation.parse("dev"), limit=5)) == ["m0", "m1", "m2", "m3", "m4"]
-    assert not chat.history(alice, Conversation.parse("dev"), limit=5).more
-    assert texts(chat.history(alice, Conversation.parse("dev"), since=time.time() + 60)) == []
+    assert texts(services.history(alice, Conversation.parse("dev"), limit=5)) == ["m0", "m1", "m2", "m3", "m4"]
+    assert not services.history(alice, Conversation.parse("dev"), limit=5).more
+    assert texts(services.history(alice, Conversation.parse("dev"), since=time.time() + 60)) == []
     with pytest.raises(InvalidInput):
-        chat.history(alice, Conversation.parse("dev"), limit=0)
+        services.history(alice, Conversation.parse("dev"), limit=0)
 
 
 def test_history_survives_a_broker_restart(tmp_path: Path) -> None:
@@ -170,10 +170,10 @@ def test_history_survives_a_broker_restart(tmp_path: Path) -> None:
         store = AccountStore(info.data_dir)
         for name in ("alice", "bob"):
             store.add(name, password_of(name))
-        chat.send_dm(ident(info, "alice"), "bob", ChatMessage(text="before the restart"))
+        services.send_dm(ident(info, "alice"), "bob", ChatMessage(text="before the restart"))
         history_until(ident(info, "bob"), Conversation.parse("@alice"), ["before the restart"])
     with BackgroundServer(settings) as info:
-        assert texts(chat.history(ident(info, "bob"), Conversation.parse("@alice"))) == ["before the restart"]
+        assert texts(services.history(ident(info, "bob"), Conversation.parse("@alice"))) == ["before the restart"]
 
 
 # ---------------------------------------------------------------- the command
@@ -252,7 +252,7 @@ def test_history_days_forgets_old_messages(tmp_path: Path) -> None:
     old.close()
     with BackgroundServer(BrokerSettings(data_dir=data, port=0, history_days=30)) as info:
         AccountStore(info.data_dir).add("bob", password_of("bob"))
-        assert texts(chat.history(ident(info, "bob"), Conversation.parse("lobby"))) == ["recent"]
+        assert texts(services.history(ident(info, "bob"), Conversation.parse("lobby"))) == ["recent"]
 
 
 def test_serve_refuses_a_bad_history_days(cli_as: Callable[[str], Cli]) -> None:
@@ -275,5 +275,5 @@ def test_what_the_broker_drops_is_never_archived(talk: ServeInfo, raw: Callable[
     mallory.publish(T.room("lobby", "carol"), encode(ChatMessage(text="honest line")))
     bob = ident(talk, "bob")
     history_until(bob, Conversation.parse("lobby"), ["honest line"])  # later than the forgeries
-    everything = texts(chat.history(bob, None, limit=1000))
+    everything = texts(services.history(bob, None, limit=1000))
     assert not [t for t in everything if t.startswith("forged") or t == "retained chat"], everything

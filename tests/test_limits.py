@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from broker.accounts import AccountStore
-from broker.limits import Limits, PublishRate
-from broker.server import BrokerSettings
-from imcli.chat import verify_login
-from imcli.embedded import BackgroundServer, ServeInfo
-from imcli.errors import AuthenticationFailed
-from imcli.mqtt import Credentials
-from imcli.wire import ChatMessage, encode
+from imcli.broker.accounts import AccountStore
+from imcli.broker.limits import Limits, PublishRate
+from imcli.broker.server import BrokerSettings
+from imcli.client.services import verify_login
+from imcli.core.errors import AuthenticationFailed
+from imcli.core.mqtt import Credentials
+from imcli.core.wire import ChatMessage, encode
+from imcli.serve.host import BackgroundServer, ServeInfo
 from tests.rawmqtt import Raw, connect_raw, password_of, wait_until
 
 LIMITS = Limits(publish_rate=5, publish_burst=10, max_subscriptions=3, max_connections=2)

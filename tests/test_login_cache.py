@@ -1,11 +1,11 @@
-"""The embedded broker remembers verified logins (broker/accounts.py): removal and a new password still bite."""
+"""The embedded broker remembers verified logins (imcli/broker/accounts.py): removal and a new password still bite."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from broker.accounts import AccountStore
-from imcli.embedded import ServeInfo
+from imcli.broker.accounts import AccountStore
+from imcli.serve.host import ServeInfo
 from tests.conftest import Cli, Raw, wait_until
 
 RawFactory = Callable[..., Raw]

@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from imcli.chatstate import ChatState
-from imcli.cli import app
-from imcli.worker import ServiceWorker
+from imcli.cli.app import app
+from imcli.cli.chat_state import ChatState
+from imcli.core.service import ServiceWorker
 from tests.brokers import LIMIT, Mosquitto, mosquitto_available, running_mosquitto, running_workers
 from tests.brokers import NOT_INSTALLED as _NOT_INSTALLED
 from tests.conftest import Cli, Proc
@@ -628,10 +628,10 @@ def test_listen_survives_a_mosquitto_restart(
 
 def test_bridged_pair_carries_chat_and_presence(tmp_path: Path) -> None:
     """alice on broker A, bob on broker B, bridged by deploy/mosquitto/bridge.conf; workers on B only."""
-    from imcli import chat as im
-    from imcli import inbox
-    from imcli.identity import Identity
-    from imcli.mqtt import Credentials
+    from imcli.client import listener
+    from imcli.client import services as im
+    from imcli.client.identity import Identity
+    from imcli.core.mqtt import Credentials
     from tests.brokers import DEPLOY
 
     acl_b = tmp_path / "aclfile-b"
@@ -657,7 +657,7 @@ def test_bridged_pair_carries_chat_and_presence(tmp_path: Path) -> None:
 
             alice = Identity(a.address, Credentials("alice", password_of("alice")), "laptop")
             bob = Identity(b.address, Credentials("bob", password_of("bob")), "phone")
-            with inbox.Listener(alice) as alice_listens, inbox.Listener(bob) as bob_listens:
+            with listener.Listener(alice) as alice_listens, listener.Listener(bob) as bob_listens:
                 alice_got: list[tuple[str, str | None, str]] = []
                 bob_got: list[tuple[str, str | None, str]] = []
                 for listener, sink in ((alice_listens, alice_got), (bob_listens, bob_got)):

@@ -17,20 +17,21 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from broker.accounts import AccountStore
-from broker.server import BrokerSettings
-from groups.worker import GroupWorker
-from imcli import chat
-from imcli.cli import app
-from imcli.embedded import BackgroundServer, ServeInfo, StoreDirectory
-from imcli.errors import NameTaken, NotFound, RequestTimeout
-from imcli.identity import Identity
-from imcli.inbox import Listener
-from imcli.mqtt import Credentials
-from imcli.wire import DeviceStatus, Presence, encode
-from imcli.worker import PasswordFileDirectory
-from presence.roster import PresenceRoster
-from presence.worker import PresenceWorker
+from imcli.broker.accounts import AccountStore
+from imcli.broker.server import BrokerSettings
+from imcli.cli.app import app
+from imcli.client import services
+from imcli.client.identity import Identity
+from imcli.client.listener import Listener
+from imcli.core.errors import NameTaken, NotFound, RequestTimeout
+from imcli.core.mqtt import Credentials
+from imcli.core.service import PasswordFileDirectory
+from imcli.core.wire import DeviceStatus, Presence, encode
+from imcli.groups.worker import GroupWorker
+from imcli.presence.roster import PresenceRoster
+from imcli.presence.worker import PresenceWorker
+from imcli.serve.host import BackgroundServer, ServeInfo
+from imcli.serve.workers import StoreDirectory
 from tests import brokers
 from tests.conftest import Cli, Proc, Raw, password_of, wait_until
 
@@ -95,18 +96,18 @@ def watch(users: Callable[..., None], raw: RawFactory) -> PresenceWatch:
 def test_listener_is_online_while_it_runs_and_offline_after_clean_exit(server: ServeInfo, watch: PresenceWatch) -> None:
     with Listener(identity(server, "alice")):
         watch.wait("alice", state="online", devices=1)
-        users = chat.who(identity(server, "bob"))
+        users = services.who(identity(server, "bob"))
         assert [(u.account, u.state, u.devices) for u in users] == [("alice", "online", 1)]
     watch.wait("alice", state="offline", devices=0)
-    assert chat.who(identity(server, "bob")) == []
-    everyone = chat.who(identity(server, "bob"), include_offline=True)
+    assert services.who(identity(server, "bob")) == []
+    everyone = services.who(identity(server, "bob"), include_offline=True)
     assert [(u.account, u.state) for u in everyone] == [("alice", "offline")]
     assert [(e["event"], e["account"]) for e in watch.wait_events(2)] == [("join", "alice"), ("leave", "alice")]
 
 
 def test_one_shot_commands_never_make_a_user_flap(server: ServeInfo, watch: PresenceWatch) -> None:
-    chat.say(identity(server, "alice"), "lobby", chat.prepare_text("hello"))
-    chat.who(identity(server, "alice"))
+    services.say(identity(server, "alice"), "lobby", services.prepare_text("hello"))
+    services.who(identity(server, "alice"))
     with Listener(identity(server, "bob")):
         watch.wait("bob", state="online")
     assert "alice" not in watch.records
@@ -211,11 +212,11 @@ def test_rename_refusals(watch: PresenceWatch, cli_as: Callable[[str], Cli], nic
 
 
 def test_a_taken_nickname_is_compared_case_insensitively(server: ServeInfo, watch: PresenceWatch) -> None:
-    assert chat.rename(identity(server, "alice"), "Zed") == "Zed"
+    assert services.rename(identity(server, "alice"), "Zed") == "Zed"
     with pytest.raises(NameTaken):
-        chat.rename(identity(server, "bob"), "zED")
-    assert chat.rename(identity(server, "alice"), "alice") == "alice"  # back to the account name
-    assert chat.rename(identity(server, "bob"), "zed") == "zed"  # now free
+        services.rename(identity(server, "bob"), "zED")
+    assert services.rename(identity(server, "alice"), "alice") == "alice"  # back to the account name
+    assert services.rename(identity(server, "bob"), "zed") == "zed"  # now free
 
 
 def test_concurrent_renames_have_exactly_one_winner(server: ServeInfo, users: Callable[..., None]) -> None:
@@ -228,7 +229,7 @@ def test_concurrent_renames_have_exactly_one_winner(server: ServeInfo, users: Ca
         ident = identity(server, name)
         barrier.wait()
         try:
-            results[name] = chat.rename(ident, "Winner")
+            results[name] = services.rename(ident, "Winner")
         except NameTaken:
             results[name] = "taken"
 
@@ -239,13 +240,13 @@ def test_concurrent_renames_have_exactly_one_winner(server: ServeInfo, users: Ca
         t.join(60)
     assert sorted(results.values()) == ["Winner"] + ["taken"] * 7
     winner = next(n for n, r in results.items() if r == "Winner")
-    everyone = chat.who(identity(server, racers[0]), include_offline=True)
+    everyone = services.who(identity(server, racers[0]), include_offline=True)
     assert [u.account for u in everyone if u.nick.casefold() == "winner"] == [winner]
 
 
 def test_dm_to_unknown_name(server: ServeInfo, watch: PresenceWatch) -> None:
     with pytest.raises(NotFound):
-        chat.send_dm(identity(server, "alice"), "nobody-here", chat.prepare_text("hi"))
+        services.send_dm(identity(server, "alice"), "nobody-here", services.prepare_text("hi"))
 
 
 # ---------------------------------------------------------------- the worker itself
@@ -300,7 +301,7 @@ def test_no_worker_means_a_clear_timeout(bare_broker: Bare) -> None:
     info = bare_broker.info
     started = time.monotonic()
     with pytest.raises(RequestTimeout, match="no worker answered within 5s"):
-        chat.who(identity(info, "alice"))
+        services.who(identity(info, "alice"))
     assert time.monotonic() - started < 10
 
 
@@ -320,21 +321,21 @@ def test_restarted_worker_rebuilds_the_roster_unnoticed(bare_broker: Bare) -> No
         first = make_worker().__enter__()
         alice = Listener(identity(info, "alice", "laptop")).__enter__()
         bob = Listener(identity(info, "bob", "phone")).__enter__()
-        assert chat.rename(identity(info, "alice"), "Ally") == "Ally"
+        assert services.rename(identity(info, "alice"), "Ally") == "Ally"
         assert wait_until(lambda: len(events) == 3)  # join, join, rename
         first.__exit__(None, None, None)  # the worker dies...
 
         bob.close()  # ...and bob leaves while nobody is watching
         second = make_worker().__enter__()
         try:
-            who = {u.account: u for u in chat.who(identity(info, "alice"), include_offline=True)}
+            who = {u.account: u for u in services.who(identity(info, "alice"), include_offline=True)}
             assert (who["alice"].state, who["alice"].nick, who["alice"].devices) == ("online", "Ally", 1)
             assert who["bob"].state == "offline"
             assert wait_until(lambda: len(events) == 4)
             assert (events[3]["event"], events[3]["account"]) == ("leave", "bob")  # and no second join for alice
             time.sleep(0.3)
             assert len(events) == 4
-            assert chat.send_dm(identity(info, "bob"), "ally", chat.prepare_text("hi")) == "alice"
+            assert services.send_dm(identity(info, "bob"), "ally", services.prepare_text("hi")) == "alice"
         finally:
             alice.close()
             second.__exit__(None, None, None)

@@ -12,9 +12,9 @@ from typing import Any, get_args
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from broker.accounts import Role
-from broker.acl import Access, TopicAcl, topic_matches
-from imcli.wire import (
+from imcli.broker.accounts import Role
+from imcli.broker.acl import Access, TopicAcl, topic_matches
+from imcli.core.wire import (
     ChatMessage,
     GroupInfo,
     MalformedPayload,

@@ -1,7 +1,9 @@
-"""The tooling configured in pyproject.toml passes: ruff (lint + format) and mypy strict."""
+"""The tooling configured in pyproject.toml passes: ruff (lint + format), mypy strict and the
+layer contracts of import-linter (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+LINT_IMPORTS = str(Path(sys.executable).with_name("lint-imports"))
 
 
 @pytest.mark.parametrize(
@@ -17,9 +20,40 @@ ROOT = Path(__file__).resolve().parent.parent
         [sys.executable, "-m", "ruff", "check", "."],
         [sys.executable, "-m", "ruff", "format", "--check", "."],
         [sys.executable, "-m", "mypy"],
+        [LINT_IMPORTS, "--no-cache"],
     ],
-    ids=["ruff-check", "ruff-format", "mypy"],
+    ids=["ruff-check", "ruff-format", "mypy", "layers"],
 )
 def test_tooling_is_clean(command: list[str]) -> None:
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "line", "expected"),
+    [
+        ("core/errors.py", "import imcli.cli.app", "imcli.core is not allowed to import imcli.cli"),
+        ("broker/limits.py", "import imcli.archive.store", "imcli.broker is not allowed to import imcli.archive"),
+        ("client/send.py", "import imcli.serve.host", "imcli.client is not allowed to import imcli.serve"),
+    ],
+)
+def test_the_layer_contract_fails_on_an_upward_or_sideways_import(
+    tmp_path: Path, module: str, line: str, expected: str
+) -> None:
+    """The contract can fail: the same check on a copy of the package with one bad import added."""
+    copy = tmp_path / "copy"
+    shutil.copytree(ROOT / "imcli", copy / "imcli", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
+    target = copy / "imcli" / module
+    target.write_text(target.read_text() + f"\n{line}  # the import the contract forbids\n")
+    result = subprocess.run(
+        [LINT_IMPORTS, "--no-cache"],
+        cwd=copy,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={"PYTHONPATH": str(copy), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode != 0, result.stdout
+    assert expected in result.stdout, result.stdout

@@ -1,4 +1,4 @@
-"""``imcli say``'s fast path (imcli/quick.py, issue 7).
+"""``imcli say``'s fast path (imcli/cli/main.py, issue 7).
 
 The console script reads the plain form of ``say`` itself and sends it without Typer or
 pydantic. These tests hold it to that promise: it reads exactly what Typer's ``say`` reads
@@ -21,12 +21,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from imcli import quick
-from imcli.cli import app
-from imcli.contract import chat_line
-from imcli.embedded import ServeInfo
-from imcli.quick import SayArgs, parse_say
-from imcli.wire import ChatMessage, decode_as, encode
+from imcli.cli import say as fast_say
+from imcli.cli.app import app
+from imcli.cli.say import SayArgs, parse_say
+from imcli.core.topics import chat_line
+from imcli.core.wire import ChatMessage, decode_as, encode
+from imcli.serve.host import ServeInfo
 from tests.conftest import Cli, Raw
 
 # what people type, and what must send the parser back to Typer
@@ -61,7 +61,7 @@ def typer_reads(argv: list[str], env: dict[str, str]) -> SayArgs | None:
         seen.append(args)
         return "room"
 
-    with patch.object(quick, "run_say", record):
+    with patch.object(fast_say, "run_say", record):
         result = CliRunner().invoke(app, argv, env={"IMCLI_HOST": None, "IMCLI_PORT": None, **env})  # type: ignore[dict-item]
     return seen[0] if result.exit_code == 0 and seen else None
 
@@ -173,7 +173,7 @@ import atexit, sys
 heavy = {HEAVY!r}
 atexit.register(lambda: print(sorted({{m.split('.')[0] for m in sys.modules}} & set(heavy)), file=sys.stderr))
 sys.argv = ["imcli", *sys.argv[1:]]
-from imcli.quick import main
+from imcli.cli.main import main
 main()
 """
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.server import BrokerSettings
-from imcli.embedded import BackgroundServer
-from imcli.wire import ChatMessage, encode
+from imcli.broker.server import BrokerSettings
+from imcli.core.wire import ChatMessage, encode
+from imcli.serve.host import BackgroundServer
 from tests import brokers
 from tests.conftest import Raw, password_of
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.accounts import AccountStore
-from imcli import chat
-from imcli.errors import ImcliError
+from imcli.broker.accounts import AccountStore
+from imcli.client import services
+from imcli.core.errors import ImcliError
 from tests.conftest import password_of
 from tests.rawmqtt import wait_until
 from tests.test_durability import Serve, ident
@@ -40,7 +40,7 @@ def gone(pid: int) -> bool:
 def who_answers(serve: Serve) -> bool:
     """The presence worker answers ``who`` (an empty roster: nobody has a status yet)."""
     try:
-        chat.who(ident(serve.address, "alice"), include_offline=True)
+        services.who(ident(serve.address, "alice"), include_offline=True)
     except ImcliError:  # no worker to answer (yet): RequestTimeout
         return False
     return True

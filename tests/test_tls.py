@@ -18,10 +18,10 @@ import pytest
 import trustme
 from typer.testing import CliRunner
 
-from broker.accounts import AccountStore
-from broker.server import BrokerSettings
-from imcli.cli import app
-from imcli.embedded import BackgroundServer, ServeInfo
+from imcli.broker.accounts import AccountStore
+from imcli.broker.server import BrokerSettings
+from imcli.cli.app import app
+from imcli.serve.host import BackgroundServer, ServeInfo
 from tests.conftest import Cli, Proc, password_of
 from tests.rawmqtt import connect_raw
 from tests.test_cli import start_listener, wait_listening

@@ -11,15 +11,15 @@ from argon2 import PasswordHasher
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.accounts import AccountStore, Role
-from broker.acl import Access, TopicAcl, filter_within, topic_matches
-from broker.fanout import FilterIndex, RetainedIndex
-from imcli.chat import prepare_text
-from imcli.errors import InvalidInput, NameTaken, NotFound
-from imcli.inbox import RecentIds, to_received
-from imcli.mqtt import Message
-from imcli.render import safe
-from imcli.wire import (
+from imcli.broker.accounts import AccountStore, Role
+from imcli.broker.acl import Access, TopicAcl, filter_within, topic_matches
+from imcli.broker.fanout import FilterIndex, RetainedIndex
+from imcli.cli.render import safe
+from imcli.client.listener import RecentIds, to_received
+from imcli.client.services import prepare_text
+from imcli.core.errors import InvalidInput, NameTaken, NotFound
+from imcli.core.mqtt import Message
+from imcli.core.wire import (
     ChatMessage,
     MalformedPayload,
     Notice,
@@ -303,7 +303,7 @@ def test_remembered_login_is_an_hmac_and_is_forgotten_when_the_account_changes(t
     assert "alice" not in store._verified
 
 
-# ---------------------------------------------------------------- broker indexes (broker/fanout.py)
+# ---------------------------------------------------------------- broker indexes (imcli/broker/fanout.py)
 
 _LEVEL = st.sampled_from(["im", "room", "user", "alice", "bob", "lobby", "status", "$SYS", ""])
 _FILTER_LEVEL = st.one_of(_LEVEL, st.just("+"))
@@ -352,7 +352,7 @@ def test_receive_check_decides_as_allows(topic: str, user: str | None, role: Rol
 
 
 def test_workers_and_serve_keep_their_archives_apart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from imcli.config import default_data_dir, default_workers_dir
+    from imcli.client.config import default_data_dir, default_workers_dir
 
     monkeypatch.delenv("IMCLI_DATA_DIR", raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))

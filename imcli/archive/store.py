@@ -1,0 +1,156 @@
+"""The archive's SQLite store: every room, direct and group message, once.
+
+Pure storage: who may read what is decided by the worker, which builds the query from
+the requester's account (a conversation key always contains it, or names a group the
+worker has checked). Times are the archive's own clock (``at``), so ``since`` means the
+same thing for every sender whatever their clock says; ``ts`` is the sender's.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from imcli.core.errors import ImcliError
+from imcli.core.wire import Received
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY,
+    conv TEXT NOT NULL,          -- room:<r> | dm:<a>|<b> (sorted) | group:<g>
+    kind TEXT NOT NULL,          -- room | dm | group
+    sender TEXT NOT NULL,
+    recipient TEXT,              -- dm only
+    id TEXT NOT NULL,
+    ts REAL NOT NULL,
+    at REAL NOT NULL,
+    text TEXT NOT NULL,
+    format TEXT NOT NULL,
+    UNIQUE (conv, sender, id)    -- QoS 1 redelivery; ids are the sender's, so scoped by sender
+);
+CREATE INDEX IF NOT EXISTS messages_conv ON messages (conv, seq);
+CREATE INDEX IF NOT EXISTS messages_at ON messages (at);
+"""
+
+
+def conversation(item: Received) -> str:
+    if item.kind == "room":
+        return f"room:{item.room}"
+    if item.kind == "group":
+        return f"group:{item.group}"
+    if item.kind == "dm" and item.sender and item.to:
+        return dm_conversation(item.sender, item.to)
+    raise ValueError(f"not an archived kind: {item.kind}")
+
+
+def dm_conversation(a: str, b: str) -> str:
+    first, second = sorted((a, b))
+    return f"dm:{first}|{second}"
+
+
+ARCHIVE_FILE = "archive.sqlite3"
+
+
+@dataclass(frozen=True)
+class Page:
+    messages: list[Received]
+    more: bool
+
+
+class ArchiveStore:
+    """``<data_dir>/archive.sqlite3``; safe to share between paho's thread and others."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # the embedded broker's journal and the archive worker share the file: wait for each other
+            self._db = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
+            # before WAL is on: sqlite gives the -wal and -shm files (recent messages, DMs among
+            # them) the database file's mode at the time it creates them
+            path.chmod(0o600)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses no committed message
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise ImcliError(f"cannot open the message archive {path}: {exc}", "move the damaged file away") from exc
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def defer_checkpoints(self) -> None:
+        """No automatic WAL checkpoint on this connection's commits: the caller runs them elsewhere."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
+
+    def add(self, item: Received, at: float) -> bool:
+        """Store one message; ``False`` if it was already there (a QoS 1 duplicate)."""
+        row = (conversation(item), item.kind, item.sender, item.to, item.id, item.ts, at, item.text, item.format)
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO messages (conv, kind, sender, recipient, id, ts, at, text, format)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+            return cur.rowcount == 1
+
+    def conversation_page(self, conv: str, limit: int, since: float | None = None, before: float | None = None) -> Page:
+        return self._page("conv = ?", [conv], limit, since, before)
+
+    def catch_up(
+        self, account: str, groups: Iterable[str], limit: int, since: float | None, before: float | None = None
+    ) -> Page:
+        """What ``account`` may read: every room, its direct messages, the groups it is in."""
+        convs = [f"group:{g}" for g in groups]
+        readable = ["kind = 'room'", "(kind = 'dm' AND (sender = ? OR recipient = ?))"]
+        if convs:
+            readable.append(f"conv IN ({','.join('?' * len(convs))})")
+        return self._page(f"({' OR '.join(readable)})", [account, account, *convs], limit, since, before)
+
+    def prune(self, before: float) -> int:
+        """Forget messages that arrived before ``before``; how many went."""
+        with self._lock:
+            return self._db.execute("DELETE FROM messages WHERE at < ?", (before,)).rowcount
+
+    def count(self) -> int:
+        with self._lock:
+            (n,) = self._db.execute("SELECT count(*) FROM messages").fetchone()
+        return int(n)
+
+    def _page(self, where: str, args: list[object], limit: int, since: float | None, before: float | None) -> Page:
+        if since is not None:
+            where += " AND at >= ?"
+            args.append(since)
+        if before is not None:
+            where += " AND at < ?"
+            args.append(before)
+        columns = "kind, sender, recipient, conv, id, ts, text, format"
+        # ``where`` is made of fixed fragments only; every value is bound
+        sql = f"SELECT {columns} FROM messages WHERE {where} ORDER BY seq DESC LIMIT ?"  # noqa: S608
+        with self._lock:
+            rows = self._db.execute(sql, [*args, limit + 1]).fetchall()
+        more = len(rows) > limit
+        return Page([_received(row) for row in reversed(rows[:limit])], more)
+
+
+def _received(row: tuple[str, str, str | None, str, str, float, str, str]) -> Received:
+    kind, sender, recipient, conv, id_, ts, text, fmt = row
+    place = conv.split(":", 1)[1]
+    return Received.model_validate(
+        {
+            "kind": kind,
+            "from": sender,
+            "to": recipient,
+            "room": place if kind == "room" else None,
+            "group": place if kind == "group" else None,
+            "id": id_,
+            "ts": ts,
+            "text": text,
+            "format": fmt,
+        }
+    )

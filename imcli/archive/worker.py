@@ -1,0 +1,124 @@
+"""The archive worker: keeps every room, direct and group message and answers ``history``.
+
+It is an ordinary MQTT client with a service account, which may read every chat topic.
+Its session is persistent (QoS 1), so a restart of the worker alone loses nothing the
+broker kept for it. Who may read what is decided here, from the requester's account
+(the request topic's sender, checked by the broker):
+
+* a room: every signed-in user;
+* a direct conversation: only its two parties (the query is always "me and X");
+* a group: its current members, as the group worker's retained records say. A private
+  group the requester is not in answers exactly like a group that does not exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from imcli.archive.store import ARCHIVE_FILE, ArchiveStore, Page, dm_conversation
+from imcli.core.mqtt import BrokerAddress, Credentials
+from imcli.core.service import ServiceWorker
+from imcli.core.wire import (
+    ErrorReply,
+    GroupInfo,
+    HistoryReply,
+    HistoryRequest,
+    Topic,
+    TopicKind,
+    Topics,
+    WireModel,
+    chat_received,
+    decode_as,
+    is_name,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ArchiveWorker(ServiceWorker):
+    def __init__(
+        self,
+        address: BrokerAddress,
+        credentials: Credentials,
+        data_dir: Path,
+        topics: Topics | None = None,
+        device: str = "worker",
+        clock: Callable[[], float] = time.time,
+        retention_days: float | None = None,
+        store_messages: bool = True,
+    ) -> None:
+        super().__init__(address, credentials, topics, device, clock, persistent=True)
+        self.store = ArchiveStore(data_dir / ARCHIVE_FILE)
+        self._groups: dict[str, GroupInfo] = {}
+        self._store_messages = store_messages  # False beside the embedded broker, which journals them itself
+        self._retention = retention_days * 86400 if retention_days else None
+        self._pruner = threading.Thread(target=self._prune_loop, name="archive-prune", daemon=True)
+
+    def started(self) -> None:
+        if self._retention is not None:
+            self._prune()
+            self._pruner.start()
+
+    def _prune_loop(self) -> None:
+        while not self.stopping.wait(3600):
+            self._prune()
+
+    def _prune(self) -> None:
+        assert self._retention is not None
+        gone = self.store.prune(self.clock() - self._retention)
+        if gone:
+            log.info("archive: %d messages older than %g days removed", gone, self._retention / 86400)
+
+    def state_filters(self) -> list[str]:
+        t = self.topics
+        chat = [t.room_filter(), t.dm_filter(), t.group_msg_filter()] if self._store_messages else []
+        return [t.group_info_filter(), *chat]
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        if self._pruner.is_alive():
+            self._pruner.join(5)
+        self.store.close()
+
+    def on_state(self, topic: Topic, payload: bytes) -> None:
+        if topic.kind is TopicKind.GROUP_INFO and topic.name:
+            if not payload:
+                self._groups.pop(topic.name, None)  # the last member left
+                return
+            info = decode_as(payload, GroupInfo)
+            if info.name == topic.name:
+                self._groups[info.name] = info
+        elif topic.kind in (TopicKind.ROOM, TopicKind.DM, TopicKind.GROUP_MSG):
+            self.store.add(chat_received(topic, payload), self.clock())
+
+    def handle(self, sender: str, request: WireModel) -> WireModel | None:
+        if not isinstance(request, HistoryRequest):
+            return None
+        targets = [t for t in (request.room, request.user, request.group) if t is not None]
+        if len(targets) > 1:
+            return ErrorReply(id=request.id, code="invalid", text="ask for one room, person or group at a time")
+        if any(not is_name(t) for t in targets):
+            return ErrorReply(id=request.id, code="invalid", text=f"invalid name {targets[0]!r}")
+        page = self._page(sender, request)
+        if isinstance(page, ErrorReply):
+            return page
+        return HistoryReply(id=request.id, messages=page.messages, more=page.more)
+
+    def _page(self, sender: str, r: HistoryRequest) -> Page | ErrorReply:
+        if r.room is not None:
+            return self.store.conversation_page(f"room:{r.room}", r.limit, r.since, r.before)
+        if r.user is not None:
+            return self.store.conversation_page(dm_conversation(sender, r.user), r.limit, r.since, r.before)
+        if r.group is not None:
+            info = self._groups.get(r.group)
+            if info is None or sender not in info.members:
+                hidden = info is None or info.private
+                text = f"no group #{r.group} (or it is private)" if hidden else f"you are not a member of #{r.group}"
+                return ErrorReply(id=r.id, code="not_found" if hidden else "denied", text=text)
+            return self.store.conversation_page(f"group:{r.group}", r.limit, r.since, r.before)
+        mine = [g.name for g in self._groups.values() if sender in g.members]
+        return self.store.catch_up(sender, mine, r.limit, r.since, r.before)

@@ -1,0 +1,196 @@
+"""The embedded broker's delivery path: indexes and batched writes (issue 7).
+
+amqtt 0.12.1 matches every message against every subscription filter, scans every
+retained topic on every SUBSCRIBE, and delivers each copy in its own task (a PUBLISH
+packet object, a write lock, a ``drain``, a 5 s ``wait_for`` with its timer, and one
+``send`` system call per copy). With 10,000 signed-in users that is 10,000 filters per
+message; in a busy room most of the broker's time goes to those per-copy costs.
+
+``ImBroker`` (imcli/broker/server.py) uses three things from here instead:
+
+* ``FilterIndex``: subscription filters by their literal head (``im/user/alice`` for
+  ``im/user/alice/#``), so a message is matched against the few filters that can match it;
+* ``RetainedIndex``: retained topics by their first two and three levels, so a SUBSCRIBE
+  looks only at the retained messages under its filter's literal head;
+* ``Deliveries``: the copies of a batch of messages, encoded once per message and written
+  to each connection with one ``write`` per batch (and per event-loop round); a QoS 1 copy registers amqtt's PUBACK
+  waiter and in-flight record (a future with a callback, not a task).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from amqtt.errors import AMQTTError
+from amqtt.session import OutgoingApplicationMessage, Session
+
+log = logging.getLogger(__name__)
+
+INDEX_DEPTH = 3  # levels of a filter's literal head used as an index key: im/user/<name>
+
+
+def literal_head(topic_filter: str) -> tuple[str, ...]:
+    """The levels before the first wildcard, at most ``INDEX_DEPTH`` of them."""
+    head = []
+    for level in topic_filter.split("/")[:INDEX_DEPTH]:
+        if level in ("+", "#"):
+            break
+        head.append(level)
+    return tuple(head)
+
+
+class FilterIndex:
+    """Which subscription filters can match a topic: those whose literal head is a prefix of it.
+
+    Filters are only added (amqtt deletes them from ``Broker._subscriptions`` in several
+    places); a filter whose subscriptions are gone is skipped by the caller and dropped
+    here by ``discard``.
+    """
+
+    def __init__(self) -> None:
+        self._by_head: dict[tuple[str, ...], set[str]] = defaultdict(set)
+        self._head: dict[str, tuple[str, ...]] = {}
+
+    def add(self, topic_filter: str) -> None:
+        if topic_filter not in self._head:
+            head = literal_head(topic_filter)
+            self._head[topic_filter] = head
+            self._by_head[head].add(topic_filter)
+
+    def discard(self, topic_filter: str) -> None:
+        head = self._head.pop(topic_filter, None)
+        if head is not None:
+            bucket = self._by_head[head]
+            bucket.discard(topic_filter)
+            if not bucket:
+                del self._by_head[head]
+
+    def candidates(self, topic: str) -> Iterator[str]:
+        levels = topic.split("/", INDEX_DEPTH)[:INDEX_DEPTH]
+        for depth in range(len(levels) + 1):
+            bucket = self._by_head.get(tuple(levels[:depth]))
+            if bucket:
+                yield from list(bucket)
+
+    def __len__(self) -> int:
+        return len(self._head)
+
+
+class RetainedIndex:
+    """Retained topics by their first two and first three levels."""
+
+    def __init__(self) -> None:
+        self._by_head: dict[tuple[str, ...], set[str]] = defaultdict(set)
+
+    @staticmethod
+    def _heads(topic: str) -> Iterator[tuple[str, ...]]:
+        levels = topic.split("/", INDEX_DEPTH)
+        for depth in (2, INDEX_DEPTH):
+            if len(levels) >= depth:
+                yield tuple(levels[:depth])
+
+    def add(self, topic: str) -> None:
+        for head in self._heads(topic):
+            self._by_head[head].add(topic)
+
+    def discard(self, topic: str) -> None:
+        for head in self._heads(topic):
+            bucket = self._by_head.get(head)
+            if bucket is not None:
+                bucket.discard(topic)
+                if not bucket:
+                    del self._by_head[head]
+
+    def under(self, topic_filter: str, every_topic: Iterable[str]) -> list[str]:
+        """Topics that may match ``topic_filter``: a bucket when its head is long enough, else all."""
+        head = literal_head(topic_filter)
+        if len(head) >= 2:
+            return list(self._by_head.get(head, ()))
+        return list(every_topic)
+
+
+def _remaining_length(length: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        out.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes(out)
+
+
+class EncodedPublish:
+    """One message's PUBLISH packet, encoded once; QoS 1 copies differ only in the packet id."""
+
+    __slots__ = ("data", "qos0", "qos1_head", "topic")
+
+    def __init__(self, topic: str, data: bytes) -> None:
+        self.topic, self.data = topic, data
+        name = topic.encode()
+        variable = len(name).to_bytes(2, "big") + name
+        self.qos0 = b"\x30" + _remaining_length(len(variable) + len(data)) + variable + data
+        self.qos1_head = b"\x32" + _remaining_length(len(variable) + 2 + len(data)) + variable
+
+
+class Deliveries:
+    """The copies of a batch of messages, by connection; ``flush`` writes each connection's once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._chunks: dict[Any, list[bytes]] = {}
+        self._flush_scheduled = False
+
+    def flush_soon(self) -> None:
+        """Write at the end of this event-loop round: copies queued meanwhile share the write."""
+        if not self._flush_scheduled and self._chunks:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def add(self, handler: Any, session: Session, message: EncodedPublish, qos: int) -> None:
+        chunks = self._chunks.get(handler)
+        if chunks is None:
+            chunks = self._chunks[handler] = []
+        if qos == 0:
+            chunks.append(message.qos0)
+            return
+        try:
+            packet_id = session.next_packet_id
+        except AMQTTError:
+            log.warning("message on %s not delivered to %s: 65535 messages in flight", message.topic, session.client_id)
+            return
+        self._await_puback(handler, session, packet_id, message)
+        chunks += (message.qos1_head, packet_id.to_bytes(2, "big"), message.data)
+
+    def _await_puback(self, handler: Any, session: Session, packet_id: int, message: EncodedPublish) -> None:
+        # what amqtt's _handle_qos1_message_flow records, so that its PUBACK handler, its
+        # redelivery on reconnect and its cleanup on disconnect all work unchanged
+        outgoing = OutgoingApplicationMessage(packet_id, message.topic, 1, message.data, False)
+        session.inflight_out[packet_id] = outgoing
+        waiter: asyncio.Future[Any] = self._loop.create_future()
+        waiters = handler._puback_waiters  # amqtt private: the PUBACK handler resolves these
+        waiters[packet_id] = waiter
+
+        def acknowledged(done: asyncio.Future[Any]) -> None:
+            if not done.cancelled():
+                outgoing.puback_packet = done.result()
+            if waiters.get(packet_id) is done:
+                del waiters[packet_id]
+            if session.inflight_out.get(packet_id) is outgoing:
+                del session.inflight_out[packet_id]
+
+        waiter.add_done_callback(acknowledged)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        for handler, chunks in self._chunks.items():
+            writer = handler.writer
+            if writer is None:
+                continue
+            try:
+                writer.write(b"".join(chunks))
+            except (ConnectionError, RuntimeError) as exc:  # closing: its reader loop ends the session
+                log.debug("delivery to a closing connection dropped: %s", exc)
+        self._chunks.clear()

@@ -1,0 +1,80 @@
+"""``imcli say`` without Typer or pydantic (issue 7).
+
+``imcli say`` is what scripts and bots run in a loop, and Typer 0.29 alone takes longer to
+import and build than a whole paho publish. So :func:`main` reads the plain form of the
+command itself::
+
+    imcli say TEXT [--room/-r ROOM] [--host HOST] [--port PORT]
+
+(``--opt=value`` too, with IMCLI_HOST and IMCLI_PORT as defaults) and sends it with
+:mod:`imcli.client.send`. Anything else (help, an unknown or repeated option, ``--``, a value that
+Typer would refuse or read differently) goes to the Typer app, which owns the command's
+definition, help and errors: this parser only ever steps aside or agrees with it.
+tests/test_quick.py checks that over generated argument lists, and that ``imcli say``
+imports neither Typer nor pydantic.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+_OPTIONS = {"--room": "room", "-r": "room", "--host": "host", "--port": "port"}
+_ENVIRONMENT = {"host": "IMCLI_HOST", "port": "IMCLI_PORT"}
+_PORT = re.compile(r"[1-9][0-9]{0,4}")
+
+
+@dataclass(frozen=True)
+class SayArgs:
+    """What ``imcli say`` was asked to do, as Typer's ``say`` command receives it."""
+
+    text: str
+    room: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+
+def parse_say(argv: Sequence[str], environ: Mapping[str, str]) -> SayArgs | None:
+    """``argv`` (without the program name) as a plain ``say``, or ``None`` for Typer to handle."""
+    if not argv or argv[0] != "say":
+        return None
+    text: str | None = None
+    given: dict[str, str] = {}
+    rest = list(argv[1:])
+    while rest:
+        arg = rest.pop(0)
+        name, eq, value = arg.partition("=")
+        if arg.startswith("--") and eq and name in _OPTIONS:
+            key = _OPTIONS[name]
+        elif arg in _OPTIONS and rest:
+            key, value = _OPTIONS[arg], rest.pop(0)
+        elif arg == "-" or (arg and not arg.startswith("-")):
+            if text is not None:
+                return None  # a second argument: Typer's error
+            text = arg
+            continue
+        else:
+            return None  # --help, --, an unknown option, an option without its value
+        if key in given or not value or value.startswith("-"):
+            return None
+        given[key] = value
+    for key, variable in _ENVIRONMENT.items():
+        if key not in given and environ.get(variable):
+            given[key] = environ[variable]
+    port = given.get("port")
+    if text is None or (port is not None and not _PORT.fullmatch(port)):
+        return None
+    return SayArgs(text, given.get("room"), given.get("host"), int(port) if port else None)
+
+
+def run_say(args: SayArgs) -> str:
+    """Send the line; returns the room it went to. Typer's ``say`` command calls this too."""
+    from imcli.client.identity import max_payload_bytes, message_text, signed_in
+    from imcli.client.send import say_text
+    from imcli.core.topics import DEFAULT_ROOM, check_name
+
+    room = check_name(args.room or DEFAULT_ROOM, "room name")
+    identity = signed_in(args.host, args.port)
+    say_text(identity, room, message_text(args.text), max_payload_bytes())
+    return room

@@ -1,0 +1,145 @@
+"""``imcli workers``: the presence, group and archive workers alone, against a broker run
+elsewhere (Mosquitto, EMQX, or another ``imcli serve``). ``imcli serve`` runs the same three
+inside it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from imcli.cli.common import (
+    HostOpt,
+    PortOpt,
+    console,
+)
+from imcli.client.identity import broker_address
+from imcli.core.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from imcli.core.service import ServiceWorker
+
+
+def password_variable(account: str) -> str:
+    return f"IMCLI_{account.upper().replace('-', '_')}_PASSWORD"
+
+
+def _passwords(from_stdin: bool, accounts: list[str]) -> list[str]:
+    """One password per service account: stdin lines in order, else IMCLI_<ACCOUNT>_PASSWORD, else a prompt."""
+    found: list[str] = []
+    for account in accounts:
+        if from_stdin:
+            value = sys.stdin.readline().rstrip("\r\n")
+        else:
+            value = os.environ.get(password_variable(account), "")
+            if not value and sys.stdin.isatty():
+                value = typer.prompt(f"Password of {account}", hide_input=True)
+        if not value:
+            raise InvalidInput(
+                f"no password for the service account {account!r}",
+                f"give one line per account on stdin (--password-stdin: {', '.join(accounts)}) "
+                f"or set {password_variable(account)}",
+            )
+        found.append(value)
+    return found
+
+
+def workers(
+    host: HostOpt = None,
+    port: PortOpt = None,
+    presence_account: Annotated[str, typer.Option(help="Service account of the presence worker.")] = "presence",
+    groups_account: Annotated[str, typer.Option(help="Service account of the group worker.")] = "groups",
+    archive_account: Annotated[str, typer.Option(help="Service account of the archive worker.")] = "archive",
+    password_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--password-stdin",
+            help="Read the passwords from stdin, one line each: presence's, groups', archive's (unless --no-archive).",
+        ),
+    ] = False,
+    accounts_file: Annotated[
+        Path | None,
+        typer.Option(help="Mosquitto password file, to know every account (else: only accounts seen online)."),
+    ] = None,
+    dynsec: Annotated[
+        bool,
+        typer.Option("--dynsec", help="Enforce groups and dm-policy on Mosquitto through its dynamic-security plugin."),
+    ] = False,
+    archive: Annotated[
+        bool, typer.Option("--archive/--no-archive", help="Run the archive worker (history, offline catch-up).")
+    ] = True,
+    archive_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--archive-dir",
+            help="Directory of the archive's archive.sqlite3 [default: the per-user data dir's workers/]",
+        ),
+    ] = None,
+    history_days: Annotated[
+        float | None, typer.Option(help="Keep archived messages this many days [default: for ever].")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the workers do.")] = False,
+) -> None:
+    """Run the presence, group and archive workers against an external broker, until Ctrl-C or SIGTERM."""
+    import logging
+    import signal
+    import threading
+
+    from imcli.archive.worker import ArchiveWorker
+    from imcli.client.config import default_workers_dir
+    from imcli.core.mqtt import Credentials
+    from imcli.core.service import PasswordFileDirectory
+    from imcli.core.wire import check_name
+    from imcli.groups.worker import GroupWorker
+    from imcli.presence.worker import PresenceWorker
+
+    accounts = [presence_account, groups_account] + ([archive_account] if archive else [])
+    for account in (presence_account, groups_account, archive_account):  # the archive's also names a dynsec role
+        check_name(account, "service account name")
+    if len(set(accounts)) != len(accounts):
+        raise InvalidInput(f"the {len(accounts)} workers need {len(accounts)} service accounts", "give different names")
+    if history_days is not None and (history_days <= 0 or not archive):
+        raise InvalidInput(
+            f"invalid --history-days {history_days:g}", "give a number of days above 0, with the archive"
+        )
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    directory = PasswordFileDirectory(accounts_file.expanduser()) if accounts_file is not None else None
+    passwords = dict(zip(accounts, _passwords(password_stdin, accounts), strict=True))
+    address = broker_address(host, port)
+    data_dir = (archive_dir or default_workers_dir()).expanduser()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def creds(account: str) -> Credentials:
+        return Credentials(account, passwords[account])
+
+    makers: list[Callable[[], ServiceWorker]] = [
+        lambda: PresenceWorker(address, creds(presence_account), directory, device="workers"),
+        lambda: GroupWorker(
+            address, creds(groups_account), directory, device="workers", dynsec=dynsec, dm_readers=(archive_account,)
+        ),
+    ]
+    if archive:
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise InvalidInput(f"cannot create the archive directory {data_dir}: {exc}", "check --archive-dir") from exc
+        makers.append(
+            lambda: ArchiveWorker(
+                address, creds(archive_account), data_dir, device="workers", retention_days=history_days
+            )
+        )
+    with contextlib.ExitStack() as stack:
+        for make in makers:  # made one by one: a worker that fails to start closes those before it
+            stack.enter_context(make())
+        mode = "; groups enforced through dynamic security" if dynsec else ""
+        where = f"; archive in {data_dir}" if archive else "; no archive"
+        console().print(f"workers running as {', '.join(accounts)} on {address}{mode}{where} (Ctrl-C to stop)")
+        sys.stdout.flush()
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait()

@@ -1,0 +1,107 @@
+"""Who is talking to which broker: options, environment and the stored profile made into an
+:class:`Identity`. The standard library and paho only, so that ``imcli say`` starts fast
+(issue 7); every command that talks to a broker starts here.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from imcli.core.errors import InvalidInput
+from imcli.core.topics import DEFAULT_MAX_PAYLOAD, Topics
+
+if TYPE_CHECKING:
+    from imcli.client.config import Profile
+    from imcli.core.mqtt import BrokerAddress, Credentials
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is talking to which broker, from which device."""
+
+    address: BrokerAddress
+    credentials: Credentials
+    device: str
+    topics: Topics = field(default_factory=Topics)
+
+    @property
+    def account(self) -> str:
+        return self.credentials.username
+
+    def client_id(self, purpose: str | None = None) -> str:
+        """``<account>:<device>``; one-shot commands add a random suffix so they never take
+        over (or flap) the device's long-lived session."""
+        suffix = f"-{purpose}{secrets.token_hex(3)}" if purpose else ""
+        return f"{self.account}:{self.device}{suffix}"
+
+
+def broker_address(
+    host: str | None,
+    port: int | None,
+    profile: Profile | None = None,
+    *,
+    tls: bool | None = None,
+    ca: Path | None = None,
+) -> BrokerAddress:
+    """Options first, then IMCLI_TLS/IMCLI_CA, then the profile, then plain 127.0.0.1:1883."""
+    from imcli.core.mqtt import BrokerAddress
+
+    if port is not None and not 0 < port < 65536:
+        raise InvalidInput(f"invalid port {port}", "use 1-65535")
+    if ca is None and os.environ.get("IMCLI_CA"):
+        ca = Path(os.environ["IMCLI_CA"])
+    if tls is None and os.environ.get("IMCLI_TLS"):
+        tls = os.environ["IMCLI_TLS"].strip().lower() not in ("0", "no", "false", "off")
+    if ca is not None:
+        if not ca.expanduser().is_file():
+            raise InvalidInput(f"no CA file {ca}", "give the PEM file of the CA that signed the broker's certificate")
+        ca_file: str | None = str(ca.expanduser().resolve())  # the profile is used from any directory
+        tls = True if tls is None else tls
+    else:
+        ca_file = profile.ca if profile else None
+    return BrokerAddress(
+        host or (profile.host if profile else "127.0.0.1"),
+        port if port is not None else (profile.port if profile else 1883),
+        tls if tls is not None else bool(profile and profile.tls),
+        ca_file,
+    )
+
+
+def signed_in(host: str | None, port: int | None) -> Identity:
+    from imcli.client.config import load_profile
+
+    profile = load_profile()
+    return Identity(broker_address(host, port, profile), profile.credentials, profile.device)
+
+
+def message_text(text: str) -> str:
+    return sys.stdin.read() if text == "-" else text
+
+
+def heartbeat_seconds() -> float:
+    from imcli.core.wire import DEFAULT_HEARTBEAT
+
+    raw = os.environ.get("IMCLI_HEARTBEAT")
+    if raw is None:
+        return DEFAULT_HEARTBEAT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 1 <= value <= 3600:
+        raise InvalidInput(f"invalid IMCLI_HEARTBEAT {raw!r}", "give seconds between 1 and 3600")
+    return value
+
+
+def max_payload_bytes() -> int:
+    raw = os.environ.get("IMCLI_MAX_PAYLOAD")
+    if raw is None:
+        return DEFAULT_MAX_PAYLOAD
+    if not raw.isdigit() or int(raw) < 64:
+        raise InvalidInput(f"invalid IMCLI_MAX_PAYLOAD {raw!r}", "give a number of bytes, at least 64")
+    return int(raw)

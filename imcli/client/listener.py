@@ -1,0 +1,316 @@
+"""Receiving: what a client shows for an MQTT message, and the long-lived ``Listener``.
+
+The listener is one connection that does everything a terminal client needs: it
+receives rooms, direct and group messages, notices and events, announces the device
+online, asks the workers (request/reply on the same connection) and publishes. With a
+``session`` name it keeps a persistent MQTT session, so the broker queues direct and
+group messages (QoS 1) while the device is away; they arrive first on the next start,
+before the SUBACK of our subscription, and are marked ``missed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+
+from imcli.client.identity import Identity
+from imcli.client.services import REQUEST_TIMEOUT, no_worker
+from imcli.core.errors import ImcliError
+from imcli.core.mqtt import ConnectionListener, Message, MqttClient, Will
+from imcli.core.wire import (
+    DEFAULT_HEARTBEAT,
+    DeviceStatus,
+    Event,
+    Friends,
+    MalformedPayload,
+    Notice,
+    Payload,
+    Presence,
+    Received,
+    TopicKind,
+    Topics,
+    WireModel,
+    chat_received,
+    check_name,
+    decode,
+    decode_as,
+    encode,
+    new_id,
+)
+
+_SHOWN = (TopicKind.ROOM, TopicKind.DM, TopicKind.GROUP_MSG, TopicKind.NOTICE, TopicKind.EVENTS)
+
+
+class RecentIds:
+    """Message ids seen lately: QoS 1 is at-least-once, so duplicates are dropped here."""
+
+    def __init__(self, capacity: int = 10_000, initial: list[str] | None = None) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict.fromkeys(initial or [])
+        self._capacity = capacity
+
+    def seen(self, message_id: str) -> bool:
+        if message_id in self._ids:
+            return True
+        self._ids[message_id] = None
+        if len(self._ids) > self._capacity:
+            self._ids.popitem(last=False)
+        return False
+
+    def newest(self, n: int) -> list[str]:
+        return list(self._ids)[-n:]
+
+
+def seen_key(item: Received) -> str:
+    """Ids are chosen by senders, so one sender cannot hide another's message by reusing its id."""
+    return f"{item.sender or ''}/{item.id}"
+
+
+def content_key(item: Received) -> str:
+    """What a plain-text line (a bot's ``mosquitto_pub -m``) says, where and from whom: such a
+    line carries no id, every reader makes one up, so copies of it are matched by this."""
+    digest = hashlib.sha256(item.text.encode()).hexdigest()[:32]
+    return f"{item.kind}/{item.room or item.group or item.to or ''}/{item.sender or ''}/{digest}"
+
+
+def to_received(topics: Topics, message: Message) -> Received | None:
+    """What a client shows for one MQTT message; ``None`` for topics it does not display."""
+    parsed = topics.parse(message.topic)
+    if parsed is None or parsed.kind not in _SHOWN:
+        return None
+    try:
+        if parsed.kind is TopicKind.EVENTS:
+            event = decode_as(message.payload, Event)
+            return Received(
+                kind="event", sender=event.account, nick=event.nick, id=event.id, ts=event.ts, text=event_text(event)
+            )
+        if parsed.kind is TopicKind.NOTICE:
+            notice = decode_as(message.payload, Notice)
+            return Received(kind="notice", id=notice.id, ts=notice.ts, text=notice.text)
+        return chat_received(parsed, message.payload)
+    except MalformedPayload as exc:
+        return Received(
+            kind="malformed", sender=parsed.sender, id=new_id(), ts=time.time(), text=f"{message.topic}: {exc}"
+        )
+
+
+def event_text(event: Event) -> str:
+    if event.event == "rename":
+        return f"{event.old_nick} is now known as {event.nick}"
+    who = event.nick if event.nick == event.account else f"{event.nick} ({event.account})"
+    return f"{who} is {'online' if event.event == 'join' else 'offline'}"
+
+
+class Listener:
+    """Rooms, direct messages, notices and events as they arrive; reconnects by itself.
+
+    While it runs, the device is online: a retained status on
+    ``<prefix>/status/<me>/<device>`` repeated every ``heartbeat`` seconds, an empty
+    retained Last Will that clears it if the process dies, and a clear on a clean exit.
+    ``with Listener(identity) as l: for item in l: ...``
+
+    ``session``: a stable name for this device's persistent session (client id
+    ``<me>:<session>``); ``None`` for a throw-away clean session.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        rooms: list[str] | None = None,
+        on_connection: ConnectionListener | None = None,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+        *,
+        session: str | None = None,
+        seen: RecentIds | None = None,
+    ) -> None:
+        self.identity = identity
+        topics = identity.topics
+        room_filters = (
+            [topics.room_filter(check_name(r, "room name")) for r in rooms] if rooms else [topics.room_filter()]
+        )
+        self._filters = [
+            *room_filters,
+            topics.user_filter(identity.account),  # DMs, replies, notices, my friends record
+            topics.group_msg_filter(),  # every group: the broker delivers only my groups' messages
+            topics.presence_filter(),
+            topics.events(),
+        ]
+        client_id = f"{identity.account}:{session}" if session else identity.client_id("listen")
+        self.device = client_id.split(":", 1)[1]
+        self._status_topic = topics.status(identity.account, self.device)
+        self._heartbeat = heartbeat
+        self._user_on_connection = on_connection
+        self._client = MqttClient(
+            identity.address,
+            identity.credentials,
+            client_id,
+            clean_session=session is None,
+            reconnect=True,
+            will=Will(self._status_topic, b"", qos=1, retain=True),
+            on_message=self._route,
+            on_connection=self._connection_changed,
+        )
+        self.seen = seen or RecentIds()
+        self.nicks: dict[str, str] = {}
+        self.online: set[str] = set()  # accounts the presence worker says are online
+        self._inbox: queue.Queue[tuple[Message, bool]] = queue.Queue()
+        self._catching_up = True  # until our SUBACK: what arrives first was queued while we were away
+        self._waiting: dict[str, queue.Queue[Message]] = {}
+        self._waiting_lock = threading.Lock()
+        self._requests_shown: set[str] = set()
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._beat_loop, name="imcli-heartbeat", daemon=True)
+
+    def __enter__(self) -> Listener:
+        self._client.connect()
+        try:
+            self._client.subscribe(self._filters)
+            self._catching_up = False
+            self._client.publish(self._status_topic, self._status(), qos=1, retain=True)
+        except ImcliError:
+            self._client.close()
+            raise
+        self._beat.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Say offline (clear the device's status) and disconnect."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._client.connected:
+            # if the broker is gone, the Last Will or the worker's expiry says offline instead
+            with contextlib.suppress(ImcliError):
+                self._client.publish(self._status_topic, b"", qos=1, retain=True)
+        self._client.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._stop.is_set()
+
+    # ---------------------------------------------------------------- talking on the same connection
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 1 and wait for the broker's acknowledgement (any thread but paho's)."""
+        self._client.publish(topic, payload, qos=1)
+
+    def ask(self, request: WireModel, timeout: float = REQUEST_TIMEOUT) -> Payload:
+        """Request/reply over this connection (``imcli.client.services.Asker``); our user filter covers the reply."""
+        topics, me = self.identity.topics, self.identity.account
+        corr = new_id()
+        box: queue.Queue[Message] = queue.Queue(maxsize=1)
+        with self._waiting_lock:
+            self._waiting[corr] = box
+        try:
+            self._client.publish(topics.request(me, corr), encode(request), qos=1)
+            try:
+                reply = box.get(timeout=timeout)
+            except queue.Empty:
+                raise no_worker(timeout) from None
+        finally:
+            with self._waiting_lock:
+                self._waiting.pop(corr, None)
+        try:
+            return decode(reply.payload)
+        except MalformedPayload as exc:
+            raise ImcliError(f"a worker sent a malformed reply: {exc}") from exc
+
+    # ---------------------------------------------------------------- receiving
+
+    def _route(self, message: Message) -> None:  # paho's thread
+        parsed = self.identity.topics.parse(message.topic)
+        if parsed is not None and parsed.kind is TopicKind.REPLY and parsed.key is not None:
+            with self._waiting_lock:
+                box = self._waiting.get(parsed.key)
+            if box is not None:
+                with contextlib.suppress(queue.Full):
+                    box.put_nowait(message)
+            return  # a late reply to a request that timed out
+        self._inbox.put((message, self._catching_up))
+
+    def __iter__(self) -> Iterator[Received]:
+        while not self._stop.is_set():
+            if self._client.fatal is not None:
+                raise self._client.fatal
+            try:
+                message, missed = self._inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            yield from self.process(message, missed)
+
+    def pending(self) -> Iterator[Received]:
+        """What has arrived so far, without waiting (for a client that merges it with history)."""
+        while True:
+            try:
+                message, missed = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            yield from self.process(message, missed)
+
+    def process(self, message: Message, missed: bool = False) -> Iterator[Received]:
+        parsed = self.identity.topics.parse(message.topic)
+        if parsed is not None and parsed.kind is TopicKind.PRESENCE:
+            self._remember_nick(message.payload)
+            return
+        if parsed is not None and parsed.kind is TopicKind.FRIENDS:
+            yield from self._new_requests(message.payload)
+            return
+        item = to_received(self.identity.topics, message)
+        if item is not None and missed and item.kind == "event":
+            return  # "bob is online" from hours ago: presence records say how things are now
+        if item is None or (item.kind != "malformed" and self.seen.seen(seen_key(item))):
+            return
+        if item.kind == "event" and item.sender and item.nick:
+            self.nicks[item.sender] = item.nick
+        elif item.sender and self.nicks.get(item.sender, item.sender) != item.sender:
+            item = item.model_copy(update={"nick": self.nicks[item.sender]})
+        if missed and item.kind in ("dm", "group", "room"):
+            item = item.model_copy(update={"missed": True})
+        yield item
+
+    def _new_requests(self, payload: bytes) -> Iterator[Received]:
+        """Friend requests waiting in my retained record: they reach me even if I was offline."""
+        try:
+            record = decode_as(payload, Friends)
+        except MalformedPayload:
+            return
+        self._requests_shown &= set(record.incoming)  # a request asked again after a decline shows again
+        for asker in record.incoming:
+            if asker not in self._requests_shown:
+                self._requests_shown.add(asker)
+                text = f"{asker} wants to be your friend (imcli friend accept {asker})"
+                yield Received(kind="notice", sender=asker, id=new_id(), ts=time.time(), text=text)
+
+    def _remember_nick(self, payload: bytes) -> None:
+        try:
+            record = decode_as(payload, Presence)
+        except MalformedPayload:
+            return
+        self.nicks[record.account] = record.nick
+        if record.state == "online":
+            self.online.add(record.account)
+        else:
+            self.online.discard(record.account)
+
+    # ---------------------------------------------------------------- online status
+
+    def _status(self) -> bytes:
+        return encode(DeviceStatus(interval=self._heartbeat))
+
+    def _connection_changed(self, up: bool) -> None:
+        if up:  # paho's thread: announce again without waiting
+            self._client.publish_nowait(self._status_topic, self._status(), qos=1, retain=True)
+        if self._user_on_connection is not None:
+            self._user_on_connection(up)
+
+    def _beat_loop(self) -> None:
+        while not self._stop.wait(self._heartbeat):
+            if self._client.connected:
+                self._client.publish_nowait(self._status_topic, self._status(), qos=1, retain=True)

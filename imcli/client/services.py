@@ -1,0 +1,360 @@
+"""Client services: accounts, sending, request/reply and listening. No Typer, no Rich.
+
+Every function takes what it needs (address, credentials, topics) explicitly, so bots
+and tests can call them without the CLI.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Literal, Protocol, TypeVar
+
+from imcli.client.identity import Identity
+from imcli.client.send import check_size, clean_text, publish_to_room
+from imcli.core.errors import (
+    AccountError,
+    AuthenticationFailed,
+    ImcliError,
+    InvalidInput,
+    NameTaken,
+    NotAllowed,
+    NotFound,
+    RequestTimeout,
+)
+from imcli.core.mqtt import BrokerAddress, Credentials, MqttClient
+from imcli.core.wire import (
+    DEFAULT_MAX_PAYLOAD,
+    HISTORY_MAX,
+    NICK_RULE,
+    ChatMessage,
+    DmPolicy,
+    ErrorReply,
+    FriendOp,
+    FriendReply,
+    FriendRequest,
+    Friends,
+    GroupList,
+    GroupOp,
+    GroupReply,
+    GroupRequest,
+    HistoryReply,
+    HistoryRequest,
+    MalformedPayload,
+    Payload,
+    Presence,
+    Received,
+    Renamed,
+    RenameRequest,
+    Resolved,
+    ResolveRequest,
+    Roster,
+    TopicKind,
+    WhoRequest,
+    WireModel,
+    check_name,
+    decode,
+    encode,
+    is_nick,
+    new_id,
+)
+
+_R = TypeVar("_R")
+
+REGISTER_PREFIX = "register:"
+REQUEST_TIMEOUT = 5.0
+
+
+# ---------------------------------------------------------------- accounts
+
+
+def register(address: BrokerAddress, name: str, password: str) -> None:
+    """Create an account on a broker with open registration."""
+    check_name(name)
+    creds = Credentials(REGISTER_PREFIX + name, password)
+    try:
+        with MqttClient(address, creds, REGISTER_PREFIX + name):
+            pass
+    except AuthenticationFailed as exc:
+        if exc.code == 4:
+            raise NameTaken(f"cannot register {name!r}: the name is taken or reserved", "choose another name") from exc
+        if exc.code == 5:
+            raise AccountError(  # imcli serve --registration closed, or Mosquitto (no self-registration)
+                "registration is closed on this broker",
+                "ask its operator to make the account: "
+                "'imcli admin user add NAME' for imcli serve, mosquitto_passwd for Mosquitto",
+            ) from exc
+        raise
+
+
+def verify_login(address: BrokerAddress, credentials: Credentials, device: str) -> None:
+    """Connect once to check the credentials."""
+    try:
+        with MqttClient(address, credentials, f"{credentials.username}:{device}-login{secrets.token_hex(3)}"):
+            pass
+    except AuthenticationFailed as exc:
+        if exc.code == 4:
+            raise AuthenticationFailed(
+                "wrong account name or password",
+                "check both, or create the account with 'imcli register NAME'",
+                code=4,
+            ) from exc
+        if exc.code == 5:  # Mosquitto's answer to a wrong password; ours beyond --max-connections
+            raise AuthenticationFailed(
+                f"the broker did not let {credentials.username} in (not authorized)",
+                "check the name and password; close other sessions if the broker limits connections",
+                code=5,
+            ) from exc
+        raise
+
+
+def drop_device_sessions(address: BrokerAddress, credentials: Credentials, device: str) -> bool:
+    """End the persistent sessions of ``imcli chat`` and ``listen`` on this device (a clean
+    CONNECT with their client ids makes the broker forget them); ``False`` if unreachable."""
+    for session in (device, f"{device}.listen"):
+        try:
+            with MqttClient(address, credentials, f"{credentials.username}:{session}", timeout=3.0):
+                pass
+        except AuthenticationFailed:
+            return True  # the account is gone, and its sessions cannot be resumed
+        except ImcliError:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------- sending
+
+
+def prepare_text(text: str, max_payload: int = DEFAULT_MAX_PAYLOAD) -> ChatMessage:
+    """Build the message for ``text``, refusing empty and over-long ones before sending."""
+    message = ChatMessage(text=clean_text(text))
+    check_size(len(encode(message)), max_payload)
+    return message
+
+
+def say(identity: Identity, room: str, message: ChatMessage) -> None:
+    publish_to_room(identity, room, encode(message))
+
+
+def send_dm(identity: Identity, name: str, message: ChatMessage) -> str:
+    """Resolve ``name`` (account or nickname) and send; returns the recipient's account."""
+    with MqttClient(identity.address, identity.credentials, identity.client_id("dm")) as client:
+        requests = Requests(client, identity)
+        to = resolve(requests, name)
+        check_can_dm(requests, to)
+        client.publish(identity.topics.dm(to, identity.account), encode(message), qos=1)
+    return to
+
+
+def check_can_dm(asker: Asker, to: str) -> None:
+    """The broker would drop a refused DM silently (the PUBACK comes anyway): ask first."""
+    if not expect(asker.ask(FriendRequest(op="can_dm", user=to)), FriendReply).allowed:
+        raise NotAllowed(f"{to} accepts direct messages from friends only", f"ask first: imcli friend add {to}")
+
+
+def friend_request(
+    identity: Identity, op: FriendOp, user: str | None = None, policy: DmPolicy | None = None
+) -> Friends:
+    if user is not None:
+        check_name(user.removeprefix("@"))
+    request = FriendRequest(op=op, user=user, dm_policy=policy)
+    with MqttClient(identity.address, identity.credentials, identity.client_id("friend")) as client:
+        return expect(Requests(client, identity).ask(request), FriendReply).record
+
+
+def resolve(asker: Asker, name: str) -> str:
+    wanted = name.removeprefix("@").strip()
+    if not wanted:
+        raise InvalidInput("empty recipient name")
+    reply = asker.ask(ResolveRequest(name=wanted))
+    if isinstance(reply, ErrorReply) and reply.code == "not_found":
+        raise NotFound(f"unknown recipient {wanted!r}", "check the name with 'imcli who --all'")
+    return expect(reply, Resolved).account
+
+
+def who(identity: Identity, include_offline: bool = False) -> list[Presence]:
+    with MqttClient(identity.address, identity.credentials, identity.client_id("who")) as client:
+        return ask_who(Requests(client, identity), include_offline)
+
+
+def ask_who(asker: Asker, include_offline: bool = False) -> list[Presence]:
+    return expect(asker.ask(WhoRequest(all=include_offline)), Roster).users
+
+
+def rename(identity: Identity, nick: str) -> str:
+    check_nick(nick)
+    with MqttClient(identity.address, identity.credentials, identity.client_id("nick")) as client:
+        return ask_rename(Requests(client, identity), nick)
+
+
+def check_nick(nick: str) -> str:
+    if not is_nick(nick):
+        raise InvalidInput(f"invalid nickname {nick!r}", NICK_RULE)
+    return nick
+
+
+def ask_rename(asker: Asker, nick: str) -> str:
+    reply = asker.ask(RenameRequest(nick=check_nick(nick)))
+    if isinstance(reply, ErrorReply) and reply.code == "taken":
+        raise NameTaken(f"the nickname {nick!r} is taken", "choose another one")
+    return expect(reply, Renamed).nick
+
+
+_ERRORS: dict[str, type[ImcliError]] = {
+    "not_found": NotFound,
+    "taken": NameTaken,
+    "invalid": InvalidInput,
+    "denied": NotAllowed,
+}
+
+
+def group_request(
+    identity: Identity, op: GroupOp, group: str = "", user: str | None = None, private: bool = False
+) -> GroupReply | GroupList:
+    if op != "list":
+        check_name(group, "group name")
+    request = GroupRequest(op=op, group=group, user=user, private=private)
+    with MqttClient(identity.address, identity.credentials, identity.client_id("group")) as client:
+        reply = Requests(client, identity).ask(request)
+    if isinstance(reply, GroupList):
+        return reply
+    return expect(reply, GroupReply)
+
+
+def group_say(identity: Identity, group: str, message: ChatMessage) -> None:
+    """Send to a group, after checking membership (the broker would drop it silently)."""
+    check_name(group, "group name")
+    with MqttClient(identity.address, identity.credentials, identity.client_id("gsay")) as client:
+        check_member(Requests(client, identity), group, identity.account)
+        client.publish(identity.topics.group_msg(group, identity.account), encode(message), qos=1)
+
+
+def check_member(asker: Asker, group: str, me: str) -> None:
+    reply = expect(asker.ask(GroupRequest(op="members", group=check_name(group, "group name"))), GroupReply)
+    if reply.group is None or me not in reply.group.members:
+        raise NotAllowed(f"you are not a member of #{group}", f"join it first: imcli group join {group}")
+
+
+# ---------------------------------------------------------------- history
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Where a line goes or comes from: a room (``lobby``), a person (``@bob``) or a group (``#team``)."""
+
+    kind: Literal["room", "dm", "group"]
+    name: str
+
+    def __str__(self) -> str:
+        return {"room": "", "dm": "@", "group": "#"}[self.kind] + self.name
+
+    @classmethod
+    def parse(cls, text: str) -> Conversation:
+        text = text.strip()
+        if text.startswith("@"):
+            return cls("dm", check_name(text[1:], "account name"))
+        if text.startswith("#"):
+            return cls("group", check_name(text[1:], "group name"))
+        return cls("room", check_name(text, "room name"))
+
+    @classmethod
+    def of(cls, item: Received, me: str) -> Conversation | None:
+        if item.kind == "room" and item.room:
+            return cls("room", item.room)
+        if item.kind == "group" and item.group:
+            return cls("group", item.group)
+        if item.kind == "dm" and item.sender and item.to:
+            return cls("dm", item.to if item.sender == me else item.sender)
+        return None
+
+
+def history(
+    identity: Identity,
+    where: Conversation | None,
+    limit: int = 50,
+    since: float | None = None,
+    before: float | None = None,
+) -> HistoryReply:
+    with MqttClient(identity.address, identity.credentials, identity.client_id("history")) as client:
+        return ask_history(Requests(client, identity), where, limit, since, before)
+
+
+def ask_history(
+    asker: Asker,
+    where: Conversation | None,
+    limit: int = 50,
+    since: float | None = None,
+    before: float | None = None,
+) -> HistoryReply:
+    """Past messages of one conversation, or (``where=None``) of everything I may read."""
+    if not 1 <= limit <= HISTORY_MAX:
+        raise InvalidInput(f"invalid limit {limit}", f"use 1-{HISTORY_MAX}")
+    target: dict[str, str] = {}
+    if where is not None:
+        if where.kind == "dm":
+            target["user"] = resolve(asker, where.name)
+        else:
+            target[where.kind] = where.name
+    request = HistoryRequest(limit=limit, since=since, before=before, **target)
+    try:
+        return expect(asker.ask(request), HistoryReply)
+    except RequestTimeout as exc:
+        raise RequestTimeout(
+            "the archive did not answer", "history needs the archive worker, which 'imcli serve' runs"
+        ) from exc
+
+
+def expect(reply: Payload, kind: type[_R]) -> _R:
+    """The reply if it is a ``kind``; a worker's refusal becomes the matching error."""
+    if isinstance(reply, kind):
+        return reply
+    if isinstance(reply, ErrorReply):
+        raise _ERRORS.get(reply.code, ImcliError)(reply.text)
+    raise ImcliError(f"a worker answered with an unexpected {reply.type!r}")
+
+
+# ---------------------------------------------------------------- request / reply
+
+
+class Asker(Protocol):
+    """Something that sends a request to the workers and returns the reply."""
+
+    def ask(self, request: WireModel) -> Payload: ...
+
+
+class Requests:
+    """Request/reply without MQTT 5: subscribe to our reply topic, publish, wait."""
+
+    def __init__(self, client: MqttClient, identity: Identity, timeout: float = REQUEST_TIMEOUT) -> None:
+        self._client = client
+        self._identity = identity
+        self._timeout = timeout
+        self._subscribed = False
+
+    def ask(self, request: WireModel) -> Payload:
+        topics, me = self._identity.topics, self._identity.account
+        if not self._subscribed:
+            self._client.subscribe([topics.reply_filter(me)])
+            self._subscribed = True
+        corr = new_id()
+        self._client.publish(topics.request(me, corr), encode(request), qos=1)
+        deadline = time.monotonic() + self._timeout
+        while (left := deadline - time.monotonic()) > 0:
+            msg = self._client.get(timeout=left)
+            if msg is None:
+                break
+            parsed = topics.parse(msg.topic)
+            if parsed is None or parsed.kind is not TopicKind.REPLY or parsed.key != corr:
+                continue
+            try:
+                return decode(msg.payload)
+            except MalformedPayload as exc:
+                raise ImcliError(f"a worker sent a malformed reply: {exc}") from exc
+        raise no_worker(self._timeout)
+
+
+def no_worker(timeout: float) -> RequestTimeout:
+    return RequestTimeout(
+        f"no worker answered within {timeout:g}s", "is the presence worker running? 'imcli serve' starts it"
+    )

@@ -1,0 +1,302 @@
+"""The one module that imports paho: an MQTT 3.1.1 client as a context manager.
+
+paho's callbacks are wired here and nowhere else; a paho message becomes our own
+``Message`` at this edge, and paho/OS failures become ``imcli.core.errors`` exceptions
+carrying the MQTT reason. Calls are synchronous and safe from any thread except
+paho's own network thread (``on_message`` runs there: use ``publish_nowait`` in it).
+"""
+
+from __future__ import annotations
+
+import queue
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.reasoncodes import ReasonCode
+
+from imcli.core.errors import AuthenticationFailed, BrokerUnreachable, PublishFailed
+
+# paho 2 reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes; map back for messages
+_CONNACK_V311 = {128: 1, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    tls: bool = False  # verify the broker's certificate and host name, then speak MQTT inside TLS
+    ca: str | None = None  # PEM file of the CA(s) to trust; None: the system's trust store
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+ConnectionListener = Callable[[bool], None]
+
+
+class MqttClient:
+    """One MQTT connection. ``with MqttClient(...) as c:`` connects; leaving disconnects.
+
+    With ``reconnect=True`` a lost connection is re-established in the background with
+    backoff (1 to 4 s) and the subscriptions are renewed; ``on_connection`` hears
+    ``False`` when it drops and ``True`` when it is back.
+    """
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        credentials: Credentials,
+        client_id: str,
+        *,
+        clean_session: bool = True,
+        will: Will | None = None,
+        keepalive: int = 30,
+        timeout: float = 10.0,
+        reconnect: bool = False,
+        on_message: Callable[[Message], None] | None = None,
+        on_connection: ConnectionListener | None = None,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._credentials = credentials
+        self._client_id = client_id
+        self._clean_session = clean_session
+        self._will = will
+        self._keepalive = keepalive
+        self._reconnect = reconnect
+        self._on_message = on_message or self._enqueue
+        self._on_connection = on_connection
+        self._inbox: queue.Queue[Message] = queue.Queue()
+        self._lock = threading.Lock()
+        self._connack = threading.Event()
+        self._connack_rc: ReasonCode | None = None
+        self._suback_codes: dict[int, list[ReasonCode]] = {}
+        self._suback_waiters: dict[int, threading.Event] = {}
+        self._filters: dict[str, int] = {}
+        self._was_connected = False
+        self._closing = False
+        self.fatal: Exception | None = None
+        self._paho: paho.Client | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> MqttClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self._client_id,
+            clean_session=self._clean_session,
+            protocol=paho.MQTTv311,
+        )
+        client.username_pw_set(self._credentials.username, self._credentials.password)
+        if self.address.tls:
+            client.tls_set_context(_tls_context(self.address.ca))
+        if self._will is not None:
+            client.will_set(self._will.topic, self._will.payload, self._will.qos, self._will.retain)
+        client.reconnect_delay_set(min_delay=1, max_delay=4)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_subscribe = self._handle_subscribe
+        self._paho = client
+        try:
+            client.connect(self.address.host, self.address.port, keepalive=self._keepalive)
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            raise _tls_failure(self.address, exc) from exc
+        except TimeoutError as exc:
+            if self.address.tls:  # a plain broker waits for the rest of the "CONNECT" a ClientHello looks like
+                raise BrokerUnreachable(f"no TLS handshake with {self.address}", "does that port speak TLS?") from exc
+            raise BrokerUnreachable(f"no answer from {self.address}", "is the broker there?") from exc
+        except OSError as exc:
+            raise BrokerUnreachable(
+                f"cannot reach the broker at {self.address}: {exc.strerror or exc}",
+                "start one with 'imcli serve', or point --host/--port (IMCLI_HOST/IMCLI_PORT) at yours",
+            ) from exc
+        client.loop_start()
+        if not self._connack.wait(self.timeout):
+            self.close()
+            raise BrokerUnreachable(f"no answer from {self.address} within {self.timeout:g}s", "is it an MQTT broker?")
+        if self._connack_rc is None:  # closed before any CONNACK: see _handle_disconnect
+            self.close()
+            hint = "is TLS on there? then log in with --tls" if not self.address.tls else "is it an MQTT broker?"
+            raise BrokerUnreachable(f"{self.address} closed the connection without answering", hint)
+        rc = self._connack_rc
+        if rc is not None and rc.is_failure:
+            self.close()
+            raise _refusal(rc)
+
+    def close(self) -> None:
+        self._closing = True
+        client, self._paho = self._paho, None
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
+
+    @property
+    def connected(self) -> bool:
+        return self._paho is not None and self._paho.is_connected()
+
+    # ---------------------------------------------------------------- operations
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """Publish and wait for the broker's acknowledgement (PUBACK at QoS 1)."""
+        info = self._client().publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise PublishFailed(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        try:
+            info.wait_for_publish(self.timeout)
+        except (RuntimeError, ValueError) as exc:
+            raise PublishFailed(f"publish to {topic} failed: {exc}") from exc
+        if not info.is_published():
+            raise PublishFailed(f"the broker did not acknowledge the message within {self.timeout:g}s", "try again")
+
+    def publish_nowait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """Queue a publish without waiting (safe inside ``on_message``)."""
+        self._client().publish(topic, payload, qos=qos, retain=retain)
+
+    def subscribe(self, filters: list[str], qos: int = 1) -> None:
+        """Subscribe and wait for SUBACK; raise if the broker refused any filter."""
+        for f in filters:
+            self._filters[f] = qos
+        codes = self._subscribe_and_wait([(f, qos) for f in filters])
+        refused = [f for f, rc in zip(filters, codes, strict=True) if rc.is_failure]
+        if refused:
+            raise PublishFailed(f"the broker refused the subscription to {', '.join(refused)}")
+
+    def get(self, timeout: float | None = None) -> Message | None:
+        """The next message from the inbox (default ``on_message``), or ``None`` on timeout."""
+        try:
+            return self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    # ---------------------------------------------------------------- internals
+
+    def _client(self) -> paho.Client:
+        if self._paho is None:
+            raise PublishFailed("not connected")
+        return self._paho
+
+    def _subscribe_and_wait(self, topics: list[tuple[str, int]]) -> list[ReasonCode]:
+        rc, mid = self._client().subscribe(topics)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise PublishFailed(f"subscribe failed: {paho.error_string(rc)}")
+        done = threading.Event()
+        with self._lock:  # the SUBACK may have arrived already
+            if mid in self._suback_codes:
+                done.set()
+            else:
+                self._suback_waiters[mid] = done
+        if not done.wait(self.timeout):
+            raise PublishFailed(f"the broker did not acknowledge the subscription within {self.timeout:g}s")
+        with self._lock:
+            self._suback_waiters.pop(mid, None)
+            return self._suback_codes.pop(mid)
+
+    def _enqueue(self, message: Message) -> None:
+        self._inbox.put(message)
+
+    def _handle_connect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+        self._connack_rc = rc
+        self._connack.set()
+        if rc.is_failure:
+            if self._was_connected:  # a reconnect refused: credentials changed, account removed
+                self.fatal = _refusal(rc)
+                client.disconnect()
+            return
+        reconnected = self._was_connected
+        self._was_connected = True
+        if reconnected and self._filters:
+            client.subscribe(list(self._filters.items()))
+        if reconnected and self._on_connection is not None:
+            self._on_connection(True)
+
+    def _handle_disconnect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+        if not self._connack.is_set():  # e.g. a plain CONNECT sent to a TLS port: fail now, not after the timeout
+            self._connack.set()
+        if not self._closing and self._was_connected and self._on_connection is not None:
+            self._on_connection(False)
+        if not self._reconnect and not self._closing:
+            self.fatal = self.fatal or BrokerUnreachable(f"lost the connection to {self.address}")
+
+    def _handle_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        self._on_message(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
+
+    def _handle_subscribe(self, _c: paho.Client, _u: object, mid: int, codes: list[ReasonCode], _p: object) -> None:
+        with self._lock:
+            self._suback_codes[mid] = list(codes)
+            waiter = self._suback_waiters.get(mid)
+        if waiter is not None:
+            waiter.set()
+        elif self._was_connected and any(c.is_failure for c in codes):
+            self.fatal = PublishFailed("the broker refused a subscription after reconnecting")
+
+
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """paho drops the socket of a failed handshake without closing it (a ResourceWarning per failure)."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
+def _tls_context(ca: str | None) -> ssl.SSLContext:
+    """Certificate and host name verified by the handshake itself (paho's own host name check uses
+    ``ssl.match_hostname``, deprecated and gone in Python 3.12), TLS 1.2 or later."""
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise BrokerUnreachable(f"cannot read the CA file {ca}: {exc}", "give a PEM file") from exc
+    context.sslsocket_class = _ClosingSSLSocket
+    return context
+
+
+def _tls_failure(address: BrokerAddress, exc: ValueError | OSError) -> BrokerUnreachable:
+    if isinstance(exc, ssl.SSLCertVerificationError | ssl.CertificateError):
+        reason = getattr(exc, "verify_message", None) or str(exc)
+        return BrokerUnreachable(
+            f"the certificate of {address} is not trusted: {reason}",
+            "give the CA that signed it with --ca FILE (IMCLI_CA), and connect by the name in the certificate",
+        )
+    reason = getattr(exc, "reason", None) or str(exc)
+    return BrokerUnreachable(f"TLS handshake with {address} failed: {reason}", "does that port speak TLS?")
+
+
+def _refusal(rc: ReasonCode) -> AuthenticationFailed:
+    code = _CONNACK_V311.get(rc.value, rc.value)
+    return AuthenticationFailed(f"the broker refused the connection: {str(rc).lower()} (code {code})", code=code)

@@ -1,0 +1,207 @@
+"""What every worker shares: connect with a service account, read retained state back,
+then answer requests.
+
+A worker subscribes to its state topics and to its own notice topic, publishes a
+``SyncMarker`` there and waits for it: the broker delivers the retained messages of a
+subscription before later messages, so once the marker is back the state has been read.
+Only then does it subscribe to requests. Several workers share ``<prefix>/request/+/+``:
+each answers only the request types it owns (``handle`` returns ``None`` for the others).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from imcli.core.errors import InvalidInput, RequestTimeout
+from imcli.core.mqtt import BrokerAddress, Credentials, Message, MqttClient
+from imcli.core.wire import (
+    RESERVED_NAMES,
+    ErrorReply,
+    MalformedPayload,
+    SyncMarker,
+    Topic,
+    TopicKind,
+    Topics,
+    WireModel,
+    decode,
+    decode_as,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+SYNC_TIMEOUT = 30.0
+
+
+class AccountDirectory(Protocol):
+    """Which user accounts exist: the embedded broker's store, or (``None``) whatever a worker sees."""
+
+    def is_user(self, name: str) -> bool: ...
+
+
+class PasswordFileDirectory:
+    """The accounts of a Mosquitto password file (``name:hash`` lines), re-read when it changes.
+
+    Only the names are read. Reserved names (the workers' service accounts) are not users.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._names: frozenset[str] = frozenset()
+        self.names()  # an unreadable file fails at start, not at the first request
+
+    def names(self) -> frozenset[str]:
+        try:
+            st = self.path.stat()
+            if (st.st_mtime_ns, st.st_size) != self._stamp:
+                lines = self.path.read_text(encoding="utf-8").splitlines()
+                self._names = frozenset(line.split(":", 1)[0] for line in lines if ":" in line)
+                self._stamp = (st.st_mtime_ns, st.st_size)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidInput(
+                f"cannot read the password file {self.path}: {exc}", "check the path and its mode"
+            ) from exc
+        return self._names
+
+    def is_user(self, name: str) -> bool:
+        return name in self.names() and name not in RESERVED_NAMES
+
+
+class ServiceWorker:
+    """Base of the workers. Subclasses set ``state_filters`` and implement the hooks."""
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        credentials: Credentials,
+        topics: Topics | None = None,
+        device: str = "worker",
+        clock: Callable[[], float] = time.time,
+        *,
+        persistent: bool = False,
+    ) -> None:
+        self.topics = topics or Topics()
+        self.account = credentials.username
+        self.clock = clock
+        self.lock = threading.Lock()  # paho's thread and any timer thread share the state
+        self._sync_id = ""
+        self.synced = threading.Event()
+        self.stopping = threading.Event()
+        self.client = MqttClient(
+            address,
+            credentials,
+            f"{credentials.username}:{device}",
+            clean_session=not persistent,  # persistent: the broker queues what arrives while we are away
+            reconnect=True,
+            on_message=self._on_message,
+            on_connection=self._on_connection,
+        )
+
+    # ---------------------------------------------------------------- for subclasses
+
+    def state_filters(self) -> list[str]:
+        return []
+
+    def on_state(self, topic: Topic, payload: bytes) -> None:
+        """A message on a state topic (under ``self.lock``); ``MalformedPayload`` is logged and ignored."""
+
+    def on_synced(self) -> None:
+        """The retained state has been read (under ``self.lock``)."""
+
+    def on_reconnected(self) -> None:
+        """The broker may have lost retained messages: republish ours (under ``self.lock``)."""
+
+    def handle(self, sender: str, request: WireModel) -> WireModel | None:
+        """Answer a request (under ``self.lock``); ``None`` if another worker owns this type."""
+        return None
+
+    def on_foreign(self, message: Message) -> None:
+        """A message outside the topic contract (a broker's ``$CONTROL`` answer), in paho's thread."""
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> ServiceWorker:
+        self.client.connect()
+        try:
+            self._sync()
+            self.started()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def started(self) -> None:
+        """After sync, before serving: start timers here."""
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.client.close()
+
+    def _sync(self) -> None:
+        own = self.topics.sync(self.account)
+        self.client.subscribe([*self.state_filters(), own])
+        marker = SyncMarker()
+        self._sync_id = marker.id
+        self.client.publish(own, encode(marker), qos=1)
+        if not self.synced.wait(SYNC_TIMEOUT):
+            raise RequestTimeout(f"{self.account} did not read its retained state within {SYNC_TIMEOUT:g}s")
+        with self.lock:
+            self.on_synced()
+        self.client.subscribe([self.topics.request_filter()])
+        log.info("%s ready on %s", self.account, self.client.address)
+
+    # ---------------------------------------------------------------- MQTT in (paho's thread)
+
+    def _on_message(self, message: Message) -> None:
+        parsed = self.topics.parse(message.topic)
+        if parsed is None:
+            self.on_foreign(message)
+            return
+        try:
+            if parsed.kind is TopicKind.REQUEST and parsed.sender and parsed.key:
+                self._on_request(parsed.sender, parsed.key, message.payload)
+            elif parsed.kind is TopicKind.NOTICE and parsed.owner == self.account:
+                self._on_marker(message.payload)
+            else:
+                with self.lock:
+                    self.on_state(parsed, message.payload)
+        except MalformedPayload as exc:
+            log.info("%s ignored a malformed message on %s: %s", self.account, message.topic, exc)
+        except Exception:  # one bad message must not stop the worker
+            log.exception("%s failed on %s", self.account, message.topic)
+
+    def _on_marker(self, payload: bytes) -> None:
+        if decode_as(payload, SyncMarker).id == self._sync_id:
+            self.synced.set()
+
+    def _on_request(self, sender: str, corr: str, payload: bytes) -> None:
+        try:
+            request = decode(payload)
+        except MalformedPayload:
+            return  # not ours to judge: another worker may own this type; the client times out
+        reply: WireModel | None
+        try:
+            with self.lock:
+                reply = self.handle(sender, request)
+        except Exception:  # a bug in one handler must not leave the client waiting for its timeout
+            log.exception("%s: request %s from %s failed", self.account, request.type, sender)
+            request_id = getattr(request, "id", corr)
+            reply = ErrorReply(id=request_id, code="internal", text=f"the {self.account} worker failed on this request")
+        if reply is not None:
+            self.client.publish_nowait(self.topics.reply(sender, corr), encode(reply), qos=1)
+
+    def _on_connection(self, up: bool) -> None:
+        if up and self.synced.is_set():
+            with self.lock:
+                self.on_reconnected()
+
+    # ---------------------------------------------------------------- MQTT out
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.client.publish_nowait(topic, payload, qos=1, retain=retain)

@@ -1,0 +1,239 @@
+"""The topic contract in the standard library alone: names, topics, and the chat line.
+
+This is the half of the wire format that needs no pydantic: account, room and group names,
+every topic builder and the topic parser, and :func:`chat_line`, the bytes of a chat
+message for senders that must start fast (``imcli say``, issue 7). :mod:`imcli.core.wire`
+re-exports all of it beside the payload models; import from there unless start-up time
+matters. No other module builds a topic string.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Final
+
+from imcli.core.errors import InvalidInput
+
+PROTOCOL_VERSION: Final = 1
+DEFAULT_PREFIX = "im"
+DEFAULT_ROOM = "lobby"
+DEFAULT_MAX_PAYLOAD = 16 * 1024
+
+NAME_RULE = "1-32 characters: lowercase letters, digits, '_' or '-', starting with a letter or digit"
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+_DEVICE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,47}")
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_PREFIX = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}(/[a-z0-9][a-z0-9_-]{0,31}){0,3}")
+
+# Reserved: service accounts and words that would confuse people or tools.
+RESERVED_NAMES = frozenset(
+    {"admin", "root", "system", "imcli", "presence", "groups", "archive", "register", "everyone", "all", "me"}
+)
+
+
+def is_name(value: str) -> bool:
+    """Whether ``value`` is a valid account, room or group name."""
+    return _NAME.fullmatch(value) is not None
+
+
+def check_name(value: str, what: str = "account name") -> str:
+    """Return ``value`` if it is a valid name, else raise ``InvalidInput`` stating the rule."""
+    if not is_name(value):
+        raise InvalidInput(f"invalid {what} {value!r}", NAME_RULE)
+    return value
+
+
+def is_device(value: str) -> bool:
+    return _DEVICE.fullmatch(value) is not None
+
+
+def is_id(value: str) -> bool:
+    return _ID.fullmatch(value) is not None
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def client_id_account(client_id: str) -> str:
+    """The account a client id belongs to: ``alice`` for ``alice`` and ``alice:laptop``."""
+    return client_id.split(":", 1)[0]
+
+
+def chat_line(text: str, *, message_id: str | None = None, ts: float | None = None) -> bytes:
+    """The JSON of a chat message (``imcli.core.wire.ChatMessage``) without pydantic.
+
+    ``imcli say`` sends with this so that it starts without building the payload models
+    (issue 7); the bytes are the same as ``wire.encode(ChatMessage(...))``, which
+    tests/test_properties.py checks for any text. It does not validate: the caller passes
+    non-empty text that encodes to UTF-8.
+    """
+    fields = {
+        "type": "chat",
+        "v": PROTOCOL_VERSION,
+        "id": message_id or new_id(),
+        "ts": time.time() if ts is None else ts,
+    }
+    return json.dumps({**fields, "text": text}, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+# --------------------------------------------------------------------------- topics
+
+
+class TopicKind(enum.StrEnum):
+    ROOM = "room"
+    DM = "dm"
+    REPLY = "reply"
+    NOTICE = "notice"
+    FRIENDS = "friends"
+    GROUP_MSG = "group_msg"
+    GROUP_INFO = "group_info"
+    STATUS = "status"
+    PRESENCE = "presence"
+    REQUEST = "request"
+    EVENTS = "events"
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """A parsed topic of the contract.
+
+    ``owner`` is the user whose private subtree the topic is in (the DM recipient, the
+    ``<me>`` of reply/notice), ``sender`` is the level the broker checks against the
+    username (``<from>``, the status/request user), ``name`` is the room or group, and
+    ``key`` is the correlation id or device.
+    """
+
+    kind: TopicKind
+    sender: str | None = None
+    owner: str | None = None
+    name: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Builds and parses the topics under one prefix (``im`` unless configured)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if _PREFIX.fullmatch(self.prefix) is None:
+            raise InvalidInput(f"invalid topic prefix {self.prefix!r}", "use lowercase words joined by '/'")
+
+    # builders: every argument is checked, so a built topic is always one the parser accepts
+    def room(self, room: str, sender: str) -> str:
+        return f"{self.prefix}/room/{_n(room)}/{_n(sender)}"
+
+    def room_filter(self, room: str | None = None) -> str:
+        return f"{self.prefix}/room/{_n(room) if room else '+'}/+"
+
+    def dm(self, to: str, sender: str) -> str:
+        return f"{self.prefix}/user/{_n(to)}/dm/{_n(sender)}"
+
+    def dm_filter(self, to: str | None = None) -> str:
+        """DMs to ``to``, or every direct message (the archive's subscription; a user may read only its own)."""
+        return f"{self.prefix}/user/{_n(to) if to else '+'}/dm/+"
+
+    def user_filter(self, me: str) -> str:
+        return f"{self.prefix}/user/{_n(me)}/#"
+
+    def reply(self, me: str, corr: str) -> str:
+        return f"{self.prefix}/user/{_n(me)}/reply/{_i(corr)}"
+
+    def reply_filter(self, me: str) -> str:
+        return f"{self.prefix}/user/{_n(me)}/reply/+"
+
+    def notice(self, me: str) -> str:
+        return f"{self.prefix}/user/{_n(me)}/notice"
+
+    def friends(self, me: str) -> str:
+        return f"{self.prefix}/user/{_n(me)}/friends"
+
+    def friends_filter(self) -> str:
+        return f"{self.prefix}/user/+/friends"
+
+    def request(self, sender: str, corr: str) -> str:
+        return f"{self.prefix}/request/{_n(sender)}/{_i(corr)}"
+
+    def request_filter(self) -> str:
+        return f"{self.prefix}/request/+/+"
+
+    def status(self, user: str, device: str) -> str:
+        if not is_device(device):
+            raise InvalidInput(f"invalid device name {device!r}")
+        return f"{self.prefix}/status/{_n(user)}/{device}"
+
+    def sync(self, service: str) -> str:
+        """Where a worker sends its own sync barrier (its notice topic)."""
+        return self.notice(service)
+
+    def status_filter(self) -> str:
+        return f"{self.prefix}/status/+/+"
+
+    def presence(self, user: str) -> str:
+        return f"{self.prefix}/presence/{_n(user)}"
+
+    def presence_filter(self) -> str:
+        return f"{self.prefix}/presence/+"
+
+    def events(self) -> str:
+        return f"{self.prefix}/events"
+
+    def group_msg(self, group: str, sender: str) -> str:
+        return f"{self.prefix}/group/{_n(group)}/msg/{_n(sender)}"
+
+    def group_info(self, group: str) -> str:
+        return f"{self.prefix}/group/{_n(group)}/info"
+
+    def group_msg_filter(self, group: str | None = None) -> str:
+        return f"{self.prefix}/group/{_n(group) if group else '+'}/msg/+"
+
+    def group_info_filter(self) -> str:
+        return f"{self.prefix}/group/+/info"
+
+    def parse(self, topic: str) -> Topic | None:
+        """Parse a concrete topic (no wildcards); ``None`` if it is not part of the contract."""
+        head = self.prefix + "/"
+        if not topic.startswith(head):
+            return None
+        levels = topic[len(head) :].split("/")
+        match levels:
+            case ["room", room, sender] if is_name(room) and is_name(sender):
+                return Topic(TopicKind.ROOM, sender=sender, name=room)
+            case ["user", to, "dm", sender] if is_name(to) and is_name(sender):
+                return Topic(TopicKind.DM, sender=sender, owner=to)
+            case ["user", me, "reply", corr] if is_name(me) and is_id(corr):
+                return Topic(TopicKind.REPLY, owner=me, key=corr)
+            case ["user", me, "notice"] if is_name(me):
+                return Topic(TopicKind.NOTICE, owner=me)
+            case ["user", me, "friends"] if is_name(me):
+                return Topic(TopicKind.FRIENDS, owner=me)
+            case ["group", group, "msg", sender] if is_name(group) and is_name(sender):
+                return Topic(TopicKind.GROUP_MSG, sender=sender, name=group)
+            case ["group", group, "info"] if is_name(group):
+                return Topic(TopicKind.GROUP_INFO, name=group)
+            case ["status", user, device] if is_name(user) and is_device(device):
+                return Topic(TopicKind.STATUS, sender=user, key=device)
+            case ["presence", user] if is_name(user):
+                return Topic(TopicKind.PRESENCE, owner=user)
+            case ["request", sender, corr] if is_name(sender) and is_id(corr):
+                return Topic(TopicKind.REQUEST, sender=sender, key=corr)
+            case ["events"]:
+                return Topic(TopicKind.EVENTS)
+        return None
+
+
+def _n(value: str) -> str:
+    return check_name(value, "name")
+
+
+def _i(value: str) -> str:
+    if not is_id(value):
+        raise InvalidInput(f"invalid id {value!r}")
+    return value

@@ -1,0 +1,423 @@
+"""The wire format: every topic and every payload imcli puts on MQTT.
+
+This module is the single source of truth for names, topics and payloads. It imports
+neither paho, Rich nor Typer, so the broker plugins, the workers and the CLI share it.
+No other module builds a topic string or encodes JSON for the wire. The names and topics
+live in :mod:`imcli.core.topics` (standard library only, for ``imcli say``'s start-up) and are
+re-exported here; the payload models are below.
+
+The sender of anything is a topic level that the broker checks against the
+authenticated username; payloads carry no trusted ``from`` field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+# The names and topics: imcli.core.topics has them; the `noqa` ones are re-exported, since the rest
+# of imcli imports everything of the wire format from here.
+from imcli.core.topics import (
+    _ID,
+    DEFAULT_MAX_PAYLOAD,  # noqa: F401
+    DEFAULT_PREFIX,  # noqa: F401
+    DEFAULT_ROOM,  # noqa: F401
+    NAME_RULE,  # noqa: F401
+    PROTOCOL_VERSION,
+    RESERVED_NAMES,  # noqa: F401
+    Topic,
+    TopicKind,
+    Topics,  # noqa: F401
+    check_name,  # noqa: F401
+    client_id_account,  # noqa: F401
+    is_device,  # noqa: F401
+    is_id,  # noqa: F401
+    is_name,  # noqa: F401
+    new_id,
+)
+
+# --------------------------------------------------------------------------- payloads
+
+
+class WireModel(BaseModel):
+    # schemas are built on first use, so a command pays only for the models it touches (issue 7)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+
+MessageId = Annotated[str, Field(pattern=f"^{_ID.pattern}$")]
+Timestamp = Annotated[float, Field(ge=0)]
+
+
+class ChatMessage(WireModel):
+    """A room, direct or group message. The sender is the topic's ``<from>`` level."""
+
+    type: Literal["chat"] = "chat"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    ts: Timestamp = Field(default_factory=time.time)
+    text: Annotated[str, Field(min_length=1)]
+    # Accepted for bots that send one, never trusted: the topic's <from> level is the sender.
+    claimed_from: str | None = Field(default=None, alias="from", exclude=True)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Notice(WireModel):
+    """The broker or a worker tells one user something (``<prefix>/user/<me>/notice``)."""
+
+    type: Literal["notice"] = "notice"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    ts: Timestamp = Field(default_factory=time.time)
+    code: str
+    text: str
+    topic: str | None = None
+
+
+class ResolveRequest(WireModel):
+    """Ask a worker which account a name (account or nickname) is."""
+
+    type: Literal["resolve"] = "resolve"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    name: str
+
+
+class Resolved(WireModel):
+    type: Literal["resolved"] = "resolved"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    account: str
+
+
+class ErrorReply(WireModel):
+    """A worker's refusal of a request; ``code`` is stable, ``text`` is for people."""
+
+    type: Literal["error"] = "error"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    code: Literal["not_found", "invalid", "denied", "taken", "internal"]
+    text: str
+
+
+NICK_RULE = "1-32 characters: letters, digits, '_', '-' or '.', starting with a letter or digit"
+_NICK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+DEFAULT_HEARTBEAT = 30.0
+
+
+def is_nick(value: str) -> bool:
+    return _NICK.fullmatch(value) is not None
+
+
+class DeviceStatus(WireModel):
+    """A device says it is online (retained on ``<prefix>/status/<user>/<device>``).
+
+    It repeats this every ``interval`` seconds; a device not heard for 2.5 intervals is
+    gone. An empty retained payload (the Last Will, or a clean exit) clears the device.
+    """
+
+    type: Literal["status"] = "status"
+    v: Literal[1] = PROTOCOL_VERSION
+    state: Literal["online", "offline"] = "online"
+    interval: Annotated[float, Field(ge=1, le=3600)] = DEFAULT_HEARTBEAT
+    ts: Timestamp = Field(default_factory=time.time)
+
+
+class Presence(WireModel):
+    """One user's aggregate presence (retained on ``<prefix>/presence/<user>``, worker only)."""
+
+    type: Literal["presence"] = "presence"
+    v: Literal[1] = PROTOCOL_VERSION
+    account: str
+    nick: str
+    state: Literal["online", "offline"]
+    since: float  # online since, or offline since (last seen)
+    devices: Annotated[int, Field(ge=0)] = 0
+
+
+class Event(WireModel):
+    """Join, leave and rename, broadcast on ``<prefix>/events`` by the presence worker."""
+
+    type: Literal["event"] = "event"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    ts: Timestamp = Field(default_factory=time.time)
+    event: Literal["join", "leave", "rename"]
+    account: str
+    nick: str
+    old_nick: str | None = None
+
+
+class WhoRequest(WireModel):
+    type: Literal["who"] = "who"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    all: bool = False
+
+
+class Roster(WireModel):
+    type: Literal["roster"] = "roster"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    users: list[Presence]
+
+
+class RenameRequest(WireModel):
+    type: Literal["rename"] = "rename"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    nick: str
+
+
+class Renamed(WireModel):
+    type: Literal["renamed"] = "renamed"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    nick: str
+
+
+class GroupInfo(WireModel):
+    """A group's state (retained on ``<prefix>/group/<group>/info``, written by the group worker).
+
+    The embedded broker reads it too: membership in it is what the topic ACL enforces.
+    """
+
+    type: Literal["group"] = "group"
+    v: Literal[1] = PROTOCOL_VERSION
+    name: str
+    owner: str
+    admins: list[str]
+    members: list[str]  # everyone, owner and admins included
+    private: bool = False
+    created: float
+
+
+GroupOp = Literal["create", "join", "leave", "invite", "kick", "promote", "members", "list"]
+
+
+class GroupRequest(WireModel):
+    type: Literal["group_request"] = "group_request"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    op: GroupOp
+    group: str = ""
+    user: str | None = None  # invite, kick, promote
+    private: bool = False  # create
+
+
+class GroupReply(WireModel):
+    type: Literal["group_reply"] = "group_reply"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    group: GroupInfo | None = None  # None when the request deleted it (the last member left)
+
+
+class GroupList(WireModel):
+    type: Literal["group_list"] = "group_list"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    mine: list[GroupInfo]
+    public: list[GroupInfo]  # public groups I am not in
+
+
+DmPolicy = Literal["anyone", "friends"]
+
+
+class Friends(WireModel):
+    """One user's friends, pending requests and DM policy (retained on ``<prefix>/user/<me>/friends``).
+
+    Written by the group worker, readable by its owner only; the embedded broker reads it
+    to enforce ``dm_policy``.
+    """
+
+    type: Literal["friends"] = "friends"
+    v: Literal[1] = PROTOCOL_VERSION
+    account: str
+    friends: list[str] = Field(default_factory=list)
+    incoming: list[str] = Field(default_factory=list)  # asked me, waiting for my answer
+    outgoing: list[str] = Field(default_factory=list)  # I asked, waiting for theirs
+    dm_policy: DmPolicy = "anyone"
+
+
+FriendOp = Literal["add", "accept", "decline", "remove", "list", "policy", "can_dm"]
+
+
+class FriendRequest(WireModel):
+    type: Literal["friend_request"] = "friend_request"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    op: FriendOp
+    user: str | None = None
+    dm_policy: DmPolicy | None = None
+
+
+class FriendReply(WireModel):
+    type: Literal["friend_reply"] = "friend_reply"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    record: Friends
+    allowed: bool | None = None  # can_dm: may I send a direct message to that user?
+
+
+class SyncMarker(WireModel):
+    """A worker's own barrier message: once it arrives, the retained state before it has too."""
+
+    type: Literal["sync"] = "sync"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+
+
+HISTORY_MAX = 1000
+
+
+class HistoryRequest(WireModel):
+    """Ask the archive worker for past messages; the requester is the request topic's sender.
+
+    At most one of ``room``, ``user`` (a direct conversation with that account) and
+    ``group``; none of them asks for everything the requester may read (catching up).
+    """
+
+    type: Literal["history"] = "history"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    room: str | None = None
+    user: str | None = None
+    group: str | None = None
+    since: Timestamp | None = None  # archive time, inclusive
+    before: Timestamp | None = None  # archive time, exclusive
+    limit: Annotated[int, Field(ge=1, le=HISTORY_MAX)] = 50
+
+
+class Received(WireModel):
+    """One line of ``imcli listen``: what arrived, from whom, where (also its ``--json`` form)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    kind: Literal["room", "dm", "group", "notice", "event", "malformed"]
+    sender: str | None = Field(default=None, alias="from")
+    nick: str | None = None  # chat lines: the sender's nickname if it differs; events: always
+    to: str | None = None
+    room: str | None = None
+    group: str | None = None
+    id: str
+    ts: float
+    text: str
+    format: Literal["json", "text"] = "json"
+    missed: bool | None = None  # arrived while the reader was away (queued, or fetched from the archive)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
+class HistoryReply(WireModel):
+    """The newest ``limit`` matching messages, oldest first; ``more`` if older ones were left out."""
+
+    type: Literal["history_reply"] = "history_reply"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    messages: list[Received]
+    more: bool = False
+
+
+Payload = Annotated[
+    ChatMessage
+    | Notice
+    | ResolveRequest
+    | Resolved
+    | ErrorReply
+    | DeviceStatus
+    | Presence
+    | Event
+    | WhoRequest
+    | Roster
+    | RenameRequest
+    | Renamed
+    | GroupInfo
+    | GroupRequest
+    | GroupReply
+    | GroupList
+    | Friends
+    | FriendRequest
+    | FriendReply
+    | SyncMarker
+    | HistoryRequest
+    | HistoryReply,
+    Field(discriminator="type"),
+]
+_PAYLOAD: TypeAdapter[Payload] = TypeAdapter(Payload, config=ConfigDict(defer_build=True))
+
+
+_M = TypeVar("_M", bound=WireModel)
+
+
+class MalformedPayload(ValueError):
+    """A payload that is neither one of our models nor (on chat topics) plain UTF-8 text."""
+
+
+def encode(model: WireModel) -> bytes:
+    return model.model_dump_json(by_alias=True, exclude_none=True).encode()
+
+
+def decode(data: bytes) -> Payload:
+    """Decode one of our JSON payloads; raise ``MalformedPayload`` on anything else."""
+    try:
+        return _PAYLOAD.validate_json(data)
+    except ValidationError as exc:
+        raise MalformedPayload(_first_error(exc)) from exc
+
+
+def decode_as(data: bytes, kind: type[_M]) -> _M:
+    """Decode a payload that must be a ``kind``; any other model is malformed here too."""
+    payload = decode(data)
+    if not isinstance(payload, kind):
+        raise MalformedPayload(f"a {payload.type!r} payload where a {kind.__name__} belongs")
+    return payload
+
+
+def decode_chat(data: bytes) -> tuple[ChatMessage, bool]:
+    """Decode a chat-topic payload, accepting plain UTF-8 text from bots.
+
+    Returns the message and whether it arrived as plain text. A JSON object with a
+    ``type`` member must be a valid ``ChatMessage``; anything else that is valid UTF-8
+    is a text message (a bot's ``mosquitto_pub -m 'hi'``).
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedPayload("not valid UTF-8") from exc
+    if text.lstrip().startswith("{"):
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) and "type" in obj:
+            return decode_as(data, ChatMessage), False
+    if not text.strip():
+        raise MalformedPayload("empty text")
+    return ChatMessage(text=text), True
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "payload"
+    return f"{where}: {err['msg']}"
+
+
+# --------------------------------------------------------------------------- what clients show
+
+
+def chat_received(parsed: Topic, payload: bytes) -> Received:
+    """A room, direct or group message; ``MalformedPayload`` if it is not one."""
+    chat, plain = decode_chat(payload)
+    common = {"id": chat.id, "ts": chat.ts, "text": chat.text, "format": "text" if plain else "json"}
+    if parsed.kind is TopicKind.ROOM:
+        return Received(kind="room", sender=parsed.sender, room=parsed.name, **common)
+    if parsed.kind is TopicKind.GROUP_MSG:
+        return Received(kind="group", sender=parsed.sender, group=parsed.name, **common)
+    if parsed.kind is TopicKind.DM:
+        return Received(kind="dm", sender=parsed.sender, to=parsed.owner, **common)
+    raise MalformedPayload(f"not a chat topic: {parsed.kind}")

@@ -1,0 +1,173 @@
+"""Groups and their members, without any MQTT: the group worker's state and rules.
+
+Every operation returns either an ``ErrorReply`` or the group's new record plus the
+notices to send. The worker serialises calls, so two people racing for one group name
+get exactly one winner. Private groups are invisible to non-members: asking about one
+answers "no such group", exactly as for a group that does not exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from imcli.core.service import AccountDirectory
+from imcli.core.wire import RESERVED_NAMES, ErrorReply, GroupInfo, GroupList, GroupReply, GroupRequest, is_name
+
+DEFAULT_MAX_MEMBERS = 1000
+
+
+@dataclass
+class Outcome:
+    reply: GroupReply | GroupList | ErrorReply
+    changed: list[tuple[str, GroupInfo | None]] = field(default_factory=list)  # (group, record or deleted)
+    notices: list[tuple[str, str]] = field(default_factory=list)  # (user, text)
+
+
+class GroupBook:
+    def __init__(self, directory: AccountDirectory | None = None, max_members: int = DEFAULT_MAX_MEMBERS) -> None:
+        self._groups: dict[str, GroupInfo] = {}
+        self._directory = directory
+        self.max_members = max_members
+
+    def load(self, info: GroupInfo) -> None:
+        self._groups[info.name] = info
+
+    def records(self) -> list[GroupInfo]:
+        return list(self._groups.values())
+
+    def apply(self, user: str, request: GroupRequest, now: float) -> Outcome:
+        op = getattr(self, f"_{request.op}")
+        outcome: Outcome = op(user, request, now)
+        return outcome
+
+    # ---------------------------------------------------------------- operations
+
+    def _create(self, user: str, req: GroupRequest, now: float) -> Outcome:
+        name = req.group
+        if not is_name(name) or name in RESERVED_NAMES:
+            return _error(req, "invalid", f"invalid group name {name!r}")
+        if name in self._groups:
+            return _error(req, "taken", f"the group name {name!r} is taken")
+        info = GroupInfo(name=name, owner=user, admins=[user], members=[user], private=req.private, created=now)
+        return self._store(req, info, [])
+
+    def _join(self, user: str, req: GroupRequest, now: float) -> Outcome:
+        info = self._visible(user, req.group)
+        if info is None:
+            return _missing(req)
+        if user in info.members:
+            return Outcome(GroupReply(id=req.id, group=info))
+        if len(info.members) >= self.max_members:
+            return _error(req, "denied", f"#{info.name} is full ({self.max_members} members)")
+        new = info.model_copy(update={"members": [*info.members, user]})
+        return self._store(req, new, _tell(info.members, f"{user} joined #{info.name}"))
+
+    def _leave(self, user: str, req: GroupRequest, now: float) -> Outcome:
+        info = self._visible(user, req.group)
+        if info is None or user not in info.members:
+            return _error(req, "not_found", f"you are not a member of #{req.group}")
+        members = [m for m in info.members if m != user]
+        if not members:
+            del self._groups[info.name]
+            return Outcome(GroupReply(id=req.id, group=None), changed=[(info.name, None)])
+        admins = [a for a in info.admins if a != user]
+        owner = info.owner
+        if owner == user:  # ownership passes to the longest-standing admin, else member
+            owner = admins[0] if admins else members[0]
+        if owner not in admins:
+            admins.insert(0, owner)
+        new = info.model_copy(update={"members": members, "admins": admins, "owner": owner})
+        return self._store(req, new, _tell(members, f"{user} left #{info.name}"))
+
+    def _invite(self, user: str, req: GroupRequest, now: float) -> Outcome:
+        info, error = self._as_admin(user, req)
+        if error is not None:
+            return error
+        assert info is not None
+        guest = req.user or ""
+        if guest in RESERVED_NAMES or not is_name(guest) or not self._is_user(guest):
+            return _error(req, "not_found", f"unknown user {guest!r}")
+        if guest in info.members:
+            return _error(req, "invalid", f"{guest} is already a member of #{info.name}")
+        if len(info.members) >= self.max_members:
+            return _error(req, "denied", f"#{info.name} is full ({self.max_members} members)")
+        new = info.model_copy(update={"members": [*info.members, guest]})
+        notices = [*_tell(info.members, f"{user} invited {guest} to #{info.name}"),
+                   (guest, f"{user} added you to #{info.name}")]  # fmt: skip
+        return self._store(req, new, notices)
+
+    def _kick(self, user: str, req: GroupRequest, now: float) -> Outcome:
+        info, error = self._as_admin(user, req)
+        if error is not None:
+            return error
+        assert info is not None
+        target = req.user or ""
+        if target not in info.members:
+            return _error(req, "not_found", f"{target!r} is not a member of #{info.name}")
+        if target == info.owner or (target in info.admins and user != info.owner):
+            return _error(req, "denied", "only the owner can remove an admin, and nobody the owner")
+        members = [m for m in info.members if m != target]
+        admins = [a for a in info.admins if a != target]
+        new = info.model_copy(update={"members": members, "admins": admins})
+        notices = [*_tell(members, f"{user} removed {target} from #{info.name}"),
+                   (target, f"{user} removed you from #{info.name}")]  # fmt: skip
+        return self._store(req, new, notices)
+
+    def _promote(self, user: str, req: GroupRequest, now: float) -> Outcome:
+        info = self._visible(user, req.group)
+        if info is None:
+            return _missing(req)
+        if user != info.owner:
+            return _error(req, "denied", f"only the owner of #{info.name} can appoint admins")
+        target = req.user or ""
+        if target not in info.members:
+            return _error(req, "not_found", f"{target!r} is not a member of #{info.name}")
+        if target in info.admins:
+            return _error(req, "invalid", f"{target} is already an admin of #{info.name}")
+        new = info.model_copy(update={"admins": [*info.admins, target]})
+        return self._store(req, new, _tell(info.members, f"{user} made {target} an admin of #{info.name}"))
+
+    def _members(self, user: str, req: GroupRequest, now: float) -> Outcome:
+        info = self._visible(user, req.group)
+        return Outcome(GroupReply(id=req.id, group=info)) if info is not None else _missing(req)
+
+    def _list(self, user: str, req: GroupRequest, now: float) -> Outcome:
+        groups = sorted(self._groups.values(), key=lambda g: g.name)
+        mine = [g for g in groups if user in g.members]
+        public = [g for g in groups if not g.private and user not in g.members]
+        return Outcome(GroupList(id=req.id, mine=mine, public=public))
+
+    # ---------------------------------------------------------------- helpers
+
+    def _visible(self, user: str, name: str) -> GroupInfo | None:
+        info = self._groups.get(name)
+        if info is None or (info.private and user not in info.members):
+            return None
+        return info
+
+    def _as_admin(self, user: str, req: GroupRequest) -> tuple[GroupInfo | None, Outcome | None]:
+        info = self._visible(user, req.group)
+        if info is None:
+            return None, _missing(req)
+        if user not in info.admins:
+            return None, _error(req, "denied", f"only admins of #{info.name} can do that")
+        return info, None
+
+    def _store(self, req: GroupRequest, info: GroupInfo, notices: list[tuple[str, str]]) -> Outcome:
+        self._groups[info.name] = info
+        return Outcome(GroupReply(id=req.id, group=info), changed=[(info.name, info)], notices=notices)
+
+    def _is_user(self, name: str) -> bool:
+        return self._directory is None or self._directory.is_user(name)
+
+
+def _error(req: GroupRequest, code: str, text: str) -> Outcome:
+    return Outcome(ErrorReply(id=req.id, code=code, text=text))
+
+
+def _missing(req: GroupRequest) -> Outcome:
+    return _error(req, "not_found", f"no group #{req.group} (or it is private)")
+
+
+def _tell(users: list[str], text: str) -> list[tuple[str, str]]:
+    return [(u, text) for u in users]

@@ -1,0 +1,141 @@
+"""The group worker: answers ``group_request``s and ``friend_request``s, and keeps ``<prefix>/group/<g>/info`` retained.
+
+The retained record is the group's only state: the broker reads it to enforce
+membership, members read it, and a restarted worker reads it back before answering.
+Members hear of changes on their notice topics.
+
+On Mosquitto (``dynsec=True``) the worker also keeps the broker's dynamic-security roles in
+step with its records (``groups.dynsec``), sending the commands before the records.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from imcli.core.errors import RequestTimeout
+from imcli.core.mqtt import BrokerAddress, Credentials, Message
+from imcli.core.service import AccountDirectory, ServiceWorker
+from imcli.core.wire import (
+    FriendRequest,
+    Friends,
+    GroupInfo,
+    GroupRequest,
+    Notice,
+    Topic,
+    TopicKind,
+    Topics,
+    WireModel,
+    decode_as,
+    encode,
+)
+from imcli.groups import dynsec as dynsec_module
+from imcli.groups.book import GroupBook
+from imcli.groups.friends import FriendBook
+
+log = logging.getLogger(__name__)
+
+DYNSEC_TIMEOUT = 10.0
+
+
+class GroupWorker(ServiceWorker):
+    def __init__(
+        self,
+        address: BrokerAddress,
+        credentials: Credentials,
+        directory: AccountDirectory | None = None,
+        topics: Topics | None = None,
+        device: str = "worker",
+        clock: Callable[[], float] = time.time,
+        *,
+        dynsec: bool = False,
+        dm_readers: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(address, credentials, topics, device, clock)
+        self.book = GroupBook(directory)
+        self.friends = FriendBook(directory)
+        self.mirror = dynsec_module.DynsecMirror(self.topics, dm_readers) if dynsec else None
+        self._dynsec_answered = threading.Event()
+
+    def state_filters(self) -> list[str]:
+        mirror = [dynsec_module.RESPONSE_TOPIC] if self.mirror is not None else []
+        return [self.topics.group_info_filter(), self.topics.friends_filter(), *mirror]
+
+    def on_state(self, topic: Topic, payload: bytes) -> None:
+        if self.synced.is_set() or not payload:
+            return  # after sync, records coming back are our own
+        if topic.kind is TopicKind.GROUP_INFO:
+            info = decode_as(payload, GroupInfo)
+            if info.name == topic.name:
+                self.book.load(info)
+        elif topic.kind is TopicKind.FRIENDS:
+            record = decode_as(payload, Friends)
+            if record.account == topic.owner:
+                self.friends.load(record)
+
+    def on_synced(self) -> None:
+        if self.mirror is None:
+            return
+        for info in self.book.records():
+            self.mirror.group_changed(info.name, info)
+        for record in self.friends.records():
+            self.mirror.friends_changed(record)
+        self._control(self.mirror.commands(self.mirror.users()))
+        self._control(self.mirror.probe())
+
+    def started(self) -> None:
+        if self.mirror is not None and not self._dynsec_answered.wait(DYNSEC_TIMEOUT):
+            raise RequestTimeout(
+                f"Mosquitto's dynamic-security plugin did not answer {self.account} within {DYNSEC_TIMEOUT:g}s",
+                f"load it in mosquitto.conf and let {self.account} write {dynsec_module.CONTROL_TOPIC} "
+                "(deploy/mosquitto), or run without --dynsec",
+            )
+
+    def on_foreign(self, message: Message) -> None:
+        if self.mirror is None or message.topic != dynsec_module.RESPONSE_TOPIC:
+            return
+        self._dynsec_answered.set()
+        for response in dynsec_module.decode_responses(message.payload):
+            if response.correlationData == dynsec_module.LIST_ROLES:
+                with self.lock:
+                    self._control(self.mirror.stale(dynsec_module.role_names(response)))
+            elif response.error and not response.error.endswith("already exists"):
+                log.warning("dynamic security refused %s: %s", response.command, response.error)
+
+    def _control(self, payload: bytes | None) -> None:
+        if payload is not None:
+            self.publish(dynsec_module.CONTROL_TOPIC, payload)
+
+    def on_reconnected(self) -> None:
+        for info in self.book.records():
+            self.publish(self.topics.group_info(info.name), encode(info), retain=True)
+        for record in self.friends.records():
+            self.publish(self.topics.friends(record.account), encode(record), retain=True)
+
+    def handle(self, sender: str, request: WireModel) -> WireModel | None:
+        if isinstance(request, FriendRequest):
+            friends = self.friends.apply(sender, request)
+            if self.mirror is not None:
+                changed = set().union(*(self.mirror.friends_changed(r) for r in friends.changed))
+                self._control(self.mirror.commands(changed))
+            for record in friends.changed:
+                self.publish(self.topics.friends(record.account), encode(record), retain=True)
+            self._tell(sender, friends.notices, "friend")
+            return friends.reply
+        if not isinstance(request, GroupRequest):
+            return None
+        outcome = self.book.apply(sender, request, self.clock())
+        if self.mirror is not None:
+            changed = set().union(*(self.mirror.group_changed(name, info) for name, info in outcome.changed))
+            self._control(self.mirror.commands(changed))
+        for name, info in outcome.changed:
+            self.publish(self.topics.group_info(name), encode(info) if info else b"", retain=True)
+        self._tell(sender, outcome.notices, "group")
+        return outcome.reply
+
+    def _tell(self, sender: str, notices: list[tuple[str, str]], code: str) -> None:
+        for user, text in notices:
+            if user != sender:
+                self.publish(self.topics.notice(user), encode(Notice(code=code, text=text)))

@@ -1,0 +1,208 @@
+"""Who is online, under which nickname: the presence worker's state, without any MQTT.
+
+Inputs are what the worker reads (retained presence records, device status, requests)
+and the current time; outputs are ``Effects`` the worker publishes (retained presence
+records, events, retained statuses to clear). Not thread-safe: the worker serialises
+calls, which is also what makes concurrent renames have exactly one winner.
+
+Restart: while ``synced`` is false the roster only records what it reads (retained
+records and statuses); ``finish_sync`` then reconciles the two and emits only real
+changes, so a restarted worker is invisible to users.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from imcli.core.service import AccountDirectory
+from imcli.core.wire import RESERVED_NAMES, DeviceStatus, ErrorReply, Event, Presence, Renamed, is_name, is_nick
+
+GRACE_INTERVALS = 2.5  # a device not heard for this many heartbeat intervals is gone
+
+
+@dataclass
+class _Device:
+    last_heard: float
+    interval: float
+
+
+@dataclass
+class _User:
+    account: str
+    nick: str
+    state: Literal["online", "offline"] = "offline"
+    since: float = 0.0
+    devices: dict[str, _Device] = field(default_factory=dict)
+    published: bool = False  # has a retained record on the broker
+    published_devices: int = -1  # the device count in that record
+
+    def record(self) -> Presence:
+        return Presence(
+            account=self.account,
+            nick=self.nick,
+            state=self.state,
+            since=self.since,
+            devices=len(self.devices),
+        )
+
+
+@dataclass
+class Effects:
+    presence: list[Presence] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    clear_status: list[tuple[str, str]] = field(default_factory=list)
+
+    def __iadd__(self, other: Effects) -> Effects:
+        self.presence += other.presence
+        self.events += other.events
+        self.clear_status += other.clear_status
+        return self
+
+
+class PresenceRoster:
+    def __init__(self, directory: AccountDirectory | None = None) -> None:
+        self._directory = directory
+        self._users: dict[str, _User] = {}
+        self._nicks: dict[str, str] = {}  # casefolded nick -> account
+        self._pending = Effects()  # changes to other users caused by the current call
+        self.synced = False
+
+    # ---------------------------------------------------------------- reading state
+
+    def load_presence(self, record: Presence) -> None:
+        """A retained record, read while syncing (or echoed back later: then ignored)."""
+        if self.synced or not is_name(record.account) or record.account in self._users:
+            return
+        nick = record.nick if self._nick_free(record.nick, record.account) else record.account
+        user = _User(record.account, nick, record.state, record.since, published=True)
+        user.published_devices = record.devices
+        self._users[record.account] = user
+        self._nicks[nick.casefold()] = record.account
+
+    def device_seen(self, account: str, device: str, status: DeviceStatus, now: float) -> Effects:
+        if status.state == "offline":
+            return self.device_gone(account, device, now)
+        user = self._user(account, now)
+        known = device in user.devices
+        user.devices[device] = _Device(now, status.interval)
+        effects = self._take_pending()
+        if self.synced and not known:
+            effects += self._changed(user, now)
+        return effects
+
+    def device_gone(self, account: str, device: str, now: float) -> Effects:
+        user = self._users.get(account)
+        if user is None or user.devices.pop(device, None) is None or not self.synced:
+            return Effects()
+        return self._changed(user, now)
+
+    def finish_sync(self, now: float) -> Effects:
+        """Reconcile retained records with retained statuses; from now on, emit changes."""
+        self.synced = True
+        effects = Effects()
+        for user in self._users.values():
+            effects += self._changed(user, now)
+        return effects
+
+    def expire(self, now: float) -> Effects:
+        """Devices that stopped their heartbeat without a Last Will (crash, lost broker)."""
+        effects = Effects()
+        for user in list(self._users.values()):
+            for device, info in list(user.devices.items()):
+                if now - info.last_heard > GRACE_INTERVALS * info.interval:
+                    effects += self.device_gone(user.account, device, now)
+                    effects.clear_status.append((user.account, device))
+        return effects
+
+    # ---------------------------------------------------------------- requests
+
+    def rename(self, account: str, nick: str, request_id: str, now: float) -> tuple[Renamed | ErrorReply, Effects]:
+        if not is_nick(nick):
+            return ErrorReply(id=request_id, code="invalid", text=f"invalid nickname {nick!r}"), Effects()
+        if not self._nick_free(nick, account):
+            return ErrorReply(id=request_id, code="taken", text=f"the nickname {nick!r} is taken"), Effects()
+        user = self._user(account, now)
+        old = user.nick
+        if old == nick:
+            return Renamed(id=request_id, nick=nick), Effects()
+        self._nicks.pop(old.casefold(), None)
+        self._nicks[nick.casefold()] = account
+        user.nick = nick
+        user.published, user.published_devices = True, len(user.devices)
+        effects = self._take_pending()
+        effects.presence.append(user.record())
+        effects.events.append(Event(event="rename", account=account, nick=nick, old_nick=old, ts=now))
+        return Renamed(id=request_id, nick=nick), effects
+
+    def resolve(self, name: str) -> str | None:
+        """The account for an account name or a current nickname (case-insensitive)."""
+        lowered = name.lower()
+        if is_name(lowered) and (lowered in self._users or self._is_user(lowered)):
+            return lowered  # an account name always means that account, never someone's nickname
+        return self._nicks.get(name.casefold())
+
+    def who(self, include_offline: bool = False) -> list[Presence]:
+        users = sorted(self._users.values(), key=lambda u: u.nick.casefold())
+        return [u.record() for u in users if include_offline or u.state == "online"]
+
+    def records(self) -> list[Presence]:
+        return [u.record() for u in self._users.values() if u.published]
+
+    def nick_of(self, account: str) -> str:
+        user = self._users.get(account)
+        return user.nick if user else account
+
+    # ---------------------------------------------------------------- internals
+
+    def _user(self, account: str, now: float) -> _User:
+        user = self._users.get(account)
+        if user is None:
+            holder = self._nicks.get(account)
+            if holder is not None and holder != account:
+                # the nickname was taken before this account existed: account names win
+                self._reset_nick(self._users[holder], now)
+            user = _User(account, account, since=now)
+            self._users[account] = user
+            self._nicks[account] = account
+        return user
+
+    def _reset_nick(self, user: _User, now: float) -> None:
+        old, user.nick = user.nick, user.account
+        self._nicks.pop(old.casefold(), None)
+        self._nicks[user.account] = user.account
+        user.published_devices = len(user.devices)
+        self._pending.presence.append(user.record())
+        self._pending.events.append(Event(event="rename", account=user.account, nick=user.nick, old_nick=old, ts=now))
+
+    def _take_pending(self) -> Effects:
+        pending, self._pending = self._pending, Effects()
+        return pending
+
+    def _nick_free(self, nick: str, account: str) -> bool:
+        folded = nick.casefold()
+        owner = self._nicks.get(folded)
+        if owner is not None and owner != account:
+            return False
+        if folded == account:
+            return True
+        if folded in RESERVED_NAMES:
+            return False
+        # another account's name is never someone else's nickname
+        return not (is_name(folded) and (folded in self._users or self._is_user(folded)))
+
+    def _is_user(self, name: str) -> bool:
+        return self._directory is not None and self._directory.is_user(name)
+
+    def _changed(self, user: _User, now: float) -> Effects:
+        """Publish the user's record if it differs from what the broker holds."""
+        state: Literal["online", "offline"] = "online" if user.devices else "offline"
+        effects = Effects()
+        if state != user.state:
+            user.state, user.since = state, now
+            event: Literal["join", "leave"] = "join" if state == "online" else "leave"
+            effects.events.append(Event(event=event, account=user.account, nick=user.nick, ts=now))
+        if not user.published or effects.events or user.published_devices != len(user.devices):
+            user.published, user.published_devices = True, len(user.devices)
+            effects.presence.append(user.record())
+        return effects

@@ -1,0 +1,112 @@
+"""The presence worker: device statuses in, one retained presence record per user out.
+
+It reads ``<prefix>/status/<user>/<device>``, keeps ``<prefix>/presence/<user>`` (retained),
+announces join/leave/rename on ``<prefix>/events`` and answers ``resolve``, ``who`` and
+``rename``. Its state lives in retained messages (see ``imcli.core.service`` for the restart
+procedure); devices that stop their heartbeat without a Last Will expire.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from imcli.core.mqtt import BrokerAddress, Credentials
+from imcli.core.service import AccountDirectory, ServiceWorker
+from imcli.core.wire import (
+    DeviceStatus,
+    ErrorReply,
+    Presence,
+    RenameRequest,
+    Resolved,
+    ResolveRequest,
+    Roster,
+    Topic,
+    TopicKind,
+    Topics,
+    WhoRequest,
+    WireModel,
+    decode_as,
+    encode,
+)
+from imcli.presence.roster import Effects, PresenceRoster
+
+
+class PresenceWorker(ServiceWorker):
+    """``with PresenceWorker(...):`` syncs from retained state, then serves until left."""
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        credentials: Credentials,
+        directory: AccountDirectory | None = None,
+        topics: Topics | None = None,
+        device: str = "worker",
+        expiry_period: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(address, credentials, topics, device, clock)
+        self.roster = PresenceRoster(directory)
+        self._expiry_period = expiry_period
+        self._expiry = threading.Thread(target=self._expire_loop, name="presence-expiry", daemon=True)
+
+    def state_filters(self) -> list[str]:
+        return [self.topics.presence_filter(), self.topics.status_filter()]
+
+    def started(self) -> None:
+        self._expiry.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        if self._expiry.is_alive():
+            self._expiry.join(5)
+        super().__exit__(*exc)
+
+    def on_state(self, topic: Topic, payload: bytes) -> None:
+        if topic.kind is TopicKind.STATUS and topic.sender and topic.key:
+            self._on_status(topic.sender, topic.key, payload)
+        elif topic.kind is TopicKind.PRESENCE and not self.synced.is_set() and payload:
+            self.roster.load_presence(decode_as(payload, Presence))  # after sync: our own records
+
+    def _on_status(self, user: str, device: str, payload: bytes) -> None:
+        now = self.clock()
+        if not payload:
+            self._apply(self.roster.device_gone(user, device, now))
+        else:
+            self._apply(self.roster.device_seen(user, device, decode_as(payload, DeviceStatus), now))
+
+    def on_synced(self) -> None:
+        self._apply(self.roster.finish_sync(self.clock()))
+
+    def on_reconnected(self) -> None:
+        for record in self.roster.records():
+            self.publish(self.topics.presence(record.account), encode(record), retain=True)
+
+    def handle(self, sender: str, request: WireModel) -> WireModel | None:
+        if isinstance(request, ResolveRequest):
+            account = self.roster.resolve(request.name.strip().removeprefix("@"))
+            if account is not None:
+                return Resolved(id=request.id, account=account)
+            return ErrorReply(id=request.id, code="not_found", text=f"unknown user {request.name!r}")
+        if isinstance(request, WhoRequest):
+            return Roster(id=request.id, users=self.roster.who(include_offline=request.all))
+        if isinstance(request, RenameRequest):
+            reply, effects = self.roster.rename(sender, request.nick, request.id, self.clock())
+            self._apply(effects)
+            return reply
+        return None
+
+    def _apply(self, effects: Effects) -> None:
+        t = self.topics
+        for record in effects.presence:
+            self.publish(t.presence(record.account), encode(record), retain=True)
+        for event in effects.events:
+            self.publish(t.events(), encode(event))
+        for user, device in effects.clear_status:
+            self.publish(t.status(user, device), b"", retain=True)
+
+    def _expire_loop(self) -> None:
+        while not self.stopping.wait(self._expiry_period):
+            with self.lock:
+                self._apply(self.roster.expire(self.clock()))

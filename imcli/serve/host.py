@@ -1,0 +1,186 @@
+"""The embedded default: broker and workers as one command (``imcli serve``).
+
+``serve_forever`` runs them on the current event loop until ``stop`` is set;
+``BackgroundServer`` runs the same in a thread (tests, benchmarks, bots' fixtures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from amqtt.errors import BrokerError as AmqttBrokerError
+
+from imcli.archive.store import ARCHIVE_FILE, ArchiveStore
+from imcli.broker.gcpause import calm_collector
+from imcli.broker.server import (
+    SERVICE_ACCOUNT,
+    WS_LISTENER,
+    BrokerSettings,
+    EmbeddedBroker,
+    ImBroker,
+    new_service_password,
+)
+from imcli.core.errors import ImcliError
+from imcli.core.mqtt import BrokerAddress
+from imcli.serve.child import WorkerProcess
+from imcli.serve.workers import ARCHIVE_ACCOUNT, GROUPS_ACCOUNT, StoreDirectory, embedded_workers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeInfo:
+    address: BrokerAddress  # where clients on this machine connect
+    bind: str
+    data_dir: Path
+    registration: str
+    broker: ImBroker | None = field(default=None, compare=False, repr=False)  # for tests and benchmarks
+    ws_port: int | None = None  # the WebSocket listener's port, if there is one
+
+
+def connect_host(bind: str) -> str:
+    wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104 - mapping away from them
+    return wildcard.get(bind, bind)
+
+
+def open_archive(data_dir: Path) -> ArchiveStore:
+    """The archive the broker's journal writes before each PUBACK (the archive worker reads it)."""
+    return ArchiveStore(data_dir / ARCHIVE_FILE)
+
+
+async def serve_forever(
+    settings: BrokerSettings,
+    ready: Callable[[ServeInfo], None],
+    stop: asyncio.Event,
+    *,
+    workers: bool = True,
+    tune_gc: bool = True,
+    workers_in_child: bool = True,
+) -> None:
+    """Run the broker and its workers until ``stop``.
+
+    ``imcli serve`` runs the workers in a child process (imcli/serve/child.py: the second
+    core) and tunes this process's garbage collector (imcli/broker/gcpause.py); BackgroundServer,
+    which runs inside another program (tests, bots' fixtures), keeps them in threads and
+    leaves the collector alone.
+    """
+    try:
+        broker_cm = EmbeddedBroker(settings, open_archive)
+        broker = await broker_cm.__aenter__()
+    except AmqttBrokerError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OSError):
+            raise ImcliError(
+                f"cannot listen on {settings.bind}:{settings.port}: {cause.strerror or cause}",
+                "is another broker running there? choose another --port",
+            ) from exc
+        raise ImcliError(f"the broker did not start: {exc}") from exc
+    try:
+        address = BrokerAddress(connect_host(settings.bind), broker.bound_port(), tls=settings.tls)
+        ws_port = broker.bound_port(WS_LISTENER) if settings.ws_port is not None else None
+        info = ServeInfo(address, settings.bind, settings.data_dir, settings.registration, broker, ws_port)
+        async with contextlib.AsyncExitStack() as running:  # the workers stop first, the broker last
+            if workers:
+                # with TLS the workers use the broker's plain loopback-only listener (see BrokerSettings)
+                local = BrokerAddress("127.0.0.1", broker.worker_port()) if settings.tls else address
+                passwords: dict[str, str] = {}
+                for account in (SERVICE_ACCOUNT, GROUPS_ACCOUNT, ARCHIVE_ACCOUNT):
+                    passwords[account] = new_service_password()
+                    await asyncio.to_thread(broker.accounts.ensure_service, account, passwords[account])
+                if workers_in_child:
+                    await _start_child(running, settings, local, passwords)
+                else:
+                    await _start_threads(running, settings, broker, local, passwords)
+            if tune_gc:
+                calm_collector()
+            ready(info)
+            await stop.wait()
+    finally:
+        await broker_cm.__aexit__(None, None, None)
+
+
+async def _start_child(
+    running: contextlib.AsyncExitStack, settings: BrokerSettings, local: BrokerAddress, passwords: dict[str, str]
+) -> None:
+    child = WorkerProcess(
+        {
+            "host": local.host,
+            "port": local.port,
+            "data_dir": str(settings.data_dir.resolve()),
+            "prefix": settings.prefix,
+            "history_days": settings.history_days,
+            "passwords": passwords,  # service account -> its password for this run
+            "log_level": logging.getLogger().getEffectiveLevel(),  # `imcli serve --verbose` reaches the workers
+        }
+    )
+    await child.start()
+    running.push_async_callback(child.stop)
+
+
+async def _start_threads(
+    running: contextlib.AsyncExitStack,
+    settings: BrokerSettings,
+    broker: ImBroker,
+    local: BrokerAddress,
+    passwords: dict[str, str],
+) -> None:
+    directory = StoreDirectory(broker.accounts)
+    for worker in embedded_workers(
+        local, passwords, directory, settings.data_dir, broker.topics, settings.history_days
+    ):
+        await asyncio.to_thread(worker.__enter__)
+        running.push_async_callback(asyncio.to_thread, worker.__exit__, None, None, None)
+
+
+class BackgroundServer:
+    """``with BackgroundServer(settings) as info:`` runs the embedded default in a thread."""
+
+    def __init__(self, settings: BrokerSettings, start_timeout: float = 30.0, *, workers: bool = True) -> None:
+        self.settings = settings
+        self._workers = workers
+        self._start_timeout = start_timeout
+        self._ready = threading.Event()
+        self._info: ServeInfo | None = None
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="imcli-serve", daemon=True)
+
+    def __enter__(self) -> ServeInfo:
+        self._thread.start()
+        if not self._ready.wait(self._start_timeout):
+            raise ImcliError(f"the embedded broker did not start within {self._start_timeout:g}s")
+        if self._error is not None:
+            raise self._error
+        assert self._info is not None
+        return self._info
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            await serve_forever(
+                self.settings, self._on_ready, self._stop, workers=self._workers, tune_gc=False, workers_in_child=False
+            )
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # surfaced to the starting thread
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def _on_ready(self, info: ServeInfo) -> None:
+        self._info = info
+        self._ready.set()

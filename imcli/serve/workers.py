@@ -1,0 +1,55 @@
+"""The embedded default's three workers (presence, groups, archive) and the account view
+they share, built the same way in the workers' child process and in ``BackgroundServer``'s
+threads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from imcli.archive.worker import ArchiveWorker
+from imcli.broker.accounts import AccountStore, Role
+from imcli.broker.server import SERVICE_ACCOUNT
+from imcli.core.mqtt import BrokerAddress, Credentials
+from imcli.core.service import ServiceWorker
+from imcli.core.wire import Topics
+from imcli.groups.worker import GroupWorker
+from imcli.presence.worker import PresenceWorker
+
+GROUPS_ACCOUNT = "groups"
+ARCHIVE_ACCOUNT = "archive"
+
+
+class StoreDirectory:
+    """The presence worker's view of the embedded broker's accounts."""
+
+    def __init__(self, store: AccountStore) -> None:
+        self._store = store
+
+    def is_user(self, name: str) -> bool:
+        account = self._store.get(name)
+        return account is not None and account.role is Role.USER
+
+
+def embedded_workers(
+    local: BrokerAddress,
+    passwords: dict[str, str],
+    directory: StoreDirectory,
+    data_dir: Path,
+    topics: Topics,
+    history_days: float | None,
+) -> list[ServiceWorker]:
+    """The presence, group and archive workers of the embedded default, not yet started
+    (in threads beside the broker, or in imcli/serve/child.py's process)."""
+    return [
+        PresenceWorker(local, Credentials(SERVICE_ACCOUNT, passwords[SERVICE_ACCOUNT]), directory, topics, "embedded"),
+        GroupWorker(local, Credentials(GROUPS_ACCOUNT, passwords[GROUPS_ACCOUNT]), directory, topics, "embedded"),
+        ArchiveWorker(
+            local,
+            Credentials(ARCHIVE_ACCOUNT, passwords[ARCHIVE_ACCOUNT]),
+            data_dir,
+            topics,
+            "embedded",
+            retention_days=history_days,
+            store_messages=False,  # the broker journals each message before its PUBACK
+        ),
+    ]
