@@ -21,6 +21,7 @@ from pathlib import Path
 
 from imcli.archive.store import ARCHIVE_FILE, ArchiveStore, Page, dm_conversation
 from imcli.core.mqtt import BrokerAddress, Credentials
+from imcli.core.rules import group_visible, missing_group
 from imcli.core.service import ServiceWorker
 from imcli.core.wire import (
     ErrorReply,
@@ -116,9 +117,9 @@ class ArchiveWorker(ServiceWorker):
         if r.group is not None:
             info = self._groups.get(r.group)
             if info is None or sender not in info.members:
-                hidden = info is None or info.private
-                text = f"no group #{r.group} (or it is private)" if hidden else f"you are not a member of #{r.group}"
-                return ErrorReply(id=r.id, code="not_found" if hidden else "denied", text=text)
+                if info is None or not group_visible(private=info.private, member=False):
+                    return ErrorReply(id=r.id, code="not_found", text=missing_group(r.group))
+                return ErrorReply(id=r.id, code="denied", text=f"you are not a member of #{r.group}")
             return self.store.conversation_page(f"group:{r.group}", r.limit, r.since, r.before)
         mine = [g.name for g in self._groups.values() if sender in g.members]
         return self.store.catch_up(sender, mine, r.limit, r.since, r.before)

@@ -18,6 +18,7 @@ from functools import lru_cache
 from typing import Protocol
 
 from imcli.broker.accounts import Role
+from imcli.core.rules import dm_refusal, group_visible
 from imcli.core.wire import TopicKind, Topics, is_name
 
 
@@ -150,18 +151,21 @@ class TopicAcl:
             if not is_name(group):
                 return False
             if rest == ["info"]:
-                return self.groups.is_member(group, user) or self.groups.is_public(group)
+                return self._info_visible(group, user)
             is_msg_filter = len(rest) == 2 and rest[0] == "msg" and (rest[1] == "+" or is_name(rest[1]))
             return (is_msg_filter or rest == ["#"]) and self.groups.is_member(group, user)
         if not is_name(group) or "+" in topic or "#" in topic:
             return False
         if rest == ["info"]:
-            return access is Access.RECEIVE and (self.groups.is_member(group, user) or self.groups.is_public(group))
+            return access is Access.RECEIVE and self._info_visible(group, user)
         if len(rest) != 2 or rest[0] != "msg" or not is_name(rest[1]):
             return False
         if access is Access.PUBLISH and rest[1] != user:
             return False
         return self.groups.is_member(group, user)
+
+    def _info_visible(self, group: str, user: str) -> bool:
+        return group_visible(private=not self.groups.is_public(group), member=self.groups.is_member(group, user))
 
     def receive_check(self, topic: str) -> Callable[[str | None, Role | None], bool]:
         """``allows(user, role, topic, RECEIVE)`` for one message and many recipients.
@@ -197,7 +201,7 @@ class TopicAcl:
             and parsed.owner
             and not self.friends.dm_allowed(parsed.owner, username)
         ):
-            return f"{parsed.owner} accepts direct messages from friends only"
+            return dm_refusal(parsed.owner)
         return f"you may not publish to {topic}"
 
     def may_retain(self, topic: str) -> bool:

@@ -38,6 +38,8 @@ from imcli.cli.social import config_app, friend_app, group_app
 from imcli.cli.workers import workers
 from imcli.client.identity import broker_address, heartbeat_seconds, max_payload_bytes, message_text, signed_in
 from imcli.core.errors import InvalidInput
+from imcli.core.rules import PRESENCE_ACCOUNT
+from imcli.core.topics import DEFAULT_MAX_PAYLOAD
 
 app = typer.Typer(
     cls=CliGroup,
@@ -65,7 +67,7 @@ def serve(
     registration: Annotated[
         str, typer.Option(help="'open': anyone may register; 'closed': only 'imcli admin user add'.")
     ] = "open",
-    max_payload: Annotated[int, typer.Option(help="Largest message payload in bytes.")] = 16 * 1024,
+    max_payload: Annotated[int, typer.Option(help="Largest message payload in bytes.")] = DEFAULT_MAX_PAYLOAD,
     max_rate: Annotated[float, typer.Option(help="Messages per second per account (bursts of 3 s allowed).")] = 20.0,
     max_connections: Annotated[int, typer.Option(help="Connections per account.")] = 10,
     max_subscriptions: Annotated[int, typer.Option(help="Subscriptions per connection.")] = 100,
@@ -379,7 +381,7 @@ def rename(
 def presence(
     host: HostOpt = None,
     port: PortOpt = None,
-    account: Annotated[str, typer.Option(help="The worker's service account.")] = "presence",
+    account: Annotated[str, typer.Option(help="The worker's service account.")] = PRESENCE_ACCOUNT,
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", help="Embedded broker's data dir, to know every account.")
     ] = None,

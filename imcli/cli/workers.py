@@ -20,6 +20,7 @@ from imcli.cli.common import (
 )
 from imcli.client.identity import broker_address
 from imcli.core.errors import InvalidInput
+from imcli.core.rules import ARCHIVE_ACCOUNT, GROUPS_ACCOUNT, PRESENCE_ACCOUNT
 
 if TYPE_CHECKING:
     from imcli.core.service import ServiceWorker
@@ -52,9 +53,9 @@ def _passwords(from_stdin: bool, accounts: list[str]) -> list[str]:
 def workers(
     host: HostOpt = None,
     port: PortOpt = None,
-    presence_account: Annotated[str, typer.Option(help="Service account of the presence worker.")] = "presence",
-    groups_account: Annotated[str, typer.Option(help="Service account of the group worker.")] = "groups",
-    archive_account: Annotated[str, typer.Option(help="Service account of the archive worker.")] = "archive",
+    presence_account: Annotated[str, typer.Option(help="Service account of the presence worker.")] = PRESENCE_ACCOUNT,
+    groups_account: Annotated[str, typer.Option(help="Service account of the group worker.")] = GROUPS_ACCOUNT,
+    archive_account: Annotated[str, typer.Option(help="Service account of the archive worker.")] = ARCHIVE_ACCOUNT,
     password_stdin: Annotated[
         bool,
         typer.Option(

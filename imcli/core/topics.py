@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from imcli.core.errors import InvalidInput
+from imcli.core.rules import SERVICE_ACCOUNTS
 
 PROTOCOL_VERSION: Final = 1
 DEFAULT_PREFIX = "im"
@@ -30,10 +31,8 @@ _DEVICE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,47}")
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PREFIX = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}(/[a-z0-9][a-z0-9_-]{0,31}){0,3}")
 
-# Reserved: service accounts and words that would confuse people or tools.
-RESERVED_NAMES = frozenset(
-    {"admin", "root", "system", "imcli", "presence", "groups", "archive", "register", "everyone", "all", "me"}
-)
+# Reserved: the workers' service accounts and words that would confuse people or tools.
+RESERVED_NAMES = frozenset({*SERVICE_ACCOUNTS, "admin", "root", "system", "imcli", "register", "everyone", "all", "me"})
 
 
 def is_name(value: str) -> bool:

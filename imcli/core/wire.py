@@ -19,6 +19,8 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from imcli.core.rules import DmPolicy
+
 # The names and topics: imcli.core.topics has them; the `noqa` ones are re-exported, since the rest
 # of imcli imports everything of the wire format from here.
 from imcli.core.topics import (
@@ -222,9 +224,6 @@ class GroupList(WireModel):
     id: str
     mine: list[GroupInfo]
     public: list[GroupInfo]  # public groups I am not in
-
-
-DmPolicy = Literal["anyone", "friends"]
 
 
 class Friends(WireModel):

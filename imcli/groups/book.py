@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from imcli.core.rules import group_visible, missing_group
 from imcli.core.service import AccountDirectory
 from imcli.core.wire import RESERVED_NAMES, ErrorReply, GroupInfo, GroupList, GroupReply, GroupRequest, is_name
 
@@ -134,14 +135,14 @@ class GroupBook:
     def _list(self, user: str, req: GroupRequest, now: float) -> Outcome:
         groups = sorted(self._groups.values(), key=lambda g: g.name)
         mine = [g for g in groups if user in g.members]
-        public = [g for g in groups if not g.private and user not in g.members]
+        public = [g for g in groups if user not in g.members and group_visible(private=g.private, member=False)]
         return Outcome(GroupList(id=req.id, mine=mine, public=public))
 
     # ---------------------------------------------------------------- helpers
 
     def _visible(self, user: str, name: str) -> GroupInfo | None:
         info = self._groups.get(name)
-        if info is None or (info.private and user not in info.members):
+        if info is None or not group_visible(private=info.private, member=user in info.members):
             return None
         return info
 
@@ -166,7 +167,7 @@ def _error(req: GroupRequest, code: str, text: str) -> Outcome:
 
 
 def _missing(req: GroupRequest) -> Outcome:
-    return _error(req, "not_found", f"no group #{req.group} (or it is private)")
+    return _error(req, "not_found", missing_group(req.group))
 
 
 def _tell(users: list[str], text: str) -> list[tuple[str, str]]:

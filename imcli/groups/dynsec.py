@@ -37,6 +37,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ValidationError
 
+from imcli.core.rules import dm_senders
 from imcli.core.wire import Friends, GroupInfo, Topics
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class DynsecMirror:
         self._reader_acls: list[Acl] | None = None  # what the readers' roles last got
         self._members: dict[str, frozenset[str]] = {}  # group -> members
         self._member_of: dict[str, set[str]] = {}  # user -> groups
-        self._dm_friends: dict[str, frozenset[str]] = {}  # user with dm-policy friends -> friends
+        self._dm_senders: dict[str, frozenset[str]] = {}  # user with dm-policy friends -> whom it takes DMs from
         self._created: set[str] = set()  # users whose role and client this worker has created (or found)
 
     # ---------------------------------------------------------------- state in
@@ -123,16 +124,16 @@ class DynsecMirror:
         return set(before ^ after)
 
     def friends_changed(self, record: Friends) -> set[str]:
-        before = self._dm_friends.get(record.account)
-        after = frozenset(record.friends) if record.dm_policy == "friends" else None
+        before = self._dm_senders.get(record.account)
+        after = dm_senders(record.account, record.dm_policy, record.friends)
         if after is None:
-            self._dm_friends.pop(record.account, None)
+            self._dm_senders.pop(record.account, None)
         else:
-            self._dm_friends[record.account] = after
+            self._dm_senders[record.account] = after
         return {record.account} if before != after else set()
 
     def users(self) -> set[str]:
-        return {u for u, groups in self._member_of.items() if groups} | set(self._dm_friends)
+        return {u for u, groups in self._member_of.items() if groups} | set(self._dm_senders)
 
     # ---------------------------------------------------------------- rights out
 
@@ -148,17 +149,17 @@ class DynsecMirror:
     def _dm_policy(self, user: str) -> list[Acl]:
         """Who may reach ``user`` by DM, if only friends may: receive rights on ``user``'s DM topics."""
         t = self.topics
-        friends = self._dm_friends.get(user)
-        if friends is None:
+        senders = self._dm_senders.get(user)
+        if senders is None:
             return []
         # checked in priority order: friends (and oneself) first, then everyone else's DMs refused
-        acls = [Acl(acltype="publishClientReceive", topic=t.dm(user, s), priority=1) for s in sorted(friends | {user})]
+        acls = [Acl(acltype="publishClientReceive", topic=t.dm(user, s), priority=1) for s in sorted(senders)]
         acls.append(Acl(acltype="publishClientReceive", topic=t.dm_filter(user), priority=0, allow=False))
         return acls
 
     def reader_acls(self) -> list[Acl]:
         """A DM reader's role: every friends-only user's refusals, so a dropped DM is not archived either."""
-        return [acl for user in sorted(self._dm_friends) for acl in self._dm_policy(user)]
+        return [acl for user in sorted(self._dm_senders) for acl in self._dm_policy(user)]
 
     def commands(self, users: Iterable[str]) -> bytes | None:
         """The commands giving ``users`` their current rights, or ``None`` if there are none."""

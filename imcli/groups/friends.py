@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from imcli.core.rules import dm_senders, may_dm
 from imcli.core.service import AccountDirectory
 from imcli.core.wire import RESERVED_NAMES, ErrorReply, FriendReply, FriendRequest, Friends, is_name
 
@@ -45,7 +46,7 @@ class FriendBook:
             return _error(req, "not_found", f"unknown user {req.user!r}")
         if req.op == "can_dm":
             theirs = self.record(other)
-            allowed = other == user or theirs.dm_policy == "anyone" or user in theirs.friends
+            allowed = may_dm(user, dm_senders(other, theirs.dm_policy, theirs.friends))
             return FriendOutcome(FriendReply(id=req.id, record=self.record(user), allowed=allowed))
         if other == user:
             return _error(req, "invalid", "you cannot be your own friend")

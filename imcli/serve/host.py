@@ -19,7 +19,6 @@ from amqtt.errors import BrokerError as AmqttBrokerError
 from imcli.archive.store import ARCHIVE_FILE, ArchiveStore
 from imcli.broker.gcpause import calm_collector
 from imcli.broker.server import (
-    SERVICE_ACCOUNT,
     WS_LISTENER,
     BrokerSettings,
     EmbeddedBroker,
@@ -28,8 +27,9 @@ from imcli.broker.server import (
 )
 from imcli.core.errors import ImcliError
 from imcli.core.mqtt import BrokerAddress
+from imcli.core.rules import SERVICE_ACCOUNTS
 from imcli.serve.child import WorkerProcess
-from imcli.serve.workers import ARCHIVE_ACCOUNT, GROUPS_ACCOUNT, StoreDirectory, embedded_workers
+from imcli.serve.workers import StoreDirectory, embedded_workers
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ async def serve_forever(
                 # with TLS the workers use the broker's plain loopback-only listener (see BrokerSettings)
                 local = BrokerAddress("127.0.0.1", broker.worker_port()) if settings.tls else address
                 passwords: dict[str, str] = {}
-                for account in (SERVICE_ACCOUNT, GROUPS_ACCOUNT, ARCHIVE_ACCOUNT):
+                for account in SERVICE_ACCOUNTS:
                     passwords[account] = new_service_password()
                     await asyncio.to_thread(broker.accounts.ensure_service, account, passwords[account])
                 if workers_in_child:

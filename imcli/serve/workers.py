@@ -8,15 +8,12 @@ from pathlib import Path
 
 from imcli.archive.worker import ArchiveWorker
 from imcli.broker.accounts import AccountStore, Role
-from imcli.broker.server import SERVICE_ACCOUNT
 from imcli.core.mqtt import BrokerAddress, Credentials
+from imcli.core.rules import ARCHIVE_ACCOUNT, GROUPS_ACCOUNT, PRESENCE_ACCOUNT
 from imcli.core.service import ServiceWorker
 from imcli.core.wire import Topics
 from imcli.groups.worker import GroupWorker
 from imcli.presence.worker import PresenceWorker
-
-GROUPS_ACCOUNT = "groups"
-ARCHIVE_ACCOUNT = "archive"
 
 
 class StoreDirectory:
@@ -40,12 +37,16 @@ def embedded_workers(
 ) -> list[ServiceWorker]:
     """The presence, group and archive workers of the embedded default, not yet started
     (in threads beside the broker, or in imcli/serve/child.py's process)."""
+
+    def creds(account: str) -> Credentials:
+        return Credentials(account, passwords[account])
+
     return [
-        PresenceWorker(local, Credentials(SERVICE_ACCOUNT, passwords[SERVICE_ACCOUNT]), directory, topics, "embedded"),
-        GroupWorker(local, Credentials(GROUPS_ACCOUNT, passwords[GROUPS_ACCOUNT]), directory, topics, "embedded"),
+        PresenceWorker(local, creds(PRESENCE_ACCOUNT), directory, topics, "embedded"),
+        GroupWorker(local, creds(GROUPS_ACCOUNT), directory, topics, "embedded"),
         ArchiveWorker(
             local,
-            Credentials(ARCHIVE_ACCOUNT, passwords[ARCHIVE_ACCOUNT]),
+            creds(ARCHIVE_ACCOUNT),
             data_dir,
             topics,
             "embedded",

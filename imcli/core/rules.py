@@ -1,0 +1,70 @@
+"""The system's decisions, each made once: who may DM whom, who may see a group, which
+accounts are the workers', how a login asks for an account.
+
+The worker that answers a request, the broker that enforces the same rule on a publish
+and the client that checks before sending (the broker drops a refused publish silently,
+DESIGN.md) all call these functions, so they cannot disagree. Everything here is pure
+and uses the standard library alone: :mod:`imcli.core.topics` builds ``RESERVED_NAMES``
+from ``SERVICE_ACCOUNTS`` and ``imcli say`` imports both on its fast path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final, Literal
+
+# --------------------------------------------------------------------------- service accounts
+
+PRESENCE_ACCOUNT: Final = "presence"
+GROUPS_ACCOUNT: Final = "groups"
+ARCHIVE_ACCOUNT: Final = "archive"
+# the workers that `imcli serve` runs, and the default accounts of `imcli workers`: no person may take these names
+SERVICE_ACCOUNTS: Final = (PRESENCE_ACCOUNT, GROUPS_ACCOUNT, ARCHIVE_ACCOUNT)
+
+# --------------------------------------------------------------------------- registration
+
+REGISTER_PREFIX: Final = "register:"  # a CONNECT with username "register:<name>" asks to create <name>
+
+# --------------------------------------------------------------------------- direct messages
+
+DmPolicy = Literal["anyone", "friends"]
+DM_POLICIES: Final[tuple[DmPolicy, ...]] = ("anyone", "friends")
+
+
+def dm_senders(recipient: str, policy: DmPolicy, friends: Iterable[str]) -> frozenset[str] | None:
+    """Whom ``recipient`` takes direct messages from: ``None`` for anyone, else its friends and itself.
+
+    The group worker answers ``can_dm`` with it, the embedded broker keeps it per user to
+    refuse a DM at publish, and the dynamic-security mirror turns it into Mosquitto's
+    receive rights: the same set everywhere.
+    """
+    if policy == "anyone":
+        return None
+    return frozenset(friends) | {recipient}
+
+
+def may_dm(sender: str, senders: frozenset[str] | None) -> bool:
+    """Whether ``sender`` may DM a user who takes direct messages from ``senders`` (see ``dm_senders``)."""
+    return senders is None or sender in senders
+
+
+def dm_refusal(recipient: str) -> str:
+    """What a sender is told when ``recipient``'s policy refuses its DM (by the broker, or the client first)."""
+    return f"{recipient} accepts direct messages from friends only"
+
+
+# --------------------------------------------------------------------------- groups
+
+
+def group_visible(*, private: bool, member: bool) -> bool:
+    """Whether a user may know that a group exists: its members always, others if it is public.
+
+    A group that is not visible answers exactly like one that does not exist
+    (``missing_group``), so asking cannot reveal a private group's name.
+    """
+    return member or not private
+
+
+def missing_group(group: str) -> str:
+    """The one answer for a group that does not exist and for one the asker may not see."""
+    return f"no group #{group} (or it is private)"
