@@ -8,11 +8,13 @@ arrived first cannot go unnoticed.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
+import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -34,20 +36,21 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     return predicate()
 
 
-@dataclass
+@dataclasses.dataclass
 class Raw:
     client: paho.Client
     username: str | None = None
     rc: int | None = None  # the MQTT 3.1.1 CONNACK code
-    messages: queue.Queue[paho.MQTTMessage] = field(default_factory=queue.Queue)
-    connected: threading.Event = field(default_factory=threading.Event)
-    disconnected: threading.Event = field(default_factory=threading.Event)
-    subacks: dict[int, list[int]] = field(default_factory=dict)
-    skipped: list[paho.MQTTMessage] = field(default_factory=list)  # passed over by expect(topic)
+    messages: queue.Queue[paho.MQTTMessage] = dataclasses.field(default_factory=queue.Queue)
+    connected: threading.Event = dataclasses.field(default_factory=threading.Event)
+    disconnected: threading.Event = dataclasses.field(default_factory=threading.Event)
+    subacks: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    skipped: list[paho.MQTTMessage] = dataclasses.field(default_factory=list)  # passed over by expect(topic)
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> int:
         """Subscribe and return the granted QoS, or 128 when refused."""
         _, mid = self.client.subscribe(topic_filter, qos)
+        assert mid is not None, "not connected"
         assert wait_until(lambda: mid in self.subacks), "no SUBACK"
         return self.subacks[mid][0]
 
@@ -166,3 +169,83 @@ def connect_raw(
     if r.rc != 0:
         r.close()
     return r
+
+
+# ---------------------------------------------------------------- MQTT frames by hand (raw sockets)
+
+
+def varint(n: int) -> bytes:
+    """MQTT's remaining-length encoding."""
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def field(data: bytes, length: int | None = None) -> bytes:
+    """An MQTT length-prefixed field; ``length`` lies about the size when given."""
+    return (len(data) if length is None else length).to_bytes(2, "big") + data
+
+
+def packet(first: int, body: bytes, length: int | None = None) -> bytes:
+    """A packet: the fixed header's first byte, the remaining length (or a lie), the body."""
+    return bytes([first]) + varint(len(body) if length is None else length) + body
+
+
+def connect_packet(
+    client_id: bytes, username: bytes | None = None, password: bytes | None = None, *, keepalive: int = 30
+) -> bytes:
+    flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+    body = field(b"MQTT") + bytes([4, flags]) + keepalive.to_bytes(2, "big") + field(client_id)
+    body += field(username) if username is not None else b""
+    body += field(password) if password is not None else b""
+    return packet(0x10, body)
+
+
+def login(name: str, client_id: bytes | None = None) -> bytes:
+    """mallory's CONNECT with the right password, under a fresh client id unless given."""
+    cid = client_id if client_id is not None else f"{name}:fuzz{secrets.token_hex(3)}".encode()
+    return connect_packet(cid, name.encode(), password_of(name).encode())
+
+
+def publish_packet(
+    topic: bytes, payload: bytes, qos: int = 0, topic_length: int | None = None, packet_id: int = 1
+) -> bytes:
+    body = field(topic, topic_length) + (packet_id.to_bytes(2, "big") if qos else b"") + payload
+    return packet(0x30 | (qos << 1), body)
+
+
+def read_packets(
+    sock: socket.socket, until: Callable[[list[tuple[int, bytes]]], bool]
+) -> tuple[list[tuple[int, bytes]], bool]:
+    """The broker's packets as (first byte, body), read until ``until`` says so or the connection
+    ends; also whether it ended (closed or reset). The socket's own timeout bounds each read."""
+    buf = bytearray()
+    got: list[tuple[int, bytes]] = []
+    closed = False
+    while not until(got):
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            closed = True
+            break
+        buf += chunk
+        while len(buf) >= 2:
+            length, multiplier, i = 0, 1, 1
+            while i < len(buf):
+                length += (buf[i] & 0x7F) * multiplier
+                multiplier *= 128
+                i += 1
+                if not buf[i - 1] & 0x80:
+                    break
+            else:
+                break
+            if len(buf) < i + length:
+                break
+            got.append((buf[0], bytes(buf[i : i + length])))
+            del buf[: i + length]
+    return got, closed
