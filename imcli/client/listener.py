@@ -19,9 +19,9 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from imcli.client.identity import Identity
-from imcli.client.services import REQUEST_TIMEOUT, no_worker
 from imcli.core.errors import ImcliError
 from imcli.core.mqtt import ConnectionListener, Message, MqttClient, Will
+from imcli.core.request_reply import RequestClient
 from imcli.core.wire import (
     DEFAULT_HEARTBEAT,
     DeviceStatus,
@@ -37,7 +37,6 @@ from imcli.core.wire import (
     WireModel,
     chat_received,
     check_name,
-    decode,
     decode_as,
     encode,
     new_id,
@@ -159,8 +158,7 @@ class Listener:
         self.online: set[str] = set()  # accounts the presence worker says are online
         self._inbox: queue.Queue[tuple[Message, bool]] = queue.Queue()
         self._catching_up = True  # until our SUBACK: what arrives first was queued while we were away
-        self._waiting: dict[str, queue.Queue[Message]] = {}
-        self._waiting_lock = threading.Lock()
+        self.requests = RequestClient(topics, identity.account, self.publish)  # our user filter covers the replies
         self._requests_shown: set[str] = set()
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._beat_loop, name="imcli-heartbeat", daemon=True)
@@ -201,39 +199,15 @@ class Listener:
         """Publish at QoS 1 and wait for the broker's acknowledgement (any thread but paho's)."""
         self._client.publish(topic, payload, qos=1)
 
-    def ask(self, request: WireModel, timeout: float = REQUEST_TIMEOUT) -> Payload:
-        """Request/reply over this connection (``imcli.client.services.Asker``); our user filter covers the reply."""
-        topics, me = self.identity.topics, self.identity.account
-        corr = new_id()
-        box: queue.Queue[Message] = queue.Queue(maxsize=1)
-        with self._waiting_lock:
-            self._waiting[corr] = box
-        try:
-            self._client.publish(topics.request(me, corr), encode(request), qos=1)
-            try:
-                reply = box.get(timeout=timeout)
-            except queue.Empty:
-                raise no_worker(timeout) from None
-        finally:
-            with self._waiting_lock:
-                self._waiting.pop(corr, None)
-        try:
-            return decode(reply.payload)
-        except MalformedPayload as exc:
-            raise ImcliError(f"a worker sent a malformed reply: {exc}") from exc
+    def ask(self, request: WireModel, timeout: float | None = None) -> Payload:
+        """Request/reply over this connection (an ``imcli.core.request_reply.Asker``)."""
+        return self.requests.ask(request, timeout)
 
     # ---------------------------------------------------------------- receiving
 
     def _route(self, message: Message) -> None:  # paho's thread
-        parsed = self.identity.topics.parse(message.topic)
-        if parsed is not None and parsed.kind is TopicKind.REPLY and parsed.key is not None:
-            with self._waiting_lock:
-                box = self._waiting.get(parsed.key)
-            if box is not None:
-                with contextlib.suppress(queue.Full):
-                    box.put_nowait(message)
-            return  # a late reply to a request that timed out
-        self._inbox.put((message, self._catching_up))
+        if not self.requests.deliver(message):
+            self._inbox.put((message, self._catching_up))
 
     def __iter__(self) -> Iterator[Received]:
         while not self._stop.is_set():

@@ -7,9 +7,8 @@ and tests can call them without the CLI.
 from __future__ import annotations
 
 import secrets
-import time
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeVar
+from typing import Literal, TypeVar
 
 from imcli.client.identity import Identity
 from imcli.client.send import check_size, clean_text, publish_to_room
@@ -23,7 +22,9 @@ from imcli.core.errors import (
     NotFound,
     RequestTimeout,
 )
-from imcli.core.mqtt import BrokerAddress, Credentials, MqttClient
+from imcli.core.mqtt import BrokerAddress, Credentials, Message, MqttClient
+from imcli.core.request_reply import REQUEST_TIMEOUT, Asker, RequestClient
+from imcli.core.rules import REGISTER_PREFIX, dm_refusal
 from imcli.core.wire import (
     DEFAULT_MAX_PAYLOAD,
     HISTORY_MAX,
@@ -41,7 +42,6 @@ from imcli.core.wire import (
     GroupRequest,
     HistoryReply,
     HistoryRequest,
-    MalformedPayload,
     Payload,
     Presence,
     Received,
@@ -50,20 +50,14 @@ from imcli.core.wire import (
     Resolved,
     ResolveRequest,
     Roster,
-    TopicKind,
     WhoRequest,
     WireModel,
     check_name,
-    decode,
     encode,
     is_nick,
-    new_id,
 )
 
 _R = TypeVar("_R")
-
-REGISTER_PREFIX = "register:"
-REQUEST_TIMEOUT = 5.0
 
 
 # ---------------------------------------------------------------- accounts
@@ -139,18 +133,17 @@ def say(identity: Identity, room: str, message: ChatMessage) -> None:
 
 def send_dm(identity: Identity, name: str, message: ChatMessage) -> str:
     """Resolve ``name`` (account or nickname) and send; returns the recipient's account."""
-    with MqttClient(identity.address, identity.credentials, identity.client_id("dm")) as client:
-        requests = Requests(client, identity)
-        to = resolve(requests, name)
-        check_can_dm(requests, to)
-        client.publish(identity.topics.dm(to, identity.account), encode(message), qos=1)
+    with Connection(identity, "dm") as connection:
+        to = resolve(connection, name)
+        check_can_dm(connection, to)
+        connection.publish(identity.topics.dm(to, identity.account), encode(message))
     return to
 
 
 def check_can_dm(asker: Asker, to: str) -> None:
     """The broker would drop a refused DM silently (the PUBACK comes anyway): ask first."""
     if not expect(asker.ask(FriendRequest(op="can_dm", user=to)), FriendReply).allowed:
-        raise NotAllowed(f"{to} accepts direct messages from friends only", f"ask first: imcli friend add {to}")
+        raise NotAllowed(dm_refusal(to), f"ask first: imcli friend add {to}")
 
 
 def friend_request(
@@ -159,8 +152,8 @@ def friend_request(
     if user is not None:
         check_name(user.removeprefix("@"))
     request = FriendRequest(op=op, user=user, dm_policy=policy)
-    with MqttClient(identity.address, identity.credentials, identity.client_id("friend")) as client:
-        return expect(Requests(client, identity).ask(request), FriendReply).record
+    with Connection(identity, "friend") as connection:
+        return expect(connection.ask(request), FriendReply).record
 
 
 def resolve(asker: Asker, name: str) -> str:
@@ -174,8 +167,8 @@ def resolve(asker: Asker, name: str) -> str:
 
 
 def who(identity: Identity, include_offline: bool = False) -> list[Presence]:
-    with MqttClient(identity.address, identity.credentials, identity.client_id("who")) as client:
-        return ask_who(Requests(client, identity), include_offline)
+    with Connection(identity, "who") as connection:
+        return ask_who(connection, include_offline)
 
 
 def ask_who(asker: Asker, include_offline: bool = False) -> list[Presence]:
@@ -184,8 +177,8 @@ def ask_who(asker: Asker, include_offline: bool = False) -> list[Presence]:
 
 def rename(identity: Identity, nick: str) -> str:
     check_nick(nick)
-    with MqttClient(identity.address, identity.credentials, identity.client_id("nick")) as client:
-        return ask_rename(Requests(client, identity), nick)
+    with Connection(identity, "nick") as connection:
+        return ask_rename(connection, nick)
 
 
 def check_nick(nick: str) -> str:
@@ -215,8 +208,8 @@ def group_request(
     if op != "list":
         check_name(group, "group name")
     request = GroupRequest(op=op, group=group, user=user, private=private)
-    with MqttClient(identity.address, identity.credentials, identity.client_id("group")) as client:
-        reply = Requests(client, identity).ask(request)
+    with Connection(identity, "group") as connection:
+        reply = connection.ask(request)
     if isinstance(reply, GroupList):
         return reply
     return expect(reply, GroupReply)
@@ -225,9 +218,9 @@ def group_request(
 def group_say(identity: Identity, group: str, message: ChatMessage) -> None:
     """Send to a group, after checking membership (the broker would drop it silently)."""
     check_name(group, "group name")
-    with MqttClient(identity.address, identity.credentials, identity.client_id("gsay")) as client:
-        check_member(Requests(client, identity), group, identity.account)
-        client.publish(identity.topics.group_msg(group, identity.account), encode(message), qos=1)
+    with Connection(identity, "gsay") as connection:
+        check_member(connection, group, identity.account)
+        connection.publish(identity.topics.group_msg(group, identity.account), encode(message))
 
 
 def check_member(asker: Asker, group: str, me: str) -> None:
@@ -276,8 +269,8 @@ def history(
     since: float | None = None,
     before: float | None = None,
 ) -> HistoryReply:
-    with MqttClient(identity.address, identity.credentials, identity.client_id("history")) as client:
-        return ask_history(Requests(client, identity), where, limit, since, before)
+    with Connection(identity, "history") as connection:
+        return ask_history(connection, where, limit, since, before)
 
 
 def ask_history(
@@ -317,44 +310,38 @@ def expect(reply: Payload, kind: type[_R]) -> _R:
 # ---------------------------------------------------------------- request / reply
 
 
-class Asker(Protocol):
-    """Something that sends a request to the workers and returns the reply."""
+class Connection:
+    """A short-lived connection that asks the workers (``Asker``) and publishes.
 
-    def ask(self, request: WireModel) -> Payload: ...
+    ``with Connection(identity, "dm") as c:`` connects as ``<me>:<device>-dm<random>`` and
+    subscribes to the reply topic; the requests go through ``imcli.core.request_reply``,
+    the same client the Listener uses on its long-lived connection.
+    """
 
+    def __init__(self, identity: Identity, purpose: str, timeout: float = REQUEST_TIMEOUT) -> None:
+        self.requests = RequestClient(identity.topics, identity.account, self.publish, timeout)
+        self._client = MqttClient(
+            identity.address, identity.credentials, identity.client_id(purpose), on_message=self._route
+        )
 
-class Requests:
-    """Request/reply without MQTT 5: subscribe to our reply topic, publish, wait."""
+    def __enter__(self) -> Connection:
+        self._client.connect()
+        try:
+            self._client.subscribe([self.requests.reply_filter()])
+        except ImcliError:
+            self._client.close()
+            raise
+        return self
 
-    def __init__(self, client: MqttClient, identity: Identity, timeout: float = REQUEST_TIMEOUT) -> None:
-        self._client = client
-        self._identity = identity
-        self._timeout = timeout
-        self._subscribed = False
+    def __exit__(self, *exc: object) -> None:
+        self._client.close()
 
     def ask(self, request: WireModel) -> Payload:
-        topics, me = self._identity.topics, self._identity.account
-        if not self._subscribed:
-            self._client.subscribe([topics.reply_filter(me)])
-            self._subscribed = True
-        corr = new_id()
-        self._client.publish(topics.request(me, corr), encode(request), qos=1)
-        deadline = time.monotonic() + self._timeout
-        while (left := deadline - time.monotonic()) > 0:
-            msg = self._client.get(timeout=left)
-            if msg is None:
-                break
-            parsed = topics.parse(msg.topic)
-            if parsed is None or parsed.kind is not TopicKind.REPLY or parsed.key != corr:
-                continue
-            try:
-                return decode(msg.payload)
-            except MalformedPayload as exc:
-                raise ImcliError(f"a worker sent a malformed reply: {exc}") from exc
-        raise no_worker(self._timeout)
+        return self.requests.ask(request)
 
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 1 and wait for the broker's acknowledgement."""
+        self._client.publish(topic, payload, qos=1)
 
-def no_worker(timeout: float) -> RequestTimeout:
-    return RequestTimeout(
-        f"no worker answered within {timeout:g}s", "is the presence worker running? 'imcli serve' starts it"
-    )
+    def _route(self, message: Message) -> None:  # paho's thread: nothing but replies is subscribed
+        self.requests.deliver(message)

@@ -1,0 +1,87 @@
+"""Request/reply without MQTT 5 (DESIGN.md): the one client that asks the workers.
+
+The asker's connection is subscribed to ``<prefix>/user/<me>/reply/+`` (or a filter that
+covers it); ``ask`` publishes the request on ``<prefix>/request/<me>/<corr>`` and waits for
+the reply whose topic names that ``corr``. Replies reach it through ``deliver``, which
+the connection calls with each message it receives (in paho's thread), so a short-lived
+connection (``imcli.client.services``) and the Listener's long-lived one, which receives
+chat on the same connection, share this code. A late reply to a request that timed out
+is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from imcli.core.errors import ImcliError, RequestTimeout
+from imcli.core.mqtt import Message
+from imcli.core.wire import MalformedPayload, Payload, TopicKind, Topics, WireModel, decode, encode, new_id
+
+REQUEST_TIMEOUT = 5.0  # seconds an asker waits for a worker's reply, unless given another
+
+
+class Asker(Protocol):
+    """Something that sends a request to the workers and returns the reply."""
+
+    def ask(self, request: WireModel) -> Payload: ...
+
+
+class RequestClient:
+    """Asks the workers over one connection; ``publish`` sends at QoS 1 and waits for the PUBACK."""
+
+    def __init__(
+        self, topics: Topics, account: str, publish: Callable[[str, bytes], None], timeout: float = REQUEST_TIMEOUT
+    ) -> None:
+        self.topics = topics
+        self.account = account
+        self.timeout = timeout
+        self._publish = publish
+        self._waiting: dict[str, queue.Queue[Message]] = {}
+        self._lock = threading.Lock()
+
+    def reply_filter(self) -> str:
+        """What the connection must be subscribed to (unless a wider filter covers it)."""
+        return self.topics.reply_filter(self.account)
+
+    def ask(self, request: WireModel, timeout: float | None = None) -> Payload:
+        """Send ``request`` and return the reply; ``RequestTimeout`` if no worker answers in time."""
+        wait = self.timeout if timeout is None else timeout
+        corr = new_id()
+        box: queue.Queue[Message] = queue.Queue(maxsize=1)
+        with self._lock:
+            self._waiting[corr] = box
+        try:
+            self._publish(self.topics.request(self.account, corr), encode(request))
+            try:
+                reply = box.get(timeout=wait)
+            except queue.Empty:
+                raise no_worker(wait) from None
+        finally:
+            with self._lock:
+                self._waiting.pop(corr, None)
+        try:
+            return decode(reply.payload)
+        except MalformedPayload as exc:
+            raise ImcliError(f"a worker sent a malformed reply: {exc}") from exc
+
+    def deliver(self, message: Message) -> bool:
+        """Hand a received message to the request waiting for it (paho's thread); ``False`` if it is no reply."""
+        parsed = self.topics.parse(message.topic)
+        if parsed is None or parsed.kind is not TopicKind.REPLY or parsed.owner != self.account or not parsed.key:
+            return False
+        with self._lock:
+            box = self._waiting.get(parsed.key)
+        if box is not None:
+            with contextlib.suppress(queue.Full):  # a duplicate (QoS 1): the first copy is the answer
+                box.put_nowait(message)
+        return True
+
+
+def no_worker(timeout: float) -> RequestTimeout:
+    return RequestTimeout(
+        f"no worker answered within {timeout:g}s", "is the presence worker running? 'imcli serve' starts it"
+    )
