@@ -1,10 +1,16 @@
-"""The system's rules (imcli/core/rules.py), each a pure function shared by workers, broker and client."""
+"""The system's rules (imcli/core/rules.py and the few beside their data), each decided once for workers,
+broker and client."""
 
 from __future__ import annotations
 
 from typing import get_args
 
+import pytest
+from pydantic import ValidationError
+
+from imcli.client.identity import heartbeat_seconds
 from imcli.core import rules
+from imcli.core.errors import InvalidInput
 from imcli.core.rules import (
     DM_POLICIES,
     REGISTER_PREFIX,
@@ -16,8 +22,9 @@ from imcli.core.rules import (
     may_dm,
     missing_group,
 )
+from imcli.core.service import names_a_user
 from imcli.core.topics import RESERVED_NAMES, is_name
-from imcli.core.wire import Friends
+from imcli.core.wire import HEARTBEAT_RANGE, DeviceStatus, Friends
 
 
 def test_anyone_takes_dms_from_everyone() -> None:
@@ -72,3 +79,36 @@ def test_service_accounts_are_valid_distinct_and_reserved() -> None:
 def test_registration_names_cannot_be_account_names() -> None:
     assert not is_name(REGISTER_PREFIX + "alice")
     assert REGISTER_PREFIX.removesuffix(":") in RESERVED_NAMES
+
+
+class _Accounts:
+    def __init__(self, *names: str) -> None:
+        self.names = set(names)
+
+    def is_user(self, name: str) -> bool:
+        return name in self.names
+
+
+def test_a_request_may_name_only_a_user() -> None:
+    accounts = _Accounts("alice", "bob")
+    assert names_a_user(accounts, "bob")
+    assert not names_a_user(accounts, "carol")  # no such account
+    assert not names_a_user(accounts, "Bob")  # not a name at all
+    for account in SERVICE_ACCOUNTS:
+        assert not names_a_user(_Accounts(account), account)  # a worker is nobody's friend or guest
+    assert names_a_user(None, "carol")  # without a directory, any valid unreserved name
+    assert not names_a_user(None, "presence")
+
+
+def test_the_heartbeat_range_is_the_same_for_the_wire_and_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    low, high = HEARTBEAT_RANGE
+    for value in (low, high):
+        assert DeviceStatus(interval=value).interval == value
+        monkeypatch.setenv("IMCLI_HEARTBEAT", f"{value:g}")
+        assert heartbeat_seconds() == value
+    for value in (low / 2, high * 2):
+        with pytest.raises(ValidationError):
+            DeviceStatus(interval=value)
+        monkeypatch.setenv("IMCLI_HEARTBEAT", f"{value:g}")
+        with pytest.raises(InvalidInput, match=f"between {low:g} and {high:g}"):
+            heartbeat_seconds()

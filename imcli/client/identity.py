@@ -84,7 +84,7 @@ def message_text(text: str) -> str:
 
 
 def heartbeat_seconds() -> float:
-    from imcli.core.wire import DEFAULT_HEARTBEAT
+    from imcli.core.wire import DEFAULT_HEARTBEAT, HEARTBEAT_RANGE
 
     raw = os.environ.get("IMCLI_HEARTBEAT")
     if raw is None:
@@ -93,8 +93,9 @@ def heartbeat_seconds() -> float:
         value = float(raw)
     except ValueError:
         value = 0.0
-    if not 1 <= value <= 3600:
-        raise InvalidInput(f"invalid IMCLI_HEARTBEAT {raw!r}", "give seconds between 1 and 3600")
+    low, high = HEARTBEAT_RANGE
+    if not low <= value <= high:
+        raise InvalidInput(f"invalid IMCLI_HEARTBEAT {raw!r}", f"give seconds between {low:g} and {high:g}")
     return value
 
 

@@ -31,6 +31,7 @@ from imcli.core.wire import (
     decode,
     decode_as,
     encode,
+    is_name,
 )
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,13 @@ class AccountDirectory(Protocol):
     """Which user accounts exist: the embedded broker's store, or (``None``) whatever a worker sees."""
 
     def is_user(self, name: str) -> bool: ...
+
+
+def names_a_user(directory: AccountDirectory | None, name: str) -> bool:
+    """Whether a request may name ``name`` as a person (a friend, a guest): a valid name that is
+    neither reserved nor a service account, and a user account if ``directory`` knows them all
+    (without one, as ``imcli workers`` runs with no ``--accounts-file``, any such name may be)."""
+    return is_name(name) and name not in RESERVED_NAMES and (directory is None or directory.is_user(name))
 
 
 class PasswordFileDirectory:

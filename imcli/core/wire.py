@@ -109,6 +109,7 @@ class ErrorReply(WireModel):
 NICK_RULE = "1-32 characters: letters, digits, '_', '-' or '.', starting with a letter or digit"
 _NICK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 DEFAULT_HEARTBEAT = 30.0
+HEARTBEAT_RANGE = (1.0, 3600.0)  # seconds a device may choose between two statuses
 
 
 def is_nick(value: str) -> bool:
@@ -125,7 +126,7 @@ class DeviceStatus(WireModel):
     type: Literal["status"] = "status"
     v: Literal[1] = PROTOCOL_VERSION
     state: Literal["online", "offline"] = "online"
-    interval: Annotated[float, Field(ge=1, le=3600)] = DEFAULT_HEARTBEAT
+    interval: Annotated[float, Field(ge=HEARTBEAT_RANGE[0], le=HEARTBEAT_RANGE[1])] = DEFAULT_HEARTBEAT
     ts: Timestamp = Field(default_factory=time.time)
 
 
@@ -309,7 +310,9 @@ class Received(WireModel):
     missed: bool | None = None  # arrived while the reader was away (queued, or fetched from the archive)
 
     def to_json(self) -> str:
-        return self.model_dump_json(by_alias=True, exclude_none=True)
+        # ASCII only: U+2028, U+2029, NEL and bidi controls pass through JSON unescaped, and some
+        # line readers (Python's splitlines, JavaScript before ES2019) or terminals act on them
+        return self.model_dump_json(by_alias=True, exclude_none=True, ensure_ascii=True)
 
 
 class HistoryReply(WireModel):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from imcli.core.rules import group_visible, missing_group
-from imcli.core.service import AccountDirectory
+from imcli.core.service import AccountDirectory, names_a_user
 from imcli.core.wire import RESERVED_NAMES, ErrorReply, GroupInfo, GroupList, GroupReply, GroupRequest, is_name
 
 DEFAULT_MAX_MEMBERS = 1000
@@ -86,7 +86,7 @@ class GroupBook:
             return error
         assert info is not None
         guest = req.user or ""
-        if guest in RESERVED_NAMES or not is_name(guest) or not self._is_user(guest):
+        if not names_a_user(self._directory, guest):
             return _error(req, "not_found", f"unknown user {guest!r}")
         if guest in info.members:
             return _error(req, "invalid", f"{guest} is already a member of #{info.name}")
@@ -157,9 +157,6 @@ class GroupBook:
     def _store(self, req: GroupRequest, info: GroupInfo, notices: list[tuple[str, str]]) -> Outcome:
         self._groups[info.name] = info
         return Outcome(GroupReply(id=req.id, group=info), changed=[(info.name, info)], notices=notices)
-
-    def _is_user(self, name: str) -> bool:
-        return self._directory is None or self._directory.is_user(name)
 
 
 def _error(req: GroupRequest, code: str, text: str) -> Outcome:

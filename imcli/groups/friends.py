@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from imcli.core.rules import dm_senders, may_dm
-from imcli.core.service import AccountDirectory
-from imcli.core.wire import RESERVED_NAMES, ErrorReply, FriendReply, FriendRequest, Friends, is_name
+from imcli.core.service import AccountDirectory, names_a_user
+from imcli.core.wire import ErrorReply, FriendReply, FriendRequest, Friends
 
 
 @dataclass
@@ -42,7 +42,7 @@ class FriendBook:
                 return _error(req, "invalid", "no dm policy given")
             return self._save(req, user, [self.record(user).model_copy(update={"dm_policy": req.dm_policy})], [])
         other = (req.user or "").removeprefix("@").lower()
-        if not is_name(other) or other in RESERVED_NAMES or not self._is_user(other):
+        if not names_a_user(self._directory, other):
             return _error(req, "not_found", f"unknown user {req.user!r}")
         if req.op == "can_dm":
             theirs = self.record(other)
@@ -93,9 +93,6 @@ class FriendBook:
         for record in records:
             self._records[record.account] = record
         return FriendOutcome(FriendReply(id=req.id, record=self.record(user)), records, notices)
-
-    def _is_user(self, name: str) -> bool:
-        return self._directory is None or self._directory.is_user(name)
 
 
 def _add(record: Friends, field_name: str, user: str) -> Friends:
