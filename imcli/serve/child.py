@@ -2,7 +2,7 @@
 
 In the broker's process the presence worker's paho thread took 17 % of a join storm's
 samples under the same GIL as the broker; in a process of its own it runs on the second
-core. ``imcli serve`` stays one command: ``WorkerProcess`` starts the child once the broker
+core. ``imcli serve`` stays one command: ``ChildSupervisor`` starts the child once the broker
 listens, restarts it if it dies, and stops it on exit. The child gets its settings and the
 service accounts' passwords as one JSON line on stdin (never in argv or the environment,
 which other users can read), says ``workers running`` on stdout, and then runs until its
@@ -49,7 +49,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = json.loads(sys.stdin.readline())
     logging.basicConfig(
-        level=config.get("log_level", logging.WARNING), format="%(asctime)s imcli workers: %(name)s %(message)s"
+        level=config.get("log_level", logging.WARNING), format="%(asctime)s imcli serve's child: %(name)s %(message)s"
     )
     local = BrokerAddress(config["host"], int(config["port"]))
     data_dir = Path(config["data_dir"])
@@ -66,8 +66,12 @@ def main() -> int:
     return 0
 
 
-class WorkerProcess:
-    """Starts, restarts and stops the child (in the broker's event loop)."""
+class ChildSupervisor:
+    """Starts, restarts and stops the child that runs the workers (in the broker's event loop).
+
+    Not a worker itself (those are ``ServiceWorker``s, in the child), nor ``imcli workers``
+    (the same workers run alone against another broker).
+    """
 
     def __init__(self, config: dict[str, object]) -> None:
         self._config = json.dumps(config) + "\n"

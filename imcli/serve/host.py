@@ -28,7 +28,7 @@ from imcli.broker.server import (
 from imcli.core.errors import ImcliError
 from imcli.core.mqtt import BrokerAddress
 from imcli.core.rules import SERVICE_ACCOUNTS
-from imcli.serve.child import WorkerProcess
+from imcli.serve.child import ChildSupervisor
 from imcli.serve.workers import StoreDirectory, embedded_workers
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ async def serve_forever(
 async def _start_child(
     running: contextlib.AsyncExitStack, settings: BrokerSettings, local: BrokerAddress, passwords: dict[str, str]
 ) -> None:
-    child = WorkerProcess(
+    child = ChildSupervisor(
         {
             "host": local.host,
             "port": local.port,
