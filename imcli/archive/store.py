@@ -37,13 +37,21 @@ CREATE INDEX IF NOT EXISTS messages_at ON messages (at);
 
 
 def conversation(item: Received) -> str:
-    if item.kind == "room":
-        return f"room:{item.room}"
-    if item.kind == "group":
-        return f"group:{item.group}"
+    if item.kind == "room" and item.room:
+        return room_conversation(item.room)
+    if item.kind == "group" and item.group:
+        return group_conversation(item.group)
     if item.kind == "dm" and item.sender and item.to:
         return dm_conversation(item.sender, item.to)
     raise ValueError(f"not an archived kind: {item.kind}")
+
+
+def room_conversation(room: str) -> str:
+    return f"room:{room}"
+
+
+def group_conversation(group: str) -> str:
+    return f"group:{group}"
 
 
 def dm_conversation(a: str, b: str) -> str:
@@ -106,7 +114,7 @@ class ArchiveStore:
         self, account: str, groups: Iterable[str], limit: int, since: float | None, before: float | None = None
     ) -> Page:
         """What ``account`` may read: every room, its direct messages, the groups it is in."""
-        convs = [f"group:{g}" for g in groups]
+        convs = [group_conversation(g) for g in groups]
         readable = ["kind = 'room'", "(kind = 'dm' AND (sender = ? OR recipient = ?))"]
         if convs:
             readable.append(f"conv IN ({','.join('?' * len(convs))})")

@@ -19,7 +19,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from imcli.archive.store import ARCHIVE_FILE, ArchiveStore, Page, dm_conversation
+from imcli.archive.store import (
+    ARCHIVE_FILE,
+    ArchiveStore,
+    Page,
+    dm_conversation,
+    group_conversation,
+    room_conversation,
+)
 from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.core.rules import group_visible, missing_group
 from imcli.core.service import ServiceWorker
@@ -111,7 +118,7 @@ class ArchiveWorker(ServiceWorker):
 
     def _page(self, sender: str, r: HistoryRequest) -> Page | ErrorReply:
         if r.room is not None:
-            return self.store.conversation_page(f"room:{r.room}", r.limit, r.since, r.before)
+            return self.store.conversation_page(room_conversation(r.room), r.limit, r.since, r.before)
         if r.user is not None:
             return self.store.conversation_page(dm_conversation(sender, r.user), r.limit, r.since, r.before)
         if r.group is not None:
@@ -120,6 +127,6 @@ class ArchiveWorker(ServiceWorker):
                 if info is None or not group_visible(private=info.private, member=False):
                     return ErrorReply(id=r.id, code="not_found", text=missing_group(r.group))
                 return ErrorReply(id=r.id, code="denied", text=f"you are not a member of #{r.group}")
-            return self.store.conversation_page(f"group:{r.group}", r.limit, r.since, r.before)
+            return self.store.conversation_page(group_conversation(r.group), r.limit, r.since, r.before)
         mine = [g.name for g in self._groups.values() if sender in g.members]
         return self.store.catch_up(sender, mine, r.limit, r.since, r.before)
