@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from argon2 import PasswordHasher
+from typer.testing import CliRunner, Result
 
+from imcli.broker import accounts
 from imcli.broker.accounts import AccountStore
 from imcli.broker.server import BrokerSettings
 from imcli.cli.app import app
@@ -24,9 +26,33 @@ from tests.rawmqtt import Raw, connect_raw, password_of, wait_until
 __all__ = ["Raw", "password_of", "wait_until"]  # tests import these from here
 
 
+def fast_hasher() -> PasswordHasher:
+    """argon2id still, at the lowest cost: the tests check who may log in, not the hash's cost,
+    and argon2-cffi's defaults (t=3, 64 MiB, 4 lanes) take about a second per hash on a loaded
+    2-core machine, several times per broker start (the workers' accounts, the dummy hash)."""
+    return PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cheap_argon2() -> Iterator[None]:
+    # every AccountStore this process makes (the embedded broker's too) hashes cheaply;
+    # `imcli` run as a subprocess keeps the real cost
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(accounts, "PasswordHasher", fast_hasher)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("IMCLI_HOST", "IMCLI_PORT", "IMCLI_PASSWORD", "IMCLI_DATA_DIR", "IMCLI_MAX_PAYLOAD"):
+    for var in (
+        "IMCLI_HOST",
+        "IMCLI_PORT",
+        "IMCLI_PASSWORD",
+        "IMCLI_DATA_DIR",
+        "IMCLI_MAX_PAYLOAD",
+        "IMCLI_HEARTBEAT",
+        "IMCLI_REQUEST_TIMEOUT",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("IMCLI_CONFIG_DIR", str(tmp_path / "config-default"))
 
@@ -78,7 +104,7 @@ class Cli:
     server: ServeInfo
     config_dir: Path
 
-    def __call__(self, *args: str, input: str | None = None, env: dict[str, str] | None = None):
+    def __call__(self, *args: str, input: str | None = None, env: dict[str, str] | None = None) -> Result:
         full_env = {"IMCLI_CONFIG_DIR": str(self.config_dir), **(env or {})}
         return self.runner.invoke(app, list(args), input=input, env=full_env)
 

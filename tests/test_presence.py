@@ -297,12 +297,10 @@ def bare_broker(broker_kind: str, tmp_path: Path) -> Iterator[Bare]:
             )
 
 
-def test_no_worker_means_a_clear_timeout(bare_broker: Bare) -> None:
-    info = bare_broker.info
-    started = time.monotonic()
-    with pytest.raises(RequestTimeout, match="no worker answered within 5s"):
-        services.who(identity(info, "alice"))
-    assert time.monotonic() - started < 10
+def test_no_worker_means_a_clear_timeout(bare_broker: Bare, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMCLI_REQUEST_TIMEOUT", "0.5")  # the default 5 s: test_units' test_request_timeout
+    with pytest.raises(RequestTimeout, match=r"no worker answered within 0\.5s"):
+        services.who(identity(bare_broker.info, "alice"))
 
 
 def test_restarted_worker_rebuilds_the_roster_unnoticed(bare_broker: Bare) -> None:

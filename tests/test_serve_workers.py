@@ -55,7 +55,8 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
     started.stop()
 
 
-def test_workers_run_in_a_child_that_is_restarted_and_stopped(serve: Serve) -> None:
+def test_workers_run_in_a_child_that_is_restarted_and_stopped(serve: Serve, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMCLI_REQUEST_TIMEOUT", "2")  # each ask while the child restarts waits this long
     assert who_answers(serve)  # the presence worker answers as soon as serve says it listens
     (first,) = children(serve.popen.pid)
     serve_pid = serve.popen.pid

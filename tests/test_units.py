@@ -7,7 +7,6 @@ import stat
 from pathlib import Path
 
 import pytest
-from argon2 import PasswordHasher
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -19,6 +18,7 @@ from imcli.client.listener import RecentIds, to_received
 from imcli.client.services import prepare_text
 from imcli.core.errors import InvalidInput, NameTaken, NotFound
 from imcli.core.mqtt import Message
+from imcli.core.request_reply import RequestClient, request_timeout
 from imcli.core.wire import (
     ChatMessage,
     MalformedPayload,
@@ -32,6 +32,7 @@ from imcli.core.wire import (
     encode,
     is_name,
 )
+from tests.conftest import fast_hasher
 
 names = st.from_regex(r"[a-z0-9][a-z0-9_-]{0,31}", fullmatch=True)
 T = Topics()
@@ -153,6 +154,22 @@ def test_prepare_text_limits() -> None:
         prepare_text('"' * 9000)
 
 
+@pytest.mark.parametrize(("value", "seconds"), [(None, 5.0), ("0.25", 0.25), ("120", 120.0)])
+def test_request_timeout(monkeypatch: pytest.MonkeyPatch, value: str | None, seconds: float) -> None:
+    """5 s unless IMCLI_REQUEST_TIMEOUT says otherwise, read when a client is made."""
+    if value is not None:
+        monkeypatch.setenv("IMCLI_REQUEST_TIMEOUT", value)
+    assert request_timeout() == seconds
+    assert RequestClient(T, "alice", lambda _topic, _payload: None).timeout == seconds
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "3601", "nan"])
+def test_request_timeout_refuses_nonsense(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("IMCLI_REQUEST_TIMEOUT", value)
+    with pytest.raises(InvalidInput, match="IMCLI_REQUEST_TIMEOUT"):
+        request_timeout()
+
+
 def test_recent_ids_forgets_the_oldest() -> None:
     ids = RecentIds(capacity=2)
     assert not ids.seen("a") and not ids.seen("b") and ids.seen("a")
@@ -245,7 +262,7 @@ def test_retain_only_on_state_topics() -> None:
 
 # ---------------------------------------------------------------- accounts
 
-FAST = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)  # unit tests only: the store's logic
+FAST = fast_hasher()
 
 
 def test_account_store_lifecycle(tmp_path: Path) -> None:

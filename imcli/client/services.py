@@ -23,7 +23,7 @@ from imcli.core.errors import (
     RequestTimeout,
 )
 from imcli.core.mqtt import BrokerAddress, Credentials, Message, MqttClient
-from imcli.core.request_reply import REQUEST_TIMEOUT, Asker, RequestClient
+from imcli.core.request_reply import Asker, RequestClient
 from imcli.core.rules import REGISTER_PREFIX, dm_refusal
 from imcli.core.wire import (
     DEFAULT_MAX_PAYLOAD,
@@ -318,7 +318,7 @@ class Connection:
     the same client the Listener uses on its long-lived connection.
     """
 
-    def __init__(self, identity: Identity, purpose: str, timeout: float = REQUEST_TIMEOUT) -> None:
+    def __init__(self, identity: Identity, purpose: str, timeout: float | None = None) -> None:
         self.requests = RequestClient(identity.topics, identity.account, self.publish, timeout)
         self._client = MqttClient(
             identity.address, identity.credentials, identity.client_id(purpose), on_message=self._route

@@ -12,16 +12,35 @@ is dropped.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from imcli.core.errors import ImcliError, RequestTimeout
+from imcli.core.errors import ImcliError, InvalidInput, RequestTimeout
 from imcli.core.mqtt import Message
 from imcli.core.wire import MalformedPayload, Payload, TopicKind, Topics, WireModel, decode, encode, new_id
 
-REQUEST_TIMEOUT = 5.0  # seconds an asker waits for a worker's reply, unless given another
+REQUEST_TIMEOUT = 5.0  # seconds an asker waits for a worker's reply, unless given another or IMCLI_REQUEST_TIMEOUT
+
+
+def request_timeout() -> float:
+    """How long an asker waits by default: ``IMCLI_REQUEST_TIMEOUT`` (seconds), else ``REQUEST_TIMEOUT``.
+
+    Read when a client is made, not at import, so that a test (or a script on a slow link)
+    sets it for the commands it runs.
+    """
+    raw = os.environ.get("IMCLI_REQUEST_TIMEOUT")
+    if raw is None:
+        return REQUEST_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 3600:
+        raise InvalidInput(f"invalid IMCLI_REQUEST_TIMEOUT {raw!r}", "give seconds, more than 0 and at most 3600")
+    return value
 
 
 class Asker(Protocol):
@@ -34,11 +53,15 @@ class RequestClient:
     """Asks the workers over one connection; ``publish`` sends at QoS 1 and waits for the PUBACK."""
 
     def __init__(
-        self, topics: Topics, account: str, publish: Callable[[str, bytes], None], timeout: float = REQUEST_TIMEOUT
+        self,
+        topics: Topics,
+        account: str,
+        publish: Callable[[str, bytes], None],
+        timeout: float | None = None,
     ) -> None:
         self.topics = topics
         self.account = account
-        self.timeout = timeout
+        self.timeout = request_timeout() if timeout is None else timeout
         self._publish = publish
         self._waiting: dict[str, queue.Queue[Message]] = {}
         self._lock = threading.Lock()
