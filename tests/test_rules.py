@@ -23,7 +23,7 @@ from imcli.core.rules import (
     missing_group,
 )
 from imcli.core.service import names_a_user
-from imcli.core.topics import RESERVED_NAMES, is_name
+from imcli.core.topics import RESERVED_NAMES, client_id_account, device_client_id, is_name
 from imcli.core.wire import HEARTBEAT_RANGE, DeviceStatus, Friends
 
 
@@ -112,3 +112,8 @@ def test_the_heartbeat_range_is_the_same_for_the_wire_and_the_client(monkeypatch
         monkeypatch.setenv("IMCLI_HEARTBEAT", f"{value:g}")
         with pytest.raises(InvalidInput, match=f"between {low:g} and {high:g}"):
             heartbeat_seconds()
+
+
+def test_a_device_client_id_belongs_to_its_account() -> None:
+    assert device_client_id("alice", "laptop") == "alice:laptop"
+    assert client_id_account(device_client_id("alice", "laptop-dm0a1b2c")) == "alice"

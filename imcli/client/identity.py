@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imcli.core.errors import InvalidInput
-from imcli.core.topics import DEFAULT_MAX_PAYLOAD, Topics
+from imcli.core.topics import DEFAULT_MAX_PAYLOAD, Topics, device_client_id
 
 if TYPE_CHECKING:
     from imcli.client.config import Profile
@@ -34,10 +34,13 @@ class Identity:
         return self.credentials.username
 
     def client_id(self, purpose: str | None = None) -> str:
-        """``<account>:<device>``; one-shot commands add a random suffix so they never take
+        """``<account>:<device>``, or ``<account>:<device>-<purpose><random>`` (``session_name``)."""
+        return device_client_id(self.account, self.session_name(purpose))
+
+    def session_name(self, purpose: str | None = None) -> str:
+        """The device's name; one-shot commands add a random suffix so they never take
         over (or flap) the device's long-lived session."""
-        suffix = f"-{purpose}{secrets.token_hex(3)}" if purpose else ""
-        return f"{self.account}:{self.device}{suffix}"
+        return f"{self.device}-{purpose}{secrets.token_hex(3)}" if purpose else self.device
 
 
 def broker_address(

@@ -38,6 +38,7 @@ from imcli.core.wire import (
     chat_received,
     check_name,
     decode_as,
+    device_client_id,
     encode,
     new_id,
 )
@@ -138,8 +139,8 @@ class Listener:
             topics.presence_filter(),
             topics.events(),
         ]
-        client_id = f"{identity.account}:{session}" if session else identity.client_id("listen")
-        self.device = client_id.split(":", 1)[1]
+        self.device = session or identity.session_name("listen")
+        client_id = device_client_id(identity.account, self.device)
         self._status_topic = topics.status(identity.account, self.device)
         self._heartbeat = heartbeat
         self._user_on_connection = on_connection

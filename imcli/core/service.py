@@ -30,6 +30,7 @@ from imcli.core.wire import (
     WireModel,
     decode,
     decode_as,
+    device_client_id,
     encode,
     is_name,
 )
@@ -104,7 +105,7 @@ class ServiceWorker:
         self.client = MqttClient(
             address,
             credentials,
-            f"{credentials.username}:{device}",
+            device_client_id(credentials.username, device),
             clean_session=not persistent,  # persistent: the broker queues what arrives while we are away
             reconnect=True,
             on_message=self._on_message,

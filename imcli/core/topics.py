@@ -59,6 +59,11 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def device_client_id(account: str, device: str) -> str:
+    """The client id of ``account``'s ``device`` (``alice:laptop``): the broker lets only ``account`` use it."""
+    return f"{account}:{device}"
+
+
 def client_id_account(client_id: str) -> str:
     """The account a client id belongs to: ``alice`` for ``alice`` and ``alice:laptop``."""
     return client_id.split(":", 1)[0]

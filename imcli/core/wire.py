@@ -36,6 +36,7 @@ from imcli.core.topics import (
     Topics,  # noqa: F401
     check_name,  # noqa: F401
     client_id_account,  # noqa: F401
+    device_client_id,  # noqa: F401
     is_device,  # noqa: F401
     is_id,  # noqa: F401
     is_name,  # noqa: F401
