@@ -19,12 +19,19 @@ from collections.abc import Callable
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from imcli.core.wire import ChatMessage, encode
+
 # paho 2 reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes
 _CONNACK_V311 = {0: 0, 133: 2, 134: 4, 135: 5}
 
 
 def password_of(name: str) -> str:
     return f"correct-horse-{name}"
+
+
+def chat(text: str) -> bytes:
+    """A chat message's payload, with a fresh id: each one is unique, so an observer can tell it apart."""
+    return encode(ChatMessage(text=text))
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -115,6 +122,15 @@ class Raw:
         if sock is not None:
             sock.close()
         _close_wakeup_pair(self.client)
+
+
+def barrier(sender: Raw, *observers: Raw, quiet: float = 0.2) -> list[list[paho.MQTTMessage]]:
+    """A legitimate room message from ``sender``; what each observer got before it (and what
+    ``expect`` passed over), then within ``quiet`` seconds after it; the barrier itself left out."""
+    topic = f"im/room/lobby/{sender.username}"
+    payload = chat("barrier")
+    sender.publish(topic, payload)
+    return [o.until(topic, payload)[:-1] + o.silent(quiet) for o in observers]
 
 
 def _close_wakeup_pair(client: paho.Client) -> None:
