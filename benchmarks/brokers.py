@@ -133,8 +133,12 @@ class Broker:
         self.stop()
 
 
-def _python(*args: str, **kwargs: object) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, *args], text=True, cwd=REPO, **kwargs)  # type: ignore[call-overload]
+def _python(
+    *args: str, stdout: int, stderr: int, stdin: int | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, *args], text=True, cwd=REPO, stdin=stdin, stdout=stdout, stderr=stderr, env=env
+    )
 
 
 def start_stock() -> Broker:

@@ -386,16 +386,17 @@ def _lines_within(proc: Proc, seconds: float) -> list[Received]:
 def test_a_persistent_session_away_too_long_is_dropped(tmp_path: Path) -> None:
     settings = BrokerSettings(data_dir=tmp_path / "data", port=0, limits=Limits(session_expiry=0.5))
     with BackgroundServer(settings) as info:
-        assert info.broker is not None
+        broker = info.broker
+        assert broker is not None
         add_users(info, "bob")
         away = connect_raw(info.address.host, info.address.port, "bob", "bob:laptop", clean=False)
         here = connect_raw(info.address.host, info.address.port, "bob", "bob:phone", clean=False)
         for r in (away, here):
             assert r.subscribe(T.user_filter("bob")) == 1
         away.close()
-        assert {"bob:laptop", "bob:phone"} <= info.broker.persistent_sessions()
-        assert wait_until(lambda: "bob:laptop" not in info.broker.persistent_sessions(), 10)
-        assert "bob:phone" in info.broker.persistent_sessions()  # connected: kept however long
+        assert {"bob:laptop", "bob:phone"} <= broker.persistent_sessions()
+        assert wait_until(lambda: "bob:laptop" not in broker.persistent_sessions(), 10)
+        assert "bob:phone" in broker.persistent_sessions()  # connected: kept however long
         here.close()
 
 

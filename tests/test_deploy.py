@@ -302,7 +302,8 @@ def test_compose_runs_the_three_workers_against_every_node() -> None:
     assert params["host"] in shared  # a reconnect reaches whichever node is up
     assert params["archive"] and not params["dynsec"]  # EMQX has no dynamic-security plugin
     assert params["accounts_file"] is None  # accounts live in EMQX's database
-    assert sorted(workers["depends_on"]) == sorted(nodes)  # type: ignore[arg-type]
+    assert isinstance(workers["depends_on"], list)
+    assert sorted(workers["depends_on"]) == sorted(nodes)
     assert workers["env_file"] == ["workers.env"]
     build = workers["build"]
     assert isinstance(build, dict)

@@ -70,7 +70,7 @@ def talk(server: ServeInfo, users: Callable[..., None]) -> ServeInfo:
 def ask_raw(raw: Raw, sender: str, request: HistoryRequest) -> object:
     raw.subscribe(T.reply_filter(sender))
     raw.publish(T.request(sender, request.id), encode(request))
-    return decode(raw.expect(T.reply(sender, request.id)).payload)
+    return decode(bytes(raw.expect(T.reply(sender, request.id)).payload))
 
 
 # ---------------------------------------------------------------- what is kept, for whom

@@ -62,7 +62,7 @@ def typer_reads(argv: list[str], env: dict[str, str]) -> SayArgs | None:
         return "room"
 
     with patch.object(fast_say, "run_say", record):
-        result = CliRunner().invoke(app, argv, env={"IMCLI_HOST": None, "IMCLI_PORT": None, **env})  # type: ignore[dict-item]
+        result = CliRunner().invoke(app, argv, env={"IMCLI_HOST": None, "IMCLI_PORT": None, **env})
     return seen[0] if result.exit_code == 0 and seen else None
 
 
@@ -132,11 +132,11 @@ def test_say_reaches_the_room_as_the_signed_in_user(
     sent = imcli(alice.config_dir, "say", "hello from the fast path", "-r", "dev")
     assert (sent.returncode, sent.stdout, sent.stderr) == (0, "sent to dev\n", "")
     got = bob.expect("im/room/dev/alice")
-    assert decode_as(got.payload, ChatMessage).text == "hello from the fast path"
+    assert decode_as(bytes(got.payload), ChatMessage).text == "hello from the fast path"
 
     piped = imcli(alice.config_dir, "say", "-", stdin="piped line\n")
     assert (piped.returncode, piped.stdout) == (0, "sent to lobby\n")
-    assert decode_as(bob.expect("im/room/lobby/alice").payload, ChatMessage).text == "piped line"
+    assert decode_as(bytes(bob.expect("im/room/lobby/alice").payload), ChatMessage).text == "piped line"
 
 
 @pytest.mark.parametrize(
