@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,6 +42,12 @@ class Identity:
         """The device's name; one-shot commands add a random suffix so they never take
         over (or flap) the device's long-lived session."""
         return f"{self.device}-{purpose}{secrets.token_hex(3)}" if purpose else self.device
+
+
+def listen_session(device: str, rooms: list[str] | None = None) -> str:
+    """The persistent session ``imcli listen`` keeps on ``device``: one per selection of rooms,
+    so the broker keeps what arrives for each while it is away."""
+    return f"{device}.listen" + (f"-{zlib.crc32(' '.join(sorted(rooms)).encode()):08x}" if rooms else "")
 
 
 def broker_address(

@@ -10,7 +10,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
-from imcli.client.identity import Identity
+from imcli.client.identity import Identity, listen_session
 from imcli.client.send import check_size, clean_text, publish_to_room
 from imcli.core.errors import (
     AccountError,
@@ -53,6 +53,7 @@ from imcli.core.wire import (
     WhoRequest,
     WireModel,
     check_name,
+    device_client_id,
     encode,
     is_nick,
 )
@@ -85,7 +86,9 @@ def register(address: BrokerAddress, name: str, password: str) -> None:
 def verify_login(address: BrokerAddress, credentials: Credentials, device: str) -> None:
     """Connect once to check the credentials."""
     try:
-        with MqttClient(address, credentials, f"{credentials.username}:{device}-login{secrets.token_hex(3)}"):
+        with MqttClient(
+            address, credentials, device_client_id(credentials.username, f"{device}-login{secrets.token_hex(3)}")
+        ):
             pass
     except AuthenticationFailed as exc:
         if exc.code == 4:
@@ -106,9 +109,9 @@ def verify_login(address: BrokerAddress, credentials: Credentials, device: str) 
 def drop_device_sessions(address: BrokerAddress, credentials: Credentials, device: str) -> bool:
     """End the persistent sessions of ``imcli chat`` and ``listen`` on this device (a clean
     CONNECT with their client ids makes the broker forget them); ``False`` if unreachable."""
-    for session in (device, f"{device}.listen"):
+    for session in (device, listen_session(device)):
         try:
-            with MqttClient(address, credentials, f"{credentials.username}:{session}", timeout=3.0):
+            with MqttClient(address, credentials, device_client_id(credentials.username, session), timeout=3.0):
                 pass
         except AuthenticationFailed:
             return True  # the account is gone, and its sessions cannot be resumed
