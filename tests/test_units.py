@@ -178,7 +178,7 @@ def test_recent_ids_forgets_the_oldest() -> None:
 
 def test_safe_neutralises_terminal_controls() -> None:
     assert safe("a\x1b[2Jb\x07\r") == "a\\x1b[2Jb\\x07\\x0d"
-    assert safe("line\nnext\ttab ✓") == "line\nnext\ttab ✓"
+    assert safe("line\nnext\ttab ✓") == "line\\x0anext\\x09tab ✓"  # one message, one line (tests/test_render.py)
     assert safe("\u202etxt") == "\\u202etxt"
 
 

@@ -1,9 +1,10 @@
 """imcli: chat over an MQTT broker that enforces who may say what.
 
 Commands parse their options, call a service (``imcli.client.services``, ``imcli.serve.host``,
-``broker.accounts``) and render. Heavy modules (paho, pydantic, amqtt, Rich) are
+``imcli.broker.accounts``) and render. Heavy modules (paho, pydantic, amqtt, Rich) are
 imported inside the commands that use them, so ``imcli say`` starts fast. The nouns
-have their own modules: ``cli_groups`` (group, friend, config), ``cli_admin``.
+have their own modules: ``imcli.cli.social`` (group, friend, config), ``imcli.cli.admin``,
+``imcli.cli.chat`` (chat, history), ``imcli.cli.workers`` (the workers alone).
 """
 
 from __future__ import annotations
@@ -36,10 +37,17 @@ from imcli.cli.common import (
 )
 from imcli.cli.social import config_app, friend_app, group_app
 from imcli.cli.workers import workers
-from imcli.client.identity import broker_address, heartbeat_seconds, max_payload_bytes, message_text, signed_in
+from imcli.client.identity import (
+    broker_address,
+    heartbeat_seconds,
+    listen_session,
+    max_payload_bytes,
+    message_text,
+    signed_in,
+)
 from imcli.core.errors import InvalidInput
 from imcli.core.rules import PRESENCE_ACCOUNT
-from imcli.core.topics import DEFAULT_MAX_PAYLOAD
+from imcli.core.topics import DEFAULT_MAX_PAYLOAD, device_client_id
 
 app = typer.Typer(
     cls=CliGroup,
@@ -289,8 +297,6 @@ def listen(
     port: PortOpt = None,
 ) -> None:
     """Print room, direct and group messages, notices and events as they arrive, until Ctrl-C."""
-    import zlib
-
     from rich.console import Console
 
     from imcli.cli.chat_state import device_session
@@ -308,14 +314,14 @@ def listen(
     import signal
 
     # a persistent session per device and room selection: the broker keeps what arrives while away
-    session = f"{identity.device}.listen" + (f"-{zlib.crc32(' '.join(sorted(room)).encode()):08x}" if room else "")
+    session = listen_session(identity.device, room)
     # SIGTERM (service managers, kill) ends the loop like Ctrl-C, so the device says offline; one that
     # arrives while connecting (the status may be out already) exits at once and the Last Will says it
     closing: list[Callable[[], None]] = []
     signal.signal(signal.SIGTERM, lambda *_: closing[0]() if closing else sys.exit(0))
     try:
         with (
-            device_session(f"{identity.account}:{session}") as own,
+            device_session(device_client_id(identity.account, session)) as own,
             Listener(
                 identity, room or None, on_connection=connection, heartbeat=heartbeat, session=session if own else None
             ) as listener,
@@ -349,10 +355,9 @@ def who(
     if json_:
         print(json.dumps([u.model_dump() for u in users]))
         return
-    from rich.markup import escape
     from rich.table import Table
 
-    from imcli.cli.render import ago, name_style
+    from imcli.cli.render import ago, name_style, shown
 
     if not users:
         console().print("nobody is online" if not all_ else "no users yet")
@@ -360,7 +365,8 @@ def who(
     table = Table("nick", "account", "state" if all_ else "since", *(["since"] if all_ else []), "devices", box=None)
     for u in users:
         state = [u.state] if all_ else []
-        table.add_row(f"[{name_style(u.account)}]{escape(u.nick)}[/]", u.account, *state, ago(u.since), str(u.devices))
+        nick, account = f"[{name_style(u.account)}]{shown(u.nick)}[/]", shown(u.account)
+        table.add_row(nick, account, *(shown(s) for s in state), ago(u.since), str(u.devices))
     console().print(table)
 
 
@@ -418,4 +424,4 @@ def presence(
             stop.wait()
 
 
-app.command()(workers)  # imcli/cli/workers.py: both workers against an external broker
+app.command()(workers)  # imcli/cli/workers.py: the three workers against an external broker

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from imcli.cli.chat_session import COMMANDS, CatchUp, ChatSession, Note, Output
 from imcli.cli.chat_state import device_session, load_state, save_state
-from imcli.cli.render import received_line
+from imcli.cli.render import received_line, safe
 from imcli.client.config import config_dir
 from imcli.client.identity import Identity
 from imcli.client.listener import Listener, RecentIds
@@ -55,7 +55,7 @@ def run_chat(identity: Identity, heartbeat: float, max_payload: int) -> None:
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise InvalidInput("imcli chat needs a terminal", "in scripts use 'imcli listen' and 'imcli say'")
     state = load_state(identity.account)
-    with device_session(f"{identity.account}:{identity.device}") as own:
+    with device_session(identity.client_id()) as own:
         view = ChatView(identity, heartbeat, own)
         listener = Listener(
             identity,
@@ -150,7 +150,7 @@ class ChatView:
             self.out.print(line)
 
     def note(self, note: Note) -> None:
-        self.out.print(note.text, style=_NOTE_STYLES.get(note.style, ""), markup=False)
+        self.out.print(safe(note.text), style=_NOTE_STYLES.get(note.style, ""), markup=False)  # may quote others
 
     def connection_changed(self, up: bool) -> None:
         self.note(Note("reconnected" if up else "connection lost, reconnecting…", "dim"))

@@ -1,5 +1,5 @@
-"""How things look in a terminal (Rich). Text from the wire is never parsed as markup and
-its control characters are made visible, so a message cannot restyle or clear a terminal."""
+"""How things look in a terminal (Rich). Text from the wire is never parsed as markup and goes
+through ``safe``: one message is one line, which no text in it can break, restyle or reorder."""
 
 from __future__ import annotations
 
@@ -22,16 +22,26 @@ def name_style(name: str) -> str:
     return _PALETTE[zlib.crc32(name.encode()) % len(_PALETTE)]
 
 
+def _shown(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+# Cc: C0 and C1 controls (CR, LF, NEL, ESC …); Zl, Zp: U+2028, U+2029; Cf: every format character,
+# the bidi embeddings, overrides, isolates and marks among them (U+202A to 202E, U+2066 to 2069, U+200E,
+# U+200F, U+061C), zero-width ones too (a nickname with a U+200B looks like one without); Cs: a lone
+# surrogate (JSON can carry one), which a terminal cannot even encode
+_HIDDEN = frozenset(("Cc", "Cf", "Cs", "Zl", "Zp"))
+
+
 def safe(text: str) -> str:
-    """Control characters (ESC, BEL, CR, …) shown as ``\\xNN`` instead of acted upon."""
-    return "".join(
-        ch
-        if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf")
-        else f"\\x{ord(ch):02x}"
-        if ord(ch) < 0x100
-        else f"\\u{ord(ch):04x}"
-        for ch in text
-    )
+    """Text from the wire, made fit for one line of a terminal: every control, line or paragraph
+    separator and format character is shown as its escape (``\\x0a``, ``\\x1b``, ``\\u2028``,
+    ``\\u202e``) instead of being acted upon, so no text can break a line, move the cursor, restyle
+    the terminal or reorder what is around it. Every renderer of others' text goes through here."""
+    if text.isprintable() and text.isascii():  # the common case, and nothing to do
+        return text
+    return "".join(_shown(ch) if unicodedata.category(ch) in _HIDDEN else ch for ch in text)
 
 
 def received_line(item: Received, me: str) -> Text:
@@ -52,12 +62,12 @@ def received_line(item: Received, me: str) -> Text:
     if item.kind == "dm":
         line.append("[dm] ", style="bold red")
         _append_sender(line, sender, item.nick)
-        line.append(" → " + ("you" if item.to == me else (item.to or "?")), style="dim")
+        line.append(" → " + ("you" if item.to == me else safe(item.to or "?")), style="dim")
     elif item.kind == "group":
-        line.append(f"#{item.group} ", style="bold blue")
+        line.append("#" + safe(item.group or "?") + " ", style="bold blue")
         _append_sender(line, sender, item.nick)
     else:
-        line.append(f"{item.room} ", style="dim")
+        line.append(safe(item.room or "?") + " ", style="dim")
         _append_sender(line, sender, item.nick)
     line.append(": ")
     line.append(safe(item.text), style="bold" if item.kind == "dm" else "")
@@ -67,7 +77,7 @@ def received_line(item: Received, me: str) -> Text:
 def _append_sender(line: Text, account: str, nick: str | None) -> None:
     line.append(safe(nick or account), style="bold " + name_style(account))
     if nick and nick != account:
-        line.append(f" (@{account})", style="dim")
+        line.append(f" (@{safe(account)})", style="dim")
 
 
 def ago(ts: float, now: float | None = None) -> str:
@@ -80,3 +90,10 @@ def ago(ts: float, now: float | None = None) -> str:
     if seconds < 86400:
         return f"{int(seconds // 3600)} h ago"
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def shown(text: str) -> str:
+    """``safe`` text for a Rich markup string (``console.print(f"... {shown(name)}")``): not markup either."""
+    from rich.markup import escape
+
+    return escape(safe(text))

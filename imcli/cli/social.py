@@ -29,10 +29,11 @@ GroupArg = Annotated[str, typer.Argument(help="Group name.")]
 
 
 def _group_line(info: Any) -> str:
+    from imcli.cli.render import shown
+
     kind = "private" if info.private else "public"
-    return (
-        f"#{info.name}  {kind}, {len(info.members)} member{'s' if len(info.members) != 1 else ''}, owner {info.owner}"
-    )
+    members = f"{len(info.members)} member{'s' if len(info.members) != 1 else ''}"
+    return f"#{shown(info.name)}  {kind}, {members}, owner {shown(info.owner)}"
 
 
 @group_app.command("create")
@@ -132,14 +133,16 @@ def group_members(name: GroupArg, json_: JsonOpt = False, host: HostOpt = None, 
     if not isinstance(reply, GroupReply) or reply.group is None:
         raise NotFound(f"no group #{name}")
     info = reply.group
+    from imcli.cli.render import shown
+
     if json_:
-        print(info.model_dump_json())
+        print(info.model_dump_json(ensure_ascii=True))
         return
     out = console()
     out.print(_group_line(info))
     for member in info.members:
         role = "owner" if member == info.owner else "admin" if member in info.admins else ""
-        out.print(f"  {member}" + (f"  ({role})" if role else ""))
+        out.print(f"  {shown(member)}" + (f"  ({role})" if role else ""))
 
 
 @group_app.command("say")
@@ -211,17 +214,17 @@ def friend_list(json_: JsonOpt = False, host: HostOpt = None, port: PortOpt = No
         print(json.dumps({"friends": rows, "incoming": record.incoming, "outgoing": record.outgoing,
                           "dm_policy": record.dm_policy}))  # fmt: skip
         return
-    from imcli.cli.render import ago
+    from imcli.cli.render import ago, shown
 
     out = console()
     out.print("friends:" if record.friends else "no friends yet")
     for f in record.friends:
         p = presence.get(f)
-        out.print(f"  {f}  " + (f"{p.state} since {ago(p.since)}" if p else "presence unknown"))
+        out.print(f"  {shown(f)}  " + (f"{shown(p.state)} since {ago(p.since)}" if p else "presence unknown"))
     for asker in record.incoming:
-        out.print(f"  {asker} wants to be your friend (imcli friend accept {asker})")
+        out.print(f"  {shown(asker)} wants to be your friend (imcli friend accept {shown(asker)})")
     for asked in record.outgoing:
-        out.print(f"  waiting for {asked} to answer")
+        out.print(f"  waiting for {shown(asked)} to answer")
     out.print(f"direct messages from: {'friends only' if record.dm_policy == 'friends' else 'anyone'}", style="dim")
 
 
