@@ -6,7 +6,7 @@ packet object, a write lock, a ``drain``, a 5 s ``wait_for`` with its timer, and
 ``send`` system call per copy). With 10,000 signed-in users that is 10,000 filters per
 message; in a busy room most of the broker's time goes to those per-copy costs.
 
-``ImBroker`` (imcli/broker/server.py) uses three things from here instead:
+``ImBroker`` (imcli/broker/amqtt_adapter.py) uses these instead:
 
 * ``FilterIndex``: subscription filters by their literal head (``im/user/alice`` for
   ``im/user/alice/#``), so a message is matched against the few filters that can match it;
@@ -14,7 +14,21 @@ message; in a busy room most of the broker's time goes to those per-copy costs.
   looks only at the retained messages under its filter's literal head;
 * ``Deliveries``: the copies of a batch of messages, encoded once per message and written
   to each connection with one ``write`` per batch (and per event-loop round); a QoS 1 copy registers amqtt's PUBACK
-  waiter and in-flight record (a future with a callback, not a task).
+  waiter and in-flight record (a future with a callback, not a task);
+* ``FanOut``: amqtt's broadcast loop with the same rules (RECEIVE check per recipient,
+  offline persistent sessions queue QoS 1 and 2), using the three above;
+* ``SessionFilters``: each client id's own filters, so that ending a session does not walk
+  every filter on the broker.
+
+amqtt's private parts (its subscription table, ``_matches``, ``_get_handler``, its offline
+queueing, a handler's PUBACK waiters) are handed in by the adapter, which lists them.
+
+Where per-connection output bounding (issue 15) plugs in: every copy for a connected
+client goes through ``FanOut.send``, either into ``Deliveries.add`` (QoS 0 and 1 over
+TCP: one buffer per connection, written by ``Deliveries.flush``) or to amqtt's own
+``mqtt_publish`` (QoS 2, WebSocket). A bound checks the connection's pending output
+(``writer.transport.get_write_buffer_size()``) there: drop QoS 0 copies past it, close a
+connection that stays stuck.
 """
 
 from __future__ import annotations
@@ -22,15 +36,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
+from amqtt.adapters import StreamWriterAdapter
 from amqtt.errors import AMQTTError
 from amqtt.session import OutgoingApplicationMessage, Session
 
 log = logging.getLogger(__name__)
 
 INDEX_DEPTH = 3  # levels of a filter's literal head used as an index key: im/user/<name>
+BROADCAST_BATCH = 256  # messages fanned out together, each connection written once per batch
+
+Subscriptions = dict[str, list[tuple[Session, int]]]
 
 
 def literal_head(topic_filter: str) -> tuple[str, ...]:
@@ -138,8 +156,9 @@ class EncodedPublish:
 class Deliveries:
     """The copies of a batch of messages, by connection; ``flush`` writes each connection's once."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, puback_waiters: Callable[[Any], dict[int, Any]]) -> None:
         self._loop = loop
+        self._puback_waiters = puback_waiters
         self._chunks: dict[Any, list[bytes]] = {}
         self._flush_scheduled = False
 
@@ -170,7 +189,7 @@ class Deliveries:
         outgoing = OutgoingApplicationMessage(packet_id, message.topic, 1, message.data, False)
         session.inflight_out[packet_id] = outgoing
         waiter: asyncio.Future[Any] = self._loop.create_future()
-        waiters = handler._puback_waiters  # amqtt private: the PUBACK handler resolves these
+        waiters = self._puback_waiters(handler)  # the PUBACK handler resolves these
         waiters[packet_id] = waiter
 
         def acknowledged(done: asyncio.Future[Any]) -> None:
@@ -194,3 +213,88 @@ class Deliveries:
             except (ConnectionError, RuntimeError) as exc:  # closing: its reader loop ends the session
                 log.debug("delivery to a closing connection dropped: %s", exc)
         self._chunks.clear()
+
+
+class SessionFilters:
+    """Each client id's own subscriptions (filter -> granted QoS)."""
+
+    def __init__(self) -> None:
+        self._by_client: dict[str, dict[str, int]] = {}
+
+    def of(self, client_id: str | None) -> dict[str, int]:
+        return self._by_client.get(client_id or "", {})
+
+    def held(self, client_id: str | None) -> dict[str, int]:
+        """The client's filters, as a table to add to."""
+        return self._by_client.setdefault(client_id or "", {})
+
+    def removed(self, client_id: str | None, topic_filter: str) -> None:
+        held = self._by_client.get(client_id or "")
+        if held is not None:
+            held.pop(topic_filter, None)
+            if not held:
+                del self._by_client[client_id or ""]
+
+
+class FanOut:
+    """amqtt's ``_run_broadcast`` with the same rules, minus its per-copy costs."""
+
+    def __init__(
+        self,
+        subscriptions: Subscriptions,
+        matches: Callable[[str, str], bool],
+        get_handler: Callable[[Session], Any],
+        queue_offline: Callable[[dict[str, Any], int, Session], Awaitable[None]],
+        receive_check: Callable[[str], Callable[[str | None], bool]],
+        puback_waiters: Callable[[Any], dict[int, Any]],
+    ) -> None:
+        self.filters = FilterIndex()
+        self._subscriptions = subscriptions
+        self._matches = matches
+        self._get_handler = get_handler
+        self._queue_offline = queue_offline
+        self._receive_check = receive_check
+        self._puback_waiters = puback_waiters
+        self._deliveries: Deliveries | None = None  # created in the running loop
+
+    async def run_batch(self, queue: asyncio.Queue[dict[str, Any]], running_tasks: Any) -> None:
+        """Fan out the next messages of amqtt's broadcast queue (at least one, waiting for it)."""
+        batch = [await queue.get()]
+        while len(batch) < BROADCAST_BATCH and not queue.empty():
+            batch.append(queue.get_nowait())
+        if self._deliveries is None:
+            self._deliveries = Deliveries(asyncio.get_running_loop(), self._puback_waiters)
+        for broadcast in batch:
+            await self.send(broadcast, self._deliveries, running_tasks)
+        self._deliveries.flush_soon()
+
+    async def send(self, broadcast: dict[str, Any], deliveries: Deliveries, running_tasks: Any) -> None:
+        """One message to every subscriber that may receive it."""
+        topic, data = broadcast["topic"], bytes(broadcast["data"] or b"")
+        forced_qos = broadcast.get("qos")
+        encoded = EncodedPublish(topic, data)
+        may_receive = self._receive_check(topic)
+        subscriptions, matches, get_handler = self._subscriptions, self._matches, self._get_handler
+        for topic_filter in self.filters.candidates(topic):
+            targets = subscriptions.get(topic_filter)
+            if targets is None:
+                self.filters.discard(topic_filter)
+                continue
+            if not targets or not matches(topic, topic_filter):
+                continue
+            for session, sub_qos in list(targets):
+                qos = sub_qos if forced_qos is None else forced_qos
+                if not may_receive(session.username):
+                    continue
+                if session.transitions.state != "connected":
+                    # as amqtt: kept for an offline persistent session, at QoS 1 or 2
+                    if not session.clean_session and qos in (1, 2) and not session.is_anonymous:
+                        await self._queue_offline(broadcast, qos, session)
+                    continue
+                handler = get_handler(session)
+                if handler is None:
+                    continue
+                if qos in (0, 1) and isinstance(handler.writer, StreamWriterAdapter):
+                    deliveries.add(handler, session, encoded, qos)
+                else:  # QoS 2, or a transport that needs its drain: amqtt's own path
+                    running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False)))

@@ -3,7 +3,8 @@ before it sends the PUBACK.
 
 amqtt acknowledges a QoS 1 PUBLISH as soon as it has queued it in memory, so a broker
 killed a moment later loses a message its sender was told had arrived. ``AckAfterJournal``
-is amqtt's protocol handler with one hook before that PUBACK; ``Journal`` writes the
+(imcli/broker/amqtt_adapter.py) is amqtt's protocol handler with one hook before that
+PUBACK; ``Journal`` writes the
 message to ``<data-dir>/archive.sqlite3`` (WAL: a committed row survives the process
 being killed) if the broker is going to deliver it — a chat topic the sender may publish
 to, within the size limit, not retained. Whoever was offline then gets it from the
@@ -27,29 +28,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import INCOMING, ApplicationMessage, Session
+from amqtt.session import ApplicationMessage
 
 from imcli.core.wire import MalformedPayload, Received, TopicKind, Topics, chat_received
 
 log = logging.getLogger(__name__)
 
-BeforeAck = Callable[[Session, ApplicationMessage], None]
-
 _CHAT = (TopicKind.ROOM, TopicKind.DM, TopicKind.GROUP_MSG)
-
-
-class AckAfterJournal(BrokerProtocolHandler):
-    """amqtt's broker-side protocol handler, calling ``before_ack`` before each PUBACK."""
-
-    before_ack: BeforeAck | None = None
-
-    async def _handle_qos1_message_flow(self, app_message: Any) -> None:  # amqtt private
-        if app_message.direction == INCOMING and self.before_ack is not None and self.session is not None:
-            self.before_ack(self.session, app_message)
-        await super()._handle_qos1_message_flow(app_message)
 
 
 class Checkpointer:

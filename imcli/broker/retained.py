@@ -4,14 +4,21 @@ amqtt keeps retained messages in memory only. The workers keep their state in re
 records (presence, groups, friends); without this, restarting ``imcli serve`` would lose
 every group and friendship. Device statuses are not kept: devices announce themselves
 again when they reconnect, and a stale status would only make a ghost.
+
+``RetainedState`` is what the broker does with every retained message beside amqtt's own
+table: index it (imcli/broker/fanout.py), feed the ACL's group and friend caches
+(imcli/broker/topic_access.py) and keep the durable ones.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
+from imcli.broker.fanout import RetainedIndex
+from imcli.broker.topic_access import TopicAccess
 from imcli.core.errors import ImcliError
 from imcli.core.wire import TopicKind
 
@@ -47,3 +54,45 @@ class RetainedStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+class RetainedState:
+    def __init__(self, data_dir: Path, access: TopicAccess) -> None:
+        self.durable = RetainedStore(data_dir)
+        self.index = RetainedIndex()
+        self._access = access
+
+    def restore(self) -> Iterator[tuple[str, bytes, int]]:
+        """The durable records, each indexed and learnt as it is handed back to amqtt's table."""
+        for topic, payload, qos in self.durable.all():
+            self.index.add(topic)
+            self._access.learn(topic, payload)
+            yield topic, payload, qos
+
+    def changed(self, topic: str, payload: bytes, qos: int, *, kept: bool) -> None:
+        """A retained message was set (``kept``) or cleared on ``topic``."""
+        if kept:
+            self.index.add(topic)
+        else:
+            self.index.discard(topic)
+        if self._access.learn(topic, payload) in DURABLE:
+            self.durable.put(topic, payload, qos)
+
+    def matching(
+        self,
+        subscription: tuple[str, int],
+        table: Mapping[str, Any],
+        matches: Callable[[str, str], bool],
+        receives: Callable[[str], bool],
+    ) -> list[tuple[str, bytes, int]]:
+        """What a new subscription gets of amqtt's retained ``table``: (topic, payload, QoS) of
+        each message under its filter that its subscriber may receive."""
+        topic_filter, qos = subscription
+        return [
+            (retained.topic, retained.data, min(qos, retained.qos or qos))
+            for topic in self.index.under(topic_filter, table)
+            if (retained := table.get(topic)) is not None and matches(topic, topic_filter) and receives(topic)
+        ]
+
+    def close(self) -> None:
+        self.durable.close()

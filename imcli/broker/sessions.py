@@ -3,7 +3,7 @@
 * ``SessionState`` replaces a session's ``transitions.Machine``: amqtt builds a full state
   machine (about 12 KB of Python objects and a millisecond of CPU) per connection, and
   uses of it only ``state``, ``connect()``, ``disconnect()`` and ``is_connected()``.
-  ``LightSession`` never builds the Machine at all: a Machine is some 170 objects in
+  ``LightSession`` (imcli/broker/amqtt_adapter.py) never builds the Machine at all: a Machine is some 170 objects in
   reference cycles, so each one swapped out was garbage only a full (generation 2)
   collection finds, and those collections stalled the event loop for 50 to 170 ms after
   every few hundred connections (issue 7: the DM latency p99).
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import weakref
 
-from amqtt.mqtt.protocol import broker_handler
 from amqtt.session import Session
 from transitions import MachineError
 
@@ -41,13 +40,13 @@ class SessionState:
         self.state = "connected"
         session = self._session()
         if session is not None:
-            session._on_enter_connected()  # amqtt private: the Machine's on_enter callback
+            session._on_enter_connected()  # amqtt private (listed in amqtt_adapter.py): the Machine's on_enter
 
     def disconnect(self) -> None:
         self.state = "disconnected"
         session = self._session()
         if session is not None:
-            session._on_enter_disconnected()  # amqtt private: the Machine's on_enter callback
+            session._on_enter_disconnected()  # amqtt private (listed in amqtt_adapter.py): the Machine's on_enter
 
     def is_connected(self) -> bool:
         return self.state == "connected"
@@ -57,24 +56,6 @@ class SessionState:
 
     def is_new(self) -> bool:
         return self.state == "new"
-
-
-class LightSession(Session):
-    """amqtt's ``Session`` with a ``SessionState`` from the start instead of a ``transitions.Machine``."""
-
-    def _init_states(self) -> None:  # amqtt private: called by Session.__init__
-        self.transitions = SessionState(self)
-
-
-def use_light_sessions() -> None:
-    """Make amqtt's broker protocol handler create ``LightSession`` objects for new connections.
-
-    amqtt 0.12.1 builds the session inside ``BrokerProtocolHandler.init_from_connect`` as
-    ``Session()``, a name looked up in that module, before any broker hook sees it; replacing
-    that one name is the only way short of copying the whole CONNECT validation. Only
-    sessions built from a CONNECT change; amqtt's client keeps its own ``Session``.
-    """
-    broker_handler.Session = LightSession
 
 
 class SubscriptionTable(dict[str, list[tuple[Session, int]]]):

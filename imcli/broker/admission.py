@@ -1,0 +1,74 @@
+"""Admission: whether a CONNECT is let in (the connection gate, then the number of
+connections its account holds) and how many filters a connection may subscribe to (the
+publish rate is a publish check: imcli/broker/publish_checks.py).
+
+Workers' service accounts are trusted: no limit applies to them. The decisions are plain
+functions; ``Admission`` keeps the counts they are made from.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+from amqtt.session import Session
+
+from imcli.broker.connection_gate import CONNECTION_ACCEPTED, NOT_AUTHORIZED, ConnectionGate
+from imcli.broker.limits import Limits
+from imcli.broker.topic_access import TopicAccess
+
+log = logging.getLogger(__name__)
+
+
+def over_connection_limit(open_now: int, replaces_own: bool, limit: int) -> bool:
+    """Whether one more connection would exceed ``limit``; a reconnect of a client id that is
+    connected under the same account replaces that connection rather than adding one."""
+    return open_now - replaces_own >= limit
+
+
+def over_subscription_limit(held: int, already_held: bool, limit: int) -> bool:
+    """Whether a SUBSCRIBE to one more filter is refused (subscribing again to a held one never is)."""
+    return not already_held and held >= limit
+
+
+class Admission:
+    """Open connections per account, counted from the CONNACK until the connection ends."""
+
+    def __init__(self, gate: ConnectionGate, access: TopicAccess, limits: Limits) -> None:
+        self.gate = gate
+        self.access = access
+        self.limits = limits
+        self._open: Counter[str] = Counter()
+
+    async def admit(self, incoming: Session, session_of: Callable[[str], Session | None]) -> tuple[int, bool]:
+        """The CONNACK code for ``incoming`` (0: accepted), and whether it is a trusted worker.
+        ``session_of(client_id)`` is the session the broker keeps for a client id, if any."""
+        code = await self.gate.check(incoming)  # binds the client id first
+        trusted = self.access.is_service(incoming.username)
+        if code != CONNECTION_ACCEPTED or trusted:
+            return code, trusted
+        current = session_of(incoming.client_id or "")
+        replaces_own = (  # a reconnect of the same client id replaces its own connection
+            current is not None and current.username == incoming.username and current.transitions.state == "connected"
+        )
+        if self.too_many_connections(incoming.username or "", replaces_own):
+            log.warning(
+                "CONNECT refused for %r: %d connections already", incoming.username, self.limits.max_connections
+            )
+            return NOT_AUTHORIZED, trusted
+        return code, trusted
+
+    def too_many_connections(self, account: str, replaces_own: bool) -> bool:
+        return over_connection_limit(self._open[account], replaces_own, self.limits.max_connections)
+
+    def opened(self, account: str) -> None:
+        self._open[account] += 1
+
+    def closed(self, account: str) -> None:
+        self._open[account] -= 1
+        if not self._open[account]:
+            del self._open[account]
+
+    def subscription_refused(self, held: dict[str, int], topic_filter: str) -> bool:
+        return over_subscription_limit(len(held), topic_filter in held, self.limits.max_subscriptions)

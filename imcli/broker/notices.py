@@ -1,0 +1,64 @@
+"""What the broker tells a user on its notice topic, and how.
+
+amqtt drops a refused publish silently and still sends the PUBACK (DESIGN.md): the only
+way a sender learns why its message went nowhere is a notice on
+``<prefix>/user/<me>/notice``. Each refusal's wording is one function here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from imcli.core.wire import Notice, Topics, encode, is_name
+
+log = logging.getLogger(__name__)
+
+Broadcast = Callable[[str, bytes, int], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Telling:
+    """One notice to one sender: its code, its words and the topic it is about."""
+
+    code: str
+    text: str
+    topic: str | None = None
+
+
+def rate_exceeded(rate: float) -> Telling:
+    return Telling("rate", f"slow down: messages beyond {rate:g} a second are dropped")
+
+
+def too_large(size: int, limit: int, topic: str) -> Telling:
+    return Telling("too_large", f"message of {size} bytes dropped: the limit is {limit} bytes", topic)
+
+
+def retain_refused(topic: str) -> Telling:
+    return Telling("denied", f"retained messages are not allowed on {topic}", topic)
+
+
+def publish_refused(refusal: str, topic: str) -> Telling:
+    """``refusal`` is the ACL's own words (``TopicAcl.refusal``: a friends-only DM says so)."""
+    return Telling("denied", refusal, topic)
+
+
+def subscription_refused(topic_filter: str, limit: int) -> Telling:
+    return Telling("limit", f"subscription to {topic_filter} refused: at most {limit}")
+
+
+class Notifier:
+    """Publishes notices through the broker itself (``broadcast(topic, payload, qos)``)."""
+
+    def __init__(self, topics: Topics, broadcast: Broadcast) -> None:
+        self._topics = topics
+        self._broadcast = broadcast
+
+    async def tell(self, username: str | None, telling: Telling) -> None:
+        """Tell one user something on its notice topic (nobody hears it if it is not listening)."""
+        if username is None or not is_name(username):
+            return
+        log.info("notice to %s: %s", username, telling.text)
+        payload = encode(Notice(code=telling.code, text=telling.text, topic=telling.topic))
+        await self._broadcast(self._topics.notice(username), payload, 1)

@@ -1,0 +1,141 @@
+"""Publish checks: whether a message a client sent is delivered, and what its sender is told.
+
+amqtt 0.12.1 has no payload size limit, lets anyone retain anything and drops a publish
+its topic plugin refuses silently, PUBACK included. Every PUBLISH therefore goes through
+``PublishChecks.judge`` before amqtt broadcasts it, in this order:
+
+1. an empty topic ends the connection (MQTT-4.7.3-1, as amqtt does);
+2. the account's publish rate (workers' service accounts are not limited);
+3. the payload size (workers' are not limited: a ``who`` reply may be large);
+4. retained chat: only state records (status, presence, groups, friends) may be retained;
+5. a wildcard or ``$`` topic ends the connection (MQTT-3.3.2-2, MQTT-4.7.2-1, as amqtt does);
+6. the topic ACL, with its own words for the sender (a friends-only DM says so).
+
+A refused message is dropped with a notice to its sender (imcli/broker/notices.py).
+
+The seam for Last Wills (issue 15): a Will is a publish that happens later, so when it
+fires the adapter must call ``PublishChecks.judge`` with the Will's sender, topic, size
+and retain flag, exactly as for an ordinary publish, and broadcast it only if the
+decision says ``deliver``.
+
+A QoS 1 PUBLISH takes its rate token before its PUBACK, when the journal decides whether
+to keep it (``charge``); ``judge`` then uses that decision instead of taking a second one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from imcli.broker.acl import Access
+from imcli.broker.limits import Limits, PublishRate
+from imcli.broker.notices import Telling, publish_refused, rate_exceeded, retain_refused, too_large
+from imcli.broker.topic_access import TopicAccess
+
+UNSENT_AFTER = 60.0  # seconds after which a charged message that never reached delivery is forgotten
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What becomes of one publish: delivered or dropped, what its sender is told, and
+    whether the connection ends because the publish broke MQTT."""
+
+    deliver: bool
+    telling: Telling | None = None
+    close: bool = False
+
+
+DELIVER = Decision(deliver=True)
+CLOSE = Decision(deliver=False, close=True)
+
+
+def decide_publish(
+    access: TopicAccess,
+    sender: str | None,
+    topic: str,
+    size: int,
+    *,
+    retain: bool,
+    rate_ok: bool,
+    trusted: bool,
+    max_payload: int,
+    rate: float,
+) -> Decision:
+    """The checks of this module's docstring, in order, as a pure function of their inputs."""
+    if not topic:
+        return CLOSE
+    if not rate_ok:
+        return Decision(deliver=False, telling=rate_exceeded(rate))
+    if size > max_payload and not trusted:
+        return Decision(deliver=False, telling=too_large(size, max_payload, topic))
+    if retain and not access.acl.may_retain(topic):
+        return Decision(deliver=False, telling=retain_refused(topic))
+    if "#" in topic or "+" in topic or topic.startswith("$"):
+        return CLOSE
+    if not access.check(sender, topic, Access.PUBLISH):
+        return Decision(deliver=False, telling=publish_refused(access.acl.refusal(sender, topic), topic))
+    return DELIVER
+
+
+class PublishChecks:
+    """``decide_publish`` with the broker's state: the rate buckets and the tokens taken before PUBACKs."""
+
+    def __init__(self, access: TopicAccess, limits: Limits, max_payload: int) -> None:
+        self.access = access
+        self.limits = limits
+        self.max_payload = max_payload
+        self.rate = PublishRate(limits.publish_rate, limits.publish_burst)
+        # QoS 1 messages whose rate token was taken before their PUBACK: id -> (message, allowed, when)
+        self._charged: dict[int, tuple[Any, bool, float]] = {}
+
+    def _rate_allows(self, sender: str | None, trusted: bool, now: float) -> bool:
+        return trusted or self.rate.allow(sender or "", now)
+
+    def charge(self, sender: str | None, message: Any, size: int) -> bool:
+        """A QoS 1 PUBLISH is about to be acknowledged: take its rate token now. Whether it
+        is worth journalling (within the rate and the size limit; the journal checks the rest)."""
+        now = time.monotonic()
+        trusted = self.access.is_service(sender)
+        allowed = self._rate_allows(sender, trusted, now)
+        self._charged[id(message)] = (message, allowed, now)
+        return allowed and (size <= self.max_payload or trusted)
+
+    def take_charge(self, message: Any) -> tuple[bool, bool | None]:
+        """Whether ``charge`` saw ``message`` before its PUBACK (QoS 1), and the rate decision
+        it made then (``None``: take a token now, as for QoS 0)."""
+        charged = self._charged.pop(id(message), None)
+        if charged is None:
+            return False, None
+        return True, (charged[1] if charged[0] is message else None)
+
+    def judge(
+        self, sender: str | None, topic: str, size: int, *, retain: bool, rate_ok: bool | None = None
+    ) -> Decision:
+        """The decision for one publish (or a Last Will when it fires); takes a rate token
+        unless ``rate_ok`` says the one taken before its PUBACK."""
+        now = time.monotonic()
+        trusted = self.access.is_service(sender)
+        if rate_ok is None:  # an empty topic ends the connection before any token is taken
+            rate_ok = not topic or self._rate_allows(sender, trusted, now)
+        decision = decide_publish(
+            self.access,
+            sender,
+            topic,
+            size,
+            retain=retain,
+            rate_ok=rate_ok,
+            trusted=trusted,
+            max_payload=self.max_payload,
+            rate=self.limits.publish_rate,
+        )
+        rate_notice = decision.telling is not None and decision.telling.code == "rate"
+        if rate_notice and not self.rate.should_warn(sender or "", now):
+            return Decision(deliver=False)  # at most one rate notice a second
+        return decision
+
+    def forget_unsent(self, now: float) -> None:
+        """Drop the tokens of messages whose connection ended before the broker delivered them."""
+        for key, (_, _, when) in list(self._charged.items()):
+            if now - when > UNSENT_AFTER:
+                del self._charged[key]

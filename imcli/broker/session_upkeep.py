@@ -1,0 +1,151 @@
+"""Persistent sessions over time: kept while their client is away, but not forever, with a
+bounded offline queue, and ended when their account is removed or replaced.
+
+amqtt 0.12.1 keeps a persistent session (its subscriptions and its offline queue) forever,
+its queue unbounded, and goes on serving an account that ``imcli admin user remove`` took
+away in another process. ``SessionUpkeep`` runs two loops in the broker's event loop; it
+reaches amqtt's sessions only through the adapter (``SessionHost``, implemented by
+``ImBroker`` in imcli/broker/amqtt_adapter.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+from amqtt.session import Session
+
+from imcli.broker.accounts import Account, AccountStore, Role
+from imcli.broker.limits import Limits
+from imcli.core.rules import REGISTER_PREFIX
+
+log = logging.getLogger(__name__)
+
+ACCOUNT_CHECK = 1.0  # seconds between looks at accounts.json for removed accounts
+
+
+class SessionHost(Protocol):
+    """What the upkeep needs of the broker."""
+
+    @property
+    def accounts(self) -> AccountStore: ...
+
+    def session_table(self) -> Mapping[str, tuple[Session, Any]]: ...
+
+    async def delete_session(self, client_id: str) -> None: ...
+
+    async def close_connection(self, handler: Any) -> None: ...
+
+
+def expired(away: Mapping[str, float], now: float, expiry: float) -> list[str]:
+    """Client ids whose persistent session has been away for ``expiry`` seconds or more."""
+    return [client_id for client_id, since in away.items() if now - since >= expiry]
+
+
+def replaced_accounts(known: Mapping[str, str], current: Mapping[str, str], rekeyed: Iterable[str]) -> set[str]:
+    """Accounts (name -> password hash) made again with another password since ``known``;
+    ``rekeyed`` are the workers' service accounts, given new passwords at every start."""
+    return {name for name, key in known.items() if current.get(name, key) != key} - set(rekeyed)
+
+
+def session_revoked(username: str | None, current: Mapping[str, str], replaced: set[str]) -> bool:
+    """Whether a session's account is gone or was replaced (a registration login has none yet)."""
+    name = username or ""
+    if not name or name.startswith(REGISTER_PREFIX):
+        return False
+    return name not in current or name in replaced
+
+
+class SessionUpkeep:
+    def __init__(self, host: SessionHost, limits: Limits) -> None:
+        self._host = host
+        self.limits = limits
+        self._away: dict[str, float] = {}  # persistent sessions whose client left -> since (monotonic)
+        self._queue_drops: Counter[str] = Counter()  # per client id, to log a full queue once
+
+    def connected(self, client_id: str) -> None:
+        self._away.pop(client_id, None)
+
+    def left(self, client_id: str) -> None:
+        self._away[client_id] = time.monotonic()
+
+    def make_room(self, client_id: str | None, queue: asyncio.Queue[Any]) -> None:
+        """Before one more message is queued for an offline session: keep the newest
+        ``max_queued``; the archive still has the oldest for ``imcli history``."""
+        if queue.qsize() >= self.limits.max_queued:
+            queue.get_nowait()
+            self._queue_drops[client_id or ""] += 1
+            if self._queue_drops[client_id or ""] == 1:
+                log.info("offline queue of %s is full: dropping its oldest", client_id)
+
+    @staticmethod
+    def take_queued(queue: asyncio.Queue[Any], receives: Callable[[str], bool]) -> list[tuple[str, bytes, int]]:
+        """Empty an offline queue as its session comes back: (topic, payload, QoS) of each
+        message its client may (still) receive."""
+        taken = []
+        while not queue.empty():
+            queued = queue.get_nowait()
+            if receives(queued.topic):
+                taken.append((queued.topic, queued.data, queued.qos))
+        return taken
+
+    async def expire_sessions(self, also: Callable[[float], None] | None = None) -> None:
+        """Drop a persistent session away for longer than ``session_expiry``; ``also(now)`` is
+        called on each round (stale rate tokens)."""
+        expiry = self.limits.session_expiry
+        while True:
+            await asyncio.sleep(min(expiry / 4, 600.0))
+            now = time.monotonic()
+            if also is not None:
+                also(now)
+            for client_id in expired(self._away, now, expiry):
+                del self._away[client_id]
+                session = self._host.session_table().get(client_id, (None, None))[0]
+                if session is None or session.transitions.is_connected():
+                    continue
+                try:
+                    await self._host.delete_session(client_id)
+                except Exception:  # one bad session must not end the sweeping
+                    log.exception("could not expire the session %s", client_id)
+                self._queue_drops.pop(client_id, None)
+                log.info("persistent session %s expired after %.0f s away", client_id, expiry)
+
+    async def end_revoked_logins(self) -> None:
+        """``imcli admin user remove`` edits accounts.json from another process. Once a second
+        the file's stamp is looked at. The connections of an account that is gone, or was made
+        again with another password, are closed (their Last Will fires) and its sessions are
+        deleted, so that a new owner of the name cannot resume them."""
+        seen, known = -1, dict[str, str]()
+        doomed: set[str] = set()  # client ids to delete once their connection has ended
+        accounts = self._host.accounts
+        while True:
+            await asyncio.sleep(ACCOUNT_CHECK)
+            try:
+                accounts.refresh()
+                if accounts.generation != seen:
+                    seen = accounts.generation
+                    known = await self._close_revoked(accounts.list_accounts(), known, doomed)
+                for client_id in list(doomed):
+                    session = self._host.session_table().get(client_id, (None, None))[0]
+                    if session is None or not session.transitions.is_connected():
+                        doomed.discard(client_id)
+                        self._away.pop(client_id, None)
+                        await self._host.delete_session(client_id)
+            except Exception:  # a damaged accounts.json or one bad session must not end the watch
+                log.exception("could not end the sessions of removed accounts")
+
+    async def _close_revoked(self, listed: list[Account], known: dict[str, str], doomed: set[str]) -> dict[str, str]:
+        current = {a.name: a.hash for a in listed}
+        replaced = replaced_accounts(known, current, (a.name for a in listed if a.role is Role.SERVICE))
+        for client_id, (session, handler) in list(self._host.session_table().items()):
+            if not session_revoked(session.username, current, replaced):
+                continue
+            doomed.add(client_id)
+            if session.transitions.is_connected():
+                log.warning("closing %s: its account was removed or replaced", client_id)
+                await self._host.close_connection(handler)
+        return current

@@ -1,0 +1,133 @@
+"""The topic ACL as the embedded broker applies it: roles from the account store, group
+membership and DM policies from the records the workers retain.
+
+``TopicAcl`` (imcli/broker/acl.py) is the pure rule; this module feeds it the broker's
+view of the world. ``GroupCache`` and ``FriendCache`` are updated in the broker's event
+loop whenever a worker retains a record (``TopicAccess.learn``), and read on every check.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+from imcli.broker.accounts import Role
+from imcli.broker.acl import Access, TopicAcl
+from imcli.core.rules import dm_senders, may_dm
+from imcli.core.wire import (
+    Friends,
+    GroupInfo,
+    MalformedPayload,
+    TopicKind,
+    Topics,
+    WireModel,
+    decode_as,
+)
+
+log = logging.getLogger(__name__)
+
+_R = TypeVar("_R", bound=WireModel)
+
+RoleOf = Callable[[str], Role | None]
+
+
+class GroupCache:
+    """Membership of every group, from the retained ``<prefix>/group/<g>/info`` records.
+
+    Only service accounts may publish those (the ACL), so what is here is the group
+    worker's word. Updated in the broker's event loop; read on every group delivery.
+    """
+
+    def __init__(self) -> None:
+        self._members: dict[str, frozenset[str]] = {}
+        self._public: set[str] = set()
+
+    def is_member(self, group: str, user: str) -> bool:
+        return user in self._members.get(group, ())
+
+    def is_public(self, group: str) -> bool:
+        return group in self._public
+
+    def update(self, group: str, payload: bytes) -> None:
+        info = _record(payload, GroupInfo, lambda r: r.name == group, f"group {group}") if payload else None
+        if payload and info is None:
+            return  # unusable: keep the last good record
+        self._public.discard(group)
+        self._members.pop(group, None)
+        if info is not None:  # else the group was deleted
+            self._members[group] = frozenset(info.members)
+            if not info.private:
+                self._public.add(group)
+
+
+class FriendCache:
+    """Friends and DM policy of every user, from the retained ``<prefix>/user/<u>/friends``."""
+
+    def __init__(self) -> None:
+        self._friends_only: dict[str, frozenset[str]] = {}  # users with dm_policy "friends" -> dm_senders()
+
+    def dm_allowed(self, to: str, sender: str) -> bool:
+        return may_dm(sender, self._friends_only.get(to))
+
+    def update(self, user: str, payload: bytes) -> None:
+        record = _record(payload, Friends, lambda r: r.account == user, f"friends of {user}") if payload else None
+        if payload and record is None:
+            return  # unusable: keep the last good record
+        senders = dm_senders(user, record.dm_policy, record.friends) if record is not None else None
+        if senders is None:
+            self._friends_only.pop(user, None)
+        else:
+            self._friends_only[user] = senders
+
+
+def _record(payload: bytes, kind: type[_R], belongs: Callable[[_R], bool], what: str) -> _R | None:
+    """A worker's retained record, or ``None`` (logged) if it is malformed or names someone else."""
+    try:
+        record = decode_as(payload, kind)
+    except MalformedPayload as exc:
+        log.warning("record for %s ignored, keeping the last good one: %s", what, exc)
+        return None
+    if not belongs(record):
+        log.warning("record for %s names someone else: ignored", what)
+        return None
+    return record
+
+
+class TopicAccess:
+    """The topic contract of DESIGN.md, enforced on publish, subscribe and delivery."""
+
+    def __init__(self, topics: Topics, role_of: RoleOf) -> None:
+        self.topics = topics
+        self.role_of = role_of
+        self.groups = GroupCache()
+        self.friends = FriendCache()
+        self.acl = TopicAcl(topics, groups=self.groups, friends=self.friends)
+
+    def check(self, username: str | None, topic: str, access: Access) -> bool:
+        if username is None:
+            return False
+        return self.acl.allows(username, self.role_of(username), topic, access)
+
+    def may_publish(self, username: str | None, topic: str) -> bool:
+        return self.check(username, topic, Access.PUBLISH)
+
+    def receive_check(self, topic: str) -> Callable[[str | None], bool]:
+        """``check(username, topic, RECEIVE)`` for one message and many recipients (fan-out)."""
+        allowed, role_of = self.acl.receive_check(topic), self.role_of
+        return lambda username: username is not None and allowed(username, role_of(username))
+
+    def is_service(self, username: str | None) -> bool:
+        """Workers' service accounts are trusted: no limits apply to them."""
+        return self.role_of(username or "") is Role.SERVICE
+
+    def learn(self, topic: str, payload: bytes) -> TopicKind | None:
+        """Feed the caches from a record a worker retained (or cleared); the topic's kind, if any."""
+        parsed = self.topics.parse(topic)
+        if parsed is None:
+            return None
+        if parsed.kind is TopicKind.GROUP_INFO and parsed.name:
+            self.groups.update(parsed.name, payload)
+        elif parsed.kind is TopicKind.FRIENDS and parsed.owner:
+            self.friends.update(parsed.owner, payload)
+        return parsed.kind
