@@ -184,3 +184,17 @@ def test_well_formed_packets_keep_the_connection_in_step(net: Net) -> None:
     assert not closed
     assert got == [(0x40, b"\x00\x09"), (0x90, b"\x00\x0a\x01\x00"), (0xB0, b"\x00\x0b"), (PINGRESP, b"")]
     net.unharmed()
+
+
+# ---------------------------------------------------------------- client ids (Missing limits)
+
+
+def test_a_client_id_past_the_limit_is_rejected(net: Net) -> None:
+    with socket.create_connection(("127.0.0.1", net.port), timeout=DEADLINE + 9) as sock:
+        sock.sendall(login("mallory", b"mallory:" + b"x" * 10_000))
+        got, closed = read_packets(sock, lambda _: False)  # until it hangs up
+    assert got == [(0x20, b"\x00\x02")] and closed, f"expected CONNACK 2 (identifier rejected), got {got}"
+    with socket.create_connection(("127.0.0.1", net.port), timeout=DEADLINE + 9) as sock:
+        sock.sendall(login("mallory", b"mallory:" + b"\xc3\xa9" * 120))  # 128 characters (248 bytes): allowed
+        assert sock.recv(4) == ACCEPTED
+    net.unharmed()

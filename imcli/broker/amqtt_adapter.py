@@ -226,15 +226,20 @@ class ImBroker(Broker):
     ) -> None:
         self._streams.add(writer)
         try:  # amqtt's stream_connected, with the reader kept inside its packets (imcli/broker/packets.py)
-            guard = PacketGuard(StreamReaderAdapter(reader), self.settings.max_packet, self.settings.packet_timeout)
+            guard = self._guard(StreamReaderAdapter(reader))
             await self._client_connected(listener_name, guard, StreamWriterAdapter(writer))
         finally:
             self._streams.discard(writer)
             writer.close()  # amqtt leaves some finished connections open (found by ResourceWarnings)
 
     async def ws_connected(self, websocket: Any, listener_name: str) -> None:
-        guard = PacketGuard(WebSocketsReader(websocket), self.settings.max_packet, self.settings.packet_timeout)
+        guard = self._guard(WebSocketsReader(websocket))
         await self._client_connected(listener_name, guard, WebSocketsWriter(websocket))
+
+    def _guard(self, inner: Any) -> PacketGuard:
+        """amqtt's reader, kept inside well-formed packets (imcli/broker/packets.py)."""
+        s = self.settings
+        return PacketGuard(inner, s.max_packet, s.packet_timeout, s.limits.max_client_id)
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
@@ -250,8 +255,12 @@ class ImBroker(Broker):
             log.info("bad CONNECT from %s:%s: %s", remote_address, remote_port, exc or "none in time")
             raise AMQTTError(exc) from exc
 
-        code, trusted = await self.admission.admit(
-            incoming, lambda client_id: self._sessions.get(client_id, (None,))[0]
+        # a CONNECT refused on its form alone (a client id past Limits.max_client_id) is not looked at further
+        refusal = reader.connect_refusal if isinstance(reader, PacketGuard) else CONNECTION_ACCEPTED
+        code, trusted = (
+            (refusal, False)
+            if refusal
+            else await self.admission.admit(incoming, lambda client_id: self._sessions.get(client_id, (None,))[0])
         )
         if code == CONNECTION_ACCEPTED and trusted and isinstance(reader, PacketGuard):
             reader.limit = None  # a worker's `who` reply may be large

@@ -13,6 +13,7 @@ class Limits:
     max_connections: int = 10  # per account (devices and one-shot commands together)
     max_queued: int = 1000  # messages kept for one offline persistent session; the archive keeps the rest
     session_expiry: float = 7 * 86400.0  # seconds a persistent session is kept while its client is away
+    max_client_id: int = 128  # characters; a longer client id gets CONNACK 2 (MQTT 3.1.1 promises 23)
 
 
 @dataclass
