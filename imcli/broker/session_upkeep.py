@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from amqtt.session import Session
 
-from imcli.broker.accounts import Account, AccountStore, Role
+from imcli.broker.accounts import AccountStore, Role
 from imcli.broker.limits import Limits
 from imcli.core.rules import REGISTER_PREFIX
 
@@ -128,7 +128,13 @@ class SessionUpkeep:
                 accounts.refresh()
                 if accounts.generation != seen:
                     seen = accounts.generation
-                    known = await self._close_revoked(accounts.list_accounts(), known, doomed)
+                    listed = accounts.list_accounts()
+                    current = {a.name: a.hash for a in listed}
+                    # `imcli serve` gives its workers new passwords at every start, while they connect
+                    rekeyed = (a.name for a in listed if a.role is Role.SERVICE)
+                    replaced = replaced_accounts(known, current, rekeyed)
+                    known = current
+                    await self._close_revoked(current, replaced, doomed)
                 for client_id in list(doomed):
                     session = self._host.session_table().get(client_id, (None, None))[0]
                     if session is None or not session.transitions.is_connected():
@@ -138,9 +144,7 @@ class SessionUpkeep:
             except Exception:  # a damaged accounts.json or one bad session must not end the watch
                 log.exception("could not end the sessions of removed accounts")
 
-    async def _close_revoked(self, listed: list[Account], known: dict[str, str], doomed: set[str]) -> dict[str, str]:
-        current = {a.name: a.hash for a in listed}
-        replaced = replaced_accounts(known, current, (a.name for a in listed if a.role is Role.SERVICE))
+    async def _close_revoked(self, current: Mapping[str, str], replaced: set[str], doomed: set[str]) -> None:
         for client_id, (session, handler) in list(self._host.session_table().items()):
             if not session_revoked(session.username, current, replaced):
                 continue
@@ -148,4 +152,3 @@ class SessionUpkeep:
             if session.transitions.is_connected():
                 log.warning("closing %s: its account was removed or replaced", client_id)
                 await self._host.close_connection(handler)
-        return current
