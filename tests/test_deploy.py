@@ -302,7 +302,7 @@ def test_compose_runs_the_three_workers_against_every_node() -> None:
     assert params["host"] in shared  # a reconnect reaches whichever node is up
     assert params["archive"] and not params["dynsec"]  # EMQX has no dynamic-security plugin
     assert params["accounts_file"] is None  # accounts live in EMQX's database
-    assert isinstance(workers["depends_on"], list)
+    assert isinstance(workers["depends_on"], dict)  # each node with a healthy condition
     assert sorted(workers["depends_on"]) == sorted(nodes)
     assert workers["env_file"] == ["workers.env"]
     build = workers["build"]
