@@ -278,7 +278,7 @@ def test_public_group_records_are_readable_private_ones_are_not(server: ServeInf
     services.group_request(ident(server, "alice"), "create", "open-house")
     carol = raw("carol", client_id="carol:raw")
     assert carol.subscribe("im/group/+/info") == 1
-    record = json.loads(carol.expect().payload)
+    record = json.loads(carol.expect(timeout=2).payload)  # retained: it comes with the SUBACK
     assert record["name"] == "open-house"
     assert carol.silent(0.3) == []  # and not the private 'team'
 
