@@ -149,6 +149,33 @@ def test_a_removed_member_loses_the_group_history(talk: ServeInfo) -> None:
         services.history(bob, Conversation.parse("#open-club"))
 
 
+def test_a_group_made_again_under_a_deleted_ones_name_gets_none_of_its_history(
+    talk: ServeInfo, raw: Callable[..., Raw]
+) -> None:
+    """History belongs to the group that wrote it, not to its name (issue 15, item 3)."""
+    alice, bob, carol = ident(talk, "alice"), ident(talk, "bob"), ident(talk, "carol")
+    services.group_say(alice, "team", ChatMessage(text="old team, second line"))
+    history_until(alice, Conversation.parse("#team"), ["team only", "old team, second line"])
+    services.group_request(bob, "leave", "team")
+    services.group_request(alice, "leave", "team")  # the last member: the group is gone
+    services.group_request(carol, "create", "team", private=True)  # the same name, a new group
+    services.group_say(carol, "team", ChatMessage(text="new team"))
+
+    def archive_knows_the_new_group() -> bool:
+        try:
+            return "new team" in texts(services.history(carol, Conversation.parse("#team")))
+        except NotAllowed:  # the archive has not yet seen the new record
+            return False
+
+    assert wait_until(archive_knows_the_new_group, 10)
+    attacker = raw("carol", client_id="carol:raw")
+    for request in (HistoryRequest(group="team", limit=1000), HistoryRequest(limit=1000)):
+        reply = ask_raw(attacker, "carol", request)
+        assert isinstance(reply, HistoryReply), reply
+        assert "team only" not in texts(reply) and "old team, second line" not in texts(reply), texts(reply)
+    assert "new team" in texts(services.history(carol, Conversation.parse("#team")))
+
+
 def test_limit_since_and_more(server: ServeInfo, users: Callable[..., None]) -> None:
     users("alice")
     alice = ident(server, "alice")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,14 +111,16 @@ class ArchiveStore:
         return self._page("conv = ?", [conv], limit, since, before)
 
     def catch_up(
-        self, account: str, groups: Iterable[str], limit: int, since: float | None, before: float | None = None
+        self, account: str, groups: Mapping[str, float], limit: int, since: float | None, before: float | None = None
     ) -> Page:
-        """What ``account`` may read: every room, its direct messages, the groups it is in."""
-        convs = [group_conversation(g) for g in groups]
+        """What ``account`` may read: every room, its direct messages, the groups it is in
+        (``groups``: each group's name and where its history starts, ``group_history_start``)."""
         readable = ["kind = 'room'", "(kind = 'dm' AND (sender = ? OR recipient = ?))"]
-        if convs:
-            readable.append(f"conv IN ({','.join('?' * len(convs))})")
-        return self._page(f"({' OR '.join(readable)})", [account, account, *convs], limit, since, before)
+        args: list[object] = [account, account]
+        for name, start in groups.items():
+            readable.append("(conv = ? AND at >= ?)")
+            args += [group_conversation(name), start]
+        return self._page(f"({' OR '.join(readable)})", args, limit, since, before)
 
     def prune(self, before: float) -> int:
         """Forget messages that arrived before ``before``; how many went."""

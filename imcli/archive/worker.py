@@ -28,7 +28,7 @@ from imcli.archive.store import (
     room_conversation,
 )
 from imcli.core.mqtt import BrokerAddress, Credentials
-from imcli.core.rules import group_visible, missing_group
+from imcli.core.rules import group_history_start, group_visible, missing_group
 from imcli.core.service import ServiceWorker
 from imcli.core.wire import (
     ErrorReply,
@@ -127,6 +127,7 @@ class ArchiveWorker(ServiceWorker):
                 if info is None or not group_visible(private=info.private, member=False):
                     return ErrorReply(id=r.id, code="not_found", text=missing_group(r.group))
                 return ErrorReply(id=r.id, code="denied", text=f"you are not a member of #{r.group}")
-            return self.store.conversation_page(group_conversation(r.group), r.limit, r.since, r.before)
-        mine = [g.name for g in self._groups.values() if sender in g.members]
+            start = group_history_start(info.created, r.since)  # not the history of an older group of that name
+            return self.store.conversation_page(group_conversation(r.group), r.limit, start, r.before)
+        mine = {g.name: group_history_start(g.created) for g in self._groups.values() if sender in g.members}
         return self.store.catch_up(sender, mine, r.limit, r.since, r.before)

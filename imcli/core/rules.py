@@ -65,6 +65,19 @@ def group_visible(*, private: bool, member: bool) -> bool:
     return member or not private
 
 
+def group_history_start(created: float, since: float | None = None) -> float:
+    """Where a group's readable history starts: at the group's creation, or later if asked.
+
+    History belongs to the group that wrote it, not to its name: a group deleted when its
+    last member left, and made again under the same name by someone else, must not hand
+    the new owner the old group's messages. A message's ``at`` (when the broker's journal,
+    or the archive worker, received it: never the sender's own timestamp) is compared
+    with the record's ``created``, both read off the clock of the machine running
+    ``imcli serve`` or ``imcli workers``.
+    """
+    return created if since is None else max(created, since)
+
+
 def missing_group(group: str) -> str:
     """The one answer for a group that does not exist and for one the asker may not see."""
     return f"no group #{group} (or it is private)"
