@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from imcli.broker.accounts import AccountStore
 from imcli.broker.limits import Limits
@@ -197,4 +199,172 @@ def test_a_client_id_past_the_limit_is_rejected(net: Net) -> None:
     with socket.create_connection(("127.0.0.1", net.port), timeout=DEADLINE + 9) as sock:
         sock.sendall(login("mallory", b"mallory:" + b"\xc3\xa9" * 120))  # 128 characters (248 bytes): allowed
         assert sock.recv(4) == ACCEPTED
+    net.unharmed()
+
+
+# ---------------------------------------------------------------- the frame fuzzer (issue 15, "Done when")
+#
+# A grammar of the four packets a client talks with, each field drawn well-formed or broken:
+# strings in ill-formed UTF-8 (a stray byte, an overlong form, an encoded surrogate, a cut
+# sequence, U+0000), misplaced wildcards, QoS 3, packet id 0, wrong flags, bytes left over, no
+# filter at all; and lies: a string length or a remaining length off by a few bytes. A case
+# whose every packet is well-formed must leave the connection in step; one with a broken
+# packet must close it; a lie may do either (the client chose its own framing), but never
+# gets past the ACL.
+
+GOOD, BAD, ANY = "good", "bad", "any"
+TOPICS = [*MAY_WRITE, *MAY_NOT_WRITE, "im/room/x/carol", "im/user/bob/dm/mallory", "é/ü/✓", "a", " "]
+FILTERS = ["im/room/+/+", "im/user/carol/#", "im/user/mallory/#", "#", "+/+/+/+", "im/events", "im/user/+/dm/#"]
+BROKEN_FILTERS = ["im/room#", "im/+x/y", "#/im", "im/#/x", ""]
+ILL_FORMED = [b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\xe2\x82", b"\x80", b"\xf4\x90\x80\x80", b"\x00"]
+
+
+def worst(*verdicts: str) -> str:
+    return BAD if BAD in verdicts else ANY if ANY in verdicts else GOOD
+
+
+@st.composite
+def utf8_field(draw: st.DrawFn, choices: list[str], broken: list[str] | None = None) -> tuple[bytes, str]:
+    """A length-prefixed string: one of ``choices``, or broken (ill-formed, a wrong choice, a lying length)."""
+    data = draw(st.sampled_from(choices)).encode()
+    how = draw(st.sampled_from(["as is"] * 12 + ["ill-formed", "lying length"] + (["broken"] if broken else [])))
+    if how == "ill-formed":
+        at = draw(st.integers(0, len(data)))
+        return field(data[:at] + draw(st.sampled_from(ILL_FORMED)) + data[at:]), BAD
+    if how == "broken" and broken:
+        return field(draw(st.sampled_from(broken)).encode()), BAD
+    if how == "lying length":
+        return field(data, max(0, len(data) + draw(st.sampled_from([-3, -1, 1, 2, 40])))), ANY
+    return field(data), GOOD
+
+
+@st.composite
+def packet_id(draw: st.DrawFn) -> tuple[bytes, str]:
+    value = draw(st.sampled_from([0, 1, 2, 77, 65535]))
+    return value.to_bytes(2, "big"), BAD if value == 0 else GOOD
+
+
+@st.composite
+def publish_frame(draw: st.DrawFn) -> tuple[bytes, str]:
+    qos, dup, retain = draw(st.integers(0, 3)), draw(st.booleans()), draw(st.booleans())
+    topic, verdict = draw(utf8_field(TOPICS, ["im/room/+/mallory", "im/#", ""]))
+    pid, pid_verdict = draw(packet_id()) if qos else (b"", GOOD)
+    payload = MARK + b" " + draw(st.sampled_from([b"", b"x", smuggled(), PINGREQ, b"\x00" * 8]))
+    flags = qos << 1 | (8 if dup else 0) | (1 if retain else 0)
+    header_verdict = BAD if qos == 3 or (dup and qos == 0) else GOOD
+    return packet(0x30 | flags, topic + pid + payload), worst(verdict, pid_verdict, header_verdict)
+
+
+@st.composite
+def subscribe_frame(draw: st.DrawFn, unsubscribe: bool) -> tuple[bytes, str]:
+    pid, verdict = draw(packet_id())
+    body, verdicts = pid, [verdict]
+    for _ in range(draw(st.integers(0, 3))):
+        topic_filter, verdict = draw(utf8_field(FILTERS, BROKEN_FILTERS))
+        body += topic_filter
+        verdicts.append(verdict)
+        if not unsubscribe:
+            qos = draw(st.sampled_from([0, 1, 2, 3, 0x81]))
+            body += bytes([qos])
+            verdicts.append(BAD if qos > 2 else GOOD)
+    if body == pid:
+        verdicts.append(BAD)  # no filter (MQTT-3.8.3-3, MQTT-3.10.3-2)
+    flags = draw(st.sampled_from([2] * 5 + [0, 3]))
+    verdicts.append(GOOD if flags == 2 else BAD)
+    return packet((0xA0 if unsubscribe else 0x80) | flags, body), worst(*verdicts)
+
+
+@st.composite
+def other_frame(draw: st.DrawFn) -> tuple[bytes, str]:
+    """An acknowledgement, a PINGREQ or a CONNACK (never a client's), right or with bytes left over."""
+    first, length = draw(st.sampled_from([(0x40, 2), (0x50, 2), (0x62, 2), (0x70, 2), (0xC0, 0), (0x20, 2)]))
+    # a well-formed PINGREQ here would be answered before the probe's: only broken ones
+    extra = draw(st.sampled_from(([] if first == 0xC0 else [b""] * 3) + [b"\x00", smuggled()]))
+    body = b"\x00\x05"[:length] + extra
+    return packet(first, body), GOOD if not extra and first != 0x20 else BAD
+
+
+@st.composite
+def frames_after_connect(draw: st.DrawFn) -> tuple[bytes, str]:
+    kinds = st.one_of(publish_frame(), subscribe_frame(False), subscribe_frame(True), other_frame())
+    parts = draw(st.lists(kinds, min_size=1, max_size=3))
+    data, verdict = b"".join(p for p, _ in parts), worst(*(v for _, v in parts))
+    if draw(st.integers(0, 5)) == 0:  # the last packet's remaining length lies
+        lie = draw(st.sampled_from([-3, -2, -1, 1, 2, 3]))
+        last = parts[-1][0]
+        body_start = 2 if last[1] < 0x80 else 3
+        body = last[body_start:]
+        data = data[: len(data) - len(last)] + packet(last[0], body, max(0, len(body) + lie))
+        verdict = BAD if verdict == BAD and lie > 0 else ANY
+    return data, verdict
+
+
+@st.composite
+def connect_frame(draw: st.DrawFn) -> tuple[bytes, str]:
+    """mallory's CONNECT, right or broken in one or more fields; GOOD means accepted."""
+    will = draw(st.booleans())
+    will_qos, will_retain = draw(st.sampled_from([0, 0, 0, 1, 2, 3])), draw(st.sampled_from([False] * 3 + [True]))
+    reserved = draw(st.sampled_from([0] * 6 + [1]))
+    flags = 0xC2 | will_retain << 5 | will_qos << 3 | will << 2 | reserved  # a clean session each time
+    verdicts = [BAD if reserved or will_qos == 3 or (not will and (will_qos or will_retain)) else GOOD]
+    client_id, verdict = draw(utf8_field([f"mallory:{secrets.token_hex(3)}", "mallory:" + "é" * 200]))
+    verdicts.append("refused" if verdict == GOOD and len(client_id) > 130 else verdict)
+    body = field(b"MQTT") + bytes([4, flags]) + b"\x00\x1e" + client_id
+    if will:
+        topic, verdict = draw(utf8_field([f"{ROOM}/mallory", f"{ROOM}/alice"], ["im/room/+/mallory", ""]))
+        body += topic + field(MARK + b" will")
+        # a Will where mallory may not write: the broker may refuse the CONNECT, and must never deliver it;
+        # a retained Will on a chat topic, too (no retained chat)
+        refusable = f"{ROOM}/alice".encode() in topic or will_retain
+        verdicts.append(ANY if verdict == GOOD and refusable else verdict)
+    user, verdict = draw(utf8_field(["mallory"]))
+    body += user
+    verdicts.append(verdict)
+    password, verdict = draw(utf8_field([password_of("mallory")]))
+    body += password
+    verdicts.append(verdict)
+    if draw(st.integers(0, 5)) == 0:
+        body += smuggled()
+        verdicts.append(BAD)
+    verdict = worst(*verdicts)
+    return packet(0x10, body), "refused" if verdict == GOOD and "refused" in verdicts else verdict
+
+
+FRAMES = settings(
+    max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+def in_step(got: list[tuple[int, bytes]], closed: bool, verdict: str) -> None:
+    answered = any(first == PINGRESP for first, _ in got)
+    if verdict == GOOD:
+        assert answered and not closed, f"a well-formed case put the connection out of step: {got}"
+    elif verdict == BAD:
+        assert closed and not answered, f"a malformed packet left the connection open: {got}"
+    else:
+        assert closed or answered
+
+
+@FRAMES
+@given(case=frames_after_connect())
+def test_fuzzed_packets_after_connect(net: Net, case: tuple[bytes, str]) -> None:
+    data, verdict = case
+    event(verdict)
+    got, closed = net.attack(data + PINGREQ * 2)
+    in_step(got, closed, verdict)
+    net.unharmed()
+
+
+@FRAMES
+@given(case=connect_frame())
+def test_fuzzed_connects(net: Net, case: tuple[bytes, str]) -> None:
+    data, verdict = case
+    event(verdict)
+    got, closed = net.attack(data + PINGREQ * 2, signed_in=False)
+    accepted = bool(got) and got[0] == (0x20, b"\x00\x00")
+    if verdict == "refused":
+        assert not accepted and closed, got
+    elif verdict == BAD:
+        assert not accepted, f"a malformed CONNECT was accepted: {got}"
+    in_step(got[1:] if accepted else got, closed, verdict if verdict != "refused" else ANY)
     net.unharmed()
