@@ -20,6 +20,8 @@ from imcli.broker import accounts
 from imcli.broker.accounts import AccountStore
 from imcli.broker.server import BrokerSettings
 from imcli.cli.app import app
+from imcli.client.identity import Identity
+from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.serve.host import BackgroundServer, ServeInfo
 from tests.rawmqtt import Raw, connect_raw, password_of, wait_until
 
@@ -73,6 +75,12 @@ def users(server: ServeInfo) -> Callable[..., None]:
             store.add(name, password_of(name))
 
     return add
+
+
+def ident(where: ServeInfo | BrokerAddress, name: str, device: str = "test") -> Identity:
+    """``name``'s identity (password ``password_of(name)``) on a broker, for the library calls."""
+    address = where.address if isinstance(where, ServeInfo) else where
+    return Identity(address, Credentials(name, password_of(name)), device)
 
 
 # ---------------------------------------------------------------- raw MQTT

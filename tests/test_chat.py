@@ -26,21 +26,15 @@ from imcli.cli.chat_session import ChatSession
 from imcli.cli.chat_state import ChatState
 from imcli.cli.chat_ui import ChatCompleter
 from imcli.client import services
-from imcli.client.identity import Identity
 from imcli.client.listener import Listener, RecentIds
 from imcli.client.services import Conversation
-from imcli.core.mqtt import Credentials
 from imcli.core.wire import ChatMessage, Received, Topics, encode
 from imcli.serve.host import BackgroundServer, ServeInfo
-from tests.conftest import Cli, Proc, Raw, password_of, wait_until
+from tests.conftest import Cli, Proc, Raw, ident, password_of, wait_until
 from tests.rawmqtt import connect_raw
 
 T = Topics()
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]")
-
-
-def ident(info: ServeInfo, name: str, device: str = "laptop") -> Identity:
-    return Identity(info.address, Credentials(name, password_of(name)), device)
 
 
 # ---------------------------------------------------------------- in a terminal
@@ -120,14 +114,14 @@ def test_chat_in_a_terminal(
     bob.type("hello from bob")
     bob.expect(r"lobby bob: hello from bob")
     assert "hello from bob" in [
-        m.text for m in services.history(ident(server, "alice"), Conversation.parse("lobby")).messages
+        m.text for m in services.history(ident(server, "alice", "laptop"), Conversation.parse("lobby")).messages
     ]
 
     bob.type("/dm alice")
     bob.expect(r"now talking in @alice")
     bob.type("just for you")
     bob.expect(r"\[dm\] bob → alice: just for you")
-    received = services.history(ident(server, "alice"), Conversation.parse("@bob")).messages
+    received = services.history(ident(server, "alice", "laptop"), Conversation.parse("@bob")).messages
     assert [(m.sender, m.to, m.text) for m in received] == [("bob", "alice", "just for you")]
     assert alice("dm", "bob", "back at you").exit_code == 0
     bob.expect(r"\[dm\] alice → you: back at you")
@@ -183,8 +177,8 @@ def test_a_mention_rings_the_bell(
     users("alice", "bob")
     bob = terminal("bob")
     bob.expect(r"lobby>")
-    services.say(ident(server, "alice"), "lobby", ChatMessage(text="no names here"))
-    services.say(ident(server, "alice"), "lobby", ChatMessage(text="@bob look"))
+    services.say(ident(server, "alice", "laptop"), "lobby", ChatMessage(text="no names here"))
+    services.say(ident(server, "alice", "laptop"), "lobby", ChatMessage(text="@bob look"))
     screen = ""  # unfiltered: the bell is a control character
     while "look" not in screen:
         try:
@@ -254,7 +248,7 @@ def history_has(info: ServeInfo, texts: list[str]) -> None:
 
 
 def make_team(info: ServeInfo) -> None:
-    alice = ident(info, "alice")
+    alice = ident(info, "alice", "laptop")
     services.group_request(alice, "create", "team", private=True)
     services.group_request(alice, "invite", "team", user="bob")
 
@@ -263,11 +257,24 @@ def chat_start(
     info: ServeInfo, state: ChatState, seen: list[str] | None = None
 ) -> tuple[Listener, ChatSession, list[Received]]:
     """What ``imcli chat`` does on start, without the terminal: connect, then catch up."""
-    listener = Listener(ident(info, "bob"), session="laptop", seen=RecentIds(initial=state.seen))
+    listener = Listener(ident(info, "bob", "laptop"), session="laptop", seen=RecentIds(initial=state.seen))
     listener.__enter__()
-    session = ChatSession(ident(info, "bob"), state, listener)
+    session = ChatSession(ident(info, "bob", "laptop"), state, listener)
     report = session.catch_up(list(listener.pending()))
     return listener, session, report.shown
+
+
+def away_while_alice_sends_fifty(info: ServeInfo) -> tuple[ChatState, list[str]]:
+    """bob runs ``imcli chat`` once (his session exists from then on) and leaves; alice sends
+    fifty (send_fifty). Returns what bob's chat remembered and the texts sent."""
+    listener, session, _ = chat_start(info, ChatState())
+    listener.close()
+    state = session.remember()
+    alice = connect_raw(info.address.host, info.address.port, "alice", "alice:bot")
+    try:
+        return state, send_fifty(info, alice)
+    finally:
+        alice.close()
 
 
 def assert_once_in_order(shown: list[Received], sent: list[str]) -> None:
@@ -282,15 +289,8 @@ def test_offline_messages_arrive_once_in_order_from_the_queue(roomy: BrokerSetti
     with BackgroundServer(roomy) as info:
         add_users(info, "alice", "bob")
         make_team(info)
-        listener, session, _ = chat_start(info, ChatState())  # bob's first run: the session exists from now on
-        listener.close()
-        state = session.remember()
-        alice = connect_raw(info.address.host, info.address.port, "alice", "alice:bot")
-        try:
-            sent = send_fifty(info, alice)
-        finally:
-            alice.close()
-        listener, session, shown = chat_start(info, state)  # queued by the broker *and* in the archive
+        state, sent = away_while_alice_sends_fifty(info)
+        listener, _session, shown = chat_start(info, state)  # queued by the broker *and* in the archive
         listener.close()
         assert_once_in_order(shown, sent)
 
@@ -325,14 +325,7 @@ def test_offline_messages_survive_a_broker_restart(roomy: BrokerSettings) -> Non
     with BackgroundServer(roomy) as info:
         add_users(info, "alice", "bob")
         make_team(info)
-        listener, session, _ = chat_start(info, ChatState())
-        listener.close()
-        state = session.remember()
-        alice = connect_raw(info.address.host, info.address.port, "alice", "alice:bot")
-        try:
-            sent = send_fifty(info, alice)
-        finally:
-            alice.close()
+        state, sent = away_while_alice_sends_fifty(info)
     with BackgroundServer(roomy) as info:  # the broker's queue is gone; the archive is not
         listener, session, shown = chat_start(info, state)
         listener.close()

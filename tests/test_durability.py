@@ -22,12 +22,11 @@ from imcli.broker.accounts import AccountStore
 from imcli.cli.chat_session import ChatSession
 from imcli.cli.chat_state import ChatState
 from imcli.client import services
-from imcli.client.identity import Identity
 from imcli.client.listener import Listener
 from imcli.client.services import Conversation
-from imcli.core.mqtt import BrokerAddress, Credentials
+from imcli.core.mqtt import BrokerAddress
 from imcli.core.wire import ChatMessage, GroupReply, Topics, encode
-from tests.conftest import password_of, wait_until
+from tests.conftest import ident, password_of, wait_until
 
 T = Topics()
 
@@ -82,10 +81,6 @@ def serve(tmp_path: Path) -> Iterator[tuple[Path, list[Serve]]]:
         s.stop()
 
 
-def ident(address: BrokerAddress, name: str, device: str = "laptop") -> Identity:
-    return Identity(address, Credentials(name, password_of(name)), device)
-
-
 class Flood:
     """alice sends direct messages to bob at QoS 1 as fast as PUBACKs come back."""
 
@@ -130,10 +125,10 @@ def integrity(path: Path) -> str:
 def test_kill_9_loses_no_acknowledged_message(serve: tuple[Path, list[Serve]], kill_after: int) -> None:
     data, started = serve
     started.append(first := Serve(data))
-    alice = ident(first.address, "alice")
+    alice = ident(first.address, "alice", "laptop")
     services.group_request(alice, "create", "team", private=True)
     services.group_request(alice, "invite", "team", user="bob")
-    with Listener(ident(first.address, "bob"), session="laptop"):
+    with Listener(ident(first.address, "bob", "laptop"), session="laptop"):
         pass  # bob has been here: his persistent session exists, then the broker dies with its queue
     begin = time.time()
     flood = Flood(first.address, 900)  # within one history page
@@ -146,7 +141,7 @@ def test_kill_9_loses_no_acknowledged_message(serve: tuple[Path, list[Serve]], k
     for name in ("retained.sqlite3", "archive.sqlite3"):
         assert integrity(data / name) == "ok"
     started.append(second := Serve(data))
-    bob = ident(second.address, "bob")
+    bob = ident(second.address, "bob", "laptop")
     kept = services.history(bob, Conversation.parse("@alice"), limit=1000)
     kept_ids = [m.id for m in kept.messages]
     assert len(kept_ids) == len(set(kept_ids)), "an archived message twice"
@@ -160,6 +155,6 @@ def test_kill_9_loses_no_acknowledged_message(serve: tuple[Path, list[Serve]], k
     assert len(shown_ids) == len(set(shown_ids)) and set(acked) <= set(shown_ids)
 
     # the group record is whole: bob was either still in or already out, never half-written
-    team = services.group_request(ident(second.address, "alice"), "members", "team")
+    team = services.group_request(ident(second.address, "alice", "laptop"), "members", "team")
     assert isinstance(team, GroupReply) and team.group is not None
     assert team.group.owner == "alice" and "alice" in team.group.members

@@ -17,16 +17,16 @@ import pytest
 from imcli.broker.accounts import AccountStore
 from imcli.broker.server import BrokerSettings
 from imcli.client import services
-from imcli.client.identity import Identity
 from imcli.client.listener import Listener
 from imcli.core.errors import NameTaken, NotAllowed, NotFound
 from imcli.core.mqtt import Credentials
-from imcli.core.wire import ChatMessage, GroupInfo, GroupList, GroupReply, encode
+from imcli.core.wire import GroupInfo, GroupList, GroupReply, encode
 from imcli.groups.worker import GroupWorker
 from imcli.serve.host import BackgroundServer, ServeInfo
 from imcli.serve.workers import StoreDirectory
 from tests import brokers
-from tests.conftest import Cli, Raw, password_of
+from tests.conftest import Cli, Raw, ident, password_of, wait_until
+from tests.rawmqtt import chat
 
 RawFactory = Callable[..., Raw]
 
@@ -34,14 +34,6 @@ broker_kind, broker_under_test, server, users = brokers.BOTH  # every test using
 
 SUBSCRIBE_GRANTED = "Mosquitto 2.0's acl_file grants every SUBSCRIBE; membership is enforced on each delivery instead"
 NO_NOTICES = "Mosquitto has no notices: a refused publish is acknowledged and dropped silently"
-
-
-def ident(server: ServeInfo, name: str) -> Identity:
-    return Identity(server.address, Credentials(name, password_of(name)), "test")
-
-
-def chat_bytes(text: str) -> bytes:
-    return encode(ChatMessage(text=text))
 
 
 @pytest.fixture
@@ -156,7 +148,7 @@ def test_members_receive_group_messages_through_listen(server: ServeInfo, team: 
         reader = threading.Thread(target=lambda: got.extend((i.kind, i.group, i.text) for i in listener), daemon=True)
         reader.start()
         services.group_say(ident(server, "alice"), "team", services.prepare_text("hello team"))
-        assert _wait(lambda: ("group", "team", "hello team") in got)
+        assert wait_until(lambda: ("group", "team", "hello team") in got)
 
 
 OUTSIDER_FILTERS = ("im/group/team/msg/+", "im/group/team/#", "im/group/team/info", "im/group/team/msg/alice")
@@ -171,11 +163,11 @@ def test_outsider_cannot_publish_or_read(server: ServeInfo, team: str, raw: RawF
     assert carol.subscribe("im/group/+/msg/+") == 1  # allowed, but only my groups' messages are delivered
     assert carol.subscribe("im/group/+/info") == 1  # public groups' records only (none here)
 
-    carol.publish("im/group/team/msg/carol", chat_bytes("let me in"))
-    carol.publish("im/group/team/msg/alice", chat_bytes("as alice"))
+    carol.publish("im/group/team/msg/carol", chat("let me in"))
+    carol.publish("im/group/team/msg/alice", chat("as alice"))
     alice = raw("alice", client_id="alice:raw")
-    alice.publish("im/group/team/msg/alice", chat_bytes("members only"))
-    alice.publish("im/group/team/msg/alice", chat_bytes("barrier"))
+    alice.publish("im/group/team/msg/alice", chat("members only"))
+    alice.publish("im/group/team/msg/alice", chat("barrier"))
     assert [json.loads(bob.expect().payload)["text"] for _ in range(2)] == ["members only", "barrier"]
     assert carol.silent(0.3) == []
 
@@ -184,8 +176,8 @@ def test_member_cannot_post_as_another_member(server: ServeInfo, team: str, raw:
     alice = raw("alice", client_id="alice:raw")
     assert alice.subscribe("im/group/team/msg/+") == 1
     bob = raw("bob", client_id="bob:raw")
-    bob.publish("im/group/team/msg/alice", chat_bytes("forged"))
-    bob.publish("im/group/team/msg/bob", chat_bytes("barrier"))
+    bob.publish("im/group/team/msg/alice", chat("forged"))
+    bob.publish("im/group/team/msg/bob", chat("barrier"))
     assert [m.topic for m in alice.until("im/group/team/msg/bob")] == ["im/group/team/msg/bob"]
 
 
@@ -199,7 +191,7 @@ def test_outsider_subscriptions_are_refused(server: ServeInfo, team: str, raw: R
 def test_outsider_publish_is_explained_by_a_notice(server: ServeInfo, team: str, raw: RawFactory) -> None:
     carol = raw("carol", client_id="carol:raw")
     assert carol.subscribe("im/user/carol/notice") == 1
-    carol.publish("im/group/team/msg/carol", chat_bytes("let me in"))
+    carol.publish("im/group/team/msg/carol", chat("let me in"))
     assert json.loads(carol.expect("im/user/carol/notice", timeout=2).payload)["code"] == "denied"
 
 
@@ -210,20 +202,20 @@ def test_kicked_member_stops_receiving_at_once_even_with_an_old_subscription(
     assert bob.subscribe("im/group/team/msg/+") == 1
     assert bob.subscribe("im/room/+/+") == 1
     alice = raw("alice", client_id="alice:raw")
-    alice.publish("im/group/team/msg/alice", chat_bytes("before"))
+    alice.publish("im/group/team/msg/alice", chat("before"))
     assert json.loads(bob.expect("im/group/team/msg/alice").payload)["text"] == "before"
 
     services.group_request(ident(server, "alice"), "kick", "team", user="bob")
-    alice.publish("im/group/team/msg/alice", chat_bytes("after the kick"))
-    alice.publish("im/room/lobby/alice", chat_bytes("barrier"))
+    alice.publish("im/group/team/msg/alice", chat("after the kick"))
+    alice.publish("im/room/lobby/alice", chat("barrier"))
     bob.expect("im/room/lobby/alice")
     assert [m.topic for m in bob.silent(0.3)] == []
     with pytest.raises(NotFound):  # a private group is invisible to a former member too
         services.group_say(ident(server, "bob"), "team", services.prepare_text("can I still talk?"))
-    bob.publish("im/group/team/msg/bob", chat_bytes("sneaking in"))  # past the CLI's check
+    bob.publish("im/group/team/msg/bob", chat("sneaking in"))  # past the CLI's check
     spy = raw("alice", client_id="alice:spy")
     assert spy.subscribe("im/group/team/msg/+") == 1
-    alice.publish("im/group/team/msg/alice", chat_bytes("barrier"))
+    alice.publish("im/group/team/msg/alice", chat("barrier"))
     assert [m.topic for m in spy.until("im/group/team/msg/alice")] == ["im/group/team/msg/alice"]
     assert not bob.disconnected.is_set()  # on Mosquitto too: changing a dynsec role kicks nobody
 
@@ -241,12 +233,12 @@ def test_messages_queued_for_a_member_who_is_kicked_meanwhile_are_not_delivered(
     assert bob.subscribe("im/group/team/msg/+") == 1
     bob.close()  # offline, with a persistent session: the broker queues for him
     alice = raw("alice", client_id="alice:raw")
-    alice.publish("im/group/team/msg/alice", chat_bytes("sent while bob was away"))
+    alice.publish("im/group/team/msg/alice", chat("sent while bob was away"))
     services.group_request(ident(server, "alice"), "kick", "team", user="bob")
 
     back = raw("bob", client_id="bob:phone", clean=False)
     assert back.rc == 0 and back.subscribe("im/room/+/+") == 1
-    alice.publish("im/room/lobby/alice", chat_bytes("barrier"))
+    alice.publish("im/room/lobby/alice", chat("barrier"))
     back.expect("im/room/lobby/alice")
     assert [m.topic for m in back.silent(0.3)] == []
 
@@ -258,7 +250,7 @@ def test_nobody_but_the_worker_writes_group_records(server: ServeInfo, team: str
     carol.publish("im/group/team/info", encode(forged))
     assert carol.subscribe("im/group/+/msg/+") == 1
     alice = raw("alice", client_id="alice:raw")
-    alice.publish("im/group/team/msg/alice", chat_bytes("still members only"))
+    alice.publish("im/group/team/msg/alice", chat("still members only"))
     member = raw("bob", client_id="bob:raw")  # the retained record is still the worker's
     assert member.subscribe("im/group/team/info") == 1
     assert GroupInfo.model_validate_json(member.expect("im/group/team/info").payload).members == ["alice", "bob"]
@@ -290,9 +282,9 @@ def test_invited_user_hears_of_it(server: ServeInfo, team: str, raw: RawFactory)
     notice = json.loads(dave.expect("im/user/dave/notice").payload)
     assert notice["text"] == "alice added you to #team"
     assert dave.subscribe("im/group/team/msg/+") == 1  # and may read it now
-    raw("alice", client_id="alice:raw").publish("im/group/team/msg/alice", chat_bytes("welcome dave"))
+    raw("alice", client_id="alice:raw").publish("im/group/team/msg/alice", chat("welcome dave"))
     assert json.loads(dave.expect("im/group/team/msg/alice").payload)["text"] == "welcome dave"
-    dave.publish("im/group/team/msg/dave", chat_bytes("thanks"))  # and write
+    dave.publish("im/group/team/msg/dave", chat("thanks"))  # and write
     assert json.loads(dave.expect("im/group/team/msg/dave").payload)["text"] == "thanks"
 
 
@@ -329,12 +321,6 @@ def test_restarted_group_worker_keeps_every_group(bare: tuple[ServeInfo, Callabl
             services.group_request(alice, "members", "never-made")
     finally:
         second.__exit__(None, None, None)
-
-
-def _wait(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    from tests.conftest import wait_until
-
-    return wait_until(predicate, timeout)
 
 
 def test_promoted_admin_may_invite_and_kick_but_not_remove_the_owner(

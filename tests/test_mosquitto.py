@@ -27,7 +27,6 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from imcli.cli.app import app
-from imcli.cli.chat_state import ChatState
 from imcli.core.service import ServiceWorker
 from imcli.core.wire import DeviceStatus, encode
 from imcli.serve.host import ServeInfo
@@ -35,7 +34,13 @@ from tests.brokers import NOT_INSTALLED as _NOT_INSTALLED
 from tests.brokers import Mosquitto, mosquitto_available, running_mosquitto, running_workers
 from tests.conftest import Cli, Proc
 from tests.rawmqtt import Raw, barrier, chat, connect_raw, password_of, wait_until
-from tests.test_chat import assert_once_in_order, chat_start, listen_after_a_break, make_team, send_fifty
+from tests.test_chat import (
+    assert_once_in_order,
+    away_while_alice_sends_fifty,
+    chat_start,
+    listen_after_a_break,
+    make_team,
+)
 from tests.test_cli import start_listener, wait_listening
 
 pytestmark = [pytest.mark.slow]
@@ -313,14 +318,7 @@ def test_offline_messages_survive_a_mosquitto_restart_once_each(
     messages: ``imcli chat`` shows each once, in order, and none again on its next start."""
     info = broker.info()
     make_team(info)
-    listener, session, _ = chat_start(info, ChatState())
-    listener.close()
-    state = session.remember()
-    alice = connect_raw("127.0.0.1", broker.port, "alice", "alice:bot")
-    try:
-        sent = send_fifty(info, alice)
-    finally:
-        alice.close()
+    state, sent = away_while_alice_sends_fifty(info)
     broker.restart()
     assert wait_until(lambda: all(w.client.connected for w in with_workers), 15), broker.log
     listener, session, shown = chat_start(info, state)

@@ -21,7 +21,6 @@ from imcli.broker.accounts import AccountStore
 from imcli.broker.server import BrokerSettings
 from imcli.cli.app import app
 from imcli.client import services
-from imcli.client.identity import Identity
 from imcli.client.listener import Listener
 from imcli.core.errors import NameTaken, NotFound, RequestTimeout
 from imcli.core.mqtt import Credentials
@@ -33,15 +32,11 @@ from imcli.presence.worker import PresenceWorker
 from imcli.serve.host import BackgroundServer, ServeInfo
 from imcli.serve.workers import StoreDirectory
 from tests import brokers
-from tests.conftest import Cli, Proc, Raw, password_of, wait_until
+from tests.conftest import Cli, Proc, Raw, ident, password_of, wait_until
 
 RawFactory = Callable[..., Raw]
 
 broker_kind, broker_under_test, server, users = brokers.BOTH  # every test using `server` on both brokers
-
-
-def identity(server: ServeInfo, name: str, device: str = "test") -> Identity:
-    return Identity(server.address, Credentials(name, password_of(name)), device)
 
 
 class PresenceWatch:
@@ -94,29 +89,29 @@ def watch(users: Callable[..., None], raw: RawFactory) -> PresenceWatch:
 
 
 def test_listener_is_online_while_it_runs_and_offline_after_clean_exit(server: ServeInfo, watch: PresenceWatch) -> None:
-    with Listener(identity(server, "alice")):
+    with Listener(ident(server, "alice")):
         watch.wait("alice", state="online", devices=1)
-        users = services.who(identity(server, "bob"))
+        users = services.who(ident(server, "bob"))
         assert [(u.account, u.state, u.devices) for u in users] == [("alice", "online", 1)]
     watch.wait("alice", state="offline", devices=0)
-    assert services.who(identity(server, "bob")) == []
-    everyone = services.who(identity(server, "bob"), include_offline=True)
+    assert services.who(ident(server, "bob")) == []
+    everyone = services.who(ident(server, "bob"), include_offline=True)
     assert [(u.account, u.state) for u in everyone] == [("alice", "offline")]
     assert [(e["event"], e["account"]) for e in watch.wait_events(2)] == [("join", "alice"), ("leave", "alice")]
 
 
 def test_one_shot_commands_never_make_a_user_flap(server: ServeInfo, watch: PresenceWatch) -> None:
-    services.say(identity(server, "alice"), "lobby", services.prepare_text("hello"))
-    services.who(identity(server, "alice"))
-    with Listener(identity(server, "bob")):
+    services.say(ident(server, "alice"), "lobby", services.prepare_text("hello"))
+    services.who(ident(server, "alice"))
+    with Listener(ident(server, "bob")):
         watch.wait("bob", state="online")
     assert "alice" not in watch.records
     assert all(e["account"] != "alice" for e in watch.events)
 
 
 def test_two_devices_of_one_user(server: ServeInfo, watch: PresenceWatch) -> None:
-    laptop = Listener(identity(server, "alice", "laptop")).__enter__()
-    phone = Listener(identity(server, "alice", "phone")).__enter__()
+    laptop = Listener(ident(server, "alice", "laptop")).__enter__()
+    phone = Listener(ident(server, "alice", "phone")).__enter__()
     try:
         watch.wait("alice", state="online", devices=2)
         laptop.close()
@@ -212,11 +207,11 @@ def test_rename_refusals(watch: PresenceWatch, cli_as: Callable[[str], Cli], nic
 
 
 def test_a_taken_nickname_is_compared_case_insensitively(server: ServeInfo, watch: PresenceWatch) -> None:
-    assert services.rename(identity(server, "alice"), "Zed") == "Zed"
+    assert services.rename(ident(server, "alice"), "Zed") == "Zed"
     with pytest.raises(NameTaken):
-        services.rename(identity(server, "bob"), "zED")
-    assert services.rename(identity(server, "alice"), "alice") == "alice"  # back to the account name
-    assert services.rename(identity(server, "bob"), "zed") == "zed"  # now free
+        services.rename(ident(server, "bob"), "zED")
+    assert services.rename(ident(server, "alice"), "alice") == "alice"  # back to the account name
+    assert services.rename(ident(server, "bob"), "zed") == "zed"  # now free
 
 
 def test_concurrent_renames_have_exactly_one_winner(server: ServeInfo, users: Callable[..., None]) -> None:
@@ -226,10 +221,10 @@ def test_concurrent_renames_have_exactly_one_winner(server: ServeInfo, users: Ca
     results: dict[str, str] = {}
 
     def race(name: str) -> None:
-        ident = identity(server, name)
+        racer = ident(server, name)
         barrier.wait()
         try:
-            results[name] = services.rename(ident, "Winner")
+            results[name] = services.rename(racer, "Winner")
         except NameTaken:
             results[name] = "taken"
 
@@ -240,13 +235,13 @@ def test_concurrent_renames_have_exactly_one_winner(server: ServeInfo, users: Ca
         t.join(60)
     assert sorted(results.values()) == ["Winner"] + ["taken"] * 7
     winner = next(n for n, r in results.items() if r == "Winner")
-    everyone = services.who(identity(server, racers[0]), include_offline=True)
+    everyone = services.who(ident(server, racers[0]), include_offline=True)
     assert [u.account for u in everyone if u.nick.casefold() == "winner"] == [winner]
 
 
 def test_dm_to_unknown_name(server: ServeInfo, watch: PresenceWatch) -> None:
     with pytest.raises(NotFound):
-        services.send_dm(identity(server, "alice"), "nobody-here", services.prepare_text("hi"))
+        services.send_dm(ident(server, "alice"), "nobody-here", services.prepare_text("hi"))
 
 
 # ---------------------------------------------------------------- the worker itself
@@ -300,7 +295,7 @@ def bare_broker(broker_kind: str, tmp_path: Path) -> Iterator[Bare]:
 def test_no_worker_means_a_clear_timeout(bare_broker: Bare, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMCLI_REQUEST_TIMEOUT", "0.5")  # the default 5 s: test_units' test_request_timeout
     with pytest.raises(RequestTimeout, match=r"no worker answered within 0\.5s"):
-        services.who(identity(bare_broker.info, "alice"))
+        services.who(ident(bare_broker.info, "alice"))
 
 
 def test_restarted_worker_rebuilds_the_roster_unnoticed(bare_broker: Bare) -> None:
@@ -317,23 +312,23 @@ def test_restarted_worker_rebuilds_the_roster_unnoticed(bare_broker: Bare) -> No
     watcher.subscribe("im/events", 1)
     try:
         first = make_worker().__enter__()
-        alice = Listener(identity(info, "alice", "laptop")).__enter__()
-        bob = Listener(identity(info, "bob", "phone")).__enter__()
-        assert services.rename(identity(info, "alice"), "Ally") == "Ally"
+        alice = Listener(ident(info, "alice", "laptop")).__enter__()
+        bob = Listener(ident(info, "bob", "phone")).__enter__()
+        assert services.rename(ident(info, "alice"), "Ally") == "Ally"
         assert wait_until(lambda: len(events) == 3)  # join, join, rename
         first.__exit__(None, None, None)  # the worker dies...
 
         bob.close()  # ...and bob leaves while nobody is watching
         second = make_worker().__enter__()
         try:
-            who = {u.account: u for u in services.who(identity(info, "alice"), include_offline=True)}
+            who = {u.account: u for u in services.who(ident(info, "alice"), include_offline=True)}
             assert (who["alice"].state, who["alice"].nick, who["alice"].devices) == ("online", "Ally", 1)
             assert who["bob"].state == "offline"
             assert wait_until(lambda: len(events) == 4)
             assert (events[3]["event"], events[3]["account"]) == ("leave", "bob")  # and no second join for alice
             time.sleep(0.3)
             assert len(events) == 4
-            assert services.send_dm(identity(info, "bob"), "ally", services.prepare_text("hi")) == "alice"
+            assert services.send_dm(ident(info, "bob"), "ally", services.prepare_text("hi")) == "alice"
         finally:
             alice.close()
             second.__exit__(None, None, None)
@@ -389,7 +384,7 @@ def test_standalone_worker_command(bare_broker: Bare, procs: Callable[..., Proc]
         env={"IMCLI_PASSWORD": bare_broker.password},
     )  # fmt: skip
     assert worker.line(timeout=30) == f"presence worker running as presence on {info.address} (Ctrl-C to stop)"
-    with Listener(identity(info, "alice", "laptop")):
+    with Listener(ident(info, "alice", "laptop")):
         alice = Cli(CliRunner(), info, tmp_path / "alice-config")
         alice.login("alice")
         assert wait_until(lambda: "alice" in alice("who").stdout, 10)

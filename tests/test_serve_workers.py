@@ -14,9 +14,8 @@ import pytest
 from imcli.broker.accounts import AccountStore
 from imcli.client import services
 from imcli.core.errors import ImcliError
-from tests.conftest import password_of
-from tests.rawmqtt import wait_until
-from tests.test_durability import Serve, ident
+from tests.conftest import ident, password_of, wait_until
+from tests.test_durability import Serve
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads child pids from /proc")
 
