@@ -14,7 +14,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -69,14 +69,18 @@ class Raw:
         info.wait_for_publish(5)
         assert info.is_published()
 
-    def expect(self, topic: str | None = None, timeout: float = 5.0) -> paho.MQTTMessage:
-        """The next message on ``topic``; others that arrive first are kept for ``silent``."""
-        deadline = time.monotonic() + timeout
+    def arrivals(self, seconds: float) -> Iterator[paho.MQTTMessage]:
+        """Each message as it arrives, until ``seconds`` have passed since the call."""
+        deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             try:
-                msg = self.messages.get(timeout=left)
+                yield self.messages.get(timeout=left)
             except queue.Empty:
-                break
+                return
+
+    def expect(self, topic: str | None = None, timeout: float = 5.0) -> paho.MQTTMessage:
+        """The next message on ``topic``; others that arrive first are kept for ``silent``."""
+        for msg in self.arrivals(timeout):
             if topic is None or msg.topic == topic:
                 return msg
             self.skipped.append(msg)
@@ -85,12 +89,7 @@ class Raw:
     def until(self, topic: str, payload: bytes | None = None, timeout: float = 5.0) -> list[paho.MQTTMessage]:
         """Every message up to and including the first on ``topic`` (with ``payload``)."""
         got: list[paho.MQTTMessage] = []
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                msg = self.messages.get(timeout=left)
-            except queue.Empty:
-                break
+        for msg in self.arrivals(timeout):
             got.append(msg)
             if msg.topic == topic and (payload is None or msg.payload == payload):
                 return got
@@ -100,14 +99,7 @@ class Raw:
         """What ``expect`` passed over, and what arrives within ``seconds``: proof of absence."""
         got = [m for m in self.skipped if m.topic.startswith(topic_prefix)]
         self.skipped.clear()
-        end = time.monotonic() + seconds
-        while (left := end - time.monotonic()) > 0:
-            try:
-                msg = self.messages.get(timeout=left)
-            except queue.Empty:
-                break
-            if msg.topic.startswith(topic_prefix):
-                got.append(msg)
+        got += [m for m in self.arrivals(seconds) if m.topic.startswith(topic_prefix)]
         return got
 
     def close(self) -> None:
