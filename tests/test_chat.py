@@ -368,6 +368,34 @@ def test_listen_gets_what_was_queued_while_it_was_away(
         assert all(m.text not in sent for m in _lines_within(again, 1.0))  # and nothing twice
 
 
+def test_listen_gets_what_was_queued_while_it_was_away_across_a_broker_restart(
+    roomy: BrokerSettings, tmp_path: Path, procs: Callable[..., Proc]
+) -> None:
+    """The embedded broker keeps sessions in memory: after a restart ``imcli listen`` finds its
+    session gone and asks the archive for what arrived since it last ran (issue 15, item 6)."""
+    env = {"IMCLI_CONFIG_DIR": str(tmp_path / "bob-config")}
+    with BackgroundServer(roomy) as info:
+        add_users(info, "alice", "bob")
+        make_team(info)
+        args = ["login", "bob", "--host", info.address.host, "--port", str(info.address.port), "--password-stdin"]
+        assert CliRunner().invoke(app, args, input=password_of("bob") + "\n", env=env).exit_code == 0
+        first = procs("listen", env=env)
+        first.wait_stderr("listening as bob")
+        assert first.stop() == 0
+        alice = connect_raw(info.address.host, info.address.port, "alice", "alice:bot")
+        try:
+            sent = send_fifty(info, alice)
+        finally:
+            alice.close()
+    with BackgroundServer(roomy) as info:  # the broker's queue is gone; the archive is not
+        again = procs("listen", "--json", "--port", str(info.address.port), env=env)
+        got: list[Received] = []
+        while len([m for m in got if m.sender == "alice"]) < len(sent):
+            got.append(Received.model_validate(json.loads(again.line(timeout=20))))
+        assert_once_in_order(got, sent)
+        assert all(m.text not in sent for m in _lines_within(again, 1.0))  # and nothing twice
+
+
 def _lines_within(proc: Proc, seconds: float) -> list[Received]:
     got = []
     with contextlib.suppress(AssertionError):

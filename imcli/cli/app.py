@@ -73,8 +73,15 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).")] = 1883,
     data_dir: DataDirOpt = None,
     registration: Annotated[
-        str, typer.Option(help="'open': anyone may register; 'closed': only 'imcli admin user add'.")
+        str,
+        typer.Option(
+            help="'open': anyone may register; 'invite': with a code from 'imcli admin invite'; "
+            "'closed': only 'imcli admin user add'."
+        ),
     ] = "open",
+    registrations_per_hour: Annotated[
+        int, typer.Option(help="Accounts one address may register per hour (open or invite registration).")
+    ] = 10,
     max_payload: Annotated[int, typer.Option(help="Largest message payload in bytes.")] = DEFAULT_MAX_PAYLOAD,
     max_rate: Annotated[float, typer.Option(help="Messages per second per account (bursts of 3 s allowed).")] = 20.0,
     max_connections: Annotated[int, typer.Option(help="Connections per account.")] = 10,
@@ -106,16 +113,18 @@ def serve(
     from imcli.client.config import default_data_dir
     from imcli.serve.host import ServeInfo, serve_forever
 
-    if registration not in ("open", "closed"):
-        raise InvalidInput(f"invalid --registration {registration!r}", "use 'open' or 'closed'")
+    if registration not in ("open", "invite", "closed"):
+        raise InvalidInput(f"invalid --registration {registration!r}", "use 'open', 'invite' or 'closed'")
     if not 0 <= port < 65536 or (ws_port is not None and not 0 <= ws_port < 65536):
         raise InvalidInput(f"invalid port {port if not 0 <= port < 65536 else ws_port}", "use 0-65535")
     check_tls_options(tls_cert, tls_key)
     if max_payload < 256:
         raise InvalidInput(f"--max-payload {max_payload} is too small", "use at least 256 bytes")
-    if max_rate <= 0 or max_connections < 1 or max_subscriptions < 8:
+    if max_rate <= 0 or max_connections < 1 or max_subscriptions < 8 or registrations_per_hour < 1:
         raise InvalidInput(
-            "limits too small", "--max-rate > 0, --max-connections >= 1, --max-subscriptions >= 8 (listen needs 6)"
+            "limits too small",
+            "--max-rate > 0, --max-connections >= 1, --max-subscriptions >= 8 (listen needs 6), "
+            "--registrations-per-hour >= 1",
         )
     if history_days is not None and history_days <= 0:
         raise InvalidInput(f"invalid --history-days {history_days:g}", "give a number of days above 0")
@@ -146,6 +155,7 @@ def serve(
             publish_burst=max(1, int(max_rate * 3)),
             max_subscriptions=max_subscriptions,
             max_connections=max_connections,
+            registrations_per_hour=registrations_per_hour,
         ),
     )
     out = console()
@@ -184,8 +194,11 @@ def register(
     tls: TlsOpt = None,
     ca: CaOpt = None,
     password_stdin: PasswordStdin = False,
+    invite: Annotated[
+        str | None, typer.Option("--invite", help="Invite code (brokers run with --registration invite).")
+    ] = None,
 ) -> None:
-    """Create an account on the broker (if its registration is open) and log in."""
+    """Create an account on the broker (if its registration is open, or with an invite code) and log in."""
     from imcli.broker.accounts import check_password
     from imcli.client import services
     from imcli.client.config import Profile, new_device_name, save_profile
@@ -197,7 +210,7 @@ def register(
         raise InvalidInput(f"the name {name!r} is reserved", "choose another name")
     password = check_password(ask_password(password_stdin, confirm=True))
     address = broker_address(host, port, tls=tls, ca=ca)
-    services.register(address, name, password)
+    services.register(address, name, password, invite=invite)
     device = new_device_name()
     services.verify_login(address, Credentials(name, password), device)
     save_profile(Profile(name, password, address.host, address.port, device, address.tls, address.ca))
@@ -299,9 +312,9 @@ def listen(
     """Print room, direct and group messages, notices and events as they arrive, until Ctrl-C."""
     from rich.console import Console
 
-    from imcli.cli.chat_state import device_session
+    from imcli.cli.chat_state import SEEN_KEPT, device_session, listen_state_path, load_state, save_state
     from imcli.cli.render import received_line
-    from imcli.client.listener import Listener
+    from imcli.client.listener import Listener, RecentIds
 
     identity = signed_in(host, port)
     out = console()
@@ -319,22 +332,40 @@ def listen(
     # arrives while connecting (the status may be out already) exits at once and the Last Will says it
     closing: list[Callable[[], None]] = []
     signal.signal(signal.SIGTERM, lambda *_: closing[0]() if closing else sys.exit(0))
+    # what it saw and when it was last connected: if the broker lost the session (a restart), the
+    # archive gives back what arrived since, once (imcli.client.listener)
+    client_id = device_client_id(identity.account, session)
+    state_file = listen_state_path(client_id)
     try:
-        with (
-            device_session(device_client_id(identity.account, session)) as own,
-            Listener(
-                identity, room or None, on_connection=connection, heartbeat=heartbeat, session=session if own else None
-            ) as listener,
-        ):
-            closing.append(listener.close)
-            if not json_:
-                err.print(f"listening as {identity.account} on {identity.address} (Ctrl-C to stop)", style="dim")
-            for item in listener:
-                if json_:
-                    sys.stdout.write(item.to_json() + "\n")
-                    sys.stdout.flush()
-                else:
-                    out.print(received_line(item, identity.account))
+        with device_session(client_id) as own:
+            state = load_state(identity.account, state_file) if own else None
+            seen = RecentIds(initial=state.seen) if state else None
+            try:
+                with Listener(
+                    identity,
+                    room or None,
+                    on_connection=connection,
+                    heartbeat=heartbeat,
+                    session=session if own else None,
+                    seen=seen,
+                    since=state.last_seen if state else None,
+                ) as listener:
+                    closing.append(listener.close)
+                    if not json_:
+                        err.print(
+                            f"listening as {identity.account} on {identity.address} (Ctrl-C to stop)", style="dim"
+                        )
+                    for item in listener:
+                        if json_:
+                            sys.stdout.write(item.to_json() + "\n")
+                            sys.stdout.flush()
+                        else:
+                            out.print(received_line(item, identity.account))
+            finally:
+                if state is not None and closing:
+                    state.last_seen = listener.last_contact
+                    state.seen = listener.seen.newest(SEEN_KEPT)
+                    save_state(identity.account, state, state_file)
     except KeyboardInterrupt:
         pass
 

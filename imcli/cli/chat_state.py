@@ -1,4 +1,5 @@
-"""What ``imcli chat`` remembers between runs, per account, in the config directory.
+"""What ``imcli chat`` (per account) and ``imcli listen`` (per session) remember between runs,
+in the config directory.
 
 ``last_seen`` (when it last ran) lets the next start ask the archive what was missed;
 ``seen`` (the newest message keys shown) keeps a message that the broker queued *and*
@@ -34,8 +35,13 @@ def state_path(account: str) -> Path:
     return config_dir() / f"chat-{account}.json"
 
 
-def load_state(account: str) -> ChatState:
-    path = state_path(account)
+def listen_state_path(client_id: str) -> Path:
+    """``imcli listen``'s ``last_seen`` and ``seen``, per persistent session (its rooms are its own)."""
+    return config_dir() / f"listen-{client_id.replace(':', '-')}.json"
+
+
+def load_state(account: str, path: Path | None = None) -> ChatState:
+    path = path or state_path(account)
     try:
         raw = json.loads(path.read_text())
         return ChatState(
@@ -50,8 +56,8 @@ def load_state(account: str) -> ChatState:
         return ChatState()  # a damaged state costs a few duplicate lines, not the chat
 
 
-def save_state(account: str, state: ChatState) -> None:
-    path = state_path(account)
+def save_state(account: str, state: ChatState, path: Path | None = None) -> None:
+    path = path or state_path(account)
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_suffix(".tmp")

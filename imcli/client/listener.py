@@ -6,6 +6,12 @@ online, asks the workers (request/reply on the same connection) and publishes. W
 ``session`` name it keeps a persistent MQTT session, so the broker queues direct and
 group messages (QoS 1) while the device is away; they arrive first on the next start,
 before the SUBACK of our subscription, and are marked ``missed``.
+
+A broker that restarts without keeping sessions (the embedded one keeps them in memory)
+has forgotten what it queued: when a CONNACK says the session is not present, the
+listener asks the archive for what arrived since it was last connected (``since`` on
+start, the moment the connection dropped on a reconnect) and shows it, marked ``missed``,
+once (``seen``), so a long-running client loses nothing the archive kept.
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ from imcli.core.request_reply import RequestClient
 from imcli.core.wire import (
     DEFAULT_HEARTBEAT,
     DeviceStatus,
+    ErrorReply,
     Event,
     Friends,
+    HistoryReply,
+    HistoryRequest,
     MalformedPayload,
     Notice,
     Payload,
@@ -42,6 +51,9 @@ from imcli.core.wire import (
     encode,
     new_id,
 )
+
+CATCH_UP_OVERLAP = 5.0  # seconds before the last known contact: the seen ids drop what was shown already
+CATCH_UP_LIMIT = 500  # the archive's page size (HISTORY_MAX); more than that is said, not shown
 
 _SHOWN = (TopicKind.ROOM, TopicKind.DM, TopicKind.GROUP_MSG, TopicKind.NOTICE, TopicKind.EVENTS)
 
@@ -126,8 +138,12 @@ class Listener:
         *,
         session: str | None = None,
         seen: RecentIds | None = None,
+        since: float | None = None,
     ) -> None:
         self.identity = identity
+        self._rooms = set(rooms or [])
+        self._persistent = session is not None
+        self._contact: float | None = since  # when we were last known connected (None: never, no catch-up)
         topics = identity.topics
         room_filters = (
             [topics.room_filter(check_name(r, "room name")) for r in rooms] if rooms else [topics.room_filter()]
@@ -157,7 +173,7 @@ class Listener:
         self.seen = seen or RecentIds()
         self.nicks: dict[str, str] = {}
         self.online: set[str] = set()  # accounts the presence worker says are online
-        self._inbox: queue.Queue[tuple[Message, bool]] = queue.Queue()
+        self._inbox: queue.Queue[tuple[Message | Received, bool]] = queue.Queue()
         self._catching_up = True  # until our SUBACK: what arrives first was queued while we were away
         self.requests = RequestClient(topics, identity.account, self.publish)  # our user filter covers the replies
         self._requests_shown: set[str] = set()
@@ -174,6 +190,7 @@ class Listener:
             self._client.close()
             raise
         self._beat.start()
+        self._after_connect()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -229,7 +246,11 @@ class Listener:
                 return
             yield from self.process(message, missed)
 
-    def process(self, message: Message, missed: bool = False) -> Iterator[Received]:
+    def process(self, message: Message | Received, missed: bool = False) -> Iterator[Received]:
+        if isinstance(message, Received):  # from the archive (or our own notice)
+            if message.kind == "notice" or not self.seen.seen(seen_key(message)):
+                yield message.model_copy(update={"missed": True}) if missed else message
+            return
         parsed = self.identity.topics.parse(message.topic)
         if parsed is not None and parsed.kind is TopicKind.PRESENCE:
             self._remember_nick(message.payload)
@@ -282,8 +303,49 @@ class Listener:
     def _connection_changed(self, up: bool) -> None:
         if up:  # paho's thread: announce again without waiting
             self._client.publish_nowait(self._status_topic, self._status(), qos=1, retain=True)
+            self._after_connect()
+        else:
+            self._contact = time.time()
         if self._user_on_connection is not None:
             self._user_on_connection(up)
+
+    @property
+    def last_contact(self) -> float:
+        """When this listener was last known connected: now, if it is (for the next run's ``since``)."""
+        if self._client.connected or self._contact is None:
+            return time.time()
+        return self._contact
+
+    # ---------------------------------------------------------------- catching up from the archive
+
+    def _after_connect(self) -> None:
+        """A persistent session the broker no longer had: ask the archive what it held (a thread of its
+        own: the reply arrives on paho's thread, which may be the one calling)."""
+        since = self._contact
+        if not self._persistent or self._client.session_present or since is None:
+            return
+        threading.Thread(target=self._catch_up, args=(since - CATCH_UP_OVERLAP,), daemon=True).start()
+
+    def _catch_up(self, since: float) -> None:
+        request = HistoryRequest(limit=CATCH_UP_LIMIT, since=since)
+        try:
+            reply = self.requests.ask(request)
+        except ImcliError as exc:
+            self._say(f"could not catch up from the archive: {exc} (imcli history shows what you missed)")
+            return
+        if isinstance(reply, ErrorReply) or not isinstance(reply, HistoryReply):
+            text = reply.text if isinstance(reply, ErrorReply) else "an unexpected reply"
+            self._say(f"could not catch up from the archive: {text} (imcli history shows what you missed)")
+            return
+        if reply.more:
+            self._say(f"more than {CATCH_UP_LIMIT} messages arrived while away; the newest follow (imcli history)")
+        for item in reply.messages:
+            if item.kind == "room" and self._rooms and item.room not in self._rooms:
+                continue
+            self._inbox.put((item, True))
+
+    def _say(self, text: str) -> None:
+        self._inbox.put((Received(kind="notice", id=new_id(), ts=time.time(), text=text), False))
 
     def _beat_loop(self) -> None:
         while not self._stop.wait(self._heartbeat):

@@ -102,6 +102,9 @@ class MqttClient:
         self._was_connected = False
         self._closing = False
         self.fatal: Exception | None = None
+        # the last CONNACK's flag: False after a reconnect means the broker no longer had our persistent
+        # session (it restarted without keeping sessions): what it had queued for us is gone
+        self.session_present = False
         self._paho: paho.Client | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -228,7 +231,10 @@ class MqttClient:
     def _enqueue(self, message: Message) -> None:
         self._inbox.put(message)
 
-    def _handle_connect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+    def _handle_connect(
+        self, client: paho.Client, _u: object, flags: paho.ConnectFlags, rc: ReasonCode, _p: object
+    ) -> None:
+        self.session_present = flags.session_present
         self._connack_rc = rc
         self._connack.set()
         if rc.is_failure:
