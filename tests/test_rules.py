@@ -117,3 +117,9 @@ def test_the_heartbeat_range_is_the_same_for_the_wire_and_the_client(monkeypatch
 def test_a_device_client_id_belongs_to_its_account() -> None:
     assert device_client_id("alice", "laptop") == "alice:laptop"
     assert client_id_account(device_client_id("alice", "laptop-dm0a1b2c")) == "alice"
+
+
+def test_group_history_starts_at_the_groups_creation() -> None:
+    assert rules.group_history_start(100.0) == 100.0
+    assert rules.group_history_start(100.0, since=50.0) == 100.0  # never before the group existed
+    assert rules.group_history_start(100.0, since=150.0) == 150.0
