@@ -27,6 +27,7 @@ from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import ConnackPacket
+from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol import broker_handler
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import INCOMING, ApplicationMessage, Session
@@ -70,8 +71,9 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
     *_names(
         _B, "Broker", "overridden", "_publish_session_retained_messages _publish_retained_messages_for_subscription"
     ),
-    *_names(_B, "Broker", "overridden", "_del_all_subscriptions _del_subscription"),
+    *_names(_B, "Broker", "overridden", "_del_all_subscriptions _del_subscription _handle_disconnect"),
     *_names(_B, "Broker", "called", "_client_connected _client_message_loop _delete_session _broadcast_message"),
+    *_names(_B, "Broker", "called", "_stop_handler"),  # by _handle_disconnect
     *_names(_B, "Broker", "called", "_matches _get_handler"),  # handed to fanout.FanOut
     *_names(_B, "Broker", "read", "_servers _sessions _retained_messages _broadcast_queue"),
     *_names(_B, "Broker", "replaced", "_subscriptions"),  # by sessions.SubscriptionTable
@@ -84,10 +86,30 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
 )
 
 
+class Will(NamedTuple):
+    """The Last Will a CONNECT left: published, checked, if its connection ends without DISCONNECT."""
+
+    topic: str
+    data: bytes
+    qos: int | None
+    retain: bool
+
+
+def will_of(session: Session) -> Will | None:
+    if not session.will_flag:
+        return None
+    return Will(
+        session.will_topic or "", bytes(session.will_message or b""), session.will_qos, bool(session.will_retain)
+    )
+
+
 class AckAfterJournal(BrokerProtocolHandler):
-    """amqtt's broker-side protocol handler, calling ``before_ack`` before each PUBACK."""
+    """amqtt's broker-side protocol handler, calling ``before_ack`` before each PUBACK, and
+    holding the Last Will of its own connection's CONNECT (amqtt keeps it in the session, which
+    a resumed or taken-over persistent session shares with the next connection)."""
 
     before_ack: Any = None  # (Session, ApplicationMessage) -> None
+    will: Will | None = None
 
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
         if app_message.direction == INCOMING and self.before_ack is not None and self.session is not None:
@@ -286,6 +308,7 @@ class ImBroker(Broker):
             incoming.parent = 0
         if isinstance(handler, AckAfterJournal):
             handler.before_ack = self._before_ack
+            handler.will = will_of(incoming)
         delay = self.config.timeout_disconnect_delay or 0
         if session.keep_alive > 0 and isinstance(delay, int):
             session.keep_alive += delay
@@ -371,9 +394,7 @@ class ImBroker(Broker):
     async def _handle_message_delivery(
         self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
     ) -> bool:
-        # the publish checks (imcli/broker/publish_checks.py), then amqtt's broadcast and retain.
-        # A Last Will (issue 15) must pass the same ``self.publishing.judge`` when it fires: amqtt
-        # broadcasts it, unchecked, in ``Broker._handle_disconnect``, the override to add (and list)
+        # the publish checks (imcli/broker/publish_checks.py), then amqtt's broadcast and retain
         message = wait_deliver.result()
         await self.plugins_manager.fire_event(
             BrokerEvents.MESSAGE_RECEIVED, client_id=client_session.client_id, message=message
@@ -392,17 +413,50 @@ class ImBroker(Broker):
         if decision.close:
             log.warning("%s sent a PUBLISH on an invalid topic: closing", client_session.client_id)
             return False
-        if not decision.deliver:
-            return True
-        if not charged:  # QoS 0: never acknowledged, journalled as it is delivered
-            self._journal.record(username, message)
-        await self.plugins_manager.fire_event(
-            BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id, message=message
-        )
-        await self._broadcast_message(client_session, message.topic, message.data)
-        if retain:
-            await self.retain_message(client_session, message.topic, message.data, message.qos)
+        if decision.deliver:
+            # QoS 0 is never acknowledged: journalled as it is delivered (QoS 1 was, before its PUBACK)
+            await self._deliver(client_session, message, retain=retain, journal=not charged)
         return True
+
+    async def _handle_disconnect(
+        self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]
+    ) -> None:
+        # amqtt's, except for the Last Will: amqtt broadcasts whatever Will the session holds
+        # (by now perhaps the next connection's), unchecked. A Will is a publish that happens
+        # later: it passes ``self.publishing.judge`` now, as an ordinary PUBLISH of it would (issue 15)
+        will = handler.will if isinstance(handler, AckAfterJournal) else None
+        if isinstance(handler, AckAfterJournal):
+            handler.will = None  # published once, or discarded by DISCONNECT (MQTT-3.1.2-8, -10)
+        if will is not None and not isinstance(disconnect_waiter.result(), DisconnectPacket):
+            await self._fire_will(client_session, will)
+        await self._stop_handler(handler)
+        client_session.transitions.disconnect()
+        await self.plugins_manager.fire_event(
+            BrokerEvents.CLIENT_DISCONNECTED, client_id=client_session.client_id, client_session=client_session
+        )
+
+    async def _fire_will(self, session: Session, will: Will) -> None:
+        decision = self.publishing.judge(session.username, will.topic, len(will.data), retain=will.retain)
+        if not decision.deliver:  # its sender is gone: nobody to tell
+            why = decision.telling.text if decision.telling is not None else "over the publish rate"
+            log.info("Last Will of %s on %s dropped: %s", session.client_id, will.topic, why)
+            return
+        message = ApplicationMessage(None, will.topic, will.qos, will.data, will.retain)
+        # journalled like a QoS 0 publish (a Will has no PUBACK); delivered at its own QoS, as amqtt does
+        await self._deliver(session, message, retain=will.retain, journal=True, qos=will.qos)
+
+    async def _deliver(
+        self, session: Session, message: ApplicationMessage, *, retain: bool, journal: bool, qos: int | None = None
+    ) -> None:
+        """A publish the checks let through: journalled (chat), broadcast, retained if flagged."""
+        if journal:
+            self._journal.record(session.username, message)
+        await self.plugins_manager.fire_event(
+            BrokerEvents.MESSAGE_BROADCAST, client_id=session.client_id, message=message
+        )
+        await self._broadcast_message(session, message.topic, message.data, qos)
+        if retain:
+            await self.retain_message(session, message.topic, message.data, message.qos)
 
     async def _run_broadcast(self, running_tasks: Any) -> None:
         await self.fan_out.run_batch(self._broadcast_queue, running_tasks)
