@@ -195,14 +195,23 @@ def running_mosquitto(
     for i, name in enumerate(accounts):
         _passwd(workdir / "passwd", name, create=i == 0)
     shutil.copy(DEPLOY / "imcli-dynsec.json", workdir / "imcli-dynsec.json")
-    port = free_port()
     conf = workdir / "mosquitto.conf"
-    conf.write_text(mosquitto_config(port, workdir, extra, aclfile))
-    with (workdir / "mosquitto.log").open("wb") as log:
-        proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-    broker = Mosquitto(port, workdir, proc)
+    for attempt in range(3):
+        # Mosquitto cannot listen on port 0 and say which port it got: a port free a moment ago
+        # may be taken by then (another xdist worker's client), so a refused bind tries another
+        port = free_port()
+        conf.write_text(mosquitto_config(port, workdir, extra, aclfile))
+        with (workdir / "mosquitto.log").open("wb") as log:
+            proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        broker = Mosquitto(port, workdir, proc)
+        try:
+            broker.wait_listening()
+            break
+        except AssertionError:
+            broker.stop()
+            if attempt == 2 or "Address already in use" not in broker.log:
+                raise
     try:
-        broker.wait_listening()
         yield broker
     finally:
         broker.stop()
