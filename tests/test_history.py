@@ -21,19 +21,14 @@ from imcli.client import services
 from imcli.client.identity import Identity
 from imcli.client.services import Conversation
 from imcli.core.errors import InvalidInput, NotAllowed, NotFound
-from imcli.core.mqtt import Credentials
 from imcli.core.wire import ChatMessage, ErrorReply, HistoryReply, HistoryRequest, Received, Topics, decode, encode
 from imcli.serve.host import BackgroundServer, ServeInfo
 from tests import brokers
-from tests.conftest import Cli, Raw, password_of, wait_until
+from tests.conftest import Cli, Raw, ident, password_of, wait_until
 
 T = Topics()
 
 broker_kind, broker_under_test, server, users = brokers.BOTH  # every test using `server` on both brokers
-
-
-def ident(server: ServeInfo, name: str) -> Identity:
-    return Identity(server.address, Credentials(name, password_of(name)), "test")
 
 
 def texts(reply: HistoryReply) -> list[str]:
