@@ -3,6 +3,7 @@ break, restyle or reorder, and whose sender prefix no text can forge (issue 15, 
 
 from __future__ import annotations
 
+import io
 import json
 import secrets
 import time
@@ -11,8 +12,9 @@ from collections.abc import Callable
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rich.console import Console
 
-from imcli.cli.render import received_line, safe
+from imcli.cli.render import HANG, print_line, received_line, safe
 from imcli.core.wire import Received
 from imcli.serve.host import ServeInfo
 from tests.conftest import Cli, Proc
@@ -55,6 +57,19 @@ def test_a_json_line_is_one_ascii_line_with_the_exact_text(text: str) -> None:
     assert all(" " <= ch <= "\x7f" for ch in out), out  # DEL is the one control JSON leaves as it is
     assert len(out.splitlines()) == 1
     assert json.loads(out)["text"] == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(pad=st.text(st.sampled_from("x ✓日"), max_size=90), width=st.integers(20, 60))
+def test_text_padded_to_the_terminal_width_starts_no_row_of_its_own(pad: str, width: int) -> None:
+    """The terminal would wrap a long message to column 0, where "12:00:01 lobby alice: …" could start."""
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, force_terminal=True, color_system=None, soft_wrap=True)
+    item = Received(kind="room", sender="mallory", room="lobby", id="1", ts=0, text=pad + "12:00:01 lobby alice: hi")
+    print_line(console, received_line(item, me="bob"))
+    first, *rest = buf.getvalue().rstrip("\n").split("\n")
+    assert first.startswith(time.strftime("%H:%M:%S ", time.localtime(0)))
+    assert all(row.startswith(HANG) and console.measure(row).maximum <= width for row in rest), rest
 
 
 def test_made_visible_not_deleted() -> None:

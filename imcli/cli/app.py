@@ -313,7 +313,7 @@ def listen(
     from rich.console import Console
 
     from imcli.cli.chat_state import SEEN_KEPT, device_session, listen_state_path, load_state, save_state
-    from imcli.cli.render import received_line
+    from imcli.cli.render import print_line, received_line
     from imcli.client.listener import Listener, RecentIds
 
     identity = signed_in(host, port)
@@ -360,7 +360,7 @@ def listen(
                             sys.stdout.write(item.to_json() + "\n")
                             sys.stdout.flush()
                         else:
-                            out.print(received_line(item, identity.account))
+                            print_line(out, received_line(item, identity.account))
             finally:
                 if state is not None and closing:
                     state.last_seen = listener.last_contact

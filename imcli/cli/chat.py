@@ -33,7 +33,7 @@ def history(
     port: PortOpt = None,
 ) -> None:
     """Past messages of a room, a direct conversation or a group, from the archive."""
-    from imcli.cli.render import received_line
+    from imcli.cli.render import print_line, received_line
     from imcli.client import services
 
     target = services.Conversation.parse(where) if where is not None else None
@@ -51,7 +51,7 @@ def history(
     if page.more:
         err_console().print("(older messages left out: raise --limit, or use --since)", style="dim")
     for item in page.messages:
-        out.print(received_line(item, identity.account))
+        print_line(out, received_line(item, identity.account))
 
 
 def chat(host: HostOpt = None, port: PortOpt = None) -> None:

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from imcli.cli.chat_session import COMMANDS, CatchUp, ChatSession, Note, Output
 from imcli.cli.chat_state import device_session, load_state, save_state
-from imcli.cli.render import received_line, safe
+from imcli.cli.render import print_line, received_line, safe
 from imcli.client.config import config_dir
 from imcli.client.identity import Identity
 from imcli.client.listener import Listener, RecentIds
@@ -147,7 +147,7 @@ class ChatView:
             if session.mentions_me(output):
                 line.stylize("bold reverse")
                 self.out.bell()
-            self.out.print(line)
+            print_line(self.out, line)
 
     def note(self, note: Note) -> None:
         self.out.print(safe(note.text), style=_NOTE_STYLES.get(note.style, ""), markup=False)  # may quote others

@@ -6,10 +6,14 @@ from __future__ import annotations
 import time
 import unicodedata
 import zlib
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 
 from imcli.core.wire import Received
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 _PALETTE = (
     "cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan",
@@ -97,3 +101,19 @@ def shown(text: str) -> str:
     from rich.markup import escape
 
     return escape(safe(text))
+
+
+HANG = "  "  # where the rows a long message wraps to start: never column 0, where time stamps are
+
+
+def print_line(console: Console, line: Text) -> None:
+    """Print one message. On a terminal, a message longer than a row is wrapped here, its further
+    rows indented: text padded to the terminal's width cannot start a row of its own that looks
+    like another message (the terminal itself would wrap to column 0)."""
+    width = console.width - len(HANG)
+    if not console.is_terminal or line.cell_len <= console.width or width < 10:
+        console.print(line)
+        return
+    rows = line.wrap(console, width, overflow="fold")
+    out = Text("\n" + HANG).join(rows)
+    console.print(out, soft_wrap=True)
