@@ -1,6 +1,15 @@
 """Admission: whether a CONNECT is let in (the connection gate, then the number of
-connections its account holds) and how many filters a connection may subscribe to (the
-publish rate is a publish check: imcli/broker/publish_checks.py).
+connections its account holds, then its persistent sessions) and how many filters a
+connection may subscribe to (the publish rate is a publish check: imcli/broker/publish_checks.py).
+
+Persistent sessions per account (``Limits.max_sessions``, issue 15): a CONNECT that would
+start one more while the account holds the limit already is let in if one of them is idle
+(its client away): imcli/broker/session_upkeep.py then drops the longest-idle one and the
+account is told on its notice topic. Only when every one of them is connected (possible
+only when ``max_connections`` is set above ``max_sessions``) is the new session refused,
+with CONNACK 5, before any session is touched. Dropping rather than refusing means that a
+user whose old devices left sessions behind is never locked out for the 7 days those
+sessions would otherwise be kept, while one account can still never hold more than the limit.
 
 Workers' service accounts are trusted: no limit applies to them. The decisions are plain
 functions; ``Admission`` keeps the counts they are made from.
@@ -10,12 +19,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from amqtt.session import Session
 
 from imcli.broker.connection_gate import CONNECTION_ACCEPTED, NOT_AUTHORIZED, ConnectionGate
 from imcli.broker.limits import Limits
+from imcli.broker.notices import Telling, session_refused
 from imcli.broker.topic_access import TopicAccess
 
 log = logging.getLogger(__name__)
@@ -25,6 +35,13 @@ def over_connection_limit(open_now: int, replaces_own: bool, limit: int) -> bool
     """Whether one more connection would exceed ``limit``; a reconnect of a client id that is
     connected under the same account replaces that connection rather than adding one."""
     return open_now - replaces_own >= limit
+
+
+def refuse_new_session(held: Mapping[str, bool], client_id: str, limit: int) -> bool:
+    """Whether a persistent CONNECT with ``client_id`` is refused; ``held`` are the account's
+    persistent sessions (client id -> connected). Resuming one it holds never is; a new one
+    is when the account holds ``limit`` and none of them is idle to make room."""
+    return client_id not in held and len(held) >= limit and all(held.values())
 
 
 def over_subscription_limit(held: int, already_held: bool, limit: int) -> bool:
@@ -40,10 +57,20 @@ class Admission:
         self.access = access
         self.limits = limits
         self._open: Counter[str] = Counter()
+        self.tell: Callable[[str | None, Telling], Awaitable[None]] | None = None  # the notice topic (notices.py)
 
-    async def admit(self, incoming: Session, session_of: Callable[[str], Session | None]) -> tuple[int, bool]:
+    async def admit(
+        self,
+        incoming: Session,
+        session_of: Callable[[str], Session | None],
+        persistent_of: Callable[[str], Mapping[str, bool]] = lambda _account: {},
+    ) -> tuple[int, bool]:
         """The CONNACK code for ``incoming`` (0: accepted), and whether it is a trusted worker.
-        ``session_of(client_id)`` is the session the broker keeps for a client id, if any."""
+        ``session_of(client_id)`` is the session the broker keeps for a client id, if any;
+        ``persistent_of(account)`` its persistent sessions (client id -> connected).
+
+        Nothing is awaited after the counts are read, so the session admitted is in the
+        broker's table before another CONNECT of the same account is counted."""
         code = await self.gate.check(incoming)  # binds the client id first
         trusted = self.access.is_service(incoming.username)
         if code != CONNECTION_ACCEPTED or trusted:
@@ -56,6 +83,15 @@ class Admission:
             log.warning(
                 "CONNECT refused for %r: %d connections already", incoming.username, self.limits.max_connections
             )
+            return NOT_AUTHORIZED, trusted
+        account, client_id = incoming.username or "", incoming.client_id or ""
+        limit = self.limits.max_sessions
+        if not incoming.clean_session and refuse_new_session(persistent_of(account), client_id, limit):
+            log.warning(
+                "CONNECT refused for %r: %d persistent sessions, all connected", account, self.limits.max_sessions
+            )
+            if self.tell is not None:  # its connected clients hear why (the new one gets CONNACK 5)
+                await self.tell(account, session_refused(client_id, self.limits.max_sessions))
             return NOT_AUTHORIZED, trusted
         return code, trusted
 

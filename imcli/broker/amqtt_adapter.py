@@ -40,7 +40,7 @@ from imcli.broker.admission import Admission
 from imcli.broker.connection_gate import CONNECTION_ACCEPTED, ConnectionGate
 from imcli.broker.fanout import FanOut, SessionFilters
 from imcli.broker.journal import ArchiveWriter, Journal
-from imcli.broker.notices import Notifier, subscription_refused
+from imcli.broker.notices import Notifier, session_dropped, subscription_refused
 from imcli.broker.packets import MalformedPacket, PacketGuard
 from imcli.broker.publish_checks import PublishChecks
 from imcli.broker.retained import RetainedState
@@ -159,9 +159,12 @@ class ImBroker(Broker):
         # the Last Will's topic is checked at CONNECT without group or friend records
         gate = ConnectionGate(self._accounts, TopicAcl(self.topics), settings.registration)
         self.admission = Admission(gate, self.access, settings.limits)
-        self.publishing = PublishChecks(self.access, settings.limits, settings.max_payload)
+        self.retained = RetainedState(settings.data_dir, self.access, settings.limits)
+        self.publishing = PublishChecks(
+            self.access, settings.limits, settings.max_payload, statuses=self.retained.status_refusal
+        )
         self.notifier = Notifier(self.topics, self.internal_message_broadcast)
-        self.retained = RetainedState(settings.data_dir, self.access)
+        self.admission.tell = self.notifier.tell
         self.upkeep = SessionUpkeep(self, settings.limits)
         self.filters = SessionFilters()
         self.fan_out = FanOut(
@@ -282,7 +285,9 @@ class ImBroker(Broker):
         code, trusted = (
             (refusal, False)
             if refusal
-            else await self.admission.admit(incoming, lambda client_id: self._sessions.get(client_id, (None,))[0])
+            else await self.admission.admit(
+                incoming, lambda client_id: self._sessions.get(client_id, (None,))[0], self.upkeep.persistent_of
+            )
         )
         if code == CONNECTION_ACCEPTED and trusted and isinstance(reader, PacketGuard):
             reader.limit = None  # a worker's `who` reply may be large
@@ -337,6 +342,8 @@ class ImBroker(Broker):
         try:
             handler.attach(client_session, reader, writer)
             self._sessions[client_session.client_id] = (client_session, handler)
+            if not client_session.clean_session and not self.access.is_service(account):
+                await self._make_room(account, client_session.client_id)
             await handler.mqtt_connack_authorize(True)
             await self.plugins_manager.fire_event(
                 BrokerEvents.CLIENT_CONNECTED, client_id=client_session.client_id, client_session=client_session
@@ -351,6 +358,18 @@ class ImBroker(Broker):
             self.admission.closed(account)
             if not client_session.clean_session:
                 self.upkeep.left(client_session.client_id)
+
+    async def _make_room(self, account: str, client_id: str) -> None:
+        """A persistent session of ``account`` is in the table: past ``Limits.max_sessions``,
+        its longest-idle ones are dropped (imcli/broker/admission.py says why), and it is told."""
+        self.upkeep.kept(account, client_id)
+        try:
+            dropped = await self.upkeep.trim(account)
+        except Exception:  # the new connection goes on; the next persistent CONNECT trims again
+            log.exception("could not drop the idle sessions of %s", account)
+            return
+        for gone in dropped:
+            await self.notifier.tell(account, session_dropped(gone, self.settings.limits.max_sessions))
 
     # ---------------------------------------------------------------- subscriptions
 

@@ -14,6 +14,13 @@ class Limits:
     max_queued: int = 1000  # messages kept for one offline persistent session; the archive keeps the rest
     session_expiry: float = 7 * 86400.0  # seconds a persistent session is kept while its client is away
     max_client_id: int = 128  # characters; a longer client id gets CONNACK 2 (MQTT 3.1.1 promises 23)
+    # issue 15, per-account quotas (imcli/broker/admission.py, session_upkeep.py, retained.py)
+    max_sessions: int = 20  # persistent sessions per account, connected or not; past it the longest-idle one goes
+    max_retained: int = 20  # retained status records per account (im/status/<me>/<device>, one per device)
+    max_status: int = 1024  # bytes of one status message (a DeviceStatus is about 60)
+    # the group worker's, carried to it by imcli serve (imcli/core/rules.py: group_creation_refusal)
+    max_groups: int = 50  # groups one account owns
+    group_rate: int = 10  # groups one account may create per minute
 
 
 @dataclass

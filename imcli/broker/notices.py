@@ -48,6 +48,31 @@ def subscription_refused(topic_filter: str, limit: int) -> Telling:
     return Telling("limit", f"subscription to {topic_filter} refused: at most {limit}")
 
 
+def session_dropped(client_id: str, limit: int) -> Telling:
+    return Telling(
+        "limit",
+        f"persistent session {client_id} dropped to make room: at most {limit} per account, "
+        "the longest idle goes first (its device starts afresh; imcli history has what was queued)",
+    )
+
+
+def session_refused(client_id: str, limit: int) -> Telling:
+    return Telling("limit", f"new persistent session {client_id} refused: {limit} per account, all connected")
+
+
+def status_too_large(size: int, limit: int, topic: str) -> Telling:
+    return Telling("too_large", f"status of {size} bytes dropped: a status is at most {limit} bytes", topic)
+
+
+def too_many_statuses(limit: int, topic: str) -> Telling:
+    return Telling(
+        "limit",
+        f"status dropped: at most {limit} retained statuses (devices) per account; "
+        "clear one with an empty retained message first",
+        topic,
+    )
+
+
 class Notifier:
     """Publishes notices through the broker itself (``broadcast(topic, payload, qos)``)."""
 

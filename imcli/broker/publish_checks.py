@@ -9,7 +9,8 @@ its topic plugin refuses silently, PUBACK included. Every PUBLISH therefore goes
 3. the payload size (workers' are not limited: a ``who`` reply may be large);
 4. retained chat: only state records (status, presence, groups, friends) may be retained;
 5. a wildcard or ``$`` topic ends the connection (MQTT-3.3.2-2, MQTT-4.7.2-1, as amqtt does);
-6. the topic ACL, with its own words for the sender (a friends-only DM says so).
+6. the topic ACL, with its own words for the sender (a friends-only DM says so);
+7. a status: its size and the account's retained statuses (imcli/broker/retained.py).
 
 A refused message is dropped with a notice to its sender (imcli/broker/notices.py).
 
@@ -25,6 +26,7 @@ to keep it (``charge``); ``judge`` then uses that decision instead of taking a s
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,9 @@ from imcli.broker.acl import Access
 from imcli.broker.limits import Limits, PublishRate
 from imcli.broker.notices import Telling, publish_refused, rate_exceeded, retain_refused, too_large
 from imcli.broker.topic_access import TopicAccess
+
+# (topic, size, retain) -> why a status is dropped, if it is (RetainedState.status_refusal)
+StatusQuota = Callable[[str, int, bool], Telling | None]
 
 UNSENT_AFTER = 60.0  # seconds after which a charged message that never reached delivery is forgotten
 
@@ -81,10 +86,13 @@ def decide_publish(
 class PublishChecks:
     """``decide_publish`` with the broker's state: the rate buckets and the tokens taken before PUBACKs."""
 
-    def __init__(self, access: TopicAccess, limits: Limits, max_payload: int) -> None:
+    def __init__(
+        self, access: TopicAccess, limits: Limits, max_payload: int, statuses: StatusQuota | None = None
+    ) -> None:
         self.access = access
         self.limits = limits
         self.max_payload = max_payload
+        self.statuses = statuses
         self.rate = PublishRate(limits.publish_rate, limits.publish_burst)
         # QoS 1 messages whose rate token was taken before their PUBACK: id -> (message, allowed, when)
         self._charged: dict[int, tuple[Any, bool, float]] = {}
@@ -129,6 +137,10 @@ class PublishChecks:
             max_payload=self.max_payload,
             rate=self.limits.publish_rate,
         )
+        if decision.deliver and not trusted and self.statuses is not None:
+            refusal = self.statuses(topic, size, retain)
+            if refusal is not None:
+                decision = Decision(deliver=False, telling=refusal)
         rate_notice = decision.telling is not None and decision.telling.code == "rate"
         if rate_notice and not self.rate.should_warn(sender or "", now):
             return Decision(deliver=False)  # at most one rate notice a second

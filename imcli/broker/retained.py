@@ -7,22 +7,47 @@ again when they reconnect, and a stale status would only make a ghost.
 
 ``RetainedState`` is what the broker does with every retained message beside amqtt's own
 table: index it (imcli/broker/fanout.py), feed the ACL's group and friend caches
-(imcli/broker/topic_access.py) and keep the durable ones.
+(imcli/broker/topic_access.py), keep the durable ones, and count each account's status
+records.
+
+Status records are the only retained messages a user may write (one per device, cleared by
+the device's Last Will or by the presence worker when its heartbeat stops). Without a bound,
+one account filled the broker's memory with 1,000 junk 16 KB statuses under invented device
+names (issue 15): ``status_refusal`` caps a status's size (``Limits.max_status``) and the
+retained statuses an account holds (``Limits.max_retained``). Updating a status it holds,
+and clearing one (an empty payload), are always allowed. ``PublishChecks.judge`` asks it,
+so a Last Will on a status topic is held to the same bounds when it fires.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from imcli.broker.fanout import RetainedIndex
+from imcli.broker.limits import Limits
+from imcli.broker.notices import Telling, status_too_large, too_many_statuses
 from imcli.broker.topic_access import TopicAccess
 from imcli.core.errors import ImcliError
 from imcli.core.wire import TopicKind
 
 DURABLE = frozenset({TopicKind.PRESENCE, TopicKind.GROUP_INFO, TopicKind.FRIENDS})
+
+
+def status_refusal(topic: str, size: int, *, retain: bool, held: Collection[str], limits: Limits) -> Telling | None:
+    """Why a status message of ``size`` bytes on ``topic`` is dropped, if it is; ``held`` are
+    the status topics its account has retained now. Clearing (empty) is always allowed, and so
+    is updating a status it holds; a new one is refused when it holds ``max_retained``."""
+    if size == 0:
+        return None
+    if size > limits.max_status:
+        return status_too_large(size, limits.max_status, topic)
+    if retain and topic not in held and len(held) >= limits.max_retained:
+        return too_many_statuses(limits.max_retained, topic)
+    return None
 
 
 class RetainedStore:
@@ -57,10 +82,20 @@ class RetainedStore:
 
 
 class RetainedState:
-    def __init__(self, data_dir: Path, access: TopicAccess) -> None:
+    def __init__(self, data_dir: Path, access: TopicAccess, limits: Limits | None = None) -> None:
         self.durable = RetainedStore(data_dir)
         self.index = RetainedIndex()
         self._access = access
+        self.limits = limits or Limits()
+        self._statuses: defaultdict[str, set[str]] = defaultdict(set)  # account -> its retained status topics
+
+    def status_refusal(self, topic: str, size: int, retain: bool) -> Telling | None:
+        """``status_refusal`` for a user's publish (or Last Will) on ``topic``; ``None`` for other topics."""
+        parsed = self._access.topics.parse(topic)
+        if parsed is None or parsed.kind is not TopicKind.STATUS or not parsed.sender:
+            return None
+        held = self._statuses.get(parsed.sender, set())
+        return status_refusal(topic, size, retain=retain, held=held, limits=self.limits)
 
     def restore(self) -> Iterator[tuple[str, bytes, int]]:
         """The durable records, each indexed and learnt as it is handed back to amqtt's table."""
@@ -75,8 +110,23 @@ class RetainedState:
             self.index.add(topic)
         else:
             self.index.discard(topic)
-        if self._access.learn(topic, payload) in DURABLE:
+        kind = self._access.learn(topic, payload)
+        if kind in DURABLE:
             self.durable.put(topic, payload, qos)
+        elif kind is TopicKind.STATUS:
+            self._count_status(topic, kept=kept)
+
+    def _count_status(self, topic: str, *, kept: bool) -> None:
+        parsed = self._access.topics.parse(topic)
+        account = parsed.sender if parsed is not None else None
+        if not account:
+            return
+        if kept:
+            self._statuses[account].add(topic)
+        elif (held := self._statuses.get(account)) is not None:
+            held.discard(topic)
+            if not held:
+                del self._statuses[account]
 
     def matching(
         self,

@@ -1,5 +1,7 @@
 """Persistent sessions over time: kept while their client is away, but not forever, with a
-bounded offline queue, and ended when their account is removed or replaced.
+bounded offline queue, at most ``Limits.max_sessions`` per account (the longest-idle one
+is dropped to make room: imcli/broker/admission.py says why), and ended when their account
+is removed or replaced.
 
 amqtt 0.12.1 keeps a persistent session (its subscriptions and its offline queue) forever,
 its queue unbounded, and goes on serving an account that ``imcli admin user remove`` took
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
@@ -46,6 +48,12 @@ def expired(away: Mapping[str, float], now: float, expiry: float) -> list[str]:
     return [client_id for client_id, since in away.items() if now - since >= expiry]
 
 
+def sessions_to_drop(idle_since: Mapping[str, float], held: int, limit: int) -> list[str]:
+    """Which idle persistent sessions (client id -> away since) an account holding ``held``
+    drops to keep at most ``limit``: the longest away first (none if there are not enough idle)."""
+    return sorted(idle_since, key=idle_since.__getitem__)[: max(0, held - limit)]
+
+
 def replaced_accounts(known: Mapping[str, str], current: Mapping[str, str], rekeyed: Iterable[str]) -> set[str]:
     """Accounts (name -> password hash) made again with another password since ``known``;
     ``rekeyed`` are the workers' service accounts, given new passwords at every start."""
@@ -66,9 +74,49 @@ class SessionUpkeep:
         self.limits = limits
         self._away: dict[str, float] = {}  # persistent sessions whose client left -> since (monotonic)
         self._queue_drops: Counter[str] = Counter()  # per client id, to log a full queue once
+        # account -> client ids of its persistent sessions: a superset, pruned against the table as read
+        self._persistent: defaultdict[str, set[str]] = defaultdict(set)
 
     def connected(self, client_id: str) -> None:
         self._away.pop(client_id, None)
+
+    def kept(self, account: str, client_id: str) -> None:
+        """A persistent session of ``account`` is in the broker's table (new or resumed)."""
+        self._persistent[account].add(client_id)
+
+    def persistent_of(self, account: str) -> dict[str, bool]:
+        """The persistent sessions ``account`` holds: client id -> whether its client is connected."""
+        ids = self._persistent.get(account)
+        if not ids:
+            return {}
+        table, held = self._host.session_table(), {}
+        for client_id in list(ids):
+            session = table.get(client_id, (None, None))[0]
+            if session is None or session.clean_session or session.username != account:
+                ids.discard(client_id)  # deleted, expired, or taken by a clean session since
+            else:
+                held[client_id] = session.transitions.is_connected()
+        if not ids:
+            del self._persistent[account]
+        return held
+
+    async def trim(self, account: str) -> list[str]:
+        """Drop the longest-idle persistent sessions of ``account`` beyond ``max_sessions``
+        (never a connected one); the client ids dropped. Counted again after each drop, so
+        that two CONNECTs of one account at once drop no more than needed."""
+        dropped: list[str] = []
+        while True:
+            held = self.persistent_of(account)
+            idle = {cid: self._away.get(cid, 0.0) for cid, connected in held.items() if not connected}
+            victims = sessions_to_drop(idle, len(held), self.limits.max_sessions)
+            if not victims:
+                return dropped
+            victim = victims[0]
+            self._away.pop(victim, None)
+            self._queue_drops.pop(victim, None)
+            await self._host.delete_session(victim)  # out of the table before its first await
+            dropped.append(victim)
+            log.info("persistent session %s dropped: %s holds %d", victim, account, self.limits.max_sessions)
 
     def left(self, client_id: str) -> None:
         self._away[client_id] = time.monotonic()

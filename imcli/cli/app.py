@@ -86,6 +86,13 @@ def serve(
     max_rate: Annotated[float, typer.Option(help="Messages per second per account (bursts of 3 s allowed).")] = 20.0,
     max_connections: Annotated[int, typer.Option(help="Connections per account.")] = 10,
     max_subscriptions: Annotated[int, typer.Option(help="Subscriptions per connection.")] = 100,
+    max_sessions: Annotated[
+        int, typer.Option(help="Persistent sessions per account (past it, the longest idle one is dropped).")
+    ] = 20,
+    max_statuses: Annotated[int, typer.Option(help="Retained device statuses per account.")] = 20,
+    max_status_bytes: Annotated[int, typer.Option(help="Largest device status in bytes.")] = 1024,
+    max_groups: Annotated[int, typer.Option(help="Groups one account may own.")] = 50,
+    group_rate: Annotated[int, typer.Option(help="Groups one account may create per minute.")] = 10,
     history_days: Annotated[
         float | None, typer.Option(help="Keep archived messages this many days [default: for ever].")
     ] = None,
@@ -156,6 +163,7 @@ def serve(
             max_subscriptions=max_subscriptions,
             max_connections=max_connections,
             registrations_per_hour=registrations_per_hour,
+            **account_quotas(max_sessions, max_statuses, max_status_bytes, max_groups, group_rate),
         ),
     )
     out = console()
@@ -181,6 +189,22 @@ def serve(
 
     asyncio.run(run())
     out.print("imcli serve: stopped", style="dim")
+
+
+def account_quotas(sessions: int, statuses: int, status_bytes: int, groups: int, group_rate: int) -> dict[str, int]:
+    """imcli serve's per-account quotas (issue 15) as ``Limits`` fields, checked."""
+    if min(sessions, statuses, groups, group_rate) < 1 or status_bytes < 128:
+        raise InvalidInput(
+            "limits too small",
+            "--max-sessions, --max-statuses, --max-groups, --group-rate >= 1, --max-status-bytes >= 128",
+        )
+    return {
+        "max_sessions": sessions,
+        "max_retained": statuses,
+        "max_status": status_bytes,
+        "max_groups": groups,
+        "group_rate": group_rate,
+    }
 
 
 # ---------------------------------------------------------------- accounts

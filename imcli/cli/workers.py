@@ -84,6 +84,8 @@ def workers(
     history_days: Annotated[
         float | None, typer.Option(help="Keep archived messages this many days [default: for ever].")
     ] = None,
+    max_groups: Annotated[int, typer.Option(help="Groups one account may own.")] = 50,
+    group_rate: Annotated[int, typer.Option(help="Groups one account may create per minute.")] = 10,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the workers do.")] = False,
 ) -> None:
     """Run the presence, group and archive workers against an external broker, until Ctrl-C or SIGTERM."""
@@ -108,6 +110,8 @@ def workers(
         raise InvalidInput(
             f"invalid --history-days {history_days:g}", "give a number of days above 0, with the archive"
         )
+    if max_groups < 1 or group_rate < 1:
+        raise InvalidInput("limits too small", "--max-groups and --group-rate >= 1")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     directory = PasswordFileDirectory(accounts_file.expanduser()) if accounts_file is not None else None
     passwords = dict(zip(accounts, _passwords(password_stdin, accounts), strict=True))
@@ -122,7 +126,14 @@ def workers(
     makers: list[Callable[[], ServiceWorker]] = [
         lambda: PresenceWorker(address, creds(presence_account), directory, device="workers"),
         lambda: GroupWorker(
-            address, creds(groups_account), directory, device="workers", dynsec=dynsec, dm_readers=(archive_account,)
+            address,
+            creds(groups_account),
+            directory,
+            device="workers",
+            dynsec=dynsec,
+            dm_readers=(archive_account,),
+            max_groups=max_groups,
+            group_rate=group_rate,
         ),
     ]
     if archive:

@@ -10,7 +10,7 @@ from ``SERVICE_ACCOUNTS`` and ``imcli say`` imports both on its fast path.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final, Literal
 
 # --------------------------------------------------------------------------- service accounts
@@ -81,3 +81,21 @@ def group_history_start(created: float, since: float | None = None) -> float:
 def missing_group(group: str) -> str:
     """The one answer for a group that does not exist and for one the asker may not see."""
     return f"no group #{group} (or it is private)"
+
+
+GROUP_CREATION_WINDOW: Final = 60.0  # seconds: ``per_minute`` creations are counted over this window
+
+
+def group_creation_refusal(
+    owned: int, recent: Sequence[float], now: float, *, max_owned: int, per_minute: int
+) -> str | None:
+    """Why a user may not create one more group, if it may not (issue 15: one account made 150 in 10 s).
+
+    ``owned`` is how many groups it owns now, ``recent`` when it created groups lately (the
+    group worker's clock). The words are what the CLI prints after ``Error:``.
+    """
+    if owned >= max_owned:
+        return f"you own {owned} groups, the most allowed (leave one, or hand it over, before creating another)"
+    if sum(1 for at in recent if now - at < GROUP_CREATION_WINDOW) >= per_minute:
+        return f"too many new groups: at most {per_minute} a minute (try again in a minute)"
+    return None

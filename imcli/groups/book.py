@@ -8,13 +8,16 @@ answers "no such group", exactly as for a group that does not exist.
 
 from __future__ import annotations
 
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-from imcli.core.rules import group_visible, missing_group
+from imcli.core.rules import GROUP_CREATION_WINDOW, group_creation_refusal, group_visible, missing_group
 from imcli.core.service import AccountDirectory, names_a_user
 from imcli.core.wire import RESERVED_NAMES, ErrorReply, GroupInfo, GroupList, GroupReply, GroupRequest, is_name
 
 DEFAULT_MAX_MEMBERS = 1000
+DEFAULT_MAX_OWNED = 50  # groups one account owns (issue 15)
+DEFAULT_CREATIONS_PER_MINUTE = 10  # groups one account creates per minute (issue 15)
 
 
 @dataclass
@@ -25,10 +28,20 @@ class Outcome:
 
 
 class GroupBook:
-    def __init__(self, directory: AccountDirectory | None = None, max_members: int = DEFAULT_MAX_MEMBERS) -> None:
+    def __init__(
+        self,
+        directory: AccountDirectory | None = None,
+        max_members: int = DEFAULT_MAX_MEMBERS,
+        *,
+        max_owned: int = DEFAULT_MAX_OWNED,
+        creations_per_minute: int = DEFAULT_CREATIONS_PER_MINUTE,
+    ) -> None:
         self._groups: dict[str, GroupInfo] = {}
         self._directory = directory
         self.max_members = max_members
+        self.max_owned = max_owned
+        self.creations_per_minute = creations_per_minute
+        self._created: defaultdict[str, deque[float]] = defaultdict(deque)  # user -> its recent creations
 
     def load(self, info: GroupInfo) -> None:
         self._groups[info.name] = info
@@ -49,6 +62,16 @@ class GroupBook:
             return _error(req, "invalid", f"invalid group name {name!r}")
         if name in self._groups:
             return _error(req, "taken", f"the group name {name!r} is taken")
+        recent = self._created[user]
+        while recent and now - recent[0] >= GROUP_CREATION_WINDOW:
+            recent.popleft()
+        owned = sum(1 for g in self._groups.values() if g.owner == user)
+        refusal = group_creation_refusal(
+            owned, recent, now, max_owned=self.max_owned, per_minute=self.creations_per_minute
+        )
+        if refusal is not None:
+            return _error(req, "denied", refusal)
+        recent.append(now)
         info = GroupInfo(name=name, owner=user, admins=[user], members=[user], private=req.private, created=now)
         return self._store(req, info, [])
 

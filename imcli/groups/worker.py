@@ -32,7 +32,7 @@ from imcli.core.wire import (
     encode,
 )
 from imcli.groups import dynsec as dynsec_module
-from imcli.groups.book import GroupBook
+from imcli.groups.book import DEFAULT_CREATIONS_PER_MINUTE, DEFAULT_MAX_OWNED, GroupBook
 from imcli.groups.friends import FriendBook
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,12 @@ class GroupWorker(ServiceWorker):
         *,
         dynsec: bool = False,
         dm_readers: tuple[str, ...] = (),
+        max_groups: int = DEFAULT_MAX_OWNED,
+        group_rate: int = DEFAULT_CREATIONS_PER_MINUTE,
     ) -> None:
         super().__init__(address, credentials, topics, device, clock)
-        self.book = GroupBook(directory)
+        # max_groups: groups one account owns; group_rate: groups it creates per minute (issue 15)
+        self.book = GroupBook(directory, max_owned=max_groups, creations_per_minute=group_rate)
         self.friends = FriendBook(directory)
         self.mirror = dynsec_module.DynsecMirror(self.topics, dm_readers) if dynsec else None
         self._dynsec_answered = threading.Event()

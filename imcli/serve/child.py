@@ -40,6 +40,7 @@ def main() -> int:
     """The child: run the three workers until stdin ends."""
     # the workers' modules are imported here, not at the top: the parent imports this module too
     from imcli.broker.accounts import AccountStore
+    from imcli.broker.limits import Limits
     from imcli.core.mqtt import BrokerAddress
     from imcli.core.wire import Topics
     from imcli.serve.workers import StoreDirectory, embedded_workers
@@ -55,7 +56,8 @@ def main() -> int:
     data_dir = Path(config["data_dir"])
     topics = Topics(config["prefix"])
     directory = StoreDirectory(AccountStore(data_dir))
-    workers = embedded_workers(local, config["passwords"], directory, data_dir, topics, config["history_days"])
+    limits = Limits(**config.get("group_limits", {}))  # of imcli serve's limits, the group worker's
+    workers = embedded_workers(local, config["passwords"], directory, data_dir, topics, config["history_days"], limits)
     with ExitStack() as running:
         for worker in workers:
             running.enter_context(worker)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from imcli.archive.worker import ArchiveWorker
 from imcli.broker.accounts import AccountStore, Role
+from imcli.broker.limits import Limits
 from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.core.rules import ARCHIVE_ACCOUNT, GROUPS_ACCOUNT, PRESENCE_ACCOUNT
 from imcli.core.service import ServiceWorker
@@ -34,16 +35,27 @@ def embedded_workers(
     data_dir: Path,
     topics: Topics,
     history_days: float | None,
+    limits: Limits | None = None,
 ) -> list[ServiceWorker]:
     """The presence, group and archive workers of the embedded default, not yet started
-    (in threads beside the broker, or in imcli/serve/child.py's process)."""
+    (in threads beside the broker, or in imcli/serve/child.py's process); ``limits`` are
+    imcli serve's, of which the group worker takes ``max_groups`` and ``group_rate``."""
+    limits = limits or Limits()
 
     def creds(account: str) -> Credentials:
         return Credentials(account, passwords[account])
 
     return [
         PresenceWorker(local, creds(PRESENCE_ACCOUNT), directory, topics, "embedded"),
-        GroupWorker(local, creds(GROUPS_ACCOUNT), directory, topics, "embedded"),
+        GroupWorker(
+            local,
+            creds(GROUPS_ACCOUNT),
+            directory,
+            topics,
+            "embedded",
+            max_groups=limits.max_groups,
+            group_rate=limits.group_rate,
+        ),
         ArchiveWorker(
             local,
             creds(ARCHIVE_ACCOUNT),
