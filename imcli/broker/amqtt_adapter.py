@@ -41,6 +41,7 @@ from imcli.broker.connection_gate import CONNECTION_ACCEPTED, ConnectionGate
 from imcli.broker.fanout import FanOut, SessionFilters
 from imcli.broker.journal import ArchiveWriter, Journal
 from imcli.broker.notices import Notifier, session_dropped, subscription_refused
+from imcli.broker.output import OutputBound
 from imcli.broker.packets import MalformedPacket, PacketGuard
 from imcli.broker.publish_checks import PublishChecks
 from imcli.broker.retained import RetainedState
@@ -167,6 +168,8 @@ class ImBroker(Broker):
         self.admission.tell = self.notifier.tell
         self.upkeep = SessionUpkeep(self, settings.limits)
         self.filters = SessionFilters()
+        lim = settings.limits
+        self.output = OutputBound(lim.output_drop, lim.output_close, lim.output_stuck)
         self.fan_out = FanOut(
             self._subscriptions,
             self._matches,
@@ -174,6 +177,7 @@ class ImBroker(Broker):
             self._retain_broadcast_message,
             self.access.receive_check,
             puback_waiters,
+            self.output,
         )
         self._journal = Journal(open_archive(settings.data_dir), self.topics, self.access.may_publish)
         self._streams: set[asyncio.StreamWriter] = set()
@@ -223,6 +227,7 @@ class ImBroker(Broker):
         self._upkeep_tasks = [
             asyncio.create_task(self.upkeep.expire_sessions(self.publishing.forget_unsent)),
             asyncio.create_task(self.upkeep.end_revoked_logins()),
+            asyncio.create_task(self.output.run()),
         ]
 
     def _stop_listening(self) -> None:
@@ -250,16 +255,24 @@ class ImBroker(Broker):
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
         self._streams.add(writer)
+        adapter = StreamWriterAdapter(writer)
+        self.output.watch(adapter, writer.transport)  # imcli/broker/output.py
         try:  # amqtt's stream_connected, with the reader kept inside its packets (imcli/broker/packets.py)
             guard = self._guard(StreamReaderAdapter(reader))
-            await self._client_connected(listener_name, guard, StreamWriterAdapter(writer))
+            await self._client_connected(listener_name, guard, adapter)
         finally:
+            self.output.forget(adapter)
             self._streams.discard(writer)
             writer.close()  # amqtt leaves some finished connections open (found by ResourceWarnings)
 
     async def ws_connected(self, websocket: Any, listener_name: str) -> None:
         guard = self._guard(WebSocketsReader(websocket))
-        await self._client_connected(listener_name, guard, WebSocketsWriter(websocket))
+        adapter = WebSocketsWriter(websocket)
+        self.output.watch(adapter, websocket.transport)  # the WebSocket's TCP (or TLS) transport
+        try:
+            await self._client_connected(listener_name, guard, adapter)
+        finally:
+            self.output.forget(adapter)
 
     def _guard(self, inner: Any) -> PacketGuard:
         """amqtt's reader, kept inside well-formed packets (imcli/broker/packets.py)."""

@@ -23,12 +23,14 @@ message; in a busy room most of the broker's time goes to those per-copy costs.
 amqtt's private parts (its subscription table, ``_matches``, ``_get_handler``, its offline
 queueing, a handler's PUBACK waiters) are handed in by the adapter, which lists them.
 
-Where per-connection output bounding (issue 15) plugs in: every copy for a connected
-client goes through ``FanOut.send``, either into ``Deliveries.add`` (QoS 0 and 1 over
-TCP: one buffer per connection, written by ``Deliveries.flush``) or to amqtt's own
-``mqtt_publish`` (QoS 2, WebSocket). A bound checks the connection's pending output
-(``writer.transport.get_write_buffer_size()``) there: drop QoS 0 copies past it, close a
-connection that stays stuck.
+Output per connection is bounded (issue 15, imcli/broker/output.py): every copy for a
+connected client goes through ``FanOut.send``, which asks ``OutputBound.admit`` with the
+bytes the connection already has waiting (its transport's buffer, its copies in this batch,
+its copies in amqtt's publish tasks) before it goes either into ``Deliveries.add`` (QoS 0
+and 1 over TCP: one buffer per connection, written by ``Deliveries.flush``) or to amqtt's
+own ``mqtt_publish`` (QoS 2, WebSocket). A QoS 0 copy past the drop limit is dropped; a
+copy past the close limit closes the connection, and a persistent session's QoS 1 and 2
+copies then go to its offline queue.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from typing import Any
 from amqtt.adapters import StreamWriterAdapter
 from amqtt.errors import AMQTTError
 from amqtt.session import OutgoingApplicationMessage, Session
+
+from imcli.broker.output import OutputBound, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +164,12 @@ class Deliveries:
         self._loop = loop
         self._puback_waiters = puback_waiters
         self._chunks: dict[Any, list[bytes]] = {}
+        self._sizes: dict[Any, int] = {}  # bytes in each connection's chunks
         self._flush_scheduled = False
+
+    def batched(self, handler: Any) -> int:
+        """Bytes of this batch for ``handler``'s connection, not yet written."""
+        return self._sizes.get(handler, 0)
 
     def flush_soon(self) -> None:
         """Write at the end of this event-loop round: copies queued meanwhile share the write."""
@@ -174,6 +183,7 @@ class Deliveries:
             chunks = self._chunks[handler] = []
         if qos == 0:
             chunks.append(message.qos0)
+            self._sizes[handler] = self._sizes.get(handler, 0) + len(message.qos0)
             return
         try:
             packet_id = session.next_packet_id
@@ -182,6 +192,7 @@ class Deliveries:
             return
         self._await_puback(handler, session, packet_id, message)
         chunks += (message.qos1_head, packet_id.to_bytes(2, "big"), message.data)
+        self._sizes[handler] = self._sizes.get(handler, 0) + len(message.qos1_head) + 2 + len(message.data)
 
     def _await_puback(self, handler: Any, session: Session, packet_id: int, message: EncodedPublish) -> None:
         # what amqtt's _handle_qos1_message_flow records, so that its PUBACK handler, its
@@ -213,6 +224,7 @@ class Deliveries:
             except (ConnectionError, RuntimeError) as exc:  # closing: its reader loop ends the session
                 log.debug("delivery to a closing connection dropped: %s", exc)
         self._chunks.clear()
+        self._sizes.clear()
 
 
 class SessionFilters:
@@ -247,8 +259,10 @@ class FanOut:
         queue_offline: Callable[[dict[str, Any], int, Session], Awaitable[None]],
         receive_check: Callable[[str], Callable[[str | None], bool]],
         puback_waiters: Callable[[Any], dict[int, Any]],
+        output: OutputBound | None = None,
     ) -> None:
         self.filters = FilterIndex()
+        self.output = output
         self._subscriptions = subscriptions
         self._matches = matches
         self._get_handler = get_handler
@@ -274,7 +288,7 @@ class FanOut:
         forced_qos = broadcast.get("qos")
         encoded = EncodedPublish(topic, data)
         may_receive = self._receive_check(topic)
-        subscriptions, matches, get_handler = self._subscriptions, self._matches, self._get_handler
+        subscriptions, matches = self._subscriptions, self._matches
         for topic_filter in self.filters.candidates(topic):
             targets = subscriptions.get(topic_filter)
             if targets is None:
@@ -291,10 +305,34 @@ class FanOut:
                     if not session.clean_session and qos in (1, 2) and not session.is_anonymous:
                         await self._queue_offline(broadcast, qos, session)
                     continue
-                handler = get_handler(session)
-                if handler is None:
-                    continue
-                if qos in (0, 1) and isinstance(handler.writer, StreamWriterAdapter):
-                    deliveries.add(handler, session, encoded, qos)
-                else:  # QoS 2, or a transport that needs its drain: amqtt's own path
-                    running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False)))
+                if self._to_connection(encoded, session, qos, deliveries, running_tasks):
+                    await self._queue_offline(broadcast, qos, session)  # its connection is being closed
+
+    def _to_connection(
+        self,
+        encoded: EncodedPublish,
+        session: Session,
+        qos: int,
+        deliveries: Deliveries,
+        running_tasks: Any,
+    ) -> bool:
+        """One copy for a connected client, within its connection's output bound; whether the
+        copy goes to the session's offline queue instead (QoS 1 or 2, persistent, being closed)."""
+        handler = self._get_handler(session)
+        if handler is None:
+            return False
+        if self.output is not None:
+            size = len(encoded.qos0) + (2 if qos else 0)
+            verdict = self.output.admit(
+                handler.writer, session.client_id or "?", qos, size, deliveries.batched(handler)
+            )
+            if verdict is not Verdict.WRITE:
+                return verdict is Verdict.CLOSED and qos in (1, 2) and not session.clean_session
+        if qos in (0, 1) and isinstance(handler.writer, StreamWriterAdapter):
+            deliveries.add(handler, session, encoded, qos)
+        else:  # QoS 2, or a transport that needs its drain: amqtt's own path
+            task = asyncio.ensure_future(handler.mqtt_publish(encoded.topic, encoded.data, qos, retain=False))
+            running_tasks.append(task)
+            if self.output is not None:
+                self.output.in_task(handler.writer, len(encoded.qos0), task)
+        return False

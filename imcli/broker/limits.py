@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 class Limits:
     publish_rate: float = 20.0  # messages per second per account, sustained
     publish_burst: int = 60  # messages an account may send at once
+    # output per connection (imcli/broker/output.py): bytes the broker holds for a client that does not read
+    output_drop: int = 1 << 20  # past it, QoS 0 messages to that connection are dropped
+    output_close: int = 8 << 20  # a message that would take it past this closes the connection
+    output_stuck: float = 60.0  # seconds with output waiting at every check: the connection is closed
     max_subscriptions: int = 100  # per connection
     max_connections: int = 10  # per account (devices and one-shot commands together)
     max_queued: int = 1000  # messages kept for one offline persistent session; the archive keeps the rest

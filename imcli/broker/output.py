@@ -1,0 +1,151 @@
+"""Output bound: what the broker holds for one connection that does not read (issue 15, item 4).
+
+amqtt writes deliveries to a connection without waiting for the client to read them: the
+bytes pile up in the connection's transport (asyncio's write buffer, for TCP, TLS and the
+WebSocket's TCP connection alike) or, on amqtt's own path (QoS 2, WebSocket), in one task per
+copy waiting for its ``drain``. A client that subscribes and never reads grew the broker by
+173 MB in 20 s, freed only when it left (with keep-alive 0, never).
+
+``OutputBound`` keeps, per connection, the bytes waiting to be written: the transport's write
+buffer, the copies of the current fan-out batch not yet handed to it (imcli/broker/fanout.py),
+and the copies in amqtt's publish tasks. Every copy for a connected client asks ``admit``
+first, as Mosquitto's ``max_queued_messages`` and EMQX's force-shutdown policy decide:
+
+* past ``Limits.output_drop`` bytes waiting, QoS 0 copies to that connection are dropped;
+* a copy that would take it past ``Limits.output_close`` closes the connection (aborted: a
+  graceful close would wait for the very buffer that does not drain);
+* a connection that has had output waiting at every check for ``Limits.output_stuck``
+  seconds (checked once a second by ``run``) is closed too, so that a client that stopped
+  reading does not hold its buffer, its session and its task for ever.
+
+Once a connection is closing, its QoS 1 and 2 copies go to its persistent session's offline
+queue (bounded by ``Limits.max_queued``), as for any offline session; a clean session's are
+dropped (the archive has chat). Each connection is logged once when it starts dropping and
+once when it is closed. Workers' connections are bounded too: they read at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class Transport(Protocol):
+    def get_write_buffer_size(self) -> int: ...
+
+    def abort(self) -> None: ...
+
+
+class Verdict(enum.Enum):
+    WRITE = "write"
+    DROP = "drop"  # a QoS 0 copy past the drop limit
+    CLOSED = "closed"  # the connection is being closed: a QoS 1 or 2 copy waits in its session's queue
+
+
+@dataclass
+class Outlet:
+    """One connection's output: its transport, the bytes in amqtt's publish tasks, and what was logged."""
+
+    transport: Transport
+    label: str = "a connection"
+    in_tasks: int = 0
+    waiting_since: float | None = None  # first check that found output waiting, since it last found none
+    dropping: bool = False
+    closing: bool = False
+    dropped: int = 0
+
+    def waiting(self) -> int:
+        return self.transport.get_write_buffer_size() + self.in_tasks
+
+
+class OutputBound:
+    """The bytes each connection has waiting, and what becomes of one more copy for it."""
+
+    def __init__(self, drop_at: int, close_at: int, stuck_after: float) -> None:
+        self.drop_at = drop_at
+        self.close_at = close_at
+        self.stuck_after = stuck_after
+        self._outlets: dict[Any, Outlet] = {}  # by amqtt's writer adapter (a handler's ``writer``)
+        self.closed: list[str] = []  # labels of the connections closed, oldest first (for tests)
+        self.peak = 0  # the most bytes seen waiting for one connection
+
+    def watch(self, writer: Any, transport: Transport) -> None:
+        self._outlets[writer] = Outlet(transport)
+
+    def forget(self, writer: Any) -> None:
+        outlet = self._outlets.pop(writer, None)
+        if outlet is not None and outlet.dropped:
+            log.info("%s: %d QoS 0 messages dropped while it did not read", outlet.label, outlet.dropped)
+
+    def waiting(self, writer: Any) -> int:
+        outlet = self._outlets.get(writer)
+        return 0 if outlet is None else outlet.waiting()
+
+    def largest(self) -> int:
+        """The most bytes one connection has waiting now."""
+        return max((outlet.waiting() for outlet in list(self._outlets.values())), default=0)
+
+    def admit(self, writer: Any, label: str, qos: int, size: int, batched: int = 0) -> Verdict:
+        """Whether a copy of ``size`` bytes may be written to the connection of ``writer``,
+        which already has ``batched`` bytes in the current batch (not yet in its transport)."""
+        outlet = self._outlets.get(writer)
+        if outlet is None:
+            return Verdict.WRITE
+        if outlet.closing:
+            return Verdict.CLOSED
+        outlet.label = label
+        waiting = outlet.waiting() + batched
+        self.peak = max(self.peak, waiting)
+        if waiting + size > self.close_at:
+            self._close(outlet, f"{waiting} bytes waiting, the limit is {self.close_at}")
+            return Verdict.CLOSED
+        if qos == 0 and waiting > self.drop_at:
+            if not outlet.dropping:
+                outlet.dropping = True
+                log.warning("%s does not read: QoS 0 messages to it are dropped (%d bytes waiting)", label, waiting)
+            outlet.dropped += 1
+            return Verdict.DROP
+        return Verdict.WRITE
+
+    def in_task(self, writer: Any, size: int, task: asyncio.Future[Any]) -> None:
+        """A copy handed to amqtt's own ``mqtt_publish`` (its bytes wait in ``task`` until written)."""
+        outlet = self._outlets.get(writer)
+        if outlet is None:
+            return
+        outlet.in_tasks += size
+
+        def done(_: asyncio.Future[Any]) -> None:
+            outlet.in_tasks -= size
+
+        task.add_done_callback(done)
+
+    def check(self, now: float) -> None:
+        """Close the connections that have had output waiting at every check for ``stuck_after`` seconds."""
+        for outlet in list(self._outlets.values()):
+            if outlet.closing:
+                continue
+            waiting = outlet.waiting()
+            self.peak = max(self.peak, waiting)
+            if not waiting:
+                outlet.waiting_since = None
+            elif outlet.waiting_since is None:
+                outlet.waiting_since = now
+            elif now - outlet.waiting_since >= self.stuck_after:
+                self._close(outlet, f"{waiting} bytes waiting for {now - outlet.waiting_since:.0f} s")
+
+    async def run(self, period: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(min(period, self.stuck_after / 2))
+            self.check(time.monotonic())
+
+    def _close(self, outlet: Outlet, why: str) -> None:
+        outlet.closing = True
+        self.closed.append(outlet.label)
+        log.warning("closing %s: it does not read (%s)", outlet.label, why)
+        outlet.transport.abort()  # its reader sees the end: amqtt ends the session (and fires its Will)

@@ -1,0 +1,165 @@
+"""A client that never reads cannot grow the broker (issue 15, item 4; imcli/broker/output.py).
+
+A raw socket subscribes to the lobby, with a tiny receive buffer, and never reads again while
+alice floods the lobby. What the broker holds for it is sampled from the transports it writes
+to (the broker runs in this process): it stays under the configured bound, the connection is
+dropped or closed as configured, and bob, who reads, gets every message.
+
+Embedded broker only: Mosquitto bounds this itself (max_queued_messages, deploy/mosquitto).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from imcli.broker.accounts import AccountStore
+from imcli.broker.limits import Limits
+from imcli.broker.output import OutputBound
+from imcli.broker.server import BrokerSettings
+from imcli.serve.host import BackgroundServer, ServeInfo
+from tests.rawmqtt import Raw, chat, connect_packet, connect_raw, field, packet, password_of, read_packets, wait_until
+
+DROP, CLOSE = 64 * 1024, 512 * 1024
+SIZE = 8 * 1024  # bytes of each flood message's payload
+FLOOD = 1500  # 12 MB: far past what the kernel's socket buffers absorb
+TOPIC = "im/room/lobby/alice"
+
+
+def serve(tmp_path: Path, stuck: float) -> BackgroundServer:
+    limits = Limits(publish_rate=1e6, publish_burst=10**6, output_drop=DROP, output_close=CLOSE, output_stuck=stuck)
+    return BackgroundServer(BrokerSettings(data_dir=tmp_path / "data", port=0, limits=limits))
+
+
+def output_of(info: ServeInfo) -> OutputBound:
+    assert info.broker is not None
+    return info.broker.output
+
+
+class Sampler:
+    """The most bytes any connection had waiting in its transport, sampled from another thread."""
+
+    def __init__(self, output: OutputBound) -> None:
+        self.output = output
+        self.most = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.most = max(self.most, self.output.largest())
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def never_reading(info: ServeInfo, name: str, client_id: str, qos: int, *, clean: bool = True) -> socket.socket:
+    """A raw socket logged in and subscribed to the lobby at ``qos``, which will read no more."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(20)
+    sock.connect((info.address.host, info.address.port))
+    hello = bytearray(connect_packet(client_id.encode(), name.encode(), password_of(name).encode(), keepalive=0))
+    if not clean:
+        hello[2 + 2 + 4 + 1] &= ~0x02  # the connect flags: no clean session
+    sock.sendall(bytes(hello))
+    got, closed = read_packets(sock, lambda p: len(p) >= 1)
+    assert not closed and got[0] == (0x20, b"\x00\x00"), got
+    sock.sendall(packet(0x82, (1).to_bytes(2, "big") + field(b"im/room/lobby/+") + bytes([qos])))
+    got, closed = read_packets(sock, lambda p: len(p) >= 1)
+    assert not closed and got[0][0] == 0x90, got
+    return sock
+
+
+@pytest.fixture
+def people(tmp_path: Path) -> None:
+    store = AccountStore(tmp_path / "data")
+    for name in ("alice", "bob", "mallory"):
+        store.add(name, password_of(name))
+
+
+def flood(info: ServeInfo, bob: Raw) -> list[bytes]:
+    """alice sends FLOOD messages to the lobby; bob, who reads, must get every one of them."""
+    alice = connect_raw(info.address.host, info.address.port, "alice", "alice:flood")
+    try:
+        sent = [chat(f"{i} " + "x" * SIZE) for i in range(FLOOD)]
+        infos = [alice.client.publish(TOPIC, payload, qos=1) for payload in sent]
+        for published in infos:
+            published.wait_for_publish(60)
+        got: set[bytes] = set()
+
+        def everything() -> bool:
+            while not bob.messages.empty():
+                got.add(bytes(bob.messages.get().payload))
+            return len(got) >= FLOOD
+
+        assert wait_until(everything, 120), f"bob got {len(got)} of {FLOOD}"
+        assert got == set(sent)
+        return sent
+    finally:
+        alice.close()
+
+
+def reader(info: ServeInfo) -> Raw:
+    bob = connect_raw(info.address.host, info.address.port, "bob", "bob:phone")
+    assert bob.subscribe("im/room/lobby/+") == 1
+    return bob
+
+
+def test_a_qos1_reader_that_never_reads_is_closed_at_the_limit(tmp_path: Path, people: None) -> None:
+    with serve(tmp_path, stuck=3600) as info:
+        bob = reader(info)
+        slow = never_reading(info, "mallory", "mallory:slow", qos=1)
+        try:
+            with Sampler(output_of(info)) as sampler:
+                flood(info, bob)
+                assert wait_until(lambda: "mallory:slow" in output_of(info).closed, 60)
+            assert sampler.most <= CLOSE, f"{sampler.most} bytes waiting for one connection"
+            _, closed = read_packets(slow, lambda p: False)  # what it has, then the end
+            assert closed
+        finally:
+            slow.close()
+            bob.close()
+
+
+def test_qos0_copies_to_a_reader_that_never_reads_are_dropped_then_it_is_closed_as_stuck(
+    tmp_path: Path, people: None
+) -> None:
+    with serve(tmp_path, stuck=1.0) as info:
+        bob = reader(info)
+        slow = never_reading(info, "mallory", "mallory:slow", qos=0)
+        try:
+            with Sampler(output_of(info)) as sampler:
+                flood(info, bob)
+                assert wait_until(lambda: "mallory:slow" in output_of(info).closed, 60)
+            assert sampler.most <= DROP + SIZE + 1024, f"{sampler.most} bytes waiting for one connection"
+        finally:
+            slow.close()
+            bob.close()
+
+
+def test_a_persistent_session_closed_for_not_reading_keeps_the_rest_in_its_queue(tmp_path: Path, people: None) -> None:
+    with serve(tmp_path, stuck=3600) as info:
+        bob = reader(info)
+        slow = never_reading(info, "mallory", "mallory:slow", qos=1, clean=False)
+        try:
+            sent = flood(info, bob)
+            assert wait_until(lambda: "mallory:slow" in output_of(info).closed, 60)
+        finally:
+            slow.close()
+            bob.close()
+        again = connect_raw(info.address.host, info.address.port, "mallory", "mallory:slow", clean=False)
+        try:
+            assert again.rc == 0
+            last = again.until(TOPIC, sent[-1], timeout=60)  # queued after the close (at most Limits.max_queued)
+            assert last
+        finally:
+            again.close()
