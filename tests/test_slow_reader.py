@@ -15,6 +15,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from websockets import Subprotocol
+from websockets.sync.client import connect as ws_connect
 
 from imcli.broker.accounts import AccountStore
 from imcli.broker.limits import Limits
@@ -29,9 +31,9 @@ FLOOD = 1500  # 12 MB: far past what the kernel's socket buffers absorb
 TOPIC = "im/room/lobby/alice"
 
 
-def serve(tmp_path: Path, stuck: float) -> BackgroundServer:
+def serve(tmp_path: Path, stuck: float, ws_port: int | None = None) -> BackgroundServer:
     limits = Limits(publish_rate=1e6, publish_burst=10**6, output_drop=DROP, output_close=CLOSE, output_stuck=stuck)
-    return BackgroundServer(BrokerSettings(data_dir=tmp_path / "data", port=0, limits=limits))
+    return BackgroundServer(BrokerSettings(data_dir=tmp_path / "data", port=0, limits=limits, ws_port=ws_port))
 
 
 def output_of(info: ServeInfo) -> OutputBound:
@@ -163,3 +165,26 @@ def test_a_persistent_session_closed_for_not_reading_keeps_the_rest_in_its_queue
             assert last
         finally:
             again.close()
+
+
+def test_a_websocket_reader_that_never_reads_is_closed_at_the_limit(tmp_path: Path, people: None) -> None:
+    """Over WebSocket amqtt writes each copy in a task of its own that waits for the socket:
+    the copies waiting there count as well as the transport's buffer."""
+    with serve(tmp_path, stuck=3600, ws_port=0) as info:
+        assert info.ws_port is not None
+        bob = reader(info)
+        slow = ws_connect(f"ws://127.0.0.1:{info.ws_port}/", subprotocols=[Subprotocol("mqtt")], max_queue=1)
+        try:
+            hello = connect_packet(b"mallory:ws", b"mallory", password_of("mallory").encode(), keepalive=0)
+            slow.send(hello)
+            assert slow.recv(timeout=20) == b"\x20\x02\x00\x00"
+            slow.send(packet(0x82, (1).to_bytes(2, "big") + field(b"im/room/lobby/+") + bytes([1])))
+            suback = slow.recv(timeout=20)
+            assert isinstance(suback, bytes) and suback[0] == 0x90  # from here on it reads no more
+            with Sampler(output_of(info)) as sampler:
+                flood(info, bob)
+                assert wait_until(lambda: "mallory:ws" in output_of(info).closed, 60)
+            assert sampler.most <= CLOSE, f"{sampler.most} bytes waiting for one connection"
+        finally:
+            slow.socket.close()
+            bob.close()
