@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -86,6 +86,16 @@ def serve(
     max_rate: Annotated[float, typer.Option(help="Messages per second per account (bursts of 3 s allowed).")] = 20.0,
     max_connections: Annotated[int, typer.Option(help="Connections per account.")] = 10,
     max_subscriptions: Annotated[int, typer.Option(help="Subscriptions per connection.")] = 100,
+    max_output: Annotated[
+        int,
+        typer.Option(
+            help="Bytes waiting for one connection that does not read before it is closed "
+            "(QoS 0 messages to it are dropped past an eighth of this)."
+        ),
+    ] = 8 << 20,
+    output_timeout: Annotated[
+        float, typer.Option(help="Seconds a connection may keep output waiting, unread, before it is closed.")
+    ] = 60.0,
     max_sessions: Annotated[
         int, typer.Option(help="Persistent sessions per account (past it, the longest idle one is dropped).")
     ] = 20,
@@ -162,6 +172,7 @@ def serve(
             publish_burst=max(1, int(max_rate * 3)),
             max_subscriptions=max_subscriptions,
             max_connections=max_connections,
+            **output_bound(max_output, output_timeout, max_payload),
             registrations_per_hour=registrations_per_hour,
             **account_quotas(max_sessions, max_statuses, max_status_bytes, max_groups, group_rate),
         ),
@@ -205,6 +216,15 @@ def account_quotas(sessions: int, statuses: int, status_bytes: int, groups: int,
         "max_groups": groups,
         "group_rate": group_rate,
     }
+
+
+def output_bound(max_output: int, timeout: float, max_payload: int) -> dict[str, Any]:
+    """imcli serve's bound on what one connection that does not read holds (issue 15), as ``Limits`` fields."""
+    if max_output < max(1 << 16, 4 * max_payload) or timeout <= 0:
+        raise InvalidInput(
+            "output limits too small", "--max-output >= 64 KiB and 4 times --max-payload, --output-timeout > 0"
+        )
+    return {"output_drop": max_output // 8, "output_close": max_output, "output_stuck": timeout}
 
 
 # ---------------------------------------------------------------- accounts
