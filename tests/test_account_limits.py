@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from imcli.core.rules import GROUP_CREATION_WINDOW, group_creation_refusal
 from imcli.core.wire import DeviceStatus, GroupRequest, encode
 from imcli.serve.host import BackgroundServer, ServeInfo
 from tests.conftest import Cli
-from tests.rawmqtt import Raw, connect_raw, password_of, wait_until
+from tests.rawmqtt import Raw, chat, connect_raw, field, packet, password_of, read_packets, wait_until
 
 LIMITS = Limits(max_sessions=3, max_retained=3, max_status=256, max_groups=2, group_rate=3)
 STATUS = encode(DeviceStatus(interval=30))
@@ -206,6 +207,25 @@ def test_groups_owned_and_created_per_account_are_limited(connect: Connect, limi
     bob = connect("bob", "bob:x")  # others are not affected
     assert bob.subscribe("im/user/bob/reply/+") == 1
     assert ask(bob, GroupRequest(op="create", group="g4"))["type"] == "group_reply"
+
+
+# ---------------------------------------------------------------- keep-alive
+
+
+def test_a_client_silent_past_its_keep_alive_is_closed_and_its_will_fires(connect: Connect, limited: ServeInfo) -> None:
+    """amqtt 0.12.1 ignores a read timeout: a client that went silent stayed connected for ever."""
+    bob = connect("bob", "bob:x")
+    assert bob.subscribe("im/room/lobby/+") == 1
+    will = chat("gone")
+    flags = 0x02 | 0x04 | 0x08 | 0x80 | 0x40  # clean, Will at QoS 1, username, password
+    body = field(b"MQTT") + bytes([4, flags]) + (1).to_bytes(2, "big") + field(b"alice:silent")  # keep-alive 1 s
+    body += field(b"im/room/lobby/alice") + field(will) + field(b"alice") + field(password_of("alice").encode())
+    with socket.create_connection((limited.address.host, limited.address.port)) as sock:
+        sock.settimeout(30)  # far beyond the 1.5 x 1 s (at least 2 s more) the broker waits
+        sock.sendall(packet(0x10, body))
+        got, closed = read_packets(sock, lambda got: len(got) > 1)  # the CONNACK, then nothing but the end
+    assert got == [(0x20, b"\x00\x00")] and closed
+    assert bob.expect("im/room/lobby/alice").payload == will
 
 
 # ---------------------------------------------------------------- the decisions, and the options

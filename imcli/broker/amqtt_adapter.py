@@ -111,11 +111,20 @@ class AckAfterJournal(BrokerProtocolHandler):
 
     before_ack: Any = None  # (Session, ApplicationMessage) -> None
     will: Will | None = None
+    _silent_close: asyncio.Task[None] | None = None
 
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
         if app_message.direction == INCOMING and self.before_ack is not None and self.session is not None:
             self.before_ack(self.session, app_message)
         await super()._handle_qos1_message_flow(app_message)
+
+    def handle_read_timeout(self) -> None:
+        """Nothing came from the client for its keep-alive (plus the grace ``ImBroker`` adds):
+        it is gone, and the connection is closed (MQTT-3.1.2-24); its reader loop then ends as
+        on EOF and its Last Will fires. amqtt's does nothing: a silent client stayed for ever."""
+        if self._silent_close is None and self.writer is not None:
+            log.info("%s: nothing heard within its keep-alive, closing", self.session and self.session.client_id)
+            self._silent_close = asyncio.ensure_future(self.writer.close())
 
 
 class LightSession(Session):
@@ -328,8 +337,8 @@ class ImBroker(Broker):
             handler.before_ack = self._before_ack
             handler.will = will_of(incoming)
         delay = self.config.timeout_disconnect_delay or 0
-        if session.keep_alive > 0 and isinstance(delay, int):
-            session.keep_alive += delay
+        if session.keep_alive > 0 and isinstance(delay, int):  # the read timeout: 1.5 times, at least 2 s more
+            session.keep_alive += max(delay, session.keep_alive // 2)  # (MQTT-3.1.2-24; AckAfterJournal closes)
         return handler, session
 
     async def _handle_client_session(

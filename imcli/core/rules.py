@@ -95,7 +95,8 @@ def group_creation_refusal(
     group worker's clock). The words are what the CLI prints after ``Error:``.
     """
     if owned >= max_owned:
-        return f"you own {owned} groups, the most allowed (leave one, or hand it over, before creating another)"
+        groups = "group" if owned == 1 else "groups"
+        return f"you own {owned} {groups}, the most allowed (leave one, or hand it over, before creating another)"
     if sum(1 for at in recent if now - at < GROUP_CREATION_WINDOW) >= per_minute:
         return f"too many new groups: at most {per_minute} a minute (try again in a minute)"
     return None
