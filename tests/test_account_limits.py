@@ -122,6 +122,15 @@ def test_a_new_persistent_session_is_refused_when_every_one_is_connected(connect
     assert connect("bob", "bob:1", clean=False).rc == 0  # others are not affected
 
 
+def test_a_connection_past_the_limit_is_refused_and_the_account_told(connect: Connect) -> None:
+    first = connect("alice", "alice:0")
+    assert first.subscribe("im/user/alice/notice") == 1
+    assert [connect("alice", f"alice:{n}").rc for n in range(1, LIMITS.max_connections)] == [0] * 9
+    assert connect("alice", "alice:extra").rc == 5
+    told = notice(first)
+    assert told["code"] == "limit" and "alice:extra" in told["text"] and "at most 10 connections" in told["text"]
+
+
 # ---------------------------------------------------------------- retained statuses
 
 

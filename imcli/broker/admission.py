@@ -25,7 +25,7 @@ from amqtt.session import Session
 
 from imcli.broker.connection_gate import CONNECTION_ACCEPTED, NOT_AUTHORIZED, ConnectionGate
 from imcli.broker.limits import Limits
-from imcli.broker.notices import Telling, session_refused
+from imcli.broker.notices import Telling, connection_refused, session_refused
 from imcli.broker.topic_access import TopicAccess
 
 log = logging.getLogger(__name__)
@@ -79,12 +79,12 @@ class Admission:
         replaces_own = (  # a reconnect of the same client id replaces its own connection
             current is not None and current.username == incoming.username and current.transitions.state == "connected"
         )
-        if self.too_many_connections(incoming.username or "", replaces_own):
-            log.warning(
-                "CONNECT refused for %r: %d connections already", incoming.username, self.limits.max_connections
-            )
-            return NOT_AUTHORIZED, trusted
         account, client_id = incoming.username or "", incoming.client_id or ""
+        if self.too_many_connections(account, replaces_own):
+            log.warning("CONNECT refused for %r: %d connections already", account, self.limits.max_connections)
+            if self.tell is not None:  # its connected clients hear why (the new one gets CONNACK 5)
+                await self.tell(account, connection_refused(client_id, self.limits.max_connections))
+            return NOT_AUTHORIZED, trusted
         limit = self.limits.max_sessions
         if not incoming.clean_session and refuse_new_session(persistent_of(account), client_id, limit):
             log.warning(

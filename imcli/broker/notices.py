@@ -56,6 +56,10 @@ def session_dropped(client_id: str, limit: int) -> Telling:
     )
 
 
+def connection_refused(client_id: str, limit: int) -> Telling:
+    return Telling("limit", f"new connection {client_id} refused: at most {limit} connections per account")
+
+
 def session_refused(client_id: str, limit: int) -> Telling:
     return Telling("limit", f"new persistent session {client_id} refused: {limit} per account, all connected")
 
