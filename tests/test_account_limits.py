@@ -205,7 +205,7 @@ def test_groups_owned_and_created_per_account_are_limited(connect: Connect, limi
     cli.login("alice")
     result = cli("group", "create", "g3")
     assert result.exit_code == 1
-    assert "Error: you own 2 groups, the most allowed (leave one, or hand it over" in result.output
+    assert "Error: you own 2 groups, the most allowed (leaving one passes it" in result.output
 
     assert ask(alice, GroupRequest(op="leave", group="g1"))["type"] == "group_reply"  # deleted: one owned
     assert ask(alice, GroupRequest(op="create", group="g3"))["type"] == "group_reply"  # the third this minute

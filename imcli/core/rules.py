@@ -96,7 +96,8 @@ def group_creation_refusal(
     """
     if owned >= max_owned:
         groups = "group" if owned == 1 else "groups"
-        return f"you own {owned} {groups}, the most allowed (leave one, or hand it over, before creating another)"
+        hint = "leaving one passes it to its next admin, or ends it, and makes room"
+        return f"you own {owned} {groups}, the most allowed ({hint})"
     if sum(1 for at in recent if now - at < GROUP_CREATION_WINDOW) >= per_minute:
         return f"too many new groups: at most {per_minute} a minute (try again in a minute)"
     return None
