@@ -173,7 +173,8 @@ def test_register_where_the_operator_makes_accounts(
         result = cli_as("x")("register", "newbie", *port_args(server), env={"IMCLI_PASSWORD": "newbie-password"})
     assert result.exit_code == 1
     assert result.stderr.strip() == (
-        "Error: registration is closed on this broker (ask its operator to make the account: "
+        "Error: registration is closed on this broker, or needs an invite code (code 5) (give --invite CODE if "
+        "its operator gave you one, or ask them to make the account: "
         "'imcli admin user add NAME' for imcli serve, mosquitto_passwd for Mosquitto)"
     )
     assert not (cli_as("x").config_dir / "profile.json").exists()

@@ -76,7 +76,14 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
         data_dir=tmp_path_factory.mktemp("frames") / "data",
         port=0,
         packet_timeout=DEADLINE,
-        limits=Limits(publish_rate=10_000.0, publish_burst=10_000, max_connections=1000),
+        # the fuzzed CONNECTs' wrong passwords would otherwise throttle mallory's logins (tests/test_logins.py)
+        limits=Limits(
+            publish_rate=10_000.0,
+            publish_burst=10_000,
+            max_connections=1000,
+            login_failures=1_000_000,
+            address_failures=1_000_000,
+        ),
     )
     with BackgroundServer(broker_settings) as info:
         store = AccountStore(info.data_dir)

@@ -18,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import websockets
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter, WebSocketsReader, WebSocketsWriter
 from amqtt.broker import Broker, RetainedApplicationMessage
-from amqtt.contexts import Action
+from amqtt.contexts import Action, ListenerType
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import ConnackPacket
@@ -37,12 +39,13 @@ from transitions import MachineError
 from imcli.broker.accounts import AccountStore
 from imcli.broker.acl import Access, TopicAcl
 from imcli.broker.admission import Admission
-from imcli.broker.connection_gate import CONNECTION_ACCEPTED, ConnectionGate
+from imcli.broker.connection_gate import CONNECTION_ACCEPTED, ConnectionGate, shown_username
 from imcli.broker.fanout import FanOut, SessionFilters
 from imcli.broker.journal import ArchiveWriter, Journal
 from imcli.broker.notices import Notifier, session_dropped, subscription_refused
 from imcli.broker.output import OutputBound
 from imcli.broker.packets import MalformedPacket, PacketGuard
+from imcli.broker.pending import PendingConnections
 from imcli.broker.publish_checks import PublishChecks
 from imcli.broker.retained import RetainedState
 from imcli.broker.session_upkeep import SessionUpkeep
@@ -73,6 +76,7 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
         _B, "Broker", "overridden", "_publish_session_retained_messages _publish_retained_messages_for_subscription"
     ),
     *_names(_B, "Broker", "overridden", "_del_all_subscriptions _del_subscription _handle_disconnect"),
+    *_names(_B, "Broker", "overridden", "_create_server_instance"),  # the listen backlog
     *_names(_B, "Broker", "called", "_client_connected _client_message_loop _delete_session _broadcast_message"),
     *_names(_B, "Broker", "called", "_stop_handler"),  # by _handle_disconnect
     *_names(_B, "Broker", "called", "_matches _get_handler"),  # handed to fanout.FanOut
@@ -167,7 +171,7 @@ class ImBroker(Broker):
         self._subscriptions = SubscriptionTable()
         self.access = TopicAccess(self.topics, self._accounts.cached_role)
         # the Last Will's topic is checked at CONNECT without group or friend records
-        gate = ConnectionGate(self._accounts, TopicAcl(self.topics), settings.registration)
+        gate = ConnectionGate(self._accounts, TopicAcl(self.topics), settings.registration, settings.limits)
         self.admission = Admission(gate, self.access, settings.limits)
         self.retained = RetainedState(settings.data_dir, self.access, settings.limits)
         self.publishing = PublishChecks(
@@ -190,6 +194,7 @@ class ImBroker(Broker):
         )
         self._journal = Journal(open_archive(settings.data_dir), self.topics, self.access.may_publish)
         self._streams: set[asyncio.StreamWriter] = set()
+        self.pending = PendingConnections(settings.limits.pending_per_address, settings.limits.max_pending)
         self._upkeep_tasks: list[asyncio.Task[None]] = []
 
     # ---------------------------------------------------------------- public: host, tests, upkeep
@@ -239,6 +244,32 @@ class ImBroker(Broker):
             asyncio.create_task(self.output.run()),
         ]
 
+    async def _create_server_instance(
+        self, listener_name: str, listener_type: Any, address: str | None, port: int, ssl_context: Any
+    ) -> Any:
+        # amqtt's, with a listen backlog: asyncio's default of 100 makes a flood of silent
+        # sockets overflow the kernel's queue, and real clients' SYNs wait seconds for a retry
+        backlog = self.settings.limits.listen_backlog
+        if listener_type == ListenerType.TCP:
+            return await asyncio.start_server(
+                partial(self.stream_connected, listener_name=listener_name),
+                address,
+                port,
+                reuse_address=True,
+                ssl=ssl_context,
+                backlog=backlog,
+            )
+        if listener_type == ListenerType.WS:
+            return await websockets.serve(
+                partial(self.ws_connected, listener_name=listener_name),
+                address,
+                port,
+                ssl=ssl_context,
+                subprotocols=[websockets.Subprotocol("mqtt")],
+                backlog=backlog,
+            )
+        return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
+
     def _stop_listening(self) -> None:
         for server in self._servers.values():
             if server.instance is not None:
@@ -265,11 +296,13 @@ class ImBroker(Broker):
     ) -> None:
         self._streams.add(writer)
         adapter = StreamWriterAdapter(writer)
+        self.pending.arrived(adapter, _peer_host(writer.get_extra_info("peername")), writer.transport.abort)
         self.output.watch(adapter, writer.transport)  # imcli/broker/output.py
         try:  # amqtt's stream_connected, with the reader kept inside its packets (imcli/broker/packets.py)
             guard = self._guard(StreamReaderAdapter(reader))
             await self._client_connected(listener_name, guard, adapter)
         finally:
+            self.pending.done(adapter)
             self.output.forget(adapter)
             self._streams.discard(writer)
             writer.close()  # amqtt leaves some finished connections open (found by ResourceWarnings)
@@ -277,10 +310,12 @@ class ImBroker(Broker):
     async def ws_connected(self, websocket: Any, listener_name: str) -> None:
         guard = self._guard(WebSocketsReader(websocket))
         adapter = WebSocketsWriter(websocket)
+        self.pending.arrived(adapter, _peer_host(websocket.remote_address), websocket.transport.abort)
         self.output.watch(adapter, websocket.transport)  # the WebSocket's TCP (or TLS) transport
         try:
             await self._client_connected(listener_name, guard, adapter)
         finally:
+            self.pending.done(adapter)
             self.output.forget(adapter)
 
     def _guard(self, inner: Any) -> PacketGuard:
@@ -301,6 +336,8 @@ class ImBroker(Broker):
         except (AMQTTError, MQTTError, NoDataError, TimeoutError, MalformedPacket, UnicodeDecodeError) as exc:
             log.info("bad CONNECT from %s:%s: %s", remote_address, remote_port, exc or "none in time")
             raise AMQTTError(exc) from exc
+        finally:
+            self.pending.done(writer)  # its CONNECT is read (or it never will be)
 
         # a CONNECT refused on its form alone (a client id past Limits.max_client_id) is not looked at further
         refusal = reader.connect_refusal if isinstance(reader, PacketGuard) else CONNECTION_ACCEPTED
@@ -317,7 +354,7 @@ class ImBroker(Broker):
             # refuse before any existing session is deleted, merged or taken over
             await ConnackPacket.build(0, code).to_stream(writer)
             await writer.close()
-            raise MQTTError(f"CONNECT refused ({code}) for {incoming.username!r}")
+            raise MQTTError(f"CONNECT refused ({code}) for {shown_username(incoming.username)!r}")
 
         session = incoming  # from here on, amqtt's own handling of the session
         if incoming.clean_session:
@@ -538,6 +575,11 @@ class ImBroker(Broker):
         if topic_name:
             kept = topic_name in self._retained_messages
             self.retained.changed(topic_name, bytes(data or b""), qos or 0, kept=kept)
+
+
+def _peer_host(peer: Any) -> str | None:
+    """The host part of a socket's peer name (an (address, port, …) tuple, or None)."""
+    return str(peer[0]) if isinstance(peer, tuple) and peer else None
 
 
 async def _publish_all(handler: BrokerProtocolHandler, messages: list[tuple[str, bytes, int]], *, retain: bool) -> None:

@@ -8,20 +8,32 @@ after reading the CONNECT, and refuses with its CONNACK code before any of that 
 
 A CONNECT is accepted when the password verifies, the client id is ``<account>`` or
 ``<account>:<device>`` (or empty, then one is assigned), and a Last Will, if any, is on a
-topic the account may publish to. With open registration, username ``register:<name>``
-creates the account ``<name>`` with the given password.
+topic the account may publish to. Username ``register:<name>`` creates the account ``<name>``
+with the given password when registration is open; ``register:<name>:<code>`` when it
+needs an invite code (imcli/broker/invites.py); never when it is closed.
+
+Before any password is checked, the throttles of imcli/broker/throttle.py decide whether
+the attempt may be checked at all: past its free failures an (account, address), an account
+or an address waits a doubling delay, and is refused meanwhile with CONNACK 3 (server
+unavailable) without its password being looked at; a busy password checker refuses with
+CONNACK 3 too. Registrations are limited per address and hour. A failed login is logged
+with its account name and address, never its password (nor an invite code).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
+import time
+from collections.abc import Callable
 
 from amqtt.session import Session
 
 from imcli.broker.accounts import AccountStore, Role
 from imcli.broker.acl import Access, TopicAcl
+from imcli.broker.invites import InviteStore
+from imcli.broker.limits import Limits
+from imcli.broker.throttle import Busy, LoginThrottle, PasswordChecks, WindowCount, address_key
 from imcli.core.errors import ImcliError
 from imcli.core.rules import REGISTER_PREFIX
 from imcli.core.wire import client_id_account
@@ -31,11 +43,20 @@ log = logging.getLogger(__name__)
 # MQTT 3.1.1 CONNACK return codes (section 3.2.2.3)
 CONNECTION_ACCEPTED = 0
 IDENTIFIER_REJECTED = 2
+SERVER_UNAVAILABLE = 3  # throttled (too many failures or registrations) or too many password checks at once
 BAD_USERNAME_PASSWORD = 4
 NOT_AUTHORIZED = 5
 
 AMQTT_RANDOM_ID = "amqtt/"  # amqtt.utils.gen_client_id's prefix for CONNECTs with an empty client id
-REGISTRATION_MODES = ("open", "closed")  # "closed": accounts are made by the operator only
+# "open": anyone may register; "invite": with a code from `imcli admin invite`; "closed": the operator only
+REGISTRATION_MODES = ("open", "invite", "closed")
+
+
+def shown_username(username: str | None) -> str | None:
+    """A CONNECT's username as logs may show it: an invite code (``register:<name>:<code>``) cut off."""
+    if username and username.startswith(REGISTER_PREFIX) and ":" in username.removeprefix(REGISTER_PREFIX):
+        return username[: username.index(":", len(REGISTER_PREFIX))] + ":…"
+    return username
 
 
 def bound_client_id(username: str, client_id: str | None, clean_session: bool | None) -> str | None:
@@ -59,12 +80,25 @@ def will_allowed(acl: TopicAcl, username: str, role: Role, topic: str, retain: b
 class ConnectionGate:
     """``acl`` checks a Last Will's topic at CONNECT (without group or friend records: issue 15)."""
 
-    def __init__(self, store: AccountStore, acl: TopicAcl, registration: str) -> None:
+    def __init__(
+        self,
+        store: AccountStore,
+        acl: TopicAcl,
+        registration: str,
+        limits: Limits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if registration not in REGISTRATION_MODES:
-            raise ValueError(f"registration must be 'open' or 'closed', not {registration!r}")
+            raise ValueError(f"registration must be one of {', '.join(REGISTRATION_MODES)}, not {registration!r}")
+        limits = limits or Limits()
         self.store = store
         self.acl = acl
         self.registration = registration
+        self.invites = InviteStore(store.data_dir)
+        self.throttle = LoginThrottle(limits)
+        self.registrations = WindowCount(limits.registrations_per_hour, 3600.0, limits.throttle_entries)
+        self.checks = PasswordChecks(limits.password_checks, limits.password_queue)
+        self.clock = clock
 
     async def check(self, connect: Session) -> int:
         """The CONNACK return code this CONNECT (amqtt's ``Session`` as its decoder filled it in)
@@ -77,16 +111,35 @@ class ConnectionGate:
                 password = password.decode("utf-8")
             except UnicodeDecodeError:
                 return BAD_USERNAME_PASSWORD
+        address = address_key(getattr(connect, "remote_address", None))
         if username.startswith(REGISTER_PREFIX):
-            return await self._register(connect, username.removeprefix(REGISTER_PREFIX), password)
+            return await self._register(connect, username.removeprefix(REGISTER_PREFIX), password, address)
 
+        # workers' service accounts have random 192-bit passwords: guessing them is hopeless,
+        # and throttling them would let anyone on their address lock the workers out
+        trusted = self.store.cached_role(username) is Role.SERVICE
+        if not trusted and (left := self.throttle.wait(username, address, self.clock())) > 0:
+            log.info("login refused for %r from %s: too many failed logins, %.0f s to wait", username, address, left)
+            return SERVER_UNAVAILABLE
         # a login verified before is recalled in the event loop; anything else costs argon2 in a thread
         account = self.store.recall(username, password)
         if account is None:
-            account = await asyncio.to_thread(self.store.verify, username, password)
+            try:
+                account = await self.checks.run(lambda: self.store.verify(username, password))
+            except Busy:
+                log.warning("login refused for %r from %s: too many password checks at once", username, address)
+                return SERVER_UNAVAILABLE
         if account is None:
-            log.info("login refused for %r: unknown account or wrong password", username)
+            delay = 0.0 if trusted else self.throttle.failed(username, address, self.clock())
+            log.log(
+                logging.WARNING if delay else logging.INFO,
+                "login refused for %r from %s: unknown account or wrong password%s",
+                username,
+                address,
+                f"; further attempts wait {delay:.0f} s" if delay else "",
+            )
             return BAD_USERNAME_PASSWORD
+        self.throttle.succeeded(username, address)
         client_id = bound_client_id(username, connect.client_id, connect.clean_session)
         if client_id is None:
             log.warning("login refused for %r: client id %r is not bound to it", username, connect.client_id)
@@ -98,15 +151,50 @@ class ConnectionGate:
             return NOT_AUTHORIZED
         return CONNECTION_ACCEPTED
 
-    async def _register(self, connect: Session, name: str, password: str) -> int:
-        if self.registration != "open":
+    async def _register(self, connect: Session, request: str, password: str, address: str) -> int:
+        name, _, code = request.partition(":")  # never log ``request``: it holds the invite code
+        if self.registration == "closed":
             log.info("registration of %r refused: registration is closed", name)
             return NOT_AUTHORIZED
         if connect.client_id != REGISTER_PREFIX + name or connect.will_flag:
             return IDENTIFIER_REJECTED
+        now = self.clock()
+        left = max(self.throttle.address_wait(address, now), self.registrations.wait(address, now))
+        if left > 0:
+            log.info("registration of %r from %s refused: too many from there, %.0f s to wait", name, address, left)
+            return SERVER_UNAVAILABLE
+        invite = code if self.registration == "invite" else None
         try:
-            await asyncio.to_thread(self.store.add, name, password)
+            refusal = await self.checks.run(lambda: self._create(name, password, invite))
+        except Busy:
+            log.warning("registration of %r from %s refused: too many password checks at once", name, address)
+            return SERVER_UNAVAILABLE
+        if refusal is not None:
+            delay = self.throttle.address_failed(address, self.clock())
+            log.log(
+                logging.WARNING if delay else logging.INFO,
+                "registration of %r from %s refused: %s%s",
+                name,
+                address,
+                "no valid invite code" if refusal == NOT_AUTHORIZED else "name taken or invalid",
+                f"; further attempts wait {delay:.0f} s" if delay else "",
+            )
+            return refusal
+        self.registrations.add(address, self.clock())
+        return CONNECTION_ACCEPTED
+
+    def _create(self, name: str, password: str, invite: str | None) -> int | None:
+        """Make the account (in a worker thread: argon2, files); the CONNACK code of a refusal, or ``None``."""
+        redeemed = None
+        if invite is not None:
+            redeemed = self.invites.redeem(invite) if invite else None
+            if redeemed is None:
+                return NOT_AUTHORIZED
+        try:
+            self.store.add(name, password)
         except ImcliError as exc:
             log.info("registration of %r refused: %s", name, exc)
+            if invite and redeemed is not None:
+                self.invites.give_back(invite, redeemed)
             return BAD_USERNAME_PASSWORD
-        return CONNECTION_ACCEPTED
+        return None

@@ -25,6 +25,24 @@ class Limits:
     # the group worker's, carried to it by imcli serve (imcli/core/rules.py: group_creation_refusal)
     max_groups: int = 50  # groups one account owns
     group_rate: int = 10  # groups one account may create per minute
+    # logins and registrations (imcli/broker/throttle.py): past the free failures of a key, each
+    # further attempt on it is refused (CONNACK 3, password unchecked) until a delay has passed
+    # that starts at login_backoff and doubles per further failure, up to login_backoff_cap
+    login_failures: int = 5  # free failures per (account, address)
+    account_failures: int = 20  # per account, from addresses it never logged in from
+    address_failures: int = 20  # per address, over all accounts, registrations and invite codes
+    login_backoff: float = 1.0  # seconds
+    login_backoff_cap: float = 900.0  # seconds
+    failures_forgotten: float = 3600.0  # seconds after a key's last failure
+    throttle_entries: int = 10_000  # keys per throttle table (least recently used forgotten first)
+    password_checks: int = 2  # argon2 checks at once (64 MiB each)
+    password_queue: int = 32  # logins waiting for a check; more are refused at once (CONNACK 3)
+    registrations_per_hour: int = 10  # accounts created per address per hour
+    # connections that have not sent their CONNECT yet (imcli/broker/pending.py): past these the
+    # oldest is closed; the listen backlog is asyncio's (100 by default), bounded by net.core.somaxconn
+    pending_per_address: int = 64
+    max_pending: int = 2048
+    listen_backlog: int = 4096
 
 
 @dataclass

@@ -64,3 +64,50 @@ def user_list(data_dir: DataDirOpt = None, json_: JsonOpt = False) -> None:
     for a in accounts:
         table.add_row(a.name, a.role.value, time.strftime("%Y-%m-%d %H:%M", time.localtime(a.created)))
     console().print(table if accounts else "no accounts")
+
+
+@admin_app.command("invite")
+def invite(
+    data_dir: DataDirOpt = None,
+    uses: Annotated[int, typer.Option("--uses", help="Accounts the code may create.")] = 1,
+    expires: Annotated[
+        str | None, typer.Option("--expires", help="Valid for this long: 30m, 12h, 7d, 2w, or never.")
+    ] = "7d",
+    list_: Annotated[
+        bool, typer.Option("--list", help="List the codes not used up (by id: codes are kept hashed).")
+    ] = False,
+    revoke: Annotated[str | None, typer.Option("--revoke", help="Drop the code with this id (from --list).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Make an invite code for 'imcli serve --registration invite' ('imcli register NAME --invite CODE')."""
+    import time
+
+    from imcli.broker.invites import InviteStore, parse_duration
+    from imcli.core.errors import NotFound
+
+    store = InviteStore(account_store(data_dir).data_dir)  # the account store makes and checks the directory
+    if revoke is not None:
+        if not store.revoke(revoke):
+            raise NotFound(f"no invite with id {revoke!r}", "see imcli admin invite --list")
+        console().print(f"revoked invite {revoke}")
+        return
+    if list_:
+        invites = store.list_invites()
+        if json_:
+            print(
+                json.dumps([{"id": i.id, "uses": i.uses, "expires": i.expires, "created": i.created} for i in invites])
+            )
+            return
+        for i in invites:
+            until = time.strftime("%Y-%m-%d %H:%M", time.localtime(i.expires)) if i.expires else "never"
+            console().print(f"{i.id}  {i.uses} use{'s' if i.uses != 1 else ''} left, expires {until}")
+        if not invites:
+            console().print("no invites")
+        return
+    code, made = store.create(uses, parse_duration(expires) if expires and expires != "never" else None)
+    if json_:
+        print(json.dumps({"code": code, "id": made.id, "uses": made.uses, "expires": made.expires}))
+        return
+    until = time.strftime("%Y-%m-%d %H:%M", time.localtime(made.expires)) if made.expires else "never"
+    console().print(f"invite code {code}  ({made.uses} use{'s' if made.uses != 1 else ''}, expires {until})")
+    console().print(f"register with: imcli register NAME --invite {code}", style="dim")

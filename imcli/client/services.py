@@ -64,20 +64,40 @@ _R = TypeVar("_R")
 # ---------------------------------------------------------------- accounts
 
 
-def register(address: BrokerAddress, name: str, password: str) -> None:
-    """Create an account on a broker with open registration."""
+# CONNACK 3 from imcli serve: its login throttle (imcli/broker/throttle.py); MQTT 3.1.1 has no room for a reason
+_THROTTLED_HINT = "wait a minute or two and try again; each further failure doubles the wait (up to 15 min by default)"
+
+
+def register(address: BrokerAddress, name: str, password: str, invite: str | None = None) -> None:
+    """Create an account on a broker with open registration, or with an invite code.
+
+    The code travels in the CONNECT's username, ``register:<name>:<code>`` (docs/PROTOCOL.md)."""
     check_name(name)
-    creds = Credentials(REGISTER_PREFIX + name, password)
+    if invite is not None and (not invite or not invite.isascii() or ":" in invite or not invite.isprintable()):
+        raise InvalidInput("invalid invite code", "give the code 'imcli admin invite' printed")
+    username = REGISTER_PREFIX + name + (f":{invite}" if invite else "")
+    creds = Credentials(username, password)
     try:
         with MqttClient(address, creds, REGISTER_PREFIX + name):
             pass
     except AuthenticationFailed as exc:
+        if exc.code == 3:
+            raise AuthenticationFailed(
+                "too many registrations or failed attempts from this address, or the broker is busy (code 3)",
+                _THROTTLED_HINT,
+                code=3,
+            ) from exc
         if exc.code == 4:
             raise NameTaken(f"cannot register {name!r}: the name is taken or reserved", "choose another name") from exc
+        if exc.code == 5 and invite:
+            raise AccountError(
+                "the invite code is wrong, used up or expired, or registration is closed on this broker (code 5)",
+                "ask the broker's operator for a new code ('imcli admin invite')",
+            ) from exc
         if exc.code == 5:
             raise AccountError(  # imcli serve --registration closed, or Mosquitto (no self-registration)
-                "registration is closed on this broker",
-                "ask its operator to make the account: "
+                "registration is closed on this broker, or needs an invite code (code 5)",
+                "give --invite CODE if its operator gave you one, or ask them to make the account: "
                 "'imcli admin user add NAME' for imcli serve, mosquitto_passwd for Mosquitto",
             ) from exc
         raise
@@ -91,6 +111,12 @@ def verify_login(address: BrokerAddress, credentials: Credentials, device: str) 
         ):
             pass
     except AuthenticationFailed as exc:
+        if exc.code == 3:  # imcli serve's login throttle, or too many password checks at once
+            raise AuthenticationFailed(
+                "too many failed logins for this account or from this address, or the broker is busy (code 3)",
+                _THROTTLED_HINT,
+                code=3,
+            ) from exc
         if exc.code == 4:
             raise AuthenticationFailed(
                 "wrong account name or password",

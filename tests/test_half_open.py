@@ -1,0 +1,104 @@
+"""Sockets that connect and never send a CONNECT (issue 15, missing limits: half-open TCP
+connections). The attack held about 1,000 of them open and real clients intermittently got no
+CONNACK for 15 s (a listen backlog of 100). Past ``Limits.pending_per_address`` such sockets
+from one address the oldest is closed at once; the backlog is raised; real clients are served."""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imcli.broker.accounts import AccountStore
+from imcli.broker.limits import Limits
+from imcli.broker.server import BrokerSettings
+from imcli.serve.host import BackgroundServer, ServeInfo
+from tests.rawmqtt import chat, connect_packet, connect_raw, password_of, read_packets, wait_until
+
+PER_ADDRESS = 40
+FLOOD = {f"127.0.0.{10 + i}": 100 for i in range(4)}  # 400 silent sockets from four addresses
+
+
+@pytest.fixture
+def flooded(tmp_path: Path) -> Iterator[ServeInfo]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 2 * sum(FLOOD.values()) + 512  # both ends live in this process
+    if soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            pytest.skip(f"needs {needed} file descriptors, the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    # a CONNECT deadline far away: any socket closed within the test was closed by the pending cap
+    settings = BrokerSettings(
+        data_dir=tmp_path / "data", port=0, packet_timeout=300.0, limits=Limits(pending_per_address=PER_ADDRESS)
+    )
+    try:
+        with BackgroundServer(settings) as info:
+            store = AccountStore(info.data_dir)
+            for name in ("alice", "bob"):
+                store.add(name, password_of(name))
+            yield info
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def ended(sock: socket.socket) -> bool:
+    """Whether the broker closed this socket (it never sends anything before a CONNECT)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_silent_sockets_past_the_cap_are_closed_and_real_clients_chat(flooded: ServeInfo) -> None:
+    where = (flooded.address.host, flooded.address.port)
+    silent: list[socket.socket] = []
+    try:
+        for source, count in FLOOD.items():
+            for _ in range(count):
+                sock = socket.create_connection(where, timeout=30, source_address=(source, 0))
+                sock.setblocking(False)
+                silent.append(sock)
+        excess = sum(count - PER_ADDRESS for count in FLOOD.values())
+        assert wait_until(lambda: sum(ended(s) for s in silent) >= excess, 60), (
+            f"{sum(ended(s) for s in silent)} of the {excess} sockets past the cap were closed"
+        )
+        assert flooded.broker is not None
+        assert len(flooded.broker.pending) <= PER_ADDRESS * len(FLOOD)
+
+        # a real client, from an address of its own and from a flooding one, still connects and chats
+        alice = connect_raw(*where, "alice", "alice:phone")
+        bob = connect_raw(*where, "bob", "bob:laptop")
+        try:
+            assert alice.rc == 0 and bob.rc == 0
+            assert alice.subscribe("im/room/lobby/+") == 1
+            payload = chat("still here")
+            bob.publish("im/room/lobby/bob", payload)
+            assert alice.expect("im/room/lobby/bob", timeout=30).payload == payload
+        finally:
+            alice.close()
+            bob.close()
+        with socket.create_connection(where, timeout=30, source_address=("127.0.0.10", 0)) as late:
+            late.sendall(connect_packet(b"alice:late", b"alice", password_of("alice").encode()))
+            got, _ = read_packets(late, bool)
+            assert got and got[0] == (0x20, b"\x00\x00")
+    finally:
+        for s in silent:
+            s.close()
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to read a listening socket's backlog")
+def test_the_listen_backlog_is_raised(tmp_path: Path) -> None:
+    with BackgroundServer(BrokerSettings(data_dir=tmp_path / "data", port=0)) as info:
+        out = subprocess.run(
+            ["ss", "-ltnH", f"sport = :{info.address.port}"], capture_output=True, text=True, check=True
+        ).stdout
+        backlog = int(out.split()[2])  # State Recv-Q Send-Q …: a listening socket's Send-Q is its backlog
+        somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+        assert backlog == min(Limits().listen_backlog, somaxconn) > 100, out
