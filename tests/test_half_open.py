@@ -102,3 +102,18 @@ def test_the_listen_backlog_is_raised(tmp_path: Path) -> None:
         backlog = int(out.split()[2])  # State Recv-Q Send-Q …: a listening socket's Send-Q is its backlog
         somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
         assert backlog == min(Limits().listen_backlog, somaxconn) > 100, out
+
+
+def test_the_open_file_limit_is_raised(tmp_path: Path) -> None:
+    """Every connection is a file descriptor: a soft limit of 1,024 (the usual default) would
+    end the broker's accepting (EMFILE) long before the pending caps."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 512:
+        pytest.skip(f"the hard limit is {hard}")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+        with BackgroundServer(BrokerSettings(data_dir=tmp_path / "data", port=0)):
+            raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            assert raised == hard or (hard == resource.RLIM_INFINITY and raised > 512)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

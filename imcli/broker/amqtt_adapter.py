@@ -45,7 +45,7 @@ from imcli.broker.journal import ArchiveWriter, Journal
 from imcli.broker.notices import Notifier, session_dropped, subscription_refused
 from imcli.broker.output import OutputBound
 from imcli.broker.packets import MalformedPacket, PacketGuard
-from imcli.broker.pending import PendingConnections
+from imcli.broker.pending import PendingConnections, raise_fd_limit
 from imcli.broker.publish_checks import PublishChecks
 from imcli.broker.retained import RetainedState
 from imcli.broker.session_upkeep import SessionUpkeep
@@ -231,6 +231,7 @@ class ImBroker(Broker):
     # ---------------------------------------------------------------- start, stop, connections
 
     async def start(self) -> None:
+        raise_fd_limit(self.settings.limits.max_pending + 1024)  # imcli/broker/pending.py
         try:
             await super().start()  # amqtt starts with no retained messages
         except BaseException:

@@ -13,12 +13,34 @@ pushes out its own. The adapter registers a connection when it is accepted and c
 from __future__ import annotations
 
 import logging
+import resource
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 from imcli.broker.throttle import address_key
 
 log = logging.getLogger(__name__)
+
+FD_CEILING = 1 << 20  # what "unlimited" is raised to
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise this process's soft limit of open files towards its hard limit (every connection,
+    pending or not, is a file descriptor; many systems start servers with a soft limit of 1,024).
+    Returns the soft limit now in force; warns when it is below ``wanted``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = FD_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < ceiling:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
+            soft = ceiling
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, ceiling, exc)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "only %d open files allowed (ulimit -n): fewer than the %d connections the limits allow", soft, wanted
+        )
+    return int(soft)
 
 
 class PendingConnections:
