@@ -18,6 +18,7 @@ from imcli.broker.accounts import Account, AccountStore, Role
 from imcli.broker.limits import Limits
 from imcli.broker.server import BrokerSettings
 from imcli.broker.throttle import Busy, FailureTable, LoginThrottle, PasswordChecks, address_key, backoff
+from imcli.core.mqtt import Credentials, MqttClient
 from imcli.serve.host import BackgroundServer, ServeInfo
 from tests.conftest import Cli
 from tests.rawmqtt import connect_packet, password_of, read_packets, wait_until
@@ -217,3 +218,29 @@ def test_password_checks_refuse_past_the_queue() -> None:
         assert await first and await second
 
     asyncio.run(main())
+
+
+def test_a_reconnecting_client_waits_out_code_3(tmp_path: Path) -> None:
+    """After a broker restart a whole team reconnects at once, and the password checks' queue
+    (or a throttle) answers some with CONNACK 3: ``listen`` and ``chat`` must try again, not give up."""
+    with start(tmp_path, Limits(), "alice") as info:
+        assert info.broker is not None
+        gate = info.broker.admission.gate
+        original, refused = gate.check, []
+
+        async def busy(connect: object) -> int:
+            refused.append(connect)
+            return THROTTLED
+
+        states: list[bool] = []
+        credentials = Credentials("alice", password_of("alice"))
+        with MqttClient(info.address, credentials, "alice:listen", reconnect=True, on_connection=states.append) as c:
+            gate.check = busy  # type: ignore[method-assign]
+            sock = c._paho.socket() if c._paho is not None else None
+            assert isinstance(sock, socket.socket)
+            sock.shutdown(socket.SHUT_RDWR)  # the connection drops
+            assert wait_until(lambda: len(refused) >= 2, 30), "no reconnect attempt was refused"
+            assert c.fatal is None
+            gate.check = original  # type: ignore[method-assign]
+            assert wait_until(lambda: states[-1:] == [True], 30), states
+            assert c.fatal is None

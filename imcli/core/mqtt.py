@@ -22,6 +22,7 @@ from imcli.core.errors import AuthenticationFailed, BrokerUnreachable, PublishFa
 
 # paho 2 reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes; map back for messages
 _CONNACK_V311 = {128: 1, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
+SERVER_UNAVAILABLE = 3  # the one refusal a reconnecting client waits out
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +239,10 @@ class MqttClient:
         self._connack_rc = rc
         self._connack.set()
         if rc.is_failure:
-            if self._was_connected:  # a reconnect refused: credentials changed, account removed
+            # a reconnect refused: credentials changed, account removed. Not 3 (server unavailable:
+            # imcli serve's login throttle or too many password checks at once, say when a whole
+            # team reconnects after a restart): paho tries again, with its backoff
+            if self._was_connected and _CONNACK_V311.get(rc.value) != SERVER_UNAVAILABLE:
                 self.fatal = _refusal(rc)
                 client.disconnect()
             return
