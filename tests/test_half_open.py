@@ -117,3 +117,21 @@ def test_the_open_file_limit_is_raised(tmp_path: Path) -> None:
             assert raised == hard or (hard == resource.RLIM_INFINITY and raised > 512)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_burst_of_real_clients_from_one_address_is_not_cut(flooded: ServeInfo) -> None:
+    """A NAT's team reconnecting at once: accepted together, before any CONNECT is read; none
+    of them is mistaken for a silent socket (each gets its CONNACK, here 5: no username)."""
+    where = (flooded.address.host, flooded.address.port)
+    burst: list[socket.socket] = []
+    try:
+        for i in range(3 * PER_ADDRESS):
+            sock = socket.create_connection(where, timeout=30, source_address=("127.0.0.20", 0))
+            sock.sendall(connect_packet(f"anon{i}".encode()))
+            burst.append(sock)
+        for sock in burst:
+            got, _ = read_packets(sock, bool)
+            assert got and got[0] == (0x20, b"\x00\x05"), got
+    finally:
+        for sock in burst:
+            sock.close()

@@ -243,6 +243,7 @@ class ImBroker(Broker):
             asyncio.create_task(self.upkeep.expire_sessions(self.publishing.forget_unsent)),
             asyncio.create_task(self.upkeep.end_revoked_logins()),
             asyncio.create_task(self.output.run()),
+            asyncio.create_task(self.pending.run()),  # imcli/broker/pending.py
         ]
 
     async def _create_server_instance(

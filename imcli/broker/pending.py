@@ -4,16 +4,22 @@ A peer that opens sockets and never speaks holds a file descriptor, a task and b
 until the CONNECT deadline (``BrokerSettings.packet_timeout``). Past
 ``Limits.pending_per_address`` such connections from one address (an IPv6 /64 counts as
 one, imcli/broker/throttle.py's ``address_key``), or ``Limits.max_pending`` from everyone,
-the *oldest* pending one is closed at once: a real client sends its CONNECT within a round
-trip of connecting, so it is never the oldest for long, while a flood of silent sockets only
-pushes out its own. The adapter registers a connection when it is accepted and calls
-``done`` when its CONNECT has been read (or the connection ends).
+the *oldest* pending one is closed: a real client sends its CONNECT within a round trip of
+connecting, so it is never the oldest for long, while a flood of silent sockets only pushes
+out its own. Only a connection pending for ``GRACE`` (1 s) is closed so: a burst of real
+clients from one address (a NAT, a team reconnecting) is accepted all at once, before any of
+their CONNECTs (sent already) is read. A new arrival closes the oldest silent ones of its
+address at once; an upkeep task (``run``) closes the rest once a second. The adapter
+registers a connection when it is accepted and calls ``done`` when its CONNECT has been
+read (or the connection ends).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import resource
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
@@ -21,6 +27,7 @@ from imcli.broker.throttle import address_key
 
 log = logging.getLogger(__name__)
 
+GRACE = 1.0  # seconds a new connection has to get its CONNECT read before it counts as silent
 FD_CEILING = 1 << 20  # what "unlimited" is raised to
 
 
@@ -44,10 +51,16 @@ def raise_fd_limit(wanted: int) -> int:
 
 
 class PendingConnections:
-    def __init__(self, per_address: int, total: int) -> None:
+    """``run`` (an upkeep task) enforces the caps on connections past ``grace`` too."""
+
+    def __init__(
+        self, per_address: int, total: int, grace: float = GRACE, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.per_address = per_address
         self.total = total
-        self._all: OrderedDict[Hashable, tuple[str, Callable[[], None]]] = OrderedDict()
+        self.grace = grace
+        self.clock = clock
+        self._all: OrderedDict[Hashable, tuple[str, Callable[[], None], float]] = OrderedDict()
         self._by_address: dict[str, OrderedDict[Hashable, None]] = {}
         self.closed = 0  # connections closed for being past a limit (for logs and tests)
 
@@ -57,13 +70,10 @@ class PendingConnections:
     def arrived(self, key: Hashable, address: str | None, close: Callable[[], None]) -> None:
         """A connection was accepted; ``close()`` aborts it."""
         where = address_key(address)
-        self._all[key] = (where, close)
-        mine = self._by_address.setdefault(where, OrderedDict())
-        mine[key] = None
-        if len(mine) > self.per_address:
-            self._evict(next(iter(mine)), f"more than {self.per_address} from {where}")
-        if len(self._all) > self.total:
-            self._evict(next(iter(self._all)), f"more than {self.total} in all")
+        now = self.clock()
+        self._all[key] = (where, close, now)
+        self._by_address.setdefault(where, OrderedDict())[key] = None
+        self._trim(where, now)
 
     def done(self, key: Hashable) -> None:
         """The connection's CONNECT was read, or the connection ended (idempotent)."""
@@ -75,6 +85,28 @@ class PendingConnections:
             mine.pop(key, None)
             if not mine:
                 del self._by_address[entry[0]]
+
+    def enforce(self) -> None:
+        now = self.clock()
+        for where in [w for w, mine in self._by_address.items() if len(mine) > self.per_address]:
+            self._trim(where, now)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.grace)
+            self.enforce()
+
+    def _trim(self, where: str, now: float) -> None:
+        # a burst of real clients is accepted all at once, before any of their CONNECTs (already
+        # sent) is read: only connections silent for ``grace`` are counted as the flood
+        mine = self._by_address.get(where)
+        while mine and len(mine) > self.per_address and self._silent(next(iter(mine)), now):
+            self._evict(next(iter(mine)), f"more than {self.per_address} from {where}")
+        while len(self._all) > self.total and self._silent(next(iter(self._all)), now):
+            self._evict(next(iter(self._all)), f"more than {self.total} in all")
+
+    def _silent(self, key: Hashable, now: float) -> bool:
+        return now - self._all[key][2] >= self.grace
 
     def _evict(self, key: Hashable, why: str) -> None:
         close = self._all[key][1]
