@@ -36,7 +36,7 @@ class Limits:
     failures_forgotten: float = 3600.0  # seconds after a key's last failure
     throttle_entries: int = 10_000  # keys per throttle table (least recently used forgotten first)
     password_checks: int = 2  # argon2 checks at once (64 MiB each)
-    password_queue: int = 32  # logins waiting for a check; more are refused at once (CONNACK 3)
+    password_queue: int = 128  # logins waiting for a check (~10 s of real argon2); more get CONNACK 3 at once
     registrations_per_hour: int = 10  # accounts created per address per hour
     # connections that have not sent their CONNECT yet (imcli/broker/pending.py): past these the
     # oldest is closed; the listen backlog is asyncio's (100 by default), bounded by net.core.somaxconn

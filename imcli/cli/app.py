@@ -82,6 +82,12 @@ def serve(
     registrations_per_hour: Annotated[
         int, typer.Option(help="Accounts one address may register per hour (open or invite registration).")
     ] = 10,
+    password_checks: Annotated[
+        int, typer.Option(help="Password checks (argon2, 64 MiB each) at once; more logins wait.")
+    ] = 2,
+    password_queue: Annotated[
+        int, typer.Option(help="Logins waiting for a password check; past it CONNACK 3 (try again).")
+    ] = 128,
     max_payload: Annotated[int, typer.Option(help="Largest message payload in bytes.")] = DEFAULT_MAX_PAYLOAD,
     max_rate: Annotated[float, typer.Option(help="Messages per second per account (bursts of 3 s allowed).")] = 20.0,
     max_connections: Annotated[int, typer.Option(help="Connections per account.")] = 10,
@@ -137,11 +143,17 @@ def serve(
     check_tls_options(tls_cert, tls_key)
     if max_payload < 256:
         raise InvalidInput(f"--max-payload {max_payload} is too small", "use at least 256 bytes")
-    if max_rate <= 0 or max_connections < 1 or max_subscriptions < 8 or registrations_per_hour < 1:
+    if (
+        max_rate <= 0
+        or max_connections < 1
+        or max_subscriptions < 8
+        or min(registrations_per_hour, password_checks) < 1
+        or password_queue < 0
+    ):
         raise InvalidInput(
             "limits too small",
             "--max-rate > 0, --max-connections >= 1, --max-subscriptions >= 8 (listen needs 6), "
-            "--registrations-per-hour >= 1",
+            "--registrations-per-hour >= 1, --password-checks >= 1, --password-queue >= 0",
         )
     if history_days is not None and history_days <= 0:
         raise InvalidInput(f"invalid --history-days {history_days:g}", "give a number of days above 0")
@@ -174,6 +186,8 @@ def serve(
             max_connections=max_connections,
             **output_bound(max_output, output_timeout, max_payload),
             registrations_per_hour=registrations_per_hour,
+            password_checks=password_checks,
+            password_queue=password_queue,
             **account_quotas(max_sessions, max_statuses, max_status_bytes, max_groups, group_rate),
         ),
     )
