@@ -25,7 +25,7 @@ from imcli.broker.server import BrokerSettings
 from imcli.serve.host import BackgroundServer, ServeInfo
 from tests.rawmqtt import Raw, chat, connect_packet, connect_raw, field, packet, password_of, read_packets, wait_until
 
-DROP, CLOSE = 64 * 1024, 512 * 1024
+DROP, CLOSE = 64 * 1024, 2 * 1024 * 1024
 SIZE = 8 * 1024  # bytes of each flood message's payload
 FLOOD = 1500  # 12 MB: far past what the kernel's socket buffers absorb
 TOPIC = "im/room/lobby/alice"
@@ -42,17 +42,18 @@ def output_of(info: ServeInfo) -> OutputBound:
 
 
 class Sampler:
-    """The most bytes any connection had waiting in its transport, sampled from another thread."""
+    """The most bytes the broker held for one client id, sampled from another thread."""
 
-    def __init__(self, output: OutputBound) -> None:
+    def __init__(self, output: OutputBound, client_id: str) -> None:
         self.output = output
+        self.client_id = client_id
         self.most = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.002):
-            self.most = max(self.most, self.output.largest())
+            self.most = max(self.most, self.output.largest(self.client_id))
 
     def __enter__(self) -> Sampler:
         self._thread.start()
@@ -121,7 +122,7 @@ def test_a_qos1_reader_that_never_reads_is_closed_at_the_limit(tmp_path: Path, p
         bob = reader(info)
         slow = never_reading(info, "mallory", "mallory:slow", qos=1)
         try:
-            with Sampler(output_of(info)) as sampler:
+            with Sampler(output_of(info), "mallory:slow") as sampler:
                 flood(info, bob)
                 assert wait_until(lambda: "mallory:slow" in output_of(info).closed, 60)
             assert sampler.most <= CLOSE, f"{sampler.most} bytes waiting for one connection"
@@ -139,7 +140,7 @@ def test_qos0_copies_to_a_reader_that_never_reads_are_dropped_then_it_is_closed_
         bob = reader(info)
         slow = never_reading(info, "mallory", "mallory:slow", qos=0)
         try:
-            with Sampler(output_of(info)) as sampler:
+            with Sampler(output_of(info), "mallory:slow") as sampler:
                 flood(info, bob)
                 assert wait_until(lambda: "mallory:slow" in output_of(info).closed, 60)
             assert sampler.most <= DROP + SIZE + 1024, f"{sampler.most} bytes waiting for one connection"
@@ -181,10 +182,29 @@ def test_a_websocket_reader_that_never_reads_is_closed_at_the_limit(tmp_path: Pa
             slow.send(packet(0x82, (1).to_bytes(2, "big") + field(b"im/room/lobby/+") + bytes([1])))
             suback = slow.recv(timeout=20)
             assert isinstance(suback, bytes) and suback[0] == 0x90  # from here on it reads no more
-            with Sampler(output_of(info)) as sampler:
+            with Sampler(output_of(info), "mallory:ws") as sampler:
                 flood(info, bob)
                 assert wait_until(lambda: "mallory:ws" in output_of(info).closed, 60)
             assert sampler.most <= CLOSE, f"{sampler.most} bytes waiting for one connection"
         finally:
             slow.socket.close()
+            bob.close()
+
+
+def test_a_reader_that_never_acknowledges_is_closed_at_the_limit(tmp_path: Path, people: None) -> None:
+    """It reads everything and sends no PUBACK: the QoS 1 copies the broker keeps for it count."""
+    with serve(tmp_path, stuck=3600) as info:
+        bob = reader(info)
+        sloppy = never_reading(info, "mallory", "mallory:sloppy", qos=1)
+        drained = threading.Thread(target=read_packets, args=(sloppy, lambda p: False), daemon=True)
+        drained.start()  # reads (and forgets) until the broker closes it
+        try:
+            with Sampler(output_of(info), "mallory:sloppy") as sampler:
+                flood(info, bob)
+                assert wait_until(lambda: "mallory:sloppy" in output_of(info).closed, 60)
+            assert sampler.most <= CLOSE, f"{sampler.most} bytes held for one connection"
+            drained.join(20)
+            assert not drained.is_alive()
+        finally:
+            sloppy.close()
             bob.close()

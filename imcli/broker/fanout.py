@@ -160,9 +160,15 @@ class EncodedPublish:
 class Deliveries:
     """The copies of a batch of messages, by connection; ``flush`` writes each connection's once."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, puback_waiters: Callable[[Any], dict[int, Any]]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        puback_waiters: Callable[[Any], dict[int, Any]],
+        output: OutputBound | None = None,
+    ) -> None:
         self._loop = loop
         self._puback_waiters = puback_waiters
+        self._output = output
         self._chunks: dict[Any, list[bytes]] = {}
         self._sizes: dict[Any, int] = {}  # bytes in each connection's chunks
         self._flush_scheduled = False
@@ -212,6 +218,8 @@ class Deliveries:
                 del session.inflight_out[packet_id]
 
         waiter.add_done_callback(acknowledged)
+        if self._output is not None:  # held until its PUBACK
+            self._output.in_task(handler.writer, len(message.qos1_head) + 2 + len(message.data), waiter)
 
     def flush(self) -> None:
         self._flush_scheduled = False
@@ -219,8 +227,11 @@ class Deliveries:
             writer = handler.writer
             if writer is None:
                 continue
+            data = b"".join(chunks)
             try:
-                writer.write(b"".join(chunks))
+                writer.write(data)
+                if self._output is not None:
+                    self._output.handed(writer, len(data))
             except (ConnectionError, RuntimeError) as exc:  # closing: its reader loop ends the session
                 log.debug("delivery to a closing connection dropped: %s", exc)
         self._chunks.clear()
@@ -277,7 +288,7 @@ class FanOut:
         while len(batch) < BROADCAST_BATCH and not queue.empty():
             batch.append(queue.get_nowait())
         if self._deliveries is None:
-            self._deliveries = Deliveries(asyncio.get_running_loop(), self._puback_waiters)
+            self._deliveries = Deliveries(asyncio.get_running_loop(), self._puback_waiters, self.output)
         for broadcast in batch:
             await self.send(broadcast, self._deliveries, running_tasks)
         self._deliveries.flush_soon()

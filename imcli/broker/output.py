@@ -6,17 +6,22 @@ WebSocket's TCP connection alike) or, on amqtt's own path (QoS 2, WebSocket), in
 copy waiting for its ``drain``. A client that subscribes and never reads grew the broker by
 173 MB in 20 s, freed only when it left (with keep-alive 0, never).
 
-``OutputBound`` keeps, per connection, the bytes waiting to be written: the transport's write
-buffer, the copies of the current fan-out batch not yet handed to it (imcli/broker/fanout.py),
-and the copies in amqtt's publish tasks. Every copy for a connected client asks ``admit``
-first, as Mosquitto's ``max_queued_messages`` and EMQX's force-shutdown policy decide:
+``OutputBound`` keeps, per connection, the bytes the broker holds for it: the transport's
+write buffer, the copies of the current fan-out batch not yet handed to it
+(imcli/broker/fanout.py), the QoS 1 copies not yet acknowledged, and the copies in amqtt's
+publish tasks, each of these with ``HELD_COPY`` bytes more for the objects that hold it (a
+client that never sends its PUBACKs holds the broker's memory as surely as one that does
+not read, and the kernel's socket buffers can hide a non-reader for megabytes). Every copy
+for a connected client asks ``admit`` first, as Mosquitto's ``max_queued_messages`` and
+EMQX's force-shutdown policy decide:
 
 * past ``Limits.output_drop`` bytes waiting, QoS 0 copies to that connection are dropped;
 * a copy that would take it past ``Limits.output_close`` closes the connection (aborted: a
   graceful close would wait for the very buffer that does not drain);
-* a connection that has had output waiting at every check for ``Limits.output_stuck``
-  seconds (checked once a second by ``run``) is closed too, so that a client that stopped
-  reading does not hold its buffer, its session and its task for ever.
+* a connection that has had output waiting, and taken none of it (no PUBACK, no byte out
+  of the transport's buffer), at every check for ``Limits.output_stuck`` seconds (checked
+  once a second by ``run``) is closed too, so that a client that stopped reading does not
+  hold its buffer, its session and its task for ever.
 
 Once a connection is closing, its QoS 1 and 2 copies go to its persistent session's offline
 queue (bounded by ``Limits.max_queued``), as for any offline session; a clean session's are
@@ -34,6 +39,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
+
+# what a copy the broker holds until its PUBACK (or in a task of amqtt's) costs beyond its
+# bytes: amqtt's OutgoingApplicationMessage, a future and its callback, two table entries
+HELD_COPY = 1024
 
 
 class Transport(Protocol):
@@ -54,8 +63,11 @@ class Outlet:
 
     transport: Transport
     label: str = "a connection"
-    in_tasks: int = 0
-    waiting_since: float | None = None  # first check that found output waiting, since it last found none
+    in_tasks: int = 0  # bytes of copies not yet acknowledged (QoS 1) or written (amqtt's tasks)
+    handed: int = 0  # bytes handed to the transport since the last check
+    buffered: int = 0  # the transport's buffer at the last check
+    progressed: bool = False  # a copy was acknowledged or written since the last check
+    stalled_since: float | None = None  # first check that found output waiting and no progress
     dropping: bool = False
     closing: bool = False
     dropped: int = 0
@@ -87,9 +99,10 @@ class OutputBound:
         outlet = self._outlets.get(writer)
         return 0 if outlet is None else outlet.waiting()
 
-    def largest(self) -> int:
-        """The most bytes one connection has waiting now."""
-        return max((outlet.waiting() for outlet in list(self._outlets.values())), default=0)
+    def largest(self, label: str | None = None) -> int:
+        """The most bytes one connection (of client id ``label``, if given) has waiting now."""
+        outlets = [o for o in list(self._outlets.values()) if label is None or o.label == label]
+        return max((outlet.waiting() for outlet in outlets), default=0)
 
     def admit(self, writer: Any, label: str, qos: int, size: int, batched: int = 0) -> Verdict:
         """Whether a copy of ``size`` bytes may be written to the connection of ``writer``,
@@ -114,30 +127,46 @@ class OutputBound:
         return Verdict.WRITE
 
     def in_task(self, writer: Any, size: int, task: asyncio.Future[Any]) -> None:
-        """A copy handed to amqtt's own ``mqtt_publish`` (its bytes wait in ``task`` until written)."""
+        """A copy whose bytes the broker holds until ``task`` is done: a QoS 1 copy until its
+        PUBACK (imcli/broker/fanout.py), a copy handed to amqtt's own ``mqtt_publish`` until
+        written and acknowledged."""
         outlet = self._outlets.get(writer)
         if outlet is None:
             return
+        size += HELD_COPY
         outlet.in_tasks += size
 
         def done(_: asyncio.Future[Any]) -> None:
             outlet.in_tasks -= size
+            outlet.progressed = True
 
         task.add_done_callback(done)
 
+    def handed(self, writer: Any, size: int) -> None:
+        """``size`` bytes were just written to the connection's transport."""
+        outlet = self._outlets.get(writer)
+        if outlet is not None:
+            outlet.handed += size
+
     def check(self, now: float) -> None:
-        """Close the connections that have had output waiting at every check for ``stuck_after`` seconds."""
+        """Close the connections that have had output waiting, and made no progress (nothing
+        acknowledged, nothing taken from the transport's buffer), at every check for
+        ``stuck_after`` seconds."""
         for outlet in list(self._outlets.values()):
             if outlet.closing:
                 continue
-            waiting = outlet.waiting()
+            buffered = outlet.transport.get_write_buffer_size()
+            sent = outlet.buffered + outlet.handed - buffered
+            progressed = outlet.progressed or sent > 0
+            outlet.buffered, outlet.handed, outlet.progressed = buffered, 0, False
+            waiting = buffered + outlet.in_tasks
             self.peak = max(self.peak, waiting)
-            if not waiting:
-                outlet.waiting_since = None
-            elif outlet.waiting_since is None:
-                outlet.waiting_since = now
-            elif now - outlet.waiting_since >= self.stuck_after:
-                self._close(outlet, f"{waiting} bytes waiting for {now - outlet.waiting_since:.0f} s")
+            if not waiting or progressed:
+                outlet.stalled_since = None
+            elif outlet.stalled_since is None:
+                outlet.stalled_since = now
+            elif now - outlet.stalled_since >= self.stuck_after:
+                self._close(outlet, f"{waiting} bytes waiting, none taken for {now - outlet.stalled_since:.0f} s")
 
     async def run(self, period: float = 1.0) -> None:
         while True:
