@@ -14,10 +14,11 @@ its topic plugin refuses silently, PUBACK included. Every PUBLISH therefore goes
 
 A refused message is dropped with a notice to its sender (imcli/broker/notices.py).
 
-The seam for Last Wills (issue 15): a Will is a publish that happens later, so when it
-fires the adapter must call ``PublishChecks.judge`` with the Will's sender, topic, size
-and retain flag, exactly as for an ordinary publish, and broadcast it only if the
-decision says ``deliver``.
+A Last Will (issue 15) is a publish that happens later: when it fires,
+``ImBroker._handle_disconnect`` (imcli/broker/amqtt_adapter.py) calls ``judge`` with the
+Will's sender, topic, size and retain flag, exactly as for an ordinary publish (a rate token
+included), and broadcasts and journals it only if the decision says ``deliver``; a refusal
+is logged, as its sender is gone.
 
 A QoS 1 PUBLISH takes its rate token before its PUBACK, when the journal decides whether
 to keep it (``charge``); ``judge`` then uses that decision instead of taking a second one.

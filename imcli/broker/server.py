@@ -11,7 +11,10 @@ Where each part lives:
   session of the client id first: a wrong password could wipe or kick the victim);
 * imcli/broker/admission.py: the gate, then connections per account; subscriptions per connection;
 * imcli/broker/publish_checks.py: rate, size, retained chat and the topic ACL, with a
-  notice to the sender (amqtt drops a refused publish silently, PUBACK included);
+  notice to the sender (amqtt drops a refused publish silently, PUBACK included), for
+  every PUBLISH and for every Last Will when it fires;
+* imcli/broker/output.py: what the broker holds for one connection is bounded (QoS 0
+  dropped, then the connection closed) for clients that do not read;
 * imcli/broker/topic_access.py: the ACL (imcli/broker/acl.py) with the broker's roles,
   groups and friends;
 * imcli/broker/fanout.py: indexed matching and batched writes instead of one task per copy;
