@@ -11,10 +11,12 @@ Embedded broker only: Mosquitto bounds this itself (max_queued_messages, deploy/
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from pathlib import Path
 
 import pytest
+import trustme
 from websockets import Subprotocol
 from websockets.sync.client import connect as ws_connect
 
@@ -31,9 +33,15 @@ FLOOD = 1500  # 12 MB: far past what the kernel's socket buffers absorb
 TOPIC = "im/room/lobby/alice"
 
 
-def serve(tmp_path: Path, stuck: float, ws_port: int | None = None) -> BackgroundServer:
+def serve(
+    tmp_path: Path, stuck: float, ws_port: int | None = None, tls: dict[str, Path] | None = None
+) -> BackgroundServer:
     limits = Limits(publish_rate=1e6, publish_burst=10**6, output_drop=DROP, output_close=CLOSE, output_stuck=stuck)
-    return BackgroundServer(BrokerSettings(data_dir=tmp_path / "data", port=0, limits=limits, ws_port=ws_port))
+    cert, key = (tls["cert"], tls["key"]) if tls else (None, None)
+    settings = BrokerSettings(
+        data_dir=tmp_path / "data", port=0, limits=limits, ws_port=ws_port, tls_cert=cert, tls_key=key
+    )
+    return BackgroundServer(settings)
 
 
 def output_of(info: ServeInfo) -> OutputBound:
@@ -64,12 +72,16 @@ class Sampler:
         self._thread.join(5)
 
 
-def never_reading(info: ServeInfo, name: str, client_id: str, qos: int, *, clean: bool = True) -> socket.socket:
+def never_reading(
+    info: ServeInfo, name: str, client_id: str, qos: int, *, clean: bool = True, ca: str | None = None
+) -> socket.socket:
     """A raw socket logged in and subscribed to the lobby at ``qos``, which will read no more."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(20)
     sock.connect((info.address.host, info.address.port))
+    if ca is not None:
+        sock = ssl.create_default_context(cafile=ca).wrap_socket(sock, server_hostname="127.0.0.1")
     hello = bytearray(connect_packet(client_id.encode(), name.encode(), password_of(name).encode(), keepalive=0))
     if not clean:
         hello[2 + 2 + 4 + 1] &= ~0x02  # the connect flags: no clean session
@@ -89,9 +101,9 @@ def people(tmp_path: Path) -> None:
         store.add(name, password_of(name))
 
 
-def flood(info: ServeInfo, bob: Raw) -> list[bytes]:
+def flood(info: ServeInfo, bob: Raw, ca: str | None = None) -> list[bytes]:
     """alice sends FLOOD messages to the lobby; bob, who reads, must get every one of them."""
-    alice = connect_raw(info.address.host, info.address.port, "alice", "alice:flood")
+    alice = connect_raw(info.address.host, info.address.port, "alice", "alice:flood", ca=ca)
     try:
         sent = [chat(f"{i} " + "x" * SIZE) for i in range(FLOOD)]
         infos = [alice.client.publish(TOPIC, payload, qos=1) for payload in sent]
@@ -111,8 +123,8 @@ def flood(info: ServeInfo, bob: Raw) -> list[bytes]:
         alice.close()
 
 
-def reader(info: ServeInfo) -> Raw:
-    bob = connect_raw(info.address.host, info.address.port, "bob", "bob:phone")
+def reader(info: ServeInfo, ca: str | None = None) -> Raw:
+    bob = connect_raw(info.address.host, info.address.port, "bob", "bob:phone", ca=ca)
     assert bob.subscribe("im/room/lobby/+") == 1
     return bob
 
@@ -207,4 +219,25 @@ def test_a_reader_that_never_acknowledges_is_closed_at_the_limit(tmp_path: Path,
             assert not drained.is_alive()
         finally:
             sloppy.close()
+            bob.close()
+
+
+def test_a_tls_reader_that_never_reads_is_closed_at_the_limit(tmp_path: Path, people: None) -> None:
+    """Over TLS the bytes wait in the TLS transport's buffer, which counts the same."""
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    files = {"ca": tmp_path / "ca.pem", "cert": tmp_path / "server.pem", "key": tmp_path / "server.key"}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    issued.private_key_pem.write_to_path(str(files["key"]))
+    files["cert"].write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    with serve(tmp_path, stuck=3600, tls=files) as info:
+        bob = reader(info, str(files["ca"]))
+        slow = never_reading(info, "mallory", "mallory:tls", qos=1, ca=str(files["ca"]))
+        try:
+            with Sampler(output_of(info), "mallory:tls") as sampler:
+                flood(info, bob, str(files["ca"]))
+                assert wait_until(lambda: "mallory:tls" in output_of(info).closed, 60)
+            assert sampler.most <= CLOSE, f"{sampler.most} bytes held for one connection"
+        finally:
+            slow.close()
             bob.close()
