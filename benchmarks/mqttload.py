@@ -79,6 +79,13 @@ class LoadClient:
         self._writer.write(_packet(0x82, struct.pack("!H", pid) + _str(topic) + bytes([qos])))
         return (await fut)[0]
 
+    def abort(self) -> None:
+        """Drop the connection without DISCONNECT (its Last Will fires)."""
+        if self._writer is not None:
+            self._writer.transport.abort()
+        if self._task is not None:
+            self._task.cancel()
+
     async def disconnect(self) -> None:
         if self._writer is not None:
             self._writer.write(b"\xe0\x00")

@@ -41,9 +41,9 @@ T = Topics()
 PASSWORD = "bench-password"
 
 
-def start_serve(data_dir: Path) -> tuple[subprocess.Popen[str], int]:
+def start_serve(data_dir: Path, *options: str) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "imcli", "serve", "--port", "0", "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "imcli", "serve", "--port", "0", "--data-dir", str(data_dir), *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

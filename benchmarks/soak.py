@@ -2,6 +2,7 @@
 broker's memory may not creep.
 
     python -m benchmarks.soak [--users 1000] [--duration 600] [--room-size 10] [--interval 10] [--procs 4]
+                              [--slow-readers 1] [--will-rate 100] [--max-output BYTES]
 
 Starts `imcli serve` as its own process on a free loopback port (accounts with cheap argon2
 parameters, as benchmarks/presence.py does), splits the users over --procs load processes
@@ -11,11 +12,22 @@ phase) at QoS 1, each with a unique id, and waits for the PUBACK. The rate per a
 under the broker's default limit (20/s); the broker sees users/interval messages a second and
 room-size times as many deliveries.
 
-Checks, printed as a table and in the exit code (1 if either fails):
+Beside them, two attackers (issue 15), from a process of their own:
+- --slow-readers raw sockets (a 4 KiB receive buffer) log in, subscribe to every room at QoS 1
+  and never read again; each sends a PINGREQ every second, and when the broker has closed it
+  (imcli/broker/output.py: past `imcli serve --max-output`, or unread for --output-timeout),
+  it logs in again and does the same;
+- one account reconnects in a loop, --will-rate times a second, each connection leaving a Last
+  Will on the first room and dropped without DISCONNECT: the Wills pass the publish checks when
+  they fire, so the room's members get at most the account's burst plus its rate of them.
+
+Checks, printed as a table and in the exit code (1 if any fails):
 - every message that was acknowledged reached every member of its room (the sender included)
   while they were connected: a list of losses otherwise;
 - the broker's resident memory (sampled every --sample seconds from /proc via psutil) at the end
-  is at most 10 % above the sample taken when warm-up ended (--warmup seconds, default a fifth).
+  is at most 10 % above the sample taken when warm-up ended (--warmup seconds, default a fifth);
+- no member of the first room got more Wills than the broker's default burst (60) plus its rate
+  (20/s) times the time the loop ran.
 """
 
 from __future__ import annotations
@@ -25,6 +37,8 @@ import asyncio
 import multiprocessing as mp
 import os
 import random
+import socket
+import struct
 import sys
 import tempfile
 import time
@@ -43,6 +57,9 @@ from imcli.core.wire import ChatMessage, Topics, decode_chat, encode
 
 T = Topics()
 MAX_RSS_GROWTH = 0.10
+WILLS = "wflood"  # the account reconnecting in a loop with a Last Will
+SLOW = "wslow"  # the account of the readers that never read
+RATE, BURST = 20.0, 60  # the broker's default publish limits (imcli/broker/limits.py)
 
 
 def user(i: int) -> str:
@@ -61,6 +78,7 @@ class Report:
     unacked: int = 0
     received: dict[str, dict[str, set[int]]] = field(default_factory=dict)  # receiver -> sender -> seqs
     duplicates: int = 0
+    wills: dict[str, int] = field(default_factory=dict)  # receiver -> Last Wills of WILLS received
     disconnected: list[str] = field(default_factory=list)
     connect_failures: list[str] = field(default_factory=list)
 
@@ -78,7 +96,9 @@ async def _load(
 ) -> None:  # fmt: skip
     report = Report()
     clients: dict[str, LoadClient] = {}
-    gate = asyncio.Semaphore(100)
+    # logins at once, over all load processes: under the broker's 32 logins waiting for a password check
+    # (Limits.password_queue: past it CONNACK 3) and its 64 pending connections per address
+    gate = asyncio.Semaphore(max(1, 16 // args.procs))
     local_delivered = 0
 
     def on_message_for(receiver: str) -> Any:
@@ -89,6 +109,9 @@ async def _load(
             parsed = T.parse(topic)
             message, _plain = decode_chat(payload)
             if parsed is None or parsed.sender is None or not isinstance(message, ChatMessage):
+                return
+            if parsed.sender == WILLS:
+                report.wills[receiver] = report.wills.get(receiver, 0) + 1
                 return
             seq = int(message.text.rsplit(" ", 1)[1])
             seqs = inbox[parsed.sender]
@@ -158,6 +181,82 @@ async def _load(
     results.put(report)
 
 
+def _packet(first: int, body: bytes) -> bytes:
+    length, out = len(body), bytearray([first])
+    while True:
+        byte, length = length % 128, length // 128
+        out.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes(out) + body
+
+
+def _field(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack("!H", len(data)) + data
+
+
+async def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = await asyncio.get_running_loop().sock_recv(sock, n - len(data))
+        if not chunk:
+            raise ConnectionResetError("closed while logging in")
+        data += chunk
+    return data
+
+
+async def _slow_reader(port: int, k: int, stop: Any, closed: Any) -> None:
+    """Log in, subscribe to every room, never read; when the broker closes it, do it again."""
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            flags = 0x02 | 0x80 | 0x40
+            body = _field("MQTT") + bytes([4, flags]) + struct.pack("!H", 0) + _field(f"{SLOW}:r{k}")
+            await loop.sock_sendall(sock, _packet(0x10, body + _field(SLOW) + _field(PASSWORD)))
+            await _recv_exactly(sock, 4)  # CONNACK
+            subscribe = struct.pack("!H", 1) + _field("im/room/+/+") + b"\x01"
+            await loop.sock_sendall(sock, _packet(0x82, subscribe))
+            await _recv_exactly(sock, 5)  # SUBACK (no delivery comes before it)
+            while not stop.is_set():  # reads no more; a PINGREQ a second finds out when it is closed
+                await asyncio.sleep(1)
+                sock.send(b"\xc0\x00")
+        except (OSError, ConnectionError):
+            closed.value += 1
+        finally:
+            sock.close()
+
+
+async def _will_loop(port: int, rate: float, stop: Any, fired: Any, started: Any) -> None:
+    topic = T.room(room_of(0, 1), WILLS)
+    started.value = time.time()
+    while not stop.is_set():
+        client = LoadClient()
+        will = encode(ChatMessage(text=f"will {fired.value}"))
+        try:
+            code = await client.connect("127.0.0.1", port, WILLS, PASSWORD, f"{WILLS}:loop", (topic, will, False), 0)
+        except (OSError, ConnectionError, asyncio.IncompleteReadError):
+            await asyncio.sleep(0.1)
+            continue
+        client.abort()
+        if code == 0:
+            fired.value += 1
+        await asyncio.sleep(1 / rate)
+
+
+def attack_process(port: int, args: argparse.Namespace, stop: Any, closed: Any, fired: Any, started: Any) -> None:
+    async def attack() -> None:
+        tasks = [_slow_reader(port, k, stop, closed) for k in range(args.slow_readers)]
+        if args.will_rate > 0:
+            tasks.append(_will_loop(port, args.will_rate, stop, fired, started))
+        await asyncio.gather(*tasks)
+
+    asyncio.run(attack())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=1000)
@@ -168,6 +267,10 @@ def main() -> int:
     parser.add_argument("--sample", type=float, default=5.0, help="seconds between memory samples")
     parser.add_argument("--warmup", type=float, default=None, help="seconds before the memory baseline")
     parser.add_argument("--drain", type=float, default=60.0, help="seconds to wait for the last deliveries")
+    parser.add_argument("--slow-readers", type=int, default=1, help="clients that subscribe to every room, never read")
+    parser.add_argument("--will-rate", type=float, default=100.0, help="reconnects a second with a Will (0: none)")
+    parser.add_argument("--max-output", type=int, default=None, help="imcli serve --max-output (bytes)")
+    parser.add_argument("--output-timeout", type=float, default=None, help="imcli serve --output-timeout (s)")
     args = parser.parse_args()
     warmup = args.warmup if args.warmup is not None else args.duration / 5
     if args.interval * 1.0 < 1 / 20:
@@ -176,8 +279,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         store = AccountStore(data, PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
-        store.add_many([(user(i), PASSWORD) for i in range(args.users)])
-        proc, port = start_serve(data)
+        store.add_many([(user(i), PASSWORD) for i in range(args.users)] + [(WILLS, PASSWORD), (SLOW, PASSWORD)])
+        options = [] if args.max_output is None else ["--max-output", str(args.max_output)]
+        options += [] if args.output_timeout is None else ["--output-timeout", str(args.output_timeout)]
+        proc, port = start_serve(data, *options)
         broker = psutil.Process(proc.pid)
         ctx = mp.get_context("spawn")
         ready, go, stop = ctx.Semaphore(0), ctx.Event(), ctx.Event()
@@ -189,6 +294,8 @@ def main() -> int:
             ctx.Process(target=load_process, args=(port, s, args, ready, go, stop, delivered[k], acked[k], results))
             for k, s in enumerate(shards)
         ]
+        closed, fired, started = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Value("d", 0.0)
+        attacker = ctx.Process(target=attack_process, args=(port, args, stop, closed, fired, started))
         samples: list[tuple[float, float, int, int]] = []  # (t, rss MB, acked, delivered)
         try:
             for w in workers:
@@ -201,6 +308,7 @@ def main() -> int:
                     if time.monotonic() - t0 > 300:
                         raise SystemExit("the load processes did not connect within 300 s")
             print(f"{args.users} users connected and subscribed in {time.monotonic() - t0:.1f} s", flush=True)
+            attacker.start()
             go.set()
             start = time.monotonic()
             print(f"{'t (s)':>7} {'broker RSS (MB)':>16} {'acked':>9} {'delivered':>10} {'deliveries/s':>13}")
@@ -219,12 +327,13 @@ def main() -> int:
             while time.monotonic() < drain_end and sum(v.value for v in delivered) < expected:
                 time.sleep(0.5)
             stop.set()
+            will_seconds = time.time() - started.value if started.value else 0.0
             reports: list[Report] = [results.get(timeout=120) for _ in workers]
             for w in workers:
                 w.join(60)
         finally:
             stop.set()
-            for w in workers:
+            for w in [*workers, attacker]:
                 if w.is_alive():
                     w.terminate()
             proc.terminate()
@@ -269,12 +378,20 @@ def main() -> int:
     print(f"dropped mid-run          {len(disconnected)}")
     print(f"broker RSS               {baseline[1]:.1f} MB at {baseline[0]:.0f} s (warm-up end) -> {final[1]:.1f} MB "
           f"at {final[0]:.0f} s: {growth:+.1%} (limit +{MAX_RSS_GROWTH:.0%})")  # fmt: skip
+    wills_seen = max((n for r in reports for n in r.wills.values()), default=0)
+    wills_allowed = BURST + RATE * will_seconds
+    print(f"slow readers             {args.slow_readers}, closed by the broker {closed.value} times")
+    print(
+        f"Last Wills fired         {fired.value} in {will_seconds:.0f} s ({fired.value / max(will_seconds, 1):.0f}/s)"
+    )
+    print(f"Wills a member received  at most {wills_seen} (allowed: {BURST} + {RATE:g}/s = {wills_allowed:.0f})")
     print(f"machine                  {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     for line in lost[:20]:
         print("LOST", line)
     for line in failures[:20]:
         print("CONNECT FAILED", line)
     ok = not lost and not failures and not disconnected and growth <= MAX_RSS_GROWTH and total_sent > 0
+    ok = ok and wills_seen <= wills_allowed
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 
