@@ -19,6 +19,8 @@ from imcli.broker.retained import status_refusal
 from imcli.broker.server import BrokerSettings
 from imcli.broker.session_upkeep import sessions_to_drop
 from imcli.cli.app import app
+from imcli.core.errors import AuthenticationFailed
+from imcli.core.mqtt import Credentials, MqttClient
 from imcli.core.rules import GROUP_CREATION_WINDOW, group_creation_refusal
 from imcli.core.wire import DeviceStatus, GroupRequest, encode
 from imcli.serve.host import BackgroundServer, ServeInfo
@@ -116,6 +118,13 @@ def test_a_new_persistent_session_is_refused_when_every_one_is_connected(connect
     assert sessions_of(limited, "alice") == {"alice:1", "alice:2", "alice:3"}
     assert all(connected(limited, f"alice:{n}") for n in (1, 2, 3))
     assert not any(d.disconnected.is_set() for d in devices)
+
+    credentials = Credentials("alice", password_of("alice"))
+    with pytest.raises(AuthenticationFailed) as failed:  # what imcli chat or listen print
+        MqttClient(limited.address, credentials, "alice:5", clean_session=False).__enter__()
+    assert "not authorized (code 5) (check the password; imcli serve also refuses" in str(failed.value)
+    assert "persistent sessions per account, and tells its connected clients why" in str(failed.value)
+    assert "alice:5" in notice(devices[0])["text"]
 
     assert connect("alice", "alice:oneshot").rc == 0  # a clean session is not a persistent one
     assert connect("alice", "alice:3", clean=False).rc == 0  # the same client id replaces its own

@@ -307,6 +307,15 @@ def _tls_failure(address: BrokerAddress, exc: ValueError | OSError) -> BrokerUnr
     return BrokerUnreachable(f"TLS handshake with {address} failed: {reason}", "does that port speak TLS?")
 
 
+# what a refused CONNECT most likely means, where the code alone does not say (MQTT 3.1.1 has no reason text)
+_REFUSAL_HINTS = {
+    5: "check the password; imcli serve also refuses an account past its connections or persistent sessions "
+    "per account, and tells its connected clients why",
+}
+
+
 def _refusal(rc: ReasonCode) -> AuthenticationFailed:
     code = _CONNACK_V311.get(rc.value, rc.value)
-    return AuthenticationFailed(f"the broker refused the connection: {str(rc).lower()} (code {code})", code=code)
+    return AuthenticationFailed(
+        f"the broker refused the connection: {str(rc).lower()} (code {code})", _REFUSAL_HINTS.get(code), code=code
+    )
