@@ -113,7 +113,9 @@ class OutputBound:
         if outlet.closing:
             return Verdict.CLOSED
         outlet.label = label
-        waiting = outlet.waiting() + batched
+        waiting = outlet.transport.get_write_buffer_size() + outlet.in_tasks + batched
+        if waiting <= self.drop_at and waiting + size <= self.close_at:
+            return Verdict.WRITE  # every copy asks: the common case first
         self.peak = max(self.peak, waiting)
         if waiting + size > self.close_at:
             self._close(outlet, f"{waiting} bytes waiting, the limit is {self.close_at}")
