@@ -25,10 +25,11 @@ queueing, a handler's PUBACK waiters) are handed in by the adapter, which lists 
 
 Output per connection is bounded (issue 15, imcli/broker/output.py): every copy for a
 connected client goes through ``FanOut.send``, which asks ``OutputBound.admit`` with the
-bytes the connection already has waiting (its transport's buffer, its copies in this batch,
-its copies in amqtt's publish tasks) before it goes either into ``Deliveries.add`` (QoS 0
-and 1 over TCP: one buffer per connection, written by ``Deliveries.flush``) or to amqtt's
-own ``mqtt_publish`` (QoS 2, WebSocket). A QoS 0 copy past the drop limit is dropped; a
+bytes the broker already holds for the connection (its transport's buffer, its copies in
+this batch, its QoS 1 copies not yet acknowledged, its copies in amqtt's publish tasks)
+before it goes either into ``Deliveries.add`` (QoS 0 and 1 over TCP: one buffer per
+connection, written by ``Deliveries.flush``) or to amqtt's own ``mqtt_publish`` (QoS 2,
+WebSocket). A QoS 0 copy past the drop limit is dropped; a
 copy past the close limit closes the connection, and a persistent session's QoS 1 and 2
 copies then go to its offline queue.
 """
