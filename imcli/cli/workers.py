@@ -1,6 +1,6 @@
 """``imcli workers``: the presence, group and archive workers alone, against a broker run
 elsewhere (Mosquitto, EMQX, or another ``imcli serve``). ``imcli serve`` runs the same three
-inside it."""
+inside it. ``imcli presence`` runs the presence worker alone."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ import typer
 
 from imcli.cli.common import (
     HostOpt,
+    PasswordStdin,
     PortOpt,
+    account_store,
+    ask_password,
     console,
 )
 from imcli.client.identity import broker_address
@@ -152,6 +155,46 @@ def workers(
         mode = "; groups enforced through dynamic security" if dynsec else ""
         where = f"; archive in {data_dir}" if archive else "; no archive"
         console().print(f"workers running as {', '.join(accounts)} on {address}{mode}{where} (Ctrl-C to stop)")
+        sys.stdout.flush()
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait()
+
+
+def presence(
+    host: HostOpt = None,
+    port: PortOpt = None,
+    account: Annotated[str, typer.Option(help="The worker's service account.")] = PRESENCE_ACCOUNT,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Embedded broker's data dir, to know every account.")
+    ] = None,
+    accounts_file: Annotated[
+        Path | None, typer.Option(help="Mosquitto password file, to know every account (as imcli workers).")
+    ] = None,
+    password_stdin: PasswordStdin = False,
+) -> None:
+    """Run the presence worker alone against any broker (imcli serve already runs one)."""
+    import signal
+    import threading
+
+    from imcli.core.mqtt import Credentials
+    from imcli.core.service import AccountDirectory, PasswordFileDirectory
+    from imcli.presence.worker import PresenceWorker
+
+    if data_dir is not None and accounts_file is not None:
+        raise InvalidInput("--data-dir and --accounts-file both name the accounts", "give one of them")
+    directory: AccountDirectory | None = None
+    if data_dir is not None:
+        from imcli.serve.workers import StoreDirectory
+
+        directory = StoreDirectory(account_store(data_dir))
+    elif accounts_file is not None:
+        directory = PasswordFileDirectory(accounts_file.expanduser())
+    password = ask_password(password_stdin, confirm=False)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    address = broker_address(host, port)
+    with PresenceWorker(address, Credentials(account, password), directory, device="standalone"):
+        console().print(f"presence worker running as {account} on {address} (Ctrl-C to stop)")
         sys.stdout.flush()
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()

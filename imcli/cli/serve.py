@@ -1,0 +1,187 @@
+"""``imcli serve``: the embedded broker with its presence, group and archive workers, and the
+checks of its options (issue 15's limits) before anything starts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from imcli.cli.common import DataDirOpt, check_tls_options, console
+from imcli.core.errors import InvalidInput
+from imcli.core.topics import DEFAULT_MAX_PAYLOAD
+
+
+def serve(
+    bind: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).")] = 1883,
+    data_dir: DataDirOpt = None,
+    registration: Annotated[
+        str,
+        typer.Option(
+            help="'open': anyone may register; 'invite': with a code from 'imcli admin invite'; "
+            "'closed': only 'imcli admin user add'."
+        ),
+    ] = "open",
+    registrations_per_hour: Annotated[
+        int, typer.Option(help="Accounts one address may register per hour (open or invite registration).")
+    ] = 10,
+    password_checks: Annotated[
+        int, typer.Option(help="Password checks (argon2, 64 MiB each) at once; more logins wait.")
+    ] = 2,
+    password_queue: Annotated[
+        int, typer.Option(help="Logins waiting for a password check; past it CONNACK 3 (try again).")
+    ] = 128,
+    max_payload: Annotated[int, typer.Option(help="Largest message payload in bytes.")] = DEFAULT_MAX_PAYLOAD,
+    max_rate: Annotated[float, typer.Option(help="Messages per second per account (bursts of 3 s allowed).")] = 20.0,
+    max_connections: Annotated[int, typer.Option(help="Connections per account.")] = 10,
+    max_subscriptions: Annotated[int, typer.Option(help="Subscriptions per connection.")] = 100,
+    max_output: Annotated[
+        int,
+        typer.Option(
+            help="Bytes waiting for one connection that does not read before it is closed "
+            "(QoS 0 messages to it are dropped past an eighth of this)."
+        ),
+    ] = 8 << 20,
+    output_timeout: Annotated[
+        float, typer.Option(help="Seconds a connection may keep output waiting, unread, before it is closed.")
+    ] = 60.0,
+    max_sessions: Annotated[
+        int, typer.Option(help="Persistent sessions per account (past it, the longest idle one is dropped).")
+    ] = 20,
+    max_statuses: Annotated[int, typer.Option(help="Retained device statuses per account.")] = 20,
+    max_status_bytes: Annotated[int, typer.Option(help="Largest device status in bytes.")] = 1024,
+    max_groups: Annotated[int, typer.Option(help="Groups one account may own.")] = 50,
+    group_rate: Annotated[int, typer.Option(help="Groups one account may create per minute.")] = 10,
+    history_days: Annotated[
+        float | None, typer.Option(help="Keep archived messages this many days [default: for ever].")
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="PEM certificate (chain): TLS on --port and --ws-port.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert.")] = None,
+    ws_port: Annotated[
+        int | None, typer.Option("--ws-port", help="Also serve MQTT over WebSocket here (wss with TLS; 0: any).")
+    ] = None,
+    allow_remote: Annotated[
+        bool,
+        typer.Option("--allow-remote", help="Allow binding beyond loopback without TLS (passwords travel in clear)."),
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log connections and refusals.")] = False,
+) -> None:
+    """Run the embedded broker (accounts, topic ACL, limits) with its presence, group and archive workers."""
+    import asyncio
+    import ipaddress
+    import logging
+    import signal
+
+    from imcli.broker.limits import Limits
+    from imcli.broker.server import BrokerSettings
+    from imcli.client.config import default_data_dir
+    from imcli.serve.host import ServeInfo, serve_forever
+
+    if registration not in ("open", "invite", "closed"):
+        raise InvalidInput(f"invalid --registration {registration!r}", "use 'open', 'invite' or 'closed'")
+    if not 0 <= port < 65536 or (ws_port is not None and not 0 <= ws_port < 65536):
+        raise InvalidInput(f"invalid port {port if not 0 <= port < 65536 else ws_port}", "use 0-65535")
+    check_tls_options(tls_cert, tls_key)
+    if max_payload < 256:
+        raise InvalidInput(f"--max-payload {max_payload} is too small", "use at least 256 bytes")
+    if (
+        max_rate <= 0
+        or max_connections < 1
+        or max_subscriptions < 8
+        or min(registrations_per_hour, password_checks) < 1
+        or password_queue < 0
+    ):
+        raise InvalidInput(
+            "limits too small",
+            "--max-rate > 0, --max-connections >= 1, --max-subscriptions >= 8 (listen needs 6), "
+            "--registrations-per-hour >= 1, --password-checks >= 1, --password-queue >= 0",
+        )
+    if history_days is not None and history_days <= 0:
+        raise InvalidInput(f"invalid --history-days {history_days:g}", "give a number of days above 0")
+    try:
+        loopback = bind == "localhost" or ipaddress.ip_address(bind).is_loopback
+    except ValueError as exc:
+        raise InvalidInput(f"invalid --bind address {bind!r}", "give an IP address such as 127.0.0.1") from exc
+    if not loopback and not allow_remote and tls_cert is None:
+        raise InvalidInput(
+            f"refusing to listen on {bind}: beyond this machine, passwords would travel unencrypted",
+            "give --tls-cert/--tls-key, or add --allow-remote if that is what you want",
+        )
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    if not verbose:  # amqtt logs every refused client at WARNING and more
+        logging.getLogger("amqtt").setLevel(logging.CRITICAL)
+    settings = BrokerSettings(
+        data_dir=(data_dir or default_data_dir()).expanduser(),
+        bind="127.0.0.1" if bind == "localhost" else bind,
+        port=port,
+        registration=registration,
+        max_payload=max_payload,
+        history_days=history_days,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        ws_port=ws_port,
+        limits=Limits(
+            publish_rate=max_rate,
+            publish_burst=max(1, int(max_rate * 3)),
+            max_subscriptions=max_subscriptions,
+            max_connections=max_connections,
+            **output_bound(max_output, output_timeout, max_payload),
+            registrations_per_hour=registrations_per_hour,
+            password_checks=password_checks,
+            password_queue=password_queue,
+            **account_quotas(max_sessions, max_statuses, max_status_bytes, max_groups, group_rate),
+        ),
+    )
+    out = console()
+
+    def banner(info: ServeInfo) -> None:
+        a = info.address
+        out.print(f"imcli serve: listening on {info.bind}:{a.port}" + (" (TLS)" if a.tls else ""), style="bold green")
+        if info.ws_port is not None:
+            out.print(f"  websocket   {'wss' if a.tls else 'ws'}://{a.host}:{info.ws_port}/")
+        out.print(f"  data        {info.data_dir}")
+        out.print(f"  accounts    registration {info.registration}; presence, group and archive workers running")
+        tls_hint = " --tls [--ca CA.pem]" if a.tls else ""
+        out.print(f"  connect     imcli register NAME --host {a.host} --port {a.port}{tls_hint}")
+        out.print("  stop        Ctrl-C", style="dim")
+        sys.stdout.flush()
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_forever(settings, banner, stop)
+
+    asyncio.run(run())
+    out.print("imcli serve: stopped", style="dim")
+
+
+def account_quotas(sessions: int, statuses: int, status_bytes: int, groups: int, group_rate: int) -> dict[str, int]:
+    """imcli serve's per-account quotas (issue 15) as ``Limits`` fields, checked."""
+    if min(sessions, statuses, groups, group_rate) < 1 or status_bytes < 128:
+        raise InvalidInput(
+            "limits too small",
+            "--max-sessions, --max-statuses, --max-groups, --group-rate >= 1, --max-status-bytes >= 128",
+        )
+    return {
+        "max_sessions": sessions,
+        "max_retained": statuses,
+        "max_status": status_bytes,
+        "max_groups": groups,
+        "group_rate": group_rate,
+    }
+
+
+def output_bound(max_output: int, timeout: float, max_payload: int) -> dict[str, Any]:
+    """imcli serve's bound on what one connection that does not read holds (issue 15), as ``Limits`` fields."""
+    if max_output < max(1 << 16, 4 * max_payload) or timeout <= 0:
+        raise InvalidInput(
+            "output limits too small", "--max-output >= 64 KiB and 4 times --max-payload, --output-timeout > 0"
+        )
+    return {"output_drop": max_output // 8, "output_close": max_output, "output_stuck": timeout}
