@@ -20,12 +20,16 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, NoReturn
 
+from amqtt.errors import MQTTError
+from amqtt.mqtt.connack import ConnackPacket
 from amqtt.session import Session
 
-from imcli.broker.connection_gate import CONNECTION_ACCEPTED, NOT_AUTHORIZED, ConnectionGate
+from imcli.broker.connection_gate import CONNECTION_ACCEPTED, NOT_AUTHORIZED, ConnectionGate, shown_username
 from imcli.broker.limits import Limits
-from imcli.broker.notices import Telling, connection_refused, session_refused
+from imcli.broker.notices import Telling, connection_refused, session_refused, subscription_refused
+from imcli.broker.packets import PacketGuard
 from imcli.broker.topic_access import TopicAccess
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,13 @@ def over_subscription_limit(held: int, already_held: bool, limit: int) -> bool:
     return not already_held and held >= limit
 
 
+async def refuse(writer: Any, code: int, username: str | None) -> NoReturn:
+    """Send CONNACK ``code`` and close: before any existing session is deleted, merged or taken over."""
+    await ConnackPacket.build(0, code).to_stream(writer)
+    await writer.close()
+    raise MQTTError(f"CONNECT refused ({code}) for {shown_username(username)!r}")
+
+
 class Admission:
     """Open connections per account, counted from the CONNACK until the connection ends."""
 
@@ -58,6 +69,24 @@ class Admission:
         self.limits = limits
         self._open: Counter[str] = Counter()
         self.tell: Callable[[str | None, Telling], Awaitable[None]] | None = None  # the notice topic (notices.py)
+
+    async def admit_connect(
+        self,
+        reader: Any,
+        incoming: Session,
+        session_of: Callable[[str], Session | None],
+        persistent_of: Callable[[str], Mapping[str, bool]],
+    ) -> int:
+        """The CONNACK code for the CONNECT ``reader`` read: one refused on its form alone (a
+        client id past ``Limits.max_client_id``: imcli/broker/packets.py) is not looked at
+        further; a trusted worker's packets have no size limit (its `who` reply may be large)."""
+        refusal = reader.connect_refusal if isinstance(reader, PacketGuard) else CONNECTION_ACCEPTED
+        if refusal:
+            return refusal
+        code, trusted = await self.admit(incoming, session_of, persistent_of)
+        if code == CONNECTION_ACCEPTED and trusted and isinstance(reader, PacketGuard):
+            reader.limit = None
+        return code
 
     async def admit(
         self,
@@ -108,3 +137,11 @@ class Admission:
 
     def subscription_refused(self, held: dict[str, int], topic_filter: str) -> bool:
         return over_subscription_limit(len(held), topic_filter in held, self.limits.max_subscriptions)
+
+    async def subscription_allowed(self, session: Session, held: dict[str, int], topic_filter: str) -> bool:
+        """Whether ``session`` (holding the filters ``held``) may subscribe to one more; if not, it is told."""
+        if not self.subscription_refused(held, topic_filter) or self.access.is_service(session.username):
+            return True
+        if self.tell is not None:
+            await self.tell(session.username, subscription_refused(topic_filter, self.limits.max_subscriptions))
+        return False

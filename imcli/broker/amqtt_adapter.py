@@ -22,36 +22,34 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import websockets
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter, WebSocketsReader, WebSocketsWriter
 from amqtt.broker import Broker, RetainedApplicationMessage
-from amqtt.contexts import Action, ListenerType
-from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
+from amqtt.contexts import Action
+from amqtt.errors import BrokerError
 from amqtt.events import BrokerEvents
-from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol import broker_handler
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import INCOMING, ApplicationMessage, Session
-from amqtt.utils import gen_client_id
-from transitions import MachineError
 
 from imcli.broker.accounts import AccountStore
 from imcli.broker.acl import Access, TopicAcl
-from imcli.broker.admission import Admission
-from imcli.broker.connection_gate import CONNECTION_ACCEPTED, ConnectionGate, shown_username
-from imcli.broker.fanout import FanOut, SessionFilters
+from imcli.broker.admission import Admission, refuse
+from imcli.broker.connection_gate import CONNECTION_ACCEPTED, ConnectionGate
+from imcli.broker.fanout import FanOut, SessionFilters, publish_all
 from imcli.broker.journal import ArchiveWriter, Journal
-from imcli.broker.notices import Notifier, session_dropped, subscription_refused
+from imcli.broker.listeners import Connections, peer_host, serve, stop_listening
+from imcli.broker.notices import Notifier
 from imcli.broker.output import OutputBound
-from imcli.broker.packets import MalformedPacket, PacketGuard
+from imcli.broker.packets import PacketGuard, connect_within
 from imcli.broker.pending import PendingConnections, raise_fd_limit
 from imcli.broker.publish_checks import PublishChecks
 from imcli.broker.retained import RetainedState
 from imcli.broker.session_upkeep import SessionUpkeep
-from imcli.broker.sessions import SessionState, SubscriptionTable
+from imcli.broker.sessions import SessionState, SubscriptionTable, connect_session, read_timeout, start_session
 from imcli.broker.settings import TLS_LISTENER, BrokerSettings
 from imcli.broker.topic_access import TopicAccess
+from imcli.broker.wills import LastWills, Will, will_of
 from imcli.core.wire import Topics
 
 log = logging.getLogger(__name__)
@@ -91,36 +89,24 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
 )
 
 
-class Will(NamedTuple):
-    """The Last Will a CONNECT left: published, checked, if its connection ends without DISCONNECT."""
-
-    topic: str
-    data: bytes
-    qos: int | None
-    retain: bool
-
-
-def will_of(session: Session) -> Will | None:
-    if not session.will_flag:
-        return None
-    return Will(
-        session.will_topic or "", bytes(session.will_message or b""), session.will_qos, bool(session.will_retain)
-    )
-
-
 class AckAfterJournal(BrokerProtocolHandler):
     """amqtt's broker-side protocol handler, calling ``before_ack`` before each PUBACK, and
     holding the Last Will of its own connection's CONNECT (amqtt keeps it in the session, which
     a resumed or taken-over persistent session shares with the next connection)."""
 
     before_ack: Any = None  # (Session, ApplicationMessage) -> None
-    will: Will | None = None
+    will: Will | None = None  # imcli/broker/wills.py
     _silent_close: asyncio.Task[None] | None = None
 
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
         if app_message.direction == INCOMING and self.before_ack is not None and self.session is not None:
             self.before_ack(self.session, app_message)
         await super()._handle_qos1_message_flow(app_message)
+
+    def take_will(self) -> Will | None:
+        """The Will of this connection's CONNECT, once: published, or discarded by DISCONNECT."""
+        will, self.will = self.will, None
+        return will
 
     def handle_read_timeout(self) -> None:
         """Nothing came from the client for its keep-alive (plus the grace ``ImBroker`` adds):
@@ -154,10 +140,6 @@ def puback_waiters(handler: BrokerProtocolHandler) -> dict[int, Any]:
     return waiters
 
 
-# what a CONNECT that resumes a persistent session brings to it (amqtt copies all but will_retain)
-_RESUMED = ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive", "username", "password")
-
-
 class ImBroker(Broker):
     """amqtt ``Broker`` that authenticates before touching sessions and enforces limits."""
 
@@ -170,31 +152,23 @@ class ImBroker(Broker):
         self.topics = Topics(settings.prefix)
         self._subscriptions = SubscriptionTable()
         self.access = TopicAccess(self.topics, self._accounts.cached_role)
-        # the Last Will's topic is checked at CONNECT without group or friend records
-        gate = ConnectionGate(self._accounts, TopicAcl(self.topics), settings.registration, settings.limits)
-        self.admission = Admission(gate, self.access, settings.limits)
-        self.retained = RetainedState(settings.data_dir, self.access, settings.limits)
-        self.publishing = PublishChecks(
-            self.access, settings.limits, settings.max_payload, statuses=self.retained.status_refusal
-        )
-        self.notifier = Notifier(self.topics, self.internal_message_broadcast)
-        self.admission.tell = self.notifier.tell
-        self.upkeep = SessionUpkeep(self, settings.limits)
-        self.filters = SessionFilters()
         lim = settings.limits
+        # the Last Will's topic is checked at CONNECT without group or friend records
+        self.admission = Admission(ConnectionGate(self._accounts, TopicAcl(self.topics), settings.registration, lim),
+                                   self.access, lim)  # fmt: skip
+        self.retained = RetainedState(settings.data_dir, self.access, lim)
+        self.publishing = PublishChecks(self.access, lim, settings.max_payload, statuses=self.retained.status_refusal)
+        self.wills = LastWills(self.publishing, self.deliver)
+        self.upkeep = SessionUpkeep(self, lim)
+        self.notifier = Notifier(self.topics, self.internal_message_broadcast)
+        self.admission.tell = self.publishing.tell = self.upkeep.tell = self.notifier.tell
+        self.filters = SessionFilters()
         self.output = OutputBound(lim.output_drop, lim.output_close, lim.output_stuck)
-        self.fan_out = FanOut(
-            self._subscriptions,
-            self._matches,
-            self._get_handler,
-            self._retain_broadcast_message,
-            self.access.receive_check,
-            puback_waiters,
-            self.output,
-        )
+        self.fan_out = FanOut(self._subscriptions, self._matches, self._get_handler, self._retain_broadcast_message,
+                              self.access.receive_check, puback_waiters, self.output)  # fmt: skip
         self._journal = Journal(open_archive(settings.data_dir), self.topics, self.access.may_publish)
-        self._streams: set[asyncio.StreamWriter] = set()
-        self.pending = PendingConnections(settings.limits.pending_per_address, settings.limits.max_pending)
+        self.pending = PendingConnections(lim.pending_per_address, lim.max_pending)
+        self.connections = Connections(self.pending, self.output)
         self._upkeep_tasks: list[asyncio.Task[None]] = []
 
     # ---------------------------------------------------------------- public: host, tests, upkeep
@@ -235,7 +209,7 @@ class ImBroker(Broker):
         try:
             await super().start()  # amqtt starts with no retained messages
         except BaseException:
-            self._stop_listening()  # amqtt leaves those it started open when a later one fails to bind
+            stop_listening(self._servers.values())  # amqtt leaves those it started open when a later one fails
             raise
         for topic, payload, qos in self.retained.restore():
             self._retained_messages[topic] = RetainedApplicationMessage(None, topic, payload, qos)
@@ -249,76 +223,35 @@ class ImBroker(Broker):
     async def _create_server_instance(
         self, listener_name: str, listener_type: Any, address: str | None, port: int, ssl_context: Any
     ) -> Any:
-        # amqtt's, with a listen backlog: asyncio's default of 100 makes a flood of silent
-        # sockets overflow the kernel's queue, and real clients' SYNs wait seconds for a retry
-        backlog = self.settings.limits.listen_backlog
-        if listener_type == ListenerType.TCP:
-            return await asyncio.start_server(
-                partial(self.stream_connected, listener_name=listener_name),
-                address,
-                port,
-                reuse_address=True,
-                ssl=ssl_context,
-                backlog=backlog,
-            )
-        if listener_type == ListenerType.WS:
-            return await websockets.serve(
-                partial(self.ws_connected, listener_name=listener_name),
-                address,
-                port,
-                ssl=ssl_context,
-                subprotocols=[websockets.Subprotocol("mqtt")],
-                backlog=backlog,
-            )
-        return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
-
-    def _stop_listening(self) -> None:
-        for server in self._servers.values():
-            if server.instance is not None:
-                server.instance.close()
+        on_stream = partial(self.stream_connected, listener_name=listener_name)
+        on_ws = partial(self.ws_connected, listener_name=listener_name)
+        backlog = self.settings.limits.listen_backlog  # imcli/broker/listeners.py
+        server = await serve(listener_type, on_stream, on_ws, address, port, ssl_context, backlog)
+        if server is None:
+            server = await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
+        return server
 
     async def shutdown(self) -> None:
         for task in self._upkeep_tasks:
             task.cancel()
-        # stop accepting first: amqtt closes its listeners last, after the sessions, so clients
-        # reconnecting meanwhile would be accepted into a loop that is about to end
-        self._stop_listening()
+        stop_listening(self._servers.values())  # first: imcli/broker/listeners.py says why
         await super().shutdown()
         self.retained.close()
         self._journal.close()
-        # asyncio.Server.close() leaves accepted connections open before Python 3.13
-        writers = list(self._streams)
-        for writer in writers:
-            writer.close()
-        if writers:
-            await asyncio.wait([asyncio.ensure_future(w.wait_closed()) for w in writers], timeout=5)
+        await self.connections.close_all()
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
-        self._streams.add(writer)
         adapter = StreamWriterAdapter(writer)
-        self.pending.arrived(adapter, _peer_host(writer.get_extra_info("peername")), writer.transport.abort)
-        self.output.watch(adapter, writer.transport)  # imcli/broker/output.py
-        try:  # amqtt's stream_connected, with the reader kept inside its packets (imcli/broker/packets.py)
-            guard = self._guard(StreamReaderAdapter(reader))
-            await self._client_connected(listener_name, guard, adapter)
-        finally:
-            self.pending.done(adapter)
-            self.output.forget(adapter)
-            self._streams.discard(writer)
-            writer.close()  # amqtt leaves some finished connections open (found by ResourceWarnings)
+        with self.connections.accepted(adapter, peer_host(writer.get_extra_info("peername")), writer.transport, writer):
+            # amqtt's stream_connected, with the reader kept inside its packets (imcli/broker/packets.py)
+            await self._client_connected(listener_name, self._guard(StreamReaderAdapter(reader)), adapter)
 
     async def ws_connected(self, websocket: Any, listener_name: str) -> None:
-        guard = self._guard(WebSocketsReader(websocket))
-        adapter = WebSocketsWriter(websocket)
-        self.pending.arrived(adapter, _peer_host(websocket.remote_address), websocket.transport.abort)
-        self.output.watch(adapter, websocket.transport)  # the WebSocket's TCP (or TLS) transport
-        try:
-            await self._client_connected(listener_name, guard, adapter)
-        finally:
-            self.pending.done(adapter)
-            self.output.forget(adapter)
+        adapter = WebSocketsWriter(websocket)  # its transport: the WebSocket's TCP (or TLS) one
+        with self.connections.accepted(adapter, peer_host(websocket.remote_address), websocket.transport):
+            await self._client_connected(listener_name, self._guard(WebSocketsReader(websocket)), adapter)
 
     def _guard(self, inner: Any) -> PacketGuard:
         """amqtt's reader, kept inside well-formed packets (imcli/broker/packets.py)."""
@@ -328,123 +261,67 @@ class ImBroker(Broker):
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
-        try:
-            # amqtt waits for the CONNECT forever: without a deadline any peer holds a
-            # connection, a task and its buffers open for as long as it likes
-            handler, incoming = await asyncio.wait_for(
-                AckAfterJournal.init_from_connect(reader, writer, self.plugins_manager),
-                self.settings.packet_timeout,
-            )
-        except (AMQTTError, MQTTError, NoDataError, TimeoutError, MalformedPacket, UnicodeDecodeError) as exc:
-            log.info("bad CONNECT from %s:%s: %s", remote_address, remote_port, exc or "none in time")
-            raise AMQTTError(exc) from exc
+        try:  # with a deadline (imcli/broker/packets.py)
+            reading = AckAfterJournal.init_from_connect(reader, writer, self.plugins_manager)
+            handler, incoming = await connect_within(reading, self.settings.packet_timeout, remote_address, remote_port)
         finally:
             self.pending.done(writer)  # its CONNECT is read (or it never will be)
-
-        # a CONNECT refused on its form alone (a client id past Limits.max_client_id) is not looked at further
-        refusal = reader.connect_refusal if isinstance(reader, PacketGuard) else CONNECTION_ACCEPTED
-        code, trusted = (
-            (refusal, False)
-            if refusal
-            else await self.admission.admit(
-                incoming, lambda client_id: self._sessions.get(client_id, (None,))[0], self.upkeep.persistent_of
-            )
-        )
-        if code == CONNECTION_ACCEPTED and trusted and isinstance(reader, PacketGuard):
-            reader.limit = None  # a worker's `who` reply may be large
+        # admitted (imcli/broker/admission.py) before any existing session is deleted, merged or taken over
+        code = await self.admission.admit_connect(reader, incoming, self._session_of, self.upkeep.persistent_of)
         if code != CONNECTION_ACCEPTED:
-            # refuse before any existing session is deleted, merged or taken over
-            await ConnackPacket.build(0, code).to_stream(writer)
-            await writer.close()
-            raise MQTTError(f"CONNECT refused ({code}) for {shown_username(incoming.username)!r}")
-
-        session = incoming  # from here on, amqtt's own handling of the session
-        if incoming.clean_session:
-            if incoming.client_id:
-                await self._delete_session(incoming.client_id)
-            else:
-                incoming.client_id = gen_client_id()
-            incoming.parent = 0
-        elif incoming.client_id in self._sessions:
-            session, _ = self._sessions[incoming.client_id]
-            for attr in _RESUMED:
-                setattr(session, attr, getattr(incoming, attr))
-            session.parent = 1
-        else:
-            incoming.parent = 0
+            await refuse(writer, code, incoming.username)
+        session = await start_session(incoming, self._sessions, self._delete_session)  # imcli/broker/sessions.py
         if isinstance(handler, AckAfterJournal):
             handler.before_ack = self._before_ack
-            handler.will = will_of(incoming)
-        delay = self.config.timeout_disconnect_delay or 0
-        if session.keep_alive > 0 and isinstance(delay, int):  # the read timeout: 1.5 times, at least 2 s more
-            session.keep_alive += max(delay, session.keep_alive // 2)  # (MQTT-3.1.2-24; AckAfterJournal closes)
+            handler.will = will_of(incoming)  # imcli/broker/wills.py
+        session.keep_alive = read_timeout(session.keep_alive, self.config.timeout_disconnect_delay or 0)
         return handler, session
+
+    def _session_of(self, client_id: str) -> Session | None:
+        return self._sessions.get(client_id, (None,))[0]
 
     async def _handle_client_session(
         self, reader: Any, writer: Any, client_session: Session, handler: Any, server: Any, listener_name: str
     ) -> None:
         # amqtt's version authenticates again here and then re-sends to every CONNECT the
         # retained messages of every filter anyone subscribed to, unchecked
-        if client_session.client_id is None:
+        client_id = client_session.client_id
+        if client_id is None:
             raise BrokerError("client id was not set")
-        while True:
-            try:
-                client_session.transitions.connect()
-                break
-            except (MachineError, ValueError):
-                if client_session.transitions.is_connected():  # same account, same client id: take over
-                    await self.close_connection(self._sessions[client_session.client_id][1])
-                    break
-                await asyncio.sleep(1)  # the old connection of this session is still closing
-
+        await connect_session(client_session, lambda: self.close_connection(self._sessions[client_id][1]))
         account = client_session.username or ""
         self.admission.opened(account)  # this call lasts as long as the connection
-        self.upkeep.connected(client_session.client_id)
+        self.upkeep.connected(client_id)
         try:
             handler.attach(client_session, reader, writer)
-            self._sessions[client_session.client_id] = (client_session, handler)
+            self._sessions[client_id] = (client_session, handler)
             if not client_session.clean_session and not self.access.is_service(account):
-                await self._make_room(account, client_session.client_id)
+                await self.upkeep.make_room_for(account, client_id)  # imcli/broker/session_upkeep.py
             await handler.mqtt_connack_authorize(True)
             await self.plugins_manager.fire_event(
-                BrokerEvents.CLIENT_CONNECTED, client_id=client_session.client_id, client_session=client_session
+                BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=client_session
             )
             await handler.start()
             await self._publish_session_retained_messages(client_session)
             if client_session.parent:  # a resumed persistent session: retained messages of its own filters
-                for subscription in list(self.filters.of(client_session.client_id).items()):
+                for subscription in list(self.filters.of(client_id).items()):
                     await self._publish_retained_messages_for_subscription(subscription, client_session)
             await self._client_message_loop(client_session, handler)
         finally:
             self.admission.closed(account)
             if not client_session.clean_session:
-                self.upkeep.left(client_session.client_id)
-
-    async def _make_room(self, account: str, client_id: str) -> None:
-        """A persistent session of ``account`` is in the table: past ``Limits.max_sessions``,
-        its longest-idle ones are dropped (imcli/broker/admission.py says why), and it is told."""
-        self.upkeep.kept(account, client_id)
-        try:
-            dropped = await self.upkeep.trim(account)
-        except Exception:  # the new connection goes on; the next persistent CONNECT trims again
-            log.exception("could not drop the idle sessions of %s", account)
-            return
-        for gone in dropped:
-            await self.notifier.tell(account, session_dropped(gone, self.settings.limits.max_sessions))
+                self.upkeep.left(client_id)
 
     # ---------------------------------------------------------------- subscriptions
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
-        topic_filter = subscription[0]
         held = self.filters.held(session.client_id)
-        if self.admission.subscription_refused(held, topic_filter) and not self.access.is_service(session.username):
-            refusal = subscription_refused(topic_filter, self.settings.limits.max_subscriptions)
-            await self.notifier.tell(session.username, refusal)
+        if not await self.admission.subscription_allowed(session, held, subscription[0]):
             return 0x80
         granted: int = await super().add_subscription(subscription, session)
         if granted != 0x80:
-            held[topic_filter] = granted
-            self.fan_out.filters.add(topic_filter)
+            held[subscription[0]] = granted
+            self.fan_out.filters.add(subscription[0])
         return granted
 
     async def _del_all_subscriptions(self, session: Session) -> None:
@@ -474,58 +351,28 @@ class ImBroker(Broker):
     async def _handle_message_delivery(
         self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
     ) -> bool:
-        # the publish checks (imcli/broker/publish_checks.py), then amqtt's broadcast and retain
+        # the publish checks (imcli/broker/publish_checks.py) instead of amqtt's broadcast and retain
         message = wait_deliver.result()
         await self.plugins_manager.fire_event(
             BrokerEvents.MESSAGE_RECEIVED, client_id=client_session.client_id, message=message
         )
-        if message is None:
-            return True
-        charged, rate_ok = self.publishing.take_charge(message)
-        packet = message.publish_packet
-        retain = packet is not None and bool(packet.retain_flag)
-        username = client_session.username
-        decision = self.publishing.judge(
-            username, message.topic or "", len(message.data or b""), retain=retain, rate_ok=rate_ok
-        )
-        if decision.telling is not None:
-            await self.notifier.tell(username, decision.telling)
-        if decision.close:
-            log.warning("%s sent a PUBLISH on an invalid topic: closing", client_session.client_id)
-            return False
-        if decision.deliver:
-            # QoS 0 is never acknowledged: journalled as it is delivered (QoS 1 was, before its PUBACK)
-            await self._deliver(client_session, message, retain=retain, journal=not charged)
-        return True
+        return message is None or await self.publishing.received(client_session, message, self.deliver)
 
     async def _handle_disconnect(
         self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]
     ) -> None:
         # amqtt's, except for the Last Will: amqtt broadcasts whatever Will the session holds
-        # (by now perhaps the next connection's), unchecked. A Will is a publish that happens
-        # later: it passes ``self.publishing.judge`` now, as an ordinary PUBLISH of it would (issue 15)
-        will = handler.will if isinstance(handler, AckAfterJournal) else None
-        if isinstance(handler, AckAfterJournal):
-            handler.will = None  # published once, or discarded by DISCONNECT (MQTT-3.1.2-8, -10)
-        if will is not None and not isinstance(disconnect_waiter.result(), DisconnectPacket):
-            await self._fire_will(client_session, will)
+        # (by now perhaps the next connection's), unchecked (imcli/broker/wills.py)
+        will = handler.take_will() if isinstance(handler, AckAfterJournal) else None
+        disconnected = isinstance(disconnect_waiter.result(), DisconnectPacket)
+        await self.wills.connection_ended(client_session, will, disconnected=disconnected)
         await self._stop_handler(handler)
         client_session.transitions.disconnect()
         await self.plugins_manager.fire_event(
             BrokerEvents.CLIENT_DISCONNECTED, client_id=client_session.client_id, client_session=client_session
         )
 
-    async def _fire_will(self, session: Session, will: Will) -> None:
-        decision = self.publishing.judge(session.username, will.topic, len(will.data), retain=will.retain)
-        if not decision.deliver:  # its sender is gone: nobody to tell
-            why = decision.telling.text if decision.telling is not None else "over the publish rate"
-            log.info("Last Will of %s on %s dropped: %s", session.client_id, will.topic, why)
-            return
-        message = ApplicationMessage(None, will.topic, will.qos, will.data, will.retain)
-        # journalled like a QoS 0 publish (a Will has no PUBACK); delivered at its own QoS, as amqtt does
-        await self._deliver(session, message, retain=will.retain, journal=True, qos=will.qos)
-
-    async def _deliver(
+    async def deliver(
         self, session: Session, message: ApplicationMessage, *, retain: bool, journal: bool, qos: int | None = None
     ) -> None:
         """A publish the checks let through: journalled (chat), broadcast, retained if flagged."""
@@ -550,7 +397,7 @@ class ImBroker(Broker):
         handler = self._get_handler(session)
         if handler is not None:
             queued = self.upkeep.take_queued(session.retained_messages, self._receives(session))
-            await _publish_all(handler, queued, retain=False)
+            await publish_all(handler, queued, retain=False)
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
@@ -559,7 +406,7 @@ class ImBroker(Broker):
         handler = self._get_handler(session)
         if handler is not None:
             table, receives = self._retained_messages, self._receives(session)
-            await _publish_all(
+            await publish_all(
                 handler, self.retained.matching(subscription, table, self._matches, receives), retain=True
             )
 
@@ -577,14 +424,3 @@ class ImBroker(Broker):
         if topic_name:
             kept = topic_name in self._retained_messages
             self.retained.changed(topic_name, bytes(data or b""), qos or 0, kept=kept)
-
-
-def _peer_host(peer: Any) -> str | None:
-    """The host part of a socket's peer name (an (address, port, …) tuple, or None)."""
-    return str(peer[0]) if isinstance(peer, tuple) and peer else None
-
-
-async def _publish_all(handler: BrokerProtocolHandler, messages: list[tuple[str, bytes, int]], *, retain: bool) -> None:
-    tasks = [asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain)) for topic, data, qos in messages]
-    if tasks:
-        await asyncio.wait(tasks)

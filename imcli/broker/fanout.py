@@ -348,3 +348,10 @@ class FanOut:
             if self.output is not None:
                 self.output.in_task(handler.writer, len(encoded.qos0), task)
         return False
+
+
+async def publish_all(handler: Any, messages: list[tuple[str, bytes, int]], *, retain: bool) -> None:
+    """Send one connection the messages of its offline queue or of a subscription's retained state."""
+    tasks = [asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain)) for topic, data, qos in messages]
+    if tasks:
+        await asyncio.wait(tasks)

@@ -32,6 +32,8 @@ A well-formed CONNECT whose client id is longer than ``max_client_id`` character
 malformed: it deserves CONNACK 2 (identifier rejected), which the broker sends when it sees
 ``connect_refusal``.
 
+amqtt waits for the CONNECT itself for ever: ``connect_within`` gives it the same deadline.
+
 amqtt's reader loop ends the connection on an exception it does not know; its own
 ``MQTTError`` and ``NoDataError`` it swallows, and reads on.
 """
@@ -39,8 +41,15 @@ amqtt's reader loop ends the connection on an exception it does not know; its ow
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from amqtt.adapters import ReaderAdapter
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 IDENTIFIER_REJECTED = 2  # the CONNACK return code (MQTT 3.1.1, 3.2.2.3)
 DEFAULT_MAX_CLIENT_ID = 128  # characters; MQTT 3.1.1 only promises 23 (MQTT-3.1.3-5)
@@ -267,3 +276,14 @@ class PacketGuard(ReaderAdapter):
             self.connect_refusal = refusal
         self._packet = bytes(header) + body
         self._pos = 0
+
+
+async def connect_within(reading: Awaitable[T], seconds: float, address: str, port: int) -> T:
+    """The CONNECT ``reading`` reads, within ``seconds``: without a deadline any peer
+    holds a connection, a task and its buffers open for as long as it likes. One that is bad
+    or late is logged and raised as the ``AMQTTError`` amqtt's caller expects."""
+    try:
+        return await asyncio.wait_for(reading, seconds)
+    except (AMQTTError, MQTTError, NoDataError, TimeoutError, MalformedPacket, UnicodeDecodeError) as exc:
+        log.info("bad CONNECT from %s:%s: %s", address, port, exc or "none in time")
+        raise AMQTTError(exc) from exc

@@ -2,7 +2,8 @@
 
 amqtt 0.12.1 has no payload size limit, lets anyone retain anything and drops a publish
 its topic plugin refuses silently, PUBACK included. Every PUBLISH therefore goes through
-``PublishChecks.judge`` before amqtt broadcasts it, in this order:
+``PublishChecks.judge`` (``PublishChecks.received`` for one read from a client) before it
+is broadcast, in this order:
 
 1. an empty topic ends the connection (MQTT-4.7.3-1, as amqtt does);
 2. the account's publish rate (workers' service accounts are not limited);
@@ -15,7 +16,7 @@ its topic plugin refuses silently, PUBACK included. Every PUBLISH therefore goes
 A refused message is dropped with a notice to its sender (imcli/broker/notices.py).
 
 A Last Will (issue 15) is a publish that happens later: when it fires,
-``ImBroker._handle_disconnect`` (imcli/broker/amqtt_adapter.py) calls ``judge`` with the
+imcli/broker/wills.py calls ``judge`` with the
 Will's sender, topic, size and retain flag, exactly as for an ordinary publish (a rate token
 included), and broadcasts and journals it only if the decision says ``deliver``; a refusal
 is logged, as its sender is gone.
@@ -26,15 +27,20 @@ to keep it (``charge``); ``judge`` then uses that decision instead of taking a s
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+
+from amqtt.session import ApplicationMessage, Session
 
 from imcli.broker.acl import Access
 from imcli.broker.limits import Limits, PublishRate
 from imcli.broker.notices import Telling, publish_refused, rate_exceeded, retain_refused, too_large
 from imcli.broker.topic_access import TopicAccess
+
+log = logging.getLogger(__name__)
 
 # (topic, size, retain) -> why a status is dropped, if it is (RetainedState.status_refusal)
 StatusQuota = Callable[[str, int, bool], Telling | None]
@@ -84,6 +90,15 @@ def decide_publish(
     return DELIVER
 
 
+class Deliver(Protocol):
+    """The broker's delivery of a publish the checks let through: journalled (unless it was
+    before its PUBACK), broadcast (at ``qos``, or each subscription's), retained if flagged."""
+
+    async def __call__(
+        self, session: Session, message: ApplicationMessage, *, retain: bool, journal: bool, qos: int | None = None
+    ) -> None: ...
+
+
 class PublishChecks:
     """``decide_publish`` with the broker's state: the rate buckets and the tokens taken before PUBACKs."""
 
@@ -97,6 +112,7 @@ class PublishChecks:
         self.rate = PublishRate(limits.publish_rate, limits.publish_burst)
         # QoS 1 messages whose rate token was taken before their PUBACK: id -> (message, allowed, when)
         self._charged: dict[int, tuple[Any, bool, float]] = {}
+        self.tell: Callable[[str | None, Telling], Awaitable[None]] | None = None  # the notice topic (notices.py)
 
     def _rate_allows(self, sender: str | None, trusted: bool, now: float) -> bool:
         return trusted or self.rate.allow(sender or "", now)
@@ -146,6 +162,24 @@ class PublishChecks:
         if rate_notice and not self.rate.should_warn(sender or "", now):
             return Decision(deliver=False)  # at most one rate notice a second
         return decision
+
+    async def received(self, session: Session, message: ApplicationMessage, deliver: Deliver) -> bool:
+        """A PUBLISH read from ``session``'s connection: judged, its sender told why if it is
+        refused, delivered if not. False: its connection is to be closed (an invalid topic)."""
+        charged, rate_ok = self.take_charge(message)
+        packet = message.publish_packet
+        retain = packet is not None and bool(packet.retain_flag)
+        username = session.username
+        decision = self.judge(username, message.topic or "", len(message.data or b""), retain=retain, rate_ok=rate_ok)
+        if decision.telling is not None and self.tell is not None:
+            await self.tell(username, decision.telling)
+        if decision.close:
+            log.warning("%s sent a PUBLISH on an invalid topic: closing", session.client_id)
+            return False
+        if decision.deliver:
+            # QoS 0 is never acknowledged: journalled as it is delivered (QoS 1 was, before its PUBACK)
+            await deliver(session, message, retain=retain, journal=not charged)
+        return True
 
     def forget_unsent(self, now: float) -> None:
         """Drop the tokens of messages whose connection ended before the broker delivered them."""

@@ -16,13 +16,14 @@ import asyncio
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from amqtt.session import Session
 
 from imcli.broker.accounts import AccountStore, Role
 from imcli.broker.limits import Limits
+from imcli.broker.notices import Telling, session_dropped
 from imcli.core.rules import REGISTER_PREFIX
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class SessionUpkeep:
         self._queue_drops: Counter[str] = Counter()  # per client id, to log a full queue once
         # account -> client ids of its persistent sessions: a superset, pruned against the table as read
         self._persistent: defaultdict[str, set[str]] = defaultdict(set)
+        self.tell: Callable[[str | None, Telling], Awaitable[None]] | None = None  # the notice topic (notices.py)
 
     def connected(self, client_id: str) -> None:
         self._away.pop(client_id, None)
@@ -117,6 +119,19 @@ class SessionUpkeep:
             await self._host.delete_session(victim)  # out of the table before its first await
             dropped.append(victim)
             log.info("persistent session %s dropped: %s holds %d", victim, account, self.limits.max_sessions)
+
+    async def make_room_for(self, account: str, client_id: str) -> None:
+        """A persistent session of ``account`` is in the table: past ``Limits.max_sessions``,
+        its longest-idle ones are dropped (imcli/broker/admission.py says why), and it is told."""
+        self.kept(account, client_id)
+        try:
+            dropped = await self.trim(account)
+        except Exception:  # the new connection goes on; the next persistent CONNECT trims again
+            log.exception("could not drop the idle sessions of %s", account)
+            return
+        for gone in dropped:
+            if self.tell is not None:
+                await self.tell(account, session_dropped(gone, self.limits.max_sessions))
 
     def left(self, client_id: str) -> None:
         self._away[client_id] = time.monotonic()

@@ -1,4 +1,10 @@
-"""Lighter stand-ins for two amqtt 0.12.1 structures that every connection pays for (issue 7).
+"""A CONNECT's session: started, resumed or taken over, and lighter stand-ins for two amqtt
+0.12.1 structures that every connection pays for (issue 7).
+
+* ``start_session`` and ``connect_session`` are amqtt's own handling of the session of a
+  CONNECT admitted (imcli/broker/admission.py), run only *after* admission: amqtt deletes,
+  merges or takes over the session of the client id before it authenticates;
+  ``read_timeout`` is the keep-alive with the grace MQTT-3.1.2-24 allows.
 
 * ``SessionState`` replaces a session's ``transitions.Machine``: amqtt builds a full state
   machine (about 12 KB of Python objects and a millisecond of CPU) per connection, and
@@ -14,10 +20,64 @@
 
 from __future__ import annotations
 
+import asyncio
 import weakref
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from amqtt.session import Session
+from amqtt.utils import gen_client_id
 from transitions import MachineError
+
+# what a CONNECT that resumes a persistent session brings to it (amqtt copies all but will_retain)
+_RESUMED = ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive", "username", "password")
+
+
+async def start_session(
+    incoming: Session, table: Mapping[str, tuple[Session, Any]], delete_session: Callable[[str], Awaitable[None]]
+) -> Session:
+    """The session an admitted CONNECT (``incoming``) goes on with: a clean one replaces any
+    its client id had (or gets a random id), a persistent one resumes the one in ``table``
+    with this CONNECT's Will, keep-alive and credentials. ``parent`` is 1 for a resumed one."""
+    session = incoming
+    if incoming.clean_session:
+        if incoming.client_id:
+            await delete_session(incoming.client_id)
+        else:
+            incoming.client_id = gen_client_id()
+        incoming.parent = 0
+    elif incoming.client_id in table:
+        session, _ = table[incoming.client_id]
+        for attr in _RESUMED:
+            setattr(session, attr, getattr(incoming, attr))
+        session.parent = 1
+    else:
+        incoming.parent = 0
+    return session
+
+
+def read_timeout(keep_alive: int, delay: Any) -> int:
+    """How long the broker waits to hear from a client with ``keep_alive`` (0: for ever):
+    1.5 times it, and at least ``delay`` (amqtt's ``timeout-disconnect-delay``) more
+    (MQTT-3.1.2-24; ``AckAfterJournal.handle_read_timeout`` then closes the connection)."""
+    if keep_alive > 0 and isinstance(delay, int):
+        return keep_alive + max(delay, keep_alive // 2)
+    return keep_alive
+
+
+async def connect_session(session: Session, close_current: Callable[[], Awaitable[None]]) -> None:
+    """Mark ``session`` connected; if it already is (same account, same client id), the
+    connection holding it is closed (``close_current``) and this one takes it over."""
+    while True:
+        try:
+            session.transitions.connect()
+        except (MachineError, ValueError):
+            if session.transitions.is_connected():
+                await close_current()
+                return
+            await asyncio.sleep(1)  # the old connection of this session is still closing
+        else:
+            return
 
 
 class SessionState:
