@@ -1,0 +1,346 @@
+"""The embedded broker's decisions as plain functions and small classes, without a broker:
+the publish checks, the connection gate's, admission's and session upkeep's rules, the
+output bound, pending connections, keep-alive and Last Wills (imcli/broker/server.py's
+docstring says which module holds which rule). The broker-level tests (test_security.py,
+test_account_limits.py, test_wills.py, …) show the same rules end to end."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from amqtt.session import ApplicationMessage, Session
+
+from imcli.broker.accounts import Role
+from imcli.broker.acl import TopicAcl
+from imcli.broker.admission import over_connection_limit, over_subscription_limit, refuse_new_session
+from imcli.broker.connection_gate import bound_client_id, shown_username, will_allowed
+from imcli.broker.limits import Limits
+from imcli.broker.listeners import peer_host
+from imcli.broker.output import HELD_COPY, OutputBound, Verdict
+from imcli.broker.pending import PendingConnections
+from imcli.broker.publish_checks import Decision, PublishChecks, decide_publish
+from imcli.broker.session_upkeep import expired, replaced_accounts, session_revoked, sessions_to_drop
+from imcli.broker.sessions import read_timeout
+from imcli.broker.topic_access import TopicAccess
+from imcli.broker.wills import LastWills, Will, will_of
+from imcli.core.wire import Topics
+
+T = Topics()
+ROLES = {"alice": Role.USER, "bob": Role.USER, "presence": Role.SERVICE}
+
+
+def access() -> TopicAccess:
+    return TopicAccess(T, ROLES.get)  # None for an unknown account
+
+
+# ---------------------------------------------------------------- publish checks
+
+
+def decide(sender: str, topic: str, size: int = 10, **options: Any) -> Decision:
+    settings: dict[str, Any] = {"retain": False, "rate_ok": True, "trusted": False, "max_payload": 100, "rate": 5.0}
+    return decide_publish(access(), sender, topic, size, **(settings | options))
+
+
+def test_a_publish_within_every_check_is_delivered() -> None:
+    assert decide("alice", "im/room/lobby/alice") == Decision(deliver=True)
+
+
+def test_an_empty_topic_closes_the_connection_before_any_other_check() -> None:
+    assert decide("alice", "", rate_ok=False, size=1000).close
+
+
+def test_the_checks_come_in_order_rate_size_retain_wildcard_acl() -> None:
+    over_everything = decide("alice", "im/room/#", size=1000, rate_ok=False, retain=True)
+    assert over_everything.telling is not None
+    assert over_everything.telling.code == "rate"
+    too_large = decide("alice", "im/room/#", size=1000, retain=True)
+    assert too_large.telling is not None
+    assert too_large.telling.code == "too_large"
+    retained_chat = decide("alice", "im/room/#", retain=True)
+    assert retained_chat.telling is not None
+    assert retained_chat.telling.code == "denied"
+    assert decide("alice", "im/room/#").close
+
+
+@pytest.mark.parametrize("topic", ["im/room/+/alice", "im/room/#", "$SYS/broker"])
+def test_a_wildcard_or_dollar_topic_closes_the_connection(topic: str) -> None:
+    assert decide("alice", topic) == Decision(deliver=False, close=True)
+
+
+def test_a_topic_the_acl_refuses_is_dropped_with_a_notice() -> None:
+    decision = decide("alice", "im/room/lobby/bob")  # writing as someone else
+    assert not decision.deliver
+    assert not decision.close
+    assert decision.telling is not None
+    assert decision.telling.code == "denied"
+    assert decision.telling.topic == "im/room/lobby/bob"
+
+
+def test_a_trusted_worker_has_no_size_limit_but_keeps_its_acl() -> None:
+    assert decide("presence", "im/presence/alice", size=10_000, trusted=True).deliver
+    assert not decide("presence", "im/room/lobby/alice", trusted=True).deliver
+
+
+def test_state_records_may_be_retained_and_chat_may_not() -> None:
+    assert decide("alice", "im/status/alice/laptop", retain=True).deliver
+    assert not decide("alice", "im/room/lobby/alice", retain=True).deliver
+
+
+def test_judge_asks_the_status_quota_after_the_other_checks_and_not_for_workers() -> None:
+    asked: list[tuple[str, int, bool]] = []
+
+    def quota(topic: str, size: int, retain: bool) -> Any:
+        asked.append((topic, size, retain))
+        return decide("alice", "im/room/lobby/bob").telling  # any refusal
+
+    checks = PublishChecks(access(), Limits(), 100, statuses=quota)
+    assert not checks.judge("alice", "im/status/alice/laptop", 10, retain=True).deliver
+    assert asked == [("im/status/alice/laptop", 10, True)]
+    assert not checks.judge("alice", "im/room/lobby/bob", 10, retain=False).deliver  # refused before the quota
+    assert checks.judge("presence", "im/status/alice/laptop", 10, retain=True).deliver
+    assert len(asked) == 1
+
+
+def test_a_qos1_publish_is_charged_once_before_its_puback() -> None:
+    checks = PublishChecks(access(), Limits(publish_rate=1.0, publish_burst=1), 100)
+    message = ApplicationMessage(1, "im/room/lobby/alice", 1, b"hi", False)
+    assert checks.charge("alice", message, 2)  # the token is taken here
+    assert checks.take_charge(message) == (True, True)
+    assert checks.take_charge(message) == (False, None)  # once only
+    assert not checks.charge("alice", ApplicationMessage(2, "im/room/lobby/alice", 1, b"hi", False), 2)  # no token
+
+
+def test_one_rate_notice_a_second_at_most() -> None:
+    checks = PublishChecks(access(), Limits(publish_rate=1.0, publish_burst=1), 100)
+    assert checks.judge("alice", "im/room/lobby/alice", 1, retain=False).deliver  # the one token
+    first = checks.judge("alice", "im/room/lobby/alice", 1, retain=False)
+    again = checks.judge("alice", "im/room/lobby/alice", 1, retain=False)
+    assert first.telling is not None
+    assert first.telling.code == "rate"
+    assert again == Decision(deliver=False)
+    assert checks.judge("presence", "im/presence/alice", 1, retain=False).deliver  # workers have no rate
+
+
+# ---------------------------------------------------------------- connection gate
+
+
+def test_shown_username_cuts_an_invite_code_off() -> None:
+    assert shown_username("register:carol:SECRET") == "register:carol:…"
+    assert shown_username("register:carol") == "register:carol"
+    assert shown_username("alice") == "alice"
+    assert shown_username(None) is None
+
+
+def test_a_client_id_is_bound_to_its_account() -> None:
+    assert bound_client_id("alice", "alice", True) == "alice"
+    assert bound_client_id("alice", "alice:laptop", False) == "alice:laptop"
+    assert bound_client_id("alice", "bob:laptop", True) is None
+    assert bound_client_id("alice", "alicex:laptop", True) is None
+
+
+def test_an_empty_or_amqtt_random_client_id_gets_one_of_the_account() -> None:
+    for sent in (None, "", "amqtt/12345"):
+        given = bound_client_id("alice", sent, True)
+        assert given is not None
+        assert given.startswith("alice:")
+        assert len(given) > len("alice:")
+    assert bound_client_id("alice", "amqtt/12345", False) is None  # a persistent session must name itself
+
+
+def test_a_will_is_allowed_where_its_sender_may_publish_and_retained_only_on_state() -> None:
+    acl = TopicAcl(T)
+    assert will_allowed(acl, "alice", Role.USER, "im/status/alice/laptop", retain=True)
+    assert will_allowed(acl, "alice", Role.USER, "im/room/lobby/alice", retain=False)
+    assert not will_allowed(acl, "alice", Role.USER, "im/room/lobby/alice", retain=True)
+    assert not will_allowed(acl, "alice", Role.USER, "im/status/bob/laptop", retain=False)
+    assert not will_allowed(acl, "alice", Role.USER, "im/room/#", retain=False)
+
+
+# ---------------------------------------------------------------- admission
+
+
+def test_the_connection_limit_counts_a_reconnect_of_the_same_client_as_a_replacement() -> None:
+    assert not over_connection_limit(1, replaces_own=False, limit=2)
+    assert over_connection_limit(2, replaces_own=False, limit=2)
+    assert not over_connection_limit(2, replaces_own=True, limit=2)
+
+
+def test_a_new_persistent_session_is_refused_only_when_none_is_idle() -> None:
+    assert not refuse_new_session({}, "a:1", 1)
+    assert not refuse_new_session({"a:1": True}, "a:2", 2)
+    assert refuse_new_session({"a:1": True}, "a:2", 1)
+    assert not refuse_new_session({"a:1": False}, "a:2", 1)  # the idle one makes room
+
+
+def test_subscribing_again_to_a_held_filter_is_never_refused() -> None:
+    assert not over_subscription_limit(1, already_held=False, limit=2)
+    assert over_subscription_limit(2, already_held=False, limit=2)
+    assert not over_subscription_limit(2, already_held=True, limit=2)
+
+
+# ---------------------------------------------------------------- session upkeep
+
+
+def test_sessions_away_for_the_expiry_or_longer_expire() -> None:
+    assert expired({"a:1": 0.0, "a:2": 50.0, "a:3": 40.0}, now=100.0, expiry=60.0) == ["a:1", "a:3"]
+    assert expired({}, now=100.0, expiry=60.0) == []
+
+
+def test_sessions_to_drop_are_the_longest_idle_and_only_as_many_as_needed() -> None:
+    assert sessions_to_drop({"a:1": 3.0, "a:2": 1.0}, held=3, limit=2) == ["a:2"]
+    assert sessions_to_drop({"a:1": 3.0}, held=4, limit=2) == ["a:1"]  # not enough idle: what there is
+    assert sessions_to_drop({"a:1": 3.0}, held=2, limit=2) == []
+
+
+def test_an_account_made_again_with_another_password_is_replaced_but_not_a_rekeyed_worker() -> None:
+    known = {"alice": "k1", "bob": "k2", "presence": "k3"}
+    current = {"alice": "k1", "bob": "new", "presence": "new"}
+    assert replaced_accounts(known, current, rekeyed=["presence"]) == {"bob"}
+    assert replaced_accounts(known, {}, rekeyed=[]) == set()  # removed, not replaced
+
+
+def test_a_session_is_revoked_when_its_account_is_gone_or_replaced() -> None:
+    current = {"alice": "k1", "bob": "k2"}
+    assert not session_revoked("alice", current, set())
+    assert session_revoked("carol", current, set())
+    assert session_revoked("bob", current, {"bob"})
+    assert not session_revoked("register:carol", current, set())  # a registration login has none yet
+    assert not session_revoked(None, current, set())
+
+
+# ---------------------------------------------------------------- keep-alive, Last Wills, peers
+
+
+def test_the_read_timeout_is_one_and_a_half_keep_alives_and_at_least_the_delay_more() -> None:
+    assert read_timeout(60, 2) == 90
+    assert read_timeout(2, 2) == 4
+    assert read_timeout(0, 2) == 0  # no keep-alive: never
+    assert read_timeout(10, None) == 10  # amqtt's delay not an int: as the client asked
+
+
+def test_peer_host_is_the_address_of_a_peer_name() -> None:
+    assert peer_host(("192.0.2.7", 1883)) == "192.0.2.7"
+    assert peer_host(("2001:db8::1", 1883, 0, 0)) == "2001:db8::1"
+    assert peer_host(None) is None
+    assert peer_host(()) is None
+
+
+def test_will_of_reads_the_will_of_a_connect() -> None:
+    session = Session()
+    assert will_of(session) is None
+    session.will_flag, session.will_topic, session.will_message = True, "im/status/alice/laptop", b""
+    session.will_qos, session.will_retain = 1, True
+    assert will_of(session) == Will("im/status/alice/laptop", b"", 1, True)
+
+
+def test_a_will_fires_checked_unless_its_connection_ended_with_disconnect() -> None:
+    delivered: list[tuple[str, bool, bool, int | None]] = []
+
+    async def deliver(
+        session: Session, message: ApplicationMessage, *, retain: bool, journal: bool, qos: int | None = None
+    ) -> None:
+        delivered.append((message.topic, retain, journal, qos))
+
+    wills = LastWills(PublishChecks(access(), Limits(), 100), deliver)
+    session = Session()
+    session.client_id, session.username = "alice:laptop", "alice"
+    status = Will("im/status/alice/laptop", b"", 1, True)
+
+    async def run() -> None:
+        await wills.connection_ended(session, status, disconnected=True)
+        await wills.connection_ended(session, None, disconnected=False)
+        await wills.connection_ended(session, Will("im/status/bob/laptop", b"", 0, True), disconnected=False)
+        await wills.connection_ended(session, Will("im/room/lobby/alice", b"x", 0, True), disconnected=False)
+        await wills.connection_ended(session, status, disconnected=False)
+
+    asyncio.run(run())
+    assert delivered == [("im/status/alice/laptop", True, True, 1)]
+
+
+# ---------------------------------------------------------------- output bound and pending connections
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.buffered = 0
+        self.aborted = False
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_output_past_the_drop_limit_drops_qos0_and_past_the_close_limit_closes() -> None:
+    bound, transport = OutputBound(drop_at=100, close_at=1000, stuck_after=10.0), FakeTransport()
+    bound.watch("w", transport)
+    assert bound.admit("w", "alice:laptop", qos=0, size=50) is Verdict.WRITE
+    transport.buffered = 200
+    assert bound.admit("w", "alice:laptop", qos=0, size=50) is Verdict.DROP
+    assert bound.admit("w", "alice:laptop", qos=1, size=50) is Verdict.WRITE
+    assert bound.admit("w", "alice:laptop", qos=1, size=50, batched=800) is Verdict.CLOSED
+    assert transport.aborted
+    assert bound.closed == ["alice:laptop"]
+    assert bound.admit("w", "alice:laptop", qos=0, size=1) is Verdict.CLOSED  # closing: nothing more
+    assert bound.admit("unwatched", "x", qos=0, size=10**9) is Verdict.WRITE
+
+
+def test_an_unacknowledged_copy_counts_until_its_task_is_done() -> None:
+    async def run() -> None:
+        bound = OutputBound(drop_at=10, close_at=10**6, stuck_after=10.0)
+        bound.watch("w", FakeTransport())
+        puback: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        bound.in_task("w", 100, puback)
+        assert bound.waiting("w") == 100 + HELD_COPY
+        puback.set_result(None)
+        await asyncio.sleep(0)  # its done callback
+        assert bound.waiting("w") == 0
+
+    asyncio.run(run())
+
+
+def test_a_connection_that_takes_nothing_for_stuck_after_is_closed() -> None:
+    bound, transport = OutputBound(drop_at=100, close_at=1000, stuck_after=10.0), FakeTransport()
+    bound.watch("w", transport)
+    bound.check(0.0)  # nothing waiting: not stalled
+    transport.buffered = 50
+    bound.check(1.0)  # output waiting and none taken: stalled from now
+    bound.check(10.9)
+    assert not transport.aborted
+    transport.buffered = 40  # some taken: stalled no more
+    bound.check(11.0)
+    bound.check(12.0)  # none taken since: stalled from now
+    bound.check(21.9)
+    assert not transport.aborted
+    bound.check(22.0)
+    assert transport.aborted
+    assert bound.closed == ["a connection"]
+
+
+def test_pending_connections_past_a_limit_close_the_oldest_silent_one() -> None:
+    now = [0.0]
+    closed: list[str] = []
+    pending = PendingConnections(per_address=2, total=3, grace=1.0, clock=lambda: now[0])
+
+    def arrive(key: str, address: str) -> None:
+        pending.arrived(key, address, lambda: closed.append(key))
+
+    arrive("a1", "192.0.2.1")
+    arrive("a2", "192.0.2.1")
+    arrive("a3", "192.0.2.1")  # a burst within the grace: all kept
+    assert closed == []
+    now[0] = 2.0
+    pending.enforce()
+    assert closed == ["a1"]
+    pending.done("a2")  # its CONNECT was read
+    arrive("b1", "192.0.2.2")
+    arrive("c1", "192.0.2.3")
+    now[0] = 4.0
+    pending.enforce()
+    arrive("d1", "192.0.2.4")  # four in all: the oldest silent one goes
+    assert closed == ["a1", "a3"]
+    assert len(pending) == 3
+    pending.done("nobody")  # idempotent
