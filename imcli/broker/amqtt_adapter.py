@@ -70,9 +70,8 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
     # ImBroker, below
     *_names(_B, "Broker", "overridden", "_initialize_client_session _handle_client_session _handle_message_delivery"),
     *_names(_B, "Broker", "overridden", "_topic_filtering _run_broadcast _retain_broadcast_message"),
-    *_names(
-        _B, "Broker", "overridden", "_publish_session_retained_messages _publish_retained_messages_for_subscription"
-    ),
+    *_names(_B, "Broker", "overridden", "_publish_session_retained_messages"),
+    *_names(_B, "Broker", "overridden", "_publish_retained_messages_for_subscription"),
     *_names(_B, "Broker", "overridden", "_del_all_subscriptions _del_subscription _handle_disconnect"),
     *_names(_B, "Broker", "overridden", "_create_server_instance"),  # the listen backlog
     *_names(_B, "Broker", "called", "_client_connected _client_message_loop _delete_session _broadcast_message"),
@@ -154,8 +153,8 @@ class ImBroker(Broker):
         self.access = TopicAccess(self.topics, self._accounts.cached_role)
         lim = settings.limits
         # the Last Will's topic is checked at CONNECT without group or friend records
-        self.admission = Admission(ConnectionGate(self._accounts, TopicAcl(self.topics), settings.registration, lim),
-                                   self.access, lim)  # fmt: skip
+        gate = ConnectionGate(self._accounts, TopicAcl(self.topics), settings.registration, lim)
+        self.admission = Admission(gate, self.access, lim)
         self.retained = RetainedState(settings.data_dir, self.access, lim)
         self.publishing = PublishChecks(self.access, lim, settings.max_payload, statuses=self.retained.status_refusal)
         self.wills = LastWills(self.publishing, self.deliver)
@@ -164,8 +163,8 @@ class ImBroker(Broker):
         self.admission.tell = self.publishing.tell = self.upkeep.tell = self.notifier.tell
         self.filters = SessionFilters()
         self.output = OutputBound(lim.output_drop, lim.output_close, lim.output_stuck)
-        self.fan_out = FanOut(self._subscriptions, self._matches, self._get_handler, self._retain_broadcast_message,
-                              self.access.receive_check, puback_waiters, self.output)  # fmt: skip
+        amqtts = (self._subscriptions, self._matches, self._get_handler, self._retain_broadcast_message)
+        self.fan_out = FanOut(*amqtts, self.access.receive_check, puback_waiters, self.output)
         self._journal = Journal(open_archive(settings.data_dir), self.topics, self.access.may_publish)
         self.pending = PendingConnections(lim.pending_per_address, lim.max_pending)
         self.connections = Connections(self.pending, self.output)
@@ -225,7 +224,7 @@ class ImBroker(Broker):
     ) -> Any:
         on_stream = partial(self.stream_connected, listener_name=listener_name)
         on_ws = partial(self.ws_connected, listener_name=listener_name)
-        backlog = self.settings.limits.listen_backlog  # imcli/broker/listeners.py
+        backlog = self.settings.limits.listen_backlog  # imcli/broker/listeners.py says why
         server = await serve(listener_type, on_stream, on_ws, address, port, ssl_context, backlog)
         if server is None:
             server = await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
@@ -396,7 +395,7 @@ class ImBroker(Broker):
         # amqtt sends messages queued while offline with retain=1 and unchecked
         handler = self._get_handler(session)
         if handler is not None:
-            queued = self.upkeep.take_queued(session.retained_messages, self._receives(session))
+            queued = self.upkeep.take_queued(session.retained_messages, self.access.receives(session.username))
             await publish_all(handler, queued, retain=False)
 
     async def _publish_retained_messages_for_subscription(
@@ -405,13 +404,9 @@ class ImBroker(Broker):
         # checked per message (RECEIVE), and only topics under the filter's literal head are matched
         handler = self._get_handler(session)
         if handler is not None:
-            table, receives = self._retained_messages, self._receives(session)
-            await publish_all(
-                handler, self.retained.matching(subscription, table, self._matches, receives), retain=True
-            )
-
-    def _receives(self, session: Session) -> Callable[[str], bool]:
-        return lambda topic: self.access.check(session.username, topic, Access.RECEIVE)
+            receives = self.access.receives(session.username)
+            matching = self.retained.matching(subscription, self._retained_messages, self._matches, receives)
+            await publish_all(handler, matching, retain=True)
 
     async def retain_message(
         self,

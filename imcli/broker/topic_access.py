@@ -112,6 +112,10 @@ class TopicAccess:
     def may_publish(self, username: str | None, topic: str) -> bool:
         return self.check(username, topic, Access.PUBLISH)
 
+    def receives(self, username: str | None) -> Callable[[str], bool]:
+        """``check(username, topic, RECEIVE)`` for one recipient and many topics (its queue, retained state)."""
+        return lambda topic: self.check(username, topic, Access.RECEIVE)
+
     def receive_check(self, topic: str) -> Callable[[str | None], bool]:
         """``check(username, topic, RECEIVE)`` for one message and many recipients (fan-out)."""
         allowed, role_of = self.acl.receive_check(topic), self.role_of
