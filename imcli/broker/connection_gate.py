@@ -3,8 +3,8 @@
 amqtt 0.12.1 deletes (clean session) or merges into (persistent session) the existing
 session of a CONNECT's client id, and takes over a connected one, *before* it
 authenticates: a wrong password with a victim's client id would wipe or kick the victim.
-The adapter (imcli/broker/amqtt_adapter.py) therefore asks ``ConnectionGate.check`` right
-after reading the CONNECT, and refuses with its CONNACK code before any of that happens.
+Admission (imcli/broker/admission.py, called by the adapter) therefore asks
+``ConnectionGate.check`` right after reading the CONNECT, and refuses with its CONNACK code before any of that happens.
 
 A CONNECT is accepted when the password verifies, the client id is ``<account>`` or
 ``<account>:<device>`` (or empty, then one is assigned), and a Last Will, if any, is on a

@@ -3,16 +3,30 @@
 
 Where each part lives:
 
-* imcli/broker/amqtt_adapter.py: ``ImBroker``, amqtt's overrides as thin methods, and every
-  private name of amqtt the broker relies on (``AMQTT_PRIVATE``, checked by
+* imcli/broker/amqtt_adapter.py: ``ImBroker``, amqtt's overrides as thin methods that
+  delegate to the modules below, the hook classes on amqtt's protocol handler and session,
+  and every private name of amqtt the broker relies on (``AMQTT_PRIVATE``, checked by
   tests/test_amqtt_private.py);
+* imcli/broker/listeners.py: the listening sockets (a listen backlog) and each accepted
+  connection until it ends (pending, output-bounded, closed at shutdown);
+* imcli/broker/pending.py: connections that have not sent their CONNECT yet, bounded per
+  address and in all;
+* imcli/broker/packets.py: amqtt's parser kept inside each packet, a packet size cap and
+  a deadline for unfinished packets and for the CONNECT;
 * imcli/broker/connection_gate.py: a CONNECT is authenticated and its client id bound to
   its account *before* any session is touched (amqtt deletes, merges or takes over the
   session of the client id first: a wrong password could wipe or kick the victim);
-* imcli/broker/admission.py: the gate, then connections per account; subscriptions per connection;
+* imcli/broker/admission.py: the gate, then connections per account and persistent
+  sessions per account (refused with CONNACK before any session is touched); subscriptions
+  per connection;
+* imcli/broker/sessions.py: a CONNECT's session started, resumed or taken over (after
+  admission), the keep-alive's read timeout, and lighter stand-ins for amqtt's
+  per-connection state machine and subscription table;
 * imcli/broker/publish_checks.py: rate, size, retained chat and the topic ACL, with a
   notice to the sender (amqtt drops a refused publish silently, PUBACK included), for
   every PUBLISH and for every Last Will when it fires;
+* imcli/broker/wills.py: a Last Will held by its own connection, fired at most once,
+  checked, unless the connection ended with DISCONNECT;
 * imcli/broker/output.py: what the broker holds for one connection is bounded (QoS 0
   dropped, then the connection closed) for clients that do not read;
 * imcli/broker/topic_access.py: the ACL (imcli/broker/acl.py) with the broker's roles,
@@ -21,14 +35,12 @@ Where each part lives:
 * imcli/broker/retained.py: retained state indexed, learnt by the ACL, kept across restarts;
   a resumed session gets the retained messages of its own filters only, checked (amqtt
   sends every CONNECT those of every filter anyone subscribed to, unchecked);
-* imcli/broker/session_upkeep.py: persistent sessions expire, their offline queue is bounded
-  (and delivered as ordinary, checked messages, not with retain=1), removed accounts end;
+* imcli/broker/session_upkeep.py: persistent sessions expire, are dropped past the
+  account's limit (longest idle first), their offline queue is bounded (and delivered as
+  ordinary, checked messages, not with retain=1), removed accounts end;
 * imcli/broker/journal.py: a QoS 1 chat message is in the archive before its PUBACK;
 * imcli/broker/notices.py: what the sender is told;
-* imcli/broker/packets.py: amqtt's parser kept inside each packet, a packet size cap and
-  a deadline for unfinished packets;
-* imcli/broker/sessions.py: lighter stand-ins for amqtt's per-connection state machine and
-  subscription table.
+* imcli/broker/throttle.py: failed logins and registrations slowed down, password checks bounded.
 """
 
 from __future__ import annotations
