@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import sys
 import time
 
@@ -32,6 +33,8 @@ from imcli.core.wire import ChatMessage, DeviceStatus, Topics, encode, new_id
 T = Topics()
 BACKGROUND_ROOM = "background"
 DEVICE = "bench"
+SERVER_UNAVAILABLE = 3  # CONNACK: the broker is busy (imcli serve: too many password checks at once)
+BUSY_RETRIES = 200
 
 
 def user_name(index: int) -> str:
@@ -50,6 +53,7 @@ class Crowd:
         self.clients: dict[str, LoadClient] = {}
         self.status = encode(DeviceStatus(interval=3600))
         self.refused = 0
+        self.retried = 0  # logins refused with CONNACK 3 (busy) and tried again
         self.talking = asyncio.Event()
 
     async def join(self) -> None:
@@ -58,15 +62,23 @@ class Crowd:
 
         async def one(name: str) -> None:
             async with gate:
-                client = LoadClient()
                 topic = T.status(name, DEVICE)
-                try:
-                    rc = await client.connect(
-                        self.args.host, self.args.port, name, self.args.password, f"{name}:{DEVICE}",
-                        will=(topic, b"", True),
-                    )  # fmt: skip
-                except OSError:
-                    rc = -1
+                for attempt in range(BUSY_RETRIES + 1):
+                    client = LoadClient()
+                    try:
+                        rc = await client.connect(
+                            self.args.host, self.args.port, name, self.args.password, f"{name}:{DEVICE}",
+                            will=(topic, b"", True),
+                        )  # fmt: skip
+                    except (OSError, asyncio.IncompleteReadError):
+                        rc = -1
+                    if rc != SERVER_UNAVAILABLE or attempt == BUSY_RETRIES:
+                        break
+                    # the broker's password checks are busy (a bounded queue): back off and retry, as
+                    # imcli's clients and paho's reconnect loop do
+                    client.abort()
+                    self.retried += 1
+                    await asyncio.sleep(random.uniform(0.05, 0.25))
                 if rc != 0:
                     self.refused += 1
                     return
@@ -79,7 +91,16 @@ class Crowd:
 
         t0 = time.time()
         await asyncio.gather(*(one(n) for n in self.names))
-        say({"event": "joined", "t0": t0, "t1": time.time(), "ok": len(self.clients), "refused": self.refused})
+        say(
+            {
+                "event": "joined",
+                "t0": t0,
+                "t1": time.time(),
+                "ok": len(self.clients),
+                "refused": self.refused,
+                "retried": self.retried,
+            }
+        )
 
     async def flip(self) -> None:
         gate = asyncio.Semaphore(self.args.concurrency)
