@@ -22,7 +22,7 @@ from imcli.broker.output import HELD_COPY, OutputBound, Verdict
 from imcli.broker.pending import PendingConnections
 from imcli.broker.publish_checks import Decision, PublishChecks, decide_publish
 from imcli.broker.session_upkeep import expired, replaced_accounts, session_revoked, sessions_to_drop
-from imcli.broker.sessions import read_timeout
+from imcli.broker.sessions import read_timeout, start_session
 from imcli.broker.topic_access import TopicAccess
 from imcli.broker.wills import LastWills, Will, will_of
 from imcli.core.wire import Topics
@@ -218,6 +218,37 @@ def test_the_read_timeout_is_one_and_a_half_keep_alives_and_at_least_the_delay_m
     assert read_timeout(2, 2) == 4
     assert read_timeout(0, 2) == 0  # no keep-alive: never
     assert read_timeout(10, None) == 10  # amqtt's delay not an int: as the client asked
+
+
+def test_a_clean_session_replaces_its_client_ids_and_a_persistent_one_resumes() -> None:
+    deleted: list[str] = []
+
+    async def delete(client_id: str) -> None:
+        deleted.append(client_id)
+
+    def connect(client_id: str, *, clean: bool, keep_alive: int = 60) -> Session:
+        session = Session()
+        session.client_id, session.clean_session, session.username = client_id, clean, "alice"
+        session.keep_alive, session.will_flag, session.will_topic = keep_alive, True, "im/status/alice/d"
+        return session
+
+    kept = connect("alice:laptop", clean=False, keep_alive=10)
+    table: dict[str, tuple[Session, Any]] = {"alice:laptop": (kept, None)}
+
+    async def run() -> None:
+        clean = connect("alice:phone", clean=True)
+        assert await start_session(clean, table, delete, 2) is clean
+        assert deleted == ["alice:phone"]
+        assert (clean.parent, clean.keep_alive) == (0, 90)
+        resumed = await start_session(connect("alice:laptop", clean=False, keep_alive=20), table, delete, 2)
+        assert resumed is kept
+        assert (kept.parent, kept.keep_alive, kept.will_topic) == (1, 30, "im/status/alice/d")
+        new = connect("alice:tablet", clean=False)
+        assert await start_session(new, table, delete, 2) is new
+        assert new.parent == 0
+        assert deleted == ["alice:phone"]
+
+    asyncio.run(run())
 
 
 def test_peer_host_is_the_address_of_a_peer_name() -> None:

@@ -70,23 +70,27 @@ class Admission:
         self._open: Counter[str] = Counter()
         self.tell: Callable[[str | None, Telling], Awaitable[None]] | None = None  # the notice topic (notices.py)
 
-    async def admit_connect(
+    async def admit_or_refuse(
         self,
         reader: Any,
+        writer: Any,
         incoming: Session,
-        session_of: Callable[[str], Session | None],
+        table: Mapping[str, tuple[Session, Any]],
         persistent_of: Callable[[str], Mapping[str, bool]],
-    ) -> int:
-        """The CONNACK code for the CONNECT ``reader`` read: one refused on its form alone (a
-        client id past ``Limits.max_client_id``: imcli/broker/packets.py) is not looked at
-        further; a trusted worker's packets have no size limit (its `who` reply may be large)."""
-        refusal = reader.connect_refusal if isinstance(reader, PacketGuard) else CONNECTION_ACCEPTED
-        if refusal:
-            return refusal
-        code, trusted = await self.admit(incoming, session_of, persistent_of)
-        if code == CONNECTION_ACCEPTED and trusted and isinstance(reader, PacketGuard):
-            reader.limit = None
-        return code
+    ) -> None:
+        """Let in the CONNECT ``reader`` read, or refuse it (``refuse``) before any session
+        of the broker's ``table`` is touched. One refused on its form alone (a client id past
+        ``Limits.max_client_id``: imcli/broker/packets.py) is not looked at further; a trusted
+        worker's packets have no size limit (its `who` reply may be large)."""
+        code = reader.connect_refusal if isinstance(reader, PacketGuard) else CONNECTION_ACCEPTED
+        if not code:
+            code, trusted = await self.admit(
+                incoming, lambda client_id: table.get(client_id, (None,))[0], persistent_of
+            )
+            if code == CONNECTION_ACCEPTED and trusted and isinstance(reader, PacketGuard):
+                reader.limit = None
+        if code != CONNECTION_ACCEPTED:
+            await refuse(writer, code, incoming.username)
 
     async def admit(
         self,

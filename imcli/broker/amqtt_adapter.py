@@ -16,7 +16,6 @@ callables handed to them here.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -34,8 +33,8 @@ from amqtt.session import INCOMING, ApplicationMessage, Session
 
 from imcli.broker.accounts import AccountStore
 from imcli.broker.acl import Access, TopicAcl
-from imcli.broker.admission import Admission, refuse
-from imcli.broker.connection_gate import CONNECTION_ACCEPTED, ConnectionGate
+from imcli.broker.admission import Admission
+from imcli.broker.connection_gate import ConnectionGate
 from imcli.broker.fanout import FanOut, SessionFilters, publish_all
 from imcli.broker.journal import ArchiveWriter, Journal
 from imcli.broker.listeners import Connections, peer_host, serve, stop_listening
@@ -46,13 +45,11 @@ from imcli.broker.pending import PendingConnections, raise_fd_limit
 from imcli.broker.publish_checks import PublishChecks
 from imcli.broker.retained import RetainedState
 from imcli.broker.session_upkeep import SessionUpkeep
-from imcli.broker.sessions import SessionState, SubscriptionTable, connect_session, read_timeout, start_session
+from imcli.broker.sessions import SessionState, SubscriptionTable, close_silent, connect_session, start_session
 from imcli.broker.settings import TLS_LISTENER, BrokerSettings
 from imcli.broker.topic_access import TopicAccess
 from imcli.broker.wills import LastWills, Will, will_of
 from imcli.core.wire import Topics
-
-log = logging.getLogger(__name__)
 
 
 class PrivateName(NamedTuple):
@@ -95,7 +92,7 @@ class AckAfterJournal(BrokerProtocolHandler):
 
     before_ack: Any = None  # (Session, ApplicationMessage) -> None
     will: Will | None = None  # imcli/broker/wills.py
-    _silent_close: asyncio.Task[None] | None = None
+    _silent_close: asyncio.Future[None] | None = None
 
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
         if app_message.direction == INCOMING and self.before_ack is not None and self.session is not None:
@@ -107,13 +104,9 @@ class AckAfterJournal(BrokerProtocolHandler):
         will, self.will = self.will, None
         return will
 
-    def handle_read_timeout(self) -> None:
-        """Nothing came from the client for its keep-alive (plus the grace ``ImBroker`` adds):
-        it is gone, and the connection is closed (MQTT-3.1.2-24); its reader loop then ends as
-        on EOF and its Last Will fires. amqtt's does nothing: a silent client stayed for ever."""
+    def handle_read_timeout(self) -> None:  # amqtt's does nothing (imcli/broker/sessions.py)
         if self._silent_close is None and self.writer is not None:
-            log.info("%s: nothing heard within its keep-alive, closing", self.session and self.session.client_id)
-            self._silent_close = asyncio.ensure_future(self.writer.close())
+            self._silent_close = close_silent(self.writer, self.session and self.session.client_id)
 
 
 class LightSession(Session):
@@ -266,18 +259,13 @@ class ImBroker(Broker):
         finally:
             self.pending.done(writer)  # its CONNECT is read (or it never will be)
         # admitted (imcli/broker/admission.py) before any existing session is deleted, merged or taken over
-        code = await self.admission.admit_connect(reader, incoming, self._session_of, self.upkeep.persistent_of)
-        if code != CONNECTION_ACCEPTED:
-            await refuse(writer, code, incoming.username)
-        session = await start_session(incoming, self._sessions, self._delete_session)  # imcli/broker/sessions.py
+        await self.admission.admit_or_refuse(reader, writer, incoming, self._sessions, self.upkeep.persistent_of)
+        delay = self.config.timeout_disconnect_delay or 0
+        session = await start_session(incoming, self._sessions, self._delete_session, delay)  # sessions.py
         if isinstance(handler, AckAfterJournal):
             handler.before_ack = self._before_ack
             handler.will = will_of(incoming)  # imcli/broker/wills.py
-        session.keep_alive = read_timeout(session.keep_alive, self.config.timeout_disconnect_delay or 0)
         return handler, session
-
-    def _session_of(self, client_id: str) -> Session | None:
-        return self._sessions.get(client_id, (None,))[0]
 
     async def _handle_client_session(
         self, reader: Any, writer: Any, client_session: Session, handler: Any, server: Any, listener_name: str

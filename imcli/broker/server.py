@@ -20,8 +20,8 @@ Where each part lives:
   sessions per account (refused with CONNACK before any session is touched); subscriptions
   per connection;
 * imcli/broker/sessions.py: a CONNECT's session started, resumed or taken over (after
-  admission), the keep-alive's read timeout, and lighter stand-ins for amqtt's
-  per-connection state machine and subscription table;
+  admission), the keep-alive's read timeout and the close of a client silent past it, and
+  lighter stand-ins for amqtt's per-connection state machine and subscription table;
 * imcli/broker/publish_checks.py: rate, size, retained chat and the topic ACL, with a
   notice to the sender (amqtt drops a refused publish silently, PUBACK included), for
   every PUBLISH and for every Last Will when it fires;

@@ -4,7 +4,9 @@
 * ``start_session`` and ``connect_session`` are amqtt's own handling of the session of a
   CONNECT admitted (imcli/broker/admission.py), run only *after* admission: amqtt deletes,
   merges or takes over the session of the client id before it authenticates;
-  ``read_timeout`` is the keep-alive with the grace MQTT-3.1.2-24 allows.
+  ``read_timeout`` is the keep-alive with the grace MQTT-3.1.2-24 allows, and
+  ``close_silent`` ends a connection that let it pass (amqtt does nothing then: a silent
+  client stayed for ever).
 
 * ``SessionState`` replaces a session's ``transitions.Machine``: amqtt builds a full state
   machine (about 12 KB of Python objects and a millisecond of CPU) per connection, and
@@ -21,6 +23,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -29,16 +32,22 @@ from amqtt.session import Session
 from amqtt.utils import gen_client_id
 from transitions import MachineError
 
+log = logging.getLogger(__name__)
+
 # what a CONNECT that resumes a persistent session brings to it (amqtt copies all but will_retain)
 _RESUMED = ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive", "username", "password")
 
 
 async def start_session(
-    incoming: Session, table: Mapping[str, tuple[Session, Any]], delete_session: Callable[[str], Awaitable[None]]
+    incoming: Session,
+    table: Mapping[str, tuple[Session, Any]],
+    delete_session: Callable[[str], Awaitable[None]],
+    disconnect_delay: Any,
 ) -> Session:
     """The session an admitted CONNECT (``incoming``) goes on with: a clean one replaces any
     its client id had (or gets a random id), a persistent one resumes the one in ``table``
-    with this CONNECT's Will, keep-alive and credentials. ``parent`` is 1 for a resumed one."""
+    with this CONNECT's Will, keep-alive and credentials. ``parent`` is 1 for a resumed one.
+    Its keep-alive becomes its ``read_timeout`` (``disconnect_delay``: amqtt's setting)."""
     session = incoming
     if incoming.clean_session:
         if incoming.client_id:
@@ -53,16 +62,25 @@ async def start_session(
         session.parent = 1
     else:
         incoming.parent = 0
+    session.keep_alive = read_timeout(session.keep_alive, disconnect_delay)
     return session
 
 
 def read_timeout(keep_alive: int, delay: Any) -> int:
     """How long the broker waits to hear from a client with ``keep_alive`` (0: for ever):
     1.5 times it, and at least ``delay`` (amqtt's ``timeout-disconnect-delay``) more
-    (MQTT-3.1.2-24; ``AckAfterJournal.handle_read_timeout`` then closes the connection)."""
+    (MQTT-3.1.2-24; then ``close_silent``)."""
     if keep_alive > 0 and isinstance(delay, int):
         return keep_alive + max(delay, keep_alive // 2)
     return keep_alive
+
+
+def close_silent(writer: Any, client_id: str | None) -> asyncio.Future[None]:
+    """Nothing came from a client within its ``read_timeout``: it is gone, and its connection
+    is closed (MQTT-3.1.2-24); its reader loop then ends as on EOF and its Last Will fires."""
+    log.info("%s: nothing heard within its keep-alive, closing", client_id)
+    closing: asyncio.Future[None] = asyncio.ensure_future(writer.close())
+    return closing
 
 
 async def connect_session(session: Session, close_current: Callable[[], Awaitable[None]]) -> None:
