@@ -57,3 +57,11 @@ def test_the_layer_contract_fails_on_an_upward_or_sideways_import(
     )
     assert result.returncode != 0, result.stdout
     assert expected in result.stdout, result.stdout
+
+
+def test_installing_claims_one_import_name() -> None:
+    """The distribution puts only ``imcli`` into site-packages: no ``broker``, ``groups`` or
+    ``archive`` of its own to collide with another distribution's (issue 14)."""
+    from importlib.metadata import distribution
+
+    assert distribution("imcli").read_text("top_level.txt").split() == ["imcli"]
