@@ -64,4 +64,5 @@ def test_installing_claims_one_import_name() -> None:
     ``archive`` of its own to collide with another distribution's (issue 14)."""
     from importlib.metadata import distribution
 
-    assert distribution("imcli").read_text("top_level.txt").split() == ["imcli"]
+    top_level = distribution("imcli").read_text("top_level.txt")
+    assert top_level is not None and top_level.split() == ["imcli"]
