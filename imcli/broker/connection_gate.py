@@ -36,7 +36,7 @@ from imcli.broker.limits import Limits
 from imcli.broker.throttle import Busy, LoginThrottle, PasswordChecks, WindowCount, address_key
 from imcli.core.errors import ImcliError
 from imcli.core.rules import REGISTER_PREFIX
-from imcli.core.wire import client_id_account
+from imcli.core.wire import client_id_account, is_name
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,8 @@ class ConnectionGate:
         if username.startswith(REGISTER_PREFIX):
             return await self._register(connect, username.removeprefix(REGISTER_PREFIX), password, address)
 
+        if not is_name(username):  # no account has it: kept out of the per-account tables (their keys)
+            return self._no_such_name(username, address)
         # workers' service accounts have random 192-bit passwords: guessing them is hopeless,
         # and throttling them would let anyone on their address lock the workers out
         trusted = self.store.cached_role(username) is Role.SERVICE
@@ -151,29 +153,41 @@ class ConnectionGate:
             return NOT_AUTHORIZED
         return CONNECTION_ACCEPTED
 
+    def _no_such_name(self, username: str, address: str) -> int:
+        """A login with a username no account can have (too long, upper case, odd characters):
+        refused without a password check, and counted against its address alone, so that the
+        throttle's tables never hold such a name (a 64 KB one per key) nor lock a real name."""
+        now = self.clock()
+        if (left := self.throttle.address_wait(address, now)) > 0:
+            log.info("login refused for %.40r from %s: too many failures, %.0f s to wait", username, address, left)
+            return SERVER_UNAVAILABLE
+        self.throttle.address_failed(address, now)
+        log.info("login refused for %.40r from %s: no such account name", username, address)
+        return BAD_USERNAME_PASSWORD
+
     async def _register(self, connect: Session, request: str, password: str, address: str) -> int:
         name, _, code = request.partition(":")  # never log ``request``: it holds the invite code
         if self.registration == "closed":
-            log.info("registration of %r refused: registration is closed", name)
+            log.info("registration of %.40r refused: registration is closed", name)
             return NOT_AUTHORIZED
         if connect.client_id != REGISTER_PREFIX + name or connect.will_flag:
             return IDENTIFIER_REJECTED
         now = self.clock()
         left = max(self.throttle.address_wait(address, now), self.registrations.wait(address, now))
         if left > 0:
-            log.info("registration of %r from %s refused: too many from there, %.0f s to wait", name, address, left)
+            log.info("registration of %.40r from %s refused: too many from there, %.0f s to wait", name, address, left)
             return SERVER_UNAVAILABLE
         invite = code if self.registration == "invite" else None
         try:
             refusal = await self.checks.run(lambda: self._create(name, password, invite))
         except Busy:
-            log.warning("registration of %r from %s refused: too many password checks at once", name, address)
+            log.warning("registration of %.40r from %s refused: too many password checks at once", name, address)
             return SERVER_UNAVAILABLE
         if refusal is not None:
             delay = self.throttle.address_failed(address, self.clock())
             log.log(
                 logging.WARNING if delay else logging.INFO,
-                "registration of %r from %s refused: %s%s",
+                "registration of %.40r from %s refused: %s%s",
                 name,
                 address,
                 "no valid invite code" if refusal == NOT_AUTHORIZED else "name taken or invalid",
@@ -193,7 +207,7 @@ class ConnectionGate:
         try:
             self.store.add(name, password)
         except ImcliError as exc:
-            log.info("registration of %r refused: %s", name, exc)
+            log.info("registration of %.40r refused: %s", name, exc)
             if invite and redeemed is not None:
                 self.invites.give_back(invite, redeemed)
             return BAD_USERNAME_PASSWORD
