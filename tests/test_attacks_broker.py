@@ -6,9 +6,16 @@ Each test failed before the fix it names.
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
+from pathlib import Path
 
-from imcli.serve.host import ServeInfo
-from tests.rawmqtt import connect_packet, read_packets
+import pytest
+
+from imcli.broker.accounts import AccountStore
+from imcli.broker.limits import Limits
+from imcli.broker.server import WS_LISTENER, BrokerSettings
+from imcli.serve.host import BackgroundServer, ServeInfo
+from tests.rawmqtt import chat, connect_packet, connect_raw, password_of, read_packets, wait_until
 
 
 def _connack(info: ServeInfo, username: bytes, password: bytes, client_id: bytes = b"") -> int:
@@ -34,3 +41,61 @@ def test_a_username_no_account_can_have_is_not_kept_by_the_login_throttle(server
     keys = [*throttle.accounts._entries, *(a for a, _ in throttle.pairs._entries)]
     assert all(len(k) <= 32 for k in keys), [k[:40] for k in keys]
     assert len(throttle.addresses) == 1  # every one of them counted against 127.0.0.1
+
+
+PER_ADDRESS = 5
+
+
+@pytest.fixture
+def ws_server(tmp_path: Path) -> Iterator[ServeInfo]:
+    # a CONNECT deadline far away: any socket closed within the test was closed by the pending cap
+    limits = Limits(pending_per_address=PER_ADDRESS)
+    settings = BrokerSettings(data_dir=tmp_path / "data", port=0, ws_port=0, packet_timeout=300.0, limits=limits)
+    with BackgroundServer(settings) as info:
+        store = AccountStore(info.data_dir)
+        for name in ("alice", "bob"):
+            store.add(name, password_of(name))
+        yield info
+
+
+def _ended(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_silent_sockets_on_the_websocket_port_count_as_pending(ws_server: ServeInfo) -> None:
+    """Sockets that connect to the WebSocket port and never send the HTTP upgrade were not
+    pending connections (counted from the handshake on): no cap per address or in all, each
+    held for websockets' own 10 s open timeout. They are pending from the TCP accept now, the
+    oldest past ``pending_per_address`` closed (the handshake has the CONNECT's deadline), and
+    WebSocket clients still chat."""
+    assert ws_server.broker is not None
+    port = ws_server.broker.bound_port(WS_LISTENER)
+    silent = []
+    for _ in range(4 * PER_ADDRESS):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.setblocking(False)
+        silent.append(sock)
+    try:
+        # past the grace, the upkeep closes the oldest beyond the cap (the deadline is 300 s away)
+        oldest, newest = silent[:-PER_ADDRESS], silent[-PER_ADDRESS:]
+        assert wait_until(lambda: all(map(_ended, oldest)), 30)
+        assert not any(map(_ended, newest))  # websockets' open timeout (10 s) closed them all at once
+        bob = connect_raw("127.0.0.1", port, "bob", "bob:ws", transport="websockets")
+        alice = connect_raw("127.0.0.1", port, "alice", "alice:ws", transport="websockets")
+        try:
+            assert bob.rc == 0 and alice.rc == 0
+            bob.subscribe("im/room/lobby/+")
+            hello = chat("hi")
+            alice.publish("im/room/lobby/alice", hello)
+            assert bob.expect("im/room/lobby/alice").payload == hello
+        finally:
+            alice.close()
+            bob.close()
+    finally:
+        for sock in silent:
+            sock.close()

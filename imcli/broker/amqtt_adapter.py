@@ -217,8 +217,10 @@ class ImBroker(Broker):
     ) -> Any:
         on_stream = partial(self.stream_connected, listener_name=listener_name)
         on_ws = partial(self.ws_connected, listener_name=listener_name)
-        backlog = self.settings.limits.listen_backlog  # imcli/broker/listeners.py says why
-        server = await serve(listener_type, on_stream, on_ws, address, port, ssl_context, backlog)
+        backlog, deadline = self.settings.limits.listen_backlog, self.settings.packet_timeout  # listeners.py
+        server = await serve(
+            listener_type, on_stream, on_ws, address, port, ssl_context, backlog, self.pending, deadline
+        )
         if server is None:
             server = await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
         return server

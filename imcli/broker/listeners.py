@@ -15,15 +15,34 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import websockets
 from amqtt.contexts import ListenerType
+from websockets.asyncio.server import ServerConnection
 
 from imcli.broker.output import OutputBound, Transport
 from imcli.broker.pending import PendingConnections
 
 OnStream = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def counted_websockets(pending: PendingConnections) -> type[ServerConnection]:
+    """websockets' connection, pending (imcli/broker/pending.py) from its TCP accept until its
+    handshake is over: a socket that never sends the HTTP upgrade is as silent as one that never
+    sends a CONNECT, and is capped per address and in all the same way."""
+
+    class PendingWebSocket(ServerConnection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            abort = cast(asyncio.Transport, transport).abort
+            pending.arrived(self, peer_host(transport.get_extra_info("peername")), abort)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            pending.done(self)
+            super().connection_lost(exc)
+
+    return PendingWebSocket
 
 
 async def serve(
@@ -34,15 +53,41 @@ async def serve(
     port: int,
     ssl_context: Any,
     backlog: int,
+    pending: PendingConnections | None = None,
+    handshake_timeout: float = 10.0,
 ) -> Any | None:
-    """amqtt's server for a TCP or WebSocket listener, with a listen backlog (None: another type)."""
+    """amqtt's server for a TCP or WebSocket listener, with a listen backlog (None: another type).
+    A TLS or WebSocket handshake has ``handshake_timeout`` (the CONNECT's deadline) to finish,
+    and a WebSocket counts as ``pending`` from its accept (``counted_websockets``)."""
     if listener_type == ListenerType.TCP:
+        tls_timeout = handshake_timeout if ssl_context is not None else None
         return await asyncio.start_server(
-            on_stream, address, port, reuse_address=True, ssl=ssl_context, backlog=backlog
+            on_stream,
+            address,
+            port,
+            reuse_address=True,
+            ssl=ssl_context,
+            backlog=backlog,
+            ssl_handshake_timeout=tls_timeout,
         )
     if listener_type == ListenerType.WS:
+        opened = on_websocket
+        if pending is not None:
+            count = pending
+
+            async def opened(websocket: Any) -> None:
+                count.done(websocket)  # handshake over: pending again (as amqtt's writer) until its CONNECT
+                await on_websocket(websocket)
+
         return await websockets.serve(
-            on_websocket, address, port, ssl=ssl_context, subprotocols=[websockets.Subprotocol("mqtt")], backlog=backlog
+            opened,
+            address,
+            port,
+            ssl=ssl_context,
+            subprotocols=[websockets.Subprotocol("mqtt")],
+            backlog=backlog,
+            open_timeout=handshake_timeout,
+            create_connection=counted_websockets(pending) if pending is not None else None,
         )
     return None
 
