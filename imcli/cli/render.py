@@ -4,13 +4,15 @@ through ``safe``: one message is one line, which no text in it can break, restyl
 from __future__ import annotations
 
 import time
-import unicodedata
 import zlib
 from typing import TYPE_CHECKING
 
 from rich.text import Text
 
+from imcli.core.text import MAX_MARKS, safe
 from imcli.core.wire import Received
+
+__all__ = ["MAX_MARKS", "safe"]  # one sanitiser for every renderer: imcli.core.text
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -24,28 +26,6 @@ _PALETTE = (
 def name_style(name: str) -> str:
     """A colour per name, stable across runs and machines."""
     return _PALETTE[zlib.crc32(name.encode()) % len(_PALETTE)]
-
-
-def _shown(ch: str) -> str:
-    code = ord(ch)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-
-
-# Cc: C0 and C1 controls (CR, LF, NEL, ESC …); Zl, Zp: U+2028, U+2029; Cf: every format character,
-# the bidi embeddings, overrides, isolates and marks among them (U+202A to 202E, U+2066 to 2069, U+200E,
-# U+200F, U+061C), zero-width ones too (a nickname with a U+200B looks like one without); Cs: a lone
-# surrogate (JSON can carry one), which a terminal cannot even encode
-_HIDDEN = frozenset(("Cc", "Cf", "Cs", "Zl", "Zp"))
-
-
-def safe(text: str) -> str:
-    """Text from the wire, made fit for one line of a terminal: every control, line or paragraph
-    separator and format character is shown as its escape (``\\x0a``, ``\\x1b``, ``\\u2028``,
-    ``\\u202e``) instead of being acted upon, so no text can break a line, move the cursor, restyle
-    the terminal or reorder what is around it. Every renderer of others' text goes through here."""
-    if text.isprintable() and text.isascii():  # the common case, and nothing to do
-        return text
-    return "".join(_shown(ch) if unicodedata.category(ch) in _HIDDEN else ch for ch in text)
 
 
 def received_line(item: Received, me: str) -> Text:

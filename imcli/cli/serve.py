@@ -80,6 +80,7 @@ def serve(
     from imcli.broker.limits import Limits
     from imcli.broker.server import BrokerSettings
     from imcli.client.config import default_data_dir
+    from imcli.core.text import log_to_stderr
     from imcli.serve.host import ServeInfo, serve_forever
 
     if registration not in ("open", "invite", "closed"):
@@ -112,7 +113,7 @@ def serve(
             f"refusing to listen on {bind}: beyond this machine, passwords would travel unencrypted",
             "give --tls-cert/--tls-key, or add --allow-remote if that is what you want",
         )
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    log_to_stderr(logging.INFO if verbose else logging.WARNING, "%(asctime)s %(name)s %(message)s")
     if not verbose:  # amqtt logs every refused client at WARNING and more
         logging.getLogger("amqtt").setLevel(logging.CRITICAL)
     settings = BrokerSettings(

@@ -100,6 +100,7 @@ def workers(
     from imcli.client.config import default_workers_dir
     from imcli.core.mqtt import Credentials
     from imcli.core.service import PasswordFileDirectory
+    from imcli.core.text import log_to_stderr
     from imcli.core.wire import check_name
     from imcli.groups.worker import GroupWorker
     from imcli.presence.worker import PresenceWorker
@@ -115,7 +116,7 @@ def workers(
         )
     if max_groups < 1 or group_rate < 1:
         raise InvalidInput("limits too small", "--max-groups and --group-rate >= 1")
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    log_to_stderr(logging.INFO if verbose else logging.WARNING, "%(asctime)s %(name)s %(message)s")
     directory = PasswordFileDirectory(accounts_file.expanduser()) if accounts_file is not None else None
     passwords = dict(zip(accounts, _passwords(password_stdin, accounts), strict=True))
     address = broker_address(host, port)

@@ -26,6 +26,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from imcli.core.errors import ImcliError
+from imcli.core.text import log_to_stderr
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,7 @@ def main() -> int:
     # Ctrl-C in a terminal reaches the whole process group: imcli serve stops the child itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = json.loads(sys.stdin.readline())
-    logging.basicConfig(
-        level=config.get("log_level", logging.WARNING), format="%(asctime)s imcli serve's child: %(name)s %(message)s"
-    )
+    log_to_stderr(config.get("log_level", logging.WARNING), "%(asctime)s imcli serve's child: %(name)s %(message)s")
     local = BrokerAddress(config["host"], int(config["port"]))
     data_dir = Path(config["data_dir"])
     topics = Topics(config["prefix"])

@@ -1,0 +1,73 @@
+"""Other people's text made fit for one line of a terminal: one sanitiser, for the CLI's
+renderer (:mod:`imcli.cli.render`) and for the logs of ``imcli serve`` and ``imcli workers``,
+which quote what clients sent (client ids, user names, topics) on the operator's terminal.
+Standard library only."""
+
+from __future__ import annotations
+
+import logging
+import unicodedata
+
+
+def _shown(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+# Cc: C0 and C1 controls (CR, LF, NEL, ESC …); Zl, Zp: U+2028, U+2029; Cf: every format character,
+# the bidi embeddings, overrides, isolates and marks among them (U+202A to 202E, U+2066 to 2069, U+200E,
+# U+200F, U+061C), zero-width ones too (a nickname with a U+200B looks like one without); Cs: a lone
+# surrogate (JSON can carry one), which a terminal cannot even encode
+# Cn: unassigned code points and noncharacters (U+FFFF, U+FDD0 …), which terminals draw as nothing or
+# as anything
+_HIDDEN = frozenset(("Cc", "Cf", "Cs", "Zl", "Zp", "Cn"))
+# letters that draw nothing: the Hangul fillers make a name or a line look empty
+_BLANK = frozenset("\u115f\u1160\u3164\uffa0")
+_MARKS = frozenset(("Mn", "Mc", "Me"))  # combining marks, variation selectors and U+034F among them
+MAX_MARKS = 4  # on one base character: written languages need fewer; "Zalgo" text stacks dozens
+
+
+def safe(text: str) -> str:
+    """Text from the wire, made fit for one line of a terminal: every control, line or paragraph
+    separator, format character, unassigned code point and blank letter is shown as its escape
+    (``\\x0a``, ``\\x1b``, ``\\u2028``, ``\\u202e``, ``\\u3164``) instead of being acted upon, so
+    no text can break a line, move the cursor, restyle the terminal or reorder what is around it.
+    A combining mark with no base character in ``text`` (it would stack on what is printed before
+    it: a separator, a sender's name) and any past ``MAX_MARKS`` on one base (they pile over the
+    lines above and below) are escaped too. Every renderer of others' text goes through here."""
+    if text.isprintable() and text.isascii():  # the common case, and nothing to do
+        return text
+    out: list[str] = []
+    marks = MAX_MARKS  # marks on the current base; full at the start: a first mark has no base here
+    for ch in text:
+        category = unicodedata.category(ch)
+        if category in _MARKS:
+            if marks < MAX_MARKS:
+                marks += 1
+                out.append(ch)
+            else:
+                out.append(_shown(ch))
+        elif category in _HIDDEN or ch in _BLANK:
+            out.append(_shown(ch))
+            marks = MAX_MARKS  # an escape ends in a digit: no mark may stack on it
+        else:
+            out.append(ch)
+            marks = 0
+    return "".join(out)
+
+
+class SafeFormatter(logging.Formatter):
+    """A log line whose message is ``safe``: a client id such as ``x\\x1b]52;c;…`` (a clipboard
+    write) or ``x\\n12:00:01 …`` (a forged log line) is logged as its escapes. A traceback
+    keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = safe(record.message)
+        return super().formatMessage(record)
+
+
+def log_to_stderr(level: int, fmt: str) -> None:
+    """``logging.basicConfig(level=level, format=fmt)``, with every root handler's lines ``safe``."""
+    logging.basicConfig(level=level, format=fmt)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(SafeFormatter(fmt))

@@ -1,0 +1,90 @@
+"""Second-round attacks on issue 15's client-side fixes, with clients this project did not write:
+how others' text reaches a terminal (the CLI's lines and the broker's own log), the packet
+grammar at the edges MQTT 3.1.1 names, and ``imcli listen`` catching up from the archive.
+Each test failed before the change it comes with."""
+
+from __future__ import annotations
+
+import re
+import socket
+import unicodedata
+from collections.abc import Callable
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from imcli.broker.accounts import AccountStore
+from imcli.cli.render import MAX_MARKS, received_line, safe
+from imcli.core.wire import Received
+from tests.conftest import Proc
+from tests.rawmqtt import field, packet, password_of, read_packets, wait_until
+
+# ---------------------------------------------------------------- rendering: what draws nothing or over others
+
+MARKS = ("Mn", "Mc", "Me")
+ZALGO = "\u0301\u0336\u0489\u20dd\u0345\u034f\ufe0f\U000e0100"  # accents, overlays, enclosing, CGJ, selectors
+BLANKS = "\u3164\u115f\u1160\uffa0"  # Hangul fillers: letters that draw nothing
+NONCHARACTERS = "\uffff\ufffe\ufdd0\U0001ffff\U0010ffff\u0378"  # and one unassigned
+
+
+def test_hangul_fillers_and_noncharacters_are_shown_as_escapes() -> None:
+    for ch in BLANKS + NONCHARACTERS:
+        assert ch not in safe(f"a{ch}b"), repr(ch)
+        assert safe(f"a{ch}b").startswith("a\\") and safe(f"a{ch}b").endswith("b")
+
+
+def test_a_combining_mark_cannot_stack_on_the_sender_or_pile_over_other_lines() -> None:
+    zalgo = "\u0301" * 60
+    item = Received(kind="room", sender="alice", room="lobby", id="1", ts=0, text=zalgo + "hi" + zalgo)
+    line = received_line(item, me="bob").plain
+    shown = line.split(": ", 1)[1]
+    assert unicodedata.category(shown[0]) not in MARKS  # nothing to land on the ": " (or the name) before it
+    assert shown.count("\u0301") == MAX_MARKS  # on "i", the only base: the rest are escapes
+    # nicknames are ASCII by rule, but a renderer does not rely on it
+    nick = Received(kind="dm", sender="alice", nick="\u0301" * 9 + "\u3164", to="bob", id="1", ts=0, text="x")
+    assert "\u0301" not in received_line(nick, me="bob").plain
+
+
+def test_written_languages_and_emoji_keep_their_marks() -> None:
+    for text in ("tiếng Việt", "नमस्ते हिंदी", "e\u0301\u0302", "❤️ 👍🏽", "ঐ ক্ষ", "שָׁלוֹם", "ka\u0301 dŭ"):
+        assert safe(text) == text, text
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.lists(st.sampled_from(ZALGO + BLANKS + NONCHARACTERS) | st.text(max_size=4), max_size=12).map("".join))
+def test_no_run_of_marks_and_nothing_blank(text: str) -> None:
+    out = safe(text)
+    assert not out or unicodedata.category(out[0]) not in MARKS, repr(out)  # a mark needs its base in the field
+    run = 0
+    for ch in out:
+        category = unicodedata.category(ch)
+        assert category not in ("Cc", "Cf", "Cs", "Cn", "Zl", "Zp") and ch not in BLANKS, repr(out)
+        run = run + 1 if category in MARKS else 0
+        assert run <= MAX_MARKS, repr(out)
+
+
+# ---------------------------------------------------------------- the broker's log is a terminal too
+
+
+def test_the_broker_log_quotes_a_client_id_as_escapes(procs: Callable[..., Proc], tmp_path: Path) -> None:
+    """A client id is the client's to choose: ``x\\x1b]52;c;…\\x07`` writes the operator's clipboard
+    (OSC 52), ``x\\n12:00:01 …`` forges a log line, when ``imcli serve --verbose`` logs it."""
+    data = tmp_path / "data"
+    AccountStore(data).add("mallory", password_of("mallory"))
+    serve: Proc = procs("serve", "--verbose", "--port", "0", "--data-dir", str(data), env={})
+    match = re.search(r"listening on 127\.0\.0\.1:(\d+)", serve.line(timeout=30))
+    assert match, serve.err_lines
+    port = int(match.group(1))
+    hostile = "mallory:\x1b]52;c;cm0gLXJmIH4K\x07\x1b[2J\u202e\n12:00:01 amqtt.broker forged"
+    body = field(b"MQTT") + bytes([4, 0xC2]) + b"\x00\x01" + field(hostile.encode())  # keep-alive 1 s
+    body += field(b"mallory") + field(password_of("mallory").encode())
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(packet(0x10, body))
+        assert read_packets(sock, bool)[0] == [(0x20, b"\x00\x00")]
+        # silent past its keep-alive: the broker closes it and logs its client id (imcli.broker.sessions)
+        assert wait_until(lambda: any("nothing heard" in line for line in serve.err_lines), 30), serve.err_lines
+    assert serve.stop() == 0
+    logged = "\n".join(serve.err_lines)
+    assert not any(ch in logged for ch in "\x1b\x07\u202e"), [line for line in serve.err_lines if "mallory" in line]
+    assert not any(line.startswith("12:00:01") for line in serve.err_lines)
