@@ -99,3 +99,20 @@ def test_silent_sockets_on_the_websocket_port_count_as_pending(ws_server: ServeI
     finally:
         for sock in silent:
             sock.close()
+
+
+def test_a_registration_cannot_leave_a_persistent_session(server: ServeInfo) -> None:
+    """``register:zed`` with clean session 0 was accepted and left a persistent session
+    ``register:zed`` (of no account, outside every per-account quota) for 7 days. It is
+    refused (CONNACK 2) before the account is made; the imcli client registers with a clean one."""
+    assert server.broker is not None
+    zed = connect_raw(
+        server.address.host, server.address.port, "register:zed", "register:zed", "Pass-word-9", clean=False
+    )
+    assert zed.rc == 2
+    assert not any(cid.startswith("register:") for cid in server.broker.persistent_sessions())
+    assert AccountStore(server.data_dir).get("zed") is None
+    zed = connect_raw(server.address.host, server.address.port, "register:zed", "register:zed", "Pass-word-9")
+    assert zed.rc == 0
+    zed.close()
+    assert AccountStore(server.data_dir).get("zed") is not None

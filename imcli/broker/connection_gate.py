@@ -170,7 +170,8 @@ class ConnectionGate:
         if self.registration == "closed":
             log.info("registration of %.40r refused: registration is closed", name)
             return NOT_AUTHORIZED
-        if connect.client_id != REGISTER_PREFIX + name or connect.will_flag:
+        # a registration is one clean connection: a persistent one kept a session of no account for 7 days
+        if connect.client_id != REGISTER_PREFIX + name or connect.will_flag or not connect.clean_session:
             return IDENTIFIER_REJECTED
         now = self.clock()
         left = max(self.throttle.address_wait(address, now), self.registrations.wait(address, now))
