@@ -116,3 +116,29 @@ def test_a_registration_cannot_leave_a_persistent_session(server: ServeInfo) -> 
     assert zed.rc == 0
     zed.close()
     assert AccountStore(server.data_dir).get("zed") is not None
+
+
+def test_a_will_is_delivered_as_an_ordinary_publish_is(server: ServeInfo) -> None:
+    """A QoS 1 Will went at its own QoS to every subscriber, so it was queued for bob's offline
+    persistent session that subscribed at QoS 0, where alice's QoS 1 publish was not (and a
+    QoS 2 Will forced QoS 2 on every copy). It is delivered at each subscription's QoS now."""
+    host, port = server.address.host, server.address.port
+    for name in ("alice", "bob", "mallory"):
+        AccountStore(server.data_dir).add(name, password_of(name))
+    bob = connect_raw(host, port, "bob", "bob:p", clean=False)
+    bob.subscribe("im/room/lobby/+", qos=0)
+    bob.close()
+    alice = connect_raw(host, port, "alice", "alice:x")
+    alice.publish("im/room/lobby/alice", chat("ordinary"), qos=1)
+    mallory = connect_raw(host, port, "mallory", "mallory:w", will=("im/room/lobby/mallory", chat("will"), False))
+    watcher = connect_raw(host, port, "alice", "alice:watch")
+    watcher.subscribe("im/room/lobby/+", qos=0)
+    mallory.kill()
+    assert watcher.expect("im/room/lobby/mallory").qos == 0  # the Will fired, at the subscription's QoS
+    alice.close()
+    watcher.close()
+    bob = connect_raw(host, port, "bob", "bob:p", clean=False)
+    try:
+        assert bob.silent(1.0, "im/room/") == []  # neither was queued for a QoS 0 subscription
+    finally:
+        bob.close()

@@ -61,5 +61,7 @@ class LastWills:
             log.info("Last Will of %s on %s dropped: %s", session.client_id, will.topic, why)
             return
         message = ApplicationMessage(None, will.topic, will.qos, will.data, will.retain)
-        # journalled like a QoS 0 publish (a Will has no PUBACK); delivered at its own QoS, as amqtt does
-        await self.deliver(session, message, retain=will.retain, journal=True, qos=will.qos)
+        # journalled like a QoS 0 publish (a Will has no PUBACK), and delivered as an ordinary
+        # publish is: at each subscription's QoS. amqtt forced the Will's QoS on every copy: a QoS 2
+        # Will went as QoS 2 to QoS 0 subscribers and into the offline queues of their persistent sessions
+        await self.deliver(session, message, retain=will.retain, journal=True)
