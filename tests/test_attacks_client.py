@@ -15,10 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imcli.broker.accounts import AccountStore
+from imcli.broker.server import BrokerSettings
+from imcli.cli.chat_state import SEEN_KEPT
 from imcli.cli.render import MAX_MARKS, received_line, safe
-from imcli.core.wire import Received
-from tests.conftest import Proc
-from tests.rawmqtt import field, packet, password_of, read_packets, wait_until
+from imcli.client import services
+from imcli.client.listener import Listener, RecentIds
+from imcli.core.wire import ChatMessage, Received, encode
+from imcli.serve.host import BackgroundServer
+from tests.conftest import Proc, ident
+from tests.rawmqtt import connect_raw, field, packet, password_of, read_packets, wait_until
 
 # ---------------------------------------------------------------- rendering: what draws nothing or over others
 
@@ -88,3 +93,54 @@ def test_the_broker_log_quotes_a_client_id_as_escapes(procs: Callable[..., Proc]
     logged = "\n".join(serve.err_lines)
     assert not any(ch in logged for ch in "\x1b\x07\u202e"), [line for line in serve.err_lines if "mallory" in line]
     assert not any(line.startswith("12:00:01") for line in serve.err_lines)
+
+
+# ---------------------------------------------------------------- imcli listen catching up from the archive
+
+
+def _until(listener: Listener, text: str) -> list[Received]:
+    """What ``listener`` shows up to and with ``text``."""
+    got: list[Received] = []
+
+    def arrived() -> bool:
+        got.extend(listener.pending())
+        return any(m.text == text for m in got)
+
+    assert wait_until(arrived, 20), [m.text for m in got]
+    return got
+
+
+def test_a_bots_line_shown_just_before_a_broker_restart_is_not_shown_again(tmp_path: Path) -> None:
+    """``mosquitto_pub -m 'deploy done'`` has no id: the listener made one up when it showed it,
+    the archive another when it stored it. After a restart that lost the session, the catch-up
+    (from a little before the last contact) must match the archive's copy to the line shown."""
+    settings = BrokerSettings(data_dir=tmp_path / "data", port=0)
+    with BackgroundServer(settings) as info:
+        AccountStore(info.data_dir).add("alice", password_of("alice"))
+        AccountStore(info.data_dir).add("bob", password_of("bob"))
+        with Listener(ident(info, "bob", "laptop"), session="laptop") as listener:
+            bot = connect_raw(info.address.host, info.address.port, "alice", "alice:bot")
+            try:
+                bot.publish("im/room/lobby/alice", b"deploy done")
+                bot.publish("im/room/lobby/alice", b"deploy done")  # twice: two lines, each shown once
+                bot.publish("im/room/lobby/alice", encode(ChatMessage(text="marker")))
+                first = _until(listener, "marker")
+            finally:
+                bot.close()
+            assert [m.text for m in first if m.sender == "alice"] == ["deploy done", "deploy done", "marker"]
+            seen, last = listener.seen.newest(SEEN_KEPT), listener.last_contact
+    with BackgroundServer(settings) as info:  # the broker's sessions are gone; the archive is not
+        bot = connect_raw(info.address.host, info.address.port, "alice", "alice:bot")
+        try:
+            bot.publish("im/room/lobby/alice", b"deploy done")  # a third, while bob is away
+            bot.publish("im/user/bob/dm/alice", encode(ChatMessage(text="while away")))
+        finally:
+            bot.close()
+        bob = ident(info, "bob", "probe")
+        assert wait_until(lambda: "while away" in {m.text for m in services.history(bob, None).messages}, 15)
+        with Listener(
+            ident(info, "bob", "laptop"), session="laptop", seen=RecentIds(initial=seen), since=last
+        ) as again:
+            shown = _until(again, "while away")  # the catch-up's newest: what it brings comes before
+        assert [m.text for m in shown if m.sender == "alice"] == ["deploy done", "while away"]
+        assert all(m.missed for m in shown if m.sender == "alice")

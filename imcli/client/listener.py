@@ -76,6 +76,28 @@ class RecentIds:
     def newest(self, n: int) -> list[str]:
         return list(self._ids)[-n:]
 
+    def __contains__(self, message_id: str) -> bool:
+        return message_id in self._ids
+
+    def forget(self, message_id: str) -> None:
+        self._ids.pop(message_id, None)
+
+    def add_line(self, item: Received) -> None:
+        """A plain-text line shown: its copy in the archive (under an id of the archive's) is matched
+        by content, one copy per line shown (``take_line``)."""
+        n = 0
+        while self.seen(_line_key(item, n)):
+            n += 1
+
+    def take_line(self, item: Received) -> bool:
+        """Whether a line like ``item`` (the archive's copy) was shown, counting it off if so."""
+        n = 0
+        while _line_key(item, n) in self:
+            n += 1
+        if n:
+            self.forget(_line_key(item, n - 1))
+        return n > 0
+
 
 def seen_key(item: Received) -> str:
     """Ids are chosen by senders, so one sender cannot hide another's message by reusing its id."""
@@ -87,6 +109,10 @@ def content_key(item: Received) -> str:
     line carries no id, every reader makes one up, so copies of it are matched by this."""
     digest = hashlib.sha256(item.text.encode()).hexdigest()[:32]
     return f"{item.kind}/{item.room or item.group or item.to or ''}/{item.sender or ''}/{digest}"
+
+
+def _line_key(item: Received, n: int) -> str:
+    return f"line:{content_key(item)}#{n}"
 
 
 def to_received(topics: Topics, message: Message) -> Received | None:
@@ -248,8 +274,7 @@ class Listener:
 
     def process(self, message: Message | Received, missed: bool = False) -> Iterator[Received]:
         if isinstance(message, Received):  # from the archive (or our own notice)
-            if message.kind == "notice" or not self.seen.seen(seen_key(message)):
-                yield message.model_copy(update={"missed": True}) if missed else message
+            yield from self._archived(message, missed)
             return
         parsed = self.identity.topics.parse(message.topic)
         if parsed is not None and parsed.kind is TopicKind.PRESENCE:
@@ -267,9 +292,23 @@ class Listener:
             self.nicks[item.sender] = item.nick
         elif item.sender and self.nicks.get(item.sender, item.sender) != item.sender:
             item = item.model_copy(update={"nick": self.nicks[item.sender]})
-        if missed and item.kind in ("dm", "group", "room"):
-            item = item.model_copy(update={"missed": True})
+        if item.kind in ("dm", "group", "room"):
+            if item.format == "text":
+                self.seen.add_line(item)
+            if missed:
+                item = item.model_copy(update={"missed": True})
         yield item
+
+    def _archived(self, item: Received, missed: bool) -> Iterator[Received]:
+        if item.kind == "notice":
+            yield item
+            return
+        if self.seen.seen(seen_key(item)):
+            return
+        # a bot's plain line shown live has an id this reader made up, its archived copy another
+        if item.format == "text" and self.seen.take_line(item):
+            return
+        yield item.model_copy(update={"missed": True}) if missed else item
 
     def _new_requests(self, payload: bytes) -> Iterator[Received]:
         """Friend requests waiting in my retained record: they reach me even if I was offline."""
@@ -340,6 +379,8 @@ class Listener:
         if reply.more:
             self._say(f"more than {CATCH_UP_LIMIT} messages arrived while away; the newest follow (imcli history)")
         for item in reply.messages:
+            if item.kind not in ("room", "dm", "group"):
+                continue  # the archive keeps chat lines only: a notice or an event is not one of its answers
             if item.kind == "room" and self._rooms and item.room not in self._rooms:
                 continue
             self._inbox.put((item, True))
