@@ -142,3 +142,15 @@ def test_a_will_is_delivered_as_an_ordinary_publish_is(server: ServeInfo) -> Non
         assert bob.silent(1.0, "im/room/") == []  # neither was queued for a QoS 0 subscription
     finally:
         bob.close()
+
+
+def test_guessing_a_workers_password_is_throttled_like_any_other(server: ServeInfo) -> None:
+    """The workers' service accounts were exempt from every throttle table, so one address could
+    guess ``presence``'s password for ever, each guess an argon2 check that kept the two
+    password-check slots busy for everyone else. A wrong guess counts against its address now
+    (only a worker's own, already verified password skips the throttle)."""
+    assert server.broker is not None
+    limits = Limits()
+    codes = [_connack(server, b"presence", b"guess%d" % i) for i in range(limits.address_failures + 1)]
+    assert codes[: limits.login_failures] == [4] * limits.login_failures
+    assert codes[-1] == 3  # the guesser waits now, without a password check

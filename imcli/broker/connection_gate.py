@@ -117,14 +117,14 @@ class ConnectionGate:
 
         if not is_name(username):  # no account has it: kept out of the per-account tables (their keys)
             return self._no_such_name(username, address)
-        # workers' service accounts have random 192-bit passwords: guessing them is hopeless,
-        # and throttling them would let anyone on their address lock the workers out
-        trusted = self.store.cached_role(username) is Role.SERVICE
+        # a login verified before is recalled in the event loop, without a throttle: the workers'
+        # service accounts (random 192-bit passwords) reconnect so even while their address is
+        # throttled. A guess at theirs is throttled like any other (it costs argon2 all the same)
+        account = self.store.recall(username, password)
+        trusted = account is not None and account.role is Role.SERVICE
         if not trusted and (left := self.throttle.wait(username, address, self.clock())) > 0:
             log.info("login refused for %r from %s: too many failed logins, %.0f s to wait", username, address, left)
             return SERVER_UNAVAILABLE
-        # a login verified before is recalled in the event loop; anything else costs argon2 in a thread
-        account = self.store.recall(username, password)
         if account is None:
             try:
                 account = await self.checks.run(lambda: self.store.verify(username, password))
@@ -132,7 +132,7 @@ class ConnectionGate:
                 log.warning("login refused for %r from %s: too many password checks at once", username, address)
                 return SERVER_UNAVAILABLE
         if account is None:
-            delay = 0.0 if trusted else self.throttle.failed(username, address, self.clock())
+            delay = self.throttle.failed(username, address, self.clock())
             log.log(
                 logging.WARNING if delay else logging.INFO,
                 "login refused for %r from %s: unknown account or wrong password%s",
