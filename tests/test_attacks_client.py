@@ -11,10 +11,12 @@ import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imcli.broker.accounts import AccountStore
+from imcli.broker.packets import check_packet
 from imcli.broker.server import BrokerSettings
 from imcli.cli.chat_state import SEEN_KEPT
 from imcli.cli.render import MAX_MARKS, received_line, safe
@@ -22,8 +24,14 @@ from imcli.client import services
 from imcli.client.listener import Listener, RecentIds
 from imcli.core.wire import ChatMessage, Received, encode
 from imcli.serve.host import BackgroundServer
+from tests import test_frames, test_fuzz
 from tests.conftest import Proc, ident
-from tests.rawmqtt import connect_raw, field, packet, password_of, read_packets, wait_until
+from tests.rawmqtt import connect_raw, field, login, packet, password_of, publish_packet, read_packets, wait_until
+from tests.test_frames import PINGREQ, PINGRESP, Net, connect_body
+from tests.test_fuzz import Fuzz
+
+net = test_frames.net  # a broker of this module's own, with a bystander pair and a watcher
+fuzz = test_fuzz.fuzz  # one with a WebSocket listener
 
 # ---------------------------------------------------------------- rendering: what draws nothing or over others
 
@@ -144,3 +152,115 @@ def test_a_bots_line_shown_just_before_a_broker_restart_is_not_shown_again(tmp_p
             shown = _until(again, "while away")  # the catch-up's newest: what it brings comes before
         assert [m.text for m in shown if m.sender == "alice"] == ["deploy done", "while away"]
         assert all(m.missed for m in shown if m.sender == "alice")
+
+
+# ---------------------------------------------------------------- packets at the edges of MQTT 3.1.1's grammar
+
+FRAMES_ROOM = "im/room/frames/mallory"
+
+
+def test_a_password_without_a_user_name_closes_the_connection(net: Net) -> None:
+    """MQTT-3.1.2-22: with the User Name Flag 0 the Password Flag must be 0 (it got CONNACK 4)."""
+    got, closed = net.attack(packet(0x10, connect_body(b"mallory:nouser", flags=0x42)), signed_in=False)
+    assert closed and got == [], got
+    net.unharmed()
+
+
+def test_a_user_name_without_a_password_is_refused_as_a_login() -> None:
+    """Well-formed (MQTT 3.1.1 allows it); an account without its password is not let in."""
+    assert check_packet(0x10, connect_body(b"mallory:nopass", flags=0x82), connected=False, max_client_id=128) == 0
+
+
+EDGES_CLOSED = {
+    "a remaining length of 5 bytes": b"\x30\xff\xff\xff\xff\x01",
+    "a QoS 0 PUBLISH with an empty topic": publish_packet(b"", b"x"),
+    "a SUBSCRIBE with reserved bits in its QoS byte": packet(0x82, b"\x00\x05" + field(b"im/room/+/+") + b"\x41"),
+    "a SUBSCRIBE with requested QoS 3": packet(0x82, b"\x00\x05" + field(b"im/room/+/+") + b"\x03"),
+}
+
+
+@pytest.mark.parametrize("case", list(EDGES_CLOSED))
+def test_edges_of_the_grammar_close_the_connection(net: Net, case: str) -> None:
+    got, closed = net.attack(EDGES_CLOSED[case])
+    assert closed and got == [], got
+    net.unharmed()
+
+
+_NONMINIMAL = field(FRAMES_ROOM.encode()) + b"\x00\x05" + b"long form"
+_BOM, _NONCHARACTER = ("\ufeff" + FRAMES_ROOM).encode(), (FRAMES_ROOM + "\uffff").encode()
+EDGES_IN_STEP = {
+    # MQTT 3.1.1 does not ask for the shortest remaining-length form (MQTT 5 does): read it as its value
+    "a PUBLISH whose remaining length has a needless second byte": (
+        b"\x32" + bytes([0x80 | len(_NONMINIMAL), 0x00]) + _NONMINIMAL,
+        [(0x40, b"\x00\x05")],
+    ),
+    "acknowledgements of ids nobody sent": (
+        packet(0x62, b"\x00\x07") + packet(0x70, b"\x00\x08") + packet(0x50, b"\x00\x09") + packet(0x40, b"\x00\x0a"),
+        [],
+    ),
+    # U+FEFF is a character, not to be skipped (MQTT-1.5.3-3), and noncharacters are well-formed:
+    # the ACL refuses the topic
+    "a topic with a BOM": (publish_packet(_BOM, b"bom", qos=1), [(0x40, b"\x00\x01")]),
+    "a topic with a noncharacter": (publish_packet(_NONCHARACTER, b"nc", qos=1), [(0x40, b"\x00\x01")]),
+    "a QoS 2 PUBLISH and its PUBREL": (
+        publish_packet(FRAMES_ROOM.encode(), b"q2", qos=2, packet_id=4) + packet(0x62, b"\x00\x04"),
+        [(0x50, b"\x00\x04"), (0x70, b"\x00\x04")],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(EDGES_IN_STEP))
+def test_edges_of_the_grammar_keep_the_connection_in_step(net: Net, case: str) -> None:
+    data, answers = EDGES_IN_STEP[case]
+    got, closed = net.attack(data)
+    assert not closed
+    assert got == [*answers, (PINGRESP, b"")], got
+    net.unharmed()
+
+
+def test_packets_byte_by_byte_and_pipelined_with_a_subscribe_mid_flood(net: Net) -> None:
+    publishes = [publish_packet(FRAMES_ROOM.encode(), b"flood %d" % i, qos=1, packet_id=i + 1) for i in range(200)]
+    subscribe = packet(0x82, b"\x01\x00" + field(b"im/room/frames/+") + b"\x01")
+    with socket.create_connection(("127.0.0.1", net.port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for byte in login("mallory") + publishes[0]:  # one byte a segment
+            sock.sendall(bytes([byte]))
+        sock.sendall(b"".join(publishes[1:100]) + subscribe + b"".join(publishes[100:]) + PINGREQ)  # one burst
+
+        # deliveries to oneself may follow the PINGRESP: read up to the last one as well
+        def done(got: list[tuple[int, bytes]]) -> bool:
+            return (PINGRESP, b"") in got and any(body.endswith(b"flood 199") for _, body in got)
+
+        got, closed = read_packets(sock, done)
+    assert not closed
+    acks = [(first, body) for first, body in got if first >> 4 in (2, 4, 9, 13)]
+    expected = [(0x20, b"\x00\x00"), *((0x40, i.to_bytes(2, "big")) for i in range(1, 101))]
+    expected += [(0x90, b"\x01\x00\x01"), *((0x40, i.to_bytes(2, "big")) for i in range(101, 201)), (PINGRESP, b"")]
+    assert acks == expected
+    delivered = [body[2 + len(FRAMES_ROOM) + 2 :] for first, body in got if first >> 4 == 3]  # QoS 1: an id
+    assert delivered == [b"flood %d" % i for i in range(100, 200)]  # those after the SUBACK, each once
+    net.unharmed()
+
+
+def test_half_packets_in_websocket_frames(fuzz: Fuzz) -> None:
+    """A WebSocket binary frame is not a packet: halves and pairs of packets in frames are one stream."""
+    from websockets.sync.client import connect
+
+    assert fuzz.info.ws_port is not None
+    hello = login("mallory")
+    first = publish_packet(b"im/room/fuzz/mallory", b"split in three", qos=1, packet_id=1)
+    second = publish_packet(b"im/room/fuzz/mallory", b"paired", qos=1, packet_id=2)
+    uri = f"ws://127.0.0.1:{fuzz.info.ws_port}/"
+    with connect(uri, subprotocols=["mqtt"], open_timeout=10) as ws:  # type: ignore[list-item]
+        ws.send(hello[:3])
+        ws.send(hello[3:])
+        assert ws.recv(timeout=10) == b"\x20\x02\x00\x00"
+        ws.send(first[:2])
+        ws.send(first[2:9])
+        ws.send(first[9:] + second + PINGREQ)
+        stream = b""
+        while not stream.endswith(b"\xd0\x00"):
+            stream += ws.recv(timeout=10)  # type: ignore[operator]
+    assert stream == b"\x40\x02\x00\x01\x40\x02\x00\x02\xd0\x00"
+    assert [m.payload for m in fuzz.bob.until("im/room/fuzz/mallory", b"paired")][-2:] == [b"split in three", b"paired"]
+    fuzz.still_chatting()

@@ -196,6 +196,8 @@ def _check_connect(fields: _Fields, max_client_id: int) -> int:
     if will_qos == 3:
         raise MalformedPacket("Will QoS 3 (MQTT-3.1.2-14)")
     username, password = bool(flags & 0x80), bool(flags & 0x40)
+    if password and not username:
+        raise MalformedPacket("a password without a user name (MQTT-3.1.2-22)")
     client_id = fields.string("the client id")
     if will:
         check_topic_name(fields.string("the Will topic"), "the Will topic")
