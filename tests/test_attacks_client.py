@@ -19,9 +19,11 @@ from imcli.broker.accounts import AccountStore
 from imcli.broker.packets import check_packet
 from imcli.broker.server import BrokerSettings
 from imcli.cli.chat_state import SEEN_KEPT
+from imcli.cli.common import print_error
 from imcli.cli.render import MAX_MARKS, received_line, safe
 from imcli.client import services
 from imcli.client.listener import Listener, RecentIds
+from imcli.core.errors import ImcliError
 from imcli.core.wire import ChatMessage, Received, encode
 from imcli.serve.host import BackgroundServer
 from tests import test_frames, test_fuzz
@@ -264,3 +266,12 @@ def test_half_packets_in_websocket_frames(fuzz: Fuzz) -> None:
     assert stream == b"\x40\x02\x00\x01\x40\x02\x00\x02\xd0\x00"
     assert [m.payload for m in fuzz.bob.until("im/room/fuzz/mallory", b"paired")][-2:] == [b"split in three", b"paired"]
     fuzz.still_chatting()
+
+
+def test_an_error_line_quoting_others_words_is_one_line_of_escapes(capfd: pytest.CaptureFixture[str]) -> None:
+    """``Error:`` lines quote a worker's or a broker's words (an ErrorReply's text, on a broker the user
+    does not run), a server certificate's names, what was typed: OSC 52 or a line feed in them acted."""
+    print_error(ImcliError("no group #x \x1b]52;c;cm0gLXJmIH4K\x07\u202e\n12:00:01 lobby alice: pay me"))
+    err = capfd.readouterr().err
+    assert len(err.splitlines()) == 1 and "\x1b" not in err and "\u202e" not in err, repr(err)
+    assert "\\x1b]52" in err and "\\x0a12:00:01" in err

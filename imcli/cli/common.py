@@ -22,11 +22,16 @@ if TYPE_CHECKING:
 
 
 def print_error(exc: ImcliError) -> None:
-    """The one way users see an expected failure: ``Error: <what> (<what to do>)`` on stderr."""
+    """The one way users see an expected failure: ``Error: <what> (<what to do>)`` on stderr, one
+    line: what it quotes (a worker's or a broker's words, a certificate's names, what was typed)
+    is ``safe``."""
     from rich.console import Console
     from rich.text import Text
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(Text("Error: ", style="bold red") + Text(str(exc)))
+    from imcli.core.text import safe
+
+    error = Text("Error: ", style="bold red") + Text(safe(str(exc)))
+    Console(stderr=True, highlight=False, soft_wrap=True).print(error)
 
 
 class CliGroup(TyperGroup):
