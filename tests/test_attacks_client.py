@@ -23,9 +23,10 @@ from imcli.cli.common import print_error
 from imcli.cli.render import MAX_MARKS, received_line, safe
 from imcli.client import services
 from imcli.client.listener import Listener, RecentIds
-from imcli.core.errors import ImcliError
+from imcli.client.services import Conversation
+from imcli.core.errors import ImcliError, NotFound
 from imcli.core.wire import ChatMessage, Received, encode
-from imcli.serve.host import BackgroundServer
+from imcli.serve.host import BackgroundServer, ServeInfo
 from tests import test_frames, test_fuzz
 from tests.conftest import Proc, ident
 from tests.rawmqtt import connect_raw, field, login, packet, password_of, publish_packet, read_packets, wait_until
@@ -168,9 +169,27 @@ def test_a_password_without_a_user_name_closes_the_connection(net: Net) -> None:
     net.unharmed()
 
 
-def test_a_user_name_without_a_password_is_refused_as_a_login() -> None:
-    """Well-formed (MQTT 3.1.1 allows it); an account without its password is not let in."""
-    assert check_packet(0x10, connect_body(b"mallory:nopass", flags=0x82), connected=False, max_client_id=128) == 0
+def _other_protocol(name: bytes, level: int, client_id: bytes = b"mallory:old") -> bytes:
+    body = field(name) + bytes([level, 0xC2]) + b"\x00\x1e" + field(client_id)
+    return packet(0x10, body + field(b"mallory") + field(password_of("mallory").encode()))
+
+
+NOT_LET_IN = {
+    # well-formed (MQTT 3.1.1 allows it), but an account without its password is not let in
+    "a user name without a password": packet(0x10, connect_body(b"mallory:nopass", flags=0x82)),
+    "MQIsdp, level 3 (MQTT 3.1)": _other_protocol(b"MQIsdp", 3),
+    "MQIsdp with a client id not UTF-8": _other_protocol(b"MQIsdp", 3, b"mallory:\xff") + PINGREQ,
+    "MQTT, level 3": _other_protocol(b"MQTT", 3),
+    "MQTT, level 5": _other_protocol(b"MQTT", 5),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_LET_IN))
+def test_a_connect_of_another_protocol_or_without_a_password_is_not_let_in(net: Net, case: str) -> None:
+    assert check_packet(0x10, NOT_LET_IN[case][2:], connected=False, max_client_id=128) == 0  # not malformed
+    got, closed = net.attack(NOT_LET_IN[case], signed_in=False)
+    assert closed and all(first == 0x20 and body != b"\x00\x00" for first, body in got), got
+    net.unharmed()
 
 
 EDGES_CLOSED = {
@@ -275,3 +294,35 @@ def test_an_error_line_quoting_others_words_is_one_line_of_escapes(capfd: pytest
     err = capfd.readouterr().err
     assert len(err.splitlines()) == 1 and "\x1b" not in err and "\u202e" not in err, repr(err)
     assert "\\x1b]52" in err and "\\x0a12:00:01" in err
+
+
+# ---------------------------------------------------------------- a group's history and its members
+
+
+def test_a_member_let_back_in_reads_the_group_as_any_new_member_does(
+    server: ServeInfo, users: Callable[..., None]
+) -> None:
+    """The rule: a group's members read its history from the group's creation (not their own
+    joining): an invitee sees what was said before; so does one kicked and invited back, what was
+    said while out included (an admin let it in, as an invitee). While out, it reads none of it."""
+    users("alice", "bob")
+    alice, bob = ident(server, "alice"), ident(server, "bob")
+    team = Conversation.parse("#team")
+    services.group_request(alice, "create", "team", private=True)
+    services.group_say(alice, "team", ChatMessage(text="before bob"))
+    services.group_request(alice, "invite", "team", user="bob")
+    services.group_request(alice, "kick", "team", user="bob")
+    services.group_say(alice, "team", ChatMessage(text="while bob was out"))
+    assert wait_until(lambda: "while bob was out" in {m.text for m in services.history(alice, team).messages}, 10)
+    with pytest.raises(NotFound):
+        services.history(bob, team)
+    assert "while bob was out" not in {m.text for m in services.history(bob, None).messages}
+    services.group_request(alice, "invite", "team", user="bob")
+
+    def readable() -> list[str]:
+        try:
+            return [m.text for m in services.history(bob, team).messages]
+        except NotFound:  # the archive has not seen the new record yet
+            return []
+
+    assert wait_until(lambda: readable() == ["before bob", "while bob was out"], 10), readable()
