@@ -15,7 +15,16 @@ from imcli.broker.accounts import AccountStore
 from imcli.broker.limits import Limits
 from imcli.broker.server import WS_LISTENER, BrokerSettings
 from imcli.serve.host import BackgroundServer, ServeInfo
-from tests.rawmqtt import chat, connect_packet, connect_raw, password_of, read_packets, wait_until
+from tests.rawmqtt import (
+    chat,
+    connect_packet,
+    connect_raw,
+    packet,
+    password_of,
+    publish_packet,
+    read_packets,
+    wait_until,
+)
 
 
 def _connack(info: ServeInfo, username: bytes, password: bytes, client_id: bytes = b"") -> int:
@@ -154,3 +163,35 @@ def test_guessing_a_workers_password_is_throttled_like_any_other(server: ServeIn
     codes = [_connack(server, b"presence", b"guess%d" % i) for i in range(limits.address_failures + 1)]
     assert codes[: limits.login_failures] == [4] * limits.login_failures
     assert codes[-1] == 3  # the guesser waits now, without a password check
+
+
+def test_qos2_messages_never_released_are_bounded(server: ServeInfo) -> None:
+    """A client that sends QoS 2 PUBLISHes and never their PUBREL: amqtt held each (payload and
+    task) for ever, 1,500 of 200 KB grew the broker by 290 MB, up to 65,535 packet ids per
+    connection. Past ``Limits.max_unreleased`` the connection is closed (sessions.no_pubrel);
+    what it held is released, and a client that releases its messages is unaffected."""
+    assert server.broker is not None
+    AccountStore(server.data_dir).add("mallory", password_of("mallory"))
+    limit = Limits().max_unreleased
+    with socket.create_connection((server.address.host, server.address.port), timeout=10) as sock:
+        sock.sendall(connect_packet(b"mallory:q2", b"mallory", password_of("mallory").encode(), keepalive=0))
+        got, closed = read_packets(sock, lambda p: len(p) >= 1)
+        assert got == [(0x20, b"\x00\x00")]
+        for packet_id in range(1, 1 + 4 * limit):
+            try:
+                sock.sendall(publish_packet(b"im/room/lobby/mallory", b"x" * 10_000, qos=2, packet_id=packet_id))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        got, closed = read_packets(sock, lambda p: False)
+    assert closed
+    assert [first for first, _ in got] == [0x50] * limit  # a PUBREC for each one held, then the end
+    assert wait_until(lambda: "mallory:q2" not in server.broker.session_table())  # type: ignore[union-attr]
+    with socket.create_connection((server.address.host, server.address.port), timeout=10) as sock:
+        sock.sendall(connect_packet(b"mallory:ok", b"mallory", password_of("mallory").encode(), keepalive=0))
+        for packet_id in range(1, 1 + 2 * limit):  # released one by one: never more than one held
+            sock.sendall(publish_packet(b"im/room/lobby/mallory", chat(str(packet_id)), qos=2, packet_id=packet_id))
+            got, closed = read_packets(sock, lambda p: any(first == 0x50 for first, _ in p))
+            assert not closed
+            sock.sendall(packet(0x62, packet_id.to_bytes(2, "big")))  # PUBREL
+            got, closed = read_packets(sock, lambda p: any(first == 0x70 for first, _ in p))  # PUBCOMP
+            assert not closed

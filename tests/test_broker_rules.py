@@ -287,7 +287,7 @@ def test_a_will_fires_checked_unless_its_connection_ended_with_disconnect() -> N
         await wills.connection_ended(session, status, disconnected=False)
 
     asyncio.run(run())
-    assert delivered == [("im/status/alice/laptop", True, True, 1)]
+    assert delivered == [("im/status/alice/laptop", True, True, None)]
 
 
 # ---------------------------------------------------------------- output bound and pending connections

@@ -45,7 +45,14 @@ from imcli.broker.pending import PendingConnections, raise_fd_limit
 from imcli.broker.publish_checks import PublishChecks
 from imcli.broker.retained import RetainedState
 from imcli.broker.session_upkeep import SessionUpkeep
-from imcli.broker.sessions import SessionState, SubscriptionTable, close_silent, connect_session, start_session
+from imcli.broker.sessions import (
+    SessionState,
+    SubscriptionTable,
+    close_silent,
+    connect_session,
+    no_pubrel,
+    start_session,
+)
 from imcli.broker.settings import TLS_LISTENER, BrokerSettings
 from imcli.broker.topic_access import TopicAccess
 from imcli.broker.wills import LastWills, Will, will_of
@@ -77,7 +84,7 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
     *_names(_B, "Broker", "read", "_servers _sessions _retained_messages _broadcast_queue"),
     *_names(_B, "Broker", "replaced", "_subscriptions"),  # by sessions.SubscriptionTable
     # AckAfterJournal, LightSession, use_light_sessions and puback_waiters, below
-    *_names(_H, "BrokerProtocolHandler", "overridden", "_handle_qos1_message_flow"),
+    *_names(_H, "BrokerProtocolHandler", "overridden", "_handle_qos1_message_flow _handle_qos2_message_flow"),
     *_names(_H, "BrokerProtocolHandler", "read", "_puback_waiters"),  # by fanout.Deliveries, via puback_waiters()
     *_names(_H, "", "replaced", "Session"),  # the name init_from_connect builds a session with
     *_names(_S, "Session", "overridden", "_init_states"),
@@ -92,12 +99,19 @@ class AckAfterJournal(BrokerProtocolHandler):
 
     before_ack: Any = None  # (Session, ApplicationMessage) -> None
     will: Will | None = None  # imcli/broker/wills.py
+    max_unreleased = 1 << 16  # incoming QoS 2 messages held for their PUBREL (sessions.no_pubrel)
     _silent_close: asyncio.Future[None] | None = None
 
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
         if app_message.direction == INCOMING and self.before_ack is not None and self.session is not None:
             self.before_ack(self.session, app_message)
         await super()._handle_qos1_message_flow(app_message)
+
+    async def _handle_qos2_message_flow(self, app_message: Any) -> None:
+        if not no_pubrel(self.session, app_message, self.max_unreleased):
+            await super()._handle_qos2_message_flow(app_message)
+        elif self._silent_close is None and self.writer is not None:  # imcli/broker/sessions.py
+            self._silent_close = close_silent(self.writer, self.session and self.session.client_id, "no PUBREL")
 
     def take_will(self) -> Will | None:
         """The Will of this connection's CONNECT, once: published, or discarded by DISCONNECT."""
@@ -265,7 +279,7 @@ class ImBroker(Broker):
         delay = self.config.timeout_disconnect_delay or 0
         session = await start_session(incoming, self._sessions, self._delete_session, delay)  # sessions.py
         if isinstance(handler, AckAfterJournal):
-            handler.before_ack = self._before_ack
+            handler.before_ack, handler.max_unreleased = self._before_ack, self.settings.limits.max_unreleased
             handler.will = will_of(incoming)  # imcli/broker/wills.py
         return handler, session
 

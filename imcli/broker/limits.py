@@ -18,6 +18,7 @@ class Limits:
     max_queued: int = 1000  # messages kept for one offline persistent session; the archive keeps the rest
     session_expiry: float = 7 * 86400.0  # seconds a persistent session is kept while its client is away
     max_client_id: int = 128  # characters; a longer client id gets CONNACK 2 (MQTT 3.1.1 promises 23)
+    max_unreleased: int = 32  # incoming QoS 2 messages one connection holds awaiting their PUBREL; one more closes it
     # issue 15, per-account quotas (imcli/broker/admission.py, session_upkeep.py, retained.py)
     max_sessions: int = 20  # persistent sessions per account, connected or not; past it the longest-idle one goes
     max_retained: int = 20  # retained status records per account (im/status/<me>/<device>, one per device)
