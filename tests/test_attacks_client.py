@@ -326,3 +326,34 @@ def test_a_member_let_back_in_reads_the_group_as_any_new_member_does(
             return []
 
     assert wait_until(lambda: readable() == ["before bob", "while bob was out"], 10), readable()
+
+
+WS_FRAMES: dict[str, tuple[list[bytes], bytes | str]] = {
+    # amqtt's WebSocket reader spun for ever (the whole broker frozen) when a peer closed after an
+    # empty frame: (frames up to the CONNACK, the last frame before the close)
+    "an empty binary frame, then the close": ([login("mallory")], b""),
+    "empty frames around halves of a CONNECT": ([b"", login("mallory")[:4], b"", login("mallory")[4:], b""], b""),
+    # MQTT-6.0.0-1: MQTT packets travel in binary frames; a text frame closes the connection
+    "a text frame": ([login("mallory")], publish_packet(b"im/room/fuzz/mallory", b"in a text frame").decode("ascii")),
+}
+
+
+@pytest.mark.parametrize("case", list(WS_FRAMES))
+def test_odd_websocket_frames_end_one_connection_not_the_broker(fuzz: Fuzz, case: str) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    uri = f"ws://127.0.0.1:{fuzz.info.ws_port}/"
+    frames, last = WS_FRAMES[case]
+    with connect(uri, subprotocols=["mqtt"], open_timeout=10) as ws:  # type: ignore[list-item]
+        for frame in frames:
+            ws.send(frame)
+        assert ws.recv(timeout=10) == b"\x20\x02\x00\x00"  # amqtt's reader now waits for the next frame
+        ws.send(last)
+        if isinstance(last, str):
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=10)
+    fuzz.still_chatting()
+    with connect(uri, subprotocols=["mqtt"], open_timeout=10) as ws:  # type: ignore[list-item]
+        ws.send(login("mallory"))
+        assert ws.recv(timeout=10) == b"\x20\x02\x00\x00"

@@ -41,12 +41,14 @@ amqtt's reader loop ends the connection on an exception it does not know; its ow
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from amqtt.adapters import ReaderAdapter
+from amqtt.adapters import ReaderAdapter, WebSocketsReader
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from websockets.exceptions import ConnectionClosed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -289,3 +291,28 @@ async def connect_within(reading: Awaitable[T], seconds: float, address: str, po
     except (AMQTTError, MQTTError, NoDataError, TimeoutError, MalformedPacket, UnicodeDecodeError) as exc:
         log.info("bad CONNECT from %s:%s: %s", address, port, exc or "none in time")
         raise AMQTTError(exc) from exc
+
+
+async def _feed_websocket(self: WebSocketsReader, n: int = 1) -> None:
+    """amqtt 0.12.1's ``WebSocketsReader._feed_buffer``, without its two faults.
+
+    It kept the last frame in a variable across the loop and took a ``ConnectionClosed`` for
+    "no frame": once the peer closed after an *empty* binary frame, ``recv`` raised at once
+    (without yielding to the event loop) and the loop added that empty frame for ever, a busy
+    loop that froze the whole broker (every listener, every client) from one WebSocket. And it
+    took text frames as MQTT bytes, which MQTT-6.0.0-1 forbids: the connection is closed.
+    """
+    buffer = bytearray(self._stream.read())
+    while len(buffer) < n:
+        try:
+            message = await self._protocol.recv()
+        except ConnectionClosed:
+            break  # the end of the stream: the read returns what there is, and PacketGuard ends it
+        if isinstance(message, str):
+            raise MalformedPacket("a WebSocket text frame: MQTT travels in binary frames (MQTT-6.0.0-1)")
+        buffer.extend(message)
+    self._stream = io.BytesIO(buffer)
+
+
+# the reader imcli/broker/amqtt_adapter.py builds for each WebSocket connection, under PacketGuard
+WebSocketsReader._feed_buffer = _feed_websocket
