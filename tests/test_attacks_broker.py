@@ -5,6 +5,7 @@ Each test failed before the fix it names.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from tests.rawmqtt import (
     chat,
     connect_packet,
     connect_raw,
+    field,
     packet,
     password_of,
     publish_packet,
@@ -195,3 +197,45 @@ def test_qos2_messages_never_released_are_bounded(server: ServeInfo) -> None:
             sock.sendall(packet(0x62, packet_id.to_bytes(2, "big")))  # PUBREL
             got, closed = read_packets(sock, lambda p: any(first == 0x70 for first, _ in p))  # PUBCOMP
             assert not closed
+
+
+def test_a_client_that_does_not_read_cannot_queue_unread_packets(tmp_path: Path) -> None:
+    """mallory stops reading, her output passes the transport's high-water mark, and a SUBSCRIBE
+    leaves her connection's message loop waiting for the drain of its SUBACK. amqtt went on
+    reading her packets, each into a task of its own: 8,800 PUBLISHes of 200 KB (+1.7 GB in 8 s)
+    waited in her session's queue, past every check. Now nothing more is read from her
+    (output.ReadGate): her own sends block once the kernel's buffers are full."""
+    limits = Limits(publish_rate=1e6, publish_burst=10**6)
+    with BackgroundServer(BrokerSettings(data_dir=tmp_path / "data", port=0, limits=limits)) as info:
+        assert info.broker is not None
+        store = AccountStore(info.data_dir)
+        for name in ("alice", "mallory"):
+            store.add(name, password_of(name))
+        host, port = info.address.host, info.address.port
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        sock.connect((host, port))
+        try:
+            sock.sendall(connect_packet(b"mallory:in", b"mallory", password_of("mallory").encode(), keepalive=0))
+            sock.sendall(packet(0x82, (1).to_bytes(2, "big") + field(b"im/room/lobby/+") + b"\x00"))
+            got, _ = read_packets(sock, lambda p: len(p) >= 2)
+            assert [first for first, _ in got] == [0x20, 0x90]
+            alice = connect_raw(host, port, "alice", "alice:flood")
+            for i in range(1500):  # 12 MB for mallory, who reads no more
+                alice.client.publish("im/room/lobby/alice", chat(f"{i} " + "x" * 8000), qos=0)
+            assert wait_until(lambda: info.broker.output.largest("mallory:in") > 256 * 1024, 30)  # type: ignore[union-attr]
+            alice.close()
+            sock.sendall(packet(0x82, (2).to_bytes(2, "big") + field(b"im/room/other/+") + b"\x00"))
+            flood = publish_packet(b"im/room/lobby/mallory", b"y" * 200_000)
+            sock.settimeout(3)
+            sent = 0
+            with contextlib.suppress(TimeoutError):
+                for _ in range(500):  # 100 MB
+                    sock.sendall(flood)
+                    sent += 1
+            session = info.broker.session_table()["mallory:in"][0]
+            assert sent < 100, sent
+            assert session.delivered_message_queue.qsize() < 100
+        finally:
+            sock.close()

@@ -39,7 +39,7 @@ from imcli.broker.fanout import FanOut, SessionFilters, publish_all
 from imcli.broker.journal import ArchiveWriter, Journal
 from imcli.broker.listeners import Connections, peer_host, serve, stop_listening
 from imcli.broker.notices import Notifier
-from imcli.broker.output import OutputBound
+from imcli.broker.output import OutputBound, ReadGate
 from imcli.broker.packets import PacketGuard, connect_within
 from imcli.broker.pending import PendingConnections, raise_fd_limit
 from imcli.broker.publish_checks import PublishChecks
@@ -251,20 +251,21 @@ class ImBroker(Broker):
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
-        adapter = StreamWriterAdapter(writer)
-        with self.connections.accepted(adapter, peer_host(writer.get_extra_info("peername")), writer.transport, writer):
+        adapter, transport = StreamWriterAdapter(writer), writer.transport
+        with self.connections.accepted(adapter, peer_host(writer.get_extra_info("peername")), transport, writer):
             # amqtt's stream_connected, with the reader kept inside its packets (imcli/broker/packets.py)
-            await self._client_connected(listener_name, self._guard(StreamReaderAdapter(reader)), adapter)
+            await self._client_connected(listener_name, self._guard(StreamReaderAdapter(reader), transport), adapter)
 
     async def ws_connected(self, websocket: Any, listener_name: str) -> None:
-        adapter = WebSocketsWriter(websocket)  # its transport: the WebSocket's TCP (or TLS) one
-        with self.connections.accepted(adapter, peer_host(websocket.remote_address), websocket.transport):
-            await self._client_connected(listener_name, self._guard(WebSocketsReader(websocket)), adapter)
+        adapter, transport = WebSocketsWriter(websocket), websocket.transport  # the WebSocket's TCP (or TLS) one
+        with self.connections.accepted(adapter, peer_host(websocket.remote_address), transport):
+            await self._client_connected(listener_name, self._guard(WebSocketsReader(websocket), transport), adapter)
 
-    def _guard(self, inner: Any) -> PacketGuard:
-        """amqtt's reader, kept inside well-formed packets (imcli/broker/packets.py)."""
+    def _guard(self, inner: Any, transport: Any) -> PacketGuard:
+        """amqtt's reader, kept inside well-formed packets (imcli/broker/packets.py), paused while
+        the connection's output is past its high-water mark (imcli/broker/output.py)."""
         s = self.settings
-        return PacketGuard(inner, s.max_packet, s.packet_timeout, s.limits.max_client_id)
+        return PacketGuard(ReadGate(inner, transport), s.max_packet, s.packet_timeout, s.limits.max_client_id)
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int

@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from amqtt.adapters import ReaderAdapter
+
 log = logging.getLogger(__name__)
 
 # what a copy the broker holds until its PUBACK (or in a task of amqtt's) costs beyond its
@@ -49,6 +51,39 @@ class Transport(Protocol):
     def get_write_buffer_size(self) -> int: ...
 
     def abort(self) -> None: ...
+
+
+class ReadGate(ReaderAdapter):
+    """amqtt's reader of one connection, reading nothing more while that connection's output
+    is past its transport's high-water mark, where any answer the broker writes to it waits
+    for a drain (a SUBACK, a PUBACK, a PINGRESP). amqtt reads each packet into a task of its
+    own whatever the rest do: with the connection's message loop stuck in such a drain, a
+    client that does not read kept sending, and 8,800 PUBLISHes of 200 KB waited, unchecked
+    (rate and size are checked when the loop takes them), in the session's queue: +1.7 GB in
+    8 s. Now the kernel's socket buffers fill and the client's own sends block, as TCP means
+    them to; a connection that stays so is closed by the output bound."""
+
+    POLL = 0.05  # seconds between looks at a full buffer
+
+    def __init__(self, inner: ReaderAdapter, transport: Any) -> None:
+        self._inner = inner
+        self._transport = transport
+
+    def _full(self) -> bool:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return False
+        high = transport.get_write_buffer_limits()[1]
+        return bool(transport.get_write_buffer_size() > high)
+
+    async def read(self, n: int = -1) -> bytes:
+        while self._full():  # noqa: ASYNC110 (asyncio has no event for a transport that drained)
+            await asyncio.sleep(self.POLL)
+        data: bytes = await self._inner.read(n)
+        return data
+
+    def feed_eof(self) -> None:
+        self._inner.feed_eof()
 
 
 class Verdict(enum.Enum):

@@ -28,7 +28,8 @@ Where each part lives:
 * imcli/broker/wills.py: a Last Will held by its own connection, fired at most once,
   checked, unless the connection ended with DISCONNECT;
 * imcli/broker/output.py: what the broker holds for one connection is bounded (QoS 0
-  dropped, then the connection closed) for clients that do not read;
+  dropped, then the connection closed) for clients that do not read, and nothing more is
+  read from one while its output is past its high-water mark;
 * imcli/broker/topic_access.py: the ACL (imcli/broker/acl.py) with the broker's roles,
   groups and friends;
 * imcli/broker/fanout.py: indexed matching and batched writes instead of one task per copy;
