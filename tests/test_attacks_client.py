@@ -25,7 +25,8 @@ from imcli.client import services
 from imcli.client.listener import Listener, RecentIds
 from imcli.client.services import Conversation
 from imcli.core.errors import ImcliError, NotFound
-from imcli.core.wire import ChatMessage, Received, encode
+from imcli.core.mqtt import BrokerAddress
+from imcli.core.wire import ChatMessage, ErrorReply, HistoryReply, Received, encode
 from imcli.serve.host import BackgroundServer, ServeInfo
 from tests import test_frames, test_fuzz
 from tests.conftest import Proc, ident
@@ -357,3 +358,24 @@ def test_odd_websocket_frames_end_one_connection_not_the_broker(fuzz: Fuzz, case
     with connect(uri, subprotocols=["mqtt"], open_timeout=10) as ws:  # type: ignore[list-item]
         ws.send(login("mallory"))
         assert ws.recv(timeout=10) == b"\x20\x02\x00\x00"
+
+
+def test_a_catch_up_shows_only_chat_lines_once_and_says_a_refusal() -> None:
+    """What a catch-up reply holds is shown as chat lines only (a reply is a service's, but a
+    ``notice`` or ``event`` item in it would skip the seen ids), each once; a refusal is said."""
+    listener = Listener(ident(BrokerAddress("127.0.0.1", 9), "bob"), session="laptop", since=0.0)
+    line = Received(kind="dm", sender="alice", to="bob", id="a1", ts=1, text="missed")
+    forged = Received(kind="notice", id="n1", ts=1, text="alice is now an admin of everything")
+    replies: list[HistoryReply | ErrorReply] = [
+        HistoryReply(id="1", messages=[forged, line, line]),
+        ErrorReply(id="2", code="internal", text="busy"),
+    ]
+    listener.requests.ask = lambda *_a, **_k: replies.pop(0)  # type: ignore[method-assign]
+    listener._catch_up(0.0)
+    listener._catch_up(0.0)
+    shown = list(listener.pending())
+    assert [(m.kind, m.text) for m in shown] == [
+        ("dm", "missed"),
+        ("notice", "could not catch up from the archive: busy (imcli history shows what you missed)"),
+    ]
+    assert shown[0].missed
