@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 from imcli.broker.accounts import AccountStore
 from imcli.broker.limits import Limits
+from imcli.broker.output import INBOX
 from imcli.broker.server import WS_LISTENER, BrokerSettings
 from imcli.serve.host import BackgroundServer, ServeInfo
 from tests.rawmqtt import (
@@ -239,3 +241,34 @@ def test_a_client_that_does_not_read_cannot_queue_unread_packets(tmp_path: Path)
             assert session.delivered_message_queue.qsize() < 100
         finally:
             sock.close()
+
+
+def test_a_client_cannot_send_faster_than_the_broker_handles(server: ServeInfo) -> None:
+    """mallory reads all she is sent and floods small QoS 0 PUBLISHes: amqtt read them faster
+    than the connection's message loop judged them, and 55,000 (93 MB) waited in her session's
+    queue, past the rate limit that would have dropped them. Now nothing more is read from her
+    while ``output.INBOX`` of hers wait (output.ReadGate)."""
+    assert server.broker is not None
+    AccountStore(server.data_dir).add("mallory", password_of("mallory"))
+    with socket.create_connection((server.address.host, server.address.port), timeout=10) as sock:
+        sock.sendall(connect_packet(b"mallory:c", b"mallory", password_of("mallory").encode(), keepalive=0))
+        got, _ = read_packets(sock, lambda p: len(p) >= 1)
+        assert got == [(0x20, b"\x00\x00")]
+        done = threading.Event()
+
+        def read_all() -> None:  # she reads everything (her notices): her output never backs up
+            with contextlib.suppress(OSError):
+                while not done.is_set() and sock.recv(65536):
+                    pass
+
+        reader = threading.Thread(target=read_all, daemon=True)
+        reader.start()
+        session = server.broker.session_table()["mallory:c"][0]
+        batch = publish_packet(b"im/room/lobby/mallory", b"y" * 1000) * 100
+        most = 0
+        for _ in range(100):  # 10,000 messages
+            sock.sendall(batch)
+            most = max(most, session.delivered_message_queue.qsize())
+        done.set()
+    reader.join(10)
+    assert most <= INBOX + 16, most  # and those read since the last look

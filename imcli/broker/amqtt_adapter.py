@@ -254,18 +254,18 @@ class ImBroker(Broker):
         adapter, transport = StreamWriterAdapter(writer), writer.transport
         with self.connections.accepted(adapter, peer_host(writer.get_extra_info("peername")), transport, writer):
             # amqtt's stream_connected, with the reader kept inside its packets (imcli/broker/packets.py)
-            await self._client_connected(listener_name, self._guard(StreamReaderAdapter(reader), transport), adapter)
+            await self._client_connected(listener_name, self._guard(StreamReaderAdapter(reader), adapter), adapter)
 
     async def ws_connected(self, websocket: Any, listener_name: str) -> None:
         adapter, transport = WebSocketsWriter(websocket), websocket.transport  # the WebSocket's TCP (or TLS) one
         with self.connections.accepted(adapter, peer_host(websocket.remote_address), transport):
-            await self._client_connected(listener_name, self._guard(WebSocketsReader(websocket), transport), adapter)
+            await self._client_connected(listener_name, self._guard(WebSocketsReader(websocket), adapter), adapter)
 
-    def _guard(self, inner: Any, transport: Any) -> PacketGuard:
+    def _guard(self, inner: Any, writer: Any) -> PacketGuard:
         """amqtt's reader, kept inside well-formed packets (imcli/broker/packets.py), paused while
-        the connection's output is past its high-water mark (imcli/broker/output.py)."""
+        the connection's output is past its high-water mark or its inbox full (imcli/broker/output.py)."""
         s = self.settings
-        return PacketGuard(ReadGate(inner, transport), s.max_packet, s.packet_timeout, s.limits.max_client_id)
+        return PacketGuard(ReadGate(inner, self.output, writer), s.max_packet, s.packet_timeout, s.limits.max_client_id)
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
@@ -279,6 +279,7 @@ class ImBroker(Broker):
         await self.admission.admit_or_refuse(reader, writer, incoming, self._sessions, self.upkeep.persistent_of)
         delay = self.config.timeout_disconnect_delay or 0
         session = await start_session(incoming, self._sessions, self._delete_session, delay)  # sessions.py
+        self.output.attach_inbox(writer, session.delivered_message_queue)  # output.ReadGate
         if isinstance(handler, AckAfterJournal):
             handler.before_ack, handler.max_unreleased = self._before_ack, self.settings.limits.max_unreleased
             handler.will = will_of(incoming)  # imcli/broker/wills.py

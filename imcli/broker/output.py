@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 # what a copy the broker holds until its PUBACK (or in a task of amqtt's) costs beyond its
 # bytes: amqtt's OutgoingApplicationMessage, a future and its callback, two table entries
 HELD_COPY = 1024
+INBOX = 100  # messages a connection sent that wait for its message loop: no more is read from it meanwhile
 
 
 class Transport(Protocol):
@@ -54,30 +55,30 @@ class Transport(Protocol):
 
 
 class ReadGate(ReaderAdapter):
-    """amqtt's reader of one connection, reading nothing more while that connection's output
-    is past its transport's high-water mark, where any answer the broker writes to it waits
-    for a drain (a SUBACK, a PUBACK, a PINGRESP). amqtt reads each packet into a task of its
-    own whatever the rest do: with the connection's message loop stuck in such a drain, a
-    client that does not read kept sending, and 8,800 PUBLISHes of 200 KB waited, unchecked
-    (rate and size are checked when the loop takes them), in the session's queue: +1.7 GB in
-    8 s. Now the kernel's socket buffers fill and the client's own sends block, as TCP means
-    them to; a connection that stays so is closed by the output bound."""
+    """amqtt's reader of one connection, reading nothing more while ``OutputBound.read_paused``
+    says so: its output is past its transport's high-water mark, where any answer the broker
+    writes to it waits for a drain (a SUBACK, a PUBACK, a PINGRESP), or ``INBOX`` messages it
+    sent wait for the connection's message loop. amqtt reads each packet into a task of its own
+    whatever the rest do: with the loop stuck in such a drain, a client that did not read kept
+    sending, and 8,800 PUBLISHes of 200 KB waited, unchecked (rate and size are checked when
+    the loop takes them), in the session's queue: +1.7 GB in 8 s; a client that sent small
+    QoS 0 messages faster than the loop judged them queued 55,000. Now the kernel's socket
+    buffers fill and the client's own sends block, as TCP means them to."""
 
-    POLL = 0.05  # seconds between looks at a full buffer
+    POLL = 0.05  # seconds between looks
+    YIELD_EVERY = 32  # reads (a PUBLISH takes three or four)
 
-    def __init__(self, inner: ReaderAdapter, transport: Any) -> None:
+    def __init__(self, inner: ReaderAdapter, output: OutputBound, writer: Any) -> None:
         self._inner = inner
-        self._transport = transport
-
-    def _full(self) -> bool:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return False
-        high = transport.get_write_buffer_limits()[1]
-        return bool(transport.get_write_buffer_size() > high)
+        self._output = output
+        self._writer = writer
+        self._reads = 0
 
     async def read(self, n: int = -1) -> bytes:
-        while self._full():  # noqa: ASYNC110 (asyncio has no event for a transport that drained)
+        self._reads += 1
+        if not self._reads % self.YIELD_EVERY:  # buffered bytes are read without a pause: let the
+            await asyncio.sleep(0)  # tasks made of the packets read so far reach the inbox
+        while self._output.read_paused(self._writer):  # noqa: ASYNC110 (asyncio has no event for these)
             await asyncio.sleep(self.POLL)
         data: bytes = await self._inner.read(n)
         return data
@@ -106,6 +107,7 @@ class Outlet:
     dropping: bool = False
     closing: bool = False
     dropped: int = 0
+    inbox: Any = None  # the session's queue of messages read from the connection, not yet handled
 
     def waiting(self) -> int:
         return self.transport.get_write_buffer_size() + self.in_tasks
@@ -129,6 +131,24 @@ class OutputBound:
         outlet = self._outlets.pop(writer, None)
         if outlet is not None and outlet.dropped:
             log.info("%s: %d QoS 0 messages dropped while it did not read", outlet.label, outlet.dropped)
+
+    def attach_inbox(self, writer: Any, inbox: Any) -> None:
+        """``inbox`` (an asyncio queue) holds what the connection of ``writer`` sent, not yet handled."""
+        outlet = self._outlets.get(writer)
+        if outlet is not None:
+            outlet.inbox = inbox
+
+    def read_paused(self, writer: Any) -> bool:
+        """Whether nothing more is to be read from the connection of ``writer`` for now (``ReadGate``)."""
+        outlet = self._outlets.get(writer)
+        if outlet is None or outlet.closing:
+            return False
+        transport: Any = outlet.transport
+        if transport.is_closing():
+            return False
+        if transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]:
+            return True
+        return outlet.inbox is not None and outlet.inbox.qsize() >= INBOX
 
     def waiting(self, writer: Any) -> int:
         outlet = self._outlets.get(writer)
