@@ -11,11 +11,13 @@ import inspect
 from typing import Any
 
 import pytest
+from amqtt.adapters import WebSocketsReader
 from amqtt.broker import Broker
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
 from imcli.broker.amqtt_adapter import AMQTT_PRIVATE, AckAfterJournal, ImBroker, LightSession, PrivateName
+from imcli.broker.packets import CheckedWebSocketsReader
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,8 @@ def instances() -> dict[str, Any]:
     async def build() -> dict[str, Any]:
         broker = Broker({"listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0"}}, "plugins": {}})
         handler = BrokerProtocolHandler(broker.plugins_manager)
-        return {"Broker": broker, "BrokerProtocolHandler": handler, "Session": Session()}
+        reader = WebSocketsReader(object())  # only its attributes are read
+        return {"Broker": broker, "BrokerProtocolHandler": handler, "Session": Session(), "WebSocketsReader": reader}
 
     return asyncio.run(build())
 
@@ -52,7 +55,12 @@ def test_the_pinned_amqtt_has_it(entry: PrivateName, instances: dict[str, Any]) 
         assert callable(found), f"{entry.module}.{entry.name} is no longer a method"
 
 
-OURS = {"Broker": ImBroker, "BrokerProtocolHandler": AckAfterJournal, "Session": LightSession}
+OURS = {
+    "Broker": ImBroker,
+    "BrokerProtocolHandler": AckAfterJournal,
+    "Session": LightSession,
+    "WebSocketsReader": CheckedWebSocketsReader,
+}
 
 
 @pytest.mark.parametrize(
@@ -67,7 +75,8 @@ def test_each_override_keeps_amqtts_signature(entry: PrivateName, instances: dic
 
 @pytest.mark.parametrize(("owner_name", "ours"), OURS.items())
 def test_every_override_of_a_private_amqtt_method_is_listed(owner_name: str, ours: type) -> None:
-    amqtt_class = {"Broker": Broker, "BrokerProtocolHandler": BrokerProtocolHandler, "Session": Session}[owner_name]
+    amqtt_classes = {"Broker": Broker, "BrokerProtocolHandler": BrokerProtocolHandler, "Session": Session}
+    amqtt_class = {**amqtt_classes, "WebSocketsReader": WebSocketsReader}[owner_name]
     listed = {e.name for e in AMQTT_PRIVATE}
     overridden = {
         f"{owner_name}.{name}"

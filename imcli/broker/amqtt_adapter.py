@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter, WebSocketsReader, WebSocketsWriter
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter, WebSocketsWriter
 from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action
 from amqtt.errors import BrokerError
@@ -40,7 +40,7 @@ from imcli.broker.journal import ArchiveWriter, Journal
 from imcli.broker.listeners import Connections, peer_host, serve, stop_listening
 from imcli.broker.notices import Notifier
 from imcli.broker.output import OutputBound, ReadGate
-from imcli.broker.packets import PacketGuard, connect_within
+from imcli.broker.packets import CheckedWebSocketsReader, PacketGuard, connect_within
 from imcli.broker.pending import PendingConnections, raise_fd_limit
 from imcli.broker.publish_checks import PublishChecks
 from imcli.broker.retained import RetainedState
@@ -89,6 +89,9 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
     *_names(_H, "", "replaced", "Session"),  # the name init_from_connect builds a session with
     *_names(_S, "Session", "overridden", "_init_states"),
     *_names(_S, "Session", "called", "_on_enter_connected _on_enter_disconnected"),  # by sessions.SessionState
+    # packets.CheckedWebSocketsReader
+    *_names("amqtt.adapters", "WebSocketsReader", "overridden", "_feed_buffer"),
+    *_names("amqtt.adapters", "WebSocketsReader", "read", "_stream _protocol"),
 )
 
 
@@ -259,7 +262,9 @@ class ImBroker(Broker):
     async def ws_connected(self, websocket: Any, listener_name: str) -> None:
         adapter, transport = WebSocketsWriter(websocket), websocket.transport  # the WebSocket's TCP (or TLS) one
         with self.connections.accepted(adapter, peer_host(websocket.remote_address), transport):
-            await self._client_connected(listener_name, self._guard(WebSocketsReader(websocket), adapter), adapter)
+            await self._client_connected(
+                listener_name, self._guard(CheckedWebSocketsReader(websocket), adapter), adapter
+            )
 
     def _guard(self, inner: Any, writer: Any) -> PacketGuard:
         """amqtt's reader, kept inside well-formed packets (imcli/broker/packets.py), paused while

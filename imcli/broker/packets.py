@@ -293,26 +293,28 @@ async def connect_within(reading: Awaitable[T], seconds: float, address: str, po
         raise AMQTTError(exc) from exc
 
 
-async def _feed_websocket(self: WebSocketsReader, n: int = 1) -> None:
-    """amqtt 0.12.1's ``WebSocketsReader._feed_buffer``, without its two faults.
+class CheckedWebSocketsReader(WebSocketsReader):
+    """amqtt 0.12.1's WebSocket reader without its two faults (``ImBroker.ws_connected`` builds one
+    per WebSocket connection, under ``PacketGuard``).
 
-    It kept the last frame in a variable across the loop and took a ``ConnectionClosed`` for
-    "no frame": once the peer closed after an *empty* binary frame, ``recv`` raised at once
-    (without yielding to the event loop) and the loop added that empty frame for ever, a busy
-    loop that froze the whole broker (every listener, every client) from one WebSocket. And it
-    took text frames as MQTT bytes, which MQTT-6.0.0-1 forbids: the connection is closed.
+    Its ``_feed_buffer`` kept the last frame in a variable across the loop and took a
+    ``ConnectionClosed`` for "no frame": once the peer closed after an *empty* binary frame,
+    ``recv`` raised at once (without yielding to the event loop) and the loop added that empty
+    frame for ever, a busy loop that froze the whole broker (every listener, every client) from
+    one WebSocket. And it took text frames as MQTT bytes, which MQTT-6.0.0-1 forbids: the
+    connection is closed.
     """
-    buffer = bytearray(self._stream.read())
-    while len(buffer) < n:
-        try:
-            message = await self._protocol.recv()
-        except ConnectionClosed:
-            break  # the end of the stream: the read returns what there is, and PacketGuard ends it
-        if isinstance(message, str):
-            raise MalformedPacket("a WebSocket text frame: MQTT travels in binary frames (MQTT-6.0.0-1)")
-        buffer.extend(message)
-    self._stream = io.BytesIO(buffer)
 
+    _stream: io.BytesIO  # set by amqtt's __init__
 
-# the reader imcli/broker/amqtt_adapter.py builds for each WebSocket connection, under PacketGuard
-WebSocketsReader._feed_buffer = _feed_websocket
+    async def _feed_buffer(self, n: int = 1) -> None:  # amqtt private (AMQTT_PRIVATE)
+        buffer = bytearray(self._stream.read())
+        while len(buffer) < n:
+            try:
+                message = await self._protocol.recv()
+            except ConnectionClosed:
+                break  # the end of the stream: the read returns what there is, and PacketGuard ends it
+            if isinstance(message, str):
+                raise MalformedPacket("a WebSocket text frame: MQTT travels in binary frames (MQTT-6.0.0-1)")
+            buffer.extend(message)
+        self._stream = io.BytesIO(buffer)
