@@ -336,10 +336,9 @@ def test_offline_messages_survive_a_broker_restart(roomy: BrokerSettings) -> Non
         assert [m for m in shown_again if m.sender == "alice"] == []
 
 
-def listen_after_a_break(info: ServeInfo, procs: Callable[..., Proc], tmp_path: Path) -> tuple[Proc, list[str]]:
-    """bob's ``imcli listen`` runs once and stops, alice sends fifty, and a second ``listen
-    --json`` prints each of them once, in order; returns that listen and the texts sent."""
-    env = {"IMCLI_CONFIG_DIR": str(tmp_path / "bob-config")}
+def listen_once_then_fifty(info: ServeInfo, procs: Callable[..., Proc], env: dict[str, str]) -> list[str]:
+    """bob logs in and runs ``imcli listen`` once (its persistent session exists from then on) and
+    stops; alice sends fifty (send_fifty). Returns the texts sent."""
     args = ["login", "bob", "--host", info.address.host, "--port", str(info.address.port), "--password-stdin"]
     assert CliRunner().invoke(app, args, input=password_of("bob") + "\n", env=env).exit_code == 0
     first = procs("listen", env=env)
@@ -347,15 +346,26 @@ def listen_after_a_break(info: ServeInfo, procs: Callable[..., Proc], tmp_path: 
     assert first.stop() == 0
     alice = connect_raw(info.address.host, info.address.port, "alice", "alice:bot")
     try:
-        sent = send_fifty(info, alice)
+        return send_fifty(info, alice)
     finally:
         alice.close()
-    again = procs("listen", "--json", env=env)
+
+
+def listen_again(procs: Callable[..., Proc], env: dict[str, str], sent: list[str], *args: str) -> Proc:
+    """A second ``listen --json`` prints each of ``sent`` once, in order, marked missed; returns it."""
+    again = procs("listen", "--json", *args, env=env)
     got: list[Received] = []
     while len([m for m in got if m.sender == "alice"]) < len(sent):
-        got.append(Received.model_validate(json.loads(again.line())))
+        got.append(Received.model_validate(json.loads(again.line(timeout=20))))
     assert_once_in_order(got, sent)
-    return again, sent
+    return again
+
+
+def listen_after_a_break(info: ServeInfo, procs: Callable[..., Proc], tmp_path: Path) -> tuple[Proc, list[str]]:
+    """listen_once_then_fifty, then listen_again on the same broker."""
+    env = {"IMCLI_CONFIG_DIR": str(tmp_path / "bob-config")}
+    sent = listen_once_then_fifty(info, procs, env)
+    return listen_again(procs, env, sent), sent
 
 
 def test_listen_gets_what_was_queued_while_it_was_away(
@@ -377,22 +387,9 @@ def test_listen_gets_what_was_queued_while_it_was_away_across_a_broker_restart(
     with BackgroundServer(roomy) as info:
         add_users(info, "alice", "bob")
         make_team(info)
-        args = ["login", "bob", "--host", info.address.host, "--port", str(info.address.port), "--password-stdin"]
-        assert CliRunner().invoke(app, args, input=password_of("bob") + "\n", env=env).exit_code == 0
-        first = procs("listen", env=env)
-        first.wait_stderr("listening as bob")
-        assert first.stop() == 0
-        alice = connect_raw(info.address.host, info.address.port, "alice", "alice:bot")
-        try:
-            sent = send_fifty(info, alice)
-        finally:
-            alice.close()
+        sent = listen_once_then_fifty(info, procs, env)
     with BackgroundServer(roomy) as info:  # the broker's queue is gone; the archive is not
-        again = procs("listen", "--json", "--port", str(info.address.port), env=env)
-        got: list[Received] = []
-        while len([m for m in got if m.sender == "alice"]) < len(sent):
-            got.append(Received.model_validate(json.loads(again.line(timeout=20))))
-        assert_once_in_order(got, sent)
+        again = listen_again(procs, env, sent, "--port", str(info.address.port))
         assert all(m.text not in sent for m in _lines_within(again, 1.0))  # and nothing twice
 
 
