@@ -257,3 +257,13 @@ def read_packets(
             got.append((buf[0], bytes(buf[i : i + length])))
             del buf[: i + length]
     return got, closed
+
+
+def ended(sock: socket.socket) -> bool:
+    """Whether the broker closed this socket (it never sends anything before a CONNECT)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True

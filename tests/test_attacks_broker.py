@@ -22,6 +22,7 @@ from tests.rawmqtt import (
     chat,
     connect_packet,
     connect_raw,
+    ended,
     field,
     packet,
     password_of,
@@ -71,15 +72,6 @@ def ws_server(tmp_path: Path) -> Iterator[ServeInfo]:
         yield info
 
 
-def _ended(sock: socket.socket) -> bool:
-    try:
-        return sock.recv(1, socket.MSG_PEEK) == b""
-    except BlockingIOError:
-        return False
-    except ConnectionResetError:
-        return True
-
-
 def test_silent_sockets_on_the_websocket_port_count_as_pending(ws_server: ServeInfo) -> None:
     """Sockets that connect to the WebSocket port and never send the HTTP upgrade were not
     pending connections (counted from the handshake on): no cap per address or in all, each
@@ -96,8 +88,8 @@ def test_silent_sockets_on_the_websocket_port_count_as_pending(ws_server: ServeI
     try:
         # past the grace, the upkeep closes the oldest beyond the cap (the deadline is 300 s away)
         oldest, newest = silent[:-PER_ADDRESS], silent[-PER_ADDRESS:]
-        assert wait_until(lambda: all(map(_ended, oldest)), 30)
-        assert not any(map(_ended, newest))  # websockets' open timeout (10 s) closed them all at once
+        assert wait_until(lambda: all(map(ended, oldest)), 30)
+        assert not any(map(ended, newest))  # websockets' open timeout (10 s) closed them all at once
         bob = connect_raw("127.0.0.1", port, "bob", "bob:ws", transport="websockets")
         alice = connect_raw("127.0.0.1", port, "alice", "alice:ws", transport="websockets")
         try:

@@ -18,7 +18,7 @@ from imcli.broker.accounts import AccountStore
 from imcli.broker.limits import Limits
 from imcli.broker.server import BrokerSettings
 from imcli.serve.host import BackgroundServer, ServeInfo
-from tests.rawmqtt import chat, connect_packet, connect_raw, password_of, read_packets, wait_until
+from tests.rawmqtt import chat, connect_packet, connect_raw, ended, password_of, read_packets, wait_until
 
 PER_ADDRESS = 40
 FLOOD = {f"127.0.0.{10 + i}": 100 for i in range(4)}  # 400 silent sockets from four addresses
@@ -44,16 +44,6 @@ def flooded(tmp_path: Path) -> Iterator[ServeInfo]:
             yield info
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-def ended(sock: socket.socket) -> bool:
-    """Whether the broker closed this socket (it never sends anything before a CONNECT)."""
-    try:
-        return sock.recv(1, socket.MSG_PEEK) == b""
-    except BlockingIOError:
-        return False
-    except ConnectionResetError:
-        return True
 
 
 def test_silent_sockets_past_the_cap_are_closed_and_real_clients_chat(flooded: ServeInfo) -> None:
