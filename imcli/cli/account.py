@@ -49,7 +49,7 @@ def register(
     services.register(address, name, password, invite=invite)
     device = new_device_name()
     services.verify_login(address, Credentials(name, password), device)
-    save_profile(Profile(name, password, address.host, address.port, device, address.tls, address.ca))
+    save_profile(Profile(name, password, address.hosts, address.port, device, address.tls, address.ca))
     console().print(f"registered {name} on {address} and logged in")
 
 
@@ -72,7 +72,7 @@ def login(
     address = broker_address(host, port, tls=tls, ca=ca)
     device = new_device_name()
     services.verify_login(address, Credentials(name, password), device)
-    save_profile(Profile(name, password, address.host, address.port, device, address.tls, address.ca))
+    save_profile(Profile(name, password, address.hosts, address.port, device, address.tls, address.ca))
     console().print(f"logged in as {name} on {address}")
 
 
@@ -98,4 +98,4 @@ def whoami(json_: JsonOpt = False) -> None:
     if json_:
         print(json.dumps({"account": p.account, "host": p.host, "port": p.port, "device": p.device}))
     else:
-        console().print(f"{p.account} on {p.host}:{p.port} (device {p.device})")
+        console().print(f"{p.account} on {p.address} (device {p.device})")

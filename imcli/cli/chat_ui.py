@@ -105,7 +105,7 @@ class ChatView:
 
     def _welcome(self, session: ChatSession) -> None:
         a = self.identity.address
-        self.note(Note(f"imcli chat: {self.identity.account} on {a.host}:{a.port} · /help for commands", "dim"))
+        self.note(Note(f"imcli chat: {self.identity.account} on {a} · /help for commands", "dim"))
         if not self.own_session:
             self.note(Note("another imcli chat runs here: this one will miss what is sent while it is away", "dim"))
         report = session.catch_up(list(session.listener.pending()))

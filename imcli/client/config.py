@@ -62,7 +62,7 @@ def new_device_name() -> str:
 class Profile:
     account: str
     password: str = field(repr=False)
-    host: str
+    host: str  # or the nodes of a cluster, "a:1883,b:1883,c:1883" (BrokerAddress.hosts)
     port: int
     device: str
     tls: bool = False
@@ -72,7 +72,7 @@ class Profile:
     def address(self) -> BrokerAddress:
         from imcli.core.mqtt import BrokerAddress
 
-        return BrokerAddress(self.host, self.port, self.tls, self.ca)
+        return BrokerAddress.of(self.host, self.port, self.tls, self.ca)
 
     @property
     def credentials(self) -> Credentials:
