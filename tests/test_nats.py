@@ -333,5 +333,7 @@ def listener_once_ready(identity: Identity, session: str, timeout: float = 90) -
             time.sleep(1)
         else:
             break
-    with listener:
+    try:
         yield listener
+    finally:
+        listener.close()

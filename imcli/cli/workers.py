@@ -1,5 +1,5 @@
 """``imcli workers``: the presence, group and archive workers alone, against a broker run
-elsewhere (Mosquitto, EMQX, or another ``imcli serve``). ``imcli serve`` runs the same three
+elsewhere (Mosquitto, a NATS cluster, or another ``imcli serve``). ``imcli serve`` runs the same three
 inside it. ``imcli presence`` runs the presence worker alone."""
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from imcli.core.rules import ARCHIVE_ACCOUNT, GROUPS_ACCOUNT, PRESENCE_ACCOUNT
 
 if TYPE_CHECKING:
     from imcli.core.service import ServiceWorker
+    from imcli.groups.natsauth import NatsAuth
 
 
 def password_variable(account: str) -> str:
@@ -53,6 +54,22 @@ def _passwords(from_stdin: bool, accounts: list[str]) -> list[str]:
     return found
 
 
+def _nats_auth(users: Path | None, accounts: Path | None, pidfiles: list[Path], dynsec: bool) -> NatsAuth | None:
+    if users is None:
+        return None
+    if dynsec or accounts is None:
+        raise InvalidInput(
+            "--nats-users needs --accounts-file (the name:password lines) and no --dynsec", "see deploy/nats/README.md"
+        )
+    from imcli.core.wire import Topics
+    from imcli.groups.natsauth import NatsAuth
+
+    try:
+        return NatsAuth(Topics(), accounts.expanduser(), users.expanduser(), pidfiles)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"cannot read the accounts file {accounts}: {exc}", "check the path and its mode") from exc
+
+
 def workers(
     host: HostOpt = None,
     port: PortOpt = None,
@@ -74,6 +91,17 @@ def workers(
         bool,
         typer.Option("--dynsec", help="Enforce groups and dm-policy on Mosquitto through its dynamic-security plugin."),
     ] = False,
+    nats_users: Annotated[
+        Path | None,
+        typer.Option(
+            help="NATS: the users file the nodes include (deploy/nats), kept in step with groups, friends-only "
+            "DMs and --accounts-file (name:password lines), reloading the nodes after each change.",
+        ),
+    ] = None,
+    nats_pidfile: Annotated[
+        list[Path] | None,
+        typer.Option(help="NATS: pid_file of a node on this machine, sent SIGHUP after each change (repeatable)."),
+    ] = None,
     archive: Annotated[
         bool, typer.Option("--archive/--no-archive", help="Run the archive worker (history, offline catch-up).")
     ] = True,
@@ -116,6 +144,7 @@ def workers(
         )
     if max_groups < 1 or group_rate < 1:
         raise InvalidInput("limits too small", "--max-groups and --group-rate >= 1")
+    nats = _nats_auth(nats_users, accounts_file, nats_pidfile or [], dynsec)
     log_to_stderr(logging.INFO if verbose else logging.WARNING, "%(asctime)s %(name)s %(message)s")
     directory = PasswordFileDirectory(accounts_file.expanduser()) if accounts_file is not None else None
     passwords = dict(zip(accounts, _passwords(password_stdin, accounts), strict=True))
@@ -138,6 +167,7 @@ def workers(
             dm_readers=(archive_account,),
             max_groups=max_groups,
             group_rate=group_rate,
+            nats=nats,
         ),
     ]
     if archive:
@@ -154,6 +184,7 @@ def workers(
         for make in makers:  # made one by one: a worker that fails to start closes those before it
             stack.enter_context(make())
         mode = "; groups enforced through dynamic security" if dynsec else ""
+        mode = f"; NATS permissions kept in {nats_users}" if nats is not None else mode
         where = f"; archive in {data_dir}" if archive else "; no archive"
         console().print(f"workers running as {', '.join(accounts)} on {address}{mode}{where} (Ctrl-C to stop)")
         sys.stdout.flush()
