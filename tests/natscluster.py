@@ -39,7 +39,14 @@ def nats_available() -> bool:
 
 
 def node_config(
-    name: str, workdir: Path, users: Path, *, mqtt: int = -1, cluster: int = -1, routes: list[int] | None = None
+    name: str,
+    workdir: Path,
+    users: Path,
+    *,
+    mqtt: int = -1,
+    cluster: int = -1,
+    routes: list[int] | None = None,
+    max_payload: int | None = None,
 ) -> str:
     """deploy/nats/nats.conf for one loopback node: its name, ports, files and routes."""
     top = {
@@ -48,6 +55,7 @@ def node_config(
         "http": "http: 127.0.0.1:-1",
         "pid_file": f"pid_file: {workdir / 'nats.pid'}",
         "include": f"include {os.path.relpath(users, workdir)}",
+        "max_payload": f"max_payload: {max_payload}" if max_payload else "",
     }
     inner = {
         ("cluster", "listen"): f"listen: 127.0.0.1:{cluster}",
@@ -70,7 +78,7 @@ def node_config(
             out.append("  " + inner[block, key])
             seen.append(f"{block}.{key}")
         elif not block and key in top:
-            out.append(top[key])
+            out.append(top[key] or line)
             seen.append(key)
         else:
             out.append(line)
@@ -89,7 +97,8 @@ class NatsNode:
     users: Path
     mqtt: int = -1
     cluster: int = -1
-    proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[str] | None = None
+    max_payload: int | None = None  # the benchmark lifts it, as it lifts Mosquitto's message_size_limit
 
     @property
     def log_path(self) -> Path:
@@ -112,12 +121,20 @@ class NatsNode:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "nats.conf"
         conf.write_text(
-            node_config(self.name, self.workdir, self.users, mqtt=self.mqtt, cluster=self.cluster, routes=routes)
+            node_config(
+                self.name,
+                self.workdir,
+                self.users,
+                mqtt=self.mqtt,
+                cluster=self.cluster,
+                routes=routes,
+                max_payload=self.max_payload,
+            )
         )
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [NATS_SERVER, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                [NATS_SERVER, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=log, stderr=log, text=True
             )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
