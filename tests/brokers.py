@@ -35,6 +35,7 @@ from imcli.broker.accounts import AccountStore, Role
 from imcli.broker.server import BrokerSettings
 from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.core.service import PasswordFileDirectory, ServiceWorker
+from imcli.files.worker import FilesWorker
 from imcli.groups.worker import GroupWorker
 from imcli.presence.worker import PresenceWorker
 from imcli.serve.host import BackgroundServer, ServeInfo
@@ -47,8 +48,8 @@ MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
 DYNSEC_PLUGIN = next(iter(sorted(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so"))), None)
 NOT_INSTALLED = "mosquitto not installed (.ci/run installs Debian's package)"
 # created before the broker starts (cheap with mosquitto_passwd); users() adds others with a reload
-ACCOUNTS = ("alice", "bob", "carol", "dave", "presence", "groups", "archive")
-SERVICES = ("presence", "groups", "archive")
+ACCOUNTS = ("alice", "bob", "carol", "dave", "presence", "groups", "archive", "files")
+SERVICES = ("presence", "groups", "archive", "files")
 LIMIT = 16384  # message_size_limit in deploy/mosquitto/mosquitto.conf
 
 # reasons for broker_xfail("mosquitto", ...) shared by the modules that run on both brokers
@@ -218,9 +219,10 @@ def running_mosquitto(
 
 
 @contextlib.contextmanager
-def running_workers(broker: Mosquitto, archive: bool = True) -> Iterator[list[ServiceWorker]]:
-    """What ``imcli workers --dynsec --accounts-file <passwd> --archive-dir <workdir>/archive`` runs,
-    in this process (``archive=False``: ``--no-archive``)."""
+def running_workers(broker: Mosquitto, archive: bool = True, files: bool = True) -> Iterator[list[ServiceWorker]]:
+    """What ``imcli workers --dynsec --accounts-file <passwd> --archive-dir <workdir>/archive
+    --files-dir <workdir>`` runs, in this process (``archive=False``: ``--no-archive``; ``files=False``:
+    ``--no-files``)."""
     directory = PasswordFileDirectory(broker.passwd)
     creds = {name: Credentials(name, password_of(name)) for name in SERVICES}
     with contextlib.ExitStack() as stack:
@@ -234,6 +236,10 @@ def running_workers(broker: Mosquitto, archive: bool = True) -> Iterator[list[Se
         ]
         if archive:
             started.append(stack.enter_context(archive_worker(broker)))
+        if files:
+            started.append(
+                stack.enter_context(FilesWorker(broker.address, creds["files"], broker.workdir, device="test"))
+            )
         yield started
 
 
