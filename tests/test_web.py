@@ -15,11 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 from typer.testing import CliRunner
 
 from imcli.broker.accounts import AccountStore
 from imcli.broker.server import BrokerSettings
 from imcli.serve.host import BackgroundServer, ServeInfo
+from tests.brokers import NOT_INSTALLED, mosquitto_available, running_mosquitto, running_workers
 from tests.browser import TIMEOUT_MS, WebUser, chromium, new_user, require_chromium
 from tests.conftest import Cli, password_of
 
@@ -166,6 +168,44 @@ def test_presence_joins_leaves_and_renames_show_live(web: ServeInfo, tmp_path: P
         no_errors(alice)
 
 
+def test_friend_requests_and_dm_policy(web: ServeInfo, tmp_path: Path) -> None:
+    carol = cli(web, tmp_path, "carol")
+    ok(carol, "config", "set", "dm-policy", "friends")
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.sign_in(password_of("alice"), register=True)
+        bob = new_user(browser, url(web), "bob")
+        bob.sign_in(password_of("bob"))
+
+        # carol takes DMs from friends only: the page asks first and sends nothing (as imcli dm)
+        alice.open_dm("carol")
+        alice.p.fill("#text", "may I?")
+        alice.p.press("#text", "Enter")
+        alice.p.wait_for_function("() => document.getElementById('status').textContent.includes('friends only')")
+        assert alice.texts() == []
+        assert history(carol, "@alice") == []
+
+        # alice asks bob from the page; bob sees the request and accepts it
+        alice.p.fill("#friend-input", "bob")
+        alice.p.press("#friend-input", "Enter")
+        alice.p.wait_for_selector("#friends li.friend:has-text('bob (asked)')")
+        bob.p.wait_for_selector("#incoming li.request:has-text('alice wants to be your friend')")
+        bob.p.click("#incoming li.request button:has-text('accept')")
+        bob.p.wait_for_selector("#friends li.friend:has-text('alice')")
+        alice.p.wait_for_function(
+            "() => [...document.querySelectorAll('#friends li.friend')].some(li => li.textContent === 'bob')"
+        )
+        # and a request from the terminal is accepted on the page, after which carol's policy lets alice in
+        ok(carol, "friend", "add", "alice")
+        alice.p.click("#incoming li.request button:has-text('accept')")
+        alice.p.wait_for_function(
+            "() => [...document.querySelectorAll('#friends li.friend')].some(li => li.textContent === 'carol')"
+        )
+        alice.say("now may I?")
+        assert history(carol, "@alice") == ["now may I?"]
+        no_errors(alice, bob)
+
+
 def test_hostile_text_stays_text(web: ServeInfo, tmp_path: Path) -> None:
     carol = cli(web, tmp_path, "carol")
     with chromium() as browser:
@@ -284,3 +324,56 @@ def test_screenshots(web: ServeInfo, tmp_path: Path) -> None:
         bob.p.screenshot(path=str(out / "phone-menu.png"))
         no_errors(alice, bob)
     assert sorted(p.name for p in out.glob("*.png")) == ["desktop.png", "phone-menu.png", "phone.png", "signin.png"]
+
+
+def test_the_web_client_on_mosquittos_websocket_listener(tmp_path: Path) -> None:
+    """deploy/mosquitto's WebSocket listener serves the same files (http_dir) and carries the
+    page's MQTT; imcli workers run beside it, as in production."""
+    require_chromium()
+    if not mosquitto_available():
+        pytest.skip(NOT_INSTALLED)
+    with running_mosquitto(tmp_path / "mosquitto", ws=True) as broker, running_workers(broker):
+        page = f"http://127.0.0.1:{broker.ws_port}/"
+        carol = Cli(CliRunner(), broker.info(), tmp_path / "config-carol")
+        carol.login("carol")
+        with chromium() as browser:
+            alice = new_user(browser, page, "alice")
+            alice.sign_in(password_of("alice"))
+            bob = new_user(browser, page, "bob")
+            bob.sign_in(password_of("bob"))
+            alice.p.wait_for_selector("li.person.online[data-account='bob']")
+            alice.say("hello over mosquitto")
+            bob.see("hello over mosquitto", sender="alice")
+            ok(carol, "say", HOSTILE[0])
+            bob.see(HOSTILE[0], sender="carol")
+            bob.open_dm("alice")
+            bob.say("a dm through mosquitto")
+            wait_conv(alice, "dm:bob", unread=1)
+            alice.open_conv("dm:bob")
+            alice.see("a dm through mosquitto", sender="bob")
+            assert bob.p.evaluate("() => window.__pwned") is None
+            no_errors(alice, bob)
+
+
+def test_over_https_the_page_uses_wss(tmp_path: Path) -> None:
+    """With TLS, the same port serves the page over https and MQTT over wss; the policy names the host."""
+    require_chromium()
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    key, chain = tmp_path / "server.key", tmp_path / "server.pem"
+    cert.private_key_pem.write_to_path(str(key))
+    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    settings = BrokerSettings(data_dir=tmp_path / "data", port=0, tls_cert=chain, tls_key=key, ws_port=0)
+    with BackgroundServer(settings) as info, chromium() as browser:
+        AccountStore(info.data_dir).add("bob", password_of("bob"))
+        page = f"https://127.0.0.1:{info.ws_port}/"
+        alice = new_user(browser, page, "alice", trust_any_cert=True)
+        sockets: list[str] = []
+        alice.p.on("websocket", lambda ws: sockets.append(ws.url))
+        alice.sign_in(password_of("alice"), register=True)
+        bob = new_user(browser, page, "bob", trust_any_cert=True)
+        bob.sign_in(password_of("bob"))
+        alice.say("hello over wss")
+        bob.see("hello over wss", sender="alice")
+        assert sockets and all(u == f"wss://127.0.0.1:{info.ws_port}/mqtt" for u in sockets)
+        no_errors(alice, bob)
