@@ -195,10 +195,9 @@ def workers(
             dm_readers=(archive_account,),
             max_groups=max_groups,
             group_rate=group_rate,
-            nats=nats,
+            nats=_nats_auth(nats_users, accounts_file, nats_pidfile or [], dynsec),
         ),
     ]
-    nats = _nats_auth(nats_users, accounts_file, nats_pidfile or [], dynsec)
     if archive:
         try:
             data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
