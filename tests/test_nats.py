@@ -10,31 +10,39 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from imcli.archive.worker import ArchiveWorker
+from imcli.broker import acl
 from imcli.client import services
 from imcli.client.identity import Identity
 from imcli.client.listener import Listener
 from imcli.client.services import Conversation
-from imcli.core.errors import ImcliError, PublishFailed
+from imcli.core.errors import ImcliError, InvalidInput, PublishFailed
 from imcli.core.mqtt import BrokerAddress, Credentials, MqttClient
+from imcli.core.rules import SERVICE_ACCOUNTS
 from imcli.core.service import PasswordFileDirectory
-from imcli.core.wire import ChatMessage, Received, Topics, decode, encode
+from imcli.core.wire import ChatMessage, Friends, GroupInfo, Received, Topics, decode, encode
+from imcli.groups import natsauth
 from imcli.groups.natsauth import NatsAuth
 from imcli.groups.worker import GroupWorker
 from imcli.presence.worker import PresenceWorker
-from tests.natscluster import NOT_INSTALLED, NatsCluster, nats_available, running_cluster
+from imcli.serve.host import ServeInfo
+from tests.brokers import free_port
+from tests.natscluster import DEPLOY, NOT_INSTALLED, NatsCluster, nats_available, running_cluster
 from tests.rawmqtt import Raw, barrier, chat, connect_raw, password_of, wait_until
 
-pytestmark = pytest.mark.skipif(not nats_available(), reason=NOT_INSTALLED)
 T = Topics()
+EXAMPLE = {"alice": "change-me", "archive": "change-me", "files": "change-me", "groups": "change-me"}
+EXAMPLE |= {"presence": "change-me"}
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    if not nats_available():
+        pytest.skip(NOT_INSTALLED)
     with running_cluster(tmp_path_factory.mktemp("nats") / "cluster") as running, workers(running):
         yield running
 
@@ -90,6 +98,75 @@ def rights_settled(cluster: NatsCluster, before: int) -> None:
     with auth.reloaded:
         assert auth.reloaded.wait_for(lambda: auth.reloads > before, 10)
     time.sleep(0.5)  # the nodes apply SIGHUP on their own time: no event says when
+
+
+# ---------------------------------------------------------------- without a broker
+
+
+def test_contract_restated_for_nats_matches_the_embedded_brokers() -> None:
+    assert natsauth.USER_WRITE == acl.USER_WRITE
+    assert natsauth.USER_READ == acl.USER_READ
+    assert natsauth.SERVICE_WRITE == acl.SERVICE_WRITE
+    assert natsauth.SERVICE_READ == acl.SERVICE_READ
+    assert set(natsauth.SERVICE_RIGHTS) < set(SERVICE_ACCOUNTS)
+
+
+def test_mqtt_filters_become_nats_subjects() -> None:
+    assert natsauth.subjects("im/room/+/alice") == ["im.room.*.alice"]
+    assert natsauth.subjects("im/user/alice/#") == ["im.user.alice", "im.user.alice.>"]
+    assert natsauth.subjects("im/events") == ["im.events"]
+
+
+def test_deploy_users_file_is_what_the_worker_writes() -> None:
+    """deploy/nats/imcli-users.conf shows the rights of one user and the service accounts: current."""
+    expected = natsauth.NatsPermissions(T).render(EXAMPLE)
+    assert (DEPLOY / "imcli-users.conf").read_text() == expected
+
+
+def test_rights_follow_groups_and_dm_policy() -> None:
+    rights = natsauth.NatsPermissions(T)
+    created = 1.0
+    rights.group_changed("crew", GroupInfo(name="crew", owner="alice", admins=[], members=["alice", "bob"],
+                                           private=True, created=created))  # fmt: skip
+    rights.friends_changed(Friends(account="carol", friends=["bob"], dm_policy="friends"))
+    bob, dave = rights.user("bob"), rights.user("dave")
+    assert "im.group.crew.msg.bob" in bob["publish"]["allow"]
+    assert "im.group.crew.msg.*" in bob["subscribe"]["allow"]
+    assert "im.group.crew.msg.*" not in dave["subscribe"]["allow"]
+    assert "deny" not in bob["publish"]  # carol's friend
+    assert dave["publish"]["deny"] == ["im.user.carol.dm.dave"]
+    rights.group_changed("crew", None)
+    assert "im.group.crew.msg.*" not in rights.user("bob")["subscribe"]["allow"]
+
+
+def test_client_fails_over_to_the_next_address(server: ServeInfo, users: Callable[..., None]) -> None:
+    """The first node is down: connecting takes the next one (the embedded broker stands in)."""
+    users("alice")
+    dead = free_port()
+    address = BrokerAddress.of(f"127.0.0.1:{dead},127.0.0.1:{server.address.port}")
+    with MqttClient(address, Credentials("alice", password_of("alice")), "alice:failover") as client:
+        assert client.node == ("127.0.0.1", server.address.port)
+    assert str(address) == f"127.0.0.1:{dead},127.0.0.1:{server.address.port}"
+
+
+@pytest.mark.parametrize(
+    ("text", "endpoints"),
+    [
+        ("a", [("a", 1883)]),
+        ("a:1,b,c:3", [("a", 1), ("b", 1883), ("c", 3)]),
+        ("[::1]:8883, b:2", [("::1", 8883), ("b", 2)]),
+    ],
+)
+def test_host_lists(text: str, endpoints: list[tuple[str, int]]) -> None:
+    address = BrokerAddress.of(text, 1883)
+    assert address.endpoints == endpoints
+    assert BrokerAddress.of(address.hosts, 1883).endpoints == endpoints  # what the profile keeps
+
+
+@pytest.mark.parametrize("text", ["a:0", "a:x", ",b", "a:99999"])
+def test_bad_host_lists_are_one_error(text: str) -> None:
+    with pytest.raises(InvalidInput, match="invalid broker address"):
+        BrokerAddress.of(text)
 
 
 # ---------------------------------------------------------------- the contract across nodes

@@ -26,6 +26,8 @@ this (seen on a three-node cluster here, tests/test_nats.py shows each):
 Accounts come from a password file of ``name:password`` lines (the password in clear or as a
 bcrypt hash ``$2a$...``, which nats-server checks itself). Service accounts
 (``imcli.core.rules.SERVICE_ACCOUNTS``) get the rights of ``deploy/mosquitto/aclfile``'s sections.
+This module cannot import ``imcli.broker`` (a worker beside the broker, docs/ARCHITECTURE.md), so the
+contract is restated below, and a test compares the two.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from imcli.core.rules import ARCHIVE_ACCOUNT, SERVICE_ACCOUNTS, dm_senders
+from imcli.core.rules import ARCHIVE_ACCOUNT, FILES_ACCOUNT, SERVICE_ACCOUNTS, dm_senders
 from imcli.core.wire import Friends, GroupInfo, Topics, is_name
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,34 @@ ACCOUNT = "IM"
 MQTT_INTERNAL = "$MQTT.>"  # nats-server's own MQTT subjects: every MQTT client needs them both ways
 DEBOUNCE = 0.3  # seconds: changes within this are one reload (each reload reconnects every client)
 POLL = 2.0  # seconds between looks at the password file
+
+
+# The topic contract of imcli.broker.acl (USER_WRITE, USER_READ, SERVICE_WRITE, SERVICE_READ) and
+# deploy/mosquitto/aclfile's service sections, under the prefix; tests/test_nats.py checks they agree.
+USER_WRITE = ("room/+/%u", "user/+/dm/%u", "status/%u/+", "request/%u/+", "upload/%u/+", "fetch/%u/+")
+USER_READ = ("room/#", "user/%u/#", "presence/#", "events")
+SERVICE_WRITE = (
+    "user/+/reply/+",
+    "user/+/notice",
+    "presence/+",
+    "events",
+    "group/+/info",
+    "user/+/friends",
+    "status/+/+",
+    "user/+/file/+",
+)
+SERVICE_READ = ("#",)
+# least privilege, as the aclfile's `user archive` and `user files` (with its patterns' reads)
+SERVICE_RIGHTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    ARCHIVE_ACCOUNT: (
+        ("user/+/reply/+", "user/%u/notice"),
+        ("room/#", "user/+/dm/+", "group/+/info", "group/+/msg/+", "request/+/+", "presence/#", "events"),
+    ),
+    FILES_ACCOUNT: (
+        ("user/+/reply/+", "user/+/file/+", "user/%u/notice"),
+        ("upload/+/+", "fetch/+/+", "group/+/info", "request/+/+", "room/#", "presence/#", "events"),
+    ),
+}
 
 
 def subjects(mqtt_filter: str) -> list[str]:
@@ -104,9 +134,9 @@ class NatsPermissions:
     def user(self, name: str) -> dict[str, dict[str, list[str]]]:
         t, p = self.topics, self.topics.prefix
         groups = sorted(g for g, members in self._members.items() if name in members)
-        pub = [f"{p}/room/+/{name}", f"{p}/user/+/dm/{name}", f"{p}/status/{name}/+", f"{p}/request/{name}/+"]
+        pub = [f"{p}/{rule}".replace("%u", name) for rule in USER_WRITE]
         pub += [t.group_msg(g, name) for g in groups]
-        sub = [f"{p}/room/#", t.user_filter(name), f"{p}/presence/#", t.events()]
+        sub = [f"{p}/{rule}".replace("%u", name) for rule in USER_READ]
         sub += [t.group_msg_filter(g) for g in groups]
         sub += [t.group_info(g) for g in sorted(set(groups) | self._public)]
         deny = [t.dm(to, name) for to, senders in sorted(self._dm_senders.items()) if name not in senders]
@@ -117,17 +147,11 @@ class NatsPermissions:
 
     def service(self, name: str) -> dict[str, dict[str, list[str]]]:
         p = self.topics.prefix
-        if name == ARCHIVE_ACCOUNT:  # least privilege, as deploy/mosquitto/aclfile's `user archive`
-            pub = [f"{p}/user/+/reply/+", f"{p}/user/{name}/notice"]
-            sub = [f"{p}/room/#", f"{p}/user/{name}/#", f"{p}/user/+/dm/+", f"{p}/group/+/info"]
-            sub += [f"{p}/group/+/msg/+", f"{p}/request/+/+", f"{p}/presence/#", f"{p}/events"]
-        else:
-            pub = [f"{p}/user/+/reply/+", f"{p}/user/+/notice", f"{p}/presence/+", f"{p}/events"]
-            pub += [f"{p}/group/+/info", f"{p}/user/+/friends", f"{p}/status/+/+"]
-            sub = [f"{p}/#"]
+        write, read = SERVICE_RIGHTS.get(name, (SERVICE_WRITE, SERVICE_READ))
+        own = [f"user/{name}/#"]  # its notice topic: the sync marker every worker reads back
         return {
-            "publish": {"allow": [MQTT_INTERNAL, *_all(pub)]},
-            "subscribe": {"allow": [MQTT_INTERNAL, *_all(sub)]},
+            "publish": {"allow": [MQTT_INTERNAL, *_all(f"{p}/{r}".replace("%u", name) for r in write)]},
+            "subscribe": {"allow": [MQTT_INTERNAL, *_all(f"{p}/{r}" for r in [*read, *own])]},
         }
 
     def render(self, passwords: Mapping[str, str]) -> str:
