@@ -63,7 +63,17 @@ def serve(
     ] = None,
     tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert.")] = None,
     ws_port: Annotated[
-        int | None, typer.Option("--ws-port", help="Also serve MQTT over WebSocket here (wss with TLS; 0: any).")
+        int | None,
+        typer.Option(
+            "--ws-port", help="Also serve MQTT over WebSocket and the web client here (wss/https with TLS; 0: any)."
+        ),
+    ] = None,
+    ws_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ws-origin",
+            help="Another browser origin allowed to open the WebSocket (https://chat.example.org); repeatable.",
+        ),
     ] = None,
     allow_remote: Annotated[
         bool,
@@ -126,6 +136,7 @@ def serve(
         tls_cert=tls_cert,
         tls_key=tls_key,
         ws_port=ws_port,
+        ws_origins=tuple(check_origin(o) for o in ws_origin or ()),
         limits=Limits(
             publish_rate=max_rate,
             publish_burst=max(1, int(max_rate * 3)),
@@ -144,7 +155,10 @@ def serve(
         a = info.address
         out.print(f"imcli serve: listening on {info.bind}:{a.port}" + (" (TLS)" if a.tls else ""), style="bold green")
         if info.ws_port is not None:
-            out.print(f"  websocket   {'wss' if a.tls else 'ws'}://{a.host}:{info.ws_port}/")
+            out.print(  # the web client's page and its MQTT share the port
+                f"  websocket   {'wss' if a.tls else 'ws'}://{a.host}:{info.ws_port}/mqtt\n"
+                f"  web client  {'https' if a.tls else 'http'}://{a.host}:{info.ws_port}/"
+            )
         out.print(f"  data        {info.data_dir}")
         out.print(f"  accounts    registration {info.registration}; presence, group and archive workers running")
         tls_hint = " --tls [--ca CA.pem]" if a.tls else ""
@@ -161,6 +175,17 @@ def serve(
 
     asyncio.run(run())
     out.print("imcli serve: stopped", style="dim")
+
+
+def check_origin(origin: str) -> str:
+    """A ``--ws-origin``: scheme, host and optional port, as a browser sends it in ``Origin``."""
+    import re
+
+    if re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", origin) is None:
+        raise InvalidInput(
+            f"invalid --ws-origin {origin!r}", "give scheme://host[:port], e.g. https://chat.example.org"
+        )
+    return origin
 
 
 def account_quotas(sessions: int, statuses: int, status_bytes: int, groups: int, group_rate: int) -> dict[str, int]:
