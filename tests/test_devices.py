@@ -295,3 +295,82 @@ def test_passwd_changes_the_password_and_may_revoke_the_others(
     assert out.stdout.splitlines()[-1] == f"revoked: {second['device']}"
     assert raw("alice", credential(second), f"alice:{second['device']}").rc == 4
     assert raw("alice", credential(first), f"alice:{first['device']}").rc == 0
+
+
+# ---------------------------------------------------------------- every device sees the conversation
+
+
+def wait_subscribed(p: Proc, sender: Cli) -> None:
+    """``sender`` says pings until the listener ``p`` prints one (its subscription is then active)."""
+    for _ in range(40):
+        assert sender("say", "--room", "ping", "ping").exit_code == 0
+        try:
+            line = json.loads(p.line(timeout=0.5))
+        except AssertionError:
+            continue
+        if line.get("room") == "ping":
+            while True:
+                try:
+                    p.line(timeout=0.3)
+                except AssertionError:
+                    return
+    raise AssertionError("the listener never got a ping")
+
+
+def listen_lines(p: Proc, until: Callable[[dict[str, object]], bool], timeout: float = 10.0) -> list[dict[str, object]]:
+    lines: list[dict[str, object]] = []
+    while not lines or not until(lines[-1]):
+        lines.append(json.loads(p.line(timeout)))
+    return lines
+
+
+def test_a_dm_from_one_device_arrives_on_the_other_once(
+    users: Callable[..., None], cli_as: CliFactory, procs: Callable[..., Proc]
+) -> None:
+    users("alice", "bob")
+    laptop, phone = cli_as("laptop"), cli_as("phone")
+    login(laptop, "alice")
+    login(phone, "alice")
+    p = procs("listen", "--json", env={"IMCLI_CONFIG_DIR": str(phone.config_dir)})
+    wait_subscribed(p, laptop)
+    assert laptop("dm", "bob", "from my laptop").exit_code == 0
+    assert laptop("say", "--room", "end", "marker").exit_code == 0
+    lines = listen_lines(p, lambda line: line.get("room") == "end")
+    dms = [line for line in lines if line["kind"] == "dm"]
+    assert [(d["from"], d["to"], d["text"]) for d in dms] == [("alice", "bob", "from my laptop")]
+    assert lines[-1]["from"] == "alice"  # my own room line, from the other device, too
+
+
+def test_a_dm_sent_while_a_device_was_away_reaches_it_when_it_returns(
+    users: Callable[..., None], cli_as: CliFactory, procs: Callable[..., Proc]
+) -> None:
+    users("alice", "bob")
+    laptop, phone = cli_as("laptop"), cli_as("phone")
+    login(laptop, "alice")
+    login(phone, "alice")
+    env = {"IMCLI_CONFIG_DIR": str(phone.config_dir)}
+    first = procs("listen", "--json", env=env)
+    wait_subscribed(first, laptop)
+    assert first.stop() == 0  # the device's persistent session keeps what arrives
+    assert laptop("dm", "bob", "sent while the phone was off").exit_code == 0
+    again = procs("listen", "--json", env=env)
+    line = json.loads(again.line())
+    assert (line["kind"], line["from"], line["to"], line["text"], line["missed"]) == (
+        "dm",
+        "alice",
+        "bob",
+        "sent while the phone was off",
+        True,
+    )
+
+
+def test_only_the_broker_writes_a_sent_copy(users: Callable[..., None], raw: RawFactory) -> None:
+    users("alice", "bob")
+    alice = raw("alice", None, "alice:a")
+    assert alice.subscribe("im/user/alice/#") == 1
+    mallory = raw("bob", None, "bob:b")
+    mallory.publish("im/user/alice/sent/carol", b"forged: alice never sent this")
+    mallory.publish("im/user/bob/sent/alice", b"forged into my own subtree")
+    assert alice.silent(0.5, "im/user/alice/sent/") == []
+    alice.publish("im/user/bob/dm/alice", b"hello bob")
+    assert alice.expect("im/user/alice/sent/bob").payload == b"hello bob"

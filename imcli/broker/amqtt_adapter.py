@@ -60,7 +60,7 @@ from imcli.broker.topic_access import TopicAccess
 from imcli.broker.webapp import WebApp
 from imcli.broker.wills import LastWills, Will, will_of
 from imcli.core.rules import device_of_client_id
-from imcli.core.wire import Topics
+from imcli.core.wire import TopicKind, Topics
 
 
 class PrivateName(NamedTuple):
@@ -410,8 +410,21 @@ class ImBroker(Broker):
             BrokerEvents.MESSAGE_BROADCAST, client_id=session.client_id, message=message
         )
         await self._broadcast_message(session, message.topic, message.data, qos)
+        if (sent := self.sent_copy(message.topic or "")) is not None:  # the sender's other devices
+            await self._broadcast_message(session, sent, message.data, qos)
         if retain:
             await self.retain_message(session, message.topic, message.data, message.qos)
+
+    def sent_copy(self, topic: str) -> str | None:
+        """Where the copy of a DM goes for its sender's own devices (``<prefix>/user/<from>/sent/<to>``,
+        issue 17: what I send from one device appears on the others); ``None`` for anything else.
+        Only the broker writes there, so a copy is always what its sender really sent."""
+        if "/dm/" not in topic:
+            return None
+        parsed = self.topics.parse(topic)
+        if parsed is None or parsed.kind is not TopicKind.DM or not parsed.sender or not parsed.owner:
+            return None
+        return self.topics.sent(parsed.sender, parsed.owner)
 
     async def _run_broadcast(self, running_tasks: Any) -> None:
         await self.fan_out.run_batch(self._broadcast_queue, running_tasks)

@@ -56,7 +56,7 @@ from imcli.core.wire import (
 CATCH_UP_OVERLAP = 5.0  # seconds before the last known contact: the seen ids drop what was shown already
 CATCH_UP_LIMIT = 500  # the archive's page size (HISTORY_MAX); more than that is said, not shown
 
-_SHOWN = (TopicKind.ROOM, TopicKind.DM, TopicKind.GROUP_MSG, TopicKind.NOTICE, TopicKind.EVENTS)
+_SHOWN = (TopicKind.ROOM, TopicKind.DM, TopicKind.SENT, TopicKind.GROUP_MSG, TopicKind.NOTICE, TopicKind.EVENTS)
 
 
 class RecentIds:

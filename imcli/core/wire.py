@@ -462,6 +462,6 @@ def chat_received(parsed: Topic, payload: bytes) -> Received:
         return Received(kind="room", sender=parsed.sender, room=parsed.name, **common)
     if parsed.kind is TopicKind.GROUP_MSG:
         return Received(kind="group", sender=parsed.sender, group=parsed.name, **common)
-    if parsed.kind is TopicKind.DM:
+    if parsed.kind in (TopicKind.DM, TopicKind.SENT):  # SENT: my own DM, from another of my devices
         return Received(kind="dm", sender=parsed.sender, to=parsed.owner, **common)
     raise MalformedPayload(f"not a chat topic: {parsed.kind}")
