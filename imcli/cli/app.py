@@ -75,10 +75,9 @@ def main_options(
     ] = None,
 ) -> None:
     """imcli: chat over an MQTT broker that enforces who may say what."""
-    import os
+    from imcli.client import config
 
-    if account:
-        os.environ["IMCLI_ACCOUNT"] = account  # imcli.client.config.load_profile reads it
+    config.choose_account(account)  # for this invocation only (tests run many in one process)
 
 
 # ---------------------------------------------------------------- talking

@@ -143,8 +143,18 @@ def save_logins(logins: Logins) -> Path:
     return path
 
 
+_chosen: list[str | None] = []  # set by the Typer app for each command it runs
+
+
+def choose_account(account: str | None) -> None:
+    """``--account NAME`` (Typer reads IMCLI_ACCOUNT into it) for the command being run."""
+    _chosen[:] = [account]
+
+
 def chosen_account() -> str | None:
-    """The account ``--account`` (IMCLI_ACCOUNT) names for this command, if any."""
+    """The account ``--account`` (or IMCLI_ACCOUNT, for ``imcli say``'s fast path) names, if any."""
+    if _chosen:
+        return _chosen[0]
     return os.environ.get("IMCLI_ACCOUNT") or None
 
 

@@ -28,12 +28,15 @@ class Traded:
 
 
 def _ask(identity: Identity, request: DeviceRequest) -> DeviceReply:
+    """The broker's answer; a timeout stays an error (a login never falls back to keeping the
+    password because a busy broker was slow: only an explicit ``unsupported`` does that)."""
     try:
         with Connection(identity, "device") as connection:
             reply = connection.ask(request)
     except RequestTimeout as exc:
-        raise Unsupported(
-            "the broker did not answer a device request", "imcli serve answers them; Mosquitto and NATS cannot"
+        raise RequestTimeout(
+            "nobody answered the device request",
+            "imcli serve answers it; beside Mosquitto or NATS the presence worker must run ('imcli workers')",
         ) from exc
     if isinstance(reply, ErrorReply) and reply.code == "unsupported":
         raise Unsupported(reply.text, "see deploy/mosquitto/README.md")
