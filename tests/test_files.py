@@ -80,7 +80,9 @@ def test_send_to_a_person_and_get_it_back(
     # the history lists the file message
     history = bob("history", "@alice", "--json")
     assert history.exit_code == 0, history.output
-    assert fid in history.output
+    [line] = [json.loads(x) for x in history.output.splitlines()]
+    assert line["file"]["id"] == fid and line["file"]["name"] == "report.bin" and line["from"] == "alice"
+    assert fid in line["text"]
 
 
 def test_same_content_is_kept_once(
