@@ -105,20 +105,33 @@
     return `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/mqtt`;
   }
 
-  function deviceName() {
-    // one device per browser profile (localStorage), one status level per tab (sessionStorage)
-    let browser = localStorage.getItem("imcli.device");
-    if (!browser || !/^web-[0-9a-f]{6}$/.test(browser)) {
-      browser = "web-" + newId().slice(0, 6);
-      localStorage.setItem("imcli.device", browser);
+  // This browser profile is one device (issue 17): `web-<6 hex>`, kept in localStorage; each tab
+  // connects as `<account>:<device>.<4 hex>`, which is also its status level (§8).
+  function browserDevice(fresh) {
+    let device = localStorage.getItem("imcli.device");
+    if (fresh || !device || !/^web-[0-9a-f]{6}$/.test(device)) {
+      device = "web-" + newId().slice(0, 6);
+      localStorage.setItem("imcli.device", device);
     }
+    return device;
+  }
+
+  function tabId() {
     let tab = sessionStorage.getItem("imcli.tab");
     if (!tab || !/^[0-9a-f]{4}$/.test(tab)) {
       tab = newId().slice(0, 4);
       sessionStorage.setItem("imcli.tab", tab);
     }
-    return `${browser}-${tab}`;
+    return tab;
   }
+
+  // The device credential (dc1:<device>:<secret>) is what this browser keeps; the password never is.
+  const CRED = (account) => `imcli.credential.${account}`;
+  const storedCredential = (account) => {
+    const c = localStorage.getItem(CRED(account));
+    return c && /^dc1:[a-z0-9][a-z0-9_-]{0,31}:[A-Za-z0-9_-]{20,100}$/.test(c) ? c : null;
+  };
+  const forgetCredential = (account) => localStorage.removeItem(CRED(account));
 
   function publish(topic, payload, opts) {
     const data = typeof payload === "string" ? payload : JSON.stringify(payload);
@@ -150,13 +163,17 @@
     });
   }
 
-  function signIn(account, password) {
+  // Connect and stay connected (mqtt.js reconnects); resolves once subscribed the first time.
+  // `secret` is the device credential, or the password when this broker issues none.
+  function connect(account, secret) {
     return new Promise((resolve, reject) => {
       S.me = account;
-      S.device = deviceName();
+      S.secret = secret;
+      const credDevice = secret.startsWith("dc1:") ? secret.split(":")[1] : null;
+      S.device = `${credDevice || browserDevice(false)}.${tabId()}`;
       const statusTopic = T.status(account, S.device);
       const client = mqtt.connect(wsUrl(), {
-        protocolVersion: 4, clientId: `${account}:${S.device}`, username: account, password, clean: true,
+        protocolVersion: 4, clientId: `${account}:${S.device}`, username: account, password: secret, clean: true,
         keepalive: 30, reconnectPeriod: 3000, connectTimeout: 10000, resubscribe: false,
         will: { topic: statusTopic, payload: "", qos: 1, retain: true },
       });
@@ -169,14 +186,63 @@
         });
       });
       client.on("error", (err) => {
-        const text = CONNACK[err.code] || err.message;
-        if (first) { first = false; client.end(true); reject(new Error(text)); } else { setStatus(text, true); }
-        if (err.code === 4 || err.code === 5 || err.code === 2) { client.end(true); signedOut(text); }
+        const code = err.code;
+        let text = CONNACK[code] || err.message;
+        if (code === 4 && credDevice) {
+          forgetCredential(account); // revoked, or the account is gone: sign in again with the password
+          text = "this browser was signed out (its device was revoked): sign in again";
+        }
+        if (first) { first = false; client.end(true); reject(new Error(text)); return; }
+        setStatus(text, true);
+        if (code === 2 || code === 4 || code === 5) { client.end(true); signedOut(text); }
       });
       client.on("reconnect", () => setConn("reconnecting…"));
       client.on("offline", () => setConn("offline"));
       client.on("message", onMessage);
     });
+  }
+
+  function disconnect() {
+    if (!S.client) return Promise.resolve();
+    const client = S.client;
+    clearInterval(S.heartbeat);
+    for (const w of S.pending.values()) { clearTimeout(w.timer); w.reject(new Error("signed out")); }
+    S.pending.clear();
+    return new Promise((resolve) => {
+      // clear this device's status, then a clean DISCONNECT (so the Will does not fire)
+      client.publish(T.status(S.me, S.device), "", { qos: 1, retain: true }, () => client.end(false, {}, resolve));
+    });
+  }
+
+  // Password sign-in, then trade the password once for this browser's device credential (issue 17)
+  // in the background: from then on the connection's reconnects, and the next visit, use the
+  // credential, and the password is gone from the page. A broker without device credentials
+  // (Mosquitto: `unsupported`, or no answer) keeps the password, in this page's memory only.
+  async function signIn(account, password) {
+    const stored = password ? null : storedCredential(account);
+    if (stored) return connect(account, stored);
+    if (!password) throw new Error("give the password (this browser has no sign-in of its own for this account)");
+    await connect(account, password);
+    adoptDevice(account);
+  }
+
+  async function adoptDevice(account) {
+    const device = S.device.split(".")[0];
+    let reply = null;
+    try {
+      reply = await request({ type: "device_request", op: "issue", name: device, revoke_others: false });
+    } catch (e) {
+      S.deviceNote = e.message;
+      if (/taken/i.test(e.message)) browserDevice(true); // another browser of this account has the name: a new one next time
+      return;
+    }
+    if (!reply.credential || reply.credential.split(":")[1] !== device) return;
+    localStorage.setItem(CRED(account), reply.credential);
+    localStorage.setItem("imcli.last", account);
+    S.secret = reply.credential;
+    S.client.options.password = reply.credential; // mqtt.js reconnects with its options: no password kept
+    S.deviceCredential = true;
+    $("me-device").textContent = `this browser is device ${device}`;
   }
 
   function online(statusTopic) {
@@ -195,12 +261,15 @@
     });
   }
 
-  function signOut() {
-    if (S.client) {
-      clearInterval(S.heartbeat);
-      // clear this device's status, then a clean DISCONNECT (so the Will does not fire)
-      S.client.publish(T.status(S.me, S.device), "", { qos: 1, retain: true }, () => S.client.end());
+  // Sign out: revoke this browser's device (its credential stops working), forget it, disconnect.
+  async function signOut() {
+    if (S.secret && S.secret.startsWith("dc1:")) {
+      try {
+        await request({ type: "device_request", op: "revoke", name: S.secret.split(":")[1], revoke_others: false });
+      } catch (e) { /* the broker ends the device's connections; nothing else to do */ }
+      forgetCredential(S.me);
     }
+    await disconnect();
   }
 
   // ------------------------------------------------------------------ incoming
@@ -290,6 +359,11 @@
   }
 
   function onNotice(n) {
+    if (n.code === "device_revoked" && S.secret && n.topic === S.secret.split(":")[1]) {
+      forgetCredential(S.me);
+      if (S.client) S.client.end(true);
+      return signedOut("this browser was signed out (its device was revoked): sign in again");
+    }
     const bad = n.code === "denied" || n.code === "too_large" || n.code === "rate" || n.code === "limit";
     if (S.current) system(S.current, n.text, bad);
     if (n.code === "group") refreshGroups();
@@ -661,12 +735,17 @@
       } catch (e) { setStatus(`rename: ${e.message}`, true); }
     });
     $("older").addEventListener("click", () => S.current && loadHistory(S.current, true));
-    $("signout").addEventListener("click", () => { signOut(); signedOut(""); location.reload(); });
+    const last = localStorage.getItem("imcli.last");
+    if (last && NAME.test(last) && storedCredential(last)) {
+      $("account").value = last;
+      enter(last, "").catch(fail); // this browser's device credential: no password needed
+    }
+    $("signout").addEventListener("click", async () => { await signOut(); location.reload(); });
     $("menu").addEventListener("click", () => document.body.classList.toggle("show-menu"));
     document.addEventListener("visibilitychange", () => {
       if (document.visibilityState === "visible" && S.current) { S.current.unread = 0; S.current.mentioned = false; renderConvs(); }
     });
-    window.addEventListener("pagehide", () => { if (S.client && S.client.connected) signOut(); });
+    window.addEventListener("pagehide", () => { if (S.client && S.client.connected) disconnect(); });
   }
 
   start();
