@@ -181,7 +181,7 @@ def test_chat_sends_numbers_fetches_and_shows_files_in_one_line(
         alice = ChatSession(ident(server, "alice", "laptop"), ChatState(), alice_in)
         bob = ChatSession(ident(server, "bob", "laptop"), ChatState(), bob_in)
         reports: queue.Queue[str] = queue.Queue()
-        alice.files.emit = lambda outs: [reports.put(o.text) for o in outs]  # type: ignore[func-returns-value]
+        alice.files.emit = lambda outs: reports.put(outs[0].text)
         assert alice.handle("/dm bob")[0].text == "now talking in @bob"
         [started] = alice.handle(f"/send {picture}")
         assert started.text.startswith("sending cat.png (") and started.text.endswith(" to @bob…")
@@ -191,7 +191,7 @@ def test_chat_sends_numbers_fetches_and_shows_files_in_one_line(
         n = bob.files.number(arrived.file)
         assert file_text(arrived, n) == f"sent cat.png (300x200, {arrived.file.size} bytes) · /get 1 · /open 1"
         done: queue.Queue[str] = queue.Queue()
-        bob.files.emit = lambda outs: [done.put(o.text) for o in outs]  # type: ignore[func-returns-value]
+        bob.files.emit = lambda outs: done.put(outs[0].text)
         monkeypatch.chdir(tmp_path / "..")
         out_dir = tmp_path / "bob-got"
         out_dir.mkdir()
