@@ -121,9 +121,14 @@ def chromium() -> Iterator[Browser]:
             browser.close()
 
 
-def new_user(browser: Browser, url: str, name: str, viewport: tuple[int, int] = (1100, 720)) -> WebUser:
-    """A fresh context (storage, device) on the web client at ``url``; page errors and dialogs are recorded."""
-    context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
+def new_user(
+    browser: Browser, url: str, name: str, viewport: tuple[int, int] = (1100, 720), *, trust_any_cert: bool = False
+) -> WebUser:
+    """A fresh context (storage, device) on the web client at ``url``; page errors and dialogs are recorded.
+    ``trust_any_cert``: the tests' throw-away CA is not in the browser's store."""
+    context = browser.new_context(
+        viewport={"width": viewport[0], "height": viewport[1]}, ignore_https_errors=trust_any_cert
+    )
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     user = WebUser(page, name)

@@ -15,11 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 from typer.testing import CliRunner
 
 from imcli.broker.accounts import AccountStore
 from imcli.broker.server import BrokerSettings
 from imcli.serve.host import BackgroundServer, ServeInfo
+from tests.brokers import NOT_INSTALLED, mosquitto_available, running_mosquitto, running_workers
 from tests.browser import TIMEOUT_MS, WebUser, chromium, new_user, require_chromium
 from tests.conftest import Cli, password_of
 
@@ -166,6 +168,84 @@ def test_presence_joins_leaves_and_renames_show_live(web: ServeInfo, tmp_path: P
         no_errors(alice)
 
 
+def test_friend_requests_and_dm_policy(web: ServeInfo, tmp_path: Path) -> None:
+    carol = cli(web, tmp_path, "carol")
+    ok(carol, "config", "set", "dm-policy", "friends")
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.sign_in(password_of("alice"), register=True)
+        bob = new_user(browser, url(web), "bob")
+        bob.sign_in(password_of("bob"))
+
+        # carol takes DMs from friends only: the page asks first and sends nothing (as imcli dm)
+        alice.open_dm("carol")
+        alice.p.fill("#text", "may I?")
+        alice.p.press("#text", "Enter")
+        alice.p.wait_for_function("() => document.getElementById('status').textContent.includes('friends only')")
+        assert alice.texts() == []
+        assert history(carol, "@alice") == []
+
+        # alice asks bob from the page; bob sees the request and accepts it
+        alice.p.fill("#friend-input", "bob")
+        alice.p.press("#friend-input", "Enter")
+        alice.p.wait_for_selector("#friends li.friend:has-text('bob (asked)')")
+        bob.p.wait_for_selector("#incoming li.request:has-text('alice wants to be your friend')")
+        bob.p.click("#incoming li.request button:has-text('accept')")
+        bob.p.wait_for_selector("#friends li.friend:has-text('alice')")
+        alice.p.wait_for_function(
+            "() => [...document.querySelectorAll('#friends li.friend')].some(li => li.textContent === 'bob')"
+        )
+        # and a request from the terminal is accepted on the page, after which carol's policy lets alice in
+        ok(carol, "friend", "add", "alice")
+        alice.p.click("#incoming li.request button:has-text('accept')")
+        alice.p.wait_for_function(
+            "() => [...document.querySelectorAll('#friends li.friend')].some(li => li.textContent === 'carol')"
+        )
+        alice.say("now may I?")
+        assert history(carol, "@alice") == ["now may I?"]
+        no_errors(alice, bob)
+
+
+def test_an_image_sent_from_the_page_shows_inline_for_the_others(web: ServeInfo, tmp_path: Path) -> None:
+    from PIL import Image
+
+    picture = tmp_path / "sunset.png"
+    Image.new("RGB", (300, 200), (230, 120, 40)).save(picture, "PNG")
+    hostile = tmp_path / "<img src=x onerror=window.__pwned=5>.png"
+    Image.new("RGB", (40, 30), (20, 20, 200)).save(hostile, "PNG")
+    carol = cli(web, tmp_path, "carol")
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.sign_in(password_of("alice"), register=True)
+        bob = new_user(browser, url(web), "bob")
+        bob.sign_in(password_of("bob"))
+
+        alice.p.set_input_files("#file-input", str(picture))  # the page's upload, with its progress bar
+        alice.p.wait_for_selector("#messages li[data-from='alice'] .file .name:text-is('sunset.png')")
+        # bob's page shows the worker's thumbnail inline, then the full image on a click
+        thumb = "#messages li[data-from='alice'] .file img.thumb"
+        bob.p.wait_for_selector(thumb)
+        assert (bob.p.get_attribute(thumb, "src") or "").startswith("data:image/jpeg;base64,")
+        bob.p.click("#messages li[data-from='alice'] .file button:has-text('Show full image')")
+        full = "#messages li[data-from='alice'] .file img.full"
+        bob.p.wait_for_function(f'() => document.querySelector("{full}")?.naturalWidth === 300')
+        assert (bob.p.get_attribute(full, "src") or "").startswith("blob:")
+        assert bob.p.get_attribute("#messages .file a.save", "download") == "sunset.png"
+
+        # the terminal gets the same bytes, and sends one with a hostile name: it stays a name
+        listed = json.loads(ok(carol, "files", "--json"))
+        (sunset,) = [f for f in listed if f["name"] == "sunset.png"]
+        ok(carol, "get", sunset["id"], "-o", str(tmp_path / "got.png"))
+        assert (tmp_path / "got.png").read_bytes() == picture.read_bytes()
+        ok(carol, "send", "--room", "lobby", str(hostile))
+        alice.p.wait_for_selector(f"#messages li[data-from='carol'] .file .name:text-is('{hostile.name}')")
+        alice.p.click("#messages li[data-from='carol'] .file button")
+        alice.p.wait_for_selector("#messages li[data-from='carol'] .file img.full")
+        assert alice.p.evaluate("() => window.__pwned") is None
+        assert alice.p.locator("#messages img:not(.thumb):not(.full)").count() == 0
+        no_errors(alice, bob)
+
+
 def test_hostile_text_stays_text(web: ServeInfo, tmp_path: Path) -> None:
     carol = cli(web, tmp_path, "carol")
     with chromium() as browser:
@@ -284,3 +364,56 @@ def test_screenshots(web: ServeInfo, tmp_path: Path) -> None:
         bob.p.screenshot(path=str(out / "phone-menu.png"))
         no_errors(alice, bob)
     assert sorted(p.name for p in out.glob("*.png")) == ["desktop.png", "phone-menu.png", "phone.png", "signin.png"]
+
+
+def test_the_web_client_on_mosquittos_websocket_listener(tmp_path: Path) -> None:
+    """deploy/mosquitto's WebSocket listener serves the same files (http_dir) and carries the
+    page's MQTT; imcli workers run beside it, as in production."""
+    require_chromium()
+    if not mosquitto_available():
+        pytest.skip(NOT_INSTALLED)
+    with running_mosquitto(tmp_path / "mosquitto", ws=True) as broker, running_workers(broker):
+        page = f"http://127.0.0.1:{broker.ws_port}/"
+        carol = Cli(CliRunner(), broker.info(), tmp_path / "config-carol")
+        carol.login("carol")
+        with chromium() as browser:
+            alice = new_user(browser, page, "alice")
+            alice.sign_in(password_of("alice"))
+            bob = new_user(browser, page, "bob")
+            bob.sign_in(password_of("bob"))
+            alice.p.wait_for_selector("li.person.online[data-account='bob']")
+            alice.say("hello over mosquitto")
+            bob.see("hello over mosquitto", sender="alice")
+            ok(carol, "say", HOSTILE[0])
+            bob.see(HOSTILE[0], sender="carol")
+            bob.open_dm("alice")
+            bob.say("a dm through mosquitto")
+            wait_conv(alice, "dm:bob", unread=1)
+            alice.open_conv("dm:bob")
+            alice.see("a dm through mosquitto", sender="bob")
+            assert bob.p.evaluate("() => window.__pwned") is None
+            no_errors(alice, bob)
+
+
+def test_over_https_the_page_uses_wss(tmp_path: Path) -> None:
+    """With TLS, the same port serves the page over https and MQTT over wss; the policy names the host."""
+    require_chromium()
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    key, chain = tmp_path / "server.key", tmp_path / "server.pem"
+    cert.private_key_pem.write_to_path(str(key))
+    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    settings = BrokerSettings(data_dir=tmp_path / "data", port=0, tls_cert=chain, tls_key=key, ws_port=0)
+    with BackgroundServer(settings) as info, chromium() as browser:
+        AccountStore(info.data_dir).add("bob", password_of("bob"))
+        page = f"https://127.0.0.1:{info.ws_port}/"
+        alice = new_user(browser, page, "alice", trust_any_cert=True)
+        sockets: list[str] = []
+        alice.p.on("websocket", lambda ws: sockets.append(ws.url))
+        alice.sign_in(password_of("alice"), register=True)
+        bob = new_user(browser, page, "bob", trust_any_cert=True)
+        bob.sign_in(password_of("bob"))
+        alice.say("hello over wss")
+        bob.see("hello over wss", sender="alice")
+        assert sockets and all(u == f"wss://127.0.0.1:{info.ws_port}/mqtt" for u in sockets)
+        no_errors(alice, bob)

@@ -178,11 +178,15 @@ def check_can_dm(asker: Asker, to: str) -> None:
 def friend_request(
     identity: Identity, op: FriendOp, user: str | None = None, policy: DmPolicy | None = None
 ) -> Friends:
-    if user is not None:
-        check_name(user.removeprefix("@"))
-    request = FriendRequest(op=op, user=user, dm_policy=policy)
     with Connection(identity, "friend") as connection:
-        return expect(connection.ask(request), FriendReply).record
+        return ask_friend(connection, op, user, policy)
+
+
+def ask_friend(asker: Asker, op: FriendOp, user: str | None = None, policy: DmPolicy | None = None) -> Friends:
+    """A friend request over an open connection (``imcli chat``'s ``/friend``)."""
+    if user is not None:
+        user = check_name(user.removeprefix("@"))
+    return expect(asker.ask(FriendRequest(op=op, user=user, dm_policy=policy)), FriendReply).record
 
 
 def resolve(asker: Asker, name: str) -> str:
@@ -234,11 +238,17 @@ _ERRORS: dict[str, type[ImcliError]] = {
 def group_request(
     identity: Identity, op: GroupOp, group: str = "", user: str | None = None, private: bool = False
 ) -> GroupReply | GroupList:
+    with Connection(identity, "group") as connection:
+        return ask_group(connection, op, group, user, private)
+
+
+def ask_group(
+    asker: Asker, op: GroupOp, group: str = "", user: str | None = None, private: bool = False
+) -> GroupReply | GroupList:
+    """A group request over an open connection (``imcli chat``'s ``/join``, ``/invite``, …)."""
     if op != "list":
         check_name(group, "group name")
-    request = GroupRequest(op=op, group=group, user=user, private=private)
-    with Connection(identity, "group") as connection:
-        reply = connection.ask(request)
+    reply = asker.ask(GroupRequest(op=op, group=group, user=user, private=private))
     if isinstance(reply, GroupList):
         return reply
     return expect(reply, GroupReply)
