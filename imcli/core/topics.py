@@ -255,14 +255,12 @@ class Topics:
 
 
 def _file_topic(levels: list[str]) -> Topic | None:
-    """The topics of a file's bytes (issue 16), or ``None``."""
+    """The topics of a file's bytes (issue 16), or ``None`` (``<prefix>/user/<me>/file/<stream>``: ``_user_topic``)."""
     match levels:
         case ["upload", sender, upload] if is_name(sender) and is_id(upload):
             return Topic(TopicKind.UPLOAD, sender=sender, key=upload)
         case ["fetch", sender, stream] if is_name(sender) and is_id(stream):
             return Topic(TopicKind.FETCH, sender=sender, key=stream)
-        case ["user", me, "file", stream] if is_name(me) and is_id(stream):
-            return Topic(TopicKind.FILE_DATA, owner=me, key=stream)
     return None
 
 
@@ -301,6 +299,8 @@ def _user_topic(owner: str, rest: list[str]) -> Topic | None:
             return Topic(TopicKind.NOTICE, owner=owner)
         case ["friends"]:
             return Topic(TopicKind.FRIENDS, owner=owner)
+        case ["file", stream] if is_id(stream):  # a file's bytes, streamed to its reader (issue 16)
+            return Topic(TopicKind.FILE_DATA, owner=owner, key=stream)
     return None
 
 
