@@ -29,6 +29,7 @@ COMMANDS = {
     "/room": "/room NAME        go to a room (its lines are shown from now on)",
     "/group": "/group NAME       go to a group you are in",
     "/who": "/who              who is online",
+    "/whois": "/whois NAME       NAME's profile: display name, account, signature, about",
     "/nick": "/nick NEW         change your nickname",
     "/history": "/history [N]      the last N messages here (default 20)",
     "/help": "/help             this list",
@@ -168,7 +169,12 @@ class ChatSession:
             self.listener.publish(topics.group_msg(where.name, self.me), encode(message))
             return []
         self.listener.publish(topics.dm(where.name, self.me), encode(message))
-        echo = Received(kind="dm", sender=self.me, to=where.name, id=message.id, ts=message.ts, text=message.text)
+        nicks = self.listener.nicks
+        mine, theirs = nicks.get(self.me, self.me), nicks.get(where.name, where.name)
+        echo = Received(
+            kind="dm", sender=self.me, to=where.name, id=message.id, ts=message.ts, text=message.text,
+            nick=mine if mine != self.me else None, to_nick=theirs if theirs != where.name else None,
+        )  # fmt: skip
         self.listener.seen.seen(seen_key(echo))
         return [echo]  # a DM I send is not delivered back to me
 
@@ -194,6 +200,11 @@ class ChatSession:
                 return self._go(target)
             case "/who":
                 return self._who()
+            case "/whois":
+                from imcli.cli.profile import whois_lines
+
+                found = services.ask_whois(self.listener, _arg(rest, "/whois NAME"))
+                return [Note(line) for line in whois_lines(found)]
             case "/nick":
                 nick = services.ask_rename(self.listener, _arg(rest, "/nick NEW"))
                 return [Note(f"you are now known as {nick}", "dim")]
@@ -202,9 +213,11 @@ class ChatSession:
         raise InvalidInput(f"unknown command {name}", "type /help for the list")
 
     def _dm_target(self, name: str) -> Conversation:
-        account = services.resolve(self.listener, name)
-        services.check_can_dm(self.listener, account)
-        return Conversation("dm", account)
+        user = services.resolve_user(self.listener, name)
+        if user.nick:
+            self.listener.nicks.setdefault(user.account, user.nick)
+        services.check_can_dm(self.listener, user.account)
+        return Conversation("dm", user.account)
 
     def _go(self, where: Conversation) -> list[Output]:
         if where.kind == "group":

@@ -101,6 +101,7 @@ class TopicKind(enum.StrEnum):
     PRESENCE = "presence"
     REQUEST = "request"
     EVENTS = "events"
+    PROFILE = "profile"
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +190,13 @@ class Topics:
     def events(self) -> str:
         return f"{self.prefix}/events"
 
+    def profile(self, user: str) -> str:
+        """A user's public profile (retained; written by the presence worker, for its owner only)."""
+        return f"{self.prefix}/profile/{_n(user)}"
+
+    def profile_filter(self) -> str:
+        return f"{self.prefix}/profile/+"
+
     def group_msg(self, group: str, sender: str) -> str:
         return f"{self.prefix}/group/{_n(group)}/msg/{_n(sender)}"
 
@@ -201,7 +209,7 @@ class Topics:
     def group_info_filter(self) -> str:
         return f"{self.prefix}/group/+/info"
 
-    def parse(self, topic: str) -> Topic | None:
+    def parse(self, topic: str) -> Topic | None:  # noqa: PLR0912 (one case per kind of topic)
         """Parse a concrete topic (no wildcards); ``None`` if it is not part of the contract."""
         head = self.prefix + "/"
         if not topic.startswith(head):
@@ -226,6 +234,8 @@ class Topics:
                 return Topic(TopicKind.STATUS, sender=user, key=device)
             case ["presence", user] if is_name(user):
                 return Topic(TopicKind.PRESENCE, owner=user)
+            case ["profile", user] if is_name(user):
+                return Topic(TopicKind.PROFILE, owner=user)
             case ["request", sender, corr] if is_name(sender) and is_id(corr):
                 return Topic(TopicKind.REQUEST, sender=sender, key=corr)
             case ["events"]:
