@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter, WebSocketsWriter
 from amqtt.broker import Broker, RetainedApplicationMessage
-from amqtt.contexts import Action
+from amqtt.contexts import Action, ListenerType
 from amqtt.errors import BrokerError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.disconnect import DisconnectPacket
@@ -55,6 +55,7 @@ from imcli.broker.sessions import (
 )
 from imcli.broker.settings import TLS_LISTENER, BrokerSettings
 from imcli.broker.topic_access import TopicAccess
+from imcli.broker.webapp import WebApp
 from imcli.broker.wills import LastWills, Will, will_of
 from imcli.core.wire import Topics
 
@@ -235,8 +236,11 @@ class ImBroker(Broker):
         on_stream = partial(self.stream_connected, listener_name=listener_name)
         on_ws = partial(self.ws_connected, listener_name=listener_name)
         backlog, deadline = self.settings.limits.listen_backlog, self.settings.packet_timeout  # listeners.py
+        web = None
+        if listener_type == ListenerType.WS:  # the web client, on the same port (imcli/broker/webapp.py)
+            web = WebApp(tls=ssl_context is not None, origins=self.settings.ws_origins)
         server = await serve(
-            listener_type, on_stream, on_ws, address, port, ssl_context, backlog, self.pending, deadline
+            listener_type, on_stream, on_ws, address, port, ssl_context, backlog, self.pending, deadline, web
         )
         if server is None:
             server = await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)

@@ -21,7 +21,7 @@ from prompt_toolkit.patch_stdout import patch_stdout
 from rich.console import Console
 
 from imcli.cli.chat_session import COMMANDS, CatchUp, ChatSession, Note, Output
-from imcli.cli.chat_state import device_session, load_state, save_state
+from imcli.cli.chat_state import device_session, load_chat_state, save_state
 from imcli.cli.render import print_line, received_line, safe
 from imcli.client.config import config_dir
 from imcli.client.identity import Identity
@@ -54,7 +54,7 @@ class ChatCompleter(Completer):
 def run_chat(identity: Identity, heartbeat: float, max_payload: int) -> None:
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise InvalidInput("imcli chat needs a terminal", "in scripts use 'imcli listen' and 'imcli say'")
-    state = load_state(identity.account)
+    state = load_chat_state(identity.account)
     with device_session(identity.client_id()) as own:
         view = ChatView(identity, heartbeat, own)
         listener = Listener(
@@ -85,7 +85,7 @@ class ChatView:
         history_file = config_dir() / f"chat-{self.identity.account}.history"
         history_file.touch(mode=0o600, exist_ok=True)
         self._prompt = PromptSession(
-            message=lambda: f"{session.here}> ",
+            message=session.prompt,
             history=FileHistory(str(history_file)),
             completer=ChatCompleter(session),
             complete_while_typing=False,
@@ -106,6 +106,10 @@ class ChatView:
     def _welcome(self, session: ChatSession) -> None:
         a = self.identity.address
         self.note(Note(f"imcli chat: {self.identity.account} on {a.host}:{a.port} · /help for commands", "dim"))
+        try:
+            self.note(session.who_line())
+        except ImcliError as exc:
+            self.note(Note(f"who is online is not known: {exc}", "dim"))
         if not self.own_session:
             self.note(Note("another imcli chat runs here: this one will miss what is sent while it is away", "dim"))
         report = session.catch_up(list(session.listener.pending()))
@@ -118,6 +122,9 @@ class ChatView:
         if report.unread:
             counts = ", ".join(f"{n} in {where}" for where, n in report.unread.most_common())
             self.note(Note(f"while you were away: {counts}" + (" (and more: /history)" if report.more else "")))
+        if report.hidden:
+            counts = ", ".join(f"{n} in {where}" for where, n in report.hidden.most_common())
+            self.note(Note(f"not shown: {counts} (/room NAME to go there, /history for its lines)", "dim"))
 
     def _read(self, session: ChatSession) -> None:
         assert self._prompt is not None

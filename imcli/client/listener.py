@@ -221,6 +221,7 @@ class Listener:
         self._catching_up = True  # until our SUBACK: what arrives first was queued while we were away
         self.requests = RequestClient(topics, identity.account, self.publish)  # our user filter covers the replies
         self._requests_shown: set[str] = set()
+        self.accept_hint = "imcli friend accept {}"  # what a friend request says to run (chat: its /friend)
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._beat_loop, name="imcli-heartbeat", daemon=True)
 
@@ -260,6 +261,14 @@ class Listener:
     def publish(self, topic: str, payload: bytes) -> None:
         """Publish at QoS 1 and wait for the broker's acknowledgement (any thread but paho's)."""
         self._client.publish(topic, payload, qos=1)
+
+    def publish_later(self, topic: str, payload: bytes) -> None:
+        """Queue a QoS 1 publish without waiting: while disconnected, paho sends it on reconnecting."""
+        self._client.publish_nowait(topic, payload, qos=1)
+
+    @property
+    def connected(self) -> bool:
+        return self._client.connected
 
     def ask(self, request: WireModel, timeout: float | None = None) -> Payload:
         """Request/reply over this connection (an ``imcli.core.request_reply.Asker``)."""
@@ -343,7 +352,7 @@ class Listener:
         for asker in record.incoming:
             if asker not in self._requests_shown:
                 self._requests_shown.add(asker)
-                text = f"{asker} wants to be your friend (imcli friend accept {asker})"
+                text = f"{asker} wants to be your friend ({self.accept_hint.format(asker)})"
                 yield Received(kind="notice", sender=asker, id=new_id(), ts=time.time(), text=text)
 
     def _profile_changed(self, message: Message) -> Iterator[Received]:

@@ -194,9 +194,21 @@ def friend_with(
 ) -> tuple[Friends, Resolved | None]:
     """``friend_request``, and whom ``user`` resolved to."""
     with Connection(identity, "friend") as connection:
-        other = resolve_user(connection, user) if user is not None else None
-        request = FriendRequest(op=op, user=other.account if other else None, dm_policy=policy)
-        return expect(connection.ask(request), FriendReply).record, other
+        return ask_friend_with(connection, op, user, policy)
+
+
+def ask_friend(asker: Asker, op: FriendOp, user: str | None = None, policy: DmPolicy | None = None) -> Friends:
+    """A friend request over an open connection (``imcli chat``'s ``/friend``)."""
+    return ask_friend_with(asker, op, user, policy)[0]
+
+
+def ask_friend_with(
+    asker: Asker, op: FriendOp, user: str | None = None, policy: DmPolicy | None = None
+) -> tuple[Friends, Resolved | None]:
+    """``ask_friend``, and whom ``user`` (an account or display name) resolved to."""
+    other = resolve_user(asker, user) if user is not None else None
+    request = FriendRequest(op=op, user=other.account if other else None, dm_policy=policy)
+    return expect(asker.ask(request), FriendReply).record, other
 
 
 def resolve(asker: Asker, name: str) -> str:
@@ -344,11 +356,18 @@ _ERRORS: dict[str, type[ImcliError]] = {
 def group_request(
     identity: Identity, op: GroupOp, group: str = "", user: str | None = None, private: bool = False
 ) -> GroupReply | GroupList:
+    with Connection(identity, "group") as connection:
+        return ask_group(connection, op, group, user, private)
+
+
+def ask_group(
+    asker: Asker, op: GroupOp, group: str = "", user: str | None = None, private: bool = False
+) -> GroupReply | GroupList:
+    """A group request over an open connection (``imcli chat``'s ``/join``, ``/invite``, …)."""
     if op != "list":
         check_name(group, "group name")
-    with Connection(identity, "group") as connection:
-        account = resolve(connection, user) if user is not None else None
-        reply = connection.ask(GroupRequest(op=op, group=group, user=account, private=private))
+    account = resolve(asker, user) if user is not None else None
+    reply = asker.ask(GroupRequest(op=op, group=group, user=account, private=private))
     if isinstance(reply, GroupList):
         return reply
     return expect(reply, GroupReply)
