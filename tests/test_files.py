@@ -80,7 +80,9 @@ def test_send_to_a_person_and_get_it_back(
     # the history lists the file message
     history = bob("history", "@alice", "--json")
     assert history.exit_code == 0, history.output
-    assert fid in history.output
+    [line] = [json.loads(x) for x in history.output.splitlines()]
+    assert line["file"]["id"] == fid and line["file"]["name"] == "report.bin" and line["from"] == "alice"
+    assert fid in line["text"]
 
 
 def test_same_content_is_kept_once(
@@ -157,3 +159,44 @@ def test_unknown_id_and_binary_text(users: Callable[..., None], cli_as: Callable
 def test_file_info_round_trips() -> None:
     info = FileInfo(id="x" * 24, name="a.txt", size=1, sha256="0" * 64)
     assert FileInfo.model_validate_json(info.model_dump_json()) == info
+
+
+@brokers.EMBEDDED_ONLY  # the chat's own logic: the broker under it does not matter
+def test_chat_sends_numbers_fetches_and_shows_files_in_one_line(
+    server: ServeInfo, users: Callable[..., None], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import queue
+
+    from imcli.cli.chat_files import file_text
+    from imcli.cli.chat_session import ChatSession
+    from imcli.cli.chat_state import ChatState
+    from imcli.client.listener import Listener
+
+    users("alice", "bob")
+    picture = png(tmp_path / "cat.png", 300, 200)
+    with (
+        Listener(ident(server, "alice", "laptop"), session="laptop") as alice_in,
+        Listener(ident(server, "bob", "laptop"), session="laptop") as bob_in,
+    ):
+        alice = ChatSession(ident(server, "alice", "laptop"), ChatState(), alice_in)
+        bob = ChatSession(ident(server, "bob", "laptop"), ChatState(), bob_in)
+        reports: queue.Queue[str] = queue.Queue()
+        alice.files.emit = lambda outs: reports.put(outs[0].text)
+        assert alice.handle("/dm bob")[0].text == "now talking in @bob"
+        [started] = alice.handle(f"/send {picture}")
+        assert started.text.startswith("sending cat.png (") and started.text.endswith(" to @bob…")
+        assert reports.get(timeout=15).startswith("sent cat.png (")
+        arrived = next(m for m in bob_in if m.file is not None)
+        assert arrived.sender == "alice" and arrived.file is not None and arrived.file.thumb
+        n = bob.files.number(arrived.file)
+        assert file_text(arrived, n) == f"sent cat.png (300x200, {arrived.file.size} bytes) · /get 1 · /open 1"
+        done: queue.Queue[str] = queue.Queue()
+        bob.files.emit = lambda outs: done.put(outs[0].text)
+        monkeypatch.chdir(tmp_path / "..")
+        out_dir = tmp_path / "bob-got"
+        out_dir.mkdir()
+        assert bob.handle(f"/get 1 {out_dir}")[0].text.startswith("fetching cat.png")
+        assert done.get(timeout=15) == f"saved {out_dir / 'cat.png'}"
+        assert (out_dir / "cat.png").read_bytes() == picture.read_bytes()
+        assert bob.handle("/get 2")[0].text == "no file 2 here (files are numbered 1 to 1)"
+        assert "no file" in bob.handle("/send /nonexistent/x.png")[0].text

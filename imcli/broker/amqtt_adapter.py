@@ -55,7 +55,7 @@ from imcli.broker.sessions import (
 )
 from imcli.broker.settings import TLS_LISTENER, BrokerSettings
 from imcli.broker.topic_access import TopicAccess
-from imcli.broker.webapp import WebApp
+from imcli.broker.webapp import WebApp, loopback_host
 from imcli.broker.wills import LastWills, Will, will_of
 from imcli.core.wire import Topics
 
@@ -238,7 +238,8 @@ class ImBroker(Broker):
         backlog, deadline = self.settings.limits.listen_backlog, self.settings.packet_timeout  # listeners.py
         web = None
         if listener_type == ListenerType.WS:  # the web client, on the same port (imcli/broker/webapp.py)
-            web = WebApp(tls=ssl_context is not None, origins=self.settings.ws_origins)
+            tls, origins = ssl_context is not None, self.settings.ws_origins
+            web = WebApp(tls=tls, origins=origins, loopback=loopback_host(address))
         server = await serve(
             listener_type, on_stream, on_ws, address, port, ssl_context, backlog, self.pending, deadline, web
         )

@@ -175,6 +175,12 @@ class FileStore:
             ).fetchone()
         return int(done) + int(going)
 
+    def holds(self, sender: str, sha256: str) -> bool:
+        """Whether ``sender`` has a file of this content already (another copy costs it nothing)."""
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM files WHERE sender = ? AND sha256 = ?", (sender, sha256)).fetchone()
+        return row is not None
+
     def finish(self, upload: UploadRow, stored: StoredFile) -> None:
         """Move a verified upload's bytes to its blob (unless that content is there already) and
         record the file, in that order: a crash in between leaves a blob without a row, never a row

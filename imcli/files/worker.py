@@ -251,7 +251,7 @@ class FilesWorker(ServiceWorker):
                 "wait for one to finish (or send one of them again to finish it)",
             )
         used = self.store.used(sender)
-        if used + r.size > self.limits.quota:
+        if used + r.size > self.limits.quota and not self.store.holds(sender, r.sha256):
             return ErrorReply(
                 id=r.id,
                 code="denied",
@@ -411,10 +411,11 @@ class FilesWorker(ServiceWorker):
             self._streams.pop((sender, key)).source.close()
             return
         stream.touched = time.monotonic()
-        stream.acked = max(stream.acked, min(ack.offset, stream.sent))
         size = stream.file.size
-        topic = self.topics.file_data(sender, key)
+        # a receiver resuming from its .part says so with its first acknowledgement: it skips bytes, nothing more
+        stream.acked = max(stream.acked, min(ack.offset, size))
         stream.sent = max(stream.sent, stream.acked)
+        topic = self.topics.file_data(sender, key)
         stream.source.seek(stream.sent)
         while stream.sent < size and stream.sent - stream.acked < WINDOW:
             data = stream.source.read(min(self.chunk, size - stream.sent))
