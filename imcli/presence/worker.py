@@ -16,6 +16,7 @@ from collections.abc import Callable
 from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.core.service import AccountDirectory, ServiceWorker
 from imcli.core.wire import (
+    DeviceRequest,
     DeviceStatus,
     ErrorReply,
     Presence,
@@ -113,6 +114,9 @@ class PresenceWorker(ServiceWorker):
         if isinstance(request, ProfileGet):
             users = [u for u in dict.fromkeys(request.users) if self.roster.known(u)]
             return ProfileList(id=request.id, profiles=[self.profiles.get(u, self.roster.nick_of(u)) for u in users])
+        if isinstance(request, DeviceRequest):  # the embedded broker answers these itself, before any worker
+            text = "this broker does not issue device credentials (Mosquitto, NATS: deploy/mosquitto/README.md)"
+            return ErrorReply(id=request.id, code="unsupported", text=text)
         return None
 
     def _set_profile(self, sender: str, request: ProfileSet) -> WireModel:
