@@ -19,6 +19,7 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from imcli.core.names import DISPLAY_NAME_RULE, is_display_name
 from imcli.core.rules import DmPolicy
 
 # The names and topics: imcli.core.topics has them; the `noqa` ones are re-exported, since the rest
@@ -129,6 +130,7 @@ class Resolved(WireModel):
     v: Literal[1] = PROTOCOL_VERSION
     id: str
     account: str
+    nick: str | None = None  # the account's display name, when the worker knows it
 
 
 class ErrorReply(WireModel):
@@ -137,18 +139,18 @@ class ErrorReply(WireModel):
     type: Literal["error"] = "error"
     v: Literal[1] = PROTOCOL_VERSION
     id: str
-    code: Literal["not_found", "invalid", "denied", "taken", "internal"]
+    code: Literal["not_found", "invalid", "denied", "taken", "internal", "unsupported"]
     text: str
 
 
-NICK_RULE = "1-32 characters: letters, digits, '_', '-' or '.', starting with a letter or digit"
-_NICK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+# a nickname is a display name: any script (imcli.core.names); the wire keeps the old field names
+NICK_RULE = DISPLAY_NAME_RULE
 DEFAULT_HEARTBEAT = 30.0
 HEARTBEAT_RANGE = (1.0, 3600.0)  # seconds a device may choose between two statuses
 
 
 def is_nick(value: str) -> bool:
-    return _NICK.fullmatch(value) is not None
+    return is_display_name(value)
 
 
 class DeviceStatus(WireModel):
@@ -204,6 +206,45 @@ class Roster(WireModel):
     users: list[Presence]
 
 
+DeviceOp = Literal["issue", "list", "revoke", "passwd", "token"]
+
+
+class DeviceRequest(WireModel):
+    """A request about the asker's own devices and tokens (issue 17), answered by the broker
+    itself (``imcli serve``), never by a worker: it holds the device records.
+
+    ``issue`` (a connection that logged in with the account password only): a credential for
+    the device ``name``; ``token``: the same for a bot, listed as a token; ``list``; ``revoke``
+    ``name``; ``passwd`` (password login only): ``password`` becomes the account's password,
+    and with ``revoke_others`` every device but ``name`` is revoked.
+    """
+
+    type: Literal["device_request"] = "device_request"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    op: DeviceOp
+    name: str | None = None
+    password: str | None = Field(default=None, repr=False)
+    revoke_others: bool = False
+
+
+class DeviceInfo(WireModel):
+    name: str
+    kind: Literal["device", "token"] = "device"
+    created: Timestamp
+    last_seen: Timestamp | None = None
+    online: bool = False
+
+
+class DeviceReply(WireModel):
+    type: Literal["device_reply"] = "device_reply"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    devices: list[DeviceInfo] = Field(default_factory=list)
+    credential: str | None = Field(default=None, repr=False)  # ``issue`` and ``token``: shown once
+    revoked: list[str] = Field(default_factory=list)
+
+
 class RenameRequest(WireModel):
     type: Literal["rename"] = "rename"
     v: Literal[1] = PROTOCOL_VERSION
@@ -216,6 +257,62 @@ class Renamed(WireModel):
     v: Literal[1] = PROTOCOL_VERSION
     id: str
     nick: str
+
+
+SIGNATURE_MAX = 120  # characters: one line under a name
+ABOUT_MAX = 1000
+THUMBNAIL_MAX = 12 * 1024  # bytes of base64: the profile record carries the avatar's thumbnail
+
+
+class Avatar(WireModel):
+    """A profile picture: the full image is a file (issue 16's files), its small thumbnail is here."""
+
+    file: Annotated[str, Field(pattern=f"^{_ID.pattern}$")]
+    media_type: Literal["image/png", "image/jpeg", "image/gif", "image/webp"]
+    thumbnail: Annotated[str, Field(max_length=THUMBNAIL_MAX)] = ""  # base64 of a small PNG or JPEG
+
+
+class Profile(WireModel):
+    """A user's public profile (retained on ``<prefix>/profile/<user>``, written by the presence
+    worker only, each for its owner: a ``profile_set`` request from that account)."""
+
+    type: Literal["profile"] = "profile"
+    v: Literal[1] = PROTOCOL_VERSION
+    account: str
+    name: str  # the display name, as in the presence record's ``nick``
+    signature: Annotated[str, Field(max_length=SIGNATURE_MAX)] = ""
+    about: Annotated[str, Field(max_length=ABOUT_MAX)] = ""
+    avatar: Avatar | None = None
+    updated: Timestamp = 0.0
+
+
+class ProfileSet(WireModel):
+    """Change my profile: each field given is set (``""`` clears a text); the sender is the owner."""
+
+    type: Literal["profile_set"] = "profile_set"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    name: str | None = None
+    signature: str | None = None
+    about: str | None = None
+    avatar: Avatar | None = None
+    clear_avatar: bool = False
+
+
+class ProfileGet(WireModel):
+    """Ask for the profiles of some accounts (at most ``PROFILES_MAX``)."""
+
+    type: Literal["profile_get"] = "profile_get"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    users: Annotated[list[str], Field(max_length=1000)]
+
+
+class ProfileList(WireModel):
+    type: Literal["profile_list"] = "profile_list"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    profiles: list[Profile]
 
 
 class GroupInfo(WireModel):
@@ -334,8 +431,9 @@ class Received(WireModel):
 
     kind: Literal["room", "dm", "group", "notice", "event", "malformed"]
     sender: str | None = Field(default=None, alias="from")
-    nick: str | None = None  # chat lines: the sender's nickname if it differs; events: always
+    nick: str | None = None  # chat lines: the sender's display name if it differs; events: always
     to: str | None = None
+    to_nick: str | None = None  # direct messages: the recipient's display name if it differs
     room: str | None = None
     group: str | None = None
     id: str
@@ -467,6 +565,8 @@ Payload = Annotated[
     | Roster
     | RenameRequest
     | Renamed
+    | DeviceRequest
+    | DeviceReply
     | GroupInfo
     | GroupRequest
     | GroupReply
@@ -477,6 +577,10 @@ Payload = Annotated[
     | SyncMarker
     | HistoryRequest
     | HistoryReply
+    | Profile
+    | ProfileSet
+    | ProfileGet
+    | ProfileList
     | FileInfo
     | FileOffer
     | FileUpload
@@ -558,6 +662,6 @@ def chat_received(parsed: Topic, payload: bytes) -> Received:
         return Received(kind="room", sender=parsed.sender, room=parsed.name, **common)
     if parsed.kind is TopicKind.GROUP_MSG:
         return Received(kind="group", sender=parsed.sender, group=parsed.name, **common)
-    if parsed.kind is TopicKind.DM:
+    if parsed.kind in (TopicKind.DM, TopicKind.SENT):  # SENT: my own DM, from another of my devices
         return Received(kind="dm", sender=parsed.sender, to=parsed.owner, **common)
     raise MalformedPayload(f"not a chat topic: {parsed.kind}")
