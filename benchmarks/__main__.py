@@ -1,6 +1,7 @@
 """The benchmark suite: stock amqtt, the embedded default and Mosquitto, side by side.
 
-    python -m benchmarks [--quick] [--only fanout,dm,capacity,churn,cold,files] [--brokers stock,embedded,mosquitto,nats]
+    python -m benchmarks [--quick] [--only fanout,dm,capacity,churn,cold,files]
+                         [--brokers stock,embedded,mosquitto,nats]
 
 Starts each broker itself on a free loopback port (benchmarks/brokers.py), runs each
 scenario on every broker in turn (so that the shared machine's noise falls on all of
