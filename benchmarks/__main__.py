@@ -1,6 +1,7 @@
 """The benchmark suite: stock amqtt, the embedded default and Mosquitto, side by side.
 
-    python -m benchmarks [--quick] [--only fanout,dm,capacity,churn,cold] [--brokers stock,embedded,mosquitto]
+    python -m benchmarks [--quick] [--only fanout,dm,capacity,churn,cold,files]
+                         [--brokers stock,embedded,mosquitto,nats]
 
 Starts each broker itself on a free loopback port (benchmarks/brokers.py), runs each
 scenario on every broker in turn (so that the shared machine's noise falls on all of
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import brokers, report, scenarios
+from benchmarks import brokers, files, report, scenarios
 
 SIZES: dict[str, dict[str, int]] = {
     "full": {"members": 50, "messages": 2000, "idle": 1000, "samples": 1000, "capacity": 10000, "churn": 1000,
@@ -30,21 +31,27 @@ SIZES: dict[str, dict[str, int]] = {
     "tiny": {"members": 3, "messages": 30, "idle": 10, "samples": 20, "capacity": 20, "churn": 10,
              "runs": 1, "processes": 2},
 }  # fmt: skip
-SCENARIOS = ("fanout", "dm", "capacity", "churn", "cold")
-BROKERS = ("stock", "embedded", "mosquitto")
+SCENARIOS = ("fanout", "dm", "capacity", "churn", "cold", "files")
+FILE_SIZES = {"full": [1, 10, 100], "quick": [1, 10], "tiny": [1]}  # MiB, sent to a DM and a group (issue 16)
+FILE_GROUP = 20  # members of the group the files go to
+BROKERS = ("stock", "embedded", "mosquitto", "nats")
 # stock amqtt sends every CONNECT the retained messages of every filter on the broker: with
 # 10,000 users that is O(users^2) work per storm, so it is measured at a tenth of the size
 STOCK_CAPACITY_SHARE = 10
 
 
-def run(size: str, only: list[str], names: list[str]) -> dict[str, Any]:
-    s = SIZES[size]
+def run(size: str, only: list[str], names: list[str], capacity_users: int | None = None) -> dict[str, Any]:
+    s = {**SIZES[size], **({"capacity": capacity_users} if capacity_users else {})}
     results: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     if "mosquitto" in names and not brokers.mosquitto_available():
         names = [n for n in names if n != "mosquitto"]
         skipped["mosquitto"] = "mosquitto, mosquitto_passwd, mosquitto_sub or mosquitto_pub not installed"
         print("Mosquitto column skipped: mosquitto (and mosquitto-clients) not installed", file=sys.stderr)
+    if "nats" in names and not brokers.nats_available():
+        names = [n for n in names if n != "nats"]
+        skipped["nats"] = "nats-server not installed"
+        print("NATS column skipped: nats-server not installed", file=sys.stderr)
     users_needed = max(s["members"], s["idle"], s["capacity"], s["churn"])
 
     def each(label: str, job: Callable[[brokers.Broker], dict[str, Any]], *, users: int = users_needed) -> None:
@@ -89,6 +96,14 @@ def run(size: str, only: list[str], names: list[str]) -> dict[str, Any]:
         each("capacity", capacity)
     if "churn" in only:
         each("churn", lambda b: scenarios.churn(b, s["churn"], s["processes"]))
+    if "files" in only:
+
+        def file_scenario(broker: brokers.Broker) -> dict[str, Any]:
+            if broker.name not in ("embedded", "mosquitto"):
+                return {"skipped": "files are measured on the embedded broker and Mosquitto (issue 16)"}
+            return files.file_transfer(broker, FILE_SIZES[size], FILE_GROUP)
+
+        each("files", file_scenario, users=max(FILE_GROUP, 2))
     return {"scenarios": results, "skipped": skipped}
 
 
@@ -100,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--brokers", default=",".join(BROKERS), help=f"comma-separated subset of {BROKERS}")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--no-charts", action="store_true")
+    parser.add_argument("--capacity", type=int, help="users in the capacity run (default: the size's)")
     args = parser.parse_args(argv)
     only = [x for x in args.only.split(",") if x]
     names = [x for x in args.brokers.split(",") if x]
@@ -109,11 +125,11 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     print(f"benchmarks ({args.size}) on {', '.join(names)}: {', '.join(only)}", flush=True)
-    outcome = run(args.size, only, names)
+    outcome = run(args.size, only, names, args.capacity)
     doc: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "size": args.size,
-        "sizes": SIZES[args.size],
+        "sizes": {**SIZES[args.size], **({"capacity": args.capacity} if args.capacity else {})},
         "machine": f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at start, Python {sys.version.split()[0]}",
         **outcome,
     }
