@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import queue
 import threading
 import time
@@ -25,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from imcli.client.identity import Identity
-from imcli.core.errors import AuthenticationFailed, DeviceLoggedOut, ImcliError
+from imcli.core.errors import AuthenticationFailed, DeviceLoggedOut, ImcliError, PublishFailed
 from imcli.core.mqtt import ConnectionListener, Message, MqttClient, Will
 from imcli.core.names import label
 from imcli.core.request_reply import RequestClient
@@ -54,6 +55,8 @@ from imcli.core.wire import (
     encode,
     new_id,
 )
+
+log = logging.getLogger(__name__)
 
 CATCH_UP_OVERLAP = 5.0  # seconds before the last known contact: the seen ids drop what was shown already
 CATCH_UP_LIMIT = 500  # the archive's page size (HISTORY_MAX); more than that is said, not shown
@@ -193,7 +196,6 @@ class Listener:
         self._filters = [
             *room_filters,
             topics.user_filter(identity.account),  # DMs, replies, notices, my friends record
-            topics.group_msg_filter(),  # every group: the broker delivers only my groups' messages
             topics.presence_filter(),
             topics.events(),
             topics.profile_filter(),  # friends' profile changes are shown as events
@@ -232,6 +234,7 @@ class Listener:
         self._client.connect()
         try:
             self._client.subscribe(self._filters)
+            self._subscribe_groups()
             self._catching_up = False
             self._client.publish(self._status_topic, self._status(), qos=1, retain=True)
         except ImcliError:
@@ -243,6 +246,16 @@ class Listener:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _subscribe_groups(self) -> None:
+        """Every group: the embedded broker and Mosquitto deliver only my groups' messages. NATS 2.9
+        cannot narrow a wildcard per delivery and refuses it (deploy/nats): no live group lines there."""
+        try:
+            self._client.subscribe([self.identity.topics.group_msg_filter()])
+        except PublishFailed:
+            log.info(
+                "the broker refused %s: group messages only through history", self.identity.topics.group_msg_filter()
+            )
 
     def close(self) -> None:
         """Say offline (clear the device's status) and disconnect."""
