@@ -201,7 +201,7 @@ def test_dm_crosses_nodes_and_others_cannot_read_it(cluster: NatsCluster, raw) -
     assert carol.subscribe(T.user_filter("bob")) == 128  # refused: not hers
     assert carol.subscribe(T.dm_filter()) == 128
     to_bob = services.send_dm(on(cluster, 1, "alice"), "bob", ChatMessage(text="psst"))
-    assert to_bob == "bob"
+    assert to_bob.account == "bob"
     assert decode(bytes(bob.expect(T.dm("bob", "alice")).payload)).text == "psst"  # type: ignore[union-attr]
     assert carol.silent(0.5) == []
 
