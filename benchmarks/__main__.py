@@ -61,7 +61,7 @@ def run(size: str, only: list[str], names: list[str], capacity_users: int | None
             try:
                 with brokers.start(name, users) as broker:
                     figures = job(broker)
-            except (RuntimeError, TimeoutError, OSError, AssertionError) as exc:
+            except (RuntimeError, TimeoutError, OSError, AssertionError, EOFError) as exc:  # EOF: the broker hung up
                 figures = {"error": f"{type(exc).__name__}: {exc}"}
             results.setdefault(label, {})[name] = figures
             print(f" {time.perf_counter() - started:6.1f}s  {report.brief(label, figures)}", flush=True)
