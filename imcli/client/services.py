@@ -186,13 +186,13 @@ def ask_friend(asker: Asker, op: FriendOp, user: str | None = None, policy: DmPo
     """A friend request over an open connection (``imcli chat``'s ``/friend``)."""
     if user is not None:
         user = check_name(user.removeprefix("@"))
-    return expect(asker.ask(FriendRequest(op=op, user=user, dm_policy=policy)), FriendReply).record
+    return expect(asker.ask(FriendRequest(op=op, user=user, dm_policy=policy)), FriendReply, _FRIEND_HINTS).record
 
 
 def resolve(asker: Asker, name: str) -> str:
     wanted = name.removeprefix("@").strip()
     if not wanted:
-        raise InvalidInput("empty recipient name")
+        raise InvalidInput("empty recipient name", "give an account name or nickname")
     reply = asker.ask(ResolveRequest(name=wanted))
     if isinstance(reply, ErrorReply) and reply.code == "not_found":
         raise NotFound(f"unknown recipient {wanted!r}", "check the name with 'imcli who --all'")
@@ -251,7 +251,7 @@ def ask_group(
     reply = asker.ask(GroupRequest(op=op, group=group, user=user, private=private))
     if isinstance(reply, GroupList):
         return reply
-    return expect(reply, GroupReply)
+    return expect(reply, GroupReply, _GROUP_HINTS)
 
 
 def group_say(identity: Identity, group: str, message: ChatMessage) -> None:
@@ -263,7 +263,9 @@ def group_say(identity: Identity, group: str, message: ChatMessage) -> None:
 
 
 def check_member(asker: Asker, group: str, me: str) -> None:
-    reply = expect(asker.ask(GroupRequest(op="members", group=check_name(group, "group name"))), GroupReply)
+    reply = expect(
+        asker.ask(GroupRequest(op="members", group=check_name(group, "group name"))), GroupReply, _GROUP_HINTS
+    )
     if reply.group is None or me not in reply.group.members:
         raise NotAllowed(f"you are not a member of #{group}", f"join it first: imcli group join {group}")
 
@@ -330,20 +332,46 @@ def ask_history(
             target[where.kind] = where.name
     request = HistoryRequest(limit=limit, since=since, before=before, **target)
     try:
-        return expect(asker.ask(request), HistoryReply)
+        return expect(asker.ask(request), HistoryReply, _HISTORY_HINTS)
     except RequestTimeout as exc:
         raise RequestTimeout(
             "the archive did not answer", "history needs the archive worker, which 'imcli serve' runs"
         ) from exc
 
 
-def expect(reply: Payload, kind: type[_R]) -> _R:
-    """The reply if it is a ``kind``; a worker's refusal becomes the matching error."""
+# what to do after a worker's refusal (its ErrorReply says what happened), by request and code
+_GROUP_HINTS = {
+    "not_found": "see the groups with 'imcli group list', the users with 'imcli who --all'",
+    "taken": "choose another name",
+    "denied": "ask the group's owner or an admin ('imcli group members NAME' lists them)",
+    "invalid": "see the group with 'imcli group members NAME'",
+}
+_FRIEND_HINTS = {
+    "not_found": "see your friends and requests with 'imcli friend list', the users with 'imcli who --all'",
+    "invalid": "see your friends and requests with 'imcli friend list'",
+}
+_HISTORY_HINTS = {
+    "not_found": "see the groups with 'imcli group list'",
+    "denied": "join the group first: imcli group join NAME",
+    "invalid": "name one room, @person or #group",
+}
+_HINTS = {
+    "not_found": "check the name with 'imcli who --all' or 'imcli group list'",
+    "taken": "choose another name",
+    "denied": "you may not do that here",
+    "invalid": "check what you typed",
+    "internal": "try again; the broker's log says what failed",
+}
+
+
+def expect(reply: Payload, kind: type[_R], hints: dict[str, str] | None = None) -> _R:
+    """The reply if it is a ``kind``; a worker's refusal becomes the matching error, with what to do."""
     if isinstance(reply, kind):
         return reply
     if isinstance(reply, ErrorReply):
-        raise _ERRORS.get(reply.code, ImcliError)(reply.text)
-    raise ImcliError(f"a worker answered with an unexpected {reply.type!r}")
+        hint = (hints or {}).get(reply.code) or _HINTS.get(reply.code, "try again; the broker's log says more")
+        raise _ERRORS.get(reply.code, ImcliError)(reply.text, hint)
+    raise ImcliError(f"a worker answered with an unexpected {reply.type!r}", "is the broker's imcli the same version?")
 
 
 # ---------------------------------------------------------------- request / reply
