@@ -210,8 +210,33 @@ def ask_password(from_stdin: bool, *, confirm: bool) -> str:
         return env
     if not sys.stdin.isatty():
         raise InvalidInput("no password given", "type it at a terminal, set IMCLI_PASSWORD or use --password-stdin")
-    value: str = typer.prompt("Password", hide_input=True, confirmation_prompt=confirm)
+    if confirm:
+        return ask_new_password()
+    value: str = typer.prompt("Password", hide_input=True)
     return value
+
+
+NEW_PASSWORD_TRIES = 3
+
+
+def ask_new_password() -> str:
+    """A new password typed twice at the terminal: its length is checked before it is asked again,
+    and after three tries that fail (too short, or two that differ) the command gives up."""
+    from imcli.broker.accounts import check_password
+
+    for left in range(NEW_PASSWORD_TRIES - 1, -1, -1):
+        first: str = typer.prompt("Password", hide_input=True)
+        try:
+            check_password(first)
+        except InvalidInput as exc:
+            problem = str(exc)
+        else:
+            if typer.prompt("Repeat it", hide_input=True) == first:
+                return first
+            problem = "the two passwords differ"
+        if left:
+            typer.echo(f"{problem}; try again ({left} {'tries' if left > 1 else 'try'} left)", err=True)
+    raise InvalidInput(f"{problem}, {NEW_PASSWORD_TRIES} times", "run the command again when you have one in mind")
 
 
 def account_store(data_dir: Path | None) -> AccountStore:

@@ -343,7 +343,7 @@ def ask_history(
 _GROUP_HINTS = {
     "not_found": "see the groups with 'imcli group list', the users with 'imcli who --all'",
     "taken": "choose another name",
-    "denied": "ask the group's owner or an admin ('imcli group members NAME' lists them)",
+    "denied": "ask the group's owner or an admin; 'imcli group members NAME' lists them",
     "invalid": "see the group with 'imcli group members NAME'",
 }
 _FRIEND_HINTS = {
