@@ -35,6 +35,7 @@ from imcli.broker.accounts import AccountStore, Role
 from imcli.broker.server import BrokerSettings
 from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.core.service import PasswordFileDirectory, ServiceWorker
+from imcli.files.worker import FilesWorker
 from imcli.groups.worker import GroupWorker
 from imcli.presence.worker import PresenceWorker
 from imcli.serve.host import BackgroundServer, ServeInfo
@@ -48,8 +49,8 @@ DYNSEC_PLUGIN = next(iter(sorted(glob.glob("/usr/lib/*/mosquitto_dynamic_securit
 WEB_STATIC = Path(__file__).resolve().parent.parent / "imcli" / "web" / "static"  # the web client's files
 NOT_INSTALLED = "mosquitto not installed (.ci/run installs Debian's package)"
 # created before the broker starts (cheap with mosquitto_passwd); users() adds others with a reload
-ACCOUNTS = ("alice", "bob", "carol", "dave", "presence", "groups", "archive")
-SERVICES = ("presence", "groups", "archive")
+ACCOUNTS = ("alice", "bob", "carol", "dave", "presence", "groups", "archive", "files")
+SERVICES = ("presence", "groups", "archive", "files")
 LIMIT = 16384  # message_size_limit in deploy/mosquitto/mosquitto.conf
 
 # reasons for broker_xfail("mosquitto", ...) shared by the modules that run on both brokers
@@ -234,9 +235,10 @@ def running_mosquitto(
 
 
 @contextlib.contextmanager
-def running_workers(broker: Mosquitto, archive: bool = True) -> Iterator[list[ServiceWorker]]:
-    """What ``imcli workers --dynsec --accounts-file <passwd> --archive-dir <workdir>/archive`` runs,
-    in this process (``archive=False``: ``--no-archive``)."""
+def running_workers(broker: Mosquitto, archive: bool = True, files: bool = True) -> Iterator[list[ServiceWorker]]:
+    """What ``imcli workers --dynsec --accounts-file <passwd> --archive-dir <workdir>/archive
+    --files-dir <workdir>`` runs, in this process (``archive=False``: ``--no-archive``; ``files=False``:
+    ``--no-files``)."""
     directory = PasswordFileDirectory(broker.passwd)
     creds = {name: Credentials(name, password_of(name)) for name in SERVICES}
     with contextlib.ExitStack() as stack:
@@ -250,6 +252,10 @@ def running_workers(broker: Mosquitto, archive: bool = True) -> Iterator[list[Se
         ]
         if archive:
             started.append(stack.enter_context(archive_worker(broker)))
+        if files:
+            started.append(
+                stack.enter_context(FilesWorker(broker.address, creds["files"], broker.workdir, device="test"))
+            )
         yield started
 
 

@@ -206,6 +206,46 @@ def test_friend_requests_and_dm_policy(web: ServeInfo, tmp_path: Path) -> None:
         no_errors(alice, bob)
 
 
+def test_an_image_sent_from_the_page_shows_inline_for_the_others(web: ServeInfo, tmp_path: Path) -> None:
+    from PIL import Image
+
+    picture = tmp_path / "sunset.png"
+    Image.new("RGB", (300, 200), (230, 120, 40)).save(picture, "PNG")
+    hostile = tmp_path / "<img src=x onerror=window.__pwned=5>.png"
+    Image.new("RGB", (40, 30), (20, 20, 200)).save(hostile, "PNG")
+    carol = cli(web, tmp_path, "carol")
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.sign_in(password_of("alice"), register=True)
+        bob = new_user(browser, url(web), "bob")
+        bob.sign_in(password_of("bob"))
+
+        alice.p.set_input_files("#file-input", str(picture))  # the page's upload, with its progress bar
+        alice.p.wait_for_selector("#messages li[data-from='alice'] .file .name:text-is('sunset.png')")
+        # bob's page shows the worker's thumbnail inline, then the full image on a click
+        thumb = "#messages li[data-from='alice'] .file img.thumb"
+        bob.p.wait_for_selector(thumb)
+        assert (bob.p.get_attribute(thumb, "src") or "").startswith("data:image/jpeg;base64,")
+        bob.p.click("#messages li[data-from='alice'] .file button:has-text('Show full image')")
+        full = "#messages li[data-from='alice'] .file img.full"
+        bob.p.wait_for_function(f'() => document.querySelector("{full}")?.naturalWidth === 300')
+        assert (bob.p.get_attribute(full, "src") or "").startswith("blob:")
+        assert bob.p.get_attribute("#messages .file a.save", "download") == "sunset.png"
+
+        # the terminal gets the same bytes, and sends one with a hostile name: it stays a name
+        listed = json.loads(ok(carol, "files", "--json"))
+        (sunset,) = [f for f in listed if f["name"] == "sunset.png"]
+        ok(carol, "get", sunset["id"], "-o", str(tmp_path / "got.png"))
+        assert (tmp_path / "got.png").read_bytes() == picture.read_bytes()
+        ok(carol, "send", "--room", "lobby", str(hostile))
+        alice.p.wait_for_selector(f"#messages li[data-from='carol'] .file .name:text-is('{hostile.name}')")
+        alice.p.click("#messages li[data-from='carol'] .file button")
+        alice.p.wait_for_selector("#messages li[data-from='carol'] .file img.full")
+        assert alice.p.evaluate("() => window.__pwned") is None
+        assert alice.p.locator("#messages img:not(.thumb):not(.full)").count() == 0
+        no_errors(alice, bob)
+
+
 def test_hostile_text_stays_text(web: ServeInfo, tmp_path: Path) -> None:
     carol = cli(web, tmp_path, "carol")
     with chromium() as browser:

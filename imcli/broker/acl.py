@@ -31,7 +31,7 @@ class Access(enum.StrEnum):
 # retained messages are state; chat is not: a retained chat line would replay forever
 RETAINABLE = frozenset({TopicKind.STATUS, TopicKind.PRESENCE, TopicKind.GROUP_INFO, TopicKind.FRIENDS})
 
-USER_WRITE = ("room/+/%u", "user/+/dm/%u", "status/%u/+", "request/%u/+")
+USER_WRITE = ("room/+/%u", "user/+/dm/%u", "status/%u/+", "request/%u/+", "upload/%u/+", "fetch/%u/+")
 USER_READ = ("room/#", "user/%u/#", "presence/#", "events")
 SERVICE_WRITE = (
     "user/+/reply/+",
@@ -41,7 +41,11 @@ SERVICE_WRITE = (
     "group/+/info",
     "user/+/friends",
     "status/+/+",  # the presence worker clears statuses of devices that vanished without a Last Will
+    "user/+/file/+",  # the files worker's downloads (issue 16)
 )
+# a file's chunks and a download's acknowledgements: many small messages to the files worker alone,
+# counted against their own rate (Limits.file_rate), not the chat rate
+FILE_TRANSFER = frozenset({TopicKind.UPLOAD, TopicKind.FETCH})
 SERVICE_READ = ("#",)
 
 

@@ -30,6 +30,7 @@ from imcli.cli.common import (
     PortOpt,
     console,
 )
+from imcli.cli.files import files, get, send
 from imcli.cli.serve import serve
 from imcli.cli.social import config_app, friend_app, group_app
 from imcli.cli.workers import presence, workers
@@ -229,5 +230,8 @@ def rename(
     console().print(f"you are now known as {new}")
 
 
+app.command()(send)  # imcli/cli/files.py: files and images (issue 16)
+app.command()(files)
+app.command()(get)
 app.command()(presence)  # imcli/cli/workers.py: the workers against an external broker
 app.command()(workers)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from imcli.cli import chat_commands
 from imcli.cli.chat_commands import COMMANDS, Note, Output
+from imcli.cli.chat_files import ChatFiles  # its slash commands (/send, /get, /open) join the table
 from imcli.cli.chat_state import SEEN_KEPT, ChatState
 from imcli.client import services
 from imcli.client.identity import Identity
@@ -53,6 +54,7 @@ class ChatSession:
         self.unread: Counter[str] = Counter()  # per conversation other than here, since last there
         self.quit = threading.Event()
         self.max_payload = max_payload
+        self.files = ChatFiles()  # the files shown, by number (/get N, /open N)
         listener.accept_hint = "/friend accept {}"  # a friend request offers the in-chat command
 
     # ---------------------------------------------------------------- arriving messages

@@ -60,6 +60,11 @@ def serve(
     history_days: Annotated[
         float | None, typer.Option(help="Keep archived messages this many days [default: for ever].")
     ] = None,
+    max_file_mib: Annotated[int, typer.Option(help="Largest file one may send, in MiB.")] = 100,
+    file_quota_mib: Annotated[
+        int, typer.Option(help="Storage per account for files, in MiB (unfinished uploads count).")
+    ] = 1024,
+    max_uploads: Annotated[int, typer.Option(help="Unfinished uploads one account may have going at once.")] = 4,
     tls_cert: Annotated[
         Path | None, typer.Option("--tls-cert", help="PEM certificate (chain): TLS on --port and --ws-port.")
     ] = None,
@@ -149,6 +154,7 @@ def serve(
             password_checks=password_checks,
             password_queue=password_queue,
             **account_quotas(max_sessions, max_statuses, max_status_bytes, max_groups, group_rate),
+            **file_limits(max_file_mib, file_quota_mib, max_uploads),
         ),
     )
     out = console()
@@ -162,7 +168,7 @@ def serve(
                 f"  web client  {'https' if a.tls else 'http'}://{a.host}:{info.ws_port}/"
             )
         out.print(f"  data        {info.data_dir}")
-        out.print(f"  accounts    registration {info.registration}; presence, group and archive workers running")
+        out.print(f"  accounts    registration {info.registration}; presence, group, archive and files workers running")
         tls_hint = " --tls [--ca CA.pem]" if a.tls else ""
         out.print(f"  connect     imcli register NAME --host {a.host} --port {a.port}{tls_hint}")
         out.print("  stop        Ctrl-C", style="dim")
@@ -204,6 +210,13 @@ def account_quotas(sessions: int, statuses: int, status_bytes: int, groups: int,
         "max_groups": groups,
         "group_rate": group_rate,
     }
+
+
+def file_limits(max_file_mib: int, quota_mib: int, uploads: int) -> dict[str, int]:
+    """imcli serve's limits on files (issue 16) as ``Limits`` fields, checked."""
+    if min(max_file_mib, quota_mib, uploads) < 1:
+        raise InvalidInput("file limits too small", "--max-file-mib, --file-quota-mib and --max-uploads >= 1")
+    return {"max_file": max_file_mib << 20, "file_quota": quota_mib << 20, "max_uploads": uploads}
 
 
 def output_bound(max_output: int, timeout: float, max_payload: int) -> dict[str, Any]:

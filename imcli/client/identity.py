@@ -90,7 +90,20 @@ def signed_in(host: str | None, port: int | None) -> Identity:
 
 
 def message_text(text: str) -> str:
-    return sys.stdin.read() if text == "-" else text
+    return read_text_stdin() if text == "-" else text
+
+
+def read_text_stdin() -> str:
+    """A message from stdin; binary input (a picture piped in) is refused in one line, pointing to
+    ``imcli send``, instead of a traceback or a message of mojibake."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    if "\x00" in text or (data and not text):
+        raise InvalidInput("the input is not text (binary data)", "send files and images with: imcli send NAME FILE")
+    return text
 
 
 def heartbeat_seconds() -> float:

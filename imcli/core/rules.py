@@ -18,8 +18,9 @@ from typing import Final, Literal
 PRESENCE_ACCOUNT: Final = "presence"
 GROUPS_ACCOUNT: Final = "groups"
 ARCHIVE_ACCOUNT: Final = "archive"
+FILES_ACCOUNT: Final = "files"
 # the workers that `imcli serve` runs, and the default accounts of `imcli workers`: no person may take these names
-SERVICE_ACCOUNTS: Final = (PRESENCE_ACCOUNT, GROUPS_ACCOUNT, ARCHIVE_ACCOUNT)
+SERVICE_ACCOUNTS: Final = (PRESENCE_ACCOUNT, GROUPS_ACCOUNT, ARCHIVE_ACCOUNT, FILES_ACCOUNT)
 
 # --------------------------------------------------------------------------- registration
 

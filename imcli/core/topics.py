@@ -101,6 +101,9 @@ class TopicKind(enum.StrEnum):
     PRESENCE = "presence"
     REQUEST = "request"
     EVENTS = "events"
+    UPLOAD = "upload"  # a file's bytes, sender -> files worker (issue 16)
+    FETCH = "fetch"  # a download's acknowledgements, receiver -> files worker
+    FILE_DATA = "file_data"  # a download's bytes, files worker -> receiver
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +206,25 @@ class Topics:
     def group_info_filter(self) -> str:
         return f"{self.prefix}/group/+/info"
 
+    # files (issue 16): the bytes travel beside the request/reply topics, in chunks (``chunk``)
+    def upload(self, sender: str, upload: str) -> str:
+        return f"{self.prefix}/upload/{_n(sender)}/{_i(upload)}"
+
+    def upload_filter(self) -> str:
+        return f"{self.prefix}/upload/+/+"
+
+    def fetch(self, sender: str, stream: str) -> str:
+        return f"{self.prefix}/fetch/{_n(sender)}/{_i(stream)}"
+
+    def fetch_filter(self) -> str:
+        return f"{self.prefix}/fetch/+/+"
+
+    def file_data(self, me: str, stream: str) -> str:
+        return f"{self.prefix}/user/{_n(me)}/file/{_i(stream)}"
+
+    def file_data_filter(self, me: str) -> str:
+        return f"{self.prefix}/user/{_n(me)}/file/+"
+
     def parse(self, topic: str) -> Topic | None:
         """Parse a concrete topic (no wildcards); ``None`` if it is not part of the contract."""
         head = self.prefix + "/"
@@ -232,7 +254,41 @@ class Topics:
                 return Topic(TopicKind.REQUEST, sender=sender, key=corr)
             case ["events"]:
                 return Topic(TopicKind.EVENTS)
-        return None
+        return _file_topic(levels)
+
+
+def _file_topic(levels: list[str]) -> Topic | None:
+    """The topics of a file's bytes (issue 16), or ``None``."""
+    match levels:
+        case ["upload", sender, upload] if is_name(sender) and is_id(upload):
+            return Topic(TopicKind.UPLOAD, sender=sender, key=upload)
+        case ["fetch", sender, stream] if is_name(sender) and is_id(stream):
+            return Topic(TopicKind.FETCH, sender=sender, key=stream)
+        case ["user", me, "file", stream] if is_name(me) and is_id(stream):
+            return Topic(TopicKind.FILE_DATA, owner=me, key=stream)
+    return None
+
+
+# --------------------------------------------------------------------------- file chunks
+
+CHUNK_HEADER: Final = 8  # a chunk is the big-endian offset of its first byte (8 bytes), then the bytes
+
+
+def chunk(offset: int, data: bytes) -> bytes:
+    """One chunk of a file as it travels on an upload or file-data topic."""
+    return offset.to_bytes(CHUNK_HEADER, "big") + data
+
+
+def unchunk(payload: bytes) -> tuple[int, bytes]:
+    """The offset and bytes of a chunk; ``ValueError`` if it is too short to be one."""
+    if len(payload) < CHUNK_HEADER:
+        raise ValueError("a chunk is at least its 8-byte offset")
+    return int.from_bytes(payload[:CHUNK_HEADER], "big"), payload[CHUNK_HEADER:]
+
+
+def chunk_size(max_payload: int) -> int:
+    """Bytes of a file per chunk, so that a chunk's payload is within ``max_payload``."""
+    return max_payload - CHUNK_HEADER
 
 
 def _n(value: str) -> str:

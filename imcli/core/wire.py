@@ -55,14 +55,48 @@ MessageId = Annotated[str, Field(pattern=f"^{_ID.pattern}$")]
 Timestamp = Annotated[float, Field(ge=0)]
 
 
+FILE_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
+FILE_NAME_MAX = 255
+THUMB_MAX = 9000  # characters of a thumbnail's base64 (about 6.6 KiB of JPEG): a file message fits 16 KiB
+MIME_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")  # the images the files worker recognises
+
+
+class FileInfo(WireModel):
+    """A stored file as the files worker describes it (issue 16): in a file message, a listing, a reply.
+
+    ``id`` is the worker's, unguessable; who may fetch it is decided by the conversation it was
+    sent to (``place``: ``lobby``, ``@bob`` seen from the sender, ``#team``), never by the id.
+    ``thumb`` is a small JPEG of an image (base64), made once by the worker.
+    """
+
+    type: Literal["file"] = "file"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: Annotated[str, Field(pattern=f"^{FILE_ID.pattern}$")]
+    name: Annotated[str, Field(min_length=1, max_length=FILE_NAME_MAX)]
+    size: Annotated[int, Field(ge=1)]
+    mime: Annotated[str, Field(max_length=100)] = "application/octet-stream"
+    sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
+    sender: str | None = None  # listings: who sent it
+    place: str | None = None  # listings: where (room, @user, #group)
+    ts: Timestamp | None = None  # listings: when the worker stored it
+    width: Annotated[int, Field(ge=1)] | None = None
+    height: Annotated[int, Field(ge=1)] | None = None
+    thumb: Annotated[str, Field(max_length=THUMB_MAX)] | None = None
+
+
 class ChatMessage(WireModel):
-    """A room, direct or group message. The sender is the topic's ``<from>`` level."""
+    """A room, direct or group message. The sender is the topic's ``<from>`` level.
+
+    A file message (issue 16) carries ``file`` beside a ``text`` that says the same in words,
+    so a client that knows nothing of files still shows something true.
+    """
 
     type: Literal["chat"] = "chat"
     v: Literal[1] = PROTOCOL_VERSION
     id: MessageId = Field(default_factory=new_id)
     ts: Timestamp = Field(default_factory=time.time)
     text: Annotated[str, Field(min_length=1)]
+    file: FileInfo | None = None
     # Accepted for bots that send one, never trusted: the topic's <from> level is the sender.
     claimed_from: str | None = Field(default=None, alias="from", exclude=True)
 
@@ -309,6 +343,7 @@ class Received(WireModel):
     text: str
     format: Literal["json", "text"] = "json"
     missed: bool | None = None  # arrived while the reader was away (queued, or fetched from the archive)
+    file: FileInfo | None = None  # a file message (issue 16)
 
     def to_json(self) -> str:
         # ASCII only: U+2028, U+2029, NEL and bidi controls pass through JSON unescaped, and some
@@ -324,6 +359,99 @@ class HistoryReply(WireModel):
     id: str
     messages: list[Received]
     more: bool = False
+
+
+# --------------------------------------------------------------------------- files (issue 16)
+
+FileTarget = Literal["room", "user", "group"]
+
+
+class FileOffer(WireModel):
+    """Ask the files worker to take a file for a conversation (one of ``room``, ``user``, ``group``).
+
+    The answer is a ``file_upload`` (send the bytes from ``offset``: 0, or where an earlier
+    attempt of the same sender, content and conversation stopped), a ``file_ready`` if that
+    very upload was finished before, or an error that says which limit refused it.
+    """
+
+    type: Literal["file_offer"] = "file_offer"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    name: Annotated[str, Field(min_length=1, max_length=FILE_NAME_MAX)]
+    size: Annotated[int, Field(ge=1)]
+    sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
+    room: str | None = None
+    user: str | None = None
+    group: str | None = None
+
+
+class FileUpload(WireModel):
+    """Send the bytes on ``<prefix>/upload/<me>/<upload>`` from ``offset``, ``chunk`` bytes a chunk."""
+
+    type: Literal["file_upload"] = "file_upload"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    upload: MessageId
+    offset: Annotated[int, Field(ge=0)]
+    chunk: Annotated[int, Field(ge=1)]
+    window: Annotated[int, Field(ge=1)]  # bytes the sender may have sent beyond the last progress
+
+
+class FileProgress(WireModel):
+    """The worker holds an upload's bytes up to ``offset`` (on ``<prefix>/user/<me>/reply/<upload>``)."""
+
+    type: Literal["file_progress"] = "file_progress"
+    v: Literal[1] = PROTOCOL_VERSION
+    upload: MessageId
+    offset: Annotated[int, Field(ge=0)]
+
+
+class FileReady(WireModel):
+    """A file stored and verified (sha256): the end of an upload, or the answer to ``file_get``."""
+
+    type: Literal["file_ready"] = "file_ready"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    file: FileInfo
+
+
+class FileGet(WireModel):
+    """Fetch a file from ``offset``; the bytes come on ``<prefix>/user/<me>/file/<stream>`` as
+    the receiver acknowledges them on ``<prefix>/fetch/<me>/<stream>`` (``FileAck``)."""
+
+    type: Literal["file_get"] = "file_get"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    file: Annotated[str, Field(max_length=64)]
+    stream: MessageId = Field(default_factory=new_id)
+    offset: Annotated[int, Field(ge=0)] = 0
+
+
+class FileAck(WireModel):
+    """A receiver has a download's bytes up to ``offset``: the worker sends up to a window beyond."""
+
+    type: Literal["file_ack"] = "file_ack"
+    v: Literal[1] = PROTOCOL_VERSION
+    offset: Annotated[int, Field(ge=0)]
+
+
+class FileListRequest(WireModel):
+    """The files the requester may fetch: of one conversation, or of all it may read."""
+
+    type: Literal["file_list"] = "file_list"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    room: str | None = None
+    user: str | None = None
+    group: str | None = None
+    limit: Annotated[int, Field(ge=1, le=HISTORY_MAX)] = 100
+
+
+class FileListing(WireModel):
+    type: Literal["file_listing"] = "file_listing"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    files: list[FileInfo]
 
 
 Payload = Annotated[
@@ -348,7 +476,16 @@ Payload = Annotated[
     | FriendReply
     | SyncMarker
     | HistoryRequest
-    | HistoryReply,
+    | HistoryReply
+    | FileInfo
+    | FileOffer
+    | FileUpload
+    | FileProgress
+    | FileReady
+    | FileGet
+    | FileAck
+    | FileListRequest
+    | FileListing,
     Field(discriminator="type"),
 ]
 _PAYLOAD: TypeAdapter[Payload] = TypeAdapter(Payload, config=ConfigDict(defer_build=True))
@@ -416,7 +553,7 @@ def _first_error(exc: ValidationError) -> str:
 def chat_received(parsed: Topic, payload: bytes) -> Received:
     """A room, direct or group message; ``MalformedPayload`` if it is not one."""
     chat, plain = decode_chat(payload)
-    common = {"id": chat.id, "ts": chat.ts, "text": chat.text, "format": "text" if plain else "json"}
+    common = {"id": chat.id, "ts": chat.ts, "text": chat.text, "format": "text" if plain else "json", "file": chat.file}
     if parsed.kind is TopicKind.ROOM:
         return Received(kind="room", sender=parsed.sender, room=parsed.name, **common)
     if parsed.kind is TopicKind.GROUP_MSG:

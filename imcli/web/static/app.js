@@ -59,6 +59,7 @@
       if (l[0] === "user" && l.length === 4 && l[2] === "dm" && n(1) && n(3)) return { kind: "dm", to: l[1], from: l[3] };
       if (l[0] === "user" && l.length === 4 && l[2] === "reply" && n(1) && ID.test(l[3])) return { kind: "reply", corr: l[3] };
       if (l[0] === "user" && l.length === 3 && l[2] === "notice" && n(1)) return { kind: "notice" };
+      if (l[0] === "user" && l.length === 4 && l[2] === "file" && n(1) && ID.test(l[3])) return { kind: "file_data", stream: l[3] };
       if (l[0] === "user" && l.length === 3 && l[2] === "friends" && n(1)) return { kind: "friends", owner: l[1] };
       if (l[0] === "group" && l.length === 4 && l[2] === "msg" && n(1) && n(3)) return { kind: "group", name: l[1], from: l[3] };
       if (l[0] === "group" && l.length === 3 && l[2] === "info" && n(1)) return { kind: "group_info", name: l[1] };
@@ -82,6 +83,8 @@
     friends: { friends: [], incoming: [], outgoing: [], dm_policy: "anyone" },
     pending: new Map(), // correlation id -> {resolve, reject, timer}
     canDm: new Map(), // account -> true once the groups worker said so
+    uploads: new Map(), // upload id -> handler of its file_progress / file_ready (on reply/<upload>)
+    downloads: new Map(), // stream id -> handler of its chunks (on user/<me>/file/<stream>)
     heartbeat: null,
     started: false,
   };
@@ -105,20 +108,33 @@
     return `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/mqtt`;
   }
 
-  function deviceName() {
-    // one device per browser profile (localStorage), one status level per tab (sessionStorage)
-    let browser = localStorage.getItem("imcli.device");
-    if (!browser || !/^web-[0-9a-f]{6}$/.test(browser)) {
-      browser = "web-" + newId().slice(0, 6);
-      localStorage.setItem("imcli.device", browser);
+  // This browser profile is one device (issue 17): `web-<6 hex>`, kept in localStorage; each tab
+  // connects as `<account>:<device>.<4 hex>`, which is also its status level (§8).
+  function browserDevice(fresh) {
+    let device = localStorage.getItem("imcli.device");
+    if (fresh || !device || !/^web-[0-9a-f]{6}$/.test(device)) {
+      device = "web-" + newId().slice(0, 6);
+      localStorage.setItem("imcli.device", device);
     }
+    return device;
+  }
+
+  function tabId() {
     let tab = sessionStorage.getItem("imcli.tab");
     if (!tab || !/^[0-9a-f]{4}$/.test(tab)) {
       tab = newId().slice(0, 4);
       sessionStorage.setItem("imcli.tab", tab);
     }
-    return `${browser}-${tab}`;
+    return tab;
   }
+
+  // The device credential (dc1:<device>:<secret>) is what this browser keeps; the password never is.
+  const CRED = (account) => `imcli.credential.${account}`;
+  const storedCredential = (account) => {
+    const c = localStorage.getItem(CRED(account));
+    return c && /^dc1:[a-z0-9][a-z0-9_-]{0,31}:[A-Za-z0-9_-]{20,100}$/.test(c) ? c : null;
+  };
+  const forgetCredential = (account) => localStorage.removeItem(CRED(account));
 
   function publish(topic, payload, opts) {
     const data = typeof payload === "string" ? payload : JSON.stringify(payload);
@@ -150,13 +166,17 @@
     });
   }
 
-  function signIn(account, password) {
+  // Connect and stay connected (mqtt.js reconnects); resolves once subscribed the first time.
+  // `secret` is the device credential, or the password when this broker issues none.
+  function connect(account, secret) {
     return new Promise((resolve, reject) => {
       S.me = account;
-      S.device = deviceName();
+      S.secret = secret;
+      const credDevice = secret.startsWith("dc1:") ? secret.split(":")[1] : null;
+      S.device = `${credDevice || browserDevice(false)}.${tabId()}`;
       const statusTopic = T.status(account, S.device);
       const client = mqtt.connect(wsUrl(), {
-        protocolVersion: 4, clientId: `${account}:${S.device}`, username: account, password, clean: true,
+        protocolVersion: 4, clientId: `${account}:${S.device}`, username: account, password: secret, clean: true,
         keepalive: 30, reconnectPeriod: 3000, connectTimeout: 10000, resubscribe: false,
         will: { topic: statusTopic, payload: "", qos: 1, retain: true },
       });
@@ -169,14 +189,63 @@
         });
       });
       client.on("error", (err) => {
-        const text = CONNACK[err.code] || err.message;
-        if (first) { first = false; client.end(true); reject(new Error(text)); } else { setStatus(text, true); }
-        if (err.code === 4 || err.code === 5 || err.code === 2) { client.end(true); signedOut(text); }
+        const code = err.code;
+        let text = CONNACK[code] || err.message;
+        if (code === 4 && credDevice) {
+          forgetCredential(account); // revoked, or the account is gone: sign in again with the password
+          text = "this browser was signed out (its device was revoked): sign in again";
+        }
+        if (first) { first = false; client.end(true); reject(new Error(text)); return; }
+        setStatus(text, true);
+        if (code === 2 || code === 4 || code === 5) { client.end(true); signedOut(text); }
       });
       client.on("reconnect", () => setConn("reconnecting…"));
       client.on("offline", () => setConn("offline"));
       client.on("message", onMessage);
     });
+  }
+
+  function disconnect() {
+    if (!S.client) return Promise.resolve();
+    const client = S.client;
+    clearInterval(S.heartbeat);
+    for (const w of S.pending.values()) { clearTimeout(w.timer); w.reject(new Error("signed out")); }
+    S.pending.clear();
+    return new Promise((resolve) => {
+      // clear this device's status, then a clean DISCONNECT (so the Will does not fire)
+      client.publish(T.status(S.me, S.device), "", { qos: 1, retain: true }, () => client.end(false, {}, resolve));
+    });
+  }
+
+  // Password sign-in, then trade the password once for this browser's device credential (issue 17)
+  // in the background: from then on the connection's reconnects, and the next visit, use the
+  // credential, and the password is gone from the page. A broker without device credentials
+  // (Mosquitto: `unsupported`, or no answer) keeps the password, in this page's memory only.
+  async function signIn(account, password) {
+    const stored = password ? null : storedCredential(account);
+    if (stored) return connect(account, stored);
+    if (!password) throw new Error("give the password (this browser has no sign-in of its own for this account)");
+    await connect(account, password);
+    adoptDevice(account);
+  }
+
+  async function adoptDevice(account) {
+    const device = S.device.split(".")[0];
+    let reply = null;
+    try {
+      reply = await request({ type: "device_request", op: "issue", name: device, revoke_others: false });
+    } catch (e) {
+      S.deviceNote = e.message;
+      if (/taken/i.test(e.message)) browserDevice(true); // another browser of this account has the name: a new one next time
+      return;
+    }
+    if (!reply.credential || reply.credential.split(":")[1] !== device) return;
+    localStorage.setItem(CRED(account), reply.credential);
+    localStorage.setItem("imcli.last", account);
+    S.secret = reply.credential;
+    S.client.options.password = reply.credential; // mqtt.js reconnects with its options: no password kept
+    S.deviceCredential = true;
+    $("me-device").textContent = `this browser is device ${device}`;
   }
 
   function online(statusTopic) {
@@ -195,12 +264,15 @@
     });
   }
 
-  function signOut() {
-    if (S.client) {
-      clearInterval(S.heartbeat);
-      // clear this device's status, then a clean DISCONNECT (so the Will does not fire)
-      S.client.publish(T.status(S.me, S.device), "", { qos: 1, retain: true }, () => S.client.end());
+  // Sign out: revoke this browser's device (its credential stops working), forget it, disconnect.
+  async function signOut() {
+    if (S.secret && S.secret.startsWith("dc1:")) {
+      try {
+        await request({ type: "device_request", op: "revoke", name: S.secret.split(":")[1], revoke_others: false });
+      } catch (e) { /* the broker ends the device's connections; nothing else to do */ }
+      forgetCredential(S.me);
     }
+    await disconnect();
   }
 
   // ------------------------------------------------------------------ incoming
@@ -208,6 +280,11 @@
     const t = T.parse(topic);
     if (!t) return;
     if (t.kind === "room" || t.kind === "dm" || t.kind === "group") return onChat(t, payload);
+    if (t.kind === "file_data") {
+      const take = S.downloads.get(t.stream);
+      if (take) take(payload);
+      return;
+    }
     let obj = null;
     try {
       obj = payload.length ? JSON.parse(dec.decode(payload)) : null;
@@ -235,6 +312,8 @@
   }
 
   function onReply(corr, obj) {
+    const upload = S.uploads.get(corr);
+    if (upload && obj) return upload(obj);
     const waiting = S.pending.get(corr);
     if (!waiting || !obj) return;
     S.pending.delete(corr);
@@ -255,7 +334,7 @@
       try { obj = JSON.parse(text); } catch (e) { obj = null; }
       if (obj && typeof obj === "object" && "type" in obj) {
         if (obj.type !== "chat" || obj.v !== 1 || typeof obj.text !== "string" || !obj.text || !ID.test(obj.id || "")) return null;
-        return { id: obj.id, ts: typeof obj.ts === "number" ? obj.ts : Date.now() / 1000, text: obj.text };
+        return { id: obj.id, ts: typeof obj.ts === "number" ? obj.ts : Date.now() / 1000, text: obj.text, file: fileInfo(obj.file) };
       }
     }
     if (!text.trim()) return null;
@@ -290,6 +369,11 @@
   }
 
   function onNotice(n) {
+    if (n.code === "device_revoked" && S.secret && n.topic === S.secret.split(":")[1]) {
+      forgetCredential(S.me);
+      if (S.client) S.client.end(true);
+      return signedOut("this browser was signed out (its device was revoked): sign in again");
+    }
     const bad = n.code === "denied" || n.code === "too_large" || n.code === "rate" || n.code === "limit";
     if (S.current) system(S.current, n.text, bad);
     if (n.code === "group") refreshGroups();
@@ -360,7 +444,7 @@
       conv.loaded = true;
       conv.more = !!reply.more;
       const top = $("log").scrollHeight - $("log").scrollTop;
-      for (const r of reply.messages || []) addMessage(conv, { from: r.from, id: r.id, ts: r.ts, text: r.text }, false);
+      for (const r of reply.messages || []) addMessage(conv, { from: r.from, id: r.id, ts: r.ts, text: r.text, file: fileInfo(r.file) }, false);
       if (conv === S.current) {
         renderMessages();
         if (older) $("log").scrollTop = $("log").scrollHeight - top; else scrollDown();
@@ -440,6 +524,223 @@
     }
   }
 
+  // ------------------------------------------------------------------ files (issue 16)
+  // The bytes travel in chunks (8-byte big-endian offset, then data) beside request/reply:
+  // uploads on upload/<me>/<upload> paced by the worker's file_progress, downloads on
+  // user/<me>/file/<stream> paced by our file_ack. Shown: the name as text, the worker's JPEG
+  // thumbnail as a data: image, the full image only as a blob of an image type we name.
+  const IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/webp"];
+  const FILE_ID = /^[A-Za-z0-9_-]{16,64}$/;
+  const CHUNK_HEADER = 8;
+  const ACK_EVERY = 256 << 10;
+  const STALL = 15000;
+
+  function fileInfo(f) {
+    // a file message as the sender put it: only its well-formed fields are used
+    if (!f || typeof f !== "object" || !FILE_ID.test(f.id || "") || typeof f.name !== "string" || !f.name) return null;
+    if (!Number.isInteger(f.size) || f.size < 1 || !/^[0-9a-f]{64}$/.test(f.sha256 || "")) return null;
+    const thumb = typeof f.thumb === "string" && f.thumb.length <= 9000 && /^[A-Za-z0-9+/]+=*$/.test(f.thumb) ? f.thumb : null;
+    const mime = typeof f.mime === "string" ? f.mime : "application/octet-stream";
+    return { type: "file", v: 1, id: f.id, name: f.name, size: f.size, mime, sha256: f.sha256, width: f.width, height: f.height, thumb };
+  }
+
+  function humanSize(n) {
+    if (n < 1024) return `${n} byte${n === 1 ? "" : "s"}`;
+    let v = n;
+    for (const unit of ["KiB", "MiB", "GiB", "TiB"]) {
+      v /= 1024;
+      if (v < 1024 || unit === "TiB") return `${v.toFixed(1)} ${unit}`.replace(".0 ", " ");
+    }
+    return `${n} bytes`;
+  }
+
+  function describe(f) {
+    const extra = f.width && f.height ? `, ${f.width}x${f.height}` : "";
+    return `sent a file: ${f.name} (${humanSize(f.size)}, ${f.mime}${extra}) - imcli get ${f.id}`;
+  }
+
+  async function sha256hex(bytes) {
+    if (!crypto.subtle) throw new Error("files need a secure page: https, or http on 127.0.0.1");
+    const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+    return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  function chunkOf(offset, bytes) {
+    const out = new Uint8Array(CHUNK_HEADER + bytes.length);
+    new DataView(out.buffer).setBigUint64(0, BigInt(offset));
+    out.set(bytes, CHUNK_HEADER);
+    return out;
+  }
+
+  function showUpload(name, fraction) {
+    $("upload").hidden = fraction === null;
+    $("upload-name").textContent = name;
+    $("upload-progress").value = fraction || 0;
+  }
+
+  async function fileTarget(conv) {
+    if (conv.kind === "room") return { room: conv.name };
+    if (conv.kind === "group") {
+      const g = S.groups.get(conv.name);
+      if (!g || !g.members.includes(S.me)) throw new Error(`you are not a member of #${conv.name} (join it first)`);
+      return { group: conv.name };
+    }
+    if (!S.canDm.get(conv.name)) {
+      const r = await request({ type: "friend_request", op: "can_dm", user: conv.name });
+      if (!r.allowed) throw new Error(`${conv.name} accepts direct messages from friends only`);
+      S.canDm.set(conv.name, true);
+    }
+    return { user: conv.name };
+  }
+
+  function sendChunks(bytes, start, name) {
+    return new Promise((resolve, reject) => {
+      const topic = `${PREFIX}/upload/${S.me}/${start.upload}`;
+      const step = Math.min(start.chunk, MAX_PAYLOAD - CHUNK_HEADER);
+      let sent = start.offset;
+      let acked = start.offset;
+      let stall = null;
+      const finish = (file, err) => {
+        clearTimeout(stall);
+        S.uploads.delete(start.upload);
+        if (err) reject(err); else resolve(file);
+      };
+      const pump = () => {
+        while (sent < bytes.length && sent - acked < start.window) {
+          const end = Math.min(sent + step, bytes.length);
+          S.client.publish(topic, chunkOf(sent, bytes.subarray(sent, end)), { qos: 1 });
+          sent = end;
+        }
+        clearTimeout(stall);
+        stall = setTimeout(() => finish(null), STALL); // the worker went quiet: offer again
+      };
+      S.uploads.set(start.upload, (obj) => {
+        if (obj.type === "file_progress" && Number.isInteger(obj.offset)) {
+          if (obj.offset < acked) return finish(null); // the worker lost chunks: offer again
+          acked = obj.offset;
+          showUpload(name, acked / bytes.length);
+          pump();
+        } else if (obj.type === "file_ready") finish(obj.file);
+        else if (obj.type === "error") finish(null, new Error(obj.text || obj.code));
+      });
+      pump();
+    });
+  }
+
+  async function sendFile(file) {
+    const conv = S.current;
+    if (!conv || !file) return;
+    const name = file.name.slice(-255) || "file";
+    try {
+      if (!file.size) throw new Error("that file is empty");
+      const target = await fileTarget(conv);
+      const bytes = new Uint8Array(await file.arrayBuffer());
+      const sha256 = await sha256hex(bytes);
+      showUpload(name, 0);
+      let info = null;
+      for (let attempt = 0; attempt < 4 && !info; attempt++) {
+        const reply = await request(Object.assign({ type: "file_offer", name, size: bytes.length, sha256 }, target));
+        info = reply.type === "file_ready" ? reply.file : await sendChunks(bytes, reply, name);
+      }
+      if (!info) throw new Error("the files worker stopped answering (send it again: it resumes)");
+      showUpload(name, 1);
+      const carried = Object.assign({}, info);
+      delete carried.sender; delete carried.place; delete carried.ts;
+      let msg = { type: "chat", v: 1, id: newId(), ts: Date.now() / 1000, text: describe(info), file: carried };
+      if (enc.encode(JSON.stringify(msg)).length > MAX_PAYLOAD) { delete carried.thumb; msg = Object.assign({}, msg, { file: carried }); }
+      const topic = target.room ? T.room(conv.name, S.me) : target.group ? T.group(conv.name, S.me) : T.dm(conv.name, S.me);
+      publish(topic, msg);
+      addMessage(conv, { from: S.me, id: msg.id, ts: msg.ts, text: msg.text, file: fileInfo(carried) }, true);
+      setStatus(`sent ${name}`);
+    } catch (e) {
+      setStatus(`${name}: ${e.message}`, true);
+    } finally {
+      setTimeout(() => showUpload("", null), 800);
+    }
+  }
+
+  // Fetch a file whole into memory; the worker's own record (file_ready) names its type and hash.
+  function fetchFile(id, onProgress) {
+    return new Promise((resolve, reject) => {
+      const stream = newId();
+      const parts = [];
+      let have = 0;
+      let told = 0;
+      let info = null;
+      let stall = null;
+      const ackTopic = `${PREFIX}/fetch/${S.me}/${stream}`;
+      const ack = () => { told = have; publish(ackTopic, { type: "file_ack", v: 1, offset: have }); };
+      const finish = (err, value) => { clearTimeout(stall); S.downloads.delete(stream); if (err) reject(err); else resolve(value); };
+      const wait = () => { clearTimeout(stall); stall = setTimeout(() => finish(new Error("the download stopped: try again")), STALL); };
+      S.downloads.set(stream, async (payload) => {
+        if (!info || payload.length <= CHUNK_HEADER) return;
+        const offset = Number(new DataView(payload.buffer, payload.byteOffset, CHUNK_HEADER).getBigUint64(0));
+        const data = new Uint8Array(payload.subarray(CHUNK_HEADER)); // a copy: the buffer is mqtt.js's
+        if (offset !== have || have + data.length > info.size) return; // a duplicate (QoS 1)
+        parts.push(data);
+        have += data.length;
+        wait();
+        if (onProgress) onProgress(have / info.size);
+        if (have - told >= ACK_EVERY || have === info.size) ack();
+        if (have === info.size) {
+          const blob = new Blob(parts, { type: IMAGE_TYPES.includes(info.mime) ? info.mime : "application/octet-stream" });
+          const digest = await sha256hex(new Uint8Array(await blob.arrayBuffer()));
+          if (digest !== info.sha256) finish(new Error(`${info.name} arrived damaged (its sha256 does not match)`));
+          else finish(null, { info, blob });
+        }
+      });
+      request({ type: "file_get", file: id, stream, offset: 0 }).then((head) => {
+        if (head.type !== "file_ready" || !head.file) return finish(new Error("the files worker sent something else"));
+        info = head.file;
+        wait();
+        ack();
+      }, (e) => finish(e));
+    });
+  }
+
+  function fileBox(f) {
+    const box = el("span", "file");
+    const image = IMAGE_TYPES.includes(f.mime);
+    if (image && f.thumb) {
+      const img = el("img", "thumb");
+      img.alt = f.name;
+      img.src = `data:image/jpeg;base64,${f.thumb}`;
+      box.append(img);
+    }
+    const extra = f.width && f.height ? ` · ${f.width}×${f.height}` : "";
+    box.append(said(f.name, "name"), el("span", "meta", ` ${humanSize(f.size)}${extra}`));
+    const get = el("button", "secondary small", image ? "Show full image" : "Download");
+    const bar = el("progress");
+    bar.max = 1;
+    bar.hidden = true;
+    get.addEventListener("click", async () => {
+      get.disabled = true;
+      bar.hidden = false;
+      try {
+        const { info, blob } = await fetchFile(f.id, (x) => { bar.value = x; });
+        const url = URL.createObjectURL(blob);
+        if (IMAGE_TYPES.includes(blob.type)) {
+          const img = box.querySelector("img") || el("img", "full");
+          img.className = "full";
+          img.alt = info.name;
+          img.src = url;
+          box.prepend(img);
+        }
+        const save = el("a", "save", "Save");
+        save.href = url;
+        save.download = info.name;
+        get.replaceWith(save);
+      } catch (e) {
+        get.disabled = false;
+        setStatus(e.message, true);
+      } finally {
+        bar.hidden = true;
+      }
+    });
+    box.append(document.createElement("br"), get, bar);
+    return box;
+  }
+
   // ------------------------------------------------------------------ rendering
   function setStatus(text, bad) {
     const s = $("status");
@@ -461,7 +762,8 @@
   function messageItem(m) {
     const li = el("li", m.mention ? "message mention" : "message");
     li.dataset.from = m.from;
-    li.append(el("span", "time", clock(m.ts)), said(nickOf(m.from), "from"), said(m.text, "text"));
+    li.append(el("span", "time", clock(m.ts)), said(nickOf(m.from), "from"));
+    if (m.file) li.append(fileBox(m.file)); else li.append(said(m.text, "text"));
     return li;
   }
 
@@ -660,13 +962,23 @@
         renderMe();
       } catch (e) { setStatus(`rename: ${e.message}`, true); }
     });
+    $("file-input").addEventListener("change", () => {
+      const file = $("file-input").files[0];
+      $("file-input").value = "";
+      if (file) sendFile(file);
+    });
     $("older").addEventListener("click", () => S.current && loadHistory(S.current, true));
-    $("signout").addEventListener("click", () => { signOut(); signedOut(""); location.reload(); });
+    const last = localStorage.getItem("imcli.last");
+    if (last && NAME.test(last) && storedCredential(last)) {
+      $("account").value = last;
+      enter(last, "").catch(fail); // this browser's device credential: no password needed
+    }
+    $("signout").addEventListener("click", async () => { await signOut(); location.reload(); });
     $("menu").addEventListener("click", () => document.body.classList.toggle("show-menu"));
     document.addEventListener("visibilitychange", () => {
       if (document.visibilityState === "visible" && S.current) { S.current.unread = 0; S.current.mentioned = false; renderConvs(); }
     });
-    window.addEventListener("pagehide", () => { if (S.client && S.client.connected) signOut(); });
+    window.addEventListener("pagehide", () => { if (S.client && S.client.connected) disconnect(); });
   }
 
   start();
