@@ -14,6 +14,7 @@ import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pexpect
 import pytest
@@ -42,7 +43,8 @@ COMMANDS = sorted(leaves(typer.main.get_command(app)), key=lambda c: c[0])
 
 
 def required_arguments(command: object) -> int:
-    return sum(1 for p in command.params if p.param_type_name == "argument" and p.required)  # type: ignore[attr-defined]
+    params: list[Any] = command.params  # type: ignore[attr-defined]
+    return sum(1 for p in params if p.param_type_name == "argument" and p.required)
 
 
 def has_option(command: object, name: str) -> bool:
@@ -196,7 +198,7 @@ def test_password_stdin_reads_the_port_of_a_closed_broker_as_unreachable(cli_as:
     assert FORM.fullmatch(result.stderr.strip()), result.stderr
 
 
-def register_in_a_terminal(server: ServeInfo, config: Path) -> pexpect.spawn:
+def register_in_a_terminal(server: ServeInfo, config: Path) -> pexpect.spawn[str]:
     env = {**os.environ, "IMCLI_CONFIG_DIR": str(config), "TERM": "dumb", "COLUMNS": "200"}
     env.pop("IMCLI_PASSWORD", None)
     args = ["-m", "imcli", "register", "frank", *port_of(server)]
