@@ -68,6 +68,10 @@ NO_REGISTRATION = (
     "Mosquitto has no self-registration: it refuses every register:<name> login with 5 "
     "(the operator makes accounts with mosquitto_passwd, deploy/mosquitto/README.md)"
 )
+NO_DEVICE_CREDENTIALS = (
+    "Mosquitto's password file and dynamic security hold one password per user name: no per-device "
+    "credential checked with a fast keyed hash, so imcli keeps the password (deploy/mosquitto/README.md)"
+)
 
 
 def mosquitto_available() -> bool:

@@ -113,6 +113,19 @@ def test_login_keeps_a_private_profile_until_logout(
     assert gone.stderr.strip() == "Error: not logged in (run 'imcli login NAME' or 'imcli register NAME')"
 
 
+@pytest.mark.broker_xfail("mosquitto", reason=brokers.NO_DEVICE_CREDENTIALS)
+def test_login_keeps_no_password_on_disk(users: Callable[..., None], server: ServeInfo, cli_as: CliFactory) -> None:
+    """Issue 17: the password is traded for a device credential; Mosquitto cannot issue one."""
+    users("dora")
+    cli = cli_as("dora")
+    cli.login("dora")
+    profile = (cli.config_dir / "profile.json").read_text()
+    assert password_of("dora") not in profile
+    entry = json.loads(profile)["logins"]["dora"]
+    assert entry["credential"].startswith(f"dc1:{entry['device']}:")
+    assert cli("who").exit_code == 0  # the credential is what the commands log in with
+
+
 @pytest.mark.broker_xfail("mosquitto", reason=brokers.NO_REGISTRATION)
 def test_register_reads_password_from_stdin(server: ServeInfo, cli_as: CliFactory) -> None:
     cli = cli_as("erin")

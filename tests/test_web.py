@@ -355,6 +355,11 @@ def test_screenshots(web: ServeInfo, tmp_path: Path) -> None:
         alice.wait_title("#team")
         alice.group_action("#invite-button", "bob")
         alice.say("standup in 5")
+        picture = tmp_path / "whiteboard.png"
+        whiteboard(picture)
+        alice.p.set_input_files("#file-input", str(picture))
+        alice.p.wait_for_selector("#messages li[data-from='alice'] .file img.thumb")
+        alice.p.screenshot(path=str(out / "group-image.png"))
         alice.open_conv("room:lobby")
         alice.see("nice! @alice lunch at noon?")
         alice.p.screenshot(path=str(out / "desktop.png"))
@@ -363,7 +368,24 @@ def test_screenshots(web: ServeInfo, tmp_path: Path) -> None:
         bob.p.click("#menu")
         bob.p.screenshot(path=str(out / "phone-menu.png"))
         no_errors(alice, bob)
-    assert sorted(p.name for p in out.glob("*.png")) == ["desktop.png", "phone-menu.png", "phone.png", "signin.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "desktop.png",
+        "group-image.png",
+        "phone-menu.png",
+        "phone.png",
+        "signin.png",
+    ]
+
+
+def whiteboard(path: Path) -> None:
+    """A picture for the screenshots: a few coloured boxes on white."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (480, 300), (250, 250, 250))
+    draw = ImageDraw.Draw(image)
+    for i, colour in enumerate([(47, 111, 221), (42, 157, 75), (230, 160, 30)]):
+        draw.rectangle((30 + 150 * i, 60, 150 + 150 * i, 240), fill=colour)
+    image.save(path, "PNG")
 
 
 def test_the_web_client_on_mosquittos_websocket_listener(tmp_path: Path) -> None:

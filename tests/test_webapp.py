@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,6 +132,36 @@ def test_a_host_name_that_points_here_is_only_its_own_origin(web: ServeInfo) -> 
     assert not origin_allowed("http://evil.example", f"localhost:{port}", tls=False)
     assert not origin_allowed(f"http://localhost:{port}", f"localhost:{port}", tls=True)
     assert origin_allowed(f"https://localhost:{port}", f"localhost:{port}", tls=True)
+
+
+def test_a_rebound_name_is_not_this_loopback_listeners_origin(web: ServeInfo) -> None:
+    # DNS rebinding: evil.example re-pointed at 127.0.0.1 makes Origin and Host agree, but on a
+    # loopback listener the Host must name this machine
+    port = web.ws_port
+    assert port is not None
+    rebound = f"evil.example:{port}"
+    assert not origin_allowed(f"http://{rebound}", rebound, tls=False, loopback=True)
+    assert origin_allowed(f"http://{rebound}", rebound, tls=False, loopback=False)  # a public listener's name
+    assert origin_allowed(f"http://localhost:{port}", f"localhost:{port}", tls=False, loopback=True)
+    assert origin_allowed(f"http://[::1]:{port}", f"[::1]:{port}", tls=False, loopback=True)
+    assert origin_allowed(f"http://127.0.0.2:{port}", f"127.0.0.2:{port}", tls=False, loopback=True)
+    assert raw_handshake(port, host=rebound, origin=f"http://{rebound}").startswith(b"HTTP/1.1 403 ")
+    assert raw_handshake(port, host=f"localhost:{port}", origin=f"http://localhost:{port}").startswith(b"HTTP/1.1 101 ")
+    # two Host headers (which one would the check read?) are refused outright
+    twice = raw_handshake(port, host=f"localhost:{port}\r\nHost: {rebound}", origin=f"http://{rebound}")
+    assert twice.startswith(b"HTTP/1.1 400 ")
+
+
+def raw_handshake(port: int, host: str, origin: str) -> bytes:
+    """A WebSocket upgrade request written by hand (so that Host is exactly ``host``); the response's start."""
+    request = (
+        f"GET /mqtt HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Protocol: mqtt\r\nOrigin: {origin}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request.encode())
+        return sock.recv(200)
 
 
 def test_mqtt_over_websocket_still_works_for_programs(web: ServeInfo, users_on_web: None) -> None:

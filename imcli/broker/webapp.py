@@ -14,7 +14,9 @@ after the HTTP request is read and before the upgrade, on every connection of th
   site that tries to open a socket to the broker (and then guess or phish a password, or use
   a session the user left open) is refused with 403 before the upgrade. Allowed: the
   listener's own origin (``Origin`` equal to ``http(s)://`` + the ``Host`` the browser
-  asked), and the origins given with ``--ws-origin``. Programs that send no ``Origin`` (paho,
+  asked), and the origins given with ``--ws-origin``. On a loopback listener that ``Host``
+  must also name this machine (``localhost``, ``127.0.0.1``, ``[::1]``): a site whose name
+  is re-pointed at 127.0.0.1 (DNS rebinding) would otherwise be its own origin. Programs that send no ``Origin`` (paho,
   mosquitto_sub, mqtt.js under Node) are let through: the Origin header is a browser's
   statement about the page, and MQTT's own login still applies to everyone.
 * **Headers.** Every file carries a CSP with no inline script and no other host (``worker-src
@@ -26,6 +28,7 @@ after the HTTP request is read and before the upgrade, on every connection of th
 from __future__ import annotations
 
 import http
+import ipaddress
 import mimetypes
 import re
 from collections.abc import Iterable
@@ -70,13 +73,29 @@ def csp(host: str) -> str:
     )
 
 
-def origin_allowed(origin: str | None, host: str | None, tls: bool, extra: Iterable[str] = ()) -> bool:
-    """Whether a WebSocket handshake with this ``Origin`` may go on to MQTT (see the module docstring)."""
-    if origin is None:
+def loopback_host(host: str | None) -> bool:
+    """Whether a ``Host`` header names this machine: ``localhost``, ``127.x.y.z`` or ``[::1]``, any port."""
+    if host is None:
+        return False
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") and host.count(":") == 1 else host
+    name = name.rsplit("]", 1)[0].strip("[]").lower() if name.startswith("[") else name.lower()
+    if name == "localhost" or name.endswith(".localhost"):
         return True
-    if host is not None and origin == f"{'https' if tls else 'http'}://{host}":
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def origin_allowed(
+    origin: str | None, host: str | None, tls: bool, extra: Iterable[str] = (), *, loopback: bool = False
+) -> bool:
+    """Whether a WebSocket handshake with this ``Origin`` may go on to MQTT (see the module docstring).
+    ``loopback``: the listener is bound to loopback, so its own origin must name a loopback host."""
+    if origin is None or origin in set(extra):
         return True
-    return origin in set(extra)
+    own = host is not None and origin == f"{'https' if tls else 'http'}://{host}"
+    return own and (not loopback or loopback_host(host))
 
 
 @dataclass
@@ -85,12 +104,17 @@ class WebApp:
 
     tls: bool = False
     origins: tuple[str, ...] = ()
+    loopback: bool = False  # bound to loopback only: the Host must name this machine
     files: dict[str, bytes] = field(default_factory=static_files)
 
     def __call__(self, connection: Any, request: Request) -> Response | None:
         headers = request.headers
+        if any(len(headers.get_all(name)) > 1 for name in ("Host", "Origin", "Upgrade")):
+            return self._response(http.HTTPStatus.BAD_REQUEST, b"one Host, Origin and Upgrade only\n", "text/plain")
         if "websocket" in headers.get("Upgrade", "").lower():
-            if origin_allowed(headers.get("Origin"), headers.get("Host"), self.tls, self.origins):
+            if origin_allowed(
+                headers.get("Origin"), headers.get("Host"), self.tls, self.origins, loopback=self.loopback
+            ):
                 return None
             return self._response(http.HTTPStatus.FORBIDDEN, b"origin not allowed\n", "text/plain")
         path = request.path.split("?", 1)[0]

@@ -20,7 +20,7 @@ from typing import Annotated
 
 import typer
 
-from imcli.cli.account import login, logout, register, whoami
+from imcli.cli.account import devices_app, login, logout, passwd, register, switch, token_app, whoami
 from imcli.cli.admin import admin_app
 from imcli.cli.chat import chat, history
 from imcli.cli.common import (
@@ -74,6 +74,8 @@ app.add_typer(admin_app, name="admin")
 app.add_typer(group_app, name="group")
 app.add_typer(friend_app, name="friend")
 app.add_typer(config_app, name="config")
+app.add_typer(devices_app, name="devices")
+app.add_typer(token_app, name="token")
 # registered in the order `imcli --help` lists them
 app.command()(chat)
 app.command()(history)
@@ -82,6 +84,21 @@ app.command()(register)  # imcli/cli/account.py
 app.command()(login)
 app.command()(logout)
 app.command()(whoami)
+app.command()(switch)
+app.command()(passwd)
+
+
+@app.callback()
+def main_options(
+    account: Annotated[
+        str | None,
+        typer.Option("--account", envvar="IMCLI_ACCOUNT", help="Act as this logged-in account (default: current)."),
+    ] = None,
+) -> None:
+    """imcli: chat over an MQTT broker that enforces who may say what."""
+    from imcli.client import config
+
+    config.choose_account(account)  # for this invocation only (tests run many in one process)
 
 
 # ---------------------------------------------------------------- talking

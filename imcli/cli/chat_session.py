@@ -118,7 +118,9 @@ class ChatSession:
         # the overlap, asked again for ids, would show last run's lines once more
         queued_lines = Counter(content_key(m) for m in queued if m.format == "text")
         for m in page.messages:
-            if m.sender == self.me or self.listener.seen.seen(seen_key(m)):
+            # my own lines count too: those sent from my other devices (issue 17); this
+            # device's own are in its seen ids
+            if self.listener.seen.seen(seen_key(m)):
                 continue
             if m.format == "text" and m.ts < last_seen:
                 continue

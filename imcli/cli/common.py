@@ -219,13 +219,13 @@ def ask_password(from_stdin: bool, *, confirm: bool) -> str:
 NEW_PASSWORD_TRIES = 3
 
 
-def ask_new_password() -> str:
+def ask_new_password(label: str = "Password") -> str:
     """A new password typed twice at the terminal: its length is checked before it is asked again,
     and after three tries that fail (too short, or two that differ) the command gives up."""
     from imcli.broker.accounts import check_password
 
     for left in range(NEW_PASSWORD_TRIES - 1, -1, -1):
-        first: str = typer.prompt("Password", hide_input=True)
+        first: str = typer.prompt(label, hide_input=True)
         try:
             check_password(first)
         except InvalidInput as exc:

@@ -35,13 +35,14 @@ class Identity:
         return self.credentials.username
 
     def client_id(self, purpose: str | None = None) -> str:
-        """``<account>:<device>``, or ``<account>:<device>-<purpose><random>`` (``session_name``)."""
+        """``<account>:<device>``, or ``<account>:<device>.<purpose><random>`` (``session_name``)."""
         return device_client_id(self.account, self.session_name(purpose))
 
     def session_name(self, purpose: str | None = None) -> str:
         """The device's name; one-shot commands add a random suffix so they never take
-        over (or flap) the device's long-lived session."""
-        return f"{self.device}-{purpose}{secrets.token_hex(3)}" if purpose else self.device
+        over (or flap) the device's long-lived session. After a '.': a device credential is
+        bound to ``<account>:<device>`` and ``<account>:<device>.<anything>`` (imcli/core/rules.py)."""
+        return f"{self.device}.{purpose}{secrets.token_hex(3)}" if purpose else self.device
 
 
 def listen_session(device: str, rooms: list[str] | None = None) -> str:

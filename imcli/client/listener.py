@@ -25,9 +25,10 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from imcli.client.identity import Identity
-from imcli.core.errors import ImcliError
+from imcli.core.errors import AuthenticationFailed, DeviceLoggedOut, ImcliError
 from imcli.core.mqtt import ConnectionListener, Message, MqttClient, Will
 from imcli.core.request_reply import RequestClient
+from imcli.core.rules import DEVICE_CREDENTIAL_PREFIX
 from imcli.core.wire import (
     DEFAULT_HEARTBEAT,
     DeviceStatus,
@@ -55,7 +56,7 @@ from imcli.core.wire import (
 CATCH_UP_OVERLAP = 5.0  # seconds before the last known contact: the seen ids drop what was shown already
 CATCH_UP_LIMIT = 500  # the archive's page size (HISTORY_MAX); more than that is said, not shown
 
-_SHOWN = (TopicKind.ROOM, TopicKind.DM, TopicKind.GROUP_MSG, TopicKind.NOTICE, TopicKind.EVENTS)
+_SHOWN = (TopicKind.ROOM, TopicKind.DM, TopicKind.SENT, TopicKind.GROUP_MSG, TopicKind.NOTICE, TopicKind.EVENTS)
 
 
 class RecentIds:
@@ -197,6 +198,8 @@ class Listener:
             on_connection=self._connection_changed,
         )
         self.seen = seen or RecentIds()
+        self._logged_out = False  # the broker said this device was revoked
+        self._uses_device_credential = identity.credentials.password.startswith(DEVICE_CREDENTIAL_PREFIX)
         self.nicks: dict[str, str] = {}
         self.online: set[str] = set()  # accounts the presence worker says are online
         self._inbox: queue.Queue[tuple[Message | Received, bool]] = queue.Queue()
@@ -259,12 +262,32 @@ class Listener:
     # ---------------------------------------------------------------- receiving
 
     def _route(self, message: Message) -> None:  # paho's thread
+        if self._revokes_me(message):
+            self._logged_out = True
         if not self.requests.deliver(message):
             self._inbox.put((message, self._catching_up))
 
+    def _revokes_me(self, message: Message) -> bool:
+        """The broker's notice that this device was revoked (``imcli logout`` here, or
+        ``imcli devices revoke`` elsewhere): imcli/broker/device_service.py."""
+        if not message.topic.endswith("/notice") or b"device_revoked" not in message.payload:
+            return False
+        parsed = self.identity.topics.parse(message.topic)
+        if parsed is None or parsed.kind is not TopicKind.NOTICE or parsed.owner != self.identity.account:
+            return False
+        try:
+            notice = decode_as(message.payload, Notice)
+        except MalformedPayload:
+            return False
+        return notice.code == "device_revoked" and notice.topic == self.identity.device
+
     def __iter__(self) -> Iterator[Received]:
         while not self._stop.is_set():
+            if self._logged_out:
+                raise DeviceLoggedOut(self.identity.device)
             if self._client.fatal is not None:
+                if isinstance(self._client.fatal, AuthenticationFailed) and self._uses_device_credential:
+                    raise DeviceLoggedOut(self.identity.device) from self._client.fatal
                 raise self._client.fatal
             try:
                 message, missed = self._inbox.get(timeout=0.5)

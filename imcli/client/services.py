@@ -107,7 +107,7 @@ def verify_login(address: BrokerAddress, credentials: Credentials, device: str) 
     """Connect once to check the credentials."""
     try:
         with MqttClient(
-            address, credentials, device_client_id(credentials.username, f"{device}-login{secrets.token_hex(3)}")
+            address, credentials, device_client_id(credentials.username, f"{device}.login{secrets.token_hex(3)}")
         ):
             pass
     except AuthenticationFailed as exc:

@@ -19,6 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from imcli.core.errors import AuthenticationFailed, BrokerUnreachable, PublishFailed
+from imcli.core.rules import DEVICE_CREDENTIAL_PREFIX
 
 # paho 2 reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes; map back for messages
 _CONNACK_V311 = {128: 1, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
@@ -159,7 +160,7 @@ class MqttClient:
         rc = self._connack_rc
         if rc is not None and rc.is_failure:
             self.close()
-            raise _refusal(rc)
+            raise _refusal(rc, self._credentials)
 
     def close(self) -> None:
         self._closing = True
@@ -245,7 +246,7 @@ class MqttClient:
             # imcli serve's login throttle or too many password checks at once, say when a whole
             # team reconnects after a restart): paho tries again, with its backoff
             if self._was_connected and _CONNACK_V311.get(rc.value) != SERVER_UNAVAILABLE:
-                self.fatal = _refusal(rc)
+                self.fatal = _refusal(rc, self._credentials)
                 client.disconnect()
             return
         reconnected = self._was_connected
@@ -320,8 +321,14 @@ _REFUSAL_HINTS = {
 }
 
 
-def _refusal(rc: ReasonCode) -> AuthenticationFailed:
+def _refusal(rc: ReasonCode, credentials: Credentials) -> AuthenticationFailed:
     code = _CONNACK_V311.get(rc.value, rc.value)
+    if code == 4 and credentials.password.startswith(DEVICE_CREDENTIAL_PREFIX):
+        return AuthenticationFailed(
+            "the broker refused this device's credential: the device was logged out or revoked (code 4)",
+            f"log in again with 'imcli login {credentials.username}'",
+            code=4,
+        )
     return AuthenticationFailed(
         f"the broker refused the connection: {str(rc).lower()} (code {code})",
         _REFUSAL_HINTS.get(code, "check the name, password and address"),

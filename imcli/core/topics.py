@@ -92,6 +92,7 @@ def chat_line(text: str, *, message_id: str | None = None, ts: float | None = No
 class TopicKind(enum.StrEnum):
     ROOM = "room"
     DM = "dm"
+    SENT = "sent"  # the broker's copy of a DM for the sender's other devices (issue 17)
     REPLY = "reply"
     NOTICE = "notice"
     FRIENDS = "friends"
@@ -146,6 +147,10 @@ class Topics:
     def dm_filter(self, to: str | None = None) -> str:
         """DMs to ``to``, or every direct message (the archive's subscription; a user may read only its own)."""
         return f"{self.prefix}/user/{_n(to) if to else '+'}/dm/+"
+
+    def sent(self, me: str, to: str) -> str:
+        """The copy of ``me``'s DM to ``to`` that the broker delivers to ``me``'s own devices."""
+        return f"{self.prefix}/user/{_n(me)}/sent/{_n(to)}"
 
     def user_filter(self, me: str) -> str:
         return f"{self.prefix}/user/{_n(me)}/#"
@@ -234,14 +239,8 @@ class Topics:
         match levels:
             case ["room", room, sender] if is_name(room) and is_name(sender):
                 return Topic(TopicKind.ROOM, sender=sender, name=room)
-            case ["user", to, "dm", sender] if is_name(to) and is_name(sender):
-                return Topic(TopicKind.DM, sender=sender, owner=to)
-            case ["user", me, "reply", corr] if is_name(me) and is_id(corr):
-                return Topic(TopicKind.REPLY, owner=me, key=corr)
-            case ["user", me, "notice"] if is_name(me):
-                return Topic(TopicKind.NOTICE, owner=me)
-            case ["user", me, "friends"] if is_name(me):
-                return Topic(TopicKind.FRIENDS, owner=me)
+            case ["user", owner, *rest] if is_name(owner):
+                return _user_topic(owner, rest)
             case ["group", group, "msg", sender] if is_name(group) and is_name(sender):
                 return Topic(TopicKind.GROUP_MSG, sender=sender, name=group)
             case ["group", group, "info"] if is_name(group):
@@ -258,14 +257,12 @@ class Topics:
 
 
 def _file_topic(levels: list[str]) -> Topic | None:
-    """The topics of a file's bytes (issue 16), or ``None``."""
+    """The topics of a file's bytes (issue 16), or ``None`` (``<prefix>/user/<me>/file/<stream>``: ``_user_topic``)."""
     match levels:
         case ["upload", sender, upload] if is_name(sender) and is_id(upload):
             return Topic(TopicKind.UPLOAD, sender=sender, key=upload)
         case ["fetch", sender, stream] if is_name(sender) and is_id(stream):
             return Topic(TopicKind.FETCH, sender=sender, key=stream)
-        case ["user", me, "file", stream] if is_name(me) and is_id(stream):
-            return Topic(TopicKind.FILE_DATA, owner=me, key=stream)
     return None
 
 
@@ -289,6 +286,24 @@ def unchunk(payload: bytes) -> tuple[int, bytes]:
 def chunk_size(max_payload: int) -> int:
     """Bytes of a file per chunk, so that a chunk's payload is within ``max_payload``."""
     return max_payload - CHUNK_HEADER
+
+
+def _user_topic(owner: str, rest: list[str]) -> Topic | None:
+    """A topic of ``<prefix>/user/<owner>/…``."""
+    match rest:
+        case ["dm", sender] if is_name(sender):
+            return Topic(TopicKind.DM, sender=sender, owner=owner)
+        case ["sent", to] if is_name(to):
+            return Topic(TopicKind.SENT, sender=owner, owner=to)
+        case ["reply", corr] if is_id(corr):
+            return Topic(TopicKind.REPLY, owner=owner, key=corr)
+        case ["notice"]:
+            return Topic(TopicKind.NOTICE, owner=owner)
+        case ["friends"]:
+            return Topic(TopicKind.FRIENDS, owner=owner)
+        case ["file", stream] if is_id(stream):  # a file's bytes, streamed to its reader (issue 16)
+            return Topic(TopicKind.FILE_DATA, owner=owner, key=stream)
+    return None
 
 
 def _n(value: str) -> str:

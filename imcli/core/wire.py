@@ -137,7 +137,7 @@ class ErrorReply(WireModel):
     type: Literal["error"] = "error"
     v: Literal[1] = PROTOCOL_VERSION
     id: str
-    code: Literal["not_found", "invalid", "denied", "taken", "internal"]
+    code: Literal["not_found", "invalid", "denied", "taken", "internal", "unsupported"]
     text: str
 
 
@@ -202,6 +202,45 @@ class Roster(WireModel):
     v: Literal[1] = PROTOCOL_VERSION
     id: str
     users: list[Presence]
+
+
+DeviceOp = Literal["issue", "list", "revoke", "passwd", "token"]
+
+
+class DeviceRequest(WireModel):
+    """A request about the asker's own devices and tokens (issue 17), answered by the broker
+    itself (``imcli serve``), never by a worker: it holds the device records.
+
+    ``issue`` (a connection that logged in with the account password only): a credential for
+    the device ``name``; ``token``: the same for a bot, listed as a token; ``list``; ``revoke``
+    ``name``; ``passwd`` (password login only): ``password`` becomes the account's password,
+    and with ``revoke_others`` every device but ``name`` is revoked.
+    """
+
+    type: Literal["device_request"] = "device_request"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    op: DeviceOp
+    name: str | None = None
+    password: str | None = Field(default=None, repr=False)
+    revoke_others: bool = False
+
+
+class DeviceInfo(WireModel):
+    name: str
+    kind: Literal["device", "token"] = "device"
+    created: Timestamp
+    last_seen: Timestamp | None = None
+    online: bool = False
+
+
+class DeviceReply(WireModel):
+    type: Literal["device_reply"] = "device_reply"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    devices: list[DeviceInfo] = Field(default_factory=list)
+    credential: str | None = Field(default=None, repr=False)  # ``issue`` and ``token``: shown once
+    revoked: list[str] = Field(default_factory=list)
 
 
 class RenameRequest(WireModel):
@@ -467,6 +506,8 @@ Payload = Annotated[
     | Roster
     | RenameRequest
     | Renamed
+    | DeviceRequest
+    | DeviceReply
     | GroupInfo
     | GroupRequest
     | GroupReply
@@ -558,6 +599,6 @@ def chat_received(parsed: Topic, payload: bytes) -> Received:
         return Received(kind="room", sender=parsed.sender, room=parsed.name, **common)
     if parsed.kind is TopicKind.GROUP_MSG:
         return Received(kind="group", sender=parsed.sender, group=parsed.name, **common)
-    if parsed.kind is TopicKind.DM:
+    if parsed.kind in (TopicKind.DM, TopicKind.SENT):  # SENT: my own DM, from another of my devices
         return Received(kind="dm", sender=parsed.sender, to=parsed.owner, **common)
     raise MalformedPayload(f"not a chat topic: {parsed.kind}")

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.core.service import AccountDirectory, ServiceWorker
 from imcli.core.wire import (
+    DeviceRequest,
     DeviceStatus,
     ErrorReply,
     Presence,
@@ -95,6 +96,9 @@ class PresenceWorker(ServiceWorker):
             reply, effects = self.roster.rename(sender, request.nick, request.id, self.clock())
             self._apply(effects)
             return reply
+        if isinstance(request, DeviceRequest):  # the embedded broker answers these itself, before any worker
+            text = "this broker does not issue device credentials (Mosquitto, NATS: deploy/mosquitto/README.md)"
+            return ErrorReply(id=request.id, code="unsupported", text=text)
         return None
 
     def _apply(self, effects: Effects) -> None:
