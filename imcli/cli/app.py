@@ -61,15 +61,6 @@ def _print_version(wanted: bool) -> None:
         raise typer.Exit
 
 
-@app.callback()
-def _options(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print imcli's version and exit.")
-    ] = False,
-) -> None:
-    """The options before any command."""
-
-
 app.add_typer(admin_app, name="admin")
 app.add_typer(group_app, name="group")
 app.add_typer(friend_app, name="friend")
@@ -94,6 +85,9 @@ def main_options(
         str | None,
         typer.Option("--account", envvar="IMCLI_ACCOUNT", help="Act as this logged-in account (default: current)."),
     ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print imcli's version and exit.")
+    ] = False,
 ) -> None:
     """imcli: chat over an MQTT broker that enforces who may say what."""
     from imcli.client import config
