@@ -246,6 +246,24 @@ def test_an_image_sent_from_the_page_shows_inline_for_the_others(web: ServeInfo,
         no_errors(alice, bob)
 
 
+def test_public_groups_are_joined_from_the_list_and_left(web: ServeInfo, tmp_path: Path) -> None:
+    carol = cli(web, tmp_path, "carol")
+    ok(carol, "group", "create", "open-house")
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.sign_in(password_of("alice"), register=True)
+        alice.p.click("#public-groups li:has-text('#open-house') button:has-text('join')")
+        alice.wait_title("#open-house")
+        alice.p.wait_for_function("() => document.getElementById('group-members').textContent.includes('alice')")
+        alice.say("hi house")
+        assert history(carol, "#open-house") == ["hi house"]
+        alice.p.click("#leave-button")
+        alice.wait_title("lobby")
+        assert alice.p.locator("li[data-key='group:open-house']").count() == 0
+        assert "alice" not in ok(carol, "group", "members", "open-house")
+        no_errors(alice)
+
+
 def test_hostile_text_stays_text(web: ServeInfo, tmp_path: Path) -> None:
     carol = cli(web, tmp_path, "carol")
     with chromium() as browser:

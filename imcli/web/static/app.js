@@ -10,7 +10,6 @@
   const MAX_PAYLOAD = 16384;
   const PAGE = 50; // history messages per request
   const NAME = /^[a-z0-9][a-z0-9_-]{0,31}$/;
-  const NICK = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$/;
   const ID = /^[A-Za-z0-9_-]{1,64}$/;
   const CONNACK = {
     2: "this client id is not allowed for the account",
@@ -57,6 +56,8 @@
       const n = (i) => NAME.test(l[i]);
       if (l[0] === "room" && l.length === 3 && n(1) && n(2)) return { kind: "room", name: l[1], from: l[2] };
       if (l[0] === "user" && l.length === 4 && l[2] === "dm" && n(1) && n(3)) return { kind: "dm", to: l[1], from: l[3] };
+      // my own DMs as the broker copies them to my other devices (issue 17): user/<me>/sent/<to>
+      if (l[0] === "user" && l.length === 4 && l[2] === "sent" && n(1) && n(3)) return { kind: "dm", to: l[3], from: l[1] };
       if (l[0] === "user" && l.length === 4 && l[2] === "reply" && n(1) && ID.test(l[3])) return { kind: "reply", corr: l[3] };
       if (l[0] === "user" && l.length === 3 && l[2] === "notice" && n(1)) return { kind: "notice" };
       if (l[0] === "user" && l.length === 4 && l[2] === "file" && n(1) && ID.test(l[3])) return { kind: "file_data", stream: l[3] };
@@ -953,8 +954,8 @@
     });
     $("rename-form").addEventListener("submit", async (ev) => {
       ev.preventDefault();
-      const nick = $("rename-input").value.trim();
-      if (!NICK.test(nick)) return setStatus("a nickname is 1-32 letters, digits, '_', '-' or '.'", true);
+      const nick = $("rename-input").value.trim().normalize("NFC");
+      if (!nick || [...nick].length > 32) return setStatus("a display name is 1 to 32 characters", true);
       try {
         const r = await request({ type: "rename", nick });
         S.nick = r.nick;
