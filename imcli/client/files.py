@@ -63,7 +63,7 @@ def _refused(reply: ErrorReply) -> ImcliError:
         return NotAllowed(reply.text, "see the limits of this server with its operator, or send something smaller")
     if reply.code == "internal":
         return ImcliError(reply.text, "nothing stored was lost; try again later")
-    return _ERRORS.get(reply.code, ImcliError)(reply.text)
+    return _ERRORS.get(reply.code, ImcliError)(reply.text, "see your files with 'imcli files'")
 
 
 def check_file(path: Path) -> int:
