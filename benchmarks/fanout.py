@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.brokers import MOSQUITTO_PUB, MOSQUITTO_SUB, PASSWORD, Broker
+from benchmarks.brokers import MOSQUITTO_PUB, MOSQUITTO_SUB, PASSWORD, Broker, cpu_seconds
 from imcli.core.wire import ChatMessage, Topics, encode, new_id
 
 T = Topics()
@@ -139,6 +139,7 @@ def fan(broker: Broker, shape: Shape, qos: int) -> dict[str, object]:
             listeners.ready()
             time.sleep(0.5)  # let the talkers' CONNECTs finish: lines written earlier would wait for them
             body = (line + "\n") * shape.lines
+            cpu_before = cpu_seconds(broker.pid)
             started = time.time()
             for talker in talkers:
                 assert talker.stdin is not None
@@ -158,6 +159,7 @@ def fan(broker: Broker, shape: Shape, qos: int) -> dict[str, object]:
                 if size >= expected_bytes and sum(len(_stamps(p, marker)) for p in listeners.files) >= shape.deliveries:
                     break
                 time.sleep(0.1)
+            cpu = cpu_seconds(broker.pid) - cpu_before
         finally:
             listeners.stop()
             for talker in talkers:
@@ -181,6 +183,8 @@ def fan(broker: Broker, shape: Shape, qos: int) -> dict[str, object]:
         "deliveries": delivered,
         "seconds": round(elapsed, 3),
         "deliveries_per_s": round(delivered / elapsed),
+        # the broker's process only (not its workers): CPU per copy, steadier than the rate on a loaded machine
+        "broker_cpu_us_per_delivery": round(cpu / max(delivered, 1) * 1e6, 1),
     }
 
 

@@ -44,7 +44,8 @@ def brief(label: str, figures: dict[str, Any]) -> str:
     if "error" in figures:
         return str(figures["error"])
     if label.endswith(("_qos0", "_qos1")):
-        return f"{figures['deliveries_per_s']}/s ({figures['deliveries']} of {figures['expected_deliveries']})"
+        return (f"{figures['deliveries_per_s']}/s ({figures['deliveries']} of {figures['expected_deliveries']}, "
+                f"{figures['broker_cpu_us_per_delivery']} µs CPU each)")  # fmt: skip
     keys = [k for k, _ in COLUMNS.get(label, [])]
     return ", ".join(f"{k}={figures[k]}" for k in keys if k in figures) or str(figures)
 
