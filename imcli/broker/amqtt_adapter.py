@@ -34,9 +34,10 @@ from amqtt.session import INCOMING, ApplicationMessage, Session
 from imcli.broker.accounts import AccountStore
 from imcli.broker.acl import Access, TopicAcl
 from imcli.broker.admission import Admission
-from imcli.broker.client_loop import run_client_loop
+from imcli.broker.client_loop import Bell, run_client_loop
 from imcli.broker.connection_gate import ConnectionGate
 from imcli.broker.fanout import FanOut, SessionFilters, publish_all
+from imcli.broker.gcpause import release_transport
 from imcli.broker.journal import ArchiveWriter, Journal
 from imcli.broker.listeners import Connections, peer_host, serve, stop_listening
 from imcli.broker.notices import Notifier
@@ -48,6 +49,7 @@ from imcli.broker.reader_loop import read_packets
 from imcli.broker.retained import RetainedState
 from imcli.broker.session_upkeep import SessionUpkeep
 from imcli.broker.sessions import (
+    LeanQueue,
     SessionState,
     SubscriptionTable,
     close_silent,
@@ -111,7 +113,13 @@ class AckAfterJournal(BrokerProtocolHandler):
     will: Will | None = None  # imcli/broker/wills.py
     max_unreleased = 1 << 16  # incoming QoS 2 messages held for their PUBREL (sessions.no_pubrel)
     _silent_close: asyncio.Future[None] | None = None
-    activity: asyncio.Event | None = None  # set when a packet handled left work for the message loop
+    activity: Bell | None = None  # set when a packet handled left work for the message loop
+
+    def __init__(self, plugins_manager: Any, session: Session | None = None, loop: Any = None) -> None:
+        super().__init__(plugins_manager, session, loop)
+        # amqtt's asyncio.Queue objects: 3 KB each, empty (imcli/broker/sessions.py)
+        self._pending_subscriptions: LeanQueue[Any] = LeanQueue()
+        self._pending_unsubscriptions: LeanQueue[Any] = LeanQueue()
 
     async def handle_publish(self, publish_packet: Any) -> None:
         try:
@@ -161,6 +169,12 @@ class AckAfterJournal(BrokerProtocolHandler):
 
 class LightSession(Session):
     """amqtt's ``Session`` with a ``SessionState`` from the start instead of a ``transitions.Machine``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # amqtt's asyncio.Queue objects: 3 KB each, empty (imcli/broker/sessions.py)
+        self.retained_messages: LeanQueue[Any] = LeanQueue()
+        self.delivered_message_queue: LeanQueue[Any] = LeanQueue()
 
     def _init_states(self) -> None:  # called by Session.__init__
         self.transitions = SessionState(self)
@@ -288,9 +302,12 @@ class ImBroker(Broker):
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
         adapter, transport = StreamWriterAdapter(writer), writer.transport
-        with self.connections.accepted(adapter, peer_host(writer.get_extra_info("peername")), transport, writer):
-            # amqtt's stream_connected, with the reader kept inside its packets (imcli/broker/packets.py)
-            await self._client_connected(listener_name, self._guard(StreamReaderAdapter(reader), adapter), adapter)
+        try:
+            with self.connections.accepted(adapter, peer_host(writer.get_extra_info("peername")), transport, writer):
+                # amqtt's stream_connected, with the reader kept inside its packets (imcli/broker/packets.py)
+                await self._client_connected(listener_name, self._guard(StreamReaderAdapter(reader), adapter), adapter)
+        finally:
+            release_transport(transport)  # freed by reference counting, not by a full collection
 
     async def ws_connected(self, websocket: Any, listener_name: str) -> None:
         adapter, transport = WebSocketsWriter(websocket), websocket.transport  # the WebSocket's TCP (or TLS) one

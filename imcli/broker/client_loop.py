@@ -27,6 +27,33 @@ from typing import Any
 FAIR_SHARE = 32  # messages handled before the loop lets other connections' tasks run
 
 
+class Bell:
+    """``asyncio.Event`` for one waiter, without the Event's deque of waiters (760 bytes, empty)."""
+
+    __slots__ = ("_rung", "_waiter")
+
+    def __init__(self) -> None:
+        self._rung = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._rung = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._rung = False
+
+    async def wait(self) -> None:
+        if self._rung:
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+
 def _done(value: Any) -> asyncio.Future[Any]:
     """A finished future holding ``value``: amqtt's ``_handle_*`` methods take their waiter's."""
     future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -36,7 +63,7 @@ def _done(value: Any) -> asyncio.Future[Any]:
 
 async def run_client_loop(broker: Any, session: Any, handler: Any) -> None:
     """Handle what ``handler``'s connection sends until it ends (``broker`` is the ``ImBroker``)."""
-    activity = handler.activity = asyncio.Event()
+    activity = handler.activity = Bell()
     ended: asyncio.Future[Any] | None = handler._disconnect_waiter  # amqtt private (amqtt_adapter.py)
     if ended is None:  # amqtt's wait_disconnect() returns None at once then
         ended = _done(None)
