@@ -1,7 +1,7 @@
 """The benchmark suite: stock amqtt, the embedded default and Mosquitto, side by side.
 
-    python -m benchmarks [--quick] [--only fanout,stream,rooms,group,dm,dmflood,capacity,churn,storm,cold]
-                         [--brokers stock,embedded,mosquitto] [--repeat N]
+    python -m benchmarks [--quick] [--only fanout,stream,rooms,group,dm,dmflood,capacity,churn,storm,cold,files]
+                         [--brokers stock,embedded,mosquitto,nats] [--repeat N] [--capacity USERS]
 
 Starts each broker itself on a free loopback port (benchmarks/brokers.py), runs each
 scenario on every broker in turn (so that the shared machine's noise falls on all of
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import brokers, fanout, report, scenarios
+from benchmarks import brokers, fanout, files, report, scenarios
 from benchmarks.fanout import Shape
 from benchmarks.stallprobe import stalls
 from benchmarks.storm import storm
@@ -40,7 +40,9 @@ SHAPES: dict[str, dict[str, Shape]] = {
     "quick": {"stream": Shape(1, 20, 1, 400, bot=True), "rooms": Shape(10, 5, 5, 20), "group": Shape(1, 100, 3, 20)},
     "tiny": {"stream": Shape(1, 3, 1, 30, bot=True), "rooms": Shape(2, 3, 3, 5), "group": Shape(1, 10, 2, 5)},
 }  # fmt: skip
-SCENARIOS = ("fanout", "stream", "rooms", "group", "dm", "dmflood", "capacity", "churn", "storm", "cold")
+SCENARIOS = ("fanout", "stream", "rooms", "group", "dm", "dmflood", "capacity", "churn", "storm", "cold", "files")
+FILE_SIZES = {"full": [1, 10, 100], "quick": [1, 10], "tiny": [1]}  # MiB, sent to a DM and a group (issue 16)
+FILE_GROUP = 20  # members of the group the files go to
 FAN_SHAPES = ("stream", "rooms", "group")
 # the figure that stands for a scenario when it is repeated (--repeat): the run with its median is kept
 KEY_FIGURE = {"dm": "p99_ms", "dmflood": "p99_ms", "capacity": "rss_mb_loaded", "churn": "status_changes_per_s",
@@ -62,8 +64,10 @@ def _median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
     return chosen
 
 
-def run(size: str, only: list[str], names: list[str], repeat: int = 1) -> dict[str, Any]:
-    s = SIZES[size]
+def run(
+    size: str, only: list[str], names: list[str], repeat: int = 1, capacity_users: int | None = None
+) -> dict[str, Any]:
+    s = {**SIZES[size], **({"capacity": capacity_users} if capacity_users else {})}
     # issue 7's room fan-out: everyone in one room talks
     shapes = {"fanout": Shape(1, s["members"], s["members"], s["messages"] // s["members"]), **SHAPES[size]}
     results: dict[str, dict[str, Any]] = {}
@@ -134,6 +138,14 @@ def run(size: str, only: list[str], names: list[str], repeat: int = 1) -> dict[s
         each("churn", lambda b: {"churn": scenarios.churn(b, s["churn"], s["processes"])})
     if "storm" in only:
         each("storm", lambda b: {"storm": storm(b, s["storm"], s["processes"])}, production=True)
+    if "files" in only:
+
+        def file_scenario(broker: brokers.Broker) -> dict[str, dict[str, Any]]:
+            if broker.name not in ("embedded", "mosquitto"):
+                return {"files": {"skipped": "files are measured on the embedded broker and Mosquitto (issue 16)"}}
+            return {"files": files.file_transfer(broker, FILE_SIZES[size], FILE_GROUP)}
+
+        each("files", file_scenario, users=max(FILE_GROUP, 2))
     return {"scenarios": results, "skipped": skipped}
 
 
@@ -147,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="rounds of each scenario, brokers interleaved (median)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--no-charts", action="store_true")
+    parser.add_argument("--capacity", type=int, help="users in the capacity run (default: the size's)")
+    parser.add_argument("--capacity", type=int, help="users in the capacity run (default: the size's)")
     args = parser.parse_args(argv)
     only = [x for x in args.only.split(",") if x]
     names = [x for x in args.brokers.split(",") if x]
@@ -156,11 +170,11 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     print(f"benchmarks ({args.size}) on {', '.join(names)}: {', '.join(only)}", flush=True)
-    outcome = run(args.size, only, names, max(args.repeat, 1))
+    outcome = run(args.size, only, names, max(args.repeat, 1), args.capacity)
     doc: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "size": args.size,
-        "sizes": SIZES[args.size],
+        "sizes": {**SIZES[args.size], **({"capacity": args.capacity} if args.capacity else {})},
         "shapes": {k: vars(v) for k, v in SHAPES[args.size].items()},
         "repeat": args.repeat,
         "machine": f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at start, Python {sys.version.split()[0]}",

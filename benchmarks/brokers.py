@@ -1,10 +1,12 @@
 """The three brokers under test, each started by the benchmark on a free loopback port.
 
 - ``stock``: amqtt 0.12.1 as shipped (its default plugins, anonymous access), no workers;
-- ``embedded``: ``imcli serve`` (our plugins; the presence, group and archive workers in its child process);
+- ``embedded``: ``imcli serve`` (our plugins; the presence, group, archive and files workers in its child process);
 - ``mosquitto``: Mosquitto 2 with deploy/mosquitto's config, aclfile and dynamic-security
-  plugin, plus ``imcli workers --dynsec`` (presence, groups, archive) as its own process, as
-  deploy/mosquitto/README.md sets it up; skipped when mosquitto is not installed.
+  plugin, plus ``imcli workers --dynsec`` (presence, groups, archive, files) as its own process, as
+  deploy/mosquitto/README.md sets it up; skipped when mosquitto is not installed;
+- ``nats``: three nats-server nodes from deploy/nats, plus ``imcli workers --nats-users`` on all
+  three; clients spread over the nodes; skipped when nats-server is not installed.
 
 Accounts ``u00000…`` (and the few helpers the scenarios use) exist on every broker with
 one password. The embedded broker's accounts use cheap argon2 parameters (t=1, m=1 MiB)
@@ -33,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy" / "mosquitto"
 PASSWORD = "bench-password"
 HELPERS = ("watch", "pinga", "pingb", "pingc", "pingd", "pinge", "pongr", "colds", "probe", "flood")
-SERVICES = ("presence", "groups", "archive")
+SERVICES = ("presence", "groups", "archive", "files")
 
 MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/local/sbin:/usr/sbin")
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
@@ -112,6 +114,11 @@ class Broker:
     extra_pids: dict[str, int] = field(default_factory=dict)
     # stops the broker process (procs[0]) and starts it again on the same port with the same data
     relaunch: Callable[[], subprocess.Popen[str]] | None = None
+    ports: list[int] = field(default_factory=list)  # a cluster's nodes (MQTT ports); ``port`` is the first
+
+    def port_of(self, i: int) -> int:
+        """The node the ``i``-th client uses: a cluster's nodes in turn, else the one port."""
+        return self.ports[i % len(self.ports)] if self.ports else self.port
 
     @property
     def pid(self) -> int:
@@ -265,9 +272,13 @@ def start_mosquitto(users: int, *, production: bool = False) -> Broker:
         "max_queued_messages": "max_queued_messages 0",
     }
     lines = []
+    listeners = 0
     for line in (DEPLOY / "mosquitto.conf").read_text().splitlines():
         words = line.split()
         key = words[0] if words and not words[0].startswith("#") else ""
+        listeners += key == "listener"
+        if listeners >= 2 and key in ("listener", "protocol", "http_dir"):
+            continue  # the web client's WebSocket listener: not measured here
         if key in replace:
             lines.append(replace[key])
         elif key not in ("user", "log_type", "connection_messages"):
@@ -313,6 +324,64 @@ def start_mosquitto(users: int, *, production: bool = False) -> Broker:
     return broker
 
 
+def nats_available() -> bool:
+    from tests.natscluster import nats_available as available
+
+    return available()
+
+
+def start_nats(users: int, *, production: bool = False) -> Broker:
+    """deploy/nats: three nodes on loopback (tests/natscluster.py starts them the same way) and
+    ``imcli workers --nats-users`` against all three; clients spread over the nodes in turn.
+    Its password file is the deploy's as it is (``production`` changes nothing)."""
+    from imcli.core.wire import Topics
+    from imcli.groups.natsauth import NatsPermissions, read_passwords
+    from tests.natscluster import NatsNode, wait_login
+
+    workdir = tempfile.TemporaryDirectory(prefix="bench-nats-")
+    work = Path(workdir.name)
+    passwd, users_file = work / "passwd", work / "imcli-users.conf"
+    passwd.write_text("".join(f"{name}:{PASSWORD}\n" for name in [*user_names(users), *SERVICES]))
+    passwd.chmod(0o600)
+    users_file.write_text(NatsPermissions(Topics()).render(read_passwords(passwd)))
+    nodes = [NatsNode(f"nats-{i}", work / f"nats-{i}", users_file, max_payload=8 * 1024 * 1024) for i in (1, 2, 3)]
+    for node in nodes:
+        node.cluster = free_port()
+    for node in nodes:
+        node.start([n.cluster for n in nodes if n is not node])
+    procs = [n.proc for n in nodes if n.proc is not None]
+    broker = Broker(
+        "nats", nodes[0].mqtt, procs, workdir, has_presence=True, ports=[n.mqtt for n in nodes],
+        note="three nats-server 2.9 nodes (deploy/nats, max_payload lifted), JetStream R3; imcli workers on all three",
+    )  # fmt: skip
+    broker.extra_pids.update({n.name: n.proc.pid for n in nodes[1:] if n.proc is not None})
+    try:
+        for node in nodes:
+            wait_login(node, "presence", PASSWORD)
+        hosts = ",".join(f"127.0.0.1:{n.mqtt}" for n in nodes)
+        worker = _python(
+            "-m", "imcli", "workers", "--host", hosts, "--password-stdin", "--accounts-file", str(passwd),
+            "--nats-users", str(users_file), *[a for n in nodes for a in ("--nats-pidfile", str(n.pidfile))],
+            "--archive-dir", str(work / "archive"),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env={**os.environ, "COLUMNS": "200"},
+        )  # fmt: skip
+        broker.procs.append(worker)
+        assert worker.stdin is not None and worker.stdout is not None
+        worker.stdin.write(f"{PASSWORD}\n" * len(SERVICES))
+        worker.stdin.close()
+        worker.stdin = None
+        started = "workers running" in worker.stdout.readline()
+        broker.extra_pids["workers"] = worker.pid
+    except BaseException:
+        broker.stop()
+        raise
+    if not started:
+        broker.stop()
+        raise RuntimeError("imcli workers did not start on the NATS cluster")
+    return broker
+
+
 def _stock(users: int, *, production: bool = False) -> Broker:
     return start_stock()
 
@@ -340,6 +409,7 @@ KINDS: dict[str, Kind] = {
     "stock": Kind(_stock),
     "embedded": Kind(start_embedded),
     "mosquitto": Kind(start_mosquitto, _mosquitto_missing),
+    "nats": Kind(start_nats, lambda: None if nats_available() else "nats-server not installed"),
 }
 
 

@@ -74,7 +74,8 @@ class Listeners:
     """``mosquitto_sub`` processes, each writing ``<unix time> <topic>`` per message to a file."""
 
     def __init__(self, broker: Broker, qos: int, out: Path) -> None:
-        self.common = ["-h", "127.0.0.1", "-p", str(broker.port), "-P", PASSWORD, "-q", str(qos)]
+        self.broker = broker
+        self.common = ["-h", "127.0.0.1", "-P", PASSWORD, "-q", str(qos)]  # -p per client: a cluster's nodes in turn
         self.qos = qos
         self.out = out
         self.files: list[Path] = []
@@ -86,17 +87,23 @@ class Listeners:
         path = self.out / f"sub-{client_id.replace(':', '-')}"
         with path.open("w") as stamps:
             self.procs.append(subprocess.Popen(
-                [*UNBUFFERED, MOSQUITTO_SUB, *self.common, "-u", name, "-i", client_id,
+                [*UNBUFFERED, MOSQUITTO_SUB, *self.common, "-p", str(self.port(len(self.procs))), "-u", name,
+                 "-i", client_id,
                  "-t", T.room_filter(room), "-t", T.room_filter(self.probe_room), "-F", "%U %t"],
                 stdout=stamps, stderr=subprocess.DEVNULL, text=True,
             ))  # fmt: skip
         self.files.append(path)
         return path
 
+    def port(self, i: int) -> int:
+        """The port of the ``i``-th client (a cluster's nodes in turn)."""
+        return self.broker.port_of(i)
+
     def ready(self, timeout: float = 90) -> None:
         """Probe messages until every listener has written one (each probe is one more chance)."""
         assert MOSQUITTO_PUB is not None
-        probe = [MOSQUITTO_PUB, *self.common[:-2], "-q", "1", "-u", "watch", "-i", f"watch:probe{self.qos}",
+        probe = [MOSQUITTO_PUB, *self.common[:-2], "-p", str(self.broker.port), "-q", "1", "-u", "watch",
+                 "-i", f"watch:probe{self.qos}",
                  "-t", T.room(self.probe_room, "watch"), "-m", "probe"]  # fmt: skip
         deadline = time.monotonic() + timeout
         while not all(path.stat().st_size for path in self.files):
@@ -132,8 +139,8 @@ def fan(broker: Broker, shape: Shape, qos: int) -> dict[str, object]:
             for i, room in enumerate(rooms):
                 for name in shape.speakers(i):
                     talkers.append(subprocess.Popen(
-                        [MOSQUITTO_PUB, *listeners.common, "-u", name, "-i", f"{name}:fpub{qos}",
-                         "-t", T.room(room, name), "-l"],
+                        [MOSQUITTO_PUB, *listeners.common, "-p", str(listeners.port(len(talkers) + 1)), "-u", name,
+                         "-i", f"{name}:fpub{qos}", "-t", T.room(room, name), "-l"],
                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
                     ))  # fmt: skip
             listeners.ready()
@@ -219,7 +226,8 @@ def room_flood(broker: Broker, listeners: int, rate: float) -> Iterator[dict[str
                 subs.add(user(j), f"{user(j)}:flood", "flood")
             subs.ready()
             bot = subprocess.Popen(
-                [MOSQUITTO_PUB, *subs.common, "-u", "flood", "-i", "flood:bot", "-t", T.room("flood", "flood"), "-l"],
+                [MOSQUITTO_PUB, *subs.common, "-p", str(subs.port(1)), "-u", "flood", "-i", "flood:bot",
+                 "-t", T.room("flood", "flood"), "-l"],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
             )  # fmt: skip
             pacer = threading.Thread(target=pace, args=(bot.stdin,), daemon=True)

@@ -13,6 +13,7 @@ FAN = [
     ("deliveries", "delivered"),
     ("expected_deliveries", "expected"),
     ("seconds", "s"),
+    ("broker_cpu_us_per_delivery", "broker CPU µs/delivery"),
 ]
 FAN_SCENARIOS = ("fanout", "stream", "rooms", "group")
 FAN_TITLES = {
@@ -37,6 +38,10 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
               ("stall_longest_ms", "longest ping ms")],
     "churn": [("users", "users"), ("status_changes_per_s", "status/s"), ("roster_consistent", "consistent")],
     "cold": [("imcli_say_ms", "imcli say ms"), ("paho_script_ms", "paho script ms"), ("ratio", "ratio")],
+    "files": [(f"{kind}_{size}MiB_MBps", f"{label} {size}M MB/s") for kind, label in
+              (("dm", "DM"), ("group", "group"), ("raw", "raw")) for size in (1, 10, 100)]
+             + [("rss_growth_MiB", "RSS +MiB"), ("chat_p99_ms_idle", "chat p99 ms"),
+                ("chat_p99_ms_transfer", "in transfer")],
 }  # fmt: skip
 
 
@@ -124,6 +129,7 @@ def targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
                                                                         _get(s, "storm", "mosquitto", "all_back_s")),
          "info", 0),
         ("cold start: imcli say / paho script (embedded)", _get(s, "cold", "embedded", "ratio"), "<=", 1.5),
+        *_file_targets(s),
     ]  # fmt: skip
     out = []
     for name, value, op, goal in rows:
@@ -132,6 +138,29 @@ def targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
             met = value >= goal if op == ">=" else value <= goal
         out.append({"target": name, "value": value, "goal": f"{op} {goal:g}" if op != "info" else "", "met": met})
     return out
+
+
+def _file_targets(s: dict[str, Any]) -> list[tuple[str, float | None, str, float]]:
+    """Issue 16's: end-to-end throughput of the largest file against raw MQTT on Mosquitto, the
+    broker's memory growth during it, and a room's chat p99 during it against without."""
+    measured = s.get("files", {})
+    sizes = [n for n in (100, 10, 1) if any(f"dm_{n}MiB_MBps" in f for f in measured.values())]
+    if not sizes:
+        return []
+    n = sizes[0]
+    raw = _get(s, "files", "mosquitto", f"raw_{n}MiB_MBps")
+    rows: list[tuple[str, float | None, str, float]] = []
+    for broker in ("embedded", "mosquitto"):
+        for kind in ("dm", "group"):
+            ratio = _ratio(_get(s, "files", broker, f"{kind}_{n}MiB_MBps"), raw)
+            rows.append((f"files {n} MiB to a {kind}: {broker} / raw Mosquitto", ratio, ">=", 0.5))
+        rows.append(
+            (f"files {n} MiB: {broker} broker RSS growth (MiB)", _get(s, "files", broker, "rss_growth_MiB"), "<=", 32)
+        )
+        rows.append((f"files {n} MiB: {broker} room chat p99, transfer / none",
+                     _ratio(_get(s, "files", broker, "chat_p99_ms_transfer"),
+                            _get(s, "files", broker, "chat_p99_ms_idle")), "<=", 2.0))  # fmt: skip
+    return rows
 
 
 def print_tables(doc: dict[str, Any]) -> None:
@@ -197,7 +226,7 @@ def charts(doc: dict[str, Any], out: Path, stem: str) -> list[Path]:
         ("churn", "status_changes_per_s", "presence churn status/s\n(higher is better)"),
         ("cold", "ratio", "imcli say / paho script\nwall time (lower is better)"),
     ]
-    colours = {"stock": "#999999", "embedded": "#2b7bba", "mosquitto": "#e07b39"}
+    colours = {"stock": "#999999", "embedded": "#2b7bba", "mosquitto": "#e07b39", "nats": "#3a9a5b"}
     fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels), 3.6))
     for ax, (scenario, key, title) in zip(axes, panels, strict=True):
         names = [b for b in BROKER_ORDER if _get(s, scenario, b, key) is not None]

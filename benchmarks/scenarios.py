@@ -183,7 +183,7 @@ class Watcher:
 # ---------------------------------------------------------------- 2. DM latency
 
 
-async def _ping(port: int, samples: int, rate: float) -> list[float]:
+async def _ping(port: int, samples: int, rate: float, receiver_port: int | None = None) -> list[float]:
     senders = ["pinga", "pingb", "pingc", "pingd", "pinge"]
     sent: dict[str, float] = {}
     latencies: list[float] = []
@@ -197,7 +197,7 @@ async def _ping(port: int, samples: int, rate: float) -> list[float]:
                 done.set()
 
     receiver = LoadClient(on_message=received)
-    assert await receiver.connect("127.0.0.1", port, "pongr", PASSWORD, "pongr:bench") == 0
+    assert await receiver.connect("127.0.0.1", receiver_port or port, "pongr", PASSWORD, "pongr:bench") == 0
     await receiver.subscribe(T.user_filter("pongr"))
     clients = []
     for name in senders:
@@ -225,7 +225,7 @@ async def _ping(port: int, samples: int, rate: float) -> list[float]:
 def dm_latency(broker: Broker, idle_users: int, samples: int, talk: float) -> dict[str, object]:
     listeners = 50
     with Crowds.join(broker, idle_users, 2, status=broker.has_presence, listeners=listeners, talk=talk) as (_, joined):
-        latencies = sorted(asyncio.run(_ping(broker.port, samples, rate=50.0)))
+        latencies = sorted(asyncio.run(_ping(broker.port, samples, rate=50.0, receiver_port=broker.port_of(2))))
     if not latencies:
         return {"idle_users": joined["ok"], "samples": 0}
     quantile = statistics.quantiles(latencies, n=100, method="inclusive")

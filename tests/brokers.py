@@ -35,6 +35,7 @@ from imcli.broker.accounts import AccountStore, Role
 from imcli.broker.server import BrokerSettings
 from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.core.service import PasswordFileDirectory, ServiceWorker
+from imcli.files.worker import FilesWorker
 from imcli.groups.worker import GroupWorker
 from imcli.presence.worker import PresenceWorker
 from imcli.serve.host import BackgroundServer, ServeInfo
@@ -45,10 +46,11 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
 MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/local/sbin:/usr/sbin")
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
 DYNSEC_PLUGIN = next(iter(sorted(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so"))), None)
+WEB_STATIC = Path(__file__).resolve().parent.parent / "imcli" / "web" / "static"  # the web client's files
 NOT_INSTALLED = "mosquitto not installed (.ci/run installs Debian's package)"
 # created before the broker starts (cheap with mosquitto_passwd); users() adds others with a reload
-ACCOUNTS = ("alice", "bob", "carol", "dave", "presence", "groups", "archive")
-SERVICES = ("presence", "groups", "archive")
+ACCOUNTS = ("alice", "bob", "carol", "dave", "presence", "groups", "archive", "files")
+SERVICES = ("presence", "groups", "archive", "files")
 LIMIT = 16384  # message_size_limit in deploy/mosquitto/mosquitto.conf
 
 # reasons for broker_xfail("mosquitto", ...) shared by the modules that run on both brokers
@@ -66,6 +68,10 @@ NO_REGISTRATION = (
     "Mosquitto has no self-registration: it refuses every register:<name> login with 5 "
     "(the operator makes accounts with mosquitto_passwd, deploy/mosquitto/README.md)"
 )
+NO_DEVICE_CREDENTIALS = (
+    "Mosquitto's password file and dynamic security hold one password per user name: no per-device "
+    "credential checked with a fast keyed hash, so imcli keeps the password (deploy/mosquitto/README.md)"
+)
 
 
 def mosquitto_available() -> bool:
@@ -78,8 +84,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def mosquitto_config(port: int, workdir: Path, extra: str = "", aclfile: Path = DEPLOY / "aclfile") -> str:
-    """deploy/mosquitto/mosquitto.conf with this port, temp paths and the current user."""
+def mosquitto_config(
+    port: int, workdir: Path, extra: str = "", aclfile: Path = DEPLOY / "aclfile", ws_port: int | None = None
+) -> str:
+    """deploy/mosquitto/mosquitto.conf with this port, temp paths and the current user; its WebSocket
+    listener (the second ``listener``, serving the web client) on ``ws_port``, or left out."""
     replace = {
         "listener": f"listener {port} 127.0.0.1",
         "password_file": f"password_file {workdir / 'passwd'}",
@@ -90,10 +99,17 @@ def mosquitto_config(port: int, workdir: Path, extra: str = "", aclfile: Path = 
     }
     seen: list[str] = []
     lines = []
+    listeners = 0
     for line in (DEPLOY / "mosquitto.conf").read_text().splitlines():
         words = line.split()
         key = words[0] if words and not words[0].startswith("#") else ""
-        if key in replace:
+        listeners += key == "listener"
+        if listeners == 2 and key in ("listener", "protocol", "http_dir"):  # the WebSocket listener
+            if ws_port is not None:
+                lines.append(
+                    {"listener": f"listener {ws_port} 127.0.0.1", "http_dir": f"http_dir {WEB_STATIC}"}.get(key, line)
+                )
+        elif key in replace:
             seen.append(key)
             lines.append(replace[key])
         elif key != "user":
@@ -109,6 +125,7 @@ class Mosquitto:
     port: int
     workdir: Path
     proc: subprocess.Popen[bytes]
+    ws_port: int | None = None  # the WebSocket listener with the web client (running_mosquitto(ws=True))
 
     @property
     def log(self) -> str:
@@ -187,7 +204,11 @@ def _passwd(path: Path, name: str, *, create: bool) -> None:
 
 @contextlib.contextmanager
 def running_mosquitto(
-    workdir: Path, accounts: tuple[str, ...] = ACCOUNTS, extra: str = "", aclfile: Path = DEPLOY / "aclfile"
+    workdir: Path,
+    accounts: tuple[str, ...] = ACCOUNTS,
+    extra: str = "",
+    aclfile: Path = DEPLOY / "aclfile",
+    ws: bool = False,
 ) -> Iterator[Mosquitto]:
     """A mosquitto from deploy/mosquitto on a free loopback port, with ``accounts`` (password_of)."""
     assert MOSQUITTO is not None, NOT_INSTALLED
@@ -199,11 +220,11 @@ def running_mosquitto(
     for attempt in range(3):
         # Mosquitto cannot listen on port 0 and say which port it got: a port free a moment ago
         # may be taken by then (another xdist worker's client), so a refused bind tries another
-        port = free_port()
-        conf.write_text(mosquitto_config(port, workdir, extra, aclfile))
+        port, ws_port = free_port(), free_port() if ws else None
+        conf.write_text(mosquitto_config(port, workdir, extra, aclfile, ws_port))
         with (workdir / "mosquitto.log").open("wb") as log:
             proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        broker = Mosquitto(port, workdir, proc)
+        broker = Mosquitto(port, workdir, proc, ws_port)
         try:
             broker.wait_listening()
             break
@@ -218,9 +239,10 @@ def running_mosquitto(
 
 
 @contextlib.contextmanager
-def running_workers(broker: Mosquitto, archive: bool = True) -> Iterator[list[ServiceWorker]]:
-    """What ``imcli workers --dynsec --accounts-file <passwd> --archive-dir <workdir>/archive`` runs,
-    in this process (``archive=False``: ``--no-archive``)."""
+def running_workers(broker: Mosquitto, archive: bool = True, files: bool = True) -> Iterator[list[ServiceWorker]]:
+    """What ``imcli workers --dynsec --accounts-file <passwd> --archive-dir <workdir>/archive
+    --files-dir <workdir>`` runs, in this process (``archive=False``: ``--no-archive``; ``files=False``:
+    ``--no-files``)."""
     directory = PasswordFileDirectory(broker.passwd)
     creds = {name: Credentials(name, password_of(name)) for name in SERVICES}
     with contextlib.ExitStack() as stack:
@@ -234,6 +256,10 @@ def running_workers(broker: Mosquitto, archive: bool = True) -> Iterator[list[Se
         ]
         if archive:
             started.append(stack.enter_context(archive_worker(broker)))
+        if files:
+            started.append(
+                stack.enter_context(FilesWorker(broker.address, creds["files"], broker.workdir, device="test"))
+            )
         yield started
 
 

@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from imcli.core.wire import ChatMessage, encode
 
 # paho 2 reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes
-_CONNACK_V311 = {0: 0, 133: 2, 134: 4, 135: 5}
+_CONNACK_V311 = {0: 0, 133: 2, 136: 3, 134: 4, 135: 5}
 
 
 def password_of(name: str) -> str:
@@ -48,6 +48,7 @@ class Raw:
     client: paho.Client
     username: str | None = None
     rc: int | None = None  # the MQTT 3.1.1 CONNACK code
+    session_present: bool = False  # the CONNACK's flag: the broker had a persistent session for the client id
     messages: queue.Queue[paho.MQTTMessage] = dataclasses.field(default_factory=queue.Queue)
     connected: threading.Event = dataclasses.field(default_factory=threading.Event)
     disconnected: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -162,9 +163,10 @@ def connect_raw(
     if will is not None:
         client.will_set(will[0], will[1], qos=1, retain=will[2])
 
-    def on_connect(_c: object, _u: object, _f: object, rc: object, _p: object) -> None:
+    def on_connect(_c: object, _u: object, flags: object, rc: object, _p: object) -> None:
         if r.rc is None:
             r.rc = _CONNACK_V311.get(rc.value, rc.value)  # type: ignore[attr-defined]
+            r.session_present = bool(getattr(flags, "session_present", False))
         r.connected.set()
 
     client.on_connect = on_connect

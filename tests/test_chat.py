@@ -151,7 +151,7 @@ def test_chat_in_a_terminal(
     again = terminal("bob")
     again.expect(r"while you were away: 1 in @alice")
     again.expect(r"\(missed\) \[dm\] alice → you: while you were out")
-    again.expect(r"dev>")  # back where it left off
+    again.expect(r"dev \[@alice 1\]>")  # back where it left off, with what is unread elsewhere
     again.child.sendcontrol("d")
     assert again.exit_code() == 0
 

@@ -220,8 +220,8 @@ def test_same_service_accounts_everywhere(aclfile: list[Rule], acl_conf: list[Te
     mosquitto = {r.who for r in aclfile if r.who is not None}
     emqx = {e.rule.who for e in emqx_rules(acl_conf) if e.rule.who is not None}
     workers = workers_params(compose()["services"]["workers"]["command"])
-    run_by_workers = {workers["presence_account"], workers["groups_account"], workers["archive_account"]}
-    assert mosquitto == emqx == run_by_workers == {"presence", "groups", "archive"}
+    run_by_workers = {workers[f"{w}_account"] for w in ("presence", "groups", "archive", "files")}
+    assert mosquitto == emqx == run_by_workers == {"presence", "groups", "archive", "files"}
     assert mosquitto <= RESERVED_NAMES  # no user can take a worker's name
     for env_file in (DEPLOY / "emqx" / "workers.env.example", DEPLOY / "systemd" / "workers.env.example"):
         names = {line.split("=", 1)[0] for line in env_file.read_text().splitlines() if "=" in line and line[0] != "#"}
@@ -414,7 +414,7 @@ def test_systemd_analyze_verify_finds_nothing(tmp_path: Path) -> None:
     ("args", "stdin", "error"),
     [
         (["--presence-account", "same", "--groups-account", "same"], None,
-         "Error: the 3 workers need 3 service accounts (give different names)"),
+         "Error: the 4 workers need 4 service accounts (give different names)"),
         (["--archive-account", "Bad!"], None, "Error: invalid service account name 'Bad!'"),
         (["--history-days", "0"], None, "Error: invalid --history-days 0"),
         (["--no-archive", "--history-days", "3"], None, "Error: invalid --history-days 3"),
@@ -426,7 +426,7 @@ def test_workers_refuse_bad_input_before_connecting(
     args: list[str], stdin: str | None, error: str, tmp_path: Path
 ) -> None:
     (tmp_path / "file").write_text("not a directory")
-    env = {f"IMCLI_{a.upper()}_PASSWORD": f"p-{a}" for a in ("presence", "groups", "archive")}
+    env = {f"IMCLI_{a.upper()}_PASSWORD": f"p-{a}" for a in ("presence", "groups", "archive", "files")}
     args = [a.replace("{file}", str(tmp_path / "file")) for a in args]
     # port 1: nothing listens there, so getting past the checks would fail differently
     result = CliRunner().invoke(app, ["workers", "--port", "1", *args], input=stdin, env=env)

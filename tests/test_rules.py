@@ -69,7 +69,12 @@ def test_a_hidden_group_is_answered_as_a_missing_one() -> None:
 
 
 def test_service_accounts_are_valid_distinct_and_reserved() -> None:
-    assert SERVICE_ACCOUNTS == (rules.PRESENCE_ACCOUNT, rules.GROUPS_ACCOUNT, rules.ARCHIVE_ACCOUNT)
+    assert SERVICE_ACCOUNTS == (
+        rules.PRESENCE_ACCOUNT,
+        rules.GROUPS_ACCOUNT,
+        rules.ARCHIVE_ACCOUNT,
+        rules.FILES_ACCOUNT,
+    )
     assert len(set(SERVICE_ACCOUNTS)) == len(SERVICE_ACCOUNTS)
     for account in SERVICE_ACCOUNTS:
         assert is_name(account)
@@ -87,6 +92,9 @@ class _Accounts:
 
     def is_user(self, name: str) -> bool:
         return name in self.names
+
+    def user_names(self) -> frozenset[str]:
+        return frozenset(self.names)
 
 
 def test_a_request_may_name_only_a_user() -> None:

@@ -8,6 +8,7 @@ same thing for every sender whatever their clock says; ``ts`` is the sender's.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Mapping
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imcli.core.errors import ImcliError
-from imcli.core.wire import Received
+from imcli.core.wire import Received, encode
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -29,6 +30,7 @@ CREATE TABLE IF NOT EXISTS messages (
     at REAL NOT NULL,
     text TEXT NOT NULL,
     format TEXT NOT NULL,
+    file TEXT,                   -- a file message's FileInfo (JSON), issue 16
     UNIQUE (conv, sender, id)    -- QoS 1 redelivery; ids are the sender's, so scoped by sender
 );
 CREATE INDEX IF NOT EXISTS messages_conv ON messages (conv, seq);
@@ -83,6 +85,9 @@ class ArchiveStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses no committed message
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}
+            if "file" not in columns:  # an archive made before issue 16
+                self._db.execute("ALTER TABLE messages ADD COLUMN file TEXT")
         except sqlite3.DatabaseError as exc:
             raise ImcliError(f"cannot open the message archive {path}: {exc}", "move the damaged file away") from exc
         self._lock = threading.Lock()
@@ -98,11 +103,16 @@ class ArchiveStore:
 
     def add(self, item: Received, at: float) -> bool:
         """Store one message; ``False`` if it was already there (a QoS 1 duplicate)."""
-        row = (conversation(item), item.kind, item.sender, item.to, item.id, item.ts, at, item.text, item.format)
+        # without its thumbnail: a page of history must fit the broker's payload limit (Mosquitto's holds for
+        # the workers too); the live message carried it, and `imcli get` fetches the file itself
+        attached = encode(item.file.model_copy(update={"thumb": None})).decode() if item.file is not None else None
+        row = (
+            conversation(item), item.kind, item.sender, item.to, item.id, item.ts, at, item.text, item.format, attached,
+        )  # fmt: skip
         with self._lock:
             cur = self._db.execute(
-                "INSERT OR IGNORE INTO messages (conv, kind, sender, recipient, id, ts, at, text, format)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO messages (conv, kind, sender, recipient, id, ts, at, text, format, file)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
             return cur.rowcount == 1
@@ -139,7 +149,7 @@ class ArchiveStore:
         if before is not None:
             where += " AND at < ?"
             args.append(before)
-        columns = "kind, sender, recipient, conv, id, ts, text, format"
+        columns = "kind, sender, recipient, conv, id, ts, text, format, file"
         # ``where`` is made of fixed fragments only; every value is bound
         sql = f"SELECT {columns} FROM messages WHERE {where} ORDER BY seq DESC LIMIT ?"  # noqa: S608
         with self._lock:
@@ -148,8 +158,8 @@ class ArchiveStore:
         return Page([_received(row) for row in reversed(rows[:limit])], more)
 
 
-def _received(row: tuple[str, str, str | None, str, str, float, str, str]) -> Received:
-    kind, sender, recipient, conv, id_, ts, text, fmt = row
+def _received(row: tuple[str, str, str | None, str, str, float, str, str, str | None]) -> Received:
+    kind, sender, recipient, conv, id_, ts, text, fmt, attached = row
     place = conv.split(":", 1)[1]
     return Received.model_validate(
         {
@@ -162,5 +172,6 @@ def _received(row: tuple[str, str, str | None, str, str, float, str, str]) -> Re
             "ts": ts,
             "text": text,
             "format": fmt,
+            "file": json.loads(attached) if attached else None,
         }
     )

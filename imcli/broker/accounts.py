@@ -38,6 +38,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from imcli.core.errors import AccountError, InvalidInput, NameTaken, NotFound
+from imcli.core.rules import DEVICE_CREDENTIAL_PREFIX
 from imcli.core.wire import NAME_RULE, RESERVED_NAMES, is_name
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ def check_password(password: str) -> str:
         raise InvalidInput(f"password too short (at least {MIN_PASSWORD_LENGTH} characters)")
     if len(password) > MAX_PASSWORD_LENGTH:
         raise InvalidInput(f"password too long (at most {MAX_PASSWORD_LENGTH} characters)")
+    if password.startswith(DEVICE_CREDENTIAL_PREFIX):  # the broker reads such a password as a device credential
+        raise InvalidInput(f"a password may not start with {DEVICE_CREDENTIAL_PREFIX!r}", "choose another password")
     return password
 
 
@@ -237,6 +240,16 @@ class AccountStore:
                     "remove that user or configure another service account name",
                 )
             accounts[name] = Account(name, Role.SERVICE, old.created if old else time.time(), hashed)
+
+    def set_password(self, name: str, password: str) -> None:
+        """A new password for an existing account (``imcli passwd``); its devices keep working."""
+        hashed = self._hasher.hash(check_password(password))  # slow: outside the file lock
+        with self._locked() as accounts:
+            old = accounts.get(name)
+            if old is None:
+                raise NotFound(f"no account named {name!r}", "see imcli admin user list")
+            accounts[name] = Account(name, old.role, old.created, hashed)
+        log.info("account %s has a new password", name)
 
     def remove(self, name: str) -> None:
         with self._locked() as accounts:

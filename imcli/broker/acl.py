@@ -29,19 +29,26 @@ class Access(enum.StrEnum):
 
 
 # retained messages are state; chat is not: a retained chat line would replay forever
-RETAINABLE = frozenset({TopicKind.STATUS, TopicKind.PRESENCE, TopicKind.GROUP_INFO, TopicKind.FRIENDS})
+RETAINABLE = frozenset(
+    {TopicKind.STATUS, TopicKind.PRESENCE, TopicKind.GROUP_INFO, TopicKind.FRIENDS, TopicKind.PROFILE}
+)
 
-USER_WRITE = ("room/+/%u", "user/+/dm/%u", "status/%u/+", "request/%u/+")
-USER_READ = ("room/#", "user/%u/#", "presence/#", "events")
+USER_WRITE = ("room/+/%u", "user/+/dm/%u", "status/%u/+", "request/%u/+", "upload/%u/+", "fetch/%u/+")
+USER_READ = ("room/#", "user/%u/#", "presence/#", "events", "profile/#")
 SERVICE_WRITE = (
     "user/+/reply/+",
     "user/+/notice",
     "presence/+",
+    "profile/+",  # the presence worker writes each profile for its owner (a user never writes one)
     "events",
     "group/+/info",
     "user/+/friends",
     "status/+/+",  # the presence worker clears statuses of devices that vanished without a Last Will
+    "user/+/file/+",  # the files worker's downloads (issue 16)
 )
+# a file's chunks and a download's acknowledgements: many small messages to the files worker alone,
+# counted against their own rate (Limits.file_rate), not the chat rate
+FILE_TRANSFER = frozenset({TopicKind.UPLOAD, TopicKind.FETCH})
 SERVICE_READ = ("#",)
 
 

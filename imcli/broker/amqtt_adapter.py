@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter, WebSocketsWriter
 from amqtt.broker import Broker, RetainedApplicationMessage
-from amqtt.contexts import Action
+from amqtt.contexts import Action, ListenerType
 from amqtt.errors import BrokerError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.disconnect import DisconnectPacket
@@ -36,6 +36,8 @@ from imcli.broker.acl import Access, TopicAcl
 from imcli.broker.admission import Admission
 from imcli.broker.client_loop import Bell, run_client_loop
 from imcli.broker.connection_gate import ConnectionGate
+from imcli.broker.device_service import DeviceService
+from imcli.broker.devices import DeviceStore
 from imcli.broker.fanout import FanOut, SessionFilters, publish_all
 from imcli.broker.gcpause import release_transport
 from imcli.broker.journal import ArchiveWriter, Journal
@@ -59,8 +61,10 @@ from imcli.broker.sessions import (
 )
 from imcli.broker.settings import TLS_LISTENER, BrokerSettings
 from imcli.broker.topic_access import TopicAccess
+from imcli.broker.webapp import WebApp, loopback_host
 from imcli.broker.wills import LastWills, Will, will_of
-from imcli.core.wire import Topics
+from imcli.core.rules import device_of_client_id
+from imcli.core.wire import TopicKind, Topics
 
 
 class PrivateName(NamedTuple):
@@ -210,13 +214,17 @@ class ImBroker(Broker):
         self.access = TopicAccess(self.topics, self._accounts.cached_role)
         lim = settings.limits
         # the Last Will's topic is checked at CONNECT without group or friend records
-        gate = ConnectionGate(self._accounts, TopicAcl(self.topics), settings.registration, lim)
+        self.devices = DeviceStore(settings.data_dir.resolve())  # imcli/broker/devices.py
+        gate = ConnectionGate(self._accounts, TopicAcl(self.topics), settings.registration, lim, devices=self.devices)
         self.admission = Admission(gate, self.access, lim)
         self.retained = RetainedState(settings.data_dir, self.access, lim)
         self.publishing = PublishChecks(self.access, lim, settings.max_payload, statuses=self.retained.status_refusal)
         self.wills = LastWills(self.publishing, self.deliver)
         self.upkeep = SessionUpkeep(self, lim)
         self.notifier = Notifier(self.topics, self.internal_message_broadcast)
+        self.device_service = DeviceService(
+            self.devices, self._accounts, self.topics, self, self.internal_message_broadcast
+        )
         self.admission.tell = self.publishing.tell = self.upkeep.tell = self.notifier.tell
         self.filters = SessionFilters()
         self.output = OutputBound(lim.output_drop, lim.output_close, lim.output_stuck)
@@ -274,6 +282,7 @@ class ImBroker(Broker):
             asyncio.create_task(self.upkeep.end_revoked_logins()),
             asyncio.create_task(self.output.run()),
             asyncio.create_task(self.pending.run()),  # imcli/broker/pending.py
+            asyncio.create_task(self.device_service.keep_last_seen()),
         ]
 
     async def _create_server_instance(
@@ -282,8 +291,12 @@ class ImBroker(Broker):
         on_stream = partial(self.stream_connected, listener_name=listener_name)
         on_ws = partial(self.ws_connected, listener_name=listener_name)
         backlog, deadline = self.settings.limits.listen_backlog, self.settings.packet_timeout  # listeners.py
+        web = None
+        if listener_type == ListenerType.WS:  # the web client, on the same port (imcli/broker/webapp.py)
+            tls, origins = ssl_context is not None, self.settings.ws_origins
+            web = WebApp(tls=tls, origins=origins, loopback=loopback_host(address))
         server = await serve(
-            listener_type, on_stream, on_ws, address, port, ssl_context, backlog, self.pending, deadline
+            listener_type, on_stream, on_ws, address, port, ssl_context, backlog, self.pending, deadline, web
         )
         if server is None:
             server = await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
@@ -296,6 +309,7 @@ class ImBroker(Broker):
         await super().shutdown()
         self.retained.close()
         self._journal.close()
+        self.devices.flush(force=True)
         await self.connections.close_all()
 
     async def stream_connected(
@@ -369,6 +383,8 @@ class ImBroker(Broker):
             await self._client_message_loop(client_session, handler)
         finally:
             self.admission.closed(account)
+            if (device := device_of_client_id(account, client_id)) is not None:
+                self.devices.seen(account, device)  # last seen: when it left
             if not client_session.clean_session:
                 self.upkeep.left(client_id)
 
@@ -439,15 +455,31 @@ class ImBroker(Broker):
     async def deliver(
         self, session: Session, message: ApplicationMessage, *, retain: bool, journal: bool, qos: int | None = None
     ) -> None:
-        """A publish the checks let through: journalled (chat), broadcast, retained if flagged."""
+        """A publish the checks let through: journalled (chat), broadcast, retained if flagged;
+        a device request is answered by the broker itself (imcli/broker/device_service.py)."""
+        if await self.device_service.intercept(session, message.topic or "", bytes(message.data or b"")):
+            return
         if journal:
             self._journal.record(session.username, message)
         await self.plugins_manager.fire_event(
             BrokerEvents.MESSAGE_BROADCAST, client_id=session.client_id, message=message
         )
         await self._broadcast_message(session, message.topic, message.data, qos)
+        if (sent := self.sent_copy(message.topic or "")) is not None:  # the sender's other devices
+            await self._broadcast_message(session, sent, message.data, qos)
         if retain:
             await self.retain_message(session, message.topic, message.data, message.qos)
+
+    def sent_copy(self, topic: str) -> str | None:
+        """Where the copy of a DM goes for its sender's own devices (``<prefix>/user/<from>/sent/<to>``,
+        issue 17: what I send from one device appears on the others); ``None`` for anything else.
+        Only the broker writes there, so a copy is always what its sender really sent."""
+        if "/dm/" not in topic:
+            return None
+        parsed = self.topics.parse(topic)
+        if parsed is None or parsed.kind is not TopicKind.DM or not parsed.sender or not parsed.owner:
+            return None
+        return self.topics.sent(parsed.sender, parsed.owner)
 
     async def _run_broadcast(self, running_tasks: Any) -> None:
         await self.fan_out.run_batch(self._broadcast_queue, running_tasks)

@@ -31,11 +31,12 @@ from amqtt.session import Session
 
 from imcli.broker.accounts import AccountStore, Role
 from imcli.broker.acl import Access, TopicAcl
+from imcli.broker.devices import DeviceStore
 from imcli.broker.invites import InviteStore
 from imcli.broker.limits import Limits
 from imcli.broker.throttle import Busy, LoginThrottle, PasswordChecks, WindowCount, address_key
 from imcli.core.errors import ImcliError
-from imcli.core.rules import REGISTER_PREFIX
+from imcli.core.rules import DEVICE_SUFFIX_SEPARATOR, REGISTER_PREFIX, client_id_of_device, parse_device_credential
 from imcli.core.wire import client_id_account, is_name
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class ConnectionGate:
         registration: str,
         limits: Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        devices: DeviceStore | None = None,
     ) -> None:
         if registration not in REGISTRATION_MODES:
             raise ValueError(f"registration must be one of {', '.join(REGISTRATION_MODES)}, not {registration!r}")
@@ -99,6 +101,7 @@ class ConnectionGate:
         self.registrations = WindowCount(limits.registrations_per_hour, 3600.0, limits.throttle_entries)
         self.checks = PasswordChecks(limits.password_checks, limits.password_queue)
         self.clock = clock
+        self.devices = devices or DeviceStore(store.data_dir)
 
     async def check(self, connect: Session) -> int:
         """The CONNACK return code this CONNECT (amqtt's ``Session`` as its decoder filled it in)
@@ -117,6 +120,8 @@ class ConnectionGate:
 
         if not is_name(username):  # no account has it: kept out of the per-account tables (their keys)
             return self._no_such_name(username, address)
+        if (device_login := parse_device_credential(password)) is not None:
+            return self._device_login(connect, username, *device_login, address)
         # a login verified before is recalled in the event loop, without a throttle: the workers'
         # service accounts (random 192-bit passwords) reconnect so even while their address is
         # throttled. A guess at theirs is throttled like any other (it costs argon2 all the same)
@@ -151,6 +156,32 @@ class ConnectionGate:
         if connect.will_flag and not will_allowed(self.acl, username, account.role, will_topic, will_retain):
             log.warning("login refused for %r: Last Will on %r not allowed", username, connect.will_topic)
             return NOT_AUTHORIZED
+        return CONNECTION_ACCEPTED
+
+    def _device_login(self, connect: Session, username: str, device: str, secret: str, address: str) -> int:
+        """A device credential (imcli/broker/devices.py): one keyed hash, in the event loop, no
+        throttle (a 256-bit secret is not guessed; a refusal costs the same as an acceptance,
+        and an attacker's refusals cannot delay the device's own logins)."""
+        account = self.store.get(username)
+        if (
+            account is None
+            or account.role is not Role.USER
+            or not self.devices.verify(username, device, secret, account.created)
+        ):
+            log.info("login refused for %r from %s: unknown device or wrong device credential", username, address)
+            return BAD_USERNAME_PASSWORD
+        client_id = connect.client_id
+        if not client_id or (connect.clean_session and client_id.startswith(AMQTT_RANDOM_ID)):
+            client_id = f"{username}:{device}{DEVICE_SUFFIX_SEPARATOR}{secrets.token_hex(6)}"
+        if not client_id_of_device(username, device, client_id):
+            log.warning("login refused for %r: client id %r is not bound to its device %r", username, client_id, device)
+            return IDENTIFIER_REJECTED
+        connect.client_id = client_id
+        will_topic, will_retain = connect.will_topic or "", bool(connect.will_retain)
+        if connect.will_flag and not will_allowed(self.acl, username, account.role, will_topic, will_retain):
+            log.warning("login refused for %r: Last Will on %r not allowed", username, connect.will_topic)
+            return NOT_AUTHORIZED
+        self.devices.seen(username, device)
         return CONNECTION_ACCEPTED
 
     def _no_such_name(self, username: str, address: str) -> int:

@@ -9,6 +9,12 @@ from dataclasses import dataclass, field
 class Limits:
     publish_rate: float = 20.0  # messages per second per account, sustained
     publish_burst: int = 60  # messages an account may send at once
+    # issue 16: chunks of files and download acknowledgements (16 KiB each at most): about 64 MB/s
+    file_rate: float = 4000.0  # messages per second per account on upload and fetch topics
+    file_burst: int = 8000
+    max_file: int = 100 << 20  # bytes of one file (the files worker)
+    file_quota: int = 1 << 30  # bytes one account may have stored, unfinished uploads included
+    max_uploads: int = 4  # unfinished uploads one account may have going at once
     # output per connection (imcli/broker/output.py): bytes the broker holds for a client that does not read
     output_drop: int = 1 << 20  # past it, QoS 0 messages to that connection are dropped
     output_close: int = 8 << 20  # a message that would take it past this closes the connection
@@ -74,7 +80,9 @@ class PublishRate:
 
     def should_warn(self, account: str, now: float) -> bool:
         """At most one notice a second, so a flood of refusals is not answered by a flood."""
-        bucket = self._buckets[account]
+        bucket = self._buckets.get(account)
+        if bucket is None:  # refused by another bucket (a file's chunks): warn through this one
+            bucket = self._buckets[account] = _Bucket(float(self.burst), now)
         if now - bucket.warned >= 1.0:
             bucket.warned = now
             return True

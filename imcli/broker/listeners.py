@@ -55,10 +55,12 @@ async def serve(
     backlog: int,
     pending: PendingConnections | None = None,
     handshake_timeout: float = 10.0,
+    process_request: Callable[[Any, Any], Any] | None = None,
 ) -> Any | None:
     """amqtt's server for a TCP or WebSocket listener, with a listen backlog (None: another type).
     A TLS or WebSocket handshake has ``handshake_timeout`` (the CONNECT's deadline) to finish,
-    and a WebSocket counts as ``pending`` from its accept (``counted_websockets``)."""
+    and a WebSocket counts as ``pending`` from its accept (``counted_websockets``). ``process_request``
+    answers plain HTTP requests on the WebSocket port (the web client, imcli/broker/webapp.py)."""
     if listener_type == ListenerType.TCP:
         tls_timeout = handshake_timeout if ssl_context is not None else None
         return await asyncio.start_server(
@@ -88,6 +90,7 @@ async def serve(
             backlog=backlog,
             open_timeout=handshake_timeout,
             create_connection=counted_websockets(pending) if pending is not None else None,
+            process_request=process_request,
         )
     return None
 

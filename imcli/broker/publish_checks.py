@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from amqtt.session import ApplicationMessage, Session
 
-from imcli.broker.acl import Access
+from imcli.broker.acl import FILE_TRANSFER, Access
 from imcli.broker.limits import Limits, PublishRate
 from imcli.broker.notices import Telling, publish_refused, rate_exceeded, retain_refused, too_large
 from imcli.broker.topic_access import TopicAccess
@@ -110,19 +110,24 @@ class PublishChecks:
         self.max_payload = max_payload
         self.statuses = statuses
         self.rate = PublishRate(limits.publish_rate, limits.publish_burst)
+        self.file_rate = PublishRate(limits.file_rate, limits.file_burst)  # chunks: their own bucket
         # QoS 1 messages whose rate token was taken before their PUBACK: id -> (message, allowed, when)
         self._charged: dict[int, tuple[Any, bool, float]] = {}
         self.tell: Callable[[str | None, Telling], Awaitable[None]] | None = None  # the notice topic (notices.py)
 
-    def _rate_allows(self, sender: str | None, trusted: bool, now: float) -> bool:
-        return trusted or self.rate.allow(sender or "", now)
+    def _rate_allows(self, sender: str | None, trusted: bool, now: float, topic: str = "") -> bool:
+        if trusted:
+            return True
+        parsed = self.access.topics.parse(topic) if "/upload/" in topic or "/fetch/" in topic else None
+        bucket = self.file_rate if parsed is not None and parsed.kind in FILE_TRANSFER else self.rate
+        return bucket.allow(sender or "", now)
 
     def charge(self, sender: str | None, message: Any, size: int) -> bool:
         """A QoS 1 PUBLISH is about to be acknowledged: take its rate token now. Whether it
         is worth journalling (within the rate and the size limit; the journal checks the rest)."""
         now = time.monotonic()
         trusted = self.access.is_service(sender)
-        allowed = self._rate_allows(sender, trusted, now)
+        allowed = self._rate_allows(sender, trusted, now, getattr(message, "topic", None) or "")
         self._charged[id(message)] = (message, allowed, now)
         return allowed and (size <= self.max_payload or trusted)
 
@@ -142,7 +147,7 @@ class PublishChecks:
         now = time.monotonic()
         trusted = self.access.is_service(sender)
         if rate_ok is None:  # an empty topic ends the connection before any token is taken
-            rate_ok = not topic or self._rate_allows(sender, trusted, now)
+            rate_ok = not topic or self._rate_allows(sender, trusted, now, topic)
         decision = decide_publish(
             self.access,
             sender,

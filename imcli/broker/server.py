@@ -42,6 +42,9 @@ Where each part lives:
 * imcli/broker/journal.py: a QoS 1 chat message is in the archive before its PUBACK;
 * imcli/broker/notices.py: what the sender is told;
 * imcli/broker/throttle.py: failed logins and registrations slowed down, password checks bounded.
+* imcli/broker/devices.py: device credentials (issue 17), checked with a keyed hash;
+* imcli/broker/device_service.py: the broker's own answers to device requests (issue, list,
+  revoke, passwd, tokens), and a revoked device's connections and sessions ended.
 """
 
 from __future__ import annotations

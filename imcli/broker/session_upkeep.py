@@ -192,7 +192,7 @@ class SessionUpkeep:
                 if accounts.generation != seen:
                     seen = accounts.generation
                     listed = accounts.list_accounts()
-                    current = {a.name: a.hash for a in listed}
+                    current = {a.name: repr(a.created) for a in listed}  # a new password (passwd) is no new account
                     # `imcli serve` gives its workers new passwords at every start, while they connect
                     rekeyed = (a.name for a in listed if a.role is Role.SERVICE)
                     replaced = replaced_accounts(known, current, rekeyed)

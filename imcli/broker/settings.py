@@ -25,7 +25,8 @@ class BrokerSettings:
     history_days: float | None = None  # the archive worker's retention; None keeps everything
     tls_cert: Path | None = None  # PEM certificate (chain) and key: TLS on every listener bound to `bind`
     tls_key: Path | None = None
-    ws_port: int | None = None  # an MQTT-over-WebSocket listener as well (wss with TLS)
+    ws_port: int | None = None  # an MQTT-over-WebSocket listener as well (wss with TLS), serving the web client
+    ws_origins: tuple[str, ...] = ()  # browser origins allowed besides the listener's own (imcli/broker/webapp.py)
     packet_timeout: float = 10.0  # seconds a peer has to complete its CONNECT, or any packet it started
 
     @property

@@ -13,44 +13,30 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from imcli.cli import chat_commands
+from imcli.cli.chat_commands import COMMANDS, Note, Output
+from imcli.cli.chat_files import ChatFiles  # its slash commands (/send, /get, /open) join the table
 from imcli.cli.chat_state import SEEN_KEPT, ChatState
 from imcli.client import services
 from imcli.client.identity import Identity
 from imcli.client.listener import Listener, content_key, seen_key
 from imcli.client.services import Conversation
-from imcli.core.errors import ImcliError, InvalidInput, RequestTimeout
+from imcli.core.errors import ImcliError, InvalidInput, PublishFailed, RequestTimeout
 from imcli.core.wire import DEFAULT_MAX_PAYLOAD, HISTORY_MAX, Presence, Received, encode
 
 ROOM_BACKLOG = 20  # missed lines shown per visited room on start
 CATCH_UP_OVERLAP = 120.0  # seconds asked again at the start: clocks differ; seen keys de-duplicate
 
-COMMANDS = {
-    "/dm": "/dm NAME [TEXT]   talk to NAME privately (with TEXT: send it and stay here)",
-    "/room": "/room NAME        go to a room (its lines are shown from now on)",
-    "/group": "/group NAME       go to a group you are in",
-    "/who": "/who              who is online",
-    "/nick": "/nick NEW         change your nickname",
-    "/history": "/history [N]      the last N messages here (default 20)",
-    "/help": "/help             this list",
-    "/quit": "/quit             leave (Ctrl-D and Ctrl-C too)",
-}
+__all__ = ["COMMANDS", "QUEUED", "CatchUp", "ChatSession", "Note", "Output"]  # chat_ui and tests import these here
 
-
-@dataclass(frozen=True)
-class Note:
-    """A line that is not a message: command output, errors, the catch-up summary."""
-
-    text: str
-    style: str = ""  # "", "error", "dim"
-
-
-Output = Received | Note
+QUEUED = "not connected: this line will be sent when reconnected"
 
 
 @dataclass
 class CatchUp:
     shown: list[Received] = field(default_factory=list)  # missed lines to show, oldest first
-    unread: Counter[str] = field(default_factory=Counter)  # per conversation, while away
+    unread: Counter[str] = field(default_factory=Counter)  # missed lines shown, per conversation
+    hidden: Counter[str] = field(default_factory=Counter)  # missed room lines not shown, per room
     more: bool = False
     archive_answered: bool = True
 
@@ -65,17 +51,23 @@ class ChatSession:
         self.listener = listener
         self.here = _parse_or(state.here, Conversation("room", "lobby"))
         self.rooms = {r for r in state.rooms if _valid_room(r)} or {"lobby"}
-        self.unread: Counter[str] = Counter()  # rooms not shown, since this run started
+        self.unread: Counter[str] = Counter()  # per conversation other than here, since last there
         self.quit = threading.Event()
         self.max_payload = max_payload
+        self.files = ChatFiles()  # the files shown, by number (/get N, /open N)
+        listener.accept_hint = "/friend accept {}"  # a friend request offers the in-chat command
 
     # ---------------------------------------------------------------- arriving messages
 
     def shows(self, item: Received) -> bool:
-        """Direct and group messages always; rooms only once visited (the rest are counted)."""
+        """Direct and group messages always; rooms only once visited (the rest are counted).
+        A line of another conversation than the prompt's is counted unread until one goes there."""
         if item.kind == "room" and item.room not in self.rooms:
             self.unread[item.room or "?"] += 1
             return False
+        where = Conversation.of(item, self.me)
+        if where is not None and where != self.here and item.sender != self.me:
+            self.unread[str(where)] += 1
         return True
 
     def mentions_me(self, item: Received) -> bool:
@@ -92,44 +84,60 @@ class ChatSession:
         appears once, in time order.
         """
         report = CatchUp()
-        fetched: list[Received] = []
-        last_seen = self.state.last_seen
-        if last_seen is not None:
-            try:
-                page = services.ask_history(self.listener, None, HISTORY_MAX, since=last_seen - CATCH_UP_OVERLAP)
-                report.more = page.more
-            except RequestTimeout:
-                report.archive_answered = False
-            else:
-                # plain-text lines have no id of their own: the archive's copy of one the broker
-                # queued is matched by content (a count, so a repeated line stays repeated), and
-                # the overlap, asked again for ids, would show last run's lines once more
-                queued_lines = Counter(content_key(m) for m in queued if m.format == "text")
-                for m in page.messages:
-                    if m.sender == self.me or self.listener.seen.seen(seen_key(m)):
-                        continue
-                    if m.format == "text" and m.ts < last_seen:
-                        continue
-                    if m.format == "text" and queued_lines[key := content_key(m)] > 0:
-                        queued_lines[key] -= 1
-                        continue
-                    fetched.append(m.model_copy(update={"missed": True}))
+        fetched = self._from_archive(queued, report)
         backlog: Counter[str] = Counter()
         for item in sorted([*queued, *fetched], key=lambda m: m.ts, reverse=True):
             where = Conversation.of(item, self.me)
-            if item.missed and where is not None:
-                report.unread[str(where)] += 1
-            if item.kind != "room":
+            if item.kind != "room" or (item.room in self.rooms and backlog[item.room or ""] < ROOM_BACKLOG):
+                backlog[item.room or ""] += item.kind == "room"  # a busy room's last lines only; /history has the rest
                 report.shown.append(item)
-            elif item.room in self.rooms and backlog[item.room or ""] < ROOM_BACKLOG:
-                backlog[item.room or ""] += 1  # a busy room's last lines only; /history has the rest
-                report.shown.append(item)
+                if item.missed and where is not None:
+                    report.unread[str(where)] += 1  # the counts say what the lines shown are
+            elif item.missed and where is not None:
+                report.hidden[str(where)] += 1
         report.shown.reverse()
+        for name, n in [*report.unread.items(), *report.hidden.items()]:
+            if name != str(self.here):
+                self.unread[name] += n
         return report
 
+    def _from_archive(self, queued: list[Received], report: CatchUp) -> list[Received]:
+        """What the archive kept since the last run that was neither seen nor queued, marked missed."""
+        fetched: list[Received] = []
+        last_seen = self.state.last_seen
+        if last_seen is None:
+            return fetched
+        try:
+            page = services.ask_history(self.listener, None, HISTORY_MAX, since=last_seen - CATCH_UP_OVERLAP)
+            report.more = page.more
+        except RequestTimeout:
+            report.archive_answered = False
+            return fetched
+        # plain-text lines have no id of their own: the archive's copy of one the broker
+        # queued is matched by content (a count, so a repeated line stays repeated), and
+        # the overlap, asked again for ids, would show last run's lines once more
+        queued_lines = Counter(content_key(m) for m in queued if m.format == "text")
+        for m in page.messages:
+            # my own lines count too: those sent from my other devices (issue 17); this
+            # device's own are in its seen ids
+            if self.listener.seen.seen(seen_key(m)):
+                continue
+            if m.format == "text" and m.ts < last_seen:
+                continue
+            if m.format == "text" and queued_lines[key := content_key(m)] > 0:
+                queued_lines[key] -= 1
+                continue
+            fetched.append(m.model_copy(update={"missed": True}))
+        return fetched
+
+    def prompt(self) -> str:
+        """``lobby> ``, or with unread lines elsewhere ``lobby [@alice 2, #team 1]> ``."""
+        waiting = ", ".join(f"{where} {n}" for where, n in self.unread.most_common(4))
+        return f"{self.here}" + (f" [{waiting}{', …' if len(self.unread) > 4 else ''}]" if waiting else "") + "> "
+
     def toolbar(self) -> str:
-        waiting = ", ".join(f"{room} {n}" for room, n in self.unread.most_common(4))
-        return f" {self.me} · {self.here}" + (f" · unread: {waiting}" if waiting else "") + " · /help"
+        state = "" if self.listener.connected else " · not connected, reconnecting…"
+        return f" {self.me} · {self.here}{state} · /help"
 
     def online(self) -> list[str]:
         """Names to complete: online accounts and their nicknames."""
@@ -162,80 +170,58 @@ class ChatSession:
         message = services.prepare_text(text, self.max_payload)
         topics = self.identity.topics
         if where.kind == "room":
-            self.listener.publish(topics.room(where.name, self.me), encode(message))
-            return []  # it comes back through our subscription
+            return self._publish(topics.room(where.name, self.me), encode(message))  # it comes back to us
         if where.kind == "group":
-            self.listener.publish(topics.group_msg(where.name, self.me), encode(message))
-            return []
-        self.listener.publish(topics.dm(where.name, self.me), encode(message))
-        echo = Received(kind="dm", sender=self.me, to=where.name, id=message.id, ts=message.ts, text=message.text)
+            return self._publish(topics.group_msg(where.name, self.me), encode(message))
+        queued = self._publish(topics.dm(where.name, self.me), encode(message))
+        nicks = self.listener.nicks
+        mine, theirs = nicks.get(self.me, self.me), nicks.get(where.name, where.name)
+        echo = Received(
+            kind="dm", sender=self.me, to=where.name, id=message.id, ts=message.ts, text=message.text,
+            nick=mine if mine != self.me else None, to_nick=theirs if theirs != where.name else None,
+        )  # fmt: skip
         self.listener.seen.seen(seen_key(echo))
-        return [echo]  # a DM I send is not delivered back to me
+        return [*queued, echo]  # a DM I send is not delivered back to me
+
+    def _publish(self, topic: str, payload: bytes) -> list[Output]:
+        """Send now; while the connection is down, queue it (paho sends it on reconnecting) and say so."""
+        if not self.listener.connected:
+            self.listener.publish_later(topic, payload)
+            return [Note(QUEUED, "dim")]
+        try:
+            self.listener.publish(topic, payload)
+        except PublishFailed:
+            if self.listener.connected:
+                raise
+            return [Note(QUEUED, "dim")]  # lost on the way: paho keeps a QoS 1 message for the next connection
+        return []
 
     def _command(self, line: str) -> list[Output]:
         name, _, rest = line.partition(" ")
-        rest = rest.strip()
-        match name.lower():
-            case "/quit" | "/exit":
-                self.quit.set()
-                return []
-            case "/help":
-                lines: list[Output] = [Note(text, "dim") for text in COMMANDS.values()]
-                return [*lines, Note("Plain text goes to the conversation in the prompt; Tab completes.", "dim")]
-            case "/room":
-                return self._go(Conversation.parse(_arg(rest, "/room NAME")))
-            case "/group":
-                return self._go(Conversation.parse("#" + _arg(rest, "/group NAME").removeprefix("#")))
-            case "/dm":
-                who_, _, text = rest.partition(" ")
-                target = self._dm_target(_arg(who_, "/dm NAME [TEXT]"))
-                if text.strip():
-                    return self.send(target, text)
-                return self._go(target)
-            case "/who":
-                return self._who()
-            case "/nick":
-                nick = services.ask_rename(self.listener, _arg(rest, "/nick NEW"))
-                return [Note(f"you are now known as {nick}", "dim")]
-            case "/history":
-                return self._history(rest)
-        raise InvalidInput(f"unknown command {name}", "type /help for the list")
+        return chat_commands.find(name).run(self, rest.strip())
 
-    def _dm_target(self, name: str) -> Conversation:
-        account = services.resolve(self.listener, name)
-        services.check_can_dm(self.listener, account)
-        return Conversation("dm", account)
+    def dm_target(self, name: str) -> Conversation:
+        user = services.resolve_user(self.listener, name)
+        if user.nick:
+            self.listener.nicks.setdefault(user.account, user.nick)
+        services.check_can_dm(self.listener, user.account)
+        return Conversation("dm", user.account)
 
-    def _go(self, where: Conversation) -> list[Output]:
+    def go(self, where: Conversation) -> list[Output]:
         if where.kind == "group":
             services.check_member(self.listener, where.name, self.me)
         if where.kind == "room":
             self.rooms.add(where.name)
-            self.unread.pop(where.name, None)
+        self.unread.pop(str(where), None)
         self.here = where
         return [Note(f"now talking in {where}", "dim")]
 
-    def _who(self) -> list[Output]:
+    def who_line(self) -> Note:
+        """Who is online, in one line."""
         users: list[Presence] = services.ask_who(self.listener)
         if not users:
-            return [Note("nobody is online", "dim")]
-        return [
-            Note("online: " + ", ".join(u.nick if u.nick == u.account else f"{u.nick} ({u.account})" for u in users))
-        ]
-
-    def _history(self, rest: str) -> list[Output]:
-        if rest and not rest.isdigit():
-            raise InvalidInput(f"invalid count {rest!r}", "/history [N], N from 1 to 1000")
-        page = services.ask_history(self.listener, self.here, int(rest) if rest else 20)
-        if not page.messages:
-            return [Note(f"no messages in {self.here} yet", "dim")]
-        return [Note(f"— history of {self.here} —", "dim"), *page.messages, Note("— end of history —", "dim")]
-
-
-def _arg(value: str, usage: str) -> str:
-    if not value:
-        raise InvalidInput("missing argument", f"usage: {usage}")
-    return value
+            return Note("nobody is online", "dim")
+        return Note("online: " + ", ".join(u.nick if u.nick == u.account else f"{u.nick} ({u.account})" for u in users))
 
 
 def _valid_room(name: str) -> bool:

@@ -56,6 +56,24 @@ def load_state(account: str, path: Path | None = None) -> ChatState:
         return ChatState()  # a damaged state costs a few duplicate lines, not the chat
 
 
+def load_chat_state(account: str) -> ChatState:
+    """``imcli chat``'s state, with what ``imcli listen`` showed on this machine counted as seen:
+    a line read live in ``listen`` is not shown again as missed by the next ``chat``."""
+    state = load_state(account)
+    seen = dict.fromkeys(state.seen)
+    for path in sorted(config_dir().glob(f"listen-{account}-*.json"), key=_mtime):
+        seen.update(dict.fromkeys(load_state(account, path).seen))
+    state.seen = list(seen)[-SEEN_KEPT * 2 :]
+    return state
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def save_state(account: str, state: ChatState, path: Path | None = None) -> None:
     path = path or state_path(account)
     try:

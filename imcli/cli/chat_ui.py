@@ -14,14 +14,15 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prompt_toolkit import PromptSession
-from prompt_toolkit.completion import CompleteEvent, Completer, Completion
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory
 from prompt_toolkit.patch_stdout import patch_stdout
 from rich.console import Console
 
+from imcli.cli.chat_files import file_text, load_previewer
 from imcli.cli.chat_session import COMMANDS, CatchUp, ChatSession, Note, Output
-from imcli.cli.chat_state import device_session, load_state, save_state
+from imcli.cli.chat_state import device_session, load_chat_state, save_state
 from imcli.cli.render import print_line, received_line, safe
 from imcli.client.config import config_dir
 from imcli.client.identity import Identity
@@ -36,9 +37,14 @@ class ChatCompleter(Completer):
 
     def __init__(self, session: ChatSession) -> None:
         self._session = session
+        self._paths = PathCompleter(expanduser=True)
 
     def get_completions(self, document: Document, complete_event: CompleteEvent) -> Iterator[Completion]:
         before = document.text_before_cursor
+        if before.startswith("/send "):  # a path: the rest of the line, spaces included
+            path = before[len("/send ") :]
+            yield from self._paths.get_completions(Document(path, len(path)), complete_event)
+            return
         if before.startswith("/") and " " not in before:
             for command in COMMANDS:
                 if command.startswith(before.lower()):
@@ -54,7 +60,7 @@ class ChatCompleter(Completer):
 def run_chat(identity: Identity, heartbeat: float, max_payload: int) -> None:
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise InvalidInput("imcli chat needs a terminal", "in scripts use 'imcli listen' and 'imcli say'")
-    state = load_state(identity.account)
+    state = load_chat_state(identity.account)
     with device_session(identity.client_id()) as own:
         view = ChatView(identity, heartbeat, own)
         listener = Listener(
@@ -80,12 +86,13 @@ class ChatView:
         self.own_session = own_session
         self.out = Console(highlight=False, soft_wrap=True, force_terminal=True)
         self._prompt: PromptSession[str] | None = None
+        self._preview = load_previewer()  # before the prompt owns the keyboard: it may ask the terminal
 
     def run(self, session: ChatSession) -> None:
         history_file = config_dir() / f"chat-{self.identity.account}.history"
         history_file.touch(mode=0o600, exist_ok=True)
         self._prompt = PromptSession(
-            message=lambda: f"{session.here}> ",
+            message=session.prompt,
             history=FileHistory(str(history_file)),
             completer=ChatCompleter(session),
             complete_while_typing=False,
@@ -93,6 +100,7 @@ class ChatView:
             refresh_interval=0.5,
             erase_when_done=True,  # the line comes back from the broker (a DM as a local echo)
         )
+        session.files.emit = lambda outputs: self.show(outputs, session)  # what /send, /get, /open report later
         previous = signal.signal(signal.SIGTERM, lambda *_: self._leave())
         try:
             with patch_stdout(raw=True):
@@ -105,7 +113,11 @@ class ChatView:
 
     def _welcome(self, session: ChatSession) -> None:
         a = self.identity.address
-        self.note(Note(f"imcli chat: {self.identity.account} on {a.host}:{a.port} · /help for commands", "dim"))
+        self.note(Note(f"imcli chat: {self.identity.account} on {a} · /help for commands", "dim"))
+        try:
+            self.note(session.who_line())
+        except ImcliError as exc:
+            self.note(Note(f"who is online is not known: {exc}", "dim"))
         if not self.own_session:
             self.note(Note("another imcli chat runs here: this one will miss what is sent while it is away", "dim"))
         report = session.catch_up(list(session.listener.pending()))
@@ -118,6 +130,9 @@ class ChatView:
         if report.unread:
             counts = ", ".join(f"{n} in {where}" for where, n in report.unread.most_common())
             self.note(Note(f"while you were away: {counts}" + (" (and more: /history)" if report.more else "")))
+        if report.hidden:
+            counts = ", ".join(f"{n} in {where}" for where, n in report.hidden.most_common())
+            self.note(Note(f"not shown: {counts} (/room NAME to go there, /history for its lines)", "dim"))
 
     def _read(self, session: ChatSession) -> None:
         assert self._prompt is not None
@@ -143,11 +158,23 @@ class ChatView:
             if isinstance(output, Note):
                 self.note(output)
                 continue
-            line = received_line(output, session.me)
+            shown = output
+            if output.file is not None:  # one line: sender, name, size (and dimensions), its number
+                shown = output.model_copy(update={"text": file_text(output, session.files.number(output.file))})
+            line = received_line(shown, session.me)
             if session.mentions_me(output):
                 line.stylize("bold reverse")
                 self.out.bell()
             print_line(self.out, line)
+            if output.file is not None and output.file.thumb and self._preview is not None:
+                self._draw(output.file.thumb)
+
+    def _draw(self, thumb: str) -> None:
+        assert self._preview is not None
+        try:
+            self.out.print(self._preview(thumb))
+        except Exception:  # a thumbnail that does not decode is just not drawn
+            self.note(Note("(no preview: the thumbnail does not decode)", "dim"))
 
     def note(self, note: Note) -> None:
         self.out.print(safe(note.text), style=_NOTE_STYLES.get(note.style, ""), markup=False)  # may quote others

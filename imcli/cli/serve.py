@@ -58,12 +58,27 @@ def serve(
     history_days: Annotated[
         float | None, typer.Option(help="Keep archived messages this many days [default: for ever].")
     ] = None,
+    max_file_mib: Annotated[int, typer.Option(help="Largest file one may send, in MiB.")] = 100,
+    file_quota_mib: Annotated[
+        int, typer.Option(help="Storage per account for files, in MiB (unfinished uploads count).")
+    ] = 1024,
+    max_uploads: Annotated[int, typer.Option(help="Unfinished uploads one account may have going at once.")] = 4,
     tls_cert: Annotated[
         Path | None, typer.Option("--tls-cert", help="PEM certificate (chain): TLS on --port and --ws-port.")
     ] = None,
     tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert.")] = None,
     ws_port: Annotated[
-        int | None, typer.Option("--ws-port", help="Also serve MQTT over WebSocket here (wss with TLS; 0: any).")
+        int | None,
+        typer.Option(
+            "--ws-port", help="Also serve MQTT over WebSocket and the web client here (wss/https with TLS; 0: any)."
+        ),
+    ] = None,
+    ws_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ws-origin",
+            help="Another browser origin allowed to open the WebSocket (https://chat.example.org); repeatable.",
+        ),
     ] = None,
     allow_remote: Annotated[
         bool,
@@ -126,6 +141,7 @@ def serve(
         tls_cert=tls_cert,
         tls_key=tls_key,
         ws_port=ws_port,
+        ws_origins=tuple(check_origin(o) for o in ws_origin or ()),
         limits=Limits(
             publish_rate=max_rate,
             publish_burst=max(1, int(max_rate * 3)),
@@ -136,6 +152,7 @@ def serve(
             password_checks=password_checks,
             password_queue=password_queue,
             **account_quotas(max_sessions, max_statuses, max_status_bytes, max_groups, group_rate),
+            **file_limits(max_file_mib, file_quota_mib, max_uploads),
         ),
     )
     out = console()
@@ -144,9 +161,12 @@ def serve(
         a = info.address
         out.print(f"imcli serve: listening on {info.bind}:{a.port}" + (" (TLS)" if a.tls else ""), style="bold green")
         if info.ws_port is not None:
-            out.print(f"  websocket   {'wss' if a.tls else 'ws'}://{a.host}:{info.ws_port}/")
+            out.print(  # the web client's page and its MQTT share the port
+                f"  websocket   {'wss' if a.tls else 'ws'}://{a.host}:{info.ws_port}/mqtt\n"
+                f"  web client  {'https' if a.tls else 'http'}://{a.host}:{info.ws_port}/"
+            )
         out.print(f"  data        {info.data_dir}")
-        out.print(f"  accounts    registration {info.registration}; presence, group and archive workers running")
+        out.print(f"  accounts    registration {info.registration}; presence, group, archive and files workers running")
         tls_hint = " --tls [--ca CA.pem]" if a.tls else ""
         out.print(f"  connect     imcli register NAME --host {a.host} --port {a.port}{tls_hint}")
         out.print("  stop        Ctrl-C", style="dim")
@@ -163,6 +183,17 @@ def serve(
     out.print("imcli serve: stopped", style="dim")
 
 
+def check_origin(origin: str) -> str:
+    """A ``--ws-origin``: scheme, host and optional port, as a browser sends it in ``Origin``."""
+    import re
+
+    if re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", origin) is None:
+        raise InvalidInput(
+            f"invalid --ws-origin {origin!r}", "give scheme://host[:port], e.g. https://chat.example.org"
+        )
+    return origin
+
+
 def account_quotas(sessions: int, statuses: int, status_bytes: int, groups: int, group_rate: int) -> dict[str, int]:
     """imcli serve's per-account quotas (issue 15) as ``Limits`` fields, checked."""
     if min(sessions, statuses, groups, group_rate) < 1 or status_bytes < 128:
@@ -177,6 +208,13 @@ def account_quotas(sessions: int, statuses: int, status_bytes: int, groups: int,
         "max_groups": groups,
         "group_rate": group_rate,
     }
+
+
+def file_limits(max_file_mib: int, quota_mib: int, uploads: int) -> dict[str, int]:
+    """imcli serve's limits on files (issue 16) as ``Limits`` fields, checked."""
+    if min(max_file_mib, quota_mib, uploads) < 1:
+        raise InvalidInput("file limits too small", "--max-file-mib, --file-quota-mib and --max-uploads >= 1")
+    return {"max_file": max_file_mib << 20, "file_quota": quota_mib << 20, "max_uploads": uploads}
 
 
 def output_bound(max_output: int, timeout: float, max_payload: int) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""``imcli workers``: the presence, group and archive workers alone, against a broker run
-elsewhere (Mosquitto, EMQX, or another ``imcli serve``). ``imcli serve`` runs the same three
+"""``imcli workers``: the presence, group, archive and files workers alone, against a broker run
+elsewhere (Mosquitto, a NATS cluster, or another ``imcli serve``). ``imcli serve`` runs the same four
 inside it. ``imcli presence`` runs the presence worker alone."""
 
 from __future__ import annotations
@@ -23,10 +23,14 @@ from imcli.cli.common import (
 )
 from imcli.client.identity import broker_address
 from imcli.core.errors import InvalidInput
-from imcli.core.rules import ARCHIVE_ACCOUNT, GROUPS_ACCOUNT, PRESENCE_ACCOUNT
+from imcli.core.rules import ARCHIVE_ACCOUNT, FILES_ACCOUNT, GROUPS_ACCOUNT, PRESENCE_ACCOUNT
+from imcli.core.topics import DEFAULT_MAX_PAYLOAD
 
 if TYPE_CHECKING:
+    from imcli.core.mqtt import BrokerAddress, Credentials
     from imcli.core.service import ServiceWorker
+    from imcli.files.worker import FileLimits
+    from imcli.groups.natsauth import NatsAuth
 
 
 def password_variable(account: str) -> str:
@@ -53,17 +57,41 @@ def _passwords(from_stdin: bool, accounts: list[str]) -> list[str]:
     return found
 
 
+def _mode(dynsec: bool, nats_users: Path | None) -> str:
+    if nats_users is not None:
+        return f"; NATS permissions kept in {nats_users}"
+    return "; groups enforced through dynamic security" if dynsec else ""
+
+
+def _nats_auth(users: Path | None, accounts: Path | None, pidfiles: list[Path], dynsec: bool) -> NatsAuth | None:
+    if users is None:
+        return None
+    if dynsec or accounts is None:
+        raise InvalidInput(
+            "--nats-users needs --accounts-file (the name:password lines) and no --dynsec", "see deploy/nats/README.md"
+        )
+    from imcli.core.wire import Topics
+    from imcli.groups.natsauth import NatsAuth
+
+    try:
+        return NatsAuth(Topics(), accounts.expanduser(), users.expanduser(), pidfiles)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"cannot read the accounts file {accounts}: {exc}", "check the path and its mode") from exc
+
+
 def workers(
     host: HostOpt = None,
     port: PortOpt = None,
     presence_account: Annotated[str, typer.Option(help="Service account of the presence worker.")] = PRESENCE_ACCOUNT,
     groups_account: Annotated[str, typer.Option(help="Service account of the group worker.")] = GROUPS_ACCOUNT,
     archive_account: Annotated[str, typer.Option(help="Service account of the archive worker.")] = ARCHIVE_ACCOUNT,
+    files_account: Annotated[str, typer.Option(help="Service account of the files worker.")] = FILES_ACCOUNT,
     password_stdin: Annotated[
         bool,
         typer.Option(
             "--password-stdin",
-            help="Read the passwords from stdin, one line each: presence's, groups', archive's (unless --no-archive).",
+            help="Read the passwords from stdin, one line each: presence's, groups', archive's (unless "
+            "--no-archive), files' (unless --no-files).",
         ),
     ] = False,
     accounts_file: Annotated[
@@ -74,6 +102,17 @@ def workers(
         bool,
         typer.Option("--dynsec", help="Enforce groups and dm-policy on Mosquitto through its dynamic-security plugin."),
     ] = False,
+    nats_users: Annotated[
+        Path | None,
+        typer.Option(
+            help="NATS: the users file the nodes include (deploy/nats), kept in step with groups, friends-only "
+            "DMs and --accounts-file (name:password lines), reloading the nodes after each change.",
+        ),
+    ] = None,
+    nats_pidfile: Annotated[
+        list[Path] | None,
+        typer.Option(help="NATS: pid_file of a node on this machine, sent SIGHUP after each change (repeatable)."),
+    ] = None,
     archive: Annotated[
         bool, typer.Option("--archive/--no-archive", help="Run the archive worker (history, offline catch-up).")
     ] = True,
@@ -87,11 +126,22 @@ def workers(
     history_days: Annotated[
         float | None, typer.Option(help="Keep archived messages this many days [default: for ever].")
     ] = None,
+    files: Annotated[bool, typer.Option("--files/--no-files", help="Run the files worker (imcli send, get).")] = True,
+    files_dir: Annotated[
+        Path | None,
+        typer.Option("--files-dir", help="Directory of the files worker's files/ [default: the archive's directory]"),
+    ] = None,
+    max_file_mib: Annotated[int, typer.Option(help="Largest file one may send, in MiB.")] = 100,
+    file_quota_mib: Annotated[int, typer.Option(help="Storage per account for files, in MiB.")] = 1024,
+    max_uploads: Annotated[int, typer.Option(help="Unfinished uploads one account may have going at once.")] = 4,
+    max_payload: Annotated[
+        int, typer.Option(help="The broker's largest payload (Mosquitto's message_size_limit): chunks fit in it.")
+    ] = DEFAULT_MAX_PAYLOAD,
     max_groups: Annotated[int, typer.Option(help="Groups one account may own.")] = 50,
     group_rate: Annotated[int, typer.Option(help="Groups one account may create per minute.")] = 10,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the workers do.")] = False,
 ) -> None:
-    """Run the presence, group and archive workers against an external broker, until Ctrl-C or SIGTERM."""
+    """Run the presence, group, archive and files workers against an external broker, until Ctrl-C or SIGTERM."""
     import logging
     import signal
     import threading
@@ -102,11 +152,18 @@ def workers(
     from imcli.core.service import PasswordFileDirectory
     from imcli.core.text import log_to_stderr
     from imcli.core.wire import check_name
+    from imcli.files.worker import FileLimits
     from imcli.groups.worker import GroupWorker
     from imcli.presence.worker import PresenceWorker
 
     accounts = [presence_account, groups_account] + ([archive_account] if archive else [])
-    for account in (presence_account, groups_account, archive_account):  # the archive's also names a dynsec role
+    accounts += [files_account] if files else []
+    for account in (
+        presence_account,
+        groups_account,
+        archive_account,
+        files_account,
+    ):  # the archive's also names a dynsec role
         check_name(account, "service account name")
     if len(set(accounts)) != len(accounts):
         raise InvalidInput(f"the {len(accounts)} workers need {len(accounts)} service accounts", "give different names")
@@ -138,6 +195,7 @@ def workers(
             dm_readers=(archive_account,),
             max_groups=max_groups,
             group_rate=group_rate,
+            nats=_nats_auth(nats_users, accounts_file, nats_pidfile or [], dynsec),
         ),
     ]
     if archive:
@@ -150,15 +208,37 @@ def workers(
                 address, creds(archive_account), data_dir, device="workers", retention_days=history_days
             )
         )
+    store_dir = (files_dir or data_dir).expanduser()
+    if files:
+        limits = FileLimits(max_file_mib << 20, file_quota_mib << 20, max_uploads, max_payload)
+        makers.append(_files_worker(address, creds(files_account), store_dir, limits))
     with contextlib.ExitStack() as stack:
         for make in makers:  # made one by one: a worker that fails to start closes those before it
             stack.enter_context(make())
-        mode = "; groups enforced through dynamic security" if dynsec else ""
         where = f"; archive in {data_dir}" if archive else "; no archive"
+        where += f"; files in {store_dir / 'files'}" if files else "; no files"
+        mode = _mode(dynsec, nats_users)
         console().print(f"workers running as {', '.join(accounts)} on {address}{mode}{where} (Ctrl-C to stop)")
         sys.stdout.flush()
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
+
+
+def _files_worker(
+    address: BrokerAddress, credentials: Credentials, store_dir: Path, limits: FileLimits
+) -> Callable[[], ServiceWorker]:
+    """The files worker's maker, its directory made and its limits checked first."""
+    from imcli.files.worker import FilesWorker
+
+    if min(limits.max_file, limits.quota, limits.max_uploads) < 1 or limits.max_payload < 256:
+        raise InvalidInput(
+            "file limits too small", "--max-file-mib, --file-quota-mib, --max-uploads >= 1, --max-payload >= 256"
+        )
+    try:
+        store_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise InvalidInput(f"cannot create the files directory {store_dir}: {exc}", "check --files-dir") from exc
+    return lambda: FilesWorker(address, credentials, store_dir, device="workers", limits=limits)
 
 
 def presence(

@@ -35,13 +35,14 @@ class Identity:
         return self.credentials.username
 
     def client_id(self, purpose: str | None = None) -> str:
-        """``<account>:<device>``, or ``<account>:<device>-<purpose><random>`` (``session_name``)."""
+        """``<account>:<device>``, or ``<account>:<device>.<purpose><random>`` (``session_name``)."""
         return device_client_id(self.account, self.session_name(purpose))
 
     def session_name(self, purpose: str | None = None) -> str:
         """The device's name; one-shot commands add a random suffix so they never take
-        over (or flap) the device's long-lived session."""
-        return f"{self.device}-{purpose}{secrets.token_hex(3)}" if purpose else self.device
+        over (or flap) the device's long-lived session. After a '.': a device credential is
+        bound to ``<account>:<device>`` and ``<account>:<device>.<anything>`` (imcli/core/rules.py)."""
+        return f"{self.device}.{purpose}{secrets.token_hex(3)}" if purpose else self.device
 
 
 def listen_session(device: str, rooms: list[str] | None = None) -> str:
@@ -74,7 +75,7 @@ def broker_address(
         tls = True if tls is None else tls
     else:
         ca_file = profile.ca if profile else None
-    return BrokerAddress(
+    return BrokerAddress.of(
         host or (profile.host if profile else "127.0.0.1"),
         port if port is not None else (profile.port if profile else 1883),
         tls if tls is not None else bool(profile and profile.tls),
@@ -90,7 +91,20 @@ def signed_in(host: str | None, port: int | None) -> Identity:
 
 
 def message_text(text: str) -> str:
-    return sys.stdin.read() if text == "-" else text
+    return read_text_stdin() if text == "-" else text
+
+
+def read_text_stdin() -> str:
+    """A message from stdin; binary input (a picture piped in) is refused in one line, pointing to
+    ``imcli send``, instead of a traceback or a message of mojibake."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    if "\x00" in text or (data and not text):
+        raise InvalidInput("the input is not text (binary data)", "send files and images with: imcli send NAME FILE")
+    return text
 
 
 def heartbeat_seconds() -> float:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import queue
 import threading
 import time
@@ -25,9 +26,11 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from imcli.client.identity import Identity
-from imcli.core.errors import ImcliError
+from imcli.core.errors import AuthenticationFailed, DeviceLoggedOut, ImcliError, PublishFailed
 from imcli.core.mqtt import ConnectionListener, Message, MqttClient, Will
+from imcli.core.names import label
 from imcli.core.request_reply import RequestClient
+from imcli.core.rules import DEVICE_CREDENTIAL_PREFIX
 from imcli.core.wire import (
     DEFAULT_HEARTBEAT,
     DeviceStatus,
@@ -40,6 +43,7 @@ from imcli.core.wire import (
     Notice,
     Payload,
     Presence,
+    Profile,
     Received,
     TopicKind,
     Topics,
@@ -52,10 +56,12 @@ from imcli.core.wire import (
     new_id,
 )
 
+log = logging.getLogger(__name__)
+
 CATCH_UP_OVERLAP = 5.0  # seconds before the last known contact: the seen ids drop what was shown already
 CATCH_UP_LIMIT = 500  # the archive's page size (HISTORY_MAX); more than that is said, not shown
 
-_SHOWN = (TopicKind.ROOM, TopicKind.DM, TopicKind.GROUP_MSG, TopicKind.NOTICE, TopicKind.EVENTS)
+_SHOWN = (TopicKind.ROOM, TopicKind.DM, TopicKind.SENT, TopicKind.GROUP_MSG, TopicKind.NOTICE, TopicKind.EVENTS)
 
 
 class RecentIds:
@@ -136,6 +142,19 @@ def to_received(topics: Topics, message: Message) -> Received | None:
         )
 
 
+def profile_changes(before: Profile | None, after: Profile) -> list[str]:
+    """What changed in a profile, in words (``signature “…”``, ``about``, ``avatar``)."""
+    was = before or Profile(account=after.account, name=after.name)
+    changes = []
+    if was.signature != after.signature:
+        changes.append(f"signature “{after.signature}”" if after.signature else "signature removed")
+    if was.about != after.about:
+        changes.append("about")
+    if was.avatar != after.avatar:
+        changes.append("avatar" if after.avatar else "avatar removed")
+    return changes
+
+
 def event_text(event: Event) -> str:
     if event.event == "rename":
         return f"{event.old_nick} is now known as {event.nick}"
@@ -177,9 +196,9 @@ class Listener:
         self._filters = [
             *room_filters,
             topics.user_filter(identity.account),  # DMs, replies, notices, my friends record
-            topics.group_msg_filter(),  # every group: the broker delivers only my groups' messages
             topics.presence_filter(),
             topics.events(),
+            topics.profile_filter(),  # friends' profile changes are shown as events
         ]
         self.device = session or identity.session_name("listen")
         client_id = device_client_id(identity.account, self.device)
@@ -197,12 +216,17 @@ class Listener:
             on_connection=self._connection_changed,
         )
         self.seen = seen or RecentIds()
+        self._logged_out = False  # the broker said this device was revoked
+        self._uses_device_credential = identity.credentials.password.startswith(DEVICE_CREDENTIAL_PREFIX)
         self.nicks: dict[str, str] = {}
+        self.friends: set[str] = set()  # from my retained friends record
+        self.profiles: dict[str, Profile] = {}  # as last received: a change is told against it
         self.online: set[str] = set()  # accounts the presence worker says are online
         self._inbox: queue.Queue[tuple[Message | Received, bool]] = queue.Queue()
         self._catching_up = True  # until our SUBACK: what arrives first was queued while we were away
         self.requests = RequestClient(topics, identity.account, self.publish)  # our user filter covers the replies
         self._requests_shown: set[str] = set()
+        self.accept_hint = "imcli friend accept {}"  # what a friend request says to run (chat: its /friend)
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._beat_loop, name="imcli-heartbeat", daemon=True)
 
@@ -210,6 +234,7 @@ class Listener:
         self._client.connect()
         try:
             self._client.subscribe(self._filters)
+            self._subscribe_groups()
             self._catching_up = False
             self._client.publish(self._status_topic, self._status(), qos=1, retain=True)
         except ImcliError:
@@ -221,6 +246,16 @@ class Listener:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _subscribe_groups(self) -> None:
+        """Every group: the embedded broker and Mosquitto deliver only my groups' messages. NATS 2.9
+        cannot narrow a wildcard per delivery and refuses it (deploy/nats): no live group lines there."""
+        try:
+            self._client.subscribe([self.identity.topics.group_msg_filter()])
+        except PublishFailed:
+            log.info(
+                "the broker refused %s: group messages only through history", self.identity.topics.group_msg_filter()
+            )
 
     def close(self) -> None:
         """Say offline (clear the device's status) and disconnect."""
@@ -243,6 +278,14 @@ class Listener:
         """Publish at QoS 1 and wait for the broker's acknowledgement (any thread but paho's)."""
         self._client.publish(topic, payload, qos=1)
 
+    def publish_later(self, topic: str, payload: bytes) -> None:
+        """Queue a QoS 1 publish without waiting: while disconnected, paho sends it on reconnecting."""
+        self._client.publish_nowait(topic, payload, qos=1)
+
+    @property
+    def connected(self) -> bool:
+        return self._client.connected
+
     def ask(self, request: WireModel, timeout: float | None = None) -> Payload:
         """Request/reply over this connection (an ``imcli.core.request_reply.Asker``)."""
         return self.requests.ask(request, timeout)
@@ -250,12 +293,32 @@ class Listener:
     # ---------------------------------------------------------------- receiving
 
     def _route(self, message: Message) -> None:  # paho's thread
+        if self._revokes_me(message):
+            self._logged_out = True
         if not self.requests.deliver(message):
             self._inbox.put((message, self._catching_up))
 
+    def _revokes_me(self, message: Message) -> bool:
+        """The broker's notice that this device was revoked (``imcli logout`` here, or
+        ``imcli devices revoke`` elsewhere): imcli/broker/device_service.py."""
+        if not message.topic.endswith("/notice") or b"device_revoked" not in message.payload:
+            return False
+        parsed = self.identity.topics.parse(message.topic)
+        if parsed is None or parsed.kind is not TopicKind.NOTICE or parsed.owner != self.identity.account:
+            return False
+        try:
+            notice = decode_as(message.payload, Notice)
+        except MalformedPayload:
+            return False
+        return notice.code == "device_revoked" and notice.topic == self.identity.device
+
     def __iter__(self) -> Iterator[Received]:
         while not self._stop.is_set():
+            if self._logged_out:
+                raise DeviceLoggedOut(self.identity.device)
             if self._client.fatal is not None:
+                if isinstance(self._client.fatal, AuthenticationFailed) and self._uses_device_credential:
+                    raise DeviceLoggedOut(self.identity.device) from self._client.fatal
                 raise self._client.fatal
             try:
                 message, missed = self._inbox.get(timeout=0.5)
@@ -282,6 +345,10 @@ class Listener:
             return
         if parsed is not None and parsed.kind is TopicKind.FRIENDS:
             yield from self._new_requests(message.payload)
+            return
+        if parsed is not None and parsed.kind is TopicKind.PROFILE:
+            if not isinstance(message, Received):
+                yield from self._profile_changed(message)
             return
         item = to_received(self.identity.topics, message)
         if item is not None and missed and item.kind == "event":
@@ -316,12 +383,29 @@ class Listener:
             record = decode_as(payload, Friends)
         except MalformedPayload:
             return
+        self.friends = set(record.friends)
         self._requests_shown &= set(record.incoming)  # a request asked again after a decline shows again
         for asker in record.incoming:
             if asker not in self._requests_shown:
                 self._requests_shown.add(asker)
-                text = f"{asker} wants to be your friend (imcli friend accept {asker})"
+                text = f"{asker} wants to be your friend ({self.accept_hint.format(asker)})"
                 yield Received(kind="notice", sender=asker, id=new_id(), ts=time.time(), text=text)
+
+    def _profile_changed(self, message: Message) -> Iterator[Received]:
+        """A friend's profile changed (live, not the retained copy a subscription starts with): an event."""
+        try:
+            profile = decode_as(message.payload, Profile)
+        except MalformedPayload:
+            return
+        before = self.profiles.get(profile.account)
+        self.profiles[profile.account] = profile
+        if message.retain or profile.account not in self.friends:
+            return
+        changes = profile_changes(before, profile)
+        if changes:
+            text = f"{label(profile.account, profile.name)} changed their profile: {'; '.join(changes)}"
+            ts = profile.updated or time.time()
+            yield Received(kind="event", sender=profile.account, nick=profile.name, id=new_id(), ts=ts, text=text)
 
     def _remember_nick(self, payload: bytes) -> None:
         try:

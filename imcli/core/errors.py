@@ -10,6 +10,7 @@
      └── BrokerError                anything on the way to and from the broker
           ├── BrokerUnreachable     TCP connect failed / broker went away
           ├── AuthenticationFailed  CONNACK 4/5: wrong name or password, client id refused
+          │    └── DeviceLoggedOut  this device's credential was revoked (logout, devices revoke)
           ├── PublishFailed         no PUBACK, subscription refused
           └── RequestTimeout        no worker answered a request
 
@@ -75,3 +76,14 @@ class PublishFailed(BrokerError):
 
 class RequestTimeout(BrokerError):
     """No worker answered a request in time."""
+
+
+class DeviceLoggedOut(AuthenticationFailed):
+    """This device was logged out or revoked while a client ran (issue 17)."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__(
+            f"this device ({device}) was logged out: its credential was revoked",
+            "log in again with 'imcli login NAME'",
+            code=4,
+        )

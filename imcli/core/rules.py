@@ -18,12 +18,53 @@ from typing import Final, Literal
 PRESENCE_ACCOUNT: Final = "presence"
 GROUPS_ACCOUNT: Final = "groups"
 ARCHIVE_ACCOUNT: Final = "archive"
+FILES_ACCOUNT: Final = "files"
 # the workers that `imcli serve` runs, and the default accounts of `imcli workers`: no person may take these names
-SERVICE_ACCOUNTS: Final = (PRESENCE_ACCOUNT, GROUPS_ACCOUNT, ARCHIVE_ACCOUNT)
+SERVICE_ACCOUNTS: Final = (PRESENCE_ACCOUNT, GROUPS_ACCOUNT, ARCHIVE_ACCOUNT, FILES_ACCOUNT)
 
 # --------------------------------------------------------------------------- registration
 
 REGISTER_PREFIX: Final = "register:"  # a CONNECT with username "register:<name>" asks to create <name>
+
+# --------------------------------------------------------------------------- device credentials
+
+# A device credential (issue 17) is the MQTT password of one device or bot token:
+# ``dc1:<device>:<secret>``. The device name says which record the broker checks the secret
+# against (with a fast keyed hash: the secret has 256 bits, so no argon2 is needed); ':' is in
+# no device name nor in a secret, and no account password may start with the prefix.
+DEVICE_CREDENTIAL_PREFIX: Final = "dc1:"
+DEVICE_SUFFIX_SEPARATOR: Final = "."  # <account>:<device>.<anything>: the device's other sessions
+
+
+def device_credential(device: str, secret: str) -> str:
+    return f"{DEVICE_CREDENTIAL_PREFIX}{device}:{secret}"
+
+
+def parse_device_credential(password: str) -> tuple[str, str] | None:
+    """``(device, secret)`` of a device credential; ``None`` if ``password`` is not shaped like one."""
+    if not password.startswith(DEVICE_CREDENTIAL_PREFIX):
+        return None
+    device, sep, secret = password.removeprefix(DEVICE_CREDENTIAL_PREFIX).partition(":")
+    if not sep or not device or not secret:
+        return None
+    return device, secret
+
+
+def device_of_client_id(account: str, client_id: str) -> str | None:
+    """The device a client id of ``account`` belongs to: ``<account>:<device>`` or
+    ``<account>:<device>.<session>`` (device names hold no '.'); ``None`` for another account's."""
+    head = account + ":"
+    if not client_id.startswith(head):
+        return None
+    rest = client_id[len(head) :]
+    device = rest.split(DEVICE_SUFFIX_SEPARATOR, 1)[0]
+    return device or None
+
+
+def client_id_of_device(account: str, device: str, client_id: str) -> bool:
+    """Whether a device credential of ``account``'s ``device`` may connect with ``client_id``."""
+    return device_of_client_id(account, client_id) == device
+
 
 # --------------------------------------------------------------------------- direct messages
 

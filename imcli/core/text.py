@@ -71,3 +71,15 @@ def log_to_stderr(level: int, fmt: str) -> None:
     logging.basicConfig(level=level, format=fmt)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(SafeFormatter(fmt))
+
+
+def human_size(size: int) -> str:
+    """Bytes for people: ``512 bytes``, ``1.5 KiB``, ``100 MiB``, ``2.3 GiB``."""
+    if size < 1024:
+        return f"{size} byte" + ("" if size == 1 else "s")
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}".replace(".0 ", " ")
+    raise AssertionError("unreachable")

@@ -92,6 +92,7 @@ def chat_line(text: str, *, message_id: str | None = None, ts: float | None = No
 class TopicKind(enum.StrEnum):
     ROOM = "room"
     DM = "dm"
+    SENT = "sent"  # the broker's copy of a DM for the sender's other devices (issue 17)
     REPLY = "reply"
     NOTICE = "notice"
     FRIENDS = "friends"
@@ -101,6 +102,10 @@ class TopicKind(enum.StrEnum):
     PRESENCE = "presence"
     REQUEST = "request"
     EVENTS = "events"
+    PROFILE = "profile"
+    UPLOAD = "upload"  # a file's bytes, sender -> files worker (issue 16)
+    FETCH = "fetch"  # a download's acknowledgements, receiver -> files worker
+    FILE_DATA = "file_data"  # a download's bytes, files worker -> receiver
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +148,10 @@ class Topics:
     def dm_filter(self, to: str | None = None) -> str:
         """DMs to ``to``, or every direct message (the archive's subscription; a user may read only its own)."""
         return f"{self.prefix}/user/{_n(to) if to else '+'}/dm/+"
+
+    def sent(self, me: str, to: str) -> str:
+        """The copy of ``me``'s DM to ``to`` that the broker delivers to ``me``'s own devices."""
+        return f"{self.prefix}/user/{_n(me)}/sent/{_n(to)}"
 
     def user_filter(self, me: str) -> str:
         return f"{self.prefix}/user/{_n(me)}/#"
@@ -189,6 +198,13 @@ class Topics:
     def events(self) -> str:
         return f"{self.prefix}/events"
 
+    def profile(self, user: str) -> str:
+        """A user's public profile (retained; written by the presence worker, for its owner only)."""
+        return f"{self.prefix}/profile/{_n(user)}"
+
+    def profile_filter(self) -> str:
+        return f"{self.prefix}/profile/+"
+
     def group_msg(self, group: str, sender: str) -> str:
         return f"{self.prefix}/group/{_n(group)}/msg/{_n(sender)}"
 
@@ -201,6 +217,25 @@ class Topics:
     def group_info_filter(self) -> str:
         return f"{self.prefix}/group/+/info"
 
+    # files (issue 16): the bytes travel beside the request/reply topics, in chunks (``chunk``)
+    def upload(self, sender: str, upload: str) -> str:
+        return f"{self.prefix}/upload/{_n(sender)}/{_i(upload)}"
+
+    def upload_filter(self) -> str:
+        return f"{self.prefix}/upload/+/+"
+
+    def fetch(self, sender: str, stream: str) -> str:
+        return f"{self.prefix}/fetch/{_n(sender)}/{_i(stream)}"
+
+    def fetch_filter(self) -> str:
+        return f"{self.prefix}/fetch/+/+"
+
+    def file_data(self, me: str, stream: str) -> str:
+        return f"{self.prefix}/user/{_n(me)}/file/{_i(stream)}"
+
+    def file_data_filter(self, me: str) -> str:
+        return f"{self.prefix}/user/{_n(me)}/file/+"
+
     def parse(self, topic: str) -> Topic | None:
         """Parse a concrete topic (no wildcards); ``None`` if it is not part of the contract."""
         head = self.prefix + "/"
@@ -210,14 +245,8 @@ class Topics:
         match levels:
             case ["room", room, sender] if is_name(room) and is_name(sender):
                 return Topic(TopicKind.ROOM, sender=sender, name=room)
-            case ["user", to, "dm", sender] if is_name(to) and is_name(sender):
-                return Topic(TopicKind.DM, sender=sender, owner=to)
-            case ["user", me, "reply", corr] if is_name(me) and is_id(corr):
-                return Topic(TopicKind.REPLY, owner=me, key=corr)
-            case ["user", me, "notice"] if is_name(me):
-                return Topic(TopicKind.NOTICE, owner=me)
-            case ["user", me, "friends"] if is_name(me):
-                return Topic(TopicKind.FRIENDS, owner=me)
+            case ["user", owner, *rest] if is_name(owner):
+                return _user_topic(owner, rest)
             case ["group", group, "msg", sender] if is_name(group) and is_name(sender):
                 return Topic(TopicKind.GROUP_MSG, sender=sender, name=group)
             case ["group", group, "info"] if is_name(group):
@@ -226,11 +255,63 @@ class Topics:
                 return Topic(TopicKind.STATUS, sender=user, key=device)
             case ["presence", user] if is_name(user):
                 return Topic(TopicKind.PRESENCE, owner=user)
+            case ["profile", user] if is_name(user):
+                return Topic(TopicKind.PROFILE, owner=user)
             case ["request", sender, corr] if is_name(sender) and is_id(corr):
                 return Topic(TopicKind.REQUEST, sender=sender, key=corr)
             case ["events"]:
                 return Topic(TopicKind.EVENTS)
-        return None
+        return _file_topic(levels)
+
+
+def _file_topic(levels: list[str]) -> Topic | None:
+    """The topics of a file's bytes (issue 16), or ``None`` (``<prefix>/user/<me>/file/<stream>``: ``_user_topic``)."""
+    match levels:
+        case ["upload", sender, upload] if is_name(sender) and is_id(upload):
+            return Topic(TopicKind.UPLOAD, sender=sender, key=upload)
+        case ["fetch", sender, stream] if is_name(sender) and is_id(stream):
+            return Topic(TopicKind.FETCH, sender=sender, key=stream)
+    return None
+
+
+# --------------------------------------------------------------------------- file chunks
+
+CHUNK_HEADER: Final = 8  # a chunk is the big-endian offset of its first byte (8 bytes), then the bytes
+
+
+def chunk(offset: int, data: bytes) -> bytes:
+    """One chunk of a file as it travels on an upload or file-data topic."""
+    return offset.to_bytes(CHUNK_HEADER, "big") + data
+
+
+def unchunk(payload: bytes) -> tuple[int, bytes]:
+    """The offset and bytes of a chunk; ``ValueError`` if it is too short to be one."""
+    if len(payload) < CHUNK_HEADER:
+        raise ValueError("a chunk is at least its 8-byte offset")
+    return int.from_bytes(payload[:CHUNK_HEADER], "big"), payload[CHUNK_HEADER:]
+
+
+def chunk_size(max_payload: int) -> int:
+    """Bytes of a file per chunk, so that a chunk's payload is within ``max_payload``."""
+    return max_payload - CHUNK_HEADER
+
+
+def _user_topic(owner: str, rest: list[str]) -> Topic | None:
+    """A topic of ``<prefix>/user/<owner>/…``."""
+    match rest:
+        case ["dm", sender] if is_name(sender):
+            return Topic(TopicKind.DM, sender=sender, owner=owner)
+        case ["sent", to] if is_name(to):
+            return Topic(TopicKind.SENT, sender=owner, owner=to)
+        case ["reply", corr] if is_id(corr):
+            return Topic(TopicKind.REPLY, owner=owner, key=corr)
+        case ["notice"]:
+            return Topic(TopicKind.NOTICE, owner=owner)
+        case ["friends"]:
+            return Topic(TopicKind.FRIENDS, owner=owner)
+        case ["file", stream] if is_id(stream):  # a file's bytes, streamed to its reader (issue 16)
+            return Topic(TopicKind.FILE_DATA, owner=owner, key=stream)
+    return None
 
 
 def _n(value: str) -> str:

@@ -19,6 +19,7 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from imcli.core.names import DISPLAY_NAME_RULE, is_display_name
 from imcli.core.rules import DmPolicy
 
 # The names and topics: imcli.core.topics has them; the `noqa` ones are re-exported, since the rest
@@ -55,14 +56,48 @@ MessageId = Annotated[str, Field(pattern=f"^{_ID.pattern}$")]
 Timestamp = Annotated[float, Field(ge=0)]
 
 
+FILE_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
+FILE_NAME_MAX = 255
+THUMB_MAX = 9000  # characters of a thumbnail's base64 (about 6.6 KiB of JPEG): a file message fits 16 KiB
+MIME_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")  # the images the files worker recognises
+
+
+class FileInfo(WireModel):
+    """A stored file as the files worker describes it (issue 16): in a file message, a listing, a reply.
+
+    ``id`` is the worker's, unguessable; who may fetch it is decided by the conversation it was
+    sent to (``place``: ``lobby``, ``@bob`` seen from the sender, ``#team``), never by the id.
+    ``thumb`` is a small JPEG of an image (base64), made once by the worker.
+    """
+
+    type: Literal["file"] = "file"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: Annotated[str, Field(pattern=f"^{FILE_ID.pattern}$")]
+    name: Annotated[str, Field(min_length=1, max_length=FILE_NAME_MAX)]
+    size: Annotated[int, Field(ge=1)]
+    mime: Annotated[str, Field(max_length=100)] = "application/octet-stream"
+    sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
+    sender: str | None = None  # listings: who sent it
+    place: str | None = None  # listings: where (room, @user, #group)
+    ts: Timestamp | None = None  # listings: when the worker stored it
+    width: Annotated[int, Field(ge=1)] | None = None
+    height: Annotated[int, Field(ge=1)] | None = None
+    thumb: Annotated[str, Field(max_length=THUMB_MAX)] | None = None
+
+
 class ChatMessage(WireModel):
-    """A room, direct or group message. The sender is the topic's ``<from>`` level."""
+    """A room, direct or group message. The sender is the topic's ``<from>`` level.
+
+    A file message (issue 16) carries ``file`` beside a ``text`` that says the same in words,
+    so a client that knows nothing of files still shows something true.
+    """
 
     type: Literal["chat"] = "chat"
     v: Literal[1] = PROTOCOL_VERSION
     id: MessageId = Field(default_factory=new_id)
     ts: Timestamp = Field(default_factory=time.time)
     text: Annotated[str, Field(min_length=1)]
+    file: FileInfo | None = None
     # Accepted for bots that send one, never trusted: the topic's <from> level is the sender.
     claimed_from: str | None = Field(default=None, alias="from", exclude=True)
 
@@ -95,6 +130,7 @@ class Resolved(WireModel):
     v: Literal[1] = PROTOCOL_VERSION
     id: str
     account: str
+    nick: str | None = None  # the account's display name, when the worker knows it
 
 
 class ErrorReply(WireModel):
@@ -103,18 +139,18 @@ class ErrorReply(WireModel):
     type: Literal["error"] = "error"
     v: Literal[1] = PROTOCOL_VERSION
     id: str
-    code: Literal["not_found", "invalid", "denied", "taken", "internal"]
+    code: Literal["not_found", "invalid", "denied", "taken", "internal", "unsupported"]
     text: str
 
 
-NICK_RULE = "1-32 characters: letters, digits, '_', '-' or '.', starting with a letter or digit"
-_NICK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+# a nickname is a display name: any script (imcli.core.names); the wire keeps the old field names
+NICK_RULE = DISPLAY_NAME_RULE
 DEFAULT_HEARTBEAT = 30.0
 HEARTBEAT_RANGE = (1.0, 3600.0)  # seconds a device may choose between two statuses
 
 
 def is_nick(value: str) -> bool:
-    return _NICK.fullmatch(value) is not None
+    return is_display_name(value)
 
 
 class DeviceStatus(WireModel):
@@ -170,6 +206,45 @@ class Roster(WireModel):
     users: list[Presence]
 
 
+DeviceOp = Literal["issue", "list", "revoke", "passwd", "token"]
+
+
+class DeviceRequest(WireModel):
+    """A request about the asker's own devices and tokens (issue 17), answered by the broker
+    itself (``imcli serve``), never by a worker: it holds the device records.
+
+    ``issue`` (a connection that logged in with the account password only): a credential for
+    the device ``name``; ``token``: the same for a bot, listed as a token; ``list``; ``revoke``
+    ``name``; ``passwd`` (password login only): ``password`` becomes the account's password,
+    and with ``revoke_others`` every device but ``name`` is revoked.
+    """
+
+    type: Literal["device_request"] = "device_request"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    op: DeviceOp
+    name: str | None = None
+    password: str | None = Field(default=None, repr=False)
+    revoke_others: bool = False
+
+
+class DeviceInfo(WireModel):
+    name: str
+    kind: Literal["device", "token"] = "device"
+    created: Timestamp
+    last_seen: Timestamp | None = None
+    online: bool = False
+
+
+class DeviceReply(WireModel):
+    type: Literal["device_reply"] = "device_reply"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    devices: list[DeviceInfo] = Field(default_factory=list)
+    credential: str | None = Field(default=None, repr=False)  # ``issue`` and ``token``: shown once
+    revoked: list[str] = Field(default_factory=list)
+
+
 class RenameRequest(WireModel):
     type: Literal["rename"] = "rename"
     v: Literal[1] = PROTOCOL_VERSION
@@ -182,6 +257,62 @@ class Renamed(WireModel):
     v: Literal[1] = PROTOCOL_VERSION
     id: str
     nick: str
+
+
+SIGNATURE_MAX = 120  # characters: one line under a name
+ABOUT_MAX = 1000
+THUMBNAIL_MAX = 12 * 1024  # bytes of base64: the profile record carries the avatar's thumbnail
+
+
+class Avatar(WireModel):
+    """A profile picture: the full image is a file (issue 16's files), its small thumbnail is here."""
+
+    file: Annotated[str, Field(pattern=f"^{_ID.pattern}$")]
+    media_type: Literal["image/png", "image/jpeg", "image/gif", "image/webp"]
+    thumbnail: Annotated[str, Field(max_length=THUMBNAIL_MAX)] = ""  # base64 of a small PNG or JPEG
+
+
+class Profile(WireModel):
+    """A user's public profile (retained on ``<prefix>/profile/<user>``, written by the presence
+    worker only, each for its owner: a ``profile_set`` request from that account)."""
+
+    type: Literal["profile"] = "profile"
+    v: Literal[1] = PROTOCOL_VERSION
+    account: str
+    name: str  # the display name, as in the presence record's ``nick``
+    signature: Annotated[str, Field(max_length=SIGNATURE_MAX)] = ""
+    about: Annotated[str, Field(max_length=ABOUT_MAX)] = ""
+    avatar: Avatar | None = None
+    updated: Timestamp = 0.0
+
+
+class ProfileSet(WireModel):
+    """Change my profile: each field given is set (``""`` clears a text); the sender is the owner."""
+
+    type: Literal["profile_set"] = "profile_set"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    name: str | None = None
+    signature: str | None = None
+    about: str | None = None
+    avatar: Avatar | None = None
+    clear_avatar: bool = False
+
+
+class ProfileGet(WireModel):
+    """Ask for the profiles of some accounts (at most ``PROFILES_MAX``)."""
+
+    type: Literal["profile_get"] = "profile_get"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    users: Annotated[list[str], Field(max_length=1000)]
+
+
+class ProfileList(WireModel):
+    type: Literal["profile_list"] = "profile_list"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    profiles: list[Profile]
 
 
 class GroupInfo(WireModel):
@@ -300,8 +431,9 @@ class Received(WireModel):
 
     kind: Literal["room", "dm", "group", "notice", "event", "malformed"]
     sender: str | None = Field(default=None, alias="from")
-    nick: str | None = None  # chat lines: the sender's nickname if it differs; events: always
+    nick: str | None = None  # chat lines: the sender's display name if it differs; events: always
     to: str | None = None
+    to_nick: str | None = None  # direct messages: the recipient's display name if it differs
     room: str | None = None
     group: str | None = None
     id: str
@@ -309,6 +441,7 @@ class Received(WireModel):
     text: str
     format: Literal["json", "text"] = "json"
     missed: bool | None = None  # arrived while the reader was away (queued, or fetched from the archive)
+    file: FileInfo | None = None  # a file message (issue 16)
 
     def to_json(self) -> str:
         # ASCII only: U+2028, U+2029, NEL and bidi controls pass through JSON unescaped, and some
@@ -326,6 +459,99 @@ class HistoryReply(WireModel):
     more: bool = False
 
 
+# --------------------------------------------------------------------------- files (issue 16)
+
+FileTarget = Literal["room", "user", "group"]
+
+
+class FileOffer(WireModel):
+    """Ask the files worker to take a file for a conversation (one of ``room``, ``user``, ``group``).
+
+    The answer is a ``file_upload`` (send the bytes from ``offset``: 0, or where an earlier
+    attempt of the same sender, content and conversation stopped), a ``file_ready`` if that
+    very upload was finished before, or an error that says which limit refused it.
+    """
+
+    type: Literal["file_offer"] = "file_offer"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    name: Annotated[str, Field(min_length=1, max_length=FILE_NAME_MAX)]
+    size: Annotated[int, Field(ge=1)]
+    sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
+    room: str | None = None
+    user: str | None = None
+    group: str | None = None
+
+
+class FileUpload(WireModel):
+    """Send the bytes on ``<prefix>/upload/<me>/<upload>`` from ``offset``, ``chunk`` bytes a chunk."""
+
+    type: Literal["file_upload"] = "file_upload"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    upload: MessageId
+    offset: Annotated[int, Field(ge=0)]
+    chunk: Annotated[int, Field(ge=1)]
+    window: Annotated[int, Field(ge=1)]  # bytes the sender may have sent beyond the last progress
+
+
+class FileProgress(WireModel):
+    """The worker holds an upload's bytes up to ``offset`` (on ``<prefix>/user/<me>/reply/<upload>``)."""
+
+    type: Literal["file_progress"] = "file_progress"
+    v: Literal[1] = PROTOCOL_VERSION
+    upload: MessageId
+    offset: Annotated[int, Field(ge=0)]
+
+
+class FileReady(WireModel):
+    """A file stored and verified (sha256): the end of an upload, or the answer to ``file_get``."""
+
+    type: Literal["file_ready"] = "file_ready"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    file: FileInfo
+
+
+class FileGet(WireModel):
+    """Fetch a file from ``offset``; the bytes come on ``<prefix>/user/<me>/file/<stream>`` as
+    the receiver acknowledges them on ``<prefix>/fetch/<me>/<stream>`` (``FileAck``)."""
+
+    type: Literal["file_get"] = "file_get"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    file: Annotated[str, Field(max_length=64)]
+    stream: MessageId = Field(default_factory=new_id)
+    offset: Annotated[int, Field(ge=0)] = 0
+
+
+class FileAck(WireModel):
+    """A receiver has a download's bytes up to ``offset``: the worker sends up to a window beyond."""
+
+    type: Literal["file_ack"] = "file_ack"
+    v: Literal[1] = PROTOCOL_VERSION
+    offset: Annotated[int, Field(ge=0)]
+
+
+class FileListRequest(WireModel):
+    """The files the requester may fetch: of one conversation, or of all it may read."""
+
+    type: Literal["file_list"] = "file_list"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    room: str | None = None
+    user: str | None = None
+    group: str | None = None
+    limit: Annotated[int, Field(ge=1, le=HISTORY_MAX)] = 100
+
+
+class FileListing(WireModel):
+    type: Literal["file_listing"] = "file_listing"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    files: list[FileInfo]
+
+
 Payload = Annotated[
     ChatMessage
     | Notice
@@ -339,6 +565,8 @@ Payload = Annotated[
     | Roster
     | RenameRequest
     | Renamed
+    | DeviceRequest
+    | DeviceReply
     | GroupInfo
     | GroupRequest
     | GroupReply
@@ -348,7 +576,20 @@ Payload = Annotated[
     | FriendReply
     | SyncMarker
     | HistoryRequest
-    | HistoryReply,
+    | HistoryReply
+    | Profile
+    | ProfileSet
+    | ProfileGet
+    | ProfileList
+    | FileInfo
+    | FileOffer
+    | FileUpload
+    | FileProgress
+    | FileReady
+    | FileGet
+    | FileAck
+    | FileListRequest
+    | FileListing,
     Field(discriminator="type"),
 ]
 _PAYLOAD: TypeAdapter[Payload] = TypeAdapter(Payload, config=ConfigDict(defer_build=True))
@@ -416,11 +657,11 @@ def _first_error(exc: ValidationError) -> str:
 def chat_received(parsed: Topic, payload: bytes) -> Received:
     """A room, direct or group message; ``MalformedPayload`` if it is not one."""
     chat, plain = decode_chat(payload)
-    common = {"id": chat.id, "ts": chat.ts, "text": chat.text, "format": "text" if plain else "json"}
+    common = {"id": chat.id, "ts": chat.ts, "text": chat.text, "format": "text" if plain else "json", "file": chat.file}
     if parsed.kind is TopicKind.ROOM:
         return Received(kind="room", sender=parsed.sender, room=parsed.name, **common)
     if parsed.kind is TopicKind.GROUP_MSG:
         return Received(kind="group", sender=parsed.sender, group=parsed.name, **common)
-    if parsed.kind is TopicKind.DM:
+    if parsed.kind in (TopicKind.DM, TopicKind.SENT):  # SENT: my own DM, from another of my devices
         return Received(kind="dm", sender=parsed.sender, to=parsed.owner, **common)
     raise MalformedPayload(f"not a chat topic: {parsed.kind}")

@@ -43,7 +43,7 @@ def main() -> int:
     from imcli.broker.accounts import AccountStore
     from imcli.broker.limits import Limits
     from imcli.core.mqtt import BrokerAddress
-    from imcli.core.wire import Topics
+    from imcli.core.wire import DEFAULT_MAX_PAYLOAD, Topics
     from imcli.serve.workers import StoreDirectory, embedded_workers
 
     parent = os.getppid()
@@ -55,8 +55,17 @@ def main() -> int:
     data_dir = Path(config["data_dir"])
     topics = Topics(config["prefix"])
     directory = StoreDirectory(AccountStore(data_dir))
-    limits = Limits(**config.get("group_limits", {}))  # of imcli serve's limits, the group worker's
-    workers = embedded_workers(local, config["passwords"], directory, data_dir, topics, config["history_days"], limits)
+    limits = Limits(**config.get("group_limits", {}))  # of imcli serve's limits, the group and files workers'
+    workers = embedded_workers(
+        local,
+        config["passwords"],
+        directory,
+        data_dir,
+        topics,
+        config["history_days"],
+        limits,
+        config.get("max_payload", DEFAULT_MAX_PAYLOAD),
+    )
     with ExitStack() as running:
         for worker in workers:
             running.enter_context(worker)

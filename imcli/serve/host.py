@@ -115,7 +115,14 @@ async def _start_child(
             "data_dir": str(settings.data_dir.resolve()),
             "prefix": settings.prefix,
             "history_days": settings.history_days,
-            "group_limits": {"max_groups": settings.limits.max_groups, "group_rate": settings.limits.group_rate},
+            "group_limits": {
+                "max_groups": settings.limits.max_groups,
+                "group_rate": settings.limits.group_rate,
+                "max_file": settings.limits.max_file,
+                "file_quota": settings.limits.file_quota,
+                "max_uploads": settings.limits.max_uploads,
+            },
+            "max_payload": settings.max_payload,
             "passwords": passwords,  # service account -> its password for this run
             "log_level": logging.getLogger().getEffectiveLevel(),  # `imcli serve --verbose` reaches the workers
         }
@@ -133,7 +140,14 @@ async def _start_threads(
 ) -> None:
     directory = StoreDirectory(broker.accounts)
     for worker in embedded_workers(
-        local, passwords, directory, settings.data_dir, broker.topics, settings.history_days, settings.limits
+        local,
+        passwords,
+        directory,
+        settings.data_dir,
+        broker.topics,
+        settings.history_days,
+        settings.limits,
+        settings.max_payload,
     ):
         await asyncio.to_thread(worker.__enter__)
         running.push_async_callback(asyncio.to_thread, worker.__exit__, None, None, None)

@@ -1,4 +1,4 @@
-"""The embedded default's three workers (presence, groups, archive) and the account view
+"""The embedded default's four workers (presence, groups, archive, files) and the account view
 they share, built the same way in the workers' child process and in ``BackgroundServer``'s
 threads."""
 
@@ -10,9 +10,10 @@ from imcli.archive.worker import ArchiveWorker
 from imcli.broker.accounts import AccountStore, Role
 from imcli.broker.limits import Limits
 from imcli.core.mqtt import BrokerAddress, Credentials
-from imcli.core.rules import ARCHIVE_ACCOUNT, GROUPS_ACCOUNT, PRESENCE_ACCOUNT
+from imcli.core.rules import ARCHIVE_ACCOUNT, FILES_ACCOUNT, GROUPS_ACCOUNT, PRESENCE_ACCOUNT
 from imcli.core.service import ServiceWorker
-from imcli.core.wire import Topics
+from imcli.core.wire import DEFAULT_MAX_PAYLOAD, Topics
+from imcli.files.worker import FileLimits, FilesWorker
 from imcli.groups.worker import GroupWorker
 from imcli.presence.worker import PresenceWorker
 
@@ -27,6 +28,9 @@ class StoreDirectory:
         account = self._store.get(name)
         return account is not None and account.role is Role.USER
 
+    def user_names(self) -> frozenset[str]:
+        return frozenset(a.name for a in self._store.list_accounts() if a.role is Role.USER)
+
 
 def embedded_workers(
     local: BrokerAddress,
@@ -36,10 +40,12 @@ def embedded_workers(
     topics: Topics,
     history_days: float | None,
     limits: Limits | None = None,
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
 ) -> list[ServiceWorker]:
     """The presence, group and archive workers of the embedded default, not yet started
     (in threads beside the broker, or in imcli/serve/child.py's process); ``limits`` are
-    imcli serve's, of which the group worker takes ``max_groups`` and ``group_rate``."""
+    imcli serve's, of which the group worker takes ``max_groups`` and ``group_rate``, the files
+    worker ``max_file``, ``file_quota`` and ``max_uploads`` (and ``max_payload``, for its chunks)."""
     limits = limits or Limits()
 
     def creds(account: str) -> Credentials:
@@ -64,5 +70,13 @@ def embedded_workers(
             "embedded",
             retention_days=history_days,
             store_messages=False,  # the broker journals each message before its PUBACK
+        ),
+        FilesWorker(
+            local,
+            creds(FILES_ACCOUNT),
+            data_dir,
+            topics,
+            "embedded",
+            limits=FileLimits(limits.max_file, limits.file_quota, limits.max_uploads, max_payload),
         ),
     ]

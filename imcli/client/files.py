@@ -1,0 +1,354 @@
+"""Files (issue 16) from the client's side: send one to a conversation, fetch one, list them.
+
+Everything streams: a file is read and written a chunk at a time, hashed as it goes, and
+never held in memory whole. An upload offers the file (name, size, sha256) to the files
+worker, publishes the chunks at most a window ahead of the worker's last ``file_progress``,
+and ends with its ``file_ready``; then the file message goes to the conversation like any
+chat message. Sending the same file again to the same place resumes an upload that stopped
+(the worker kept what it had), and a download resumes from its ``.part`` file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from imcli.client.identity import Identity, max_payload_bytes
+from imcli.client.services import Conversation, check_can_dm, check_member, expect, resolve
+from imcli.core.errors import ImcliError, InvalidInput, NameTaken, NotAllowed, NotFound, RequestTimeout
+from imcli.core.mqtt import Message, MqttClient
+from imcli.core.request_reply import RequestClient
+from imcli.core.text import human_size
+from imcli.core.topics import chunk, chunk_size, unchunk
+from imcli.core.wire import (
+    ChatMessage,
+    ErrorReply,
+    FileAck,
+    FileGet,
+    FileInfo,
+    FileListing,
+    FileListRequest,
+    FileOffer,
+    FileProgress,
+    FileReady,
+    FileUpload,
+    MalformedPayload,
+    Payload,
+    TopicKind,
+    WireModel,
+    decode,
+    encode,
+    new_id,
+)
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
+
+STALL = 15.0  # seconds without a word from the files worker before an upload asks again where it stands
+RETRIES = 3  # times an upload asks again before it gives up (the next run resumes)
+ACK_EVERY = 256 << 10  # bytes between two acknowledgements of a download
+BLOCK = 1 << 20
+INFLIGHT = 128  # chunks unacknowledged by the broker: a window (1 MiB) of 16 KiB chunks is 64
+
+_ERRORS: dict[str, type[ImcliError]] = {"not_found": NotFound, "taken": NameTaken, "invalid": InvalidInput}
+
+
+def _refused(reply: ErrorReply) -> ImcliError:
+    if reply.code == "denied":
+        return NotAllowed(reply.text, "see the limits of this server with its operator, or send something smaller")
+    if reply.code == "internal":
+        return ImcliError(reply.text, "nothing stored was lost; try again later")
+    return _ERRORS.get(reply.code, ImcliError)(reply.text)
+
+
+def check_file(path: Path) -> int:
+    """The size of a file that can be sent; ``InvalidInput`` (one line) for anything else."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise InvalidInput(f"no file {path}", "check the path") from None
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror}", "check the path and its permissions") from exc
+    if path.is_dir():
+        raise InvalidInput(f"{path} is a directory", "send the files in it one by one, or an archive of it")
+    if not path.is_file():
+        raise InvalidInput(f"{path} is not a regular file", "send a regular file")
+    if not os.access(path, os.R_OK):
+        raise InvalidInput(f"cannot read {path}: permission denied", "check its permissions")
+    if st.st_size == 0:
+        raise InvalidInput(f"{path} is empty", "there is nothing to send")
+    return st.st_size
+
+
+def sha256_of(path: Path, limit: int | None = None) -> hashlib._Hash:
+    """The sha256 of a file (of its first ``limit`` bytes), read a block at a time."""
+    digest = hashlib.sha256()
+    left = limit
+    with path.open("rb") as f:
+        while left is None or left > 0:
+            block = f.read(BLOCK if left is None else min(BLOCK, left))
+            if not block:
+                break
+            digest.update(block)
+            if left is not None:
+                left -= len(block)
+    return digest
+
+
+def describe(info: FileInfo) -> str:
+    """A file in words, for the ``text`` of its message and for people."""
+    extra = f", {info.width}x{info.height}" if info.width and info.height else ""
+    return f"sent a file: {info.name} ({human_size(info.size)}, {info.mime}{extra}) - imcli get {info.id}"
+
+
+def file_message(info: FileInfo, max_payload: int) -> ChatMessage:
+    """The chat message of a stored file, its thumbnail left out if the message would be too large."""
+    carried = info.model_copy(update={"sender": None, "place": None, "ts": None})
+    message = ChatMessage(text=describe(info), file=carried)
+    if len(encode(message)) > max_payload:
+        message = ChatMessage(text=describe(info), file=carried.model_copy(update={"thumb": None}))
+    return message
+
+
+@dataclass(frozen=True)
+class Fetched:
+    file: FileInfo
+    path: Path
+
+
+class FileConnection:
+    """One connection for file work: requests, an upload's progress, a download's chunks."""
+
+    def __init__(self, identity: Identity, purpose: str = "file") -> None:
+        self.identity = identity
+        self.topics = identity.topics
+        self.me = identity.account
+        self.requests = RequestClient(identity.topics, identity.account, self.publish)
+        self._boxes: dict[str, queue.Queue[Message]] = {}  # upload id or stream -> what arrives for it
+        self._lock = threading.Lock()
+        self._client = MqttClient(
+            identity.address, identity.credentials, identity.client_id(purpose), on_message=self._route
+        )
+        self._client.max_inflight = INFLIGHT
+
+    def __enter__(self) -> FileConnection:
+        self._client.connect()
+        try:
+            self._client.subscribe([self.topics.reply_filter(self.me), self.topics.file_data_filter(self.me)])
+        except ImcliError:
+            self._client.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.close()
+
+    def ask(self, request: WireModel) -> Payload:
+        return self.requests.ask(request)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self._client.publish(topic, payload, qos=1)
+
+    def _route(self, message: Message) -> None:  # paho's thread
+        parsed = self.topics.parse(message.topic)
+        if parsed is not None and parsed.key and parsed.kind in (TopicKind.REPLY, TopicKind.FILE_DATA):
+            with self._lock:
+                box = self._boxes.get(parsed.key)
+            if box is not None:
+                box.put(message)
+                return
+        self.requests.deliver(message)
+
+    def _box(self, key: str) -> queue.Queue[Message]:
+        box: queue.Queue[Message] = queue.Queue()
+        with self._lock:
+            self._boxes[key] = box
+        return box
+
+    def _drop_box(self, key: str) -> None:
+        with self._lock:
+            self._boxes.pop(key, None)
+
+    # ---------------------------------------------------------------- sending
+
+    def target(self, where: Conversation) -> dict[str, str]:
+        """The offer's target, checked as ``dm`` and ``group say`` check (the broker drops silently)."""
+        if where.kind == "dm":
+            to = resolve(self, where.name)
+            check_can_dm(self, to)
+            return {"user": to}
+        if where.kind == "group":
+            check_member(self, where.name, self.me)
+            return {"group": where.name}
+        return {"room": where.name}
+
+    def upload(self, path: Path, target: dict[str, str], progress: Progress | None = None) -> FileInfo:
+        """Store ``path`` with the files worker (resuming an earlier attempt); the stored file."""
+        size = check_file(path)
+        sha = sha256_of(path).hexdigest()
+        offer = FileOffer(name=path.name, size=size, sha256=sha, **target)
+        for _ in range(RETRIES + 1):
+            reply = self.ask(offer)
+            if isinstance(reply, FileReady):
+                if progress:
+                    progress(size, size)
+                return reply.file
+            if isinstance(reply, ErrorReply):
+                raise _refused(reply)
+            start = expect(reply, FileUpload)
+            done = self._send_chunks(path, size, start, progress)
+            if done is not None:
+                return done
+        raise RequestTimeout(
+            "the files worker stopped answering during the upload",
+            "run the same command again: it goes on where the worker's copy stopped",
+        )
+
+    def _send_chunks(self, path: Path, size: int, start: FileUpload, progress: Progress | None) -> FileInfo | None:
+        """Chunks from ``start.offset`` until the worker's ``file_ready``; ``None`` if it went quiet."""
+        box = self._box(start.upload)
+        topic = self.topics.upload(self.me, start.upload)
+        step = min(start.chunk, chunk_size(max_payload_bytes()))
+        sent = acked = start.offset
+        try:
+            with path.open("rb") as f:
+                f.seek(sent)
+                while True:
+                    while sent < size and sent - acked < start.window:
+                        data = f.read(min(step, size - sent))
+                        if not data:
+                            raise InvalidInput(f"{path} became shorter while it was sent", "send it again")
+                        self._client.publish_nowait(topic, chunk(sent, data), qos=1)
+                        sent += len(data)
+                    try:
+                        message = box.get(timeout=STALL)
+                    except queue.Empty:
+                        return None
+                    try:
+                        reply = decode(message.payload)
+                    except MalformedPayload:
+                        continue
+                    if isinstance(reply, FileProgress):
+                        if reply.offset < acked:
+                            return None  # the worker lost chunks (it restarted): offer again, from its copy
+                        acked = reply.offset
+                        if progress:
+                            progress(acked, size)
+                    elif isinstance(reply, FileReady):
+                        if progress:
+                            progress(size, size)
+                        return reply.file
+                    elif isinstance(reply, ErrorReply):
+                        raise _refused(reply)
+        finally:
+            self._drop_box(start.upload)
+
+    def post(self, where: Conversation, target: dict[str, str], info: FileInfo) -> None:
+        """The file's message, to the conversation: it travels, is archived and queued like chat."""
+        t, me = self.topics, self.me
+        topic = t.dm(target["user"], me) if "user" in target else t.group_msg(where.name, me)
+        if where.kind == "room":
+            topic = t.room(where.name, me)
+        self.publish(topic, encode(file_message(info, max_payload_bytes())))
+
+    # ---------------------------------------------------------------- fetching
+
+    def download(self, file_id: str, output: Path | None, *, force: bool, progress: Progress | None = None) -> Fetched:
+        """Fetch a file to ``output`` (a file, or a directory), resuming a ``.part`` left before."""
+        stream = new_id()
+        box = self._box(stream)
+        try:
+            head = self.ask(FileGet(file=file_id, stream=stream, offset=0))
+            if isinstance(head, ErrorReply):
+                raise _refused(head)
+            info = expect(head, FileReady).file
+            dest = _destination(output, info)
+            if dest.exists() and not force:
+                raise InvalidInput(f"{dest} exists", "give --force to overwrite it, or -o another path")
+            part = dest.with_name(f".{dest.name}.{info.id}.part")
+            have = part.stat().st_size if part.exists() else 0
+            if have > info.size:
+                part.unlink()
+                have = 0
+            digest = sha256_of(part, have) if have else hashlib.sha256()
+            self._receive(stream, box, part, have, digest, info, progress)
+            if digest.hexdigest() != info.sha256:
+                part.unlink(missing_ok=True)
+                raise ImcliError(f"{info.name} arrived damaged (its sha256 does not match)", "run the command again")
+            if dest.exists() and not force:
+                raise InvalidInput(f"{dest} exists", "give --force to overwrite it, or -o another path")
+            os.replace(part, dest)
+            return Fetched(info, dest)
+        finally:
+            self._drop_box(stream)
+
+    def _receive(
+        self,
+        stream: str,
+        box: queue.Queue[Message],
+        part: Path,
+        have: int,
+        digest: hashlib._Hash,
+        info: FileInfo,
+        progress: Progress | None,
+    ) -> None:
+        ack_topic = self.topics.fetch(self.me, stream)
+        if progress:
+            progress(have, info.size)
+        try:
+            out = part.open("ab")
+        except OSError as exc:
+            raise InvalidInput(f"cannot write {part.parent}: {exc.strerror}", "give -o a writable place") from exc
+        with out:
+            self._client.publish_nowait(ack_topic, encode(FileAck(offset=have)), qos=1)
+            told = have
+            while have < info.size:
+                try:
+                    message = box.get(timeout=STALL)
+                except queue.Empty:
+                    raise RequestTimeout(
+                        "the download stopped", "run the same command again: it goes on where it stopped"
+                    ) from None
+                with contextlib.suppress(ValueError):
+                    offset, data = unchunk(message.payload)
+                    if offset != have or not data or have + len(data) > info.size:
+                        continue  # a duplicate (QoS 1)
+                    try:
+                        out.write(data)
+                    except OSError as exc:
+                        raise ImcliError(
+                            f"cannot write {part}: {exc.strerror}", "free some space and run it again"
+                        ) from exc
+                    digest.update(data)
+                    have += len(data)
+                    if have - told >= ACK_EVERY or have == info.size:
+                        self._client.publish_nowait(ack_topic, encode(FileAck(offset=have)), qos=1)
+                        told = have
+                        if progress:
+                            progress(have, info.size)
+            out.flush()
+            os.fsync(out.fileno())
+
+    # ---------------------------------------------------------------- listing
+
+    def listing(self, where: Conversation | None, limit: int = 100) -> list[FileInfo]:
+        target: dict[str, str] = {}
+        if where is not None:
+            target = {"user": resolve(self, where.name)} if where.kind == "dm" else {where.kind: where.name}
+        reply = self.ask(FileListRequest(limit=limit, **target))
+        if isinstance(reply, ErrorReply):
+            raise _refused(reply)
+        return expect(reply, FileListing).files
+
+
+def _destination(output: Path | None, info: FileInfo) -> Path:
+    name = Path(info.name).name or info.id  # the worker refuses names with a path in them; never trust that
+    if output is None:
+        return Path.cwd() / name
+    output = output.expanduser()
+    return output / name if output.is_dir() else output

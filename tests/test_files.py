@@ -1,0 +1,202 @@
+"""Files and images (issue 16): send, list and get through the embedded broker and the files worker."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from imcli.client.files import FileConnection
+from imcli.client.services import Conversation
+from imcli.core.wire import ChatMessage, FileInfo, Topics, decode_as
+from imcli.serve.host import ServeInfo
+from tests import brokers
+from tests.conftest import Cli, ident
+from tests.rawmqtt import Raw, password_of
+
+T = Topics()
+
+broker_kind, broker_under_test, server, users = brokers.BOTH
+
+
+def write(path: Path, size: int, seed: int = 0) -> Path:
+    """A file of ``size`` pseudo-random bytes (different for each seed)."""
+    block = hashlib.sha256(str(seed).encode()).digest() * 2048  # 64 KiB
+    with path.open("wb") as f:
+        left = size
+        while left > 0:
+            f.write(block[: min(left, len(block))])
+            left -= len(block)
+    return path
+
+
+def png(path: Path, width: int = 64, height: int = 48) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", (width, height), (200, 30, 30)).save(path, "PNG")
+    return path
+
+
+def logged_in(cli_as: Callable[[str], Cli], users: Callable[..., None], *names: str) -> list[Cli]:
+    users(*names)
+    clis = [cli_as(n) for n in names]
+    for cli, name in zip(clis, names, strict=True):
+        cli.login(name)
+    return clis
+
+
+def file_id(output: str) -> str:
+    return output.strip().splitlines()[-1].rsplit(": ", 1)[1]
+
+
+def test_send_to_a_person_and_get_it_back(
+    server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli], tmp_path: Path
+) -> None:
+    alice, bob = logged_in(cli_as, users, "alice", "bob")
+    source = write(tmp_path / "report.bin", 200_000)
+    sent = alice("send", "bob", str(source))
+    assert sent.exit_code == 0, sent.output
+    assert sent.output.startswith("sent report.bin (195.3 KiB) to @bob: ")
+    fid = file_id(sent.output)
+    listed = bob("files", "--json")
+    assert listed.exit_code == 0, listed.output
+    [entry] = json.loads(listed.output)
+    assert entry["id"] == fid and entry["name"] == "report.bin" and entry["size"] == 200_000
+    assert entry["sender"] == "alice" and entry["place"] == "@alice"
+    out = tmp_path / "got"
+    out.mkdir()
+    got = bob("get", fid, "-o", str(out))
+    assert got.exit_code == 0, got.output
+    assert (out / "report.bin").read_bytes() == source.read_bytes()
+    again = bob("get", fid, "-o", str(out))
+    assert again.exit_code == 1
+    assert again.output.startswith("Error: ") and "exists" in again.output and "--force" in again.output
+    assert bob("get", fid, "-o", str(out), "--force").exit_code == 0
+    # the history lists the file message
+    history = bob("history", "@alice", "--json")
+    assert history.exit_code == 0, history.output
+    [line] = [json.loads(x) for x in history.output.splitlines()]
+    assert line["file"]["id"] == fid and line["file"]["name"] == "report.bin" and line["from"] == "alice"
+    assert fid in line["text"]
+
+
+def test_same_content_is_kept_once(
+    server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli], tmp_path: Path
+) -> None:
+    (alice,) = logged_in(cli_as, users, "alice")
+    source = write(tmp_path / "a.bin", 50_000, seed=3)
+    copy = tmp_path / "b.bin"
+    copy.write_bytes(source.read_bytes())
+    assert alice("send", "--room", "lobby", str(source)).exit_code == 0
+    assert alice("send", "--room", "dev", str(copy)).exit_code == 0
+    blobs = [p for p in (server.data_dir / "files" / "blobs").rglob("*") if p.is_file()]
+    assert [p.name for p in blobs] == [hashlib.sha256(source.read_bytes()).hexdigest()]
+    assert len(json.loads(alice("files", "--json").output)) == 2
+
+
+def test_image_gets_a_thumbnail_in_its_message(
+    server: ServeInfo, users: Callable[..., None], raw: Callable[..., Raw], tmp_path: Path
+) -> None:
+    users("alice", "bob")
+    watcher = raw("bob", password_of("bob"), "bob:watch")
+    watcher.subscribe(T.dm_filter("bob"))
+    picture = png(tmp_path / "holiday.dat")  # a PNG by content, whatever its name says
+    with FileConnection(ident(server, "alice")) as c:
+        where = Conversation("dm", "bob")
+        target = c.target(where)
+        info = c.upload(picture, target)
+        c.post(where, target, info)
+    assert (info.mime, info.width, info.height) == ("image/png", 64, 48)
+    message = decode_as(bytes(watcher.expect(T.dm("bob", "alice")).payload), ChatMessage)
+    assert message.file is not None and message.file.id == info.id and message.file.thumb
+    import base64
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(message.file.thumb))) as thumb:
+        assert thumb.format == "JPEG" and max(thumb.size) <= 160
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda p: p, "no file"),
+        (lambda p: (p.mkdir(), p)[1], "is a directory"),
+        (lambda p: (p.write_bytes(b""), p)[1], "is empty"),
+        (lambda p: (p.write_bytes(b"x"), p.chmod(0), p)[2], "cannot read"),
+    ],
+)
+def test_bad_files_give_one_error_line(
+    users: Callable[..., None],
+    cli_as: Callable[[str], Cli],
+    tmp_path: Path,
+    make: Callable[[Path], Path],
+    words: str,
+) -> None:
+    if words == "cannot read" and os.geteuid() == 0:
+        pytest.skip("root reads anything")
+    (alice,) = logged_in(cli_as, users, "alice")
+    path = make(tmp_path / "thing")
+    result = alice("send", "--room", "lobby", str(path))
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and result.output.startswith("Error: ") and words in result.output
+
+
+def test_unknown_id_and_binary_text(users: Callable[..., None], cli_as: Callable[[str], Cli], tmp_path: Path) -> None:
+    (alice,) = logged_in(cli_as, users, "alice", "bob")[:1]
+    result = alice("get", "A" * 24)
+    assert result.exit_code == 1 and result.output.startswith("Error: no file ") and result.output.count("\n") == 1
+    piped = alice("dm", "bob", "-", input=png(tmp_path / "p.png").read_bytes())  # type: ignore[arg-type]
+    assert piped.exit_code == 1
+    assert piped.output.startswith("Error: the input is not text") and "imcli send" in piped.output
+
+
+def test_file_info_round_trips() -> None:
+    info = FileInfo(id="x" * 24, name="a.txt", size=1, sha256="0" * 64)
+    assert FileInfo.model_validate_json(info.model_dump_json()) == info
+
+
+@brokers.EMBEDDED_ONLY  # the chat's own logic: the broker under it does not matter
+def test_chat_sends_numbers_fetches_and_shows_files_in_one_line(
+    server: ServeInfo, users: Callable[..., None], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import queue
+
+    from imcli.cli.chat_files import file_text
+    from imcli.cli.chat_session import ChatSession
+    from imcli.cli.chat_state import ChatState
+    from imcli.client.listener import Listener
+
+    users("alice", "bob")
+    picture = png(tmp_path / "cat.png", 300, 200)
+    with (
+        Listener(ident(server, "alice", "laptop"), session="laptop") as alice_in,
+        Listener(ident(server, "bob", "laptop"), session="laptop") as bob_in,
+    ):
+        alice = ChatSession(ident(server, "alice", "laptop"), ChatState(), alice_in)
+        bob = ChatSession(ident(server, "bob", "laptop"), ChatState(), bob_in)
+        reports: queue.Queue[str] = queue.Queue()
+        alice.files.emit = lambda outs: reports.put(outs[0].text)
+        assert alice.handle("/dm bob")[0].text == "now talking in @bob"
+        [started] = alice.handle(f"/send {picture}")
+        assert started.text.startswith("sending cat.png (") and started.text.endswith(" to @bob…")
+        assert reports.get(timeout=15).startswith("sent cat.png (")
+        arrived = next(m for m in bob_in if m.file is not None)
+        assert arrived.sender == "alice" and arrived.file is not None and arrived.file.thumb
+        n = bob.files.number(arrived.file)
+        assert file_text(arrived, n) == f"sent cat.png (300x200, {arrived.file.size} bytes) · /get 1 · /open 1"
+        done: queue.Queue[str] = queue.Queue()
+        bob.files.emit = lambda outs: done.put(outs[0].text)
+        monkeypatch.chdir(tmp_path / "..")
+        out_dir = tmp_path / "bob-got"
+        out_dir.mkdir()
+        assert bob.handle(f"/get 1 {out_dir}")[0].text.startswith("fetching cat.png")
+        assert done.get(timeout=15) == f"saved {out_dir / 'cat.png'}"
+        assert (out_dir / "cat.png").read_bytes() == picture.read_bytes()
+        assert bob.handle("/get 2")[0].text == "no file 2 here (files are numbered 1 to 1)"
+        assert "no file" in bob.handle("/send /nonexistent/x.png")[0].text

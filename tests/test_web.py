@@ -1,0 +1,459 @@
+"""The web client in a real browser (issue 19): Debian's Chromium driven by Playwright against
+`imcli serve --ws-port`, with `imcli` (the CLI) as the third person in every conversation.
+
+Each browser user is its own context (storage, device); the page is just another MQTT client,
+so what the CLI sends the page shows and the other way round, through the same broker rules.
+Set IMCLI_SCREENSHOTS=docs/screenshots to write the README's screenshots from
+``test_screenshots``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+from typer.testing import CliRunner
+
+from imcli.broker.accounts import AccountStore
+from imcli.broker.server import BrokerSettings
+from imcli.serve.host import BackgroundServer, ServeInfo
+from tests.brokers import NOT_INSTALLED, mosquitto_available, running_mosquitto, running_workers
+from tests.browser import TIMEOUT_MS, WebUser, chromium, new_user, require_chromium
+from tests.conftest import Cli, password_of
+
+pytestmark = pytest.mark.slow
+
+HOSTILE = [
+    "<img src=x onerror=\"window.__pwned=1;alert('xss')\">",
+    '<script>window.__pwned=2</script><a href="javascript:window.__pwned=3">click me</a>',
+    "javascript:window.__pwned=4",
+    "evil \u202etxt.exe\u202c and <b>bold</b> &amp; &lt;",
+]
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[ServeInfo]:
+    require_chromium()
+    with BackgroundServer(BrokerSettings(data_dir=tmp_path / "data", port=0, ws_port=0)) as info:
+        store = AccountStore(info.data_dir)
+        for name in ("bob", "carol", "dave"):
+            store.add(name, password_of(name))
+        yield info
+
+
+def url(info: ServeInfo) -> str:
+    return f"http://127.0.0.1:{info.ws_port}/"
+
+
+def cli(info: ServeInfo, tmp_path: Path, name: str) -> Cli:
+    """``name`` on the command line, logged in (its own config directory)."""
+    person = Cli(CliRunner(), info, tmp_path / f"config-{name}")
+    person.login(name)
+    return person
+
+
+def ok(person: Cli, *args: str) -> str:
+    result = person(*args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def history(person: Cli, where: str) -> list[str]:
+    return [json.loads(line)["text"] for line in ok(person, "history", where, "--json").splitlines() if line]
+
+
+def no_errors(*users: WebUser) -> None:
+    for user in users:
+        assert user.errors == [], (user.name, user.errors)
+
+
+def wait_conv(user: WebUser, key: str, unread: int | None = None) -> None:
+    """Wait until the sidebar lists conversation ``key`` (with that unread count)."""
+    user.p.wait_for_function(
+        """([key, unread]) => { const li = document.querySelector(`li[data-key="${key}"]`);
+             if (!li) return false; const b = li.querySelector('.badge');
+             return unread === null || (b ? Number(b.textContent) : 0) === unread; }""",
+        arg=[key, unread],
+        timeout=TIMEOUT_MS,
+    )
+
+
+def test_two_browsers_and_the_cli_chat_in_a_room_a_dm_and_a_group(web: ServeInfo, tmp_path: Path) -> None:
+    carol = cli(web, tmp_path, "carol")
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.sign_in(password_of("alice"), register=True)  # a new account, made from the page
+        bob = new_user(browser, url(web), "bob")
+        bob.sign_in(password_of("bob"))
+
+        # a room: both pages and the terminal
+        alice.say("hello lobby")
+        bob.see("hello lobby", sender="alice")
+        bob.say("hi alice")
+        alice.see("hi alice", sender="bob")
+        ok(carol, "say", "hello from the terminal")
+        alice.see("hello from the terminal", sender="carol")
+        bob.see("hello from the terminal", sender="carol")
+        assert history(carol, "lobby") == ["hello lobby", "hi alice", "hello from the terminal"]
+
+        # direct messages: page to page, terminal to page, page to terminal
+        bob.open_dm("alice")
+        bob.say("psst alice")
+        wait_conv(alice, "dm:bob", unread=1)
+        alice.open_conv("dm:bob")
+        alice.see("psst alice", sender="bob")
+        wait_conv(alice, "dm:bob", unread=0)
+        ok(carol, "dm", "alice", "a dm from the terminal")
+        wait_conv(alice, "dm:carol", unread=1)
+        alice.open_conv("dm:carol")
+        alice.see("a dm from the terminal", sender="carol")
+        alice.say("back to you, carol")
+        assert history(carol, "@alice") == ["a dm from the terminal", "back to you, carol"]
+        assert "psst alice" not in alice.texts()  # each conversation shows its own messages
+
+        # a group: alice creates it from the page and adds bob and carol
+        alice.p.fill("#group-input", "team")
+        alice.p.click("#group-create")
+        alice.wait_title("#team")
+        alice.group_action("#invite-button", "bob")
+        alice.group_action("#invite-button", "carol")
+        alice.p.wait_for_function("() => document.getElementById('group-members').textContent.includes('carol')")
+        wait_conv(bob, "group:team")
+        bob.open_conv("group:team")
+        ok(carol, "group", "say", "team", "standup from the terminal")
+        alice.see("standup from the terminal", sender="carol")
+        bob.see("standup from the terminal", sender="carol")
+        bob.say("on my way")
+        alice.see("on my way", sender="bob")
+        assert history(carol, "#team") == ["standup from the terminal", "on my way"]
+
+        # alice removes carol: the broker stops her at once
+        alice.group_action("#kick-button", "carol")
+        assert carol("group", "say", "team", "still here?").exit_code == 1
+        no_errors(alice, bob)
+
+
+def test_presence_joins_leaves_and_renames_show_live(web: ServeInfo, tmp_path: Path) -> None:
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.sign_in(password_of("alice"), register=True)
+        bob = new_user(browser, url(web), "bob")
+        bob.sign_in(password_of("bob"))
+        online = "li.person.online[data-account='bob']"
+        alice.p.wait_for_selector(online)
+        alice.see_line("bob is online")  # the join also shows as a line in the open room
+
+        bob.p.fill("#rename-input", "Bobby")
+        bob.p.press("#rename-input", "Enter")
+        alice.p.wait_for_function(
+            "() => document.querySelector(\"li.person[data-account='bob'] bdi\").textContent === 'Bobby'"
+        )
+        alice.see_line("bob is now Bobby")
+        bob.say("new name, same me")
+        alice.p.wait_for_function(  # messages name the sender by nickname
+            "() => [...document.querySelectorAll('#messages li.message')].some(li => "
+            "li.dataset.from === 'bob' && li.querySelector('.from').textContent === 'Bobby')"
+        )
+
+        # the command line sees the page as online, then bob closes his tab: the Will clears it
+        carol = cli(web, tmp_path, "carol")
+        assert "Bobby" in ok(carol, "who")
+        bob.p.context.close()
+        alice.p.wait_for_selector("li.person:not(.online)[data-account='bob']")
+        alice.see_line("Bobby (bob) went offline")
+        no_errors(alice)
+
+
+def test_friend_requests_and_dm_policy(web: ServeInfo, tmp_path: Path) -> None:
+    carol = cli(web, tmp_path, "carol")
+    ok(carol, "config", "set", "dm-policy", "friends")
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.sign_in(password_of("alice"), register=True)
+        bob = new_user(browser, url(web), "bob")
+        bob.sign_in(password_of("bob"))
+
+        # carol takes DMs from friends only: the page asks first and sends nothing (as imcli dm)
+        alice.open_dm("carol")
+        alice.p.fill("#text", "may I?")
+        alice.p.press("#text", "Enter")
+        alice.p.wait_for_function("() => document.getElementById('status').textContent.includes('friends only')")
+        assert alice.texts() == []
+        assert history(carol, "@alice") == []
+
+        # alice asks bob from the page; bob sees the request and accepts it
+        alice.p.fill("#friend-input", "bob")
+        alice.p.press("#friend-input", "Enter")
+        alice.p.wait_for_selector("#friends li.friend:has-text('bob (asked)')")
+        bob.p.wait_for_selector("#incoming li.request:has-text('alice wants to be your friend')")
+        bob.p.click("#incoming li.request button:has-text('accept')")
+        bob.p.wait_for_selector("#friends li.friend:has-text('alice')")
+        alice.p.wait_for_function(
+            "() => [...document.querySelectorAll('#friends li.friend')].some(li => li.textContent === 'bob')"
+        )
+        # and a request from the terminal is accepted on the page, after which carol's policy lets alice in
+        ok(carol, "friend", "add", "alice")
+        alice.p.click("#incoming li.request button:has-text('accept')")
+        alice.p.wait_for_function(
+            "() => [...document.querySelectorAll('#friends li.friend')].some(li => li.textContent === 'carol')"
+        )
+        alice.say("now may I?")
+        assert history(carol, "@alice") == ["now may I?"]
+        no_errors(alice, bob)
+
+
+def test_an_image_sent_from_the_page_shows_inline_for_the_others(web: ServeInfo, tmp_path: Path) -> None:
+    from PIL import Image
+
+    picture = tmp_path / "sunset.png"
+    Image.new("RGB", (300, 200), (230, 120, 40)).save(picture, "PNG")
+    hostile = tmp_path / "<img src=x onerror=window.__pwned=5>.png"
+    Image.new("RGB", (40, 30), (20, 20, 200)).save(hostile, "PNG")
+    carol = cli(web, tmp_path, "carol")
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.sign_in(password_of("alice"), register=True)
+        bob = new_user(browser, url(web), "bob")
+        bob.sign_in(password_of("bob"))
+
+        alice.p.set_input_files("#file-input", str(picture))  # the page's upload, with its progress bar
+        alice.p.wait_for_selector("#messages li[data-from='alice'] .file .name:text-is('sunset.png')")
+        # bob's page shows the worker's thumbnail inline, then the full image on a click
+        thumb = "#messages li[data-from='alice'] .file img.thumb"
+        bob.p.wait_for_selector(thumb)
+        assert (bob.p.get_attribute(thumb, "src") or "").startswith("data:image/jpeg;base64,")
+        bob.p.click("#messages li[data-from='alice'] .file button:has-text('Show full image')")
+        full = "#messages li[data-from='alice'] .file img.full"
+        bob.p.wait_for_function(f'() => document.querySelector("{full}")?.naturalWidth === 300')
+        assert (bob.p.get_attribute(full, "src") or "").startswith("blob:")
+        assert bob.p.get_attribute("#messages .file a.save", "download") == "sunset.png"
+
+        # the terminal gets the same bytes, and sends one with a hostile name: it stays a name
+        listed = json.loads(ok(carol, "files", "--json"))
+        (sunset,) = [f for f in listed if f["name"] == "sunset.png"]
+        ok(carol, "get", sunset["id"], "-o", str(tmp_path / "got.png"))
+        assert (tmp_path / "got.png").read_bytes() == picture.read_bytes()
+        ok(carol, "send", "--room", "lobby", str(hostile))
+        alice.p.wait_for_selector(f"#messages li[data-from='carol'] .file .name:text-is('{hostile.name}')")
+        alice.p.click("#messages li[data-from='carol'] .file button")
+        alice.p.wait_for_selector("#messages li[data-from='carol'] .file img.full")
+        assert alice.p.evaluate("() => window.__pwned") is None
+        assert alice.p.locator("#messages img:not(.thumb):not(.full)").count() == 0
+        no_errors(alice, bob)
+
+
+def test_public_groups_are_joined_from_the_list_and_left(web: ServeInfo, tmp_path: Path) -> None:
+    carol = cli(web, tmp_path, "carol")
+    ok(carol, "group", "create", "open-house")
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.sign_in(password_of("alice"), register=True)
+        alice.p.click("#public-groups li:has-text('#open-house') button:has-text('join')")
+        alice.wait_title("#open-house")
+        alice.p.wait_for_function("() => document.getElementById('group-members').textContent.includes('alice')")
+        alice.say("hi house")
+        assert history(carol, "#open-house") == ["hi house"]
+        alice.p.click("#leave-button")
+        alice.wait_title("lobby")
+        assert alice.p.locator("li[data-key='group:open-house']").count() == 0
+        assert "alice" not in ok(carol, "group", "members", "open-house")
+        no_errors(alice)
+
+
+def test_hostile_text_stays_text(web: ServeInfo, tmp_path: Path) -> None:
+    carol = cli(web, tmp_path, "carol")
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.sign_in(password_of("alice"), register=True)
+        bob = new_user(browser, url(web), "bob")
+        bob.sign_in(password_of("bob"))
+        for text in HOSTILE:
+            ok(carol, "say", text)  # from the terminal into the room
+        bob.open_dm("alice")
+        for text in HOSTILE:
+            bob.say(text)  # from a page: typed into the composer, into a DM
+        for text in HOSTILE:
+            alice.see(text, sender="carol")
+        alice.open_conv("dm:bob")
+        for text in HOSTILE:
+            alice.see(text, sender="bob")
+        for user in (alice, bob):
+            page = user.p
+            assert page.evaluate("() => window.__pwned") is None
+            assert page.locator("#messages img, #messages script, #messages a, #messages b").count() == 0
+            # each text is one bidi-isolated node: the U+202E inside cannot reorder what follows it
+            assert page.evaluate(
+                "() => [...document.querySelectorAll('#messages .text')]"
+                ".every(e => e.tagName === 'BDI' && e.children.length === 0)"
+            )
+        assert "evil \u202etxt.exe\u202c and <b>bold</b> &amp; &lt;" in alice.texts()
+        no_errors(alice, bob)
+
+
+def test_mentions_count_as_unread_and_notify(web: ServeInfo, tmp_path: Path) -> None:
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        origin = url(web).rstrip("/")
+        alice.p.context.grant_permissions(["notifications"], origin=origin)
+        # count the notifications the page raises (the headless browser shows none)
+        alice.p.add_init_script(
+            "window.__notes = []; window.Notification = class {"
+            " constructor(t, o) { window.__notes.push([t, o.body]); }"
+            " static get permission() { return 'granted'; }"
+            " static requestPermission() { return Promise.resolve('granted'); } };"
+        )
+        alice.p.reload()
+        alice.sign_in(password_of("alice"), register=True)
+        alice.open_room("elsewhere")
+        carol = cli(web, tmp_path, "carol")
+        ok(carol, "say", "no mention here")
+        ok(carol, "say", "@alice can you look?")
+        wait_conv(alice, "room:lobby", unread=2)
+        assert alice.p.locator("li[data-key='room:lobby'] .badge.mention").count() == 1
+        alice.p.wait_for_function("() => window.__notes.length === 1")
+        assert alice.p.evaluate("() => window.__notes") == [["carol in lobby", "@alice can you look?"]]
+        alice.open_conv("room:lobby")
+        wait_conv(alice, "room:lobby", unread=0)
+        assert alice.p.locator("#messages li.message.mention").count() == 1
+        no_errors(alice)
+
+
+def test_history_scrolls_back(web: ServeInfo, tmp_path: Path) -> None:
+    carol = cli(web, tmp_path, "carol")
+    for i in range(60):
+        ok(carol, "say", "--room", "old", f"line {i}")
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.sign_in(password_of("alice"), register=True)
+        alice.open_room("old")
+        alice.see("line 59")
+        alice.p.wait_for_selector("#older:not([hidden])")
+        assert "line 0" not in alice.texts()
+        alice.p.click("#older")
+        alice.see("line 0")
+        assert alice.texts() == [f"line {i}" for i in range(60)]
+        no_errors(alice)
+
+
+def test_wrong_password_and_taken_name_are_one_line(web: ServeInfo) -> None:
+    with chromium() as browser:
+        bob = new_user(browser, url(web), "bob")
+        bob.p.fill("#account", "bob")
+        bob.p.fill("#password", "not-the-password")
+        bob.p.click("#signin-button")
+        bob.p.wait_for_function("() => document.getElementById('signin-error').textContent !== ''")
+        assert bob.p.text_content("#signin-error") == "wrong account name or password"
+        bob.p.click("#register-button")  # bob exists
+        bob.p.wait_for_function("() => document.getElementById('signin-error').textContent.includes('taken')")
+        assert bob.p.is_hidden("#app")
+
+
+def test_screenshots(web: ServeInfo, tmp_path: Path) -> None:
+    """The README's pictures: desktop and phone sizes (IMCLI_SCREENSHOTS=docs/screenshots writes them there)."""
+    out = Path(os.environ.get("IMCLI_SCREENSHOTS") or tmp_path / "shots")
+    out.mkdir(parents=True, exist_ok=True)
+    carol = cli(web, tmp_path, "carol")
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.p.screenshot(path=str(out / "signin.png"))
+        alice.sign_in(password_of("alice"), register=True)
+        bob = new_user(browser, url(web), "bob", viewport=(390, 780))
+        bob.sign_in(password_of("bob"))
+        ok(carol, "rename", "Carol")
+        ok(carol, "say", "morning all, the build is green")
+        bob.say("nice! @alice lunch at noon?")
+        alice.say("sure, see you there")
+        ok(carol, "dm", "alice", "can you review my branch?")
+        alice.p.fill("#group-input", "team")
+        alice.p.click("#group-create")
+        alice.wait_title("#team")
+        alice.group_action("#invite-button", "bob")
+        alice.say("standup in 5")
+        picture = tmp_path / "whiteboard.png"
+        whiteboard(picture)
+        alice.p.set_input_files("#file-input", str(picture))
+        alice.p.wait_for_selector("#messages li[data-from='alice'] .file img.thumb")
+        alice.p.screenshot(path=str(out / "group-image.png"))
+        alice.open_conv("room:lobby")
+        alice.see("nice! @alice lunch at noon?")
+        alice.p.screenshot(path=str(out / "desktop.png"))
+        bob.see("sure, see you there")
+        bob.p.screenshot(path=str(out / "phone.png"))
+        bob.p.click("#menu")
+        bob.p.screenshot(path=str(out / "phone-menu.png"))
+        no_errors(alice, bob)
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "desktop.png",
+        "group-image.png",
+        "phone-menu.png",
+        "phone.png",
+        "signin.png",
+    ]
+
+
+def whiteboard(path: Path) -> None:
+    """A picture for the screenshots: a few coloured boxes on white."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (480, 300), (250, 250, 250))
+    draw = ImageDraw.Draw(image)
+    for i, colour in enumerate([(47, 111, 221), (42, 157, 75), (230, 160, 30)]):
+        draw.rectangle((30 + 150 * i, 60, 150 + 150 * i, 240), fill=colour)
+    image.save(path, "PNG")
+
+
+def test_the_web_client_on_mosquittos_websocket_listener(tmp_path: Path) -> None:
+    """deploy/mosquitto's WebSocket listener serves the same files (http_dir) and carries the
+    page's MQTT; imcli workers run beside it, as in production."""
+    require_chromium()
+    if not mosquitto_available():
+        pytest.skip(NOT_INSTALLED)
+    with running_mosquitto(tmp_path / "mosquitto", ws=True) as broker, running_workers(broker):
+        page = f"http://127.0.0.1:{broker.ws_port}/"
+        carol = Cli(CliRunner(), broker.info(), tmp_path / "config-carol")
+        carol.login("carol")
+        with chromium() as browser:
+            alice = new_user(browser, page, "alice")
+            alice.sign_in(password_of("alice"))
+            bob = new_user(browser, page, "bob")
+            bob.sign_in(password_of("bob"))
+            alice.p.wait_for_selector("li.person.online[data-account='bob']")
+            alice.say("hello over mosquitto")
+            bob.see("hello over mosquitto", sender="alice")
+            ok(carol, "say", HOSTILE[0])
+            bob.see(HOSTILE[0], sender="carol")
+            bob.open_dm("alice")
+            bob.say("a dm through mosquitto")
+            wait_conv(alice, "dm:bob", unread=1)
+            alice.open_conv("dm:bob")
+            alice.see("a dm through mosquitto", sender="bob")
+            assert bob.p.evaluate("() => window.__pwned") is None
+            no_errors(alice, bob)
+
+
+def test_over_https_the_page_uses_wss(tmp_path: Path) -> None:
+    """With TLS, the same port serves the page over https and MQTT over wss; the policy names the host."""
+    require_chromium()
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    key, chain = tmp_path / "server.key", tmp_path / "server.pem"
+    cert.private_key_pem.write_to_path(str(key))
+    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    settings = BrokerSettings(data_dir=tmp_path / "data", port=0, tls_cert=chain, tls_key=key, ws_port=0)
+    with BackgroundServer(settings) as info, chromium() as browser:
+        AccountStore(info.data_dir).add("bob", password_of("bob"))
+        page = f"https://127.0.0.1:{info.ws_port}/"
+        alice = new_user(browser, page, "alice", trust_any_cert=True)
+        sockets: list[str] = []
+        alice.p.on("websocket", lambda ws: sockets.append(ws.url))
+        alice.sign_in(password_of("alice"), register=True)
+        bob = new_user(browser, page, "bob", trust_any_cert=True)
+        bob.sign_in(password_of("bob"))
+        alice.say("hello over wss")
+        bob.see("hello over wss", sender="alice")
+        assert sockets and all(u == f"wss://127.0.0.1:{info.ws_port}/mqtt" for u in sockets)
+        no_errors(alice, bob)
