@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from imcli.core.errors import InvalidInput
 from imcli.core.mqtt import Credentials, MqttClient
 from imcli.core.wire import DEFAULT_MAX_PAYLOAD
 from imcli.serve.host import BackgroundServer, ServeInfo
-from tests.conftest import Cli, password_of
+from tests.conftest import Cli, Proc, password_of
 
 
 def test_the_text_limit_says_how_much_text_fits() -> None:
@@ -91,3 +92,21 @@ def test_a_client_is_let_in_when_the_workers_are(tmp_path: Path) -> None:
         info.broker.admission.workers_ready()
         assert connected.wait(10)
         early.join(10)
+
+
+def test_serve_verbose_logs_this_projects_events_not_amqtts(
+    tmp_path: Path, procs: Callable[..., Proc], cli_as: Callable[[str], Cli]
+) -> None:
+    serve = procs("serve", "--verbose", "--port", "0", "--data-dir", str(tmp_path / "data"), env={})
+    match = re.fullmatch(r"imcli serve: listening on 127\.0\.0\.1:(\d+)", serve.line(timeout=60))
+    assert match
+    port = match.group(1)
+    alice = cli_as("alice")
+    registered = alice("register", "alice", "--port", port, "--password-stdin", input=password_of("alice") + "\n")
+    assert registered.exit_code == 0, registered.output
+    serve.wait_stderr("alice:", timeout=20)  # its connection, as imcli logs it
+    assert serve.stop() == 0
+    logged = "\n".join(serve.err_lines)
+    assert "imcli.broker" in logged
+    assert "transitions" not in logged, logged  # amqtt's state machine
+    assert "amqtt.broker Listener" not in logged and "amqtt.broker Connection from" not in logged, logged

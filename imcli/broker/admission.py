@@ -65,6 +65,7 @@ async def refuse(writer: Any, code: int, username: str | None) -> NoReturn:
     """Send CONNACK ``code`` and close: before any existing session is deleted, merged or taken over."""
     await ConnackPacket.build(0, code).to_stream(writer)
     await writer.close()
+    log.info("CONNECT refused (CONNACK %d) for %r", code, shown_username(username))  # imcli serve --verbose
     raise MQTTError(f"CONNECT refused ({code}) for {shown_username(username)!r}")
 
 
