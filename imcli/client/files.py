@@ -336,14 +336,16 @@ class FileConnection:
 
     # ---------------------------------------------------------------- listing
 
-    def listing(self, where: Conversation | None, limit: int = 100) -> list[FileInfo]:
+    def listing(self, where: Conversation | None, limit: int = 100) -> tuple[list[FileInfo], bool]:
+        """The files I may fetch, oldest first, and whether older ones were left out."""
         target: dict[str, str] = {}
         if where is not None:
             target = {"user": resolve(self, where.name)} if where.kind == "dm" else {where.kind: where.name}
         reply = self.ask(FileListRequest(limit=limit, **target))
         if isinstance(reply, ErrorReply):
             raise _refused(reply)
-        return expect(reply, FileListing).files
+        listing = expect(reply, FileListing)
+        return listing.files, listing.more
 
 
 def _destination(output: Path | None, info: FileInfo) -> Path:
