@@ -21,9 +21,14 @@ from imcli.core.mqtt import Credentials
 from imcli.core.wire import FileOffer, FileUpload
 from imcli.files.worker import ABANDONED, FilesWorker
 from imcli.serve.host import BackgroundServer, ServeInfo
+from tests import brokers
 from tests.conftest import Cli, Proc, ident
 from tests.rawmqtt import password_of
 from tests.test_files import write
+
+# the worker's logic runs the same beside either broker: the tests that take ``server`` run on both;
+# what concerns imcli serve itself (its limits, kill -9) starts its own embedded broker
+broker_kind, broker_under_test, server, users = brokers.BOTH
 
 
 class Stop(Exception):

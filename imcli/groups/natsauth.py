@@ -71,11 +71,11 @@ SERVICE_READ = ("#",)
 SERVICE_RIGHTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ARCHIVE_ACCOUNT: (
         ("user/+/reply/+", "user/%u/notice"),
-        ("room/#", "user/+/dm/+", "group/+/info", "group/+/msg/+", "request/+/+", "presence/#", "events"),
+        ("room/#", "user/+/dm/+", "group/+/info", "group/+/msg/+", "request/+/+", "presence/#", "events", "profile/#"),
     ),
     FILES_ACCOUNT: (
         ("user/+/reply/+", "user/+/file/+", "user/%u/notice"),
-        ("upload/+/+", "fetch/+/+", "group/+/info", "request/+/+", "room/#", "presence/#", "events"),
+        ("upload/+/+", "fetch/+/+", "group/+/info", "request/+/+", "room/#", "presence/#", "events", "profile/#"),
     ),
 }
 
