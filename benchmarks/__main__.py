@@ -1,6 +1,6 @@
 """The benchmark suite: stock amqtt, the embedded default and Mosquitto, side by side.
 
-    python -m benchmarks [--quick] [--only fanout,dm,capacity,churn,cold] [--brokers stock,embedded,mosquitto]
+    python -m benchmarks [--quick] [--only fanout,dm,capacity,churn,cold,devices] [--brokers stock,embedded,mosquitto]
 
 Starts each broker itself on a free loopback port (benchmarks/brokers.py), runs each
 scenario on every broker in turn (so that the shared machine's noise falls on all of
@@ -20,17 +20,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import brokers, report, scenarios
+from benchmarks import brokers, devices, report, scenarios
 
 SIZES: dict[str, dict[str, int]] = {
     "full": {"members": 50, "messages": 2000, "idle": 1000, "samples": 1000, "capacity": 10000, "churn": 1000,
-             "runs": 10, "processes": 4},
+             "runs": 10, "processes": 4, "devices": 10000},
     "quick": {"members": 20, "messages": 400, "idle": 200, "samples": 200, "capacity": 1000, "churn": 200,
-              "runs": 3, "processes": 2},
+              "runs": 3, "processes": 2, "devices": 1000},
     "tiny": {"members": 3, "messages": 30, "idle": 10, "samples": 20, "capacity": 20, "churn": 10,
-             "runs": 1, "processes": 2},
+             "runs": 1, "processes": 2, "devices": 20},
 }  # fmt: skip
-SCENARIOS = ("fanout", "dm", "capacity", "churn", "cold")
+SCENARIOS = ("fanout", "dm", "capacity", "churn", "cold", "devices")
 BROKERS = ("stock", "embedded", "mosquitto")
 # stock amqtt sends every CONNECT the retained messages of every filter on the broker: with
 # 10,000 users that is O(users^2) work per storm, so it is measured at a tenth of the size
@@ -89,6 +89,15 @@ def run(size: str, only: list[str], names: list[str]) -> dict[str, Any]:
         each("capacity", capacity)
     if "churn" in only:
         each("churn", lambda b: scenarios.churn(b, s["churn"], s["processes"]))
+    if "devices" in only:  # issue 17: the embedded broker only (the others have no device credentials)
+        print(f"  {'devices':<12} {'embedded':<10}", end="", flush=True)
+        started = time.perf_counter()
+        try:
+            figures = devices.device_reconnects(s["devices"])
+        except (RuntimeError, TimeoutError, OSError, AssertionError) as exc:
+            figures = {"error": f"{type(exc).__name__}: {exc}"}
+        results["devices"] = {"embedded": figures}
+        print(f" {time.perf_counter() - started:6.1f}s  {report.brief('devices', figures)}", flush=True)
     return {"scenarios": results, "skipped": skipped}
 
 

@@ -17,6 +17,9 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
                  ("presence_settled_s", "presence settled s")],
     "churn": [("users", "users"), ("status_changes_per_s", "status/s"), ("roster_consistent", "consistent")],
     "cold": [("imcli_say_ms", "imcli say ms"), ("paho_script_ms", "paho script ms"), ("ratio", "ratio")],
+    "devices": [("devices", "devices"), ("reconnects_per_s", "reconnects/s"), ("refusals_per_s", "wrong creds/s"),
+                ("reconnects_per_s_under_attack", "reconnects/s under attack"), ("rss_mb_broker", "broker RSS MB"),
+                ("credential_checks_per_s", "credential checks/s"), ("argon2_check_ms", "argon2 check ms")],
 }  # fmt: skip
 
 
@@ -71,6 +74,9 @@ def targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
         ("capacity: embedded reconnects/s", _get(s, "capacity", "embedded", "reconnects_per_s"), ">=", 1000),
         ("capacity: embedded who median (ms)", _get(s, "capacity", "embedded", "who_ms_median"), "<=", 200),
         ("cold start: imcli say / paho script (embedded)", _get(s, "cold", "embedded", "ratio"), "<=", 1.5),
+        ("devices: reconnects/s after a restart (production argon2)",
+         _get(s, "devices", "embedded", "reconnects_per_s"), ">=", 1000),
+        ("devices: wrong credentials refused/s", _get(s, "devices", "embedded", "refusals_per_s"), ">=", 1000),
     ]  # fmt: skip
     out = []
     for name, value, op, goal in rows:

@@ -374,3 +374,30 @@ def test_only_the_broker_writes_a_sent_copy(users: Callable[..., None], raw: Raw
     assert alice.silent(0.5, "im/user/alice/sent/") == []
     alice.publish("im/user/bob/dm/alice", b"hello bob")
     assert alice.expect("im/user/alice/sent/bob").payload == b"hello bob"
+
+
+def test_who_lists_devices_by_name_and_a_device_leaving_is_an_event(
+    users: Callable[..., None], cli_as: CliFactory, raw: RawFactory
+) -> None:
+    users("alice", "bob")
+    laptop, phone = cli_as("laptop"), cli_as("phone")
+    first, second = login(laptop, "alice"), login(phone, "alice")
+    bob = raw("bob", None, "bob:watch")
+    assert bob.subscribe("im/events") == 1
+    status = json.dumps({"type": "status", "v": 1, "interval": 60}).encode()
+    one = raw("alice", credential(first), f"alice:{first['device']}")
+    one.publish(f"im/status/alice/{first['device']}", status, retain=True)
+    assert json.loads(bob.expect("im/events").payload)["event"] == "join"
+    topic = f"im/status/alice/{second['device']}.listen"
+    two = raw("alice", credential(second), f"alice:{second['device']}.listen", will=(topic, b"", True))
+    two.publish(topic, status, retain=True)
+    joined = json.loads(bob.expect("im/events").payload)
+    assert (joined["event"], joined["device"]) == ("device_join", second["device"])
+    cli = cli_as("bob")
+    cli.login("bob")
+    (alice,) = [u for u in json.loads(cli("who", "--json").stdout) if u["account"] == "alice"]
+    assert alice["device_names"] == sorted([first["device"], second["device"]])
+    assert str(second["device"]) in cli("who").stdout
+    two.kill()  # its Last Will clears the status
+    left = json.loads(bob.expect("im/events").payload)
+    assert (left["event"], left["device"], left["account"]) == ("device_leave", second["device"], "alice")

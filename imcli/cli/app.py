@@ -192,7 +192,7 @@ def who(
     host: HostOpt = None,
     port: PortOpt = None,
 ) -> None:
-    """Who is online (nickname, account, since when, how many devices)."""
+    """Who is online (nickname, account, since when, on which devices)."""
     from imcli.client import services
 
     users = services.who(signed_in(host, port), include_offline=all_)
@@ -210,7 +210,8 @@ def who(
     for u in users:
         state = [u.state] if all_ else []
         nick, account = f"[{name_style(u.account)}]{shown(u.nick)}[/]", shown(u.account)
-        table.add_row(nick, account, *(shown(s) for s in state), ago(u.since), str(u.devices))
+        devices = ", ".join(shown(d) for d in u.device_names) if u.device_names else str(u.devices)
+        table.add_row(nick, account, *(shown(s) for s in state), ago(u.since), devices)
     console().print(table)
 
 

@@ -36,6 +36,11 @@ class _User:
     devices: dict[str, _Device] = field(default_factory=dict)
     published: bool = False  # has a retained record on the broker
     published_devices: int = -1  # the device count in that record
+    published_names: tuple[str, ...] = ()  # the device names in that record
+
+    def names(self) -> tuple[str, ...]:
+        """The devices by name: a status level is ``<device>`` or ``<device>.<session>`` (issue 17)."""
+        return tuple(sorted({key.split(".", 1)[0] for key in self.devices}))
 
     def record(self) -> Presence:
         return Presence(
@@ -44,6 +49,7 @@ class _User:
             state=self.state,
             since=self.since,
             devices=len(self.devices),
+            device_names=list(self.names()),
         )
 
 
@@ -77,6 +83,7 @@ class PresenceRoster:
         nick = record.nick if self._nick_free(record.nick, record.account) else record.account
         user = _User(record.account, nick, record.state, record.since, published=True)
         user.published_devices = record.devices
+        user.published_names = tuple(record.device_names)
         self._users[record.account] = user
         self._nicks[nick.casefold()] = record.account
 
@@ -129,7 +136,7 @@ class PresenceRoster:
         self._nicks.pop(old.casefold(), None)
         self._nicks[nick.casefold()] = account
         user.nick = nick
-        user.published, user.published_devices = True, len(user.devices)
+        user.published, user.published_devices, user.published_names = True, len(user.devices), user.names()
         effects = self._take_pending()
         effects.presence.append(user.record())
         effects.events.append(Event(event="rename", account=account, nick=nick, old_nick=old, ts=now))
@@ -171,7 +178,7 @@ class PresenceRoster:
         old, user.nick = user.nick, user.account
         self._nicks.pop(old.casefold(), None)
         self._nicks[user.account] = user.account
-        user.published_devices = len(user.devices)
+        user.published_devices, user.published_names = len(user.devices), user.names()
         self._pending.presence.append(user.record())
         self._pending.events.append(Event(event="rename", account=user.account, nick=user.nick, old_nick=old, ts=now))
 
@@ -198,11 +205,22 @@ class PresenceRoster:
         """Publish the user's record if it differs from what the broker holds."""
         state: Literal["online", "offline"] = "online" if user.devices else "offline"
         effects = Effects()
+        names = user.names()
         if state != user.state:
             user.state, user.since = state, now
             event: Literal["join", "leave"] = "join" if state == "online" else "leave"
             effects.events.append(Event(event=event, account=user.account, nick=user.nick, ts=now))
-        if not user.published or effects.events or user.published_devices != len(user.devices):
-            user.published, user.published_devices = True, len(user.devices)
+        elif state == "online" and user.published:  # a device came or went while others stay: an event too
+            for device in sorted(set(names) - set(user.published_names)):
+                effects.events.append(
+                    Event(event="device_join", account=user.account, nick=user.nick, device=device, ts=now)
+                )
+            for device in sorted(set(user.published_names) - set(names)):
+                effects.events.append(
+                    Event(event="device_leave", account=user.account, nick=user.nick, device=device, ts=now)
+                )
+        changed = user.published_devices != len(user.devices) or user.published_names != names
+        if not user.published or effects.events or changed:
+            user.published, user.published_devices, user.published_names = True, len(user.devices), names
             effects.presence.append(user.record())
         return effects
