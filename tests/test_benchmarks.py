@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.slow]
 
 def test_every_scenario_runs_at_tiny_size(tmp_path: Path) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--tiny", "--brokers", "embedded", "--no-charts", "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks", "--tiny", "--brokers", "embedded", "--no-charts", "--out", str(tmp_path),
+         "--only", "fanout,dm,capacity,churn,cold"],
         cwd=REPO, capture_output=True, text=True, timeout=110,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
@@ -42,3 +43,22 @@ def test_every_scenario_runs_at_tiny_size(tmp_path: Path) -> None:
     else:
         assert "fanout" in doc["skipped"]
     assert "target" in run.stdout.lower()
+
+
+@pytest.mark.timeout(300)
+def test_devices_scenario_runs_at_tiny_size(tmp_path: Path) -> None:
+    """Issue 17's scenario: devices reconnect with their credentials after a restart (production
+    argon2 for passwords, so the broker's start alone takes seconds)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--tiny", "--only", "devices", "--no-charts", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    (written,) = tmp_path.glob("*-tiny.json")
+    doc = json.loads(written.read_text())
+    figures = doc["scenarios"]["devices"]["embedded"]
+    devices = doc["sizes"]["devices"]
+    assert figures["reconnected"] == figures["reconnected_under_attack"] == devices, figures
+    assert figures["refused"] == devices  # every wrong and unknown credential: CONNACK 4
+    assert figures["credential_checks_per_s"] > 0 and figures["argon2_check_ms"] > 0
+    assert "devices: reconnects/s" in run.stdout

@@ -401,3 +401,31 @@ def test_who_lists_devices_by_name_and_a_device_leaving_is_an_event(
     two.kill()  # its Last Will clears the status
     left = json.loads(bob.expect("im/events").payload)
     assert (left["event"], left["device"], left["account"]) == ("device_leave", second["device"], "alice")
+
+
+def test_the_first_chat_shows_what_was_waiting_once(server: ServeInfo, users: Callable[..., None]) -> None:
+    """A new user's (or a new device's) first ``imcli chat`` has no persistent session and no
+    last run: what the archive kept for it is shown, once."""
+    from imcli.cli.chat_session import ChatSession
+    from imcli.cli.chat_state import ChatState
+    from imcli.client.listener import Listener, RecentIds
+    from tests.conftest import ident
+
+    users("alice", "bob")
+    bob = connect_raw(server.address.host, server.address.port, "bob", "bob:x")
+    try:
+        bob.publish("im/user/alice/dm/bob", b"welcome, alice")
+    finally:
+        bob.close()
+    alice = ident(server, "alice", "newphone")
+
+    def start(state: ChatState) -> tuple[list[str], ChatState]:
+        with Listener(alice, session="newphone", seen=RecentIds(initial=state.seen)) as listener:
+            session = ChatSession(alice, state, listener)
+            report = session.catch_up(list(listener.pending()))
+            return [f"{m.kind}:{m.sender}:{m.text}:{m.missed}" for m in report.shown], session.remember()
+
+    first, state = start(ChatState())
+    assert first == ["dm:bob:welcome, alice:True"]
+    again, _ = start(state)
+    assert again == []
