@@ -1,6 +1,7 @@
 """The benchmark suite: stock amqtt, the embedded default and Mosquitto, side by side.
 
-    python -m benchmarks [--quick] [--only fanout,dm,capacity,churn,cold,devices] [--brokers stock,embedded,mosquitto]
+    python -m benchmarks [--quick] [--only fanout,dm,capacity,churn,cold,devices]
+                         [--brokers stock,embedded,mosquitto,nats]
 
 Starts each broker itself on a free loopback port (benchmarks/brokers.py), runs each
 scenario on every broker in turn (so that the shared machine's noise falls on all of
@@ -31,20 +32,24 @@ SIZES: dict[str, dict[str, int]] = {
              "runs": 1, "processes": 2, "devices": 20},
 }  # fmt: skip
 SCENARIOS = ("fanout", "dm", "capacity", "churn", "cold", "devices")
-BROKERS = ("stock", "embedded", "mosquitto")
+BROKERS = ("stock", "embedded", "mosquitto", "nats")
 # stock amqtt sends every CONNECT the retained messages of every filter on the broker: with
 # 10,000 users that is O(users^2) work per storm, so it is measured at a tenth of the size
 STOCK_CAPACITY_SHARE = 10
 
 
-def run(size: str, only: list[str], names: list[str]) -> dict[str, Any]:
-    s = SIZES[size]
+def run(size: str, only: list[str], names: list[str], capacity_users: int | None = None) -> dict[str, Any]:
+    s = {**SIZES[size], **({"capacity": capacity_users} if capacity_users else {})}
     results: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     if "mosquitto" in names and not brokers.mosquitto_available():
         names = [n for n in names if n != "mosquitto"]
         skipped["mosquitto"] = "mosquitto, mosquitto_passwd, mosquitto_sub or mosquitto_pub not installed"
         print("Mosquitto column skipped: mosquitto (and mosquitto-clients) not installed", file=sys.stderr)
+    if "nats" in names and not brokers.nats_available():
+        names = [n for n in names if n != "nats"]
+        skipped["nats"] = "nats-server not installed"
+        print("NATS column skipped: nats-server not installed", file=sys.stderr)
     users_needed = max(s["members"], s["idle"], s["capacity"], s["churn"])
 
     def each(label: str, job: Callable[[brokers.Broker], dict[str, Any]], *, users: int = users_needed) -> None:
@@ -89,7 +94,7 @@ def run(size: str, only: list[str], names: list[str]) -> dict[str, Any]:
         each("capacity", capacity)
     if "churn" in only:
         each("churn", lambda b: scenarios.churn(b, s["churn"], s["processes"]))
-    if "devices" in only:  # issue 17: the embedded broker only (the others have no device credentials)
+    if "devices" in only and "embedded" in names:  # issue 17: the embedded broker only (no other has them)
         print(f"  {'devices':<12} {'embedded':<10}", end="", flush=True)
         started = time.perf_counter()
         try:
@@ -109,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--brokers", default=",".join(BROKERS), help=f"comma-separated subset of {BROKERS}")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--no-charts", action="store_true")
+    parser.add_argument("--capacity", type=int, help="users in the capacity run (default: the size's)")
     args = parser.parse_args(argv)
     only = [x for x in args.only.split(",") if x]
     names = [x for x in args.brokers.split(",") if x]
@@ -118,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     print(f"benchmarks ({args.size}) on {', '.join(names)}: {', '.join(only)}", flush=True)
-    outcome = run(args.size, only, names)
+    outcome = run(args.size, only, names, args.capacity)
     doc: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "size": args.size,
-        "sizes": SIZES[args.size],
+        "sizes": {**SIZES[args.size], **({"capacity": args.capacity} if args.capacity else {})},
         "machine": f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at start, Python {sys.version.split()[0]}",
         **outcome,
     }

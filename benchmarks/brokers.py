@@ -4,7 +4,9 @@
 - ``embedded``: ``imcli serve`` (our plugins; the presence, group and archive workers in its child process);
 - ``mosquitto``: Mosquitto 2 with deploy/mosquitto's config, aclfile and dynamic-security
   plugin, plus ``imcli workers --dynsec`` (presence, groups, archive) as its own process, as
-  deploy/mosquitto/README.md sets it up; skipped when mosquitto is not installed.
+  deploy/mosquitto/README.md sets it up; skipped when mosquitto is not installed;
+- ``nats``: three nats-server nodes from deploy/nats, plus ``imcli workers --nats-users`` on all
+  three; clients spread over the nodes; skipped when nats-server is not installed.
 
 Accounts ``u00000…`` (and the few helpers the scenarios use) exist on every broker with
 one password. The embedded broker's accounts use cheap argon2 parameters (t=1, m=1 MiB)
@@ -99,6 +101,11 @@ class Broker:
     has_presence: bool
     note: str = ""
     extra_pids: dict[str, int] = field(default_factory=dict)
+    ports: list[int] = field(default_factory=list)  # a cluster's nodes (MQTT ports); ``port`` is the first
+
+    def port_of(self, i: int) -> int:
+        """The node the ``i``-th client uses: a cluster's nodes in turn, else the one port."""
+        return self.ports[i % len(self.ports)] if self.ports else self.port
 
     @property
     def pid(self) -> int:
@@ -254,6 +261,63 @@ def start_mosquitto(users: int) -> Broker:
     return broker
 
 
+def nats_available() -> bool:
+    from tests.natscluster import nats_available as available
+
+    return available()
+
+
+def start_nats(users: int) -> Broker:
+    """deploy/nats: three nodes on loopback (tests/natscluster.py starts them the same way) and
+    ``imcli workers --nats-users`` against all three; clients spread over the nodes in turn."""
+    from imcli.core.wire import Topics
+    from imcli.groups.natsauth import NatsPermissions, read_passwords
+    from tests.natscluster import NatsNode, wait_login
+
+    workdir = tempfile.TemporaryDirectory(prefix="bench-nats-")
+    work = Path(workdir.name)
+    passwd, users_file = work / "passwd", work / "imcli-users.conf"
+    passwd.write_text("".join(f"{name}:{PASSWORD}\n" for name in [*user_names(users), *SERVICES]))
+    passwd.chmod(0o600)
+    users_file.write_text(NatsPermissions(Topics()).render(read_passwords(passwd)))
+    nodes = [NatsNode(f"nats-{i}", work / f"nats-{i}", users_file, max_payload=8 * 1024 * 1024) for i in (1, 2, 3)]
+    for node in nodes:
+        node.cluster = free_port()
+    for node in nodes:
+        node.start([n.cluster for n in nodes if n is not node])
+    procs = [n.proc for n in nodes if n.proc is not None]
+    broker = Broker(
+        "nats", nodes[0].mqtt, procs, workdir, has_presence=True, ports=[n.mqtt for n in nodes],
+        note="three nats-server 2.9 nodes (deploy/nats, max_payload lifted), JetStream R3; imcli workers on all three",
+    )  # fmt: skip
+    broker.extra_pids.update({n.name: n.proc.pid for n in nodes[1:] if n.proc is not None})
+    try:
+        for node in nodes:
+            wait_login(node, "presence", PASSWORD)
+        hosts = ",".join(f"127.0.0.1:{n.mqtt}" for n in nodes)
+        worker = _python(
+            "-m", "imcli", "workers", "--host", hosts, "--password-stdin", "--accounts-file", str(passwd),
+            "--nats-users", str(users_file), *[a for n in nodes for a in ("--nats-pidfile", str(n.pidfile))],
+            "--archive-dir", str(work / "archive"),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env={**os.environ, "COLUMNS": "200"},
+        )  # fmt: skip
+        broker.procs.append(worker)
+        assert worker.stdin is not None and worker.stdout is not None
+        worker.stdin.write(f"{PASSWORD}\n" * len(SERVICES))
+        worker.stdin.close()
+        worker.stdin = None
+        started = "workers running" in worker.stdout.readline()
+        broker.extra_pids["workers"] = worker.pid
+    except BaseException:
+        broker.stop()
+        raise
+    if not started:
+        broker.stop()
+        raise RuntimeError("imcli workers did not start on the NATS cluster")
+    return broker
+
+
 def start(name: str, users: int) -> Broker:
     if name == "stock":
         return start_stock()
@@ -261,4 +325,6 @@ def start(name: str, users: int) -> Broker:
         return start_embedded(users)
     if name == "mosquitto":
         return start_mosquitto(users)
+    if name == "nats":
+        return start_nats(users)
     raise ValueError(name)

@@ -56,7 +56,7 @@ def fanout(broker: Broker, members: int, messages: int, qos: int) -> dict[str, o
     names = [f"u{i:05d}" for i in range(members)]
     line = encode(ChatMessage(id=new_id(), text="x" * 60)).decode()
     unbuffered = [STDBUF, "-oL"] if STDBUF else []
-    common = ["-h", "127.0.0.1", "-p", str(broker.port), "-P", PASSWORD, "-q", str(qos)]
+    common = ["-h", "127.0.0.1", "-P", PASSWORD, "-q", str(qos)]  # -p per client: a cluster's nodes in turn
     with tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp:
         out = Path(tmp)
         files = [out / f"sub-{name}" for name in names]
@@ -68,18 +68,20 @@ def fanout(broker: Broker, members: int, messages: int, qos: int) -> dict[str, o
             return [float(x.split()[0]) for x in path.read_text().splitlines() if marker in x]
 
         try:
-            for name, path in zip(names, files, strict=True):
+            for i, (name, path) in enumerate(zip(names, files, strict=True)):
                 subs.append(subprocess.Popen(
-                    [*unbuffered, MOSQUITTO_SUB, *common, "-u", name, "-i", f"{name}:fsub{qos}",
+                    [*unbuffered, MOSQUITTO_SUB, *common, "-p", str(broker.port_of(i)), "-u", name,
+                     "-i", f"{name}:fsub{qos}",
                      "-t", T.room_filter(room), "-t", T.room_filter(probe_room), "-F", "%U %t"],
                     stdout=path.open("w"), stderr=subprocess.DEVNULL, text=True,
                 ))  # fmt: skip
-            for name in names:
+            for i, name in enumerate(names):
                 pubs.append(subprocess.Popen(
-                    [MOSQUITTO_PUB, *common, "-u", name, "-i", f"{name}:fpub{qos}", "-t", T.room(room, name), "-l"],
+                    [MOSQUITTO_PUB, *common, "-p", str(broker.port_of(i + 1)), "-u", name, "-i", f"{name}:fpub{qos}",
+                     "-t", T.room(room, name), "-l"],
                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
                 ))  # fmt: skip
-            probe = [MOSQUITTO_PUB, *common, "-u", "watch", "-i", "watch:probe", "-q", "1",
+            probe = [MOSQUITTO_PUB, *common, "-p", str(broker.port), "-u", "watch", "-i", "watch:probe", "-q", "1",
                      "-t", T.room(probe_room, "watch"), "-m", "probe"]  # fmt: skip
             deadline = time.monotonic() + 60
             while not all(path.stat().st_size for path in files):  # each probe is one more chance
@@ -151,7 +153,7 @@ class Crowds:
             first, count = k * share, min(share, users - k * share)
             if count <= 0:
                 break
-            args = ["--port", str(broker.port), "--first", str(first), "--count", str(count)]
+            args = ["--port", str(broker.port_of(k)), "--first", str(first), "--count", str(count)]
             if k == 0:
                 args += ["--room-listeners", str(listeners), "--talk", str(talk)]
             if not status:
@@ -259,7 +261,7 @@ class Watcher:
 # ---------------------------------------------------------------- 2. DM latency
 
 
-async def _ping(port: int, samples: int, rate: float) -> list[float]:
+async def _ping(port: int, samples: int, rate: float, receiver_port: int | None = None) -> list[float]:
     senders = ["pinga", "pingb", "pingc", "pingd", "pinge"]
     sent: dict[str, float] = {}
     latencies: list[float] = []
@@ -273,7 +275,7 @@ async def _ping(port: int, samples: int, rate: float) -> list[float]:
                 done.set()
 
     receiver = LoadClient(on_message=received)
-    assert await receiver.connect("127.0.0.1", port, "pongr", PASSWORD, "pongr:bench") == 0
+    assert await receiver.connect("127.0.0.1", receiver_port or port, "pongr", PASSWORD, "pongr:bench") == 0
     await receiver.subscribe(T.user_filter("pongr"))
     clients = []
     for name in senders:
@@ -301,7 +303,7 @@ async def _ping(port: int, samples: int, rate: float) -> list[float]:
 def dm_latency(broker: Broker, idle_users: int, samples: int, talk: float) -> dict[str, object]:
     listeners = 50
     with Crowds.join(broker, idle_users, 2, status=broker.has_presence, listeners=listeners, talk=talk) as (_, joined):
-        latencies = sorted(asyncio.run(_ping(broker.port, samples, rate=50.0)))
+        latencies = sorted(asyncio.run(_ping(broker.port, samples, rate=50.0, receiver_port=broker.port_of(2))))
     if not latencies:
         return {"idle_users": joined["ok"], "samples": 0}
     quantile = statistics.quantiles(latencies, n=100, method="inclusive")

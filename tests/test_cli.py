@@ -247,7 +247,7 @@ def test_two_users_chat_through_the_cli(
     )
 
     sent = alice("dm", "bob", "just for you")
-    assert sent.exit_code == 0 and sent.stdout.strip() == "sent to @bob"
+    assert sent.exit_code == 0 and sent.stdout.strip() == "sent to bob"
     line = json.loads(bob_listens.line())
     assert (line["kind"], line["from"], line["to"], line["text"]) == ("dm", "alice", "bob", "just for you")
 
@@ -326,7 +326,7 @@ def test_duplicate_message_ids_are_shown_once(bob_listens: Proc, raw: Callable[.
         (["say", "-"], "\n", "Error: empty message"),
         (["say", "x" * 17000], None, "Error: message too long: "),
         (["say", "--room", "No Way", "hi"], None, "Error: invalid room name 'No Way'"),
-        (["dm", "zed", "hi"], None, "Error: unknown recipient 'zed' (check the name with 'imcli who --all')"),
+        (["dm", "zed", "hi"], None, "Error: unknown user 'zed' (check the name with 'imcli who --all')"),
         (["dm", "bob", "   "], None, "Error: empty message"),
     ],
 )

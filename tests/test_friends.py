@@ -72,7 +72,8 @@ def test_declined_request_disappears_on_both_sides(people: dict[str, Cli]) -> No
     [
         (["friend", "add", "alice"], "Error: you cannot be your own friend"),
         (["friend", "add", "zed"], "Error: unknown user 'zed'"),
-        (["friend", "add", "Not Valid"], "Error: invalid account name 'Not Valid'"),
+        (["friend", "add", "Not Valid"], "Error: unknown user 'Not Valid'"),  # a display name nobody has
+        (["friend", "add", "not\u202evalid"], "Error: invalid user name 'not\\u202evalid'"),
         (["friend", "accept", "bob"], "Error: no friend request from bob"),
         (["friend", "remove", "bob"], "Error: bob is not your friend"),
         (["config", "set", "dm-policy", "nobody"], "Error: invalid dm-policy 'nobody' (use 'anyone' or 'friends')"),
@@ -105,7 +106,7 @@ def test_dm_policy_friends_refuses_strangers_and_accepts_friends(
     assert refused.stderr.strip() == (
         "Error: bob accepts direct messages from friends only (ask first: imcli friend add bob)"
     )
-    assert alice("dm", "bob", "hi friend").stdout.strip() == "sent to @bob"
+    assert alice("dm", "bob", "hi friend").stdout.strip() == "sent to bob"
 
     # a raw client skipping the CLI's check: the broker drops it
     victim = raw("bob", client_id="bob:raw")

@@ -362,4 +362,4 @@ def test_groups_friends_and_nicknames_survive_a_restart_of_the_embedded_default(
         assert {u.account: u.nick for u in services.who(bob, include_offline=True)}["alice"] == "Ally"
         with pytest.raises(NotAllowed):  # bob's dm-policy came back, and the broker enforces it again
             services.send_dm(carol, "bob", services.prepare_text("hi"))
-        assert services.send_dm(alice, "bob", services.prepare_text("hi")) == "bob"
+        assert services.send_dm(alice, "bob", services.prepare_text("hi")).account == "bob"

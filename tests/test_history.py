@@ -219,7 +219,7 @@ def test_history_command(talk: ServeInfo, cli_as: Callable[[str], Cli]) -> None:
         (["history", "#"], "Error: invalid group name ''"),
         (["history", "lobby", "--limit", "0"], "Error: invalid limit 0 (use 1-1000)"),
         (["history", "lobby", "--since", "yesterday"], "Error: invalid time 'yesterday'"),
-        (["history", "@nobody"], "Error: unknown recipient 'nobody'"),
+        (["history", "@nobody"], "Error: unknown user 'nobody'"),
     ],
 )
 def test_history_command_refuses_bad_input(

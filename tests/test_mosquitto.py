@@ -261,7 +261,7 @@ def test_cli_and_workers_run_unchanged(
     stranger = cli("carol", "dm", "bob", "hi stranger")
     assert stranger.exit_code == 1 and "accepts direct messages from friends only" in stranger.stderr
     raw("carol", client_id="carol:raw").publish("im/user/bob/dm/carol", chat("sneaky"))
-    assert cli("alice", "dm", "bob", "hi friend").stdout.strip() == "sent to @bob"
+    assert cli("alice", "dm", "bob", "hi friend").stdout.strip() == "sent to bob"
     line = _lines_until(listen, lambda line: line["kind"] == "dm")
     assert (line["from"], line["text"]) == ("alice", "hi friend")  # carol's came first, and never arrived
 
@@ -405,9 +405,9 @@ def test_bridged_pair_carries_chat_and_presence(tmp_path: Path) -> None:
 
                 im.say(alice, "lobby", im.prepare_text("hello from A"))
                 assert wait_until(lambda: ("room", "alice", "hello from A") in bob_got)
-                assert im.send_dm(bob, "alice", im.prepare_text("hello from B")) == "alice"
+                assert im.send_dm(bob, "alice", im.prepare_text("hello from B")).account == "alice"
                 assert wait_until(lambda: ("dm", "bob", "hello from B") in alice_got)
-                assert im.send_dm(alice, "bob", im.prepare_text("and back")) == "bob"
+                assert im.send_dm(alice, "bob", im.prepare_text("and back")).account == "bob"
                 assert wait_until(lambda: ("dm", "alice", "and back") in bob_got)
             # a forged sender is refused on A before it could cross the bridge
             carol_spy = connect_raw("127.0.0.1", b.port, "carol", "carol:spy")

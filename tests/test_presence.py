@@ -95,8 +95,10 @@ def test_listener_is_online_while_it_runs_and_offline_after_clean_exit(server: S
         assert [(u.account, u.state, u.devices) for u in users] == [("alice", "online", 1)]
     watch.wait("alice", state="offline", devices=0)
     assert services.who(ident(server, "bob")) == []
-    everyone = services.who(ident(server, "bob"), include_offline=True)
-    assert [(u.account, u.state) for u in everyone] == [("alice", "offline")]
+    everyone = {u.account: u for u in services.who(ident(server, "bob"), include_offline=True)}
+    assert everyone["alice"].state == "offline" and everyone["alice"].since > 0
+    # who --all lists every account, also those never seen online (since 0: never)
+    assert everyone["carol"].state == "offline" and everyone["carol"].since == 0
     assert [(e["event"], e["account"]) for e in watch.wait_events(2)] == [("join", "alice"), ("leave", "alice")]
 
 
@@ -180,7 +182,7 @@ def test_rename_shows_in_presence_who_dm_and_listen(
     sent = alice("dm", "bob", "hi")
     assert sent.exit_code == 0
     by_nick = bob("dm", "ally", "hi Ally")  # nicknames resolve case-insensitively
-    assert by_nick.exit_code == 0 and by_nick.stdout.strip() == "sent to @alice"
+    assert by_nick.exit_code == 0 and by_nick.stdout.strip() == "sent to Ally (@alice)"
 
     lines = [json.loads(listener.line()) for _ in range(3)]  # bob's own join, the rename, the DM
     rename_event = next(line for line in lines if line["kind"] == "event" and "known as" in line["text"])
@@ -192,10 +194,14 @@ def test_rename_shows_in_presence_who_dm_and_listen(
 @pytest.mark.parametrize(
     ("nick", "error"),
     [
-        ("bob", "Error: the nickname 'bob' is taken"),
-        ("BOB", "Error: the nickname 'BOB' is taken"),
-        ("presence", "Error: the nickname 'presence' is taken"),
-        ("no spaces", "Error: invalid nickname 'no spaces'"),
+        ("bob", "Error: the name 'bob' is taken"),
+        ("BOB", "Error: the name 'BOB' is taken"),
+        ("b\u043eb", "Error: the name 'b\u043eb' is taken"),  # a Cyrillic o: looks like bob
+        ("\uff42\uff4f\uff42", "Error: the name '\uff42\uff4f\uff42' is taken"),  # full width: NFKC makes it bob
+        ("presence", "Error: the name 'presence' is taken"),
+        ("pr\u0435sence", "Error: the name"),  # a Cyrillic e in a reserved name
+        ("two  spaces", "Error: invalid display name 'two  spaces'"),
+        ("evil\u202eeman", "Error: invalid display name"),  # a bidi override never is a name
     ],
 )
 def test_rename_refusals(watch: PresenceWatch, cli_as: Callable[[str], Cli], nick: str, error: str) -> None:
@@ -328,7 +334,7 @@ def test_restarted_worker_rebuilds_the_roster_unnoticed(bare_broker: Bare) -> No
             assert (events[3]["event"], events[3]["account"]) == ("leave", "bob")  # and no second join for alice
             time.sleep(0.3)
             assert len(events) == 4
-            assert services.send_dm(ident(info, "bob"), "ally", services.prepare_text("hi")) == "alice"
+            assert services.send_dm(ident(info, "bob"), "ally", services.prepare_text("hi")).account == "alice"
         finally:
             alice.close()
             second.__exit__(None, None, None)
@@ -346,6 +352,9 @@ class Users:
 
     def is_user(self, name: str) -> bool:
         return name in self.names
+
+    def user_names(self) -> frozenset[str]:
+        return frozenset(self.names)
 
 
 def test_roster_sync_emits_only_real_changes() -> None:

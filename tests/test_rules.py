@@ -93,6 +93,9 @@ class _Accounts:
     def is_user(self, name: str) -> bool:
         return name in self.names
 
+    def user_names(self) -> frozenset[str]:
+        return frozenset(self.names)
+
 
 def test_a_request_may_name_only_a_user() -> None:
     accounts = _Accounts("alice", "bob")

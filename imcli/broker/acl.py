@@ -29,14 +29,17 @@ class Access(enum.StrEnum):
 
 
 # retained messages are state; chat is not: a retained chat line would replay forever
-RETAINABLE = frozenset({TopicKind.STATUS, TopicKind.PRESENCE, TopicKind.GROUP_INFO, TopicKind.FRIENDS})
+RETAINABLE = frozenset(
+    {TopicKind.STATUS, TopicKind.PRESENCE, TopicKind.GROUP_INFO, TopicKind.FRIENDS, TopicKind.PROFILE}
+)
 
 USER_WRITE = ("room/+/%u", "user/+/dm/%u", "status/%u/+", "request/%u/+", "upload/%u/+", "fetch/%u/+")
-USER_READ = ("room/#", "user/%u/#", "presence/#", "events")
+USER_READ = ("room/#", "user/%u/#", "presence/#", "events", "profile/#")
 SERVICE_WRITE = (
     "user/+/reply/+",
     "user/+/notice",
     "presence/+",
+    "profile/+",  # the presence worker writes each profile for its owner (a user never writes one)
     "events",
     "group/+/info",
     "user/+/friends",

@@ -34,7 +34,7 @@ from imcli.broker.topic_access import TopicAccess
 from imcli.core.errors import ImcliError
 from imcli.core.wire import TopicKind
 
-DURABLE = frozenset({TopicKind.PRESENCE, TopicKind.GROUP_INFO, TopicKind.FRIENDS})
+DURABLE = frozenset({TopicKind.PRESENCE, TopicKind.GROUP_INFO, TopicKind.FRIENDS, TopicKind.PROFILE})
 
 
 def status_refusal(topic: str, size: int, *, retain: bool, held: Collection[str], limits: Limits) -> Telling | None:

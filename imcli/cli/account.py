@@ -44,7 +44,7 @@ def _remember(name: str, password: str, address: BrokerAddress) -> None:
         Profile(
             name,
             traded.credential,
-            address.host,
+            address.hosts,
             address.port,
             device,
             address.tls,
@@ -137,7 +137,7 @@ def whoami(json_: JsonOpt = False) -> None:
     if json_:
         print(json.dumps({"account": p.account, "host": p.host, "port": p.port, "device": p.device, "others": others}))
         return
-    console().print(f"{p.account} on {p.host}:{p.port} (device {p.device})")
+    console().print(f"{p.account} on {p.address} (device {p.device})")
     if others:
         console().print(f"also logged in: {', '.join(others)} ('imcli switch NAME')", style="dim")
 
@@ -147,7 +147,7 @@ def switch(name: Annotated[str, typer.Argument(help="An account logged in on thi
     from imcli.client.config import switch_profile
 
     p = switch_profile(name)
-    console().print(f"now {p.account} on {p.host}:{p.port}")
+    console().print(f"now {p.account} on {p.address}")
 
 
 def _two_passwords(from_stdin: bool) -> tuple[str, str]:

@@ -31,6 +31,7 @@ from imcli.cli.common import (
     console,
 )
 from imcli.cli.files import files, get, send
+from imcli.cli.profile import profile_app
 from imcli.cli.serve import serve
 from imcli.cli.social import config_app, friend_app, group_app
 from imcli.cli.workers import presence, workers
@@ -54,6 +55,7 @@ app.add_typer(admin_app, name="admin")
 app.add_typer(group_app, name="group")
 app.add_typer(friend_app, name="friend")
 app.add_typer(config_app, name="config")
+app.add_typer(profile_app, name="profile")
 app.add_typer(devices_app, name="devices")
 app.add_typer(token_app, name="token")
 # registered in the order `imcli --help` lists them
@@ -99,7 +101,7 @@ def say(
 
 @app.command()
 def dm(
-    user: Annotated[str, typer.Argument(help="Recipient: account name (or nickname).")],
+    user: Annotated[str, typer.Argument(help="Recipient: account or display name (张三, @alice).")],
     text: Annotated[str, typer.Argument(help="The message, or '-' to read it from stdin.")],
     host: HostOpt = None,
     port: PortOpt = None,
@@ -109,8 +111,11 @@ def dm(
 
     identity = signed_in(host, port)
     message = services.prepare_text(message_text(text), max_payload_bytes())
+    from imcli.core.names import label
+    from imcli.core.text import safe
+
     to = services.send_dm(identity, user, message)
-    typer.echo(f"sent to @{to}")  # plain, as in say
+    typer.echo(f"sent to {safe(label(to.account, to.nick))}")  # plain, as in say
 
 
 @app.command()
@@ -195,9 +200,11 @@ def who(
     """Who is online (nickname, account, since when, on which devices)."""
     from imcli.client import services
 
-    users = services.who(signed_in(host, port), include_offline=all_)
+    identity = signed_in(host, port)
+    users = services.who(identity, include_offline=all_)
+    signatures = {a: p.signature for a, p in services.profiles_of(identity, [u.account for u in users]).items()}
     if json_:
-        print(json.dumps([u.model_dump() for u in users]))
+        print(json.dumps([{**u.model_dump(), "signature": signatures.get(u.account, "")} for u in users]))
         return
     from rich.table import Table
 
@@ -207,21 +214,29 @@ def who(
         console().print("nobody is online" if not all_ else "no users yet")
         return
     table = Table("nick", "account", "state" if all_ else "since", *(["since"] if all_ else []), "devices", box=None)
+    if any(signatures.values()):
+        table.add_column("signature")
     for u in users:
         state = [u.state] if all_ else []
         nick, account = f"[{name_style(u.account)}]{shown(u.nick)}[/]", shown(u.account)
+        since = ago(u.since) if u.since > 0 else "never online"
+        signature = [shown(signatures.get(u.account, ""))] if any(signatures.values()) else []
         devices = ", ".join(shown(d) for d in u.device_names) if u.device_names else str(u.devices)
-        table.add_row(nick, account, *(shown(s) for s in state), ago(u.since), devices)
+        table.add_row(nick, account, *(shown(s) for s in state), since, devices, *signature)
     console().print(table)
 
 
 @app.command()
 def rename(
-    nick: Annotated[str, typer.Argument(help="New nickname: letters, digits, '_', '-' or '.'.")],
+    nick: Annotated[
+        str,
+        typer.Argument(help="New display name, in any script (张三, José): letters, digits, '_', '-', '.', spaces."),
+    ],
     host: HostOpt = None,
     port: PortOpt = None,
 ) -> None:
-    """Change your nickname (unique, case-insensitively, among nicknames and account names)."""
+    """Change your display name (unique among display and account names; case, width and
+    look-alike letters do not make a name different)."""
     from imcli.client import services
 
     new = services.rename(signed_in(host, port), nick)

@@ -162,10 +162,21 @@ def _who(chat: ChatSession, rest: str) -> list[Output]:
     return [chat.who_line()]
 
 
-@command("/nick NEW", "change your nickname")
+@command("/whois NAME", "NAME's profile: display name, account, presence, signature, about")
+def _whois(chat: ChatSession, rest: str) -> list[Output]:
+    from imcli.cli.profile import whois_lines
+
+    if not rest.strip():
+        raise InvalidInput("missing argument", "usage: /whois NAME")
+    found = services.ask_whois(chat.listener, rest.strip())  # a display name may hold spaces
+    return [Note(line) for line in whois_lines(found)]
+
+
+@command("/nick NEW", "change your display name (any script; spaces allowed)")
 def _nick(chat: ChatSession, rest: str) -> list[Output]:
-    (nick,) = args(rest, "/nick NEW", 1, 1)
-    return dim(f"you are now known as {services.ask_rename(chat.listener, nick)}")
+    if not rest.strip():
+        raise InvalidInput("missing argument", "usage: /nick NEW")
+    return dim(f"you are now known as {services.ask_rename(chat.listener, rest.strip())}")
 
 
 @command("/history [N]", "the last N messages here (default 20)")

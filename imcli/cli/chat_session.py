@@ -176,7 +176,12 @@ class ChatSession:
         if where.kind == "group":
             return self._publish(topics.group_msg(where.name, self.me), encode(message))
         queued = self._publish(topics.dm(where.name, self.me), encode(message))
-        echo = Received(kind="dm", sender=self.me, to=where.name, id=message.id, ts=message.ts, text=message.text)
+        nicks = self.listener.nicks
+        mine, theirs = nicks.get(self.me, self.me), nicks.get(where.name, where.name)
+        echo = Received(
+            kind="dm", sender=self.me, to=where.name, id=message.id, ts=message.ts, text=message.text,
+            nick=mine if mine != self.me else None, to_nick=theirs if theirs != where.name else None,
+        )  # fmt: skip
         self.listener.seen.seen(seen_key(echo))
         return [*queued, echo]  # a DM I send is not delivered back to me
 
@@ -198,9 +203,11 @@ class ChatSession:
         return chat_commands.find(name).run(self, rest.strip())
 
     def dm_target(self, name: str) -> Conversation:
-        account = services.resolve(self.listener, name)
-        services.check_can_dm(self.listener, account)
-        return Conversation("dm", account)
+        user = services.resolve_user(self.listener, name)
+        if user.nick:
+            self.listener.nicks.setdefault(user.account, user.nick)
+        services.check_can_dm(self.listener, user.account)
+        return Conversation("dm", user.account)
 
     def go(self, where: Conversation) -> list[Output]:
         if where.kind == "group":

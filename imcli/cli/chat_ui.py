@@ -113,7 +113,7 @@ class ChatView:
 
     def _welcome(self, session: ChatSession) -> None:
         a = self.identity.address
-        self.note(Note(f"imcli chat: {self.identity.account} on {a.host}:{a.port} · /help for commands", "dim"))
+        self.note(Note(f"imcli chat: {self.identity.account} on {a} · /help for commands", "dim"))
         try:
             self.note(session.who_line())
         except ImcliError as exc:

@@ -52,7 +52,11 @@ def sub_app(help_text: str) -> typer.Typer:
 
 HostOpt = Annotated[
     str | None,
-    typer.Option("--host", envvar="IMCLI_HOST", help="Broker host [default: profile's, else 127.0.0.1]"),
+    typer.Option(
+        "--host",
+        envvar="IMCLI_HOST",
+        help="Broker host, or a cluster's nodes: a:1883,b:1883,c:1883 [default: profile's, else 127.0.0.1]",
+    ),
 ]
 PortOpt = Annotated[
     int | None,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from rich.text import Text
 
+from imcli.core.names import label
 from imcli.core.text import MAX_MARKS, safe
 from imcli.core.wire import Received
 
@@ -46,7 +47,7 @@ def received_line(item: Received, me: str) -> Text:
     if item.kind == "dm":
         line.append("[dm] ", style="bold red")
         _append_sender(line, sender, item.nick)
-        line.append(" → " + ("you" if item.to == me else safe(item.to or "?")), style="dim")
+        line.append(" → " + ("you" if item.to == me else safe(label(item.to or "?", item.to_nick))), style="dim")
     elif item.kind == "group":
         line.append("#" + safe(item.group or "?") + " ", style="bold blue")
         _append_sender(line, sender, item.nick)

@@ -73,30 +73,33 @@ def group_leave(name: GroupArg, host: HostOpt = None, port: PortOpt = None) -> N
 def group_invite(name: GroupArg, user: Annotated[str, typer.Argument(help="Account to add.")],
                  host: HostOpt = None, port: PortOpt = None) -> None:  # fmt: skip
     """Add someone to a group (owner and admins)."""
+    from imcli.cli.render import shown
     from imcli.client import services
 
-    services.group_request(signed_in(host, port), "invite", name, user=user.removeprefix("@"))
-    console().print(f"added {user} to #{name}")
+    services.group_request(signed_in(host, port), "invite", name, user=user)
+    console().print(f"added {shown(user)} to #{name}")
 
 
 @group_app.command("kick")
 def group_kick(name: GroupArg, user: Annotated[str, typer.Argument(help="Member to remove.")],
                host: HostOpt = None, port: PortOpt = None) -> None:  # fmt: skip
     """Remove a member (owner and admins); they stop receiving at once."""
+    from imcli.cli.render import shown
     from imcli.client import services
 
-    services.group_request(signed_in(host, port), "kick", name, user=user.removeprefix("@"))
-    console().print(f"removed {user} from #{name}")
+    services.group_request(signed_in(host, port), "kick", name, user=user)
+    console().print(f"removed {shown(user)} from #{name}")
 
 
 @group_app.command("promote")
 def group_promote(name: GroupArg, user: Annotated[str, typer.Argument(help="Member to make an admin.")],
                   host: HostOpt = None, port: PortOpt = None) -> None:  # fmt: skip
     """Make a member an admin (owner only): admins may invite and kick."""
+    from imcli.cli.render import shown
     from imcli.client import services
 
-    services.group_request(signed_in(host, port), "promote", name, user=user.removeprefix("@"))
-    console().print(f"{user} is now an admin of #{name}")
+    services.group_request(signed_in(host, port), "promote", name, user=user)
+    console().print(f"{shown(user)} is now an admin of #{name}")
 
 
 @group_app.command("list")
@@ -163,38 +166,41 @@ def group_say(
 
 # ---------------------------------------------------------------- friends
 
-UserArg = Annotated[str, typer.Argument(help="Account name.")]
+UserArg = Annotated[str, typer.Argument(help="Account or display name (张三, @alice).")]
 
 
-def _friend(op: str, user: str | None, host: str | None, port: int | None, done: str) -> None:
+def _friend(op: str, user: str, host: str | None, port: int | None, done: str) -> None:
+    from imcli.cli.render import shown
     from imcli.client import services
+    from imcli.core.names import label
 
-    services.friend_request(signed_in(host, port), op, user)  # type: ignore[arg-type]
-    console().print(done)
+    _, other = services.friend_with(signed_in(host, port), op, user)  # type: ignore[arg-type]
+    who = label(other.account, other.nick) if other is not None else user
+    console().print(done.format(user=shown(who)))
 
 
 @friend_app.command("add")
 def friend_add(user: UserArg, host: HostOpt = None, port: PortOpt = None) -> None:
     """Send a friend request (it waits for USER even while they are offline)."""
-    _friend("add", user, host, port, f"asked {user} to be your friend")
+    _friend("add", user, host, port, "asked {user} to be your friend")
 
 
 @friend_app.command("accept")
 def friend_accept(user: UserArg, host: HostOpt = None, port: PortOpt = None) -> None:
     """Accept a friend request."""
-    _friend("accept", user, host, port, f"you and {user} are friends")
+    _friend("accept", user, host, port, "you and {user} are friends")
 
 
 @friend_app.command("decline")
 def friend_decline(user: UserArg, host: HostOpt = None, port: PortOpt = None) -> None:
     """Decline a friend request."""
-    _friend("decline", user, host, port, f"declined {user}'s request")
+    _friend("decline", user, host, port, "declined {user}'s request")
 
 
 @friend_app.command("remove")
 def friend_remove(user: UserArg, host: HostOpt = None, port: PortOpt = None) -> None:
     """Remove a friend (on both sides)."""
-    _friend("remove", user, host, port, f"removed {user} from your friends")
+    _friend("remove", user, host, port, "removed {user} from your friends")
 
 
 @friend_app.command("list")
@@ -209,22 +215,43 @@ def friend_list(json_: JsonOpt = False, host: HostOpt = None, port: PortOpt = No
         presence = {u.account: u for u in services.who(identity, include_offline=True)}
     except RequestTimeout:
         presence = {}  # no presence worker: the list is still worth showing
+    profiles = services.profiles_of(identity, record.friends)
     if json_:
-        rows = [{"account": f, "state": presence[f].state if f in presence else "unknown"} for f in record.friends]
+        rows = [
+            {
+                "account": f,
+                "name": presence[f].nick if f in presence else f,
+                "state": presence[f].state if f in presence else "unknown",
+                "signature": profiles[f].signature if f in profiles else "",
+            }
+            for f in record.friends
+        ]
         print(json.dumps({"friends": rows, "incoming": record.incoming, "outgoing": record.outgoing,
-                          "dm_policy": record.dm_policy}))  # fmt: skip
+                          "dm_policy": record.dm_policy}, ensure_ascii=True))  # fmt: skip
         return
     from imcli.cli.render import ago, shown
+    from imcli.core.names import label
+
+    def who(account: str) -> str:
+        return shown(label(account, presence[account].nick if account in presence else None))
 
     out = console()
     out.print("friends:" if record.friends else "no friends yet")
     for f in record.friends:
         p = presence.get(f)
-        out.print(f"  {shown(f)}  " + (f"{shown(p.state)} since {ago(p.since)}" if p else "presence unknown"))
+        state = (
+            f"{shown(p.state)} since {ago(p.since)}"
+            if p and p.since > 0
+            else "never online"
+            if p
+            else "presence unknown"
+        )
+        signature = profiles[f].signature if f in profiles else ""
+        out.print(f"  {who(f)}  {state}" + (f"  “{shown(signature)}”" if signature else ""))
     for asker in record.incoming:
-        out.print(f"  {shown(asker)} wants to be your friend (imcli friend accept {shown(asker)})")
+        out.print(f"  {who(asker)} wants to be your friend (imcli friend accept {shown(asker)})")
     for asked in record.outgoing:
-        out.print(f"  waiting for {shown(asked)} to answer")
+        out.print(f"  waiting for {who(asked)} to answer")
     out.print(f"direct messages from: {'friends only' if record.dm_policy == 'friends' else 'anyone'}", style="dim")
 
 

@@ -1,5 +1,5 @@
 """``imcli workers``: the presence, group, archive and files workers alone, against a broker run
-elsewhere (Mosquitto, EMQX, or another ``imcli serve``). ``imcli serve`` runs the same four
+elsewhere (Mosquitto, a NATS cluster, or another ``imcli serve``). ``imcli serve`` runs the same four
 inside it. ``imcli presence`` runs the presence worker alone."""
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from imcli.core.mqtt import BrokerAddress, Credentials
     from imcli.core.service import ServiceWorker
     from imcli.files.worker import FileLimits
+    from imcli.groups.natsauth import NatsAuth
 
 
 def password_variable(account: str) -> str:
@@ -56,6 +57,28 @@ def _passwords(from_stdin: bool, accounts: list[str]) -> list[str]:
     return found
 
 
+def _mode(dynsec: bool, nats_users: Path | None) -> str:
+    if nats_users is not None:
+        return f"; NATS permissions kept in {nats_users}"
+    return "; groups enforced through dynamic security" if dynsec else ""
+
+
+def _nats_auth(users: Path | None, accounts: Path | None, pidfiles: list[Path], dynsec: bool) -> NatsAuth | None:
+    if users is None:
+        return None
+    if dynsec or accounts is None:
+        raise InvalidInput(
+            "--nats-users needs --accounts-file (the name:password lines) and no --dynsec", "see deploy/nats/README.md"
+        )
+    from imcli.core.wire import Topics
+    from imcli.groups.natsauth import NatsAuth
+
+    try:
+        return NatsAuth(Topics(), accounts.expanduser(), users.expanduser(), pidfiles)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"cannot read the accounts file {accounts}: {exc}", "check the path and its mode") from exc
+
+
 def workers(
     host: HostOpt = None,
     port: PortOpt = None,
@@ -79,6 +102,17 @@ def workers(
         bool,
         typer.Option("--dynsec", help="Enforce groups and dm-policy on Mosquitto through its dynamic-security plugin."),
     ] = False,
+    nats_users: Annotated[
+        Path | None,
+        typer.Option(
+            help="NATS: the users file the nodes include (deploy/nats), kept in step with groups, friends-only "
+            "DMs and --accounts-file (name:password lines), reloading the nodes after each change.",
+        ),
+    ] = None,
+    nats_pidfile: Annotated[
+        list[Path] | None,
+        typer.Option(help="NATS: pid_file of a node on this machine, sent SIGHUP after each change (repeatable)."),
+    ] = None,
     archive: Annotated[
         bool, typer.Option("--archive/--no-archive", help="Run the archive worker (history, offline catch-up).")
     ] = True,
@@ -161,6 +195,7 @@ def workers(
             dm_readers=(archive_account,),
             max_groups=max_groups,
             group_rate=group_rate,
+            nats=_nats_auth(nats_users, accounts_file, nats_pidfile or [], dynsec),
         ),
     ]
     if archive:
@@ -180,9 +215,9 @@ def workers(
     with contextlib.ExitStack() as stack:
         for make in makers:  # made one by one: a worker that fails to start closes those before it
             stack.enter_context(make())
-        mode = "; groups enforced through dynamic security" if dynsec else ""
         where = f"; archive in {data_dir}" if archive else "; no archive"
         where += f"; files in {store_dir / 'files'}" if files else "; no files"
+        mode = _mode(dynsec, nats_users)
         console().print(f"workers running as {', '.join(accounts)} on {address}{mode}{where} (Ctrl-C to stop)")
         sys.stdout.flush()
         with contextlib.suppress(KeyboardInterrupt):

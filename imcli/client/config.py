@@ -69,7 +69,7 @@ def new_device_name() -> str:
 class Profile:
     account: str
     credential: str = field(repr=False)  # the device credential (or the password: ``password_kept``)
-    host: str
+    host: str  # or the nodes of a cluster, "a:1883,b:1883,c:1883" (BrokerAddress.hosts)
     port: int
     device: str
     tls: bool = False
@@ -80,7 +80,7 @@ class Profile:
     def address(self) -> BrokerAddress:
         from imcli.core.mqtt import BrokerAddress
 
-        return BrokerAddress(self.host, self.port, self.tls, self.ca)
+        return BrokerAddress.of(self.host, self.port, self.tls, self.ca)
 
     @property
     def credentials(self) -> Credentials:

@@ -75,7 +75,7 @@ def broker_address(
         tls = True if tls is None else tls
     else:
         ca_file = profile.ca if profile else None
-    return BrokerAddress(
+    return BrokerAddress.of(
         host or (profile.host if profile else "127.0.0.1"),
         port if port is not None else (profile.port if profile else 1883),
         tls if tls is not None else bool(profile and profile.tls),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import queue
 import threading
 import time
@@ -25,8 +26,9 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from imcli.client.identity import Identity
-from imcli.core.errors import AuthenticationFailed, DeviceLoggedOut, ImcliError
+from imcli.core.errors import AuthenticationFailed, DeviceLoggedOut, ImcliError, PublishFailed
 from imcli.core.mqtt import ConnectionListener, Message, MqttClient, Will
+from imcli.core.names import label
 from imcli.core.request_reply import RequestClient
 from imcli.core.rules import DEVICE_CREDENTIAL_PREFIX
 from imcli.core.wire import (
@@ -41,6 +43,7 @@ from imcli.core.wire import (
     Notice,
     Payload,
     Presence,
+    Profile,
     Received,
     TopicKind,
     Topics,
@@ -52,6 +55,8 @@ from imcli.core.wire import (
     encode,
     new_id,
 )
+
+log = logging.getLogger(__name__)
 
 CATCH_UP_OVERLAP = 5.0  # seconds before the last known contact: the seen ids drop what was shown already
 CATCH_UP_LIMIT = 500  # the archive's page size (HISTORY_MAX); more than that is said, not shown
@@ -137,6 +142,19 @@ def to_received(topics: Topics, message: Message) -> Received | None:
         )
 
 
+def profile_changes(before: Profile | None, after: Profile) -> list[str]:
+    """What changed in a profile, in words (``signature “…”``, ``about``, ``avatar``)."""
+    was = before or Profile(account=after.account, name=after.name)
+    changes = []
+    if was.signature != after.signature:
+        changes.append(f"signature “{after.signature}”" if after.signature else "signature removed")
+    if was.about != after.about:
+        changes.append("about")
+    if was.avatar != after.avatar:
+        changes.append("avatar" if after.avatar else "avatar removed")
+    return changes
+
+
 def event_text(event: Event) -> str:
     if event.event == "rename":
         return f"{event.old_nick} is now known as {event.nick}"
@@ -182,9 +200,9 @@ class Listener:
         self._filters = [
             *room_filters,
             topics.user_filter(identity.account),  # DMs, replies, notices, my friends record
-            topics.group_msg_filter(),  # every group: the broker delivers only my groups' messages
             topics.presence_filter(),
             topics.events(),
+            topics.profile_filter(),  # friends' profile changes are shown as events
         ]
         self.device = session or identity.session_name("listen")
         client_id = device_client_id(identity.account, self.device)
@@ -205,6 +223,8 @@ class Listener:
         self._logged_out = False  # the broker said this device was revoked
         self._uses_device_credential = identity.credentials.password.startswith(DEVICE_CREDENTIAL_PREFIX)
         self.nicks: dict[str, str] = {}
+        self.friends: set[str] = set()  # from my retained friends record
+        self.profiles: dict[str, Profile] = {}  # as last received: a change is told against it
         self.online: set[str] = set()  # accounts the presence worker says are online
         self._inbox: queue.Queue[tuple[Message | Received, bool]] = queue.Queue()
         self._catching_up = True  # until our SUBACK: what arrives first was queued while we were away
@@ -218,6 +238,7 @@ class Listener:
         self._client.connect()
         try:
             self._client.subscribe(self._filters)
+            self._subscribe_groups()
             self._catching_up = False
             self._client.publish(self._status_topic, self._status(), qos=1, retain=True)
         except ImcliError:
@@ -229,6 +250,16 @@ class Listener:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _subscribe_groups(self) -> None:
+        """Every group: the embedded broker and Mosquitto deliver only my groups' messages. NATS 2.9
+        cannot narrow a wildcard per delivery and refuses it (deploy/nats): no live group lines there."""
+        try:
+            self._client.subscribe([self.identity.topics.group_msg_filter()])
+        except PublishFailed:
+            log.info(
+                "the broker refused %s: group messages only through history", self.identity.topics.group_msg_filter()
+            )
 
     def close(self) -> None:
         """Say offline (clear the device's status) and disconnect."""
@@ -319,6 +350,10 @@ class Listener:
         if parsed is not None and parsed.kind is TopicKind.FRIENDS:
             yield from self._new_requests(message.payload)
             return
+        if parsed is not None and parsed.kind is TopicKind.PROFILE:
+            if not isinstance(message, Received):
+                yield from self._profile_changed(message)
+            return
         item = to_received(self.identity.topics, message)
         if item is not None and missed and item.kind == "event":
             return  # "bob is online" from hours ago: presence records say how things are now
@@ -352,12 +387,29 @@ class Listener:
             record = decode_as(payload, Friends)
         except MalformedPayload:
             return
+        self.friends = set(record.friends)
         self._requests_shown &= set(record.incoming)  # a request asked again after a decline shows again
         for asker in record.incoming:
             if asker not in self._requests_shown:
                 self._requests_shown.add(asker)
                 text = f"{asker} wants to be your friend ({self.accept_hint.format(asker)})"
                 yield Received(kind="notice", sender=asker, id=new_id(), ts=time.time(), text=text)
+
+    def _profile_changed(self, message: Message) -> Iterator[Received]:
+        """A friend's profile changed (live, not the retained copy a subscription starts with): an event."""
+        try:
+            profile = decode_as(message.payload, Profile)
+        except MalformedPayload:
+            return
+        before = self.profiles.get(profile.account)
+        self.profiles[profile.account] = profile
+        if message.retain or profile.account not in self.friends:
+            return
+        changes = profile_changes(before, profile)
+        if changes:
+            text = f"{label(profile.account, profile.name)} changed their profile: {'; '.join(changes)}"
+            ts = profile.updated or time.time()
+            yield Received(kind="event", sender=profile.account, nick=profile.name, id=new_id(), ts=ts, text=text)
 
     def _remember_nick(self, payload: bytes) -> None:
         try:

@@ -23,12 +23,14 @@ from imcli.core.errors import (
     RequestTimeout,
 )
 from imcli.core.mqtt import BrokerAddress, Credentials, Message, MqttClient
+from imcli.core.names import clean_display_name
 from imcli.core.request_reply import Asker, RequestClient
 from imcli.core.rules import REGISTER_PREFIX, dm_refusal
 from imcli.core.wire import (
     DEFAULT_MAX_PAYLOAD,
     HISTORY_MAX,
     NICK_RULE,
+    Avatar,
     ChatMessage,
     DmPolicy,
     ErrorReply,
@@ -44,6 +46,10 @@ from imcli.core.wire import (
     HistoryRequest,
     Payload,
     Presence,
+    Profile,
+    ProfileGet,
+    ProfileList,
+    ProfileSet,
     Received,
     Renamed,
     RenameRequest,
@@ -55,6 +61,7 @@ from imcli.core.wire import (
     check_name,
     device_client_id,
     encode,
+    is_name,
     is_nick,
 )
 
@@ -160,12 +167,12 @@ def say(identity: Identity, room: str, message: ChatMessage) -> None:
     publish_to_room(identity, room, encode(message))
 
 
-def send_dm(identity: Identity, name: str, message: ChatMessage) -> str:
-    """Resolve ``name`` (account or nickname) and send; returns the recipient's account."""
+def send_dm(identity: Identity, name: str, message: ChatMessage) -> Resolved:
+    """Resolve ``name`` (account or display name) and send; returns the recipient."""
     with Connection(identity, "dm") as connection:
-        to = resolve(connection, name)
-        check_can_dm(connection, to)
-        connection.publish(identity.topics.dm(to, identity.account), encode(message))
+        to = resolve_user(connection, name)
+        check_can_dm(connection, to.account)
+        connection.publish(identity.topics.dm(to.account, identity.account), encode(message))
     return to
 
 
@@ -178,25 +185,72 @@ def check_can_dm(asker: Asker, to: str) -> None:
 def friend_request(
     identity: Identity, op: FriendOp, user: str | None = None, policy: DmPolicy | None = None
 ) -> Friends:
+    """A friend operation; ``user`` is an account or display name. My record after it."""
+    return friend_with(identity, op, user, policy)[0]
+
+
+def friend_with(
+    identity: Identity, op: FriendOp, user: str | None = None, policy: DmPolicy | None = None
+) -> tuple[Friends, Resolved | None]:
+    """``friend_request``, and whom ``user`` resolved to."""
     with Connection(identity, "friend") as connection:
-        return ask_friend(connection, op, user, policy)
+        return ask_friend_with(connection, op, user, policy)
 
 
 def ask_friend(asker: Asker, op: FriendOp, user: str | None = None, policy: DmPolicy | None = None) -> Friends:
     """A friend request over an open connection (``imcli chat``'s ``/friend``)."""
-    if user is not None:
-        user = check_name(user.removeprefix("@"))
-    return expect(asker.ask(FriendRequest(op=op, user=user, dm_policy=policy)), FriendReply).record
+    return ask_friend_with(asker, op, user, policy)[0]
+
+
+def ask_friend_with(
+    asker: Asker, op: FriendOp, user: str | None = None, policy: DmPolicy | None = None
+) -> tuple[Friends, Resolved | None]:
+    """``ask_friend``, and whom ``user`` (an account or display name) resolved to."""
+    other = resolve_user(asker, user) if user is not None else None
+    request = FriendRequest(op=op, user=other.account if other else None, dm_policy=policy)
+    return expect(asker.ask(request), FriendReply).record, other
 
 
 def resolve(asker: Asker, name: str) -> str:
-    wanted = name.removeprefix("@").strip()
+    """The account ``name`` means: an account name, or anyone's display name (``张三``, ``@Ally``)."""
+    return resolve_user(asker, name).account
+
+
+def resolve_user(asker: Asker, name: str) -> Resolved:
+    """The one resolver of every command that takes a user: the presence worker's answer (the
+    account and its display name) for an account or display name, with or without ``@``."""
+    wanted = clean_display_name(name.removeprefix("@"))
     if not wanted:
-        raise InvalidInput("empty recipient name")
-    reply = asker.ask(ResolveRequest(name=wanted))
+        raise InvalidInput("empty user name", "give an account or display name")
+    if not is_nick(wanted):
+        raise InvalidInput(f"invalid user name {wanted!r}", "give an account or display name")
+    try:
+        reply = asker.ask(ResolveRequest(name=wanted))
+    except RequestTimeout:
+        if is_name(wanted.lower()):  # no presence worker (a bare broker): an account name still means itself
+            return Resolved(id="", account=wanted.lower())
+        raise
     if isinstance(reply, ErrorReply) and reply.code == "not_found":
-        raise NotFound(f"unknown recipient {wanted!r}", "check the name with 'imcli who --all'")
-    return expect(reply, Resolved).account
+        raise NotFound(f"unknown user {wanted!r}", "check the name with 'imcli who --all'")
+    return expect(reply, Resolved)
+
+
+def display_names(asker: Asker) -> dict[str, str]:
+    """Every account's display name, as the presence worker has it (empty if none answers)."""
+    try:
+        return {u.account: u.nick for u in ask_who(asker, include_offline=True)}
+    except RequestTimeout:
+        return {}
+
+
+def with_names(item: Received, names: dict[str, str]) -> Received:
+    """A line from the archive with its sender's (and a DM's recipient's) display names filled in."""
+    update: dict[str, str] = {}
+    if item.sender and names.get(item.sender, item.sender) != item.sender and item.kind != "notice":
+        update["nick"] = names[item.sender]
+    if item.to and names.get(item.to, item.to) != item.to:
+        update["to_nick"] = names[item.to]
+    return item.model_copy(update=update) if update else item
 
 
 def who(identity: Identity, include_offline: bool = False) -> list[Presence]:
@@ -215,16 +269,80 @@ def rename(identity: Identity, nick: str) -> str:
 
 
 def check_nick(nick: str) -> str:
+    nick = clean_display_name(nick)
     if not is_nick(nick):
-        raise InvalidInput(f"invalid nickname {nick!r}", NICK_RULE)
+        raise InvalidInput(f"invalid display name {nick!r}", NICK_RULE)
     return nick
 
 
 def ask_rename(asker: Asker, nick: str) -> str:
     reply = asker.ask(RenameRequest(nick=check_nick(nick)))
     if isinstance(reply, ErrorReply) and reply.code == "taken":
-        raise NameTaken(f"the nickname {nick!r} is taken", "choose another one")
+        raise NameTaken(f"the name {nick!r} is taken (or looks like one that is)", "choose another one")
     return expect(reply, Renamed).nick
+
+
+# ---------------------------------------------------------------- profiles
+
+
+def set_profile(
+    identity: Identity,
+    *,
+    name: str | None = None,
+    signature: str | None = None,
+    about: str | None = None,
+    avatar: Avatar | None = None,
+) -> Profile:
+    """Change my own profile (the presence worker writes it, for me only); the profile after it."""
+    if name is not None:
+        name = check_nick(name)
+    request = ProfileSet(name=name, signature=signature, about=about, avatar=avatar)
+    if request.model_dump(exclude={"type", "v", "id"}, exclude_defaults=True) == {}:
+        raise InvalidInput("nothing to change", "give --name, --signature, --about or --avatar")
+    with Connection(identity, "profile") as connection:
+        reply = connection.ask(request)
+    if isinstance(reply, ErrorReply) and reply.code == "taken" and name is not None:
+        raise NameTaken(f"the name {name!r} is taken (or looks like one that is)", "choose another one")
+    return expect(reply, ProfileList).profiles[0]
+
+
+def ask_profiles(asker: Asker, accounts: list[str]) -> dict[str, Profile]:
+    """The profiles of ``accounts`` (those that are users), by account."""
+    if not accounts:
+        return {}
+    reply = expect(asker.ask(ProfileGet(users=accounts[:1000])), ProfileList)
+    return {p.account: p for p in reply.profiles}
+
+
+def profiles_of(identity: Identity, accounts: list[str]) -> dict[str, Profile]:
+    """``ask_profiles`` on a connection of its own; empty if no presence worker answers."""
+    if not accounts:
+        return {}
+    try:
+        with Connection(identity, "profile") as connection:
+            return ask_profiles(connection, accounts)
+    except RequestTimeout:
+        return {}
+
+
+@dataclass(frozen=True)
+class Whois:
+    """What ``profile show`` and ``/whois`` tell about one user."""
+
+    profile: Profile
+    presence: Presence | None
+
+
+def ask_whois(asker: Asker, name: str) -> Whois:
+    account = resolve(asker, name)
+    profile = ask_profiles(asker, [account]).get(account) or Profile(account=account, name=account)
+    presence = next((u for u in ask_who(asker, include_offline=True) if u.account == account), None)
+    return Whois(profile, presence)
+
+
+def whois(identity: Identity, name: str | None = None) -> Whois:
+    with Connection(identity, "profile") as connection:
+        return ask_whois(connection, name or identity.account)
 
 
 _ERRORS: dict[str, type[ImcliError]] = {
@@ -248,7 +366,8 @@ def ask_group(
     """A group request over an open connection (``imcli chat``'s ``/join``, ``/invite``, …)."""
     if op != "list":
         check_name(group, "group name")
-    reply = asker.ask(GroupRequest(op=op, group=group, user=user, private=private))
+    account = resolve(asker, user) if user is not None else None
+    reply = asker.ask(GroupRequest(op=op, group=group, user=account, private=private))
     if isinstance(reply, GroupList):
         return reply
     return expect(reply, GroupReply)
@@ -284,8 +403,11 @@ class Conversation:
     @classmethod
     def parse(cls, text: str) -> Conversation:
         text = text.strip()
-        if text.startswith("@"):
-            return cls("dm", check_name(text[1:], "account name"))
+        if text.startswith("@"):  # an account or display name (``@张三``): resolved where it is used
+            name = clean_display_name(text[1:])
+            if not is_nick(name):
+                raise InvalidInput(f"invalid user name {name!r}", "give an account or display name after @")
+            return cls("dm", name)
         if text.startswith("#"):
             return cls("group", check_name(text[1:], "group name"))
         return cls("room", check_name(text, "room name"))
@@ -330,11 +452,15 @@ def ask_history(
             target[where.kind] = where.name
     request = HistoryRequest(limit=limit, since=since, before=before, **target)
     try:
-        return expect(asker.ask(request), HistoryReply)
+        page = expect(asker.ask(request), HistoryReply)
     except RequestTimeout as exc:
         raise RequestTimeout(
             "the archive did not answer", "history needs the archive worker, which 'imcli serve' runs"
         ) from exc
+    if not page.messages:
+        return page
+    names = display_names(asker)
+    return page.model_copy(update={"messages": [with_names(m, names) for m in page.messages]})
 
 
 def expect(reply: Payload, kind: type[_R]) -> _R:

@@ -18,23 +18,63 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
-from imcli.core.errors import AuthenticationFailed, BrokerUnreachable, PublishFailed
+from imcli.core.errors import AuthenticationFailed, BrokerUnreachable, InvalidInput, PublishFailed
 from imcli.core.rules import DEVICE_CREDENTIAL_PREFIX
 
 # paho 2 reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes; map back for messages
 _CONNACK_V311 = {128: 1, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
 SERVER_UNAVAILABLE = 3  # the one refusal a reconnecting client waits out
+# a subscription refused when renewed after a reconnect is tried again this often (1 s, 2 s, ... apart,
+# about a minute in all) before it is fatal: a NATS 2.9 cluster refuses SUBSCRIBE for ~20 s after a node died,
+# while JetStream elects new leaders for the MQTT sessions' streams
+RENEW_TRIES = 10
 
 
 @dataclass(frozen=True, slots=True)
 class BrokerAddress:
+    """Where the broker is: ``host:port``, and for a cluster the other nodes (``more``), tried in
+    turn when one cannot be reached and when the connection to one is lost."""
+
     host: str = "127.0.0.1"
     port: int = 1883
     tls: bool = False  # verify the broker's certificate and host name, then speak MQTT inside TLS
     ca: str | None = None  # PEM file of the CA(s) to trust; None: the system's trust store
+    more: tuple[tuple[str, int], ...] = ()  # the other nodes of a cluster, same TLS and CA
+
+    @classmethod
+    def of(cls, hosts: str, port: int = 1883, tls: bool = False, ca: str | None = None) -> BrokerAddress:
+        """``host``, or ``a:1883,b:1883,c`` (a node without a port has ``port``)."""
+        (host, first), *more = [_endpoint(part, port) for part in hosts.split(",")]
+        return cls(host, first, tls, ca, tuple(more))
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        return [(self.host, self.port), *self.more]
+
+    @property
+    def hosts(self) -> str:
+        """What ``of`` reads back: ``host`` alone, or every node as ``host:port,...``."""
+        if not self.more:
+            return self.host
+        return ",".join(_join(h, p) for h, p in self.endpoints)
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
+        return ",".join(_join(h, p) for h, p in self.endpoints) + (" (TLS)" if self.tls else "")
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _endpoint(part: str, port: int) -> tuple[str, int]:
+    text = part.strip()
+    host, sep, digits = text.rpartition(":") if text.count(":") == 1 or text.startswith("[") else ("", "", "")
+    if not sep:
+        host, digits = text, str(port)
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not digits.isdigit() or not 0 < int(digits) < 65536:
+        raise InvalidInput(f"invalid broker address {part!r}", "give host or host:port, several separated by commas")
+    return host, int(digits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +107,9 @@ class MqttClient:
 
     With ``reconnect=True`` a lost connection is re-established in the background with
     backoff (1 to 4 s) and the subscriptions are renewed; ``on_connection`` hears
-    ``False`` when it drops and ``True`` when it is back.
+    ``False`` when it drops and ``True`` when it is back. With several nodes in the address,
+    connecting tries each in turn, and a lost connection is re-established with the next one
+    (a cluster keeps the persistent session: the CONNACK's ``session_present`` says so).
     """
 
     def __init__(
@@ -100,6 +142,7 @@ class MqttClient:
         self._connack_rc: ReasonCode | None = None
         self._suback_codes: dict[int, list[ReasonCode]] = {}
         self._suback_waiters: dict[int, threading.Event] = {}
+        self._renewals: dict[int, tuple[list[tuple[str, int]], int]] = {}  # mid -> (filters, attempt)
         self._filters: dict[str, int] = {}
         self._was_connected = False
         self._closing = False
@@ -108,6 +151,13 @@ class MqttClient:
         # session (it restarted without keeping sessions): what it had queued for us is gone
         self.session_present = False
         self._paho: paho.Client | None = None
+        self._endpoints = address.endpoints
+        self._at = 0  # the node connected to (or being tried)
+
+    @property
+    def node(self) -> tuple[str, int]:
+        """The node this client is connected to, or tries next."""
+        return self._endpoints[self._at]
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -119,6 +169,22 @@ class MqttClient:
         self.close()
 
     def connect(self) -> None:
+        """Connect to the first node that answers; the last node's failure if none does."""
+        for i in range(len(self._endpoints)):
+            self._at = i
+            try:
+                self._connect_node(*self._endpoints[i])
+            except BrokerUnreachable:
+                if i == len(self._endpoints) - 1:
+                    raise
+                self._closing = False
+                self._connack.clear()
+                self._connack_rc = None
+            else:
+                return
+
+    def _connect_node(self, host: str, port: int) -> None:
+        address = BrokerAddress(host, port, self.address.tls, self.address.ca)
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self._client_id,
@@ -126,8 +192,8 @@ class MqttClient:
             protocol=paho.MQTTv311,
         )
         client.username_pw_set(self._credentials.username, self._credentials.password)
-        if self.address.tls:
-            client.tls_set_context(_tls_context(self.address.ca))
+        if address.tls:
+            client.tls_set_context(_tls_context(address.ca))
         if self._will is not None:
             client.will_set(self._will.topic, self._will.payload, self._will.qos, self._will.retain)
         client.reconnect_delay_set(min_delay=1, max_delay=4)
@@ -135,28 +201,29 @@ class MqttClient:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_subscribe = self._handle_subscribe
+        client.on_connect_fail = self._handle_connect_fail
         self._paho = client
         try:
-            client.connect(self.address.host, self.address.port, keepalive=self._keepalive)
+            client.connect(host, port, keepalive=self._keepalive)
         except (ssl.SSLError, ssl.CertificateError) as exc:
-            raise _tls_failure(self.address, exc) from exc
+            raise _tls_failure(address, exc) from exc
         except TimeoutError as exc:
-            if self.address.tls:  # a plain broker waits for the rest of the "CONNECT" a ClientHello looks like
-                raise BrokerUnreachable(f"no TLS handshake with {self.address}", "does that port speak TLS?") from exc
-            raise BrokerUnreachable(f"no answer from {self.address}", "is the broker there?") from exc
+            if address.tls:  # a plain broker waits for the rest of the "CONNECT" a ClientHello looks like
+                raise BrokerUnreachable(f"no TLS handshake with {address}", "does that port speak TLS?") from exc
+            raise BrokerUnreachable(f"no answer from {address}", "is the broker there?") from exc
         except OSError as exc:
             raise BrokerUnreachable(
-                f"cannot reach the broker at {self.address}: {exc.strerror or exc}",
+                f"cannot reach the broker at {address}: {exc.strerror or exc}",
                 "start one with 'imcli serve', or point --host/--port (IMCLI_HOST/IMCLI_PORT) at yours",
             ) from exc
         client.loop_start()
         if not self._connack.wait(self.timeout):
             self.close()
-            raise BrokerUnreachable(f"no answer from {self.address} within {self.timeout:g}s", "is it an MQTT broker?")
+            raise BrokerUnreachable(f"no answer from {address} within {self.timeout:g}s", "is it an MQTT broker?")
         if self._connack_rc is None:  # closed before any CONNACK: see _handle_disconnect
             self.close()
-            hint = "is TLS on there? then log in with --tls" if not self.address.tls else "is it an MQTT broker?"
-            raise BrokerUnreachable(f"{self.address} closed the connection without answering", hint)
+            hint = "is TLS on there? then log in with --tls" if not address.tls else "is it an MQTT broker?"
+            raise BrokerUnreachable(f"{address} closed the connection without answering", hint)
         rc = self._connack_rc
         if rc is not None and rc.is_failure:
             self.close()
@@ -197,6 +264,8 @@ class MqttClient:
             self._filters[f] = qos
         codes = self._subscribe_and_wait([(f, qos) for f in filters])
         refused = [f for f, rc in zip(filters, codes, strict=True) if rc.is_failure]
+        for f in refused:  # not renewed after a reconnect
+            self._filters.pop(f, None)
         if refused:
             raise PublishFailed(f"the broker refused the subscription to {', '.join(refused)}")
 
@@ -250,11 +319,31 @@ class MqttClient:
         reconnected = self._was_connected
         self._was_connected = True
         if reconnected and self._filters:
-            client.subscribe(list(self._filters.items()))
+            self._renew(client, list(self._filters.items()), 1)
         if reconnected and self._on_connection is not None:
             self._on_connection(True)
 
+    def _renew(self, client: paho.Client, filters: list[tuple[str, int]], attempt: int) -> None:
+        with self._lock:  # held across the call: the SUBACK must find its mid
+            rc, mid = client.subscribe(filters)
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                self._renewals[mid] = (filters, attempt)
+
+    def _renew_later(self, filters: list[tuple[str, int]], attempt: int) -> None:
+        client = self._paho
+        if client is not None and not self._closing and client.is_connected():
+            self._renew(client, filters, attempt)  # else the next reconnect renews them all
+
+    def _next_node(self, client: paho.Client) -> None:
+        if len(self._endpoints) > 1 and not self._closing and self._was_connected:
+            self._at = (self._at + 1) % len(self._endpoints)
+            _point_at(client, *self._endpoints[self._at])
+
+    def _handle_connect_fail(self, client: paho.Client, _u: object) -> None:
+        self._next_node(client)
+
     def _handle_disconnect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+        self._next_node(client)
         if not self._connack.is_set():  # e.g. a plain CONNECT sent to a TLS port: fail now, not after the timeout
             self._connack.set()
         if not self._closing and self._was_connected and self._on_connection is not None:
@@ -267,12 +356,28 @@ class MqttClient:
 
     def _handle_subscribe(self, _c: paho.Client, _u: object, mid: int, codes: list[ReasonCode], _p: object) -> None:
         with self._lock:
-            self._suback_codes[mid] = list(codes)
+            renewal = self._renewals.pop(mid, None)
+            if renewal is None:
+                self._suback_codes[mid] = list(codes)
             waiter = self._suback_waiters.get(mid)
         if waiter is not None:
             waiter.set()
-        elif self._was_connected and any(c.is_failure for c in codes):
-            self.fatal = PublishFailed("the broker refused a subscription after reconnecting")
+        elif renewal is not None:
+            filters, attempt = renewal
+            refused = [f for f, rc in zip(filters, codes, strict=False) if rc.is_failure]
+            if refused and attempt >= RENEW_TRIES:
+                self.fatal = PublishFailed("the broker refused a subscription after reconnecting")
+            elif refused:
+                timer = threading.Timer(attempt, self._renew_later, (refused, attempt + 1))
+                timer.daemon = True
+                timer.start()
+
+
+def _point_at(client: paho.Client, host: str, port: int) -> None:
+    """Where paho's reconnect goes next. paho 2 has one broker per client, and its ``host`` setter
+    refuses a change until the socket is gone, which is after this callback: set its fields."""
+    client._host = host  # paho has no other way to fail over
+    client._port = port
 
 
 class _ClosingSSLSocket(ssl.SSLSocket):

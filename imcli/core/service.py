@@ -45,6 +45,10 @@ class AccountDirectory(Protocol):
 
     def is_user(self, name: str) -> bool: ...
 
+    def user_names(self) -> frozenset[str]:
+        """Every user account (``who --all`` lists those never seen online too)."""
+        ...
+
 
 def names_a_user(directory: AccountDirectory | None, name: str) -> bool:
     """Whether a request may name ``name`` as a person (a friend, a guest): a valid name that is
@@ -80,6 +84,9 @@ class PasswordFileDirectory:
 
     def is_user(self, name: str) -> bool:
         return name in self.names() and name not in RESERVED_NAMES
+
+    def user_names(self) -> frozenset[str]:
+        return frozenset(n for n in self.names() if is_name(n) and n not in RESERVED_NAMES)
 
 
 class ServiceWorker:

@@ -102,6 +102,7 @@ class TopicKind(enum.StrEnum):
     PRESENCE = "presence"
     REQUEST = "request"
     EVENTS = "events"
+    PROFILE = "profile"
     UPLOAD = "upload"  # a file's bytes, sender -> files worker (issue 16)
     FETCH = "fetch"  # a download's acknowledgements, receiver -> files worker
     FILE_DATA = "file_data"  # a download's bytes, files worker -> receiver
@@ -197,6 +198,13 @@ class Topics:
     def events(self) -> str:
         return f"{self.prefix}/events"
 
+    def profile(self, user: str) -> str:
+        """A user's public profile (retained; written by the presence worker, for its owner only)."""
+        return f"{self.prefix}/profile/{_n(user)}"
+
+    def profile_filter(self) -> str:
+        return f"{self.prefix}/profile/+"
+
     def group_msg(self, group: str, sender: str) -> str:
         return f"{self.prefix}/group/{_n(group)}/msg/{_n(sender)}"
 
@@ -247,6 +255,8 @@ class Topics:
                 return Topic(TopicKind.STATUS, sender=user, key=device)
             case ["presence", user] if is_name(user):
                 return Topic(TopicKind.PRESENCE, owner=user)
+            case ["profile", user] if is_name(user):
+                return Topic(TopicKind.PROFILE, owner=user)
             case ["request", sender, corr] if is_name(sender) and is_id(corr):
                 return Topic(TopicKind.REQUEST, sender=sender, key=corr)
             case ["events"]:

@@ -19,6 +19,7 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from imcli.core.names import DISPLAY_NAME_RULE, is_display_name
 from imcli.core.rules import DmPolicy
 
 # The names and topics: imcli.core.topics has them; the `noqa` ones are re-exported, since the rest
@@ -129,6 +130,7 @@ class Resolved(WireModel):
     v: Literal[1] = PROTOCOL_VERSION
     id: str
     account: str
+    nick: str | None = None  # the account's display name, when the worker knows it
 
 
 class ErrorReply(WireModel):
@@ -141,14 +143,14 @@ class ErrorReply(WireModel):
     text: str
 
 
-NICK_RULE = "1-32 characters: letters, digits, '_', '-' or '.', starting with a letter or digit"
-_NICK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+# a nickname is a display name: any script (imcli.core.names); the wire keeps the old field names
+NICK_RULE = DISPLAY_NAME_RULE
 DEFAULT_HEARTBEAT = 30.0
 HEARTBEAT_RANGE = (1.0, 3600.0)  # seconds a device may choose between two statuses
 
 
 def is_nick(value: str) -> bool:
-    return _NICK.fullmatch(value) is not None
+    return is_display_name(value)
 
 
 class DeviceStatus(WireModel):
@@ -257,6 +259,62 @@ class Renamed(WireModel):
     v: Literal[1] = PROTOCOL_VERSION
     id: str
     nick: str
+
+
+SIGNATURE_MAX = 120  # characters: one line under a name
+ABOUT_MAX = 1000
+THUMBNAIL_MAX = 12 * 1024  # bytes of base64: the profile record carries the avatar's thumbnail
+
+
+class Avatar(WireModel):
+    """A profile picture: the full image is a file (issue 16's files), its small thumbnail is here."""
+
+    file: Annotated[str, Field(pattern=f"^{_ID.pattern}$")]
+    media_type: Literal["image/png", "image/jpeg", "image/gif", "image/webp"]
+    thumbnail: Annotated[str, Field(max_length=THUMBNAIL_MAX)] = ""  # base64 of a small PNG or JPEG
+
+
+class Profile(WireModel):
+    """A user's public profile (retained on ``<prefix>/profile/<user>``, written by the presence
+    worker only, each for its owner: a ``profile_set`` request from that account)."""
+
+    type: Literal["profile"] = "profile"
+    v: Literal[1] = PROTOCOL_VERSION
+    account: str
+    name: str  # the display name, as in the presence record's ``nick``
+    signature: Annotated[str, Field(max_length=SIGNATURE_MAX)] = ""
+    about: Annotated[str, Field(max_length=ABOUT_MAX)] = ""
+    avatar: Avatar | None = None
+    updated: Timestamp = 0.0
+
+
+class ProfileSet(WireModel):
+    """Change my profile: each field given is set (``""`` clears a text); the sender is the owner."""
+
+    type: Literal["profile_set"] = "profile_set"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    name: str | None = None
+    signature: str | None = None
+    about: str | None = None
+    avatar: Avatar | None = None
+    clear_avatar: bool = False
+
+
+class ProfileGet(WireModel):
+    """Ask for the profiles of some accounts (at most ``PROFILES_MAX``)."""
+
+    type: Literal["profile_get"] = "profile_get"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    users: Annotated[list[str], Field(max_length=1000)]
+
+
+class ProfileList(WireModel):
+    type: Literal["profile_list"] = "profile_list"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    profiles: list[Profile]
 
 
 class GroupInfo(WireModel):
@@ -375,8 +433,9 @@ class Received(WireModel):
 
     kind: Literal["room", "dm", "group", "notice", "event", "malformed"]
     sender: str | None = Field(default=None, alias="from")
-    nick: str | None = None  # chat lines: the sender's nickname if it differs; events: always
+    nick: str | None = None  # chat lines: the sender's display name if it differs; events: always
     to: str | None = None
+    to_nick: str | None = None  # direct messages: the recipient's display name if it differs
     room: str | None = None
     group: str | None = None
     id: str
@@ -520,6 +579,10 @@ Payload = Annotated[
     | SyncMarker
     | HistoryRequest
     | HistoryReply
+    | Profile
+    | ProfileSet
+    | ProfileGet
+    | ProfileList
     | FileInfo
     | FileOffer
     | FileUpload

@@ -5,7 +5,9 @@ membership, members read it, and a restarted worker reads it back before answeri
 Members hear of changes on their notice topics.
 
 On Mosquitto (``dynsec=True``) the worker also keeps the broker's dynamic-security roles in
-step with its records (``groups.dynsec``), sending the commands before the records.
+step with its records (``groups.dynsec``), sending the commands before the records. On a
+NATS cluster (``nats=NatsAuth(...)``) it rewrites the nodes' user permissions and reloads them
+(``groups.natsauth``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from imcli.core.wire import (
 from imcli.groups import dynsec as dynsec_module
 from imcli.groups.book import DEFAULT_CREATIONS_PER_MINUTE, DEFAULT_MAX_OWNED, GroupBook
 from imcli.groups.friends import FriendBook
+from imcli.groups.natsauth import NatsAuth
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ class GroupWorker(ServiceWorker):
         dm_readers: tuple[str, ...] = (),
         max_groups: int = DEFAULT_MAX_OWNED,
         group_rate: int = DEFAULT_CREATIONS_PER_MINUTE,
+        nats: NatsAuth | None = None,
     ) -> None:
         super().__init__(address, credentials, topics, device, clock)
         # max_groups: groups one account owns; group_rate: groups it creates per minute (issue 15)
@@ -61,6 +65,7 @@ class GroupWorker(ServiceWorker):
         self.friends = FriendBook(directory)
         self.mirror = dynsec_module.DynsecMirror(self.topics, dm_readers) if dynsec else None
         self._dynsec_answered = threading.Event()
+        self.nats = nats
 
     def state_filters(self) -> list[str]:
         mirror = [dynsec_module.RESPONSE_TOPIC] if self.mirror is not None else []
@@ -79,6 +84,13 @@ class GroupWorker(ServiceWorker):
                 self.friends.load(record)
 
     def on_synced(self) -> None:
+        if self.nats is not None:
+            for info in self.book.records():
+                self.nats.permissions.group_changed(info.name, info)
+            for record in self.friends.records():
+                self.nats.permissions.friends_changed(record)
+            self.nats.start()
+            self.nats.changed(now=True)
         if self.mirror is None:
             return
         for info in self.book.records():
@@ -107,6 +119,11 @@ class GroupWorker(ServiceWorker):
             elif response.error and not response.error.endswith("already exists"):
                 log.warning("dynamic security refused %s: %s", response.command, response.error)
 
+    def __exit__(self, *exc: object) -> None:
+        if self.nats is not None:
+            self.nats.close()
+        super().__exit__(*exc)
+
     def _control(self, payload: bytes | None) -> None:
         if payload is not None:
             self.publish(dynsec_module.CONTROL_TOPIC, payload)
@@ -123,6 +140,9 @@ class GroupWorker(ServiceWorker):
             if self.mirror is not None:
                 changed = set().union(*(self.mirror.friends_changed(r) for r in friends.changed))
                 self._control(self.mirror.commands(changed))
+            if self.nats is not None:
+                for record in friends.changed:
+                    self.nats.friends_changed(record)
             for record in friends.changed:
                 self.publish(self.topics.friends(record.account), encode(record), retain=True)
             self._tell(sender, friends.notices, "friend")
@@ -133,6 +153,9 @@ class GroupWorker(ServiceWorker):
         if self.mirror is not None:
             changed = set().union(*(self.mirror.group_changed(name, info) for name, info in outcome.changed))
             self._control(self.mirror.commands(changed))
+        if self.nats is not None:
+            for name, info in outcome.changed:
+                self.nats.group_changed(name, info)
         for name, info in outcome.changed:
             self.publish(self.topics.group_info(name), encode(info) if info else b"", retain=True)
         self._tell(sender, outcome.notices, "group")

@@ -1,4 +1,8 @@
-"""Who is online, under which nickname: the presence worker's state, without any MQTT.
+"""Who is online, under which display name: the presence worker's state, without any MQTT.
+
+Display names (``nick`` on the wire) are in any script and unique among display names and
+account names under ``imcli.core.names.name_keys`` (NFKC, case folding, TR39 skeletons):
+``\\u0430lice`` (with a Cyrillic a) is refused to anyone but the account ``alice``.
 
 Inputs are what the worker reads (retained presence records, device status, requests)
 and the current time; outputs are ``Effects`` the worker publishes (retained presence
@@ -12,9 +16,11 @@ changes, so a restarted worker is invisible to users.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
+from imcli.core.names import clean_display_name, name_keys
 from imcli.core.service import AccountDirectory
 from imcli.core.wire import RESERVED_NAMES, DeviceStatus, ErrorReply, Event, Presence, Renamed, is_name, is_nick
 
@@ -70,7 +76,8 @@ class PresenceRoster:
     def __init__(self, directory: AccountDirectory | None = None) -> None:
         self._directory = directory
         self._users: dict[str, _User] = {}
-        self._nicks: dict[str, str] = {}  # casefolded nick -> account
+        self._nicks: dict[str, str] = {}  # each key of a display name (names.name_keys) -> its account
+        self._accounts: tuple[frozenset[str], dict[str, str]] = (frozenset(), {})  # names, key -> account
         self._pending = Effects()  # changes to other users caused by the current call
         self.synced = False
 
@@ -85,7 +92,7 @@ class PresenceRoster:
         user.published_devices = record.devices
         user.published_names = tuple(record.device_names)
         self._users[record.account] = user
-        self._nicks[nick.casefold()] = record.account
+        self._take_name(nick, record.account)
 
     def device_seen(self, account: str, device: str, status: DeviceStatus, now: float) -> Effects:
         if status.state == "offline":
@@ -125,16 +132,18 @@ class PresenceRoster:
     # ---------------------------------------------------------------- requests
 
     def rename(self, account: str, nick: str, request_id: str, now: float) -> tuple[Renamed | ErrorReply, Effects]:
+        nick = clean_display_name(nick)
         if not is_nick(nick):
-            return ErrorReply(id=request_id, code="invalid", text=f"invalid nickname {nick!r}"), Effects()
+            return ErrorReply(id=request_id, code="invalid", text=f"invalid display name {nick!r}"), Effects()
         if not self._nick_free(nick, account):
-            return ErrorReply(id=request_id, code="taken", text=f"the nickname {nick!r} is taken"), Effects()
+            text = f"the name {nick!r} is taken (or looks like one that is)"
+            return ErrorReply(id=request_id, code="taken", text=text), Effects()
         user = self._user(account, now)
         old = user.nick
         if old == nick:
             return Renamed(id=request_id, nick=nick), Effects()
-        self._nicks.pop(old.casefold(), None)
-        self._nicks[nick.casefold()] = account
+        self._drop_name(old, account)
+        self._take_name(nick, account)
         user.nick = nick
         user.published, user.published_devices, user.published_names = True, len(user.devices), user.names()
         effects = self._take_pending()
@@ -143,18 +152,32 @@ class PresenceRoster:
         return Renamed(id=request_id, nick=nick), effects
 
     def resolve(self, name: str) -> str | None:
-        """The account for an account name or a current nickname (case-insensitive)."""
+        """The account for an account name or a current display name: the same name under
+        ``name_keys`` (so case, width and look-alike letters do not matter)."""
         lowered = name.lower()
         if is_name(lowered) and (lowered in self._users or self._is_user(lowered)):
-            return lowered  # an account name always means that account, never someone's nickname
-        return self._nicks.get(name.casefold())
+            return lowered  # an account name always means that account, never someone's display name
+        keys = name_keys(name)
+        for key in sorted(keys):
+            if (account := self._nicks.get(key)) is not None:
+                return account
+        accounts = self._account_index()
+        return next((accounts[key] for key in sorted(keys) if key in accounts), None)
 
     def who(self, include_offline: bool = False) -> list[Presence]:
-        users = sorted(self._users.values(), key=lambda u: u.nick.casefold())
-        return [u.record() for u in users if include_offline or u.state == "online"]
+        """Who is online; with ``include_offline``, every account, those never seen online too."""
+        records = [u.record() for u in self._users.values() if include_offline or u.state == "online"]
+        if include_offline and self._directory is not None:
+            never = self._directory.user_names() - self._users.keys()
+            records += [Presence(account=a, nick=a, state="offline", since=0.0) for a in never]
+        return sorted(records, key=lambda r: (r.nick.casefold(), r.account))
 
     def records(self) -> list[Presence]:
         return [u.record() for u in self._users.values() if u.published]
+
+    def known(self, account: str) -> bool:
+        """Whether ``account`` is a user: on this roster, or in the directory."""
+        return account in self._users or (is_name(account) and account not in RESERVED_NAMES and self._is_user(account))
 
     def nick_of(self, account: str) -> str:
         user = self._users.get(account)
@@ -165,19 +188,27 @@ class PresenceRoster:
     def _user(self, account: str, now: float) -> _User:
         user = self._users.get(account)
         if user is None:
-            holder = self._nicks.get(account)
-            if holder is not None and holder != account:
-                # the nickname was taken before this account existed: account names win
-                self._reset_nick(self._users[holder], now)
+            for holder in {self._nicks.get(key) for key in name_keys(account)} - {None, account}:
+                # the name was taken before this account existed: account names win
+                self._reset_nick(self._users[holder or ""], now)
             user = _User(account, account, since=now)
             self._users[account] = user
-            self._nicks[account] = account
+            self._take_name(account, account)
         return user
+
+    def _take_name(self, nick: str, account: str) -> None:
+        for key in name_keys(nick):
+            self._nicks[key] = account
+
+    def _drop_name(self, nick: str, account: str) -> None:
+        for key in name_keys(nick):
+            if self._nicks.get(key) == account:
+                del self._nicks[key]
 
     def _reset_nick(self, user: _User, now: float) -> None:
         old, user.nick = user.nick, user.account
-        self._nicks.pop(old.casefold(), None)
-        self._nicks[user.account] = user.account
+        self._drop_name(old, user.account)
+        self._take_name(user.account, user.account)
         user.published_devices, user.published_names = len(user.devices), user.names()
         self._pending.presence.append(user.record())
         self._pending.events.append(Event(event="rename", account=user.account, nick=user.nick, old_nick=old, ts=now))
@@ -187,16 +218,25 @@ class PresenceRoster:
         return pending
 
     def _nick_free(self, nick: str, account: str) -> bool:
-        folded = nick.casefold()
-        owner = self._nicks.get(folded)
-        if owner is not None and owner != account:
+        keys = name_keys(nick)
+        if any(self._nicks.get(key, account) != account for key in keys):
             return False
-        if folded == account:
-            return True
-        if folded in RESERVED_NAMES:
-            return False
-        # another account's name is never someone else's nickname
-        return not (is_name(folded) and (folded in self._users or self._is_user(folded)))
+        if keys.isdisjoint(name_keys(account)) and not keys.isdisjoint(_reserved_keys()):
+            return False  # a name like a reserved one (admin with a Cyrillic a), unless it is one's own account name
+        # another account's name is never someone else's display name
+        accounts = self._account_index()
+        return all(accounts.get(key, account) == account for key in keys)
+
+    def _account_index(self) -> dict[str, str]:
+        """Each key of every account name: seen by this roster, or (with a directory) every account."""
+        names = frozenset(self._users) | (self._directory.user_names() if self._directory is not None else frozenset())
+        if names != self._accounts[0]:
+            index: dict[str, str] = {}
+            for name in sorted(names):
+                for key in name_keys(name):
+                    index.setdefault(key, name)
+            self._accounts = (names, index)
+        return self._accounts[1]
 
     def _is_user(self, name: str) -> bool:
         return self._directory is not None and self._directory.is_user(name)
@@ -224,3 +264,8 @@ class PresenceRoster:
             user.published, user.published_devices, user.published_names = True, len(user.devices), names
             effects.presence.append(user.record())
         return effects
+
+
+@functools.cache
+def _reserved_keys() -> frozenset[str]:
+    return frozenset().union(*(name_keys(name) for name in RESERVED_NAMES))

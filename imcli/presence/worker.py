@@ -1,9 +1,10 @@
 """The presence worker: device statuses in, one retained presence record per user out.
 
-It reads ``<prefix>/status/<user>/<device>``, keeps ``<prefix>/presence/<user>`` (retained),
-announces join/leave/rename on ``<prefix>/events`` and answers ``resolve``, ``who`` and
-``rename``. Its state lives in retained messages (see ``imcli.core.service`` for the restart
-procedure); devices that stop their heartbeat without a Last Will expire.
+It reads ``<prefix>/status/<user>/<device>``, keeps ``<prefix>/presence/<user>`` and
+``<prefix>/profile/<user>`` (retained), announces join/leave/rename on ``<prefix>/events`` and
+answers ``resolve``, ``who``, ``rename``, ``profile_set`` and ``profile_get``. Its state lives
+in retained messages (see ``imcli.core.service`` for the restart procedure); devices that stop
+their heartbeat without a Last Will expire.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from imcli.core.wire import (
     DeviceStatus,
     ErrorReply,
     Presence,
+    Profile,
+    ProfileGet,
+    ProfileList,
+    ProfileSet,
     RenameRequest,
     Resolved,
     ResolveRequest,
@@ -31,6 +36,7 @@ from imcli.core.wire import (
     decode_as,
     encode,
 )
+from imcli.presence.profiles import ProfileBook
 from imcli.presence.roster import Effects, PresenceRoster
 
 
@@ -49,11 +55,12 @@ class PresenceWorker(ServiceWorker):
     ) -> None:
         super().__init__(address, credentials, topics, device, clock)
         self.roster = PresenceRoster(directory)
+        self.profiles = ProfileBook()
         self._expiry_period = expiry_period
         self._expiry = threading.Thread(target=self._expire_loop, name="presence-expiry", daemon=True)
 
     def state_filters(self) -> list[str]:
-        return [self.topics.presence_filter(), self.topics.status_filter()]
+        return [self.topics.presence_filter(), self.topics.status_filter(), self.topics.profile_filter()]
 
     def started(self) -> None:
         self._expiry.start()
@@ -69,6 +76,10 @@ class PresenceWorker(ServiceWorker):
             self._on_status(topic.sender, topic.key, payload)
         elif topic.kind is TopicKind.PRESENCE and not self.synced.is_set() and payload:
             self.roster.load_presence(decode_as(payload, Presence))  # after sync: our own records
+        elif topic.kind is TopicKind.PROFILE and not self.synced.is_set() and payload:
+            record = decode_as(payload, Profile)
+            if record.account == topic.owner:
+                self.profiles.load(record)
 
     def _on_status(self, user: str, device: str, payload: bytes) -> None:
         now = self.clock()
@@ -83,12 +94,14 @@ class PresenceWorker(ServiceWorker):
     def on_reconnected(self) -> None:
         for record in self.roster.records():
             self.publish(self.topics.presence(record.account), encode(record), retain=True)
+        for profile in self.profiles.records():
+            self.publish(self.topics.profile(profile.account), encode(profile), retain=True)
 
     def handle(self, sender: str, request: WireModel) -> WireModel | None:
         if isinstance(request, ResolveRequest):
             account = self.roster.resolve(request.name.strip().removeprefix("@"))
             if account is not None:
-                return Resolved(id=request.id, account=account)
+                return Resolved(id=request.id, account=account, nick=self.roster.nick_of(account))
             return ErrorReply(id=request.id, code="not_found", text=f"unknown user {request.name!r}")
         if isinstance(request, WhoRequest):
             return Roster(id=request.id, users=self.roster.who(include_offline=request.all))
@@ -96,15 +109,40 @@ class PresenceWorker(ServiceWorker):
             reply, effects = self.roster.rename(sender, request.nick, request.id, self.clock())
             self._apply(effects)
             return reply
+        if isinstance(request, ProfileSet):
+            return self._set_profile(sender, request)
+        if isinstance(request, ProfileGet):
+            users = [u for u in dict.fromkeys(request.users) if self.roster.known(u)]
+            return ProfileList(id=request.id, profiles=[self.profiles.get(u, self.roster.nick_of(u)) for u in users])
         if isinstance(request, DeviceRequest):  # the embedded broker answers these itself, before any worker
             text = "this broker does not issue device credentials (Mosquitto, NATS: deploy/mosquitto/README.md)"
             return ErrorReply(id=request.id, code="unsupported", text=text)
         return None
 
+    def _set_profile(self, sender: str, request: ProfileSet) -> WireModel:
+        """The sender's own profile, the only one a request can change (the broker checked the sender)."""
+        refusal = self.profiles.check(request)
+        if refusal is not None:
+            return refusal
+        now = self.clock()
+        if request.name is not None:
+            reply, effects = self.roster.rename(sender, request.name, request.id, now)
+            if isinstance(reply, ErrorReply):
+                return reply
+            self._apply(effects)
+        elif not self.roster.known(sender):
+            self._apply(self.roster.rename(sender, sender, request.id, now)[1])  # on the roster from now on
+        profile = self.profiles.apply(sender, self.roster.nick_of(sender), request, now)
+        self.publish(self.topics.profile(sender), encode(profile), retain=True)
+        return ProfileList(id=request.id, profiles=[profile])
+
     def _apply(self, effects: Effects) -> None:
         t = self.topics
         for record in effects.presence:
             self.publish(t.presence(record.account), encode(record), retain=True)
+            profile = self.profiles.renamed(record.account, record.nick, self.clock())
+            if profile is not None:
+                self.publish(t.profile(record.account), encode(profile), retain=True)
         for event in effects.events:
             self.publish(t.events(), encode(event))
         for user, device in effects.clear_status:

@@ -28,6 +28,9 @@ class StoreDirectory:
         account = self._store.get(name)
         return account is not None and account.role is Role.USER
 
+    def user_names(self) -> frozenset[str]:
+        return frozenset(a.name for a in self._store.list_accounts() if a.role is Role.USER)
+
 
 def embedded_workers(
     local: BrokerAddress,

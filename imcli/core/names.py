@@ -1,0 +1,121 @@
+"""Display names in any script (张三, José, Ελένη, Ана), and the key that keeps them apart.
+
+A display name (what ``rename`` and ``profile set --name`` set; once called a nickname) may
+be written in any script. Two names are the *same name* when they share a ``name_keys`` key:
+a key is the name's Unicode TR39 skeleton after NFKC normalisation and case folding, so
+``\\u0430lice`` (with a Cyrillic a), ``ALICE``, ``\\uff41lice`` (a full-width a) and ``a1ice`` are all
+``alice`` and cannot be taken by anyone but the account ``alice``. The presence worker keeps
+names unique under this key, among display names and account names alike.
+
+The confusables data is Unicode's own ``confusables.txt``, as shipped (and kept current) by
+the ``confusable_homoglyphs`` package; it lists, for each character, the characters it can
+be mistaken for. ``name_keys`` maps every character to one representative of its class (the
+classes are the connected groups of that list, so ``l``, ``1``, ``I`` and ``|`` are one
+class: a little stricter than TR39's own prototype mapping, never looser). Account names
+stay ASCII (they are topic levels): :func:`imcli.core.topics.is_name`.
+
+A display name must also draw as itself: nothing that ``imcli.core.text.safe`` would escape
+(controls, bidi overrides, zero-width and blank characters, unassigned code points), no
+space at either end or twice in a row, and at most two combining marks on a letter.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import unicodedata
+from importlib import resources
+from typing import Final
+
+from imcli.core.text import safe
+
+DISPLAY_NAME_RULE: Final = (
+    "1-32 characters: letters and digits of any script, with '_', '-', '.', an apostrophe "
+    "or single spaces between them, starting with a letter or digit"
+)
+MAX_NAME: Final = 32
+_PUNCTUATION = frozenset("_-.' ")
+_MARKS_ON_ONE = 2
+_LRM = "\u200e"  # the data wraps right-to-left characters in marks so that its JSON reads well
+
+
+def is_display_name(value: str) -> bool:
+    """Whether ``value`` may be someone's display name (account names are display names too)."""
+    if not value or len(value) > MAX_NAME or value != unicodedata.normalize("NFC", value):
+        return False
+    if safe(value) != value or not unicodedata.category(value[0]).startswith(("L", "N")):
+        return False
+    if value.endswith(" ") or "  " in value:
+        return False
+    marks = 0
+    for ch in value:
+        category = unicodedata.category(ch)
+        if category in ("Mn", "Mc"):
+            marks += 1
+            if marks > _MARKS_ON_ONE:
+                return False
+        elif category[0] in "LN" or ch in _PUNCTUATION:
+            marks = 0
+        else:
+            return False
+    return True
+
+
+def clean_display_name(value: str) -> str:
+    """What a user typed, as stored: NFC (``é`` typed as ``e`` and a combining accent is ``é``)."""
+    return unicodedata.normalize("NFC", value.strip())
+
+
+def name_keys(name: str) -> frozenset[str]:
+    """What makes two names the same name: they share a key. NFKC, case folding and confusable
+    skeletons (TR39), taken in both orders: folded first, ``ALICE`` is ``alice``; skeleton first,
+    an upper-case ``I`` that stands for an ``l`` (``AIice``) is ``alice`` too."""
+    nfkc = unicodedata.normalize("NFKC", name)
+    folded_first = _skeleton(unicodedata.normalize("NFKC", nfkc.casefold()))
+    skeleton_first = _skeleton(unicodedata.normalize("NFKC", _skeleton(nfkc).casefold()))
+    return frozenset((folded_first, skeleton_first))
+
+
+def same_name(a: str, b: str) -> bool:
+    return not name_keys(a).isdisjoint(name_keys(b))
+
+
+def _skeleton(text: str) -> str:
+    representative = _classes()
+    return "".join(representative.get(ch, ch) for ch in text)
+
+
+@functools.cache
+def _classes() -> dict[str, str]:
+    """Each confusable character's class representative (the smallest code point in its class)."""
+    data = json.loads(resources.files("confusable_homoglyphs").joinpath("confusables.json").read_text("utf-8"))
+    parent: dict[str, str] = {}
+
+    def find(ch: str) -> str:
+        root = ch
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while parent.get(ch, ch) != root:  # path compression
+            parent[ch], ch = root, parent[ch]
+        return root
+
+    def union(a: str, b: str) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            low, high = (ra, rb) if ra < rb else (rb, ra)
+            parent[high] = low
+
+    for source, homoglyphs in data.items():
+        if len(source) != 1:
+            continue  # sequences ("rn" for "m") are left out: one character stands for one
+        for entry in homoglyphs:
+            other = str(entry.get("c", "")).strip(_LRM)
+            if len(other) == 1:
+                union(source, other)
+    return {ch: find(ch) for ch in parent}
+
+
+def label(account: str, nick: str | None) -> str:
+    """How a person is shown everywhere: ``张三 (@zhang)``, or ``bob`` when the names agree.
+    Not yet made safe: renderers pass it through ``imcli.core.text.safe``."""
+    return account if not nick or nick == account else f"{nick} (@{account})"
