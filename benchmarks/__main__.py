@@ -1,6 +1,6 @@
 """The benchmark suite: stock amqtt, the embedded default and Mosquitto, side by side.
 
-    python -m benchmarks [--quick] [--only fanout,dm,capacity,churn,cold,devices]
+    python -m benchmarks [--quick] [--only fanout,dm,capacity,churn,cold,files,devices]
                          [--brokers stock,embedded,mosquitto,nats]
 
 Starts each broker itself on a free loopback port (benchmarks/brokers.py), runs each
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import brokers, devices, report, scenarios
+from benchmarks import brokers, devices, files, report, scenarios
 
 SIZES: dict[str, dict[str, int]] = {
     "full": {"members": 50, "messages": 2000, "idle": 1000, "samples": 1000, "capacity": 10000, "churn": 1000,
@@ -31,7 +31,9 @@ SIZES: dict[str, dict[str, int]] = {
     "tiny": {"members": 3, "messages": 30, "idle": 10, "samples": 20, "capacity": 20, "churn": 10,
              "runs": 1, "processes": 2, "devices": 20},
 }  # fmt: skip
-SCENARIOS = ("fanout", "dm", "capacity", "churn", "cold", "devices")
+SCENARIOS = ("fanout", "dm", "capacity", "churn", "cold", "files", "devices")
+FILE_SIZES = {"full": [1, 10, 100], "quick": [1, 10], "tiny": [1]}  # MiB, sent to a DM and a group (issue 16)
+FILE_GROUP = 20  # members of the group the files go to
 BROKERS = ("stock", "embedded", "mosquitto", "nats")
 # stock amqtt sends every CONNECT the retained messages of every filter on the broker: with
 # 10,000 users that is O(users^2) work per storm, so it is measured at a tenth of the size
@@ -94,6 +96,14 @@ def run(size: str, only: list[str], names: list[str], capacity_users: int | None
         each("capacity", capacity)
     if "churn" in only:
         each("churn", lambda b: scenarios.churn(b, s["churn"], s["processes"]))
+    if "files" in only:
+
+        def file_scenario(broker: brokers.Broker) -> dict[str, Any]:
+            if broker.name not in ("embedded", "mosquitto"):
+                return {"skipped": "files are measured on the embedded broker and Mosquitto (issue 16)"}
+            return files.file_transfer(broker, FILE_SIZES[size], FILE_GROUP)
+
+        each("files", file_scenario, users=max(FILE_GROUP, 2))
     if "devices" in only and "embedded" in names:  # issue 17: the embedded broker only (no other has them)
         print(f"  {'devices':<12} {'embedded':<10}", end="", flush=True)
         started = time.perf_counter()

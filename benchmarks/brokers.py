@@ -1,9 +1,9 @@
 """The three brokers under test, each started by the benchmark on a free loopback port.
 
 - ``stock``: amqtt 0.12.1 as shipped (its default plugins, anonymous access), no workers;
-- ``embedded``: ``imcli serve`` (our plugins; the presence, group and archive workers in its child process);
+- ``embedded``: ``imcli serve`` (our plugins; the presence, group, archive and files workers in its child process);
 - ``mosquitto``: Mosquitto 2 with deploy/mosquitto's config, aclfile and dynamic-security
-  plugin, plus ``imcli workers --dynsec`` (presence, groups, archive) as its own process, as
+  plugin, plus ``imcli workers --dynsec`` (presence, groups, archive, files) as its own process, as
   deploy/mosquitto/README.md sets it up; skipped when mosquitto is not installed;
 - ``nats``: three nats-server nodes from deploy/nats, plus ``imcli workers --nats-users`` on all
   three; clients spread over the nodes; skipped when nats-server is not installed.
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy" / "mosquitto"
 PASSWORD = "bench-password"
 HELPERS = ("watch", "pinga", "pingb", "pingc", "pingd", "pinge", "pongr", "colds")
-SERVICES = ("presence", "groups", "archive")
+SERVICES = ("presence", "groups", "archive", "files")
 
 MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/local/sbin:/usr/sbin")
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
@@ -219,9 +219,13 @@ def start_mosquitto(users: int) -> Broker:
         "max_queued_messages": "max_queued_messages 0",
     }
     lines = []
+    listeners = 0
     for line in (DEPLOY / "mosquitto.conf").read_text().splitlines():
         words = line.split()
         key = words[0] if words and not words[0].startswith("#") else ""
+        listeners += key == "listener"
+        if listeners >= 2 and key in ("listener", "protocol", "http_dir"):
+            continue  # the web client's WebSocket listener: not measured here
         if key in replace:
             lines.append(replace[key])
         elif key not in ("user", "log_type", "connection_messages"):

@@ -17,6 +17,10 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
                  ("presence_settled_s", "presence settled s")],
     "churn": [("users", "users"), ("status_changes_per_s", "status/s"), ("roster_consistent", "consistent")],
     "cold": [("imcli_say_ms", "imcli say ms"), ("paho_script_ms", "paho script ms"), ("ratio", "ratio")],
+    "files": [(f"{kind}_{size}MiB_MBps", f"{label} {size}M MB/s") for kind, label in
+              (("dm", "DM"), ("group", "group"), ("raw", "raw")) for size in (1, 10, 100)]
+             + [("rss_growth_MiB", "RSS +MiB"), ("chat_p99_ms_idle", "chat p99 ms"),
+                ("chat_p99_ms_transfer", "in transfer")],
     "devices": [("devices", "devices"), ("reconnects_per_s", "reconnects/s"), ("refusals_per_s", "wrong creds/s"),
                 ("reconnects_per_s_under_attack", "reconnects/s under attack"), ("rss_mb_broker", "broker RSS MB"),
                 ("credential_checks_per_s", "credential checks/s"), ("argon2_check_ms", "argon2 check ms")],
@@ -77,6 +81,7 @@ def targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
         ("devices: reconnects/s after a restart (production argon2)",
          _get(s, "devices", "embedded", "reconnects_per_s"), ">=", 1000),
         ("devices: wrong credentials refused/s", _get(s, "devices", "embedded", "refusals_per_s"), ">=", 1000),
+        *_file_targets(s),
     ]  # fmt: skip
     out = []
     for name, value, op, goal in rows:
@@ -85,6 +90,29 @@ def targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
             met = value >= goal if op == ">=" else value <= goal
         out.append({"target": name, "value": value, "goal": f"{op} {goal:g}" if op != "info" else "", "met": met})
     return out
+
+
+def _file_targets(s: dict[str, Any]) -> list[tuple[str, float | None, str, float]]:
+    """Issue 16's: end-to-end throughput of the largest file against raw MQTT on Mosquitto, the
+    broker's memory growth during it, and a room's chat p99 during it against without."""
+    measured = s.get("files", {})
+    sizes = [n for n in (100, 10, 1) if any(f"dm_{n}MiB_MBps" in f for f in measured.values())]
+    if not sizes:
+        return []
+    n = sizes[0]
+    raw = _get(s, "files", "mosquitto", f"raw_{n}MiB_MBps")
+    rows: list[tuple[str, float | None, str, float]] = []
+    for broker in ("embedded", "mosquitto"):
+        for kind in ("dm", "group"):
+            ratio = _ratio(_get(s, "files", broker, f"{kind}_{n}MiB_MBps"), raw)
+            rows.append((f"files {n} MiB to a {kind}: {broker} / raw Mosquitto", ratio, ">=", 0.5))
+        rows.append(
+            (f"files {n} MiB: {broker} broker RSS growth (MiB)", _get(s, "files", broker, "rss_growth_MiB"), "<=", 32)
+        )
+        rows.append((f"files {n} MiB: {broker} room chat p99, transfer / none",
+                     _ratio(_get(s, "files", broker, "chat_p99_ms_transfer"),
+                            _get(s, "files", broker, "chat_p99_ms_idle")), "<=", 2.0))  # fmt: skip
+    return rows
 
 
 def print_tables(doc: dict[str, Any]) -> None:

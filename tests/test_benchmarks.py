@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow]
 def test_every_scenario_runs_at_tiny_size(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--tiny", "--brokers", "embedded", "--no-charts", "--out", str(tmp_path),
-         "--only", "fanout,dm,capacity,churn,cold"],
+         "--only", "fanout,dm,capacity,churn,cold,files"],
         cwd=REPO, capture_output=True, text=True, timeout=110,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr

@@ -396,7 +396,7 @@ def test_who_lists_devices_by_name_and_a_device_leaving_is_an_event(
     cli = cli_as("bob")
     cli.login("bob")
     (alice,) = [u for u in json.loads(cli("who", "--json").stdout) if u["account"] == "alice"]
-    assert alice["device_names"] == sorted([first["device"], second["device"]])
+    assert alice["device_names"] == sorted([str(first["device"]), str(second["device"])])
     assert str(second["device"]) in cli("who").stdout
     two.kill()  # its Last Will clears the status
     left = json.loads(bob.expect("im/events").payload)

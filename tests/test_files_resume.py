@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import signal
 import time
@@ -14,14 +15,20 @@ import pytest
 from imcli.broker.limits import Limits
 from imcli.broker.server import BrokerSettings
 from imcli.client.files import FileConnection
+from imcli.client.services import Conversation
 from imcli.core.errors import ImcliError, NotAllowed
 from imcli.core.mqtt import Credentials
 from imcli.core.wire import FileOffer, FileUpload
 from imcli.files.worker import ABANDONED, FilesWorker
 from imcli.serve.host import BackgroundServer, ServeInfo
+from tests import brokers
 from tests.conftest import Cli, Proc, ident
 from tests.rawmqtt import password_of
 from tests.test_files import write
+
+# the worker's logic runs the same beside either broker: the tests that take ``server`` run on both;
+# what concerns imcli serve itself (its limits, kill -9) starts its own embedded broker
+broker_kind, broker_under_test, server, users = brokers.BOTH
 
 
 class Stop(Exception):
@@ -155,3 +162,48 @@ def test_kill_9_of_serve_loses_no_confirmed_upload(
             break
     assert got.exit_code == 0, got.output
     assert out.read_bytes() == source.read_bytes()
+
+
+def test_a_full_disk_refuses_in_one_line_and_loses_nothing(
+    server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    users("alice")
+    alice = cli_as("alice")
+    alice.login("alice")
+    kept = write(tmp_path / "kept.bin", 100_000, seed=21)
+    assert alice("send", "--room", "lobby", str(kept)).exit_code == 0
+    import shutil as real_shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(real_shutil, "disk_usage", lambda _p: usage(1 << 30, 1 << 30, 1000))  # the worker's view
+    refused = alice("send", "--room", "lobby", str(write(tmp_path / "new.bin", 100_000, seed=22)))
+    assert refused.exit_code == 1 and refused.output.count("\n") == 1
+    assert refused.output.startswith("Error: the server's disk is full (nothing stored was lost; try again later)")
+    monkeypatch.undo()
+    [listed] = json.loads(alice("files", "--json").output)
+    assert listed["name"] == "kept.bin"
+    got = alice("get", listed["id"], "-o", str(tmp_path / "back.bin"))
+    assert got.exit_code == 0 and (tmp_path / "back.bin").read_bytes() == kept.read_bytes()
+
+
+def test_an_absent_recipient_gets_the_file_message_when_back(
+    server: ServeInfo, users: Callable[..., None], tmp_path: Path
+) -> None:
+    from imcli.client.listener import Listener
+
+    users("alice", "bob")
+    with Listener(ident(server, "bob", "laptop"), session="laptop"):
+        pass  # bob has a persistent session, and is away
+    note = write(tmp_path / "while-away.txt", 5000, seed=23)
+    with FileConnection(ident(server, "alice")) as c:
+        where = Conversation("dm", "bob")
+        target = c.target(where)
+        info = c.upload(note, target)
+        c.post(where, target, info)
+    with Listener(ident(server, "bob", "laptop"), session="laptop") as back:
+        [queued] = [m for m in back.pending() if m.file is not None]
+    assert queued.sender == "alice" and queued.file is not None and queued.file.id == info.id
+    line = json.loads(queued.to_json())  # what `imcli listen --json` prints
+    assert line["file"]["name"] == "while-away.txt" and line["file"]["size"] == 5000

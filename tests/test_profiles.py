@@ -229,3 +229,44 @@ def test_profiles_survive_a_restart(tmp_path: Path, broker_kind: str) -> None:
         found = services.whois(ident(info, "bob"), "jose\u0301")
         assert (found.profile.account, found.profile.name, found.profile.signature) == ("alice", "José", "hola")
         assert found.profile.about == "de Madrid"
+
+
+# ---------------------------------------------------------------- avatars, through the files worker
+
+
+def _png(path: Path, size: tuple[int, int] = (64, 48)) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", size, (200, 30, 30)).save(path, "PNG")
+    return path
+
+
+def test_an_avatar_is_a_file_with_its_thumbnail_in_the_profile(people: dict[str, Cli], tmp_path: Path) -> None:
+    alice, bob = people["alice"], people["bob"]
+    done = alice("profile", "set", "--avatar", str(_png(tmp_path / "me.png")))
+    assert done.exit_code == 0, done.stderr
+    shown = json.loads(bob("profile", "show", "alice", "--json").stdout)
+    avatar = shown["avatar"]
+    assert avatar["media_type"] == "image/png" and avatar["thumbnail"]
+    fetched = bob("get", avatar["file"], "--output", str(tmp_path / "got.png"))  # anyone signed in may fetch it
+    assert fetched.exit_code == 0, fetched.stderr
+    assert (tmp_path / "got.png").read_bytes() == (tmp_path / "me.png").read_bytes()
+    assert f"imcli get {avatar['file']}" in bob("profile", "show", "alice").stdout
+
+
+@pytest.mark.parametrize(
+    ("make", "error"),
+    [
+        (lambda p: p.write_text("not an image") or p, "is not a PNG, JPEG, GIF or WebP image"),
+        (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(6 << 20)) or p, "more than 5 MiB"),
+        (lambda p: p, "Error: no file"),
+    ],
+)
+def test_a_bad_avatar_is_one_error_line(
+    people: dict[str, Cli], tmp_path: Path, make: Callable[[Path], Path], error: str
+) -> None:
+    path = tmp_path / "avatar.png"
+    make(path)
+    result = people["alice"]("profile", "set", "--avatar", str(path))
+    assert result.exit_code == 1 and error in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

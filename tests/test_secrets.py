@@ -90,7 +90,7 @@ def test_no_password_in_logs_or_data_files(tmp_path: Path, procs: Callable[..., 
     for name, content in files.items():
         if name != "accounts.json":
             assert b"$argon2" not in content, f"a password hash is in {name}"
-    services = ("presence", "groups", "archive")  # the workers imcli serve runs
+    services = ("presence", "groups", "archive", "files")  # the workers imcli serve runs
     assert files["accounts.json"].count(b"$argon2id$") == 3 + len(services)
 
     def mode(path: Path) -> int:

@@ -10,7 +10,6 @@ import typer
 
 from imcli.cli.common import HostOpt, JsonOpt, PortOpt, console, sub_app
 from imcli.client.identity import signed_in
-from imcli.core.errors import InvalidInput
 
 if TYPE_CHECKING:
     from imcli.client.services import Whois
@@ -33,13 +32,15 @@ def profile_set(
     and the worker changes only the asker's own)."""
     from imcli.client import services
 
-    if avatar is not None:
-        raise InvalidInput(
-            "avatars are not available yet: they are stored through the files worker (issue 16)",
-            "set --name, --signature or --about",
-        )
     identity = signed_in(host, port)
-    profile = services.set_profile(identity, name=name, signature=signature, about=about)
+    if name is not None:
+        services.check_nick(name)  # before an avatar is uploaded for nothing
+    picture = None
+    if avatar is not None:
+        from imcli.client.avatar import upload_avatar
+
+        picture = upload_avatar(identity, avatar.expanduser())
+    profile = services.set_profile(identity, name=name, signature=signature, about=about, avatar=picture)
     _print(services.Whois(profile, None))
 
 
@@ -78,7 +79,7 @@ def whois_lines(found: Whois) -> list[str]:
         lines.append(f"  “{p.signature}”")
     lines += [f"  {line}" for line in p.about.splitlines()]
     if p.avatar is not None:
-        lines.append(f"  avatar: file {p.avatar.file} ({p.avatar.media_type})")
+        lines.append(f"  avatar: {p.avatar.media_type}, imcli get {p.avatar.file}")
     return lines
 
 

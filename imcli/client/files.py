@@ -53,6 +53,7 @@ STALL = 15.0  # seconds without a word from the files worker before an upload as
 RETRIES = 3  # times an upload asks again before it gives up (the next run resumes)
 ACK_EVERY = 256 << 10  # bytes between two acknowledgements of a download
 BLOCK = 1 << 20
+INFLIGHT = 128  # chunks unacknowledged by the broker: a window (1 MiB) of 16 KiB chunks is 64
 
 _ERRORS: dict[str, type[ImcliError]] = {"not_found": NotFound, "taken": NameTaken, "invalid": InvalidInput}
 
@@ -133,6 +134,7 @@ class FileConnection:
         self._client = MqttClient(
             identity.address, identity.credentials, identity.client_id(purpose), on_message=self._route
         )
+        self._client.max_inflight = INFLIGHT
 
     def __enter__(self) -> FileConnection:
         self._client.connect()

@@ -150,6 +150,7 @@ class MqttClient:
         # the last CONNACK's flag: False after a reconnect means the broker no longer had our persistent
         # session (it restarted without keeping sessions): what it had queued for us is gone
         self.session_present = False
+        self.max_inflight = 20  # QoS 1 messages sent and not yet acknowledged (paho's default); before connect()
         self._paho: paho.Client | None = None
         self._endpoints = address.endpoints
         self._at = 0  # the node connected to (or being tried)
@@ -197,6 +198,7 @@ class MqttClient:
         if self._will is not None:
             client.will_set(self._will.topic, self._will.payload, self._will.qos, self._will.retain)
         client.reconnect_delay_set(min_delay=1, max_delay=4)
+        client.max_inflight_messages_set(self.max_inflight)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message

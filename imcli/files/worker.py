@@ -123,6 +123,7 @@ class FilesWorker(ServiceWorker):
         limits: FileLimits | None = None,
     ) -> None:
         super().__init__(address, credentials, topics, device, clock)
+        self.client.max_inflight = 256  # a download's window of chunks in flight to each reader at once
         self.limits = limits or FileLimits()
         self.chunk = chunk_size(self.limits.max_payload)
         self.store = FileStore(data_dir)

@@ -54,11 +54,12 @@ POLL = 2.0  # seconds between looks at the password file
 # The topic contract of imcli.broker.acl (USER_WRITE, USER_READ, SERVICE_WRITE, SERVICE_READ) and
 # deploy/mosquitto/aclfile's service sections, under the prefix; tests/test_nats.py checks they agree.
 USER_WRITE = ("room/+/%u", "user/+/dm/%u", "status/%u/+", "request/%u/+", "upload/%u/+", "fetch/%u/+")
-USER_READ = ("room/#", "user/%u/#", "presence/#", "events")
+USER_READ = ("room/#", "user/%u/#", "presence/#", "events", "profile/#")
 SERVICE_WRITE = (
     "user/+/reply/+",
     "user/+/notice",
     "presence/+",
+    "profile/+",
     "events",
     "group/+/info",
     "user/+/friends",
@@ -70,11 +71,11 @@ SERVICE_READ = ("#",)
 SERVICE_RIGHTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ARCHIVE_ACCOUNT: (
         ("user/+/reply/+", "user/%u/notice"),
-        ("room/#", "user/+/dm/+", "group/+/info", "group/+/msg/+", "request/+/+", "presence/#", "events"),
+        ("room/#", "user/+/dm/+", "group/+/info", "group/+/msg/+", "request/+/+", "presence/#", "events", "profile/#"),
     ),
     FILES_ACCOUNT: (
         ("user/+/reply/+", "user/+/file/+", "user/%u/notice"),
-        ("upload/+/+", "fetch/+/+", "group/+/info", "request/+/+", "room/#", "presence/#", "events"),
+        ("upload/+/+", "fetch/+/+", "group/+/info", "request/+/+", "room/#", "presence/#", "events", "profile/#"),
     ),
 }
 

@@ -10,7 +10,6 @@
   const MAX_PAYLOAD = 16384;
   const PAGE = 50; // history messages per request
   const NAME = /^[a-z0-9][a-z0-9_-]{0,31}$/;
-  const NICK = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$/;
   const ID = /^[A-Za-z0-9_-]{1,64}$/;
   const CONNACK = {
     2: "this client id is not allowed for the account",
@@ -57,6 +56,8 @@
       const n = (i) => NAME.test(l[i]);
       if (l[0] === "room" && l.length === 3 && n(1) && n(2)) return { kind: "room", name: l[1], from: l[2] };
       if (l[0] === "user" && l.length === 4 && l[2] === "dm" && n(1) && n(3)) return { kind: "dm", to: l[1], from: l[3] };
+      // my own DMs as the broker copies them to my other devices (issue 17): user/<me>/sent/<to>
+      if (l[0] === "user" && l.length === 4 && l[2] === "sent" && n(1) && n(3)) return { kind: "dm", to: l[3], from: l[1] };
       if (l[0] === "user" && l.length === 4 && l[2] === "reply" && n(1) && ID.test(l[3])) return { kind: "reply", corr: l[3] };
       if (l[0] === "user" && l.length === 3 && l[2] === "notice" && n(1)) return { kind: "notice" };
       if (l[0] === "user" && l.length === 4 && l[2] === "file" && n(1) && ID.test(l[3])) return { kind: "file_data", stream: l[3] };
@@ -64,6 +65,7 @@
       if (l[0] === "group" && l.length === 4 && l[2] === "msg" && n(1) && n(3)) return { kind: "group", name: l[1], from: l[3] };
       if (l[0] === "group" && l.length === 3 && l[2] === "info" && n(1)) return { kind: "group_info", name: l[1] };
       if (l[0] === "presence" && l.length === 2 && n(1)) return { kind: "presence", user: l[1] };
+      if (l[0] === "profile" && l.length === 2 && n(1)) return { kind: "profile", user: l[1] };
       if (l[0] === "events" && l.length === 1) return { kind: "events" };
       return null;
     },
@@ -78,6 +80,8 @@
     convs: new Map(), // "room:lobby" | "dm:bob" | "group:team" -> conversation
     current: null,
     presence: new Map(), // account -> Presence record
+    profiles: new Map(), // account -> Profile record (issue 18)
+    card: null, // the account whose profile card is shown
     groups: new Map(), // group name -> GroupInfo (the ones this page may read)
     publicGroups: [],
     friends: { friends: [], incoming: [], outgoing: [], dm_policy: "anyone" },
@@ -201,7 +205,7 @@
       });
       client.on("reconnect", () => setConn("reconnecting…"));
       client.on("offline", () => setConn("offline"));
-      client.on("message", onMessage);
+      client.on("message", (topic, payload, packet) => onMessage(topic, payload, packet));
     });
   }
 
@@ -251,7 +255,7 @@
   function online(statusTopic) {
     const subs = {};
     for (const f of [`${PREFIX}/user/${S.me}/#`, `${PREFIX}/room/+/+`, `${PREFIX}/group/+/msg/+`,
-      `${PREFIX}/group/+/info`, `${PREFIX}/presence/+`, `${PREFIX}/events`]) subs[f] = { qos: 1 };
+      `${PREFIX}/group/+/info`, `${PREFIX}/presence/+`, `${PREFIX}/profile/+`, `${PREFIX}/events`]) subs[f] = { qos: 1 };
     return new Promise((resolve) => {
       S.client.subscribe(subs, () => {
         const status = () => publish(statusTopic, { type: "status", v: 1, state: "online", interval: HEARTBEAT, ts: Date.now() / 1000 }, { retain: true });
@@ -276,7 +280,7 @@
   }
 
   // ------------------------------------------------------------------ incoming
-  function onMessage(topic, payload) {
+  function onMessage(topic, payload, packet) {
     const t = T.parse(topic);
     if (!t) return;
     if (t.kind === "room" || t.kind === "dm" || t.kind === "group") return onChat(t, payload);
@@ -298,6 +302,7 @@
       renderPeople(); renderConvs();
       return;
     }
+    if (t.kind === "profile") return onProfile(t.user, obj, packet && packet.retain);
     if (t.kind === "events" && obj && obj.type === "event") return onEvent(obj);
     if (t.kind === "notice" && obj && obj.type === "notice") return onNotice(obj);
     if (t.kind === "friends" && t.owner === S.me && obj && obj.type === "friends") {
@@ -350,6 +355,25 @@
     else if (t.kind === "group") conv = conversation("group", t.name);
     else conv = conversation("dm", t.from === S.me ? t.to : t.from);
     addMessage(conv, msg, true);
+  }
+
+  function onProfile(user, obj, retained) {
+    if (!obj || obj.type !== "profile" || obj.account !== user) {
+      S.profiles.delete(user);
+    } else {
+      const before = S.profiles.get(user);
+      S.profiles.set(user, obj);
+      // a live change (not the retained copy a subscription starts with) is an event, as in listen
+      const was = before || { signature: "", about: "", avatar: null };
+      const changed = obj.signature !== was.signature || obj.about !== was.about || JSON.stringify(obj.avatar) !== JSON.stringify(was.avatar);
+      if (!retained && changed && user !== S.me && S.current && S.current.kind === "room") { // a rename has its own event
+        const what = obj.signature !== was.signature ? `: signature “${obj.signature}”` : "";
+        system(S.current, `${obj.name}${obj.name !== user ? ` (@${user})` : ""} changed their profile${what}`);
+      }
+    }
+    if (user === S.me) fillMyProfile();
+    renderPeople();
+    if (S.card === user) renderCard();
   }
 
   function onEvent(ev) {
@@ -527,6 +551,40 @@
       setStatus(`friend ${op}: ${e.message}`, true);
     }
   }
+
+  // ------------------------------------------------------------------ profiles (issue 18)
+  function thumbnailUrl(b64) {
+    // a profile's thumbnail: base64 of a small PNG or JPEG, recognised by its first bytes
+    if (typeof b64 !== "string" || b64.length > 20000 || !/^[A-Za-z0-9+/]+=*$/.test(b64)) return null;
+    if (b64.startsWith("iVBORw0KGgo")) return `data:image/png;base64,${b64}`;
+    if (b64.startsWith("/9j/")) return `data:image/jpeg;base64,${b64}`;
+    return null;
+  }
+
+  function renderCard() {
+    const who = S.card;
+    $("profile-card").hidden = !who;
+    if (!who) return;
+    const prof = S.profiles.get(who) || {};
+    const pres = S.presence.get(who);
+    $("card-name").textContent = prof.name || nickOf(who);
+    $("card-account").textContent = who;
+    $("card-presence").textContent = pres ? (pres.state === "online" ? "online" : "offline") : "";
+    $("card-signature").textContent = prof.signature || "";
+    $("card-about").textContent = prof.about || "";
+    const url = prof.avatar ? thumbnailUrl(prof.avatar.thumbnail) : null;
+    $("card-avatar").hidden = !url;
+    if (url) $("card-avatar").src = url; else $("card-avatar").removeAttribute("src");
+    $("card-dm").hidden = who === S.me;
+  }
+
+  function fillMyProfile() {
+    const mine = S.profiles.get(S.me);
+    if (!mine || $("my-profile").open) return; // never overwrite what is being typed
+    $("signature-input").value = mine.signature || "";
+    $("about-input").value = mine.about || "";
+  }
+
 
   // ------------------------------------------------------------------ files (issue 16)
   // The bytes travel in chunks (8-byte big-endian offset, then data) beside request/reply:
@@ -847,7 +905,9 @@
       const li = el("li", p.state === "online" ? "person online" : "person");
       li.dataset.account = p.account;
       li.append(el("span", p.state === "online" ? "dot online" : "dot"), said(p.nick), el("span", "muted", p.nick !== p.account ? `(${p.account})` : ""));
-      if (p.account !== S.me) li.addEventListener("click", () => open(conversation("dm", p.account)));
+      const prof = S.profiles.get(p.account);
+      if (prof && prof.signature) li.append(said(prof.signature, "sig"));
+      li.addEventListener("click", () => { S.card = p.account; renderCard(); });
       return li;
     }));
     renderFriends();
@@ -957,8 +1017,8 @@
     });
     $("rename-form").addEventListener("submit", async (ev) => {
       ev.preventDefault();
-      const nick = $("rename-input").value.trim();
-      if (!NICK.test(nick)) return setStatus("a nickname is 1-32 letters, digits, '_', '-' or '.'", true);
+      const nick = $("rename-input").value.trim().normalize("NFC");
+      if (!nick || [...nick].length > 32) return setStatus("a display name is 1 to 32 characters", true);
       try {
         const r = await request({ type: "rename", nick });
         S.nick = r.nick;
@@ -971,6 +1031,17 @@
       $("file-input").value = "";
       if (file) sendFile(file);
     });
+    $("profile-form").addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      try {
+        const r = await request({ type: "profile_set", signature: $("signature-input").value.trim(), about: $("about-input").value, clear_avatar: false });
+        for (const prof of r.profiles || []) if (prof.account === S.me) S.profiles.set(S.me, prof);
+        $("my-profile").open = false;
+        setStatus("profile saved");
+        renderPeople();
+      } catch (e) { setStatus(`profile: ${e.message}`, true); }
+    });
+    $("card-dm").addEventListener("click", () => { if (S.card && S.card !== S.me) open(conversation("dm", S.card)); });
     $("older").addEventListener("click", () => S.current && loadHistory(S.current, true));
     const last = localStorage.getItem("imcli.last");
     if (last && NAME.test(last) && storedCredential(last)) {
