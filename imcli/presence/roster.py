@@ -116,7 +116,7 @@ class PresenceRoster:
         self.synced = True
         effects = Effects()
         for user in self._users.values():
-            effects += self._changed(user, now)
+            effects += self._changed(user, now, device_events=False)  # a restarted worker is invisible
         return effects
 
     def expire(self, now: float) -> Effects:
@@ -241,7 +241,7 @@ class PresenceRoster:
     def _is_user(self, name: str) -> bool:
         return self._directory is not None and self._directory.is_user(name)
 
-    def _changed(self, user: _User, now: float) -> Effects:
+    def _changed(self, user: _User, now: float, *, device_events: bool = True) -> Effects:
         """Publish the user's record if it differs from what the broker holds."""
         state: Literal["online", "offline"] = "online" if user.devices else "offline"
         effects = Effects()
@@ -250,7 +250,7 @@ class PresenceRoster:
             user.state, user.since = state, now
             event: Literal["join", "leave"] = "join" if state == "online" else "leave"
             effects.events.append(Event(event=event, account=user.account, nick=user.nick, ts=now))
-        elif state == "online" and user.published:  # a device came or went while others stay: an event too
+        elif state == "online" and user.published and device_events:  # a device came or went, others stay
             for device in sorted(set(names) - set(user.published_names)):
                 effects.events.append(
                     Event(event="device_join", account=user.account, nick=user.nick, device=device, ts=now)
