@@ -289,6 +289,16 @@ def test_profiles_and_display_names_in_any_script(web: ServeInfo, tmp_path: Path
         assert alice.p.locator("#profile-card img:not([hidden]), #profile-card script, #profile-card a").count() == 0
         assert "张三" in ok(carol, "profile", "show", "bob")
 
+        # an avatar from the page: stored by the files worker, its thumbnail in the profile
+        face = tmp_path / "face.png"
+        whiteboard(face)
+        bob.p.set_input_files("#avatar-input", str(face))
+        bob.p.wait_for_function("() => document.getElementById('status').textContent === 'avatar saved'")
+        alice.p.wait_for_selector("li.person[data-account='bob'] img.face")
+        alice.p.wait_for_selector("#card-avatar:not([hidden])")
+        assert (alice.p.get_attribute("#card-avatar", "src") or "").startswith("data:image/jpeg;base64,")
+        assert "avatar" in ok(carol, "profile", "show", "bob").lower()
+
         # a change made from the terminal shows live, as an event line too
         ok(carol, "rename", "Carol")  # (a record, so that carol is among the people)
         alice.p.wait_for_selector("li.person[data-account='carol']")

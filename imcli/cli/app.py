@@ -50,7 +50,18 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help as plain text: "[default: lobby]" in a help string is text, not Rich markup
 )
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from importlib.metadata import version
+
+        typer.echo(f"imcli {version('imcli')}")
+        raise typer.Exit
+
+
 app.add_typer(admin_app, name="admin")
 app.add_typer(group_app, name="group")
 app.add_typer(friend_app, name="friend")
@@ -76,6 +87,9 @@ def main_options(
         str | None,
         typer.Option("--account", envvar="IMCLI_ACCOUNT", help="Act as this logged-in account (default: current)."),
     ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print imcli's version and exit.")
+    ] = False,
 ) -> None:
     """imcli: chat over an MQTT broker that enforces who may say what."""
     from imcli.client import config

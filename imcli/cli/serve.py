@@ -35,7 +35,9 @@ def serve(
         int, typer.Option(help="Logins waiting for a password check; past it CONNACK 3 (try again).")
     ] = 128,
     max_payload: Annotated[int, typer.Option(help="Largest message payload in bytes.")] = DEFAULT_MAX_PAYLOAD,
-    max_rate: Annotated[float, typer.Option(help="Messages per second per account (bursts of 3 s allowed).")] = 20.0,
+    max_rate: Annotated[
+        float, typer.Option(help="Messages per second per account (a burst of 3 seconds' worth is allowed).")
+    ] = 20.0,
     max_connections: Annotated[int, typer.Option(help="Connections per account.")] = 10,
     max_subscriptions: Annotated[int, typer.Option(help="Subscriptions per connection.")] = 100,
     max_output: Annotated[

@@ -548,10 +548,14 @@ class FileListRequest(WireModel):
 
 
 class FileListing(WireModel):
+    """Oldest first, without thumbnails; ``more`` if older ones were left out (the limit, or the
+    broker's payload limit, which Mosquitto applies to the workers too)."""
+
     type: Literal["file_listing"] = "file_listing"
     v: Literal[1] = PROTOCOL_VERSION
     id: str
     files: list[FileInfo]
+    more: bool = False
 
 
 Payload = Annotated[

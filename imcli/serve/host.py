@@ -80,7 +80,9 @@ async def serve_forever(
                 f"cannot listen on {settings.bind}:{settings.port}: {cause.strerror or cause}",
                 "is another broker running there? choose another --port",
             ) from exc
-        raise ImcliError(f"the broker did not start: {exc}") from exc
+        raise ImcliError(
+            f"the broker did not start: {exc}", "see the log above; imcli serve --verbose says more"
+        ) from exc
     try:
         address = BrokerAddress(connect_host(settings.bind), broker.bound_port(), tls=settings.tls)
         ws_port = broker.bound_port(WS_LISTENER) if settings.ws_port is not None else None
@@ -170,7 +172,10 @@ class BackgroundServer:
     def __enter__(self) -> ServeInfo:
         self._thread.start()
         if not self._ready.wait(self._start_timeout):
-            raise ImcliError(f"the embedded broker did not start within {self._start_timeout:g}s")
+            raise ImcliError(
+                f"the embedded broker did not start within {self._start_timeout:g}s",
+                "see the log; is the machine busy?",
+            )
         if self._error is not None:
             raise self._error
         assert self._info is not None

@@ -689,23 +689,49 @@
     });
   }
 
+  // Store a file with the files worker for a conversation (resuming an earlier attempt): its FileInfo.
+  async function storeFile(file, name, target) {
+    if (!file.size) throw new Error("that file is empty");
+    const bytes = new Uint8Array(await file.arrayBuffer());
+    const sha256 = await sha256hex(bytes);
+    showUpload(name, 0);
+    let info = null;
+    for (let attempt = 0; attempt < 4 && !info; attempt++) {
+      const reply = await request(Object.assign({ type: "file_offer", name, size: bytes.length, sha256 }, target));
+      info = reply.type === "file_ready" ? reply.file : await sendChunks(bytes, reply, name);
+    }
+    if (!info) throw new Error("the files worker stopped answering (send it again: it resumes)");
+    showUpload(name, 1);
+    return info;
+  }
+
+  // An avatar is a file of the default room (readable by everyone, as profiles are), as imcli profile set --avatar.
+  async function setAvatar(file) {
+    const name = file.name.slice(-255) || "avatar";
+    try {
+      if (file.size > 5 << 20) throw new Error("an avatar is at most 5 MiB");
+      const info = await storeFile(file, name, { room: "lobby" });
+      if (!IMAGE_TYPES.includes(info.mime)) throw new Error("that is not a PNG, JPEG, GIF or WebP image");
+      const avatar = { file: info.id, media_type: info.mime, thumbnail: info.thumb || "" };
+      const r = await request({ type: "profile_set", avatar, clear_avatar: false });
+      for (const prof of r.profiles || []) if (prof.account === S.me) S.profiles.set(S.me, prof);
+      setStatus("avatar saved");
+      renderPeople();
+      if (S.card === S.me) renderCard();
+    } catch (e) {
+      setStatus(`avatar: ${e.message}`, true);
+    } finally {
+      setTimeout(() => showUpload("", null), 800);
+    }
+  }
+
   async function sendFile(file) {
     const conv = S.current;
     if (!conv || !file) return;
     const name = file.name.slice(-255) || "file";
     try {
-      if (!file.size) throw new Error("that file is empty");
       const target = await fileTarget(conv);
-      const bytes = new Uint8Array(await file.arrayBuffer());
-      const sha256 = await sha256hex(bytes);
-      showUpload(name, 0);
-      let info = null;
-      for (let attempt = 0; attempt < 4 && !info; attempt++) {
-        const reply = await request(Object.assign({ type: "file_offer", name, size: bytes.length, sha256 }, target));
-        info = reply.type === "file_ready" ? reply.file : await sendChunks(bytes, reply, name);
-      }
-      if (!info) throw new Error("the files worker stopped answering (send it again: it resumes)");
-      showUpload(name, 1);
+      const info = await storeFile(file, name, target);
       const carried = Object.assign({}, info);
       delete carried.sender; delete carried.place; delete carried.ts;
       let msg = { type: "chat", v: 1, id: newId(), ts: Date.now() / 1000, text: describe(info), file: carried };
@@ -904,8 +930,11 @@
     $("people").replaceChildren(...people.map((p) => {
       const li = el("li", p.state === "online" ? "person online" : "person");
       li.dataset.account = p.account;
-      li.append(el("span", p.state === "online" ? "dot online" : "dot"), said(p.nick), el("span", "muted", p.nick !== p.account ? `(${p.account})` : ""));
       const prof = S.profiles.get(p.account);
+      const face = prof && prof.avatar ? thumbnailUrl(prof.avatar.thumbnail) : null;
+      li.append(el("span", p.state === "online" ? "dot online" : "dot"));
+      if (face) { const img = el("img", "face"); img.alt = ""; img.src = face; li.append(img); }
+      li.append(said(p.nick), el("span", "muted", p.nick !== p.account ? `(${p.account})` : ""));
       if (prof && prof.signature) li.append(said(prof.signature, "sig"));
       li.addEventListener("click", () => { S.card = p.account; renderCard(); });
       return li;
@@ -1040,6 +1069,11 @@
         setStatus("profile saved");
         renderPeople();
       } catch (e) { setStatus(`profile: ${e.message}`, true); }
+    });
+    $("avatar-input").addEventListener("change", () => {
+      const file = $("avatar-input").files[0];
+      $("avatar-input").value = "";
+      if (file) setAvatar(file);
     });
     $("card-dm").addEventListener("click", () => { if (S.card && S.card !== S.me) open(conversation("dm", S.card)); });
     $("older").addEventListener("click", () => S.current && loadHistory(S.current, true));
