@@ -31,6 +31,7 @@ from imcli.cli.common import (
     console,
 )
 from imcli.cli.files import files, get, send
+from imcli.cli.moments import moments_app
 from imcli.cli.profile import profile_app
 from imcli.cli.serve import serve
 from imcli.cli.social import config_app, friend_app, group_app
@@ -67,6 +68,7 @@ app.add_typer(group_app, name="group")
 app.add_typer(friend_app, name="friend")
 app.add_typer(config_app, name="config")
 app.add_typer(profile_app, name="profile")
+app.add_typer(moments_app, name="moments")
 app.add_typer(devices_app, name="devices")
 app.add_typer(token_app, name="token")
 # registered in the order `imcli --help` lists them
