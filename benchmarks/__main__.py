@@ -1,7 +1,8 @@
 """The benchmark suite: stock amqtt, the embedded default and Mosquitto, side by side.
 
-    python -m benchmarks [--quick] [--only fanout,dm,capacity,churn,cold,files]
-                         [--brokers stock,embedded,mosquitto,nats]
+    python -m benchmarks [--quick]
+                         [--only fanout,stream,rooms,group,dm,dmflood,capacity,churn,storm,cold,files,devices]
+                         [--brokers stock,embedded,mosquitto,nats] [--repeat N] [--capacity USERS]
 
 Starts each broker itself on a free loopback port (benchmarks/brokers.py), runs each
 scenario on every broker in turn (so that the shared machine's noise falls on all of
@@ -21,89 +22,142 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import brokers, files, report, scenarios
+from benchmarks import brokers, devices, fanout, files, report, scenarios
+from benchmarks.fanout import Shape
+from benchmarks.stallprobe import stalls
+from benchmarks.storm import storm
 
 SIZES: dict[str, dict[str, int]] = {
     "full": {"members": 50, "messages": 2000, "idle": 1000, "samples": 1000, "capacity": 10000, "churn": 1000,
-             "runs": 10, "processes": 4},
+             "runs": 10, "processes": 4, "flood_listeners": 50, "flood_rate": 200, "storm": 500, "devices": 10000},
     "quick": {"members": 20, "messages": 400, "idle": 200, "samples": 200, "capacity": 1000, "churn": 200,
-              "runs": 3, "processes": 2},
+              "runs": 3, "processes": 2, "flood_listeners": 20, "flood_rate": 100, "storm": 100, "devices": 1000},
     "tiny": {"members": 3, "messages": 30, "idle": 10, "samples": 20, "capacity": 20, "churn": 10,
-             "runs": 1, "processes": 2},
+             "runs": 1, "processes": 2, "flood_listeners": 3, "flood_rate": 10, "storm": 5, "devices": 20},
 }  # fmt: skip
-SCENARIOS = ("fanout", "dm", "capacity", "churn", "cold", "files")
+# the fan-out shapes of issue 21 (rooms, members, talkers per room, lines each; bot: talkers do not listen)
+SHAPES: dict[str, dict[str, Shape]] = {
+    "full": {"stream": Shape(1, 50, 1, 2000, bot=True), "rooms": Shape(20, 10, 10, 20), "group": Shape(1, 500, 5, 40)},
+    "quick": {"stream": Shape(1, 20, 1, 400, bot=True), "rooms": Shape(10, 5, 5, 20), "group": Shape(1, 100, 3, 20)},
+    "tiny": {"stream": Shape(1, 3, 1, 30, bot=True), "rooms": Shape(2, 3, 3, 5), "group": Shape(1, 10, 2, 5)},
+}  # fmt: skip
+SCENARIOS = (
+    "fanout", "stream", "rooms", "group", "dm", "dmflood", "capacity", "churn", "storm", "cold", "files", "devices"
+)  # fmt: skip
 FILE_SIZES = {"full": [1, 10, 100], "quick": [1, 10], "tiny": [1]}  # MiB, sent to a DM and a group (issue 16)
 FILE_GROUP = 20  # members of the group the files go to
-BROKERS = ("stock", "embedded", "mosquitto", "nats")
+FAN_SHAPES = ("stream", "rooms", "group")
+# the figure that stands for a scenario when it is repeated (--repeat): the run with its median is kept
+KEY_FIGURE = {"dm": "p99_ms", "dmflood": "p99_ms", "capacity": "rss_mb_loaded", "churn": "status_changes_per_s",
+              "storm": "all_back_s", "cold": "ratio"}  # fmt: skip
 # stock amqtt sends every CONNECT the retained messages of every filter on the broker: with
 # 10,000 users that is O(users^2) work per storm, so it is measured at a tenth of the size
 STOCK_CAPACITY_SHARE = 10
+Job = Callable[[brokers.Broker], dict[str, dict[str, Any]]]
 
 
-def run(size: str, only: list[str], names: list[str], capacity_users: int | None = None) -> dict[str, Any]:
+def _median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The run whose ``key`` is the median (errors last), with every run's ``key`` beside it."""
+    values = [r.get(key) for r in runs]
+    ranked = sorted((v, i) for i, v in enumerate(values) if isinstance(v, int | float))
+    if not ranked:
+        return runs[0]
+    chosen = dict(runs[ranked[(len(ranked) - 1) // 2][1]])
+    chosen[f"{key}_runs"] = values
+    return chosen
+
+
+def run(
+    size: str, only: list[str], names: list[str], repeat: int = 1, capacity_users: int | None = None
+) -> dict[str, Any]:
     s = {**SIZES[size], **({"capacity": capacity_users} if capacity_users else {})}
+    # issue 7's room fan-out: everyone in one room talks
+    shapes = {"fanout": Shape(1, s["members"], s["members"], s["messages"] // s["members"]), **SHAPES[size]}
     results: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
-    if "mosquitto" in names and not brokers.mosquitto_available():
-        names = [n for n in names if n != "mosquitto"]
-        skipped["mosquitto"] = "mosquitto, mosquitto_passwd, mosquitto_sub or mosquitto_pub not installed"
-        print("Mosquitto column skipped: mosquitto (and mosquitto-clients) not installed", file=sys.stderr)
-    if "nats" in names and not brokers.nats_available():
-        names = [n for n in names if n != "nats"]
-        skipped["nats"] = "nats-server not installed"
-        print("NATS column skipped: nats-server not installed", file=sys.stderr)
-    users_needed = max(s["members"], s["idle"], s["capacity"], s["churn"])
+    for name in list(names):
+        why = brokers.KINDS[name].missing()
+        if why is not None:
+            names = [n for n in names if n != name]
+            skipped[name] = why
+            print(f"{name} column skipped: {why}", file=sys.stderr)
+    users_needed = max(s["members"], s["idle"], s["capacity"], s["churn"], s["flood_listeners"],
+                       *(shape.users for shape in shapes.values()))  # fmt: skip
 
-    def each(label: str, job: Callable[[brokers.Broker], dict[str, Any]], *, users: int = users_needed) -> None:
-        for name in names:
-            print(f"  {label:<12} {name:<10}", end="", flush=True)
-            started = time.perf_counter()
-            try:
-                with brokers.start(name, users) as broker:
-                    figures = job(broker)
-            except (RuntimeError, TimeoutError, OSError, AssertionError, EOFError) as exc:  # EOF: the broker hung up
-                figures = {"error": f"{type(exc).__name__}: {exc}"}
-            results.setdefault(label, {})[name] = figures
-            print(f" {time.perf_counter() - started:6.1f}s  {report.brief(label, figures)}", flush=True)
+    def each(label: str, job: Job, *, users: int = users_needed, production: bool = False) -> None:
+        """``job`` on every broker in turn, ``repeat`` rounds (A B A B: the machine's noise falls on all alike)."""
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        for round_ in range(repeat):
+            for name in names:
+                tag = f" #{round_ + 1}" if repeat > 1 else ""
+                print(f"  {label + tag:<14} {name:<10}", end="", flush=True)
+                started = time.perf_counter()
+                try:
+                    with brokers.start(name, users, production=production) as broker:
+                        figures = job(broker)
+                except (RuntimeError, TimeoutError, OSError, AssertionError, EOFError) as exc:  # EOF: it hung up
+                    figures = {label: {"error": f"{type(exc).__name__}: {exc}"}}
+                for sub, got in figures.items():
+                    runs.setdefault(sub, {}).setdefault(name, []).append(got)
+                line = "; ".join(f"{sub} {report.brief(sub, got)}" for sub, got in figures.items())
+                print(f" {time.perf_counter() - started:6.1f}s  {line}", flush=True)
+        for sub, per_broker in runs.items():
+            key = "deliveries_per_s" if sub.endswith(("qos0", "qos1")) else KEY_FIGURE.get(sub, "")
+            for name, all_runs in per_broker.items():
+                results.setdefault(sub, {})[name] = _median_run(all_runs, key) if repeat > 1 else all_runs[0]
 
-    if "fanout" in only or "cold" in only:
-        if brokers.MOSQUITTO_SUB is None or brokers.MOSQUITTO_PUB is None:
-            skipped["fanout"] = "needs mosquitto_sub and mosquitto_pub (package mosquitto-clients)"
-        else:
+    fan = [x for x in ("fanout", *FAN_SHAPES) if x in only]
+    if fan and not brokers.mosquitto_clients():
+        skipped["fan-out"] = "needs mosquitto_sub and mosquitto_pub (package mosquitto-clients)"
+        fan = []
+    if fan:  # every shape on one start of each broker: a broker's start costs more than a tiny shape
 
-            def fan_and_cold(broker: brokers.Broker) -> dict[str, Any]:
-                out: dict[str, Any] = {}
-                if "fanout" in only:
-                    out["qos1"] = scenarios.fanout(broker, s["members"], s["messages"], qos=1)
-                    out["qos0"] = scenarios.fanout(broker, s["members"], s["messages"], qos=0)
-                if "cold" in only:
-                    out["cold"] = scenarios.cold_start(broker, s["runs"])
-                return out
+        def fan_all(broker: brokers.Broker) -> dict[str, dict[str, Any]]:
+            return {f"{what}_qos{q}": fanout.fan(broker, shapes[what], qos=q) for what in fan for q in (1, 0)}
 
-            each("fanout+cold", fan_and_cold)
-            for name, figures in results.pop("fanout+cold", {}).items():
-                for key, label in (("qos1", "fanout_qos1"), ("qos0", "fanout_qos0"), ("cold", "cold")):
-                    if key in figures or "error" in figures:
-                        results.setdefault(label, {})[name] = figures.get(key, figures)
+        each("fan-out", fan_all)
+    if "cold" in only:
+        each("cold", lambda b: {"cold": scenarios.cold_start(b, s["runs"])})
     if "dm" in only:
-        each("dm", lambda b: scenarios.dm_latency(b, s["idle"], s["samples"], talk=10.0))
+        each("dm", lambda b: {"dm": scenarios.dm_latency(b, s["idle"], s["samples"], talk=10.0)})
+    if "dmflood" in only and brokers.mosquitto_clients():
+
+        def dm_flood(broker: brokers.Broker) -> dict[str, dict[str, Any]]:
+            with fanout.room_flood(broker, s["flood_listeners"], s["flood_rate"]) as flood:
+                figures = scenarios.dm_latency(broker, s["idle"], s["samples"], talk=10.0)
+            return {"dmflood": {**figures, **flood}}
+
+        each("dmflood", dm_flood)
     if "capacity" in only:
 
-        def capacity(broker: brokers.Broker) -> dict[str, Any]:
+        def capacity(broker: brokers.Broker) -> dict[str, dict[str, Any]]:
             users = s["capacity"] // STOCK_CAPACITY_SHARE if broker.name == "stock" else s["capacity"]
-            return scenarios.capacity(broker, max(users, 10), s["processes"])
+            with stalls(broker) as probe:
+                figures = scenarios.capacity(broker, max(users, 10), s["processes"])
+            return {"capacity": {**figures, **probe}}
 
         each("capacity", capacity)
     if "churn" in only:
-        each("churn", lambda b: scenarios.churn(b, s["churn"], s["processes"]))
+        each("churn", lambda b: {"churn": scenarios.churn(b, s["churn"], s["processes"])})
+    if "storm" in only:
+        each("storm", lambda b: {"storm": storm(b, s["storm"], s["processes"])}, production=True)
     if "files" in only:
 
-        def file_scenario(broker: brokers.Broker) -> dict[str, Any]:
+        def file_scenario(broker: brokers.Broker) -> dict[str, dict[str, Any]]:
             if broker.name not in ("embedded", "mosquitto"):
-                return {"skipped": "files are measured on the embedded broker and Mosquitto (issue 16)"}
-            return files.file_transfer(broker, FILE_SIZES[size], FILE_GROUP)
+                return {"files": {"skipped": "files are measured on the embedded broker and Mosquitto (issue 16)"}}
+            return {"files": files.file_transfer(broker, FILE_SIZES[size], FILE_GROUP)}
 
         each("files", file_scenario, users=max(FILE_GROUP, 2))
+    if "devices" in only and "embedded" in names:  # issue 17: the embedded broker only (no other has them)
+        print(f"  {'devices':<12} {'embedded':<10}", end="", flush=True)
+        started = time.perf_counter()
+        try:
+            figures = devices.device_reconnects(s["devices"])
+        except (RuntimeError, TimeoutError, OSError, AssertionError) as exc:
+            figures = {"error": f"{type(exc).__name__}: {exc}"}
+        results["devices"] = {"embedded": figures}
+        print(f" {time.perf_counter() - started:6.1f}s  {report.brief('devices', figures)}", flush=True)
     return {"scenarios": results, "skipped": skipped}
 
 
@@ -112,28 +166,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_const", const="quick", dest="size", default="full")
     parser.add_argument("--tiny", action="store_const", const="tiny", dest="size", help="smoke test sizes")
     parser.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {SCENARIOS}")
-    parser.add_argument("--brokers", default=",".join(BROKERS), help=f"comma-separated subset of {BROKERS}")
+    known = tuple(brokers.KINDS)
+    parser.add_argument("--brokers", default=",".join(known), help=f"comma-separated subset of {known}")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of each scenario, brokers interleaved (median)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--no-charts", action="store_true")
     parser.add_argument("--capacity", type=int, help="users in the capacity run (default: the size's)")
     args = parser.parse_args(argv)
     only = [x for x in args.only.split(",") if x]
     names = [x for x in args.brokers.split(",") if x]
-    unknown = sorted(set(only) - set(SCENARIOS)) + sorted(set(names) - set(BROKERS))
+    unknown = sorted(set(only) - set(SCENARIOS)) + sorted(set(names) - set(brokers.KINDS))
     if unknown:
         parser.error(f"unknown scenario or broker: {', '.join(unknown)}")
 
     started = time.perf_counter()
     print(f"benchmarks ({args.size}) on {', '.join(names)}: {', '.join(only)}", flush=True)
-    outcome = run(args.size, only, names, args.capacity)
+    outcome = run(args.size, only, names, max(args.repeat, 1), args.capacity)
     doc: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "size": args.size,
         "sizes": {**SIZES[args.size], **({"capacity": args.capacity} if args.capacity else {})},
+        "shapes": {k: vars(v) for k, v in SHAPES[args.size].items()},
+        "repeat": args.repeat,
         "machine": f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at start, Python {sys.version.split()[0]}",
         **outcome,
     }
     doc["targets"] = report.targets(doc["scenarios"])
+    doc["ratios"] = report.ratios(doc["scenarios"])
     doc["wall_s"] = round(time.perf_counter() - started, 1)
     report.print_tables(doc)
     args.out.mkdir(parents=True, exist_ok=True)

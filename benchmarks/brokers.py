@@ -27,13 +27,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy" / "mosquitto"
 PASSWORD = "bench-password"
-HELPERS = ("watch", "pinga", "pingb", "pingc", "pingd", "pinge", "pongr", "colds")
+HELPERS = ("watch", "pinga", "pingb", "pingc", "pingd", "pinge", "pongr", "colds", "probe", "flood")
 SERVICES = ("presence", "groups", "archive", "files")
 
 MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/local/sbin:/usr/sbin")
@@ -61,6 +62,16 @@ def rss_mb(pid: int) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far: a figure the machine's noise moves far
+    less than wall-clock rates, since a process waiting for a core uses none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def wait_listening(port: int, proc: subprocess.Popen[str], timeout: float = 30.0) -> None:
@@ -101,6 +112,8 @@ class Broker:
     has_presence: bool
     note: str = ""
     extra_pids: dict[str, int] = field(default_factory=dict)
+    # stops the broker process (procs[0]) and starts it again on the same port with the same data
+    relaunch: Callable[[], subprocess.Popen[str]] | None = None
     ports: list[int] = field(default_factory=list)  # a cluster's nodes (MQTT ports); ``port`` is the first
 
     def port_of(self, i: int) -> int:
@@ -116,6 +129,25 @@ class Broker:
 
     def client_id(self, user: str, device: str) -> str:
         return f"{user}:{device}"
+
+    def restart(self) -> None:
+        """Stop the broker's process (a clean stop) and start it again on the same port and data;
+        what runs beside it (workers) stays and reconnects, as after an operator's restart."""
+        if self.relaunch is None:
+            raise RuntimeError(f"{self.name} cannot be restarted by the benchmark")
+        old = self.procs[0]
+        old.terminate()
+        try:
+            old.wait(30)
+        except subprocess.TimeoutExpired:
+            old.kill()
+            old.wait(5)
+        if old.stdout is not None:
+            old.stdout.close()
+        self.procs[0] = self.relaunch()
+        if self.name == "embedded":
+            for child in _children(self.pid):
+                self.extra_pids["workers"] = child
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -155,14 +187,17 @@ def start_stock() -> Broker:
     return Broker("stock", port, [proc], workdir, has_presence=False, note="amqtt 0.12.1, default plugins, anonymous")
 
 
-def start_embedded(users: int) -> Broker:
+def start_embedded(users: int, *, production: bool = False) -> Broker:
+    """``production``: argon2-cffi's default parameters and ``imcli serve``'s default login queue,
+    as deployed (the reconnect storm); otherwise cheap hashes and a queue that holds every crowd."""
     from argon2 import PasswordHasher
 
     from imcli.broker.accounts import AccountStore
 
     workdir = tempfile.TemporaryDirectory(prefix="bench-embedded-")
     data = Path(workdir.name) / "data"
-    store = AccountStore(data, PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+    hasher = PasswordHasher() if production else PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    store = AccountStore(data, hasher)
     # one hash for every account: the same password, and hashing 10,000 would take a minute
     digest = store._hasher.hash(PASSWORD)
     created = time.time()
@@ -172,15 +207,27 @@ def start_embedded(users: int) -> Broker:
     }
     (data / AccountStore.FILE_NAME).write_text(json.dumps(doc))
     os.chmod(data / AccountStore.FILE_NAME, 0o600)
-    proc = _python(
-        "-m", "imcli", "serve", "--port", "0", "--data-dir", str(data),
+    port = free_port()
+    # the benchmark's bots and talkers publish far past a person's rate (20/s, bursts of 3 s); Mosquitto
+    # has no such limit, so it is lifted as Mosquitto's queue and size limits are (docs/PERFORMANCE.md)
+    options = ["--max-rate", "1000000"]
+    if not production:
         # the crowds log in hundreds at once with cheap hashes: a queue that holds them all measures the
         # broker, not the crowd's back-off (the default, 128, suits real argon2; docs/SECURITY.md)
-        "--password-queue", "4096",
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"},
-    )  # fmt: skip
-    port = _read_port(proc, r"listening on 127\.0\.0\.1:(\d+)")
-    broker = Broker("embedded", port, [proc], workdir, has_presence=True, note="imcli serve: broker + workers")
+        options += ["--password-queue", "4096"]
+
+    def launch() -> subprocess.Popen[str]:
+        proc = _python(
+            "-m", "imcli", "serve", "--port", str(port), "--data-dir", str(data), *options,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"},
+        )  # fmt: skip
+        _read_port(proc, r"listening on 127\.0\.0\.1:(\d+)")  # said once its workers run
+        return proc
+
+    proc = launch()
+    broker = Broker(
+        "embedded", port, [proc], workdir, has_presence=True, note="imcli serve: broker + workers", relaunch=launch
+    )
     for child in _children(proc.pid):  # imcli serve runs its workers in a child process
         broker.extra_pids["workers"] = child
     return broker
@@ -193,11 +240,17 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def mosquitto_clients() -> bool:
+    """The load generators of the fan-out scenarios, whatever the broker under test."""
+    return MOSQUITTO_SUB is not None and MOSQUITTO_PUB is not None
+
+
 def mosquitto_available() -> bool:
     return all((MOSQUITTO, MOSQUITTO_PASSWD, MOSQUITTO_SUB, MOSQUITTO_PUB, DYNSEC_PLUGIN))
 
 
-def start_mosquitto(users: int) -> Broker:
+def start_mosquitto(users: int, *, production: bool = False) -> Broker:
+    """Mosquitto's password file always has ``mosquitto_passwd``'s own (production) hashes."""
     assert MOSQUITTO is not None and MOSQUITTO_PASSWD is not None
     workdir = tempfile.TemporaryDirectory(prefix="bench-mosquitto-")
     work = Path(workdir.name)
@@ -234,12 +287,18 @@ def start_mosquitto(users: int) -> Broker:
     shutil.copy(DEPLOY / "imcli-dynsec.json", work / "imcli-dynsec.json")
     conf = work / "mosquitto.conf"
     conf.write_text("\n".join(lines) + "\n")
-    proc = subprocess.Popen(
-        [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True
-    )
-    wait_listening(port, proc)
+
+    def launch() -> subprocess.Popen[str]:
+        assert MOSQUITTO is not None
+        proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True
+        )
+        wait_listening(port, proc)
+        return proc
+
+    proc = launch()
     broker = Broker(
-        "mosquitto", port, [proc], workdir, has_presence=True,
+        "mosquitto", port, [proc], workdir, has_presence=True, relaunch=launch,
         note="Mosquitto 2 with deploy/mosquitto (message_size_limit and max_queued_messages lifted); imcli workers",
     )  # fmt: skip
     try:
@@ -271,9 +330,10 @@ def nats_available() -> bool:
     return available()
 
 
-def start_nats(users: int) -> Broker:
+def start_nats(users: int, *, production: bool = False) -> Broker:
     """deploy/nats: three nodes on loopback (tests/natscluster.py starts them the same way) and
-    ``imcli workers --nats-users`` against all three; clients spread over the nodes in turn."""
+    ``imcli workers --nats-users`` against all three; clients spread over the nodes in turn.
+    Its password file is the deploy's as it is (``production`` changes nothing)."""
     from imcli.core.wire import Topics
     from imcli.groups.natsauth import NatsPermissions, read_passwords
     from tests.natscluster import NatsNode, wait_login
@@ -322,13 +382,38 @@ def start_nats(users: int) -> Broker:
     return broker
 
 
-def start(name: str, users: int) -> Broker:
-    if name == "stock":
-        return start_stock()
-    if name == "embedded":
-        return start_embedded(users)
-    if name == "mosquitto":
-        return start_mosquitto(users)
-    if name == "nats":
-        return start_nats(users)
-    raise ValueError(name)
+def _stock(users: int, *, production: bool = False) -> Broker:
+    return start_stock()
+
+
+def _mosquitto_missing() -> str | None:
+    if mosquitto_available():
+        return None
+    return "mosquitto, mosquitto_passwd, mosquitto_sub, mosquitto_pub or the dynamic-security plugin not installed"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of broker the suite can run: how to start it, and why it cannot run here (or None).
+
+    ``start(users, production=...)`` starts it with accounts ``user_names(users)``; ``production``
+    asks for the password settings it is deployed with (the reconnect storm)."""
+
+    start: Callable[..., Broker]
+    missing: Callable[[], str | None] = lambda: None
+
+
+# every broker ``python -m benchmarks --brokers`` knows, in the order of the tables; another one
+# (a NATS cluster, …) is one more entry here and a column everywhere
+KINDS: dict[str, Kind] = {
+    "stock": Kind(_stock),
+    "embedded": Kind(start_embedded),
+    "mosquitto": Kind(start_mosquitto, _mosquitto_missing),
+    "nats": Kind(start_nats, lambda: None if nats_available() else "nats-server not installed"),
+}
+
+
+def start(name: str, users: int, *, production: bool = False) -> Broker:
+    if name not in KINDS:
+        raise ValueError(name)
+    return KINDS[name].start(users, production=production)

@@ -11,6 +11,8 @@ more than one core to itself) and talks to each with one JSON line per command:
   (``t0``/``t1`` are ``time.time()`` stamps of the first CONNECT and of the last status);
 - ``flip`` makes every user go offline and online again (two retained statuses) and
   prints ``{"event": "flipped", …}``;
+- ``rejoin`` (after a restart of the broker) drops every connection and signs everyone in again,
+  retrying a busy broker as above, and prints ``{"event": "joined", …}`` again;
 - ``quit`` disconnects everyone (a DISCONNECT, so no Last Will) and exits.
 
 ``--no-status`` leaves the retained status out (a broker without a presence worker);
@@ -63,7 +65,7 @@ class Crowd:
         async def one(name: str) -> None:
             async with gate:
                 topic = T.status(name, DEVICE)
-                for attempt in range(BUSY_RETRIES + 1):
+                for attempt in range(self.args.busy_retries + 1):
                     client = LoadClient()
                     try:
                         rc = await client.connect(
@@ -72,7 +74,7 @@ class Crowd:
                         )  # fmt: skip
                     except (OSError, asyncio.IncompleteReadError):
                         rc = -1
-                    if rc != SERVER_UNAVAILABLE or attempt == BUSY_RETRIES:
+                    if rc != SERVER_UNAVAILABLE or attempt == self.args.busy_retries:
                         break
                     # the broker's password checks are busy (a bounded queue): back off and retry, as
                     # imcli's clients and paho's reconnect loop do
@@ -142,6 +144,12 @@ class Crowd:
             command = (await reader.readline()).decode().strip()
             if command == "flip":
                 await self.flip()
+            elif command == "rejoin":
+                for client in self.clients.values():
+                    client.abort()
+                self.clients.clear()
+                self.refused = self.retried = 0
+                await self.join()
             elif command in ("quit", ""):
                 break
         talker.cancel()
@@ -159,6 +167,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--room-listeners", type=int, default=0)
     parser.add_argument("--talk", type=float, default=0.0)
+    parser.add_argument("--busy-retries", type=int, default=BUSY_RETRIES, help="tries again after CONNACK 3")
     parser.add_argument("--no-status", dest="status", action="store_false", help="no retained online status")
     asyncio.run(Crowd(parser.parse_args()).run())
 

@@ -2,8 +2,8 @@
 
 paho runs one thread per client when looped in the background; thousands of simulated
 users need one event loop instead. This speaks just enough MQTT (CONNECT with Will,
-PUBLISH QoS 0/1, SUBSCRIBE, PUBACK, DISCONNECT; no PINGREQ: runs are shorter than the keepalive) to drive the
-broker; the product itself uses paho (imcli/core/mqtt.py).
+PUBLISH QoS 0/1, SUBSCRIBE, PUBACK, DISCONNECT; PINGREQ only for the stall probe: runs are
+shorter than the keepalive) to drive the broker; the product itself uses paho (imcli/core/mqtt.py).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class LoadClient:
         self._next_id = 0
         self._acks: dict[int, asyncio.Future[bytes]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._pong: asyncio.Future[None] | None = None
 
     async def connect(
         self, host: str, port: int, username: str, password: str, client_id: str,
@@ -79,6 +80,13 @@ class LoadClient:
         self._writer.write(_packet(0x82, struct.pack("!H", pid) + _str(topic) + bytes([qos])))
         return (await fut)[0]
 
+    async def ping(self) -> None:
+        """A PINGREQ, answered when its PINGRESP arrives."""
+        assert self._writer is not None
+        self._pong = asyncio.get_running_loop().create_future()
+        self._writer.write(b"\xc0\x00")
+        await self._pong
+
     def abort(self) -> None:
         """Drop the connection without DISCONNECT (its Last Will fires)."""
         if self._writer is not None:
@@ -118,6 +126,9 @@ class LoadClient:
                         self._writer.write(b"\x40\x02" + pid)
                     if self.on_message is not None:
                         self.on_message(topic, rest)
+                elif kind == 13:  # PINGRESP
+                    if self._pong is not None and not self._pong.done():
+                        self._pong.set_result(None)
                 elif kind in (4, 9):  # PUBACK, SUBACK
                     pid = struct.unpack("!H", body[:2])[0]
                     fut = self._acks.pop(pid, None)

@@ -1,6 +1,7 @@
 """Profile the embedded broker under one scenario with py-spy (``bench`` extra), as quoted in docs.
 
     python -m benchmarks.profile fanout [--qos 1]     # 50 members, 2,000 messages
+    python -m benchmarks.profile stream|rooms|group [--qos 1]   # issue 21's shapes, full size
     python -m benchmarks.profile capacity [--users 3000]
 
 Starts ``imcli serve``, attaches ``py-spy record`` to it (raw collapsed stacks), runs the
@@ -20,6 +21,8 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import brokers, scenarios
+from benchmarks.__main__ import SHAPES
+from benchmarks.fanout import fan
 
 
 def top(raw: Path, count: int) -> str:
@@ -48,7 +51,7 @@ def top(raw: Path, count: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenario", choices=("fanout", "capacity"))
+    parser.add_argument("scenario", choices=("fanout", "stream", "rooms", "group", "capacity"))
     parser.add_argument("--qos", type=int, default=1)
     parser.add_argument("--users", type=int, default=3000)
     parser.add_argument("--top", type=int, default=20)
@@ -65,6 +68,8 @@ def main() -> None:
         try:
             if args.scenario == "fanout":
                 print(scenarios.fanout(broker, 50, 2000, args.qos))
+            elif args.scenario != "capacity":
+                print(fan(broker, SHAPES["full"][args.scenario], args.qos))
             else:
                 print(scenarios.capacity(broker, args.users, 4))
         finally:

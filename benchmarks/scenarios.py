@@ -19,9 +19,9 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-from benchmarks.brokers import MOSQUITTO_PUB, MOSQUITTO_SUB, PASSWORD, REPO, Broker, rss_mb
+from benchmarks.brokers import PASSWORD, REPO, Broker, rss_mb
+from benchmarks.fanout import Shape, fan
 from benchmarks.mqttload import LoadClient
 from imcli.core.wire import ChatMessage, Roster, Topics, WhoRequest, decode, encode, new_id
 
@@ -42,95 +42,9 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, period: f
 
 
 def fanout(broker: Broker, members: int, messages: int, qos: int) -> dict[str, object]:
-    """``members`` each say ``messages / members`` lines in one room; everyone hears everything.
-
-    Members are C clients: ``mosquitto_sub`` writes one time stamp per message (line
-    buffered through ``stdbuf``) and ``mosquitto_pub -l`` publishes its stdin line by line.
-    Before the clock starts, probe messages in a second room show that every subscriber is
-    subscribed and every publisher connected.
-    """
-    assert MOSQUITTO_SUB is not None and MOSQUITTO_PUB is not None
-    per_member = messages // members
-    total = per_member * members
-    room, probe_room = f"fanout{qos}", f"fprobe{qos}"
-    names = [f"u{i:05d}" for i in range(members)]
-    line = encode(ChatMessage(id=new_id(), text="x" * 60)).decode()
-    unbuffered = [STDBUF, "-oL"] if STDBUF else []
-    common = ["-h", "127.0.0.1", "-P", PASSWORD, "-q", str(qos)]  # -p per client: a cluster's nodes in turn
-    with tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp:
-        out = Path(tmp)
-        files = [out / f"sub-{name}" for name in names]
-        subs: list[subprocess.Popen[str]] = []
-        pubs: list[subprocess.Popen[str]] = []
-
-        def stamps(path: Path, topic_room: str) -> list[float]:
-            marker = f" {T.prefix}/room/{topic_room}/"
-            return [float(x.split()[0]) for x in path.read_text().splitlines() if marker in x]
-
-        try:
-            for i, (name, path) in enumerate(zip(names, files, strict=True)):
-                subs.append(subprocess.Popen(
-                    [*unbuffered, MOSQUITTO_SUB, *common, "-p", str(broker.port_of(i)), "-u", name,
-                     "-i", f"{name}:fsub{qos}",
-                     "-t", T.room_filter(room), "-t", T.room_filter(probe_room), "-F", "%U %t"],
-                    stdout=path.open("w"), stderr=subprocess.DEVNULL, text=True,
-                ))  # fmt: skip
-            for i, name in enumerate(names):
-                pubs.append(subprocess.Popen(
-                    [MOSQUITTO_PUB, *common, "-p", str(broker.port_of(i + 1)), "-u", name, "-i", f"{name}:fpub{qos}",
-                     "-t", T.room(room, name), "-l"],
-                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
-                ))  # fmt: skip
-            probe = [MOSQUITTO_PUB, *common, "-p", str(broker.port), "-u", "watch", "-i", "watch:probe", "-q", "1",
-                     "-t", T.room(probe_room, "watch"), "-m", "probe"]  # fmt: skip
-            deadline = time.monotonic() + 60
-            while not all(path.stat().st_size for path in files):  # each probe is one more chance
-                if time.monotonic() > deadline:
-                    raise TimeoutError("fan-out subscribers not ready within 60s")
-                subprocess.run(probe, check=False, capture_output=True)
-                time.sleep(0.05)
-            time.sleep(0.5)  # let the publishers' CONNECTs finish: lines written earlier would wait for them
-            body = (line + "\n") * per_member
-            started = time.time()
-            for pub in pubs:
-                assert pub.stdin is not None
-                pub.stdin.write(body)
-                pub.stdin.close()
-            expected_bytes = total * members * (len(f"{started:.9f} ") + len(T.room(room, names[0])) + 1)
-            deadline = time.monotonic() + (300 if qos else 60)
-            last_size, last_change = 0, time.monotonic()
-            while time.monotonic() < deadline:
-                size = sum(path.stat().st_size for path in files)
-                if size != last_size:
-                    last_size, last_change = size, time.monotonic()
-                elif time.monotonic() - last_change > 3.0:
-                    break  # nothing more arrives (QoS 0 may lose some)
-                if size >= expected_bytes and sum(len(stamps(p, room)) for p in files) >= total * members:
-                    break
-                time.sleep(0.1)
-        finally:
-            for proc in subs + pubs:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
-                if proc.stdout is not None:
-                    proc.stdout.close()
-        delivered, last = 0, started
-        for path in files:
-            got = stamps(path, room)
-            delivered += len(got)
-            if got:
-                last = max(last, *got)
-    elapsed = max(last - started, 1e-6)
-    return {
-        "members": members,
-        "messages": total,
-        "qos": qos,
-        "expected_deliveries": total * members,
-        "deliveries": delivered,
-        "seconds": round(elapsed, 3),
-        "deliveries_per_s": round(delivered / elapsed),
-    }
+    """``members`` each say ``messages / members`` lines in one room; everyone hears everything
+    (``benchmarks/fanout.py`` runs it, and the other shapes of issue 21)."""
+    return fan(broker, Shape(1, members, members, messages // members), qos)
 
 
 # ---------------------------------------------------------------- crowds
@@ -145,7 +59,15 @@ class Crowds:
     @classmethod
     @contextlib.contextmanager
     def join(
-        cls, broker: Broker, users: int, processes: int, *, status: bool = True, listeners: int = 0, talk: float = 0
+        cls,
+        broker: Broker,
+        users: int,
+        processes: int,
+        *,
+        status: bool = True,
+        listeners: int = 0,
+        talk: float = 0,
+        extra: tuple[str, ...] = (),
     ) -> Iterator[tuple[Crowds, dict[str, float]]]:
         share = -(-users // processes)
         procs = []
@@ -153,7 +75,7 @@ class Crowds:
             first, count = k * share, min(share, users - k * share)
             if count <= 0:
                 break
-            args = ["--port", str(broker.port_of(k)), "--first", str(first), "--count", str(count)]
+            args = ["--port", str(broker.port), "--first", str(first), "--count", str(count), *extra]
             if k == 0:
                 args += ["--room-listeners", str(listeners), "--talk", str(talk)]
             if not status:

@@ -291,7 +291,7 @@ def test_half_packets_in_websocket_frames(fuzz: Fuzz) -> None:
 def test_an_error_line_quoting_others_words_is_one_line_of_escapes(capfd: pytest.CaptureFixture[str]) -> None:
     """``Error:`` lines quote a worker's or a broker's words (an ErrorReply's text, on a broker the user
     does not run), a server certificate's names, what was typed: OSC 52 or a line feed in them acted."""
-    print_error(ImcliError("no group #x \x1b]52;c;cm0gLXJmIH4K\x07\u202e\n12:00:01 lobby alice: pay me"))
+    print_error(ImcliError("no group #x \x1b]52;c;cm0gLXJmIH4K\x07\u202e\n12:00:01 lobby alice: pay me", "hint"))
     err = capfd.readouterr().err
     assert len(err.splitlines()) == 1 and "\x1b" not in err and "\u202e" not in err, repr(err)
     assert "\\x1b]52" in err and "\\x0a12:00:01" in err

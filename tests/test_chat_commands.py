@@ -149,14 +149,14 @@ def test_slash_commands_for_groups_and_friends(
         assert out.text == error.removeprefix("Error: ")
 
 
-def wait_for(session: ChatSession, match: Callable[[Received], bool]) -> Received:
+def wait_for(session: ChatSession, match: Callable[[Received], bool], timeout: float = 10) -> Received:
     got: list[Received] = []
 
     def arrived() -> bool:
         got.extend(m for m in session.listener.pending() if session.shows(m))
         return any(match(m) for m in got)
 
-    assert wait_until(arrived, 10), [m.text for m in got]
+    assert wait_until(arrived, timeout), [m.text for m in got]
     return next(m for m in got if match(m))
 
 
@@ -200,7 +200,8 @@ def test_a_line_typed_while_the_broker_is_down_is_sent_when_reconnected(
     assert wait_until(lambda: not bob.listener.connected, 30)
     assert bob.handle("while you were down") == [Note(QUEUED, "dim")]
     with BackgroundServer(dataclasses.replace(roomy, port=port)) as info:
-        wait_for(bob, lambda m: m.text == "while you were down")  # sent on reconnecting, back to us
+        # sent on reconnecting (paho retries every 1 to 4 s), and back to us through the room
+        wait_for(bob, lambda m: m.text == "while you were down", timeout=60)
         assert bob.handle("and now") == []
 
 

@@ -150,7 +150,7 @@ MOSQUITTO_LOGIN_REFUSED = "Error: the broker did not let {name} in (not authoriz
             "Error: cannot register 'alice': the name is taken",
             marks=pytest.mark.broker_xfail("mosquitto", reason=brokers.NO_REGISTRATION),
         ),
-        (["register", "frank"], "short", "Error: password too short (at least 8 characters)"),
+        (["register", "frank"], "short", "Error: password too short (choose one of at least 8 characters)"),
         (["login", "alice"], "wrong-password", "Error: wrong account name or password"),
         (["login", "nobody"], "wrong-password", "Error: wrong account name or password"),
     ],

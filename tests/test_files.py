@@ -200,3 +200,40 @@ def test_chat_sends_numbers_fetches_and_shows_files_in_one_line(
         assert (out_dir / "cat.png").read_bytes() == picture.read_bytes()
         assert bob.handle("/get 2")[0].text == "no file 2 here (files are numbered 1 to 1)"
         assert "no file" in bob.handle("/send /nonexistent/x.png")[0].text
+
+
+def test_a_long_listing_fits_the_payload_limit_newest_first_kept(
+    server: ServeInfo, users: Callable[..., None], tmp_path: Path
+) -> None:
+    users("alice")
+    sent = []
+    with FileConnection(ident(server, "alice")) as c:
+        for i in range(70):  # about 300 bytes each in a listing: more than Mosquitto's 16 KiB for workers
+            path = tmp_path / f"note-{i:02d}-{'x' * 40}.txt"
+            path.write_text(f"note {i}")
+            sent.append(c.upload(path, {"room": "lobby"}).id)
+        files, more = c.listing(None)
+    assert more and 0 < len(files) < 70
+    assert [f.id for f in files] == sent[-len(files) :]  # the newest, oldest first
+    assert all(f.thumb is None for f in files)
+
+
+def test_send_to_a_group_and_list_it_as_a_table(
+    server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli], tmp_path: Path
+) -> None:
+    alice, bob, carol = logged_in(cli_as, users, "alice", "bob", "carol")
+    from imcli.client import services
+
+    services.group_request(ident(server, "alice"), "create", "team", private=True)
+    services.group_request(ident(server, "alice"), "invite", "team", user="bob")
+    plan = tmp_path / "plan.txt"
+    plan.write_text("the plan\n")
+    sent = alice("send", "#team", str(plan))
+    assert sent.exit_code == 0 and sent.output.startswith("sent plan.txt (9 bytes) to #team: "), sent.output
+    table = bob("files", "#team")
+    assert table.exit_code == 0 and "plan.txt" in table.output and "#team" in table.output
+    assert "9 bytes" in table.output and file_id(sent.output) in table.output
+    outsider = carol("send", "#team", str(plan))
+    assert outsider.exit_code == 1 and outsider.output.startswith("Error: no group #team (or it is private)")
+    hidden = carol("files", "#team")
+    assert hidden.exit_code == 1 and hidden.output.startswith("Error: no group #team (or it is private)")

@@ -264,6 +264,51 @@ def test_public_groups_are_joined_from_the_list_and_left(web: ServeInfo, tmp_pat
         no_errors(alice)
 
 
+def test_profiles_and_display_names_in_any_script(web: ServeInfo, tmp_path: Path) -> None:
+    carol = cli(web, tmp_path, "carol")
+    about = "line one\n<script>window.__pwned=6</script>\n<a href='javascript:window.__pwned=7'>me</a>"
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.sign_in(password_of("alice"), register=True)
+        bob = new_user(browser, url(web), "bob")
+        bob.sign_in(password_of("bob"))
+
+        bob.p.fill("#rename-input", "张三")
+        bob.p.press("#rename-input", "Enter")
+        alice.p.wait_for_selector("li.person[data-account='bob'] bdi:text-is('张三')")
+        bob.p.click("#my-profile summary")
+        bob.p.fill("#signature-input", HOSTILE[0])
+        bob.p.fill("#about-input", about)
+        bob.p.click("#profile-form button")
+        bob.p.wait_for_function("() => document.getElementById('status').textContent === 'profile saved'")
+
+        alice.p.click("li.person[data-account='bob']")
+        alice.p.wait_for_function("s => document.getElementById('card-signature').textContent === s", arg=HOSTILE[0])
+        assert alice.p.text_content("#card-name") == "张三"
+        assert alice.p.text_content("#card-about") == about
+        assert alice.p.locator("#profile-card img:not([hidden]), #profile-card script, #profile-card a").count() == 0
+        assert "张三" in ok(carol, "profile", "show", "bob")
+
+        # an avatar from the page: stored by the files worker, its thumbnail in the profile
+        face = tmp_path / "face.png"
+        whiteboard(face)
+        bob.p.set_input_files("#avatar-input", str(face))
+        bob.p.wait_for_function("() => document.getElementById('status').textContent === 'avatar saved'")
+        alice.p.wait_for_selector("li.person[data-account='bob'] img.face")
+        alice.p.wait_for_selector("#card-avatar:not([hidden])")
+        assert (alice.p.get_attribute("#card-avatar", "src") or "").startswith("data:image/jpeg;base64,")
+        assert "avatar" in ok(carol, "profile", "show", "bob").lower()
+
+        # a change made from the terminal shows live, as an event line too
+        ok(carol, "rename", "Carol")  # (a record, so that carol is among the people)
+        alice.p.wait_for_selector("li.person[data-account='carol']")
+        ok(carol, "profile", "set", "--signature", "from the terminal")
+        alice.p.wait_for_selector("li.person[data-account='carol'] .sig:text-is('from the terminal')")
+        alice.see_line("Carol (@carol) changed their profile: signature “from the terminal”")
+        assert alice.p.evaluate("() => window.__pwned") is None
+        no_errors(alice, bob)
+
+
 def test_hostile_text_stays_text(web: ServeInfo, tmp_path: Path) -> None:
     carol = cli(web, tmp_path, "carol")
     with chromium() as browser:

@@ -72,9 +72,9 @@ def unusable_data_dir(data_dir: Path, exc: OSError) -> AccountError:
 
 def check_password(password: str) -> str:
     if len(password) < MIN_PASSWORD_LENGTH:
-        raise InvalidInput(f"password too short (at least {MIN_PASSWORD_LENGTH} characters)")
+        raise InvalidInput("password too short", f"choose one of at least {MIN_PASSWORD_LENGTH} characters")
     if len(password) > MAX_PASSWORD_LENGTH:
-        raise InvalidInput(f"password too long (at most {MAX_PASSWORD_LENGTH} characters)")
+        raise InvalidInput("password too long", f"choose one of at most {MAX_PASSWORD_LENGTH} characters")
     if password.startswith(DEVICE_CREDENTIAL_PREFIX):  # the broker reads such a password as a device credential
         raise InvalidInput(f"a password may not start with {DEVICE_CREDENTIAL_PREFIX!r}", "choose another password")
     return password
@@ -137,7 +137,7 @@ class AccountStore:
         except FileNotFoundError:
             return {}
         except (ValueError, KeyError, TypeError) as exc:
-            raise AccountError(f"account file {self.path} is damaged: {exc}") from exc
+            raise AccountError(f"account file {self.path} is damaged: {exc}", "restore it from a backup") from exc
 
     def get(self, name: str) -> Account | None:
         self.refresh()
@@ -299,7 +299,9 @@ class AccountStore:
         except FileNotFoundError:
             return {}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise AccountError(f"account file {self._removed_path} is damaged: {exc}") from exc
+            raise AccountError(
+                f"account file {self._removed_path} is damaged: {exc}", "restore it from a backup, or remove it"
+            ) from exc
 
     def _write_removed(self, removed: dict[str, float]) -> None:
         self._write_json(self._removed_path, {"version": 1, "removed": removed})

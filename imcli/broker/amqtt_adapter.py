@@ -16,6 +16,7 @@ callables handed to them here.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -34,10 +35,12 @@ from amqtt.session import INCOMING, ApplicationMessage, Session
 from imcli.broker.accounts import AccountStore
 from imcli.broker.acl import Access, TopicAcl
 from imcli.broker.admission import Admission
+from imcli.broker.client_loop import Bell, run_client_loop
 from imcli.broker.connection_gate import ConnectionGate
 from imcli.broker.device_service import DeviceService
 from imcli.broker.devices import DeviceStore
 from imcli.broker.fanout import FanOut, SessionFilters, publish_all
+from imcli.broker.gcpause import release_transport
 from imcli.broker.journal import ArchiveWriter, Journal
 from imcli.broker.listeners import Connections, peer_host, serve, stop_listening
 from imcli.broker.notices import Notifier
@@ -45,9 +48,11 @@ from imcli.broker.output import OutputBound, ReadGate
 from imcli.broker.packets import CheckedWebSocketsReader, PacketGuard, connect_within
 from imcli.broker.pending import PendingConnections, raise_fd_limit
 from imcli.broker.publish_checks import PublishChecks
+from imcli.broker.reader_loop import read_packets
 from imcli.broker.retained import RetainedState
 from imcli.broker.session_upkeep import SessionUpkeep
 from imcli.broker.sessions import (
+    LeanQueue,
     SessionState,
     SubscriptionTable,
     close_silent,
@@ -61,6 +66,8 @@ from imcli.broker.webapp import WebApp, loopback_host
 from imcli.broker.wills import LastWills, Will, will_of
 from imcli.core.rules import device_of_client_id
 from imcli.core.wire import TopicKind, Topics
+
+log = logging.getLogger(__name__)
 
 
 class PrivateName(NamedTuple):
@@ -82,7 +89,10 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
     *_names(_B, "Broker", "overridden", "_publish_retained_messages_for_subscription"),
     *_names(_B, "Broker", "overridden", "_del_all_subscriptions _del_subscription _handle_disconnect"),
     *_names(_B, "Broker", "overridden", "_create_server_instance"),  # the listen backlog
-    *_names(_B, "Broker", "called", "_client_connected _client_message_loop _delete_session _broadcast_message"),
+    *_names(_B, "Broker", "called", "_client_connected _delete_session _broadcast_message"),
+    *_names(_B, "Broker", "overridden", "_client_message_loop"),  # by client_loop.run_client_loop
+    *_names(_B, "Broker", "called", "_handle_subscription _handle_unsubscription"),  # by client_loop
+    *_names(_H, "BrokerProtocolHandler", "read", "_disconnect_waiter _pending_subscriptions _pending_unsubscriptions"),
     *_names(_B, "Broker", "called", "_stop_handler"),  # by _handle_disconnect
     *_names(_B, "Broker", "called", "_matches _get_handler"),  # handed to fanout.FanOut
     *_names(_B, "Broker", "read", "_servers _sessions _retained_messages _broadcast_queue"),
@@ -90,6 +100,8 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
     # AckAfterJournal, LightSession, use_light_sessions and puback_waiters, below
     *_names(_H, "BrokerProtocolHandler", "overridden", "_handle_qos1_message_flow _handle_qos2_message_flow"),
     *_names(_H, "BrokerProtocolHandler", "read", "_puback_waiters"),  # by fanout.Deliveries, via puback_waiters()
+    *_names(_H, "BrokerProtocolHandler", "overridden", "_reader_loop"),  # by reader_loop.read_packets
+    *_names(_H, "BrokerProtocolHandler", "read", "_reader_ready _reader_stopped"),  # by reader_loop.read_packets
     *_names(_H, "", "replaced", "Session"),  # the name init_from_connect builds a session with
     *_names(_S, "Session", "overridden", "_init_states"),
     *_names(_S, "Session", "called", "_on_enter_connected _on_enter_disconnected"),  # by sessions.SessionState
@@ -108,6 +120,38 @@ class AckAfterJournal(BrokerProtocolHandler):
     will: Will | None = None  # imcli/broker/wills.py
     max_unreleased = 1 << 16  # incoming QoS 2 messages held for their PUBREL (sessions.no_pubrel)
     _silent_close: asyncio.Future[None] | None = None
+    activity: Bell | None = None  # set when a packet handled left work for the message loop
+
+    def __init__(self, plugins_manager: Any, session: Session | None = None, loop: Any = None) -> None:
+        super().__init__(plugins_manager, session, loop)
+        # amqtt's asyncio.Queue objects: 3 KB each, empty (imcli/broker/sessions.py)
+        self._pending_subscriptions: LeanQueue[Any] = LeanQueue()
+        self._pending_unsubscriptions: LeanQueue[Any] = LeanQueue()
+
+    async def handle_publish(self, publish_packet: Any) -> None:
+        try:
+            await super().handle_publish(publish_packet)
+        finally:
+            self._stir()
+
+    async def handle_subscribe(self, subscribe: Any) -> None:
+        try:
+            await super().handle_subscribe(subscribe)
+        finally:
+            self._stir()
+
+    async def handle_unsubscribe(self, unsubscribe: Any) -> None:
+        try:
+            await super().handle_unsubscribe(unsubscribe)
+        finally:
+            self._stir()
+
+    def _stir(self) -> None:
+        if self.activity is not None:  # the connection's message loop (imcli/broker/client_loop.py)
+            self.activity.set()
+
+    async def _reader_loop(self) -> None:
+        await read_packets(self)  # amqtt's loop without a task per read and per PUBACK (imcli/broker/reader_loop.py)
 
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
         if app_message.direction == INCOMING and self.before_ack is not None and self.session is not None:
@@ -132,6 +176,12 @@ class AckAfterJournal(BrokerProtocolHandler):
 
 class LightSession(Session):
     """amqtt's ``Session`` with a ``SessionState`` from the start instead of a ``transitions.Machine``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # amqtt's asyncio.Queue objects: 3 KB each, empty (imcli/broker/sessions.py)
+        self.retained_messages: LeanQueue[Any] = LeanQueue()
+        self.delivered_message_queue: LeanQueue[Any] = LeanQueue()
 
     def _init_states(self) -> None:  # called by Session.__init__
         self.transitions = SessionState(self)
@@ -269,9 +319,12 @@ class ImBroker(Broker):
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
         adapter, transport = StreamWriterAdapter(writer), writer.transport
-        with self.connections.accepted(adapter, peer_host(writer.get_extra_info("peername")), transport, writer):
-            # amqtt's stream_connected, with the reader kept inside its packets (imcli/broker/packets.py)
-            await self._client_connected(listener_name, self._guard(StreamReaderAdapter(reader), adapter), adapter)
+        try:
+            with self.connections.accepted(adapter, peer_host(writer.get_extra_info("peername")), transport, writer):
+                # amqtt's stream_connected, with the reader kept inside its packets (imcli/broker/packets.py)
+                await self._client_connected(listener_name, self._guard(StreamReaderAdapter(reader), adapter), adapter)
+        finally:
+            release_transport(transport)  # freed by reference counting, not by a full collection
 
     async def ws_connected(self, websocket: Any, listener_name: str) -> None:
         adapter, transport = WebSocketsWriter(websocket), websocket.transport  # the WebSocket's TCP (or TLS) one
@@ -322,6 +375,7 @@ class ImBroker(Broker):
             if not client_session.clean_session and not self.access.is_service(account):
                 await self.upkeep.make_room_for(account, client_id)  # imcli/broker/session_upkeep.py
             await handler.mqtt_connack_authorize(True)
+            log.info("%s connected", client_id)  # imcli serve --verbose: this project's events, not amqtt's
             await self.plugins_manager.fire_event(
                 BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=client_session
             )
@@ -332,6 +386,7 @@ class ImBroker(Broker):
                     await self._publish_retained_messages_for_subscription(subscription, client_session)
             await self._client_message_loop(client_session, handler)
         finally:
+            log.info("%s disconnected", client_id)
             self.admission.closed(account)
             if (device := device_of_client_id(account, client_id)) is not None:
                 self.devices.seen(account, device)  # last seen: when it left
@@ -373,6 +428,10 @@ class ImBroker(Broker):
         """A QoS 1 PUBLISH is about to be acknowledged (imcli/broker/journal.py)."""
         if self.publishing.charge(session.username, message, len(message.data or b"")):
             self._journal.record(session.username, message)
+
+    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+        # one task per connection instead of five, and nothing a client sent lost when it leaves
+        await run_client_loop(self, client_session, handler)  # imcli/broker/client_loop.py
 
     async def _handle_message_delivery(
         self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]

@@ -101,7 +101,10 @@ class InviteStore:
         try:
             fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise AccountError(f"cannot use the data directory {self.data_dir}: {exc.strerror or exc}") from exc
+            raise AccountError(
+                f"cannot use the data directory {self.data_dir}: {exc.strerror or exc}",
+                "check its owner and permissions, or choose another with --data-dir",
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             invites = self._read()
@@ -120,7 +123,9 @@ class InviteStore:
         except FileNotFoundError:
             return {}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise AccountError(f"invite file {self.path} is damaged: {exc}") from exc
+            raise AccountError(
+                f"invite file {self.path} is damaged: {exc}", "restore it from a backup, or remove it"
+            ) from exc
 
     def _write(self, invites: dict[str, dict[str, float | None]]) -> None:
         tmp = self.path.with_suffix(".tmp")

@@ -65,7 +65,8 @@ class ReadGate(ReaderAdapter):
     QoS 0 messages faster than the loop judged them queued 55,000. Now the kernel's socket
     buffers fill and the client's own sends block, as TCP means them to."""
 
-    POLL = 0.05  # seconds between looks
+    POLL = 0.05  # the longest wait between looks (seconds)
+    FIRST_POLL = 0.001  # the first: doubled at each look that finds it still paused, up to POLL
     YIELD_EVERY = 32  # reads (a PUBLISH takes three or four)
 
     def __init__(self, inner: ReaderAdapter, output: OutputBound, writer: Any) -> None:
@@ -78,8 +79,12 @@ class ReadGate(ReaderAdapter):
         self._reads += 1
         if not self._reads % self.YIELD_EVERY:  # buffered bytes are read without a pause: let the
             await asyncio.sleep(0)  # tasks made of the packets read so far reach the inbox
-        while self._output.read_paused(self._writer):  # noqa: ASYNC110 (asyncio has no event for these)
-            await asyncio.sleep(self.POLL)
+        # a full inbox is often emptied by the next round of its message loop: a fixed 50 ms look
+        # held a bot that sent faster than one loop round for 50 ms each time (issue 21)
+        delay = self.FIRST_POLL
+        while self._output.read_paused(self._writer):  # polled: asyncio has no event for these
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, self.POLL)
         data: bytes = await self._inner.read(n)
         return data
 

@@ -19,6 +19,7 @@ from imcli.cli.common import (
     PasswordStdin,
     PortOpt,
     TlsOpt,
+    ask_new_password,
     ask_password,
     console,
     err_console,
@@ -155,12 +156,12 @@ def _two_passwords(from_stdin: bool) -> tuple[str, str]:
     if from_stdin:
         old, new = sys.stdin.readline().rstrip("\r\n"), sys.stdin.readline().rstrip("\r\n")
         if not old or not new:
-            raise InvalidInput("give the old and the new password on two lines of stdin")
+            raise InvalidInput("no password on stdin", "give the old and the new password on two lines of stdin")
         return old, new
     if not sys.stdin.isatty():
         raise InvalidInput("no password given", "type them at a terminal or use --password-stdin (two lines)")
     asked_old: str = typer.prompt("Old password", hide_input=True)
-    asked_new: str = typer.prompt("New password", hide_input=True, confirmation_prompt=True)
+    asked_new = ask_new_password("New password")
     return asked_old, asked_new
 
 

@@ -67,7 +67,7 @@ def file_text(item: Received, n: int) -> str:
 def files_of(chat: ChatSession) -> ChatFiles:
     files: ChatFiles | None = getattr(chat, "files", None)
     if files is None:
-        raise InvalidInput("files are not available here")
+        raise InvalidInput("files are not available here", "use imcli send and imcli get")
     return files
 
 

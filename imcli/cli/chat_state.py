@@ -84,7 +84,10 @@ def save_state(account: str, state: ChatState, path: Path | None = None) -> None
             json.dump(asdict(state) | {"seen": state.seen[-SEEN_KEPT:]}, f)
         tmp.replace(path)
     except OSError as exc:
-        raise ImcliError(f"cannot save the chat state in {path.parent}: {exc.strerror or exc}") from exc
+        raise ImcliError(
+            f"cannot save the chat state in {path.parent}: {exc.strerror or exc}",
+            "check that directory's permissions, or set IMCLI_CONFIG_DIR",
+        ) from exc
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ importing this module costs nothing at start-up.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -35,7 +36,8 @@ def print_error(exc: ImcliError) -> None:
 
 
 class CliGroup(TyperGroup):
-    """Every command group: an ImcliError becomes one red line and exit code 1, never a traceback."""
+    """Every command group: an ImcliError becomes one red line and exit code 1, never a traceback;
+    a usage error (a missing argument, an unknown option) one line with the usage, exit code 2."""
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -44,10 +46,104 @@ class CliGroup(TyperGroup):
             print_error(exc)
             raise typer.Exit(1) from exc
 
+    def main(  # type: ignore[override]
+        self, args: Any = None, prog_name: str | None = None, standalone_mode: bool = True, **kwargs: Any
+    ) -> Any:
+        tidy_help(self)
+        if not standalone_mode:
+            return super().main(args, prog_name, standalone_mode=False, **kwargs)
+        # Typer 0.29 vendors click as typer._click; its usage errors are not re-exported (BadParameter is)
+        from typer._click import exceptions as click
+
+        try:
+            code = super().main(args, prog_name, standalone_mode=False, **kwargs)
+        except click.NoArgsIsHelpError as exc:  # `imcli group`: the help, as Typer shows it
+            typer.echo(exc.ctx.get_help())
+            sys.exit(0)
+        except click.UsageError as exc:
+            print_error(usage_error(exc))
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            print_error(InvalidInput(_sentence(exc.format_message()), "see --help"))
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+_TYPE_NAMES = {"<str>": "TEXT", "<int>": "N", "<float>": "NUMBER", "<path>": "PATH", "<list[str]>": "TEXT"}
+_BRACKET = re.compile(r"\[[^\]]*\]")
+_KEEP = str.maketrans({" ": "\u00a0", "-": "\u2011"})  # while wrapping only: click breaks at spaces and hyphens
+_UNKEEP = str.maketrans({"\u00a0": " ", "\u2011": "-"})
+
+
+def _formatter_class() -> type:
+    from typer._click.formatting import HelpFormatter  # Typer 0.29 vendors click
+
+    class TidyFormatter(HelpFormatter):
+        """Wraps help without splitting a bracket (``[default: 1883]``, ``[env var: IMCLI_PORT]``)."""
+
+        def write_dl(self, rows: Any, *args: Any, **kwargs: Any) -> None:
+            start = len(self.buffer)
+            kept = [(a, _BRACKET.sub(lambda m: m.group().translate(_KEEP), b)) for a, b in rows]
+            super().write_dl(kept, *args, **kwargs)
+            self.buffer[start:] = [part.translate(_UNKEEP) for part in self.buffer[start:]]
+
+    return TidyFormatter
+
+
+def tidy_help(command: Any) -> None:
+    """Help as a person reads it. Typer 0.29 shows arguments as ``{user} <str>`` and values as
+    ``<int>``: here ``USER``, ``--port N``; a bracket never wraps in two; ``{default_data_dir}`` in
+    a help string is the real default. Typer has no setting for these, so each command's context
+    class and each parameter's public help hooks are replaced here, once."""
+    if getattr(command, "_tidy", False):
+        return
+    command._tidy = True
+    context = command.context_class
+    command.context_class = type("TidyContext", (context,), {"formatter_class": _formatter_class()})
+    for param in command.params:
+        if param.param_type_name == "argument":
+            param.metavar = param.metavar or param.name.upper()
+            piece = (param.metavar if param.required else f"[{param.metavar}]") + ("..." if param.nargs != 1 else "")
+            param.get_usage_pieces = lambda ctx, piece=piece: [piece]
+            param.display_type_rich = lambda ctx: ""
+        else:
+            shown = param.display_type_rich
+            param.display_type_rich = lambda ctx, shown=shown: _TYPE_NAMES.get(t := shown(ctx), t.strip("<>").upper())
+        if param.help and "{default_data_dir}" in param.help:
+            from imcli.client.config import default_data_dir
+
+            home = str(Path.home())
+            where = str(default_data_dir())
+            param.help = param.help.replace(
+                "{default_data_dir}", "~" + where[len(home) :] if where.startswith(home + "/") else where
+            )
+    if command.help and not command.short_help:  # `imcli --help` lists each command's first sentence whole
+        command.short_help = " ".join(command.help.split("\n\n")[0].split())
+    for sub in getattr(command, "commands", {}).values():
+        tidy_help(sub)
+
+
+def usage_error(exc: Any) -> InvalidInput:
+    """click's usage error as one line: what is wrong (usage: …; more: … --help)."""
+    ctx = exc.ctx
+    if ctx is None:
+        return InvalidInput(_sentence(exc.format_message()), "see imcli --help")
+    usage = " ".join([ctx.command_path, *ctx.command.collect_usage_pieces(ctx)])
+    return InvalidInput(_sentence(exc.format_message()), f"usage: {usage}; more: {ctx.command_path} --help")
+
+
+def _sentence(text: str) -> str:
+    """click's "Missing argument 'NAME'." as a clause: "missing argument 'NAME'"."""
+    text = " ".join(text.split()).rstrip(".")
+    return text[:1].lower() + text[1:] if text[1:2].islower() else text
+
 
 def sub_app(help_text: str) -> typer.Typer:
     """A noun's sub-app (``imcli group …``) with the shared error handling."""
-    return typer.Typer(cls=CliGroup, help=help_text, no_args_is_help=True)
+    return typer.Typer(cls=CliGroup, help=help_text, no_args_is_help=True, rich_markup_mode=None)
 
 
 HostOpt = Annotated[
@@ -76,7 +172,7 @@ PasswordStdin = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 DataDirOpt = Annotated[
     Path | None,
-    typer.Option("--data-dir", envvar="IMCLI_DATA_DIR", help="Broker data directory [default: per-user data dir]"),
+    typer.Option("--data-dir", envvar="IMCLI_DATA_DIR", help="Broker data directory [default: {default_data_dir}]"),
 ]
 
 
@@ -109,15 +205,42 @@ def ask_password(from_stdin: bool, *, confirm: bool) -> str:
     if from_stdin:
         line = sys.stdin.readline().rstrip("\r\n")
         if not line:
-            raise InvalidInput("no password on stdin")
+            raise InvalidInput(
+                "no password on stdin", "give it as the first line of stdin, or leave out --password-stdin to be asked"
+            )
         return line
     env = os.environ.get("IMCLI_PASSWORD")
     if env:
         return env
     if not sys.stdin.isatty():
         raise InvalidInput("no password given", "type it at a terminal, set IMCLI_PASSWORD or use --password-stdin")
-    value: str = typer.prompt("Password", hide_input=True, confirmation_prompt=confirm)
+    if confirm:
+        return ask_new_password()
+    value: str = typer.prompt("Password", hide_input=True)
     return value
+
+
+NEW_PASSWORD_TRIES = 3
+
+
+def ask_new_password(label: str = "Password") -> str:
+    """A new password typed twice at the terminal: its length is checked before it is asked again,
+    and after three tries that fail (too short, or two that differ) the command gives up."""
+    from imcli.broker.accounts import check_password
+
+    for left in range(NEW_PASSWORD_TRIES - 1, -1, -1):
+        first: str = typer.prompt(label, hide_input=True)
+        try:
+            check_password(first)
+        except InvalidInput as exc:
+            problem = str(exc)
+        else:
+            if typer.prompt("Repeat it", hide_input=True) == first:
+                return first
+            problem = "the two passwords differ"
+        if left:
+            typer.echo(f"{problem}; try again ({left} {'tries' if left > 1 else 'try'} left)", err=True)
+    raise InvalidInput(f"{problem}, {NEW_PASSWORD_TRIES} times", "run the command again when you have one in mind")
 
 
 def account_store(data_dir: Path | None) -> AccountStore:

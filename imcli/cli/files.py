@@ -109,19 +109,24 @@ def files(
 
     where = Conversation.parse(conversation) if conversation else None
     with FileConnection(signed_in(host, port), "files") as connection:
-        found = connection.listing(where)
+        found, more = connection.listing(where)
     if json_:
         print(json.dumps([f.model_dump(exclude_none=True, exclude={"thumb"}) for f in found]))
         return
     if not found:
         console().print("no files")
         return
+    if more:
+        print("(older files left out)", file=sys.stderr)
     from rich.table import Table
 
     from imcli.cli.render import ago, shown
     from imcli.core.text import human_size
 
-    table = Table("id", "name", "size", "type", "from", "where", "when", box=None)
+    table = Table(box=None)
+    table.add_column("id", no_wrap=True, min_width=24)  # what `imcli get` needs: never cut
+    for header in ("name", "size", "type", "from", "where", "when"):
+        table.add_column(header)
     for f in found:
         kind = f.mime + (f" {f.width}x{f.height}" if f.width and f.height else "")
         table.add_row(

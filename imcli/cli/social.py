@@ -134,7 +134,7 @@ def group_members(name: GroupArg, json_: JsonOpt = False, host: HostOpt = None, 
 
     reply = services.group_request(signed_in(host, port), "members", name)
     if not isinstance(reply, GroupReply) or reply.group is None:
-        raise NotFound(f"no group #{name}")
+        raise NotFound(f"no group #{name}", "see the groups with: imcli group list")
     info = reply.group
     from imcli.cli.render import shown
 

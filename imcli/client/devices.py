@@ -53,7 +53,7 @@ def trade_password(address: BrokerAddress, account: str, password: str, device: 
     except Unsupported:
         return Traded(password, password_kept=True)
     if reply.credential is None:
-        raise ImcliError("the broker issued no credential")
+        raise ImcliError("the broker issued no credential", "try again; the broker's log says why")
     return Traded(reply.credential, password_kept=False)
 
 
@@ -63,7 +63,7 @@ def create_token(address: BrokerAddress, account: str, password: str, label: str
     verify_login(address, credentials, label)
     reply = _ask(Identity(address, credentials, label), DeviceRequest(op="token", name=label))
     if reply.credential is None:
-        raise ImcliError("the broker issued no credential")
+        raise ImcliError("the broker issued no credential", "try again; the broker's log says why")
     return reply.credential
 
 

@@ -63,7 +63,7 @@ def _refused(reply: ErrorReply) -> ImcliError:
         return NotAllowed(reply.text, "see the limits of this server with its operator, or send something smaller")
     if reply.code == "internal":
         return ImcliError(reply.text, "nothing stored was lost; try again later")
-    return _ERRORS.get(reply.code, ImcliError)(reply.text)
+    return _ERRORS.get(reply.code, ImcliError)(reply.text, "see your files with 'imcli files'")
 
 
 def check_file(path: Path) -> int:
@@ -336,14 +336,16 @@ class FileConnection:
 
     # ---------------------------------------------------------------- listing
 
-    def listing(self, where: Conversation | None, limit: int = 100) -> list[FileInfo]:
+    def listing(self, where: Conversation | None, limit: int = 100) -> tuple[list[FileInfo], bool]:
+        """The files I may fetch, oldest first, and whether older ones were left out."""
         target: dict[str, str] = {}
         if where is not None:
             target = {"user": resolve(self, where.name)} if where.kind == "dm" else {where.kind: where.name}
         reply = self.ask(FileListRequest(limit=limit, **target))
         if isinstance(reply, ErrorReply):
             raise _refused(reply)
-        return expect(reply, FileListing).files
+        listing = expect(reply, FileListing)
+        return listing.files, listing.more
 
 
 def _destination(output: Path | None, info: FileInfo) -> Path:

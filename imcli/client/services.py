@@ -159,7 +159,7 @@ def drop_device_sessions(address: BrokerAddress, credentials: Credentials, devic
 def prepare_text(text: str, max_payload: int = DEFAULT_MAX_PAYLOAD) -> ChatMessage:
     """Build the message for ``text``, refusing empty and over-long ones before sending."""
     message = ChatMessage(text=clean_text(text))
-    check_size(len(encode(message)), max_payload)
+    check_size(len(encode(message)), max_payload, message.text)
     return message
 
 
@@ -208,7 +208,7 @@ def ask_friend_with(
     """``ask_friend``, and whom ``user`` (an account or display name) resolved to."""
     other = resolve_user(asker, user) if user is not None else None
     request = FriendRequest(op=op, user=other.account if other else None, dm_policy=policy)
-    return expect(asker.ask(request), FriendReply).record, other
+    return expect(asker.ask(request), FriendReply, _FRIEND_HINTS).record, other
 
 
 def resolve(asker: Asker, name: str) -> str:
@@ -370,7 +370,7 @@ def ask_group(
     reply = asker.ask(GroupRequest(op=op, group=group, user=account, private=private))
     if isinstance(reply, GroupList):
         return reply
-    return expect(reply, GroupReply)
+    return expect(reply, GroupReply, _GROUP_HINTS)
 
 
 def group_say(identity: Identity, group: str, message: ChatMessage) -> None:
@@ -382,7 +382,9 @@ def group_say(identity: Identity, group: str, message: ChatMessage) -> None:
 
 
 def check_member(asker: Asker, group: str, me: str) -> None:
-    reply = expect(asker.ask(GroupRequest(op="members", group=check_name(group, "group name"))), GroupReply)
+    reply = expect(
+        asker.ask(GroupRequest(op="members", group=check_name(group, "group name"))), GroupReply, _GROUP_HINTS
+    )
     if reply.group is None or me not in reply.group.members:
         raise NotAllowed(f"you are not a member of #{group}", f"join it first: imcli group join {group}")
 
@@ -452,7 +454,7 @@ def ask_history(
             target[where.kind] = where.name
     request = HistoryRequest(limit=limit, since=since, before=before, **target)
     try:
-        page = expect(asker.ask(request), HistoryReply)
+        page = expect(asker.ask(request), HistoryReply, _HISTORY_HINTS)
     except RequestTimeout as exc:
         raise RequestTimeout(
             "the archive did not answer", "history needs the archive worker, which 'imcli serve' runs"
@@ -463,13 +465,39 @@ def ask_history(
     return page.model_copy(update={"messages": [with_names(m, names) for m in page.messages]})
 
 
-def expect(reply: Payload, kind: type[_R]) -> _R:
-    """The reply if it is a ``kind``; a worker's refusal becomes the matching error."""
+# what to do after a worker's refusal (its ErrorReply says what happened), by request and code
+_GROUP_HINTS = {
+    "not_found": "see the groups with 'imcli group list', the users with 'imcli who --all'",
+    "taken": "choose another name",
+    "denied": "ask the group's owner or an admin; 'imcli group members NAME' lists them",
+    "invalid": "see the group with 'imcli group members NAME'",
+}
+_FRIEND_HINTS = {
+    "not_found": "see your friends and requests with 'imcli friend list', the users with 'imcli who --all'",
+    "invalid": "see your friends and requests with 'imcli friend list'",
+}
+_HISTORY_HINTS = {
+    "not_found": "see the groups with 'imcli group list'",
+    "denied": "join the group first: imcli group join NAME",
+    "invalid": "name one room, @person or #group",
+}
+_HINTS = {
+    "not_found": "check the name with 'imcli who --all' or 'imcli group list'",
+    "taken": "choose another name",
+    "denied": "you may not do that here",
+    "invalid": "check what you typed",
+    "internal": "try again; the broker's log says what failed",
+}
+
+
+def expect(reply: Payload, kind: type[_R], hints: dict[str, str] | None = None) -> _R:
+    """The reply if it is a ``kind``; a worker's refusal becomes the matching error, with what to do."""
     if isinstance(reply, kind):
         return reply
     if isinstance(reply, ErrorReply):
-        raise _ERRORS.get(reply.code, ImcliError)(reply.text)
-    raise ImcliError(f"a worker answered with an unexpected {reply.type!r}")
+        hint = (hints or {}).get(reply.code) or _HINTS.get(reply.code, "try again; the broker's log says more")
+        raise _ERRORS.get(reply.code, ImcliError)(reply.text, hint)
+    raise ImcliError(f"a worker answered with an unexpected {reply.type!r}", "is the broker's imcli the same version?")
 
 
 # ---------------------------------------------------------------- request / reply

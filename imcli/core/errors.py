@@ -22,12 +22,15 @@ from __future__ import annotations
 
 
 class ImcliError(Exception):
-    """Root of every expected failure; ``str(err)`` is the line shown to the user."""
+    """Root of every expected failure; ``str(err)`` is the line shown to the user.
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
+    The hint (what to do) is required: every expected failure tells the user a way on.
+    """
+
+    def __init__(self, message: str, hint: str) -> None:
         self.message = message
         self.hint = hint
-        super().__init__(f"{message} ({hint})" if hint else message)
+        super().__init__(f"{message} ({hint})")
 
 
 class InvalidInput(ImcliError):
@@ -65,7 +68,7 @@ class BrokerUnreachable(BrokerError):
 class AuthenticationFailed(BrokerError):
     """The broker refused the CONNECT; ``code`` is the MQTT 3.1.1 CONNACK return code."""
 
-    def __init__(self, message: str, hint: str | None = None, *, code: int = 5) -> None:
+    def __init__(self, message: str, hint: str, *, code: int = 5) -> None:
         super().__init__(message, hint)
         self.code = code
 

@@ -248,11 +248,11 @@ class MqttClient:
         """Publish and wait for the broker's acknowledgement (PUBACK at QoS 1)."""
         info = self._client().publish(topic, payload, qos=qos, retain=retain)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            raise PublishFailed(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+            raise PublishFailed(f"publish to {topic} failed: {paho.error_string(info.rc)}", _AGAIN)
         try:
             info.wait_for_publish(self.timeout)
         except (RuntimeError, ValueError) as exc:
-            raise PublishFailed(f"publish to {topic} failed: {exc}") from exc
+            raise PublishFailed(f"publish to {topic} failed: {exc}", _AGAIN) from exc
         if not info.is_published():
             raise PublishFailed(f"the broker did not acknowledge the message within {self.timeout:g}s", "try again")
 
@@ -269,7 +269,9 @@ class MqttClient:
         for f in refused:  # not renewed after a reconnect
             self._filters.pop(f, None)
         if refused:
-            raise PublishFailed(f"the broker refused the subscription to {', '.join(refused)}")
+            raise PublishFailed(
+                f"the broker refused the subscription to {', '.join(refused)}", "is your account allowed to read there?"
+            )
 
     def get(self, timeout: float | None = None) -> Message | None:
         """The next message from the inbox (default ``on_message``), or ``None`` on timeout."""
@@ -282,13 +284,13 @@ class MqttClient:
 
     def _client(self) -> paho.Client:
         if self._paho is None:
-            raise PublishFailed("not connected")
+            raise PublishFailed("not connected", _AGAIN)
         return self._paho
 
     def _subscribe_and_wait(self, topics: list[tuple[str, int]]) -> list[ReasonCode]:
         rc, mid = self._client().subscribe(topics)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-            raise PublishFailed(f"subscribe failed: {paho.error_string(rc)}")
+            raise PublishFailed(f"subscribe failed: {paho.error_string(rc)}", _AGAIN)
         done = threading.Event()
         with self._lock:  # the SUBACK may have arrived already
             if mid in self._suback_codes:
@@ -296,7 +298,7 @@ class MqttClient:
             else:
                 self._suback_waiters[mid] = done
         if not done.wait(self.timeout):
-            raise PublishFailed(f"the broker did not acknowledge the subscription within {self.timeout:g}s")
+            raise PublishFailed(f"the broker did not acknowledge the subscription within {self.timeout:g}s", _AGAIN)
         with self._lock:
             self._suback_waiters.pop(mid, None)
             return self._suback_codes.pop(mid)
@@ -351,7 +353,7 @@ class MqttClient:
         if not self._closing and self._was_connected and self._on_connection is not None:
             self._on_connection(False)
         if not self._reconnect and not self._closing:
-            self.fatal = self.fatal or BrokerUnreachable(f"lost the connection to {self.address}")
+            self.fatal = self.fatal or BrokerUnreachable(f"lost the connection to {self.address}", "try again")
 
     def _handle_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         self._on_message(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
@@ -368,7 +370,9 @@ class MqttClient:
             filters, attempt = renewal
             refused = [f for f, rc in zip(filters, codes, strict=False) if rc.is_failure]
             if refused and attempt >= RENEW_TRIES:
-                self.fatal = PublishFailed("the broker refused a subscription after reconnecting")
+                self.fatal = PublishFailed(
+                    "the broker refused a subscription after reconnecting", "start again; the broker's log says why"
+                )
             elif refused:
                 timer = threading.Timer(attempt, self._renew_later, (refused, attempt + 1))
                 timer.daemon = True
@@ -415,6 +419,8 @@ def _tls_failure(address: BrokerAddress, exc: ValueError | OSError) -> BrokerUnr
     return BrokerUnreachable(f"TLS handshake with {address} failed: {reason}", "does that port speak TLS?")
 
 
+_AGAIN = "check that the broker runs, and try again"
+
 # what a refused CONNECT most likely means, where the code alone does not say (MQTT 3.1.1 has no reason text)
 _REFUSAL_HINTS = {
     5: "check the password; imcli serve also refuses an account past its connections or persistent sessions "
@@ -431,5 +437,7 @@ def _refusal(rc: ReasonCode, credentials: Credentials) -> AuthenticationFailed:
             code=4,
         )
     return AuthenticationFailed(
-        f"the broker refused the connection: {str(rc).lower()} (code {code})", _REFUSAL_HINTS.get(code), code=code
+        f"the broker refused the connection: {str(rc).lower()} (code {code})",
+        _REFUSAL_HINTS.get(code, "check the name, password and address"),
+        code=code,
     )

@@ -89,7 +89,9 @@ class RequestClient:
         try:
             return decode(reply.payload)
         except MalformedPayload as exc:
-            raise ImcliError(f"a worker sent a malformed reply: {exc}") from exc
+            raise ImcliError(
+                f"a worker sent a malformed reply: {exc}", "is the broker's imcli the same version as yours?"
+            ) from exc
 
     def deliver(self, message: Message) -> bool:
         """Hand a received message to the request waiting for it (paho's thread); ``False`` if it is no reply."""

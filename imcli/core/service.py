@@ -166,7 +166,9 @@ class ServiceWorker:
         self._sync_id = marker.id
         self.client.publish(own, encode(marker), qos=1)
         if not self.synced.wait(SYNC_TIMEOUT):
-            raise RequestTimeout(f"{self.account} did not read its retained state within {SYNC_TIMEOUT:g}s")
+            raise RequestTimeout(
+                f"{self.account} did not read its retained state within {SYNC_TIMEOUT:g}s", "start the workers again"
+            )
         with self.lock:
             self.on_synced()
         self.client.subscribe([self.topics.request_filter()])

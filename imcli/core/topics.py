@@ -179,7 +179,9 @@ class Topics:
 
     def status(self, user: str, device: str) -> str:
         if not is_device(device):
-            raise InvalidInput(f"invalid device name {device!r}")
+            raise InvalidInput(
+                f"invalid device name {device!r}", "letters, digits, '_' or '-'; imcli login picks one itself"
+            )
         return f"{self.prefix}/status/{_n(user)}/{device}"
 
     def sync(self, service: str) -> str:
@@ -320,5 +322,5 @@ def _n(value: str) -> str:
 
 def _i(value: str) -> str:
     if not is_id(value):
-        raise InvalidInput(f"invalid id {value!r}")
+        raise InvalidInput(f"invalid id {value!r}", "ids are made by imcli; use the one it printed")
     return value

@@ -439,8 +439,12 @@ class FilesWorker(ServiceWorker):
             if isinstance(conv, ErrorReply):
                 return conv
             files = self.store.listing([conv], r.limit)
-        shown = [self._info(f, sender) for f in files if self._may_read(sender, f)]
-        return FileListing(id=r.id, files=shown)
+        shown = [self._info(f, sender).model_copy(update={"thumb": None}) for f in files if self._may_read(sender, f)]
+        listing = FileListing(id=r.id, files=shown, more=len(files) >= r.limit)
+        while len(encode(listing)) > self.limits.max_payload and listing.files:  # newest kept
+            cut = max(1, len(listing.files) // 4)
+            listing = FileListing(id=r.id, files=listing.files[cut:], more=True)
+        return listing
 
     # ---------------------------------------------------------------- rules
 

@@ -80,13 +80,16 @@ async def serve_forever(
                 f"cannot listen on {settings.bind}:{settings.port}: {cause.strerror or cause}",
                 "is another broker running there? choose another --port",
             ) from exc
-        raise ImcliError(f"the broker did not start: {exc}") from exc
+        raise ImcliError(
+            f"the broker did not start: {exc}", "see the log above; imcli serve --verbose says more"
+        ) from exc
     try:
         address = BrokerAddress(connect_host(settings.bind), broker.bound_port(), tls=settings.tls)
         ws_port = broker.bound_port(WS_LISTENER) if settings.ws_port is not None else None
         info = ServeInfo(address, settings.bind, settings.data_dir, settings.registration, broker, ws_port)
         async with contextlib.AsyncExitStack() as running:  # the workers stop first, the broker last
             if workers:
+                broker.admission.hold_clients()  # until the workers are in: imcli/broker/admission.py
                 # with TLS the workers use the broker's plain loopback-only listener (see BrokerSettings)
                 local = BrokerAddress("127.0.0.1", broker.worker_port()) if settings.tls else address
                 passwords: dict[str, str] = {}
@@ -97,6 +100,7 @@ async def serve_forever(
                     await _start_child(running, settings, local, passwords)
                 else:
                     await _start_threads(running, settings, broker, local, passwords)
+            broker.admission.workers_ready()
             if tune_gc:
                 calm_collector()
             ready(info)
@@ -170,7 +174,10 @@ class BackgroundServer:
     def __enter__(self) -> ServeInfo:
         self._thread.start()
         if not self._ready.wait(self._start_timeout):
-            raise ImcliError(f"the embedded broker did not start within {self._start_timeout:g}s")
+            raise ImcliError(
+                f"the embedded broker did not start within {self._start_timeout:g}s",
+                "see the log; is the machine busy?",
+            )
         if self._error is not None:
             raise self._error
         assert self._info is not None

@@ -65,6 +65,7 @@
       if (l[0] === "group" && l.length === 4 && l[2] === "msg" && n(1) && n(3)) return { kind: "group", name: l[1], from: l[3] };
       if (l[0] === "group" && l.length === 3 && l[2] === "info" && n(1)) return { kind: "group_info", name: l[1] };
       if (l[0] === "presence" && l.length === 2 && n(1)) return { kind: "presence", user: l[1] };
+      if (l[0] === "profile" && l.length === 2 && n(1)) return { kind: "profile", user: l[1] };
       if (l[0] === "events" && l.length === 1) return { kind: "events" };
       return null;
     },
@@ -79,6 +80,8 @@
     convs: new Map(), // "room:lobby" | "dm:bob" | "group:team" -> conversation
     current: null,
     presence: new Map(), // account -> Presence record
+    profiles: new Map(), // account -> Profile record (issue 18)
+    card: null, // the account whose profile card is shown
     groups: new Map(), // group name -> GroupInfo (the ones this page may read)
     publicGroups: [],
     friends: { friends: [], incoming: [], outgoing: [], dm_policy: "anyone" },
@@ -202,7 +205,7 @@
       });
       client.on("reconnect", () => setConn("reconnecting…"));
       client.on("offline", () => setConn("offline"));
-      client.on("message", onMessage);
+      client.on("message", (topic, payload, packet) => onMessage(topic, payload, packet));
     });
   }
 
@@ -252,7 +255,7 @@
   function online(statusTopic) {
     const subs = {};
     for (const f of [`${PREFIX}/user/${S.me}/#`, `${PREFIX}/room/+/+`, `${PREFIX}/group/+/msg/+`,
-      `${PREFIX}/group/+/info`, `${PREFIX}/presence/+`, `${PREFIX}/events`]) subs[f] = { qos: 1 };
+      `${PREFIX}/group/+/info`, `${PREFIX}/presence/+`, `${PREFIX}/profile/+`, `${PREFIX}/events`]) subs[f] = { qos: 1 };
     return new Promise((resolve) => {
       S.client.subscribe(subs, () => {
         const status = () => publish(statusTopic, { type: "status", v: 1, state: "online", interval: HEARTBEAT, ts: Date.now() / 1000 }, { retain: true });
@@ -277,7 +280,7 @@
   }
 
   // ------------------------------------------------------------------ incoming
-  function onMessage(topic, payload) {
+  function onMessage(topic, payload, packet) {
     const t = T.parse(topic);
     if (!t) return;
     if (t.kind === "room" || t.kind === "dm" || t.kind === "group") return onChat(t, payload);
@@ -299,6 +302,7 @@
       renderPeople(); renderConvs();
       return;
     }
+    if (t.kind === "profile") return onProfile(t.user, obj, packet && packet.retain);
     if (t.kind === "events" && obj && obj.type === "event") return onEvent(obj);
     if (t.kind === "notice" && obj && obj.type === "notice") return onNotice(obj);
     if (t.kind === "friends" && t.owner === S.me && obj && obj.type === "friends") {
@@ -353,11 +357,34 @@
     addMessage(conv, msg, true);
   }
 
+  function onProfile(user, obj, retained) {
+    if (!obj || obj.type !== "profile" || obj.account !== user) {
+      S.profiles.delete(user);
+    } else {
+      const before = S.profiles.get(user);
+      S.profiles.set(user, obj);
+      // a live change (not the retained copy a subscription starts with) is an event, as in listen
+      const was = before || { signature: "", about: "", avatar: null };
+      const changed = obj.signature !== was.signature || obj.about !== was.about || JSON.stringify(obj.avatar) !== JSON.stringify(was.avatar);
+      if (!retained && changed && user !== S.me && S.current && S.current.kind === "room") { // a rename has its own event
+        const what = obj.signature !== was.signature ? `: signature “${obj.signature}”` : "";
+        system(S.current, `${obj.name}${obj.name !== user ? ` (@${user})` : ""} changed their profile${what}`);
+      }
+    }
+    if (user === S.me) fillMyProfile();
+    renderPeople();
+    if (S.card === user) renderCard();
+  }
+
   function onEvent(ev) {
     const who = ev.account;
     let text;
     if (ev.event === "rename") text = `${ev.old_nick || who} is now ${ev.nick}`;
-    else text = `${ev.nick}${ev.nick !== who ? ` (${who})` : ""} ${ev.event === "join" ? "is online" : "went offline"}`;
+    else {
+      const verb = { join: "is online", leave: "went offline",
+        device_join: `is online on ${ev.device} too`, device_leave: `left ${ev.device}` }[ev.event] || ev.event;
+      text = `${ev.nick}${ev.nick !== who ? ` (${who})` : ""} ${verb}`;
+    }
     const rec = S.presence.get(who) || { account: who, nick: ev.nick, state: "offline", devices: 0 };
     rec.nick = ev.nick;
     if (ev.event === "join") rec.state = "online";
@@ -525,6 +552,40 @@
     }
   }
 
+  // ------------------------------------------------------------------ profiles (issue 18)
+  function thumbnailUrl(b64) {
+    // a profile's thumbnail: base64 of a small PNG or JPEG, recognised by its first bytes
+    if (typeof b64 !== "string" || b64.length > 20000 || !/^[A-Za-z0-9+/]+=*$/.test(b64)) return null;
+    if (b64.startsWith("iVBORw0KGgo")) return `data:image/png;base64,${b64}`;
+    if (b64.startsWith("/9j/")) return `data:image/jpeg;base64,${b64}`;
+    return null;
+  }
+
+  function renderCard() {
+    const who = S.card;
+    $("profile-card").hidden = !who;
+    if (!who) return;
+    const prof = S.profiles.get(who) || {};
+    const pres = S.presence.get(who);
+    $("card-name").textContent = prof.name || nickOf(who);
+    $("card-account").textContent = who;
+    $("card-presence").textContent = pres ? (pres.state === "online" ? "online" : "offline") : "";
+    $("card-signature").textContent = prof.signature || "";
+    $("card-about").textContent = prof.about || "";
+    const url = prof.avatar ? thumbnailUrl(prof.avatar.thumbnail) : null;
+    $("card-avatar").hidden = !url;
+    if (url) $("card-avatar").src = url; else $("card-avatar").removeAttribute("src");
+    $("card-dm").hidden = who === S.me;
+  }
+
+  function fillMyProfile() {
+    const mine = S.profiles.get(S.me);
+    if (!mine || $("my-profile").open) return; // never overwrite what is being typed
+    $("signature-input").value = mine.signature || "";
+    $("about-input").value = mine.about || "";
+  }
+
+
   // ------------------------------------------------------------------ files (issue 16)
   // The bytes travel in chunks (8-byte big-endian offset, then data) beside request/reply:
   // uploads on upload/<me>/<upload> paced by the worker's file_progress, downloads on
@@ -628,23 +689,49 @@
     });
   }
 
+  // Store a file with the files worker for a conversation (resuming an earlier attempt): its FileInfo.
+  async function storeFile(file, name, target) {
+    if (!file.size) throw new Error("that file is empty");
+    const bytes = new Uint8Array(await file.arrayBuffer());
+    const sha256 = await sha256hex(bytes);
+    showUpload(name, 0);
+    let info = null;
+    for (let attempt = 0; attempt < 4 && !info; attempt++) {
+      const reply = await request(Object.assign({ type: "file_offer", name, size: bytes.length, sha256 }, target));
+      info = reply.type === "file_ready" ? reply.file : await sendChunks(bytes, reply, name);
+    }
+    if (!info) throw new Error("the files worker stopped answering (send it again: it resumes)");
+    showUpload(name, 1);
+    return info;
+  }
+
+  // An avatar is a file of the default room (readable by everyone, as profiles are), as imcli profile set --avatar.
+  async function setAvatar(file) {
+    const name = file.name.slice(-255) || "avatar";
+    try {
+      if (file.size > 5 << 20) throw new Error("an avatar is at most 5 MiB");
+      const info = await storeFile(file, name, { room: "lobby" });
+      if (!IMAGE_TYPES.includes(info.mime)) throw new Error("that is not a PNG, JPEG, GIF or WebP image");
+      const avatar = { file: info.id, media_type: info.mime, thumbnail: info.thumb || "" };
+      const r = await request({ type: "profile_set", avatar, clear_avatar: false });
+      for (const prof of r.profiles || []) if (prof.account === S.me) S.profiles.set(S.me, prof);
+      setStatus("avatar saved");
+      renderPeople();
+      if (S.card === S.me) renderCard();
+    } catch (e) {
+      setStatus(`avatar: ${e.message}`, true);
+    } finally {
+      setTimeout(() => showUpload("", null), 800);
+    }
+  }
+
   async function sendFile(file) {
     const conv = S.current;
     if (!conv || !file) return;
     const name = file.name.slice(-255) || "file";
     try {
-      if (!file.size) throw new Error("that file is empty");
       const target = await fileTarget(conv);
-      const bytes = new Uint8Array(await file.arrayBuffer());
-      const sha256 = await sha256hex(bytes);
-      showUpload(name, 0);
-      let info = null;
-      for (let attempt = 0; attempt < 4 && !info; attempt++) {
-        const reply = await request(Object.assign({ type: "file_offer", name, size: bytes.length, sha256 }, target));
-        info = reply.type === "file_ready" ? reply.file : await sendChunks(bytes, reply, name);
-      }
-      if (!info) throw new Error("the files worker stopped answering (send it again: it resumes)");
-      showUpload(name, 1);
+      const info = await storeFile(file, name, target);
       const carried = Object.assign({}, info);
       delete carried.sender; delete carried.place; delete carried.ts;
       let msg = { type: "chat", v: 1, id: newId(), ts: Date.now() / 1000, text: describe(info), file: carried };
@@ -843,8 +930,13 @@
     $("people").replaceChildren(...people.map((p) => {
       const li = el("li", p.state === "online" ? "person online" : "person");
       li.dataset.account = p.account;
-      li.append(el("span", p.state === "online" ? "dot online" : "dot"), said(p.nick), el("span", "muted", p.nick !== p.account ? `(${p.account})` : ""));
-      if (p.account !== S.me) li.addEventListener("click", () => open(conversation("dm", p.account)));
+      const prof = S.profiles.get(p.account);
+      const face = prof && prof.avatar ? thumbnailUrl(prof.avatar.thumbnail) : null;
+      li.append(el("span", p.state === "online" ? "dot online" : "dot"));
+      if (face) { const img = el("img", "face"); img.alt = ""; img.src = face; li.append(img); }
+      li.append(said(p.nick), el("span", "muted", p.nick !== p.account ? `(${p.account})` : ""));
+      if (prof && prof.signature) li.append(said(prof.signature, "sig"));
+      li.addEventListener("click", () => { S.card = p.account; renderCard(); });
       return li;
     }));
     renderFriends();
@@ -968,6 +1060,22 @@
       $("file-input").value = "";
       if (file) sendFile(file);
     });
+    $("profile-form").addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      try {
+        const r = await request({ type: "profile_set", signature: $("signature-input").value.trim(), about: $("about-input").value, clear_avatar: false });
+        for (const prof of r.profiles || []) if (prof.account === S.me) S.profiles.set(S.me, prof);
+        $("my-profile").open = false;
+        setStatus("profile saved");
+        renderPeople();
+      } catch (e) { setStatus(`profile: ${e.message}`, true); }
+    });
+    $("avatar-input").addEventListener("change", () => {
+      const file = $("avatar-input").files[0];
+      $("avatar-input").value = "";
+      if (file) setAvatar(file);
+    });
+    $("card-dm").addEventListener("click", () => { if (S.card && S.card !== S.me) open(conversation("dm", S.card)); });
     $("older").addEventListener("click", () => S.current && loadHistory(S.current, true));
     const last = localStorage.getItem("imcli.last");
     if (last && NAME.test(last) && storedCredential(last)) {

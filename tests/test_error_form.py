@@ -1,0 +1,238 @@
+"""Every expected failure says ``Error: <what happened> (<what to do>)`` in one line (issue 22).
+
+The command tree is walked, not listed: a command added later is walked too. Each command is
+run wrong in each way a person runs it wrong (an unknown option, missing arguments, invalid
+and unknown names, not logged in, no broker, no password), and whatever fails must fail in
+that form, with no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pexpect
+import pytest
+import typer
+from typer.testing import Result
+
+from imcli.cli.app import app
+from imcli.core.errors import ImcliError, InvalidInput
+from imcli.serve.host import ServeInfo
+from tests.conftest import Cli, password_of
+
+FORM = re.compile(r"Error: \S.* \(\S.*\)")
+RUNS_UNTIL_STOPPED = {"serve", "workers", "presence", "listen"}  # walked with wrong options only
+
+
+def leaves(command: object, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], object]]:
+    subs = getattr(command, "commands", None)
+    if not subs:
+        yield path, command
+        return
+    for name, sub in subs.items():
+        yield from leaves(sub, (*path, name))
+
+
+COMMANDS = sorted(leaves(typer.main.get_command(app)), key=lambda c: c[0])
+
+
+def required_arguments(command: object) -> int:
+    params: list[Any] = command.params  # type: ignore[attr-defined]
+    return sum(1 for p in params if p.param_type_name == "argument" and p.required)
+
+
+def has_option(command: object, name: str) -> bool:
+    return any(name in getattr(p, "opts", ()) for p in command.params)  # type: ignore[attr-defined]
+
+
+def assert_form(result: Result, what: str) -> None:
+    assert "Traceback" not in result.output + result.stderr, f"{what}: {result.stderr}"
+    if result.exit_code == 0:
+        return
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and FORM.fullmatch(lines[0]), f"{what} (exit {result.exit_code}): {result.stderr!r}"
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_error_type_requires_a_hint() -> None:
+    with pytest.raises(TypeError):
+        InvalidInput("something happened")  # type: ignore[call-arg]
+    assert str(ImcliError("it broke", "do this")) == "it broke (do this)"
+
+
+def test_the_walk_reaches_every_command() -> None:
+    names = {" ".join(path) for path, _ in COMMANDS}
+    assert {"say", "dm", "register", "group invite", "friend add", "admin user add", "config set"} <= names
+
+
+@pytest.mark.parametrize(("path", "command"), COMMANDS, ids=[" ".join(p) for p, _ in COMMANDS])
+def test_every_error_of_every_command_has_the_form(
+    path: tuple[str, ...],
+    command: object,
+    server: ServeInfo,
+    users: Callable[..., None],
+    cli_as: Callable[[str], Cli],
+    tmp_path: Path,
+) -> None:
+    users("alice")
+    env = {"IMCLI_DATA_DIR": str(tmp_path / "admin-data"), "IMCLI_REQUEST_TIMEOUT": "3", "IMCLI_PASSWORD": ""}
+    stranger, alice = cli_as("nobody-logged-in"), cli_as("alice")
+    alice.login("alice")
+    words = list(path)
+
+    usage = stranger(*words, "--no-such-option", env=env)
+    assert usage.exit_code == 2
+    assert_form(usage, "an unknown option")
+    if required_arguments(command):
+        missing = stranger(*words, env=env)
+        assert missing.exit_code == 2
+        assert_form(missing, "no arguments")
+    if path[0] in RUNS_UNTIL_STOPPED:
+        return
+
+    for name in ("Bad Name", "nobody", ""):
+        args = [*words, *[name] * required_arguments(command)]
+        assert_form(stranger(*args, env=env, input=""), f"{args}, not logged in")
+        assert_form(alice(*args, env=env, input=""), f"{args}, as alice")
+        if has_option(command, "--port"):
+            down = alice(*args, "--port", str(closed_port()), env=env, input="")
+            assert_form(down, f"{args}, no broker")
+        if has_option(command, "--password-stdin"):
+            assert_form(stranger(*args, "--password-stdin", env=env, input="\n"), f"{args}, empty stdin")
+            short = stranger(*args, "--password-stdin", *port_of(server), env=env, input="short\n")
+            assert_form(short, f"{args}, a short password")
+
+
+def port_of(server: ServeInfo) -> list[str]:
+    return ["--host", server.address.host, "--port", str(server.address.port)]
+
+
+@pytest.fixture
+def team(server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli]) -> Callable[[str], Cli]:
+    users("alice", "bob")
+    for name in ("alice", "bob"):
+        cli_as(name).login(name)
+    assert cli_as("alice")("group", "create", "team").exit_code == 0
+    assert cli_as("alice")("group", "invite", "team", "bob").exit_code == 0
+    return cli_as
+
+
+@pytest.mark.parametrize(
+    ("who", "args", "stdin", "error"),
+    [
+        ("x", ["register", "frank", "--password-stdin"], "\n",
+         "Error: no password on stdin (give it as the first line of stdin, or leave out --password-stdin to be asked)"),
+        ("x", ["register", "frank", "--password-stdin"], "short\n",
+         "Error: password too short (choose one of at least 8 characters)"),
+        ("bob", ["group", "kick", "team", "alice"], None,
+         "Error: only admins of #team can do that (ask the group's owner or an admin; 'imcli group members NAME' "
+         "lists them)"),
+        ("alice", ["group", "create", "team"], None, "Error: the group name 'team' is taken (choose another name)"),
+        ("alice", ["friend", "add", "nobody"], None,
+         "Error: unknown user 'nobody' (check the name with 'imcli who --all')"),
+        ("alice", ["group", "invite", "team", "nobody"], None,
+         "Error: unknown user 'nobody' (check the name with 'imcli who --all')"),
+    ],
+)  # fmt: skip
+def test_the_errors_named_in_issue_22(
+    team: Callable[[str], Cli], server: ServeInfo, who: str, args: list[str], stdin: str | None, error: str
+) -> None:
+    cli = team(who)
+    result = cli(*args, *(port_of(server) if args[0] == "register" else []), input=stdin)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == error
+
+
+def test_usage_errors_are_one_line_with_the_usage(cli_as: Callable[[str], Cli]) -> None:
+    cli = cli_as("x")
+    missing = cli("dm", "bob")
+    assert missing.exit_code == 2
+    assert missing.stderr.strip() == (
+        "Error: missing argument 'TEXT' (usage: root dm [OPTIONS] USER TEXT; more: root dm --help)"
+    )
+    unknown = cli("frobnicate")
+    assert unknown.stderr.strip() == (
+        "Error: no such command 'frobnicate' (usage: root [OPTIONS] COMMAND [ARGS]...; more: root --help)"
+    )
+
+
+def test_help_reads_as_a_person_reads_it(cli_as: Callable[[str], Cli]) -> None:
+    cli = cli_as("x")
+    dm = cli("dm", "--help", env={"COLUMNS": "80"}).stdout
+    assert "Usage: root dm [OPTIONS] USER TEXT" in dm
+    assert "{" not in dm and "<str>" not in dm and "<bool>" not in dm
+    who = cli("who", "--help", env={"COLUMNS": "80"}).stdout
+    assert re.search(r"^  --json +Machine-readable output\.$", who, re.MULTILINE), who
+    for path in (["serve"], ["say"], ["listen"], ["history"], ["--help"]):
+        text = cli(*path, *(["--help"] if path != ["--help"] else []), env={"COLUMNS": "80"}).stdout
+        assert not re.search(r" [.,]", text), text  # no stray space before a full stop
+        for line in text.splitlines():  # a bracket is never wrapped in two
+            assert line.count("[") == line.count("]"), line
+        assert "..." not in text.replace("[ARGS]...", ""), text  # no first sentence cut short
+    serve = cli("serve", "--help", env={"COLUMNS": "80"}).stdout
+    assert "[default: ~/.local/share/imcli/broker]" in serve or "[default: /" in serve
+
+
+def test_version(cli_as: Callable[[str], Cli]) -> None:
+    from importlib.metadata import version
+
+    result = cli_as("x")("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"imcli {version('imcli')}"
+
+
+def test_password_stdin_reads_the_port_of_a_closed_broker_as_unreachable(cli_as: Callable[[str], Cli]) -> None:
+    result = cli_as("x")("login", "alice", "--port", str(closed_port()), "--password-stdin", input=password_of("alice"))
+    assert result.exit_code == 1
+    assert FORM.fullmatch(result.stderr.strip()), result.stderr
+
+
+def register_in_a_terminal(server: ServeInfo, config: Path) -> pexpect.spawn[str]:
+    env = {**os.environ, "IMCLI_CONFIG_DIR": str(config), "TERM": "dumb", "COLUMNS": "200"}
+    env.pop("IMCLI_PASSWORD", None)
+    args = ["-m", "imcli", "register", "frank", *port_of(server)]
+    return pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=30)
+
+
+def test_register_checks_the_length_first_and_gives_up_after_three_tries(server: ServeInfo, tmp_path: Path) -> None:
+    child = register_in_a_terminal(server, tmp_path / "config")
+    child.expect("Password: ")
+    child.sendline("short")
+    child.expect(r"password too short \(choose one of at least 8 characters\); try again \(2 tries left\)")
+    child.expect("Password: ")  # asked again at once, not after a second entry
+    child.sendline("long-enough-1")
+    child.expect("Repeat it: ")
+    child.sendline("long-enough-2")
+    child.expect(r"the two passwords differ; try again \(1 try left\)")
+    child.expect("Password: ")
+    child.sendline("long-enough-1")
+    child.expect("Repeat it: ")
+    child.sendline("long-enough-3")
+    child.expect(r"Error: the two passwords differ, 3 times \(run the command again when you have one in mind\)")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1
+
+
+def test_register_in_a_terminal_with_a_good_password(server: ServeInfo, tmp_path: Path) -> None:
+    child = register_in_a_terminal(server, tmp_path / "config")
+    child.expect("Password: ")
+    child.sendline("short")
+    child.expect("Password: ")
+    child.sendline("long-enough-1")
+    child.expect("Repeat it: ")
+    child.sendline("long-enough-1")
+    child.expect("registered frank")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
