@@ -309,6 +309,40 @@ def test_profiles_and_display_names_in_any_script(web: ServeInfo, tmp_path: Path
         no_errors(alice, bob)
 
 
+def test_moments_between_friends(web: ServeInfo) -> None:
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.sign_in(password_of("alice"), register=True)
+        bob = new_user(browser, url(web), "bob")
+        bob.sign_in(password_of("bob"))
+        alice.p.fill("#friend-input", "bob")
+        alice.p.press("#friend-input", "Enter")
+        bob.p.click("#incoming li.request button:has-text('accept')")
+        alice.p.wait_for_function(
+            "() => [...document.querySelectorAll('#friends li.friend')].some(li => li.textContent === 'bob')"
+        )
+
+        alice.p.click("#moments-open")
+        alice.p.fill("#moment-text", HOSTILE[1])
+        alice.p.click("#moment-form button")
+        alice.p.wait_for_selector("#feed li.moment[data-author='alice']")
+        bob.p.click("#moments-open")  # bob, a friend, sees it
+        moment = "#feed li.moment[data-author='alice']"
+        bob.p.wait_for_selector(moment)
+        assert bob.p.text_content(f"{moment} > bdi.text") == HOSTILE[1]
+        bob.p.click(f"{moment} button.like")
+        bob.p.wait_for_selector(f"{moment} .likes")
+        bob.p.fill(f"{moment} form input", "好看")
+        bob.p.click(f"{moment} form button")
+        bob.p.wait_for_selector(f"{moment} .comment bdi.text:text-is('好看')")
+        # alice's open feed refreshes on the worker's notices
+        alice.p.wait_for_selector("#feed li.moment .comment bdi.text:text-is('好看')")
+        assert alice.p.text_content("#feed li.moment .likes") == "♥ bob"
+        assert alice.p.evaluate("() => window.__pwned") is None
+        assert bob.p.locator("#feed a, #feed script").count() == 0
+        no_errors(alice, bob)
+
+
 def test_hostile_text_stays_text(web: ServeInfo, tmp_path: Path) -> None:
     carol = cli(web, tmp_path, "carol")
     with chromium() as browser:
