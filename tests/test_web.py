@@ -536,3 +536,50 @@ def test_over_https_the_page_uses_wss(tmp_path: Path) -> None:
         bob.see("hello over wss", sender="alice")
         assert sockets and all(u == f"wss://127.0.0.1:{info.ws_port}/mqtt" for u in sockets)
         no_errors(alice, bob)
+
+
+def test_the_browser_is_a_device_and_a_revoked_one_is_signed_out(web: ServeInfo, tmp_path: Path) -> None:
+    """Issue 17: the page trades the password once for a device credential, keeps only that,
+    shows up in `imcli devices`, signs in with it on the next visit, and is signed out when
+    the device is revoked from the terminal."""
+    with chromium() as browser:
+        bob = new_user(browser, url(web), "bob")
+        bob.sign_in(password_of("bob"))
+        bob.p.wait_for_function("() => localStorage.getItem('imcli.credential.bob') !== null")
+        device = bob.p.evaluate("() => localStorage.getItem('imcli.credential.bob').split(':')[1]")
+        assert device.startswith("web-")
+        bob.p.wait_for_function(f"() => document.getElementById('me-device').textContent.includes('{device}')")
+        stored = bob.p.evaluate("() => JSON.stringify([{...localStorage}, {...sessionStorage}])")
+        assert password_of("bob") not in stored
+
+        bob_cli = cli(web, tmp_path, "bob")
+        listed = json.loads(ok(bob_cli, "devices", "--json"))
+        assert device in [d["name"] for d in listed]
+
+        # the next visit needs no password
+        bob.p.reload()
+        bob.p.wait_for_selector("#app:not([hidden])")
+        bob.p.wait_for_selector("#people li.online[data-account='bob']", state="attached")
+        bob.say("back without a password")
+
+        ok(bob_cli, "devices", "revoke", device)
+        bob.p.wait_for_selector("#signin:not([hidden])")
+        assert "signed out" in (bob.p.text_content("#signin-error") or "")
+        assert bob.p.evaluate("() => localStorage.getItem('imcli.credential.bob')") is None
+        bob.p.reload()  # and it stays signed out
+        bob.p.wait_for_selector("#signin:not([hidden])")
+        assert bob.p.is_hidden("#app")
+        no_errors(bob)
+
+
+def test_my_dm_from_another_device_shows_on_the_page(web: ServeInfo, tmp_path: Path) -> None:
+    """Issue 17's sent copies: a DM alice sends from the terminal shows in her page's conversation."""
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.sign_in(password_of("alice"), register=True)
+        alice_cli = cli(web, tmp_path, "alice")
+        ok(alice_cli, "dm", "bob", "sent from my terminal")
+        wait_conv(alice, "dm:bob")
+        alice.open_conv("dm:bob")
+        alice.see("sent from my terminal", sender="alice")
+        no_errors(alice)
