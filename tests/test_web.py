@@ -456,6 +456,7 @@ def test_screenshots(web: ServeInfo, tmp_path: Path) -> None:
         whiteboard(picture)
         alice.p.set_input_files("#file-input", str(picture))
         alice.p.wait_for_selector("#messages li[data-from='alice'] .file img.thumb")
+        alice.p.wait_for_selector("#upload", state="hidden")  # the progress bar goes once it is sent
         alice.p.screenshot(path=str(out / "group-image.png"))
         alice.open_conv("room:lobby")
         alice.see("nice! @alice lunch at noon?")
