@@ -213,7 +213,7 @@ def who(
     host: HostOpt = None,
     port: PortOpt = None,
 ) -> None:
-    """Who is online (nickname, account, since when, how many devices)."""
+    """Who is online (nickname, account, since when, on which devices)."""
     from imcli.client import services
 
     identity = signed_in(host, port)
@@ -237,7 +237,8 @@ def who(
         nick, account = f"[{name_style(u.account)}]{shown(u.nick)}[/]", shown(u.account)
         since = ago(u.since) if u.since > 0 else "never online"
         signature = [shown(signatures.get(u.account, ""))] if any(signatures.values()) else []
-        table.add_row(nick, account, *(shown(s) for s in state), since, str(u.devices), *signature)
+        devices = ", ".join(shown(d) for d in u.device_names) if u.device_names else str(u.devices)
+        table.add_row(nick, account, *(shown(s) for s in state), since, devices, *signature)
     console().print(table)
 
 

@@ -176,7 +176,8 @@ class Presence(WireModel):
     nick: str
     state: Literal["online", "offline"]
     since: float  # online since, or offline since (last seen)
-    devices: Annotated[int, Field(ge=0)] = 0
+    devices: Annotated[int, Field(ge=0)] = 0  # statuses (a device running chat and listen has two)
+    device_names: list[str] = Field(default_factory=list)  # its online devices by name (issue 17), sorted
 
 
 class Event(WireModel):
@@ -186,10 +187,11 @@ class Event(WireModel):
     v: Literal[1] = PROTOCOL_VERSION
     id: MessageId = Field(default_factory=new_id)
     ts: Timestamp = Field(default_factory=time.time)
-    event: Literal["join", "leave", "rename"]
+    event: Literal["join", "leave", "rename", "device_join", "device_leave"]
     account: str
     nick: str
     old_nick: str | None = None
+    device: str | None = None  # device_join, device_leave: a device of a user online on others too
 
 
 class WhoRequest(WireModel):

@@ -380,7 +380,11 @@
     const who = ev.account;
     let text;
     if (ev.event === "rename") text = `${ev.old_nick || who} is now ${ev.nick}`;
-    else text = `${ev.nick}${ev.nick !== who ? ` (${who})` : ""} ${ev.event === "join" ? "is online" : "went offline"}`;
+    else {
+      const verb = { join: "is online", leave: "went offline",
+        device_join: `is online on ${ev.device} too`, device_leave: `left ${ev.device}` }[ev.event] || ev.event;
+      text = `${ev.nick}${ev.nick !== who ? ` (${who})` : ""} ${verb}`;
+    }
     const rec = S.presence.get(who) || { account: who, nick: ev.nick, state: "offline", devices: 0 };
     rec.nick = ev.nick;
     if (ev.event === "join") rec.state = "online";
