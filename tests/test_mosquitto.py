@@ -432,3 +432,18 @@ def _published_and_seen(sender: Raw, observer: Raw, payload: bytes) -> bool:
     except AssertionError:
         return False
     return True
+
+
+# ---------------------------------------------------------------- devices (issue 17)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="only the embedded broker copies a DM to im/user/<from>/sent/<to> for the sender's other devices: "
+    "Mosquitto has no plugin that publishes a second message (deploy/mosquitto/README.md)",
+)
+def test_a_dm_reaches_the_senders_other_devices(raw: RawFactory) -> None:
+    other_device = raw("alice", None, "alice:phone")
+    assert other_device.subscribe("im/user/alice/#") == 1
+    raw("alice", None, "alice:laptop").publish("im/user/bob/dm/alice", chat("from the laptop"))
+    assert other_device.expect("im/user/alice/sent/bob", timeout=2.0).payload == chat("from the laptop")
