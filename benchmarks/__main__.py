@@ -1,6 +1,7 @@
 """The benchmark suite: stock amqtt, the embedded default and Mosquitto, side by side.
 
-    python -m benchmarks [--quick] [--only fanout,stream,rooms,group,dm,dmflood,capacity,churn,storm,cold,files]
+    python -m benchmarks [--quick]
+                         [--only fanout,stream,rooms,group,dm,dmflood,capacity,churn,storm,cold,files,devices]
                          [--brokers stock,embedded,mosquitto,nats] [--repeat N] [--capacity USERS]
 
 Starts each broker itself on a free loopback port (benchmarks/brokers.py), runs each
@@ -21,18 +22,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import brokers, fanout, files, report, scenarios
+from benchmarks import brokers, devices, fanout, files, report, scenarios
 from benchmarks.fanout import Shape
 from benchmarks.stallprobe import stalls
 from benchmarks.storm import storm
 
 SIZES: dict[str, dict[str, int]] = {
     "full": {"members": 50, "messages": 2000, "idle": 1000, "samples": 1000, "capacity": 10000, "churn": 1000,
-             "runs": 10, "processes": 4, "flood_listeners": 50, "flood_rate": 200, "storm": 500},
+             "runs": 10, "processes": 4, "flood_listeners": 50, "flood_rate": 200, "storm": 500, "devices": 10000},
     "quick": {"members": 20, "messages": 400, "idle": 200, "samples": 200, "capacity": 1000, "churn": 200,
-              "runs": 3, "processes": 2, "flood_listeners": 20, "flood_rate": 100, "storm": 100},
+              "runs": 3, "processes": 2, "flood_listeners": 20, "flood_rate": 100, "storm": 100, "devices": 1000},
     "tiny": {"members": 3, "messages": 30, "idle": 10, "samples": 20, "capacity": 20, "churn": 10,
-             "runs": 1, "processes": 2, "flood_listeners": 3, "flood_rate": 10, "storm": 5},
+             "runs": 1, "processes": 2, "flood_listeners": 3, "flood_rate": 10, "storm": 5, "devices": 20},
 }  # fmt: skip
 # the fan-out shapes of issue 21 (rooms, members, talkers per room, lines each; bot: talkers do not listen)
 SHAPES: dict[str, dict[str, Shape]] = {
@@ -40,7 +41,9 @@ SHAPES: dict[str, dict[str, Shape]] = {
     "quick": {"stream": Shape(1, 20, 1, 400, bot=True), "rooms": Shape(10, 5, 5, 20), "group": Shape(1, 100, 3, 20)},
     "tiny": {"stream": Shape(1, 3, 1, 30, bot=True), "rooms": Shape(2, 3, 3, 5), "group": Shape(1, 10, 2, 5)},
 }  # fmt: skip
-SCENARIOS = ("fanout", "stream", "rooms", "group", "dm", "dmflood", "capacity", "churn", "storm", "cold", "files")
+SCENARIOS = (
+    "fanout", "stream", "rooms", "group", "dm", "dmflood", "capacity", "churn", "storm", "cold", "files", "devices"
+)  # fmt: skip
 FILE_SIZES = {"full": [1, 10, 100], "quick": [1, 10], "tiny": [1]}  # MiB, sent to a DM and a group (issue 16)
 FILE_GROUP = 20  # members of the group the files go to
 FAN_SHAPES = ("stream", "rooms", "group")
@@ -146,6 +149,15 @@ def run(
             return {"files": files.file_transfer(broker, FILE_SIZES[size], FILE_GROUP)}
 
         each("files", file_scenario, users=max(FILE_GROUP, 2))
+    if "devices" in only and "embedded" in names:  # issue 17: the embedded broker only (no other has them)
+        print(f"  {'devices':<12} {'embedded':<10}", end="", flush=True)
+        started = time.perf_counter()
+        try:
+            figures = devices.device_reconnects(s["devices"])
+        except (RuntimeError, TimeoutError, OSError, AssertionError) as exc:
+            figures = {"error": f"{type(exc).__name__}: {exc}"}
+        results["devices"] = {"embedded": figures}
+        print(f" {time.perf_counter() - started:6.1f}s  {report.brief('devices', figures)}", flush=True)
     return {"scenarios": results, "skipped": skipped}
 
 

@@ -42,6 +42,9 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
               (("dm", "DM"), ("group", "group"), ("raw", "raw")) for size in (1, 10, 100)]
              + [("rss_growth_MiB", "RSS +MiB"), ("chat_p99_ms_idle", "chat p99 ms"),
                 ("chat_p99_ms_transfer", "in transfer")],
+    "devices": [("devices", "devices"), ("reconnects_per_s", "reconnects/s"), ("refusals_per_s", "wrong creds/s"),
+                ("reconnects_per_s_under_attack", "reconnects/s under attack"), ("rss_mb_broker", "broker RSS MB"),
+                ("credential_checks_per_s", "credential checks/s"), ("argon2_check_ms", "argon2 check ms")],
 }  # fmt: skip
 
 
@@ -129,6 +132,9 @@ def targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
                                                                         _get(s, "storm", "mosquitto", "all_back_s")),
          "info", 0),
         ("cold start: imcli say / paho script (embedded)", _get(s, "cold", "embedded", "ratio"), "<=", 1.5),
+        ("devices: reconnects/s after a restart (production argon2)",
+         _get(s, "devices", "embedded", "reconnects_per_s"), ">=", 1000),
+        ("devices: wrong credentials refused/s", _get(s, "devices", "embedded", "refusals_per_s"), ">=", 1000),
         *_file_targets(s),
     ]  # fmt: skip
     out = []

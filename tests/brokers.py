@@ -37,6 +37,7 @@ from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.core.service import PasswordFileDirectory, ServiceWorker
 from imcli.files.worker import FilesWorker
 from imcli.groups.worker import GroupWorker
+from imcli.moments.worker import MomentsWorker
 from imcli.presence.worker import PresenceWorker
 from imcli.serve.host import BackgroundServer, ServeInfo
 from tests.rawmqtt import connect_raw, password_of
@@ -260,6 +261,8 @@ def running_workers(broker: Mosquitto, archive: bool = True, files: bool = True)
             started.append(
                 stack.enter_context(FilesWorker(broker.address, creds["files"], broker.workdir, device="test"))
             )
+        # --moments (the default): the group worker's account, a device of its own
+        started.append(stack.enter_context(MomentsWorker(broker.address, creds["groups"], broker.workdir)))
         yield started
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.__main__ import SCENARIOS
 from benchmarks.brokers import MOSQUITTO_PUB, MOSQUITTO_SUB
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,7 +24,8 @@ pytestmark = [pytest.mark.slow]
 @pytest.mark.timeout(330)  # eleven scenarios, each on a broker of its own, on a shared machine
 def test_every_scenario_runs_at_tiny_size(tmp_path: Path) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--tiny", "--brokers", "embedded", "--no-charts", "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks", "--tiny", "--brokers", "embedded", "--no-charts", "--out", str(tmp_path),
+         "--only", ",".join(s for s in SCENARIOS if s != "devices")],  # devices: its own test below
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
@@ -52,3 +54,22 @@ def test_every_scenario_runs_at_tiny_size(tmp_path: Path) -> None:
     else:
         assert "fanout" in doc["skipped"]
     assert "target" in run.stdout.lower()
+
+
+@pytest.mark.timeout(300)
+def test_devices_scenario_runs_at_tiny_size(tmp_path: Path) -> None:
+    """Issue 17's scenario: devices reconnect with their credentials after a restart (production
+    argon2 for passwords, so the broker's start alone takes seconds)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--tiny", "--only", "devices", "--no-charts", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    (written,) = tmp_path.glob("*-tiny.json")
+    doc = json.loads(written.read_text())
+    figures = doc["scenarios"]["devices"]["embedded"]
+    devices = doc["sizes"]["devices"]
+    assert figures["reconnected"] == figures["reconnected_under_attack"] == devices, figures
+    assert figures["refused"] == devices  # every wrong and unknown credential: CONNACK 4
+    assert figures["credential_checks_per_s"] > 0 and figures["argon2_check_ms"] > 0
+    assert "devices: reconnects/s" in run.stdout

@@ -374,3 +374,58 @@ def test_only_the_broker_writes_a_sent_copy(users: Callable[..., None], raw: Raw
     assert alice.silent(0.5, "im/user/alice/sent/") == []
     alice.publish("im/user/bob/dm/alice", b"hello bob")
     assert alice.expect("im/user/alice/sent/bob").payload == b"hello bob"
+
+
+def test_who_lists_devices_by_name_and_a_device_leaving_is_an_event(
+    users: Callable[..., None], cli_as: CliFactory, raw: RawFactory
+) -> None:
+    users("alice", "bob")
+    laptop, phone = cli_as("laptop"), cli_as("phone")
+    first, second = login(laptop, "alice"), login(phone, "alice")
+    bob = raw("bob", None, "bob:watch")
+    assert bob.subscribe("im/events") == 1
+    status = json.dumps({"type": "status", "v": 1, "interval": 60}).encode()
+    one = raw("alice", credential(first), f"alice:{first['device']}")
+    one.publish(f"im/status/alice/{first['device']}", status, retain=True)
+    assert json.loads(bob.expect("im/events").payload)["event"] == "join"
+    topic = f"im/status/alice/{second['device']}.listen"
+    two = raw("alice", credential(second), f"alice:{second['device']}.listen", will=(topic, b"", True))
+    two.publish(topic, status, retain=True)
+    joined = json.loads(bob.expect("im/events").payload)
+    assert (joined["event"], joined["device"]) == ("device_join", second["device"])
+    cli = cli_as("bob")
+    cli.login("bob")
+    (alice,) = [u for u in json.loads(cli("who", "--json").stdout) if u["account"] == "alice"]
+    assert alice["device_names"] == sorted([str(first["device"]), str(second["device"])])
+    assert str(second["device"]) in cli("who").stdout
+    two.kill()  # its Last Will clears the status
+    left = json.loads(bob.expect("im/events").payload)
+    assert (left["event"], left["device"], left["account"]) == ("device_leave", second["device"], "alice")
+
+
+def test_the_first_chat_shows_what_was_waiting_once(server: ServeInfo, users: Callable[..., None]) -> None:
+    """A new user's (or a new device's) first ``imcli chat`` has no persistent session and no
+    last run: what the archive kept for it is shown, once."""
+    from imcli.cli.chat_session import ChatSession
+    from imcli.cli.chat_state import ChatState
+    from imcli.client.listener import Listener, RecentIds
+    from tests.conftest import ident
+
+    users("alice", "bob")
+    bob = connect_raw(server.address.host, server.address.port, "bob", "bob:x")
+    try:
+        bob.publish("im/user/alice/dm/bob", b"welcome, alice")
+    finally:
+        bob.close()
+    alice = ident(server, "alice", "newphone")
+
+    def start(state: ChatState) -> tuple[list[str], ChatState]:
+        with Listener(alice, session="newphone", seen=RecentIds(initial=state.seen)) as listener:
+            session = ChatSession(alice, state, listener)
+            report = session.catch_up(list(listener.pending()))
+            return [f"{m.kind}:{m.sender}:{m.text}:{m.missed}" for m in report.shown], session.remember()
+
+    first, state = start(ChatState())
+    assert first == ["dm:bob:welcome, alice:True"]
+    again, _ = start(state)
+    assert again == []

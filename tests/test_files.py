@@ -237,3 +237,31 @@ def test_send_to_a_group_and_list_it_as_a_table(
     assert outsider.exit_code == 1 and outsider.output.startswith("Error: no group #team (or it is private)")
     hidden = carol("files", "#team")
     assert hidden.exit_code == 1 and hidden.output.startswith("Error: no group #team (or it is private)")
+
+
+# textual-image 0.12 calls Pillow's getdata, deprecated in Pillow 13 (shown to nobody outside tests)
+@pytest.mark.filterwarnings("ignore:Image.Image.getdata is deprecated:DeprecationWarning")
+def test_previews_draw_the_thumbnail_and_stay_off_where_they_cannot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rich.console import Console
+    from textual_image.renderable.halfcell import Image as HalfcellImage
+
+    from imcli.cli.chat_files import PREVIEW_CELLS, load_previewer
+    from imcli.files.images import examine
+
+    facts = examine(png(tmp_path / "p.png", 320, 200))
+    assert facts.thumb is not None
+    assert load_previewer() is None  # pytest's stdout is not a terminal
+    monkeypatch.setenv("IMCLI_PREVIEW", "off")
+    assert load_previewer() is None
+    # what a terminal without Sixel or Kitty graphics gets: coloured half-blocks, PREVIEW_CELLS wide
+    import base64
+
+    from PIL import Image
+
+    picture = Image.open(io.BytesIO(base64.b64decode(facts.thumb)))
+    console = Console(record=True, force_terminal=True, color_system="truecolor", width=80)
+    console.print(HalfcellImage(picture, width=PREVIEW_CELLS, height="auto"))
+    drawn = console.export_text(styles=True)
+    assert "▀" in drawn and "38;2;200;30;30" in drawn  # upper half-blocks in the picture's 24-bit colour

@@ -222,9 +222,10 @@ def test_cli_and_workers_run_unchanged(
         "workers", "--host", "127.0.0.1", "--port", str(broker.port), "--dynsec", "--accounts-file", str(broker.passwd),
         "--archive-dir", str(tmp_path / "archive"),
         env={"IMCLI_PRESENCE_PASSWORD": password_of("presence"), "IMCLI_GROUPS_PASSWORD": password_of("groups"),
-             "IMCLI_ARCHIVE_PASSWORD": password_of("archive"), "IMCLI_CONFIG_DIR": str(tmp_path / "workers")},
+             "IMCLI_ARCHIVE_PASSWORD": password_of("archive"), "IMCLI_FILES_PASSWORD": password_of("files"),
+             "IMCLI_CONFIG_DIR": str(tmp_path / "workers")},
     )  # fmt: skip
-    assert "workers running as presence, groups, archive" in workers.line(timeout=30), workers.err_lines
+    assert "workers running as presence, groups, archive, files" in workers.line(timeout=30), workers.err_lines
 
     runner = CliRunner()
 
@@ -376,7 +377,10 @@ def test_bridged_pair_carries_chat_and_presence(tmp_path: Path) -> None:
         bridge = (DEPLOY / "bridge.conf").read_text()
         bridge = bridge.replace("address 127.0.0.1:1884", f"address 127.0.0.1:{b.port}")
         bridge = bridge.replace("remote_password CHANGE-ME", f"remote_password {password_of('imcli-bridge')}")
-        with running_mosquitto(tmp_path / "a", ("alice",), extra=bridge) as a, running_workers(b, archive=False):
+        with (
+            running_mosquitto(tmp_path / "a", ("alice",), extra=bridge) as a,
+            running_workers(b, archive=False, files=False),
+        ):
             bob_raw = connect_raw("127.0.0.1", b.port, "bob", "bob:raw")
             try:
                 assert bob_raw.subscribe("im/room/+/+") == 1
@@ -428,3 +432,18 @@ def _published_and_seen(sender: Raw, observer: Raw, payload: bytes) -> bool:
     except AssertionError:
         return False
     return True
+
+
+# ---------------------------------------------------------------- devices (issue 17)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="only the embedded broker copies a DM to im/user/<from>/sent/<to> for the sender's other devices: "
+    "Mosquitto has no plugin that publishes a second message (deploy/mosquitto/README.md)",
+)
+def test_a_dm_reaches_the_senders_other_devices(raw: RawFactory) -> None:
+    other_device = raw("alice", None, "alice:phone")
+    assert other_device.subscribe("im/user/alice/#") == 1
+    raw("alice", None, "alice:laptop").publish("im/user/bob/dm/alice", chat("from the laptop"))
+    assert other_device.expect("im/user/alice/sent/bob", timeout=2.0).payload == chat("from the laptop")

@@ -27,7 +27,7 @@ from imcli.core.mqtt import Credentials
 from imcli.core.service import PasswordFileDirectory
 from imcli.core.wire import DeviceStatus, Presence, encode
 from imcli.groups.worker import GroupWorker
-from imcli.presence.roster import PresenceRoster
+from imcli.presence.roster import Effects, PresenceRoster
 from imcli.presence.worker import PresenceWorker
 from imcli.serve.host import BackgroundServer, ServeInfo
 from imcli.serve.workers import StoreDirectory
@@ -121,7 +121,14 @@ def test_two_devices_of_one_user(server: ServeInfo, watch: PresenceWatch) -> Non
     finally:
         phone.close()
     watch.wait("alice", state="offline", devices=0)
-    assert [e["event"] for e in watch.wait_events(2)] == ["join", "leave"]
+    # a device that comes or goes while another stays online is an event too (issue 17)
+    events = watch.wait_events(4)
+    assert [(e["event"], e.get("device")) for e in events] == [
+        ("join", None),
+        ("device_join", "phone"),
+        ("device_leave", "laptop"),
+        ("leave", None),
+    ]
 
 
 def bob_listening(cli_as: Callable[[str], Cli], procs: Callable[..., Proc], watch: PresenceWatch) -> Proc:
@@ -364,7 +371,17 @@ def test_roster_sync_emits_only_real_changes() -> None:
     roster.device_seen("alice", "laptop", DeviceStatus(), now=5.0)
     effects = roster.finish_sync(now=10.0)
     assert [(e.event, e.account) for e in effects.events] == [("leave", "bob")]
-    assert [(p.account, p.state) for p in effects.presence] == [("bob", "offline")]
+    # alice's record is written again only because it gains her devices' names (issue 17)
+    assert [(p.account, p.state, p.device_names) for p in effects.presence] == [
+        ("alice", "online", ["laptop"]),
+        ("bob", "offline", []),
+    ]
+    roster = PresenceRoster(Users("alice"))
+    roster.load_presence(
+        Presence(account="alice", nick="Ally", state="online", since=1.0, devices=1, device_names=["laptop"])
+    )
+    roster.device_seen("alice", "laptop", DeviceStatus(), now=5.0)
+    assert roster.finish_sync(now=10.0) == Effects()  # a record with the names: nothing to say
     assert roster.resolve("ALLY") == "alice"
 
 
@@ -399,7 +416,7 @@ def test_standalone_worker_command(bare_broker: Bare, procs: Callable[..., Proc]
         assert wait_until(lambda: "alice" in alice("who").stdout, 10)
         table = alice("who").stdout.splitlines()
         assert table[0].split() == ["nick", "account", "since", "devices"]
-        assert table[1].split() == ["alice", "alice", "just", "now", "1"]
+        assert table[1].split() == ["alice", "alice", "just", "now", "laptop"]  # devices by name (issue 17)
         assert alice("dm", "bob", "hi").exit_code == 0  # resolves through the standalone worker
     assert worker.stop() == 0
 

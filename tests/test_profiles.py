@@ -270,3 +270,36 @@ def test_a_bad_avatar_is_one_error_line(
     result = people["alice"]("profile", "set", "--avatar", str(path))
     assert result.exit_code == 1 and error in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- imcli chat
+
+
+@brokers.EMBEDDED_ONLY  # the chat session's logic, over one Listener: the broker is not what is tested
+def test_chat_whois_nick_and_dm_by_display_name(
+    server: ServeInfo, users: Callable[..., None], broker_kind: str
+) -> None:
+    from imcli.cli.chat_commands import Note
+    from imcli.cli.chat_session import ChatSession
+    from imcli.cli.chat_state import ChatState
+    from imcli.cli.render import received_line
+    from imcli.client.listener import Listener
+    from imcli.core.wire import Received
+
+    users("alice", "bob")
+    services.set_profile(ident(server, "alice"), signature="在这里")
+    with Listener(ident(server, "bob", "laptop"), session="laptop") as listener:
+        bob = ChatSession(ident(server, "bob", "laptop"), ChatState(), listener)
+        renamed = bob.handle("/nick Bob the Builder")  # a display name with spaces
+        assert [o.text for o in renamed] == ["you are now known as Bob the Builder"]
+        assert services.rename(ident(server, "alice"), "张三") == "张三"
+        whois = [o.text for o in bob.handle("/whois 张三") if isinstance(o, Note)]
+        assert whois[0] == "张三 (@alice)" and "  “在这里”" in whois
+        bob.handle("/dm 张三")
+        assert str(bob.here) == "@alice"
+        (echo,) = bob.handle("你好")
+        assert isinstance(echo, Received)
+        line = received_line(echo, "bob").plain
+        assert "Bob the Builder (@bob) → 张三 (@alice): 你好" in line
+        missing = bob.handle("/whois nobody")
+        assert next(o.text for o in missing if isinstance(o, Note)).startswith("unknown user 'nobody'")

@@ -309,6 +309,40 @@ def test_profiles_and_display_names_in_any_script(web: ServeInfo, tmp_path: Path
         no_errors(alice, bob)
 
 
+def test_moments_between_friends(web: ServeInfo) -> None:
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.sign_in(password_of("alice"), register=True)
+        bob = new_user(browser, url(web), "bob")
+        bob.sign_in(password_of("bob"))
+        alice.p.fill("#friend-input", "bob")
+        alice.p.press("#friend-input", "Enter")
+        bob.p.click("#incoming li.request button:has-text('accept')")
+        alice.p.wait_for_function(
+            "() => [...document.querySelectorAll('#friends li.friend')].some(li => li.textContent === 'bob')"
+        )
+
+        alice.p.click("#moments-open")
+        alice.p.fill("#moment-text", HOSTILE[1])
+        alice.p.click("#moment-form button")
+        alice.p.wait_for_selector("#feed li.moment[data-author='alice']")
+        bob.p.click("#moments-open")  # bob, a friend, sees it
+        moment = "#feed li.moment[data-author='alice']"
+        bob.p.wait_for_selector(moment)
+        assert bob.p.text_content(f"{moment} > bdi.text") == HOSTILE[1]
+        bob.p.click(f"{moment} button.like")
+        bob.p.wait_for_selector(f"{moment} .likes")
+        bob.p.fill(f"{moment} form input", "好看")
+        bob.p.click(f"{moment} form button")
+        bob.p.wait_for_selector(f"{moment} .comment bdi.text:text-is('好看')")
+        # alice's open feed refreshes on the worker's notices
+        alice.p.wait_for_selector("#feed li.moment .comment bdi.text:text-is('好看')")
+        assert alice.p.text_content("#feed li.moment .likes") == "♥ bob"
+        assert alice.p.evaluate("() => window.__pwned") is None
+        assert bob.p.locator("#feed a, #feed script").count() == 0
+        no_errors(alice, bob)
+
+
 def test_hostile_text_stays_text(web: ServeInfo, tmp_path: Path) -> None:
     carol = cli(web, tmp_path, "carol")
     with chromium() as browser:
@@ -422,6 +456,7 @@ def test_screenshots(web: ServeInfo, tmp_path: Path) -> None:
         whiteboard(picture)
         alice.p.set_input_files("#file-input", str(picture))
         alice.p.wait_for_selector("#messages li[data-from='alice'] .file img.thumb")
+        alice.p.wait_for_selector("#upload", state="hidden")  # the progress bar goes once it is sent
         alice.p.screenshot(path=str(out / "group-image.png"))
         alice.open_conv("room:lobby")
         alice.see("nice! @alice lunch at noon?")
@@ -502,3 +537,50 @@ def test_over_https_the_page_uses_wss(tmp_path: Path) -> None:
         bob.see("hello over wss", sender="alice")
         assert sockets and all(u == f"wss://127.0.0.1:{info.ws_port}/mqtt" for u in sockets)
         no_errors(alice, bob)
+
+
+def test_the_browser_is_a_device_and_a_revoked_one_is_signed_out(web: ServeInfo, tmp_path: Path) -> None:
+    """Issue 17: the page trades the password once for a device credential, keeps only that,
+    shows up in `imcli devices`, signs in with it on the next visit, and is signed out when
+    the device is revoked from the terminal."""
+    with chromium() as browser:
+        bob = new_user(browser, url(web), "bob")
+        bob.sign_in(password_of("bob"))
+        bob.p.wait_for_function("() => localStorage.getItem('imcli.credential.bob') !== null")
+        device = bob.p.evaluate("() => localStorage.getItem('imcli.credential.bob').split(':')[1]")
+        assert device.startswith("web-")
+        bob.p.wait_for_function(f"() => document.getElementById('me-device').textContent.includes('{device}')")
+        stored = bob.p.evaluate("() => JSON.stringify([{...localStorage}, {...sessionStorage}])")
+        assert password_of("bob") not in stored
+
+        bob_cli = cli(web, tmp_path, "bob")
+        listed = json.loads(ok(bob_cli, "devices", "--json"))
+        assert device in [d["name"] for d in listed]
+
+        # the next visit needs no password
+        bob.p.reload()
+        bob.p.wait_for_selector("#app:not([hidden])")
+        bob.p.wait_for_selector("#people li.online[data-account='bob']", state="attached")
+        bob.say("back without a password")
+
+        ok(bob_cli, "devices", "revoke", device)
+        bob.p.wait_for_selector("#signin:not([hidden])")
+        assert "signed out" in (bob.p.text_content("#signin-error") or "")
+        assert bob.p.evaluate("() => localStorage.getItem('imcli.credential.bob')") is None
+        bob.p.reload()  # and it stays signed out
+        bob.p.wait_for_selector("#signin:not([hidden])")
+        assert bob.p.is_hidden("#app")
+        no_errors(bob)
+
+
+def test_my_dm_from_another_device_shows_on_the_page(web: ServeInfo, tmp_path: Path) -> None:
+    """Issue 17's sent copies: a DM alice sends from the terminal shows in her page's conversation."""
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.sign_in(password_of("alice"), register=True)
+        alice_cli = cli(web, tmp_path, "alice")
+        ok(alice_cli, "dm", "bob", "sent from my terminal")
+        wait_conv(alice, "dm:bob")
+        alice.open_conv("dm:bob")
+        alice.see("sent from my terminal", sender="alice")
+        no_errors(alice)

@@ -11,12 +11,18 @@ with CONNACK 5, before any session is touched. Dropping rather than refusing mea
 user whose old devices left sessions behind is never locked out for the 7 days those
 sessions would otherwise be kept, while one account can still never hold more than the limit.
 
+Ready means ready (issue 22): while ``imcli serve`` starts its workers, a client's CONNACK waits
+for them (``hold_clients``/``workers_ready``; at most ``WORKERS_READY_WAIT``), so a command run
+the moment the port opens is answered instead of timing out on a worker not yet there.
+
 Workers' service accounts are trusted: no limit applies to them. The decisions are plain
 functions; ``Admission`` keeps the counts they are made from.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,6 +39,8 @@ from imcli.broker.packets import PacketGuard
 from imcli.broker.topic_access import TopicAccess
 
 log = logging.getLogger(__name__)
+
+WORKERS_READY_WAIT = 8.0  # seconds a client's CONNACK waits for the workers (clients wait 10 s for one)
 
 
 def over_connection_limit(open_now: int, replaces_own: bool, limit: int) -> bool:
@@ -57,6 +65,7 @@ async def refuse(writer: Any, code: int, username: str | None) -> NoReturn:
     """Send CONNACK ``code`` and close: before any existing session is deleted, merged or taken over."""
     await ConnackPacket.build(0, code).to_stream(writer)
     await writer.close()
+    log.info("CONNECT refused (CONNACK %d) for %r", code, shown_username(username))  # imcli serve --verbose
     raise MQTTError(f"CONNECT refused ({code}) for {shown_username(username)!r}")
 
 
@@ -68,6 +77,8 @@ class Admission:
         self.access = access
         self.limits = limits
         self._open: Counter[str] = Counter()
+        self._workers_ready = asyncio.Event()
+        self._workers_ready.set()  # a broker without workers of its own (tests, imcli workers elsewhere) is ready
         self.tell: Callable[[str | None, Telling], Awaitable[None]] | None = None  # the notice topic (notices.py)
 
     async def admit_or_refuse(
@@ -108,6 +119,7 @@ class Admission:
         trusted = self.access.is_service(incoming.username)
         if code != CONNECTION_ACCEPTED or trusted:
             return code, trusted
+        await self._until_workers_ready()
         current = session_of(incoming.client_id or "")
         replaces_own = (  # a reconnect of the same client id replaces its own connection
             current is not None and current.username == incoming.username and current.transitions.state == "connected"
@@ -127,6 +139,20 @@ class Admission:
                 await self.tell(account, session_refused(client_id, self.limits.max_sessions))
             return NOT_AUTHORIZED, trusted
         return code, trusted
+
+    def hold_clients(self) -> None:
+        """Until ``workers_ready``, a client's CONNACK waits (the workers' accounts come in): a
+        client let in earlier would ask workers not yet there (``imcli who``: "no worker answered")."""
+        self._workers_ready.clear()
+
+    def workers_ready(self) -> None:
+        self._workers_ready.set()
+
+    async def _until_workers_ready(self) -> None:
+        if self._workers_ready.is_set():
+            return
+        with contextlib.suppress(TimeoutError):  # workers that never come: the client's requests will say so
+            await asyncio.wait_for(self._workers_ready.wait(), WORKERS_READY_WAIT)
 
     def too_many_connections(self, account: str, replaces_own: bool) -> bool:
         return over_connection_limit(self._open[account], replaces_own, self.limits.max_connections)

@@ -16,6 +16,7 @@ callables handed to them here.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -64,6 +65,8 @@ from imcli.broker.webapp import WebApp, loopback_host
 from imcli.broker.wills import LastWills, Will, will_of
 from imcli.core.rules import device_of_client_id
 from imcli.core.wire import TopicKind, Topics
+
+log = logging.getLogger(__name__)
 
 
 class PrivateName(NamedTuple):
@@ -366,6 +369,7 @@ class ImBroker(Broker):
             if not client_session.clean_session and not self.access.is_service(account):
                 await self.upkeep.make_room_for(account, client_id)  # imcli/broker/session_upkeep.py
             await handler.mqtt_connack_authorize(True)
+            log.info("%s connected", client_id)  # imcli serve --verbose: this project's events, not amqtt's
             await self.plugins_manager.fire_event(
                 BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=client_session
             )
@@ -376,6 +380,7 @@ class ImBroker(Broker):
                     await self._publish_retained_messages_for_subscription(subscription, client_session)
             await self._client_message_loop(client_session, handler)
         finally:
+            log.info("%s disconnected", client_id)
             self.admission.closed(account)
             if (device := device_of_client_id(account, client_id)) is not None:
                 self.devices.seen(account, device)  # last seen: when it left

@@ -31,6 +31,7 @@ from imcli.cli.common import (
     console,
 )
 from imcli.cli.files import files, get, send
+from imcli.cli.moments import moments_app
 from imcli.cli.profile import profile_app
 from imcli.cli.serve import serve
 from imcli.cli.social import config_app, friend_app, group_app
@@ -67,6 +68,7 @@ app.add_typer(group_app, name="group")
 app.add_typer(friend_app, name="friend")
 app.add_typer(config_app, name="config")
 app.add_typer(profile_app, name="profile")
+app.add_typer(moments_app, name="moments")
 app.add_typer(devices_app, name="devices")
 app.add_typer(token_app, name="token")
 # registered in the order `imcli --help` lists them
@@ -211,7 +213,7 @@ def who(
     host: HostOpt = None,
     port: PortOpt = None,
 ) -> None:
-    """Who is online (nickname, account, since when, how many devices)."""
+    """Who is online (nickname, account, since when, on which devices)."""
     from imcli.client import services
 
     identity = signed_in(host, port)
@@ -235,7 +237,8 @@ def who(
         nick, account = f"[{name_style(u.account)}]{shown(u.nick)}[/]", shown(u.account)
         since = ago(u.since) if u.since > 0 else "never online"
         signature = [shown(signatures.get(u.account, ""))] if any(signatures.values()) else []
-        table.add_row(nick, account, *(shown(s) for s in state), since, str(u.devices), *signature)
+        devices = ", ".join(shown(d) for d in u.device_names) if u.device_names else str(u.devices)
+        table.add_row(nick, account, *(shown(s) for s in state), since, devices, *signature)
     console().print(table)
 
 

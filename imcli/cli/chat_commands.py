@@ -176,7 +176,9 @@ def _whois(chat: ChatSession, rest: str) -> list[Output]:
 def _nick(chat: ChatSession, rest: str) -> list[Output]:
     if not rest.strip():
         raise InvalidInput("missing argument", "usage: /nick NEW")
-    return dim(f"you are now known as {services.ask_rename(chat.listener, rest.strip())}")
+    nick = services.ask_rename(chat.listener, rest.strip())
+    chat.listener.nicks[chat.me] = nick  # at once: the presence record follows on its own time
+    return dim(f"you are now known as {nick}")
 
 
 @command("/history [N]", "the last N messages here (default 20)")

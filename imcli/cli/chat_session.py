@@ -25,6 +25,7 @@ from imcli.core.errors import ImcliError, InvalidInput, PublishFailed, RequestTi
 from imcli.core.wire import DEFAULT_MAX_PAYLOAD, HISTORY_MAX, Presence, Received, encode
 
 ROOM_BACKLOG = 20  # missed lines shown per visited room on start
+FIRST_RUN = 50  # lines asked of the archive on the first run on a device: what was waiting
 CATCH_UP_OVERLAP = 120.0  # seconds asked again at the start: clocks differ; seen keys de-duplicate
 
 __all__ = ["COMMANDS", "QUEUED", "CatchUp", "ChatSession", "Note", "Output"]  # chat_ui and tests import these here
@@ -105,10 +106,11 @@ class ChatSession:
         """What the archive kept since the last run that was neither seen nor queued, marked missed."""
         fetched: list[Received] = []
         last_seen = self.state.last_seen
-        if last_seen is None:
-            return fetched
+        # the first run of a user or of a new device (issue 17): the newest of what is waiting,
+        # once (the next run starts from this one's last_seen)
+        since = None if last_seen is None else last_seen - CATCH_UP_OVERLAP
         try:
-            page = services.ask_history(self.listener, None, HISTORY_MAX, since=last_seen - CATCH_UP_OVERLAP)
+            page = services.ask_history(self.listener, None, FIRST_RUN if since is None else HISTORY_MAX, since=since)
             report.more = page.more
         except RequestTimeout:
             report.archive_answered = False
@@ -122,7 +124,7 @@ class ChatSession:
             # device's own are in its seen ids
             if self.listener.seen.seen(seen_key(m)):
                 continue
-            if m.format == "text" and m.ts < last_seen:
+            if m.format == "text" and last_seen is not None and m.ts < last_seen:
                 continue
             if m.format == "text" and queued_lines[key := content_key(m)] > 0:
                 queued_lines[key] -= 1

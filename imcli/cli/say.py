@@ -19,6 +19,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from imcli.client.identity import Identity
 
 _OPTIONS = {"--room": "room", "-r": "room", "--host": "host", "--port": "port"}
 _ENVIRONMENT = {"host": "IMCLI_HOST", "port": "IMCLI_PORT"}
@@ -74,7 +78,26 @@ def run_say(args: SayArgs) -> str:
     from imcli.client.send import say_text
     from imcli.core.topics import DEFAULT_ROOM, check_name
 
-    room = check_name(args.room or DEFAULT_ROOM, "room name")
+    room = check_name(DEFAULT_ROOM if args.room is None else args.room, "room name")  # --room '' is no lobby
     identity = signed_in(args.host, args.port)
     say_text(identity, room, message_text(args.text), max_payload_bytes())
+    if room != DEFAULT_ROOM:
+        _say_if_a_group(identity, room)
     return room
+
+
+def _say_if_a_group(identity: Identity, room: str) -> None:
+    """Rooms and groups are apart (``team`` and ``#team``): the line went to the room, and the
+    user is told there is a group of that name. Only for ``--room``: the plain form stays fast."""
+    import sys
+
+    from imcli.client import services
+    from imcli.core.errors import ImcliError
+
+    try:
+        with services.Connection(identity, "say") as connection:
+            reply = services.ask_group(connection, "members", room)
+    except ImcliError:
+        return  # no such group (or a private one of others), or no group worker
+    if getattr(reply, "group", None) is not None:
+        print(f"note: {room} is a room; #{room} is a group: imcli group say {room} TEXT", file=sys.stderr)

@@ -131,8 +131,10 @@ def serve(
             "give --tls-cert/--tls-key, or add --allow-remote if that is what you want",
         )
     log_to_stderr(logging.INFO if verbose else logging.WARNING, "%(asctime)s %(name)s %(message)s")
-    if not verbose:  # amqtt logs every refused client at WARNING and more
-        logging.getLogger("amqtt").setLevel(logging.CRITICAL)
+    # --verbose is this project's events (connections, refusals, accounts, workers); amqtt's and its
+    # state machine's (transitions) internals stay out, and amqtt logs every refused client at WARNING
+    logging.getLogger("amqtt").setLevel(logging.WARNING if verbose else logging.CRITICAL)
+    logging.getLogger("transitions").setLevel(logging.WARNING)
     settings = BrokerSettings(
         data_dir=(data_dir or default_data_dir()).expanduser(),
         bind="127.0.0.1" if bind == "localhost" else bind,

@@ -127,6 +127,13 @@ def workers(
         float | None, typer.Option(help="Keep archived messages this many days [default: for ever].")
     ] = None,
     files: Annotated[bool, typer.Option("--files/--no-files", help="Run the files worker (imcli send, get).")] = True,
+    moments: Annotated[
+        bool,
+        typer.Option(
+            "--moments/--no-moments",
+            help="Run the moments worker (imcli moments), as the group worker's account; its file is in --archive-dir.",
+        ),
+    ] = True,
     files_dir: Annotated[
         Path | None,
         typer.Option("--files-dir", help="Directory of the files worker's files/ [default: the archive's directory]"),
@@ -208,6 +215,7 @@ def workers(
                 address, creds(archive_account), data_dir, device="workers", retention_days=history_days
             )
         )
+    makers += [_moments_worker(address, creds(groups_account), data_dir)] if moments else []
     store_dir = (files_dir or data_dir).expanduser()
     if files:
         limits = FileLimits(max_file_mib << 20, file_quota_mib << 20, max_uploads, max_payload)
@@ -215,13 +223,27 @@ def workers(
     with contextlib.ExitStack() as stack:
         for make in makers:  # made one by one: a worker that fails to start closes those before it
             stack.enter_context(make())
-        where = f"; archive in {data_dir}" if archive else "; no archive"
-        where += f"; files in {store_dir / 'files'}" if files else "; no files"
+        where = (
+            (f"; archive in {data_dir}" if archive else "; no archive")
+            + (f"; files in {store_dir / 'files'}" if files else "; no files")
+            + (f"; moments in {data_dir}" if moments else "; no moments")
+        )
         mode = _mode(dynsec, nats_users)
         console().print(f"workers running as {', '.join(accounts)} on {address}{mode}{where} (Ctrl-C to stop)")
         sys.stdout.flush()
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
+
+
+def _moments_worker(address: BrokerAddress, credentials: Credentials, data_dir: Path) -> Callable[[], ServiceWorker]:
+    """The moments worker's maker (the group worker's account, a device of its own), its directory made."""
+    from imcli.moments.worker import MomentsWorker
+
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise InvalidInput(f"cannot create the moments directory {data_dir}: {exc}", "check --archive-dir") from exc
+    return lambda: MomentsWorker(address, credentials, data_dir, device="workers-moments")
 
 
 def _files_worker(

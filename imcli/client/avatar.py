@@ -1,6 +1,6 @@
-"""A profile picture through the files worker (issue 16): the image is stored as a file of the
-default room (readable by every signed-in user, as profiles are), and its thumbnail, made by
-the files worker, rides in the profile record."""
+"""Images through the files worker (issue 16): a profile picture, a moment's pictures. The image
+is stored as a file of the default room (any signed-in user holding its unguessable id may
+fetch it), and the thumbnail the files worker made rides in the profile or the moment."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from imcli.client.files import FileConnection, check_file
 from imcli.client.identity import Identity
 from imcli.core.errors import InvalidInput
 from imcli.core.text import human_size
-from imcli.core.wire import DEFAULT_ROOM, Avatar
+from imcli.core.wire import DEFAULT_ROOM, Avatar, FileInfo
 
 AVATAR_MAX = 5 << 20  # bytes
 _MAGIC = (
@@ -30,17 +30,32 @@ def image_type(path: Path) -> str | None:
     return next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
 
 
-def upload_avatar(identity: Identity, path: Path) -> Avatar:
-    """Store ``path`` as an avatar: checked here first (an image, at most ``AVATAR_MAX`` bytes)."""
+def check_image(path: Path, what: str = "the avatar", option: str = "--avatar") -> int:
+    """``path``'s size if it is an image of at most ``AVATAR_MAX`` bytes; else one ``Error:`` line."""
     size = check_file(path)
     if size > AVATAR_MAX:
         raise InvalidInput(
-            f"the avatar {path.name} is {human_size(size)}, more than {human_size(AVATAR_MAX)}", "use a smaller image"
+            f"{what} {path.name} is {human_size(size)}, more than {human_size(AVATAR_MAX)}", "use a smaller image"
         )
     if image_type(path) is None:
-        raise InvalidInput(f"{path.name} is not a PNG, JPEG, GIF or WebP image", "give an image file as --avatar")
-    with FileConnection(identity, "avatar") as connection:
-        info = connection.upload(path, {"room": DEFAULT_ROOM})
+        raise InvalidInput(f"{path.name} is not a PNG, JPEG, GIF or WebP image", f"give an image file as {option}")
+    return size
+
+
+def upload_avatar(identity: Identity, path: Path) -> Avatar:
+    """Store ``path`` as an avatar: checked here first (an image, at most ``AVATAR_MAX`` bytes)."""
+    return upload_images(identity, [path])[0]
+
+
+def upload_images(identity: Identity, paths: list[Path], option: str = "--avatar") -> list[Avatar]:
+    """Store images (each checked first, all before any upload) with the files worker."""
+    for path in paths:
+        check_image(path, "the image" if option != "--avatar" else "the avatar", option)
+    with FileConnection(identity, "image") as connection:
+        return [_stored(connection.upload(path, {"room": DEFAULT_ROOM}), path) for path in paths]
+
+
+def _stored(info: FileInfo, path: Path) -> Avatar:
     if info.mime not in ("image/png", "image/jpeg", "image/gif", "image/webp"):
         raise InvalidInput(f"the files worker did not take {path.name} as an image ({info.mime})", "give another image")
     return Avatar(file=info.id, media_type=info.mime, thumbnail=info.thumb or "")

@@ -159,6 +159,10 @@ def event_text(event: Event) -> str:
     if event.event == "rename":
         return f"{event.old_nick} is now known as {event.nick}"
     who = event.nick if event.nick == event.account else f"{event.nick} ({event.account})"
+    if event.event == "device_join":
+        return f"{who} is online on {event.device} too"
+    if event.event == "device_leave":
+        return f"{who} left {event.device} (still online elsewhere)"
     return f"{who} is {'online' if event.event == 'join' else 'offline'}"
 
 

@@ -23,10 +23,19 @@ def clean_text(text: str) -> str:
     return text
 
 
-def check_size(size: int, max_payload: int) -> None:
+_TS_SLACK = 4  # a message's time is a float whose repr varies by a few characters: what is said to fit, fits
+
+
+def check_size(size: int, max_payload: int, text: str) -> None:
+    """The limit is on the encoded message; the error says it in the text the user typed:
+    how long it is and how much of it fits (the rest of a message, its id and time, and any
+    escaping of the text take the difference)."""
     if size > max_payload:
+        typed = len(text.encode("utf-8", "surrogatepass"))
+        fits = max(0, max_payload - (size - typed) - _TS_SLACK)
         raise InvalidInput(
-            f"message too long: {size} bytes encoded, the limit is {max_payload}", "split it into several messages"
+            f"message too long: {typed:,} bytes of text, {fits:,} fit in one message",
+            "split it into several messages",
         )
 
 
@@ -44,5 +53,5 @@ def say_text(identity: Identity, room: str, text: str, max_payload: int) -> None
         payload = chat_line(text)
     except UnicodeEncodeError as exc:  # a lone surrogate from undecodable argv bytes
         raise InvalidInput("the message is not valid text", "send UTF-8") from exc
-    check_size(len(payload), max_payload)
+    check_size(len(payload), max_payload, text)
     publish_to_room(identity, room, payload)

@@ -159,7 +159,7 @@ def drop_device_sessions(address: BrokerAddress, credentials: Credentials, devic
 def prepare_text(text: str, max_payload: int = DEFAULT_MAX_PAYLOAD) -> ChatMessage:
     """Build the message for ``text``, refusing empty and over-long ones before sending."""
     message = ChatMessage(text=clean_text(text))
-    check_size(len(encode(message)), max_payload)
+    check_size(len(encode(message)), max_payload, message.text)
     return message
 
 

@@ -142,3 +142,19 @@ def group_creation_refusal(
     if sum(1 for at in recent if now - at < GROUP_CREATION_WINDOW) >= per_minute:
         return f"too many new groups: at most {per_minute} a minute (try again in a minute)"
     return None
+
+
+# --------------------------------------------------------------------------- moments
+
+
+def moment_visible(author: str, viewer: str, author_friends: Iterable[str]) -> bool:
+    """Whether ``viewer`` may see ``author``'s moments, their likes and comments: the author and
+    the author's friends, now (removing a friend removes their view). The moments worker
+    answers nothing else; the broker carries moments only on each reader's own reply and
+    notice topics, which nobody else may read."""
+    return viewer == author or viewer in set(author_friends)
+
+
+def missing_moment(post: str) -> str:
+    """The one answer for a moment that does not exist and for one the asker may not see."""
+    return f"no moment {post} (or it is not yours to see)"

@@ -176,7 +176,8 @@ class Presence(WireModel):
     nick: str
     state: Literal["online", "offline"]
     since: float  # online since, or offline since (last seen)
-    devices: Annotated[int, Field(ge=0)] = 0
+    devices: Annotated[int, Field(ge=0)] = 0  # statuses (a device running chat and listen has two)
+    device_names: list[str] = Field(default_factory=list)  # its online devices by name (issue 17), sorted
 
 
 class Event(WireModel):
@@ -186,10 +187,11 @@ class Event(WireModel):
     v: Literal[1] = PROTOCOL_VERSION
     id: MessageId = Field(default_factory=new_id)
     ts: Timestamp = Field(default_factory=time.time)
-    event: Literal["join", "leave", "rename"]
+    event: Literal["join", "leave", "rename", "device_join", "device_leave"]
     account: str
     nick: str
     old_nick: str | None = None
+    device: str | None = None  # device_join, device_leave: a device of a user online on others too
 
 
 class WhoRequest(WireModel):
@@ -313,6 +315,65 @@ class ProfileList(WireModel):
     v: Literal[1] = PROTOCOL_VERSION
     id: str
     profiles: list[Profile]
+
+
+# --------------------------------------------------------------------------- moments (issue 18)
+
+MOMENT_TEXT_MAX = 2000
+MOMENT_IMAGES_MAX = 9
+COMMENT_TEXT_MAX = 500
+MOMENTS_PAGE_MAX = 100
+ImageRef = Avatar  # an image that is a file of the files worker, with its thumbnail
+
+
+class MomentComment(WireModel):
+    id: MessageId
+    author: str
+    ts: Timestamp
+    text: str
+
+
+class Moment(WireModel):
+    """One post of a user's moments, as the moments worker shows it to someone who may see it."""
+
+    type: Literal["moment"] = "moment"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId
+    author: str
+    ts: Timestamp
+    text: str = ""
+    images: list[ImageRef] = Field(default_factory=list)
+    likes: list[str] = Field(default_factory=list)
+    comments: list[MomentComment] = Field(default_factory=list)
+
+
+MomentOp = Literal["post", "feed", "like", "unlike", "comment", "delete"]
+
+
+class MomentRequest(WireModel):
+    """Ask the moments worker; the sender (the request topic's ``<from>``) is the one who posts,
+    likes, comments, deletes or reads."""
+
+    type: Literal["moment_request"] = "moment_request"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    op: MomentOp
+    post: str | None = None  # like, unlike, comment, delete: the moment's id
+    text: str | None = None  # post, comment
+    images: Annotated[list[ImageRef], Field(max_length=MOMENT_IMAGES_MAX)] = Field(default_factory=list)
+    user: str | None = None  # feed: one author's moments (none: friends' and my own)
+    limit: Annotated[int, Field(ge=1, le=MOMENTS_PAGE_MAX)] = 20
+    before: Timestamp | None = None  # feed: older than this (paging)
+
+
+class MomentReply(WireModel):
+    """Moments newest first (``feed``), or the one moment a request made or changed (none: deleted)."""
+
+    type: Literal["moment_reply"] = "moment_reply"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    moments: list[Moment]
+    more: bool = False
 
 
 class GroupInfo(WireModel):
@@ -585,6 +646,9 @@ Payload = Annotated[
     | ProfileSet
     | ProfileGet
     | ProfileList
+    | Moment
+    | MomentRequest
+    | MomentReply
     | FileInfo
     | FileOffer
     | FileUpload

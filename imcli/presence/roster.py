@@ -42,6 +42,11 @@ class _User:
     devices: dict[str, _Device] = field(default_factory=dict)
     published: bool = False  # has a retained record on the broker
     published_devices: int = -1  # the device count in that record
+    published_names: tuple[str, ...] = ()  # the device names in that record
+
+    def names(self) -> tuple[str, ...]:
+        """The devices by name: a status level is ``<device>`` or ``<device>.<session>`` (issue 17)."""
+        return tuple(sorted({key.split(".", 1)[0] for key in self.devices}))
 
     def record(self) -> Presence:
         return Presence(
@@ -50,6 +55,7 @@ class _User:
             state=self.state,
             since=self.since,
             devices=len(self.devices),
+            device_names=list(self.names()),
         )
 
 
@@ -84,6 +90,7 @@ class PresenceRoster:
         nick = record.nick if self._nick_free(record.nick, record.account) else record.account
         user = _User(record.account, nick, record.state, record.since, published=True)
         user.published_devices = record.devices
+        user.published_names = tuple(record.device_names)
         self._users[record.account] = user
         self._take_name(nick, record.account)
 
@@ -109,7 +116,7 @@ class PresenceRoster:
         self.synced = True
         effects = Effects()
         for user in self._users.values():
-            effects += self._changed(user, now)
+            effects += self._changed(user, now, device_events=False)  # a restarted worker is invisible
         return effects
 
     def expire(self, now: float) -> Effects:
@@ -138,7 +145,7 @@ class PresenceRoster:
         self._drop_name(old, account)
         self._take_name(nick, account)
         user.nick = nick
-        user.published, user.published_devices = True, len(user.devices)
+        user.published, user.published_devices, user.published_names = True, len(user.devices), user.names()
         effects = self._take_pending()
         effects.presence.append(user.record())
         effects.events.append(Event(event="rename", account=account, nick=nick, old_nick=old, ts=now))
@@ -202,7 +209,7 @@ class PresenceRoster:
         old, user.nick = user.nick, user.account
         self._drop_name(old, user.account)
         self._take_name(user.account, user.account)
-        user.published_devices = len(user.devices)
+        user.published_devices, user.published_names = len(user.devices), user.names()
         self._pending.presence.append(user.record())
         self._pending.events.append(Event(event="rename", account=user.account, nick=user.nick, old_nick=old, ts=now))
 
@@ -234,16 +241,27 @@ class PresenceRoster:
     def _is_user(self, name: str) -> bool:
         return self._directory is not None and self._directory.is_user(name)
 
-    def _changed(self, user: _User, now: float) -> Effects:
+    def _changed(self, user: _User, now: float, *, device_events: bool = True) -> Effects:
         """Publish the user's record if it differs from what the broker holds."""
         state: Literal["online", "offline"] = "online" if user.devices else "offline"
         effects = Effects()
+        names = user.names()
         if state != user.state:
             user.state, user.since = state, now
             event: Literal["join", "leave"] = "join" if state == "online" else "leave"
             effects.events.append(Event(event=event, account=user.account, nick=user.nick, ts=now))
-        if not user.published or effects.events or user.published_devices != len(user.devices):
-            user.published, user.published_devices = True, len(user.devices)
+        elif state == "online" and user.published and device_events:  # a device came or went, others stay
+            for device in sorted(set(names) - set(user.published_names)):
+                effects.events.append(
+                    Event(event="device_join", account=user.account, nick=user.nick, device=device, ts=now)
+                )
+            for device in sorted(set(user.published_names) - set(names)):
+                effects.events.append(
+                    Event(event="device_leave", account=user.account, nick=user.nick, device=device, ts=now)
+                )
+        changed = user.published_devices != len(user.devices) or user.published_names != names
+        if not user.published or effects.events or changed:
+            user.published, user.published_devices, user.published_names = True, len(user.devices), names
             effects.presence.append(user.record())
         return effects
 

@@ -89,6 +89,7 @@ async def serve_forever(
         info = ServeInfo(address, settings.bind, settings.data_dir, settings.registration, broker, ws_port)
         async with contextlib.AsyncExitStack() as running:  # the workers stop first, the broker last
             if workers:
+                broker.admission.hold_clients()  # until the workers are in: imcli/broker/admission.py
                 # with TLS the workers use the broker's plain loopback-only listener (see BrokerSettings)
                 local = BrokerAddress("127.0.0.1", broker.worker_port()) if settings.tls else address
                 passwords: dict[str, str] = {}
@@ -99,6 +100,7 @@ async def serve_forever(
                     await _start_child(running, settings, local, passwords)
                 else:
                     await _start_threads(running, settings, broker, local, passwords)
+            broker.admission.workers_ready()
             if tune_gc:
                 calm_collector()
             ready(info)

@@ -15,6 +15,7 @@ from imcli.core.service import ServiceWorker
 from imcli.core.wire import DEFAULT_MAX_PAYLOAD, Topics
 from imcli.files.worker import FileLimits, FilesWorker
 from imcli.groups.worker import GroupWorker
+from imcli.moments.worker import MomentsWorker
 from imcli.presence.worker import PresenceWorker
 
 
@@ -79,4 +80,6 @@ def embedded_workers(
             "embedded",
             limits=FileLimits(limits.max_file, limits.file_quota, limits.max_uploads, max_payload),
         ),
+        # under the group worker's account (it needs exactly its rights), on a device of its own
+        MomentsWorker(local, creds(GROUPS_ACCOUNT), data_dir, topics, "embedded-moments"),
     ]

@@ -380,7 +380,11 @@
     const who = ev.account;
     let text;
     if (ev.event === "rename") text = `${ev.old_nick || who} is now ${ev.nick}`;
-    else text = `${ev.nick}${ev.nick !== who ? ` (${who})` : ""} ${ev.event === "join" ? "is online" : "went offline"}`;
+    else {
+      const verb = { join: "is online", leave: "went offline",
+        device_join: `is online on ${ev.device} too`, device_leave: `left ${ev.device}` }[ev.event] || ev.event;
+      text = `${ev.nick}${ev.nick !== who ? ` (${who})` : ""} ${verb}`;
+    }
     const rec = S.presence.get(who) || { account: who, nick: ev.nick, state: "offline", devices: 0 };
     rec.nick = ev.nick;
     if (ev.event === "join") rec.state = "online";
@@ -401,6 +405,7 @@
     const bad = n.code === "denied" || n.code === "too_large" || n.code === "rate" || n.code === "limit";
     if (S.current) system(S.current, n.text, bad);
     if (n.code === "group") refreshGroups();
+    if (n.code === "moments" && S.momentsOpen) loadFeed(false);
     setStatus(n.text, bad);
   }
 
@@ -445,6 +450,7 @@
   }
 
   function open(conv) {
+    if (S.momentsOpen) showMoments(false);
     S.current = conv;
     conv.unread = 0;
     conv.mentioned = false;
@@ -579,6 +585,100 @@
     if (!mine || $("my-profile").open) return; // never overwrite what is being typed
     $("signature-input").value = mine.signature || "";
     $("about-input").value = mine.about || "";
+  }
+
+
+  // ------------------------------------------------------------------ moments (§15)
+  // A feed the moments worker answers to one reader at a time: nothing retained, nothing to
+  // subscribe to but the `moments` notices, which refresh the feed when it is open.
+  function showMoments(show) {
+    S.momentsOpen = show;
+    $("moments").hidden = !show;
+    $("log").hidden = show;
+    $("composer").hidden = show;
+    $("moments-open").classList.toggle("current", show);
+    if (show) {
+      S.current = null;
+      document.body.classList.remove("show-menu");
+      $("conv-title").replaceChildren(said("Moments"));
+      $("group-bar").hidden = true;
+      renderConvs();
+      loadFeed(false);
+    }
+  }
+
+  async function momentOp(ask) {
+    try {
+      return await request(Object.assign({ type: "moment_request", limit: 20, images: [] }, ask));
+    } catch (e) {
+      setStatus(`moments: ${e.message}`, true);
+      return null;
+    }
+  }
+
+  async function loadFeed(older) {
+    const ask = { op: "feed", limit: 20 };
+    if (older && S.feed && S.feed.length) ask.before = S.feed[S.feed.length - 1].ts;
+    const r = await momentOp(ask);
+    if (!r) return;
+    S.feed = older ? (S.feed || []).concat(r.moments || []) : r.moments || [];
+    $("feed-older").hidden = !r.more;
+    renderFeed();
+  }
+
+  function replaceMoment(m) {
+    S.feed = (S.feed || []).map((x) => (x.id === m.id ? m : x));
+    renderFeed();
+  }
+
+  function momentItem(m) {
+    const li = el("li", "moment");
+    li.dataset.id = m.id;
+    li.dataset.author = m.author;
+    li.append(said(nickOf(m.author), "from"), el("span", "time", ` ${clock(m.ts)}`));
+    if (m.text) li.append(said(m.text, "text"));
+    for (const image of m.images || []) {
+      const url = thumbnailUrl(image.thumbnail);
+      if (url) { const img = el("img", "thumb"); img.alt = ""; img.src = url; li.append(img); }
+    }
+    const likes = m.likes || [];
+    if (likes.length) li.append(el("div", "likes", `♥ ${likes.map(nickOf).join(", ")}`));
+    for (const c of m.comments || []) {
+      const row = el("div", "comment");
+      row.append(said(nickOf(c.author), "who"), said(c.text, "text"));
+      li.append(row);
+    }
+    const mine = likes.includes(S.me);
+    const like = el("button", "secondary small like", mine ? "Unlike" : "Like");
+    like.addEventListener("click", async () => {
+      const r = await momentOp({ op: mine ? "unlike" : "like", post: m.id });
+      if (r && r.moments && r.moments[0]) replaceMoment(r.moments[0]);
+    });
+    const form = el("form", "inline");
+    const input = el("input");
+    input.placeholder = "comment";
+    input.maxLength = 500;
+    form.append(input, el("button", "small", "Comment"));
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const text = input.value.trim();
+      if (!text) return;
+      const r = await momentOp({ op: "comment", post: m.id, text });
+      if (r && r.moments && r.moments[0]) replaceMoment(r.moments[0]);
+    });
+    li.append(like, form);
+    if (m.author === S.me) {
+      const del = el("button", "secondary small", "Delete");
+      del.addEventListener("click", async () => {
+        if (await momentOp({ op: "delete", post: m.id })) { S.feed = S.feed.filter((x) => x.id !== m.id); renderFeed(); }
+      });
+      li.append(del);
+    }
+    return li;
+  }
+
+  function renderFeed() {
+    $("feed").replaceChildren(...(S.feed || []).map(momentItem));
   }
 
 
@@ -1070,6 +1170,19 @@
       const file = $("avatar-input").files[0];
       $("avatar-input").value = "";
       if (file) setAvatar(file);
+    });
+    $("moments-open").addEventListener("click", () => showMoments(true));
+    $("feed-older").addEventListener("click", () => loadFeed(true));
+    $("moment-form").addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const text = $("moment-text").value.trim();
+      if (!text) return;
+      const r = await momentOp({ op: "post", text });
+      if (r && r.moments && r.moments[0]) {
+        $("moment-text").value = "";
+        S.feed = [r.moments[0]].concat(S.feed || []);
+        renderFeed();
+      }
     });
     $("card-dm").addEventListener("click", () => { if (S.card && S.card !== S.me) open(conversation("dm", S.card)); });
     $("older").addEventListener("click", () => S.current && loadHistory(S.current, true));

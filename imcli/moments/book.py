@@ -1,0 +1,122 @@
+"""Moments (朋友圈) without any MQTT: who may post, see, like, comment and delete what.
+
+Every decision is ``imcli.core.rules.moment_visible``: a moment, its likes and its comments
+are the author's and the author's friends' (as the group worker's retained friends records say
+now), and nobody else's. A moment the asker may not see answers exactly like one that does not
+exist. ``Outcome.notices`` are what the worker tells people on their own notice topics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from imcli.core.rules import missing_moment, moment_visible
+from imcli.core.text import safe
+from imcli.core.wire import (
+    COMMENT_TEXT_MAX,
+    MOMENT_TEXT_MAX,
+    ErrorReply,
+    Moment,
+    MomentComment,
+    MomentReply,
+    MomentRequest,
+    is_name,
+    new_id,
+)
+from imcli.moments.store import MomentStore
+
+PREVIEW = 60  # characters of a moment quoted in a notice
+
+
+@dataclass
+class Outcome:
+    reply: MomentReply | ErrorReply
+    notices: list[tuple[str, str]] = field(default_factory=list)  # (user, text)
+
+
+class MomentsBook:
+    def __init__(self, store: MomentStore) -> None:
+        self.store = store
+        self._friends: dict[str, frozenset[str]] = {}
+
+    def friends_changed(self, user: str, friends: Iterable[str]) -> None:
+        self._friends[user] = frozenset(friends)
+
+    def friends_of(self, user: str) -> frozenset[str]:
+        return self._friends.get(user, frozenset())
+
+    def apply(self, sender: str, req: MomentRequest, now: float) -> Outcome:
+        match req.op:
+            case "post":
+                return self._post(sender, req, now)
+            case "feed":
+                return self._feed(sender, req)
+        if not req.post:
+            return _error(req, "invalid", "which moment? give its id")
+        moment = self.store.get(req.post)
+        if moment is None or not moment_visible(moment.author, sender, self.friends_of(moment.author)):
+            return _error(req, "not_found", missing_moment(req.post))
+        match req.op:
+            case "like" | "unlike":
+                self.store.like(moment.id, sender, now, liked=req.op == "like")
+                notices = [(moment.author, f"{sender} liked your moment “{_preview(moment.text)}”")]
+                return self._changed(req, moment.id, notices if req.op == "like" else [], sender, moment.author)
+            case "comment":
+                text = (req.text or "").strip()
+                if not text or len(text) > COMMENT_TEXT_MAX or safe(text) != text:
+                    hint = f"one line of 1 to {COMMENT_TEXT_MAX} characters, no control characters"
+                    return _error(req, "invalid", f"invalid comment: {hint}")
+                self.store.comment(moment.id, MomentComment(id=new_id(), author=sender, ts=now, text=text))
+                notice = f"{sender} commented on your moment “{_preview(moment.text)}”: {_preview(text)}"
+                return self._changed(req, moment.id, [(moment.author, notice)], sender, moment.author)
+            case "delete":
+                if moment.author != sender:
+                    return _error(
+                        req, "denied", f"moment {moment.id} is {moment.author}'s: only its author can delete it"
+                    )
+                self.store.delete_post(moment.id)
+                return Outcome(MomentReply(id=req.id, moments=[]))
+        return _error(req, "invalid", f"unknown moments operation {req.op!r}")
+
+    def _post(self, sender: str, req: MomentRequest, now: float) -> Outcome:
+        text = (req.text or "").strip()
+        if not text and not req.images:
+            return _error(req, "invalid", "an empty moment: give some text or an image")
+        if len(text) > MOMENT_TEXT_MAX or not all(safe(line) == line for line in text.split("\n")):
+            hint = f"at most {MOMENT_TEXT_MAX} characters, no control characters but line feeds"
+            return _error(req, "invalid", f"invalid moment text: {hint}")
+        moment = Moment(id=new_id(), author=sender, ts=now, text=text, images=req.images)
+        self.store.add_post(moment)
+        quoted = _preview(text) if text else f"{len(req.images)} image(s)"
+        notice = f"{sender} posted a moment: {quoted} (imcli moments {sender})"
+        return Outcome(MomentReply(id=req.id, moments=[moment]), [(f, notice) for f in sorted(self.friends_of(sender))])
+
+    def _feed(self, sender: str, req: MomentRequest) -> Outcome:
+        if req.user:
+            author = req.user
+            if not is_name(author) or not moment_visible(author, sender, self.friends_of(author)):
+                return _error(req, "denied", f"you can see the moments of your friends only, and {author} is not one")
+            authors = [author]
+        else:
+            authors = sorted({sender, *self.friends_of(sender)})
+            # a friendship is two records: both must say so (the group worker writes both at once)
+            authors = [a for a in authors if moment_visible(a, sender, self.friends_of(a))]
+        moments, more = self.store.page(authors, req.limit, req.before)
+        return Outcome(MomentReply(id=req.id, moments=moments, more=more))
+
+    def _changed(
+        self, req: MomentRequest, post: str, notices: list[tuple[str, str]], sender: str, author: str
+    ) -> Outcome:
+        moment = self.store.get(post)
+        told = [(user, text) for user, text in notices if user != sender]
+        return Outcome(MomentReply(id=req.id, moments=[moment] if moment else []), told if author != sender else [])
+
+
+def _preview(text: str) -> str:
+    line = text.split("\n", 1)[0]
+    return line if len(line) <= PREVIEW else line[: PREVIEW - 1] + "…"
+
+
+def _error(req: MomentRequest, code: str, text: str) -> Outcome:
+    return Outcome(ErrorReply(id=req.id, code=code, text=text))

@@ -1,0 +1,235 @@
+"""Moments (issue 18): friends' posts and one's own, likes and comments, seen by the author's
+friends only (the worker answers nobody else, and the broker carries moments only on each
+reader's own reply and notice topics); kept across restarts.
+
+Every test runs on the embedded broker and on Mosquitto with its workers (tests/brokers.py)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imcli.broker.accounts import AccountStore
+from imcli.broker.settings import BrokerSettings
+from imcli.client import moments, services
+from imcli.core.errors import NotAllowed, NotFound
+from imcli.core.wire import ErrorReply, MomentReply, MomentRequest, Topics, decode, encode
+from imcli.serve.host import BackgroundServer, ServeInfo
+from tests import brokers
+from tests.conftest import Cli, Proc, Raw, ident
+from tests.rawmqtt import password_of
+
+broker_kind, broker_under_test, server, users = brokers.BOTH
+
+CliFactory = Callable[[str], Cli]
+T = Topics()
+
+
+@pytest.fixture
+def people(users: Callable[..., None], cli_as: CliFactory) -> dict[str, Cli]:
+    """alice and bob are friends; carol is nobody's."""
+    users("alice", "bob", "carol")
+    clis = {name: cli_as(name) for name in ("alice", "bob", "carol")}
+    for name, cli in clis.items():
+        cli.login(name)
+    assert clis["alice"]("friend", "add", "bob").exit_code == 0
+    assert clis["bob"]("friend", "accept", "alice").exit_code == 0
+    return clis
+
+
+def _feed(cli: Cli, *args: str) -> Any:
+    result = cli("moments", *args, "--json")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _texts(doc: Any) -> list[str]:
+    return [m["text"] for m in doc["moments"]]
+
+
+def test_friends_see_posts_likes_and_comments_newest_first(people: dict[str, Cli]) -> None:
+    alice, bob, carol = people["alice"], people["bob"], people["carol"]
+    first = alice("moments", "post", "first light")
+    assert first.exit_code == 0 and first.stdout.startswith("posted ")
+    post_id = first.stdout.split()[1]
+    assert alice("moments", "post", "second\nwith two lines").exit_code == 0
+    assert bob("moments", "post", "bob's own").exit_code == 0
+    assert carol("moments", "post", "carol alone").exit_code == 0
+
+    assert _texts(_feed(bob)) == ["bob's own", "second\nwith two lines", "first light"]
+    assert _texts(_feed(alice)) == ["bob's own", "second\nwith two lines", "first light"]
+    assert _texts(_feed(carol)) == ["carol alone"]  # nobody's friend: her own only
+    page = _feed(bob, "--limit", "2")
+    assert len(page["moments"]) == 2 and page["more"] is True
+    older = page["moments"][-1]["ts"]
+    assert _texts(_feed(bob, "--limit", "2", "--before", repr(older))) == ["first light"]
+    assert _texts(_feed(bob, "alice")) == ["second\nwith two lines", "first light"]
+
+    assert bob("moments", "like", post_id).exit_code == 0
+    assert bob("moments", "comment", post_id, "好看").exit_code == 0
+    seen = next(m for m in _feed(alice)["moments"] if m["id"] == post_id)
+    assert seen["likes"] == ["bob"]
+    assert [(c["author"], c["text"]) for c in seen["comments"]] == [("bob", "好看")]
+    shown = bob("moments").stdout
+    assert "♥ bob" in shown and "bob: 好看" in shown and "first light" in shown
+
+
+def test_a_non_friend_reads_nothing_of_a_post_by_any_way(
+    people: dict[str, Cli], server: ServeInfo, raw: Callable[..., Raw]
+) -> None:
+    alice, carol = people["alice"], people["carol"]
+    watcher = raw("carol", password_of("carol"), client_id="carol:watch")
+    for topic_filter in ("#", "im/#", "im/user/alice/#", "im/user/bob/#", "im/user/+/notice", "im/user/+/reply/+"):
+        watcher.subscribe(topic_filter)  # refused or, where granted, carries nothing of alice's
+    watcher.subscribe(T.user_filter("carol"))
+    post_id = alice("moments", "post", "for friends only").stdout.split()[1]
+    assert people["bob"]("moments", "like", post_id).exit_code == 0
+
+    for args, error in (
+        (["like", post_id], f"Error: no moment {post_id} (or it is not yours to see)"),
+        (["comment", post_id, "hi"], f"Error: no moment {post_id}"),
+        (["delete", post_id], f"Error: no moment {post_id}"),
+        (["alice"], "Error: you can see the moments of your friends only"),
+    ):
+        refused = carol("moments", *args)
+        assert refused.exit_code == 1 and refused.stderr.startswith(error), refused.stderr
+    # a raw request, by id and by author: the worker answers carol with a refusal only
+    watcher.publish(T.request("carol", "c1"), encode(MomentRequest(op="like", post=post_id)))
+    watcher.publish(T.request("carol", "c2"), encode(MomentRequest(op="feed", user="alice")))
+    everything = [*watcher.until(T.reply("carol", "c2"), timeout=10), *watcher.silent(1.0)]
+    replies = {
+        m.topic: decode(bytes(m.payload)) for m in everything if m.topic.startswith(T.reply_filter("carol")[:-1])
+    }
+    assert isinstance(replies[T.reply("carol", "c1")], ErrorReply)
+    assert isinstance(replies[T.reply("carol", "c2")], ErrorReply)
+    # nothing carol's connection received (her subtree, and whatever the broker granted of the rest)
+    assert not any(b"for friends only" in bytes(m.payload) for m in everything)
+    assert "for friends only" not in carol("moments").stdout
+
+
+def test_removing_a_friend_removes_their_view(people: dict[str, Cli]) -> None:
+    alice, bob = people["alice"], people["bob"]
+    post_id = alice("moments", "post", "while we were friends").stdout.split()[1]
+    assert _texts(_feed(bob)) == ["while we were friends"]
+    assert alice("friend", "remove", "bob").exit_code == 0
+    assert _texts(_feed(bob)) == []
+    refused = bob("moments", "like", post_id)
+    assert refused.exit_code == 1 and refused.stderr.startswith(f"Error: no moment {post_id}")
+
+
+def test_only_the_author_deletes(people: dict[str, Cli]) -> None:
+    alice, bob = people["alice"], people["bob"]
+    post_id = alice("moments", "post", "mine").stdout.split()[1]
+    refused = bob("moments", "delete", post_id)
+    assert refused.exit_code == 1
+    assert refused.stderr.startswith(f"Error: moment {post_id} is alice's: only its author can delete it")
+    assert alice("moments", "delete", post_id).exit_code == 0
+    assert _texts(_feed(bob)) == []
+    gone = alice("moments", "like", post_id)
+    assert gone.exit_code == 1 and gone.stderr.startswith(f"Error: no moment {post_id}")
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["post", ""], "Error: an empty moment"),
+        (["post", "   "], "Error: an empty moment"),
+        (["post", "x" * 2001], "Error: the moment is 2001 characters long"),
+        (["post", "bell\x07"], "Error: invalid moment text"),
+        (["like", "nosuchid"], "Error: no moment nosuchid"),
+        (["like", "bad id!"], "Error: invalid moment id"),
+        (["comment", "nosuchid", ""], "Error: an empty comment"),
+        (["delete", "nosuchid"], "Error: no moment nosuchid"),
+        (["nobody-at-all"], "Error: unknown user 'nobody-at-all'"),
+        (["--limit", "0"], "Error: invalid limit 0"),
+        (["post", "hi", "--image", "/no/such/file.png"], "Error: no file /no/such/file.png"),
+    ],
+)
+def test_bad_input_is_one_error_line(people: dict[str, Cli], args: list[str], error: str) -> None:
+    result = people["alice"]("moments", *args)
+    assert result.exit_code == 1, result.stdout
+    assert result.stderr.startswith(error), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_oversized_or_false_image_is_refused_before_anything_is_sent(people: dict[str, Cli], tmp_path: Path) -> None:
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(6 << 20))
+    fake = tmp_path / "fake.png"
+    fake.write_text("just text")
+    for path, error in ((big, "more than 5 MiB"), (fake, "is not a PNG, JPEG, GIF or WebP image")):
+        result = people["alice"]("moments", "post", "look", "--image", str(path))
+        assert result.exit_code == 1 and error in result.stderr, result.stderr
+    assert _texts(_feed(people["bob"])) == []
+
+
+def test_a_post_with_images_carries_files_and_thumbnails(people: dict[str, Cli], tmp_path: Path) -> None:
+    from PIL import Image
+
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"p{i}.png"
+        Image.new("RGB", (80, 60), (20 * i, 100, 200)).save(path, "PNG")
+        paths += ["--image", str(path)]
+    assert people["alice"]("moments", "post", "two pictures", *paths).exit_code == 0
+    (moment,) = _feed(people["bob"])["moments"]
+    assert [i["media_type"] for i in moment["images"]] == ["image/png", "image/png"]
+    assert all(i["thumbnail"] for i in moment["images"])
+    got = people["bob"]("get", moment["images"][0]["file"], "--output", str(tmp_path / "got.png"))
+    assert got.exit_code == 0 and (tmp_path / "got.png").read_bytes() == (tmp_path / "p0.png").read_bytes()
+
+
+def test_new_posts_likes_and_comments_reach_listen(people: dict[str, Cli], procs: Callable[..., Proc]) -> None:
+    alice, bob = people["alice"], people["bob"]
+    listener = procs("listen", "--json", env={"IMCLI_CONFIG_DIR": str(alice.config_dir)})
+    assert json.loads(listener.line(timeout=20))["kind"] == "event"  # her own join: listening now
+    post_id = alice("moments", "post", "hello friends").stdout.split()[1]
+    assert bob("moments", "like", post_id).exit_code == 0
+    assert bob("moments", "comment", post_id, "hi alice").exit_code == 0
+    assert bob("moments", "post", "bob writes too").exit_code == 0
+    texts: list[str] = []
+    while len(texts) < 3:
+        line = json.loads(listener.line(timeout=20))
+        if line["kind"] == "notice":
+            texts.append(line["text"])
+    assert texts == [
+        "bob liked your moment “hello friends”",
+        "bob commented on your moment “hello friends”: hi alice",
+        "bob posted a moment: bob writes too (imcli moments bob)",
+    ]
+
+
+def test_the_services_answer_the_same(people: dict[str, Cli], server: ServeInfo) -> None:
+    alice, carol = ident(server, "alice"), ident(server, "carol")
+    posted = moments.post(alice, "through the library")
+    assert isinstance(posted, MomentReply)
+    with pytest.raises(NotFound):
+        moments.act(carol, "like", posted.moments[0].id)
+    with pytest.raises(NotAllowed):
+        moments.feed(carol, "alice")
+    assert services.rename(alice, "Алиса") == "Алиса"
+    page, names = moments.feed(ident(server, "bob"), "Алиса")
+    assert [m.text for m in page.moments] == ["through the library"] and names["alice"] == "Алиса"
+
+
+@brokers.EMBEDDED_ONLY  # imcli serve's own restart: the moments file and the friends records come back
+def test_moments_survive_a_restart(tmp_path: Path, broker_kind: str) -> None:
+    settings = BrokerSettings(data_dir=tmp_path / "durable", port=0)
+    with BackgroundServer(settings) as info:
+        store = AccountStore(info.data_dir)
+        for name in ("alice", "bob", "carol"):
+            store.add(name, password_of(name))
+        services.friend_request(ident(info, "alice"), "add", "bob")
+        services.friend_request(ident(info, "bob"), "accept", "alice")
+        post_id = moments.post(ident(info, "alice"), "kept").moments[0].id
+        moments.act(ident(info, "bob"), "comment", post_id, "still here?")
+        port = info.address.port
+    with BackgroundServer(BrokerSettings(data_dir=tmp_path / "durable", port=port)) as info:
+        page, _ = moments.feed(ident(info, "bob"))
+        assert [(m.text, [c.text for c in m.comments]) for m in page.moments] == [("kept", ["still here?"])]
+        with pytest.raises(NotFound):
+            moments.act(ident(info, "carol"), "like", post_id)
