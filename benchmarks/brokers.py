@@ -112,6 +112,8 @@ class Broker:
     has_presence: bool
     note: str = ""
     extra_pids: dict[str, int] = field(default_factory=dict)
+    # user -> password for crowds that sign in as imcli does after `imcli login`: a device credential (issue 17)
+    passwords_file: Path | None = None
     # stops the broker process (procs[0]) and starts it again on the same port with the same data
     relaunch: Callable[[], subprocess.Popen[str]] | None = None
     ports: list[int] = field(default_factory=list)  # a cluster's nodes (MQTT ports); ``port`` is the first
@@ -207,6 +209,14 @@ def start_embedded(users: int, *, production: bool = False) -> Broker:
     }
     (data / AccountStore.FILE_NAME).write_text(json.dumps(doc))
     os.chmod(data / AccountStore.FILE_NAME, 0o600)
+    passwords_file = None
+    if production:  # users sign in as imcli does after `imcli login`: with a device credential (issue 17)
+        from imcli.broker.devices import DeviceStore
+
+        names = user_names(users)
+        credentials = DeviceStore(data).issue_many([(name, "bench") for name in names])
+        passwords_file = Path(workdir.name) / "credentials.json"
+        passwords_file.write_text(json.dumps(dict(zip(names, credentials, strict=True))))
     port = free_port()
     # the benchmark's bots and talkers publish far past a person's rate (20/s, bursts of 3 s); Mosquitto
     # has no such limit, so it is lifted as Mosquitto's queue and size limits are (docs/PERFORMANCE.md)
@@ -226,8 +236,9 @@ def start_embedded(users: int, *, production: bool = False) -> Broker:
 
     proc = launch()
     broker = Broker(
-        "embedded", port, [proc], workdir, has_presence=True, note="imcli serve: broker + workers", relaunch=launch
-    )
+        "embedded", port, [proc], workdir, has_presence=True, note="imcli serve: broker + workers", relaunch=launch,
+        passwords_file=passwords_file,
+    )  # fmt: skip
     for child in _children(proc.pid):  # imcli serve runs its workers in a child process
         broker.extra_pids["workers"] = child
     return broker

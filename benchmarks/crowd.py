@@ -28,6 +28,7 @@ import json
 import random
 import sys
 import time
+from pathlib import Path
 
 from benchmarks.mqttload import LoadClient
 from imcli.core.wire import ChatMessage, DeviceStatus, Topics, encode, new_id
@@ -57,6 +58,8 @@ class Crowd:
         self.refused = 0
         self.retried = 0  # logins refused with CONNACK 3 (busy) and tried again
         self.talking = asyncio.Event()
+        # each user's own password, when the broker gave them device credentials (issue 17)
+        self.passwords: dict[str, str] = json.loads(args.passwords.read_text()) if args.passwords else {}
 
     async def join(self) -> None:
         gate = asyncio.Semaphore(self.args.concurrency)
@@ -69,7 +72,8 @@ class Crowd:
                     client = LoadClient()
                     try:
                         rc = await client.connect(
-                            self.args.host, self.args.port, name, self.args.password, f"{name}:{DEVICE}",
+                            self.args.host, self.args.port, name, self.passwords.get(name, self.args.password),
+                            f"{name}:{DEVICE}",
                             will=(topic, b"", True),
                         )  # fmt: skip
                     except (OSError, asyncio.IncompleteReadError):
@@ -162,6 +166,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--password", default="bench-password")
+    parser.add_argument("--passwords", type=Path, help="JSON: user -> password (device credentials)")
     parser.add_argument("--first", type=int, default=0)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--concurrency", type=int, default=100)

@@ -80,6 +80,8 @@ class Crowds:
                 args += ["--room-listeners", str(listeners), "--talk", str(talk)]
             if not status:
                 args.append("--no-status")
+            if broker.passwords_file is not None:
+                args += ["--passwords", str(broker.passwords_file)]
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "benchmarks.crowd", *args],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,

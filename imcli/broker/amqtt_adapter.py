@@ -48,7 +48,6 @@ from imcli.broker.output import OutputBound, ReadGate
 from imcli.broker.packets import CheckedWebSocketsReader, PacketGuard, connect_within
 from imcli.broker.pending import PendingConnections, raise_fd_limit
 from imcli.broker.publish_checks import PublishChecks
-from imcli.broker.reader_loop import read_packets
 from imcli.broker.retained import RetainedState
 from imcli.broker.session_upkeep import SessionUpkeep
 from imcli.broker.sessions import (
@@ -100,8 +99,6 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
     # AckAfterJournal, LightSession, use_light_sessions and puback_waiters, below
     *_names(_H, "BrokerProtocolHandler", "overridden", "_handle_qos1_message_flow _handle_qos2_message_flow"),
     *_names(_H, "BrokerProtocolHandler", "read", "_puback_waiters"),  # by fanout.Deliveries, via puback_waiters()
-    *_names(_H, "BrokerProtocolHandler", "overridden", "_reader_loop"),  # by reader_loop.read_packets
-    *_names(_H, "BrokerProtocolHandler", "read", "_reader_ready _reader_stopped"),  # by reader_loop.read_packets
     *_names(_H, "", "replaced", "Session"),  # the name init_from_connect builds a session with
     *_names(_S, "Session", "overridden", "_init_states"),
     *_names(_S, "Session", "called", "_on_enter_connected _on_enter_disconnected"),  # by sessions.SessionState
@@ -149,9 +146,6 @@ class AckAfterJournal(BrokerProtocolHandler):
     def _stir(self) -> None:
         if self.activity is not None:  # the connection's message loop (imcli/broker/client_loop.py)
             self.activity.set()
-
-    async def _reader_loop(self) -> None:
-        await read_packets(self)  # amqtt's loop without a task per read and per PUBACK (imcli/broker/reader_loop.py)
 
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
         if app_message.direction == INCOMING and self.before_ack is not None and self.session is not None:
