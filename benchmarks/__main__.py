@@ -95,7 +95,7 @@ def run(
                 try:
                     with brokers.start(name, users, production=production) as broker:
                         figures = job(broker)
-                except (RuntimeError, TimeoutError, OSError, AssertionError) as exc:
+                except (RuntimeError, TimeoutError, OSError, AssertionError, EOFError) as exc:  # EOF: it hung up
                     figures = {label: {"error": f"{type(exc).__name__}: {exc}"}}
                 for sub, got in figures.items():
                     runs.setdefault(sub, {}).setdefault(name, []).append(got)

@@ -136,7 +136,7 @@ class NatsNode:
             self.proc = subprocess.Popen(
                 [NATS_SERVER, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=log, stderr=log, text=True
             )
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60  # a loaded machine (CI, -n auto) can take its time
         while time.monotonic() < deadline:
             text = self.log[offset:]
             mqtt = re.search(r"Listening for MQTT clients on mqtt://127\.0\.0\.1:(\d+)", text)
