@@ -265,3 +265,12 @@ def test_previews_draw_the_thumbnail_and_stay_off_where_they_cannot(
     console.print(HalfcellImage(picture, width=PREVIEW_CELLS, height="auto"))
     drawn = console.export_text(styles=True)
     assert "▀" in drawn and "38;2;200;30;30" in drawn  # upper half-blocks in the picture's 24-bit colour
+
+
+def test_file_ids_never_read_as_options() -> None:
+    """A url-safe id may start with '-', which ``imcli get ID`` would take for an option (CI saw it)."""
+    from imcli.files.worker import unguessable_id
+
+    ids = [unguessable_id(18) for _ in range(5000)]
+    assert not any(i.startswith("-") for i in ids)
+    assert len(set(ids)) == len(ids) and all(len(i) == 24 for i in ids)

@@ -230,6 +230,16 @@ def worst(*verdicts: str) -> str:
     return BAD if BAD in verdicts else ANY if ANY in verdicts else GOOD
 
 
+def in_order(*verdicts: str) -> str:
+    """The verdict of a packet's variable fields, in the order the broker reads them: after a field
+    whose length lies (ANY), the broker reads the later fields at other offsets, so their own
+    verdicts say nothing (a lying topic length can turn a packet id of 0 into a valid one)."""
+    for at, verdict in enumerate(verdicts):
+        if verdict == ANY:
+            return worst(*verdicts[: at + 1])
+    return worst(*verdicts)
+
+
 @st.composite
 def utf8_field(draw: st.DrawFn, choices: list[str], broken: list[str] | None = None) -> tuple[bytes, str]:
     """A length-prefixed string: one of ``choices``, or broken (ill-formed, a wrong choice, a lying length)."""
@@ -259,7 +269,7 @@ def publish_frame(draw: st.DrawFn) -> tuple[bytes, str]:
     payload = MARK + b" " + draw(st.sampled_from([b"", b"x", smuggled(), PINGREQ, b"\x00" * 8]))
     flags = qos << 1 | (8 if dup else 0) | (1 if retain else 0)
     header_verdict = BAD if qos == 3 or (dup and qos == 0) else GOOD
-    return packet(0x30 | flags, topic + pid + payload), worst(verdict, pid_verdict, header_verdict)
+    return packet(0x30 | flags, topic + pid + payload), worst(header_verdict, in_order(verdict, pid_verdict))
 
 
 @st.composite
@@ -277,8 +287,9 @@ def subscribe_frame(draw: st.DrawFn, unsubscribe: bool) -> tuple[bytes, str]:
     if body == pid:
         verdicts.append(BAD)  # no filter (MQTT-3.8.3-3, MQTT-3.10.3-2)
     flags = draw(st.sampled_from([2] * 5 + [0, 3]))
-    verdicts.append(GOOD if flags == 2 else BAD)
-    return packet((0xA0 if unsubscribe else 0x80) | flags, body), worst(*verdicts)
+    return packet((0xA0 if unsubscribe else 0x80) | flags, body), worst(
+        GOOD if flags == 2 else BAD, in_order(*verdicts)
+    )
 
 
 @st.composite

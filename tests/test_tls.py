@@ -72,7 +72,7 @@ def test_cli_chats_over_tls(
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "(TLS)" in result.output
-    profile = json.loads((carol.config_dir / "profile.json").read_text())
+    profile = json.loads((carol.config_dir / "profile.json").read_text())["logins"]["carol"]
     assert profile["tls"] is True
     assert profile["ca"] == str(pki["ca"].resolve())
 

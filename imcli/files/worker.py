@@ -82,6 +82,14 @@ STREAMS_PER_USER = 8
 DISK_MARGIN = 64 << 20  # bytes kept free on the worker's disk
 
 
+def unguessable_id(nbytes: int) -> str:
+    """``nbytes`` random bytes, URL-safe, never starting with '-': people paste ids on command
+    lines (``imcli get ID``), where a leading '-' reads as an option."""
+    while (value := secrets.token_urlsafe(nbytes)).startswith("-"):
+        pass
+    return value
+
+
 @dataclass(frozen=True)
 class FileLimits:
     """imcli serve's (or imcli workers') limits on files, each explained to the sender."""
@@ -224,7 +232,7 @@ class FilesWorker(ServiceWorker):
             if refusal is not None:
                 return refusal
             now = self.clock()
-            row = UploadRow(secrets.token_urlsafe(24), sender, r.sha256, r.size, r.name, conv, now, now)
+            row = UploadRow(unguessable_id(24), sender, r.sha256, r.size, r.name, conv, now, now)
             try:
                 self.store.begin(row)
             except (OSError, sqlite3.Error) as exc:
@@ -366,7 +374,7 @@ class FilesWorker(ServiceWorker):
         try:
             facts = examine(self.store.partial_path(row.upload))
             stored = StoredFile(
-                secrets.token_urlsafe(18), row.sha256, row.size, row.name, facts.mime, row.sender, row.conv,
+                unguessable_id(18), row.sha256, row.size, row.name, facts.mime, row.sender, row.conv,
                 self.clock(), facts.width, facts.height, facts.thumb,
             )  # fmt: skip
             self.store.finish(row, stored)
