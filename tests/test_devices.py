@@ -398,6 +398,9 @@ def test_who_lists_devices_by_name_and_a_device_leaving_is_an_event(
     (alice,) = [u for u in json.loads(cli("who", "--json").stdout) if u["account"] == "alice"]
     assert alice["device_names"] == sorted([str(first["device"]), str(second["device"])])
     assert str(second["device"]) in cli("who").stdout
+    shown = json.loads(cli("profile", "show", "alice", "--json").stdout)
+    assert shown["devices"] == alice["device_names"]
+    assert f"on {', '.join(alice['device_names'])}" in cli("profile", "show", "alice").stdout
     two.kill()  # its Last Will clears the status
     left = json.loads(bob.expect("im/events").payload)
     assert (left["event"], left["device"], left["account"]) == ("device_leave", second["device"], "alice")

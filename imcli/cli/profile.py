@@ -58,7 +58,7 @@ def profile_show(
     if json_:
         doc = found.profile.model_dump(exclude={"type", "v"})
         if found.presence is not None:
-            doc.update(state=found.presence.state, since=found.presence.since)
+            doc.update(state=found.presence.state, since=found.presence.since, devices=found.presence.device_names)
         print(json.dumps(doc, ensure_ascii=True))
         return
     _print(found)
@@ -75,6 +75,8 @@ def whois_lines(found: Whois) -> list[str]:
         from imcli.cli.render import ago
 
         lines.append(f"  {u.state}" + (f" since {ago(u.since)}" if u.since > 0 else " (never online)"))
+        if u.device_names:
+            lines.append("  on " + ", ".join(u.device_names))
     if p.signature:
         lines.append(f"  “{p.signature}”")
     lines += [f"  {line}" for line in p.about.splitlines()]
