@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imcli.client.identity import Identity, max_payload_bytes
-from imcli.client.services import Conversation, check_can_dm, check_member, expect, resolve
+from imcli.client.services import Connection, Conversation, check_can_dm, check_member, expect, resolve
 from imcli.core.errors import ImcliError, InvalidInput, NameTaken, NotAllowed, NotFound, RequestTimeout
-from imcli.core.mqtt import Message, MqttClient
-from imcli.core.request_reply import RequestClient
+from imcli.core.mqtt import Message
 from imcli.core.text import human_size
 from imcli.core.topics import chunk, chunk_size, unchunk
 from imcli.core.wire import (
@@ -39,9 +38,7 @@ from imcli.core.wire import (
     FileReady,
     FileUpload,
     MalformedPayload,
-    Payload,
     TopicKind,
-    WireModel,
     decode,
     encode,
     new_id,
@@ -121,38 +118,25 @@ class Fetched:
     path: Path
 
 
-class FileConnection:
-    """One connection for file work: requests, an upload's progress, a download's chunks."""
+class FileConnection(Connection):
+    """One connection for file work: requests (``services.Connection``), an upload's progress and a
+    download's chunks, each routed to the box of its upload id or stream."""
 
     def __init__(self, identity: Identity, purpose: str = "file") -> None:
+        super().__init__(identity, purpose)
         self.identity = identity
         self.topics = identity.topics
         self.me = identity.account
-        self.requests = RequestClient(identity.topics, identity.account, self.publish)
         self._boxes: dict[str, queue.Queue[Message]] = {}  # upload id or stream -> what arrives for it
         self._lock = threading.Lock()
-        self._client = MqttClient(
-            identity.address, identity.credentials, identity.client_id(purpose), on_message=self._route
-        )
         self._client.max_inflight = INFLIGHT
 
     def __enter__(self) -> FileConnection:
-        self._client.connect()
-        try:
-            self._client.subscribe([self.topics.reply_filter(self.me), self.topics.file_data_filter(self.me)])
-        except ImcliError:
-            self._client.close()
-            raise
+        super().__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._client.close()
-
-    def ask(self, request: WireModel) -> Payload:
-        return self.requests.ask(request)
-
-    def publish(self, topic: str, payload: bytes) -> None:
-        self._client.publish(topic, payload, qos=1)
+    def _filters(self) -> list[str]:
+        return [self.topics.reply_filter(self.me), self.topics.file_data_filter(self.me)]
 
     def _route(self, message: Message) -> None:  # paho's thread
         parsed = self.topics.parse(message.topic)

@@ -520,7 +520,7 @@ class Connection:
     def __enter__(self) -> Connection:
         self._client.connect()
         try:
-            self._client.subscribe([self.requests.reply_filter()])
+            self._client.subscribe(self._filters())
         except ImcliError:
             self._client.close()
             raise
@@ -535,6 +535,9 @@ class Connection:
     def publish(self, topic: str, payload: bytes) -> None:
         """Publish at QoS 1 and wait for the broker's acknowledgement."""
         self._client.publish(topic, payload, qos=1)
+
+    def _filters(self) -> list[str]:
+        return [self.requests.reply_filter()]
 
     def _route(self, message: Message) -> None:  # paho's thread: nothing but replies is subscribed
         self.requests.deliver(message)
