@@ -36,7 +36,7 @@ from typing import BinaryIO, Literal
 from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.core.rules import group_history_start, missing_group, moment_visible
 from imcli.core.service import ServiceWorker
-from imcli.core.text import human_size
+from imcli.core.text import human_size, is_plain
 from imcli.core.topics import DEFAULT_MAX_PAYLOAD, chunk, chunk_size, unchunk
 from imcli.core.wire import (
     FILE_ID,
@@ -225,7 +225,7 @@ class FilesWorker(ServiceWorker):
         conv = self._conversation(sender, r.id, r.room, r.user, r.group, r.moments, sending=True)
         if isinstance(conv, ErrorReply):
             return conv
-        if "/" in r.name or "\\" in r.name or not r.name.isprintable() or r.name in (".", ".."):
+        if "/" in r.name or "\\" in r.name or not is_plain(r.name) or r.name in (".", ".."):
             return ErrorReply(id=r.id, code="invalid", text=f"invalid file name {r.name!r}")
         if r.size > self.limits.max_file:
             return ErrorReply(
@@ -467,7 +467,7 @@ class FilesWorker(ServiceWorker):
 
     # ---------------------------------------------------------------- rules
 
-    def _conversation(  # noqa: PLR0911 (one answer per kind of place)
+    def _conversation(
         self,
         sender: str,
         rid: str,
@@ -488,7 +488,9 @@ class FilesWorker(ServiceWorker):
                 return ErrorReply(id=rid, code="denied", text="you can add images to your own moments only")
             if not self._sees_moments(moments, sender):
                 return ErrorReply(
-                    id=rid, code="denied", text=f"you can see the moments of your friends only, and {moments} is not one"
+                    id=rid,
+                    code="denied",
+                    text=f"you can see the moments of your friends only, and {moments} is not one",
                 )
             return moments_conversation(moments)
         if room is not None:

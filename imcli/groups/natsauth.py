@@ -76,9 +76,16 @@ SERVICE_RIGHTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     FILES_ACCOUNT: (
         ("user/+/reply/+", "user/+/file/+", "user/%u/notice"),
         (
-            "upload/+/+", "fetch/+/+", "group/+/info", "user/+/friends", "request/+/+",
-            "room/#", "presence/#", "events", "profile/#",
-        ),  # fmt: skip
+            "upload/+/+",
+            "fetch/+/+",
+            "group/+/info",
+            "user/+/friends",
+            "request/+/+",
+            "room/#",
+            "presence/#",
+            "events",
+            "profile/#",
+        ),
     ),
 }
 
