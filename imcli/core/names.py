@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import unicodedata
+from collections.abc import Iterable
 from importlib import resources
 from typing import Final
 
@@ -68,6 +69,7 @@ def clean_display_name(value: str) -> str:
     return unicodedata.normalize("NFC", value.strip())
 
 
+@functools.lru_cache(maxsize=1 << 16)  # registration compares a name with every account's
 def name_keys(name: str) -> frozenset[str]:
     """What makes two names the same name: they share a key. NFKC, case folding and confusable
     skeletons (TR39), taken in both orders: folded first, ``ALICE`` is ``alice``; skeleton first,
@@ -80,6 +82,12 @@ def name_keys(name: str) -> frozenset[str]:
 
 def same_name(a: str, b: str) -> bool:
     return not name_keys(a).isdisjoint(name_keys(b))
+
+
+def look_alike(name: str, taken: Iterable[str]) -> str | None:
+    """The first of ``taken`` that is the same name as ``name`` (``name`` itself included)."""
+    keys = name_keys(name)
+    return next((other for other in taken if not keys.isdisjoint(name_keys(other))), None)
 
 
 def _skeleton(text: str) -> str:
