@@ -96,10 +96,9 @@ def _say_if_a_group(identity: Identity, room: str) -> None:
     worker answers (a bare Mosquitto), ``say`` must not hang for a whole request timeout."""
     import sys
 
-    from imcli.core.request_reply import request_timeout
-
     from imcli.client import services
     from imcli.core.errors import ImcliError
+    from imcli.core.request_reply import request_timeout
 
     try:
         with services.Connection(identity, "say", timeout=min(NOTE_WAIT, request_timeout())) as connection:
