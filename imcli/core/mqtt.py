@@ -401,8 +401,8 @@ def _no_delay(client: paho.Client) -> None:
     algorithm on, which holds one back while earlier bytes are unacknowledged (asyncio, and so the
     embedded broker, turns it off; Mosquitto with ``set_tcp_nodelay``)."""
     sock = client.socket()
-    if sock is not None:
-        with contextlib.suppress(OSError, AttributeError):
+    if isinstance(sock, socket.socket):  # TLS too (an SSLSocket is one)
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
