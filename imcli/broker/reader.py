@@ -205,6 +205,8 @@ class PacketReader:
     def _puback(self, packet_id: int) -> None:
         if not packet_id:
             raise MalformedPacket("packet id 0 (MQTT-2.3.1-1)")
+        if self._handler.in_flight.acknowledge(packet_id):  # a copy of the fan-out's (fanout.InFlight)
+            return
         waiter = self._handler._puback_waiters.get(packet_id)  # amqtt private (AMQTT_PRIVATE)
         if waiter is not None and not waiter.done():
             # amqtt keeps the PUBACK packet only to say the copy is acknowledged (its flow then
