@@ -124,6 +124,7 @@ class AckAfterJournal(BrokerProtocolHandler):
     activity: Bell | None = None  # set when a packet handled left work for the message loop
     answered = 0  # SUBSCRIBEs and UNSUBSCRIBEs the message loop has answered (SUBACK, UNSUBACK)
     loop_ended = False  # the message loop has returned (it answers no more)
+    answers: bytearray | None = None  # PUBACKs for the packets of one read, while its reader handles them
 
     def __init__(self, plugins_manager: Any, session: Session | None = None, loop: Any = None) -> None:
         super().__init__(plugins_manager, session, loop)
@@ -179,6 +180,12 @@ class AckAfterJournal(BrokerProtocolHandler):
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
         if app_message.direction == INCOMING and self.before_ack is not None and self.session is not None:
             self.before_ack(self.session, app_message)
+        if app_message.direction == INCOMING and self.answers is not None and self.session is not None:
+            # amqtt's flow (queued for the message loop, then the PUBACK), the PUBACK written
+            # with the others of the same read (imcli/broker/reader.py)
+            await self.session.delivered_message_queue.put(app_message)
+            self.answers += b"\x40\x02" + app_message.packet_id.to_bytes(2, "big")
+            return
         await super()._handle_qos1_message_flow(app_message)
 
     async def _handle_qos2_message_flow(self, app_message: Any) -> None:

@@ -168,6 +168,7 @@ class PacketReader:
         buffer, guard = self._buffer, self._guard
         pos, size = 0, len(buffer)
         self._held = False
+        self._handler.answers = bytearray()  # PUBACKs of this read's PUBLISHes, written once at its end
         try:
             while pos < size:
                 first = buffer[pos]
@@ -199,8 +200,22 @@ class PacketReader:
                     self._held = pos < size  # the rest waits until it may be read (output.ReadGate's rule)
                     return
         finally:
+            self._answer()
+            self._handler.answers = None
             del buffer[:pos]
             self._unfinished(bool(buffer) and not self._held)
+
+    def _answer(self) -> None:
+        """Write the PUBACKs gathered so far (before any other answer, which must not overtake them)."""
+        answers = self._handler.answers
+        if answers:
+            writer = self._handler.writer
+            try:
+                if writer is not None:
+                    writer.write(bytes(answers))
+            except (ConnectionError, RuntimeError) as exc:  # closing: the read ends the connection
+                log.debug("%s: answers to a closing connection dropped: %s", self._client_id, exc)
+            answers.clear()
 
     def _puback(self, packet_id: int) -> None:
         if not packet_id:
@@ -222,6 +237,8 @@ class PacketReader:
             raise MalformedPacket(f"packet type {kind} after the CONNECT")
         header = MQTTFixedHeader(kind, first & 0x0F, len(body))
         handler = self._handler
+        if kind != PUBLISH or first & 0x06 == 0x04:  # its answer, if any, is written by another path
+            self._answer()
         if kind in (SUBSCRIBE, UNSUBSCRIBE):  # after the messages read before it (see below)
             await self._until(handler.session.delivered_message_queue.empty)
         try:
