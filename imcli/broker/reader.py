@@ -141,6 +141,8 @@ class PacketReader:
                 await self._handle_buffer()
         except asyncio.CancelledError:
             log.debug("reader of %s cancelled", self._client_id)
+        except ConnectionError as exc:  # reset by the peer: an end like any other
+            log.debug("%s: connection lost: %r", self._client_id, exc)
         except Exception as exc:  # amqtt's loop ends the connection on anything it does not know
             log.warning("%s: reader ended: %r", self._client_id, exc)
         finally:
