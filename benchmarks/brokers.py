@@ -36,6 +36,9 @@ DEPLOY = REPO / "deploy" / "mosquitto"
 PASSWORD = "bench-password"
 HELPERS = ("watch", "pinga", "pingb", "pingc", "pingd", "pinge", "pongr", "colds", "probe", "flood")
 SERVICES = ("presence", "groups", "archive", "files")
+# imcli serve logs every collection that stops it this long or longer (imcli/broker/gcpause.py)
+GC_LOG_MS = 5
+GC_PAUSE = re.compile(r"garbage collection paused the broker ([\d.]+) ms \(generation (\d)")
 
 MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/local/sbin:/usr/sbin")
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
@@ -117,6 +120,19 @@ class Broker:
     # stops the broker process (procs[0]) and starts it again on the same port with the same data
     relaunch: Callable[[], subprocess.Popen[str]] | None = None
     ports: list[int] = field(default_factory=list)  # a cluster's nodes (MQTT ports); ``port`` is the first
+    log_path: Path | None = None  # the broker's own log (imcli serve: its collector's pauses, gcpause.py)
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path is not None and self.log_path.exists() else 0
+
+    def collector_pauses(self, since: int = 0) -> list[tuple[float, int]]:
+        """(ms, generation) of every pause ``imcli serve`` logged after byte ``since`` of its log."""
+        if self.log_path is None or not self.log_path.exists():
+            return []
+        with self.log_path.open("rb") as log:
+            log.seek(since)
+            text = log.read().decode(errors="replace")
+        return [(float(ms), int(gen)) for ms, gen in GC_PAUSE.findall(text)]
 
     def port_of(self, i: int) -> int:
         """The node the ``i``-th client uses: a cluster's nodes in turn, else the one port."""
@@ -226,18 +242,22 @@ def start_embedded(users: int, *, production: bool = False) -> Broker:
         # broker, not the crowd's back-off (the default, 128, suits real argon2; docs/SECURITY.md)
         options += ["--password-queue", "4096"]
 
+    log_path = Path(workdir.name) / "serve.log"
+
     def launch() -> subprocess.Popen[str]:
-        proc = _python(
-            "-m", "imcli", "serve", "--port", str(port), "--data-dir", str(data), *options,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"},
-        )  # fmt: skip
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "imcli", "serve", "--port", str(port), "--data-dir", str(data), *options],
+                text=True, cwd=REPO, stdout=subprocess.PIPE, stderr=log,
+                env={**os.environ, "COLUMNS": "200", "IMCLI_GC_LOG_MS": str(GC_LOG_MS)},
+            )  # fmt: skip
         _read_port(proc, r"listening on 127\.0\.0\.1:(\d+)")  # said once its workers run
         return proc
 
     proc = launch()
     broker = Broker(
         "embedded", port, [proc], workdir, has_presence=True, note="imcli serve: broker + workers", relaunch=launch,
-        passwords_file=passwords_file,
+        passwords_file=passwords_file, log_path=log_path,
     )  # fmt: skip
     for child in _children(proc.pid):  # imcli serve runs its workers in a child process
         broker.extra_pids["workers"] = child

@@ -17,7 +17,9 @@ more than one core to itself) and talks to each with one JSON line per command:
 
 ``--no-status`` leaves the retained status out (a broker without a presence worker);
 ``--room-listeners K`` subscribes the first K users to the background room too;
-``--talk R`` makes the first ten users say R messages a second in total in that room.
+``--talk R`` makes the first ten users say R messages a second in total in that room;
+``--keepalive K --pings`` makes every user send a PINGREQ every K seconds (a run longer than
+the keepalive, where the broker would otherwise drop the silent ones).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class Crowd:
                         rc = await client.connect(
                             self.args.host, self.args.port, name, self.passwords.get(name, self.args.password),
                             f"{name}:{DEVICE}",
-                            will=(topic, b"", True),
+                            will=(topic, b"", True), keepalive=self.args.keepalive,
                         )  # fmt: skip
                     except (OSError, asyncio.IncompleteReadError):
                         rc = -1
@@ -138,9 +140,24 @@ class Crowd:
             next_at += period
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
 
+    async def keepalive(self) -> None:
+        """Each user sends a PINGREQ every ``--keepalive`` seconds, as paho does when idle (imcli: 30 s),
+        spread evenly over the period; only with ``--pings`` (short runs end before any keepalive)."""
+        if not self.args.pings:
+            return
+        while True:
+            clients = list(self.clients.values())
+            period = self.args.keepalive / max(len(clients), 1)
+            next_at = time.perf_counter()
+            for client in clients:
+                client.send_ping()
+                next_at += period
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+
     async def run(self) -> None:
         await self.join()
         talker = asyncio.create_task(self.talk())
+        pinger = asyncio.create_task(self.keepalive())
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -157,6 +174,7 @@ class Crowd:
             elif command in ("quit", ""):
                 break
         talker.cancel()
+        pinger.cancel()
         await asyncio.gather(*(c.disconnect() for c in self.clients.values()), return_exceptions=True)
         say({"event": "done"})
 
@@ -173,6 +191,8 @@ def main() -> None:
     parser.add_argument("--room-listeners", type=int, default=0)
     parser.add_argument("--talk", type=float, default=0.0)
     parser.add_argument("--busy-retries", type=int, default=BUSY_RETRIES, help="tries again after CONNACK 3")
+    parser.add_argument("--keepalive", type=int, default=600, help="seconds, in CONNECT")
+    parser.add_argument("--pings", action="store_true", help="send a PINGREQ every keepalive (long runs)")
     parser.add_argument("--no-status", dest="status", action="store_false", help="no retained online status")
     asyncio.run(Crowd(parser.parse_args()).run())
 

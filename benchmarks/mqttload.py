@@ -2,8 +2,8 @@
 
 paho runs one thread per client when looped in the background; thousands of simulated
 users need one event loop instead. This speaks just enough MQTT (CONNECT with Will,
-PUBLISH QoS 0/1, SUBSCRIBE, PUBACK, DISCONNECT; PINGREQ only for the stall probe: runs are
-shorter than the keepalive) to drive the broker; the product itself uses paho (imcli/core/mqtt.py).
+PUBLISH QoS 0/1, SUBSCRIBE, PUBACK, DISCONNECT; PINGREQ for the stall probe and for crowds
+that stay longer than their keepalive) to drive the broker; the product itself uses paho (imcli/core/mqtt.py).
 """
 
 from __future__ import annotations
@@ -86,6 +86,11 @@ class LoadClient:
         self._pong = asyncio.get_running_loop().create_future()
         self._writer.write(b"\xc0\x00")
         await self._pong
+
+    def send_ping(self) -> None:
+        """A PINGREQ whose answer nobody waits for: a client's keepalive."""
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(b"\xc0\x00")
 
     def abort(self) -> None:
         """Drop the connection without DISCONNECT (its Last Will fires)."""

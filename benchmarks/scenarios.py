@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from benchmarks.brokers import PASSWORD, REPO, Broker, rss_mb
+from benchmarks.brokers import GC_LOG_MS, PASSWORD, REPO, Broker, rss_mb
 from benchmarks.fanout import Shape, fan
 from benchmarks.mqttload import LoadClient
 from imcli.core.wire import ChatMessage, Roster, Topics, WhoRequest, decode, encode, new_id
@@ -245,32 +245,102 @@ def dm_latency(broker: Broker, idle_users: int, samples: int, talk: float) -> di
 # ---------------------------------------------------------------- 3. capacity
 
 
-def capacity(broker: Broker, users: int, processes: int) -> dict[str, object]:
-    result: dict[str, object] = {"users": users, "rss_mb_idle": round(broker.rss_mb(), 1)}
+KEEPALIVE = 30  # seconds: imcli's clients (paho) send a PINGREQ this often when idle; the crowds do too in a hold
+RSS_SAMPLE_EVERY = 30.0  # seconds between memory samples in a hold
 
-    async def observe() -> None:
+
+def _memory(broker: Broker) -> dict[str, float]:
+    return {
+        "broker": round(broker.rss_mb(), 1),
+        **{what.replace(" ", "_"): round(rss_mb(pid), 1) for what, pid in broker.extra_pids.items()},
+    }
+
+
+def _pauses(broker: Broker, since: int, prefix: str) -> dict[str, object]:
+    """The collector's own pauses that ``imcli serve`` logged (imcli/broker/gcpause.py), if it logs them."""
+    if broker.log_path is None:
+        return {}
+    pauses = broker.collector_pauses(since)
+    longest = max(pauses, default=(0.0, -1))
+    return {
+        f"{prefix}gc_pauses_over_{GC_LOG_MS}ms": len(pauses),
+        f"{prefix}gc_pauses_over_50ms": sum(1 for ms, _ in pauses if ms >= 50),
+        f"{prefix}gc_longest_ms": longest[0],
+        f"{prefix}gc_longest_generation": longest[1],
+        f"{prefix}gc_full_collections_logged": sum(1 for _, gen in pauses if gen == 2),
+    }
+
+
+def capacity(
+    broker: Broker, users: int, processes: int, hold: float = 0.0, on_hold: Callable[[], None] | None = None
+) -> dict[str, object]:
+    """``users`` sign in (status, Last Will, their own filter); presence must see them all and
+    ``who`` list them; memory is read; then everyone leaves and comes back. ``hold``: before
+    leaving, everyone stays signed in that many seconds, sending a PINGREQ every ``KEEPALIVE``
+    seconds as imcli's clients do, while memory is sampled (``on_hold`` is called as it starts:
+    the stall probe's phase)."""
+    result: dict[str, object] = {"users": users, "rss_mb_idle": round(broker.rss_mb(), 1)}
+    log_start = broker.log_size()
+
+    async def observe(port: int) -> tuple[Watcher, float]:
         watcher = Watcher()
-        await watcher.start(broker.port)
+        await watcher.start(port)
         started = time.perf_counter()
         await watcher.until(lambda: len(watcher.online) >= users, 600, f"{users} users online in presence")
-        result["presence_settled_s"] = round(time.perf_counter() - started, 2)
+        return watcher, time.perf_counter() - started
+
+    async def who(watcher: Watcher, prefix: str = "") -> None:
         timings = [await watcher.who() for _ in range(5)]
-        result["who_ms_median"] = round(statistics.median(t[0] for t in timings) * 1000, 1)
-        result["who_ms_max"] = round(max(t[0] for t in timings) * 1000, 1)
-        result["who_users"] = timings[0][1]
-        result["who_reply_kb"] = round(timings[0][2] / 1024)
+        result[f"{prefix}who_ms_median"] = round(statistics.median(t[0] for t in timings) * 1000, 1)
+        result[f"{prefix}who_ms_max"] = round(max(t[0] for t in timings) * 1000, 1)
+        result[f"{prefix}who_users"] = timings[0][1]
+        result[f"{prefix}who_reply_kb"] = round(timings[0][2] / 1024)
+
+    async def settle_and_hold() -> None:
+        watcher, settled = await observe(broker.port)
+        result["presence_settled_s"] = round(settled, 2)
+        await who(watcher)
+        if hold <= 0:
+            await watcher.client.disconnect()
+            return
+        result["rss_mb_loaded"] = round(broker.rss_mb(), 1)
+        if on_hold is not None:
+            on_hold()
+        hold_log = broker.log_size()
+        samples: list[dict[str, float]] = []
+        started = time.perf_counter()
+        while (left := hold - (time.perf_counter() - started)) > 0:
+            samples.append(_memory(broker))
+            await asyncio.sleep(min(RSS_SAMPLE_EVERY, left))
+            watcher.client.send_ping()
+        samples.append(_memory(broker))
+        result["hold_s"] = round(time.perf_counter() - started)
+        result["hold_online_at_end"] = len(watcher.online)
+        await who(watcher, "hold_end_")
+        for what in samples[0]:
+            series = [sample[what] for sample in samples]
+            result[f"hold_rss_mb_{what}_start_max_end"] = [series[0], max(series), series[-1]]
+        result.update(_pauses(broker, hold_log, "hold_"))
         await watcher.client.disconnect()
 
-    with Crowds.join(broker, users, processes, status=broker.has_presence) as (_, joined):
+    extra = ("--keepalive", str(KEEPALIVE), "--pings") if hold > 0 else ()
+    with Crowds.join(broker, users, processes, status=broker.has_presence, extra=extra) as (_, joined):
         result["joined"] = joined["ok"]
         result["refused"] = joined["refused"]
         result["join_seconds"] = round(joined["seconds"], 2)
         result["connects_per_s"] = round(joined["ok"] / joined["seconds"])
         if broker.has_presence:
-            asyncio.run(observe())
-        result["rss_mb_loaded"] = round(broker.rss_mb(), 1)
-        for what, pid in broker.extra_pids.items():
-            result[f"rss_mb_{what.replace(' ', '_')}"] = round(rss_mb(pid), 1)
+            asyncio.run(settle_and_hold())
+        elif hold > 0:  # no presence to watch (stock amqtt): hold all the same
+            if on_hold is not None:
+                on_hold()
+            time.sleep(hold)
+        result["rss_mb_loaded" if hold <= 0 else "rss_mb_held"] = round(broker.rss_mb(), 1)
+        for what, mb in _memory(broker).items():
+            if what != "broker":
+                result[f"rss_mb_{what}"] = mb
+        result["rss_mb_total"] = round(sum(_memory(broker).values()), 1)
+    result.update(_pauses(broker, log_start, ""))
     # everyone leaves and comes back: logins the broker has verified before (a network blip)
     with Crowds.join(broker, users, processes, status=broker.has_presence) as (_, rejoined):
         result["rejoined"] = rejoined["ok"]

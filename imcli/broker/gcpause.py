@@ -33,19 +33,63 @@ collection over 5 ms):
 Young collections are untouched: they stay short (a few ms) and free most cyclic garbage.
 Sessions and their queues are freed by reference counting (``SessionState`` holds its
 session weakly), so freezing them does not keep them alive.
+
+Every collection that stops the broker for ``PAUSE_LOG_MS`` or more (50 ms, issue 21's bound on
+a stall; the environment variable ``IMCLI_GC_LOG_MS`` changes it, ``python -m benchmarks`` sets
+5) is logged as a warning with its generation and duration: the collector's own pauses, timed
+inside the broker (``gc.callbacks``), beside the stall probe's round trips from outside.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
+import os
 import threading
 import time
 from typing import Any
 
 FULL_COLLECTION_EVERY = 10  # generation 1 collections (CPython's default)
 COMPACT_EVERY = 86_400.0  # seconds between collections of everything, frozen objects included
+PAUSE_LOG_MS = 50.0  # a collection this long or longer is logged (IMCLI_GC_LOG_MS overrides)
 
+log = logging.getLogger(__name__)
 _started = False
+
+
+def _pause_log_ms() -> float:
+    try:
+        return float(os.environ.get("IMCLI_GC_LOG_MS", PAUSE_LOG_MS))
+    except ValueError:
+        return PAUSE_LOG_MS
+
+
+class _PauseTimer:
+    """A ``gc.callbacks`` entry: times each collection and notes those at or over ``threshold_ms``;
+    a thread logs the notes (a callback runs in the middle of whatever allocated: no logging there)."""
+
+    def __init__(self, threshold_ms: float) -> None:
+        self.threshold = threshold_ms / 1000
+        self.started = 0.0
+        self.long: list[tuple[float, int, int, int]] = []  # (seconds, generation, collected, frozen)
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+            return
+        took = time.perf_counter() - self.started
+        if took >= self.threshold:
+            self.long.append((took, info["generation"], info["collected"], gc.get_freeze_count()))
+
+    def report(self) -> None:
+        while True:  # a daemon thread: ends with the process
+            time.sleep(1.0)
+            while self.long:
+                took, generation, collected, frozen = self.long.pop(0)
+                log.warning(
+                    "garbage collection paused the broker %.1f ms (generation %d, %d collected, %d frozen)",
+                    took * 1000, generation, collected, frozen,
+                )  # fmt: skip
 
 
 def _freeze_after_full_collection(phase: str, info: dict[str, Any]) -> None:
@@ -78,6 +122,9 @@ def calm_collector() -> None:
     _started = True
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
+    timer = _PauseTimer(_pause_log_ms())
+    gc.callbacks.append(timer)  # first: its "stop" comes before the freeze
     gc.callbacks.append(_freeze_after_full_collection)
     gc.collect()
     threading.Thread(target=_compact, name="gc-compact", daemon=True).start()
+    threading.Thread(target=timer.report, name="gc-pauses", daemon=True).start()
