@@ -38,7 +38,7 @@ HELPERS = ("watch", "pinga", "pingb", "pingc", "pingd", "pinge", "pongr", "colds
 SERVICES = ("presence", "groups", "archive", "files")
 # imcli serve logs every collection that stops it this long or longer (imcli/broker/gcpause.py)
 GC_LOG_MS = 5
-GC_PAUSE = re.compile(r"garbage collection paused the broker ([\d.]+) ms \(generation (\d)")
+GC_PAUSE = re.compile(r"garbage collection paused the broker ([\d.]+) ms \(generation (\d), CPU ([\d.]+) ms")
 
 MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/local/sbin:/usr/sbin")
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
@@ -125,14 +125,14 @@ class Broker:
     def log_size(self) -> int:
         return self.log_path.stat().st_size if self.log_path is not None and self.log_path.exists() else 0
 
-    def collector_pauses(self, since: int = 0) -> list[tuple[float, int]]:
-        """(ms, generation) of every pause ``imcli serve`` logged after byte ``since`` of its log."""
+    def collector_pauses(self, since: int = 0) -> list[tuple[float, int, float]]:
+        """(ms, generation, CPU ms) of every pause ``imcli serve`` logged after byte ``since`` of its log."""
         if self.log_path is None or not self.log_path.exists():
             return []
         with self.log_path.open("rb") as log:
             log.seek(since)
             text = log.read().decode(errors="replace")
-        return [(float(ms), int(gen)) for ms, gen in GC_PAUSE.findall(text)]
+        return [(float(ms), int(gen), float(cpu)) for ms, gen, cpu in GC_PAUSE.findall(text)]
 
     def port_of(self, i: int) -> int:
         """The node the ``i``-th client uses: a cluster's nodes in turn, else the one port."""

@@ -261,13 +261,15 @@ def _pauses(broker: Broker, since: int, prefix: str) -> dict[str, object]:
     if broker.log_path is None:
         return {}
     pauses = broker.collector_pauses(since)
-    longest = max(pauses, default=(0.0, -1))
+    longest = max(pauses, default=(0.0, -1, 0.0))
     return {
         f"{prefix}gc_pauses_over_{GC_LOG_MS}ms": len(pauses),
-        f"{prefix}gc_pauses_over_50ms": sum(1 for ms, _ in pauses if ms >= 50),
+        f"{prefix}gc_pauses_over_50ms": sum(1 for ms, _, _ in pauses if ms >= 50),
         f"{prefix}gc_longest_ms": longest[0],
         f"{prefix}gc_longest_generation": longest[1],
-        f"{prefix}gc_full_collections_logged": sum(1 for _, gen in pauses if gen == 2),
+        f"{prefix}gc_longest_cpu_ms": longest[2],  # the rest of its wall time: waiting for a core
+        f"{prefix}gc_most_cpu_ms": max((cpu for _, _, cpu in pauses), default=0.0),
+        f"{prefix}gc_full_collections_logged": sum(1 for _, gen, _ in pauses if gen == 2),
     }
 
 

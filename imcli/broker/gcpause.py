@@ -17,10 +17,12 @@ collection over 5 ms):
 - it collects, then freezes (``gc.freeze()``) what start-up allocated, and after every
   later full collection it freezes again what survived it: a full collection then walks
   only what was allocated since the one before, not every session again;
-- full collections keep CPython's default pace (one per 10 generation 1 collections): since
-  each walks only what was allocated since the one before, frequent ones are short ones (issue
-  21: waiting for 100, as issue 7 did, let a join storm pile up hundreds of thousands of objects
-  for one collection to walk; the stall probe of ``python -m benchmarks`` saw it);
+- full collections come after every 2 generation 1 collections (CPython's default is 10):
+  since each walks only what was allocated since the one before, frequent ones are short ones
+  (issue 21: waiting for 100, as issue 7 did, let a join storm pile up hundreds of thousands of
+  objects for one collection to walk; at CPython's 10, each full collection of a join storm
+  walked about 67,000 objects, 45 to 58 ms of CPU on this machine, over the 50 ms bound; at 2
+  about a fifth of that, 19 ms of CPU at most, in ``python -m benchmarks.memory --users 3000``);
 - frozen objects are still freed by reference counting as usual; only a *cycle* among
   them would stay until the next compaction. The one cycle every connection made (asyncio's
   socket transport holds a bound method of itself, ``release_transport``) is broken when the
@@ -36,7 +38,8 @@ session weakly), so freezing them does not keep them alive.
 
 Every collection that stops the broker for ``PAUSE_LOG_MS`` or more (50 ms, issue 21's bound on
 a stall; the environment variable ``IMCLI_GC_LOG_MS`` changes it, ``python -m benchmarks`` sets
-5) is logged as a warning with its generation and duration: the collector's own pauses, timed
+5) is logged as a warning with its generation, its duration and the CPU time it used (on a busy
+machine the difference is time spent waiting for a core): the collector's own pauses, timed
 inside the broker (``gc.callbacks``), beside the stall probe's round trips from outside.
 """
 
@@ -49,7 +52,7 @@ import threading
 import time
 from typing import Any
 
-FULL_COLLECTION_EVERY = 10  # generation 1 collections (CPython's default)
+FULL_COLLECTION_EVERY = 2  # generation 1 collections (CPython's default: 10)
 COMPACT_EVERY = 86_400.0  # seconds between collections of everything, frozen objects included
 PAUSE_LOG_MS = 50.0  # a collection this long or longer is logged (IMCLI_GC_LOG_MS overrides)
 
@@ -70,25 +73,28 @@ class _PauseTimer:
 
     def __init__(self, threshold_ms: float) -> None:
         self.threshold = threshold_ms / 1000
-        self.started = 0.0
-        self.long: list[tuple[float, int, int, int]] = []  # (seconds, generation, collected, frozen)
+        self.started = self.cpu = 0.0
+        # (seconds, CPU seconds, generation, collected, frozen)
+        self.long: list[tuple[float, float, int, int, int]] = []
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
-            self.started = time.perf_counter()
+            self.started, self.cpu = time.perf_counter(), time.thread_time()
             return
         took = time.perf_counter() - self.started
         if took >= self.threshold:
-            self.long.append((took, info["generation"], info["collected"], gc.get_freeze_count()))
+            cpu = time.thread_time() - self.cpu
+            self.long.append((took, cpu, info["generation"], info["collected"], gc.get_freeze_count()))
 
     def report(self) -> None:
         while True:  # a daemon thread: ends with the process
             time.sleep(1.0)
             while self.long:
-                took, generation, collected, frozen = self.long.pop(0)
+                took, cpu, generation, collected, frozen = self.long.pop(0)
                 log.warning(
-                    "garbage collection paused the broker %.1f ms (generation %d, %d collected, %d frozen)",
-                    took * 1000, generation, collected, frozen,
+                    "garbage collection paused the broker %.1f ms (generation %d, CPU %.1f ms, %d collected, "
+                    "%d frozen)",
+                    took * 1000, generation, cpu * 1000, collected, frozen,
                 )  # fmt: skip
 
 
