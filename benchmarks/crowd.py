@@ -141,23 +141,22 @@ class Crowd:
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
 
     async def keepalive(self) -> None:
-        """Each user sends a PINGREQ every ``--keepalive`` seconds, as paho does when idle (imcli: 30 s),
-        spread evenly over the period; only with ``--pings`` (short runs end before any keepalive)."""
+        """With ``--pings``, each user sends a PINGREQ every ``--keepalive`` seconds from its CONNECT
+        on, as paho does when idle (imcli: 30 s; the broker closes a client silent for 1.5 times
+        that). Runs during the join too: a join of thousands takes longer than a keepalive."""
         if not self.args.pings:
             return
         while True:
-            clients = list(self.clients.values())
-            period = self.args.keepalive / max(len(clients), 1)
-            next_at = time.perf_counter()
-            for client in clients:
-                client.send_ping()
-                next_at += period
-                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            now = time.monotonic()
+            for client in list(self.clients.values()):
+                if now - client.last_ping >= self.args.keepalive:
+                    client.send_ping()
+            await asyncio.sleep(1.0)
 
     async def run(self) -> None:
+        pinger = asyncio.create_task(self.keepalive())
         await self.join()
         talker = asyncio.create_task(self.talk())
-        pinger = asyncio.create_task(self.keepalive())
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)

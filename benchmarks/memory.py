@@ -8,7 +8,9 @@ from crowd processes (benchmarks/crowd.py: status, Last Will, their own filter, 
 listen``), then prints what each user added: the broker's RSS, the objects the collector tracks
 by type (``gc.get_objects()``, frozen ones included), and with ``--tracemalloc`` the source lines
 that allocated the bytes (tracemalloc slows the broker and costs memory of its own: its RSS
-figure is then not the broker's). The workers' process RSS is printed too.
+figure is then not the broker's). The workers' process RSS is printed too; with
+``--workers-in-threads`` the workers run in this process instead, and the figures are theirs and
+the broker's together.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def _write_accounts(data: Path, users: int) -> None:
     os.chmod(data / AccountStore.FILE_NAME, 0o600)
 
 
-def measure(users: int, processes: int, trace: bool, top: int) -> dict[str, object]:
+def measure(users: int, processes: int, trace: bool, top: int, *, threads: bool = False) -> dict[str, object]:
     from imcli.broker.settings import BrokerSettings
     from imcli.serve.host import ServeInfo, serve_forever
 
@@ -123,7 +125,7 @@ def measure(users: int, processes: int, trace: bool, top: int) -> dict[str, obje
             event = asyncio.Event()
             stop.append((asyncio.get_running_loop(), event))
             threading.Thread(target=probe, daemon=True).start()
-            await serve_forever(settings, on_ready, event)
+            await serve_forever(settings, on_ready, event, workers_in_child=not threads)
 
         asyncio.run(main())
     return result
@@ -135,8 +137,12 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--tracemalloc", action="store_true")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--workers-in-threads", action="store_true", help="the workers in this process too (their memory in the figures)"
+    )
     args = parser.parse_args()
-    print(json.dumps(measure(args.users, args.processes, args.tracemalloc, args.top), indent=1))
+    figures = measure(args.users, args.processes, args.tracemalloc, args.top, threads=args.workers_in_threads)
+    print(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

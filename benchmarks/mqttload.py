@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from collections.abc import Callable
 
 
@@ -37,12 +38,14 @@ class LoadClient:
         self._acks: dict[int, asyncio.Future[bytes]] = {}
         self._task: asyncio.Task[None] | None = None
         self._pong: asyncio.Future[None] | None = None
+        self.last_ping = time.monotonic()  # of the CONNECT, then of the last send_ping()
 
     async def connect(
         self, host: str, port: int, username: str, password: str, client_id: str,
         will: tuple[str, bytes, bool] | None = None, keepalive: int = 600,
     ) -> int:  # fmt: skip
         self._reader, self._writer = await asyncio.open_connection(host, port)
+        self.last_ping = time.monotonic()
         flags = 0x02 | 0x80 | 0x40  # clean session, username, password
         payload = _str(client_id)
         if will is not None:
@@ -89,6 +92,7 @@ class LoadClient:
 
     def send_ping(self) -> None:
         """A PINGREQ whose answer nobody waits for: a client's keepalive."""
+        self.last_ping = time.monotonic()
         if self._writer is not None and not self._writer.is_closing():
             self._writer.write(b"\xc0\x00")
 
