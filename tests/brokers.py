@@ -277,26 +277,32 @@ def archive_worker(broker: Mosquitto) -> ArchiveWorker:
 
 @dataclass
 class BrokerUnderTest:
-    kind: str  # "amqtt" (the embedded default) or "mosquitto"
+    kind: str  # "amqtt" (the embedded default), "mosquitto" or "nats" (tests/natsbroker.py)
     info: ServeInfo
     add_users: Callable[..., None]
     # a service account that reads every topic (password_of(name)): where it sees nothing, nobody did
     add_reader: Callable[[], str]
 
 
-@pytest.fixture(params=["amqtt", "mosquitto"])
-def broker_kind(request: pytest.FixtureRequest) -> str:
-    kind: str = request.param
-    if kind == "mosquitto" and not mosquitto_available():
-        pytest.skip(NOT_INSTALLED)
-    for mark in request.node.iter_markers("broker_xfail"):
-        if kind in mark.args:
-            request.applymarker(pytest.mark.xfail(reason=f"{kind}: {mark.kwargs['reason']}", strict=True))
-    return kind
+def _broker_kind(kinds: list[str]) -> Callable[[pytest.FixtureRequest], str]:
+    @pytest.fixture(params=kinds, name="broker_kind")
+    def broker_kind(request: pytest.FixtureRequest) -> str:
+        kind: str = request.param
+        if kind == "mosquitto" and not mosquitto_available():
+            pytest.skip(NOT_INSTALLED)
+        for mark in request.node.iter_markers("broker_xfail"):
+            if kind in mark.args:
+                request.applymarker(pytest.mark.xfail(reason=f"{kind}: {mark.kwargs['reason']}", strict=True))
+        return kind
+
+    return broker_kind
+
+
+broker_kind = _broker_kind(["amqtt", "mosquitto"])
 
 
 @pytest.fixture
-def broker_under_test(broker_kind: str, tmp_path: Path) -> Iterator[BrokerUnderTest]:
+def broker_under_test(broker_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BrokerUnderTest]:
     if broker_kind == "amqtt":
         with BackgroundServer(BrokerSettings(data_dir=tmp_path / "data", port=0)) as info:
             store = AccountStore(info.data_dir)
@@ -311,6 +317,14 @@ def broker_under_test(broker_kind: str, tmp_path: Path) -> Iterator[BrokerUnderT
                 return "auditor"
 
             yield BrokerUnderTest(broker_kind, info, add_amqtt, add_auditor)
+        return
+    if broker_kind == "nats":
+        from tests.natsbroker import SharedCluster, add_accounts  # natscluster imports this module
+
+        shared: SharedCluster = request.getfixturevalue("nats_shared")
+        with shared.for_test(tmp_path / "nats") as cluster_info:
+            # the service accounts read every topic (natsauth.SERVICE_READ): "presence" as on Mosquitto
+            yield BrokerUnderTest(broker_kind, cluster_info, add_accounts(shared.cluster), lambda: "presence")
         return
     with running_mosquitto(tmp_path / "mosquitto") as mosquitto, running_workers(mosquitto):
 
@@ -338,6 +352,9 @@ def users(broker_under_test: BrokerUnderTest) -> Callable[..., None]:
 
 # A module runs on both brokers with:  broker_kind, broker_under_test, server, users = brokers.BOTH
 BOTH = (broker_kind, broker_under_test, server, users)
+# ... and also on a three-node NATS cluster (tests/natsbroker.py: one cluster per session, alice on
+# node 1, bob on node 3) with:  broker_kind, broker_under_test, server, users = brokers.ALL
+ALL = (_broker_kind(["amqtt", "mosquitto", "nats"]), broker_under_test, server, users)
 
 # In such a module, ``@brokers.EMBEDDED_ONLY`` runs one test on the embedded broker alone (it is
 # parametrised directly, which overrides the fixture's params): for a test about ``imcli serve``

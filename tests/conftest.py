@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from argon2 import PasswordHasher
+from hypothesis import settings
 from typer.testing import CliRunner, Result
 
 from imcli.broker import accounts
@@ -23,9 +24,18 @@ from imcli.cli.app import app
 from imcli.client.identity import Identity
 from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.serve.host import BackgroundServer, ServeInfo
+from tests.natsbroker import SharedCluster, address_for
+from tests.natscluster import NOT_INSTALLED as NATS_NOT_INSTALLED
+from tests.natscluster import nats_available, running_cluster
 from tests.rawmqtt import Raw, connect_raw, password_of, wait_until
 
 __all__ = ["Raw", "password_of", "wait_until"]  # tests import these from here
+
+# Hypothesis fails an example that takes over 200 ms by default: on a shared 2-core machine a
+# pure function's example can wait that long for a core (test_room_topic_round_trips did), which
+# says nothing of the property. Speed is the benchmarks' business; the properties keep no deadline.
+settings.register_profile("shared-machine", deadline=None)
+settings.load_profile("shared-machine")
 
 
 def fast_hasher() -> PasswordHasher:
@@ -79,8 +89,17 @@ def users(server: ServeInfo) -> Callable[..., None]:
 
 def ident(where: ServeInfo | BrokerAddress, name: str, device: str = "test") -> Identity:
     """``name``'s identity (password ``password_of(name)``) on a broker, for the library calls."""
-    address = where.address if isinstance(where, ServeInfo) else where
+    address = address_for(where, name) if isinstance(where, ServeInfo) else where
     return Identity(address, Credentials(name, password_of(name)), device)
+
+
+@pytest.fixture(scope="session")
+def nats_shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedCluster]:
+    """One three-node NATS cluster for the session (per xdist worker): tests/natsbroker.py."""
+    if not nats_available():
+        pytest.skip(NATS_NOT_INSTALLED)
+    with running_cluster(tmp_path_factory.mktemp("nats-shared") / "cluster") as cluster:
+        yield SharedCluster(cluster)
 
 
 # ---------------------------------------------------------------- raw MQTT
@@ -92,7 +111,8 @@ def raw(server: ServeInfo) -> Iterator[Callable[..., Raw]]:
     opened: list[Raw] = []
 
     def connect(username: str | None, password: str | None = None, client_id: str = "", **options: object) -> Raw:
-        r = connect_raw(server.address.host, server.address.port, username, client_id, password, **options)  # type: ignore[arg-type]
+        address = address_for(server, username)  # on the NATS cluster, the user's own node
+        r = connect_raw(address.host, address.port, username, client_id, password, **options)  # type: ignore[arg-type]
         opened.append(r)
         return r
 
@@ -117,13 +137,14 @@ class Cli:
         return self.runner.invoke(app, list(args), input=input, env=full_env)
 
     def login(self, name: str) -> None:
+        address = address_for(self.server, name)  # on the NATS cluster, every node, the user's own first
         result = self(
             "login",
             name,
             "--host",
-            self.server.address.host,
+            address.hosts,
             "--port",
-            str(self.server.address.port),
+            str(address.port),
             "--password-stdin",
             input=password_of(name) + "\n",
         )

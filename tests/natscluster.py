@@ -30,7 +30,7 @@ from tests.rawmqtt import connect_raw, password_of
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "nats"
 NATS_SERVER = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/local/sbin:/usr/sbin")
 NOT_INSTALLED = "nats-server not installed (.ci/run installs Debian's package)"
-ACCOUNTS = ("alice", "bob", "carol", "dave", "presence", "groups", "archive")
+ACCOUNTS = ("alice", "bob", "carol", "dave", "presence", "groups", "archive", "files")
 START_TIMEOUT = 60.0  # a fresh JetStream cluster elects its leaders and makes the MQTT streams: seconds
 
 
@@ -99,6 +99,12 @@ class NatsNode:
     cluster: int = -1
     proc: subprocess.Popen[str] | None = None
     max_payload: int | None = None  # the benchmark lifts it, as it lifts Mosquitto's message_size_limit
+    http: int = -1  # the monitoring port (loopback), for /connz
+
+    @property
+    def reloads(self) -> int:
+        """How many configuration reloads this node has applied (its log says each)."""
+        return self.log.count("Reloaded server configuration")
 
     @property
     def log_path(self) -> Path:
@@ -141,8 +147,9 @@ class NatsNode:
             text = self.log[offset:]
             mqtt = re.search(r"Listening for MQTT clients on mqtt://127\.0\.0\.1:(\d+)", text)
             route = re.search(r"Listening for route connections on 127\.0\.0\.1:(\d+)", text)
-            if mqtt and route:
-                self.mqtt, self.cluster = int(mqtt.group(1)), int(route.group(1))
+            http = re.search(r"Starting http monitor on 127\.0\.0\.1:(\d+)", text)
+            if mqtt and route and http:
+                self.mqtt, self.cluster, self.http = int(mqtt.group(1)), int(route.group(1)), int(http.group(1))
                 return
             if self.proc.poll() is not None:
                 break

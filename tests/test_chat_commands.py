@@ -289,3 +289,66 @@ def test_in_a_terminal_who_is_online_requests_and_unread_counts(
         bob.expect(r"lobby \[@alice 1\]>")
         bob.type("/quit")
         assert bob.exit_code() == 0
+
+
+def _dms(outputs: list[Output]) -> list[tuple[str | None, str]]:
+    return [(o.to, o.text) for o in outputs if isinstance(o, Received) and o.kind == "dm"]
+
+
+def test_a_display_name_with_spaces_in_every_command_that_takes_a_user(
+    server: ServeInfo, users: Callable[..., None], chats: Callable[..., ChatSession]
+) -> None:
+    """``/dm "Mary Ann" hi``, ``/dm Mary Ann hi`` (the longest known name that starts the text),
+    and the same for /whois, /friend, /invite, /promote and /kick; unknown names are the
+    resolver's one error line."""
+    users("alice", "bob", "mary")
+    services.rename(ident(server, "alice"), "Mary Ann")
+    bob = chats(server, "bob")
+
+    assert _dms(bob.handle('/dm "Mary Ann" hi')) == [("alice", "hi")]
+    assert _dms(bob.handle("/dm Mary Ann hello there")) == [("alice", "hello there")]
+    assert _dms(bob.handle("/dm \u201cMary Ann\u201d curly quotes")) == [("alice", "curly quotes")]
+    assert _dms(bob.handle("/dm @mary ann? no: the account mary")) == [("mary", "ann? no: the account mary")]
+    assert _dms(bob.handle('/dm "mary" Ann')) == [("mary", "Ann")]  # quotes pick the shorter name
+    bob.go(Conversation("room", "lobby"))
+    assert "now talking in @alice" in ok(bob, "/dm Mary Ann")
+    assert ok(bob, "/whois Mary Ann").startswith("Mary Ann (@alice)")
+    assert "asked Mary Ann to be your friend" in ok(bob, "/friend add Mary Ann")
+    ok(bob, "/create team")
+    assert "added Mary Ann to #team" in ok(bob, "/invite Mary Ann")
+    assert "Mary Ann is now an admin of #team" in ok(bob, '/promote "Mary Ann" team')
+    assert "removed Mary Ann from #team" in ok(bob, "/kick Mary Ann #team")
+
+    hint = "(check the name with 'imcli who --all')"
+    for line, error in [
+        ("/dm Nobody Here hi", f"unknown user 'Nobody' {hint}"),
+        ("/whois Nobody Here", f"unknown user 'Nobody Here' {hint}"),
+        ("/friend add Nobody Here", f"unknown user 'Nobody Here' {hint}"),
+        (
+            '/dm "Mary Ann hi',
+            'a quote is not closed (usage: /dm NAME [TEXT], a name with spaces in quotes: "Mary Ann")',
+        ),
+        ('/dm "Mary Ann"hi', "text right after the quoted name: hi (usage: /dm NAME [TEXT])"),
+        ('/dm "" hi', "empty user name (give an account or display name)"),
+        ('/friend add "Mary Ann" now', "too many arguments: now (usage: /friend add|accept|decline|remove USER)"),
+        ("/invite Nobody Here team", f"unknown user 'Nobody' {hint}"),
+        ("/dm", "missing argument (usage: /dm NAME [TEXT])"),
+    ]:
+        (out,) = bob.handle(line)
+        assert isinstance(out, Note) and out.style == "error", (line, out)
+        assert out.text == error, line
+
+
+def test_in_a_terminal_dm_takes_a_quoted_display_name(
+    server: ServeInfo, users: Callable[..., None], terminal: Callable[[str], Terminal]
+) -> None:
+    users("alice", "bob")
+    services.rename(ident(server, "alice"), "Mary Ann")
+    bob = terminal("bob")
+    bob.expect(r"lobby>")
+    bob.type('/dm "Mary Ann" hi there')
+    bob.expect(r"→ Mary Ann \(@alice\): hi there")
+    bob.type("/dm Nobody Here hi")
+    bob.expect(r"unknown user 'Nobody' \(check the name with 'imcli who --all'\)")
+    bob.type("/quit")
+    assert bob.exit_code() == 0

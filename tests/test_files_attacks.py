@@ -174,3 +174,29 @@ def test_a_room_file_is_for_every_signed_in_user(
     assert isinstance(ask(dave, "dave", FileGet(file=info.id)), FileReady)
     anonymous = raw(None, None)
     assert anonymous.rc == 5
+
+
+BAD_FILE_NAMES = [
+    "a/b", "../up", "a\\b", "..\\up", ".", "..",  # paths
+    "bell\x07", "two\nlines", "cr\rhere", "esc\x1b[2J", "nul\x00", "\x85nel",  # controls
+    "\u202etxt.exe", "rtl\u2067x", "zero\u200bwidth", "a\u200db", "\u2028sep", "\u2029par", "\ufeffbom",
+    "unassigned\u0378",
+]  # fmt: skip
+GOOD_FILE_NAMES = ["\U0001f469\u200d\U0001f469\u200d\U0001f467.png", "日本 語.txt", "x.tar.gz", "..hidden", "a b"]
+
+
+def test_file_names_that_are_paths_or_do_not_draw_as_themselves_are_refused(
+    server: ServeInfo, users: Callable[..., None], raw: Callable[..., Raw]
+) -> None:
+    """A raw client offers names that no CLI would: the files worker refuses each (on either
+    broker), and takes file names with emoji sequences and spaces."""
+    users("mallory")
+    mallory = attacker(raw, "mallory")
+    for name in BAD_FILE_NAMES:
+        offer = FileOffer(name=name, size=3, sha256=hashlib.sha256(name.encode()).hexdigest(), room="lobby")
+        reply = ask(mallory, "mallory", offer)
+        assert isinstance(reply, ErrorReply), (name, reply)
+        assert reply.code == "invalid" and reply.text == f"invalid file name {name!r}", reply
+    for name in GOOD_FILE_NAMES:  # one content: the same unfinished upload, renamed (not 5 uploads in flight)
+        offer = FileOffer(name=name, size=3, sha256=hashlib.sha256(b"abc").hexdigest(), room="lobby")
+        assert isinstance(ask(mallory, "mallory", offer), FileUpload), name

@@ -6,7 +6,9 @@ Every test runs on the embedded broker and on Mosquitto with its workers (tests/
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,21 @@ from imcli.broker.accounts import AccountStore
 from imcli.broker.settings import BrokerSettings
 from imcli.client import moments, services
 from imcli.core.errors import NotAllowed, NotFound
-from imcli.core.wire import ErrorReply, MomentReply, MomentRequest, Topics, decode, encode
+from imcli.core.wire import (
+    ErrorReply,
+    FileGet,
+    FileListing,
+    FileListRequest,
+    FileOffer,
+    FileReady,
+    MomentReply,
+    MomentRequest,
+    Topics,
+    WireModel,
+    decode,
+    encode,
+    new_id,
+)
 from imcli.serve.host import BackgroundServer, ServeInfo
 from tests import brokers
 from tests.conftest import Cli, Proc, Raw, ident
@@ -233,3 +249,90 @@ def test_moments_survive_a_restart(tmp_path: Path, broker_kind: str) -> None:
         assert [(m.text, [c.text for c in m.comments]) for m in page.moments] == [("kept", ["still here?"])]
         with pytest.raises(NotFound):
             moments.act(ident(info, "carol"), "like", post_id)
+
+
+# ---------------------------------------------------------------- a moment's images: friends only
+
+
+def _ask(client: Raw, me: str, request: WireModel) -> object:
+    corr = new_id()
+    client.publish(T.request(me, corr), encode(request))
+    return decode(bytes(client.expect(T.reply(me, corr), timeout=10).payload))
+
+
+def _fetcher(raw: Callable[..., Raw], name: str) -> Raw:
+    r = raw(name, password_of(name), client_id=f"{name}:raw")
+    assert r.subscribe(T.reply_filter(name)) == 1
+    return r
+
+
+def _can_fetch(client: Raw, me: str, file_id: str) -> bool:
+    reply = _ask(client, me, FileGet(file=file_id))
+    if isinstance(reply, ErrorReply):
+        assert reply.code == "not_found" and reply.text == f"no file {file_id} (or you may not fetch it)"
+        return False
+    assert isinstance(reply, FileReady) and reply.file.id == file_id
+    return True
+
+
+def _listed(client: Raw, me: str, request: FileListRequest) -> list[str] | None:
+    reply = _ask(client, me, request)
+    if isinstance(reply, ErrorReply):
+        assert reply.code == "denied", reply
+        return None
+    assert isinstance(reply, FileListing)
+    return [f.id for f in reply.files]
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """The files worker learns a friendship's end from the group worker's retained record, which
+    may reach it a moment after ``friend remove`` returned: ask again until it says so."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_a_moments_image_is_for_the_author_and_current_friends_only(
+    people: dict[str, Cli], raw: Callable[..., Raw], tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    path = tmp_path / "friends-only.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(path, "PNG")
+    alice = people["alice"]
+    post = alice("moments", "post", "a picture", "--image", str(path))
+    assert post.exit_code == 0, post.stderr
+    post_id = post.stdout.split()[1]
+    (moment,) = _feed(people["bob"])["moments"]
+    file_id = moment["images"][0]["file"]
+    a, b, c = _fetcher(raw, "alice"), _fetcher(raw, "bob"), _fetcher(raw, "carol")
+    mine = FileListRequest(moments="alice")
+
+    # the author and her friend fetch and list it; carol, holding the id, gets what an unknown id gets
+    assert _can_fetch(a, "alice", file_id) and _can_fetch(b, "bob", file_id)
+    assert _listed(a, "alice", mine) == [file_id] and _listed(b, "bob", mine) == [file_id]
+    assert not _can_fetch(c, "carol", file_id)
+    assert _listed(c, "carol", mine) is None
+    assert file_id not in (_listed(c, "carol", FileListRequest()) or [])
+    # nor may carol add an image to alice's moments, nor store one as a room file under that scope
+    data = b"\x89PNG\r\n\x1a\n" + b"x" * 100
+    forged = FileOffer(name="x.png", size=len(data), sha256=hashlib.sha256(data).hexdigest(), moments="alice")
+    refused = _ask(c, "carol", forged)
+    assert isinstance(refused, ErrorReply) and refused.code == "denied"
+    two = FileOffer(name="x.png", size=len(data), sha256=forged.sha256, moments="carol", room="lobby")
+    assert isinstance(_ask(c, "carol", two), ErrorReply)
+
+    # a deleted moment's image stays the author's and her current friends' (never anyone else's)
+    assert alice("moments", "delete", post_id).exit_code == 0
+    assert _can_fetch(a, "alice", file_id) and _can_fetch(b, "bob", file_id)
+    assert not _can_fetch(c, "carol", file_id)
+
+    # unfriended, bob keeps the id and loses the image; alice keeps it
+    assert alice("friend", "remove", "bob").exit_code == 0
+    assert _eventually(lambda: not _can_fetch(b, "bob", file_id))
+    assert _listed(b, "bob", mine) is None
+    assert file_id not in (_listed(b, "bob", FileListRequest()) or [])
+    assert _can_fetch(a, "alice", file_id)

@@ -271,6 +271,32 @@ def test_group_rights_follow_membership(cluster: NatsCluster, raw) -> None:  # t
     assert again.subscribe(T.group_msg_filter("crew")) == 128  # the kicked member may not listen any more
 
 
+def test_live_group_line_reaches_a_member_on_another_node(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
+    """bob listens on node 3 before he is invited: his listener, refused the group wildcard, follows his
+    groups one by one; alice's line through node 1 arrives live. carol, not a member, reads nothing."""
+    auth = cluster.auth
+    assert auth is not None
+    alice = on(cluster, 1, "alice")
+    with Listener(on(cluster, 3, "bob"), session="live") as bob:
+        follower = bob.group_follower
+        assert follower is not None  # NATS refused im/group/+/msg/+
+        before = auth.reloads
+        services.group_request(alice, "create", "live", private=True)
+        services.group_request(alice, "invite", "live", user="bob")
+        rights_settled(cluster, before)
+        with follower.changed:
+            assert follower.changed.wait_for(lambda: "live" in follower.groups, 90)
+        carol = raw(2, "carol")
+        assert carol.subscribe(T.group_msg_filter("live")) == 128
+        assert carol.subscribe(T.group_msg_filter()) == 128
+        services.group_say(alice, "live", ChatMessage(text="live on node 3"))
+        for item in bob:
+            if item.kind == "group" and item.group == "live":
+                assert (item.sender, item.text) == ("alice", "live on node 3")
+                break
+        assert carol.silent(0.5) == []
+
+
 def test_friends_only_dms_refused_at_publish(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
     auth = cluster.auth
     assert auth is not None
@@ -311,8 +337,8 @@ def test_client_id_bound_to_account(cluster: NatsCluster, raw) -> None:  # type:
 @pytest.mark.xfail(
     strict=True,
     reason="NATS 2.9 does not apply a subscribe deny per delivery to an MQTT wildcard subscription, so "
-    "'im/group/+/msg/+' (the listener's) cannot be narrowed to one's groups and is refused: live group "
-    "messages reach only a per-group subscription",
+    "'im/group/+/msg/+' cannot be narrowed to one's groups and is refused: the listener subscribes per group "
+    "instead (test_live_group_line_reaches_a_member_on_another_node)",
 )
 def test_group_wildcard_subscription_granted(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
     assert raw(3, "bob").subscribe(T.group_msg_filter()) == 1

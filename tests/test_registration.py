@@ -18,7 +18,11 @@ from imcli.broker.invites import InviteStore
 from imcli.broker.limits import Limits
 from imcli.broker.server import BrokerSettings
 from imcli.cli.app import app
+from imcli.client import services
+from imcli.core.errors import InvalidInput, NameTaken
 from imcli.serve.host import BackgroundServer, ServeInfo
+from tests.conftest import ident
+from tests.rawmqtt import password_of
 from tests.test_logins import THROTTLED, connack
 
 
@@ -151,3 +155,46 @@ def test_register_prints_one_line_when_throttled(tmp_path: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith(
             "Error: too many registrations or failed attempts from this address, or the broker is busy (code 3)"
         ), err
+
+
+# ---------------------------------------------------------------- look-alike names (issue 18)
+
+
+def test_an_account_name_that_looks_like_another_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``a1ice`` beside ``alice`` (TR39 skeletons): refused through a raw register CONNECT, through
+    ``imcli register`` in one line, and by the account store itself (``imcli admin user add``)."""
+    with serve(tmp_path) as info:
+        AccountStore(info.data_dir).add("alice", "alice-password")
+        with caplog.at_level(logging.INFO, logger="imcli.broker.connection_gate"):
+            assert register(info, "a1ice") == 4
+        assert "the name 'a1ice' looks like the account 'alice'" in caplog.text
+        assert register(info, "b0b", source="127.0.0.2") == 0  # 0 and o are different letters here
+        code_, _, err = cli(info, tmp_path, "register", "a1ice", password="a1ice-password")
+        assert code_ == 1 and len(err.strip().splitlines()) == 1
+        assert err.startswith("Error: cannot register 'a1ice': the name is taken or reserved, or looks like"), err
+        store = AccountStore(info.data_dir)
+        assert store.get("a1ice") is None
+        with pytest.raises(NameTaken, match="the name 'a1ice' looks like the account 'alice'"):
+            store.add("a1ice", "a1ice-password")
+        with pytest.raises(InvalidInput, match="the name 'a11' looks like the reserved name 'all'"):
+            store.add("a11", "a11-password")
+
+
+def test_an_account_name_that_looks_like_a_display_name_is_refused(tmp_path: Path) -> None:
+    """bob calls himself Mary (the presence worker's retained record, which the broker reads):
+    nobody may then register ``mary``; and, the other way, nobody may take a display name that
+    looks like an account (``AIice``, ``\\u0430lice`` with a Cyrillic a)."""
+    with serve(tmp_path) as info:
+        store = AccountStore(info.data_dir)
+        for name in ("alice", "bob"):
+            store.add(name, password_of(name))
+        assert services.rename(ident(info, "bob"), "Mary") == "Mary"
+        assert register(info, "mary") == 4
+        code_, _, err = cli(info, tmp_path, "register", "mary", password="mary-password")
+        assert code_ == 1 and err.startswith("Error: cannot register 'mary': the name is taken"), err
+        assert AccountStore(info.data_dir).get("mary") is None
+        for look_alike in ("AIice", "\u0430lice", "a1ice"):
+            with pytest.raises(NameTaken, match="is taken"):
+                services.rename(ident(info, "bob"), look_alike)
+        assert services.rename(ident(info, "bob"), "bob") == "bob"  # Mary is free again: so is the account name
+        assert register(info, "mary", source="127.0.0.3") == 0

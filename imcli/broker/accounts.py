@@ -38,6 +38,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from imcli.core.errors import AccountError, InvalidInput, NameTaken, NotFound
+from imcli.core.names import look_alike
 from imcli.core.rules import DEVICE_CREDENTIAL_PREFIX
 from imcli.core.wire import NAME_RULE, RESERVED_NAMES, is_name
 
@@ -195,10 +196,14 @@ class AccountStore:
             raise InvalidInput(f"invalid account name {name!r}", NAME_RULE)
         if name in RESERVED_NAMES and not allow_reserved:
             raise InvalidInput(f"the name {name!r} is reserved", "choose another name")
+        if not allow_reserved and (reserved := look_alike(name, sorted(RESERVED_NAMES))) is not None:
+            raise InvalidInput(f"the name {name!r} looks like the reserved name {reserved!r}", "choose another name")
         hashed = self._hasher.hash(check_password(password))  # slow: outside the file lock
         with self._locked() as accounts:
             if name in accounts:
                 raise NameTaken(f"the name {name!r} is taken", "choose another name")
+            if (other := look_alike(name, accounts)) is not None:  # a1ice beside alice (TR39 skeletons)
+                raise NameTaken(f"the name {name!r} looks like the account {other!r}", "choose another name")
             removed = self._read_removed()
             if name in removed:
                 if not reuse:

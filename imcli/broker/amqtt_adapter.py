@@ -212,7 +212,10 @@ class ImBroker(Broker):
         lim = settings.limits
         # the Last Will's topic is checked at CONNECT without group or friend records
         self.devices = DeviceStore(settings.data_dir.resolve())  # imcli/broker/devices.py
-        gate = ConnectionGate(self._accounts, TopicAcl(self.topics), settings.registration, lim, devices=self.devices)
+        gate = ConnectionGate(
+            self._accounts, TopicAcl(self.topics), settings.registration, lim,
+            devices=self.devices, display_names=self.access.names.in_use,
+        )  # fmt: skip
         self.admission = Admission(gate, self.access, lim)
         self.retained = RetainedState(settings.data_dir, self.access, lim)
         self.publishing = PublishChecks(self.access, lim, settings.max_payload, statuses=self.retained.status_refusal)

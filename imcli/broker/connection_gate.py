@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from amqtt.session import Session
 
@@ -35,7 +35,8 @@ from imcli.broker.devices import DeviceStore
 from imcli.broker.invites import InviteStore
 from imcli.broker.limits import Limits
 from imcli.broker.throttle import Busy, LoginThrottle, PasswordChecks, WindowCount, address_key
-from imcli.core.errors import ImcliError
+from imcli.core.errors import ImcliError, NameTaken
+from imcli.core.names import look_alike
 from imcli.core.rules import DEVICE_SUFFIX_SEPARATOR, REGISTER_PREFIX, client_id_of_device, parse_device_credential
 from imcli.core.wire import client_id_account, is_name
 
@@ -89,7 +90,9 @@ class ConnectionGate:
         limits: Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
         devices: DeviceStore | None = None,
+        display_names: Callable[[], Mapping[str, str]] = dict,
     ) -> None:
+        """``display_names``: every display name in use and its account (the presence records)."""
         if registration not in REGISTRATION_MODES:
             raise ValueError(f"registration must be one of {', '.join(REGISTRATION_MODES)}, not {registration!r}")
         limits = limits or Limits()
@@ -102,6 +105,7 @@ class ConnectionGate:
         self.checks = PasswordChecks(limits.password_checks, limits.password_queue)
         self.clock = clock
         self.devices = devices or DeviceStore(store.data_dir)
+        self.display_names = display_names
 
     async def check(self, connect: Session) -> int:
         """The CONNACK return code this CONNECT (amqtt's ``Session`` as its decoder filled it in)
@@ -210,8 +214,9 @@ class ConnectionGate:
             log.info("registration of %.40r from %s refused: too many from there, %.0f s to wait", name, address, left)
             return SERVER_UNAVAILABLE
         invite = code if self.registration == "invite" else None
+        in_use = list(self.display_names())  # read in the event loop, which updates them
         try:
-            refusal = await self.checks.run(lambda: self._create(name, password, invite))
+            refusal = await self.checks.run(lambda: self._create(name, password, invite, in_use))
         except Busy:
             log.warning("registration of %.40r from %s refused: too many password checks at once", name, address)
             return SERVER_UNAVAILABLE
@@ -229,7 +234,7 @@ class ConnectionGate:
         self.registrations.add(address, self.clock())
         return CONNECTION_ACCEPTED
 
-    def _create(self, name: str, password: str, invite: str | None) -> int | None:
+    def _create(self, name: str, password: str, invite: str | None, display_names: list[str]) -> int | None:
         """Make the account (in a worker thread: argon2, files); the CONNACK code of a refusal, or ``None``."""
         redeemed = None
         if invite is not None:
@@ -237,6 +242,9 @@ class ConnectionGate:
             if redeemed is None:
                 return NOT_AUTHORIZED
         try:
+            holder = look_alike(name, display_names)  # account names: AccountStore.add
+            if holder is not None:
+                raise NameTaken(f"the name {name!r} looks like the display name {holder!r}", "choose another name")
             self.store.add(name, password)
         except ImcliError as exc:
             log.info("registration of %.40r refused: %s", name, exc)

@@ -2,7 +2,8 @@
 membership and DM policies from the records the workers retain.
 
 ``TopicAcl`` (imcli/broker/acl.py) is the pure rule; this module feeds it the broker's
-view of the world. ``GroupCache`` and ``FriendCache`` are updated in the broker's event
+view of the world (and registration its view of display names). ``GroupCache``, ``FriendCache``
+and ``DisplayNames`` are updated in the broker's event
 loop whenever a worker retains a record (``TopicAccess.learn``), and read on every check.
 """
 
@@ -19,6 +20,7 @@ from imcli.core.wire import (
     Friends,
     GroupInfo,
     MalformedPayload,
+    Presence,
     TopicKind,
     Topics,
     WireModel,
@@ -81,6 +83,27 @@ class FriendCache:
             self._friends_only[user] = senders
 
 
+class DisplayNames:
+    """Every user's display name, from the presence worker's retained ``<prefix>/presence/<u>``:
+    registration refuses an account name that looks like one of them (``ConnectionGate``)."""
+
+    def __init__(self) -> None:
+        self._nicks: dict[str, str] = {}  # account -> display name, where the two differ
+
+    def in_use(self) -> dict[str, str]:
+        """display name -> its account."""
+        return {nick: account for account, nick in self._nicks.items()}
+
+    def update(self, user: str, payload: bytes) -> None:
+        record = _record(payload, Presence, lambda r: r.account == user, f"presence of {user}") if payload else None
+        if payload and record is None:
+            return  # unusable: keep the last good record
+        if record is None or record.nick == user:
+            self._nicks.pop(user, None)
+        else:
+            self._nicks[user] = record.nick
+
+
 def _record(payload: bytes, kind: type[_R], belongs: Callable[[_R], bool], what: str) -> _R | None:
     """A worker's retained record, or ``None`` (logged) if it is malformed or names someone else."""
     try:
@@ -102,6 +125,7 @@ class TopicAccess:
         self.role_of = role_of
         self.groups = GroupCache()
         self.friends = FriendCache()
+        self.names = DisplayNames()
         self.acl = TopicAcl(topics, groups=self.groups, friends=self.friends)
 
     def check(self, username: str | None, topic: str, access: Access) -> bool:
@@ -134,4 +158,6 @@ class TopicAccess:
             self.groups.update(parsed.name, payload)
         elif parsed.kind is TopicKind.FRIENDS and parsed.owner:
             self.friends.update(parsed.owner, payload)
+        elif parsed.kind is TopicKind.PRESENCE and parsed.owner:
+            self.names.update(parsed.owner, payload)
         return parsed.kind

@@ -100,6 +100,53 @@ def args(rest: str, usage: str, least: int, most: int) -> list[str]:
     return words
 
 
+_QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "\u300c": "\u300d"}
+
+
+def user_and_rest(chat: ChatSession, rest: str, usage: str, *, last: bool = False) -> tuple[str, str]:
+    """The user a command names first, and what follows it. A display name may hold spaces
+    (``Mary Ann``): it is taken in quotes (``"Mary Ann" hi``, ``“Mary Ann”``), or as the longest
+    display or account name this chat knows that starts the text (then a space, or the end);
+    otherwise the first word (``last``: the whole text, for a command that takes nothing after
+    the user), which the resolver then knows or refuses as ``unknown user``."""
+    text = rest.strip()
+    if not text:
+        raise InvalidInput("missing argument", f"usage: {usage}")
+    close = _QUOTES.get(text[0])
+    if close is not None:
+        end = text.find(close, 1)
+        if end < 0:
+            raise InvalidInput("a quote is not closed", f'usage: {usage}, a name with spaces in quotes: "Mary Ann"')
+        name, after = text[1:end].strip(), text[end + 1 :]
+        if after and not after[0].isspace():
+            raise InvalidInput(f"text right after the quoted name: {after.split()[0]}", f"usage: {usage}")
+        if not name:
+            raise InvalidInput("empty user name", "give an account or display name")
+    else:
+        body = text.removeprefix("@")
+        name = _known_prefix(chat, body, refresh=False) or _known_prefix(chat, body, refresh=" " in body)
+        if not name:
+            name = body if last else body.split(maxsplit=1)[0]
+        after = body[len(name) :]
+    after = after.strip()
+    if last and after:
+        raise InvalidInput(f"too many arguments: {after}", f"usage: {usage}")
+    return name, after
+
+
+def _known_prefix(chat: ChatSession, text: str, *, refresh: bool) -> str:
+    """The longest known display or account name that starts ``text`` (case aside), as typed."""
+    nicks = chat.listener.nicks
+    if refresh:  # a name with spaces this chat has not seen yet: ask the presence worker once
+        nicks.update({a: n for a, n in services.display_names(chat.listener).items() if a not in nicks})
+    best = ""
+    for name in {chat.me, *nicks, *nicks.values()}:
+        size = len(name)
+        if size > len(best) and text[:size].casefold() == name.casefold() and text[size : size + 1] in ("", " "):
+            best = text[:size]
+    return best
+
+
 def group_of(chat: ChatSession, given: str | None, usage: str) -> str:
     """The group named (``team`` or ``#team``), else the one the prompt is in."""
     if given:
@@ -148,8 +195,7 @@ def _group(chat: ChatSession, rest: str) -> list[Output]:
 
 @command("/dm NAME [TEXT]", "talk to NAME privately (with TEXT: send it and stay here)")
 def _dm(chat: ChatSession, rest: str) -> list[Output]:
-    who, _, text = rest.strip().partition(" ")
-    (name,) = args(who, "/dm NAME [TEXT]", 1, 1)
+    name, text = user_and_rest(chat, rest, "/dm NAME [TEXT]")
     target = chat.dm_target(name)
     if text.strip():
         return chat.send(target, text)
@@ -166,9 +212,8 @@ def _who(chat: ChatSession, rest: str) -> list[Output]:
 def _whois(chat: ChatSession, rest: str) -> list[Output]:
     from imcli.cli.profile import whois_lines
 
-    if not rest.strip():
-        raise InvalidInput("missing argument", "usage: /whois NAME")
-    found = services.ask_whois(chat.listener, rest.strip())  # a display name may hold spaces
+    name, _ = user_and_rest(chat, rest, "/whois NAME", last=True)
+    found = services.ask_whois(chat.listener, name)
     return [Note(line) for line in whois_lines(found)]
 
 
@@ -261,9 +306,11 @@ def _leave(chat: ChatSession, rest: str) -> list[Output]:
 
 def _member_op(op: str, usage: str, done: str) -> Run:
     def run(chat: ChatSession, rest: str) -> list[Output]:
-        words = args(rest, usage, 1, 2)
-        user = words[0].removeprefix("@")
-        name = group_of(chat, words[1] if len(words) == 2 else None, usage.replace("[GROUP]", "GROUP"))
+        user, after = user_and_rest(chat, rest, usage)
+        if len(after.split()) > 1:  # "/invite Nobody Here team": say the name is unknown, if it is
+            services.resolve(chat.listener, user)
+        given = args(after, usage, 0, 1)
+        name = group_of(chat, given[0] if given else None, usage.replace("[GROUP]", "GROUP"))
         services.ask_group(chat.listener, op, name, user=user)  # type: ignore[arg-type]
         return dim(done.format(user=user, group=name))
 
@@ -294,9 +341,12 @@ _FRIEND_DONE = {
 @command("/friend add|accept|decline|remove USER", "friend requests")
 def _friend(chat: ChatSession, rest: str) -> list[Output]:
     usage = "/friend add|accept|decline|remove USER"
-    op, user = args(rest, usage, 2, 2)
+    op, _, who = rest.strip().partition(" ")
+    if not op:
+        raise InvalidInput("missing argument", f"usage: {usage}")
     if op.lower() not in _FRIEND_DONE:
         raise InvalidInput(f"unknown friend action {op!r}", f"usage: {usage}")
+    user, _ = user_and_rest(chat, who, usage, last=True)
     services.ask_friend(chat.listener, op.lower(), user)  # type: ignore[arg-type]
     return dim(_FRIEND_DONE[op.lower()].format(user=user.removeprefix("@")))
 

@@ -72,6 +72,9 @@ def parse_say(argv: Sequence[str], environ: Mapping[str, str]) -> SayArgs | None
     return SayArgs(text, given.get("room"), given.get("host"), int(port) if port else None)
 
 
+NOTE_WAIT = 2.0  # seconds: how long ``say --room`` waits to learn whether a group has the room's name
+
+
 def run_say(args: SayArgs) -> str:
     """Send the line; returns the room it went to. Typer's ``say`` command calls this too."""
     from imcli.client.identity import max_payload_bytes, message_text, signed_in
@@ -88,14 +91,17 @@ def run_say(args: SayArgs) -> str:
 
 def _say_if_a_group(identity: Identity, room: str) -> None:
     """Rooms and groups are apart (``team`` and ``#team``): the line went to the room, and the
-    user is told there is a group of that name. Only for ``--room``: the plain form stays fast."""
+    user is told there is a group of that name. Only for ``--room``: the plain form stays fast.
+    The line is already sent, so this courtesy waits at most ``NOTE_WAIT``: where no groups
+    worker answers (a bare Mosquitto), ``say`` must not hang for a whole request timeout."""
     import sys
 
     from imcli.client import services
     from imcli.core.errors import ImcliError
+    from imcli.core.request_reply import request_timeout
 
     try:
-        with services.Connection(identity, "say") as connection:
+        with services.Connection(identity, "say", timeout=min(NOTE_WAIT, request_timeout())) as connection:
             reply = services.ask_group(connection, "members", room)
     except ImcliError:
         return  # no such group (or a private one of others), or no group worker

@@ -1,6 +1,8 @@
-"""Images through the files worker (issue 16): a profile picture, a moment's pictures. The image
-is stored as a file of the default room (any signed-in user holding its unguessable id may
-fetch it), and the thumbnail the files worker made rides in the profile or the moment."""
+"""Images through the files worker (issue 16): a profile picture, a moment's pictures. A profile
+picture is stored as a file of the default room (any signed-in user holding its unguessable id
+may fetch it, as anyone may read a profile); a moment's picture as a file of the author's
+moments (only the author and the author's current friends may fetch it). The thumbnail the
+files worker made rides in the profile or the moment."""
 
 from __future__ import annotations
 
@@ -47,12 +49,16 @@ def upload_avatar(identity: Identity, path: Path) -> Avatar:
     return upload_images(identity, [path])[0]
 
 
-def upload_images(identity: Identity, paths: list[Path], option: str = "--avatar") -> list[Avatar]:
-    """Store images (each checked first, all before any upload) with the files worker."""
+def upload_images(
+    identity: Identity, paths: list[Path], option: str = "--avatar", *, moments: bool = False
+) -> list[Avatar]:
+    """Store images (each checked first, all before any upload) with the files worker: for
+    everyone, or (``moments``) for the images of my moments, my friends' and mine to fetch."""
     for path in paths:
         check_image(path, "the image" if option != "--avatar" else "the avatar", option)
     with FileConnection(identity, "image") as connection:
-        return [_stored(connection.upload(path, {"room": DEFAULT_ROOM}), path) for path in paths]
+        target = {"moments": connection.me} if moments else {"room": DEFAULT_ROOM}
+        return [_stored(connection.upload(path, target), path) for path in paths]
 
 
 def _stored(info: FileInfo, path: Path) -> Avatar:

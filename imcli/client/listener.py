@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 
+from imcli.client.groupfollow import GroupFollower
 from imcli.client.identity import Identity
 from imcli.core.errors import AuthenticationFailed, DeviceLoggedOut, ImcliError, PublishFailed
 from imcli.core.mqtt import ConnectionListener, Message, MqttClient, Will
@@ -231,6 +232,8 @@ class Listener:
         self.requests = RequestClient(topics, identity.account, self.publish)  # our user filter covers the replies
         self._requests_shown: set[str] = set()
         self.accept_hint = "imcli friend accept {}"  # what a friend request says to run (chat: its /friend)
+        self.group_follower: GroupFollower | None = None  # only where the group wildcard is refused (NATS)
+        self._notice_topic = topics.notice(identity.account)
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._beat_loop, name="imcli-heartbeat", daemon=True)
 
@@ -253,19 +256,22 @@ class Listener:
 
     def _subscribe_groups(self) -> None:
         """Every group: the embedded broker and Mosquitto deliver only my groups' messages. NATS 2.9
-        cannot narrow a wildcard per delivery and refuses it (deploy/nats): no live group lines there."""
+        cannot narrow a wildcard per delivery and refuses it (deploy/nats): there one subscription per
+        group of mine, kept current by a ``GroupFollower`` (imcli.client.groupfollow)."""
         try:
             self._client.subscribe([self.identity.topics.group_msg_filter()])
         except PublishFailed:
-            log.info(
-                "the broker refused %s: group messages only through history", self.identity.topics.group_msg_filter()
-            )
+            log.info("the broker refused %s: following my groups one by one", self.identity.topics.group_msg_filter())
+            self.group_follower = GroupFollower(self._client, self.identity.topics, self.requests.ask)
+            self.group_follower.start()
 
     def close(self) -> None:
         """Say offline (clear the device's status) and disconnect."""
         if self._stop.is_set():
             return
         self._stop.set()
+        if self.group_follower is not None:
+            self.group_follower.close()
         if self._client.connected:
             # if the broker is gone, the Last Will or the worker's expiry says offline instead
             with contextlib.suppress(ImcliError):
@@ -299,6 +305,8 @@ class Listener:
     def _route(self, message: Message) -> None:  # paho's thread
         if self._revokes_me(message):
             self._logged_out = True
+        if self.group_follower is not None and message.topic == self._notice_topic:
+            self.group_follower.refresh()  # an invite, a kick, a new member: my groups may have changed
         if not self.requests.deliver(message):
             self._inbox.put((message, self._catching_up))
 
@@ -430,6 +438,8 @@ class Listener:
     def _connection_changed(self, up: bool) -> None:
         if up:  # paho's thread: announce again without waiting
             self._client.publish_nowait(self._status_topic, self._status(), qos=1, retain=True)
+            if self.group_follower is not None:
+                self.group_follower.refresh(reset=not self._client.session_present)
             self._after_connect()
         else:
             self._contact = time.time()

@@ -49,7 +49,7 @@ def post(
         raise InvalidInput(f"{len(paths)} images", f"at most {MOMENT_IMAGES_MAX} a moment")
     for path in paths:
         check_image(path, "the image", "--image")
-    refs = upload_images(identity, paths, "--image") if paths else []
+    refs = upload_images(identity, paths, "--image", moments=True) if paths else []
     with Connection(identity, "moments") as connection:
         return ask(connection, _fitting(MomentRequest(op="post", text=text, images=refs), max_payload))
 

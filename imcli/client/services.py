@@ -95,7 +95,11 @@ def register(address: BrokerAddress, name: str, password: str, invite: str | Non
                 code=3,
             ) from exc
         if exc.code == 4:
-            raise NameTaken(f"cannot register {name!r}: the name is taken or reserved", "choose another name") from exc
+            raise NameTaken(  # a CONNACK says no more: which name it looks like is in the broker's log
+                f"cannot register {name!r}: the name is taken or reserved, or looks like an account or display "
+                "name in use (a1ice beside alice)",
+                "choose another name",
+            ) from exc
         if exc.code == 5 and invite:
             raise AccountError(
                 "the invite code is wrong, used up or expired, or registration is closed on this broker (code 5)",

@@ -273,6 +273,20 @@ class MqttClient:
                 f"the broker refused the subscription to {', '.join(refused)}", "is your account allowed to read there?"
             )
 
+    def subscribe_each(self, filters: list[str], qos: int = 1) -> list[str]:
+        """Subscribe and wait for SUBACK; the filters the broker refused. None of them is renewed after a
+        reconnect (the caller subscribes again: ``imcli.client.groupfollow``)."""
+        codes = self._subscribe_and_wait([(f, qos) for f in filters])
+        return [f for f, rc in zip(filters, codes, strict=True) if rc.is_failure]
+
+    def unsubscribe(self, filters: list[str]) -> None:
+        """Stop a subscription (without waiting for UNSUBACK) and stop renewing it."""
+        for f in filters:
+            self._filters.pop(f, None)
+        rc, _mid = self._client().unsubscribe(filters)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise PublishFailed(f"unsubscribe failed: {paho.error_string(rc)}", _AGAIN)
+
     def get(self, timeout: float | None = None) -> Message | None:
         """The next message from the inbox (default ``on_message``), or ``None`` on timeout."""
         try:

@@ -14,9 +14,10 @@ classes are the connected groups of that list, so ``l``, ``1``, ``I`` and ``|`` 
 class: a little stricter than TR39's own prototype mapping, never looser). Account names
 stay ASCII (they are topic levels): :func:`imcli.core.topics.is_name`.
 
-A display name must also draw as itself: nothing that ``imcli.core.text.safe`` would escape
-(controls, bidi overrides, zero-width and blank characters, unassigned code points), no
-space at either end or twice in a row, and at most two combining marks on a letter.
+A display name must also draw as itself (``imcli.core.text.is_plain``, the rule for all that
+people write: no controls, bidi overrides, zero-width or blank characters, unassigned code
+points; emoji sequences with their joiners are whole pictures and pass), no space at either
+end or twice in a row, and at most two combining marks on a letter.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ from __future__ import annotations
 import functools
 import json
 import unicodedata
+from collections.abc import Iterable
 from importlib import resources
 from typing import Final
 
-from imcli.core.text import safe
+from imcli.core.text import is_pictographic, is_plain
 
 DISPLAY_NAME_RULE: Final = (
-    "1-32 characters: letters and digits of any script, with '_', '-', '.', an apostrophe "
-    "or single spaces between them, starting with a letter or digit"
+    "1-32 characters: letters, digits and emoji of any script, with '_', '-', '.', an apostrophe "
+    "or single spaces between them, starting with a letter, digit or emoji"
 )
 MAX_NAME: Final = 32
 _PUNCTUATION = frozenset("_-.' ")
@@ -43,20 +45,21 @@ def is_display_name(value: str) -> bool:
     """Whether ``value`` may be someone's display name (account names are display names too)."""
     if not value or len(value) > MAX_NAME or value != unicodedata.normalize("NFC", value):
         return False
-    if safe(value) != value or not unicodedata.category(value[0]).startswith(("L", "N")):
+    first = value[0]
+    if not is_plain(value) or not (unicodedata.category(first).startswith(("L", "N")) or is_pictographic(first)):
         return False
     if value.endswith(" ") or "  " in value:
         return False
     marks = 0
     for ch in value:
         category = unicodedata.category(ch)
-        if category in ("Mn", "Mc"):
+        if category in ("Mn", "Mc", "Me"):  # Me: a keycap's enclosing mark (1️⃣)
             marks += 1
             if marks > _MARKS_ON_ONE:
                 return False
-        elif category[0] in "LN" or ch in _PUNCTUATION:
+        elif category[0] in "LN" or ch in _PUNCTUATION or is_pictographic(ch):
             marks = 0
-        else:
+        elif category != "Cf":  # a ZWJ or a tag: is_plain let it through inside an emoji sequence only
             return False
     return True
 
@@ -66,6 +69,7 @@ def clean_display_name(value: str) -> str:
     return unicodedata.normalize("NFC", value.strip())
 
 
+@functools.lru_cache(maxsize=1 << 16)  # registration compares a name with every account's
 def name_keys(name: str) -> frozenset[str]:
     """What makes two names the same name: they share a key. NFKC, case folding and confusable
     skeletons (TR39), taken in both orders: folded first, ``ALICE`` is ``alice``; skeleton first,
@@ -78,6 +82,12 @@ def name_keys(name: str) -> frozenset[str]:
 
 def same_name(a: str, b: str) -> bool:
     return not name_keys(a).isdisjoint(name_keys(b))
+
+
+def look_alike(name: str, taken: Iterable[str]) -> str | None:
+    """The first of ``taken`` that is the same name as ``name`` (``name`` itself included)."""
+    keys = name_keys(name)
+    return next((other for other in taken if not keys.isdisjoint(name_keys(other))), None)
 
 
 def _skeleton(text: str) -> str:

@@ -27,6 +27,58 @@ _MARKS = frozenset(("Mn", "Mc", "Me"))  # combining marks, variation selectors a
 MAX_MARKS = 4  # on one base character: written languages need fewer; "Zalgo" text stacks dozens
 
 
+ZWJ = "\u200d"
+_VS16 = "\ufe0f"  # emoji presentation
+_SKIN_TONES = range(0x1F3FB, 0x1F400)  # emoji modifiers (Sk): 👍🏽
+_BLACK_FLAG = "\U0001f3f4"  # the base of a subdivision flag, 🏴 + tag letters + a cancel tag
+_TAGS = range(0xE0020, 0xE007F)
+_CANCEL_TAG = "\U000e007f"
+# the emoji blocks (Extended_Pictographic lies within these, with the few Latin-1 and punctuation
+# signs that have emoji forms); unassigned code points in them are still Cn
+_PICTOGRAPHIC = (
+    range(0x2190, 0x2C00), range(0x1F000, 0x1FB00), range(0x3030, 0x3031), range(0x303D, 0x303E),
+    range(0x3297, 0x3298), range(0x3299, 0x329A),
+)  # fmt: skip
+_PICTOGRAPHIC_SIGNS = frozenset("\u00a9\u00ae\u203c\u2049\u2122\u2139")
+
+
+def is_pictographic(ch: str) -> bool:
+    """Whether ``ch`` is an assigned emoji-like symbol (a ZWJ sequence's part, a flag's letter)."""
+    code = ord(ch)
+    return (ch in _PICTOGRAPHIC_SIGNS or any(code in r for r in _PICTOGRAPHIC)) and unicodedata.category(ch) != "Cn"
+
+
+def emoji_joins(text: str) -> frozenset[int]:
+    """Where ``text`` holds a format character that belongs to an emoji sequence, and so draws as
+    part of one picture: a ZWJ between two emoji (👩‍👩‍👧, 🏳️‍🌈; a variation selector or skin tone
+    may follow the first), and the tag letters of a subdivision flag (🏴 + tags + cancel tag)."""
+    found: set[int] = set()
+    for i, ch in enumerate(text):
+        if ch == ZWJ and 0 < i < len(text) - 1 and is_pictographic(text[i + 1]):
+            j = i - 1
+            while j > 0 and (text[j] == _VS16 or ord(text[j]) in _SKIN_TONES):
+                j -= 1
+            if is_pictographic(text[j]) and ord(text[j]) not in _SKIN_TONES:
+                found.add(i)
+        elif ch == _BLACK_FLAG:
+            j = i + 1
+            while j < len(text) and ord(text[j]) in _TAGS:
+                j += 1
+            if j > i + 1 and j < len(text) and text[j] == _CANCEL_TAG:
+                found.update(range(i + 1, j + 1))
+    return frozenset(found)
+
+
+def is_plain(text: str, *, lines: bool = False) -> bool:
+    """The one rule for what people write (display names, signatures, about texts, moments,
+    comments, file names): text that ``safe`` leaves as it is, so that it draws as itself on
+    one line (``lines``: on several, split at line feeds only). Letters and emoji of any kind
+    (ZWJ sequences, skin tones, keycaps, flags) pass; controls, line and paragraph separators,
+    bidi overrides and isolates, zero-width spaces and joiners outside an emoji sequence,
+    unassigned code points and marks without a letter do not."""
+    return all(safe(part) == part for part in (text.split("\n") if lines else (text,)))
+
+
 def safe(text: str) -> str:
     """Text from the wire, made fit for one line of a terminal: every control, line or paragraph
     separator, format character, unassigned code point and blank letter is shown as its escape
@@ -34,12 +86,15 @@ def safe(text: str) -> str:
     no text can break a line, move the cursor, restyle the terminal or reorder what is around it.
     A combining mark with no base character in ``text`` (it would stack on what is printed before
     it: a separator, a sender's name) and any past ``MAX_MARKS`` on one base (they pile over the
-    lines above and below) are escaped too. Every renderer of others' text goes through here."""
+    lines above and below) are escaped too. The one exception: a ZWJ or tag character inside an
+    emoji sequence (👩‍👩‍👧, 🏴 and its tags), which joins pictures into one and moves nothing.
+    Every renderer of others' text goes through here."""
     if text.isprintable() and text.isascii():  # the common case, and nothing to do
         return text
     out: list[str] = []
     marks = MAX_MARKS  # marks on the current base; full at the start: a first mark has no base here
-    for ch in text:
+    joins = emoji_joins(text) if ZWJ in text or _BLACK_FLAG in text else frozenset()
+    for i, ch in enumerate(text):
         category = unicodedata.category(ch)
         if category in _MARKS:
             if marks < MAX_MARKS:
@@ -47,6 +102,9 @@ def safe(text: str) -> str:
                 out.append(ch)
             else:
                 out.append(_shown(ch))
+        elif i in joins:
+            out.append(ch)
+            marks = MAX_MARKS  # nothing stacks on a joiner or a tag
         elif category in _HIDDEN or ch in _BLANK:
             out.append(_shown(ch))
             marks = MAX_MARKS  # an escape ends in a digit: no mark may stack on it

@@ -526,7 +526,9 @@ FileTarget = Literal["room", "user", "group"]
 
 
 class FileOffer(WireModel):
-    """Ask the files worker to take a file for a conversation (one of ``room``, ``user``, ``group``).
+    """Ask the files worker to take a file for a conversation (one of ``room``, ``user``, ``group``),
+    or for ``moments``: the sender's own account, an image of its moments (issue 18) that only the
+    sender and the sender's current friends may fetch.
 
     The answer is a ``file_upload`` (send the bytes from ``offset``: 0, or where an earlier
     attempt of the same sender, content and conversation stopped), a ``file_ready`` if that
@@ -542,6 +544,7 @@ class FileOffer(WireModel):
     room: str | None = None
     user: str | None = None
     group: str | None = None
+    moments: str | None = None  # an image of the sender's own moments: the sender and its friends read it
 
 
 class FileUpload(WireModel):
@@ -595,7 +598,8 @@ class FileAck(WireModel):
 
 
 class FileListRequest(WireModel):
-    """The files the requester may fetch: of one conversation, or of all it may read."""
+    """The files the requester may fetch: of one conversation (or one friend's moments), or of
+    all it may read."""
 
     type: Literal["file_list"] = "file_list"
     v: Literal[1] = PROTOCOL_VERSION
@@ -603,6 +607,7 @@ class FileListRequest(WireModel):
     room: str | None = None
     user: str | None = None
     group: str | None = None
+    moments: str | None = None
     limit: Annotated[int, Field(ge=1, le=HISTORY_MAX)] = 100
 
 

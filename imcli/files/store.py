@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS files (
     name TEXT NOT NULL,
     mime TEXT NOT NULL,
     sender TEXT NOT NULL,
-    conv TEXT NOT NULL,           -- room:<r> | dm:<a>|<b> (sorted) | group:<g>
+    conv TEXT NOT NULL,           -- room:<r> | dm:<a>|<b> (sorted) | group:<g> | moments:<author>
     at REAL NOT NULL,             -- the worker's clock when it was stored
     width INTEGER,
     height INTEGER,
@@ -62,6 +62,11 @@ def room_conversation(room: str) -> str:
 
 def group_conversation(group: str) -> str:
     return f"group:{group}"
+
+
+def moments_conversation(author: str) -> str:
+    """The images of ``author``'s moments: the author's and the author's friends' to fetch."""
+    return f"moments:{author}"
 
 
 def dm_conversation(a: str, b: str) -> str:

@@ -11,8 +11,10 @@ a window ahead on ``<prefix>/user/<me>/file/<stream>``, which only ``<me>`` may 
 Who may fetch a file is decided here from the requester's account (the request topic's
 sender, checked by the broker) and the conversation the file was sent to: a room, every
 signed-in user; a direct conversation, its two people; a group, its current members (as the
-group worker's retained records say), for files sent since the group was made. Ids are
-unguessable, and an unknown id answers exactly like one the requester may not fetch.
+group worker's retained records say), for files sent since the group was made; the images of
+someone's moments, that author and the author's current friends (as the group worker's retained
+friends records say, the moments worker's rule ``moment_visible``). Ids are unguessable, and an
+unknown id answers exactly like one the requester may not fetch.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from imcli.core.mqtt import BrokerAddress, Credentials
-from imcli.core.rules import group_history_start, missing_group
+from imcli.core.rules import group_history_start, missing_group, moment_visible
 from imcli.core.service import ServiceWorker
-from imcli.core.text import human_size
+from imcli.core.text import human_size, is_plain
 from imcli.core.topics import DEFAULT_MAX_PAYLOAD, chunk, chunk_size, unchunk
 from imcli.core.wire import (
     FILE_ID,
@@ -49,6 +51,7 @@ from imcli.core.wire import (
     FileProgress,
     FileReady,
     FileUpload,
+    Friends,
     GroupInfo,
     MalformedPayload,
     Topic,
@@ -66,6 +69,7 @@ from imcli.files.store import (
     UploadRow,
     dm_conversation,
     group_conversation,
+    moments_conversation,
     room_conversation,
 )
 
@@ -136,6 +140,7 @@ class FilesWorker(ServiceWorker):
         self.chunk = chunk_size(self.limits.max_payload)
         self.store = FileStore(data_dir)
         self._groups: dict[str, GroupInfo] = {}
+        self._friends: dict[str, frozenset[str]] = {}  # account -> its friends (moments' images)
         self._uploads: dict[str, _Upload] = {}
         self._streams: dict[tuple[str, str], _Stream] = {}
         self._sweeper = threading.Thread(target=self._sweep_loop, name="files-sweep", daemon=True)
@@ -144,7 +149,7 @@ class FilesWorker(ServiceWorker):
 
     def state_filters(self) -> list[str]:
         t = self.topics
-        return [t.group_info_filter(), t.upload_filter(), t.fetch_filter()]
+        return [t.group_info_filter(), t.friends_filter(), t.upload_filter(), t.fetch_filter()]
 
     def started(self) -> None:
         self.sweep()
@@ -194,6 +199,12 @@ class FilesWorker(ServiceWorker):
             info = decode_as(payload, GroupInfo)
             if info.name == topic.name:
                 self._groups[info.name] = info
+        elif topic.kind is TopicKind.FRIENDS and topic.owner:
+            record = decode_as(payload, Friends) if payload else None
+            if record is None:
+                self._friends.pop(topic.owner, None)
+            elif record.account == topic.owner:
+                self._friends[record.account] = frozenset(record.friends)
         elif topic.kind is TopicKind.UPLOAD and topic.sender and topic.key:
             self._on_chunk(topic.sender, topic.key, payload)
         elif topic.kind is TopicKind.FETCH and topic.sender and topic.key:
@@ -211,10 +222,10 @@ class FilesWorker(ServiceWorker):
     # ---------------------------------------------------------------- uploads
 
     def _offer(self, sender: str, r: FileOffer) -> WireModel:
-        conv = self._conversation(sender, r.id, r.room, r.user, r.group, sending=True)
+        conv = self._conversation(sender, r.id, r.room, r.user, r.group, r.moments, sending=True)
         if isinstance(conv, ErrorReply):
             return conv
-        if "/" in r.name or "\\" in r.name or not r.name.isprintable() or r.name in (".", ".."):
+        if "/" in r.name or "\\" in r.name or not is_plain(r.name) or r.name in (".", ".."):
             return ErrorReply(id=r.id, code="invalid", text=f"invalid file name {r.name!r}")
         if r.size > self.limits.max_file:
             return ErrorReply(
@@ -438,12 +449,12 @@ class FilesWorker(ServiceWorker):
     # ---------------------------------------------------------------- listing
 
     def _list(self, sender: str, r: FileListRequest) -> WireModel:
-        targets = [t for t in (r.room, r.user, r.group) if t is not None]
+        targets = [t for t in (r.room, r.user, r.group, r.moments) if t is not None]
         if not targets:
             mine = {g.name: g for g in self._groups.values() if sender in g.members}
             files = self.store.listing([group_conversation(g) for g in mine], r.limit, rooms=True, party=sender)
         else:
-            conv = self._conversation(sender, r.id, r.room, r.user, r.group, sending=False)
+            conv = self._conversation(sender, r.id, r.room, r.user, r.group, r.moments, sending=False)
             if isinstance(conv, ErrorReply):
                 return conv
             files = self.store.listing([conv], r.limit)
@@ -457,13 +468,31 @@ class FilesWorker(ServiceWorker):
     # ---------------------------------------------------------------- rules
 
     def _conversation(
-        self, sender: str, rid: str, room: str | None, user: str | None, group: str | None, *, sending: bool
+        self,
+        sender: str,
+        rid: str,
+        room: str | None,
+        user: str | None,
+        group: str | None,
+        moments: str | None,
+        *,
+        sending: bool,
     ) -> str | ErrorReply:
-        targets = [t for t in (room, user, group) if t is not None]
+        targets = [t for t in (room, user, group, moments) if t is not None]
         if len(targets) != 1:
-            return ErrorReply(id=rid, code="invalid", text="name one room, person or group")
+            return ErrorReply(id=rid, code="invalid", text="name one room, person, group or moments")
         if not is_name(targets[0]):
             return ErrorReply(id=rid, code="invalid", text=f"invalid name {targets[0]!r}")
+        if moments is not None:
+            if sending and moments != sender:
+                return ErrorReply(id=rid, code="denied", text="you can add images to your own moments only")
+            if not self._sees_moments(moments, sender):
+                return ErrorReply(
+                    id=rid,
+                    code="denied",
+                    text=f"you can see the moments of your friends only, and {moments} is not one",
+                )
+            return moments_conversation(moments)
         if room is not None:
             return room_conversation(room)
         if user is not None:
@@ -485,14 +514,22 @@ class FilesWorker(ServiceWorker):
             return True
         if kind == "dm":
             return user in place.split("|")
+        if kind == "moments":
+            return self._sees_moments(place, user)
         info = self._groups.get(place)
         return info is not None and user in info.members and f.at >= group_history_start(info.created)
+
+    def _sees_moments(self, author: str, viewer: str) -> bool:
+        """The moments worker's rule for posts, on the same retained friends records."""
+        return moment_visible(author, viewer, self._friends.get(author, ()))
 
     def _info(self, f: StoredFile, viewer: str) -> FileInfo:
         kind, _, place = f.conv.partition(":")
         if kind == "dm":
             a, _, b = place.partition("|")
             shown = "@" + (b if a == viewer else a)
+        elif kind == "moments":
+            shown = f"moments of {place}"
         else:
             shown = ("#" if kind == "group" else "") + place
         return FileInfo(

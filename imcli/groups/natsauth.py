@@ -75,7 +75,17 @@ SERVICE_RIGHTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     FILES_ACCOUNT: (
         ("user/+/reply/+", "user/+/file/+", "user/%u/notice"),
-        ("upload/+/+", "fetch/+/+", "group/+/info", "request/+/+", "room/#", "presence/#", "events", "profile/#"),
+        (
+            "upload/+/+",
+            "fetch/+/+",
+            "group/+/info",
+            "user/+/friends",
+            "request/+/+",
+            "room/#",
+            "presence/#",
+            "events",
+            "profile/#",
+        ),
     ),
 }
 

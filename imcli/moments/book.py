@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from imcli.core.rules import missing_moment, moment_visible
-from imcli.core.text import safe
+from imcli.core.text import is_plain
 from imcli.core.wire import (
     COMMENT_TEXT_MAX,
     MOMENT_TEXT_MAX,
@@ -64,7 +64,7 @@ class MomentsBook:
                 return self._changed(req, moment.id, notices if req.op == "like" else [], sender, moment.author)
             case "comment":
                 text = (req.text or "").strip()
-                if not text or len(text) > COMMENT_TEXT_MAX or safe(text) != text:
+                if not text or len(text) > COMMENT_TEXT_MAX or not is_plain(text):
                     hint = f"one line of 1 to {COMMENT_TEXT_MAX} characters, no control characters"
                     return _error(req, "invalid", f"invalid comment: {hint}")
                 self.store.comment(moment.id, MomentComment(id=new_id(), author=sender, ts=now, text=text))
@@ -83,7 +83,7 @@ class MomentsBook:
         text = (req.text or "").strip()
         if not text and not req.images:
             return _error(req, "invalid", "an empty moment: give some text or an image")
-        if len(text) > MOMENT_TEXT_MAX or not all(safe(line) == line for line in text.split("\n")):
+        if len(text) > MOMENT_TEXT_MAX or not is_plain(text, lines=True):
             hint = f"at most {MOMENT_TEXT_MAX} characters, no control characters but line feeds"
             return _error(req, "invalid", f"invalid moment text: {hint}")
         moment = Moment(id=new_id(), author=sender, ts=now, text=text, images=req.images)

@@ -9,7 +9,7 @@ uniqueness is decided there); this book keeps the rest and follows renames.
 
 from __future__ import annotations
 
-from imcli.core.text import safe
+from imcli.core.text import is_plain
 from imcli.core.wire import ABOUT_MAX, SIGNATURE_MAX, ErrorReply, Profile, ProfileSet
 
 
@@ -68,4 +68,4 @@ class ProfileBook:
 
 
 def _one_line(text: str, limit: int) -> bool:
-    return len(text) <= limit and safe(text) == text
+    return len(text) <= limit and is_plain(text)

@@ -1,0 +1,179 @@
+"""The three-node NATS cluster as the third broker of tests/brokers.py (``broker_kind == "nats"``).
+
+A fresh cluster takes about 8 s to start (JetStream elects its leaders and makes the MQTT
+streams), too long per test: one cluster serves a whole test session (per xdist worker), and
+each test gets what a fresh broker would give it:
+
+- before the test, the workers of ``imcli workers --nats-users`` start afresh (their own archive
+  and files directories under the test's ``tmp_path``), after every retained message the last
+  test left (group records, friends records, presence, profiles, statuses) was cleared;
+- after it, every MQTT session a client of the test made (the nodes' ``/connz`` lists their
+  client ids, closed connections included) is ended by a clean-session CONNECT with that id,
+  so nothing queued for one test's ``alice:desk`` reaches the next one's.
+
+Users are spread over the nodes: alice's address lists node 1 first, bob's node 3, everyone
+else's node 2 (``ClusterInfo.address_for``, used by tests/conftest.py's ``ident``, ``raw`` and
+``cli_as``). Accounts come from the cluster's password file (``users(...)`` adds lines, and the
+group worker renders and reloads them, as ``imcli workers --nats-users`` does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imcli.archive.worker import ArchiveWorker
+from imcli.core.mqtt import BrokerAddress, Credentials
+from imcli.core.service import PasswordFileDirectory
+from imcli.core.wire import Topics
+from imcli.files.worker import FilesWorker
+from imcli.groups.natsauth import NatsAuth
+from imcli.groups.worker import GroupWorker
+from imcli.moments.worker import MomentsWorker
+from imcli.presence.worker import PresenceWorker
+from imcli.serve.host import ServeInfo
+from tests.natscluster import NatsCluster, NatsNode
+from tests.rawmqtt import chat, connect_raw, password_of
+
+T = Topics()
+FIRST_NODE = {"alice": 1, "bob": 3}  # everyone else: node 2
+RELOAD_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True)
+class ClusterInfo(ServeInfo):
+    """``ServeInfo`` of the cluster (``address``: every node, node 1 first) that also says where each
+    user connects first."""
+
+    nodes: tuple[int, ...] = field(default=(), compare=False)  # the nodes' MQTT ports, in order
+
+    def address_for(self, name: str | None) -> BrokerAddress:
+        first = FIRST_NODE.get(name or "", 2) - 1
+        ports = self.nodes[first:] + self.nodes[:first]
+        return BrokerAddress.of(",".join(f"127.0.0.1:{p}" for p in ports))
+
+
+def address_for(server: ServeInfo, name: str | None) -> BrokerAddress:
+    """Where ``name`` connects on the broker under test: on the cluster, its own node first."""
+    return server.address_for(name) if isinstance(server, ClusterInfo) else server.address
+
+
+class SharedCluster:
+    """One running cluster, made ready for one test at a time (``for_test``)."""
+
+    def __init__(self, cluster: NatsCluster) -> None:
+        self.cluster = cluster
+        self._seen_cid = {node.name: 0 for node in cluster.nodes}
+
+    def info(self, data_dir: Path) -> ClusterInfo:
+        nodes = tuple(n.mqtt for n in self.cluster.nodes)
+        address = BrokerAddress.of(self.cluster.host_list)
+        return ClusterInfo(address, "127.0.0.1", data_dir, "none: accounts come from the password file", nodes=nodes)
+
+    @contextlib.contextmanager
+    def for_test(self, workdir: Path) -> Iterator[ClusterInfo]:
+        for node in self.cluster.nodes:  # a test before may have killed one
+            if node.proc is None or node.proc.poll() is not None:
+                self.cluster.restart(node)
+        self.clear_retained()
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            with self.workers(workdir):
+                yield self.info(workdir)
+        finally:
+            self.cluster.auth = None
+            self.end_sessions()
+
+    # ---------------------------------------------------------------- the workers
+
+    @contextlib.contextmanager
+    def workers(self, workdir: Path) -> Iterator[None]:
+        """``imcli workers --nats-users <users> --nats-pidfile ... --archive-dir --files-dir`` in this
+        process, on node 2 first; returns once the users file they wrote is in force on every node."""
+        cluster = self.cluster
+        n1, n2, n3 = cluster.nodes
+        address = BrokerAddress.of(f"127.0.0.1:{n2.mqtt},127.0.0.1:{n3.mqtt},127.0.0.1:{n1.mqtt}")
+        directory = PasswordFileDirectory(cluster.passwd)
+        auth = NatsAuth(T, cluster.passwd, cluster.users, [n.pidfile for n in cluster.nodes])
+        cluster.auth = auth
+
+        def creds(name: str) -> Credentials:
+            return Credentials(name, password_of(name))
+
+        before = [n.reloads for n in cluster.nodes]
+        text_before = cluster.users.read_text()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(PresenceWorker(address, creds("presence"), directory, device="test"))
+            stack.enter_context(GroupWorker(address, creds("groups"), directory, device="test", nats=auth))
+            if cluster.users.read_text() != text_before:  # the group worker rewrote the rights: in force first
+                wait_reloaded(cluster.nodes, before)
+            stack.enter_context(ArchiveWorker(address, creds("archive"), workdir / "archive", device="test"))
+            stack.enter_context(FilesWorker(address, creds("files"), workdir, device="test"))
+            stack.enter_context(MomentsWorker(address, creds("groups"), workdir))
+            yield
+
+    # ---------------------------------------------------------------- what one test leaves behind
+
+    def clear_retained(self) -> None:
+        """Every retained message under the prefix, cleared by the group worker's account (it may write
+        every retained topic of the contract)."""
+        node = self.cluster.nodes[1]
+        cleaner = connect_raw("127.0.0.1", node.mqtt, "groups", "groups:cleaner", password_of("groups"))
+        try:
+            assert cleaner.rc == 0, node.log[-2000:]
+            cleaner.subscribe(f"{T.prefix}/#")
+            marker = chat("cleaner's barrier")
+            cleaner.publish(T.notice("groups"), marker)
+            seen = cleaner.until(T.notice("groups"), marker)
+            retained = sorted({m.topic for m in seen if m.retain and m.payload})
+            for topic in retained:
+                cleaner.publish(topic, b"", retain=True)
+        finally:
+            cleaner.close()
+
+    def end_sessions(self) -> None:
+        """End every MQTT session made since the last call: a clean-session CONNECT with its client id
+        (NATS 2.9 does not bind client ids to accounts, so the service account may)."""
+        ids: set[str] = set()
+        for node in self.cluster.nodes:
+            if node.proc is None or node.proc.poll() is not None:
+                continue
+            for conn in connections(node):
+                if conn["cid"] > self._seen_cid[node.name] and conn.get("mqtt_client"):
+                    ids.add(conn["mqtt_client"])
+            self._seen_cid[node.name] = max([self._seen_cid[node.name], *(c["cid"] for c in connections(node))])
+        node = next(n for n in self.cluster.nodes if n.proc is not None and n.proc.poll() is None)
+        for client_id in sorted(ids):
+            connect_raw("127.0.0.1", node.mqtt, "presence", client_id, password_of("presence")).close()
+
+
+def connections(node: NatsNode) -> list[dict[str, Any]]:
+    """The node's MQTT connections, open and closed (nats-server keeps the last 10,000 closed).
+    Note: nats-server 2.9 shows an MQTT client's password in the ``jwt`` field here."""
+    url = f"http://127.0.0.1:{node.http}/connz?state=all&limit=100000"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        found: list[dict[str, Any]] = json.load(reply).get("connections") or []
+    return found
+
+
+def wait_reloaded(nodes: list[NatsNode], before: list[int], timeout: float = RELOAD_TIMEOUT) -> None:
+    """Every node has applied one more configuration reload than ``before``."""
+    deadline = time.monotonic() + timeout
+    while any(n.reloads <= b for n, b in zip(nodes, before, strict=True)):
+        assert time.monotonic() < deadline, f"the nodes did not reload within {timeout:g}s"
+        time.sleep(0.05)
+
+
+def add_accounts(cluster: NatsCluster) -> Callable[..., None]:
+    def add(*names: str) -> None:
+        for name in names:
+            if not cluster.has_account(name):
+                cluster.add_account(name)
+
+    return add
