@@ -120,6 +120,8 @@ class Broker:
     # stops the broker process (procs[0]) and starts it again on the same port with the same data
     relaunch: Callable[[], subprocess.Popen[str]] | None = None
     ports: list[int] = field(default_factory=list)  # a cluster's nodes (MQTT ports); ``port`` is the first
+    # logins (and first SUBSCRIBEs) each crowd process has going at once
+    crowd_concurrency: int = 100
     log_path: Path | None = None  # the broker's own log (imcli serve: its collector's pauses, gcpause.py)
 
     def log_size(self) -> int:
@@ -361,6 +363,12 @@ def nats_available() -> bool:
     return available()
 
 
+# every user's QoS 1 subscription is a JetStream consumer with three replicas (a Raft group of its
+# own): a hundred created at once per crowd time out inside the cluster ("Unable to add JetStream
+# consumer ... timeout for request type CC", SUBACK 0x80), and the retries only add to the queue
+NATS_CROWD_CONCURRENCY = 8
+
+
 def start_nats(users: int, *, production: bool = False) -> Broker:
     """deploy/nats: three nodes on loopback (tests/natscluster.py starts them the same way) and
     ``imcli workers --nats-users`` against all three; clients spread over the nodes in turn.
@@ -384,6 +392,7 @@ def start_nats(users: int, *, production: bool = False) -> Broker:
     broker = Broker(
         "nats", nodes[0].mqtt, procs, workdir, has_presence=True, ports=[n.mqtt for n in nodes],
         note="three nats-server 2.9 nodes (deploy/nats, max_payload lifted), JetStream R3; imcli workers on all three",
+        crowd_concurrency=NATS_CROWD_CONCURRENCY,
     )  # fmt: skip
     broker.extra_pids.update({n.name: n.proc.pid for n in nodes[1:] if n.proc is not None})
     try:

@@ -39,6 +39,7 @@ T = Topics()
 BACKGROUND_ROOM = "background"
 DEVICE = "bench"
 SERVER_UNAVAILABLE = 3  # CONNACK: the broker is busy (imcli serve: too many password checks at once)
+SUBACK_FAILURE = 0x80
 BUSY_RETRIES = 200
 
 
@@ -59,6 +60,7 @@ class Crowd:
         self.status = encode(DeviceStatus(interval=3600))
         self.refused = 0
         self.retried = 0  # logins refused with CONNACK 3 (busy) and tried again
+        self.sub_retried = self.sub_refused = 0  # SUBSCRIBEs refused (SUBACK 0x80) and tried again, or given up
         self.talking = asyncio.Event()
         # each user's own password, when the broker gave them device credentials (issue 17)
         self.passwords: dict[str, str] = json.loads(args.passwords.read_text()) if args.passwords else {}
@@ -93,9 +95,9 @@ class Crowd:
                 self.clients[name] = client
                 if self.args.status:
                     await client.publish(topic, self.status, qos=1, retain=True)
-                await client.subscribe(T.user_filter(name))
+                await self.subscribe(client, T.user_filter(name))
                 if name in listeners:
-                    await client.subscribe(T.room_filter(BACKGROUND_ROOM))
+                    await self.subscribe(client, T.room_filter(BACKGROUND_ROOM))
 
         t0 = time.time()
         await asyncio.gather(*(one(n) for n in self.names))
@@ -107,8 +109,20 @@ class Crowd:
                 "ok": len(self.clients),
                 "refused": self.refused,
                 "retried": self.retried,
+                "sub_retried": self.sub_retried,
+                "sub_refused": self.sub_refused,
             }
         )
+
+    async def subscribe(self, client: LoadClient, topic: str) -> None:
+        """SUBSCRIBE, again after a refusal (SUBACK 0x80: NATS could not create the subscription's
+        JetStream consumer in time), as a client that needs its messages would."""
+        for _ in range(self.args.busy_retries + 1):
+            if await client.subscribe(topic) != SUBACK_FAILURE:
+                return
+            self.sub_retried += 1
+            await asyncio.sleep(random.uniform(0.5, 2.0))
+        self.sub_refused += 1
 
     async def flip(self) -> None:
         gate = asyncio.Semaphore(self.args.concurrency)
@@ -168,7 +182,7 @@ class Crowd:
                 for client in self.clients.values():
                     client.abort()
                 self.clients.clear()
-                self.refused = self.retried = 0
+                self.refused = self.retried = self.sub_retried = self.sub_refused = 0
                 await self.join()
             elif command in ("quit", ""):
                 break

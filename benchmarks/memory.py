@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--tracemalloc", action="store_true")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument(
-        "--workers-in-threads", action="store_true", help="the workers in this process too (their memory in the figures)"
+        "--workers-in-threads", action="store_true", help="the workers in this process too (in the figures)"
     )
     args = parser.parse_args()
     figures = measure(args.users, args.processes, args.tracemalloc, args.top, threads=args.workers_in_threads)

@@ -26,6 +26,7 @@ from benchmarks.mqttload import LoadClient
 from imcli.core.wire import ChatMessage, Roster, Topics, WhoRequest, decode, encode, new_id
 
 T = Topics()
+SUBACK_FAILURE = 0x80
 STDBUF = shutil.which("stdbuf")
 
 
@@ -69,13 +70,16 @@ class Crowds:
         talk: float = 0,
         extra: tuple[str, ...] = (),
     ) -> Iterator[tuple[Crowds, dict[str, float]]]:
+        if broker.ports:  # a cluster: as many crowds on every node
+            processes = -(-processes // len(broker.ports)) * len(broker.ports)
         share = -(-users // processes)
         procs = []
         for k in range(processes):
             first, count = k * share, min(share, users - k * share)
             if count <= 0:
                 break
-            args = ["--port", str(broker.port), "--first", str(first), "--count", str(count), *extra]
+            args = ["--port", str(broker.port_of(k)), "--first", str(first), "--count", str(count),
+                    "--concurrency", str(broker.crowd_concurrency), *extra]  # fmt: skip
             if k == 0:
                 args += ["--room-listeners", str(listeners), "--talk", str(talk)]
             if not status:
@@ -91,7 +95,16 @@ class Crowds:
             joined = crowds.collect("joined")
             ok = sum(int(j["ok"]) for j in joined)
             t0, t1 = min(j["t0"] for j in joined), max(j["t1"] for j in joined)
-            yield crowds, {"ok": ok, "refused": sum(int(j["refused"]) for j in joined), "seconds": t1 - t0}
+            yield (
+                crowds,
+                {
+                    "ok": ok,
+                    "refused": sum(int(j["refused"]) for j in joined),
+                    "seconds": t1 - t0,
+                    "sub_retried": sum(int(j.get("sub_retried", 0)) for j in joined),
+                    "sub_refused": sum(int(j.get("sub_refused", 0)) for j in joined),
+                },
+            )
         finally:
             crowds.quit()
 
@@ -158,8 +171,13 @@ class Watcher:
         rc = await self.client.connect("127.0.0.1", port, "watch", PASSWORD, "watch:bench")
         if rc != 0:
             raise RuntimeError(f"watcher refused: {rc}")
-        await self.client.subscribe(T.presence_filter())
-        await self.client.subscribe(T.reply_filter("watch"))
+        for topic in (T.presence_filter(), T.reply_filter("watch")):
+            for _ in range(60):  # NATS refuses (0x80) when its JetStream consumer is not created in time
+                if await self.client.subscribe(topic) != SUBACK_FAILURE:
+                    break
+                await asyncio.sleep(1.0)
+            else:
+                raise RuntimeError(f"watcher's SUBSCRIBE to {topic} refused 60 times")
 
     async def until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.perf_counter() + timeout
@@ -331,6 +349,8 @@ def capacity(
         result["refused"] = joined["refused"]
         result["join_seconds"] = round(joined["seconds"], 2)
         result["connects_per_s"] = round(joined["ok"] / joined["seconds"])
+        if joined["sub_retried"] or joined["sub_refused"]:
+            result["subscribes_retried"], result["subscribes_refused"] = joined["sub_retried"], joined["sub_refused"]
         if broker.has_presence:
             asyncio.run(settle_and_hold())
         elif hold > 0:  # no presence to watch (stock amqtt): hold all the same

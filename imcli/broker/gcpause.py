@@ -89,13 +89,16 @@ class _PauseTimer:
     def report(self) -> None:
         while True:  # a daemon thread: ends with the process
             time.sleep(1.0)
-            while self.long:
-                took, cpu, generation, collected, frozen = self.long.pop(0)
-                log.warning(
-                    "garbage collection paused the broker %.1f ms (generation %d, CPU %.1f ms, %d collected, "
-                    "%d frozen)",
-                    took * 1000, generation, cpu * 1000, collected, frozen,
-                )  # fmt: skip
+            self.flush()
+
+    def flush(self) -> None:
+        """Log the notes taken since the last flush."""
+        while self.long:
+            took, cpu, generation, collected, frozen = self.long.pop(0)
+            log.warning(
+                "garbage collection paused the broker %.1f ms (generation %d, CPU %.1f ms, %d collected, %d frozen)",
+                took * 1000, generation, cpu * 1000, collected, frozen,
+            )  # fmt: skip
 
 
 def _freeze_after_full_collection(phase: str, info: dict[str, Any]) -> None:
