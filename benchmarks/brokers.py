@@ -282,6 +282,15 @@ def mosquitto_available() -> bool:
     return all((MOSQUITTO, MOSQUITTO_PASSWD, MOSQUITTO_SUB, MOSQUITTO_PUB, DYNSEC_PLUGIN))
 
 
+def deploy_size_limit() -> str:
+    """deploy/mosquitto's ``message_size_limit`` (the benchmark lifts it; the files worker's chunks keep to it)."""
+    for line in (DEPLOY / "mosquitto.conf").read_text().splitlines():
+        words = line.split()
+        if len(words) == 2 and words[0] == "message_size_limit":
+            return words[1]
+    raise RuntimeError("deploy/mosquitto/mosquitto.conf has no message_size_limit")
+
+
 def start_mosquitto(users: int, *, production: bool = False) -> Broker:
     """Mosquitto's password file always has ``mosquitto_passwd``'s own (production) hashes."""
     assert MOSQUITTO is not None and MOSQUITTO_PASSWD is not None
@@ -338,6 +347,7 @@ def start_mosquitto(users: int, *, production: bool = False) -> Broker:
         worker = _python(
             "-m", "imcli", "workers", "--host", "127.0.0.1", "--port", str(port), "--password-stdin",
             "--accounts-file", str(passwd), "--dynsec", "--archive-dir", str(work / "archive"),
+            "--max-payload", deploy_size_limit(),  # as deploy/systemd/imcli-workers.service: the files' chunks
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env={**os.environ, "COLUMNS": "200"},
         )  # fmt: skip

@@ -10,7 +10,6 @@ latency is measured (p99), against the same measure without a transfer.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
@@ -19,10 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
-
-from benchmarks.brokers import MOSQUITTO_PUB, MOSQUITTO_SUB, PASSWORD, Broker
+from benchmarks.brokers import MOSQUITTO_PUB, MOSQUITTO_SUB, PASSWORD, Broker, cpu_seconds
+from benchmarks.roomping import RoomPing
 from imcli.client import services
 from imcli.client.files import FileConnection
 from imcli.client.identity import Identity
@@ -45,8 +42,11 @@ def _source(folder: Path, size: int) -> Path:
     return path
 
 
-def _send_and_fetch(broker: Broker, path: Path, where: Conversation, receiver: str, out: Path) -> float:
-    """Seconds from the sender's start to the receiver's verified copy."""
+def _send_and_fetch(
+    broker: Broker, path: Path, where: Conversation, receiver: str, out: Path, cpu: dict[str, float] | None = None
+) -> float:
+    """Seconds from the sender's start to the receiver's verified copy; ``cpu`` gets each process's CPU seconds."""
+    before = _cpu(broker)
     started = time.perf_counter()
     with FileConnection(_identity(broker, "u00000"), "bench-send") as sender:
         target = sender.target(where)
@@ -55,6 +55,8 @@ def _send_and_fetch(broker: Broker, path: Path, where: Conversation, receiver: s
     with FileConnection(_identity(broker, receiver), "bench-get") as getter:
         getter.download(info.id, out, force=True)
     elapsed = time.perf_counter() - started
+    if cpu is not None:
+        cpu.update(_cpu(broker, since=before))
     if out.stat().st_size != path.stat().st_size:
         raise AssertionError("the copy differs in size")
     out.unlink()
@@ -90,56 +92,6 @@ def raw_transfer(broker: Broker, path: Path) -> float:
     return elapsed
 
 
-class RoomPing:
-    """A room message every 100 ms from one user to another; latencies in ms."""
-
-    def __init__(self, broker: Broker) -> None:
-        self.latencies: list[float] = []
-        self._stop = threading.Event()
-        self._pub = self._client(broker, "pinga")
-        self._sub = self._client(broker, "pingb")
-        ready = threading.Event()
-        self._sub.on_message = lambda _c, _u, m: self.latencies.append(
-            (time.perf_counter() - json.loads(m.payload)["text_sent"]) * 1000
-        )
-        self._sub.on_subscribe = lambda *_: ready.set()
-        self._sub.subscribe("im/room/pingfiles/+", qos=1)
-        if not ready.wait(10):
-            raise TimeoutError("the ping subscriber got no SUBACK")
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def _client(broker: Broker, name: str) -> paho.Client:
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}:files", protocol=paho.MQTTv311)
-        client.username_pw_set(name, PASSWORD)
-        client.connect("127.0.0.1", broker.port)
-        client.loop_start()
-        return client
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):  # 10/s: within the embedded broker's chat rate
-            payload = json.dumps({"text_sent": time.perf_counter()})  # not a ChatMessage: the room takes text
-            self._pub.publish("im/room/pingfiles/pinga", payload, qos=1)
-
-    def measure(self, seconds: float) -> None:
-        self.latencies.clear()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        time.sleep(seconds)
-
-    def stop(self) -> list[float]:
-        self._stop.set()
-        self._thread.join(5)
-        time.sleep(0.3)
-        return list(self.latencies)
-
-    def close(self) -> None:
-        for client in (self._pub, self._sub):
-            client.disconnect()
-            client.loop_stop()
-
-
 def p99(values: list[float]) -> float | None:
     if len(values) < 10:
         return None
@@ -161,23 +113,57 @@ def file_transfer(broker: Broker, sizes_mib: list[int], members: int) -> dict[st
             ("dm", Conversation("dm", "u00001"), "u00001"),
             ("group", Conversation("group", GROUP), f"u{members - 1:05d}"),
         ):
-            watch = size == largest and kind == "dm"
-            ping = RoomPing(broker) if watch else None
-            sampler = _RssSampler(broker) if watch else None
-            if ping is not None:
-                ping.measure(5.0)
-                out["chat_p99_ms_idle"] = p99(ping.stop())
-                ping.measure(0)
-            seconds = _send_and_fetch(broker, source, where, receiver, folder / "copy.bin")
-            if ping is not None and sampler is not None:
-                out["chat_p99_ms_transfer"] = p99(ping.stop())
-                ping.close()
-                out["rss_growth_MiB"] = sampler.stop()
+            copy = folder / "copy.bin"
+            cpu: dict[str, float] = {}
+            if size == largest and kind == "dm":
+                seconds = _watched(broker, source, where, receiver, copy, out, cpu)
+            else:
+                seconds = _send_and_fetch(broker, source, where, receiver, copy, cpu)
+            if size == largest:  # CPU per MiB of each process: a figure the machine's load moves far less
+                for part, used in cpu.items():
+                    out[f"{kind}_cpu_ms_per_MiB_{part}"] = round(used * 1000 / size, 1)
             out[f"{kind}_{size}MiB_MBps"] = round(size * MIB / seconds / 1e6, 1)
         if broker.name == "mosquitto":
             out[f"raw_{size}MiB_MBps"] = round(size * MIB / raw_transfer(broker, source) / 1e6, 1)
         source.unlink()
     return out
+
+
+def _watched(
+    broker: Broker,
+    source: Path,
+    where: Conversation,
+    receiver: str,
+    copy: Path,
+    out: dict[str, Any],
+    cpu: dict[str, float],
+) -> float:
+    """``_send_and_fetch`` while a room's chat latency (against 5 s without) and the broker's memory are measured."""
+    ping = RoomPing(broker)
+    try:
+        with ping.phase() as idle:
+            time.sleep(5.0)
+        sampler = _RssSampler(broker)
+        try:
+            with ping.phase() as busy:
+                seconds = _send_and_fetch(broker, source, where, receiver, copy, cpu)
+        finally:
+            out["rss_growth_MiB"] = sampler.stop()
+    finally:
+        ping.close()
+    out["chat_p99_ms_idle"], out["chat_p99_ms_transfer"] = p99(idle), p99(busy)
+    return seconds
+
+
+def _cpu(broker: Broker, since: dict[str, float] | None = None) -> dict[str, float]:
+    """CPU seconds used so far by the broker, the workers (imcli serve's child, or imcli workers) and this
+    process (the sender's and the receiver's imcli code); minus ``since``."""
+    now = {
+        "broker": cpu_seconds(broker.pid),
+        "workers": cpu_seconds(broker.extra_pids["workers"]),
+        "clients": time.process_time(),
+    }
+    return {k: v - since[k] for k, v in now.items()} if since else now
 
 
 class _RssSampler:

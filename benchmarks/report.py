@@ -41,7 +41,9 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
     "files": [(f"{kind}_{size}MiB_MBps", f"{label} {size}M MB/s") for kind, label in
               (("dm", "DM"), ("group", "group"), ("raw", "raw")) for size in (1, 10, 100)]
              + [("rss_growth_MiB", "RSS +MiB"), ("chat_p99_ms_idle", "chat p99 ms"),
-                ("chat_p99_ms_transfer", "in transfer")],
+                ("chat_p99_ms_transfer", "in transfer")]
+             + [(f"{kind}_cpu_ms_per_MiB_{part}", f"{kind} {part} CPU ms/MiB") for kind in ("dm", "group")
+                for part in ("broker", "workers", "clients")],
     "devices": [("devices", "devices"), ("reconnects_per_s", "reconnects/s"), ("refusals_per_s", "wrong creds/s"),
                 ("reconnects_per_s_under_attack", "reconnects/s under attack"), ("rss_mb_broker", "broker RSS MB"),
                 ("credential_checks_per_s", "credential checks/s"), ("argon2_check_ms", "argon2 check ms")],

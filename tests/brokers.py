@@ -35,7 +35,7 @@ from imcli.broker.accounts import AccountStore, Role
 from imcli.broker.server import BrokerSettings
 from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.core.service import PasswordFileDirectory, ServiceWorker
-from imcli.files.worker import FilesWorker
+from imcli.files.worker import FileLimits, FilesWorker
 from imcli.groups.worker import GroupWorker
 from imcli.moments.worker import MomentsWorker
 from imcli.presence.worker import PresenceWorker
@@ -52,7 +52,7 @@ NOT_INSTALLED = "mosquitto not installed (.ci/run installs Debian's package)"
 # created before the broker starts (cheap with mosquitto_passwd); users() adds others with a reload
 ACCOUNTS = ("alice", "bob", "carol", "dave", "presence", "groups", "archive", "files")
 SERVICES = ("presence", "groups", "archive", "files")
-LIMIT = 16384  # message_size_limit in deploy/mosquitto/mosquitto.conf
+LIMIT = 262144  # message_size_limit in deploy/mosquitto/mosquitto.conf (the files worker's chunks fill it)
 
 # reasons for broker_xfail("mosquitto", ...) shared by the modules that run on both brokers
 NO_CLIENT_ID_BINDING = (
@@ -242,8 +242,8 @@ def running_mosquitto(
 @contextlib.contextmanager
 def running_workers(broker: Mosquitto, archive: bool = True, files: bool = True) -> Iterator[list[ServiceWorker]]:
     """What ``imcli workers --dynsec --accounts-file <passwd> --archive-dir <workdir>/archive
-    --files-dir <workdir>`` runs, in this process (``archive=False``: ``--no-archive``; ``files=False``:
-    ``--no-files``)."""
+    --files-dir <workdir> --max-payload 262144`` runs, in this process (``archive=False``:
+    ``--no-archive``; ``files=False``: ``--no-files``)."""
     directory = PasswordFileDirectory(broker.passwd)
     creds = {name: Credentials(name, password_of(name)) for name in SERVICES}
     with contextlib.ExitStack() as stack:
@@ -259,7 +259,16 @@ def running_workers(broker: Mosquitto, archive: bool = True, files: bool = True)
             started.append(stack.enter_context(archive_worker(broker)))
         if files:
             started.append(
-                stack.enter_context(FilesWorker(broker.address, creds["files"], broker.workdir, device="test"))
+                # --max-payload 262144, as deploy/systemd/imcli-workers.service gives it
+                stack.enter_context(
+                    FilesWorker(
+                        broker.address,
+                        creds["files"],
+                        broker.workdir,
+                        device="test",
+                        limits=FileLimits(max_payload=LIMIT),
+                    )
+                )
             )
         # --moments (the default): the group worker's account, a device of its own
         started.append(stack.enter_context(MomentsWorker(broker.address, creds["groups"], broker.workdir)))

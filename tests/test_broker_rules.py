@@ -64,6 +64,18 @@ def test_the_checks_come_in_order_rate_size_retain_wildcard_acl() -> None:
     assert decide("alice", "im/room/#").close
 
 
+def test_only_a_files_chunks_may_fill_max_chunk() -> None:
+    assert decide("alice", "im/upload/alice/u1", size=1000, max_chunk=1000).deliver
+    chunk_over = decide("alice", "im/upload/alice/u1", size=1001, max_chunk=1000)
+    assert (
+        chunk_over.telling is not None and chunk_over.telling.code == "too_large" and "1000" in chunk_over.telling.text
+    )
+    for topic in ("im/room/lobby/alice", "im/fetch/alice/s1", "im/room/upload/alice"):  # chat, acks: max_payload
+        refused = decide("alice", topic, size=101, max_chunk=1000)
+        assert refused.telling is not None and refused.telling.code == "too_large", topic
+    assert decide("alice", "im/upload/alice/u1", size=101).telling is not None  # no max_chunk: max_payload
+
+
 @pytest.mark.parametrize("topic", ["im/room/+/alice", "im/room/#", "$SYS/broker"])
 def test_a_wildcard_or_dollar_topic_closes_the_connection(topic: str) -> None:
     assert decide("alice", topic) == Decision(deliver=False, close=True)

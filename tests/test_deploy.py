@@ -30,7 +30,8 @@ from imcli.broker.acl import USER_READ, USER_WRITE, topic_matches
 from imcli.broker.limits import Limits
 from imcli.cli.app import app
 from imcli.cli.workers import password_variable
-from imcli.core.wire import DEFAULT_MAX_PAYLOAD, RESERVED_NAMES
+from imcli.core.topics import DEFAULT_MAX_CHUNK
+from imcli.core.wire import RESERVED_NAMES
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 MOSQUITTO_ONLY = "$CONTROL/"  # Mosquitto's dynamic-security API: EMQX has no such plugin
@@ -321,7 +322,10 @@ def test_offline_delivery_limits_match_the_embedded_broker() -> None:
     days = limits.session_expiry / 86400
     assert mosquitto["persistent_client_expiration"] == hocon_value("session_expiry_interval") == f"{days:g}d"
     assert int(mosquitto["max_inflight_messages"]) >= limits.max_queued <= int(hocon_value("max_inflight"))
-    assert int(mosquitto["message_size_limit"]) == DEFAULT_MAX_PAYLOAD
+    # one limit for all there: the embedded broker's for a file's chunks, which the files worker fills
+    assert int(mosquitto["message_size_limit"]) == DEFAULT_MAX_CHUNK
+    workers = imcli_params(exec_start(DEPLOY / "systemd" / "imcli-workers.service"))
+    assert workers["max_payload"] == DEFAULT_MAX_CHUNK
 
 
 # ---------------------------------------------------------------- systemd units and command lines

@@ -21,6 +21,7 @@ from imcli.client import moments, services
 from imcli.core.errors import NotAllowed, NotFound
 from imcli.core.wire import (
     ErrorReply,
+    FileAck,
     FileGet,
     FileListing,
     FileListRequest,
@@ -336,3 +337,27 @@ def test_a_moments_image_is_for_the_author_and_current_friends_only(
     assert _listed(b, "bob", mine) is None
     assert file_id not in (_listed(b, "bob", FileListRequest()) or [])
     assert _can_fetch(a, "alice", file_id)
+
+
+def test_an_unfriended_download_of_a_moments_file_stops(
+    people: dict[str, Cli], server: ServeInfo, raw: Callable[..., Raw], tmp_path: Path
+) -> None:
+    """bob is fetching a large file of alice's moments when she removes him: the worker sends
+    nothing more after his next acknowledgement."""
+    from imcli.client.files import FileConnection
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * (12 << 10))  # 3 MiB: three windows
+    with FileConnection(ident(server, "alice")) as connection:
+        info = connection.upload(big, {"moments": "alice"})
+    b = _fetcher(raw, "bob")
+    assert b.subscribe(T.file_data_filter("bob")) == 1
+    get = FileGet(file=info.id)
+    assert isinstance(_ask(b, "bob", get), FileReady)
+    b.publish(T.fetch("bob", get.stream), encode(FileAck(offset=0)))
+    assert len(b.expect(T.file_data("bob", get.stream), timeout=10).payload) > 8  # it flows
+    assert people["alice"]("friend", "remove", "bob").exit_code == 0
+    assert _eventually(lambda: not _can_fetch(b, "bob", info.id))
+    b.silent(1.0)  # what was on its way before
+    b.publish(T.fetch("bob", get.stream), encode(FileAck(offset=1 << 20)))
+    assert [m for m in b.silent(2.0) if m.topic == T.file_data("bob", get.stream)] == []

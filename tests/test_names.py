@@ -91,6 +91,11 @@ def test_what_does_not_draw_as_itself_is_refused_by_every_field(bad: str, tmp_pa
     assert isinstance(refused, ErrorReply) and refused.text.startswith("invalid moment text")
 
 
+@pytest.mark.parametrize("name", ["Bob \u2192 you", "a \u21d2 b", "x \u2200 y", "\u2502 box", "\u25b6 play"])
+def test_a_display_name_holds_emoji_but_no_arrows_or_signs(name: str) -> None:
+    assert is_plain(name) and not is_display_name(name)
+
+
 def test_a_line_feed_is_for_multi_line_fields_only() -> None:
     assert is_plain("a\nb", lines=True) and not is_plain("a\nb")
     assert not is_plain("a\r\nb", lines=True)

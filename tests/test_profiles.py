@@ -303,3 +303,31 @@ def test_chat_whois_nick_and_dm_by_display_name(
         assert "Bob the Builder (@bob) → 张三 (@alice): 你好" in line
         missing = bob.handle("/whois nobody")
         assert next(o.text for o in missing if isinstance(o, Note)).startswith("unknown user 'nobody'")
+
+
+def test_emoji_sequences_through_the_cli_and_hidden_characters_refused_in_one_line(people: dict[str, Cli]) -> None:
+    """Issue 18: ZWJ sequences, skin tones, keycaps and flags in a display name, a signature and
+    a moment, shown as themselves; a zero-width space or a bidi override is one Error line."""
+    alice = people["alice"]
+    family, pride, thumb = (
+        "\U0001f469\u200d\U0001f469\u200d\U0001f467",
+        "\U0001f3f3\ufe0f\u200d\U0001f308",
+        "\U0001f44d\U0001f3fd",
+    )
+    name, signature = f"Ann {family}", f"{pride} {thumb} 1\ufe0f\u20e3 \U0001f1ef\U0001f1f5"
+    assert alice("profile", "set", "--name", name, "--signature", signature).exit_code == 0
+    shown = json.loads(alice("profile", "show", "--json").stdout)
+    assert (shown["name"], shown["signature"]) == (name, signature)
+    text = alice("profile", "show").stdout
+    assert f"{name} (@alice)" in text and signature in text
+    posted = alice("moments", "post", f"family {family}")
+    assert posted.exit_code == 0, posted.stderr
+    assert json.loads(alice("moments", "--json").stdout)["moments"][0]["text"] == f"family {family}"
+    for args, error in (
+        (["profile", "set", "--signature", "zero\u200bwidth"], "Error: invalid signature"),
+        (["profile", "set", "--name", "evil\u202eeman"], "Error: invalid"),
+        (["moments", "post", f"a\u200d{family}"], "Error: invalid moment text"),
+    ):
+        refused = alice(*args)
+        assert refused.exit_code == 1 and refused.stderr.startswith(error), refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1

@@ -39,7 +39,7 @@ from imcli.broker.client_loop import Bell, run_client_loop
 from imcli.broker.connection_gate import ConnectionGate
 from imcli.broker.device_service import DeviceService
 from imcli.broker.devices import DeviceStore
-from imcli.broker.fanout import FanOut, SessionFilters, publish_all
+from imcli.broker.fanout import FanOut, InFlight, SessionFilters
 from imcli.broker.gcpause import release_transport
 from imcli.broker.journal import ArchiveWriter, Journal
 from imcli.broker.listeners import Connections, peer_host, serve, stop_listening
@@ -48,6 +48,7 @@ from imcli.broker.output import OutputBound, ReadGate
 from imcli.broker.packets import CheckedWebSocketsReader, PacketGuard, connect_within
 from imcli.broker.pending import PendingConnections, raise_fd_limit
 from imcli.broker.publish_checks import PublishChecks
+from imcli.broker.reader import PacketReader, StreamGuard
 from imcli.broker.retained import RetainedState
 from imcli.broker.session_upkeep import SessionUpkeep
 from imcli.broker.sessions import (
@@ -84,21 +85,24 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
     # ImBroker, below
     *_names(_B, "Broker", "overridden", "_initialize_client_session _handle_client_session _handle_message_delivery"),
     *_names(_B, "Broker", "overridden", "_topic_filtering _run_broadcast _retain_broadcast_message"),
+    *_names(_B, "Broker", "overridden", "_broadcast_message"),  # fanned out where published (fanout.FanOut)
     *_names(_B, "Broker", "overridden", "_publish_session_retained_messages"),
     *_names(_B, "Broker", "overridden", "_publish_retained_messages_for_subscription"),
     *_names(_B, "Broker", "overridden", "_del_all_subscriptions _del_subscription _handle_disconnect"),
     *_names(_B, "Broker", "overridden", "_create_server_instance"),  # the listen backlog
-    *_names(_B, "Broker", "called", "_client_connected _delete_session _broadcast_message"),
+    *_names(_B, "Broker", "called", "_client_connected _delete_session"),
     *_names(_B, "Broker", "overridden", "_client_message_loop"),  # by client_loop.run_client_loop
     *_names(_B, "Broker", "called", "_handle_subscription _handle_unsubscription"),  # by client_loop
     *_names(_H, "BrokerProtocolHandler", "read", "_disconnect_waiter _pending_subscriptions _pending_unsubscriptions"),
     *_names(_B, "Broker", "called", "_stop_handler"),  # by _handle_disconnect
     *_names(_B, "Broker", "called", "_matches _get_handler"),  # handed to fanout.FanOut
-    *_names(_B, "Broker", "read", "_servers _sessions _retained_messages _broadcast_queue"),
+    *_names(_B, "Broker", "read", "_servers _sessions _retained_messages"),
     *_names(_B, "Broker", "replaced", "_subscriptions"),  # by sessions.SubscriptionTable
-    # AckAfterJournal, LightSession, use_light_sessions and puback_waiters, below
+    # AckAfterJournal, LightSession and use_light_sessions, below
     *_names(_H, "BrokerProtocolHandler", "overridden", "_handle_qos1_message_flow _handle_qos2_message_flow"),
-    *_names(_H, "BrokerProtocolHandler", "read", "_puback_waiters"),  # by fanout.Deliveries, via puback_waiters()
+    *_names(_H, "BrokerProtocolHandler", "read", "_puback_waiters"),  # by reader.PacketReader (amqtt's own QoS 1 flows)
+    *_names(_H, "BrokerProtocolHandler", "overridden", "_reader_loop"),  # by reader.PacketReader, TCP and TLS
+    *_names(_H, "BrokerProtocolHandler", "read", "_reader_ready _reader_stopped"),  # by reader.PacketReader
     *_names(_H, "", "replaced", "Session"),  # the name init_from_connect builds a session with
     *_names(_S, "Session", "overridden", "_init_states"),
     *_names(_S, "Session", "called", "_on_enter_connected _on_enter_disconnected"),  # by sessions.SessionState
@@ -118,12 +122,20 @@ class AckAfterJournal(BrokerProtocolHandler):
     max_unreleased = 1 << 16  # incoming QoS 2 messages held for their PUBREL (sessions.no_pubrel)
     _silent_close: asyncio.Future[None] | None = None
     activity: Bell | None = None  # set when a packet handled left work for the message loop
+    answered = 0  # SUBSCRIBEs and UNSUBSCRIBEs the message loop has answered (SUBACK, UNSUBACK)
+    loop_ended = False  # the message loop has returned (it answers no more)
+    answers: bytearray | None = None  # PUBACKs for the packets of one read, while its reader handles them
 
     def __init__(self, plugins_manager: Any, session: Session | None = None, loop: Any = None) -> None:
         super().__init__(plugins_manager, session, loop)
         # amqtt's asyncio.Queue objects: 3 KB each, empty (imcli/broker/sessions.py)
         self._pending_subscriptions: LeanQueue[Any] = LeanQueue()
         self._pending_unsubscriptions: LeanQueue[Any] = LeanQueue()
+        self.in_flight = InFlight()  # the fan-out's QoS 1 copies awaiting their PUBACK (fanout.py)
+
+    async def stop(self) -> None:
+        self.in_flight.forget_all()
+        await super().stop()
 
     async def handle_publish(self, publish_packet: Any) -> None:
         try:
@@ -143,6 +155,24 @@ class AckAfterJournal(BrokerProtocolHandler):
         finally:
             self._stir()
 
+    async def _reader_loop(self) -> None:
+        if isinstance(self.reader, StreamGuard):  # TCP and TLS (imcli/broker/reader.py)
+            await PacketReader(self, self.reader).run()
+        else:  # WebSocket: amqtt's loop
+            await super()._reader_loop()
+
+    async def mqtt_acknowledge_subscription(self, packet_id: int, return_codes: list[int]) -> None:
+        try:
+            await super().mqtt_acknowledge_subscription(packet_id, return_codes)
+        finally:
+            self.answered += 1  # the reader waits for it (imcli/broker/reader.py)
+
+    async def mqtt_acknowledge_unsubscription(self, packet_id: int) -> None:
+        try:
+            await super().mqtt_acknowledge_unsubscription(packet_id)
+        finally:
+            self.answered += 1
+
     def _stir(self) -> None:
         if self.activity is not None:  # the connection's message loop (imcli/broker/client_loop.py)
             self.activity.set()
@@ -150,6 +180,12 @@ class AckAfterJournal(BrokerProtocolHandler):
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
         if app_message.direction == INCOMING and self.before_ack is not None and self.session is not None:
             self.before_ack(self.session, app_message)
+        if app_message.direction == INCOMING and self.answers is not None and self.session is not None:
+            # amqtt's flow (queued for the message loop, then the PUBACK), the PUBACK written
+            # with the others of the same read (imcli/broker/reader.py)
+            await self.session.delivered_message_queue.put(app_message)
+            self.answers += b"\x40\x02" + app_message.packet_id.to_bytes(2, "big")
+            return
         await super()._handle_qos1_message_flow(app_message)
 
     async def _handle_qos2_message_flow(self, app_message: Any) -> None:
@@ -191,12 +227,6 @@ def use_light_sessions() -> None:
     broker_handler.Session = LightSession
 
 
-def puback_waiters(handler: BrokerProtocolHandler) -> dict[int, Any]:
-    """The futures amqtt's PUBACK handler resolves, by packet id (imcli/broker/fanout.py registers its own)."""
-    waiters: dict[int, Any] = handler._puback_waiters
-    return waiters
-
-
 class ImBroker(Broker):
     """amqtt ``Broker`` that authenticates before touching sessions and enforces limits."""
 
@@ -229,7 +259,7 @@ class ImBroker(Broker):
         self.filters = SessionFilters()
         self.output = OutputBound(lim.output_drop, lim.output_close, lim.output_stuck)
         amqtts = (self._subscriptions, self._matches, self._get_handler, self._retain_broadcast_message)
-        self.fan_out = FanOut(*amqtts, self.access.receive_check, puback_waiters, self.output)
+        self.fan_out = FanOut(*amqtts, self.access.receive_check, self.output)
         self._journal = Journal(open_archive(settings.data_dir), self.topics, self.access.may_publish)
         self.pending = PendingConnections(lim.pending_per_address, lim.max_pending)
         self.connections = Connections(self.pending, self.output)
@@ -305,6 +335,7 @@ class ImBroker(Broker):
     async def shutdown(self) -> None:
         for task in self._upkeep_tasks:
             task.cancel()
+        self.fan_out.cancel_tasks()
         stop_listening(self._servers.values())  # first: imcli/broker/listeners.py says why
         await super().shutdown()
         self.retained.close()
@@ -319,7 +350,8 @@ class ImBroker(Broker):
         try:
             with self.connections.accepted(adapter, peer_host(writer.get_extra_info("peername")), transport, writer):
                 # amqtt's stream_connected, with the reader kept inside its packets (imcli/broker/packets.py)
-                await self._client_connected(listener_name, self._guard(StreamReaderAdapter(reader), adapter), adapter)
+                guard = self._guard(StreamReaderAdapter(reader), adapter, stream=reader, transport=transport)
+                await self._client_connected(listener_name, guard, adapter)
         finally:
             release_transport(transport)  # freed by reference counting, not by a full collection
 
@@ -330,11 +362,21 @@ class ImBroker(Broker):
                 listener_name, self._guard(CheckedWebSocketsReader(websocket), adapter), adapter
             )
 
-    def _guard(self, inner: Any, writer: Any) -> PacketGuard:
+    def _guard(
+        self, inner: Any, writer: Any, stream: asyncio.StreamReader | None = None, transport: Any = None
+    ) -> PacketGuard:
         """amqtt's reader, kept inside well-formed packets (imcli/broker/packets.py), paused while
-        the connection's output is past its high-water mark or its inbox full (imcli/broker/output.py)."""
+        the connection's output is past its high-water mark or its inbox full (imcli/broker/output.py);
+        a stream connection's, once its CONNECT is in, is ``reader.PacketReader`` with the same rules."""
         s = self.settings
-        return PacketGuard(ReadGate(inner, self.output, writer), s.max_packet, s.packet_timeout, s.limits.max_client_id)
+        gated = ReadGate(inner, self.output, writer)
+        if stream is None:
+            return PacketGuard(gated, s.max_packet, s.packet_timeout, s.limits.max_client_id)
+        readable = partial(self.output.readable, writer)
+        return StreamGuard(
+            gated, s.max_packet, s.packet_timeout, s.limits.max_client_id,
+            stream=stream, transport=transport, readable=readable,
+        )  # fmt: skip
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
@@ -483,8 +525,19 @@ class ImBroker(Broker):
             return None
         return self.topics.sent(parsed.sender, parsed.owner)
 
+    async def _broadcast_message(
+        self, session: Session | None, topic: str | None, data: bytes | bytearray | None, force_qos: int | None = None
+    ) -> None:
+        # fanned out here, in the publisher's task, not through amqtt's queue and its broadcast
+        # loop's task per message (imcli/broker/fanout.py says why)
+        broadcast: dict[str, Any] = {"session": session, "topic": topic, "data": data}
+        if force_qos is not None:
+            broadcast["qos"] = force_qos
+        await self.fan_out.publish(broadcast)
+
     async def _run_broadcast(self, running_tasks: Any) -> None:
-        await self.fan_out.run_batch(self._broadcast_queue, running_tasks)
+        # amqtt's broadcast loop waits here until the broker shuts down: nothing reaches its queue
+        await asyncio.get_running_loop().create_future()
 
     async def _retain_broadcast_message(self, broadcast: dict[str, Any], qos: int, target_session: Session) -> None:
         self.upkeep.make_room(target_session.client_id, target_session.retained_messages)
@@ -495,7 +548,7 @@ class ImBroker(Broker):
         handler = self._get_handler(session)
         if handler is not None:
             queued = self.upkeep.take_queued(session.retained_messages, self.access.receives(session.username))
-            await publish_all(handler, queued, retain=False)
+            self.fan_out.publish_later(handler, queued, retain=False)  # in order, not awaited: as below
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
@@ -505,7 +558,9 @@ class ImBroker(Broker):
         if handler is not None:
             receives = self.access.receives(session.username)
             matching = self.retained.matching(subscription, self._retained_messages, self._matches, receives)
-            await publish_all(handler, matching, retain=True)
+            # not awaited: the connection's message loop (which calls this after the SUBACK) would
+            # wait for the client's PUBACKs, and its reader for that loop's next SUBACK (reader.py)
+            self.fan_out.publish_later(handler, matching, retain=True)
 
     async def retain_message(
         self,

@@ -96,3 +96,4 @@ async def run_client_loop(broker: Any, session: Any, handler: Any) -> None:
         return
     finally:
         handler.activity = None
+        handler.loop_ended = True  # its reader waits for no more answers (imcli/broker/reader.py)

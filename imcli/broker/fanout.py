@@ -15,8 +15,11 @@ message; in a busy room most of the broker's time goes to those per-copy costs.
 * ``Deliveries``: the copies of a batch of messages, encoded once per message and written
   to each connection with one ``write`` per batch (and per event-loop round); a QoS 1 copy registers amqtt's PUBACK
   waiter and in-flight record (a future with a callback, not a task);
-* ``FanOut``: amqtt's broadcast loop with the same rules (RECEIVE check per recipient,
-  offline persistent sessions queue QoS 1 and 2), using the three above;
+* ``FanOut``: amqtt's ``_run_broadcast`` with the same rules (RECEIVE check per recipient,
+  offline persistent sessions queue QoS 1 and 2), using the three above, run where a message
+  is published (``FanOut.publish``) instead of in amqtt's broadcast loop, one task per message
+  later: the copies of the messages one data arrival brought (imcli/broker/reader.py) share
+  each connection's write, and no other task's wakeup stands between a PUBLISH and its copies;
 * ``SessionFilters``: each client id's own filters, so that ending a session does not walk
   every filter on the broker.
 
@@ -46,12 +49,11 @@ from amqtt.adapters import StreamWriterAdapter
 from amqtt.errors import AMQTTError
 from amqtt.session import OutgoingApplicationMessage, Session
 
-from imcli.broker.output import OutputBound, Verdict
+from imcli.broker.output import Outlet, OutputBound, Verdict
 
 log = logging.getLogger(__name__)
 
 INDEX_DEPTH = 3  # levels of a filter's literal head used as an index key: im/user/<name>
-BROADCAST_BATCH = 256  # messages fanned out together, each connection written once per batch
 
 Subscriptions = dict[str, list[tuple[Session, int]]]
 
@@ -158,17 +160,53 @@ class EncodedPublish:
         self.qos1_head = b"\x32" + _remaining_length(len(variable) + 2 + len(data)) + variable
 
 
+class InFlight:
+    """One connection's QoS 1 copies written by ``Deliveries`` and not yet acknowledged, by packet
+    id (``AckAfterJournal.in_flight``): amqtt gave each a future, its callback and a loop round
+    when its PUBACK resolved it. The reader of a stream connection settles them (only stream
+    connections get ``Deliveries``' copies), and the handler forgets them when it stops."""
+
+    __slots__ = ("_copies",)
+
+    def __init__(self) -> None:
+        self._copies: dict[int, tuple[Session, OutgoingApplicationMessage, int, Outlet | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+    def add(
+        self, session: Session, packet_id: int, outgoing: OutgoingApplicationMessage, size: int, outlet: Outlet | None
+    ) -> None:
+        session.inflight_out[packet_id] = outgoing
+        self._copies[packet_id] = (session, outgoing, size, outlet)
+
+    def acknowledge(self, packet_id: int) -> bool:
+        """The client's PUBACK for ``packet_id``; whether it was one of these copies."""
+        copy = self._copies.pop(packet_id, None)
+        if copy is None:
+            return False
+        self._settle(*copy)
+        return True
+
+    def forget_all(self) -> None:
+        """The connection ended: as amqtt's flow on cancel, the copies leave the session's in-flight table."""
+        copies, self._copies = self._copies, {}
+        for copy in copies.values():
+            self._settle(*copy)
+
+    @staticmethod
+    def _settle(session: Session, outgoing: OutgoingApplicationMessage, size: int, outlet: Outlet | None) -> None:
+        if session.inflight_out.get(outgoing.packet_id) is outgoing:
+            del session.inflight_out[outgoing.packet_id]
+        if outlet is not None:
+            outlet.release(size)
+
+
 class Deliveries:
     """The copies of a batch of messages, by connection; ``flush`` writes each connection's once."""
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        puback_waiters: Callable[[Any], dict[int, Any]],
-        output: OutputBound | None = None,
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, output: OutputBound | None = None) -> None:
         self._loop = loop
-        self._puback_waiters = puback_waiters
         self._output = output
         self._chunks: dict[Any, list[bytes]] = {}
         self._sizes: dict[Any, int] = {}  # bytes in each connection's chunks
@@ -202,25 +240,13 @@ class Deliveries:
         self._sizes[handler] = self._sizes.get(handler, 0) + len(message.qos1_head) + 2 + len(message.data)
 
     def _await_puback(self, handler: Any, session: Session, packet_id: int, message: EncodedPublish) -> None:
-        # what amqtt's _handle_qos1_message_flow records, so that its PUBACK handler, its
-        # redelivery on reconnect and its cleanup on disconnect all work unchanged
+        # what amqtt's _handle_qos1_message_flow records (its redelivery on reconnect and its
+        # packet ids look there), and the copy in the connection's own table, which its reader
+        # (imcli/broker/reader.py) settles when the PUBACK comes: no future and no callback per copy
         outgoing = OutgoingApplicationMessage(packet_id, message.topic, 1, message.data, False)
-        session.inflight_out[packet_id] = outgoing
-        waiter: asyncio.Future[Any] = self._loop.create_future()
-        waiters = self._puback_waiters(handler)  # the PUBACK handler resolves these
-        waiters[packet_id] = waiter
-
-        def acknowledged(done: asyncio.Future[Any]) -> None:
-            if not done.cancelled():
-                outgoing.puback_packet = done.result()
-            if waiters.get(packet_id) is done:
-                del waiters[packet_id]
-            if session.inflight_out.get(packet_id) is outgoing:
-                del session.inflight_out[packet_id]
-
-        waiter.add_done_callback(acknowledged)
-        if self._output is not None:  # held until its PUBACK
-            self._output.in_task(handler.writer, len(message.qos1_head) + 2 + len(message.data), waiter)
+        size = len(message.qos1_head) + 2 + len(message.data)
+        outlet = self._output.hold(handler.writer, size) if self._output is not None else None  # until its PUBACK
+        handler.in_flight.add(session, packet_id, outgoing, size, outlet)
 
     def flush(self) -> None:
         self._flush_scheduled = False
@@ -270,7 +296,6 @@ class FanOut:
         get_handler: Callable[[Session], Any],
         queue_offline: Callable[[dict[str, Any], int, Session], Awaitable[None]],
         receive_check: Callable[[str], Callable[[str | None], bool]],
-        puback_waiters: Callable[[Any], dict[int, Any]],
         output: OutputBound | None = None,
     ) -> None:
         self.filters = FilterIndex()
@@ -280,21 +305,39 @@ class FanOut:
         self._get_handler = get_handler
         self._queue_offline = queue_offline
         self._receive_check = receive_check
-        self._puback_waiters = puback_waiters
         self._deliveries: Deliveries | None = None  # created in the running loop
+        self._tasks: set[asyncio.Future[Any]] = set()  # copies in amqtt's own publish tasks
 
-    async def run_batch(self, queue: asyncio.Queue[dict[str, Any]], running_tasks: Any) -> None:
-        """Fan out the next messages of amqtt's broadcast queue (at least one, waiting for it)."""
-        batch = [await queue.get()]
-        while len(batch) < BROADCAST_BATCH and not queue.empty():
-            batch.append(queue.get_nowait())
+    async def publish(self, broadcast: dict[str, Any]) -> None:
+        """Fan one message out now, in the publisher's task: its copies join the connections'
+        buffers, written together at the end of this event-loop round (``Deliveries.flush_soon``).
+
+        amqtt queued each message for its broadcast loop, which took it in a task of its own,
+        one event-loop round (at least) after the publisher's; nothing else here waits on that
+        loop any more (its wakeups, under load, once stalled a QoS 1 fan-out for good:
+        docs/PERFORMANCE.md). Nothing in ``send`` suspends: the offline queue is unbounded."""
         if self._deliveries is None:
-            self._deliveries = Deliveries(asyncio.get_running_loop(), self._puback_waiters, self.output)
-        for broadcast in batch:
-            await self.send(broadcast, self._deliveries, running_tasks)
+            self._deliveries = Deliveries(asyncio.get_running_loop(), self.output)
+        await self.send(broadcast, self._deliveries, self._tasks)
         self._deliveries.flush_soon()
 
-    async def send(self, broadcast: dict[str, Any], deliveries: Deliveries, running_tasks: Any) -> None:
+    def publish_later(self, handler: Any, messages: list[tuple[str, bytes, int]], *, retain: bool) -> None:
+        """Send one connection ``messages`` (a subscription's retained state) through amqtt's own
+        path, in tasks of their own that nobody waits for."""
+        for topic, data, qos in messages:
+            task = asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain))
+            self._tasks.add(task)
+            task.add_done_callback(_finished)
+            task.add_done_callback(self._tasks.discard)
+
+    def cancel_tasks(self) -> None:
+        """At shutdown: the copies still in amqtt's own publish tasks (QoS 2, WebSocket)."""
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def send(
+        self, broadcast: dict[str, Any], deliveries: Deliveries, running_tasks: set[asyncio.Future[Any]]
+    ) -> None:
         """One message to every subscriber that may receive it."""
         topic, data = broadcast["topic"], bytes(broadcast["data"] or b"")
         forced_qos = broadcast.get("qos")
@@ -326,7 +369,7 @@ class FanOut:
         session: Session,
         qos: int,
         deliveries: Deliveries,
-        running_tasks: Any,
+        running_tasks: set[asyncio.Future[Any]],
     ) -> bool:
         """One copy for a connected client, within its connection's output bound; whether the
         copy goes to the session's offline queue instead (QoS 1 or 2, persistent, being closed)."""
@@ -344,14 +387,15 @@ class FanOut:
             deliveries.add(handler, session, encoded, qos)
         else:  # QoS 2, or a transport that needs its drain: amqtt's own path
             task = asyncio.ensure_future(handler.mqtt_publish(encoded.topic, encoded.data, qos, retain=False))
-            running_tasks.append(task)
+            running_tasks.add(task)
+            task.add_done_callback(_finished)
+            task.add_done_callback(running_tasks.discard)
             if self.output is not None:
                 self.output.in_task(handler.writer, len(encoded.qos0), task)
         return False
 
 
-async def publish_all(handler: Any, messages: list[tuple[str, bytes, int]], *, retain: bool) -> None:
-    """Send one connection the messages of its offline queue or of a subscription's retained state."""
-    tasks = [asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain)) for topic, data, qos in messages]
-    if tasks:
-        await asyncio.wait(tasks)
+def _finished(task: asyncio.Future[Any]) -> None:
+    """A copy of amqtt's own path is done: what it raised is logged, as amqtt's broadcast loop did."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("a delivery failed: %r", exc)

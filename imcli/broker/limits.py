@@ -4,17 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from imcli.core.topics import DEFAULT_MAX_CHUNK
+
 
 @dataclass(frozen=True)
 class Limits:
     publish_rate: float = 20.0  # messages per second per account, sustained
     publish_burst: int = 60  # messages an account may send at once
-    # issue 16: chunks of files and download acknowledgements (16 KiB each at most): about 64 MB/s
+    # issue 16: chunks of files (max_chunk each at most) and download acknowledgements
     file_rate: float = 4000.0  # messages per second per account on upload and fetch topics
     file_burst: int = 8000
     max_file: int = 100 << 20  # bytes of one file (the files worker)
     file_quota: int = 1 << 30  # bytes one account may have stored, unfinished uploads included
     max_uploads: int = 4  # unfinished uploads one account may have going at once
+    # bytes of one chunk of a file on an upload topic (the files worker's chunks), header included;
+    # every other payload keeps to BrokerSettings.max_payload
+    max_chunk: int = DEFAULT_MAX_CHUNK
     # output per connection (imcli/broker/output.py): bytes the broker holds for a client that does not read
     output_drop: int = 1 << 20  # past it, QoS 0 messages to that connection are dropped
     output_close: int = 8 << 20  # a message that would take it past this closes the connection

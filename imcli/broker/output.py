@@ -117,6 +117,11 @@ class Outlet:
     def waiting(self) -> int:
         return self.transport.get_write_buffer_size() + self.in_tasks
 
+    def release(self, size: int) -> None:
+        """A copy held with ``OutputBound.hold`` was acknowledged (or its connection ended)."""
+        self.in_tasks -= size + HELD_COPY
+        self.progressed = True
+
 
 class OutputBound:
     """The bytes each connection has waiting, and what becomes of one more copy for it."""
@@ -155,6 +160,10 @@ class OutputBound:
             return True
         return outlet.inbox is not None and outlet.inbox.qsize() >= INBOX
 
+    def readable(self, writer: Any) -> bool:
+        """Whether more may be read from the connection of ``writer`` now (imcli/broker/reader.py)."""
+        return not self.read_paused(writer)
+
     def waiting(self, writer: Any) -> int:
         outlet = self._outlets.get(writer)
         return 0 if outlet is None else outlet.waiting()
@@ -187,6 +196,14 @@ class OutputBound:
             outlet.dropped += 1
             return Verdict.DROP
         return Verdict.WRITE
+
+    def hold(self, writer: Any, size: int) -> Outlet | None:
+        """A copy of ``size`` bytes the broker holds until its PUBACK: the caller calls the
+        returned outlet's ``release`` with the same ``size`` then (imcli/broker/fanout.py)."""
+        outlet = self._outlets.get(writer)
+        if outlet is not None:
+            outlet.in_tasks += size + HELD_COPY
+        return outlet
 
     def in_task(self, writer: Any, size: int, task: asyncio.Future[Any]) -> None:
         """A copy whose bytes the broker holds until ``task`` is done: a QoS 1 copy until its

@@ -7,7 +7,8 @@ is broadcast, in this order:
 
 1. an empty topic ends the connection (MQTT-4.7.3-1, as amqtt does);
 2. the account's publish rate (workers' service accounts are not limited);
-3. the payload size (workers' are not limited: a ``who`` reply may be large);
+3. the payload size (workers' are not limited: a ``who`` reply may be large): ``max_payload``,
+   or ``Limits.max_chunk`` on an upload topic (a file's chunks, issue 16);
 4. retained chat: only state records (status, presence, groups, friends) may be retained;
 5. a wildcard or ``$`` topic ends the connection (MQTT-3.3.2-2, MQTT-4.7.2-1, as amqtt does);
 6. the topic ACL, with its own words for the sender (a friends-only DM says so);
@@ -39,6 +40,7 @@ from imcli.broker.acl import FILE_TRANSFER, Access
 from imcli.broker.limits import Limits, PublishRate
 from imcli.broker.notices import Telling, publish_refused, rate_exceeded, retain_refused, too_large
 from imcli.broker.topic_access import TopicAccess
+from imcli.core.topics import TopicKind
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +75,18 @@ def decide_publish(
     trusted: bool,
     max_payload: int,
     rate: float,
+    max_chunk: int | None = None,
 ) -> Decision:
-    """The checks of this module's docstring, in order, as a pure function of their inputs."""
+    """The checks of this module's docstring, in order, as a pure function of their inputs
+    (``max_chunk``: the limit on upload topics, ``max_payload`` if not given)."""
     if not topic:
         return CLOSE
     if not rate_ok:
         return Decision(deliver=False, telling=rate_exceeded(rate))
     if size > max_payload and not trusted:
-        return Decision(deliver=False, telling=too_large(size, max_payload, topic))
+        limit = size_limit(access, topic, max_payload, max_chunk)
+        if size > limit:
+            return Decision(deliver=False, telling=too_large(size, limit, topic))
     if retain and not access.acl.may_retain(topic):
         return Decision(deliver=False, telling=retain_refused(topic))
     if "#" in topic or "+" in topic or topic.startswith("$"):
@@ -88,6 +94,14 @@ def decide_publish(
     if not access.check(sender, topic, Access.PUBLISH):
         return Decision(deliver=False, telling=publish_refused(access.acl.refusal(sender, topic), topic))
     return DELIVER
+
+
+def size_limit(access: TopicAccess, topic: str, max_payload: int, max_chunk: int | None) -> int:
+    """The payload limit of ``topic``: ``max_chunk`` for a file's chunks, ``max_payload`` for the rest."""
+    if max_chunk is None or "/upload/" not in topic:
+        return max_payload
+    parsed = access.topics.parse(topic)
+    return max_chunk if parsed is not None and parsed.kind is TopicKind.UPLOAD else max_payload
 
 
 class Deliver(Protocol):
@@ -127,9 +141,12 @@ class PublishChecks:
         is worth journalling (within the rate and the size limit; the journal checks the rest)."""
         now = time.monotonic()
         trusted = self.access.is_service(sender)
-        allowed = self._rate_allows(sender, trusted, now, getattr(message, "topic", None) or "")
+        message_topic = getattr(message, "topic", None) or ""
+        allowed = self._rate_allows(sender, trusted, now, message_topic)
         self._charged[id(message)] = (message, allowed, now)
-        return allowed and (size <= self.max_payload or trusted)
+        return allowed and (
+            trusted or size <= size_limit(self.access, message_topic, self.max_payload, self.limits.max_chunk)
+        )
 
     def take_charge(self, message: Any) -> tuple[bool, bool | None]:
         """Whether ``charge`` saw ``message`` before its PUBACK (QoS 1), and the rate decision
@@ -158,6 +175,7 @@ class PublishChecks:
             trusted=trusted,
             max_payload=self.max_payload,
             rate=self.limits.publish_rate,
+            max_chunk=self.limits.max_chunk,
         )
         if decision.deliver and not trusted and self.statuses is not None:
             refusal = self.statuses(topic, size, retain)

@@ -31,9 +31,9 @@ class BrokerSettings:
 
     @property
     def max_packet(self) -> int:
-        """Largest MQTT packet accepted from a user: a payload at the limit plus the longest possible
+        """Largest MQTT packet accepted from a user: a payload at the limit (a file's chunk's) plus the longest possible
         topic and CONNECT fields (payloads in between are dropped with a notice, larger packets cut)."""
-        return self.max_payload + 4 * 65_536
+        return max(self.max_payload, self.limits.max_chunk) + 4 * 65_536
 
     @property
     def tls(self) -> bool:

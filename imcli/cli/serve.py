@@ -11,7 +11,7 @@ import typer
 
 from imcli.cli.common import DataDirOpt, check_tls_options, console
 from imcli.core.errors import InvalidInput
-from imcli.core.topics import DEFAULT_MAX_PAYLOAD
+from imcli.core.topics import DEFAULT_MAX_CHUNK, DEFAULT_MAX_PAYLOAD
 
 
 def serve(
@@ -65,6 +65,10 @@ def serve(
         int, typer.Option(help="Storage per account for files, in MiB (unfinished uploads count).")
     ] = 1024,
     max_uploads: Annotated[int, typer.Option(help="Unfinished uploads one account may have going at once.")] = 4,
+    max_chunk: Annotated[
+        int,
+        typer.Option(help="Largest payload on upload topics (a file's chunks), in bytes; chat keeps --max-payload."),
+    ] = DEFAULT_MAX_CHUNK,
     tls_cert: Annotated[
         Path | None, typer.Option("--tls-cert", help="PEM certificate (chain): TLS on --port and --ws-port.")
     ] = None,
@@ -156,7 +160,7 @@ def serve(
             password_checks=password_checks,
             password_queue=password_queue,
             **account_quotas(max_sessions, max_statuses, max_status_bytes, max_groups, group_rate),
-            **file_limits(max_file_mib, file_quota_mib, max_uploads),
+            **file_limits(max_file_mib, file_quota_mib, max_uploads, max_chunk),
         ),
     )
     out = console()
@@ -214,11 +218,18 @@ def account_quotas(sessions: int, statuses: int, status_bytes: int, groups: int,
     }
 
 
-def file_limits(max_file_mib: int, quota_mib: int, uploads: int) -> dict[str, int]:
+def file_limits(max_file_mib: int, quota_mib: int, uploads: int, max_chunk: int) -> dict[str, int]:
     """imcli serve's limits on files (issue 16) as ``Limits`` fields, checked."""
     if min(max_file_mib, quota_mib, uploads) < 1:
         raise InvalidInput("file limits too small", "--max-file-mib, --file-quota-mib and --max-uploads >= 1")
-    return {"max_file": max_file_mib << 20, "file_quota": quota_mib << 20, "max_uploads": uploads}
+    if max_chunk < 256:
+        raise InvalidInput(f"--max-chunk {max_chunk} is too small", "use at least 256 bytes")
+    return {
+        "max_file": max_file_mib << 20,
+        "file_quota": quota_mib << 20,
+        "max_uploads": uploads,
+        "max_chunk": max_chunk,
+    }
 
 
 def output_bound(max_output: int, timeout: float, max_payload: int) -> dict[str, Any]:

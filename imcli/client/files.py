@@ -24,7 +24,7 @@ from imcli.client.services import Connection, Conversation, check_can_dm, check_
 from imcli.core.errors import ImcliError, InvalidInput, NameTaken, NotAllowed, NotFound, RequestTimeout
 from imcli.core.mqtt import Message
 from imcli.core.text import human_size
-from imcli.core.topics import chunk, chunk_size, unchunk
+from imcli.core.topics import chunk, unchunk
 from imcli.core.wire import (
     ChatMessage,
     ErrorReply,
@@ -51,6 +51,7 @@ RETRIES = 3  # times an upload asks again before it gives up (the next run resum
 ACK_EVERY = 256 << 10  # bytes between two acknowledgements of a download
 BLOCK = 1 << 20
 INFLIGHT = 128  # chunks unacknowledged by the broker: a window (1 MiB) of 16 KiB chunks is 64
+LARGEST_CHUNK = 4 << 20  # bytes: the most a chunk the files worker asks for may hold (a bound on memory)
 
 _ERRORS: dict[str, type[ImcliError]] = {"not_found": NotFound, "taken": NameTaken, "invalid": InvalidInput}
 
@@ -197,7 +198,7 @@ class FileConnection(Connection):
         """Chunks from ``start.offset`` until the worker's ``file_ready``; ``None`` if it went quiet."""
         box = self._box(start.upload)
         topic = self.topics.upload(self.me, start.upload)
-        step = min(start.chunk, chunk_size(max_payload_bytes()))
+        step = max(1, min(start.chunk, LARGEST_CHUNK))  # the broker's limit on upload topics, as the worker knows it
         sent = acked = start.offset
         try:
             with path.open("rb") as f:

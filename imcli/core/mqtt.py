@@ -8,7 +8,9 @@ paho's own network thread (``on_message`` runs there: use ``publish_nowait`` in 
 
 from __future__ import annotations
 
+import contextlib
 import queue
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -324,6 +326,7 @@ class MqttClient:
         self, client: paho.Client, _u: object, flags: paho.ConnectFlags, rc: ReasonCode, _p: object
     ) -> None:
         self.session_present = flags.session_present
+        _no_delay(client)
         self._connack_rc = rc
         self._connack.set()
         if rc.is_failure:
@@ -391,6 +394,16 @@ class MqttClient:
                 timer = threading.Timer(attempt, self._renew_later, (refused, attempt + 1))
                 timer.daemon = True
                 timer.start()
+
+
+def _no_delay(client: paho.Client) -> None:
+    """Small packets (a PUBACK, a file's progress, a chat line) leave at once: paho leaves Nagle's
+    algorithm on, which holds one back while earlier bytes are unacknowledged (asyncio, and so the
+    embedded broker, turns it off; Mosquitto with ``set_tcp_nodelay``)."""
+    sock = client.socket()
+    if isinstance(sock, socket.socket):  # TLS too (an SSLSocket is one)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _point_at(client: paho.Client, host: str, port: int) -> None:

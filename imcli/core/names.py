@@ -41,12 +41,20 @@ _MARKS_ON_ONE = 2
 _LRM = "\u200e"  # the data wraps right-to-left characters in marks so that its JSON reads well
 
 
+def _emoji(ch: str) -> bool:
+    """An emoji a name may hold (😀 ❤ ⭐, a flag's letters, a skin tone): pictographic symbols of
+    the emoji blocks only, never arrows or mathematical signs (``Bob → you`` would mimic a line)."""
+    code = ord(ch)
+    blocks = code >= 0x1F000 or 0x2600 <= code < 0x27C0 or 0x2B00 <= code < 0x2C00 or ch in "\u00a9\u00ae\u2122"
+    return blocks and unicodedata.category(ch) in ("So", "Sk") and is_pictographic(ch)
+
+
 def is_display_name(value: str) -> bool:
     """Whether ``value`` may be someone's display name (account names are display names too)."""
     if not value or len(value) > MAX_NAME or value != unicodedata.normalize("NFC", value):
         return False
     first = value[0]
-    if not is_plain(value) or not (unicodedata.category(first).startswith(("L", "N")) or is_pictographic(first)):
+    if not is_plain(value) or not (unicodedata.category(first).startswith(("L", "N")) or _emoji(first)):
         return False
     if value.endswith(" ") or "  " in value:
         return False
@@ -57,7 +65,7 @@ def is_display_name(value: str) -> bool:
             marks += 1
             if marks > _MARKS_ON_ONE:
                 return False
-        elif category[0] in "LN" or ch in _PUNCTUATION or is_pictographic(ch):
+        elif category[0] in "LN" or ch in _PUNCTUATION or _emoji(ch):
             marks = 0
         elif category != "Cf":  # a ZWJ or a tag: is_plain let it through inside an emoji sequence only
             return False

@@ -24,6 +24,9 @@ PROTOCOL_VERSION: Final = 1
 DEFAULT_PREFIX = "im"
 DEFAULT_ROOM = "lobby"
 DEFAULT_MAX_PAYLOAD = 16 * 1024
+# the embedded broker's limit on one chunk of a file (upload topics), its 8-byte header included: 16 times
+# fewer publishes than chunks at DEFAULT_MAX_PAYLOAD, while chat keeps to DEFAULT_MAX_PAYLOAD (issue 16)
+DEFAULT_MAX_CHUNK = 256 * 1024
 
 NAME_RULE = "1-32 characters: lowercase letters, digits, '_' or '-', starting with a letter or digit"
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")

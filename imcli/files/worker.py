@@ -80,6 +80,9 @@ ErrorCode = Literal["not_found", "invalid", "denied", "taken", "internal"]
 WINDOW = 1 << 20  # bytes a sender or the worker may have on the way beyond the other side's last word
 PROGRESS_EVERY = 256 << 10  # bytes between two progress messages of an upload
 IN_FLIGHT = 600.0  # seconds: an unfinished upload touched this recently counts against max_uploads
+# seconds between two records of an upload's activity: each is a synced SQLite write (about a
+# millisecond on paho's thread, where the next chunk waits), and IN_FLIGHT and ABANDONED are far longer
+TOUCH_EVERY = 10.0
 ABANDONED = 86400.0  # seconds: an unfinished upload untouched this long is removed
 STREAM_IDLE = 120.0  # seconds: a download nobody acknowledges this long is closed
 STREAMS_PER_USER = 8
@@ -101,7 +104,10 @@ class FileLimits:
     max_file: int = 100 << 20
     quota: int = 1 << 30
     max_uploads: int = 4
-    max_payload: int = DEFAULT_MAX_PAYLOAD  # the broker's: a chunk and its header fit in it
+    max_payload: int = DEFAULT_MAX_PAYLOAD  # the broker's: a listing fits in it
+    # the broker's limit on upload topics (the embedded broker's Limits.max_chunk): a chunk and its
+    # header fit in it; None: max_payload (a broker with one limit for all, as Mosquitto's message_size_limit)
+    max_chunk: int | None = None
 
 
 @dataclass
@@ -111,6 +117,7 @@ class _Upload:
     digest: hashlib._Hash
     offset: int
     told: int = 0  # the offset of the last progress message
+    touched: float = 0.0  # the worker's clock when the upload's row was last touched
 
 
 @dataclass
@@ -137,7 +144,7 @@ class FilesWorker(ServiceWorker):
         super().__init__(address, credentials, topics, device, clock)
         self.client.max_inflight = 256  # a download's window of chunks in flight to each reader at once
         self.limits = limits or FileLimits()
-        self.chunk = chunk_size(self.limits.max_payload)
+        self.chunk = chunk_size(self.limits.max_chunk or self.limits.max_payload)
         self.store = FileStore(data_dir)
         self._groups: dict[str, GroupInfo] = {}
         self._friends: dict[str, frozenset[str]] = {}  # account -> its friends (moments' images)
@@ -255,7 +262,8 @@ class FilesWorker(ServiceWorker):
         active = self._active(row)
         if active is None:
             return ErrorReply(id=r.id, code="internal", text="the files worker cannot read its copy of this upload")
-        self.store.touch(row.upload, self.clock())
+        active.touched = self.clock()
+        self.store.touch(row.upload, active.touched)
         active.told = active.offset
         return FileUpload(id=r.id, upload=row.upload, offset=active.offset, chunk=self.chunk, window=WINDOW)
 
@@ -344,7 +352,10 @@ class FilesWorker(ServiceWorker):
 
     def _progress(self, active: _Upload) -> None:
         active.told = active.offset
-        self.store.touch(active.row.upload, self.clock())
+        now = self.clock()
+        if now - active.touched >= TOUCH_EVERY:
+            active.touched = now
+            self.store.touch(active.row.upload, now)
         reply = FileProgress(upload=active.row.upload, offset=active.offset)
         self.publish(self.topics.reply(active.row.sender, active.row.upload), encode(reply))
 

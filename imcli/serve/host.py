@@ -125,6 +125,7 @@ async def _start_child(
                 "max_file": settings.limits.max_file,
                 "file_quota": settings.limits.file_quota,
                 "max_uploads": settings.limits.max_uploads,
+                "max_chunk": settings.limits.max_chunk,
             },
             "max_payload": settings.max_payload,
             "passwords": passwords,  # service account -> its password for this run

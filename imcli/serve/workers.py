@@ -46,7 +46,7 @@ def embedded_workers(
     """The presence, group and archive workers of the embedded default, not yet started
     (in threads beside the broker, or in imcli/serve/child.py's process); ``limits`` are
     imcli serve's, of which the group worker takes ``max_groups`` and ``group_rate``, the files
-    worker ``max_file``, ``file_quota`` and ``max_uploads`` (and ``max_payload``, for its chunks)."""
+    worker ``max_file``, ``file_quota``, ``max_uploads`` and ``max_chunk`` (its chunks' size)."""
     limits = limits or Limits()
 
     def creds(account: str) -> Credentials:
@@ -78,7 +78,7 @@ def embedded_workers(
             data_dir,
             topics,
             "embedded",
-            limits=FileLimits(limits.max_file, limits.file_quota, limits.max_uploads, max_payload),
+            limits=FileLimits(limits.max_file, limits.file_quota, limits.max_uploads, max_payload, limits.max_chunk),
         ),
         # under the group worker's account (it needs exactly its rights), on a device of its own
         MomentsWorker(local, creds(GROUPS_ACCOUNT), data_dir, topics, "embedded-moments"),

@@ -1,0 +1,116 @@
+"""A room's chat latency, from a process of its own: a message every 100 ms from one user to another.
+
+    python -m benchmarks.roomping --port P    # "ready" once subscribed; then per line on stdin:
+                                              # "go" starts a phase, "end" ends it with one JSON line
+
+Its own process, as a chat user's client is: in the benchmark's process the two clients waited
+for the interpreter's lock behind the file transfer's sender and receiver, and measured that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from benchmarks.brokers import PASSWORD, REPO, Broker
+
+PERIOD = 0.02  # 50 messages a second (the benchmark lifts the chat rate): enough for a p99 of a 2 s transfer
+TOPIC = "im/room/pingfiles"
+
+
+def _client(port: int, name: str) -> paho.Client:
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}:files", protocol=paho.MQTTv311)
+    client.username_pw_set(name, PASSWORD)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client
+
+
+def run(port: int) -> None:
+    latencies: list[float] = []
+    sub, pub = _client(port, "pingb"), _client(port, "pinga")
+    ready = threading.Event()
+    sub.on_message = lambda _c, _u, m: latencies.append((time.perf_counter() - json.loads(m.payload)["sent"]) * 1000)
+    sub.on_subscribe = lambda *_: ready.set()
+    sub.subscribe(f"{TOPIC}/+", qos=1)
+    if not ready.wait(10):
+        raise SystemExit("the ping subscriber got no SUBACK")
+    print("ready", flush=True)
+    stop = threading.Event()
+    sender: threading.Thread | None = None
+
+    def send() -> None:
+        while not stop.wait(PERIOD):
+            pub.publish(f"{TOPIC}/pinga", json.dumps({"sent": time.perf_counter()}), qos=1)
+
+    for line in sys.stdin:
+        if line.strip() == "go":
+            latencies.clear()
+            stop.clear()
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
+        elif line.strip() == "end" and sender is not None:
+            stop.set()
+            sender.join(5)
+            time.sleep(0.3)  # the last one's way
+            print(json.dumps(latencies), flush=True)
+    for client in (pub, sub):
+        client.disconnect()
+        client.loop_stop()
+
+
+class RoomPing:
+    """The probe's process; ``phase`` yields the list its latencies (ms) fill when the block ends."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.roomping", "--port", str(broker.port)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+        )  # fmt: skip
+        assert self._proc.stdout is not None
+        if self._proc.stdout.readline().strip() != "ready":
+            self.close()
+            raise RuntimeError("the room ping did not start")
+
+    @contextmanager
+    def phase(self) -> Iterator[list[float]]:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        latencies: list[float] = []
+        self._proc.stdin.write("go\n")
+        self._proc.stdin.flush()
+        try:
+            yield latencies
+        finally:
+            self._proc.stdin.write("end\n")
+            self._proc.stdin.flush()
+            latencies.extend(json.loads(self._proc.stdout.readline()))
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, required=True)
+    run(parser.parse_args().port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""The reader of a TCP (or TLS) connection once its CONNECT is accepted: every complete packet
+of each data arrival handled in the connection's own task, none in a task of its own (issue 21).
+
+amqtt 0.12.1's ``ProtocolHandler._reader_loop`` reads each packet's fixed header through
+``asyncio.wait_for(..., keep_alive)`` (in Python 3.11 a Task, its Context and a timer per
+packet), through ``PacketGuard`` and ``ReadGate`` a few bytes per ``await``, and then handles
+each packet in a task of its own. At QoS 1 every copy the broker fans out comes back as a
+PUBACK: in a profile of a bot streaming into a room of 50 (docs/PERFORMANCE.md) that path was
+about a quarter of the broker's time, and since every read took at least one event-loop round,
+the messages of one publisher were fanned out one per round (one ``send`` per copy).
+
+``PacketReader.run`` replaces that loop for stream connections:
+
+* it reads whatever the socket has (up to ``READ_SIZE``) and handles every complete packet in
+  it, in order, before it reads again; what is left of a packet waits for the next bytes;
+* each packet is checked exactly as ``PacketGuard`` checks it (``check_packet``: the grammar,
+  the size limit as soon as the fixed header is known, a started packet complete within the
+  guard's ``timeout``) before amqtt decodes it from its own bytes; a malformed one ends the
+  connection;
+* PUBACK resolves the waiting copy's future where it is read; every other packet goes to
+  amqtt's own handler method, awaited in this task (they resolve a future, queue a message or
+  a subscription for the connection's message loop, or write an answer), except a QoS 2
+  PUBLISH, whose flow waits for the client's PUBREL and so runs in a task of its own as in
+  amqtt;
+* nothing more is read while ``readable`` says the connection's output is past its
+  high-water mark or its inbox is full (``output.ReadGate``'s rule, looked at before every
+  read and after every PUBLISH);
+* the keep-alive (the session's ``keep_alive``, already the read timeout of
+  ``sessions.read_timeout``) is one timer per connection, moved only when it fires: nothing
+  heard for that long calls the handler's ``handle_read_timeout`` as amqtt's loop did.
+
+The broker's fan-out does not wait on any of this (``FanOut.publish`` fans a message out where
+it is published: imcli/broker/fanout.py), so the reader owns no scheduling that another task
+depends on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from amqtt.adapters import BufferReader
+from amqtt.errors import MQTTError, NoDataError
+from amqtt.events import MQTTEvents
+from amqtt.mqtt import packet_class
+from amqtt.mqtt.packet import MQTTFixedHeader
+
+from imcli.broker.packets import (
+    DISCONNECT,
+    PINGREQ,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    MalformedPacket,
+    PacketGuard,
+    check_packet,
+)
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 1 << 16  # bytes asked of the socket's buffer at once
+POLL, FIRST_POLL = 0.05, 0.001  # output.ReadGate's looks while reading is paused
+
+# packet type -> the name of amqtt's handler method for it (PUBACK is handled here)
+HANDLERS = {
+    SUBSCRIBE: "handle_subscribe",
+    UNSUBSCRIBE: "handle_unsubscribe",
+    PUBREC: "handle_pubrec",
+    PUBREL: "handle_pubrel",
+    PUBCOMP: "handle_pubcomp",
+    PINGREQ: "handle_pingreq",
+    PUBLISH: "handle_publish",
+    DISCONNECT: "handle_disconnect",
+}
+
+
+class StreamGuard(PacketGuard):
+    """``PacketGuard`` over a stream connection, which ``PacketReader`` reads directly once the
+    CONNECT is in: ``stream`` is its ``asyncio.StreamReader``, ``transport`` its transport,
+    ``readable`` whether more may be read now (``OutputBound.read_paused``, negated)."""
+
+    def __init__(
+        self,
+        inner: Any,
+        limit: int | None,
+        timeout: float,
+        max_client_id: int,
+        *,
+        stream: asyncio.StreamReader,
+        transport: asyncio.WriteTransport,
+        readable: Callable[[], bool],
+    ) -> None:
+        super().__init__(inner, limit, timeout, max_client_id)
+        self.stream = stream
+        self.transport = transport
+        self.readable = readable
+
+
+class PacketReader:
+    """Reads the packets of one connection for its handler (a ``BrokerProtocolHandler``)."""
+
+    def __init__(self, handler: Any, guard: StreamGuard) -> None:
+        self._handler = handler
+        self._guard = guard
+        self._loop = asyncio.get_running_loop()
+        self._buffer = bytearray()
+        self._heard = self._loop.time()  # when the last bytes came
+        self._started: float | None = None  # when the first byte of the unfinished packet came
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired: str | None = None  # why the timer ended the connection
+        self._tasks: set[asyncio.Task[None]] = set()  # QoS 2 PUBLISH flows
+        self._held = False  # the buffer's head is complete packets, held while reading is paused
+        self._asked = handler.answered  # SUBSCRIBEs and UNSUBSCRIBEs read (AckAfterJournal.answered)
+        keep_alive = handler.session.keep_alive if handler.session is not None else 0
+        self._keep_alive: float | None = keep_alive if keep_alive and keep_alive > 0 else None
+
+    async def run(self) -> None:
+        """Read until the connection ends; then end the handler as amqtt's loop does."""
+        handler, stream, readable = self._handler, self._guard.stream, self._guard.readable
+        handler._reader_ready.set()  # amqtt private (AMQTT_PRIVATE): start() waits for it
+        self._arm()
+        try:
+            while True:
+                if not readable():
+                    await self._until_readable()
+                if self._held:  # complete packets left in the buffer while reading was paused
+                    await self._handle_buffer()
+                    continue
+                data = await stream.read(READ_SIZE)
+                if not data:
+                    if self._expired is not None:  # the deadline aborted the transport
+                        log.warning("%s: reader ended: %s", self._client_id, self._expired)
+                    break
+                self._heard = self._loop.time()
+                self._buffer += data
+                await self._handle_buffer()
+        except asyncio.CancelledError:
+            log.debug("reader of %s cancelled", self._client_id)
+        except ConnectionError as exc:  # reset by the peer: an end like any other
+            log.debug("%s: connection lost: %r", self._client_id, exc)
+        except Exception as exc:  # amqtt's loop ends the connection on anything it does not know
+            log.warning("%s: reader ended: %r", self._client_id, exc)
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            for task in list(self._tasks):
+                task.cancel()
+        await handler.handle_connection_closed()
+        handler._reader_stopped.set()  # amqtt private (AMQTT_PRIVATE): stop() waits for it
+        await handler.stop()
+
+    @property
+    def _client_id(self) -> str:
+        session = self._handler.session
+        return str(session.client_id) if session is not None else "?"
+
+    async def _until_readable(self) -> None:
+        delay = FIRST_POLL
+        while not self._guard.readable():  # polled: asyncio has no event for these
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, POLL)
+
+    async def _handle_buffer(self) -> None:
+        """Handle every complete packet at the head of the buffer, in order."""
+        buffer, guard = self._buffer, self._guard
+        pos, size = 0, len(buffer)
+        self._held = False
+        self._handler.answers = bytearray()  # PUBACKs of this read's PUBLISHes, written once at its end
+        try:
+            while pos < size:
+                first = buffer[pos]
+                length, multiplier, i = 0, 1, pos + 1
+                while True:  # the remaining length (MQTT 2.2.3)
+                    if i >= size:
+                        return
+                    byte = buffer[i]
+                    i += 1
+                    length += (byte & 0x7F) * multiplier
+                    if not byte & 0x80:
+                        break
+                    multiplier *= 128
+                    if multiplier > 128**3:
+                        raise MalformedPacket("a remaining length of more than 4 bytes")
+                if guard.limit is not None and length > guard.limit:
+                    raise MalformedPacket(f"a packet of {length} bytes: the limit is {guard.limit}")
+                end = i + length
+                if end > size:
+                    return
+                pos = end
+                if first == 0x40 and length == 2:  # PUBACK, by far the most frequent
+                    self._puback(buffer[i] << 8 | buffer[i + 1])
+                    continue
+                body = bytes(buffer[i:end])
+                check_packet(first, body, connected=True, max_client_id=guard.max_client_id)
+                await self._dispatch(first, body)
+                if first >> 4 == PUBLISH and not guard.readable():
+                    self._held = pos < size  # the rest waits until it may be read (output.ReadGate's rule)
+                    return
+        finally:
+            self._answer()
+            self._handler.answers = None
+            del buffer[:pos]
+            self._unfinished(bool(buffer) and not self._held)
+
+    def _answer(self) -> None:
+        """Write the PUBACKs gathered so far (before any other answer, which must not overtake them)."""
+        answers = self._handler.answers
+        if answers:
+            writer = self._handler.writer
+            try:
+                if writer is not None:
+                    writer.write(bytes(answers))
+            except (ConnectionError, RuntimeError) as exc:  # closing: the read ends the connection
+                log.debug("%s: answers to a closing connection dropped: %s", self._client_id, exc)
+            answers.clear()
+
+    def _puback(self, packet_id: int) -> None:
+        if not packet_id:
+            raise MalformedPacket("packet id 0 (MQTT-2.3.1-1)")
+        if self._handler.in_flight.acknowledge(packet_id):  # a copy of the fan-out's (fanout.InFlight)
+            return
+        waiter = self._handler._puback_waiters.get(packet_id)  # amqtt private (AMQTT_PRIVATE)
+        if waiter is not None and not waiter.done():
+            # amqtt keeps the PUBACK packet only to say the copy is acknowledged (its flow then
+            # forgets the copy): building one per copy was 7 % of the broker's time in a fan-out
+            waiter.set_result(None)
+        else:
+            log.debug("%s: PUBACK for no message in flight (%d)", self._client_id, packet_id)
+
+    async def _dispatch(self, first: int, body: bytes) -> None:
+        kind = first >> 4
+        name = HANDLERS.get(kind)
+        if name is None:  # check_packet lets only CONNECT (refused: a second one) and these through
+            raise MalformedPacket(f"packet type {kind} after the CONNECT")
+        header = MQTTFixedHeader(kind, first & 0x0F, len(body))
+        handler = self._handler
+        if kind != PUBLISH or first & 0x06 == 0x04:  # its answer, if any, is written by another path
+            self._answer()
+        if kind in (SUBSCRIBE, UNSUBSCRIBE):  # after the messages read before it (see below)
+            await self._until(handler.session.delivered_message_queue.empty)
+        try:
+            packet = await packet_class(header).from_stream(BufferReader(body), fixed_header=header)
+            await handler.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=handler.session)
+            if kind == PUBLISH and (first >> 1) & 0x03 == 2:  # its flow waits for the PUBREL read after it
+                task = asyncio.create_task(handler.handle_publish(packet))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            else:
+                await getattr(handler, name)(packet)
+        except (MQTTError, NoDataError) as exc:  # amqtt's loop discards such a packet and reads on
+            log.debug("%s: packet discarded: %r", self._client_id, exc)
+            return
+        # Packets take effect, and answers go out, in the order the client sent them: the
+        # connection's message loop takes a SUBSCRIBE or UNSUBSCRIBE only once it has handled the
+        # messages read before it (waited for above), and what is read after it only once it is
+        # answered (a message then reaches the new subscription; a PINGRESP follows the SUBACK).
+        # A QoS 2 flow's task answers its PUBLISH (PUBREC), PUBREL (PUBCOMP) or PUBREC (PUBREL) in
+        # its first step.
+        if kind in (SUBSCRIBE, UNSUBSCRIBE):
+            self._asked += 1
+            await self._until(lambda: handler.answered >= self._asked)
+        elif kind in (PUBREL, PUBREC) or (kind == PUBLISH and first & 0x06 == 0x04):
+            await asyncio.sleep(0)
+
+    async def _until(self, done: Callable[[], bool]) -> None:
+        """Until ``done()``, which the connection's message loop makes true (it never waits for this
+        reader: imcli/broker/client_loop.py), or that loop or the connection has ended."""
+        handler, transport = self._handler, self._guard.transport
+        delay = 0.0
+        while not done() and not handler.loop_ended and not transport.is_closing():
+            await asyncio.sleep(delay)  # polled: within a round or two, unless the loop's write waits for a drain
+            delay = min(2 * delay, POLL) if delay else FIRST_POLL / 4
+
+    # ---------------------------------------------------------------- deadlines, one timer
+
+    def _unfinished(self, started: bool) -> None:
+        if not started:
+            self._started = None
+        elif self._started is None:
+            self._started = self._loop.time()
+            if self._timer is None or self._timer.when() > self._started + self._guard.timeout:
+                self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadlines = []
+        if self._keep_alive is not None:
+            deadlines.append(self._heard + self._keep_alive)
+        if self._started is not None:
+            deadlines.append(self._started + self._guard.timeout)
+        if deadlines:
+            self._timer = self._loop.call_at(min(deadlines), self._deadline)
+
+    def _deadline(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        if self._started is not None and now >= self._started + self._guard.timeout:
+            self._expired = f"a packet was not complete within {self._guard.timeout:g}s"
+            self._guard.transport.abort()  # the read ends; run() reports why
+            return
+        if self._keep_alive is not None and now >= self._heard + self._keep_alive:
+            self._heard = now  # as amqtt's loop: one more keep-alive period after the timeout
+            self._handler.handle_read_timeout()
+        self._arm()
