@@ -3,6 +3,7 @@
     python -m benchmarks [--quick]
                          [--only fanout,stream,rooms,group,dm,dmflood,capacity,churn,storm,cold,files,devices]
                          [--brokers stock,embedded,mosquitto,nats] [--repeat N] [--capacity USERS]
+                         [--hold SECONDS]
 
 Starts each broker itself on a free loopback port (benchmarks/brokers.py), runs each
 scenario on every broker in turn (so that the shared machine's noise falls on all of
@@ -14,8 +15,10 @@ The full run takes about ten minutes on two cores; ``--quick`` runs small sizes 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -67,9 +70,29 @@ def _median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
     return chosen
 
 
+def raise_open_files(users: int) -> str | None:
+    """Every signed-in user is a file descriptor in the broker (Mosquitto, each NATS node and
+    ``imcli serve`` inherit this process's limit) and one in a crowd: raise the limit past
+    ``users`` plus room for the helpers, the hard limit too where allowed (root). Returns a
+    warning when the limit stays below what the run needs."""
+    needed = users + 4096
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        with contextlib.suppress(ValueError, OSError):  # only a privileged process may raise its hard limit
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
+            soft, hard = needed, needed
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        soft = hard if hard == resource.RLIM_INFINITY else min(hard, needed)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        return f"only {soft} open files allowed (ulimit -n): a broker holding {users} users needs {needed}"
+    return None
+
+
 def run(
-    size: str, only: list[str], names: list[str], repeat: int = 1, capacity_users: int | None = None
-) -> dict[str, Any]:
+    size: str, only: list[str], names: list[str], repeat: int = 1, capacity_users: int | None = None,
+    hold: float = 0.0,
+) -> dict[str, Any]:  # fmt: skip
     s = {**SIZES[size], **({"capacity": capacity_users} if capacity_users else {})}
     # issue 7's room fan-out: everyone in one room talks
     shapes = {"fanout": Shape(1, s["members"], s["members"], s["messages"] // s["members"]), **SHAPES[size]}
@@ -83,6 +106,9 @@ def run(
             print(f"{name} column skipped: {why}", file=sys.stderr)
     users_needed = max(s["members"], s["idle"], s["capacity"], s["churn"], s["flood_listeners"],
                        *(shape.users for shape in shapes.values()))  # fmt: skip
+    warning = raise_open_files(users_needed)
+    if warning is not None:
+        print(f"warning: {warning}", file=sys.stderr)
 
     def each(label: str, job: Job, *, users: int = users_needed, production: bool = False) -> None:
         """``job`` on every broker in turn, ``repeat`` rounds (A B A B: the machine's noise falls on all alike)."""
@@ -133,7 +159,9 @@ def run(
         def capacity(broker: brokers.Broker) -> dict[str, dict[str, Any]]:
             users = s["capacity"] // STOCK_CAPACITY_SHARE if broker.name == "stock" else s["capacity"]
             with stalls(broker) as probe:
-                figures = scenarios.capacity(broker, max(users, 10), s["processes"])
+                figures = scenarios.capacity(
+                    broker, max(users, 10), s["processes"], hold, on_hold=lambda: probe.phase("hold")
+                )
             return {"capacity": {**figures, **probe}}
 
         each("capacity", capacity)
@@ -172,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--no-charts", action="store_true")
     parser.add_argument("--capacity", type=int, help="users in the capacity run (default: the size's)")
+    parser.add_argument(
+        "--hold", type=float, default=0.0,
+        help="capacity: seconds everyone stays signed in (PINGREQ every 30 s) with the stall probe on (1800: 30 min)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     only = [x for x in args.only.split(",") if x]
     names = [x for x in args.brokers.split(",") if x]
@@ -181,11 +213,15 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     print(f"benchmarks ({args.size}) on {', '.join(names)}: {', '.join(only)}", flush=True)
-    outcome = run(args.size, only, names, max(args.repeat, 1), args.capacity)
+    outcome = run(args.size, only, names, max(args.repeat, 1), args.capacity, args.hold)
     doc: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "size": args.size,
-        "sizes": {**SIZES[args.size], **({"capacity": args.capacity} if args.capacity else {})},
+        "sizes": {
+            **SIZES[args.size],
+            **({"capacity": args.capacity} if args.capacity else {}),
+            **({"hold_s": args.hold} if args.hold else {}),
+        },
         "shapes": {k: vars(v) for k, v in SHAPES[args.size].items()},
         "repeat": args.repeat,
         "machine": f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at start, Python {sys.version.split()[0]}",

@@ -36,6 +36,9 @@ DEPLOY = REPO / "deploy" / "mosquitto"
 PASSWORD = "bench-password"
 HELPERS = ("watch", "pinga", "pingb", "pingc", "pingd", "pinge", "pongr", "colds", "probe", "flood")
 SERVICES = ("presence", "groups", "archive", "files")
+# imcli serve logs every collection that stops it this long or longer (imcli/broker/gcpause.py)
+GC_LOG_MS = 5
+GC_PAUSE = re.compile(r"garbage collection paused the broker ([\d.]+) ms \(generation (\d), CPU ([\d.]+) ms")
 
 MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/local/sbin:/usr/sbin")
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
@@ -117,6 +120,21 @@ class Broker:
     # stops the broker process (procs[0]) and starts it again on the same port with the same data
     relaunch: Callable[[], subprocess.Popen[str]] | None = None
     ports: list[int] = field(default_factory=list)  # a cluster's nodes (MQTT ports); ``port`` is the first
+    # logins (and first SUBSCRIBEs) each crowd process has going at once
+    crowd_concurrency: int = 100
+    log_path: Path | None = None  # the broker's own log (imcli serve: its collector's pauses, gcpause.py)
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path is not None and self.log_path.exists() else 0
+
+    def collector_pauses(self, since: int = 0) -> list[tuple[float, int, float]]:
+        """(ms, generation, CPU ms) of every pause ``imcli serve`` logged after byte ``since`` of its log."""
+        if self.log_path is None or not self.log_path.exists():
+            return []
+        with self.log_path.open("rb") as log:
+            log.seek(since)
+            text = log.read().decode(errors="replace")
+        return [(float(ms), int(gen), float(cpu)) for ms, gen, cpu in GC_PAUSE.findall(text)]
 
     def port_of(self, i: int) -> int:
         """The node the ``i``-th client uses: a cluster's nodes in turn, else the one port."""
@@ -226,18 +244,22 @@ def start_embedded(users: int, *, production: bool = False) -> Broker:
         # broker, not the crowd's back-off (the default, 128, suits real argon2; docs/SECURITY.md)
         options += ["--password-queue", "4096"]
 
+    log_path = Path(workdir.name) / "serve.log"
+
     def launch() -> subprocess.Popen[str]:
-        proc = _python(
-            "-m", "imcli", "serve", "--port", str(port), "--data-dir", str(data), *options,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"},
-        )  # fmt: skip
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "imcli", "serve", "--port", str(port), "--data-dir", str(data), *options],
+                text=True, cwd=REPO, stdout=subprocess.PIPE, stderr=log,
+                env={**os.environ, "COLUMNS": "200", "IMCLI_GC_LOG_MS": str(GC_LOG_MS)},
+            )  # fmt: skip
         _read_port(proc, r"listening on 127\.0\.0\.1:(\d+)")  # said once its workers run
         return proc
 
     proc = launch()
     broker = Broker(
         "embedded", port, [proc], workdir, has_presence=True, note="imcli serve: broker + workers", relaunch=launch,
-        passwords_file=passwords_file,
+        passwords_file=passwords_file, log_path=log_path,
     )  # fmt: skip
     for child in _children(proc.pid):  # imcli serve runs its workers in a child process
         broker.extra_pids["workers"] = child
@@ -351,6 +373,12 @@ def nats_available() -> bool:
     return available()
 
 
+# every user's QoS 1 subscription is a JetStream consumer with three replicas (a Raft group of its
+# own): a hundred created at once per crowd time out inside the cluster ("Unable to add JetStream
+# consumer ... timeout for request type CC", SUBACK 0x80), and the retries only add to the queue
+NATS_CROWD_CONCURRENCY = 8
+
+
 def start_nats(users: int, *, production: bool = False) -> Broker:
     """deploy/nats: three nodes on loopback (tests/natscluster.py starts them the same way) and
     ``imcli workers --nats-users`` against all three; clients spread over the nodes in turn.
@@ -374,6 +402,7 @@ def start_nats(users: int, *, production: bool = False) -> Broker:
     broker = Broker(
         "nats", nodes[0].mqtt, procs, workdir, has_presence=True, ports=[n.mqtt for n in nodes],
         note="three nats-server 2.9 nodes (deploy/nats, max_payload lifted), JetStream R3; imcli workers on all three",
+        crowd_concurrency=NATS_CROWD_CONCURRENCY,
     )  # fmt: skip
     broker.extra_pids.update({n.name: n.proc.pid for n in nodes[1:] if n.proc is not None})
     try:

@@ -17,7 +17,9 @@ more than one core to itself) and talks to each with one JSON line per command:
 
 ``--no-status`` leaves the retained status out (a broker without a presence worker);
 ``--room-listeners K`` subscribes the first K users to the background room too;
-``--talk R`` makes the first ten users say R messages a second in total in that room.
+``--talk R`` makes the first ten users say R messages a second in total in that room;
+``--keepalive K --pings`` makes every user send a PINGREQ every K seconds (a run longer than
+the keepalive, where the broker would otherwise drop the silent ones).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ T = Topics()
 BACKGROUND_ROOM = "background"
 DEVICE = "bench"
 SERVER_UNAVAILABLE = 3  # CONNACK: the broker is busy (imcli serve: too many password checks at once)
+SUBACK_FAILURE = 0x80
 BUSY_RETRIES = 200
 
 
@@ -57,6 +60,7 @@ class Crowd:
         self.status = encode(DeviceStatus(interval=3600))
         self.refused = 0
         self.retried = 0  # logins refused with CONNACK 3 (busy) and tried again
+        self.sub_retried = self.sub_refused = 0  # SUBSCRIBEs refused (SUBACK 0x80) and tried again, or given up
         self.talking = asyncio.Event()
         # each user's own password, when the broker gave them device credentials (issue 17)
         self.passwords: dict[str, str] = json.loads(args.passwords.read_text()) if args.passwords else {}
@@ -74,7 +78,7 @@ class Crowd:
                         rc = await client.connect(
                             self.args.host, self.args.port, name, self.passwords.get(name, self.args.password),
                             f"{name}:{DEVICE}",
-                            will=(topic, b"", True),
+                            will=(topic, b"", True), keepalive=self.args.keepalive,
                         )  # fmt: skip
                     except (OSError, asyncio.IncompleteReadError):
                         rc = -1
@@ -91,9 +95,9 @@ class Crowd:
                 self.clients[name] = client
                 if self.args.status:
                     await client.publish(topic, self.status, qos=1, retain=True)
-                await client.subscribe(T.user_filter(name))
+                await self.subscribe(client, T.user_filter(name))
                 if name in listeners:
-                    await client.subscribe(T.room_filter(BACKGROUND_ROOM))
+                    await self.subscribe(client, T.room_filter(BACKGROUND_ROOM))
 
         t0 = time.time()
         await asyncio.gather(*(one(n) for n in self.names))
@@ -105,8 +109,20 @@ class Crowd:
                 "ok": len(self.clients),
                 "refused": self.refused,
                 "retried": self.retried,
+                "sub_retried": self.sub_retried,
+                "sub_refused": self.sub_refused,
             }
         )
+
+    async def subscribe(self, client: LoadClient, topic: str) -> None:
+        """SUBSCRIBE, again after a refusal (SUBACK 0x80: NATS could not create the subscription's
+        JetStream consumer in time), as a client that needs its messages would."""
+        for _ in range(self.args.busy_retries + 1):
+            if await client.subscribe(topic) != SUBACK_FAILURE:
+                return
+            self.sub_retried += 1
+            await asyncio.sleep(random.uniform(0.5, 2.0))
+        self.sub_refused += 1
 
     async def flip(self) -> None:
         gate = asyncio.Semaphore(self.args.concurrency)
@@ -138,7 +154,21 @@ class Crowd:
             next_at += period
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
 
+    async def keepalive(self) -> None:
+        """With ``--pings``, each user sends a PINGREQ every ``--keepalive`` seconds from its CONNECT
+        on, as paho does when idle (imcli: 30 s; the broker closes a client silent for 1.5 times
+        that). Runs during the join too: a join of thousands takes longer than a keepalive."""
+        if not self.args.pings:
+            return
+        while True:
+            now = time.monotonic()
+            for client in list(self.clients.values()):
+                if now - client.last_ping >= self.args.keepalive:
+                    client.send_ping()
+            await asyncio.sleep(1.0)
+
     async def run(self) -> None:
+        pinger = asyncio.create_task(self.keepalive())
         await self.join()
         talker = asyncio.create_task(self.talk())
         loop = asyncio.get_running_loop()
@@ -152,11 +182,12 @@ class Crowd:
                 for client in self.clients.values():
                     client.abort()
                 self.clients.clear()
-                self.refused = self.retried = 0
+                self.refused = self.retried = self.sub_retried = self.sub_refused = 0
                 await self.join()
             elif command in ("quit", ""):
                 break
         talker.cancel()
+        pinger.cancel()
         await asyncio.gather(*(c.disconnect() for c in self.clients.values()), return_exceptions=True)
         say({"event": "done"})
 
@@ -173,6 +204,8 @@ def main() -> None:
     parser.add_argument("--room-listeners", type=int, default=0)
     parser.add_argument("--talk", type=float, default=0.0)
     parser.add_argument("--busy-retries", type=int, default=BUSY_RETRIES, help="tries again after CONNACK 3")
+    parser.add_argument("--keepalive", type=int, default=600, help="seconds, in CONNECT")
+    parser.add_argument("--pings", action="store_true", help="send a PINGREQ every keepalive (long runs)")
     parser.add_argument("--no-status", dest="status", action="store_false", help="no retained online status")
     asyncio.run(Crowd(parser.parse_args()).run())
 

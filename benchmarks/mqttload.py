@@ -2,14 +2,15 @@
 
 paho runs one thread per client when looped in the background; thousands of simulated
 users need one event loop instead. This speaks just enough MQTT (CONNECT with Will,
-PUBLISH QoS 0/1, SUBSCRIBE, PUBACK, DISCONNECT; PINGREQ only for the stall probe: runs are
-shorter than the keepalive) to drive the broker; the product itself uses paho (imcli/core/mqtt.py).
+PUBLISH QoS 0/1, SUBSCRIBE, PUBACK, DISCONNECT; PINGREQ for the stall probe and for crowds
+that stay longer than their keepalive) to drive the broker; the product itself uses paho (imcli/core/mqtt.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from collections.abc import Callable
 
 
@@ -37,12 +38,14 @@ class LoadClient:
         self._acks: dict[int, asyncio.Future[bytes]] = {}
         self._task: asyncio.Task[None] | None = None
         self._pong: asyncio.Future[None] | None = None
+        self.last_ping = time.monotonic()  # of the CONNECT, then of the last send_ping()
 
     async def connect(
         self, host: str, port: int, username: str, password: str, client_id: str,
         will: tuple[str, bytes, bool] | None = None, keepalive: int = 600,
     ) -> int:  # fmt: skip
         self._reader, self._writer = await asyncio.open_connection(host, port)
+        self.last_ping = time.monotonic()
         flags = 0x02 | 0x80 | 0x40  # clean session, username, password
         payload = _str(client_id)
         if will is not None:
@@ -86,6 +89,12 @@ class LoadClient:
         self._pong = asyncio.get_running_loop().create_future()
         self._writer.write(b"\xc0\x00")
         await self._pong
+
+    def send_ping(self) -> None:
+        """A PINGREQ whose answer nobody waits for: a client's keepalive."""
+        self.last_ping = time.monotonic()
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(b"\xc0\x00")
 
     def abort(self) -> None:
         """Drop the connection without DISCONNECT (its Last Will fires)."""

@@ -20,12 +20,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from benchmarks.brokers import PASSWORD, REPO, Broker, rss_mb
+from benchmarks.brokers import GC_LOG_MS, PASSWORD, REPO, Broker, rss_mb
 from benchmarks.fanout import Shape, fan
 from benchmarks.mqttload import LoadClient
 from imcli.core.wire import ChatMessage, Roster, Topics, WhoRequest, decode, encode, new_id
 
 T = Topics()
+SUBACK_FAILURE = 0x80
 STDBUF = shutil.which("stdbuf")
 
 
@@ -69,13 +70,16 @@ class Crowds:
         talk: float = 0,
         extra: tuple[str, ...] = (),
     ) -> Iterator[tuple[Crowds, dict[str, float]]]:
+        if broker.ports:  # a cluster: as many crowds on every node
+            processes = -(-processes // len(broker.ports)) * len(broker.ports)
         share = -(-users // processes)
         procs = []
         for k in range(processes):
             first, count = k * share, min(share, users - k * share)
             if count <= 0:
                 break
-            args = ["--port", str(broker.port), "--first", str(first), "--count", str(count), *extra]
+            args = ["--port", str(broker.port_of(k)), "--first", str(first), "--count", str(count),
+                    "--concurrency", str(broker.crowd_concurrency), *extra]  # fmt: skip
             if k == 0:
                 args += ["--room-listeners", str(listeners), "--talk", str(talk)]
             if not status:
@@ -91,7 +95,16 @@ class Crowds:
             joined = crowds.collect("joined")
             ok = sum(int(j["ok"]) for j in joined)
             t0, t1 = min(j["t0"] for j in joined), max(j["t1"] for j in joined)
-            yield crowds, {"ok": ok, "refused": sum(int(j["refused"]) for j in joined), "seconds": t1 - t0}
+            yield (
+                crowds,
+                {
+                    "ok": ok,
+                    "refused": sum(int(j["refused"]) for j in joined),
+                    "seconds": t1 - t0,
+                    "sub_retried": sum(int(j.get("sub_retried", 0)) for j in joined),
+                    "sub_refused": sum(int(j.get("sub_refused", 0)) for j in joined),
+                },
+            )
         finally:
             crowds.quit()
 
@@ -158,8 +171,13 @@ class Watcher:
         rc = await self.client.connect("127.0.0.1", port, "watch", PASSWORD, "watch:bench")
         if rc != 0:
             raise RuntimeError(f"watcher refused: {rc}")
-        await self.client.subscribe(T.presence_filter())
-        await self.client.subscribe(T.reply_filter("watch"))
+        for topic in (T.presence_filter(), T.reply_filter("watch")):
+            for _ in range(60):  # NATS refuses (0x80) when its JetStream consumer is not created in time
+                if await self.client.subscribe(topic) != SUBACK_FAILURE:
+                    break
+                await asyncio.sleep(1.0)
+            else:
+                raise RuntimeError(f"watcher's SUBSCRIBE to {topic} refused 60 times")
 
     async def until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.perf_counter() + timeout
@@ -245,32 +263,106 @@ def dm_latency(broker: Broker, idle_users: int, samples: int, talk: float) -> di
 # ---------------------------------------------------------------- 3. capacity
 
 
-def capacity(broker: Broker, users: int, processes: int) -> dict[str, object]:
-    result: dict[str, object] = {"users": users, "rss_mb_idle": round(broker.rss_mb(), 1)}
+KEEPALIVE = 30  # seconds: imcli's clients (paho) send a PINGREQ this often when idle; the crowds do too in a hold
+RSS_SAMPLE_EVERY = 30.0  # seconds between memory samples in a hold
 
-    async def observe() -> None:
+
+def _memory(broker: Broker) -> dict[str, float]:
+    return {
+        "broker": round(broker.rss_mb(), 1),
+        **{what.replace(" ", "_"): round(rss_mb(pid), 1) for what, pid in broker.extra_pids.items()},
+    }
+
+
+def _pauses(broker: Broker, since: int, prefix: str) -> dict[str, object]:
+    """The collector's own pauses that ``imcli serve`` logged (imcli/broker/gcpause.py), if it logs them."""
+    if broker.log_path is None:
+        return {}
+    pauses = broker.collector_pauses(since)
+    longest = max(pauses, default=(0.0, -1, 0.0))
+    return {
+        f"{prefix}gc_pauses_over_{GC_LOG_MS}ms": len(pauses),
+        f"{prefix}gc_pauses_over_50ms": sum(1 for ms, _, _ in pauses if ms >= 50),
+        f"{prefix}gc_longest_ms": longest[0],
+        f"{prefix}gc_longest_generation": longest[1],
+        f"{prefix}gc_longest_cpu_ms": longest[2],  # the rest of its wall time: waiting for a core
+        f"{prefix}gc_most_cpu_ms": max((cpu for _, _, cpu in pauses), default=0.0),
+        f"{prefix}gc_full_collections_logged": sum(1 for _, gen, _ in pauses if gen == 2),
+    }
+
+
+def capacity(
+    broker: Broker, users: int, processes: int, hold: float = 0.0, on_hold: Callable[[], None] | None = None
+) -> dict[str, object]:
+    """``users`` sign in (status, Last Will, their own filter); presence must see them all and
+    ``who`` list them; memory is read; then everyone leaves and comes back. ``hold``: before
+    leaving, everyone stays signed in that many seconds, sending a PINGREQ every ``KEEPALIVE``
+    seconds as imcli's clients do, while memory is sampled (``on_hold`` is called as it starts:
+    the stall probe's phase)."""
+    result: dict[str, object] = {"users": users, "rss_mb_idle": round(broker.rss_mb(), 1)}
+    log_start = broker.log_size()
+
+    async def observe(port: int) -> tuple[Watcher, float]:
         watcher = Watcher()
-        await watcher.start(broker.port)
+        await watcher.start(port)
         started = time.perf_counter()
         await watcher.until(lambda: len(watcher.online) >= users, 600, f"{users} users online in presence")
-        result["presence_settled_s"] = round(time.perf_counter() - started, 2)
+        return watcher, time.perf_counter() - started
+
+    async def who(watcher: Watcher, prefix: str = "") -> None:
         timings = [await watcher.who() for _ in range(5)]
-        result["who_ms_median"] = round(statistics.median(t[0] for t in timings) * 1000, 1)
-        result["who_ms_max"] = round(max(t[0] for t in timings) * 1000, 1)
-        result["who_users"] = timings[0][1]
-        result["who_reply_kb"] = round(timings[0][2] / 1024)
+        result[f"{prefix}who_ms_median"] = round(statistics.median(t[0] for t in timings) * 1000, 1)
+        result[f"{prefix}who_ms_max"] = round(max(t[0] for t in timings) * 1000, 1)
+        result[f"{prefix}who_users"] = timings[0][1]
+        result[f"{prefix}who_reply_kb"] = round(timings[0][2] / 1024)
+
+    async def settle_and_hold() -> None:
+        watcher, settled = await observe(broker.port)
+        result["presence_settled_s"] = round(settled, 2)
+        await who(watcher)
+        if hold <= 0:
+            await watcher.client.disconnect()
+            return
+        result["rss_mb_loaded"] = round(broker.rss_mb(), 1)
+        if on_hold is not None:
+            on_hold()
+        hold_log = broker.log_size()
+        samples: list[dict[str, float]] = []
+        started = time.perf_counter()
+        while (left := hold - (time.perf_counter() - started)) > 0:
+            samples.append(_memory(broker))
+            await asyncio.sleep(min(RSS_SAMPLE_EVERY, left))
+            watcher.client.send_ping()
+        samples.append(_memory(broker))
+        result["hold_s"] = round(time.perf_counter() - started)
+        result["hold_online_at_end"] = len(watcher.online)
+        await who(watcher, "hold_end_")
+        for what in samples[0]:
+            series = [sample[what] for sample in samples]
+            result[f"hold_rss_mb_{what}_start_max_end"] = [series[0], max(series), series[-1]]
+        result.update(_pauses(broker, hold_log, "hold_"))
         await watcher.client.disconnect()
 
-    with Crowds.join(broker, users, processes, status=broker.has_presence) as (_, joined):
+    extra = ("--keepalive", str(KEEPALIVE), "--pings") if hold > 0 else ()
+    with Crowds.join(broker, users, processes, status=broker.has_presence, extra=extra) as (_, joined):
         result["joined"] = joined["ok"]
         result["refused"] = joined["refused"]
         result["join_seconds"] = round(joined["seconds"], 2)
         result["connects_per_s"] = round(joined["ok"] / joined["seconds"])
+        if joined["sub_retried"] or joined["sub_refused"]:
+            result["subscribes_retried"], result["subscribes_refused"] = joined["sub_retried"], joined["sub_refused"]
         if broker.has_presence:
-            asyncio.run(observe())
-        result["rss_mb_loaded"] = round(broker.rss_mb(), 1)
-        for what, pid in broker.extra_pids.items():
-            result[f"rss_mb_{what.replace(' ', '_')}"] = round(rss_mb(pid), 1)
+            asyncio.run(settle_and_hold())
+        elif hold > 0:  # no presence to watch (stock amqtt): hold all the same
+            if on_hold is not None:
+                on_hold()
+            time.sleep(hold)
+        result["rss_mb_loaded" if hold <= 0 else "rss_mb_held"] = round(broker.rss_mb(), 1)
+        for what, mb in _memory(broker).items():
+            if what != "broker":
+                result[f"rss_mb_{what}"] = mb
+        result["rss_mb_total"] = round(sum(_memory(broker).values()), 1)
+    result.update(_pauses(broker, log_start, ""))
     # everyone leaves and comes back: logins the broker has verified before (a network blip)
     with Crowds.join(broker, users, processes, status=broker.has_presence) as (_, rejoined):
         result["rejoined"] = rejoined["ok"]

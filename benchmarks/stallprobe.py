@@ -1,6 +1,7 @@
 """How long a broker keeps a connected client waiting: a PINGREQ every 10 ms, timed to its PINGRESP.
 
     python -m benchmarks.stallprobe --port P      # "ready" once connected; at the end of stdin, one JSON line
+                                                  # ("phase NAME" on stdin: figures for what follows too)
 
 A broker answers PINGREQ at once, so a slow answer is the broker (its event loop, a garbage
 collection, the machine) not attending: the longest round trip over a run bounds from above
@@ -26,6 +27,15 @@ from benchmarks.mqttload import LoadClient
 PERIOD = 0.01
 
 
+def _figures(rtts: list[float], prefix: str = "") -> dict[str, object]:
+    ordered = sorted(rtts)
+    return {
+        f"{prefix}stall_longest_ms": round(ordered[-1] * 1000, 1),
+        f"{prefix}stall_p99_ms": round(ordered[max(int(len(ordered) * 0.99) - 1, 0)] * 1000, 1),
+        f"{prefix}stalls_over_50ms": sum(1 for r in ordered if r > 0.05),
+    }
+
+
 async def probe(port: int, password: str) -> dict[str, object]:
     client = LoadClient()
     rc = await client.connect("127.0.0.1", port, "probe", password, "probe:stall")
@@ -35,43 +45,77 @@ async def probe(port: int, password: str) -> dict[str, object]:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    ended = asyncio.ensure_future(reader.read())
+    line = asyncio.ensure_future(reader.readline())
     rtts: list[float] = []
-    longest_at = 0.0
+    phases: dict[str, list[float]] = {}  # a line "phase NAME" on stdin: later round trips count for NAME too
+    phase: list[float] | None = None
+    longest = longest_at = longest_wall = 0.0
     started = time.time()
-    while not ended.done():
+    next_ping = time.perf_counter()
+    while True:
+        if line.done():
+            words = line.result().decode().split()
+            if not words:  # end of stdin
+                break
+            if words[0] == "phase" and len(words) == 2:
+                phase = phases.setdefault(words[1], [])
+            line = asyncio.ensure_future(reader.readline())
+            continue
         sent = time.perf_counter()
         pong = asyncio.ensure_future(client.ping())
-        await asyncio.wait({pong, ended}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({pong, line}, return_when=asyncio.FIRST_COMPLETED)
         if not pong.done():
-            pong.cancel()
-            break
+            # a command came first: the round trip goes on (a PINGREQ is answered in order)
+            await asyncio.wait({pong}, timeout=600)
+            if not pong.done():
+                pong.cancel()
+                break
         rtt = time.perf_counter() - sent
-        if not rtts or rtt > max(rtts):
-            longest_at = time.time() - started
+        if rtt > longest:
+            longest, longest_at, longest_wall = rtt, time.time() - started, time.time()
         rtts.append(rtt)
-        await asyncio.sleep(max(0.0, PERIOD - rtt))
+        if phase is not None:
+            phase.append(rtt)
+        next_ping = max(next_ping + PERIOD, time.perf_counter())
+        await asyncio.sleep(max(0.0, next_ping - time.perf_counter()))
+    line.cancel()
     await client.disconnect()
-    rtts.sort()
     if not rtts:
         return {"samples": 0}
-    return {
+    figures: dict[str, object] = {
         "samples": len(rtts),
-        "stall_longest_ms": round(rtts[-1] * 1000, 1),
+        **_figures(rtts),
         "stall_longest_at_s": round(longest_at, 1),
-        "stall_p99_ms": round(rtts[int(len(rtts) * 0.99) - 1] * 1000, 1),
-        "stalls_over_50ms": sum(1 for r in rtts if r > 0.05),
+        "stall_longest_utc": time.strftime("%H:%M:%S", time.gmtime(longest_wall)),
     }
+    for name, times in phases.items():
+        if times:
+            figures.update({f"{name}_samples": len(times), **_figures(times, f"{name}_")})
+    return figures
+
+
+class Probe(dict[str, object]):
+    """The probe's figures (filled in when the block ends); ``phase(name)`` starts a named phase:
+    its round trips are reported again as ``<name>_stall_longest_ms`` and so on."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        super().__init__()
+        self.proc = proc
+
+    def phase(self, name: str) -> None:
+        if self.proc.stdin is not None and self.proc.poll() is None:
+            self.proc.stdin.write(f"phase {name}\n")
+            self.proc.stdin.flush()
 
 
 @contextlib.contextmanager
-def stalls(broker: Broker) -> Iterator[dict[str, object]]:
+def stalls(broker: Broker) -> Iterator[Probe]:
     """Probe ``broker`` while the block runs; the probe's figures are added to the yielded dict."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.stallprobe", "--port", str(broker.port)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
     )  # fmt: skip
-    figures: dict[str, object] = {}
+    figures = Probe(proc)
     assert proc.stdout is not None
     first = proc.stdout.readline()  # "ready": connected (a first login may wait for its password check)
     if first.strip() != "ready" and first:
@@ -80,7 +124,8 @@ def stalls(broker: Broker) -> Iterator[dict[str, object]]:
         yield figures
     finally:
         assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.close()
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
         try:
             line = proc.stdout.readline()
             proc.wait(30)

@@ -39,7 +39,7 @@ from imcli.broker.client_loop import Bell, run_client_loop
 from imcli.broker.connection_gate import ConnectionGate
 from imcli.broker.device_service import DeviceService
 from imcli.broker.devices import DeviceStore
-from imcli.broker.fanout import FanOut, SessionFilters
+from imcli.broker.fanout import FanOut, InFlight, SessionFilters
 from imcli.broker.gcpause import release_transport
 from imcli.broker.journal import ArchiveWriter, Journal
 from imcli.broker.listeners import Connections, peer_host, serve, stop_listening
@@ -98,9 +98,9 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
     *_names(_B, "Broker", "called", "_matches _get_handler"),  # handed to fanout.FanOut
     *_names(_B, "Broker", "read", "_servers _sessions _retained_messages"),
     *_names(_B, "Broker", "replaced", "_subscriptions"),  # by sessions.SubscriptionTable
-    # AckAfterJournal, LightSession, use_light_sessions and puback_waiters, below
+    # AckAfterJournal, LightSession and use_light_sessions, below
     *_names(_H, "BrokerProtocolHandler", "overridden", "_handle_qos1_message_flow _handle_qos2_message_flow"),
-    *_names(_H, "BrokerProtocolHandler", "read", "_puback_waiters"),  # by fanout.Deliveries, via puback_waiters()
+    *_names(_H, "BrokerProtocolHandler", "read", "_puback_waiters"),  # by reader.PacketReader (amqtt's own QoS 1 flows)
     *_names(_H, "BrokerProtocolHandler", "overridden", "_reader_loop"),  # by reader.PacketReader, TCP and TLS
     *_names(_H, "BrokerProtocolHandler", "read", "_reader_ready _reader_stopped"),  # by reader.PacketReader
     *_names(_H, "", "replaced", "Session"),  # the name init_from_connect builds a session with
@@ -124,12 +124,18 @@ class AckAfterJournal(BrokerProtocolHandler):
     activity: Bell | None = None  # set when a packet handled left work for the message loop
     answered = 0  # SUBSCRIBEs and UNSUBSCRIBEs the message loop has answered (SUBACK, UNSUBACK)
     loop_ended = False  # the message loop has returned (it answers no more)
+    answers: bytearray | None = None  # PUBACKs for the packets of one read, while its reader handles them
 
     def __init__(self, plugins_manager: Any, session: Session | None = None, loop: Any = None) -> None:
         super().__init__(plugins_manager, session, loop)
         # amqtt's asyncio.Queue objects: 3 KB each, empty (imcli/broker/sessions.py)
         self._pending_subscriptions: LeanQueue[Any] = LeanQueue()
         self._pending_unsubscriptions: LeanQueue[Any] = LeanQueue()
+        self.in_flight = InFlight()  # the fan-out's QoS 1 copies awaiting their PUBACK (fanout.py)
+
+    async def stop(self) -> None:
+        self.in_flight.forget_all()
+        await super().stop()
 
     async def handle_publish(self, publish_packet: Any) -> None:
         try:
@@ -174,6 +180,12 @@ class AckAfterJournal(BrokerProtocolHandler):
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
         if app_message.direction == INCOMING and self.before_ack is not None and self.session is not None:
             self.before_ack(self.session, app_message)
+        if app_message.direction == INCOMING and self.answers is not None and self.session is not None:
+            # amqtt's flow (queued for the message loop, then the PUBACK), the PUBACK written
+            # with the others of the same read (imcli/broker/reader.py)
+            await self.session.delivered_message_queue.put(app_message)
+            self.answers += b"\x40\x02" + app_message.packet_id.to_bytes(2, "big")
+            return
         await super()._handle_qos1_message_flow(app_message)
 
     async def _handle_qos2_message_flow(self, app_message: Any) -> None:
@@ -215,12 +227,6 @@ def use_light_sessions() -> None:
     broker_handler.Session = LightSession
 
 
-def puback_waiters(handler: BrokerProtocolHandler) -> dict[int, Any]:
-    """The futures amqtt's PUBACK handler resolves, by packet id (imcli/broker/fanout.py registers its own)."""
-    waiters: dict[int, Any] = handler._puback_waiters
-    return waiters
-
-
 class ImBroker(Broker):
     """amqtt ``Broker`` that authenticates before touching sessions and enforces limits."""
 
@@ -253,7 +259,7 @@ class ImBroker(Broker):
         self.filters = SessionFilters()
         self.output = OutputBound(lim.output_drop, lim.output_close, lim.output_stuck)
         amqtts = (self._subscriptions, self._matches, self._get_handler, self._retain_broadcast_message)
-        self.fan_out = FanOut(*amqtts, self.access.receive_check, puback_waiters, self.output)
+        self.fan_out = FanOut(*amqtts, self.access.receive_check, self.output)
         self._journal = Journal(open_archive(settings.data_dir), self.topics, self.access.may_publish)
         self.pending = PendingConnections(lim.pending_per_address, lim.max_pending)
         self.connections = Connections(self.pending, self.output)
@@ -495,7 +501,7 @@ class ImBroker(Broker):
     ) -> None:
         """A publish the checks let through: journalled (chat), broadcast, retained if flagged;
         a device request is answered by the broker itself (imcli/broker/device_service.py)."""
-        if await self.device_service.intercept(session, message.topic or "", bytes(message.data or b"")):
+        if await self.device_service.intercept(session, message.topic or "", message.data or b""):  # no copy: chunks
             return
         if journal:
             self._journal.record(session.username, message)

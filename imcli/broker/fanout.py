@@ -49,7 +49,7 @@ from amqtt.adapters import StreamWriterAdapter
 from amqtt.errors import AMQTTError
 from amqtt.session import OutgoingApplicationMessage, Session
 
-from imcli.broker.output import OutputBound, Verdict
+from imcli.broker.output import Outlet, OutputBound, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -160,17 +160,53 @@ class EncodedPublish:
         self.qos1_head = b"\x32" + _remaining_length(len(variable) + 2 + len(data)) + variable
 
 
+class InFlight:
+    """One connection's QoS 1 copies written by ``Deliveries`` and not yet acknowledged, by packet
+    id (``AckAfterJournal.in_flight``): amqtt gave each a future, its callback and a loop round
+    when its PUBACK resolved it. The reader of a stream connection settles them (only stream
+    connections get ``Deliveries``' copies), and the handler forgets them when it stops."""
+
+    __slots__ = ("_copies",)
+
+    def __init__(self) -> None:
+        self._copies: dict[int, tuple[Session, OutgoingApplicationMessage, int, Outlet | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+    def add(
+        self, session: Session, packet_id: int, outgoing: OutgoingApplicationMessage, size: int, outlet: Outlet | None
+    ) -> None:
+        session.inflight_out[packet_id] = outgoing
+        self._copies[packet_id] = (session, outgoing, size, outlet)
+
+    def acknowledge(self, packet_id: int) -> bool:
+        """The client's PUBACK for ``packet_id``; whether it was one of these copies."""
+        copy = self._copies.pop(packet_id, None)
+        if copy is None:
+            return False
+        self._settle(*copy)
+        return True
+
+    def forget_all(self) -> None:
+        """The connection ended: as amqtt's flow on cancel, the copies leave the session's in-flight table."""
+        copies, self._copies = self._copies, {}
+        for copy in copies.values():
+            self._settle(*copy)
+
+    @staticmethod
+    def _settle(session: Session, outgoing: OutgoingApplicationMessage, size: int, outlet: Outlet | None) -> None:
+        if session.inflight_out.get(outgoing.packet_id) is outgoing:
+            del session.inflight_out[outgoing.packet_id]
+        if outlet is not None:
+            outlet.release(size)
+
+
 class Deliveries:
     """The copies of a batch of messages, by connection; ``flush`` writes each connection's once."""
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        puback_waiters: Callable[[Any], dict[int, Any]],
-        output: OutputBound | None = None,
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, output: OutputBound | None = None) -> None:
         self._loop = loop
-        self._puback_waiters = puback_waiters
         self._output = output
         self._chunks: dict[Any, list[bytes]] = {}
         self._sizes: dict[Any, int] = {}  # bytes in each connection's chunks
@@ -204,25 +240,13 @@ class Deliveries:
         self._sizes[handler] = self._sizes.get(handler, 0) + len(message.qos1_head) + 2 + len(message.data)
 
     def _await_puback(self, handler: Any, session: Session, packet_id: int, message: EncodedPublish) -> None:
-        # what amqtt's _handle_qos1_message_flow records, so that its PUBACK handler, its
-        # redelivery on reconnect and its cleanup on disconnect all work unchanged
+        # what amqtt's _handle_qos1_message_flow records (its redelivery on reconnect and its
+        # packet ids look there), and the copy in the connection's own table, which its reader
+        # (imcli/broker/reader.py) settles when the PUBACK comes: no future and no callback per copy
         outgoing = OutgoingApplicationMessage(packet_id, message.topic, 1, message.data, False)
-        session.inflight_out[packet_id] = outgoing
-        waiter: asyncio.Future[Any] = self._loop.create_future()
-        waiters = self._puback_waiters(handler)  # the PUBACK handler resolves these
-        waiters[packet_id] = waiter
         size = len(message.qos1_head) + 2 + len(message.data)
         outlet = self._output.hold(handler.writer, size) if self._output is not None else None  # until its PUBACK
-
-        def acknowledged(done: asyncio.Future[Any]) -> None:  # one callback per copy: it is the hot path
-            if waiters.get(packet_id) is done:
-                del waiters[packet_id]
-            if session.inflight_out.get(packet_id) is outgoing:
-                del session.inflight_out[packet_id]
-            if outlet is not None:
-                outlet.release(size)
-
-        waiter.add_done_callback(acknowledged)
+        handler.in_flight.add(session, packet_id, outgoing, size, outlet)
 
     def flush(self) -> None:
         self._flush_scheduled = False
@@ -272,7 +296,6 @@ class FanOut:
         get_handler: Callable[[Session], Any],
         queue_offline: Callable[[dict[str, Any], int, Session], Awaitable[None]],
         receive_check: Callable[[str], Callable[[str | None], bool]],
-        puback_waiters: Callable[[Any], dict[int, Any]],
         output: OutputBound | None = None,
     ) -> None:
         self.filters = FilterIndex()
@@ -282,7 +305,6 @@ class FanOut:
         self._get_handler = get_handler
         self._queue_offline = queue_offline
         self._receive_check = receive_check
-        self._puback_waiters = puback_waiters
         self._deliveries: Deliveries | None = None  # created in the running loop
         self._tasks: set[asyncio.Future[Any]] = set()  # copies in amqtt's own publish tasks
 
@@ -295,7 +317,7 @@ class FanOut:
         loop any more (its wakeups, under load, once stalled a QoS 1 fan-out for good:
         docs/PERFORMANCE.md). Nothing in ``send`` suspends: the offline queue is unbounded."""
         if self._deliveries is None:
-            self._deliveries = Deliveries(asyncio.get_running_loop(), self._puback_waiters, self.output)
+            self._deliveries = Deliveries(asyncio.get_running_loop(), self.output)
         await self.send(broadcast, self._deliveries, self._tasks)
         self._deliveries.flush_soon()
 

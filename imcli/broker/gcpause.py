@@ -17,10 +17,12 @@ collection over 5 ms):
 - it collects, then freezes (``gc.freeze()``) what start-up allocated, and after every
   later full collection it freezes again what survived it: a full collection then walks
   only what was allocated since the one before, not every session again;
-- full collections keep CPython's default pace (one per 10 generation 1 collections): since
-  each walks only what was allocated since the one before, frequent ones are short ones (issue
-  21: waiting for 100, as issue 7 did, let a join storm pile up hundreds of thousands of objects
-  for one collection to walk; the stall probe of ``python -m benchmarks`` saw it);
+- full collections come after every 2 generation 1 collections (CPython's default is 10):
+  since each walks only what was allocated since the one before, frequent ones are short ones
+  (issue 21: waiting for 100, as issue 7 did, let a join storm pile up hundreds of thousands of
+  objects for one collection to walk; at CPython's 10, each full collection of a join storm
+  walked about 67,000 objects, 45 to 58 ms of CPU on this machine, over the 50 ms bound; at 2
+  about a fifth of that, 19 ms of CPU at most, in ``python -m benchmarks.memory --users 3000``);
 - frozen objects are still freed by reference counting as usual; only a *cycle* among
   them would stay until the next compaction. The one cycle every connection made (asyncio's
   socket transport holds a bound method of itself, ``release_transport``) is broken when the
@@ -33,19 +35,70 @@ collection over 5 ms):
 Young collections are untouched: they stay short (a few ms) and free most cyclic garbage.
 Sessions and their queues are freed by reference counting (``SessionState`` holds its
 session weakly), so freezing them does not keep them alive.
+
+Every collection that stops the broker for ``PAUSE_LOG_MS`` or more (50 ms, issue 21's bound on
+a stall; the environment variable ``IMCLI_GC_LOG_MS`` changes it, ``python -m benchmarks`` sets
+5) is logged as a warning with its generation, its duration and the CPU time it used (on a busy
+machine the difference is time spent waiting for a core): the collector's own pauses, timed
+inside the broker (``gc.callbacks``), beside the stall probe's round trips from outside.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
+import os
 import threading
 import time
 from typing import Any
 
-FULL_COLLECTION_EVERY = 10  # generation 1 collections (CPython's default)
+FULL_COLLECTION_EVERY = 2  # generation 1 collections (CPython's default: 10)
 COMPACT_EVERY = 86_400.0  # seconds between collections of everything, frozen objects included
+PAUSE_LOG_MS = 50.0  # a collection this long or longer is logged (IMCLI_GC_LOG_MS overrides)
 
+log = logging.getLogger(__name__)
 _started = False
+
+
+def _pause_log_ms() -> float:
+    try:
+        return float(os.environ.get("IMCLI_GC_LOG_MS", PAUSE_LOG_MS))
+    except ValueError:
+        return PAUSE_LOG_MS
+
+
+class _PauseTimer:
+    """A ``gc.callbacks`` entry: times each collection and notes those at or over ``threshold_ms``;
+    a thread logs the notes (a callback runs in the middle of whatever allocated: no logging there)."""
+
+    def __init__(self, threshold_ms: float) -> None:
+        self.threshold = threshold_ms / 1000
+        self.started = self.cpu = 0.0
+        # (seconds, CPU seconds, generation, collected, frozen)
+        self.long: list[tuple[float, float, int, int, int]] = []
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self.started, self.cpu = time.perf_counter(), time.thread_time()
+            return
+        took = time.perf_counter() - self.started
+        if took >= self.threshold:
+            cpu = time.thread_time() - self.cpu
+            self.long.append((took, cpu, info["generation"], info["collected"], gc.get_freeze_count()))
+
+    def report(self) -> None:
+        while True:  # a daemon thread: ends with the process
+            time.sleep(1.0)
+            self.flush()
+
+    def flush(self) -> None:
+        """Log the notes taken since the last flush."""
+        while self.long:
+            took, cpu, generation, collected, frozen = self.long.pop(0)
+            log.warning(
+                "garbage collection paused the broker %.1f ms (generation %d, CPU %.1f ms, %d collected, %d frozen)",
+                took * 1000, generation, cpu * 1000, collected, frozen,
+            )  # fmt: skip
 
 
 def _freeze_after_full_collection(phase: str, info: dict[str, Any]) -> None:
@@ -78,6 +131,9 @@ def calm_collector() -> None:
     _started = True
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
+    timer = _PauseTimer(_pause_log_ms())
+    gc.callbacks.append(timer)  # first: its "stop" comes before the freeze
     gc.callbacks.append(_freeze_after_full_collection)
     gc.collect()
     threading.Thread(target=_compact, name="gc-compact", daemon=True).start()
+    threading.Thread(target=timer.report, name="gc-pauses", daemon=True).start()

@@ -141,6 +141,8 @@ class PacketReader:
                 await self._handle_buffer()
         except asyncio.CancelledError:
             log.debug("reader of %s cancelled", self._client_id)
+        except ConnectionError as exc:  # reset by the peer: an end like any other
+            log.debug("%s: connection lost: %r", self._client_id, exc)
         except Exception as exc:  # amqtt's loop ends the connection on anything it does not know
             log.warning("%s: reader ended: %r", self._client_id, exc)
         finally:
@@ -168,6 +170,7 @@ class PacketReader:
         buffer, guard = self._buffer, self._guard
         pos, size = 0, len(buffer)
         self._held = False
+        self._handler.answers = bytearray()  # PUBACKs of this read's PUBLISHes, written once at its end
         try:
             while pos < size:
                 first = buffer[pos]
@@ -199,12 +202,28 @@ class PacketReader:
                     self._held = pos < size  # the rest waits until it may be read (output.ReadGate's rule)
                     return
         finally:
+            self._answer()
+            self._handler.answers = None
             del buffer[:pos]
             self._unfinished(bool(buffer) and not self._held)
+
+    def _answer(self) -> None:
+        """Write the PUBACKs gathered so far (before any other answer, which must not overtake them)."""
+        answers = self._handler.answers
+        if answers:
+            writer = self._handler.writer
+            try:
+                if writer is not None:
+                    writer.write(bytes(answers))
+            except (ConnectionError, RuntimeError) as exc:  # closing: the read ends the connection
+                log.debug("%s: answers to a closing connection dropped: %s", self._client_id, exc)
+            answers.clear()
 
     def _puback(self, packet_id: int) -> None:
         if not packet_id:
             raise MalformedPacket("packet id 0 (MQTT-2.3.1-1)")
+        if self._handler.in_flight.acknowledge(packet_id):  # a copy of the fan-out's (fanout.InFlight)
+            return
         waiter = self._handler._puback_waiters.get(packet_id)  # amqtt private (AMQTT_PRIVATE)
         if waiter is not None and not waiter.done():
             # amqtt keeps the PUBACK packet only to say the copy is acknowledged (its flow then
@@ -220,6 +239,8 @@ class PacketReader:
             raise MalformedPacket(f"packet type {kind} after the CONNECT")
         header = MQTTFixedHeader(kind, first & 0x0F, len(body))
         handler = self._handler
+        if kind != PUBLISH or first & 0x06 == 0x04:  # its answer, if any, is written by another path
+            self._answer()
         if kind in (SUBSCRIBE, UNSUBSCRIBE):  # after the messages read before it (see below)
             await self._until(handler.session.delivered_message_queue.empty)
         try:

@@ -1,0 +1,149 @@
+"""Where the embedded broker's memory per signed-in user goes (issue 21: 10,000 users <= 400 MB).
+
+    python -m benchmarks.memory [--users 2000] [--processes 2] [--tracemalloc] [--top 25]
+
+Runs the broker as ``imcli serve`` does (``serve_forever`` in this process, the workers in their
+child process, the collector tuned by imcli/broker/gcpause.py), signs ``--users`` idle users in
+from crowd processes (benchmarks/crowd.py: status, Last Will, their own filter, as ``imcli
+listen``), then prints what each user added: the broker's RSS, the objects the collector tracks
+by type (``gc.get_objects()``, frozen ones included), and with ``--tracemalloc`` the source lines
+that allocated the bytes (tracemalloc slows the broker and costs memory of its own: its RSS
+figure is then not the broker's). The workers' process RSS is printed too; with
+``--workers-in-threads`` the workers run in this process instead, and the figures are theirs and
+the broker's together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import gc
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+from benchmarks.brokers import PASSWORD, _children, rss_mb, user_names
+from benchmarks.scenarios import Crowds
+from imcli.broker.limits import Limits
+
+
+class _Here:
+    """What ``Crowds.join`` needs of a broker: its port and passwords (none: one password for all)."""
+
+    name = "embedded"
+    passwords_file = None
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+
+def _objects_by_type() -> collections.Counter[str]:
+    """Every object the collector tracks, frozen or not, by type (no collection: imcli's callback
+    would freeze everything again)."""
+    gc.unfreeze()  # gc.get_objects() leaves frozen objects out
+    counts = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+    gc.freeze()
+    return counts
+
+
+def _write_accounts(data: Path, users: int) -> None:
+    from argon2 import PasswordHasher
+
+    from imcli.broker.accounts import AccountStore
+
+    store = AccountStore(data, PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+    digest = store._hasher.hash(PASSWORD)
+    doc = {
+        "version": 1,
+        "accounts": {n: {"role": "user", "created": time.time(), "hash": digest} for n in user_names(users)},
+    }
+    (data / AccountStore.FILE_NAME).write_text(json.dumps(doc))
+    os.chmod(data / AccountStore.FILE_NAME, 0o600)
+
+
+def measure(users: int, processes: int, trace: bool, top: int, *, threads: bool = False) -> dict[str, object]:
+    from imcli.broker.settings import BrokerSettings
+    from imcli.serve.host import ServeInfo, serve_forever
+
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("amqtt").setLevel(logging.CRITICAL)
+    result: dict[str, object] = {"users": users}
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        data = Path(tmp) / "data"
+        data.mkdir()
+        _write_accounts(data, users)
+        # as the benchmark's broker (benchmarks/brokers.py): no publish limit, a login queue for every crowd
+        limits = Limits(publish_rate=1e6, publish_burst=1_000_000, password_queue=4096)
+        settings = BrokerSettings(data_dir=data, port=0, limits=limits)
+        ready = threading.Event()
+        port: list[int] = []
+        stop: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+        def on_ready(info: ServeInfo) -> None:
+            port.append(info.address.port)
+            ready.set()
+
+        def probe() -> None:
+            ready.wait(120)
+            me = os.getpid()
+            before = _objects_by_type()
+            rss_before = rss_mb(me)
+            if trace:
+                tracemalloc.start(1)
+                snap_before = tracemalloc.take_snapshot()
+            with Crowds.join(_Here(port[0]), users, processes) as (_, joined):  # type: ignore[arg-type]
+                time.sleep(10)  # the presence worker's records, the retained statuses
+                result["joined"] = joined["ok"]
+                result["rss_mb_before"] = round(rss_before, 1)
+                result["rss_mb_after"] = round(rss_mb(me), 1)
+                result["kb_per_user"] = round((rss_mb(me) - rss_before) * 1024 / users, 1)
+                result["workers_rss_mb"] = [round(rss_mb(c), 1) for c in _children(me)]
+                if trace:
+                    snap_after = tracemalloc.take_snapshot()
+                    stats = snap_after.compare_to(snap_before, "lineno")
+                    result["traced_kb_per_user"] = round(sum(s.size_diff for s in stats) / 1024 / users, 2)
+                    result["top_lines_bytes_per_user"] = [
+                        (str(s.traceback[0]), round(s.size_diff / users)) for s in stats[:top]
+                    ]
+                    tracemalloc.stop()
+                after = _objects_by_type()
+                grown = {k: v - before.get(k, 0) for k, v in after.items()}
+                result["objects_per_user"] = round(sum(grown.values()) / users, 1)
+                result["top_types_per_user"] = [
+                    (k, round(v / users, 2)) for k, v in sorted(grown.items(), key=lambda kv: -kv[1])[:top]
+                ]
+            loop, event = stop[0]
+            loop.call_soon_threadsafe(event.set)
+
+        async def main() -> None:
+            event = asyncio.Event()
+            stop.append((asyncio.get_running_loop(), event))
+            threading.Thread(target=probe, daemon=True).start()
+            await serve_forever(settings, on_ready, event, workers_in_child=not threads)
+
+        asyncio.run(main())
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--tracemalloc", action="store_true")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--workers-in-threads", action="store_true", help="the workers in this process too (in the figures)"
+    )
+    args = parser.parse_args()
+    figures = measure(args.users, args.processes, args.tracemalloc, args.top, threads=args.workers_in_threads)
+    print(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
