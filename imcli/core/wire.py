@@ -38,10 +38,12 @@ from imcli.core.topics import (
     check_name,  # noqa: F401
     client_id_account,  # noqa: F401
     device_client_id,  # noqa: F401
+    device_of_status,  # noqa: F401
     is_device,  # noqa: F401
     is_id,  # noqa: F401
     is_name,  # noqa: F401
     new_id,
+    status_level,  # noqa: F401
 )
 
 # --------------------------------------------------------------------------- payloads
