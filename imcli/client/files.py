@@ -29,6 +29,8 @@ from imcli.core.wire import (
     ChatMessage,
     ErrorReply,
     FileAck,
+    FileDelete,
+    FileDeleted,
     FileGet,
     FileInfo,
     FileListing,
@@ -318,6 +320,13 @@ class FileConnection(Connection):
                             progress(have, info.size)
             out.flush()
             os.fsync(out.fileno())
+
+    def delete(self, file_id: str) -> FileDeleted:
+        """Delete a file I sent (``NotFound`` for any other id)."""
+        reply = self.ask(FileDelete(file=file_id))
+        if isinstance(reply, ErrorReply):
+            raise _refused(reply)
+        return expect(reply, FileDeleted)
 
     # ---------------------------------------------------------------- listing
 

@@ -43,6 +43,8 @@ from imcli.core.wire import (
     RESERVED_NAMES,
     ErrorReply,
     FileAck,
+    FileDelete,
+    FileDeleted,
     FileGet,
     FileInfo,
     FileListing,
@@ -224,6 +226,8 @@ class FilesWorker(ServiceWorker):
             return self._get(sender, request)
         if isinstance(request, FileListRequest):
             return self._list(sender, request)
+        if isinstance(request, FileDelete):
+            return self._delete(sender, request)
         return None
 
     # ---------------------------------------------------------------- uploads
@@ -456,6 +460,20 @@ class FilesWorker(ServiceWorker):
             stream.sent += len(data)
         if stream.acked >= size:
             self._streams.pop((sender, key)).source.close()
+
+    def _delete(self, sender: str, r: FileDelete) -> WireModel:
+        """Only the file's sender deletes it; an id of anyone else's answers as an unknown one. Downloads
+        already going on finish (they hold the blob open)."""
+        stored = self.store.file(r.file) if FILE_ID.fullmatch(r.file) else None
+        if stored is None or stored.sender != sender:
+            return ErrorReply(id=r.id, code="not_found", text=f"no file {r.file} of yours")
+        try:
+            content = self.store.delete(stored.id)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("files: cannot delete a file: %s", exc)
+            return ErrorReply(id=r.id, code="internal", text="the files worker cannot delete anything now")
+        log.info("files: %s deleted a file (%s)", sender, "content removed" if content else "content kept")
+        return FileDeleted(id=r.id, file=stored.id, name=stored.name, content=content)
 
     # ---------------------------------------------------------------- listing
 
