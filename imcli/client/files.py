@@ -179,8 +179,13 @@ class FileConnection(Connection):
         size = check_file(path)
         sha = sha256_of(path).hexdigest()
         offer = FileOffer(name=path.name, size=size, sha256=sha, **target)
-        for _ in range(RETRIES + 1):
-            reply = self.ask(offer)
+        for attempt in range(RETRIES + 1):
+            try:
+                reply = self.ask(offer)
+            except RequestTimeout:
+                if not attempt:
+                    raise
+                continue  # asked again after a stall: the worker may be reconnecting (the broker closed it)
             if isinstance(reply, FileReady):
                 if progress:
                     progress(size, size)

@@ -86,6 +86,7 @@ IN_FLIGHT = 600.0  # seconds: an unfinished upload touched this recently counts 
 # millisecond on paho's thread, where the next chunk waits), and IN_FLIGHT and ABANDONED are far longer
 TOUCH_EVERY = 10.0
 ABANDONED = 86400.0  # seconds: an unfinished upload untouched this long is removed
+ACTIVE = 30.0  # seconds: an upload that had a chunk this recently shares the in-flight budget
 STREAM_IDLE = 120.0  # seconds: a download nobody acknowledges this long is closed
 STREAMS_PER_USER = 8
 DISK_MARGIN = 64 << 20  # bytes kept free on the worker's disk
@@ -110,6 +111,10 @@ class FileLimits:
     # the broker's limit on upload topics (the embedded broker's Limits.max_chunk): a chunk and its
     # header fit in it; None: max_payload (a broker with one limit for all, as Mosquitto's message_size_limit)
     max_chunk: int | None = None
+    # bytes of all uploads together that may be on their way to the worker (granted, not yet
+    # received): the embedded broker closes a connection holding more than its output bound
+    # (Limits.output_close, 8 MiB), the worker's too, so imcli serve gives half of it
+    in_flight: int = 4 << 20
 
 
 @dataclass
@@ -120,6 +125,8 @@ class _Upload:
     offset: int
     told: int = 0  # the offset of the last progress message
     touched: float = 0.0  # the worker's clock when the upload's row was last touched
+    every: int = PROGRESS_EVERY  # bytes between two progress messages: at most half its window
+    seen: float = field(default_factory=time.monotonic)  # when it last had a chunk (or an offer)
 
 
 @dataclass
@@ -269,7 +276,17 @@ class FilesWorker(ServiceWorker):
         active.touched = self.clock()
         self.store.touch(row.upload, active.touched)
         active.told = active.offset
-        return FileUpload(id=r.id, upload=row.upload, offset=active.offset, chunk=self.chunk, window=WINDOW)
+        window = self._window()
+        active.every = max(1, min(PROGRESS_EVERY, window // 2))
+        active.seen = time.monotonic()
+        return FileUpload(id=r.id, upload=row.upload, offset=active.offset, chunk=self.chunk, window=window)
+
+    def _window(self) -> int:
+        """An upload's window: ``WINDOW``, or its share of ``FileLimits.in_flight`` among the uploads
+        going on (one chunk at least), so that many at once do not pass the broker's output bound."""
+        recent = time.monotonic() - ACTIVE
+        going = 1 + sum(1 for u in self._uploads.values() if u.seen >= recent)
+        return max(self.chunk, min(WINDOW, self.limits.in_flight // going))
 
     def _admission(self, sender: str, r: FileOffer) -> ErrorReply | None:
         """Why a new upload is refused, in words for the sender, if it is."""
@@ -349,9 +366,10 @@ class FilesWorker(ServiceWorker):
             return
         active.digest.update(data)
         active.offset += len(data)
+        active.seen = time.monotonic()
         if active.offset == active.row.size:
             self._complete(active)
-        elif active.offset - active.told >= PROGRESS_EVERY:
+        elif active.offset - active.told >= active.every:
             self._progress(active)
 
     def _progress(self, active: _Upload) -> None:
