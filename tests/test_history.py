@@ -1,8 +1,9 @@
 """The archive and ``imcli history``: what is kept, who may read it (tried through raw MQTT),
 and that it survives a restart of the broker.
 
-Every test using ``server`` runs on the embedded broker and on Mosquitto with the workers of
-``imcli workers --dynsec`` (the archive among them) beside it (tests/brokers.py)."""
+Every test using ``server`` runs on the embedded broker, on Mosquitto with the workers of
+``imcli workers --dynsec`` (the archive among them) beside it, and on a three-node NATS cluster
+(tests/brokers.py, tests/natsbroker.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from tests.conftest import Cli, Raw, ident, password_of, wait_until
 
 T = Topics()
 
-broker_kind, broker_under_test, server, users = brokers.BOTH  # every test using `server` on both brokers
+broker_kind, broker_under_test, server, users = brokers.ALL  # every test using `server` on the three brokers
 
 
 def texts(reply: HistoryReply) -> list[str]:
@@ -154,9 +155,12 @@ def test_a_group_made_again_under_a_deleted_ones_name_gets_none_of_its_history(
     services.group_request(bob, "leave", "team")
     services.group_request(alice, "leave", "team")  # the last member: the group is gone
     services.group_request(carol, "create", "team", private=True)  # the same name, a new group
-    services.group_say(carol, "team", ChatMessage(text="new team"))
 
     def archive_knows_the_new_group() -> bool:
+        # said again until archived: on NATS carol may post to the new #team only once every node has
+        # reloaded the users file the group worker rewrites (0.3 s later), and an earlier line is
+        # acknowledged and dropped silently (brokers.NATS_NO_NOTICES)
+        services.group_say(carol, "team", ChatMessage(text="new team"))
         try:
             return "new team" in texts(services.history(carol, Conversation.parse("#team")))
         except NotAllowed:  # the archive has not yet seen the new record
@@ -287,6 +291,11 @@ def test_serve_refuses_a_bad_history_days(cli_as: Callable[[str], Cli]) -> None:
     "mosquitto",
     reason="Mosquitto has no per-topic retain rule: it delivers a retained chat line, so the archive keeps it "
     "(the forged lines are refused there too)",
+)
+@pytest.mark.broker_xfail(
+    "nats",
+    reason="NATS 2.9 has no per-topic retain rule either (its permissions cannot tell a retained publish from "
+    "another): it delivers a retained chat line, so the archive keeps it (the forged lines are refused there too)",
 )
 def test_what_the_broker_drops_is_never_archived(talk: ServeInfo, raw: Callable[..., Raw]) -> None:
     """The embedded broker journals before its PUBACK: only what it will deliver may be kept."""
