@@ -85,7 +85,10 @@ def raise_open_files(users: int) -> str | None:
         soft = hard if hard == resource.RLIM_INFINITY else min(hard, needed)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     if soft != resource.RLIM_INFINITY and soft < needed:
-        return f"only {soft} open files allowed (ulimit -n): a broker holding {users} users needs {needed}"
+        return (
+            f"only {soft} open files allowed (ulimit -n; the hard limit, which raising needs CAP_SYS_RESOURCE): "
+            f"a broker process holding {users} users needs about {needed}, and one past the limit refuses them"
+        )
     return None
 
 
@@ -159,9 +162,12 @@ def run(
         def capacity(broker: brokers.Broker) -> dict[str, dict[str, Any]]:
             users = s["capacity"] // STOCK_CAPACITY_SHARE if broker.name == "stock" else s["capacity"]
             with stalls(broker) as probe:
-                figures = scenarios.capacity(
-                    broker, max(users, 10), s["processes"], hold, on_hold=lambda: probe.phase("hold"), rejoin=rejoin
-                )
+                try:
+                    figures = scenarios.capacity(
+                        broker, max(users, 10), s["processes"], hold, on_hold=lambda: probe.phase("hold"), rejoin=rejoin
+                    )
+                except (RuntimeError, TimeoutError, OSError, AssertionError, EOFError) as exc:
+                    figures = {"error": f"{type(exc).__name__}: {exc}"}  # the probe's figures are kept
             return {"capacity": {**figures, **probe}}
 
         each("capacity", capacity)

@@ -359,7 +359,10 @@ def capacity(
         if joined["sub_retried"] or joined["sub_refused"]:
             result["subscribes_retried"], result["subscribes_refused"] = joined["sub_retried"], joined["sub_refused"]
         if broker.has_presence:
-            asyncio.run(settle_and_hold())
+            try:
+                asyncio.run(settle_and_hold())
+            except (TimeoutError, RuntimeError, OSError) as exc:  # keep the figures measured so far
+                result["error"] = f"{type(exc).__name__}: {exc}"
         elif hold > 0:  # no presence to watch (stock amqtt): hold all the same
             if on_hold is not None:
                 on_hold()
@@ -370,7 +373,7 @@ def capacity(
                 result[f"rss_mb_{what}"] = mb
         result["rss_mb_total"] = round(sum(_memory(broker).values()), 1)
     result.update(_pauses(broker, log_start, ""))
-    if not rejoin:
+    if not rejoin or "error" in result:
         return result
     # everyone leaves and comes back: logins the broker has verified before (a network blip)
     with Crowds.join(broker, users, processes, status=broker.has_presence) as (_, rejoined):
