@@ -61,6 +61,10 @@ NO_CLIENT_ID_BINDING = (
     "dynamic-security's clientid is one exact id (deploy/mosquitto/README.md, 'Client ids')"
 )
 NO_NOTICES = "Mosquitto has no notices: a refused publish is acknowledged and dropped silently"
+NATS_NO_NOTICES = (
+    "NATS 2.9 has no notices: a publish its permissions refuse is acknowledged and dropped silently "
+    "(the node logs a Publish Violation; deploy/nats/README.md)"
+)
 SUBSCRIBE_GRANTED = (
     "Mosquitto 2.0's acl_file grants every SUBSCRIBE ('FIXME - implement ACL subscription strings') "
     "and filters each delivery instead"

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from imcli.archive.worker import ArchiveWorker
+from imcli.core.errors import ImcliError
 from imcli.core.mqtt import BrokerAddress, Credentials
-from imcli.core.service import PasswordFileDirectory
+from imcli.core.service import PasswordFileDirectory, ServiceWorker
 from imcli.core.wire import Topics
 from imcli.files.worker import FilesWorker
 from imcli.groups.natsauth import NatsAuth
@@ -100,8 +101,11 @@ class SharedCluster:
         n1, n2, n3 = cluster.nodes
         address = BrokerAddress.of(f"127.0.0.1:{n2.mqtt},127.0.0.1:{n3.mqtt},127.0.0.1:{n1.mqtt}")
         directory = PasswordFileDirectory(cluster.passwd)
-        auth = NatsAuth(T, cluster.passwd, cluster.users, [n.pidfile for n in cluster.nodes])
-        cluster.auth = auth
+
+        def group_worker() -> GroupWorker:
+            auth = NatsAuth(T, cluster.passwd, cluster.users, [n.pidfile for n in cluster.nodes])
+            cluster.auth = auth
+            return GroupWorker(address, creds("groups"), directory, device="test", nats=auth)
 
         def creds(name: str) -> Credentials:
             return Credentials(name, password_of(name))
@@ -109,13 +113,13 @@ class SharedCluster:
         before = [n.reloads for n in cluster.nodes]
         text_before = cluster.users.read_text()
         with contextlib.ExitStack() as stack:
-            stack.enter_context(PresenceWorker(address, creds("presence"), directory, device="test"))
-            stack.enter_context(GroupWorker(address, creds("groups"), directory, device="test", nats=auth))
+            stack.push(started(lambda: PresenceWorker(address, creds("presence"), directory, device="test")))
+            stack.push(started(group_worker))
             if cluster.users.read_text() != text_before:  # the group worker rewrote the rights: in force first
                 wait_reloaded(cluster.nodes, before)
-            stack.enter_context(ArchiveWorker(address, creds("archive"), workdir / "archive", device="test"))
-            stack.enter_context(FilesWorker(address, creds("files"), workdir, device="test"))
-            stack.enter_context(MomentsWorker(address, creds("groups"), workdir))
+            stack.push(started(lambda: ArchiveWorker(address, creds("archive"), workdir / "archive", device="test")))
+            stack.push(started(lambda: FilesWorker(address, creds("files"), workdir, device="test")))
+            stack.push(started(lambda: MomentsWorker(address, creds("groups"), workdir)))
             yield
 
     # ---------------------------------------------------------------- what one test leaves behind
@@ -151,6 +155,22 @@ class SharedCluster:
         node = next(n for n in self.cluster.nodes if n.proc is not None and n.proc.poll() is None)
         for client_id in sorted(ids):
             connect_raw("127.0.0.1", node.mqtt, "presence", client_id, password_of("presence")).close()
+
+
+def started(make: Callable[[], ServiceWorker], tries: int = 3) -> ServiceWorker:
+    """A worker, entered. On a loaded machine JetStream can time out making the consumer of a new
+    QoS 1 subscription (its API waits 4 s; the node logs ``Unable to add JetStream consumer``) and the
+    SUBSCRIBE is refused: ``imcli workers`` would exit and be restarted by systemd; here, try again."""
+    for attempt in range(tries):
+        worker = make()
+        try:
+            worker.__enter__()
+        except ImcliError:
+            if attempt == tries - 1:
+                raise
+        else:
+            return worker
+    raise AssertionError("unreachable")
 
 
 def connections(node: NatsNode) -> list[dict[str, Any]]:

@@ -277,3 +277,32 @@ def test_file_ids_never_read_as_options() -> None:
     ids = [unguessable_id(18) for _ in range(5000)]
     assert not any(i.startswith("-") for i in ids)
     assert len(set(ids)) == len(ids) and all(len(i) == 24 for i in ids)
+
+
+def test_the_sender_deletes_a_file_and_its_content_goes_with_the_last_copy(
+    server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli], tmp_path: Path
+) -> None:
+    alice, bob = logged_in(cli_as, users, "alice", "bob")
+    note = tmp_path / "note.txt"
+    note.write_text("sent twice\n")
+    first = file_id(alice("send", "--room", "lobby", str(note)).output)
+    second = file_id(alice("send", "bob", str(note)).output)
+
+    def blobs() -> list[Path]:
+        return sorted(tmp_path.rglob("files/blobs/*/*"))
+
+    assert len(blobs()) == 1  # one content, kept once
+    gone = alice("rm", first)
+    assert gone.exit_code == 0, gone.output
+    assert gone.output == f"deleted note.txt ({first}) (the same content sent again is kept for that one)\n"
+    listed = bob("files").output
+    assert first not in listed and second in listed
+    assert len(blobs()) == 1
+    refused = bob("get", first, "-o", str(tmp_path / "back.txt"))
+    assert refused.exit_code == 1 and refused.output.startswith(f"Error: no file {first} (or you may not fetch it)")
+    last = alice("rm", second)
+    assert last.exit_code == 0 and last.output == f"deleted note.txt ({second})\n"
+    assert blobs() == []
+    again = alice("rm", second)
+    assert again.exit_code == 1 and again.output.count("\n") == 1
+    assert again.output.startswith(f"Error: no file {second} of yours (see your files with 'imcli files')")

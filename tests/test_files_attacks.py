@@ -14,6 +14,7 @@ from imcli.core.topics import chunk
 from imcli.core.wire import (
     ErrorReply,
     FileAck,
+    FileDelete,
     FileGet,
     FileInfo,
     FileListing,
@@ -200,3 +201,22 @@ def test_file_names_that_are_paths_or_do_not_draw_as_themselves_are_refused(
     for name in GOOD_FILE_NAMES:  # one content: the same unfinished upload, renamed (not 5 uploads in flight)
         offer = FileOffer(name=name, size=3, sha256=hashlib.sha256(b"abc").hexdigest(), room="lobby")
         assert isinstance(ask(mallory, "mallory", offer), FileUpload), name
+
+
+def test_nobody_but_the_sender_deletes_a_file(
+    broker_kind: str, server: ServeInfo, users: Callable[..., None], raw: Callable[..., Raw], tmp_path: Path
+) -> None:
+    users("alice", "bob", "carol")
+    shared = tmp_path / "shared.txt"
+    shared.write_bytes(b"ours" * 1000)
+    info = send(server, "alice", Conversation("dm", "bob"), shared)
+    for name in ("bob", "carol"):  # bob may read it, carol may not: neither may delete it
+        client = attacker(raw, name)
+        client.publish(T.request("alice", new_id()), encode(FileDelete(file=info.id)))  # as alice: the ACL drops it
+        reply = ask(client, name, FileDelete(file=info.id))
+        assert isinstance(reply, ErrorReply) and reply.code == "not_found"
+        assert reply.text == f"no file {info.id} of yours"
+    with FileConnection(ident(server, "bob")) as c:
+        c.download(info.id, tmp_path / "back.txt", force=False)
+        assert [f.id for f in c.listing(None)[0]] == [info.id]
+    assert (tmp_path / "back.txt").read_bytes() == shared.read_bytes()

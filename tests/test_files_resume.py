@@ -238,3 +238,51 @@ def test_kill_9_of_the_sender_then_the_same_command_goes_on(
     out = tmp_path / "copy.bin"
     assert cli_as("bob")("get", fid, "-o", str(out)).exit_code == 0
     assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(big.read_bytes()).digest()
+
+
+@pytest.mark.slow
+def test_many_uploads_at_once_stay_within_the_workers_output_bound_and_lose_nothing(tmp_path: Path) -> None:
+    """Twelve uploads at once (three accounts, four each): at a 1 MiB window each they held more for
+    the files worker than the broker's output bound (here 4 MiB, 8 MiB by default), which closed the
+    worker's connection again and again and failed uploads. Each upload's window is now its share of
+    half the bound (one chunk at least); should the bound still be passed (the first offers, before
+    the worker knows how many follow), the senders offer again. Every file ends stored and intact."""
+    import threading
+
+    from imcli.broker.accounts import AccountStore
+    from imcli.core.wire import FileInfo
+
+    limits = Limits(output_drop=512 << 10, output_close=4 << 20)
+    with BackgroundServer(BrokerSettings(data_dir=tmp_path / "d", port=0, limits=limits)) as info:
+        names = ["alice", "bob", "carol"]
+        for name in names:
+            AccountStore(info.data_dir).add(name, password_of(name))
+        sources = {
+            (name, i): write(tmp_path / f"{name}-{i}.bin", 3 << 20, seed=40 + 4 * k + i)
+            for k, name in enumerate(names)
+            for i in range(4)
+        }
+        stored: dict[tuple[str, int], FileInfo] = {}
+        failed: list[BaseException] = []
+
+        def upload(key: tuple[str, int]) -> None:
+            try:
+                with FileConnection(ident(info, key[0], f"d{key[1]}")) as c:
+                    stored[key] = c.upload(sources[key], {"room": "lobby"})
+            except BaseException as exc:  # the test reports it below
+                failed.append(exc)
+
+        threads = [threading.Thread(target=upload, args=(key,)) for key in sources]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        assert not failed, failed
+        assert info.broker is not None
+        print("closed:", info.broker.output.closed)  # with -s: whether the first offers passed the bound
+        with FileConnection(ident(info, "alice")) as c:
+            for key, file in stored.items():
+                back = tmp_path / "back.bin"
+                c.download(file.id, back, force=True)
+                assert back.read_bytes() == sources[key].read_bytes(), key
+        assert len(stored) == len(sources)

@@ -1,7 +1,8 @@
 """Friends, friend requests (also to someone offline) and dm-policy enforced by the broker.
 
 Every test runs on the embedded broker and on Mosquitto with ``imcli workers --dynsec``
-beside it (tests/brokers.py); what Mosquitto cannot do is a strict ``broker_xfail``."""
+beside it, and on a three-node NATS cluster (tests/brokers.py, tests/natsbroker.py); what Mosquitto
+or NATS cannot do is a strict ``broker_xfail``."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.rawmqtt import barrier
 
 CliFactory = Callable[[str], Cli]
 
-broker_kind, broker_under_test, server, users = brokers.BOTH  # every test on both brokers
+broker_kind, broker_under_test, server, users = brokers.ALL  # every test on the three brokers
 
 
 @pytest.fixture
@@ -128,6 +129,7 @@ def test_dm_policy_friends_refuses_strangers_and_accepts_friends(
 
 
 @pytest.mark.broker_xfail("mosquitto", reason=brokers.NO_NOTICES)
+@pytest.mark.broker_xfail("nats", reason=brokers.NATS_NO_NOTICES)
 def test_a_stranger_skipping_the_dm_policy_check_is_told(people: dict[str, Cli], raw: Callable[..., Raw]) -> None:
     assert people["bob"]("config", "set", "dm-policy", "friends").exit_code == 0
     stranger = raw("carol", client_id="carol:raw")
@@ -158,6 +160,7 @@ def test_subscribing_to_others_friend_records_is_refused(people: dict[str, Cli],
 
 
 @pytest.mark.broker_xfail("mosquitto", reason=brokers.NO_NOTICES)
+@pytest.mark.broker_xfail("nats", reason=brokers.NATS_NO_NOTICES)
 def test_forging_a_friend_record_is_explained_by_a_notice(people: dict[str, Cli], raw: Callable[..., Raw]) -> None:
     carol = raw("carol", client_id="carol:raw")
     assert carol.subscribe("im/user/carol/notice") == 1

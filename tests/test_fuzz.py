@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +27,8 @@ from imcli.serve.host import BackgroundServer, ServeInfo
 from tests.rawmqtt import Raw, connect_packet, connect_raw, field, login, packet, password_of, publish_packet
 
 CONNECT_DEADLINE = 1.0
+# what the fuzz broker accepts (the larger of a chat payload and a file's chunk, plus headers)
+MAX_PACKET = BrokerSettings(data_dir=Path("unused"), port=0).max_packet
 CLOSE_WITHIN = CONNECT_DEADLINE + 4.0  # the broker must have hung up on a bad peer by then
 
 # ---------------------------------------------------------------- fixtures
@@ -151,7 +154,7 @@ AFTER_CONNECT = {  # framing errors: the broker must hang up
     "PUBLISH topic length beyond the packet": publish_packet(b"im/room/fuzz/mallory", b"x", topic_length=5000),
     "PUBLISH remaining length 256 MiB, then silence": b"\x30\xff\xff\xff\x7f" + field(b"im/room/fuzz/mallory"),
     "SUBSCRIBE remaining length 256 MiB, then silence": b"\x82\xff\xff\xff\x7f\x00\x01" + field(b"im/room/+/+"),
-    "PUBLISH larger than the packet limit": publish_packet(b"im/room/fuzz/mallory", b"x" * 400_000, qos=1),
+    "PUBLISH larger than the packet limit": publish_packet(b"im/room/fuzz/mallory", b"x" * (MAX_PACKET + 1), qos=1),
     "PUBLISH started, never finished": publish_packet(b"im/room/fuzz/mallory", b"x" * 100)[:20],
     "reserved packet type 0": b"\x00\x00",
     "reserved packet type 15": b"\xf0\x00",

@@ -11,20 +11,34 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner, Result
 
 from imcli.archive.worker import ArchiveWorker
 from imcli.broker import acl
+from imcli.cli.app import app
 from imcli.client import services
 from imcli.client.identity import Identity
 from imcli.client.listener import Listener
 from imcli.client.services import Conversation
-from imcli.core.errors import ImcliError, InvalidInput, PublishFailed, RequestTimeout
+from imcli.core.errors import BrokerUnreachable, ImcliError, InvalidInput, PublishFailed
 from imcli.core.mqtt import BrokerAddress, Credentials, MqttClient
 from imcli.core.rules import SERVICE_ACCOUNTS
 from imcli.core.service import PasswordFileDirectory
-from imcli.core.wire import ChatMessage, Friends, GroupInfo, Received, Topics, decode, encode
+from imcli.core.wire import (
+    DEFAULT_HEARTBEAT,
+    ChatMessage,
+    DeviceStatus,
+    Friends,
+    GroupInfo,
+    Received,
+    Topics,
+    decode,
+    encode,
+)
+from imcli.files.worker import FilesWorker
 from imcli.groups import natsauth
 from imcli.groups.natsauth import NatsAuth
 from imcli.groups.worker import GroupWorker
@@ -63,6 +77,7 @@ def workers(cluster: NatsCluster) -> Iterator[GroupWorker]:
         PresenceWorker(address, creds("presence"), directory, device="test"),
         GroupWorker(address, creds("groups"), directory, device="test", nats=auth) as groups,
         ArchiveWorker(address, creds("archive"), cluster.workdir / "archive", device="test"),
+        FilesWorker(address, creds("files"), cluster.workdir, device="test"),
     ):
         assert isinstance(groups, GroupWorker)
         yield groups
@@ -322,6 +337,54 @@ def test_new_account_can_log_in_once_the_worker_renders_it(cluster: NatsCluster,
     assert raw(3, "erin", password="wrong").rc == 5
 
 
+class NodeCli:
+    """``imcli`` in-process as one user, logged in with every node, its own node first."""
+
+    def __init__(self, cluster: NatsCluster, node: int, name: str, config_dir: Path) -> None:
+        self.config_dir = config_dir
+        hosts = on(cluster, node, name).address.hosts
+        done = self("login", name, "--host", hosts, "--password-stdin", input=password_of(name) + "\n")
+        assert done.exit_code == 0, done.output
+
+    def __call__(self, *args: str, input: str | None = None) -> Result:
+        return CliRunner().invoke(app, list(args), input=input, env={"IMCLI_CONFIG_DIR": str(self.config_dir)})
+
+
+def test_files_through_the_workers_across_nodes(cluster: NatsCluster, tmp_path: Path) -> None:
+    """`imcli send` on node 1, `imcli get` on node 3 through the files worker; carol (node 2), not the
+    recipient, cannot fetch it."""
+    alice = NodeCli(cluster, 1, "alice", tmp_path / "alice")
+    bob = NodeCli(cluster, 3, "bob", tmp_path / "bob")
+    carol = NodeCli(cluster, 2, "carol", tmp_path / "carol")
+    source = tmp_path / "report.bin"
+    source.write_bytes(bytes(range(256)) * 400)  # 100 KiB: several chunks
+    sent = alice("send", "bob", str(source))
+    assert sent.exit_code == 0, sent.output
+    fid = sent.output.strip().splitlines()[-1].rsplit(": ", 1)[1]
+    out = tmp_path / "got"
+    out.mkdir()
+    got = bob("get", fid, "-o", str(out))
+    assert got.exit_code == 0, got.output
+    assert (out / "report.bin").read_bytes() == source.read_bytes()
+    theirs = tmp_path / "carol-got"
+    theirs.mkdir()
+    refused = carol("get", fid, "-o", str(theirs))
+    assert refused.exit_code == 1 and refused.output.startswith("Error: "), refused.output
+    assert list(theirs.iterdir()) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="device credentials (issue 17) are minted and checked by the embedded broker; NATS 2.9 holds one "
+    "password per user in the users file, so a device's own credential would need a user per device "
+    "(and every client id/permission keyed to it): imcli keeps the password there (deploy/nats/README.md)",
+)
+def test_login_keeps_no_password_on_disk(cluster: NatsCluster, tmp_path: Path) -> None:
+    dave = NodeCli(cluster, 2, "dave", tmp_path / "dave")
+    profile = (dave.config_dir / "profile.json").read_text()
+    assert password_of("dave") not in profile
+
+
 # ---------------------------------------------------------------- what NATS 2.9 cannot do
 
 
@@ -358,11 +421,14 @@ def test_refused_publish_is_told(cluster: NatsCluster, raw) -> None:  # type: ig
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # JetStream's leader elections after the kill: 10 to 90 s on a loaded machine
 def test_kill_a_node_while_users_chat(cluster: NatsCluster) -> None:
-    """kill -9 node 1 (alice's, and where a persistent session was made) while alice and bob chat and
+    """kill -9 node 1 (alice's, and where persistent sessions were made) while alice and bob chat and
     the workers run: the clients go on through another node, nothing acknowledged is lost, presence is
-    right again within the heartbeat window, and a DM queued for offline carol survives; node 1 comes
-    back and rejoins."""
+    right again within the heartbeat window, as bob's running client asks it (alice's listener moved
+    and stays online; dave's device, gone with node 1 and its Last Will with it, is offline once its
+    heartbeats stop), and a DM queued for offline carol survives;
+    node 1 comes back and rejoins."""
     n1 = cluster.nodes[0]
     carol = on(cluster, 1, "carol", device="tablet")
     with Listener(carol, session="tablet"):
@@ -373,9 +439,15 @@ def test_kill_a_node_while_users_chat(cluster: NatsCluster) -> None:
     got: list[str] = []
     with (
         Listener(bob, session="desk") as bob_listener,
+        Listener(on(cluster, 1, "alice", device="laptop"), session="laptop") as alice_listener,
         MqttClient(alice.address, alice.credentials, "alice:desk", clean_session=False, reconnect=True) as alice_client,
     ):
         assert alice_client.node == ("127.0.0.1", n1.mqtt)
+        # dave's device on node 1 beats every 4 s: gone 10 s (roster.GRACE_INTERVALS) after its last beat
+        dave_box = connect_raw("127.0.0.1", n1.mqtt, "dave", "dave:box", password_of("dave"),
+                               will=(T.status("dave", "box"), b"", True))  # fmt: skip
+        dave_box.publish(T.status("dave", "box"), encode(DeviceStatus(interval=4)), retain=True)
+        assert wait_until(lambda: seen_online(bob_listener, "alice") is seen_online(bob_listener, "dave") is True, 10)
 
         def send(text: str) -> None:
             alice_client.publish(T.dm("bob", "alice"), encode(ChatMessage(text=text)))
@@ -384,6 +456,8 @@ def test_kill_a_node_while_users_chat(cluster: NatsCluster) -> None:
         send("before")
         services.send_dm(alice, "carol", ChatMessage(text="queued for carol"))
         n1.kill()
+        dave_box.close()
+        heartbeat = time.monotonic() + DEFAULT_HEARTBEAT  # presence is right again by then
         deadline = time.monotonic() + 30
         for i in range(5):
             while True:
@@ -400,10 +474,17 @@ def test_kill_a_node_while_users_chat(cluster: NatsCluster) -> None:
             if set(sent) <= set(got):
                 break
         assert set(sent) <= set(got)
-        # presence: alice's desk listener on node 1 is gone with it; a new one elsewhere counts
-        with listener_once_ready(on(cluster, 2, "alice", device="desk2"), "desk2"):
-            assert wait_until(lambda: online(bob, "alice"), 60)
-    # carol's queued DM survives the node her session was made on
+
+        # presence, as bob's running client asks it: alice (her listener moved to another node) online,
+        # dave coming online through node 2 (`imcli listen`, a clean session) seen, then seen leaving
+        def right_now() -> bool:
+            return seen_online(bob_listener, "alice") is True and seen_online(bob_listener, "dave") is False
+
+        assert wait_until(right_now, heartbeat - time.monotonic())
+        assert alice_listener.connected
+    # carol's queued DM survives the node her session was made on. Her listener is a new subscription:
+    # for 10 to 90 s after a node died (the more load, the longer), the cluster refuses or times out
+    # new QoS 1 subscriptions while JetStream elects leaders for the consumers (deploy/nats/README.md)
     with listener_once_ready(on(cluster, 2, "carol", device="tablet"), "tablet") as listener:
         for item in listener:
             if isinstance(item, Received) and item.text == "queued for carol":
@@ -422,17 +503,17 @@ def test_kill_a_node_while_users_chat(cluster: NatsCluster) -> None:
         bob_raw.close()
 
 
-def online(asker: Identity, account: str) -> bool:
-    """Whether ``who`` says ``account`` is online; False while the cluster still refuses new
-    subscriptions after a node died (the request's reply subscription is one)."""
+def seen_online(asker: Listener, account: str) -> bool | None:
+    """Whether ``who``, asked over a running client's connection, says ``account`` is online; None while
+    no answer comes (the cluster re-electing leaders after a node died)."""
     try:
-        return any(p.account == account and p.state == "online" for p in services.who(asker))
-    except (PublishFailed, RequestTimeout):
-        return False
+        return any(p.account == account and p.state == "online" for p in services.ask_who(asker))
+    except ImcliError:
+        return None
 
 
 @contextlib.contextmanager
-def listener_once_ready(identity: Identity, session: str, timeout: float = 90) -> Iterator[Listener]:
+def listener_once_ready(identity: Identity, session: str | None, timeout: float = 90) -> Iterator[Listener]:
     """A started Listener. For some seconds after a node died, the cluster refuses new SUBSCRIBEs
     (JetStream elects new leaders for the sessions' streams): a user would run the command again."""
     deadline = time.monotonic() + timeout
@@ -440,8 +521,8 @@ def listener_once_ready(identity: Identity, session: str, timeout: float = 90) -
         listener = Listener(identity, session=session)
         try:
             listener.__enter__()
-        except PublishFailed:
-            assert time.monotonic() < deadline, "the cluster kept refusing subscriptions"
+        except (PublishFailed, BrokerUnreachable):
+            assert time.monotonic() < deadline, "the cluster kept refusing connections or subscriptions"
             time.sleep(1)
         else:
             break

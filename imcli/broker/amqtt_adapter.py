@@ -501,7 +501,7 @@ class ImBroker(Broker):
     ) -> None:
         """A publish the checks let through: journalled (chat), broadcast, retained if flagged;
         a device request is answered by the broker itself (imcli/broker/device_service.py)."""
-        if await self.device_service.intercept(session, message.topic or "", bytes(message.data or b"")):
+        if await self.device_service.intercept(session, message.topic or "", message.data or b""):  # no copy: chunks
             return
         if journal:
             self._journal.record(session.username, message)

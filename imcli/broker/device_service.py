@@ -91,16 +91,16 @@ class DeviceService:
             except OSError:
                 log.exception("could not write the devices' last-seen times")
 
-    async def intercept(self, session: Session, topic: str, data: bytes) -> bool:
+    async def intercept(self, session: Session, topic: str, data: bytes | bytearray) -> bool:
         """Whether this publish was a device request (answered here, not delivered further)."""
-        if b"device_request" not in data:
+        if "/request/" not in topic or b"device_request" not in data:  # not a scan of every file chunk
             return False
         parsed = self.topics.parse(topic)
         account = session.username or ""
         if parsed is None or parsed.kind is not TopicKind.REQUEST or parsed.sender != account or not parsed.key:
             return False
         try:
-            request = decode(data)
+            request = decode(bytes(data))
         except MalformedPayload:
             return False
         if not isinstance(request, DeviceRequest):

@@ -30,7 +30,7 @@ from imcli.cli.common import (
     PortOpt,
     console,
 )
-from imcli.cli.files import files, get, send
+from imcli.cli.files import files, get, rm, send
 from imcli.cli.moments import moments_app
 from imcli.cli.profile import profile_app
 from imcli.cli.serve import serve
@@ -261,6 +261,7 @@ def rename(
 
 app.command()(send)  # imcli/cli/files.py: files and images (issue 16)
 app.command()(files)
+app.command()(rm)
 app.command()(get)
 app.command()(presence)  # imcli/cli/workers.py: the workers against an external broker
 app.command()(workers)

@@ -164,3 +164,17 @@ def get(
             fetched = connection.download(file_id, output, force=force, progress=progress)
     typer.echo(f"saved {fetched.path} ({human_size(fetched.file.size)})")
     sys.stdout.flush()
+
+
+def rm(
+    file_id: Annotated[str, typer.Argument(metavar="ID", help="The id of a file you sent (see 'imcli files').")],
+    host: HostOpt = None,
+    port: PortOpt = None,
+) -> None:
+    """Delete a file you sent: gone from every listing; its content goes when no other file has it."""
+    from imcli.client.files import FileConnection
+
+    with FileConnection(signed_in(host, port), "rm") as connection:
+        deleted = connection.delete(file_id)
+    kept = "" if deleted.content else " (the same content sent again is kept for that one)"
+    typer.echo(f"deleted {deleted.name} ({deleted.file}){kept}")

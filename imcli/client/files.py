@@ -29,6 +29,8 @@ from imcli.core.wire import (
     ChatMessage,
     ErrorReply,
     FileAck,
+    FileDelete,
+    FileDeleted,
     FileGet,
     FileInfo,
     FileListing,
@@ -177,8 +179,13 @@ class FileConnection(Connection):
         size = check_file(path)
         sha = sha256_of(path).hexdigest()
         offer = FileOffer(name=path.name, size=size, sha256=sha, **target)
-        for _ in range(RETRIES + 1):
-            reply = self.ask(offer)
+        for attempt in range(RETRIES + 1):
+            try:
+                reply = self.ask(offer)
+            except RequestTimeout:
+                if not attempt:
+                    raise
+                continue  # asked again after a stall: the worker may be reconnecting (the broker closed it)
             if isinstance(reply, FileReady):
                 if progress:
                     progress(size, size)
@@ -318,6 +325,13 @@ class FileConnection(Connection):
                             progress(have, info.size)
             out.flush()
             os.fsync(out.fileno())
+
+    def delete(self, file_id: str) -> FileDeleted:
+        """Delete a file I sent (``NotFound`` for any other id)."""
+        reply = self.ask(FileDelete(file=file_id))
+        if isinstance(reply, ErrorReply):
+            raise _refused(reply)
+        return expect(reply, FileDeleted)
 
     # ---------------------------------------------------------------- listing
 

@@ -55,6 +55,7 @@ from imcli.core.wire import (
     device_client_id,
     encode,
     new_id,
+    status_level,
 )
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ class Listener:
         ]
         self.device = session or identity.session_name("listen")
         client_id = device_client_id(identity.account, self.device)
-        self._status_topic = topics.status(identity.account, self.device)
+        self._status_topic = topics.status(identity.account, status_level(self.device))
         self._heartbeat = heartbeat
         self._user_on_connection = on_connection
         self._client = MqttClient(

@@ -358,7 +358,7 @@ class MqttClient:
     def _next_node(self, client: paho.Client) -> None:
         if len(self._endpoints) > 1 and not self._closing and self._was_connected:
             self._at = (self._at + 1) % len(self._endpoints)
-            _point_at(client, *self._endpoints[self._at])
+            _point_at(client, *self._endpoints[self._at], self._keepalive)
 
     def _handle_connect_fail(self, client: paho.Client, _u: object) -> None:
         self._next_node(client)
@@ -406,11 +406,13 @@ def _no_delay(client: paho.Client) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _point_at(client: paho.Client, host: str, port: int) -> None:
-    """Where paho's reconnect goes next. paho 2 has one broker per client, and its ``host`` setter
-    refuses a change until the socket is gone, which is after this callback: set its fields."""
-    client._host = host  # paho has no other way to fail over
-    client._port = port
+def _point_at(client: paho.Client, host: str, port: int, keepalive: int) -> None:
+    """Where paho's reconnect goes next (in its disconnect and connect-failure callbacks, where the
+    socket is already closed). paho 2 has one broker per client and its ``host`` setter refuses a
+    change while the connection state is not closed; ``connect_async`` is the public way to name a
+    new broker: it resets that state, and paho's loop then reconnects there with the same client
+    id, clean-session flag, credentials and Will, so a persistent session is found again."""
+    client.connect_async(host, port, keepalive=keepalive)
 
 
 class _ClosingSSLSocket(ssl.SSLSocket):

@@ -30,7 +30,7 @@ DEFAULT_MAX_CHUNK = 256 * 1024
 
 NAME_RULE = "1-32 characters: lowercase letters, digits, '_' or '-', starting with a letter or digit"
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
-_DEVICE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,47}")
+_DEVICE = re.compile(r"[a-z0-9][a-z0-9_.~-]{0,47}")  # '~' (and '.', before it): <device>~<session>
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PREFIX = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}(/[a-z0-9][a-z0-9_-]{0,31}){0,3}")
 
@@ -48,6 +48,18 @@ def check_name(value: str, what: str = "account name") -> str:
     if not is_name(value):
         raise InvalidInput(f"invalid {what} {value!r}", NAME_RULE)
     return value
+
+
+def status_level(session: str) -> str:
+    """The status topic level of a session name: ``<device>.<session>`` becomes ``<device>~<session>``.
+    NATS maps '.' in an MQTT topic to its subject separator and refuses a topic holding one (a Last
+    Will too: the CONNECT is refused), so a status level never has a '.' (older clients' may)."""
+    return session.replace(".", "~")
+
+
+def device_of_status(level: str) -> str:
+    """The device a status level belongs to: ``<device>``, ``<device>~<session>`` or ``<device>.<session>``."""
+    return re.split(r"[.~]", level, maxsplit=1)[0]
 
 
 def is_device(value: str) -> bool:

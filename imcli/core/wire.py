@@ -38,10 +38,12 @@ from imcli.core.topics import (
     check_name,  # noqa: F401
     client_id_account,  # noqa: F401
     device_client_id,  # noqa: F401
+    device_of_status,  # noqa: F401
     is_device,  # noqa: F401
     is_id,  # noqa: F401
     is_name,  # noqa: F401
     new_id,
+    status_level,  # noqa: F401
 )
 
 # --------------------------------------------------------------------------- payloads
@@ -622,6 +624,28 @@ class FileListing(WireModel):
     more: bool = False
 
 
+class FileDelete(WireModel):
+    """Delete a file one sent: gone from every listing, and its content removed once no file
+    refers to it any more. Only the sender may; any other id answers ``not_found``."""
+
+    type: Literal["file_delete"] = "file_delete"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: MessageId = Field(default_factory=new_id)
+    file: Annotated[str, Field(max_length=64)]
+
+
+class FileDeleted(WireModel):
+    """The answer to ``file_delete``: ``content`` says whether its bytes were removed too (no other
+    file, of anyone, has the same content)."""
+
+    type: Literal["file_deleted"] = "file_deleted"
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    file: str
+    name: str
+    content: bool
+
+
 Payload = Annotated[
     ChatMessage
     | Notice
@@ -662,7 +686,9 @@ Payload = Annotated[
     | FileGet
     | FileAck
     | FileListRequest
-    | FileListing,
+    | FileListing
+    | FileDelete
+    | FileDeleted,
     Field(discriminator="type"),
 ]
 _PAYLOAD: TypeAdapter[Payload] = TypeAdapter(Payload, config=ConfigDict(defer_build=True))

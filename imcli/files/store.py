@@ -208,6 +208,26 @@ class FileStore:
             self._db.execute("DELETE FROM uploads WHERE upload = ?", (upload.upload,))
             self._db.execute("COMMIT")
 
+    def delete(self, file_id: str) -> bool:
+        """Remove a file's row, then its blob if no other row has that content (in that order: a
+        crash in between leaves a blob without a row, as ``finish`` may); whether the blob went."""
+        with self._lock:
+            row = self._db.execute("SELECT sha256 FROM files WHERE id = ?", (file_id,)).fetchone()
+            if row is None:
+                return False
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+                others = self._db.execute("SELECT 1 FROM files WHERE sha256 = ? LIMIT 1", (row[0],)).fetchone()
+            except sqlite3.Error:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        if others is not None:
+            return False
+        self.blob_path(row[0]).unlink(missing_ok=True)
+        return True
+
     # ---------------------------------------------------------------- uploads
 
     def upload(self, upload: str) -> UploadRow | None:

@@ -43,6 +43,8 @@ from imcli.core.wire import (
     RESERVED_NAMES,
     ErrorReply,
     FileAck,
+    FileDelete,
+    FileDeleted,
     FileGet,
     FileInfo,
     FileListing,
@@ -84,6 +86,7 @@ IN_FLIGHT = 600.0  # seconds: an unfinished upload touched this recently counts 
 # millisecond on paho's thread, where the next chunk waits), and IN_FLIGHT and ABANDONED are far longer
 TOUCH_EVERY = 10.0
 ABANDONED = 86400.0  # seconds: an unfinished upload untouched this long is removed
+ACTIVE = 30.0  # seconds: an upload that had a chunk this recently shares the in-flight budget
 STREAM_IDLE = 120.0  # seconds: a download nobody acknowledges this long is closed
 STREAMS_PER_USER = 8
 DISK_MARGIN = 64 << 20  # bytes kept free on the worker's disk
@@ -108,6 +111,10 @@ class FileLimits:
     # the broker's limit on upload topics (the embedded broker's Limits.max_chunk): a chunk and its
     # header fit in it; None: max_payload (a broker with one limit for all, as Mosquitto's message_size_limit)
     max_chunk: int | None = None
+    # bytes of all uploads together that may be on their way to the worker (granted, not yet
+    # received): the embedded broker closes a connection holding more than its output bound
+    # (Limits.output_close, 8 MiB), the worker's too, so imcli serve gives half of it
+    in_flight: int = 4 << 20
 
 
 @dataclass
@@ -118,6 +125,8 @@ class _Upload:
     offset: int
     told: int = 0  # the offset of the last progress message
     touched: float = 0.0  # the worker's clock when the upload's row was last touched
+    every: int = PROGRESS_EVERY  # bytes between two progress messages: at most half its window
+    seen: float = field(default_factory=time.monotonic)  # when it last had a chunk (or an offer)
 
 
 @dataclass
@@ -224,6 +233,8 @@ class FilesWorker(ServiceWorker):
             return self._get(sender, request)
         if isinstance(request, FileListRequest):
             return self._list(sender, request)
+        if isinstance(request, FileDelete):
+            return self._delete(sender, request)
         return None
 
     # ---------------------------------------------------------------- uploads
@@ -265,7 +276,17 @@ class FilesWorker(ServiceWorker):
         active.touched = self.clock()
         self.store.touch(row.upload, active.touched)
         active.told = active.offset
-        return FileUpload(id=r.id, upload=row.upload, offset=active.offset, chunk=self.chunk, window=WINDOW)
+        window = self._window()
+        active.every = max(1, min(PROGRESS_EVERY, window // 2))
+        active.seen = time.monotonic()
+        return FileUpload(id=r.id, upload=row.upload, offset=active.offset, chunk=self.chunk, window=window)
+
+    def _window(self) -> int:
+        """An upload's window: ``WINDOW``, or its share of ``FileLimits.in_flight`` among the uploads
+        going on (one chunk at least), so that many at once do not pass the broker's output bound."""
+        recent = time.monotonic() - ACTIVE
+        going = 1 + sum(1 for u in self._uploads.values() if u.seen >= recent)
+        return max(self.chunk, min(WINDOW, self.limits.in_flight // going))
 
     def _admission(self, sender: str, r: FileOffer) -> ErrorReply | None:
         """Why a new upload is refused, in words for the sender, if it is."""
@@ -345,9 +366,10 @@ class FilesWorker(ServiceWorker):
             return
         active.digest.update(data)
         active.offset += len(data)
+        active.seen = time.monotonic()
         if active.offset == active.row.size:
             self._complete(active)
-        elif active.offset - active.told >= PROGRESS_EVERY:
+        elif active.offset - active.told >= active.every:
             self._progress(active)
 
     def _progress(self, active: _Upload) -> None:
@@ -456,6 +478,20 @@ class FilesWorker(ServiceWorker):
             stream.sent += len(data)
         if stream.acked >= size:
             self._streams.pop((sender, key)).source.close()
+
+    def _delete(self, sender: str, r: FileDelete) -> WireModel:
+        """Only the file's sender deletes it; an id of anyone else's answers as an unknown one. Downloads
+        already going on finish (they hold the blob open)."""
+        stored = self.store.file(r.file) if FILE_ID.fullmatch(r.file) else None
+        if stored is None or stored.sender != sender:
+            return ErrorReply(id=r.id, code="not_found", text=f"no file {r.file} of yours")
+        try:
+            content = self.store.delete(stored.id)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("files: cannot delete a file: %s", exc)
+            return ErrorReply(id=r.id, code="internal", text="the files worker cannot delete anything now")
+        log.info("files: %s deleted a file (%s)", sender, "content removed" if content else "content kept")
+        return FileDeleted(id=r.id, file=stored.id, name=stored.name, content=content)
 
     # ---------------------------------------------------------------- listing
 

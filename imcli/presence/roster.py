@@ -22,7 +22,17 @@ from typing import Literal
 
 from imcli.core.names import clean_display_name, name_keys
 from imcli.core.service import AccountDirectory
-from imcli.core.wire import RESERVED_NAMES, DeviceStatus, ErrorReply, Event, Presence, Renamed, is_name, is_nick
+from imcli.core.wire import (
+    RESERVED_NAMES,
+    DeviceStatus,
+    ErrorReply,
+    Event,
+    Presence,
+    Renamed,
+    device_of_status,
+    is_name,
+    is_nick,
+)
 
 GRACE_INTERVALS = 2.5  # a device not heard for this many heartbeat intervals is gone
 
@@ -45,8 +55,8 @@ class _User:
     published_names: tuple[str, ...] = ()  # the device names in that record
 
     def names(self) -> tuple[str, ...]:
-        """The devices by name: a status level is ``<device>`` or ``<device>.<session>`` (issue 17)."""
-        return tuple(sorted({key.split(".", 1)[0] for key in self.devices}))
+        """The devices by name: a status level is ``<device>`` or ``<device>~<session>`` (issue 17)."""
+        return tuple(sorted({device_of_status(key) for key in self.devices}))
 
     def record(self) -> Presence:
         return Presence(

@@ -126,6 +126,7 @@ async def _start_child(
                 "file_quota": settings.limits.file_quota,
                 "max_uploads": settings.limits.max_uploads,
                 "max_chunk": settings.limits.max_chunk,
+                "output_close": settings.limits.output_close,  # the files worker keeps its uploads within it
             },
             "max_payload": settings.max_payload,
             "passwords": passwords,  # service account -> its password for this run

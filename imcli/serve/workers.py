@@ -78,7 +78,14 @@ def embedded_workers(
             data_dir,
             topics,
             "embedded",
-            limits=FileLimits(limits.max_file, limits.file_quota, limits.max_uploads, max_payload, limits.max_chunk),
+            limits=FileLimits(
+                limits.max_file,
+                limits.file_quota,
+                limits.max_uploads,
+                max_payload,
+                limits.max_chunk,
+                in_flight=limits.output_close // 2,
+            ),
         ),
         # under the group worker's account (it needs exactly its rights), on a device of its own
         MomentsWorker(local, creds(GROUPS_ACCOUNT), data_dir, topics, "embedded-moments"),

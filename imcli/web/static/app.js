@@ -48,7 +48,8 @@
     room: (room, from) => `${PREFIX}/room/${room}/${from}`,
     dm: (to, from) => `${PREFIX}/user/${to}/dm/${from}`,
     request: (me, corr) => `${PREFIX}/request/${me}/${corr}`,
-    status: (me, device) => `${PREFIX}/status/${me}/${device}`,
+    // the status level writes '~' for '.' (§8): NATS refuses a topic with a '.', a Will's too
+    status: (me, device) => `${PREFIX}/status/${me}/${device.replaceAll(".", "~")}`,
     group: (group, from) => `${PREFIX}/group/${group}/msg/${from}`,
     parse(topic) {
       if (!topic.startsWith(PREFIX + "/")) return null;
@@ -113,7 +114,7 @@
   }
 
   // This browser profile is one device (issue 17): `web-<6 hex>`, kept in localStorage; each tab
-  // connects as `<account>:<device>.<4 hex>`, which is also its status level (§8).
+  // connects as `<account>:<device>.<4 hex>`; its status level is `<device>~<4 hex>` (§8).
   function browserDevice(fresh) {
     let device = localStorage.getItem("imcli.device");
     if (fresh || !device || !/^web-[0-9a-f]{6}$/.test(device)) {
