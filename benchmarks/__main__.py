@@ -3,7 +3,7 @@
     python -m benchmarks [--quick]
                          [--only fanout,stream,rooms,group,dm,dmflood,capacity,churn,storm,cold,files,devices]
                          [--brokers stock,embedded,mosquitto,nats] [--repeat N] [--capacity USERS]
-                         [--hold SECONDS]
+                         [--hold SECONDS] [--no-rejoin]
 
 Starts each broker itself on a free loopback port (benchmarks/brokers.py), runs each
 scenario on every broker in turn (so that the shared machine's noise falls on all of
@@ -85,13 +85,16 @@ def raise_open_files(users: int) -> str | None:
         soft = hard if hard == resource.RLIM_INFINITY else min(hard, needed)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     if soft != resource.RLIM_INFINITY and soft < needed:
-        return f"only {soft} open files allowed (ulimit -n): a broker holding {users} users needs {needed}"
+        return (
+            f"only {soft} open files allowed (ulimit -n; the hard limit, which raising needs CAP_SYS_RESOURCE): "
+            f"a broker process holding {users} users needs about {needed}, and one past the limit refuses them"
+        )
     return None
 
 
 def run(
     size: str, only: list[str], names: list[str], repeat: int = 1, capacity_users: int | None = None,
-    hold: float = 0.0,
+    hold: float = 0.0, rejoin: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     s = {**SIZES[size], **({"capacity": capacity_users} if capacity_users else {})}
     # issue 7's room fan-out: everyone in one room talks
@@ -159,9 +162,12 @@ def run(
         def capacity(broker: brokers.Broker) -> dict[str, dict[str, Any]]:
             users = s["capacity"] // STOCK_CAPACITY_SHARE if broker.name == "stock" else s["capacity"]
             with stalls(broker) as probe:
-                figures = scenarios.capacity(
-                    broker, max(users, 10), s["processes"], hold, on_hold=lambda: probe.phase("hold")
-                )
+                try:
+                    figures = scenarios.capacity(
+                        broker, max(users, 10), s["processes"], hold, on_hold=lambda: probe.phase("hold"), rejoin=rejoin
+                    )
+                except (RuntimeError, TimeoutError, OSError, AssertionError, EOFError) as exc:
+                    figures = {"error": f"{type(exc).__name__}: {exc}"}  # the probe's figures are kept
             return {"capacity": {**figures, **probe}}
 
         each("capacity", capacity)
@@ -204,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "--hold", type=float, default=0.0,
         help="capacity: seconds everyone stays signed in (PINGREQ every 30 s) with the stall probe on (1800: 30 min)",
     )  # fmt: skip
+    parser.add_argument("--no-rejoin", action="store_true", help="capacity: leave out everyone leaving and coming back")
     args = parser.parse_args(argv)
     only = [x for x in args.only.split(",") if x]
     names = [x for x in args.brokers.split(",") if x]
@@ -213,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     print(f"benchmarks ({args.size}) on {', '.join(names)}: {', '.join(only)}", flush=True)
-    outcome = run(args.size, only, names, max(args.repeat, 1), args.capacity, args.hold)
+    outcome = run(args.size, only, names, max(args.repeat, 1), args.capacity, args.hold, not args.no_rejoin)
     doc: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "size": args.size,

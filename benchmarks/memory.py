@@ -38,9 +38,14 @@ class _Here:
 
     name = "embedded"
     passwords_file = None
+    ports: list[int] = []  # noqa: RUF012 - never changed: one broker, not a cluster
+    crowd_concurrency = 100
 
     def __init__(self, port: int) -> None:
         self.port = port
+
+    def port_of(self, i: int) -> int:
+        return self.port
 
 
 def _objects_by_type() -> collections.Counter[str]:
@@ -97,6 +102,15 @@ def measure(users: int, processes: int, trace: bool, top: int, *, threads: bool 
             if trace:
                 tracemalloc.start(1)
                 snap_before = tracemalloc.take_snapshot()
+            try:
+                joined_figures(me, before, rss_before, snap_before if trace else None)
+            finally:  # whatever happened, the broker stops
+                loop, event = stop[0]
+                loop.call_soon_threadsafe(event.set)
+
+        def joined_figures(
+            me: int, before: collections.Counter[str], rss_before: float, snap_before: tracemalloc.Snapshot | None
+        ) -> None:
             with Crowds.join(_Here(port[0]), users, processes) as (_, joined):  # type: ignore[arg-type]
                 time.sleep(10)  # the presence worker's records, the retained statuses
                 result["joined"] = joined["ok"]
@@ -104,7 +118,7 @@ def measure(users: int, processes: int, trace: bool, top: int, *, threads: bool 
                 result["rss_mb_after"] = round(rss_mb(me), 1)
                 result["kb_per_user"] = round((rss_mb(me) - rss_before) * 1024 / users, 1)
                 result["workers_rss_mb"] = [round(rss_mb(c), 1) for c in _children(me)]
-                if trace:
+                if snap_before is not None:
                     snap_after = tracemalloc.take_snapshot()
                     stats = snap_after.compare_to(snap_before, "lineno")
                     result["traced_kb_per_user"] = round(sum(s.size_diff for s in stats) / 1024 / users, 2)
@@ -118,8 +132,6 @@ def measure(users: int, processes: int, trace: bool, top: int, *, threads: bool 
                 result["top_types_per_user"] = [
                     (k, round(v / users, 2)) for k, v in sorted(grown.items(), key=lambda kv: -kv[1])[:top]
                 ]
-            loop, event = stop[0]
-            loop.call_soon_threadsafe(event.set)
 
         async def main() -> None:
             event = asyncio.Event()

@@ -37,13 +37,13 @@ from imcli.core.wire import (
 GRACE_INTERVALS = 2.5  # a device not heard for this many heartbeat intervals is gone
 
 
-@dataclass
+@dataclass(slots=True)  # one per signed-in device: no __dict__ (issue 21, the workers' memory)
 class _Device:
     last_heard: float
     interval: float
 
 
-@dataclass
+@dataclass(slots=True)  # one per account
 class _User:
     account: str
     nick: str
