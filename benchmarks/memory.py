@@ -72,12 +72,20 @@ class _Collections:
         self.seen: list[tuple[int, float, float, int]] = []
         self._started = self._cpu = 0.0
 
+        self.look = False  # note what a young collection walks (``slow``)
+        self.slow: list[dict[str, object]] = []  # young collections that used 5 ms of CPU or more
+        self._walked: dict[str, object] = {}
+
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
+            if self.look and info["generation"] < 2:
+                self._walked = _young(info["generation"])
             self._started, self._cpu = time.perf_counter(), time.thread_time()
         else:
             cpu, wall = time.thread_time() - self._cpu, time.perf_counter() - self._started
             self.seen.append((info["generation"], cpu * 1000, wall * 1000, info["collected"]))
+            if self.look and info["generation"] < 2 and cpu >= 0.005:
+                self.slow.append({"generation": info["generation"], "cpu_ms": round(cpu * 1000, 1), **self._walked})
 
     def summary(self, since: int) -> dict[str, object]:
         """Collections after the ``since``-th, by generation: count, CPU ms in all, longest CPU ms."""
@@ -92,6 +100,18 @@ class _Collections:
                 "collected": sum(c[3] for c in these),
             }
         return out
+
+
+def _young(generation: int) -> dict[str, object]:
+    """What a collection of ``generation`` (0 or 1) is about to walk: objects, and the largest containers."""
+    objects = [o for g in range(generation + 1) for o in gc.get_objects(g)]
+    containers = (list, dict, set, tuple, collections.deque)
+    sized = sorted(((len(o), type(o).__qualname__) for o in objects if isinstance(o, containers)), reverse=True)
+    return {"objects": len(objects), "largest": sized[:3]}
+
+
+def _by_type(objects: list[object], top: int) -> list[tuple[str, int]]:
+    return collections.Counter(type(o).__qualname__ for o in objects).most_common(top)
 
 
 def _timed_collection() -> tuple[float, int]:
@@ -185,10 +205,14 @@ def measure(
                 ]
                 if hold > 0:
                     before_hold = len(collections_seen.seen)
+                    collections_seen.look = True
                     time.sleep(hold)
+                    collections_seen.look = False
                     result["hold_s"] = hold
                     result["collections_hold"] = collections_seen.summary(before_hold)
+                    result["slow_young_collections_hold"] = collections_seen.slow[:10]
                     result["tracked_unfrozen_after_hold"] = len(gc.get_objects())
+                    result["old_unfrozen_after_hold_by_type"] = _by_type(gc.get_objects(2), top)
                     result["frozen_after_hold"] = gc.get_freeze_count()
                     # as the broker's collector makes one (its callback freezes what survives)
                     result["full_collection_cpu_ms_collected"] = _timed_collection()
@@ -199,7 +223,11 @@ def measure(
                 result["frozen_after_leaving"] = gc.get_freeze_count()
                 gc.unfreeze()
                 # what freezing kept: unreachable objects among those frozen since the compaction
+                gc.set_debug(gc.DEBUG_SAVEALL)
                 result["unreachable_after_leaving_cpu_ms_collected"] = _timed_collection()
+                gc.set_debug(0)
+                result["unreachable_after_leaving_by_type"] = _by_type(gc.garbage, top)
+                gc.garbage.clear()
                 result["tracked_after_leaving"] = gc.get_freeze_count() + len(gc.get_objects())
                 result["rss_mb_after_leaving"] = round(rss_mb(me), 1)
 
