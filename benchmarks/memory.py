@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
+import types
 from pathlib import Path
 
 from benchmarks.brokers import PASSWORD, _children, rss_mb, user_names
@@ -112,6 +113,13 @@ def _young(generation: int) -> dict[str, object]:
 
 def _by_type(objects: list[object], top: int) -> list[tuple[str, int]]:
     return collections.Counter(type(o).__qualname__ for o in objects).most_common(top)
+
+
+def _innermost(tb: types.TracebackType) -> str:
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f"{code.co_filename.rsplit('/', 2)[-1]}:{tb.tb_lineno} {code.co_qualname}"
 
 
 def _timed_collection() -> tuple[float, int]:
@@ -227,6 +235,9 @@ def measure(
                 result["unreachable_after_leaving_cpu_ms_collected"] = _timed_collection()
                 gc.set_debug(0)
                 result["unreachable_after_leaving_by_type"] = _by_type(gc.garbage, top)
+                # where the kept exceptions were raised: each traceback's innermost frame
+                where = collections.Counter(_innermost(o) for o in gc.garbage if isinstance(o, types.TracebackType))
+                result["unreachable_tracebacks_raised_in"] = where.most_common(top)
                 gc.garbage.clear()
                 result["tracked_after_leaving"] = gc.get_freeze_count() + len(gc.get_objects())
                 result["rss_mb_after_leaving"] = round(rss_mb(me), 1)

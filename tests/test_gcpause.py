@@ -110,3 +110,21 @@ def test_a_reset_connection_leaves_no_cycle_through_its_exception() -> None:
 
     asyncio.run(main())
     assert reset.__traceback__ is None
+
+
+def test_the_exception_that_ended_a_stream_loses_its_traceback() -> None:
+    import asyncio
+
+    async def main() -> None:
+        reader = asyncio.StreamReader()
+        try:
+            raise ConnectionResetError("reset by peer")
+        except ConnectionResetError as exc:
+            reader.set_exception(exc)
+        exc = reader.exception()
+        assert exc is not None and exc.__traceback__ is not None
+        gcpause.release_stream(reader)
+        assert exc.__traceback__ is None
+        gcpause.release_stream(asyncio.StreamReader())  # one that ended cleanly: nothing to drop
+
+    asyncio.run(main())

@@ -156,6 +156,17 @@ def release_transport(transport: Any) -> None:
         transport._read_ready_cb = None
 
 
+def release_stream(reader: Any) -> None:
+    """Drop the traceback of the exception that ended a stream connection (an ``asyncio.StreamReader``):
+    the stream keeps it (``exception()``, and so do its read's future and its protocol's), and its
+    traceback holds the frames that hold the stream, its transport and the connection's handler. Such a
+    cycle, made after the connection was frozen, waits for the compaction: 530 of 10,000 connections
+    ended by their peers left 46 objects each after the reader's own exception was cleared (issue 21)."""
+    exc = reader.exception()
+    if exc is not None:
+        exc.__traceback__ = None
+
+
 def calm_collector() -> None:
     """Apply the policy above to this process (once; it lasts as long as the process)."""
     global _started  # noqa: PLW0603 - the policy is per process
