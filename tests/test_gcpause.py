@@ -121,10 +121,10 @@ def test_the_exception_that_ended_a_stream_loses_its_traceback() -> None:
             raise ConnectionResetError("reset by peer")
         except ConnectionResetError as exc:
             reader.set_exception(exc)
-        exc = reader.exception()
-        assert exc is not None and exc.__traceback__ is not None
+        kept = reader.exception()
+        assert kept is not None and kept.__traceback__ is not None
         gcpause.release_stream(reader)
-        assert exc.__traceback__ is None
+        assert kept.__traceback__ is None
         gcpause.release_stream(asyncio.StreamReader())  # one that ended cleanly: nothing to drop
 
     asyncio.run(main())
