@@ -393,6 +393,32 @@ def test_moments_between_friends(web: ServeInfo) -> None:
         no_errors(alice, bob)
 
 
+def test_a_moment_deleted_from_the_page_takes_its_image_with_it(web: ServeInfo, tmp_path: Path) -> None:
+    from PIL import Image
+
+    picture = tmp_path / "moment.png"
+    Image.new("RGB", (40, 30), (200, 60, 10)).save(picture, "PNG")
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.sign_in(password_of("alice"), register=True)
+        terminal = cli(web, tmp_path, "alice")  # the same account on the command line
+        ok(terminal, "moments", "post", "with a picture", "--image", str(picture))
+        (moment,) = json.loads(ok(terminal, "moments", "--json"))["moments"]
+        file_id = moment["images"][0]["file"]
+        ok(terminal, "get", file_id, "-o", str(tmp_path / "before.png"))
+        alice.p.click("#moments-open")
+        mine = "#feed li.moment[data-author='alice']"
+        alice.p.wait_for_selector(mine)
+        alice.p.click(f"{mine} button:has-text('Delete')")
+        alice.p.wait_for_selector(mine, state="detached")
+        alice.p.wait_for_function(
+            "() => document.getElementById('status').textContent === 'moment deleted, and its 1 image'"
+        )
+        no_errors(alice)
+    gone = terminal("get", file_id, "-o", str(tmp_path / "after.png"))
+    assert gone.exit_code == 1 and f"no file {file_id}" in gone.output
+
+
 def test_hostile_text_stays_text(web: ServeInfo, tmp_path: Path) -> None:
     carol = cli(web, tmp_path, "carol")
     with chromium() as browser:

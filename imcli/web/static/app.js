@@ -671,7 +671,22 @@
     if (m.author === S.me) {
       const del = el("button", "secondary small", "Delete");
       del.addEventListener("click", async () => {
-        if (await momentOp({ op: "delete", post: m.id })) { S.feed = S.feed.filter((x) => x.id !== m.id); renderFeed(); }
+        const r = await momentOp({ op: "delete", post: m.id });
+        if (!r) return;
+        S.feed = S.feed.filter((x) => x.id !== m.id);
+        renderFeed();
+        // then its images, as `imcli moments delete`: the reply names those no other moment of mine shows
+        const gone = r.moments && r.moments[0] ? r.moments[0].images || [] : [];
+        let removed = 0;
+        for (const file of new Set(gone.map((i) => i.file))) {
+          try {
+            await request({ type: "file_delete", file });
+            removed++;
+          } catch (e) {
+            if (!/^no file /.test(e.message)) return setStatus(`the moment is deleted, not its images: ${e.message}`, true);
+          }
+        }
+        setStatus(removed ? `moment deleted, and its ${removed} image${removed === 1 ? "" : "s"}` : "moment deleted");
       });
       li.append(del);
     }
