@@ -45,8 +45,9 @@ ordinary traffic makes none. The end of a connection made two such cycles, both 
 ends: the socket transport's bound method (``release_transport``) and, for a connection reset
 by its peer, the exception the reader and the stream share, whose traceback holds the frames that
 hold them (imcli/broker/reader.py: 829 of 10,000 connections left 46 objects each, 38,135 in all,
-before). Young collections still free most cyclic garbage. Sessions and their queues are freed by reference counting (``SessionState`` holds its
-session weakly), so freezing them does not keep them alive.
+before). Young collections still free most cyclic garbage. Sessions and their queues are
+freed by reference counting (``SessionState`` holds its session weakly), so freezing them does
+not keep them alive.
 
 Every collection that stops the broker for ``PAUSE_LOG_MS`` or more (50 ms, issue 21's bound on
 a stall; the environment variable ``IMCLI_GC_LOG_MS`` changes it, ``python -m benchmarks`` sets
