@@ -151,7 +151,7 @@ class PacketReader:
             # future's): its traceback holds the frames that hold the stream, its transport and the
             # connection's handler, a cycle that only a full collection frees, and, frozen with
             # the connection (imcli/broker/gcpause.py), only the daily compaction: 829 of 10,000
-            # connections ended by a reset left 46 objects each (docs/PERFORMANCE.md, issue 21).
+            # connections left 46 objects each that way (docs/PERFORMANCE.md, issue 21).
             exc.__traceback__ = None
         finally:
             if self._timer is not None:
