@@ -17,6 +17,7 @@ from imcli.cli.render import safe
 from imcli.client.listener import RecentIds, to_received
 from imcli.client.services import prepare_text
 from imcli.core.errors import InvalidInput, NameTaken, NotFound
+from imcli.core.framing import MAX_REMAINING_LENGTH, MalformedLength, decode_length, encode_length
 from imcli.core.mqtt import Message
 from imcli.core.request_reply import RequestClient, request_timeout
 from imcli.core.wire import (
@@ -376,3 +377,24 @@ def test_workers_and_serve_keep_their_archives_apart(monkeypatch: pytest.MonkeyP
     broker, workers = default_data_dir(), default_workers_dir()
     assert broker.parent == workers.parent == tmp_path / "imcli"
     assert broker != workers
+
+
+# ---------------------------------------------------------------- the remaining length (imcli/core/framing.py)
+
+
+@given(st.integers(0, MAX_REMAINING_LENGTH), st.binary(max_size=8))
+def test_a_remaining_length_decodes_to_itself_and_says_where_the_body_starts(n: int, after: bytes) -> None:
+    encoded = encode_length(n)
+    assert len(encoded) == 1 + (n >= 128) + (n >= 128**2) + (n >= 128**3)
+    assert decode_length(b"\x30" + encoded + after, 1) == (n, 1 + len(encoded))
+    for cut in range(len(encoded)):  # not all of it has come: wait for more
+        assert decode_length(b"\x30" + encoded[:cut], 1) is None
+
+
+def test_a_remaining_length_of_five_bytes_is_refused_at_its_fourth() -> None:
+    assert decode_length(b"\x30\xff\xff\xff\x7f", 1) == (MAX_REMAINING_LENGTH, 5)
+    assert decode_length(b"\x30\x85\x00", 1) == (5, 3)  # a needless second byte is still a length
+    with pytest.raises(MalformedLength, match="more than 4 bytes"):
+        decode_length(b"\x30\xff\xff\xff\xff", 1)  # no fifth byte needed to know
+    with pytest.raises(ValueError, match="0 to 268435455"):
+        encode_length(MAX_REMAINING_LENGTH + 1)
