@@ -41,6 +41,7 @@ DEVICE = "bench"
 SERVER_UNAVAILABLE = 3  # CONNACK: the broker is busy (imcli serve: too many password checks at once)
 SUBACK_FAILURE = 0x80
 BUSY_RETRIES = 200
+ACK_TIMEOUT = 600.0  # seconds for a user's status and subscriptions to be acknowledged (SUBACK 0x80 retries included)
 
 
 def user_name(index: int) -> str:
@@ -121,13 +122,17 @@ class Crowd:
             self.refused += 1
             return True
         self.clients[name] = client
-        try:
+
+        async def settle() -> None:
             if self.args.status:
                 await client.publish(topic, self.status, qos=1, retain=True)
             await self.subscribe(client, T.user_filter(name))
             if listener:
                 await self.subscribe(client, T.room_filter(BACKGROUND_ROOM))
-        except (OSError, asyncio.IncompleteReadError):
+
+        try:  # an acknowledgement that never comes (a connection the broker dropped silently): sign in again
+            await asyncio.wait_for(settle(), ACK_TIMEOUT)
+        except (OSError, asyncio.IncompleteReadError, TimeoutError):
             del self.clients[name]
             client.abort()
             return False
