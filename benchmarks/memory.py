@@ -12,6 +12,7 @@ figure is then not the broker's). The workers' process RSS is printed too; with
 ``--workers-in-threads`` the workers run in this process instead, and the figures are theirs and
 the broker's together.
 
+``--talk R`` has ten users say ``R`` room messages a second in all to 50 listeners meanwhile.
 ``--hold S`` keeps everyone signed in ``S`` more seconds, each user sending a PINGREQ every 30 s
 (imcli's keepalive), and prints the collector's own pauses, timed in this process
 (``gc.callbacks``: CPU time of the thread that collected, which a loaded machine moves far less
@@ -36,6 +37,7 @@ import time
 import tracemalloc
 import types
 from pathlib import Path
+from typing import Any
 
 from benchmarks.brokers import PASSWORD, _children, rss_mb, user_names
 from benchmarks.scenarios import Crowds
@@ -74,18 +76,18 @@ class _Collections:
         self._started = self._cpu = 0.0
 
         self.look = False  # note what a young collection walks (``slow``)
-        self.slow: list[dict[str, object]] = []  # young collections that used 5 ms of CPU or more
+        self.slow: list[dict[str, object]] = []  # collections that used 5 ms of CPU or more
         self._walked: dict[str, object] = {}
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            if self.look and info["generation"] < 2:
+            if self.look:
                 self._walked = _young(info["generation"])
             self._started, self._cpu = time.perf_counter(), time.thread_time()
         else:
             cpu, wall = time.thread_time() - self._cpu, time.perf_counter() - self._started
             self.seen.append((info["generation"], cpu * 1000, wall * 1000, info["collected"]))
-            if self.look and info["generation"] < 2 and cpu >= 0.005:
+            if self.look and cpu >= 0.005:
                 self.slow.append({"generation": info["generation"], "cpu_ms": round(cpu * 1000, 1), **self._walked})
 
     def summary(self, since: int) -> dict[str, object]:
@@ -104,7 +106,8 @@ class _Collections:
 
 
 def _young(generation: int) -> dict[str, object]:
-    """What a collection of ``generation`` (0 or 1) is about to walk: objects, and the largest containers."""
+    """What a collection of ``generation`` is about to walk (frozen objects left out): objects, and the
+    largest containers."""
     objects = [o for g in range(generation + 1) for o in gc.get_objects(g)]
     containers = (list, dict, set, tuple, collections.deque)
     sized = sorted(((len(o), type(o).__qualname__) for o in objects if isinstance(o, containers)), reverse=True)
@@ -145,7 +148,14 @@ def _write_accounts(data: Path, users: int) -> None:
 
 
 def measure(
-    users: int, processes: int, trace: bool, top: int, *, threads: bool = False, hold: float = 0.0
+    users: int,
+    processes: int,
+    trace: bool,
+    top: int,
+    *,
+    threads: bool = False,
+    hold: float = 0.0,
+    talk: float = 0.0,
 ) -> dict[str, object]:
     from imcli.broker.settings import BrokerSettings
     from imcli.serve.host import ServeInfo, serve_forever
@@ -189,7 +199,9 @@ def measure(
         ) -> None:
             before_join = len(collections_seen.seen)
             extra = ("--keepalive", "30", "--pings") if hold > 0 else ()
-            with Crowds.join(_Here(port[0]), users, processes, extra=extra) as (_, joined):  # type: ignore[arg-type]
+            here: Any = _Here(port[0])
+            listeners = 50 if talk else 0
+            with Crowds.join(here, users, processes, extra=extra, listeners=listeners, talk=talk) as (_, joined):
                 time.sleep(10)  # the presence worker's records, the retained statuses
                 result["collections_join"] = collections_seen.summary(before_join)
                 result["joined"] = joined["ok"]
@@ -218,7 +230,7 @@ def measure(
                     collections_seen.look = False
                     result["hold_s"] = hold
                     result["collections_hold"] = collections_seen.summary(before_hold)
-                    result["slow_young_collections_hold"] = collections_seen.slow[:10]
+                    result["slow_collections_hold"] = collections_seen.slow[:10]
                     result["tracked_unfrozen_after_hold"] = len(gc.get_objects())
                     result["old_unfrozen_after_hold_by_type"] = _by_type(gc.get_objects(2), top)
                     result["frozen_after_hold"] = gc.get_freeze_count()
@@ -259,12 +271,15 @@ def main() -> None:
     parser.add_argument("--tracemalloc", action="store_true")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--hold", type=float, default=0.0, help="seconds everyone stays, then the collector's figures")
+    parser.add_argument("--talk", type=float, default=0.0, help="room messages/s to 50 listeners meanwhile")
     parser.add_argument(
         "--workers-in-threads", action="store_true", help="the workers in this process too (in the figures)"
     )
     args = parser.parse_args()
     threads = args.workers_in_threads
-    figures = measure(args.users, args.processes, args.tracemalloc, args.top, threads=threads, hold=args.hold)
+    figures = measure(
+        args.users, args.processes, args.tracemalloc, args.top, threads=threads, hold=args.hold, talk=args.talk
+    )
     print(json.dumps(figures, indent=1))
 
 

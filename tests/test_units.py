@@ -296,6 +296,21 @@ def test_service_account_cannot_take_a_user_name(tmp_path: Path) -> None:
     assert store.cached_role("presence") is Role.SERVICE
 
 
+def test_a_service_account_just_keyed_logs_in_without_a_second_argon2(tmp_path: Path) -> None:
+    """imcli serve re-keys its workers' accounts at each start and they log in at once: the
+    password it has just hashed needs no argon2 check (five of them held a start on a loaded
+    machine). Only that password: another one still takes the full check, and fails."""
+    store = AccountStore(tmp_path, FAST)
+    store.ensure_service("presence", "key-of-this-run")
+    assert store.recall("presence", "key-of-this-run") is not None
+    assert store.recall("presence", "key-of-the-last-run") is None
+    assert store.verify("presence", "key-of-the-last-run") is None
+    store.ensure_service("presence", "key-of-the-next-run")  # a restart: the old key is forgotten
+    assert store.recall("presence", "key-of-this-run") is None
+    assert store.recall("presence", "key-of-the-next-run") is not None
+    assert AccountStore(tmp_path, FAST).recall("presence", "key-of-the-next-run") is None  # in memory only
+
+
 def test_remembered_login_is_an_hmac_and_is_forgotten_when_the_account_changes(tmp_path: Path) -> None:
     store = AccountStore(tmp_path, FAST)
     store.add("alice", "password-1")
