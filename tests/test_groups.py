@@ -30,7 +30,7 @@ from tests.rawmqtt import chat
 
 RawFactory = Callable[..., Raw]
 
-broker_kind, broker_under_test, server, users = brokers.BOTH  # every test using `server` on both brokers
+broker_kind, broker_under_test, server, users = brokers.ALL  # every test using `server` on the three brokers
 
 SUBSCRIBE_GRANTED = "Mosquitto 2.0's acl_file grants every SUBSCRIBE; membership is enforced on each delivery instead"
 NO_NOTICES = "Mosquitto has no notices: a refused publish is acknowledged and dropped silently"
