@@ -179,13 +179,15 @@ class FileConnection(Connection):
         size = check_file(path)
         sha = sha256_of(path).hexdigest()
         offer = FileOffer(name=path.name, size=size, sha256=sha, **target)
+        answered = False
         for attempt in range(RETRIES + 1):
             try:
                 reply = self.ask(offer)
             except RequestTimeout:
-                if not attempt:
-                    raise
-                continue  # asked again after a stall: the worker may be reconnecting (the broker closed it)
+                if not answered and attempt >= 1:
+                    raise  # no worker answered twice: there is none (or it is down)
+                continue  # asked again: the worker may be reconnecting (the broker closed it: others' uploads)
+            answered = True
             if isinstance(reply, FileReady):
                 if progress:
                     progress(size, size)

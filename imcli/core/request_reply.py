@@ -108,5 +108,7 @@ class RequestClient:
 
 def no_worker(timeout: float) -> RequestTimeout:
     return RequestTimeout(
-        f"no worker answered within {timeout:g}s", "is the presence worker running? 'imcli serve' starts it"
+        f"no worker answered within {timeout:g}s",
+        "are imcli's workers running? 'imcli serve' starts them, 'imcli workers' beside another broker;"
+        " or you sent too fast",
     )
