@@ -27,8 +27,8 @@ this (seen on a three-node cluster here, tests/test_nats.py shows each):
   dropped by a node that still has the old rights. So a group or friends change is answered
   only once it is in force on every node the worker knows (its ``--host`` list): each users file
   carries a fresh stamp, a subject only the worker's own account may subscribe
-  (``imcli-reload/<stamp>``), and a probe connection to each node subscribes it (QoS 0: no
-  JetStream) until the node grants it (``NatsAuth.attach``, ``RELOAD_WAIT``).
+  (``imcli-reload/<stamp>``), and a probe connection to each node (kept open) subscribes it
+  (QoS 0: no JetStream) until the node grants it (``NatsAuth.attach``, ``RELOAD_WAIT``).
 
 Accounts come from a password file of ``name:password`` lines (the password in clear or as a
 bcrypt hash ``$2a$...``, which nats-server checks itself). Service accounts
@@ -221,6 +221,7 @@ class NatsAuth:
         self._watcher = threading.Thread(target=self._watch, name="imcli-nats-passwd", daemon=True)
         self._address: BrokerAddress | None = None
         self._credentials: Credentials | None = None
+        self._probes: dict[tuple[str, int], MqttClient] = {}  # used in the worker's thread only
 
     def attach(self, address: BrokerAddress, credentials: Credentials) -> None:
         """The nodes to check (every endpoint of ``address``) and the account that checks them: from
@@ -237,6 +238,8 @@ class NatsAuth:
         with self._lock:
             if self._due is not None:
                 self._due.cancel()
+        for node in list(self._probes):
+            self._drop(node)
 
     def reload_passwords(self) -> None:
         """Read the password file now (not at the next look) and apply at once."""
@@ -313,13 +316,48 @@ class NatsAuth:
         deadline = time.monotonic() + timeout
         waiting = list(address.endpoints)
         while waiting:
-            waiting = [node for node in waiting if not _grants(address, credentials, node, topic, deadline)]
+            waiting = [node for node in waiting if not self._grants(address, credentials, node, topic, deadline)]
             if waiting and time.monotonic() >= deadline:
                 log.warning("NATS nodes %s did not reload the users file within %gs", waiting, timeout)
                 return False
             if waiting:
                 time.sleep(PROBE_EVERY)
         return True
+
+    def _grants(
+        self, address: BrokerAddress, credentials: Credentials, node: tuple[str, int], topic: str, deadline: float
+    ) -> bool:
+        """Whether ``node`` lets the prober subscribe ``topic`` (True too if it cannot be reached). One
+        probe connection per node stays open (a new MQTT connection costs the cluster JetStream
+        writes): nats-server checks a SUBSCRIBE on an open connection against the reloaded rights."""
+        probe = self._probes.get(node)
+        try:
+            if probe is None or not probe.connected:
+                if probe is not None:
+                    probe.close()
+                at = dataclasses.replace(address, host=node[0], port=node[1], more=())
+                # a client id per node: NATS sessions are cluster-wide, one id on two nodes would take turns
+                device = f"reload-probe{address.endpoints.index(node) + 1}"
+                probe = MqttClient(at, credentials, f"{credentials.username}:{device}", timeout=RELOAD_WAIT)
+                self._probes[node] = probe
+                probe.connect()
+            probe.timeout = max(0.5, deadline - time.monotonic())
+            refused = probe.subscribe_each([topic], qos=0)
+            if not refused:
+                probe.unsubscribe([topic])
+        except BrokerUnreachable as exc:
+            self._drop(node)
+            log.info("cannot reach NATS node %s:%d to check the reload (%s): passed over", *node, exc)
+            return True
+        except ImcliError:  # refused mid-reload, no SUBACK in time, disconnected: look again
+            self._drop(node)
+            return False
+        return not refused
+
+    def _drop(self, node: tuple[str, int]) -> None:
+        probe = self._probes.pop(node, None)
+        if probe is not None:
+            probe.close()
 
     def _signal(self) -> None:
         for pidfile in self.pidfiles:
@@ -343,20 +381,3 @@ class NatsAuth:
                 fresh, self._passwords = passwords != self._passwords, passwords
             if fresh:
                 self.changed()
-
-
-def _grants(
-    address: BrokerAddress, credentials: Credentials, node: tuple[str, int], topic: str, deadline: float
-) -> bool:
-    """Whether ``node`` lets the prober subscribe ``topic`` (True too if it cannot be reached)."""
-    address = dataclasses.replace(address, host=node[0], port=node[1], more=())
-    client_id = f"{credentials.username}:reload-probe"
-    wait = max(0.5, deadline - time.monotonic())
-    try:
-        with MqttClient(address, credentials, client_id, timeout=wait) as probe:
-            return not probe.subscribe_each([topic], qos=0)
-    except BrokerUnreachable as exc:
-        log.info("cannot reach NATS node %s:%d to check the reload (%s): passed over", *node, exc)
-        return True
-    except ImcliError:  # refused mid-reload, no SUBACK in time: look again
-        return False
