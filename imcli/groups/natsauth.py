@@ -312,10 +312,11 @@ class NatsAuth:
         address, credentials = self._address, self._credentials
         if address is None or credentials is None:
             return True
-        topic = STAMP_TOPIC.format(stamp=stamp)
         deadline = time.monotonic() + timeout
         waiting = list(address.endpoints)
         while waiting:
+            with self._lock:  # a later file (the password watcher's) holds this change too, and its stamp
+                topic = STAMP_TOPIC.format(stamp=self.permissions.stamp or stamp)
             waiting = [node for node in waiting if not self._grants(address, credentials, node, topic, deadline)]
             if waiting and time.monotonic() >= deadline:
                 log.warning("NATS nodes %s did not reload the users file within %gs", waiting, timeout)
