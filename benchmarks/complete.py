@@ -31,6 +31,7 @@ from pathlib import Path
 from imcli.broker.accounts import AccountStore
 from imcli.broker.limits import Limits
 from imcli.broker.settings import BrokerSettings
+from imcli.core.framing import decode_length, encode_length
 from imcli.core.wire import ChatMessage, Topics, encode
 from imcli.serve.host import BackgroundServer
 
@@ -59,17 +60,8 @@ SHAPES = {
 }
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
+    return bytes([first]) + encode_length(len(body)) + body
 
 
 def _field(data: bytes) -> bytes:
@@ -95,15 +87,10 @@ class Client:
                 buf += data
                 pos, answers = 0, bytearray()
                 while True:
-                    length, multiplier, i = 0, 1, pos + 1
-                    while i < len(buf):
-                        length += (buf[i] & 0x7F) * multiplier
-                        multiplier *= 128
-                        i += 1
-                        if not buf[i - 1] & 0x80:
-                            break
-                    else:
+                    header = decode_length(buf, pos + 1)
+                    if header is None:
                         break
+                    length, i = header
                     if len(buf) < i + length:
                         break
                     first = buf[pos]

@@ -5,7 +5,9 @@ For each size and conversation the figure is end to end: from ``imcli send``'s f
 as bytes per second. Beside it on Mosquitto, the same bytes as one raw message,
 ``mosquitto_pub -f`` → ``mosquitto_sub -C 1``: the floor MQTT allows. During the largest DM
 transfer the broker's resident memory is sampled (its growth is reported) and a room's chat
-latency is measured (p99), against the same measure without a transfer.
+latency is measured (p99, and the median), against the same measure without a transfer. The
+sender's, the worker's and the receiver's bulk threads run at the priority ``IMCLI_BULK_PRIORITY``
+chooses (``imcli/core/bulk.py``; the JSON's ``bulk_priority``): set it before the run to compare.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from imcli.client import services
 from imcli.client.files import FileConnection
 from imcli.client.identity import Identity
 from imcli.client.services import Conversation
+from imcli.core import bulk
 from imcli.core.mqtt import BrokerAddress, Credentials
 
 MIB = 1 << 20
@@ -98,6 +101,10 @@ def p99(values: list[float]) -> float | None:
     return round(statistics.quantiles(values, n=100)[98], 1)
 
 
+def p50(values: list[float]) -> float | None:
+    return round(statistics.median(values), 2) if values else None
+
+
 def file_transfer(broker: Broker, sizes_mib: list[int], members: int) -> dict[str, Any]:
     folder = Path(broker.workdir.name) / "files-bench"
     folder.mkdir()
@@ -152,6 +159,8 @@ def _watched(
     finally:
         ping.close()
     out["chat_p99_ms_idle"], out["chat_p99_ms_transfer"] = p99(idle), p99(busy)
+    out["chat_p50_ms_idle"], out["chat_p50_ms_transfer"] = p50(idle), p50(busy)
+    out["bulk_priority"] = bulk.policy()  # the transfer's threads' (imcli/core/bulk.py, IMCLI_BULK_PRIORITY)
     return seconds
 
 

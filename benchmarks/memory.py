@@ -11,6 +11,15 @@ that allocated the bytes (tracemalloc slows the broker and costs memory of its o
 figure is then not the broker's). The workers' process RSS is printed too; with
 ``--workers-in-threads`` the workers run in this process instead, and the figures are theirs and
 the broker's together.
+
+``--talk R`` has ten users say ``R`` room messages a second in all to 50 listeners meanwhile.
+``--hold S`` keeps everyone signed in ``S`` more seconds, each user sending a PINGREQ every 30 s
+(imcli's keepalive), and prints the collector's own pauses, timed in this process
+(``gc.callbacks``: CPU time of the thread that collected, which a loaded machine moves far less
+than wall time) during the join and during the hold, by generation; then one full collection as
+the broker's collector makes it (frozen objects left out), the daily compaction's (everything
+unfrozen), and, once everyone has left, how many unreachable objects the frozen generation kept
+(cycles frozen with the sessions: what only the compaction frees).
 """
 
 from __future__ import annotations
@@ -26,7 +35,9 @@ import tempfile
 import threading
 import time
 import tracemalloc
+import types
 from pathlib import Path
+from typing import Any
 
 from benchmarks.brokers import PASSWORD, _children, rss_mb, user_names
 from benchmarks.scenarios import Crowds
@@ -57,6 +68,70 @@ def _objects_by_type() -> collections.Counter[str]:
     return counts
 
 
+class _Collections:
+    """Every collection of this process: (generation, CPU ms, wall ms, collected), from ``gc.callbacks``."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float, float, int]] = []
+        self._started = self._cpu = 0.0
+
+        self.look = False  # note what a young collection walks (``slow``)
+        self.slow: list[dict[str, object]] = []  # collections that used 5 ms of CPU or more
+        self._walked: dict[str, object] = {}
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            if self.look:
+                self._walked = _young(info["generation"])
+            self._started, self._cpu = time.perf_counter(), time.thread_time()
+        else:
+            cpu, wall = time.thread_time() - self._cpu, time.perf_counter() - self._started
+            self.seen.append((info["generation"], cpu * 1000, wall * 1000, info["collected"]))
+            if self.look and cpu >= 0.005:
+                self.slow.append({"generation": info["generation"], "cpu_ms": round(cpu * 1000, 1), **self._walked})
+
+    def summary(self, since: int) -> dict[str, object]:
+        """Collections after the ``since``-th, by generation: count, CPU ms in all, longest CPU ms."""
+        out: dict[str, object] = {}
+        for generation in (0, 1, 2):
+            these = [c for c in self.seen[since:] if c[0] == generation]
+            out[f"gen{generation}"] = {
+                "count": len(these),
+                "cpu_ms_total": round(sum(c[1] for c in these), 1),
+                "cpu_ms_max": round(max((c[1] for c in these), default=0.0), 2),
+                "wall_ms_max": round(max((c[2] for c in these), default=0.0), 2),
+                "collected": sum(c[3] for c in these),
+            }
+        return out
+
+
+def _young(generation: int) -> dict[str, object]:
+    """What a collection of ``generation`` is about to walk (frozen objects left out): objects, and the
+    largest containers."""
+    objects = [o for g in range(generation + 1) for o in gc.get_objects(g)]
+    containers = (list, dict, set, tuple, collections.deque)
+    sized = sorted(((len(o), type(o).__qualname__) for o in objects if isinstance(o, containers)), reverse=True)
+    return {"objects": len(objects), "largest": sized[:3]}
+
+
+def _by_type(objects: list[object], top: int) -> list[tuple[str, int]]:
+    return collections.Counter(type(o).__qualname__ for o in objects).most_common(top)
+
+
+def _innermost(tb: types.TracebackType) -> str:
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f"{code.co_filename.rsplit('/', 2)[-1]}:{tb.tb_lineno} {code.co_qualname}"
+
+
+def _timed_collection() -> tuple[float, int]:
+    """One full collection now (this thread holds the GIL: the broker's loop waits): CPU ms, collected."""
+    cpu = time.thread_time()
+    collected = gc.collect()
+    return round((time.thread_time() - cpu) * 1000, 2), collected
+
+
 def _write_accounts(data: Path, users: int) -> None:
     from argon2 import PasswordHasher
 
@@ -72,7 +147,16 @@ def _write_accounts(data: Path, users: int) -> None:
     os.chmod(data / AccountStore.FILE_NAME, 0o600)
 
 
-def measure(users: int, processes: int, trace: bool, top: int, *, threads: bool = False) -> dict[str, object]:
+def measure(
+    users: int,
+    processes: int,
+    trace: bool,
+    top: int,
+    *,
+    threads: bool = False,
+    hold: float = 0.0,
+    talk: float = 0.0,
+) -> dict[str, object]:
     from imcli.broker.settings import BrokerSettings
     from imcli.serve.host import ServeInfo, serve_forever
 
@@ -89,6 +173,8 @@ def measure(users: int, processes: int, trace: bool, top: int, *, threads: bool 
         ready = threading.Event()
         port: list[int] = []
         stop: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        collections_seen = _Collections()
+        gc.callbacks.insert(0, collections_seen)  # first: the broker's own callbacks are not in its times
 
         def on_ready(info: ServeInfo) -> None:
             port.append(info.address.port)
@@ -111,8 +197,13 @@ def measure(users: int, processes: int, trace: bool, top: int, *, threads: bool 
         def joined_figures(
             me: int, before: collections.Counter[str], rss_before: float, snap_before: tracemalloc.Snapshot | None
         ) -> None:
-            with Crowds.join(_Here(port[0]), users, processes) as (_, joined):  # type: ignore[arg-type]
+            before_join = len(collections_seen.seen)
+            extra = ("--keepalive", "30", "--pings") if hold > 0 else ()
+            here: Any = _Here(port[0])
+            listeners = 50 if talk else 0
+            with Crowds.join(here, users, processes, extra=extra, listeners=listeners, talk=talk) as (_, joined):
                 time.sleep(10)  # the presence worker's records, the retained statuses
+                result["collections_join"] = collections_seen.summary(before_join)
                 result["joined"] = joined["ok"]
                 result["rss_mb_before"] = round(rss_before, 1)
                 result["rss_mb_after"] = round(rss_mb(me), 1)
@@ -132,6 +223,36 @@ def measure(users: int, processes: int, trace: bool, top: int, *, threads: bool 
                 result["top_types_per_user"] = [
                     (k, round(v / users, 2)) for k, v in sorted(grown.items(), key=lambda kv: -kv[1])[:top]
                 ]
+                if hold > 0:
+                    before_hold = len(collections_seen.seen)
+                    collections_seen.look = True
+                    time.sleep(hold)
+                    collections_seen.look = False
+                    result["hold_s"] = hold
+                    result["collections_hold"] = collections_seen.summary(before_hold)
+                    result["slow_collections_hold"] = collections_seen.slow[:10]
+                    result["tracked_unfrozen_after_hold"] = len(gc.get_objects())
+                    result["old_unfrozen_after_hold_by_type"] = _by_type(gc.get_objects(2), top)
+                    result["frozen_after_hold"] = gc.get_freeze_count()
+                    # as the broker's collector makes one (its callback freezes what survives)
+                    result["full_collection_cpu_ms_collected"] = _timed_collection()
+                    gc.unfreeze()  # the daily compaction's collection (gcpause._compact)
+                    result["compaction_cpu_ms_collected"] = _timed_collection()
+            if hold > 0:
+                time.sleep(10)  # everyone has left: their sessions end
+                result["frozen_after_leaving"] = gc.get_freeze_count()
+                gc.unfreeze()
+                # what freezing kept: unreachable objects among those frozen since the compaction
+                gc.set_debug(gc.DEBUG_SAVEALL)
+                result["unreachable_after_leaving_cpu_ms_collected"] = _timed_collection()
+                gc.set_debug(0)
+                result["unreachable_after_leaving_by_type"] = _by_type(gc.garbage, top)
+                # where the kept exceptions were raised: each traceback's innermost frame
+                where = collections.Counter(_innermost(o) for o in gc.garbage if isinstance(o, types.TracebackType))
+                result["unreachable_tracebacks_raised_in"] = where.most_common(top)
+                gc.garbage.clear()
+                result["tracked_after_leaving"] = gc.get_freeze_count() + len(gc.get_objects())
+                result["rss_mb_after_leaving"] = round(rss_mb(me), 1)
 
         async def main() -> None:
             event = asyncio.Event()
@@ -149,11 +270,16 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--tracemalloc", action="store_true")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--hold", type=float, default=0.0, help="seconds everyone stays, then the collector's figures")
+    parser.add_argument("--talk", type=float, default=0.0, help="room messages/s to 50 listeners meanwhile")
     parser.add_argument(
         "--workers-in-threads", action="store_true", help="the workers in this process too (in the figures)"
     )
     args = parser.parse_args()
-    figures = measure(args.users, args.processes, args.tracemalloc, args.top, threads=args.workers_in_threads)
+    threads = args.workers_in_threads
+    figures = measure(
+        args.users, args.processes, args.tracemalloc, args.top, threads=threads, hold=args.hold, talk=args.talk
+    )
     print(json.dumps(figures, indent=1))
 
 

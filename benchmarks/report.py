@@ -41,7 +41,8 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
     "files": [(f"{kind}_{size}MiB_MBps", f"{label} {size}M MB/s") for kind, label in
               (("dm", "DM"), ("group", "group"), ("raw", "raw")) for size in (1, 10, 100)]
              + [("rss_growth_MiB", "RSS +MiB"), ("chat_p99_ms_idle", "chat p99 ms"),
-                ("chat_p99_ms_transfer", "in transfer")]
+                ("chat_p99_ms_transfer", "in transfer"), ("chat_p50_ms_idle", "chat p50 ms"),
+                ("chat_p50_ms_transfer", "p50 in transfer")]
              + [(f"{kind}_cpu_ms_per_MiB_{part}", f"{kind} {part} CPU ms/MiB") for kind in ("dm", "group")
                 for part in ("broker", "workers", "clients")],
     "devices": [("devices", "devices"), ("reconnects_per_s", "reconnects/s"), ("refusals_per_s", "wrong creds/s"),

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from imcli.core.framing import decode_length, encode_length
 from imcli.core.wire import ChatMessage, encode
 
 # paho 2 reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes
@@ -184,16 +185,6 @@ def connect_raw(
 # ---------------------------------------------------------------- MQTT frames by hand (raw sockets)
 
 
-def varint(n: int) -> bytes:
-    """MQTT's remaining-length encoding."""
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def field(data: bytes, length: int | None = None) -> bytes:
     """An MQTT length-prefixed field; ``length`` lies about the size when given."""
     return (len(data) if length is None else length).to_bytes(2, "big") + data
@@ -201,7 +192,7 @@ def field(data: bytes, length: int | None = None) -> bytes:
 
 def packet(first: int, body: bytes, length: int | None = None) -> bytes:
     """A packet: the fixed header's first byte, the remaining length (or a lie), the body."""
-    return bytes([first]) + varint(len(body) if length is None else length) + body
+    return bytes([first]) + encode_length(len(body) if length is None else length) + body
 
 
 def connect_packet(
@@ -245,15 +236,10 @@ def read_packets(
             break
         buf += chunk
         while len(buf) >= 2:
-            length, multiplier, i = 0, 1, 1
-            while i < len(buf):
-                length += (buf[i] & 0x7F) * multiplier
-                multiplier *= 128
-                i += 1
-                if not buf[i - 1] & 0x80:
-                    break
-            else:
+            header = decode_length(buf, 1)
+            if header is None:
                 break
+            length, i = header
             if len(buf) < i + length:
                 break
             got.append((buf[0], bytes(buf[i : i + length])))

@@ -16,7 +16,7 @@ from imcli.broker.accounts import Role
 from imcli.broker.acl import TopicAcl
 from imcli.broker.admission import over_connection_limit, over_subscription_limit, refuse_new_session
 from imcli.broker.connection_gate import bound_client_id, shown_username, will_allowed
-from imcli.broker.limits import Limits
+from imcli.broker.limits import REQUEST_NOTICES, Limits, PublishRate
 from imcli.broker.listeners import peer_host
 from imcli.broker.output import HELD_COPY, OutputBound, Verdict
 from imcli.broker.pending import PendingConnections
@@ -133,6 +133,30 @@ def test_one_rate_notice_a_second_at_most() -> None:
     assert first.telling.code == "rate"
     assert again == Decision(deliver=False)
     assert checks.judge("presence", "im/presence/alice", 1, retain=False).deliver  # workers have no rate
+
+
+def test_dropped_requests_are_told_beyond_one_notice_a_second() -> None:
+    """One rate notice a second about anything, and up to ``REQUEST_NOTICES`` more about dropped
+    requests (each has an asker waiting), each naming its topic and when to retry."""
+    rate = PublishRate(rate=2, burst=1)
+    assert rate.allow("alice", 0.0)
+    assert not rate.allow("alice", 0.0)
+    assert rate.retry_after("alice", 0.0) == 0.5
+    assert rate.retry_after("alice", 0.25) == 0.25
+    assert rate.should_warn("alice", 0.0)
+    assert not rate.should_warn("alice", 0.1)
+    assert [rate.should_warn("alice", 0.1, request=True) for _ in range(REQUEST_NOTICES + 1)] == [True] * (
+        REQUEST_NOTICES
+    ) + [False]
+    assert rate.should_warn("alice", 1.2, request=True)  # a second later: again
+
+    checks = PublishChecks(access(), Limits(publish_rate=1.0, publish_burst=1), 100)
+    assert checks.judge("alice", "im/room/lobby/alice", 1, retain=False).deliver  # the one token
+    assert checks.judge("alice", "im/room/lobby/alice", 1, retain=False).telling is not None  # the notice a second
+    assert checks.judge("alice", "im/room/lobby/alice", 1, retain=False).telling is None
+    told = checks.judge("alice", "im/request/alice/" + "a" * 32, 1, retain=False).telling
+    assert told is not None and told.code == "rate" and told.topic == "im/request/alice/" + "a" * 32
+    assert told.retry is not None and 0 < told.retry <= 1.0
 
 
 # ---------------------------------------------------------------- connection gate

@@ -15,10 +15,12 @@ import pytest
 
 from benchmarks.complete import SHAPES, run
 from imcli.broker.accounts import AccountStore
+from imcli.core.wire import DeviceStatus, Topics, encode
 from imcli.serve.host import ServeInfo
 from tests.rawmqtt import chat, connect_packet, field, packet, password_of, publish_packet, read_packets
 
 PINGREQ = b"\xc0\x00"
+T = Topics()
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
@@ -53,3 +55,51 @@ def test_packets_sent_at_once_are_answered_in_order(server: ServeInfo) -> None:
     heard = [body for first, body in got if first >> 4 == 3]  # the copy may come before or after the PINGRESP
     assert len(heard) == 1  # only what was said after the subscription
     assert b"after the SUBSCRIBE" in heard[0]
+
+
+def test_retained_messages_for_a_subscription_come_as_retained_and_wait_for_their_puback(server: ServeInfo) -> None:
+    """A subscription's retained messages go out in the connection's batched write, like fan-out
+    copies, with the RETAIN flag and a packet id each, and stay in flight until their PUBACK: amqtt's
+    own path gave each a task that gave up after 5 s without a PUBACK (a failed delivery logged per
+    copy: 15,553 in a 10,000-user run, docs/PERFORMANCE.md)."""
+    assert server.broker is not None
+    store = AccountStore(server.data_dir)
+    names = ["alice", "bob", "carol", "mallory"]
+    for name in names:
+        store.add(name, password_of(name))
+    status = encode(DeviceStatus(interval=3600))
+    address = (server.address.host, server.address.port)
+    with socket.create_connection(address, timeout=10) as probe:
+        # three users' presence records, retained by the presence worker once their statuses come
+        probe.sendall(connect_packet(b"mallory:probe", b"mallory", password_of("mallory").encode(), keepalive=0))
+        probe.sendall(packet(0x82, b"\x00\x01" + field(b"im/presence/+") + b"\x00"))
+        read_packets(probe, lambda p: len(p) >= 2)  # CONNACK, SUBACK
+        for i, name in enumerate(names[:3], start=1):
+            with socket.create_connection(address, timeout=10) as other:
+                other.sendall(connect_packet(f"{name}:laptop".encode(), name.encode(), password_of(name).encode()))
+                retained = publish_packet(T.status(name, "laptop").encode(), status, qos=1, packet_id=i)
+                other.sendall(bytes([retained[0] | 0x01]) + retained[1:])
+                read_packets(other, lambda p: len(p) >= 2)  # CONNACK, PUBACK
+                other.sendall(b"\xe0\x00")
+        read_packets(probe, lambda p: len({body for first, body in p if first >> 4 == 3}) >= 3)
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(connect_packet(b"mallory:retained", b"mallory", password_of("mallory").encode(), keepalive=0))
+        sock.sendall(packet(0x82, b"\x00\x01" + field(b"im/presence/+") + b"\x01"))
+        got, closed = read_packets(sock, lambda p: sum(1 for first, _ in p if first >> 4 == 3) >= 3)
+        assert not closed
+        assert got[:2] == [(0x20, b"\x00\x00"), (0x90, b"\x00\x01\x01")]
+        records = [(first, body) for first, body in got if first >> 4 == 3]
+        assert len(records) == 3
+        assert {first for first, _ in records} == {0x33}  # QoS 1, RETAIN
+        ids = [body[2 + int.from_bytes(body[:2], "big") :][:2] for _, body in records]
+        assert len(set(ids)) == 3
+        assert sorted(body[2 : 2 + int.from_bytes(body[:2], "big")] for _, body in records) == [
+            f"im/presence/{name}".encode() for name in names[:3]
+        ]
+        sessions = server.broker._sessions  # amqtt private: (session, handler) by client id
+        handlers = [handler for _, handler in sessions.values() if handler.session.client_id == "mallory:retained"]
+        assert len(handlers) == 1
+        assert len(handlers[0].in_flight) == 3  # in flight until their PUBACKs, however long they take
+        sock.sendall(b"".join(b"\x40\x02" + pid for pid in ids) + PINGREQ)
+        got, _ = read_packets(sock, lambda p: any(first == 0xD0 for first, _ in p))
+        assert len(handlers[0].in_flight) == 0

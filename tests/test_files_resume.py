@@ -139,6 +139,10 @@ def test_uploads_in_flight_are_limited_and_abandoned_ones_removed(tmp_path: Path
 
 @brokers.EMBEDDED_ONLY  # about imcli serve itself, which it starts
 @pytest.mark.slow
+# two starts of `imcli serve` as subprocesses (their imports, real argon2, the workers' child):
+# 20 to 35 s each measured under two busy loops, and each wait below allows 90 s; the default
+# 120 s for the whole test was less than its own waits, and ran out under load
+@pytest.mark.timeout(300)
 def test_kill_9_of_serve_loses_no_confirmed_upload(
     tmp_path: Path, procs: Callable[..., Proc], cli_as: Callable[[str], Cli]
 ) -> None:

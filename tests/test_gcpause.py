@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from typing import Any
 
 import pytest
 
@@ -49,3 +50,81 @@ def test_the_notes_are_logged_as_warnings(caplog: pytest.LogCaptureFixture) -> N
         timer.flush()
     assert "paused the broker 123.0 ms (generation 2, CPU 45.0 ms, 7 collected)" in caplog.text
     assert timer.long == []
+
+
+def test_the_tick_collects_and_comes_again() -> None:
+    """``_tick``: a full collection from the event loop, then the next one ``TICK`` seconds later."""
+    scheduled: list[tuple[float, object]] = []
+    collections: list[int] = []
+
+    class Loop:
+        def call_later(self, delay: float, callback: object, *args: object) -> None:
+            scheduled.append((delay, callback))
+
+    def note(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(note)
+    try:
+        gcpause._tick(Loop())  # type: ignore[arg-type]
+    finally:
+        gc.callbacks.remove(note)
+    assert 2 in collections
+    assert scheduled == [(gcpause.TICK, gcpause._tick)]
+
+
+def test_a_reset_connection_leaves_no_cycle_through_its_exception() -> None:
+    """The reader's exception is also its stream's; its traceback would hold the frames that hold the
+    stream, the transport and the handler: a cycle that a frozen connection keeps until the compaction.
+    The reader drops the traceback when the connection ends."""
+    import asyncio
+
+    from imcli.broker.reader import PacketReader, StreamGuard
+
+    reset = ConnectionResetError("reset by peer")
+
+    class Stream:
+        async def read(self, n: int) -> bytes:
+            raise reset
+
+    class Event:
+        def set(self) -> None:
+            pass
+
+    class Handler:
+        session = None
+        answered = 0
+        _reader_ready = _reader_stopped = Event()
+
+        async def handle_connection_closed(self) -> None:
+            pass
+
+        async def stop(self) -> None:
+            pass
+
+    async def main() -> None:
+        stream: Any = Stream()
+        guard = StreamGuard(None, None, 10.0, 64, stream=stream, transport=stream, readable=lambda: True)
+        await PacketReader(Handler(), guard).run()
+
+    asyncio.run(main())
+    assert reset.__traceback__ is None
+
+
+def test_the_exception_that_ended_a_stream_loses_its_traceback() -> None:
+    import asyncio
+
+    async def main() -> None:
+        reader = asyncio.StreamReader()
+        try:
+            raise ConnectionResetError("reset by peer")
+        except ConnectionResetError as exc:
+            reader.set_exception(exc)
+        kept = reader.exception()
+        assert kept is not None and kept.__traceback__ is not None
+        gcpause.release_stream(reader)
+        assert kept.__traceback__ is None
+        gcpause.release_stream(asyncio.StreamReader())  # one that ended cleanly: nothing to drop
+
+    asyncio.run(main())

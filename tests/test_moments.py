@@ -326,17 +326,44 @@ def test_a_moments_image_is_for_the_author_and_current_friends_only(
     two = FileOffer(name="x.png", size=len(data), sha256=forged.sha256, moments="carol", room="lobby")
     assert isinstance(_ask(c, "carol", two), ErrorReply)
 
-    # a deleted moment's image stays the author's and her current friends' (never anyone else's)
-    assert alice("moments", "delete", post_id).exit_code == 0
-    assert _can_fetch(a, "alice", file_id) and _can_fetch(b, "bob", file_id)
-    assert not _can_fetch(c, "carol", file_id)
-
     # unfriended, bob keeps the id and loses the image; alice keeps it
     assert alice("friend", "remove", "bob").exit_code == 0
     assert _eventually(lambda: not _can_fetch(b, "bob", file_id))
     assert _listed(b, "bob", mine) is None
     assert file_id not in (_listed(b, "bob", FileListRequest()) or [])
     assert _can_fetch(a, "alice", file_id)
+
+    # deleting the moment deletes its image (file_delete): gone for its author too
+    deleted = alice("moments", "delete", post_id)
+    assert deleted.exit_code == 0 and deleted.stdout == f"deleted {post_id} and its 1 image\n"
+    assert not _can_fetch(a, "alice", file_id)
+    assert _listed(a, "alice", mine) == []
+
+
+def test_deleting_a_moment_deletes_the_images_no_other_moment_shows(people: dict[str, Cli], tmp_path: Path) -> None:
+    from PIL import Image
+
+    shared, own = tmp_path / "shared.png", tmp_path / "own.png"
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(shared, "PNG")
+    Image.new("RGB", (40, 30), (10, 10, 200)).save(own, "PNG")
+    alice, bob = people["alice"], people["bob"]
+    first = alice("moments", "post", "first", "--image", str(shared)).stdout.split()[1]
+    second = alice("moments", "post", "second", "--image", str(shared), "--image", str(own)).stdout.split()[1]
+    files = {m["text"]: [i["file"] for i in m["images"]] for m in _feed(bob)["moments"]}
+    shared_id, own_id = files["second"]
+    assert files["first"] == [shared_id]  # the same image sent again is the same file
+
+    deleted = alice("moments", "delete", second)
+    assert deleted.exit_code == 0 and deleted.stdout == f"deleted {second} and its 1 image\n"
+    gone = bob("get", own_id, "--output", str(tmp_path / "own-copy.png"))
+    assert gone.exit_code == 1 and gone.stderr.startswith(f"Error: no file {own_id}"), gone.stderr
+    kept = bob("get", shared_id, "--output", str(tmp_path / "shared-copy.png"))
+    assert kept.exit_code == 0 and (tmp_path / "shared-copy.png").read_bytes() == shared.read_bytes()
+
+    assert alice("rm", shared_id).exit_code == 0  # removed by hand first: the moment's delete goes on
+    deleted = alice("moments", "delete", first)
+    assert deleted.exit_code == 0 and deleted.stdout == f"deleted {first}\n"
+    assert _feed(bob)["moments"] == []
 
 
 def test_an_unfriended_download_of_a_moments_file_stops(

@@ -17,6 +17,7 @@ from imcli.cli.render import safe
 from imcli.client.listener import RecentIds, to_received
 from imcli.client.services import prepare_text
 from imcli.core.errors import InvalidInput, NameTaken, NotFound
+from imcli.core.framing import MAX_REMAINING_LENGTH, MalformedLength, decode_length, encode_length
 from imcli.core.mqtt import Message
 from imcli.core.request_reply import RequestClient, request_timeout
 from imcli.core.wire import (
@@ -295,6 +296,21 @@ def test_service_account_cannot_take_a_user_name(tmp_path: Path) -> None:
     assert store.cached_role("presence") is Role.SERVICE
 
 
+def test_a_service_account_just_keyed_logs_in_without_a_second_argon2(tmp_path: Path) -> None:
+    """imcli serve re-keys its workers' accounts at each start and they log in at once: the
+    password it has just hashed needs no argon2 check (five of them held a start on a loaded
+    machine). Only that password: another one still takes the full check, and fails."""
+    store = AccountStore(tmp_path, FAST)
+    store.ensure_service("presence", "key-of-this-run")
+    assert store.recall("presence", "key-of-this-run") is not None
+    assert store.recall("presence", "key-of-the-last-run") is None
+    assert store.verify("presence", "key-of-the-last-run") is None
+    store.ensure_service("presence", "key-of-the-next-run")  # a restart: the old key is forgotten
+    assert store.recall("presence", "key-of-this-run") is None
+    assert store.recall("presence", "key-of-the-next-run") is not None
+    assert AccountStore(tmp_path, FAST).recall("presence", "key-of-the-next-run") is None  # in memory only
+
+
 def test_remembered_login_is_an_hmac_and_is_forgotten_when_the_account_changes(tmp_path: Path) -> None:
     store = AccountStore(tmp_path, FAST)
     store.add("alice", "password-1")
@@ -376,3 +392,24 @@ def test_workers_and_serve_keep_their_archives_apart(monkeypatch: pytest.MonkeyP
     broker, workers = default_data_dir(), default_workers_dir()
     assert broker.parent == workers.parent == tmp_path / "imcli"
     assert broker != workers
+
+
+# ---------------------------------------------------------------- the remaining length (imcli/core/framing.py)
+
+
+@given(st.integers(0, MAX_REMAINING_LENGTH), st.binary(max_size=8))
+def test_a_remaining_length_decodes_to_itself_and_says_where_the_body_starts(n: int, after: bytes) -> None:
+    encoded = encode_length(n)
+    assert len(encoded) == 1 + (n >= 128) + (n >= 128**2) + (n >= 128**3)
+    assert decode_length(b"\x30" + encoded + after, 1) == (n, 1 + len(encoded))
+    for cut in range(len(encoded)):  # not all of it has come: wait for more
+        assert decode_length(b"\x30" + encoded[:cut], 1) is None
+
+
+def test_a_remaining_length_of_five_bytes_is_refused_at_its_fourth() -> None:
+    assert decode_length(b"\x30\xff\xff\xff\x7f", 1) == (MAX_REMAINING_LENGTH, 5)
+    assert decode_length(b"\x30\x85\x00", 1) == (5, 3)  # a needless second byte is still a length
+    with pytest.raises(MalformedLength, match="more than 4 bytes"):
+        decode_length(b"\x30\xff\xff\xff\xff", 1)  # no fifth byte needed to know
+    with pytest.raises(ValueError, match="0 to 268435455"):
+        encode_length(MAX_REMAINING_LENGTH + 1)

@@ -246,6 +246,56 @@ def test_an_image_sent_from_the_page_shows_inline_for_the_others(web: ServeInfo,
         no_errors(alice, bob)
 
 
+def _publishes(stream: bytes) -> list[tuple[str, int]]:
+    """(topic, payload bytes) of each PUBLISH in a client's MQTT 3.1.1 byte stream."""
+    found, at = [], 0
+    while at < len(stream):
+        first, size, shift = stream[at], 0, 0
+        at += 1
+        while True:  # the remaining length: 7 bits a byte, low first
+            size |= (stream[at] & 0x7F) << shift
+            shift, at = shift + 7, at + 1
+            if not stream[at - 1] & 0x80:
+                break
+        if first >> 4 == 3:  # PUBLISH: topic, packet id at QoS 1 and 2, payload
+            topic_len = int.from_bytes(stream[at : at + 2], "big")
+            header = 2 + topic_len + (2 if (first >> 1) & 3 else 0)
+            found.append((stream[at + 2 : at + 2 + topic_len].decode(), size - header))
+        at += size
+    return found
+
+
+def _frame_bytes(frame: str | bytes) -> bytes:
+    return frame if isinstance(frame, bytes) else frame.encode()
+
+
+def test_a_file_from_the_page_goes_in_chunks_of_the_upload_limit(web: ServeInfo, tmp_path: Path) -> None:
+    """The page uploads in the chunks the files worker names (the broker's limit on upload topics,
+    256 KiB), as ``imcli send`` does, not in chat's 16 KiB; the bytes arrive whole."""
+    data = tmp_path / "notes.bin"
+    data.write_bytes(os.urandom(600 << 10))
+    carol = cli(web, tmp_path, "carol")
+    sent: list[bytes] = []
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.p.on(
+            "websocket",
+            lambda ws: ws.on(
+                "framesent", lambda frame: sent.append(bytes(frame, "latin-1") if isinstance(frame, str) else frame)
+            ),
+        )
+        alice.sign_in(password_of("alice"), register=True)
+        alice.p.set_input_files("#file-input", str(data))
+        alice.p.wait_for_selector("#messages li[data-from='alice'] .file .name:text-is('notes.bin')")
+        no_errors(alice)
+    chunks = [size for topic, size in _publishes(b"".join(sent)) if "/upload/alice/" in topic]
+    # imcli serve's limit on upload topics is 256 KiB: a chunk is 8 bytes of offset and 262,136 of the file
+    assert chunks == [262144, 262144, 8 + (600 << 10) - 2 * 262136]
+    (notes,) = [f for f in json.loads(ok(carol, "files", "--json")) if f["name"] == "notes.bin"]
+    ok(carol, "get", notes["id"], "-o", str(tmp_path / "got.bin"))
+    assert (tmp_path / "got.bin").read_bytes() == data.read_bytes()
+
+
 def test_public_groups_are_joined_from_the_list_and_left(web: ServeInfo, tmp_path: Path) -> None:
     carol = cli(web, tmp_path, "carol")
     ok(carol, "group", "create", "open-house")
@@ -341,6 +391,32 @@ def test_moments_between_friends(web: ServeInfo) -> None:
         assert alice.p.evaluate("() => window.__pwned") is None
         assert bob.p.locator("#feed a, #feed script").count() == 0
         no_errors(alice, bob)
+
+
+def test_a_moment_deleted_from_the_page_takes_its_image_with_it(web: ServeInfo, tmp_path: Path) -> None:
+    from PIL import Image
+
+    picture = tmp_path / "moment.png"
+    Image.new("RGB", (40, 30), (200, 60, 10)).save(picture, "PNG")
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.sign_in(password_of("alice"), register=True)
+        terminal = cli(web, tmp_path, "alice")  # the same account on the command line
+        ok(terminal, "moments", "post", "with a picture", "--image", str(picture))
+        (moment,) = json.loads(ok(terminal, "moments", "--json"))["moments"]
+        file_id = moment["images"][0]["file"]
+        ok(terminal, "get", file_id, "-o", str(tmp_path / "before.png"))
+        alice.p.click("#moments-open")
+        mine = "#feed li.moment[data-author='alice']"
+        alice.p.wait_for_selector(mine)
+        alice.p.click(f"{mine} button:has-text('Delete')")
+        alice.p.wait_for_selector(mine, state="detached")
+        alice.p.wait_for_function(
+            "() => document.getElementById('status').textContent === 'moment deleted, and its 1 image'"
+        )
+        no_errors(alice)
+    gone = terminal("get", file_id, "-o", str(tmp_path / "after.png"))
+    assert gone.exit_code == 1 and f"no file {file_id}" in gone.output
 
 
 def test_hostile_text_stays_text(web: ServeInfo, tmp_path: Path) -> None:

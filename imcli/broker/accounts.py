@@ -3,8 +3,9 @@
 The running broker and the operator's ``imcli admin user …`` commands share the file:
 writers take an exclusive ``flock`` and replace the file atomically; readers notice a
 changed file by its ``stat`` and reload. Passwords exist only as argon2id hashes
-(argon2-cffi's defaults, RFC 9106 "low memory": t=3, m=64 MiB, p=4); neither a password
-nor a hash is ever logged.
+(argon2-cffi's defaults, RFC 9106 "low memory": t=3, m=64 MiB, p=4; the workers' service
+accounts, whose passwords are random keys of one run, at t=1, m=1 MiB, p=1); neither a
+password nor a hash is ever logged.
 
 A full verification costs about 150 ms of CPU and 64 MiB, on purpose. So that a team
 reconnecting after a network blip (or ``imcli say`` in a loop) is not throttled to a few
@@ -79,6 +80,13 @@ def check_password(password: str) -> str:
     if password.startswith(DEVICE_CREDENTIAL_PREFIX):  # the broker reads such a password as a device credential
         raise InvalidInput(f"a password may not start with {DEVICE_CREDENTIAL_PREFIX!r}", "choose another password")
     return password
+
+
+# A service account's password is a random key of one run (imcli/broker/server.py's
+# new_service_password, 192 bits): argon2's cost protects passwords people choose, which can be
+# guessed, and a key cannot; at its lowest cost imcli serve re-keys its five workers in
+# milliseconds instead of seconds of CPU (each ~1.5 s on a loaded 2-core machine).
+SERVICE_KEY_HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 
 
 class AccountStore:
@@ -235,8 +243,13 @@ class AccountStore:
                 accounts[name] = Account(name, role, now, digest)
 
     def ensure_service(self, name: str, password: str) -> None:
-        """Create or re-key a service account (used by ``imcli serve`` for its own workers)."""
-        hashed = self._hasher.hash(check_password(password))
+        """Create or re-key a service account (used by ``imcli serve`` for its own workers, with a
+        random key of at least 128 bits: argon2 at its lowest cost, ``SERVICE_KEY_HASHER``).
+
+        The password just hashed is remembered as verified (``recall``): the worker's login that
+        follows costs no argon2 check. Each start of ``imcli serve`` re-keys its five workers; on a
+        loaded machine those hashes and checks, one after another, held its start for 10 s and more."""
+        hashed = SERVICE_KEY_HASHER.hash(check_password(password))
         with self._locked() as accounts:
             old = accounts.get(name)
             if old is not None and old.role is not Role.SERVICE:
@@ -244,7 +257,8 @@ class AccountStore:
                     f"the service account name {name!r} belongs to a user",
                     "remove that user or configure another service account name",
                 )
-            accounts[name] = Account(name, Role.SERVICE, old.created if old else time.time(), hashed)
+            account = accounts[name] = Account(name, Role.SERVICE, old.created if old else time.time(), hashed)
+        self._verified[name] = self._login_digest(account, password)  # after the re-read, which forgets the old
 
     def set_password(self, name: str, password: str) -> None:
         """A new password for an existing account (``imcli passwd``); its devices keep working."""

@@ -40,7 +40,7 @@ from imcli.broker.connection_gate import ConnectionGate
 from imcli.broker.device_service import DeviceService
 from imcli.broker.devices import DeviceStore
 from imcli.broker.fanout import FanOut, InFlight, SessionFilters
-from imcli.broker.gcpause import release_transport
+from imcli.broker.gcpause import release_stream, release_transport
 from imcli.broker.journal import ArchiveWriter, Journal
 from imcli.broker.listeners import Connections, peer_host, serve, stop_listening
 from imcli.broker.notices import Notifier
@@ -354,6 +354,7 @@ class ImBroker(Broker):
                 await self._client_connected(listener_name, guard, adapter)
         finally:
             release_transport(transport)  # freed by reference counting, not by a full collection
+            release_stream(reader)  # the same for a connection its peer reset
 
     async def ws_connected(self, websocket: Any, listener_name: str) -> None:
         adapter, transport = WebSocketsWriter(websocket), websocket.transport  # the WebSocket's TCP (or TLS) one

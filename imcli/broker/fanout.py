@@ -148,16 +148,18 @@ def _remaining_length(length: int) -> bytes:
 
 
 class EncodedPublish:
-    """One message's PUBLISH packet, encoded once; QoS 1 copies differ only in the packet id."""
+    """One message's PUBLISH packet, encoded once; QoS 1 copies differ only in the packet id.
+    ``retain``: the RETAIN flag, set on a retained message sent for a new subscription."""
 
-    __slots__ = ("data", "qos0", "qos1_head", "topic")
+    __slots__ = ("data", "qos0", "qos1_head", "retain", "topic")
 
-    def __init__(self, topic: str, data: bytes) -> None:
-        self.topic, self.data = topic, data
+    def __init__(self, topic: str, data: bytes, retain: bool = False) -> None:
+        self.topic, self.data, self.retain = topic, data, retain
         name = topic.encode()
         variable = len(name).to_bytes(2, "big") + name
-        self.qos0 = b"\x30" + _remaining_length(len(variable) + len(data)) + variable + data
-        self.qos1_head = b"\x32" + _remaining_length(len(variable) + 2 + len(data)) + variable
+        flag = 1 if retain else 0
+        self.qos0 = bytes((0x30 | flag,)) + _remaining_length(len(variable) + len(data)) + variable + data
+        self.qos1_head = bytes((0x32 | flag,)) + _remaining_length(len(variable) + 2 + len(data)) + variable
 
 
 class InFlight:
@@ -243,7 +245,7 @@ class Deliveries:
         # what amqtt's _handle_qos1_message_flow records (its redelivery on reconnect and its
         # packet ids look there), and the copy in the connection's own table, which its reader
         # (imcli/broker/reader.py) settles when the PUBACK comes: no future and no callback per copy
-        outgoing = OutgoingApplicationMessage(packet_id, message.topic, 1, message.data, False)
+        outgoing = OutgoingApplicationMessage(packet_id, message.topic, 1, message.data, message.retain)
         size = len(message.qos1_head) + 2 + len(message.data)
         outlet = self._output.hold(handler.writer, size) if self._output is not None else None  # until its PUBACK
         handler.in_flight.add(session, packet_id, outgoing, size, outlet)
@@ -316,19 +318,39 @@ class FanOut:
         one event-loop round (at least) after the publisher's; nothing else here waits on that
         loop any more (its wakeups, under load, once stalled a QoS 1 fan-out for good:
         docs/PERFORMANCE.md). Nothing in ``send`` suspends: the offline queue is unbounded."""
+        deliveries = self._batch()
+        await self.send(broadcast, deliveries, self._tasks)
+        deliveries.flush_soon()
+
+    def _batch(self) -> Deliveries:
         if self._deliveries is None:
             self._deliveries = Deliveries(asyncio.get_running_loop(), self.output)
-        await self.send(broadcast, self._deliveries, self._tasks)
-        self._deliveries.flush_soon()
+        return self._deliveries
 
     def publish_later(self, handler: Any, messages: list[tuple[str, bytes, int]], *, retain: bool) -> None:
-        """Send one connection ``messages`` (a subscription's retained state) through amqtt's own
-        path, in tasks of their own that nobody waits for."""
+        """Send one connection ``messages`` (a subscription's retained state, or what a resumed
+        session's queue kept), in order, without waiting for them.
+
+        Over TCP, QoS 0 and 1 go into the connection's batched write as fan-out copies do (a QoS 1
+        copy waits for its PUBACK in the connection's in-flight table, ``InFlight``, for as long as
+        the connection lasts). amqtt's own ``mqtt_publish`` (kept for QoS 2 and WebSocket) gives
+        each its own task and gives up after 5 s without the PUBACK, raising ``TimeoutError``: a
+        watcher subscribing to the presence of 10,000 users got 10,000 tasks at once, and every
+        copy its client had not acknowledged within 5 s (a client reading 10,000 messages on a
+        loaded machine) was logged as a failed delivery, although it had been delivered
+        (docs/PERFORMANCE.md, issue 21)."""
+        session = handler.session
+        direct = session is not None and isinstance(handler.writer, StreamWriterAdapter)
+        deliveries = self._batch()
         for topic, data, qos in messages:
+            if direct and qos in (0, 1):
+                deliveries.add(handler, session, EncodedPublish(topic, bytes(data or b""), retain), qos)
+                continue
             task = asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain))
             self._tasks.add(task)
             task.add_done_callback(_finished)
             task.add_done_callback(self._tasks.discard)
+        deliveries.flush_soon()
 
     def cancel_tasks(self) -> None:
         """At shutdown: the copies still in amqtt's own publish tasks (QoS 2, WebSocket)."""

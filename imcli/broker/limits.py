@@ -57,11 +57,16 @@ class Limits:
     listen_backlog: int = 4096
 
 
+REQUEST_NOTICES = 10  # rate notices a second about dropped requests, beyond the one about anything
+
+
 @dataclass
 class _Bucket:
     tokens: float
     stamp: float
     warned: float = -1e9
+    requests_warned: int = 0  # rate notices about requests in the second since requests_since
+    requests_since: float = -1e9
 
 
 @dataclass
@@ -83,12 +88,29 @@ class PublishRate:
             return True
         return False
 
-    def should_warn(self, account: str, now: float) -> bool:
-        """At most one notice a second, so a flood of refusals is not answered by a flood."""
+    def retry_after(self, account: str, now: float) -> float:
+        """Seconds until ``account`` has a token again (0: now)."""
+        bucket = self._buckets.get(account)
+        if bucket is None:
+            return 0.0
+        tokens = min(float(self.burst), bucket.tokens + (now - bucket.stamp) * self.rate)
+        return max(0.0, (1.0 - tokens) / self.rate)
+
+    def should_warn(self, account: str, now: float, request: bool = False) -> bool:
+        """At most one notice a second, so a flood of refusals is not answered by a flood; and
+        (``request``) up to ``REQUEST_NOTICES`` more about dropped requests, each of which has
+        an asker waiting for a reply that will never come."""
         bucket = self._buckets.get(account)
         if bucket is None:  # refused by another bucket (a file's chunks): warn through this one
             bucket = self._buckets[account] = _Bucket(float(self.burst), now)
         if now - bucket.warned >= 1.0:
             bucket.warned = now
+            return True
+        if not request:
+            return False
+        if now - bucket.requests_since >= 1.0:
+            bucket.requests_since, bucket.requests_warned = now, 0
+        if bucket.requests_warned < REQUEST_NOTICES:
+            bucket.requests_warned += 1
             return True
         return False

@@ -25,10 +25,13 @@ class Telling:
     code: str
     text: str
     topic: str | None = None
+    retry: float | None = None  # seconds until a message is accepted again (rate notices)
 
 
-def rate_exceeded(rate: float) -> Telling:
-    return Telling("rate", f"slow down: messages beyond {rate:g} a second are dropped")
+def rate_exceeded(rate: float, topic: str | None = None, retry: float | None = None) -> Telling:
+    """``topic``: the message dropped (a request's asker fails at once instead of waiting for a
+    reply that cannot come); ``retry``: seconds until the account may send again."""
+    return Telling("rate", f"slow down: messages beyond {rate:g} a second are dropped", topic, retry)
 
 
 def too_large(size: int, limit: int, topic: str) -> Telling:
@@ -89,5 +92,5 @@ class Notifier:
         if username is None or not is_name(username):
             return
         log.info("notice to %s: %s", username, telling.text)
-        payload = encode(Notice(code=telling.code, text=telling.text, topic=telling.topic))
+        payload = encode(Notice(code=telling.code, text=telling.text, topic=telling.topic, retry=telling.retry))
         await self._broadcast(self._topics.notice(username), payload, 1)

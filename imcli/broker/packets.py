@@ -50,6 +50,8 @@ from amqtt.adapters import ReaderAdapter, WebSocketsReader
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from websockets.exceptions import ConnectionClosed
 
+from imcli.core.framing import MalformedLength, decode_length
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -259,21 +261,16 @@ class PacketGuard(ReaderAdapter):
         try:
             async with asyncio.timeout(self.timeout):
                 header = bytearray(first)
-                length, multiplier = 0, 1
-                while True:
-                    byte = (await self._exact(1))[0]
-                    header.append(byte)
-                    length += (byte & 0x7F) * multiplier
-                    if not byte & 0x80:
-                        break
-                    multiplier *= 128
-                    if multiplier > 128**3:
-                        raise MalformedPacket("a remaining length of more than 4 bytes")
+                while (decoded := decode_length(header, 1)) is None:
+                    header += await self._exact(1)
+                length = decoded[0]
                 if self.limit is not None and length > self.limit:
                     raise MalformedPacket(f"a packet of {length} bytes: the limit is {self.limit}")
                 body = await self._exact(length) if length else b""
         except TimeoutError:
             raise MalformedPacket(f"a packet was not complete within {self.timeout:g}s") from None
+        except MalformedLength as exc:
+            raise MalformedPacket(str(exc)) from None
         refusal = check_packet(first[0], body, connected=self._connected, max_client_id=self.max_client_id)
         if first[0] >> 4 == CONNECT:
             self._connected = True

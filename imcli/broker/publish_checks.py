@@ -76,13 +76,15 @@ def decide_publish(
     max_payload: int,
     rate: float,
     max_chunk: int | None = None,
+    retry: float | None = None,
 ) -> Decision:
     """The checks of this module's docstring, in order, as a pure function of their inputs
-    (``max_chunk``: the limit on upload topics, ``max_payload`` if not given)."""
+    (``max_chunk``: the limit on upload topics, ``max_payload`` if not given; ``retry``: seconds
+    until the sender has a rate token again, told with a rate refusal)."""
     if not topic:
         return CLOSE
     if not rate_ok:
-        return Decision(deliver=False, telling=rate_exceeded(rate))
+        return Decision(deliver=False, telling=rate_exceeded(rate, topic, retry))
     if size > max_payload and not trusted:
         limit = size_limit(access, topic, max_payload, max_chunk)
         if size > limit:
@@ -129,12 +131,14 @@ class PublishChecks:
         self._charged: dict[int, tuple[Any, bool, float]] = {}
         self.tell: Callable[[str | None, Telling], Awaitable[None]] | None = None  # the notice topic (notices.py)
 
+    def _bucket(self, topic: str) -> PublishRate:
+        parsed = self.access.topics.parse(topic) if "/upload/" in topic or "/fetch/" in topic else None
+        return self.file_rate if parsed is not None and parsed.kind in FILE_TRANSFER else self.rate
+
     def _rate_allows(self, sender: str | None, trusted: bool, now: float, topic: str = "") -> bool:
         if trusted:
             return True
-        parsed = self.access.topics.parse(topic) if "/upload/" in topic or "/fetch/" in topic else None
-        bucket = self.file_rate if parsed is not None and parsed.kind in FILE_TRANSFER else self.rate
-        return bucket.allow(sender or "", now)
+        return self._bucket(topic).allow(sender or "", now)
 
     def charge(self, sender: str | None, message: Any, size: int) -> bool:
         """A QoS 1 PUBLISH is about to be acknowledged: take its rate token now. Whether it
@@ -176,15 +180,20 @@ class PublishChecks:
             max_payload=self.max_payload,
             rate=self.limits.publish_rate,
             max_chunk=self.limits.max_chunk,
+            retry=None if rate_ok else round(self._bucket(topic).retry_after(sender or "", now), 3),
         )
         if decision.deliver and not trusted and self.statuses is not None:
             refusal = self.statuses(topic, size, retain)
             if refusal is not None:
                 decision = Decision(deliver=False, telling=refusal)
         rate_notice = decision.telling is not None and decision.telling.code == "rate"
-        if rate_notice and not self.rate.should_warn(sender or "", now):
-            return Decision(deliver=False)  # at most one rate notice a second
+        if rate_notice and not self.rate.should_warn(sender or "", now, request=self._is_request(topic)):
+            return Decision(deliver=False)  # at most one rate notice a second (and a few about requests)
         return decision
+
+    def _is_request(self, topic: str) -> bool:
+        parsed = self.access.topics.parse(topic)
+        return parsed is not None and parsed.kind is TopicKind.REQUEST
 
     async def received(self, session: Session, message: ApplicationMessage, deliver: Deliver) -> bool:
         """A PUBLISH read from ``session``'s connection: judged, its sender told why if it is

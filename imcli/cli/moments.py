@@ -122,8 +122,9 @@ def moments_comment(
 
 @moments_app.command("delete")
 def moments_delete(post: IdArg, host: HostOpt = None, port: PortOpt = None) -> None:
-    """Delete one of your moments, its likes and comments."""
+    """Delete one of your moments, its likes, comments and images (those no other moment of yours shows)."""
     from imcli.client import moments
 
-    moments.act(signed_in(host, port), "delete", post)
-    typer.echo(f"deleted {post}")
+    removed = moments.delete(signed_in(host, port), post)
+    images = f" and its {removed} image{'s' if removed != 1 else ''}" if removed else ""
+    typer.echo(f"deleted {post}{images}")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from imcli.client.identity import Identity, max_payload_bytes
 from imcli.client.services import Connection, Conversation, check_can_dm, check_member, expect, resolve
+from imcli.core.bulk import lower_this_thread, run_lowered
 from imcli.core.errors import ImcliError, InvalidInput, NameTaken, NotAllowed, NotFound, RequestTimeout
 from imcli.core.mqtt import Message
 from imcli.core.text import human_size
@@ -147,6 +148,7 @@ class FileConnection(Connection):
             with self._lock:
                 box = self._boxes.get(parsed.key)
             if box is not None:
+                lower_this_thread()  # this thread moves a file's bytes (imcli.core.bulk): chat goes first
                 box.put(message)
                 return
         self.requests.deliver(message)
@@ -175,7 +177,12 @@ class FileConnection(Connection):
         return {"room": where.name}
 
     def upload(self, path: Path, target: dict[str, str], progress: Progress | None = None) -> FileInfo:
-        """Store ``path`` with the files worker (resuming an earlier attempt); the stored file."""
+        """Store ``path`` with the files worker (resuming an earlier attempt); the stored file.
+
+        The hashing and the chunks run in a thread at bulk priority (``imcli.core.bulk``)."""
+        return run_lowered(lambda: self._upload(path, target, progress))
+
+    def _upload(self, path: Path, target: dict[str, str], progress: Progress | None) -> FileInfo:
         size = check_file(path)
         sha = sha256_of(path).hexdigest()
         offer = FileOffer(name=path.name, size=size, sha256=sha, **target)
@@ -253,7 +260,11 @@ class FileConnection(Connection):
     # ---------------------------------------------------------------- fetching
 
     def download(self, file_id: str, output: Path | None, *, force: bool, progress: Progress | None = None) -> Fetched:
-        """Fetch a file to ``output`` (a file, or a directory), resuming a ``.part`` left before."""
+        """Fetch a file to ``output`` (a file, or a directory), resuming a ``.part`` left before; the
+        writing and hashing run in a thread at bulk priority (``imcli.core.bulk``)."""
+        return run_lowered(lambda: self._download(file_id, output, force, progress))
+
+    def _download(self, file_id: str, output: Path | None, force: bool, progress: Progress | None) -> Fetched:
         stream = new_id()
         box = self._box(stream)
         try:

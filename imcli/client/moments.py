@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from imcli.client.avatar import check_image, upload_images
+from imcli.client.files import FileConnection
 from imcli.client.identity import Identity
 from imcli.client.services import Connection, display_names, expect, resolve
-from imcli.core.errors import InvalidInput, RequestTimeout
+from imcli.core.errors import ImcliError, InvalidInput, NotFound, RequestTimeout
 from imcli.core.request_reply import Asker
 from imcli.core.wire import (
     DEFAULT_MAX_PAYLOAD,
@@ -86,3 +87,26 @@ def act(identity: Identity, op: MomentOp, post_id: str, text: str | None = None)
         raise InvalidInput("an empty comment", "give the comment's text")
     with Connection(identity, "moments") as connection:
         return ask(connection, MomentRequest(op=op, post=post_id, text=text))
+
+
+def delete(identity: Identity, post_id: str) -> int:
+    """Delete one of my moments, then its images from the files worker (``file_delete``, as ``imcli rm``);
+    the worker's reply names only the images no other moment of mine shows. How many were removed."""
+    if not is_id(post_id):
+        raise InvalidInput(f"invalid moment id {post_id!r}", "give an id as 'imcli moments' shows it")
+    with FileConnection(identity, "moments") as connection:
+        reply = ask(connection, MomentRequest(op="delete", post=post_id))
+        files = list(dict.fromkeys(image.file for moment in reply.moments for image in moment.images))
+        removed = 0
+        for file_id in files:
+            try:
+                connection.delete(file_id)
+            except NotFound:
+                continue  # removed before ('imcli rm ID')
+            except ImcliError as exc:
+                raise ImcliError(
+                    f"moment {post_id} was deleted, but not its images: {exc.message}",
+                    "remove them with 'imcli rm ID' ('imcli files --json' lists them)",
+                ) from exc
+            removed += 1
+        return removed

@@ -511,8 +511,10 @@ class Connection:
     """A short-lived connection that asks the workers (``Asker``) and publishes.
 
     ``with Connection(identity, "dm") as c:`` connects as ``<me>:<device>-dm<random>`` and
-    subscribes to the reply topic; the requests go through ``imcli.core.request_reply``,
-    the same client the Listener uses on its long-lived connection.
+    subscribes to the reply topic, and to the notice topic at QoS 0 (the embedded broker's
+    ``rate`` notice fails a dropped request at once; QoS 0: no JetStream consumer on NATS, which
+    sends no such notice); the requests go through ``imcli.core.request_reply``, the same client
+    the Listener uses on its long-lived connection.
     """
 
     def __init__(self, identity: Identity, purpose: str, timeout: float | None = None) -> None:
@@ -524,7 +526,7 @@ class Connection:
     def __enter__(self) -> Connection:
         self._client.connect()
         try:
-            self._client.subscribe(self._filters())
+            self._client.subscribe(self._filters(), at_most_once=[self.requests.notice_topic])
         except ImcliError:
             self._client.close()
             raise
@@ -543,5 +545,5 @@ class Connection:
     def _filters(self) -> list[str]:
         return [self.requests.reply_filter()]
 
-    def _route(self, message: Message) -> None:  # paho's thread: nothing but replies is subscribed
+    def _route(self, message: Message) -> None:  # paho's thread: nothing but replies and notices is subscribed
         self.requests.deliver(message)

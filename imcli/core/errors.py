@@ -12,6 +12,7 @@
           ├── AuthenticationFailed  CONNACK 4/5: wrong name or password, client id refused
           │    └── DeviceLoggedOut  this device's credential was revoked (logout, devices revoke)
           ├── PublishFailed         no PUBACK, subscription refused
+          ├── RateLimited           the broker dropped a request: the account's publish rate
           └── RequestTimeout        no worker answered a request
 
 The CLI catches ``ImcliError`` once and prints ``Error: <message>`` on stderr with exit code 1.
@@ -75,6 +76,11 @@ class AuthenticationFailed(BrokerError):
 
 class PublishFailed(BrokerError):
     """A publish or subscribe was not acknowledged."""
+
+
+class RateLimited(BrokerError):
+    """The broker dropped a request beyond the account's publish rate and said so (its ``rate``
+    notice): no worker will answer, so the asker fails at once instead of timing out."""
 
 
 class RequestTimeout(BrokerError):

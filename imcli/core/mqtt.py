@@ -13,7 +13,7 @@ import queue
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import paho.mqtt.client as paho
@@ -262,12 +262,14 @@ class MqttClient:
         """Queue a publish without waiting (safe inside ``on_message``)."""
         self._client().publish(topic, payload, qos=qos, retain=retain)
 
-    def subscribe(self, filters: list[str], qos: int = 1) -> None:
-        """Subscribe and wait for SUBACK; raise if the broker refused any filter."""
-        for f in filters:
-            self._filters[f] = qos
-        codes = self._subscribe_and_wait([(f, qos) for f in filters])
-        refused = [f for f, rc in zip(filters, codes, strict=True) if rc.is_failure]
+    def subscribe(self, filters: list[str], qos: int = 1, *, at_most_once: Sequence[str] = ()) -> None:
+        """Subscribe (``at_most_once`` at QoS 0, in the same SUBSCRIBE) and wait for SUBACK;
+        raise if the broker refused any filter."""
+        pairs = [(f, qos) for f in filters] + [(f, 0) for f in at_most_once]
+        for f, q in pairs:
+            self._filters[f] = q
+        codes = self._subscribe_and_wait(pairs)
+        refused = [f for (f, _), rc in zip(pairs, codes, strict=True) if rc.is_failure]
         for f in refused:  # not renewed after a reconnect
             self._filters.pop(f, None)
         if refused:

@@ -7,20 +7,38 @@ the connection calls with each message it receives (in paho's thread), so a shor
 connection (``imcli.client.services``) and the Listener's long-lived one, which receives
 chat on the same connection, share this code. A late reply to a request that timed out
 is dropped.
+
+The embedded broker drops a request beyond the account's publish rate and says so on
+``<prefix>/user/<me>/notice`` (a ``rate`` notice naming the request's topic and when to
+retry): a connection subscribed to its notice topic hands that to ``deliver`` too, and the
+request fails at once with ``RateLimited`` instead of waiting out the timeout. Mosquitto and
+NATS have no such limit, and no such notice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from imcli.core.errors import ImcliError, InvalidInput, RequestTimeout
+from imcli.core.errors import ImcliError, InvalidInput, RateLimited, RequestTimeout
 from imcli.core.mqtt import Message
-from imcli.core.wire import MalformedPayload, Payload, TopicKind, Topics, WireModel, decode, encode, new_id
+from imcli.core.wire import (
+    MalformedPayload,
+    Notice,
+    Payload,
+    TopicKind,
+    Topics,
+    WireModel,
+    decode,
+    decode_as,
+    encode,
+    new_id,
+)
 
 REQUEST_TIMEOUT = 5.0  # seconds an asker waits for a worker's reply, unless given another or IMCLI_REQUEST_TIMEOUT
 
@@ -63,8 +81,9 @@ class RequestClient:
         self.account = account
         self.timeout = request_timeout() if timeout is None else timeout
         self._publish = publish
-        self._waiting: dict[str, queue.Queue[Message]] = {}
+        self._waiting: dict[str, queue.Queue[Message | Notice]] = {}
         self._lock = threading.Lock()
+        self.notice_topic = topics.notice(account)
 
     def reply_filter(self) -> str:
         """What the connection must be subscribed to (unless a wider filter covers it)."""
@@ -74,7 +93,7 @@ class RequestClient:
         """Send ``request`` and return the reply; ``RequestTimeout`` if no worker answers in time."""
         wait = self.timeout if timeout is None else timeout
         corr = new_id()
-        box: queue.Queue[Message] = queue.Queue(maxsize=1)
+        box: queue.Queue[Message | Notice] = queue.Queue(maxsize=1)
         with self._lock:
             self._waiting[corr] = box
         try:
@@ -86,6 +105,8 @@ class RequestClient:
         finally:
             with self._lock:
                 self._waiting.pop(corr, None)
+        if isinstance(reply, Notice):
+            raise rate_limited(self.account, reply.retry)
         try:
             return decode(reply.payload)
         except MalformedPayload as exc:
@@ -94,7 +115,13 @@ class RequestClient:
             ) from exc
 
     def deliver(self, message: Message) -> bool:
-        """Hand a received message to the request waiting for it (paho's thread); ``False`` if it is no reply."""
+        """Hand a received message to the request waiting for it (paho's thread); ``False`` if it is no reply.
+
+        A ``rate`` notice about a waiting request fails that request; it is no reply (``False``:
+        a Listener shows it too)."""
+        if message.topic == self.notice_topic:
+            self._dropped(message.payload)
+            return False
         parsed = self.topics.parse(message.topic)
         if parsed is None or parsed.kind is not TopicKind.REPLY or parsed.owner != self.account or not parsed.key:
             return False
@@ -104,6 +131,30 @@ class RequestClient:
             with contextlib.suppress(queue.Full):  # a duplicate (QoS 1): the first copy is the answer
                 box.put_nowait(message)
         return True
+
+    def _dropped(self, payload: bytes) -> None:
+        if b'"rate"' not in payload:
+            return
+        try:
+            notice = decode_as(payload, Notice)
+        except MalformedPayload:
+            return
+        parsed = self.topics.parse(notice.topic) if notice.code == "rate" and notice.topic else None
+        if parsed is None or parsed.kind is not TopicKind.REQUEST or parsed.sender != self.account or not parsed.key:
+            return
+        with self._lock:
+            box = self._waiting.get(parsed.key)
+        if box is not None:
+            with contextlib.suppress(queue.Full):  # the reply came first after all
+                box.put_nowait(notice)
+
+
+def rate_limited(account: str, retry: float | None) -> RateLimited:
+    wait = f"in {max(1, math.ceil(retry))}s" if retry is not None else "in a few seconds"
+    return RateLimited(
+        f"the broker dropped the request: account {account} hit its rate limit (messages sent too fast)",
+        f"try again {wait}, and send less often",
+    )
 
 
 def no_worker(timeout: float) -> RequestTimeout:

@@ -116,6 +116,8 @@ class Notice(WireModel):
     code: str
     text: str
     topic: str | None = None
+    # a ``rate`` notice: seconds until the broker accepts a message of this account again
+    retry: Annotated[float, Field(ge=0, le=86400)] | None = None
 
 
 class ResolveRequest(WireModel):

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from imcli.core.bulk import lower_this_thread
 from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.core.rules import group_history_start, missing_group, moment_visible
 from imcli.core.service import ServiceWorker
@@ -222,8 +223,10 @@ class FilesWorker(ServiceWorker):
             elif record.account == topic.owner:
                 self._friends[record.account] = frozenset(record.friends)
         elif topic.kind is TopicKind.UPLOAD and topic.sender and topic.key:
+            lower_this_thread()  # paho's thread moves files' bytes from now on (imcli.core.bulk): chat goes first
             self._on_chunk(topic.sender, topic.key, payload)
         elif topic.kind is TopicKind.FETCH and topic.sender and topic.key:
+            lower_this_thread()
             self._on_ack(topic.sender, topic.key, payload)
 
     def handle(self, sender: str, request: WireModel) -> WireModel | None:

@@ -75,8 +75,13 @@ class MomentsBook:
                     return _error(
                         req, "denied", f"moment {moment.id} is {moment.author}'s: only its author can delete it"
                     )
+                # the reply is the moment deleted, with the images no other moment of the author shows:
+                # its client deletes those files (file_delete, as 'imcli rm'); the others stay for the others
+                kept = self.store.files_elsewhere(moment.author, moment.id)
                 self.store.delete_post(moment.id)
-                return Outcome(MomentReply(id=req.id, moments=[]))
+                unshown = [i for i in moment.images if i.file not in kept]
+                gone = moment.model_copy(update={"images": unshown, "likes": [], "comments": []})
+                return Outcome(MomentReply(id=req.id, moments=[gone]))
         return _error(req, "invalid", f"unknown moments operation {req.op!r}")
 
     def _post(self, sender: str, req: MomentRequest, now: float) -> Outcome:

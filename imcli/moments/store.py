@@ -54,6 +54,11 @@ class MomentStore:
             for table, column in (("likes", "post"), ("comments", "post"), ("posts", "id")):
                 self._db.execute(f"DELETE FROM {table} WHERE {column} = ?", (post,))  # noqa: S608 (fixed names)
 
+    def files_elsewhere(self, author: str, post: str) -> set[str]:
+        """The image files ``author``'s moments other than ``post`` show (a file sent again is the same id)."""
+        rows = self._db.execute("SELECT images FROM posts WHERE author = ? AND id != ?", (author, post))
+        return {str(image["file"]) for (images,) in rows for image in json.loads(images)}
+
     def like(self, post: str, user: str, ts: float, *, liked: bool) -> None:
         if liked:
             self._db.execute("INSERT OR IGNORE INTO likes VALUES (?, ?, ?)", (post, user, ts))

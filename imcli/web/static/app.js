@@ -671,7 +671,22 @@
     if (m.author === S.me) {
       const del = el("button", "secondary small", "Delete");
       del.addEventListener("click", async () => {
-        if (await momentOp({ op: "delete", post: m.id })) { S.feed = S.feed.filter((x) => x.id !== m.id); renderFeed(); }
+        const r = await momentOp({ op: "delete", post: m.id });
+        if (!r) return;
+        S.feed = S.feed.filter((x) => x.id !== m.id);
+        renderFeed();
+        // then its images, as `imcli moments delete`: the reply names those no other moment of mine shows
+        const gone = r.moments && r.moments[0] ? r.moments[0].images || [] : [];
+        let removed = 0;
+        for (const file of new Set(gone.map((i) => i.file))) {
+          try {
+            await request({ type: "file_delete", file });
+            removed++;
+          } catch (e) {
+            if (!/^no file /.test(e.message)) return setStatus(`the moment is deleted, not its images: ${e.message}`, true);
+          }
+        }
+        setStatus(removed ? `moment deleted, and its ${removed} image${removed === 1 ? "" : "s"}` : "moment deleted");
       });
       li.append(del);
     }
@@ -691,6 +706,9 @@
   const IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/webp"];
   const FILE_ID = /^[A-Za-z0-9_-]{16,64}$/;
   const CHUNK_HEADER = 8;
+  // a chunk's bytes at most, whatever the worker's file_upload says: the embedded broker's WebSocket
+  // listener takes messages of up to 1 MiB (websockets' max_size), a chunk is one MQTT packet in one
+  const LARGEST_CHUNK = 1000 << 10;
   const ACK_EVERY = 256 << 10;
   const STALL = 15000;
 
@@ -755,7 +773,9 @@
   function sendChunks(bytes, start, name) {
     return new Promise((resolve, reject) => {
       const topic = `${PREFIX}/upload/${S.me}/${start.upload}`;
-      const step = Math.min(start.chunk, MAX_PAYLOAD - CHUNK_HEADER);
+      // the worker's chunk is the broker's limit on upload topics (256 KiB on imcli serve, 16 KiB for
+      // everything else), as `imcli send` uses it: 16 times fewer publishes than MAX_PAYLOAD's
+      const step = Math.max(1, Math.min(start.chunk, LARGEST_CHUNK));
       let sent = start.offset;
       let acked = start.offset;
       let stall = null;
