@@ -16,6 +16,7 @@ full argon2 verification (docs/PERFORMANCE.md); later logins hit the credential 
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -379,10 +380,11 @@ def nats_available() -> bool:
 NATS_CROWD_CONCURRENCY = 8
 
 
-def start_nats(users: int, *, production: bool = False) -> Broker:
+def start_nats(users: int, *, production: bool = False, consumer_replicas: int | None = None) -> Broker:
     """deploy/nats: three nodes on loopback (tests/natscluster.py starts them the same way) and
     ``imcli workers --nats-users`` against all three; clients spread over the nodes in turn.
-    Its password file is the deploy's as it is (``production`` changes nothing)."""
+    Its password file is the deploy's as it is (``production`` changes nothing). ``consumer_replicas``
+    turns on nats.conf's commented capacity line (``nats-r1``: one replica per subscription's consumer)."""
     from imcli.core.wire import Topics
     from imcli.groups.natsauth import NatsPermissions, read_passwords
     from tests.natscluster import NatsNode, wait_login
@@ -393,15 +395,22 @@ def start_nats(users: int, *, production: bool = False) -> Broker:
     passwd.write_text("".join(f"{name}:{PASSWORD}\n" for name in [*user_names(users), *SERVICES]))
     passwd.chmod(0o600)
     users_file.write_text(NatsPermissions(Topics()).render(read_passwords(passwd)))
-    nodes = [NatsNode(f"nats-{i}", work / f"nats-{i}", users_file, max_payload=8 * 1024 * 1024) for i in (1, 2, 3)]
+    nodes = [
+        NatsNode(f"nats-{i}", work / f"nats-{i}", users_file, max_payload=8 * 1024 * 1024,
+                 consumer_replicas=consumer_replicas)
+        for i in (1, 2, 3)
+    ]  # fmt: skip
     for node in nodes:
         node.cluster = free_port()
     for node in nodes:
         node.start([n.cluster for n in nodes if n is not node])
     procs = [n.proc for n in nodes if n.proc is not None]
     broker = Broker(
-        "nats", nodes[0].mqtt, procs, workdir, has_presence=True, ports=[n.mqtt for n in nodes],
-        note="three nats-server 2.9 nodes (deploy/nats, max_payload lifted), JetStream R3; imcli workers on all three",
+        "nats-r1" if consumer_replicas == 1 else "nats", nodes[0].mqtt, procs, workdir, has_presence=True,
+        ports=[n.mqtt for n in nodes],
+        note="three nats-server 2.9 nodes (deploy/nats, max_payload lifted), JetStream R3"
+        + (f", consumer_replicas {consumer_replicas}" if consumer_replicas else "")
+        + "; imcli workers on all three",
         crowd_concurrency=NATS_CROWD_CONCURRENCY,
     )  # fmt: skip
     broker.extra_pids.update({n.name: n.proc.pid for n in nodes[1:] if n.proc is not None})
@@ -460,6 +469,12 @@ KINDS: dict[str, Kind] = {
     "embedded": Kind(start_embedded),
     "mosquitto": Kind(start_mosquitto, _mosquitto_missing),
     "nats": Kind(start_nats, lambda: None if nats_available() else "nats-server not installed"),
+    # deploy/nats with its commented `consumer_replicas: 1` on: what 20,000 users take on this machine,
+    # at the cost of a node's death stopping a third of the subscriptions (deploy/nats/README.md)
+    "nats-r1": Kind(
+        functools.partial(start_nats, consumer_replicas=1),
+        lambda: None if nats_available() else "nats-server not installed",
+    ),
 }
 
 

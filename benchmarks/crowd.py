@@ -41,6 +41,7 @@ DEVICE = "bench"
 SERVER_UNAVAILABLE = 3  # CONNACK: the broker is busy (imcli serve: too many password checks at once)
 SUBACK_FAILURE = 0x80
 BUSY_RETRIES = 200
+ACK_TIMEOUT = 600.0  # seconds for a user's status and subscriptions to be acknowledged (SUBACK 0x80 retries included)
 
 
 def user_name(index: int) -> str:
@@ -61,6 +62,7 @@ class Crowd:
         self.refused = 0
         self.retried = 0  # logins refused with CONNACK 3 (busy) and tried again
         self.sub_retried = self.sub_refused = 0  # SUBSCRIBEs refused (SUBACK 0x80) and tried again, or given up
+        self.dropped = 0  # connections the broker closed after CONNACK, before the user had joined
         self.talking = asyncio.Event()
         # each user's own password, when the broker gave them device credentials (issue 17)
         self.passwords: dict[str, str] = json.loads(args.passwords.read_text()) if args.passwords else {}
@@ -71,33 +73,13 @@ class Crowd:
 
         async def one(name: str) -> None:
             async with gate:
-                topic = T.status(name, DEVICE)
-                for attempt in range(self.args.busy_retries + 1):
-                    client = LoadClient()
-                    try:
-                        rc = await client.connect(
-                            self.args.host, self.args.port, name, self.passwords.get(name, self.args.password),
-                            f"{name}:{DEVICE}",
-                            will=(topic, b"", True), keepalive=self.args.keepalive,
-                        )  # fmt: skip
-                    except (OSError, asyncio.IncompleteReadError):
-                        rc = -1
-                    if rc != SERVER_UNAVAILABLE or attempt == self.args.busy_retries:
-                        break
-                    # the broker's password checks are busy (a bounded queue): back off and retry, as
-                    # imcli's clients and paho's reconnect loop do
-                    client.abort()
-                    self.retried += 1
-                    await asyncio.sleep(random.uniform(0.05, 0.25))
-                if rc != 0:
-                    self.refused += 1
-                    return
-                self.clients[name] = client
-                if self.args.status:
-                    await client.publish(topic, self.status, qos=1, retain=True)
-                await self.subscribe(client, T.user_filter(name))
-                if name in listeners:
-                    await self.subscribe(client, T.room_filter(BACKGROUND_ROOM))
+                for _ in range(self.args.busy_retries + 1):
+                    if await self.join_one(name, name in listeners):
+                        return
+                    # the broker closed the connection after CONNACK (NATS under load): sign in again
+                    self.dropped += 1
+                    await asyncio.sleep(random.uniform(0.5, 2.0))
+                self.refused += 1
 
         t0 = time.time()
         await asyncio.gather(*(one(n) for n in self.names))
@@ -111,8 +93,50 @@ class Crowd:
                 "retried": self.retried,
                 "sub_retried": self.sub_retried,
                 "sub_refused": self.sub_refused,
+                "dropped": self.dropped,
             }
         )
+
+    async def join_one(self, name: str, listener: bool) -> bool:
+        """Sign ``name`` in: CONNECT (again while the broker says busy), status, own filter. False when the
+        broker closed the connection after its CONNACK; a refused login counts as refused (True: done)."""
+        topic = T.status(name, DEVICE)
+        for attempt in range(self.args.busy_retries + 1):
+            client = LoadClient()
+            try:
+                rc = await client.connect(
+                    self.args.host, self.args.port, name, self.passwords.get(name, self.args.password),
+                    f"{name}:{DEVICE}",
+                    will=(topic, b"", True), keepalive=self.args.keepalive,
+                )  # fmt: skip
+            except (OSError, asyncio.IncompleteReadError):
+                rc = -1
+            if rc != SERVER_UNAVAILABLE or attempt == self.args.busy_retries:
+                break
+            # the broker's password checks are busy (a bounded queue): back off and retry, as
+            # imcli's clients and paho's reconnect loop do
+            client.abort()
+            self.retried += 1
+            await asyncio.sleep(random.uniform(0.05, 0.25))
+        if rc != 0:
+            self.refused += 1
+            return True
+        self.clients[name] = client
+
+        async def settle() -> None:
+            if self.args.status:
+                await client.publish(topic, self.status, qos=1, retain=True)
+            await self.subscribe(client, T.user_filter(name))
+            if listener:
+                await self.subscribe(client, T.room_filter(BACKGROUND_ROOM))
+
+        try:  # an acknowledgement that never comes (a connection the broker dropped silently): sign in again
+            await asyncio.wait_for(settle(), ACK_TIMEOUT)
+        except (OSError, asyncio.IncompleteReadError, TimeoutError):
+            del self.clients[name]
+            client.abort()
+            return False
+        return True
 
     async def subscribe(self, client: LoadClient, topic: str) -> None:
         """SUBSCRIBE, again after a refusal (SUBACK 0x80: NATS could not create the subscription's
@@ -182,7 +206,7 @@ class Crowd:
                 for client in self.clients.values():
                     client.abort()
                 self.clients.clear()
-                self.refused = self.retried = self.sub_retried = self.sub_refused = 0
+                self.refused = self.retried = self.sub_retried = self.sub_refused = self.dropped = 0
                 await self.join()
             elif command in ("quit", ""):
                 break

@@ -145,3 +145,8 @@ class LoadClient:
                         fut.set_result(body[2:])
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
+        finally:  # the connection is gone: whoever waits for an acknowledgement hears so (no hang)
+            for fut in self._acks.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionResetError("the connection closed before its acknowledgement"))
+            self._acks.clear()

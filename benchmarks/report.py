@@ -235,7 +235,9 @@ def charts(doc: dict[str, Any], out: Path, stem: str) -> list[Path]:
         ("churn", "status_changes_per_s", "presence churn status/s\n(higher is better)"),
         ("cold", "ratio", "imcli say / paho script\nwall time (lower is better)"),
     ]
-    colours = {"stock": "#999999", "embedded": "#2b7bba", "mosquitto": "#e07b39", "nats": "#3a9a5b"}
+    colours = {
+        "stock": "#999999", "embedded": "#2b7bba", "mosquitto": "#e07b39", "nats": "#3a9a5b", "nats-r1": "#8fce9f"
+    }  # fmt: skip
     fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels), 3.6))
     for ax, (scenario, key, title) in zip(axes, panels, strict=True):
         names = [b for b in BROKER_ORDER if _get(s, scenario, b, key) is not None]

@@ -103,6 +103,7 @@ class Crowds:
                     "seconds": t1 - t0,
                     "sub_retried": sum(int(j.get("sub_retried", 0)) for j in joined),
                     "sub_refused": sum(int(j.get("sub_refused", 0)) for j in joined),
+                    "dropped": sum(int(j.get("dropped", 0)) for j in joined),
                 },
             )
         finally:
@@ -263,6 +264,7 @@ def dm_latency(broker: Broker, idle_users: int, samples: int, talk: float) -> di
 # ---------------------------------------------------------------- 3. capacity
 
 
+PRESENCE_TIMEOUT = 600.0  # seconds for presence to list everyone who joined (a cluster: three times)
 KEEPALIVE = 30  # seconds: imcli's clients (paho) send a PINGREQ this often when idle; the crowds do too in a hold
 RSS_SAMPLE_EVERY = 30.0  # seconds between memory samples in a hold
 
@@ -313,7 +315,10 @@ def capacity(
         watcher = Watcher()
         await watcher.start(port)
         started = time.perf_counter()
-        await watcher.until(lambda: len(watcher.online) >= users, 600, f"{users} users online in presence")
+        # a cluster's presence records are replicated JetStream writes, each acknowledged by its stream's
+        # quorum: 20,000 take the presence worker more than ten minutes there (docs/SCALING.md)
+        timeout = PRESENCE_TIMEOUT * (3 if broker.ports else 1)
+        await watcher.until(lambda: len(watcher.online) >= users, timeout, f"{users} users online in presence")
         return watcher, time.perf_counter() - started
 
     async def who(watcher: Watcher, prefix: str = "") -> None:
@@ -350,7 +355,9 @@ def capacity(
         result.update(_pauses(broker, hold_log, "hold_"))
         await watcher.client.disconnect()
 
-    extra = ("--keepalive", str(KEEPALIVE), "--pings") if hold > 0 else ()
+    extra: tuple[str, ...] = ("--keepalive", str(KEEPALIVE), "--pings") if hold > 0 else ()
+    if broker.ports and not extra:  # a cluster's join outlasts 1.5 keepalives (600 s): ping every 600 s
+        extra = ("--pings",)
     with Crowds.join(broker, users, processes, status=broker.has_presence, extra=extra) as (_, joined):
         result["joined"] = joined["ok"]
         result["refused"] = joined["refused"]
@@ -358,6 +365,8 @@ def capacity(
         result["connects_per_s"] = round(joined["ok"] / joined["seconds"])
         if joined["sub_retried"] or joined["sub_refused"]:
             result["subscribes_retried"], result["subscribes_refused"] = joined["sub_retried"], joined["sub_refused"]
+        if joined["dropped"]:
+            result["dropped_mid_join"] = joined["dropped"]
         if broker.has_presence:
             try:
                 asyncio.run(settle_and_hold())

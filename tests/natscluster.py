@@ -47,8 +47,10 @@ def node_config(
     cluster: int = -1,
     routes: list[int] | None = None,
     max_payload: int | None = None,
+    consumer_replicas: int | None = None,
 ) -> str:
-    """deploy/nats/nats.conf for one loopback node: its name, ports, files and routes."""
+    """deploy/nats/nats.conf for one loopback node: its name, ports, files and routes.
+    ``consumer_replicas`` turns on the line nats.conf leaves commented (the benchmark's ``nats-r1``)."""
     top = {
         "server_name": f"server_name: {name}",
         "listen": "listen: 127.0.0.1:-1",
@@ -74,6 +76,9 @@ def node_config(
             out.append(f"  routes: [\n{route_lines}  ]")
             seen.append("routes")
             skipping = True
+        elif block == "mqtt" and consumer_replicas and line.strip().startswith("# consumer_replicas:"):
+            out.append(f"  consumer_replicas: {consumer_replicas}")
+            seen.append("consumer_replicas")
         elif block and (block, key) in inner:
             out.append("  " + inner[block, key])
             seen.append(f"{block}.{key}")
@@ -86,7 +91,8 @@ def node_config(
             block = key
         elif line.strip() == "}":
             block = ""
-    assert len(seen) == len(top) + len(inner) + 1, f"deploy/nats/nats.conf changed shape: {seen}"
+    expected = len(top) + len(inner) + 1 + (1 if consumer_replicas else 0)
+    assert len(seen) == expected, f"deploy/nats/nats.conf changed shape: {seen}"
     return "\n".join(out) + "\n"
 
 
@@ -100,6 +106,7 @@ class NatsNode:
     proc: subprocess.Popen[str] | None = None
     max_payload: int | None = None  # the benchmark lifts it, as it lifts Mosquitto's message_size_limit
     http: int = -1  # the monitoring port (loopback), for /connz
+    consumer_replicas: int | None = None  # nats.conf's commented capacity line, turned on (benchmark only)
 
     @property
     def reloads(self) -> int:
@@ -135,6 +142,7 @@ class NatsNode:
                 cluster=self.cluster,
                 routes=routes,
                 max_payload=self.max_payload,
+                consumer_replicas=self.consumer_replicas,
             )
         )
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
