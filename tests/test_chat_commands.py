@@ -375,9 +375,12 @@ def test_a_catch_up_the_broker_rate_limits_goes_on_with_what_was_queued(
         listener = Listener(ident(info, "bob", "laptop"), session="laptop")
         with listener:
             queued: list[Received] = []
-            assert wait_until(
-                lambda: queued.extend(listener.pending()) or any(m.text == "queued for bob" for m in queued), 15
-            )
+
+            def arrived() -> bool:
+                queued.extend(listener.pending())
+                return any(m.text == "queued for bob" for m in queued)
+
+            assert wait_until(arrived, 15)
             session = ChatSession(ident(info, "bob", "laptop"), ChatState(), listener)
             report = session.catch_up(queued)
     assert [m.text for m in report.shown] == ["queued for bob"]
