@@ -13,6 +13,8 @@ import struct
 import time
 from collections.abc import Callable
 
+from imcli.core.framing import encode_length
+
 
 def _str(value: str | bytes) -> bytes:
     data = value.encode() if isinstance(value, str) else value
@@ -20,13 +22,7 @@ def _str(value: str | bytes) -> bytes:
 
 
 def _packet(kind: int, body: bytes) -> bytes:
-    length, out = len(body), bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        out.append(byte | (0x80 if length else 0))
-        if not length:
-            break
-    return bytes([kind]) + bytes(out) + body
+    return bytes([kind]) + encode_length(len(body)) + body
 
 
 class LoadClient:

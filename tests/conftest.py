@@ -25,6 +25,7 @@ from imcli.client.identity import Identity
 from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.serve.host import BackgroundServer, ServeInfo
 from tests.natsbroker import SharedCluster, address_for
+from tests.natscluster import ACCOUNTS as NATS_CLUSTER_ACCOUNTS
 from tests.natscluster import NOT_INSTALLED as NATS_NOT_INSTALLED
 from tests.natscluster import nats_available, running_cluster
 from tests.rawmqtt import Raw, connect_raw, password_of, wait_until
@@ -93,12 +94,25 @@ def ident(where: ServeInfo | BrokerAddress, name: str, device: str = "test") -> 
     return Identity(address, Credentials(name, password_of(name)), device)
 
 
+# The accounts the brokers.ALL modules use, made with the shared cluster: on NATS a new account is a
+# reload of the account list, which disconnects every MQTT client of the account, the workers too, and
+# a request sent while they renew their subscriptions goes unanswered (deploy/nats/README.md; CI and
+# here: test_presence's first 'watcher', test_groups' six concurrent creators). Account creation on
+# the cluster is test_nats.py's test_new_account_can_log_in_once_the_worker_renders_it.
+NATS_ACCOUNTS = (
+    *NATS_CLUSTER_ACCOUNTS,
+    "watcher",
+    *(f"c{i}" for i in range(6)),
+    *(f"racer{i}" for i in range(8)),
+)
+
+
 @pytest.fixture(scope="session")
 def nats_shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedCluster]:
     """One three-node NATS cluster for the session (per xdist worker): tests/natsbroker.py."""
     if not nats_available():
         pytest.skip(NATS_NOT_INSTALLED)
-    with running_cluster(tmp_path_factory.mktemp("nats-shared") / "cluster") as cluster:
+    with running_cluster(tmp_path_factory.mktemp("nats-shared") / "cluster", NATS_ACCOUNTS) as cluster:
         yield SharedCluster(cluster)
 
 

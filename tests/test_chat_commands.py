@@ -21,6 +21,7 @@ from imcli.cli.chat_state import ChatState, load_chat_state, save_state
 from imcli.client import services
 from imcli.client.listener import Listener, RecentIds
 from imcli.client.services import Conversation
+from imcli.core.request_reply import rate_limited
 from imcli.core.wire import ChatMessage, Received, Topics, encode
 from imcli.serve.host import BackgroundServer, ServeInfo
 from tests.conftest import Cli, Proc, ident, password_of, wait_until
@@ -352,3 +353,36 @@ def test_in_a_terminal_dm_takes_a_quoted_display_name(
     bob.expect(r"unknown user 'Nobody' \(check the name with 'imcli who --all'\)")
     bob.type("/quit")
     assert bob.exit_code() == 0
+
+
+def test_a_catch_up_the_broker_rate_limits_goes_on_with_what_was_queued(
+    roomy: BrokerSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The archive request dropped by the account's rate (its notice: RateLimited) does not end
+    chat: the catch-up shows what the broker queued and says why the archive was not heard."""
+
+    def dropped(*_args: object, **_kwargs: object) -> None:
+        raise rate_limited("bob", 2.0)
+
+    with BackgroundServer(roomy) as info:
+        store = AccountStore(info.data_dir)
+        for name in ("alice", "bob"):
+            store.add(name, password_of(name))
+        with Listener(ident(info, "bob", "laptop"), session="laptop") as first:  # bob's session exists
+            ChatSession(ident(info, "bob", "laptop"), ChatState(), first)
+        services.send_dm(ident(info, "alice"), "bob", ChatMessage(text="queued for bob"))
+        monkeypatch.setattr(services, "ask_history", dropped)
+        listener = Listener(ident(info, "bob", "laptop"), session="laptop")
+        with listener:
+            queued: list[Received] = []
+
+            def arrived() -> bool:
+                queued.extend(listener.pending())
+                return any(m.text == "queued for bob" for m in queued)
+
+            assert wait_until(arrived, 15)
+            session = ChatSession(ident(info, "bob", "laptop"), ChatState(), listener)
+            report = session.catch_up(queued)
+    assert [m.text for m in report.shown] == ["queued for bob"]
+    assert not report.archive_answered
+    assert report.archive_refused.startswith("the broker dropped the request: account bob hit its rate limit")

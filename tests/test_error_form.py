@@ -19,10 +19,13 @@ from typing import Any
 import pexpect
 import pytest
 import typer
+from hypothesis import given
+from hypothesis import strategies as st
 from typer.testing import Result
 
 from imcli.cli.app import app
 from imcli.core.errors import ImcliError, InvalidInput
+from imcli.core.mqtt import BrokerAddress
 from imcli.serve.host import ServeInfo
 from tests.conftest import Cli, password_of
 
@@ -112,6 +115,40 @@ def test_every_error_of_every_command_has_the_form(
             assert_form(stranger(*args, "--password-stdin", env=env, input="\n"), f"{args}, empty stdin")
             short = stranger(*args, "--password-stdin", *port_of(server), env=env, input="short\n")
             assert_form(short, f"{args}, a short password")
+
+
+# what a shell can pass: any text but NUL; a byte that is not UTF-8 arrives as a lone surrogate
+ARGV_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\x00") | st.sampled_from("\udcff\udc80"))
+
+
+@given(ARGV_TEXT)
+def test_any_host_text_is_an_address_the_resolver_takes_or_one_error_line(hosts: str) -> None:
+    """``--host`` reaches socket.getaddrinfo, which raised UnicodeError (a traceback) on a host
+    it cannot encode: a control character (``--host $'\x80'``), a label over 63 characters."""
+    try:
+        address = BrokerAddress.of(hosts)
+    except InvalidInput as exc:
+        refused = str(exc)
+    else:
+        for host, port in address.endpoints:
+            host.encode("idna")
+            assert 0 < port < 65536
+        return
+    assert "\n" not in refused and "\r" not in refused  # one line, whatever was typed
+
+
+@pytest.mark.parametrize("host", ["\x80", "9" * 400, "a..b", "\udcff"])
+def test_a_host_the_resolver_cannot_take_is_one_error_line(
+    host: str, server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli]
+) -> None:
+    users("alice")
+    alice = cli_as("alice")
+    alice.login("alice")
+    for args in (["say", "hi"], ["who"], ["group", "say", "team", "hi"], ["dm", "bob", "hi"]):
+        result = alice(*args, "--host", host)
+        assert result.exit_code == 1, (args, result.exception)
+        assert_form(result, f"{args} --host {host!r}")
+        assert result.stderr.startswith("Error: invalid host ")
 
 
 def port_of(server: ServeInfo) -> list[str]:

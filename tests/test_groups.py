@@ -1,8 +1,10 @@
 """Groups on a real broker: the life cycle through the CLI, and membership enforced by the
 broker against raw MQTT clients (non-members, kicked members, forged group records).
 
-The tests that use ``server`` run on the embedded broker and on Mosquitto, where the group
-worker enforces membership through the dynamic-security plugin (tests/brokers.py).
+The tests that use ``server`` run on the embedded broker, on Mosquitto, where the group
+worker enforces membership through the dynamic-security plugin, and on a three-node NATS
+cluster, where it rewrites the nodes' users file and answers once every node has reloaded it
+(tests/brokers.py, tests/natsbroker.py).
 """
 
 from __future__ import annotations
@@ -30,10 +32,16 @@ from tests.rawmqtt import chat
 
 RawFactory = Callable[..., Raw]
 
-broker_kind, broker_under_test, server, users = brokers.BOTH  # every test using `server` on both brokers
+broker_kind, broker_under_test, server, users = brokers.ALL  # every test using `server` on the three brokers
 
 SUBSCRIBE_GRANTED = "Mosquitto 2.0's acl_file grants every SUBSCRIBE; membership is enforced on each delivery instead"
 NO_NOTICES = "Mosquitto has no notices: a refused publish is acknowledged and dropped silently"
+# deploy/nats/README.md: NATS 2.9 applies no subscribe deny per delivery to an MQTT wildcard subscription,
+# so a user is allowed only its own groups' topics one by one and the group wildcards are refused
+NATS_WILDCARD_REFUSED = (
+    "NATS 2.9 refuses the wildcard {filter}: it cannot narrow a wildcard subscription to the user's groups "
+    "per delivery, so each user may subscribe only its own groups' topics by name (imcli/groups/natsauth.py)"
+)
 
 
 @pytest.fixture
@@ -100,6 +108,9 @@ def test_public_group_life_cycle(server: ServeInfo, users: Callable[..., None], 
         ("alice", ["group", "promote", "team", "carol"], "Error: 'carol' is not a member of #team"),
     ],
 )
+# the refusals are the group worker's, the same on every broker: on NATS (slow to set up, about 15 s
+# a test) test_public_group_life_cycle and the membership tests below cover the worker's answers
+@pytest.mark.parametrize("broker_kind", ["amqtt", "mosquitto"], indirect=True)
 def test_group_errors(team: str, cli_as: Callable[[str], Cli], who: str, args: list[str], error: str) -> None:
     cli = cli_as(who)
     cli.login(who)
@@ -154,6 +165,7 @@ def test_members_receive_group_messages_through_listen(server: ServeInfo, team: 
 OUTSIDER_FILTERS = ("im/group/team/msg/+", "im/group/team/#", "im/group/team/info", "im/group/team/msg/alice")
 
 
+@pytest.mark.broker_xfail("nats", reason=NATS_WILDCARD_REFUSED.format(filter="im/group/+/msg/+"))
 def test_outsider_cannot_publish_or_read(server: ServeInfo, team: str, raw: RawFactory) -> None:
     bob = raw("bob", client_id="bob:raw")
     assert bob.subscribe("im/group/team/msg/+") == 1
@@ -188,6 +200,7 @@ def test_outsider_subscriptions_are_refused(server: ServeInfo, team: str, raw: R
 
 
 @pytest.mark.broker_xfail("mosquitto", reason=NO_NOTICES)
+@pytest.mark.broker_xfail("nats", reason=brokers.NATS_NO_NOTICES)
 def test_outsider_publish_is_explained_by_a_notice(server: ServeInfo, team: str, raw: RawFactory) -> None:
     carol = raw("carol", client_id="carol:raw")
     assert carol.subscribe("im/user/carol/notice") == 1
@@ -195,6 +208,12 @@ def test_outsider_publish_is_explained_by_a_notice(server: ServeInfo, team: str,
     assert json.loads(carol.expect("im/user/carol/notice", timeout=2).payload)["code"] == "denied"
 
 
+@pytest.mark.broker_xfail(
+    "nats",
+    reason="nats-server 2.9.10 applies reloaded permissions to new SUBSCRIBEs and connections only: an MQTT "
+    "QoS 1 subscription made before the kick (a JetStream consumer) keeps delivering the group's lines until "
+    "the kicked member reconnects (imcli's listener unsubscribes on the kick's notice; a raw client does not)",
+)
 def test_kicked_member_stops_receiving_at_once_even_with_an_old_subscription(
     server: ServeInfo, team: str, raw: RawFactory
 ) -> None:
@@ -243,6 +262,7 @@ def test_messages_queued_for_a_member_who_is_kicked_meanwhile_are_not_delivered(
     assert [m.topic for m in back.silent(0.3)] == []
 
 
+@pytest.mark.broker_xfail("nats", reason=NATS_WILDCARD_REFUSED.format(filter="im/group/+/msg/+"))
 def test_nobody_but_the_worker_writes_group_records(server: ServeInfo, team: str, raw: RawFactory) -> None:
     carol = raw("carol", client_id="carol:raw")
     forged = GroupInfo(name="team", owner="carol", admins=["carol"], members=["carol"], private=False, created=1)
@@ -266,6 +286,7 @@ def test_nobody_but_the_worker_writes_group_records(server: ServeInfo, team: str
     "falls through to acl_file, which cannot know which groups are public (they see them through "
     "'group list' and 'group members' replies instead)",
 )
+@pytest.mark.broker_xfail("nats", reason=NATS_WILDCARD_REFUSED.format(filter="im/group/+/info"))
 def test_public_group_records_are_readable_private_ones_are_not(server: ServeInfo, team: str, raw: RawFactory) -> None:
     services.group_request(ident(server, "alice"), "create", "open-house")
     carol = raw("carol", client_id="carol:raw")

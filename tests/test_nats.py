@@ -139,6 +139,27 @@ def test_deploy_users_file_is_what_the_worker_writes() -> None:
     assert (DEPLOY / "imcli-users.conf").read_text() == expected
 
 
+def test_each_users_file_has_a_stamp_only_the_group_worker_may_read(tmp_path: Path) -> None:
+    """The stamp the group worker probes every node for (natsauth.NatsAuth.in_force): fresh in each
+    file it writes, and a subject no user or other service may subscribe."""
+    passwd, users = tmp_path / "passwd", tmp_path / "users.conf"
+    passwd.write_text("".join(f"{name}:{password_of(name)}\n" for name in EXAMPLE))
+    auth = NatsAuth(T, passwd, users)
+    auth.attach(BrokerAddress("127.0.0.1", free_port()), Credentials("groups", password_of("groups")))
+    first = auth.apply()
+    assert first is not None and auth.apply() is None  # nothing changed: no new file, no reload
+    stamp = natsauth.subjects(natsauth.STAMP_TOPIC.format(stamp=first))
+    rights = auth.permissions
+    assert set(stamp) <= set(rights.service("groups")["subscribe"]["allow"])
+    others = [rights.user("alice"), rights.service("presence"), rights.service("archive"), rights.service("files")]
+    assert all(not set(stamp) & set(r["subscribe"]["allow"]) for r in others)
+    assert f"imcli-reload.{first}" in users.read_text()
+    auth.permissions.group_changed("crew", GroupInfo(name="crew", owner="alice", admins=["alice"],
+                                                     members=["alice"], private=True, created=1.0))  # fmt: skip
+    second = auth.apply()
+    assert second not in (None, first) and f"imcli-reload.{first}" not in users.read_text()
+
+
 def test_rights_follow_groups_and_dm_policy() -> None:
     rights = natsauth.NatsPermissions(T)
     created = 1.0

@@ -21,7 +21,7 @@ from imcli.client import services
 from imcli.client.identity import Identity
 from imcli.client.listener import Listener, content_key, seen_key
 from imcli.client.services import Conversation
-from imcli.core.errors import ImcliError, InvalidInput, PublishFailed, RequestTimeout
+from imcli.core.errors import ImcliError, InvalidInput, PublishFailed, RateLimited, RequestTimeout
 from imcli.core.wire import DEFAULT_MAX_PAYLOAD, HISTORY_MAX, Presence, Received, encode
 
 ROOM_BACKLOG = 20  # missed lines shown per visited room on start
@@ -40,6 +40,7 @@ class CatchUp:
     hidden: Counter[str] = field(default_factory=Counter)  # missed room lines not shown, per room
     more: bool = False
     archive_answered: bool = True
+    archive_refused: str = ""  # why the broker dropped the archive request (its rate notice), if it did
 
 
 class ChatSession:
@@ -114,6 +115,9 @@ class ChatSession:
             report.more = page.more
         except RequestTimeout:
             report.archive_answered = False
+            return fetched
+        except RateLimited as exc:  # chat goes on with what the broker kept, and says why
+            report.archive_answered, report.archive_refused = False, exc.message
             return fetched
         # plain-text lines have no id of their own: the archive's copy of one the broker
         # queued is matched by content (a count, so a repeated line stays repeated), and

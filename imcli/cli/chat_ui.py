@@ -125,7 +125,9 @@ class ChatView:
         self.show(report.shown, session)
 
     def _summary(self, report: CatchUp) -> None:
-        if not report.archive_answered:
+        if report.archive_refused:
+            self.note(Note(f"{report.archive_refused}: only what the broker kept is shown (/history later)"))
+        elif not report.archive_answered:
             self.note(Note("the archive did not answer: only what the broker kept is shown", "dim"))
         if report.unread:
             counts = ", ".join(f"{n} in {where}" for where, n in report.unread.most_common())

@@ -76,6 +76,11 @@ def _endpoint(part: str, port: int) -> tuple[str, int]:
     host = host.removeprefix("[").removesuffix("]")
     if not host or not digits.isdigit() or not 0 < int(digits) < 65536:
         raise InvalidInput(f"invalid broker address {part!r}", "give host or host:port, several separated by commas")
+    try:  # what the resolver is given (socket.getaddrinfo): else a UnicodeError, and a traceback, at connect
+        host.encode("idna")
+    except UnicodeError:
+        shown = host if len(host) <= 64 else host[:61] + "..."
+        raise InvalidInput(f"invalid host {shown!r}", "give a host name or an IP address") from None
     return host, int(digits)
 
 

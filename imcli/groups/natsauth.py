@@ -22,6 +22,13 @@ this (seen on a three-node cluster here, tests/test_nats.py shows each):
 - Friends-only DMs are refused at publish: each sender gets a ``deny`` on the DM topic of
   every friends-only user who does not take its DMs, so nobody (the archive included)
   receives it.
+- A node applies a reload on its own time (SIGHUP; the other machines' watchers later still),
+  and nothing on the MQTT side says when. A line sent to a group right after an invite would be
+  dropped by a node that still has the old rights. So a group or friends change is answered
+  only once it is in force on every node the worker knows (its ``--host`` list): each users file
+  carries a fresh stamp, a subject only the worker's own account may subscribe
+  (``imcli-reload/<stamp>``), and a probe connection to each node (kept open) subscribes it
+  (QoS 0: no JetStream) until the node grants it (``NatsAuth.attach``, ``RELOAD_WAIT``).
 
 Accounts come from a password file of ``name:password`` lines (the password in clear or as a
 bcrypt hash ``$2a$...``, which nats-server checks itself). Service accounts
@@ -32,14 +39,19 @@ contract is restated below, and a test compares the two.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import secrets
 import signal
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from imcli.core.errors import BrokerUnreachable, ImcliError
+from imcli.core.mqtt import BrokerAddress, Credentials, MqttClient
 from imcli.core.rules import ARCHIVE_ACCOUNT, FILES_ACCOUNT, SERVICE_ACCOUNTS, dm_senders
 from imcli.core.wire import Friends, GroupInfo, Topics, is_name
 
@@ -49,6 +61,11 @@ ACCOUNT = "IM"
 MQTT_INTERNAL = "$MQTT.>"  # nats-server's own MQTT subjects: every MQTT client needs them both ways
 DEBOUNCE = 0.3  # seconds: changes within this are one reload (each reload reconnects every client)
 POLL = 2.0  # seconds between looks at the password file
+# a change is answered once every node grants the new stamp, or after this long (a node that is slow
+# to reload: logged; the answer must still come within a client's request timeout, 5 s by default)
+RELOAD_WAIT = 4.0
+PROBE_EVERY = 0.05  # seconds between two looks at a node that has not reloaded yet
+STAMP_TOPIC = "imcli-reload/{stamp}"  # outside the prefix: no user's or service's rights match it
 
 
 # The topic contract of imcli.broker.acl (USER_WRITE, USER_READ, SERVICE_WRITE, SERVICE_READ) and
@@ -124,6 +141,9 @@ class NatsPermissions:
         self._members: dict[str, frozenset[str]] = {}
         self._public: set[str] = set()
         self._dm_senders: dict[str, frozenset[str]] = {}
+        # the users file's stamp and the one account that may subscribe it (``NatsAuth.attach``)
+        self.stamp: str | None = None
+        self.prober: str | None = None
 
     def group_changed(self, name: str, info: GroupInfo | None) -> None:
         self._members.pop(name, None)
@@ -160,9 +180,10 @@ class NatsPermissions:
         p = self.topics.prefix
         write, read = SERVICE_RIGHTS.get(name, (SERVICE_WRITE, SERVICE_READ))
         own = [f"user/{name}/#"]  # its notice topic: the sync marker every worker reads back
+        stamp = _all([STAMP_TOPIC.format(stamp=self.stamp)]) if self.stamp and name == self.prober else []
         return {
             "publish": {"allow": [MQTT_INTERNAL, *_all(f"{p}/{r}".replace("%u", name) for r in write)]},
-            "subscribe": {"allow": [MQTT_INTERNAL, *_all(f"{p}/{r}" for r in [*read, *own])]},
+            "subscribe": {"allow": [MQTT_INTERNAL, *_all(f"{p}/{r}" for r in [*read, *own]), *stamp]},
         }
 
     def render(self, passwords: Mapping[str, str]) -> str:
@@ -198,6 +219,16 @@ class NatsAuth:
         self._due: threading.Timer | None = None
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="imcli-nats-passwd", daemon=True)
+        self._address: BrokerAddress | None = None
+        self._credentials: Credentials | None = None
+        self._probes: dict[tuple[str, int], MqttClient] = {}  # used in the worker's thread only
+
+    def attach(self, address: BrokerAddress, credentials: Credentials) -> None:
+        """The nodes to check (every endpoint of ``address``) and the account that checks them: from
+        now on each users file carries a stamp only this account may subscribe (the group worker's)."""
+        self._address, self._credentials = address, credentials
+        with self._lock:
+            self.permissions.prober = credentials.username
 
     def start(self) -> None:
         self._watcher.start()
@@ -207,16 +238,8 @@ class NatsAuth:
         with self._lock:
             if self._due is not None:
                 self._due.cancel()
-
-    def group_changed(self, name: str, info: GroupInfo | None) -> None:
-        with self._lock:
-            self.permissions.group_changed(name, info)
-        self.changed()
-
-    def friends_changed(self, record: Friends) -> None:
-        with self._lock:
-            self.permissions.friends_changed(record)
-        self.changed()
+        for node in list(self._probes):
+            self._drop(node)
 
     def reload_passwords(self) -> None:
         """Read the password file now (not at the next look) and apply at once."""
@@ -238,7 +261,30 @@ class NatsAuth:
         if now:
             self.apply()
 
-    def apply(self) -> None:
+    def change_and_wait(
+        self, groups: Iterable[tuple[str, GroupInfo | None]] = (), friends: Iterable[Friends] = ()
+    ) -> bool:
+        """These records changed: write and reload now, and return once every node has them in force."""
+        with self._lock:
+            for name, info in groups:
+                self.permissions.group_changed(name, info)
+            for record in friends:
+                self.permissions.friends_changed(record)
+        return self.apply_and_wait()
+
+    def apply_and_wait(self) -> bool:
+        """Write and reload now, then wait until every node has the new file in force (``in_force``)."""
+        with self._lock:
+            if self._due is not None:
+                self._due.cancel()
+            self._due = None
+        stamp = self.apply()
+        return stamp is None or self.in_force(stamp)
+
+    def apply(self) -> str | None:
+        """Write the users file if the rights changed, and tell the nodes; the new file's stamp (None:
+        nothing changed, or no stamp without ``attach``)."""
+        stamp = None
         with self._lock:
             text = self.permissions.render(self._passwords)
             try:
@@ -246,6 +292,9 @@ class NatsAuth:
             except OSError:
                 old = None
             if text != old:
+                if self.permissions.prober is not None:
+                    self.permissions.stamp = stamp = secrets.token_hex(8)
+                    text = self.permissions.render(self._passwords)
                 tmp = self.users_file.with_name(self.users_file.name + ".tmp")
                 tmp.write_text(text, encoding="utf-8")
                 os.chmod(tmp, 0o600)
@@ -254,6 +303,62 @@ class NatsAuth:
         with self.reloaded:
             self.reloads += 1
             self.reloaded.notify_all()
+        return stamp
+
+    def in_force(self, stamp: str, timeout: float = RELOAD_WAIT) -> bool:
+        """Every node of the attached address grants the stamp's subject (has reloaded this file),
+        within ``timeout``. A node that cannot be reached is passed over: it reads the current file
+        when it starts."""
+        address, credentials = self._address, self._credentials
+        if address is None or credentials is None:
+            return True
+        deadline = time.monotonic() + timeout
+        waiting = list(address.endpoints)
+        while waiting:
+            with self._lock:  # a later file (the password watcher's) holds this change too, and its stamp
+                topic = STAMP_TOPIC.format(stamp=self.permissions.stamp or stamp)
+            waiting = [node for node in waiting if not self._grants(address, credentials, node, topic, deadline)]
+            if waiting and time.monotonic() >= deadline:
+                log.warning("NATS nodes %s did not reload the users file within %gs", waiting, timeout)
+                return False
+            if waiting:
+                time.sleep(PROBE_EVERY)
+        return True
+
+    def _grants(
+        self, address: BrokerAddress, credentials: Credentials, node: tuple[str, int], topic: str, deadline: float
+    ) -> bool:
+        """Whether ``node`` lets the prober subscribe ``topic`` (True too if it cannot be reached). One
+        probe connection per node stays open (a new MQTT connection costs the cluster JetStream
+        writes): nats-server checks a SUBSCRIBE on an open connection against the reloaded rights."""
+        probe = self._probes.get(node)
+        try:
+            if probe is None or not probe.connected:
+                if probe is not None:
+                    probe.close()
+                at = dataclasses.replace(address, host=node[0], port=node[1], more=())
+                # a client id per node: NATS sessions are cluster-wide, one id on two nodes would take turns
+                device = f"reload-probe{address.endpoints.index(node) + 1}"
+                probe = MqttClient(at, credentials, f"{credentials.username}:{device}", timeout=RELOAD_WAIT)
+                self._probes[node] = probe
+                probe.connect()
+            probe.timeout = max(0.5, deadline - time.monotonic())
+            refused = probe.subscribe_each([topic], qos=0)
+            if not refused:
+                probe.unsubscribe([topic])
+        except BrokerUnreachable as exc:
+            self._drop(node)
+            log.info("cannot reach NATS node %s:%d to check the reload (%s): passed over", *node, exc)
+            return True
+        except ImcliError:  # refused mid-reload, no SUBACK in time, disconnected: look again
+            self._drop(node)
+            return False
+        return not refused
+
+    def _drop(self, node: tuple[str, int]) -> None:
+        probe = self._probes.pop(node, None)
+        if probe is not None:
+            probe.close()
 
     def _signal(self) -> None:
         for pidfile in self.pidfiles:

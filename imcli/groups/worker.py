@@ -66,6 +66,8 @@ class GroupWorker(ServiceWorker):
         self.mirror = dynsec_module.DynsecMirror(self.topics, dm_readers) if dynsec else None
         self._dynsec_answered = threading.Event()
         self.nats = nats
+        if nats is not None:  # it answers a change once every node of ``address`` has it in force
+            nats.attach(address, credentials)
 
     def state_filters(self) -> list[str]:
         mirror = [dynsec_module.RESPONSE_TOPIC] if self.mirror is not None else []
@@ -90,7 +92,7 @@ class GroupWorker(ServiceWorker):
             for record in self.friends.records():
                 self.nats.permissions.friends_changed(record)
             self.nats.start()
-            self.nats.changed(now=True)
+            self.nats.apply_and_wait()
         if self.mirror is None:
             return
         for info in self.book.records():
@@ -140,9 +142,8 @@ class GroupWorker(ServiceWorker):
             if self.mirror is not None:
                 changed = set().union(*(self.mirror.friends_changed(r) for r in friends.changed))
                 self._control(self.mirror.commands(changed))
-            if self.nats is not None:
-                for record in friends.changed:
-                    self.nats.friends_changed(record)
+            if self.nats is not None and friends.changed:
+                self.nats.change_and_wait(friends=friends.changed)  # in force on every node before anyone hears
             for record in friends.changed:
                 self.publish(self.topics.friends(record.account), encode(record), retain=True)
             self._tell(sender, friends.notices, "friend")
@@ -153,9 +154,9 @@ class GroupWorker(ServiceWorker):
         if self.mirror is not None:
             changed = set().union(*(self.mirror.group_changed(name, info) for name, info in outcome.changed))
             self._control(self.mirror.commands(changed))
-        if self.nats is not None:
-            for name, info in outcome.changed:
-                self.nats.group_changed(name, info)
+        if self.nats is not None and outcome.changed:
+            # in force on every node before the reply and the notices: a member's first line is not dropped
+            self.nats.change_and_wait(groups=outcome.changed)
         for name, info in outcome.changed:
             self.publish(self.topics.group_info(name), encode(info) if info else b"", retain=True)
         self._tell(sender, outcome.notices, "group")
