@@ -226,6 +226,9 @@ def test_history_command(talk: ServeInfo, cli_as: Callable[[str], Cli]) -> None:
         (["history", "@nobody"], "Error: unknown user 'nobody'"),
     ],
 )
+# the command's own checks and the archive's answer, the same on every broker (on NATS each case
+# costs a cluster set-up and a login: test_history_command covers the command there)
+@pytest.mark.parametrize("broker_kind", ["amqtt", "mosquitto"], indirect=True)
 def test_history_command_refuses_bad_input(
     talk: ServeInfo, cli_as: Callable[[str], Cli], args: list[str], error: str
 ) -> None:
