@@ -164,7 +164,13 @@ def run(
             with stalls(broker) as probe:
                 try:
                     figures = scenarios.capacity(
-                        broker, max(users, 10), s["processes"], hold, on_hold=lambda: probe.phase("hold"), rejoin=rejoin
+                        broker,
+                        max(users, 10),
+                        s["processes"],
+                        hold,
+                        on_hold=lambda: probe.phase("hold"),
+                        on_hold_end=lambda: probe.phase("after_hold"),
+                        rejoin=rejoin,
                     )
                 except (RuntimeError, TimeoutError, OSError, AssertionError, EOFError) as exc:
                     figures = {"error": f"{type(exc).__name__}: {exc}"}  # the probe's figures are kept

@@ -299,6 +299,7 @@ def capacity(
     processes: int,
     hold: float = 0.0,
     on_hold: Callable[[], None] | None = None,
+    on_hold_end: Callable[[], None] | None = None,
     *,
     rejoin: bool = True,
 ) -> dict[str, object]:
@@ -347,6 +348,8 @@ def capacity(
             watcher.client.send_ping()
         samples.append(_memory(broker))
         result["hold_s"] = round(time.perf_counter() - started)
+        if on_hold_end is not None:  # the hold's figures end here: the who below and everyone leaving are apart
+            on_hold_end()
         result["hold_online_at_end"] = len(watcher.online)
         await who(watcher, "hold_end_")
         for what in samples[0]:

@@ -50,6 +50,7 @@ async def probe(port: int, password: str) -> dict[str, object]:
     phases: dict[str, list[float]] = {}  # a line "phase NAME" on stdin: later round trips count for NAME too
     phase: list[float] | None = None
     longest = longest_at = longest_wall = 0.0
+    over: list[tuple[float, float]] = []  # (wall clock, seconds) of every round trip over 50 ms
     started = time.time()
     next_ping = time.perf_counter()
     while True:
@@ -74,6 +75,8 @@ async def probe(port: int, password: str) -> dict[str, object]:
         if rtt > longest:
             longest, longest_at, longest_wall = rtt, time.time() - started, time.time()
         rtts.append(rtt)
+        if rtt > 0.05:
+            over.append((time.time(), rtt))
         if phase is not None:
             phase.append(rtt)
         next_ping = max(next_ping + PERIOD, time.perf_counter())
@@ -87,6 +90,10 @@ async def probe(port: int, password: str) -> dict[str, object]:
         **_figures(rtts),
         "stall_longest_at_s": round(longest_at, 1),
         "stall_longest_utc": time.strftime("%H:%M:%S", time.gmtime(longest_wall)),
+        # when each stall over 50 ms ended and how long it was (the first 50): which phase or event it fell in
+        "stalls_over_50ms_utc_ms": [
+            f"{time.strftime('%H:%M:%S', time.gmtime(wall))} {rtt * 1000:.1f}" for wall, rtt in over[:50]
+        ],
     }
     for name, times in phases.items():
         if times:
