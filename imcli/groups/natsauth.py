@@ -317,7 +317,12 @@ class NatsAuth:
         while waiting:
             with self._lock:  # a later file (the password watcher's) holds this change too, and its stamp
                 topic = STAMP_TOPIC.format(stamp=self.permissions.stamp or stamp)
-            waiting = [node for node in waiting if not self._grants(address, credentials, node, topic, deadline)]
+            # past the deadline a node is not asked again: the answer must still come within a client's timeout
+            waiting = [
+                node
+                for node in waiting
+                if time.monotonic() >= deadline or not self._grants(address, credentials, node, topic, deadline)
+            ]
             if waiting and time.monotonic() >= deadline:
                 log.warning("NATS nodes %s did not reload the users file within %gs", waiting, timeout)
                 return False
@@ -339,7 +344,9 @@ class NatsAuth:
                 at = dataclasses.replace(address, host=node[0], port=node[1], more=())
                 # a client id per node: NATS sessions are cluster-wide, one id on two nodes would take turns
                 device = f"reload-probe{address.endpoints.index(node) + 1}"
-                probe = MqttClient(at, credentials, f"{credentials.username}:{device}", timeout=RELOAD_WAIT)
+                # within what is left of the wait: three nodes' connects must not add up past it
+                left = max(0.5, deadline - time.monotonic())
+                probe = MqttClient(at, credentials, f"{credentials.username}:{device}", timeout=left)
                 self._probes[node] = probe
                 probe.connect()
             probe.timeout = max(0.5, deadline - time.monotonic())
