@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -256,7 +257,14 @@ def test_messages_queued_for_a_member_who_is_kicked_meanwhile_are_not_delivered(
     services.group_request(ident(server, "alice"), "kick", "team", user="bob")
 
     back = raw("bob", client_id="bob:phone", clean=False)
-    assert back.rc == 0 and back.subscribe("im/room/+/+") == 1
+    assert back.rc == 0
+    # on NATS a QoS 1 SUBSCRIBE is refused while JetStream times out making its consumer (a loaded
+    # machine); imcli's clients ask again, so does this one (a refusal changes nothing else)
+    granted, tries = back.subscribe("im/room/+/+"), 1
+    while granted == 128 and tries < 5:
+        time.sleep(1.0)
+        granted, tries = back.subscribe("im/room/+/+"), tries + 1
+    assert granted == 1
     alice.publish("im/room/lobby/alice", chat("barrier"))
     back.expect("im/room/lobby/alice")
     assert [m.topic for m in back.silent(0.3)] == []
