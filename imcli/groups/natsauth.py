@@ -77,7 +77,7 @@ STAMP_TOPIC = "imcli-reload/{stamp}"  # outside the prefix: no user's or service
 # a message had been cleared through another node.
 PARKED = "PARKED"
 # Before that he is muted for one reload (in IM, nothing to read), which removes his subscriptions
-# the right way: nats-server 2.9.10 closes a connection on a reload with the account as it was, so
+# the right way. Likely why (the 2.9.10 source): a reload closes a connection with the account as it was, so
 # the node's count of route interest in a subscription closed then stays one too high in the new
 # account, and it never tells the other nodes again that the subscription is back. A persistent
 # session resumed on that node then got nothing from a JetStream consumer led by another node
