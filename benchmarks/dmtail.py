@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.brokers import PASSWORD, REPO, rss_mb
 from benchmarks.memory import _Here, _write_accounts
@@ -39,32 +40,100 @@ from imcli.core.wire import ChatMessage, Topics, encode, new_id
 
 T = Topics()
 SLOW_CALLBACK_MS = 2.0  # callbacks at least this long are kept
+SLOW_ROUND_MS = 20.0  # rounds of the loop whose callbacks took at least this long are kept
 
 
 class _LoopProbe:
-    """Times every event-loop callback (``asyncio.Handle._run``) and every collection."""
+    """Times every event-loop callback (``asyncio.Handle._run``) and every collection; with
+    ``rounds=True`` also each round of the loop (``BaseEventLoop._run_once``: the callbacks one
+    ``select()`` made ready, run back to back, so that a client's packet that arrives meanwhile waits
+    for all of them): a round whose callbacks took ``SLOW_ROUND_MS`` or more is kept with what ran in
+    it, by kind (``_what``: a task's step is named by where its coroutine resumes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, rounds: bool = False) -> None:
         self.callbacks: list[tuple[float, float, float, str]] = []  # (end epoch, wall ms, CPU ms, what)
         self.collections: list[tuple[float, float, float, int]] = []  # (end epoch, wall ms, CPU ms, generation)
         self._gc_started = self._gc_cpu = 0.0
         self.handled = 0
+        self.rounds_on = rounds
+        self.thread = 0
+        # (end epoch, wall ms, CPU ms, callbacks, [(what, CPU ms, count), ...] by CPU)
+        self.rounds: list[tuple[float, float, float, int, list[tuple[str, float, int]]]] = []
+        self._round: dict[str, list[float]] = {}  # what -> [CPU s, callbacks] in the round under way
+        self._round_wall = self._round_cpu = 0.0
+        self._round_count = 0
 
     def install(self) -> None:
+        """Probe the event loops this thread runs (call it in the thread that runs the broker's)."""
+        self.thread = threading.get_ident()
         original = asyncio.events.Handle._run
         probe = self
 
         def timed(handle: asyncio.Handle) -> None:
+            if threading.get_ident() != probe.thread:  # another loop (a harness's own, in a thread)
+                original(handle)
+                return
+            what = _what(handle) if probe.rounds_on else ""
             started, cpu = time.perf_counter(), time.thread_time()
             original(handle)
-            took = time.perf_counter() - started
+            took, used = time.perf_counter() - started, time.thread_time() - cpu
             probe.handled += 1
+            if probe.rounds_on:
+                probe._round_wall += took
+                probe._round_cpu += used
+                probe._round_count += 1
+                kind = probe._round.setdefault(what, [0.0, 0])
+                kind[0] += used
+                kind[1] += 1
             if took * 1000 >= SLOW_CALLBACK_MS:
-                what = repr(handle)[:160]
-                probe.callbacks.append((time.time(), took * 1000, (time.thread_time() - cpu) * 1000, what))
+                what = what or repr(handle)[:160]
+                probe.callbacks.append((time.time(), took * 1000, used * 1000, what))
 
         asyncio.events.Handle._run = timed  # type: ignore[method-assign,assignment]
         gc.callbacks.insert(0, self._collection)
+        if self.rounds_on:
+            once = asyncio.base_events.BaseEventLoop._run_once  # type: ignore[attr-defined]
+
+            def counted(loop: asyncio.base_events.BaseEventLoop) -> None:
+                once(loop)
+                if threading.get_ident() == probe.thread:
+                    probe._end_round()
+
+            asyncio.base_events.BaseEventLoop._run_once = counted  # type: ignore[attr-defined]
+
+    def _end_round(self) -> None:
+        if self._round_wall * 1000 >= SLOW_ROUND_MS:
+            kinds = sorted(((w, c * 1000, int(n)) for w, (c, n) in self._round.items()), key=lambda k: -k[1])
+            self.rounds.append(
+                (time.time(), self._round_wall * 1000, self._round_cpu * 1000, self._round_count, kinds[:6])
+            )
+        self._round.clear()
+        self._round_wall = self._round_cpu = 0.0
+        self._round_count = 0
+
+    def slow_rounds(self, since: float, until: float, top: int = 5) -> dict[str, object]:
+        """The rounds over ``SLOW_ROUND_MS`` that ended between two epochs: how many, and the longest
+        with what ran in them (what, CPU ms, callbacks)."""
+        these = [r for r in self.rounds if since <= r[0] <= until]
+        longest = sorted(these, key=lambda r: -r[1])[:top]
+        return {
+            f"rounds_over_{SLOW_ROUND_MS:g}ms": len(these),
+            "longest_rounds": [
+                {
+                    "ended_utc": time.strftime("%H:%M:%S", time.gmtime(end)),
+                    "wall_ms": round(wall, 1), "cpu_ms": round(cpu, 1), "callbacks": count,
+                    "by_kind": [(w, round(c, 1), n) for w, c, n in kinds],
+                }
+                for end, wall, cpu, count, kinds in longest
+            ],
+            "callbacks_over_20ms_cpu": [
+                (round(w, 1), round(c, 1), what) for end, w, c, what in self.callbacks
+                if since <= end <= until and c >= 20.0
+            ][:top],
+            "collections_over_5ms_cpu": [
+                (round(w, 1), round(c, 1), g) for end, w, c, g in self.collections if since <= end <= until and c >= 5.0
+            ][:top],
+        }  # fmt: skip
 
     def _collection(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -74,6 +143,22 @@ class _LoopProbe:
         if wall >= 0.5:
             cpu = (time.thread_time() - self._gc_cpu) * 1000
             self.collections.append((time.time(), wall, cpu, info["generation"]))
+
+
+def _what(handle: asyncio.Handle) -> str:
+    """A callback's kind: a task's step by where its coroutine resumes (the innermost awaiting
+    coroutine's function and line), anything else by its function's name."""
+    callback = handle._callback  # type: ignore[attr-defined]
+    task = getattr(callback, "__self__", None)
+    if isinstance(task, asyncio.Task):
+        inner: Any = task.get_coro()
+        while getattr(getattr(inner, "cr_await", None), "cr_frame", None) is not None:
+            inner = inner.cr_await
+        frame = getattr(inner, "cr_frame", None)
+        outer = getattr(task.get_coro(), "__qualname__", "?")
+        where = f"{frame.f_code.co_qualname}:{frame.f_lineno}" if frame is not None else "its start"
+        return f"task {outer} resumes {where}"
+    return str(getattr(callback, "__qualname__", type(callback).__qualname__))
 
 
 async def _pings(port: int, samples: int, rate: float) -> list[tuple[float, float]]:
