@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.brokers import PASSWORD, REPO, rss_mb
 from benchmarks.memory import _Here, _write_accounts
@@ -41,6 +42,22 @@ T = Topics()
 SLOW_CALLBACK_MS = 2.0  # callbacks at least this long are kept
 
 
+def describe(handle: asyncio.Handle) -> str:
+    """What a callback ran: for a task's step, its coroutine and the innermost one it now awaits
+    (a task's handle says only ``TaskStepMethWrapper`` or ``task_wakeup``), else the handle."""
+    task = getattr(getattr(handle, "_callback", None), "__self__", None)  # asyncio private: read only
+    if not isinstance(task, asyncio.Task):
+        return repr(handle)[:160]
+    coro: Any = task.get_coro()
+    names = [getattr(getattr(coro, "cr_code", None), "co_qualname", repr(coro)[:40])]
+    while (inner := getattr(coro, "cr_await", None)) is not None and hasattr(inner, "cr_code"):
+        coro = inner
+    if coro is not task.get_coro():
+        frame = coro.cr_frame
+        names.append(f"{coro.cr_code.co_qualname}:{frame.f_lineno if frame else '-'}")
+    return "task " + " > ".join(names)
+
+
 class _LoopProbe:
     """Times every event-loop callback (``asyncio.Handle._run``) and every collection."""
 
@@ -49,6 +66,7 @@ class _LoopProbe:
         self.collections: list[tuple[float, float, float, int]] = []  # (end epoch, wall ms, CPU ms, generation)
         self._gc_started = self._gc_cpu = 0.0
         self.handled = 0
+        self.running_since = 0.0  # perf_counter() when the callback now running began; 0.0 between callbacks
 
     def install(self) -> None:
         original = asyncio.events.Handle._run
@@ -56,11 +74,13 @@ class _LoopProbe:
 
         def timed(handle: asyncio.Handle) -> None:
             started, cpu = time.perf_counter(), time.thread_time()
+            probe.running_since = started
             original(handle)
+            probe.running_since = 0.0
             took = time.perf_counter() - started
             probe.handled += 1
             if took * 1000 >= SLOW_CALLBACK_MS:
-                what = repr(handle)[:160]
+                what = describe(handle)
                 probe.callbacks.append((time.time(), took * 1000, (time.thread_time() - cpu) * 1000, what))
 
         asyncio.events.Handle._run = timed  # type: ignore[method-assign,assignment]
