@@ -18,10 +18,8 @@ journal's thread, the probe) and the workers' child's.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -36,9 +34,8 @@ from benchmarks.brokers import REPO, _children, cpu_seconds
 from benchmarks.dmtail import _explain, _LoopProbe
 from benchmarks.files import MIB, _identity, _source
 from benchmarks.filesping import _pct
-from benchmarks.memory import _Here, _write_accounts
+from benchmarks.memory import _Here, serve_here
 from benchmarks.roomping import RoomPing
-from imcli.broker.limits import Limits
 
 _RECURSIVE = ("re/_parser.py", "re/_compiler.py")  # a regular expression's compilation: its caller says more
 
@@ -116,78 +113,48 @@ def _transfer(port: int, source: Path) -> dict[str, float]:
 
 
 def measure(mib: int, rounds: int, slow_ms: float, top: int) -> list[dict[str, object]]:
-    from imcli.broker.settings import BrokerSettings
-    from imcli.serve.host import ServeInfo, serve_forever
-
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("amqtt").setLevel(logging.CRITICAL)
     results: list[dict[str, object]] = []
     probe = _LoopProbe()
+    loop_thread = threading.get_ident()  # serve_here runs the broker's loop in this thread
     with tempfile.TemporaryDirectory(prefix="bench-filestail-") as tmp:
-        data = Path(tmp) / "data"
-        data.mkdir()
-        _write_accounts(data, 2)
-        # as the benchmark's embedded broker (benchmarks/brokers.py): no publish limit
-        limits = Limits(publish_rate=1e6, publish_burst=1_000_000, password_queue=4096)
-        settings = BrokerSettings(data_dir=data, port=0, limits=limits)
-        ready = threading.Event()
-        port: list[int] = []
-        stop: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         source = _source(Path(tmp), mib * MIB)
 
-        def on_ready(info: ServeInfo) -> None:
-            port.append(info.address.port)
-            ready.set()
-
-        loop_thread = threading.get_ident()
-
-        def drive() -> None:
-            ready.wait(120)
+        def drive(port: int) -> None:
+            ping = RoomPing(_Here(port), stamps=True)  # type: ignore[arg-type]
+            workers = _children(os.getpid())[0]
+            offset = time.time() - time.perf_counter()  # ping stamps are perf_counter's, the probe's epoch
             try:
-                ping = RoomPing(_Here(port[0]), stamps=True)  # type: ignore[arg-type]
-                workers = _children(os.getpid())[0]
-                offset = time.time() - time.perf_counter()  # ping stamps are perf_counter's, the probe's epoch
-                try:
-                    for _ in range(rounds):
-                        with ping.phase() as idle:
-                            time.sleep(3.0)
-                        probe.callbacks.clear()
-                        probe.collections.clear()
-                        before = (time.process_time(), cpu_seconds(workers))
-                        with ping.phase() as busy, _SlowStacks(probe, loop_thread) as stacks:
-                            client = _transfer(port[0], source)
-                        broker_cpu, workers_cpu = time.process_time() - before[0], cpu_seconds(workers) - before[1]
-                        pings = [(sent + offset, ms / 1000) for sent, ms in busy]
-                        result: dict[str, object] = {
-                            "load": round(os.getloadavg()[0], 1),
-                            "MBps": round(mib * MIB / client["seconds"] / 1e6, 1),
-                            **{f"idle_p{q}": _pct([ms for _, ms in idle], q) for q in (50, 90, 99)},
-                            **{f"transfer_p{q}": _pct([ms for _, ms in busy], q) for q in (50, 90, 99)},
-                            "cpu_ms_per_MiB": {
-                                "broker": round(broker_cpu * 1000 / mib, 2),
-                                "workers": round(workers_cpu * 1000 / mib, 2),
-                                "clients": round(client["cpu"] * 1000 / mib, 2),
-                            },
-                            **_explain(pings, probe, slow_ms, top),
-                            "slow_pings_sent": [round(sent, 4) for sent, took in pings if took * 1000 >= slow_ms],
-                            "slow_callback_stacks": stacks.report(offset, top),
-                        }  # fmt: skip
-                        print(json.dumps(result, indent=1), flush=True)
-                        results.append(result)
-                finally:
-                    ping.close()
+                for _ in range(rounds):
+                    with ping.phase() as idle:
+                        time.sleep(3.0)
+                    probe.callbacks.clear()
+                    probe.collections.clear()
+                    before = (time.process_time(), cpu_seconds(workers))
+                    with ping.phase() as busy, _SlowStacks(probe, loop_thread) as stacks:
+                        client = _transfer(port, source)
+                    broker_cpu, workers_cpu = time.process_time() - before[0], cpu_seconds(workers) - before[1]
+                    pings = [(sent + offset, ms / 1000) for sent, ms in busy]
+                    result: dict[str, object] = {
+                        "load": round(os.getloadavg()[0], 1),
+                        "MBps": round(mib * MIB / client["seconds"] / 1e6, 1),
+                        **{f"idle_p{q}": _pct([ms for _, ms in idle], q) for q in (50, 90, 99)},
+                        **{f"transfer_p{q}": _pct([ms for _, ms in busy], q) for q in (50, 90, 99)},
+                        "cpu_ms_per_MiB": {
+                            "broker": round(broker_cpu * 1000 / mib, 2),
+                            "workers": round(workers_cpu * 1000 / mib, 2),
+                            "clients": round(client["cpu"] * 1000 / mib, 2),
+                        },
+                        **_explain(pings, probe, slow_ms, top),
+                        "slow_pings_sent": [round(sent, 4) for sent, took in pings if took * 1000 >= slow_ms],
+                        "slow_callback_stacks": stacks.report(offset, top),
+                    }  # fmt: skip
+                    print(json.dumps(result, indent=1), flush=True)
+                    results.append(result)
             finally:
-                loop, event = stop[0]
-                loop.call_soon_threadsafe(event.set)
-
-        async def main() -> None:
-            event = asyncio.Event()
-            stop.append((asyncio.get_running_loop(), event))
-            threading.Thread(target=drive, daemon=True).start()
-            await serve_forever(settings, on_ready, event, workers_in_child=True)
+                ping.close()
 
         probe.install()
-        asyncio.run(main())
+        serve_here(2, "bench-filestail-", drive)
     return results
 
 
