@@ -65,7 +65,7 @@ from imcli.broker.topic_access import TopicAccess
 from imcli.broker.webapp import WebApp, loopback_host
 from imcli.broker.wills import LastWills, Will, will_of
 from imcli.core.rules import device_of_client_id
-from imcli.core.wire import TopicKind, Topics
+from imcli.core.wire import TopicKind, Topics, build_schemas
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +359,7 @@ class ImBroker(Broker):
 
     async def start(self) -> None:
         raise_fd_limit(self.settings.limits.max_pending + 1024)  # imcli/broker/pending.py
+        build_schemas()  # now, not in the event loop's first typed chat message (imcli/core/wire.py)
         try:
             await super().start()  # amqtt starts with no retained messages
         except BaseException:
