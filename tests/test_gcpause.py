@@ -178,7 +178,7 @@ def test_the_leak_check_works_in_a_process_with_thousands_of_descriptors() -> No
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 1200 <= hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
-    held = []
+    held: list[int] = []
     try:
         while len(held) < 1100:  # past select()'s FD_SETSIZE (1024)
             held.append(os.open(os.devnull, os.O_RDONLY))
