@@ -1,7 +1,8 @@
 """Presence on a real broker: online/offline, devices, Last Will, rename races, worker restarts.
 
-Every test using ``server`` runs on the embedded broker and on Mosquitto with ``imcli workers
---dynsec`` beside it (tests/brokers.py)."""
+Every test using ``server`` runs on the embedded broker, on Mosquitto with ``imcli workers
+--dynsec`` beside it, and on a three-node NATS cluster with alice on node 1 and bob on node 3
+(tests/brokers.py, tests/natsbroker.py)."""
 
 from __future__ import annotations
 
@@ -35,8 +36,10 @@ from tests import brokers
 from tests.conftest import Cli, Proc, Raw, ident, password_of, wait_until
 
 RawFactory = Callable[..., Raw]
+# the embedded broker and Mosquitto only (said why above each use)
+NOT_NATS = pytest.mark.parametrize("broker_kind", ["amqtt", "mosquitto"], indirect=True)
 
-broker_kind, broker_under_test, server, users = brokers.BOTH  # every test using `server` on both brokers
+broker_kind, broker_under_test, server, users = brokers.ALL  # every test using `server` on the three brokers
 
 
 class PresenceWatch:
@@ -211,6 +214,9 @@ def test_rename_shows_in_presence_who_dm_and_listen(
         ("evil\u202eeman", "Error: invalid display name"),  # a bidi override never is a name
     ],
 )
+# the refusals are the presence worker's, the same on every broker: on NATS (slow to set up, about 15 s
+# a test) the rename tests around this one cover the worker's answers
+@NOT_NATS
 def test_rename_refusals(watch: PresenceWatch, cli_as: Callable[[str], Cli], nick: str, error: str) -> None:
     alice = cli_as("alice")
     alice.login("alice")
@@ -260,6 +266,10 @@ def test_dm_to_unknown_name(server: ServeInfo, watch: PresenceWatch) -> None:
 # ---------------------------------------------------------------- the worker itself
 
 
+# The tests of the worker itself start and stop their own presence worker: on the embedded broker and
+# Mosquitto (bare_broker); the shared NATS cluster always runs its workers (tests/natsbroker.py).
+
+
 @dataclass
 class Bare:
     """A broker whose presence worker the test starts and stops itself."""
@@ -305,12 +315,14 @@ def bare_broker(broker_kind: str, tmp_path: Path) -> Iterator[Bare]:
             )
 
 
+@NOT_NATS
 def test_no_worker_means_a_clear_timeout(bare_broker: Bare, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMCLI_REQUEST_TIMEOUT", "0.5")  # the default 5 s: test_units' test_request_timeout
     with pytest.raises(RequestTimeout, match=r"no worker answered within 0\.5s"):
         services.who(ident(bare_broker.info, "alice"))
 
 
+@NOT_NATS
 def test_restarted_worker_rebuilds_the_roster_unnoticed(bare_broker: Bare) -> None:
     info, make_worker = bare_broker.info, bare_broker.make_worker
     import paho.mqtt.client as paho
@@ -403,6 +415,7 @@ def test_roster_records_loaded_with_clashing_nicks_keep_one_owner() -> None:
     assert roster.nick_of("bob") == "bob"
 
 
+@NOT_NATS
 def test_standalone_worker_command(bare_broker: Bare, procs: Callable[..., Proc], tmp_path: Path) -> None:
     info = bare_broker.info
     worker = procs(
@@ -421,6 +434,7 @@ def test_standalone_worker_command(bare_broker: Bare, procs: Callable[..., Proc]
     assert worker.stop() == 0
 
 
+@NOT_NATS
 def test_standalone_worker_with_wrong_password_fails_clearly(bare_broker: Bare, procs: Callable[..., Proc]) -> None:
     info = bare_broker.info
     worker = procs("presence", "--port", str(info.address.port), env={"IMCLI_PASSWORD": "wrong-password"})
