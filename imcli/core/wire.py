@@ -700,6 +700,22 @@ Payload = Annotated[
 _PAYLOAD: TypeAdapter[Payload] = TypeAdapter(Payload, config=ConfigDict(defer_build=True))
 
 
+def build_schemas() -> None:
+    """Build every payload model's validator now, for a long-running process (the broker, a worker).
+
+    ``defer_build`` lets a command pay only for the models it touches (issue 7); a server would
+    otherwise build them in the middle of the first message that needs one: the union of every
+    payload, built by the first typed chat message the journal decodes (a file's message), took
+    19 ms of the embedded broker's event loop, once per start, during its first file transfer
+    (``python -m benchmarks.filestail``, issue 16). All of them take about 50 ms here."""
+    _PAYLOAD.rebuild()
+    models: list[type[WireModel]] = [WireModel]
+    while models:
+        model = models.pop()
+        model.model_rebuild()
+        models.extend(model.__subclasses__())
+
+
 _M = TypeVar("_M", bound=WireModel)
 
 
