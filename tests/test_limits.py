@@ -261,7 +261,7 @@ def test_every_request_dropped_in_a_flood_is_named_in_a_notice(starved: ServeInf
             assert notice["code"] == "rate"
             if isinstance(notice.get("topic"), str):
                 named.append(str(notice["topic"]).rsplit("/", 1)[1])
-            named.extend(notice.get("requests") or [])  # type: ignore[arg-type]
+            named.extend(notice.get("requests") or [])
         assert sorted(named) == sorted(ids)  # each once
         aggregated = [n for n in notices if n.get("requests")]
         assert len(aggregated) == 1 and aggregated[0].get("topic") is None
