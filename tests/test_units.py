@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -413,6 +415,27 @@ def test_a_remaining_length_of_five_bytes_is_refused_at_its_fourth() -> None:
         decode_length(b"\x30\xff\xff\xff\xff", 1)  # no fifth byte needed to know
     with pytest.raises(ValueError, match="0 to 268435455"):
         encode_length(MAX_REMAINING_LENGTH + 1)
+
+
+def test_build_schemas_builds_every_payload_model_in_a_fresh_interpreter() -> None:
+    """A command builds only the models it touches (defer_build); the broker and the workers call
+    ``build_schemas`` at start so that no message of theirs waits for one to be built (issue 16)."""
+    script = (
+        "from imcli.core import wire\n"
+        "def models(cls):\n"
+        "    for sub in cls.__subclasses__():\n"
+        "        yield sub\n"
+        "        yield from models(sub)\n"
+        "every = list(models(wire.WireModel))\n"
+        "assert not wire._PAYLOAD.pydantic_complete and not any(m.__pydantic_complete__ for m in every)\n"
+        "wire.build_schemas()\n"
+        "assert wire._PAYLOAD.pydantic_complete\n"
+        "print(sorted(m.__name__ for m in every if not m.__pydantic_complete__), len(every))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    missing, count = run.stdout.rsplit(" ", 1)
+    assert missing == "[]"
+    assert int(count) > 40  # ChatMessage, the file models, the requests and replies, ...
 
 
 # ---------------------------------------------------------------- MqttClient: how a clean session ends

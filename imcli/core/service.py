@@ -28,6 +28,7 @@ from imcli.core.wire import (
     TopicKind,
     Topics,
     WireModel,
+    build_schemas,
     decode,
     decode_as,
     device_client_id,
@@ -150,6 +151,7 @@ class ServiceWorker:
     # ---------------------------------------------------------------- lifecycle
 
     def __enter__(self) -> ServiceWorker:
+        build_schemas()  # a worker lives long: its first request is not the one to build them (wire.py)
         self.client.connect()
         try:
             self._sync()
