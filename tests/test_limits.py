@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -9,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from imcli.broker.accounts import AccountStore
 from imcli.broker.limits import Limits, PublishRate
@@ -130,16 +131,21 @@ def test_a_request_beyond_the_rate_fails_at_once_through_the_cli(
     cli = Cli(CliRunner(), starved, tmp_path / "config-alice")
     cli.login("alice")
     spend_the_rate(starved, "alice")
-    result = cli("who")
-    assert result.exit_code == 1
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    assert re.fullmatch(
+    one_error_line(
+        cli("who"),
         r"Error: the broker dropped the request: account alice hit its rate limit \(messages sent too fast\) "
         r"\(try again in \d+s, and send less often\)",
-        lines[0],
-    ), lines[0]
-    assert "Traceback" not in result.output
+    )
+
+
+def one_error_line(result: Result, pattern: str) -> re.Match[str]:
+    """The command failed with exactly one line, matching ``pattern`` (no traceback)."""
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    matched = re.fullmatch(pattern, lines[0])
+    assert matched is not None, lines[0]
+    return matched
 
 
 def test_a_request_beyond_the_rate_fails_at_once_through_the_services(
@@ -156,23 +162,30 @@ def test_a_request_beyond_the_rate_fails_at_once_through_the_services(
         listener.ask(WhoRequest())
 
 
-def test_a_rate_notice_fails_only_the_request_it_names() -> None:
-    """The pure part: a ``rate`` notice about another topic, or another account's request, leaves
-    the request waiting; the one naming it ends it with ``RateLimited``."""
-    topics = Topics()
+def asking_alice(topics: Topics) -> tuple[RequestClient, threading.Thread, list[str], list[BaseException]]:
+    """alice's request client, a thread asking it a ``who`` (an hour's timeout) whose request is
+    sent, the topics it published and what the ask raised (anything: an ``ImcliError`` is expected)."""
     sent: list[str] = []
     client = RequestClient(topics, "alice", lambda topic, _payload: sent.append(topic), timeout=3600)
-    outcome: list[ImcliError] = []
+    outcome: list[BaseException] = []
 
     def ask() -> None:
         try:
             client.ask(WhoRequest())
-        except ImcliError as exc:
+        except BaseException as exc:  # anything but an ImcliError is a failure the tests look for
             outcome.append(exc)
 
     asker = threading.Thread(target=ask)
     asker.start()
     assert wait_until(lambda: bool(sent))
+    return client, asker, sent, outcome
+
+
+def test_a_rate_notice_fails_only_the_request_it_names() -> None:
+    """The pure part: a ``rate`` notice about another topic, or another account's request, leaves
+    the request waiting; the one naming it ends it with ``RateLimited``."""
+    topics = Topics()
+    client, asker, sent, outcome = asking_alice(topics)
 
     def tell(topic: str) -> bool:
         notice = Notice(code="rate", text="slow down", topic=topic, retry=2.5)
@@ -186,8 +199,9 @@ def test_a_rate_notice_fails_only_the_request_it_names() -> None:
     assert asker.is_alive() and not outcome
     assert not tell(sent[0])  # not a reply: a Listener shows the notice too
     asker.join(10)
-    assert [type(e) for e in outcome] == [RateLimited]
-    assert outcome[0].hint == "try again in 3s, and send less often"
+    [error] = outcome
+    assert isinstance(error, RateLimited)
+    assert error.hint == "try again in 3s, and send less often"
 
 
 def test_a_hostile_rate_notice_never_breaks_the_asker() -> None:
@@ -196,19 +210,7 @@ def test_a_hostile_rate_notice_never_breaks_the_asker() -> None:
     text with control characters, ids that are no ids: each is ignored (the request keeps
     waiting) or ends it with one clean line that quotes nothing of the notice but its retry."""
     topics = Topics()
-    sent: list[str] = []
-    client = RequestClient(topics, "alice", lambda topic, _payload: sent.append(topic), timeout=3600)
-    outcome: list[BaseException] = []
-
-    def ask() -> None:
-        try:
-            client.ask(WhoRequest())
-        except BaseException as exc:  # anything but an ImcliError is the failure looked for
-            outcome.append(exc)
-
-    asker = threading.Thread(target=ask)
-    asker.start()
-    assert wait_until(lambda: bool(sent))
+    client, asker, sent, outcome = asking_alice(topics)
     request, corr = sent[0], sent[0].rsplit("/", 1)[1]
     base = {"type": "notice", "v": 1, "code": "rate", "text": "slow down", "topic": request}
     hostile = [
@@ -222,7 +224,7 @@ def test_a_hostile_rate_notice_never_breaks_the_asker() -> None:
         json.dumps(base | {"topic": request + "\x1b[31m"}).encode(),
         json.dumps(base | {"topic": "im/request/alice/\u202e" + corr}).encode(),
         json.dumps(base | {"topic": None, "requests": [corr + "\n"]}).encode(),
-        json.dumps(base | {"topic": None, "requests": [corr] * 501}).encode(),  # more than a notice may name
+        json.dumps(base | {"topic": None, "requests": [corr] * 401}).encode(),  # more than a notice may name
         json.dumps(base | {"topic": None, "requests": corr}).encode(),
         json.dumps(base | {"extra": "field"}).encode(),
     ]
@@ -298,34 +300,34 @@ def test_concurrent_requests_beyond_the_rate_all_fail_at_once(
 # ---------------------------------------------------------------- the file-transfer rate
 
 
-def file_limited(tmp_path: Path, file_rate: float, file_burst: int) -> BackgroundServer:
+@contextlib.contextmanager
+def file_limited(tmp_path: Path, file_rate: float, file_burst: int) -> Iterator[tuple[ServeInfo, Cli, Path]]:
+    """A broker whose file-transfer rate is ``file_rate`` (chunks of 4 KiB), alice logged in with
+    the CLI, and a file of a dozen chunks (51,200 bytes) for her to send to bob."""
     limits = Limits(file_rate=file_rate, file_burst=file_burst, max_chunk=4096)
-    return BackgroundServer(BrokerSettings(data_dir=tmp_path / "files-limited", port=0, limits=limits))
+    with BackgroundServer(BrokerSettings(data_dir=tmp_path / "files-limited", port=0, limits=limits)) as info:
+        store = AccountStore(info.data_dir)
+        for name in ("alice", "bob"):
+            store.add(name, password_of(name))
+        alice = Cli(CliRunner(), info, tmp_path / "config-alice")
+        alice.login("alice")
+        source = tmp_path / "big.bin"
+        source.write_bytes(bytes(range(256)) * 200)
+        yield info, alice, source
 
 
 def test_a_file_transfer_beyond_its_rate_says_so(tmp_path: Path) -> None:
     """A chunk dropped for the file-transfer rate (not the chat rate): the command fails at once
     with one line naming the file transfer rate and its own retry time (the chat rate's would be
     a second: 20 a second)."""
-    with file_limited(tmp_path, file_rate=0.001, file_burst=3) as info:
-        store = AccountStore(info.data_dir)
-        for name in ("alice", "bob"):
-            store.add(name, password_of(name))
-        cli = Cli(CliRunner(), info, tmp_path / "config-alice")
-        cli.login("alice")
-        source = tmp_path / "big.bin"
-        source.write_bytes(bytes(range(256)) * 200)  # 51,200 bytes: a dozen chunks of 4 KiB
-        result = cli("send", "bob", str(source))
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    assert re.fullmatch(
+    with file_limited(tmp_path, file_rate=0.001, file_burst=3) as (_, alice, source):
+        result = alice("send", "bob", str(source))
+    waited = one_error_line(
+        result,
         r"Error: the broker dropped part of the file transfer: account alice hit its file transfer rate "
         r"\(try again in (\d+)s: the same command goes on where it stopped\)",
-        lines[0],
-    ), lines[0]
-    waited = re.search(r"in (\d+)s", lines[0])
-    assert waited is not None and 900 <= int(waited.group(1)) <= 1000  # one token at 0.001 a second
+    )
+    assert 900 <= int(waited.group(1)) <= 1000  # one token at 0.001 a second
 
 
 def test_a_file_transfer_waits_out_a_short_rate_notice_and_goes_on(
@@ -345,14 +347,7 @@ def test_a_file_transfer_waits_out_a_short_rate_notice_and_goes_on(
         return pause(dropped_for, paused)
 
     monkeypatch.setattr(files, "_pause", counted)
-    with file_limited(tmp_path, file_rate=40.0, file_burst=4) as info:
-        store = AccountStore(info.data_dir)
-        for name in ("alice", "bob"):
-            store.add(name, password_of(name))
-        alice = Cli(CliRunner(), info, tmp_path / "config-alice")
-        alice.login("alice")
-        source = tmp_path / "big.bin"
-        source.write_bytes(bytes(range(256)) * 200)
+    with file_limited(tmp_path, file_rate=40.0, file_burst=4) as (info, alice, source):
         sent = alice("send", "bob", str(source))
         assert sent.exit_code == 0, sent.output
         bob = Cli(CliRunner(), info, tmp_path / "config-bob")
@@ -363,3 +358,55 @@ def test_a_file_transfer_waits_out_a_short_rate_notice_and_goes_on(
         assert got.exit_code == 0, got.output
     assert (out / "big.bin").read_bytes() == source.read_bytes()
     assert pauses and all("file transfer rate" in p for p in pauses)  # the broker did drop chunks, and said so
+
+
+def test_a_download_whose_acknowledgement_is_dropped_sends_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pure part of a download's rate notice: the notice about this download's
+    acknowledgement topic reaches its box (not another download's, nor one about another
+    account's topic), the download waits, sends its acknowledgement again from where it is, and
+    goes on; a long wait ends it with the file transfer rate's line."""
+    import hashlib
+    import time
+
+    from imcli.client import files
+    from imcli.client.files import FileConnection
+    from imcli.client.identity import Identity
+    from imcli.core.mqtt import BrokerAddress
+    from imcli.core.topics import chunk
+    from imcli.core.wire import FileInfo
+
+    monkeypatch.setattr(files, "STALL", 3600.0)
+    monkeypatch.setattr(time, "sleep", lambda _seconds: None)  # the wait itself is not the point
+    identity = Identity(BrokerAddress.of("127.0.0.1:1"), Credentials("alice", "x"), "test")
+    connection = FileConnection(identity)  # never connected: what it publishes is recorded
+    acks: list[tuple[str, bytes]] = []
+    monkeypatch.setattr(
+        connection._client, "publish_nowait", lambda topic, payload, qos=1: acks.append((topic, payload))
+    )
+    topics = identity.topics
+    data = b"x" * 3000
+    info = FileInfo(id="f" * 32, name="a.bin", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    stream, other = "s" * 32, "o" * 32
+    box, elsewhere = connection._box(stream), connection._box(other)
+
+    def notice(topic: str, retry: float) -> Message:
+        return Message(
+            topics.notice("alice"), encode(Notice(code="rate", text="slow down", topic=topic, retry=retry)), 0, False
+        )
+
+    connection._route(notice(topics.fetch("bob", stream), 0.5))  # bob's topic: not this download's
+    connection._route(notice(topics.fetch("alice", stream), 0.5))
+    assert box.qsize() == 1 and elsewhere.empty()
+    for offset in (0, 1000, 2000):
+        box.put(Message(topics.file_data("alice", stream), chunk(offset, data[offset : offset + 1000]), 1, False))
+    digest = hashlib.sha256()
+    connection._receive(stream, box, tmp_path / "a.part", 0, digest, info, None)
+    assert digest.hexdigest() == info.sha256 and (tmp_path / "a.part").read_bytes() == data
+    offsets = [json.loads(payload)["offset"] for topic, payload in acks if topic == topics.fetch("alice", stream)]
+    assert offsets == [0, 0, 3000]  # the first, again after the notice, the last
+    connection._route(notice(topics.fetch("alice", other), 60))  # a long wait: the other download fails
+    with pytest.raises(RateLimited, match="file transfer rate") as failed:
+        connection._receive(other, elsewhere, tmp_path / "b.part", 0, hashlib.sha256(), info, None)
+    assert failed.value.hint == "try again in 60s: the same command goes on where it stopped"

@@ -232,9 +232,16 @@ class PublishChecks:
         if not held or self.tell is None:
             return
         retry = round(self.rate.retry_after(account, time.monotonic()), 3)
-        task = asyncio.ensure_future(self.tell(account, requests_dropped(held, self.rate.rate, retry)))
+        task = asyncio.ensure_future(self._tell_quietly(account, requests_dropped(held, self.rate.rate, retry)))
         self._telling.add(task)  # a reference until it is done (the loop keeps only weak ones)
         task.add_done_callback(self._telling.discard)
+
+    async def _tell_quietly(self, account: str, telling: Telling) -> None:
+        assert self.tell is not None
+        try:
+            await self.tell(account, telling)
+        except Exception:  # a notice that cannot go (the broker stopping) is only logged
+            log.warning("could not tell %s of the requests dropped", account, exc_info=True)
 
     async def received(self, session: Session, message: ApplicationMessage, deliver: Deliver) -> bool:
         """A PUBLISH read from ``session``'s connection: judged, its sender told why if it is
