@@ -59,6 +59,9 @@ class _LoopProbe:
         self._gc_started = self._gc_cpu = 0.0
         self.handled = 0
         self.running_since = 0.0  # perf_counter() when the callback now running began; 0.0 between callbacks
+        # every callback's (end on perf_counter's clock, wall ms), once a list is put here (filestail: how busy
+        # the loop was while a ping was on its way, short callbacks included)
+        self.every: list[tuple[float, float]] | None = None
 
     def install(self) -> None:
         original = asyncio.events.Handle._run
@@ -69,8 +72,11 @@ class _LoopProbe:
             probe.running_since = started
             original(handle)
             probe.running_since = 0.0
-            took = time.perf_counter() - started
+            ended = time.perf_counter()
+            took = ended - started
             probe.handled += 1
+            if probe.every is not None:
+                probe.every.append((ended, took * 1000))
             if took * 1000 >= SLOW_CALLBACK_MS:
                 what = describe(handle)
                 probe.callbacks.append((time.time(), took * 1000, (time.thread_time() - cpu) * 1000, what))
