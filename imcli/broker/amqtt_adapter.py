@@ -100,6 +100,7 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
     *_names(_B, "Broker", "replaced", "_subscriptions"),  # by sessions.SubscriptionTable
     # AckAfterJournal, LightSession and use_light_sessions, below
     *_names(_H, "BrokerProtocolHandler", "overridden", "_handle_qos1_message_flow _handle_qos2_message_flow"),
+    *_names(_H, "BrokerProtocolHandler", "overridden", "_handle_qos0_message_flow"),  # delivered at once, or queued
     *_names(_H, "BrokerProtocolHandler", "read", "_puback_waiters"),  # by reader.PacketReader (amqtt's own QoS 1 flows)
     *_names(_H, "BrokerProtocolHandler", "overridden", "_reader_loop"),  # by reader.PacketReader, TCP and TLS
     *_names(_H, "BrokerProtocolHandler", "read", "_reader_ready _reader_stopped"),  # by reader.PacketReader
@@ -115,9 +116,21 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
 class AckAfterJournal(BrokerProtocolHandler):
     """amqtt's broker-side protocol handler, calling ``before_ack`` before each PUBACK, and
     holding the Last Will of its own connection's CONNECT (amqtt keeps it in the session, which
-    a resumed or taken-over persistent session shares with the next connection)."""
+    a resumed or taken-over persistent session shares with the next connection).
+
+    A QoS 0 or 1 PUBLISH that a stream connection's reader reads while nothing it sent before
+    waits (``may_deliver_now``) is handled in the reader's own callback by ``deliver_now``
+    (``ImBroker.deliver_now``: the publish checks, the fan-out, then the journal, then the PUBACK)
+    instead of being queued for the connection's message loop (imcli/broker/client_loop.py), one
+    event-loop round later, whose fan-out was written one round later still (issue 21: DM
+    latency)."""
 
     before_ack: Any = None  # (Session, ApplicationMessage) -> None
+    deliver_now: Any = None  # (Session, ApplicationMessage, acknowledged: bool) -> Awaitable[bool]
+    loop_idle = False  # the message loop waits with nothing to do (client_loop.run_client_loop)
+    delivering = False  # the reader is handling a message itself: the message loop waits
+    refused = False  # a message handled by the reader ends the connection (an invalid topic)
+    at_once = 0  # messages the reader may still handle itself in its current read (reader.PacketReader)
     will: Will | None = None  # imcli/broker/wills.py
     max_unreleased = 1 << 16  # incoming QoS 2 messages held for their PUBREL (sessions.no_pubrel)
     _silent_close: asyncio.Future[None] | None = None
@@ -141,7 +154,8 @@ class AckAfterJournal(BrokerProtocolHandler):
         try:
             await super().handle_publish(publish_packet)
         finally:
-            self._stir()
+            if self.session is None or not self.session.delivered_message_queue.empty():
+                self._stir()  # a message handled at once left nothing for the message loop
 
     async def handle_subscribe(self, subscribe: Any) -> None:
         try:
@@ -177,7 +191,52 @@ class AckAfterJournal(BrokerProtocolHandler):
         if self.activity is not None:  # the connection's message loop (imcli/broker/client_loop.py)
             self.activity.set()
 
+    def may_deliver_now(self) -> bool:
+        """Whether a message just read may be handled by the reader at once: read by
+        ``reader.PacketReader`` (which gathers its PUBACKs in ``answers``), within the read's
+        share (``at_once``: ``client_loop.FAIR_SHARE``, as the message loop's), the message loop
+        idle with nothing queued ahead of it (the client's order is kept), the connection not ended."""
+        session, ended = self.session, self._disconnect_waiter  # amqtt private (AMQTT_PRIVATE)
+        return (
+            self.loop_idle
+            and self.at_once > 0
+            and self.answers is not None
+            and self.deliver_now is not None
+            and not self.delivering
+            and not self.refused
+            and session is not None
+            and session.delivered_message_queue.empty()
+            and self._pending_subscriptions.empty()
+            and self._pending_unsubscriptions.empty()
+            and ended is not None
+            and not ended.done()
+        )
+
+    async def _deliver_at_once(self, app_message: Any, acknowledged: bool) -> None:
+        self.at_once -= 1
+        self.delivering = True
+        delivered = False
+        try:
+            delivered = await self.deliver_now(self.session, app_message, acknowledged)
+        finally:
+            self.delivering = False
+            if not delivered:
+                self.refused = True  # the message loop ends the connection, as it would have
+            if not self.loop_idle or self.refused:  # it waits for this one (client_loop.py)
+                self._stir()
+        if acknowledged and self.answers is not None:  # the PUBACK after the journal (ImBroker.deliver_now)
+            self.answers += b"\x40\x02" + app_message.packet_id.to_bytes(2, "big")
+
+    async def _handle_qos0_message_flow(self, app_message: Any) -> None:
+        if app_message.direction == INCOMING and self.may_deliver_now():
+            await self._deliver_at_once(app_message, acknowledged=False)
+            return
+        await super()._handle_qos0_message_flow(app_message)
+
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
+        if app_message.direction == INCOMING and self.before_ack is not None and self.may_deliver_now():
+            await self._deliver_at_once(app_message, acknowledged=True)
+            return
         if app_message.direction == INCOMING and self.before_ack is not None and self.session is not None:
             self.before_ack(self.session, app_message)
         if app_message.direction == INCOMING and self.answers is not None and self.session is not None:
@@ -395,6 +454,7 @@ class ImBroker(Broker):
         self.output.attach_inbox(writer, session.delivered_message_queue)  # output.ReadGate
         if isinstance(handler, AckAfterJournal):
             handler.before_ack, handler.max_unreleased = self._before_ack, self.settings.limits.max_unreleased
+            handler.deliver_now = self.deliver_now
             handler.will = will_of(incoming)  # imcli/broker/wills.py
         return handler, session
 
@@ -478,11 +538,25 @@ class ImBroker(Broker):
         self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
     ) -> bool:
         # the publish checks (imcli/broker/publish_checks.py) instead of amqtt's broadcast and retain
-        message = wait_deliver.result()
+        return await self._received(client_session, wait_deliver.result())
+
+    async def _received(self, session: Session, message: ApplicationMessage | None) -> bool:
         await self.plugins_manager.fire_event(
-            BrokerEvents.MESSAGE_RECEIVED, client_id=client_session.client_id, message=message
+            BrokerEvents.MESSAGE_RECEIVED, client_id=session.client_id, message=message
         )
-        return message is None or await self.publishing.received(client_session, message, self.deliver)
+        return message is None or await self.publishing.received(session, message, self.deliver)
+
+    async def deliver_now(self, session: Session, message: ApplicationMessage, acknowledged: bool) -> bool:
+        """A message its connection's reader handles itself (``AckAfterJournal.may_deliver_now``):
+        what the message loop does with it, at once; a QoS 1 one (``acknowledged``) takes its rate
+        token as before its PUBACK and is journalled once its copies are written, before the
+        PUBACK that the reader writes when this returns (imcli/broker/journal.py). False: its
+        connection is to be closed (an invalid topic)."""
+        keep = acknowledged and self.publishing.charge(session.username, message, len(message.data or b""))
+        delivered = await self._received(session, message)
+        if keep:
+            self._journal.record(session.username, message)
+        return delivered
 
     async def _handle_disconnect(
         self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]

@@ -54,6 +54,7 @@ from imcli.broker.output import Outlet, OutputBound, Verdict
 log = logging.getLogger(__name__)
 
 INDEX_DEPTH = 3  # levels of a filter's literal head used as an index key: im/user/<name>
+WRITE_AT_ONCE = 4  # a message with this many copies or fewer is written at once, not at the end of the round
 
 Subscriptions = dict[str, list[tuple[Session, int]]]
 
@@ -217,6 +218,7 @@ class Deliveries:
         self._chunks: dict[Any, list[bytes]] = {}
         self._sizes: dict[Any, int] = {}  # bytes in each connection's chunks
         self._flush_scheduled = False
+        self.copies = 0  # copies added, ever (FanOut.publish counts a message's)
 
     def batched(self, handler: Any) -> int:
         """Bytes of this batch for ``handler``'s connection, not yet written."""
@@ -232,6 +234,7 @@ class Deliveries:
         chunks = self._chunks.get(handler)
         if chunks is None:
             chunks = self._chunks[handler] = []
+        self.copies += 1
         if qos == 0:
             chunks += (message.qos0_head, message.data)
             self._sizes[handler] = self._sizes.get(handler, 0) + message.qos0_size
@@ -316,15 +319,21 @@ class FanOut:
 
     async def publish(self, broadcast: dict[str, Any]) -> None:
         """Fan one message out now, in the publisher's task: its copies join the connections'
-        buffers, written together at the end of this event-loop round (``Deliveries.flush_soon``).
+        buffers, written together at the end of this event-loop round (``Deliveries.flush_soon``),
+        or at once if it has ``WRITE_AT_ONCE`` copies or fewer (a DM: its recipient's devices and
+        the archive's), with whatever the batch holds already (nothing overtakes it).
 
         amqtt queued each message for its broadcast loop, which took it in a task of its own,
         one event-loop round (at least) after the publisher's; nothing else here waits on that
         loop any more (its wakeups, under load, once stalled a QoS 1 fan-out for good:
         docs/PERFORMANCE.md). Nothing in ``send`` suspends: the offline queue is unbounded."""
         deliveries = self._batch()
+        before = deliveries.copies
         await self.send(broadcast, deliveries, self._tasks)
-        deliveries.flush_soon()
+        if 0 < deliveries.copies - before <= WRITE_AT_ONCE:
+            deliveries.flush()  # not one round later: the copies of a room's messages still share writes
+        else:
+            deliveries.flush_soon()
 
     def _batch(self) -> Deliveries:
         if self._deliveries is None:

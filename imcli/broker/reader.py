@@ -17,6 +17,10 @@ the messages of one publisher were fanned out one per round (one ``send`` per co
   the size limit as soon as the fixed header is known, a started packet complete within the
   guard's ``timeout``) before amqtt decodes it from its own bytes; a malformed one ends the
   connection;
+* a QoS 0 or 1 PUBLISH read while nothing the client sent before waits is handled here, in this
+  callback (its checks, its fan-out, its copies written, its journal, then its PUBACK:
+  ``AckAfterJournal.may_deliver_now``), up to ``client_loop.FAIR_SHARE`` of one read; the rest
+  wait for the connection's message loop, in order, as before;
 * PUBACK resolves the waiting copy's future where it is read; every other packet goes to
   amqtt's own handler method, awaited in this task (they resolve a future, queue a message or
   a subscription for the connection's message loop, or write an answer), except a QoS 2
@@ -49,6 +53,7 @@ from amqtt.mqtt import packet_class
 from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.publish import PublishPacket, PublishPayload, PublishVariableHeader
 
+from imcli.broker.client_loop import FAIR_SHARE
 from imcli.broker.packets import (
     DISCONNECT,
     PINGREQ,
@@ -154,7 +159,7 @@ class PacketReader:
             # The exception is also the stream's (``StreamReader._exception``, and its read's
             # future's): its traceback holds the frames that hold the stream, its transport and the
             # connection's handler, a cycle that only a full collection frees, and, frozen with
-            # the connection (imcli/broker/gcpause.py), only the daily compaction: 829 of 10,000
+            # the connection (imcli/broker/gcpause.py), only a compaction: 829 of 10,000
             # connections left 46 objects each that way (docs/PERFORMANCE.md, issue 21).
             exc.__traceback__ = None
         finally:
@@ -183,6 +188,7 @@ class PacketReader:
         pos, size = 0, len(buffer)
         self._held = False
         self._handler.answers = bytearray()  # PUBACKs of this read's PUBLISHes, written once at its end
+        self._handler.at_once = FAIR_SHARE  # PUBLISHes it may handle itself (AckAfterJournal.may_deliver_now)
         try:
             while pos < size:
                 first = buffer[pos]
