@@ -138,6 +138,7 @@ def measure(mib: int, rounds: int, slow_ms: float, top: int) -> list[dict[str, o
     probe = _LoopProbe()
     loop_thread = threading.get_ident()  # serve_here runs the broker's loop in this thread
     with tempfile.TemporaryDirectory(prefix="bench-filestail-") as tmp:
+
         def drive(port: int) -> None:
             ping = RoomPing(_Here(port), stamps=True)  # type: ignore[arg-type]
             workers = _children(os.getpid())[0]
