@@ -193,6 +193,16 @@ def test_requests_dropped_beyond_the_notices_are_held_for_one_notice_a_second() 
     assert checks.judge("alice", "im/room/lobby/alice", 1, retain=False) == Decision(deliver=False)
 
 
+def test_the_fullest_aggregated_rate_notice_fits_the_payload_limit() -> None:
+    from imcli.broker.limits import UNHEARD_REQUESTS
+    from imcli.broker.notices import requests_dropped
+    from imcli.core.wire import DEFAULT_MAX_PAYLOAD, Notice, encode, new_id
+
+    telling = requests_dropped([new_id() for _ in range(UNHEARD_REQUESTS)], 1e6, 86400.0)
+    notice = Notice(code=telling.code, text=telling.text, retry=telling.retry, requests=list(telling.requests))
+    assert len(encode(notice)) <= DEFAULT_MAX_PAYLOAD
+
+
 # ---------------------------------------------------------------- connection gate
 
 

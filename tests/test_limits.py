@@ -224,7 +224,7 @@ def test_a_hostile_rate_notice_never_breaks_the_asker() -> None:
         json.dumps(base | {"topic": request + "\x1b[31m"}).encode(),
         json.dumps(base | {"topic": "im/request/alice/\u202e" + corr}).encode(),
         json.dumps(base | {"topic": None, "requests": [corr + "\n"]}).encode(),
-        json.dumps(base | {"topic": None, "requests": [corr] * 501}).encode(),  # more than a notice may name
+        json.dumps(base | {"topic": None, "requests": [corr] * 401}).encode(),  # more than a notice may name
         json.dumps(base | {"topic": None, "requests": corr}).encode(),
         json.dumps(base | {"extra": "field"}).encode(),
     ]
@@ -358,3 +358,55 @@ def test_a_file_transfer_waits_out_a_short_rate_notice_and_goes_on(
         assert got.exit_code == 0, got.output
     assert (out / "big.bin").read_bytes() == source.read_bytes()
     assert pauses and all("file transfer rate" in p for p in pauses)  # the broker did drop chunks, and said so
+
+
+def test_a_download_whose_acknowledgement_is_dropped_sends_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pure part of a download's rate notice: the notice about this download's
+    acknowledgement topic reaches its box (not another download's, nor one about another
+    account's topic), the download waits, sends its acknowledgement again from where it is, and
+    goes on; a long wait ends it with the file transfer rate's line."""
+    import hashlib
+    import time
+
+    from imcli.client import files
+    from imcli.client.files import FileConnection
+    from imcli.client.identity import Identity
+    from imcli.core.mqtt import BrokerAddress
+    from imcli.core.topics import chunk
+    from imcli.core.wire import FileInfo
+
+    monkeypatch.setattr(files, "STALL", 3600.0)
+    monkeypatch.setattr(time, "sleep", lambda _seconds: None)  # the wait itself is not the point
+    identity = Identity(BrokerAddress.of("127.0.0.1:1"), Credentials("alice", "x"), "test")
+    connection = FileConnection(identity)  # never connected: what it publishes is recorded
+    acks: list[tuple[str, bytes]] = []
+    monkeypatch.setattr(
+        connection._client, "publish_nowait", lambda topic, payload, qos=1: acks.append((topic, payload))
+    )
+    topics = identity.topics
+    data = b"x" * 3000
+    info = FileInfo(id="f" * 32, name="a.bin", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    stream, other = "s" * 32, "o" * 32
+    box, elsewhere = connection._box(stream), connection._box(other)
+
+    def notice(topic: str, retry: float) -> Message:
+        return Message(
+            topics.notice("alice"), encode(Notice(code="rate", text="slow down", topic=topic, retry=retry)), 0, False
+        )
+
+    connection._route(notice(topics.fetch("bob", stream), 0.5))  # bob's topic: not this download's
+    connection._route(notice(topics.fetch("alice", stream), 0.5))
+    assert box.qsize() == 1 and elsewhere.empty()
+    for offset in (0, 1000, 2000):
+        box.put(Message(topics.file_data("alice", stream), chunk(offset, data[offset : offset + 1000]), 1, False))
+    digest = hashlib.sha256()
+    connection._receive(stream, box, tmp_path / "a.part", 0, digest, info, None)
+    assert digest.hexdigest() == info.sha256 and (tmp_path / "a.part").read_bytes() == data
+    offsets = [json.loads(payload)["offset"] for topic, payload in acks if topic == topics.fetch("alice", stream)]
+    assert offsets == [0, 0, 3000]  # the first, again after the notice, the last
+    connection._route(notice(topics.fetch("alice", other), 60))  # a long wait: the other download fails
+    with pytest.raises(RateLimited, match="file transfer rate") as failed:
+        connection._receive(other, elsewhere, tmp_path / "b.part", 0, hashlib.sha256(), info, None)
+    assert failed.value.hint == "try again in 60s: the same command goes on where it stopped"

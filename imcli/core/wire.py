@@ -61,7 +61,7 @@ Timestamp = Annotated[float, Field(ge=0)]
 FILE_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 FILE_NAME_MAX = 255
 THUMB_MAX = 9000  # characters of a thumbnail's base64 (about 6.6 KiB of JPEG): a file message fits 16 KiB
-MAX_NOTICE_REQUESTS = 500  # requests one aggregated rate notice names at most
+MAX_NOTICE_REQUESTS = 400  # requests one aggregated rate notice names at most (it fits 16 KiB)
 MIME_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")  # the images the files worker recognises
 
 
