@@ -74,6 +74,9 @@ class _LoopProbe:
         self._gc_started = self._gc_cpu = 0.0
         self.handled = 0
         self.running_since = 0.0  # perf_counter() when the callback now running began; 0.0 between callbacks
+        # every callback's (end on perf_counter's clock, wall ms), once a list is put here (filestail: how busy
+        # the loop was while a ping was on its way, short callbacks included)
+        self.every: list[tuple[float, float]] | None = None
         self.rounds_on = rounds
         self.thread = 0
         # (end epoch, wall ms, CPU ms, callbacks, [(what, CPU ms, count), ...] by CPU)
@@ -97,8 +100,11 @@ class _LoopProbe:
             probe.running_since = started
             original(handle)
             probe.running_since = 0.0
-            took, used = time.perf_counter() - started, time.thread_time() - cpu
+            ended = time.perf_counter()
+            took, used = ended - started, time.thread_time() - cpu
             probe.handled += 1
+            if probe.every is not None:
+                probe.every.append((ended, took * 1000))
             if probe.rounds_on:
                 probe._round_wall += took
                 probe._round_cpu += used

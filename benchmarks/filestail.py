@@ -81,6 +81,27 @@ class _SlowStacks:
         ]
 
 
+def _loop_meanwhile(
+    pings: list[tuple[float, float]], every: list[tuple[float, float]], slow_ms: float
+) -> list[dict[str, float]]:
+    """For each ping over ``slow_ms`` (sent on perf_counter's clock, ms): how many milliseconds of its
+    way the broker's loop spent in callbacks, in how many, and the longest; a loop that was mostly
+    idle meanwhile did not hold the ping (its clients or the scheduler did)."""
+    out = []
+    for sent, ms in pings:
+        if ms < slow_ms:
+            continue
+        end = sent + ms / 1000
+        inside = [(e, w) for e, w in every if e - w / 1000 < end and e > sent]
+        out.append({
+            "ms": round(ms, 2),
+            "loop_busy_ms": round(sum(w for _, w in inside), 2),
+            "callbacks": len(inside),
+            "longest_ms": round(max((w for _, w in inside), default=0.0), 2),
+        })  # fmt: skip
+    return out
+
+
 def _client(port: int, source: Path) -> dict[str, float]:
     """The sender's upload and post, then the receiver's download (``benchmarks/files.py``'s
     ``_send_and_fetch``, in this process of its own): seconds and this process's CPU seconds."""
@@ -117,7 +138,6 @@ def measure(mib: int, rounds: int, slow_ms: float, top: int) -> list[dict[str, o
     probe = _LoopProbe()
     loop_thread = threading.get_ident()  # serve_here runs the broker's loop in this thread
     with tempfile.TemporaryDirectory(prefix="bench-filestail-") as tmp:
-        source = _source(Path(tmp), mib * MIB)
 
         def drive(port: int) -> None:
             ping = RoomPing(_Here(port), stamps=True)  # type: ignore[arg-type]
@@ -125,10 +145,13 @@ def measure(mib: int, rounds: int, slow_ms: float, top: int) -> list[dict[str, o
             offset = time.time() - time.perf_counter()  # ping stamps are perf_counter's, the probe's epoch
             try:
                 for _ in range(rounds):
+                    # new bytes each round: the worker would answer a file it holds at once (no upload)
+                    source = _source(Path(tmp), mib * MIB)
                     with ping.phase() as idle:
                         time.sleep(3.0)
                     probe.callbacks.clear()
                     probe.collections.clear()
+                    probe.every = []
                     before = (time.process_time(), cpu_seconds(workers))
                     with ping.phase() as busy, _SlowStacks(probe, loop_thread) as stacks:
                         client = _transfer(port, source)
@@ -145,7 +168,7 @@ def measure(mib: int, rounds: int, slow_ms: float, top: int) -> list[dict[str, o
                             "clients": round(client["cpu"] * 1000 / mib, 2),
                         },
                         **_explain(pings, probe, slow_ms, top),
-                        "slow_pings_sent": [round(sent, 4) for sent, took in pings if took * 1000 >= slow_ms],
+                        "slow_pings": _loop_meanwhile(busy, probe.every, slow_ms),
                         "slow_callback_stacks": stacks.report(offset, top),
                     }  # fmt: skip
                     print(json.dumps(result, indent=1), flush=True)
