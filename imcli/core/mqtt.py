@@ -13,6 +13,7 @@ import queue
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +31,10 @@ SERVER_UNAVAILABLE = 3  # the one refusal a reconnecting client waits out
 # about a minute in all) before it is fatal: a NATS 2.9 cluster refuses SUBSCRIBE for ~20 s after a node died,
 # while JetStream elects new leaders for the MQTT sessions' streams
 RENEW_TRIES = 10
+# a first SUBSCRIBE of a client's own topics (always its to read) that the broker refuses is tried this
+# often in all (1 s, then 2 s apart): a loaded NATS 2.9 cluster refuses a QoS 1 SUBSCRIBE when JetStream
+# does not make its consumer within 4 s (the node logs "Unable to add JetStream consumer ... timeout")
+SUBSCRIBE_TRIES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,15 +289,21 @@ class MqttClient:
         """Queue a publish without waiting (safe inside ``on_message``)."""
         self._client().publish(topic, payload, qos=qos, retain=retain)
 
-    def subscribe(self, filters: list[str], qos: int = 1, *, at_most_once: Sequence[str] = ()) -> None:
-        """Subscribe (``at_most_once`` at QoS 0, in the same SUBSCRIBE) and wait for SUBACK;
-        raise if the broker refused any filter."""
+    def subscribe(self, filters: list[str], qos: int = 1, *, at_most_once: Sequence[str] = (), tries: int = 1) -> None:
+        """Subscribe (``at_most_once`` at QoS 0, in the same SUBSCRIBE) and wait for SUBACK; the refused
+        filters again, up to ``tries`` SUBSCRIBEs in all (``SUBSCRIBE_TRIES`` for one's own topics);
+        raise if the broker refused any filter in the end."""
         pairs = [(f, qos) for f in filters] + [(f, 0) for f in at_most_once]
         for f, q in pairs:
             self._filters[f] = q
-        codes = self._subscribe_and_wait(pairs)
-        refused = [f for (f, _), rc in zip(pairs, codes, strict=True) if rc.is_failure]
-        self._subscribed.update(f for f, _ in pairs if f not in refused)
+        for attempt in range(1, tries + 1):
+            codes = self._subscribe_and_wait(pairs)
+            self._subscribed.update(f for (f, _), rc in zip(pairs, codes, strict=True) if not rc.is_failure)
+            pairs = [pair for pair, rc in zip(pairs, codes, strict=True) if rc.is_failure]
+            if not pairs or attempt == tries:
+                break
+            time.sleep(attempt)
+        refused = [f for f, _ in pairs]
         for f in refused:  # not renewed after a reconnect
             self._filters.pop(f, None)
         if refused:
