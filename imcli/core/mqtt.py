@@ -9,6 +9,7 @@ paho's own network thread (``on_message`` runs there: use ``publish_nowait`` in 
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import socket
 import ssl
@@ -23,6 +24,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from imcli.core.errors import AuthenticationFailed, BrokerUnreachable, InvalidInput, PublishFailed
 from imcli.core.rules import DEVICE_CREDENTIAL_PREFIX
+
+log = logging.getLogger(__name__)  # INFO only: a command configures no logging, and WARNING would reach its stderr
 
 # paho 2 reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes; map back for messages
 _CONNACK_V311 = {128: 1, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
@@ -379,6 +382,9 @@ class MqttClient:
         reconnected = self._was_connected
         self._was_connected = True
         self._connections += 1
+        if reconnected:
+            host, port = self.node
+            log.info("%s reconnected to %s:%d (session present: %s)", self._client_id, host, port, self.session_present)
         if reconnected and self._filters:
             self._renew(client, list(self._filters.items()), 1, self._connections)
         if reconnected and self._on_connection is not None:
@@ -404,6 +410,9 @@ class MqttClient:
         self._next_node(client)
 
     def _handle_disconnect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+        if self._was_connected and not self._closing:
+            host, port = self.node
+            log.info("%s lost the connection to %s:%d (%s)", self._client_id, host, port, rc)
         self._next_node(client)
         if not self._connack.is_set():  # e.g. a plain CONNECT sent to a TLS port: fail now, not after the timeout
             self._connack.set()
@@ -433,6 +442,7 @@ class MqttClient:
                     "the broker refused a subscription after reconnecting", "start again; the broker's log says why"
                 )
             elif refused:
+                log.info("%s: the broker refused %s after reconnecting (try %d)", self._client_id, refused, attempt)
                 timer = threading.Timer(attempt, self._renew_later, (refused, attempt + 1, connection))
                 timer.daemon = True
                 timer.start()
