@@ -141,6 +141,7 @@ class AckAfterJournal(BrokerProtocolHandler):
     answered = 0  # SUBSCRIBEs and UNSUBSCRIBEs the message loop has answered (SUBACK, UNSUBACK)
     loop_ended = False  # the message loop has returned (it answers no more)
     answers: bytearray | None = None  # PUBACKs for the packets of one read, while its reader handles them
+    _stopping = False  # stop() has begun (it does its work once)
 
     def __init__(self, plugins_manager: Any, session: Session | None = None, loop: Any = None) -> None:
         super().__init__(plugins_manager, session, loop)
@@ -150,8 +151,19 @@ class AckAfterJournal(BrokerProtocolHandler):
         self.in_flight = InFlight()  # the fan-out's QoS 1 copies awaiting their PUBACK (fanout.py)
 
     async def stop(self) -> None:
-        self.in_flight.forget_all()
-        await super().stop()
+        # asked up to four times per connection (its reader's end, the message loop's disconnect, the
+        # ended session's cleanup, a take-over), amqtt's did all its work each time: 22 debug lines
+        # built (f-strings, a packet's repr), every waiter cancelled again. Once is enough: a later
+        # call returns at once, as amqtt's own returned at once from a writer already closing.
+        if self._stopping:
+            return
+        self._stopping = True
+        try:
+            self.in_flight.forget_all()
+            await super().stop()
+        except asyncio.CancelledError:  # not stopped after all: the next call does it
+            self._stopping = False
+            raise
 
     async def handle_publish(self, publish_packet: Any) -> None:
         try:
