@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -32,6 +33,7 @@ from benchmarks.memory import _Here, serve_here
 from benchmarks.scenarios import Crowds, dm_pings
 
 SLOW_CALLBACK_MS = 2.0  # callbacks at least this long are kept
+SLOW_ROUND_MS = 20.0  # rounds of the loop whose callbacks took at least this long are kept
 
 
 def describe(handle: asyncio.Handle) -> str:
@@ -50,33 +52,115 @@ def describe(handle: asyncio.Handle) -> str:
     return "task " + " > ".join(names)
 
 
-class _LoopProbe:
-    """Times every event-loop callback (``asyncio.Handle._run``) and every collection."""
+def kind_of(handle: asyncio.Handle) -> str:
+    """``describe`` for a task's step; anything else by its function's name, without the handle's
+    addresses (callbacks of one kind add up in a round: ``_LoopProbe.rounds``)."""
+    callback = getattr(handle, "_callback", None)
+    if isinstance(getattr(callback, "__self__", None), asyncio.Task):
+        return describe(handle)
+    return str(getattr(callback, "__qualname__", type(callback).__qualname__))
 
-    def __init__(self) -> None:
+
+class _LoopProbe:
+    """Times every event-loop callback (``asyncio.Handle._run``) and every collection; with
+    ``rounds=True`` also each round of the loop (``BaseEventLoop._run_once``: the callbacks one
+    ``select()`` made ready, run back to back, so that a client's packet that arrives meanwhile waits
+    for all of them): a round whose callbacks took ``slow_round_ms`` (``SLOW_ROUND_MS``) or more is
+    kept with what ran in it, by kind (``kind_of``)."""
+
+    def __init__(self, *, rounds: bool = False, slow_round_ms: float = SLOW_ROUND_MS) -> None:
         self.callbacks: list[tuple[float, float, float, str]] = []  # (end epoch, wall ms, CPU ms, what)
         self.collections: list[tuple[float, float, float, int]] = []  # (end epoch, wall ms, CPU ms, generation)
         self._gc_started = self._gc_cpu = 0.0
         self.handled = 0
         self.running_since = 0.0  # perf_counter() when the callback now running began; 0.0 between callbacks
+        # every callback's (end on perf_counter's clock, wall ms), once a list is put here (filestail: how busy
+        # the loop was while a ping was on its way, short callbacks included)
+        self.every: list[tuple[float, float]] | None = None
+        self.rounds_on = rounds
+        self.slow_round_ms = slow_round_ms
+        self.thread = 0
+        # (end epoch, wall ms, CPU ms, callbacks, [(what, CPU ms, count), ...] by CPU)
+        self.rounds: list[tuple[float, float, float, int, list[tuple[str, float, int]]]] = []
+        self._round: dict[str, list[float]] = {}  # what -> [CPU s, callbacks] in the round under way
+        self._round_wall = self._round_cpu = 0.0
+        self._round_count = 0
 
     def install(self) -> None:
+        """Probe the event loops this thread runs (call it in the thread that runs the broker's)."""
+        self.thread = threading.get_ident()
         original = asyncio.events.Handle._run
         probe = self
 
         def timed(handle: asyncio.Handle) -> None:
+            if threading.get_ident() != probe.thread:  # another loop (a harness's own, in a thread)
+                original(handle)
+                return
+            what = kind_of(handle) if probe.rounds_on else ""
             started, cpu = time.perf_counter(), time.thread_time()
             probe.running_since = started
             original(handle)
             probe.running_since = 0.0
-            took = time.perf_counter() - started
+            ended = time.perf_counter()
+            took, used = ended - started, time.thread_time() - cpu
             probe.handled += 1
+            if probe.every is not None:
+                probe.every.append((ended, took * 1000))
+            if probe.rounds_on:
+                probe._round_wall += took
+                probe._round_cpu += used
+                probe._round_count += 1
+                kind = probe._round.setdefault(what, [0.0, 0])
+                kind[0] += used
+                kind[1] += 1
             if took * 1000 >= SLOW_CALLBACK_MS:
-                what = describe(handle)
-                probe.callbacks.append((time.time(), took * 1000, (time.thread_time() - cpu) * 1000, what))
+                probe.callbacks.append((time.time(), took * 1000, used * 1000, what or describe(handle)))
 
         asyncio.events.Handle._run = timed  # type: ignore[method-assign,assignment]
         gc.callbacks.insert(0, self._collection)
+        if self.rounds_on:
+            once = asyncio.base_events.BaseEventLoop._run_once  # type: ignore[attr-defined]
+
+            def counted(loop: asyncio.base_events.BaseEventLoop) -> None:
+                once(loop)
+                if threading.get_ident() == probe.thread:
+                    probe._end_round()
+
+            asyncio.base_events.BaseEventLoop._run_once = counted  # type: ignore[attr-defined]
+
+    def _end_round(self) -> None:
+        if self._round_wall * 1000 >= self.slow_round_ms:
+            kinds = sorted(((w, c * 1000, int(n)) for w, (c, n) in self._round.items()), key=lambda k: -k[1])
+            self.rounds.append(
+                (time.time(), self._round_wall * 1000, self._round_cpu * 1000, self._round_count, kinds[:6])
+            )
+        self._round.clear()
+        self._round_wall = self._round_cpu = 0.0
+        self._round_count = 0
+
+    def slow_rounds(self, since: float, until: float, top: int = 5) -> dict[str, object]:
+        """The rounds over ``slow_round_ms`` that ended between two epochs: how many, and the longest
+        with what ran in them (what, CPU ms, callbacks)."""
+        these = [r for r in self.rounds if since <= r[0] <= until]
+        longest = sorted(these, key=lambda r: -r[1])[:top]
+        return {
+            f"rounds_over_{self.slow_round_ms:g}ms": len(these),
+            "longest_rounds": [
+                {
+                    "ended_utc": time.strftime("%H:%M:%S", time.gmtime(end)),
+                    "wall_ms": round(wall, 1), "cpu_ms": round(cpu, 1), "callbacks": count,
+                    "by_kind": [(w, round(c, 1), n) for w, c, n in kinds],
+                }
+                for end, wall, cpu, count, kinds in longest
+            ],
+            "callbacks_over_20ms_cpu": [
+                (round(w, 1), round(c, 1), what) for end, w, c, what in self.callbacks
+                if since <= end <= until and c >= 20.0
+            ][:top],
+            "collections_over_5ms_cpu": [
+                (round(w, 1), round(c, 1), g) for end, w, c, g in self.collections if since <= end <= until and c >= 5.0
+            ][:top],
+        }  # fmt: skip
 
     def _collection(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":

@@ -11,8 +11,10 @@ and download of a ``--mib`` file to a DM, made by a process of their own (``--cl
 sender's and the receiver's bulk threads at ``IMCLI_BULK_PRIORITY``). Each ping slower than
 ``--slow-ms`` is matched with what the loop did meanwhile (dmtail's ``_explain``): a collection,
 a callback that used the CPU (which one), or one that took wall time but little CPU (it waited for
-a core). Also the broker's CPU per MiB moved (this process's CPU time: the broker's loop, its
-journal's thread, the probe) and the workers' child's.
+a core). Also the loop's rounds of 1 ms or more (``longest_rounds_by_cpu``: a chat packet that
+arrives as a round starts waits for all of it, on a machine with a core to spare its CPU time), and
+the CPU per MiB moved of the broker's process (its loop, its journal's thread, the probe), of the
+workers' child and of the transfer's process.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from benchmarks.filesping import _pct
 from benchmarks.memory import _Here, serve_here
 from benchmarks.roomping import RoomPing
 
+ROUND_MS = 1.0  # the loop's rounds kept (their callbacks' wall time; dmtail keeps 20 ms and more)
 _RECURSIVE = ("re/_parser.py", "re/_compiler.py")  # a regular expression's compilation: its caller says more
 
 
@@ -81,6 +84,42 @@ class _SlowStacks:
         ]
 
 
+def _loop_meanwhile(
+    pings: list[tuple[float, float]], every: list[tuple[float, float]], slow_ms: float
+) -> list[dict[str, float]]:
+    """For each ping over ``slow_ms`` (sent on perf_counter's clock, ms): how many milliseconds of its
+    way the broker's loop spent in callbacks, in how many, and the longest; a loop that was mostly
+    idle meanwhile did not hold the ping (its clients or the scheduler did)."""
+    out = []
+    for sent, ms in pings:
+        if ms < slow_ms:
+            continue
+        end = sent + ms / 1000
+        inside = [(e, w) for e, w in every if e - w / 1000 < end and e > sent]
+        out.append({
+            "ms": round(ms, 2),
+            "loop_busy_ms": round(sum(w for _, w in inside), 2),
+            "callbacks": len(inside),
+            "longest_ms": round(max((w for _, w in inside), default=0.0), 2),
+        })  # fmt: skip
+    return out
+
+
+def _rounds(rounds: list[tuple[float, float, float, int, list[tuple[str, float, int]]]], top: int) -> dict[str, object]:
+    """The loop's rounds of ``ROUND_MS`` or more during the transfer: a chat packet that arrives as one
+    starts waits for all of its callbacks; their CPU is that wait on a machine with a core to spare."""
+    cpu = sorted((r[2] for r in rounds), reverse=True)
+    return {
+        f"rounds_over_{ROUND_MS:g}ms_wall": len(rounds),
+        "round_cpu_ms_over": {f"{ms:g}": sum(c >= ms for c in cpu) for ms in (1, 2, 5, 10)},
+        "longest_rounds_by_cpu": [
+            {"wall_ms": round(wall, 2), "cpu_ms": round(c, 2), "callbacks": n,
+             "by_kind": [(what, round(k, 2), m) for what, k, m in kinds]}
+            for _, wall, c, n, kinds in sorted(rounds, key=lambda r: -r[2])[:top]
+        ],
+    }  # fmt: skip
+
+
 def _client(port: int, source: Path) -> dict[str, float]:
     """The sender's upload and post, then the receiver's download (``benchmarks/files.py``'s
     ``_send_and_fetch``, in this process of its own): seconds and this process's CPU seconds."""
@@ -114,10 +153,9 @@ def _transfer(port: int, source: Path) -> dict[str, float]:
 
 def measure(mib: int, rounds: int, slow_ms: float, top: int) -> list[dict[str, object]]:
     results: list[dict[str, object]] = []
-    probe = _LoopProbe()
+    probe = _LoopProbe(rounds=True, slow_round_ms=ROUND_MS)
     loop_thread = threading.get_ident()  # serve_here runs the broker's loop in this thread
     with tempfile.TemporaryDirectory(prefix="bench-filestail-") as tmp:
-        source = _source(Path(tmp), mib * MIB)
 
         def drive(port: int) -> None:
             ping = RoomPing(_Here(port), stamps=True)  # type: ignore[arg-type]
@@ -125,10 +163,14 @@ def measure(mib: int, rounds: int, slow_ms: float, top: int) -> list[dict[str, o
             offset = time.time() - time.perf_counter()  # ping stamps are perf_counter's, the probe's epoch
             try:
                 for _ in range(rounds):
+                    # new bytes each round: the worker would answer a file it holds at once (no upload)
+                    source = _source(Path(tmp), mib * MIB)
                     with ping.phase() as idle:
                         time.sleep(3.0)
                     probe.callbacks.clear()
                     probe.collections.clear()
+                    probe.rounds.clear()
+                    probe.every = []
                     before = (time.process_time(), cpu_seconds(workers))
                     with ping.phase() as busy, _SlowStacks(probe, loop_thread) as stacks:
                         client = _transfer(port, source)
@@ -145,7 +187,8 @@ def measure(mib: int, rounds: int, slow_ms: float, top: int) -> list[dict[str, o
                             "clients": round(client["cpu"] * 1000 / mib, 2),
                         },
                         **_explain(pings, probe, slow_ms, top),
-                        "slow_pings_sent": [round(sent, 4) for sent, took in pings if took * 1000 >= slow_ms],
+                        "slow_pings": _loop_meanwhile(busy, probe.every, slow_ms),
+                        **_rounds(probe.rounds, top),
                         "slow_callback_stacks": stacks.report(offset, top),
                     }  # fmt: skip
                     print(json.dumps(result, indent=1), flush=True)

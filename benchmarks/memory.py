@@ -17,9 +17,16 @@ the broker's together.
 (imcli's keepalive), and prints the collector's own pauses, timed in this process
 (``gc.callbacks``: CPU time of the thread that collected, which a loaded machine moves far less
 than wall time) during the join and during the hold, by generation; then one full collection as
-the broker's collector makes it (frozen objects left out), the daily compaction's (everything
-unfrozen), and, once everyone has left, how many unreachable objects the frozen generation kept
-(cycles frozen with the sessions: what only the compaction frees).
+the broker's collector makes it (frozen objects left out), the daily leak check's pause (its
+``fork()``) and what it found, a compaction's (everything unfrozen), the frozen generation at the
+hold's start and end (it grows with leaked cycles, not with time), and, once everyone has left,
+how many unreachable objects the frozen generation kept (cycles frozen with the sessions: what
+only a compaction frees).
+
+``--probe`` times the broker's event loop round by round (benchmarks/dmtail.py ``_LoopProbe``) and
+prints, for each phase (``loop_join``, ``loop_hold``, ``loop_who``: one `who` of everyone after the
+hold, ``loop_leave``: everyone leaving at once), the rounds whose callbacks took 20 ms or more with
+what ran in them by kind, callbacks over 20 ms of CPU and collections over 5 ms.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.brokers import PASSWORD, _children, rss_mb, user_names
-from benchmarks.scenarios import Crowds
+from benchmarks.scenarios import Crowds, Watcher
+from imcli.broker import gcpause
 from imcli.broker.limits import Limits
 
 
@@ -199,10 +207,17 @@ def measure(
     threads: bool = False,
     hold: float = 0.0,
     talk: float = 0.0,
+    probe_loop: bool = False,
 ) -> dict[str, object]:
     result: dict[str, object] = {"users": users}
     collections_seen = _Collections()
     gc.callbacks.insert(0, collections_seen)  # first: the broker's own callbacks are not in its times
+    marks: dict[str, float] = {}  # epochs where the phases begin and end (``--probe``)
+    loop_probe = None
+    if probe_loop:  # the broker's loop, round by round (benchmarks/dmtail.py)
+        from benchmarks.dmtail import _LoopProbe
+
+        loop_probe = _LoopProbe(rounds=True)
 
     def probe(port: int) -> None:
         me = os.getpid()
@@ -220,8 +235,10 @@ def measure(
         extra = ("--keepalive", "30", "--pings") if hold > 0 else ()
         here: Any = _Here(port)
         listeners = 50 if talk else 0
+        marks["join"] = time.time()
         with Crowds.join(here, users, processes, extra=extra, listeners=listeners, talk=talk) as (_, joined):
             time.sleep(10)  # the presence worker's records, the retained statuses
+            marks["joined"] = time.time()
             result["collections_join"] = collections_seen.summary(before_join)
             result["joined"] = joined["ok"]
             result["rss_mb_before"] = round(rss_before, 1)
@@ -244,9 +261,15 @@ def measure(
             ]
             if hold > 0:
                 before_hold = len(collections_seen.seen)
+                result["frozen_at_hold_start"] = gc.get_freeze_count()  # grows with a leak, not with time
                 collections_seen.look = True
+                marks["hold"] = time.time()
                 time.sleep(hold)
+                marks["hold_end"] = time.time()
                 collections_seen.look = False
+                if loop_probe is not None:  # a `who` of everyone, as the capacity scenario's at its end
+                    result["who_ms_users"] = asyncio.run(_who(port))
+                    marks["who_end"] = time.time()
                 result["hold_s"] = hold
                 result["collections_hold"] = collections_seen.summary(before_hold)
                 result["slow_collections_hold"] = collections_seen.slow[:10]
@@ -255,10 +278,26 @@ def measure(
                 result["frozen_after_hold"] = gc.get_freeze_count()
                 # as the broker's collector makes one (its callback freezes what survives)
                 result["full_collection_cpu_ms_collected"] = _timed_collection()
-                gc.unfreeze()  # the daily compaction's collection (gcpause._compact)
+                # the daily leak check (gcpause.frozen_garbage): the broker's pause is its fork()
+                check = gcpause.frozen_garbage()
+                if check is not None:
+                    result["leak_check_fork_ms"] = check.paused_ms
+                    result["leak_check_found"] = check.objects
+                    result["leak_check_found_by_type"] = sorted(check.by_type.items(), key=lambda kv: -kv[1])[:top]
+                gc.unfreeze()  # what a compaction costs (gcpause.compact), now only when the check finds many
                 result["compaction_cpu_ms_collected"] = _timed_collection()
-        if hold > 0:
+            time.sleep(2)  # the figures' own pauses (the collections above) are over
+            marks["leave"] = time.time()
+        marks["left"] = time.time()
+        if hold > 0 or loop_probe is not None:
             time.sleep(10)  # everyone has left: their sessions end
+            marks["left"] = time.time()
+        if loop_probe is not None:
+            phases = [("join", "join", "joined"), ("hold", "hold", "hold_end"), ("who", "hold_end", "who_end")]
+            for phase, since, until in [*phases, ("leave", "leave", "left")]:
+                if since in marks and until in marks:
+                    result[f"loop_{phase}"] = loop_probe.slow_rounds(marks[since], marks[until])
+        if hold > 0:
             result["frozen_after_leaving"] = gc.get_freeze_count()
             gc.unfreeze()
             # what freezing kept: unreachable objects among those frozen since the compaction
@@ -273,8 +312,19 @@ def measure(
             result["tracked_after_leaving"] = gc.get_freeze_count() + len(gc.get_objects())
             result["rss_mb_after_leaving"] = round(rss_mb(me), 1)
 
+    if loop_probe is not None:
+        loop_probe.install()  # serve_here runs the broker's loop in this thread
     serve_here(users, "bench-memory-", probe, workers_in_child=not threads)
     return result
+
+
+async def _who(port: int) -> tuple[float, int]:
+    """One `who` (the presence worker's roster of everyone): ms to its reply, users in it."""
+    watcher = Watcher()
+    await watcher.start(port)
+    took, listed, _size = await watcher.who()
+    await watcher.client.disconnect()
+    return round(took * 1000, 1), listed
 
 
 def main() -> None:
@@ -286,13 +336,17 @@ def main() -> None:
     parser.add_argument("--hold", type=float, default=0.0, help="seconds everyone stays, then the collector's figures")
     parser.add_argument("--talk", type=float, default=0.0, help="room messages/s to 50 listeners meanwhile")
     parser.add_argument(
+        "--probe", action="store_true", help="time the broker's loop round by round: what stalls it, by phase"
+    )
+    parser.add_argument(
         "--workers-in-threads", action="store_true", help="the workers in this process too (in the figures)"
     )
     args = parser.parse_args()
     threads = args.workers_in_threads
     figures = measure(
-        args.users, args.processes, args.tracemalloc, args.top, threads=threads, hold=args.hold, talk=args.talk
-    )
+        args.users, args.processes, args.tracemalloc, args.top,
+        threads=threads, hold=args.hold, talk=args.talk, probe_loop=args.probe,
+    )  # fmt: skip
     print(json.dumps(figures, indent=1))
 
 

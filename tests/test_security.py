@@ -19,7 +19,7 @@ import pytest
 
 from imcli.broker.server import BrokerSettings
 from imcli.core.topics import DEFAULT_MAX_CHUNK
-from imcli.core.wire import DEFAULT_MAX_PAYLOAD, DeviceStatus, WhoRequest, encode
+from imcli.core.wire import DEFAULT_MAX_PAYLOAD, DeviceStatus, Notice, WhoRequest, encode
 from imcli.serve.host import BackgroundServer
 from tests import brokers
 from tests.brokers import NO_CLIENT_ID_BINDING, NO_NOTICES, NO_REGISTRATION, SUBSCRIBE_GRANTED
@@ -220,6 +220,32 @@ def test_publish_outside_own_topics_never_reaches_anyone(
     late = raw(spy.username, client_id=f"{spy.username}:late")  # nothing retained either
     assert late.subscribe_all("im/#", "#")[0] == 1
     assert retained not in {bytes(m.payload) for m in late.silent(0.3)}
+
+
+def test_nobody_forges_a_rate_notice_that_fails_anothers_request(alice_bob: tuple[Raw, Raw], raw: RawFactory) -> None:
+    """A client trusts a ``rate`` notice on its notice topic (the request it names fails at once):
+    only the broker and the workers may write there. bob forges one naming alice's next request,
+    one naming it in ``requests``, at each QoS and retained: alice's request still gets its
+    reply, and nothing reaches her notice topic, then or later."""
+    alice, bob = alice_bob
+    who = WhoRequest()
+    request = f"im/request/alice/{who.id}"
+    forged = [
+        encode(Notice(code="rate", text="slow down", topic=request, retry=3600)),
+        encode(Notice(code="rate", text="slow down", requests=[who.id], retry=3600)),
+    ]
+    for payload in forged:
+        for qos in (0, 1, 2):
+            bob.publish("im/user/alice/notice", payload, qos=qos)
+        bob.publish("im/user/alice/notice", payload, retain=True)
+    assert alice.subscribe_all("im/user/alice/reply/+", "im/room/+/+") == [1, 1]
+    alice.publish(request, encode(who))
+    assert alice.expect(f"im/user/alice/reply/{who.id}", timeout=15).payload
+    [seen] = barrier(bob, alice)
+    assert [m.topic for m in seen if m.topic.endswith("/notice")] == []
+    late = raw("alice", client_id="alice:late")
+    assert late.subscribe("im/user/alice/notice") == 1
+    assert late.silent(0.3) == []  # nothing retained
 
 
 @pytest.mark.broker_xfail("mosquitto", reason=NO_NOTICES)

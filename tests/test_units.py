@@ -436,3 +436,49 @@ def test_build_schemas_builds_every_payload_model_in_a_fresh_interpreter() -> No
     missing, count = run.stdout.rsplit(" ", 1)
     assert missing == "[]"
     assert int(count) > 40  # ChatMessage, the file models, the requests and replies, ...
+
+
+# ---------------------------------------------------------------- MqttClient: how a clean session ends
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_a_clean_session_unsubscribes_before_it_disconnects(clean: bool) -> None:
+    """What the client sends after its SUBSCRIBE, to a broker of a few lines: a clean session ends with
+    UNSUBSCRIBE then DISCONNECT (nats-server 2.9 would otherwise delete its JetStream consumers while
+    holding the session's lock, blocking the routes that carry its messages for up to 4 s each:
+    imcli/core/mqtt.py); a persistent session keeps its subscriptions, and so sends no UNSUBSCRIBE."""
+    import socket
+    import threading
+
+    from imcli.core.mqtt import BrokerAddress, Credentials, MqttClient
+    from tests.rawmqtt import read_packets
+
+    server = socket.create_server(("127.0.0.1", 0))
+    got: list[int] = []
+
+    def broker() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(10)
+
+            def answer(packets: list[tuple[int, bytes]]) -> bool:  # read_packets calls it after each read
+                for first, body in packets[len(got) :]:
+                    got.append(first >> 4)
+                    if first >> 4 == 1:  # CONNECT: accepted
+                        conn.sendall(b"\x20\x02\x00\x00")
+                    elif first >> 4 == 8:  # SUBSCRIBE: granted QoS 1
+                        conn.sendall(b"\x90\x03" + body[:2] + b"\x01")
+                return got[-1:] == [14]  # DISCONNECT
+
+            read_packets(conn, answer)
+
+    thread = threading.Thread(target=broker, daemon=True)
+    thread.start()
+    port = server.getsockname()[1]
+    client = MqttClient(BrokerAddress("127.0.0.1", port), Credentials("alice", "pw"), "alice:t", clean_session=clean)
+    client.connect()
+    client.subscribe(["im/events"])
+    client.close()
+    thread.join(10)
+    server.close()
+    assert got == ([1, 8, 10, 14] if clean else [1, 8, 14])  # CONNECT, SUBSCRIBE, (UNSUBSCRIBE), DISCONNECT

@@ -159,7 +159,7 @@ class PacketReader:
             # The exception is also the stream's (``StreamReader._exception``, and its read's
             # future's): its traceback holds the frames that hold the stream, its transport and the
             # connection's handler, a cycle that only a full collection frees, and, frozen with
-            # the connection (imcli/broker/gcpause.py), only the daily compaction: 829 of 10,000
+            # the connection (imcli/broker/gcpause.py), only a compaction: 829 of 10,000
             # connections left 46 objects each that way (docs/PERFORMANCE.md, issue 21).
             exc.__traceback__ = None
         finally:

@@ -61,6 +61,7 @@ Timestamp = Annotated[float, Field(ge=0)]
 FILE_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 FILE_NAME_MAX = 255
 THUMB_MAX = 9000  # characters of a thumbnail's base64 (about 6.6 KiB of JPEG): a file message fits 16 KiB
+MAX_NOTICE_REQUESTS = 400  # requests one aggregated rate notice names at most (it fits 16 KiB)
 MIME_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")  # the images the files worker recognises
 
 
@@ -118,6 +119,9 @@ class Notice(WireModel):
     topic: str | None = None
     # a ``rate`` notice: seconds until the broker accepts a message of this account again
     retry: Annotated[float, Field(ge=0, le=86400)] | None = None
+    # an aggregated ``rate`` notice: the correlation ids of more requests dropped (the embedded
+    # broker names one a second per account)
+    requests: Annotated[list[MessageId], Field(max_length=MAX_NOTICE_REQUESTS)] | None = None
 
 
 class ResolveRequest(WireModel):
