@@ -243,7 +243,9 @@ class AckAfterJournal(BrokerProtocolHandler):
             self.answers += b"\x40\x02" + app_message.packet_id.to_bytes(2, "big")
 
     async def _handle_qos0_message_flow(self, app_message: Any) -> None:
-        if app_message.direction == INCOMING and self.may_deliver_now():
+        packet = app_message.publish_packet
+        dup = packet is not None and packet.dup_flag  # amqtt's flow ignores it (reader.check_packet refuses it first)
+        if app_message.direction == INCOMING and not dup and self.may_deliver_now():
             await self._deliver_at_once(app_message, acknowledged=False)
             return
         await super()._handle_qos0_message_flow(app_message)
