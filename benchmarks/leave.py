@@ -7,8 +7,9 @@ work is counted), signs the users in from crowd processes (benchmarks/crowd.py, 
 and has them all leave at once, as the capacity scenario's end does. Prints the CPU time of the
 broker's thread (``pthread_getcpuclockid``: what waiting for a core does not move) per user joining
 and per user leaving; with ``--profile`` also a cProfile of the broker's loop during the leave, by
-own time (the leave's CPU figure then includes the profiler's own: about twice as much). A stall a mass leave makes is about (users leaving at once) x (CPU per user leaving):
-asyncio serves ready sockets first come, first served (docs/PERFORMANCE.md, issue 21).
+own time (the leave's CPU figure then includes the profiler's own: about twice as much). A stall
+a mass leave makes is about (users leaving at once) x (CPU per user leaving): asyncio serves ready
+sockets first come, first served (docs/PERFORMANCE.md, issue 21).
 """
 
 from __future__ import annotations
