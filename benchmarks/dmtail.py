@@ -65,10 +65,10 @@ class _LoopProbe:
     """Times every event-loop callback (``asyncio.Handle._run``) and every collection; with
     ``rounds=True`` also each round of the loop (``BaseEventLoop._run_once``: the callbacks one
     ``select()`` made ready, run back to back, so that a client's packet that arrives meanwhile waits
-    for all of them): a round whose callbacks took ``SLOW_ROUND_MS`` or more is kept with what ran in
-    it, by kind (``kind_of``)."""
+    for all of them): a round whose callbacks took ``slow_round_ms`` (``SLOW_ROUND_MS``) or more is
+    kept with what ran in it, by kind (``kind_of``)."""
 
-    def __init__(self, *, rounds: bool = False) -> None:
+    def __init__(self, *, rounds: bool = False, slow_round_ms: float = SLOW_ROUND_MS) -> None:
         self.callbacks: list[tuple[float, float, float, str]] = []  # (end epoch, wall ms, CPU ms, what)
         self.collections: list[tuple[float, float, float, int]] = []  # (end epoch, wall ms, CPU ms, generation)
         self._gc_started = self._gc_cpu = 0.0
@@ -78,6 +78,7 @@ class _LoopProbe:
         # the loop was while a ping was on its way, short callbacks included)
         self.every: list[tuple[float, float]] | None = None
         self.rounds_on = rounds
+        self.slow_round_ms = slow_round_ms
         self.thread = 0
         # (end epoch, wall ms, CPU ms, callbacks, [(what, CPU ms, count), ...] by CPU)
         self.rounds: list[tuple[float, float, float, int, list[tuple[str, float, int]]]] = []
@@ -128,7 +129,7 @@ class _LoopProbe:
             asyncio.base_events.BaseEventLoop._run_once = counted  # type: ignore[attr-defined]
 
     def _end_round(self) -> None:
-        if self._round_wall * 1000 >= SLOW_ROUND_MS:
+        if self._round_wall * 1000 >= self.slow_round_ms:
             kinds = sorted(((w, c * 1000, int(n)) for w, (c, n) in self._round.items()), key=lambda k: -k[1])
             self.rounds.append(
                 (time.time(), self._round_wall * 1000, self._round_cpu * 1000, self._round_count, kinds[:6])
@@ -138,12 +139,12 @@ class _LoopProbe:
         self._round_count = 0
 
     def slow_rounds(self, since: float, until: float, top: int = 5) -> dict[str, object]:
-        """The rounds over ``SLOW_ROUND_MS`` that ended between two epochs: how many, and the longest
+        """The rounds over ``slow_round_ms`` that ended between two epochs: how many, and the longest
         with what ran in them (what, CPU ms, callbacks)."""
         these = [r for r in self.rounds if since <= r[0] <= until]
         longest = sorted(these, key=lambda r: -r[1])[:top]
         return {
-            f"rounds_over_{SLOW_ROUND_MS:g}ms": len(these),
+            f"rounds_over_{self.slow_round_ms:g}ms": len(these),
             "longest_rounds": [
                 {
                     "ended_utc": time.strftime("%H:%M:%S", time.gmtime(end)),

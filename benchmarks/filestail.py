@@ -11,8 +11,10 @@ and download of a ``--mib`` file to a DM, made by a process of their own (``--cl
 sender's and the receiver's bulk threads at ``IMCLI_BULK_PRIORITY``). Each ping slower than
 ``--slow-ms`` is matched with what the loop did meanwhile (dmtail's ``_explain``): a collection,
 a callback that used the CPU (which one), or one that took wall time but little CPU (it waited for
-a core). Also the broker's CPU per MiB moved (this process's CPU time: the broker's loop, its
-journal's thread, the probe) and the workers' child's.
+a core). Also the loop's rounds of 1 ms or more (``longest_rounds_by_cpu``: a chat packet that
+arrives as a round starts waits for all of it, on a machine with a core to spare its CPU time), and
+the CPU per MiB moved of the broker's process (its loop, its journal's thread, the probe), of the
+workers' child and of the transfer's process.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from benchmarks.filesping import _pct
 from benchmarks.memory import _Here, serve_here
 from benchmarks.roomping import RoomPing
 
+ROUND_MS = 1.0  # the loop's rounds kept (their callbacks' wall time; dmtail keeps 20 ms and more)
 _RECURSIVE = ("re/_parser.py", "re/_compiler.py")  # a regular expression's compilation: its caller says more
 
 
@@ -102,6 +105,21 @@ def _loop_meanwhile(
     return out
 
 
+def _rounds(rounds: list[tuple[float, float, float, int, list[tuple[str, float, int]]]], top: int) -> dict[str, object]:
+    """The loop's rounds of ``ROUND_MS`` or more during the transfer: a chat packet that arrives as one
+    starts waits for all of its callbacks; their CPU is that wait on a machine with a core to spare."""
+    cpu = sorted((r[2] for r in rounds), reverse=True)
+    return {
+        f"rounds_over_{ROUND_MS:g}ms_wall": len(rounds),
+        "round_cpu_ms_over": {f"{ms:g}": sum(c >= ms for c in cpu) for ms in (1, 2, 5, 10)},
+        "longest_rounds_by_cpu": [
+            {"wall_ms": round(wall, 2), "cpu_ms": round(c, 2), "callbacks": n,
+             "by_kind": [(what, round(k, 2), m) for what, k, m in kinds]}
+            for _, wall, c, n, kinds in sorted(rounds, key=lambda r: -r[2])[:top]
+        ],
+    }  # fmt: skip
+
+
 def _client(port: int, source: Path) -> dict[str, float]:
     """The sender's upload and post, then the receiver's download (``benchmarks/files.py``'s
     ``_send_and_fetch``, in this process of its own): seconds and this process's CPU seconds."""
@@ -135,7 +153,7 @@ def _transfer(port: int, source: Path) -> dict[str, float]:
 
 def measure(mib: int, rounds: int, slow_ms: float, top: int) -> list[dict[str, object]]:
     results: list[dict[str, object]] = []
-    probe = _LoopProbe()
+    probe = _LoopProbe(rounds=True, slow_round_ms=ROUND_MS)
     loop_thread = threading.get_ident()  # serve_here runs the broker's loop in this thread
     with tempfile.TemporaryDirectory(prefix="bench-filestail-") as tmp:
 
@@ -151,6 +169,7 @@ def measure(mib: int, rounds: int, slow_ms: float, top: int) -> list[dict[str, o
                         time.sleep(3.0)
                     probe.callbacks.clear()
                     probe.collections.clear()
+                    probe.rounds.clear()
                     probe.every = []
                     before = (time.process_time(), cpu_seconds(workers))
                     with ping.phase() as busy, _SlowStacks(probe, loop_thread) as stacks:
@@ -169,6 +188,7 @@ def measure(mib: int, rounds: int, slow_ms: float, top: int) -> list[dict[str, o
                         },
                         **_explain(pings, probe, slow_ms, top),
                         "slow_pings": _loop_meanwhile(busy, probe.every, slow_ms),
+                        **_rounds(probe.rounds, top),
                         "slow_callback_stacks": stacks.report(offset, top),
                     }  # fmt: skip
                     print(json.dumps(result, indent=1), flush=True)

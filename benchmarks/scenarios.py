@@ -307,6 +307,7 @@ def capacity(
     on_hold_end: Callable[[], None] | None = None,
     *,
     rejoin: bool = True,
+    on_leave: Callable[[], None] | None = None,
 ) -> dict[str, object]:
     """``users`` sign in (status, Last Will, their own filter); presence must see them all and
     ``who`` list them; memory is read; then everyone leaves and comes back. ``hold``: before
@@ -389,6 +390,8 @@ def capacity(
             if what != "broker":
                 result[f"rss_mb_{what}"] = mb
         result["rss_mb_total"] = round(sum(_memory(broker).values()), 1)
+        if on_leave is not None:  # everyone leaves at once as this block ends (the stall probe's phase)
+            on_leave()
     result.update(_pauses(broker, log_start, ""))
     if not rejoin or "error" in result:
         return result

@@ -258,6 +258,26 @@ def test_service_rules() -> None:
     assert not ACL.allows("presence", None, "im/presence/bob", Access.PUBLISH)
 
 
+def test_the_archive_and_files_accounts_write_no_one_elses_notice() -> None:
+    """Least privilege on the embedded broker as on Mosquitto and NATS: the archive and files
+    workers write replies (files: downloads too) and their own notice topic, and nobody else's
+    notice (a client trusts a rate notice there); presence and groups tell every user."""
+    from imcli.broker.acl import SERVICE_WRITE_OF
+    from imcli.groups.natsauth import SERVICE_RIGHTS
+
+    for worker in ("archive", "files"):
+        assert SERVICE_WRITE_OF[worker] == SERVICE_RIGHTS[worker][0]  # the same rights on NATS
+        assert ACL.allows(worker, Role.SERVICE, "im/user/bob/reply/x1", Access.PUBLISH)
+        assert ACL.allows(worker, Role.SERVICE, f"im/user/{worker}/notice", Access.PUBLISH)
+        for topic in ("im/user/bob/notice", "im/presence/bob", "im/events", "im/group/team/info"):
+            assert not ACL.allows(worker, Role.SERVICE, topic, Access.PUBLISH), (worker, topic)
+        assert ACL.allows(worker, Role.SERVICE, "im/request/+/+", Access.SUBSCRIBE)  # reads as before
+    assert ACL.allows("files", Role.SERVICE, "im/user/bob/file/s1", Access.PUBLISH)
+    assert not ACL.allows("archive", Role.SERVICE, "im/user/bob/file/s1", Access.PUBLISH)
+    for worker in ("presence", "groups"):
+        assert ACL.allows(worker, Role.SERVICE, "im/user/bob/notice", Access.PUBLISH)
+
+
 def test_retain_only_on_state_topics() -> None:
     assert ACL.may_retain("im/status/alice/x")
     assert not ACL.may_retain("im/room/lobby/alice")

@@ -365,6 +365,11 @@ class FanOut:
             task.add_done_callback(self._tasks.discard)
         deliveries.flush_soon()
 
+    def keep(self, task: asyncio.Future[Any]) -> None:
+        """A task of the broker's that sends copies (cancelled at shutdown with the others)."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def cancel_tasks(self) -> None:
         """At shutdown: the copies still in amqtt's own publish tasks (QoS 2, WebSocket)."""
         for task in list(self._tasks):
