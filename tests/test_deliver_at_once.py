@@ -171,3 +171,21 @@ def test_the_message_loop_is_idle_again_after_a_message_handled_at_once(broker: 
         assert not handler.delivering and not handler.refused
         heard, _ = read_packets(bob, lambda p: len(p) >= 1)
     assert _texts(heard) == ["hello"]
+
+
+def test_a_qos0_dm_is_handled_at_once_and_journalled_as_it_is_delivered(broker: ServeInfo) -> None:
+    """QoS 0 takes the same path: delivered from the reader, journalled on delivery (no PUBACK)."""
+    assert broker.broker is not None
+    paths = Paths(broker.broker)
+    topic = T.dm("bob", "alice").encode()
+    bob = _bob(broker)
+    archive = sqlite3.connect(broker.data_dir / "archive.sqlite3")
+    with bob, _connect(broker, "alice", b"alice:raw") as alice, archive:
+        alice.sendall(publish_packet(topic, chat("quick"), qos=0) + PINGREQ)
+        got, _ = read_packets(alice, lambda p: len(p) >= 1)
+        assert got == [(0xD0, b"")]
+        heard, _ = read_packets(bob, lambda p: len(p) >= 1)
+        rows = archive.execute("SELECT text FROM messages WHERE text = 'quick'").fetchall()
+    assert _texts(heard) == ["quick"]
+    assert rows == [("quick",)]
+    assert (paths.at_once, paths.queued) == (1, 0)

@@ -142,6 +142,7 @@ class AckAfterJournal(BrokerProtocolHandler):
     loop_ended = False  # the message loop has returned (it answers no more)
     said_goodbye = False  # a DISCONNECT was handled: a PUBLISH after it is not the client's (MQTT-3.14.4-1)
     answers: bytearray | None = None  # PUBACKs for the packets of one read, while its reader handles them
+    _stopping = False  # stop() has begun (it does its work once)
 
     def __init__(self, plugins_manager: Any, session: Session | None = None, loop: Any = None) -> None:
         super().__init__(plugins_manager, session, loop)
@@ -151,8 +152,19 @@ class AckAfterJournal(BrokerProtocolHandler):
         self.in_flight = InFlight()  # the fan-out's QoS 1 copies awaiting their PUBACK (fanout.py)
 
     async def stop(self) -> None:
-        self.in_flight.forget_all()
-        await super().stop()
+        # asked up to four times per connection (its reader's end, the message loop's disconnect, the
+        # ended session's cleanup, a take-over), amqtt's did all its work each time: 22 debug lines
+        # built (f-strings, a packet's repr), every waiter cancelled again. Once is enough: a later
+        # call returns at once, as amqtt's own returned at once from a writer already closing.
+        if self._stopping:
+            return
+        self._stopping = True
+        try:
+            self.in_flight.forget_all()
+            await super().stop()
+        except asyncio.CancelledError:  # not stopped after all: the next call does it
+            self._stopping = False
+            raise
 
     async def handle_disconnect(self, disconnect: Any) -> None:
         self.said_goodbye = True
@@ -239,7 +251,9 @@ class AckAfterJournal(BrokerProtocolHandler):
             self.answers += b"\x40\x02" + app_message.packet_id.to_bytes(2, "big")
 
     async def _handle_qos0_message_flow(self, app_message: Any) -> None:
-        if app_message.direction == INCOMING and self.may_deliver_now():
+        packet = app_message.publish_packet
+        dup = packet is not None and packet.dup_flag  # amqtt's flow ignores it (reader.check_packet refuses it first)
+        if app_message.direction == INCOMING and not dup and self.may_deliver_now():
             await self._deliver_at_once(app_message, acknowledged=False)
             return
         await super()._handle_qos0_message_flow(app_message)
