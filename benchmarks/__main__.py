@@ -162,6 +162,7 @@ def run(
         def capacity(broker: brokers.Broker) -> dict[str, dict[str, Any]]:
             users = s["capacity"] // STOCK_CAPACITY_SHARE if broker.name == "stock" else s["capacity"]
             with stalls(broker) as probe:
+                probe.phase("join")  # then hold, after_hold (the final `who`), leave: each stall says its phase
                 try:
                     figures = scenarios.capacity(
                         broker,
@@ -171,6 +172,7 @@ def run(
                         on_hold=lambda: probe.phase("hold"),
                         on_hold_end=lambda: probe.phase("after_hold"),
                         rejoin=rejoin,
+                        on_leave=lambda: probe.phase("leave"),
                     )
                 except (RuntimeError, TimeoutError, OSError, AssertionError, EOFError) as exc:
                     figures = {"error": f"{type(exc).__name__}: {exc}"}  # the probe's figures are kept

@@ -6,65 +6,161 @@ Runs the broker as ``imcli serve`` does (``serve_forever`` in this process, its 
 child process, the collector tuned by imcli/broker/gcpause.py), signs in ``--users`` idle users
 with the DM scenario's background (benchmarks/scenarios.py ``dm_latency``: 50 room listeners, 10
 room messages a second), and sends ``--samples`` DMs at 50/s from five senders in a process of
-their own, as the scenario does. Inside the broker it times every event-loop callback and every
-collection (wall clock and the thread's CPU time, with ``time.time()`` stamps); the pinger
-reports when each DM left and how long it took. Each DM slower than ``--slow-ms`` is then
-matched with what the broker's loop did while it was on its way: a collection, a callback that
-used the CPU (which one), or a callback that took wall time but little CPU (the process waited
-for a core: the machine, not the broker's code). Prints the counts and the worst cases.
+their own, with the scenario's own pinger (``scenarios.dm_pings``). Inside the broker it times
+every event-loop callback and every collection (wall clock and the thread's CPU time, with
+``time.time()`` stamps); the pinger reports when each DM left and how long it took. Each DM
+slower than ``--slow-ms`` is then matched with what the broker's loop did while it was on its
+way: a collection, a callback that used the CPU (which one), or a callback that took wall time
+but little CPU (the process waited for a core: the machine, not the broker's code). Prints the
+counts and the worst cases.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
-import logging
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
+from typing import Any
 
-from benchmarks.brokers import PASSWORD, REPO, rss_mb
-from benchmarks.memory import _Here, _write_accounts
-from benchmarks.mqttload import LoadClient
-from benchmarks.scenarios import Crowds
-from imcli.broker.limits import Limits
-from imcli.core.wire import ChatMessage, Topics, encode, new_id
+from benchmarks.brokers import REPO, rss_mb
+from benchmarks.memory import _Here, serve_here
+from benchmarks.scenarios import Crowds, dm_pings
 
-T = Topics()
 SLOW_CALLBACK_MS = 2.0  # callbacks at least this long are kept
+SLOW_ROUND_MS = 20.0  # rounds of the loop whose callbacks took at least this long are kept
+
+
+def describe(handle: asyncio.Handle) -> str:
+    """What a callback ran: for a task's step, its coroutine and the innermost one it now awaits
+    (a task's handle says only ``TaskStepMethWrapper`` or ``task_wakeup``), else the handle."""
+    task = getattr(getattr(handle, "_callback", None), "__self__", None)  # asyncio private: read only
+    if not isinstance(task, asyncio.Task):
+        return repr(handle)[:160]
+    coro: Any = task.get_coro()
+    names = [getattr(getattr(coro, "cr_code", None), "co_qualname", repr(coro)[:40])]
+    while (inner := getattr(coro, "cr_await", None)) is not None and hasattr(inner, "cr_code"):
+        coro = inner
+    if coro is not task.get_coro():
+        frame = coro.cr_frame
+        names.append(f"{coro.cr_code.co_qualname}:{frame.f_lineno if frame else '-'}")
+    return "task " + " > ".join(names)
+
+
+def kind_of(handle: asyncio.Handle) -> str:
+    """``describe`` for a task's step; anything else by its function's name, without the handle's
+    addresses (callbacks of one kind add up in a round: ``_LoopProbe.rounds``)."""
+    callback = getattr(handle, "_callback", None)
+    if isinstance(getattr(callback, "__self__", None), asyncio.Task):
+        return describe(handle)
+    return str(getattr(callback, "__qualname__", type(callback).__qualname__))
 
 
 class _LoopProbe:
-    """Times every event-loop callback (``asyncio.Handle._run``) and every collection."""
+    """Times every event-loop callback (``asyncio.Handle._run``) and every collection; with
+    ``rounds=True`` also each round of the loop (``BaseEventLoop._run_once``: the callbacks one
+    ``select()`` made ready, run back to back, so that a client's packet that arrives meanwhile waits
+    for all of them): a round whose callbacks took ``slow_round_ms`` (``SLOW_ROUND_MS``) or more is
+    kept with what ran in it, by kind (``kind_of``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, rounds: bool = False, slow_round_ms: float = SLOW_ROUND_MS) -> None:
         self.callbacks: list[tuple[float, float, float, str]] = []  # (end epoch, wall ms, CPU ms, what)
         self.collections: list[tuple[float, float, float, int]] = []  # (end epoch, wall ms, CPU ms, generation)
         self._gc_started = self._gc_cpu = 0.0
         self.handled = 0
+        self.running_since = 0.0  # perf_counter() when the callback now running began; 0.0 between callbacks
+        # every callback's (end on perf_counter's clock, wall ms), once a list is put here (filestail: how busy
+        # the loop was while a ping was on its way, short callbacks included)
+        self.every: list[tuple[float, float]] | None = None
+        self.rounds_on = rounds
+        self.slow_round_ms = slow_round_ms
+        self.thread = 0
+        # (end epoch, wall ms, CPU ms, callbacks, [(what, CPU ms, count), ...] by CPU)
+        self.rounds: list[tuple[float, float, float, int, list[tuple[str, float, int]]]] = []
+        self._round: dict[str, list[float]] = {}  # what -> [CPU s, callbacks] in the round under way
+        self._round_wall = self._round_cpu = 0.0
+        self._round_count = 0
 
     def install(self) -> None:
+        """Probe the event loops this thread runs (call it in the thread that runs the broker's)."""
+        self.thread = threading.get_ident()
         original = asyncio.events.Handle._run
         probe = self
 
         def timed(handle: asyncio.Handle) -> None:
+            if threading.get_ident() != probe.thread:  # another loop (a harness's own, in a thread)
+                original(handle)
+                return
+            what = kind_of(handle) if probe.rounds_on else ""
             started, cpu = time.perf_counter(), time.thread_time()
+            probe.running_since = started
             original(handle)
-            took = time.perf_counter() - started
+            probe.running_since = 0.0
+            ended = time.perf_counter()
+            took, used = ended - started, time.thread_time() - cpu
             probe.handled += 1
+            if probe.every is not None:
+                probe.every.append((ended, took * 1000))
+            if probe.rounds_on:
+                probe._round_wall += took
+                probe._round_cpu += used
+                probe._round_count += 1
+                kind = probe._round.setdefault(what, [0.0, 0])
+                kind[0] += used
+                kind[1] += 1
             if took * 1000 >= SLOW_CALLBACK_MS:
-                what = repr(handle)[:160]
-                probe.callbacks.append((time.time(), took * 1000, (time.thread_time() - cpu) * 1000, what))
+                probe.callbacks.append((time.time(), took * 1000, used * 1000, what or describe(handle)))
 
         asyncio.events.Handle._run = timed  # type: ignore[method-assign,assignment]
         gc.callbacks.insert(0, self._collection)
+        if self.rounds_on:
+            once = asyncio.base_events.BaseEventLoop._run_once  # type: ignore[attr-defined]
+
+            def counted(loop: asyncio.base_events.BaseEventLoop) -> None:
+                once(loop)
+                if threading.get_ident() == probe.thread:
+                    probe._end_round()
+
+            asyncio.base_events.BaseEventLoop._run_once = counted  # type: ignore[attr-defined]
+
+    def _end_round(self) -> None:
+        if self._round_wall * 1000 >= self.slow_round_ms:
+            kinds = sorted(((w, c * 1000, int(n)) for w, (c, n) in self._round.items()), key=lambda k: -k[1])
+            self.rounds.append(
+                (time.time(), self._round_wall * 1000, self._round_cpu * 1000, self._round_count, kinds[:6])
+            )
+        self._round.clear()
+        self._round_wall = self._round_cpu = 0.0
+        self._round_count = 0
+
+    def slow_rounds(self, since: float, until: float, top: int = 5) -> dict[str, object]:
+        """The rounds over ``slow_round_ms`` that ended between two epochs: how many, and the longest
+        with what ran in them (what, CPU ms, callbacks)."""
+        these = [r for r in self.rounds if since <= r[0] <= until]
+        longest = sorted(these, key=lambda r: -r[1])[:top]
+        return {
+            f"rounds_over_{self.slow_round_ms:g}ms": len(these),
+            "longest_rounds": [
+                {
+                    "ended_utc": time.strftime("%H:%M:%S", time.gmtime(end)),
+                    "wall_ms": round(wall, 1), "cpu_ms": round(cpu, 1), "callbacks": count,
+                    "by_kind": [(w, round(c, 1), n) for w, c, n in kinds],
+                }
+                for end, wall, cpu, count, kinds in longest
+            ],
+            "callbacks_over_20ms_cpu": [
+                (round(w, 1), round(c, 1), what) for end, w, c, what in self.callbacks
+                if since <= end <= until and c >= 20.0
+            ][:top],
+            "collections_over_5ms_cpu": [
+                (round(w, 1), round(c, 1), g) for end, w, c, g in self.collections if since <= end <= until and c >= 5.0
+            ][:top],
+        }  # fmt: skip
 
     def _collection(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -74,46 +170,6 @@ class _LoopProbe:
         if wall >= 0.5:
             cpu = (time.thread_time() - self._gc_cpu) * 1000
             self.collections.append((time.time(), wall, cpu, info["generation"]))
-
-
-async def _pings(port: int, samples: int, rate: float) -> list[tuple[float, float]]:
-    """The DM scenario's pinger (scenarios._ping): (epoch sent, seconds) of each DM."""
-    senders = ["pinga", "pingb", "pingc", "pingd", "pinge"]
-    sent: dict[str, tuple[float, float]] = {}
-    out: list[tuple[float, float]] = []
-    done = asyncio.Event()
-
-    def received(topic: str, payload: bytes) -> None:
-        message_id = json.loads(payload)["id"]
-        if message_id in sent:
-            epoch, started = sent.pop(message_id)
-            out.append((epoch, time.perf_counter() - started))
-            if len(out) >= samples:
-                done.set()
-
-    receiver = LoadClient(on_message=received)
-    assert await receiver.connect("127.0.0.1", port, "pongr", PASSWORD, "pongr:bench") == 0
-    await receiver.subscribe(T.user_filter("pongr"))
-    clients = []
-    for name in senders:
-        client = LoadClient()
-        assert await client.connect("127.0.0.1", port, name, PASSWORD, f"{name}:bench") == 0
-        clients.append(client)
-    period, next_at = 1.0 / rate, time.perf_counter()
-    pending = set()
-    for i in range(samples):
-        message = ChatMessage(id=new_id(), text=f"ping {i}")
-        sent[message.id] = (time.time(), time.perf_counter())
-        topic = T.dm("pongr", senders[i % len(senders)])
-        pending.add(asyncio.ensure_future(clients[i % len(clients)].publish(topic, encode(message))))
-        next_at += period
-        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(done.wait(), 30)
-    await asyncio.gather(*pending, return_exceptions=True)
-    for client in [receiver, *clients]:
-        await client.disconnect()
-    return out
 
 
 def _explain(pings: list[tuple[float, float]], probe: _LoopProbe, slow_ms: float, top: int) -> dict[str, object]:
@@ -169,53 +225,23 @@ def _explain(pings: list[tuple[float, float]], probe: _LoopProbe, slow_ms: float
 
 
 def measure(users: int, samples: int, slow_ms: float, top: int) -> dict[str, object]:
-    from imcli.broker.settings import BrokerSettings
-    from imcli.serve.host import ServeInfo, serve_forever
-
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("amqtt").setLevel(logging.CRITICAL)
     result: dict[str, object] = {"users": users}
     probe = _LoopProbe()
-    with tempfile.TemporaryDirectory(prefix="bench-dmtail-") as tmp:
-        data = Path(tmp) / "data"
-        data.mkdir()
-        _write_accounts(data, users)
-        limits = Limits(publish_rate=1e6, publish_burst=1_000_000, password_queue=4096)
-        settings = BrokerSettings(data_dir=data, port=0, limits=limits)
-        ready = threading.Event()
-        port: list[int] = []
-        stop: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
-        def on_ready(info: ServeInfo) -> None:
-            port.append(info.address.port)
-            ready.set()
+    def drive(port: int) -> None:
+        with Crowds.join(_Here(port), users, 2, listeners=50, talk=10.0) as (_, joined):  # type: ignore[arg-type]
+            result["joined"] = joined["ok"]
+            time.sleep(5)  # the presence worker's records
+            result["rss_mb"] = round(rss_mb(os.getpid()), 1)
+            pinger = subprocess.run(
+                [sys.executable, "-m", "benchmarks.dmtail", "--pinger", str(port), "--samples", str(samples)],
+                capture_output=True, text=True, cwd=REPO, check=True,
+            )  # fmt: skip
+            pings = [tuple(p) for p in json.loads(pinger.stdout)]
+            result.update(_explain(pings, probe, slow_ms, top))
 
-        def drive() -> None:
-            ready.wait(120)
-            try:
-                with Crowds.join(_Here(port[0]), users, 2, listeners=50, talk=10.0) as (_, joined):  # type: ignore[arg-type]
-                    result["joined"] = joined["ok"]
-                    time.sleep(5)  # the presence worker's records
-                    result["rss_mb"] = round(rss_mb(os.getpid()), 1)
-                    pinger = subprocess.run(
-                        [sys.executable, "-m", "benchmarks.dmtail", "--pinger", str(port[0]),
-                         "--samples", str(samples)],
-                        capture_output=True, text=True, cwd=REPO, check=True,
-                    )  # fmt: skip
-                    pings = [tuple(p) for p in json.loads(pinger.stdout)]
-                    result.update(_explain(pings, probe, slow_ms, top))
-            finally:
-                loop, event = stop[0]
-                loop.call_soon_threadsafe(event.set)
-
-        async def main() -> None:
-            event = asyncio.Event()
-            stop.append((asyncio.get_running_loop(), event))
-            threading.Thread(target=drive, daemon=True).start()
-            await serve_forever(settings, on_ready, event, workers_in_child=True)
-
-        probe.install()
-        asyncio.run(main())
+    probe.install()
+    serve_here(users, "bench-dmtail-", drive)
     return result
 
 
@@ -228,7 +254,7 @@ def main() -> None:
     parser.add_argument("--pinger", type=int, default=0, help=argparse.SUPPRESS)  # the pinger's process
     args = parser.parse_args()
     if args.pinger:
-        print(json.dumps(asyncio.run(_pings(args.pinger, args.samples, 50.0))))
+        print(json.dumps(asyncio.run(dm_pings(args.pinger, args.samples, 50.0))))
         return
     print(json.dumps(measure(args.users, args.samples, args.slow_ms, args.top), indent=1))
 

@@ -13,7 +13,7 @@ import struct
 import time
 from collections.abc import Callable
 
-from imcli.core.framing import encode_length
+from imcli.core.framing import MalformedLength, decode_length, encode_length
 
 
 def _str(value: str | bytes) -> bytes:
@@ -108,41 +108,48 @@ class LoadClient:
             self._task.cancel()
 
     async def _read_loop(self) -> None:
-        assert self._reader is not None and self._writer is not None
+        assert self._reader is not None
+        buffer = bytearray()
         try:
             while True:
-                first = (await self._reader.readexactly(1))[0]
-                length, shift = 0, 0
-                while True:
-                    byte = (await self._reader.readexactly(1))[0]
-                    length |= (byte & 0x7F) << shift
-                    shift += 7
-                    if not byte & 0x80:
+                data = await self._reader.read(1 << 16)
+                if not data:
+                    break
+                buffer += data
+                at = 0  # packets are framed with the broker's own decoder (imcli.core.framing)
+                while (header := decode_length(buffer, at + 1)) is not None:
+                    length, start = header
+                    if start + length > len(buffer):
                         break
-                body = await self._reader.readexactly(length)
-                kind = first >> 4
-                if kind == 3:  # PUBLISH
-                    tlen = struct.unpack("!H", body[:2])[0]
-                    topic = body[2 : 2 + tlen].decode()
-                    rest = body[2 + tlen :]
-                    if (first >> 1) & 3:
-                        pid = rest[:2]
-                        rest = rest[2:]
-                        self._writer.write(b"\x40\x02" + pid)
-                    if self.on_message is not None:
-                        self.on_message(topic, rest)
-                elif kind == 13:  # PINGRESP
-                    if self._pong is not None and not self._pong.done():
-                        self._pong.set_result(None)
-                elif kind in (4, 9):  # PUBACK, SUBACK
-                    pid = struct.unpack("!H", body[:2])[0]
-                    fut = self._acks.pop(pid, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(body[2:])
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+                    self._handle(buffer[at], bytes(buffer[start : start + length]))
+                    at = start + length
+                del buffer[:at]
+        except (MalformedLength, ConnectionError, asyncio.CancelledError):
             pass
         finally:  # the connection is gone: whoever waits for an acknowledgement hears so (no hang)
             for fut in self._acks.values():
                 if not fut.done():
                     fut.set_exception(ConnectionResetError("the connection closed before its acknowledgement"))
             self._acks.clear()
+
+    def _handle(self, first: int, body: bytes) -> None:
+        assert self._writer is not None
+        kind = first >> 4
+        if kind == 3:  # PUBLISH
+            tlen = struct.unpack("!H", body[:2])[0]
+            topic = body[2 : 2 + tlen].decode()
+            rest = body[2 + tlen :]
+            if (first >> 1) & 3:
+                pid = rest[:2]
+                rest = rest[2:]
+                self._writer.write(b"\x40\x02" + pid)
+            if self.on_message is not None:
+                self.on_message(topic, rest)
+        elif kind == 13:  # PINGRESP
+            if self._pong is not None and not self._pong.done():
+                self._pong.set_result(None)
+        elif kind in (4, 9):  # PUBACK, SUBACK
+            pid = struct.unpack("!H", body[:2])[0]
+            fut = self._acks.pop(pid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(body[2:])

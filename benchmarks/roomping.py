@@ -1,7 +1,10 @@
 """A room's chat latency, from a process of its own: a message every 100 ms from one user to another.
 
-    python -m benchmarks.roomping --port P    # "ready" once subscribed; then per line on stdin:
+    python -m benchmarks.roomping --port P [--stamps]  # "ready" once subscribed; then per line on stdin:
                                               # "go" starts a phase, "end" ends it with one JSON line
+                                              # (latencies in ms; with --stamps [sent, ms] pairs, sent
+                                              # being time.perf_counter(): CLOCK_MONOTONIC, one clock for
+                                              # every process on Linux)
 
 Its own process, as a chat user's client is: in the benchmark's process the two clients waited
 for the interpreter's lock behind the file transfer's sender and receiver, and measured that.
@@ -17,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -35,11 +39,16 @@ def _client(port: int, name: str) -> paho.Client:
     return client
 
 
-def run(port: int) -> None:
-    latencies: list[float] = []
+def run(port: int, stamps: bool = False) -> None:
+    latencies: list[tuple[float, float]] = []  # (sent, ms)
     sub, pub = _client(port, "pingb"), _client(port, "pinga")
     ready = threading.Event()
-    sub.on_message = lambda _c, _u, m: latencies.append((time.perf_counter() - json.loads(m.payload)["sent"]) * 1000)
+
+    def received(_c: object, _u: object, m: paho.MQTTMessage) -> None:
+        sent = json.loads(m.payload)["sent"]
+        latencies.append((sent, (time.perf_counter() - sent) * 1000))
+
+    sub.on_message = received
     sub.on_subscribe = lambda *_: ready.set()
     sub.subscribe(f"{TOPIC}/+", qos=1)
     if not ready.wait(10):
@@ -62,7 +71,7 @@ def run(port: int) -> None:
             stop.set()
             sender.join(5)
             time.sleep(0.3)  # the last one's way
-            print(json.dumps(latencies), flush=True)
+            print(json.dumps(latencies if stamps else [ms for _, ms in latencies]), flush=True)
     for client in (pub, sub):
         client.disconnect()
         client.loop_stop()
@@ -71,9 +80,10 @@ def run(port: int) -> None:
 class RoomPing:
     """The probe's process; ``phase`` yields the list its latencies (ms) fill when the block ends."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, *, stamps: bool = False) -> None:
+        """``stamps``: ``phase`` yields (sent, ms) pairs, sent on ``time.perf_counter()``'s clock."""
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.roomping", "--port", str(broker.port)],
+            [sys.executable, "-m", "benchmarks.roomping", "--port", str(broker.port), *(["--stamps"] * stamps)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
         )  # fmt: skip
         assert self._proc.stdout is not None
@@ -82,9 +92,9 @@ class RoomPing:
             raise RuntimeError("the room ping did not start")
 
     @contextmanager
-    def phase(self) -> Iterator[list[float]]:
+    def phase(self) -> Iterator[list[Any]]:
         assert self._proc.stdin is not None and self._proc.stdout is not None
-        latencies: list[float] = []
+        latencies: list[Any] = []
         self._proc.stdin.write("go\n")
         self._proc.stdin.flush()
         try:
@@ -109,7 +119,9 @@ class RoomPing:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
-    run(parser.parse_args().port)
+    parser.add_argument("--stamps", action="store_true", help="[sent, ms] pairs instead of ms")
+    args = parser.parse_args()
+    run(args.port, args.stamps)
 
 
 if __name__ == "__main__":

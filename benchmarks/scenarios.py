@@ -204,17 +204,21 @@ class Watcher:
 # ---------------------------------------------------------------- 2. DM latency
 
 
-async def _ping(port: int, samples: int, rate: float, receiver_port: int | None = None) -> list[float]:
+async def dm_pings(port: int, samples: int, rate: float, receiver_port: int | None = None) -> list[tuple[float, float]]:
+    """The DM scenario's pinger: ``samples`` DMs at ``rate`` a second from five senders to one
+    receiver (on ``receiver_port``, another node of a cluster, if given); (epoch sent, seconds)
+    of each DM that arrived. benchmarks/dmtail.py runs the same pinger in a process of its own."""
     senders = ["pinga", "pingb", "pingc", "pingd", "pinge"]
-    sent: dict[str, float] = {}
-    latencies: list[float] = []
+    sent: dict[str, tuple[float, float]] = {}
+    out: list[tuple[float, float]] = []
     done = asyncio.Event()
 
     def received(topic: str, payload: bytes) -> None:
         message_id = json.loads(payload)["id"]
         if message_id in sent:
-            latencies.append(time.perf_counter() - sent.pop(message_id))
-            if len(latencies) >= samples:
+            epoch, started = sent.pop(message_id)
+            out.append((epoch, time.perf_counter() - started))
+            if len(out) >= samples:
                 done.set()
 
     receiver = LoadClient(on_message=received)
@@ -230,7 +234,7 @@ async def _ping(port: int, samples: int, rate: float, receiver_port: int | None 
     for i in range(samples):
         message = ChatMessage(id=new_id(), text=f"ping {i}")
         sender = senders[i % len(senders)]
-        sent[message.id] = time.perf_counter()
+        sent[message.id] = (time.time(), time.perf_counter())
         # open loop: the next ping leaves on time whether or not the last one was acknowledged
         pending.add(asyncio.ensure_future(clients[i % len(clients)].publish(T.dm("pongr", sender), encode(message))))
         next_at += period
@@ -240,13 +244,14 @@ async def _ping(port: int, samples: int, rate: float, receiver_port: int | None 
     await asyncio.gather(*pending, return_exceptions=True)
     for client in [receiver, *clients]:
         await client.disconnect()
-    return latencies
+    return out
 
 
 def dm_latency(broker: Broker, idle_users: int, samples: int, talk: float) -> dict[str, object]:
     listeners = 50
     with Crowds.join(broker, idle_users, 2, status=broker.has_presence, listeners=listeners, talk=talk) as (_, joined):
-        latencies = sorted(asyncio.run(_ping(broker.port, samples, rate=50.0, receiver_port=broker.port_of(2))))
+        pings = asyncio.run(dm_pings(broker.port, samples, rate=50.0, receiver_port=broker.port_of(2)))
+        latencies = sorted(took for _, took in pings)
     if not latencies:
         return {"idle_users": joined["ok"], "samples": 0}
     quantile = statistics.quantiles(latencies, n=100, method="inclusive")
@@ -302,6 +307,7 @@ def capacity(
     on_hold_end: Callable[[], None] | None = None,
     *,
     rejoin: bool = True,
+    on_leave: Callable[[], None] | None = None,
 ) -> dict[str, object]:
     """``users`` sign in (status, Last Will, their own filter); presence must see them all and
     ``who`` list them; memory is read; then everyone leaves and comes back. ``hold``: before
@@ -384,6 +390,8 @@ def capacity(
             if what != "broker":
                 result[f"rss_mb_{what}"] = mb
         result["rss_mb_total"] = round(sum(_memory(broker).values()), 1)
+        if on_leave is not None:  # everyone leaves at once as this block ends (the stall probe's phase)
+            on_leave()
     result.update(_pauses(broker, log_start, ""))
     if not rejoin or "error" in result:
         return result

@@ -49,8 +49,9 @@ async def probe(port: int, password: str) -> dict[str, object]:
     rtts: list[float] = []
     phases: dict[str, list[float]] = {}  # a line "phase NAME" on stdin: later round trips count for NAME too
     phase: list[float] | None = None
+    phase_name = ""
     longest = longest_at = longest_wall = 0.0
-    over: list[tuple[float, float]] = []  # (wall clock, seconds) of every round trip over 50 ms
+    over: list[tuple[float, float, str]] = []  # (wall clock, seconds, phase) of every round trip over 50 ms
     started = time.time()
     next_ping = time.perf_counter()
     while True:
@@ -59,7 +60,7 @@ async def probe(port: int, password: str) -> dict[str, object]:
             if not words:  # end of stdin
                 break
             if words[0] == "phase" and len(words) == 2:
-                phase = phases.setdefault(words[1], [])
+                phase, phase_name = phases.setdefault(words[1], []), words[1]
             line = asyncio.ensure_future(reader.readline())
             continue
         sent = time.perf_counter()
@@ -76,7 +77,7 @@ async def probe(port: int, password: str) -> dict[str, object]:
             longest, longest_at, longest_wall = rtt, time.time() - started, time.time()
         rtts.append(rtt)
         if rtt > 0.05:
-            over.append((time.time(), rtt))
+            over.append((time.time(), rtt, phase_name))
         if phase is not None:
             phase.append(rtt)
         next_ping = max(next_ping + PERIOD, time.perf_counter())
@@ -90,9 +91,10 @@ async def probe(port: int, password: str) -> dict[str, object]:
         **_figures(rtts),
         "stall_longest_at_s": round(longest_at, 1),
         "stall_longest_utc": time.strftime("%H:%M:%S", time.gmtime(longest_wall)),
-        # when each stall over 50 ms ended and how long it was (the first 50): which phase or event it fell in
+        # when each stall over 50 ms ended, how long it was and in which phase (the first 50)
         "stalls_over_50ms_utc_ms": [
-            f"{time.strftime('%H:%M:%S', time.gmtime(wall))} {rtt * 1000:.1f}" for wall, rtt in over[:50]
+            f"{time.strftime('%H:%M:%S', time.gmtime(wall))} {rtt * 1000:.1f} {name or '-'}".rstrip()
+            for wall, rtt, name in over[:50]
         ],
     }
     for name, times in phases.items():

@@ -55,11 +55,14 @@ class Raw:
     disconnected: threading.Event = dataclasses.field(default_factory=threading.Event)
     subacks: dict[int, list[int]] = dataclasses.field(default_factory=dict)
     skipped: list[paho.MQTTMessage] = dataclasses.field(default_factory=list)  # passed over by expect(topic)
+    clean: bool = True  # a clean session: close() unsubscribes first, as imcli's MqttClient does
+    filters: list[str] = dataclasses.field(default_factory=list)  # subscribed (granted or not)
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> int:
         """Subscribe and return the granted QoS, or 128 when refused."""
         _, mid = self.client.subscribe(topic_filter, qos)
         assert mid is not None, "not connected"
+        self.filters.append(topic_filter)
         assert wait_until(lambda: mid in self.subacks), "no SUBACK"
         return self.subacks[mid][0]
 
@@ -105,6 +108,10 @@ class Raw:
         return got
 
     def close(self) -> None:
+        if self.clean and self.filters and self.client.is_connected():
+            # nats-server 2.9 deletes a closing clean session's consumers under its lock, stalling the
+            # cluster's routes for seconds (imcli/core/mqtt.py, MqttClient.close): unsubscribe first
+            self.client.unsubscribe(list(dict.fromkeys(self.filters)))
         self.client.disconnect()
         self.client.loop_stop()
         _close_wakeup_pair(self.client)
@@ -158,7 +165,7 @@ def connect_raw(
     )
     if ca is not None:
         client.tls_set(ca_certs=ca)
-    r = Raw(client, username)
+    r = Raw(client, username, clean=clean)
     if username is not None:
         client.username_pw_set(username, password if password is not None else password_of(username))
     if will is not None:

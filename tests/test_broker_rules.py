@@ -159,6 +159,50 @@ def test_dropped_requests_are_told_beyond_one_notice_a_second() -> None:
     assert told.retry is not None and 0 < told.retry <= 1.0
 
 
+def test_a_rate_notice_names_the_limit_that_dropped_the_message() -> None:
+    """A file's chunk dropped on the file-transfer rate is told as such, with that bucket's own
+    retry time; a chat message or a request dropped on the chat rate keeps the chat rate's words."""
+    limits = Limits(publish_rate=1.0, publish_burst=1, file_rate=4.0, file_burst=1)
+    checks = PublishChecks(access(), limits, 100)
+    upload = "im/upload/alice/" + "u" * 32
+    assert checks.judge("alice", upload, 1, retain=False).deliver  # the file bucket's one token
+    told = checks.judge("alice", upload, 1, retain=False).telling
+    assert told is not None and told.code == "rate" and told.topic == upload
+    assert told.text == "slow down: file transfer messages (chunks, acknowledgements) beyond 4 a second are dropped"
+    assert told.retry is not None and 0 < told.retry <= 0.25  # 4 a second: the file bucket's, not the chat's 1 s
+    assert checks.judge("alice", "im/room/lobby/alice", 1, retain=False).deliver  # the chat bucket is its own
+    chat = PublishChecks(access(), limits, 100)
+    assert chat.judge("alice", "im/room/lobby/alice", 1, retain=False).deliver
+    told = chat.judge("alice", "im/room/lobby/alice", 1, retain=False).telling
+    assert told is not None and told.text == "slow down: messages beyond 1 a second are dropped"
+    assert told.retry is not None and 0.25 < told.retry <= 1.0
+
+
+def test_requests_dropped_beyond_the_notices_are_held_for_one_notice_a_second() -> None:
+    """Past the one notice a second and ``REQUEST_NOTICES`` about requests, a dropped request is
+    not told at once but named in the account's next aggregated notice (``unheard``); a bot's
+    malformed correlation id is not (a notice cannot carry it: the ACL refuses it anyway)."""
+    checks = PublishChecks(access(), Limits(publish_rate=0.001, publish_burst=1), 100)
+    assert checks.judge("alice", "im/room/lobby/alice", 1, retain=False).deliver
+    ids = [f"{i:032x}" for i in range(REQUEST_NOTICES + 4)]
+    decisions = [checks.judge("alice", f"im/request/alice/{c}", 1, retain=False) for c in ids]
+    told = [d.telling.topic for d in decisions if d.telling is not None]
+    assert told == [f"im/request/alice/{c}" for c in ids[: REQUEST_NOTICES + 1]]  # the one a second, then ten
+    assert [d.unheard for d in decisions[REQUEST_NOTICES + 1 :]] == ids[REQUEST_NOTICES + 1 :]
+    assert checks.judge("alice", "im/request/alice/not.an.id", 1, retain=False) == Decision(deliver=False)
+    assert checks.judge("alice", "im/room/lobby/alice", 1, retain=False) == Decision(deliver=False)
+
+
+def test_the_fullest_aggregated_rate_notice_fits_the_payload_limit() -> None:
+    from imcli.broker.limits import UNHEARD_REQUESTS
+    from imcli.broker.notices import requests_dropped
+    from imcli.core.wire import DEFAULT_MAX_PAYLOAD, Notice, encode, new_id
+
+    telling = requests_dropped([new_id() for _ in range(UNHEARD_REQUESTS)], 1e6, 86400.0)
+    notice = Notice(code=telling.code, text=telling.text, retry=telling.retry, requests=list(telling.requests))
+    assert len(encode(notice)) <= DEFAULT_MAX_PAYLOAD
+
+
 # ---------------------------------------------------------------- connection gate
 
 

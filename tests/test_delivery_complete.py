@@ -103,3 +103,38 @@ def test_retained_messages_for_a_subscription_come_as_retained_and_wait_for_thei
         sock.sendall(b"".join(b"\x40\x02" + pid for pid in ids) + PINGREQ)
         got, _ = read_packets(sock, lambda p: any(first == 0xD0 for first, _ in p))
         assert len(handlers[0].in_flight) == 0
+
+
+def test_the_load_generator_frames_what_one_read_brings(server: ServeInfo) -> None:
+    """The load generator's reader (benchmarks/mqttload.py) frames with imcli.core.framing: messages
+    of one, two and three bytes of remaining length, many in one read, each arrive whole and once."""
+    import asyncio
+
+    from benchmarks.mqttload import LoadClient
+
+    store = AccountStore(server.data_dir)
+    for name in ("alice", "bob"):
+        store.add(name, password_of(name))
+    sizes = [1, 100, 127, 128, 5000, 16383, 16384] * 3  # 16384: max_payload, 3 bytes of length
+    got: list[tuple[str, bytes]] = []
+
+    async def exchange() -> None:
+        done = asyncio.Event()
+
+        def received(topic: str, payload: bytes) -> None:
+            got.append((topic, payload))
+            if len(got) == len(sizes):
+                done.set()
+
+        host, port = server.address.host, server.address.port
+        bob, alice = LoadClient(on_message=received), LoadClient()
+        assert await bob.connect(host, port, "bob", password_of("bob"), "bob:load") == 0
+        assert await bob.subscribe(T.dm("bob", "alice")) == 1
+        assert await alice.connect(host, port, "alice", password_of("alice"), "alice:load") == 0
+        await asyncio.gather(*(alice.publish(T.dm("bob", "alice"), bytes([i % 251]) * n) for i, n in enumerate(sizes)))
+        await asyncio.wait_for(done.wait(), 30)
+        await alice.disconnect()
+        await bob.disconnect()
+
+    asyncio.run(exchange())
+    assert sorted(got) == sorted((T.dm("bob", "alice"), bytes([i % 251]) * n) for i, n in enumerate(sizes))

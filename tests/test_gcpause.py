@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import resource
+import socket
+import struct
+import weakref
 from typing import Any
 
 import pytest
 
 from imcli.broker import gcpause
+from imcli.serve.host import ServeInfo
+from tests.conftest import wait_until
+from tests.rawmqtt import chat
 
 
 def test_a_collection_over_the_threshold_is_noted_with_its_generation_and_cpu_time() -> None:
@@ -128,3 +136,138 @@ def test_the_exception_that_ended_a_stream_loses_its_traceback() -> None:
         gcpause.release_stream(asyncio.StreamReader())  # one that ended cleanly: nothing to drop
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------- the leak check (instead of the daily compaction)
+
+
+class _Leaky:
+    """A cycle's link: a ring of these, frozen, then dropped, is what only a compaction frees."""
+
+    def __init__(self) -> None:
+        self.next: _Leaky | None = None
+
+
+def _frozen_ring(size: int) -> weakref.ref[_Leaky]:
+    first = link = _Leaky()
+    for _ in range(size - 1):
+        link.next = _Leaky()
+        link = link.next
+    link.next = first
+    gc.collect()
+    gc.freeze()
+    return weakref.ref(first)  # the ring itself is dropped on return: unreachable, frozen
+
+
+def test_the_leak_check_counts_frozen_cycles_without_freeing_them_here() -> None:
+    try:
+        ring = _frozen_ring(1000)
+        found = gcpause.frozen_garbage()
+        assert found is not None, "the forked child answered"
+        assert found.by_type.get("_Leaky", 0) >= 1000
+        assert found.objects >= 1000
+        assert ring() is not None, "counted in the child only: still here (no pause in the broker)"
+    finally:
+        gc.unfreeze()
+    gc.collect()
+    assert ring() is None
+
+
+def test_the_leak_check_works_in_a_process_with_thousands_of_descriptors() -> None:
+    """The broker holds a descriptor per connection: the check's pipe comes after 10,000 of them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200 <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    held: list[int] = []
+    try:
+        while len(held) < 1100:  # past select()'s FD_SETSIZE (1024)
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        found = gcpause.frozen_garbage()
+        assert found is not None
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_compaction_comes_only_with_many_frozen_cycles() -> None:
+    assert not gcpause.should_compact(None)
+    assert not gcpause.should_compact(gcpause.FrozenGarbage(0, {}))
+    assert not gcpause.should_compact(gcpause.FrozenGarbage(gcpause.COMPACT_AT - 1, {"dict": 1}))
+    assert gcpause.should_compact(gcpause.FrozenGarbage(gcpause.COMPACT_AT, {"dict": 1}))
+
+
+class _Talker:
+    """Garbage whose finalizer writes to a socket the broker would share with the child."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.me = self
+
+    def __del__(self) -> None:
+        self.sock.send(b"from a finalizer")
+
+
+def test_the_leak_checks_child_cannot_write_to_what_it_shares_with_the_broker() -> None:
+    here, there = socket.socketpair()
+    try:
+        _Talker(here)
+        gc.freeze()
+        found = gcpause.frozen_garbage()
+        assert found is not None and found.by_type.get("_Talker") == 1
+        there.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            there.recv(100)  # the child's copy of the socket was closed before it collected
+    finally:
+        gc.unfreeze()
+        gc.collect()  # the finalizer runs here, in this process, as it would in the broker
+        here.close()
+        there.close()
+
+
+# the objects of one connection in the broker: a cycle among them is a connection kept after it ended
+CONNECTION_TYPES = {
+    "AckAfterJournal", "LightSession", "PacketReader", "StreamGuard", "StreamReader", "StreamWriter",
+    "StreamReaderProtocol", "_SelectorSocketTransport", "StreamReaderAdapter", "StreamWriterAdapter",
+    "SessionState", "InFlight", "Bell",
+}  # fmt: skip
+
+
+def _connection_objects(server: ServeInfo, client_id: str) -> list[weakref.ref[Any]]:
+    assert server.broker is not None
+    session, handler = server.broker.session_table()[client_id]
+    transport = handler.writer._writer.transport  # amqtt's StreamWriterAdapter holds the asyncio writer
+    return [weakref.ref(o) for o in (session, handler, handler.reader, handler.writer, transport)]
+
+
+def test_connections_ending_every_way_leave_no_frozen_cycle(server: ServeInfo, users: Any, raw: Any) -> None:
+    """Connections frozen alive (as the broker's tick freezes them) that end by DISCONNECT, by a dropped
+    socket (their Last Will fires) and by a reset are freed by reference counting alone: no cycle keeps
+    them for a compaction, and the leak check finds none of their objects."""
+    users("alice", "bob", "carol")
+    listener = raw("bob", client_id="bob:one")
+    listener.subscribe("im/room/+/+")
+    willing = raw("alice", client_id="alice:one", will=("im/status/alice/one", b"", True))
+    willing.publish("im/room/lobby/alice", chat("hello"))
+    listener.expect("im/room/lobby/alice")
+    reset = raw("carol", client_id="carol:one")
+    reset.publish("im/room/lobby/carol", chat("hello"))
+    listener.expect("im/room/lobby/carol")
+    alive = [ref for cid in ("bob:one", "alice:one", "carol:one") for ref in _connection_objects(server, cid)]
+    gc.collect()
+    gc.freeze()  # as the broker's tick does: every connection is frozen alive
+    try:
+        willing.kill()
+        sock = reset.client.socket()
+        assert sock is not None
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
+        reset.kill()
+        listener.close()
+        freed = wait_until(lambda: all(ref() is None for ref in alive), 10)
+        kept = [type(ref()).__qualname__ for ref in alive if ref() is not None]
+        found = gcpause.frozen_garbage()
+    finally:
+        gc.unfreeze()
+    assert freed, f"kept after their connections ended: {kept}"
+    assert found is not None
+    assert {k: v for k, v in found.by_type.items() if k in CONNECTION_TYPES} == {}, found

@@ -35,6 +35,7 @@ from imcli.core.wire import (
     DeviceStatus,
     Friends,
     GroupInfo,
+    Notice,
     Received,
     Topics,
     decode,
@@ -279,6 +280,24 @@ def test_sender_topic_is_enforced_on_every_node(cluster: NatsCluster, raw) -> No
         alice.publish(T.presence("alice"), b"{}", retain=True)
         [before] = barrier(alice, reader)
         assert [m.topic for m in before if "bob" in m.topic or m.topic.startswith("im/presence/alice")] == []
+
+
+def test_nobody_forges_a_notice_or_a_reply_on_any_node(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
+    """A client trusts its notice topic (a ``rate`` notice fails the request it names) and its
+    reply topic: on NATS too only the services may write them (``SERVICE_WRITE``)."""
+    reader = raw(2, "presence")  # a service account reads every topic
+    reader.subscribe("im/#")
+    forged = Notice(code="rate", text="slow down", topic=T.request("bob", "c" * 32), retry=3600)
+    for node in (1, 2, 3):
+        alice = raw(node, "alice")
+        alice.publish(T.notice("bob"), encode(forged))
+        alice.publish(T.notice("bob"), encode(forged), retain=True)
+        alice.publish(T.reply("bob", "c" * 32), b"{}")
+        [before] = barrier(alice, reader)
+        assert [m.topic for m in before if m.topic.startswith("im/user/bob/")] == []
+    late = raw(3, "bob")  # nothing retained either
+    assert late.subscribe(T.user_filter("bob")) == 1
+    assert [m.topic for m in late.silent(0.5) if m.topic in (T.notice("bob"), T.reply("bob", "c" * 32))] == []
 
 
 def test_dm_crosses_nodes_and_others_cannot_read_it(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]

@@ -5,15 +5,21 @@ and filter_within; these fill the rest.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from typing import Any, get_args
 
+import pytest
+from amqtt.adapters import BufferReader
+from amqtt.mqtt.packet import MQTTFixedHeader
+from amqtt.mqtt.publish import PublishPacket
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from imcli.broker.accounts import Role
 from imcli.broker.acl import Access, TopicAcl, topic_matches
+from imcli.broker.packets import PUBLISH, MalformedPacket, check_packet, check_publish_head, publish_head_size
 from imcli.core.wire import (
     ChatMessage,
     GroupInfo,
@@ -163,3 +169,33 @@ def test_receive_follows_the_owner(owner: str, sender: str, reader: str) -> None
     assert ACL.allows(owner, Role.USER, dm, Access.RECEIVE)
     assert not ACL.allows(reader, Role.USER, dm, Access.RECEIVE)
     assert not ACL.allows(reader, Role.USER, T.reply(owner, "0" * 32), Access.RECEIVE)
+
+
+publish_bodies = st.one_of(
+    st.binary(min_size=2, max_size=40),
+    st.builds(
+        lambda topic, packet_id, payload: len(topic).to_bytes(2, "big") + topic + packet_id + payload,
+        st.text(max_size=20).map(lambda t: t.encode("utf-8", "surrogatepass")),  # lone surrogates: ill-formed
+        st.binary(max_size=2),
+        st.binary(max_size=30),
+    ),
+)
+
+
+@given(st.integers(0, 15), publish_bodies)
+def test_the_readers_publish_check_decides_and_decodes_as_check_packet_and_amqtt(flags: int, body: bytes) -> None:
+    """The reader checks a PUBLISH's head apart from its payload (imcli/broker/reader.py, issue 16):
+    it refuses exactly what ``check_packet`` refuses, and reads what amqtt's decoding reads."""
+    first = 0x30 | flags
+    head = body[: publish_head_size(first, body[:2])]
+    try:
+        check_packet(first, body, connected=True, max_client_id=23)
+    except MalformedPacket:
+        with pytest.raises(MalformedPacket):
+            check_publish_head(first, head)
+        return
+    topic, packet_id = check_publish_head(first, head)
+    header = MQTTFixedHeader(PUBLISH, flags, len(body))
+    amqtts = asyncio.run(PublishPacket.from_stream(BufferReader(body), fixed_header=header))
+    assert (topic, packet_id) == (amqtts.variable_header.topic_name, amqtts.variable_header.packet_id)
+    assert body[len(head) :] == amqtts.payload.data

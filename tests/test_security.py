@@ -17,10 +17,11 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
+from imcli.broker.accounts import AccountStore
 from imcli.broker.server import BrokerSettings
 from imcli.core.topics import DEFAULT_MAX_CHUNK
-from imcli.core.wire import DEFAULT_MAX_PAYLOAD, DeviceStatus, WhoRequest, encode
-from imcli.serve.host import BackgroundServer
+from imcli.core.wire import DEFAULT_MAX_PAYLOAD, DeviceStatus, Notice, WhoRequest, encode
+from imcli.serve.host import BackgroundServer, ServeInfo
 from tests import brokers
 from tests.brokers import NO_CLIENT_ID_BINDING, NO_NOTICES, NO_REGISTRATION, SUBSCRIBE_GRANTED
 from tests.conftest import Raw, password_of
@@ -220,6 +221,52 @@ def test_publish_outside_own_topics_never_reaches_anyone(
     late = raw(spy.username, client_id=f"{spy.username}:late")  # nothing retained either
     assert late.subscribe_all("im/#", "#")[0] == 1
     assert retained not in {bytes(m.payload) for m in late.silent(0.3)}
+
+
+def test_nobody_forges_a_rate_notice_that_fails_anothers_request(alice_bob: tuple[Raw, Raw], raw: RawFactory) -> None:
+    """A client trusts a ``rate`` notice on its notice topic (the request it names fails at once):
+    only the broker and the workers may write there. bob forges one naming alice's next request,
+    one naming it in ``requests``, at each QoS and retained: alice's request still gets its
+    reply, and nothing reaches her notice topic, then or later."""
+    alice, bob = alice_bob
+    who = WhoRequest()
+    request = f"im/request/alice/{who.id}"
+    forged = [
+        encode(Notice(code="rate", text="slow down", topic=request, retry=3600)),
+        encode(Notice(code="rate", text="slow down", requests=[who.id], retry=3600)),
+    ]
+    for payload in forged:
+        for qos in (0, 1, 2):
+            bob.publish("im/user/alice/notice", payload, qos=qos)
+        bob.publish("im/user/alice/notice", payload, retain=True)
+    assert alice.subscribe_all("im/user/alice/reply/+", "im/room/+/+") == [1, 1]
+    alice.publish(request, encode(who))
+    assert alice.expect(f"im/user/alice/reply/{who.id}", timeout=15).payload
+    [seen] = barrier(bob, alice)
+    assert [m.topic for m in seen if m.topic.endswith("/notice")] == []
+    late = raw("alice", client_id="alice:late")
+    assert late.subscribe("im/user/alice/notice") == 1
+    assert late.silent(0.3) == []  # nothing retained
+
+
+@brokers.EMBEDDED_ONLY  # Mosquitto's twin: test_mosquitto.py::test_archive_account_writes_nothing_but_replies
+@pytest.mark.parametrize("worker", ["archive", "files"])
+def test_the_archive_and_files_accounts_forge_no_notice(
+    alice_bob: tuple[Raw, Raw], raw: RawFactory, server: ServeInfo, worker: str
+) -> None:
+    """Least privilege, as on Mosquitto and NATS: with the archive's or the files worker's key,
+    a rate notice on a user's notice topic goes nowhere; their own notice topic and replies work."""
+    alice, _bob = alice_bob
+    AccountStore(server.data_dir).ensure_service(worker, password_of(worker))
+    service = raw(worker, client_id=f"{worker}:test")
+    assert service.rc == 0
+    forged = encode(Notice(code="rate", text="slow down", topic="im/request/alice/" + "c" * 32, retry=3600))
+    service.publish("im/user/alice/notice", forged)
+    service.publish("im/user/alice/reply/" + "c" * 32, b"{}")  # a reply is theirs to send
+    assert alice.subscribe("im/user/alice/reply/+") == 1
+    service.publish("im/user/alice/reply/" + "d" * 32, b"{}")
+    got = alice.until("im/user/alice/reply/" + "d" * 32)
+    assert [m.topic for m in got if m.topic.endswith("/notice")] == []
 
 
 @pytest.mark.broker_xfail("mosquitto", reason=NO_NOTICES)

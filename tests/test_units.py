@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -255,6 +258,26 @@ def test_service_rules() -> None:
     assert not ACL.allows("presence", None, "im/presence/bob", Access.PUBLISH)
 
 
+def test_the_archive_and_files_accounts_write_no_one_elses_notice() -> None:
+    """Least privilege on the embedded broker as on Mosquitto and NATS: the archive and files
+    workers write replies (files: downloads too) and their own notice topic, and nobody else's
+    notice (a client trusts a rate notice there); presence and groups tell every user."""
+    from imcli.broker.acl import SERVICE_WRITE_OF
+    from imcli.groups.natsauth import SERVICE_RIGHTS
+
+    for worker in ("archive", "files"):
+        assert SERVICE_WRITE_OF[worker] == SERVICE_RIGHTS[worker][0]  # the same rights on NATS
+        assert ACL.allows(worker, Role.SERVICE, "im/user/bob/reply/x1", Access.PUBLISH)
+        assert ACL.allows(worker, Role.SERVICE, f"im/user/{worker}/notice", Access.PUBLISH)
+        for topic in ("im/user/bob/notice", "im/presence/bob", "im/events", "im/group/team/info"):
+            assert not ACL.allows(worker, Role.SERVICE, topic, Access.PUBLISH), (worker, topic)
+        assert ACL.allows(worker, Role.SERVICE, "im/request/+/+", Access.SUBSCRIBE)  # reads as before
+    assert ACL.allows("files", Role.SERVICE, "im/user/bob/file/s1", Access.PUBLISH)
+    assert not ACL.allows("archive", Role.SERVICE, "im/user/bob/file/s1", Access.PUBLISH)
+    for worker in ("presence", "groups"):
+        assert ACL.allows(worker, Role.SERVICE, "im/user/bob/notice", Access.PUBLISH)
+
+
 def test_retain_only_on_state_topics() -> None:
     assert ACL.may_retain("im/status/alice/x")
     assert not ACL.may_retain("im/room/lobby/alice")
@@ -413,3 +436,110 @@ def test_a_remaining_length_of_five_bytes_is_refused_at_its_fourth() -> None:
         decode_length(b"\x30\xff\xff\xff\xff", 1)  # no fifth byte needed to know
     with pytest.raises(ValueError, match="0 to 268435455"):
         encode_length(MAX_REMAINING_LENGTH + 1)
+
+
+def test_build_schemas_builds_every_payload_model_in_a_fresh_interpreter() -> None:
+    """A command builds only the models it touches (defer_build); the broker and the workers call
+    ``build_schemas`` at start so that no message of theirs waits for one to be built (issue 16)."""
+    script = (
+        "from imcli.core import wire\n"
+        "def models(cls):\n"
+        "    for sub in cls.__subclasses__():\n"
+        "        yield sub\n"
+        "        yield from models(sub)\n"
+        "every = list(models(wire.WireModel))\n"
+        "assert not wire._PAYLOAD.pydantic_complete and not any(m.__pydantic_complete__ for m in every)\n"
+        "wire.build_schemas()\n"
+        "assert wire._PAYLOAD.pydantic_complete\n"
+        "print(sorted(m.__name__ for m in every if not m.__pydantic_complete__), len(every))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    missing, count = run.stdout.rsplit(" ", 1)
+    assert missing == "[]"
+    assert int(count) > 40  # ChatMessage, the file models, the requests and replies, ...
+
+
+# ---------------------------------------------------------------- MqttClient against a broker of a few lines
+
+
+def few_lines_broker(grants: list[int]) -> tuple[int, list[int], Callable[[], None]]:
+    """A broker that accepts a CONNECT and answers the n-th SUBSCRIBE with ``grants[n]`` for each of its
+    filters (1, or 0x80: refused); its port, the types of the packets it read, and a join for its end."""
+    import socket
+    import threading
+
+    from tests.rawmqtt import read_packets
+
+    server = socket.create_server(("127.0.0.1", 0))
+    got: list[int] = []
+    subscribes = iter(grants)
+
+    def broker() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(10)
+
+            def answer(packets: list[tuple[int, bytes]]) -> bool:  # read_packets calls it after each read
+                for first, body in packets[len(got) :]:
+                    got.append(first >> 4)
+                    if first >> 4 == 1:  # CONNECT: accepted
+                        conn.sendall(b"\x20\x02\x00\x00")
+                    elif first >> 4 == 8:  # SUBSCRIBE: its packet id, then a topic filter and a QoS each
+                        count, at = 0, 2
+                        while at < len(body):
+                            at += 2 + int.from_bytes(body[at : at + 2], "big") + 1
+                            count += 1
+                        conn.sendall(bytes([0x90, 2 + count]) + body[:2] + bytes([next(subscribes)] * count))
+                return got[-1:] == [14]  # DISCONNECT
+
+            read_packets(conn, answer)
+
+    thread = threading.Thread(target=broker, daemon=True)
+    thread.start()
+
+    def join() -> None:
+        thread.join(10)
+        server.close()
+
+    return server.getsockname()[1], got, join
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_a_clean_session_unsubscribes_before_it_disconnects(clean: bool) -> None:
+    """What the client sends after its SUBSCRIBE: a clean session ends with UNSUBSCRIBE then DISCONNECT
+    (nats-server 2.9 would otherwise delete its JetStream consumers while holding the session's lock,
+    blocking the routes that carry its messages for up to 4 s each: imcli/core/mqtt.py); a persistent
+    session keeps its subscriptions, and so sends no UNSUBSCRIBE."""
+    from imcli.core.mqtt import BrokerAddress, Credentials, MqttClient
+
+    port, got, join = few_lines_broker([1])
+    client = MqttClient(BrokerAddress("127.0.0.1", port), Credentials("alice", "pw"), "alice:t", clean_session=clean)
+    client.connect()
+    client.subscribe(["im/events"])
+    client.close()
+    join()
+    assert got == ([1, 8, 10, 14] if clean else [1, 8, 14])  # CONNECT, SUBSCRIBE, (UNSUBSCRIBE), DISCONNECT
+
+
+def test_a_refused_subscribe_of_ones_own_topics_is_tried_again() -> None:
+    """A loaded NATS 2.9 cluster refuses a QoS 1 SUBSCRIBE whose JetStream consumer is not made within
+    4 s: a command's or a listener's own topics are asked for again (SUBSCRIBE_TRIES), and the last
+    refusal is still an error."""
+    from imcli.core.errors import PublishFailed
+    from imcli.core.mqtt import SUBSCRIBE_TRIES, BrokerAddress, Credentials, MqttClient
+
+    port, got, join = few_lines_broker([0x80, 1])
+    client = MqttClient(BrokerAddress("127.0.0.1", port), Credentials("alice", "pw"), "alice:t")
+    client.connect()
+    client.subscribe(["im/user/alice/reply/+"], tries=SUBSCRIBE_TRIES)  # refused, then granted
+    client.close()
+    join()
+    assert got == [1, 8, 8, 10, 14]
+    port, got, join = few_lines_broker([0x80] * SUBSCRIBE_TRIES)
+    client = MqttClient(BrokerAddress("127.0.0.1", port), Credentials("alice", "pw"), "alice:t")
+    client.connect()
+    with pytest.raises(PublishFailed, match="refused the subscription to im/user/alice/reply/"):
+        client.subscribe(["im/user/alice/reply/+"], tries=SUBSCRIBE_TRIES)
+    client.close()
+    join()
+    assert got == [1] + [8] * SUBSCRIBE_TRIES + [14]  # nothing granted, nothing to unsubscribe

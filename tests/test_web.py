@@ -19,11 +19,13 @@ import trustme
 from typer.testing import CliRunner
 
 from imcli.broker.accounts import AccountStore
+from imcli.broker.limits import Limits
 from imcli.broker.server import BrokerSettings
 from imcli.serve.host import BackgroundServer, ServeInfo
 from tests.brokers import NOT_INSTALLED, mosquitto_available, running_mosquitto, running_workers
 from tests.browser import TIMEOUT_MS, WebUser, chromium, new_user, require_chromium
 from tests.conftest import Cli, password_of
+from tests.rawmqtt import chat, connect_raw
 
 pytestmark = pytest.mark.slow
 
@@ -505,6 +507,37 @@ def test_wrong_password_and_taken_name_are_one_line(web: ServeInfo) -> None:
         bob.p.click("#register-button")  # bob exists
         bob.p.wait_for_function("() => document.getElementById('signin-error').textContent.includes('taken')")
         assert bob.p.is_hidden("#app")
+
+
+def test_a_request_the_broker_drops_for_the_rate_fails_at_once(tmp_path: Path) -> None:
+    """The page reads the embedded broker's ``rate`` notice as the CLI does: a request it names
+    fails at once with the broker's reason, not with "no worker answered" after 5 s."""
+    require_chromium()
+    limits = Limits(publish_rate=0.001, publish_burst=60)  # what signing in takes, then (nearly) nothing
+    with BackgroundServer(BrokerSettings(data_dir=tmp_path / "data", port=0, ws_port=0, limits=limits)) as info:
+        store = AccountStore(info.data_dir)
+        for name in ("bob", "carol"):
+            store.add(name, password_of(name))
+        with chromium() as browser:
+            bob = new_user(browser, url(info), "bob")
+            bob.sign_in(password_of("bob"))
+            spender = connect_raw(info.address.host, info.address.port, "bob", "bob:spender")
+            try:  # the account's rate spent from another connection of bob's
+                assert spender.subscribe("im/user/bob/notice") == 1
+                for i in range(70):
+                    spender.publish("im/room/lobby/bob", chat(f"m{i}"))
+                assert json.loads(spender.expect("im/user/bob/notice").payload)["code"] == "rate"
+            finally:
+                spender.close()
+            bob.p.fill("#dm-input", "carol")
+            bob.p.press("#dm-input", "Enter")  # resolves carol: a request
+            bob.p.wait_for_function(
+                "() => document.getElementById('status').textContent.includes('dropped the request')",
+                timeout=TIMEOUT_MS,
+            )
+            status = bob.p.text_content("#status") or ""
+            assert "messages sent too fast (try again in" in status and "no worker answered" not in status
+            no_errors(bob)
 
 
 def test_screenshots(web: ServeInfo, tmp_path: Path) -> None:

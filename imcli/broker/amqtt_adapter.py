@@ -49,7 +49,8 @@ from imcli.broker.packets import CheckedWebSocketsReader, PacketGuard, connect_w
 from imcli.broker.pending import PendingConnections, raise_fd_limit
 from imcli.broker.publish_checks import PublishChecks
 from imcli.broker.reader import PacketReader, StreamGuard
-from imcli.broker.retained import RetainedState
+from imcli.broker.retained import RETAINED_SLICE, RetainedState, send_in_slices
+from imcli.broker.session_sweep import EndedSessions
 from imcli.broker.session_upkeep import SessionUpkeep
 from imcli.broker.sessions import (
     LeanQueue,
@@ -65,7 +66,7 @@ from imcli.broker.topic_access import TopicAccess
 from imcli.broker.webapp import WebApp, loopback_host
 from imcli.broker.wills import LastWills, Will, will_of
 from imcli.core.rules import device_of_client_id
-from imcli.core.wire import TopicKind, Topics
+from imcli.core.wire import TopicKind, Topics, build_schemas
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +96,14 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
     *_names(_B, "Broker", "called", "_handle_subscription _handle_unsubscription"),  # by client_loop
     *_names(_H, "BrokerProtocolHandler", "read", "_disconnect_waiter _pending_subscriptions _pending_unsubscriptions"),
     *_names(_B, "Broker", "called", "_stop_handler"),  # by _handle_disconnect
+    *_names(_B, "Broker", "overridden", "_session_monitor"),  # by session_sweep.EndedSessions
+    *_names(_B, "Broker", "called", "_cleanup_session"),  # by session_sweep.EndedSessions
     *_names(_B, "Broker", "called", "_matches _get_handler"),  # handed to fanout.FanOut
     *_names(_B, "Broker", "read", "_servers _sessions _retained_messages"),
     *_names(_B, "Broker", "replaced", "_subscriptions"),  # by sessions.SubscriptionTable
     # AckAfterJournal, LightSession and use_light_sessions, below
     *_names(_H, "BrokerProtocolHandler", "overridden", "_handle_qos1_message_flow _handle_qos2_message_flow"),
+    *_names(_H, "BrokerProtocolHandler", "overridden", "_handle_qos0_message_flow"),  # delivered at once, or queued
     *_names(_H, "BrokerProtocolHandler", "read", "_puback_waiters"),  # by reader.PacketReader (amqtt's own QoS 1 flows)
     *_names(_H, "BrokerProtocolHandler", "overridden", "_reader_loop"),  # by reader.PacketReader, TCP and TLS
     *_names(_H, "BrokerProtocolHandler", "read", "_reader_ready _reader_stopped"),  # by reader.PacketReader
@@ -115,16 +119,30 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
 class AckAfterJournal(BrokerProtocolHandler):
     """amqtt's broker-side protocol handler, calling ``before_ack`` before each PUBACK, and
     holding the Last Will of its own connection's CONNECT (amqtt keeps it in the session, which
-    a resumed or taken-over persistent session shares with the next connection)."""
+    a resumed or taken-over persistent session shares with the next connection).
+
+    A QoS 0 or 1 PUBLISH that a stream connection's reader reads while nothing it sent before
+    waits (``may_deliver_now``) is handled in the reader's own callback by ``deliver_now``
+    (``ImBroker.deliver_now``: the publish checks, the fan-out, then the journal, then the PUBACK)
+    instead of being queued for the connection's message loop (imcli/broker/client_loop.py), one
+    event-loop round later, whose fan-out was written one round later still (issue 21: DM
+    latency)."""
 
     before_ack: Any = None  # (Session, ApplicationMessage) -> None
+    deliver_now: Any = None  # (Session, ApplicationMessage, acknowledged: bool) -> Awaitable[bool]
+    loop_idle = False  # the message loop waits with nothing to do (client_loop.run_client_loop)
+    delivering = False  # the reader is handling a message itself: the message loop waits
+    refused = False  # a message handled by the reader ends the connection (an invalid topic)
+    at_once = 0  # messages the reader may still handle itself in its current read (reader.PacketReader)
     will: Will | None = None  # imcli/broker/wills.py
     max_unreleased = 1 << 16  # incoming QoS 2 messages held for their PUBREL (sessions.no_pubrel)
     _silent_close: asyncio.Future[None] | None = None
     activity: Bell | None = None  # set when a packet handled left work for the message loop
     answered = 0  # SUBSCRIBEs and UNSUBSCRIBEs the message loop has answered (SUBACK, UNSUBACK)
     loop_ended = False  # the message loop has returned (it answers no more)
+    said_goodbye = False  # a DISCONNECT was handled: a PUBLISH after it is not the client's (MQTT-3.14.4-1)
     answers: bytearray | None = None  # PUBACKs for the packets of one read, while its reader handles them
+    _stopping = False  # stop() has begun (it does its work once)
 
     def __init__(self, plugins_manager: Any, session: Session | None = None, loop: Any = None) -> None:
         super().__init__(plugins_manager, session, loop)
@@ -134,14 +152,33 @@ class AckAfterJournal(BrokerProtocolHandler):
         self.in_flight = InFlight()  # the fan-out's QoS 1 copies awaiting their PUBACK (fanout.py)
 
     async def stop(self) -> None:
-        self.in_flight.forget_all()
-        await super().stop()
+        # asked up to four times per connection (its reader's end, the message loop's disconnect, the
+        # ended session's cleanup, a take-over), amqtt's did all its work each time: 22 debug lines
+        # built (f-strings, a packet's repr), every waiter cancelled again. Once is enough: a later
+        # call returns at once, as amqtt's own returned at once from a writer already closing.
+        if self._stopping:
+            return
+        self._stopping = True
+        try:
+            self.in_flight.forget_all()
+            await super().stop()
+        except asyncio.CancelledError:  # not stopped after all: the next call does it
+            self._stopping = False
+            raise
+
+    async def handle_disconnect(self, disconnect: Any) -> None:
+        self.said_goodbye = True
+        await super().handle_disconnect(disconnect)
 
     async def handle_publish(self, publish_packet: Any) -> None:
+        if self.said_goodbye:  # bytes after the client's DISCONNECT (amqtt's WebSocket loop reads on)
+            log.debug("%s: PUBLISH after DISCONNECT dropped", self.session.client_id if self.session else "?")
+            return
         try:
             await super().handle_publish(publish_packet)
         finally:
-            self._stir()
+            if self.session is None or not self.session.delivered_message_queue.empty():
+                self._stir()  # a message handled at once left nothing for the message loop
 
     async def handle_subscribe(self, subscribe: Any) -> None:
         try:
@@ -177,7 +214,54 @@ class AckAfterJournal(BrokerProtocolHandler):
         if self.activity is not None:  # the connection's message loop (imcli/broker/client_loop.py)
             self.activity.set()
 
+    def may_deliver_now(self) -> bool:
+        """Whether a message just read may be handled by the reader at once: read by
+        ``reader.PacketReader`` (which gathers its PUBACKs in ``answers``), within the read's
+        share (``at_once``: ``client_loop.FAIR_SHARE``, as the message loop's), the message loop
+        idle with nothing queued ahead of it (the client's order is kept), the connection not ended."""
+        session, ended = self.session, self._disconnect_waiter  # amqtt private (AMQTT_PRIVATE)
+        return (
+            self.loop_idle
+            and self.at_once > 0
+            and self.answers is not None
+            and self.deliver_now is not None
+            and not self.delivering
+            and not self.refused
+            and session is not None
+            and session.delivered_message_queue.empty()
+            and self._pending_subscriptions.empty()
+            and self._pending_unsubscriptions.empty()
+            and ended is not None
+            and not ended.done()
+        )
+
+    async def _deliver_at_once(self, app_message: Any, acknowledged: bool) -> None:
+        self.at_once -= 1
+        self.delivering = True
+        delivered = False
+        try:
+            delivered = await self.deliver_now(self.session, app_message, acknowledged)
+        finally:
+            self.delivering = False
+            if not delivered:
+                self.refused = True  # the message loop ends the connection, as it would have
+            if not self.loop_idle or self.refused:  # it waits for this one (client_loop.py)
+                self._stir()
+        if acknowledged and self.answers is not None:  # the PUBACK after the journal (ImBroker.deliver_now)
+            self.answers += b"\x40\x02" + app_message.packet_id.to_bytes(2, "big")
+
+    async def _handle_qos0_message_flow(self, app_message: Any) -> None:
+        packet = app_message.publish_packet
+        dup = packet is not None and packet.dup_flag  # amqtt's flow ignores it (reader.check_packet refuses it first)
+        if app_message.direction == INCOMING and not dup and self.may_deliver_now():
+            await self._deliver_at_once(app_message, acknowledged=False)
+            return
+        await super()._handle_qos0_message_flow(app_message)
+
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
+        if app_message.direction == INCOMING and self.before_ack is not None and self.may_deliver_now():
+            await self._deliver_at_once(app_message, acknowledged=True)
+            return
         if app_message.direction == INCOMING and self.before_ack is not None and self.session is not None:
             self.before_ack(self.session, app_message)
         if app_message.direction == INCOMING and self.answers is not None and self.session is not None:
@@ -251,12 +335,15 @@ class ImBroker(Broker):
         self.publishing = PublishChecks(self.access, lim, settings.max_payload, statuses=self.retained.status_refusal)
         self.wills = LastWills(self.publishing, self.deliver)
         self.upkeep = SessionUpkeep(self, lim)
+        self.ended_sessions = EndedSessions()  # forgotten a slice at a time (imcli/broker/session_sweep.py)
         self.notifier = Notifier(self.topics, self.internal_message_broadcast)
         self.device_service = DeviceService(
             self.devices, self._accounts, self.topics, self, self.internal_message_broadcast
         )
         self.admission.tell = self.publishing.tell = self.upkeep.tell = self.notifier.tell
         self.filters = SessionFilters()
+        # (connection's handler, filter) -> the retained sending of its latest SUBSCRIBE still going
+        self._retained_sending: dict[tuple[Any, str], object] = {}
         self.output = OutputBound(lim.output_drop, lim.output_close, lim.output_stuck)
         amqtts = (self._subscriptions, self._matches, self._get_handler, self._retain_broadcast_message)
         self.fan_out = FanOut(*amqtts, self.access.receive_check, self.output)
@@ -300,6 +387,7 @@ class ImBroker(Broker):
 
     async def start(self) -> None:
         raise_fd_limit(self.settings.limits.max_pending + 1024)  # imcli/broker/pending.py
+        build_schemas()  # now, not in the event loop's first typed chat message (imcli/core/wire.py)
         try:
             await super().start()  # amqtt starts with no retained messages
         except BaseException:
@@ -390,10 +478,13 @@ class ImBroker(Broker):
         # admitted (imcli/broker/admission.py) before any existing session is deleted, merged or taken over
         await self.admission.admit_or_refuse(reader, writer, incoming, self._sessions, self.upkeep.persistent_of)
         delay = self.config.timeout_disconnect_delay or 0
-        session = await start_session(incoming, self._sessions, self._delete_session, delay)  # sessions.py
+        session = await start_session(  # imcli/broker/sessions.py
+            incoming, self._sessions, self._delete_session, delay, close_current=self.close_connection
+        )
         self.output.attach_inbox(writer, session.delivered_message_queue)  # output.ReadGate
         if isinstance(handler, AckAfterJournal):
             handler.before_ack, handler.max_unreleased = self._before_ack, self.settings.limits.max_unreleased
+            handler.deliver_now = self.deliver_now
             handler.will = will_of(incoming)  # imcli/broker/wills.py
         return handler, session
 
@@ -477,11 +568,25 @@ class ImBroker(Broker):
         self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
     ) -> bool:
         # the publish checks (imcli/broker/publish_checks.py) instead of amqtt's broadcast and retain
-        message = wait_deliver.result()
+        return await self._received(client_session, wait_deliver.result())
+
+    async def _received(self, session: Session, message: ApplicationMessage | None) -> bool:
         await self.plugins_manager.fire_event(
-            BrokerEvents.MESSAGE_RECEIVED, client_id=client_session.client_id, message=message
+            BrokerEvents.MESSAGE_RECEIVED, client_id=session.client_id, message=message
         )
-        return message is None or await self.publishing.received(client_session, message, self.deliver)
+        return message is None or await self.publishing.received(session, message, self.deliver)
+
+    async def deliver_now(self, session: Session, message: ApplicationMessage, acknowledged: bool) -> bool:
+        """A message its connection's reader handles itself (``AckAfterJournal.may_deliver_now``):
+        what the message loop does with it, at once; a QoS 1 one (``acknowledged``) takes its rate
+        token as before its PUBACK and is journalled once its copies are written, before the
+        PUBACK that the reader writes when this returns (imcli/broker/journal.py). False: its
+        connection is to be closed (an invalid topic)."""
+        keep = acknowledged and self.publishing.charge(session.username, message, len(message.data or b""))
+        delivered = await self._received(session, message)
+        if keep:
+            self._journal.record(session.username, message)
+        return delivered
 
     async def _handle_disconnect(
         self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]
@@ -493,9 +598,15 @@ class ImBroker(Broker):
         await self.wills.connection_ended(client_session, will, disconnected=disconnected)
         await self._stop_handler(handler)
         client_session.transitions.disconnect()
+        self.ended_sessions.ended(client_session.client_id, client_session)
         await self.plugins_manager.fire_event(
             BrokerEvents.CLIENT_DISCONNECTED, client_id=client_session.client_id, client_session=client_session
         )
+
+    async def _session_monitor(self) -> None:
+        # amqtt's walks the whole table every second and forgets every ended clean session in one
+        # callback (232 ms of CPU when 10,000 users left at once): a slice at a time instead
+        await self.ended_sessions.run(self._sessions, self._cleanup_session)
 
     async def deliver(
         self, session: Session, message: ApplicationMessage, *, retain: bool, journal: bool, qos: int | None = None
@@ -556,12 +667,43 @@ class ImBroker(Broker):
     ) -> None:
         # checked per message (RECEIVE), and only topics under the filter's literal head are matched
         handler = self._get_handler(session)
-        if handler is not None:
-            receives = self.access.receives(session.username)
-            matching = self.retained.matching(subscription, self._retained_messages, self._matches, receives)
+        if handler is None:
+            return
+        receives = self.access.receives(session.username)
+        topics = self.retained.index.under(subscription[0], self._retained_messages)
+
+        def send(some: list[str]) -> None:
+            # each message as the table has it now: a newer one may have been delivered meanwhile
+            matching = self.retained.matching(subscription, self._retained_messages, self._matches, receives, some)
             # not awaited: the connection's message loop (which calls this after the SUBACK) would
             # wait for the client's PUBACKs, and its reader for that loop's next SUBACK (reader.py)
             self.fan_out.publish_later(handler, matching, retain=True)
+
+        # A newer SUBSCRIBE to the same filter starts its own sending: the older one stops, as it
+        # does when the filter is unsubscribed (MQTT-3.10.4-2) or the connection is not the one that
+        # asked; else an UNSUBSCRIBE did not stop the slices, and each resubscription added a copy.
+        key, token = (handler, subscription[0]), object()
+        self._retained_sending.pop(key, None)
+        send(topics[:RETAINED_SLICE])
+        if len(topics) > RETAINED_SLICE:  # the rest a slice per round: 10,000 presence records at once
+            # were one callback of 118 ms of CPU (issue 21: `imcli listen` at 10,000 users)
+            self._retained_sending[key] = token
+
+            def going() -> bool:
+                return (
+                    self._retained_sending.get(key) is token
+                    and self._get_handler(session) is handler
+                    and subscription[0] in self.filters.of(session.client_id)
+                )
+
+            async def rest() -> None:
+                try:
+                    await send_in_slices(topics[RETAINED_SLICE:], RETAINED_SLICE, send, going)
+                finally:
+                    if self._retained_sending.get(key) is token:
+                        del self._retained_sending[key]
+
+            self.fan_out.keep(asyncio.ensure_future(rest()))
 
     async def retain_message(
         self,

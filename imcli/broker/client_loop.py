@@ -17,6 +17,13 @@ through its future. Each round handles what is waiting with amqtt's own methods,
 order (subscriptions, unsubscriptions, messages), yielding to the event loop every
 ``FAIR_SHARE`` messages; once the connection has ended, the messages it had sent are handled
 before the end is (its Last Will comes after its last message, as the client sent them).
+
+A message read while this loop waits idle, with nothing queued ahead of it, is handled by the
+connection's reader itself, in the callback that read it (``AckAfterJournal.may_deliver_now``:
+a DM then leaves in the round it arrived in, not two rounds later). ``handler.loop_idle`` says
+that this loop waits with nothing to do; while the reader handles a message itself
+(``handler.delivering``) this loop does not start a round, so that what the client sent keeps
+its order (a Last Will after the message being handled).
 """
 
 from __future__ import annotations
@@ -61,6 +68,21 @@ def _done(value: Any) -> asyncio.Future[Any]:
     return future
 
 
+async def _idle(handler: Any, activity: Bell, *queues: Any) -> None:
+    """Wait for something to do, unless ``queues`` hold some: meanwhile the reader may handle a
+    message itself (``loop_idle``); if it is doing so when this wakes, wait until it is done."""
+    if not all(queue.empty() for queue in queues):
+        return
+    handler.loop_idle = True
+    try:
+        await activity.wait()
+    finally:
+        handler.loop_idle = False
+    while handler.delivering:  # the reader rings when it is done
+        activity.clear()
+        await activity.wait()
+
+
 async def run_client_loop(broker: Any, session: Any, handler: Any) -> None:
     """Handle what ``handler``'s connection sends until it ends (``broker`` is the ``ImBroker``)."""
     activity = handler.activity = Bell()
@@ -72,7 +94,7 @@ async def run_client_loop(broker: Any, session: Any, handler: Any) -> None:
     inbox = session.delivered_message_queue
     subscribing, unsubscribing = handler._pending_subscriptions, handler._pending_unsubscriptions
     try:
-        while True:
+        while not handler.refused:  # a message the reader handled itself ends the connection
             activity.clear()
             while not subscribing.empty():
                 await broker._handle_subscription(session, handler, _done(subscribing.get_nowait()))
@@ -90,10 +112,10 @@ async def run_client_loop(broker: Any, session: Any, handler: Any) -> None:
             if ended.done():
                 await broker._handle_disconnect(session, handler, ended)
                 return
-            if subscribing.empty() and unsubscribing.empty() and inbox.empty():
-                await activity.wait()
+            await _idle(handler, activity, subscribing, unsubscribing, inbox)
     except asyncio.CancelledError:  # as amqtt's loop: a cancelled connection just ends
         return
     finally:
         handler.activity = None
+        handler.loop_idle = False
         handler.loop_ended = True  # its reader waits for no more answers (imcli/broker/reader.py)

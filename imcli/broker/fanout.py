@@ -54,6 +54,7 @@ from imcli.broker.output import Outlet, OutputBound, Verdict
 log = logging.getLogger(__name__)
 
 INDEX_DEPTH = 3  # levels of a filter's literal head used as an index key: im/user/<name>
+WRITE_AT_ONCE = 4  # a message with this many copies or fewer is written at once, not at the end of the round
 
 Subscriptions = dict[str, list[tuple[Session, int]]]
 
@@ -148,17 +149,21 @@ def _remaining_length(length: int) -> bytes:
 
 
 class EncodedPublish:
-    """One message's PUBLISH packet, encoded once; QoS 1 copies differ only in the packet id.
-    ``retain``: the RETAIN flag, set on a retained message sent for a new subscription."""
+    """One message's PUBLISH packet, encoded once: its heads (what comes before the payload) and its
+    payload, which every copy shares; QoS 1 copies differ only in the packet id. ``retain``: the
+    RETAIN flag, set on a retained message sent for a new subscription. ``qos0_size``: a QoS 0 copy's
+    length. The payload is never copied into a whole packet here: a file's 256 KiB chunk was, for a
+    QoS 0 copy that no one received (issue 16); a connection's copies are joined once, in its write."""
 
-    __slots__ = ("data", "qos0", "qos1_head", "retain", "topic")
+    __slots__ = ("data", "qos0_head", "qos0_size", "qos1_head", "retain", "topic")
 
     def __init__(self, topic: str, data: bytes, retain: bool = False) -> None:
         self.topic, self.data, self.retain = topic, data, retain
         name = topic.encode()
         variable = len(name).to_bytes(2, "big") + name
         flag = 1 if retain else 0
-        self.qos0 = bytes((0x30 | flag,)) + _remaining_length(len(variable) + len(data)) + variable + data
+        self.qos0_head = bytes((0x30 | flag,)) + _remaining_length(len(variable) + len(data)) + variable
+        self.qos0_size = len(self.qos0_head) + len(data)
         self.qos1_head = bytes((0x32 | flag,)) + _remaining_length(len(variable) + 2 + len(data)) + variable
 
 
@@ -213,6 +218,7 @@ class Deliveries:
         self._chunks: dict[Any, list[bytes]] = {}
         self._sizes: dict[Any, int] = {}  # bytes in each connection's chunks
         self._flush_scheduled = False
+        self.copies = 0  # copies added, ever (FanOut.publish counts a message's)
 
     def batched(self, handler: Any) -> int:
         """Bytes of this batch for ``handler``'s connection, not yet written."""
@@ -228,9 +234,10 @@ class Deliveries:
         chunks = self._chunks.get(handler)
         if chunks is None:
             chunks = self._chunks[handler] = []
+        self.copies += 1
         if qos == 0:
-            chunks.append(message.qos0)
-            self._sizes[handler] = self._sizes.get(handler, 0) + len(message.qos0)
+            chunks += (message.qos0_head, message.data)
+            self._sizes[handler] = self._sizes.get(handler, 0) + message.qos0_size
             return
         try:
             packet_id = session.next_packet_id
@@ -312,15 +319,21 @@ class FanOut:
 
     async def publish(self, broadcast: dict[str, Any]) -> None:
         """Fan one message out now, in the publisher's task: its copies join the connections'
-        buffers, written together at the end of this event-loop round (``Deliveries.flush_soon``).
+        buffers, written together at the end of this event-loop round (``Deliveries.flush_soon``),
+        or at once if it has ``WRITE_AT_ONCE`` copies or fewer (a DM: its recipient's devices and
+        the archive's), with whatever the batch holds already (nothing overtakes it).
 
         amqtt queued each message for its broadcast loop, which took it in a task of its own,
         one event-loop round (at least) after the publisher's; nothing else here waits on that
         loop any more (its wakeups, under load, once stalled a QoS 1 fan-out for good:
         docs/PERFORMANCE.md). Nothing in ``send`` suspends: the offline queue is unbounded."""
         deliveries = self._batch()
+        before = deliveries.copies
         await self.send(broadcast, deliveries, self._tasks)
-        deliveries.flush_soon()
+        if 0 < deliveries.copies - before <= WRITE_AT_ONCE:
+            deliveries.flush()  # not one round later: the copies of a room's messages still share writes
+        else:
+            deliveries.flush_soon()
 
     def _batch(self) -> Deliveries:
         if self._deliveries is None:
@@ -351,6 +364,11 @@ class FanOut:
             task.add_done_callback(_finished)
             task.add_done_callback(self._tasks.discard)
         deliveries.flush_soon()
+
+    def keep(self, task: asyncio.Future[Any]) -> None:
+        """A task of the broker's that sends copies (cancelled at shutdown with the others)."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def cancel_tasks(self) -> None:
         """At shutdown: the copies still in amqtt's own publish tasks (QoS 2, WebSocket)."""
@@ -399,7 +417,7 @@ class FanOut:
         if handler is None:
             return False
         if self.output is not None:
-            size = len(encoded.qos0) + (2 if qos else 0)
+            size = encoded.qos0_size + (2 if qos else 0)
             verdict = self.output.admit(
                 handler.writer, session.client_id or "?", qos, size, deliveries.batched(handler)
             )
@@ -413,7 +431,7 @@ class FanOut:
             task.add_done_callback(_finished)
             task.add_done_callback(running_tasks.discard)
             if self.output is not None:
-                self.output.in_task(handler.writer, len(encoded.qos0), task)
+                self.output.in_task(handler.writer, encoded.qos0_size, task)
         return False
 
 

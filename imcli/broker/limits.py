@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from imcli.core.topics import DEFAULT_MAX_CHUNK
+from imcli.core.wire import MAX_NOTICE_REQUESTS
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class Limits:
 
 
 REQUEST_NOTICES = 10  # rate notices a second about dropped requests, beyond the one about anything
+# requests dropped beyond those: named together in one notice a second per account, at most this many
+# (a flood past it is not told of the rest: what the broker holds and writes for it stays bounded)
+UNHEARD_REQUESTS = MAX_NOTICE_REQUESTS
 
 
 @dataclass

@@ -26,12 +26,27 @@ class Telling:
     text: str
     topic: str | None = None
     retry: float | None = None  # seconds until a message is accepted again (rate notices)
+    requests: tuple[str, ...] = ()  # correlation ids of the requests dropped (an aggregated rate notice)
 
 
-def rate_exceeded(rate: float, topic: str | None = None, retry: float | None = None) -> Telling:
+def rate_exceeded(
+    rate: float, topic: str | None = None, retry: float | None = None, *, transfer: bool = False
+) -> Telling:
     """``topic``: the message dropped (a request's asker fails at once instead of waiting for a
-    reply that cannot come); ``retry``: seconds until the account may send again."""
-    return Telling("rate", f"slow down: messages beyond {rate:g} a second are dropped", topic, retry)
+    reply that cannot come); ``retry``: seconds until the account may send on that limit again;
+    ``transfer``: the drop was on the file-transfer limit (``Limits.file_rate``: a file's chunks, a
+    download's acknowledgements), not the chat rate (``Limits.publish_rate``)."""
+    what = "file transfer messages (chunks, acknowledgements)" if transfer else "messages"
+    return Telling("rate", f"slow down: {what} beyond {rate:g} a second are dropped", topic, retry)
+
+
+def requests_dropped(requests: list[str], rate: float, retry: float | None) -> Telling:
+    """The requests dropped for the rate beyond those told one by one (``REQUEST_NOTICES`` a
+    second), by correlation id: their askers fail at once too."""
+    count = f"{len(requests)} more request{'s' if len(requests) != 1 else ''}"
+    return Telling(
+        "rate", f"slow down: {count} dropped, beyond {rate:g} messages a second", None, retry, tuple(requests)
+    )
 
 
 def too_large(size: int, limit: int, topic: str) -> Telling:
@@ -92,5 +107,9 @@ class Notifier:
         if username is None or not is_name(username):
             return
         log.info("notice to %s: %s", username, telling.text)
-        payload = encode(Notice(code=telling.code, text=telling.text, topic=telling.topic, retry=telling.retry))
+        requests = list(telling.requests) or None
+        notice = Notice(
+            code=telling.code, text=telling.text, topic=telling.topic, retry=telling.retry, requests=requests
+        )
+        payload = encode(notice)
         await self._broadcast(self._topics.notice(username), payload, 1)

@@ -171,16 +171,29 @@ def check_packet(first: int, body: bytes, *, connected: bool, max_client_id: int
     return 0
 
 
-def _check_publish(flags: int, fields: _Fields) -> None:
+def _check_publish(flags: int, fields: _Fields) -> tuple[str, int | None]:
     qos = (flags >> 1) & 0x03
     if qos == 3:
         raise MalformedPacket("a PUBLISH with QoS 3 (MQTT-3.3.1-4)")
     if qos == 0 and flags & 0x08:
         raise MalformedPacket("a QoS 0 PUBLISH with DUP set (MQTT-3.3.1-2)")
-    check_topic_name(fields.string("the topic name"), "the topic name")
-    if qos:
-        fields.packet_id()
-    # the rest is the payload, of any length and content
+    topic = fields.string("the topic name")
+    check_topic_name(topic, "the topic name")
+    return topic, fields.packet_id() if qos else None  # the rest is the payload, of any length and content
+
+
+def publish_head_size(first: int, body_start: bytes | bytearray) -> int:
+    """How many bytes of a PUBLISH's body come before its payload (its topic name and packet id),
+    from the body's first two bytes; ``check_publish_head`` checks them."""
+    return 2 + (body_start[0] << 8 | body_start[1]) + (2 if first & 0x06 else 0)
+
+
+def check_publish_head(first: int, head: bytes) -> tuple[str, int | None]:
+    """``check_packet`` for a PUBLISH whose ``head`` (the body up to its payload, or the whole body if
+    shorter) is given apart from its payload: the same checks, the payload being any bytes. Its topic
+    name and packet id (``None`` at QoS 0). The reader takes a large message's payload straight from
+    its buffer, in one copy (imcli/broker/reader.py)."""
+    return _check_publish(first & 0x0F, _Fields(head))
 
 
 def _check_connect(fields: _Fields, max_client_id: int) -> int:

@@ -24,10 +24,18 @@ is logged, as its sender is gone.
 
 A QoS 1 PUBLISH takes its rate token before its PUBACK, when the journal decides whether
 to keep it (``charge``); ``judge`` then uses that decision instead of taking a second one.
+
+A rate refusal names the limit that dropped the message (the chat rate, or the file-transfer
+rate of a file's chunks and a download's acknowledgements) and that limit's own retry time. Rate
+notices are bounded (one a second about anything, ``REQUEST_NOTICES`` more about requests); a
+request dropped beyond those is not forgotten: its correlation id waits, and one notice a second
+per account names all that waited (at most ``UNHEARD_REQUESTS``), so every asker fails at once
+instead of timing out while a flood still cannot make the broker write without bound.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -37,10 +45,10 @@ from typing import Any, Protocol
 from amqtt.session import ApplicationMessage, Session
 
 from imcli.broker.acl import FILE_TRANSFER, Access
-from imcli.broker.limits import Limits, PublishRate
-from imcli.broker.notices import Telling, publish_refused, rate_exceeded, retain_refused, too_large
+from imcli.broker.limits import UNHEARD_REQUESTS, Limits, PublishRate
+from imcli.broker.notices import Telling, publish_refused, rate_exceeded, requests_dropped, retain_refused, too_large
 from imcli.broker.topic_access import TopicAccess
-from imcli.core.topics import TopicKind
+from imcli.core.topics import TopicKind, is_id
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,7 @@ class Decision:
     deliver: bool
     telling: Telling | None = None
     close: bool = False
+    unheard: str | None = None  # a request dropped for the rate, told later with others (its correlation id)
 
 
 DELIVER = Decision(deliver=True)
@@ -77,14 +86,16 @@ def decide_publish(
     rate: float,
     max_chunk: int | None = None,
     retry: float | None = None,
+    transfer: bool = False,
 ) -> Decision:
     """The checks of this module's docstring, in order, as a pure function of their inputs
-    (``max_chunk``: the limit on upload topics, ``max_payload`` if not given; ``retry``: seconds
-    until the sender has a rate token again, told with a rate refusal)."""
+    (``max_chunk``: the limit on upload topics, ``max_payload`` if not given; ``rate``, ``retry``:
+    the limit that applies to ``topic``, ``transfer`` if it is the file-transfer one, and seconds
+    until the sender has a token of it again, told with a rate refusal)."""
     if not topic:
         return CLOSE
     if not rate_ok:
-        return Decision(deliver=False, telling=rate_exceeded(rate, topic, retry))
+        return Decision(deliver=False, telling=rate_exceeded(rate, topic, retry, transfer=transfer))
     if size > max_payload and not trusted:
         limit = size_limit(access, topic, max_payload, max_chunk)
         if size > limit:
@@ -130,6 +141,8 @@ class PublishChecks:
         # QoS 1 messages whose rate token was taken before their PUBACK: id -> (message, allowed, when)
         self._charged: dict[int, tuple[Any, bool, float]] = {}
         self.tell: Callable[[str | None, Telling], Awaitable[None]] | None = None  # the notice topic (notices.py)
+        self._unheard: dict[str, list[str]] = {}  # account -> requests dropped, not told yet (at most UNHEARD_REQUESTS)
+        self._telling: set[asyncio.Task[None]] = set()
 
     def _bucket(self, topic: str) -> PublishRate:
         parsed = self.access.topics.parse(topic) if "/upload/" in topic or "/fetch/" in topic else None
@@ -169,6 +182,7 @@ class PublishChecks:
         trusted = self.access.is_service(sender)
         if rate_ok is None:  # an empty topic ends the connection before any token is taken
             rate_ok = not topic or self._rate_allows(sender, trusted, now, topic)
+        bucket = self._bucket(topic)
         decision = decide_publish(
             self.access,
             sender,
@@ -178,22 +192,56 @@ class PublishChecks:
             rate_ok=rate_ok,
             trusted=trusted,
             max_payload=self.max_payload,
-            rate=self.limits.publish_rate,
+            rate=bucket.rate,
             max_chunk=self.limits.max_chunk,
-            retry=None if rate_ok else round(self._bucket(topic).retry_after(sender or "", now), 3),
+            retry=None if rate_ok else round(bucket.retry_after(sender or "", now), 3),
+            transfer=bucket is self.file_rate,
         )
         if decision.deliver and not trusted and self.statuses is not None:
             refusal = self.statuses(topic, size, retain)
             if refusal is not None:
                 decision = Decision(deliver=False, telling=refusal)
         rate_notice = decision.telling is not None and decision.telling.code == "rate"
-        if rate_notice and not self.rate.should_warn(sender or "", now, request=self._is_request(topic)):
-            return Decision(deliver=False)  # at most one rate notice a second (and a few about requests)
+        if rate_notice:
+            corr = self._request_id(topic)
+            if not self.rate.should_warn(sender or "", now, request=corr is not None):
+                # at most one rate notice a second (and a few about requests); a request's asker
+                # still hears, in the next notice that names the requests held (``received``)
+                return Decision(deliver=False, unheard=corr)
         return decision
 
-    def _is_request(self, topic: str) -> bool:
+    def _request_id(self, topic: str) -> str | None:
+        """The correlation id of a request topic (one a notice can carry), else ``None``."""
         parsed = self.access.topics.parse(topic)
-        return parsed is not None and parsed.kind is TopicKind.REQUEST
+        if parsed is None or parsed.kind is not TopicKind.REQUEST or not parsed.key or not is_id(parsed.key):
+            return None
+        return parsed.key
+
+    def _hold(self, account: str, corr: str) -> None:
+        """Keep a dropped request's id for the account's next aggregated notice, a second after
+        the first one held (so at most one such notice a second per account)."""
+        held = self._unheard.get(account)
+        if held is None:
+            held = self._unheard[account] = []
+            asyncio.get_running_loop().call_later(1.0, self._tell_unheard, account)
+        if len(held) < UNHEARD_REQUESTS:
+            held.append(corr)
+
+    def _tell_unheard(self, account: str) -> None:
+        held = self._unheard.pop(account, None)
+        if not held or self.tell is None:
+            return
+        retry = round(self.rate.retry_after(account, time.monotonic()), 3)
+        task = asyncio.ensure_future(self._tell_quietly(account, requests_dropped(held, self.rate.rate, retry)))
+        self._telling.add(task)  # a reference until it is done (the loop keeps only weak ones)
+        task.add_done_callback(self._telling.discard)
+
+    async def _tell_quietly(self, account: str, telling: Telling) -> None:
+        assert self.tell is not None
+        try:
+            await self.tell(account, telling)
+        except Exception:  # a notice that cannot go (the broker stopping) is only logged
+            log.warning("could not tell %s of the requests dropped", account, exc_info=True)
 
     async def received(self, session: Session, message: ApplicationMessage, deliver: Deliver) -> bool:
         """A PUBLISH read from ``session``'s connection: judged, its sender told why if it is
@@ -205,6 +253,8 @@ class PublishChecks:
         decision = self.judge(username, message.topic or "", len(message.data or b""), retain=retain, rate_ok=rate_ok)
         if decision.telling is not None and self.tell is not None:
             await self.tell(username, decision.telling)
+        elif decision.unheard is not None and username is not None and self.tell is not None:
+            self._hold(username, decision.unheard)
         if decision.close:
             log.warning("%s sent a PUBLISH on an invalid topic: closing", session.client_id)
             return False

@@ -17,6 +17,10 @@ the messages of one publisher were fanned out one per round (one ``send`` per co
   the size limit as soon as the fixed header is known, a started packet complete within the
   guard's ``timeout``) before amqtt decodes it from its own bytes; a malformed one ends the
   connection;
+* a QoS 0 or 1 PUBLISH read while nothing the client sent before waits is handled here, in this
+  callback (its checks, its fan-out, its copies written, its journal, then its PUBACK:
+  ``AckAfterJournal.may_deliver_now``), up to ``client_loop.FAIR_SHARE`` of one read; the rest
+  wait for the connection's message loop, in order, as before;
 * PUBACK resolves the waiting copy's future where it is read; every other packet goes to
   amqtt's own handler method, awaited in this task (they resolve a future, queue a message or
   a subscription for the connection's message loop, or write an answer), except a QoS 2
@@ -39,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from amqtt.adapters import BufferReader
@@ -46,7 +51,9 @@ from amqtt.errors import MQTTError, NoDataError
 from amqtt.events import MQTTEvents
 from amqtt.mqtt import packet_class
 from amqtt.mqtt.packet import MQTTFixedHeader
+from amqtt.mqtt.publish import PublishPacket, PublishPayload, PublishVariableHeader
 
+from imcli.broker.client_loop import FAIR_SHARE
 from imcli.broker.packets import (
     DISCONNECT,
     PINGREQ,
@@ -59,6 +66,8 @@ from imcli.broker.packets import (
     MalformedPacket,
     PacketGuard,
     check_packet,
+    check_publish_head,
+    publish_head_size,
 )
 from imcli.core.framing import MalformedLength, decode_length
 
@@ -116,6 +125,7 @@ class PacketReader:
         self._expired: str | None = None  # why the timer ended the connection
         self._tasks: set[asyncio.Task[None]] = set()  # QoS 2 PUBLISH flows
         self._held = False  # the buffer's head is complete packets, held while reading is paused
+        self._said_goodbye = False  # a DISCONNECT was read: nothing after it is the client's (MQTT-3.14.4-1)
         self._asked = handler.answered  # SUBSCRIBEs and UNSUBSCRIBEs read (AckAfterJournal.answered)
         keep_alive = handler.session.keep_alive if handler.session is not None else 0
         self._keep_alive: float | None = keep_alive if keep_alive and keep_alive > 0 else None
@@ -126,7 +136,7 @@ class PacketReader:
         handler._reader_ready.set()  # amqtt private (AMQTT_PRIVATE): start() waits for it
         self._arm()
         try:
-            while True:
+            while not self._said_goodbye:
                 if not readable():
                     await self._until_readable()
                 if self._held:  # complete packets left in the buffer while reading was paused
@@ -150,7 +160,7 @@ class PacketReader:
             # The exception is also the stream's (``StreamReader._exception``, and its read's
             # future's): its traceback holds the frames that hold the stream, its transport and the
             # connection's handler, a cycle that only a full collection frees, and, frozen with
-            # the connection (imcli/broker/gcpause.py), only the daily compaction: 829 of 10,000
+            # the connection (imcli/broker/gcpause.py), only a compaction: 829 of 10,000
             # connections left 46 objects each that way (docs/PERFORMANCE.md, issue 21).
             exc.__traceback__ = None
         finally:
@@ -179,8 +189,9 @@ class PacketReader:
         pos, size = 0, len(buffer)
         self._held = False
         self._handler.answers = bytearray()  # PUBACKs of this read's PUBLISHes, written once at its end
+        self._handler.at_once = FAIR_SHARE  # PUBLISHes it may handle itself (AckAfterJournal.may_deliver_now)
         try:
-            while pos < size:
+            while pos < size and not self._said_goodbye:
                 first = buffer[pos]
                 i = pos + 1
                 if i < size and buffer[i] < 0x80:  # a remaining length of one byte (PUBACK): no call
@@ -199,9 +210,12 @@ class PacketReader:
                 if first == 0x40 and length == 2:  # PUBACK, by far the most frequent
                     self._puback(buffer[i] << 8 | buffer[i + 1])
                     continue
-                body = bytes(buffer[i:end])
-                check_packet(first, body, connected=True, max_client_id=guard.max_client_id)
-                await self._dispatch(first, body)
+                if first >> 4 == PUBLISH and length >= 2:
+                    await self._dispatch(first, b"", self._publish(first, buffer, i, end))
+                else:
+                    body = bytes(buffer[i:end])
+                    check_packet(first, body, connected=True, max_client_id=guard.max_client_id)
+                    await self._dispatch(first, body)
                 if first >> 4 == PUBLISH and not guard.readable():
                     self._held = pos < size  # the rest waits until it may be read (output.ReadGate's rule)
                     return
@@ -210,7 +224,7 @@ class PacketReader:
         finally:
             self._answer()
             self._handler.answers = None
-            del buffer[:pos]
+            del buffer[: size if self._said_goodbye else pos]
             self._unfinished(bool(buffer) and not self._held)
 
     def _answer(self) -> None:
@@ -238,8 +252,26 @@ class PacketReader:
         else:
             log.debug("%s: PUBACK for no message in flight (%d)", self._client_id, packet_id)
 
-    async def _dispatch(self, first: int, body: bytes) -> None:
+    @staticmethod
+    def _publish(first: int, buffer: bytearray, start: int, end: int) -> PublishPacket:
+        """The PUBLISH in ``buffer[start:end]``, checked as ``check_packet`` checks it, built as amqtt's
+        ``from_stream`` builds it, with its payload copied once out of the buffer: amqtt's decoding
+        copied a file's 256 KiB chunk four times over (the body, a bytearray, its bytes; issue 16)."""
+        head_end = min(end, start + publish_head_size(first, buffer[start : start + 2]))
+        topic, packet_id = check_publish_head(first, bytes(buffer[start:head_end]))
+        with memoryview(buffer) as view:  # released before the buffer is resized
+            payload = bytes(view[head_end:end])
+        header = MQTTFixedHeader(PUBLISH, first & 0x0F, end - start)
+        packet = PublishPacket(header, PublishVariableHeader(topic, packet_id), PublishPayload(payload))
+        packet.protocol_ts = datetime.now(UTC)
+        return packet
+
+    async def _dispatch(self, first: int, body: bytes, publish: PublishPacket | None = None) -> None:
+        """Handle one packet: ``body``, or ``publish`` already built."""
         kind = first >> 4
+        # the client's last packet: what follows it in the same read (a PUBLISH) is dropped, as the
+        # rest of the stream is, and the message loop handles only what came before (MQTT-3.14.4-1)
+        self._said_goodbye |= kind == DISCONNECT
         name = HANDLERS.get(kind)
         if name is None:  # check_packet lets only CONNECT (refused: a second one) and these through
             raise MalformedPacket(f"packet type {kind} after the CONNECT")
@@ -250,7 +282,10 @@ class PacketReader:
         if kind in (SUBSCRIBE, UNSUBSCRIBE):  # after the messages read before it (see below)
             await self._until(handler.session.delivered_message_queue.empty)
         try:
-            packet = await packet_class(header).from_stream(BufferReader(body), fixed_header=header)
+            if publish is not None:
+                packet = publish
+            else:
+                packet = await packet_class(header).from_stream(BufferReader(body), fixed_header=header)
             await handler.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=handler.session)
             if kind == PUBLISH and (first >> 1) & 0x03 == 2:  # its flow waits for the PUBREL read after it
                 task = asyncio.create_task(handler.handle_publish(packet))

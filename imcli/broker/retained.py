@@ -21,6 +21,8 @@ so a Last Will on a status topic is held to the same bounds when it fires.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -33,6 +35,10 @@ from imcli.broker.notices import Telling, status_too_large, too_many_statuses
 from imcli.broker.topic_access import TopicAccess
 from imcli.core.errors import ImcliError
 from imcli.core.wire import TopicKind
+
+log = logging.getLogger(__name__)
+
+RETAINED_SLICE = 500  # retained topics a new subscription is sent per round of the event loop
 
 DURABLE = frozenset({TopicKind.PRESENCE, TopicKind.GROUP_INFO, TopicKind.FRIENDS, TopicKind.PROFILE})
 
@@ -134,15 +140,32 @@ class RetainedState:
         table: Mapping[str, Any],
         matches: Callable[[str, str], bool],
         receives: Callable[[str], bool],
+        topics: list[str] | None = None,
     ) -> list[tuple[str, bytes, int]]:
         """What a new subscription gets of amqtt's retained ``table``: (topic, payload, QoS) of
-        each message under its filter that its subscriber may receive."""
+        each message under its filter that its subscriber may receive (of ``topics`` only, if given:
+        a slice of ``index.under``'s, each taken as it is in the table now)."""
         topic_filter, qos = subscription
         return [
             (retained.topic, retained.data, min(qos, retained.qos or qos))
-            for topic in self.index.under(topic_filter, table)
+            for topic in (self.index.under(topic_filter, table) if topics is None else topics)
             if (retained := table.get(topic)) is not None and matches(topic, topic_filter) and receives(topic)
         ]
 
     def close(self) -> None:
         self.durable.close()
+
+
+async def send_in_slices(
+    topics: list[str], size: int, send: Callable[[list[str]], None], going: Callable[[], bool]
+) -> None:
+    """``send`` ``topics`` a slice of ``size`` per round of the event loop, while ``going()`` (the
+    subscriber's connection is still the one that asked)."""
+    try:
+        for start in range(0, len(topics), size):
+            await asyncio.sleep(0)
+            if not going():
+                return
+            send(topics[start : start + size])
+    except Exception:  # nobody awaits this task: say it here
+        log.exception("retained messages for a new subscription not all sent")

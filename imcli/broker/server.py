@@ -13,6 +13,11 @@ Where each part lives:
   address and in all;
 * imcli/broker/packets.py: amqtt's parser kept inside each packet, a packet size cap and
   a deadline for unfinished packets and for the CONNECT;
+* imcli/broker/reader.py: every complete packet of a read handled in the connection's own
+  task (a PUBLISH read while nothing before it waits: its checks, fan-out, journal and PUBACK
+  at once), PUBACKs gathered into one write;
+* imcli/broker/client_loop.py: each connection's message loop in one task, what a client sent
+  before it left handled before its end;
 * imcli/broker/connection_gate.py: a CONNECT is authenticated and its client id bound to
   its account *before* any session is touched (amqtt deletes, merges or takes over the
   session of the client id first: a wrong password could wipe or kick the victim);
@@ -41,10 +46,15 @@ Where each part lives:
   ordinary, checked messages, not with retain=1), removed accounts end;
 * imcli/broker/journal.py: a QoS 1 chat message is in the archive before its PUBACK;
 * imcli/broker/notices.py: what the sender is told;
-* imcli/broker/throttle.py: failed logins and registrations slowed down, password checks bounded.
+* imcli/broker/limits.py: the limits per account and the publish rate's token buckets (the
+  chat rate, and the file-transfer rate of a file's chunks), as pure code;
+* imcli/broker/throttle.py: failed logins and registrations slowed down, password checks bounded;
+* imcli/broker/accounts.py, imcli/broker/invites.py: accounts and invite codes in the data directory;
 * imcli/broker/devices.py: device credentials (issue 17), checked with a keyed hash;
 * imcli/broker/device_service.py: the broker's own answers to device requests (issue, list,
-  revoke, passwd, tokens), and a revoked device's connections and sessions ended.
+  revoke, passwd, tokens), and a revoked device's connections and sessions ended;
+* imcli/broker/webapp.py: the web client's files and the Origin rule on the WebSocket port;
+* imcli/broker/gcpause.py: short, rare garbage-collection pauses.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import hashlib
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,9 @@ from pathlib import Path
 from imcli.client.identity import Identity, max_payload_bytes
 from imcli.client.services import Connection, Conversation, check_can_dm, check_member, expect, resolve
 from imcli.core.bulk import lower_this_thread, run_lowered
-from imcli.core.errors import ImcliError, InvalidInput, NameTaken, NotAllowed, NotFound, RequestTimeout
+from imcli.core.errors import ImcliError, InvalidInput, NameTaken, NotAllowed, NotFound, RateLimited, RequestTimeout
 from imcli.core.mqtt import Message
+from imcli.core.request_reply import dropped, rate_limited, rate_notice
 from imcli.core.text import human_size
 from imcli.core.topics import chunk, unchunk
 from imcli.core.wire import (
@@ -41,6 +43,8 @@ from imcli.core.wire import (
     FileReady,
     FileUpload,
     MalformedPayload,
+    Notice,
+    Payload,
     TopicKind,
     decode,
     encode,
@@ -55,6 +59,11 @@ ACK_EVERY = 256 << 10  # bytes between two acknowledgements of a download
 BLOCK = 1 << 20
 INFLIGHT = 128  # chunks unacknowledged by the broker: a window (1 MiB) of 16 KiB chunks is 64
 LARGEST_CHUNK = 4 << 20  # bytes: the most a chunk the files worker asks for may hold (a bound on memory)
+# the embedded broker's file-transfer rate dropped a chunk or an acknowledgement (its rate notice):
+# a transfer waits as the notice says and goes on, this many times at most and only for waits this short;
+# else it fails at once with the notice's retry time (the same command resumes)
+RATE_PAUSES = 30
+RATE_PAUSE_MAX = 5.0  # seconds
 
 _ERRORS: dict[str, type[ImcliError]] = {"not_found": NotFound, "taken": NameTaken, "invalid": InvalidInput}
 
@@ -131,7 +140,8 @@ class FileConnection(Connection):
         self.identity = identity
         self.topics = identity.topics
         self.me = identity.account
-        self._boxes: dict[str, queue.Queue[Message]] = {}  # upload id or stream -> what arrives for it
+        # upload id or stream -> what arrives for it (and the broker's rate notice about it)
+        self._boxes: dict[str, queue.Queue[Message | Notice]] = {}
         self._lock = threading.Lock()
         self._client.max_inflight = INFLIGHT
 
@@ -143,6 +153,13 @@ class FileConnection(Connection):
         return [self.topics.reply_filter(self.me), self.topics.file_data_filter(self.me)]
 
     def _route(self, message: Message) -> None:  # paho's thread
+        notice = rate_notice(message.payload) if message.topic == self.requests.notice_topic else None
+        if notice is not None:  # a chunk or an acknowledgement dropped: its transfer hears it
+            keys = dropped(self.topics, self.me, notice, TopicKind.UPLOAD, TopicKind.FETCH)
+            with self._lock:
+                boxes = [box for key in keys if (box := self._boxes.get(key)) is not None]
+            for box in boxes:
+                box.put(notice)
         parsed = self.topics.parse(message.topic)
         if parsed is not None and parsed.key and parsed.kind in (TopicKind.REPLY, TopicKind.FILE_DATA):
             with self._lock:
@@ -153,8 +170,8 @@ class FileConnection(Connection):
                 return
         self.requests.deliver(message)
 
-    def _box(self, key: str) -> queue.Queue[Message]:
-        box: queue.Queue[Message] = queue.Queue()
+    def _box(self, key: str) -> queue.Queue[Message | Notice]:
+        box: queue.Queue[Message | Notice] = queue.Queue()
         with self._lock:
             self._boxes[key] = box
         return box
@@ -187,12 +204,14 @@ class FileConnection(Connection):
         sha = sha256_of(path).hexdigest()
         offer = FileOffer(name=path.name, size=size, sha256=sha, **target)
         answered = False
-        for attempt in range(RETRIES + 1):
+        attempt = pauses = 0
+        while attempt <= RETRIES:
             try:
                 reply = self.ask(offer)
             except RequestTimeout:
                 if not answered and attempt >= 1:
                     raise  # no worker answered twice: there is none (or it is down)
+                attempt += 1
                 continue  # asked again: the worker may be reconnecting (the broker closed it: others' uploads)
             answered = True
             if isinstance(reply, FileReady):
@@ -202,9 +221,14 @@ class FileConnection(Connection):
             if isinstance(reply, ErrorReply):
                 raise _refused(reply)
             start = expect(reply, FileUpload)
-            done = self._send_chunks(path, size, start, progress)
+            try:
+                done = self._send_chunks(path, size, start, progress)
+            except RateLimited as exc:  # the broker dropped chunks: offer again, from the worker's copy
+                pauses = _pause(exc, pauses)
+                continue
             if done is not None:
                 return done
+            attempt += 1
         raise RequestTimeout(
             "the files worker stopped answering during the upload",
             "run the same command again: it goes on where the worker's copy stopped",
@@ -226,14 +250,9 @@ class FileConnection(Connection):
                             raise InvalidInput(f"{path} became shorter while it was sent", "send it again")
                         self._client.publish_nowait(topic, chunk(sent, data), qos=1)
                         sent += len(data)
-                    try:
-                        message = box.get(timeout=STALL)
-                    except queue.Empty:
+                    reply = self._upload_news(box)
+                    if reply is None:
                         return None
-                    try:
-                        reply = decode(message.payload)
-                    except MalformedPayload:
-                        continue
                     if isinstance(reply, FileProgress):
                         if reply.offset < acked:
                             return None  # the worker lost chunks (it restarted): offer again, from its copy
@@ -248,6 +267,20 @@ class FileConnection(Connection):
                         raise _refused(reply)
         finally:
             self._drop_box(start.upload)
+
+    def _upload_news(self, box: queue.Queue[Message | Notice]) -> Payload | None:
+        """What the files worker said next about an upload (a malformed message is skipped);
+        ``None`` after ``STALL`` seconds of silence; ``RateLimited`` if the broker dropped chunks
+        for the file-transfer rate (its notice)."""
+        while True:
+            try:
+                message = box.get(timeout=STALL)
+            except queue.Empty:
+                return None
+            if isinstance(message, Notice):
+                raise rate_limited(self.me, message.retry, transfer=True)
+            with contextlib.suppress(MalformedPayload):
+                return decode(message.payload)
 
     def post(self, where: Conversation, target: dict[str, str], info: FileInfo) -> None:
         """The file's message, to the conversation: it travels, is archived and queued like chat."""
@@ -295,7 +328,7 @@ class FileConnection(Connection):
     def _receive(
         self,
         stream: str,
-        box: queue.Queue[Message],
+        box: queue.Queue[Message | Notice],
         part: Path,
         have: int,
         digest: hashlib._Hash,
@@ -312,6 +345,7 @@ class FileConnection(Connection):
         with out:
             self._client.publish_nowait(ack_topic, encode(FileAck(offset=have)), qos=1)
             told = have
+            pauses = 0
             while have < info.size:
                 try:
                     message = box.get(timeout=STALL)
@@ -319,6 +353,10 @@ class FileConnection(Connection):
                     raise RequestTimeout(
                         "the download stopped", "run the same command again: it goes on where it stopped"
                     ) from None
+                if isinstance(message, Notice):  # an acknowledgement was dropped: wait, and send it again
+                    pauses = _pause(rate_limited(self.me, message.retry, transfer=True), pauses)
+                    self._client.publish_nowait(ack_topic, encode(FileAck(offset=have)), qos=1)
+                    continue
                 with contextlib.suppress(ValueError):
                     offset, data = unchunk(message.payload)
                     if offset != have or not data or have + len(data) > info.size:
@@ -358,6 +396,19 @@ class FileConnection(Connection):
             raise _refused(reply)
         listing = expect(reply, FileListing)
         return listing.files, listing.more
+
+
+def _pause(dropped_for: RateLimited, pauses: int) -> int:
+    """Wait as the broker's file-transfer rate notice says, and count it; raise ``dropped_for``
+    (the error naming the file transfer rate) past ``RATE_PAUSES``, or when the wait is long.
+
+    At least a second: the broker sends an account one such notice a second at most, so a
+    transfer that went on sooner could have its next chunks dropped untold (and wait ``STALL``)."""
+    wait = dropped_for.retry if dropped_for.retry is not None else 1.0
+    if pauses >= RATE_PAUSES or wait > RATE_PAUSE_MAX:
+        raise dropped_for
+    time.sleep(max(wait, 1.0))
+    return pauses + 1
 
 
 def _destination(output: Path | None, info: FileInfo) -> Path:

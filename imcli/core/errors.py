@@ -12,7 +12,7 @@
           ├── AuthenticationFailed  CONNACK 4/5: wrong name or password, client id refused
           │    └── DeviceLoggedOut  this device's credential was revoked (logout, devices revoke)
           ├── PublishFailed         no PUBACK, subscription refused
-          ├── RateLimited           the broker dropped a request: the account's publish rate
+          ├── RateLimited           the broker dropped a request (or a file's chunk): the account's rate
           └── RequestTimeout        no worker answered a request
 
 The CLI catches ``ImcliError`` once and prints ``Error: <message>`` on stderr with exit code 1.
@@ -79,8 +79,14 @@ class PublishFailed(BrokerError):
 
 
 class RateLimited(BrokerError):
-    """The broker dropped a request beyond the account's publish rate and said so (its ``rate``
-    notice): no worker will answer, so the asker fails at once instead of timing out."""
+    """The broker dropped a request beyond the account's publish rate, or part of a file transfer
+    beyond its file-transfer rate, and said so (its ``rate`` notice): no worker will answer, so
+    the asker fails at once instead of timing out. ``retry``: seconds until the broker accepts
+    again, as the notice said (``None``: it did not say)."""
+
+    def __init__(self, message: str, hint: str, *, retry: float | None = None) -> None:
+        super().__init__(message, hint)
+        self.retry = retry
 
 
 class RequestTimeout(BrokerError):

@@ -9,10 +9,12 @@ paho's own network thread (``on_message`` runs there: use ``publish_nowait`` in 
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +25,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from imcli.core.errors import AuthenticationFailed, BrokerUnreachable, InvalidInput, PublishFailed
 from imcli.core.rules import DEVICE_CREDENTIAL_PREFIX
 
+log = logging.getLogger(__name__)  # INFO only: a command configures no logging, and WARNING would reach its stderr
+
 # paho 2 reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes; map back for messages
 _CONNACK_V311 = {128: 1, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
 SERVER_UNAVAILABLE = 3  # the one refusal a reconnecting client waits out
@@ -30,6 +34,10 @@ SERVER_UNAVAILABLE = 3  # the one refusal a reconnecting client waits out
 # about a minute in all) before it is fatal: a NATS 2.9 cluster refuses SUBSCRIBE for ~20 s after a node died,
 # while JetStream elects new leaders for the MQTT sessions' streams
 RENEW_TRIES = 10
+# a first SUBSCRIBE of a client's own topics (always its to read) that the broker refuses is tried this
+# often in all (1 s, then 2 s apart): a loaded NATS 2.9 cluster refuses a QoS 1 SUBSCRIBE when JetStream
+# does not make its consumer within 4 s (the node logs "Unable to add JetStream consumer ... timeout")
+SUBSCRIBE_TRIES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +122,10 @@ class MqttClient:
 
     With ``reconnect=True`` a lost connection is re-established in the background with
     backoff (1 to 4 s) and the subscriptions are renewed; ``on_connection`` hears
-    ``False`` when it drops and ``True`` when it is back. With several nodes in the address,
-    connecting tries each in turn, and a lost connection is re-established with the next one
+    ``False`` when it drops and ``True`` when it is back, ``on_renewed`` (paho's thread) once the
+    broker has granted every renewed subscription (the retained messages of each were sent before).
+    With several nodes in the address, connecting tries each in turn, and a lost connection is
+    re-established with the next one
     (a cluster keeps the persistent session: the CONNACK's ``session_present`` says so).
     """
 
@@ -132,6 +142,7 @@ class MqttClient:
         reconnect: bool = False,
         on_message: Callable[[Message], None] | None = None,
         on_connection: ConnectionListener | None = None,
+        on_renewed: Callable[[], None] | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
@@ -143,14 +154,18 @@ class MqttClient:
         self._reconnect = reconnect
         self._on_message = on_message or self._enqueue
         self._on_connection = on_connection
+        self._on_renewed = on_renewed
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._lock = threading.Lock()
         self._connack = threading.Event()
         self._connack_rc: ReasonCode | None = None
         self._suback_codes: dict[int, list[ReasonCode]] = {}
         self._suback_waiters: dict[int, threading.Event] = {}
-        self._renewals: dict[int, tuple[list[tuple[str, int]], int]] = {}  # mid -> (filters, attempt)
+        # mid -> (filters, attempt, connection): a renewal belongs to one connection (``_connections``)
+        self._renewals: dict[int, tuple[list[tuple[str, int]], int, int]] = {}
+        self._connections = 0  # CONNACKs accepted so far
         self._filters: dict[str, int] = {}
+        self._subscribed: set[str] = set()  # granted and not unsubscribed, those of subscribe_each too
         self._was_connected = False
         self._closing = False
         self.fatal: Exception | None = None
@@ -242,6 +257,16 @@ class MqttClient:
         self._closing = True
         client, self._paho = self._paho, None
         if client is not None:
+            if self._clean_session and self._subscribed and client.is_connected():
+                # A clean session ends by UNSUBSCRIBE, then DISCONNECT (the broker reads them in order).
+                # NATS 2.9 deletes a closed clean session's JetStream consumers (one per QoS 1
+                # subscription) while holding the session's lock, waiting up to 4 s for each delete;
+                # every message for that client meanwhile blocks the route or connection that carries
+                # it, and JetStream's own traffic on that route with it: other clients' QoS 1 publishes
+                # and subscriptions then time out (the node closes the publisher, refuses the SUBSCRIBE).
+                # An UNSUBSCRIBE deletes the consumers without waiting and without that lock, leaving
+                # none to the close (nats-server 2.10 releases the lock first). Elsewhere: one packet.
+                client.unsubscribe(sorted(self._subscribed))
             client.disconnect()
             client.loop_stop()
 
@@ -267,14 +292,21 @@ class MqttClient:
         """Queue a publish without waiting (safe inside ``on_message``)."""
         self._client().publish(topic, payload, qos=qos, retain=retain)
 
-    def subscribe(self, filters: list[str], qos: int = 1, *, at_most_once: Sequence[str] = ()) -> None:
-        """Subscribe (``at_most_once`` at QoS 0, in the same SUBSCRIBE) and wait for SUBACK;
-        raise if the broker refused any filter."""
+    def subscribe(self, filters: list[str], qos: int = 1, *, at_most_once: Sequence[str] = (), tries: int = 1) -> None:
+        """Subscribe (``at_most_once`` at QoS 0, in the same SUBSCRIBE) and wait for SUBACK; the refused
+        filters again, up to ``tries`` SUBSCRIBEs in all (``SUBSCRIBE_TRIES`` for one's own topics);
+        raise if the broker refused any filter in the end."""
         pairs = [(f, qos) for f in filters] + [(f, 0) for f in at_most_once]
         for f, q in pairs:
             self._filters[f] = q
-        codes = self._subscribe_and_wait(pairs)
-        refused = [f for (f, _), rc in zip(pairs, codes, strict=True) if rc.is_failure]
+        for attempt in range(1, tries + 1):
+            codes = self._subscribe_and_wait(pairs)
+            self._subscribed.update(f for (f, _), rc in zip(pairs, codes, strict=True) if not rc.is_failure)
+            pairs = [pair for pair, rc in zip(pairs, codes, strict=True) if rc.is_failure]
+            if not pairs or attempt == tries:
+                break
+            time.sleep(attempt)
+        refused = [f for f, _ in pairs]
         for f in refused:  # not renewed after a reconnect
             self._filters.pop(f, None)
         if refused:
@@ -286,12 +318,15 @@ class MqttClient:
         """Subscribe and wait for SUBACK; the filters the broker refused. None of them is renewed after a
         reconnect (the caller subscribes again: ``imcli.client.groupfollow``)."""
         codes = self._subscribe_and_wait([(f, qos) for f in filters])
-        return [f for f, rc in zip(filters, codes, strict=True) if rc.is_failure]
+        refused = [f for f, rc in zip(filters, codes, strict=True) if rc.is_failure]
+        self._subscribed.update(f for f in filters if f not in refused)
+        return refused
 
     def unsubscribe(self, filters: list[str]) -> None:
         """Stop a subscription (without waiting for UNSUBACK) and stop renewing it."""
         for f in filters:
             self._filters.pop(f, None)
+            self._subscribed.discard(f)
         rc, _mid = self._client().unsubscribe(filters)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise PublishFailed(f"unsubscribe failed: {paho.error_string(rc)}", _AGAIN)
@@ -346,21 +381,25 @@ class MqttClient:
             return
         reconnected = self._was_connected
         self._was_connected = True
+        self._connections += 1
+        if reconnected:
+            host, port = self.node
+            log.info("%s reconnected to %s:%d (session present: %s)", self._client_id, host, port, self.session_present)
         if reconnected and self._filters:
-            self._renew(client, list(self._filters.items()), 1)
+            self._renew(client, list(self._filters.items()), 1, self._connections)
         if reconnected and self._on_connection is not None:
             self._on_connection(True)
 
-    def _renew(self, client: paho.Client, filters: list[tuple[str, int]], attempt: int) -> None:
+    def _renew(self, client: paho.Client, filters: list[tuple[str, int]], attempt: int, connection: int) -> None:
         with self._lock:  # held across the call: the SUBACK must find its mid
             rc, mid = client.subscribe(filters)
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
-                self._renewals[mid] = (filters, attempt)
+                self._renewals[mid] = (filters, attempt, connection)
 
-    def _renew_later(self, filters: list[tuple[str, int]], attempt: int) -> None:
+    def _renew_later(self, filters: list[tuple[str, int]], attempt: int, connection: int) -> None:
         client = self._paho
-        if client is not None and not self._closing and client.is_connected():
-            self._renew(client, filters, attempt)  # else the next reconnect renews them all
+        if client is not None and not self._closing and client.is_connected() and connection == self._connections:
+            self._renew(client, filters, attempt, connection)  # else the next reconnect renews them all
 
     def _next_node(self, client: paho.Client) -> None:
         if len(self._endpoints) > 1 and not self._closing and self._was_connected:
@@ -371,6 +410,9 @@ class MqttClient:
         self._next_node(client)
 
     def _handle_disconnect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+        if self._was_connected and not self._closing:
+            host, port = self.node
+            log.info("%s lost the connection to %s:%d (%s)", self._client_id, host, port, rc)
         self._next_node(client)
         if not self._connack.is_set():  # e.g. a plain CONNECT sent to a TLS port: fail now, not after the timeout
             self._connack.set()
@@ -391,16 +433,21 @@ class MqttClient:
         if waiter is not None:
             waiter.set()
         elif renewal is not None:
-            filters, attempt = renewal
+            filters, attempt, connection = renewal
             refused = [f for f, rc in zip(filters, codes, strict=False) if rc.is_failure]
-            if refused and attempt >= RENEW_TRIES:
+            if connection != self._connections:
+                pass  # an earlier connection's: this one renews everything itself
+            elif refused and attempt >= RENEW_TRIES:
                 self.fatal = PublishFailed(
                     "the broker refused a subscription after reconnecting", "start again; the broker's log says why"
                 )
             elif refused:
-                timer = threading.Timer(attempt, self._renew_later, (refused, attempt + 1))
+                log.info("%s: the broker refused %s after reconnecting (try %d)", self._client_id, refused, attempt)
+                timer = threading.Timer(attempt, self._renew_later, (refused, attempt + 1, connection))
                 timer.daemon = True
                 timer.start()
+            elif self._on_renewed is not None:
+                self._on_renewed()
 
 
 def _no_delay(client: paho.Client) -> None:

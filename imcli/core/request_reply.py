@@ -10,9 +10,16 @@ is dropped.
 
 The embedded broker drops a request beyond the account's publish rate and says so on
 ``<prefix>/user/<me>/notice`` (a ``rate`` notice naming the request's topic and when to
-retry): a connection subscribed to its notice topic hands that to ``deliver`` too, and the
-request fails at once with ``RateLimited`` instead of waiting out the timeout. Mosquitto and
-NATS have no such limit, and no such notice.
+retry; or, for requests dropped beyond the notices it sends one by one, an aggregated one a
+second whose ``requests`` lists their correlation ids): a connection subscribed to its notice
+topic hands that to ``deliver`` too, and each request named fails at once with ``RateLimited``
+instead of waiting out the timeout. A rate notice about a file transfer's topic (the broker's
+separate file-transfer rate) is read with ``rate_notice`` too (imcli/client/files.py). Mosquitto
+and NATS have no such limit, and no such notice.
+
+Only the broker and the workers may write a user's notice topic (the ACL of each broker kind,
+tests/test_security.py); still, a notice is read defensively: anything malformed is ignored, and
+the error it causes quotes none of its text.
 """
 
 from __future__ import annotations
@@ -133,27 +140,52 @@ class RequestClient:
         return True
 
     def _dropped(self, payload: bytes) -> None:
-        if b'"rate"' not in payload:
+        notice = rate_notice(payload)
+        if notice is None:
             return
-        try:
-            notice = decode_as(payload, Notice)
-        except MalformedPayload:
-            return
-        parsed = self.topics.parse(notice.topic) if notice.code == "rate" and notice.topic else None
-        if parsed is None or parsed.kind is not TopicKind.REQUEST or parsed.sender != self.account or not parsed.key:
-            return
+        corrs = dropped(self.topics, self.account, notice, TopicKind.REQUEST)
+        corrs += notice.requests or ()
         with self._lock:
-            box = self._waiting.get(parsed.key)
-        if box is not None:
+            boxes = [box for corr in corrs if (box := self._waiting.get(corr)) is not None]
+        for box in boxes:
             with contextlib.suppress(queue.Full):  # the reply came first after all
                 box.put_nowait(notice)
 
 
-def rate_limited(account: str, retry: float | None) -> RateLimited:
+def rate_notice(payload: bytes) -> Notice | None:
+    """A well-formed ``rate`` notice, or ``None`` for anything else."""
+    if b'"rate"' not in payload:
+        return None
+    try:
+        notice = decode_as(payload, Notice)
+    except MalformedPayload:
+        return None
+    return notice if notice.code == "rate" else None
+
+
+def dropped(topics: Topics, account: str, notice: Notice, *kinds: TopicKind) -> list[str]:
+    """The key (a request's correlation id, an upload's id, a download's stream) of the topic a
+    rate notice names, if it is ``account``'s own topic of one of ``kinds``."""
+    parsed = topics.parse(notice.topic) if notice.topic else None
+    if parsed is None or parsed.kind not in kinds or parsed.sender != account or not parsed.key:
+        return []
+    return [parsed.key]
+
+
+def rate_limited(account: str, retry: float | None, *, transfer: bool = False) -> RateLimited:
+    """The error of a request (``transfer``: part of a file transfer) that the broker dropped for
+    the rate; ``retry`` as the notice said it (bounded by ``Notice``: 0 to 86,400 s)."""
     wait = f"in {max(1, math.ceil(retry))}s" if retry is not None else "in a few seconds"
+    if transfer:
+        return RateLimited(
+            f"the broker dropped part of the file transfer: account {account} hit its file transfer rate",
+            f"try again {wait}: the same command goes on where it stopped",
+            retry=retry,
+        )
     return RateLimited(
         f"the broker dropped the request: account {account} hit its rate limit (messages sent too fast)",
         f"try again {wait}, and send less often",
+        retry=retry,
     )
 
 

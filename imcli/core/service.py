@@ -28,6 +28,7 @@ from imcli.core.wire import (
     TopicKind,
     Topics,
     WireModel,
+    build_schemas,
     decode,
     decode_as,
     device_client_id,
@@ -107,6 +108,7 @@ class ServiceWorker:
         self.clock = clock
         self.lock = threading.Lock()  # paho's thread and any timer thread share the state
         self._sync_id = ""
+        self._resync_id = ""  # the marker that ends the reading of the retained state after a reconnect
         self.synced = threading.Event()
         self.stopping = threading.Event()
         self.client = MqttClient(
@@ -117,6 +119,7 @@ class ServiceWorker:
             reconnect=True,
             on_message=self._on_message,
             on_connection=self._on_connection,
+            on_renewed=self._on_renewed,
         )
 
     # ---------------------------------------------------------------- for subclasses
@@ -133,6 +136,11 @@ class ServiceWorker:
     def on_reconnected(self) -> None:
         """The broker may have lost retained messages: republish ours (under ``self.lock``)."""
 
+    def on_resynced(self) -> None:
+        """After a reconnect, the retained state has been read again (under ``self.lock``): what changed
+        while the connection was down and is not retained any more (a cleared device status) can be
+        told from what came back. Not called if a renewed subscription stays refused."""
+
     def handle(self, sender: str, request: WireModel) -> WireModel | None:
         """Answer a request (under ``self.lock``); ``None`` if another worker owns this type."""
         return None
@@ -143,6 +151,7 @@ class ServiceWorker:
     # ---------------------------------------------------------------- lifecycle
 
     def __enter__(self) -> ServiceWorker:
+        build_schemas()  # a worker lives long: its first request is not the one to build them (wire.py)
         self.client.connect()
         try:
             self._sync()
@@ -195,8 +204,13 @@ class ServiceWorker:
             log.exception("%s failed on %s", self.account, message.topic)
 
     def _on_marker(self, payload: bytes) -> None:
-        if decode_as(payload, SyncMarker).id == self._sync_id:
+        marker = decode_as(payload, SyncMarker).id
+        if marker == self._sync_id:
             self.synced.set()
+        elif marker == self._resync_id:
+            self._resync_id = ""
+            with self.lock:
+                self.on_resynced()
 
     def _on_request(self, sender: str, corr: str, payload: bytes) -> None:
         try:
@@ -218,6 +232,14 @@ class ServiceWorker:
         if up and self.synced.is_set():
             with self.lock:
                 self.on_reconnected()
+
+    def _on_renewed(self) -> None:
+        """Every subscription granted again after a reconnect (paho's thread): the broker has sent their
+        retained messages; a marker on our own notice topic comes back after them (as in ``_sync``)."""
+        if self.synced.is_set():
+            marker = SyncMarker()
+            self._resync_id = marker.id
+            self.client.publish_nowait(self.topics.sync(self.account), encode(marker), qos=1)
 
     # ---------------------------------------------------------------- MQTT out
 

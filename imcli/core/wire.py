@@ -61,6 +61,7 @@ Timestamp = Annotated[float, Field(ge=0)]
 FILE_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 FILE_NAME_MAX = 255
 THUMB_MAX = 9000  # characters of a thumbnail's base64 (about 6.6 KiB of JPEG): a file message fits 16 KiB
+MAX_NOTICE_REQUESTS = 400  # requests one aggregated rate notice names at most (it fits 16 KiB)
 MIME_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")  # the images the files worker recognises
 
 
@@ -118,6 +119,9 @@ class Notice(WireModel):
     topic: str | None = None
     # a ``rate`` notice: seconds until the broker accepts a message of this account again
     retry: Annotated[float, Field(ge=0, le=86400)] | None = None
+    # an aggregated ``rate`` notice: the correlation ids of more requests dropped (the embedded
+    # broker names one a second per account)
+    requests: Annotated[list[MessageId], Field(max_length=MAX_NOTICE_REQUESTS)] | None = None
 
 
 class ResolveRequest(WireModel):
@@ -694,6 +698,22 @@ Payload = Annotated[
     Field(discriminator="type"),
 ]
 _PAYLOAD: TypeAdapter[Payload] = TypeAdapter(Payload, config=ConfigDict(defer_build=True))
+
+
+def build_schemas() -> None:
+    """Build every payload model's validator now, for a long-running process (the broker, a worker).
+
+    ``defer_build`` lets a command pay only for the models it touches (issue 7); a server would
+    otherwise build them in the middle of the first message that needs one: the union of every
+    payload, built by the first typed chat message the journal decodes (a file's message), took
+    19 ms of the embedded broker's event loop, once per start, during its first file transfer
+    (``python -m benchmarks.filestail``, issue 16). All of them take about 50 ms here."""
+    _PAYLOAD.rebuild()
+    models: list[type[WireModel]] = [WireModel]
+    while models:
+        model = models.pop()
+        model.model_rebuild()
+        models.extend(model.__subclasses__())
 
 
 _M = TypeVar("_M", bound=WireModel)

@@ -12,6 +12,10 @@ calls, which is also what makes concurrent renames have exactly one winner.
 Restart: while ``synced`` is false the roster only records what it reads (retained
 records and statuses); ``finish_sync`` then reconciles the two and emits only real
 changes, so a restarted worker is invisible to users.
+
+Reconnect: a worker whose connection dropped missed what was published meanwhile (a device that
+cleared its status and left). ``begin_resync`` at the reconnect, then ``finish_resync`` once the
+retained statuses have been read again: a device neither retained nor heard since is gone.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ class PresenceRoster:
         self._accounts: tuple[frozenset[str], dict[str, str]] = (frozenset(), {})  # names, key -> account
         self._pending = Effects()  # changes to other users caused by the current call
         self.synced = False
+        self._resync_seen: set[tuple[str, str]] | None = None  # (account, status level) since begin_resync
 
     # ---------------------------------------------------------------- reading state
 
@@ -110,6 +115,8 @@ class PresenceRoster:
         user = self._user(account, now)
         known = device in user.devices
         user.devices[device] = _Device(now, status.interval)
+        if self._resync_seen is not None:
+            self._resync_seen.add((account, device))
         effects = self._take_pending()
         if self.synced and not known:
             effects += self._changed(user, now)
@@ -127,6 +134,22 @@ class PresenceRoster:
         effects = Effects()
         for user in self._users.values():
             effects += self._changed(user, now, device_events=False)  # a restarted worker is invisible
+        return effects
+
+    def begin_resync(self) -> None:
+        """The worker reconnected and reads the retained statuses again: note the devices heard from now."""
+        self._resync_seen = set()
+
+    def finish_resync(self, now: float) -> Effects:
+        """The retained statuses have been read again: the devices neither retained nor heard since
+        ``begin_resync`` cleared their status while the worker was away."""
+        seen, self._resync_seen = self._resync_seen, None
+        effects = Effects()
+        if seen is None or not self.synced:
+            return effects
+        for user in list(self._users.values()):
+            for device in [d for d in user.devices if (user.account, d) not in seen]:
+                effects += self.device_gone(user.account, device, now)
         return effects
 
     def expire(self, now: float) -> Effects:

@@ -92,10 +92,14 @@ class PresenceWorker(ServiceWorker):
         self._apply(self.roster.finish_sync(self.clock()))
 
     def on_reconnected(self) -> None:
+        self.roster.begin_resync()
         for record in self.roster.records():
             self.publish(self.topics.presence(record.account), encode(record), retain=True)
         for profile in self.profiles.records():
             self.publish(self.topics.profile(profile.account), encode(profile), retain=True)
+
+    def on_resynced(self) -> None:
+        self._apply(self.roster.finish_resync(self.clock()))
 
     def handle(self, sender: str, request: WireModel) -> WireModel | None:
         if isinstance(request, ResolveRequest):

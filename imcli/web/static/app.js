@@ -397,7 +397,25 @@
     if (lobby) system(lobby, text);
   }
 
+  // A rate notice names the requests the embedded broker dropped (its topic, or the ids of an
+  // aggregated one): no worker will answer them, so they fail at once (imcli/core/request_reply.py)
+  function failDropped(n) {
+    const mine = `${PREFIX}/request/${S.me}/`;
+    const corrs = Array.isArray(n.requests) ? n.requests.slice(0, 400) : [];
+    if (typeof n.topic === "string" && n.topic.startsWith(mine)) corrs.push(n.topic.slice(mine.length));
+    const ok = typeof n.retry === "number" && n.retry >= 0 && n.retry <= 86400;
+    const wait = ok ? `in ${Math.max(1, Math.ceil(n.retry))}s` : "in a few seconds";
+    for (const corr of corrs) {
+      const waiting = typeof corr === "string" ? S.pending.get(corr) : undefined;
+      if (!waiting) continue;
+      S.pending.delete(corr);
+      clearTimeout(waiting.timer);
+      waiting.reject(new Error(`the broker dropped the request: messages sent too fast (try again ${wait})`));
+    }
+  }
+
   function onNotice(n) {
+    if (n.code === "rate") failDropped(n);
     if (n.code === "device_revoked" && S.secret && n.topic === S.secret.split(":")[1]) {
       forgetCredential(S.me);
       if (S.client) S.client.end(true);

@@ -1,0 +1,191 @@
+"""A message read while nothing its sender sent before waits is handled by the connection's
+reader itself, in the callback that read it (``AckAfterJournal.may_deliver_now``, issue 21: DM
+latency); the rest go through the connection's message loop as before. Through raw sockets:
+what one client sends keeps its order across both paths, a QoS 1 message is in the archive
+before its PUBACK on both, and a message that ends the connection ends it before what follows.
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imcli.broker.accounts import AccountStore
+from imcli.broker.client_loop import FAIR_SHARE
+from imcli.broker.limits import Limits
+from imcli.broker.settings import BrokerSettings
+from imcli.core.wire import Topics
+from imcli.serve.host import BackgroundServer, ServeInfo
+from tests.rawmqtt import chat, connect_packet, field, packet, password_of, publish_packet, read_packets, wait_until
+
+T = Topics()
+PINGREQ = b"\xc0\x00"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[ServeInfo]:
+    settings = BrokerSettings(data_dir=tmp_path / "data", port=0, limits=Limits(publish_rate=1e6, publish_burst=10**6))
+    with BackgroundServer(settings, workers=False) as info:
+        store = AccountStore(info.data_dir)
+        for name in ("alice", "bob"):
+            store.add(name, password_of(name))
+        yield info
+
+
+class Paths:
+    """Counts the messages each path handled: the reader's (``deliver_now``), the message loop's."""
+
+    def __init__(self, broker: Any) -> None:
+        self.at_once = self.queued = 0
+        deliver_now, delivery = broker.deliver_now, broker._handle_message_delivery
+
+        async def counted_now(*args: Any) -> bool:
+            self.at_once += 1
+            result: bool = await deliver_now(*args)
+            return result
+
+        async def counted_queued(*args: Any) -> bool:
+            self.queued += 1
+            result: bool = await delivery(*args)
+            return result
+
+        broker.deliver_now, broker._handle_message_delivery = counted_now, counted_queued
+
+
+def _connect(info: ServeInfo, name: str, client_id: bytes) -> socket.socket:
+    sock = socket.create_connection((info.address.host, info.address.port), timeout=10)
+    sock.sendall(connect_packet(client_id, name.encode(), password_of(name).encode(), keepalive=0))
+    got, _ = read_packets(sock, lambda p: len(p) >= 1)
+    assert got == [(0x20, b"\x00\x00")]
+    return sock
+
+
+def _bob(info: ServeInfo) -> socket.socket:
+    sock = _connect(info, "bob", b"bob:raw")
+    sock.sendall(packet(0x82, b"\x00\x01" + field(T.user_filter("bob").encode()) + b"\x01"))
+    got, _ = read_packets(sock, lambda p: len(p) >= 1)
+    assert got == [(0x90, b"\x00\x01\x01")]
+    return sock
+
+
+def _texts(got: list[tuple[int, bytes]]) -> list[str]:
+    """The chat texts of the PUBLISHes in ``got``, in order (payloads made by ``rawmqtt.chat``)."""
+    texts = []
+    for first, body in got:
+        if first >> 4 == 3:
+            start = 2 + int.from_bytes(body[:2], "big") + (2 if first & 0x06 else 0)
+            texts.append(body[start:].decode().split('"text":"')[1].split('"')[0])
+    return texts
+
+
+def _handler_of(info: ServeInfo, client_id: str) -> Any:
+    assert info.broker is not None
+    [handler] = [h for _, h in info.broker._sessions.values() if h.session.client_id == client_id]
+    return handler
+
+
+def test_what_one_client_sends_keeps_its_order_across_both_paths(broker: ServeInfo) -> None:
+    """One write of more PUBLISHes than a read may handle itself (``FAIR_SHARE``): the first go out
+    from the reader, the rest wait for the message loop; then more, one write each. bob gets every
+    DM in the order alice sent them, and alice every PUBACK in that order."""
+    assert broker.broker is not None
+    paths = Paths(broker.broker)
+    topic = T.dm("bob", "alice").encode()
+    bob = _bob(broker)
+    with bob, _connect(broker, "alice", b"alice:raw") as alice:
+        burst = 3 * FAIR_SHARE
+        lines = [f"line {i}" for i in range(1, burst + 21)]
+        alice.sendall(
+            b"".join(publish_packet(topic, chat(lines[i - 1]), qos=1, packet_id=i) for i in range(1, burst + 1))
+        )
+        for i in range(burst + 1, len(lines) + 1):
+            alice.sendall(publish_packet(topic, chat(lines[i - 1]), qos=1, packet_id=i))
+        acks, _ = read_packets(alice, lambda p: len(p) >= len(lines))
+        got, closed = read_packets(bob, lambda p: len(p) >= len(lines))
+    assert not closed
+    assert acks == [(0x40, i.to_bytes(2, "big")) for i in range(1, len(lines) + 1)]
+    assert _texts(got) == lines
+    assert paths.at_once >= FAIR_SHARE  # both paths were taken
+    assert paths.queued > 0
+
+
+def test_a_dm_handled_at_once_is_in_the_archive_before_its_puback(broker: ServeInfo) -> None:
+    """The reader writes the DM's copies, then journals it, then writes the PUBACK: when alice has
+    her PUBACK the archive has the DM (imcli/broker/journal.py), on this path as on the other."""
+    assert broker.broker is not None
+    paths = Paths(broker.broker)
+    topic = T.dm("bob", "alice").encode()
+    bob = _bob(broker)
+    archive = sqlite3.connect(broker.data_dir / "archive.sqlite3")
+    with bob, _connect(broker, "alice", b"alice:raw") as alice, archive:
+        for i in range(1, 21):
+            alice.sendall(publish_packet(topic, chat(f"kept {i}"), qos=1, packet_id=i))
+            acks, _ = read_packets(alice, lambda p: len(p) >= 1)
+            assert acks == [(0x40, i.to_bytes(2, "big"))]
+            rows = archive.execute("SELECT text FROM messages WHERE text = ?", (f"kept {i}",)).fetchall()
+            assert rows == [(f"kept {i}",)]
+        got, _ = read_packets(bob, lambda p: len(p) >= 20)
+    assert _texts(got) == [f"kept {i}" for i in range(1, 21)]
+    assert paths.at_once == 20  # alone each time: every one went out from the reader
+    assert paths.queued == 0
+
+
+def test_a_message_that_ends_the_connection_ends_it_before_what_follows(broker: ServeInfo) -> None:
+    """A PUBLISH on a ``$`` topic ends its connection (MQTT-4.7.2-1): handled by the reader, the
+    DM before it is delivered, and the DM after it, in the same write, never is."""
+    topic = T.dm("bob", "alice").encode()
+    bob = _bob(broker)
+    with bob, _connect(broker, "alice", b"alice:raw") as alice:
+        alice.sendall(
+            publish_packet(topic, chat("before"), qos=1, packet_id=1)
+            + publish_packet(b"$SYS/broker/x", b"x", qos=1, packet_id=2)
+            + publish_packet(topic, chat("after"), qos=1, packet_id=3)
+        )
+        _, closed = read_packets(alice, lambda p: False)
+        assert closed
+        bob.sendall(PINGREQ)
+        got, _ = read_packets(bob, lambda p: any(first == 0xD0 for first, _ in p))
+    assert _texts(got) == ["before"]
+
+
+def test_the_message_loop_is_idle_again_after_a_message_handled_at_once(broker: ServeInfo) -> None:
+    """After a DM handled by the reader, alice's message loop waits idle again (nothing was queued
+    for it), and a SUBSCRIBE after the DM is still answered in order."""
+    topic = T.dm("bob", "alice").encode()
+    bob = _bob(broker)
+    with bob, _connect(broker, "alice", b"alice:raw") as alice:
+        alice.sendall(
+            publish_packet(topic, chat("hello"), qos=1, packet_id=1)
+            + packet(0x82, b"\x00\x02" + field(T.user_filter("alice").encode()) + b"\x01")
+            + PINGREQ
+        )
+        got, _ = read_packets(alice, lambda p: any(first == 0xD0 for first, _ in p))
+        assert got == [(0x40, b"\x00\x01"), (0x90, b"\x00\x02\x01"), (0xD0, b"")]
+        handler = _handler_of(broker, "alice:raw")
+        assert wait_until(lambda: handler.loop_idle)  # its SUBACK's retained messages may still be on their way
+        assert not handler.delivering and not handler.refused
+        heard, _ = read_packets(bob, lambda p: len(p) >= 1)
+    assert _texts(heard) == ["hello"]
+
+
+def test_a_qos0_dm_is_handled_at_once_and_journalled_as_it_is_delivered(broker: ServeInfo) -> None:
+    """QoS 0 takes the same path: delivered from the reader, journalled on delivery (no PUBACK)."""
+    assert broker.broker is not None
+    paths = Paths(broker.broker)
+    topic = T.dm("bob", "alice").encode()
+    bob = _bob(broker)
+    archive = sqlite3.connect(broker.data_dir / "archive.sqlite3")
+    with bob, _connect(broker, "alice", b"alice:raw") as alice, archive:
+        alice.sendall(publish_packet(topic, chat("quick"), qos=0) + PINGREQ)
+        got, _ = read_packets(alice, lambda p: len(p) >= 1)
+        assert got == [(0xD0, b"")]
+        heard, _ = read_packets(bob, lambda p: len(p) >= 1)
+        rows = archive.execute("SELECT text FROM messages WHERE text = 'quick'").fetchall()
+    assert _texts(heard) == ["quick"]
+    assert rows == [("quick",)]
+    assert (paths.at_once, paths.queued) == (1, 0)

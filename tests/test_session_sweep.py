@@ -1,0 +1,223 @@
+"""Work a crowd makes at once, done a slice per round of the event loop (issue 21): ended clean sessions
+(imcli/broker/session_sweep.py), the output check, a new subscription's retained messages."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from imcli.broker import amqtt_adapter, output, session_sweep
+from imcli.broker.amqtt_adapter import LightSession
+from imcli.broker.output import OutputBound
+from imcli.broker.retained import send_in_slices
+from imcli.broker.session_sweep import EndedSessions, forgettable
+from imcli.core.wire import DeviceStatus, encode
+from imcli.serve.host import ServeInfo
+from tests.conftest import Raw, wait_until
+
+STATUS = encode(DeviceStatus(interval=30))
+
+
+def _session(client_id: str, *, clean: bool = True, connected: bool = False) -> LightSession:
+    session = LightSession()
+    session.client_id, session.clean_session, session.username = client_id, clean, client_id.split(":", maxsplit=1)[0]
+    session.transitions.connect()
+    if not connected:
+        session.transitions.disconnect()
+    return session
+
+
+def test_a_session_is_forgotten_only_if_ended_clean_and_still_the_tables() -> None:
+    ended, persistent, live = _session("a:1"), _session("b:1", clean=False), _session("c:1", connected=True)
+    table: dict[str, tuple[Any, Any]] = {"a:1": (ended, None), "b:1": (persistent, None), "c:1": (live, None)}
+    assert forgettable(table, "a:1", ended)
+    assert not forgettable(table, "b:1", persistent)  # its client may come back to it
+    assert not forgettable(table, "c:1", live)
+    assert not forgettable(table, "a:1", _session("a:1"))  # the id's session now is another one
+    assert not forgettable({}, "a:1", ended)  # gone already
+
+
+class _Ticks:
+    """Counts the rounds of the event loop, in a task of its own."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def run(self) -> None:
+        while True:
+            self.count += 1
+            await asyncio.sleep(0)
+
+
+def test_ended_sessions_are_forgotten_a_slice_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(session_sweep, "SLICE", 3)
+    sessions = {f"u{i}:1": _session(f"u{i}:1") for i in range(7)}
+    table: dict[str, tuple[Any, Any]] = {cid: (s, None) for cid, s in sessions.items()}
+    forgotten: list[tuple[str, int]] = []
+
+    async def main() -> None:
+        ticks = _Ticks()
+        ticker = asyncio.create_task(ticks.run())
+        await asyncio.sleep(0)
+
+        async def forget(client_id: str) -> None:  # amqtt's _cleanup_session: out of the table
+            del table[client_id]
+            forgotten.append((client_id, ticks.count))
+
+        ended = EndedSessions()
+        for client_id, session in sessions.items():
+            ended.ended(client_id, session)
+        await ended.forget_ended(table, forget)
+        ticker.cancel()
+
+    asyncio.run(main())
+    assert [cid for cid, _ in forgotten] == list(sessions)  # in the order they ended
+    assert table == {}
+    by_round: dict[int, int] = {}
+    for _, tick in forgotten:
+        by_round[tick] = by_round.get(tick, 0) + 1
+    assert sorted(by_round.values(), reverse=True) == [3, 3, 1], "the loop ran others between slices"
+
+
+def test_the_sweep_finds_what_ended_unannounced_and_leaves_the_rest() -> None:
+    unannounced, live = _session("a:1"), _session("b:1", connected=True)
+    table: dict[str, tuple[Any, Any]] = {"a:1": (unannounced, None), "b:1": (live, None)}
+    gone: list[str] = []
+
+    async def forget(client_id: str) -> None:
+        gone.append(client_id)
+
+    async def main() -> None:
+        ended = EndedSessions()
+        await ended.sweep(table)
+        assert len(ended) == 1
+        await ended.forget_ended(table, forget)
+
+    asyncio.run(main())
+    assert gone == ["a:1"]
+
+
+def test_the_broker_forgets_a_clean_session_when_its_connection_ends_and_keeps_a_persistent_one(
+    server: ServeInfo, users: Callable[..., None], raw: Callable[..., Raw]
+) -> None:
+    assert server.broker is not None
+    broker = server.broker
+    users("alice", "bob")
+    clean = raw("alice", client_id="alice:clean")
+    kept = raw("bob", client_id="bob:kept", clean=False)
+    table = broker.session_table()
+    assert "alice:clean" in table and "bob:kept" in table
+    before = broker.ended_sessions.forgotten
+    clean.close()
+    kept.close()
+    assert wait_until(lambda: "alice:clean" not in table, 5)
+    assert wait_until(lambda: not table["bob:kept"][0].transitions.is_connected(), 5)
+    assert broker.ended_sessions.forgotten == before + 1
+    assert "bob:kept" in table  # its client may come back to it
+
+
+class _Transport:
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def abort(self) -> None:
+        pass
+
+
+def test_the_output_check_looks_at_a_slice_of_connections_per_loop_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(output, "CHECK_SLICE", 2)
+    bound = OutputBound(drop_at=100, close_at=1000, stuck_after=10.0)
+    for i in range(5):
+        bound.watch(f"w{i}", _Transport())
+    slices: list[tuple[int, int]] = []
+
+    async def main() -> None:
+        ticks = _Ticks()
+        ticker = asyncio.create_task(ticks.run())
+        checked = bound._check
+
+        def check(outlets: list[Any], now: float) -> None:
+            slices.append((len(outlets), ticks.count))
+            checked(outlets, now)
+
+        monkeypatch.setattr(bound, "_check", check)
+        running = asyncio.create_task(bound.run(period=0.001))
+        while len(slices) < 3:
+            await asyncio.sleep(0.001)
+        running.cancel()
+        ticker.cancel()
+
+    asyncio.run(main())
+    assert [size for size, _ in slices[:3]] == [2, 2, 1]
+    assert len({tick for _, tick in slices[:3]}) == 3, "the loop ran others between slices"
+
+
+# ---------------------------------------------------------------- a new subscription's retained messages
+
+
+def test_retained_topics_are_sent_a_slice_per_loop_round_while_the_connection_lasts() -> None:
+    sent: list[tuple[list[str], int]] = []
+    going = [True]
+
+    async def main() -> None:
+        ticks = _Ticks()
+        ticker = asyncio.create_task(ticks.run())
+        await asyncio.sleep(0)
+
+        def send(some: list[str]) -> None:
+            sent.append((some, ticks.count))
+            if len(sent) == 2:
+                going[0] = False  # the subscriber's connection ended
+
+        await send_in_slices([f"t{i}" for i in range(7)], 3, send, lambda: going[0])
+        ticker.cancel()
+
+    asyncio.run(main())
+    assert [some for some, _ in sent] == [["t0", "t1", "t2"], ["t3", "t4", "t5"]]  # none after it ended
+    assert sent[0][1] != sent[1][1], "the loop ran others between slices"
+
+
+def test_a_subscriber_gets_every_retained_record_when_they_come_in_slices(
+    monkeypatch: pytest.MonkeyPatch, server: ServeInfo, users: Callable[..., None], raw: Callable[..., Raw]
+) -> None:
+    """Presence records of seven users, sent to a new subscriber two per loop round: all arrive, retained."""
+    monkeypatch.setattr(amqtt_adapter, "RETAINED_SLICE", 2)
+    names = [f"user{i}" for i in range(7)]
+    users(*names, "watcher")
+    for name in names:
+        client = raw(name, client_id=f"{name}:d")
+        client.publish(f"im/status/{name}/d", STATUS, retain=True)
+    watcher = raw("watcher", client_id="watcher:w")
+    watcher.subscribe("im/presence/+")
+    seen: set[str] = set()
+
+    def all_online() -> bool:  # the presence worker may still be publishing them: ask again
+        seen.update(m.topic for m in watcher.arrivals(0.2) if m.payload)
+        return seen >= {f"im/presence/{n}" for n in names}
+
+    assert wait_until(all_online, 10)
+    late = raw("watcher", client_id="watcher:late")
+    late.subscribe("im/presence/+")
+    arrived = [late.expect(timeout=5) for _ in names]
+    assert {m.topic for m in arrived} == {f"im/presence/{n}" for n in names}
+    assert all(m.retain for m in arrived)
+
+
+def test_a_handler_asked_to_stop_again_does_its_work_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its reader's end, the message loop's disconnect and the ended session's cleanup each ask."""
+    from amqtt.broker import Broker
+
+    stops: list[int] = []
+
+    async def main() -> None:
+        broker = Broker({"listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0"}}, "plugins": {}})
+        handler = amqtt_adapter.AckAfterJournal(broker.plugins_manager)
+        monkeypatch.setattr(handler, "_stop_waiters", lambda: stops.append(1))
+        for _ in range(3):
+            await handler.stop()
+
+    asyncio.run(main())
+    assert stops == [1]
