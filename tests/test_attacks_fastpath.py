@@ -14,19 +14,21 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from imcli.broker import amqtt_adapter
 from imcli.broker.accounts import AccountStore, Role
 from imcli.broker.client_loop import FAIR_SHARE
-from imcli.broker.limits import Limits
+from imcli.broker.limits import REQUEST_NOTICES, Limits
 from imcli.broker.settings import BrokerSettings
 from imcli.core.framing import decode_length
-from imcli.core.wire import DeviceStatus, Topics, encode
+from imcli.core.wire import MAX_NOTICE_REQUESTS, DeviceStatus, Notice, Topics, decode_as, encode
 from imcli.serve.host import BackgroundServer, ServeInfo
+from tests import brokers
 from tests.rawmqtt import chat, connect_packet, field, packet, password_of, publish_packet, read_packets
 
 T = Topics()
@@ -40,6 +42,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeInfo]:
     settings = BrokerSettings(
         data_dir=tmp_path_factory.mktemp("fastpath") / "data",
         port=0,
+        ws_port=0,
         packet_timeout=2.0,
         limits=Limits(publish_rate=1e6, publish_burst=10**6, max_connections=100),
     )
@@ -51,8 +54,13 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeInfo]:
         yield info
 
 
-def _connect(info: ServeInfo, name: str, client_id: bytes, *, clean: bool = True) -> socket.socket:
-    sock = socket.create_connection((info.address.host, info.address.port), timeout=10)
+def _connect(info: ServeInfo, name: str, client_id: bytes, *, clean: bool = True, window: int = 0) -> socket.socket:
+    """Signed in as ``name``; ``window``: a receive buffer that small (the broker's output then waits)."""
+    sock = socket.socket()
+    if window:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)
+    sock.settimeout(10)
+    sock.connect((info.address.host, info.address.port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     body = connect_packet(client_id, name.encode(), password_of(name).encode(), keepalive=0)
     if not clean:
@@ -63,8 +71,8 @@ def _connect(info: ServeInfo, name: str, client_id: bytes, *, clean: bool = True
     return sock
 
 
-def _subscribed(info: ServeInfo, name: str, client_id: bytes, *filters: str) -> socket.socket:
-    sock = _connect(info, name, client_id)
+def _subscribed(info: ServeInfo, name: str, client_id: bytes, *filters: str, window: int = 0) -> socket.socket:
+    sock = _connect(info, name, client_id, window=window)
     body = b"\x00\x01" + b"".join(field(f.encode()) + b"\x01" for f in filters)
     sock.sendall(packet(0x82, body))
     got, _ = read_packets(sock, lambda p: any(first == 0x90 for first, _ in p))
@@ -256,6 +264,30 @@ def test_a_publish_after_disconnect_in_the_same_segment_is_not_delivered(broker:
     assert texts == ["sent 0", "sent 1"]
 
 
+def test_a_publish_after_disconnect_over_websocket_is_not_delivered(broker: ServeInfo) -> None:
+    """The same over WebSocket, whose reader is amqtt's own loop (it reads on after a DISCONNECT):
+    the handler drops a PUBLISH that comes after it."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    assert broker.ws_port is not None
+    login = connect_packet(b"mallory:ws", b"mallory", password_of("mallory").encode(), keepalive=0)
+    with _subscribed(broker, "bob", b"bob:ws", T.user_filter("bob")) as bob:
+        with connect(f"ws://127.0.0.1:{broker.ws_port}/", subprotocols=["mqtt"], open_timeout=10) as ws:  # type: ignore[list-item]
+            ws.send(login)
+            assert ws.recv(timeout=10) == b"\x20\x02\x00\x00"
+            ws.send(
+                publish_packet(DM, chat("ws sent"), qos=0)
+                + DISCONNECT
+                + publish_packet(DM, chat("ws after disconnect"), qos=0)
+            )
+            with contextlib.suppress(ConnectionClosed, TimeoutError):
+                while True:
+                    ws.recv(timeout=2)
+        texts = _texts(_drain(bob))
+    assert texts == ["ws sent"]
+
+
 @pytest.mark.parametrize("clean", [True, False], ids=["clean", "persistent"])
 def test_a_takeover_mid_stream_closes_the_old_connection_and_does_not_mix_them(broker: ServeInfo, clean: bool) -> None:
     """mallory streams QoS 1 DMs on one connection and takes its client id over from another at
@@ -391,3 +423,142 @@ def test_retained_records_in_slices_reach_only_whom_the_acl_lets_read_them(
         mallory.sendall(packet(0x82, b"\x00\x01" + b"".join(field(f) + b"\x01" for f in filters)))
         got = _quiet(mallory)
     assert [t for t, _ in _publishes(got) if t.startswith("im/status/")] == []
+
+
+# ---------------------------------------------------------------- 4. rate notices
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeInfo]:
+    """A broker with a chat rate of one message a second (a burst of two)."""
+    settings = BrokerSettings(
+        data_dir=tmp_path_factory.mktemp("slow") / "data", port=0, limits=Limits(publish_rate=1.0, publish_burst=2)
+    )
+    with BackgroundServer(settings, workers=False) as info:
+        store = AccountStore(info.data_dir)
+        for name in ("alice", "bob", "mallory"):
+            store.add(name, password_of(name))
+        yield info
+
+
+def _notices(got: list[tuple[int, bytes]]) -> list[Notice]:
+    return [decode_as(payload, Notice) for topic, payload in _publishes(got) if topic.endswith("/notice")]
+
+
+def test_a_request_flood_on_anothers_topics_is_told_to_the_flooder_alone_and_bounded(slow: ServeInfo) -> None:
+    """mallory floods requests under bob's name (``im/request/bob/<id>``), under her own, and with
+    correlation ids no notice may carry (10,000 characters): bob and alice hear nothing; mallory's
+    notices are few (one a second, ten more about requests, one aggregated a second), each names
+    only ids she sent, at most ``MAX_NOTICE_REQUESTS``, and none carries the long ids."""
+    bobs = [f"b{i:05}" for i in range(600)]
+    hers = [f"m{i:05}" for i in range(600)]
+    long_ids = ["x" * 10_000 + str(i) for i in range(20)]
+    bob = _subscribed(slow, "bob", b"bob:flood", T.user_filter("bob"))
+    alice = _subscribed(slow, "alice", b"alice:flood", T.user_filter("alice"))
+    mallory = _subscribed(slow, "mallory", b"mallory:flood", T.user_filter("mallory"))
+    with bob, alice, mallory:
+        flood = b"".join(publish_packet(f"im/request/bob/{c}".encode(), b"{}", qos=0) for c in bobs)
+        flood += b"".join(publish_packet(f"im/request/mallory/{c}".encode(), b"{}", qos=0) for c in hers)
+        flood += b"".join(publish_packet(f"im/request/mallory/{c}".encode(), b"{}", qos=0) for c in long_ids)
+        mallory.sendall(flood)
+        got = _quiet(mallory, 2.5)  # the aggregated notice comes a second after the first request held
+        others = _publishes(_quiet(bob, 0)) + _publishes(_quiet(alice, 0))
+    assert others == []
+    notices = _notices(got)
+    assert 1 <= len(notices) <= 2 * (1 + REQUEST_NOTICES + 1)
+    named = [c for n in notices for c in (n.requests or [])]
+    assert any(n.requests for n in notices), "the requests held beyond the notices were not named"
+    assert all(len(n.requests or []) <= MAX_NOTICE_REQUESTS for n in notices)
+    assert set(named) <= set(bobs) | set(hers)
+    assert sum(len(p) for f, p in got if f >> 4 == 3) < 200_000  # bounded whatever the flood's size
+
+
+# ---------------------------------------------------------------- the same rules on Mosquitto
+
+broker_kind, broker_under_test, server, users = brokers.BOTH
+
+
+def test_a_publish_after_disconnect_is_dropped_on_either_broker(server: ServeInfo, users: Callable[..., None]) -> None:
+    users("alice", "bob")
+    with _subscribed(server, "bob", b"bob:bye", T.user_filter("bob")) as bob:
+        with _connect(server, "alice", b"alice:bye") as alice:
+            alice.sendall(
+                publish_packet(T.dm("bob", "alice").encode(), chat("sent"), qos=1, packet_id=1)
+                + DISCONNECT
+                + publish_packet(T.dm("bob", "alice").encode(), chat("after disconnect"), qos=1, packet_id=2)
+            )
+            _, closed = read_packets(alice, lambda p: False)
+            assert closed
+        assert _texts(_drain(bob)) == ["sent"]
+
+
+def test_a_takeover_closes_the_old_connection_on_either_broker(server: ServeInfo, users: Callable[..., None]) -> None:
+    """MQTT-3.1.4-2, clean session both times: the old connection is closed, and what it sends
+    after the takeover is not delivered."""
+    users("alice", "bob")
+    with _subscribed(server, "bob", b"bob:kick", T.user_filter("bob")) as bob:
+        with _connect(server, "alice", b"alice:kick") as old, _connect(server, "alice", b"alice:kick") as new:
+            _, old_closed = read_packets(old, lambda p: False)
+            assert old_closed
+            with contextlib.suppress(OSError):
+                old.sendall(publish_packet(T.dm("bob", "alice").encode(), chat("zombie"), qos=0))
+            new.sendall(publish_packet(T.dm("bob", "alice").encode(), chat("new"), qos=1, packet_id=1))
+            acks, _ = read_packets(new, lambda p: len(p) >= 1)
+            assert acks == [(0x40, b"\x00\x01")]
+        assert _texts(_drain(bob)) == ["new"]
+
+
+def test_a_publisher_held_back_by_its_own_output_keeps_order_and_identity(broker: ServeInfo) -> None:
+    """mallory publishes QoS 0 and 1 to a room she is subscribed to and does not read: her own
+    copies fill her output until the broker stops reading her (output.ReadGate), so what she
+    sent waits in the reader's buffer (``_held``) and the fast and queued paths alternate. bob,
+    who reads, gets every message once, in order; mallory her PUBACKs in order; forged lines
+    as bob among them reach nobody."""
+    import threading
+
+    room = "im/room/held"
+    n, big = 1200, "y" * 3000
+    data = bytearray()
+    acks = []
+    for i in range(1, n + 1):
+        if i % 100 == 50:
+            data += publish_packet(f"{room}/bob".encode(), chat(f"forged {i}"), qos=1, packet_id=i)
+            acks.append(i)
+            continue
+        data += publish_packet(f"{room}/mallory".encode(), chat(f"held {i} {big}"), qos=i % 2, packet_id=i)
+        acks += [i] if i % 2 else []
+    assert broker.broker is not None
+    output = broker.broker.output
+    readable, paused = output.readable, []
+
+    def counted(writer: Any) -> bool:
+        ok: bool = readable(writer)
+        paused.extend([] if ok else [1])
+        return ok
+
+    bob = _subscribed(broker, "bob", b"bob:held", f"{room}/+")
+    output.readable = counted  # type: ignore[method-assign]  # mallory's reader asks through it
+    try:
+        mallory = _subscribed(broker, "mallory", b"mallory:held", f"{room}/+", window=4096)
+    finally:
+        del output.readable
+    with bob, mallory:
+        sender = threading.Thread(target=mallory.sendall, args=(bytes(data),))
+        sender.start()
+        time.sleep(1.0)  # mallory reads nothing meanwhile
+        heard, got = _quiet(bob, 0.1), []
+        while len(_texts(heard)) < n - n // 100:
+            more = _quiet(bob, 0.1)
+            if not more[:-1]:  # only the barrier's PINGRESP: nothing more came
+                mine = _quiet(mallory, 0.1)  # read her side so the broker reads her again
+                got += mine
+                if not mine[:-1]:
+                    break
+            heard += more
+        sender.join(30)
+        got += _quiet(mallory, 1.0)
+    texts = [t.split()[0] + " " + t.split()[1] for t in _texts(heard)]
+    want = [f"held {i}" for i in range(1, n + 1) if i % 100 != 50]
+    assert texts == want
+    assert [int.from_bytes(b, "big") for f, b in got if f == 0x40] == acks
+    assert paused, "the broker never stopped reading mallory: the held path was not taken"
