@@ -11,22 +11,28 @@ or after it is delivered to anyone.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
+import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from imcli.broker import amqtt_adapter
 from imcli.broker.accounts import AccountStore, Role
 from imcli.broker.client_loop import FAIR_SHARE
-from imcli.broker.limits import Limits
+from imcli.broker.limits import REQUEST_NOTICES, Limits
 from imcli.broker.settings import BrokerSettings
 from imcli.core.framing import decode_length
-from imcli.core.wire import DeviceStatus, Topics, encode
+from imcli.core.wire import MAX_NOTICE_REQUESTS, DeviceStatus, Notice, Topics, decode_as, encode
 from imcli.serve.host import BackgroundServer, ServeInfo
+from tests import brokers
 from tests.rawmqtt import chat, connect_packet, field, packet, password_of, publish_packet, read_packets
 
 T = Topics()
@@ -40,6 +46,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeInfo]:
     settings = BrokerSettings(
         data_dir=tmp_path_factory.mktemp("fastpath") / "data",
         port=0,
+        ws_port=0,
         packet_timeout=2.0,
         limits=Limits(publish_rate=1e6, publish_burst=10**6, max_connections=100),
     )
@@ -51,8 +58,13 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeInfo]:
         yield info
 
 
-def _connect(info: ServeInfo, name: str, client_id: bytes, *, clean: bool = True) -> socket.socket:
-    sock = socket.create_connection((info.address.host, info.address.port), timeout=10)
+def _connect(info: ServeInfo, name: str, client_id: bytes, *, clean: bool = True, window: int = 0) -> socket.socket:
+    """Signed in as ``name``; ``window``: a receive buffer that small (the broker's output then waits)."""
+    sock = socket.socket()
+    if window:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)
+    sock.settimeout(10)
+    sock.connect((info.address.host, info.address.port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     body = connect_packet(client_id, name.encode(), password_of(name).encode(), keepalive=0)
     if not clean:
@@ -63,8 +75,8 @@ def _connect(info: ServeInfo, name: str, client_id: bytes, *, clean: bool = True
     return sock
 
 
-def _subscribed(info: ServeInfo, name: str, client_id: bytes, *filters: str) -> socket.socket:
-    sock = _connect(info, name, client_id)
+def _subscribed(info: ServeInfo, name: str, client_id: bytes, *filters: str, window: int = 0) -> socket.socket:
+    sock = _connect(info, name, client_id, window=window)
     body = b"\x00\x01" + b"".join(field(f.encode()) + b"\x01" for f in filters)
     sock.sendall(packet(0x82, body))
     got, _ = read_packets(sock, lambda p: any(first == 0x90 for first, _ in p))
@@ -237,6 +249,10 @@ def test_a_dm_forged_from_another_is_never_delivered(broker: ServeInfo, queued: 
                 _drain(mallory)
         seen = _publishes(_drain(bob)) + _publishes(_drain(alice))
     assert not [t for t, p in seen if b"forged" in p]
+    with sqlite3.connect(broker.data_dir / "archive.sqlite3") as archive:  # journalled before delivery: not either
+        assert archive.execute("SELECT text FROM messages WHERE text LIKE 'forged%'").fetchall() == []
+        if queued:  # the genuine ones around them were
+            assert archive.execute("SELECT count(*) FROM messages WHERE text LIKE 'burst%'").fetchone()[0] > 0
 
 
 def test_a_publish_after_disconnect_in_the_same_segment_is_not_delivered(broker: ServeInfo) -> None:
@@ -254,6 +270,50 @@ def test_a_publish_after_disconnect_in_the_same_segment_is_not_delivered(broker:
                 assert closed
         texts = _texts(_drain(bob))
     assert texts == ["sent 0", "sent 1"]
+
+
+def test_a_qos2_exchange_completed_just_before_disconnect_is_delivered(broker: ServeInfo) -> None:
+    """PUBLISH (QoS 2), its PUBREL and DISCONNECT in one segment: the reader stops at the
+    DISCONNECT, but the message released before it is still delivered, each time."""
+    with _subscribed(broker, "bob", b"bob:q2", T.user_filter("bob")) as bob:
+        for i in range(5):
+            with _connect(broker, "mallory", b"mallory:q2") as mallory:
+                mallory.sendall(
+                    packet(0x34, field(DM) + b"\x00\x05" + chat(f"released {i}"))
+                    + packet(0x62, b"\x00\x05")
+                    + DISCONNECT
+                )
+                _, closed = read_packets(mallory, lambda p: False)
+                assert closed
+        heard: list[str] = []
+        deadline = time.monotonic() + 10
+        while len(heard) < 5 and time.monotonic() < deadline:  # a flow's delivery may follow the close
+            heard += _texts(_drain(bob))
+    assert heard == [f"released {i}" for i in range(5)]
+
+
+def test_a_publish_after_disconnect_over_websocket_is_not_delivered(broker: ServeInfo) -> None:
+    """The same over WebSocket, whose reader is amqtt's own loop (it reads on after a DISCONNECT):
+    the handler drops a PUBLISH that comes after it."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    assert broker.ws_port is not None
+    login = connect_packet(b"mallory:ws", b"mallory", password_of("mallory").encode(), keepalive=0)
+    with _subscribed(broker, "bob", b"bob:ws", T.user_filter("bob")) as bob:
+        with connect(f"ws://127.0.0.1:{broker.ws_port}/", subprotocols=["mqtt"], open_timeout=10) as ws:  # type: ignore[list-item]
+            ws.send(login)
+            assert ws.recv(timeout=10) == b"\x20\x02\x00\x00"
+            ws.send(
+                publish_packet(DM, chat("ws sent"), qos=0)
+                + DISCONNECT
+                + publish_packet(DM, chat("ws after disconnect"), qos=0)
+            )
+            with contextlib.suppress(ConnectionClosed, TimeoutError):
+                while True:
+                    ws.recv(timeout=2)
+        texts = _texts(_drain(bob))
+    assert texts == ["ws sent"]
 
 
 @pytest.mark.parametrize("clean", [True, False], ids=["clean", "persistent"])
@@ -391,3 +451,215 @@ def test_retained_records_in_slices_reach_only_whom_the_acl_lets_read_them(
         mallory.sendall(packet(0x82, b"\x00\x01" + b"".join(field(f) + b"\x01" for f in filters)))
         got = _quiet(mallory)
     assert [t for t, _ in _publishes(got) if t.startswith("im/status/")] == []
+
+
+# ---------------------------------------------------------------- 4. rate notices
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeInfo]:
+    """A broker with a chat rate of one message a second (a burst of two)."""
+    settings = BrokerSettings(
+        data_dir=tmp_path_factory.mktemp("slow") / "data", port=0, limits=Limits(publish_rate=1.0, publish_burst=2)
+    )
+    with BackgroundServer(settings, workers=False) as info:
+        store = AccountStore(info.data_dir)
+        for name in ("alice", "bob", "mallory"):
+            store.add(name, password_of(name))
+        yield info
+
+
+def _notices(got: list[tuple[int, bytes]]) -> list[Notice]:
+    return [decode_as(payload, Notice) for topic, payload in _publishes(got) if topic.endswith("/notice")]
+
+
+def test_a_request_flood_on_anothers_topics_is_told_to_the_flooder_alone_and_bounded(slow: ServeInfo) -> None:
+    """mallory floods requests under bob's name (``im/request/bob/<id>``), under her own, and with
+    correlation ids no notice may carry (10,000 characters): bob and alice hear nothing; mallory's
+    notices are few (one a second, ten more about requests, one aggregated a second), each names
+    only ids she sent, at most ``MAX_NOTICE_REQUESTS``, and none carries the long ids."""
+    bobs = [f"b{i:05}" for i in range(600)]
+    hers = [f"m{i:05}" for i in range(600)]
+    long_ids = ["x" * 10_000 + str(i) for i in range(20)]
+    bob = _subscribed(slow, "bob", b"bob:flood", T.user_filter("bob"))
+    alice = _subscribed(slow, "alice", b"alice:flood", T.user_filter("alice"))
+    mallory = _subscribed(slow, "mallory", b"mallory:flood", T.user_filter("mallory"))
+    with bob, alice, mallory:
+        flood = b"".join(publish_packet(f"im/request/bob/{c}".encode(), b"{}", qos=0) for c in bobs)
+        flood += b"".join(publish_packet(f"im/request/mallory/{c}".encode(), b"{}", qos=0) for c in hers)
+        flood += b"".join(publish_packet(f"im/request/mallory/{c}".encode(), b"{}", qos=0) for c in long_ids)
+        mallory.sendall(flood)
+        got = _quiet(mallory, 2.5)  # the aggregated notice comes a second after the first request held
+        others = _publishes(_quiet(bob, 0)) + _publishes(_quiet(alice, 0))
+    assert others == []
+    notices = _notices(got)
+    assert 1 <= len(notices) <= 2 * (1 + REQUEST_NOTICES + 1)
+    named = [c for n in notices for c in (n.requests or [])]
+    assert any(n.requests for n in notices), "the requests held beyond the notices were not named"
+    assert all(len(n.requests or []) <= MAX_NOTICE_REQUESTS for n in notices)
+    assert set(named) <= set(bobs) | set(hers)
+    assert sum(len(p) for f, p in got if f >> 4 == 3) < 200_000  # bounded whatever the flood's size
+
+
+# ---------------------------------------------------------------- the same rules on Mosquitto
+
+broker_kind, broker_under_test, server, users = brokers.BOTH
+
+
+def test_a_publish_after_disconnect_is_dropped_on_either_broker(server: ServeInfo, users: Callable[..., None]) -> None:
+    users("alice", "bob")
+    with _subscribed(server, "bob", b"bob:bye", T.user_filter("bob")) as bob:
+        with _connect(server, "alice", b"alice:bye") as alice:
+            alice.sendall(
+                publish_packet(T.dm("bob", "alice").encode(), chat("sent"), qos=1, packet_id=1)
+                + DISCONNECT
+                + publish_packet(T.dm("bob", "alice").encode(), chat("after disconnect"), qos=1, packet_id=2)
+            )
+            _, closed = read_packets(alice, lambda p: False)
+            assert closed
+        assert _texts(_drain(bob)) == ["sent"]
+
+
+def test_a_takeover_closes_the_old_connection_on_either_broker(server: ServeInfo, users: Callable[..., None]) -> None:
+    """MQTT-3.1.4-2, clean session both times: the old connection is closed, and what it sends
+    after the takeover is not delivered."""
+    users("alice", "bob")
+    with _subscribed(server, "bob", b"bob:kick", T.user_filter("bob")) as bob:
+        with _connect(server, "alice", b"alice:kick") as old, _connect(server, "alice", b"alice:kick") as new:
+            _, old_closed = read_packets(old, lambda p: False)
+            assert old_closed
+            with contextlib.suppress(OSError):
+                old.sendall(publish_packet(T.dm("bob", "alice").encode(), chat("zombie"), qos=0))
+            new.sendall(publish_packet(T.dm("bob", "alice").encode(), chat("new"), qos=1, packet_id=1))
+            acks, _ = read_packets(new, lambda p: len(p) >= 1)
+            assert acks == [(0x40, b"\x00\x01")]
+        assert _texts(_drain(bob)) == ["new"]
+
+
+def test_a_publisher_held_back_by_its_own_output_keeps_order_and_identity(broker: ServeInfo) -> None:
+    """mallory publishes QoS 0 and 1 to a room she is subscribed to and does not read: her own
+    copies fill her output until the broker stops reading her (output.ReadGate), so what she
+    sent waits in the reader's buffer (``_held``) and the fast and queued paths alternate. bob,
+    who reads, gets every message once, in order; mallory her PUBACKs in order; forged lines
+    as bob among them reach nobody."""
+    import threading
+
+    room = "im/room/held"
+    n, big = 1200, "y" * 3000
+    data = bytearray()
+    acks = []
+    for i in range(1, n + 1):
+        if i % 100 == 50:
+            data += publish_packet(f"{room}/bob".encode(), chat(f"forged {i}"), qos=1, packet_id=i)
+            acks.append(i)
+            continue
+        data += publish_packet(f"{room}/mallory".encode(), chat(f"held {i} {big}"), qos=i % 2, packet_id=i)
+        acks += [i] if i % 2 else []
+    assert broker.broker is not None
+    output = broker.broker.output
+    readable, paused = output.readable, []
+
+    def counted(writer: Any) -> bool:
+        ok: bool = readable(writer)
+        paused.extend([] if ok else [1])
+        return ok
+
+    bob = _subscribed(broker, "bob", b"bob:held", f"{room}/+")
+    output.readable = counted  # type: ignore[method-assign]  # mallory's reader asks through it
+    try:
+        mallory = _subscribed(broker, "mallory", b"mallory:held", f"{room}/+", window=4096)
+    finally:
+        del output.readable
+    with bob, mallory:
+        sender = threading.Thread(target=mallory.sendall, args=(bytes(data),))
+        sender.start()
+        time.sleep(1.0)  # mallory reads nothing meanwhile
+        heard, got = _quiet(bob, 0.1), []
+        while len(_texts(heard)) < n - n // 100:
+            more = _quiet(bob, 0.1)
+            if not more[:-1]:  # only the barrier's PINGRESP: nothing more came
+                mine = _quiet(mallory, 0.1)  # read her side so the broker reads her again
+                got += mine
+                if not mine[:-1]:
+                    break
+            heard += more
+        sender.join(30)
+        got += _quiet(mallory, 1.0)
+    texts = [t.split()[0] + " " + t.split()[1] for t in _texts(heard)]
+    want = [f"held {i}" for i in range(1, n + 1) if i % 100 != 50]
+    assert texts == want
+    assert [int.from_bytes(b, "big") for f, b in got if f == 0x40] == acks
+    assert paused, "the broker never stopped reading mallory: the held path was not taken"
+
+
+def test_a_record_cleared_between_slices_is_not_sent_after_its_clearing(
+    broker: ServeInfo, statuses: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slices of a new subscription go 50 ms apart; alice clears half her statuses meanwhile.
+    In the subscriber's stream, once a record's clearing has come, no retained copy of it follows
+    (each slice takes the table as it is when it goes)."""
+
+    async def slowly(topics: list[str], size: int, send: Callable[[list[str]], None], going: Any) -> None:
+        for start in range(0, len(topics), size):
+            await asyncio.sleep(0.05)
+            if not going():
+                return
+            send(topics[start : start + size])
+
+    monkeypatch.setattr(amqtt_adapter, "send_in_slices", slowly)
+    cleared = statuses[6:]
+    with _connect(broker, "auditor", b"auditor:cleared") as auditor:
+        auditor.sendall(packet(0x82, b"\x00\x01" + field(b"im/status/alice/+") + b"\x01"))
+        with _connect(broker, "alice", b"alice:clearer") as alice:
+            alice.sendall(b"".join(packet(0x33, field(t.encode()) + b"\x00\x01") for t in cleared))
+            acks, _ = read_packets(alice, lambda p: len(p) >= len(cleared))
+            assert len(acks) == len(cleared)
+        got = _quiet(auditor, 1.0)
+    stream = [
+        (first, *topic_payload)
+        for (first, _), topic_payload in zip([g for g in got if g[0] >> 4 == 3], _publishes(got), strict=True)
+    ]
+    for topic in cleared:
+        cleared_at = next((i for i, (_, t, p) in enumerate(stream) if t == topic and not p), None)
+        assert cleared_at is not None, f"the clearing of {topic} never came"
+        stale = [i for i, (first, t, p) in enumerate(stream) if t == topic and first & 0x01 and i > cleared_at]
+        assert not stale, f"{topic} sent retained after it was cleared"
+
+
+# ---------------------------------------------------------------- any mix, any segmentation
+
+mixes = st.lists(st.one_of(st.integers(0, 1), st.sampled_from(sorted(BAD))), min_size=1, max_size=12)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mixes, st.lists(st.integers(1, 400), max_size=8))
+def test_any_mix_in_any_segments_delivers_exactly_what_came_before_the_first_malformed_packet(
+    broker: ServeInfo, mix: list[int | str], cuts: list[int]
+) -> None:
+    """mallory's DMs (QoS 0 or 1) and malformed PUBLISHes in any order, written in segments cut
+    anywhere: bob gets the DMs before the first malformed one, in order, and none after it; the
+    connection is closed if there was one. The same verdict whatever the reads see of it."""
+    data, expected, bad = bytearray(), [], False
+    for n, item in enumerate(mix):
+        if isinstance(item, str):
+            data += BAD[item]
+            bad = True
+            continue
+        data += publish_packet(DM, chat(f"mix {n}"), qos=item, packet_id=n + 1)
+        if not bad:
+            expected.append(f"mix {n}")
+    data += PINGREQ
+    with _subscribed(broker, "bob", b"bob:mix", T.user_filter("bob")) as bob:
+        with _connect(broker, "mallory", b"mallory:mix") as mallory:
+            start = 0
+            for cut in [*sorted({c for c in cuts if c < len(data)}), len(data)]:
+                try:
+                    mallory.sendall(data[start:cut])
+                except OSError:  # closed already: the verdict came
+                    break
+                start = cut
+                time.sleep(0.001)
+            _, closed = read_packets(mallory, lambda p: not bad and any(f == PINGRESP for f, _ in p))
+        texts = _texts(_drain(bob))
+    assert closed == bad
+    assert texts == expected
