@@ -266,9 +266,13 @@ def test_every_request_dropped_in_a_flood_is_named_in_a_notice(starved: ServeInf
             named.extend(notice.get("requests") or [])
         assert sorted(named) == sorted(ids)  # each once
         aggregated = [n for n in notices if n.get("requests")]
-        assert len(aggregated) == 1 and aggregated[0].get("topic") is None
-        assert "more requests dropped" in str(aggregated[0]["text"])
-        assert isinstance(aggregated[0]["retry"], float) and aggregated[0]["retry"] > 0
+        assert aggregated  # one a second: one, or more if the flood took over a second (a loaded machine)
+        for notice in aggregated:
+            assert notice.get("topic") is None
+            assert re.fullmatch(
+                r"slow down: \d+ more requests? dropped, beyond 0.001 messages a second", str(notice["text"])
+            )
+            assert isinstance(notice["retry"], float) and notice["retry"] > 0
     finally:
         alice.close()
 

@@ -25,7 +25,7 @@ from imcli.cli.app import app
 from imcli.client import services
 from imcli.client.listener import Listener
 from imcli.core.errors import NameTaken, NotFound, RequestTimeout
-from imcli.core.mqtt import Credentials
+from imcli.core.mqtt import SUBSCRIBE_TRIES, Credentials
 from imcli.core.service import PasswordFileDirectory
 from imcli.core.wire import DeviceStatus, Presence, encode
 from imcli.groups.worker import GroupWorker
@@ -48,8 +48,14 @@ class PresenceWatch:
     """A raw subscriber to every presence record and event (what any signed-in user may read)."""
 
     def __init__(self, raw: Raw) -> None:
-        assert raw.subscribe("im/presence/+") == 1
-        assert raw.subscribe("im/events") == 1
+        for topic in ("im/presence/+", "im/events"):
+            # asked again when refused, as imcli's clients do (SUBSCRIBE_TRIES): a loaded NATS cluster
+            # refuses a QoS 1 SUBSCRIBE whose JetStream consumer is not made within 4 s
+            granted = [raw.subscribe(topic)]
+            while granted[-1] != 1 and len(granted) < SUBSCRIBE_TRIES:
+                time.sleep(len(granted))
+                granted.append(raw.subscribe(topic))
+            assert granted[-1] == 1, granted
         self.raw = raw
         self.records: dict[str, dict[str, object]] = {}
         self.events: list[dict[str, object]] = []

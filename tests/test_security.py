@@ -17,10 +17,11 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
+from imcli.broker.accounts import AccountStore
 from imcli.broker.server import BrokerSettings
 from imcli.core.topics import DEFAULT_MAX_CHUNK
 from imcli.core.wire import DEFAULT_MAX_PAYLOAD, DeviceStatus, Notice, WhoRequest, encode
-from imcli.serve.host import BackgroundServer
+from imcli.serve.host import BackgroundServer, ServeInfo
 from tests import brokers
 from tests.brokers import NO_CLIENT_ID_BINDING, NO_NOTICES, NO_REGISTRATION, SUBSCRIBE_GRANTED
 from tests.conftest import Raw, password_of
@@ -246,6 +247,26 @@ def test_nobody_forges_a_rate_notice_that_fails_anothers_request(alice_bob: tupl
     late = raw("alice", client_id="alice:late")
     assert late.subscribe("im/user/alice/notice") == 1
     assert late.silent(0.3) == []  # nothing retained
+
+
+@brokers.EMBEDDED_ONLY  # Mosquitto's twin: test_mosquitto.py::test_archive_account_writes_nothing_but_replies
+@pytest.mark.parametrize("worker", ["archive", "files"])
+def test_the_archive_and_files_accounts_forge_no_notice(
+    alice_bob: tuple[Raw, Raw], raw: RawFactory, server: ServeInfo, worker: str
+) -> None:
+    """Least privilege, as on Mosquitto and NATS: with the archive's or the files worker's key,
+    a rate notice on a user's notice topic goes nowhere; their own notice topic and replies work."""
+    alice, _bob = alice_bob
+    AccountStore(server.data_dir).ensure_service(worker, password_of(worker))
+    service = raw(worker, client_id=f"{worker}:test")
+    assert service.rc == 0
+    forged = encode(Notice(code="rate", text="slow down", topic="im/request/alice/" + "c" * 32, retry=3600))
+    service.publish("im/user/alice/notice", forged)
+    service.publish("im/user/alice/reply/" + "c" * 32, b"{}")  # a reply is theirs to send
+    assert alice.subscribe("im/user/alice/reply/+") == 1
+    service.publish("im/user/alice/reply/" + "d" * 32, b"{}")
+    got = alice.until("im/user/alice/reply/" + "d" * 32)
+    assert [m.topic for m in got if m.topic.endswith("/notice")] == []
 
 
 @pytest.mark.broker_xfail("mosquitto", reason=NO_NOTICES)

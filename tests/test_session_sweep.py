@@ -204,3 +204,20 @@ def test_a_subscriber_gets_every_retained_record_when_they_come_in_slices(
     arrived = [late.expect(timeout=5) for _ in names]
     assert {m.topic for m in arrived} == {f"im/presence/{n}" for n in names}
     assert all(m.retain for m in arrived)
+
+
+def test_a_handler_asked_to_stop_again_does_its_work_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its reader's end, the message loop's disconnect and the ended session's cleanup each ask."""
+    from amqtt.broker import Broker
+
+    stops: list[int] = []
+
+    async def main() -> None:
+        broker = Broker({"listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0"}}, "plugins": {}})
+        handler = amqtt_adapter.AckAfterJournal(broker.plugins_manager)
+        monkeypatch.setattr(handler, "_stop_waiters", lambda: stops.append(1))
+        for _ in range(3):
+            await handler.stop()
+
+    asyncio.run(main())
+    assert stops == [1]

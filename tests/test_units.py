@@ -6,6 +6,7 @@ import json
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -257,6 +258,26 @@ def test_service_rules() -> None:
     assert not ACL.allows("presence", None, "im/presence/bob", Access.PUBLISH)
 
 
+def test_the_archive_and_files_accounts_write_no_one_elses_notice() -> None:
+    """Least privilege on the embedded broker as on Mosquitto and NATS: the archive and files
+    workers write replies (files: downloads too) and their own notice topic, and nobody else's
+    notice (a client trusts a rate notice there); presence and groups tell every user."""
+    from imcli.broker.acl import SERVICE_WRITE_OF
+    from imcli.groups.natsauth import SERVICE_RIGHTS
+
+    for worker in ("archive", "files"):
+        assert SERVICE_WRITE_OF[worker] == SERVICE_RIGHTS[worker][0]  # the same rights on NATS
+        assert ACL.allows(worker, Role.SERVICE, "im/user/bob/reply/x1", Access.PUBLISH)
+        assert ACL.allows(worker, Role.SERVICE, f"im/user/{worker}/notice", Access.PUBLISH)
+        for topic in ("im/user/bob/notice", "im/presence/bob", "im/events", "im/group/team/info"):
+            assert not ACL.allows(worker, Role.SERVICE, topic, Access.PUBLISH), (worker, topic)
+        assert ACL.allows(worker, Role.SERVICE, "im/request/+/+", Access.SUBSCRIBE)  # reads as before
+    assert ACL.allows("files", Role.SERVICE, "im/user/bob/file/s1", Access.PUBLISH)
+    assert not ACL.allows("archive", Role.SERVICE, "im/user/bob/file/s1", Access.PUBLISH)
+    for worker in ("presence", "groups"):
+        assert ACL.allows(worker, Role.SERVICE, "im/user/bob/notice", Access.PUBLISH)
+
+
 def test_retain_only_on_state_topics() -> None:
     assert ACL.may_retain("im/status/alice/x")
     assert not ACL.may_retain("im/room/lobby/alice")
@@ -438,23 +459,20 @@ def test_build_schemas_builds_every_payload_model_in_a_fresh_interpreter() -> No
     assert int(count) > 40  # ChatMessage, the file models, the requests and replies, ...
 
 
-# ---------------------------------------------------------------- MqttClient: how a clean session ends
+# ---------------------------------------------------------------- MqttClient against a broker of a few lines
 
 
-@pytest.mark.parametrize("clean", [True, False])
-def test_a_clean_session_unsubscribes_before_it_disconnects(clean: bool) -> None:
-    """What the client sends after its SUBSCRIBE, to a broker of a few lines: a clean session ends with
-    UNSUBSCRIBE then DISCONNECT (nats-server 2.9 would otherwise delete its JetStream consumers while
-    holding the session's lock, blocking the routes that carry its messages for up to 4 s each:
-    imcli/core/mqtt.py); a persistent session keeps its subscriptions, and so sends no UNSUBSCRIBE."""
+def few_lines_broker(grants: list[int]) -> tuple[int, list[int], Callable[[], None]]:
+    """A broker that accepts a CONNECT and answers the n-th SUBSCRIBE with ``grants[n]`` for each of its
+    filters (1, or 0x80: refused); its port, the types of the packets it read, and a join for its end."""
     import socket
     import threading
 
-    from imcli.core.mqtt import BrokerAddress, Credentials, MqttClient
     from tests.rawmqtt import read_packets
 
     server = socket.create_server(("127.0.0.1", 0))
     got: list[int] = []
+    subscribes = iter(grants)
 
     def broker() -> None:
         conn, _ = server.accept()
@@ -466,19 +484,62 @@ def test_a_clean_session_unsubscribes_before_it_disconnects(clean: bool) -> None
                     got.append(first >> 4)
                     if first >> 4 == 1:  # CONNECT: accepted
                         conn.sendall(b"\x20\x02\x00\x00")
-                    elif first >> 4 == 8:  # SUBSCRIBE: granted QoS 1
-                        conn.sendall(b"\x90\x03" + body[:2] + b"\x01")
+                    elif first >> 4 == 8:  # SUBSCRIBE: its packet id, then a topic filter and a QoS each
+                        count, at = 0, 2
+                        while at < len(body):
+                            at += 2 + int.from_bytes(body[at : at + 2], "big") + 1
+                            count += 1
+                        conn.sendall(bytes([0x90, 2 + count]) + body[:2] + bytes([next(subscribes)] * count))
                 return got[-1:] == [14]  # DISCONNECT
 
             read_packets(conn, answer)
 
     thread = threading.Thread(target=broker, daemon=True)
     thread.start()
-    port = server.getsockname()[1]
+
+    def join() -> None:
+        thread.join(10)
+        server.close()
+
+    return server.getsockname()[1], got, join
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_a_clean_session_unsubscribes_before_it_disconnects(clean: bool) -> None:
+    """What the client sends after its SUBSCRIBE: a clean session ends with UNSUBSCRIBE then DISCONNECT
+    (nats-server 2.9 would otherwise delete its JetStream consumers while holding the session's lock,
+    blocking the routes that carry its messages for up to 4 s each: imcli/core/mqtt.py); a persistent
+    session keeps its subscriptions, and so sends no UNSUBSCRIBE."""
+    from imcli.core.mqtt import BrokerAddress, Credentials, MqttClient
+
+    port, got, join = few_lines_broker([1])
     client = MqttClient(BrokerAddress("127.0.0.1", port), Credentials("alice", "pw"), "alice:t", clean_session=clean)
     client.connect()
     client.subscribe(["im/events"])
     client.close()
-    thread.join(10)
-    server.close()
+    join()
     assert got == ([1, 8, 10, 14] if clean else [1, 8, 14])  # CONNECT, SUBSCRIBE, (UNSUBSCRIBE), DISCONNECT
+
+
+def test_a_refused_subscribe_of_ones_own_topics_is_tried_again() -> None:
+    """A loaded NATS 2.9 cluster refuses a QoS 1 SUBSCRIBE whose JetStream consumer is not made within
+    4 s: a command's or a listener's own topics are asked for again (SUBSCRIBE_TRIES), and the last
+    refusal is still an error."""
+    from imcli.core.errors import PublishFailed
+    from imcli.core.mqtt import SUBSCRIBE_TRIES, BrokerAddress, Credentials, MqttClient
+
+    port, got, join = few_lines_broker([0x80, 1])
+    client = MqttClient(BrokerAddress("127.0.0.1", port), Credentials("alice", "pw"), "alice:t")
+    client.connect()
+    client.subscribe(["im/user/alice/reply/+"], tries=SUBSCRIBE_TRIES)  # refused, then granted
+    client.close()
+    join()
+    assert got == [1, 8, 8, 10, 14]
+    port, got, join = few_lines_broker([0x80] * SUBSCRIBE_TRIES)
+    client = MqttClient(BrokerAddress("127.0.0.1", port), Credentials("alice", "pw"), "alice:t")
+    client.connect()
+    with pytest.raises(PublishFailed, match="refused the subscription to im/user/alice/reply/"):
+        client.subscribe(["im/user/alice/reply/+"], tries=SUBSCRIBE_TRIES)
+    client.close()
+    join()
+    assert got == [1] + [8] * SUBSCRIBE_TRIES + [14]  # nothing granted, nothing to unsubscribe

@@ -19,7 +19,7 @@ from functools import lru_cache
 from typing import Protocol
 
 from imcli.broker.accounts import Role
-from imcli.core.rules import dm_refusal, group_visible
+from imcli.core.rules import ARCHIVE_ACCOUNT, FILES_ACCOUNT, dm_refusal, group_visible
 from imcli.core.wire import TopicKind, Topics, is_name
 
 
@@ -47,6 +47,14 @@ SERVICE_WRITE = (
     "status/+/+",  # the presence worker clears statuses of devices that vanished without a Last Will
     "user/+/file/+",  # the files worker's downloads (issue 16)
 )
+# least privilege for the archive and files workers' accounts, as deploy/mosquitto/aclfile's `user
+# archive` and `user files` and NATS's imcli/groups/natsauth.py ``SERVICE_RIGHTS``: replies (the files
+# worker's downloads too) and their own notice topic, never another user's notice (a client trusts a
+# ``rate`` notice there: the request it names fails at once)
+SERVICE_WRITE_OF: dict[str, tuple[str, ...]] = {
+    ARCHIVE_ACCOUNT: ("user/+/reply/+", "user/%u/notice"),
+    FILES_ACCOUNT: ("user/+/reply/+", "user/+/file/+", "user/%u/notice"),
+}
 # a file's chunks and a download's acknowledgements: many small messages to the files worker alone,
 # counted against their own rate (Limits.file_rate), not the chat rate
 FILE_TRANSFER = frozenset({TopicKind.UPLOAD, TopicKind.FETCH})
@@ -239,5 +247,5 @@ def _expand(prefix: str, username: str, role: Role, write: bool) -> tuple[str, .
     # not cached: the levels above are, and a SUBSCRIBE's check (``_patterns``) makes these few strings
     table = {(Role.SERVICE, True): SERVICE_WRITE, (Role.SERVICE, False): SERVICE_READ,
              (Role.USER, True): USER_WRITE, (Role.USER, False): USER_READ}  # fmt: skip
-    rules = table[role, write]
+    rules = SERVICE_WRITE_OF.get(username, SERVICE_WRITE) if role is Role.SERVICE and write else table[role, write]
     return tuple(f"{prefix}/{r}".replace("%u", username) for r in rules)

@@ -140,7 +140,9 @@ class AckAfterJournal(BrokerProtocolHandler):
     activity: Bell | None = None  # set when a packet handled left work for the message loop
     answered = 0  # SUBSCRIBEs and UNSUBSCRIBEs the message loop has answered (SUBACK, UNSUBACK)
     loop_ended = False  # the message loop has returned (it answers no more)
+    said_goodbye = False  # a DISCONNECT was handled: a PUBLISH after it is not the client's (MQTT-3.14.4-1)
     answers: bytearray | None = None  # PUBACKs for the packets of one read, while its reader handles them
+    _stopping = False  # stop() has begun (it does its work once)
 
     def __init__(self, plugins_manager: Any, session: Session | None = None, loop: Any = None) -> None:
         super().__init__(plugins_manager, session, loop)
@@ -150,10 +152,28 @@ class AckAfterJournal(BrokerProtocolHandler):
         self.in_flight = InFlight()  # the fan-out's QoS 1 copies awaiting their PUBACK (fanout.py)
 
     async def stop(self) -> None:
-        self.in_flight.forget_all()
-        await super().stop()
+        # asked up to four times per connection (its reader's end, the message loop's disconnect, the
+        # ended session's cleanup, a take-over), amqtt's did all its work each time: 22 debug lines
+        # built (f-strings, a packet's repr), every waiter cancelled again. Once is enough: a later
+        # call returns at once, as amqtt's own returned at once from a writer already closing.
+        if self._stopping:
+            return
+        self._stopping = True
+        try:
+            self.in_flight.forget_all()
+            await super().stop()
+        except asyncio.CancelledError:  # not stopped after all: the next call does it
+            self._stopping = False
+            raise
+
+    async def handle_disconnect(self, disconnect: Any) -> None:
+        self.said_goodbye = True
+        await super().handle_disconnect(disconnect)
 
     async def handle_publish(self, publish_packet: Any) -> None:
+        if self.said_goodbye:  # bytes after the client's DISCONNECT (amqtt's WebSocket loop reads on)
+            log.debug("%s: PUBLISH after DISCONNECT dropped", self.session.client_id if self.session else "?")
+            return
         try:
             await super().handle_publish(publish_packet)
         finally:
@@ -322,6 +342,8 @@ class ImBroker(Broker):
         )
         self.admission.tell = self.publishing.tell = self.upkeep.tell = self.notifier.tell
         self.filters = SessionFilters()
+        # (connection's handler, filter) -> the retained sending of its latest SUBSCRIBE still going
+        self._retained_sending: dict[tuple[Any, str], object] = {}
         self.output = OutputBound(lim.output_drop, lim.output_close, lim.output_stuck)
         amqtts = (self._subscriptions, self._matches, self._get_handler, self._retain_broadcast_message)
         self.fan_out = FanOut(*amqtts, self.access.receive_check, self.output)
@@ -456,7 +478,9 @@ class ImBroker(Broker):
         # admitted (imcli/broker/admission.py) before any existing session is deleted, merged or taken over
         await self.admission.admit_or_refuse(reader, writer, incoming, self._sessions, self.upkeep.persistent_of)
         delay = self.config.timeout_disconnect_delay or 0
-        session = await start_session(incoming, self._sessions, self._delete_session, delay)  # sessions.py
+        session = await start_session(  # imcli/broker/sessions.py
+            incoming, self._sessions, self._delete_session, delay, close_current=self.close_connection
+        )
         self.output.attach_inbox(writer, session.delivered_message_queue)  # output.ReadGate
         if isinstance(handler, AckAfterJournal):
             handler.before_ack, handler.max_unreleased = self._before_ack, self.settings.limits.max_unreleased
@@ -655,13 +679,31 @@ class ImBroker(Broker):
             # wait for the client's PUBACKs, and its reader for that loop's next SUBACK (reader.py)
             self.fan_out.publish_later(handler, matching, retain=True)
 
+        # A newer SUBSCRIBE to the same filter starts its own sending: the older one stops, as it
+        # does when the filter is unsubscribed (MQTT-3.10.4-2) or the connection is not the one that
+        # asked; else an UNSUBSCRIBE did not stop the slices, and each resubscription added a copy.
+        key, token = (handler, subscription[0]), object()
+        self._retained_sending.pop(key, None)
         send(topics[:RETAINED_SLICE])
         if len(topics) > RETAINED_SLICE:  # the rest a slice per round: 10,000 presence records at once
             # were one callback of 118 ms of CPU (issue 21: `imcli listen` at 10,000 users)
-            rest = send_in_slices(
-                topics[RETAINED_SLICE:], RETAINED_SLICE, send, lambda: self._get_handler(session) is handler
-            )
-            self.fan_out.keep(asyncio.ensure_future(rest))
+            self._retained_sending[key] = token
+
+            def going() -> bool:
+                return (
+                    self._retained_sending.get(key) is token
+                    and self._get_handler(session) is handler
+                    and subscription[0] in self.filters.of(session.client_id)
+                )
+
+            async def rest() -> None:
+                try:
+                    await send_in_slices(topics[RETAINED_SLICE:], RETAINED_SLICE, send, going)
+                finally:
+                    if self._retained_sending.get(key) is token:
+                        del self._retained_sending[key]
+
+            self.fan_out.keep(asyncio.ensure_future(rest()))
 
     async def retain_message(
         self,

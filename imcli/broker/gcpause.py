@@ -67,7 +67,9 @@ sockets, its epoll set or its log. Found objects are logged as a warning with th
 some path makes: a bug to find, as the two above were); at ``COMPACT_AT`` or more the broker
 compacts all the same, memory mattering more than one pause (logged as such). Where ``os.fork``
 does not exist the check is skipped and nothing compacts: frozen cycles then wait for the
-restart.
+restart. (Python 3.12 warns that forking a process with threads may deadlock the child: a
+finalizer the child runs could wait for a lock another thread held at the fork; the child is
+killed after ``CHECK_TIMEOUT`` and the check counts as not made.)
 
 Every collection that stops the broker for ``PAUSE_LOG_MS`` or more (50 ms, issue 21's bound on
 a stall; the environment variable ``IMCLI_GC_LOG_MS`` changes it, ``python -m benchmarks`` sets

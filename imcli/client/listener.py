@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from imcli.client.groupfollow import GroupFollower
 from imcli.client.identity import Identity
 from imcli.core.errors import AuthenticationFailed, DeviceLoggedOut, ImcliError, PublishFailed
-from imcli.core.mqtt import ConnectionListener, Message, MqttClient, Will
+from imcli.core.mqtt import SUBSCRIBE_TRIES, ConnectionListener, Message, MqttClient, Will
 from imcli.core.names import label
 from imcli.core.request_reply import RequestClient
 from imcli.core.rules import DEVICE_CREDENTIAL_PREFIX
@@ -241,7 +241,7 @@ class Listener:
     def __enter__(self) -> Listener:
         self._client.connect()
         try:
-            self._client.subscribe(self._filters)
+            self._client.subscribe(self._filters, tries=SUBSCRIBE_TRIES)
             self._subscribe_groups()
             self._catching_up = False
             self._client.publish(self._status_topic, self._status(), qos=1, retain=True)

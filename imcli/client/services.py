@@ -22,7 +22,7 @@ from imcli.core.errors import (
     NotFound,
     RequestTimeout,
 )
-from imcli.core.mqtt import BrokerAddress, Credentials, Message, MqttClient
+from imcli.core.mqtt import SUBSCRIBE_TRIES, BrokerAddress, Credentials, Message, MqttClient
 from imcli.core.names import clean_display_name
 from imcli.core.request_reply import Asker, RequestClient
 from imcli.core.rules import REGISTER_PREFIX, dm_refusal
@@ -526,7 +526,7 @@ class Connection:
     def __enter__(self) -> Connection:
         self._client.connect()
         try:
-            self._client.subscribe(self._filters(), at_most_once=[self.requests.notice_topic])
+            self._client.subscribe(self._filters(), at_most_once=[self.requests.notice_topic], tries=SUBSCRIBE_TRIES)
         except ImcliError:
             self._client.close()
             raise

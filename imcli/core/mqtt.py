@@ -9,10 +9,12 @@ paho's own network thread (``on_message`` runs there: use ``publish_nowait`` in 
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +25,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from imcli.core.errors import AuthenticationFailed, BrokerUnreachable, InvalidInput, PublishFailed
 from imcli.core.rules import DEVICE_CREDENTIAL_PREFIX
 
+log = logging.getLogger(__name__)  # INFO only: a command configures no logging, and WARNING would reach its stderr
+
 # paho 2 reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes; map back for messages
 _CONNACK_V311 = {128: 1, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
 SERVER_UNAVAILABLE = 3  # the one refusal a reconnecting client waits out
@@ -30,6 +34,10 @@ SERVER_UNAVAILABLE = 3  # the one refusal a reconnecting client waits out
 # about a minute in all) before it is fatal: a NATS 2.9 cluster refuses SUBSCRIBE for ~20 s after a node died,
 # while JetStream elects new leaders for the MQTT sessions' streams
 RENEW_TRIES = 10
+# a first SUBSCRIBE of a client's own topics (always its to read) that the broker refuses is tried this
+# often in all (1 s, then 2 s apart): a loaded NATS 2.9 cluster refuses a QoS 1 SUBSCRIBE when JetStream
+# does not make its consumer within 4 s (the node logs "Unable to add JetStream consumer ... timeout")
+SUBSCRIBE_TRIES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,15 +292,21 @@ class MqttClient:
         """Queue a publish without waiting (safe inside ``on_message``)."""
         self._client().publish(topic, payload, qos=qos, retain=retain)
 
-    def subscribe(self, filters: list[str], qos: int = 1, *, at_most_once: Sequence[str] = ()) -> None:
-        """Subscribe (``at_most_once`` at QoS 0, in the same SUBSCRIBE) and wait for SUBACK;
-        raise if the broker refused any filter."""
+    def subscribe(self, filters: list[str], qos: int = 1, *, at_most_once: Sequence[str] = (), tries: int = 1) -> None:
+        """Subscribe (``at_most_once`` at QoS 0, in the same SUBSCRIBE) and wait for SUBACK; the refused
+        filters again, up to ``tries`` SUBSCRIBEs in all (``SUBSCRIBE_TRIES`` for one's own topics);
+        raise if the broker refused any filter in the end."""
         pairs = [(f, qos) for f in filters] + [(f, 0) for f in at_most_once]
         for f, q in pairs:
             self._filters[f] = q
-        codes = self._subscribe_and_wait(pairs)
-        refused = [f for (f, _), rc in zip(pairs, codes, strict=True) if rc.is_failure]
-        self._subscribed.update(f for f, _ in pairs if f not in refused)
+        for attempt in range(1, tries + 1):
+            codes = self._subscribe_and_wait(pairs)
+            self._subscribed.update(f for (f, _), rc in zip(pairs, codes, strict=True) if not rc.is_failure)
+            pairs = [pair for pair, rc in zip(pairs, codes, strict=True) if rc.is_failure]
+            if not pairs or attempt == tries:
+                break
+            time.sleep(attempt)
+        refused = [f for f, _ in pairs]
         for f in refused:  # not renewed after a reconnect
             self._filters.pop(f, None)
         if refused:
@@ -368,6 +382,9 @@ class MqttClient:
         reconnected = self._was_connected
         self._was_connected = True
         self._connections += 1
+        if reconnected:
+            host, port = self.node
+            log.info("%s reconnected to %s:%d (session present: %s)", self._client_id, host, port, self.session_present)
         if reconnected and self._filters:
             self._renew(client, list(self._filters.items()), 1, self._connections)
         if reconnected and self._on_connection is not None:
@@ -393,6 +410,9 @@ class MqttClient:
         self._next_node(client)
 
     def _handle_disconnect(self, client: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+        if self._was_connected and not self._closing:
+            host, port = self.node
+            log.info("%s lost the connection to %s:%d (%s)", self._client_id, host, port, rc)
         self._next_node(client)
         if not self._connack.is_set():  # e.g. a plain CONNECT sent to a TLS port: fail now, not after the timeout
             self._connack.set()
@@ -422,6 +442,7 @@ class MqttClient:
                     "the broker refused a subscription after reconnecting", "start again; the broker's log says why"
                 )
             elif refused:
+                log.info("%s: the broker refused %s after reconnecting (try %d)", self._client_id, refused, attempt)
                 timer = threading.Timer(attempt, self._renew_later, (refused, attempt + 1, connection))
                 timer.daemon = True
                 timer.start()

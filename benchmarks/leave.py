@@ -1,0 +1,85 @@
+"""What ``--users`` signing in and then leaving at once (DISCONNECT) cost the broker's thread in CPU.
+
+    python -m benchmarks.leave [--users 3000] [--processes 2] [--profile]
+
+Runs the embedded broker in this process (``BackgroundServer``, no workers: only the broker's own
+work is counted), signs the users in from crowd processes (benchmarks/crowd.py, no status), waits,
+and has them all leave at once, as the capacity scenario's end does. Prints the CPU time of the
+broker's thread (``pthread_getcpuclockid``: what waiting for a core does not move) per user joining
+and per user leaving; with ``--profile`` also a cProfile of the broker's loop during the leave, by
+own time (the leave's CPU figure then includes the profiler's own: about twice as much). A stall
+a mass leave makes is about (users leaving at once) x (CPU per user leaving): asyncio serves ready
+sockets first come, first served (docs/PERFORMANCE.md, issue 21).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from benchmarks.memory import _Here, _write_accounts
+from benchmarks.scenarios import Crowds
+from imcli.broker.limits import Limits
+from imcli.broker.settings import BrokerSettings
+from imcli.serve.host import BackgroundServer
+
+
+def _cpu(thread: threading.Thread) -> float:
+    assert thread.ident is not None
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+
+
+def measure(users: int, processes: int, profile: bool) -> dict[str, object]:
+    result: dict[str, object] = {"users": users}
+    with tempfile.TemporaryDirectory(prefix="bench-leave-") as tmp:
+        data = Path(tmp) / "data"
+        data.mkdir()
+        _write_accounts(data, users)
+        limits = Limits(publish_rate=1e6, publish_burst=1_000_000, password_queue=4096)
+        server = BackgroundServer(BrokerSettings(data_dir=data, port=0, limits=limits), workers=False)
+        profiler = cProfile.Profile()
+        with server as info:
+            loop, thread = server._loop, server._thread  # the broker's loop and thread (a benchmark's look inside)
+            assert loop is not None
+            before_join = _cpu(thread)
+            with Crowds.join(_Here(info.address.port), users, processes, status=False) as (_, joined):  # type: ignore[arg-type]
+                result["joined"] = joined["ok"]
+                result["join_cpu_us_per_user"] = round((_cpu(thread) - before_join) * 1e6 / users, 1)
+                time.sleep(3)
+                if profile:
+                    loop.call_soon_threadsafe(profiler.enable)
+                before_leave = _cpu(thread)
+            time.sleep(5)  # every connection has ended, every session forgotten
+            result["leave_cpu_us_per_user"] = round((_cpu(thread) - before_leave) * 1e6 / users, 1)
+            if profile:
+                loop.call_soon_threadsafe(profiler.disable)
+                time.sleep(0.5)
+    if profile:
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
+        result["profile"] = out.getvalue()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=3000)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    figures = measure(args.users, args.processes, args.profile)
+    text = figures.pop("profile", None)
+    print(json.dumps(figures, indent=1))
+    if text:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
