@@ -11,14 +11,18 @@ or after it is delivered to anyone.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from imcli.broker import amqtt_adapter
 from imcli.broker.accounts import AccountStore, Role
@@ -245,6 +249,10 @@ def test_a_dm_forged_from_another_is_never_delivered(broker: ServeInfo, queued: 
                 _drain(mallory)
         seen = _publishes(_drain(bob)) + _publishes(_drain(alice))
     assert not [t for t, p in seen if b"forged" in p]
+    with sqlite3.connect(broker.data_dir / "archive.sqlite3") as archive:  # journalled before delivery: not either
+        assert archive.execute("SELECT text FROM messages WHERE text LIKE 'forged%'").fetchall() == []
+        if queued:  # the genuine ones around them were
+            assert archive.execute("SELECT count(*) FROM messages WHERE text LIKE 'burst%'").fetchone()[0] > 0
 
 
 def test_a_publish_after_disconnect_in_the_same_segment_is_not_delivered(broker: ServeInfo) -> None:
@@ -262,6 +270,26 @@ def test_a_publish_after_disconnect_in_the_same_segment_is_not_delivered(broker:
                 assert closed
         texts = _texts(_drain(bob))
     assert texts == ["sent 0", "sent 1"]
+
+
+def test_a_qos2_exchange_completed_just_before_disconnect_is_delivered(broker: ServeInfo) -> None:
+    """PUBLISH (QoS 2), its PUBREL and DISCONNECT in one segment: the reader stops at the
+    DISCONNECT, but the message released before it is still delivered, each time."""
+    with _subscribed(broker, "bob", b"bob:q2", T.user_filter("bob")) as bob:
+        for i in range(5):
+            with _connect(broker, "mallory", b"mallory:q2") as mallory:
+                mallory.sendall(
+                    packet(0x34, field(DM) + b"\x00\x05" + chat(f"released {i}"))
+                    + packet(0x62, b"\x00\x05")
+                    + DISCONNECT
+                )
+                _, closed = read_packets(mallory, lambda p: False)
+                assert closed
+        heard: list[str] = []
+        deadline = time.monotonic() + 10
+        while len(heard) < 5 and time.monotonic() < deadline:  # a flow's delivery may follow the close
+            heard += _texts(_drain(bob))
+    assert heard == [f"released {i}" for i in range(5)]
 
 
 def test_a_publish_after_disconnect_over_websocket_is_not_delivered(broker: ServeInfo) -> None:
@@ -562,3 +590,76 @@ def test_a_publisher_held_back_by_its_own_output_keeps_order_and_identity(broker
     assert texts == want
     assert [int.from_bytes(b, "big") for f, b in got if f == 0x40] == acks
     assert paused, "the broker never stopped reading mallory: the held path was not taken"
+
+
+def test_a_record_cleared_between_slices_is_not_sent_after_its_clearing(
+    broker: ServeInfo, statuses: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slices of a new subscription go 50 ms apart; alice clears half her statuses meanwhile.
+    In the subscriber's stream, once a record's clearing has come, no retained copy of it follows
+    (each slice takes the table as it is when it goes)."""
+
+    async def slowly(topics: list[str], size: int, send: Callable[[list[str]], None], going: Any) -> None:
+        for start in range(0, len(topics), size):
+            await asyncio.sleep(0.05)
+            if not going():
+                return
+            send(topics[start : start + size])
+
+    monkeypatch.setattr(amqtt_adapter, "send_in_slices", slowly)
+    cleared = statuses[6:]
+    with _connect(broker, "auditor", b"auditor:cleared") as auditor:
+        auditor.sendall(packet(0x82, b"\x00\x01" + field(b"im/status/alice/+") + b"\x01"))
+        with _connect(broker, "alice", b"alice:clearer") as alice:
+            alice.sendall(b"".join(packet(0x33, field(t.encode()) + b"\x00\x01") for t in cleared))
+            acks, _ = read_packets(alice, lambda p: len(p) >= len(cleared))
+            assert len(acks) == len(cleared)
+        got = _quiet(auditor, 1.0)
+    stream = [
+        (first, *topic_payload)
+        for (first, _), topic_payload in zip([g for g in got if g[0] >> 4 == 3], _publishes(got), strict=True)
+    ]
+    for topic in cleared:
+        cleared_at = next((i for i, (_, t, p) in enumerate(stream) if t == topic and not p), None)
+        assert cleared_at is not None, f"the clearing of {topic} never came"
+        stale = [i for i, (first, t, p) in enumerate(stream) if t == topic and first & 0x01 and i > cleared_at]
+        assert not stale, f"{topic} sent retained after it was cleared"
+
+
+# ---------------------------------------------------------------- any mix, any segmentation
+
+mixes = st.lists(st.one_of(st.integers(0, 1), st.sampled_from(sorted(BAD))), min_size=1, max_size=12)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mixes, st.lists(st.integers(1, 400), max_size=8))
+def test_any_mix_in_any_segments_delivers_exactly_what_came_before_the_first_malformed_packet(
+    broker: ServeInfo, mix: list[int | str], cuts: list[int]
+) -> None:
+    """mallory's DMs (QoS 0 or 1) and malformed PUBLISHes in any order, written in segments cut
+    anywhere: bob gets the DMs before the first malformed one, in order, and none after it; the
+    connection is closed if there was one. The same verdict whatever the reads see of it."""
+    data, expected, bad = bytearray(), [], False
+    for n, item in enumerate(mix):
+        if isinstance(item, str):
+            data += BAD[item]
+            bad = True
+            continue
+        data += publish_packet(DM, chat(f"mix {n}"), qos=item, packet_id=n + 1)
+        if not bad:
+            expected.append(f"mix {n}")
+    data += PINGREQ
+    with _subscribed(broker, "bob", b"bob:mix", T.user_filter("bob")) as bob:
+        with _connect(broker, "mallory", b"mallory:mix") as mallory:
+            start = 0
+            for cut in [*sorted({c for c in cuts if c < len(data)}), len(data)]:
+                try:
+                    mallory.sendall(data[start:cut])
+                except OSError:  # closed already: the verdict came
+                    break
+                start = cut
+                time.sleep(0.001)
+            _, closed = read_packets(mallory, lambda p: not bad and any(f == PINGRESP for f, _ in p))
+        texts = _texts(_drain(bob))
+    assert closed == bad
+    assert texts == expected

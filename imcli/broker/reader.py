@@ -26,6 +26,8 @@ the messages of one publisher were fanned out one per round (one ``send`` per co
   a subscription for the connection's message loop, or write an answer), except a QoS 2
   PUBLISH, whose flow waits for the client's PUBREL and so runs in a task of its own as in
   amqtt;
+* a DISCONNECT is the last packet it handles: the rest of that read, and of the stream, is
+  dropped (MQTT-3.14.4-1; a PUBLISH written after it was delivered);
 * nothing more is read while ``readable`` says the connection's output is past its
   high-water mark or its inbox is full (``output.ReadGate``'s rule, looked at before every
   read and after every PUBLISH);
