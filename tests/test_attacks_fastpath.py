@@ -663,3 +663,36 @@ def test_any_mix_in_any_segments_delivers_exactly_what_came_before_the_first_mal
         texts = _texts(_drain(bob))
     assert closed == bad
     assert texts == expected
+
+
+@pytest.mark.parametrize("modes", ["ppp", "cp", "pcp"])
+def test_every_takeover_closes_the_connection_before_it_and_the_last_one_lives_on(
+    broker: ServeInfo, modes: str
+) -> None:
+    """Connections one after another under one client id, clean (c) or persistent (p): each new
+    one closes the one before (a resumed session's end marked the session disconnected, so a
+    third CONNECT let the second live on beside it, and the sweep of ended clean sessions forgot
+    a clean one a persistent CONNECT had resumed, closing the new connection). The last one stays,
+    past a sweep, and gets its DMs."""
+    conns: list[socket.socket] = []
+    try:
+        for mode in modes:
+            conns.append(_connect(broker, "mallory", b"mallory:many", clean=mode == "c"))
+            for old in conns[:-1]:
+                old.settimeout(5)
+                _, closed = read_packets(old, lambda p: False)
+                assert closed, "an earlier connection lives on beside the new one"
+        last = conns[-1]
+        last.sendall(packet(0x82, b"\x00\x01" + field(T.user_filter("mallory").encode()) + b"\x01"))
+        got, closed = read_packets(last, lambda p: len(p) >= 1)
+        assert got == [(0x90, b"\x00\x01\x01")]
+        time.sleep(1.5)  # past a round of the ended sessions' sweep (session_sweep.EndedSessions)
+        with _connect(broker, "bob", b"bob:many") as bob:
+            bob.sendall(publish_packet(T.dm("mallory", "bob").encode(), chat("still here"), qos=1, packet_id=1))
+            assert read_packets(bob, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
+        got, closed = read_packets(last, lambda p: len(p) >= 1)
+        assert not closed
+        assert _texts(got) == ["still here"]
+    finally:
+        for sock in conns:
+            sock.close()

@@ -141,6 +141,7 @@ class AckAfterJournal(BrokerProtocolHandler):
     answered = 0  # SUBSCRIBEs and UNSUBSCRIBEs the message loop has answered (SUBACK, UNSUBACK)
     loop_ended = False  # the message loop has returned (it answers no more)
     said_goodbye = False  # a DISCONNECT was handled: a PUBLISH after it is not the client's (MQTT-3.14.4-1)
+    taken_over = False  # closed for a new CONNECT with its client id (ImBroker.take_over)
     answers: bytearray | None = None  # PUBACKs for the packets of one read, while its reader handles them
     _stopping = False  # stop() has begun (it does its work once)
 
@@ -383,6 +384,15 @@ class ImBroker(Broker):
         await handler.handle_connection_closed()
         await handler.stop()
 
+    async def take_over(self, handler: BrokerProtocolHandler) -> None:
+        """Close the connection of ``handler`` because a new CONNECT takes its client id (MQTT-3.1.4-2).
+        Its end must not end the session: a resumed one is the new connection's now. Marking it
+        disconnected let a third CONNECT in without closing the second (two live connections on
+        one session), and let the sweep forget a clean one the new connection resumed (closing it)."""
+        if isinstance(handler, AckAfterJournal):
+            handler.taken_over = True
+        await self.close_connection(handler)
+
     # ---------------------------------------------------------------- start, stop, connections
 
     async def start(self) -> None:
@@ -479,7 +489,7 @@ class ImBroker(Broker):
         await self.admission.admit_or_refuse(reader, writer, incoming, self._sessions, self.upkeep.persistent_of)
         delay = self.config.timeout_disconnect_delay or 0
         session = await start_session(  # imcli/broker/sessions.py
-            incoming, self._sessions, self._delete_session, delay, close_current=self.close_connection
+            incoming, self._sessions, self._delete_session, delay, close_current=self.take_over
         )
         self.output.attach_inbox(writer, session.delivered_message_queue)  # output.ReadGate
         if isinstance(handler, AckAfterJournal):
@@ -496,7 +506,7 @@ class ImBroker(Broker):
         client_id = client_session.client_id
         if client_id is None:
             raise BrokerError("client id was not set")
-        await connect_session(client_session, lambda: self.close_connection(self._sessions[client_id][1]))
+        await connect_session(client_session, lambda: self.take_over(self._sessions[client_id][1]))
         account = client_session.username or ""
         self.admission.opened(account)  # this call lasts as long as the connection
         self.upkeep.connected(client_id)
@@ -597,8 +607,9 @@ class ImBroker(Broker):
         disconnected = isinstance(disconnect_waiter.result(), DisconnectPacket)
         await self.wills.connection_ended(client_session, will, disconnected=disconnected)
         await self._stop_handler(handler)
-        client_session.transitions.disconnect()
-        self.ended_sessions.ended(client_session.client_id, client_session)
+        if not getattr(handler, "taken_over", False):  # else the session goes on with the next connection
+            client_session.transitions.disconnect()
+            self.ended_sessions.ended(client_session.client_id, client_session)
         await self.plugins_manager.fire_event(
             BrokerEvents.CLIENT_DISCONNECTED, client_id=client_session.client_id, client_session=client_session
         )
