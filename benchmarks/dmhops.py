@@ -1,6 +1,7 @@
 """One DM's way through the embedded broker, by event-loop callbacks and CPU (issue 21: DM p99).
 
     python -m benchmarks.dmhops [--samples 500] [--idle 0] [--gap-ms 2] [--trace 3] [--profile]
+                                [--flood-rate 200 --flood-listeners 50]
 
 The embedded broker runs in a thread of this process (``BackgroundServer``, no workers, the
 journal on as ever); alice and bob are raw MQTT 3.1.1 connections in the main thread (bob
@@ -19,7 +20,11 @@ read, which waiting for a core does not move (the figures to trust on a loaded m
   ``Deliveries.flush`` that writes bob's copy (``path_cpu_us``: the broker's own share of the
   DM's latency);
 * ``--trace N``: the callbacks of the first N DMs' paths, in order, with their wall and CPU µs;
-* ``--profile``: cProfile of the broker thread over the run, the top functions by own time.
+* ``--profile``: cProfile of the broker thread over the run, the top functions by own time;
+* ``--flood-rate R``: meanwhile a bot says R lines a second at QoS 1 into a room that
+  ``--flood-listeners`` hear (the ``dmflood`` scenario's background): then the callbacks and CPU
+  before bob's copy include the flood's that ran ahead of the DM (``path_cpu_us``: the flush
+  that writes bob's copy, not the flood's).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from imcli.core.wire import ChatMessage, Topics, encode
 from imcli.serve.host import BackgroundServer
 
 T = Topics()
+BOB = "bob:hops"
 PROFILE_SORT = "cumulative"
 
 
@@ -90,7 +96,8 @@ class _Probe:
             run_once(loop)
 
         def flush(deliveries: Deliveries) -> None:
-            if threading.get_ident() == probe.thread and probe.written_cpu is None:
+            mine = threading.get_ident() == probe.thread and probe.written_cpu is None
+            if mine and any(getattr(handler.session, "client_id", None) == BOB for handler in deliveries._chunks):
                 probe.written_cpu = time.thread_time()
             write(deliveries)
 
@@ -126,13 +133,42 @@ def _cpu(thread: threading.Thread) -> float:
     return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
 
 
-async def _exchange(port: int, samples: int, idle: int, gap: float, trace: int, probe: _Probe) -> dict[str, Any]:
+async def _flood(port: int, rate: float, listeners: int) -> None:
+    """A bot says ``rate`` lines a second at QoS 1 into a room that ``listeners`` hear (as ``dmflood``)."""
+    clients = []
+    try:
+        for j in range(listeners):
+            client, pump = await _connect(port, f"flood{j}", f"flood{j}:hops")
+            clients.append((client, pump))
+            room_filter = T.room_filter("flood").encode()
+            client.writer.write(_packet(0x82, (1).to_bytes(2, "big") + _field(room_filter) + b"\x01"))
+            await client.expect(0x90)
+        bot, pump = await _connect(port, "floodbot", "floodbot:hops")
+        clients.append((bot, pump))
+        topic, period, next_at, n = T.room("flood", "floodbot").encode(), 1.0 / rate, time.perf_counter(), 0
+        while True:
+            n += 1
+            payload = encode(ChatMessage(text="flood " + "x" * 60))
+            bot.writer.write(_packet(0x32, _field(topic) + (n % 65535 + 1).to_bytes(2, "big") + payload))
+            next_at += period
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+    finally:
+        for client, pump in clients:
+            client.writer.close()
+            pump.cancel()
+
+
+async def _exchange(
+    port: int, samples: int, idle: int, gap: float, trace: int, probe: _Probe, flood_shape: tuple[float, int]
+) -> dict[str, Any]:
     alice, alice_pump = await _connect(port, "alice", "alice:hops")
-    bob, bob_pump = await _connect(port, "bob", "bob:hops")
+    bob, bob_pump = await _connect(port, "bob", BOB)
     others = [await _connect(port, f"idle{i}", f"idle{i}:hops") for i in range(idle)]
     bob.writer.write(_packet(0x82, (1).to_bytes(2, "big") + _field(T.user_filter("bob").encode()) + b"\x01"))
     await bob.expect(0x90)
     topic = T.dm("bob", "alice").encode()
+    flood = asyncio.create_task(_flood(port, *flood_shape)) if flood_shape[0] else None
+    await asyncio.sleep(0.5 if flood else 0)
     path_callbacks, path_rounds, path_wall, path_cpu, traces = [], [], [], [], []
     await asyncio.sleep(0.2)
     thread = next(t for t in threading.enumerate() if t.ident == probe.thread)
@@ -165,6 +201,8 @@ async def _exchange(port: int, samples: int, idle: int, gap: float, trace: int, 
         await asyncio.sleep(gap)
     cpu = _cpu(thread) - cpu0
     callbacks, rounds = probe.callbacks - callbacks0, probe.rounds - rounds0
+    if flood is not None:
+        flood.cancel()
     for client, pump in [(alice, alice_pump), (bob, bob_pump), *others]:
         client.writer.close()
         pump.cancel()
@@ -182,11 +220,14 @@ async def _exchange(port: int, samples: int, idle: int, gap: float, trace: int, 
     }
 
 
-def run(samples: int, idle: int, gap: float, trace: int, profile: bool) -> tuple[dict[str, Any], str]:
+def run(
+    samples: int, idle: int, gap: float, trace: int, profile: bool, flood: tuple[float, int] = (0.0, 0)
+) -> tuple[dict[str, Any], str]:
     probe = _Probe()
     with tempfile.TemporaryDirectory(prefix="dmhops-") as tmp:
         data = Path(tmp) / "data"
-        accounts(data, ["alice", "bob", *(f"idle{i}" for i in range(idle))])
+        others = [*(f"idle{i}" for i in range(idle)), *(f"flood{j}" for j in range(flood[1])), "floodbot"]
+        accounts(data, ["alice", "bob", *others])
         settings = BrokerSettings(data_dir=data, port=0, limits=Limits(publish_rate=1e6, publish_burst=10**6))
         profiler = cProfile.Profile()
         server = BackgroundServer(settings, workers=False)
@@ -198,7 +239,7 @@ def run(samples: int, idle: int, gap: float, trace: int, profile: bool) -> tuple
             try:
                 if profile:
                     loop.call_soon_threadsafe(profiler.enable)
-                result = asyncio.run(_exchange(info.address.port, samples, idle, gap, trace, probe))
+                result = asyncio.run(_exchange(info.address.port, samples, idle, gap, trace, probe, flood))
                 if profile:
                     done = threading.Event()
 
@@ -225,8 +266,11 @@ def main() -> None:
     parser.add_argument("--gap-ms", type=float, default=2.0)
     parser.add_argument("--trace", type=int, default=0)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--flood-rate", type=float, default=0.0, help="room lines a second meanwhile (dmflood: 200)")
+    parser.add_argument("--flood-listeners", type=int, default=50)
     args = parser.parse_args()
-    result, profile = run(args.samples, args.idle, args.gap_ms / 1000, args.trace, args.profile)
+    flood = (args.flood_rate, args.flood_listeners if args.flood_rate else 0)
+    result, profile = run(args.samples, args.idle, args.gap_ms / 1000, args.trace, args.profile, flood)
     traces = result.pop("traces")
     for key, value in result.items():
         print(f"{key}: {value}")

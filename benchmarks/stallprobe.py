@@ -91,16 +91,27 @@ async def probe(port: int, password: str) -> dict[str, object]:
         **_figures(rtts),
         "stall_longest_at_s": round(longest_at, 1),
         "stall_longest_utc": time.strftime("%H:%M:%S", time.gmtime(longest_wall)),
-        # when each stall over 50 ms ended, how long it was and in which phase (the first 50)
+        # when each stall over 50 ms ended, how long it was and in which phase: the first 25 of each
+        # phase and its 5 longest (a noisy join must not hide the hold's or the leave's)
         "stalls_over_50ms_utc_ms": [
-            f"{time.strftime('%H:%M:%S', time.gmtime(wall))} {rtt * 1000:.1f} {name or '-'}".rstrip()
-            for wall, rtt, name in over[:50]
+            f"{time.strftime('%H:%M:%S', time.gmtime(wall))} {rtt * 1000:.1f} {name or '-'}"
+            for wall, rtt, name in _kept(over)
         ],
     }
     for name, times in phases.items():
         if times:
             figures.update({f"{name}_samples": len(times), **_figures(times, f"{name}_")})
     return figures
+
+
+def _kept(over: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """Of the stalls over 50 ms, the first 25 of each phase and its 5 longest, in the order they ended."""
+    kept: set[int] = set()
+    for name in dict.fromkeys(phase for _, _, phase in over):
+        mine = [i for i, stall in enumerate(over) if stall[2] == name]
+        kept.update(mine[:25])
+        kept.update(sorted(mine, key=lambda i: -over[i][1])[:5])
+    return [over[i] for i in sorted(kept)]
 
 
 class Probe(dict[str, object]):

@@ -34,7 +34,7 @@ from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.core.service import PasswordFileDirectory, ServiceWorker
 from imcli.core.wire import Topics
 from imcli.files.worker import FilesWorker
-from imcli.groups.natsauth import NatsAuth
+from imcli.groups.natsauth import NatsAuth, private_device
 from imcli.groups.worker import GroupWorker
 from imcli.moments.worker import MomentsWorker
 from imcli.presence.worker import PresenceWorker
@@ -105,21 +105,30 @@ class SharedCluster:
         def group_worker() -> GroupWorker:
             auth = NatsAuth(T, cluster.passwd, cluster.users, [n.pidfile for n in cluster.nodes])
             cluster.auth = auth
-            return GroupWorker(address, creds("groups"), directory, device="test", nats=auth)
+            return GroupWorker(address, creds("groups"), directory, device=device("groups"), nats=auth)
 
         def creds(name: str) -> Credentials:
             return Credentials(name, password_of(name))
 
+        def device(name: str, base: str = "test") -> str:  # as imcli workers --nats-users: not guessable
+            return private_device(base, password_of(name))
+
         before = [n.reloads for n in cluster.nodes]
         text_before = cluster.users.read_text()
         with contextlib.ExitStack() as stack:
-            stack.push(started(lambda: PresenceWorker(address, creds("presence"), directory, device="test")))
+            stack.push(
+                started(lambda: PresenceWorker(address, creds("presence"), directory, device=device("presence")))
+            )
             stack.push(started(group_worker))
             if cluster.users.read_text() != text_before:  # the group worker rewrote the rights: in force first
                 wait_reloaded(cluster.nodes, before)
-            stack.push(started(lambda: ArchiveWorker(address, creds("archive"), workdir / "archive", device="test")))
-            stack.push(started(lambda: FilesWorker(address, creds("files"), workdir, device="test")))
-            stack.push(started(lambda: MomentsWorker(address, creds("groups"), workdir)))
+            stack.push(
+                started(lambda: ArchiveWorker(address, creds("archive"), workdir / "archive", device=device("archive")))
+            )
+            stack.push(started(lambda: FilesWorker(address, creds("files"), workdir, device=device("files"))))
+            stack.push(
+                started(lambda: MomentsWorker(address, creds("groups"), workdir, device=device("groups", "moments")))
+            )
             yield
 
     # ---------------------------------------------------------------- what one test leaves behind

@@ -73,3 +73,15 @@ def test_devices_scenario_runs_at_tiny_size(tmp_path: Path) -> None:
     assert figures["refused"] == devices  # every wrong and unknown credential: CONNACK 4
     assert figures["credential_checks_per_s"] > 0 and figures["argon2_check_ms"] > 0
     assert "devices: reconnects/s" in run.stdout
+
+
+def test_the_stall_list_keeps_every_phase_and_each_phases_longest() -> None:
+    """A 30-minute run's list must not lose the hold's or the leave's stalls behind a noisy join."""
+    from benchmarks.stallprobe import _kept
+
+    join = [(float(i), 0.06, "join") for i in range(40)] + [(40.0, 0.9, "join")]
+    kept = _kept([*join, (50.0, 0.07, "hold"), (60.0, 0.5, "leave")])
+    assert [stall for stall in kept if stall[2] != "join"] == [(50.0, 0.07, "hold"), (60.0, 0.5, "leave")]
+    assert (40.0, 0.9, "join") in kept  # the join's longest, past its first 25
+    assert len([stall for stall in kept if stall[2] == "join"]) == 26
+    assert kept == sorted(kept)  # in the order they ended

@@ -190,6 +190,7 @@ def test_requests_dropped_beyond_the_notices_are_held_for_one_notice_a_second() 
     assert told == [f"im/request/alice/{c}" for c in ids[: REQUEST_NOTICES + 1]]  # the one a second, then ten
     assert [d.unheard for d in decisions[REQUEST_NOTICES + 1 :]] == ids[REQUEST_NOTICES + 1 :]
     assert checks.judge("alice", "im/request/alice/not.an.id", 1, retain=False) == Decision(deliver=False)
+    assert checks.judge("alice", f"im/request/bob/{ids[0]}", 1, retain=False) == Decision(deliver=False)  # not hers
     assert checks.judge("alice", "im/room/lobby/alice", 1, retain=False) == Decision(deliver=False)
 
 

@@ -9,6 +9,7 @@ cannot enforce is a strict xfail with its reason; the fault tests kill a node wi
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -41,7 +42,7 @@ from imcli.core.wire import (
     encode,
 )
 from imcli.files.worker import FilesWorker
-from imcli.groups import natsauth
+from imcli.groups import natsauth, natsprobe
 from imcli.groups.natsauth import NatsAuth
 from imcli.groups.worker import GroupWorker
 from imcli.presence.worker import PresenceWorker
@@ -63,6 +64,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
         yield running
 
 
+@pytest.fixture(autouse=True)
+def _patient_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    # as tests/brokers.py does on the cluster: on a loaded machine a group change (three reloads for a
+    # kick, each waited for on every node) may take longer than a client's 5 s
+    monkeypatch.setenv("IMCLI_REQUEST_TIMEOUT", "15")
+
+
 @contextlib.contextmanager
 def workers(cluster: NatsCluster) -> Iterator[GroupWorker]:
     """``imcli workers --nats-users <users> --nats-pidfile ...`` in this process, on nodes 2, 3, 1."""
@@ -75,11 +83,14 @@ def workers(cluster: NatsCluster) -> Iterator[GroupWorker]:
     def creds(name: str) -> Credentials:
         return Credentials(name, password_of(name))
 
+    def device(name: str) -> str:  # as imcli workers --nats-users: a client id nobody can guess
+        return natsauth.private_device("test", password_of(name))
+
     with (
-        PresenceWorker(address, creds("presence"), directory, device="test"),
-        GroupWorker(address, creds("groups"), directory, device="test", nats=auth) as groups,
-        ArchiveWorker(address, creds("archive"), cluster.workdir / "archive", device="test"),
-        FilesWorker(address, creds("files"), cluster.workdir, device="test"),
+        PresenceWorker(address, creds("presence"), directory, device=device("presence")),
+        GroupWorker(address, creds("groups"), directory, device=device("groups"), nats=auth) as groups,
+        ArchiveWorker(address, creds("archive"), cluster.workdir / "archive", device=device("archive")),
+        FilesWorker(address, creds("files"), cluster.workdir, device=device("files")),
     ):
         assert isinstance(groups, GroupWorker)
         yield groups
@@ -159,6 +170,45 @@ def test_each_users_file_has_a_stamp_only_the_group_worker_may_read(tmp_path: Pa
                                                      members=["alice"], private=True, created=1.0))  # fmt: skip
     second = auth.apply()
     assert second not in (None, first) and f"imcli-reload.{first}" not in users.read_text()
+
+
+def test_a_kicked_member_is_parked_for_one_file() -> None:
+    """NatsAuth.cut: the file that ends a kicked member's connections puts him in account PARKED (no
+    JetStream, nothing to read, his publish rights kept: nats-server 2.9.10 would delete his retained
+    messages, and crash on some) and nowhere in IM; the next file puts him back with his new rights.
+    The file before it mutes him in IM (the same rights)."""
+    rights = natsauth.NatsPermissions(T)
+    crew = GroupInfo(name="crew", owner="alice", admins=["alice"], members=["alice", "bob"], private=True, created=1.0)
+    assert rights.group_changed("crew", crew) == frozenset()
+    assert rights.group_changed("crew", crew.model_copy(update={"members": ["alice"]})) == {"bob"}
+    rights.parked = frozenset({"bob"})
+    parked = rights.render(EXAMPLE | {"bob": "pw"})
+    im, aside = parked.split(f"  {natsauth.PARKED}: {{")
+    assert '"user": "bob"' not in im and '"user": "alice"' in im
+    [bob] = [json.loads(line) for line in aside.splitlines() if '"user": "bob"' in line]
+    assert bob["permissions"] == {"publish": rights.user("bob")["publish"], "subscribe": {"deny": [">"]}}
+    assert "jetstream" not in aside
+    rights.parked, rights.muted = frozenset(), frozenset({"bob"})
+    [bob] = [
+        json.loads(line) for line in rights.render(EXAMPLE | {"bob": "pw"}).splitlines() if '"user": "bob"' in line
+    ]
+    assert bob["permissions"] == {"publish": rights.user("bob")["publish"], "subscribe": {"deny": [">"]}}
+    rights.muted = frozenset()
+    back = rights.render(EXAMPLE | {"bob": "pw"})
+    assert natsauth.PARKED not in back and "im.group.crew" not in back.split('"user": "bob"')[1].split("\n")[0]
+
+
+def test_worker_client_ids_cannot_be_guessed() -> None:
+    """NATS binds no client id to a user: the workers' ids carry a secret (the same across restarts,
+    for the archive's persistent session) and the reload probes' a random tag per start."""
+    device = natsauth.private_device("workers", "archive-password")
+    assert device == natsauth.private_device("workers", "archive-password") != "workers"
+    assert device != natsauth.private_device("workers", "another password")
+    assert device != natsauth.private_device("workers-moments", "archive-password")
+    address = BrokerAddress.of("127.0.0.1:1,127.0.0.1:2")
+    one, two = (natsprobe.ReloadProbe(address, Credentials("groups", "pw")) for _ in range(2))
+    ids = [p.client_id(n) for p in (one, two) for n in address.endpoints]
+    assert len(set(ids)) == 4 and all(i.startswith("groups:reload-") and "probe" not in i for i in ids)
 
 
 def test_rights_follow_groups_and_dm_policy() -> None:
@@ -325,6 +375,93 @@ def test_group_rights_follow_membership(cluster: NatsCluster, raw) -> None:  # t
     rights_settled(cluster, before)
     again = raw(3, "bob")
     assert again.subscribe(T.group_msg_filter("crew")) == 128  # the kicked member may not listen any more
+
+
+def test_kicked_member_with_a_persistent_session_reads_nothing_more(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
+    """bob's QoS 1 subscription on node 3 (a JetStream consumer, which a reload does not re-check): the
+    kick ends his connections, and his persistent session, resumed on the same node, delivers nothing
+    of the group and the rest as before (natsauth.MUTED says why that needed care). alice and carol,
+    not kicked, stay connected."""
+    alice = on(cluster, 1, "alice")
+    services.group_request(alice, "create", "pact", private=True)
+    services.group_request(alice, "invite", "pact", user="bob")
+    bob = raw(3, "bob", client_id="bob:pact", clean=False)
+    assert bob.subscribe_all(T.group_msg_filter("pact"), T.room_filter()) == [1, 1]
+    carol, alice_raw = raw(2, "carol"), raw(1, "alice")
+    alice_raw.publish(T.group_msg("pact", "alice"), chat("before"))
+    bob.expect(T.group_msg("pact", "alice"))
+
+    services.group_request(alice, "kick", "pact", user="bob")
+    assert wait_until(bob.disconnected.is_set, 5)  # ended before the kick was answered
+    bob.close()
+    alice_raw.publish(T.group_msg("pact", "alice"), chat("after the kick"))
+    back = raw(3, "bob", client_id="bob:pact", clean=False)
+    assert back.rc == 0 and back.session_present
+    # its room subscription came back with the session, and delivers (the group's, re-checked, does not)
+    [seen] = barrier(alice_raw, back)
+    assert [m.topic for m in seen if m.topic.startswith("im/group/")] == []
+    assert not carol.disconnected.is_set() and not alice_raw.disconnected.is_set()
+
+
+def test_kicked_members_listener_comes_back_without_the_group(cluster: NatsCluster) -> None:
+    """imcli's own listener, kicked: its connection ends, it reconnects by itself, follows its groups
+    without the one it was kicked from, and goes on receiving DMs."""
+    alice = on(cluster, 1, "alice")
+    services.group_request(alice, "create", "club", private=True)
+    services.group_request(alice, "invite", "club", user="bob")
+    with Listener(on(cluster, 3, "bob"), session="club") as bob:
+        follower = bob.group_follower
+        assert follower is not None
+        with follower.changed:
+            assert follower.changed.wait_for(lambda: "club" in follower.groups, 90)
+        services.group_request(alice, "kick", "club", user="bob")
+        with follower.changed:  # asked again after the reconnect and on the kick's notice
+            assert follower.changed.wait_for(lambda: "club" not in follower.groups, 90)
+        services.group_say(alice, "club", ChatMessage(text="after the kick"))
+        services.send_dm(alice, "bob", ChatMessage(text="still there?"))
+        got = []
+        for item in bob:
+            got.append((item.kind, item.group, item.text))
+            if item.text == "still there?":
+                break
+        assert [g for g in got if g[0] == "group"] == []
+        assert bob.connected
+
+
+def test_nobody_takes_over_a_workers_client_id(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
+    """NATS 2.9 lets any user of the account connect with any client id, which disconnects whoever
+    held it (cluster-wide). So the workers' and the reload probes' ids are secret: alice, trying the
+    ids a worker would have had (``<account>:workers``, the former ``groups:reload-probe1``...),
+    disconnects none of them; with a probe's real id (which she cannot know) she would."""
+    auth = cluster.auth
+    assert auth is not None and auth.probe is not None
+    probe = auth.probe
+    alice = on(cluster, 1, "alice")
+    services.group_request(alice, "create", "ids", private=True)  # the probes are open on every node
+    connects = probe.connects
+    taken = [len(n.log.split("same client ID")) for n in cluster.nodes]
+    devices = ("workers", "workers-moments", "test", "moments", "embedded", "standalone")
+    guesses = [f"{a}:{d}" for a in sorted(SERVICE_ACCOUNTS) for d in devices]
+    guesses += [f"groups:reload-probe{i}" for i in (1, 2, 3)]
+    for client_id in guesses:
+        intruder = raw(2, "alice", client_id=client_id)  # node 2: where the workers connect first
+        assert intruder.rc == 0  # NATS lets her use any id
+        intruder.close()
+    services.group_request(alice, "invite", "ids", user="bob")
+    assert raw(3, "bob").subscribe(T.group_msg_filter("ids")) == 1  # answered once in force: probes worked
+    # nats-server logs each takeover ("... with the same client ID ..."): none, and no probe made again
+    assert [len(n.log.split("same client ID")) for n in cluster.nodes] == taken
+    assert probe.connects == connects
+
+    # the control: with the real id of node 2's probe, alice does take it over
+    intruder = raw(2, "alice", client_id=probe.client_id(probe.address.endpoints[0]))
+    assert wait_until(
+        lambda: any(len(n.log.split("same client ID")) > t for n, t in zip(cluster.nodes, taken, strict=True))
+    )
+    intruder.close()
+    time.sleep(1.1)  # nats-server holds back a client id for 1 s after a takeover (mqttSessJailDur)
+    services.group_request(alice, "invite", "ids", user="carol")  # the probe is back (paho, or a new one)
+    assert raw(2, "carol").subscribe(T.group_msg_filter("ids")) == 1
 
 
 def test_live_group_line_reaches_a_member_on_another_node(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]

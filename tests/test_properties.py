@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from imcli.broker.accounts import Role
 from imcli.broker.acl import Access, TopicAcl, topic_matches
 from imcli.broker.packets import PUBLISH, MalformedPacket, check_packet, check_publish_head, publish_head_size
+from imcli.broker.reader import PacketReader
 from imcli.core.wire import (
     ChatMessage,
     GroupInfo,
@@ -199,3 +200,30 @@ def test_the_readers_publish_check_decides_and_decodes_as_check_packet_and_amqtt
     amqtts = asyncio.run(PublishPacket.from_stream(BufferReader(body), fixed_header=header))
     assert (topic, packet_id) == (amqtts.variable_header.topic_name, amqtts.variable_header.packet_id)
     assert body[len(head) :] == amqtts.payload.data
+
+
+@given(st.integers(0, 15), publish_bodies, st.binary(max_size=8), st.binary(max_size=40))
+def test_the_reader_builds_a_publish_from_its_own_bytes_only(
+    flags: int, body: bytes, before: bytes, after: bytes
+) -> None:
+    """``PacketReader._publish`` on a buffer where the PUBLISH sits between other bytes (the packets
+    before and after it in one read): the same verdict as ``check_packet`` on the PUBLISH alone, and
+    a topic, packet id and payload taken from its own bytes, never from the next packet's."""
+    first = 0x30 | flags
+    buffer = bytearray(before + body + after)
+    start, end = len(before), len(before) + len(body)
+    try:
+        check_packet(first, body, connected=True, max_client_id=23)
+    except MalformedPacket:
+        with pytest.raises(MalformedPacket):
+            PacketReader._publish(first, buffer, start, end)
+        return
+    packet = PacketReader._publish(first, buffer, start, end)
+    header = MQTTFixedHeader(PUBLISH, flags, len(body))
+    amqtts = asyncio.run(PublishPacket.from_stream(BufferReader(body), fixed_header=header))
+    assert (packet.variable_header.topic_name, packet.variable_header.packet_id) == (
+        amqtts.variable_header.topic_name,
+        amqtts.variable_header.packet_id,
+    )
+    assert packet.payload.data == amqtts.payload.data
+    assert packet.fixed_header.remaining_length == len(body)

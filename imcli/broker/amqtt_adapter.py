@@ -140,6 +140,8 @@ class AckAfterJournal(BrokerProtocolHandler):
     activity: Bell | None = None  # set when a packet handled left work for the message loop
     answered = 0  # SUBSCRIBEs and UNSUBSCRIBEs the message loop has answered (SUBACK, UNSUBACK)
     loop_ended = False  # the message loop has returned (it answers no more)
+    said_goodbye = False  # a DISCONNECT was handled: a PUBLISH after it is not the client's (MQTT-3.14.4-1)
+    taken_over = False  # closed for a new CONNECT with its client id (ImBroker.take_over)
     answers: bytearray | None = None  # PUBACKs for the packets of one read, while its reader handles them
     _stopping = False  # stop() has begun (it does its work once)
 
@@ -165,7 +167,14 @@ class AckAfterJournal(BrokerProtocolHandler):
             self._stopping = False
             raise
 
+    async def handle_disconnect(self, disconnect: Any) -> None:
+        self.said_goodbye = True
+        await super().handle_disconnect(disconnect)
+
     async def handle_publish(self, publish_packet: Any) -> None:
+        if self.said_goodbye:  # bytes after the client's DISCONNECT (amqtt's WebSocket loop reads on)
+            log.debug("%s: PUBLISH after DISCONNECT dropped", self.session.client_id if self.session else "?")
+            return
         try:
             await super().handle_publish(publish_packet)
         finally:
@@ -334,6 +343,8 @@ class ImBroker(Broker):
         )
         self.admission.tell = self.publishing.tell = self.upkeep.tell = self.notifier.tell
         self.filters = SessionFilters()
+        # (connection's handler, filter) -> the retained sending of its latest SUBSCRIBE still going
+        self._retained_sending: dict[tuple[Any, str], object] = {}
         self.output = OutputBound(lim.output_drop, lim.output_close, lim.output_stuck)
         amqtts = (self._subscriptions, self._matches, self._get_handler, self._retain_broadcast_message)
         self.fan_out = FanOut(*amqtts, self.access.receive_check, self.output)
@@ -372,6 +383,15 @@ class ImBroker(Broker):
     async def close_connection(self, handler: BrokerProtocolHandler) -> None:
         await handler.handle_connection_closed()
         await handler.stop()
+
+    async def take_over(self, handler: BrokerProtocolHandler) -> None:
+        """Close the connection of ``handler`` because a new CONNECT takes its client id (MQTT-3.1.4-2).
+        Its end must not end the session: a resumed one is the new connection's now. Marking it
+        disconnected let a third CONNECT in without closing the second (two live connections on
+        one session), and let the sweep forget a clean one the new connection resumed (closing it)."""
+        if isinstance(handler, AckAfterJournal):
+            handler.taken_over = True
+        await self.close_connection(handler)
 
     # ---------------------------------------------------------------- start, stop, connections
 
@@ -468,7 +488,9 @@ class ImBroker(Broker):
         # admitted (imcli/broker/admission.py) before any existing session is deleted, merged or taken over
         await self.admission.admit_or_refuse(reader, writer, incoming, self._sessions, self.upkeep.persistent_of)
         delay = self.config.timeout_disconnect_delay or 0
-        session = await start_session(incoming, self._sessions, self._delete_session, delay)  # sessions.py
+        session = await start_session(  # imcli/broker/sessions.py
+            incoming, self._sessions, self._delete_session, delay, close_current=self.take_over
+        )
         self.output.attach_inbox(writer, session.delivered_message_queue)  # output.ReadGate
         if isinstance(handler, AckAfterJournal):
             handler.before_ack, handler.max_unreleased = self._before_ack, self.settings.limits.max_unreleased
@@ -484,7 +506,7 @@ class ImBroker(Broker):
         client_id = client_session.client_id
         if client_id is None:
             raise BrokerError("client id was not set")
-        await connect_session(client_session, lambda: self.close_connection(self._sessions[client_id][1]))
+        await connect_session(client_session, lambda: self.take_over(self._sessions[client_id][1]))
         account = client_session.username or ""
         self.admission.opened(account)  # this call lasts as long as the connection
         self.upkeep.connected(client_id)
@@ -585,8 +607,9 @@ class ImBroker(Broker):
         disconnected = isinstance(disconnect_waiter.result(), DisconnectPacket)
         await self.wills.connection_ended(client_session, will, disconnected=disconnected)
         await self._stop_handler(handler)
-        client_session.transitions.disconnect()
-        self.ended_sessions.ended(client_session.client_id, client_session)
+        if not getattr(handler, "taken_over", False):  # else the session goes on with the next connection
+            client_session.transitions.disconnect()
+            self.ended_sessions.ended(client_session.client_id, client_session)
         await self.plugins_manager.fire_event(
             BrokerEvents.CLIENT_DISCONNECTED, client_id=client_session.client_id, client_session=client_session
         )
@@ -667,13 +690,31 @@ class ImBroker(Broker):
             # wait for the client's PUBACKs, and its reader for that loop's next SUBACK (reader.py)
             self.fan_out.publish_later(handler, matching, retain=True)
 
+        # A newer SUBSCRIBE to the same filter starts its own sending: the older one stops, as it
+        # does when the filter is unsubscribed (MQTT-3.10.4-2) or the connection is not the one that
+        # asked; else an UNSUBSCRIBE did not stop the slices, and each resubscription added a copy.
+        key, token = (handler, subscription[0]), object()
+        self._retained_sending.pop(key, None)
         send(topics[:RETAINED_SLICE])
         if len(topics) > RETAINED_SLICE:  # the rest a slice per round: 10,000 presence records at once
             # were one callback of 118 ms of CPU (issue 21: `imcli listen` at 10,000 users)
-            rest = send_in_slices(
-                topics[RETAINED_SLICE:], RETAINED_SLICE, send, lambda: self._get_handler(session) is handler
-            )
-            self.fan_out.keep(asyncio.ensure_future(rest))
+            self._retained_sending[key] = token
+
+            def going() -> bool:
+                return (
+                    self._retained_sending.get(key) is token
+                    and self._get_handler(session) is handler
+                    and subscription[0] in self.filters.of(session.client_id)
+                )
+
+            async def rest() -> None:
+                try:
+                    await send_in_slices(topics[RETAINED_SLICE:], RETAINED_SLICE, send, going)
+                finally:
+                    if self._retained_sending.get(key) is token:
+                        del self._retained_sending[key]
+
+            self.fan_out.keep(asyncio.ensure_future(rest()))
 
     async def retain_message(
         self,

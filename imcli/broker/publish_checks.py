@@ -203,19 +203,21 @@ class PublishChecks:
                 decision = Decision(deliver=False, telling=refusal)
         rate_notice = decision.telling is not None and decision.telling.code == "rate"
         if rate_notice:
-            corr = self._request_id(topic)
+            corr = self._request_id(sender, topic)
             if not self.rate.should_warn(sender or "", now, request=corr is not None):
                 # at most one rate notice a second (and a few about requests); a request's asker
                 # still hears, in the next notice that names the requests held (``received``)
                 return Decision(deliver=False, unheard=corr)
         return decision
 
-    def _request_id(self, topic: str) -> str | None:
-        """The correlation id of a request topic (one a notice can carry), else ``None``."""
+    def _request_id(self, sender: str | None, topic: str) -> str | None:
+        """The correlation id of ``sender``'s own request topic (one a notice can carry), else
+        ``None``: a request under another's name has no asker waiting (the ACL refuses it anyway),
+        and takes none of the notices meant for the sender's own."""
         parsed = self.access.topics.parse(topic)
-        if parsed is None or parsed.kind is not TopicKind.REQUEST or not parsed.key or not is_id(parsed.key):
+        if parsed is None or parsed.kind is not TopicKind.REQUEST or parsed.sender != sender:
             return None
-        return parsed.key
+        return parsed.key if parsed.key and is_id(parsed.key) else None
 
     def _hold(self, account: str, corr: str) -> None:
         """Keep a dropped request's id for the account's next aggregated notice, a second after

@@ -26,6 +26,8 @@ the messages of one publisher were fanned out one per round (one ``send`` per co
   a subscription for the connection's message loop, or write an answer), except a QoS 2
   PUBLISH, whose flow waits for the client's PUBREL and so runs in a task of its own as in
   amqtt;
+* a DISCONNECT is the last packet it handles: the rest of that read, and of the stream, is
+  dropped (MQTT-3.14.4-1; a PUBLISH written after it was delivered);
 * nothing more is read while ``readable`` says the connection's output is past its
   high-water mark or its inbox is full (``output.ReadGate``'s rule, looked at before every
   read and after every PUBLISH);
@@ -125,6 +127,7 @@ class PacketReader:
         self._expired: str | None = None  # why the timer ended the connection
         self._tasks: set[asyncio.Task[None]] = set()  # QoS 2 PUBLISH flows
         self._held = False  # the buffer's head is complete packets, held while reading is paused
+        self._said_goodbye = False  # a DISCONNECT was read: nothing after it is the client's (MQTT-3.14.4-1)
         self._asked = handler.answered  # SUBSCRIBEs and UNSUBSCRIBEs read (AckAfterJournal.answered)
         keep_alive = handler.session.keep_alive if handler.session is not None else 0
         self._keep_alive: float | None = keep_alive if keep_alive and keep_alive > 0 else None
@@ -135,7 +138,7 @@ class PacketReader:
         handler._reader_ready.set()  # amqtt private (AMQTT_PRIVATE): start() waits for it
         self._arm()
         try:
-            while True:
+            while not self._said_goodbye:
                 if not readable():
                     await self._until_readable()
                 if self._held:  # complete packets left in the buffer while reading was paused
@@ -190,7 +193,7 @@ class PacketReader:
         self._handler.answers = bytearray()  # PUBACKs of this read's PUBLISHes, written once at its end
         self._handler.at_once = FAIR_SHARE  # PUBLISHes it may handle itself (AckAfterJournal.may_deliver_now)
         try:
-            while pos < size:
+            while pos < size and not self._said_goodbye:
                 first = buffer[pos]
                 i = pos + 1
                 if i < size and buffer[i] < 0x80:  # a remaining length of one byte (PUBACK): no call
@@ -223,7 +226,7 @@ class PacketReader:
         finally:
             self._answer()
             self._handler.answers = None
-            del buffer[:pos]
+            del buffer[: size if self._said_goodbye else pos]
             self._unfinished(bool(buffer) and not self._held)
 
     def _answer(self) -> None:
@@ -268,6 +271,9 @@ class PacketReader:
     async def _dispatch(self, first: int, body: bytes, publish: PublishPacket | None = None) -> None:
         """Handle one packet: ``body``, or ``publish`` already built."""
         kind = first >> 4
+        # the client's last packet: what follows it in the same read (a PUBLISH) is dropped, as the
+        # rest of the stream is, and the message loop handles only what came before (MQTT-3.14.4-1)
+        self._said_goodbye |= kind == DISCONNECT
         name = HANDLERS.get(kind)
         if name is None:  # check_packet lets only CONNECT (refused: a second one) and these through
             raise MalformedPacket(f"packet type {kind} after the CONNECT")

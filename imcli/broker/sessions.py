@@ -49,14 +49,23 @@ async def start_session(
     table: Mapping[str, tuple[Session, Any]],
     delete_session: Callable[[str], Awaitable[None]],
     disconnect_delay: Any,
+    close_current: Callable[[Any], Awaitable[None]] | None = None,
 ) -> Session:
     """The session an admitted CONNECT (``incoming``) goes on with: a clean one replaces any
     its client id had (or gets a random id), a persistent one resumes the one in ``table``
     with this CONNECT's Will, keep-alive and credentials. ``parent`` is 1 for a resumed one.
-    Its keep-alive becomes its ``read_timeout`` (``disconnect_delay``: amqtt's setting)."""
+    Its keep-alive becomes its ``read_timeout`` (``disconnect_delay``: amqtt's setting).
+
+    A clean one whose client id is connected now first has that connection closed
+    (``close_current``, given its handler; MQTT-3.1.4-2), as ``connect_session`` closes the
+    connection of a resumed one: amqtt only deleted the session, and the old connection lived
+    on without it, still publishing as that client, its Last Will due whenever it ended."""
     session = incoming
     if incoming.clean_session:
         if incoming.client_id:
+            current = table.get(incoming.client_id)
+            if close_current is not None and current is not None and current[0].transitions.is_connected():
+                await close_current(current[1])
             await delete_session(incoming.client_id)
         else:
             incoming.client_id = gen_client_id()

@@ -192,12 +192,17 @@ def workers(
         return Credentials(account, passwords[account])
 
     makers: list[Callable[[], ServiceWorker]] = [
-        lambda: PresenceWorker(address, creds(presence_account), directory, device="workers"),
+        lambda: PresenceWorker(
+            address,
+            creds(presence_account),
+            directory,
+            device=_device("workers", passwords[presence_account], nats_users),
+        ),
         lambda: GroupWorker(
             address,
             creds(groups_account),
             directory,
-            device="workers",
+            device=_device("workers", passwords[groups_account], nats_users),
             dynsec=dynsec,
             dm_readers=(archive_account,),
             max_groups=max_groups,
@@ -212,14 +217,26 @@ def workers(
             raise InvalidInput(f"cannot create the archive directory {data_dir}: {exc}", "check --archive-dir") from exc
         makers.append(
             lambda: ArchiveWorker(
-                address, creds(archive_account), data_dir, device="workers", retention_days=history_days
+                address,
+                creds(archive_account),
+                data_dir,
+                device=_device("workers", passwords[archive_account], nats_users),
+                retention_days=history_days,
             )
         )
-    makers += [_moments_worker(address, creds(groups_account), data_dir)] if moments else []
+    makers += [_moments_worker(address, creds(groups_account), data_dir, nats_users)] if moments else []
     store_dir = (files_dir or data_dir).expanduser()
     if files:
         limits = FileLimits(max_file_mib << 20, file_quota_mib << 20, max_uploads, max_payload)
-        makers.append(_files_worker(address, creds(files_account), store_dir, limits))
+        makers.append(
+            _files_worker(
+                address,
+                creds(files_account),
+                store_dir,
+                limits,
+                _device("workers", passwords[files_account], nats_users),
+            )
+        )
     with contextlib.ExitStack() as stack:
         for make in makers:  # made one by one: a worker that fails to start closes those before it
             stack.enter_context(make())
@@ -235,7 +252,19 @@ def workers(
             stop.wait()
 
 
-def _moments_worker(address: BrokerAddress, credentials: Credentials, data_dir: Path) -> Callable[[], ServiceWorker]:
+def _device(name: str, password: str, nats_users: Path | None) -> str:
+    """A worker's device; on NATS (``--nats-users``), where any user may take a client id over (and so
+    disconnect the worker holding it), one nobody can guess without the service account's password."""
+    if nats_users is None:
+        return name
+    from imcli.groups.natsauth import private_device
+
+    return private_device(name, password)
+
+
+def _moments_worker(
+    address: BrokerAddress, credentials: Credentials, data_dir: Path, nats_users: Path | None
+) -> Callable[[], ServiceWorker]:
     """The moments worker's maker (the group worker's account, a device of its own), its directory made."""
     from imcli.moments.worker import MomentsWorker
 
@@ -243,11 +272,12 @@ def _moments_worker(address: BrokerAddress, credentials: Credentials, data_dir: 
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise InvalidInput(f"cannot create the moments directory {data_dir}: {exc}", "check --archive-dir") from exc
-    return lambda: MomentsWorker(address, credentials, data_dir, device="workers-moments")
+    device = _device("workers-moments", credentials.password, nats_users)
+    return lambda: MomentsWorker(address, credentials, data_dir, device=device)
 
 
 def _files_worker(
-    address: BrokerAddress, credentials: Credentials, store_dir: Path, limits: FileLimits
+    address: BrokerAddress, credentials: Credentials, store_dir: Path, limits: FileLimits, device: str
 ) -> Callable[[], ServiceWorker]:
     """The files worker's maker, its directory made and its limits checked first."""
     from imcli.files.worker import FilesWorker
@@ -260,7 +290,7 @@ def _files_worker(
         store_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise InvalidInput(f"cannot create the files directory {store_dir}: {exc}", "check --files-dir") from exc
-    return lambda: FilesWorker(address, credentials, store_dir, device="workers", limits=limits)
+    return lambda: FilesWorker(address, credentials, store_dir, device=device, limits=limits)
 
 
 def presence(

@@ -8,7 +8,7 @@ with subject permissions that are exactly the topic contract of ``imcli.broker.a
 user's groups and dm-policy, and then asks every node to reload.
 
 MQTT topics map onto NATS subjects: ``/`` is ``.``, ``+`` is ``*``, ``#`` is ``>`` (and ``a/#``
-also matches ``a`` itself, so it is two subjects). Three facts of nats-server 2.9.10 shape
+also matches ``a`` itself, so it is two subjects). These facts of nats-server 2.9.10 shape
 this (seen on a three-node cluster here, tests/test_nats.py shows each):
 
 - A subscribe ``deny`` is not applied per delivery to an MQTT wildcard subscription, so
@@ -19,6 +19,12 @@ this (seen on a three-node cluster here, tests/test_nats.py shows each):
   permissions). So changes are coalesced (``DEBOUNCE``), and a reload costs every connected
   client a reconnect: fine for a team, the limit of this design for a large cluster
   (docs/SCALING.md).
+- Reloaded permissions remove a NATS subscription no longer allowed, but not an MQTT QoS 1
+  subscription made before (a JetStream consumer delivering to a ``$MQTT.sub.`` subject): a
+  kicked member would read on until he reconnects. So when someone else takes a user out of a
+  group (a kick), his connections are ended first (``NatsAuth.cut``): one file takes every right
+  to read from him, the next moves him to the account ``PARKED`` (no JetStream), which closes
+  every connection he has as each node reloads it, and the third puts him back, new rights.
 - Friends-only DMs are refused at publish: each sender gets a ``deny`` on the DM topic of
   every friends-only user who does not take its DMs, so nobody (the archive included)
   receives it.
@@ -28,7 +34,7 @@ this (seen on a three-node cluster here, tests/test_nats.py shows each):
   only once it is in force on every node the worker knows (its ``--host`` list): each users file
   carries a fresh stamp, a subject only the worker's own account may subscribe
   (``imcli-reload/<stamp>``), and a probe connection to each node (kept open) subscribes it
-  (QoS 0: no JetStream) until the node grants it (``NatsAuth.attach``, ``RELOAD_WAIT``).
+  (QoS 0: no JetStream) until the node grants it (``NatsAuth.attach``, ``natsprobe``).
 
 Accounts come from a password file of ``name:password`` lines (the password in clear or as a
 bcrypt hash ``$2a$...``, which nats-server checks itself). Service accounts
@@ -39,21 +45,21 @@ contract is restated below, and a test compares the two.
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
+import hmac
 import json
 import logging
 import os
 import secrets
 import signal
 import threading
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from imcli.core.errors import BrokerUnreachable, ImcliError
-from imcli.core.mqtt import BrokerAddress, Credentials, MqttClient
+from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.core.rules import ARCHIVE_ACCOUNT, FILES_ACCOUNT, SERVICE_ACCOUNTS, dm_senders
 from imcli.core.wire import Friends, GroupInfo, Topics, is_name
+from imcli.groups.natsprobe import RELOAD_WAIT, ReloadProbe
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +67,22 @@ ACCOUNT = "IM"
 MQTT_INTERNAL = "$MQTT.>"  # nats-server's own MQTT subjects: every MQTT client needs them both ways
 DEBOUNCE = 0.3  # seconds: changes within this are one reload (each reload reconnects every client)
 POLL = 2.0  # seconds between looks at the password file
-# a change is answered once every node grants the new stamp, or after this long (a node that is slow
-# to reload: logged; the answer must still come within a client's request timeout, 5 s by default)
-RELOAD_WAIT = 4.0
-PROBE_EVERY = 0.05  # seconds between two looks at a node that has not reloaded yet
 STAMP_TOPIC = "imcli-reload/{stamp}"  # outside the prefix: no user's or service's rights match it
+# A user whose connections must end lives here for one reload: nats-server closes the connections of a
+# user who moved to another account. No JetStream, so an MQTT CONNECT meanwhile fails before its
+# CONNACK (the client tries again, as after a lost connection; a CONNACK "not authorized" would make
+# imcli's clients give up), and nothing to read for a plain NATS client. He keeps his publish rights
+# (nobody there receives them): on a reload nats-server 2.9.10 deletes the retained messages of a
+# user who may no longer publish them, and crashes (nil pointer, mqttCheckPubRetainedPerms) where such
+# a message had been cleared through another node.
+PARKED = "PARKED"
+# Before that he is muted for one reload (in IM, nothing to read), which removes his subscriptions
+# the right way. Likely why (the 2.9.10 source): a reload closes a connection with the account as it was, so
+# the node's count of route interest in a subscription closed then stays one too high in the new
+# account, and it never tells the other nodes again that the subscription is back. A persistent
+# session resumed on that node then got nothing from a JetStream consumer led by another node
+# (the QoS 1 subscriptions made before), for over a minute (tests/test_nats.py, seen here).
+MUTED = {"subscribe": {"deny": [">"]}}
 
 
 # The topic contract of imcli.broker.acl (USER_WRITE, USER_READ, SERVICE_WRITE, SERVICE_READ) and
@@ -115,6 +132,16 @@ def subjects(mqtt_filter: str) -> list[str]:
     return [".".join(levels)]
 
 
+def private_device(device: str, password: str) -> str:
+    """``device`` with a suffix that only the account's password gives (``workers-3f9a...``).
+
+    NATS 2.9 binds an MQTT client id to no user: anyone in the account who connects with a worker's
+    client id takes its session over and disconnects it. So the workers' ids must not be guessable.
+    The same password gives the same id, so the archive's persistent session outlives a restart."""
+    digest = hmac.new(password.encode(), f"imcli nats client id {device}".encode(), hashlib.sha256).hexdigest()
+    return f"{device}-{digest[:16]}"
+
+
 def _all(filters: Iterable[str]) -> list[str]:
     return [s for f in filters for s in subjects(f)]
 
@@ -144,14 +171,18 @@ class NatsPermissions:
         # the users file's stamp and the one account that may subscribe it (``NatsAuth.attach``)
         self.stamp: str | None = None
         self.prober: str | None = None
+        self.muted: frozenset[str] = frozenset()  # users with nothing to read (``NatsAuth.cut``)
+        self.parked: frozenset[str] = frozenset()  # users written to ``PARKED`` (``NatsAuth.cut``)
 
-    def group_changed(self, name: str, info: GroupInfo | None) -> None:
-        self._members.pop(name, None)
+    def group_changed(self, name: str, info: GroupInfo | None) -> frozenset[str]:
+        """The group's new record; returns who was a member and is not any more."""
+        before = self._members.pop(name, frozenset())
         self._public.discard(name)
         if info is not None and info.members:
             self._members[name] = frozenset(info.members)
             if not info.private:
                 self._public.add(name)
+        return before - self._members.get(name, frozenset())
 
     def friends_changed(self, record: Friends) -> None:
         senders = dm_senders(record.account, record.dm_policy, record.friends)
@@ -188,14 +219,22 @@ class NatsPermissions:
 
     def render(self, passwords: Mapping[str, str]) -> str:
         """The include file: account ``IM`` with every user and its permissions."""
-        users = []
+        users, parked = [], []
         for name in sorted(passwords):
             rights = self.service(name) if name in SERVICE_ACCOUNTS else self.user(name)
+            if name in self.muted | self.parked:
+                rights = {"publish": rights["publish"], **MUTED}
+            if name in self.parked:
+                parked.append({"user": name, "password": passwords[name], "permissions": rights})
+                continue
             users.append({"user": name, "password": passwords[name], "permissions": rights})
         body = "[\n" + "".join(f"      {json.dumps(u)}\n" for u in users) + "    ]"
+        aside = "[\n" + "".join(f"      {json.dumps(u)}\n" for u in parked) + "    ]"
         return (
             "# Written by imcli's group worker (imcli workers --nats-users): do not edit, it is rewritten\n"
-            f"accounts {{\n  {ACCOUNT}: {{\n    jetstream: enabled\n    users: {body}\n  }}\n}}\n"
+            f"accounts {{\n  {ACCOUNT}: {{\n    jetstream: enabled\n    users: {body}\n  }}\n"
+            + (f"  {PARKED}: {{\n    users: {aside}\n  }}\n" if parked else "")
+            + "}\n"
         )
 
 
@@ -219,14 +258,12 @@ class NatsAuth:
         self._due: threading.Timer | None = None
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="imcli-nats-passwd", daemon=True)
-        self._address: BrokerAddress | None = None
-        self._credentials: Credentials | None = None
-        self._probes: dict[tuple[str, int], MqttClient] = {}  # used in the worker's thread only
+        self.probe: ReloadProbe | None = None  # once attached
 
     def attach(self, address: BrokerAddress, credentials: Credentials) -> None:
         """The nodes to check (every endpoint of ``address``) and the account that checks them: from
         now on each users file carries a stamp only this account may subscribe (the group worker's)."""
-        self._address, self._credentials = address, credentials
+        self.probe = ReloadProbe(address, credentials)
         with self._lock:
             self.permissions.prober = credentials.username
 
@@ -238,8 +275,8 @@ class NatsAuth:
         with self._lock:
             if self._due is not None:
                 self._due.cancel()
-        for node in list(self._probes):
-            self._drop(node)
+        if self.probe is not None:
+            self.probe.close()
 
     def reload_passwords(self) -> None:
         """Read the password file now (not at the next look) and apply at once."""
@@ -262,15 +299,41 @@ class NatsAuth:
             self.apply()
 
     def change_and_wait(
-        self, groups: Iterable[tuple[str, GroupInfo | None]] = (), friends: Iterable[Friends] = ()
+        self, groups: Iterable[tuple[str, GroupInfo | None]] = (), friends: Iterable[Friends] = (), asker: str = ""
     ) -> bool:
-        """These records changed: write and reload now, and return once every node has them in force."""
+        """These records changed: write and reload now, and return once every node has them in force.
+        Users taken out of a group by someone else (kicked) have their connections ended first
+        (``cut``). Not ``asker``: his leave comes over one of his connections, which waits for the reply."""
+        removed: set[str] = set()
         with self._lock:
             for name, info in groups:
-                self.permissions.group_changed(name, info)
+                removed |= self.permissions.group_changed(name, info)
             for record in friends:
                 self.permissions.friends_changed(record)
-        return self.apply_and_wait()
+            removed = {u for u in removed if u in self._passwords and u not in SERVICE_ACCOUNTS and u != asker}
+        return self.cut(removed) if removed else self.apply_and_wait()
+
+    def cut(self, users: Iterable[str]) -> bool:
+        """End every connection of ``users`` on every node, then let them in again with their current
+        rights; True once that is in force everywhere. A subscription a user made before he lost a
+        group would otherwise go on delivering it (nats-server 2.9 re-checks only NATS subscriptions
+        on a reload, not the JetStream consumer behind an MQTT QoS 1 one). First muted (his
+        subscriptions removed, ``MUTED``), then parked (his connections closed, ``PARKED``), each in
+        force everywhere; then back (not waited for: the next change's stamp covers it)."""
+        cut = frozenset(users)
+        with self._lock:
+            self.permissions.muted |= cut
+        done = self.apply_and_wait()
+        with self._lock:
+            self.permissions.parked |= cut
+        done = self.apply_and_wait() and done  # each node closes their connections as it reloads this file
+        with self._lock:
+            self.permissions.muted -= cut
+            self.permissions.parked -= cut
+        self.apply()
+        if not done:  # a node that skipped a file (read the next one first) may keep their connections
+            log.warning("the connections of %s may stay open on a NATS node that did not reload", sorted(cut))
+        return done
 
     def apply_and_wait(self) -> bool:
         """Write and reload now, then wait until every node has the new file in force (``in_force``)."""
@@ -306,66 +369,16 @@ class NatsAuth:
         return stamp
 
     def in_force(self, stamp: str, timeout: float = RELOAD_WAIT) -> bool:
-        """Every node of the attached address grants the stamp's subject (has reloaded this file),
-        within ``timeout``. A node that cannot be reached is passed over: it reads the current file
-        when it starts."""
-        address, credentials = self._address, self._credentials
-        if address is None or credentials is None:
+        """Every node of the attached address has the file of ``stamp`` (or a later one) in force,
+        within ``timeout`` (``natsprobe``)."""
+        if self.probe is None:
             return True
-        deadline = time.monotonic() + timeout
-        waiting = list(address.endpoints)
-        while waiting:
+
+        def topic() -> str:
             with self._lock:  # a later file (the password watcher's) holds this change too, and its stamp
-                topic = STAMP_TOPIC.format(stamp=self.permissions.stamp or stamp)
-            # past the deadline a node is not asked again: the answer must still come within a client's timeout
-            waiting = [
-                node
-                for node in waiting
-                if time.monotonic() >= deadline or not self._grants(address, credentials, node, topic, deadline)
-            ]
-            if waiting and time.monotonic() >= deadline:
-                log.warning("NATS nodes %s did not reload the users file within %gs", waiting, timeout)
-                return False
-            if waiting:
-                time.sleep(PROBE_EVERY)
-        return True
+                return STAMP_TOPIC.format(stamp=self.permissions.stamp or stamp)
 
-    def _grants(
-        self, address: BrokerAddress, credentials: Credentials, node: tuple[str, int], topic: str, deadline: float
-    ) -> bool:
-        """Whether ``node`` lets the prober subscribe ``topic`` (True too if it cannot be reached). One
-        probe connection per node stays open (a new MQTT connection costs the cluster JetStream
-        writes): nats-server checks a SUBSCRIBE on an open connection against the reloaded rights."""
-        probe = self._probes.get(node)
-        try:
-            if probe is None or not probe.connected:
-                if probe is not None:
-                    probe.close()
-                at = dataclasses.replace(address, host=node[0], port=node[1], more=())
-                # a client id per node: NATS sessions are cluster-wide, one id on two nodes would take turns
-                device = f"reload-probe{address.endpoints.index(node) + 1}"
-                # within what is left of the wait: three nodes' connects must not add up past it
-                left = max(0.5, deadline - time.monotonic())
-                probe = MqttClient(at, credentials, f"{credentials.username}:{device}", timeout=left)
-                self._probes[node] = probe
-                probe.connect()
-            probe.timeout = max(0.5, deadline - time.monotonic())
-            refused = probe.subscribe_each([topic], qos=0)
-            if not refused:
-                probe.unsubscribe([topic])
-        except BrokerUnreachable as exc:
-            self._drop(node)
-            log.info("cannot reach NATS node %s:%d to check the reload (%s): passed over", *node, exc)
-            return True
-        except ImcliError:  # refused mid-reload, no SUBACK in time, disconnected: look again
-            self._drop(node)
-            return False
-        return not refused
-
-    def _drop(self, node: tuple[str, int]) -> None:
-        probe = self._probes.pop(node, None)
-        if probe is not None:
-            probe.close()
+        return self.probe.wait(topic, timeout)
 
     def _signal(self) -> None:
         for pidfile in self.pidfiles:

@@ -156,7 +156,7 @@ class GroupWorker(ServiceWorker):
             self._control(self.mirror.commands(changed))
         if self.nats is not None and outcome.changed:
             # in force on every node before the reply and the notices: a member's first line is not dropped
-            self.nats.change_and_wait(groups=outcome.changed)
+            self.nats.change_and_wait(groups=outcome.changed, asker=sender)  # a kicked member's connections end
         for name, info in outcome.changed:
             self.publish(self.topics.group_info(name), encode(info) if info else b"", retain=True)
         self._tell(sender, outcome.notices, "group")

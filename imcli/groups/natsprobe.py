@@ -1,0 +1,101 @@
+"""Whether every NATS node has a users file in force: the group worker's probe connections.
+
+A node applies a reload (SIGHUP) on its own time and no MQTT event says when. Each users file
+the group worker writes carries a fresh stamp, a subject only the worker's account may subscribe
+(``natsauth.STAMP_TOPIC``); a node has the file in force once it grants that SUBSCRIBE
+(nats-server checks a SUBSCRIBE on an open connection against the reloaded rights). QoS 0: a
+plain NATS subscription, no JetStream consumer to make.
+
+One probe connection per node stays open (a new MQTT connection costs the cluster JetStream
+writes). Their client ids are new at each start: NATS 2.9 binds a client id to no user, so
+anyone in the account who knew one could connect with it and disconnect the probe, and every
+change would then wait ``RELOAD_WAIT`` and be answered unchecked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import time
+from collections.abc import Callable
+
+from imcli.core.errors import BrokerUnreachable, ImcliError
+from imcli.core.mqtt import BrokerAddress, Credentials, MqttClient
+
+log = logging.getLogger(__name__)
+
+# a change is answered once every node grants the new stamp, or after this long (a node that is slow
+# to reload: logged; the answer must still come within a client's request timeout, 5 s by default)
+RELOAD_WAIT = 4.0
+PROBE_EVERY = 0.05  # seconds between two looks at a node that has not reloaded yet
+
+Node = tuple[str, int]
+
+
+class ReloadProbe:
+    """Asks each node of ``address`` (every endpoint), as ``credentials``, whether it grants a topic."""
+
+    def __init__(self, address: BrokerAddress, credentials: Credentials) -> None:
+        self.address = address
+        self.credentials = credentials
+        self.tag = secrets.token_hex(8)  # in the probes' client ids: known to this process only
+        self.connects = 0  # probe connections made (one per node, again after a node drops it)
+        self._probes: dict[Node, MqttClient] = {}  # used in the group worker's thread only
+
+    def client_id(self, node: Node) -> str:
+        # a client id per node: NATS sessions are cluster-wide, one id on two nodes would take turns
+        return f"{self.credentials.username}:reload-{self.tag}-{self.address.endpoints.index(node) + 1}"
+
+    def wait(self, topic: Callable[[], str], timeout: float = RELOAD_WAIT) -> bool:
+        """Every node grants ``topic()`` (asked again before each look: a later file holds this change
+        too, with its own stamp), within ``timeout``. A node that cannot be reached is passed over: it
+        reads the current file when it starts."""
+        deadline = time.monotonic() + timeout
+        waiting = list(self.address.endpoints)
+        while waiting:
+            subject = topic()
+            # past the deadline a node is not asked again: the answer must still come within a client's timeout
+            waiting = [n for n in waiting if time.monotonic() >= deadline or not self._grants(n, subject, deadline)]
+            if waiting and time.monotonic() >= deadline:
+                log.warning("NATS nodes %s did not reload the users file within %gs", waiting, timeout)
+                return False
+            if waiting:
+                time.sleep(PROBE_EVERY)
+        return True
+
+    def close(self) -> None:
+        for node in list(self._probes):
+            self._drop(node)
+
+    def _grants(self, node: Node, topic: str, deadline: float) -> bool:
+        """Whether ``node`` lets the probe subscribe ``topic`` (True too if it cannot be reached)."""
+        probe = self._probes.get(node)
+        try:
+            if probe is None or not probe.connected:
+                if probe is not None:
+                    probe.close()
+                at = dataclasses.replace(self.address, host=node[0], port=node[1], more=())
+                # within what is left of the wait: three nodes' connects must not add up past it
+                left = max(0.5, deadline - time.monotonic())
+                probe = MqttClient(at, self.credentials, self.client_id(node), timeout=left)
+                self._probes[node] = probe
+                self.connects += 1
+                probe.connect()
+            probe.timeout = max(0.5, deadline - time.monotonic())
+            refused = probe.subscribe_each([topic], qos=0)
+            if not refused:
+                probe.unsubscribe([topic])
+        except BrokerUnreachable as exc:
+            self._drop(node)
+            log.info("cannot reach NATS node %s:%d to check the reload (%s): passed over", *node, exc)
+            return True
+        except ImcliError:  # refused mid-reload, no SUBACK in time, disconnected: look again
+            self._drop(node)
+            return False
+        return not refused
+
+    def _drop(self, node: Node) -> None:
+        probe = self._probes.pop(node, None)
+        if probe is not None:
+            probe.close()
