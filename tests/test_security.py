@@ -269,7 +269,7 @@ def test_the_archive_and_files_accounts_forge_no_notice(
     assert [m.topic for m in got if m.topic.endswith("/notice")] == []
 
 
-@brokers.EMBEDDED_ONLY  # the rule on NATS and Mosquitto: test_units.py::test_the_archive_and_files_accounts_read_what_...
+@brokers.EMBEDDED_ONLY  # the rules on NATS and Mosquitto: test_units.py::test_the_archive_and_files_accounts_read_*
 @pytest.mark.parametrize("worker", ["archive", "files"])
 def test_the_archive_and_files_accounts_read_nothing_beyond_their_rights(
     alice_bob: tuple[Raw, Raw], raw: RawFactory, server: ServeInfo, worker: str
