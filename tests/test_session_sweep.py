@@ -221,3 +221,53 @@ def test_a_handler_asked_to_stop_again_does_its_work_once(monkeypatch: pytest.Mo
 
     asyncio.run(main())
     assert stops == [1]
+
+
+def test_a_second_stop_returns_only_when_the_first_has_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A take-over's stop must not return while the reader's end is still closing the old
+    connection (ImBroker.take_over then replaces the session); a cancelled stop leaves the work
+    to the next caller."""
+    from amqtt.broker import Broker
+
+    closes: list[str] = []
+
+    async def main() -> None:
+        broker = Broker({"listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0"}}, "plugins": {}})
+        handler = amqtt_adapter.AckAfterJournal(broker.plugins_manager)
+        closing, release = asyncio.Event(), asyncio.Event()
+
+        class Writer:
+            async def close(self) -> None:
+                closes.append("begun")
+                closing.set()
+                await release.wait()
+                closes.append("ended")
+
+        handler.writer = Writer()
+        first = asyncio.create_task(handler.stop())
+        await closing.wait()
+        second = asyncio.create_task(handler.stop())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not second.done()  # it waits for the first stop's end
+        release.set()
+        await second
+        assert closes == ["begun", "ended"] and first.done()
+        await handler.stop()  # once stopped, at once
+        assert closes == ["begun", "ended"]
+
+        cancelled = amqtt_adapter.AckAfterJournal(broker.plugins_manager)
+        cancelled.writer = Writer()  # release is set: it closes at once
+        cancelled._reader_task = reader = asyncio.create_task(asyncio.sleep(3600))  # amqtt private
+        first = asyncio.create_task(cancelled.stop())
+        for _ in range(5):
+            await asyncio.sleep(0)  # first waits for the reader's end (amqtt's _reader_stopped)
+        second = asyncio.create_task(cancelled.stop())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert reader.cancelled() and closes == ["begun", "ended"] and not second.done()
+        first.cancel()  # not stopped after all: the second caller does the work
+        await second
+        assert first.cancelled() and closes == ["begun", "ended", "begun", "ended"]
+
+    asyncio.run(main())

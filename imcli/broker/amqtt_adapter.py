@@ -143,7 +143,8 @@ class AckAfterJournal(BrokerProtocolHandler):
     said_goodbye = False  # a DISCONNECT was handled: a PUBLISH after it is not the client's (MQTT-3.14.4-1)
     taken_over = False  # closed for a new CONNECT with its client id (ImBroker.take_over)
     answers: bytearray | None = None  # PUBACKs for the packets of one read, while its reader handles them
-    _stopping = False  # stop() has begun (it does its work once)
+    _stopping: asyncio.Event | None = None  # a stop() under way; set when it ends (done or cancelled)
+    _stopped = False  # stop() has done its work (it does it once)
 
     def __init__(self, plugins_manager: Any, session: Session | None = None, loop: Any = None) -> None:
         super().__init__(plugins_manager, session, loop)
@@ -156,16 +157,21 @@ class AckAfterJournal(BrokerProtocolHandler):
         # asked up to four times per connection (its reader's end, the message loop's disconnect, the
         # ended session's cleanup, a take-over), amqtt's did all its work each time: 22 debug lines
         # built (f-strings, a packet's repr), every waiter cancelled again. Once is enough: a later
-        # call returns at once, as amqtt's own returned at once from a writer already closing.
-        if self._stopping:
+        # call returns once the stop under way has ended, not before: a take-over (ImBroker.take_over)
+        # whose call returned while the reader's end was still closing the old connection went on to
+        # replace the session under it.
+        while (running := self._stopping) is not None:
+            await running.wait()  # its caller cancelled: not stopped after all, and this call does it
+        if self._stopped:
             return
-        self._stopping = True
+        self._stopping = running = asyncio.Event()
         try:
             self.in_flight.forget_all()
             await super().stop()
-        except asyncio.CancelledError:  # not stopped after all: the next call does it
-            self._stopping = False
-            raise
+            self._stopped = True
+        finally:
+            self._stopping = None
+            running.set()
 
     async def handle_disconnect(self, disconnect: Any) -> None:
         self.said_goodbye = True
