@@ -269,6 +269,34 @@ def test_the_archive_and_files_accounts_forge_no_notice(
     assert [m.topic for m in got if m.topic.endswith("/notice")] == []
 
 
+@brokers.EMBEDDED_ONLY  # the rules on NATS and Mosquitto: test_units.py::test_the_archive_and_files_accounts_read_*
+@pytest.mark.parametrize("worker", ["archive", "files"])
+def test_the_archive_and_files_accounts_read_nothing_beyond_their_rights(
+    alice_bob: tuple[Raw, Raw], raw: RawFactory, server: ServeInfo, worker: str
+) -> None:
+    """Least privilege for reads, as on Mosquitto and NATS: with the archive's or the files
+    worker's key, a raw client cannot subscribe to users' notices and replies, statuses or the
+    other worker's topics, and a wide filter delivers none of them; its own topics work."""
+    alice, bob = alice_bob
+    AccountStore(server.data_dir).ensure_service(worker, password_of(worker))
+    service = raw(worker, client_id=f"{worker}:test")
+    assert service.rc == 0
+    other = "im/upload/+/+" if worker == "archive" else "im/user/+/dm/+"
+    for filt in ("#", "im/#", "im/user/+/notice", "im/user/+/reply/+", "im/status/+/+", other):
+        assert service.subscribe(filt) == 0x80, filt
+    assert service.subscribe("im/request/+/+") == 1
+    assert service.subscribe(f"im/user/{worker}/notice") == 1
+    alice.publish("im/status/alice/laptop", b'{"status": "online"}', retain=True)
+    bob.publish("im/user/alice/dm/bob", b"{}")
+    alice.publish("im/upload/alice/" + "s" * 16, b"x")
+    alice.publish("im/request/alice/" + "c" * 32, b"{}")  # a request: theirs to read
+    got = service.until("im/request/alice/" + "c" * 32)
+    assert [m.topic for m in got] == ["im/request/alice/" + "c" * 32]
+    marker = b"sync"
+    service.publish(f"im/user/{worker}/notice", marker)
+    assert [m.topic for m in service.until(f"im/user/{worker}/notice", marker)] == [f"im/user/{worker}/notice"]
+
+
 @pytest.mark.broker_xfail("mosquitto", reason=NO_NOTICES)
 def test_refused_publish_is_explained_by_a_notice(alice_bob: tuple[Raw, Raw]) -> None:
     alice, _bob = alice_bob

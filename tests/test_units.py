@@ -271,11 +271,43 @@ def test_the_archive_and_files_accounts_write_no_one_elses_notice() -> None:
         assert ACL.allows(worker, Role.SERVICE, f"im/user/{worker}/notice", Access.PUBLISH)
         for topic in ("im/user/bob/notice", "im/presence/bob", "im/events", "im/group/team/info"):
             assert not ACL.allows(worker, Role.SERVICE, topic, Access.PUBLISH), (worker, topic)
-        assert ACL.allows(worker, Role.SERVICE, "im/request/+/+", Access.SUBSCRIBE)  # reads as before
+        assert ACL.allows(worker, Role.SERVICE, "im/request/+/+", Access.SUBSCRIBE)  # their requests
     assert ACL.allows("files", Role.SERVICE, "im/user/bob/file/s1", Access.PUBLISH)
     assert not ACL.allows("archive", Role.SERVICE, "im/user/bob/file/s1", Access.PUBLISH)
     for worker in ("presence", "groups"):
         assert ACL.allows(worker, Role.SERVICE, "im/user/bob/notice", Access.PUBLISH)
+
+
+def test_the_archive_and_files_accounts_read_what_mosquitto_and_nats_let_them() -> None:
+    """Least privilege for reads too: the embedded broker's table is NATS's ``SERVICE_RIGHTS`` reads
+    plus the account's own topics (as natsauth.NatsPermissions.service adds them), so the three
+    brokers agree; another service's or user's private topics are out of reach."""
+    from imcli.broker.acl import SERVICE_READ_OF
+    from imcli.groups.natsauth import SERVICE_RIGHTS
+
+    for worker in ("archive", "files"):
+        assert set(SERVICE_READ_OF[worker]) == {*SERVICE_RIGHTS[worker][1], "user/%u/#"}
+        for topic in ("im/request/bob/c1", "im/room/lobby/bob", f"im/user/{worker}/notice", "im/events"):
+            assert ACL.allows(worker, Role.SERVICE, topic, Access.RECEIVE), (worker, topic)
+            assert ACL.receive_check(topic)(worker, Role.SERVICE), (worker, topic)
+        for topic in ("im/user/bob/notice", "im/user/bob/reply/c1", "im/status/bob/phone", "im/user/bob/sent/x"):
+            assert not ACL.allows(worker, Role.SERVICE, topic, Access.RECEIVE), (worker, topic)
+            assert not ACL.receive_check(topic)(worker, Role.SERVICE), (worker, topic)
+        for filt in ("#", "im/#", "im/user/+/notice", "im/user/+/#", "im/status/+/+"):
+            assert not ACL.allows(worker, Role.SERVICE, filt, Access.SUBSCRIBE), (worker, filt)
+    assert ACL.allows("archive", Role.SERVICE, "im/user/+/dm/+", Access.SUBSCRIBE)
+    assert ACL.allows("archive", Role.SERVICE, "im/group/+/msg/+", Access.SUBSCRIBE)
+    assert not ACL.allows("archive", Role.SERVICE, "im/upload/+/+", Access.SUBSCRIBE)  # the files worker's
+    assert not ACL.allows("archive", Role.SERVICE, "im/upload/bob/s1", Access.RECEIVE)
+    assert not ACL.allows("archive", Role.SERVICE, "im/user/bob/friends", Access.RECEIVE)
+    assert ACL.allows("files", Role.SERVICE, "im/upload/+/+", Access.SUBSCRIBE)
+    assert ACL.allows("files", Role.SERVICE, "im/user/+/friends", Access.SUBSCRIBE)
+    for topic in ("im/user/bob/dm/alice", "im/group/team/msg/bob"):  # chat is the archive's, not the files worker's
+        assert not ACL.allows("files", Role.SERVICE, topic, Access.RECEIVE), topic
+        assert ACL.allows("archive", Role.SERVICE, topic, Access.RECEIVE), topic
+    for worker in ("presence", "groups"):  # read everything, as `topic read #` on Mosquitto
+        assert ACL.allows(worker, Role.SERVICE, "im/#", Access.SUBSCRIBE)
+        assert ACL.receive_check("im/user/bob/notice")(worker, Role.SERVICE)
 
 
 def test_retain_only_on_state_topics() -> None:

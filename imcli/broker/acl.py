@@ -59,6 +59,19 @@ SERVICE_WRITE_OF: dict[str, tuple[str, ...]] = {
 # counted against their own rate (Limits.file_rate), not the chat rate
 FILE_TRANSFER = frozenset({TopicKind.UPLOAD, TopicKind.FETCH})
 SERVICE_READ = ("#",)
+# and their reads, as the aclfile's `user archive` and `user files` with its `pattern read` lines
+# (which apply to every account there) and NATS's ``SERVICE_RIGHTS`` with the account's own topics:
+# what each worker subscribes to, and nothing of another service's (presence and groups read ``#``)
+SERVICE_READ_OF: dict[str, tuple[str, ...]] = {
+    ARCHIVE_ACCOUNT: (
+        *("room/#", "user/+/dm/+", "group/+/info", "group/+/msg/+", "request/+/+"),
+        *("presence/#", "events", "profile/#", "user/%u/#"),
+    ),
+    FILES_ACCOUNT: (
+        *("upload/+/+", "fetch/+/+", "group/+/info", "user/+/friends", "request/+/+"),
+        *("room/#", "presence/#", "events", "profile/#", "user/%u/#"),
+    ),
+}
 
 
 class GroupView(Protocol):
@@ -230,8 +243,9 @@ class TopicAcl:
 
 @lru_cache(maxsize=64)
 def _generic_levels(prefix: str, role: Role) -> tuple[tuple[str, ...], ...]:
-    """The read rules of ``role`` that name no user (the same for every account of that role)."""
-    rules = SERVICE_READ if role is Role.SERVICE else USER_READ
+    """The read rules of ``role`` that name no user (the same for every account of that role); none
+    for service accounts, whose reads depend on the account (``SERVICE_READ_OF``)."""
+    rules = () if role is Role.SERVICE else USER_READ
     return tuple(tuple(f"{prefix}/{r}".split("/")) for r in rules if "%u" not in r)
 
 
@@ -247,5 +261,7 @@ def _expand(prefix: str, username: str, role: Role, write: bool) -> tuple[str, .
     # not cached: the levels above are, and a SUBSCRIBE's check (``_patterns``) makes these few strings
     table = {(Role.SERVICE, True): SERVICE_WRITE, (Role.SERVICE, False): SERVICE_READ,
              (Role.USER, True): USER_WRITE, (Role.USER, False): USER_READ}  # fmt: skip
-    rules = SERVICE_WRITE_OF.get(username, SERVICE_WRITE) if role is Role.SERVICE and write else table[role, write]
+    rules = table[role, write]
+    if role is Role.SERVICE:
+        rules = (SERVICE_WRITE_OF if write else SERVICE_READ_OF).get(username, rules)
     return tuple(f"{prefix}/{r}".replace("%u", username) for r in rules)

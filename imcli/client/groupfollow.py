@@ -61,6 +61,12 @@ class GroupFollower:
         self._stop.set()
         self._wanted.set()
 
+    def wait_first(self, timeout: float) -> bool:
+        """Whether a first refresh reached the worker within ``timeout`` (my groups asked for and
+        subscribed): a listener starts only then, so a line said right after it is not missed."""
+        with self.changed:
+            return self.changed.wait_for(lambda: self.refreshes > 0, timeout)
+
     def refresh(self, *, reset: bool = False) -> None:
         """Ask for my groups again (any thread, paho's too). ``reset``: the broker lost our subscriptions
         (a clean session reconnected), subscribe every group again."""

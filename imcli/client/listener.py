@@ -245,6 +245,8 @@ class Listener:
             self._subscribe_groups()
             self._catching_up = False
             self._client.publish(self._status_topic, self._status(), qos=1, retain=True)
+            if self.group_follower is not None and not self.group_follower.wait_first(self.requests.timeout):
+                log.info("my groups are not followed yet: their lines come once they are")
         except ImcliError:
             self._client.close()
             raise
