@@ -9,8 +9,10 @@ Set IMCLI_SCREENSHOTS=docs/screenshots to write the README's screenshots from
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -538,6 +540,57 @@ def test_a_request_the_broker_drops_for_the_rate_fails_at_once(tmp_path: Path) -
             status = bob.p.text_content("#status") or ""
             assert "messages sent too fast (try again in" in status and "no worker answered" not in status
             no_errors(bob)
+
+
+@contextlib.contextmanager
+def file_limited(tmp_path: Path, file_rate: float, file_burst: int) -> Iterator[tuple[ServeInfo, WebUser, Path]]:
+    """A broker whose file-transfer rate is ``file_rate`` (chunks of 4 KiB), alice signed in on
+    the page in the lobby, and a file of 40 chunks for her to send."""
+    require_chromium()
+    limits = Limits(file_rate=file_rate, file_burst=file_burst, max_chunk=4096)
+    with BackgroundServer(BrokerSettings(data_dir=tmp_path / "data", port=0, ws_port=0, limits=limits)) as info:
+        store = AccountStore(info.data_dir)
+        for name in ("alice", "carol"):
+            store.add(name, password_of(name))
+        source = tmp_path / "big.bin"
+        source.write_bytes(os.urandom(40 * 4088))
+        with chromium() as browser:
+            alice = new_user(browser, url(info), "alice")
+            alice.sign_in(password_of("alice"))
+            yield info, alice, source
+
+
+def test_an_upload_waits_out_a_short_file_transfer_rate_notice_and_goes_on(tmp_path: Path) -> None:
+    """Chunks dropped for a file-transfer rate that refills soon (4 chunks, then 40 a second): the
+    page waits as the broker's notice says and goes on from the worker's copy, as ``imcli send``
+    does; without the notice it would wait out 15 s of silence per 4 chunks and give up after 4."""
+    with file_limited(tmp_path, file_rate=40.0, file_burst=4) as (info, alice, source):
+        alice.p.set_input_files("#file-input", str(source))
+        alice.p.wait_for_selector("#messages li[data-from='alice'] .file .name:text-is('big.bin')", timeout=120_000)
+        assert "file transfer" in (alice.p.text_content("#messages") or "")  # the broker did drop chunks, and said so
+        no_errors(alice)
+        carol = cli(info, tmp_path, "carol")
+        (big,) = [f for f in json.loads(ok(carol, "files", "--json")) if f["name"] == "big.bin"]
+        ok(carol, "get", big["id"], "-o", str(tmp_path / "got.bin"))
+    assert (tmp_path / "got.bin").read_bytes() == source.read_bytes()
+
+
+def test_an_upload_fails_at_once_on_a_long_file_transfer_rate_notice(tmp_path: Path) -> None:
+    """A file-transfer rate that refills in over 5 s: the upload fails with the CLI's line, naming
+    the file transfer rate and its retry, not "the files worker stopped answering" a minute later."""
+    with file_limited(tmp_path, file_rate=0.001, file_burst=3) as (_, alice, source):
+        alice.p.set_input_files("#file-input", str(source))
+        alice.p.wait_for_function(
+            "() => document.getElementById('status').textContent.includes('dropped part of the file transfer')",
+            timeout=120_000,
+        )
+        status = alice.p.text_content("#status") or ""
+        assert re.fullmatch(
+            r"big\.bin: the broker dropped part of the file transfer: account alice hit its file transfer rate "
+            r"\(try again in (\d+)s: send it again, it goes on where it stopped\)",
+            status,
+        ), status
+        no_errors(alice)
 
 
 def test_screenshots(web: ServeInfo, tmp_path: Path) -> None:

@@ -90,6 +90,7 @@
     canDm: new Map(), // account -> true once the groups worker said so
     uploads: new Map(), // upload id -> handler of its file_progress / file_ready (on reply/<upload>)
     downloads: new Map(), // stream id -> handler of its chunks (on user/<me>/file/<stream>)
+    rated: new Map(), // upload id or stream id -> what its transfer does on a rate notice about it
     heartbeat: null,
     started: false,
   };
@@ -399,12 +400,17 @@
 
   // A rate notice names the requests the embedded broker dropped (its topic, or the ids of an
   // aggregated one): no worker will answer them, so they fail at once (imcli/core/request_reply.py)
+  // (a transfer's chunk or acknowledgement, on upload/<me>/<upload> or fetch/<me>/<stream>: it pauses)
   function failDropped(n) {
     const mine = `${PREFIX}/request/${S.me}/`;
     const corrs = Array.isArray(n.requests) ? n.requests.slice(0, 400) : [];
     if (typeof n.topic === "string" && n.topic.startsWith(mine)) corrs.push(n.topic.slice(mine.length));
-    const ok = typeof n.retry === "number" && n.retry >= 0 && n.retry <= 86400;
-    const wait = ok ? `in ${Math.max(1, Math.ceil(n.retry))}s` : "in a few seconds";
+    for (const kind of ["upload", "fetch"]) {
+      const of = `${PREFIX}/${kind}/${S.me}/`;
+      const pause = typeof n.topic === "string" && n.topic.startsWith(of) ? S.rated.get(n.topic.slice(of.length)) : null;
+      if (pause) pause(n);
+    }
+    const wait = retryIn(n);
     for (const corr of corrs) {
       const waiting = typeof corr === "string" ? S.pending.get(corr) : undefined;
       if (!waiting) continue;
@@ -412,6 +418,11 @@
       clearTimeout(waiting.timer);
       waiting.reject(new Error(`the broker dropped the request: messages sent too fast (try again ${wait})`));
     }
+  }
+
+  function retryIn(n) {
+    const ok = typeof n.retry === "number" && n.retry >= 0 && n.retry <= 86400;
+    return ok ? `in ${Math.max(1, Math.ceil(n.retry))}s` : "in a few seconds";
   }
 
   function onNotice(n) {
@@ -729,6 +740,19 @@
   const LARGEST_CHUNK = 1000 << 10;
   const ACK_EVERY = 256 << 10;
   const STALL = 15000;
+  // a transfer whose chunk or acknowledgement the file-transfer rate dropped (its rate notice) waits as
+  // the notice says, at least a second (one notice a second), and goes on: this many times at most, and
+  // for waits this short; else it fails at once (as imcli/client/files.py)
+  const RATE_PAUSES = 30;
+  const RATE_PAUSE_MAX = 5;
+  const AGAIN = {}; // sendChunks' answer after such a wait: offer again, from the worker's copy
+
+  // Milliseconds to wait for the pauses-th rate notice n of a transfer, or an Error naming the rate.
+  function ratePause(n, pauses) {
+    const retry = typeof n.retry === "number" && n.retry >= 0 && n.retry <= 86400 ? n.retry : 1;
+    if (pauses < RATE_PAUSES && retry <= RATE_PAUSE_MAX) return Math.max(retry, 1) * 1000;
+    return new Error(`the broker dropped part of the file transfer: account ${S.me} hit its file transfer rate (try again ${retryIn(n)}: send it again, it goes on where it stopped)`);
+  }
 
   function fileInfo(f) {
     // a file message as the sender put it: only its well-formed fields are used
@@ -788,7 +812,7 @@
     return { user: conv.name };
   }
 
-  function sendChunks(bytes, start, name) {
+  function sendChunks(bytes, start, name, pauses) {
     return new Promise((resolve, reject) => {
       const topic = `${PREFIX}/upload/${S.me}/${start.upload}`;
       // the worker's chunk is the broker's limit on upload topics (256 KiB on imcli serve, 16 KiB for
@@ -797,12 +821,15 @@
       let sent = start.offset;
       let acked = start.offset;
       let stall = null;
+      let paused = false;
       const finish = (file, err) => {
         clearTimeout(stall);
         S.uploads.delete(start.upload);
+        S.rated.delete(start.upload);
         if (err) reject(err); else resolve(file);
       };
       const pump = () => {
+        if (paused) return;
         while (sent < bytes.length && sent - acked < start.window) {
           const end = Math.min(sent + step, bytes.length);
           S.client.publish(topic, chunkOf(sent, bytes.subarray(sent, end)), { qos: 1 });
@@ -820,6 +847,14 @@
         } else if (obj.type === "file_ready") finish(obj.file);
         else if (obj.type === "error") finish(null, new Error(obj.text || obj.code));
       });
+      S.rated.set(start.upload, (n) => {
+        if (paused) return;
+        const ms = ratePause(n, pauses.n++);
+        if (ms instanceof Error) return finish(null, ms);
+        paused = true;
+        clearTimeout(stall);
+        stall = setTimeout(() => finish(AGAIN), ms);
+      });
       pump();
     });
   }
@@ -831,9 +866,12 @@
     const sha256 = await sha256hex(bytes);
     showUpload(name, 0);
     let info = null;
-    for (let attempt = 0; attempt < 4 && !info; attempt++) {
+    const pauses = { n: 0 };
+    for (let attempt = 0; attempt < 4 && !info; ) {
       const reply = await request(Object.assign({ type: "file_offer", name, size: bytes.length, sha256 }, target));
-      info = reply.type === "file_ready" ? reply.file : await sendChunks(bytes, reply, name);
+      info = reply.type === "file_ready" ? reply.file : await sendChunks(bytes, reply, name, pauses);
+      if (info === AGAIN) info = null; // waited out a rate notice: not an attempt
+      else attempt++;
     }
     if (!info) throw new Error("the files worker stopped answering (send it again: it resumes)");
     showUpload(name, 1);
@@ -893,8 +931,15 @@
       let stall = null;
       const ackTopic = `${PREFIX}/fetch/${S.me}/${stream}`;
       const ack = () => { told = have; publish(ackTopic, { type: "file_ack", v: 1, offset: have }); };
-      const finish = (err, value) => { clearTimeout(stall); S.downloads.delete(stream); if (err) reject(err); else resolve(value); };
-      const wait = () => { clearTimeout(stall); stall = setTimeout(() => finish(new Error("the download stopped: try again")), STALL); };
+      let pauses = 0;
+      const finish = (err, value) => { clearTimeout(stall); S.downloads.delete(stream); S.rated.delete(stream); if (err) reject(err); else resolve(value); };
+      const wait = (ms = STALL) => { clearTimeout(stall); stall = setTimeout(() => finish(new Error("the download stopped: try again")), ms); };
+      S.rated.set(stream, (n) => { // our acknowledgement was dropped: wait, and send it again from where we are
+        const ms = ratePause(n, pauses++);
+        if (ms instanceof Error) return finish(ms);
+        wait(STALL + ms); // chunks still on their way reset it; the resent acknowledgement is timed apart
+        setTimeout(() => { if (S.rated.has(stream)) { wait(); ack(); } }, ms);
+      });
       S.downloads.set(stream, async (payload) => {
         if (!info || payload.length <= CHUNK_HEADER) return;
         const offset = Number(new DataView(payload.buffer, payload.byteOffset, CHUNK_HEADER).getBigUint64(0));
