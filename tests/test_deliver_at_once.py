@@ -7,6 +7,7 @@ before its PUBACK on both, and a message that ends the connection ends it before
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sqlite3
 from collections.abc import Iterator
@@ -73,6 +74,21 @@ def _bob(info: ServeInfo) -> socket.socket:
     return sock
 
 
+@contextlib.contextmanager
+def _alice_to_bob(
+    info: ServeInfo,
+) -> Iterator[tuple[Paths, bytes, socket.socket, socket.socket, sqlite3.Connection]]:
+    """The paths counted, the topic of alice's DMs to bob, bob subscribed, alice connected and the
+    archive open (both sockets closed after)."""
+    assert info.broker is not None
+    paths = Paths(info.broker)
+    topic = T.dm("bob", "alice").encode()
+    bob = _bob(info)
+    archive = sqlite3.connect(info.data_dir / "archive.sqlite3")
+    with bob, _connect(info, "alice", b"alice:raw") as alice, archive:
+        yield paths, topic, bob, alice, archive
+
+
 def _texts(got: list[tuple[int, bytes]]) -> list[str]:
     """The chat texts of the PUBLISHes in ``got``, in order (payloads made by ``rawmqtt.chat``)."""
     texts = []
@@ -117,12 +133,7 @@ def test_what_one_client_sends_keeps_its_order_across_both_paths(broker: ServeIn
 def test_a_dm_handled_at_once_is_in_the_archive_before_its_puback(broker: ServeInfo) -> None:
     """The reader writes the DM's copies, then journals it, then writes the PUBACK: when alice has
     her PUBACK the archive has the DM (imcli/broker/journal.py), on this path as on the other."""
-    assert broker.broker is not None
-    paths = Paths(broker.broker)
-    topic = T.dm("bob", "alice").encode()
-    bob = _bob(broker)
-    archive = sqlite3.connect(broker.data_dir / "archive.sqlite3")
-    with bob, _connect(broker, "alice", b"alice:raw") as alice, archive:
+    with _alice_to_bob(broker) as (paths, topic, bob, alice, archive):
         for i in range(1, 21):
             alice.sendall(publish_packet(topic, chat(f"kept {i}"), qos=1, packet_id=i))
             acks, _ = read_packets(alice, lambda p: len(p) >= 1)
@@ -175,12 +186,7 @@ def test_the_message_loop_is_idle_again_after_a_message_handled_at_once(broker: 
 
 def test_a_qos0_dm_is_handled_at_once_and_journalled_as_it_is_delivered(broker: ServeInfo) -> None:
     """QoS 0 takes the same path: delivered from the reader, journalled on delivery (no PUBACK)."""
-    assert broker.broker is not None
-    paths = Paths(broker.broker)
-    topic = T.dm("bob", "alice").encode()
-    bob = _bob(broker)
-    archive = sqlite3.connect(broker.data_dir / "archive.sqlite3")
-    with bob, _connect(broker, "alice", b"alice:raw") as alice, archive:
+    with _alice_to_bob(broker) as (paths, topic, bob, alice, archive):
         alice.sendall(publish_packet(topic, chat("quick"), qos=0) + PINGREQ)
         got, _ = read_packets(alice, lambda p: len(p) >= 1)
         assert got == [(0xD0, b"")]

@@ -22,11 +22,11 @@ from collections.abc import Callable
 import pytest
 
 from imcli.cli.chat_state import ChatState
-from imcli.core.wire import ChatMessage, Topics, encode
+from imcli.core.wire import Topics
 from imcli.serve.host import ServeInfo
 from tests import brokers
 from tests.conftest import Raw, wait_until
-from tests.test_chat import chat_start, history_has, make_team
+from tests.test_chat import chat_start, history_has, make_team, send_fifty
 
 broker_kind, broker_under_test, server, users = brokers.ALL  # every test using `server` on the three brokers
 
@@ -47,12 +47,7 @@ def test_offline_messages_arrive_once_in_order(
     listener.close()
     state = session.remember()
     alice = raw("alice", client_id="alice:bot")
-    sent = []
-    for i in range(25):
-        for topic, text in ((T.dm("bob", "alice"), f"dm {i}"), (T.group_msg("team", "alice"), f"group {i}")):
-            alice.publish(topic, encode(ChatMessage(text=text)))
-            sent.append(text)
-    history_has(server, sent)
+    sent = send_fifty(server, alice)
     listener, _session, shown = chat_start(server, state)
     listener.close()
     mine = [m for m in shown if m.sender == "alice" and m.kind in ("dm", "group")]
