@@ -511,10 +511,14 @@ class Connection:
     """A short-lived connection that asks the workers (``Asker``) and publishes.
 
     ``with Connection(identity, "dm") as c:`` connects as ``<me>:<device>-dm<random>`` and
-    subscribes to the reply topic, and to the notice topic at QoS 0 (the embedded broker's
-    ``rate`` notice fails a dropped request at once; QoS 0: no JetStream consumer on NATS, which
-    sends no such notice); the requests go through ``imcli.core.request_reply``, the same client
-    the Listener uses on its long-lived connection.
+    subscribes to the reply topic and the notice topic at QoS 0 (the embedded broker's ``rate``
+    notice fails a dropped request at once), and to what a subclass adds (``_filters``) at QoS 1;
+    the requests go through ``imcli.core.request_reply``, the same client the Listener uses on its
+    long-lived connection. Replies at QoS 0: the connection is a clean session, so a reply lost
+    with the connection is lost at QoS 1 as well (the request times out either way), while on NATS
+    every QoS 1 subscription is a JetStream consumer, a three-replica Raft group made for each
+    command and its replies delivered through it: under load that consumer was slow to be made or
+    to deliver, and requests went unanswered for 15 s (deploy/nats/README.md).
     """
 
     def __init__(self, identity: Identity, purpose: str, timeout: float | None = None) -> None:
@@ -526,7 +530,12 @@ class Connection:
     def __enter__(self) -> Connection:
         self._client.connect()
         try:
-            self._client.subscribe(self._filters(), at_most_once=[self.requests.notice_topic], tries=SUBSCRIBE_TRIES)
+            replies = self.requests.reply_filter()
+            self._client.subscribe(
+                [f for f in self._filters() if f != replies],
+                at_most_once=[replies, self.requests.notice_topic],
+                tries=SUBSCRIBE_TRIES,
+            )
         except ImcliError:
             self._client.close()
             raise
