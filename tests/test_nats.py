@@ -68,7 +68,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
 def _patient_requests(monkeypatch: pytest.MonkeyPatch) -> None:
     # as tests/brokers.py does on the cluster: on a loaded machine a group change (three reloads for a
     # kick, each waited for on every node) may take longer than a client's 5 s
-    monkeypatch.setenv("IMCLI_REQUEST_TIMEOUT", "15")
+    monkeypatch.setenv("IMCLI_REQUEST_TIMEOUT", "30")
 
 
 @contextlib.contextmanager
