@@ -238,16 +238,3 @@ def procs() -> Iterator[Callable[..., Proc]]:
     for p in started:
         p.stop()
 
-
-# ---------------------------------------------------------------- xdist
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test on the NATS cluster goes to one xdist worker (``--dist loadgroup``, pyproject's addopts):
-    each worker otherwise started its own shared cluster beside test_nats.py's, up to nine nats-server
-    processes on two cores, and JetStream, starved, let consumers and requests time out (CI flakes)."""
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        on_nats = callspec is not None and callspec.params.get("broker_kind") == "nats"
-        if on_nats or item.path.name == "test_nats.py":
-            item.add_marker(pytest.mark.xdist_group("nats"))
