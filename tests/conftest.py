@@ -237,4 +237,3 @@ def procs() -> Iterator[Callable[..., Proc]]:
     yield start
     for p in started:
         p.stop()
-
