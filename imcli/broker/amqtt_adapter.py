@@ -30,7 +30,7 @@ from amqtt.events import BrokerEvents
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol import broker_handler
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import INCOMING, ApplicationMessage, Session
+from amqtt.session import INCOMING, ApplicationMessage, OutgoingApplicationMessage, Session
 
 from imcli.broker.accounts import AccountStore
 from imcli.broker.acl import Access, TopicAcl
@@ -69,6 +69,7 @@ from imcli.core.rules import device_of_client_id
 from imcli.core.wire import TopicKind, Topics, build_schemas
 
 log = logging.getLogger(__name__)
+RETRY_WAIT = 10  # seconds amqtt gives a message sent again on a resumed session (its _retry_deliveries)
 
 
 class PrivateName(NamedTuple):
@@ -106,6 +107,8 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
     *_names(_H, "BrokerProtocolHandler", "overridden", "_handle_qos0_message_flow"),  # delivered at once, or queued
     *_names(_H, "BrokerProtocolHandler", "read", "_puback_waiters"),  # by reader.PacketReader (amqtt's own QoS 1 flows)
     *_names(_H, "BrokerProtocolHandler", "overridden", "_reader_loop"),  # by reader.PacketReader, TCP and TLS
+    *_names(_H, "BrokerProtocolHandler", "overridden", "_retry_deliveries"),  # sent again, not waited for
+    *_names(_H, "BrokerProtocolHandler", "called", "_handle_message_flow"),  # by _retry_deliveries (QoS 2, WebSocket)
     *_names(_H, "BrokerProtocolHandler", "read", "_reader_ready _reader_stopped"),  # by reader.PacketReader
     *_names(_H, "", "replaced", "Session"),  # the name init_from_connect builds a session with
     *_names(_S, "Session", "overridden", "_init_states"),
@@ -152,6 +155,7 @@ class AckAfterJournal(BrokerProtocolHandler):
         self._pending_subscriptions: LeanQueue[Any] = LeanQueue()
         self._pending_unsubscriptions: LeanQueue[Any] = LeanQueue()
         self.in_flight = InFlight()  # the fan-out's QoS 1 copies awaiting their PUBACK (fanout.py)
+        self._retrying: set[asyncio.Task[Any]] = set()  # amqtt's flows of messages sent again (_retry_deliveries)
 
     async def stop(self) -> None:
         # asked up to four times per connection (its reader's end, the message loop's disconnect, the
@@ -166,6 +170,8 @@ class AckAfterJournal(BrokerProtocolHandler):
             return
         self._stopping = running = asyncio.Event()
         try:
+            for task in list(self._retrying):
+                task.cancel()
             self.in_flight.forget_all()
             await super().stop()
             self._stopped = True
@@ -198,6 +204,41 @@ class AckAfterJournal(BrokerProtocolHandler):
             await super().handle_unsubscribe(unsubscribe)
         finally:
             self._stir()
+
+    async def _retry_deliveries(self) -> None:
+        """A resumed session's unacknowledged messages sent again (MQTT-4.4.0-1), not waited for.
+        amqtt's waited for each one's PUBACK (or PUBREL) before the connection's message loop began,
+        while this connection's reader (reader.py) waits for that loop's SUBACK before it reads what
+        follows a SUBSCRIBE: a client that subscribed at once (every ``imcli`` command does) and had
+        a copy outstanding got its SUBACK 5 s late, or never when its session changed hands again
+        meanwhile (CI: two ``imcli chat`` of one device). A QoS 1 copy goes again with DUP set, its
+        PUBACK settled by the reader (fanout.InFlight); QoS 2 flows, and a WebSocket's, are amqtt's,
+        in tasks of their own. A copy written on this connection already (since its CONNACK) is not."""
+        session = self.session
+        if session is None:
+            return
+        stream = isinstance(self.reader, StreamGuard) and self.writer is not None
+        later: list[Any] = []
+        for message in list(session.inflight_out.values()):
+            if message.packet_id in self.in_flight:
+                continue
+            if stream and message.qos == 1 and isinstance(message, OutgoingApplicationMessage):
+                try:
+                    self.in_flight.resend(session, message, self.writer)
+                except (ConnectionError, RuntimeError) as exc:  # closing: its reader ends the connection
+                    log.debug("%s: resend to a closing connection dropped: %s", session.client_id, exc)
+                    return
+            else:
+                later.append(message)
+        for message in [*later, *session.inflight_in.values()]:
+            task = asyncio.create_task(asyncio.wait_for(self._handle_message_flow(message), RETRY_WAIT))
+            self._retrying.add(task)
+            task.add_done_callback(self._retried)
+
+    def _retried(self, task: asyncio.Task[Any]) -> None:
+        self._retrying.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.debug("%s: a message sent again was not acknowledged: %r", self.session and self.session.client_id, exc)
 
     async def _reader_loop(self) -> None:
         if isinstance(self.reader, StreamGuard):  # TCP and TLS (imcli/broker/reader.py)

@@ -181,6 +181,9 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._copies)
 
+    def __contains__(self, packet_id: int) -> bool:
+        return packet_id in self._copies
+
     def add(
         self, session: Session, packet_id: int, outgoing: OutgoingApplicationMessage, size: int, outlet: Outlet | None
     ) -> None:
@@ -196,10 +199,26 @@ class InFlight:
         return True
 
     def forget_all(self) -> None:
-        """The connection ended: as amqtt's flow on cancel, the copies leave the session's in-flight table."""
+        """The connection ended: a clean session's copies leave its in-flight table (it ends with
+        them); a persistent session keeps them there, sent again when it resumes (MQTT-4.4.0-1,
+        ``AckAfterJournal._retry_deliveries``). amqtt's flow forgot them too: a message written
+        just before a phone lost its network was acknowledged by nobody and never came again."""
         copies, self._copies = self._copies, {}
-        for copy in copies.values():
-            self._settle(*copy)
+        for session, outgoing, size, outlet in copies.values():
+            if session.clean_session:
+                self._settle(session, outgoing, size, outlet)
+            elif outlet is not None:
+                outlet.release(size)
+
+    def resend(self, session: Session, outgoing: OutgoingApplicationMessage, writer: Any) -> None:
+        """Write ``outgoing``, a QoS 1 copy an earlier connection of ``session`` left unacknowledged,
+        again with its packet id and DUP set (MQTT-4.4.0-1), its PUBACK settled as the others'."""
+        data = bytes(outgoing.data or b"")
+        encoded = EncodedPublish(outgoing.topic, data, bool(outgoing.retain))
+        head = bytes((encoded.qos1_head[0] | 0x08,)) + encoded.qos1_head[1:]  # DUP
+        packet = b"".join((head, outgoing.packet_id.to_bytes(2, "big"), data))
+        self.add(session, outgoing.packet_id, outgoing, len(packet), None)
+        writer.write(packet)
 
     @staticmethod
     def _settle(session: Session, outgoing: OutgoingApplicationMessage, size: int, outlet: Outlet | None) -> None:
