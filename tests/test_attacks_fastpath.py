@@ -344,6 +344,35 @@ def test_a_takeover_mid_stream_closes_the_old_connection_and_does_not_mix_them(b
     assert olds == sorted(set(olds), key=lambda t: int(t.split()[1]))  # once each, in the order sent
 
 
+@pytest.mark.parametrize("clean", [True, False], ids=["clean", "persistent"])
+def test_the_connection_taken_over_is_told_why_and_the_newer_keeps_the_session(broker: ServeInfo, clean: bool) -> None:
+    """Two clients of one device (bob:laptop): the older connection gets a ``taken_over`` notice
+    naming its client id on its own notice topic, then its close (its client stops instead of
+    taking the session back a second later, docs/PROTOCOL.md §9); the newer one is not told, keeps
+    the session and gets bob's DMs, and nothing of the notice is queued in the session."""
+    old = _subscribed(broker, "bob", b"bob:laptop", T.user_filter("bob")) if clean else None
+    if old is None:
+        old = _connect(broker, "bob", b"bob:laptop", clean=False)
+        old.sendall(packet(0x82, b"\x00\x01" + field(T.user_filter("bob").encode()) + b"\x01"))
+        assert read_packets(old, lambda p: len(p) >= 1)[0] == [(0x90, b"\x00\x01\x01")]
+    with old, _connect(broker, "bob", b"bob:laptop", clean=clean) as new:
+        got, closed = read_packets(old, lambda p: False)
+        assert closed
+        told = [decode_as(payload, Notice) for topic, payload in _publishes(got) if topic == T.notice("bob")]
+        assert [(n.code, n.topic) for n in told] == [("taken_over", "bob:laptop")], got
+        if clean:  # a clean session starts without subscriptions
+            new.sendall(packet(0x82, b"\x00\x01" + field(T.user_filter("bob").encode()) + b"\x01"))
+            assert read_packets(new, lambda p: len(p) >= 1)[0] == [(0x90, b"\x00\x01\x01")]
+        with _connect(broker, "alice", b"alice:dm") as alice:
+            alice.sendall(publish_packet(T.dm("bob", "alice").encode(), chat("to the newer"), qos=1, packet_id=1))
+            assert read_packets(alice, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
+        got = _drain(new)
+        if "to the newer" not in _texts(got):
+            got += read_packets(new, lambda p: bool(_texts(p)))[0]
+        assert _texts(got) == ["to the newer"]
+        assert not [t for t, _ in _publishes(got) if t == T.notice("bob")]
+
+
 def test_another_users_client_id_cannot_take_over_a_session(broker: ServeInfo) -> None:
     """mallory's CONNECT under alice's client id is refused; alice's connection stays and keeps
     its fast path: her next DM is delivered."""
