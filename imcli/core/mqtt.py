@@ -38,6 +38,11 @@ RENEW_TRIES = 10
 # often in all (1 s, then 2 s apart): a loaded NATS 2.9 cluster refuses a QoS 1 SUBSCRIBE when JetStream
 # does not make its consumer within 4 s (the node logs "Unable to add JetStream consumer ... timeout")
 SUBSCRIBE_TRIES = 3
+# ... but only a refusal that took this long (seconds) to come: one that came sooner is the broker's
+# decision (the embedded broker's ACL or subscription limit, Mosquitto's dynamic security, a NATS
+# permission), which another try does not change; it fails at once instead of 3 s later. MQTT 3.1.1's
+# SUBACK has one code, 0x80, for every refusal: how long it took is what tells them apart
+FINAL_REFUSAL = 2.0
 # a client that another connection with its client id takes over (MQTT-3.1.4-2) reconnects a second
 # later and takes the session back: two of them take turns for ever. Where the broker cannot say so (the
 # embedded one sends a ``taken_over`` notice: ``MqttClient.stop``), this many connections in a row, each
@@ -318,17 +323,27 @@ class MqttClient:
 
     def subscribe(self, filters: list[str], qos: int = 1, *, at_most_once: Sequence[str] = (), tries: int = 1) -> None:
         """Subscribe (``at_most_once`` at QoS 0, in the same SUBSCRIBE) and wait for SUBACK; the refused
-        filters again, up to ``tries`` SUBSCRIBEs in all (``SUBSCRIBE_TRIES`` for one's own topics);
-        raise if the broker refused any filter in the end."""
+        filters again, up to ``tries`` SUBSCRIBEs in all (``SUBSCRIBE_TRIES`` for one's own topics), if
+        their refusal took ``FINAL_REFUSAL`` seconds or more to come; raise if the broker refused any
+        filter in the end."""
         pairs = [(f, qos) for f in filters] + [(f, 0) for f in at_most_once]
         for f, q in pairs:
             self._filters[f] = q
         for attempt in range(1, tries + 1):
+            asked = time.monotonic()
             codes = self._subscribe_and_wait(pairs)
+            final = time.monotonic() - asked < FINAL_REFUSAL  # a refusal at once: another try changes nothing
             self._subscribed.update(f for (f, _), rc in zip(pairs, codes, strict=True) if not rc.is_failure)
             pairs = [pair for pair, rc in zip(pairs, codes, strict=True) if rc.is_failure]
-            if not pairs or attempt == tries:
+            if not pairs or attempt == tries or final:
                 break
+            log.info(
+                "%s: the broker refused %s after %.1fs (try %d)",
+                self._client_id,
+                pairs,
+                time.monotonic() - asked,
+                attempt,
+            )
             time.sleep(attempt)
         refused = [f for f, _ in pairs]
         for f in refused:  # not renewed after a reconnect
