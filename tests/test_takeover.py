@@ -3,8 +3,9 @@ a copied profile, or two ``imcli`` sharing a device. Each CONNECT takes the sess
 and paho reconnected the older a second later, taking it back: they took turns for ever, each
 missing messages in turn, silently. Now one of them stops and says why (docs/PROTOCOL.md §9,
 ``taken_over``): on the embedded broker the older one, told by the broker's notice just before its
-close; on Mosquitto, which cannot tell, the one whose connection is closed ``TAKEN_OVER_LOSSES``
-times in a row right after coming back. The other keeps the session and gets its messages.
+close; on Mosquitto and NATS, which cannot tell, the one whose connection is closed
+``TAKEN_OVER_LOSSES`` times in a row right after coming back. The other keeps the session and gets
+its messages. On all three brokers (brokers.ALL).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from tests.conftest import Cli, Proc, ident, wait_until
 from tests.rawmqtt import connect_raw
 from tests.test_chat import Terminal
 
-broker_kind, broker_under_test, server, users = brokers.BOTH
+broker_kind, broker_under_test, server, users = brokers.ALL
 
 T = Topics()
-STOPS = 40  # seconds: on Mosquitto three rounds of paho's 1 s reconnect each way, on a loaded machine
+STOPS = 40  # seconds: on Mosquitto and NATS three rounds of paho's 1 s reconnect each way, on a loaded machine
 
 
 class Running:
@@ -83,7 +84,7 @@ def test_one_of_two_clients_of_a_device_stops_and_the_other_keeps_the_session(
             assert str(older.ended).startswith(
                 "this device's session was taken over by another imcli (device 'laptop'); stopped ("
             )
-        else:  # nobody tells: the one closed three times in a row right after reconnecting
+        else:  # nobody tells (Mosquitto, NATS): the one closed three times in a row right after reconnecting
             assert "another imcli probably uses this device ('laptop'); stopped" in str(stopped.ended)
         assert not stopped.listener.connected
         assert wait_until(lambda: kept.listener.connected, 10)
