@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter, WebSocketsWriter
 from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action, ListenerType
-from amqtt.errors import BrokerError
+from amqtt.errors import AMQTTError, BrokerError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol import broker_handler
@@ -43,7 +43,7 @@ from imcli.broker.fanout import FanOut, InFlight, SessionFilters
 from imcli.broker.gcpause import release_stream, release_transport
 from imcli.broker.journal import ArchiveWriter, Journal
 from imcli.broker.listeners import Connections, peer_host, serve, stop_listening
-from imcli.broker.notices import Notifier
+from imcli.broker.notices import Notifier, taken_over
 from imcli.broker.output import OutputBound, ReadGate
 from imcli.broker.packets import CheckedWebSocketsReader, PacketGuard, connect_within
 from imcli.broker.pending import PendingConnections, raise_fd_limit
@@ -70,6 +70,7 @@ from imcli.core.wire import TopicKind, Topics, build_schemas
 
 log = logging.getLogger(__name__)
 RETRY_WAIT = 10  # seconds amqtt gives a message sent again on a resumed session (its _retry_deliveries)
+TAKEOVER_NOTICE_WAIT = 1.0  # seconds a connection taken over has to take its notice (ImBroker._tell_taken_over)
 
 
 class PrivateName(NamedTuple):
@@ -522,7 +523,25 @@ class ImBroker(Broker):
         one session), and let the sweep forget a clean one the new connection resumed (closing it)."""
         if isinstance(handler, AckAfterJournal):
             handler.taken_over = True
+        await self._tell_taken_over(handler)
         await self.close_connection(handler)
+
+    async def _tell_taken_over(self, handler: BrokerProtocolHandler) -> None:
+        """The connection closed for a newer one is told why, before its close, on its notice topic and
+        to it alone: MQTT 3.1.1 has no reason for a closed connection, and without one its client (paho)
+        reconnects a second later and takes the session back, for ever (docs/PROTOCOL.md §9). QoS 0,
+        written on that connection only: the session, and what is queued in it, is the newer one's now.
+        A connection that does not take it within ``TAKEOVER_NOTICE_WAIT`` is closed without it."""
+        session = handler.session
+        if session is None or session.client_id is None:
+            return
+        addressed = self.notifier.addressed(session.username, taken_over(session.client_id))
+        if addressed is None:
+            return
+        try:
+            await asyncio.wait_for(handler.mqtt_publish(*addressed, 0, retain=False), TAKEOVER_NOTICE_WAIT)
+        except (TimeoutError, OSError, AMQTTError) as exc:
+            log.info("%s: the takeover notice was not written: %r", session.client_id, exc)
 
     # ---------------------------------------------------------------- start, stop, connections
 
