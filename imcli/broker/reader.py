@@ -92,7 +92,7 @@ HANDLERS = {
 }
 
 
-def _only_pubacks(data: bytes) -> bool:
+def only_pubacks(data: bytes) -> bool:
     """Whether ``data`` is one or more whole PUBACKs (MQTT 3.1.1: ``40 02`` and a packet id), none
     with packet id 0 (which ends the connection: the reader's task says so)."""
     size = len(data)
@@ -217,7 +217,7 @@ class PacketReader:
         alone in their read: each was a callback and a task step, now one callback (a room's
         message to 50 listeners: 50 task steps fewer, which a DM read just after them no longer
         waits behind; issue 21, docs/PERFORMANCE.md). Anything else goes to the stream, as ever."""
-        if self._waiting and _only_pubacks(data):
+        if self._waiting and only_pubacks(data):
             self._heard = self._loop.time()
             for at in range(2, len(data), 4):
                 self._puback(data[at] << 8 | data[at + 1])
