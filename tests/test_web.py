@@ -607,12 +607,12 @@ def downloading(tmp_path: Path, limits: Limits) -> Iterator[tuple[WebUser, bytes
         for name in ("alice", "carol"):
             store.add(name, password_of(name))
         ok(cli(info, tmp_path, "carol"), "send", "--room", "lobby", str(tmp_path / "report.bin"))
-    with BackgroundServer(BrokerSettings(data_dir=data, port=0, ws_port=0, limits=limits)) as info:
-        with chromium() as browser:
-            alice = new_user(browser, url(info), "alice")
-            alice.sign_in(password_of("alice"))
-            alice.p.click("#messages li[data-from='carol'] .file button", timeout=60_000)
-            yield alice, body
+    strict = BrokerSettings(data_dir=data, port=0, ws_port=0, limits=limits)
+    with BackgroundServer(strict) as info, chromium() as browser:
+        alice = new_user(browser, url(info), "alice")
+        alice.sign_in(password_of("alice"))
+        alice.p.click("#messages li[data-from='carol'] .file button", timeout=60_000)
+        yield alice, body
 
 
 def test_a_download_waits_out_a_short_file_transfer_rate_notice_and_completes(tmp_path: Path) -> None:
