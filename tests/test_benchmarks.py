@@ -15,6 +15,7 @@ import pytest
 
 from benchmarks.__main__ import SCENARIOS
 from benchmarks.brokers import MOSQUITTO_PUB, MOSQUITTO_SUB
+from benchmarks.quantile import interval, quantile, ratio_interval
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,3 +86,18 @@ def test_the_stall_list_keeps_every_phase_and_each_phases_longest() -> None:
     assert (40.0, 0.9, "join") in kept  # the join's longest, past its first 25
     assert len([stall for stall in kept if stall[2] == "join"]) == 26
     assert kept == sorted(kept)  # in the order they ended
+
+
+def test_a_p99_is_bounded_only_by_enough_pings() -> None:
+    """The order-statistics interval of benchmarks/filesping.py's p99s: a hundred pings bound a p99
+    from below only (its upper bound would be past the largest ping); three thousand bound it on
+    both sides, a few dozen pings either side of it; the median's interval is the textbook one."""
+    pings = [float(i) for i in range(1, 3001)]
+    assert interval(pings[:100], 0.99) == (97.0, None)
+    low, high = interval(pings, 0.99)
+    assert low is not None and high is not None
+    assert low < (quantile(pings, 0.99) or 0.0) < high
+    assert (low, high) == (2959.0, 2981.0)
+    assert interval(pings[:1000], 0.5) == (469.0, 532.0)  # n/2 -+ 1.96 sqrt(n)/2, rounded outwards
+    assert ratio_interval((4.0, 6.0), (1.0, 2.0)) == (2.0, 6.0)
+    assert ratio_interval((4.0, None), (1.0, 2.0)) == (2.0, None)
