@@ -24,6 +24,7 @@ from imcli.cli.app import app
 from imcli.client.identity import Identity
 from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.serve.host import BackgroundServer, ServeInfo
+from tests import natsschedule
 from tests.natsbroker import SharedCluster, address_for
 from tests.natscluster import ACCOUNTS as NATS_CLUSTER_ACCOUNTS
 from tests.natscluster import NOT_INSTALLED as NATS_NOT_INSTALLED
@@ -109,7 +110,8 @@ NATS_ACCOUNTS = (
 
 @pytest.fixture(scope="session")
 def nats_shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedCluster]:
-    """One three-node NATS cluster for the session (per xdist worker): tests/natsbroker.py."""
+    """One three-node NATS cluster for the session (under xdist, on the one worker that runs every NATS
+    test: tests/natsschedule.py): tests/natsbroker.py."""
     if not nats_available():
         pytest.skip(NATS_NOT_INSTALLED)
     with running_cluster(tmp_path_factory.mktemp("nats-shared") / "cluster", NATS_ACCOUNTS) as cluster:
@@ -237,3 +239,16 @@ def procs() -> Iterator[Callable[..., Proc]]:
     yield start
     for p in started:
         p.stop()
+
+
+# ---------------------------------------------------------------- xdist: the NATS tests on one worker
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture parameters
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    natsschedule.nats_first(items)
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: unknown without it (pytest -p no:xdist)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    return natsschedule.scheduler(config, log)

@@ -1,8 +1,9 @@
 """The three-node NATS cluster as the third broker of tests/brokers.py (``broker_kind == "nats"``).
 
 A fresh cluster takes about 8 s to start (JetStream elects its leaders and makes the MQTT
-streams), too long per test: one cluster serves a whole test session (per xdist worker), and
-each test gets what a fresh broker would give it:
+streams), too long per test: one cluster serves a whole test session (under ``pytest -n``, the one
+xdist worker that runs every NATS test: tests/natsschedule.py), and each test gets what a fresh
+broker would give it:
 
 - before the test, the workers of ``imcli workers --nats-users`` start afresh (their own archive
   and files directories under the test's ``tmp_path``), after every retained message the last

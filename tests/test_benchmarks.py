@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,10 +81,11 @@ def test_the_stall_list_keeps_every_phase_and_each_phases_longest() -> None:
     """A 30-minute run's list must not lose the hold's or the leave's stalls behind a noisy join."""
     from benchmarks.stallprobe import _kept
 
-    join = [(float(i), 0.06, "join") for i in range(40)] + [(40.0, 0.9, "join")]
-    kept = _kept([*join, (50.0, 0.07, "hold"), (60.0, 0.5, "leave")])
-    assert [stall for stall in kept if stall[2] != "join"] == [(50.0, 0.07, "hold"), (60.0, 0.5, "leave")]
-    assert (40.0, 0.9, "join") in kept  # the join's longest, past its first 25
+    join = [(float(i), 0.06, "join", 0.0, 0.06) for i in range(40)] + [(40.0, 0.9, "join", 0.9, 0.0)]
+    hold, leave = (50.0, 0.07, "hold", 0.01, 0.06), (60.0, 0.5, "leave", 0.5, 0.0)
+    kept = _kept([*join, hold, leave])
+    assert [stall for stall in kept if stall[2] != "join"] == [hold, leave]
+    assert (40.0, 0.9, "join", 0.9, 0.0) in kept  # the join's longest, past its first 25
     assert len([stall for stall in kept if stall[2] == "join"]) == 26
     assert kept == sorted(kept)  # in the order they ended
 
@@ -101,3 +103,28 @@ def test_a_p99_is_bounded_only_by_enough_pings() -> None:
     assert interval(pings[:1000], 0.5) == (469.0, 532.0)  # n/2 -+ 1.96 sqrt(n)/2, rounded outwards
     assert ratio_interval((4.0, 6.0), (1.0, 2.0)) == (2.0, 6.0)
     assert ratio_interval((4.0, None), (1.0, 2.0)) == (2.0, None)
+
+
+def test_the_stall_probe_tells_a_busy_loop_from_a_wait_for_a_core() -> None:
+    """``schedstat`` reads the main thread's own time on a core (and waiting for one): a thread that
+    computes for 60 ms shows about that much run time; one that sleeps 60 ms shows almost none."""
+    import os
+    import threading
+
+    from benchmarks.stallprobe import _figures, schedstat
+
+    assert schedstat(None) == (0.0, 0.0)
+    assert schedstat(2**22 + 12345) == (0.0, 0.0)  # no such process
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("schedstat(pid) is the process's main thread")
+    ran0, _ = schedstat(os.getpid())
+    end = time.thread_time() + 0.06
+    while time.thread_time() < end:
+        pass
+    ran1, _ = schedstat(os.getpid())
+    time.sleep(0.06)
+    ran2, _ = schedstat(os.getpid())
+    assert ran1 - ran0 >= 0.055 and ran2 - ran1 < 0.02
+    figures = _figures([0.01, 0.3, 0.08], ran=[0.01, 0.02, 0.07])
+    assert figures["stalls_over_50ms"] == 2 and figures["own_stalls_over_50ms"] == 1
+    assert figures["own_stall_longest_ms"] == 70.0

@@ -21,6 +21,7 @@ from imcli.broker.listeners import peer_host
 from imcli.broker.output import HELD_COPY, OutputBound, Verdict
 from imcli.broker.pending import PendingConnections
 from imcli.broker.publish_checks import Decision, PublishChecks, decide_publish
+from imcli.broker.reader import only_pubacks
 from imcli.broker.session_upkeep import expired, replaced_accounts, session_revoked, sessions_to_drop
 from imcli.broker.sessions import read_timeout, start_session
 from imcli.broker.topic_access import TopicAccess
@@ -456,3 +457,22 @@ def test_pending_connections_past_a_limit_close_the_oldest_silent_one() -> None:
     assert closed == ["a1", "a3"]
     assert len(pending) == 3
     pending.done("nobody")  # idempotent
+
+
+@pytest.mark.parametrize(
+    ("data", "settled_at_once"),
+    [
+        (b"\x40\x02\x00\x01", True),
+        (b"\x40\x02\x00\x01\x40\x02\xff\xff", True),
+        (b"", False),
+        (b"\x40\x02\x00\x00", False),  # packet id 0: the reader's task ends the connection
+        (b"\x40\x02\x00\x01\x40\x02\x00\x00", False),
+        (b"\x40\x02\x00", False),  # a PUBACK not yet whole
+        (b"\x40\x02\x00\x01\xc0\x00", False),  # with a PINGREQ: the task, in order
+        (b"\x40\x03\x00\x01\x00", False),
+        (b"\x41\x02\x00\x01", False),  # reserved flags: malformed, the task says so
+        (b"\x32\x02\x00\x01", False),
+    ],
+)
+def test_only_whole_pubacks_are_settled_where_they_arrive(data: bytes, settled_at_once: bool) -> None:
+    assert only_pubacks(data) is settled_at_once

@@ -49,6 +49,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from amqtt.adapters import BufferReader
@@ -99,6 +100,18 @@ HANDLERS = {
 }
 
 
+def only_pubacks(data: bytes) -> bool:
+    """Whether ``data`` is one or more whole PUBACKs (MQTT 3.1.1: ``40 02`` and a packet id), none
+    with packet id 0 (which ends the connection: the reader's task says so)."""
+    size = len(data)
+    if not size or size % 4:
+        return False
+    for at in range(0, size, 4):
+        if data[at] != 0x40 or data[at + 1] != 2 or not (data[at + 2] or data[at + 3]):
+            return False
+    return True
+
+
 class StreamGuard(PacketGuard):
     """``PacketGuard`` over a stream connection, which ``PacketReader`` reads directly once the
     CONNECT is in: ``stream`` is its ``asyncio.StreamReader``, ``transport`` its transport,
@@ -137,6 +150,7 @@ class PacketReader:
         self._held = False  # the buffer's head is complete packets, held while reading is paused
         self._said_goodbye = False  # a DISCONNECT was read: nothing after it is the client's (MQTT-3.14.4-1)
         self._asked = handler.answered  # SUBSCRIBEs and UNSUBSCRIBEs read (AckAfterJournal.answered)
+        self._waiting = False  # suspended in the stream's read, everything before handled: see _arrived
         keep_alive = handler.session.keep_alive if handler.session is not None else 0
         self._keep_alive: float | None = keep_alive if keep_alive and keep_alive > 0 else None
 
@@ -145,6 +159,7 @@ class PacketReader:
         handler, stream, readable = self._handler, self._guard.stream, self._guard.readable
         handler._reader_ready.set()  # amqtt private (AMQTT_PRIVATE): start() waits for it
         self._arm()
+        unhook = self._hook()
         try:
             while not self._said_goodbye:
                 if not readable():
@@ -152,7 +167,11 @@ class PacketReader:
                 if self._held:  # complete packets left in the buffer while reading was paused
                     await self._handle_buffer()
                     continue
-                data = await stream.read(READ_SIZE)
+                self._waiting = True
+                try:
+                    data = await stream.read(READ_SIZE)
+                finally:
+                    self._waiting = False
                 if not data:
                     if self._expired is not None:  # the deadline aborted the transport
                         log.warning("%s: reader ended: %s", self._client_id, self._expired)
@@ -174,6 +193,7 @@ class PacketReader:
             # connections left 46 objects each that way (docs/PERFORMANCE.md, issue 21).
             exc.__traceback__ = None
         finally:
+            unhook()
             if self._timer is not None:
                 self._timer.cancel()
             for task in list(self._tasks):
@@ -181,6 +201,37 @@ class PacketReader:
         await handler.handle_connection_closed()
         handler._reader_stopped.set()  # amqtt private (AMQTT_PRIVATE): stop() waits for it
         await handler.stop()
+
+    def _hook(self) -> Callable[[], None]:
+        """``_arrived`` in front of the stream's protocol (the transport looks its protocol's
+        ``data_received`` up at every read); returns what takes it away."""
+        protocol = self._guard.transport.get_protocol()
+        if not isinstance(protocol, asyncio.StreamReaderProtocol):
+            return lambda: None
+        protocol.data_received = partial(self._arrived, protocol.data_received)  # type: ignore[method-assign]
+
+        def unhook() -> None:
+            del protocol.data_received  # the class's own again
+
+        return unhook
+
+    def _arrived(self, feed: Callable[[bytes], None], data: bytes) -> None:
+        """The connection's data, where the transport hands it over (its protocol's ``data_received``).
+
+        Bytes that are only whole PUBACKs, arriving while this reader waits in the stream's read
+        with everything before them handled, are settled here, in the transport's callback: they
+        take effect in the order they were sent all the same, and the reader's task is not woken
+        for them. At QoS 1 every copy the broker fans out comes back as a PUBACK, most of them
+        alone in their read: each was a callback and a task step, now one callback (a room's
+        message to 50 listeners: 50 task steps fewer, which a DM read just after them no longer
+        waits behind; issue 21, docs/PERFORMANCE.md). Anything else goes to the stream, as ever."""
+        if self._waiting and only_pubacks(data):
+            self._heard = self._loop.time()
+            for at in range(2, len(data), 4):
+                self._puback(data[at] << 8 | data[at + 1])
+            return
+        self._waiting = False  # the task is woken: what follows waits for it, in order
+        feed(data)
 
     @property
     def _client_id(self) -> str:
