@@ -128,3 +128,24 @@ def test_the_stall_probe_tells_a_busy_loop_from_a_wait_for_a_core() -> None:
     figures = _figures([0.01, 0.3, 0.08], ran=[0.01, 0.02, 0.07])
     assert figures["stalls_over_50ms"] == 2 and figures["own_stalls_over_50ms"] == 1
     assert figures["own_stall_longest_ms"] == 70.0
+
+
+@pytest.mark.timeout(120)
+def test_filesping_reports_each_transfer_and_a_summary_at_tiny_size() -> None:
+    """``python -m benchmarks.filesping`` on the embedded broker, one round of two 1 MiB transfers:
+    a line for the run (each transfer's p99s and their ratio, the pings' cost to the broker) and a
+    summary line (the pooled p99s with their intervals, the per-transfer ratios)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.filesping", "--brokers", "embedded", "--rounds", "1", "--transfers", "2",
+         "--mib", "1", "--idle-s", "0.5", "--period-ms", "5"],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    first, summary = (json.loads(line) for line in run.stdout.splitlines())
+    assert first["broker"] == "embedded" and first["period_ms"] == 5.0
+    assert len(first["transfers"]) == 2 and all(t["idle_pings"] > 50 for t in first["transfers"])
+    assert first["ping_cost"]["broker_us_per_ping"] > 0
+    assert summary["summary"] is True and summary["transfers"] == len(summary["ratios"]) <= 2
+    assert summary["idle_pings"] == first["idle_pings"] and summary["pings"] == first["pings"]
+    low, high = summary["idle_p99_ci95"]  # about 100 pings per idle phase: bounded from below
+    assert low is not None and low <= summary["idle_p99"] and (high is None or high >= summary["idle_p99"])
