@@ -21,6 +21,9 @@ the messages of one publisher were fanned out one per round (one ``send`` per co
   callback (its checks, its fan-out, its copies written, its journal, then its PUBACK:
   ``AckAfterJournal.may_deliver_now``), up to ``client_loop.FAIR_SHARE`` of one read; the rest
   wait for the connection's message loop, in order, as before;
+* a file's chunk (a PUBLISH of ``BULK`` bytes or more) is handled only after what the loop
+  already knows of (its ready callbacks, the sockets its next look finds readable): a chat
+  message read with it, or arriving while it waited, goes first (issue 16);
 * PUBACK resolves the waiting copy's future where it is read; every other packet goes to
   amqtt's own handler method, awaited in this task (they resolve a future, queue a message or
   a subscription for the connection's message loop, or write an answer), except a QoS 2
@@ -77,6 +80,11 @@ from imcli.core.framing import MalformedLength, decode_length
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 16  # bytes asked of the socket's buffer at once
+# a PUBLISH this long is a file's chunk (issue 16: chat and every other payload keep to 16 KiB by
+# default, a chunk is up to 256 KiB): before handling one, the reader lets the loop run what it
+# already knows of first (``_handle_publish``): a chat message must not wait behind a chunk in hand
+BULK = 1 << 16
+AFTER_OTHERS = 1e-6  # seconds: any delay above 0 makes asyncio's sleep a timer, not a bare yield
 POLL, FIRST_POLL = 0.05, 0.001  # output.ReadGate's looks while reading is paused
 
 # packet type -> the name of amqtt's handler method for it (PUBACK is handled here)
@@ -264,7 +272,7 @@ class PacketReader:
                     self._puback(buffer[i] << 8 | buffer[i + 1])
                     continue
                 if first >> 4 == PUBLISH and length >= 2:
-                    await self._dispatch(first, b"", self._publish(first, buffer, i, end))
+                    await self._handle_publish(first, buffer, i, end)
                 else:
                     body = bytes(buffer[i:end])
                     check_packet(first, body, connected=True, max_client_id=guard.max_client_id)
@@ -279,6 +287,21 @@ class PacketReader:
             self._handler.answers = None
             del buffer[: size if self._said_goodbye else pos]
             self._unfinished(bool(buffer) and not self._held)
+
+    async def _handle_publish(self, first: int, buffer: bytearray, start: int, end: int) -> None:
+        """The PUBLISH in ``buffer[start:end]``; a file's chunk (``BULK`` bytes or more) only after
+        every callback the loop has ready and every socket it finds readable at its next look: a
+        chunk takes up to a millisecond of the loop (its copies, checks and 256 KiB written), and a
+        chat message read in the same round, or arriving meanwhile, waited for it (and for the next
+        chunk of the same read) in the round after (issue 16: a room's chat latency during a
+        transfer). ``asyncio.sleep(0)`` would not do: its wakeup runs at the head of the next round,
+        before the sockets that round finds readable; a timer's runs after them, and the task it wakes
+        after the tasks they woke. The PUBACKs gathered so far wait, as for the rest of the read:
+        nothing else answers this connection meanwhile (its other packets' answers are written by
+        this reader, after ``_answer``)."""
+        if end - start >= BULK:
+            await asyncio.sleep(AFTER_OTHERS)
+        await self._dispatch(first, b"", self._publish(first, buffer, start, end))
 
     def _answer(self) -> None:
         """Write the PUBACKs gathered so far (before any other answer, which must not overtake them)."""
