@@ -821,3 +821,32 @@ def test_a_resumed_session_answers_a_subscribe_while_its_old_copy_waits(
     bob, got = _resume(server, b"bob:busy")  # never acknowledged: comes again
     with bob:
         assert _texts(got + _drain(bob)) == ["still waiting"]
+
+
+def test_pubacks_alone_in_a_read_settle_their_copies_and_a_packet_id_0_still_closes(broker: ServeInfo) -> None:
+    """PUBACKs that come alone in a read while bob's reader waits are settled where the transport
+    hands them over (``PacketReader._arrived``, issue 21), with the reader's own rules: three copies
+    acknowledged in one segment (with one more PUBACK, for no copy at all), the last thing bob sends
+    before his connection drops, never come again when the session resumes; a PUBACK of packet id 0
+    (MQTT-2.3.1-1) alone in its read closes the connection."""
+    bob = _connect(broker, "bob", b"bob:acks", clean=False)
+    with bob:
+        bob.sendall(packet(0x82, b"\x00\x01" + field(T.user_filter("bob").encode()) + b"\x01"))
+        assert read_packets(bob, lambda p: len(p) >= 1)[0] == [(0x90, b"\x00\x01\x01")]
+        with _connect(broker, "mallory", b"mallory:acks") as mallory:
+            for i in (1, 2, 3):
+                mallory.sendall(publish_packet(T.dm("bob", "mallory").encode(), chat(f"dm {i}"), qos=1, packet_id=i))
+            assert len(read_packets(mallory, lambda p: len(p) >= 3)[0]) == 3
+        got, _ = read_packets(bob, lambda p: len(_texts(p)) >= 3)
+        assert _texts(got) == ["dm 1", "dm 2", "dm 3"]
+        ids = []
+        for first, body in got:
+            if first >> 4 == 3:
+                n = int.from_bytes(body[:2], "big")
+                ids.append(body[2 + n : 4 + n])
+        bob.sendall(b"".join(b"\x40\x02" + i for i in [*ids, b"\xff\xf0"]))
+    bob, got = _resume(broker, b"bob:acks")
+    with bob:
+        assert _texts(got + _drain(bob)) == []
+        bob.sendall(b"\x40\x02\x00\x00")
+        assert read_packets(bob, lambda p: False)[1]
