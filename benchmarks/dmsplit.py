@@ -93,7 +93,7 @@ class SplitProbe:
         self.profile = self.profiling = False  # whether it should be, and is, on
         self.selects: list[tuple[float, float]] = []  # (entered, returned)
         self.callbacks: list[tuple[float, float, float, Any, str]] = []  # (start, end, CPU s, callback, _tag)
-        self.copies = 0  # Deliveries.add calls, ever
+        self.copies = self.copies_at_start = 0  # Deliveries.add calls, ever; when the DMs began
         self.notices = 0  # notices published (the workers' sync markers, the broker's refusals)
         self.notice_texts: list[str] = []  # the first few (what went wrong)
         self.shapes: set[str] = set()  # the shapes of the topics published in the callback under way
@@ -141,9 +141,9 @@ class SplitProbe:
             probe.selects.append((entered, time.perf_counter()))
             return ready
 
-        def flushed(deliveries: Deliveries) -> None:
+        def flushed(deliveries: Deliveries, *only: Any) -> None:
             probe._flushed, probe._flushed_cpu = time.perf_counter(), time.thread_time()
-            flush(deliveries)
+            flush(deliveries, *only)
 
         async def published(fan_out: FanOut, broadcast: dict[str, Any]) -> None:
             await publish(fan_out, broadcast)
@@ -252,6 +252,10 @@ def explain(
         seconds = max(probe.callbacks[-1][1] - probe.callbacks[0][0], 1e-9)
         result["broker_cpu_ms_per_s"] = round(sum(c[2] for c in probe.callbacks) * 1000 / seconds, 1)
         result["callbacks_per_s"] = round(len(probe.callbacks) / seconds)
+        copies = probe.copies - probe.copies_at_start
+        result["copies_per_s"] = round(copies / seconds)
+        # the broker's CPU per copy it wrote, everything included (the PUBACKs, the DMs, the checks)
+        result["cpu_us_per_copy"] = round(sum(c[2] for c in probe.callbacks) * 1e6 / max(copies, 1), 1)
     result["notices"] = probe.notices
     result["first_notices"] = probe.notice_texts
     result["callbacks"] = len(probe.callbacks)
@@ -295,6 +299,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             probe.callbacks.clear()
             probe.selects.clear()
             probe.notices, probe.notice_texts = 0, []
+            probe.copies_at_start = probe.copies
             if args.profile:
                 probe.profiler, probe.profile = cProfile.Profile(), True
             pinger = subprocess.run(
