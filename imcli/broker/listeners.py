@@ -132,7 +132,8 @@ class Connections:
             self.output.forget(writer)
             if stream is not None:
                 self._streams.discard(stream)
-                stream.close()  # amqtt leaves some finished connections open (found by ResourceWarnings)
+                if not stream.transport.is_closing():  # a TLS transport closed twice drops its protocol
+                    stream.close()  # amqtt leaves some finished connections open (found by ResourceWarnings)
 
     async def close_all(self) -> None:
         writers = list(self._streams)
