@@ -162,16 +162,18 @@ class Crowd:
         say({"event": "flipped", "t0": t0, "t1": time.time(), "changes": 2 * len(self.clients)})
 
     async def talk(self) -> None:
-        """Background room traffic: the first ten users take turns, ``--talk`` messages a second."""
-        talkers = [c for n, c in self.clients.items() if n in self.names[:10]]
+        """Background room traffic: the first ten users take turns, ``--talk`` messages a second, each
+        in its own name (``self.clients`` is in the order the users joined, not ``self.names``': a line
+        said in another user's name is denied, which costs the embedded broker a notice to the sender
+        and Mosquitto nothing, so the DM scenario's background was not the same on both)."""
+        talkers = [(n, self.clients[n]) for n in self.names[:10] if n in self.clients]
         if not talkers or self.args.talk <= 0:
             return
         period = 1.0 / self.args.talk
         turn = 0
         next_at = time.perf_counter()
         while True:
-            client = talkers[turn % len(talkers)]
-            name = self.names[turn % len(talkers)]
+            name, client = talkers[turn % len(talkers)]
             message = encode(ChatMessage(id=new_id(), text=f"background line {turn}"))
             await client.publish(T.room(BACKGROUND_ROOM, name), message, qos=1)
             turn += 1

@@ -95,11 +95,11 @@ class _Probe:
                 probe.rounds += 1
             run_once(loop)
 
-        def flush(deliveries: Deliveries) -> None:
+        def flush(deliveries: Deliveries, *only: Any) -> None:
             mine = threading.get_ident() == probe.thread and probe.written_cpu is None
             if mine and any(getattr(handler.session, "client_id", None) == BOB for handler in deliveries._chunks):
                 probe.written_cpu = time.thread_time()
-            write(deliveries)
+            write(deliveries, *only)
 
         write = Deliveries.flush
         asyncio.events.Handle._run = counted  # type: ignore[method-assign,assignment]

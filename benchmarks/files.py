@@ -5,7 +5,8 @@ For each size and conversation the figure is end to end: from ``imcli send``'s f
 as bytes per second. Beside it on Mosquitto, the same bytes as one raw message,
 ``mosquitto_pub -f`` → ``mosquitto_sub -C 1``: the floor MQTT allows. During the largest DM
 transfer the broker's resident memory is sampled (its growth is reported) and a room's chat
-latency is measured (p99, and the median), against the same measure without a transfer. The
+latency is measured (a ping every 5 ms: p99 with its 95 % interval, and the median), against
+the same measure without a transfer. The
 sender's, the worker's and the receiver's bulk threads run at the priority ``IMCLI_BULK_PRIORITY``
 chooses (``imcli/core/bulk.py``; the JSON's ``bulk_priority``): set it before the run to compare.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.brokers import MOSQUITTO_PUB, MOSQUITTO_SUB, PASSWORD, Broker, cpu_seconds
+from benchmarks.quantile import interval
 from benchmarks.roomping import RoomPing
 from imcli.client import services
 from imcli.client.files import FileConnection
@@ -31,6 +33,11 @@ from imcli.core.mqtt import BrokerAddress, Credentials
 
 MIB = 1 << 20
 GROUP = "benchfiles"
+# seconds between two chat pings during the largest DM transfer: hundreds of pings per 100 MiB
+# transfer, so that its p99 is not its second-largest ping (at 10 ms it was); each costs the embedded
+# broker about 0.45 ms of CPU (its journal row among it), so 200 a second are a tenth of a core
+# (benchmarks/filesping.py measures it; docs/PERFORMANCE.md)
+PING_PERIOD = 0.005
 
 
 def _identity(broker: Broker, name: str) -> Identity:
@@ -146,7 +153,7 @@ def _watched(
     cpu: dict[str, float],
 ) -> float:
     """``_send_and_fetch`` while a room's chat latency (against 5 s without) and the broker's memory are measured."""
-    ping = RoomPing(broker)
+    ping = RoomPing(broker, period=PING_PERIOD)
     try:
         with ping.phase() as idle:
             time.sleep(5.0)
@@ -160,6 +167,10 @@ def _watched(
         ping.close()
     out["chat_p99_ms_idle"], out["chat_p99_ms_transfer"] = p99(idle), p99(busy)
     out["chat_p50_ms_idle"], out["chat_p50_ms_transfer"] = p50(idle), p50(busy)
+    out["chat_pings_idle"], out["chat_pings_transfer"] = len(idle), len(busy)
+    for phase, pings in (("idle", idle), ("transfer", busy)):  # the p99's 95 % interval (benchmarks/quantile.py)
+        low, high = interval(pings, 0.99)
+        out[f"chat_p99_ms_{phase}_ci95"] = [None if x is None else round(x, 1) for x in (low, high)]
     out["bulk_priority"] = bulk.policy()  # the transfer's threads' (imcli/core/bulk.py, IMCLI_BULK_PRIORITY)
     return seconds
 

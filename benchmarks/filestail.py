@@ -1,6 +1,6 @@
 """Where the slow chat pings during a file transfer go, on the embedded broker (issue 16).
 
-    python -m benchmarks.filestail [--mib 100] [--rounds 1] [--slow-ms 5] [--top 12]
+    python -m benchmarks.filestail [--mib 100] [--rounds 1] [--slow-ms 5] [--top 12] [--period-ms 10]
 
 ``benchmarks/filesping.py`` with the broker in this process, as ``benchmarks/dmtail.py`` runs it
 (``serve_forever``: the workers, the files worker among them, in their child process, the collector
@@ -37,7 +37,7 @@ from benchmarks.dmtail import _explain, _LoopProbe
 from benchmarks.files import MIB, _identity, _source
 from benchmarks.filesping import _pct
 from benchmarks.memory import _Here, serve_here
-from benchmarks.roomping import RoomPing
+from benchmarks.roomping import PERIOD, RoomPing
 
 ROUND_MS = 1.0  # the loop's rounds kept (their callbacks' wall time; dmtail keeps 20 ms and more)
 _RECURSIVE = ("re/_parser.py", "re/_compiler.py")  # a regular expression's compilation: its caller says more
@@ -151,14 +151,14 @@ def _transfer(port: int, source: Path) -> dict[str, float]:
     return result
 
 
-def measure(mib: int, rounds: int, slow_ms: float, top: int) -> list[dict[str, object]]:
+def measure(mib: int, rounds: int, slow_ms: float, top: int, period: float = PERIOD) -> list[dict[str, object]]:
     results: list[dict[str, object]] = []
     probe = _LoopProbe(rounds=True, slow_round_ms=ROUND_MS)
     loop_thread = threading.get_ident()  # serve_here runs the broker's loop in this thread
     with tempfile.TemporaryDirectory(prefix="bench-filestail-") as tmp:
 
         def drive(port: int) -> None:
-            ping = RoomPing(_Here(port), stamps=True)  # type: ignore[arg-type]
+            ping = RoomPing(_Here(port), stamps=True, period=period)  # type: ignore[arg-type]
             workers = _children(os.getpid())[0]
             offset = time.time() - time.perf_counter()  # ping stamps are perf_counter's, the probe's epoch
             try:
@@ -207,13 +207,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--slow-ms", type=float, default=5.0)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--period-ms", type=float, default=PERIOD * 1000, help="milliseconds between two chat pings")
     parser.add_argument("--client", type=int, default=0, help=argparse.SUPPRESS)  # the transfer's process
     parser.add_argument("--source", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         print(json.dumps(_client(args.client, args.source)))
         return
-    measure(args.mib, args.rounds, args.slow_ms, args.top)
+    measure(args.mib, args.rounds, args.slow_ms, args.top, args.period_ms / 1000)
 
 
 if __name__ == "__main__":

@@ -204,10 +204,18 @@ class Watcher:
 # ---------------------------------------------------------------- 2. DM latency
 
 
-async def dm_pings(port: int, samples: int, rate: float, receiver_port: int | None = None) -> list[tuple[float, float]]:
+async def dm_pings(
+    port: int,
+    samples: int,
+    rate: float,
+    receiver_port: int | None = None,
+    *,
+    stamps: list[tuple[str, float, float]] | None = None,
+) -> list[tuple[float, float]]:
     """The DM scenario's pinger: ``samples`` DMs at ``rate`` a second from five senders to one
     receiver (on ``receiver_port``, another node of a cluster, if given); (epoch sent, seconds)
-    of each DM that arrived. benchmarks/dmtail.py runs the same pinger in a process of its own."""
+    of each DM that arrived. benchmarks/dmtail.py runs the same pinger in a process of its own;
+    ``stamps`` gets (message id, ``perf_counter`` sent, received) of each (benchmarks/dmsplit.py)."""
     senders = ["pinga", "pingb", "pingc", "pingd", "pinge"]
     sent: dict[str, tuple[float, float]] = {}
     out: list[tuple[float, float]] = []
@@ -217,7 +225,10 @@ async def dm_pings(port: int, samples: int, rate: float, receiver_port: int | No
         message_id = json.loads(payload)["id"]
         if message_id in sent:
             epoch, started = sent.pop(message_id)
-            out.append((epoch, time.perf_counter() - started))
+            now = time.perf_counter()
+            out.append((epoch, now - started))
+            if stamps is not None:
+                stamps.append((message_id, started, now))
             if len(out) >= samples:
                 done.set()
 

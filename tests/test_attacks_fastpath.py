@@ -344,6 +344,35 @@ def test_a_takeover_mid_stream_closes_the_old_connection_and_does_not_mix_them(b
     assert olds == sorted(set(olds), key=lambda t: int(t.split()[1]))  # once each, in the order sent
 
 
+@pytest.mark.parametrize("clean", [True, False], ids=["clean", "persistent"])
+def test_the_connection_taken_over_is_told_why_and_the_newer_keeps_the_session(broker: ServeInfo, clean: bool) -> None:
+    """Two clients of one device (bob:laptop): the older connection gets a ``taken_over`` notice
+    naming its client id on its own notice topic, then its close (its client stops instead of
+    taking the session back a second later, docs/PROTOCOL.md §9); the newer one is not told, keeps
+    the session and gets bob's DMs, and nothing of the notice is queued in the session."""
+    old = _subscribed(broker, "bob", b"bob:laptop", T.user_filter("bob")) if clean else None
+    if old is None:
+        old = _connect(broker, "bob", b"bob:laptop", clean=False)
+        old.sendall(packet(0x82, b"\x00\x01" + field(T.user_filter("bob").encode()) + b"\x01"))
+        assert read_packets(old, lambda p: len(p) >= 1)[0] == [(0x90, b"\x00\x01\x01")]
+    with old, _connect(broker, "bob", b"bob:laptop", clean=clean) as new:
+        got, closed = read_packets(old, lambda p: False)
+        assert closed
+        told = [decode_as(payload, Notice) for topic, payload in _publishes(got) if topic == T.notice("bob")]
+        assert [(n.code, n.topic) for n in told] == [("taken_over", "bob:laptop")], got
+        if clean:  # a clean session starts without subscriptions
+            new.sendall(packet(0x82, b"\x00\x01" + field(T.user_filter("bob").encode()) + b"\x01"))
+            assert read_packets(new, lambda p: len(p) >= 1)[0] == [(0x90, b"\x00\x01\x01")]
+        with _connect(broker, "alice", b"alice:dm") as alice:
+            alice.sendall(publish_packet(T.dm("bob", "alice").encode(), chat("to the newer"), qos=1, packet_id=1))
+            assert read_packets(alice, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
+        got = _drain(new)
+        if "to the newer" not in _texts(got):
+            got += read_packets(new, lambda p: bool(_texts(p)))[0]
+        assert _texts(got) == ["to the newer"]
+        assert not [t for t, _ in _publishes(got) if t == T.notice("bob")]
+
+
 def test_another_users_client_id_cannot_take_over_a_session(broker: ServeInfo) -> None:
     """mallory's CONNECT under alice's client id is refused; alice's connection stays and keeps
     its fast path: her next DM is delivered."""
@@ -363,19 +392,29 @@ def test_another_users_client_id_cannot_take_over_a_session(broker: ServeInfo) -
 
 
 @pytest.fixture
-def statuses(broker: ServeInfo, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """alice's twelve retained statuses, sent to a new subscription one per loop round."""
+def statuses(server: ServeInfo, users: Callable[..., None], monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """alice's twelve retained statuses, which the embedded broker sends to a new subscription one
+    per loop round (Mosquitto: all at once, before it reads the next packet). On either broker
+    (brokers.BOTH, bound in "the same rules on Mosquitto" below), with mallory's account too."""
+    users("alice", "mallory")
     monkeypatch.setattr(amqtt_adapter, "RETAINED_SLICE", 1)
     topics = [T.status("alice", f"d{i:02}") for i in range(12)]
-    with _connect(broker, "alice", b"alice:retainer") as alice:
+    with _connect(server, "alice", b"alice:retainer") as alice:
         for i, topic in enumerate(topics, start=1):
             alice.sendall(packet(0x33, field(topic.encode()) + i.to_bytes(2, "big") + STATUS))
         got, _ = read_packets(alice, lambda p: len(p) >= len(topics))
         assert [f for f, _ in got] == [0x40] * len(topics)
     yield topics
-    with _connect(broker, "alice", b"alice:retainer") as alice:
+    with _connect(server, "alice", b"alice:retainer") as alice:
         alice.sendall(b"".join(packet(0x31, field(t.encode())) for t in topics))  # cleared
         _drain(alice)
+
+
+@pytest.fixture
+def reader(broker_under_test: brokers.BrokerUnderTest) -> str:
+    """A service account that may read statuses, as the presence worker: ``auditor`` on the embedded
+    broker, ``presence`` on Mosquitto (deploy/mosquitto/aclfile)."""
+    return broker_under_test.add_reader()
 
 
 def _after(got: list[tuple[int, bytes]], first: int, nth: int = 1) -> list[tuple[int, bytes]]:
@@ -412,11 +451,11 @@ def _quiet(sock: socket.socket, seconds: float = 0.5) -> list[tuple[int, bytes]]
     return got
 
 
-def test_no_retained_record_arrives_after_the_unsubscribe(broker: ServeInfo, statuses: list[str]) -> None:
+def test_no_retained_record_arrives_after_the_unsubscribe(server: ServeInfo, statuses: list[str], reader: str) -> None:
     """SUBSCRIBE then UNSUBSCRIBE in one write: the slices stop at the UNSUBACK (MQTT-3.10.4-2:
     no new messages for that subscription), at most one slice already on its way after it."""
     status_filter = b"im/status/alice/+"
-    with _connect(broker, "auditor", b"auditor:unsub") as auditor:
+    with _connect(server, reader, f"{reader}:unsub".encode()) as auditor:
         auditor.sendall(
             packet(0x82, b"\x00\x01" + field(status_filter) + b"\x01")
             + packet(0xA2, b"\x00\x02" + field(status_filter))
@@ -427,12 +466,14 @@ def test_no_retained_record_arrives_after_the_unsubscribe(broker: ServeInfo, sta
     assert len(late) <= 1, f"{len(late)} retained records after the UNSUBACK"
 
 
-def test_a_resubscription_mid_slices_gets_each_record_once_more(broker: ServeInfo, statuses: list[str]) -> None:
+def test_a_resubscription_mid_slices_gets_each_record_once_more(
+    server: ServeInfo, statuses: list[str], reader: str
+) -> None:
     """SUBSCRIBE, UNSUBSCRIBE, SUBSCRIBE in one write: after the second SUBACK each record comes
     once (MQTT-3.8.4-3 sends them again), not once per subscription ever made."""
     status_filter = b"im/status/alice/+"
     subscribe = packet(0x82, b"\x00\x01" + field(status_filter) + b"\x01")
-    with _connect(broker, "auditor", b"auditor:resub") as auditor:
+    with _connect(server, reader, f"{reader}:resub".encode()) as auditor:
         auditor.sendall(subscribe + packet(0xA2, b"\x00\x02" + field(status_filter)) + subscribe)
         got = _quiet(auditor)
     late = [t for t, _ in _publishes(_after(got, 0x90, 2))]
@@ -441,13 +482,13 @@ def test_a_resubscription_mid_slices_gets_each_record_once_more(broker: ServeInf
 
 
 def test_retained_records_in_slices_reach_only_whom_the_acl_lets_read_them(
-    broker: ServeInfo, statuses: list[str]
+    server: ServeInfo, statuses: list[str]
 ) -> None:
     """mallory subscribes to alice's statuses in every form a filter allows (only the workers
     may read statuses): whatever filter the broker grants, each record of each slice is checked
     as it goes, and none of alice's reaches her."""
     filters = [b"im/status/alice/+", b"im/status/+/+", b"im/+/alice/+", b"im/#", b"#", b"+/+/+/+"]
-    with _connect(broker, "mallory", b"mallory:slices") as mallory:
+    with _connect(server, "mallory", b"mallory:slices") as mallory:
         mallory.sendall(packet(0x82, b"\x00\x01" + b"".join(field(f) + b"\x01" for f in filters)))
         got = _quiet(mallory)
     assert [t for t, _ in _publishes(got) if t.startswith("im/status/")] == []
@@ -502,6 +543,10 @@ def test_a_request_flood_on_anothers_topics_is_told_to_the_flooder_alone_and_bou
 
 
 # ---------------------------------------------------------------- the same rules on Mosquitto
+# ``server`` and ``users`` (brokers.BOTH) run a test on the embedded broker and on Mosquitto: the
+# tests below, and above the retained slices (``statuses``), every takeover, and a resumed session's
+# copies (DUP, SUBSCRIBE answered meanwhile). The rest of this file is about the embedded broker's
+# own reader and notices.
 
 broker_kind, broker_under_test, server, users = brokers.BOTH
 
@@ -593,7 +638,7 @@ def test_a_publisher_held_back_by_its_own_output_keeps_order_and_identity(broker
 
 
 def test_a_record_cleared_between_slices_is_not_sent_after_its_clearing(
-    broker: ServeInfo, statuses: list[str], monkeypatch: pytest.MonkeyPatch
+    server: ServeInfo, statuses: list[str], reader: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The slices of a new subscription go 50 ms apart; alice clears half her statuses meanwhile.
     In the subscriber's stream, once a record's clearing has come, no retained copy of it follows
@@ -608,9 +653,9 @@ def test_a_record_cleared_between_slices_is_not_sent_after_its_clearing(
 
     monkeypatch.setattr(amqtt_adapter, "send_in_slices", slowly)
     cleared = statuses[6:]
-    with _connect(broker, "auditor", b"auditor:cleared") as auditor:
+    with _connect(server, reader, f"{reader}:cleared".encode()) as auditor:
         auditor.sendall(packet(0x82, b"\x00\x01" + field(b"im/status/alice/+") + b"\x01"))
-        with _connect(broker, "alice", b"alice:clearer") as alice:
+        with _connect(server, "alice", b"alice:clearer") as alice:
             alice.sendall(b"".join(packet(0x33, field(t.encode()) + b"\x00\x01") for t in cleared))
             acks, _ = read_packets(alice, lambda p: len(p) >= len(cleared))
             assert len(acks) == len(cleared)
@@ -667,17 +712,18 @@ def test_any_mix_in_any_segments_delivers_exactly_what_came_before_the_first_mal
 
 @pytest.mark.parametrize("modes", ["ppp", "cp", "pcp"])
 def test_every_takeover_closes_the_connection_before_it_and_the_last_one_lives_on(
-    broker: ServeInfo, modes: str
+    server: ServeInfo, users: Callable[..., None], modes: str
 ) -> None:
     """Connections one after another under one client id, clean (c) or persistent (p): each new
     one closes the one before (a resumed session's end marked the session disconnected, so a
     third CONNECT let the second live on beside it, and the sweep of ended clean sessions forgot
     a clean one a persistent CONNECT had resumed, closing the new connection). The last one stays,
     past a sweep, and gets its DMs."""
+    users("mallory", "bob")
     conns: list[socket.socket] = []
     try:
         for mode in modes:
-            conns.append(_connect(broker, "mallory", b"mallory:many", clean=mode == "c"))
+            conns.append(_connect(server, "mallory", b"mallory:many", clean=mode == "c"))
             for old in conns[:-1]:
                 old.settimeout(5)
                 _, closed = read_packets(old, lambda p: False)
@@ -687,7 +733,7 @@ def test_every_takeover_closes_the_connection_before_it_and_the_last_one_lives_o
         got, closed = read_packets(last, lambda p: len(p) >= 1)
         assert got == [(0x90, b"\x00\x01\x01")]
         time.sleep(1.5)  # past a round of the ended sessions' sweep (session_sweep.EndedSessions)
-        with _connect(broker, "bob", b"bob:many") as bob:
+        with _connect(server, "bob", b"bob:many") as bob:
             bob.sendall(publish_packet(T.dm("mallory", "bob").encode(), chat("still here"), qos=1, packet_id=1))
             assert read_packets(bob, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
         got, closed = read_packets(last, lambda p: len(p) >= 1)
@@ -701,14 +747,14 @@ def test_every_takeover_closes_the_connection_before_it_and_the_last_one_lives_o
 # ---------------------------------------------------------------- a resumed session's unacknowledged copies
 
 
-def _unacknowledged_dm(broker: ServeInfo, client_id: bytes, text: str) -> int:
+def _unacknowledged_dm(server: ServeInfo, client_id: bytes, text: str) -> int:
     """bob (persistent ``client_id``) subscribed; mallory DMs him ``text``; bob reads the copy and
     drops his connection without its PUBACK. The copy's packet id."""
-    bob = _connect(broker, "bob", client_id, clean=False)
+    bob = _connect(server, "bob", client_id, clean=False)
     with bob:
         bob.sendall(packet(0x82, b"\x00\x01" + field(T.user_filter("bob").encode()) + b"\x01"))
         assert read_packets(bob, lambda p: len(p) >= 1)[0] == [(0x90, b"\x00\x01\x01")]
-        with _connect(broker, "mallory", client_id.replace(b"bob", b"mallory")) as mallory:
+        with _connect(server, "mallory", client_id.replace(b"bob", b"mallory")) as mallory:
             mallory.sendall(publish_packet(T.dm("bob", "mallory").encode(), chat(text), qos=1, packet_id=1))
             assert read_packets(mallory, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
         got, _ = read_packets(bob, lambda p: bool(_texts(p)))
@@ -720,11 +766,11 @@ def _unacknowledged_dm(broker: ServeInfo, client_id: bytes, text: str) -> int:
 
 
 def _resume(
-    broker: ServeInfo, client_id: bytes, then: bytes = PINGREQ
+    server: ServeInfo, client_id: bytes, then: bytes = PINGREQ
 ) -> tuple[socket.socket, list[tuple[int, bytes]]]:
     """bob's persistent ``client_id`` resumed, ``then`` in the same write; everything he gets up
     to the answer to ``then`` (a PINGRESP or a SUBACK; whatever came with the CONNACK included)."""
-    sock = socket.create_connection((broker.address.host, broker.address.port), timeout=4)
+    sock = socket.create_connection((server.address.host, server.address.port), timeout=4)
     body = connect_packet(client_id, b"bob", password_of("bob").encode(), keepalive=0)
     body = body[:9] + bytes([body[9] & ~0x02]) + body[10:]  # the connect flags: no clean session
     sock.sendall(body + then)
@@ -734,12 +780,15 @@ def _resume(
     return sock, got
 
 
-def test_a_copy_left_unacknowledged_comes_again_when_the_session_resumes(broker: ServeInfo) -> None:
+def test_a_copy_left_unacknowledged_comes_again_when_the_session_resumes(
+    server: ServeInfo, users: Callable[..., None]
+) -> None:
     """MQTT-4.4.0-1: a QoS 1 copy written to a persistent session's connection that ended before
     its PUBACK (a phone losing its network) is sent again, same packet id, DUP set, when the session
     resumes; once acknowledged, never again. The broker forgot it with the connection before."""
-    packet_id = _unacknowledged_dm(broker, b"bob:resume", "are you there")
-    bob, got = _resume(broker, b"bob:resume")
+    users("bob", "mallory")
+    packet_id = _unacknowledged_dm(server, b"bob:resume", "are you there")
+    bob, got = _resume(server, b"bob:resume")
     with bob:
         got += _drain(bob)  # the PINGREQ may be answered before the session's copies go again
         assert _texts(got) == ["are you there"]
@@ -749,23 +798,55 @@ def test_a_copy_left_unacknowledged_comes_again_when_the_session_resumes(broker:
         assert int.from_bytes(body[2 + n : 4 + n], "big") == packet_id
         bob.sendall(b"\x40\x02" + packet_id.to_bytes(2, "big"))
         assert _texts(_drain(bob)) == []
-    bob, got = _resume(broker, b"bob:resume")  # acknowledged: not again
+    bob, got = _resume(server, b"bob:resume")  # acknowledged: not again
     with bob:
         assert _texts(got + _drain(bob)) == []
 
 
-def test_a_resumed_session_answers_a_subscribe_while_its_old_copy_waits(broker: ServeInfo) -> None:
+def test_a_resumed_session_answers_a_subscribe_while_its_old_copy_waits(
+    server: ServeInfo, users: Callable[..., None]
+) -> None:
     """The copy sent again on resume is not waited for before the connection's SUBSCRIBEs are
     answered: amqtt waited up to 5 s for its PUBACK while the reader waited for the SUBACK before
     reading that PUBACK (every imcli command subscribes at once: CI saw a session that changed hands
     again meanwhile never answered). The client here never acknowledges the copy; the SUBACK comes
     (well before amqtt's 5 s: the socket's 4 s bound) and the copy stays unacknowledged for later."""
-    _unacknowledged_dm(broker, b"bob:busy", "still waiting")
+    users("bob", "mallory")
+    _unacknowledged_dm(server, b"bob:busy", "still waiting")
     subscribe = packet(0x82, b"\x00\x07" + field(T.user_filter("bob").encode()) + b"\x01")
-    bob, got = _resume(broker, b"bob:busy", then=subscribe)
+    bob, got = _resume(server, b"bob:busy", then=subscribe)
     with bob:
         assert (0x90, b"\x00\x07\x01") in got
         assert _texts(got) == ["still waiting"]
-    bob, got = _resume(broker, b"bob:busy")  # never acknowledged: comes again
+    bob, got = _resume(server, b"bob:busy")  # never acknowledged: comes again
     with bob:
         assert _texts(got + _drain(bob)) == ["still waiting"]
+
+
+def test_pubacks_alone_in_a_read_settle_their_copies_and_a_packet_id_0_still_closes(broker: ServeInfo) -> None:
+    """PUBACKs that come alone in a read while bob's reader waits are settled where the transport
+    hands them over (``PacketReader._arrived``, issue 21), with the reader's own rules: three copies
+    acknowledged in one segment (with one more PUBACK, for no copy at all), the last thing bob sends
+    before his connection drops, never come again when the session resumes; a PUBACK of packet id 0
+    (MQTT-2.3.1-1) alone in its read closes the connection."""
+    bob = _connect(broker, "bob", b"bob:acks", clean=False)
+    with bob:
+        bob.sendall(packet(0x82, b"\x00\x01" + field(T.user_filter("bob").encode()) + b"\x01"))
+        assert read_packets(bob, lambda p: len(p) >= 1)[0] == [(0x90, b"\x00\x01\x01")]
+        with _connect(broker, "mallory", b"mallory:acks") as mallory:
+            for i in (1, 2, 3):
+                mallory.sendall(publish_packet(T.dm("bob", "mallory").encode(), chat(f"dm {i}"), qos=1, packet_id=i))
+            assert len(read_packets(mallory, lambda p: len(p) >= 3)[0]) == 3
+        got, _ = read_packets(bob, lambda p: len(_texts(p)) >= 3)
+        assert _texts(got) == ["dm 1", "dm 2", "dm 3"]
+        ids = []
+        for first, body in got:
+            if first >> 4 == 3:
+                n = int.from_bytes(body[:2], "big")
+                ids.append(body[2 + n : 4 + n])
+        bob.sendall(b"".join(b"\x40\x02" + i for i in [*ids, b"\xff\xf0"]))
+    bob, got = _resume(broker, b"bob:acks")
+    with bob:
+        assert _texts(got + _drain(bob)) == []
+        bob.sendall(b"\x40\x02\x00\x00")
+        assert read_packets(bob, lambda p: False)[1]

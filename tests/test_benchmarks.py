@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from benchmarks.__main__ import SCENARIOS
 from benchmarks.brokers import MOSQUITTO_PUB, MOSQUITTO_SUB
+from benchmarks.quantile import interval, quantile, ratio_interval
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -79,9 +81,101 @@ def test_the_stall_list_keeps_every_phase_and_each_phases_longest() -> None:
     """A 30-minute run's list must not lose the hold's or the leave's stalls behind a noisy join."""
     from benchmarks.stallprobe import _kept
 
-    join = [(float(i), 0.06, "join") for i in range(40)] + [(40.0, 0.9, "join")]
-    kept = _kept([*join, (50.0, 0.07, "hold"), (60.0, 0.5, "leave")])
-    assert [stall for stall in kept if stall[2] != "join"] == [(50.0, 0.07, "hold"), (60.0, 0.5, "leave")]
-    assert (40.0, 0.9, "join") in kept  # the join's longest, past its first 25
+    join = [(float(i), 0.06, "join", 0.0, 0.06) for i in range(40)] + [(40.0, 0.9, "join", 0.9, 0.0)]
+    hold, leave = (50.0, 0.07, "hold", 0.01, 0.06), (60.0, 0.5, "leave", 0.5, 0.0)
+    kept = _kept([*join, hold, leave])
+    assert [stall for stall in kept if stall[2] != "join"] == [hold, leave]
+    assert (40.0, 0.9, "join", 0.9, 0.0) in kept  # the join's longest, past its first 25
     assert len([stall for stall in kept if stall[2] == "join"]) == 26
     assert kept == sorted(kept)  # in the order they ended
+
+
+def test_a_p99_is_bounded_only_by_enough_pings() -> None:
+    """The order-statistics interval of benchmarks/filesping.py's p99s: a hundred pings bound a p99
+    from below only (its upper bound would be past the largest ping); three thousand bound it on
+    both sides, a few dozen pings either side of it; the median's interval is the textbook one."""
+    pings = [float(i) for i in range(1, 3001)]
+    assert interval(pings[:100], 0.99) == (97.0, None)
+    low, high = interval(pings, 0.99)
+    assert low is not None and high is not None
+    assert low < (quantile(pings, 0.99) or 0.0) < high
+    assert (low, high) == (2959.0, 2981.0)
+    assert interval(pings[:1000], 0.5) == (469.0, 532.0)  # n/2 -+ 1.96 sqrt(n)/2, rounded outwards
+    assert ratio_interval((4.0, 6.0), (1.0, 2.0)) == (2.0, 6.0)
+    assert ratio_interval((4.0, None), (1.0, 2.0)) == (2.0, None)
+
+
+def test_the_stall_probe_tells_a_busy_loop_from_a_wait_for_a_core() -> None:
+    """``schedstat`` reads the main thread's own time on a core (and waiting for one): a thread that
+    computes for 60 ms shows about that much run time; one that sleeps 60 ms shows almost none."""
+    import os
+    import threading
+
+    from benchmarks.stallprobe import _figures, schedstat
+
+    assert schedstat(None) == (0.0, 0.0)
+    assert schedstat(2**22 + 12345) == (0.0, 0.0)  # no such process
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("schedstat(pid) is the process's main thread")
+    ran0, _ = schedstat(os.getpid())
+    end = time.thread_time() + 0.06
+    while time.thread_time() < end:
+        pass
+    ran1, _ = schedstat(os.getpid())
+    time.sleep(0.06)
+    ran2, _ = schedstat(os.getpid())
+    assert ran1 - ran0 >= 0.055 and ran2 - ran1 < 0.02
+    figures = _figures([0.01, 0.3, 0.08], ran=[0.01, 0.02, 0.07])
+    assert figures["stalls_over_50ms"] == 2 and figures["own_stalls_over_50ms"] == 1
+    assert figures["own_stall_longest_ms"] == 70.0
+
+
+@pytest.mark.timeout(120)
+def test_filesping_reports_each_transfer_and_a_summary_at_tiny_size() -> None:
+    """``python -m benchmarks.filesping`` on the embedded broker, one round of two 1 MiB transfers:
+    a line for the run (each transfer's p99s and their ratio, the pings' cost to the broker) and a
+    summary line (the pooled p99s with their intervals, the per-transfer ratios)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.filesping", "--brokers", "embedded", "--rounds", "1", "--transfers", "2",
+         "--mib", "1", "--idle-s", "0.5", "--period-ms", "5"],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    first, summary = (json.loads(line) for line in run.stdout.splitlines())
+    assert first["broker"] == "embedded" and first["period_ms"] == 5.0
+    assert len(first["transfers"]) == 2 and all(t["idle_pings"] > 50 for t in first["transfers"])
+    assert first["ping_cost"]["broker_us_per_ping"] > 0
+    assert summary["summary"] is True and summary["transfers"] == len(summary["ratios"]) <= 2
+    assert summary["idle_pings"] == first["idle_pings"] and summary["pings"] == first["pings"]
+    low, high = summary["idle_p99_ci95"]  # about 100 pings per idle phase: bounded from below
+    assert low is not None and low <= summary["idle_p99"] and (high is None or high >= summary["idle_p99"])
+
+
+def test_the_leave_floors_responder_answers_as_a_broker_would() -> None:
+    """benchmarks.leavefloor's server (the floor under the broker's CPU per disconnect) answers CONNECT,
+    SUBSCRIBE and PINGREQ, waits for a packet's missing bytes, and stops at DISCONNECT."""
+    from benchmarks.leavefloor import CONNACK, PINGRESP, answers
+
+    connect = bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 60, 0, 0])
+    subscribe = bytes([0x82, 8, 0, 7, 0, 3]) + b"a/b" + bytes([1])
+    buffer = bytearray(connect + subscribe[:5])
+    assert answers(buffer) == (CONNACK, False) and buffer == subscribe[:5]
+    buffer += subscribe[5:] + b"\xc0\x00" + b"\xe0\x00" + b"\xc0\x00"
+    assert answers(buffer) == (b"\x90\x03\x00\x07\x01" + PINGRESP, True)
+    assert buffer == b"\xc0\x00"  # after the DISCONNECT: left unread
+
+
+@pytest.mark.timeout(120)
+def test_chunkwait_counts_chunks_and_pings_at_tiny_size() -> None:
+    """``python -m benchmarks.chunkwait`` (the broker in this process): one 2 MiB transfer, up and
+    down, is 9 chunks each way, 8 of 262,136 bytes and one of 64 (below ``reader.BULK``, not a file's
+    chunk to the rule nor to the count); the pings are counted and their waits measured."""
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.chunkwait", "--mib", "2", "--transfers", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    (line,) = (json.loads(text) for text in run.stdout.splitlines() if text.startswith("{"))
+    assert line["rule"] is True and line["chunks"] == 16
+    assert line["pings"] > 0 and 0 <= line["pings_behind_a_later_chunk"] <= line["pings"]
+    assert line["chunk_cpu_ms_median"] > 0

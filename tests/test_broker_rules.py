@@ -21,6 +21,7 @@ from imcli.broker.listeners import peer_host
 from imcli.broker.output import HELD_COPY, OutputBound, Verdict
 from imcli.broker.pending import PendingConnections
 from imcli.broker.publish_checks import Decision, PublishChecks, decide_publish
+from imcli.broker.reader import only_pubacks
 from imcli.broker.session_upkeep import expired, replaced_accounts, session_revoked, sessions_to_drop
 from imcli.broker.sessions import read_timeout, start_session
 from imcli.broker.topic_access import TopicAccess
@@ -456,3 +457,64 @@ def test_pending_connections_past_a_limit_close_the_oldest_silent_one() -> None:
     assert closed == ["a1", "a3"]
     assert len(pending) == 3
     pending.done("nobody")  # idempotent
+
+
+@pytest.mark.parametrize(
+    ("data", "settled_at_once"),
+    [
+        (b"\x40\x02\x00\x01", True),
+        (b"\x40\x02\x00\x01\x40\x02\xff\xff", True),
+        (b"", False),
+        (b"\x40\x02\x00\x00", False),  # packet id 0: the reader's task ends the connection
+        (b"\x40\x02\x00\x01\x40\x02\x00\x00", False),
+        (b"\x40\x02\x00", False),  # a PUBACK not yet whole
+        (b"\x40\x02\x00\x01\xc0\x00", False),  # with a PINGREQ: the task, in order
+        (b"\x40\x03\x00\x01\x00", False),
+        (b"\x41\x02\x00\x01", False),  # reserved flags: malformed, the task says so
+        (b"\x32\x02\x00\x01", False),
+    ],
+)
+def test_only_whole_pubacks_are_settled_where_they_arrive(data: bytes, settled_at_once: bool) -> None:
+    assert only_pubacks(data) is settled_at_once
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+class _Handler:
+    def __init__(self) -> None:
+        self.writer = _Writer()
+
+
+def test_a_dms_write_takes_its_own_connections_copies_and_leaves_a_rooms_others_for_the_round() -> None:
+    """``Deliveries.flush(only)`` (``FanOut.publish`` for a message of a few copies, issue 21): the
+    DM's connection gets its whole buffer at once, a room's copy queued before the DM first (nothing
+    overtakes on a connection); the room's other connections wait for the end of the round."""
+    from imcli.broker.fanout import Deliveries, EncodedPublish
+
+    async def run() -> tuple[list[bytes], list[bytes], list[bytes]]:
+        loop = asyncio.get_running_loop()
+        deliveries = Deliveries(loop)
+        bob, carol = _Handler(), _Handler()
+        session: Any = object()
+        room, dm = EncodedPublish("im/room/r/alice", b"room"), EncodedPublish("im/user/bob/dm/alice", b"dm")
+        for handler in (carol, bob):
+            deliveries.add(handler, session, room, 0)
+        deliveries.flush_soon()
+        deliveries.recent.clear()
+        deliveries.add(bob, session, dm, 0)
+        deliveries.flush(deliveries.recent)
+        at_once = (list(bob.writer.written), list(carol.writer.written))
+        await asyncio.sleep(0)  # the end of the round
+        return at_once[0], at_once[1], carol.writer.written
+
+    bob_now, carol_now, carol_later = asyncio.run(run())
+    room_copy, dm_copy = b"\x30\x15\x00\x0fim/room/r/aliceroom", b"\x30\x18\x00\x14im/user/bob/dm/alicedm"
+    assert bob_now == [room_copy + dm_copy]
+    assert carol_now == []
+    assert carol_later == [room_copy]

@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import socket
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from imcli.broker import reader
 from imcli.broker.accounts import AccountStore
 from imcli.broker.client_loop import FAIR_SHARE
 from imcli.broker.limits import Limits
@@ -195,3 +197,44 @@ def test_a_qos0_dm_is_handled_at_once_and_journalled_as_it_is_delivered(broker: 
     assert _texts(heard) == ["quick"]
     assert rows == [("quick",)]
     assert (paths.at_once, paths.queued) == (1, 0)
+
+
+@pytest.mark.parametrize("bulk", [True, False])
+def test_a_chat_message_read_with_a_file_chunk_goes_before_it(
+    broker: ServeInfo, monkeypatch: pytest.MonkeyPatch, bulk: bool
+) -> None:
+    """A file's chunk and a chat line that the broker's loop finds readable in the same round: the
+    chunk's reader lets the chat line's go first (``reader.BULK``, issue 16: chat latency during a
+    transfer). alice's chunk is written first, bob's line after it, both while the loop is held, so
+    that its next look finds both sockets readable. ``BULK`` is lowered to the test's chunk (the
+    sockets' buffers must take it while the loop is held); with it out of reach (``bulk`` false) the
+    chunk, read first, is handled first: the order the test asserts is the change's, not chance's."""
+    assert broker.broker is not None
+    monkeypatch.setattr(reader, "BULK", 4096 if bulk else 1 << 40)
+    order: list[str] = []
+    deliver_now = broker.broker.deliver_now
+
+    async def recorded(session: Any, message: Any, acknowledged: bool) -> bool:
+        order.append(message.topic)
+        result: bool = await deliver_now(session, message, acknowledged)
+        return result
+
+    broker.broker.deliver_now = recorded  # type: ignore[method-assign]
+    upload, line = T.upload("alice", "u" * 32), T.room("lobby", "bob")
+    with _connect(broker, "alice", b"alice:raw") as alice, _connect(broker, "bob", b"bob:raw") as bob:
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            held.set()
+            release.wait(10)
+
+        broker.broker._loop.call_soon_threadsafe(hold)  # amqtt private: the broker's loop
+        try:
+            assert held.wait(10)
+            alice.sendall(publish_packet(upload.encode(), bytes(8) + bytes(8000), qos=1, packet_id=1))
+            bob.sendall(publish_packet(line.encode(), chat("hello"), qos=1, packet_id=1))
+        finally:
+            release.set()
+        assert read_packets(alice, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
+        assert read_packets(bob, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
+    assert order == ([line, upload] if bulk else [upload, line])

@@ -593,6 +593,60 @@ def test_an_upload_fails_at_once_on_a_long_file_transfer_rate_notice(tmp_path: P
         no_errors(alice)
 
 
+@contextlib.contextmanager
+def downloading(tmp_path: Path, limits: Limits) -> Iterator[tuple[WebUser, bytes]]:
+    """carol sends a file of 2 MiB (twice the files worker's window) to the lobby from the CLI;
+    then, on the same data directory, a broker with ``limits``: alice signs in on the page and
+    presses the file's Download button. Her page and the file's bytes. (Sent first without the
+    limits: carol's chunks go on the same file-transfer rate as alice's acknowledgements.)"""
+    require_chromium()
+    data, body = tmp_path / "data", os.urandom(2 << 20)
+    (tmp_path / "report.bin").write_bytes(body)
+    with BackgroundServer(BrokerSettings(data_dir=data, port=0, ws_port=0)) as info:
+        store = AccountStore(info.data_dir)
+        for name in ("alice", "carol"):
+            store.add(name, password_of(name))
+        ok(cli(info, tmp_path, "carol"), "send", "--room", "lobby", str(tmp_path / "report.bin"))
+    strict = BrokerSettings(data_dir=data, port=0, ws_port=0, limits=limits)
+    with BackgroundServer(strict) as info, chromium() as browser:
+        alice = new_user(browser, url(info), "alice")
+        alice.sign_in(password_of("alice"))
+        alice.p.click("#messages li[data-from='carol'] .file button", timeout=60_000)
+        yield alice, body
+
+
+def test_a_download_waits_out_a_short_file_transfer_rate_notice_and_completes(tmp_path: Path) -> None:
+    """alice's acknowledgements of a download go on the file-transfer rate (one, then one every
+    2 s): the broker drops those in between and says so; the worker, a window ahead of the last
+    acknowledgement it got, waits; the page sends it again after the notice's wait and completes,
+    intact, as ``imcli get`` does (without the notice: 15 s of silence, then "the download stopped")."""
+    with downloading(tmp_path, Limits(file_rate=0.5, file_burst=1)) as (alice, body):
+        alice.p.wait_for_selector("#messages li[data-from='carol'] .file a.save", timeout=120_000)
+        with alice.p.expect_download() as saving:
+            alice.p.click("#messages li[data-from='carol'] .file a.save")
+        assert Path(saving.value.path()).read_bytes() == body
+        assert "file transfer" in (alice.p.text_content("#status") or "")  # the broker did drop some, and said so
+        no_errors(alice)
+
+
+def test_a_download_fails_at_once_on_a_long_file_transfer_rate_notice(tmp_path: Path) -> None:
+    """A file-transfer rate that refills in over 5 s: the download fails with the CLI's line, naming
+    the file transfer rate and its retry, not "the download stopped" 15 s later; the button comes back."""
+    with downloading(tmp_path, Limits(file_rate=0.001, file_burst=1)) as (alice, _):
+        alice.p.wait_for_function(
+            "() => document.getElementById('status').textContent.includes('dropped part of the file transfer')",
+            timeout=60_000,
+        )
+        status = alice.p.text_content("#status") or ""
+        assert re.fullmatch(
+            r"the broker dropped part of the file transfer: account alice hit its file transfer rate "
+            r"\(try again in (\d+)s: send it again, it goes on where it stopped\)",
+            status,
+        ), status
+        assert alice.p.is_enabled("#messages li[data-from='carol'] .file button")
+        no_errors(alice)
+
+
 def test_screenshots(web: ServeInfo, tmp_path: Path) -> None:
     """The README's pictures: desktop and phone sizes (IMCLI_SCREENSHOTS=docs/screenshots writes them there)."""
     out = Path(os.environ.get("IMCLI_SCREENSHOTS") or tmp_path / "shots")

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter, WebSocketsWriter
 from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action, ListenerType
-from amqtt.errors import BrokerError
+from amqtt.errors import AMQTTError, BrokerError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol import broker_handler
@@ -43,7 +43,7 @@ from imcli.broker.fanout import FanOut, InFlight, SessionFilters
 from imcli.broker.gcpause import release_stream, release_transport
 from imcli.broker.journal import ArchiveWriter, Journal
 from imcli.broker.listeners import Connections, peer_host, serve, stop_listening
-from imcli.broker.notices import Notifier
+from imcli.broker.notices import Notifier, taken_over
 from imcli.broker.output import OutputBound, ReadGate
 from imcli.broker.packets import CheckedWebSocketsReader, PacketGuard, connect_within
 from imcli.broker.pending import PendingConnections, raise_fd_limit
@@ -70,6 +70,7 @@ from imcli.core.wire import TopicKind, Topics, build_schemas
 
 log = logging.getLogger(__name__)
 RETRY_WAIT = 10  # seconds amqtt gives a message sent again on a resumed session (its _retry_deliveries)
+TAKEOVER_NOTICE_WAIT = 1.0  # seconds a connection taken over has to take its notice (ImBroker._tell_taken_over)
 
 
 class PrivateName(NamedTuple):
@@ -110,6 +111,9 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
     *_names(_H, "BrokerProtocolHandler", "overridden", "_retry_deliveries"),  # sent again, not waited for
     *_names(_H, "BrokerProtocolHandler", "called", "_handle_message_flow"),  # by _retry_deliveries (QoS 2, WebSocket)
     *_names(_H, "BrokerProtocolHandler", "read", "_reader_ready _reader_stopped"),  # by reader.PacketReader
+    *_names(_H, "BrokerProtocolHandler", "overridden", "_stop_waiters"),  # by AckAfterJournal.stop, below
+    *_names(_H, "BrokerProtocolHandler", "read", "_reader_task _keepalive_task"),  # by AckAfterJournal.stop
+    *_names(_H, "BrokerProtocolHandler", "read", "_pubcomp_waiters _pubrec_waiters _pubrel_waiters"),  # the same
     *_names(_H, "", "replaced", "Session"),  # the name init_from_connect builds a session with
     *_names(_S, "Session", "overridden", "_init_states"),
     *_names(_S, "Session", "called", "_on_enter_connected _on_enter_disconnected"),  # by sessions.SessionState
@@ -148,6 +152,7 @@ class AckAfterJournal(BrokerProtocolHandler):
     answers: bytearray | None = None  # PUBACKs for the packets of one read, while its reader handles them
     _stopping: asyncio.Event | None = None  # a stop() under way; set when it ends (done or cancelled)
     _stopped = False  # stop() has done its work (it does it once)
+    _disconnect_waiter: asyncio.Future[Any] | None  # amqtt's (AMQTT_PRIVATE), set by its start()
 
     def __init__(self, plugins_manager: Any, session: Session | None = None, loop: Any = None) -> None:
         super().__init__(plugins_manager, session, loop)
@@ -168,20 +173,100 @@ class AckAfterJournal(BrokerProtocolHandler):
             await running.wait()  # its caller cancelled: not stopped after all, and this call does it
         if self._stopped:
             return
+        reader = self._reader_task  # amqtt private (AMQTT_PRIVATE)
+        reader_ended = reader is None or reader.done() or reader is asyncio.current_task()
+        if reader_ended and self._closes_at_once():  # the usual end (its reader's): nothing to wait for
+            self._let_go()
+            self._close_at_once()
+            self._forget_pending()
+            self._stopped = True
+            return
         self._stopping = running = asyncio.Event()
         try:
-            for task in list(self._retrying):
-                task.cancel()
-            self.in_flight.forget_all()
-            await super().stop()
+            self._let_go()
+            if not reader_ended and reader is not None:
+                reader.cancel()
+                await self._reader_stopped.wait()  # amqtt private (AMQTT_PRIVATE)
+            if self._closes_at_once():
+                self._close_at_once()
+            else:
+                await self._close_writer()
+            self._forget_pending()
             self._stopped = True
         finally:
             self._stopping = None
             running.set()
 
+    # amqtt's ProtocolHandler.stop and BrokerProtocolHandler.stop, in parts, without their debug lines
+    # (issue 21: the broker's CPU per user leaving; docs/PERFORMANCE.md)
+
+    def _let_go(self) -> None:
+        """Everything waiting on this connection cancelled: flows of messages sent again, the fan-out's
+        copies awaiting a PUBACK, amqtt's waiters of its own flows, the keep-alive timer."""
+        for task in list(self._retrying):
+            task.cancel()
+        self.in_flight.forget_all()
+        self._stop_waiters()
+        if self._keepalive_task is not None:  # amqtt private (AMQTT_PRIVATE)
+            self._keepalive_task.cancel()
+
+    def _stop_waiters(self) -> None:  # amqtt's, without its four debug lines built each time
+        for waiters in (self._puback_waiters, self._pubcomp_waiters, self._pubrec_waiters, self._pubrel_waiters):
+            for waiter in waiters.values():
+                waiter.cancel()
+
+    def _closes_at_once(self) -> bool:
+        """Whether the writer is a TCP (or TLS) connection's with nothing left to write, or none: closing
+        it then waits for nothing (``_close_at_once``)."""
+        if self.writer is None:
+            return True
+        guard = self.reader
+        return (
+            isinstance(guard, StreamGuard)
+            and isinstance(self.writer, StreamWriterAdapter)
+            and not guard.transport.get_write_buffer_size()
+        )
+
+    def _close_at_once(self) -> None:
+        """amqtt's ``StreamWriterAdapter.close`` for a connection with nothing left to write, without
+        its waits: its ``drain`` (nothing to drain), its ``write_eof`` (a ``shutdown``: the close
+        sends the FIN as well) and its ``wait_closed`` (one more event-loop round per connection,
+        for ``connection_lost``, which asyncio calls at its next round all the same)."""
+        if not isinstance(self.writer, StreamWriterAdapter) or not isinstance(self.reader, StreamGuard):
+            return
+        self.writer.is_closed = True  # amqtt's adapter writes nothing more, and its close() returns at once
+        transport = self.reader.transport
+        if not transport.is_closing():  # a TLS transport closed again (after an abort) drops its protocol:
+            transport.close()  # its get_write_buffer_size() then raises (OutputBound's check)
+
+    async def _close_writer(self) -> None:  # amqtt's, for anything else (output still to write, WebSocket)
+        try:
+            if self.writer is not None:
+                await self.writer.close()
+        except (asyncio.CancelledError, TimeoutError, OSError) as exc:  # as amqtt's stop()
+            log.debug("closing the writer of %s: %r", self.session and self.session.client_id, exc)
+
+    def _forget_pending(self) -> None:
+        waiter: asyncio.Future[Any] | None = self._disconnect_waiter  # amqtt private (AMQTT_PRIVATE)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self._disconnect_waiter = None
+        while not self._pending_subscriptions.empty():
+            self._pending_subscriptions.get_nowait()
+        while not self._pending_unsubscriptions.empty():
+            self._pending_unsubscriptions.get_nowait()
+
     async def handle_disconnect(self, disconnect: Any) -> None:
+        # amqtt's (and, with None, its handle_connection_closed) without its debug lines: one of
+        # them built the packet's repr (3 us) whether debug logging was on or not
         self.said_goodbye = True
-        await super().handle_disconnect(disconnect)
+        waiter: asyncio.Future[Any] | None = self._disconnect_waiter  # amqtt private (AMQTT_PRIVATE)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(disconnect)
+        self._disconnect_waiter = None  # as amqtt's: set once
+
+    async def handle_connection_closed(self) -> None:
+        await self.handle_disconnect(None)
 
     async def handle_publish(self, publish_packet: Any) -> None:
         if self.said_goodbye:  # bytes after the client's DISCONNECT (amqtt's WebSocket loop reads on)
@@ -369,7 +454,8 @@ class ImBroker(Broker):
         super().__init__(settings.amqtt_config())
         self.settings = settings
         self.topics = Topics(settings.prefix)
-        self._subscriptions = SubscriptionTable()
+        self.subscription_table = SubscriptionTable()  # a client id's subscription found in O(1) (sessions.py)
+        self._subscriptions = self.subscription_table  # amqtt kept lists of (session, QoS) there
         self.access = TopicAccess(self.topics, self._accounts.cached_role)
         lim = settings.limits
         # the Last Will's topic is checked at CONNECT without group or friend records
@@ -393,7 +479,7 @@ class ImBroker(Broker):
         # (connection's handler, filter) -> the retained sending of its latest SUBSCRIBE still going
         self._retained_sending: dict[tuple[Any, str], object] = {}
         self.output = OutputBound(lim.output_drop, lim.output_close, lim.output_stuck)
-        amqtts = (self._subscriptions, self._matches, self._get_handler, self._retain_broadcast_message)
+        amqtts = (self.subscription_table, self._matches, self._get_handler, self._retain_broadcast_message)
         self.fan_out = FanOut(*amqtts, self.access.receive_check, self.output)
         self._journal = Journal(open_archive(settings.data_dir), self.topics, self.access.may_publish)
         self.pending = PendingConnections(lim.pending_per_address, lim.max_pending)
@@ -438,7 +524,25 @@ class ImBroker(Broker):
         one session), and let the sweep forget a clean one the new connection resumed (closing it)."""
         if isinstance(handler, AckAfterJournal):
             handler.taken_over = True
+        await self._tell_taken_over(handler)
         await self.close_connection(handler)
+
+    async def _tell_taken_over(self, handler: BrokerProtocolHandler) -> None:
+        """The connection closed for a newer one is told why, before its close, on its notice topic and
+        to it alone: MQTT 3.1.1 has no reason for a closed connection, and without one its client (paho)
+        reconnects a second later and takes the session back, for ever (docs/PROTOCOL.md §9). QoS 0,
+        written on that connection only: the session, and what is queued in it, is the newer one's now.
+        A connection that does not take it within ``TAKEOVER_NOTICE_WAIT`` is closed without it."""
+        session = handler.session
+        if session is None or session.client_id is None:
+            return
+        addressed = self.notifier.addressed(session.username, taken_over(session.client_id))
+        if addressed is None:
+            return
+        try:
+            await asyncio.wait_for(handler.mqtt_publish(*addressed, 0, retain=False), TAKEOVER_NOTICE_WAIT)
+        except (TimeoutError, OSError, AMQTTError) as exc:
+            log.info("%s: the takeover notice was not written: %r", session.client_id, exc)
 
     # ---------------------------------------------------------------- start, stop, connections
 
@@ -587,21 +691,40 @@ class ImBroker(Broker):
         held = self.filters.held(session.client_id)
         if not await self.admission.subscription_allowed(session, held, subscription[0]):
             return 0x80
-        granted: int = await super().add_subscription(subscription, session)
+        granted = await self._subscribe(subscription, session)
         if granted != 0x80:
             held[subscription[0]] = granted
             self.fan_out.filters.add(subscription[0])
+        return granted
+
+    async def _subscribe(self, subscription: tuple[str, int], session: Session) -> int:
+        """amqtt's ``add_subscription``, the same checks in the same order, with the subscription found
+        in O(1) (``sessions.Subscribers``): amqtt scanned every subscriber of the filter for this
+        client id (414 us per SUBSCRIBE on average when 10,000 users subscribed to one filter)."""
+        topic_filter, qos = subscription
+        levels = topic_filter.split("/")
+        last = len(levels) - 1
+        if any("#" in level and (level != "#" or index != last) for index, level in enumerate(levels)):
+            return 0x80  # MQTT-4.7.1-2
+        if any("+" in level and level != "+" for level in levels):
+            return 0x80  # MQTT-4.7.1-3
+        if not await self._topic_filtering(session, topic_filter, Action.SUBSCRIBE):
+            return 0x80
+        max_qos = self.config.get("max-qos", qos)
+        granted = min(qos, max_qos if isinstance(max_qos, int) else qos)
+        self.subscription_table.add(topic_filter, session, granted)  # as amqtt's: a second keeps the first QoS
         return granted
 
     async def _del_all_subscriptions(self, session: Session) -> None:
         # amqtt walks every filter on the broker for each session it ends or replaces
         for topic_filter in list(self.filters.of(session.client_id)):
             self._del_subscription(topic_filter, session)
-            if not self._subscriptions.get(topic_filter, True):
-                del self._subscriptions[topic_filter]
+            if not self.subscription_table.get(topic_filter, True):
+                del self.subscription_table[topic_filter]
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:  # every removal path
-        deleted: int = super()._del_subscription(a_filter, session)
+        # amqtt's scanned the filter's subscribers for this client id (and built a debug line)
+        deleted = int(self.subscription_table.remove(a_filter, session))
         if deleted:
             self.filters.removed(session.client_id, a_filter)
         return deleted

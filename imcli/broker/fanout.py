@@ -50,13 +50,14 @@ from amqtt.errors import AMQTTError
 from amqtt.session import OutgoingApplicationMessage, Session
 
 from imcli.broker.output import Outlet, OutputBound, Verdict
+from imcli.broker.sessions import SubscriptionTable
 
 log = logging.getLogger(__name__)
 
 INDEX_DEPTH = 3  # levels of a filter's literal head used as an index key: im/user/<name>
 WRITE_AT_ONCE = 4  # a message with this many copies or fewer is written at once, not at the end of the round
 
-Subscriptions = dict[str, list[tuple[Session, int]]]
+Subscriptions = SubscriptionTable  # filter -> its subscribers (imcli/broker/sessions.py)
 
 
 def literal_head(topic_filter: str) -> tuple[str, ...]:
@@ -238,6 +239,7 @@ class Deliveries:
         self._sizes: dict[Any, int] = {}  # bytes in each connection's chunks
         self._flush_scheduled = False
         self.copies = 0  # copies added, ever (FanOut.publish counts a message's)
+        self.recent: list[Any] = []  # the connections given copies since FanOut.publish cleared it
 
     def batched(self, handler: Any) -> int:
         """Bytes of this batch for ``handler``'s connection, not yet written."""
@@ -254,6 +256,7 @@ class Deliveries:
         if chunks is None:
             chunks = self._chunks[handler] = []
         self.copies += 1
+        self.recent.append(handler)
         if qos == 0:
             chunks += (message.qos0_head, message.data)
             self._sizes[handler] = self._sizes.get(handler, 0) + message.qos0_size
@@ -276,9 +279,20 @@ class Deliveries:
         outlet = self._output.hold(handler.writer, size) if self._output is not None else None  # until its PUBACK
         handler.in_flight.add(session, packet_id, outgoing, size, outlet)
 
-    def flush(self) -> None:
-        self._flush_scheduled = False
-        for handler, chunks in self._chunks.items():
+    def flush(self, only: Iterable[Any] | None = None) -> None:
+        """Write the batch, one write per connection; ``only``: just these connections' copies (each
+        connection's whole buffer, so its copies keep their order), the rest at the end of the round."""
+        if only is None:
+            self._flush_scheduled = False
+            batch, self._chunks = self._chunks, {}
+            self._sizes.clear()
+            self.recent.clear()
+        else:
+            batch = {handler: self._chunks.pop(handler) for handler in dict.fromkeys(only) if handler in self._chunks}
+            for handler in batch:
+                self._sizes.pop(handler, None)
+            self.flush_soon()  # whatever is left (already scheduled, as a room's copies always are)
+        for handler, chunks in batch.items():
             writer = handler.writer
             if writer is None:
                 continue
@@ -289,8 +303,6 @@ class Deliveries:
                     self._output.handed(writer, len(data))
             except (ConnectionError, RuntimeError) as exc:  # closing: its reader loop ends the session
                 log.debug("delivery to a closing connection dropped: %s", exc)
-        self._chunks.clear()
-        self._sizes.clear()
 
 
 class SessionFilters:
@@ -340,7 +352,10 @@ class FanOut:
         """Fan one message out now, in the publisher's task: its copies join the connections'
         buffers, written together at the end of this event-loop round (``Deliveries.flush_soon``),
         or at once if it has ``WRITE_AT_ONCE`` copies or fewer (a DM: its recipient's devices and
-        the archive's), with whatever the batch holds already (nothing overtakes it).
+        the archive's), with whatever the batch holds already for those connections (nothing
+        overtakes it on a connection). The other connections' copies (a room's message fanned out
+        just before, 50 writes) wait for the end of the round as before: the DM does not wait
+        for them (issue 21: a DM that came just after a room's message waited for all its writes).
 
         amqtt queued each message for its broadcast loop, which took it in a task of its own,
         one event-loop round (at least) after the publisher's; nothing else here waits on that
@@ -348,9 +363,12 @@ class FanOut:
         docs/PERFORMANCE.md). Nothing in ``send`` suspends: the offline queue is unbounded."""
         deliveries = self._batch()
         before = deliveries.copies
+        deliveries.recent.clear()
         await self.send(broadcast, deliveries, self._tasks)
         if 0 < deliveries.copies - before <= WRITE_AT_ONCE:
-            deliveries.flush()  # not one round later: the copies of a room's messages still share writes
+            deliveries.flush(
+                deliveries.recent
+            )  # not one round later: the copies of a room's messages still share writes
         else:
             deliveries.flush_soon()
 
@@ -410,7 +428,7 @@ class FanOut:
                 continue
             if not targets or not matches(topic, topic_filter):
                 continue
-            for session, sub_qos in list(targets):
+            for session, sub_qos in targets:  # a copy (sessions.Subscribers): the loop awaits
                 qos = sub_qos if forced_qos is None else forced_qos
                 if not may_receive(session.username):
                     continue

@@ -95,6 +95,12 @@ def too_many_statuses(limit: int, topic: str) -> Telling:
     )
 
 
+def taken_over(client_id: str) -> Telling:
+    """To the connection closed because a newer CONNECT took its client id (MQTT-3.1.4-2): its client
+    stops instead of taking the session back a second later (docs/PROTOCOL.md §9, ``taken_over``)."""
+    return Telling("taken_over", f"the session {client_id} was taken over by a newer connection", client_id)
+
+
 class Notifier:
     """Publishes notices through the broker itself (``broadcast(topic, payload, qos)``)."""
 
@@ -104,12 +110,18 @@ class Notifier:
 
     async def tell(self, username: str | None, telling: Telling) -> None:
         """Tell one user something on its notice topic (nobody hears it if it is not listening)."""
+        addressed = self.addressed(username, telling)
+        if addressed is not None:
+            await self._broadcast(*addressed, 1)
+
+    def addressed(self, username: str | None, telling: Telling) -> tuple[str, bytes] | None:
+        """The notice topic of ``username`` and the notice's payload, for a notice that goes to one
+        connection only (``taken_over``); ``None`` for a client that is no user."""
         if username is None or not is_name(username):
-            return
+            return None
         log.info("notice to %s: %s", username, telling.text)
         requests = list(telling.requests) or None
         notice = Notice(
             code=telling.code, text=telling.text, topic=telling.topic, retry=telling.retry, requests=requests
         )
-        payload = encode(notice)
-        await self._broadcast(self._topics.notice(username), payload, 1)
+        return self._topics.notice(username), encode(notice)

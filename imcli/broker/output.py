@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 # bytes: amqtt's OutgoingApplicationMessage, a future and its callback, two table entries
 HELD_COPY = 1024
 INBOX = 100  # messages a connection sent that wait for its message loop: no more is read from it meanwhile
-CHECK_SLICE = 1000  # connections looked at per round of the event loop by ``run`` (about 1.2 ms of CPU)
+CHECK_SLICE = 200  # connections looked at per round of the event loop by ``run`` (about 0.25 ms of CPU)
 
 
 class Transport(Protocol):
@@ -253,7 +253,8 @@ class OutputBound:
 
     async def run(self, period: float = 1.0) -> None:
         """``check`` every ``period``, ``CHECK_SLICE`` connections per round of the event loop: all
-        10,000 of them at once were 11 to 12 ms of CPU every second (issue 21, docs/PERFORMANCE.md)."""
+        10,000 of them at once were 11 to 12 ms of CPU every second, and a slice of 1,000 (1.2 to 1.6 ms)
+        was still the longest callback a DM could wait behind at 1,000 users (issue 21, docs/PERFORMANCE.md)."""
         while True:
             await asyncio.sleep(min(period, self.stuck_after / 2))
             now, outlets = time.monotonic(), list(self._outlets.values())

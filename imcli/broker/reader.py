@@ -21,6 +21,9 @@ the messages of one publisher were fanned out one per round (one ``send`` per co
   callback (its checks, its fan-out, its copies written, its journal, then its PUBACK:
   ``AckAfterJournal.may_deliver_now``), up to ``client_loop.FAIR_SHARE`` of one read; the rest
   wait for the connection's message loop, in order, as before;
+* a file's chunk (a PUBLISH of ``BULK`` bytes or more) is handled only after what the loop
+  already knows of (its ready callbacks, the sockets its next look finds readable): a chat
+  message read with it, or arriving while it waited, goes first (issue 16);
 * PUBACK resolves the waiting copy's future where it is read; every other packet goes to
   amqtt's own handler method, awaited in this task (they resolve a future, queue a message or
   a subscription for the connection's message loop, or write an answer), except a QoS 2
@@ -46,13 +49,16 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from amqtt.adapters import BufferReader
 from amqtt.errors import MQTTError, NoDataError
 from amqtt.events import MQTTEvents
 from amqtt.mqtt import packet_class
+from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.packet import MQTTFixedHeader
+from amqtt.mqtt.pingreq import PingReqPacket
 from amqtt.mqtt.publish import PublishPacket, PublishPayload, PublishVariableHeader
 
 from imcli.broker.client_loop import FAIR_SHARE
@@ -76,7 +82,19 @@ from imcli.core.framing import MalformedLength, decode_length
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 16  # bytes asked of the socket's buffer at once
+# a PUBLISH this long is a file's chunk (issue 16: chat and every other payload keep to 16 KiB by
+# default, a chunk is up to 256 KiB): before handling one, the reader lets the loop run what it
+# already knows of first (``_handle_publish``): a chat message must not wait behind a chunk in hand
+BULK = 1 << 16
+AFTER_OTHERS = 1e-6  # seconds: any delay above 0 makes asyncio's sleep a timer, not a bare yield
 POLL, FIRST_POLL = 0.05, 0.001  # output.ReadGate's looks while reading is paused
+
+# packets with nothing after their fixed header, built as amqtt's from_stream builds them, without
+# its reader over the (empty) body: one of each per user leaving, per keep-alive (issue 21)
+BODYLESS: dict[int, type[DisconnectPacket] | type[PingReqPacket]] = {
+    DISCONNECT: DisconnectPacket,
+    PINGREQ: PingReqPacket,
+}
 
 # packet type -> the name of amqtt's handler method for it (PUBACK is handled here)
 HANDLERS = {
@@ -89,6 +107,18 @@ HANDLERS = {
     PUBLISH: "handle_publish",
     DISCONNECT: "handle_disconnect",
 }
+
+
+def only_pubacks(data: bytes) -> bool:
+    """Whether ``data`` is one or more whole PUBACKs (MQTT 3.1.1: ``40 02`` and a packet id), none
+    with packet id 0 (which ends the connection: the reader's task says so)."""
+    size = len(data)
+    if not size or size % 4:
+        return False
+    for at in range(0, size, 4):
+        if data[at] != 0x40 or data[at + 1] != 2 or not (data[at + 2] or data[at + 3]):
+            return False
+    return True
 
 
 class StreamGuard(PacketGuard):
@@ -129,6 +159,7 @@ class PacketReader:
         self._held = False  # the buffer's head is complete packets, held while reading is paused
         self._said_goodbye = False  # a DISCONNECT was read: nothing after it is the client's (MQTT-3.14.4-1)
         self._asked = handler.answered  # SUBSCRIBEs and UNSUBSCRIBEs read (AckAfterJournal.answered)
+        self._waiting = False  # suspended in the stream's read, everything before handled: see _arrived
         keep_alive = handler.session.keep_alive if handler.session is not None else 0
         self._keep_alive: float | None = keep_alive if keep_alive and keep_alive > 0 else None
 
@@ -137,6 +168,7 @@ class PacketReader:
         handler, stream, readable = self._handler, self._guard.stream, self._guard.readable
         handler._reader_ready.set()  # amqtt private (AMQTT_PRIVATE): start() waits for it
         self._arm()
+        unhook = self._hook()
         try:
             while not self._said_goodbye:
                 if not readable():
@@ -144,7 +176,11 @@ class PacketReader:
                 if self._held:  # complete packets left in the buffer while reading was paused
                     await self._handle_buffer()
                     continue
-                data = await stream.read(READ_SIZE)
+                self._waiting = True
+                try:
+                    data = await stream.read(READ_SIZE)
+                finally:
+                    self._waiting = False
                 if not data:
                     if self._expired is not None:  # the deadline aborted the transport
                         log.warning("%s: reader ended: %s", self._client_id, self._expired)
@@ -166,6 +202,7 @@ class PacketReader:
             # connections left 46 objects each that way (docs/PERFORMANCE.md, issue 21).
             exc.__traceback__ = None
         finally:
+            unhook()
             if self._timer is not None:
                 self._timer.cancel()
             for task in list(self._tasks):
@@ -173,6 +210,37 @@ class PacketReader:
         await handler.handle_connection_closed()
         handler._reader_stopped.set()  # amqtt private (AMQTT_PRIVATE): stop() waits for it
         await handler.stop()
+
+    def _hook(self) -> Callable[[], None]:
+        """``_arrived`` in front of the stream's protocol (the transport looks its protocol's
+        ``data_received`` up at every read); returns what takes it away."""
+        protocol = self._guard.transport.get_protocol()
+        if not isinstance(protocol, asyncio.StreamReaderProtocol):
+            return lambda: None
+        protocol.data_received = partial(self._arrived, protocol.data_received)  # type: ignore[method-assign]
+
+        def unhook() -> None:
+            del protocol.data_received  # the class's own again
+
+        return unhook
+
+    def _arrived(self, feed: Callable[[bytes], None], data: bytes) -> None:
+        """The connection's data, where the transport hands it over (its protocol's ``data_received``).
+
+        Bytes that are only whole PUBACKs, arriving while this reader waits in the stream's read
+        with everything before them handled, are settled here, in the transport's callback: they
+        take effect in the order they were sent all the same, and the reader's task is not woken
+        for them. At QoS 1 every copy the broker fans out comes back as a PUBACK, most of them
+        alone in their read: each was a callback and a task step, now one callback (a room's
+        message to 50 listeners: 50 task steps fewer, which a DM read just after them no longer
+        waits behind; issue 21, docs/PERFORMANCE.md). Anything else goes to the stream, as ever."""
+        if self._waiting and only_pubacks(data):
+            self._heard = self._loop.time()
+            for at in range(2, len(data), 4):
+                self._puback(data[at] << 8 | data[at + 1])
+            return
+        self._waiting = False  # the task is woken: what follows waits for it, in order
+        feed(data)
 
     @property
     def _client_id(self) -> str:
@@ -213,7 +281,7 @@ class PacketReader:
                     self._puback(buffer[i] << 8 | buffer[i + 1])
                     continue
                 if first >> 4 == PUBLISH and length >= 2:
-                    await self._dispatch(first, b"", self._publish(first, buffer, i, end))
+                    await self._handle_publish(first, buffer, i, end)
                 else:
                     body = bytes(buffer[i:end])
                     check_packet(first, body, connected=True, max_client_id=guard.max_client_id)
@@ -228,6 +296,21 @@ class PacketReader:
             self._handler.answers = None
             del buffer[: size if self._said_goodbye else pos]
             self._unfinished(bool(buffer) and not self._held)
+
+    async def _handle_publish(self, first: int, buffer: bytearray, start: int, end: int) -> None:
+        """The PUBLISH in ``buffer[start:end]``; a file's chunk (``BULK`` bytes or more) only after
+        every callback the loop has ready and every socket it finds readable at its next look: a
+        chunk takes up to a millisecond of the loop (its copies, checks and 256 KiB written), and a
+        chat message read in the same round, or arriving meanwhile, waited for it (and for the next
+        chunk of the same read) in the round after (issue 16: a room's chat latency during a
+        transfer). ``asyncio.sleep(0)`` would not do: its wakeup runs at the head of the next round,
+        before the sockets that round finds readable; a timer's runs after them, and the task it wakes
+        after the tasks they woke. The PUBACKs gathered so far wait, as for the rest of the read:
+        nothing else answers this connection meanwhile (its other packets' answers are written by
+        this reader, after ``_answer``)."""
+        if end - start >= BULK:
+            await asyncio.sleep(AFTER_OTHERS)
+        await self._dispatch(first, b"", self._publish(first, buffer, start, end))
 
     def _answer(self) -> None:
         """Write the PUBACKs gathered so far (before any other answer, which must not overtake them)."""
@@ -286,6 +369,9 @@ class PacketReader:
         try:
             if publish is not None:
                 packet = publish
+            elif not body and (bodyless := BODYLESS.get(kind)) is not None:
+                packet = bodyless(header)
+                packet.protocol_ts = datetime.now(UTC)
             else:
                 packet = await packet_class(header).from_stream(BufferReader(body), fixed_header=header)
             await handler.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=handler.session)

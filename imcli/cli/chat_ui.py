@@ -77,6 +77,8 @@ def run_chat(identity: Identity, heartbeat: float, max_payload: int) -> None:
             finally:
                 listener.close()  # says offline before the state is written
                 save_state(identity.account, session.remember())
+    if view.failure is not None:  # the broker refused us, or another imcli took this device's session
+        raise view.failure
     Console(highlight=False).print(f"left imcli chat: {identity.account} is offline here", style="dim")
 
 
@@ -84,6 +86,7 @@ class ChatView:
     def __init__(self, identity: Identity, heartbeat: float, own_session: bool) -> None:
         self.identity = identity
         self.own_session = own_session
+        self.failure: ImcliError | None = None  # what ended the chat from the receiving side: the command's error
         self.out = Console(highlight=False, soft_wrap=True, force_terminal=True)
         self._prompt: PromptSession[str] | None = None
         self._preview = load_previewer()  # before the prompt owns the keyboard: it may ask the terminal
@@ -150,8 +153,8 @@ class ChatView:
             for item in session.listener:
                 if session.shows(item):
                     self.show([item], session)
-        except ImcliError as exc:  # the broker refused us after a reconnect (account removed, …)
-            self.note(Note(str(exc), "error"))
+        except ImcliError as exc:  # refused after a reconnect (account removed, …), or taken over: said on leaving
+            self.failure = exc
             session.quit.set()
             self._leave()
 

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 from imcli.client.groupfollow import GroupFollower
 from imcli.client.identity import Identity
-from imcli.core.errors import AuthenticationFailed, DeviceLoggedOut, ImcliError, PublishFailed
+from imcli.core.errors import AuthenticationFailed, DeviceLoggedOut, ImcliError, PublishFailed, SessionTakenOver
 from imcli.core.mqtt import SUBSCRIBE_TRIES, ConnectionListener, Message, MqttClient, Will
 from imcli.core.names import label
 from imcli.core.request_reply import RequestClient
@@ -220,7 +220,9 @@ class Listener:
             will=Will(self._status_topic, b"", qos=1, retain=True),
             on_message=self._route,
             on_connection=self._connection_changed,
+            quick_losses=session is not None,  # a persistent session's id is the device's: another may use it
         )
+        self._client_id = client_id
         self.seen = seen or RecentIds()
         self._logged_out = False  # the broker said this device was revoked
         self._uses_device_credential = identity.credentials.password.startswith(DEVICE_CREDENTIAL_PREFIX)
@@ -247,8 +249,10 @@ class Listener:
             self._client.publish(self._status_topic, self._status(), qos=1, retain=True)
             if self.group_follower is not None and not self.group_follower.wait_first(self.requests.timeout):
                 log.info("my groups are not followed yet: their lines come once they are")
-        except ImcliError:
+        except ImcliError as exc:
             self._client.close()
+            if self._client.fatal is not None and self._client.fatal is not exc:
+                raise self._client.fatal from exc  # taken over while subscribing: that is what happened
             raise
         self._beat.start()
         self._after_connect()
@@ -306,26 +310,35 @@ class Listener:
     # ---------------------------------------------------------------- receiving
 
     def _route(self, message: Message) -> None:  # paho's thread
-        if self._revokes_me(message):
+        notice = self._my_notice(message)
+        if notice is not None and notice.code == "device_revoked" and notice.topic == self.identity.device:
             self._logged_out = True
+        if notice is not None and notice.code == "taken_over" and notice.topic == self._client_id:
+            # another client connected with our id, and the broker closes us now: reconnecting would take
+            # the session back a second later, and lose it again, for ever (docs/PROTOCOL.md §9)
+            self._client.stop(SessionTakenOver(self.identity.device))
+            return
         if self.group_follower is not None and message.topic == self._notice_topic:
             self.group_follower.refresh()  # an invite, a kick, a new member: my groups may have changed
         if not self.requests.deliver(message):
             self._inbox.put((message, self._catching_up))
 
-    def _revokes_me(self, message: Message) -> bool:
-        """The broker's notice that this device was revoked (``imcli logout`` here, or
-        ``imcli devices revoke`` elsewhere): imcli/broker/device_service.py."""
-        if not message.topic.endswith("/notice") or b"device_revoked" not in message.payload:
-            return False
+    def _my_notice(self, message: Message) -> Notice | None:
+        """A notice of the broker about this client itself: this device was revoked (``imcli logout``
+        here, or ``imcli devices revoke`` elsewhere: imcli/broker/device_service.py), or this
+        connection was taken over (imcli/broker/amqtt_adapter.py). Only the broker and the workers
+        may publish on my notice topic."""
+        if not message.topic.endswith("/notice") or (
+            b"device_revoked" not in message.payload and b"taken_over" not in message.payload
+        ):
+            return None
         parsed = self.identity.topics.parse(message.topic)
         if parsed is None or parsed.kind is not TopicKind.NOTICE or parsed.owner != self.identity.account:
-            return False
+            return None
         try:
-            notice = decode_as(message.payload, Notice)
+            return decode_as(message.payload, Notice)
         except MalformedPayload:
-            return False
-        return notice.code == "device_revoked" and notice.topic == self.identity.device
+            return None
 
     def __iter__(self) -> Iterator[Received]:
         while not self._stop.is_set():

@@ -11,6 +11,7 @@
           ├── BrokerUnreachable     TCP connect failed / broker went away
           ├── AuthenticationFailed  CONNACK 4/5: wrong name or password, client id refused
           │    └── DeviceLoggedOut  this device's credential was revoked (logout, devices revoke)
+          ├── SessionTakenOver      another client took this device's session (same client id)
           ├── PublishFailed         no PUBACK, subscription refused
           ├── RateLimited           the broker dropped a request (or a file's chunk): the account's rate
           └── RequestTimeout        no worker answered a request
@@ -101,4 +102,24 @@ class DeviceLoggedOut(AuthenticationFailed):
             f"this device ({device}) was logged out: its credential was revoked",
             "log in again with 'imcli login NAME'",
             code=4,
+        )
+
+
+class SessionTakenOver(BrokerError):
+    """Another client connected with this client's id and took its session (MQTT-3.1.4-2): the
+    embedded broker said so (a ``taken_over`` notice), or, on a broker that cannot, the connection
+    was closed again and again right after it came back (``probably``). Reconnecting would take the
+    session back and lose it again a second later, each of the two missing messages in turn."""
+
+    def __init__(self, device: str, *, probably: bool = False) -> None:
+        what = (
+            f"this device's connection was closed again each time it came back: another imcli probably "
+            f"uses this device ('{device}'); stopped"
+            if probably
+            else f"this device's session was taken over by another imcli (device '{device}'); stopped"
+        )
+        super().__init__(
+            what,
+            "stop the other one; a profile copied to another machine shares its device: "
+            "run 'imcli login NAME' there for a device of its own",
         )

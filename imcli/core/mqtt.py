@@ -22,7 +22,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
-from imcli.core.errors import AuthenticationFailed, BrokerUnreachable, InvalidInput, PublishFailed
+from imcli.core.errors import AuthenticationFailed, BrokerUnreachable, InvalidInput, PublishFailed, SessionTakenOver
 from imcli.core.rules import DEVICE_CREDENTIAL_PREFIX
 
 log = logging.getLogger(__name__)  # INFO only: a command configures no logging, and WARNING would reach its stderr
@@ -38,6 +38,17 @@ RENEW_TRIES = 10
 # often in all (1 s, then 2 s apart): a loaded NATS 2.9 cluster refuses a QoS 1 SUBSCRIBE when JetStream
 # does not make its consumer within 4 s (the node logs "Unable to add JetStream consumer ... timeout")
 SUBSCRIBE_TRIES = 3
+# ... but only a refusal that took this long (seconds) to come: one that came sooner is the broker's
+# decision (the embedded broker's ACL or subscription limit, Mosquitto's dynamic security, a NATS
+# permission), which another try does not change; it fails at once instead of 3 s later. MQTT 3.1.1's
+# SUBACK has one code, 0x80, for every refusal: how long it took is what tells them apart
+FINAL_REFUSAL = 2.0
+# a client that another connection with its client id takes over (MQTT-3.1.4-2) reconnects a second
+# later and takes the session back: two of them take turns for ever. Where the broker cannot say so (the
+# embedded one sends a ``taken_over`` notice: ``MqttClient.stop``), this many connections in a row, each
+# closed within QUICK_LOSS seconds of its CONNACK, make ``quick_losses`` give up (docs/PROTOCOL.md §9)
+TAKEN_OVER_LOSSES = 3
+QUICK_LOSS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +138,9 @@ class MqttClient:
     With several nodes in the address, connecting tries each in turn, and a lost connection is
     re-established with the next one
     (a cluster keeps the persistent session: the CONNACK's ``session_present`` says so).
+    ``quick_losses``: stop reconnecting, ``fatal`` a ``SessionTakenOver``, when ``TAKEN_OVER_LOSSES``
+    connections in a row were each lost within ``QUICK_LOSS`` seconds of their CONNACK (another
+    client with this client id takes the session each time); ``stop`` ends it on the broker's word.
     """
 
     def __init__(
@@ -143,6 +157,7 @@ class MqttClient:
         on_message: Callable[[Message], None] | None = None,
         on_connection: ConnectionListener | None = None,
         on_renewed: Callable[[], None] | None = None,
+        quick_losses: bool = False,
     ) -> None:
         self.address = address
         self.timeout = timeout
@@ -168,6 +183,9 @@ class MqttClient:
         self._subscribed: set[str] = set()  # granted and not unsubscribed, those of subscribe_each too
         self._was_connected = False
         self._closing = False
+        self._quick_losses = quick_losses
+        self._connected_at = 0.0  # monotonic time of the last CONNACK accepted
+        self._lost_quickly = 0  # connections in a row lost within QUICK_LOSS seconds of their CONNACK
         self.fatal: Exception | None = None
         # the last CONNACK's flag: False after a reconnect means the broker no longer had our persistent
         # session (it restarted without keeping sessions): what it had queued for us is gone
@@ -270,6 +288,17 @@ class MqttClient:
             client.disconnect()
             client.loop_stop()
 
+    def stop(self, error: Exception) -> None:
+        """Stop for good, without reconnecting: ``fatal`` becomes ``error``; ``on_connection`` hears
+        nothing more. Safe in paho's thread (``on_message``: the broker's notice that this client was
+        taken over, which comes just before its close); ``close`` still ends the client."""
+        self.fatal = self.fatal or error
+        self._closing = True
+        client = self._paho
+        if client is not None:
+            client.disconnect()  # the state a lost connection does not reconnect from, while the socket is open
+            client.loop_stop()  # and where it was lost already (paho would reconnect from that state)
+
     @property
     def connected(self) -> bool:
         return self._paho is not None and self._paho.is_connected()
@@ -294,17 +323,27 @@ class MqttClient:
 
     def subscribe(self, filters: list[str], qos: int = 1, *, at_most_once: Sequence[str] = (), tries: int = 1) -> None:
         """Subscribe (``at_most_once`` at QoS 0, in the same SUBSCRIBE) and wait for SUBACK; the refused
-        filters again, up to ``tries`` SUBSCRIBEs in all (``SUBSCRIBE_TRIES`` for one's own topics);
-        raise if the broker refused any filter in the end."""
+        filters again, up to ``tries`` SUBSCRIBEs in all (``SUBSCRIBE_TRIES`` for one's own topics), if
+        their refusal took ``FINAL_REFUSAL`` seconds or more to come; raise if the broker refused any
+        filter in the end."""
         pairs = [(f, qos) for f in filters] + [(f, 0) for f in at_most_once]
         for f, q in pairs:
             self._filters[f] = q
         for attempt in range(1, tries + 1):
+            asked = time.monotonic()
             codes = self._subscribe_and_wait(pairs)
+            final = time.monotonic() - asked < FINAL_REFUSAL  # a refusal at once: another try changes nothing
             self._subscribed.update(f for (f, _), rc in zip(pairs, codes, strict=True) if not rc.is_failure)
             pairs = [pair for pair, rc in zip(pairs, codes, strict=True) if rc.is_failure]
-            if not pairs or attempt == tries:
+            if not pairs or attempt == tries or final:
                 break
+            log.info(
+                "%s: the broker refused %s after %.1fs (try %d)",
+                self._client_id,
+                pairs,
+                time.monotonic() - asked,
+                attempt,
+            )
             time.sleep(attempt)
         refused = [f for f, _ in pairs]
         for f in refused:  # not renewed after a reconnect
@@ -382,6 +421,7 @@ class MqttClient:
         reconnected = self._was_connected
         self._was_connected = True
         self._connections += 1
+        self._connected_at = time.monotonic()
         if reconnected:
             host, port = self.node
             log.info("%s reconnected to %s:%d (session present: %s)", self._client_id, host, port, self.session_present)
@@ -413,6 +453,7 @@ class MqttClient:
         if self._was_connected and not self._closing:
             host, port = self.node
             log.info("%s lost the connection to %s:%d (%s)", self._client_id, host, port, rc)
+            self._count_loss()
         self._next_node(client)
         if not self._connack.is_set():  # e.g. a plain CONNECT sent to a TLS port: fail now, not after the timeout
             self._connack.set()
@@ -420,6 +461,24 @@ class MqttClient:
             self._on_connection(False)
         if not self._reconnect and not self._closing:
             self.fatal = self.fatal or BrokerUnreachable(f"lost the connection to {self.address}", "try again")
+
+    def _count_loss(self) -> None:
+        """A connection lost (paho's thread): one lost within ``QUICK_LOSS`` of its CONNACK counts, one
+        that lasted longer starts the count again; at ``TAKEN_OVER_LOSSES`` in a row, ``stop``. A broker
+        restart or a network loss ends one connection, and the next lasts: reconnecting goes on as ever."""
+        if not self._quick_losses or self._connected_at == 0.0:
+            return
+        quick = time.monotonic() - self._connected_at < QUICK_LOSS
+        self._connected_at = 0.0  # counted once (paho may tell one loss twice)
+        self._lost_quickly = self._lost_quickly + 1 if quick else 0
+        if self._lost_quickly >= TAKEN_OVER_LOSSES:
+            device = self._client_id.partition(":")[2].split(".")[0] or self._client_id
+            log.info(
+                "%s: %d connections in a row lost right after connecting: taken over",
+                self._client_id,
+                TAKEN_OVER_LOSSES,
+            )
+            self.stop(SessionTakenOver(device, probably=True))
 
     def _handle_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         self._on_message(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
