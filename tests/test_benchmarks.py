@@ -151,6 +151,20 @@ def test_filesping_reports_each_transfer_and_a_summary_at_tiny_size() -> None:
     assert low is not None and low <= summary["idle_p99"] and (high is None or high >= summary["idle_p99"])
 
 
+def test_the_leave_floors_responder_answers_as_a_broker_would() -> None:
+    """benchmarks.leavefloor's server (the floor under the broker's CPU per disconnect) answers CONNECT,
+    SUBSCRIBE and PINGREQ, waits for a packet's missing bytes, and stops at DISCONNECT."""
+    from benchmarks.leavefloor import CONNACK, PINGRESP, answers
+
+    connect = bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 60, 0, 0])
+    subscribe = bytes([0x82, 8, 0, 7, 0, 3]) + b"a/b" + bytes([1])
+    buffer = bytearray(connect + subscribe[:5])
+    assert answers(buffer) == (CONNACK, False) and buffer == subscribe[:5]
+    buffer += subscribe[5:] + b"\xc0\x00" + b"\xe0\x00" + b"\xc0\x00"
+    assert answers(buffer) == (b"\x90\x03\x00\x07\x01" + PINGRESP, True)
+    assert buffer == b"\xc0\x00"  # after the DISCONNECT: left unread
+
+
 @pytest.mark.timeout(120)
 def test_chunkwait_counts_chunks_and_pings_at_tiny_size() -> None:
     """``python -m benchmarks.chunkwait`` (the broker in this process): one 2 MiB transfer, up and
