@@ -1,6 +1,6 @@
 """What ``--users`` signing in and then leaving at once (DISCONNECT) cost the broker's thread in CPU.
 
-    python -m benchmarks.leave [--users 3000] [--processes 2] [--profile] [--stock-gc]
+    python -m benchmarks.leave [--users 3000] [--processes 2] [--listeners 0] [--profile] [--stock-gc]
 
 Runs the embedded broker in this process (``BackgroundServer``, no workers: only the broker's own
 work is counted) under the collector policy ``imcli serve`` applies (``gcpause.calm_collector``;
@@ -73,8 +73,12 @@ def _in_loop(loop: asyncio.AbstractEventLoop, call: Callable[[], None]) -> None:
     done.wait(30)
 
 
-def measure(users: int, processes: int, profile: bool, stock_gc: bool = False) -> dict[str, object]:
-    result: dict[str, object] = {"users": users, "gc": "stock" if stock_gc else "calm_collector"}
+def measure(users: int, processes: int, profile: bool, stock_gc: bool = False, listeners: int = 0) -> dict[str, object]:
+    result: dict[str, object] = {
+        "users": users,
+        "listeners": listeners,
+        "gc": "stock" if stock_gc else "calm_collector",
+    }
     with tempfile.TemporaryDirectory(prefix="bench-leave-") as tmp:
         data = Path(tmp) / "data"
         data.mkdir()
@@ -90,7 +94,8 @@ def measure(users: int, processes: int, profile: bool, stock_gc: bool = False) -
             collector = _CollectorCpu(thread)
             gc.callbacks.insert(0, collector)
             before_join = _cpu(thread)
-            with Crowds.join(_Here(info.address.port), users, processes, status=False) as (_, joined):  # type: ignore[arg-type]
+            here: Any = _Here(info.address.port)  # what Crowds.join needs of a broker
+            with Crowds.join(here, users, processes, status=False, listeners=listeners) as (_, joined):
                 result["joined"] = joined["ok"]
                 result["join_cpu_us_per_user"] = round((_cpu(thread) - before_join) * 1e6 / users, 1)
                 time.sleep(3)
@@ -116,8 +121,14 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--stock-gc", action="store_true", help="CPython's collector policy, not imcli serve's")
+    parser.add_argument(
+        "--listeners",
+        type=int,
+        default=0,
+        help="users (of the first crowd) holding a room's filter too",
+    )
     args = parser.parse_args()
-    figures = measure(args.users, args.processes, args.profile, args.stock_gc)
+    figures = measure(args.users, args.processes, args.profile, args.stock_gc, args.listeners)
     text = figures.pop("profile", None)
     print(json.dumps(figures, indent=1))
     if text:

@@ -94,13 +94,11 @@ class RoomPing:
     def __init__(self, broker: Broker, *, stamps: bool = False, period: float = PERIOD) -> None:
         """``stamps``: ``phase`` yields (sent, ms) pairs, sent on ``time.perf_counter()``'s clock;
         ``period``: seconds between two messages."""
-        self.pid = 0
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.roomping", "--port", str(broker.port), *(["--stamps"] * stamps),
              "--period-ms", f"{period * 1000:g}"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
         )  # fmt: skip
-        self.pid = self._proc.pid
         assert self._proc.stdout is not None
         if self._proc.stdout.readline().strip() != "ready":
             self.close()

@@ -149,3 +149,33 @@ def test_filesping_reports_each_transfer_and_a_summary_at_tiny_size() -> None:
     assert summary["idle_pings"] == first["idle_pings"] and summary["pings"] == first["pings"]
     low, high = summary["idle_p99_ci95"]  # about 100 pings per idle phase: bounded from below
     assert low is not None and low <= summary["idle_p99"] and (high is None or high >= summary["idle_p99"])
+
+
+def test_the_leave_floors_responder_answers_as_a_broker_would() -> None:
+    """benchmarks.leavefloor's server (the floor under the broker's CPU per disconnect) answers CONNECT,
+    SUBSCRIBE and PINGREQ, waits for a packet's missing bytes, and stops at DISCONNECT."""
+    from benchmarks.leavefloor import CONNACK, PINGRESP, answers
+
+    connect = bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 60, 0, 0])
+    subscribe = bytes([0x82, 8, 0, 7, 0, 3]) + b"a/b" + bytes([1])
+    buffer = bytearray(connect + subscribe[:5])
+    assert answers(buffer) == (CONNACK, False) and buffer == subscribe[:5]
+    buffer += subscribe[5:] + b"\xc0\x00" + b"\xe0\x00" + b"\xc0\x00"
+    assert answers(buffer) == (b"\x90\x03\x00\x07\x01" + PINGRESP, True)
+    assert buffer == b"\xc0\x00"  # after the DISCONNECT: left unread
+
+
+@pytest.mark.timeout(120)
+def test_chunkwait_counts_chunks_and_pings_at_tiny_size() -> None:
+    """``python -m benchmarks.chunkwait`` (the broker in this process): one 2 MiB transfer, up and
+    down, is 9 chunks each way, 8 of 262,136 bytes and one of 64 (below ``reader.BULK``, not a file's
+    chunk to the rule nor to the count); the pings are counted and their waits measured."""
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.chunkwait", "--mib", "2", "--transfers", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    (line,) = (json.loads(text) for text in run.stdout.splitlines() if text.startswith("{"))
+    assert line["rule"] is True and line["chunks"] == 16
+    assert line["pings"] > 0 and 0 <= line["pings_behind_a_later_chunk"] <= line["pings"]
+    assert line["chunk_cpu_ms_median"] > 0

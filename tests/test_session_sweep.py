@@ -271,3 +271,23 @@ def test_a_second_stop_returns_only_when_the_first_has_ended(monkeypatch: pytest
         assert first.cancelled() and closes == ["begun", "ended", "begun", "ended"]
 
     asyncio.run(main())
+
+
+def test_a_filters_subscribers_are_found_by_client_id() -> None:
+    """sessions.Subscribers (issue 21: amqtt scanned a filter's list on every SUBSCRIBE and removal):
+    one per client id, the first QoS kept as amqtt kept it, removed by client id whatever the session
+    object, in the order they came, and iterated over a copy (the fan-out awaits within its loop)."""
+    from imcli.broker.sessions import SubscriptionTable
+
+    table = SubscriptionTable()
+    a, b, c = _session("a:1", connected=True), _session("b:1", connected=True), _session("c:1", connected=True)
+    assert table.add("im/presence/+", a, 1) and table.add("im/presence/+", b, 0) and table.add("im/presence/+", c, 1)
+    assert not table.add("im/presence/+", _session("a:1", connected=True), 0)  # the same client id again
+    assert list(table["im/presence/+"]) == [(a, 1), (b, 0), (c, 1)]
+    seen = []
+    for session, _ in table["im/presence/+"]:
+        seen.append(session.client_id)
+        table.remove("im/presence/+", session)  # as a connection ending during a fan-out's await
+    assert seen == ["a:1", "b:1", "c:1"] and not table["im/presence/+"]
+    assert not table.remove("im/presence/+", b) and not table.remove("im/room/+/+", b)  # gone, or never there
+    assert table.add("im/presence/+", b, 1) and list(table["im/presence/+"]) == [(b, 1)]

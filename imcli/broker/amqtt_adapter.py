@@ -454,7 +454,8 @@ class ImBroker(Broker):
         super().__init__(settings.amqtt_config())
         self.settings = settings
         self.topics = Topics(settings.prefix)
-        self._subscriptions = SubscriptionTable()
+        self.subscription_table = SubscriptionTable()  # a client id's subscription found in O(1) (sessions.py)
+        self._subscriptions = self.subscription_table  # amqtt kept lists of (session, QoS) there
         self.access = TopicAccess(self.topics, self._accounts.cached_role)
         lim = settings.limits
         # the Last Will's topic is checked at CONNECT without group or friend records
@@ -478,7 +479,7 @@ class ImBroker(Broker):
         # (connection's handler, filter) -> the retained sending of its latest SUBSCRIBE still going
         self._retained_sending: dict[tuple[Any, str], object] = {}
         self.output = OutputBound(lim.output_drop, lim.output_close, lim.output_stuck)
-        amqtts = (self._subscriptions, self._matches, self._get_handler, self._retain_broadcast_message)
+        amqtts = (self.subscription_table, self._matches, self._get_handler, self._retain_broadcast_message)
         self.fan_out = FanOut(*amqtts, self.access.receive_check, self.output)
         self._journal = Journal(open_archive(settings.data_dir), self.topics, self.access.may_publish)
         self.pending = PendingConnections(lim.pending_per_address, lim.max_pending)
@@ -690,21 +691,40 @@ class ImBroker(Broker):
         held = self.filters.held(session.client_id)
         if not await self.admission.subscription_allowed(session, held, subscription[0]):
             return 0x80
-        granted: int = await super().add_subscription(subscription, session)
+        granted = await self._subscribe(subscription, session)
         if granted != 0x80:
             held[subscription[0]] = granted
             self.fan_out.filters.add(subscription[0])
+        return granted
+
+    async def _subscribe(self, subscription: tuple[str, int], session: Session) -> int:
+        """amqtt's ``add_subscription``, the same checks in the same order, with the subscription found
+        in O(1) (``sessions.Subscribers``): amqtt scanned every subscriber of the filter for this
+        client id (414 us per SUBSCRIBE on average when 10,000 users subscribed to one filter)."""
+        topic_filter, qos = subscription
+        levels = topic_filter.split("/")
+        last = len(levels) - 1
+        if any("#" in level and (level != "#" or index != last) for index, level in enumerate(levels)):
+            return 0x80  # MQTT-4.7.1-2
+        if any("+" in level and level != "+" for level in levels):
+            return 0x80  # MQTT-4.7.1-3
+        if not await self._topic_filtering(session, topic_filter, Action.SUBSCRIBE):
+            return 0x80
+        max_qos = self.config.get("max-qos", qos)
+        granted = min(qos, max_qos if isinstance(max_qos, int) else qos)
+        self.subscription_table.add(topic_filter, session, granted)  # as amqtt's: a second keeps the first QoS
         return granted
 
     async def _del_all_subscriptions(self, session: Session) -> None:
         # amqtt walks every filter on the broker for each session it ends or replaces
         for topic_filter in list(self.filters.of(session.client_id)):
             self._del_subscription(topic_filter, session)
-            if not self._subscriptions.get(topic_filter, True):
-                del self._subscriptions[topic_filter]
+            if not self.subscription_table.get(topic_filter, True):
+                del self.subscription_table[topic_filter]
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:  # every removal path
-        deleted: int = super()._del_subscription(a_filter, session)
+        # amqtt's scanned the filter's subscribers for this client id (and built a debug line)
+        deleted = int(self.subscription_table.remove(a_filter, session))
         if deleted:
             self.filters.removed(session.client_id, a_filter)
         return deleted

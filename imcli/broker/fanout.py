@@ -50,13 +50,14 @@ from amqtt.errors import AMQTTError
 from amqtt.session import OutgoingApplicationMessage, Session
 
 from imcli.broker.output import Outlet, OutputBound, Verdict
+from imcli.broker.sessions import SubscriptionTable
 
 log = logging.getLogger(__name__)
 
 INDEX_DEPTH = 3  # levels of a filter's literal head used as an index key: im/user/<name>
 WRITE_AT_ONCE = 4  # a message with this many copies or fewer is written at once, not at the end of the round
 
-Subscriptions = dict[str, list[tuple[Session, int]]]
+Subscriptions = SubscriptionTable  # filter -> its subscribers (imcli/broker/sessions.py)
 
 
 def literal_head(topic_filter: str) -> tuple[str, ...]:
@@ -427,7 +428,7 @@ class FanOut:
                 continue
             if not targets or not matches(topic, topic_filter):
                 continue
-            for session, sub_qos in list(targets):
+            for session, sub_qos in targets:  # a copy (sessions.Subscribers): the loop awaits
                 qos = sub_qos if forced_qos is None else forced_qos
                 if not may_receive(session.username):
                     continue

@@ -56,7 +56,9 @@ from amqtt.adapters import BufferReader
 from amqtt.errors import MQTTError, NoDataError
 from amqtt.events import MQTTEvents
 from amqtt.mqtt import packet_class
+from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.packet import MQTTFixedHeader
+from amqtt.mqtt.pingreq import PingReqPacket
 from amqtt.mqtt.publish import PublishPacket, PublishPayload, PublishVariableHeader
 
 from imcli.broker.client_loop import FAIR_SHARE
@@ -86,6 +88,13 @@ READ_SIZE = 1 << 16  # bytes asked of the socket's buffer at once
 BULK = 1 << 16
 AFTER_OTHERS = 1e-6  # seconds: any delay above 0 makes asyncio's sleep a timer, not a bare yield
 POLL, FIRST_POLL = 0.05, 0.001  # output.ReadGate's looks while reading is paused
+
+# packets with nothing after their fixed header, built as amqtt's from_stream builds them, without
+# its reader over the (empty) body: one of each per user leaving, per keep-alive (issue 21)
+BODYLESS: dict[int, type[DisconnectPacket] | type[PingReqPacket]] = {
+    DISCONNECT: DisconnectPacket,
+    PINGREQ: PingReqPacket,
+}
 
 # packet type -> the name of amqtt's handler method for it (PUBACK is handled here)
 HANDLERS = {
@@ -360,6 +369,9 @@ class PacketReader:
         try:
             if publish is not None:
                 packet = publish
+            elif not body and (bodyless := BODYLESS.get(kind)) is not None:
+                packet = bodyless(header)
+                packet.protocol_ts = datetime.now(UTC)
             else:
                 packet = await packet_class(header).from_stream(BufferReader(body), fixed_header=header)
             await handler.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=handler.session)

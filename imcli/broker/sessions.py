@@ -22,7 +22,11 @@
   holds its items' deque only while it has items.
 * ``SubscriptionTable`` is ``Broker._subscriptions`` with a repr that costs nothing:
   amqtt logs ``repr(self._subscriptions)`` at debug level after every SUBSCRIBE, built
-  even when debug logging is off, which made a join storm quadratic.
+  even when debug logging is off, which made a join storm quadratic. Each filter's
+  subscriptions are ``Subscribers``, a client id's found in O(1): amqtt kept a list and scanned
+  it on every SUBSCRIBE (is it there already?) and every removal, so 10,000 users holding one
+  filter (``im/presence/+``, which every ``imcli listen`` holds) cost 414 us per SUBSCRIBE on
+  average when they joined (issue 21), and up to as much per filter when they left.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import asyncio
 import collections
 import logging
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from amqtt.session import INCOMING, Session
@@ -241,8 +245,49 @@ class LeanQueue(asyncio.Queue[T]):
         return f"<LeanQueue of {self.qsize()}>"
 
 
-class SubscriptionTable(dict[str, list[tuple[Session, int]]]):
-    """amqtt's ``Broker._subscriptions`` (filter -> sessions), with a repr that costs nothing."""
+class Subscribers:
+    """One filter's subscriptions: what amqtt kept as a list of (session, granted QoS), in the order
+    they came, iterated as such (over a copy: a caller may await between two), a client id's found in
+    O(1). As amqtt's, one per client id: a SUBSCRIBE again keeps the QoS first granted."""
+
+    __slots__ = ("_by_id",)
+
+    def __init__(self) -> None:
+        self._by_id: dict[str | None, tuple[Session, int]] = {}
+
+    def __iter__(self) -> Iterator[tuple[Session, int]]:
+        return iter(list(self._by_id.values()))
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __repr__(self) -> str:
+        return f"<{len(self._by_id)} subscribers>"
+
+    def add(self, session: Session, qos: int) -> bool:
+        """Whether ``session``'s client id was not here yet (and now is, at ``qos``)."""
+        if session.client_id in self._by_id:
+            return False
+        self._by_id[session.client_id] = (session, qos)
+        return True
+
+    def remove(self, session: Session) -> bool:
+        """Whether the subscription of ``session``'s client id was here (and now is not)."""
+        return self._by_id.pop(session.client_id, None) is not None
+
+
+class SubscriptionTable(dict[str, Subscribers]):
+    """amqtt's ``Broker._subscriptions`` (filter -> ``Subscribers``), with a repr that costs nothing."""
 
     def __repr__(self) -> str:
         return f"<{len(self)} subscription filters>"
+
+    def add(self, topic_filter: str, session: Session, qos: int) -> bool:
+        subscribers = self.get(topic_filter)
+        if subscribers is None:
+            subscribers = self[topic_filter] = Subscribers()
+        return subscribers.add(session, qos)
+
+    def remove(self, topic_filter: str, session: Session) -> bool:
+        subscribers = self.get(topic_filter)
+        return subscribers is not None and subscribers.remove(session)
