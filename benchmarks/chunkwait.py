@@ -1,6 +1,6 @@
 """How much of the broker's loop a chat ping waits for behind files' chunks, in CPU time (issue 16).
 
-    python -m benchmarks.chunkwait [--mib 50] [--transfers 2] [--period-ms 5] [--no-rule]
+    python -m benchmarks.chunkwait [--mib 50] [--transfers 2] [--period-ms 5] [--idle-s 3] [--no-rule]
 
 The embedded broker in this process (``serve_forever``, through ``benchmarks/memory.py``'s
 ``serve_here``, as ``benchmarks/filestail.py`` runs it), the room ping (``benchmarks/roomping.py``)
@@ -11,7 +11,10 @@ ping itself was handled. CPU time of the loop's thread, so what other processes 
 moves it little. ``--no-rule`` lifts ``reader.BULK`` out of reach: chunks are handled as soon as
 they are read, as before the rule (imcli/broker/reader.py), for the comparison. One JSON line per
 transfer: pings, chunks, the pings that waited behind a chunk read after them (how many, their
-share), the p99 and the longest such wait, and a chunk's median handling time (ms of CPU).
+share), the p99 and the longest such wait, and a chunk's median handling time (ms of CPU); and
+for every ping, all the loop's CPU between its bytes and its handling (``before_handled_cpu_ms``:
+p50, p99, longest) during the transfer and during ``--idle-s`` of pings before it without one
+(``idle_before_handled_cpu_ms``): the broker's own share of a ping's wait, idle and in transfer.
 """
 
 from __future__ import annotations
@@ -76,6 +79,10 @@ class _Waits:
             if stamp is not None:
                 self.pings.append((stamp, start))
 
+    def before_handled(self) -> list[float]:
+        """Per ping, the loop's CPU (ms) between its bytes fed and its handling: all it did meanwhile."""
+        return [1000 * (start - fed) for fed, start in self.pings]
+
     def report(self) -> dict[str, Any]:
         starts = [s for s, _ in self.chunks]
         waits = []
@@ -91,7 +98,17 @@ class _Waits:
             "wait_cpu_ms_max": round(max(waits, default=0.0), 3),
             "chunk_cpu_ms_median": round(1000 * statistics.median(e - s for s, e in self.chunks), 3)
             if self.chunks else None,
+            **_spread("before_handled_cpu_ms", self.before_handled()),
         }  # fmt: skip
+
+
+def _spread(name: str, values: list[float]) -> dict[str, float | None]:
+    cuts = statistics.quantiles(values, n=100) if len(values) >= 10 else None
+    return {
+        f"{name}_p50": round(statistics.median(values), 3) if values else None,
+        f"{name}_p99": round(cuts[98], 3) if cuts else None,
+        f"{name}_max": round(max(values), 3) if values else None,
+    }
 
 
 def main() -> None:
@@ -99,6 +116,7 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=50)
     parser.add_argument("--transfers", type=int, default=2)
     parser.add_argument("--period-ms", type=float, default=5.0)
+    parser.add_argument("--idle-s", type=float, default=3.0, help="seconds of pings without a transfer, each time")
     parser.add_argument("--no-rule", action="store_true", help="chunks handled as soon as read (before the rule)")
     args = parser.parse_args()
     from imcli.broker import reader
@@ -115,13 +133,19 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix="bench-chunkwait-") as tmp:
                 for _ in range(args.transfers):
                     source = _source(Path(tempfile.mkdtemp(dir=tmp)), args.mib * MIB)
+                    waits.pings.clear()
+                    with ping.phase():  # as long without a transfer: the same measure of the pings alone
+                        waits.on = True
+                        time.sleep(args.idle_s)
+                        waits.on = False
+                    idle = _spread("idle_before_handled_cpu_ms", waits.before_handled())
                     waits.chunks.clear()
                     waits.pings.clear()
                     with ping.phase():
                         waits.on = True
                         _transfer(port, source)
                         waits.on = False
-                    print(json.dumps({"rule": not args.no_rule, **waits.report()}), flush=True)
+                    print(json.dumps({"rule": not args.no_rule, **waits.report(), **idle}), flush=True)
         finally:
             ping.close()
 

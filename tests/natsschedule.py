@@ -51,9 +51,10 @@ class NatsOnOneWorker(LoadScopeScheduling):  # type: ignore[misc]  # xdist ships
 
 
 def nats_first(items: list[pytest.Item]) -> None:
-    """Reorders ``items`` in place: test_nats.py, then the other NATS tests, then the rest, each part in
-    its order. The NATS unit, the longest (8 min of the run on one worker), is then handed out first,
-    and test_nats.py's own cluster has stopped before the shared one starts."""
+    """Reorders ``items`` in place: test_nats.py's tests without its module cluster (some start a cluster
+    of their own), then those on that cluster, then the other NATS tests (on the shared cluster), then
+    the rest, each part in its order. The NATS unit, the longest (8 to 18 min of the run on one worker),
+    is then handed out first, and no two three-node clusters run at once on that worker."""
     for item in items:
         callspec = getattr(item, "callspec", None)
         on_nats = callspec is not None and callspec.params.get("broker_kind") == "nats"
@@ -62,8 +63,10 @@ def nats_first(items: list[pytest.Item]) -> None:
 
     def rank(item: pytest.Item) -> int:
         if not is_nats_test(item.nodeid):
+            return 3
+        if _module(item.nodeid) != NATS_MODULE:
             return 2
-        return 0 if _module(item.nodeid) == NATS_MODULE else 1
+        return 1 if "cluster" in getattr(item, "fixturenames", ()) else 0
 
     items[:] = sorted(items, key=rank)  # sorted is stable
 

@@ -1,5 +1,6 @@
 """tests/natsschedule.py: under ``pytest -n``, every NATS test runs on one xdist worker, first there,
-test_nats.py's before the others; every other test is a work unit of its own.
+test_nats.py's before the others (those not on its module cluster first); every other test is a work
+unit of its own.
 
 The end-to-end checks run a small suite in a child ``pytest -n 2`` with this project's conftest as a
 plugin (``-p tests.conftest``), so what is checked is the hooks the README's ``pytest -n auto`` uses."""
@@ -47,14 +48,25 @@ def test_without_a_broker(request):
 """
 
 NATS_MODULE = """
+import pytest
+
 from record import record
 
 
-def test_one(request):
+@pytest.fixture(scope="module")
+def cluster():
+    return "the module's"
+
+
+def test_one(cluster, request):
     record(request)
 
 
-def test_two(request):
+def test_two(cluster, request):
+    record(request)
+
+
+def test_on_a_cluster_of_its_own(request):
     record(request)
 """
 
@@ -106,13 +118,14 @@ def test_under_xdist_the_nats_tests_run_first_on_one_worker(tmp_path: Path) -> N
     assert result.returncode == 0, result.stdout + result.stderr
 
     ran = [line.split(" ", 1) for line in (tmp_path / "record.log").read_text().splitlines()]
-    assert len(ran) == 2 + 3 * 4 + 1  # every test once
+    assert len(ran) == 3 + 3 * 4 + 1  # every test once
     nats_workers = {worker for worker, nodeid in ran if is_nats_test(nodeid)}
     assert len(nats_workers) == 1, ran
     (nats_worker,) = nats_workers
     assert nats_worker.startswith("gw"), ran
     on_that_worker = [nodeid for worker, nodeid in ran if worker == nats_worker]
-    assert on_that_worker[:6] == [
+    assert on_that_worker[:7] == [  # test_nats.py's own-cluster tests before its module cluster starts
+        "test_nats.py::test_on_a_cluster_of_its_own",
         "test_nats.py::test_one",
         "test_nats.py::test_two",
         *(f"test_brokers.py::test_on_a_broker[nats-{n}]" for n in range(4)),
