@@ -92,9 +92,12 @@ def test_a_reset_connection_leaves_no_cycle_through_its_exception() -> None:
 
     reset = ConnectionResetError("reset by peer")
 
-    class Stream:
+    class Stream:  # the stream and its transport
         async def read(self, n: int) -> bytes:
             raise reset
+
+        def get_protocol(self) -> None:  # not a StreamReaderProtocol: the reader hooks nothing (reader._hook)
+            return None
 
     class Event:
         def set(self) -> None:

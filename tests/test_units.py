@@ -553,12 +553,16 @@ def test_a_clean_session_unsubscribes_before_it_disconnects(clean: bool) -> None
     assert got == ([1, 8, 10, 14] if clean else [1, 8, 14])  # CONNECT, SUBSCRIBE, (UNSUBSCRIBE), DISCONNECT
 
 
-def test_a_refused_subscribe_of_ones_own_topics_is_tried_again() -> None:
+def test_a_refused_subscribe_of_ones_own_topics_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
     """A loaded NATS 2.9 cluster refuses a QoS 1 SUBSCRIBE whose JetStream consumer is not made within
     4 s: a command's or a listener's own topics are asked for again (SUBSCRIBE_TRIES), and the last
-    refusal is still an error."""
+    refusal is still an error. (This fake broker refuses at once, which counts as slow here: a refusal
+    at once is final, tests/test_subscribe_tries.py.)"""
+    from imcli.core import mqtt
     from imcli.core.errors import PublishFailed
     from imcli.core.mqtt import SUBSCRIBE_TRIES, BrokerAddress, Credentials, MqttClient
+
+    monkeypatch.setattr(mqtt, "FINAL_REFUSAL", 0.0)
 
     port, got, join = few_lines_broker([0x80, 1])
     client = MqttClient(BrokerAddress("127.0.0.1", port), Credentials("alice", "pw"), "alice:t")
