@@ -25,7 +25,6 @@ this (seen on a three-node cluster here, tests/test_nats.py shows each):
   group (a kick), his connections are ended first (``NatsAuth.cut``): one file takes every right
   to read from him, the next moves him to the account ``PARKED`` (no JetStream), which closes
   every connection he has as each node reloads it, and the third puts him back, new rights.
-  A member who leaves is cut the same way, a second after his reply (``LEAVE_CUT_DELAY``).
 - Friends-only DMs are refused at publish: each sender gets a ``deny`` on the DM topic of
   every friends-only user who does not take its DMs, so nobody (the archive included)
   receives it.
@@ -77,9 +76,6 @@ STAMP_TOPIC = "imcli-reload/{stamp}"  # outside the prefix: no user's or service
 # user who may no longer publish them, and crashes (nil pointer, mqttCheckPubRetainedPerms) where such
 # a message had been cleared through another node.
 PARKED = "PARKED"
-# A member who leaves asks over one of his own connections, which waits for the reply: his connections
-# end this long after it (``NatsAuth.change_and_wait``), so that a subscription he made before stops too.
-LEAVE_CUT_DELAY = 1.0
 # Before that he is muted for one reload (in IM, nothing to read), which removes his subscriptions
 # the right way. Likely why (the 2.9.10 source): a reload closes a connection with the account as it was, so
 # the node's count of route interest in a subscription closed then stays one too high in the new
@@ -260,8 +256,6 @@ class NatsAuth:
         self._stamp: tuple[int, int] | None = None
         self._passwords = read_passwords(passwd)
         self._due: threading.Timer | None = None
-        self._leavers: set[threading.Timer] = set()  # cuts due after a leave's reply (change_and_wait)
-        self._probing = threading.Lock()  # the probe's connections are used by one thread at a time
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="imcli-nats-passwd", daemon=True)
         self.probe: ReloadProbe | None = None  # once attached
@@ -281,11 +275,8 @@ class NatsAuth:
         with self._lock:
             if self._due is not None:
                 self._due.cancel()
-            for timer in self._leavers:
-                timer.cancel()
         if self.probe is not None:
-            with self._probing:
-                self.probe.close()
+            self.probe.close()
 
     def reload_passwords(self) -> None:
         """Read the password file now (not at the next look) and apply at once."""
@@ -312,33 +303,15 @@ class NatsAuth:
     ) -> bool:
         """These records changed: write and reload now, and return once every node has them in force.
         Users taken out of a group by someone else (kicked) have their connections ended first
-        (``cut``). ``asker``, if he left one, later: his leave comes over one of his connections, which
-        waits for the reply; his are ended ``LEAVE_CUT_DELAY`` after it (a subscription he made before
-        the leave, by hand, would otherwise read the group on: 2.9 does not re-check it on a reload)."""
+        (``cut``). Not ``asker``: his leave comes over one of his connections, which waits for the reply."""
         removed: set[str] = set()
         with self._lock:
             for name, info in groups:
                 removed |= self.permissions.group_changed(name, info)
             for record in friends:
                 self.permissions.friends_changed(record)
-            removed = {u for u in removed if u in self._passwords and u not in SERVICE_ACCOUNTS}
-        if asker in removed:
-            removed.discard(asker)
-            self._cut_later(asker)
+            removed = {u for u in removed if u in self._passwords and u not in SERVICE_ACCOUNTS and u != asker}
         return self.cut(removed) if removed else self.apply_and_wait()
-
-    def _cut_later(self, user: str) -> None:
-        def run() -> None:
-            with self._lock:
-                self._leavers.discard(timer)
-            if not self._stop.is_set():
-                self.cut([user])
-
-        timer = threading.Timer(LEAVE_CUT_DELAY, run)
-        timer.daemon = True
-        with self._lock:
-            self._leavers.add(timer)
-        timer.start()
 
     def cut(self, users: Iterable[str]) -> bool:
         """End every connection of ``users`` on every node, then let them in again with their current
@@ -405,8 +378,7 @@ class NatsAuth:
             with self._lock:  # a later file (the password watcher's) holds this change too, and its stamp
                 return STAMP_TOPIC.format(stamp=self.permissions.stamp or stamp)
 
-        with self._probing:  # the worker's thread, and a leaver's cut (_cut_later)
-            return self.probe.wait(topic, timeout)
+        return self.probe.wait(topic, timeout)
 
     def _signal(self) -> None:
         for pidfile in self.pidfiles:

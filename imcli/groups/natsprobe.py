@@ -41,7 +41,7 @@ class ReloadProbe:
         self.credentials = credentials
         self.tag = secrets.token_hex(8)  # in the probes' client ids: known to this process only
         self.connects = 0  # probe connections made (one per node, again after a node drops it)
-        self._probes: dict[Node, MqttClient] = {}  # one thread at a time (NatsAuth._probing)
+        self._probes: dict[Node, MqttClient] = {}  # used in the group worker's thread only
 
     def client_id(self, node: Node) -> str:
         # a client id per node: NATS sessions are cluster-wide, one id on two nodes would take turns
