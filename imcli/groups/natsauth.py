@@ -319,7 +319,7 @@ class NatsAuth:
         group would otherwise go on delivering it (nats-server 2.9 re-checks only NATS subscriptions
         on a reload, not the JetStream consumer behind an MQTT QoS 1 one). First muted (his
         subscriptions removed, ``MUTED``), then parked (his connections closed, ``PARKED``), each in
-        force everywhere; then back (not waited for: the next change's stamp covers it)."""
+        force everywhere; then back, waited for as well."""
         cut = frozenset(users)
         with self._lock:
             self.permissions.muted |= cut
@@ -330,7 +330,10 @@ class NatsAuth:
         with self._lock:
             self.permissions.muted -= cut
             self.permissions.parked -= cut
-        self.apply()
+        # waited for too: moving him back changes the account's user list, and so closes every MQTT
+        # connection of the account once more (the workers' included); answered before it was in
+        # force, the next requests (the test suite's next test, starting its workers) met that
+        self.apply_and_wait()
         if not done:  # a node that skipped a file (read the next one first) may keep their connections
             log.warning("the connections of %s may stay open on a NATS node that did not reload", sorted(cut))
         return done
