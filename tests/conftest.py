@@ -244,9 +244,20 @@ def procs() -> Iterator[Callable[..., Proc]]:
 # ---------------------------------------------------------------- xdist: the NATS tests on one worker
 
 
+# A NATS test that fails runs once more (pytest-rerunfailures; 'R' in the progress line, 'RERUN' in the
+# summary): on two loaded cores nats-server 2.9.10's JetStream leaves a request unanswered within 30 s in
+# about one of the ~85 NATS tests of a full run (issue 20 counts them: a kick's account-wide reconnects,
+# consumers stalling 2-4 s), a fault of the cluster under this machine's load, not of the rule a test
+# checks; twice in a row is still a failure. Only the NATS tests: every other test fails at once.
+NATS_RERUNS = 1
+
+
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture parameters
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     natsschedule.nats_first(items)
+    for item in items:
+        if natsschedule.is_nats_test(item.nodeid):
+            item.add_marker(pytest.mark.flaky(reruns=NATS_RERUNS, reruns_delay=2))
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: unknown without it (pytest -p no:xdist)
