@@ -79,9 +79,11 @@ def test_one_of_two_clients_of_a_device_stops_and_the_other_keeps_the_session(
         assert wait_until(lambda: older.ended is not None or newer.ended is not None, STOPS)
         stopped, kept = (older, newer) if older.ended is not None else (newer, older)
         assert isinstance(stopped.ended, SessionTakenOver), stopped.ended
-        if broker_kind == "amqtt":  # told by the broker: the older one stops, at its first takeover
-            assert stopped is older and older.losses == 0
-            assert str(older.ended).startswith(
+        if broker_kind == "amqtt":  # told by the broker: the one taken over stops, at its first takeover
+            # (usually the older; the newer when the older's notice subscription was not yet granted
+            # at the takeover, so it came back a second later and took the session from the newer: CI)
+            assert stopped.losses == 0
+            assert str(stopped.ended).startswith(
                 "this device's session was taken over by another imcli (device 'laptop'); stopped ("
             )
         else:  # nobody tells (Mosquitto, NATS): the one closed three times in a row right after reconnecting
