@@ -6,6 +6,18 @@ A worker subscribes to its state topics and to its own notice topic, publishes a
 subscription before later messages, so once the marker is back the state has been read.
 Only then does it subscribe to requests. Several workers share ``<prefix>/request/+/+``:
 each answers only the request types it owns (``handle`` returns ``None`` for the others).
+
+Requests are heard at QoS 1, except on NATS (``requests_at_most_once``, set by ``imcli workers
+--nats-users``): there a QoS 1 subscription is a JetStream consumer, made when the worker subscribes
+(seconds on a loaded cluster) and delivering a request only once the cluster has stored it, while a
+QoS 0 subscription is a plain NATS one that gets the request as the node reads it
+(deploy/nats/README.md, "Requests at QoS 0"). What QoS 0 gives up there: a request sent while a
+worker is away is lost instead of waiting for it, which a clean session's worker loses at QoS 1
+too (its consumer goes with it), and the persistent archive's would have answered late, after the
+asker's timeout. The embedded broker and Mosquitto keep QoS 1: the embedded broker drops QoS 0
+copies to a connection with more than ``Limits.output_drop`` (1 MiB) waiting, where QoS 1 copies
+still wait (up to ``output_close``), so a files worker behind on its upload chunks would lose
+requests without a word.
 """
 
 from __future__ import annotations
@@ -111,6 +123,9 @@ class ServiceWorker:
         self._resync_id = ""  # the marker that ends the reading of the retained state after a reconnect
         self.synced = threading.Event()
         self.stopping = threading.Event()
+        # NATS (``imcli workers --nats-users``) sets this before entering: requests are heard at QoS 0
+        # there, a plain NATS subscription instead of a JetStream consumer (deploy/nats/README.md)
+        self.requests_at_most_once = False
         self.client = MqttClient(
             address,
             credentials,
@@ -180,7 +195,10 @@ class ServiceWorker:
             )
         with self.lock:
             self.on_synced()
-        self.client.subscribe([self.topics.request_filter()])
+        if self.requests_at_most_once:
+            self.client.subscribe([], at_most_once=[self.topics.request_filter()])
+        else:
+            self.client.subscribe([self.topics.request_filter()])
         log.info("%s ready on %s", self.account, self.client.address)
 
     # ---------------------------------------------------------------- MQTT in (paho's thread)
