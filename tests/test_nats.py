@@ -37,8 +37,11 @@ from imcli.core.wire import (
     GroupInfo,
     Notice,
     Received,
+    Roster,
     Topics,
+    WhoRequest,
     decode,
+    decode_as,
     encode,
 )
 from imcli.files.worker import FilesWorker
@@ -638,15 +641,20 @@ def test_the_workers_command_asks_for_requests_at_qos_0_on_nats_only(
     assert seen == [on_nats]
 
 
-def test_workers_hear_requests_without_a_jetstream_consumer(cluster: NatsCluster) -> None:
+def test_workers_hear_and_answer_requests_without_jetstream(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
     """A request reaches the workers through a plain NATS subscription (QoS 0), not a JetStream consumer
-    that delivers it only once the cluster stored it (imcli/core/service.py); their QoS 1 subscriptions
-    (the archive's chat, the state topics) do have consumers."""
+    that delivers it only once the cluster stored it, and the reply comes at QoS 0, not stored in
+    JetStream in the worker's read loop first (imcli/core/service.py); their QoS 1 subscriptions (the
+    archive's chat) do have consumers."""
     filters = jetstream_consumer_filters(cluster)
     assert "$MQTT.msgs.im.room.*.*" in filters, sorted(filters)  # the archive's chat at QoS 1
     assert not [f for f in filters if f.startswith("$MQTT.msgs.im.request")], sorted(filters)
-    alice = on(cluster, 1, "alice")
-    assert [p.account for p in services.who(alice, include_offline=True) if p.account == "alice"] == ["alice"]
+    alice = raw(1, "alice")
+    assert alice.subscribe(T.reply_filter("alice"), qos=1) == 1  # as listen's im/user/<me>/# at QoS 1
+    alice.publish(T.request("alice", "c0ffee"), encode(WhoRequest(all=True)))
+    reply = alice.expect(T.reply("alice", "c0ffee"), timeout=30)
+    assert reply.qos == 0
+    assert "alice" in [p.account for p in decode_as(reply.payload, Roster).users]
 
 
 @pytest.mark.xfail(
