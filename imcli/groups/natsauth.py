@@ -25,6 +25,7 @@ this (seen on a three-node cluster here, tests/test_nats.py shows each):
   group (a kick), his connections are ended first (``NatsAuth.cut``): one file takes every right
   to read from him, the next moves him to the account ``PARKED`` (no JetStream), which closes
   every connection he has as each node reloads it, and the third puts him back, new rights.
+  A member who leaves is cut the same way once his reply is out (``GroupWorker.send_reply``).
 - A reload that takes a publish right away from a user who published a retained message there,
   which was then cleared through another node, crashes that node (2.9.10: the cleared message is
   kept as a record naming its publisher, with no subscription, until the node restarts, and
@@ -222,6 +223,9 @@ class NatsPermissions:
                 self._public.add(name)
         return before - self._members.get(name, frozenset())
 
+    def members(self, group: str) -> frozenset[str]:
+        return self._members.get(group, frozenset())
+
     def friends_changed(self, record: Friends) -> None:
         senders = dm_senders(record.account, record.dm_policy, record.friends)
         if senders is None:
@@ -353,7 +357,8 @@ class NatsAuth:
     ) -> bool:
         """These records changed: write and reload now, and return once every node has them in force.
         Users taken out of a group by someone else (kicked) have their connections ended first
-        (``cut``). Not ``asker``: his leave comes over one of his connections, which waits for the reply."""
+        (``cut``). Not ``asker``: his leave comes over one of his connections, which waits for the reply;
+        the group worker cuts him once it is out (``leaves``, ``deliver``)."""
         removed: set[str] = set()
         with self._lock:
             for name, info in groups:
@@ -362,6 +367,26 @@ class NatsAuth:
                 self.permissions.friends_changed(record)
             removed = {u for u in removed if u in self._passwords and u not in SERVICE_ACCOUNTS and u != asker}
         return self.cut(removed) if removed else self.apply_and_wait()
+
+    def leaves(self, groups: Iterable[tuple[str, GroupInfo | None]], asker: str) -> bool:
+        """Whether these records, not yet applied, take ``asker`` (a user) out of a group: his own
+        request, so ``change_and_wait`` does not cut him; the group worker does once his reply is out
+        (``GroupWorker.send_reply``)."""
+        with self._lock:
+            if asker not in self._passwords or asker in SERVICE_ACCOUNTS:
+                return False
+            return any(
+                asker in self.permissions.members(name) and (info is None or asker not in info.members)
+                for name, info in groups
+            )
+
+    def deliver(self, messages: list[tuple[str, bytes, bool]]) -> bool:
+        """Publish ``messages`` in order through a probe connection (not the worker's own, which cannot
+        send while it handles a request), and return once every node has passed the last one on to its
+        subscribers (``ReloadProbe.deliver``). False without a probe (nothing sent)."""
+        if self.probe is None:
+            return False
+        return self.probe.deliver(messages, messages[-1][0])
 
     def cut(self, users: Iterable[str]) -> bool:
         """End every connection of ``users`` on every node, then let them in again with their current
