@@ -31,6 +31,10 @@ the messages of one publisher were fanned out one per round (one ``send`` per co
   amqtt;
 * a DISCONNECT is the last packet it handles: the rest of that read, and of the stream, is
   dropped (MQTT-3.14.4-1; a PUBLISH written after it was delivered);
+* once the connection's last packet is read (a DISCONNECT, the end of the stream, an error), the
+  rest of its end (the handler's stop, the close, the message loop's disconnect and the Last
+  Will) waits for a turn from the broker's ``teardown.TeardownGate``, a slice of connections per
+  loop round: a mass leave no longer queues all its ends ahead of a packet read meanwhile;
 * nothing more is read while ``readable`` says the connection's output is past its
   high-water mark or its inbox is full (``output.ReadGate``'s rule, looked at before every
   read and after every PUBLISH);
@@ -169,6 +173,7 @@ class PacketReader:
         handler._reader_ready.set()  # amqtt private (AMQTT_PRIVATE): start() waits for it
         self._arm()
         unhook = self._hook()
+        cancelled = False
         try:
             while not self._said_goodbye:
                 if not readable():
@@ -190,6 +195,7 @@ class PacketReader:
                 await self._handle_buffer()
         except asyncio.CancelledError:
             log.debug("reader of %s cancelled", self._client_id)
+            cancelled = True
         except ConnectionError as exc:  # reset by the peer: an end like any other
             log.debug("%s: connection lost: %r", self._client_id, exc)
             exc.__traceback__ = None  # see below
@@ -207,7 +213,20 @@ class PacketReader:
                 self._timer.cancel()
             for task in list(self._tasks):
                 task.cancel()
-        await handler.handle_connection_closed()
+        await self._end(cancelled)
+
+    async def _end(self, cancelled: bool) -> None:
+        """End the handler once this connection's turn comes (imcli/broker/teardown.py: a slice of
+        connections a loop round, so that a packet of another client read meanwhile is not handled
+        after all of them); a cancelled reader (a take-over, the broker's shutdown) does not wait."""
+        handler = self._handler
+        gate = getattr(handler, "teardown_gate", None)
+        if gate is not None and not cancelled:
+            try:
+                await gate.turn()
+            except asyncio.CancelledError:  # a take-over (AckAfterJournal.stop) waits for what follows
+                log.debug("%s: ended while waiting for its turn", self._client_id)
+        await handler.handle_connection_closed()  # the DISCONNECT read, if any, takes effect now
         handler._reader_stopped.set()  # amqtt private (AMQTT_PRIVATE): stop() waits for it
         await handler.stop()
 
@@ -379,6 +398,8 @@ class PacketReader:
                 task = asyncio.create_task(handler.handle_publish(packet))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+            elif kind == DISCONNECT and hasattr(handler, "say_goodbye"):
+                handler.say_goodbye(packet)  # its effect waits for the connection's turn to end (run)
             else:
                 await getattr(handler, name)(packet)
         except (MQTTError, NoDataError) as exc:  # amqtt's loop discards such a packet and reads on
