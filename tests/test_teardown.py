@@ -190,6 +190,12 @@ class _Never:
     def __init__(self) -> None:
         self.asked = False
 
+    def turn_now(self) -> bool:
+        return False
+
+    def queue(self, waiter: object) -> None:
+        self.asked = True
+
     async def turn(self) -> None:
         self.asked = True
         await asyncio.get_running_loop().create_future()
@@ -206,13 +212,21 @@ def test_an_end_waiting_for_its_turn_keeps_its_session_and_a_takeover_ends_it_wi
     table = broker.broker.session_table()
     will_topic = T.dm("alice", "bob")
     with _subscribed(broker, "alice", "alice:watch") as alice:
-        old = _connect(broker, "bob", "bob:phone", will=(will_topic, chat("will of the old")))
+        real, never = broker.broker.teardown, _Never()
+        broker.broker.teardown = never  # type: ignore[assignment]
+        try:  # the connection's handler takes the broker's gate before its CONNACK
+            old = _connect(broker, "bob", "bob:phone", will=(will_topic, chat("will of the old")))
+        finally:
+            broker.broker.teardown = real
         handler = _handler(broker, "bob:phone")
-        handler.teardown_gate = never = _Never()
+        assert handler.teardown_gate is never
         session = table["bob:phone"][0]
         old.sendall(DISCONNECT)
         assert wait_until(lambda: never.asked, 5)  # read, and waiting for its turn
         assert handler.said_goodbye and not handler._stopped and not handler.loop_ended
+        assert (
+            not handler.reader.transport.is_reading()
+        )  # nothing after a DISCONNECT is read, its end of stream neither
         assert session.transitions.is_connected()
         assert not forgettable(table, "bob:phone", session)  # the sweep leaves it
         with _connect(broker, "bob", "bob:phone") as new:
