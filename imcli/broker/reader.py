@@ -34,7 +34,9 @@ the messages of one publisher were fanned out one per round (one ``send`` per co
 * once the connection's last packet is read (a DISCONNECT, the end of the stream, an error), the
   rest of its end (the handler's stop, the close, the message loop's disconnect and the Last
   Will) waits for a turn from the broker's ``teardown.TeardownGate``, a slice of connections per
-  loop round: a mass leave no longer queues all its ends ahead of a packet read meanwhile;
+  loop round: a mass leave no longer queues all its ends ahead of a packet read meanwhile; a
+  DISCONNECT alone in its read, with no turn free, waits in the transport's callback, the task
+  not woken and the socket not read again until its turn (``_park``);
 * nothing more is read while ``readable`` says the connection's output is past its
   high-water mark or its inbox is full (``output.ReadGate``'s rule, looked at before every
   read and after every PUBLISH);

@@ -31,7 +31,7 @@ class TeardownGate:
     """Turns for connections' ends, ``SLICE`` a loop round, first asked first served."""
 
     def __init__(self) -> None:
-        self._waiting: deque[asyncio.Future[None] | Callable[[], None]] = deque()
+        self._waiting: deque[asyncio.Future[None] | Callable[[], object]] = deque()
         self._given = 0  # turns given in this round
         self._next: asyncio.Handle | None = None  # the next round's refill, once scheduled
         self.turns = 0  # turns given so far (tests, benchmarks)
@@ -57,7 +57,7 @@ class TeardownGate:
         self._schedule()
         return True
 
-    def queue(self, waiter: asyncio.Future[None] | Callable[[], None]) -> None:
+    def queue(self, waiter: asyncio.Future[None] | Callable[[], object]) -> None:
         """Wait for a turn: ``waiter`` is a future to resolve, or a callable to call, when it comes."""
         self._waiting.append(waiter)
         self.waited += 1
