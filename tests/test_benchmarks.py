@@ -52,6 +52,8 @@ def test_every_scenario_runs_at_tiny_size(tmp_path: Path) -> None:
             assert figures["deliveries"] == figures["expected_deliveries"] > 0, figures
         dmflood = scenarios["dmflood"]["embedded"]
         assert dmflood["samples"] == doc["sizes"]["samples"] and dmflood["flood_sent"] > 0
+        dmbusy = scenarios["dmbusy"]["embedded"]  # the DMs, with a room flood and file transfers meanwhile
+        assert dmbusy["samples"] == doc["sizes"]["samples"] and dmbusy["flood_sent"] > 0 and dmbusy["transfers"] > 0
         assert scenarios["cold"]["embedded"]["imcli_say_ms"] > 0
     else:
         assert "fanout" in doc["skipped"]

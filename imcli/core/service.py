@@ -226,7 +226,12 @@ class ServiceWorker:
             request_id = getattr(request, "id", corr)
             reply = ErrorReply(id=request_id, code="internal", text=f"the {self.account} worker failed on this request")
         if reply is not None:
-            self.client.publish_nowait(self.topics.reply(sender, corr), encode(reply), qos=1)
+            self.send_reply(sender, corr, reply)
+
+    def send_reply(self, sender: str, corr: str, reply: WireModel) -> None:
+        """Send a request's reply (paho's thread, right after ``handle``). A worker that must act once
+        the reply is out overrides it: nothing published here leaves before this returns."""
+        self.client.publish_nowait(self.topics.reply(sender, corr), encode(reply), qos=1)
 
     def _on_connection(self, up: bool) -> None:
         if up and self.synced.is_set():
