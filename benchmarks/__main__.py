@@ -1,7 +1,7 @@
 """The benchmark suite: stock amqtt, the embedded default and Mosquitto, side by side.
 
     python -m benchmarks [--quick]
-                         [--only fanout,stream,rooms,group,dm,dmflood,capacity,churn,storm,cold,files,devices]
+                         [--only fanout,stream,rooms,group,dm,dmflood,dmbusy,capacity,churn,storm,cold,files,devices]
                          [--brokers stock,embedded,mosquitto,nats] [--repeat N] [--capacity USERS]
                          [--hold SECONDS] [--no-rejoin]
 
@@ -45,14 +45,15 @@ SHAPES: dict[str, dict[str, Shape]] = {
     "tiny": {"stream": Shape(1, 3, 1, 30, bot=True), "rooms": Shape(2, 3, 3, 5), "group": Shape(1, 10, 2, 5)},
 }  # fmt: skip
 SCENARIOS = (
-    "fanout", "stream", "rooms", "group", "dm", "dmflood", "capacity", "churn", "storm", "cold", "files", "devices"
+    "fanout", "stream", "rooms", "group", "dm", "dmflood", "dmbusy", "capacity", "churn", "storm", "cold", "files",
+    "devices",
 )  # fmt: skip
 FILE_SIZES = {"full": [1, 10, 100], "quick": [1, 10], "tiny": [1]}  # MiB, sent to a DM and a group (issue 16)
 FILE_GROUP = 20  # members of the group the files go to
 FAN_SHAPES = ("stream", "rooms", "group")
 # the figure that stands for a scenario when it is repeated (--repeat): the run with its median is kept
-KEY_FIGURE = {"dm": "p99_ms", "dmflood": "p99_ms", "capacity": "rss_mb_loaded", "churn": "status_changes_per_s",
-              "storm": "all_back_s", "cold": "ratio"}  # fmt: skip
+KEY_FIGURE = {"dm": "p99_ms", "dmflood": "p99_ms", "dmbusy": "p99_ms", "capacity": "rss_mb_loaded",
+              "churn": "status_changes_per_s", "storm": "all_back_s", "cold": "ratio"}  # fmt: skip
 # stock amqtt sends every CONNECT the retained messages of every filter on the broker: with
 # 10,000 users that is O(users^2) work per storm, so it is measured at a tenth of the size
 STOCK_CAPACITY_SHARE = 10
@@ -157,6 +158,16 @@ def run(
             return {"dmflood": {**figures, **flood}}
 
         each("dmflood", dm_flood)
+    if "dmbusy" in only and brokers.mosquitto_clients():
+
+        def dm_busy(broker: brokers.Broker) -> dict[str, dict[str, Any]]:
+            with fanout.room_flood(broker, s["flood_listeners"], s["flood_rate"]) as flood:
+                moving = files.transfers_running  # started once the crowd is in, stopped with the last DM
+                figures = scenarios.dm_latency(broker, s["idle"], s["samples"], talk=10.0,
+                                               during=lambda: moving(broker, FILE_SIZES[size][-1]))  # fmt: skip
+            return {"dmbusy": {**figures, **flood}}
+
+        each("dmbusy", dm_busy)
     if "capacity" in only:
 
         def capacity(broker: brokers.Broker) -> dict[str, dict[str, Any]]:

@@ -13,11 +13,15 @@ chooses (``imcli/core/bulk.py``; the JSON's ``bulk_priority``): set it before th
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import statistics
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +209,79 @@ class _RssSampler:
         self._stop.set()
         self._thread.join(5)
         return round(self.peak - self.first, 1)
+
+
+# ---------------------------------------------------------------- transfers in the background (dmbusy)
+
+
+@contextlib.contextmanager
+def transfers_running(broker: Broker, mib: int) -> Iterator[dict[str, Any]]:
+    """Files of ``mib`` MiB sent to a DM (u00000 to u00001) and fetched back, one after another, for as
+    long as the block runs, by a process of their own (so that their client code shares no interpreter
+    with the caller's measure); each file differs from the last (the store keeps one copy of equal
+    contents, and a second upload of one would move no bytes). The figures are added to the yielded
+    dict at the block's end: ``transfers`` completed and ``transfer_MBps`` over them."""
+    figures: dict[str, Any] = {}
+    folder = Path(broker.workdir.name) / "busy-files"
+    folder.mkdir(exist_ok=True)
+    command = ["--port", str(broker.port), "--mib", str(mib), "--folder", str(folder)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.files", *command],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    if proc.stdout.readline().strip() != "ready":  # its file written: the transfers start now
+        proc.kill()
+        raise RuntimeError("the background transfer process did not start")
+    try:
+        yield figures
+    finally:
+        proc.stdin.close()  # it stops after the transfer in hand
+        out = proc.stdout.read()
+        proc.wait(60)
+    seconds = [float(line) for line in out.split()]
+    figures["transfers"] = len(seconds)
+    figures["transfer_mib"] = mib
+    figures["transfer_MBps"] = round(len(seconds) * mib * MIB / sum(seconds) / 1e6, 1) if seconds else None
+
+
+def _loop(port: int, mib: int, folder: Path) -> None:
+    """The process of ``transfers_running``: transfer until stdin ends, printing each one's seconds."""
+    address = BrokerAddress("127.0.0.1", port)
+    source = _source(folder, mib * MIB)
+    stop = threading.Event()
+
+    def until_stdin_ends() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=until_stdin_ends, daemon=True).start()
+    print("ready", flush=True)
+    n = 0
+    while not stop.is_set():
+        n += 1
+        with source.open("r+b") as f:  # a new file each time: its first bytes are the transfer's number
+            f.write(n.to_bytes(8, "big"))
+        started = time.perf_counter()
+        with FileConnection(Identity(address, Credentials("u00000", PASSWORD), "bench"), "busy-send") as sender:
+            where = Conversation("dm", "u00001")
+            target = sender.target(where)
+            sender.post(where, target, info := sender.upload(source, target))
+        with FileConnection(Identity(address, Credentials("u00001", PASSWORD), "bench"), "busy-get") as getter:
+            getter.download(info.id, folder / "copy.bin", force=True)
+        print(f"{time.perf_counter() - started:.3f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="transfers_running's process (benchmarks' dmbusy scenario)")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--mib", type=int, default=100)
+    parser.add_argument("--folder", type=Path, required=True)
+    args = parser.parse_args()
+    _loop(args.port, args.mib, args.folder)
+
+
+if __name__ == "__main__":
+    main()

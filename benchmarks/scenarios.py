@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from benchmarks.brokers import GC_LOG_MS, PASSWORD, REPO, Broker, rss_mb
 from benchmarks.fanout import Shape, fan
@@ -258,15 +259,26 @@ async def dm_pings(
     return out
 
 
-def dm_latency(broker: Broker, idle_users: int, samples: int, talk: float) -> dict[str, object]:
+def dm_latency(
+    broker: Broker,
+    idle_users: int,
+    samples: int,
+    talk: float,
+    during: Callable[[], contextlib.AbstractContextManager[dict[str, Any]]] | None = None,
+) -> dict[str, object]:
+    """DM latency among ``idle_users`` signed in, 50 of them hearing ``talk`` room lines a second;
+    ``during`` (a background load's context, whose figures join the result) runs around the DMs only."""
     listeners = 50
+    background: dict[str, Any] = {}
     with Crowds.join(broker, idle_users, 2, status=broker.has_presence, listeners=listeners, talk=talk) as (_, joined):
-        pings = asyncio.run(dm_pings(broker.port, samples, rate=50.0, receiver_port=broker.port_of(2)))
+        with during() if during is not None else contextlib.nullcontext(background) as background:
+            pings = asyncio.run(dm_pings(broker.port, samples, rate=50.0, receiver_port=broker.port_of(2)))
         latencies = sorted(took for _, took in pings)
     if not latencies:
-        return {"idle_users": joined["ok"], "samples": 0}
+        return {"idle_users": joined["ok"], "samples": 0, **background}
     quantile = statistics.quantiles(latencies, n=100, method="inclusive")
     return {
+        **background,
         "idle_users": joined["ok"],
         "background": f"{talk:g} msg/s to {listeners} room listeners",
         "samples": len(latencies),

@@ -247,6 +247,38 @@ def test_kicked_member_stops_receiving_at_once_even_with_an_old_subscription(
     assert bob.client.is_connected() and not carol.disconnected.is_set() and not alice.disconnected.is_set()
 
 
+def test_a_member_who_leaves_stops_receiving_even_with_an_old_subscription(
+    broker_kind: str, server: ServeInfo, team: str, raw: RawFactory
+) -> None:
+    """bob subscribed by hand (QoS 1), then leaves through imcli (the request and its reply on another
+    connection of his): his leave is answered, and nothing said to the group once the worker has
+    answered its next request reaches the old subscription. The embedded broker and Mosquitto check
+    each delivery; on NATS (2.9 re-checks no MQTT QoS 1 subscription on a reload) the group worker
+    ends his connections after his reply has gone out, before it takes another request."""
+    bob = raw("bob", client_id="bob:raw")
+    assert bob.subscribe("im/group/team/msg/+") == 1
+    alice = raw("alice", client_id="alice:raw")
+    alice.publish("im/group/team/msg/alice", chat("before"))
+    assert json.loads(bob.expect("im/group/team/msg/alice").payload)["text"] == "before"
+
+    left = services.group_request(ident(server, "bob"), "leave", "team")  # answered: he is out
+    assert isinstance(left, GroupReply) and left.group is not None and "bob" not in left.group.members
+    services.group_request(ident(server, "alice"), "invite", "team", user="carol")  # the worker's next request
+    alice.publish("im/group/team/msg/alice", chat("after the leave"))
+    if broker_kind == "nats":
+        assert wait_until(bob.disconnected.is_set, 10)  # ended before the invite was answered
+        assert [m.topic for m in bob.silent(0)] == []
+        bob.close()  # paho would reconnect it: a clean session, nothing subscribed
+        bob = raw("bob", client_id="bob:again")  # let in again, without the group
+        assert bob.subscribe("im/group/team/msg/+") == 128
+    assert bob.subscribe("im/room/+/+") == 1
+    alice.publish("im/room/lobby/alice", chat("barrier"))
+    bob.expect("im/room/lobby/alice")
+    assert [m.topic for m in bob.silent(0.3)] == []
+    if broker_kind != "nats":
+        assert not bob.disconnected.is_set()
+
+
 @pytest.mark.broker_xfail("mosquitto", reason=SUBSCRIBE_GRANTED)
 def test_former_member_subscription_is_refused(server: ServeInfo, team: str, raw: RawFactory) -> None:
     services.group_request(ident(server, "alice"), "kick", "team", user="bob")
@@ -399,3 +431,22 @@ def test_groups_friends_and_nicknames_survive_a_restart_of_the_embedded_default(
         with pytest.raises(NotAllowed):  # bob's dm-policy came back, and the broker enforces it again
             services.send_dm(carol, "bob", services.prepare_text("hi"))
         assert services.send_dm(alice, "bob", services.prepare_text("hi")).account == "bob"
+
+
+@brokers.EMBEDDED_ONLY
+def test_a_kicked_member_cannot_post_on_the_topic_he_posted_on_before(
+    server: ServeInfo, team: str, raw: RawFactory
+) -> None:
+    """The broker keeps its ACL decisions (imcli/broker/topic_access.py, issue 21): bob's posts to
+    the group were allowed on this very connection and topic until the kick; the next one is not."""
+    spy = raw("alice", client_id="alice:spy")
+    assert spy.subscribe("im/group/team/msg/+") == 1
+    bob = raw("bob", client_id="bob:raw")
+    bob.publish("im/group/team/msg/bob", chat("before the kick"))
+    assert json.loads(spy.expect("im/group/team/msg/bob").payload)["text"] == "before the kick"
+
+    services.group_request(ident(server, "alice"), "kick", "team", user="bob")
+    bob.publish("im/group/team/msg/bob", chat("sneaking in"))
+    alice = raw("alice", client_id="alice:raw")
+    alice.publish("im/group/team/msg/alice", chat("barrier"))
+    assert [m.topic for m in spy.until("im/group/team/msg/alice")] == ["im/group/team/msg/alice"]

@@ -580,17 +580,22 @@ def test_an_upload_fails_at_once_on_a_long_file_transfer_rate_notice(tmp_path: P
     the file transfer rate and its retry, not "the files worker stopped answering" a minute later."""
     with file_limited(tmp_path, file_rate=0.001, file_burst=3) as (_, alice, source):
         alice.p.set_input_files("#file-input", str(source))
-        alice.p.wait_for_function(
-            "() => document.getElementById('status').textContent.includes('dropped part of the file transfer')",
-            timeout=120_000,
-        )
-        status = alice.p.text_content("#status") or ""
-        assert re.fullmatch(
-            r"big\.bin: the broker dropped part of the file transfer: account alice hit its file transfer rate "
-            r"\(try again in (\d+)s: send it again, it goes on where it stopped\)",
-            status,
-        ), status
+        assert_rate_line(alice, r"big\.bin: ", timeout=120_000)
         no_errors(alice)
+
+
+def assert_rate_line(user: WebUser, prefix: str, timeout: float) -> None:
+    """The page's status line is, after ``prefix``, the CLI's line for a long file-transfer rate notice."""
+    user.p.wait_for_function(
+        "() => document.getElementById('status').textContent.includes('dropped part of the file transfer')",
+        timeout=timeout,
+    )
+    status = user.p.text_content("#status") or ""
+    assert re.fullmatch(
+        prefix + r"the broker dropped part of the file transfer: account alice hit its file transfer rate "
+        r"\(try again in (\d+)s: send it again, it goes on where it stopped\)",
+        status,
+    ), status
 
 
 @contextlib.contextmanager
@@ -633,16 +638,7 @@ def test_a_download_fails_at_once_on_a_long_file_transfer_rate_notice(tmp_path: 
     """A file-transfer rate that refills in over 5 s: the download fails with the CLI's line, naming
     the file transfer rate and its retry, not "the download stopped" 15 s later; the button comes back."""
     with downloading(tmp_path, Limits(file_rate=0.001, file_burst=1)) as (alice, _):
-        alice.p.wait_for_function(
-            "() => document.getElementById('status').textContent.includes('dropped part of the file transfer')",
-            timeout=60_000,
-        )
-        status = alice.p.text_content("#status") or ""
-        assert re.fullmatch(
-            r"the broker dropped part of the file transfer: account alice hit its file transfer rate "
-            r"\(try again in (\d+)s: send it again, it goes on where it stopped\)",
-            status,
-        ), status
+        assert_rate_line(alice, "", timeout=60_000)
         assert alice.p.is_enabled("#messages li[data-from='carol'] .file button")
         no_errors(alice)
 

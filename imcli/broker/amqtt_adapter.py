@@ -62,6 +62,7 @@ from imcli.broker.sessions import (
     start_session,
 )
 from imcli.broker.settings import TLS_LISTENER, BrokerSettings
+from imcli.broker.teardown import TeardownGate
 from imcli.broker.topic_access import TopicAccess
 from imcli.broker.webapp import WebApp, loopback_host
 from imcli.broker.wills import LastWills, Will, will_of
@@ -149,6 +150,8 @@ class AckAfterJournal(BrokerProtocolHandler):
     loop_ended = False  # the message loop has returned (it answers no more)
     said_goodbye = False  # a DISCONNECT was handled: a PUBLISH after it is not the client's (MQTT-3.14.4-1)
     taken_over = False  # closed for a new CONNECT with its client id (ImBroker.take_over)
+    goodbye: DisconnectPacket | None = None  # the DISCONNECT read, taking effect at the connection's end
+    teardown_gate: TeardownGate | None = None  # the broker's: when the end may go on (reader.PacketReader)
     answers: bytearray | None = None  # PUBACKs for the packets of one read, while its reader handles them
     _stopping: asyncio.Event | None = None  # a stop() under way; set when it ends (done or cancelled)
     _stopped = False  # stop() has done its work (it does it once)
@@ -265,8 +268,15 @@ class AckAfterJournal(BrokerProtocolHandler):
             waiter.set_result(disconnect)
         self._disconnect_waiter = None  # as amqtt's: set once
 
+    def say_goodbye(self, disconnect: DisconnectPacket) -> None:
+        """A DISCONNECT read by ``reader.PacketReader``: nothing after it is the client's, and it takes
+        effect (its Last Will discarded, the message loop ended) when the connection's end gets its
+        turn (imcli/broker/teardown.py), or at once if the connection is taken over meanwhile."""
+        self.said_goodbye = True
+        self.goodbye = disconnect
+
     async def handle_connection_closed(self) -> None:
-        await self.handle_disconnect(None)
+        await self.handle_disconnect(self.goodbye)
 
     async def handle_publish(self, publish_packet: Any) -> None:
         if self.said_goodbye:  # bytes after the client's DISCONNECT (amqtt's WebSocket loop reads on)
@@ -470,6 +480,7 @@ class ImBroker(Broker):
         self.wills = LastWills(self.publishing, self.deliver)
         self.upkeep = SessionUpkeep(self, lim)
         self.ended_sessions = EndedSessions()  # forgotten a slice at a time (imcli/broker/session_sweep.py)
+        self.teardown = TeardownGate()  # connections' ends, a slice per loop round (imcli/broker/teardown.py)
         self.notifier = Notifier(self.topics, self.internal_message_broadcast)
         self.device_service = DeviceService(
             self.devices, self._accounts, self.topics, self, self.internal_message_broadcast
@@ -646,6 +657,7 @@ class ImBroker(Broker):
         if isinstance(handler, AckAfterJournal):
             handler.before_ack, handler.max_unreleased = self._before_ack, self.settings.limits.max_unreleased
             handler.deliver_now = self.deliver_now
+            handler.teardown_gate = self.teardown  # imcli/broker/teardown.py
             handler.will = will_of(incoming)  # imcli/broker/wills.py
         return handler, session
 

@@ -18,6 +18,8 @@ Where each part lives:
   at once), PUBACKs gathered into one write;
 * imcli/broker/client_loop.py: each connection's message loop in one task, what a client sent
   before it left handled before its end;
+* imcli/broker/teardown.py: a connection's end (once its last packet is read) waits for a turn,
+  a slice of connections per event-loop round, so a mass leave does not hold the loop;
 * imcli/broker/connection_gate.py: a CONNECT is authenticated and its client id bound to
   its account *before* any session is touched (amqtt deletes, merges or takes over the
   session of the client id first: a wrong password could wipe or kick the victim);

@@ -247,8 +247,13 @@ class ServiceWorker:
             request_id = getattr(request, "id", corr)
             reply = ErrorReply(id=request_id, code="internal", text=f"the {self.account} worker failed on this request")
         if reply is not None:
-            qos = 0 if self.requests_at_most_once else 1
-            self.client.publish_nowait(self.topics.reply(sender, corr), encode(reply), qos=qos)
+            self.send_reply(sender, corr, reply)
+
+    def send_reply(self, sender: str, corr: str, reply: WireModel) -> None:
+        """Send a request's reply (paho's thread, right after ``handle``). A worker that must act once
+        the reply is out overrides it: nothing published here leaves before this returns."""
+        qos = 0 if self.requests_at_most_once else 1
+        self.client.publish_nowait(self.topics.reply(sender, corr), encode(reply), qos=qos)
 
     def _on_connection(self, up: bool) -> None:
         if up and self.synced.is_set():

@@ -25,6 +25,13 @@ this (seen on a three-node cluster here, tests/test_nats.py shows each):
   group (a kick), his connections are ended first (``NatsAuth.cut``): one file takes every right
   to read from him, the next moves him to the account ``PARKED`` (no JetStream), which closes
   every connection he has as each node reloads it, and the third puts him back, new rights.
+  A member who leaves is cut the same way once his reply is out (``GroupWorker.send_reply``).
+- A reload that takes a publish right away from a user who published a retained message there,
+  which was then cleared through another node, crashes that node (2.9.10: the cleared message is
+  kept as a record naming its publisher, with no subscription, until the node restarts, and
+  ``mqttCheckPubRetainedPerms`` removes that nil subscription). So an account removed from the
+  password file stays in the users file as a ghost (``GHOST_HASH``): in ``PARKED``, with the
+  publish rights it had, and a password field no password matches.
 - Friends-only DMs are refused at publish: each sender gets a ``deny`` on the DM topic of
   every friends-only user who does not take its DMs, so nobody (the archive included)
   receives it.
@@ -45,6 +52,7 @@ contract is restated below, and a test compares the two.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -83,6 +91,18 @@ PARKED = "PARKED"
 # session resumed on that node then got nothing from a JetStream consumer led by another node
 # (the QoS 1 subscriptions made before), for over a minute (tests/test_nats.py, seen here).
 MUTED = {"subscribe": {"deny": [">"]}}
+# An account removed from the password file stays in the users file as a ghost, in ``PARKED``, with the
+# publish rights it had (nats-server 2.9.10 keeps a retained message cleared through another node as a
+# record naming its publisher until it restarts, and crashes on the first reload that takes that right
+# away: ``mqttCheckPubRetainedPerms`` removes a nil subscription). Its password is a bcrypt hash of cost
+# 00, which bcrypt refuses before it hashes anything: no password logs in as a ghost, and none is stored.
+GHOST_HASH = "$2a$00$"  # + 53 random characters of bcrypt's alphabet
+BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def ghost_password() -> str:
+    """A password field no password matches (``GHOST_HASH``)."""
+    return GHOST_HASH + "".join(secrets.choice(BCRYPT_ALPHABET) for _ in range(53))
 
 
 # The topic contract of imcli.broker.acl (USER_WRITE, USER_READ, SERVICE_WRITE, SERVICE_READ) and
@@ -173,6 +193,25 @@ class NatsPermissions:
         self.prober: str | None = None
         self.muted: frozenset[str] = frozenset()  # users with nothing to read (``NatsAuth.cut``)
         self.parked: frozenset[str] = frozenset()  # users written to ``PARKED`` (``NatsAuth.cut``)
+        self.published: dict[str, dict[str, list[str]]] = {}  # each user's publish rights in the last file
+        self.ghosts: dict[str, tuple[str, dict[str, list[str]]]] = {}  # removed: password field, publish rights
+
+    def recall(self, text: str) -> None:
+        """The users file written before (this worker's last start): its users' publish rights, and
+        its ghosts, so that an account removed while the worker was down becomes one, and a ghost
+        stays one."""
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line.strip())
+                name, password, publish = entry["user"], entry["password"], entry["permissions"]["publish"]
+            except (ValueError, TypeError, KeyError):
+                continue
+            if not isinstance(name, str) or not isinstance(password, str) or not isinstance(publish, dict):
+                continue
+            if password.startswith(GHOST_HASH):
+                self.ghosts[name] = (password, publish)
+            else:
+                self.published[name] = publish
 
     def group_changed(self, name: str, info: GroupInfo | None) -> frozenset[str]:
         """The group's new record; returns who was a member and is not any more."""
@@ -183,6 +222,9 @@ class NatsPermissions:
             if not info.private:
                 self._public.add(name)
         return before - self._members.get(name, frozenset())
+
+    def members(self, group: str) -> frozenset[str]:
+        return self._members.get(group, frozenset())
 
     def friends_changed(self, record: Friends) -> None:
         senders = dm_senders(record.account, record.dm_policy, record.friends)
@@ -218,16 +260,26 @@ class NatsPermissions:
         }
 
     def render(self, passwords: Mapping[str, str]) -> str:
-        """The include file: account ``IM`` with every user and its permissions."""
+        """The include file: account ``IM`` with every user and its permissions, ``PARKED`` with the
+        users being cut off and the ghosts of removed accounts (made here, when a user of the last
+        file is no longer in ``passwords``)."""
+        for name, publish in self.published.items():
+            if name not in passwords and name not in self.ghosts:
+                self.ghosts[name] = (ghost_password(), publish)
+        self.published = {}
         users, parked = [], []
         for name in sorted(passwords):
+            self.ghosts.pop(name, None)  # given again: a user as any other
             rights = self.service(name) if name in SERVICE_ACCOUNTS else self.user(name)
+            self.published[name] = rights["publish"]
             if name in self.muted | self.parked:
                 rights = {"publish": rights["publish"], **MUTED}
             if name in self.parked:
                 parked.append({"user": name, "password": passwords[name], "permissions": rights})
                 continue
             users.append({"user": name, "password": passwords[name], "permissions": rights})
+        for name, (password, publish) in sorted(self.ghosts.items()):
+            parked.append({"user": name, "password": password, "permissions": {"publish": publish, **MUTED}})
         body = "[\n" + "".join(f"      {json.dumps(u)}\n" for u in users) + "    ]"
         aside = "[\n" + "".join(f"      {json.dumps(u)}\n" for u in parked) + "    ]"
         return (
@@ -255,6 +307,8 @@ class NatsAuth:
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
         self._passwords = read_passwords(passwd)
+        with contextlib.suppress(OSError, UnicodeDecodeError):  # removed accounts' ghosts live on there
+            self.permissions.recall(users_file.read_text(encoding="utf-8"))
         self._due: threading.Timer | None = None
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="imcli-nats-passwd", daemon=True)
@@ -303,7 +357,8 @@ class NatsAuth:
     ) -> bool:
         """These records changed: write and reload now, and return once every node has them in force.
         Users taken out of a group by someone else (kicked) have their connections ended first
-        (``cut``). Not ``asker``: his leave comes over one of his connections, which waits for the reply."""
+        (``cut``). Not ``asker``: his leave comes over one of his connections, which waits for the reply;
+        the group worker cuts him once it is out (``leaves``, ``deliver``)."""
         removed: set[str] = set()
         with self._lock:
             for name, info in groups:
@@ -312,6 +367,26 @@ class NatsAuth:
                 self.permissions.friends_changed(record)
             removed = {u for u in removed if u in self._passwords and u not in SERVICE_ACCOUNTS and u != asker}
         return self.cut(removed) if removed else self.apply_and_wait()
+
+    def leaves(self, groups: Iterable[tuple[str, GroupInfo | None]], asker: str) -> bool:
+        """Whether these records, not yet applied, take ``asker`` (a user) out of a group: his own
+        request, so ``change_and_wait`` does not cut him; the group worker does once his reply is out
+        (``GroupWorker.send_reply``)."""
+        with self._lock:
+            if asker not in self._passwords or asker in SERVICE_ACCOUNTS:
+                return False
+            return any(
+                asker in self.permissions.members(name) and (info is None or asker not in info.members)
+                for name, info in groups
+            )
+
+    def deliver(self, messages: list[tuple[str, bytes, bool]]) -> bool:
+        """Publish ``messages`` in order through a probe connection (not the worker's own, which cannot
+        send while it handles a request), and return once every node has passed the last one on to its
+        subscribers (``ReloadProbe.deliver``). False without a probe (nothing sent)."""
+        if self.probe is None:
+            return False
+        return self.probe.deliver(messages, messages[-1][0])
 
     def cut(self, users: Iterable[str]) -> bool:
         """End every connection of ``users`` on every node, then let them in again with their current

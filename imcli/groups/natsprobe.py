@@ -10,10 +10,15 @@ One probe connection per node stays open (a new MQTT connection costs the cluste
 writes). Their client ids are new at each start: NATS 2.9 binds a client id to no user, so
 anyone in the account who knew one could connect with it and disconnect the probe, and every
 change would then wait ``RELOAD_WAIT`` and be answered unchecked.
+
+They also carry what must be out before the group worker ends a user's connections (a leave's
+reply, ``deliver``): the worker's own connection cannot send while it handles the request (paho's
+thread), and the probes are connections that no cut touches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import secrets
@@ -29,6 +34,7 @@ log = logging.getLogger(__name__)
 # to reload: logged; the answer must still come within a client's request timeout, 5 s by default)
 RELOAD_WAIT = 4.0
 PROBE_EVERY = 0.05  # seconds between two looks at a node that has not reloaded yet
+DELIVERY_WAIT = 2.0  # seconds ``deliver`` waits for every node to have passed a message on
 
 Node = tuple[str, int]
 
@@ -67,6 +73,70 @@ class ReloadProbe:
     def close(self) -> None:
         for node in list(self._probes):
             self._drop(node)
+
+    def deliver(self, messages: list[tuple[str, bytes, bool]], watch: str, timeout: float = DELIVERY_WAIT) -> bool:
+        """Publish ``messages`` (topic, payload, retain) in order at QoS 1 through one node, each PUBACK
+        waited for, and return once every node has passed on the last one (``watch``, its topic): each
+        probe subscribes ``watch`` at QoS 0 first, and a node that delivers a message to the probe has
+        handed it to its other subscribers there too (one pass over the node's local subscriptions).
+        True if so within ``timeout`` (False: logged; what was published is still out); False too if
+        no node took the messages."""
+        deadline = time.monotonic() + timeout
+        listening: list[MqttClient] = []
+        for node in self.address.endpoints:
+            probe = self._probe(node, deadline)
+            try:
+                if probe is not None and not probe.subscribe_each([watch], qos=0):
+                    listening.append(probe)
+            except ImcliError as exc:
+                log.info("NATS node %s:%d: cannot watch %s (%s)", *node, watch, exc)
+        sent = False
+        for node in self.address.endpoints:
+            probe = self._probe(node, deadline)
+            if probe is None:
+                continue
+            try:
+                for topic, payload, retain in messages:
+                    probe.publish(topic, payload, qos=1, retain=retain)
+            except ImcliError as exc:
+                log.info("NATS node %s:%d did not take %s: %s", *node, messages[-1][0], exc)
+                continue
+            sent = True
+            break
+        passed = sent
+        for probe in listening:
+            while sent:
+                message = probe.get(max(0.0, deadline - time.monotonic()))
+                if message is None:
+                    log.warning("NATS node %s:%d did not pass %s on within %gs", *probe.node, watch, timeout)
+                    passed = False
+                    break
+                if message.topic == watch:
+                    break
+            with contextlib.suppress(ImcliError):
+                probe.unsubscribe([watch])
+        return passed
+
+    def _probe(self, node: Node, deadline: float) -> MqttClient | None:
+        """The probe connection to ``node`` (connected now if it was not); None if it cannot be reached."""
+        probe = self._probes.get(node)
+        try:
+            if probe is None or not probe.connected:
+                if probe is not None:
+                    probe.close()
+                at = dataclasses.replace(self.address, host=node[0], port=node[1], more=())
+                # within what is left of the wait: three nodes' connects must not add up past it
+                left = max(0.5, deadline - time.monotonic())
+                probe = MqttClient(at, self.credentials, self.client_id(node), timeout=left)
+                self._probes[node] = probe
+                self.connects += 1
+                probe.connect()
+            probe.timeout = max(0.5, deadline - time.monotonic())
+        except ImcliError as exc:
+            self._drop(node)
+            log.info("cannot reach NATS node %s:%d (%s)", *node, exc)
+            return None
+        return probe
 
     def _grants(self, node: Node, topic: str, deadline: float) -> bool:
         """Whether ``node`` lets the probe subscribe ``topic`` (True too if it cannot be reached)."""

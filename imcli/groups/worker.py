@@ -66,6 +66,7 @@ class GroupWorker(ServiceWorker):
         self.mirror = dynsec_module.DynsecMirror(self.topics, dm_readers) if dynsec else None
         self._dynsec_answered = threading.Event()
         self.nats = nats
+        self._leaver: tuple[str, list[tuple[str, bytes, bool]]] | None = None  # handle -> send_reply (NATS)
         if nats is not None:  # it answers a change once every node of ``address`` has it in force
             nats.attach(address, credentials)
 
@@ -154,15 +155,40 @@ class GroupWorker(ServiceWorker):
         if self.mirror is not None:
             changed = set().union(*(self.mirror.group_changed(name, info) for name, info in outcome.changed))
             self._control(self.mirror.commands(changed))
+        leaving = False
         if self.nats is not None and outcome.changed:
+            leaving = self.nats.probe is not None and self.nats.leaves(outcome.changed, sender)
             # in force on every node before the reply and the notices: a member's first line is not dropped
             self.nats.change_and_wait(groups=outcome.changed, asker=sender)  # a kicked member's connections end
-        for name, info in outcome.changed:
-            self.publish(self.topics.group_info(name), encode(info) if info else b"", retain=True)
-        self._tell(sender, outcome.notices, "group")
+        out = [(self.topics.group_info(n), encode(info) if info else b"", True) for n, info in outcome.changed]
+        out += self._notices(sender, outcome.notices, "group")
+        if leaving and outcome.reply is not None:  # sent with the reply, then his connections end (send_reply)
+            self._leaver = (sender, out)
+            return outcome.reply
+        for topic, payload, retain in out:
+            self.publish(topic, payload, retain=retain)
         return outcome.reply
 
+    def send_reply(self, sender: str, corr: str, reply: WireModel) -> None:
+        """On NATS, a member who left a group: his connections are ended too (``NatsAuth.cut``), or a
+        subscription he made before would go on delivering the group (nats-server 2.9 does not
+        re-check an MQTT QoS 1 subscription on a reload). His leave came over one of them and waits
+        for this reply, so the record, the notices and the reply go out first, through the reload
+        probes (this connection sends nothing before this returns), and every node has passed the
+        reply on before the cut. The cut is done here, in this connection's thread: the worker takes
+        no other request until it is in force."""
+        leaver, self._leaver = self._leaver, None
+        if self.nats is None or leaver is None:
+            super().send_reply(sender, corr, reply)
+            return
+        with self.lock:
+            if not self.nats.deliver([*leaver[1], (self.topics.reply(sender, corr), encode(reply), False)]):
+                log.warning("the reply to %s's leave may not have reached every NATS node before his cut", sender)
+            self.nats.cut([leaver[0]])
+
+    def _notices(self, sender: str, notices: list[tuple[str, str]], code: str) -> list[tuple[str, bytes, bool]]:
+        return [(self.topics.notice(u), encode(Notice(code=code, text=t)), False) for u, t in notices if u != sender]
+
     def _tell(self, sender: str, notices: list[tuple[str, str]], code: str) -> None:
-        for user, text in notices:
-            if user != sender:
-                self.publish(self.topics.notice(user), encode(Notice(code=code, text=text)))
+        for topic, payload, _ in self._notices(sender, notices, code):
+            self.publish(topic, payload)
