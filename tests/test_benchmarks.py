@@ -181,3 +181,22 @@ def test_chunkwait_counts_chunks_and_pings_at_tiny_size() -> None:
     assert line["rule"] is True and line["chunks"] == 16
     assert line["pings"] > 0 and 0 <= line["pings_behind_a_later_chunk"] <= line["pings"]
     assert line["chunk_cpu_ms_median"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_linecost_gives_every_line_and_a_cpu_figure_per_kind() -> None:
+    """``python -m benchmarks.linecost`` (the embedded broker in this process): one round of 20 room
+    lines and 20 DMs, each copy arrived, and a CPU figure per line for the loop thread and the process."""
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.linecost", "--brokers", "embedded", "--rounds", "1",
+         "--lines", "20", "--rate", "100", "--idle-s", "0.5"],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(text) for text in run.stdout.splitlines() if text.startswith("{")]
+    (one,) = (line for line in lines if line.get("round") == 0)
+    for kind in ("room", "dm"):
+        assert one[kind]["lines"] == 20 and one[kind]["copies"] == 20  # one listener, one recipient
+    (summary,) = (line for line in lines if line.get("summary") == "embedded")
+    for figure in ("loop_us_per_room_line", "loop_us_per_dm", "process_us_per_room_line", "process_us_per_dm"):
+        assert isinstance(summary[figure], float)

@@ -13,7 +13,7 @@ import pytest
 from amqtt.session import ApplicationMessage, Session
 
 from imcli.broker.accounts import Role
-from imcli.broker.acl import TopicAcl
+from imcli.broker.acl import Access, TopicAcl
 from imcli.broker.admission import over_connection_limit, over_subscription_limit, refuse_new_session
 from imcli.broker.connection_gate import bound_client_id, shown_username, will_allowed
 from imcli.broker.limits import REQUEST_NOTICES, Limits, PublishRate
@@ -518,3 +518,50 @@ def test_a_dms_write_takes_its_own_connections_copies_and_leaves_a_rooms_others_
     assert bob_now == [room_copy + dm_copy]
     assert carol_now == []
     assert carol_later == [room_copy]
+
+
+# ---------------------------------------------------------------- kept decisions (issue 21)
+
+
+def test_kept_acl_decisions_follow_friends_groups_and_accounts() -> None:
+    """``TopicAccess.check`` keeps its decisions: each is forgotten when a friends or group record
+    is taken, and an account whose role changes (or that is gone) is decided anew."""
+    from imcli.core.wire import Friends, GroupInfo, encode
+
+    roles: dict[str, Role] = dict(ROLES)
+    acc = TopicAccess(T, roles.get)
+    dm, group = "im/user/bob/dm/alice", "im/group/team/msg/alice"
+    assert acc.check("alice", dm, Access.PUBLISH) and acc.check("alice", dm, Access.PUBLISH)
+    acc.learn("im/user/bob/friends", encode(Friends(account="bob", dm_policy="friends")))
+    assert not acc.check("alice", dm, Access.PUBLISH)
+    acc.learn("im/user/bob/friends", encode(Friends(account="bob", friends=["alice"], dm_policy="friends")))
+    assert acc.check("alice", dm, Access.PUBLISH)
+
+    assert not acc.check("alice", group, Access.PUBLISH)
+    info = GroupInfo(name="team", owner="alice", admins=["alice"], members=["alice"], private=True, created=1.0)
+    acc.learn("im/group/team/info", encode(info))
+    assert acc.check("alice", group, Access.PUBLISH) and acc.check("alice", group, Access.RECEIVE)
+    acc.learn("im/group/team/info", b"")  # deleted
+    assert not acc.check("alice", group, Access.PUBLISH) and not acc.check("alice", group, Access.RECEIVE)
+
+    assert acc.check("alice", "im/room/lobby/alice", Access.PUBLISH)
+    del roles["alice"]  # the account is gone
+    assert not acc.check("alice", "im/room/lobby/alice", Access.PUBLISH)
+    assert acc.receive_check(dm)("bob") and not acc.receive_check(dm)("carol")  # a DM: kept decisions too
+
+
+def test_kept_decisions_and_parses_are_bounded() -> None:
+    """A flood of made-up topics cannot grow the broker: long topics are neither parsed once for
+    all nor their decisions kept, and the table of decisions is emptied when it is full."""
+    from imcli.broker import topic_access
+    from imcli.core.topics import PARSE_CACHED_UP_TO, _parse_cached
+
+    acc = access()
+    long_topic = "im/room/lobby/" + "x" * PARSE_CACHED_UP_TO
+    before = _parse_cached.cache_info().currsize
+    assert T.parse(long_topic) is None and _parse_cached.cache_info().currsize == before
+    assert not acc.check("alice", long_topic, Access.PUBLISH) and not acc._decided
+    for i in range(topic_access.DECISIONS + 5):
+        acc.check("alice", f"im/room/r{i}/alice", Access.PUBLISH)
+    assert len(acc._decided) <= topic_access.DECISIONS
+    assert T.parse("im/room/lobby/alice") is T.parse("im/room/lobby/alice")  # one frozen Topic, shared

@@ -171,3 +171,28 @@ def test_forging_a_friend_record_is_explained_by_a_notice(people: dict[str, Cli]
     forged = b'{"type":"friends","v":1,"account":"carol","friends":["bob"],"dm_policy":"anyone"}'
     carol.publish("im/user/carol/friends", forged, retain=True)
     assert json.loads(carol.expect("im/user/carol/notice", timeout=2).payload)["code"] == "denied"
+
+
+@brokers.EMBEDDED_ONLY
+def test_a_dm_policy_change_stops_the_next_dm_on_the_same_topic(
+    people: dict[str, Cli], raw: Callable[..., Raw]
+) -> None:
+    """The broker keeps its ACL decisions (imcli/broker/topic_access.py, issue 21): a DM allowed a
+    moment ago on the same connection and topic is dropped once the recipient takes friends only,
+    and let through again once he takes anyone back."""
+    victim = raw("bob", client_id="bob:raw")
+    assert victim.subscribe("im/user/bob/dm/+") == 1
+    assert victim.subscribe("im/room/lobby/carol") == 1
+    stranger = raw("carol", client_id="carol:raw")
+    stranger.publish("im/user/bob/dm/carol", encode(ChatMessage(text="allowed")))
+    assert json.loads(victim.expect("im/user/bob/dm/carol").payload)["text"] == "allowed"
+
+    assert people["bob"]("config", "set", "dm-policy", "friends").exit_code == 0
+    stranger.publish("im/user/bob/dm/carol", encode(ChatMessage(text="sneaky")))
+    marker = encode(ChatMessage(text="barrier"))
+    stranger.publish("im/room/lobby/carol", marker)  # same connection: would arrive after "sneaky"
+    assert [m.topic for m in victim.until("im/room/lobby/carol", marker)] == ["im/room/lobby/carol"]
+
+    assert people["bob"]("config", "set", "dm-policy", "anyone").exit_code == 0
+    stranger.publish("im/user/bob/dm/carol", encode(ChatMessage(text="allowed again")))
+    assert json.loads(victim.expect("im/user/bob/dm/carol").payload)["text"] == "allowed again"

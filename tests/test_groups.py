@@ -431,3 +431,22 @@ def test_groups_friends_and_nicknames_survive_a_restart_of_the_embedded_default(
         with pytest.raises(NotAllowed):  # bob's dm-policy came back, and the broker enforces it again
             services.send_dm(carol, "bob", services.prepare_text("hi"))
         assert services.send_dm(alice, "bob", services.prepare_text("hi")).account == "bob"
+
+
+@brokers.EMBEDDED_ONLY
+def test_a_kicked_member_cannot_post_on_the_topic_he_posted_on_before(
+    server: ServeInfo, team: str, raw: RawFactory
+) -> None:
+    """The broker keeps its ACL decisions (imcli/broker/topic_access.py, issue 21): bob's posts to
+    the group were allowed on this very connection and topic until the kick; the next one is not."""
+    spy = raw("alice", client_id="alice:spy")
+    assert spy.subscribe("im/group/team/msg/+") == 1
+    bob = raw("bob", client_id="bob:raw")
+    bob.publish("im/group/team/msg/bob", chat("before the kick"))
+    assert json.loads(spy.expect("im/group/team/msg/bob").payload)["text"] == "before the kick"
+
+    services.group_request(ident(server, "alice"), "kick", "team", user="bob")
+    bob.publish("im/group/team/msg/bob", chat("sneaking in"))
+    alice = raw("alice", client_id="alice:raw")
+    alice.publish("im/group/team/msg/alice", chat("barrier"))
+    assert [m.topic for m in spy.until("im/group/team/msg/alice")] == ["im/group/team/msg/alice"]

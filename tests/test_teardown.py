@@ -114,17 +114,22 @@ def test_the_gate_gives_a_slice_of_turns_per_loop_round_in_the_order_asked(monke
         ends = [asyncio.create_task(end(who)) for who in range(8)]
         await asyncio.sleep(0)  # every end has asked: three went on, five wait
         assert len(gate) == 5
+        loop = asyncio.get_running_loop()
+        # a parked DISCONNECT (reader._park): called at its turn, it wakes its reader for the next round
+        gate.queue(lambda: loop.call_soon(lambda: rounds.append((8, round_now[0]))))
         ends[4].cancel()  # a take-over ends one while it waits: the others keep their places
         await asyncio.gather(*ends, return_exceptions=True)
+        while len(gate):
+            await asyncio.sleep(0)
         ticker.cancel()
-        assert (gate.turns, gate.waited, len(gate)) == (7, 5, 0)
+        assert (gate.turns, gate.waited, len(gate)) == (8, 6, 0)
 
     asyncio.run(main())
-    assert [who for who, _ in rounds] == [0, 1, 2, 3, 5, 6, 7]
+    assert [who for who, _ in rounds] == [0, 1, 2, 3, 5, 6, 7, 8]
     by_round: dict[int, int] = {}
     for _, at in rounds:
         by_round[at] = by_round.get(at, 0) + 1
-    assert list(by_round.values()) == [3, 3, 1]
+    assert list(by_round.values()) == [3, 3, 2]
 
 
 def test_the_gate_gives_turns_at_once_while_nobody_waits() -> None:
@@ -190,6 +195,12 @@ class _Never:
     def __init__(self) -> None:
         self.asked = False
 
+    def turn_now(self) -> bool:
+        return False
+
+    def queue(self, waiter: object) -> None:
+        self.asked = True
+
     async def turn(self) -> None:
         self.asked = True
         await asyncio.get_running_loop().create_future()
@@ -206,13 +217,21 @@ def test_an_end_waiting_for_its_turn_keeps_its_session_and_a_takeover_ends_it_wi
     table = broker.broker.session_table()
     will_topic = T.dm("alice", "bob")
     with _subscribed(broker, "alice", "alice:watch") as alice:
-        old = _connect(broker, "bob", "bob:phone", will=(will_topic, chat("will of the old")))
+        real, never = broker.broker.teardown, _Never()
+        broker.broker.teardown = never  # type: ignore[assignment]
+        try:  # the connection's handler takes the broker's gate before its CONNACK
+            old = _connect(broker, "bob", "bob:phone", will=(will_topic, chat("will of the old")))
+        finally:
+            broker.broker.teardown = real
         handler = _handler(broker, "bob:phone")
-        handler.teardown_gate = never = _Never()
+        assert handler.teardown_gate is never
         session = table["bob:phone"][0]
         old.sendall(DISCONNECT)
         assert wait_until(lambda: never.asked, 5)  # read, and waiting for its turn
         assert handler.said_goodbye and not handler._stopped and not handler.loop_ended
+        assert (
+            not handler.reader.transport.is_reading()
+        )  # nothing after a DISCONNECT is read, its end of stream neither
         assert session.transitions.is_connected()
         assert not forgettable(table, "bob:phone", session)  # the sweep leaves it
         with _connect(broker, "bob", "bob:phone") as new:

@@ -416,10 +416,12 @@ class FanOut:
         self, broadcast: dict[str, Any], deliveries: Deliveries, running_tasks: set[asyncio.Future[Any]]
     ) -> None:
         """One message to every subscriber that may receive it."""
-        topic, data = broadcast["topic"], bytes(broadcast["data"] or b"")
+        topic = broadcast["topic"]
         forced_qos = broadcast.get("qos")
-        encoded = EncodedPublish(topic, data)
-        may_receive = self._receive_check(topic)
+        # the packet and the RECEIVE check are made for the first copy: a DM's copy for its sender's
+        # other devices (``ImBroker.sent_copy``) usually has none (issue 21)
+        encoded: EncodedPublish | None = None
+        may_receive: Callable[[str | None], bool] | None = None
         subscriptions, matches = self._subscriptions, self._matches
         for topic_filter in self.filters.candidates(topic):
             targets = subscriptions.get(topic_filter)
@@ -428,6 +430,8 @@ class FanOut:
                 continue
             if not targets or not matches(topic, topic_filter):
                 continue
+            if may_receive is None:
+                may_receive = self._receive_check(topic)
             for session, sub_qos in targets:  # a copy (sessions.Subscribers): the loop awaits
                 qos = sub_qos if forced_qos is None else forced_qos
                 if not may_receive(session.username):
@@ -437,6 +441,8 @@ class FanOut:
                     if not session.clean_session and qos in (1, 2) and not session.is_anonymous:
                         await self._queue_offline(broadcast, qos, session)
                     continue
+                if encoded is None:
+                    encoded = EncodedPublish(topic, bytes(broadcast["data"] or b""))
                 if self._to_connection(encoded, session, qos, deliveries, running_tasks):
                     await self._queue_offline(broadcast, qos, session)  # its connection is being closed
 

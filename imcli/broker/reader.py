@@ -34,7 +34,9 @@ the messages of one publisher were fanned out one per round (one ``send`` per co
 * once the connection's last packet is read (a DISCONNECT, the end of the stream, an error), the
   rest of its end (the handler's stop, the close, the message loop's disconnect and the Last
   Will) waits for a turn from the broker's ``teardown.TeardownGate``, a slice of connections per
-  loop round: a mass leave no longer queues all its ends ahead of a packet read meanwhile;
+  loop round: a mass leave no longer queues all its ends ahead of a packet read meanwhile; a
+  DISCONNECT alone in its read, with no turn free, waits in the transport's callback, the task
+  not woken and the socket not read again until its turn (``_park``);
 * nothing more is read while ``readable`` says the connection's output is past its
   high-water mark or its inbox is full (``output.ReadGate``'s rule, looked at before every
   read and after every PUBLISH);
@@ -100,6 +102,8 @@ BODYLESS: dict[int, type[DisconnectPacket] | type[PingReqPacket]] = {
     PINGREQ: PingReqPacket,
 }
 
+GOODBYE = b"\xe0\x00"  # a DISCONNECT (MQTT 3.1.1: no body)
+
 # packet type -> the name of amqtt's handler method for it (PUBACK is handled here)
 HANDLERS = {
     SUBSCRIBE: "handle_subscribe",
@@ -164,6 +168,9 @@ class PacketReader:
         self._said_goodbye = False  # a DISCONNECT was read: nothing after it is the client's (MQTT-3.14.4-1)
         self._asked = handler.answered  # SUBSCRIBEs and UNSUBSCRIBEs read (AckAfterJournal.answered)
         self._waiting = False  # suspended in the stream's read, everything before handled: see _arrived
+        self._gate = getattr(handler, "teardown_gate", None)  # teardown.TeardownGate: see _end
+        self._turned = False  # the connection's end has had its turn (a DISCONNECT parked in _arrived)
+        self._ended = False  # run's read loop is over
         keep_alive = handler.session.keep_alive if handler.session is not None else 0
         self._keep_alive: float | None = keep_alive if keep_alive and keep_alive > 0 else None
 
@@ -208,6 +215,7 @@ class PacketReader:
             # connections left 46 objects each that way (docs/PERFORMANCE.md, issue 21).
             exc.__traceback__ = None
         finally:
+            self._ended = True
             unhook()
             if self._timer is not None:
                 self._timer.cancel()
@@ -219,9 +227,10 @@ class PacketReader:
         """End the handler once this connection's turn comes (imcli/broker/teardown.py: a slice of
         connections a loop round, so that a packet of another client read meanwhile is not handled
         after all of them); a cancelled reader (a take-over, the broker's shutdown) does not wait."""
-        handler = self._handler
-        gate = getattr(handler, "teardown_gate", None)
-        if gate is not None and not cancelled:
+        handler, gate = self._handler, self._gate
+        if gate is not None and not cancelled and not self._turned:
+            if self._said_goodbye:
+                self._pause()  # its end of stream, which nothing waits for, is not read
             try:
                 await gate.turn()
             except asyncio.CancelledError:  # a take-over (AckAfterJournal.stop) waits for what follows
@@ -258,8 +267,45 @@ class PacketReader:
             for at in range(2, len(data), 4):
                 self._puback(data[at] << 8 | data[at + 1])
             return
+        if self._waiting and data == GOODBYE and not self._buffer and self._gate is not None:
+            self._park(feed, data)
+            return
         self._waiting = False  # the task is woken: what follows waits for it, in order
         feed(data)
+
+    def _park(self, feed: Callable[[bytes], None], data: bytes) -> None:
+        """A DISCONNECT alone in its read, everything before it handled: when 10,000 users leave at
+        once, most of their ends wait for a turn (imcli/broker/teardown.py), and reading each one's
+        DISCONNECT in its task, then its end of stream in one more callback, was most of what a
+        PINGREQ read meanwhile still waited behind (docs/PERFORMANCE.md, 2026-11-26 fourth session).
+        Without a turn free now, the bytes go to the stream only when the turn comes (the reader's
+        task, woken then, handles the DISCONNECT as any other, and its end goes on at once), and
+        nothing more is read from the socket (nothing after a DISCONNECT is the client's,
+        MQTT-3.14.4-1). A take-over meanwhile counts the DISCONNECT (``say_goodbye``: no Will)."""
+        self._waiting = False
+        gate, handler = self._gate, self._handler
+        assert gate is not None
+        if gate.turn_now():
+            self._turned = True
+            feed(data)
+            return
+        if hasattr(handler, "say_goodbye"):
+            packet = DisconnectPacket(MQTTFixedHeader(DISCONNECT, 0, 0))
+            packet.protocol_ts = datetime.now(UTC)
+            handler.say_goodbye(packet)
+        self._pause()
+        gate.queue(partial(self._resume, feed, data))
+
+    def _pause(self) -> None:
+        transport = self._guard.transport
+        if isinstance(transport, asyncio.ReadTransport) and not transport.is_closing():
+            transport.pause_reading()
+
+    def _resume(self, feed: Callable[[bytes], None], data: bytes) -> None:
+        """The parked DISCONNECT's turn: to the stream, unless the connection ended meanwhile."""
+        self._turned = True
+        if not self._ended and not self._guard.transport.is_closing():
+            feed(data)
 
     @property
     def _client_id(self) -> str:

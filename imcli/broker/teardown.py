@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 SLICE = 100  # connections whose end goes on per loop round (about 60 to 80 us of CPU each)
 
@@ -30,7 +31,7 @@ class TeardownGate:
     """Turns for connections' ends, ``SLICE`` a loop round, first asked first served."""
 
     def __init__(self) -> None:
-        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._waiting: deque[asyncio.Future[None] | Callable[[], object]] = deque()
         self._given = 0  # turns given in this round
         self._next: asyncio.Handle | None = None  # the next round's refill, once scheduled
         self.turns = 0  # turns given so far (tests, benchmarks)
@@ -41,16 +42,26 @@ class TeardownGate:
 
     async def turn(self) -> None:
         """Return when this connection's end may go on (at once if this round has a turn left)."""
-        if not self._waiting and self._given < SLICE:
-            self._given += 1
-            self.turns += 1
-            self._schedule()
+        if self.turn_now():
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.queue(waiter)
+        await waiter  # cancelled (a take-over, the broker's shutdown): the refill passes it by
+
+    def turn_now(self) -> bool:
+        """Take a turn if this round has one left and nobody waits; whether it did."""
+        if self._waiting or self._given >= SLICE:
+            return False
+        self._given += 1
+        self.turns += 1
+        self._schedule()
+        return True
+
+    def queue(self, waiter: asyncio.Future[None] | Callable[[], object]) -> None:
+        """Wait for a turn: ``waiter`` is a future to resolve, or a callable to call, when it comes."""
         self._waiting.append(waiter)
         self.waited += 1
         self._schedule()
-        await waiter  # cancelled (a take-over, the broker's shutdown): the refill passes it by
 
     def _schedule(self) -> None:
         if self._next is None:
@@ -63,9 +74,13 @@ class TeardownGate:
         waiting = self._waiting
         while waiting and self._given < SLICE:
             waiter = waiting.popleft()
-            if not waiter.done():
+            if isinstance(waiter, asyncio.Future):
+                if waiter.done():
+                    continue
                 waiter.set_result(None)
-                self._given += 1
-                self.turns += 1
+            else:
+                waiter()
+            self._given += 1
+            self.turns += 1
         if waiting or self._given:
             self._schedule()

@@ -16,6 +16,7 @@ from typing import TypeVar
 from imcli.broker.accounts import Role
 from imcli.broker.acl import Access, TopicAcl
 from imcli.core.rules import dm_senders, may_dm
+from imcli.core.topics import PARSE_CACHED_UP_TO
 from imcli.core.wire import (
     Friends,
     GroupInfo,
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 _R = TypeVar("_R", bound=WireModel)
 
 RoleOf = Callable[[str], Role | None]
+PRIVATE = frozenset({TopicKind.DM, TopicKind.SENT})  # topics with few recipients (``TopicAccess.receive_check``)
+DECISIONS = 4096  # ``TopicAccess.check``'s decisions kept at most (then forgotten at once: about 0.1 ms)
+DECIDED_UP_TO = PARSE_CACHED_UP_TO  # characters of a topic whose decision is kept (any of the contract's)
 
 
 class GroupCache:
@@ -44,6 +48,7 @@ class GroupCache:
     def __init__(self) -> None:
         self._members: dict[str, frozenset[str]] = {}
         self._public: set[str] = set()
+        self.version = 0  # changes with every record taken (TopicAccess's decisions are kept until it does)
 
     def is_member(self, group: str, user: str) -> bool:
         return user in self._members.get(group, ())
@@ -55,6 +60,7 @@ class GroupCache:
         info = _record(payload, GroupInfo, lambda r: r.name == group, f"group {group}") if payload else None
         if payload and info is None:
             return  # unusable: keep the last good record
+        self.version += 1
         self._public.discard(group)
         self._members.pop(group, None)
         if info is not None:  # else the group was deleted
@@ -68,6 +74,7 @@ class FriendCache:
 
     def __init__(self) -> None:
         self._friends_only: dict[str, frozenset[str]] = {}  # users with dm_policy "friends" -> dm_senders()
+        self.version = 0  # changes with every record taken (TopicAccess's decisions are kept until it does)
 
     def dm_allowed(self, to: str, sender: str) -> bool:
         return may_dm(sender, self._friends_only.get(to))
@@ -77,6 +84,7 @@ class FriendCache:
         if payload and record is None:
             return  # unusable: keep the last good record
         senders = dm_senders(user, record.dm_policy, record.friends) if record is not None else None
+        self.version += 1
         if senders is None:
             self._friends_only.pop(user, None)
         else:
@@ -127,11 +135,29 @@ class TopicAccess:
         self.friends = FriendCache()
         self.names = DisplayNames()
         self.acl = TopicAcl(topics, groups=self.groups, friends=self.friends)
+        # ``check``'s decisions: a publish is checked by its judge and again by the journal, and a
+        # conversation's topic line after line (issue 21). A decision is a pure function of the
+        # account, its role (asked of the account store each time: a deleted or changed account
+        # has another key), the topic, the access and the group and friends records, so the table
+        # is emptied whenever either cache takes a record, and when it is full.
+        self._decided: dict[tuple[str, Role | None, str, Access], bool] = {}
+        self._versions = (0, 0)
 
     def check(self, username: str | None, topic: str, access: Access) -> bool:
         if username is None:
             return False
-        return self.acl.allows(username, self.role_of(username), topic, access)
+        role = self.role_of(username)
+        if len(topic) > DECIDED_UP_TO:  # kept topics are short: a flood of long ones costs no memory
+            return self.acl.allows(username, role, topic, access)
+        key = (username, role, topic, access)
+        versions = (self.groups.version, self.friends.version)
+        if versions != self._versions or len(self._decided) >= DECISIONS:
+            self._decided.clear()
+            self._versions = versions
+        decided = self._decided.get(key)
+        if decided is None:
+            decided = self._decided[key] = self.acl.allows(username, role, topic, access)
+        return decided
 
     def may_publish(self, username: str | None, topic: str) -> bool:
         return self.check(username, topic, Access.PUBLISH)
@@ -141,7 +167,14 @@ class TopicAccess:
         return lambda topic: self.check(username, topic, Access.RECEIVE)
 
     def receive_check(self, topic: str) -> Callable[[str | None], bool]:
-        """``check(username, topic, RECEIVE)`` for one message and many recipients (fan-out)."""
+        """``check(username, topic, RECEIVE)`` for one message and many recipients (fan-out).
+
+        A topic of one user's own (a DM, its sender's copy) has few recipients, the same ones line
+        after line (the user's devices, the workers): their decisions are ``check``'s, kept. A room's
+        or group's has many, each decided here (a table of rooms' listeners would not stay small)."""
+        parsed = self.topics.parse(topic)
+        if parsed is not None and parsed.kind in PRIVATE:
+            return lambda username: self.check(username, topic, Access.RECEIVE)
         allowed, role_of = self.acl.receive_check(topic), self.role_of
         return lambda username: username is not None and allowed(username, role_of(username))
 

@@ -10,6 +10,7 @@ matters. No other module builds a topic string.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import re
 import time
@@ -255,30 +256,49 @@ class Topics:
 
     def parse(self, topic: str) -> Topic | None:
         """Parse a concrete topic (no wildcards); ``None`` if it is not part of the contract."""
-        head = self.prefix + "/"
-        if not topic.startswith(head):
-            return None
-        levels = topic[len(head) :].split("/")
-        match levels:
-            case ["room", room, sender] if is_name(room) and is_name(sender):
-                return Topic(TopicKind.ROOM, sender=sender, name=room)
-            case ["user", owner, *rest] if is_name(owner):
-                return _user_topic(owner, rest)
-            case ["group", group, "msg", sender] if is_name(group) and is_name(sender):
-                return Topic(TopicKind.GROUP_MSG, sender=sender, name=group)
-            case ["group", group, "info"] if is_name(group):
-                return Topic(TopicKind.GROUP_INFO, name=group)
-            case ["status", user, device] if is_name(user) and is_device(device):
-                return Topic(TopicKind.STATUS, sender=user, key=device)
-            case ["presence", user] if is_name(user):
-                return Topic(TopicKind.PRESENCE, owner=user)
-            case ["profile", user] if is_name(user):
-                return Topic(TopicKind.PROFILE, owner=user)
-            case ["request", sender, corr] if is_name(sender) and is_id(corr):
-                return Topic(TopicKind.REQUEST, sender=sender, key=corr)
-            case ["events"]:
-                return Topic(TopicKind.EVENTS)
-        return _file_topic(levels)
+        if len(topic) > PARSE_CACHED_UP_TO:
+            return _parse(self.prefix, topic)
+        return _parse_cached(self.prefix, topic)
+
+
+# The embedded broker parses a publish's topic for its checks, its journal and its fan-out, and a
+# conversation's topics recur line after line (issue 21: four parses of each chat line were 8 % of
+# the broker's CPU for it). A parse is a pure function of the prefix and the topic, and a ``Topic`` is
+# frozen, so its result can be shared. Bounded: the least recently used go first, and a topic longer
+# than any of the contract's (a prefix of four levels and three of 64 characters) is parsed each time,
+# so a flood of long made-up topics costs no memory (it fails the parse anyway).
+PARSE_CACHE = 8192
+PARSE_CACHED_UP_TO = 400
+
+
+def _parse(prefix: str, topic: str) -> Topic | None:
+    head = prefix + "/"
+    if not topic.startswith(head):
+        return None
+    levels = topic[len(head) :].split("/")
+    match levels:
+        case ["room", room, sender] if is_name(room) and is_name(sender):
+            return Topic(TopicKind.ROOM, sender=sender, name=room)
+        case ["user", owner, *rest] if is_name(owner):
+            return _user_topic(owner, rest)
+        case ["group", group, "msg", sender] if is_name(group) and is_name(sender):
+            return Topic(TopicKind.GROUP_MSG, sender=sender, name=group)
+        case ["group", group, "info"] if is_name(group):
+            return Topic(TopicKind.GROUP_INFO, name=group)
+        case ["status", user, device] if is_name(user) and is_device(device):
+            return Topic(TopicKind.STATUS, sender=user, key=device)
+        case ["presence", user] if is_name(user):
+            return Topic(TopicKind.PRESENCE, owner=user)
+        case ["profile", user] if is_name(user):
+            return Topic(TopicKind.PROFILE, owner=user)
+        case ["request", sender, corr] if is_name(sender) and is_id(corr):
+            return Topic(TopicKind.REQUEST, sender=sender, key=corr)
+        case ["events"]:
+            return Topic(TopicKind.EVENTS)
+    return _file_topic(levels)
+
+
+_parse_cached = functools.lru_cache(maxsize=PARSE_CACHE)(_parse)
 
 
 def _file_topic(levels: list[str]) -> Topic | None:

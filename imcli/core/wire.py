@@ -750,6 +750,13 @@ def decode_chat(data: bytes) -> tuple[ChatMessage, bool]:
     ``type`` member must be a valid ``ChatMessage``; anything else that is valid UTF-8
     is a text message (a bot's ``mosquitto_pub -m 'hi'``).
     """
+    if data[:1] == b"{":  # what imcli's clients send: one validation, no JSON parse beside it (issue 21)
+        try:
+            chat = ChatMessage.model_validate_json(data)
+        except ValidationError:
+            chat = None  # anything else is decided below, as it always was
+        if chat is not None and "type" in chat.model_fields_set:  # without "type" it is text (below)
+            return chat, False
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
