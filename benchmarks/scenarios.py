@@ -293,6 +293,7 @@ def dm_latency(
 
 
 PRESENCE_TIMEOUT = 600.0  # seconds for presence to list everyone who joined (a cluster: three times)
+LEAVE_TAIL = 3.0  # seconds the stall probe goes on after everyone has left (capacity without a rejoin)
 KEEPALIVE = 30  # seconds: imcli's clients (paho) send a PINGREQ this often when idle; the crowds do too in a hold
 RSS_SAMPLE_EVERY = 30.0  # seconds between memory samples in a hold
 
@@ -415,6 +416,10 @@ def capacity(
         result["rss_mb_total"] = round(sum(_memory(broker).values()), 1)
         if on_leave is not None:  # everyone leaves at once as this block ends (the stall probe's phase)
             on_leave()
+    if on_leave is not None and not rejoin:
+        # the crowds have sent their DISCONNECTs; the broker's ends of them go on a slice a loop round
+        # (imcli/broker/teardown.py): the probe's leave phase goes on while they do
+        time.sleep(LEAVE_TAIL)
     result.update(_pauses(broker, log_start, ""))
     if not rejoin or "error" in result:
         return result

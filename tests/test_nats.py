@@ -8,6 +8,7 @@ cannot enforce is a strict xfail with its reason; the fault tests kill a node wi
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import time
@@ -335,6 +336,31 @@ def test_nobody_forges_a_notice_or_a_reply_on_any_node(cluster: NatsCluster, raw
     late = raw(3, "bob")  # nothing retained either
     assert late.subscribe(T.user_filter("bob")) == 1
     assert [m.topic for m in late.silent(0.5) if m.topic in (T.notice("bob"), T.reply("bob", "c" * 32))] == []
+
+
+def test_nobody_forges_a_retained_message_through_nats_internal_subjects(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
+    """nats-server 2.9.10 checks no '$' in an MQTT PUBLISH's topic: with a publish right on its own
+    ``$MQTT.>`` subjects, alice's ``$MQTT/rmsgs`` went into the retained messages' stream and every
+    node served it (a forged presence record, any topic, any publisher named: seen here before the
+    users lost that right), and a forged ``$MQTT/JSA/<id>/RD`` clears one. Now refused on each node."""
+    record = {"origin": "forged", "subject": "im.presence.forged", "topic": "im/presence/forged",
+              "msg": base64.b64encode(b'{"forged": true}').decode(), "flags": 3, "source": "presence"}  # fmt: skip
+    for node in (1, 2, 3):
+        alice = raw(node, "alice")
+        alice.publish("$MQTT/rmsgs", json.dumps(record).encode())
+        alice.publish(
+            f"$MQTT/JSA/forged{node}/RD", json.dumps({"subject": "im.presence.alice", "seq": 1 << 40}).encode()
+        )
+        alice.publish(T.status("alice", f"forge{node}"), b'{"marker": true}', retain=True)  # after them in the stream
+    for node in (1, 2, 3):
+        reader = raw(node, "presence")  # a service account reads statuses
+        assert reader.subscribe(T.status("alice", "forge3")) == 1
+        reader.expect(T.status("alice", "forge3"))  # this node has read the stream past the forgeries
+        assert reader.subscribe("im/presence/+") == 1
+        assert [m.topic for m in reader.silent(0.5) if m.topic == "im/presence/forged"] == []
+    cleaner = raw(1, "alice")
+    for node in (1, 2, 3):
+        cleaner.publish(T.status("alice", f"forge{node}"), b"", retain=True)
 
 
 def test_dm_crosses_nodes_and_others_cannot_read_it(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]

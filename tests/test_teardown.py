@@ -42,19 +42,31 @@ def broker(tmp_path: Path) -> Iterator[ServeInfo]:
         yield info
 
 
-def _connect(info: ServeInfo, name: str, client_id: str, *, will: tuple[str, bytes] | None = None) -> socket.socket:
-    """Signed in as ``name`` (keep-alive 0), with a Last Will (QoS 0, not retained) if given."""
+def _connect(
+    info: ServeInfo,
+    name: str,
+    client_id: str,
+    *,
+    will: tuple[str, bytes] | None = None,
+    clean: bool = True,
+    present: bool = False,
+) -> socket.socket:
+    """Signed in as ``name`` (keep-alive 0), with a Last Will (QoS 0, not retained) if given;
+    ``clean`` false: a persistent session, ``present`` if it is resumed."""
     sock = socket.create_connection((info.address.host, info.address.port), timeout=10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if will is None:
-        sock.sendall(connect_packet(client_id.encode(), name.encode(), password_of(name).encode(), keepalive=0))
+        body = connect_packet(client_id.encode(), name.encode(), password_of(name).encode(), keepalive=0)
+        if not clean:
+            body = body[:9] + bytes([body[9] & ~0x02]) + body[10:]  # the connect flags: no clean session
+        sock.sendall(body)
     else:
         flags = 0x80 | 0x40 | 0x04 | 0x02  # username, password, Will, clean session
         body = field(b"MQTT") + bytes([4, flags]) + b"\x00\x00" + field(client_id.encode())
         body += field(will[0].encode()) + field(will[1]) + field(name.encode()) + field(password_of(name).encode())
         sock.sendall(packet(0x10, body))
     got, _ = read_packets(sock, lambda p: len(p) >= 1)
-    assert got == [(0x20, b"\x00\x00")], got
+    assert got == [(0x20, b"\x01\x00" if present else b"\x00\x00")], got
     return sock
 
 
@@ -271,3 +283,44 @@ def test_a_will_fires_after_the_last_message_when_the_end_waits_for_its_turn(
     for sock in leaving:
         sock.close()
     assert texts == [f"line {i}" for i in range(1, 81)] + ["carol is gone"]
+
+
+def _copies(got: list[tuple[int, bytes]]) -> list[tuple[str, int, bool]]:
+    """(text, packet id, DUP) of every QoS 1 PUBLISH in ``got``."""
+    out = []
+    for first, body in got:
+        if first >> 4 == 3 and first & 0x06 == 0x02:
+            n = int.from_bytes(body[:2], "big")
+            text = body.split(b'"text":"')[1].split(b'"')[0].decode()
+            out.append((text, int.from_bytes(body[2 + n : 4 + n], "big"), bool(first & 0x08)))
+    return out
+
+
+def test_a_persistent_sessions_unacknowledged_copies_outlive_an_end_waiting_for_its_turn(broker: ServeInfo) -> None:
+    """bob's persistent session gets a DM (QoS 1) and does not acknowledge it, sends DISCONNECT and
+    waits for a turn that does not come; a second DM is written to him meanwhile (his session is
+    still connected). He resumes the session from a new connection (a take-over of the waiting
+    one): both copies come again, with their packet ids and DUP set (MQTT-4.4.0-1)."""
+    assert broker.broker is not None
+    real, never = broker.broker.teardown, _Never()
+    broker.broker.teardown = never  # type: ignore[assignment]
+    try:
+        bob = _connect(broker, "bob", "bob:laptop", clean=False)
+    finally:
+        broker.broker.teardown = real
+    dm = T.dm("bob", "alice").encode()
+    with bob, _connect(broker, "alice", "alice:phone") as alice:
+        bob.sendall(packet(0x82, b"\x00\x01" + field(T.user_filter("bob").encode()) + b"\x01"))
+        assert read_packets(bob, lambda p: len(p) >= 1)[0] == [(0x90, b"\x00\x01\x01")]
+        alice.sendall(publish_packet(dm, chat("first"), qos=1, packet_id=1))
+        assert read_packets(alice, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
+        [(_, first_id, _)] = _copies(read_packets(bob, lambda p: bool(_copies(p)))[0])
+        bob.sendall(DISCONNECT)
+        assert wait_until(lambda: never.asked, 5)
+        alice.sendall(publish_packet(dm, chat("second"), qos=1, packet_id=2))
+        assert read_packets(alice, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x02")]
+        [(_, second_id, _)] = _copies(read_packets(bob, lambda p: bool(_copies(p)))[0])
+        with _connect(broker, "bob", "bob:laptop", clean=False, present=True) as resumed:
+            assert read_packets(bob, lambda p: False)[1]  # the waiting connection is closed
+            got, _ = read_packets(resumed, lambda p: len(_copies(p)) >= 2)
+    assert sorted(_copies(got)) == sorted([("first", first_id, True), ("second", second_id, True)])

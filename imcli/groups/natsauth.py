@@ -72,7 +72,12 @@ from imcli.groups.natsprobe import RELOAD_WAIT, ReloadProbe
 log = logging.getLogger(__name__)
 
 ACCOUNT = "IM"
-MQTT_INTERNAL = "$MQTT.>"  # nats-server's own MQTT subjects: every MQTT client needs them both ways
+# nats-server's own MQTT subjects: an MQTT client must be allowed to subscribe them (a QoS 1
+# subscription is a JetStream consumer delivering to ``$MQTT.sub.<id>``), never to publish there:
+# 2.9.10 checks no '$' in an MQTT PUBLISH's topic, so ``$MQTT/rmsgs`` put a forged retained record
+# (any topic, any payload, any publisher named) into every node's retained messages, and a forged
+# ``$MQTT.JSA.<id>.RD`` a cleared one (tests/test_nats.py, test_nobody_forges_a_retained_message).
+MQTT_INTERNAL = "$MQTT.>"
 DEBOUNCE = 0.3  # seconds: changes within this are one reload (each reload reconnects every client)
 POLL = 2.0  # seconds between looks at the password file
 STAMP_TOPIC = "imcli-reload/{stamp}"  # outside the prefix: no user's or service's rights match it
@@ -244,7 +249,7 @@ class NatsPermissions:
         sub += [t.group_msg_filter(g) for g in groups]
         sub += [t.group_info(g) for g in sorted(set(groups) | self._public)]
         deny = [t.dm(to, name) for to, senders in sorted(self._dm_senders.items()) if name not in senders]
-        publish: dict[str, list[str]] = {"allow": [MQTT_INTERNAL, *_all(pub)]}
+        publish: dict[str, list[str]] = {"allow": _all(pub)}
         if deny:
             publish["deny"] = _all(deny)
         return {"publish": publish, "subscribe": {"allow": [MQTT_INTERNAL, *_all(sub)]}}
@@ -255,7 +260,7 @@ class NatsPermissions:
         own = [f"user/{name}/#"]  # its notice topic: the sync marker every worker reads back
         stamp = _all([STAMP_TOPIC.format(stamp=self.stamp)]) if self.stamp and name == self.prober else []
         return {
-            "publish": {"allow": [MQTT_INTERNAL, *_all(f"{p}/{r}".replace("%u", name) for r in write)]},
+            "publish": {"allow": _all(f"{p}/{r}".replace("%u", name) for r in write)},
             "subscribe": {"allow": [MQTT_INTERNAL, *_all(f"{p}/{r}" for r in [*read, *own]), *stamp]},
         }
 
