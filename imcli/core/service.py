@@ -5,7 +5,9 @@ A worker subscribes to its state topics and to its own notice topic, publishes a
 ``SyncMarker`` there and waits for it: the broker delivers the retained messages of a
 subscription before later messages, so once the marker is back the state has been read.
 Only then does it subscribe to requests. Several workers share ``<prefix>/request/+/+``:
-each answers only the request types it owns (``handle`` returns ``None`` for the others).
+each answers only the request types it owns (``handle`` returns ``None`` for the others). The
+same request again (same sender and correlation id: a client resends a QoS 1 PUBLISH it had no
+PUBACK for) gets the reply sent the first time, for a minute, and is not done twice.
 
 Requests are heard and answered at QoS 1, except on NATS (``requests_at_most_once``, set by
 ``imcli workers --nats-users``; deploy/nats/README.md, "Requests and replies at QoS 0"). There a
@@ -28,6 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -54,6 +57,9 @@ from imcli.core.wire import (
 log = logging.getLogger(__name__)
 
 SYNC_TIMEOUT = 30.0
+# a request's reply is kept this long (at most this many) for the same request sent again
+REPLY_KEPT_FOR = 60.0
+REPLIES_KEPT = 1000
 
 
 class AccountDirectory(Protocol):
@@ -129,6 +135,9 @@ class ServiceWorker:
         # NATS (``imcli workers --nats-users``) sets this before entering: requests are heard and
         # answered at QoS 0 there, with no JetStream consumer and no JetStream store (module docstring)
         self.requests_at_most_once = False
+        # (sender, corr) -> (when, reply), paho's thread only: a client that lost its connection before the
+        # PUBACK sends the request again (paho sets DUP); it gets the same reply, not a second go at it
+        self._answered: OrderedDict[tuple[str, str], tuple[float, WireModel]] = OrderedDict()
         self.client = MqttClient(
             address,
             credentials,
@@ -234,6 +243,12 @@ class ServiceWorker:
                 self.on_resynced()
 
     def _on_request(self, sender: str, corr: str, payload: bytes) -> None:
+        now = time.monotonic()
+        while self._answered and next(iter(self._answered.values()))[0] < now - REPLY_KEPT_FOR:
+            self._answered.popitem(last=False)
+        if (sender, corr) in self._answered:  # a create done twice would answer "taken"
+            self.send_reply(sender, corr, self._answered[sender, corr][1])
+            return
         try:
             request = decode(payload)
         except MalformedPayload:
@@ -247,6 +262,9 @@ class ServiceWorker:
             request_id = getattr(request, "id", corr)
             reply = ErrorReply(id=request_id, code="internal", text=f"the {self.account} worker failed on this request")
         if reply is not None:
+            self._answered[sender, corr] = (now, reply)
+            if len(self._answered) > REPLIES_KEPT:
+                self._answered.popitem(last=False)
             self.send_reply(sender, corr, reply)
 
     def send_reply(self, sender: str, corr: str, reply: WireModel) -> None:
