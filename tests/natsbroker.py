@@ -7,7 +7,11 @@ broker would give it:
 
 - before the test, the workers of ``imcli workers --nats-users`` start afresh (their own archive
   and files directories under the test's ``tmp_path``), after every retained message the last
-  test left (group records, friends records, presence, profiles, statuses) was cleared;
+  test left (group records, friends records, presence, profiles, statuses) was cleared. They
+  start side by side (presence and groups, then the other three once the group worker's users
+  file is in force): each start waits mostly on JetStream making the consumers of its QoS 1
+  subscriptions (0.2 to 0.8 s each here), so one after the other they took 10 to 12 s a test,
+  side by side about 5 s; the clearing subscribes at QoS 0 (no consumer: 1 s to 0.02 s);
 - after it, every MQTT session a client of the test made (the nodes' ``/connz`` lists their
   client ids, closed connections included) is ended by a clean-session CONNECT with that id,
   so nothing queued for one test's ``alice:desk`` reaches the next one's.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -33,7 +38,7 @@ from imcli.archive.worker import ArchiveWorker
 from imcli.core.errors import ImcliError
 from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.core.service import PasswordFileDirectory, ServiceWorker
-from imcli.core.wire import Topics
+from imcli.core.wire import Topics, build_schemas
 from imcli.files.worker import FilesWorker
 from imcli.groups.natsauth import NatsAuth, private_device
 from imcli.groups.worker import GroupWorker
@@ -117,19 +122,19 @@ class SharedCluster:
         before = [n.reloads for n in cluster.nodes]
         text_before = cluster.users.read_text()
         with contextlib.ExitStack() as stack:
-            stack.push(
-                started(lambda: PresenceWorker(address, creds("presence"), directory, device=device("presence")))
-            )
-            stack.push(started(group_worker))
+            # started side by side: each start waits mostly on JetStream making its subscriptions' consumers
+            for worker in started_together(
+                lambda: PresenceWorker(address, creds("presence"), directory, device=device("presence")), group_worker
+            ):
+                stack.push(worker)
             if cluster.users.read_text() != text_before:  # the group worker rewrote the rights: in force first
                 wait_reloaded(cluster.nodes, before)
-            stack.push(
-                started(lambda: ArchiveWorker(address, creds("archive"), workdir / "archive", device=device("archive")))
-            )
-            stack.push(started(lambda: FilesWorker(address, creds("files"), workdir, device=device("files"))))
-            stack.push(
-                started(lambda: MomentsWorker(address, creds("groups"), workdir, device=device("groups", "moments")))
-            )
+            for worker in started_together(
+                lambda: ArchiveWorker(address, creds("archive"), workdir / "archive", device=device("archive")),
+                lambda: FilesWorker(address, creds("files"), workdir, device=device("files")),
+                lambda: MomentsWorker(address, creds("groups"), workdir, device=device("groups", "moments")),
+            ):
+                stack.push(worker)
             yield
 
     # ---------------------------------------------------------------- what one test leaves behind
@@ -141,7 +146,7 @@ class SharedCluster:
         cleaner = connect_raw("127.0.0.1", node.mqtt, "groups", "groups:cleaner", password_of("groups"))
         try:
             assert cleaner.rc == 0, node.log[-2000:]
-            cleaner.subscribe(f"{T.prefix}/#")
+            cleaner.subscribe(f"{T.prefix}/#", qos=0)  # retained messages come all the same; no JetStream consumer
             marker = chat("cleaner's barrier")
             cleaner.publish(T.notice("groups"), marker)
             seen = cleaner.until(T.notice("groups"), marker)
@@ -168,11 +173,13 @@ class SharedCluster:
 
 
 def started(make: Callable[[], ServiceWorker], tries: int = 3) -> ServiceWorker:
-    """A worker, entered. On a loaded machine JetStream can time out making the consumer of a new
-    QoS 1 subscription (its API waits 4 s; the node logs ``Unable to add JetStream consumer``) and the
-    SUBSCRIBE is refused: ``imcli workers`` would exit and be restarted by systemd; here, try again."""
+    """A worker, entered, hearing requests at QoS 0 as ``imcli workers --nats-users`` makes it. On a loaded
+    machine JetStream can time out making the consumer of a new QoS 1 subscription (its API waits 4 s; the
+    node logs ``Unable to add JetStream consumer``) and the SUBSCRIBE is refused: ``imcli workers`` would
+    exit and be restarted by systemd; here, try again."""
     for attempt in range(tries):
         worker = make()
+        worker.requests_at_most_once = True
         try:
             worker.__enter__()
         except ImcliError:
@@ -181,6 +188,33 @@ def started(make: Callable[[], ServiceWorker], tries: int = 3) -> ServiceWorker:
         else:
             return worker
     raise AssertionError("unreachable")
+
+
+def started_together(*makers: Callable[[], ServiceWorker]) -> list[ServiceWorker]:
+    """``started`` for each, in threads of their own; if any fails, those that started are stopped and
+    its error is raised."""
+    build_schemas()  # here first: each worker's start calls it too, and pydantic's rebuild is not made for threads
+    results: list[ServiceWorker | BaseException | None] = [None] * len(makers)
+
+    def start(i: int) -> None:
+        try:
+            results[i] = started(makers[i])
+        except BaseException as exc:  # handed to the caller's thread below
+            results[i] = exc
+
+    threads = [threading.Thread(target=start, args=(i,), name=f"start-worker-{i}") for i in range(len(makers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    workers = [r for r in results if isinstance(r, ServiceWorker)]
+    failed = [r for r in results if not isinstance(r, ServiceWorker)]
+    if failed:
+        for worker in workers:
+            worker.__exit__(None, None, None)
+        error = failed[0]
+        raise error if isinstance(error, BaseException) else AssertionError("a worker's start did not end")
+    return workers
 
 
 def connections(node: NatsNode) -> list[dict[str, Any]]:

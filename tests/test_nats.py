@@ -29,7 +29,7 @@ from imcli.client.services import Conversation
 from imcli.core.errors import BrokerUnreachable, ImcliError, InvalidInput, PublishFailed
 from imcli.core.mqtt import BrokerAddress, Credentials, MqttClient
 from imcli.core.rules import SERVICE_ACCOUNTS
-from imcli.core.service import PasswordFileDirectory
+from imcli.core.service import PasswordFileDirectory, ServiceWorker
 from imcli.core.wire import (
     DEFAULT_HEARTBEAT,
     ChatMessage,
@@ -38,8 +38,11 @@ from imcli.core.wire import (
     GroupInfo,
     Notice,
     Received,
+    Roster,
     Topics,
+    WhoRequest,
     decode,
+    decode_as,
     encode,
 )
 from imcli.files.worker import FilesWorker
@@ -87,13 +90,17 @@ def workers(cluster: NatsCluster) -> Iterator[GroupWorker]:
     def device(name: str) -> str:  # as imcli workers --nats-users: a client id nobody can guess
         return natsauth.private_device("test", password_of(name))
 
-    with (
+    groups = GroupWorker(address, creds("groups"), directory, device=device("groups"), nats=auth)
+    made = [
         PresenceWorker(address, creds("presence"), directory, device=device("presence")),
-        GroupWorker(address, creds("groups"), directory, device=device("groups"), nats=auth) as groups,
+        groups,
         ArchiveWorker(address, creds("archive"), cluster.workdir / "archive", device=device("archive")),
         FilesWorker(address, creds("files"), cluster.workdir, device=device("files")),
-    ):
-        assert isinstance(groups, GroupWorker)
+    ]
+    with contextlib.ExitStack() as stack:
+        for worker in made:
+            worker.requests_at_most_once = True  # as imcli workers --nats-users (imcli/core/service.py)
+            stack.enter_context(worker)
         yield groups
 
 
@@ -649,6 +656,61 @@ def test_refused_publish_is_told(cluster: NatsCluster, raw) -> None:  # type: ig
     alice.subscribe(T.notice("alice"))
     alice.publish(T.room("lobby", "bob"), chat("spoofed"))
     alice.expect(T.notice("alice"), timeout=2)
+
+
+def jetstream_consumer_filters(cluster: NatsCluster) -> set[str]:
+    """The filter subject of every JetStream consumer of account IM, as the nodes' monitoring lists them."""
+    found: set[str] = set()
+    for node in cluster.nodes:
+        url = f"http://127.0.0.1:{node.http}/jsz?accounts=true&streams=true&consumers=true&config=true"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            jsz = json.load(reply)
+        for account in jsz.get("account_details") or []:
+            for stream in account.get("stream_detail") or []:
+                for consumer in stream.get("consumer_detail") or []:
+                    found.add(consumer.get("config", {}).get("filter_subject", ""))
+    return found
+
+
+@pytest.mark.parametrize("on_nats", [True, False])
+def test_the_workers_command_asks_for_requests_at_qos_0_on_nats_only(
+    on_nats: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``imcli workers --nats-users`` makes each worker hear requests at QoS 0; without it (the embedded
+    broker, Mosquitto) at QoS 1. Stopped at the first worker's sync: no broker needed."""
+    seen: list[bool] = []
+
+    def sync_stopped(worker: ServiceWorker) -> None:
+        seen.append(worker.requests_at_most_once)
+        raise BrokerUnreachable("stopped before the sync", "the test stops here")
+
+    monkeypatch.setattr(MqttClient, "connect", lambda self: None)
+    monkeypatch.setattr(ServiceWorker, "_sync", sync_stopped)
+    passwd = tmp_path / "passwd"
+    passwd.write_text("".join(f"{name}:{password_of(name)}\n" for name in ("presence", "groups", "archive", "files")))
+    nats = ["--nats-users", str(tmp_path / "users.conf")] if on_nats else []
+    args = ["workers", "--accounts-file", str(passwd), "--archive-dir", str(tmp_path), *nats, "--password-stdin"]
+    secrets = "".join(password_of(name) + "\n" for name in ("presence", "groups", "archive", "files"))
+    result = CliRunner().invoke(app, args, input=secrets)
+    assert result.exit_code == 1, result.output
+    assert "stopped before the sync" in result.output
+    assert seen == [on_nats]
+
+
+def test_workers_hear_and_answer_requests_without_jetstream(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
+    """A request reaches the workers through a plain NATS subscription (QoS 0), not a JetStream consumer
+    that delivers it only once the cluster stored it, and the reply comes at QoS 0, not stored in
+    JetStream in the worker's read loop first (imcli/core/service.py); their QoS 1 subscriptions (the
+    archive's chat) do have consumers."""
+    filters = jetstream_consumer_filters(cluster)
+    assert "$MQTT.msgs.im.room.*.*" in filters, sorted(filters)  # the archive's chat at QoS 1
+    assert not [f for f in filters if f.startswith("$MQTT.msgs.im.request")], sorted(filters)
+    alice = raw(1, "alice")
+    assert alice.subscribe(T.reply_filter("alice"), qos=1) == 1  # as listen's im/user/<me>/# at QoS 1
+    alice.publish(T.request("alice", "c0ffee"), encode(WhoRequest(all=True)))
+    reply = alice.expect(T.reply("alice", "c0ffee"), timeout=30)
+    assert reply.qos == 0
+    assert "alice" in [p.account for p in decode_as(reply.payload, Roster).users]
 
 
 @pytest.mark.xfail(

@@ -239,7 +239,7 @@ def workers(
         )
     with contextlib.ExitStack() as stack:
         for make in makers:  # made one by one: a worker that fails to start closes those before it
-            stack.enter_context(make())
+            stack.enter_context(_for_broker(make(), nats_users))
         where = (
             (f"; archive in {data_dir}" if archive else "; no archive")
             + (f"; files in {store_dir / 'files'}" if files else "; no files")
@@ -250,6 +250,13 @@ def workers(
         sys.stdout.flush()
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
+
+
+def _for_broker(worker: ServiceWorker, nats_users: Path | None) -> ServiceWorker:
+    """On NATS (``--nats-users``) a worker hears requests at QoS 0: a plain NATS subscription, not a
+    JetStream consumer (imcli/core/service.py, deploy/nats/README.md)."""
+    worker.requests_at_most_once = nats_users is not None
+    return worker
 
 
 def _device(name: str, password: str, nats_users: Path | None) -> str:

@@ -6,6 +6,21 @@ A worker subscribes to its state topics and to its own notice topic, publishes a
 subscription before later messages, so once the marker is back the state has been read.
 Only then does it subscribe to requests. Several workers share ``<prefix>/request/+/+``:
 each answers only the request types it owns (``handle`` returns ``None`` for the others).
+
+Requests are heard and answered at QoS 1, except on NATS (``requests_at_most_once``, set by
+``imcli workers --nats-users``; deploy/nats/README.md, "Requests and replies at QoS 0"). There a
+QoS 1 subscription is a JetStream consumer, made while the node's read loop of the worker waits
+(seconds on a loaded cluster), that delivers a request only once the cluster has stored it; and a
+QoS 1 PUBLISH is stored in JetStream while that read loop waits (up to 4 s; past that the node
+closes the publisher's connection). A QoS 0 subscription is a plain NATS one that gets the request
+as the node reads it (before the asker's QoS 1 copy is stored), and a QoS 0 reply reaches the asker's
+subscription of either QoS at once, without a store. What QoS 0 gives up there: a request or reply
+sent while its reader is away is lost instead of queued, which a clean session loses at QoS 1 too
+(its consumers go with it); the persistent archive, or a ``chat``'s persistent session, would have
+had it when they came back. The embedded broker and Mosquitto keep QoS 1: the embedded broker
+drops QoS 0 copies to a connection with more than ``Limits.output_drop`` (1 MiB) waiting, where
+QoS 1 copies still wait (up to ``output_close``), so a files worker behind on its upload chunks, or
+a listener behind on a flood, would lose requests or replies without a word.
 """
 
 from __future__ import annotations
@@ -111,6 +126,9 @@ class ServiceWorker:
         self._resync_id = ""  # the marker that ends the reading of the retained state after a reconnect
         self.synced = threading.Event()
         self.stopping = threading.Event()
+        # NATS (``imcli workers --nats-users``) sets this before entering: requests are heard and
+        # answered at QoS 0 there, with no JetStream consumer and no JetStream store (module docstring)
+        self.requests_at_most_once = False
         self.client = MqttClient(
             address,
             credentials,
@@ -180,7 +198,10 @@ class ServiceWorker:
             )
         with self.lock:
             self.on_synced()
-        self.client.subscribe([self.topics.request_filter()])
+        if self.requests_at_most_once:
+            self.client.subscribe([], at_most_once=[self.topics.request_filter()])
+        else:
+            self.client.subscribe([self.topics.request_filter()])
         log.info("%s ready on %s", self.account, self.client.address)
 
     # ---------------------------------------------------------------- MQTT in (paho's thread)
@@ -231,7 +252,8 @@ class ServiceWorker:
     def send_reply(self, sender: str, corr: str, reply: WireModel) -> None:
         """Send a request's reply (paho's thread, right after ``handle``). A worker that must act once
         the reply is out overrides it: nothing published here leaves before this returns."""
-        self.client.publish_nowait(self.topics.reply(sender, corr), encode(reply), qos=1)
+        qos = 0 if self.requests_at_most_once else 1
+        self.client.publish_nowait(self.topics.reply(sender, corr), encode(reply), qos=qos)
 
     def _on_connection(self, up: bool) -> None:
         if up and self.synced.is_set():
