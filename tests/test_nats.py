@@ -572,10 +572,14 @@ def test_friends_only_dms_refused_at_publish(cluster: NatsCluster, raw) -> None:
 
 
 def test_new_account_can_log_in_once_the_worker_renders_it(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
+    """erin can log in on every node once the reload is in force; the reload, which changes the account's
+    user list, disconnects nobody else (carol, on each node, stays connected)."""
     assert raw(1, "erin", password=password_of("erin")).rc == 5
-    cluster.add_account("erin")
+    bystanders = [raw(node, "carol") for node in (1, 2, 3)]
+    cluster.add_account("erin")  # returns once every node lets erin in
     assert raw(1, "erin", password=password_of("erin")).rc == 0
     assert raw(3, "erin", password="wrong").rc == 5
+    assert [b.disconnected.wait(1) for b in bystanders] == [False, False, False]
 
 
 class NodeCli:

@@ -14,11 +14,10 @@ this (seen on a three-node cluster here, tests/test_nats.py shows each):
 - A subscribe ``deny`` is not applied per delivery to an MQTT wildcard subscription, so
   ``im/group/+/msg/+`` cannot be narrowed to one's groups: a member is allowed exactly
   ``im.group.<g>.msg.*`` for each of its groups, and the wildcard is refused.
-- A reload that changes the account's user list disconnects every MQTT client of the
-  account; they come back at once (persistent sessions survive, re-checked against the new
-  permissions). So changes are coalesced (``DEBOUNCE``), and a reload costs every connected
-  client a reconnect: fine for a team, the limit of this design for a large cluster
-  (docs/SCALING.md).
+- A reload makes every node parse the whole users file; it disconnects nobody but the users it
+  cuts off (``cut``), also when the account's user list changes (tests/test_nats.py,
+  ``test_new_account_can_log_in_once_the_worker_renders_it``). Changes are coalesced
+  (``DEBOUNCE``): fine for a team, the limit of this design for a large cluster (docs/SCALING.md).
 - Reloaded permissions remove a NATS subscription no longer allowed, but not an MQTT QoS 1
   subscription made before (a JetStream consumer delivering to a ``$MQTT.sub.`` subject): a
   kicked member would read on until he reconnects. So when someone else takes a user out of a
@@ -410,9 +409,8 @@ class NatsAuth:
         with self._lock:
             self.permissions.muted -= cut
             self.permissions.parked -= cut
-        # waited for too: moving him back changes the account's user list, and so closes every MQTT
-        # connection of the account once more (the workers' included); answered before it was in
-        # force, the next requests (the test suite's next test, starting its workers) met that
+        # waited for too: a request answered before he is let in again would be refused to him by a node
+        # still holding the parked file
         self.apply_and_wait()
         if not done:  # a node that skipped a file (read the next one first) may keep their connections
             log.warning("the connections of %s may stay open on a NATS node that did not reload", sorted(cut))
