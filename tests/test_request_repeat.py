@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from imcli.core.wire import ErrorReply, GroupReply, GroupRequest, Topics, decode, encode
+import pytest
+
+from imcli.core import service
+from imcli.core.mqtt import BrokerAddress, Credentials
+from imcli.core.service import ServiceWorker
+from imcli.core.wire import ErrorReply, GroupReply, GroupRequest, Topics, WhoRequest, WireModel, decode, encode
 from tests import brokers
 from tests.conftest import Raw
 
@@ -37,3 +42,30 @@ def test_a_request_sent_twice_is_done_once_and_answered_twice(
     alice.publish(T.request("alice", again), request)
     reply = decode(bytes(alice.expect(T.reply("alice", again), timeout=30).payload))
     assert isinstance(reply, ErrorReply) and reply.code == "taken", reply
+
+
+def test_only_short_replies_are_kept_and_their_bytes_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long reply (a roster at 10,000 users) is not kept for a repeat: 1,000 of them held 100 MB of the
+    workers' memory; the short ones kept are bounded in bytes too, oldest first out. A repeat of a long
+    one is done again (a read); of a short one, answered from what was kept."""
+    done: list[str] = []
+    sent: list[bytes] = []
+
+    class Echo(ServiceWorker):
+        def handle(self, sender: str, request: WireModel) -> WireModel | None:
+            assert isinstance(request, WhoRequest)
+            done.append(request.id)
+            return ErrorReply(id=request.id, code="invalid", text="y" * (int(request.id) * 1000))
+
+    worker = Echo(BrokerAddress("127.0.0.1", 1), Credentials("presence", "unused"))
+    monkeypatch.setattr(
+        worker.client, "publish_nowait", lambda topic, payload, qos=1, retain=False: sent.append(payload)
+    )
+    monkeypatch.setattr(service, "REPLIES_KEPT_BYTES", 40_000)
+    for size in ("1", "40", "1", "40"):  # 1 kB kept; 40 kB over REPLY_KEPT_BYTES: done again
+        worker._on_request("alice", f"c{size}", encode(WhoRequest(id=size)))
+    assert done == ["1", "40", "40"] and sent[0] == sent[2] and len(sent) == 4
+    for i in range(2, 12):  # 10 to 11 kB each: only the newest few fit in 40,000 bytes
+        worker._on_request("alice", f"k{i}", encode(WhoRequest(id=str(10 + i % 2))))
+    assert worker._answered_bytes == sum(len(p) for _, p in worker._answered.values()) <= 40_000
+    assert ("alice", "c1") not in worker._answered and ("alice", "k11") in worker._answered

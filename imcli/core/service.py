@@ -57,9 +57,13 @@ from imcli.core.wire import (
 log = logging.getLogger(__name__)
 
 SYNC_TIMEOUT = 30.0
-# a request's reply is kept this long (at most this many) for the same request sent again
+# a request's reply is kept this long (at most this many, encoded, of at most so many bytes each and
+# in all) for the same request sent again; a longer reply (a roster, a listing: a read that may be done
+# again) is not kept: 1,000 `who` replies at 10,000 users held 100 MB of the workers' memory
 REPLY_KEPT_FOR = 60.0
 REPLIES_KEPT = 1000
+REPLY_KEPT_BYTES = 16 * 1024
+REPLIES_KEPT_BYTES = 2 * 1024 * 1024
 
 
 class AccountDirectory(Protocol):
@@ -137,7 +141,8 @@ class ServiceWorker:
         self.requests_at_most_once = False
         # (sender, corr) -> (when, reply), paho's thread only: a client that lost its connection before the
         # PUBACK sends the request again (paho sets DUP); it gets the same reply, not a second go at it
-        self._answered: OrderedDict[tuple[str, str], tuple[float, WireModel]] = OrderedDict()
+        self._answered: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()  # encoded replies
+        self._answered_bytes = 0
         self.client = MqttClient(
             address,
             credentials,
@@ -245,9 +250,9 @@ class ServiceWorker:
     def _on_request(self, sender: str, corr: str, payload: bytes) -> None:
         now = time.monotonic()
         while self._answered and next(iter(self._answered.values()))[0] < now - REPLY_KEPT_FOR:
-            self._answered.popitem(last=False)
+            self._answered_bytes -= len(self._answered.popitem(last=False)[1][1])
         if (sender, corr) in self._answered:  # a create done twice would answer "taken"
-            self.send_reply(sender, corr, self._answered[sender, corr][1])
+            self._publish_reply(sender, corr, self._answered[sender, corr][1])
             return
         try:
             request = decode(payload)
@@ -262,16 +267,23 @@ class ServiceWorker:
             request_id = getattr(request, "id", corr)
             reply = ErrorReply(id=request_id, code="internal", text=f"the {self.account} worker failed on this request")
         if reply is not None:
-            self._answered[sender, corr] = (now, reply)
-            if len(self._answered) > REPLIES_KEPT:
-                self._answered.popitem(last=False)
-            self.send_reply(sender, corr, reply)
+            payload = encode(reply)
+            if len(payload) <= REPLY_KEPT_BYTES:
+                self._answered[sender, corr] = (now, payload)
+                self._answered_bytes += len(payload)
+                while len(self._answered) > REPLIES_KEPT or self._answered_bytes > REPLIES_KEPT_BYTES:
+                    self._answered_bytes -= len(self._answered.popitem(last=False)[1][1])
+            self.send_reply(sender, corr, reply, payload)
 
-    def send_reply(self, sender: str, corr: str, reply: WireModel) -> None:
-        """Send a request's reply (paho's thread, right after ``handle``). A worker that must act once
-        the reply is out overrides it: nothing published here leaves before this returns."""
+    def send_reply(self, sender: str, corr: str, reply: WireModel, payload: bytes) -> None:
+        """Send a request's reply (``payload``, ``reply`` encoded; paho's thread, right after ``handle``).
+        A worker that must act once the reply is out overrides it: nothing published here leaves before
+        this returns."""
+        self._publish_reply(sender, corr, payload)
+
+    def _publish_reply(self, sender: str, corr: str, payload: bytes) -> None:
         qos = 0 if self.requests_at_most_once else 1
-        self.client.publish_nowait(self.topics.reply(sender, corr), encode(reply), qos=qos)
+        self.client.publish_nowait(self.topics.reply(sender, corr), payload, qos=qos)
 
     def _on_connection(self, up: bool) -> None:
         if up and self.synced.is_set():

@@ -169,7 +169,7 @@ class GroupWorker(ServiceWorker):
             self.publish(topic, payload, retain=retain)
         return outcome.reply
 
-    def send_reply(self, sender: str, corr: str, reply: WireModel) -> None:
+    def send_reply(self, sender: str, corr: str, reply: WireModel, payload: bytes) -> None:
         """On NATS, a member who left a group: his connections are ended too (``NatsAuth.cut``), or a
         subscription he made before would go on delivering the group (nats-server 2.9 does not
         re-check an MQTT QoS 1 subscription on a reload). His leave came over one of them and waits
@@ -179,10 +179,10 @@ class GroupWorker(ServiceWorker):
         no other request until it is in force."""
         leaver, self._leaver = self._leaver, None
         if self.nats is None or leaver is None:
-            super().send_reply(sender, corr, reply)
+            super().send_reply(sender, corr, reply, payload)
             return
         with self.lock:
-            if not self.nats.deliver([*leaver[1], (self.topics.reply(sender, corr), encode(reply), False)]):
+            if not self.nats.deliver([*leaver[1], (self.topics.reply(sender, corr), payload, False)]):
                 log.warning("the reply to %s's leave may not have reached every NATS node before his cut", sender)
             self.nats.cut([leaver[0]])
 
