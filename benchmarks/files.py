@@ -225,10 +225,12 @@ def transfers_running(broker: Broker, mib: int) -> Iterator[dict[str, Any]]:
     folder = Path(broker.workdir.name) / "busy-files"
     folder.mkdir(exist_ok=True)
     command = ["--port", str(broker.port), "--mib", str(mib), "--folder", str(folder)]
+    errors = (folder / "errors.txt").open("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.files", *command],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        stderr=errors,
         text=True,
     )
     assert proc.stdout is not None and proc.stdin is not None
@@ -241,6 +243,11 @@ def transfers_running(broker: Broker, mib: int) -> Iterator[dict[str, Any]]:
         proc.stdin.close()  # it stops after the transfer in hand
         out = proc.stdout.read()
         proc.wait(60)
+        errors.seek(0)
+        said = errors.read().strip().splitlines()
+        errors.close()
+    if proc.returncode:  # the transfers stopped before the block's end: its figures had less load than said
+        raise RuntimeError(f"the background transfers stopped: {said[-1] if said else proc.returncode}")
     seconds = [float(line) for line in out.split()]
     figures["transfers"] = len(seconds)
     figures["transfer_mib"] = mib
@@ -269,9 +276,10 @@ def _loop(port: int, mib: int, folder: Path) -> None:
             where = Conversation("dm", "u00001")
             target = sender.target(where)
             sender.post(where, target, info := sender.upload(source, target))
-        with FileConnection(Identity(address, Credentials("u00001", PASSWORD), "bench"), "busy-get") as getter:
-            getter.download(info.id, folder / "copy.bin", force=True)
-        print(f"{time.perf_counter() - started:.3f}", flush=True)
+            with FileConnection(Identity(address, Credentials("u00001", PASSWORD), "bench"), "busy-get") as getter:
+                getter.download(info.id, folder / "copy.bin", force=True)
+            print(f"{time.perf_counter() - started:.3f}", flush=True)
+            sender.delete(info.id)  # within the account's storage quota (1 GiB) however long the block runs
 
 
 def main() -> None:
