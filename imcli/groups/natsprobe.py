@@ -119,40 +119,33 @@ class ReloadProbe:
 
     def _probe(self, node: Node, deadline: float) -> MqttClient | None:
         """The probe connection to ``node`` (connected now if it was not); None if it cannot be reached."""
-        probe = self._probes.get(node)
         try:
-            if probe is None or not probe.connected:
-                if probe is not None:
-                    probe.close()
-                at = dataclasses.replace(self.address, host=node[0], port=node[1], more=())
-                # within what is left of the wait: three nodes' connects must not add up past it
-                left = max(0.5, deadline - time.monotonic())
-                probe = MqttClient(at, self.credentials, self.client_id(node), timeout=left)
-                self._probes[node] = probe
-                self.connects += 1
-                probe.connect()
-            probe.timeout = max(0.5, deadline - time.monotonic())
+            return self._connected(node, deadline)
         except ImcliError as exc:
             self._drop(node)
             log.info("cannot reach NATS node %s:%d (%s)", *node, exc)
             return None
+
+    def _connected(self, node: Node, deadline: float) -> MqttClient:
+        """The probe connection to ``node``, connected now if it was not, waiting until ``deadline`` at most."""
+        probe = self._probes.get(node)
+        if probe is None or not probe.connected:
+            if probe is not None:
+                probe.close()
+            at = dataclasses.replace(self.address, host=node[0], port=node[1], more=())
+            # within what is left of the wait: three nodes' connects must not add up past it
+            left = max(0.5, deadline - time.monotonic())
+            probe = MqttClient(at, self.credentials, self.client_id(node), timeout=left)
+            self._probes[node] = probe
+            self.connects += 1
+            probe.connect()
+        probe.timeout = max(0.5, deadline - time.monotonic())
         return probe
 
     def _grants(self, node: Node, topic: str, deadline: float) -> bool:
         """Whether ``node`` lets the probe subscribe ``topic`` (True too if it cannot be reached)."""
-        probe = self._probes.get(node)
         try:
-            if probe is None or not probe.connected:
-                if probe is not None:
-                    probe.close()
-                at = dataclasses.replace(self.address, host=node[0], port=node[1], more=())
-                # within what is left of the wait: three nodes' connects must not add up past it
-                left = max(0.5, deadline - time.monotonic())
-                probe = MqttClient(at, self.credentials, self.client_id(node), timeout=left)
-                self._probes[node] = probe
-                self.connects += 1
-                probe.connect()
-            probe.timeout = max(0.5, deadline - time.monotonic())
+            probe = self._connected(node, deadline)
             refused = probe.subscribe_each([topic], qos=0)
             if not refused:
                 probe.unsubscribe([topic])
