@@ -363,6 +363,30 @@ def test_nobody_forges_a_retained_message_through_nats_internal_subjects(cluster
         cleaner.publish(T.status("alice", f"forge{node}"), b"", retain=True)
 
 
+def test_nobody_reads_others_messages_through_nats_internal_subjects(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
+    """nats-server 2.9.10 checks no '$' in an MQTT SUBSCRIBE's filter either: with the right to subscribe
+    its own ``$MQTT.>`` subjects, carol's ``$MQTT/msgs/#`` got alice's DM to bob as the node stored it
+    (everyone's QoS 1 messages and requests, seen here), and ``$MQTT/JSA/#`` the JetStream API's answers.
+    Users may subscribe ``$MQTT.sub.>`` only (their own sessions' deliveries): every such filter is
+    refused on every node, nothing arrives, and bob still gets his DM at QoS 1 on a persistent session."""
+    bob = raw(3, "bob", client_id="bob:spied", clean=False)
+    assert bob.subscribe(T.user_filter("bob")) == 1
+    spies = [raw(node, "carol") for node in (1, 2, 3)]
+    for spy in spies:
+        for spying in (
+            "$MQTT/#",
+            "$MQTT/msgs/#",
+            "$MQTT/msgs/im/user/bob/dm/+",
+            "$MQTT/JSA/#",
+            "$MQTT/rmsgs",
+            "$MQTT/+/#",
+        ):
+            assert spy.subscribe(spying, qos=0) == 128, spying
+    services.send_dm(on(cluster, 1, "alice"), "bob", ChatMessage(text="for bob only"))
+    assert decode(bytes(bob.expect(T.dm("bob", "alice")).payload)).text == "for bob only"  # type: ignore[union-attr]
+    assert [m.topic for spy in spies for m in spy.silent(0.5)] == []
+
+
 def test_dm_crosses_nodes_and_others_cannot_read_it(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
     bob = raw(3, "bob")
     bob.subscribe(T.user_filter("bob"))

@@ -71,13 +71,16 @@ from imcli.groups.natsprobe import RELOAD_WAIT, ReloadProbe
 log = logging.getLogger(__name__)
 
 ACCOUNT = "IM"
-# nats-server's own MQTT subjects: an MQTT client must be allowed to subscribe them (a QoS 1
-# subscription is a JetStream consumer delivering to ``$MQTT.sub.<id>``), never to publish there:
-# 2.9.10 checks no '$' in an MQTT PUBLISH's topic, so ``$MQTT/rmsgs`` put a forged retained record
-# (any topic, any payload, any publisher named) into every node's retained messages, and a forged
-# ``$MQTT.JSA.<id>.RD`` a cleared one (tests/test_nats.py, test_nobody_forges_a_retained_message).
-MQTT_INTERNAL = "$MQTT.>"
-DEBOUNCE = 0.3  # seconds: changes within this are one reload (each reload reconnects every client)
+# nats-server's own MQTT subjects: an MQTT client must be allowed to subscribe its deliveries (a QoS 1
+# subscription is a JetStream consumer delivering to ``$MQTT.sub.<id>``), and nothing else there:
+# 2.9.10 checks no '$' in an MQTT topic, so a SUBSCRIBE to ``$MQTT/msgs/#`` read every QoS 1 message
+# as the node stored it (everyone's DMs, group lines, requests), ``$MQTT/JSA/#`` the JetStream API's
+# answers (stored messages among them), and a PUBLISH to ``$MQTT/rmsgs`` put a forged retained record
+# (any topic, any payload, any publisher named) into every node's retained messages, a forged
+# ``$MQTT.JSA.<id>.RD`` cleared one (tests/test_nats.py: test_nobody_reads_others_messages_through_nats_…
+# and test_nobody_forges_a_retained_message_through_nats_internal_subjects).
+MQTT_INTERNAL = "$MQTT.sub.>"
+DEBOUNCE = 0.3  # seconds: changes within this are one reload (each makes every node parse the users file)
 POLL = 2.0  # seconds between looks at the password file
 STAMP_TOPIC = "imcli-reload/{stamp}"  # outside the prefix: no user's or service's rights match it
 # A user whose connections must end lives here for one reload: nats-server closes the connections of a
