@@ -229,7 +229,7 @@ def _nick(chat: ChatSession, rest: str) -> list[Output]:
 @command("/history [N]", "the last N messages here (default 20)")
 def _history(chat: ChatSession, rest: str) -> list[Output]:
     (count,) = args(rest, "/history [N]", 0, 1) or ["20"]
-    if not count.isdigit():
+    if not (count.isascii() and count.isdigit()):
         raise InvalidInput(f"invalid count {count!r}", "/history [N], N from 1 to 1000")
     page = services.ask_history(chat.listener, chat.here, int(count))
     if not page.messages:

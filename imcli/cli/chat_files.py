@@ -50,7 +50,7 @@ class ChatFiles:
 
     def get(self, n: str) -> FileInfo:
         with self._lock:
-            if not n.isdigit() or not 1 <= int(n) <= len(self.shown):
+            if not (n.isascii() and n.isdigit()) or not 1 <= int(n) <= len(self.shown):
                 count = len(self.shown)
                 raise InvalidInput(f"no file {n} here", f"files are numbered 1 to {count}" if count else "none yet")
             return self.shown[int(n) - 1]

@@ -258,7 +258,7 @@ def parse_since(text: str, now: float) -> float:
     import datetime as dt
 
     value = text.strip()
-    if value[:-1].isdigit() and value[-1:] in _UNITS:
+    if value[:-1].isascii() and value[:-1].isdigit() and value[-1:] in _UNITS:
         return now - int(value[:-1]) * _UNITS[value[-1]]
     today = dt.datetime.fromtimestamp(now).date()
     for fmt, on_today in (("%H:%M", True), ("%Y-%m-%d", False), ("%Y-%m-%d %H:%M", False), ("%Y-%m-%dT%H:%M", False)):

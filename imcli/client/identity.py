@@ -127,6 +127,6 @@ def max_payload_bytes() -> int:
     raw = os.environ.get("IMCLI_MAX_PAYLOAD")
     if raw is None:
         return DEFAULT_MAX_PAYLOAD
-    if not raw.isdigit() or int(raw) < 64:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 64:
         raise InvalidInput(f"invalid IMCLI_MAX_PAYLOAD {raw!r}", "give a number of bytes, at least 64")
     return int(raw)

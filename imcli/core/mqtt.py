@@ -93,7 +93,7 @@ def _endpoint(part: str, port: int) -> tuple[str, int]:
     if not sep:
         host, digits = text, str(port)
     host = host.removeprefix("[").removesuffix("]")
-    if not host or not digits.isdigit() or not 0 < int(digits) < 65536:
+    if not host or not (digits.isascii() and digits.isdigit()) or not 0 < int(digits) < 65536:
         raise InvalidInput(f"invalid broker address {part!r}", "give host or host:port, several separated by commas")
     try:  # what the resolver is given (socket.getaddrinfo): else a UnicodeError, and a traceback, at connect
         host.encode("idna")
