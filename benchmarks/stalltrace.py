@@ -12,7 +12,8 @@ a shared machine uses none, so the figures are the broker's own work, not the ma
 - every round of the loop (``BaseEventLoop._run_once``: ``select()``, the timers due, then the
   callbacks made ready, back to back) that used ``--ms`` or more: its callbacks by kind (CPU ms,
   count) and what the round used outside them (the loop's own upkeep: the timer heap, the
-  selector's events), so that many short callbacks of one kind at once name themselves too;
+  selector's events), so that many short callbacks of one kind at once name themselves too, and
+  asyncio's timers before it (scheduled, of which cancelled: past half, the round rebuilds the heap);
 - every collection of the cyclic collector that used ``--ms`` or more (its generation);
 - every ``PROFILE_EVERY`` seconds, each kind of callback (a task's coroutine, a function) whose
   longest call used 0.5 ms or more since the last: its calls, CPU and longest (every periodic job
@@ -121,11 +122,14 @@ class Tracer:
                 once(loop)
                 return
             tracer.round.clear()
+            # asyncio's timers before the round: how many, how many of them cancelled (past half, the
+            # round rebuilds the heap: ``BaseEventLoop._run_once``, asyncio private, read only)
+            timers, cancelled = len(loop._scheduled), loop._timer_cancelled_count  # type: ignore[attr-defined]
             cpu, collecting = clock(), tracer.collecting
             once(loop)
             used = clock() - cpu
             if used >= tracer.limit:
-                tracer._slow_round(used, tracer.collecting - collecting)
+                tracer._slow_round(used, tracer.collecting - collecting, (timers, cancelled))
             if time.monotonic() - tracer._profiled >= PROFILE_EVERY:
                 tracer.profile()
 
@@ -141,7 +145,7 @@ class Tracer:
         asyncio.base_events.BaseEventLoop._run_once = once  # type: ignore[attr-defined]
         gc.callbacks.remove(self._collection)
 
-    def _slow_round(self, used: float, collecting: float) -> None:
+    def _slow_round(self, used: float, collecting: float, timers: tuple[int, int]) -> None:
         kinds: dict[str, list[float]] = {}
         for cpu, callback in self.round:
             k = kinds.setdefault(kind(callback), [0.0, 0])
@@ -153,6 +157,7 @@ class Tracer:
             "at": time.time(), "what": "round", "cpu_ms": round(used * 1000, 2), "callbacks": len(self.round),
             "outside_callbacks_ms": round((used - in_callbacks) * 1000, 2), "gc_ms": round(collecting * 1000, 2),
             "by_kind": [[name, round(c * 1000, 2), int(n)] for name, (c, n) in top],
+            "timers_before": timers[0], "cancelled_timers_before": timers[1],
         })  # fmt: skip
         self.round.clear()
 
