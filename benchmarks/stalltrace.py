@@ -40,7 +40,7 @@ from typing import Any, TextIO
 
 TRACE_MS = 10.0  # callbacks, rounds and collections that use this much CPU or more are written
 TOP = 12  # the longest of each kind that ``read`` reports
-PROFILE_EVERY = 60.0  # seconds between two records of every kind of callback's calls, CPU and longest
+PROFILE_EVERY = 10.0  # seconds between two records of every kind of callback's calls, CPU and longest
 
 
 def describe(handle: asyncio.Handle) -> str:
