@@ -17,6 +17,7 @@ import pytest
 from imcli.broker import teardown
 from imcli.broker.accounts import AccountStore
 from imcli.broker.limits import Limits
+from imcli.broker.reader import PacketReader
 from imcli.broker.session_sweep import forgettable
 from imcli.broker.settings import BrokerSettings
 from imcli.broker.teardown import TeardownGate
@@ -153,16 +154,16 @@ def test_a_ping_read_with_many_ends_is_answered_before_most_of_them(
     leaving = [_connect(broker, NAMES[i % 4], f"{NAMES[i % 4]}:leave{i}") for i in range(count)]
     handlers = [_handler(broker, f"{NAMES[i % 4]}:leave{i}") for i in range(count)]
     seen: list[tuple[int, int]] = []  # (ends gone on, sessions marked ended) when the PINGREQ was handled
-    with _connect(broker, "alice", "alice:probe") as probe:
-        probe_handler = _handler(broker, "alice:probe")
-        pingreq = probe_handler.handle_pingreq
+    small = PacketReader._small  # a PINGREQ is answered there (imcli/broker/reader.py)
 
-        async def recorded(packet: Any) -> None:
+    def recorded(reader: PacketReader, first: int, buffer: bytearray, start: int, answers: bytearray) -> None:
+        if first == 0xC0:  # the probe's PINGREQ (the others send only their DISCONNECT)
             ended = sum(1 for h in handlers if h.session is None or not h.session.transitions.is_connected())
             seen.append((sum(1 for h in handlers if h._stopped), ended))
-            await pingreq(packet)
+        small(reader, first, buffer, start, answers)
 
-        probe_handler.handle_pingreq = recorded
+    monkeypatch.setattr(PacketReader, "_small", recorded)
+    with _connect(broker, "alice", "alice:probe") as probe:
         with loop_held(broker):
             for sock in leaving:
                 sock.sendall(DISCONNECT)
