@@ -240,15 +240,28 @@ class PacketReader:
         await handler.stop()
 
     def _hook(self) -> Callable[[], None]:
-        """``_arrived`` in front of the stream's protocol (the transport looks its protocol's
-        ``data_received`` up at every read); returns what takes it away."""
-        protocol = self._guard.transport.get_protocol()
+        """``_arrived`` in front of the stream's protocol; returns what takes it away.
+
+        asyncio's transports (selector and TLS) look their protocol's ``data_received`` up at every
+        read, so the instance's attribute is enough. uvloop's TCP transport keeps the bound method
+        it found when its protocol was set (``UVBaseTransport._set_protocol``): without a new
+        ``set_protocol``, ``_arrived`` was never called under uvloop (the PUBACKs and the parked
+        DISCONNECTs went the slow way). ``set_protocol`` with the same protocol makes it look again;
+        the transport is asked only when it is not asyncio's own, whose behaviour stays as it was."""
+        transport = self._guard.transport
+        protocol = transport.get_protocol()
         if not isinstance(protocol, asyncio.StreamReaderProtocol):
             return lambda: None
+        caches = not type(transport).__module__.startswith("asyncio.")
         protocol.data_received = partial(self._arrived, protocol.data_received)  # type: ignore[method-assign]
+        if caches:
+            transport.set_protocol(protocol)
 
         def unhook() -> None:
             del protocol.data_received  # the class's own again
+            # a closing uvloop transport drops its protocol (and the hook) once the connection is lost
+            if caches and not transport.is_closing():
+                transport.set_protocol(protocol)
 
         return unhook
 
@@ -298,8 +311,10 @@ class PacketReader:
 
     def _pause(self) -> None:
         transport = self._guard.transport
-        if isinstance(transport, asyncio.ReadTransport) and not transport.is_closing():
-            transport.pause_reading()
+        # looked up, not isinstance(asyncio.ReadTransport): uvloop's transports are none of asyncio's classes
+        pause = getattr(transport, "pause_reading", None)
+        if pause is not None and not transport.is_closing():
+            pause()
 
     def _resume(self, feed: Callable[[bytes], None], data: bytes) -> None:
         """The parked DISCONNECT's turn: to the stream, unless the connection ended meanwhile."""
