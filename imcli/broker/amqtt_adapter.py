@@ -166,6 +166,20 @@ class AckAfterJournal(BrokerProtocolHandler):
         self.in_flight = InFlight()  # the fan-out's QoS 1 copies awaiting their PUBACK (fanout.py)
         self._retrying: set[asyncio.Task[Any]] = set()  # amqtt's flows of messages sent again (_retry_deliveries)
 
+    def attach(self, session: Session, reader: Any, writer: Any) -> None:
+        super().attach(session, reader, writer)
+        # No write timer (issue 21: no stall over 50 ms). amqtt arms one per connection for its
+        # ``handle_write_timeout``, which does nothing on a broker's side, and moves it at every packet
+        # it writes (a PINGRESP, a SUBACK, a PUBACK: ``_send_packet`` cancels it and calls
+        # ``call_later`` again). A cancelled timer stays in asyncio's heap until half the heap is
+        # cancelled; then one round rebuilds the heap from all of them (``BaseEventLoop._run_once``,
+        # ``heapify`` comparing timers in Python): joining 10,000 users with a PINGREQ every 30 s,
+        # 28,663 timers of which 14,347 cancelled took one round 32.5 ms of CPU outside any callback,
+        # and such a round came every 30 to 40 s (``--trace-stalls``, benchmarks/stalltrace.py).
+        # The read timeout is the reader's own (reader.PacketReader; amqtt's _reader_loop, for the
+        # WebSocket, reads ``session.keep_alive``), not this attribute.
+        self.keepalive_timeout = None
+
     async def stop(self) -> None:
         # asked up to four times per connection (its reader's end, the message loop's disconnect, the
         # ended session's cleanup, a take-over), amqtt's did all its work each time: 22 debug lines

@@ -11,8 +11,15 @@ the messages of one publisher were fanned out one per round (one ``send`` per co
 
 ``PacketReader.run`` replaces that loop for stream connections:
 
-* it reads whatever the socket has (up to ``READ_SIZE``) and handles every complete packet in
-  it, in order, before it reads again; what is left of a packet waits for the next bytes;
+* the bytes the transport reads go straight into the reader's own buffer (``_arrived``, in the
+  transport's callback), and the reader's task is woken only once the buffer holds a whole packet
+  (or one it must refuse); it then handles every complete packet in it, in order; what is left of
+  a packet waits for the next bytes. The connection's ``StreamReader`` carries only its end (EOF,
+  or the error that ended it), and what it held when the reader began (after the CONNECT). A
+  file's 256 KiB chunk came in four to five reads of 64 KiB, each a step of this task and two
+  more copies (into the ``StreamReader``'s buffer, out of it), and past 128 KiB the
+  ``StreamReader`` paused and resumed its transport (two ``epoll_ctl``) for every chunk (issue 16);
+  the transport is paused only while the buffer holds a whole packet and ``INPUT_HIGH`` bytes;
 * each packet is checked exactly as ``PacketGuard`` checks it (``check_packet``: the grammar,
   the size limit as soon as the fixed header is known, a started packet complete within the
   guard's ``timeout``) before amqtt decodes it from its own bytes; a malformed one ends the
@@ -90,7 +97,8 @@ from imcli.core.framing import MalformedLength, decode_length
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 1 << 16  # bytes asked of the socket's buffer at once
+READ_SIZE = 1 << 16  # bytes asked of the stream at once (only where the reader cannot hook its protocol)
+INPUT_HIGH = 1 << 18  # bytes held, a whole packet among them, past which the transport stops reading
 # a PUBLISH this long is a file's chunk (issue 16: chat and every other payload keep to 16 KiB by
 # default, a chunk is up to 256 KiB): before handling one, the reader lets the loop run what it
 # already knows of first (``_handle_publish``): a chat message must not wait behind a chunk in hand
@@ -130,6 +138,21 @@ def only_pubacks(data: bytes) -> bool:
         if data[at] != 0x40 or data[at + 1] != 2 or not (data[at + 2] or data[at + 3]):
             return False
     return True
+
+
+def take_buffered(stream: asyncio.StreamReader, transport: Any) -> bytes:
+    """What ``stream`` holds already (what the client sent with its CONNECT, read by amqtt through
+    the stream), taken out of it, and its transport reading again if the stream had paused it. The
+    one place that reaches into ``asyncio.StreamReader``'s private buffer: it has no public way to
+    take what it holds without waiting when it holds nothing (``PacketReader._hook``)."""
+    buffered: bytearray | None = getattr(stream, "_buffer", None)
+    if not buffered:
+        return b""
+    data = bytes(buffered)
+    buffered.clear()
+    if isinstance(transport, asyncio.ReadTransport) and not transport.is_closing():
+        transport.resume_reading()  # a no-op unless the stream paused it
+    return data
 
 
 class StreamGuard(PacketGuard):
@@ -175,12 +198,15 @@ class PacketReader:
         self._turned = False  # the connection's end has had its turn (a DISCONNECT parked in _arrived)
         self._ended = False  # run's read loop is over
         self._recorded = 0  # the journal's rows recorded up to this connection's last PUBLISH (Journal.recorded)
+        self._direct = False  # the transport's bytes come straight into _buffer (_hook): see _arrived
+        self._wake: asyncio.Future[None] | None = None  # what _more waits on, in direct mode
+        self._input_paused = False  # the transport paused by _arrived (INPUT_HIGH), resumed by run
         keep_alive = handler.session.keep_alive if handler.session is not None else 0
         self._keep_alive: float | None = keep_alive if keep_alive and keep_alive > 0 else None
 
     async def run(self) -> None:
         """Read until the connection ends; then end the handler as amqtt's loop does."""
-        handler, stream, readable = self._handler, self._guard.stream, self._guard.readable
+        handler, readable = self._handler, self._guard.readable
         handler._reader_ready.set()  # amqtt private (AMQTT_PRIVATE): start() waits for it
         self._arm()
         unhook = self._hook()
@@ -192,18 +218,8 @@ class PacketReader:
                 if self._held:  # complete packets left in the buffer while reading was paused
                     await self._handle_buffer()
                     continue
-                self._waiting = True
-                try:
-                    data = await stream.read(READ_SIZE)
-                finally:
-                    self._waiting = False
-                if not data:
-                    if self._expired is not None:  # the deadline aborted the transport
-                        log.warning("%s: reader ended: %s", self._client_id, self._expired)
+                if not await self._read():
                     break
-                self._heard = self._loop.time()
-                self._buffer += data
-                await self._handle_buffer()
         except asyncio.CancelledError:
             log.debug("reader of %s cancelled", self._client_id)
             cancelled = True
@@ -227,6 +243,34 @@ class PacketReader:
                 task.cancel()
         await self._end(cancelled)
 
+    async def _read(self) -> bool:
+        """Handle what the buffer holds, or wait for more; false once the stream has ended."""
+        stream = self._guard.stream
+        if self._direct:
+            if self._ready():
+                await self._handle_buffer()
+                return True
+            exc = stream.exception()
+            if exc is not None:
+                raise exc
+            if not stream.at_eof():
+                await self._more()
+                return True
+        else:
+            self._waiting = True
+            try:
+                data = await stream.read(READ_SIZE)
+            finally:
+                self._waiting = False
+            if data:
+                self._heard = self._loop.time()
+                self._buffer += data
+                await self._handle_buffer()
+                return True
+        if self._expired is not None:  # the deadline aborted the transport
+            log.warning("%s: reader ended: %s", self._client_id, self._expired)
+        return False
+
     async def _end(self, cancelled: bool) -> None:
         """End the handler once this connection's turn comes (imcli/broker/teardown.py: a slice of
         connections a loop round, so that a packet of another client read meanwhile is not handled
@@ -245,16 +289,87 @@ class PacketReader:
 
     def _hook(self) -> Callable[[], None]:
         """``_arrived`` in front of the stream's protocol (the transport looks its protocol's
-        ``data_received`` up at every read); returns what takes it away."""
+        ``data_received``, ``eof_received`` and ``connection_lost`` up at every call), and what the
+        stream holds already (bytes that came with the CONNECT) into the reader's buffer; returns
+        what takes the hooks away (they and the protocol hold each other)."""
         protocol = self._guard.transport.get_protocol()
         if not isinstance(protocol, asyncio.StreamReaderProtocol):
             return lambda: None
+        self._direct = True
+        self._buffer += take_buffered(self._guard.stream, self._guard.transport)
         protocol.data_received = partial(self._arrived, protocol.data_received)  # type: ignore[method-assign]
+        protocol.eof_received = partial(self._ended_by, protocol.eof_received)  # type: ignore[method-assign]
+        protocol.connection_lost = partial(self._ended_by, protocol.connection_lost)  # type: ignore[method-assign]
 
         def unhook() -> None:
-            del protocol.data_received  # the class's own again
+            del protocol.data_received, protocol.eof_received, protocol.connection_lost  # the class's own again
 
         return unhook
+
+    def _ended_by(self, method: Callable[..., Any], *args: Any) -> Any:
+        """The protocol's end of stream or loss (its stream now says which), then the reader woken."""
+        try:
+            return method(*args)
+        finally:
+            self._wake_up()
+
+    def _ready(self) -> bool:
+        """Whether the buffer starts with a whole packet, or with one the reader must refuse (its
+        length malformed or over the limit): what is worth waking the reader's task for."""
+        buffer = self._buffer
+        if len(buffer) < 2:
+            return False
+        try:
+            header = decode_length(buffer, 1)
+        except MalformedLength:
+            return True
+        if header is None:
+            return False
+        length, start = header
+        limit = self._guard.limit
+        return start + length <= len(buffer) or (limit is not None and length > limit)
+
+    async def _more(self) -> None:
+        """Until ``_arrived`` has a whole packet, or the stream ends; the transport reads meanwhile."""
+        if self._input_paused:
+            self._input_paused = False
+            transport = self._guard.transport
+            if isinstance(transport, asyncio.ReadTransport) and not transport.is_closing():
+                transport.resume_reading()
+        self._unfinished(bool(self._buffer))
+        self._wake = self._loop.create_future()
+        self._waiting = True
+        try:
+            await self._wake
+        finally:
+            self._waiting = False
+            self._wake = None
+
+    def _wake_up(self) -> None:
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+        self._waiting = False
+
+    def _take(self, feed: Callable[[bytes], None], data: bytes) -> None:
+        """``data`` read: into the reader's buffer (the task woken once a whole packet is there, the
+        transport paused if the reader is behind), or, where the reader could not hook, the stream's."""
+        if not self._direct:
+            self._waiting = False  # the task is woken: what follows waits for it, in order
+            feed(data)
+            return
+        self._heard = self._loop.time()
+        self._buffer += data
+        if not self._ready():
+            self._unfinished(True)  # a packet begun: it has the guard's timeout to be complete
+            return
+        if self._wake is not None:  # the task waits in _more (a parked DISCONNECT's too)
+            self._wake_up()
+        elif len(self._buffer) >= INPUT_HIGH and not self._input_paused:
+            transport = self._guard.transport
+            if isinstance(transport, asyncio.ReadTransport) and not transport.is_closing():
+                self._input_paused = True
+                transport.pause_reading()
 
     def _arrived(self, feed: Callable[[bytes], None], data: bytes) -> None:
         """The connection's data, where the transport hands it over (its protocol's ``data_received``).
@@ -266,7 +381,7 @@ class PacketReader:
         alone in their read: each was a callback and a task step, now one callback (a room's
         message to 50 listeners: 50 task steps fewer, which a DM read just after them no longer
         waits behind; issue 21, docs/PERFORMANCE.md). Anything else goes to the stream, as ever."""
-        if self._waiting and only_pubacks(data):
+        if self._waiting and not self._buffer and only_pubacks(data):
             self._heard = self._loop.time()
             for at in range(2, len(data), 4):
                 self._puback(data[at] << 8 | data[at + 1])
@@ -274,8 +389,7 @@ class PacketReader:
         if self._waiting and data == GOODBYE and not self._buffer and self._gate is not None:
             self._park(feed, data)
             return
-        self._waiting = False  # the task is woken: what follows waits for it, in order
-        feed(data)
+        self._take(feed, data)
 
     def _park(self, feed: Callable[[bytes], None], data: bytes) -> None:
         """A DISCONNECT alone in its read, everything before it handled: when 10,000 users leave at
@@ -291,7 +405,7 @@ class PacketReader:
         assert gate is not None
         if gate.turn_now():
             self._turned = True
-            feed(data)
+            self._take(feed, data)
             return
         if hasattr(handler, "say_goodbye"):
             packet = DisconnectPacket(MQTTFixedHeader(DISCONNECT, 0, 0))
@@ -309,7 +423,7 @@ class PacketReader:
         """The parked DISCONNECT's turn: to the stream, unless the connection ended meanwhile."""
         self._turned = True
         if not self._ended and not self._guard.transport.is_closing():
-            feed(data)
+            self._take(feed, data)
 
     @property
     def _client_id(self) -> str:
