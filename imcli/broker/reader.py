@@ -25,9 +25,12 @@ the messages of one publisher were fanned out one per round (one ``send`` per co
   guard's ``timeout``) before amqtt decodes it from its own bytes; a malformed one ends the
   connection;
 * a QoS 0 or 1 PUBLISH read while nothing the client sent before waits is handled here, in this
-  callback (its checks, its fan-out, its copies written, its journal, then its PUBACK:
+  callback (its checks, its fan-out, its copies written, its row handed to the journal:
   ``AckAfterJournal.may_deliver_now``), up to ``client_loop.FAIR_SHARE`` of one read; the rest
   wait for the connection's message loop, in order, as before;
+* the PUBACKs of a read are written once the journal's thread has committed the rows recorded
+  until then (imcli/broker/journal.py), and a packet with an answer of its own (PINGREQ,
+  SUBSCRIBE, ...) is handled only once they are: no answer overtakes them;
 * a file's chunk (a PUBLISH of ``BULK`` bytes or more) is handled only after what the loop
   already knows of (its ready callbacks, the sockets its next look finds readable): a chat
   message read with it, or arriving while it waited, goes first (issue 16);
@@ -204,6 +207,7 @@ class PacketReader:
         self._gate = getattr(handler, "teardown_gate", None)  # teardown.TeardownGate: see _end
         self._turned = False  # the connection's end has had its turn (a DISCONNECT parked in _arrived)
         self._ended = False  # run's read loop is over
+        self._recorded = 0  # the journal's rows recorded up to this connection's last PUBLISH (Journal.recorded)
         self._direct = False  # the transport's bytes come straight into _buffer (_hook): see _arrived
         self._wake: asyncio.Future[None] | None = None  # what _more waits on, in direct mode
         self._input_paused = False  # the transport paused by _arrived (INPUT_HIGH), resumed by run
@@ -507,18 +511,44 @@ class PacketReader:
         if end - start >= BULK:
             await asyncio.sleep(AFTER_OTHERS)
         await self._dispatch(first, b"", self._publish(first, buffer, start, end))
+        if (journal := self._handler.journal) is not None:
+            self._recorded = journal.recorded  # its row, if any, is among them (answers wait for it)
 
     def _answer(self) -> None:
-        """Write the PUBACKs gathered so far (before any other answer, which must not overtake them)."""
+        """Write the PUBACKs gathered so far (before any other answer, which must not overtake them)
+        once the journal has committed every row recorded until now (imcli/broker/journal.py: a
+        PUBACK never goes out before its message is kept), in the order they were read."""
         answers = self._handler.answers
         if answers:
-            writer = self._handler.writer
-            try:
-                if writer is not None:
-                    writer.write(bytes(answers))
-            except (ConnectionError, RuntimeError) as exc:  # closing: the read ends the connection
-                log.debug("%s: answers to a closing connection dropped: %s", self._client_id, exc)
+            data = bytes(answers)
             answers.clear()
+            journal = self._handler.journal
+            if journal is None:
+                self._write_answers(data, True)
+            else:
+                journal.after_commit(partial(self._write_answers, data), self._recorded)
+
+    async def _answers_first(self) -> None:
+        """The PUBACKs gathered so far written (``_answer``) before a packet with an answer of its own
+        is handled: that answer, written by another path, would overtake them, or come before a line
+        this connection sent is kept."""
+        self._answer()
+        journal = self._handler.journal
+        if journal is not None and not journal.is_kept(self._recorded):
+            await journal.committed(self._recorded)
+
+    def _write_answers(self, data: bytes, kept: bool) -> None:
+        writer, transport = self._handler.writer, self._guard.transport
+        if writer is None or transport.is_closing():  # its end: the client sends them again
+            return
+        if not kept:  # the journal's batch failed: not acknowledged, and the client sends them again
+            log.error("%s: closed: the journal could not keep its messages", self._client_id)
+            transport.abort()
+            return
+        try:
+            writer.write(data)
+        except (ConnectionError, RuntimeError) as exc:  # closing: the read ends the connection
+            log.debug("%s: answers to a closing connection dropped: %s", self._client_id, exc)
 
     def _puback(self, packet_id: int) -> None:
         if not packet_id:
@@ -559,7 +589,7 @@ class PacketReader:
         header = MQTTFixedHeader(kind, first & 0x0F, len(body))
         handler = self._handler
         if kind != PUBLISH or first & 0x06 == 0x04:  # its answer, if any, is written by another path
-            self._answer()
+            await self._answers_first()
         if kind in (SUBSCRIBE, UNSUBSCRIBE):  # after the messages read before it (see below)
             await self._until(handler.session.delivered_message_queue.empty)
         try:
