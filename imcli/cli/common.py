@@ -259,7 +259,8 @@ def parse_since(text: str, now: float) -> float:
 
     value = text.strip()
     if value[:-1].isascii() and value[:-1].isdigit() and value[-1:] in _UNITS:
-        return now - int(value[:-1]) * _UNITS[value[-1]]
+        ago = int(value[:-1]) * _UNITS[value[-1]]  # any size: longer ago than 1970 is since the start
+        return now - ago if ago < now else 0.0
     today = dt.datetime.fromtimestamp(now).date()
     for fmt, on_today in (("%H:%M", True), ("%Y-%m-%d", False), ("%Y-%m-%d %H:%M", False), ("%Y-%m-%dT%H:%M", False)):
         try:
@@ -268,5 +269,8 @@ def parse_since(text: str, now: float) -> float:
             continue
         if on_today:
             parsed = dt.datetime.combine(today, parsed.time())
-        return parsed.timestamp()
+        try:
+            return max(0.0, parsed.timestamp())  # a date before 1970: since the start
+        except (ValueError, OverflowError, OSError):  # year 1: before any local time the platform knows
+            return 0.0
     raise InvalidInput(f"invalid time {text!r}", "give a duration (30m, 2h, 3d) or a time (2026-11-23 09:30)")
