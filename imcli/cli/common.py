@@ -112,6 +112,7 @@ def tidy_help(command: Any) -> None:
         else:
             shown = param.display_type_rich
             param.display_type_rich = lambda ctx, shown=shown: _TYPE_NAMES.get(t := shown(ctx), t.strip("<>").upper())
+        param.process_value = _finite(param.process_value)
         if param.help and "{default_data_dir}" in param.help:
             from imcli.client.config import default_data_dir
 
@@ -124,6 +125,23 @@ def tidy_help(command: Any) -> None:
         command.short_help = " ".join(command.help.split("\n\n")[0].split())
     for sub in getattr(command, "commands", {}).values():
         tidy_help(sub)
+
+
+def _finite(process: Any) -> Any:
+    """A parameter's conversion that refuses ``nan`` and ``inf``: Typer turns them into floats like
+    any number, and ``--max-rate nan`` was a traceback far from the option (every float option of
+    every command, since ``tidy_help`` walks them all)."""
+
+    def finite(ctx: Any, value: Any) -> Any:
+        import math
+
+        value = process(ctx, value)
+        for number in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(number, float) and not math.isfinite(number):
+                raise typer.BadParameter(f"a finite number is needed, not {number}")
+        return value
+
+    return finite
 
 
 def usage_error(exc: Any) -> InvalidInput:
