@@ -153,6 +153,7 @@ class AckAfterJournal(BrokerProtocolHandler):
     goodbye: DisconnectPacket | None = None  # the DISCONNECT read, taking effect at the connection's end
     teardown_gate: TeardownGate | None = None  # the broker's: when the end may go on (reader.PacketReader)
     answers: bytearray | None = None  # PUBACKs for the packets of one read, while its reader handles them
+    journal: Journal | None = None  # the broker's: answers wait for its commits (imcli/broker/journal.py)
     _stopping: asyncio.Event | None = None  # a stop() under way; set when it ends (done or cancelled)
     _stopped = False  # stop() has done its work (it does it once)
     _disconnect_waiter: asyncio.Future[Any] | None  # amqtt's (AMQTT_PRIVATE), set by its start()
@@ -427,6 +428,9 @@ class AckAfterJournal(BrokerProtocolHandler):
             await self.session.delivered_message_queue.put(app_message)
             self.answers += b"\x40\x02" + app_message.packet_id.to_bytes(2, "big")
             return
+        if app_message.direction == INCOMING and self.journal is not None and not await self.journal.committed():
+            log.error("%s: not acknowledged: the journal could not keep it", self.session and self.session.client_id)
+            return  # (a WebSocket connection) its sender sends it again when it comes back
         await super()._handle_qos1_message_flow(app_message)
 
     async def _handle_qos2_message_flow(self, app_message: Any) -> None:
@@ -672,6 +676,7 @@ class ImBroker(Broker):
             handler.before_ack, handler.max_unreleased = self._before_ack, self.settings.limits.max_unreleased
             handler.deliver_now = self.deliver_now
             handler.teardown_gate = self.teardown  # imcli/broker/teardown.py
+            handler.journal = self._journal  # its answers wait for the journal's commits
             handler.will = will_of(incoming)  # imcli/broker/wills.py
         return handler, session
 
