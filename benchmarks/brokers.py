@@ -261,9 +261,12 @@ def start_embedded(users: int, *, production: bool = False, trace_stalls: bool =
         _read_port(proc, r"listening on 127\.0\.0\.1:(\d+)")  # said once its workers run
         return proc
 
+    from imcli.serve import loops  # its event loop: IMCLI_LOOP, which imcli serve reads too (--loop)
+
     proc = launch()
     broker = Broker(
-        "embedded", port, [proc], workdir, has_presence=True, note="imcli serve: broker + workers", relaunch=launch,
+        "embedded", port, [proc], workdir, has_presence=True, relaunch=launch,
+        note=f"imcli serve ({loops.chosen_loop()} loop, IMCLI_LOOP): broker + workers",
         passwords_file=passwords_file, log_path=log_path, trace_path=trace_path,
     )  # fmt: skip
     for child in _children(proc.pid):  # imcli serve runs its workers in a child process
