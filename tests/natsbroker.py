@@ -179,7 +179,7 @@ def started(make: Callable[[], ServiceWorker], tries: int = 3) -> ServiceWorker:
     exit and be restarted by systemd; here, try again."""
     for attempt in range(tries):
         worker = make()
-        worker.requests_at_most_once = True
+        worker.at_most_once = True
         try:
             worker.__enter__()
         except ImcliError:
