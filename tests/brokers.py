@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -379,3 +380,24 @@ ALL = (_broker_kind(["amqtt", "mosquitto", "nats"]), broker_under_test, server, 
 # parametrised directly, which overrides the fixture's params): for a test about ``imcli serve``
 # or the embedded broker itself, or one that never reaches a broker. Say why in a comment above it.
 EMBEDDED_ONLY = pytest.mark.parametrize("broker_kind", ["amqtt"], indirect=True)
+
+
+@contextlib.contextmanager
+def loop_held(info: ServeInfo) -> Iterator[None]:
+    """The embedded broker's loop held in one callback while the block runs: what the block writes
+    to the broker's sockets meanwhile, its next look finds readable at once, in the order written
+    (the tests of the reader's and the teardown gate's ordering: tests/test_deliver_at_once.py,
+    tests/test_teardown.py)."""
+    assert info.broker is not None
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        release.wait(10)
+
+    info.broker._loop.call_soon_threadsafe(hold)  # amqtt private: the broker's loop
+    try:
+        assert held.wait(10)
+        yield
+    finally:
+        release.set()

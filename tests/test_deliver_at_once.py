@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import sqlite3
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from imcli.broker.limits import Limits
 from imcli.broker.settings import BrokerSettings
 from imcli.core.wire import Topics
 from imcli.serve.host import BackgroundServer, ServeInfo
+from tests.brokers import loop_held
 from tests.rawmqtt import chat, connect_packet, field, packet, password_of, publish_packet, read_packets, wait_until
 
 T = Topics()
@@ -222,19 +222,9 @@ def test_a_chat_message_read_with_a_file_chunk_goes_before_it(
     broker.broker.deliver_now = recorded  # type: ignore[method-assign]
     upload, line = T.upload("alice", "u" * 32), T.room("lobby", "bob")
     with _connect(broker, "alice", b"alice:raw") as alice, _connect(broker, "bob", b"bob:raw") as bob:
-        held, release = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            held.set()
-            release.wait(10)
-
-        broker.broker._loop.call_soon_threadsafe(hold)  # amqtt private: the broker's loop
-        try:
-            assert held.wait(10)
+        with loop_held(broker):
             alice.sendall(publish_packet(upload.encode(), bytes(8) + bytes(8000), qos=1, packet_id=1))
             bob.sendall(publish_packet(line.encode(), chat("hello"), qos=1, packet_id=1))
-        finally:
-            release.set()
         assert read_packets(alice, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
         assert read_packets(bob, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
     assert order == ([line, upload] if bulk else [upload, line])

@@ -23,7 +23,8 @@ from imcli.client import services
 from imcli.client.listener import Listener
 from imcli.core.errors import NameTaken, NotAllowed, NotFound
 from imcli.core.mqtt import Credentials
-from imcli.core.wire import GroupInfo, GroupList, GroupReply, encode
+from imcli.core.wire import ErrorReply, GroupInfo, GroupList, GroupReply, GroupRequest, encode
+from imcli.groups.book import MAX_REMOVED, GroupBook
 from imcli.groups.worker import GroupWorker
 from imcli.serve.host import BackgroundServer, ServeInfo
 from imcli.serve.workers import StoreDirectory
@@ -379,16 +380,75 @@ def test_restarted_group_worker_keeps_every_group(bare: tuple[ServeInfo, Callabl
     alice = ident(info, "alice")
     services.group_request(alice, "create", "secret", private=True)
     services.group_request(alice, "invite", "secret", user="bob")
+    services.group_request(alice, "create", "plaza")
+    services.group_request(alice, "invite", "plaza", user="bob")
+    services.group_request(alice, "kick", "plaza", user="bob")
     first.__exit__(None, None, None)
     second = make().__enter__()
     try:
         reply = services.group_request(ident(info, "bob"), "members", "secret")
         assert isinstance(reply, GroupReply) and reply.group is not None
         assert reply.group.members == ["alice", "bob"] and reply.group.private
+        with pytest.raises(NotAllowed):  # a removal outlives the worker's restart: it is in the record
+            services.group_request(ident(info, "bob"), "join", "plaza")
         with pytest.raises(NotFound):
             services.group_request(alice, "members", "never-made")
     finally:
         second.__exit__(None, None, None)
+
+
+# the refusal is the group worker's, the same on every broker (see test_group_errors)
+@pytest.mark.parametrize("broker_kind", ["amqtt", "mosquitto"], indirect=True)
+def test_a_removed_member_cannot_join_a_public_group_again_until_an_admin_adds_him(
+    server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli], raw: RawFactory
+) -> None:
+    """A kick from a public group that ``join`` undid at once would keep nobody out: the record
+    remembers who was removed, ``join`` refuses them (through the CLI and a raw request alike),
+    an invitation lets them in again, and a member who left on his own may come back."""
+    users("alice", "bob", "carol")
+    alice, bob, carol = cli_as("alice"), cli_as("bob"), cli_as("carol")
+    for cli, name in ((alice, "alice"), (bob, "bob"), (carol, "carol")):
+        cli.login(name)
+    assert alice("group", "create", "plaza").exit_code == 0
+    assert bob("group", "join", "plaza").exit_code == 0 and carol("group", "join", "plaza").exit_code == 0
+    assert alice("group", "kick", "plaza", "bob").exit_code == 0
+    refused = bob("group", "join", "plaza")
+    assert refused.exit_code == 1 and refused.stderr.startswith("Error: you were removed from #plaza ("), refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    with pytest.raises(NotAllowed):  # the same request as any MQTT client sends it
+        services.group_request(ident(server, "bob"), "join", "plaza")
+    spy = raw("carol", client_id="carol:raw")
+    assert spy.subscribe("im/group/plaza/info") == 1
+    record = GroupInfo.model_validate_json(spy.expect("im/group/plaza/info").payload)
+    assert (record.members, record.removed) == (["alice", "carol"], ["bob"])
+    bob_raw = raw("bob", client_id="bob:raw")
+    assert bob_raw.subscribe("im/group/+/msg/+") == 1
+    alice("group", "say", "plaza", "members only")
+    assert [m.topic for m in bob_raw.silent(0.3)] == []
+
+    assert carol("group", "leave", "plaza").exit_code == 0
+    assert carol("group", "join", "plaza").exit_code == 0  # leaving is not being removed
+    assert alice("group", "invite", "plaza", "bob").exit_code == 0
+    members = json.loads(bob("group", "members", "plaza", "--json").stdout)
+    assert members["members"] == ["alice", "carol", "bob"] and "removed" not in members
+    assert bob("group", "leave", "plaza").exit_code == 0
+    assert bob("group", "join", "plaza").exit_code == 0  # the invitation cleared the removal
+
+
+def test_a_groups_record_remembers_a_bounded_number_of_removed_members() -> None:
+    book = GroupBook()
+    book.apply("alice", GroupRequest(op="create", group="plaza"), 0.0)
+    assert b"removed" not in encode(book.records()[0])  # nobody removed: the record as before
+    names = [f"user{i}" for i in range(MAX_REMOVED + 5)]
+    for name in names:
+        book.apply(name, GroupRequest(op="join", group="plaza"), 1.0)
+        book.apply("alice", GroupRequest(op="kick", group="plaza", user=name), 1.0)
+    [record] = book.records()
+    assert record.removed == names[-MAX_REMOVED:] and record.members == ["alice"]
+    refused = book.apply(names[-1], GroupRequest(op="join", group="plaza"), 2.0).reply
+    assert isinstance(refused, ErrorReply) and refused.code == "denied"
+    forgotten = book.apply(names[0], GroupRequest(op="join", group="plaza"), 2.0).reply  # the oldest, forgotten
+    assert isinstance(forgotten, GroupReply)
 
 
 def test_promoted_admin_may_invite_and_kick_but_not_remove_the_owner(

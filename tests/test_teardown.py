@@ -7,9 +7,7 @@ counts, its Last Will fires after what it sent)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from imcli.broker.settings import BrokerSettings
 from imcli.broker.teardown import TeardownGate
 from imcli.core.wire import Topics
 from imcli.serve.host import BackgroundServer, ServeInfo
+from tests.brokers import loop_held
 from tests.rawmqtt import chat, connect_packet, field, packet, password_of, publish_packet, read_packets, wait_until
 
 T = Topics()
@@ -81,25 +80,6 @@ def _subscribed(info: ServeInfo, name: str, client_id: str) -> socket.socket:
 def _handler(info: ServeInfo, client_id: str) -> Any:
     assert info.broker is not None
     return info.broker.session_table()[client_id][1]
-
-
-@contextlib.contextmanager
-def _loop_held(info: ServeInfo) -> Iterator[None]:
-    """The broker's loop held in one callback while the block writes: its next look finds every
-    socket written to meanwhile readable at once, in the order they were written."""
-    assert info.broker is not None
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        held.set()
-        release.wait(10)
-
-    info.broker._loop.call_soon_threadsafe(hold)  # amqtt private: the broker's loop
-    try:
-        assert held.wait(10)
-        yield
-    finally:
-        release.set()
 
 
 # ---------------------------------------------------------------- the gate alone
@@ -183,7 +163,7 @@ def test_a_ping_read_with_many_ends_is_answered_before_most_of_them(
             await pingreq(packet)
 
         probe_handler.handle_pingreq = recorded
-        with _loop_held(broker):
+        with loop_held(broker):
             for sock in leaving:
                 sock.sendall(DISCONNECT)
             probe.sendall(PINGREQ)
@@ -272,7 +252,7 @@ def test_a_will_fires_after_the_last_message_when_the_end_waits_for_its_turn(
         burst = b"".join(
             publish_packet(will_topic.encode(), chat(f"line {i}"), qos=1, packet_id=i) for i in range(1, 81)
         )
-        with _loop_held(broker):
+        with loop_held(broker):
             for sock in leaving:
                 sock.sendall(DISCONNECT)
             carol.sendall(burst)

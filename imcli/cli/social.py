@@ -139,13 +139,15 @@ def group_members(name: GroupArg, json_: JsonOpt = False, host: HostOpt = None, 
     from imcli.cli.render import shown
 
     if json_:
-        print(info.model_dump_json(ensure_ascii=True))
+        print(info.model_dump_json(ensure_ascii=True, exclude_none=True))  # as the record: "removed" only if any
         return
     out = console()
     out.print(_group_line(info))
     for member in info.members:
         role = "owner" if member == info.owner else "admin" if member in info.admins else ""
         out.print(f"  {shown(member)}" + (f"  ({role})" if role else ""))
+    if info.removed:
+        out.print(f"removed, back only if invited: {', '.join(shown(r) for r in info.removed)}", style="dim")
 
 
 @group_app.command("say")

@@ -398,6 +398,7 @@ class GroupInfo(WireModel):
     members: list[str]  # everyone, owner and admins included
     private: bool = False
     created: float
+    removed: list[str] | None = None  # kicked and not invited back since: ``join`` refuses them (newest last)
 
 
 GroupOp = Literal["create", "join", "leave", "invite", "kick", "promote", "members", "list"]

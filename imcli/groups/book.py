@@ -18,6 +18,7 @@ from imcli.core.wire import RESERVED_NAMES, ErrorReply, GroupInfo, GroupList, Gr
 DEFAULT_MAX_MEMBERS = 1000
 DEFAULT_MAX_OWNED = 50  # groups one account owns (issue 15)
 DEFAULT_CREATIONS_PER_MINUTE = 10  # groups one account creates per minute (issue 15)
+MAX_REMOVED = 200  # removed members a group's record remembers (the oldest forgotten first): its size stays bounded
 
 
 @dataclass
@@ -81,6 +82,8 @@ class GroupBook:
             return _missing(req)
         if user in info.members:
             return Outcome(GroupReply(id=req.id, group=info))
+        if user in (info.removed or ()):
+            return _error(req, "denied", f"you were removed from #{info.name}")
         if len(info.members) >= self.max_members:
             return _error(req, "denied", f"#{info.name} is full ({self.max_members} members)")
         new = info.model_copy(update={"members": [*info.members, user]})
@@ -115,7 +118,7 @@ class GroupBook:
             return _error(req, "invalid", f"{guest} is already a member of #{info.name}")
         if len(info.members) >= self.max_members:
             return _error(req, "denied", f"#{info.name} is full ({self.max_members} members)")
-        new = info.model_copy(update={"members": [*info.members, guest]})
+        new = info.model_copy(update={"members": [*info.members, guest], "removed": _without(info.removed, guest)})
         notices = [*_tell(info.members, f"{user} invited {guest} to #{info.name}"),
                    (guest, f"{user} added you to #{info.name}")]  # fmt: skip
         return self._store(req, new, notices)
@@ -132,7 +135,8 @@ class GroupBook:
             return _error(req, "denied", "only the owner can remove an admin, and nobody the owner")
         members = [m for m in info.members if m != target]
         admins = [a for a in info.admins if a != target]
-        new = info.model_copy(update={"members": members, "admins": admins})
+        removed = [*(_without(info.removed, target) or []), target][-MAX_REMOVED:]
+        new = info.model_copy(update={"members": members, "admins": admins, "removed": removed})
         notices = [*_tell(members, f"{user} removed {target} from #{info.name}"),
                    (target, f"{user} removed you from #{info.name}")]  # fmt: skip
         return self._store(req, new, notices)
@@ -192,3 +196,9 @@ def _missing(req: GroupRequest) -> Outcome:
 
 def _tell(users: list[str], text: str) -> list[tuple[str, str]]:
     return [(u, text) for u in users]
+
+
+def _without(removed: list[str] | None, user: str) -> list[str] | None:
+    """``removed`` without ``user``; ``None`` (not encoded) once nobody is left in it."""
+    rest = [u for u in removed or () if u != user]
+    return rest or None
