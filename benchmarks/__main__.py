@@ -3,7 +3,7 @@
     python -m benchmarks [--quick]
                          [--only fanout,stream,rooms,group,dm,dmflood,dmbusy,capacity,churn,storm,cold,files,devices]
                          [--brokers stock,embedded,mosquitto,nats] [--repeat N] [--capacity USERS]
-                         [--hold SECONDS] [--no-rejoin]
+                         [--hold SECONDS] [--no-rejoin] [--trace-stalls]
 
 Starts each broker itself on a free loopback port (benchmarks/brokers.py), runs each
 scenario on every broker in turn (so that the shared machine's noise falls on all of
@@ -95,7 +95,7 @@ def raise_open_files(users: int) -> str | None:
 
 def run(
     size: str, only: list[str], names: list[str], repeat: int = 1, capacity_users: int | None = None,
-    hold: float = 0.0, rejoin: bool = True,
+    hold: float = 0.0, rejoin: bool = True, trace_stalls: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     s = {**SIZES[size], **({"capacity": capacity_users} if capacity_users else {})}
     # issue 7's room fan-out: everyone in one room talks
@@ -114,7 +114,7 @@ def run(
     if warning is not None:
         print(f"warning: {warning}", file=sys.stderr)
 
-    def each(label: str, job: Job, *, users: int = users_needed, production: bool = False) -> None:
+    def each(label: str, job: Job, *, users: int = users_needed, production: bool = False, trace: bool = False) -> None:
         """``job`` on every broker in turn, ``repeat`` rounds (A B A B: the machine's noise falls on all alike)."""
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
         for round_ in range(repeat):
@@ -123,7 +123,7 @@ def run(
                 print(f"  {label + tag:<14} {name:<10}", end="", flush=True)
                 started = time.perf_counter()
                 try:
-                    with brokers.start(name, users, production=production) as broker:
+                    with brokers.start(name, users, production=production, trace_stalls=trace) as broker:
                         figures = job(broker)
                 except (RuntimeError, TimeoutError, OSError, AssertionError, EOFError) as exc:  # EOF: it hung up
                     figures = {label: {"error": f"{type(exc).__name__}: {exc}"}}
@@ -189,7 +189,7 @@ def run(
                     figures = {"error": f"{type(exc).__name__}: {exc}"}  # the probe's figures are kept
             return {"capacity": {**figures, **probe}}
 
-        each("capacity", capacity)
+        each("capacity", capacity, trace=trace_stalls)
     if "churn" in only:
         each("churn", lambda b: {"churn": scenarios.churn(b, s["churn"], s["processes"])})
     if "storm" in only:
@@ -230,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         help="capacity: seconds everyone stays signed in (PINGREQ every 30 s) with the stall probe on (1800: 30 min)",
     )  # fmt: skip
     parser.add_argument("--no-rejoin", action="store_true", help="capacity: leave out everyone leaving and coming back")
+    parser.add_argument(
+        "--trace-stalls", action="store_true",
+        help="capacity: trace the embedded broker's loop in CPU time (callbacks, rounds, collections over 10 ms; "
+        "benchmarks/stalltrace.py), reported for the hold",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     only = [x for x in args.only.split(",") if x]
     names = [x for x in args.brokers.split(",") if x]
@@ -239,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     print(f"benchmarks ({args.size}) on {', '.join(names)}: {', '.join(only)}", flush=True)
-    outcome = run(args.size, only, names, max(args.repeat, 1), args.capacity, args.hold, not args.no_rejoin)
+    outcome = run(
+        args.size, only, names, max(args.repeat, 1), args.capacity, args.hold, not args.no_rejoin, args.trace_stalls
+    )
     doc: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "size": args.size,

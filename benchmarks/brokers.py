@@ -124,6 +124,7 @@ class Broker:
     # logins (and first SUBSCRIBEs) each crowd process has going at once
     crowd_concurrency: int = 100
     log_path: Path | None = None  # the broker's own log (imcli serve: its collector's pauses, gcpause.py)
+    trace_path: Path | None = None  # its loop's slow callbacks and rounds in CPU time (benchmarks/stalltrace.py)
 
     def log_size(self) -> int:
         return self.log_path.stat().st_size if self.log_path is not None and self.log_path.exists() else 0
@@ -208,9 +209,10 @@ def start_stock() -> Broker:
     return Broker("stock", port, [proc], workdir, has_presence=False, note="amqtt 0.12.1, default plugins, anonymous")
 
 
-def start_embedded(users: int, *, production: bool = False) -> Broker:
+def start_embedded(users: int, *, production: bool = False, trace_stalls: bool = False) -> Broker:
     """``production``: argon2-cffi's default parameters and ``imcli serve``'s default login queue,
-    as deployed (the reconnect storm); otherwise cheap hashes and a queue that holds every crowd."""
+    as deployed (the reconnect storm); otherwise cheap hashes and a queue that holds every crowd.
+    ``trace_stalls``: the broker's loop traced in CPU time (benchmarks/stalltrace.py) into ``trace_path``."""
     from argon2 import PasswordHasher
 
     from imcli.broker.accounts import AccountStore
@@ -246,21 +248,26 @@ def start_embedded(users: int, *, production: bool = False) -> Broker:
         options += ["--password-queue", "4096"]
 
     log_path = Path(workdir.name) / "serve.log"
+    trace_path = Path(workdir.name) / "stalls.jsonl" if trace_stalls else None
+    program = ["-m", "benchmarks.stalltrace", str(trace_path), "--"] if trace_path is not None else ["-m", "imcli"]
 
     def launch() -> subprocess.Popen[str]:
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "imcli", "serve", "--port", str(port), "--data-dir", str(data), *options],
+                [sys.executable, *program, "serve", "--port", str(port), "--data-dir", str(data), *options],
                 text=True, cwd=REPO, stdout=subprocess.PIPE, stderr=log,
                 env={**os.environ, "COLUMNS": "200", "IMCLI_GC_LOG_MS": str(GC_LOG_MS)},
             )  # fmt: skip
         _read_port(proc, r"listening on 127\.0\.0\.1:(\d+)")  # said once its workers run
         return proc
 
+    from imcli.serve import loops  # its event loop: IMCLI_LOOP, which imcli serve reads too (--loop)
+
     proc = launch()
     broker = Broker(
-        "embedded", port, [proc], workdir, has_presence=True, note="imcli serve: broker + workers", relaunch=launch,
-        passwords_file=passwords_file, log_path=log_path,
+        "embedded", port, [proc], workdir, has_presence=True, relaunch=launch,
+        note=f"imcli serve ({loops.chosen_loop()} loop, IMCLI_LOOP): broker + workers",
+        passwords_file=passwords_file, log_path=log_path, trace_path=trace_path,
     )  # fmt: skip
     for child in _children(proc.pid):  # imcli serve runs its workers in a child process
         broker.extra_pids["workers"] = child
@@ -478,7 +485,10 @@ KINDS: dict[str, Kind] = {
 }
 
 
-def start(name: str, users: int, *, production: bool = False) -> Broker:
+def start(name: str, users: int, *, production: bool = False, trace_stalls: bool = False) -> Broker:
+    """``trace_stalls``: the embedded broker's loop traced (benchmarks/stalltrace.py); others ignore it."""
     if name not in KINDS:
         raise ValueError(name)
+    if trace_stalls and name == "embedded":
+        return start_embedded(users, production=production, trace_stalls=True)
     return KINDS[name].start(users, production=production)

@@ -54,6 +54,7 @@ from imcli.broker import teardown
 from imcli.broker.gcpause import calm_collector
 from imcli.broker.limits import Limits
 from imcli.broker.settings import BrokerSettings
+from imcli.serve import loops
 from imcli.serve.host import BackgroundServer
 
 
@@ -159,6 +160,7 @@ def measure(
         "gc": "stock" if stock_gc else "calm_collector",
         "slice": slice_,
         "max_events": max_events,
+        "loop": loops.chosen_loop(),  # IMCLI_LOOP (imcli/serve/loops.py)
     }
     teardown.SLICE = slice_ or 1 << 30  # 0: no gate (every end at once)
     with tempfile.TemporaryDirectory(prefix="bench-leave-") as tmp:
@@ -175,7 +177,9 @@ def measure(
                 _in_loop(loop, calm_collector)
             collector = _CollectorCpu(thread)
             gc.callbacks.insert(0, collector)
-            rounds = _Rounds(loop, max_events) if probe or max_events else None
+            # the rounds are asyncio's selector's polls: uvloop's (libuv's) are not to be wrapped from Python
+            selector = hasattr(loop, "_selector")
+            rounds = _Rounds(loop, max_events) if (probe or max_events) and selector else None
             before_join = _cpu(thread)
             here: Any = _Here(info.address.port)  # what Crowds.join needs of a broker
             with contextlib.ExitStack() as stack:

@@ -207,6 +207,9 @@ class LoopProfile:
 
 def _embedded(args: argparse.Namespace) -> list[dict[str, Any]]:
     from benchmarks.memory import serve_here
+    from imcli.serve import loops
+
+    loop = loops.chosen_loop()  # IMCLI_LOOP: serve_here runs the broker on it
 
     rounds: list[dict[str, Any]] = []
     profile = LoopProfile() if args.profile else None
@@ -222,7 +225,7 @@ def _embedded(args: argparse.Namespace) -> list[dict[str, Any]]:
         try:
             for i in range(args.rounds):
                 on = profile.switch if profile is not None else _ignore
-                rounds.append({"broker": "embedded", "round": i, **_measure(clients, clocks, args, on)})
+                rounds.append({"broker": "embedded", "loop": loop, "round": i, **_measure(clients, clocks, args, on)})
                 print(json.dumps(rounds[-1]), flush=True)
         finally:
             clients.close()

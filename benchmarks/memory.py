@@ -163,6 +163,7 @@ def serve_here(users: int, prefix: str, drive: Callable[[int], None], *, workers
     queue for every crowd); calls ``drive(port)`` in another thread once it listens, and stops
     the broker when ``drive`` returns or raises. benchmarks/dmtail.py runs its broker with this too."""
     from imcli.broker.settings import BrokerSettings
+    from imcli.serve import loops
     from imcli.serve.host import ServeInfo, serve_forever
 
     logging.basicConfig(level=logging.WARNING)
@@ -195,7 +196,7 @@ def serve_here(users: int, prefix: str, drive: Callable[[int], None], *, workers
             threading.Thread(target=driver, daemon=True).start()
             await serve_forever(settings, on_ready, event, workers_in_child=workers_in_child)
 
-        asyncio.run(main())
+        loops.run(main())  # the loop IMCLI_LOOP names (imcli/serve/loops.py), asyncio's by default
 
 
 def measure(

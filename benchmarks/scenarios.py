@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarks import stalltrace
 from benchmarks.brokers import GC_LOG_MS, PASSWORD, REPO, Broker, rss_mb
 from benchmarks.fanout import Shape, fan
 from benchmarks.mqttload import LoadClient
@@ -370,6 +371,7 @@ def capacity(
         if on_hold is not None:
             on_hold()
         hold_log = broker.log_size()
+        hold_began = time.time()
         samples: list[dict[str, float]] = []
         started = time.perf_counter()
         while (left := hold - (time.perf_counter() - started)) > 0:
@@ -378,6 +380,9 @@ def capacity(
             watcher.client.send_ping()
         samples.append(_memory(broker))
         result["hold_s"] = round(time.perf_counter() - started)
+        if broker.trace_path is not None:  # --trace-stalls: what the loop ran when it held the CPU long
+            traced = stalltrace.read(broker.trace_path, hold_began, time.time())
+            result.update({f"hold_{name}": figure for name, figure in traced.items()})
         if on_hold_end is not None:  # the hold's figures end here: the who below and everyone leaving are apart
             on_hold_end()
         result["hold_online_at_end"] = len(watcher.online)

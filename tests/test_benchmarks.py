@@ -200,3 +200,59 @@ def test_linecost_gives_every_line_and_a_cpu_figure_per_kind() -> None:
     (summary,) = (line for line in lines if line.get("summary") == "embedded")
     for figure in ("loop_us_per_room_line", "loop_us_per_dm", "process_us_per_room_line", "process_us_per_dm"):
         assert isinstance(summary[figure], float)
+
+
+def test_the_stall_trace_names_a_long_callback_and_a_round_of_many_short_ones(tmp_path: Path) -> None:
+    """benchmarks/stalltrace.py (``--trace-stalls``): a task step that holds the CPU is written with
+    its coroutine and where it then waits; a round of many short callbacks, none long alone, is
+    written with its callbacks by kind; the quick ones are not written at all, only counted in the
+    profile of every kind."""
+    import asyncio
+
+    from benchmarks.stalltrace import Tracer, read
+
+    def burn(seconds: float) -> None:
+        until = time.thread_time() + seconds
+        while time.thread_time() < until:
+            pass
+
+    async def hog() -> None:
+        burn(0.03)
+        await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        await hog()
+        loop = asyncio.get_running_loop()
+        for _ in range(40):  # one round: 40 callbacks of 0.5 ms each
+            loop.call_soon(burn, 0.0005)
+        await asyncio.sleep(0.01)
+
+    path = tmp_path / "stalls.jsonl"
+    with path.open("a", encoding="utf-8") as out:
+        tracer = Tracer(out, ms=10.0)
+        tracer.install()
+        try:
+            asyncio.run(main())
+        finally:
+            tracer.uninstall()
+        tracer.profile()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    callbacks = [r for r in records if r["what"] == "callback"]
+    assert len(callbacks) == 1 and callbacks[0]["name"].startswith("task ")
+    assert [step.split(":")[0].rsplit(".", 1)[-1] for step in callbacks[0]["name"].split(" > ")] == [
+        "main",
+        "hog",
+        "sleep",
+    ]
+    assert callbacks[0]["cpu_ms"] >= 30
+    rounds = [r for r in records if r["what"] == "round"]
+    assert len(rounds) == 2
+    many = next(r for r in rounds if r["callbacks"] >= 40)
+    assert many["by_kind"][0][0].endswith("burn") and many["by_kind"][0][2] == 40
+    figures = read(path)
+    assert figures["trace_callbacks"] == 1 and figures["trace_rounds"] == 2
+    assert figures["trace_callback_longest_ms"] == callbacks[0]["cpu_ms"]
+    profile = figures["trace_kinds_by_longest"]
+    assert isinstance(profile, list)
+    kinds = {name.rsplit(".", 1)[-1]: (longest, calls) for name, longest, calls, _ in profile}
+    assert kinds["burn"][1] == 40 and kinds["burn"][0] < 10

@@ -65,6 +65,10 @@ def _connect(info: ServeInfo, name: str, client_id: bytes) -> socket.socket:
     sock.sendall(connect_packet(client_id, name.encode(), password_of(name).encode(), keepalive=0))
     got, _ = read_packets(sock, lambda p: len(p) >= 1)
     assert got == [(0x20, b"\x00\x00")]
+    # until the connection's message loop waits: only then may the reader handle a message at once, and
+    # on uvloop the first packets after the CONNACK may be read before it does (libuv reads the sockets
+    # before the callbacks the round before made ready, asyncio after them: tests/test_uvloop.py)
+    assert wait_until(lambda: _handler_of(info, client_id.decode()).loop_idle)
     return sock
 
 

@@ -157,7 +157,10 @@ def test_only_the_author_deletes(people: dict[str, Cli]) -> None:
         (["post", "   "], "Error: an empty moment"),
         (["post", "x" * 2001], "Error: the moment is 2001 characters long"),
         (["post", "bell\x07"], "Error: invalid moment text"),
-        (["like", "nosuchid"], "Error: no moment nosuchid"),
+        (
+            ["like", "nosuchid"],  # the moments' hint, not a name's
+            "Error: no moment nosuchid (or it is not yours to see) (see the moments you can see with 'imcli moments')",
+        ),
         (["like", "bad id!"], "Error: invalid moment id"),
         (["comment", "nosuchid", ""], "Error: an empty comment"),
         (["delete", "nosuchid"], "Error: no moment nosuchid"),

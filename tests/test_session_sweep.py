@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -98,6 +99,34 @@ def test_the_sweep_finds_what_ended_unannounced_and_leaves_the_rest() -> None:
 
     asyncio.run(main())
     assert gone == ["a:1"]
+
+
+def test_the_sweep_makes_no_object_per_session_it_looks_at(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep's copy of a table of 10,000 is one list of its client ids, not a tuple per session
+    (10,000 new objects at once set off collections, a full one among them: imcli/broker/gcpause.py);
+    the objects the collector counts are read between two slices, the collector off meanwhile."""
+    monkeypatch.setattr(session_sweep, "SWEEP_SLICE", 1000)
+    table: dict[str, tuple[Any, Any]] = {f"u{i}:1": (_session(f"u{i}:1", connected=True), None) for i in range(10_000)}
+    counts: list[int] = []
+
+    async def main() -> None:
+        async def count() -> None:
+            while True:
+                counts.append(gc.get_count()[0])
+                await asyncio.sleep(0)
+
+        counter = asyncio.create_task(count())
+        await asyncio.sleep(0)
+        await EndedSessions().sweep(table)
+        counter.cancel()
+
+    gc.disable()
+    try:
+        asyncio.run(main())
+    finally:
+        gc.enable()
+    assert len(counts) >= 10, "the loop ran others between slices"
+    assert max(counts) - counts[0] < 1000, counts[:12]
 
 
 def test_the_broker_forgets_a_clean_session_when_its_connection_ends_and_keeps_a_persistent_one(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,23 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_conv ON messages (conv, seq);
 CREATE INDEX IF NOT EXISTS messages_at ON messages (at);
 """
+
+
+_INSERT = (
+    "INSERT OR IGNORE INTO messages (conv, kind, sender, recipient, id, ts, at, text, format, file)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+Row = tuple[object, ...]
+
+
+def _row(item: Received, at: float) -> Row:
+    # without its thumbnail: a page of history must fit the broker's payload limit (Mosquitto's holds for
+    # the workers too); the live message carried it, and `imcli get` fetches the file itself
+    attached = encode(item.file.model_copy(update={"thumb": None})).decode() if item.file is not None else None
+    return (
+        conversation(item), item.kind, item.sender, item.to, item.id, item.ts, at, item.text, item.format, attached,
+    )  # fmt: skip
 
 
 def conversation(item: Received) -> str:
@@ -103,19 +120,22 @@ class ArchiveStore:
 
     def add(self, item: Received, at: float) -> bool:
         """Store one message; ``False`` if it was already there (a QoS 1 duplicate)."""
-        # without its thumbnail: a page of history must fit the broker's payload limit (Mosquitto's holds for
-        # the workers too); the live message carried it, and `imcli get` fetches the file itself
-        attached = encode(item.file.model_copy(update={"thumb": None})).decode() if item.file is not None else None
-        row = (
-            conversation(item), item.kind, item.sender, item.to, item.id, item.ts, at, item.text, item.format, attached,
-        )  # fmt: skip
         with self._lock:
-            cur = self._db.execute(
-                "INSERT OR IGNORE INTO messages (conv, kind, sender, recipient, id, ts, at, text, format, file)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                row,
-            )
-            return cur.rowcount == 1
+            return self._db.execute(_INSERT, _row(item, at)).rowcount == 1
+
+    def add_many(self, items: Sequence[tuple[Received, float]]) -> None:
+        """Store messages (each with its ``at``) in one transaction: all of them once this returns
+        (a duplicate is kept once, as by ``add``), none if it raises. The embedded broker's journal
+        writes a batch so (imcli/broker/journal.py): a commit per row was most of a row's cost."""
+        rows = [_row(item, at) for item, at in items]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(_INSERT, rows)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def conversation_page(self, conv: str, limit: int, since: float | None = None, before: float | None = None) -> Page:
         return self._page("conv = ?", [conv], limit, since, before)

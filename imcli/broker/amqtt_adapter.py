@@ -153,6 +153,7 @@ class AckAfterJournal(BrokerProtocolHandler):
     goodbye: DisconnectPacket | None = None  # the DISCONNECT read, taking effect at the connection's end
     teardown_gate: TeardownGate | None = None  # the broker's: when the end may go on (reader.PacketReader)
     answers: bytearray | None = None  # PUBACKs for the packets of one read, while its reader handles them
+    journal: Journal | None = None  # the broker's: answers wait for its commits (imcli/broker/journal.py)
     _stopping: asyncio.Event | None = None  # a stop() under way; set when it ends (done or cancelled)
     _stopped = False  # stop() has done its work (it does it once)
     _disconnect_waiter: asyncio.Future[Any] | None  # amqtt's (AMQTT_PRIVATE), set by its start()
@@ -164,6 +165,20 @@ class AckAfterJournal(BrokerProtocolHandler):
         self._pending_unsubscriptions: LeanQueue[Any] = LeanQueue()
         self.in_flight = InFlight()  # the fan-out's QoS 1 copies awaiting their PUBACK (fanout.py)
         self._retrying: set[asyncio.Task[Any]] = set()  # amqtt's flows of messages sent again (_retry_deliveries)
+
+    def attach(self, session: Session, reader: Any, writer: Any) -> None:
+        super().attach(session, reader, writer)
+        # No write timer (issue 21: no stall over 50 ms). amqtt arms one per connection for its
+        # ``handle_write_timeout``, which does nothing on a broker's side, and moves it at every packet
+        # it writes (a PINGRESP, a SUBACK, a PUBACK: ``_send_packet`` cancels it and calls
+        # ``call_later`` again). A cancelled timer stays in asyncio's heap until half the heap is
+        # cancelled; then one round rebuilds the heap from all of them (``BaseEventLoop._run_once``,
+        # ``heapify`` comparing timers in Python): joining 10,000 users with a PINGREQ every 30 s,
+        # 28,663 timers of which 14,347 cancelled took one round 32.5 ms of CPU outside any callback,
+        # and such a round came every 30 to 40 s (``--trace-stalls``, benchmarks/stalltrace.py).
+        # The read timeout is the reader's own (reader.PacketReader; amqtt's _reader_loop, for the
+        # WebSocket, reads ``session.keep_alive``), not this attribute.
+        self.keepalive_timeout = None
 
     async def stop(self) -> None:
         # asked up to four times per connection (its reader's end, the message loop's disconnect, the
@@ -413,6 +428,9 @@ class AckAfterJournal(BrokerProtocolHandler):
             await self.session.delivered_message_queue.put(app_message)
             self.answers += b"\x40\x02" + app_message.packet_id.to_bytes(2, "big")
             return
+        if app_message.direction == INCOMING and self.journal is not None and not await self.journal.committed():
+            log.error("%s: not acknowledged: the journal could not keep it", self.session and self.session.client_id)
+            return  # (a WebSocket connection) its sender sends it again when it comes back
         await super()._handle_qos1_message_flow(app_message)
 
     async def _handle_qos2_message_flow(self, app_message: Any) -> None:
@@ -658,6 +676,7 @@ class ImBroker(Broker):
             handler.before_ack, handler.max_unreleased = self._before_ack, self.settings.limits.max_unreleased
             handler.deliver_now = self.deliver_now
             handler.teardown_gate = self.teardown  # imcli/broker/teardown.py
+            handler.journal = self._journal  # its answers wait for the journal's commits
             handler.will = will_of(incoming)  # imcli/broker/wills.py
         return handler, session
 

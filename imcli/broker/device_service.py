@@ -61,10 +61,6 @@ class DeviceHost(Protocol):
     async def close_connection(self, handler: Any) -> None: ...
 
 
-def said(exc: ImcliError) -> str:
-    return f"{exc.message} ({exc.hint})" if exc.hint else exc.message
-
-
 def logged_in_with_password(session: Session) -> bool:
     password = session.password
     if isinstance(password, bytes):
@@ -108,11 +104,11 @@ class DeviceService:
         try:
             reply: WireModel = await self.answer(session, account, request)
         except NameTaken as exc:
-            reply = ErrorReply(id=request.id, code="taken", text=said(exc))
+            reply = ErrorReply(id=request.id, code="taken", text=exc.message, hint=exc.hint or None)
         except NotFound as exc:
-            reply = ErrorReply(id=request.id, code="not_found", text=said(exc))
+            reply = ErrorReply(id=request.id, code="not_found", text=exc.message, hint=exc.hint or None)
         except ImcliError as exc:
-            reply = ErrorReply(id=request.id, code="invalid", text=said(exc))
+            reply = ErrorReply(id=request.id, code="invalid", text=exc.message, hint=exc.hint or None)
         await self.broadcast(self.topics.reply(account, parsed.key), encode(reply), 1)
         return True
 

@@ -4,6 +4,7 @@ checks of its options (issue 15's limits) before anything starts."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -90,6 +91,15 @@ def serve(
         bool,
         typer.Option("--allow-remote", help="Allow binding beyond loopback without TLS (passwords travel in clear)."),
     ] = False,
+    loop: Annotated[
+        str,
+        typer.Option(
+            "--loop",
+            envvar="IMCLI_LOOP",
+            callback=check_loop,
+            help="The broker's event loop: 'asyncio' (Python's own) or 'uvloop' (docs/PERFORMANCE.md compares them).",
+        ),
+    ] = "asyncio",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log connections and refusals.")] = False,
 ) -> None:
     """Run the embedded broker (accounts, topic ACL, limits) with its presence, group and archive workers."""
@@ -187,8 +197,22 @@ def serve(
             loop.add_signal_handler(sig, stop.set)
         await serve_forever(settings, banner, stop)
 
-    asyncio.run(run())
+    run_on(run(), loop)
     out.print("imcli serve: stopped", style="dim")
+
+
+def check_loop(loop: str) -> str:
+    """``--loop`` (or ``IMCLI_LOOP``): a bad name, or uvloop missing, is one line before anything starts."""
+    from imcli.serve import loops
+
+    return loops.chosen_loop(loop)
+
+
+def run_on(main: Coroutine[Any, Any, None], loop: str) -> None:
+    """``asyncio.run(main)`` on the event loop ``--loop`` names (imcli/serve/loops.py)."""
+    from imcli.serve import loops
+
+    loops.run(main, loop)
 
 
 def check_origin(origin: str) -> str:

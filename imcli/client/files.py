@@ -55,7 +55,7 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 STALL = 15.0  # seconds without a word from the files worker before an upload asks again where it stands
 RETRIES = 3  # times an upload asks again before it gives up (the next run resumes)
-ACK_EVERY = 256 << 10  # bytes between two acknowledgements of a download
+ACK_EVERY = 1 << 20  # bytes between two acknowledgements of a download: half the worker's window (2 MiB)
 BLOCK = 1 << 20
 INFLIGHT = 128  # chunks unacknowledged by the broker: a window (1 MiB) of 16 KiB chunks is 64
 LARGEST_CHUNK = 4 << 20  # bytes: the most a chunk the files worker asks for may hold (a bound on memory)

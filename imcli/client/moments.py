@@ -11,7 +11,7 @@ from pathlib import Path
 from imcli.client.avatar import check_image, upload_images
 from imcli.client.files import FileConnection
 from imcli.client.identity import Identity
-from imcli.client.services import Connection, display_names, expect, resolve
+from imcli.client.services import MOMENT_HINTS, Connection, display_names, expect, resolve
 from imcli.core.errors import ImcliError, InvalidInput, NotFound, RequestTimeout
 from imcli.core.request_reply import Asker
 from imcli.core.wire import (
@@ -29,7 +29,7 @@ from imcli.core.wire import (
 
 def ask(asker: Asker, request: MomentRequest) -> MomentReply:
     try:
-        return expect(asker.ask(request), MomentReply)
+        return expect(asker.ask(request), MomentReply, MOMENT_HINTS)
     except RequestTimeout as exc:
         raise RequestTimeout(
             "the moments worker did not answer", "moments need the moments worker, which 'imcli serve' runs"

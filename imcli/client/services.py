@@ -480,6 +480,10 @@ _FRIEND_HINTS = {
     "not_found": "see your friends and requests with 'imcli friend list', the users with 'imcli who --all'",
     "invalid": "see your friends and requests with 'imcli friend list'",
 }
+MOMENT_HINTS = {
+    "not_found": "see the moments you can see with 'imcli moments'",
+    "denied": "see the moments you can see with 'imcli moments', your friends with 'imcli friend list'",
+}
 _HISTORY_HINTS = {
     "not_found": "see the groups with 'imcli group list'",
     "denied": "join the group first: imcli group join NAME",
@@ -499,7 +503,11 @@ def expect(reply: Payload, kind: type[_R], hints: dict[str, str] | None = None) 
     if isinstance(reply, kind):
         return reply
     if isinstance(reply, ErrorReply):
-        hint = (hints or {}).get(reply.code) or _HINTS.get(reply.code, "try again; the broker's log says more")
+        hint = (
+            reply.hint
+            or (hints or {}).get(reply.code)
+            or _HINTS.get(reply.code, "try again; the broker's log says more")
+        )
         raise _ERRORS.get(reply.code, ImcliError)(reply.text, hint)
     raise ImcliError(f"a worker answered with an unexpected {reply.type!r}", "is the broker's imcli the same version?")
 

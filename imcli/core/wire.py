@@ -149,6 +149,7 @@ class ErrorReply(WireModel):
     id: str
     code: Literal["not_found", "invalid", "denied", "taken", "internal", "unsupported"]
     text: str
+    hint: str | None = None  # what to do, when the worker knows better than the asker's generic hint
 
 
 # a nickname is a display name: any script (imcli.core.names); the wire keeps the old field names

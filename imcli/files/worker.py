@@ -80,8 +80,12 @@ log = logging.getLogger(__name__)
 
 ErrorCode = Literal["not_found", "invalid", "denied", "taken", "internal"]
 
-WINDOW = 1 << 20  # bytes a sender or the worker may have on the way beyond the other side's last word
-PROGRESS_EVERY = 256 << 10  # bytes between two progress messages of an upload
+# bytes a sender or the worker may have on the way beyond the other side's last word; the other
+# side speaks every half window (every fifth chunk of 262,136 bytes): each such message is a PUBLISH
+# through the broker's loop as dear as a chunk's, and at 1 MiB and 256 KiB they were a third of a
+# transfer's publishes (issue 16: chat latency during a transfer, docs/PERFORMANCE.md)
+WINDOW = 2 << 20
+PROGRESS_EVERY = 1 << 20  # bytes between two progress messages of an upload
 IN_FLIGHT = 600.0  # seconds: an unfinished upload touched this recently counts against max_uploads
 # seconds between two records of an upload's activity: each is a synced SQLite write (about a
 # millisecond on paho's thread, where the next chunk waits), and IN_FLIGHT and ABANDONED are far longer

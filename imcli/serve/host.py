@@ -28,6 +28,7 @@ from imcli.broker.server import (
 from imcli.core.errors import ImcliError
 from imcli.core.mqtt import BrokerAddress
 from imcli.core.rules import SERVICE_ACCOUNTS
+from imcli.serve import loops
 from imcli.serve.child import ChildSupervisor
 from imcli.serve.workers import StoreDirectory, embedded_workers
 
@@ -162,8 +163,11 @@ async def _start_threads(
 class BackgroundServer:
     """``with BackgroundServer(settings) as info:`` runs the embedded default in a thread."""
 
-    def __init__(self, settings: BrokerSettings, start_timeout: float = 30.0, *, workers: bool = True) -> None:
+    def __init__(
+        self, settings: BrokerSettings, start_timeout: float = 30.0, *, workers: bool = True, loop: str | None = None
+    ) -> None:
         self.settings = settings
+        self.loop = loop  # the event loop's kind (imcli/serve/loops.py; None: IMCLI_LOOP, else the default)
         self._workers = workers
         self._start_timeout = start_timeout
         self._ready = threading.Event()
@@ -199,7 +203,7 @@ class BackgroundServer:
             )
 
         try:
-            asyncio.run(main())
+            loops.run(main(), self.loop)
         except BaseException as exc:  # surfaced to the starting thread
             self._error = exc
         finally:

@@ -1,0 +1,182 @@
+"""The journal's rows are written by a thread of their own, a transaction per batch, and nothing the
+broker answers a client goes out before every row recorded until then is committed
+(imcli/broker/journal.py, issue 21). Through raw sockets, with the writer's commit held: the copies
+are delivered, the sender's PUBACKs (and a PINGRESP after them) wait for the commit and then come in
+order; rows that come while a commit runs share the next one; a batch that fails acknowledges none
+of its messages. A ``kill -9`` after the PUBACKs: tests/test_durability.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imcli.broker.accounts import AccountStore
+from imcli.broker.limits import Limits
+from imcli.broker.settings import BrokerSettings
+from imcli.core.wire import Received, Topics
+from imcli.serve.host import BackgroundServer, ServeInfo
+from tests.rawmqtt import chat, connect_packet, field, packet, password_of, publish_packet, read_packets, wait_until
+
+T = Topics()
+PINGREQ = b"\xc0\x00"
+WAIT = 30.0  # seconds a held commit waits at most (the test releases it long before)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[ServeInfo]:
+    settings = BrokerSettings(data_dir=tmp_path / "data", port=0, limits=Limits(publish_rate=1e6, publish_burst=10**6))
+    with BackgroundServer(settings, workers=False) as info:
+        store = AccountStore(info.data_dir)
+        for name in ("alice", "bob"):
+            store.add(name, password_of(name))
+        yield info
+
+
+class HeldWriter:
+    """The journal's ``add_many`` with each batch recorded, held until ``release`` (the writer's thread
+    waits in it, as in a slow commit), and failing once if ``fail`` is set."""
+
+    def __init__(self, info: ServeInfo) -> None:
+        assert info.broker is not None
+        store: Any = info.broker._journal.store
+        self.batches: list[int] = []
+        self.entered = threading.Event()  # the writer has a batch in hand
+        self.released = threading.Event()
+        self.fail = False
+        add_many = store.add_many
+
+        def held(items: Sequence[tuple[Received, float]]) -> None:
+            self.batches.append(len(items))
+            self.entered.set()
+            assert self.released.wait(WAIT)
+            if self.fail:
+                self.fail = False
+                raise sqlite3.OperationalError("database or disk is full")
+            add_many(items)
+
+        store.add_many = held
+
+    def release(self) -> None:
+        self.released.set()
+
+
+def _connect(info: ServeInfo, name: str, client_id: bytes) -> socket.socket:
+    sock = socket.create_connection((info.address.host, info.address.port), timeout=10)
+    sock.sendall(connect_packet(client_id, name.encode(), password_of(name).encode(), keepalive=0))
+    got, _ = read_packets(sock, lambda p: len(p) >= 1)
+    assert got == [(0x20, b"\x00\x00")]
+    return sock
+
+
+def _bob(info: ServeInfo) -> socket.socket:
+    sock = _connect(info, "bob", b"bob:raw")
+    sock.sendall(packet(0x82, b"\x00\x01" + field(T.user_filter("bob").encode()) + b"\x01"))
+    got, _ = read_packets(sock, lambda p: len(p) >= 1)
+    assert got == [(0x90, b"\x00\x01\x01")]
+    return sock
+
+
+def _texts(got: list[tuple[int, bytes]]) -> list[str]:
+    texts = []
+    for first, body in got:
+        if first >> 4 == 3:
+            start = 2 + int.from_bytes(body[:2], "big") + (2 if first & 0x06 else 0)
+            texts.append(body[start:].decode().split('"text":"')[1].split('"')[0])
+    return texts
+
+
+def _kept(info: ServeInfo) -> list[str]:
+    with sqlite3.connect(info.data_dir / "archive.sqlite3") as archive:
+        return [text for (text,) in archive.execute("SELECT text FROM messages ORDER BY seq")]
+
+
+def _nothing_to_read(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True
+    finally:
+        sock.setblocking(True)
+    return False
+
+
+def test_pubacks_and_a_later_answer_wait_for_the_commit_of_their_rows(broker: ServeInfo) -> None:
+    """Two DMs and a PINGREQ in one write while the writer's commit is held: bob has both DMs, the
+    broker answers bob's own PINGREQ, and alice has nothing yet (before this rule her PUBACKs went out
+    with the DMs' copies) and the archive neither; once the commit goes, alice gets PUBACK 1, PUBACK 2,
+    then the PINGRESP, and both rows are there."""
+    writer = HeldWriter(broker)
+    topic = T.dm("bob", "alice").encode()
+    with _bob(broker) as bob, _connect(broker, "alice", b"alice:raw") as alice:
+        alice.sendall(
+            publish_packet(topic, chat("one"), qos=1, packet_id=1)
+            + publish_packet(topic, chat("two"), qos=1, packet_id=2)
+            + PINGREQ
+        )
+        heard, _ = read_packets(bob, lambda p: len(p) >= 2)
+        assert _texts(heard) == ["one", "two"]  # delivered: the copies do not wait for the journal
+        assert writer.entered.wait(WAIT)
+        bob.sendall(PINGREQ)  # the broker's loop has gone on meanwhile
+        pong, _ = read_packets(bob, lambda p: len(p) >= 1)
+        assert pong == [(0xD0, b"")]
+        assert _nothing_to_read(alice)
+        assert _kept(broker) == []
+        writer.release()
+        got, _ = read_packets(alice, lambda p: len(p) >= 3)
+    assert got == [(0x40, b"\x00\x01"), (0x40, b"\x00\x02"), (0xD0, b"")]
+    assert _kept(broker) == ["one", "two"]
+    assert sum(writer.batches) == 2
+
+
+def test_rows_recorded_while_a_commit_runs_share_the_next_one(broker: ServeInfo) -> None:
+    """Twenty DMs, one write each, while the first commit is held: they are all delivered, their rows
+    wait for that commit and then go in one more transaction, and alice's twenty PUBACKs come in order."""
+    writer = HeldWriter(broker)
+    assert broker.broker is not None
+    journal = broker.broker._journal
+    topic = T.dm("bob", "alice").encode()
+    with _bob(broker) as bob, _connect(broker, "alice", b"alice:raw") as alice:
+        alice.sendall(publish_packet(topic, chat("line 1"), qos=1, packet_id=1))
+        assert writer.entered.wait(WAIT)
+        for i in range(2, 21):
+            alice.sendall(publish_packet(topic, chat(f"line {i}"), qos=1, packet_id=i))
+        heard, _ = read_packets(bob, lambda p: len(p) >= 20)
+        assert _texts(heard) == [f"line {i}" for i in range(1, 21)]
+        assert wait_until(lambda: journal.recorded == 20)  # a row is recorded just after its copy is written
+        assert _nothing_to_read(alice)
+        writer.release()
+        acks, _ = read_packets(alice, lambda p: len(p) >= 20)
+    assert acks == [(0x40, i.to_bytes(2, "big")) for i in range(1, 21)]
+    assert writer.batches == [1, 19]
+    assert _kept(broker) == [f"line {i}" for i in range(1, 21)]
+
+
+def test_a_batch_that_fails_acknowledges_none_of_its_messages(broker: ServeInfo) -> None:
+    """The writer's transaction raises (a full disk): alice's DM was delivered but is not acknowledged,
+    her connection is closed, nothing is kept; sent again from a new connection, it is kept and
+    acknowledged (the journal goes on)."""
+    writer = HeldWriter(broker)
+    writer.fail = True
+    topic = T.dm("bob", "alice").encode()
+    with _bob(broker) as bob:
+        with _connect(broker, "alice", b"alice:raw") as alice:
+            alice.sendall(publish_packet(topic, chat("lost?"), qos=1, packet_id=1))
+            heard, _ = read_packets(bob, lambda p: len(p) >= 1)
+            assert _texts(heard) == ["lost?"]
+            writer.release()
+            got, closed = read_packets(alice, lambda p: False)
+        assert (got, closed) == ([], True)
+        assert _kept(broker) == []
+        with _connect(broker, "alice", b"alice:raw") as alice:
+            alice.sendall(publish_packet(topic, chat("lost?"), qos=1, packet_id=1))
+            acks, _ = read_packets(alice, lambda p: len(p) >= 1)
+    assert acks == [(0x40, b"\x00\x01")]
+    assert _kept(broker) == ["lost?"]
