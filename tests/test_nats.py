@@ -586,7 +586,7 @@ def test_nobody_takes_over_a_workers_client_id(cluster: NatsCluster, raw) -> Non
     The probes are first made open on every node: a probe is connected when a change needs it, and
     the first MQTT connection to a node of a young cluster can take longer than the worker waits
     (``RELOAD_WAIT``; the node logs "unable to connect: loading session record ... timeout"). Such a
-    probe was then made only at the invite below, and counted as made again (3 runs in 10 failed so).
+    probe was then made only at the invite below, and counted as made again (2 runs in 10 failed so here).
     The group's name is new at each try: the rerun of a failed try found its own group taken."""
     auth = cluster.auth
     assert auth is not None and auth.probe is not None
