@@ -257,7 +257,12 @@ class FilesWorker(ServiceWorker):
         if isinstance(conv, ErrorReply):
             return conv
         if "/" in r.name or "\\" in r.name or not is_plain(r.name) or r.name in (".", ".."):
-            return ErrorReply(id=r.id, code="invalid", text=f"invalid file name {r.name!r}")
+            return ErrorReply(
+                id=r.id,
+                code="invalid",
+                text=f"invalid file name {r.name!r}",
+                hint="name it without control characters, '/' or '\\' (imcli send does that itself)",
+            )
         if r.size > self.limits.max_file:
             return ErrorReply(
                 id=r.id,
