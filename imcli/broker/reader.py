@@ -601,7 +601,6 @@ class PacketReader:
         name = HANDLERS.get(kind)
         if name is None:  # check_packet lets only CONNECT (refused: a second one) and these through
             raise MalformedPacket(f"packet type {kind} after the CONNECT")
-        header = MQTTFixedHeader(kind, first & 0x0F, len(body))
         handler = self._handler
         if kind != PUBLISH or first & 0x06 == 0x04:  # its answer, if any, is written by another path
             await self._answers_first()
@@ -611,9 +610,11 @@ class PacketReader:
             if publish is not None:
                 packet = publish
             elif not body and (bodyless := BODYLESS.get(kind)) is not None:
+                header = MQTTFixedHeader(kind, first & 0x0F, 0)
                 packet = bodyless(header)
                 packet.protocol_ts = datetime.now(UTC)
             else:
+                header = MQTTFixedHeader(kind, first & 0x0F, len(body))
                 packet = await packet_class(header).from_stream(BufferReader(body), fixed_header=header)
             await handler.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=handler.session)
             if kind == PUBLISH and (first >> 1) & 0x03 == 2:  # its flow waits for the PUBREL read after it
