@@ -184,6 +184,20 @@ def test_chunkwait_counts_chunks_and_pings_at_tiny_size() -> None:
 
 
 @pytest.mark.timeout(120)
+def test_chunkcost_gives_a_cpu_figure_per_mib_and_the_loops_callbacks() -> None:
+    """``python -m benchmarks.chunkcost`` (the broker in this process): one 2 MiB transfer, up and
+    down; the loop thread's CPU per MiB is part of the process's, and the callbacks are counted."""
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.chunkcost", "--mib", "2", "--transfers", "1", "--callbacks"],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    (line,) = (json.loads(text) for text in run.stdout.splitlines() if text.startswith("{"))
+    assert 0 < line["loop_ms_per_MiB"] <= line["process_ms_per_MiB"]
+    assert line["callbacks"] > 0 and line["by_kind"] and len(line["longest_us"]) <= 12
+
+
+@pytest.mark.timeout(120)
 def test_linecost_gives_every_line_and_a_cpu_figure_per_kind() -> None:
     """``python -m benchmarks.linecost`` (the embedded broker in this process): one round of 20 room
     lines and 20 DMs, each copy arrived, and a CPU figure per line for the loop thread and the process."""

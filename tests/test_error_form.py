@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import sys
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,42 @@ def test_every_error_of_every_command_has_the_form(
             assert_form(stranger(*args, "--password-stdin", env=env, input="\n"), f"{args}, empty stdin")
             short = stranger(*args, "--password-stdin", *port_of(server), env=env, input="short\n")
             assert_form(short, f"{args}, a short password")
+
+
+def number_options(command: object, kind: type) -> list[str]:
+    """The options of ``command`` that take a ``kind`` (``float``: Typer takes nan and inf as floats)."""
+    found = []
+    for param in command.params:  # type: ignore[attr-defined]
+        annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+        if param.param_type_name == "option" and kind in (typing.get_args(annotation) or (annotation,)):
+            found.append(param.opts[0])
+    return found
+
+
+FLOAT_OPTIONS = [(path, c, o) for path, c in COMMANDS for o in number_options(c, float)]
+
+
+def test_the_walk_finds_the_float_options() -> None:
+    assert {("serve", "--max-rate"), ("moments feed", "--before"), ("workers", "--history-days")} <= {
+        (" ".join(p), o) for p, _, o in FLOAT_OPTIONS
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "command", "option"), FLOAT_OPTIONS, ids=[f"{' '.join(p)} {o}" for p, _, o in FLOAT_OPTIONS]
+)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400"])
+def test_no_float_option_takes_what_is_not_a_finite_number(
+    path: tuple[str, ...], command: object, option: str, value: str, cli_as: Callable[[str], Cli], tmp_path: Path
+) -> None:
+    """``imcli serve --max-rate nan`` was a traceback deep in the limits: a non-finite number is a
+    usage error at the option, for every float option of every command (refused before the command
+    runs: ``serve`` does not start)."""
+    args = [*path, *["x"] * required_arguments(command), option, value]
+    result = cli_as("nobody-logged-in")(*args, env={"IMCLI_DATA_DIR": str(tmp_path)})
+    assert result.exit_code == 2, result.output
+    assert_form(result, " ".join(args))
+    assert f"'{option}'" in result.stderr
 
 
 # what a shell can pass: any text but NUL; a byte that is not UTF-8 arrives as a lone surrogate

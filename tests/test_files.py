@@ -148,6 +148,23 @@ def test_bad_files_give_one_error_line(
     assert result.output.count("\n") == 1 and result.output.startswith("Error: ") and words in result.output
 
 
+def test_a_file_whose_name_would_not_draw_as_itself_is_sent_under_a_plain_one(
+    users: Callable[..., None], cli_as: Callable[[str], Cli], tmp_path: Path
+) -> None:
+    """A local name with a terminal escape, a tab or a backslash is a file all the same (Linux takes
+    any byte but '/'): it goes out under a name everyone sees as it is, not as a refusal."""
+    alice, bob = logged_in(cli_as, users, "alice", "bob")
+    sent = []
+    for name in ("esc\x1b[2J.txt", "tab\tname.txt", "back\\slash.txt", "rtl\u202egnp.exe"):
+        path = tmp_path / name
+        path.write_bytes(name.encode())
+        result = alice("send", "bob", str(path))
+        assert result.exit_code == 0, result.output
+        sent.append(file_id(result.output))
+    listed = {f["id"]: f["name"] for f in json.loads(bob("files", "--json").stdout)}
+    assert [listed[i] for i in sent] == ["esc_[2J.txt", "tab_name.txt", "back_slash.txt", "rtl_gnp.exe"]
+
+
 def test_unknown_id_and_binary_text(users: Callable[..., None], cli_as: Callable[[str], Cli], tmp_path: Path) -> None:
     (alice,) = logged_in(cli_as, users, "alice", "bob")[:1]
     result = alice("get", "A" * 24)

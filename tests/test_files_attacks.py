@@ -7,9 +7,13 @@ import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from imcli.client import services
 from imcli.client.files import FileConnection
 from imcli.client.services import Conversation
+from imcli.core.text import is_plain, plain_file_name
 from imcli.core.topics import chunk
 from imcli.core.wire import (
     ErrorReply,
@@ -186,6 +190,24 @@ BAD_FILE_NAMES = [
 GOOD_FILE_NAMES = ["\U0001f469\u200d\U0001f469\u200d\U0001f467.png", "日本 語.txt", "x.tar.gz", "..hidden", "a b"]
 
 
+def worker_takes(name: str) -> bool:  # the files worker's rule for an offered name (imcli/files/worker.py)
+    return "/" not in name and "\\" not in name and is_plain(name) and name not in (".", "..")
+
+
+@given(st.text(st.characters(exclude_characters="\x00/"), min_size=1, max_size=255))
+def test_any_local_file_name_becomes_one_the_worker_takes(name: str) -> None:
+    """What ``imcli send`` offers for any name a file can have on Linux (any character but NUL and
+    '/') is a name the files worker takes, and a name it already takes is left as it is."""
+    offered = plain_file_name(name)
+    assert worker_takes(offered) and len(offered) == len(name)
+    if worker_takes(name):
+        assert offered == name
+    for bad in BAD_FILE_NAMES:
+        assert worker_takes(plain_file_name(bad))
+    for good in GOOD_FILE_NAMES:
+        assert plain_file_name(good) == good
+
+
 def test_file_names_that_are_paths_or_do_not_draw_as_themselves_are_refused(
     server: ServeInfo, users: Callable[..., None], raw: Callable[..., Raw]
 ) -> None:
@@ -198,6 +220,7 @@ def test_file_names_that_are_paths_or_do_not_draw_as_themselves_are_refused(
         reply = ask(mallory, "mallory", offer)
         assert isinstance(reply, ErrorReply), (name, reply)
         assert reply.code == "invalid" and reply.text == f"invalid file name {name!r}", reply
+        assert reply.hint is not None and "control characters" in reply.hint
     for name in GOOD_FILE_NAMES:  # one content: the same unfinished upload, renamed (not 5 uploads in flight)
         offer = FileOffer(name=name, size=3, sha256=hashlib.sha256(b"abc").hexdigest(), room="lobby")
         assert isinstance(ask(mallory, "mallory", offer), FileUpload), name

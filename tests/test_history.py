@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from imcli.archive.store import ArchiveStore
 from imcli.broker.accounts import AccountStore
@@ -250,6 +252,26 @@ def test_parse_since() -> None:
     for bad in ("", "m", "-5m", "5x", "tomorrow", "25:99"):
         with pytest.raises(InvalidInput):
             parse_since(bad, now)
+    # longer ago than 1970 is since the start, not a negative time the archive's request refuses (a traceback)
+    for long_ago in ("99999999d", "9" * 400 + "w", "1900-01-01", "0001-01-01 00:00", "1969-12-31T23:59"):
+        assert parse_since(long_ago, now) == 0.0, long_ago
+
+
+@given(
+    st.one_of(
+        st.text(),
+        st.builds(lambda n, unit: f"{n}{unit}", st.integers(min_value=0, max_value=10**40), st.sampled_from("smhdwx")),
+        st.builds(lambda d: d.isoformat(sep=" ", timespec="minutes"), st.datetimes()),
+        st.builds(lambda d: d.isoformat(), st.dates()),
+    )
+)
+def test_any_since_text_is_a_history_request_or_one_error(text: str) -> None:
+    """Whatever ``--since`` gets is a time the archive's ``HistoryRequest`` takes, or ``InvalidInput``."""
+    try:
+        since = parse_since(text, 1_800_000_000.0)
+    except InvalidInput:
+        return
+    HistoryRequest(since=since)
 
 
 def test_conversation_names() -> None:

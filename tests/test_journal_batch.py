@@ -136,6 +136,27 @@ def test_pubacks_and_a_later_answer_wait_for_the_commit_of_their_rows(broker: Se
     assert sum(writer.batches) == 2
 
 
+def test_what_is_not_kept_is_acknowledged_without_waiting_for_others_rows(broker: ServeInfo) -> None:
+    """While alice's DM waits for its commit, bob's QoS 1 request (not chat: the journal keeps nothing
+    of it) is acknowledged at once, and so is his PINGREQ: only a connection's own kept lines hold its
+    answers (a file's chunks and the workers' publishes do not wait for others' chat to be kept)."""
+    writer = HeldWriter(broker)
+    topic = T.dm("bob", "alice").encode()
+    with _bob(broker) as bob, _connect(broker, "alice", b"alice:raw") as alice:
+        alice.sendall(publish_packet(topic, chat("held"), qos=1, packet_id=1))
+        heard, _ = read_packets(bob, lambda p: len(p) >= 1)
+        assert _texts(heard) == ["held"]
+        assert writer.entered.wait(WAIT)
+        bob.sendall(publish_packet(T.request("bob", "c0ffee01").encode(), b"{}", qos=1, packet_id=7) + PINGREQ)
+        got, _ = read_packets(bob, lambda p: len(p) >= 2)
+        assert got == [(0x40, b"\x00\x07"), (0xD0, b"")]
+        assert _nothing_to_read(alice)
+        writer.release()
+        acks, _ = read_packets(alice, lambda p: len(p) >= 1)
+    assert acks == [(0x40, b"\x00\x01")]
+    assert _kept(broker) == ["held"]
+
+
 def test_rows_recorded_while_a_commit_runs_share_the_next_one(broker: ServeInfo) -> None:
     """Twenty DMs, one write each, while the first commit is held: they are all delivered, their rows
     wait for that commit and then go in one more transaction, and alice's twenty PUBACKs come in order."""

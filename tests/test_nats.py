@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
+import secrets
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,7 @@ from imcli.client.identity import Identity
 from imcli.client.listener import Listener
 from imcli.client.services import Conversation
 from imcli.core.errors import BrokerUnreachable, ImcliError, InvalidInput, PublishFailed
-from imcli.core.mqtt import BrokerAddress, Credentials, MqttClient
+from imcli.core.mqtt import BrokerAddress, Credentials, Message, MqttClient
 from imcli.core.rules import SERVICE_ACCOUNTS
 from imcli.core.service import PasswordFileDirectory, ServiceWorker
 from imcli.core.wire import (
@@ -43,12 +45,14 @@ from imcli.core.wire import (
     WhoRequest,
     decode,
     decode_as,
+    device_client_id,
     encode,
 )
 from imcli.files.worker import FilesWorker
 from imcli.groups import natsauth, natsprobe
 from imcli.groups.natsauth import NatsAuth
 from imcli.groups.worker import GroupWorker
+from imcli.moments.worker import MomentsWorker
 from imcli.presence.worker import PresenceWorker
 from imcli.serve.host import ServeInfo
 from tests.brokers import free_port
@@ -99,7 +103,7 @@ def workers(cluster: NatsCluster) -> Iterator[GroupWorker]:
     ]
     with contextlib.ExitStack() as stack:
         for worker in made:
-            worker.requests_at_most_once = True  # as imcli workers --nats-users (imcli/core/service.py)
+            worker.at_most_once = True  # as imcli workers --nats-users (imcli/core/service.py)
             stack.enter_context(worker)
         yield groups
 
@@ -247,6 +251,64 @@ def test_worker_client_ids_cannot_be_guessed() -> None:
     one, two = (natsprobe.ReloadProbe(address, Credentials("groups", "pw")) for _ in range(2))
     ids = [p.client_id(n) for p in (one, two) for n in address.endpoints]
     assert len(set(ids)) == 4 and all(i.startswith("groups:reload-") and "probe" not in i for i in ids)
+
+
+@pytest.mark.parametrize("on_nats", [True, False])
+def test_workers_hear_their_retained_state_at_qos_0_on_nats_only(on_nats: bool, tmp_path: Path) -> None:
+    """What each worker subscribes at which QoS when it syncs (no broker: its client records the calls).
+    On NATS (``at_most_once``) the state it rebuilds from retained messages, its own notice (the sync
+    markers) and the requests at QoS 0; the archive's chat and group records and the files worker's
+    transfers stay at QoS 1. On the embedded broker and Mosquitto, everything at QoS 1."""
+    address = BrokerAddress.of("127.0.0.1:1")
+    for folder in ("archive", "files", "moments"):
+        (tmp_path / folder).mkdir()
+
+    def creds(name: str) -> Credentials:
+        return Credentials(name, password_of(name))
+
+    made: list[ServiceWorker] = [
+        PresenceWorker(address, creds("presence")),
+        GroupWorker(address, creds("groups")),
+        ArchiveWorker(address, creds("archive"), tmp_path / "archive"),
+        FilesWorker(address, creds("files"), tmp_path / "files"),
+        MomentsWorker(address, creds("groups"), tmp_path / "moments", device="moments"),
+    ]
+    nats_qos_0 = {
+        "presence": {T.presence_filter(), T.status_filter(), T.profile_filter()},
+        "groups": {T.group_info_filter(), T.friends_filter()},
+        "archive": set(),
+        "files": {T.group_info_filter(), T.friends_filter()},
+        "moments": {T.friends_filter()},
+    }
+    nats_qos_1 = {
+        "archive": {T.group_info_filter(), T.room_filter(), T.dm_filter(), T.group_msg_filter()},
+        "files": {T.upload_filter(), T.fetch_filter()},
+    }
+    for worker in made:
+        name = worker.account if not isinstance(worker, MomentsWorker) else "moments"
+        subscribed: dict[str, int] = {}
+        markers: list[int] = []
+
+        def subscribe(filters: list[str], qos: int = 1, *, at_most_once: Sequence[str] = (), tries: int = 1) -> None:
+            subscribed.update(dict.fromkeys(filters, qos) | dict.fromkeys(at_most_once, 0))  # noqa: B023
+
+        def publish(topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+            markers.append(qos)  # noqa: B023
+            worker._on_message(Message(topic, payload, qos, retain))  # noqa: B023  # the marker comes back
+
+        worker.at_most_once = on_nats
+        worker.client.subscribe = subscribe  # type: ignore[method-assign]
+        worker.client.publish = publish  # type: ignore[method-assign]
+        worker._sync()
+        own = [T.sync(worker.account), T.request_filter()]
+        if on_nats:
+            expected = dict.fromkeys(nats_qos_0[name] | set(own), 0) | dict.fromkeys(nats_qos_1.get(name, ()), 1)
+        else:
+            expected = dict.fromkeys([*worker.state_filters(), *own], 1)
+        assert subscribed == expected, name
+        assert markers == [0 if on_nats else 1], name
+        if isinstance(worker, ArchiveWorker | FilesWorker | MomentsWorker):
+            worker.store.close()
 
 
 def test_rights_follow_groups_and_dm_policy() -> None:
@@ -519,12 +581,24 @@ def test_nobody_takes_over_a_workers_client_id(cluster: NatsCluster, raw) -> Non
     """NATS 2.9 lets any user of the account connect with any client id, which disconnects whoever
     held it (cluster-wide). So the workers' and the reload probes' ids are secret: alice, trying the
     ids a worker would have had (``<account>:workers``, the former ``groups:reload-probe1``...),
-    disconnects none of them; with a probe's real id (which she cannot know) she would."""
+    disconnects none of them; with a probe's real id (which she cannot know) she would.
+
+    The probes are first made open on every node: a probe is connected when a change needs it, and
+    the first MQTT connection to a node of a young cluster can take longer than the worker waits
+    (``RELOAD_WAIT``; the node logs "unable to connect: loading session record ... timeout"). Such a
+    probe was then made only at the invite below, and counted as made again (2 runs in 10 failed so here).
+    The group's name is new at each try: the rerun of a failed try found its own group taken."""
     auth = cluster.auth
     assert auth is not None and auth.probe is not None
     probe = auth.probe
     alice = on(cluster, 1, "alice")
-    services.group_request(alice, "create", "ids", private=True)  # the probes are open on every node
+    group = f"ids-{secrets.token_hex(3)}"
+    services.group_request(alice, "create", group, private=True)
+    for op in ("invite", "kick", "invite", "kick"):  # each change connects the probes not open yet
+        if len(probe.connected_nodes()) == len(cluster.nodes):
+            break
+        services.group_request(alice, op, group, user="dave")
+    assert len(probe.connected_nodes()) == len(cluster.nodes)
     connects = probe.connects
     taken = [len(n.log.split("same client ID")) for n in cluster.nodes]
     devices = ("workers", "workers-moments", "test", "moments", "embedded", "standalone")
@@ -534,8 +608,8 @@ def test_nobody_takes_over_a_workers_client_id(cluster: NatsCluster, raw) -> Non
         intruder = raw(2, "alice", client_id=client_id)  # node 2: where the workers connect first
         assert intruder.rc == 0  # NATS lets her use any id
         intruder.close()
-    services.group_request(alice, "invite", "ids", user="bob")
-    assert raw(3, "bob").subscribe(T.group_msg_filter("ids")) == 1  # answered once in force: probes worked
+    services.group_request(alice, "invite", group, user="bob")
+    assert raw(3, "bob").subscribe(T.group_msg_filter(group)) == 1  # answered once in force: probes worked
     # nats-server logs each takeover ("... with the same client ID ..."): none, and no probe made again
     assert [len(n.log.split("same client ID")) for n in cluster.nodes] == taken
     assert probe.connects == connects
@@ -547,8 +621,8 @@ def test_nobody_takes_over_a_workers_client_id(cluster: NatsCluster, raw) -> Non
     )
     intruder.close()
     time.sleep(1.1)  # nats-server holds back a client id for 1 s after a takeover (mqttSessJailDur)
-    services.group_request(alice, "invite", "ids", user="carol")  # the probe is back (paho, or a new one)
-    assert raw(2, "carol").subscribe(T.group_msg_filter("ids")) == 1
+    services.group_request(alice, "invite", group, user="carol")  # the probe is back (paho, or a new one)
+    assert raw(2, "carol").subscribe(T.group_msg_filter(group)) == 1
 
 
 def test_live_group_line_reaches_a_member_on_another_node(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
@@ -686,9 +760,9 @@ def test_refused_publish_is_told(cluster: NatsCluster, raw) -> None:  # type: ig
     alice.expect(T.notice("alice"), timeout=2)
 
 
-def jetstream_consumer_filters(cluster: NatsCluster) -> set[str]:
-    """The filter subject of every JetStream consumer of account IM, as the nodes' monitoring lists them."""
-    found: set[str] = set()
+def jetstream_consumers(cluster: NatsCluster) -> set[tuple[str, str]]:
+    """(name, filter subject) of every JetStream consumer of account IM, as the nodes' monitoring lists them."""
+    found: set[tuple[str, str]] = set()
     for node in cluster.nodes:
         url = f"http://127.0.0.1:{node.http}/jsz?accounts=true&streams=true&consumers=true&config=true"
         with urllib.request.urlopen(url, timeout=10) as reply:
@@ -696,8 +770,42 @@ def jetstream_consumer_filters(cluster: NatsCluster) -> set[str]:
         for account in jsz.get("account_details") or []:
             for stream in account.get("stream_detail") or []:
                 for consumer in stream.get("consumer_detail") or []:
-                    found.add(consumer.get("config", {}).get("filter_subject", ""))
+                    found.add((consumer.get("name", ""), consumer.get("config", {}).get("filter_subject", "")))
     return found
+
+
+def jetstream_consumer_filters(cluster: NatsCluster) -> set[str]:
+    """The filter subject of every JetStream consumer of account IM."""
+    return {subject for _name, subject in jetstream_consumers(cluster)}
+
+
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def session_hash(client_id: str) -> str:
+    """nats-server 2.9's name for an MQTT session (``getHash``, server/events.go: the client id's sha256,
+    its first 8 bytes each made a base-62 digit); the session's consumers are named ``<hash>_<nuid>``."""
+    return "".join(BASE62[b % 62] for b in hashlib.sha256(client_id.encode()).digest()[:8])
+
+
+def test_workers_read_their_retained_state_without_jetstream(cluster: NatsCluster) -> None:
+    """The workers' JetStream consumers on the cluster, found by their sessions' names: none for the
+    state they rebuild from retained messages, their own notice or the requests (QoS 0: plain NATS
+    subscriptions); the archive's chat and group records and the files worker's transfers at QoS 1
+    (imcli/core/service.py). Fails if a recoverable state subscription goes back to QoS 1 on NATS."""
+    consumers = jetstream_consumers(cluster)
+
+    def of(account: str) -> set[str]:
+        client_id = device_client_id(account, natsauth.private_device("test", password_of(account)))
+        return {subject for name, subject in consumers if name.startswith(session_hash(client_id) + "_")}
+
+    def stored(*filters: str) -> set[str]:
+        return {"$MQTT.msgs." + subject for f in filters for subject in natsauth.subjects(f)}
+
+    assert of("presence") == set()
+    assert of("groups") == set()
+    assert of("archive") == stored(T.group_info_filter(), T.room_filter(), T.dm_filter(), T.group_msg_filter())
+    assert of("files") == stored(T.upload_filter(), T.fetch_filter())
 
 
 @pytest.mark.parametrize("on_nats", [True, False])
@@ -709,7 +817,7 @@ def test_the_workers_command_asks_for_requests_at_qos_0_on_nats_only(
     seen: list[bool] = []
 
     def sync_stopped(worker: ServiceWorker) -> None:
-        seen.append(worker.requests_at_most_once)
+        seen.append(worker.at_most_once)
         raise BrokerUnreachable("stopped before the sync", "the test stops here")
 
     monkeypatch.setattr(MqttClient, "connect", lambda self: None)

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from imcli.broker import fanout
 from imcli.broker.accounts import AccountStore, Role
 from imcli.broker.acl import Access, TopicAcl, filter_within, topic_matches
 from imcli.broker.fanout import FilterIndex, RetainedIndex
@@ -424,6 +425,48 @@ def test_indexes_never_miss_a_matching_filter_or_retained_topic(topics: list[str
         index.discard(f)
         assert all(len(retained.under(g, [])) == 0 for g in filters)
     assert len(index) == 0
+
+
+@given(
+    st.lists(st.lists(_LEVEL, min_size=1, max_size=5).map("/".join), min_size=1, max_size=8),
+    st.lists(
+        st.tuples(st.lists(_FILTER_LEVEL, min_size=0, max_size=4), st.booleans()).map(
+            lambda t: "/".join([*t[0], "#"] if t[1] or not t[0] else t[0])
+        ),
+        min_size=2,
+        max_size=8,
+    ),
+)
+def test_kept_matches_follow_the_filters_added_and_discarded(topics: list[str], filters: list[str]) -> None:
+    """``FilterIndex.matching`` keeps each topic's matching filters (issue 21): what it answers is
+    always what matching every filter in the index would answer, as filters come and go."""
+    index = FilterIndex()
+    present: set[str] = set()
+
+    def check() -> None:
+        for t in topics:
+            assert set(index.matching(t, topic_matches)) == {f for f in present if topic_matches(t, f)}
+
+    for f in filters:
+        index.add(f)
+        present.add(f)
+        check()
+    for f in filters[::2]:
+        index.discard(f)
+        present.discard(f)
+        check()
+
+
+def test_kept_matches_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fanout, "MATCHES_KEPT", 10)
+    index = FilterIndex()
+    index.add("im/room/+/+")
+    for i in range(25):
+        assert index.matching(f"im/room/r{i}/alice", topic_matches) == ["im/room/+/+"]
+        assert len(index._matching) <= 10
+    long = "im/room/" + "r" * 500 + "/alice"
+    assert index.matching(long, topic_matches) == ["im/room/+/+"]
+    assert long not in index._matching
 
 
 _TOPIC_LEVEL = st.sampled_from(["im", "room", "user", "alice", "bob", "dm", "presence", "events", "group", "info", "x"])

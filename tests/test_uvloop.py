@@ -14,9 +14,8 @@ the reader's fast path. The tests that count the paths wait for the loop first (
 For the same reason a PINGREQ read after a burst larger than the reader's share may be answered
 before the message loop has handled the rest of the burst (the reader answers a PINGREQ itself,
 and on asyncio the loop's next step comes first): MQTT orders PUBACKs among themselves, not with a
-PINGRESP, but test_attacks_fastpath's
-test_many_publishes_in_one_segment_mixing_qos_and_a_forgery_keep_order_and_identity uses the
-PINGRESP as its barrier, and is not run here.
+PINGRESP, so test_attacks_fastpath's test of such a burst waits for every PUBACK and every copy
+before its PINGRESP barrier.
 
 The first test is this module's own: the reader's hook on ``data_received`` (imcli/broker/reader.py
 ``_hook``) must see the connection's reads on either loop, or the PUBACK and DISCONNECT fast
@@ -184,6 +183,9 @@ test_a_dm_handled_at_once_is_in_the_archive_before_its_puback = (
 )
 test_a_chat_message_read_with_a_file_chunk_goes_before_it = (
     test_deliver_at_once.test_a_chat_message_read_with_a_file_chunk_goes_before_it
+)
+test_many_publishes_in_one_segment_mixing_qos_and_a_forgery_keep_order_and_identity = (
+    test_attacks_fastpath.test_many_publishes_in_one_segment_mixing_qos_and_a_forgery_keep_order_and_identity
 )
 test_pubacks_alone_in_a_read_settle_their_copies_and_a_packet_id_0_still_closes = (
     test_attacks_fastpath.test_pubacks_alone_in_a_read_settle_their_copies_and_a_packet_id_0_still_closes

@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import trustme
@@ -28,6 +29,9 @@ from tests.brokers import NOT_INSTALLED, mosquitto_available, running_mosquitto,
 from tests.browser import TIMEOUT_MS, WebUser, chromium, new_user, require_chromium
 from tests.conftest import Cli, password_of
 from tests.rawmqtt import chat, connect_raw
+
+if TYPE_CHECKING:
+    from playwright.sync_api import FilePayload
 
 pytestmark = pytest.mark.slow
 
@@ -298,6 +302,21 @@ def test_a_file_from_the_page_goes_in_chunks_of_the_upload_limit(web: ServeInfo,
     (notes,) = [f for f in json.loads(ok(carol, "files", "--json")) if f["name"] == "notes.bin"]
     ok(carol, "get", notes["id"], "-o", str(tmp_path / "got.bin"))
     assert (tmp_path / "got.bin").read_bytes() == data.read_bytes()
+
+
+def test_a_file_of_any_name_from_the_page_is_sent_under_a_plain_one(web: ServeInfo, tmp_path: Path) -> None:
+    """A browser file named with a bidi override and a backslash is sent, as ``imcli send`` sends it
+    (imcli.core.text.plain_file_name), not refused by the files worker."""
+    carol = cli(web, tmp_path, "carol")
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.sign_in(password_of("alice"), register=True)
+        weird: FilePayload = {"name": "rtl\u202egnp.exe back\\slash.txt", "mimeType": "text/plain", "buffer": b"x"}
+        alice.p.set_input_files("#file-input", files=[weird])
+        alice.p.wait_for_selector("#messages li[data-from='alice'] .file .name:text-is('rtl_gnp.exe back_slash.txt')")
+        no_errors(alice)
+    names = [f["name"] for f in json.loads(ok(carol, "files", "--json"))]
+    assert names == ["rtl_gnp.exe back_slash.txt"]
 
 
 def test_public_groups_are_joined_from_the_list_and_left(web: ServeInfo, tmp_path: Path) -> None:

@@ -86,6 +86,10 @@ class ArchiveWorker(ServiceWorker):
         chat = [t.room_filter(), t.dm_filter(), t.group_msg_filter()] if self._store_messages else []
         return [t.group_info_filter(), *chat]
 
+    # ``recoverable_filters``: none. The chat is not retained: the persistent session queues what is said
+    # while the archive is away, which is the history. A group record cleared while it is away (the last
+    # member left) leaves no retained message either, only the copy the session queued at QoS 1
+
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
         if self._pruner.is_alive():

@@ -27,10 +27,11 @@ from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action, ListenerType
 from amqtt.errors import AMQTTError, BrokerError
 from amqtt.events import BrokerEvents
+from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol import broker_handler
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import INCOMING, ApplicationMessage, OutgoingApplicationMessage, Session
+from amqtt.session import INCOMING, ApplicationMessage, IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
 from imcli.broker.accounts import AccountStore
 from imcli.broker.acl import Access, TopicAcl
@@ -298,7 +299,24 @@ class AckAfterJournal(BrokerProtocolHandler):
             log.debug("%s: PUBLISH after DISCONNECT dropped", self.session.client_id if self.session else "?")
             return
         try:
-            await super().handle_publish(publish_packet)
+            # amqtt's handle_publish and _handle_message_flow in one step, without the debug line it
+            # built for every PUBLISH (an f-string and the queue's size) whether debug was on or not
+            topic, data = publish_packet.topic_name, publish_packet.data
+            if topic is None or data is None:
+                return
+            header, qos = publish_packet.variable_header, publish_packet.qos
+            message = IncomingApplicationMessage(
+                header.packet_id if header else None, topic, qos, data, publish_packet.retain_flag
+            )
+            message.publish_packet = publish_packet
+            if qos == QOS_1:
+                await self._handle_qos1_message_flow(message)
+            elif qos == QOS_0:
+                await self._handle_qos0_message_flow(message)
+            elif qos == QOS_2:
+                await self._handle_qos2_message_flow(message)
+            else:
+                raise AMQTTError(f"Unexpected QOS value '{qos}'")
         finally:
             if self.session is None or not self.session.delivered_message_queue.empty():
                 self._stir()  # a message handled at once left nothing for the message loop

@@ -55,6 +55,8 @@ from imcli.broker.sessions import SubscriptionTable
 log = logging.getLogger(__name__)
 
 INDEX_DEPTH = 3  # levels of a filter's literal head used as an index key: im/user/<name>
+MATCHES_KEPT = 4096  # topics whose matching filters FilterIndex.matching keeps
+KEPT_TOPIC = 400  # characters: a longer topic (none of the contract's) is matched each time, not kept
 WRITE_AT_ONCE = 4  # a message with this many copies or fewer is written at once, not at the end of the round
 
 Subscriptions = SubscriptionTable  # filter -> its subscribers (imcli/broker/sessions.py)
@@ -81,16 +83,19 @@ class FilterIndex:
     def __init__(self) -> None:
         self._by_head: dict[tuple[str, ...], set[str]] = defaultdict(set)
         self._head: dict[str, tuple[str, ...]] = {}
+        self._matching: dict[str, list[str]] = {}  # topic -> the filters that match it (``matching``)
 
     def add(self, topic_filter: str) -> None:
         if topic_filter not in self._head:
             head = literal_head(topic_filter)
             self._head[topic_filter] = head
             self._by_head[head].add(topic_filter)
+            self._matching.clear()
 
     def discard(self, topic_filter: str) -> None:
         head = self._head.pop(topic_filter, None)
         if head is not None:
+            self._matching.clear()
             bucket = self._by_head[head]
             bucket.discard(topic_filter)
             if not bucket:
@@ -102,6 +107,21 @@ class FilterIndex:
             bucket = self._by_head.get(tuple(levels[:depth]))
             if bucket:
                 yield from list(bucket)
+
+    def matching(self, topic: str, matches: Callable[[str, str], bool]) -> list[str]:
+        """The filters that match ``topic`` (``matches``: amqtt's rule, a pure function of both), kept
+        per topic until a filter is added or discarded: a conversation's next line, and a DM's copy
+        for its sender's devices, looked the same filters up and matched them again each time (issue
+        21: a chat line's fixed cost). At most ``MATCHES_KEPT`` topics of up to ``KEPT_TOPIC``
+        characters, forgotten all at once when full; the list returned is not to be changed."""
+        found = self._matching.get(topic)
+        if found is None:
+            found = [topic_filter for topic_filter in self.candidates(topic) if matches(topic, topic_filter)]
+            if len(topic) <= KEPT_TOPIC:
+                if len(self._matching) >= MATCHES_KEPT:
+                    self._matching.clear()
+                self._matching[topic] = found
+        return found
 
     def __len__(self) -> int:
         return len(self._head)
@@ -422,13 +442,13 @@ class FanOut:
         # other devices (``ImBroker.sent_copy``) usually has none (issue 21)
         encoded: EncodedPublish | None = None
         may_receive: Callable[[str | None], bool] | None = None
-        subscriptions, matches = self._subscriptions, self._matches
-        for topic_filter in self.filters.candidates(topic):
+        subscriptions = self._subscriptions
+        for topic_filter in self.filters.matching(topic, self._matches):
             targets = subscriptions.get(topic_filter)
             if targets is None:
                 self.filters.discard(topic_filter)
                 continue
-            if not targets or not matches(topic, topic_filter):
+            if not targets:
                 continue
             if may_receive is None:
                 may_receive = self._receive_check(topic)

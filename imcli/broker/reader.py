@@ -514,9 +514,11 @@ class PacketReader:
         this reader, after ``_answer``)."""
         if end - start >= BULK:
             await asyncio.sleep(AFTER_OTHERS)
+        journal = self._handler.journal
+        before = journal.recorded if journal is not None else 0
         await self._dispatch(first, b"", self._publish(first, buffer, start, end))
-        if (journal := self._handler.journal) is not None:
-            self._recorded = journal.recorded  # its row, if any, is among them (answers wait for it)
+        if journal is not None and journal.recorded != before:  # it was kept: answers wait for its row
+            self._recorded = journal.recorded  # (a file's chunk, a request, a status wait for nobody's)
 
     def _answer(self) -> None:
         """Write the PUBACKs gathered so far (before any other answer, which must not overtake them)
@@ -601,7 +603,6 @@ class PacketReader:
         name = HANDLERS.get(kind)
         if name is None:  # check_packet lets only CONNECT (refused: a second one) and these through
             raise MalformedPacket(f"packet type {kind} after the CONNECT")
-        header = MQTTFixedHeader(kind, first & 0x0F, len(body))
         handler = self._handler
         if kind != PUBLISH or first & 0x06 == 0x04:  # its answer, if any, is written by another path
             await self._answers_first()
@@ -611,9 +612,11 @@ class PacketReader:
             if publish is not None:
                 packet = publish
             elif not body and (bodyless := BODYLESS.get(kind)) is not None:
+                header = MQTTFixedHeader(kind, first & 0x0F, 0)
                 packet = bodyless(header)
                 packet.protocol_ts = datetime.now(UTC)
             else:
+                header = MQTTFixedHeader(kind, first & 0x0F, len(body))
                 packet = await packet_class(header).from_stream(BufferReader(body), fixed_header=header)
             await handler.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=handler.session)
             if kind == PUBLISH and (first >> 1) & 0x03 == 2:  # its flow waits for the PUBREL read after it

@@ -112,6 +112,7 @@ def tidy_help(command: Any) -> None:
         else:
             shown = param.display_type_rich
             param.display_type_rich = lambda ctx, shown=shown: _TYPE_NAMES.get(t := shown(ctx), t.strip("<>").upper())
+        param.process_value = _finite(param.process_value)
         if param.help and "{default_data_dir}" in param.help:
             from imcli.client.config import default_data_dir
 
@@ -124,6 +125,23 @@ def tidy_help(command: Any) -> None:
         command.short_help = " ".join(command.help.split("\n\n")[0].split())
     for sub in getattr(command, "commands", {}).values():
         tidy_help(sub)
+
+
+def _finite(process: Any) -> Any:
+    """A parameter's conversion that refuses ``nan`` and ``inf``: Typer turns them into floats like
+    any number, and ``--max-rate nan`` was a traceback far from the option (every float option of
+    every command, since ``tidy_help`` walks them all)."""
+
+    def finite(ctx: Any, value: Any) -> Any:
+        import math
+
+        value = process(ctx, value)
+        for number in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(number, float) and not math.isfinite(number):
+                raise typer.BadParameter(f"a finite number is needed, not {number}")
+        return value
+
+    return finite
 
 
 def usage_error(exc: Any) -> InvalidInput:
@@ -259,7 +277,8 @@ def parse_since(text: str, now: float) -> float:
 
     value = text.strip()
     if value[:-1].isascii() and value[:-1].isdigit() and value[-1:] in _UNITS:
-        return now - int(value[:-1]) * _UNITS[value[-1]]
+        ago = int(value[:-1]) * _UNITS[value[-1]]  # any size: longer ago than 1970 is since the start
+        return now - ago if ago < now else 0.0
     today = dt.datetime.fromtimestamp(now).date()
     for fmt, on_today in (("%H:%M", True), ("%Y-%m-%d", False), ("%Y-%m-%d %H:%M", False), ("%Y-%m-%dT%H:%M", False)):
         try:
@@ -268,5 +287,8 @@ def parse_since(text: str, now: float) -> float:
             continue
         if on_today:
             parsed = dt.datetime.combine(today, parsed.time())
-        return parsed.timestamp()
+        try:
+            return max(0.0, parsed.timestamp())  # a date before 1970: since the start
+        except (ValueError, OverflowError, OSError):  # year 1: before any local time the platform knows
+            return 0.0
     raise InvalidInput(f"invalid time {text!r}", "give a duration (30m, 2h, 3d) or a time (2026-11-23 09:30)")

@@ -253,9 +253,10 @@ def workers(
 
 
 def _for_broker(worker: ServiceWorker, nats_users: Path | None) -> ServiceWorker:
-    """On NATS (``--nats-users``) a worker hears requests at QoS 0: a plain NATS subscription, not a
-    JetStream consumer (imcli/core/service.py, deploy/nats/README.md)."""
-    worker.requests_at_most_once = nats_users is not None
+    """On NATS (``--nats-users``) a worker hears requests and the state it rebuilds from retained
+    messages at QoS 0: plain NATS subscriptions, not JetStream consumers (imcli/core/service.py,
+    deploy/nats/README.md)."""
+    worker.at_most_once = nats_users is not None
     return worker
 
 

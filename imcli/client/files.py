@@ -26,7 +26,7 @@ from imcli.core.bulk import lower_this_thread, run_lowered
 from imcli.core.errors import ImcliError, InvalidInput, NameTaken, NotAllowed, NotFound, RateLimited, RequestTimeout
 from imcli.core.mqtt import Message
 from imcli.core.request_reply import dropped, rate_limited, rate_notice
-from imcli.core.text import human_size
+from imcli.core.text import human_size, plain_file_name
 from imcli.core.topics import chunk, unchunk
 from imcli.core.wire import (
     ChatMessage,
@@ -202,7 +202,7 @@ class FileConnection(Connection):
     def _upload(self, path: Path, target: dict[str, str], progress: Progress | None) -> FileInfo:
         size = check_file(path)
         sha = sha256_of(path).hexdigest()
-        offer = FileOffer(name=path.name, size=size, sha256=sha, **target)
+        offer = FileOffer(name=plain_file_name(path.name), size=size, sha256=sha, **target)
         answered = False
         attempt = pauses = 0
         while attempt <= RETRIES:

@@ -9,7 +9,7 @@ each answers only the request types it owns (``handle`` returns ``None`` for the
 same request again (same sender and correlation id: a client resends a QoS 1 PUBLISH it had no
 PUBACK for) gets the reply sent the first time, for a minute, and is not done twice.
 
-Requests are heard and answered at QoS 1, except on NATS (``requests_at_most_once``, set by
+Requests are heard and answered at QoS 1, except on NATS (``at_most_once``, set by
 ``imcli workers --nats-users``; deploy/nats/README.md, "Requests and replies at QoS 0"). There a
 QoS 1 subscription is a JetStream consumer, made while the node's read loop of the worker waits
 (seconds on a loaded cluster), that delivers a request only once the cluster has stored it; and a
@@ -23,6 +23,18 @@ had it when they came back. The embedded broker and Mosquitto keep QoS 1: the em
 drops QoS 0 copies to a connection with more than ``Limits.output_drop`` (1 MiB) waiting, where
 QoS 1 copies still wait (up to ``output_close``), so a files worker behind on its upload chunks, or
 a listener behind on a flood, would lose requests or replies without a word.
+
+On NATS the state a worker rebuilds from retained messages is heard at QoS 0 too, with its own
+notice topic and the sync markers on it: each worker names those of its ``state_filters`` in
+``recoverable_filters``, and says there why each is safe. Such a topic's every message that
+matters is retained, so one missed while the connection was down comes back with the renewed
+subscription (nats-server sends a subscription's retained messages from its own map at the
+SUBSCRIBE, whatever its QoS, before it reads the marker published next); and on a clean session
+a QoS 1 copy sent while the worker is away is lost too, its consumers going with the session.
+What stays at QoS 1 on NATS: the archive's chat (not retained: its persistent session queues what
+is said while it is away, which is the history) and its group records (a group cleared while it is
+away leaves no retained message, only the copy its session queued), and the files worker's chunks
+and acknowledgements (a transfer, not state).
 """
 
 from __future__ import annotations
@@ -136,9 +148,10 @@ class ServiceWorker:
         self._resync_id = ""  # the marker that ends the reading of the retained state after a reconnect
         self.synced = threading.Event()
         self.stopping = threading.Event()
-        # NATS (``imcli workers --nats-users``) sets this before entering: requests are heard and
-        # answered at QoS 0 there, with no JetStream consumer and no JetStream store (module docstring)
-        self.requests_at_most_once = False
+        # NATS (``imcli workers --nats-users``) sets this before entering: requests, replies, sync markers
+        # and ``recoverable_filters`` at QoS 0 there, with no JetStream consumer and no JetStream store
+        # (module docstring)
+        self.at_most_once = False
         # (sender, corr) -> (when, reply), paho's thread only: a client that lost its connection before the
         # PUBACK sends the request again (paho sets DUP); it gets the same reply, not a second go at it
         self._answered: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()  # encoded replies
@@ -157,6 +170,12 @@ class ServiceWorker:
     # ---------------------------------------------------------------- for subclasses
 
     def state_filters(self) -> list[str]:
+        return []
+
+    def recoverable_filters(self) -> list[str]:
+        """Those of ``state_filters`` heard at QoS 0 on NATS (``at_most_once``; module docstring): each
+        one's messages that matter are retained, so a reconnect's renewed subscription brings back what
+        was missed while away (a clean session misses it at QoS 1 too); the others stay at QoS 1."""
         return []
 
     def on_state(self, topic: Topic, payload: bytes) -> None:
@@ -202,17 +221,23 @@ class ServiceWorker:
 
     def _sync(self) -> None:
         own = self.topics.sync(self.account)
-        self.client.subscribe([*self.state_filters(), own])
+        state = self.state_filters()
+        if self.at_most_once:
+            recoverable = set(self.recoverable_filters())
+            durable = [f for f in state if f not in recoverable]
+            self.client.subscribe(durable, at_most_once=[*(f for f in state if f in recoverable), own])
+        else:
+            self.client.subscribe([*state, own])
         marker = SyncMarker()
         self._sync_id = marker.id
-        self.client.publish(own, encode(marker), qos=1)
+        self.client.publish(own, encode(marker), qos=self._qos)
         if not self.synced.wait(SYNC_TIMEOUT):
             raise RequestTimeout(
                 f"{self.account} did not read its retained state within {SYNC_TIMEOUT:g}s", "start the workers again"
             )
         with self.lock:
             self.on_synced()
-        if self.requests_at_most_once:
+        if self.at_most_once:
             self.client.subscribe([], at_most_once=[self.topics.request_filter()])
         else:
             self.client.subscribe([self.topics.request_filter()])
@@ -282,8 +307,13 @@ class ServiceWorker:
         self._publish_reply(sender, corr, payload)
 
     def _publish_reply(self, sender: str, corr: str, payload: bytes) -> None:
-        qos = 0 if self.requests_at_most_once else 1
-        self.client.publish_nowait(self.topics.reply(sender, corr), payload, qos=qos)
+        self.client.publish_nowait(self.topics.reply(sender, corr), payload, qos=self._qos)
+
+    @property
+    def _qos(self) -> int:
+        """Of replies and sync markers: 0 on NATS, where a QoS 1 PUBLISH is a JetStream store in the
+        node's read loop of the worker (module docstring)."""
+        return 0 if self.at_most_once else 1
 
     def _on_connection(self, up: bool) -> None:
         if up and self.synced.is_set():
@@ -296,7 +326,7 @@ class ServiceWorker:
         if self.synced.is_set():
             marker = SyncMarker()
             self._resync_id = marker.id
-            self.client.publish_nowait(self.topics.sync(self.account), encode(marker), qos=1)
+            self.client.publish_nowait(self.topics.sync(self.account), encode(marker), qos=self._qos)
 
     # ---------------------------------------------------------------- MQTT out
 

@@ -79,6 +79,21 @@ def is_plain(text: str, *, lines: bool = False) -> bool:
     return all(safe(part) == part for part in (text.split("\n") if lines else (text,)))
 
 
+def plain_file_name(name: str) -> str:
+    """A local file's name as a file message may carry it (``is_plain``, no ``/`` or ``\\``, not
+    ``.`` or ``..``): each character ``safe`` would escape, and each slash, becomes ``_``. The
+    files worker refuses any other name; a person sending ``report\tfinal.pdf`` or a name with a
+    bidi override gets the file sent under a name everyone sees as it is, not a refusal."""
+    chars = ["_" if ch in "/\\" else ch for ch in name]
+    while True:  # safe() keeps what it leaves alone, so its first difference is the next character to replace
+        text = "".join(chars)
+        shown = safe(text)
+        if shown == text:
+            return text if text not in ("", ".", "..") else "_" * max(1, len(text))
+        first = next(i for i, (a, b) in enumerate(zip(text, shown, strict=False)) if a != b)
+        chars[first] = "_"
+
+
 def safe(text: str) -> str:
     """Text from the wire, made fit for one line of a terminal: every control, line or paragraph
     separator, format character, unassigned code point and blank letter is shown as its escape

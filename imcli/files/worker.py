@@ -172,6 +172,12 @@ class FilesWorker(ServiceWorker):
         t = self.topics
         return [t.group_info_filter(), t.friends_filter(), t.upload_filter(), t.fetch_filter()]
 
+    def recoverable_filters(self) -> list[str]:
+        # the group worker's retained records: a change while away comes back with the renewed subscription,
+        # and a record cleared meanwhile is missed at QoS 1 as well (a clean session: its consumers go with
+        # it). The chunks and acknowledgements are a transfer, not state: they stay at QoS 1
+        return [self.topics.group_info_filter(), self.topics.friends_filter()]
+
     def started(self) -> None:
         self.sweep()
         self._sweeper.start()
@@ -251,7 +257,12 @@ class FilesWorker(ServiceWorker):
         if isinstance(conv, ErrorReply):
             return conv
         if "/" in r.name or "\\" in r.name or not is_plain(r.name) or r.name in (".", ".."):
-            return ErrorReply(id=r.id, code="invalid", text=f"invalid file name {r.name!r}")
+            return ErrorReply(
+                id=r.id,
+                code="invalid",
+                text=f"invalid file name {r.name!r}",
+                hint="name it without control characters, '/' or '\\' (imcli send does that itself)",
+            )
         if r.size > self.limits.max_file:
             return ErrorReply(
                 id=r.id,

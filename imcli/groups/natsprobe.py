@@ -70,6 +70,10 @@ class ReloadProbe:
                 time.sleep(PROBE_EVERY)
         return True
 
+    def connected_nodes(self) -> list[Node]:
+        """The nodes whose probe connection is open now (from any thread: a copy of the map is read)."""
+        return [node for node, probe in list(self._probes.items()) if probe.connected]
+
     def close(self) -> None:
         for node in list(self._probes):
             self._drop(node)

@@ -74,6 +74,10 @@ class GroupWorker(ServiceWorker):
         mirror = [dynsec_module.RESPONSE_TOPIC] if self.mirror is not None else []
         return [self.topics.group_info_filter(), self.topics.friends_filter(), *mirror]
 
+    def recoverable_filters(self) -> list[str]:
+        # our own retained records, read at the first sync and ignored after it (``on_state``)
+        return [self.topics.group_info_filter(), self.topics.friends_filter()]
+
     def on_state(self, topic: Topic, payload: bytes) -> None:
         if self.synced.is_set() or not payload:
             return  # after sync, records coming back are our own

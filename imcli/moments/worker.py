@@ -50,6 +50,10 @@ class MomentsWorker(ServiceWorker):
     def state_filters(self) -> list[str]:
         return [self.topics.friends_filter()]
 
+    def recoverable_filters(self) -> list[str]:
+        # the group worker's retained records; a clean session misses a record cleared while away at QoS 1 too
+        return self.state_filters()
+
     def on_state(self, topic: Topic, payload: bytes) -> None:
         # after sync too: the group worker's changes keep arriving, and each one counts at once
         if topic.kind is TopicKind.FRIENDS and topic.owner:

@@ -62,6 +62,12 @@ class PresenceWorker(ServiceWorker):
     def state_filters(self) -> list[str]:
         return [self.topics.presence_filter(), self.topics.status_filter(), self.topics.profile_filter()]
 
+    def recoverable_filters(self) -> list[str]:
+        # all three are retained: a status (its heartbeat and its Will too) that changed while away comes
+        # back with the renewed subscription, and one cleared meanwhile is told by its absence
+        # (``on_resynced``); presence records and profiles are our own, read only at the first sync
+        return self.state_filters()
+
     def started(self) -> None:
         self._expiry.start()
 

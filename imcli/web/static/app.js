@@ -878,9 +878,17 @@
     return info;
   }
 
+  // A file's name as the files worker takes it (imcli.core.text.plain_file_name, more bluntly): what would not draw as
+  // itself (controls, format characters such as a bidi override, separators, blank letters, unassigned) and
+  // slashes become "_", so a browser file of any name is sent, not refused.
+  function plainName(name, fallback) {
+    const plain = name.slice(-255).replace(/[\p{Cc}\p{Cf}\p{Cs}\p{Zl}\p{Zp}\p{Cn}\u115f\u1160\u3164\uffa0\\/]/gu, "_");
+    return plain && plain !== "." && plain !== ".." ? plain : fallback;
+  }
+
   // An avatar is a file of the default room (readable by everyone, as profiles are), as imcli profile set --avatar.
   async function setAvatar(file) {
-    const name = file.name.slice(-255) || "avatar";
+    const name = plainName(file.name, "avatar");
     try {
       if (file.size > 5 << 20) throw new Error("an avatar is at most 5 MiB");
       const info = await storeFile(file, name, { room: "lobby" });
@@ -901,7 +909,7 @@
   async function sendFile(file) {
     const conv = S.current;
     if (!conv || !file) return;
-    const name = file.name.slice(-255) || "file";
+    const name = plainName(file.name, "file");
     try {
       const target = await fileTarget(conv);
       const info = await storeFile(file, name, target);
