@@ -4,8 +4,9 @@
 The tests below are the other modules' own, collected here a second time with this module's
 ``broker`` and ``server`` fixtures, which start the broker on ``OTHER``: a room and DMs through the
 reader's two paths, QoS 1 PUBACKs settled where they are read, DISCONNECTs waiting for the teardown
-gate, take-overs, Last Wills, and raw-MQTT attacks on the ACL. ``IMCLI_LOOP=uvloop`` runs every
-test of the suite on uvloop instead (``BackgroundServer`` reads it).
+gate, take-overs, Last Wills, and raw-MQTT attacks on the ACL. ``IMCLI_LOOP=uvloop`` runs the
+other modules' embedded brokers on uvloop too (``BackgroundServer`` reads it; tests/test_loop_timers.py
+keeps asyncio, whose timer heap it reads).
 
 On uvloop the connection's message loop may not have reached its first wait when the first packets
 after the CONNACK are read (libuv reads the sockets before the callbacks the round before made ready,
