@@ -35,7 +35,9 @@ ANSWERS = 50  # packets amqtt writes (_send_packet)
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[ServeInfo]:
     limits = Limits(max_connections=100)
-    with BackgroundServer(BrokerSettings(data_dir=tmp_path / "data", port=0, limits=limits), workers=False) as info:
+    settings = BrokerSettings(data_dir=tmp_path / "data", port=0, limits=limits)
+    # asyncio's loop, whatever IMCLI_LOOP says: these tests read its timer heap (uvloop's timers are libuv's)
+    with BackgroundServer(settings, workers=False, loop="asyncio") as info:
         store = AccountStore(info.data_dir)
         for name in ("alice", "bob"):
             store.add(name, password_of(name))
