@@ -48,12 +48,20 @@ class _Waits:
         import asyncio.streams
 
         from imcli.broker.amqtt_adapter import ImBroker
+        from imcli.broker.reader import PacketReader
 
         feed = asyncio.streams.StreamReader.feed_data
+        take = PacketReader._take
 
         def fed(reader: Any, data: bytes) -> None:
             reader._bench_fed = time.thread_time()
             feed(reader, data)
+
+        def taken(packets: Any, into: Any, data: bytes) -> None:
+            # the reader takes a connection's bytes straight from its transport (reader._take): the
+            # stream is fed only where the reader could not hook its protocol
+            packets._guard.stream._bench_fed = time.thread_time()
+            take(packets, into, data)
 
         deliver_now = ImBroker.deliver_now
         waits = self
@@ -68,6 +76,7 @@ class _Waits:
                     waits.note(broker, session, message, start, bulk)
 
         setattr(asyncio.streams.StreamReader, "feed_data", fed)  # noqa: B010 - a benchmark's probe
+        setattr(PacketReader, "_take", taken)  # noqa: B010
         setattr(ImBroker, "deliver_now", handled)  # noqa: B010
 
     def note(self, broker: Any, session: Any, message: Any, start: float, bulk: int) -> None:

@@ -22,7 +22,8 @@ a shared machine uses none, so the figures are the broker's own work, not the ma
 Each is a JSON line appended to OUT as it happens (only the rare slow ones are written: the cost
 on the loop is two ``thread_time`` calls per callback and per round, and a dict's update). ``read(OUT, since, until)``
 sums them up for the capacity hold (``python -m benchmarks --only capacity --hold S --trace-stalls``).
-Only the broker's process is traced (its workers' child process is not).
+Only the broker's process is traced (its workers' child process is not), and only on asyncio's own
+event loop (``imcli serve``'s default; uvloop's callbacks and rounds are C code: nothing is recorded).
 """
 
 from __future__ import annotations

@@ -17,14 +17,21 @@ from typing import Any
 import pytest
 
 from imcli.broker import reader
-from imcli.broker.accounts import AccountStore
 from imcli.broker.client_loop import FAIR_SHARE
-from imcli.broker.limits import Limits
-from imcli.broker.settings import BrokerSettings
 from imcli.core.wire import Topics
-from imcli.serve.host import BackgroundServer, ServeInfo
-from tests.brokers import loop_held
-from tests.rawmqtt import chat, connect_packet, field, packet, password_of, publish_packet, read_packets, wait_until
+from imcli.serve.host import ServeInfo
+from tests.brokers import bare_broker, loop_held
+from tests.rawmqtt import (
+    chat,
+    connect_packet,
+    field,
+    packet,
+    password_of,
+    publish_packet,
+    read_packets,
+    signed_in,
+    wait_until,
+)
 
 T = Topics()
 PINGREQ = b"\xc0\x00"
@@ -32,11 +39,7 @@ PINGREQ = b"\xc0\x00"
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[ServeInfo]:
-    settings = BrokerSettings(data_dir=tmp_path / "data", port=0, limits=Limits(publish_rate=1e6, publish_burst=10**6))
-    with BackgroundServer(settings, workers=False) as info:
-        store = AccountStore(info.data_dir)
-        for name in ("alice", "bob"):
-            store.add(name, password_of(name))
+    with bare_broker(tmp_path / "data", "alice", "bob") as info:
         yield info
 
 
@@ -61,10 +64,7 @@ class Paths:
 
 
 def _connect(info: ServeInfo, name: str, client_id: bytes) -> socket.socket:
-    sock = socket.create_connection((info.address.host, info.address.port), timeout=10)
-    sock.sendall(connect_packet(client_id, name.encode(), password_of(name).encode(), keepalive=0))
-    got, _ = read_packets(sock, lambda p: len(p) >= 1)
-    assert got == [(0x20, b"\x00\x00")]
+    sock = signed_in(info.address, name, client_id)
     # until the connection's message loop waits: only then may the reader handle a message at once, and
     # on uvloop the first packets after the CONNACK may be read before it does (libuv reads the sockets
     # before the callbacks the round before made ready, asyncio after them: tests/test_uvloop.py)
@@ -232,3 +232,39 @@ def test_a_chat_message_read_with_a_file_chunk_goes_before_it(
         assert read_packets(alice, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
         assert read_packets(bob, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
     assert order == ([line, upload] if bulk else [upload, line])
+
+
+def test_packets_sent_with_the_connect_are_read(broker: ServeInfo) -> None:
+    """A SUBSCRIBE and a PINGREQ in the same write as the CONNECT wait in the connection's stream once
+    amqtt has read the CONNECT: the reader, which takes the transport's bytes itself from then on,
+    takes them from the stream first (``reader.take_buffered``), and answers both, in order."""
+    sock = socket.create_connection((broker.address.host, broker.address.port), timeout=10)
+    subscribe = packet(0x82, b"\x00\x01" + field(T.user_filter("bob").encode()) + b"\x01")
+    with sock:
+        sock.sendall(
+            connect_packet(b"bob:raw", b"bob", password_of("bob").encode(), keepalive=0) + subscribe + b"\xc0\x00"
+        )
+        got, ended = read_packets(sock, lambda p: len(p) >= 3)
+    assert got == [(0x20, b"\x00\x00"), (0x90, b"\x00\x01\x01"), (0xD0, b"")]
+    assert not ended
+
+
+def test_a_publish_whose_last_bytes_look_like_pubacks_is_one_publish(broker: ServeInfo) -> None:
+    """The last read of a PUBLISH is its payload's tail, whatever it looks like: eight bytes that
+    would be two PUBACKs (``40 02 00 01``) arriving while the reader waits for the rest of the packet
+    are the rest of the packet, not acknowledgements (``PacketReader._arrived``)."""
+    tail = b"\x40\x02\x00\x01\x40\x02\x00\x02"
+    payload = b"plain text, then " + tail
+    whole = publish_packet(T.room("lobby", "alice").encode(), payload)
+    with _connect(broker, "bob", b"bob:raw") as bob, _connect(broker, "alice", b"alice:raw") as alice:
+        bob.sendall(packet(0x82, b"\x00\x01" + field(T.room_filter("lobby").encode()) + b"\x00"))
+        assert read_packets(bob, lambda p: len(p) >= 1)[0] == [(0x90, b"\x00\x01\x00")]
+        alice.sendall(whole[: -len(tail)])
+        bob.sendall(b"\xc0\x00")  # a round trip through the broker's loop: alice's first bytes are read by then
+        assert read_packets(bob, lambda p: len(p) >= 1)[0] == [(0xD0, b"")]
+        alice.sendall(tail)
+        got, _ = read_packets(bob, lambda p: len(p) >= 1)
+        alice.sendall(b"\xc0\x00")
+        assert read_packets(alice, lambda p: len(p) >= 1) == ([(0xD0, b"")], False)
+    [(first, body)] = got
+    assert first == 0x30 and body.endswith(payload)

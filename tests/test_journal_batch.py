@@ -17,12 +17,18 @@ from typing import Any
 
 import pytest
 
-from imcli.broker.accounts import AccountStore
-from imcli.broker.limits import Limits
-from imcli.broker.settings import BrokerSettings
 from imcli.core.wire import Received, Topics
-from imcli.serve.host import BackgroundServer, ServeInfo
-from tests.rawmqtt import chat, connect_packet, field, packet, password_of, publish_packet, read_packets, wait_until
+from imcli.serve.host import ServeInfo
+from tests.brokers import bare_broker
+from tests.rawmqtt import (
+    chat,
+    field,
+    packet,
+    publish_packet,
+    read_packets,
+    signed_in,
+    wait_until,
+)
 
 T = Topics()
 PINGREQ = b"\xc0\x00"
@@ -31,11 +37,7 @@ WAIT = 30.0  # seconds a held commit waits at most (the test releases it long be
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[ServeInfo]:
-    settings = BrokerSettings(data_dir=tmp_path / "data", port=0, limits=Limits(publish_rate=1e6, publish_burst=10**6))
-    with BackgroundServer(settings, workers=False) as info:
-        store = AccountStore(info.data_dir)
-        for name in ("alice", "bob"):
-            store.add(name, password_of(name))
+    with bare_broker(tmp_path / "data", "alice", "bob") as info:
         yield info
 
 
@@ -68,11 +70,7 @@ class HeldWriter:
 
 
 def _connect(info: ServeInfo, name: str, client_id: bytes) -> socket.socket:
-    sock = socket.create_connection((info.address.host, info.address.port), timeout=10)
-    sock.sendall(connect_packet(client_id, name.encode(), password_of(name).encode(), keepalive=0))
-    got, _ = read_packets(sock, lambda p: len(p) >= 1)
-    assert got == [(0x20, b"\x00\x00")]
-    return sock
+    return signed_in(info.address, name, client_id)
 
 
 def _bob(info: ServeInfo) -> socket.socket:
@@ -134,6 +132,27 @@ def test_pubacks_and_a_later_answer_wait_for_the_commit_of_their_rows(broker: Se
     assert got == [(0x40, b"\x00\x01"), (0x40, b"\x00\x02"), (0xD0, b"")]
     assert _kept(broker) == ["one", "two"]
     assert sum(writer.batches) == 2
+
+
+def test_what_is_not_kept_is_acknowledged_without_waiting_for_others_rows(broker: ServeInfo) -> None:
+    """While alice's DM waits for its commit, bob's QoS 1 request (not chat: the journal keeps nothing
+    of it) is acknowledged at once, and so is his PINGREQ: only a connection's own kept lines hold its
+    answers (a file's chunks and the workers' publishes do not wait for others' chat to be kept)."""
+    writer = HeldWriter(broker)
+    topic = T.dm("bob", "alice").encode()
+    with _bob(broker) as bob, _connect(broker, "alice", b"alice:raw") as alice:
+        alice.sendall(publish_packet(topic, chat("held"), qos=1, packet_id=1))
+        heard, _ = read_packets(bob, lambda p: len(p) >= 1)
+        assert _texts(heard) == ["held"]
+        assert writer.entered.wait(WAIT)
+        bob.sendall(publish_packet(T.request("bob", "c0ffee01").encode(), b"{}", qos=1, packet_id=7) + PINGREQ)
+        got, _ = read_packets(bob, lambda p: len(p) >= 2)
+        assert got == [(0x40, b"\x00\x07"), (0xD0, b"")]
+        assert _nothing_to_read(alice)
+        writer.release()
+        acks, _ = read_packets(alice, lambda p: len(p) >= 1)
+    assert acks == [(0x40, b"\x00\x01")]
+    assert _kept(broker) == ["held"]
 
 
 def test_rows_recorded_while_a_commit_runs_share_the_next_one(broker: ServeInfo) -> None:

@@ -4,8 +4,9 @@
 The tests below are the other modules' own, collected here a second time with this module's
 ``broker`` and ``server`` fixtures, which start the broker on ``OTHER``: a room and DMs through the
 reader's two paths, QoS 1 PUBACKs settled where they are read, DISCONNECTs waiting for the teardown
-gate, take-overs, Last Wills, and raw-MQTT attacks on the ACL. ``IMCLI_LOOP=uvloop`` runs every
-test of the suite on uvloop instead (``BackgroundServer`` reads it).
+gate, take-overs, Last Wills, and raw-MQTT attacks on the ACL. ``IMCLI_LOOP=uvloop`` runs the
+other modules' embedded brokers on uvloop too (``BackgroundServer`` reads it; tests/test_loop_timers.py
+keeps asyncio, whose timer heap it reads).
 
 On uvloop the connection's message loop may not have reached its first wait when the first packets
 after the CONNACK are read (libuv reads the sockets before the callbacks the round before made ready,
@@ -14,9 +15,8 @@ the reader's fast path. The tests that count the paths wait for the loop first (
 For the same reason a PINGREQ read after a burst larger than the reader's share may be answered
 before the message loop has handled the rest of the burst (the reader answers a PINGREQ itself,
 and on asyncio the loop's next step comes first): MQTT orders PUBACKs among themselves, not with a
-PINGRESP, but test_attacks_fastpath's
-test_many_publishes_in_one_segment_mixing_qos_and_a_forgery_keep_order_and_identity uses the
-PINGRESP as its barrier, and is not run here.
+PINGRESP, so test_attacks_fastpath's test of such a burst waits for every PUBACK and every copy
+before its PINGRESP barrier.
 
 The first test is this module's own: the reader's hook on ``data_received`` (imcli/broker/reader.py
 ``_hook``) must see the connection's reads on either loop, or the PUBACK and DISCONNECT fast
@@ -50,7 +50,17 @@ from tests import (
     test_teardown,
     test_wills,
 )
-from tests.rawmqtt import chat, connect_packet, field, packet, password_of, publish_packet, read_packets, wait_until
+from tests.brokers import bare_broker
+from tests.rawmqtt import (
+    chat,
+    field,
+    packet,
+    password_of,
+    publish_packet,
+    read_packets,
+    signed_in,
+    wait_until,
+)
 
 OTHER = next(loop for loop in loops.LOOPS if loop != loops.DEFAULT_LOOP)
 NAMES = ("alice", "bob", "carol", "dave", "mallory")
@@ -95,11 +105,7 @@ def server(tmp_path: Path) -> Iterator[ServeInfo]:
 
 
 def _connect(info: ServeInfo, name: str, client_id: bytes) -> socket.socket:
-    sock = socket.create_connection((info.address.host, info.address.port), timeout=10)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(connect_packet(client_id, name.encode(), password_of(name).encode(), keepalive=0))
-    assert read_packets(sock, lambda p: len(p) >= 1)[0] == [(0x20, b"\x00\x00")]
-    return sock
+    return signed_in(info.address, name, client_id)
 
 
 @pytest.mark.parametrize("loop", loops.LOOPS)
@@ -123,13 +129,9 @@ def test_the_readers_hook_sees_pubacks_and_a_disconnect_on_either_loop(
 
     monkeypatch.setattr(reader.PacketReader, "_arrived", counted_arrived)
     monkeypatch.setattr(reader.PacketReader, "_park", counted_park)
-    settings = BrokerSettings(data_dir=tmp_path / "data", port=0, limits=Limits(publish_rate=1e6, publish_burst=10**6))
-    with BackgroundServer(settings, workers=False, loop=loop) as info:
+    with bare_broker(tmp_path / "data", "alice", "bob", "carol", loop=loop) as info:
         assert info.broker is not None
         assert (type(info.broker._loop).__module__.split(".")[0]) == loop  # amqtt private: the broker's loop
-        store = AccountStore(info.data_dir)
-        for name in ("alice", "bob", "carol"):
-            store.add(name, password_of(name))
         room = b"im/room/lobby/alice"
         listeners = []
         for name in ("bob", "carol"):
@@ -184,6 +186,9 @@ test_a_dm_handled_at_once_is_in_the_archive_before_its_puback = (
 )
 test_a_chat_message_read_with_a_file_chunk_goes_before_it = (
     test_deliver_at_once.test_a_chat_message_read_with_a_file_chunk_goes_before_it
+)
+test_many_publishes_in_one_segment_mixing_qos_and_a_forgery_keep_order_and_identity = (
+    test_attacks_fastpath.test_many_publishes_in_one_segment_mixing_qos_and_a_forgery_keep_order_and_identity
 )
 test_pubacks_alone_in_a_read_settle_their_copies_and_a_packet_id_0_still_closes = (
     test_attacks_fastpath.test_pubacks_alone_in_a_read_settle_their_copies_and_a_packet_id_0_still_closes

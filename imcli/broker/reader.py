@@ -514,9 +514,11 @@ class PacketReader:
         this reader, after ``_answer``)."""
         if end - start >= BULK:
             await asyncio.sleep(AFTER_OTHERS)
+        journal = self._handler.journal
+        before = journal.recorded if journal is not None else 0
         await self._dispatch(first, b"", self._publish(first, buffer, start, end))
-        if (journal := self._handler.journal) is not None:
-            self._recorded = journal.recorded  # its row, if any, is among them (answers wait for it)
+        if journal is not None and journal.recorded != before:  # it was kept: answers wait for its row
+            self._recorded = journal.recorded  # (a file's chunk, a request, a status wait for nobody's)
 
     def _answer(self) -> None:
         """Write the PUBACKs gathered so far (before any other answer, which must not overtake them)
