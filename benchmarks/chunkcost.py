@@ -34,46 +34,14 @@ import pstats
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.brokerloop import BrokerLoop
 from benchmarks.brokers import _children, cpu_seconds
 from benchmarks.files import MIB, _source
 from benchmarks.filestail import _transfer
 from benchmarks.memory import serve_here
-
-
-class _Loop:
-    """The broker's event loop, once it runs (``ImBroker.start`` noted), for calls into its thread."""
-
-    def __init__(self) -> None:
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    def install(self) -> None:
-        from imcli.broker.amqtt_adapter import ImBroker
-
-        start = ImBroker.start
-        probe = self
-
-        async def started(broker: Any) -> None:
-            probe.loop = asyncio.get_running_loop()
-            await start(broker)
-
-        setattr(ImBroker, "start", started)  # noqa: B010 - a benchmark's probe
-
-    def call(self, fn: Callable[[], None]) -> None:
-        """``fn()`` in the loop's thread (a profiler is per thread), waited for."""
-        if self.loop is None:
-            return
-        done = threading.Event()
-
-        def run() -> None:
-            fn()
-            done.set()
-
-        self.loop.call_soon_threadsafe(run)
-        done.wait(10)
 
 
 class _Callbacks:
@@ -129,7 +97,7 @@ def main() -> None:
     parser.add_argument("--callbacks", action="store_true", help="every loop callback's CPU, by kind")
     parser.add_argument("--top", type=int, default=40)
     args = parser.parse_args()
-    loop = _Loop()
+    loop = BrokerLoop()
     loop.install()
     callbacks = _Callbacks()
     if args.callbacks:

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from benchmarks import brokers
+from benchmarks.brokerloop import BrokerLoop
 from benchmarks.brokers import PASSWORD, REPO
 from benchmarks.mqttload import LoadClient
 from imcli.core.topics import Topics
@@ -160,37 +161,16 @@ def _measure(
     return out
 
 
-class LoopProfile:
+class LoopProfile(BrokerLoop):
     """cProfile of the broker's loop thread, switched on and off from it (a profiler is per thread)."""
 
     def __init__(self) -> None:
-        self.loop: asyncio.AbstractEventLoop | None = None
+        super().__init__()
         self.profiles = {kind: cProfile.Profile(time.thread_time) for kind in KINDS}  # CPU, not the poll's wait
 
-    def install(self) -> None:
-        from imcli.broker.amqtt_adapter import ImBroker
-
-        start = ImBroker.start
-        probe = self
-
-        async def started(broker: Any) -> None:
-            probe.loop = asyncio.get_running_loop()
-            await start(broker)
-
-        setattr(ImBroker, "start", started)  # noqa: B010 - a benchmark's probe
-
     def switch(self, kind: str, on: bool) -> None:
-        if self.loop is None:
-            return
         profile = self.profiles[kind]
-        done = threading.Event()
-
-        def flip() -> None:
-            profile.enable() if on else profile.disable()
-            done.set()
-
-        self.loop.call_soon_threadsafe(flip)
-        done.wait(10)
+        self.call(profile.enable if on else profile.disable)
 
     def report(self, top: int, dump: str | None = None) -> dict[str, str]:
         out = {}

@@ -401,3 +401,17 @@ def loop_held(info: ServeInfo) -> Iterator[None]:
         yield
     finally:
         release.set()
+
+
+@contextlib.contextmanager
+def bare_broker(data_dir: Path, *accounts: str, loop: str | None = None) -> Iterator[ServeInfo]:
+    """The embedded broker alone (no workers), its publish rate unbounded, with ``accounts``
+    (passwords ``password_of``): the reader's, the journal's and the event loops' tests."""
+    from imcli.broker.limits import Limits
+
+    settings = BrokerSettings(data_dir=data_dir, port=0, limits=Limits(publish_rate=1e6, publish_burst=10**6))
+    with BackgroundServer(settings, workers=False, loop=loop) as info:
+        store = AccountStore(info.data_dir)
+        for name in accounts:
+            store.add(name, password_of(name))
+        yield info

@@ -20,6 +20,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from imcli.core.framing import decode_length, encode_length
+from imcli.core.mqtt import BrokerAddress
 from imcli.core.wire import ChatMessage, encode
 
 # paho 2 reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes
@@ -210,6 +211,26 @@ def connect_packet(
     body += field(username) if username is not None else b""
     body += field(password) if password is not None else b""
     return packet(0x10, body)
+
+
+def signed_in(
+    address: BrokerAddress, name: str, client_id: bytes, *, clean: bool = True, window: int = 0
+) -> socket.socket:
+    """A socket signed in as ``name`` (password ``password_of``, no keep-alive, no Nagle), its
+    CONNACK read; ``window``: a receive buffer that small (the broker's output then waits)."""
+    sock = socket.socket()
+    if window:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)
+    sock.settimeout(10)
+    sock.connect((address.host, address.port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    body = connect_packet(client_id, name.encode(), password_of(name).encode(), keepalive=0)
+    if not clean:
+        body = body[:9] + bytes([body[9] & ~0x02]) + body[10:]  # the connect flags: no clean session
+    sock.sendall(body)
+    got, _ = read_packets(sock, lambda p: len(p) >= 1)
+    assert got[:1] == [(0x20, b"\x00\x00")] or (not clean and got[:1] == [(0x20, b"\x01\x00")]), got
+    return sock
 
 
 def login(name: str, client_id: bytes | None = None) -> bytes:

@@ -33,7 +33,7 @@ from imcli.core.framing import decode_length
 from imcli.core.wire import MAX_NOTICE_REQUESTS, DeviceStatus, Notice, Topics, decode_as, encode
 from imcli.serve.host import BackgroundServer, ServeInfo
 from tests import brokers
-from tests.rawmqtt import chat, connect_packet, field, packet, password_of, publish_packet, read_packets
+from tests.rawmqtt import chat, connect_packet, field, packet, password_of, publish_packet, read_packets, signed_in
 
 T = Topics()
 PINGREQ, PINGRESP = b"\xc0\x00", 0xD0
@@ -59,20 +59,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeInfo]:
 
 
 def _connect(info: ServeInfo, name: str, client_id: bytes, *, clean: bool = True, window: int = 0) -> socket.socket:
-    """Signed in as ``name``; ``window``: a receive buffer that small (the broker's output then waits)."""
-    sock = socket.socket()
-    if window:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)
-    sock.settimeout(10)
-    sock.connect((info.address.host, info.address.port))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    body = connect_packet(client_id, name.encode(), password_of(name).encode(), keepalive=0)
-    if not clean:
-        body = body[:9] + bytes([body[9] & ~0x02]) + body[10:]  # the connect flags: no clean session
-    sock.sendall(body)
-    got, _ = read_packets(sock, lambda p: len(p) >= 1)
-    assert got and got[0][0] == 0x20 and got[0][1][1] == 0, got
-    return sock
+    return signed_in(info.address, name, client_id, clean=clean, window=window)
 
 
 def _subscribed(info: ServeInfo, name: str, client_id: bytes, *filters: str, window: int = 0) -> socket.socket:

@@ -17,14 +17,21 @@ from typing import Any
 import pytest
 
 from imcli.broker import reader
-from imcli.broker.accounts import AccountStore
 from imcli.broker.client_loop import FAIR_SHARE
-from imcli.broker.limits import Limits
-from imcli.broker.settings import BrokerSettings
 from imcli.core.wire import Topics
-from imcli.serve.host import BackgroundServer, ServeInfo
-from tests.brokers import loop_held
-from tests.rawmqtt import chat, connect_packet, field, packet, password_of, publish_packet, read_packets, wait_until
+from imcli.serve.host import ServeInfo
+from tests.brokers import bare_broker, loop_held
+from tests.rawmqtt import (
+    chat,
+    connect_packet,
+    field,
+    packet,
+    password_of,
+    publish_packet,
+    read_packets,
+    signed_in,
+    wait_until,
+)
 
 T = Topics()
 PINGREQ = b"\xc0\x00"
@@ -32,11 +39,7 @@ PINGREQ = b"\xc0\x00"
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[ServeInfo]:
-    settings = BrokerSettings(data_dir=tmp_path / "data", port=0, limits=Limits(publish_rate=1e6, publish_burst=10**6))
-    with BackgroundServer(settings, workers=False) as info:
-        store = AccountStore(info.data_dir)
-        for name in ("alice", "bob"):
-            store.add(name, password_of(name))
+    with bare_broker(tmp_path / "data", "alice", "bob") as info:
         yield info
 
 
@@ -61,10 +64,7 @@ class Paths:
 
 
 def _connect(info: ServeInfo, name: str, client_id: bytes) -> socket.socket:
-    sock = socket.create_connection((info.address.host, info.address.port), timeout=10)
-    sock.sendall(connect_packet(client_id, name.encode(), password_of(name).encode(), keepalive=0))
-    got, _ = read_packets(sock, lambda p: len(p) >= 1)
-    assert got == [(0x20, b"\x00\x00")]
+    sock = signed_in(info.address, name, client_id)
     # until the connection's message loop waits: only then may the reader handle a message at once, and
     # on uvloop the first packets after the CONNACK may be read before it does (libuv reads the sockets
     # before the callbacks the round before made ready, asyncio after them: tests/test_uvloop.py)

@@ -17,12 +17,18 @@ from typing import Any
 
 import pytest
 
-from imcli.broker.accounts import AccountStore
-from imcli.broker.limits import Limits
-from imcli.broker.settings import BrokerSettings
 from imcli.core.wire import Received, Topics
-from imcli.serve.host import BackgroundServer, ServeInfo
-from tests.rawmqtt import chat, connect_packet, field, packet, password_of, publish_packet, read_packets, wait_until
+from imcli.serve.host import ServeInfo
+from tests.brokers import bare_broker
+from tests.rawmqtt import (
+    chat,
+    field,
+    packet,
+    publish_packet,
+    read_packets,
+    signed_in,
+    wait_until,
+)
 
 T = Topics()
 PINGREQ = b"\xc0\x00"
@@ -31,11 +37,7 @@ WAIT = 30.0  # seconds a held commit waits at most (the test releases it long be
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[ServeInfo]:
-    settings = BrokerSettings(data_dir=tmp_path / "data", port=0, limits=Limits(publish_rate=1e6, publish_burst=10**6))
-    with BackgroundServer(settings, workers=False) as info:
-        store = AccountStore(info.data_dir)
-        for name in ("alice", "bob"):
-            store.add(name, password_of(name))
+    with bare_broker(tmp_path / "data", "alice", "bob") as info:
         yield info
 
 
@@ -68,11 +70,7 @@ class HeldWriter:
 
 
 def _connect(info: ServeInfo, name: str, client_id: bytes) -> socket.socket:
-    sock = socket.create_connection((info.address.host, info.address.port), timeout=10)
-    sock.sendall(connect_packet(client_id, name.encode(), password_of(name).encode(), keepalive=0))
-    got, _ = read_packets(sock, lambda p: len(p) >= 1)
-    assert got == [(0x20, b"\x00\x00")]
-    return sock
+    return signed_in(info.address, name, client_id)
 
 
 def _bob(info: ServeInfo) -> socket.socket:

@@ -396,18 +396,21 @@ def test_remembered_login_is_an_hmac_and_is_forgotten_when_the_account_changes(t
 
 _LEVEL = st.sampled_from(["im", "room", "user", "alice", "bob", "lobby", "status", "$SYS", ""])
 _FILTER_LEVEL = st.one_of(_LEVEL, st.just("+"))
+_TOPICS = st.lists(st.lists(_LEVEL, min_size=1, max_size=5).map("/".join), min_size=1, max_size=8)
 
 
-@given(
-    st.lists(st.lists(_LEVEL, min_size=1, max_size=5).map("/".join), min_size=1, max_size=8),
-    st.lists(
+def _filters(min_size: int) -> st.SearchStrategy[list[str]]:
+    """Lists of topic filters of the levels above, some ending in '#'."""
+    return st.lists(
         st.tuples(st.lists(_FILTER_LEVEL, min_size=0, max_size=4), st.booleans()).map(
             lambda t: "/".join([*t[0], "#"] if t[1] or not t[0] else t[0])
         ),
-        min_size=1,
+        min_size=min_size,
         max_size=8,
-    ),
-)
+    )
+
+
+@given(_TOPICS, _filters(min_size=1))
 def test_indexes_never_miss_a_matching_filter_or_retained_topic(topics: list[str], filters: list[str]) -> None:
     index, retained = FilterIndex(), RetainedIndex()
     for f in filters:
@@ -427,16 +430,7 @@ def test_indexes_never_miss_a_matching_filter_or_retained_topic(topics: list[str
     assert len(index) == 0
 
 
-@given(
-    st.lists(st.lists(_LEVEL, min_size=1, max_size=5).map("/".join), min_size=1, max_size=8),
-    st.lists(
-        st.tuples(st.lists(_FILTER_LEVEL, min_size=0, max_size=4), st.booleans()).map(
-            lambda t: "/".join([*t[0], "#"] if t[1] or not t[0] else t[0])
-        ),
-        min_size=2,
-        max_size=8,
-    ),
-)
+@given(_TOPICS, _filters(min_size=2))
 def test_kept_matches_follow_the_filters_added_and_discarded(topics: list[str], filters: list[str]) -> None:
     """``FilterIndex.matching`` keeps each topic's matching filters (issue 21): what it answers is
     always what matching every filter in the index would answer, as filters come and go."""

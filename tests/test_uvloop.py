@@ -50,7 +50,17 @@ from tests import (
     test_teardown,
     test_wills,
 )
-from tests.rawmqtt import chat, connect_packet, field, packet, password_of, publish_packet, read_packets, wait_until
+from tests.brokers import bare_broker
+from tests.rawmqtt import (
+    chat,
+    field,
+    packet,
+    password_of,
+    publish_packet,
+    read_packets,
+    signed_in,
+    wait_until,
+)
 
 OTHER = next(loop for loop in loops.LOOPS if loop != loops.DEFAULT_LOOP)
 NAMES = ("alice", "bob", "carol", "dave", "mallory")
@@ -95,11 +105,7 @@ def server(tmp_path: Path) -> Iterator[ServeInfo]:
 
 
 def _connect(info: ServeInfo, name: str, client_id: bytes) -> socket.socket:
-    sock = socket.create_connection((info.address.host, info.address.port), timeout=10)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(connect_packet(client_id, name.encode(), password_of(name).encode(), keepalive=0))
-    assert read_packets(sock, lambda p: len(p) >= 1)[0] == [(0x20, b"\x00\x00")]
-    return sock
+    return signed_in(info.address, name, client_id)
 
 
 @pytest.mark.parametrize("loop", loops.LOOPS)
@@ -123,13 +129,9 @@ def test_the_readers_hook_sees_pubacks_and_a_disconnect_on_either_loop(
 
     monkeypatch.setattr(reader.PacketReader, "_arrived", counted_arrived)
     monkeypatch.setattr(reader.PacketReader, "_park", counted_park)
-    settings = BrokerSettings(data_dir=tmp_path / "data", port=0, limits=Limits(publish_rate=1e6, publish_burst=10**6))
-    with BackgroundServer(settings, workers=False, loop=loop) as info:
+    with bare_broker(tmp_path / "data", "alice", "bob", "carol", loop=loop) as info:
         assert info.broker is not None
         assert (type(info.broker._loop).__module__.split(".")[0]) == loop  # amqtt private: the broker's loop
-        store = AccountStore(info.data_dir)
-        for name in ("alice", "bob", "carol"):
-            store.add(name, password_of(name))
         room = b"im/room/lobby/alice"
         listeners = []
         for name in ("bob", "carol"):
