@@ -404,12 +404,14 @@ def loop_held(info: ServeInfo) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def bare_broker(data_dir: Path, *accounts: str, loop: str | None = None) -> Iterator[ServeInfo]:
+def bare_broker(data_dir: Path, *accounts: str, loop: str | None = None, ws: bool = False) -> Iterator[ServeInfo]:
     """The embedded broker alone (no workers), its publish rate unbounded, with ``accounts``
-    (passwords ``password_of``): the reader's, the journal's and the event loops' tests."""
+    (passwords ``password_of``) and, with ``ws``, a WebSocket listener: the reader's, the journal's
+    and the event loops' tests."""
     from imcli.broker.limits import Limits
 
-    settings = BrokerSettings(data_dir=data_dir, port=0, limits=Limits(publish_rate=1e6, publish_burst=10**6))
+    limits = Limits(publish_rate=1e6, publish_burst=10**6)
+    settings = BrokerSettings(data_dir=data_dir, port=0, limits=limits, ws_port=0 if ws else None)
     with BackgroundServer(settings, workers=False, loop=loop) as info:
         store = AccountStore(info.data_dir)
         for name in accounts:

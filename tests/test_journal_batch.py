@@ -23,6 +23,7 @@ from tests.brokers import bare_broker
 from tests.rawmqtt import (
     chat,
     field,
+    login,
     packet,
     publish_packet,
     read_packets,
@@ -132,6 +133,36 @@ def test_pubacks_and_a_later_answer_wait_for_the_commit_of_their_rows(broker: Se
     assert got == [(0x40, b"\x00\x01"), (0x40, b"\x00\x02"), (0xD0, b"")]
     assert _kept(broker) == ["one", "two"]
     assert sum(writer.batches) == 2
+
+
+def test_a_websocket_clients_pingresp_and_suback_wait_for_its_pubacks(tmp_path: Path) -> None:
+    """amqtt's WebSocket loop handles each packet in a task of its own: with the DM's PUBACK waiting
+    for the held commit, the PINGREQ and SUBSCRIBE read after it were answered first (CI:
+    test_attacks_client.py::test_half_packets_in_websocket_frames under load). Now they wait for
+    the connection's QoS 1 PUBLISHes (AckAfterJournal._after_publishes)."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    with bare_broker(tmp_path / "data", "alice", "bob", ws=True) as info:
+        writer = HeldWriter(info)
+        subscribe = packet(0x82, b"\x00\x05" + field(T.user_filter("alice").encode()) + b"\x01")
+        dm = publish_packet(T.dm("bob", "alice").encode(), chat("over the web"), qos=1, packet_id=1)
+        with connect(f"ws://127.0.0.1:{info.ws_port}/", subprotocols=["mqtt"], open_timeout=10) as ws:  # type: ignore[list-item]
+            ws.send(login("alice"))
+            assert ws.recv(timeout=10) == b"\x20\x02\x00\x00"
+            ws.send(dm + PINGREQ + subscribe)
+            assert writer.entered.wait(WAIT)
+            with pytest.raises(TimeoutError):  # nothing answered while the DM's row is not committed
+                ws.recv(timeout=0.5)
+            writer.release()
+            stream = b""
+            try:
+                while len(stream) < 4 + 2 + 5:
+                    stream += ws.recv(timeout=10)  # type: ignore[operator]
+            except (TimeoutError, ConnectionClosed):
+                pass
+    assert stream[:4] == b"\x40\x02\x00\x01", stream  # the PUBACK first
+    assert sorted([stream[4:6], stream[6:]]) == sorted([b"\xd0\x00", b"\x90\x03\x00\x05\x01"]), stream
 
 
 def test_what_is_not_kept_is_acknowledged_without_waiting_for_others_rows(broker: ServeInfo) -> None:

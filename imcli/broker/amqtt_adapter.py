@@ -294,6 +294,10 @@ class AckAfterJournal(BrokerProtocolHandler):
     async def handle_connection_closed(self) -> None:
         await self.handle_disconnect(self.goodbye)
 
+    # QoS 1 PUBLISHes of this connection being handled, and what waits for none to be (``_after_publishes``)
+    _publishing = 0
+    _settled: asyncio.Future[None] | None = None
+
     async def handle_publish(self, publish_packet: Any) -> None:
         if self.said_goodbye:  # bytes after the client's DISCONNECT (amqtt's WebSocket loop reads on)
             log.debug("%s: PUBLISH after DISCONNECT dropped", self.session.client_id if self.session else "?")
@@ -310,7 +314,13 @@ class AckAfterJournal(BrokerProtocolHandler):
             )
             message.publish_packet = publish_packet
             if qos == QOS_1:
-                await self._handle_qos1_message_flow(message)
+                self._publishing += 1  # its PUBACK is an answer (a QoS 2 flow waits for the client's PUBREL)
+                try:
+                    await self._handle_qos1_message_flow(message)
+                finally:
+                    self._publishing -= 1
+                    if not self._publishing and self._settled is not None and not self._settled.done():
+                        self._settled.set_result(None)
             elif qos == QOS_0:
                 await self._handle_qos0_message_flow(message)
             elif qos == QOS_2:
@@ -321,13 +331,30 @@ class AckAfterJournal(BrokerProtocolHandler):
             if self.session is None or not self.session.delivered_message_queue.empty():
                 self._stir()  # a message handled at once left nothing for the message loop
 
+    async def _after_publishes(self) -> None:
+        """Until no QoS 1 PUBLISH read before is being handled (its PUBACK written): amqtt's WebSocket loop
+        handles every packet in a task of its own, and a PUBACK waits for the journal's commit
+        (imcli/broker/journal.py), so a PINGRESP or SUBACK answered meanwhile overtook it (a client
+        that pings as a barrier saw the answer before the acknowledgements). A TCP connection's
+        reader handles its packets in order itself (reader.py); there nothing is being handled here."""
+        while self._publishing:
+            if self._settled is None or self._settled.done():
+                self._settled = asyncio.get_running_loop().create_future()
+            await self._settled
+
+    async def handle_pingreq(self, pingreq: Any) -> None:
+        await self._after_publishes()
+        await super().handle_pingreq(pingreq)
+
     async def handle_subscribe(self, subscribe: Any) -> None:
+        await self._after_publishes()
         try:
             await super().handle_subscribe(subscribe)
         finally:
             self._stir()
 
     async def handle_unsubscribe(self, unsubscribe: Any) -> None:
+        await self._after_publishes()
         try:
             await super().handle_unsubscribe(unsubscribe)
         finally:

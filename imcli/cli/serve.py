@@ -97,7 +97,7 @@ def serve(
             "--loop",
             envvar="IMCLI_LOOP",
             callback=check_loop,
-            help="The broker's event loop: 'asyncio' (Python's own) or 'uvloop' (docs/PERFORMANCE.md compares them).",
+            help="The broker's event loop: 'asyncio' (Python's own) or 'uvloop' (an experiment: docs/PERFORMANCE.md).",
         ),
     ] = "asyncio",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log connections and refusals.")] = False,
