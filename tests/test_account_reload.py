@@ -136,14 +136,15 @@ def test_the_sessions_of_removed_accounts_are_walked_a_slice_per_loop_round(tmp_
     _many(store, 5 * WALK_SLICE)
     names = sorted(store.snapshot())
     host = _Host(store, names)
-    upkeep = SessionUpkeep(host, Limits())  # type: ignore[arg-type]
+    upkeep = SessionUpkeep(host, Limits())
     current = dict.fromkeys(names[1:], "1.0")  # the first account was removed
 
     async def walk() -> int:
         with _Turns() as turns:
             await asyncio.sleep(0)
             before = turns.count
-            await upkeep._close_revoked(current, {names[-1]}, doomed := set())  # the last one replaced
+            doomed: set[str] = set()
+            await upkeep._close_revoked(current, {names[-1]}, doomed)  # the last one replaced
             assert doomed == {f"{names[0]}:c", f"{names[-1]}:c"}
             return turns.count - before
 
