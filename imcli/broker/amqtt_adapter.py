@@ -47,7 +47,7 @@ from imcli.broker.listeners import Connections, peer_host, serve, stop_listening
 from imcli.broker.notices import Notifier, taken_over
 from imcli.broker.output import OutputBound, ReadGate
 from imcli.broker.packets import CheckedWebSocketsReader, PacketGuard, connect_within
-from imcli.broker.pending import PendingConnections, raise_fd_limit
+from imcli.broker.pending import OpenFiles, PendingConnections, raise_fd_limit
 from imcli.broker.publish_checks import PublishChecks
 from imcli.broker.reader import PacketReader, StreamGuard
 from imcli.broker.retained import RETAINED_SLICE, RetainedState, send_in_slices
@@ -558,6 +558,7 @@ class ImBroker(Broker):
         self._journal = Journal(open_archive(settings.data_dir), self.topics, self.access.may_publish)
         self._requests_held = 0  # requests waiting for the journal's commit (``deliver``)
         self.pending = PendingConnections(lim.pending_per_address, lim.max_pending)
+        self.open_files: OpenFiles | None = None  # raised at start (imcli serve's start-up lines say it)
         self.connections = Connections(self.pending, self.output)
         self._upkeep_tasks: list[asyncio.Task[None]] = []
 
@@ -622,7 +623,7 @@ class ImBroker(Broker):
     # ---------------------------------------------------------------- start, stop, connections
 
     async def start(self) -> None:
-        raise_fd_limit(self.settings.limits.max_pending + 1024)  # imcli/broker/pending.py
+        self.open_files = raise_fd_limit(self.settings.limits.max_pending + 1024)  # imcli/broker/pending.py
         build_schemas()  # now, not in the event loop's first typed chat message (imcli/core/wire.py)
         try:
             await super().start()  # amqtt starts with no retained messages
