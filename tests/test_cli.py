@@ -331,6 +331,23 @@ def test_a_time_no_clock_can_show_is_malformed_not_the_end_of_listen(
     assert p.popen.poll() is None, p.err_lines
 
 
+def test_json_nested_past_the_stack_is_text_not_the_end_of_listen_or_the_senders_connection(
+    bob_listens: Proc, raw: Callable[..., Raw]
+) -> None:
+    """``{"type":"chat","text":[[[…]]]}`` nested 5,000 deep failed pydantic's parse and then ended
+    in json.loads with a RecursionError: every reader's ``listen`` died with a traceback, and the
+    embedded broker's journal ended the sender's connection with it. It is text, as any other
+    payload that is not one of ours."""
+    p = bob_listens
+    attacker = raw("alice", client_id="alice:raw")
+    deep = b'{"type":"chat","v":1,"text":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    attacker.publish("im/room/lobby/alice", deep)
+    attacker.publish("im/room/lobby/alice", b"still alive")
+    lines = [json.loads(p.line()) for _ in range(2)]
+    assert [(line["format"], len(line["text"])) for line in lines] == [("text", len(deep)), ("text", 11)]
+    assert p.popen.poll() is None, p.err_lines
+
+
 def test_duplicate_message_ids_are_shown_once(bob_listens: Proc, raw: Callable[..., Raw]) -> None:
     p = bob_listens
     sender = raw("alice", client_id="alice:raw")

@@ -770,7 +770,7 @@ def decode_chat(data: bytes) -> tuple[ChatMessage, bool]:
     if text.lstrip().startswith("{"):
         try:
             obj = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # `{"text":[[[…` nested past Python's stack: text, as any non-JSON
             obj = None
         if isinstance(obj, dict) and "type" in obj:
             return decode_as(data, ChatMessage), False
