@@ -348,6 +348,37 @@ def test_json_nested_past_the_stack_is_text_not_the_end_of_listen_or_the_senders
     assert p.popen.poll() is None, p.err_lines
 
 
+def test_a_download_while_listen_is_away_is_not_queued_for_it(
+    alice: Cli, cli_as: CliFactory, procs: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """listen subscribed to all of ``im/user/<me>/#``, a download's bytes (``file/<stream>``)
+    among them: every ``imcli get`` was copied to each listen and chat of the account, and queued
+    in the session of each one away; a listen back after a 40 MB download was closed by the broker
+    as a reader that does not read (76 MB waiting, seen by hand) and ended with an error. It
+    subscribes to the conversations' topics only, and drops the whole-tree filter of a session
+    from before."""
+    bob = cli_as("bob")
+    bob.login("bob")
+    first = procs("listen", "--json", env=listen_env(bob))
+    wait_listening(bob, first)
+    first.stop()
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(40 * 1024 * 1024))
+    sent = alice("send", "bob", str(big))
+    assert sent.exit_code == 0, sent.output
+    file_id = sent.output.strip().rsplit(": ", 1)[1]
+    got = bob("get", file_id, "-o", str(tmp_path / "back.bin"))
+    assert got.exit_code == 0, got.output
+    again = procs("listen", "--json", env=listen_env(bob))
+    wait_listening(bob, again)
+    assert alice("dm", "bob", "after the download").exit_code == 0
+    texts = []
+    while "after the download" not in texts:
+        texts.append(json.loads(again.line())["text"])
+    assert again.popen.poll() is None, again.err_lines
+    assert not any("reconnect" in line or "Error" in line for line in again.err_lines), again.err_lines
+
+
 def test_duplicate_message_ids_are_shown_once(bob_listens: Proc, raw: Callable[..., Raw]) -> None:
     p = bob_listens
     sender = raw("alice", client_id="alice:raw")

@@ -201,7 +201,7 @@ class Listener:
         )
         self._filters = [
             *room_filters,
-            topics.user_filter(identity.account),  # DMs, replies, notices, my friends record
+            *topics.inbox_filters(identity.account),  # DMs, replies, notices, my friends record
             topics.presence_filter(),
             topics.events(),
             topics.profile_filter(),  # friends' profile changes are shown as events
@@ -232,7 +232,7 @@ class Listener:
         self.online: set[str] = set()  # accounts the presence worker says are online
         self._inbox: queue.Queue[tuple[Message | Received, bool]] = queue.Queue()
         self._catching_up = True  # until our SUBACK: what arrives first was queued while we were away
-        self.requests = RequestClient(topics, identity.account, self.publish)  # our user filter covers the replies
+        self.requests = RequestClient(topics, identity.account, self.publish)  # our inbox filters cover the replies
         self._requests_shown: set[str] = set()
         self.accept_hint = "imcli friend accept {}"  # what a friend request says to run (chat: its /friend)
         self.group_follower: GroupFollower | None = None  # only where the group wildcard is refused (NATS)
@@ -244,6 +244,8 @@ class Listener:
         self._client.connect()
         try:
             self._client.subscribe(self._filters, tries=SUBSCRIBE_TRIES)
+            if self._persistent:  # a session from before inbox_filters holds the whole user tree: no more
+                self._client.unsubscribe([self.identity.topics.user_filter(self.identity.account)])
             self._subscribe_groups()
             self._catching_up = False
             self._client.publish(self._status_topic, self._status(), qos=1, retain=True)

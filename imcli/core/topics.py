@@ -172,6 +172,14 @@ class Topics:
     def user_filter(self, me: str) -> str:
         return f"{self.prefix}/user/{_n(me)}/#"
 
+    def inbox_filters(self, me: str) -> list[str]:
+        """What a reader of ``me``'s conversations (``listen``, ``chat``) subscribes to under
+        ``<prefix>/user/<me>/``: DMs, its own DMs from other devices, replies, notices, the friends
+        record; not ``user_filter``'s ``#``, which takes in every download's bytes (``file/<stream>``)
+        to every device, and queues them for each one away."""
+        user = f"{self.prefix}/user/{_n(me)}"
+        return [f"{user}/dm/+", f"{user}/sent/+", f"{user}/reply/+", f"{user}/notice", f"{user}/friends"]
+
     def reply(self, me: str, corr: str) -> str:
         return f"{self.prefix}/user/{_n(me)}/reply/{_i(corr)}"
 
