@@ -82,24 +82,26 @@ class FilterIndex:
 
     def __init__(self) -> None:
         self._by_head: dict[tuple[str, ...], set[str]] = defaultdict(set)
-        self._head: dict[str, tuple[str, ...]] = {}
+        # filter -> its bucket in ``_by_head``, a set: not its head, a tuple of strings. CPython stops
+        # tracking a dict of only strings and such tuples at a full collection, and tracks it again, young,
+        # as soon as a new filter's fresh tuple goes in: then the next full collection walked all 10,000
+        # filters' entries again, every second of a join (issue 21); a dict of sets stays frozen
+        self._head: dict[str, set[str]] = {}
         self._matching: dict[str, list[str]] = {}  # topic -> the filters that match it (``matching``)
 
     def add(self, topic_filter: str) -> None:
         if topic_filter not in self._head:
-            head = literal_head(topic_filter)
-            self._head[topic_filter] = head
-            self._by_head[head].add(topic_filter)
+            bucket = self._head[topic_filter] = self._by_head[literal_head(topic_filter)]
+            bucket.add(topic_filter)
             self._matching.clear()
 
     def discard(self, topic_filter: str) -> None:
-        head = self._head.pop(topic_filter, None)
-        if head is not None:
+        bucket = self._head.pop(topic_filter, None)
+        if bucket is not None:
             self._matching.clear()
-            bucket = self._by_head[head]
             bucket.discard(topic_filter)
             if not bucket:
-                del self._by_head[head]
+                del self._by_head[literal_head(topic_filter)]
 
     def candidates(self, topic: str) -> Iterator[str]:
         levels = topic.split("/", INDEX_DEPTH)[:INDEX_DEPTH]
