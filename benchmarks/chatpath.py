@@ -1,6 +1,6 @@
 """Where a chat ping's time goes during a file transfer, stage by stage, in wall clock (issue 16).
 
-    python -m benchmarks.chatpath [--mib 100] [--transfers 2] [--period-ms 5] [--idle-s 3]
+    python -m benchmarks.chatpath [--mib 100] [--transfers 2] [--period-ms 5] [--idle-s 3] [--no-hold]
 
 The embedded broker in this process (``serve_here``, as ``imcli serve`` runs it), the room ping
 (``benchmarks/roomping.py --stamps``) in its own process, and ``--transfers`` uploads and
@@ -21,8 +21,16 @@ PUBLISH: checks, fan-out, the copy's write), ``received`` (the listener's callba
 
 One JSON line per transfer: each stage's p50, p90, p99 during ``--idle-s`` of pings without a
 transfer and during the transfer; and for the slowest 2 % of pings in each, each stage's mean,
-and the callbacks that overlapped ``to_loop`` (by kind: wall ms, CPU ms), so that a slow ping
-names what it waited behind.
+and the callbacks that overlapped ``to_loop`` (by kind: wall ms, CPU ms, count), so that a slow
+ping names what it waited behind. Also, in the loop thread's CPU time (what the machine's load
+moves least): the loop's rounds (``round_cpu_ms``: p50, p99, longest, count; the callbacks of
+those over 0.5 ms), what is left of the round in progress for a chat packet arriving while the
+loop is busy (``residual_ms_busy_q50_q90_q98``), the reader steps; and the chunks handled and
+written while the ping's socket was readable already (``chunks_handled_while_chat_waited``,
+``chunks_written_while_chat_waited``: count, of how many, their CPU in ms): chunk work that a
+ping which had arrived waited behind, which imcli/broker/chatfirst.py is to avoid.
+``--no-hold`` takes ``ChatFirst`` out (it never sees chat waiting: as before it), for the
+comparison.
 """
 
 from __future__ import annotations
