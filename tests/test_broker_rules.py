@@ -22,7 +22,7 @@ from imcli.broker.output import HELD_COPY, OutputBound, Verdict
 from imcli.broker.pending import PendingConnections
 from imcli.broker.publish_checks import Decision, PublishChecks, decide_publish
 from imcli.broker.reader import only_pubacks
-from imcli.broker.session_upkeep import expired, replaced_accounts, session_revoked, sessions_to_drop
+from imcli.broker.session_upkeep import expired, session_revoked, sessions_to_drop
 from imcli.broker.sessions import read_timeout, start_session
 from imcli.broker.topic_access import TopicAccess
 from imcli.broker.wills import LastWills, Will, will_of
@@ -274,13 +274,6 @@ def test_sessions_to_drop_are_the_longest_idle_and_only_as_many_as_needed() -> N
     assert sessions_to_drop({"a:1": 3.0, "a:2": 1.0}, held=3, limit=2) == ["a:2"]
     assert sessions_to_drop({"a:1": 3.0}, held=4, limit=2) == ["a:1"]  # not enough idle: what there is
     assert sessions_to_drop({"a:1": 3.0}, held=2, limit=2) == []
-
-
-def test_an_account_made_again_with_another_password_is_replaced_but_not_a_rekeyed_worker() -> None:
-    known = {"alice": "k1", "bob": "k2", "presence": "k3"}
-    current = {"alice": "k1", "bob": "new", "presence": "new"}
-    assert replaced_accounts(known, current, rekeyed=["presence"]) == {"bob"}
-    assert replaced_accounts(known, {}, rekeyed=[]) == set()  # removed, not replaced
 
 
 def test_a_session_is_revoked_when_its_account_is_gone_or_replaced() -> None:

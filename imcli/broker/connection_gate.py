@@ -124,12 +124,13 @@ class ConnectionGate:
 
         if not is_name(username):  # no account has it: kept out of the per-account tables (their keys)
             return self._no_such_name(username, address)
+        await self.store.refresh_off_loop()  # a changed accounts.json, parsed in a thread (issue 21)
         if (device_login := parse_device_credential(password)) is not None:
             return self._device_login(connect, username, *device_login, address)
         # a login verified before is recalled in the event loop, without a throttle: the workers'
         # service accounts (random 192-bit passwords) reconnect so even while their address is
         # throttled. A guess at theirs is throttled like any other (it costs argon2 all the same)
-        account = self.store.recall(username, password)
+        account = self.store.recall(username, password, reload=False)
         trusted = account is not None and account.role is Role.SERVICE
         if not trusted and (left := self.throttle.wait(username, address, self.clock())) > 0:
             log.info("login refused for %r from %s: too many failed logins, %.0f s to wait", username, address, left)
@@ -165,8 +166,9 @@ class ConnectionGate:
     def _device_login(self, connect: Session, username: str, device: str, secret: str, address: str) -> int:
         """A device credential (imcli/broker/devices.py): one keyed hash, in the event loop, no
         throttle (a 256-bit secret is not guessed; a refusal costs the same as an acceptance,
-        and an attacker's refusals cannot delay the device's own logins)."""
-        account = self.store.get(username)
+        and an attacker's refusals cannot delay the device's own logins). The accounts were reloaded
+        just before, off the loop, if the file had changed."""
+        account = self.store.snapshot().get(username)
         if (
             account is None
             or account.role is not Role.USER
