@@ -234,6 +234,12 @@ def _residual(rounds: list[float], q: float) -> float:
     return float(lo)
 
 
+def _p50_p99_max_n(ordered: list[float]) -> list[float]:
+    """A sorted list's p50, p99 and largest (rounded), and its length."""
+    return [round(ordered[len(ordered) // 2], 3), round(ordered[int(len(ordered) * 0.99)], 3), round(ordered[-1], 3),
+            len(ordered)]  # fmt: skip
+
+
 def _overlap(spans: list[tuple[Any, ...]], start: float, end: float) -> float:
     return float(sum(max(0.0, min(s[1], end) - max(s[0], start)) for s in spans if s[1] > start and s[0] < end))
 
@@ -271,12 +277,7 @@ def _summary(stamps: _Stamps, rows: list[dict[str, Any]]) -> dict[str, Any]:
         out[stage] = [round(cuts[49], 3), round(cuts[89], 3), round(cuts[98], 3)]
     rounds = sorted(1000 * (c) for _, _, c, _ in stamps.rounds)
     if rounds:
-        out["round_cpu_ms"] = [
-            round(rounds[len(rounds) // 2], 3),
-            round(rounds[int(len(rounds) * 0.99)], 3),
-            round(rounds[-1], 3),
-            len(rounds),
-        ]
+        out["round_cpu_ms"] = _p50_p99_max_n(rounds)
         busy = sum(rounds)
         out["rounds_over_0.5ms_share_of_loop_cpu"] = (
             round(sum(r for r in rounds if r > 0.5) / busy, 3) if busy else None
@@ -293,12 +294,7 @@ def _summary(stamps: _Stamps, rows: list[dict[str, Any]]) -> dict[str, Any]:
         )
     steps = sorted(1000 * c for _, _, c, name in stamps.callbacks if name == "task AckAfterJournal._reader_loop")
     if steps:
-        out["reader_step_cpu_ms"] = [
-            round(steps[len(steps) // 2], 3),
-            round(steps[int(len(steps) * 0.99)], 3),
-            round(steps[-1], 3),
-            len(steps),
-        ]
+        out["reader_step_cpu_ms"] = _p50_p99_max_n(steps)
     slow = sorted(rows, key=lambda r: -r["total"])[: max(1, len(rows) // 50)]
     out["slowest_2pct_mean"] = {stage: round(statistics.mean(r[stage] for r in slow), 3) for stage in STAGES}
     kinds: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0])

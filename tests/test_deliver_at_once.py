@@ -203,6 +203,21 @@ def test_a_qos0_dm_is_handled_at_once_and_journalled_as_it_is_delivered(broker: 
     assert (paths.at_once, paths.queued) == (1, 0)
 
 
+def _handled_in_order(info: ServeInfo) -> list[str]:
+    """The topics of the messages the broker's readers handle themselves, in the order handled."""
+    assert info.broker is not None
+    order: list[str] = []
+    deliver_now = info.broker.deliver_now
+
+    async def recorded(session: Any, message: Any, acknowledged: bool) -> bool:
+        order.append(message.topic)
+        result: bool = await deliver_now(session, message, acknowledged)
+        return result
+
+    info.broker.deliver_now = recorded  # type: ignore[method-assign]
+    return order
+
+
 @pytest.mark.parametrize("bulk", [True, False])
 def test_a_chat_message_read_with_a_file_chunk_goes_before_it(
     broker: ServeInfo, monkeypatch: pytest.MonkeyPatch, bulk: bool
@@ -215,15 +230,7 @@ def test_a_chat_message_read_with_a_file_chunk_goes_before_it(
     chunk, read first, is handled first: the order the test asserts is the change's, not chance's."""
     assert broker.broker is not None
     monkeypatch.setattr(reader, "BULK", 4096 if bulk else 1 << 40)
-    order: list[str] = []
-    deliver_now = broker.broker.deliver_now
-
-    async def recorded(session: Any, message: Any, acknowledged: bool) -> bool:
-        order.append(message.topic)
-        result: bool = await deliver_now(session, message, acknowledged)
-        return result
-
-    broker.broker.deliver_now = recorded  # type: ignore[method-assign]
+    order = _handled_in_order(broker)
     upload, line = T.upload("alice", "u" * 32), T.room("lobby", "bob")
     with _connect(broker, "alice", b"alice:raw") as alice, _connect(broker, "bob", b"bob:raw") as bob:
         with loop_held(broker):
@@ -249,15 +256,7 @@ def test_a_chat_message_arriving_as_a_file_chunks_wait_ends_goes_before_it(
 
     assert broker.broker is not None
     monkeypatch.setattr(reader, "BULK", 4096)
-    order: list[str] = []
-    deliver_now = broker.broker.deliver_now
-
-    async def recorded(session: Any, message: Any, acknowledged: bool) -> bool:
-        order.append(message.topic)
-        result: bool = await deliver_now(session, message, acknowledged)
-        return result
-
-    broker.broker.deliver_now = recorded  # type: ignore[method-assign]
+    order = _handled_in_order(broker)
     upload, line = T.upload("alice", "u" * 32), T.room("lobby", "bob")
     real = chatfirst.ChatFirst.chat_waiting
     with _connect(broker, "alice", b"alice:raw") as alice, _connect(broker, "bob", b"bob:raw") as bob:
