@@ -245,6 +245,20 @@ def test_a_host_the_resolver_cannot_take_is_one_error_line(
             assert result.stderr.startswith("Error: invalid host ")
 
 
+@pytest.mark.parametrize("before", ["-5", "1e300"])
+def test_a_time_stamp_out_of_range_is_one_error_line(
+    before: str, server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli]
+) -> None:
+    """``moments --before -5`` was a pydantic traceback (the wire's times are 0 to the end of year 9999)."""
+    users("alice")
+    alice = cli_as("alice")
+    alice.login("alice")
+    result = alice("moments", "feed", "--before", before)
+    assert result.exit_code == 1, result.exception
+    assert_form(result, f"--before {before}")
+    assert result.stderr.startswith(f"Error: invalid time stamp {float(before):g} ")
+
+
 def port_of(server: ServeInfo) -> list[str]:
     return ["--host", server.address.host, "--port", str(server.address.port)]
 
