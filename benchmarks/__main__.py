@@ -86,9 +86,23 @@ def raise_open_files(users: int) -> str | None:
         soft = hard if hard == resource.RLIM_INFINITY else min(hard, needed)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     if soft != resource.RLIM_INFINITY and soft < needed:
+        who = "root without it (a container's)" if os.geteuid() == 0 else "not root"
         return (
-            f"only {soft} open files allowed (ulimit -n; the hard limit, which raising needs CAP_SYS_RESOURCE): "
-            f"a broker process holding {users} users needs about {needed}, and one past the limit refuses them"
+            f"only {soft} open files allowed (ulimit -n; the hard limit, which raising needs CAP_SYS_RESOURCE: "
+            f"this process is {who}): a broker process holding {users} users needs about {needed}; the capacity "
+            "run signs in what each single-process broker's limit lets in and says so (users_asked, capped_by)"
+        )
+    return None
+
+
+def storm_skips(name: str) -> str | None:
+    """The storm restarts one broker process and signs everyone in again as imcli does after ``imcli
+    login``: with a device credential (issue 17), which only the embedded broker issues (Mosquitto's
+    users sign in with their password, as deployed). A cluster is not one process to restart."""
+    if name.startswith("nats"):
+        return (
+            "device credentials are the embedded broker's only (issue 17), and a cluster restarts node by node "
+            "(its failover is tests/test_nats.py's fault tests), not as one broker"
         )
     return None
 
@@ -114,13 +128,21 @@ def run(
     if warning is not None:
         print(f"warning: {warning}", file=sys.stderr)
 
-    def each(label: str, job: Job, *, users: int = users_needed, production: bool = False, trace: bool = False) -> None:
-        """``job`` on every broker in turn, ``repeat`` rounds (A B A B: the machine's noise falls on all alike)."""
+    def each(
+        label: str, job: Job, *, users: int = users_needed, production: bool = False, trace: bool = False,
+        skip: Callable[[str], str | None] = lambda name: None,
+    ) -> None:  # fmt: skip
+        """``job`` on every broker in turn, ``repeat`` rounds (A B A B: the machine's noise falls on all alike);
+        ``skip(name)``: why ``job`` does not apply to that broker (said in its row, the broker not started)."""
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
         for round_ in range(repeat):
             for name in names:
                 tag = f" #{round_ + 1}" if repeat > 1 else ""
                 print(f"  {label + tag:<14} {name:<10}", end="", flush=True)
+                if (why := skip(name)) is not None:
+                    results.setdefault(label, {})[name] = {"skipped": why}
+                    print(f" skipped: {why}", flush=True)
+                    continue
                 started = time.perf_counter()
                 try:
                     with brokers.start(name, users, production=production, trace_stalls=trace) as broker:
@@ -193,7 +215,7 @@ def run(
     if "churn" in only:
         each("churn", lambda b: {"churn": scenarios.churn(b, s["churn"], s["processes"])})
     if "storm" in only:
-        each("storm", lambda b: {"storm": storm(b, s["storm"], s["processes"])}, production=True)
+        each("storm", lambda b: {"storm": storm(b, s["storm"], s["processes"])}, production=True, skip=storm_skips)
     if "files" in only:
 
         def file_scenario(broker: brokers.Broker) -> dict[str, dict[str, Any]]:

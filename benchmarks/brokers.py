@@ -37,6 +37,9 @@ DEPLOY = REPO / "deploy" / "mosquitto"
 PASSWORD = "bench-password"
 HELPERS = ("watch", "pinga", "pingb", "pingc", "pingd", "pinge", "pongr", "colds", "probe", "flood")
 SERVICES = ("presence", "groups", "archive", "files")
+# files a single-process broker is left for what it opens during a run (archive, logs, retained store) and
+# the scenario's own connections (watcher, stall probe, probes): the crowd takes what is left
+FD_RESERVE = 64
 # imcli serve logs every collection that stops it this long or longer (imcli/broker/gcpause.py)
 GC_LOG_MS = 5
 GC_PAUSE = re.compile(r"garbage collection paused the broker ([\d.]+) ms \(generation (\d), CPU ([\d.]+) ms")
@@ -148,6 +151,20 @@ class Broker:
 
     def rss_mb(self) -> float:
         return rss_mb(self.pid)
+
+    def connection_room(self) -> tuple[int, int] | None:
+        """(open-file limit, connections it can still accept) for a single-process broker: its soft
+        limit less the files it holds now and ``FD_RESERVE`` for what it opens later and the helpers'
+        connections; None for a cluster (each node holds a share) or when /proc does not say."""
+        if self.ports:
+            return None
+        try:
+            limits = Path(f"/proc/{self.pid}/limits").read_text()
+            held = len(os.listdir(f"/proc/{self.pid}/fd"))
+        except OSError:
+            return None
+        soft = next((line.split()[3] for line in limits.splitlines() if line.startswith("Max open files")), "")
+        return (int(soft), int(soft) - held - FD_RESERVE) if soft.isdigit() else None
 
     def client_id(self, user: str, device: str) -> str:
         return f"{user}:{device}"

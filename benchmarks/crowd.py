@@ -7,8 +7,12 @@ status, as ``imcli listen`` does, then subscribes to its own ``im/user/<me>/#``.
 benchmark starts several crowds (one event loop per process, so the load generator has
 more than one core to itself) and talks to each with one JSON line per command:
 
-- on start the crowd prints ``{"event": "joined", "t0": …, "t1": …, "ok": n, "refused": m}``
-  (``t0``/``t1`` are ``time.time()`` stamps of the first CONNECT and of the last status);
+- on start the crowd prints ``{"event": "joined", "t0": …, "t1": …, "ok": n, "refused": m, "retried": r, …}``
+  (``t0``/``t1`` are ``time.time()`` stamps of the first CONNECT and of the last status). A CONNECT
+  refused as busy (CONNACK 3) is tried again at once after a short pause; one closed, reset or
+  unanswered before any CONNACK (a node whose JetStream missed its 4 s still holding the user's
+  first session, a full listen queue) is tried again with a growing back-off, as paho would, up to
+  ``--connect-retries`` times; ``retried`` counts both, ``closed_retried`` the second kind;
 - ``flip`` makes every user go offline and online again (two retained statuses) and
   prints ``{"event": "flipped", …}``;
 - ``rejoin`` (after a restart of the broker) drops every connection and signs everyone in again,
@@ -40,7 +44,10 @@ BACKGROUND_ROOM = "background"
 DEVICE = "bench"
 SERVER_UNAVAILABLE = 3  # CONNACK: the broker is busy (imcli serve: too many password checks at once)
 SUBACK_FAILURE = 0x80
+CLOSED_BEFORE_CONNACK = -1  # the connection was refused, reset or closed, or said nothing, before a CONNACK
 BUSY_RETRIES = 200
+CONNECT_RETRIES = 20  # CONNECTs closed before a CONNACK tried again (back-off 0.5 s doubling to 4 to 8 s: ~2 min)
+CONNACK_TIMEOUT = 60.0  # seconds for a CONNACK (a connection the broker never answers counts as closed)
 ACK_TIMEOUT = 600.0  # seconds for a user's status and subscriptions to be acknowledged (SUBACK 0x80 retries included)
 
 
@@ -60,7 +67,8 @@ class Crowd:
         self.clients: dict[str, LoadClient] = {}
         self.status = encode(DeviceStatus(interval=3600))
         self.refused = 0
-        self.retried = 0  # logins refused with CONNACK 3 (busy) and tried again
+        self.retried = 0  # CONNECTs tried again: refused with CONNACK 3 (busy) or closed before a CONNACK
+        self.closed_retried = 0  # of those, the ones closed (refused, reset, unanswered) before a CONNACK
         self.sub_retried = self.sub_refused = 0  # SUBSCRIBEs refused (SUBACK 0x80) and tried again, or given up
         self.dropped = 0  # connections the broker closed after CONNACK, before the user had joined
         self.talking = asyncio.Event()
@@ -91,6 +99,7 @@ class Crowd:
                 "ok": len(self.clients),
                 "refused": self.refused,
                 "retried": self.retried,
+                "closed_retried": self.closed_retried,
                 "sub_retried": self.sub_retried,
                 "sub_refused": self.sub_refused,
                 "dropped": self.dropped,
@@ -101,23 +110,38 @@ class Crowd:
         """Sign ``name`` in: CONNECT (again while the broker says busy), status, own filter. False when the
         broker closed the connection after its CONNACK; a refused login counts as refused (True: done)."""
         topic = T.status(name, DEVICE)
+        closed = 0  # CONNECTs closed before their CONNACK, in a row
         for attempt in range(self.args.busy_retries + 1):
             client = LoadClient()
             try:
-                rc = await client.connect(
-                    self.args.host, self.args.port, name, self.passwords.get(name, self.args.password),
-                    f"{name}:{DEVICE}",
-                    will=(topic, b"", True), keepalive=self.args.keepalive,
+                rc = await asyncio.wait_for(
+                    client.connect(
+                        self.args.host, self.args.port, name, self.passwords.get(name, self.args.password),
+                        f"{name}:{DEVICE}",
+                        will=(topic, b"", True), keepalive=self.args.keepalive,
+                    ),
+                    CONNACK_TIMEOUT,
                 )  # fmt: skip
-            except (OSError, asyncio.IncompleteReadError):
-                rc = -1
-            if rc != SERVER_UNAVAILABLE or attempt == self.args.busy_retries:
+            except (OSError, asyncio.IncompleteReadError, TimeoutError):
+                rc = CLOSED_BEFORE_CONNACK
+            if rc == SERVER_UNAVAILABLE and attempt < self.args.busy_retries:
+                # the broker's password checks are busy (a bounded queue): back off and retry, as
+                # imcli's clients and paho's reconnect loop do
+                client.abort()
+                self.retried += 1
+                await asyncio.sleep(random.uniform(0.05, 0.25))
+            elif rc == CLOSED_BEFORE_CONNACK and closed < self.args.connect_retries:
+                # closed (or refused, or unanswered) before any CONNACK: nats-server closes a second CONNECT
+                # while it still stores the first session ("other session ... is in the process of
+                # connecting"), a full listen queue resets: retry with a growing back-off, as paho (1 to 4 s
+                # between tries in imcli's clients) would
+                client.abort()
+                self.retried += 1
+                self.closed_retried += 1
+                await asyncio.sleep(random.uniform(0.5, 1.0) * 2 ** min(closed, 3))
+                closed += 1
+            else:
                 break
-            # the broker's password checks are busy (a bounded queue): back off and retry, as
-            # imcli's clients and paho's reconnect loop do
-            client.abort()
-            self.retried += 1
-            await asyncio.sleep(random.uniform(0.05, 0.25))
         if rc != 0:
             self.refused += 1
             return True
@@ -208,7 +232,8 @@ class Crowd:
                 for client in self.clients.values():
                     client.abort()
                 self.clients.clear()
-                self.refused = self.retried = self.sub_retried = self.sub_refused = self.dropped = 0
+                self.refused = self.retried = self.closed_retried = 0
+                self.sub_retried = self.sub_refused = self.dropped = 0
                 await self.join()
             elif command in ("quit", ""):
                 break
@@ -218,7 +243,7 @@ class Crowd:
         say({"event": "done"})
 
 
-def main() -> None:
+def options() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
@@ -230,10 +255,17 @@ def main() -> None:
     parser.add_argument("--room-listeners", type=int, default=0)
     parser.add_argument("--talk", type=float, default=0.0)
     parser.add_argument("--busy-retries", type=int, default=BUSY_RETRIES, help="tries again after CONNACK 3")
+    parser.add_argument(
+        "--connect-retries", type=int, default=CONNECT_RETRIES, help="tries again after a close before CONNACK"
+    )
     parser.add_argument("--keepalive", type=int, default=600, help="seconds, in CONNECT")
     parser.add_argument("--pings", action="store_true", help="send a PINGREQ every keepalive (long runs)")
     parser.add_argument("--no-status", dest="status", action="store_false", help="no retained online status")
-    asyncio.run(Crowd(parser.parse_args()).run())
+    return parser
+
+
+def main() -> None:
+    asyncio.run(Crowd(options().parse_args()).run())
 
 
 if __name__ == "__main__":

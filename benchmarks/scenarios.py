@@ -106,6 +106,8 @@ class Crowds:
                     "sub_retried": sum(int(j.get("sub_retried", 0)) for j in joined),
                     "sub_refused": sum(int(j.get("sub_refused", 0)) for j in joined),
                     "dropped": sum(int(j.get("dropped", 0)) for j in joined),
+                    "retried": sum(int(j.get("retried", 0)) for j in joined),
+                    "closed_retried": sum(int(j.get("closed_retried", 0)) for j in joined),
                 },
             )
         finally:
@@ -348,6 +350,13 @@ def capacity(
     the stall probe's phase). ``rejoin=False`` leaves the rejoin out (the NATS cluster creates a
     dozen replicated consumers a second here: a rejoin of 20,000 takes as long as the join)."""
     result: dict[str, object] = {"users": users, "rss_mb_idle": round(broker.rss_mb(), 1)}
+    room = broker.connection_room()
+    if room is not None and room[1] < users:
+        # one broker process holds every user's socket: past its open-file limit it stops accepting (EMFILE),
+        # so the crowd is what the limit lets in, and says so (docs/SCALING.md, "sixth session")
+        result["users_asked"], result["users"] = users, room[1]
+        result["capped_by"] = f"the broker process's open-file limit ({room[0]}, ulimit -n)"
+        users = room[1]
     log_start = broker.log_size()
 
     async def observe(port: int) -> tuple[Watcher, float]:
@@ -412,6 +421,8 @@ def capacity(
             result["subscribes_retried"], result["subscribes_refused"] = joined["sub_retried"], joined["sub_refused"]
         if joined["dropped"]:
             result["dropped_mid_join"] = joined["dropped"]
+        if joined["retried"]:  # CONNECTs refused as busy or closed before a CONNACK, and tried again
+            result["connects_retried"], result["connects_closed_retried"] = joined["retried"], joined["closed_retried"]
         if broker.has_presence:
             try:
                 asyncio.run(settle_and_hold())

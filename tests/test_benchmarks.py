@@ -184,6 +184,27 @@ def test_chunkwait_counts_chunks_and_pings_at_tiny_size() -> None:
 
 
 @pytest.mark.timeout(120)
+def test_chatpath_splits_each_pings_way_and_counts_the_chunks_it_waited_behind() -> None:
+    """``python -m benchmarks.chatpath`` (the broker in this process): one 2 MiB transfer, up and
+    down, is 8 chunks of 262,136 bytes each way handled and written (the 64-byte rest is no chunk);
+    the pings with and without it are split into their stages, and of the chunks' work, what began
+    while a ping was readable is counted."""
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.chatpath", "--mib", "2", "--transfers", "1", "--idle-s", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    (line,) = (json.loads(text) for text in run.stdout.splitlines() if text.startswith("{"))
+    assert line["hold"] is True
+    busy = line["transfer"]
+    late_steps, steps, _ = busy["chunks_handled_while_chat_waited"]
+    late_writes, writes, _ = busy["chunks_written_while_chat_waited"]
+    assert steps == writes == 16 and 0 <= late_steps <= steps and 0 <= late_writes <= writes
+    assert line["idle"]["pings"] >= 20 and len(line["idle"]["to_listener"]) == 3
+    assert busy["pings"] > 0
+
+
+@pytest.mark.timeout(120)
 def test_chunkcost_gives_a_cpu_figure_per_mib_and_the_loops_callbacks() -> None:
     """``python -m benchmarks.chunkcost`` (the broker in this process): one 2 MiB transfer, up and
     down; the loop thread's CPU per MiB is part of the process's, and the callbacks are counted."""
@@ -270,3 +291,65 @@ def test_the_stall_trace_names_a_long_callback_and_a_round_of_many_short_ones(tm
     assert isinstance(profile, list)
     kinds = {name.rsplit(".", 1)[-1]: (longest, calls) for name, longest, calls, _ in profile}
     assert kinds["burn"][1] == 40 and kinds["burn"][0] < 10
+
+
+@pytest.mark.parametrize("first_answer", [b"", b"\x20\x02\x00\x03"], ids=["closed-before-connack", "connack-3"])
+def test_the_crowd_tries_a_refused_connect_again_and_counts_it(
+    first_answer: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A broker that closes (or refuses with CONNACK 3) each user's first CONNECT and accepts the second:
+    everyone joins, nobody is counted as refused, and the retries are counted (docs/SCALING.md: nats-server
+    closes a second CONNECT while it still stores the first session)."""
+    import asyncio
+
+    from benchmarks.crowd import Crowd, options
+    from imcli.core.framing import decode_length
+
+    seen: dict[str, int] = {}
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buffer = bytearray()
+        while data := await reader.read(4096):
+            buffer += data
+            while (header := decode_length(buffer, 1)) is not None and header[1] + header[0] <= len(buffer):
+                length, start = header
+                kind, body = buffer[0] >> 4, bytes(buffer[start : start + length])
+                del buffer[: start + length]
+                if kind == 1:  # CONNECT: the client id follows the 10-byte variable header
+                    cid = body[12 : 12 + int.from_bytes(body[10:12], "big")].decode()
+                    seen[cid] = seen.get(cid, 0) + 1
+                    if seen[cid] == 1:
+                        writer.write(first_answer)
+                        writer.close()
+                        return
+                    writer.write(b"\x20\x02\x00\x00")
+                elif kind == 3:  # PUBLISH at QoS 1 (the retained status): PUBACK its packet id
+                    at = 2 + int.from_bytes(body[:2], "big")
+                    writer.write(b"\x40\x02" + body[at : at + 2])
+                elif kind == 8:  # SUBSCRIBE: granted QoS 1
+                    writer.write(b"\x90\x03" + body[:2] + b"\x01")
+        writer.close()
+
+    handlers: list[asyncio.Task[None]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await client(reader, writer)
+        finally:
+            await writer.wait_closed()
+
+    async def run() -> None:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            crowd = Crowd(options().parse_args(["--port", str(port), "--count", "3"]))
+            await crowd.join()
+            await asyncio.gather(*(c.disconnect() for c in crowd.clients.values()))
+            await asyncio.gather(*handlers)
+
+    asyncio.run(run())
+    joined = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert seen == {f"u0000{i}:bench": 2 for i in range(3)}
+    assert (joined["ok"], joined["refused"], joined["retried"]) == (3, 0, 3)
+    assert joined["closed_retried"] == (3 if first_answer == b"" else 0)

@@ -309,6 +309,45 @@ def test_malformed_payloads_never_stop_listen(bob_listens: Proc, raw: Callable[.
     assert p.popen.poll() is None
 
 
+def test_a_time_no_clock_can_show_is_malformed_not_the_end_of_listen(
+    alice: Cli, cli_as: CliFactory, procs: Callable[..., Proc], raw: Callable[..., Raw]
+) -> None:
+    """A raw client's chat line with ``"ts": 1e308`` (or ``Infinity``) ended every reader's human
+    ``imcli listen`` with an OverflowError traceback (time.localtime), in a room and in a DM: a time
+    past year 9999 is malformed, shown as such, and listen goes on."""
+    bob = cli_as("bob")
+    bob.login("bob")
+    p = procs("listen", env=listen_env(bob))
+    p.wait_stderr("listening as bob")
+    assert p.line().endswith("* bob is online")
+    attacker = raw("alice", client_id="alice:raw")
+    for ts in ("1e308", "Infinity", "-Infinity", "NaN", "253402300800"):
+        for topic in ("im/room/lobby/alice", "im/user/bob/dm/alice"):
+            attacker.publish(topic, f'{{"type":"chat","v":1,"id":"x","ts":{ts},"text":"boom"}}'.encode())
+    attacker.publish("im/room/lobby/alice", b"still alive")
+    lines = [p.line() for _ in range(11)]
+    assert all("malformed" in line for line in lines[:10]), lines
+    assert lines[10].endswith("lobby alice: still alive"), lines
+    assert p.popen.poll() is None, p.err_lines
+
+
+def test_json_nested_past_the_stack_is_text_not_the_end_of_listen_or_the_senders_connection(
+    bob_listens: Proc, raw: Callable[..., Raw]
+) -> None:
+    """``{"type":"chat","text":[[[…]]]}`` nested 5,000 deep failed pydantic's parse and then ended
+    in json.loads with a RecursionError: every reader's ``listen`` died with a traceback, and the
+    embedded broker's journal ended the sender's connection with it. It is text, as any other
+    payload that is not one of ours."""
+    p = bob_listens
+    attacker = raw("alice", client_id="alice:raw")
+    deep = b'{"type":"chat","v":1,"text":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    attacker.publish("im/room/lobby/alice", deep)
+    attacker.publish("im/room/lobby/alice", b"still alive")
+    lines = [json.loads(p.line()) for _ in range(2)]
+    assert [(line["format"], len(line["text"])) for line in lines] == [("text", len(deep)), ("text", 11)]
+    assert p.popen.poll() is None, p.err_lines
+
+
 def test_duplicate_message_ids_are_shown_once(bob_listens: Proc, raw: Callable[..., Raw]) -> None:
     p = bob_listens
     sender = raw("alice", client_id="alice:raw")

@@ -118,6 +118,57 @@ def test_every_error_of_every_command_has_the_form(
             assert_form(short, f"{args}, a short password")
 
 
+def text_parameters(command: object) -> list[Any]:
+    """The parameters of ``command`` that take text (``str``, or a list of it), paths not among them."""
+    found = []
+    for param in command.params:  # type: ignore[attr-defined]
+        annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+        kinds = typing.get_args(annotation) or (annotation,)
+        if (str in kinds or list[str] in kinds) and param.name != "host":  # --host: tests above
+            found.append(param)
+    return found
+
+
+NOT_UTF8 = "a\udcffb"  # what `imcli dm bob $'a\xffb'` passes: a byte that is not UTF-8 as a lone surrogate
+TEXT_PARAMETERS = [
+    (path, c, p) for path, c in COMMANDS if path[0] not in RUNS_UNTIL_STOPPED for p in text_parameters(c)
+]
+
+
+def test_the_walk_finds_the_text_parameters() -> None:
+    found = {(" ".join(path), p.name) for path, _, p in TEXT_PARAMETERS}
+    assert {("dm", "text"), ("profile set", "signature"), ("get", "file_id"), ("moments post", "text")} <= found
+
+
+TEXT_COMMANDS = [(path, c) for path, c in COMMANDS if path[0] not in RUNS_UNTIL_STOPPED and text_parameters(c)]
+
+
+@pytest.mark.parametrize(("path", "command"), TEXT_COMMANDS, ids=[" ".join(p) for p, _ in TEXT_COMMANDS])
+def test_text_that_is_not_utf8_is_one_error_line_in_every_text_parameter(
+    path: tuple[str, ...], command: object, server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli]
+) -> None:
+    """``imcli dm bob $'\xff'``, ``group say``, ``profile set --signature``, ``moments post``, ``get``
+    and ``rm`` were tracebacks (pydantic refused or could not encode the lone surrogate): each text
+    parameter of each command refuses such text in one line, naming the parameter; ``send``'s file
+    names may be any bytes (tests/test_files_attacks.py)."""
+    users("alice")
+    alice = cli_as("alice")
+    alice.login("alice")
+    for param in text_parameters(command):
+        if param.param_type_name == "argument":
+            arguments = [p for p in command.params if p.param_type_name == "argument"]  # type: ignore[attr-defined]
+            args = [NOT_UTF8 if p is param else "x" for p in arguments if p.required or p is param]
+            args += ["x"] if param.nargs != 1 else []  # send: a recipient, then a file
+            result = alice(*path, *args, input="")
+        else:
+            required = ["x"] * required_arguments(command)
+            result = alice(*path, *required, param.opts[0], NOT_UTF8, input="")
+        what = f"{' '.join(path)} {param.name}"
+        assert result.exit_code != 0, what
+        assert_form(result, what)
+        assert "\\udcff" in result.stderr, (what, result.stderr)
+
+
 def number_options(command: object, kind: type) -> list[str]:
     """The options of ``command`` that take a ``kind`` (``float``: Typer takes nan and inf as floats)."""
     found = []
@@ -183,9 +234,29 @@ def test_a_host_the_resolver_cannot_take_is_one_error_line(
     alice.login("alice")
     for args in (["say", "hi"], ["who"], ["group", "say", "team", "hi"], ["dm", "bob", "hi"]):
         result = alice(*args, "--host", host)
-        assert result.exit_code == 1, (args, result.exception)
         assert_form(result, f"{args} --host {host!r}")
-        assert result.stderr.startswith("Error: invalid host ")
+        if host == "\udcff":  # not text: a usage error as the option is read
+            assert result.exit_code == 2, (args, result.exception)
+            assert result.stderr.startswith(
+                "Error: invalid value for '--host' (env var: 'IMCLI_HOST'): '\\udcff' holds"
+            )
+        else:
+            assert result.exit_code == 1, (args, result.exception)
+            assert result.stderr.startswith("Error: invalid host ")
+
+
+@pytest.mark.parametrize("before", ["-5", "1e300"])
+def test_a_time_stamp_out_of_range_is_one_error_line(
+    before: str, server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli]
+) -> None:
+    """``moments --before -5`` was a pydantic traceback (the wire's times are 0 to the end of year 9999)."""
+    users("alice")
+    alice = cli_as("alice")
+    alice.login("alice")
+    result = alice("moments", "feed", "--before", before)
+    assert result.exit_code == 1, result.exception
+    assert_form(result, f"--before {before}")
+    assert result.stderr.startswith(f"Error: invalid time stamp {float(before):g} ")
 
 
 def port_of(server: ServeInfo) -> list[str]:

@@ -86,6 +86,29 @@ def test_send_to_a_person_and_get_it_back(
     assert fid in line["text"]
 
 
+def test_get_force_overwrites_only_a_regular_file(
+    server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli], tmp_path: Path
+) -> None:
+    """``--force`` replaced whatever had the name: ``imcli get ID -o /dev/null --force`` (run as
+    root) put a regular file where the device was; a fifo or a socket went the same way. Only a
+    regular file (or a link, which is replaced, never followed) is overwritten; anything else is
+    one error line and stays as it was."""
+    alice, bob = logged_in(cli_as, users, "alice", "bob")
+    fid = file_id(alice("send", "bob", str(write(tmp_path / "r.bin", 1000))).output)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    refused = bob("get", fid, "-o", str(fifo), "--force")
+    assert refused.exit_code == 1
+    assert refused.stderr == f"Error: {fifo} is not a regular file (give -o a file or a directory)\n"
+    assert fifo.is_fifo() and not list(tmp_path.glob(".*.part"))
+    (tmp_path / "real").write_bytes(b"old")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "real")
+    assert bob("get", fid, "-o", str(link), "--force").exit_code == 0
+    assert not link.is_symlink() and link.read_bytes() == (tmp_path / "r.bin").read_bytes()
+    assert (tmp_path / "real").read_bytes() == b"old"
+
+
 def test_same_content_is_kept_once(
     server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli], tmp_path: Path
 ) -> None:

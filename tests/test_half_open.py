@@ -109,6 +109,49 @@ def test_the_open_file_limit_is_raised(tmp_path: Path) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def _serve_open_files_line(tmp_path: Path, soft: int, hard: int) -> str:
+    """``imcli serve`` started with the open-file limits (soft, hard) (lowering either needs no
+    privilege): its start-up line about them."""
+    import os
+    import sys
+
+    start = (
+        f"import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard})); "
+        "sys.argv[0] = 'imcli'; runpy.run_module('imcli', run_name='__main__')"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", start, "serve", "--port", "0", "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "COLUMNS": "300"},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("  open files"):
+                return line.strip()
+        raise AssertionError("imcli serve said nothing about its open files")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def test_serve_raises_its_soft_open_file_limit_to_the_hard_one_and_says_so(tmp_path: Path) -> None:
+    """A server started with the usual soft limit (here 512) takes the whole hard limit, and says it."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = min(hard, 8192) if hard != resource.RLIM_INFINITY else 8192  # lowering the hard limit needs no root
+    line = _serve_open_files_line(tmp_path, 512, hard)
+    assert line == f"open files  {hard} (ulimit -n, raised to the hard limit)"
+
+
+def test_serve_says_when_the_hard_open_file_limit_is_below_what_it_needs(tmp_path: Path) -> None:
+    """Below ``max_pending`` + 1,024 (3,072 by default) the line says so, and what to raise."""
+    wanted = Limits().max_pending + 1024
+    line = _serve_open_files_line(tmp_path, 256, 1500)
+    assert line.startswith("open files  1500 (ulimit -n, raised to the hard limit)"), line
+    assert f"below the {wanted} the limits need: raise the hard limit" in line, line
+
+
 def test_a_burst_of_real_clients_from_one_address_is_not_cut(flooded: ServeInfo) -> None:
     """A NAT's team reconnecting at once: accepted together, before any CONNECT is read; none
     of them is mistaken for a silent socket (each gets its CONNACK, here 5: no username)."""

@@ -293,6 +293,24 @@ def test_store_keeps_one_copy_per_sender_and_id(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_time_kept_before_times_were_bounded_reads_as_the_archives_own(tmp_path: Path) -> None:
+    """An archive written before the wire bounded times holds a raw client's ``"ts": 1e308`` or
+    ``Infinity``; its history reply carried ``null`` (JSON has no infinity) and every reader's
+    ``imcli history`` of that room failed ("a worker sent a malformed reply"). Such a line reads
+    with the archive's own time instead, and the page goes over the wire."""
+    store = ArchiveStore(tmp_path / "a.sqlite3")
+    for n, ts in enumerate((1e308, float("inf"), 5.0)):
+        line = Received.model_construct(kind="room", sender="alice", room="lobby", id=f"m{n}", ts=ts, text="hi")
+        assert store.add(line, at=100.0 + n)
+    page = store.conversation_page("room:lobby", 10)
+    assert [line.ts for line in page.messages] == [100.0, 101.0, 5.0]
+    reply = decode(encode(HistoryReply(id="r1", messages=page.messages, more=False)))
+    assert isinstance(reply, HistoryReply) and [m.ts for m in reply.messages] == [100.0, 101.0, 5.0]
+    with pytest.raises(ValueError, match="less than or equal"):
+        Received(kind="room", sender="alice", room="lobby", id="m9", ts=1e308, text="hi")
+    store.close()
+
+
 def test_history_days_forgets_old_messages(tmp_path: Path) -> None:
     data = tmp_path / "data"
     old = ArchiveStore(data / "archive.sqlite3")

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from imcli.broker.accounts import AccountStore, Role
 from imcli.core.wire import Received, Topics
 from imcli.serve.host import ServeInfo
 from tests.brokers import bare_broker
@@ -25,6 +26,7 @@ from tests.rawmqtt import (
     field,
     login,
     packet,
+    password_of,
     publish_packet,
     read_packets,
     signed_in,
@@ -230,3 +232,33 @@ def test_a_batch_that_fails_acknowledges_none_of_its_messages(broker: ServeInfo)
             acks, _ = read_packets(alice, lambda p: len(p) >= 1)
     assert acks == [(0x40, b"\x00\x01")]
     assert _kept(broker) == ["lost?"]
+
+
+def test_a_request_reaches_the_workers_only_once_the_rows_before_it_are_committed(tmp_path: Path) -> None:
+    """A line's copies go out before its row is committed, so bob may see a line and ask for the
+    history at once: the archive must not get his request before that row is in the archive it reads
+    (tests/test_wills.py::test_a_delivered_chat_will_is_in_the_archive failed so under load). With the
+    writer's commit held, the request waits in the broker; it reaches the worker once the commit goes."""
+    with bare_broker(tmp_path / "data", "alice", "bob") as info:
+        AccountStore(info.data_dir).add("archive", password_of("archive"), Role.SERVICE, allow_reserved=True)
+        writer = HeldWriter(info)
+        with (
+            _bob(info) as bob,
+            _connect(info, "alice", b"alice:raw") as alice,
+            _connect(info, "archive", b"archive:raw") as archive,
+        ):
+            archive.sendall(packet(0x82, b"\x00\x01" + field(T.request_filter().encode()) + b"\x00"))
+            got, _ = read_packets(archive, lambda p: len(p) >= 1)
+            assert got == [(0x90, b"\x00\x01\x00")]
+            alice.sendall(publish_packet(T.dm("bob", "alice").encode(), chat("seen"), qos=0))
+            got, _ = read_packets(bob, lambda p: len(p) >= 1)
+            assert _texts(got) == ["seen"]
+            assert writer.entered.wait(WAIT)
+            request = T.request("bob", "c0ffee").encode()
+            bob.sendall(publish_packet(request, b"{}", qos=0))
+            wait_until(lambda: not _nothing_to_read(archive), 1.0)  # before the rule: at once
+            assert _nothing_to_read(archive) and _kept(info) == []
+            writer.release()
+            got, _ = read_packets(archive, lambda p: len(p) >= 1)
+            assert [first >> 4 for first, _ in got] == [3] and request in got[0][1]
+            assert _kept(info) == ["seen"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imcli.core.errors import ImcliError
-from imcli.core.wire import Received, encode
+from imcli.core.wire import MAX_TIMESTAMP, Received, encode
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -172,7 +172,7 @@ class ArchiveStore:
         if before is not None:
             where += " AND at < ?"
             args.append(before)
-        columns = "kind, sender, recipient, conv, id, ts, text, format, file"
+        columns = "kind, sender, recipient, conv, id, ts, text, format, file, at"
         # ``where`` is made of fixed fragments only; every value is bound
         sql = f"SELECT {columns} FROM messages WHERE {where} ORDER BY seq DESC LIMIT ?"  # noqa: S608
         with self._lock:
@@ -181,8 +181,10 @@ class ArchiveStore:
         return Page([_received(row) for row in reversed(rows[:limit])], more)
 
 
-def _received(row: tuple[str, str, str | None, str, str, float, str, str, str | None]) -> Received:
-    kind, sender, recipient, conv, id_, ts, text, fmt, attached = row
+def _received(row: tuple[str, str, str | None, str, str, float, str, str, str | None, float]) -> Received:
+    kind, sender, recipient, conv, id_, ts, text, fmt, attached, at = row
+    if not 0 <= ts <= MAX_TIMESTAMP:  # kept before times were bounded (1e308, inf): no reader could show it
+        ts = at
     place = conv.split(":", 1)[1]
     return Received.model_validate(
         {

@@ -47,7 +47,7 @@ from imcli.broker.listeners import Connections, peer_host, serve, stop_listening
 from imcli.broker.notices import Notifier, taken_over
 from imcli.broker.output import OutputBound, ReadGate
 from imcli.broker.packets import CheckedWebSocketsReader, PacketGuard, connect_within
-from imcli.broker.pending import PendingConnections, raise_fd_limit
+from imcli.broker.pending import OpenFiles, PendingConnections, raise_fd_limit
 from imcli.broker.publish_checks import PublishChecks
 from imcli.broker.reader import PacketReader, StreamGuard
 from imcli.broker.retained import RETAINED_SLICE, RetainedState, send_in_slices
@@ -556,7 +556,9 @@ class ImBroker(Broker):
         amqtts = (self.subscription_table, self._matches, self._get_handler, self._retain_broadcast_message)
         self.fan_out = FanOut(*amqtts, self.access.receive_check, self.output)
         self._journal = Journal(open_archive(settings.data_dir), self.topics, self.access.may_publish)
+        self._requests_held = 0  # requests waiting for the journal's commit (``deliver``)
         self.pending = PendingConnections(lim.pending_per_address, lim.max_pending)
+        self.open_files: OpenFiles | None = None  # raised at start (imcli serve's start-up lines say it)
         self.connections = Connections(self.pending, self.output)
         self._upkeep_tasks: list[asyncio.Task[None]] = []
 
@@ -621,7 +623,7 @@ class ImBroker(Broker):
     # ---------------------------------------------------------------- start, stop, connections
 
     async def start(self) -> None:
-        raise_fd_limit(self.settings.limits.max_pending + 1024)  # imcli/broker/pending.py
+        self.open_files = raise_fd_limit(self.settings.limits.max_pending + 1024)  # imcli/broker/pending.py
         build_schemas()  # now, not in the event loop's first typed chat message (imcli/core/wire.py)
         try:
             await super().start()  # amqtt starts with no retained messages
@@ -877,11 +879,37 @@ class ImBroker(Broker):
         await self.plugins_manager.fire_event(
             BrokerEvents.MESSAGE_BROADCAST, client_id=session.client_id, message=message
         )
+        if self.is_request(message.topic or "") and (
+            self._requests_held or not self._journal.is_kept(self._journal.recorded)
+        ):
+            # Copies of chat go out before their rows are committed (imcli/broker/journal.py), so a
+            # history request sent on seeing a line could reach the archive before the line's row:
+            # a request goes to the workers once every row recorded until now is committed (then an
+            # answer holds everything its asker has been sent), in the order requests came (one held
+            # holds those after it), without holding its asker's connection (its PUBACK, its other
+            # messages) meanwhile.
+            self._requests_held += 1
+
+            def later(_committed: bool) -> None:  # a failed batch: the request goes all the same
+                self._requests_held -= 1
+                self.fan_out.keep(
+                    asyncio.ensure_future(self._broadcast_message(session, message.topic, message.data, qos))
+                )
+
+            self._journal.after_commit(later)
+            return
         await self._broadcast_message(session, message.topic, message.data, qos)
         if (sent := self.sent_copy(message.topic or "")) is not None:  # the sender's other devices
             await self._broadcast_message(session, sent, message.data, qos)
         if retain:
             await self.retain_message(session, message.topic, message.data, message.qos)
+
+    def is_request(self, topic: str) -> bool:
+        """Whether ``topic`` is a request to the workers (``<prefix>/request/<me>/<id>``)."""
+        if "/request/" not in topic:
+            return False
+        parsed = self.topics.parse(topic)
+        return parsed is not None and parsed.kind is TopicKind.REQUEST
 
     def sent_copy(self, topic: str) -> str | None:
         """Where the copy of a DM goes for its sender's own devices (``<prefix>/user/<from>/sent/<to>``,

@@ -26,7 +26,9 @@ overtakes them. A killed process loses no acknowledged row; a batch that fails (
 disk) acknowledges none of the messages that waited for it: their connections are closed
 without their PUBACKs, as an insert that raised in the loop ended its connection before,
 and their senders send them again. Copies to the recipients do not wait: as before, they
-are written before the row (a line is delivered, then kept, then acknowledged).
+are written before the row (a line is delivered, then kept, then acknowledged). A request to
+the workers does wait (``ImBroker.deliver``): it is delivered once every row recorded before it is
+committed, so a history asked for on seeing a line holds that line.
 
 What cost 10 to 20 ms every few seconds (measured under the DM benchmark) was SQLite's automatic
 WAL checkpoint, run by whichever commit crosses 1,000 pages. The journal's

@@ -22,6 +22,7 @@ import resource
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 
 from imcli.broker.throttle import address_key
 
@@ -31,23 +32,43 @@ GRACE = 1.0  # seconds a new connection has to get its CONNECT read before it co
 FD_CEILING = 1 << 20  # what "unlimited" is raised to
 
 
-def raise_fd_limit(wanted: int) -> int:
-    """Raise this process's soft limit of open files towards its hard limit (every connection,
+@dataclass(frozen=True)
+class OpenFiles:
+    """The open-file limit a server runs with after ``raise_fd_limit``, for its start-up lines."""
+
+    soft: int  # in force now (FD_CEILING stands for unlimited)
+    hard: int
+    wanted: int  # what the broker's limits need at least
+
+    def line(self) -> str:
+        """``imcli serve``'s line: the limit, and what to do when it is below what the limits need."""
+        said = f"{self.soft} (ulimit -n" + (", raised to the hard limit)" if self.soft == self.hard else ")")
+        if self.soft < self.hard:
+            said += f"; could not raise it to the hard limit, {self.hard}"
+        if self.soft < self.wanted:
+            said += f"; below the {self.wanted} the limits need: raise the hard limit (LimitNOFILE= in systemd)"
+        return said
+
+
+def raise_fd_limit(wanted: int) -> OpenFiles:
+    """Raise this process's soft limit of open files to its hard limit (every connection,
     pending or not, is a file descriptor; many systems start servers with a soft limit of 1,024).
-    Returns the soft limit now in force; warns when it is below ``wanted``."""
+    Returns the limits now in force; warns when the soft one is below ``wanted``."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     ceiling = FD_CEILING if hard == resource.RLIM_INFINITY else hard
-    if soft != resource.RLIM_INFINITY and soft < ceiling:
+    if soft == resource.RLIM_INFINITY:
+        soft = FD_CEILING
+    elif soft < ceiling:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
             soft = ceiling
         except (ValueError, OSError) as exc:
             log.warning("could not raise the open-file limit from %d to %d: %s", soft, ceiling, exc)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
+    if soft < wanted:
         log.warning(
             "only %d open files allowed (ulimit -n): fewer than the %d connections the limits allow", soft, wanted
         )
-    return int(soft)
+    return OpenFiles(int(soft), int(ceiling), wanted)
 
 
 class PendingConnections:

@@ -112,7 +112,7 @@ def tidy_help(command: Any) -> None:
         else:
             shown = param.display_type_rich
             param.display_type_rich = lambda ctx, shown=shown: _TYPE_NAMES.get(t := shown(ctx), t.strip("<>").upper())
-        param.process_value = _finite(param.process_value)
+        param.process_value = _finite(param.process_value, local_paths=(command.name, param.name) in LOCAL_PATHS)
         if param.help and "{default_data_dir}" in param.help:
             from imcli.client.config import default_data_dir
 
@@ -127,21 +127,40 @@ def tidy_help(command: Any) -> None:
         tidy_help(sub)
 
 
-def _finite(process: Any) -> Any:
-    """A parameter's conversion that refuses ``nan`` and ``inf``: Typer turns them into floats like
-    any number, and ``--max-rate nan`` was a traceback far from the option (every float option of
-    every command, since ``tidy_help`` walks them all)."""
+# the text parameters that also carry local file names, which may be any bytes (a name on disk that
+# is not UTF-8 arrives as lone surrogates, and `imcli send` sends it under a name made plain)
+LOCAL_PATHS = frozenset({("send", "args")})
+
+
+def _finite(process: Any, *, local_paths: bool) -> Any:
+    """A parameter's conversion that refuses ``nan`` and ``inf``, and text that is not text: Typer
+    turns ``nan`` into a float like any number, and ``--max-rate nan`` was a traceback far from the
+    option; an argument with bytes that are not UTF-8 (``imcli dm bob $'\xff'``) arrives as lone
+    surrogates, which no payload can carry, and was a traceback wherever it reached the wire
+    (``dm``, ``group say``, ``profile set``, ``moments post``, ``get``, …). Every parameter of every
+    command, since ``tidy_help`` walks them all; a path (``Path``, or one of ``LOCAL_PATHS``) may
+    name any file."""
 
     def finite(ctx: Any, value: Any) -> Any:
         import math
 
         value = process(ctx, value)
-        for number in value if isinstance(value, (list, tuple)) else (value,):
-            if isinstance(number, float) and not math.isfinite(number):
-                raise typer.BadParameter(f"a finite number is needed, not {number}")
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, float) and not math.isfinite(item):
+                raise typer.BadParameter(f"a finite number is needed, not {item}")
+            if isinstance(item, str) and not local_paths and not _is_unicode(item):
+                raise typer.BadParameter(f"{item!r} holds bytes that are not UTF-8 text")
         return value
 
     return finite
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def usage_error(exc: Any) -> InvalidInput:

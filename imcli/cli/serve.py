@@ -6,13 +6,22 @@ from __future__ import annotations
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from imcli.cli.common import DataDirOpt, check_tls_options, console
 from imcli.core.errors import InvalidInput
 from imcli.core.topics import DEFAULT_MAX_CHUNK, DEFAULT_MAX_PAYLOAD
+
+if TYPE_CHECKING:
+    from imcli.serve.host import ServeInfo
+
+
+def _open_files(info: ServeInfo) -> str:
+    """The start-up line on the open-file limit (every connection is one), after the data line."""
+    files = info.broker.open_files if info.broker is not None else None
+    return "" if files is None else f"\n  open files  {files.line()}"
 
 
 def serve(
@@ -112,7 +121,7 @@ def serve(
     from imcli.broker.server import BrokerSettings
     from imcli.client.config import default_data_dir
     from imcli.core.text import log_to_stderr
-    from imcli.serve.host import ServeInfo, serve_forever
+    from imcli.serve.host import serve_forever
 
     if registration not in ("open", "invite", "closed"):
         raise InvalidInput(f"invalid --registration {registration!r}", "use 'open', 'invite' or 'closed'")
@@ -183,7 +192,7 @@ def serve(
                 f"  websocket   {'wss' if a.tls else 'ws'}://{a.host}:{info.ws_port}/mqtt\n"
                 f"  web client  {'https' if a.tls else 'http'}://{a.host}:{info.ws_port}/"
             )
-        out.print(f"  data        {info.data_dir}")
+        out.print(f"  data        {info.data_dir}" + _open_files(info))
         out.print(f"  accounts    registration {info.registration}; presence, group, archive and files workers running")
         tls_hint = " --tls [--ca CA.pem]" if a.tls else ""
         out.print(f"  connect     imcli register NAME --host {a.host} --port {a.port}{tls_hint}")

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -306,8 +307,7 @@ class FileConnection(Connection):
                 raise _refused(head)
             info = expect(head, FileReady).file
             dest = _destination(output, info)
-            if dest.exists() and not force:
-                raise InvalidInput(f"{dest} exists", "give --force to overwrite it, or -o another path")
+            _check_overwrite(dest, force)
             part = dest.with_name(f".{dest.name}.{info.id}.part")
             have = part.stat().st_size if part.exists() else 0
             if have > info.size:
@@ -318,8 +318,7 @@ class FileConnection(Connection):
             if digest.hexdigest() != info.sha256:
                 part.unlink(missing_ok=True)
                 raise ImcliError(f"{info.name} arrived damaged (its sha256 does not match)", "run the command again")
-            if dest.exists() and not force:
-                raise InvalidInput(f"{dest} exists", "give --force to overwrite it, or -o another path")
+            _check_overwrite(dest, force)
             os.replace(part, dest)
             return Fetched(info, dest)
         finally:
@@ -409,6 +408,22 @@ def _pause(dropped_for: RateLimited, pauses: int) -> int:
         raise dropped_for
     time.sleep(max(wait, 1.0))
     return pauses + 1
+
+
+def _check_overwrite(dest: Path, force: bool) -> None:
+    """Whether a download may be named ``dest``: nothing there, or (``force``) a regular file or a
+    link, which ``os.replace`` replaces without following. Anything else stays as it is, ``--force``
+    or not: ``-o /dev/null --force`` run as root put a regular file where the device was."""
+    try:
+        mode = dest.lstat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise InvalidInput(f"cannot write {dest}: {exc.strerror}", "give -o a writable place") from exc
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise InvalidInput(f"{dest} is not a regular file", "give -o a file or a directory")
+    if not force:
+        raise InvalidInput(f"{dest} exists", "give --force to overwrite it, or -o another path")
 
 
 def _destination(output: Path | None, info: FileInfo) -> Path:

@@ -16,6 +16,7 @@ from imcli.core.errors import ImcliError, InvalidInput, NotFound, RequestTimeout
 from imcli.core.request_reply import Asker
 from imcli.core.wire import (
     DEFAULT_MAX_PAYLOAD,
+    MAX_TIMESTAMP,
     MOMENT_IMAGES_MAX,
     MOMENT_TEXT_MAX,
     MOMENTS_PAGE_MAX,
@@ -73,6 +74,8 @@ def feed(
     name); with everyone's display names, to show people as everywhere else."""
     if not 1 <= limit <= MOMENTS_PAGE_MAX:
         raise InvalidInput(f"invalid limit {limit}", f"use 1-{MOMENTS_PAGE_MAX}")
+    if before is not None and not 0 <= before <= MAX_TIMESTAMP:  # a negative one was a pydantic traceback
+        raise InvalidInput(f"invalid time stamp {before:g}", "give --before a time stamp a listing showed")
     with Connection(identity, "moments") as connection:
         account = resolve(connection, user) if user is not None else None
         page = ask(connection, MomentRequest(op="feed", user=account, limit=limit, before=before))

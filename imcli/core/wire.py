@@ -55,7 +55,11 @@ class WireModel(BaseModel):
 
 
 MessageId = Annotated[str, Field(pattern=f"^{_ID.pattern}$")]
-Timestamp = Annotated[float, Field(ge=0)]
+# a time as it travels (seconds since the epoch): a sender's own clock, so bounded by what every
+# reader can show (the end of year 9999, datetime's and time.localtime's range): `"ts": 1e308`
+# or `Infinity` from a raw client ended every listener's `imcli listen` with an OverflowError
+MAX_TIMESTAMP = 253402300799.0
+Timestamp = Annotated[float, Field(ge=0, le=MAX_TIMESTAMP, allow_inf_nan=False)]
 
 
 FILE_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
@@ -508,7 +512,7 @@ class Received(WireModel):
     room: str | None = None
     group: str | None = None
     id: str
-    ts: float
+    ts: Timestamp
     text: str
     format: Literal["json", "text"] = "json"
     missed: bool | None = None  # arrived while the reader was away (queued, or fetched from the archive)
@@ -766,7 +770,7 @@ def decode_chat(data: bytes) -> tuple[ChatMessage, bool]:
     if text.lstrip().startswith("{"):
         try:
             obj = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # `{"text":[[[…` nested past Python's stack: text, as any non-JSON
             obj = None
         if isinstance(obj, dict) and "type" in obj:
             return decode_as(data, ChatMessage), False
