@@ -184,6 +184,27 @@ def test_chunkwait_counts_chunks_and_pings_at_tiny_size() -> None:
 
 
 @pytest.mark.timeout(120)
+def test_chatpath_splits_each_pings_way_and_counts_the_chunks_it_waited_behind() -> None:
+    """``python -m benchmarks.chatpath`` (the broker in this process): one 2 MiB transfer, up and
+    down, is 8 chunks of 262,136 bytes each way handled and written (the 64-byte rest is no chunk);
+    the pings with and without it are split into their stages, and of the chunks' work, what began
+    while a ping was readable is counted."""
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.chatpath", "--mib", "2", "--transfers", "1", "--idle-s", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    (line,) = (json.loads(text) for text in run.stdout.splitlines() if text.startswith("{"))
+    assert line["hold"] is True
+    busy = line["transfer"]
+    late_steps, steps, _ = busy["chunks_handled_while_chat_waited"]
+    late_writes, writes, _ = busy["chunks_written_while_chat_waited"]
+    assert steps == writes == 16 and 0 <= late_steps <= steps and 0 <= late_writes <= writes
+    assert line["idle"]["pings"] >= 20 and len(line["idle"]["to_listener"]) == 3
+    assert busy["pings"] > 0
+
+
+@pytest.mark.timeout(120)
 def test_chunkcost_gives_a_cpu_figure_per_mib_and_the_loops_callbacks() -> None:
     """``python -m benchmarks.chunkcost`` (the broker in this process): one 2 MiB transfer, up and
     down; the loop thread's CPU per MiB is part of the process's, and the callbacks are counted."""

@@ -513,6 +513,82 @@ def test_a_dms_write_takes_its_own_connections_copies_and_leaves_a_rooms_others_
     assert carol_later == [room_copy]
 
 
+def test_a_files_chunk_is_not_written_while_chat_waits_to_be_read_and_keeps_its_order() -> None:
+    """``Deliveries`` with ``chat_waiting`` (imcli/broker/chatfirst.py, issue 16): a copy holding a
+    file's chunk (``fanout.CHUNK`` bytes or more) is not written while chat waits to be read; the
+    connection's later copies join it, in order; it goes out a timer and a round later, even if chat
+    waits again then (held once at most). Small copies are written at once all the same; with
+    nothing waiting, the chunk is too."""
+    from types import SimpleNamespace
+
+    from imcli.broker.fanout import CHUNK, Deliveries, EncodedPublish
+
+    async def run(waiting: bool) -> tuple[list[bytes], list[bytes], list[bytes], list[bytes]]:
+        loop = asyncio.get_running_loop()
+        marked: list[Any] = []
+        look: Any = SimpleNamespace(chat_waiting=lambda: waiting, mark_bulk=marked.append)
+        deliveries = Deliveries(loop, chat_first=look)
+        worker, bob = _Handler(), _Handler()
+        session: Any = object()
+        chunk, line = EncodedPublish("files/x", bytes(CHUNK)), EncodedPublish("im/room/r/alice", b"hi")
+        deliveries.add(worker, session, chunk, 0)
+        deliveries.flush([worker])
+        deliveries.add(worker, session, line, 0)
+        deliveries.add(bob, session, line, 0)
+        deliveries.flush([worker, bob])
+        at_once = list(worker.writer.written)
+        for _ in range(3):  # the timer, then a round
+            await asyncio.sleep(0.001)
+        return (
+            at_once,
+            worker.writer.written,
+            bob.writer.written,
+            [chunk.qos0_head + chunk.data, line.qos0_head + line.data],
+        )
+
+    held, later, bob_got, (chunk_copy, line_copy) = asyncio.run(run(True))
+    assert held == []
+    assert later == [chunk_copy + line_copy]
+    assert bob_got == [line_copy]
+    now, _, _, _ = asyncio.run(run(False))
+    assert now == [chunk_copy, line_copy]
+
+
+def test_chat_first_sees_a_readable_socket_unless_it_has_sent_a_files_chunk() -> None:
+    """``chatfirst.ChatFirst.chat_waiting``: a socket of the loop's with bytes to read counts, once
+    its connection is marked as a transfer's (``mark_bulk``) it does not, and once forgotten (its
+    connection ended) it counts again; the look takes nothing from the loop's own selector."""
+    import selectors
+    import socket
+    from types import SimpleNamespace
+
+    from imcli.broker import chatfirst
+
+    async def run() -> tuple[bool, bool, bool, bool, bool]:
+        loop = asyncio.get_running_loop()
+        look = chatfirst.ChatFirst(loop)
+        a, b = socket.socketpair()
+        seen: list[bytes] = []
+        loop.add_reader(a.fileno(), lambda: seen.append(a.recv(10)))
+        try:
+            before = look.chat_waiting()
+            b.send(b"x")
+            readable = look.chat_waiting()
+            look.mark_bulk(SimpleNamespace(get_extra_info=lambda name: a if name == "socket" else None))
+            bulk = look.chat_waiting()
+            look.forget(a.fileno())
+            again = look.chat_waiting()
+            await asyncio.sleep(0.01)  # the loop's own select still finds it readable
+            return before, readable, bulk, again, seen == [b"x"]
+        finally:
+            loop.remove_reader(a.fileno())
+            a.close()
+            b.close()
+
+    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selectors.EpollSelector())) as runner:
+        assert runner.run(run()) == (False, True, False, True, True)
+
+
 # ---------------------------------------------------------------- kept decisions (issue 21)
 
 

@@ -203,6 +203,21 @@ def test_a_qos0_dm_is_handled_at_once_and_journalled_as_it_is_delivered(broker: 
     assert (paths.at_once, paths.queued) == (1, 0)
 
 
+def _handled_in_order(info: ServeInfo) -> list[str]:
+    """The topics of the messages the broker's readers handle themselves, in the order handled."""
+    assert info.broker is not None
+    order: list[str] = []
+    deliver_now = info.broker.deliver_now
+
+    async def recorded(session: Any, message: Any, acknowledged: bool) -> bool:
+        order.append(message.topic)
+        result: bool = await deliver_now(session, message, acknowledged)
+        return result
+
+    info.broker.deliver_now = recorded  # type: ignore[method-assign]
+    return order
+
+
 @pytest.mark.parametrize("bulk", [True, False])
 def test_a_chat_message_read_with_a_file_chunk_goes_before_it(
     broker: ServeInfo, monkeypatch: pytest.MonkeyPatch, bulk: bool
@@ -215,15 +230,7 @@ def test_a_chat_message_read_with_a_file_chunk_goes_before_it(
     chunk, read first, is handled first: the order the test asserts is the change's, not chance's."""
     assert broker.broker is not None
     monkeypatch.setattr(reader, "BULK", 4096 if bulk else 1 << 40)
-    order: list[str] = []
-    deliver_now = broker.broker.deliver_now
-
-    async def recorded(session: Any, message: Any, acknowledged: bool) -> bool:
-        order.append(message.topic)
-        result: bool = await deliver_now(session, message, acknowledged)
-        return result
-
-    broker.broker.deliver_now = recorded  # type: ignore[method-assign]
+    order = _handled_in_order(broker)
     upload, line = T.upload("alice", "u" * 32), T.room("lobby", "bob")
     with _connect(broker, "alice", b"alice:raw") as alice, _connect(broker, "bob", b"bob:raw") as bob:
         with loop_held(broker):
@@ -232,6 +239,43 @@ def test_a_chat_message_read_with_a_file_chunk_goes_before_it(
         assert read_packets(alice, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
         assert read_packets(bob, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
     assert order == ([line, upload] if bulk else [upload, line])
+
+
+@pytest.mark.parametrize("look", [True, False])
+def test_a_chat_message_arriving_as_a_file_chunks_wait_ends_goes_before_it(
+    broker: ServeInfo, monkeypatch: pytest.MonkeyPatch, look: bool
+) -> None:
+    """A chat line whose bytes arrive while a file's chunk waits its turn (``reader.BULK``): the
+    chunk's wakeup comes at the head of a loop round, before the sockets that round reads, so the
+    line would be read after the chunk's handling and handled after it; the reader looks whether
+    chat is waiting when its wait ends (``chatfirst.ChatFirst``) and, if so, waits once more (issue
+    16). The line is sent from the broker's own loop at the chunk's look, and the look waits until
+    its socket is readable: it arrives exactly then. With the look answering no (``look`` false),
+    the chunk is handled first: the order asserted is the change's."""
+    from imcli.broker import chatfirst
+
+    assert broker.broker is not None
+    monkeypatch.setattr(reader, "BULK", 4096)
+    order = _handled_in_order(broker)
+    upload, line = T.upload("alice", "u" * 32), T.room("lobby", "bob")
+    real = chatfirst.ChatFirst.chat_waiting
+    with _connect(broker, "alice", b"alice:raw") as alice, _connect(broker, "bob", b"bob:raw") as bob:
+        sent: list[bool] = []
+
+        def arriving(self: chatfirst.ChatFirst) -> bool:
+            if order or sent:  # the chunk's look only
+                return real(self)
+            sent.append(True)
+            bob.sendall(publish_packet(line.encode(), chat("hello"), qos=1, packet_id=1))
+            assert wait_until(lambda: real(self))
+            return look and real(self)
+
+        monkeypatch.setattr(chatfirst.ChatFirst, "chat_waiting", arriving)
+        alice.sendall(publish_packet(upload.encode(), bytes(8) + bytes(8000), qos=1, packet_id=1))
+        assert read_packets(alice, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
+        assert read_packets(bob, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
+    assert sent == [True]
+    assert order == ([line, upload] if look else [upload, line])
 
 
 def test_packets_sent_with_the_connect_are_read(broker: ServeInfo) -> None:

@@ -99,6 +99,9 @@ def test_a_reset_connection_leaves_no_cycle_through_its_exception() -> None:
         def get_protocol(self) -> None:  # not a StreamReaderProtocol: the reader hooks nothing (reader._hook)
             return None
 
+        def get_extra_info(self, name: str, default: Any = None) -> Any:  # no socket (chatfirst.fileno)
+            return default
+
     class Event:
         def set(self) -> None:
             pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import stat
 import subprocess
@@ -428,6 +429,22 @@ def test_indexes_never_miss_a_matching_filter_or_retained_topic(topics: list[str
         index.discard(f)
         assert all(len(retained.under(g, [])) == 0 for g in filters)
     assert len(index) == 0
+
+
+def test_the_filter_index_stays_tracked_by_the_collector_as_filters_come() -> None:
+    """A dict CPython stops tracking (only strings and tuples of strings in it) is tracked again, young,
+    by its next insert, and walked whole by the next full collection: the broker's collector, which
+    freezes what survives each full collection, then walked every filter of 10,000 users again each
+    second of a join (issue 21). A tracked one, once frozen, stays frozen."""
+    index = FilterIndex()
+    for name in ("alice", "bob"):
+        index.add(f"im/user/{name}/#")
+    gc.collect()
+    assert gc.is_tracked(index._head) and gc.is_tracked(index._by_head)
+    index.discard("im/user/bob/#")
+    index.add("im/user/carol/#")
+    assert set(index.candidates("im/user/carol/dm/alice")) == {"im/user/carol/#"}
+    assert set(index.candidates("im/user/bob/dm/alice")) == set()
 
 
 @given(_TOPICS, _filters(min_size=2))

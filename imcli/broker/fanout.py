@@ -49,6 +49,7 @@ from amqtt.adapters import StreamWriterAdapter
 from amqtt.errors import AMQTTError
 from amqtt.session import OutgoingApplicationMessage, Session
 
+from imcli.broker import chatfirst
 from imcli.broker.output import Outlet, OutputBound, Verdict
 from imcli.broker.sessions import SubscriptionTable
 
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 INDEX_DEPTH = 3  # levels of a filter's literal head used as an index key: im/user/<name>
 MATCHES_KEPT = 4096  # topics whose matching filters FilterIndex.matching keeps
 KEPT_TOPIC = 400  # characters: a longer topic (none of the contract's) is matched each time, not kept
+CHUNK = 1 << 16  # a connection's copies this long hold a file's chunk (reader.BULK: chat keeps to 16 KiB)
+AFTER_OTHERS = 1e-6  # seconds: a timer, not a bare yield (reader.AFTER_OTHERS)
 WRITE_AT_ONCE = 4  # a message with this many copies or fewer is written at once, not at the end of the round
 
 Subscriptions = SubscriptionTable  # filter -> its subscribers (imcli/broker/sessions.py)
@@ -82,24 +85,26 @@ class FilterIndex:
 
     def __init__(self) -> None:
         self._by_head: dict[tuple[str, ...], set[str]] = defaultdict(set)
-        self._head: dict[str, tuple[str, ...]] = {}
+        # filter -> its bucket in ``_by_head``, a set: not its head, a tuple of strings. CPython stops
+        # tracking a dict of only strings and such tuples at a full collection, and tracks it again, young,
+        # as soon as a new filter's fresh tuple goes in: then the next full collection walked all 10,000
+        # filters' entries again, every second of a join (issue 21); a dict of sets stays frozen
+        self._head: dict[str, set[str]] = {}
         self._matching: dict[str, list[str]] = {}  # topic -> the filters that match it (``matching``)
 
     def add(self, topic_filter: str) -> None:
         if topic_filter not in self._head:
-            head = literal_head(topic_filter)
-            self._head[topic_filter] = head
-            self._by_head[head].add(topic_filter)
+            bucket = self._head[topic_filter] = self._by_head[literal_head(topic_filter)]
+            bucket.add(topic_filter)
             self._matching.clear()
 
     def discard(self, topic_filter: str) -> None:
-        head = self._head.pop(topic_filter, None)
-        if head is not None:
+        bucket = self._head.pop(topic_filter, None)
+        if bucket is not None:
             self._matching.clear()
-            bucket = self._by_head[head]
             bucket.discard(topic_filter)
             if not bucket:
-                del self._by_head[head]
+                del self._by_head[literal_head(topic_filter)]
 
     def candidates(self, topic: str) -> Iterator[str]:
         levels = topic.split("/", INDEX_DEPTH)[:INDEX_DEPTH]
@@ -252,12 +257,21 @@ class InFlight:
 class Deliveries:
     """The copies of a batch of messages, by connection; ``flush`` writes each connection's once."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, output: OutputBound | None = None) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        output: OutputBound | None = None,
+        chat_first: chatfirst.ChatFirst | None = None,
+    ) -> None:
         self._loop = loop
         self._output = output
         self._chunks: dict[Any, list[bytes]] = {}
         self._sizes: dict[Any, int] = {}  # bytes in each connection's chunks
         self._flush_scheduled = False
+        # a file's chunk is not written while chat waits to be read (imcli/broker/chatfirst.py): the
+        # connections whose copies wait (their later copies join them, in order) until ``_release``
+        self._chat_first = chat_first
+        self._held: set[Any] = set()
         self.copies = 0  # copies added, ever (FanOut.publish counts a message's)
         self.recent: list[Any] = []  # the connections given copies since FanOut.publish cleared it
 
@@ -299,18 +313,21 @@ class Deliveries:
         outlet = self._output.hold(handler.writer, size) if self._output is not None else None  # until its PUBACK
         handler.in_flight.add(session, packet_id, outgoing, size, outlet)
 
-    def flush(self, only: Iterable[Any] | None = None) -> None:
+    def flush(self, only: Iterable[Any] | None = None, *, hold: bool = True) -> None:
         """Write the batch, one write per connection; ``only``: just these connections' copies (each
         connection's whole buffer, so its copies keep their order), the rest at the end of the round."""
         if only is None:
             self._flush_scheduled = False
-            batch, self._chunks = self._chunks, {}
-            self._sizes.clear()
             self.recent.clear()
+            handlers = list(self._chunks)
         else:
-            batch = {handler: self._chunks.pop(handler) for handler in dict.fromkeys(only) if handler in self._chunks}
-            for handler in batch:
-                self._sizes.pop(handler, None)
+            handlers = [handler for handler in dict.fromkeys(only) if handler in self._chunks]
+        if hold and self._chat_first is not None:
+            handlers = self._hold_bulk(handlers, self._chat_first)
+        batch = {handler: self._chunks.pop(handler) for handler in handlers}
+        for handler in batch:
+            self._sizes.pop(handler, None)
+        if only is not None and len(self._chunks) > len(self._held):
             self.flush_soon()  # whatever is left (already scheduled, as a room's copies always are)
         for handler, chunks in batch.items():
             writer = handler.writer
@@ -323,6 +340,36 @@ class Deliveries:
                     self._output.handed(writer, len(data))
             except (ConnectionError, RuntimeError) as exc:  # closing: its reader loop ends the session
                 log.debug("delivery to a closing connection dropped: %s", exc)
+
+    def _hold_bulk(self, handlers: list[Any], chat_first: chatfirst.ChatFirst) -> list[Any]:
+        """``handlers`` less those whose copies wait: already held, or holding a file's chunk
+        (``CHUNK`` bytes or more) while chat waits to be read (``ChatFirst.chat_waiting``; a
+        connection that gets a chunk is a transfer's, whose own readable socket is no chat:
+        ``mark_bulk``). Held copies are written one loop round after a timer (``_release``): after
+        the sockets the loop's next look finds readable and the reader steps they wake, as the
+        reader holds a chunk's handling (imcli/broker/reader.py ``_handle_publish``); a connection's
+        later copies join its held ones."""
+        held = self._held
+        if held:
+            handlers = [handler for handler in handlers if handler not in held]
+        sizes = self._sizes
+        bulk = [handler for handler in handlers if sizes.get(handler, 0) >= CHUNK]
+        if not bulk:
+            return handlers
+        for handler in bulk:
+            chat_first.mark_bulk(getattr(getattr(handler, "reader", None), "transport", None))  # its StreamGuard's
+        if not chat_first.chat_waiting():
+            return handlers
+        if not held:
+            self._loop.call_later(AFTER_OTHERS, self._loop.call_soon, self._release)
+        held.update(bulk)
+        return [handler for handler in handlers if handler not in held]
+
+    def _release(self) -> None:
+        """The held copies written, whether or not chat waits again: a chunk is held once at most
+        (under a room's flood chat always waits; the transfer still goes on)."""
+        held, self._held = self._held, set()
+        self.flush([handler for handler in held if handler in self._chunks], hold=False)
 
 
 class SessionFilters:
@@ -394,7 +441,8 @@ class FanOut:
 
     def _batch(self) -> Deliveries:
         if self._deliveries is None:
-            self._deliveries = Deliveries(asyncio.get_running_loop(), self.output)
+            loop = asyncio.get_running_loop()
+            self._deliveries = Deliveries(loop, self.output, chatfirst.for_loop(loop))
         return self._deliveries
 
     def publish_later(self, handler: Any, messages: list[tuple[str, bytes, int]], *, retain: bool) -> None:

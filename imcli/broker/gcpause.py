@@ -23,6 +23,10 @@ collection over 5 ms):
   objects for one collection to walk; at CPython's 10, each full collection of a join storm
   walked about 67,000 objects, 45 to 58 ms of CPU on this machine, over the 50 ms bound; at 2
   about a fifth of that, 19 ms of CPU at most, in ``python -m benchmarks.memory --users 3000``);
+- generation 1 collections come after every 5 generation 0 collections (CPython's default is 10):
+  in a join of 10,000 users (``python -m benchmarks.memory --users 10000``) the longest generation 1
+  collection used 18.3 ms of CPU at 10 and 8.4 at 5, the longest full one 19.9 and 13.4 (issue 21,
+  sixth session; docs/PERFORMANCE.md);
 - frozen objects are still freed by reference counting as usual; only a *cycle* among
   them would stay until a compaction (or the restart). The one cycle every connection made (asyncio's
   socket transport holds a bound method of itself, ``release_transport``) is broken when the
@@ -97,6 +101,7 @@ from dataclasses import dataclass
 from typing import Any
 
 FULL_COLLECTION_EVERY = 2  # generation 1 collections (CPython's default: 10)
+MIDDLE_COLLECTION_EVERY = 5  # generation 0 collections (CPython's default: 10; issue 21, sixth session)
 TICK = 1.0  # seconds between the event loop's own full collections (``_tick``)
 LEAK_CHECK_EVERY = 86_400.0  # seconds between counts of the frozen generation's cycles (``frozen_garbage``)
 COMPACT_AT = 100_000  # unreachable objects (about 10 MB and up) that make the broker compact all the same
@@ -302,8 +307,8 @@ def calm_collector() -> None:
     if _started:
         return
     _started = True
-    young, middle, _ = gc.get_threshold()
-    gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
+    young, _, _ = gc.get_threshold()
+    gc.set_threshold(young, MIDDLE_COLLECTION_EVERY, FULL_COLLECTION_EVERY)
     timer = _PauseTimer(_pause_log_ms())
     gc.callbacks.append(timer)  # first: its "stop" comes before the freeze
     gc.callbacks.append(_freeze_after_full_collection)

@@ -79,6 +79,7 @@ from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.pingreq import PingReqPacket
 from amqtt.mqtt.publish import PublishPacket, PublishPayload, PublishVariableHeader
 
+from imcli.broker import chatfirst
 from imcli.broker.client_loop import FAIR_SHARE
 from imcli.broker.packets import (
     DISCONNECT,
@@ -214,6 +215,7 @@ class PacketReader:
         self._direct = False  # the transport's bytes come straight into _buffer (_hook): see _arrived
         self._wake: asyncio.Future[None] | None = None  # what _more waits on, in direct mode
         self._input_paused = False  # the transport paused by _arrived (INPUT_HIGH), resumed by run
+        self._fd = chatfirst.fileno(guard.transport)  # its socket (chatfirst.ChatFirst: a transfer's?)
         keep_alive = handler.session.keep_alive if handler.session is not None else 0
         self._keep_alive: float | None = keep_alive if keep_alive and keep_alive > 0 else None
 
@@ -249,6 +251,7 @@ class PacketReader:
             exc.__traceback__ = None
         finally:
             self._ended = True
+            chatfirst.for_loop(self._loop).forget(self._fd)
             unhook()
             if self._timer is not None:
                 self._timer.cancel()
@@ -511,9 +514,19 @@ class PacketReader:
         before the sockets that round finds readable; a timer's runs after them, and the task it wakes
         after the tasks they woke. The PUBACKs gathered so far wait, as for the rest of the read:
         nothing else answers this connection meanwhile (its other packets' answers are written by
-        this reader, after ``_answer``)."""
+        this reader, after ``_answer``).
+
+        The wait's wakeup is queued for the round after the timer's, at its head: a chat message
+        whose bytes arrived meanwhile is read in that round only after the chunk, and handled in the
+        next. So if chat is readable when the wait ends (``chatfirst.ChatFirst``, which also holds
+        the chunk's write while chat waits: ``fanout.Deliveries``), the chunk waits once more."""
         if end - start >= BULK:
+            look = chatfirst.for_loop(self._loop)
+            if self._fd is not None:  # its socket's next bytes are not chat
+                look.bulk.add(self._fd)
             await asyncio.sleep(AFTER_OTHERS)
+            if look.chat_waiting():  # chat came while this waited (this round began with it): once more
+                await asyncio.sleep(AFTER_OTHERS)
         journal = self._handler.journal
         before = journal.recorded if journal is not None else 0
         await self._dispatch(first, b"", self._publish(first, buffer, start, end))
