@@ -259,6 +259,24 @@ def test_a_time_stamp_out_of_range_is_one_error_line(
     assert result.stderr.startswith(f"Error: invalid time stamp {float(before):g} ")
 
 
+@pytest.mark.parametrize(
+    "args", [["profile", "set", "--about", "x" * 20000], ["moments", "comment", "a" * 32, "x" * 20000]]
+)
+def test_a_request_over_the_payload_limit_fails_at_once_saying_so(
+    args: list[str], server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli]
+) -> None:
+    """The broker drops a request over its payload limit and says so on the notice topic; the
+    asker waited out its timeout and then blamed the workers ("no worker answered within 5s")."""
+    users("alice")
+    alice = cli_as("alice")
+    alice.login("alice")
+    result = alice(*args, env={"IMCLI_REQUEST_TIMEOUT": "30"})
+    assert result.exit_code == 1, result.exception
+    assert_form(result, args[0])
+    assert result.stderr.startswith("Error: the broker dropped the request: message of "), result.stderr
+    assert "the limit is 16384 bytes (give less text, or a smaller file)" in result.stderr
+
+
 def port_of(server: ServeInfo) -> list[str]:
     return ["--host", server.address.host, "--port", str(server.address.port)]
 

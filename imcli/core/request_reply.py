@@ -112,6 +112,8 @@ class RequestClient:
         finally:
             with self._lock:
                 self._waiting.pop(corr, None)
+        if isinstance(reply, Notice) and reply.code == "too_large":
+            raise InvalidInput(f"the broker dropped the request: {reply.text}", "give less text, or a smaller file")
         if isinstance(reply, Notice):
             raise rate_limited(self.account, reply.retry)
         try:
@@ -124,7 +126,7 @@ class RequestClient:
     def deliver(self, message: Message) -> bool:
         """Hand a received message to the request waiting for it (paho's thread); ``False`` if it is no reply.
 
-        A ``rate`` notice about a waiting request fails that request; it is no reply (``False``:
+        A ``rate`` or ``too_large`` notice about a waiting request fails that request; it is no reply (``False``:
         a Listener shows it too)."""
         if message.topic == self.notice_topic:
             self._dropped(message.payload)
@@ -140,7 +142,7 @@ class RequestClient:
         return True
 
     def _dropped(self, payload: bytes) -> None:
-        notice = rate_notice(payload)
+        notice = rate_notice(payload) or too_large_notice(payload)
         if notice is None:
             return
         corrs = dropped(self.topics, self.account, notice, TopicKind.REQUEST)
@@ -154,13 +156,23 @@ class RequestClient:
 
 def rate_notice(payload: bytes) -> Notice | None:
     """A well-formed ``rate`` notice, or ``None`` for anything else."""
-    if b'"rate"' not in payload:
+    return _notice(payload, "rate")
+
+
+def too_large_notice(payload: bytes) -> Notice | None:
+    """A well-formed ``too_large`` notice (a request over the broker's payload limit: its asker
+    fails at once, saying so, instead of waiting out its timeout and blaming the workers)."""
+    return _notice(payload, "too_large")
+
+
+def _notice(payload: bytes, code: str) -> Notice | None:
+    if f'"{code}"'.encode() not in payload:
         return None
     try:
         notice = decode_as(payload, Notice)
     except MalformedPayload:
         return None
-    return notice if notice.code == "rate" else None
+    return notice if notice.code == code else None
 
 
 def dropped(topics: Topics, account: str, notice: Notice, *kinds: TopicKind) -> list[str]:
