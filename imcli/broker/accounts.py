@@ -219,7 +219,9 @@ class AccountStore:
         # remembered logins to forget (a login remembered meanwhile for an account that changes fails
         # all the same: its HMAC covers the account's hash)
         gone = [n for n, a in old.items() if (new := accounts.get(n)) is None or new.created != a.created]
-        forgotten = [n for n in self._verified if accounts.get(n) != old.get(n)]
+        # a snapshot of the names (one C call, which no other thread interrupts): the password checks'
+        # threads add to ``_verified`` meanwhile, and iterating it here could raise "changed size"
+        forgotten = [n for n in list(self._verified) if accounts.get(n) != old.get(n)]
         with self._mutex:
             self._accounts, self._stamp = accounts, stamp
             for name in forgotten:
