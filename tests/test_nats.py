@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import secrets
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -627,28 +628,40 @@ def test_nobody_takes_over_a_workers_client_id(cluster: NatsCluster, raw) -> Non
 
 def test_live_group_line_reaches_a_member_on_another_node(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
     """bob listens on node 3 before he is invited: his listener, refused the group wildcard, follows his
-    groups one by one; alice's line through node 1 arrives live. carol, not a member, reads nothing."""
+    groups one by one; alice's line through node 1 arrives live. carol, not a member, reads nothing.
+    The group's name is new at each attempt: a rerun (conftest.py) finds the first attempt's group."""
     auth = cluster.auth
     assert auth is not None
+    group = f"live{secrets.token_hex(3)}"
     alice = on(cluster, 1, "alice")
-    with Listener(on(cluster, 3, "bob"), session="live") as bob:
+    with Listener(on(cluster, 3, "bob"), session=group) as bob:
         follower = bob.group_follower
         assert follower is not None  # NATS refused im/group/+/msg/+
         before = auth.reloads
-        services.group_request(alice, "create", "live", private=True)
-        services.group_request(alice, "invite", "live", user="bob")
+        services.group_request(alice, "create", group, private=True)
+        services.group_request(alice, "invite", group, user="bob")
         rights_settled(cluster, before)
         with follower.changed:
-            assert follower.changed.wait_for(lambda: "live" in follower.groups, 90)
+            assert follower.changed.wait_for(lambda: group in follower.groups, 90)
         carol = raw(2, "carol")
-        assert carol.subscribe(T.group_msg_filter("live")) == 128
+        assert carol.subscribe(T.group_msg_filter(group)) == 128
         assert carol.subscribe(T.group_msg_filter()) == 128
-        services.group_say(alice, "live", ChatMessage(text="live on node 3"))
-        for item in bob:
-            if item.kind == "group" and item.group == "live":
-                assert (item.sender, item.text) == ("alice", "live on node 3")
-                break
+        services.group_say(alice, group, ChatMessage(text="live on node 3"))
+        got = first_arrival(bob, lambda item: item.kind == "group" and item.group == group, 60)
+        assert got is not None, f"no line within 60 s; bob followed {follower.groups}"
+        assert (got.sender, got.text) == ("alice", "live on node 3")
         assert carol.silent(0.5) == []
+
+
+def first_arrival(listener: Listener, wanted: Callable[[Received], bool], timeout: float) -> Received | None:
+    """The first item ``wanted`` that ``listener`` yields within ``timeout`` seconds (the listener is
+    closed then, which ends its iteration), or None: a lost line fails its test instead of hanging it."""
+    timer = threading.Timer(timeout, listener.close)
+    timer.start()
+    try:
+        return next((item for item in listener if wanted(item)), None)
+    finally:
+        timer.cancel()
 
 
 def test_friends_only_dms_refused_at_publish(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
