@@ -94,7 +94,15 @@ def measure(users: int, bursts: int, slow: bool) -> dict[str, object]:
             _in_loop(loop, calm_collector)
             rounds = _Rounds(loop) if hasattr(loop, "_selector") else None
             proc = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.pingburst", "--client", str(info.address.port), "--users", str(users)],
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.pingburst",
+                    "--client",
+                    str(info.address.port),
+                    "--users",
+                    str(users),
+                ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from imcli.broker.accounts import AccountStore
 from imcli.broker.amqtt_adapter import AckAfterJournal
@@ -177,7 +178,7 @@ def test_a_paho_client_idle_past_its_keep_alive_stays_connected_on_pings_answere
         await handle_buffer(self)
 
     monkeypatch.setattr(PacketReader, "_handle_buffer", counted)
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="alice:paho", clean_session=True)
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="alice:paho", clean_session=True)
     client.username_pw_set("alice", password_of("alice"))
     connected, disconnected = threading.Event(), threading.Event()
     client.on_connect = lambda *_a: connected.set()
