@@ -126,6 +126,7 @@ def measure(users: int, bursts: int, slow: bool, clump: int = 0) -> dict[str, ob
                     if proc.stdout.readline().strip() != "done":
                         raise SystemExit("the burst failed")
                     per_ping.append((_cpu(thread) - before) * 1e6 / clump)
+                    time.sleep(0.1)  # the round that wrote the last PINGRESP ends (its next poll) before it is read
                     if rounds is not None:
                         rounds.measuring = False
                         longest.append([(round(cpu * 1000, 2), ready) for cpu, ready in rounds.longest[:3]])
