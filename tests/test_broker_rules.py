@@ -551,7 +551,8 @@ def test_a_files_chunk_is_not_written_while_chat_waits_to_be_read_and_keeps_its_
     assert (at_once, next_round, later, bob_got) == ([], [], [chunk_copy + line_copy], [line_copy])
     # nothing waiting: written in the next callback, with the copy that joined it
     at_once, next_round, later, bob_got, _ = asyncio.run(run([False, False]))
-    assert (at_once, next_round, later, bob_got) == ([], [chunk_copy + line_copy], [chunk_copy + line_copy], [line_copy])
+    both = chunk_copy + line_copy
+    assert (at_once, next_round, later, bob_got) == ([], [both], [both], [line_copy])
     # chat arriving during the handling (waiting at the second look): held then, written a timer later
     at_once, next_round, later, bob_got, _ = asyncio.run(run([False, True]))
     assert (at_once, next_round, later, bob_got) == ([], [], [chunk_copy + line_copy], [line_copy])

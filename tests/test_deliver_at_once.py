@@ -381,9 +381,7 @@ def test_a_files_chunk_takes_its_own_path_and_every_rule_holds_on_it(tmp_path: P
     assert '"too_large"' in notices[1] and "16384" in notices[1]  # a user's limit there: every payload's
     assert '"too_large"' in notices[2] and "262145" in notices[2]
     assert "retained messages are not allowed" in notices[3]
-    assert [_publish_body(body) for first, body in uploads if first >> 4 == 3] == [
-        (T.upload("alice", upload), chunk)
-    ]
+    assert [_publish_body(body) for first, body in uploads if first >> 4 == 3] == [(T.upload("alice", upload), chunk)]
     assert (0x40, b"\x00\x07") in uploads
     assert [_publish_body(body) for first, body in heard] == [(T.file_data("bob", stream), chunk)]
     # the four chunks without RETAIN and the files worker's took the new path; the retained one did not
