@@ -137,6 +137,29 @@ def test_pubacks_and_a_later_answer_wait_for_the_commit_of_their_rows(broker: Se
     assert sum(writer.batches) == 2
 
 
+def test_a_ping_alone_in_its_read_waits_for_the_pubacks_before_it(broker: ServeInfo) -> None:
+    """Two DMs handled, their PUBACKs waiting for the held commit, then a PINGREQ alone in a later
+    read: it is not answered at once in the transport's callback (``PacketReader._arrived``) ahead of
+    the PUBACKs; once the commit goes, PUBACK 1, PUBACK 2, then the PINGRESP."""
+    writer = HeldWriter(broker)
+    topic = T.dm("bob", "alice").encode()
+    with _bob(broker) as bob, _connect(broker, "alice", b"alice:raw") as alice:
+        alice.sendall(
+            publish_packet(topic, chat("one"), qos=1, packet_id=1)
+            + publish_packet(topic, chat("two"), qos=1, packet_id=2)
+        )
+        heard, _ = read_packets(bob, lambda p: len(p) >= 2)
+        assert _texts(heard) == ["one", "two"]  # alice's reader has handled both
+        assert writer.entered.wait(WAIT)
+        alice.sendall(PINGREQ)  # alone in its read, the reader waiting for bytes
+        bob.sendall(PINGREQ)  # read in the same poll as alice's, or after it
+        assert read_packets(bob, lambda p: len(p) >= 1)[0] == [(0xD0, b"")]
+        assert _nothing_to_read(alice)
+        writer.release()
+        got, _ = read_packets(alice, lambda p: len(p) >= 3)
+    assert got == [(0x40, b"\x00\x01"), (0x40, b"\x00\x02"), (0xD0, b"")]
+
+
 def test_a_websocket_clients_pingresp_and_suback_wait_for_its_pubacks(tmp_path: Path) -> None:
     """amqtt's WebSocket loop handles each packet in a task of its own: with the DM's PUBACK waiting
     for the held commit, the PINGREQ and SUBSCRIBE read after it were answered first (CI:

@@ -8,21 +8,28 @@ in one round of the loop, from every timer at once: with 10,000 users, each answ
 every 30 s, that round held the loop 20 ms and more (benchmarks/stalltrace.py, docs/PERFORMANCE.md).
 ``AckAfterJournal.attach`` (imcli/broker/amqtt_adapter.py) arms none. A PINGREQ's PINGRESP is
 written with the PUBACKs of the same read, in the order the client sent them
-(``PacketReader._small``, imcli/broker/reader.py), not through amqtt's packet decoding and events.
+(``PacketReader._small``, imcli/broker/reader.py), not through amqtt's packet decoding and events;
+one alone in its read is answered in the transport's callback, without waking the reader's task
+(``PacketReader._arrived``), and still counts as heard for the keep-alive.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from imcli.broker.accounts import AccountStore
 from imcli.broker.amqtt_adapter import AckAfterJournal
 from imcli.broker.limits import Limits
+from imcli.broker.reader import PacketReader
 from imcli.broker.settings import BrokerSettings
 from imcli.core.wire import Topics
 from imcli.serve.host import BackgroundServer, ServeInfo
@@ -111,3 +118,78 @@ def test_pings_read_with_messages_are_answered_in_the_order_sent(
     assert read_packets(sock, lambda p: len(p) >= 1)[0] == [(PINGRESP, b"")]
     sock.close()
     assert through_amqtt == []
+
+
+def test_a_ping_alone_in_its_read_is_answered_without_waking_the_reader(
+    broker: ServeInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PINGREQ alone in its read, with everything the client sent before handled, is answered in the
+    transport's callback (``PacketReader._arrived``): the reader's task is not woken for it (issue 21:
+    10,000 users' keep-alives come in clumps, and each wake was a task step of some 25 us more)."""
+    steps: list[int] = []
+    handle_buffer = PacketReader._handle_buffer
+
+    async def counted(self: PacketReader) -> None:
+        steps.append(len(self._buffer))
+        await handle_buffer(self)
+
+    monkeypatch.setattr(PacketReader, "_handle_buffer", counted)
+    sock = socket.create_connection((broker.address.host, broker.address.port), timeout=10)
+    sock.sendall(connect_packet(b"alice:alone", b"alice", password_of("alice").encode(), keepalive=30))
+    assert read_packets(sock, lambda p: len(p) >= 1)[0] == [(0x20, b"\x00\x00")]
+    sock.sendall(PINGREQ)  # the first may come before the reader waits for bytes
+    assert read_packets(sock, lambda p: len(p) >= 1)[0] == [(PINGRESP, b"")]
+    steps.clear()
+    for _ in range(5):
+        sock.sendall(PINGREQ)
+        assert read_packets(sock, lambda p: len(p) >= 1)[0] == [(PINGRESP, b"")]
+    sock.close()
+    assert steps == []
+
+
+def test_a_client_that_only_pings_stays_connected_past_its_keep_alive(broker: ServeInfo) -> None:
+    """Keep-alive 1 s (the broker waits 3 s: ``sessions.read_timeout``): PINGREQs every 0.4 s for 5 s,
+    each answered in the transport's callback, count as heard; the connection is still open, and the
+    broker still answers. (One that sends nothing is closed: test_account_limits.py.)"""
+    sock = socket.create_connection((broker.address.host, broker.address.port), timeout=10)
+    sock.sendall(connect_packet(b"alice:pinger", b"alice", password_of("alice").encode(), keepalive=1))
+    assert read_packets(sock, lambda p: len(p) >= 1)[0] == [(0x20, b"\x00\x00")]
+    for _ in range(13):
+        sock.sendall(PINGREQ)
+        got, closed = read_packets(sock, lambda p: len(p) >= 1)
+        assert got == [(PINGRESP, b"")] and not closed
+        time.sleep(0.4)
+    assert broker.broker is not None
+    assert "alice:pinger" in broker.broker.session_table()
+    sock.close()
+
+
+def test_a_paho_client_idle_past_its_keep_alive_stays_connected_on_pings_answered_at_once(
+    broker: ServeInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """paho (a client we did not write) with keep-alive 1 s, idle for 5 s: it sends its PINGREQs, the
+    broker answers them in the transport's callback (at most the first through the reader's task), and
+    neither side closes (paho closes when a PINGRESP is late, the broker when nothing is heard)."""
+    steps: list[int] = []
+    handle_buffer = PacketReader._handle_buffer
+
+    async def counted(self: PacketReader) -> None:
+        steps.append(len(self._buffer))
+        await handle_buffer(self)
+
+    monkeypatch.setattr(PacketReader, "_handle_buffer", counted)
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="alice:paho", clean_session=True)
+    client.username_pw_set("alice", password_of("alice"))
+    connected, disconnected = threading.Event(), threading.Event()
+    client.on_connect = lambda *_a: connected.set()
+    client.on_disconnect = lambda *_a: disconnected.set()
+    client.connect(broker.address.host, broker.address.port, keepalive=1)
+    client.loop_start()
+    try:
+        assert connected.wait(10)
+        steps.clear()
+        assert not disconnected.wait(5)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert len(steps) <= 1, steps

@@ -52,6 +52,7 @@ from imcli.core.wire import (
 from imcli.files.worker import FilesWorker
 from imcli.groups import natsauth, natsprobe
 from imcli.groups.natsauth import NatsAuth
+from imcli.groups.natsprobe import ReloadProbe
 from imcli.groups.worker import GroupWorker
 from imcli.moments.worker import MomentsWorker
 from imcli.presence.worker import PresenceWorker
@@ -132,13 +133,24 @@ def raw(cluster: NatsCluster) -> Iterator[object]:
 
 
 def rights_settled(cluster: NatsCluster, before: int) -> None:
-    """Wait until the group worker has rewritten the users and told the nodes (every MQTT client
-    of the account is then disconnected once by nats-server and comes back)."""
+    """Wait until the group worker has rewritten the users and every node has the newest file in force
+    (every MQTT client of the account is then disconnected once by nats-server and comes back). The
+    worker waits for the same before it answers, but at most ``RELOAD_WAIT`` (a client's request must
+    be answered): on a loaded machine a node may take longer, and a line said meanwhile through it is
+    dropped without a word (test_refused_publish_is_told). Asked as the worker asks, through probe
+    connections of its own (natsprobe): a subscription to the file's stamp is granted once it is in force."""
     auth = cluster.auth
     assert auth is not None
     with auth.reloaded:
         assert auth.reloaded.wait_for(lambda: auth.reloads > before, 10)
-    time.sleep(0.5)  # the nodes apply SIGHUP on their own time: no event says when
+    probe = ReloadProbe(BrokerAddress.of(cluster.host_list), Credentials("groups", password_of("groups")))
+    try:
+        stamp = auth.permissions.stamp
+        assert stamp is not None  # the worker stamps every file it writes
+        in_force = probe.wait(lambda: natsauth.STAMP_TOPIC.format(stamp=auth.permissions.stamp or stamp), 60)
+        assert in_force, "a node did not reload the users file within 60 s"
+    finally:
+        probe.close()
 
 
 # ---------------------------------------------------------------- without a broker

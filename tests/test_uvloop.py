@@ -46,6 +46,7 @@ from tests import (
     test_attacks_broker,
     test_attacks_fastpath,
     test_deliver_at_once,
+    test_loop_timers,
     test_security,
     test_teardown,
     test_wills,
@@ -192,6 +193,13 @@ test_many_publishes_in_one_segment_mixing_qos_and_a_forgery_keep_order_and_ident
 )
 test_pubacks_alone_in_a_read_settle_their_copies_and_a_packet_id_0_still_closes = (
     test_attacks_fastpath.test_pubacks_alone_in_a_read_settle_their_copies_and_a_packet_id_0_still_closes
+)
+# a lone PINGREQ answered in the transport's callback, and counted as heard
+test_a_ping_alone_in_its_read_is_answered_without_waking_the_reader = (
+    test_loop_timers.test_a_ping_alone_in_its_read_is_answered_without_waking_the_reader
+)
+test_a_client_that_only_pings_stays_connected_past_its_keep_alive = (
+    test_loop_timers.test_a_client_that_only_pings_stays_connected_past_its_keep_alive
 )
 # DISCONNECTs and the teardown gate
 test_a_ping_read_with_many_ends_is_answered_before_most_of_them = (

@@ -36,7 +36,10 @@ the messages of one publisher were fanned out one per round (one ``send`` per co
   message read with it, or arriving while it waited, goes first (issue 16);
 * PUBACK resolves the waiting copy's future where it is read; a PINGREQ's PINGRESP is written
   with the read's PUBACKs, in order (``_small``: about 27 us of the loop's CPU against amqtt's
-  50, at 10,000 users one every 3 ms); every other packet goes to
+  50, at 10,000 users one every 3 ms), and a PINGREQ alone in its read, with everything before
+  it handled and answered, in the transport's callback, the reader's task not woken (``_arrived``:
+  about 16 us of the loop's CPU per PINGREQ of a burst, against 42 through the task; issue 21,
+  seventh session); every other packet goes to
   amqtt's own handler method, awaited in this task (they resolve a future, queue a message or
   a subscription for the connection's message loop, or write an answer), except a QoS 2
   PUBLISH, whose flow waits for the client's PUBREL and so runs in a task of its own as in
@@ -117,6 +120,7 @@ BODYLESS: dict[int, type[DisconnectPacket] | type[PingReqPacket]] = {
 }
 
 GOODBYE = b"\xe0\x00"  # a DISCONNECT (MQTT 3.1.1: no body)
+PINGREQ_BYTES = b"\xc0\x00"
 PINGRESP = b"\xd0\x00"
 
 # packet type -> the name of amqtt's handler method for it (PUBACK is handled here)
@@ -193,6 +197,10 @@ class StreamGuard(PacketGuard):
 
 class PacketReader:
     """Reads the packets of one connection for its handler (a ``BrokerProtocolHandler``)."""
+
+    # a PINGREQ alone in its read, everything before it handled and answered, is answered in the
+    # transport's callback (``_arrived``); false: through the reader's task, as before (benchmarks)
+    PING_AT_ONCE = True
 
     def __init__(self, handler: Any, guard: StreamGuard) -> None:
         self._handler = handler
@@ -405,16 +413,35 @@ class PacketReader:
         for them. At QoS 1 every copy the broker fans out comes back as a PUBACK, most of them
         alone in their read: each was a callback and a task step, now one callback (a room's
         message to 50 listeners: 50 task steps fewer, which a DM read just after them no longer
-        waits behind; issue 21, docs/PERFORMANCE.md). Anything else goes to the stream, as ever."""
-        if self._waiting and not self._buffer and only_pubacks(data):
-            self._heard = self._loop.time()
-            for at in range(2, len(data), 4):
-                self._puback(data[at] << 8 | data[at + 1])
-            return
+        waits behind; issue 21, docs/PERFORMANCE.md).
+
+        A PINGREQ alone in its read, in the same state and with every answer owed before it written
+        (``_answers_settled``: no PUBACK waits for the journal), is answered here too: its PINGRESP
+        written, the keep-alive told it was heard, the task not woken. 10,000 users' keep-alives
+        come in clumps (they joined, or came back after a restart, together), and each wake was a
+        task step and a round of the reader's loop, some 25 us of the loop's CPU more per PINGREQ
+        (benchmarks/pingburst.py). Anything else goes to the stream, as ever."""
+        if self._waiting and not self._buffer:
+            if only_pubacks(data):
+                self._heard = self._loop.time()
+                for at in range(2, len(data), 4):
+                    self._puback(data[at] << 8 | data[at + 1])
+                return
+            if data == PINGREQ_BYTES and self.PING_AT_ONCE and self._answers_settled():
+                self._heard = self._loop.time()
+                self._write_answers(PINGRESP, True)
+                return
         if self._waiting and data == GOODBYE and not self._buffer and self._gate is not None:
             self._park(feed, data)
             return
         self._take(feed, data)
+
+    def _answers_settled(self) -> bool:
+        """Whether every answer this connection's reader owes so far is written: the PUBACKs of its
+        PUBLISHes wait for the journal's commit of their rows (``_answer``), and an answer written now
+        must not overtake them."""
+        journal = self._handler.journal
+        return journal is None or journal.is_kept(self._recorded)
 
     def _park(self, feed: Callable[[bytes], None], data: bytes) -> None:
         """A DISCONNECT alone in its read, everything before it handled: when 10,000 users leave at
