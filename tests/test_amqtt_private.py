@@ -28,7 +28,10 @@ def instances() -> dict[str, Any]:
         broker = Broker({"listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0"}}, "plugins": {}})
         handler = BrokerProtocolHandler(broker.plugins_manager)
         reader = WebSocketsReader(object())  # only its attributes are read
-        return {"Broker": broker, "BrokerProtocolHandler": handler, "Session": Session(), "WebSocketsReader": reader}
+        return {
+            "Broker": broker, "BrokerProtocolHandler": handler, "Session": Session(), "WebSocketsReader": reader,
+            "PluginManager": broker.plugins_manager,
+        }  # fmt: skip
 
     return asyncio.run(build())
 

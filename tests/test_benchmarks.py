@@ -136,7 +136,7 @@ def test_the_stall_probe_tells_a_busy_loop_from_a_wait_for_a_core() -> None:
 def test_filesping_reports_each_transfer_and_a_summary_at_tiny_size() -> None:
     """``python -m benchmarks.filesping`` on the embedded broker, one round of two 1 MiB transfers:
     a line for the run (each transfer's p99s and their ratio, the pings' cost to the broker) and a
-    summary line (the pooled p99s with their intervals, the per-transfer ratios)."""
+    summary line (the pooled p99s with their intervals, the per-transfer ratios, the ms added)."""
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.filesping", "--brokers", "embedded", "--rounds", "1", "--transfers", "2",
          "--mib", "1", "--idle-s", "0.5", "--period-ms", "5"],
@@ -149,6 +149,9 @@ def test_filesping_reports_each_transfer_and_a_summary_at_tiny_size() -> None:
     assert first["ping_cost"]["broker_us_per_ping"] > 0
     assert summary["summary"] is True and summary["transfers"] == len(summary["ratios"]) <= 2
     assert summary["idle_pings"] == first["idle_pings"] and summary["pings"] == first["pings"]
+    # what a transfer adds in ms, next to each ratio: the p99 during minus without
+    assert summary["added_p99_ms"] == round(summary["transfer_p99"] - summary["idle_p99"], 3)
+    assert [t["added_p99_ms"] for t in first["transfers"]] == summary["added_p99_ms_of_transfers"]
     low, high = summary["idle_p99_ci95"]  # about 100 pings per idle phase: bounded from below
     assert low is not None and low <= summary["idle_p99"] and (high is None or high >= summary["idle_p99"])
 

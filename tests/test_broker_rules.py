@@ -515,18 +515,20 @@ def test_a_dms_write_takes_its_own_connections_copies_and_leaves_a_rooms_others_
 
 def test_a_files_chunk_is_not_written_while_chat_waits_to_be_read_and_keeps_its_order() -> None:
     """``Deliveries`` with ``chat_waiting`` (imcli/broker/chatfirst.py, issue 16): a copy holding a
-    file's chunk (``fanout.CHUNK`` bytes or more) is not written while chat waits to be read; the
-    connection's later copies join it, in order; it goes out a timer and a round later, even if chat
-    waits again then (held once at most). Small copies are written at once all the same; with
-    nothing waiting, the chunk is too."""
+    file's chunk (``fanout.CHUNK`` bytes or more) is never written in the callback that made it (the
+    chunk's handling: seventh session), and not while chat waits to be read; the connection's later
+    copies join it, in order. With chat waiting at once, it goes out a timer and a round later, even
+    if chat waits again then (held once at most); with nothing waiting, in the next callback, which
+    looks again: chat arriving meanwhile holds it then. Small copies are written at once all the same."""
     from types import SimpleNamespace
 
     from imcli.broker.fanout import CHUNK, Deliveries, EncodedPublish
 
-    async def run(waiting: bool) -> tuple[list[bytes], list[bytes], list[bytes], list[bytes]]:
+    async def run(looks: list[bool]) -> tuple[list[bytes], list[bytes], list[bytes], list[bytes], list[bytes]]:
         loop = asyncio.get_running_loop()
         marked: list[Any] = []
-        look: Any = SimpleNamespace(chat_waiting=lambda: waiting, mark_bulk=marked.append)
+        answers = iter(looks)
+        look: Any = SimpleNamespace(chat_waiting=lambda: next(answers, True), mark_bulk=marked.append)
         deliveries = Deliveries(loop, chat_first=look)
         worker, bob = _Handler(), _Handler()
         session: Any = object()
@@ -537,21 +539,23 @@ def test_a_files_chunk_is_not_written_while_chat_waits_to_be_read_and_keeps_its_
         deliveries.add(bob, session, line, 0)
         deliveries.flush([worker, bob])
         at_once = list(worker.writer.written)
+        await asyncio.sleep(0)  # the next callbacks
+        next_round = list(worker.writer.written)
         for _ in range(3):  # the timer, then a round
             await asyncio.sleep(0.001)
-        return (
-            at_once,
-            worker.writer.written,
-            bob.writer.written,
-            [chunk.qos0_head + chunk.data, line.qos0_head + line.data],
-        )
+        return (at_once, next_round, worker.writer.written, bob.writer.written,
+                [chunk.qos0_head + chunk.data, line.qos0_head + line.data])  # fmt: skip
 
-    held, later, bob_got, (chunk_copy, line_copy) = asyncio.run(run(True))
-    assert held == []
-    assert later == [chunk_copy + line_copy]
-    assert bob_got == [line_copy]
-    now, _, _, _ = asyncio.run(run(False))
-    assert now == [chunk_copy, line_copy]
+    # chat waiting at the first look: held a timer and a round (the second look is not asked)
+    at_once, next_round, later, bob_got, (chunk_copy, line_copy) = asyncio.run(run([True]))
+    assert (at_once, next_round, later, bob_got) == ([], [], [chunk_copy + line_copy], [line_copy])
+    # nothing waiting: written in the next callback, with the copy that joined it
+    at_once, next_round, later, bob_got, _ = asyncio.run(run([False, False]))
+    both = chunk_copy + line_copy
+    assert (at_once, next_round, later, bob_got) == ([], [both], [both], [line_copy])
+    # chat arriving during the handling (waiting at the second look): held then, written a timer later
+    at_once, next_round, later, bob_got, _ = asyncio.run(run([False, True]))
+    assert (at_once, next_round, later, bob_got) == ([], [], [chunk_copy + line_copy], [line_copy])
 
 
 def test_chat_first_sees_a_readable_socket_unless_it_has_sent_a_files_chunk() -> None:

@@ -214,7 +214,15 @@ def _handled_in_order(info: ServeInfo) -> list[str]:
         result: bool = await deliver_now(session, message, acknowledged)
         return result
 
+    deliver_file = info.broker.deliver_file
+
+    async def recorded_file(session: Any, topic: str, payload: bytes) -> bool:  # a file's chunk (its own path)
+        order.append(topic)
+        result: bool = await deliver_file(session, topic, payload)
+        return result
+
     info.broker.deliver_now = recorded  # type: ignore[method-assign]
+    info.broker.deliver_file = recorded_file  # type: ignore[method-assign]
     return order
 
 
@@ -312,3 +320,115 @@ def test_a_publish_whose_last_bytes_look_like_pubacks_is_one_publish(broker: Ser
         assert read_packets(alice, lambda p: len(p) >= 1) == ([(0xD0, b"")], False)
     [(first, body)] = got
     assert first == 0x30 and body.endswith(payload)
+
+
+def _publish_body(body: bytes) -> tuple[str, bytes]:
+    """A PUBLISH's topic and payload from its body (QoS 1: a packet id between them)."""
+    size = int.from_bytes(body[:2], "big")
+    return body[2 : 2 + size].decode(), body[4 + size :]
+
+
+def test_a_files_chunk_takes_its_own_path_and_every_rule_holds_on_it(tmp_path: Path) -> None:
+    """A file's chunk (a QoS 1 PUBLISH of ``reader.BULK`` bytes or more on an upload or file-data
+    topic) is handled by ``ImBroker.deliver_file``, not amqtt's packet and message path (issue 16,
+    seventh session), under the rules of every PUBLISH, through raw sockets: alice's own upload
+    reaches the files worker; one on bob's upload topic, one on a download's topic (the files
+    worker's alone to write: a user's payload limit there is every topic's) and one over the chunk
+    limit are dropped with a notice; the files
+    worker's download reaches bob. Each is acknowledged (PUBACK) in order; a chunk with RETAIN
+    goes the general way and is refused there."""
+    from imcli.broker.accounts import AccountStore
+    from imcli.core.rules import FILES_ACCOUNT
+
+    upload, stream = "u" * 32, "s" * 32
+    chunk = bytes(8) + bytes(range(256)) * 400  # 102,408 bytes: over BULK, under the chunk limit
+    with bare_broker(tmp_path / "data", "alice", "bob") as info:
+        assert info.broker is not None
+        AccountStore(info.data_dir).ensure_service(FILES_ACCOUNT, password_of(FILES_ACCOUNT))
+        taken: list[str] = []
+        deliver_file = info.broker.deliver_file
+
+        async def counted(session: Any, topic: str, payload: bytes) -> bool:
+            taken.append(topic)
+            result: bool = await deliver_file(session, topic, payload)
+            return result
+
+        info.broker.deliver_file = counted  # type: ignore[method-assign]
+        paths = Paths(info.broker)
+        files = _connect(info, FILES_ACCOUNT, b"files:raw")
+        bob = _bob(info)
+        alice = _connect(info, "alice", b"alice:raw")
+        with files, bob, alice:
+            for sock, topic_filter in ((files, T.upload_filter()), (alice, T.notice("alice"))):
+                sock.sendall(packet(0x82, b"\x00\x09" + field(topic_filter.encode()) + b"\x01"))
+                assert read_packets(sock, lambda p: len(p) >= 1)[0] == [(0x90, b"\x00\x09\x01")]
+            alice.sendall(
+                publish_packet(T.upload("alice", upload).encode(), chunk, qos=1, packet_id=1)
+                + publish_packet(T.upload("bob", upload).encode(), chunk, qos=1, packet_id=2)
+                + publish_packet(T.file_data("bob", stream).encode(), chunk, qos=1, packet_id=3)
+                + publish_packet(T.upload("alice", upload).encode(), bytes(262_145), qos=1, packet_id=4)
+                + bytes((0x33,)) + publish_packet(T.upload("alice", upload).encode(), chunk, qos=1, packet_id=5)[1:]
+            )  # fmt: skip
+            got, _ = read_packets(alice, lambda p: sum(first == 0x40 for first, _ in p) >= 5 and len(p) >= 9)
+            files.sendall(publish_packet(T.file_data("bob", stream).encode(), chunk, qos=1, packet_id=7) + PINGREQ)
+            uploads, _ = read_packets(files, lambda p: any(first == 0xD0 for first, _ in p))
+            heard, _ = read_packets(bob, lambda p: len(p) >= 1)
+    acks = [body for first, body in got if first == 0x40]
+    assert acks == [i.to_bytes(2, "big") for i in (1, 2, 3, 4, 5)]
+    notices = [_publish_body(body)[1].decode() for first, body in got if first >> 4 == 3]
+    assert len(notices) == 4
+    assert "you may not publish to " + T.upload("bob", upload) in notices[0]
+    assert '"too_large"' in notices[1] and "16384" in notices[1]  # a user's limit there: every payload's
+    assert '"too_large"' in notices[2] and "262145" in notices[2]
+    assert "retained messages are not allowed" in notices[3]
+    assert [_publish_body(body) for first, body in uploads if first >> 4 == 3] == [(T.upload("alice", upload), chunk)]
+    assert (0x40, b"\x00\x07") in uploads
+    assert [_publish_body(body) for first, body in heard] == [(T.file_data("bob", stream), chunk)]
+    # the four chunks without RETAIN and the files worker's took the new path; the retained one did not
+    assert taken == [
+        T.upload("alice", upload), T.upload("bob", upload), T.file_data("bob", stream), T.upload("alice", upload),
+        T.file_data("bob", stream),
+    ]  # fmt: skip
+    assert paths.at_once == 1 and paths.queued == 0
+
+
+@pytest.mark.parametrize("look", [True, False])
+def test_a_chat_message_arriving_during_a_file_chunks_checks_goes_before_its_fan_out(
+    broker: ServeInfo, monkeypatch: pytest.MonkeyPatch, look: bool
+) -> None:
+    """A chat line whose bytes arrive while a file's chunk is being read and checked on its own path
+    (``ImBroker.deliver_file``): before the chunk's fan-out the broker looks whether chat waits
+    (``chatfirst.ChatFirst``) and, if so, lets it be read and fanned out first (issue 16, seventh
+    session). The line is sent from the broker's own loop at that look, which waits until its
+    socket is readable; with the look answering no (``look`` false), the chunk is fanned out first:
+    the order asserted is the change's. Orders are those of ``FanOut.publish``."""
+    from imcli.broker import chatfirst
+
+    assert broker.broker is not None
+    monkeypatch.setattr(reader, "BULK", 4096)
+    fanned: list[str] = []
+    publish = broker.broker.fan_out.publish
+
+    async def recorded(broadcast: dict[str, Any]) -> None:
+        fanned.append(broadcast["topic"])
+        await publish(broadcast)
+
+    monkeypatch.setattr(broker.broker.fan_out, "publish", recorded)
+    upload, line = T.upload("alice", "u" * 32), T.room("lobby", "bob")
+    real = chatfirst.ChatFirst.chat_waiting
+    with _connect(broker, "alice", b"alice:raw") as alice, _connect(broker, "bob", b"bob:raw") as bob:
+        looks: list[str] = []
+
+        def arriving(self: chatfirst.ChatFirst) -> bool:
+            looks.append("look")
+            if len(looks) != 2:  # the reader's look when the chunk's wait ends; the writes' looks
+                return real(self)
+            bob.sendall(publish_packet(line.encode(), chat("hello"), qos=1, packet_id=1))
+            assert wait_until(lambda: real(self))
+            return look and real(self)
+
+        monkeypatch.setattr(chatfirst.ChatFirst, "chat_waiting", arriving)
+        alice.sendall(publish_packet(upload.encode(), bytes(8) + bytes(8000), qos=1, packet_id=1))
+        assert read_packets(alice, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
+        assert read_packets(bob, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
+    assert fanned == ([line, upload] if look else [upload, line])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,6 +33,7 @@ from amqtt.mqtt.protocol import broker_handler
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import INCOMING, ApplicationMessage, IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
+from imcli.broker import chatfirst
 from imcli.broker.accounts import AccountStore
 from imcli.broker.acl import Access, TopicAcl
 from imcli.broker.admission import Admission
@@ -49,7 +50,7 @@ from imcli.broker.output import OutputBound, ReadGate
 from imcli.broker.packets import CheckedWebSocketsReader, PacketGuard, connect_within
 from imcli.broker.pending import OpenFiles, PendingConnections, raise_fd_limit
 from imcli.broker.publish_checks import PublishChecks
-from imcli.broker.reader import PacketReader, StreamGuard
+from imcli.broker.reader import AFTER_OTHERS, PacketReader, StreamGuard
 from imcli.broker.retained import RETAINED_SLICE, RetainedState, send_in_slices
 from imcli.broker.session_sweep import EndedSessions
 from imcli.broker.session_upkeep import SessionUpkeep
@@ -71,6 +72,7 @@ from imcli.core.rules import device_of_client_id
 from imcli.core.wire import TopicKind, Topics, build_schemas
 
 log = logging.getLogger(__name__)
+FILE_BYTES = frozenset({TopicKind.UPLOAD, TopicKind.FILE_DATA})  # a file's chunks (deliver_file)
 RETRY_WAIT = 10  # seconds amqtt gives a message sent again on a resumed session (its _retry_deliveries)
 TAKEOVER_NOTICE_WAIT = 1.0  # seconds a connection taken over has to take its notice (ImBroker._tell_taken_over)
 
@@ -105,6 +107,8 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
     *_names(_B, "Broker", "called", "_matches _get_handler"),  # handed to fanout.FanOut
     *_names(_B, "Broker", "read", "_servers _sessions _retained_messages"),
     *_names(_B, "Broker", "replaced", "_subscriptions"),  # by sessions.SubscriptionTable
+    # ImBroker.is_file_topic: a file's bytes skip the plugin events only while no plugin listens
+    *_names("amqtt.plugins.manager", "PluginManager", "read", "_event_plugin_callbacks"),
     # AckAfterJournal, LightSession and use_light_sessions, below
     *_names(_H, "BrokerProtocolHandler", "overridden", "_handle_qos1_message_flow _handle_qos2_message_flow"),
     *_names(_H, "BrokerProtocolHandler", "overridden", "_handle_qos0_message_flow"),  # delivered at once, or queued
@@ -139,6 +143,8 @@ class AckAfterJournal(BrokerProtocolHandler):
 
     before_ack: Any = None  # (Session, ApplicationMessage) -> None
     deliver_now: Any = None  # (Session, ApplicationMessage, acknowledged: bool) -> Awaitable[bool]
+    deliver_file: Any = None  # (Session, topic, payload) -> Awaitable[bool]: ImBroker.deliver_file
+    is_file_topic: Callable[[str], bool] | None = None  # ImBroker.is_file_topic
     loop_idle = False  # the message loop waits with nothing to do (client_loop.run_client_loop)
     delivering = False  # the reader is handling a message itself: the message loop waits
     refused = False  # a message handled by the reader ends the connection (an invalid topic)
@@ -439,19 +445,43 @@ class AckAfterJournal(BrokerProtocolHandler):
         )
 
     async def _deliver_at_once(self, app_message: Any, acknowledged: bool) -> None:
+        delivering = self.deliver_now(self.session, app_message, acknowledged)
+        await self._at_once(delivering, app_message.packet_id if acknowledged else None)
+
+    async def _at_once(self, delivering: Awaitable[bool], packet_id: int | None) -> None:
+        """``delivering`` (the broker's handling of a message this reader read), awaited in the reader's
+        callback; then its PUBACK (``packet_id``, if QoS 1) joins the read's answers (reader.PacketReader
+        writes them after the journal's commit)."""
         self.at_once -= 1
         self.delivering = True
         delivered = False
         try:
-            delivered = await self.deliver_now(self.session, app_message, acknowledged)
+            delivered = await delivering
         finally:
             self.delivering = False
             if not delivered:
                 self.refused = True  # the message loop ends the connection, as it would have
             if not self.loop_idle or self.refused:  # it waits for this one (client_loop.py)
                 self._stir()
-        if acknowledged and self.answers is not None:  # the PUBACK after the journal (ImBroker.deliver_now)
-            self.answers += b"\x40\x02" + app_message.packet_id.to_bytes(2, "big")
+        if packet_id is not None and self.answers is not None:  # the PUBACK after the journal (ImBroker.deliver_now)
+            self.answers += b"\x40\x02" + packet_id.to_bytes(2, "big")
+
+    def file_topic(self, topic: str) -> bool:
+        """Whether a QoS 1 PUBLISH on ``topic`` is a file's bytes that ``file_bytes`` may take."""
+        return self.deliver_file is not None and self.is_file_topic is not None and self.is_file_topic(topic)
+
+    async def file_bytes(self, topic: str, packet_id: int, payload: bytes) -> None:
+        """A file's chunk (QoS 1, ``file_topic``) that the reader reads while ``may_deliver_now``:
+        handled as ``_deliver_at_once`` handles a message, by ``ImBroker.deliver_file``, without the
+        amqtt packet, the application message and the layers of ``handle_publish`` (issue 16: a
+        chat line arriving meanwhile waits for what a chunk takes of the loop)."""
+        if self.said_goodbye:  # as handle_publish (the reader handles nothing after a DISCONNECT anyway)
+            return
+        try:
+            await self._at_once(self.deliver_file(self.session, topic, payload), packet_id)
+        finally:
+            if self.session is None or not self.session.delivered_message_queue.empty():
+                self._stir()
 
     async def _handle_qos0_message_flow(self, app_message: Any) -> None:
         packet = app_message.publish_packet
@@ -722,6 +752,7 @@ class ImBroker(Broker):
         if isinstance(handler, AckAfterJournal):
             handler.before_ack, handler.max_unreleased = self._before_ack, self.settings.limits.max_unreleased
             handler.deliver_now = self.deliver_now
+            handler.deliver_file, handler.is_file_topic = self.deliver_file, self.is_file_topic
             handler.teardown_gate = self.teardown  # imcli/broker/teardown.py
             handler.journal = self._journal  # its answers wait for the journal's commits
             handler.will = will_of(incoming)  # imcli/broker/wills.py
@@ -845,6 +876,43 @@ class ImBroker(Broker):
         if keep:
             self._journal.record(session.username, message)
         return delivered
+
+    def is_file_topic(self, topic: str) -> bool:
+        """Whether ``topic`` carries a file's bytes (an upload's chunks to the files worker, a download's
+        from it: issue 16), which ``deliver_file`` may take while no amqtt plugin listens to messages."""
+        if "/upload/" not in topic and "/file/" not in topic:
+            return False
+        parsed = self.topics.parse(topic)
+        return (
+            parsed is not None
+            and parsed.kind in FILE_BYTES
+            and not self.plugins_manager._event_plugin_callbacks  # amqtt private (AMQTT_PRIVATE)
+        )
+
+    async def deliver_file(self, session: Session, topic: str, payload: bytes) -> bool:
+        """A file's chunk its connection's reader handles itself (``AckAfterJournal.file_bytes``, for a
+        QoS 1 PUBLISH on an ``is_file_topic`` topic, without DUP or RETAIN): the same checks as every
+        PUBLISH (``PublishChecks.judge``: the file-transfer rate, the chunk limit, the ACL, which
+        lets a user write only to their own upload topics and only the service accounts to a
+        download's), its sender told why one is refused, then its copies (``FanOut.publish``: written
+        at once, or held a round while chat waits; the fan-out itself waits a round if chat came
+        during the checks: issue 16, seventh session). The rest of ``deliver_now`` and ``deliver`` is
+        about other topics: the journal keeps chat only, a device request, a DM's copy for its
+        sender's devices, a request held for the journal and a retained message are no file's
+        bytes, and the plugin events have no listener (``is_file_topic``). False: its connection is
+        to be closed (an invalid topic)."""
+        publishing = self.publishing
+        decision = publishing.judge(session.username, topic, len(payload), retain=False)  # takes the rate token
+        if not await publishing.tell_sender(session, decision):
+            return False
+        if decision.deliver:
+            if chatfirst.for_loop(asyncio.get_running_loop()).chat_waiting():
+                # chat came while this chunk was being read and checked: it is read and handled
+                # before the chunk's fan-out (a timer's wakeup comes after the sockets its round
+                # reads and the reader steps they wake: reader.PacketReader._handle_publish)
+                await asyncio.sleep(AFTER_OTHERS)
+            await self.fan_out.publish({"session": session, "topic": topic, "data": payload})
+        return True
 
     async def _handle_disconnect(
         self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]

@@ -272,6 +272,7 @@ class Deliveries:
         # connections whose copies wait (their later copies join them, in order) until ``_release``
         self._chat_first = chat_first
         self._held: set[Any] = set()
+        self._deferred: set[Any] = set()  # copies with a chunk, written in a callback of their own (_write_deferred)
         self.copies = 0  # copies added, ever (FanOut.publish counts a message's)
         self.recent: list[Any] = []  # the connections given copies since FanOut.publish cleared it
 
@@ -327,7 +328,7 @@ class Deliveries:
         batch = {handler: self._chunks.pop(handler) for handler in handlers}
         for handler in batch:
             self._sizes.pop(handler, None)
-        if only is not None and len(self._chunks) > len(self._held):
+        if only is not None and len(self._chunks) > len(self._held) + len(self._deferred):
             self.flush_soon()  # whatever is left (already scheduled, as a room's copies always are)
         for handler, chunks in batch.items():
             writer = handler.writer
@@ -342,28 +343,50 @@ class Deliveries:
                 log.debug("delivery to a closing connection dropped: %s", exc)
 
     def _hold_bulk(self, handlers: list[Any], chat_first: chatfirst.ChatFirst) -> list[Any]:
-        """``handlers`` less those whose copies wait: already held, or holding a file's chunk
-        (``CHUNK`` bytes or more) while chat waits to be read (``ChatFirst.chat_waiting``; a
-        connection that gets a chunk is a transfer's, whose own readable socket is no chat:
-        ``mark_bulk``). Held copies are written one loop round after a timer (``_release``): after
-        the sockets the loop's next look finds readable and the reader steps they wake, as the
-        reader holds a chunk's handling (imcli/broker/reader.py ``_handle_publish``); a connection's
-        later copies join its held ones."""
-        held = self._held
-        if held:
-            handlers = [handler for handler in handlers if handler not in held]
+        """``handlers`` less those whose copies wait: already waiting, or holding a file's chunk
+        (``CHUNK`` bytes or more; a connection that gets a chunk is a transfer's, whose own readable
+        socket is no chat: ``mark_bulk``). Such copies are never written in the callback that made
+        them (the chunk's handling, issue 16, seventh session): a chat message arriving during that
+        handling would wait for the write too (a 256 KiB ``send`` that on loopback does the
+        receiver's TCP work as well, about a third of the handling). If chat waits to be read now
+        (``ChatFirst.chat_waiting``) they are held (``_release``: one loop round after a timer, after
+        the sockets the loop's next look finds readable and the reader steps they wake, as the reader
+        holds a chunk's handling: imcli/broker/reader.py ``_handle_publish``); else they are written
+        in a callback of their own, next (``_write_deferred``), which looks again. A connection's
+        later copies join its waiting ones, in order."""
+        held, deferred = self._held, self._deferred
+        if held or deferred:
+            handlers = [handler for handler in handlers if handler not in held and handler not in deferred]
         sizes = self._sizes
         bulk = [handler for handler in handlers if sizes.get(handler, 0) >= CHUNK]
         if not bulk:
             return handlers
         for handler in bulk:
             chat_first.mark_bulk(getattr(getattr(handler, "reader", None), "transport", None))  # its StreamGuard's
-        if not chat_first.chat_waiting():
-            return handlers
-        if not held:
+        if chat_first.chat_waiting():
+            self._hold(bulk)
+        else:
+            if not deferred:
+                self._loop.call_soon(self._write_deferred)
+            deferred.update(bulk)
+        return [handler for handler in handlers if handler not in bulk]
+
+    def _hold(self, handlers: Iterable[Any]) -> None:
+        if not self._held:
             self._loop.call_later(AFTER_OTHERS, self._loop.call_soon, self._release)
-        held.update(bulk)
-        return [handler for handler in handlers if handler not in held]
+        self._held.update(handlers)
+
+    def _write_deferred(self) -> None:
+        """The copies ``_hold_bulk`` put off written, in a callback of their own: held instead if chat
+        waits to be read now (it came during the chunk's handling)."""
+        deferred, self._deferred = self._deferred, set()
+        waiting = [handler for handler in deferred if handler in self._chunks and handler not in self._held]
+        if not waiting:
+            return
+        if self._chat_first is not None and self._chat_first.chat_waiting():
+            self._hold(waiting)
+        else:
+            self.flush(waiting, hold=False)
 
     def _release(self) -> None:
         """The held copies written, whether or not chat waits again: a chunk is held once at most

@@ -253,6 +253,17 @@ class PublishChecks:
         retain = packet is not None and bool(packet.retain_flag)
         username = session.username
         decision = self.judge(username, message.topic or "", len(message.data or b""), retain=retain, rate_ok=rate_ok)
+        if not await self.tell_sender(session, decision):
+            return False
+        if decision.deliver:
+            # QoS 0 is never acknowledged: journalled as it is delivered (QoS 1 was, before its PUBACK)
+            await deliver(session, message, retain=retain, journal=not charged)
+        return True
+
+    async def tell_sender(self, session: Session, decision: Decision) -> bool:
+        """``session``'s sender told why its PUBLISH is refused, if it is; false if its connection is to
+        be closed (an invalid topic)."""
+        username = session.username
         if decision.telling is not None and self.tell is not None:
             await self.tell(username, decision.telling)
         elif decision.unheard is not None and username is not None and self.tell is not None:
@@ -260,9 +271,6 @@ class PublishChecks:
         if decision.close:
             log.warning("%s sent a PUBLISH on an invalid topic: closing", session.client_id)
             return False
-        if decision.deliver:
-            # QoS 0 is never acknowledged: journalled as it is delivered (QoS 1 was, before its PUBACK)
-            await deliver(session, message, retain=retain, journal=not charged)
         return True
 
     def forget_unsent(self, now: float) -> None:

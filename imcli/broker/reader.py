@@ -554,9 +554,12 @@ class PacketReader:
             await asyncio.sleep(AFTER_OTHERS)
             if look.chat_waiting():  # chat came while this waited (this round began with it): once more
                 await asyncio.sleep(AFTER_OTHERS)
+        head = self._head(first, buffer, start, end)
+        if end - start >= BULK and await self._file_bytes(first, buffer, end, *head):
+            return
         journal = self._handler.journal
         before = journal.recorded if journal is not None else 0
-        await self._dispatch(first, b"", self._publish(first, buffer, start, end))
+        await self._dispatch(first, b"", self._publish(first, buffer, start, end, head))
         if journal is not None and journal.recorded != before:  # it was kept: answers wait for its row
             self._recorded = journal.recorded  # (a file's chunk, a request, a status wait for nobody's)
 
@@ -620,13 +623,47 @@ class PacketReader:
         else:
             log.debug("%s: PUBACK for no message in flight (%d)", self._client_id, packet_id)
 
+    async def _file_bytes(
+        self, first: int, buffer: bytearray, end: int, topic: str, packet_id: int | None, head_end: int
+    ) -> bool:
+        """A file's chunk (a QoS 1 PUBLISH of ``BULK`` bytes or more, neither DUP nor RETAIN, on an
+        upload or file-data topic), handled by the handler's ``file_bytes`` (``ImBroker.file_bytes``:
+        the same checks, the fan-out, the copy written or held while chat waits) without amqtt's
+        packet and message objects and the layers a chat line goes through, its PUBACK added to
+        this read's answers as ``_deliver_at_once`` adds it. False: not such a chunk, or the
+        handler may not handle it now (``may_deliver_now``): the general path takes it, in order.
+
+        A chunk's handling is what a chat message arriving meanwhile waits behind: through the
+        general path it was 200 to 250 us of the loop at the median, and its copy's write about a
+        third of it (issue 16, docs/PERFORMANCE.md seventh session)."""
+        handler = self._handler
+        handle = getattr(handler, "file_bytes", None)
+        if handle is None or first & 0x0F != 0x02 or packet_id is None or not handler.file_topic(topic):
+            return False
+        if not handler.may_deliver_now():
+            return False
+        with memoryview(buffer) as view:  # released before the buffer is resized
+            payload = bytes(view[head_end:end])
+        await handle(topic, packet_id, payload)
+        return True
+
     @staticmethod
-    def _publish(first: int, buffer: bytearray, start: int, end: int) -> PublishPacket:
-        """The PUBLISH in ``buffer[start:end]``, checked as ``check_packet`` checks it, built as amqtt's
-        ``from_stream`` builds it, with its payload copied once out of the buffer: amqtt's decoding
-        copied a file's 256 KiB chunk four times over (the body, a bytearray, its bytes; issue 16)."""
+    def _head(first: int, buffer: bytearray, start: int, end: int) -> tuple[str, int | None, int]:
+        """The topic and packet id of the PUBLISH in ``buffer[start:end]``, checked as ``check_packet``
+        checks them, and where its payload begins."""
         head_end = min(end, start + publish_head_size(first, buffer[start : start + 2]))
         topic, packet_id = check_publish_head(first, bytes(buffer[start:head_end]))
+        return topic, packet_id, head_end
+
+    @staticmethod
+    def _publish(
+        first: int, buffer: bytearray, start: int, end: int, head: tuple[str, int | None, int] | None = None
+    ) -> PublishPacket:
+        """The PUBLISH in ``buffer[start:end]``, checked as ``check_packet`` checks it (``head``: by
+        ``_head`` already), built as amqtt's ``from_stream`` builds it, with its payload copied once
+        out of the buffer: amqtt's decoding copied a file's 256 KiB chunk four times over (the body,
+        a bytearray, its bytes; issue 16)."""
+        topic, packet_id, head_end = head or PacketReader._head(first, buffer, start, end)
         with memoryview(buffer) as view:  # released before the buffer is resized
             payload = bytes(view[head_end:end])
         header = MQTTFixedHeader(PUBLISH, first & 0x0F, end - start)

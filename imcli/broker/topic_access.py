@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 _R = TypeVar("_R", bound=WireModel)
 
 RoleOf = Callable[[str], Role | None]
-PRIVATE = frozenset({TopicKind.DM, TopicKind.SENT})  # topics with few recipients (``TopicAccess.receive_check``)
+# topics with few recipients, the same ones message after message (``TopicAccess.receive_check``): a DM and
+# its sender's copy; a file's chunks, to the files worker or from it to their reader (issue 16)
+PRIVATE = frozenset({TopicKind.DM, TopicKind.SENT, TopicKind.UPLOAD, TopicKind.FILE_DATA})
 DECISIONS = 4096  # ``TopicAccess.check``'s decisions kept at most (then forgotten at once: about 0.1 ms)
 DECIDED_UP_TO = PARSE_CACHED_UP_TO  # characters of a topic whose decision is kept (any of the contract's)
 
@@ -169,8 +171,9 @@ class TopicAccess:
     def receive_check(self, topic: str) -> Callable[[str | None], bool]:
         """``check(username, topic, RECEIVE)`` for one message and many recipients (fan-out).
 
-        A topic of one user's own (a DM, its sender's copy) has few recipients, the same ones line
-        after line (the user's devices, the workers): their decisions are ``check``'s, kept. A room's
+        A topic of one user's own (a DM, its sender's copy, a file's chunks) has few recipients, the
+        same ones message after message (the user's devices, the workers): their decisions are
+        ``check``'s, kept. A room's
         or group's has many, each decided here (a table of rooms' listeners would not stay small)."""
         parsed = self.topics.parse(topic)
         if parsed is not None and parsed.kind in PRIVATE:
