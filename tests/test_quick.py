@@ -50,7 +50,10 @@ def arguments(draw: st.DrawFn) -> list[str]:
 
 ENVIRONMENTS = st.fixed_dictionaries(
     {},
-    optional={"IMCLI_HOST": st.sampled_from(["h1", "", NOT_UTF8]), "IMCLI_PORT": st.sampled_from(["1999", "abc", "", "0012"])},
+    optional={
+        "IMCLI_HOST": st.sampled_from(["h1", "", NOT_UTF8]),
+        "IMCLI_PORT": st.sampled_from(["1999", "abc", "", "0012"]),
+    },
 )
 
 
