@@ -294,9 +294,9 @@ class Deliveries:
             chunks = self._chunks[handler] = []
         self.copies += 1
         self.recent.append(handler)
-        if len(message.data) >= CHUNK and self._chat_first is not None and self._file_topic is not None:
-            if self._file_topic(message.topic):  # a transfer's connection: its readable socket is no chat
-                self._chat_first.mark_bulk(getattr(getattr(handler, "reader", None), "transport", None))
+        look, file_topic = self._chat_first, self._file_topic
+        if len(message.data) >= CHUNK and look is not None and file_topic is not None and file_topic(message.topic):
+            look.mark_bulk(getattr(getattr(handler, "reader", None), "transport", None))  # a transfer's: no chat
         if qos == 0:
             chunks += (message.qos0_head, message.data)
             self._sizes[handler] = self._sizes.get(handler, 0) + message.qos0_size
