@@ -392,6 +392,48 @@ def test_a_files_chunk_takes_its_own_path_and_every_rule_holds_on_it(tmp_path: P
     assert paths.at_once == 1 and paths.queued == 0
 
 
+@pytest.mark.parametrize("look", [True, False])
+def test_a_chat_message_arriving_during_a_file_chunks_checks_goes_before_its_fan_out(
+    broker: ServeInfo, monkeypatch: pytest.MonkeyPatch, look: bool
+) -> None:
+    """A chat line whose bytes arrive while a file's chunk is being read and checked on its own path
+    (``ImBroker.deliver_file``): before the chunk's fan-out the broker looks whether chat waits
+    (``chatfirst.ChatFirst``) and, if so, lets it be read and fanned out first (issue 16, seventh
+    session). The line is sent from the broker's own loop at that look, which waits until its
+    socket is readable; with the look answering no (``look`` false), the chunk is fanned out first:
+    the order asserted is the change's. Orders are those of ``FanOut.publish``."""
+    from imcli.broker import chatfirst
+
+    assert broker.broker is not None
+    monkeypatch.setattr(reader, "BULK", 4096)
+    fanned: list[str] = []
+    publish = broker.broker.fan_out.publish
+
+    async def recorded(broadcast: dict[str, Any]) -> None:
+        fanned.append(broadcast["topic"])
+        await publish(broadcast)
+
+    monkeypatch.setattr(broker.broker.fan_out, "publish", recorded)
+    upload, line = T.upload("alice", "u" * 32), T.room("lobby", "bob")
+    real = chatfirst.ChatFirst.chat_waiting
+    with _connect(broker, "alice", b"alice:raw") as alice, _connect(broker, "bob", b"bob:raw") as bob:
+        looks: list[str] = []
+
+        def arriving(self: chatfirst.ChatFirst) -> bool:
+            looks.append("look")
+            if len(looks) != 2:  # the reader's look when the chunk's wait ends; the writes' looks
+                return real(self)
+            bob.sendall(publish_packet(line.encode(), chat("hello"), qos=1, packet_id=1))
+            assert wait_until(lambda: real(self))
+            return look and real(self)
+
+        monkeypatch.setattr(chatfirst.ChatFirst, "chat_waiting", arriving)
+        alice.sendall(publish_packet(upload.encode(), bytes(8) + bytes(8000), qos=1, packet_id=1))
+        assert read_packets(alice, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
+        assert read_packets(bob, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
+    assert fanned == ([line, upload] if look else [upload, line])
+
+
 def test_only_a_files_chunk_marks_a_connection_as_a_transfers(
     broker: ServeInfo, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -815,3 +815,40 @@ def test_my_dm_from_another_device_shows_on_the_page(web: ServeInfo, tmp_path: P
         alice.open_conv("dm:bob")
         alice.see("sent from my terminal", sender="alice")
         no_errors(alice)
+
+
+def test_the_page_gets_its_own_downloads_not_the_terminals(web: ServeInfo, tmp_path: Path) -> None:
+    """The page subscribes what it reads of ``user/<me>/`` (its DMs, their sent copies, replies,
+    notices, friends) and a download's own topic while it runs, not ``user/<me>/#``: a file the
+    same user fetches from the terminal no longer reaches every open page of theirs, chunk by
+    chunk (issue 16); the page's own download still arrives whole."""
+    data = tmp_path / "report.bin"
+    data.write_bytes(os.urandom(300 << 10))
+    carol = cli(web, tmp_path, "carol")
+    received: list[bytes] = []
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.p.on(
+            "websocket",
+            lambda ws: ws.on(
+                "framereceived",
+                lambda frame: received.append(bytes(frame, "latin-1") if isinstance(frame, str) else frame),
+            ),
+        )
+        alice.sign_in(password_of("alice"), register=True)
+        ok(carol, "send", "--room", "lobby", str(data))
+        box = "#messages li[data-from='carol'] .file"
+        alice.p.wait_for_selector(f"{box} .name:text-is('report.bin')")
+        alice_cli = cli(web, tmp_path, "alice")
+        (report,) = [f for f in json.loads(ok(alice_cli, "files", "--json")) if f["name"] == "report.bin"]
+        ok(alice_cli, "get", report["id"], "-o", str(tmp_path / "terminal.bin"))  # the terminal's download
+        alice.p.click(f"{box} button:has-text('Download')")  # the page's own
+        alice.p.wait_for_selector(f"{box} a.save")
+        no_errors(alice)
+    assert (tmp_path / "terminal.bin").read_bytes() == data.read_bytes()
+    downloads: dict[str, int] = {}
+    for topic, size in _publishes(b"".join(received)):
+        if "/user/alice/file/" in topic:
+            downloads[topic] = downloads.get(topic, 0) + size
+    # one stream only, the page's: 300 KiB in two chunks of 8 bytes of offset each
+    assert list(downloads.values()) == [(300 << 10) + 2 * 8]

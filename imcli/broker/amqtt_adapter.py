@@ -33,6 +33,7 @@ from amqtt.mqtt.protocol import broker_handler
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import INCOMING, ApplicationMessage, IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
+from imcli.broker import chatfirst
 from imcli.broker.accounts import AccountStore
 from imcli.broker.acl import Access, TopicAcl
 from imcli.broker.admission import Admission
@@ -49,7 +50,7 @@ from imcli.broker.output import OutputBound, ReadGate
 from imcli.broker.packets import CheckedWebSocketsReader, PacketGuard, connect_within
 from imcli.broker.pending import OpenFiles, PendingConnections, raise_fd_limit
 from imcli.broker.publish_checks import PublishChecks
-from imcli.broker.reader import PacketReader, StreamGuard
+from imcli.broker.reader import AFTER_OTHERS, PacketReader, StreamGuard
 from imcli.broker.retained import RETAINED_SLICE, RetainedState, send_in_slices
 from imcli.broker.session_sweep import EndedSessions
 from imcli.broker.session_upkeep import SessionUpkeep
@@ -901,7 +902,8 @@ class ImBroker(Broker):
         PUBLISH (``PublishChecks.judge``: the file-transfer rate, the chunk limit, the ACL, which
         lets a user write only to their own upload topics and only the service accounts to a
         download's), its sender told why one is refused, then its copies (``FanOut.publish``: written
-        at once, or held a round while chat waits). The rest of ``deliver_now`` and ``deliver`` is
+        at once, or held a round while chat waits; the fan-out itself waits a round if chat came
+        during the checks: issue 16, seventh session). The rest of ``deliver_now`` and ``deliver`` is
         about other topics: the journal keeps chat only, a device request, a DM's copy for its
         sender's devices, a request held for the journal and a retained message are no file's
         bytes, and the plugin events have no listener (``is_file_topic``). False: its connection is
@@ -911,6 +913,11 @@ class ImBroker(Broker):
         if not await publishing.tell_sender(session, decision):
             return False
         if decision.deliver:
+            if chatfirst.for_loop(asyncio.get_running_loop()).chat_waiting():
+                # chat came while this chunk was being read and checked: it is read and handled
+                # before the chunk's fan-out (a timer's wakeup comes after the sockets its round
+                # reads and the reader steps they wake: reader.PacketReader._handle_publish)
+                await asyncio.sleep(AFTER_OTHERS)
             await self.fan_out.publish({"session": session, "topic": topic, "data": payload})
         return True
 

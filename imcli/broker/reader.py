@@ -33,7 +33,9 @@ the messages of one publisher were fanned out one per round (one ``send`` per co
   SUBSCRIBE, ...) is handled only once they are: no answer overtakes them;
 * a file's chunk (a PUBLISH of ``BULK`` bytes or more) is handled only after what the loop
   already knows of (its ready callbacks, the sockets its next look finds readable): a chat
-  message read with it, or arriving while it waited, goes first (issue 16);
+  message read with it, or arriving while it waited, goes first (issue 16); a QoS 1 chunk on an
+  upload or download topic then takes its own path (``_file_bytes``: the same checks and fan-out
+  without amqtt's packet and message objects; its copy's write in a callback of its own);
 * PUBACK resolves the waiting copy's future where it is read; a PINGREQ's PINGRESP is written
   with the read's PUBACKs, in order (``_small``: about 27 us of the loop's CPU against amqtt's
   50, at 10,000 users one every 3 ms), and a PINGREQ alone in its read, with everything before
@@ -628,7 +630,7 @@ class PacketReader:
         self, first: int, buffer: bytearray, end: int, topic: str, packet_id: int | None, head_end: int
     ) -> bool:
         """A file's chunk (a QoS 1 PUBLISH of ``BULK`` bytes or more, neither DUP nor RETAIN, on an
-        upload or file-data topic), handled by the handler's ``file_bytes`` (``ImBroker.file_bytes``:
+        upload or file-data topic), handled by the handler's ``file_bytes`` (``ImBroker.deliver_file``:
         the same checks, the fan-out, the copy written or held while chat waits) without amqtt's
         packet and message objects and the layers a chat line goes through, its PUBACK added to
         this read's answers as ``_deliver_at_once`` adds it. False: not such a chunk, or the

@@ -254,9 +254,15 @@
     $("me-device").textContent = `this browser is device ${device}`;
   }
 
+  // What the page reads of user/<me>/: not `#`, which also brought it the chunks of every download
+  // the same user's terminal or other pages make (100 MiB to each open page for a 100 MiB file); a
+  // download's own topic is subscribed while it runs (fetchFile), and again after a reconnect.
+  const fileTopic = (stream) => `${PREFIX}/user/${S.me}/file/${stream}`;
+
   function online(statusTopic) {
     const subs = {};
-    for (const f of [`${PREFIX}/user/${S.me}/#`, `${PREFIX}/room/+/+`, `${PREFIX}/group/+/msg/+`,
+    const mine = ["dm/+", "sent/+", "reply/+", "notice", "friends"].map((x) => `${PREFIX}/user/${S.me}/${x}`);
+    for (const f of [...mine, ...[...S.downloads.keys()].map(fileTopic), `${PREFIX}/room/+/+`, `${PREFIX}/group/+/msg/+`,
       `${PREFIX}/group/+/info`, `${PREFIX}/presence/+`, `${PREFIX}/profile/+`, `${PREFIX}/events`]) subs[f] = { qos: 1 };
     return new Promise((resolve) => {
       S.client.subscribe(subs, () => {
@@ -940,7 +946,12 @@
       const ackTopic = `${PREFIX}/fetch/${S.me}/${stream}`;
       const ack = () => { told = have; publish(ackTopic, { type: "file_ack", v: 1, offset: have }); };
       let pauses = 0;
-      const finish = (err, value) => { clearTimeout(stall); S.downloads.delete(stream); S.rated.delete(stream); if (err) reject(err); else resolve(value); };
+      const finish = (err, value) => {
+        clearTimeout(stall);
+        if (S.downloads.delete(stream)) S.client.unsubscribe(fileTopic(stream));
+        S.rated.delete(stream);
+        if (err) reject(err); else resolve(value);
+      };
       const wait = (ms = STALL) => { clearTimeout(stall); stall = setTimeout(() => finish(new Error("the download stopped: try again")), ms); };
       S.rated.set(stream, (n) => { // our acknowledgement was dropped: wait, and send it again from where we are
         const ms = ratePause(n, pauses++);
@@ -965,12 +976,16 @@
           else finish(null, { info, blob });
         }
       });
-      request({ type: "file_get", file: id, stream, offset: 0 }).then((head) => {
-        if (head.type !== "file_ready" || !head.file) return finish(new Error("the files worker sent something else"));
-        info = head.file;
-        wait();
-        ack();
-      }, (e) => finish(e));
+      // its chunks' topic subscribed (SUBACK) before the worker is asked to send them
+      S.client.subscribe(fileTopic(stream), { qos: 1 }, (err, granted) => {
+        if (err || !granted || !granted.length || granted[0].qos === 128) return finish(new Error("the broker refused the download's topic"));
+        request({ type: "file_get", file: id, stream, offset: 0 }).then((head) => {
+          if (head.type !== "file_ready" || !head.file) return finish(new Error("the files worker sent something else"));
+          info = head.file;
+          wait();
+          ack();
+        }, (e) => finish(e));
+      });
     });
   }
 
