@@ -24,7 +24,9 @@ CPU within the longest round trip) and the loop's rounds during the leave (``lea
 the broker thread's CPU from one poll's return to the next poll, that is what a packet read in
 that poll waits for at most before its own callback runs; ``leave_ready_most``: the most sockets one
 poll returned). ``--max-events N`` bounds what one poll returns (``epoll_wait``'s maxevents;
-asyncio asks for as many as it watches).
+asyncio asks for as many as it watches). ``--slow-ping``: the probe's PINGREQs wake the reader's
+task, as every packet but a lone PINGREQ or PUBACK still does (before 2026-11-26's seventh session a
+lone PINGREQ did too: ``PacketReader.PING_AT_ONCE``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from benchmarks.stallprobe import stalls
 from imcli.broker import teardown
 from imcli.broker.gcpause import calm_collector
 from imcli.broker.limits import Limits
+from imcli.broker.reader import PacketReader
 from imcli.broker.settings import BrokerSettings
 from imcli.serve import loops
 from imcli.serve.host import BackgroundServer
@@ -232,7 +235,13 @@ def main() -> None:
     parser.add_argument("--slice", type=int, default=teardown.SLICE, help="ends per loop round (0: no gate)")
     parser.add_argument("--probe", action="store_true", help="PINGREQ round trips and the loop's rounds")
     parser.add_argument("--max-events", type=int, default=0, help="at most this many sockets per poll")
+    parser.add_argument(
+        "--slow-ping",
+        action="store_true",
+        help="the probe's PINGREQs through the reader's task, as before 2026-11-26's seventh session",
+    )
     args = parser.parse_args()
+    PacketReader.PING_AT_ONCE = not args.slow_ping
     figures = measure(
         args.users, args.processes, args.profile, args.stock_gc, args.listeners,
         slice_=args.slice, probe=args.probe, max_events=args.max_events,

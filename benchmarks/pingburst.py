@@ -2,11 +2,12 @@
 PINGREQ at once, as a crowd whose keep-alive timers line up does (issue 21: 10,000 users joined in a
 burst, or back after a reconnect storm, send their PINGREQs in clumps).
 
-    python -m benchmarks.pingburst [--users 3000] [--bursts 5] [--slow]
+    python -m benchmarks.pingburst [--users 3000] [--bursts 5] [--clump N] [--slow]
 
 Runs the embedded broker in this process (``BackgroundServer``, no workers, ``imcli serve``'s
 collector policy), signs the users in from one client process with plain blocking sockets (no
-status, no Will, keep-alive 600 s), then ``--bursts`` times: every connection writes its PINGREQ,
+status, no Will, keep-alive 600 s), then ``--bursts`` times: every connection (the first ``--clump``
+of them) writes its PINGREQ,
 one after the other as fast as the client can, and the client reads every PINGRESP. Prints, per
 burst, the CPU time of the broker's thread (``pthread_getcpuclockid``: what waiting for a core does
 not move) per PINGREQ, and the loop's longest rounds during the burst (the thread's CPU from one
@@ -64,11 +65,13 @@ def client(port: int, users: int) -> None:
     socks = [_connect(port, name) for name in user_names(users)[:users]]
     print("ready", flush=True)
     for line in sys.stdin:
-        if line.strip() != "burst":
+        words = line.split()
+        if not words or words[0] != "burst":
             break
-        for sock in socks:
+        clump = socks[: int(words[1])]
+        for sock in clump:
             sock.send(b"\xc0\x00")
-        for sock in socks:
+        for sock in clump:
             got = b""
             while len(got) < 2:
                 got += sock.recv(2 - len(got))
@@ -79,9 +82,10 @@ def client(port: int, users: int) -> None:
         sock.close()
 
 
-def measure(users: int, bursts: int, slow: bool) -> dict[str, object]:
+def measure(users: int, bursts: int, slow: bool, clump: int = 0) -> dict[str, object]:
     reader.PacketReader.PING_AT_ONCE = not slow
-    result: dict[str, object] = {"users": users, "slow": slow, "loop": loops.chosen_loop()}
+    clump = clump or users
+    result: dict[str, object] = {"users": users, "clump": clump, "slow": slow, "loop": loops.chosen_loop()}
     with tempfile.TemporaryDirectory(prefix="bench-pingburst-") as tmp:
         data = Path(tmp) / "data"
         data.mkdir()
@@ -117,11 +121,12 @@ def measure(users: int, bursts: int, slow: bool) -> dict[str, object]:
                     if rounds is not None:
                         rounds.longest, rounds.measuring = [], True
                     before = _cpu(thread)
-                    proc.stdin.write("burst\n")
+                    proc.stdin.write(f"burst {clump}\n")
                     proc.stdin.flush()
                     if proc.stdout.readline().strip() != "done":
                         raise SystemExit("the burst failed")
-                    per_ping.append((_cpu(thread) - before) * 1e6 / users)
+                    per_ping.append((_cpu(thread) - before) * 1e6 / clump)
+                    time.sleep(0.1)  # the round that wrote the last PINGRESP ends (its next poll) before it is read
                     if rounds is not None:
                         rounds.measuring = False
                         longest.append([(round(cpu * 1000, 2), ready) for cpu, ready in rounds.longest[:3]])
@@ -139,13 +144,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=3000)
     parser.add_argument("--bursts", type=int, default=5)
+    parser.add_argument("--clump", type=int, default=0, help="PINGREQs per burst, from the first users (0: all)")
     parser.add_argument("--slow", action="store_true", help="every PINGREQ through the reader's task (the old path)")
     parser.add_argument("--client", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         client(args.client, args.users)
         return
-    print(json.dumps(measure(args.users, args.bursts, args.slow)))
+    print(json.dumps(measure(args.users, args.bursts, args.slow, args.clump)))
 
 
 if __name__ == "__main__":
