@@ -46,6 +46,7 @@ import selectors
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -151,16 +152,20 @@ class _Stamps:
 
         deliver_now = ImBroker.deliver_now
 
+        async def bulk_step(handling: Awaitable[Any]) -> bool:
+            """A chunk's handling (either path), its thread CPU counted if a ping waited meanwhile."""
+            readable, cpu = ping_readable(), time.thread_time()
+            try:
+                return bool(await handling)
+            finally:
+                stamps.bulk_steps += 1
+                if readable:
+                    stamps.late_steps.append(time.thread_time() - cpu)
+
         async def handled(broker: Any, session: Any, message: Any, acknowledged: bool) -> bool:
             begun, taken_at = time.perf_counter(), stamps.taken
             if stamps.on and len(message.data or b"") >= CHUNK:
-                readable, cpu = ping_readable(), time.thread_time()
-                try:
-                    return bool(await deliver_now(broker, session, message, acknowledged))
-                finally:
-                    stamps.bulk_steps += 1
-                    if readable:
-                        stamps.late_steps.append(time.thread_time() - cpu)
+                return await bulk_step(deliver_now(broker, session, message, acknowledged))
             try:
                 result: bool = await deliver_now(broker, session, message, acknowledged)
                 return result
@@ -175,13 +180,7 @@ class _Stamps:
             assert deliver_file is not None
             if not (stamps.on and len(payload) >= CHUNK):
                 return bool(await deliver_file(broker, session, topic, payload))
-            readable, cpu = ping_readable(), time.thread_time()
-            try:
-                return bool(await deliver_file(broker, session, topic, payload))
-            finally:
-                stamps.bulk_steps += 1
-                if readable:
-                    stamps.late_steps.append(time.thread_time() - cpu)
+            return await bulk_step(deliver_file(broker, session, topic, payload))
 
         setattr(PacketReader, "_take", taken)  # noqa: B010
         setattr(asyncio.selector_events._SelectorSocketTransport, "write", written)  # type: ignore[attr-defined]  # noqa: B010

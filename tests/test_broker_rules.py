@@ -638,3 +638,32 @@ def test_kept_decisions_and_parses_are_bounded() -> None:
         acc.check("alice", f"im/room/r{i}/alice", Access.PUBLISH)
     assert len(acc._decided) <= topic_access.DECISIONS
     assert T.parse("im/room/lobby/alice") is T.parse("im/room/lobby/alice")  # one frozen Topic, shared
+
+
+def test_only_a_copy_on_a_files_topic_marks_its_connection_as_a_transfers() -> None:
+    """``Deliveries`` marks a connection as a transfer's (``ChatFirst.mark_bulk``) when it is given a
+    file's chunk (a ``CHUNK``-sized copy on a topic ``file_topic`` says carries a file's bytes), not
+    for a reply as big (``who`` for thousands of users): that connection's chat would wait behind
+    chunks. Both copies are still written apart from the callback that made them."""
+    from types import SimpleNamespace
+
+    from imcli.broker.fanout import CHUNK, Deliveries, EncodedPublish
+
+    async def run() -> tuple[list[Any], list[bytes], list[bytes]]:
+        loop = asyncio.get_running_loop()
+        marked: list[Any] = []
+        look: Any = SimpleNamespace(chat_waiting=lambda: False, mark_bulk=marked.append)
+        deliveries = Deliveries(loop, chat_first=look, file_topic=lambda topic: topic.startswith("im/user/bob/file/"))
+        bob, carol = _Handler(), _Handler()
+        bob.reader, carol.reader = SimpleNamespace(transport="bob's"), SimpleNamespace(transport="carol's")  # type: ignore[attr-defined]
+        session: Any = object()
+        deliveries.add(bob, session, EncodedPublish("im/user/bob/file/" + "s" * 32, bytes(CHUNK)), 0)
+        deliveries.add(carol, session, EncodedPublish("im/user/carol/reply/" + "c" * 32, bytes(CHUNK)), 0)
+        deliveries.flush([bob, carol])
+        at_once = list(bob.writer.written) + list(carol.writer.written)
+        await asyncio.sleep(0)
+        return marked, at_once, bob.writer.written + carol.writer.written
+
+    marked, at_once, later = asyncio.run(run())
+    assert marked == ["bob's"]
+    assert at_once == [] and len(later) == 2

@@ -432,3 +432,33 @@ def test_a_chat_message_arriving_during_a_file_chunks_checks_goes_before_its_fan
         assert read_packets(alice, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
         assert read_packets(bob, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
     assert fanned == ([line, upload] if look else [upload, line])
+
+
+def test_only_a_files_chunk_marks_a_connection_as_a_transfers(
+    broker: ServeInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``chatfirst.ChatFirst.bulk``: the sockets whose readable bytes are not chat. A big DM (or a
+    ``who`` reply for many users) is chat all the same: neither its sender's nor its receiver's
+    connection becomes a transfer's (their chat lines would wait behind chunks), whatever its size;
+    a chunk on an upload topic marks its sender's. ``BULK`` and ``CHUNK`` are lowered so that the
+    DM is over both."""
+    from imcli.broker import chatfirst, fanout
+
+    assert broker.broker is not None
+    monkeypatch.setattr(reader, "BULK", 4096)
+    monkeypatch.setattr(fanout, "CHUNK", 4096)
+    look = chatfirst.for_loop(broker.broker._loop)  # amqtt private: the broker's loop
+    with _connect(broker, "alice", b"alice:raw") as alice, _bob(broker) as bob:
+        fds = {name: chatfirst.fileno(_handler_of(broker, f"{name}:raw").reader.transport) for name in ("alice", "bob")}
+        big = chat("x" * 8000)
+        alice.sendall(publish_packet(T.dm("bob", "alice").encode(), big, qos=1, packet_id=1))
+        assert read_packets(alice, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x01")]
+        got, _ = read_packets(bob, lambda p: len(p) >= 1)
+        assert [kind & 0xF0 for kind, _ in got] == [0x30] and got[0][1].endswith(big)
+        after_dm = look.bulk & set(fds.values())
+        upload = T.upload("alice", "u" * 32).encode()
+        alice.sendall(publish_packet(upload, bytes(8) + bytes(8000), qos=1, packet_id=2))
+        assert read_packets(alice, lambda p: len(p) >= 1)[0] == [(0x40, b"\x00\x02")]
+        after_chunk = look.bulk & set(fds.values())
+    assert after_dm == set()
+    assert after_chunk == {fds["alice"]}

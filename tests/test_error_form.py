@@ -140,20 +140,26 @@ def test_the_walk_finds_the_text_parameters() -> None:
     assert {("dm", "text"), ("profile set", "signature"), ("get", "file_id"), ("moments post", "text")} <= found
 
 
+@pytest.fixture
+def alice(server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli]) -> Cli:
+    """alice's CLI, logged in to the test's broker."""
+    users("alice")
+    cli = cli_as("alice")
+    cli.login("alice")
+    return cli
+
+
 TEXT_COMMANDS = [(path, c) for path, c in COMMANDS if path[0] not in RUNS_UNTIL_STOPPED and text_parameters(c)]
 
 
 @pytest.mark.parametrize(("path", "command"), TEXT_COMMANDS, ids=[" ".join(p) for p, _ in TEXT_COMMANDS])
 def test_text_that_is_not_utf8_is_one_error_line_in_every_text_parameter(
-    path: tuple[str, ...], command: object, server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli]
+    path: tuple[str, ...], command: object, alice: Cli
 ) -> None:
     """``imcli dm bob $'\xff'``, ``group say``, ``profile set --signature``, ``moments post``, ``get``
     and ``rm`` were tracebacks (pydantic refused or could not encode the lone surrogate): each text
     parameter of each command refuses such text in one line, naming the parameter; ``send``'s file
     names may be any bytes (tests/test_files_attacks.py)."""
-    users("alice")
-    alice = cli_as("alice")
-    alice.login("alice")
     for param in text_parameters(command):
         if param.param_type_name == "argument":
             arguments = [p for p in command.params if p.param_type_name == "argument"]  # type: ignore[attr-defined]
@@ -226,12 +232,7 @@ def test_any_host_text_is_an_address_the_resolver_takes_or_one_error_line(hosts:
 
 
 @pytest.mark.parametrize("host", ["\x80", "9" * 400, "a..b", "\udcff"])
-def test_a_host_the_resolver_cannot_take_is_one_error_line(
-    host: str, server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli]
-) -> None:
-    users("alice")
-    alice = cli_as("alice")
-    alice.login("alice")
+def test_a_host_the_resolver_cannot_take_is_one_error_line(host: str, alice: Cli) -> None:
     for args in (["say", "hi"], ["who"], ["group", "say", "team", "hi"], ["dm", "bob", "hi"]):
         result = alice(*args, "--host", host)
         assert_form(result, f"{args} --host {host!r}")
@@ -246,13 +247,8 @@ def test_a_host_the_resolver_cannot_take_is_one_error_line(
 
 
 @pytest.mark.parametrize("before", ["-5", "1e300"])
-def test_a_time_stamp_out_of_range_is_one_error_line(
-    before: str, server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli]
-) -> None:
+def test_a_time_stamp_out_of_range_is_one_error_line(before: str, alice: Cli) -> None:
     """``moments --before -5`` was a pydantic traceback (the wire's times are 0 to the end of year 9999)."""
-    users("alice")
-    alice = cli_as("alice")
-    alice.login("alice")
     result = alice("moments", "feed", "--before", before)
     assert result.exit_code == 1, result.exception
     assert_form(result, f"--before {before}")
@@ -262,14 +258,9 @@ def test_a_time_stamp_out_of_range_is_one_error_line(
 @pytest.mark.parametrize(
     "args", [["profile", "set", "--about", "x" * 20000], ["moments", "comment", "a" * 32, "x" * 20000]]
 )
-def test_a_request_over_the_payload_limit_fails_at_once_saying_so(
-    args: list[str], server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli]
-) -> None:
+def test_a_request_over_the_payload_limit_fails_at_once_saying_so(args: list[str], alice: Cli) -> None:
     """The broker drops a request over its payload limit and says so on the notice topic; the
     asker waited out its timeout and then blamed the workers ("no worker answered within 5s")."""
-    users("alice")
-    alice = cli_as("alice")
-    alice.login("alice")
     result = alice(*args, env={"IMCLI_REQUEST_TIMEOUT": "30"})
     assert result.exit_code == 1, result.exception
     assert_form(result, args[0])

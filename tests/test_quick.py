@@ -30,9 +30,10 @@ from imcli.serve.host import ServeInfo
 from tests.conftest import Cli, Raw
 
 # what people type, and what must send the parser back to Typer
-TEXTS = ["hi", "-", "", "x y", "héllo", "@bob look", "say", "dev", "1883"]
+NOT_UTF8 = "h\udcff"  # the byte 0xff in argv or the environment, as Python decodes it
+TEXTS = ["hi", "-", "", "x y", "héllo", "@bob look", "say", "dev", "1883", NOT_UTF8]
 OPTIONS = ["--room", "-r", "--host", "--port"]
-VALUES = ["dev", "Bad Room", "h2", "1884", "08", "0", "99999", "+5", "", "-x", "lobby"]
+VALUES = ["dev", "Bad Room", "h2", "1884", "08", "0", "99999", "+5", "", "-x", "lobby", NOT_UTF8]
 JUNK = ["--", "--help", "-h", "-rdev", "--ro", "--ROOM", "-x", "-5", "-r=dev"]
 
 
@@ -49,7 +50,10 @@ def arguments(draw: st.DrawFn) -> list[str]:
 
 ENVIRONMENTS = st.fixed_dictionaries(
     {},
-    optional={"IMCLI_HOST": st.sampled_from(["h1", ""]), "IMCLI_PORT": st.sampled_from(["1999", "abc", "", "0012"])},
+    optional={
+        "IMCLI_HOST": st.sampled_from(["h1", "", NOT_UTF8]),
+        "IMCLI_PORT": st.sampled_from(["1999", "abc", "", "0012"]),
+    },
 )
 
 
@@ -158,6 +162,28 @@ def test_say_fails_with_one_line(
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (("say", "hi", "--host", NOT_UTF8), {}),
+        (("say", "hi", "-r", NOT_UTF8), {}),
+        (("say", NOT_UTF8), {}),
+        (("say", "hi"), {"IMCLI_HOST": NOT_UTF8}),
+        (("dm", "bob", "hi", "--host", NOT_UTF8), {}),
+    ],
+)
+def test_an_argument_that_is_not_text_is_a_usage_error_on_every_path(
+    tmp_path: Path, args: tuple[str, ...], env: dict[str, str]
+) -> None:
+    """The fast ``say`` steps aside for what Typer refuses: one line, exit code 2, as every command."""
+    with patch.dict(os.environ, env):
+        result = imcli(tmp_path / "nobody", *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("Error: invalid value for"), result.stderr
+    assert "not UTF-8 text" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 

@@ -145,6 +145,7 @@ class AckAfterJournal(BrokerProtocolHandler):
     deliver_now: Any = None  # (Session, ApplicationMessage, acknowledged: bool) -> Awaitable[bool]
     deliver_file: Any = None  # (Session, topic, payload) -> Awaitable[bool]: ImBroker.deliver_file
     is_file_topic: Callable[[str], bool] | None = None  # ImBroker.is_file_topic
+    carries_file_bytes: Callable[[str], bool] | None = None  # ImBroker.carries_file_bytes
     loop_idle = False  # the message loop waits with nothing to do (client_loop.run_client_loop)
     delivering = False  # the reader is handling a message itself: the message loop waits
     refused = False  # a message handled by the reader ends the connection (an invalid topic)
@@ -584,7 +585,7 @@ class ImBroker(Broker):
         self._retained_sending: dict[tuple[Any, str], object] = {}
         self.output = OutputBound(lim.output_drop, lim.output_close, lim.output_stuck)
         amqtts = (self.subscription_table, self._matches, self._get_handler, self._retain_broadcast_message)
-        self.fan_out = FanOut(*amqtts, self.access.receive_check, self.output)
+        self.fan_out = FanOut(*amqtts, self.access.receive_check, self.output, file_topic=self.carries_file_bytes)
         self._journal = Journal(open_archive(settings.data_dir), self.topics, self.access.may_publish)
         self._requests_held = 0  # requests waiting for the journal's commit (``deliver``)
         self.pending = PendingConnections(lim.pending_per_address, lim.max_pending)
@@ -753,6 +754,7 @@ class ImBroker(Broker):
             handler.before_ack, handler.max_unreleased = self._before_ack, self.settings.limits.max_unreleased
             handler.deliver_now = self.deliver_now
             handler.deliver_file, handler.is_file_topic = self.deliver_file, self.is_file_topic
+            handler.carries_file_bytes = self.carries_file_bytes  # its chunks mark it a transfer's (chatfirst)
             handler.teardown_gate = self.teardown  # imcli/broker/teardown.py
             handler.journal = self._journal  # its answers wait for the journal's commits
             handler.will = will_of(incoming)  # imcli/broker/wills.py
@@ -877,15 +879,20 @@ class ImBroker(Broker):
             self._journal.record(session.username, message)
         return delivered
 
-    def is_file_topic(self, topic: str) -> bool:
+    def carries_file_bytes(self, topic: str) -> bool:
         """Whether ``topic`` carries a file's bytes (an upload's chunks to the files worker, a download's
-        from it: issue 16), which ``deliver_file`` may take while no amqtt plugin listens to messages."""
+        from it: issue 16): a connection that sends or is sent such chunks is a transfer's
+        (imcli/broker/chatfirst.py), whatever the size of anything else it sends or gets."""
         if "/upload/" not in topic and "/file/" not in topic:
             return False
         parsed = self.topics.parse(topic)
+        return parsed is not None and parsed.kind in FILE_BYTES
+
+    def is_file_topic(self, topic: str) -> bool:
+        """Whether ``topic`` carries a file's bytes that ``deliver_file`` may take: while no amqtt
+        plugin listens to messages."""
         return (
-            parsed is not None
-            and parsed.kind in FILE_BYTES
+            self.carries_file_bytes(topic)
             and not self.plugins_manager._event_plugin_callbacks  # amqtt private (AMQTT_PRIVATE)
         )
 

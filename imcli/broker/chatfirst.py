@@ -14,6 +14,8 @@ taken from it, the loop's next ``select`` sees the same sockets), a system call 
 microseconds per chunk written. The sockets of connections that have sent a chunk
 (``mark_bulk``, by the reader) or been sent one (by ``Deliveries``) do not count: during a
 transfer theirs is nearly always readable (the next chunk, or the PUBACK of the last one). A
+chunk is a packet on a file's topic (``ImBroker.carries_file_bytes``), not any packet as big: a
+``who`` reply for thousands of users, or a long DM, leaves its connection's chat counted. A
 descriptor is forgotten when its connection's reader ends (``forget``): a new connection may
 get its number (a transfer's copy written to a connection already ending could mark the number
 again: the next connection to get it would then hold no chunk for its chat, a lost chance, not

@@ -262,8 +262,10 @@ class Deliveries:
         loop: asyncio.AbstractEventLoop,
         output: OutputBound | None = None,
         chat_first: chatfirst.ChatFirst | None = None,
+        file_topic: Callable[[str], bool] | None = None,
     ) -> None:
         self._loop = loop
+        self._file_topic = file_topic
         self._output = output
         self._chunks: dict[Any, list[bytes]] = {}
         self._sizes: dict[Any, int] = {}  # bytes in each connection's chunks
@@ -292,6 +294,9 @@ class Deliveries:
             chunks = self._chunks[handler] = []
         self.copies += 1
         self.recent.append(handler)
+        look, file_topic = self._chat_first, self._file_topic
+        if len(message.data) >= CHUNK and look is not None and file_topic is not None and file_topic(message.topic):
+            look.mark_bulk(getattr(getattr(handler, "reader", None), "transport", None))  # a transfer's: no chat
         if qos == 0:
             chunks += (message.qos0_head, message.data)
             self._sizes[handler] = self._sizes.get(handler, 0) + message.qos0_size
@@ -344,8 +349,9 @@ class Deliveries:
 
     def _hold_bulk(self, handlers: list[Any], chat_first: chatfirst.ChatFirst) -> list[Any]:
         """``handlers`` less those whose copies wait: already waiting, or holding a file's chunk
-        (``CHUNK`` bytes or more; a connection that gets a chunk is a transfer's, whose own readable
-        socket is no chat: ``mark_bulk``). Such copies are never written in the callback that made
+        (``CHUNK`` bytes or more: a file's, or a big reply such as ``who``'s for many users; only a
+        copy on a file's topic makes its connection a transfer's, whose own readable socket is no
+        chat: ``mark_bulk`` in ``add``). Such copies are never written in the callback that made
         them (the chunk's handling, issue 16, seventh session): a chat message arriving during that
         handling would wait for the write too (a 256 KiB ``send`` that on loopback does the
         receiver's TCP work as well, about a third of the handling). If chat waits to be read now
@@ -361,8 +367,6 @@ class Deliveries:
         bulk = [handler for handler in handlers if sizes.get(handler, 0) >= CHUNK]
         if not bulk:
             return handlers
-        for handler in bulk:
-            chat_first.mark_bulk(getattr(getattr(handler, "reader", None), "transport", None))  # its StreamGuard's
         if chat_first.chat_waiting():
             self._hold(bulk)
         else:
@@ -427,9 +431,12 @@ class FanOut:
         queue_offline: Callable[[dict[str, Any], int, Session], Awaitable[None]],
         receive_check: Callable[[str], Callable[[str | None], bool]],
         output: OutputBound | None = None,
+        *,
+        file_topic: Callable[[str], bool] | None = None,
     ) -> None:
         self.filters = FilterIndex()
         self.output = output
+        self._file_topic = file_topic  # whether a topic carries a file's chunks (Deliveries: a transfer's)
         self._subscriptions = subscriptions
         self._matches = matches
         self._get_handler = get_handler
@@ -465,7 +472,7 @@ class FanOut:
     def _batch(self) -> Deliveries:
         if self._deliveries is None:
             loop = asyncio.get_running_loop()
-            self._deliveries = Deliveries(loop, self.output, chatfirst.for_loop(loop))
+            self._deliveries = Deliveries(loop, self.output, chatfirst.for_loop(loop), self._file_topic)
         return self._deliveries
 
     def publish_later(self, handler: Any, messages: list[tuple[str, bytes, int]], *, retain: bool) -> None:

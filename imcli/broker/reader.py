@@ -549,14 +549,15 @@ class PacketReader:
         whose bytes arrived meanwhile is read in that round only after the chunk, and handled in the
         next. So if chat is readable when the wait ends (``chatfirst.ChatFirst``, which also holds
         the chunk's write while chat waits: ``fanout.Deliveries``), the chunk waits once more."""
+        head = self._head(first, buffer, start, end)
         if end - start >= BULK:
             look = chatfirst.for_loop(self._loop)
-            if self._fd is not None:  # its socket's next bytes are not chat
-                look.bulk.add(self._fd)
+            carries = getattr(self._handler, "carries_file_bytes", None)
+            if self._fd is not None and carries is not None and carries(head[0]):
+                look.bulk.add(self._fd)  # a transfer's: its socket's next bytes are not chat
             await asyncio.sleep(AFTER_OTHERS)
             if look.chat_waiting():  # chat came while this waited (this round began with it): once more
                 await asyncio.sleep(AFTER_OTHERS)
-        head = self._head(first, buffer, start, end)
         if end - start >= BULK and await self._file_bytes(first, buffer, end, *head):
             return
         journal = self._handler.journal

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperGroup
 
+from imcli.cli.say import is_text
 from imcli.core.errors import ImcliError, InvalidInput
 
 if TYPE_CHECKING:
@@ -148,19 +149,11 @@ def _finite(process: Any, *, local_paths: bool) -> Any:
         for item in value if isinstance(value, (list, tuple)) else (value,):
             if isinstance(item, float) and not math.isfinite(item):
                 raise typer.BadParameter(f"a finite number is needed, not {item}")
-            if isinstance(item, str) and not local_paths and not _is_unicode(item):
+            if isinstance(item, str) and not local_paths and not is_text(item):
                 raise typer.BadParameter(f"{item!r} holds bytes that are not UTF-8 text")
         return value
 
     return finite
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def usage_error(exc: Any) -> InvalidInput:

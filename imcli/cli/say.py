@@ -69,7 +69,20 @@ def parse_say(argv: Sequence[str], environ: Mapping[str, str]) -> SayArgs | None
     port = given.get("port")
     if text is None or (port is not None and not _PORT.fullmatch(port)):
         return None
+    if not all(is_text(value) for value in (text, *given.values())):
+        return None  # Typer's usage error (imcli.cli.common), as for every command
     return SayArgs(text, given.get("room"), given.get("host"), int(port) if port else None)
+
+
+def is_text(value: str) -> bool:
+    """Whether an argument is text: bytes of argv or the environment that are not UTF-8 arrive as
+    lone surrogates, which no payload can carry. Every command's parameters are checked with this
+    (``imcli.cli.common``: a usage error), and the fast path steps aside for the same values."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 NOTE_WAIT = 2.0  # seconds: how long ``say --room`` waits to learn whether a group has the room's name
