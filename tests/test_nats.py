@@ -132,6 +132,12 @@ def raw(cluster: NatsCluster) -> Iterator[object]:
         r.close()
 
 
+def fresh(name: str) -> str:
+    """``name`` and 6 random hex digits: a group, session or account of one attempt of a test. The cluster
+    lives for the module, so a rerun (conftest.py) of a failed attempt would find a fixed name's state."""
+    return f"{name}{secrets.token_hex(3)}"
+
+
 def rights_settled(cluster: NatsCluster, before: int) -> None:
     """Wait until the group worker has rewritten the users and every node has the newest file in force
     (every MQTT client of the account is then disconnected once by nats-server and comes back). The
@@ -513,30 +519,33 @@ def test_offline_delivery_on_another_node(cluster: NatsCluster) -> None:
 
 
 def test_group_rights_follow_membership(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
+    """The group's name is new at each attempt (as in every group test here): a rerun (conftest.py) of a
+    failed attempt would find its group taken (NameTaken), or a member still in it."""
     auth = cluster.auth
     assert auth is not None
+    crew = fresh("crew")
     before = auth.reloads
     alice = on(cluster, 1, "alice")
-    services.group_request(alice, "create", "crew", private=True)
-    services.group_request(alice, "invite", "crew", user="bob")
+    services.group_request(alice, "create", crew, private=True)
+    services.group_request(alice, "invite", crew, user="bob")
     rights_settled(cluster, before)
     bob = raw(3, "bob")
-    assert bob.subscribe_all(T.group_msg_filter("crew"), T.room_filter()) == [1, 1]
+    assert bob.subscribe_all(T.group_msg_filter(crew), T.room_filter()) == [1, 1]
     carol = raw(2, "carol")
-    assert carol.subscribe(T.group_msg_filter("crew")) == 128  # not a member: refused
+    assert carol.subscribe(T.group_msg_filter(crew)) == 128  # not a member: refused
     alice_raw = raw(1, "alice")
     payload = chat("crew only")
-    alice_raw.publish(T.group_msg("crew", "alice"), payload)
-    assert bob.expect(T.group_msg("crew", "alice")).payload == payload
-    carol.publish(T.group_msg("crew", "carol"), chat("gatecrash"))  # PUBACK'd and dropped
+    alice_raw.publish(T.group_msg(crew, "alice"), payload)
+    assert bob.expect(T.group_msg(crew, "alice")).payload == payload
+    carol.publish(T.group_msg(crew, "carol"), chat("gatecrash"))  # PUBACK'd and dropped
     [seen] = barrier(alice_raw, bob)
     assert [m.topic for m in seen if m.topic.startswith("im/group/")] == []
 
     before = auth.reloads
-    services.group_request(alice, "kick", "crew", user="bob")
+    services.group_request(alice, "kick", crew, user="bob")
     rights_settled(cluster, before)
     again = raw(3, "bob")
-    assert again.subscribe(T.group_msg_filter("crew")) == 128  # the kicked member may not listen any more
+    assert again.subscribe(T.group_msg_filter(crew)) == 128  # the kicked member may not listen any more
 
 
 def test_kicked_member_with_a_persistent_session_reads_nothing_more(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
@@ -544,20 +553,21 @@ def test_kicked_member_with_a_persistent_session_reads_nothing_more(cluster: Nat
     kick ends his connections, and his persistent session, resumed on the same node, delivers nothing
     of the group and the rest as before (natsauth.MUTED says why that needed care). alice and carol,
     not kicked, stay connected."""
+    pact = fresh("pact")  # bob's session too: a rerun finds neither the first attempt's group nor its session
     alice = on(cluster, 1, "alice")
-    services.group_request(alice, "create", "pact", private=True)
-    services.group_request(alice, "invite", "pact", user="bob")
-    bob = raw(3, "bob", client_id="bob:pact", clean=False)
-    assert bob.subscribe_all(T.group_msg_filter("pact"), T.room_filter()) == [1, 1]
+    services.group_request(alice, "create", pact, private=True)
+    services.group_request(alice, "invite", pact, user="bob")
+    bob = raw(3, "bob", client_id=f"bob:{pact}", clean=False)
+    assert bob.subscribe_all(T.group_msg_filter(pact), T.room_filter()) == [1, 1]
     carol, alice_raw = raw(2, "carol"), raw(1, "alice")
-    alice_raw.publish(T.group_msg("pact", "alice"), chat("before"))
-    bob.expect(T.group_msg("pact", "alice"))
+    alice_raw.publish(T.group_msg(pact, "alice"), chat("before"))
+    bob.expect(T.group_msg(pact, "alice"))
 
-    services.group_request(alice, "kick", "pact", user="bob")
+    services.group_request(alice, "kick", pact, user="bob")
     assert wait_until(bob.disconnected.is_set, 5)  # ended before the kick was answered
     bob.close()
-    alice_raw.publish(T.group_msg("pact", "alice"), chat("after the kick"))
-    back = raw(3, "bob", client_id="bob:pact", clean=False)
+    alice_raw.publish(T.group_msg(pact, "alice"), chat("after the kick"))
+    back = raw(3, "bob", client_id=f"bob:{pact}", clean=False)
     assert back.rc == 0 and back.session_present
     # its room subscription came back with the session, and delivers (the group's, re-checked, does not)
     [seen] = barrier(alice_raw, back)
@@ -568,18 +578,19 @@ def test_kicked_member_with_a_persistent_session_reads_nothing_more(cluster: Nat
 def test_kicked_members_listener_comes_back_without_the_group(cluster: NatsCluster) -> None:
     """imcli's own listener, kicked: its connection ends, it reconnects by itself, follows its groups
     without the one it was kicked from, and goes on receiving DMs."""
+    club = fresh("club")
     alice = on(cluster, 1, "alice")
-    services.group_request(alice, "create", "club", private=True)
-    services.group_request(alice, "invite", "club", user="bob")
-    with Listener(on(cluster, 3, "bob"), session="club") as bob:
+    services.group_request(alice, "create", club, private=True)
+    services.group_request(alice, "invite", club, user="bob")
+    with Listener(on(cluster, 3, "bob"), session=club) as bob:
         follower = bob.group_follower
         assert follower is not None
         with follower.changed:
-            assert follower.changed.wait_for(lambda: "club" in follower.groups, 90)
-        services.group_request(alice, "kick", "club", user="bob")
+            assert follower.changed.wait_for(lambda: club in follower.groups, 90)
+        services.group_request(alice, "kick", club, user="bob")
         with follower.changed:  # asked again after the reconnect and on the kick's notice
-            assert follower.changed.wait_for(lambda: "club" not in follower.groups, 90)
-        services.group_say(alice, "club", ChatMessage(text="after the kick"))
+            assert follower.changed.wait_for(lambda: club not in follower.groups, 90)
+        services.group_say(alice, club, ChatMessage(text="after the kick"))
         services.send_dm(alice, "bob", ChatMessage(text="still there?"))
         got = []
         for item in bob:
@@ -682,26 +693,30 @@ def test_friends_only_dms_refused_at_publish(cluster: NatsCluster, raw) -> None:
     before = auth.reloads
     carol = on(cluster, 2, "carol")
     services.friend_request(carol, "policy", policy="friends")
-    rights_settled(cluster, before)
-    reader = raw(2, "archive")  # reads every DM
-    reader.subscribe_all(T.dm_filter(), T.room_filter())
-    dave = raw(3, "dave")
-    dave.publish(T.dm("carol", "dave"), chat("not a friend"))
-    [seen] = barrier(dave, reader)
-    assert [m.topic for m in seen] == []  # refused at publish: not even the archive got it
-    before = auth.reloads
-    services.friend_request(carol, "policy", policy="anyone")
-    rights_settled(cluster, before)
+    try:  # carol takes anyone's DMs again even if this attempt fails: its rerun and the later tests expect it
+        rights_settled(cluster, before)
+        reader = raw(2, "archive")  # reads every DM
+        reader.subscribe_all(T.dm_filter(), T.room_filter())
+        dave = raw(3, "dave")
+        dave.publish(T.dm("carol", "dave"), chat("not a friend"))
+        [seen] = barrier(dave, reader)
+        assert [m.topic for m in seen] == []  # refused at publish: not even the archive got it
+    finally:
+        before = auth.reloads
+        services.friend_request(carol, "policy", policy="anyone")
+        rights_settled(cluster, before)
 
 
 def test_new_account_can_log_in_once_the_worker_renders_it(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
     """erin can log in on every node once the reload is in force; the reload, which changes the account's
-    user list, disconnects nobody else (carol, on each node, stays connected)."""
-    assert raw(1, "erin", password=password_of("erin")).rc == 5
+    user list, disconnects nobody else (carol, on each node, stays connected). The account is new at each
+    attempt: a rerun (conftest.py) would find the first attempt's in the password file."""
+    erin = fresh("erin")
+    assert raw(1, erin, password=password_of(erin)).rc == 5
     bystanders = [raw(node, "carol") for node in (1, 2, 3)]
-    cluster.add_account("erin")  # returns once every node lets erin in
-    assert raw(1, "erin", password=password_of("erin")).rc == 0
-    assert raw(3, "erin", password="wrong").rc == 5
+    cluster.add_account(erin)  # returns once every node lets erin in
+    assert raw(1, erin, password=password_of(erin)).rc == 0
+    assert raw(3, erin, password="wrong").rc == 5
     assert [b.disconnected.wait(1) for b in bystanders] == [False, False, False]
 
 
@@ -893,7 +908,11 @@ def test_monitoring_shows_no_password(cluster: NatsCluster, raw) -> None:  # typ
 CRASH = (
     "nats-server 2.9.10 crashes (nil pointer in mqttCheckPubRetainedPerms) on a reload that takes a publish "
     "right away from a user who published a retained message there which was then cleared: every node but the "
-    "one the clear went through. A member can so bring down two of three nodes by leaving (deploy/nats/README.md)"
+    "one the clear went through. A member can so bring down two of three nodes by leaving (deploy/nats/README.md). "
+    "Not guarded from our side: those nodes keep the cleared message's record with his name (handleRetainedMsgDel "
+    "keeps Source on a clear from another node, so neither a clear by the worker nor the order of our rewrites "
+    "changes it); only a new non-empty retained message there does, which every member would receive live and "
+    "which the groups service may not publish on a member's topic (docs/SCALING.md, seventh session)"
 )
 
 
