@@ -15,6 +15,7 @@ groups worker before the clock starts.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import shutil
 import subprocess
 import tempfile
@@ -30,6 +31,7 @@ from imcli.core.wire import ChatMessage, Topics, encode, new_id
 T = Topics()
 STDBUF = shutil.which("stdbuf")
 UNBUFFERED = [STDBUF, "-oL"] if STDBUF else []
+QOS1_QUIET = 15.0  # seconds without a new QoS 1 copy (and every talker done) before the count stops
 
 
 def user(index: int) -> str:
@@ -68,6 +70,11 @@ class Shape:
     @property
     def deliveries(self) -> int:
         return self.messages * self.members
+
+    @property
+    def per_listener(self) -> int:
+        """The copies each listener hears: every line said in its room."""
+        return self.talkers * self.lines
 
 
 class Listeners:
@@ -156,27 +163,35 @@ def fan(broker: Broker, shape: Shape, qos: int) -> dict[str, object]:
             per_line = len(f"{started:.9f} ") + len(T.room(rooms[0], user(0))) + 1
             expected_bytes = shape.deliveries * per_line
             deadline = time.monotonic() + (300 if qos else 60)
+            # QoS 1 on the NATS cluster: a JetStream consumer may stall 2-4 s on a loaded machine
+            # (tests/conftest.py), so a 3 s silence there stopped the count with copies still on their way
+            quiet = QOS1_QUIET if qos else 3.0
             last_size, last_change = 0, time.monotonic()
             while time.monotonic() < deadline:
                 size = sum(path.stat().st_size for path in listeners.files)
+                sending = any(talker.poll() is None for talker in talkers)  # a talker waits for a PUBACK
                 if size != last_size:
                     last_size, last_change = size, time.monotonic()
-                elif time.monotonic() - last_change > 3.0:
+                elif time.monotonic() - last_change > quiet and not (qos and sending):
                     break  # nothing more arrives (QoS 0 may lose some)
                 if size >= expected_bytes and sum(len(_stamps(p, marker)) for p in listeners.files) >= shape.deliveries:
                     break
                 time.sleep(0.1)
             cpu = cpu_seconds(broker.pid) - cpu_before
+            unfinished = sum(talker.poll() is None for talker in talkers)
         finally:
             listeners.stop()
             for talker in talkers:
                 if talker.poll() is None:
                     talker.kill()
                 talker.wait()
-        delivered, last = 0, started
+        delivered, last, short, stamps = 0, started, [], [started]
         for path in listeners.files:
             got = _stamps(path, marker)
+            stamps += got
             delivered += len(got)
+            if len(got) < shape.per_listener:
+                short.append(shape.per_listener - len(got))
             if got:
                 last = max(last, *got)
     elapsed = max(last - started, 1e-6)
@@ -188,6 +203,10 @@ def fan(broker: Broker, shape: Shape, qos: int) -> dict[str, object]:
         "qos": qos,
         "expected_deliveries": shape.deliveries,
         "deliveries": delivered,
+        "listeners_short": sorted(short, reverse=True),  # copies each listener missed, largest first
+        "talkers_unfinished": unfinished,  # still waiting for PUBACKs when the count stopped
+        # the longest time without a new copy before the last one: over 3 s, the former wait stopped there
+        "longest_gap_s": round(max(b - a for a, b in itertools.pairwise(sorted(stamps))) if delivered else 0.0, 3),
         "seconds": round(elapsed, 3),
         "deliveries_per_s": round(delivered / elapsed),
         # the broker's process only (not its workers): CPU per copy, steadier than the rate on a loaded machine
