@@ -192,6 +192,10 @@ def test_unknown_id_and_binary_text(users: Callable[..., None], cli_as: Callable
     (alice,) = logged_in(cli_as, users, "alice", "bob")[:1]
     result = alice("get", "A" * 24)
     assert result.exit_code == 1 and result.output.startswith("Error: no file ") and result.output.count("\n") == 1
+    for command, bad in (("get", ""), ("rm", " "), ("get", "a/b"), ("rm", "x" * 65), ("get", "\x1b[2J")):
+        refused = alice(command, bad)
+        assert refused.exit_code == 1 and refused.output.startswith("Error: invalid file id "), refused.output
+        assert refused.output.count("\n") == 1 and "\x1b[" not in refused.output.replace("\\x1b", "")
     piped = alice("dm", "bob", "-", input=png(tmp_path / "p.png").read_bytes())  # type: ignore[arg-type]
     assert piped.exit_code == 1
     assert piped.output.startswith("Error: the input is not text") and "imcli send" in piped.output

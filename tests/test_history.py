@@ -215,7 +215,10 @@ def test_history_command(talk: ServeInfo, cli_as: Callable[[str], Cli]) -> None:
     as_json = [json.loads(line) for line in bob("history", "#team", "--json").stdout.splitlines()]
     assert [(m["kind"], m["from"], m["group"], m["text"]) for m in as_json] == [("group", "bob", "team", "team only")]
     assert bob("history", "lobby", "-n", "1", "--since", "10m").stdout.strip().endswith("hello lobby")
-    assert bob("history", "quiet-room").stdout.strip() == "no messages in quiet-room"
+    quiet = bob("history", "quiet-room")
+    assert quiet.stdout.strip() == "no messages in quiet-room"
+    assert "(a direct conversation is @quiet-room, a group #quiet-room)" in quiet.stderr  # as `history alice`
+    assert "a direct conversation" not in bob("history", "@carol").stderr  # a person: no such hint
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 
 class ArchiveWorker(ServiceWorker):
+    requests = (HistoryRequest,)
+
     def __init__(
         self,
         address: BrokerAddress,

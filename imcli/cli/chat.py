@@ -47,6 +47,8 @@ def history(
     out = console()
     if not page.messages:
         out.print(f"no messages{f' in {target}' if target else ''}{' since then' if since else ''}")
+        if target is not None and target.kind == "room":  # `history alice` reads a room of that name
+            err_console().print(f"(a direct conversation is @{target.name}, a group #{target.name})", style="dim")
         return
     if page.more:
         err_console().print("(older messages left out: raise --limit, or use --since)", style="dim")

@@ -28,7 +28,7 @@ from imcli.core.errors import ImcliError, InvalidInput, NameTaken, NotAllowed, N
 from imcli.core.mqtt import Message
 from imcli.core.request_reply import dropped, rate_limited, rate_notice
 from imcli.core.text import human_size, plain_file_name
-from imcli.core.topics import chunk, unchunk
+from imcli.core.topics import chunk, is_id, unchunk
 from imcli.core.wire import (
     ChatMessage,
     ErrorReply,
@@ -130,6 +130,13 @@ def file_message(info: FileInfo, max_payload: int) -> ChatMessage:
 class Fetched:
     file: FileInfo
     path: Path
+
+
+def check_file_id(file_id: str) -> None:
+    """A file id as the files worker makes them (letters, digits, ``-`` and ``_``), before it is asked:
+    an empty or mistyped one is told as such, not as a file that does not exist."""
+    if not is_id(file_id):
+        raise InvalidInput(f"invalid file id {file_id!r}", "'imcli files' lists the ids of the files you may read")
 
 
 class FileConnection(Connection):
@@ -296,6 +303,7 @@ class FileConnection(Connection):
     def download(self, file_id: str, output: Path | None, *, force: bool, progress: Progress | None = None) -> Fetched:
         """Fetch a file to ``output`` (a file, or a directory), resuming a ``.part`` left before; the
         writing and hashing run in a thread at bulk priority (``imcli.core.bulk``)."""
+        check_file_id(file_id)
         return run_lowered(lambda: self._download(file_id, output, force, progress))
 
     def _download(self, file_id: str, output: Path | None, force: bool, progress: Progress | None) -> Fetched:
@@ -378,6 +386,7 @@ class FileConnection(Connection):
 
     def delete(self, file_id: str) -> FileDeleted:
         """Delete a file I sent (``NotFound`` for any other id)."""
+        check_file_id(file_id)
         reply = self.ask(FileDelete(file=file_id))
         if isinstance(reply, ErrorReply):
             raise _refused(reply)

@@ -5,7 +5,9 @@ A worker subscribes to its state topics and to its own notice topic, publishes a
 ``SyncMarker`` there and waits for it: the broker delivers the retained messages of a
 subscription before later messages, so once the marker is back the state has been read.
 Only then does it subscribe to requests. Several workers share ``<prefix>/request/+/+``:
-each answers only the request types it owns (``handle`` returns ``None`` for the others). The
+each answers only the request types it owns (``handle`` returns ``None`` for the others), and
+refuses with ``invalid`` a request of one of its types (``requests``) that does not validate, so
+the asker hears why at once instead of waiting for its timeout. The
 same request again (same sender and correlation id: a client resends a QoS 1 PUBLISH it had no
 PUBACK for) gets the reply sent the first time, for a minute, and is not done twice.
 
@@ -39,16 +41,19 @@ and acknowledgements (a transfer, not state).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from imcli.core.errors import InvalidInput, RequestTimeout
 from imcli.core.mqtt import BrokerAddress, Credentials, Message, MqttClient
+from imcli.core.text import safe
+from imcli.core.topics import is_id
 from imcli.core.wire import (
     RESERVED_NAMES,
     ErrorReply,
@@ -129,6 +134,9 @@ class PasswordFileDirectory:
 
 class ServiceWorker:
     """Base of the workers. Subclasses set ``state_filters`` and implement the hooks."""
+
+    # the request types ``handle`` answers: one of them that does not validate is refused as ``invalid``
+    requests: ClassVar[tuple[type[WireModel], ...]] = ()
 
     def __init__(
         self,
@@ -279,18 +287,20 @@ class ServiceWorker:
         if (sender, corr) in self._answered:  # a create done twice would answer "taken"
             self._publish_reply(sender, corr, self._answered[sender, corr][1])
             return
-        try:
-            request = decode(payload)
-        except MalformedPayload:
-            return  # not ours to judge: another worker may own this type; the client times out
         reply: WireModel | None
         try:
-            with self.lock:
-                reply = self.handle(sender, request)
-        except Exception:  # a bug in one handler must not leave the client waiting for its timeout
-            log.exception("%s: request %s from %s failed", self.account, request.type, sender)
-            request_id = getattr(request, "id", corr)
-            reply = ErrorReply(id=request_id, code="internal", text=f"the {self.account} worker failed on this request")
+            request = decode(payload)
+        except MalformedPayload as exc:
+            reply = self.refuse_malformed(corr, payload, exc)  # None: not ours (another worker's, or nobody's)
+        else:
+            try:
+                with self.lock:
+                    reply = self.handle(sender, request)
+            except Exception:  # a bug in one handler must not leave the client waiting for its timeout
+                log.exception("%s: request %s from %s failed", self.account, request.type, sender)
+                request_id = getattr(request, "id", corr)
+                text = f"the {self.account} worker failed on this request"
+                reply = ErrorReply(id=request_id, code="internal", text=text)
         if reply is not None:
             payload = encode(reply)
             if len(payload) <= REPLY_KEPT_BYTES:
@@ -299,6 +309,31 @@ class ServiceWorker:
                 while len(self._answered) > REPLIES_KEPT or self._answered_bytes > REPLIES_KEPT_BYTES:
                     self._answered_bytes -= len(self._answered.popitem(last=False)[1][1])
             self.send_reply(sender, corr, reply, payload)
+
+    def refuse_malformed(self, corr: str, payload: bytes, exc: MalformedPayload) -> ErrorReply | None:
+        """The refusal of a request that names one of this worker's ``requests`` types but does not
+        validate (a field of the wrong type, out of range, missing, unknown); None if it names no type
+        of ours, or is no JSON object at all: another worker's, or nobody's (its asker times out).
+        Its id is the request's own if it is a valid id, else the correlation id of its topic."""
+        if not payload.startswith(b"{"):
+            return None
+        try:
+            claimed = json.loads(payload)
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
+            return None
+        kind = claimed.get("type") if isinstance(claimed, dict) else None
+        if not isinstance(kind, str) or kind not in self._request_types():
+            return None
+        request_id = claimed.get("id")
+        if not isinstance(request_id, str) or not is_id(request_id):
+            request_id = corr
+        text = f"a malformed {kind} request ({safe(str(exc))[:200]})"
+        return ErrorReply(id=request_id, code="invalid", text=text)
+
+    @classmethod
+    def _request_types(cls) -> frozenset[str]:
+        """The ``type`` of each of ``requests``."""
+        return frozenset(str(model.model_fields["type"].default) for model in cls.requests)
 
     def send_reply(self, sender: str, corr: str, reply: WireModel, payload: bytes) -> None:
         """Send a request's reply (``payload``, ``reply`` encoded; paho's thread, right after ``handle``).

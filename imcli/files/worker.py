@@ -145,6 +145,8 @@ class _Stream:
 
 
 class FilesWorker(ServiceWorker):
+    requests = (FileOffer, FileGet, FileListRequest, FileDelete)
+
     def __init__(
         self,
         address: BrokerAddress,

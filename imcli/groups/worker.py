@@ -44,6 +44,8 @@ DYNSEC_TIMEOUT = 10.0
 
 
 class GroupWorker(ServiceWorker):
+    requests = (FriendRequest, GroupRequest)
+
     def __init__(
         self,
         address: BrokerAddress,

@@ -34,6 +34,8 @@ from imcli.moments.store import MomentStore
 
 
 class MomentsWorker(ServiceWorker):
+    requests = (MomentRequest,)
+
     def __init__(
         self,
         address: BrokerAddress,

@@ -43,6 +43,8 @@ from imcli.presence.roster import Effects, PresenceRoster
 class PresenceWorker(ServiceWorker):
     """``with PresenceWorker(...):`` syncs from retained state, then serves until left."""
 
+    requests = (ResolveRequest, WhoRequest, RenameRequest, ProfileSet, ProfileGet, DeviceRequest)
+
     def __init__(
         self,
         address: BrokerAddress,
