@@ -120,12 +120,9 @@ def test_pings_read_with_messages_are_answered_in_the_order_sent(
     assert through_amqtt == []
 
 
-def test_a_ping_alone_in_its_read_is_answered_without_waking_the_reader(
-    broker: ServeInfo, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A PINGREQ alone in its read, with everything the client sent before handled, is answered in the
-    transport's callback (``PacketReader._arrived``): the reader's task is not woken for it (issue 21:
-    10,000 users' keep-alives come in clumps, and each wake was a task step of some 25 us more)."""
+def reader_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Each step of a reader's task from now on (its buffer's length then): a packet answered in the
+    transport's callback adds none."""
     steps: list[int] = []
     handle_buffer = PacketReader._handle_buffer
 
@@ -134,6 +131,16 @@ def test_a_ping_alone_in_its_read_is_answered_without_waking_the_reader(
         await handle_buffer(self)
 
     monkeypatch.setattr(PacketReader, "_handle_buffer", counted)
+    return steps
+
+
+def test_a_ping_alone_in_its_read_is_answered_without_waking_the_reader(
+    broker: ServeInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PINGREQ alone in its read, with everything the client sent before handled, is answered in the
+    transport's callback (``PacketReader._arrived``): the reader's task is not woken for it (issue 21:
+    10,000 users' keep-alives come in clumps, and each wake was a task step of some 25 us more)."""
+    steps = reader_steps(monkeypatch)
     sock = socket.create_connection((broker.address.host, broker.address.port), timeout=10)
     sock.sendall(connect_packet(b"alice:alone", b"alice", password_of("alice").encode(), keepalive=30))
     assert read_packets(sock, lambda p: len(p) >= 1)[0] == [(0x20, b"\x00\x00")]
@@ -170,14 +177,7 @@ def test_a_paho_client_idle_past_its_keep_alive_stays_connected_on_pings_answere
     """paho (a client we did not write) with keep-alive 1 s, idle for 5 s: it sends its PINGREQs, the
     broker answers them in the transport's callback (at most the first through the reader's task), and
     neither side closes (paho closes when a PINGRESP is late, the broker when nothing is heard)."""
-    steps: list[int] = []
-    handle_buffer = PacketReader._handle_buffer
-
-    async def counted(self: PacketReader) -> None:
-        steps.append(len(self._buffer))
-        await handle_buffer(self)
-
-    monkeypatch.setattr(PacketReader, "_handle_buffer", counted)
+    steps = reader_steps(monkeypatch)
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id="alice:paho", clean_session=True)
     client.username_pw_set("alice", password_of("alice"))
     connected, disconnected = threading.Event(), threading.Event()
