@@ -57,7 +57,7 @@ from imcli.broker.gcpause import calm_collector
 from imcli.broker.limits import Limits
 from imcli.broker.reader import PacketReader
 from imcli.broker.settings import BrokerSettings
-from imcli.serve import loops
+from imcli.serve import livefirst, loops
 from imcli.serve.host import BackgroundServer
 
 
@@ -164,6 +164,7 @@ def measure(
         "slice": slice_,
         "max_events": max_events,
         "loop": loops.chosen_loop(),  # IMCLI_LOOP (imcli/serve/loops.py)
+        "live_first": loops.LIVE_FIRST and livefirst.LiveFirstSelector.BOUND,
     }
     teardown.SLICE = slice_ or 1 << 30  # 0: no gate (every end at once)
     with tempfile.TemporaryDirectory(prefix="bench-leave-") as tmp:
@@ -236,12 +237,21 @@ def main() -> None:
     parser.add_argument("--probe", action="store_true", help="PINGREQ round trips and the loop's rounds")
     parser.add_argument("--max-events", type=int, default=0, help="at most this many sockets per poll")
     parser.add_argument(
+        "--plain-selector",
+        action="store_true",
+        help="the stdlib's epoll selector, as before 2026-11-27 (not livefirst.LiveFirstSelector)",
+    )
+    parser.add_argument(
         "--slow-ping",
         action="store_true",
         help="the probe's PINGREQs through the reader's task, as before 2026-11-26's seventh session",
     )
+    parser.add_argument("--bound", type=int, default=0, help="LiveFirstSelector.BOUND: events served a round")
     args = parser.parse_args()
     PacketReader.PING_AT_ONCE = not args.slow_ping
+    loops.LIVE_FIRST = not args.plain_selector
+    if args.bound:
+        livefirst.LiveFirstSelector.BOUND = args.bound
     figures = measure(
         args.users, args.processes, args.profile, args.stock_gc, args.listeners,
         slice_=args.slice, probe=args.probe, max_events=args.max_events,

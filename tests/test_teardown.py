@@ -319,3 +319,49 @@ def test_a_persistent_sessions_unacknowledged_copies_outlive_an_end_waiting_for_
             assert read_packets(bob, lambda p: False)[1]  # the waiting connection is closed
             got += read_packets(resumed, lambda p: len(_copies(got + p)) >= 2)[0]
     assert sorted(_copies(got)) == sorted([("first", first_id, True), ("second", second_id, True)])
+
+
+def test_a_ping_and_a_dm_behind_a_crowd_closing_are_read_first_and_every_end_goes_on(
+    broker: ServeInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40 connections send DISCONNECT and close (FIN), then alice sends a DM to bob and a PINGREQ,
+    all while the broker's loop is held: its next poll finds the 41 sockets readable, alice's last.
+    On the live-first selector (imcli/serve/livefirst.py; a bound of 10 here) alice's socket, whose
+    peer has not closed, is read in the first slice, before any of the 40 DISCONNECTs (the stdlib's
+    selector reads all 40 first: the count the test asserts is the change's). The DM is delivered, and
+    every leaver's end goes on all the same, its session forgotten."""
+    from imcli.serve import livefirst
+
+    monkeypatch.setattr(livefirst.LiveFirstSelector, "BOUND", 10)
+    count = 40
+    assert broker.broker is not None
+    table = broker.broker.session_table()
+    read_before: list[int] = []  # DISCONNECTs read when alice's read came
+    reads = {"leavers": 0}
+    arrived = PacketReader._arrived
+
+    def counted(reader: PacketReader, feed: Any, data: bytes) -> None:
+        if data == DISCONNECT:
+            reads["leavers"] += 1
+        elif data.endswith(PINGREQ):
+            read_before.append(reads["leavers"])
+        arrived(reader, feed, data)
+
+    monkeypatch.setattr(PacketReader, "_arrived", counted)  # before the connections: each reader hooks it once
+    leaving = [_connect(broker, NAMES[i % 4], f"{NAMES[i % 4]}:gone{i}") for i in range(count)]
+    dm = T.dm("bob", "alice").encode()
+    with _subscribed(broker, "bob", "bob:watch") as bob, _connect(broker, "alice", "alice:live") as alice:
+        with loop_held(broker):
+            for sock in leaving:
+                sock.sendall(DISCONNECT)
+                sock.shutdown(socket.SHUT_WR)
+            alice.sendall(publish_packet(dm, chat("still here"), qos=1, packet_id=7) + PINGREQ)
+        got, _ = read_packets(alice, lambda p: (PINGRESP, b"") in p)
+        assert (0x40, b"\x00\x07") in got  # the DM's PUBACK, then the PINGRESP
+        delivered, _ = read_packets(bob, lambda p: len(p) >= 1)
+        assert delivered and delivered[0][0] >> 4 == 3 and b"still here" in delivered[0][1]
+        for sock in leaving:
+            assert read_packets(sock, lambda p: False) == ([], True)
+            sock.close()
+        assert wait_until(lambda: not any(f"gone{i}" in cid for cid in table for i in range(count)), 10)
+    assert read_before == [0], read_before

@@ -4,7 +4,9 @@
 
 Both run the same code: the broker's reader hooks its connection's ``data_received``
 (imcli/broker/reader.py) in a way both loops honour. docs/PERFORMANCE.md has both loops' figures
-and why the default is what it is.
+and why the default is what it is. asyncio's loop polls through ``livefirst.LiveFirstSelector`` (on
+Linux): a poll of thousands of ready sockets, a mass leave's, is served a bounded slice a round, live
+connections first (``LIVE_FIRST = False``: the stdlib's selector, for benchmarks' comparisons).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from imcli.core.errors import InvalidInput
+from imcli.serve import livefirst
 
 LOOPS = ("asyncio", "uvloop")
 DEFAULT_LOOP = "asyncio"
 ENV = "IMCLI_LOOP"
+LIVE_FIRST = True
 
 T = TypeVar("T")
 
@@ -38,12 +42,19 @@ def chosen_loop(name: str | None = None) -> str:
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """What ``asyncio.Runner`` makes its loop with (``None``: asyncio's default, as ``asyncio.run``)."""
+    """What ``asyncio.Runner`` makes its loop with (``None``: asyncio's default, as ``asyncio.run``):
+    uvloop's, or asyncio's selector loop on ``livefirst.new_selector()``."""
     if chosen_loop(name) == "uvloop":
         import uvloop
 
         return uvloop.new_event_loop
+    if LIVE_FIRST:
+        return _live_first_loop
     return None
+
+
+def _live_first_loop() -> asyncio.AbstractEventLoop:
+    return asyncio.SelectorEventLoop(livefirst.new_selector())
 
 
 def run(main: Coroutine[Any, Any, T], loop: str | None = None) -> T:

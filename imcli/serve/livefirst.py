@@ -1,0 +1,128 @@
+"""The embedded broker's selector on asyncio's loop (Linux): a poll that returns thousands of ready
+sockets is served a bounded slice per loop round, live connections before closing ones.
+
+asyncio runs one callback per ready socket, all of one poll's in the same loop round, before
+anything else: when 10,000 users leave at once, one poll returns 5,000 to 8,300 sockets (a DISCONNECT
+and its FIN each), about 20 us of reading each, and a PINGREQ or a chat line that became readable
+among them waits 100 to 200 ms. Bounding ``epoll_wait``'s maxevents does not help: epoll's ready list
+is first in, first out, so a later socket still waits behind every earlier one (docs/PERFORMANCE.md,
+issue 21, fourth and eighth sessions).
+
+``LiveFirstSelector`` asks epoll for ``EPOLLRDHUP`` with every read interest, so a poll tells which
+sockets' peers have closed (FIN seen: RDHUP, HUP or ERR). When a poll returns at most ``BOUND``
+events and nothing waits from an earlier poll (nearly always), it returns them all, as
+``selectors.EpollSelector`` does. Otherwise it returns at most ``BOUND`` a round: first the events of
+sockets whose peer has not closed (chat, PINGREQs, writes, the listener), then the closing ones;
+the rest wait here, in the order the polls returned them, and the loop polls without waiting until
+none is left. A socket still closing is read in full before its end (its last PUBLISH is delivered):
+it only waits its turn.
+
+epoll is level-triggered here, so a waiting socket is returned again by each poll (it is skipped:
+it keeps its place) and an event dropped is never lost: the next poll returns it again if it still
+holds. An event is dropped when its key is no longer the one it was polled with (the fd
+unregistered, its number reused by a new connection, or its interest changed by asyncio, which
+replaces the key): no callback of a closed connection is run, and no new connection is handed an
+event of the old one.
+"""
+
+from __future__ import annotations
+
+import math
+import select
+import selectors
+from itertools import islice
+
+_ENDING = getattr(select, "EPOLLRDHUP", 0) | getattr(select, "EPOLLHUP", 0) | getattr(select, "EPOLLERR", 0)
+
+Waiting = dict[int, tuple[selectors.SelectorKey, int]]  # fd -> (the key it was polled with, its events)
+
+
+def _events(event: int) -> int:
+    """An epoll event as ``selectors``' mask (as ``EpollSelector.select`` reads it: HUP and ERR wake both)."""
+    return (selectors.EVENT_WRITE if event & ~select.EPOLLIN else 0) | (
+        selectors.EVENT_READ if event & ~select.EPOLLOUT else 0
+    )
+
+
+if hasattr(select, "epoll"):
+
+    class LiveFirstSelector(selectors.EpollSelector):
+        """``selectors.EpollSelector`` that returns at most ``BOUND`` events a poll, live sockets first
+        (module docstring)."""
+
+        BOUND = 500  # ready sockets served in one loop round: about 10 ms of reads at 20 us each
+        _EVENT_READ = select.EPOLLIN | select.EPOLLRDHUP  # the base class's register and modify use it
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._live: Waiting = {}
+            self._ending: Waiting = {}
+
+        @property
+        def waiting(self) -> int:
+            """Events polled and not yet returned."""
+            return len(self._live) + len(self._ending)
+
+        def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+            backlog = bool(self._live or self._ending)
+            if timeout is None:
+                wait = 0.0 if backlog else -1.0
+            elif timeout <= 0 or backlog:
+                wait = 0.0
+            else:  # as EpollSelector: at least timeout, in whole milliseconds
+                wait = math.ceil(timeout * 1e3) * 1e-3
+            try:
+                fd_events = self._selector.poll(wait, max(len(self._fd_to_key), 1))
+            except InterruptedError:
+                fd_events = []
+            if not backlog and len(fd_events) <= self.BOUND:
+                ready = []
+                for fd, event in fd_events:
+                    key = self._fd_to_key.get(fd)
+                    if key:
+                        ready.append((key, _events(event) & key.events))
+                return ready
+            return self._slice(fd_events)
+
+        def _slice(self, fd_events: list[tuple[int, int]]) -> list[tuple[selectors.SelectorKey, int]]:
+            live, ending, keys = self._live, self._ending, self._fd_to_key
+            for fd, event in fd_events:
+                if fd in live or fd in ending:
+                    continue  # waiting already, in its place (level-triggered: each poll returns it)
+                key = keys.get(fd)
+                if key:
+                    (ending if event & _ENDING else live)[fd] = (key, _events(event))
+            ready = []
+            room = self.BOUND
+            for queue in (live, ending):
+                if not room or not queue:
+                    continue
+                taken = list(islice(queue.items(), room))
+                if len(taken) == len(queue):
+                    queue.clear()
+                else:
+                    for fd, _ in taken:
+                        del queue[fd]
+                room -= len(taken)
+                for fd, (key, events) in taken:
+                    if keys.get(fd) is key and events & key.events:  # the same registration, still asking
+                        ready.append((key, events & key.events))
+            return ready
+
+        def unregister(self, fileobj: selectors.FileDescriptorLike) -> selectors.SelectorKey:
+            key = super().unregister(fileobj)
+            self._live.pop(key.fd, None)  # not needed for correctness (the key check), frees it early
+            self._ending.pop(key.fd, None)
+            return key
+
+        def close(self) -> None:
+            self._live.clear()
+            self._ending.clear()
+            super().close()
+
+
+def new_selector() -> selectors.BaseSelector:
+    """``LiveFirstSelector`` where epoll is, else the platform's default selector."""
+    if hasattr(select, "epoll"):
+        return LiveFirstSelector()
+    return selectors.DefaultSelector()

@@ -1,0 +1,195 @@
+"""The embedded broker's selector (imcli/serve/livefirst.py): a poll of more than ``BOUND`` ready
+sockets is returned a bounded slice a round, sockets whose peer has not closed first; nothing is
+lost, nothing returned twice, no stale key handed out. Real socket pairs, no timing."""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from imcli.serve import livefirst, loops
+
+pytestmark = pytest.mark.skipif(not hasattr(livefirst, "LiveFirstSelector"), reason="epoll only")
+
+PINGREQ = b"\xc0\x00"
+DISCONNECT = b"\xe0\x00"
+
+
+@pytest.fixture
+def selector() -> Iterator[livefirst.LiveFirstSelector]:
+    sel = livefirst.LiveFirstSelector()
+    sel.BOUND = 100
+    yield sel
+    sel.close()
+
+
+def _pairs(n: int) -> list[tuple[socket.socket, socket.socket]]:
+    return [socket.socketpair() for _ in range(n)]
+
+
+def _close_all(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
+    for a, b in pairs:
+        a.close()
+        b.close()
+
+
+def test_a_live_socket_behind_2000_closing_ones_is_in_the_first_slice(selector: livefirst.LiveFirstSelector) -> None:
+    closing = _pairs(2000)
+    live_ours, live_peer = socket.socketpair()
+    try:
+        for ours, _ in closing:
+            selector.register(ours, selectors.EVENT_READ, "closing")
+        selector.register(live_ours, selectors.EVENT_READ, "live")
+        for _, peer in closing:  # each peer: DISCONNECT, then FIN
+            peer.sendall(DISCONNECT)
+            peer.close()
+        live_peer.sendall(PINGREQ)  # readable last, behind 2,000 others in epoll's ready list
+        served: list[int] = []
+        rounds: list[list[str]] = []
+        while True:
+            ready = selector.select(0)
+            if not ready:
+                break
+            rounds.append([key.data for key, _ in ready])
+            for key, events in ready:
+                assert events == selectors.EVENT_READ
+                served.append(key.fd)
+                if key.data == "live":
+                    assert live_ours.recv(2) == PINGREQ
+                else:  # as the broker does with a DISCONNECT: read it, stop reading
+                    selector.unregister(key.fd)
+        assert rounds[0][0] == "live"
+        assert all(len(r) <= selector.BOUND for r in rounds)
+        assert len(rounds) >= 2000 // selector.BOUND
+        assert sorted(served) == sorted([ours.fileno() for ours, _ in closing] + [live_ours.fileno()])
+        assert selector.waiting == 0
+    finally:
+        _close_all(closing)
+        live_ours.close()
+        live_peer.close()
+
+
+def test_a_few_ready_sockets_are_returned_all_in_one_poll(selector: livefirst.LiveFirstSelector) -> None:
+    pairs = _pairs(50)
+    try:
+        for ours, peer in pairs:
+            selector.register(ours, selectors.EVENT_READ | selectors.EVENT_WRITE, None)
+            peer.close()
+        ready = selector.select(0)
+        assert len(ready) == 50 and selector.waiting == 0
+        assert all(events == selectors.EVENT_READ | selectors.EVENT_WRITE for _, events in ready)
+    finally:
+        _close_all(pairs)
+
+
+def test_a_reused_fd_is_not_served_with_the_old_key(selector: livefirst.LiveFirstSelector) -> None:
+    pairs = _pairs(300)
+    try:
+        for ours, peer in pairs:
+            selector.register(ours.fileno(), selectors.EVENT_READ, ("old", ours.fileno()))
+            peer.close()
+        first = selector.select(0)
+        assert len(first) == selector.BOUND and selector.waiting == 200
+        last_ours, _ = pairs[-1]  # waiting for a later round
+        fd = last_ours.fileno()
+        # the broker forgets it as asyncio does (a stale key object in the selector's map), and a new
+        # connection gets the same number
+        old_key = selector._fd_to_key[fd]
+        selector._fd_to_key[fd] = old_key._replace(data=("new", fd))  # what asyncio's modify does too
+        served = [key.data for key, _ in first]
+        for key, _ in first:
+            selector.unregister(key.fd)
+        while ready := selector.select(0):
+            served += [key.data for key, _ in ready]
+            for key, _ in ready:
+                selector.unregister(key.fd)
+        assert ("old", fd) not in served
+        assert served.count(("new", fd)) == 1  # its own event, from a later poll (level-triggered)
+        assert sorted(served) == sorted([("old", ours.fileno()) for ours, _ in pairs[:-1]] + [("new", fd)])
+    finally:
+        _close_all(pairs)
+
+
+def test_a_socket_that_closes_after_publishing_is_read_in_full(selector: livefirst.LiveFirstSelector) -> None:
+    pairs = _pairs(400)
+    try:
+        for ours, peer in pairs:
+            selector.register(ours, selectors.EVENT_READ, ours)
+            peer.sendall(b"PUBLISH" + DISCONNECT)
+            peer.close()
+        got: dict[int, bytes] = {}
+        for _ in range(10):
+            for key, _ in selector.select(0):
+                sock = key.data
+                data = sock.recv(100)
+                got[sock.fileno()] = got.get(sock.fileno(), b"") + data
+                if not data:
+                    selector.unregister(sock)
+        assert selector.waiting == 0 and not selector.get_map()
+        assert sorted(got.values()) == [b"PUBLISH" + DISCONNECT] * 400
+    finally:
+        _close_all(pairs)
+
+
+def test_a_backlog_drains_without_waiting_and_an_empty_one_waits(selector: livefirst.LiveFirstSelector) -> None:
+    pairs = _pairs(250)
+    try:
+        for ours, peer in pairs:
+            selector.register(ours, selectors.EVENT_READ, None)
+            peer.close()
+        selector.select(0)
+        assert selector.waiting == 150
+        # a timeout of an hour: the backlog is served at once, not after it
+        assert len(selector.select(3600)) == selector.BOUND
+        for ours, _ in pairs:
+            selector.unregister(ours)
+        assert selector.waiting == 0
+        assert selector.select(0.01) == []  # nothing ready, nothing waiting: the poll waits (and returns none)
+    finally:
+        _close_all(pairs)
+
+
+def test_the_broker_loop_is_asyncio_on_the_live_first_selector() -> None:
+    factory = loops.loop_factory("asyncio")
+    assert factory is not None
+    loop = factory()
+    try:
+        assert isinstance(loop._selector, livefirst.LiveFirstSelector)  # type: ignore[attr-defined]
+    finally:
+        loop.close()
+
+
+def test_a_ping_behind_a_crowd_closing_is_answered_in_the_first_round_on_the_loop() -> None:
+    """asyncio's own loop on the selector: 1,500 connections close, then one sends a PINGREQ; its
+    callback runs in the first round, before most closing ones."""
+
+    async def run() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        order: list[str] = []
+        pairs = _pairs(1500)
+        live_ours, live_peer = socket.socketpair()
+        for ours, _ in pairs:
+            ours.setblocking(False)
+            loop.add_reader(ours.fileno(), lambda s=ours: (order.append("closing"), loop.remove_reader(s.fileno())))
+        live_ours.setblocking(False)
+        loop.add_reader(live_ours.fileno(), lambda: (order.append("live"), loop.remove_reader(live_ours.fileno())))
+        for _, peer in pairs:
+            peer.sendall(DISCONNECT)
+            peer.close()
+        live_peer.sendall(PINGREQ)
+        while len(order) < 1501:
+            await asyncio.sleep(0)
+        _close_all(pairs)
+        live_ours.close()
+        live_peer.close()
+        return order.index("live"), order.count("closing")
+
+    factory = loops.loop_factory("asyncio")
+    with asyncio.Runner(loop_factory=factory) as runner:
+        position, closed = runner.run(run())
+    assert closed == 1500
+    assert position == 0
