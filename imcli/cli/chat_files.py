@@ -123,9 +123,11 @@ def _open(chat: ChatSession, rest: str) -> list[Output]:
         raise InvalidInput(f"cannot open files here: no {opener}", f"use /get {n} and open it yourself")
 
     def work() -> list[Output]:
+        from imcli.client.files import local_name
+
         cache = config_dir() / "files" / info.id
         cache.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = cache / Path(info.name).name
+        path = cache / local_name(info)
         if not path.exists():
             path = _fetch(chat, info, path, force=True)
         subprocess.Popen(  # noqa: S603 - a fixed program, the path as one argument
