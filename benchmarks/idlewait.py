@@ -1,6 +1,6 @@
 """What the embedded broker's loop waits for while a room's chat goes on, with no transfer (issue 16, eighth session).
 
-    python -m benchmarks.idlewait [--seconds 10] [--period-ms 5] [--at-once]
+    python -m benchmarks.idlewait [--seconds 10] [--period-ms 5] [--at-once] [--reference]
 
 The broker in this process (``serve_here``, as ``imcli serve`` runs it), the room ping
 (``benchmarks/roomping.py``) in its own process, ``--seconds`` of pings every ``--period-ms``. For
@@ -12,6 +12,9 @@ system call). Also the journal writer's batches, and how many began while such a
 ``--at-once``: the journal hands each row to its writer as soon as ``record`` has it, as before the
 eighth session (imcli/broker/journal.py), for the comparison. One JSON line: the pings' p50, p99 and
 how many took over 5 ms, then each figure's p50, p99 and sum in ms, and the longest callbacks by CPU.
+``--reference``: meanwhile, a process of its own runs a fixed piece of pure Python (``REFERENCE``,
+about 0.6 ms of CPU) every 5 ms and reports its thread CPU's p50, p99 and longest: how much the
+machine itself stretches the same work now and then (``reference_cpu_ms``), beside the broker's.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import asyncio
 import bisect
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -28,11 +33,26 @@ from typing import Any
 
 from amqtt.session import ApplicationMessage
 
+from benchmarks.brokers import REPO
 from benchmarks.memory import _Here, serve_here
 from benchmarks.quantile import quantile, r
 from benchmarks.roomping import RoomPing
 
 HEAVY = 0.0001  # seconds of CPU: a callback that did a ping's work
+REFERENCE = {"text": "hello world", "id": "abc", "ts": 1.0, "n": list(range(20))}  # 60 json round trips of it
+
+
+def reference(seconds: float) -> dict[str, Any]:
+    """The fixed piece, every 5 ms for ``seconds``: its thread CPU time's p50, p99 and longest (ms)."""
+    used: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        cpu = time.thread_time()
+        for _ in range(60):
+            json.loads(json.dumps(REFERENCE))
+        used.append((time.thread_time() - cpu) * 1000)
+        time.sleep(0.005)
+    return {"runs": len(used), "cpu_ms_p50_p99_max": [r(quantile(used, 0.5)), r(quantile(used, 0.99)), r(max(used))]}
 
 
 class _Probe:
@@ -92,9 +112,10 @@ def _ms(values: list[float]) -> list[float | None]:
     return [r(quantile(ms, 0.5)), r(quantile(ms, 0.99)), r(sum(ms), 1)]
 
 
-def measure(seconds: float, period: float, at_once: bool) -> dict[str, Any]:
+def measure(seconds: float, period: float, at_once: bool, with_reference: bool = False) -> dict[str, Any]:
     probe = _Probe()
     pings: list[float] = []
+    beside: dict[str, Any] = {}
 
     def drive(port: int) -> None:
         ping = RoomPing(_Here(port), period=period)  # type: ignore[arg-type]
@@ -102,9 +123,15 @@ def measure(seconds: float, period: float, at_once: bool) -> dict[str, Any]:
             with ping.phase():
                 time.sleep(1.0)
             probe.on = True
+            other = subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.idlewait", "--reference-child", str(seconds)],
+                stdout=subprocess.PIPE, text=True, cwd=REPO,
+            ) if with_reference else None  # fmt: skip
             with ping.phase() as latencies:
                 time.sleep(seconds)
             probe.on = False
+            if other is not None:
+                beside["reference_cpu_ms"] = json.loads(other.communicate(timeout=seconds + 30)[0])
             pings.extend(latencies)
         finally:
             ping.close()
@@ -128,6 +155,7 @@ def measure(seconds: float, period: float, at_once: bool) -> dict[str, Any]:
         "writer_batches": len(starts), "writer_batches_begun_during_a_callback": during,
         "longest_by_cpu": [(r(c * 1000), r(w * 1000), r(q * 1000), what)
                            for _, w, c, q, what in sorted(heavy, key=lambda h: -h[2])[:5]],
+        **beside,
     }  # fmt: skip
 
 
@@ -136,8 +164,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--period-ms", type=float, default=5.0)
     parser.add_argument("--at-once", action="store_true", help="rows handed to the writer at once (as before)")
+    parser.add_argument("--reference", action="store_true", help="a fixed piece of Python timed meanwhile")
+    parser.add_argument("--reference-child", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    print(json.dumps(measure(args.seconds, args.period_ms / 1000, args.at_once)), flush=True)
+    if args.reference_child:
+        print(json.dumps(reference(args.reference_child)), flush=True)
+        return
+    print(json.dumps(measure(args.seconds, args.period_ms / 1000, args.at_once, args.reference)), flush=True)
 
 
 if __name__ == "__main__":
