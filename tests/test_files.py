@@ -319,6 +319,36 @@ def test_previews_draw_the_thumbnail_and_stay_off_where_they_cannot(
     assert "▀" in drawn and "38;2;200;30;30" in drawn  # upper half-blocks in the picture's 24-bit colour
 
 
+@pytest.mark.parametrize(("size", "mode", "kind"), [((7000, 7000), "1", "PNG"), ((400, 10), "L", "JPEG"),
+                                                 ((100, 100), "RGB", "PNG"), ((100, 100), "RGB", "GIF")])  # fmt: skip
+def test_only_a_thumbnail_the_worker_could_have_made_is_drawn(size: tuple[int, int], mode: str, kind: str) -> None:
+    """A file message is anyone's payload: its thumbnail is drawn only if it is a JPEG of at most
+    PREVIEW_MAX_SIDE pixels a side, as the files worker makes them; a PNG of 7000 x 7000 one-bit
+    pixels fits in THUMB_MAX characters and took 142 MB to draw. The worker's own still draws."""
+    import base64
+
+    from PIL import Image, UnidentifiedImageError
+
+    from imcli.cli.chat_files import thumbnail_image
+    from imcli.core.wire import THUMB_MAX
+
+    buf = io.BytesIO()
+    Image.new(mode, size, 0).save(buf, kind, optimize=True)
+    thumb = base64.b64encode(buf.getvalue()).decode()
+    assert len(thumb) <= THUMB_MAX  # a file message may carry it
+    with pytest.raises((ValueError, UnidentifiedImageError)):
+        thumbnail_image(thumb)
+
+
+def test_the_workers_thumbnail_is_drawn(tmp_path: Path) -> None:
+    from imcli.cli.chat_files import thumbnail_image
+    from imcli.files.images import examine
+
+    facts = examine(png(tmp_path / "p.png", 3200, 2000))
+    assert facts.thumb is not None
+    assert thumbnail_image(facts.thumb).size == (160, 100)
+
+
 def test_file_ids_never_read_as_options() -> None:
     """A url-safe id may start with '-', which ``imcli get ID`` would take for an option (CI saw it)."""
     from imcli.files.worker import unguessable_id

@@ -9,7 +9,9 @@ Set IMCLI_SCREENSHOTS=docs/screenshots to write the README's screenshots from
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import json
 import os
 import re
@@ -490,12 +492,23 @@ def test_a_forged_file_message_and_terminal_escapes_stay_text(web: ServeInfo, tm
                  "thumb": '" onerror="window.__pwned=10" x="'},
     }  # fmt: skip
     escapes = "\x1b]0;pwned\x07\x1b[2J\x1b]52;c;eA==\x07\x9b31m\u2066x\u2069 [bold]B[/bold]"
+    from PIL import Image
+
+    huge = io.BytesIO()
+    Image.new("1", (7000, 7000), 0).save(huge, "PNG", optimize=True)  # 8,032 characters of base64
+    wide = io.BytesIO()
+    Image.new("L", (400, 10), 0).save(wide, "JPEG")
+    bombs = [
+        {**forged, "id": f"bomb{i}", "file": {**forged["file"], "name": f"bomb{i}", "width": 1, "thumb": thumb}}  # type: ignore[dict-item]
+        for i, thumb in enumerate(base64.b64encode(b.getvalue()).decode() for b in (huge, wide))
+    ]
     try:
         with chromium() as browser:
             alice = new_user(browser, url(web), "alice")
             alice.sign_in(password_of("alice"), register=True)
             for _ in range(3):  # the page subscribes after its sign-in: until it shows the line
-                mallory.publish("im/room/lobby/mallory", json.dumps(forged).encode())
+                for message in (forged, *bombs):
+                    mallory.publish("im/room/lobby/mallory", json.dumps(message).encode())
                 mallory.publish("im/room/lobby/mallory", chat(escapes))
                 try:
                     alice.see(escapes, sender="mallory")
@@ -510,7 +523,9 @@ def test_a_forged_file_message_and_terminal_escapes_stay_text(web: ServeInfo, tm
                 0,
             ]
             assert alice.p.locator("#messages li[data-from='bob']").count() == 0
-            assert alice.p.locator("#messages img, #messages script, #messages a").count() == 0  # no thumbnail
+            alice.p.wait_for_selector("#messages li[data-from='mallory'] .file .name:text-is('bomb1')")
+            # no thumbnail: not base64, a PNG of 7000 x 7000 pixels, a JPEG wider than a worker's
+            assert alice.p.locator("#messages img, #messages script, #messages a").count() == 0
             assert alice.p.evaluate("() => window.__pwned") is None
             assert alice.p.title() in ("imcli", "(1) imcli")
             no_errors(alice)

@@ -760,11 +760,33 @@
     return new Error(`the broker dropped part of the file transfer: account ${S.me} hit its file transfer rate (try again ${retryIn(n)}: send it again, it goes on where it stopped)`);
   }
 
+  // A thumbnail as the files worker makes them: a JPEG of at most 160 pixels a side (THUMB_SIDE in
+  // imcli/files/images.py; 320 allowed). A file message is anyone's payload, and 9,000 characters of
+  // base64 hold a PNG of 7000 x 7000 pixels, which the page would decode to 196 MB (imcli chat: PREVIEW_MAX_SIDE).
+  function smallJpeg(b64) {
+    let b;
+    try { b = atob(b64); } catch { return false; }
+    if (b.charCodeAt(0) !== 0xff || b.charCodeAt(1) !== 0xd8) return false;
+    for (let i = 2; i + 9 < b.length; ) {
+      if (b.charCodeAt(i) !== 0xff) return false;
+      const marker = b.charCodeAt(i + 1);
+      if (marker === 0xff) { i += 1; continue; } // fill byte
+      const length = (b.charCodeAt(i + 2) << 8) | b.charCodeAt(i + 3);
+      if (marker >= 0xc0 && marker <= 0xcf && marker !== 0xc4 && marker !== 0xc8 && marker !== 0xcc) {
+        const height = (b.charCodeAt(i + 5) << 8) | b.charCodeAt(i + 6);
+        const width = (b.charCodeAt(i + 7) << 8) | b.charCodeAt(i + 8);
+        return width > 0 && height > 0 && width <= 320 && height <= 320;
+      }
+      i += 2 + length;
+    }
+    return false;
+  }
+
   function fileInfo(f) {
     // a file message as the sender put it: only its well-formed fields are used
     if (!f || typeof f !== "object" || !FILE_ID.test(f.id || "") || typeof f.name !== "string" || !f.name) return null;
     if (!Number.isInteger(f.size) || f.size < 1 || !/^[0-9a-f]{64}$/.test(f.sha256 || "")) return null;
-    const thumb = typeof f.thumb === "string" && f.thumb.length <= 9000 && /^[A-Za-z0-9+/]+=*$/.test(f.thumb) ? f.thumb : null;
+    const thumb = typeof f.thumb === "string" && f.thumb.length <= 9000 && /^[A-Za-z0-9+/]+=*$/.test(f.thumb) && smallJpeg(f.thumb) ? f.thumb : null;
     const mime = typeof f.mime === "string" ? f.mime : "application/octet-stream";
     return { type: "file", v: 1, id: f.id, name: f.name, size: f.size, mime, sha256: f.sha256, width: f.width, height: f.height, thumb };
   }
