@@ -88,7 +88,7 @@ class WebUser:
         """Wait until the open conversation shows a message whose text is exactly ``text``."""
         self.p.wait_for_function(
             """([text, sender]) => [...document.querySelectorAll('#messages li.message')].some(li =>
-                 li.querySelector('.text').textContent === text && (!sender || li.dataset.from === sender))""",
+                 li.querySelector('.text')?.textContent === text && (!sender || li.dataset.from === sender))""",
             arg=[text, sender],
             timeout=TIMEOUT_MS,
         )

@@ -208,6 +208,30 @@ def test_chatpath_splits_each_pings_way_and_counts_the_chunks_it_waited_behind()
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("at_once", [False, True])
+def test_idlewait_splits_the_loops_handlings_and_counts_the_writers_batches(at_once: bool) -> None:
+    """``python -m benchmarks.idlewait`` (the broker in this process): 1 s of room pings; every ping's
+    handling is timed (CPU, run queue, the rest), and the journal's writer kept every ping's row,
+    whether rows are handed over after the round (as the broker does) or at once (``--at-once``);
+    with ``--reference`` a fixed piece of Python is timed beside it."""
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.idlewait", "--seconds", "1", *(["--at-once", "--reference"] * at_once)],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    (line,) = (json.loads(text) for text in run.stdout.splitlines() if text.startswith("{"))
+    assert line["at_once"] is at_once
+    assert line["pings"] >= 20 and line["callbacks"] >= line["pings"] // 2
+    assert 0 < line["writer_batches"] <= line["pings"] + 5
+    assert 0 <= line["writer_batches_begun_during_a_callback"] <= line["writer_batches"]
+    assert all(len(line[k]) == 3 for k in ("cpu_ms_p50_p99_sum", "run_queue_ms_p50_p99_sum", "blocked_ms_p50_p99_sum"))
+    if at_once:  # with --reference: the fixed piece of Python ran meanwhile, every 5 ms
+        assert line["reference_cpu_ms"]["runs"] >= 20 and len(line["reference_cpu_ms"]["cpu_ms_p50_p99_max"]) == 3
+    else:
+        assert "reference_cpu_ms" not in line
+
+
+@pytest.mark.timeout(120)
 def test_chunkcost_gives_a_cpu_figure_per_mib_and_the_loops_callbacks() -> None:
     """``python -m benchmarks.chunkcost`` (the broker in this process): one 2 MiB transfer, up and
     down; the loop thread's CPU per MiB is part of the process's, and the callbacks are counted."""

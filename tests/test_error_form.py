@@ -390,3 +390,31 @@ def test_register_in_a_terminal_with_a_good_password(server: ServeInfo, tmp_path
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+# README, "Exit codes": 2 when the command line cannot be read (Typer's parsing, an option's type),
+# 1 for whatever the command refuses or fails at once it runs (imcli's own value checks included)
+EXIT_CODES = [
+    (2, ["frobnicate"]),  # an unknown command
+    (2, ["who", "--no-such-option"]),
+    (2, ["dm", "bob"]),  # a missing argument
+    (2, ["who", "--port", "abc"]),  # a value its option's type refuses
+    (2, ["moments", "feed", "--before", "nan"]),
+    (2, ["who", "--host", "\udcff"]),
+    (2, ["dm", "bob", NOT_UTF8]),
+    (1, ["say", "--room", "Bad Room", "hi"]),  # imcli's value checks, once the command runs
+    (1, ["history", "#"]),
+    (1, ["moments", "feed", "--before", "-5"]),
+    (1, ["who", "--host", "\x80"]),
+    (1, ["friend", "add", "alice"]),  # a worker's refusal (one cannot be one's own friend)
+    (1, ["group", "kick", "nosuchgroup", "bob"]),
+    (1, ["who", "--port", "CLOSED"]),  # no broker there (a port closed when the test runs)
+]
+
+
+@pytest.mark.parametrize(("code", "args"), EXIT_CODES, ids=[" ".join(a) for _, a in EXIT_CODES])
+def test_the_exit_code_says_whether_the_command_line_could_be_read(code: int, args: list[str], alice: Cli) -> None:
+    args = [str(closed_port()) if a == "CLOSED" else a for a in args]
+    result = alice(*args, input="")
+    assert_form(result, " ".join(args))
+    assert result.exit_code == code, (args, result.stderr)

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from imcli.client.files import FileConnection
 from imcli.client.services import Conversation
@@ -317,6 +319,82 @@ def test_previews_draw_the_thumbnail_and_stay_off_where_they_cannot(
     console.print(HalfcellImage(picture, width=PREVIEW_CELLS, height="auto"))
     drawn = console.export_text(styles=True)
     assert "▀" in drawn and "38;2;200;30;30" in drawn  # upper half-blocks in the picture's 24-bit colour
+
+
+@pytest.mark.parametrize(("size", "mode", "kind"), [((7000, 7000), "1", "PNG"), ((400, 10), "L", "JPEG"),
+                                                 ((100, 100), "RGB", "PNG"), ((100, 100), "RGB", "GIF")])  # fmt: skip
+def test_only_a_thumbnail_the_worker_could_have_made_is_drawn(size: tuple[int, int], mode: str, kind: str) -> None:
+    """A file message is anyone's payload: its thumbnail is drawn only if it is a JPEG of at most
+    PREVIEW_MAX_SIDE pixels a side, as the files worker makes them; a PNG of 7000 x 7000 one-bit
+    pixels fits in THUMB_MAX characters and took 142 MB to draw. The worker's own still draws."""
+    import base64
+
+    from PIL import Image, UnidentifiedImageError
+
+    from imcli.cli.chat_files import thumbnail_image
+    from imcli.core.wire import THUMB_MAX
+
+    buf = io.BytesIO()
+    Image.new(mode, size, 0).save(buf, kind, optimize=True)
+    thumb = base64.b64encode(buf.getvalue()).decode()
+    assert len(thumb) <= THUMB_MAX  # a file message may carry it
+    with pytest.raises((ValueError, UnidentifiedImageError)):
+        thumbnail_image(thumb)
+
+
+def _b64_image(size: tuple[int, int], mode: str, kind: str) -> str:
+    import base64
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size, 0).save(buf, kind, optimize=True)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_no_model_carries_a_thumbnail_a_worker_could_not_have_made(tmp_path: Path) -> None:
+    """File messages, profiles and moments are anyone's payload: their thumbnails are refused as they
+    are decoded (imcli.core.thumbnail) unless PNG or JPEG (file messages: JPEG) of at most 320 pixels
+    a side; a 12 KiB avatar held a PNG of 8000 x 8000 pixels, which the presence worker kept."""
+    from pydantic import ValidationError
+
+    from imcli.core.thumbnail import image_size
+    from imcli.core.wire import THUMBNAIL_MAX, Avatar, FileInfo
+    from imcli.files.images import examine
+
+    worker = examine(png(tmp_path / "p.png", 3200, 2000)).thumb
+    assert worker is not None
+    file = {"id": "f" * 24, "name": "x.png", "size": 1, "sha256": "0" * 64}
+    assert FileInfo.model_validate({**file, "thumb": worker}).thumb == worker
+    assert Avatar(file="f" * 24, media_type="image/png", thumbnail=worker).thumbnail == worker
+    assert Avatar(file="f" * 24, media_type="image/png", thumbnail=_b64_image((64, 64), "RGB", "PNG"))
+    huge = _b64_image((8000, 8000), "1", "PNG")
+    assert len(huge) <= THUMBNAIL_MAX
+    for thumb in (huge, _b64_image((400, 10), "L", "JPEG"), _b64_image((64, 64), "RGB", "PNG"), "not base64!",
+                  worker[:40]):  # fmt: skip
+        with pytest.raises(ValidationError):
+            FileInfo.model_validate({**file, "thumb": thumb})
+    for thumb in (huge, _b64_image((10, 400), "L", "JPEG"), _b64_image((64, 64), "RGB", "GIF")):
+        with pytest.raises(ValidationError):
+            Avatar(file="f" * 24, media_type="image/png", thumbnail=thumb)
+    assert image_size(b"\xff\xd8\xff\xe0\x00\x10") is None  # a header cut short says nothing
+
+
+@given(st.binary(max_size=64))
+def test_reading_an_image_header_never_raises(data: bytes) -> None:
+    from imcli.core.thumbnail import image_size
+
+    image_size(data)
+    image_size(b"\xff\xd8" + data)
+
+
+def test_the_workers_thumbnail_is_drawn(tmp_path: Path) -> None:
+    from imcli.cli.chat_files import thumbnail_image
+    from imcli.files.images import examine
+
+    facts = examine(png(tmp_path / "p.png", 3200, 2000))
+    assert facts.thumb is not None
+    assert thumbnail_image(facts.thumb).size == (160, 100)
 
 
 def test_file_ids_never_read_as_options() -> None:

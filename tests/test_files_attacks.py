@@ -7,11 +7,12 @@ import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from imcli.client import services
-from imcli.client.files import FileConnection
+from imcli.client.files import FileConnection, _destination, local_name
 from imcli.client.services import Conversation
 from imcli.core.text import is_plain, plain_file_name
 from imcli.core.topics import chunk
@@ -192,6 +193,17 @@ GOOD_FILE_NAMES = ["\U0001f469\u200d\U0001f469\u200d\U0001f467.png", "日本 語
 
 def worker_takes(name: str) -> bool:  # the files worker's rule for an offered name (imcli/files/worker.py)
     return "/" not in name and "\\" not in name and is_plain(name) and name not in (".", "..")
+
+
+@pytest.mark.parametrize("name", [*BAD_FILE_NAMES, "../../.bashrc", "a/../../b", "x\x1b]52;c;cm0=\x07", "[bold]x"])
+def test_a_fetched_file_lands_in_its_directory_under_a_plain_name(tmp_path: Path, name: str) -> None:
+    """The name a file message claims (``/open`` takes it from one; a raw client writes any) never
+    leaves the download directory, and never puts a control, an escape or a bidi override on disk."""
+    info = FileInfo.model_construct(id="f" * 24, name=name, size=1, sha256="0" * 64)
+    dest = _destination(tmp_path, info)
+    assert dest.parent == tmp_path, dest
+    assert worker_takes(dest.name) and worker_takes(local_name(info)), dest.name
+    assert _destination(None, info).parent == Path.cwd()
 
 
 # a name on disk that is not UTF-8 reaches Python with lone surrogates (os.fsdecode), which

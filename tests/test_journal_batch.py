@@ -8,16 +8,20 @@ of its messages. A ``kill -9`` after the PUBACKs: tests/test_durability.py.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from amqtt.session import ApplicationMessage
 
 from imcli.broker.accounts import AccountStore, Role
+from imcli.broker.journal import Journal
 from imcli.core.wire import Received, Topics
 from imcli.serve.host import ServeInfo
 from tests.brokers import bare_broker
@@ -285,3 +289,71 @@ def test_a_request_reaches_the_workers_only_once_the_rows_before_it_are_committe
             got, _ = read_packets(archive, lambda p: len(p) >= 1)
             assert [first >> 4 for first, _ in got] == [3] and request in got[0][1]
             assert _kept(info) == ["seen"]
+
+
+class _Store:
+    """An ``ArchiveWriter`` that notes its batches (the writer's thread calls ``add_many``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.batches: list[list[str]] = []
+        self.closed = False
+
+    def add(self, item: Received, at: float) -> bool:
+        raise AssertionError("the journal writes batches")
+
+    def add_many(self, items: Sequence[tuple[Received, float]]) -> None:
+        self.batches.append([item.text for item, _ in items])
+
+    def defer_checkpoints(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _journal(tmp_path: Path) -> tuple[Journal, _Store]:
+    sqlite3.connect(tmp_path / "archive.sqlite3").close()  # the Checkpointer's
+    store = _Store(tmp_path / "archive.sqlite3")
+    return Journal(store, T, lambda _user, _topic: True), store
+
+
+def _line(text: str) -> ApplicationMessage:
+    return ApplicationMessage(1, T.room("lobby", "alice"), 1, bytearray(chat(text)), False)
+
+
+def test_a_row_reaches_the_writer_only_after_the_loop_round_that_recorded_it(tmp_path: Path) -> None:
+    """The writer's thread must not run (and take the interpreter's lock) while the callback that
+    recorded a row is still delivering the line (issue 16, eighth session: the chat line's own
+    delivery waited for its own row). Within the recording callback, with the lock let go for a
+    while (as a copy's ``send`` does), the writer has nothing; after the round it writes both rows
+    of that round in one batch, and what waits for the commit is told."""
+    journal, store = _journal(tmp_path)
+
+    async def main() -> bool:
+        journal.record("alice", _line("one"))
+        journal.record("alice", _line("two"))
+        assert journal.recorded == 2
+        time.sleep(0.2)  # the lock is free: a writer woken by ``record`` would write the rows now
+        assert store.batches == []
+        return await asyncio.wait_for(journal.committed(), WAIT)
+
+    try:
+        assert asyncio.run(main())
+        assert store.batches == [["one", "two"]]
+    finally:
+        journal.close()
+
+
+def test_rows_of_a_round_that_never_ended_are_written_at_close(tmp_path: Path) -> None:
+    """A row recorded in the callback that then closes the journal (the broker's shutdown) is still
+    written: ``close`` hands the round's rows over before the writer's last item."""
+    journal, store = _journal(tmp_path)
+
+    async def main() -> None:
+        journal.record("alice", _line("last"))
+        journal.close()
+
+    asyncio.run(main())
+    assert store.batches == [["last"]]
+    assert store.closed

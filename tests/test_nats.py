@@ -990,31 +990,40 @@ def test_kill_a_node_while_users_chat(cluster: NatsCluster) -> None:
     node 1 comes back and rejoins. Alice's client may land on another node than the first of her list (a
     connect slower than its timeout on the loaded cluster, or a reload closing it as it starts): then
     that node is the one killed."""
-    carol = on(cluster, 1, "carol", device="tablet")
-    with Listener(carol, session="tablet"):
+    # each attempt its own persistent sessions, client ids and texts (fresh): a rerun (conftest.py) in this
+    # module's cluster would otherwise resume the failed attempt's sessions, and find its queued DM and its
+    # lines there already
+    tablet, desk, laptop, box, run = fresh("tablet"), fresh("desk"), fresh("laptop"), fresh("box"), fresh("run")
+    for node in cluster.nodes:  # a failed attempt may have left its killed node down: two of three would be too few
+        if node.proc is None or node.proc.poll() is not None:
+            cluster.restart(node)
+    carol = on(cluster, 1, "carol", device=tablet)
+    with Listener(carol, session=tablet):
         pass
-    alice = on(cluster, 1, "alice", device="desk")
-    bob = on(cluster, 3, "bob", device="desk")
+    alice = on(cluster, 1, "alice", device=desk)
+    bob = on(cluster, 3, "bob", device=desk)
     sent: list[str] = []
     got: list[str] = []
     with (
-        Listener(bob, session="desk") as bob_listener,
-        Listener(on(cluster, 1, "alice", device="laptop"), session="laptop") as alice_listener,
-        MqttClient(alice.address, alice.credentials, "alice:desk", clean_session=False, reconnect=True) as alice_client,
+        Listener(bob, session=desk) as bob_listener,
+        Listener(on(cluster, 1, "alice", device=laptop), session=laptop) as alice_listener,
+        MqttClient(
+            alice.address, alice.credentials, f"alice:{desk}", clean_session=False, reconnect=True
+        ) as alice_client,
     ):
         killed = next(n for n in cluster.nodes if ("127.0.0.1", n.mqtt) == alice_client.node)
         # dave's device on node 1 beats every 4 s: gone 10 s (roster.GRACE_INTERVALS) after its last beat
-        dave_box = connect_raw("127.0.0.1", killed.mqtt, "dave", "dave:box", password_of("dave"),
-                               will=(T.status("dave", "box"), b"", True))  # fmt: skip
-        dave_box.publish(T.status("dave", "box"), encode(DeviceStatus(interval=4)), retain=True)
+        dave_box = connect_raw("127.0.0.1", killed.mqtt, "dave", f"dave:{box}", password_of("dave"),
+                               will=(T.status("dave", box), b"", True))  # fmt: skip
+        dave_box.publish(T.status("dave", box), encode(DeviceStatus(interval=4)), retain=True)
         assert wait_until(lambda: seen_online(bob_listener, "alice") is seen_online(bob_listener, "dave") is True, 10)
 
         def send(text: str) -> None:
-            alice_client.publish(T.dm("bob", "alice"), encode(ChatMessage(text=text)))
-            sent.append(text)  # acknowledged by the cluster
+            alice_client.publish(T.dm("bob", "alice"), encode(ChatMessage(text=f"{text} {run}")))
+            sent.append(f"{text} {run}")  # acknowledged by the cluster
 
         send("before")
-        services.send_dm(alice, "carol", ChatMessage(text="queued for carol"))
+        services.send_dm(alice, "carol", ChatMessage(text=f"queued for carol {run}"))
         killed.kill()
         dave_box.close()
         heartbeat = time.monotonic() + DEFAULT_HEARTBEAT  # presence is right again by then
@@ -1045,15 +1054,15 @@ def test_kill_a_node_while_users_chat(cluster: NatsCluster) -> None:
     # carol's queued DM survives the node her session was made on. Her listener is a new subscription:
     # for 10 to 90 s after a node died (the more load, the longer), the cluster refuses or times out
     # new QoS 1 subscriptions while JetStream elects leaders for the consumers (deploy/nats/README.md)
-    with listener_once_ready(on(cluster, 2, "carol", device="tablet"), "tablet") as listener:
+    with listener_once_ready(on(cluster, 2, "carol", device=tablet), tablet) as listener:
         for item in listener:
-            if isinstance(item, Received) and item.text == "queued for carol":
+            if isinstance(item, Received) and item.text == f"queued for carol {run}":
                 break
     cluster.restart(killed)
     # node 1 rejoined: a line said through it reaches a client on another node
     other = next(n for n in reversed(cluster.nodes) if n is not killed)
-    bob_raw = connect_raw("127.0.0.1", other.mqtt, "bob", "bob:rejoin", password_of("bob"))
-    alice_raw = connect_raw("127.0.0.1", killed.mqtt, "alice", "alice:rejoin", password_of("alice"))
+    bob_raw = connect_raw("127.0.0.1", other.mqtt, "bob", f"bob:{fresh('rejoin')}", password_of("bob"))
+    alice_raw = connect_raw("127.0.0.1", killed.mqtt, "alice", f"alice:{fresh('rejoin')}", password_of("alice"))
     try:
         # QoS 0: a plain NATS subscription, which JetStream's elections after the restart do not hold up
         assert bob_raw.subscribe(T.room_filter(), qos=0) == 0

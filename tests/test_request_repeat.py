@@ -12,12 +12,24 @@ from collections.abc import Callable
 
 import pytest
 
-from imcli.core import service
+from imcli.client import services
+from imcli.core import request_reply, service
 from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.core.service import ServiceWorker
-from imcli.core.wire import ErrorReply, GroupReply, GroupRequest, Topics, WhoRequest, WireModel, decode, encode
+from imcli.core.wire import (
+    ErrorReply,
+    GroupReply,
+    GroupRequest,
+    Roster,
+    Topics,
+    WhoRequest,
+    WireModel,
+    decode,
+    encode,
+)
+from imcli.serve.host import ServeInfo
 from tests import brokers
-from tests.conftest import Raw
+from tests.conftest import Raw, ident
 
 T = Topics()
 
@@ -69,3 +81,30 @@ def test_only_short_replies_are_kept_and_their_bytes_are_bounded(monkeypatch: py
         worker._on_request("alice", f"k{i}", encode(WhoRequest(id=str(10 + i % 2))))
     assert worker._answered_bytes == sum(len(p) for _, p in worker._answered.values()) <= 40_000
     assert ("alice", "c1") not in worker._answered and ("alice", "k11") in worker._answered
+
+
+def test_a_command_whose_request_was_lost_sends_it_again_and_gets_the_reply(
+    monkeypatch: pytest.MonkeyPatch, users: Callable[..., None], server: ServeInfo
+) -> None:
+    """A command's connection sends a request still unanswered after ``RESEND_AFTER`` again, with its reply's
+    own topic subscribed first: on NATS 2.9 a node reloading its users file can lose the request or the word
+    that this connection reads its replies (docs/SCALING.md, issue 20 eighth session). Here the first send
+    is dropped before it leaves; the second, through the real broker, is answered, and every broker grants
+    the reply topic's own subscription. Without the resend the ask would time out."""
+    monkeypatch.setattr(request_reply, "RESEND_AFTER", (0.5, 1.0))
+    users("alice")
+    sent: list[str] = []
+    with services.Connection(ident(server, "alice"), "lost", timeout=20) as connection:
+        publish = connection.publish
+
+        def lose_the_first(topic: str, payload: bytes) -> None:
+            sent.append(topic)
+            if len(sent) > 1:
+                publish(topic, payload)
+
+        connection.requests._publish = lose_the_first
+        roster = connection.ask(WhoRequest(all=True))
+        assert isinstance(roster, Roster)
+        assert len(sent) == 2 and sent[0] == sent[1], sent  # the same request, the same correlation id
+        corr = sent[0].rsplit("/", 1)[1]
+        assert T.reply("alice", corr) in connection._client._subscribed  # granted, on every broker

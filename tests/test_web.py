@@ -9,7 +9,9 @@ Set IMCLI_SCREENSHOTS=docs/screenshots to write the README's screenshots from
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import json
 import os
 import re
@@ -470,6 +472,65 @@ def test_hostile_text_stays_text(web: ServeInfo, tmp_path: Path) -> None:
             )
         assert "evil \u202etxt.exe\u202c and <b>bold</b> &amp; &lt;" in alice.texts()
         no_errors(alice, bob)
+
+
+FORGED_FILE_NAME = "../../x\n<img src=x onerror=window.__pwned=8>\u202egnp.exe\x1b]8;;javascript:alert(1)\x1b\\[link=x]"
+
+
+def test_a_forged_file_message_and_terminal_escapes_stay_text(web: ServeInfo, tmp_path: Path) -> None:
+    """mallory, with a raw client, puts what no page or terminal wrote into the room: a file message
+    whose name holds a path, HTML, a bidi override, an OSC 8 link and markup, whose size fields are
+    HTML and whose thumbnail is not base64 (a data URL's escape attempt), a forged ``from``, and a line
+    of terminal escapes. The page shows the name as text in a bidi isolate, draws no thumbnail, runs
+    nothing, and names mallory as the sender."""
+    AccountStore(web.data_dir).add("mallory", password_of("mallory"))
+    mallory = connect_raw("127.0.0.1", web.address.port, "mallory", "mallory:raw")
+    forged = {
+        "type": "chat", "v": 1, "id": "forged1", "ts": 1, "text": "a file", "from": "bob",
+        "file": {"type": "file", "v": 1, "id": "f" * 24, "name": FORGED_FILE_NAME, "size": 10, "mime": "image/png",
+                 "sha256": "0" * 64, "width": "<img src=x onerror=window.__pwned=9>", "height": 2,
+                 "thumb": '" onerror="window.__pwned=10" x="'},
+    }  # fmt: skip
+    escapes = "\x1b]0;pwned\x07\x1b[2J\x1b]52;c;eA==\x07\x9b31m\u2066x\u2069 [bold]B[/bold]"
+    from PIL import Image
+
+    huge = io.BytesIO()
+    Image.new("1", (7000, 7000), 0).save(huge, "PNG", optimize=True)  # 8,032 characters of base64
+    wide = io.BytesIO()
+    Image.new("L", (400, 10), 0).save(wide, "JPEG")
+    bombs = [
+        {**forged, "id": f"bomb{i}", "file": {**forged["file"], "name": f"bomb{i}", "width": 1, "thumb": thumb}}  # type: ignore[dict-item]
+        for i, thumb in enumerate(base64.b64encode(b.getvalue()).decode() for b in (huge, wide))
+    ]
+    try:
+        with chromium() as browser:
+            alice = new_user(browser, url(web), "alice")
+            alice.sign_in(password_of("alice"), register=True)
+            for _ in range(3):  # the page subscribes after its sign-in: until it shows the line
+                for message in (forged, *bombs):
+                    mallory.publish("im/room/lobby/mallory", json.dumps(message).encode())
+                mallory.publish("im/room/lobby/mallory", chat(escapes))
+                try:
+                    alice.see(escapes, sender="mallory")
+                    break
+                except Exception:  # playwright's TimeoutError: publish again
+                    continue
+            name = "#messages li[data-from='mallory'] .file .name"
+            alice.p.wait_for_selector(name)
+            assert alice.p.eval_on_selector(name, "e => [e.tagName, e.textContent, e.children.length]") == [
+                "BDI",
+                FORGED_FILE_NAME,
+                0,
+            ]
+            assert alice.p.locator("#messages li[data-from='bob']").count() == 0
+            alice.p.wait_for_selector("#messages li[data-from='mallory'] .file .name:text-is('bomb1')")
+            # no thumbnail: not base64, a PNG of 7000 x 7000 pixels, a JPEG wider than a worker's
+            assert alice.p.locator("#messages img, #messages script, #messages a").count() == 0
+            assert alice.p.evaluate("() => window.__pwned") is None
+            assert alice.p.title() in ("imcli", "(1) imcli")
+            no_errors(alice)
+    finally:
+        mallory.close()
 
 
 def test_mentions_count_as_unread_and_notify(web: ServeInfo, tmp_path: Path) -> None:

@@ -16,6 +16,13 @@ kept and hands its row to the journal's thread, which commits whatever has come 
 in one transaction (``ArchiveStore.add_many``; SQLite releases the GIL while it works):
 the insert and its commit, 45 to 58 us of the loop's CPU per row when each was its own
 transaction in the loop, are no longer in the loop, and under load rows share commits.
+**A row is handed to the writer once the loop's round is over** (issue 16, eighth session): ``record``
+runs in the middle of a PUBLISH's handling, before its copies are written, and a row put on the
+writer's queue there woke the writer at once, which then took the interpreter's lock whenever the
+loop let go of it (the copy's ``send``) and held it for its Python while the loop waited to finish
+the handling: the chat line's own delivery waited for its own row. ``record`` now keeps the rows of
+a round and one ``call_soon`` hands them over after the round's callbacks, when the loop's copies
+are out (what waits for the commit, the PUBACKs, waits as before: ``_added`` counts them at once).
 The rule that makes the guarantee: **nothing the broker answers a client (a PUBACK, and
 every answer after it) is written before every row recorded until then is committed**
 (``after_commit``, ``committed``): the reader of a connection (imcli/broker/reader.py)
@@ -126,6 +133,7 @@ class Journal:
         self._failed_through = 0  # ``_committed`` after the last batch that failed
         # (rows to be committed first, ``_committed`` when it was asked, callback), oldest first
         self._waiting: deque[tuple[int, int, Callable[[bool], None]]] = deque()
+        self._pending: list[tuple[Received, float]] = []  # this round's rows, for the writer after it
         self._writer = threading.Thread(target=self._write, name="journal-writer", daemon=True)
         self._writer.start()
 
@@ -144,7 +152,15 @@ class Journal:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         self._added += 1
-        self._rows.put((item, time.time()))
+        if not self._pending:
+            self._loop.call_soon(self._hand_over)
+        self._pending.append((item, time.time()))
+
+    def _hand_over(self) -> None:
+        """The round's rows to the writer (in the loop, after the round that recorded them)."""
+        rows, self._pending = self._pending, []
+        for row in rows:
+            self._rows.put(row)
 
     @property
     def recorded(self) -> int:
@@ -226,6 +242,7 @@ class Journal:
 
     def close(self) -> None:
         """Write what is left, then close the store."""
+        self._hand_over()  # rows of a round the loop did not finish
         self._rows.put(_CLOSE)
         self._writer.join(30)
         self._checkpointer.close()

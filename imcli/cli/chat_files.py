@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from imcli.core.wire import FileInfo, Received
 
 PREVIEW_CELLS = 24  # columns of an inline preview
+# the files worker's thumbnails are JPEGs of at most 160 pixels a side (imcli/files/images.py, THUMB_SIDE);
+# a file message is anyone's payload, and 9,000 characters of base64 hold a PNG of 7000 x 7000 one-bit
+# pixels, which drawing took 142 MB and 0.37 s of CPU for, in every chat that showed it
+PREVIEW_MAX_SIDE = 320
 
 
 class ChatFiles:
@@ -123,9 +127,11 @@ def _open(chat: ChatSession, rest: str) -> list[Output]:
         raise InvalidInput(f"cannot open files here: no {opener}", f"use /get {n} and open it yourself")
 
     def work() -> list[Output]:
+        from imcli.client.files import local_name
+
         cache = config_dir() / "files" / info.id
         cache.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = cache / Path(info.name).name
+        path = cache / local_name(info)
         if not path.exists():
             path = _fetch(chat, info, path, force=True)
         subprocess.Popen(  # noqa: S603 - a fixed program, the path as one argument
@@ -156,13 +162,23 @@ def load_previewer() -> Callable[[str], Any] | None:
     ):
         return None
     try:
-        from PIL import Image as PilImage
         from textual_image.renderable import Image
     except Exception:  # no preview is better than no chat
         return None
 
     def draw(thumb: str) -> Any:
-        picture = PilImage.open(io.BytesIO(base64.b64decode(thumb, validate=True)))
-        return Image(picture, width=PREVIEW_CELLS, height="auto")
+        return Image(thumbnail_image(thumb), width=PREVIEW_CELLS, height="auto")
 
     return draw
+
+
+def thumbnail_image(thumb: str) -> Any:
+    """A file message's thumbnail as a Pillow image, not yet decoded; ValueError (or Pillow's own
+    error) unless it is what the files worker makes: a JPEG of at most ``PREVIEW_MAX_SIDE`` pixels
+    a side. Pillow reads only the header here: a forged one is refused before its pixels are."""
+    from PIL import Image as PilImage
+
+    picture = PilImage.open(io.BytesIO(base64.b64decode(thumb, validate=True)), formats=["JPEG"])
+    if max(picture.size) > PREVIEW_MAX_SIDE:
+        raise ValueError(f"a thumbnail of {picture.size[0]} x {picture.size[1]} pixels")
+    return picture

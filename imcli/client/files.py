@@ -435,8 +435,16 @@ def _check_overwrite(dest: Path, force: bool) -> None:
         raise InvalidInput(f"{dest} exists", "give --force to overwrite it, or -o another path")
 
 
+def local_name(info: FileInfo) -> str:
+    """The name a fetched file gets on this disk: ``plain_file_name`` of the one it was sent under. The
+    files worker refuses any other name, but a file message is anyone's payload (``/open`` takes its name
+    from one): ``..``, ``../x``, a control, an escape sequence or a bidi override never reach a path, and
+    never a name that ``ls`` or a shell prompt would print raw."""
+    return plain_file_name(info.name)
+
+
 def _destination(output: Path | None, info: FileInfo) -> Path:
-    name = Path(info.name).name or info.id  # the worker refuses names with a path in them; never trust that
+    name = local_name(info)
     if output is None:
         return Path.cwd() / name
     output = output.expanduser()

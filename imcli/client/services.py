@@ -6,6 +6,7 @@ and tests can call them without the CLI.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -66,6 +67,8 @@ from imcli.core.wire import (
 )
 
 _R = TypeVar("_R")
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- accounts
@@ -530,7 +533,7 @@ class Connection:
     """
 
     def __init__(self, identity: Identity, purpose: str, timeout: float | None = None) -> None:
-        self.requests = RequestClient(identity.topics, identity.account, self.publish, timeout)
+        self.requests = RequestClient(identity.topics, identity.account, self.publish, timeout, self._renew_replies)
         self._client = MqttClient(
             identity.address, identity.credentials, identity.client_id(purpose), on_message=self._route
         )
@@ -561,6 +564,18 @@ class Connection:
 
     def _filters(self) -> list[str]:
         return [self.requests.reply_filter()]
+
+    def _renew_replies(self, reply: str) -> None:
+        """Before a request is sent again: its reply's own topic subscribed too (QoS 0). On NATS each node tells
+        the others of a subject's first subscriber (RS+); one told while the other node reloaded its users file
+        can be lost there ("Unknown account" in its log), and a reload can leave the count of a node's own
+        subscribers one too high, so subscribing the same filter again tells nobody (nats-server 2.9.10,
+        docs/SCALING.md issue 20 eighth session). A subject no connection had is told afresh. Elsewhere it costs
+        a SUBSCRIBE, and a reply may come twice (the first one counts). Not granted in time: sent again anyway."""
+        try:
+            self._client.subscribe([], at_most_once=[reply])
+        except ImcliError as exc:
+            log.info("the subscription to %s before a request's resend: %s", reply, exc)
 
     def _route(self, message: Message) -> None:  # paho's thread: nothing but replies and notices is subscribed
         self.requests.deliver(message)

@@ -29,6 +29,7 @@ import math
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -48,6 +49,11 @@ from imcli.core.wire import (
 )
 
 REQUEST_TIMEOUT = 5.0  # seconds an asker waits for a worker's reply, unless given another or IMCLI_REQUEST_TIMEOUT
+# seconds after the first send at which a request still unanswered is sent again, the same topic and payload
+# (the worker answers a repeat from the reply it kept: imcli/core/service.py); before the first resend, ``renew``
+# (if given) subscribes the reply's own topic: on NATS 2.9 a node that reloads its users file can lose another
+# node's word that this connection reads its replies, and so drop them (docs/SCALING.md, issue 20 eighth session)
+RESEND_AFTER: tuple[float, ...] = (2.0, 4.0)
 
 
 def request_timeout() -> float:
@@ -83,8 +89,10 @@ class RequestClient:
         account: str,
         publish: Callable[[str, bytes], None],
         timeout: float | None = None,
+        renew: Callable[[str], None] | None = None,
     ) -> None:
         self.topics = topics
+        self._renew = renew
         self.account = account
         self.timeout = request_timeout() if timeout is None else timeout
         self._publish = publish
@@ -103,12 +111,20 @@ class RequestClient:
         box: queue.Queue[Message | Notice] = queue.Queue(maxsize=1)
         with self._lock:
             self._waiting[corr] = box
+        topic, payload = self.topics.request(self.account, corr), encode(request)
         try:
-            self._publish(self.topics.request(self.account, corr), encode(request))
-            try:
-                reply = box.get(timeout=wait)
-            except queue.Empty:
-                raise no_worker(wait) from None
+            self._publish(topic, payload)
+            started = time.monotonic()
+            for resend in [*(at for at in RESEND_AFTER if at < wait), None]:
+                try:
+                    reply = box.get(timeout=max(0.0, started + (wait if resend is None else resend) - time.monotonic()))
+                    break
+                except queue.Empty:
+                    if resend is None:
+                        raise no_worker(wait) from None
+                    if self._renew is not None and resend == RESEND_AFTER[0]:
+                        self._renew(self.topics.reply(self.account, corr))
+                    self._publish(topic, payload)
         finally:
             with self._lock:
                 self._waiting.pop(corr, None)
@@ -202,8 +218,10 @@ def rate_limited(account: str, retry: float | None, *, transfer: bool = False) -
 
 
 def no_worker(timeout: float) -> RequestTimeout:
+    sends = 1 + sum(at < timeout for at in RESEND_AFTER)
     return RequestTimeout(
-        f"no worker answered within {timeout:g}s",
+        f"no worker answered within {timeout:g}s (sent {sends} times)",
         "are imcli's workers running? 'imcli serve' starts them, 'imcli workers' beside another broker;"
-        " or you sent too fast",
+        " or you sent too fast; on a NATS 2.9 cluster a node reloading its users file can lose a request"
+        " or its reply (deploy/nats/README.md): try again",
     )

@@ -17,10 +17,11 @@ import re
 import time
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from imcli.core.names import DISPLAY_NAME_RULE, is_display_name
 from imcli.core.rules import DmPolicy
+from imcli.core.thumbnail import small_thumbnail
 
 # The names and topics: imcli.core.topics has them; the `noqa` ones are re-exported, since the rest
 # of imcli imports everything of the wire format from here.
@@ -69,6 +70,18 @@ MAX_NOTICE_REQUESTS = 400  # requests one aggregated rate notice names at most (
 MIME_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")  # the images the files worker recognises
 
 
+def _file_thumb(value: str) -> str:
+    if not small_thumbnail(value):
+        raise ValueError("not a thumbnail the files worker makes (a JPEG of at most 320 pixels a side)")
+    return value
+
+
+def _avatar_thumb(value: str) -> str:
+    if value and not small_thumbnail(value, ("jpeg", "png")):
+        raise ValueError("not a thumbnail (a PNG or JPEG of at most 320 pixels a side)")
+    return value
+
+
 class FileInfo(WireModel):
     """A stored file as the files worker describes it (issue 16): in a file message, a listing, a reply.
 
@@ -89,7 +102,7 @@ class FileInfo(WireModel):
     ts: Timestamp | None = None  # listings: when the worker stored it
     width: Annotated[int, Field(ge=1)] | None = None
     height: Annotated[int, Field(ge=1)] | None = None
-    thumb: Annotated[str, Field(max_length=THUMB_MAX)] | None = None
+    thumb: Annotated[str, Field(max_length=THUMB_MAX), AfterValidator(_file_thumb)] | None = None
 
 
 class ChatMessage(WireModel):
@@ -284,7 +297,8 @@ class Avatar(WireModel):
 
     file: Annotated[str, Field(pattern=f"^{_ID.pattern}$")]
     media_type: Literal["image/png", "image/jpeg", "image/gif", "image/webp"]
-    thumbnail: Annotated[str, Field(max_length=THUMBNAIL_MAX)] = ""  # base64 of a small PNG or JPEG
+    # base64 of a small PNG or JPEG (imcli.core.thumbnail: anything larger is refused)
+    thumbnail: Annotated[str, Field(max_length=THUMBNAIL_MAX), AfterValidator(_avatar_thumb)] = ""
 
 
 class Profile(WireModel):

@@ -594,6 +594,7 @@
   function thumbnailUrl(b64) {
     // a profile's thumbnail: base64 of a small PNG or JPEG, recognised by its first bytes
     if (typeof b64 !== "string" || b64.length > 20000 || !/^[A-Za-z0-9+/]+=*$/.test(b64)) return null;
+    if (!smallImage(b64, true)) return null; // no bitmap of hundreds of megabytes from 12 KiB of base64
     if (b64.startsWith("iVBORw0KGgo")) return `data:image/png;base64,${b64}`;
     if (b64.startsWith("/9j/")) return `data:image/jpeg;base64,${b64}`;
     return null;
@@ -760,11 +761,36 @@
     return new Error(`the broker dropped part of the file transfer: account ${S.me} hit its file transfer rate (try again ${retryIn(n)}: send it again, it goes on where it stopped)`);
   }
 
+  // A thumbnail as the files worker makes them: a JPEG (an avatar's: or a PNG) of at most 160 pixels a
+  // side (THUMB_SIDE in imcli/files/images.py; 320 allowed, as imcli.core.thumbnail). File messages,
+  // profiles and moments are anyone's payload, and 9,000 characters of base64 hold a PNG of 7000 x 7000
+  // pixels, which the page would decode to 196 MB.
+  function smallImage(b64, png = false) {
+    let b;
+    try { b = atob(b64); } catch { return false; }
+    const at = (i) => (b.charCodeAt(i) << 8) | b.charCodeAt(i + 1);
+    const fits = (w, h) => w > 0 && h > 0 && w <= 320 && h <= 320;
+    if (png && b.startsWith("\x89PNG\r\n\x1a\n") && b.slice(12, 16) === "IHDR" && b.length >= 24) {
+      return at(16) === 0 && at(20) === 0 && fits(at(18), at(22));
+    }
+    if (b.charCodeAt(0) !== 0xff || b.charCodeAt(1) !== 0xd8) return false;
+    for (let i = 2; i + 9 < b.length; ) {
+      if (b.charCodeAt(i) !== 0xff) return false;
+      const marker = b.charCodeAt(i + 1);
+      if (marker === 0xff) { i += 1; continue; } // fill byte
+      if (marker >= 0xc0 && marker <= 0xcf && marker !== 0xc4 && marker !== 0xc8 && marker !== 0xcc) {
+        return fits(at(i + 7), at(i + 5));
+      }
+      i += 2 + at(i + 2);
+    }
+    return false;
+  }
+
   function fileInfo(f) {
     // a file message as the sender put it: only its well-formed fields are used
     if (!f || typeof f !== "object" || !FILE_ID.test(f.id || "") || typeof f.name !== "string" || !f.name) return null;
     if (!Number.isInteger(f.size) || f.size < 1 || !/^[0-9a-f]{64}$/.test(f.sha256 || "")) return null;
-    const thumb = typeof f.thumb === "string" && f.thumb.length <= 9000 && /^[A-Za-z0-9+/]+=*$/.test(f.thumb) ? f.thumb : null;
+    const thumb = typeof f.thumb === "string" && f.thumb.length <= 9000 && /^[A-Za-z0-9+/]+=*$/.test(f.thumb) && smallImage(f.thumb) ? f.thumb : null;
     const mime = typeof f.mime === "string" ? f.mime : "application/octet-stream";
     return { type: "file", v: 1, id: f.id, name: f.name, size: f.size, mime, sha256: f.sha256, width: f.width, height: f.height, thumb };
   }
