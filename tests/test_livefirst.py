@@ -153,7 +153,8 @@ def test_a_backlog_drains_without_waiting_and_an_empty_one_waits(selector: livef
         _close_all(pairs)
 
 
-def test_the_broker_loop_is_asyncio_on_the_live_first_selector() -> None:
+def test_with_live_first_the_broker_loop_is_asyncio_on_the_selector(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loops, "LIVE_FIRST", True)
     factory = loops.loop_factory("asyncio")
     assert factory is not None
     loop = factory()
@@ -188,8 +189,7 @@ def test_a_ping_behind_a_crowd_closing_is_answered_in_the_first_round_on_the_loo
         live_peer.close()
         return order.index("live"), order.count("closing")
 
-    factory = loops.loop_factory("asyncio")
-    with asyncio.Runner(loop_factory=factory) as runner:
+    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(livefirst.new_selector())) as runner:
         position, closed = runner.run(run())
     assert closed == 1500
     assert position == 0
