@@ -173,11 +173,14 @@ def test_a_ping_behind_a_crowd_closing_is_answered_in_the_first_round_on_the_loo
         order: list[str] = []
         pairs = _pairs(1500)
         live_ours, live_peer = socket.socketpair()
+
+        def read(fd: int, what: str) -> None:
+            order.append(what)
+            loop.remove_reader(fd)
+
         for ours, _ in pairs:
-            ours.setblocking(False)
-            loop.add_reader(ours.fileno(), lambda s=ours: (order.append("closing"), loop.remove_reader(s.fileno())))
-        live_ours.setblocking(False)
-        loop.add_reader(live_ours.fileno(), lambda: (order.append("live"), loop.remove_reader(live_ours.fileno())))
+            loop.add_reader(ours.fileno(), read, ours.fileno(), "closing")
+        loop.add_reader(live_ours.fileno(), read, live_ours.fileno(), "live")
         for _, peer in pairs:
             peer.sendall(DISCONNECT)
             peer.close()

@@ -31,6 +31,10 @@ import math
 import select
 import selectors
 from itertools import islice
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from _typeshed import FileDescriptorLike
 
 _ENDING = getattr(select, "EPOLLRDHUP", 0) | getattr(select, "EPOLLHUP", 0) | getattr(select, "EPOLLERR", 0)
 
@@ -52,6 +56,9 @@ if hasattr(select, "epoll"):
 
         BOUND = 500  # ready sockets served in one loop round: about 10 ms of reads at 20 us each
         _EVENT_READ = select.EPOLLIN | select.EPOLLRDHUP  # the base class's register and modify use it
+        # the stdlib's own (selectors' private attributes, not in typeshed): the epoll object, the keys
+        _selector: select.epoll
+        _fd_to_key: dict[int, selectors.SelectorKey]
 
         def __init__(self) -> None:
             super().__init__()
@@ -109,7 +116,7 @@ if hasattr(select, "epoll"):
                         ready.append((key, events & key.events))
             return ready
 
-        def unregister(self, fileobj: selectors.FileDescriptorLike) -> selectors.SelectorKey:
+        def unregister(self, fileobj: FileDescriptorLike) -> selectors.SelectorKey:
             key = super().unregister(fileobj)
             self._live.pop(key.fd, None)  # not needed for correctness (the key check), frees it early
             self._ending.pop(key.fd, None)
