@@ -196,3 +196,23 @@ def test_a_ping_behind_a_crowd_closing_is_answered_in_the_first_round_on_the_loo
         position, closed = runner.run(run())
     assert closed == 1500
     assert position == 0
+
+
+def test_a_socket_holding_only_a_disconnect_waits_behind_a_live_one(selector: livefirst.LiveFirstSelector) -> None:
+    """A client leaving writes its DISCONNECT and only later closes (FIN): a poll then sees it open.
+    Its bytes, peeked, are exactly a DISCONNECT: it counts as closing, after a PINGREQ written later."""
+    leaving = _pairs(300)
+    live_ours, live_peer = socket.socketpair()
+    try:
+        for ours, peer in leaving:
+            selector.register(ours, selectors.EVENT_READ, "closing")
+            peer.sendall(DISCONNECT)  # no FIN
+        selector.register(live_ours, selectors.EVENT_READ, "live")
+        live_peer.sendall(PINGREQ)
+        first = [key.data for key, _ in selector.select(0)]
+        assert first[0] == "live" and len(first) == selector.BOUND
+        assert all(ours.recv(10) == DISCONNECT for ours, _ in leaving)  # peeked, not taken
+    finally:
+        _close_all(leaving)
+        live_ours.close()
+        live_peer.close()
