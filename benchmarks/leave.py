@@ -237,9 +237,9 @@ def main() -> None:
     parser.add_argument("--probe", action="store_true", help="PINGREQ round trips and the loop's rounds")
     parser.add_argument("--max-events", type=int, default=0, help="at most this many sockets per poll")
     parser.add_argument(
-        "--live-first",
+        "--plain-selector",
         action="store_true",
-        help="the broker's loop on livefirst.LiveFirstSelector (imcli/serve/loops.py LIVE_FIRST), not the stdlib's",
+        help="the stdlib's epoll selector, as before 2026-11-27 (not livefirst.LiveFirstSelector)",
     )
     parser.add_argument(
         "--slow-ping",
@@ -249,7 +249,7 @@ def main() -> None:
     parser.add_argument("--bound", type=int, default=0, help="LiveFirstSelector.BOUND: events served a round")
     args = parser.parse_args()
     PacketReader.PING_AT_ONCE = not args.slow_ping
-    loops.LIVE_FIRST = args.live_first
+    loops.LIVE_FIRST = not args.plain_selector
     if args.bound:
         livefirst.LiveFirstSelector.BOUND = args.bound
     figures = measure(

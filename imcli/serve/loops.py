@@ -4,10 +4,10 @@
 
 Both run the same code: the broker's reader hooks its connection's ``data_received``
 (imcli/broker/reader.py) in a way both loops honour. docs/PERFORMANCE.md has both loops' figures
-and why the default is what it is. ``LIVE_FIRST = True`` runs asyncio's loop on
-``livefirst.LiveFirstSelector`` (a poll of thousands of ready sockets served a bounded slice a round,
-live connections first); off by default: measured, it made a mass leave's PINGREQ round trip longer,
-not shorter (docs/PERFORMANCE.md, issue 21, eighth session). ``benchmarks.leave --live-first``.
+and why the default is what it is. asyncio's loop runs on ``livefirst.LiveFirstSelector`` (Linux):
+a poll of thousands of ready sockets, a mass leave's, is served a bounded slice a round, live
+connections first (docs/PERFORMANCE.md, issue 21, eighth session); ``LIVE_FIRST = False``: the
+stdlib's selector (``benchmarks.leave --plain-selector``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from imcli.serve import livefirst
 LOOPS = ("asyncio", "uvloop")
 DEFAULT_LOOP = "asyncio"
 ENV = "IMCLI_LOOP"
-LIVE_FIRST = False  # see the module docstring
+LIVE_FIRST = True  # see the module docstring
 
 T = TypeVar("T")
 
