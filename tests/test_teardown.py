@@ -336,8 +336,8 @@ def test_a_ping_and_a_dm_behind_a_crowd_closing_are_read_first_and_every_end_goe
     On the live-first selector (imcli/serve/livefirst.py; a bound of 10 here) alice's socket, whose
     peer has not closed, is read in the first slice, before any of the 40 DISCONNECTs (the stdlib's
     selector reads all 40 first: the count the test asserts is the change's). The DM is delivered, and
-    every leaver's end goes on all the same, its session forgotten. (The selector is off by default:
-    imcli/serve/loops.py says why.)"""
+    every leaver's end goes on all the same, its session forgotten. (Its own broker, with
+    ``LIVE_FIRST`` set whatever the default.)"""
     from imcli.serve import livefirst, loops
 
     monkeypatch.setattr(livefirst.LiveFirstSelector, "BOUND", 10)
