@@ -147,7 +147,9 @@ def main() -> None:
     parser.add_argument("--clump", type=int, default=0, help="PINGREQs per burst, from the first users (0: all)")
     parser.add_argument("--slow", action="store_true", help="every PINGREQ through the reader's task (the old path)")
     parser.add_argument("--client", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--plain-selector", action="store_true", help="the stdlib's selector (loops.LIVE_FIRST off)")
     args = parser.parse_args()
+    loops.LIVE_FIRST = not args.plain_selector
     if args.client:
         client(args.client, args.users)
         return
