@@ -24,7 +24,10 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
-SLICE = 100  # connections whose end goes on per loop round (about 60 to 80 us of CPU each)
+# connections whose end goes on per loop round (60 to 150 us of CPU each); 100 until the eighth session,
+# when the loop's selector began to hand it at most 256 sockets a round (imcli/serve/livefirst.py) and
+# rounds that ran 100 ends took 30 to 50 ms (docs/PERFORMANCE.md, issue 21, eighth session)
+SLICE = 25
 
 
 class TeardownGate:

@@ -71,7 +71,9 @@ if hasattr(select, "epoll"):
         """``selectors.EpollSelector`` that returns at most ``BOUND`` events a poll, live sockets first
         (module docstring)."""
 
-        BOUND = 500  # ready sockets served in one loop round: about 10 ms of reads at 20 us each
+        # ready sockets served in one loop round: 5 to 10 ms of reads at 20 to 40 us each (500 at first;
+        # 256 with the teardown gate's 25 ends a round kept the probe's round trips under 50 ms: PERFORMANCE.md)
+        BOUND = 256
         # a socket whose waiting bytes are exactly these counts as closing too (an MQTT DISCONNECT: a
         # client leaving writes it, its FIN comes later; one MSG_PEEK each, on the sliced path only)
         LAST_WORDS: bytes | None = b"\xe0\x00"
