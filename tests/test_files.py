@@ -380,6 +380,34 @@ def test_no_model_carries_a_thumbnail_a_worker_could_not_have_made(tmp_path: Pat
     assert image_size(b"\xff\xd8\xff\xe0\x00\x10") is None  # a header cut short says nothing
 
 
+def test_a_jpeg_with_a_second_frame_header_is_judged_by_the_larger() -> None:
+    """A JPEG may carry several frame headers and a decoder may use any: a small one first and one
+    of 8000 x 8000 after it is refused, as the largest (imcli.core.thumbnail; the page's smallImage
+    reads them the same way); a frame header of height 0 (its height given later) is refused too."""
+    import base64
+
+    from pydantic import ValidationError
+
+    from imcli.core.thumbnail import image_size, small_thumbnail
+    from imcli.core.wire import FileInfo
+
+    data = base64.b64decode(_b64_image((64, 64), "L", "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    length = int.from_bytes(data[sof + 2 : sof + 4], "big")
+    frame = bytearray(data[sof : sof + 2 + length])
+    assert image_size(data) == ("jpeg", 64, 64)
+    frame[5:9] = (8000).to_bytes(2, "big") + (8000).to_bytes(2, "big")
+    forged = data[: sof + 2 + length] + bytes(frame) + data[sof + 2 + length :]
+    assert image_size(forged) == ("jpeg", 8000, 8000)
+    frame[5:9] = (0).to_bytes(2, "big") + (64).to_bytes(2, "big")
+    no_height = data[:sof] + bytes(frame) + data[sof + 2 + length :]
+    for bad in (forged, no_height):
+        b64 = base64.b64encode(bad).decode()
+        assert not small_thumbnail(b64)
+        with pytest.raises(ValidationError):
+            FileInfo.model_validate({"id": "f" * 24, "name": "x.jpg", "size": 1, "sha256": "0" * 64, "thumb": b64})
+
+
 @given(st.binary(max_size=64))
 def test_reading_an_image_header_never_raises(data: bytes) -> None:
     from imcli.core.thumbnail import image_size

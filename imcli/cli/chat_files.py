@@ -25,6 +25,7 @@ from imcli.cli.chat_commands import ChatSession, Note, Output, args, command
 from imcli.client.config import config_dir
 from imcli.core.errors import ImcliError, InvalidInput
 from imcli.core.text import human_size
+from imcli.core.thumbnail import MAX_SIDE
 
 if TYPE_CHECKING:
     from imcli.core.wire import FileInfo, Received
@@ -32,8 +33,9 @@ if TYPE_CHECKING:
 PREVIEW_CELLS = 24  # columns of an inline preview
 # the files worker's thumbnails are JPEGs of at most 160 pixels a side (imcli/files/images.py, THUMB_SIDE);
 # a file message is anyone's payload, and 9,000 characters of base64 hold a PNG of 7000 x 7000 one-bit
-# pixels, which drawing took 142 MB and 0.37 s of CPU for, in every chat that showed it
-PREVIEW_MAX_SIDE = 320
+# pixels, which drawing took 142 MB and 0.37 s of CPU for, in every chat that showed it: the wire model
+# refuses such a thumbnail (imcli.core.thumbnail), and drawing checks again what Pillow read
+PREVIEW_MAX_SIDE = MAX_SIDE
 
 
 class ChatFiles:

@@ -26,18 +26,24 @@ def image_size(data: bytes) -> tuple[str, int, int] | None:
         return "png", int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     if not data.startswith(b"\xff\xd8"):
         return None
-    i = 2
-    while i + 9 < len(data):
+    width = height = 0  # the largest frame header's: a JPEG may carry more than one, and a decoder may
+    i = 2  # use any of them, so every one up to the scan's start counts
+    while i + 3 < len(data):
         if data[i] != 0xFF:
             return None
         marker = data[i + 1]
         if marker == 0xFF:  # a fill byte
             i += 1
             continue
+        if marker in (0xD9, 0xDA):  # the end, or the start of the scan: no frame header after this
+            break
         if marker in _SOF:
-            return "jpeg", int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
+            if i + 9 > len(data):
+                return None
+            height = max(height, int.from_bytes(data[i + 5 : i + 7], "big"))
+            width = max(width, int.from_bytes(data[i + 7 : i + 9], "big"))
         i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return None
+    return ("jpeg", width, height) if width and height else None
 
 
 def small_thumbnail(b64: str, kinds: tuple[str, ...] = ("jpeg",)) -> bool:

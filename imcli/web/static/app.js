@@ -774,16 +774,21 @@
       return at(16) === 0 && at(20) === 0 && fits(at(18), at(22));
     }
     if (b.charCodeAt(0) !== 0xff || b.charCodeAt(1) !== 0xd8) return false;
-    for (let i = 2; i + 9 < b.length; ) {
+    // every frame header up to the scan's start must fit (a JPEG may carry more than one; a decoder
+    // may use any), and there must be one
+    let frames = 0;
+    for (let i = 2; i + 3 < b.length; ) {
       if (b.charCodeAt(i) !== 0xff) return false;
       const marker = b.charCodeAt(i + 1);
       if (marker === 0xff) { i += 1; continue; } // fill byte
+      if (marker === 0xd9 || marker === 0xda) break; // the end, or the scan
       if (marker >= 0xc0 && marker <= 0xcf && marker !== 0xc4 && marker !== 0xc8 && marker !== 0xcc) {
-        return fits(at(i + 7), at(i + 5));
+        if (i + 9 > b.length || !fits(at(i + 7), at(i + 5))) return false;
+        frames += 1;
       }
       i += 2 + at(i + 2);
     }
-    return false;
+    return frames > 0;
   }
 
   function fileInfo(f) {
