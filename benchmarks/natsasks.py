@@ -24,11 +24,12 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from imcli.core.mqtt import BrokerAddress, Credentials, MqttClient
 from imcli.core.service import PasswordFileDirectory, ServiceWorker
 from imcli.core.wire import ChatMessage, GroupRequest, Topics, WhoRequest, WireModel, encode, new_id
 from imcli.groups import natsauth
-from imcli.groups.natsauth import NatsAuth
+from imcli.groups.natsauth import NatsAuth, NatsPermissions
 from imcli.groups.worker import GroupWorker
 from imcli.presence.worker import PresenceWorker
 from tests.natscluster import ACCOUNTS, NatsCluster, running_cluster
@@ -219,6 +220,18 @@ def talker(cluster: NatsCluster, log: Log, account: str, node: int, stop: thread
                 log.lines[ok] += 1
 
 
+ACCOUNTS_RENDER = NatsPermissions.render
+
+
+def render_global(self: NatsPermissions, passwords: Mapping[str, str]) -> str:
+    """The users file with every user in the global account (``authorization { users }``), no ``accounts``
+    block: then nats-server 2.9.10 gives the global account JetStream. Parked users and ghosts stay in
+    it, muted (an experiment: their connections are not closed)."""
+    text = ACCOUNTS_RENDER(self, passwords)
+    users = [line.strip() for line in text.splitlines() if line.strip().startswith('{"user"')]
+    return "authorization {\n  users: [\n" + "".join(f"    {u}\n" for u in users) + "  ]\n}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.natsasks", description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=60)
@@ -231,7 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--late", type=float, default=30.0)
     parser.add_argument("--no-resend", action="store_true", help="as before: each request sent once")
     parser.add_argument("--keep", help="a folder to keep the nodes' logs in")
+    parser.add_argument(
+        "--users-shape",
+        choices=("accounts", "global"),
+        default="accounts",
+        help="an experiment (issue 20, ninth session): 'global' writes every user into the global account "
+        "(authorization { users }, JetStream on it) instead of account IM; cut users are only muted then",
+    )
     args = parser.parse_args(argv)
+    if args.users_shape == "global":
+        setattr(NatsPermissions, "render", render_global)  # noqa: B010 - the experiment's own writer
     if args.no_resend:
         request_reply.RESEND_AFTER = ()
     n_users = args.askers + args.storm + args.talkers + args.listeners + 2 * args.changes
@@ -306,6 +328,12 @@ def report(log: Log, args: argparse.Namespace, load: float, worker_ports: dict[s
         "load_at_start": load,
         "load_at_end": os.getloadavg()[0],
         "workers_on_node": {k: node_of_port.get(v) for k, v in worker_ports.items()},
+        "users_shape": args.users_shape,
+        "reloads_per_node": [n.reloads for n in cluster.nodes],
+        "unknown_account_lines_per_node": [n.log.count("Unknown account") for n in cluster.nodes],
+        "unknown_account_names": sorted(
+            set(re.findall(r'Unknown account "([^"]*)"', "".join(n.log for n in cluster.nodes)))
+        ),
         "storm_logins_ok_failed": log.storm,
         "room_lines_ok_failed": log.lines,
         "group_changes": {
