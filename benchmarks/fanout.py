@@ -97,12 +97,12 @@ class Listeners:
     def add(self, name: str, client_id: str, room: str) -> Path:
         assert MOSQUITTO_SUB is not None
         path = self.out / f"sub-{client_id.replace(':', '-')}"
-        with path.open("w") as stamps:
+        with path.open("w") as stamps, path.with_suffix(".err").open("w") as errors:  # a refused SUBSCRIBE
             self.procs.append(subprocess.Popen(
                 [*UNBUFFERED, MOSQUITTO_SUB, *self.common, "-p", str(self.port(len(self.procs))), "-u", name,
                  "-i", client_id,
                  "-t", T.room_filter(room), "-t", T.room_filter(self.probe_room), "-F", "%U %t"],
-                stdout=stamps, stderr=subprocess.DEVNULL, text=True,
+                stdout=stamps, stderr=errors, text=True,
             ))  # fmt: skip
         self.files.append(path)
         self.client_ids.append(client_id)
@@ -165,6 +165,10 @@ def trace_short(broker: Broker, listeners: Listeners, per_listener: int, marker:
             "node": f"nats-{node + 1}",
             "lines": len(_stamps(listeners.files[i], marker)),
             "probes": sum(1 for x in listeners.files[i].read_text().splitlines() if listeners.probe_room in x),
+            "stderr": listeners.files[i].with_suffix(".err").read_text(errors="replace")[-2000:],
+            "log_lines_of_client": {
+                name: [line for line in text.splitlines() if f'"{client_id}"' in line] for name, text in logs.items()
+            },
         }
         try:
             connz = _monitor(broker.monitors[node], f"/connz?mqtt_client={client_id}&subs=detail")
