@@ -14,6 +14,7 @@ groups worker before the clock starts.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
@@ -156,6 +157,14 @@ def trace_short(broker: Broker, listeners: Listeners, per_listener: int, marker:
     for n, port in enumerate(broker.monitors):
         with contextlib.suppress(OSError, ValueError):
             jsz[f"nats-{n + 1}"] = _monitor(port, "/jsz?accounts=true&streams=true&consumers=true&config=true")
+    streams = {  # each node's copy of the MQTT streams: a replica short of messages delivers them to nobody
+        name: {
+            st.get("name"): {**(st.get("state") or {}), "leader": (st.get("cluster") or {}).get("leader")}
+            for acc in doc.get("account_details") or []
+            for st in acc.get("stream_detail") or []
+        }
+        for name, doc in jsz.items()
+    }
     traced = []
     for i in short:
         client_id = listeners.client_ids[i]
@@ -166,6 +175,9 @@ def trace_short(broker: Broker, listeners: Listeners, per_listener: int, marker:
             "lines": len(_stamps(listeners.files[i], marker)),
             "probes": sum(1 for x in listeners.files[i].read_text().splitlines() if listeners.probe_room in x),
             "stderr": listeners.files[i].with_suffix(".err").read_text(errors="replace")[-2000:],
+            "lines_per_topic": dict(
+                collections.Counter(x.split()[1] for x in listeners.files[i].read_text().splitlines() if marker in x)
+            ),
             "log_lines_of_client": {
                 name: [line for line in text.splitlines() if f'"{client_id}"' in line] for name, text in logs.items()
             },
@@ -205,7 +217,7 @@ def trace_short(broker: Broker, listeners: Listeners, per_listener: int, marker:
         traced.append(entry)
     dest.mkdir(parents=True, exist_ok=True)
     out = dest / f"fanout-trace-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"per_listener": per_listener, "short": traced}, indent=1) + "\n")
+    out.write_text(json.dumps({"per_listener": per_listener, "streams": streams, "short": traced}, indent=1) + "\n")
     print(f"  {len(short)} QoS 1 listeners short: traced in {out}", flush=True)
     return out
 
