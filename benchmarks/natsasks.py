@@ -1,6 +1,7 @@
 """Requests to the workers on the three-node NATS cluster under load: which go unanswered, and where (issue 20).
 
-``python -m benchmarks.natsasks [--seconds 60] [--askers 6] [--storm 4] [--talkers 4] [--timeout 5]``
+``python -m benchmarks.natsasks [--seconds 60] [--askers 6] [--storm 4] [--talkers 4] [--timeout 5]
+[--changes N] [--hearers N] [--no-resend] [--users-shape accounts|global] [--keep DIR]``
 
 Three nodes from deploy/nats (tests/natscluster.py) and the presence and group workers as
 ``imcli workers --nats-users`` runs them (QoS 0 requests and replies), on nodes 2, 3, 1 in that
@@ -11,6 +12,10 @@ waited for ``timeout`` seconds (the CLI's default 5) and then, to tell late from
 Meanwhile the load: ``storm`` threads connect and close clean sessions with a QoS 1 subscription
 (a JetStream consumer made and deleted each time: a login storm), and ``talkers`` say QoS 1 room
 lines as fast as their PUBACKs come to as many QoS 1 listeners (a fan-out).
+``changes`` threads make group changes (each a reload of every node); ``hearers`` threads make new
+clean sessions that subscribe the talkers' room at QoS 1 and wait for a line (a subscription left
+deaf by a reload). ``--users-shape global`` (an experiment) writes every user into the global account
+instead of ``IM``. The summary counts each node's reloads and ``Unknown account`` lines.
 
 Each worker's ``_on_request`` and reply are wrapped to note when it heard each correlation id and
 when it sent the reply, so an unanswered request is told apart: never reached the worker, or its
