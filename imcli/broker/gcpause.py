@@ -25,7 +25,7 @@ collection over 5 ms):
   walked about 67,000 objects, 45 to 58 ms of CPU on this machine, over the 50 ms bound; at 2
   about a fifth of that, 19 ms of CPU at most, in ``python -m benchmarks.memory --users 3000``;
   at 1, the ninth session, each walks two thirds of what it walked at 2, about 14,000 objects in a
-  join of 10,000, and the longest used 10.0 and 9.4 ms of CPU against 14.3 and 13.9 at 2 in two
+  join of 10,000, and the longest used 10.0 and 14.5 ms of CPU against 14.3 and 17.6 at 2 in two
   alternated pairs of ``python -m benchmarks.memory --users 10000 --processes 4``: docs/PERFORMANCE.md);
 - generation 1 collections come after every 5 generation 0 collections (CPython's default is 10):
   in a join of 10,000 users (``python -m benchmarks.memory --users 10000``) the longest generation 1
