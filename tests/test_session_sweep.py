@@ -13,7 +13,7 @@ import pytest
 from imcli.broker import amqtt_adapter, output, session_sweep
 from imcli.broker.amqtt_adapter import LightSession
 from imcli.broker.output import OutputBound
-from imcli.broker.retained import send_in_slices
+from imcli.broker.retained import RETAINED_SLICE, send_in_slices
 from imcli.broker.session_sweep import EndedSessions, forgettable
 from imcli.core.wire import DeviceStatus, encode
 from imcli.serve.host import ServeInfo
@@ -220,11 +220,9 @@ def test_ten_thousand_presence_records_go_out_at_most_a_hundred_a_loop_round() -
         ticker = asyncio.create_task(ticks.run())
         await asyncio.sleep(0)
         topics = [f"im/presence/user{i}" for i in range(10_000)]
-        first, rest = topics[: amqtt_adapter.RETAINED_SLICE], topics[amqtt_adapter.RETAINED_SLICE :]
+        first, rest = topics[:RETAINED_SLICE], topics[RETAINED_SLICE:]
         rounds.append((len(first), ticks.count))
-        await send_in_slices(
-            rest, amqtt_adapter.RETAINED_SLICE, lambda some: rounds.append((len(some), ticks.count)), lambda: True
-        )
+        await send_in_slices(rest, RETAINED_SLICE, lambda some: rounds.append((len(some), ticks.count)), lambda: True)
         ticker.cancel()
 
     asyncio.run(main())
