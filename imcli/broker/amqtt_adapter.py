@@ -108,7 +108,7 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
     *_names(_B, "Broker", "called", "_matches _get_handler"),  # handed to fanout.FanOut
     *_names(_B, "Broker", "read", "_servers _sessions _retained_messages"),
     *_names(_B, "Broker", "replaced", "_subscriptions"),  # by sessions.SubscriptionTable
-    # ImBroker.is_file_topic: a file's bytes skip the plugin events only while no plugin listens
+    # ImBroker.is_file_topic, is_line_topic: chunks and chat lines skip the plugin events while no plugin listens
     *_names("amqtt.plugins.manager", "PluginManager", "read", "_event_plugin_callbacks"),
     # AckAfterJournal, LightSession and use_light_sessions, below
     *_names(_H, "BrokerProtocolHandler", "overridden", "_handle_qos1_message_flow _handle_qos2_message_flow"),

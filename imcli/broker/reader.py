@@ -27,7 +27,10 @@ the messages of one publisher were fanned out one per round (one ``send`` per co
 * a QoS 0 or 1 PUBLISH read while nothing the client sent before waits is handled here, in this
   callback (its checks, its fan-out, its copies written, its row handed to the journal:
   ``AckAfterJournal.may_deliver_now``), up to ``client_loop.FAIR_SHARE`` of one read; the rest
-  wait for the connection's message loop, in order, as before;
+  wait for the connection's message loop, in order, as before; a QoS 1 chat line (neither DUP nor
+  RETAIN, on a room's, DM's or group's topic) takes its own path there (``_directly``:
+  ``ImBroker.deliver_line``, the same token, checks, fan-out and journal without amqtt's packet and
+  message objects; issue 16, ninth session);
 * the PUBACKs of a read are written once the journal's thread has committed the rows recorded
   until then (imcli/broker/journal.py), and a packet with an answer of its own (PINGREQ,
   SUBSCRIBE, ...) is handled only once they are: no answer overtakes them;
