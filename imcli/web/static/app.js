@@ -627,8 +627,8 @@
     $("card-name").textContent = prof.name || nickOf(who);
     $("card-account").textContent = who;
     $("card-presence").textContent = pres ? (pres.state === "online" ? "online" : "offline") : "";
-    $("card-signature").textContent = prof.signature || "";
-    $("card-about").textContent = prof.about || "";
+    $("card-signature").replaceChildren(said(prof.signature || ""));
+    $("card-about").replaceChildren(said(prof.about || ""));
     const url = prof.avatar ? thumbnailUrl(prof.avatar.thumbnail) : null;
     $("card-avatar").hidden = !url;
     setUrl($("card-avatar"), "src", url);
@@ -1084,7 +1084,7 @@
   // ------------------------------------------------------------------ rendering
   function setStatus(text, bad) {
     const s = $("status");
-    s.textContent = text;
+    s.replaceChildren(said(text)); // a worker's or a notice's text, which may quote what someone typed
     s.classList.toggle("error", !!bad);
   }
   const setConn = (text) => { $("conn").textContent = text; };
