@@ -382,3 +382,96 @@ def test_every_renderer_shows_every_payload_as_text(web: ServeInfo) -> None:
     finally:
         mallory.raw.close()
         helper.raw.close()
+
+
+# ------------------------------------------------------------------ a worker with a bug
+def presence(nick: Any, **extra: Any) -> dict[str, Any]:
+    return {"type": "presence", "v": 1, "account": "mallory", "nick": nick, "state": "online", "since": 0.0,
+            "devices": 1, **extra}  # fmt: skip
+
+
+def profile(**fields: Any) -> dict[str, Any]:
+    return {"type": "profile", "v": 1, "account": "mallory", "name": "mallory", "signature": "", "about": "", **fields}
+
+
+def notice(text: Any) -> dict[str, Any]:
+    return {"type": "notice", "v": 1, "id": secrets.token_hex(16), "ts": time.time(), "code": "info", "text": text}
+
+
+def event(**fields: Any) -> dict[str, Any]:
+    return {"type": "event", "v": 1, "id": secrets.token_hex(16), "ts": time.time(), "account": "mallory", **fields}
+
+
+@dataclass(frozen=True)
+class Record:
+    """A field of a worker's record: the topic, the record holding the payload, where and how it shows."""
+
+    name: str
+    topic: str
+    body: Callable[[str], dict[str, Any]]
+    selector: str
+    shows: Callable[[str], str] = lambda text: text
+    retain: bool = False
+
+
+RECORDS = [
+    Record("presence nick", "im/presence/mallory", presence, f"{PERSON} > bdi:not(.sig)", retain=True),
+    Record("profile name", "im/profile/mallory", lambda t: profile(name=t), "#card-name", retain=True),
+    Record("profile signature", "im/profile/mallory", lambda t: profile(signature=t), f"{PERSON} .sig", retain=True),
+    Record("profile about", "im/profile/mallory", lambda t: profile(about=t), "#card-about > bdi", retain=True),
+    Record("notice", "im/user/alice/notice", notice, "#status > bdi"),
+    Record("event nick", "im/events", lambda t: event(event="rename", nick=t, old_nick="m"),
+           "#messages li.system bdi", lambda t: f"m is now {t}"),
+    Record("event device", "im/events", lambda t: event(event="device_join", nick="m", device=t),
+           "#messages li.system bdi", lambda t: f"m (mallory) is online on {t} too"),
+]  # fmt: skip
+
+# records no worker's model lets through: each is dropped whole, and nothing breaks
+MALFORMED = [
+    ("im/presence/mallory", presence(5)),
+    ("im/presence/mallory", presence(None)),
+    ("im/presence/mallory", presence("m", state="<b>")),
+    ("im/presence/mallory", presence("alice-the-admin", account="alice")),
+    ("im/profile/mallory", profile(signature=["<b>x</b>"])),
+    ("im/profile/mallory", profile(avatar="<img src=x>")),
+    ("im/profile/mallory", profile(name={"toString": 1})),
+    ("im/events", event(event="rename", nick={}, old_nick=[])),
+    ("im/user/alice/notice", notice(5)),
+    ("im/user/alice/notice", {"type": "notice", "code": "rate", "text": "x", "requests": "abc"}),
+    ("im/user/alice/friends", {"type": "friends", "v": 1, "account": "alice", "friends": None, "incoming": "mallory"}),
+    ("im/user/alice/friends", {"type": "friends", "v": 1, "account": "alice", "incoming": ["<img src=x>"]}),
+    ("im/group/den/info", {"type": "group", "v": 1, "name": "den", "members": "alice", "private": "no"}),
+]
+
+
+def test_worker_records_show_as_text_and_malformed_ones_are_dropped(web: ServeInfo) -> None:
+    mallory = Person(web, "mallory")
+    rogue = connect_raw("127.0.0.1", web.address.port, "rogue", "rogue:raw")
+    try:
+        with chromium() as browser:
+            alice = new_user(browser, f"http://127.0.0.1:{web.ws_port}/", "alice")
+            alice.sign_in(password_of("alice"))
+            mallory.online()
+            alice.p.wait_for_selector(PERSON)
+            alice.p.click(PERSON)
+            alice.p.wait_for_selector("#profile-card:not([hidden])")
+            for rec in RECORDS:
+                for p, text in PAYLOADS.items():
+                    if len(text) > 12_000:
+                        continue  # over the broker's limit for anyone
+                    rogue.publish(rec.topic, json.dumps(rec.body(text)).encode(), retain=rec.retain)
+                    expect_shown(alice, rec.selector, rec.shows(text), f"{rec.name} x {p}")
+                assert_safe(alice, rec.name)
+            # a valid record, then the malformed ones: the valid one stays, the page keeps working
+            rogue.publish("im/presence/mallory", json.dumps(presence("Mallory")).encode(), retain=True)
+            expect_shown(alice, f"{PERSON} > bdi:not(.sig)", "Mallory", "valid presence")
+            for topic, body in MALFORMED:
+                rogue.publish(topic, json.dumps(body).encode(), retain=topic.startswith(("im/presence", "im/profile")))
+            still_works(alice, mallory, "room:lobby", "im/room/lobby/mallory")
+            expect_shown(alice, f"{PERSON} > bdi:not(.sig)", "Mallory", "presence after malformed ones")
+            assert alice.p.locator("#people li[data-account='alice'] bdi:text-is('alice-the-admin')").count() == 0
+            assert alice.p.locator("#incoming li").count() == 0
+            assert_safe(alice, "malformed records")
+    finally:
+        mallory.raw.close()
+        rogue.close()
