@@ -195,9 +195,13 @@ def test_a_burst_of_connections_is_accepted_a_slice_per_loop_round() -> None:
             arrivals.append(rounds[0])
             writer.close()
 
+        async def on_websocket(_websocket: object) -> None:
+            raise AssertionError("a TCP listener")
+
         server = await listeners.serve(
-            ListenerType.TCP, on_stream, on_stream, "127.0.0.1", 0, None, Limits().listen_backlog
+            ListenerType.TCP, on_stream, on_websocket, "127.0.0.1", 0, None, Limits().listen_backlog
         )
+        assert server is not None
         port = server.sockets[0].getsockname()[1]
         clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]  # queued by the kernel
         counter = asyncio.create_task(count_rounds())
