@@ -37,6 +37,26 @@
   // what someone else wrote: text in a bidi isolate, so a U+202E cannot reorder what surrounds it
   const said = (text, cls) => el("bdi", cls, String(text));
 
+  // The one way a URL reaches the page (an <img>'s src, a link's href; tests/test_webapp.py checks
+  // that no other code sets one): a blob this page made, or the base64 data: URL of a small PNG or
+  // JPEG whose first bytes say so and whose every frame fits (smallImage). Anything else (javascript:,
+  // an SVG, a remote address, a data: URL of another type, a thumbnail that lies about its size) is
+  // refused: the attribute is removed and the function answers false.
+  const DATA_IMAGE = /^data:image\/(png|jpeg);base64,([A-Za-z0-9+/]{4,20000}={0,2})$/;
+  function safeUrl(url) {
+    if (typeof url !== "string") return null;
+    if (url.startsWith(`blob:${location.origin}/`) && /^[0-9a-f-]{36}$/.test(url.slice(location.origin.length + 6))) return url;
+    const m = DATA_IMAGE.exec(url);
+    if (!m) return null;
+    const png = m[2].startsWith("iVBORw0KGgo");
+    return (m[1] === "png") === png && smallImage(m[2], png) ? url : null;
+  }
+  function setUrl(e, attr, url) {
+    const ok = safeUrl(url);
+    if (ok) e[attr] = ok; else e.removeAttribute(attr);
+    return ok !== null;
+  }
+
   function newId() {
     const a = new Uint8Array(16);
     crypto.getRandomValues(a);
@@ -594,10 +614,8 @@
   function thumbnailUrl(b64) {
     // a profile's thumbnail: base64 of a small PNG or JPEG, recognised by its first bytes
     if (typeof b64 !== "string" || b64.length > 20000 || !/^[A-Za-z0-9+/]+=*$/.test(b64)) return null;
-    if (!smallImage(b64, true)) return null; // no bitmap of hundreds of megabytes from 12 KiB of base64
-    if (b64.startsWith("iVBORw0KGgo")) return `data:image/png;base64,${b64}`;
-    if (b64.startsWith("/9j/")) return `data:image/jpeg;base64,${b64}`;
-    return null;
+    // no bitmap of hundreds of megabytes from 12 KiB of base64: safeUrl checks its size
+    return safeUrl(`data:image/${b64.startsWith("iVBORw0KGgo") ? "png" : "jpeg"};base64,${b64}`);
   }
 
   function renderCard() {
@@ -609,11 +627,11 @@
     $("card-name").textContent = prof.name || nickOf(who);
     $("card-account").textContent = who;
     $("card-presence").textContent = pres ? (pres.state === "online" ? "online" : "offline") : "";
-    $("card-signature").textContent = prof.signature || "";
-    $("card-about").textContent = prof.about || "";
+    $("card-signature").replaceChildren(said(prof.signature || ""));
+    $("card-about").replaceChildren(said(prof.about || ""));
     const url = prof.avatar ? thumbnailUrl(prof.avatar.thumbnail) : null;
     $("card-avatar").hidden = !url;
-    if (url) $("card-avatar").src = url; else $("card-avatar").removeAttribute("src");
+    setUrl($("card-avatar"), "src", url);
     $("card-dm").hidden = who === S.me;
   }
 
@@ -676,7 +694,9 @@
     if (m.text) li.append(said(m.text, "text"));
     for (const image of m.images || []) {
       const url = thumbnailUrl(image.thumbnail);
-      if (url) { const img = el("img", "thumb"); img.alt = ""; img.src = url; li.append(img); }
+      const img = el("img", "thumb");
+      img.alt = "";
+      if (setUrl(img, "src", url)) li.append(img);
     }
     const likes = m.likes || [];
     if (likes.length) li.append(el("div", "likes", `♥ ${likes.map(nickOf).join(", ")}`));
@@ -1026,8 +1046,7 @@
     if (image && f.thumb) {
       const img = el("img", "thumb");
       img.alt = f.name;
-      img.src = `data:image/jpeg;base64,${f.thumb}`;
-      box.append(img);
+      if (setUrl(img, "src", `data:image/jpeg;base64,${f.thumb}`)) box.append(img);
     }
     const extra = f.width && f.height ? ` · ${f.width}×${f.height}` : "";
     box.append(said(f.name, "name"), el("span", "meta", ` ${humanSize(f.size)}${extra}`));
@@ -1045,12 +1064,11 @@
           const img = box.querySelector("img") || el("img", "full");
           img.className = "full";
           img.alt = info.name;
-          img.src = url;
-          box.prepend(img);
+          if (setUrl(img, "src", url)) box.prepend(img);
         }
         const save = el("a", "save", "Save");
-        save.href = url;
-        save.download = info.name;
+        setUrl(save, "href", url);
+        save.download = plainName(String(info.name), "file"); // the worker's name; no path, whatever it says
         get.replaceWith(save);
       } catch (e) {
         get.disabled = false;
@@ -1066,7 +1084,7 @@
   // ------------------------------------------------------------------ rendering
   function setStatus(text, bad) {
     const s = $("status");
-    s.textContent = text;
+    s.replaceChildren(said(text)); // a worker's or a notice's text, which may quote what someone typed
     s.classList.toggle("error", !!bad);
   }
   const setConn = (text) => { $("conn").textContent = text; };
@@ -1167,7 +1185,9 @@
       const prof = S.profiles.get(p.account);
       const face = prof && prof.avatar ? thumbnailUrl(prof.avatar.thumbnail) : null;
       li.append(el("span", p.state === "online" ? "dot online" : "dot"));
-      if (face) { const img = el("img", "face"); img.alt = ""; img.src = face; li.append(img); }
+      const img = el("img", "face");
+      img.alt = "";
+      if (setUrl(img, "src", face)) li.append(img);
       li.append(said(p.nick), el("span", "muted", p.nick !== p.account ? `(${p.account})` : ""));
       if (prof && prof.signature) li.append(said(prof.signature, "sig"));
       li.addEventListener("click", () => { S.card = p.account; renderCard(); });
