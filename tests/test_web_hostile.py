@@ -61,6 +61,16 @@ PAYLOADS: dict[str, str] = {
 }
 
 
+ODD = f"<img src=x onerror=\"{PWN}='odd'\"> odd topic"
+ODD_TOPICS = [
+    "im/room/lobby/mallory/x", "im/room//mallory", "im/room/lobby", "im/room/lobby/alice",
+    "im/room/Lobby/mallory", "im/room/lobby/mallory/", "im/user/alice/dm/mallory/x", "im/user/alice/sent/mallory",
+    "im/user/alice/notice", "im/user/alice/friends", "im/user/alice/reply/abc", "im/presence/mallory",
+    "im/profile/mallory", "im/events", "im/group/den/info", "im/group/den/msg/alice", "im/status/alice/web",
+    "im//room/lobby/mallory", "/im/room/lobby/mallory", "im/room/lobby/mallory\u2028", "im/room/\u202elobby/mallory",
+]  # fmt: skip
+
+
 def image(kind: str, size: tuple[int, int]) -> bytes:
     from PIL import Image
 
@@ -291,6 +301,11 @@ def test_every_renderer_shows_every_payload_as_text(web: ServeInfo) -> None:
                 reply = mallory.ask({"type": "group_request", "op": op, "group": "den", "private": False, **extra})
                 assert reply is not None and reply["type"] == "group_reply", reply
             alice.p.wait_for_selector(PERSON)
+            # retained and live, on topics with odd levels or where mallory may not write: nothing shows
+            for topic in ODD_TOPICS:
+                for body in (chat(ODD), ODD.encode(), presence(ODD), profile(signature=ODD), notice(ODD)):
+                    mallory.publish(topic, body, retain=True)
+                    mallory.publish(topic, body)
 
             # chat fields: everything at once, then each conversation is read
             accepted = {(f.name, p): f.put(mallory, text) for f in CHAT_FIELDS for p, text in PAYLOADS.items()}
@@ -307,6 +322,7 @@ def test_every_renderer_shows_every_payload_as_text(web: ServeInfo) -> None:
                         else:
                             expect_absent(alice, field.selector, text, what)
                 assert_safe(alice, key)
+                assert "odd topic" not in alice.p.evaluate("() => document.body.textContent"), key
 
             # file messages' size fields and thumbnails
             for p, text in PAYLOADS.items():
