@@ -166,7 +166,7 @@ def test_only_the_author_deletes(people: dict[str, Cli]) -> None:
         (["delete", "nosuchid"], "Error: no moment nosuchid"),
         (["nobody-at-all"], "Error: unknown user 'nobody-at-all'"),
         (["--limit", "0"], "Error: invalid limit 0"),
-        (["post", "hi", "--image", "/no/such/file.png"], "Error: no file /no/such/file.png"),
+        (["post", "hi", "--image", "/no/such/file.png"], "Error: no file '/no/such/file.png'"),
     ],
 )
 def test_bad_input_is_one_error_line(people: dict[str, Cli], args: list[str], error: str) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from imcli.cli.common import DataDirOpt, JsonOpt, PasswordStdin, account_store, ask_password, console, sub_app
+from imcli.core.errors import InvalidInput
 
 admin_app = sub_app("Operator commands (run on the broker's machine).")
 user_app = sub_app("Accounts in the broker's data directory.")
@@ -66,6 +67,9 @@ def user_list(data_dir: DataDirOpt = None, json_: JsonOpt = False) -> None:
     console().print(table if accounts else "no accounts")
 
 
+LONGEST_INVITE = 3650 * 86400  # seconds: ten years
+
+
 @admin_app.command("invite")
 def invite(
     data_dir: DataDirOpt = None,
@@ -104,7 +108,10 @@ def invite(
         if not invites:
             console().print("no invites")
         return
-    code, made = store.create(uses, parse_duration(expires) if expires and expires != "never" else None)
+    lifetime = parse_duration(expires) if expires and expires != "never" else None
+    if lifetime is not None and lifetime > LONGEST_INVITE:  # its end must be a date: 10**40 s was an OverflowError
+        raise InvalidInput(f"invalid duration {expires!r}", f"give at most {LONGEST_INVITE // 86400}d, or never")
+    code, made = store.create(uses, lifetime)
     if json_:
         print(json.dumps({"code": code, "id": made.id, "uses": made.uses, "expires": made.expires}))
         return

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imcli.cli.chat_commands import ChatSession, Note, Output, args, command
+from imcli.cli.common import local_path
 from imcli.client.config import config_dir
 from imcli.core.errors import ImcliError, InvalidInput
 from imcli.core.text import human_size
@@ -95,7 +96,7 @@ def _send(chat: ChatSession, rest: str) -> list[Output]:
 
     if not rest:
         raise InvalidInput("missing argument", "usage: /send PATH")
-    path = Path(rest).expanduser()
+    path = local_path(rest)
     size = check_file(path)
     where = chat.here
     identity = getattr(chat, "identity")  # noqa: B009 - the session's, not in the command protocol
@@ -115,7 +116,7 @@ def _send(chat: ChatSession, rest: str) -> list[Output]:
 def _get(chat: ChatSession, rest: str) -> list[Output]:
     words = args(rest, "/get N [PATH]", 1, 2)
     info = files_of(chat).get(words[0])
-    output = Path(words[1]).expanduser() if len(words) > 1 else None
+    output = local_path(words[1]) if len(words) > 1 else None
     _background(chat, lambda: [Note(f"saved {_fetch(chat, info, output, force=False)}", "dim")])
     return [Note(f"fetching {info.name} ({human_size(info.size)})…", "dim")]
 

@@ -151,9 +151,45 @@ def _finite(process: Any, *, local_paths: bool) -> Any:
                 raise typer.BadParameter(f"a finite number is needed, not {item}")
             if isinstance(item, str) and not local_paths and not is_text(item):
                 raise typer.BadParameter(f"{item!r} holds bytes that are not UTF-8 text")
+        if isinstance(value, Path):
+            return _home(value)
+        if isinstance(value, (list, tuple)) and any(isinstance(item, Path) for item in value):
+            return type(value)(_home(item) if isinstance(item, Path) else item for item in value)
         return value
 
     return finite
+
+
+NAME_MAX, PATH_MAX = 255, 4096  # bytes of one component and of a whole path (Linux's limits)
+
+
+def local_path(name: str | Path) -> Path:
+    """A file name as typed, ``~`` and ``~user`` expanded; one error line for what no system call can
+    take: a ``~nosuchuser/x`` (the RuntimeError of ``Path.expanduser``), a name too long (the OSError
+    ENAMETOOLONG of whatever opens it: ``get -o``, ``--ca``), a NUL (the ValueError of ``open``)."""
+    text = str(name)
+    if "\x00" in text:
+        raise InvalidInput(f"invalid file name {text!r}: it holds a NUL", "give the path without it")
+    raw = os.fsencode(text)
+    if len(raw) >= PATH_MAX or any(len(part) > NAME_MAX for part in raw.split(b"/")):
+        shown = text if len(text) <= 60 else text[:60] + "…"
+        raise InvalidInput(
+            f"file name too long: {shown!r}", f"at most {NAME_MAX} bytes a name and {PATH_MAX - 1} a path"
+        )
+    try:
+        return Path(name).expanduser()
+    except RuntimeError:
+        raise InvalidInput(
+            f"no home directory for {text.split('/', maxsplit=1)[0]!r}", "give the path without ~"
+        ) from None
+
+
+def _home(path: Path) -> Path:
+    """Every ``Path`` parameter, expanded and checked as it is read (``local_path``: a usage error)."""
+    try:
+        return local_path(path)
+    except InvalidInput as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def usage_error(exc: Any) -> InvalidInput:

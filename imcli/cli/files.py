@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from imcli.cli.common import HostOpt, JsonOpt, PortOpt, console
+from imcli.cli.common import HostOpt, JsonOpt, PortOpt, console, local_path
 from imcli.client.identity import signed_in
 from imcli.core.errors import InvalidInput
 
@@ -69,7 +69,7 @@ def send(
     """Send files (images, documents, anything) to a person, a group or a room, each as a message."""
     from imcli.client.files import FileConnection, check_file
     from imcli.client.services import Conversation
-    from imcli.core.text import human_size
+    from imcli.core.text import human_size, safe
 
     if room is not None:
         where, names = Conversation.parse(room), args
@@ -83,7 +83,7 @@ def send(
         names = args[1:]
     if not names:
         raise InvalidInput("no file to send", "imcli send --room lobby photo.png")
-    paths = [Path(n).expanduser() for n in names]
+    paths = [local_path(n) for n in names]
     sizes = [check_file(p) for p in paths]  # every file checked before anything is sent
     identity = signed_in(host, port)
     with FileConnection(identity, "send") as connection:
@@ -92,7 +92,7 @@ def send(
             with progress_bar(path.name, size) as progress:
                 info = connection.upload(path, target, progress)
             connection.post(where, target, info)
-            typer.echo(f"sent {path.name} ({human_size(info.size)}) to {where}: {info.id}")
+            typer.echo(f"sent {safe(path.name)} ({human_size(info.size)}) to {where}: {info.id}")  # any local name
 
 
 def files(
@@ -147,7 +147,7 @@ def get(
 ) -> None:
     """Download a file you may read; a download that stopped goes on where it stopped."""
     from imcli.client.files import FileConnection
-    from imcli.core.text import human_size
+    from imcli.core.text import human_size, safe
 
     with FileConnection(signed_in(host, port), "get") as connection:
         bar: contextlib.ExitStack = contextlib.ExitStack()
@@ -162,7 +162,7 @@ def get(
 
         with bar:
             fetched = connection.download(file_id, output, force=force, progress=progress)
-    typer.echo(f"saved {fetched.path} ({human_size(fetched.file.size)})")
+    typer.echo(f"saved {safe(str(fetched.path))} ({human_size(fetched.file.size)})")  # -o may be any bytes
     sys.stdout.flush()
 
 

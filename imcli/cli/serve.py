@@ -265,10 +265,16 @@ def file_limits(max_file_mib: int, quota_mib: int, uploads: int, max_chunk: int)
     }
 
 
+MIN_OUTPUT_TIMEOUT = 5.0  # seconds
+
+
 def output_bound(max_output: int, timeout: float, max_payload: int) -> dict[str, Any]:
     """imcli serve's bound on what one connection that does not read holds (issue 15), as ``Limits`` fields."""
-    if max_output < max(1 << 16, 4 * max_payload) or timeout <= 0:
+    # a client is closed once nothing was taken for --output-timeout: under a second, the workers were closed
+    # as they started (1e-320: their subscriptions never acknowledged, the workers' process ended in a traceback)
+    if max_output < max(1 << 16, 4 * max_payload) or timeout < MIN_OUTPUT_TIMEOUT:
         raise InvalidInput(
-            "output limits too small", "--max-output >= 64 KiB and 4 times --max-payload, --output-timeout > 0"
+            "output limits too small",
+            f"--max-output >= 64 KiB and 4 times --max-payload, --output-timeout >= {MIN_OUTPUT_TIMEOUT:g}",
         )
     return {"output_drop": max_output // 8, "output_close": max_output, "output_stuck": timeout}

@@ -73,6 +73,9 @@ def _nats_auth(users: Path | None, accounts: Path | None, pidfiles: list[Path], 
     from imcli.core.wire import Topics
     from imcli.groups.natsauth import NatsAuth
 
+    for path, what in ((users, "--nats-users"), *((p, "--nats-pidfile") for p in pidfiles)):
+        if path.exists() and not path.is_file():  # read whole: /dev/zero, a FIFO
+            raise InvalidInput(f"{what} {str(path)!r} is not a regular file", "give a file (or a path to make one)")
     try:
         return NatsAuth(Topics(), accounts.expanduser(), users.expanduser(), pidfiles)
     except (OSError, UnicodeDecodeError) as exc:

@@ -82,17 +82,17 @@ def check_file(path: Path) -> int:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise InvalidInput(f"no file {path}", "check the path") from None
+        raise InvalidInput(f"no file {str(path)!r}", "check the path") from None
     except OSError as exc:
-        raise InvalidInput(f"cannot read {path}: {exc.strerror}", "check the path and its permissions") from exc
+        raise InvalidInput(f"cannot read {str(path)!r}: {exc.strerror}", "check the path and its permissions") from exc
     if path.is_dir():
-        raise InvalidInput(f"{path} is a directory", "send the files in it one by one, or an archive of it")
+        raise InvalidInput(f"{str(path)!r} is a directory", "send the files in it one by one, or an archive of it")
     if not path.is_file():
-        raise InvalidInput(f"{path} is not a regular file", "send a regular file")
+        raise InvalidInput(f"{str(path)!r} is not a regular file", "send a regular file")
     if not os.access(path, os.R_OK):
-        raise InvalidInput(f"cannot read {path}: permission denied", "check its permissions")
+        raise InvalidInput(f"cannot read {str(path)!r}: permission denied", "check its permissions")
     if st.st_size == 0:
-        raise InvalidInput(f"{path} is empty", "there is nothing to send")
+        raise InvalidInput(f"{str(path)!r} is empty", "there is nothing to send")
     return st.st_size
 
 

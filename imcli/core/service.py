@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -115,6 +116,8 @@ class PasswordFileDirectory:
     def names(self) -> frozenset[str]:
         try:
             st = self.path.stat()
+            if not stat.S_ISREG(st.st_mode):  # /dev/zero was read to a MemoryError, a FIFO waited forever
+                raise InvalidInput(f"the password file {str(self.path)!r} is not a regular file", "give a file")
             if (st.st_mtime_ns, st.st_size) != self._stamp:
                 lines = self.path.read_text(encoding="utf-8").splitlines()
                 self._names = frozenset(line.split(":", 1)[0] for line in lines if ":" in line)
