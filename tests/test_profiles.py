@@ -331,3 +331,33 @@ def test_emoji_sequences_through_the_cli_and_hidden_characters_refused_in_one_li
         refused = alice(*args)
         assert refused.exit_code == 1 and refused.stderr.startswith(error), refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_a_profile_stored_before_the_avatar_bound_reads_without_its_avatar_and_says_why() -> None:
+    """A profile record written before thumbnails were bounded (commit ea1c7fb) with a larger one
+    read as malformed as a whole (its signature and about lost, in the presence worker's rebuild and
+    every reader's decode): now it reads without the avatar, and ``profile show`` says why."""
+    import base64
+
+    from imcli.cli.profile import whois_lines
+
+    header = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + (8000).to_bytes(4, "big") * 2
+    big = base64.b64encode(header + bytes(20)).decode()
+    record = {
+        "type": "profile", "v": 1, "account": "bob", "name": "Bob", "signature": "hi", "about": "me",
+        "avatar": {"file": "f" * 24, "media_type": "image/png", "thumbnail": big},
+    }  # fmt: skip
+    profile = decode_as(json.dumps(record).encode(), Profile)
+    assert (profile.signature, profile.about, profile.avatar) == ("hi", "me", None)
+    assert "at most 320 pixels a side" in profile.avatar_refused
+    # the presence worker answers from its records: the avatar goes on as it came, each reader says why
+    from imcli.core.wire import ProfileList
+
+    sent_on = decode_as(encode(ProfileList(id="x", profiles=[profile])), ProfileList).profiles[0]
+    assert sent_on.avatar is None and sent_on.avatar_refused == profile.avatar_refused
+    assert json.loads(encode(profile.model_copy(update={"avatar": None}))).get("avatar") is None  # cleared since
+    lines = whois_lines(services.Whois(sent_on, None))
+    assert lines[-1].startswith("  avatar not shown: ") and "320 pixels" in lines[-1], lines
+    with pytest.raises(ValueError):  # anything else wrong is still malformed
+        decode_as(json.dumps({**record, "signature": 5}).encode(), Profile)
+    assert decode_as(json.dumps({**record, "avatar": None}).encode(), Profile).avatar_refused == ""

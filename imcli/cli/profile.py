@@ -56,7 +56,10 @@ def profile_show(
 
     found = services.whois(signed_in(host, port), user)
     if json_:
-        doc = found.profile.model_dump(exclude={"type", "v"})
+        doc = found.profile.model_dump(exclude={"type", "v", "avatar"})
+        doc["avatar"] = found.profile.avatar.model_dump() if found.profile.avatar is not None else None
+        if found.profile.avatar_refused:
+            doc["avatar_refused"] = found.profile.avatar_refused
         if found.presence is not None:
             doc.update(state=found.presence.state, since=found.presence.since, devices=found.presence.device_names)
         print(json.dumps(doc, ensure_ascii=True))
@@ -82,6 +85,8 @@ def whois_lines(found: Whois) -> list[str]:
     lines += [f"  {line}" for line in p.about.splitlines()]
     if p.avatar is not None:
         lines.append(f"  avatar: {p.avatar.media_type}, imcli get {p.avatar.file}")
+    elif p.avatar_refused:
+        lines.append(f"  avatar not shown: {p.avatar_refused}")
     return lines
 
 

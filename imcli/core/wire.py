@@ -15,9 +15,22 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from imcli.core.names import DISPLAY_NAME_RULE, is_display_name
 from imcli.core.rules import DmPolicy
@@ -313,6 +326,41 @@ class Profile(WireModel):
     about: Annotated[str, Field(max_length=ABOUT_MAX)] = ""
     avatar: Avatar | None = None
     updated: Timestamp = 0.0
+    # why the record's avatar was left out as it was decoded ("" if it was not), and the avatar as it
+    # came: not fields, and not shown, but sent on as it came (the presence worker's replies)
+    _avatar_refused: str = PrivateAttr(default="")
+    _avatar_as_sent: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _without_a_refused_avatar(cls, data: Any, handler: ModelWrapValidatorHandler[Profile]) -> Profile:
+        """A profile whose avatar alone is refused (a record stored before the thumbnail bound, with a
+        larger one) is read without it, and says why, instead of the whole profile being malformed;
+        encoded again (the presence worker answering from its records) it carries the avatar as it came,
+        so each reader says why in turn."""
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            errors = exc.errors()
+            if not isinstance(data, dict) or not all(e["loc"][:1] == ("avatar",) for e in errors):
+                raise
+            profile = handler({k: v for k, v in data.items() if k != "avatar"})
+            profile._avatar_refused = errors[0]["msg"].removeprefix("Value error, ")
+            profile._avatar_as_sent = data["avatar"]
+            return profile
+
+    @model_serializer(mode="wrap")
+    def _with_the_avatar_as_sent(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+        out = handler(self)
+        # unless set since (a new avatar, or none: model_copy) or left out by the caller
+        again = self._avatar_as_sent is not None and "avatar" not in self.model_fields_set
+        if again and isinstance(out, dict) and "avatar" not in (info.exclude or ()):
+            out["avatar"] = self._avatar_as_sent
+        return out
+
+    @property
+    def avatar_refused(self) -> str:
+        return self._avatar_refused
 
 
 class ProfileSet(WireModel):
