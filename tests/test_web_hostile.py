@@ -18,6 +18,7 @@ entry of PAYLOADS: a new field or a new attack is one more row. A payload a chec
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets import Subprotocol
 
 from imcli.broker.accounts import AccountStore, Role
 from imcli.broker.limits import Limits
@@ -57,6 +59,16 @@ PAYLOADS: dict[str, str] = {
     "long-fits": "<b>" + "x" * 12_000,
     "long-100k": "<script>" + "y" * 100_000,
 }
+
+
+ODD = f"<img src=x onerror=\"{PWN}='odd'\"> odd topic"
+ODD_TOPICS = [
+    "im/room/lobby/mallory/x", "im/room//mallory", "im/room/lobby", "im/room/lobby/alice",
+    "im/room/Lobby/mallory", "im/room/lobby/mallory/", "im/user/alice/dm/mallory/x", "im/user/alice/sent/mallory",
+    "im/user/alice/notice", "im/user/alice/friends", "im/user/alice/reply/abc", "im/presence/mallory",
+    "im/profile/mallory", "im/events", "im/group/den/info", "im/group/den/msg/alice", "im/status/alice/web",
+    "im//room/lobby/mallory", "/im/room/lobby/mallory", "im/room/lobby/mallory\u2028", "im/room/\u202elobby/mallory",
+]  # fmt: skip
 
 
 def image(kind: str, size: tuple[int, int]) -> bytes:
@@ -289,6 +301,11 @@ def test_every_renderer_shows_every_payload_as_text(web: ServeInfo) -> None:
                 reply = mallory.ask({"type": "group_request", "op": op, "group": "den", "private": False, **extra})
                 assert reply is not None and reply["type"] == "group_reply", reply
             alice.p.wait_for_selector(PERSON)
+            # retained and live, on topics with odd levels or where mallory may not write: nothing shows
+            for topic in ODD_TOPICS:
+                for body in (chat(ODD), ODD.encode(), presence(ODD), profile(signature=ODD), notice(ODD)):
+                    mallory.publish(topic, body, retain=True)
+                    mallory.publish(topic, body)
 
             # chat fields: everything at once, then each conversation is read
             accepted = {(f.name, p): f.put(mallory, text) for f in CHAT_FIELDS for p, text in PAYLOADS.items()}
@@ -305,6 +322,7 @@ def test_every_renderer_shows_every_payload_as_text(web: ServeInfo) -> None:
                         else:
                             expect_absent(alice, field.selector, text, what)
                 assert_safe(alice, key)
+                assert "odd topic" not in alice.p.evaluate("() => document.body.textContent"), key
 
             # file messages' size fields and thumbnails
             for p, text in PAYLOADS.items():
@@ -382,3 +400,159 @@ def test_every_renderer_shows_every_payload_as_text(web: ServeInfo) -> None:
     finally:
         mallory.raw.close()
         helper.raw.close()
+
+
+# ------------------------------------------------------------------ a worker with a bug
+def presence(nick: Any, **extra: Any) -> dict[str, Any]:
+    return {"type": "presence", "v": 1, "account": "mallory", "nick": nick, "state": "online", "since": 0.0,
+            "devices": 1, **extra}  # fmt: skip
+
+
+def profile(**fields: Any) -> dict[str, Any]:
+    return {"type": "profile", "v": 1, "account": "mallory", "name": "mallory", "signature": "", "about": "", **fields}
+
+
+def notice(text: Any) -> dict[str, Any]:
+    return {"type": "notice", "v": 1, "id": secrets.token_hex(16), "ts": time.time(), "code": "info", "text": text}
+
+
+def event(**fields: Any) -> dict[str, Any]:
+    return {"type": "event", "v": 1, "id": secrets.token_hex(16), "ts": time.time(), "account": "mallory", **fields}
+
+
+@dataclass(frozen=True)
+class Record:
+    """A field of a worker's record: the topic, the record holding the payload, where and how it shows."""
+
+    name: str
+    topic: str
+    body: Callable[[str], dict[str, Any]]
+    selector: str
+    shows: Callable[[str], str] = lambda text: text
+    retain: bool = False
+
+
+RECORDS = [
+    Record("presence nick", "im/presence/mallory", presence, f"{PERSON} > bdi:not(.sig)", retain=True),
+    Record("profile name", "im/profile/mallory", lambda t: profile(name=t), "#card-name", retain=True),
+    Record("profile signature", "im/profile/mallory", lambda t: profile(signature=t), f"{PERSON} .sig", retain=True),
+    Record("profile about", "im/profile/mallory", lambda t: profile(about=t), "#card-about > bdi", retain=True),
+    Record("notice", "im/user/alice/notice", notice, "#status > bdi"),
+    Record("event nick", "im/events", lambda t: event(event="rename", nick=t, old_nick="m"),
+           "#messages li.system bdi", lambda t: f"m is now {t}"),
+    Record("event device", "im/events", lambda t: event(event="device_join", nick="m", device=t),
+           "#messages li.system bdi", lambda t: f"m (mallory) is online on {t} too"),
+]  # fmt: skip
+
+# records no worker's model lets through: each is dropped whole, and nothing breaks
+MALFORMED = [
+    ("im/presence/mallory", presence(5)),
+    ("im/presence/mallory", presence(None)),
+    ("im/presence/mallory", presence("m", state="<b>")),
+    ("im/presence/mallory", presence("alice-the-admin", account="alice")),
+    ("im/profile/mallory", profile(signature=["<b>x</b>"])),
+    ("im/profile/mallory", profile(avatar="<img src=x>")),
+    ("im/profile/mallory", profile(name={"toString": 1})),
+    ("im/events", event(event="rename", nick={}, old_nick=[])),
+    ("im/user/alice/notice", notice(5)),
+    ("im/user/alice/notice", {"type": "notice", "code": "rate", "text": "x", "requests": "abc"}),
+    ("im/user/alice/friends", {"type": "friends", "v": 1, "account": "alice", "friends": None, "incoming": "mallory"}),
+    ("im/user/alice/friends", {"type": "friends", "v": 1, "account": "alice", "incoming": ["<img src=x>"]}),
+    ("im/group/den/info", {"type": "group", "v": 1, "name": "den", "members": "alice", "private": "no"}),
+]
+
+
+def test_worker_records_show_as_text_and_malformed_ones_are_dropped(web: ServeInfo) -> None:
+    mallory = Person(web, "mallory")
+    rogue = connect_raw("127.0.0.1", web.address.port, "rogue", "rogue:raw")
+    try:
+        with chromium() as browser:
+            alice = new_user(browser, f"http://127.0.0.1:{web.ws_port}/", "alice")
+            alice.sign_in(password_of("alice"))
+            mallory.online()
+            alice.p.wait_for_selector(PERSON)
+            alice.p.click(PERSON)
+            alice.p.wait_for_selector("#profile-card:not([hidden])")
+            for rec in RECORDS:
+                for p, text in PAYLOADS.items():
+                    if len(text) > 12_000:
+                        continue  # over the broker's limit for anyone
+                    rogue.publish(rec.topic, json.dumps(rec.body(text)).encode(), retain=rec.retain)
+                    expect_shown(alice, rec.selector, rec.shows(text), f"{rec.name} x {p}")
+                assert_safe(alice, rec.name)
+            # a valid record, then the malformed ones: the valid one stays, the page keeps working
+            rogue.publish("im/presence/mallory", json.dumps(presence("Mallory")).encode(), retain=True)
+            expect_shown(alice, f"{PERSON} > bdi:not(.sig)", "Mallory", "valid presence")
+            for topic, body in MALFORMED:
+                rogue.publish(topic, json.dumps(body).encode(), retain=topic.startswith(("im/presence", "im/profile")))
+            still_works(alice, mallory, "room:lobby", "im/room/lobby/mallory")
+            expect_shown(alice, f"{PERSON} > bdi:not(.sig)", "Mallory", "presence after malformed ones")
+            assert alice.p.locator("#people li[data-account='alice'] bdi:text-is('alice-the-admin')").count() == 0
+            assert alice.p.locator("#incoming li").count() == 0
+            assert_safe(alice, "malformed records")
+    finally:
+        mallory.raw.close()
+        rogue.close()
+
+
+# ------------------------------------------------------------------ the WebSocket listener itself
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServeInfo]:
+    with BackgroundServer(BrokerSettings(data_dir=tmp_path / "data", port=0, ws_port=0)) as info:
+        store = AccountStore(info.data_dir)
+        for name in ("alice", "mallory"):
+            store.add(name, password_of(name))
+        yield info
+
+
+def test_the_websocket_listener_refuses_what_is_not_its_own_mqtt(server: ServeInfo) -> None:
+    """Over the page's socket, as a hostile program would use it: no or another subprotocol (400 before
+    any MQTT), a wrong password (CONNACK 4), alice's own client id taken by mallory while alice is signed
+    in (CONNACK 2, alice's connection untouched), a text frame (closed), a frame over 1 MiB (1009)."""
+    from websockets.asyncio.client import ClientConnection, connect
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+    from tests.rawmqtt import connect_packet, publish_packet
+
+    uri = f"ws://127.0.0.1:{server.ws_port}/mqtt"
+
+    def login(client_id: str, name: str, password: str | None = None) -> bytes:
+        return connect_packet(client_id.encode(), name.encode(), (password or password_of(name)).encode())
+
+    async def answer(ws: ClientConnection, *frames: bytes | str) -> list[bytes | int]:
+        """What the broker sends back, and the close code at the end (or 0: still open after 2 s)."""
+        for frame in frames:
+            await ws.send(frame)
+        got: list[bytes | int] = []
+        try:
+            while True:
+                got.append(bytes(await asyncio.wait_for(ws.recv(), 2)))  # type: ignore[arg-type]
+        except ConnectionClosed as closed:
+            got.append(closed.rcvd.code if closed.rcvd else closed.sent.code if closed.sent else -1)
+        except TimeoutError:
+            got.append(0)
+        return got
+
+    async def probe() -> None:
+        for offered in (None, ["chat"], ["mqttv3.1", "wamp"]):
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(uri, subprotocols=offered, open_timeout=5):  # type: ignore[arg-type]
+                    pass
+            assert refused.value.response.status_code == 400, offered
+        mqtt = [Subprotocol("mqtt")]
+        async with connect(uri, subprotocols=mqtt) as alice:
+            assert await answer(alice, login("alice:web-aaaaaa.1234", "alice")) == [b" \x02\x00\x00", 0]
+            async with connect(uri, subprotocols=mqtt) as ws:
+                assert await answer(ws, login("alice:web-aaaaaa.1234", "mallory")) == [b" \x02\x00\x02", 1000]
+            async with connect(uri, subprotocols=mqtt) as ws:
+                wrong = login("alice:web-aaaaaa.1234", "alice", "not-her-password")
+                assert await answer(ws, wrong) == [b" \x02\x00\x04", 1000]
+            async with connect(uri, subprotocols=mqtt) as ws:
+                assert (await answer(ws, login("mallory:ws", "mallory").decode("latin-1")))[-1] == 1000
+            async with connect(uri, subprotocols=mqtt, max_size=None) as ws:
+                big = publish_packet(b"im/room/lobby/mallory", b"x" * (2 << 20))
+                assert (await answer(ws, login("mallory:ws", "mallory"), big))[-1] == 1009
+            # alice's session went through all of it: a PINGREQ still gets its PINGRESP
+            assert await answer(alice, b"\xc0\x00") == [b"\xd0\x00", 0]
+
+    asyncio.run(probe())

@@ -308,6 +308,34 @@
   }
 
   // ------------------------------------------------------------------ incoming
+  // A worker's record, checked against its model's shape (imcli/core/wire.py) before any renderer sees
+  // it, as the CLI's pydantic models check it: a record with a field of another type (a nick that is a
+  // number, a friends list that is null: a worker with a bug, another broker's path) is dropped whole,
+  // so no renderer ever meets a value it would throw on. A record about <user> must name that <user>.
+  const isStr = (x) => typeof x === "string";
+  const optStr = (x) => x === undefined || x === null || isStr(x);
+  const isName = (x) => isStr(x) && NAME.test(x);
+  const names = (x) => Array.isArray(x) && x.length <= 100000 && x.every(isName);
+  const optNames = (x) => x === undefined || names(x);
+  const SHAPES = {
+    presence: { account: isName, nick: isStr, state: (x) => x === "online" || x === "offline" },
+    event: { account: isName, nick: isStr, event: isStr, old_nick: optStr, device: optStr },
+    notice: { code: isStr, text: isStr, topic: optStr, retry: (x) => x === undefined || x === null || typeof x === "number", requests: (x) => x === undefined || x === null || (Array.isArray(x) && x.every(isStr)) },
+    profile: { account: isName, name: isStr, signature: optStr, about: optStr, avatar: (x) => x === undefined || x === null || (typeof x === "object" && optStr(x.thumbnail)) },
+    friends: { account: isName, friends: optNames, incoming: optNames, outgoing: optNames },
+    group: { name: isName, members: names, private: (x) => x === undefined || typeof x === "boolean" },
+    moment: {
+      id: isStr, author: isName, text: optStr, likes: optNames,
+      comments: (x) => x === undefined || (Array.isArray(x) && x.every((c) => c && isName(c.author) && isStr(c.text))),
+      images: (x) => x === undefined || (Array.isArray(x) && x.every((i) => i && typeof i === "object")),
+    },
+  };
+  const records = (list, type) => (Array.isArray(list) ? list.filter((x) => record(x, type)) : []);
+  function record(obj, type) {
+    if (!obj || typeof obj !== "object" || Array.isArray(obj) || obj.type !== type) return null;
+    return Object.entries(SHAPES[type]).every(([key, ok]) => ok(obj[key])) ? obj : null;
+  }
+
   function onMessage(topic, payload, packet) {
     const t = T.parse(topic);
     if (!t) return;
@@ -324,21 +352,21 @@
       return; // not one of our models: ignored, as the CLI ignores malformed records
     }
     if (t.kind === "reply") return onReply(t.corr, obj);
-    if (t.kind === "presence" && obj && obj.type === "presence") {
+    if (t.kind === "presence" && record(obj, "presence") && obj.account === t.user) {
       S.presence.set(t.user, obj);
       if (t.user === S.me) { S.nick = obj.nick; renderMe(); }
       renderPeople(); renderConvs();
       return;
     }
-    if (t.kind === "profile") return onProfile(t.user, obj, packet && packet.retain);
-    if (t.kind === "events" && obj && obj.type === "event") return onEvent(obj);
-    if (t.kind === "notice" && obj && obj.type === "notice") return onNotice(obj);
-    if (t.kind === "friends" && t.owner === S.me && obj && obj.type === "friends") {
-      S.friends = obj;
+    if (t.kind === "profile") return onProfile(t.user, record(obj, "profile"), packet && packet.retain);
+    if (t.kind === "events" && record(obj, "event")) return onEvent(obj);
+    if (t.kind === "notice" && record(obj, "notice")) return onNotice(obj);
+    if (t.kind === "friends" && t.owner === S.me && record(obj, "friends") && obj.account === S.me) {
+      S.friends = { friends: [], incoming: [], outgoing: [], ...obj };
       return renderFriends();
     }
     if (t.kind === "group_info") {
-      if (obj && obj.type === "group" && obj.name === t.name) S.groups.set(t.name, obj); else S.groups.delete(t.name);
+      if (record(obj, "group") && obj.name === t.name) S.groups.set(t.name, obj); else S.groups.delete(t.name);
       renderGroups();
       if (S.current && S.current.kind === "group" && S.current.name === t.name) renderHeader();
     }
@@ -530,7 +558,7 @@
       conv.loaded = true;
       conv.more = !!reply.more;
       const top = $("log").scrollHeight - $("log").scrollTop;
-      for (const r of reply.messages || []) addMessage(conv, { from: r.from, id: r.id, ts: r.ts, text: r.text, file: fileInfo(r.file) }, false);
+      for (const r of Array.isArray(reply.messages) ? reply.messages : []) if (isName(r.from) && isStr(r.text) && isStr(r.id)) addMessage(conv, { from: r.from, id: r.id, ts: r.ts, text: r.text, file: fileInfo(r.file) }, false);
       if (conv === S.current) {
         renderMessages();
         if (older) $("log").scrollTop = $("log").scrollHeight - top; else scrollDown();
@@ -576,8 +604,8 @@
   async function refreshGroups() {
     try {
       const r = await request({ type: "group_request", op: "list", group: "", private: false });
-      for (const g of r.mine || []) S.groups.set(g.name, g);
-      S.publicGroups = (r.public || []).map((g) => g.name);
+      for (const g of records(r.mine, "group")) S.groups.set(g.name, g);
+      S.publicGroups = records(r.public, "group").map((g) => g.name);
       renderGroups();
     } catch (e) {
       setStatus(`groups: ${e.message}`, true);
@@ -589,7 +617,7 @@
     if (user) ask.user = user;
     try {
       const r = await request(ask);
-      if (r.group) S.groups.set(r.group.name, r.group); else S.groups.delete(group);
+      if (record(r.group, "group")) S.groups.set(r.group.name, r.group); else S.groups.delete(group);
       renderGroups();
       setStatus(`${op}: done`);
       return r;
@@ -602,7 +630,7 @@
   async function friendOp(op, user) {
     try {
       const r = await request({ type: "friend_request", op, user });
-      S.friends = r.record;
+      if (record(r.record, "friends")) S.friends = { friends: [], incoming: [], outgoing: [], ...r.record };
       renderFriends();
       setStatus(`friend ${op}: done`);
     } catch (e) {
@@ -676,7 +704,7 @@
     if (older && S.feed && S.feed.length) ask.before = S.feed[S.feed.length - 1].ts;
     const r = await momentOp(ask);
     if (!r) return;
-    S.feed = older ? (S.feed || []).concat(r.moments || []) : r.moments || [];
+    S.feed = older ? (S.feed || []).concat(records(r.moments, "moment")) : records(r.moments, "moment");
     $("feed-older").hidden = !r.more;
     renderFeed();
   }
@@ -709,7 +737,7 @@
     const like = el("button", "secondary small like", mine ? "Unlike" : "Like");
     like.addEventListener("click", async () => {
       const r = await momentOp({ op: mine ? "unlike" : "like", post: m.id });
-      if (r && r.moments && r.moments[0]) replaceMoment(r.moments[0]);
+      if (r && record((r.moments || [])[0], "moment")) replaceMoment(r.moments[0]);
     });
     const form = el("form", "inline");
     const input = el("input");
@@ -721,7 +749,7 @@
       const text = input.value.trim();
       if (!text) return;
       const r = await momentOp({ op: "comment", post: m.id, text });
-      if (r && r.moments && r.moments[0]) replaceMoment(r.moments[0]);
+      if (r && record((r.moments || [])[0], "moment")) replaceMoment(r.moments[0]);
     });
     li.append(like, form);
     if (m.author === S.me) {
@@ -952,7 +980,7 @@
       if (!IMAGE_TYPES.includes(info.mime)) throw new Error("that is not a PNG, JPEG, GIF or WebP image");
       const avatar = { file: info.id, media_type: info.mime, thumbnail: info.thumb || "" };
       const r = await request({ type: "profile_set", avatar, clear_avatar: false });
-      for (const prof of r.profiles || []) if (prof.account === S.me) S.profiles.set(S.me, prof);
+      for (const prof of records(r.profiles, "profile")) if (prof.account === S.me) S.profiles.set(S.me, prof);
       setStatus("avatar saved");
       renderPeople();
       if (S.card === S.me) renderCard();
@@ -1318,7 +1346,7 @@
       ev.preventDefault();
       try {
         const r = await request({ type: "profile_set", signature: $("signature-input").value.trim(), about: $("about-input").value, clear_avatar: false });
-        for (const prof of r.profiles || []) if (prof.account === S.me) S.profiles.set(S.me, prof);
+        for (const prof of records(r.profiles, "profile")) if (prof.account === S.me) S.profiles.set(S.me, prof);
         $("my-profile").open = false;
         setStatus("profile saved");
         renderPeople();
@@ -1336,7 +1364,7 @@
       const text = $("moment-text").value.trim();
       if (!text) return;
       const r = await momentOp({ op: "post", text });
-      if (r && r.moments && r.moments[0]) {
+      if (r && record((r.moments || [])[0], "moment")) {
         $("moment-text").value = "";
         S.feed = [r.moments[0]].concat(S.feed || []);
         renderFeed();
