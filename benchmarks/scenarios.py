@@ -439,10 +439,14 @@ def capacity(
         result["rss_mb_total"] = round(sum(_memory(broker).values()), 1)
         if on_leave is not None:  # everyone leaves at once as this block ends (the stall probe's phase)
             on_leave()
+        leave_began = time.time()
     if on_leave is not None and not rejoin:
         # the crowds have sent their DISCONNECTs; the broker's ends of them go on a slice a loop round
         # (imcli/broker/teardown.py): the probe's leave phase goes on while they do
         time.sleep(LEAVE_TAIL)
+        if broker.trace_path is not None:  # --trace-stalls: the leave's slow rounds, callbacks and collections too
+            traced = stalltrace.read(broker.trace_path, leave_began, time.time())
+            result.update({f"leave_{name}": figure for name, figure in traced.items()})
     result.update(_pauses(broker, log_start, ""))
     if not rejoin or "error" in result:
         return result
