@@ -43,7 +43,9 @@ if TYPE_CHECKING:
 
 _ENDING = getattr(select, "EPOLLRDHUP", 0) | getattr(select, "EPOLLHUP", 0) | getattr(select, "EPOLLERR", 0)
 
-Waiting = dict[int, tuple[selectors.SelectorKey, int]]  # fd -> (the key it was polled with, its events)
+# fd -> the key it was polled with (its events apart, in ``_polled``: no tuple per waiting socket, which
+# the collector would walk: a full collection in a mass leave walks what is young and alive)
+Waiting = dict[int, selectors.SelectorKey]
 
 
 def _events(event: int) -> int:
@@ -105,6 +107,7 @@ if hasattr(select, "epoll"):
             super().__init__()
             self._live: Waiting = {}
             self._ending: Waiting = {}
+            self._polled: dict[int, int] = {}  # fd -> the events it was polled with, while it waits
             # fds out of epoll's interest while they wait here (each poll returned every waiting socket
             # again, level-triggered, about 0.5 us each a round), and those taken since the last poll,
             # to be put back in at the next (unless asyncio has unregistered them meanwhile)
@@ -140,7 +143,7 @@ if hasattr(select, "epoll"):
             return self._slice(fd_events)
 
         def _slice(self, fd_events: list[tuple[int, int]]) -> list[tuple[selectors.SelectorKey, int]]:
-            live, ending, keys, out = self._live, self._ending, self._fd_to_key, self._out
+            live, ending, keys, out, polled = self._live, self._ending, self._fd_to_key, self._out, self._polled
             last = self.LAST_WORDS
             fresh = []
             for fd, event in fd_events:
@@ -149,7 +152,8 @@ if hasattr(select, "epoll"):
                 key = keys.get(fd)
                 if key:
                     closing = event & _ENDING or (last and event & select.EPOLLIN and _peek(key, len(last)) == last)
-                    (ending if closing else live)[fd] = (key, _events(event))
+                    (ending if closing else live)[fd] = key
+                    polled[fd] = _events(event)
                     fresh.append(fd)
             ready = self._take()
             poller = self._selector
@@ -164,7 +168,7 @@ if hasattr(select, "epoll"):
 
         def _take(self) -> list[tuple[selectors.SelectorKey, int]]:
             """At most ``BOUND`` waiting events, live ones first, each the first time it is taken."""
-            keys, out = self._fd_to_key, self._out
+            keys, out, polled = self._fd_to_key, self._out, self._polled
             ready = []
             room = self.BOUND
             for queue in (self._live, self._ending):
@@ -177,7 +181,8 @@ if hasattr(select, "epoll"):
                     for fd, _ in taken:
                         del queue[fd]
                 room -= len(taken)
-                for fd, (key, events) in taken:
+                for fd, key in taken:
+                    events = polled.pop(fd)
                     if fd in out:
                         self._back.append(fd)
                     if keys.get(fd) is key and events & key.events:  # the same registration, still asking
@@ -220,11 +225,13 @@ if hasattr(select, "epoll"):
                 key = super().unregister(fileobj)
             self._live.pop(key.fd, None)  # not needed for correctness (the key check), frees it early
             self._ending.pop(key.fd, None)
+            self._polled.pop(key.fd, None)
             return key
 
         def close(self) -> None:
             self._live.clear()
             self._ending.clear()
+            self._polled.clear()
             self._out.clear()
             self._back.clear()
             super().close()
