@@ -19,12 +19,16 @@ the rest wait here, in the order the polls returned them, and the loop polls wit
 none is left. A socket still closing is read in full before its end (its last PUBLISH is delivered):
 it only waits its turn.
 
-epoll is level-triggered here, so a waiting socket is returned again by each poll (it is skipped:
-it keeps its place) and an event dropped is never lost: the next poll returns it again if it still
-holds. An event is dropped when its key is no longer the one it was polled with (the fd
-unregistered, its number reused by a new connection, or its interest changed by asyncio, which
-replaces the key): no callback of a closed connection is run, and no new connection is handed an
-event of the old one.
+A socket left waiting is taken out of epoll's interest (``EPOLL_CTL_DEL``) until its turn: epoll is
+level-triggered, and each poll returned every waiting socket again, about 0.5 us each a round, so
+that a round's poll cost grew with the backlog (docs/PERFORMANCE.md, issue 21, ninth session). Once
+taken, it is put back, with the interest its key has then, before the next poll (unless asyncio has
+unregistered it meanwhile: a parked DISCONNECT pauses its reading), so an event dropped is never
+lost: that poll returns it again if it still holds. While out, asyncio's ``modify`` changes only the
+key (the interest is set when it is put back) and ``unregister`` only the bookkeeping. An event is
+dropped when its key is no longer the one it was polled with (the fd unregistered, its number
+reused by a new connection, or its interest changed by asyncio, which replaces the key): no callback
+of a closed connection is run, and no new connection is handed an event of the old one.
 """
 
 from __future__ import annotations
@@ -113,6 +117,9 @@ if hasattr(select, "epoll"):
             # to be put back in at the next (unless asyncio has unregistered them meanwhile)
             self._out: set[int] = set()
             self._back: list[int] = []
+            # fds left waiting by the last poll, taken out at the start of the next (after this round's
+            # callbacks: a live socket found in a mass leave's first poll does not wait for these)
+            self._leaving: list[int] = []
 
         @property
         def waiting(self) -> int:
@@ -120,6 +127,8 @@ if hasattr(select, "epoll"):
             return len(self._live) + len(self._ending)
 
         def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+            if self._leaving:
+                self._take_out()
             if self._back:
                 self._put_back()
             backlog = bool(self._live or self._ending)
@@ -143,7 +152,7 @@ if hasattr(select, "epoll"):
             return self._slice(fd_events)
 
         def _slice(self, fd_events: list[tuple[int, int]]) -> list[tuple[selectors.SelectorKey, int]]:
-            live, ending, keys, out, polled = self._live, self._ending, self._fd_to_key, self._out, self._polled
+            live, ending, keys, polled = self._live, self._ending, self._fd_to_key, self._polled
             last = self.LAST_WORDS
             fresh = []
             for fd, event in fd_events:
@@ -156,15 +165,21 @@ if hasattr(select, "epoll"):
                     polled[fd] = _events(event)
                     fresh.append(fd)
             ready = self._take()
-            poller = self._selector
-            for fd in fresh:  # left waiting: out of epoll's interest until taken
+            self._leaving = [fd for fd in fresh if fd in live or fd in ending]
+            return ready
+
+        def _take_out(self) -> None:
+            """The fds the last poll left waiting out of epoll's interest until taken (unless asyncio has
+            unregistered them meanwhile)."""
+            live, ending, out, poller = self._live, self._ending, self._out, self._selector
+            for fd in self._leaving:
                 if fd in live or fd in ending:
                     try:
                         poller.unregister(fd)
                     except OSError:
-                        continue  # stays in, returned by each poll again and skipped above
+                        continue  # stays in, returned by each poll again and skipped in _slice
                     out.add(fd)
-            return ready
+            self._leaving = []
 
         def _take(self) -> list[tuple[selectors.SelectorKey, int]]:
             """At most ``BOUND`` waiting events, live ones first, each the first time it is taken."""
@@ -234,6 +249,7 @@ if hasattr(select, "epoll"):
             self._polled.clear()
             self._out.clear()
             self._back.clear()
+            self._leaving = []
             super().close()
 
 
