@@ -3,7 +3,7 @@
     python -m benchmarks [--quick]
                          [--only fanout,stream,rooms,group,dm,dmflood,dmbusy,capacity,churn,storm,cold,files,devices]
                          [--brokers stock,embedded,mosquitto,nats] [--repeat N] [--capacity USERS]
-                         [--hold SECONDS] [--no-rejoin] [--trace-stalls]
+                         [--hold SECONDS] [--no-rejoin] [--trace-stalls] [--keep-logs DIR]
 
 Starts each broker itself on a free loopback port (benchmarks/brokers.py), runs each
 scenario on every broker in turn (so that the shared machine's noise falls on all of
@@ -257,7 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         help="capacity: trace the embedded broker's loop in CPU time (callbacks, rounds, collections over 10 ms; "
         "benchmarks/stalltrace.py), reported for the hold",
     )  # fmt: skip
+    parser.add_argument(
+        "--keep-logs", type=Path, metavar="DIR",
+        help="copy each broker's logs into DIR as it stops (the NATS nodes', the users file, the workers'); "
+        "with it a QoS 1 fan-out listener left short on the NATS cluster is traced there (benchmarks/fanout.py)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    brokers.KEEP_LOGS = args.keep_logs
     only = [x for x in args.only.split(",") if x]
     names = [x for x in args.brokers.split(",") if x]
     unknown = sorted(set(only) - set(SCENARIOS)) + sorted(set(names) - set(brokers.KINDS))

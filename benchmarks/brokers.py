@@ -33,6 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# ``python -m benchmarks --keep-logs DIR``: a broker copies its logs there as it stops (the NATS nodes'
+# logs, the users file and the workers' log), so a shortfall can be traced afterwards (issue 20)
+KEEP_LOGS: Path | None = None
 DEPLOY = REPO / "deploy" / "mosquitto"
 PASSWORD = "bench-password"
 HELPERS = ("watch", "pinga", "pingb", "pingc", "pingd", "pinge", "pongr", "colds", "probe", "flood")
@@ -128,6 +131,10 @@ class Broker:
     crowd_concurrency: int = 100
     log_path: Path | None = None  # the broker's own log (imcli serve: its collector's pauses, gcpause.py)
     trace_path: Path | None = None  # its loop's slow callbacks and rounds in CPU time (benchmarks/stalltrace.py)
+    # copies the broker's logs into a new folder under the given one, and says which (``KEEP_LOGS``)
+    keep_logs: Callable[[Path], Path] | None = None
+    monitors: list[int] = field(default_factory=list)  # a NATS cluster's nodes' monitoring ports (loopback)
+    node_logs: list[Path] = field(default_factory=list)  # a NATS cluster's nodes' logs, in the order of ``ports``
 
     def log_size(self) -> int:
         return self.log_path.stat().st_size if self.log_path is not None and self.log_path.exists() else 0
@@ -202,6 +209,8 @@ class Broker:
                 proc.stdout.close()
             if proc.stdin is not None:
                 proc.stdin.close()
+        if KEEP_LOGS is not None and self.keep_logs is not None:
+            print(f"  {self.name}: logs kept in {self.keep_logs(KEEP_LOGS)}", flush=True)
         self.workdir.cleanup()
 
     def __enter__(self) -> Broker:
@@ -411,7 +420,7 @@ def start_nats(users: int, *, production: bool = False, consumer_replicas: int |
     turns on nats.conf's commented capacity line (``nats-r1``: one replica per subscription's consumer)."""
     from imcli.core.wire import Topics
     from imcli.groups.natsauth import NatsPermissions, read_passwords
-    from tests.natscluster import NatsNode, wait_login
+    from tests.natscluster import NatsNode, keep_logs, wait_login
 
     workdir = tempfile.TemporaryDirectory(prefix="bench-nats-")
     work = Path(workdir.name)
@@ -436,19 +445,24 @@ def start_nats(users: int, *, production: bool = False, consumer_replicas: int |
         + (f", consumer_replicas {consumer_replicas}" if consumer_replicas else "")
         + "; imcli workers on all three",
         crowd_concurrency=NATS_CROWD_CONCURRENCY,
+        monitors=[n.http for n in nodes],
+        node_logs=[n.log_path for n in nodes],
     )  # fmt: skip
+    workers_log = work / "workers.log"
+    broker.keep_logs = lambda dest: keep_logs(nodes, dest, "bench-nats", (users_file, workers_log))
     broker.extra_pids.update({n.name: n.proc.pid for n in nodes[1:] if n.proc is not None})
     try:
         for node in nodes:
             wait_login(node, "presence", PASSWORD)
         hosts = ",".join(f"127.0.0.1:{n.mqtt}" for n in nodes)
-        worker = _python(
-            "-m", "imcli", "workers", "--host", hosts, "--password-stdin", "--accounts-file", str(passwd),
-            "--nats-users", str(users_file), *[a for n in nodes for a in ("--nats-pidfile", str(n.pidfile))],
-            "--archive-dir", str(work / "archive"),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env={**os.environ, "COLUMNS": "200"},
-        )  # fmt: skip
+        with workers_log.open("wb") as errors:  # its warnings (a node that did not reload in time), kept too
+            worker = _python(
+                "-m", "imcli", "workers", "--host", hosts, "--password-stdin", "--accounts-file", str(passwd),
+                "--nats-users", str(users_file), *[a for n in nodes for a in ("--nats-pidfile", str(n.pidfile))],
+                "--archive-dir", str(work / "archive"),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors.fileno(),
+                env={**os.environ, "COLUMNS": "200"},
+            )  # fmt: skip
         broker.procs.append(worker)
         assert worker.stdin is not None and worker.stdout is not None
         worker.stdin.write(f"{PASSWORD}\n" * len(SERVICES))

@@ -14,17 +14,22 @@ groups worker before the clock starts.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
+import json
 import shutil
 import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from benchmarks import brokers
 from benchmarks.brokers import MOSQUITTO_PUB, MOSQUITTO_SUB, PASSWORD, Broker, cpu_seconds
 from imcli.core.wire import ChatMessage, Topics, encode, new_id
 
@@ -87,19 +92,21 @@ class Listeners:
         self.out = out
         self.files: list[Path] = []
         self.procs: list[subprocess.Popen[str]] = []
+        self.client_ids: list[str] = []
         self.probe_room = f"probe{qos}"
 
     def add(self, name: str, client_id: str, room: str) -> Path:
         assert MOSQUITTO_SUB is not None
         path = self.out / f"sub-{client_id.replace(':', '-')}"
-        with path.open("w") as stamps:
+        with path.open("w") as stamps, path.with_suffix(".err").open("w") as errors:  # a refused SUBSCRIBE
             self.procs.append(subprocess.Popen(
                 [*UNBUFFERED, MOSQUITTO_SUB, *self.common, "-p", str(self.port(len(self.procs))), "-u", name,
                  "-i", client_id,
                  "-t", T.room_filter(room), "-t", T.room_filter(self.probe_room), "-F", "%U %t"],
-                stdout=stamps, stderr=subprocess.DEVNULL, text=True,
+                stdout=stamps, stderr=errors, text=True,
             ))  # fmt: skip
         self.files.append(path)
+        self.client_ids.append(client_id)
         return path
 
     def port(self, i: int) -> int:
@@ -129,6 +136,97 @@ class Listeners:
 
 def _stamps(path: Path, marker: str) -> list[float]:
     return [float(x.split()[0]) for x in path.read_text().splitlines() if marker in x]
+
+
+def _monitor(port: int, path: str) -> Any:  # a node's JSON answer, read as it comes
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+        return json.load(answer)
+
+
+def trace_short(broker: Broker, listeners: Listeners, per_listener: int, marker: str, dest: Path) -> Path | None:
+    """For each QoS 1 listener on a NATS cluster that got fewer than ``per_listener`` lines, while it is still
+    connected: its subscriptions (``/connz``, on its node), and on every node each JetStream consumer that
+    delivers to one of them (``/jsz``: leader, delivered, pending, whether the node sees a subscriber on
+    its delivery subject, ``push_bound``) and the lines of the node's log that name that subject. Written to
+    ``dest/fanout-trace-<time>.json`` (None: no listener short)."""
+    short = [i for i, path in enumerate(listeners.files) if len(_stamps(path, marker)) < per_listener]
+    if not short:
+        return None
+    logs = {f"nats-{n + 1}": p.read_text(errors="replace") for n, p in enumerate(broker.node_logs) if p.exists()}
+    jsz: dict[str, Any] = {}
+    for n, port in enumerate(broker.monitors):
+        with contextlib.suppress(OSError, ValueError):
+            jsz[f"nats-{n + 1}"] = _monitor(port, "/jsz?accounts=true&streams=true&consumers=true&config=true")
+    streams = {  # each node's copy of the MQTT streams: a replica short of messages delivers them to nobody
+        name: {
+            st.get("name"): {**(st.get("state") or {}), "leader": (st.get("cluster") or {}).get("leader")}
+            for acc in doc.get("account_details") or []
+            for st in acc.get("stream_detail") or []
+        }
+        for name, doc in jsz.items()
+    }
+    traced = []
+    for i in short:
+        client_id = listeners.client_ids[i]
+        node = broker.ports.index(listeners.port(i)) if listeners.port(i) in broker.ports else -1
+        entry: dict[str, object] = {
+            "client_id": client_id,
+            "node": f"nats-{node + 1}",
+            "lines": len(_stamps(listeners.files[i], marker)),
+            "probes": sum(1 for x in listeners.files[i].read_text().splitlines() if listeners.probe_room in x),
+            "stderr": listeners.files[i].with_suffix(".err").read_text(errors="replace")[-2000:],
+            "lines_per_topic": dict(
+                collections.Counter(x.split()[1] for x in listeners.files[i].read_text().splitlines() if marker in x)
+            ),
+            "log_lines_of_client": {
+                name: [line for line in text.splitlines() if f'"{client_id}"' in line] for name, text in logs.items()
+            },
+        }
+        try:
+            connz = _monitor(broker.monitors[node], f"/connz?mqtt_client={client_id}&subs=detail")
+        except (OSError, ValueError, IndexError) as exc:
+            entry["connz_error"] = str(exc)
+            traced.append(entry)
+            continue
+        conns = connz.get("connections") or []
+        subs = [
+            str(d.get("subject"))
+            for c in conns
+            if isinstance(c, dict)
+            for d in c.get("subscriptions_list_detail") or []
+        ]
+        entry["subscriptions"] = subs
+        consumers: list[dict[str, object]] = []
+        for name, doc in jsz.items():
+            for consumer in _consumers(doc):
+                deliver = (consumer.get("config") or {}).get("deliver_subject")
+                if deliver in subs:
+                    cluster = consumer.get("cluster") or {}
+                    consumers.append({
+                        "seen_on": name, "deliver_subject": deliver, "name": consumer.get("name"),
+                        "leader": cluster.get("leader"), "push_bound": consumer.get("push_bound", False),
+                        "delivered": (consumer.get("delivered") or {}).get("consumer_seq"),
+                        "num_pending": consumer.get("num_pending"), "num_ack_pending": consumer.get("num_ack_pending"),
+                        "num_redelivered": consumer.get("num_redelivered"), "created": consumer.get("created"),
+                    })  # fmt: skip
+        entry["consumers"] = consumers
+        entry["log_lines"] = {
+            name: [line for line in text.splitlines() if any(s in line for s in subs if s.startswith("$MQTT.sub."))]
+            for name, text in logs.items()
+        }
+        traced.append(entry)
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / f"fanout-trace-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"per_listener": per_listener, "streams": streams, "short": traced}, indent=1) + "\n")
+    print(f"  {len(short)} QoS 1 listeners short: traced in {out}", flush=True)
+    return out
+
+
+def _consumers(jsz: Any) -> Iterator[Any]:
+    """Every consumer detail in a node's ``/jsz?accounts=true&streams=true&consumers=true`` answer."""
+    for account in jsz.get("account_details") or []:
+        for stream in account.get("stream_detail") or []:
+            yield from stream.get("consumer_detail") or []
 
 
 def fan(broker: Broker, shape: Shape, qos: int) -> dict[str, object]:
@@ -179,6 +277,8 @@ def fan(broker: Broker, shape: Shape, qos: int) -> dict[str, object]:
                 time.sleep(0.1)
             cpu = cpu_seconds(broker.pid) - cpu_before
             unfinished = sum(talker.poll() is None for talker in talkers)
+            if qos and broker.monitors and brokers.KEEP_LOGS is not None:
+                trace_short(broker, listeners, shape.per_listener, marker, brokers.KEEP_LOGS)
         finally:
             listeners.stop()
             for talker in talkers:

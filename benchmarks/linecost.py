@@ -1,7 +1,7 @@
 """The broker's CPU per chat line: a room line and a DM, on the embedded broker and on Mosquitto (issues 16, 21).
 
     python -m benchmarks.linecost [--brokers embedded,mosquitto] [--lines 1000] [--rate 200]
-                                  [--listeners 1] [--rounds 3] [--profile]
+                                  [--listeners 1] [--rounds 3] [--profile] [--payload chat|bot]
 
 The embedded broker runs in this process as ``imcli serve`` runs it (``serve_forever`` through
 ``benchmarks/memory.py``'s ``serve_here``, its workers in their child); Mosquitto as the suite
@@ -17,6 +17,9 @@ a DM waits behind) and the process's; on Mosquitto the process's (one thread). K
 alternate. One JSON line per broker and round, then one ``summary`` line per broker with the
 median of the rounds: ``loop_us_per_room_line``, ``loop_us_per_dm`` (embedded),
 ``process_us_per_room_line``, ``process_us_per_dm``.
+
+``--payload bot``: each line is ``{"sent": <time>}``, a bot's JSON without a ``type`` (the room
+ping's of ``benchmarks.filesping``/``roomping``: a text line to the broker), not a ``ChatMessage``.
 
 ``--profile``: cProfile of the embedded broker's loop thread during the lines (each kind apart),
 the functions with the largest own time and their cumulative time.
@@ -56,7 +59,13 @@ KINDS = ("room", "dm")
 # ---------------------------------------------------------------- the clients' process
 
 
-async def _clients(port: int, listeners: int, commands: IO[str], out: IO[str]) -> None:
+def _payload(kind: str, i: int) -> bytes:
+    if kind == "bot":  # the room ping's (benchmarks/roomping.py)
+        return json.dumps({"sent": time.perf_counter()}).encode()
+    return encode(ChatMessage(id=new_id(), text=f"line {i} of the linecost benchmark"))
+
+
+async def _clients(port: int, listeners: int, commands: IO[str], out: IO[str], payload: str = "chat") -> None:
     got = {"n": 0}
     arrived = asyncio.Event()
     wanted = {"n": 0}
@@ -89,8 +98,7 @@ async def _clients(port: int, listeners: int, commands: IO[str], out: IO[str]) -
         started = next_at = time.perf_counter()
         pending = set()
         for i in range(count):
-            payload = encode(ChatMessage(id=new_id(), text=f"line {i} of the linecost benchmark"))
-            pending.add(asyncio.ensure_future(sender.publish(topic, payload)))
+            pending.add(asyncio.ensure_future(sender.publish(topic, _payload(payload, i))))
             next_at += period
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
         with contextlib.suppress(TimeoutError):
@@ -108,9 +116,10 @@ async def _clients(port: int, listeners: int, commands: IO[str], out: IO[str]) -
 class Clients:
     """The clients' process: ``phase(kind)`` sends one kind's lines and returns when all arrived."""
 
-    def __init__(self, port: int, listeners: int) -> None:
+    def __init__(self, port: int, listeners: int, payload: str = "chat") -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.linecost", "--client", str(port), "--listeners", str(listeners)],
+            [sys.executable, "-m", "benchmarks.linecost", "--client", str(port), "--listeners", str(listeners),
+             "--payload", payload],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
         )  # fmt: skip
         assert self.proc.stdout is not None
@@ -200,7 +209,7 @@ def _embedded(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     def drive(port: int) -> None:
         time.sleep(3)  # the workers' first records
-        clients = Clients(port, args.listeners)
+        clients = Clients(port, args.listeners, args.payload)
         clocks = {"loop": lambda: time.clock_gettime(loop_clock), "process": lambda: brokers.cpu_seconds(me)}
         try:
             for i in range(args.rounds):
@@ -225,7 +234,7 @@ def _mosquitto(args: argparse.Namespace) -> list[dict[str, Any]]:
     rounds: list[dict[str, Any]] = []
     with brokers.start("mosquitto", max(args.listeners, 10)) as broker:
         time.sleep(3)
-        clients = Clients(broker.port, args.listeners)
+        clients = Clients(broker.port, args.listeners, args.payload)
         clocks = {"process": lambda: brokers.cpu_seconds(broker.pid)}
         try:
             for i in range(args.rounds):
@@ -255,13 +264,16 @@ def main() -> None:
     parser.add_argument("--listeners", type=int, default=1, help="readers of the room")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--idle-s", type=float, default=3.0, help="seconds without lines before each phase")
+    parser.add_argument(
+        "--payload", choices=("chat", "bot"), default="chat", help='ChatMessage, or the room ping\'s {"sent": ...}'
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile of the embedded broker's loop thread")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--profile-dump", help="also write each kind's profile to PREFIX-<kind>.prof (pstats)")
     parser.add_argument("--client", type=int, help=argparse.SUPPRESS)  # the clients' process, on this port
     args = parser.parse_args()
     if args.client is not None:
-        asyncio.run(_clients(args.client, args.listeners, sys.stdin, sys.stdout))
+        asyncio.run(_clients(args.client, args.listeners, sys.stdin, sys.stdout, args.payload))
         return
     print(json.dumps({"uptime_load": os.getloadavg(), "args": vars(args)}), flush=True)
     for name in args.brokers.split(","):

@@ -1,6 +1,7 @@
 """Requests to the workers on the three-node NATS cluster under load: which go unanswered, and where (issue 20).
 
-``python -m benchmarks.natsasks [--seconds 60] [--askers 6] [--storm 4] [--talkers 4] [--timeout 5]``
+``python -m benchmarks.natsasks [--seconds 60] [--askers 6] [--storm 4] [--talkers 4] [--timeout 5]
+[--changes N] [--hearers N] [--no-resend] [--users-shape accounts|global] [--keep DIR]``
 
 Three nodes from deploy/nats (tests/natscluster.py) and the presence and group workers as
 ``imcli workers --nats-users`` runs them (QoS 0 requests and replies), on nodes 2, 3, 1 in that
@@ -11,6 +12,10 @@ waited for ``timeout`` seconds (the CLI's default 5) and then, to tell late from
 Meanwhile the load: ``storm`` threads connect and close clean sessions with a QoS 1 subscription
 (a JetStream consumer made and deleted each time: a login storm), and ``talkers`` say QoS 1 room
 lines as fast as their PUBACKs come to as many QoS 1 listeners (a fan-out).
+``changes`` threads make group changes (each a reload of every node); ``hearers`` threads make new
+clean sessions that subscribe the talkers' room at QoS 1 and wait for a line (a subscription left
+deaf by a reload). ``--users-shape global`` (an experiment) writes every user into the global account
+instead of ``IM``. The summary counts each node's reloads and ``Unknown account`` lines.
 
 Each worker's ``_on_request`` and reply are wrapped to note when it heard each correlation id and
 when it sent the reply, so an unanswered request is told apart: never reached the worker, or its
@@ -24,11 +29,14 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,7 +48,7 @@ from imcli.core.mqtt import BrokerAddress, Credentials, MqttClient
 from imcli.core.service import PasswordFileDirectory, ServiceWorker
 from imcli.core.wire import ChatMessage, GroupRequest, Topics, WhoRequest, WireModel, encode, new_id
 from imcli.groups import natsauth
-from imcli.groups.natsauth import NatsAuth
+from imcli.groups.natsauth import NatsAuth, NatsPermissions
 from imcli.groups.worker import GroupWorker
 from imcli.presence.worker import PresenceWorker
 from tests.natscluster import ACCOUNTS, NatsCluster, running_cluster
@@ -66,6 +74,23 @@ class Ask:
 
 
 @dataclass
+class Hear:
+    """One QoS 1 subscription to the talkers' room, made by a new clean session (``hearer``)."""
+
+    client_id: str
+    node: int
+    subscribed: float | None = None  # SUBACK (monotonic seconds from the run's start)
+    subscribed_utc: str = ""
+    heard: float | None = None  # its first line; None: none within ``HEAR_WAIT``
+    lines_meanwhile: int = 0  # room lines acknowledged to the talkers between the SUBACK and the give-up
+    delivery_subjects: list[str] = field(default_factory=list)  # its ``$MQTT.sub.`` subjects (/connz), if deaf
+    error: str = ""
+
+
+HEAR_WAIT = 15.0  # seconds a new QoS 1 subscription waits for a line the talkers keep saying
+
+
+@dataclass
 class Heard:
     """What the workers noted of one correlation id."""
 
@@ -83,6 +108,7 @@ class Log:
         self.storm = [0, 0]  # logins done, failed
         self.lines = [0, 0]  # room lines acknowledged, failed
         self.changes: list[Ask] = []  # group changes (changer)
+        self.hears: list[Hear] = []  # QoS 1 room subscriptions made while the load runs (hearer)
 
     def now(self) -> float:
         return round(time.monotonic() - self.start, 3)
@@ -200,6 +226,61 @@ def changer(cluster: NatsCluster, log: Log, owner: str, member: str, node: int, 
         node = node % 3 + 1
 
 
+def hearer(cluster: NatsCluster, log: Log, account: str, node: int, stop: threading.Event) -> None:
+    """New clean sessions, one after the other, each subscribing the talkers' room at QoS 1 (a JetStream
+    consumer whose delivery subject the other nodes must be told of) and waiting for one line: a
+    subscription made while a node reloads can stay deaf (issue 20)."""
+    while not stop.is_set():
+        hear = hear_once(cluster, log, account, node)
+        with log.lock:
+            log.hears.append(hear)
+        node = node % 3 + 1
+
+
+def hear_once(cluster: NatsCluster, log: Log, account: str, node: int) -> Hear:
+    """One such subscription; a deaf one's ``$MQTT.sub.`` subjects are read from its node's /connz
+    before it closes, to be found in the nodes' logs."""
+    got = threading.Event()
+    hear = Hear(f"{account}:hear-{new_id()[:8]}", node)
+    client = MqttClient(
+        BrokerAddress("127.0.0.1", port_of(cluster, node)),
+        Credentials(account, password_of(account)),
+        hear.client_id,
+        on_message=lambda _m: got.set(),
+    )
+    try:
+        client.connect()
+        client.subscribe([T.room_filter("lobby")], qos=1)
+        hear.subscribed, hear.subscribed_utc = log.now(), time.strftime("%H:%M:%S", time.gmtime())
+        before = log.lines[0]
+        if got.wait(HEAR_WAIT):
+            hear.heard = log.now()
+        else:
+            hear.lines_meanwhile = log.lines[0] - before
+            hear.delivery_subjects = delivery_subjects(cluster.nodes[node - 1].http, hear.client_id)
+    except ImcliError as exc:
+        hear.error = str(exc)[:80]
+    finally:
+        client.close()
+    return hear
+
+
+def delivery_subjects(http: int, client_id: str) -> list[str]:
+    """The ``$MQTT.sub.`` subjects of an MQTT client's connection on a node (its monitoring port)."""
+    url = f"http://127.0.0.1:{http}/connz?mqtt_client={urllib.parse.quote(client_id)}&subs=detail"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            connz = json.load(answer)
+    except (OSError, ValueError):
+        return []
+    return [
+        str(sub.get("subject"))
+        for conn in connz.get("connections") or []
+        for sub in conn.get("subscriptions_list_detail") or []
+        if str(sub.get("subject")).startswith("$MQTT.sub.")
+    ]
+
+
 def talker(cluster: NatsCluster, log: Log, account: str, node: int, stop: threading.Event) -> None:
     client = MqttClient(
         BrokerAddress("127.0.0.1", port_of(cluster, node)),
@@ -219,6 +300,18 @@ def talker(cluster: NatsCluster, log: Log, account: str, node: int, stop: thread
                 log.lines[ok] += 1
 
 
+ACCOUNTS_RENDER = NatsPermissions.render
+
+
+def render_global(self: NatsPermissions, passwords: Mapping[str, str]) -> str:
+    """The users file with every user in the global account (``authorization { users }``), no ``accounts``
+    block: then nats-server 2.9.10 gives the global account JetStream. Parked users and ghosts stay in
+    it, muted (an experiment: their connections are not closed)."""
+    text = ACCOUNTS_RENDER(self, passwords)
+    users = [line.strip() for line in text.splitlines() if line.strip().startswith('{"user"')]
+    return "authorization {\n  users: [\n" + "".join(f"    {u}\n" for u in users) + "  ]\n}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.natsasks", description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=60)
@@ -227,14 +320,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--talkers", type=int, default=4)
     parser.add_argument("--listeners", type=int, default=8)
     parser.add_argument("--changes", type=int, default=0, help="threads making group changes (reloads)")
+    parser.add_argument(
+        "--hearers", type=int, default=0, help="threads making QoS 1 room subscriptions, each waiting for a line"
+    )
     parser.add_argument("--timeout", type=float, default=5.0)
     parser.add_argument("--late", type=float, default=30.0)
     parser.add_argument("--no-resend", action="store_true", help="as before: each request sent once")
     parser.add_argument("--keep", help="a folder to keep the nodes' logs in")
+    parser.add_argument(
+        "--users-shape",
+        choices=("accounts", "global"),
+        default="accounts",
+        help="an experiment (issue 20, ninth session): 'global' writes every user into the global account "
+        "(authorization { users }, JetStream on it) instead of account IM; cut users are only muted then",
+    )
     args = parser.parse_args(argv)
+    if args.users_shape == "global":
+        setattr(NatsPermissions, "render", render_global)  # noqa: B010 - the experiment's own writer
     if args.no_resend:
         request_reply.RESEND_AFTER = ()
-    n_users = args.askers + args.storm + args.talkers + args.listeners + 2 * args.changes
+    n_users = args.askers + args.storm + args.talkers + args.listeners + 2 * args.changes + args.hearers
     accounts = (*ACCOUNTS, *(f"q{i}" for i in range(n_users)))
     log = Log()
     stop = threading.Event()
@@ -271,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             for i in range(args.changes)
         ]
+        threads += [
+            threading.Thread(target=hearer, args=(cluster, log, next(names), i % 3 + 1, stop), daemon=True)
+            for i in range(args.hearers)
+        ]
         askers = [next(names) for _ in range(args.askers)]
 
         def asking(index: int) -> None:
@@ -306,6 +415,12 @@ def report(log: Log, args: argparse.Namespace, load: float, worker_ports: dict[s
         "load_at_start": load,
         "load_at_end": os.getloadavg()[0],
         "workers_on_node": {k: node_of_port.get(v) for k, v in worker_ports.items()},
+        "users_shape": args.users_shape,
+        "reloads_per_node": [n.reloads for n in cluster.nodes],
+        "unknown_account_lines_per_node": [n.log.count("Unknown account") for n in cluster.nodes],
+        "unknown_account_names": sorted(
+            set(re.findall(r'Unknown account "([^"]*)"', "".join(n.log for n in cluster.nodes)))
+        ),
         "storm_logins_ok_failed": log.storm,
         "room_lines_ok_failed": log.lines,
         "group_changes": {
@@ -355,9 +470,21 @@ def report(log: Log, args: argparse.Namespace, load: float, worker_ports: dict[s
                     ),
                 }
             )
+    logs = "".join(n.log for n in cluster.nodes)
+    deaf = [h for h in log.hears if h.subscribed is not None and h.heard is None]
+    summary["qos1_subscriptions"] = {
+        "made": sum(h.subscribed is not None for h in log.hears),
+        "failed": sum(h.subscribed is None for h in log.hears),
+        "heard_a_line": sum(h.heard is not None for h in log.hears),
+        "deaf": len(deaf),
+        "deaf_with_lines_said_meanwhile": sum(h.lines_meanwhile > 0 for h in deaf),
+    }
     print(json.dumps(summary, indent=1))
     for entry in bad:
         print(json.dumps(entry))
+    for h in deaf:  # each with the node log lines that name its delivery subjects
+        named = [line[:200] for line in logs.splitlines() if any(sub in line for sub in h.delivery_subjects)]
+        print(json.dumps(asdict(h) | {"log_lines": named}))
 
 
 if __name__ == "__main__":

@@ -380,6 +380,9 @@ def capacity(
         watcher, settled = await observe(broker.port)
         result["presence_settled_s"] = round(settled, 2)
         await who(watcher)
+        if broker.trace_path is not None:  # --trace-stalls: the probe's join phase (logins, presence, `who`) traced
+            traced = stalltrace.read(broker.trace_path, join_began, time.time())
+            result.update({f"join_{name}": figure for name, figure in traced.items()})
         if hold <= 0:
             await watcher.client.disconnect()
             return
@@ -412,6 +415,7 @@ def capacity(
     extra: tuple[str, ...] = ("--keepalive", str(KEEPALIVE), "--pings") if hold > 0 else ()
     if broker.ports and not extra:  # a cluster's join outlasts 1.5 keepalives (600 s): ping every 600 s
         extra = ("--pings",)
+    join_began = time.time()  # the stall probe's join phase begins about now (its trace: join_trace_*)
     with Crowds.join(broker, users, processes, status=broker.has_presence, extra=extra) as (_, joined):
         result["joined"] = joined["ok"]
         result["refused"] = joined["refused"]

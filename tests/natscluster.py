@@ -6,6 +6,11 @@ MQTT and the other ports are ``-1`` (nats-server picks a free one and logs it). 
 node's config is rewritten with the MQTT port it got, so a node killed with ``kill -9`` comes
 back on the same ports and rejoins. Accounts come from a password file (``name:password``) rendered into the
 ``IM`` account by ``imcli.groups.natsauth`` (as the group worker does).
+
+The nodes' logs go with the cluster's folder. To trace a fault afterwards (a reload that lost a
+subscription's interest: ``Unknown account ... for remote subject``, issue 20), set
+``IMCLI_NATS_KEEP_LOGS=<folder>``: each cluster's node logs and users file are copied there as it stops
+(``keep_logs``; the benchmarks' ``--keep-logs`` does the same).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ NATS_SERVER = shutil.which("nats-server") or shutil.which("nats-server", path="/
 NOT_INSTALLED = "nats-server not installed (.ci/run installs Debian's package)"
 ACCOUNTS = ("alice", "bob", "carol", "dave", "presence", "groups", "archive", "files")
 START_TIMEOUT = 60.0  # a fresh JetStream cluster elects its leaders and makes the MQTT streams: seconds
+KEEP_LOGS_ENV = "IMCLI_NATS_KEEP_LOGS"  # a folder: every cluster's node logs are copied there when it stops
 
 
 def nats_available() -> bool:
@@ -234,6 +240,20 @@ class NatsCluster:
             node.stop()
 
 
+def keep_logs(nodes: list[NatsNode], dest: Path, label: str, also: tuple[Path, ...] = ()) -> Path:
+    """Copy each node's log (and the files ``also``: the users file, a workers' log) to a new folder
+    ``dest/<label>-<time>-<pid>``; that folder."""
+    folder = dest / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for node in nodes:
+        if node.log_path.exists():
+            shutil.copyfile(node.log_path, folder / f"{node.name}.log")
+    for path in also:
+        if path.exists():
+            shutil.copyfile(path, folder / path.name)
+    return folder
+
+
 def wait_login(node: NatsNode, name: str, password: str, timeout: float = START_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -278,3 +298,5 @@ def running_cluster(workdir: Path, accounts: tuple[str, ...] = ACCOUNTS) -> Iter
         yield cluster
     finally:
         cluster.stop()
+        if keep := os.environ.get(KEEP_LOGS_ENV):
+            keep_logs(nodes, Path(keep), workdir.name, (users,))

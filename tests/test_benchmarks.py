@@ -380,3 +380,47 @@ def test_the_crowd_tries_a_refused_connect_again_and_counts_it(
     assert seen == {f"u0000{i}:bench": 2 for i in range(3)}
     assert (joined["ok"], joined["refused"], joined["retried"]) == (3, 0, 3)
     assert joined["closed_retried"] == (3 if first_answer == b"" else 0)
+
+
+def test_a_brokers_logs_are_kept_on_request_as_it_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--keep-logs``: each NATS node's log and the users file are copied out before the temporary
+    folder goes (issue 20: a shortfall could not be traced, the logs went with it)."""
+    import tempfile
+
+    from benchmarks import brokers
+    from tests.natscluster import NatsNode, keep_logs
+
+    work = tempfile.TemporaryDirectory(prefix="keep-test-")
+    users = Path(work.name) / "imcli-users.conf"
+    users.write_text("accounts {}\n")
+    nodes = [NatsNode(f"nats-{i}", Path(work.name) / f"nats-{i}", users) for i in (1, 2, 3)]
+    for node in nodes:
+        node.workdir.mkdir()
+        node.log_path.write_text(f'{node.name}: Unknown account "IM" for remote subject "im.user.q1.reply.*"\n')
+    broker = brokers.Broker("nats", 1, [], work, has_presence=True)
+    broker.keep_logs = lambda dest: keep_logs(nodes, dest, "bench-nats", (users,))
+    kept = tmp_path / "kept"
+    monkeypatch.setattr(brokers, "KEEP_LOGS", kept)
+    broker.stop()
+    assert not Path(work.name).exists()
+    (folder,) = kept.iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["imcli-users.conf", "nats-1.log", "nats-2.log", "nats-3.log"]
+    assert "nats-3: Unknown account" in (folder / "nats-3.log").read_text()
+
+
+def test_without_keep_logs_a_brokers_folder_goes_with_it(tmp_path: Path) -> None:
+    import tempfile
+
+    from benchmarks import brokers
+
+    work = tempfile.TemporaryDirectory(prefix="keep-test-")
+    kept: list[Path] = []
+
+    def keep(dest: Path) -> Path:
+        kept.append(dest)
+        return dest
+
+    broker = brokers.Broker("nats", 1, [], work, has_presence=True, keep_logs=keep)
+    assert brokers.KEEP_LOGS is None
+    broker.stop()
+    assert not Path(work.name).exists() and kept == []

@@ -44,16 +44,25 @@ def broker(tmp_path: Path) -> Iterator[ServeInfo]:
 
 
 class Paths:
-    """Counts the messages each path handled: the reader's (``deliver_now``), the message loop's."""
+    """Counts the messages each path handled: the reader's (``deliver_now``, or ``deliver_line`` for
+    a QoS 1 chat line: ``lines`` of them), the message loop's."""
 
     def __init__(self, broker: Any) -> None:
-        self.at_once = self.queued = 0
-        deliver_now, delivery = broker.deliver_now, broker._handle_message_delivery
+        self.at_once = self.queued = self.lines = 0
+        deliver_now, deliver_line, delivery = broker.deliver_now, broker.deliver_line, broker._handle_message_delivery
 
         async def counted_now(*args: Any) -> bool:
             self.at_once += 1
             result: bool = await deliver_now(*args)
             return result
+
+        async def counted_line(*args: Any) -> bool:
+            self.at_once += 1
+            self.lines += 1
+            result: bool = await deliver_line(*args)
+            return result
+
+        broker.deliver_line = counted_line
 
         async def counted_queued(*args: Any) -> bool:
             self.queued += 1
@@ -221,8 +230,16 @@ def _handled_in_order(info: ServeInfo) -> list[str]:
         result: bool = await deliver_file(session, topic, payload)
         return result
 
+    deliver_line = info.broker.deliver_line
+
+    async def recorded_line(session: Any, topic: str, payload: bytes) -> bool:  # a QoS 1 chat line (its own path)
+        order.append(topic)
+        result: bool = await deliver_line(session, topic, payload)
+        return result
+
     info.broker.deliver_now = recorded  # type: ignore[method-assign]
     info.broker.deliver_file = recorded_file  # type: ignore[method-assign]
+    info.broker.deliver_line = recorded_line  # type: ignore[method-assign]
     return order
 
 
@@ -390,6 +407,54 @@ def test_a_files_chunk_takes_its_own_path_and_every_rule_holds_on_it(tmp_path: P
         T.file_data("bob", stream),
     ]  # fmt: skip
     assert paths.at_once == 1 and paths.queued == 0
+
+
+def test_a_chat_line_takes_its_own_path_and_every_rule_holds_on_it(broker: ServeInfo) -> None:
+    """A QoS 1 chat line (neither DUP nor RETAIN, on a room's, DM's or group's topic) read while
+    ``may_deliver_now`` is handled by ``ImBroker.deliver_line``, not amqtt's packet and message path
+    (issue 16, ninth session), under the rules of every PUBLISH, through raw sockets: alice's room
+    line reaches bob, her DM reaches bob and her own other devices (the sent copy), a line under
+    bob's name and a DM over the size limit are dropped with a notice; each is acknowledged in order,
+    after its row is in the archive (the two delivered only); a retained line goes the general way
+    and is refused there."""
+    assert broker.broker is not None
+    taken: list[str] = []
+    deliver_line = broker.broker.deliver_line
+
+    async def counted(session: Any, topic: str, payload: bytes) -> bool:
+        taken.append(topic)
+        result: bool = await deliver_line(session, topic, payload)
+        return result
+
+    broker.broker.deliver_line = counted  # type: ignore[method-assign]
+    room, forged, dm = T.room("lobby", "alice"), T.room("lobby", "bob"), T.dm("bob", "alice")
+    bob = _bob(broker)
+    archive = sqlite3.connect(broker.data_dir / "archive.sqlite3")
+    with bob, _connect(broker, "alice", b"alice:raw") as alice, archive:
+        for sock, topic_filter in ((bob, T.room_filter("lobby")), (alice, T.user_filter("alice"))):
+            sock.sendall(packet(0x82, b"\x00\x09" + field(topic_filter.encode()) + b"\x01"))
+            assert read_packets(sock, lambda p: len(p) >= 1)[0] == [(0x90, b"\x00\x09\x01")]
+        alice.sendall(
+            publish_packet(room.encode(), chat("to the room"), qos=1, packet_id=1)
+            + publish_packet(dm.encode(), chat("to bob"), qos=1, packet_id=2)
+            + publish_packet(forged.encode(), chat("as bob"), qos=1, packet_id=3)
+            + publish_packet(dm.encode(), chat("x" * 16400), qos=1, packet_id=4)
+            + bytes((0x33,)) + publish_packet(room.encode(), chat("kept forever"), qos=1, packet_id=5)[1:]
+        )  # fmt: skip
+        got, _ = read_packets(alice, lambda p: sum(first == 0x40 for first, _ in p) >= 5 and len(p) >= 9)
+        rows = archive.execute("SELECT text FROM messages ORDER BY rowid").fetchall()
+        heard, _ = read_packets(bob, lambda p: len(p) >= 2)
+    acks = [body for first, body in got if first == 0x40]
+    assert acks == [i.to_bytes(2, "big") for i in (1, 2, 3, 4, 5)]
+    assert rows == [("to the room",), ("to bob",)]  # committed before the first PUBACK went
+    published = [_publish_body(body) for first, body in got if first >> 4 == 3]
+    assert [topic for topic, _ in published] == [T.sent("alice", "bob")] + [T.notice("alice")] * 3
+    notices = [payload.decode() for _, payload in published[1:]]
+    assert "you may not publish to " + forged in notices[0]
+    assert '"too_large"' in notices[1] and "16384" in notices[1]
+    assert "retained messages are not allowed" in notices[2]
+    assert _texts(heard) == ["to the room", "to bob"]
+    assert taken == [room, dm, forged, dm]  # the retained line did not take the new path
 
 
 @pytest.mark.parametrize("look", [True, False])

@@ -168,3 +168,52 @@ def test_a_burst_of_real_clients_from_one_address_is_not_cut(flooded: ServeInfo)
     finally:
         for sock in burst:
             sock.close()
+
+
+def test_a_burst_of_connections_is_accepted_a_slice_per_loop_round() -> None:
+    """100 connections waiting in the kernel's queue: the loop takes at most ``ACCEPTS_PER_ROUND`` of them
+    a round, not all 100 in one callback (asyncio accepts up to its backlog per callback, and the backlog is
+    4,096: issue 21, ninth session), and every one is served."""
+    import asyncio
+    from collections import Counter
+
+    from amqtt.contexts import ListenerType
+
+    from imcli.broker import listeners
+
+    arrivals: list[int] = []  # the loop round each connection's handler started in
+
+    async def main() -> None:
+        rounds = [0]
+
+        async def count_rounds() -> None:
+            while True:
+                rounds[0] += 1
+                await asyncio.sleep(0)
+
+        async def on_stream(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            arrivals.append(rounds[0])
+            writer.close()
+
+        async def on_websocket(_websocket: object) -> None:
+            raise AssertionError("a TCP listener")
+
+        server = await listeners.serve(
+            ListenerType.TCP, on_stream, on_websocket, "127.0.0.1", 0, None, Limits().listen_backlog
+        )
+        assert server is not None
+        port = server.sockets[0].getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]  # queued by the kernel
+        counter = asyncio.create_task(count_rounds())
+        for _ in range(1000):
+            if len(arrivals) == len(clients):
+                break
+            await asyncio.sleep(0.01)
+        counter.cancel()
+        server.close()
+        for client in clients:
+            client.close()
+
+    asyncio.run(main())
+    assert len(arrivals) == 100
+    assert max(Counter(arrivals).values()) <= listeners.ACCEPTS_PER_ROUND < 100

@@ -13,7 +13,7 @@ import pytest
 from imcli.broker import amqtt_adapter, output, session_sweep
 from imcli.broker.amqtt_adapter import LightSession
 from imcli.broker.output import OutputBound
-from imcli.broker.retained import send_in_slices
+from imcli.broker.retained import RETAINED_SLICE, send_in_slices
 from imcli.broker.session_sweep import EndedSessions, forgettable
 from imcli.core.wire import DeviceStatus, encode
 from imcli.serve.host import ServeInfo
@@ -207,6 +207,28 @@ def test_retained_topics_are_sent_a_slice_per_loop_round_while_the_connection_la
     asyncio.run(main())
     assert [some for some, _ in sent] == [["t0", "t1", "t2"], ["t3", "t4", "t5"]]  # none after it ended
     assert sent[0][1] != sent[1][1], "the loop ran others between slices"
+
+
+def test_ten_thousand_presence_records_go_out_at_most_a_hundred_a_loop_round() -> None:
+    """A watcher subscribing to ``im/presence/+`` at 10,000 users: the records after the first slice go out
+    ``RETAINED_SLICE`` a round, the loop running others between (500 a round used up to 33.5 ms of the loop's
+    CPU in a traced join: issue 21, ninth session)."""
+    rounds: list[tuple[int, int]] = []  # (topics sent, the loop's rounds so far)
+
+    async def main() -> None:
+        ticks = _Ticks()
+        ticker = asyncio.create_task(ticks.run())
+        await asyncio.sleep(0)
+        topics = [f"im/presence/user{i}" for i in range(10_000)]
+        first, rest = topics[:RETAINED_SLICE], topics[RETAINED_SLICE:]
+        rounds.append((len(first), ticks.count))
+        await send_in_slices(rest, RETAINED_SLICE, lambda some: rounds.append((len(some), ticks.count)), lambda: True)
+        ticker.cancel()
+
+    asyncio.run(main())
+    assert sum(n for n, _ in rounds) == 10_000
+    assert max(n for n, _ in rounds) <= 100
+    assert len({tick for _, tick in rounds}) == len(rounds), "one slice a loop round, others run between"
 
 
 def test_a_subscriber_gets_every_retained_record_when_they_come_in_slices(

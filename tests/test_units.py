@@ -34,6 +34,7 @@ from imcli.core.wire import (
     Topics,
     check_name,
     decode,
+    decode_as,
     decode_chat,
     encode,
     is_name,
@@ -118,6 +119,70 @@ def test_decode_chat_never_raises_anything_but_malformed(data: bytes) -> None:
     except MalformedPayload:
         return
     assert msg.text.strip()
+
+
+def _decode_chat_as_before(data: bytes) -> tuple[str, bool] | None:
+    """``decode_chat`` as it was before its shortcut for payloads with no "type" (the ninth
+    session): the text, whether plain; ``None`` for a malformed payload."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if text.lstrip().startswith("{"):
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError):
+            obj = None
+        if isinstance(obj, dict) and "type" in obj:
+            try:
+                return decode_as(data, ChatMessage).text, False
+            except MalformedPayload:
+                return None
+    return (text, True) if text.strip() else None
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["type", "text", "sent", "t\\u0079pe"]) | st.text(max_size=6), inner, max_size=3
+        )
+    ),
+    max_leaves=8,
+)
+
+
+@given(_JSON, st.sampled_from(["", " ", "\n"]))
+def test_decode_chat_takes_what_it_took_before(value: object, lead: str) -> None:
+    data = (lead + json.dumps(value, ensure_ascii=False)).encode()
+    for payload in (data, data.replace(b"\\\\u0079", b"\\u0079")):  # "t\u0079pe" is "type" in JSON
+        try:
+            msg, plain = decode_chat(payload)
+            got: tuple[str, bool] | None = (msg.text, plain)
+        except MalformedPayload:
+            got = None
+        before = _decode_chat_as_before(payload)
+        assert got == before
+
+
+def test_a_bots_json_without_a_type_is_text_without_a_validation_or_a_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The room ping's payload (``{"sent": ...}``, no "type"): taken as text at once; it went through
+    ChatMessage's validation (which failed) and ``json.loads`` before (issue 16, ninth session)."""
+    from imcli.core import wire
+
+    def refused(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("not needed for a payload without a type")
+
+    monkeypatch.setattr(wire.json, "loads", refused)
+    monkeypatch.setattr(wire.ChatMessage, "model_validate_json", refused)
+    for data in (b'{"sent": 1234.5}', b'{"not": "ours"}', b"hello", b' {"typ": 1}'):
+        msg, plain = decode_chat(data)
+        assert plain and msg.text == data.decode()
+    with pytest.raises(AssertionError):  # with a "type" member (or an escape) it is decided as before
+        decode_chat(b'{"type": "chat", "text": "hi"}')
+    with pytest.raises(AssertionError):
+        decode_chat(b'{"t\\u0079pe": "chat", "text": "hi"}')
 
 
 def test_payload_from_is_ignored_the_topic_names_the_sender() -> None:

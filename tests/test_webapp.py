@@ -69,6 +69,10 @@ def test_the_page_and_its_files_are_served_with_a_strict_policy(web: ServeInfo) 
     assert "unsafe-eval" not in policy
     assert f"connect-src ws://127.0.0.1:{web.ws_port} wss://127.0.0.1:{web.ws_port};" in policy
     assert "frame-ancestors 'none'" in policy
+    # Trusted Types: the browser refuses any string that would become HTML or script (static/policy.js
+    # passes only the page's own blob: URLs, for mqtt.js's timer Worker)
+    assert policy.endswith("; require-trusted-types-for 'script'; trusted-types default")
+    assert "img-src 'self' blob: data:;" in policy
     assert page.getheader("X-Content-Type-Options") == "nosniff"
     for path, kind in [
         ("/app.js", "text/javascript"),
@@ -108,8 +112,27 @@ def test_no_inline_script_in_the_page() -> None:
         "eval(",
         "new Function",
         "setHTML",
+        "DOMParser",
+        "createContextualFragment",
+        "srcdoc",
+        ".style.",
+        "cssText",
     ]:
         assert call not in script, call
+
+
+def test_every_url_the_page_sets_goes_through_one_gate() -> None:
+    """An <img>'s src and a link's href are set in one place, ``setUrl``, which lets through only a blob
+    of the page's own and a checked PNG or JPEG data: URL: no other code names a URL attribute."""
+    script = static_files()["/app.js"].decode()
+    sinks = (r"\.(src|href|srcset|action|formAction|poster|data|background)\s*=(?!=)", r"setAttribute\(", r"\.open\(")
+    for sink in sinks:
+        assert re.search(sink, script) is None, (sink, re.search(sink, script))
+    assert script.count("e[attr] = ok") == 1
+    assert script.count("function setUrl(") == 1
+    # the Trusted Types policy is the page's first script (the CSP's `trusted-types default` names it)
+    page = static_files()["/index.html"].decode()
+    assert page[page.index("<script") :].startswith('<script src="policy.js"></script>')
 
 
 def test_a_foreign_origin_is_refused_before_mqtt(web: ServeInfo) -> None:

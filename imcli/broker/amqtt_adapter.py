@@ -73,6 +73,7 @@ from imcli.core.wire import TopicKind, Topics, build_schemas
 
 log = logging.getLogger(__name__)
 FILE_BYTES = frozenset({TopicKind.UPLOAD, TopicKind.FILE_DATA})  # a file's chunks (deliver_file)
+CHAT_LINES = frozenset({TopicKind.ROOM, TopicKind.DM, TopicKind.GROUP_MSG})  # chat lines (deliver_line)
 RETRY_WAIT = 10  # seconds amqtt gives a message sent again on a resumed session (its _retry_deliveries)
 TAKEOVER_NOTICE_WAIT = 1.0  # seconds a connection taken over has to take its notice (ImBroker._tell_taken_over)
 
@@ -107,7 +108,7 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
     *_names(_B, "Broker", "called", "_matches _get_handler"),  # handed to fanout.FanOut
     *_names(_B, "Broker", "read", "_servers _sessions _retained_messages"),
     *_names(_B, "Broker", "replaced", "_subscriptions"),  # by sessions.SubscriptionTable
-    # ImBroker.is_file_topic: a file's bytes skip the plugin events only while no plugin listens
+    # ImBroker.is_file_topic, is_line_topic: chunks and chat lines skip the plugin events while no plugin listens
     *_names("amqtt.plugins.manager", "PluginManager", "read", "_event_plugin_callbacks"),
     # AckAfterJournal, LightSession and use_light_sessions, below
     *_names(_H, "BrokerProtocolHandler", "overridden", "_handle_qos1_message_flow _handle_qos2_message_flow"),
@@ -145,6 +146,8 @@ class AckAfterJournal(BrokerProtocolHandler):
     deliver_now: Any = None  # (Session, ApplicationMessage, acknowledged: bool) -> Awaitable[bool]
     deliver_file: Any = None  # (Session, topic, payload) -> Awaitable[bool]: ImBroker.deliver_file
     is_file_topic: Callable[[str], bool] | None = None  # ImBroker.is_file_topic
+    deliver_line: Any = None  # (Session, topic, payload) -> Awaitable[bool]: ImBroker.deliver_line
+    is_line_topic: Callable[[str], bool] | None = None  # ImBroker.is_line_topic
     carries_file_bytes: Callable[[str], bool] | None = None  # ImBroker.carries_file_bytes
     loop_idle = False  # the message loop waits with nothing to do (client_loop.run_client_loop)
     delivering = False  # the reader is handling a message itself: the message loop waits
@@ -476,10 +479,26 @@ class AckAfterJournal(BrokerProtocolHandler):
         handled as ``_deliver_at_once`` handles a message, by ``ImBroker.deliver_file``, without the
         amqtt packet, the application message and the layers of ``handle_publish`` (issue 16: a
         chat line arriving meanwhile waits for what a chunk takes of the loop)."""
+        await self._directly(self.deliver_file, topic, packet_id, payload)
+
+    def line_topic(self, topic: str) -> bool:
+        """Whether a QoS 1 PUBLISH on ``topic`` is a chat line that ``chat_line`` may take."""
+        return self.deliver_line is not None and self.is_line_topic is not None and self.is_line_topic(topic)
+
+    async def chat_line(self, topic: str, packet_id: int, payload: bytes) -> None:
+        """A chat line (QoS 1, neither DUP nor RETAIN, ``line_topic``) that the reader reads while
+        ``may_deliver_now``: handled by ``ImBroker.deliver_line`` as a file's chunk is, without amqtt's
+        packet and message objects and the layers of ``handle_publish`` and ``deliver_now`` (issue 16,
+        ninth session: a line's CPU in the loop is what the chat tail multiplies)."""
+        await self._directly(self.deliver_line, topic, packet_id, payload)
+
+    async def _directly(
+        self, deliver: Callable[[Any, str, bytes], Awaitable[bool]], topic: str, packet_id: int, payload: bytes
+    ) -> None:
         if self.said_goodbye:  # as handle_publish (the reader handles nothing after a DISCONNECT anyway)
             return
         try:
-            await self._at_once(self.deliver_file(self.session, topic, payload), packet_id)
+            await self._at_once(deliver(self.session, topic, payload), packet_id)
         finally:
             if self.session is None or not self.session.delivered_message_queue.empty():
                 self._stir()
@@ -754,6 +773,7 @@ class ImBroker(Broker):
             handler.before_ack, handler.max_unreleased = self._before_ack, self.settings.limits.max_unreleased
             handler.deliver_now = self.deliver_now
             handler.deliver_file, handler.is_file_topic = self.deliver_file, self.is_file_topic
+            handler.deliver_line, handler.is_line_topic = self.deliver_line, self.is_line_topic
             handler.carries_file_bytes = self.carries_file_bytes  # its chunks mark it a transfer's (chatfirst)
             handler.teardown_gate = self.teardown  # imcli/broker/teardown.py
             handler.journal = self._journal  # its answers wait for the journal's commits
@@ -895,6 +915,40 @@ class ImBroker(Broker):
             self.carries_file_bytes(topic)
             and not self.plugins_manager._event_plugin_callbacks  # amqtt private (AMQTT_PRIVATE)
         )
+
+    def is_line_topic(self, topic: str) -> bool:
+        """Whether a QoS 1 PUBLISH on ``topic`` (neither DUP nor RETAIN) is a chat line that
+        ``deliver_line`` may take: a room's, a DM's or a group's, while no amqtt plugin listens."""
+        parsed = self.topics.parse(topic)
+        return (
+            parsed is not None
+            and parsed.kind in CHAT_LINES
+            and not self.plugins_manager._event_plugin_callbacks  # amqtt private (AMQTT_PRIVATE)
+        )
+
+    async def deliver_line(self, session: Session, topic: str, payload: bytes) -> bool:
+        """A chat line its connection's reader handles itself (``AckAfterJournal.chat_line``: QoS 1,
+        neither DUP nor RETAIN, an ``is_line_topic`` topic): what ``deliver_now`` does with it, in
+        the same order, without amqtt's ``ApplicationMessage`` and the layers between: its rate
+        token taken as before its PUBACK (``PublishChecks.token``), the same checks as every PUBLISH
+        (``PublishChecks.judge``: the rate, the size limit, the ACL decided for this publish), its
+        sender told why one is refused, its copies (``FanOut.publish``), a DM's copy for its sender's
+        other devices, then its row handed to the journal, before the PUBACK that the reader writes
+        after the journal's commit. What ``deliver`` does besides is about other topics: a device
+        request, a request held for the journal, a retained message, and plugin events that nobody
+        listens to (``is_line_topic``). False: its connection is to be closed."""
+        publishing, username = self.publishing, session.username
+        rate_ok, keep = publishing.token(username, topic, len(payload))
+        decision = publishing.judge(username, topic, len(payload), retain=False, rate_ok=rate_ok)
+        if not await publishing.tell_sender(session, decision):
+            return False
+        if decision.deliver:
+            await self.fan_out.publish({"session": session, "topic": topic, "data": payload})
+            if (sent := self.sent_copy(topic)) is not None:  # the sender's other devices
+                await self.fan_out.publish({"session": session, "topic": sent, "data": payload})
+        if keep:
+            self._journal.record_line(username, topic, payload)
+        return True
 
     async def deliver_file(self, session: Session, topic: str, payload: bytes) -> bool:
         """A file's chunk its connection's reader handles itself (``AckAfterJournal.file_bytes``, for a

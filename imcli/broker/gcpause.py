@@ -17,12 +17,16 @@ collection over 5 ms):
 - it collects, then freezes (``gc.freeze()``) what start-up allocated, and after every
   later full collection it freezes again what survived it: a full collection then walks
   only what was allocated since the one before, not every session again;
-- full collections come after every 2 generation 1 collections (CPython's default is 10):
+- a full collection comes after every 2 generation 1 collections (threshold 1: CPython collects a
+  generation once its count *passes* the threshold; CPython's default is 10, 11 collections):
   since each walks only what was allocated since the one before, frequent ones are short ones
   (issue 21: waiting for 100, as issue 7 did, let a join storm pile up hundreds of thousands of
   objects for one collection to walk; at CPython's 10, each full collection of a join storm
   walked about 67,000 objects, 45 to 58 ms of CPU on this machine, over the 50 ms bound; at 2
-  about a fifth of that, 19 ms of CPU at most, in ``python -m benchmarks.memory --users 3000``);
+  about a fifth of that, 19 ms of CPU at most, in ``python -m benchmarks.memory --users 3000``;
+  at 1, the ninth session, each walks two thirds of what it walked at 2, about 14,000 objects in a
+  join of 10,000, and the longest used 10.0 and 14.5 ms of CPU against 14.3 and 17.6 at 2 in two
+  alternated pairs of ``python -m benchmarks.memory --users 10000 --processes 4``: docs/PERFORMANCE.md);
 - generation 1 collections come after every 5 generation 0 collections (CPython's default is 10):
   in a join of 10,000 users (``python -m benchmarks.memory --users 10000``) the longest generation 1
   collection used 18.3 ms of CPU at 10 and 8.4 at 5, the longest full one 19.9 and 13.4 (issue 21,
@@ -100,7 +104,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-FULL_COLLECTION_EVERY = 2  # generation 1 collections (CPython's default: 10)
+FULL_COLLECTION_EVERY = 1  # threshold: full after 2 generation 1 collections (CPython's 10; 2 until the ninth session)
 MIDDLE_COLLECTION_EVERY = 5  # generation 0 collections (CPython's default: 10; issue 21, sixth session)
 TICK = 1.0  # seconds between the event loop's own full collections (``_tick``)
 LEAK_CHECK_EVERY = 86_400.0  # seconds between counts of the frozen generation's cycles (``frozen_garbage``)

@@ -140,13 +140,18 @@ class Journal:
     def record(self, username: str | None, message: ApplicationMessage) -> None:
         """Keep ``message`` if it is chat the broker will deliver (the caller checked the limits):
         its row is committed before anything answered from now on (``after_commit``)."""
-        parsed = self._topics.parse(message.topic)
-        if parsed is None or parsed.kind not in _CHAT or message.retain:
+        if not message.retain:
+            self.record_line(username, message.topic, bytes(message.data or b""))
+
+    def record_line(self, username: str | None, topic: str, data: bytes) -> None:
+        """``record`` of a message not retained, on ``topic`` with payload ``data``."""
+        parsed = self._topics.parse(topic)
+        if parsed is None or parsed.kind not in _CHAT:
             return
-        if not self._may_publish(username, message.topic):
+        if not self._may_publish(username, topic):
             return
         try:
-            item = chat_received(parsed, bytes(message.data or b""))
+            item = chat_received(parsed, data)
         except MalformedPayload:
             return  # delivered as it is, shown as malformed; nothing to keep
         if self._loop is None:

@@ -154,15 +154,21 @@ class PublishChecks:
         return self._bucket(topic).allow(sender or "", now)
 
     def charge(self, sender: str | None, message: Any, size: int) -> bool:
-        """A QoS 1 PUBLISH is about to be acknowledged: take its rate token now. Whether it
-        is worth journalling (within the rate and the size limit; the journal checks the rest)."""
+        """A QoS 1 PUBLISH is about to be acknowledged: take its rate token now (``received`` finds
+        it). Whether it is worth journalling (``token``)."""
         now = time.monotonic()
-        trusted = self.access.is_service(sender)
-        message_topic = getattr(message, "topic", None) or ""
-        allowed = self._rate_allows(sender, trusted, now, message_topic)
+        allowed, keep = self.token(sender, getattr(message, "topic", None) or "", size, now)
         self._charged[id(message)] = (message, allowed, now)
-        return allowed and (
-            trusted or size <= size_limit(self.access, message_topic, self.max_payload, self.limits.max_chunk)
+        return keep
+
+    def token(self, sender: str | None, topic: str, size: int, now: float | None = None) -> tuple[bool, bool]:
+        """The rate token of a QoS 1 PUBLISH on ``topic``, taken before its PUBACK: whether the rate
+        allowed it (``judge``'s ``rate_ok``), and whether it is worth journalling (within the rate and
+        the size limit; the journal checks the rest)."""
+        trusted = self.access.is_service(sender)
+        allowed = self._rate_allows(sender, trusted, time.monotonic() if now is None else now, topic)
+        return allowed, allowed and (
+            trusted or size <= size_limit(self.access, topic, self.max_payload, self.limits.max_chunk)
         )
 
     def take_charge(self, message: Any) -> tuple[bool, bool | None]:

@@ -27,14 +27,17 @@ the messages of one publisher were fanned out one per round (one ``send`` per co
 * a QoS 0 or 1 PUBLISH read while nothing the client sent before waits is handled here, in this
   callback (its checks, its fan-out, its copies written, its row handed to the journal:
   ``AckAfterJournal.may_deliver_now``), up to ``client_loop.FAIR_SHARE`` of one read; the rest
-  wait for the connection's message loop, in order, as before;
+  wait for the connection's message loop, in order, as before; a QoS 1 chat line (neither DUP nor
+  RETAIN, on a room's, DM's or group's topic) takes its own path there (``_directly``:
+  ``ImBroker.deliver_line``, the same token, checks, fan-out and journal without amqtt's packet and
+  message objects; issue 16, ninth session);
 * the PUBACKs of a read are written once the journal's thread has committed the rows recorded
   until then (imcli/broker/journal.py), and a packet with an answer of its own (PINGREQ,
   SUBSCRIBE, ...) is handled only once they are: no answer overtakes them;
 * a file's chunk (a PUBLISH of ``BULK`` bytes or more) is handled only after what the loop
   already knows of (its ready callbacks, the sockets its next look finds readable): a chat
   message read with it, or arriving while it waited, goes first (issue 16); a QoS 1 chunk on an
-  upload or download topic then takes its own path (``_file_bytes``: the same checks and fan-out
+  upload or download topic then takes its own path (``_directly``: the same checks and fan-out
   without amqtt's packet and message objects; its copy's write in a callback of its own);
 * PUBACK resolves the waiting copy's future where it is read; a PINGREQ's PINGRESP is written
   with the read's PUBACKs, in order (``_small``: about 27 us of the loop's CPU against amqtt's
@@ -558,11 +561,10 @@ class PacketReader:
             await asyncio.sleep(AFTER_OTHERS)
             if look.chat_waiting():  # chat came while this waited (this round began with it): once more
                 await asyncio.sleep(AFTER_OTHERS)
-        if end - start >= BULK and await self._file_bytes(first, buffer, end, *head):
-            return
         journal = self._handler.journal
         before = journal.recorded if journal is not None else 0
-        await self._dispatch(first, b"", self._publish(first, buffer, start, end, head))
+        if not await self._directly(first, buffer, end, *head, bulk=end - start >= BULK):
+            await self._dispatch(first, b"", self._publish(first, buffer, start, end, head))
         if journal is not None and journal.recorded != before:  # it was kept: answers wait for its row
             self._recorded = journal.recorded  # (a file's chunk, a request, a status wait for nobody's)
 
@@ -626,23 +628,34 @@ class PacketReader:
         else:
             log.debug("%s: PUBACK for no message in flight (%d)", self._client_id, packet_id)
 
-    async def _file_bytes(
-        self, first: int, buffer: bytearray, end: int, topic: str, packet_id: int | None, head_end: int
+    async def _directly(
+        self, first: int, buffer: bytearray, end: int, topic: str, packet_id: int | None, head_end: int, *, bulk: bool
     ) -> bool:
-        """A file's chunk (a QoS 1 PUBLISH of ``BULK`` bytes or more, neither DUP nor RETAIN, on an
-        upload or file-data topic), handled by the handler's ``file_bytes`` (``ImBroker.deliver_file``:
-        the same checks, the fan-out, the copy written or held while chat waits) without amqtt's
-        packet and message objects and the layers a chat line goes through, its PUBACK added to
-        this read's answers as ``_deliver_at_once`` adds it. False: not such a chunk, or the
-        handler may not handle it now (``may_deliver_now``): the general path takes it, in order.
+        """A file's chunk (``bulk``: a QoS 1 PUBLISH of ``BULK`` bytes or more, neither DUP nor RETAIN,
+        on an upload or file-data topic), handled by the handler's ``file_bytes``
+        (``ImBroker.deliver_file``: the same checks, the fan-out, the copy written or held while chat
+        waits), or a chat line (shorter, QoS 1, neither DUP nor RETAIN, on a room's, DM's or group's
+        topic) by its ``chat_line`` (``ImBroker.deliver_line``: the rate token, the same checks, the
+        fan-out, the journal), without amqtt's packet and message objects and the layers of the
+        general path, its PUBACK added to this read's answers as ``_deliver_at_once`` adds it. False:
+        neither, or the handler may not handle it now (``may_deliver_now``): the general path takes
+        it, in order.
 
         A chunk's handling is what a chat message arriving meanwhile waits behind: through the
         general path it was 200 to 250 us of the loop at the median, and its copy's write about a
-        third of it (issue 16, docs/PERFORMANCE.md seventh session)."""
+        third of it (issue 16, docs/PERFORMANCE.md seventh session); a chat line's is what the chat
+        tail multiplies (ninth session)."""
         handler = self._handler
-        handle = getattr(handler, "file_bytes", None)
-        if handle is None or first & 0x0F != 0x02 or packet_id is None or not handler.file_topic(topic):
+        if first & 0x0F != 0x02 or packet_id is None:
             return False
+        if bulk:
+            handle = getattr(handler, "file_bytes", None)
+            if handle is None or not handler.file_topic(topic):
+                return False
+        else:
+            handle = getattr(handler, "chat_line", None)
+            if handle is None or not handler.line_topic(topic):
+                return False
         if not handler.may_deliver_now():
             return False
         with memoryview(buffer) as view:  # released before the buffer is resized

@@ -38,7 +38,11 @@ from imcli.core.wire import TopicKind
 
 log = logging.getLogger(__name__)
 
-RETAINED_SLICE = 500  # retained topics a new subscription is sent per round of the event loop
+# retained topics a new subscription is sent per round of the event loop: 500 until the ninth session, when
+# the capacity run's traces at 10,000 users found a slice of 500 presence records (a watcher subscribing to
+# ``im/presence/+`` at the end of the join) using 8.5 to 33.5 ms of the loop's CPU, the join phase's longest
+# rounds after the broker's start-up (issue 21, docs/PERFORMANCE.md); a fifth of that is 100
+RETAINED_SLICE = 100
 
 DURABLE = frozenset({TopicKind.PRESENCE, TopicKind.GROUP_INFO, TopicKind.FRIENDS, TopicKind.PROFILE})
 

@@ -22,7 +22,11 @@ after the HTTP request is read and before the upgrade, on every connection of th
 * **Headers.** Every file carries a CSP with no inline script and no other host (``worker-src
   blob:`` for mqtt.js's keep-alive timer, a worker it builds so that a background tab's
   throttled timers do not miss the PINGREQ: a blob only a script already running can make),
-  ``nosniff``, ``no-referrer`` and ``frame-ancestors 'none'``.
+  ``nosniff``, ``no-referrer`` and ``frame-ancestors 'none'``. And Trusted Types
+  (``require-trusted-types-for 'script'; trusted-types default``): the browser itself refuses
+  any string that would become HTML or script, so a renderer that ever put wire data through
+  ``innerHTML`` would throw instead of parsing it; ``static/policy.js``, loaded first, passes
+  only the URL of a blob the page made (mqtt.js's timer Worker).
 """
 
 from __future__ import annotations
@@ -66,10 +70,14 @@ _HOST = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](
 def csp(host: str) -> str:
     """The page's Content-Security-Policy: its own files only, and MQTT to the host it came from."""
     if _HOST.fullmatch(host) is None:  # not a host name: no socket at all
-        return "default-src 'none'; script-src 'self'; style-src 'self'; frame-ancestors 'none'"
+        return (
+            "default-src 'none'; script-src 'self'; style-src 'self'; frame-ancestors 'none'; "
+            "require-trusted-types-for 'script'; trusted-types default"
+        )
     return (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; worker-src blob:; "
-        f"connect-src ws://{host} wss://{host}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        f"connect-src ws://{host} wss://{host}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'; "
+        "require-trusted-types-for 'script'; trusted-types default"
     )
 
 

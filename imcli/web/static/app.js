@@ -37,6 +37,26 @@
   // what someone else wrote: text in a bidi isolate, so a U+202E cannot reorder what surrounds it
   const said = (text, cls) => el("bdi", cls, String(text));
 
+  // The one way a URL reaches the page (an <img>'s src, a link's href; tests/test_webapp.py checks
+  // that no other code sets one): a blob this page made, or the base64 data: URL of a small PNG or
+  // JPEG whose first bytes say so and whose every frame fits (smallImage). Anything else (javascript:,
+  // an SVG, a remote address, a data: URL of another type, a thumbnail that lies about its size) is
+  // refused: the attribute is removed and the function answers false.
+  const DATA_IMAGE = /^data:image\/(png|jpeg);base64,([A-Za-z0-9+/]{4,20000}={0,2})$/;
+  function safeUrl(url) {
+    if (typeof url !== "string") return null;
+    if (url.startsWith(`blob:${location.origin}/`) && /^[0-9a-f-]{36}$/.test(url.slice(location.origin.length + 6))) return url;
+    const m = DATA_IMAGE.exec(url);
+    if (!m) return null;
+    const png = m[2].startsWith("iVBORw0KGgo");
+    return (m[1] === "png") === png && smallImage(m[2], png) ? url : null;
+  }
+  function setUrl(e, attr, url) {
+    const ok = safeUrl(url);
+    if (ok) e[attr] = ok; else e.removeAttribute(attr);
+    return ok !== null;
+  }
+
   function newId() {
     const a = new Uint8Array(16);
     crypto.getRandomValues(a);
@@ -288,6 +308,34 @@
   }
 
   // ------------------------------------------------------------------ incoming
+  // A worker's record, checked against its model's shape (imcli/core/wire.py) before any renderer sees
+  // it, as the CLI's pydantic models check it: a record with a field of another type (a nick that is a
+  // number, a friends list that is null: a worker with a bug, another broker's path) is dropped whole,
+  // so no renderer ever meets a value it would throw on. A record about <user> must name that <user>.
+  const isStr = (x) => typeof x === "string";
+  const optStr = (x) => x === undefined || x === null || isStr(x);
+  const isName = (x) => isStr(x) && NAME.test(x);
+  const names = (x) => Array.isArray(x) && x.length <= 100000 && x.every(isName);
+  const optNames = (x) => x === undefined || names(x);
+  const SHAPES = {
+    presence: { account: isName, nick: isStr, state: (x) => x === "online" || x === "offline" },
+    event: { account: isName, nick: isStr, event: isStr, old_nick: optStr, device: optStr },
+    notice: { code: isStr, text: isStr, topic: optStr, retry: (x) => x === undefined || x === null || typeof x === "number", requests: (x) => x === undefined || x === null || (Array.isArray(x) && x.every(isStr)) },
+    profile: { account: isName, name: isStr, signature: optStr, about: optStr, avatar: (x) => x === undefined || x === null || (typeof x === "object" && optStr(x.thumbnail)) },
+    friends: { account: isName, friends: optNames, incoming: optNames, outgoing: optNames },
+    group: { name: isName, members: names, private: (x) => x === undefined || typeof x === "boolean" },
+    moment: {
+      id: isStr, author: isName, text: optStr, likes: optNames,
+      comments: (x) => x === undefined || (Array.isArray(x) && x.every((c) => c && isName(c.author) && isStr(c.text))),
+      images: (x) => x === undefined || (Array.isArray(x) && x.every((i) => i && typeof i === "object")),
+    },
+  };
+  const records = (list, type) => (Array.isArray(list) ? list.filter((x) => record(x, type)) : []);
+  function record(obj, type) {
+    if (!obj || typeof obj !== "object" || Array.isArray(obj) || obj.type !== type) return null;
+    return Object.entries(SHAPES[type]).every(([key, ok]) => ok(obj[key])) ? obj : null;
+  }
+
   function onMessage(topic, payload, packet) {
     const t = T.parse(topic);
     if (!t) return;
@@ -304,21 +352,21 @@
       return; // not one of our models: ignored, as the CLI ignores malformed records
     }
     if (t.kind === "reply") return onReply(t.corr, obj);
-    if (t.kind === "presence" && obj && obj.type === "presence") {
+    if (t.kind === "presence" && record(obj, "presence") && obj.account === t.user) {
       S.presence.set(t.user, obj);
       if (t.user === S.me) { S.nick = obj.nick; renderMe(); }
       renderPeople(); renderConvs();
       return;
     }
-    if (t.kind === "profile") return onProfile(t.user, obj, packet && packet.retain);
-    if (t.kind === "events" && obj && obj.type === "event") return onEvent(obj);
-    if (t.kind === "notice" && obj && obj.type === "notice") return onNotice(obj);
-    if (t.kind === "friends" && t.owner === S.me && obj && obj.type === "friends") {
-      S.friends = obj;
+    if (t.kind === "profile") return onProfile(t.user, record(obj, "profile"), packet && packet.retain);
+    if (t.kind === "events" && record(obj, "event")) return onEvent(obj);
+    if (t.kind === "notice" && record(obj, "notice")) return onNotice(obj);
+    if (t.kind === "friends" && t.owner === S.me && record(obj, "friends") && obj.account === S.me) {
+      S.friends = { friends: [], incoming: [], outgoing: [], ...obj };
       return renderFriends();
     }
     if (t.kind === "group_info") {
-      if (obj && obj.type === "group" && obj.name === t.name) S.groups.set(t.name, obj); else S.groups.delete(t.name);
+      if (record(obj, "group") && obj.name === t.name) S.groups.set(t.name, obj); else S.groups.delete(t.name);
       renderGroups();
       if (S.current && S.current.kind === "group" && S.current.name === t.name) renderHeader();
     }
@@ -510,7 +558,7 @@
       conv.loaded = true;
       conv.more = !!reply.more;
       const top = $("log").scrollHeight - $("log").scrollTop;
-      for (const r of reply.messages || []) addMessage(conv, { from: r.from, id: r.id, ts: r.ts, text: r.text, file: fileInfo(r.file) }, false);
+      for (const r of Array.isArray(reply.messages) ? reply.messages : []) if (isName(r.from) && isStr(r.text) && isStr(r.id)) addMessage(conv, { from: r.from, id: r.id, ts: r.ts, text: r.text, file: fileInfo(r.file) }, false);
       if (conv === S.current) {
         renderMessages();
         if (older) $("log").scrollTop = $("log").scrollHeight - top; else scrollDown();
@@ -556,8 +604,8 @@
   async function refreshGroups() {
     try {
       const r = await request({ type: "group_request", op: "list", group: "", private: false });
-      for (const g of r.mine || []) S.groups.set(g.name, g);
-      S.publicGroups = (r.public || []).map((g) => g.name);
+      for (const g of records(r.mine, "group")) S.groups.set(g.name, g);
+      S.publicGroups = records(r.public, "group").map((g) => g.name);
       renderGroups();
     } catch (e) {
       setStatus(`groups: ${e.message}`, true);
@@ -569,7 +617,7 @@
     if (user) ask.user = user;
     try {
       const r = await request(ask);
-      if (r.group) S.groups.set(r.group.name, r.group); else S.groups.delete(group);
+      if (record(r.group, "group")) S.groups.set(r.group.name, r.group); else S.groups.delete(group);
       renderGroups();
       setStatus(`${op}: done`);
       return r;
@@ -582,7 +630,7 @@
   async function friendOp(op, user) {
     try {
       const r = await request({ type: "friend_request", op, user });
-      S.friends = r.record;
+      if (record(r.record, "friends")) S.friends = { friends: [], incoming: [], outgoing: [], ...r.record };
       renderFriends();
       setStatus(`friend ${op}: done`);
     } catch (e) {
@@ -594,10 +642,8 @@
   function thumbnailUrl(b64) {
     // a profile's thumbnail: base64 of a small PNG or JPEG, recognised by its first bytes
     if (typeof b64 !== "string" || b64.length > 20000 || !/^[A-Za-z0-9+/]+=*$/.test(b64)) return null;
-    if (!smallImage(b64, true)) return null; // no bitmap of hundreds of megabytes from 12 KiB of base64
-    if (b64.startsWith("iVBORw0KGgo")) return `data:image/png;base64,${b64}`;
-    if (b64.startsWith("/9j/")) return `data:image/jpeg;base64,${b64}`;
-    return null;
+    // no bitmap of hundreds of megabytes from 12 KiB of base64: safeUrl checks its size
+    return safeUrl(`data:image/${b64.startsWith("iVBORw0KGgo") ? "png" : "jpeg"};base64,${b64}`);
   }
 
   function renderCard() {
@@ -609,11 +655,11 @@
     $("card-name").textContent = prof.name || nickOf(who);
     $("card-account").textContent = who;
     $("card-presence").textContent = pres ? (pres.state === "online" ? "online" : "offline") : "";
-    $("card-signature").textContent = prof.signature || "";
-    $("card-about").textContent = prof.about || "";
+    $("card-signature").replaceChildren(said(prof.signature || ""));
+    $("card-about").replaceChildren(said(prof.about || ""));
     const url = prof.avatar ? thumbnailUrl(prof.avatar.thumbnail) : null;
     $("card-avatar").hidden = !url;
-    if (url) $("card-avatar").src = url; else $("card-avatar").removeAttribute("src");
+    setUrl($("card-avatar"), "src", url);
     $("card-dm").hidden = who === S.me;
   }
 
@@ -658,7 +704,7 @@
     if (older && S.feed && S.feed.length) ask.before = S.feed[S.feed.length - 1].ts;
     const r = await momentOp(ask);
     if (!r) return;
-    S.feed = older ? (S.feed || []).concat(r.moments || []) : r.moments || [];
+    S.feed = older ? (S.feed || []).concat(records(r.moments, "moment")) : records(r.moments, "moment");
     $("feed-older").hidden = !r.more;
     renderFeed();
   }
@@ -676,7 +722,9 @@
     if (m.text) li.append(said(m.text, "text"));
     for (const image of m.images || []) {
       const url = thumbnailUrl(image.thumbnail);
-      if (url) { const img = el("img", "thumb"); img.alt = ""; img.src = url; li.append(img); }
+      const img = el("img", "thumb");
+      img.alt = "";
+      if (setUrl(img, "src", url)) li.append(img);
     }
     const likes = m.likes || [];
     if (likes.length) li.append(el("div", "likes", `♥ ${likes.map(nickOf).join(", ")}`));
@@ -689,7 +737,7 @@
     const like = el("button", "secondary small like", mine ? "Unlike" : "Like");
     like.addEventListener("click", async () => {
       const r = await momentOp({ op: mine ? "unlike" : "like", post: m.id });
-      if (r && r.moments && r.moments[0]) replaceMoment(r.moments[0]);
+      if (r && record((r.moments || [])[0], "moment")) replaceMoment(r.moments[0]);
     });
     const form = el("form", "inline");
     const input = el("input");
@@ -701,7 +749,7 @@
       const text = input.value.trim();
       if (!text) return;
       const r = await momentOp({ op: "comment", post: m.id, text });
-      if (r && r.moments && r.moments[0]) replaceMoment(r.moments[0]);
+      if (r && record((r.moments || [])[0], "moment")) replaceMoment(r.moments[0]);
     });
     li.append(like, form);
     if (m.author === S.me) {
@@ -932,7 +980,7 @@
       if (!IMAGE_TYPES.includes(info.mime)) throw new Error("that is not a PNG, JPEG, GIF or WebP image");
       const avatar = { file: info.id, media_type: info.mime, thumbnail: info.thumb || "" };
       const r = await request({ type: "profile_set", avatar, clear_avatar: false });
-      for (const prof of r.profiles || []) if (prof.account === S.me) S.profiles.set(S.me, prof);
+      for (const prof of records(r.profiles, "profile")) if (prof.account === S.me) S.profiles.set(S.me, prof);
       setStatus("avatar saved");
       renderPeople();
       if (S.card === S.me) renderCard();
@@ -1026,8 +1074,7 @@
     if (image && f.thumb) {
       const img = el("img", "thumb");
       img.alt = f.name;
-      img.src = `data:image/jpeg;base64,${f.thumb}`;
-      box.append(img);
+      if (setUrl(img, "src", `data:image/jpeg;base64,${f.thumb}`)) box.append(img);
     }
     const extra = f.width && f.height ? ` · ${f.width}×${f.height}` : "";
     box.append(said(f.name, "name"), el("span", "meta", ` ${humanSize(f.size)}${extra}`));
@@ -1045,12 +1092,11 @@
           const img = box.querySelector("img") || el("img", "full");
           img.className = "full";
           img.alt = info.name;
-          img.src = url;
-          box.prepend(img);
+          if (setUrl(img, "src", url)) box.prepend(img);
         }
         const save = el("a", "save", "Save");
-        save.href = url;
-        save.download = info.name;
+        setUrl(save, "href", url);
+        save.download = plainName(String(info.name), "file"); // the worker's name; no path, whatever it says
         get.replaceWith(save);
       } catch (e) {
         get.disabled = false;
@@ -1066,7 +1112,7 @@
   // ------------------------------------------------------------------ rendering
   function setStatus(text, bad) {
     const s = $("status");
-    s.textContent = text;
+    s.replaceChildren(said(text)); // a worker's or a notice's text, which may quote what someone typed
     s.classList.toggle("error", !!bad);
   }
   const setConn = (text) => { $("conn").textContent = text; };
@@ -1167,7 +1213,9 @@
       const prof = S.profiles.get(p.account);
       const face = prof && prof.avatar ? thumbnailUrl(prof.avatar.thumbnail) : null;
       li.append(el("span", p.state === "online" ? "dot online" : "dot"));
-      if (face) { const img = el("img", "face"); img.alt = ""; img.src = face; li.append(img); }
+      const img = el("img", "face");
+      img.alt = "";
+      if (setUrl(img, "src", face)) li.append(img);
       li.append(said(p.nick), el("span", "muted", p.nick !== p.account ? `(${p.account})` : ""));
       if (prof && prof.signature) li.append(said(prof.signature, "sig"));
       li.addEventListener("click", () => { S.card = p.account; renderCard(); });
@@ -1298,7 +1346,7 @@
       ev.preventDefault();
       try {
         const r = await request({ type: "profile_set", signature: $("signature-input").value.trim(), about: $("about-input").value, clear_avatar: false });
-        for (const prof of r.profiles || []) if (prof.account === S.me) S.profiles.set(S.me, prof);
+        for (const prof of records(r.profiles, "profile")) if (prof.account === S.me) S.profiles.set(S.me, prof);
         $("my-profile").open = false;
         setStatus("profile saved");
         renderPeople();
@@ -1316,7 +1364,7 @@
       const text = $("moment-text").value.trim();
       if (!text) return;
       const r = await momentOp({ op: "post", text });
-      if (r && r.moments && r.moments[0]) {
+      if (r && record((r.moments || [])[0], "moment")) {
         $("moment-text").value = "";
         S.feed = [r.moments[0]].concat(S.feed || []);
         renderFeed();
