@@ -18,6 +18,7 @@ entry of PAYLOADS: a new field or a new attack is one more row. A payload a chec
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets import Subprotocol
 
 from imcli.broker.accounts import AccountStore, Role
 from imcli.broker.limits import Limits
@@ -57,6 +59,16 @@ PAYLOADS: dict[str, str] = {
     "long-fits": "<b>" + "x" * 12_000,
     "long-100k": "<script>" + "y" * 100_000,
 }
+
+
+ODD = f"<img src=x onerror=\"{PWN}='odd'\"> odd topic"
+ODD_TOPICS = [
+    "im/room/lobby/mallory/x", "im/room//mallory", "im/room/lobby", "im/room/lobby/alice",
+    "im/room/Lobby/mallory", "im/room/lobby/mallory/", "im/user/alice/dm/mallory/x", "im/user/alice/sent/mallory",
+    "im/user/alice/notice", "im/user/alice/friends", "im/user/alice/reply/abc", "im/presence/mallory",
+    "im/profile/mallory", "im/events", "im/group/den/info", "im/group/den/msg/alice", "im/status/alice/web",
+    "im//room/lobby/mallory", "/im/room/lobby/mallory", "im/room/lobby/mallory\u2028", "im/room/\u202elobby/mallory",
+]  # fmt: skip
 
 
 def image(kind: str, size: tuple[int, int]) -> bytes:
@@ -289,6 +301,11 @@ def test_every_renderer_shows_every_payload_as_text(web: ServeInfo) -> None:
                 reply = mallory.ask({"type": "group_request", "op": op, "group": "den", "private": False, **extra})
                 assert reply is not None and reply["type"] == "group_reply", reply
             alice.p.wait_for_selector(PERSON)
+            # retained and live, on topics with odd levels or where mallory may not write: nothing shows
+            for topic in ODD_TOPICS:
+                for body in (chat(ODD), ODD.encode(), presence(ODD), profile(signature=ODD), notice(ODD)):
+                    mallory.publish(topic, body, retain=True)
+                    mallory.publish(topic, body)
 
             # chat fields: everything at once, then each conversation is read
             accepted = {(f.name, p): f.put(mallory, text) for f in CHAT_FIELDS for p, text in PAYLOADS.items()}
@@ -305,6 +322,7 @@ def test_every_renderer_shows_every_payload_as_text(web: ServeInfo) -> None:
                         else:
                             expect_absent(alice, field.selector, text, what)
                 assert_safe(alice, key)
+                assert "odd topic" not in alice.p.evaluate("() => document.body.textContent"), key
 
             # file messages' size fields and thumbnails
             for p, text in PAYLOADS.items():
@@ -475,3 +493,66 @@ def test_worker_records_show_as_text_and_malformed_ones_are_dropped(web: ServeIn
     finally:
         mallory.raw.close()
         rogue.close()
+
+
+# ------------------------------------------------------------------ the WebSocket listener itself
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServeInfo]:
+    with BackgroundServer(BrokerSettings(data_dir=tmp_path / "data", port=0, ws_port=0)) as info:
+        store = AccountStore(info.data_dir)
+        for name in ("alice", "mallory"):
+            store.add(name, password_of(name))
+        yield info
+
+
+def test_the_websocket_listener_refuses_what_is_not_its_own_mqtt(server: ServeInfo) -> None:
+    """Over the page's socket, as a hostile program would use it: no or another subprotocol (400 before
+    any MQTT), a wrong password (CONNACK 4), alice's own client id taken by mallory while alice is signed
+    in (CONNACK 2, alice's connection untouched), a text frame (closed), a frame over 1 MiB (1009)."""
+    from websockets.asyncio.client import ClientConnection, connect
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+    from tests.rawmqtt import connect_packet, publish_packet
+
+    uri = f"ws://127.0.0.1:{server.ws_port}/mqtt"
+
+    def login(client_id: str, name: str, password: str | None = None) -> bytes:
+        return connect_packet(client_id.encode(), name.encode(), (password or password_of(name)).encode())
+
+    async def answer(ws: ClientConnection, *frames: bytes | str) -> list[bytes | int]:
+        """What the broker sends back, and the close code at the end (or 0: still open after 2 s)."""
+        for frame in frames:
+            await ws.send(frame)
+        got: list[bytes | int] = []
+        try:
+            while True:
+                got.append(bytes(await asyncio.wait_for(ws.recv(), 2)))  # type: ignore[arg-type]
+        except ConnectionClosed as closed:
+            got.append(closed.rcvd.code if closed.rcvd else closed.sent.code if closed.sent else -1)
+        except TimeoutError:
+            got.append(0)
+        return got
+
+    async def probe() -> None:
+        for offered in (None, ["chat"], ["mqttv3.1", "wamp"]):
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(uri, subprotocols=offered, open_timeout=5):  # type: ignore[arg-type]
+                    pass
+            assert refused.value.response.status_code == 400, offered
+        mqtt = [Subprotocol("mqtt")]
+        async with connect(uri, subprotocols=mqtt) as alice:
+            assert await answer(alice, login("alice:web-aaaaaa.1234", "alice")) == [b" \x02\x00\x00", 0]
+            async with connect(uri, subprotocols=mqtt) as ws:
+                assert await answer(ws, login("alice:web-aaaaaa.1234", "mallory")) == [b" \x02\x00\x02", 1000]
+            async with connect(uri, subprotocols=mqtt) as ws:
+                wrong = login("alice:web-aaaaaa.1234", "alice", "not-her-password")
+                assert await answer(ws, wrong) == [b" \x02\x00\x04", 1000]
+            async with connect(uri, subprotocols=mqtt) as ws:
+                assert (await answer(ws, login("mallory:ws", "mallory").decode("latin-1")))[-1] == 1000
+            async with connect(uri, subprotocols=mqtt, max_size=None) as ws:
+                big = publish_packet(b"im/room/lobby/mallory", b"x" * (2 << 20))
+                assert (await answer(ws, login("mallory:ws", "mallory"), big))[-1] == 1009
+            # alice's session went through all of it: a PINGREQ still gets its PINGRESP
+            assert await answer(alice, b"\xc0\x00") == [b"\xd0\x00", 0]
+
+    asyncio.run(probe())
