@@ -162,6 +162,11 @@ class _Stamps:
                 if readable:
                     stamps.late_steps.append(time.thread_time() - cpu)
 
+        def stamp(topic: str, data: bytes, taken_at: float, begun: float) -> None:
+            if stamps.on and topic.startswith(TOPIC):
+                sent = json.loads(data)["sent"]
+                stamps.pings[round(sent, 9)] = (taken_at, begun, time.perf_counter())
+
         async def handled(broker: Any, session: Any, message: Any, acknowledged: bool) -> bool:
             begun, taken_at = time.perf_counter(), stamps.taken
             if stamps.on and len(message.data or b"") >= CHUNK:
@@ -170,9 +175,17 @@ class _Stamps:
                 result: bool = await deliver_now(broker, session, message, acknowledged)
                 return result
             finally:
-                if stamps.on and (message.topic or "").startswith(TOPIC):
-                    sent = json.loads(message.data)["sent"]
-                    stamps.pings[round(sent, 9)] = (taken_at, begun, time.perf_counter())
+                stamp(message.topic or "", message.data, taken_at, begun)
+
+        deliver_line = getattr(ImBroker, "deliver_line", None)  # a QoS 1 chat line's own path (ninth session)
+
+        async def handled_line(broker: Any, session: Any, topic: str, payload: bytes) -> bool:
+            assert deliver_line is not None
+            begun, taken_at = time.perf_counter(), stamps.taken
+            try:
+                return bool(await deliver_line(broker, session, topic, payload))
+            finally:
+                stamp(topic, payload, taken_at, begun)
 
         deliver_file = getattr(ImBroker, "deliver_file", None)  # a chunk's own path (seventh session)
 
@@ -187,6 +200,8 @@ class _Stamps:
         setattr(ImBroker, "deliver_now", handled)  # noqa: B010
         if deliver_file is not None:
             setattr(ImBroker, "deliver_file", handled_file)  # noqa: B010
+        if deliver_line is not None:
+            setattr(ImBroker, "deliver_line", handled_line)  # noqa: B010
 
     def clear(self) -> None:
         self.callbacks.clear()

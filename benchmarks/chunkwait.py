@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from benchmarks.files import MIB, _source
@@ -86,11 +87,24 @@ class _Waits:
                 if waits.on and len(payload) >= bulk:
                     waits.chunks.append((start, time.thread_time()))
 
+        deliver_line = getattr(ImBroker, "deliver_line", None)  # a QoS 1 chat line's own path (ninth session)
+
+        async def handled_line(broker: Any, session: Any, topic: str, payload: bytes) -> bool:
+            assert deliver_line is not None
+            start = time.thread_time()
+            try:
+                return bool(await deliver_line(broker, session, topic, payload))
+            finally:
+                if waits.on:
+                    waits.note(broker, session, SimpleNamespace(topic=topic, data=payload), start, bulk)
+
         setattr(asyncio.streams.StreamReader, "feed_data", fed)  # noqa: B010 - a benchmark's probe
         setattr(PacketReader, "_take", taken)  # noqa: B010
         setattr(ImBroker, "deliver_now", handled)  # noqa: B010
         if deliver_file is not None:
             setattr(ImBroker, "deliver_file", handled_file)  # noqa: B010
+        if deliver_line is not None:
+            setattr(ImBroker, "deliver_line", handled_line)  # noqa: B010
 
     def note(self, broker: Any, session: Any, message: Any, start: float, bulk: int) -> None:
         if len(message.data or b"") >= bulk:

@@ -443,10 +443,21 @@ def capacity(
         result["rss_mb_total"] = round(sum(_memory(broker).values()), 1)
         if on_leave is not None:  # everyone leaves at once as this block ends (the stall probe's phase)
             on_leave()
+        leave_began, leave_log = time.time(), broker.log_size()
     if on_leave is not None and not rejoin:
         # the crowds have sent their DISCONNECTs; the broker's ends of them go on a slice a loop round
         # (imcli/broker/teardown.py): the probe's leave phase goes on while they do
         time.sleep(LEAVE_TAIL)
+        if broker.trace_path is not None:  # --trace-stalls: the leave's slow rounds, callbacks and collections too
+            traced = stalltrace.read(broker.trace_path, leave_began, time.time())
+            result.update({f"leave_{name}": figure for name, figure in traced.items()})
+        if broker.log_path is not None and broker.log_path.exists():  # what the broker logged as they left
+            with broker.log_path.open("rb") as log:
+                log.seek(leave_log)
+                lines = log.read().decode("utf-8", "replace").splitlines()
+            result["leave_log_lines"] = len(lines)
+            result["leave_log_closed_not_reading"] = sum(1 for line in lines if "it does not read" in line)
+            result["leave_log_sample"] = [line[:200] for line in lines if "collection" not in line][:3]
     result.update(_pauses(broker, log_start, ""))
     if not rejoin or "error" in result:
         return result

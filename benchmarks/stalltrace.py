@@ -80,6 +80,7 @@ class Tracer:
         self.thread = 0
         self.round: list[tuple[float, object]] = []  # (CPU s, callback) of the round under way
         self._gc_cpu = 0.0
+        self._gc_count: tuple[int, int, int] = (0, 0, 0)  # objects by generation as the last full collection began
         self.collecting = 0.0  # CPU seconds the loop's thread spent in collections so far
         self._originals: tuple[Any, Any] = (None, None)
         self.kinds: dict[str, list[float]] = {}  # kind -> [calls, CPU s, longest CPU s] since the last profile
@@ -178,13 +179,18 @@ class Tracer:
         if threading.get_ident() != self.thread:
             return
         if phase == "start":
+            # a full collection: the objects it will walk, by generation (young, middle, old; the frozen
+            # ones are not walked), listed before its CPU is timed (the round's figure includes the listing)
+            if info["generation"] == 2:
+                self._gc_count = (len(gc.get_objects(0)), len(gc.get_objects(1)), len(gc.get_objects(2)))
             self._gc_cpu = time.thread_time()
             return
         used = time.thread_time() - self._gc_cpu
         self.collecting += used
         if used >= self.limit:
             self.write({"at": time.time(), "what": "collection", "cpu_ms": round(used * 1000, 2),
-                        "generation": info["generation"], "collected": info.get("collected", 0)})  # fmt: skip
+                        "generation": info["generation"], "collected": info.get("collected", 0),
+                        "objects_walked": list(self._gc_count) if info["generation"] == 2 else None})  # fmt: skip
 
 
 def read(path: Path, since: float = 0.0, until: float = float("inf"), top: int = TOP) -> dict[str, object]:

@@ -216,3 +216,96 @@ def test_a_socket_holding_only_a_disconnect_waits_behind_a_live_one(selector: li
         _close_all(leaving)
         live_ours.close()
         live_peer.close()
+
+
+def test_sockets_waiting_their_turn_are_out_of_the_kernels_poll(selector: livefirst.LiveFirstSelector) -> None:
+    """A socket left waiting is taken out of epoll's interest at the next poll (each poll returned
+    every waiting one again, level-triggered: a round's cost grew with the backlog) and put back once
+    taken: a socket still readable then is returned by a later poll again, and nothing is lost or
+    served twice, its interest changed meanwhile (as asyncio's modify does) included."""
+    pairs = _pairs(300)
+    try:
+        for ours, peer in pairs:
+            selector.register(ours, selectors.EVENT_READ, ours)
+            peer.sendall(DISCONNECT + b"more")  # not a lone DISCONNECT: live, read in two steps
+        got: dict[int, bytes] = {}
+        first = selector.select(0)
+        assert len(first) == selector.BOUND and selector.waiting == 200
+        for key, _ in first:  # read in full and forgotten, as an ended connection
+            got[key.fd] = key.data.recv(100)
+            selector.unregister(key.fd)
+        second = selector.select(0)
+        assert len(second) == selector.BOUND and selector.waiting == 100
+        # the kernel's poll returns none of them: 100 served and forgotten, 100 taken (put back at the
+        # next poll), 100 waiting (out); with every waiting socket in epoll, it returned 200
+        assert selector._selector.poll(0, 1000) == []
+        waiting = [ours for ours, _ in pairs if ours.fileno() in selector._live]
+        assert len(waiting) == 100
+        selector.modify(waiting[0], selectors.EVENT_READ | selectors.EVENT_WRITE, "modified")  # as asyncio may
+        served: list[object] = []
+        ready = second
+        while ready:
+            for key, events in ready:
+                served.append(key.data)
+                sock = waiting[0] if key.data == "modified" else key.data
+                assert isinstance(sock, socket.socket)
+                if events & selectors.EVENT_READ:
+                    got[sock.fileno()] = got.get(sock.fileno(), b"") + sock.recv(3)  # a part only
+                if key.data == "modified":
+                    selector.modify(sock, selectors.EVENT_READ, sock)
+            ready = selector.select(0)
+        assert served.count("modified") >= 1
+        assert sorted(got.values()) == [DISCONNECT + b"more"] * 300  # every byte, the rest from later polls
+        assert selector.waiting == 0
+    finally:
+        _close_all(pairs)
+
+
+def test_a_ping_behind_a_crowd_leaving_reaches_its_transport_first() -> None:
+    """asyncio's transports on the selector (the broker's path, the peek through the transport's
+    socket): 600 connections write a DISCONNECT and stay open, then one writes a PINGREQ; its
+    protocol hears it first, and every connection's bytes arrive."""
+
+    async def run() -> tuple[list[bytes], int]:
+        loop = asyncio.get_running_loop()
+        heard: list[bytes] = []
+        transports: list[asyncio.BaseTransport] = []
+
+        class Recorder(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                transports.append(transport)
+
+            def data_received(self, data: bytes) -> None:
+                heard.append(data)
+
+        server = await loop.create_server(Recorder, "127.0.0.1", 0, backlog=1000)
+        port = server.sockets[0].getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(600)]
+        live = socket.create_connection(("127.0.0.1", port))
+        while len(transports) < 601:  # every connection accepted, its transport reading
+            await asyncio.sleep(0)
+        # all in one callback: every byte is there before the loop's next poll
+        for client in clients:
+            client.sendall(DISCONNECT)
+        live.sendall(PINGREQ)
+        while len(heard) < 601:
+            await asyncio.sleep(0)
+        for client in [*clients, live]:
+            client.close()
+        for transport in transports:
+            transport.close()
+        server.close()
+        await server.wait_closed()
+        return heard, len(heard)
+
+    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(_small_bound())) as runner:
+        heard, count = runner.run(run())
+    assert heard[0] == PINGREQ
+    assert count == 601 and heard.count(DISCONNECT) == 600
+
+
+def _small_bound() -> selectors.BaseSelector:
+    selector = livefirst.new_selector()
+    assert isinstance(selector, livefirst.LiveFirstSelector)
+    selector.BOUND = 100
+    return selector

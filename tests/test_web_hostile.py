@@ -22,6 +22,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -556,3 +557,37 @@ def test_the_websocket_listener_refuses_what_is_not_its_own_mqtt(server: ServeIn
             assert await answer(alice, b"\xc0\x00") == [b"\xd0\x00", 0]
 
     asyncio.run(probe())
+
+
+def test_a_failed_websocket_handshake_is_one_line_in_the_log(
+    server: ServeInfo, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Handshakes anyone can fail at will (no subprotocol, another one, not an upgrade at all, gone
+    half-way) are one INFO line each naming the peer and why, never an ERROR with a traceback: such
+    a client would otherwise fill the broker's log as fast as it can connect."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    uri = f"ws://127.0.0.1:{server.ws_port}/mqtt"
+
+    async def fail_handshakes() -> None:
+        for offered in (None, ["chat"]):
+            with pytest.raises(InvalidStatus):
+                async with connect(uri, subprotocols=offered, open_timeout=5):  # type: ignore[arg-type]
+                    pass
+        # an upgrade request cut off half-way
+        _reader, writer = await asyncio.open_connection("127.0.0.1", server.ws_port)
+        writer.write(b"GET /mqtt HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.sleep(0.5)  # the broker's side of the cut-off one ends
+
+    with caplog.at_level(logging.INFO, logger="websockets"):
+        asyncio.run(fail_handshakes())
+    ours = [r for r in caplog.records if r.name.startswith("websockets")]
+    refused = [r for r in ours if r.getMessage().startswith("WebSocket handshake from")]
+    assert len(refused) == 3, [r.getMessage() for r in ours]
+    assert all(r.levelno == logging.INFO and r.exc_info is None for r in refused)
+    assert "NegotiationError" in refused[0].getMessage() and "127.0.0.1" in refused[0].getMessage()
+    assert not [r for r in ours if r.levelno >= logging.WARNING or r.exc_info], [r.getMessage() for r in ours]

@@ -12,6 +12,9 @@
   the loop takes it ``ACCEPTS_PER_ROUND`` a round.
 * Each accepted connection is pending until its CONNECT is read (imcli/broker/pending.py)
   and has its output bounded (imcli/broker/output.py) until it ends.
+* A WebSocket handshake that fails is the peer's doing (no or another subprotocol, not an
+  upgrade, gone or late): one INFO line (``QuietHandshakes``), not websockets' ERROR with a
+  traceback, which let any program fill the broker's log at will (ninth session, helper web5).
 * Listeners stop first at shutdown: amqtt closes them last, after the sessions, so clients
   reconnecting meanwhile would be accepted into a loop that is about to end; and the TCP
   connections still open are closed (``asyncio.Server.close()`` leaves accepted
@@ -21,8 +24,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
@@ -30,6 +35,7 @@ from typing import Any, cast
 import websockets
 from amqtt.contexts import ListenerType
 from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import InvalidHandshake
 
 from imcli.broker.output import OutputBound, Transport
 from imcli.broker.pending import PendingConnections
@@ -46,6 +52,31 @@ def deepen(server: asyncio.AbstractServer, backlog: int) -> None:
     for wrapped in getattr(server, "sockets", None) or ():
         with socket.socket(wrapped.family, wrapped.type, wrapped.proto, fileno=os.dup(wrapped.fileno())) as listening:
             listening.listen(backlog)
+
+
+class QuietHandshakes(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """websockets' logger for the WebSocket listener, with a failed opening handshake that is
+    the peer's doing logged as one INFO line: websockets logs every one as an ERROR with its
+    traceback (about 20 lines), and anyone who can reach the port can fail as many as they like.
+    Any other failure (the web client's own ``process_request`` raising) stays an ERROR with its
+    traceback."""
+
+    PEERS_DOING = (InvalidHandshake, EOFError, OSError, TimeoutError)
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("websockets.server"), {})
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        failed = sys.exc_info()[1]
+        if msg == "opening handshake failed" and kwargs.get("exc_info") and isinstance(failed, self.PEERS_DOING):
+            kwargs.pop("exc_info")
+            peer = getattr((kwargs.get("extra") or {}).get("websocket"), "remote_address", None)
+            level, msg, args = (
+                logging.INFO,
+                "WebSocket handshake from %s refused: %s: %s",
+                (peer, type(failed).__name__, failed),
+            )
+        super().log(level, msg, *args, **kwargs)
 
 
 def counted_websockets(pending: PendingConnections) -> type[ServerConnection]:
@@ -114,6 +145,7 @@ async def serve(
             open_timeout=handshake_timeout,
             create_connection=counted_websockets(pending) if pending is not None else None,
             process_request=process_request,
+            logger=QuietHandshakes(),
         )
     return None
 

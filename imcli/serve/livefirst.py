@@ -19,29 +19,37 @@ the rest wait here, in the order the polls returned them, and the loop polls wit
 none is left. A socket still closing is read in full before its end (its last PUBLISH is delivered):
 it only waits its turn.
 
-epoll is level-triggered here, so a waiting socket is returned again by each poll (it is skipped:
-it keeps its place) and an event dropped is never lost: the next poll returns it again if it still
-holds. An event is dropped when its key is no longer the one it was polled with (the fd
-unregistered, its number reused by a new connection, or its interest changed by asyncio, which
-replaces the key): no callback of a closed connection is run, and no new connection is handed an
-event of the old one.
+A socket left waiting is taken out of epoll's interest (``EPOLL_CTL_DEL``) until its turn: epoll is
+level-triggered, and each poll returned every waiting socket again, about 0.5 us each a round, so
+that a round's poll cost grew with the backlog (docs/PERFORMANCE.md, issue 21, ninth session). Once
+taken, it is put back, with the interest its key has then, before the next poll (unless asyncio has
+unregistered it meanwhile: a parked DISCONNECT pauses its reading), so an event dropped is never
+lost: that poll returns it again if it still holds. While out, asyncio's ``modify`` changes only the
+key (the interest is set when it is put back) and ``unregister`` only the bookkeeping. An event is
+dropped when its key is no longer the one it was polled with (the fd unregistered, its number
+reused by a new connection, or its interest changed by asyncio, which replaces the key): no callback
+of a closed connection is run, and no new connection is handed an event of the old one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import select
 import selectors
 import socket
+from collections.abc import Callable
 from itertools import islice
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from _typeshed import FileDescriptorLike
 
 _ENDING = getattr(select, "EPOLLRDHUP", 0) | getattr(select, "EPOLLHUP", 0) | getattr(select, "EPOLLERR", 0)
 
-Waiting = dict[int, tuple[selectors.SelectorKey, int]]  # fd -> (the key it was polled with, its events)
+# fd -> the key it was polled with (its events apart, in ``_polled``: no tuple per waiting socket, which
+# the collector would walk: a full collection in a mass leave walks what is young and alive)
+Waiting = dict[int, selectors.SelectorKey]
 
 
 def _events(event: int) -> int:
@@ -51,14 +59,30 @@ def _events(event: int) -> int:
     )
 
 
-def _peek(fd: int, size: int) -> bytes:
-    """Up to ``size + 1`` of the bytes waiting on socket ``fd``, left there (b"" if it is no socket)."""
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
+def _peek(key: selectors.SelectorKey, size: int) -> bytes:
+    """Up to ``size + 1`` of the bytes waiting on ``key``'s socket, left there (b"" if it is no socket).
+
+    Through the socket of the asyncio transport that reads it when there is one (``key.data`` is
+    asyncio's (reader, writer) handles; the reader's callback is the transport's bound method): about
+    2 us, against 4 to 5 us for a socket object made on the fd and detached, which every new fd of a
+    mass leave's first poll paid (docs/PERFORMANCE.md, issue 21, ninth session)."""
+    data = key.data
+    if type(data) is tuple and data:
+        sock = getattr(getattr(getattr(data[0], "_callback", None), "__self__", None), "_sock", None)
+        if type(sock) is socket.socket and sock.fileno() == key.fd:
+            try:
+                return sock.recv(size + 1, _PEEK)
+            except OSError:
+                return b""
     try:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=key.fd)
     except OSError:
         return b""
     try:
-        return sock.recv(size + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        return sock.recv(size + 1, _PEEK)
     except OSError:
         return b""
     finally:
@@ -81,11 +105,21 @@ if hasattr(select, "epoll"):
         # the stdlib's own (selectors' private attributes, not in typeshed): the epoll object, the keys
         _selector: select.epoll
         _fd_to_key: dict[int, selectors.SelectorKey]
+        _fileobj_lookup: Callable[[FileDescriptorLike], int]
 
         def __init__(self) -> None:
             super().__init__()
             self._live: Waiting = {}
             self._ending: Waiting = {}
+            self._polled: dict[int, int] = {}  # fd -> the events it was polled with, while it waits
+            # fds out of epoll's interest while they wait here (each poll returned every waiting socket
+            # again, level-triggered, about 0.5 us each a round), and those taken since the last poll,
+            # to be put back in at the next (unless asyncio has unregistered them meanwhile)
+            self._out: set[int] = set()
+            self._back: list[int] = []
+            # fds left waiting by the last poll, taken out at the start of the next (after this round's
+            # callbacks: a live socket found in a mass leave's first poll does not wait for these)
+            self._leaving: list[int] = []
 
         @property
         def waiting(self) -> int:
@@ -93,6 +127,10 @@ if hasattr(select, "epoll"):
             return len(self._live) + len(self._ending)
 
         def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+            if self._leaving:
+                self._take_out()
+            if self._back:
+                self._put_back()
             backlog = bool(self._live or self._ending)
             if timeout is None:
                 wait = 0.0 if backlog else -1.0
@@ -114,18 +152,41 @@ if hasattr(select, "epoll"):
             return self._slice(fd_events)
 
         def _slice(self, fd_events: list[tuple[int, int]]) -> list[tuple[selectors.SelectorKey, int]]:
-            live, ending, keys = self._live, self._ending, self._fd_to_key
+            live, ending, keys, polled = self._live, self._ending, self._fd_to_key, self._polled
             last = self.LAST_WORDS
+            fresh = []
             for fd, event in fd_events:
                 if fd in live or fd in ending:
-                    continue  # waiting already, in its place (level-triggered: each poll returns it)
+                    continue  # waiting already, in its place (one that could not be taken out of epoll)
                 key = keys.get(fd)
                 if key:
-                    closing = event & _ENDING or (last and event & select.EPOLLIN and _peek(fd, len(last)) == last)
-                    (ending if closing else live)[fd] = (key, _events(event))
+                    closing = event & _ENDING or (last and event & select.EPOLLIN and _peek(key, len(last)) == last)
+                    (ending if closing else live)[fd] = key
+                    polled[fd] = _events(event)
+                    fresh.append(fd)
+            ready = self._take()
+            self._leaving = [fd for fd in fresh if fd in live or fd in ending]
+            return ready
+
+        def _take_out(self) -> None:
+            """The fds the last poll left waiting out of epoll's interest until taken (unless asyncio has
+            unregistered them meanwhile)."""
+            live, ending, out, poller = self._live, self._ending, self._out, self._selector
+            for fd in self._leaving:
+                if fd in live or fd in ending:
+                    try:
+                        poller.unregister(fd)
+                    except OSError:
+                        continue  # stays in, returned by each poll again and skipped in _slice
+                    out.add(fd)
+            self._leaving = []
+
+        def _take(self) -> list[tuple[selectors.SelectorKey, int]]:
+            """At most ``BOUND`` waiting events, live ones first, each the first time it is taken."""
+            keys, out, polled = self._fd_to_key, self._out, self._polled
             ready = []
             room = self.BOUND
-            for queue in (live, ending):
+            for queue in (self._live, self._ending):
                 if not room or not queue:
                     continue
                 taken = list(islice(queue.items(), room))
@@ -135,20 +196,60 @@ if hasattr(select, "epoll"):
                     for fd, _ in taken:
                         del queue[fd]
                 room -= len(taken)
-                for fd, (key, events) in taken:
+                for fd, key in taken:
+                    events = polled.pop(fd)
+                    if fd in out:
+                        self._back.append(fd)
                     if keys.get(fd) is key and events & key.events:  # the same registration, still asking
                         ready.append((key, events & key.events))
             return ready
 
+        def _put_back(self) -> None:
+            """The fds taken since the last poll back in epoll's interest, with their interest now (a
+            socket still readable is returned by the next poll again: level-triggered)."""
+            keys, out, poller = self._fd_to_key, self._out, self._selector
+            for fd in self._back:
+                key = keys.get(fd)
+                if fd in out and key is not None:
+                    out.discard(fd)
+                    with contextlib.suppress(OSError):  # closed without unregistering: as the stdlib's
+                        poller.register(fd, self._mask(key.events))
+            self._back.clear()
+
+        def _mask(self, events: int) -> int:
+            return (self._EVENT_READ if events & selectors.EVENT_READ else 0) | (
+                select.EPOLLOUT if events & selectors.EVENT_WRITE else 0
+            )
+
+        def modify(self, fileobj: FileDescriptorLike, events: int, data: Any = None) -> selectors.SelectorKey:
+            fd = self._fileobj_lookup(fileobj)
+            if fd not in self._out:
+                return super().modify(fileobj, events, data)
+            key = self._fd_to_key[fd]  # out of epoll: its interest is set when it is put back
+            if events != key.events or data != key.data:
+                key = key._replace(events=events, data=data)
+                self._fd_to_key[fd] = key
+            return key
+
         def unregister(self, fileobj: FileDescriptorLike) -> selectors.SelectorKey:
-            key = super().unregister(fileobj)
+            fd = self._fileobj_lookup(fileobj)
+            if fd in self._out:  # not in epoll: only the bookkeeping
+                key = selectors._BaseSelectorImpl.unregister(self, fileobj)
+                self._out.discard(fd)
+            else:
+                key = super().unregister(fileobj)
             self._live.pop(key.fd, None)  # not needed for correctness (the key check), frees it early
             self._ending.pop(key.fd, None)
+            self._polled.pop(key.fd, None)
             return key
 
         def close(self) -> None:
             self._live.clear()
             self._ending.clear()
+            self._polled.clear()
+            self._out.clear()
+            self._back.clear()
+            self._leaving = []
             super().close()
 
 
