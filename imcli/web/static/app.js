@@ -382,8 +382,19 @@
     if (obj.type === "error") waiting.reject(new Error(obj.text || obj.code)); else waiting.resolve(obj);
   }
 
+  // Every string of a parsed JSON value, its members' names too, without a lone surrogate: JSON.parse
+  // takes "\ud800", the Python side's parser refuses it, so the CLI shows such a line as malformed and
+  // the archive keeps none; the page says the same instead of showing a line that history then lacks.
+  function wellFormed(x, depth = 0) {
+    if (typeof x === "string") return x.isWellFormed();
+    if (!x || typeof x !== "object") return true;
+    if (depth > 64) return false; // deeper than any of our models: not one of them
+    return Object.entries(x).every(([k, v]) => k.isWellFormed() && wellFormed(v, depth + 1));
+  }
+
   function decodeChat(payload) {
-    // imcli/core/wire.py decode_chat: a JSON object with "type" must be a chat; other UTF-8 is plain text
+    // imcli/core/wire.py decode_chat: a JSON object with "type" must be a chat; other UTF-8 is plain text.
+    // null: malformed (not UTF-8, an invalid chat, empty), shown as such, as the CLI does.
     let text;
     try {
       text = dec.decode(payload);
@@ -395,6 +406,7 @@
       try { obj = JSON.parse(text); } catch (e) { obj = null; }
       if (obj && typeof obj === "object" && "type" in obj) {
         if (obj.type !== "chat" || obj.v !== 1 || typeof obj.text !== "string" || !obj.text || !ID.test(obj.id || "")) return null;
+        if (!wellFormed(obj)) return null;
         return { id: obj.id, ts: typeof obj.ts === "number" ? obj.ts : Date.now() / 1000, text: obj.text, file: fileInfo(obj.file) };
       }
     }
@@ -404,12 +416,13 @@
 
   function onChat(t, payload) {
     const msg = decodeChat(payload);
-    if (!msg) return;
-    msg.from = t.from;
     let conv;
     if (t.kind === "room") conv = conversation("room", t.name);
     else if (t.kind === "group") conv = conversation("group", t.name);
     else conv = conversation("dm", t.from === S.me ? t.to : t.from);
+    // a malformed line is said, not dropped (the CLI's "(malformed message on …)"), in the open conversation
+    if (!msg) return system(conv, `(a malformed message from @${t.from})`, true);
+    msg.from = t.from;
     addMessage(conv, msg, true);
   }
 
