@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from imcli.broker import publish_checks
@@ -51,6 +50,7 @@ from imcli.cli.common import LOCAL_PATHS
 from imcli.core.rules import SERVICE_ACCOUNTS
 from imcli.core.topics import Topics
 from imcli.serve.host import BackgroundServer, ServeInfo
+from tests.clitree import COMMANDS, ROOT
 from tests.rawmqtt import connect_raw, password_of
 
 FORM = re.compile(r"Error: \S.* \(\S.*\)")
@@ -143,17 +143,6 @@ VALUES = {"text": TEXT, "int": INT, "float": FLOAT, "path": PATHS}
 # ---------------------------------------------------------------- the walk
 
 
-def leaves(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
-    subs = getattr(command, "commands", None)
-    if not subs:
-        yield path, command
-        return
-    for name, sub in subs.items():
-        yield from leaves(sub, (*path, name))
-
-
-ROOT = typer.main.get_command(app)
-COMMANDS = sorted(leaves(ROOT), key=lambda c: c[0])
 # the root's own options (--account) are swept in front of one command
 ROOT_CASES = [(("whoami",), ROOT, p) for p in ROOT.params if kind_of((), p) != "flag" and p.name != "version"]
 CASES = [

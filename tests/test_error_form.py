@@ -13,37 +13,24 @@ import re
 import socket
 import sys
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pexpect
 import pytest
-import typer
 from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import Result
 
-from imcli.cli.app import app
 from imcli.core.errors import ImcliError, InvalidInput
 from imcli.core.mqtt import BrokerAddress
 from imcli.serve.host import ServeInfo
+from tests.clitree import COMMANDS
 from tests.conftest import Cli, password_of
 
 FORM = re.compile(r"Error: \S.* \(\S.*\)")
 RUNS_UNTIL_STOPPED = {"serve", "workers", "presence", "listen"}  # walked with wrong options only
-
-
-def leaves(command: object, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], object]]:
-    subs = getattr(command, "commands", None)
-    if not subs:
-        yield path, command
-        return
-    for name, sub in subs.items():
-        yield from leaves(sub, (*path, name))
-
-
-COMMANDS = sorted(leaves(typer.main.get_command(app)), key=lambda c: c[0])
 
 
 def required_arguments(command: object) -> int:
