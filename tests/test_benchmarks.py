@@ -202,7 +202,10 @@ def test_chatpath_splits_each_pings_way_and_counts_the_chunks_it_waited_behind()
     busy = line["transfer"]
     late_steps, steps, _ = busy["chunks_handled_while_chat_waited"]
     late_writes, writes, _ = busy["chunks_written_while_chat_waited"]
-    assert steps == writes == 16 and 0 <= late_steps <= steps and 0 <= late_writes <= writes
+    # a connection's copies held for chat go out joined in one write (fanout.Deliveries): 16 chunks
+    # handled, 15 writes in a CI run of the ninth session; at least one write per receiving connection
+    # (the files worker's, the downloader's), at most one per chunk
+    assert steps == 16 and 2 <= writes <= steps and 0 <= late_steps <= steps and 0 <= late_writes <= writes
     assert line["idle"]["pings"] >= 20 and len(line["idle"]["to_listener"]) == 3
     assert busy["pings"] > 0
 
