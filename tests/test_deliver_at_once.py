@@ -120,6 +120,21 @@ def _handler_of(info: ServeInfo, client_id: str) -> Any:
     return handler
 
 
+def _topics_taken(broker: Any, method: str) -> list[str]:
+    """The topics ``broker``'s direct path ``method`` (``deliver_file``, ``deliver_line``) is called
+    with from now on, in order; each call still does what it did."""
+    taken: list[str] = []
+    deliver = getattr(broker, method)
+
+    async def counted(session: Any, topic: str, payload: bytes) -> bool:
+        taken.append(topic)
+        result: bool = await deliver(session, topic, payload)
+        return result
+
+    setattr(broker, method, counted)
+    return taken
+
+
 def test_what_one_client_sends_keeps_its_order_across_both_paths(broker: ServeInfo) -> None:
     """One write of more PUBLISHes than a read may handle itself (``FAIR_SHARE``): the first go out
     from the reader, the rest wait for the message loop; then more, one write each. bob gets every
@@ -362,15 +377,7 @@ def test_a_files_chunk_takes_its_own_path_and_every_rule_holds_on_it(tmp_path: P
     with bare_broker(tmp_path / "data", "alice", "bob") as info:
         assert info.broker is not None
         AccountStore(info.data_dir).ensure_service(FILES_ACCOUNT, password_of(FILES_ACCOUNT))
-        taken: list[str] = []
-        deliver_file = info.broker.deliver_file
-
-        async def counted(session: Any, topic: str, payload: bytes) -> bool:
-            taken.append(topic)
-            result: bool = await deliver_file(session, topic, payload)
-            return result
-
-        info.broker.deliver_file = counted  # type: ignore[method-assign]
+        taken = _topics_taken(info.broker, "deliver_file")
         paths = Paths(info.broker)
         files = _connect(info, FILES_ACCOUNT, b"files:raw")
         bob = _bob(info)
@@ -418,15 +425,7 @@ def test_a_chat_line_takes_its_own_path_and_every_rule_holds_on_it(broker: Serve
     after its row is in the archive (the two delivered only); a retained line goes the general way
     and is refused there."""
     assert broker.broker is not None
-    taken: list[str] = []
-    deliver_line = broker.broker.deliver_line
-
-    async def counted(session: Any, topic: str, payload: bytes) -> bool:
-        taken.append(topic)
-        result: bool = await deliver_line(session, topic, payload)
-        return result
-
-    broker.broker.deliver_line = counted  # type: ignore[method-assign]
+    taken = _topics_taken(broker.broker, "deliver_line")
     room, forged, dm = T.room("lobby", "alice"), T.room("lobby", "bob"), T.dm("bob", "alice")
     bob = _bob(broker)
     archive = sqlite3.connect(broker.data_dir / "archive.sqlite3")
