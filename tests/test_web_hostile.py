@@ -57,6 +57,7 @@ PAYLOADS: dict[str, str] = {
     "entities": "&lt;script&gt; &amp; &#x3c;img src=x&#x3e; %3Cscript%3E",
     "template": f"${{{PWN}='tpl'}} {{{{constructor.constructor('{PWN}=1')()}}}}",
     "lone-surrogates": "a\ud800b\udfffc",
+    "controls": "line1\nline2\r\nline3\u2028sep\u2029para \x1b[31mred\x1b[0m\x1b]0;title\x07 bell\x08 tab\tend",
     "long-fits": "<b>" + "x" * 12_000,
     "long-100k": "<script>" + "y" * 100_000,
 }
