@@ -2,8 +2,9 @@
 
 amqtt 0.12.1 has no payload size limit, lets anyone retain anything and drops a publish
 its topic plugin refuses silently, PUBACK included. Every PUBLISH therefore goes through
-``PublishChecks.judge`` (``PublishChecks.received`` for one read from a client) before it
-is broadcast, in this order:
+``PublishChecks.judge`` (called by ``ImBroker.publish``, the one list of steps every route of a
+PUBLISH read from a client runs: imcli/broker/amqtt_adapter.py) before it is broadcast, in this
+order:
 
 1. an empty topic ends the connection (MQTT-4.7.3-1, as amqtt does);
 2. the account's publish rate (workers' service accounts are not limited);
@@ -22,8 +23,11 @@ Will's sender, topic, size and retain flag, exactly as for an ordinary publish (
 included), and broadcasts and journals it only if the decision says ``deliver``; a refusal
 is logged, as its sender is gone.
 
-A QoS 1 PUBLISH takes its rate token before its PUBACK, when the journal decides whether
-to keep it (``charge``); ``judge`` then uses that decision instead of taking a second one.
+A rate token is taken one way, ``token`` (its bucket: the chat rate, or the file-transfer rate;
+``charge`` is ``token`` remembered for a QoS 1 PUBLISH queued for its connection's message loop,
+taken before its PUBACK, when the journal decides whether to keep it); ``judge`` is given that
+decision (``rate_ok``) instead of taking a second one, and calls ``token`` itself only when it is
+not (a Last Will, the unit tests).
 
 A rate refusal names the limit that dropped the message (the chat rate, or the file-transfer
 rate of a file's chunks and a download's acknowledgements) and that limit's own retry time. Rate
@@ -42,7 +46,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from amqtt.session import ApplicationMessage, Session
+from amqtt.session import Session
 
 from imcli.broker.acl import FILE_TRANSFER, Access
 from imcli.broker.limits import UNHEARD_REQUESTS, Limits, PublishRate
@@ -118,11 +122,11 @@ def size_limit(access: TopicAccess, topic: str, max_payload: int, max_chunk: int
 
 
 class Deliver(Protocol):
-    """The broker's delivery of a publish the checks let through: journalled (unless it was
-    before its PUBACK), broadcast (at ``qos``, or each subscription's), retained if flagged."""
+    """The broker's delivery of a publish the checks let through (``ImBroker.deliver``): broadcast
+    at each subscription's QoS, retained if flagged, journalled (unless it was before its PUBACK)."""
 
     async def __call__(
-        self, session: Session, message: ApplicationMessage, *, retain: bool, journal: bool, qos: int | None = None
+        self, session: Session, topic: str, payload: bytes, *, qos: int, retain: bool, journal: bool
     ) -> None: ...
 
 
@@ -187,7 +191,7 @@ class PublishChecks:
         now = time.monotonic()
         trusted = self.access.is_service(sender)
         if rate_ok is None:  # an empty topic ends the connection before any token is taken
-            rate_ok = not topic or self._rate_allows(sender, trusted, now, topic)
+            rate_ok = not topic or self.token(sender, topic, size, now)[0]
         bucket = self._bucket(topic)
         decision = decide_publish(
             self.access,
@@ -250,21 +254,6 @@ class PublishChecks:
             await self.tell(account, telling)
         except Exception:  # a notice that cannot go (the broker stopping) is only logged
             log.warning("could not tell %s of the requests dropped", account, exc_info=True)
-
-    async def received(self, session: Session, message: ApplicationMessage, deliver: Deliver) -> bool:
-        """A PUBLISH read from ``session``'s connection: judged, its sender told why if it is
-        refused, delivered if not. False: its connection is to be closed (an invalid topic)."""
-        charged, rate_ok = self.take_charge(message)
-        packet = message.publish_packet
-        retain = packet is not None and bool(packet.retain_flag)
-        username = session.username
-        decision = self.judge(username, message.topic or "", len(message.data or b""), retain=retain, rate_ok=rate_ok)
-        if not await self.tell_sender(session, decision):
-            return False
-        if decision.deliver:
-            # QoS 0 is never acknowledged: journalled as it is delivered (QoS 1 was, before its PUBACK)
-            await deliver(session, message, retain=retain, journal=not charged)
-        return True
 
     async def tell_sender(self, session: Session, decision: Decision) -> bool:
         """``session``'s sender told why its PUBLISH is refused, if it is; false if its connection is to
