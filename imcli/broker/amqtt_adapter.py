@@ -90,6 +90,7 @@ class Route(NamedTuple):
     chat_first: bool = True  # a chunk's fan-out a round late while chat waits (ImBroker.carries_file_bytes)
     sent: bool = True  # a DM's copy for its sender's other devices (ImBroker.sent_copy)
     journal: bool = True  # chat's row journalled (Journal.record_line)
+    chunks: bool = False  # every topic it takes is a file's chunk: the chat-first look without the topic's test
 
 
 STEP_KINDS: dict[str, frozenset[TopicKind]] = {  # the topics each skippable step acts on
@@ -107,7 +108,8 @@ def route(name: str, kinds: frozenset[TopicKind] | None, *skipped: str) -> Route
         acts_on = STEP_KINDS[step]
         if kinds is None or not kinds.isdisjoint(acts_on):
             raise ValueError(f"the {name} route takes topics the {step} step acts on: it cannot skip it")
-    return Route(name, kinds, **dict.fromkeys(skipped, False))
+    chunks = kinds is not None and kinds <= STEP_KINDS["chat_first"]
+    return Route(name, kinds, **dict.fromkeys(skipped, False), chunks=chunks)
 
 
 GENERAL = route("general", None)  # the message loop's queue, the reader's deliver_now: every topic, every step
@@ -1025,7 +1027,7 @@ class ImBroker(Broker):
             )
         publishing, username, size = self.publishing, session.username, len(payload)
         if rate_ok is None:
-            rate_ok = not topic or publishing.token(username, topic, size)[0]  # no token for an invalid topic
+            rate_ok = not topic or publishing.token(username, topic)  # no token for an invalid topic
         decision = publishing.judge(username, topic, size, retain=retain, rate_ok=rate_ok)
         if not await publishing.tell_sender(session, decision):
             return False
@@ -1080,7 +1082,7 @@ class ImBroker(Broker):
         fan_out = self.fan_out
         if (
             route.chat_first
-            and self.carries_file_bytes(topic)
+            and (route.chunks or self.carries_file_bytes(topic))
             and chatfirst.for_loop(asyncio.get_running_loop()).chat_waiting()
         ):
             # chat came while this chunk was being read and checked: it is read and handled before

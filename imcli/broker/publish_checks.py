@@ -152,28 +152,26 @@ class PublishChecks:
         parsed = self.access.topics.parse(topic) if "/upload/" in topic or "/fetch/" in topic else None
         return self.file_rate if parsed is not None and parsed.kind in FILE_TRANSFER else self.rate
 
-    def _rate_allows(self, sender: str | None, trusted: bool, now: float, topic: str = "") -> bool:
-        if trusted:
-            return True
-        return self._bucket(topic).allow(sender or "", now)
-
     def charge(self, sender: str | None, message: Any, size: int) -> bool:
-        """A QoS 1 PUBLISH is about to be acknowledged: take its rate token now (``received`` finds
-        it). Whether it is worth journalling (``token``)."""
+        """A QoS 1 PUBLISH queued for its connection's message loop is about to be acknowledged: take
+        its rate token now (``take_charge`` finds it). Whether it is worth journalling (within the
+        rate and the size limit; the journal checks the rest)."""
         now = time.monotonic()
-        allowed, keep = self.token(sender, getattr(message, "topic", None) or "", size, now)
+        topic = getattr(message, "topic", None) or ""
+        allowed = self.token(sender, topic, now)
         self._charged[id(message)] = (message, allowed, now)
-        return keep
-
-    def token(self, sender: str | None, topic: str, size: int, now: float | None = None) -> tuple[bool, bool]:
-        """The rate token of a QoS 1 PUBLISH on ``topic``, taken before its PUBACK: whether the rate
-        allowed it (``judge``'s ``rate_ok``), and whether it is worth journalling (within the rate and
-        the size limit; the journal checks the rest)."""
-        trusted = self.access.is_service(sender)
-        allowed = self._rate_allows(sender, trusted, time.monotonic() if now is None else now, topic)
-        return allowed, allowed and (
-            trusted or size <= size_limit(self.access, topic, self.max_payload, self.limits.max_chunk)
+        return allowed and (
+            self.access.is_service(sender)
+            or size <= size_limit(self.access, topic, self.max_payload, self.limits.max_chunk)
         )
+
+    def token(self, sender: str | None, topic: str, now: float | None = None) -> bool:
+        """The one way a rate token is taken: one of ``sender``'s bucket for ``topic`` (the chat rate,
+        or the file-transfer rate of a file's chunks and a download's acknowledgements; a service
+        account has no limit). Whether the rate allowed it (``judge``'s ``rate_ok``)."""
+        if self.access.is_service(sender):
+            return True
+        return self._bucket(topic).allow(sender or "", time.monotonic() if now is None else now)
 
     def take_charge(self, message: Any) -> tuple[bool, bool | None]:
         """Whether ``charge`` saw ``message`` before its PUBACK (QoS 1), and the rate decision
@@ -191,7 +189,7 @@ class PublishChecks:
         now = time.monotonic()
         trusted = self.access.is_service(sender)
         if rate_ok is None:  # an empty topic ends the connection before any token is taken
-            rate_ok = not topic or self.token(sender, topic, size, now)[0]
+            rate_ok = not topic or self.token(sender, topic, now)
         bucket = self._bucket(topic)
         decision = decide_publish(
             self.access,
