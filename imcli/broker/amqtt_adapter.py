@@ -1011,7 +1011,7 @@ class ImBroker(Broker):
 
         1. amqtt's ``MESSAGE_RECEIVED``, if a plugin listens (the direct paths are taken only while
            none does: ``is_line_topic``, ``is_file_topic``; amqtt's message built for it if need be);
-        2. its rate token, taken here (``PublishChecks.token``), unless taken before its PUBACK when it
+        2. its rate token (``PublishChecks.token``, by ``judge``), unless taken before its PUBACK when it
            was queued (``rate_ok``, ``_before_ack``; ``journalled``: its row recorded then too);
         3. the checks (``PublishChecks.judge``: the rate, the size, retain, the topic, the ACL, a status);
         4. its sender told why it is refused, if it is (false: the connection is to be closed);
@@ -1025,10 +1025,9 @@ class ImBroker(Broker):
             await self.plugins_manager.fire_event(
                 BrokerEvents.MESSAGE_RECEIVED, client_id=session.client_id, message=message
             )
-        publishing, username, size = self.publishing, session.username, len(payload)
-        if rate_ok is None:
-            rate_ok = not topic or publishing.token(username, topic)  # no token for an invalid topic
-        decision = publishing.judge(username, topic, size, retain=retain, rate_ok=rate_ok)
+        publishing = self.publishing
+        # its rate token: taken by judge (PublishChecks.token) unless it was before its PUBACK
+        decision = publishing.judge(session.username, topic, len(payload), retain=retain, rate_ok=rate_ok)
         if not await publishing.tell_sender(session, decision):
             return False
         if decision.deliver:

@@ -23,11 +23,12 @@ Will's sender, topic, size and retain flag, exactly as for an ordinary publish (
 included), and broadcasts and journals it only if the decision says ``deliver``; a refusal
 is logged, as its sender is gone.
 
-A rate token is taken one way, ``token`` (its bucket: the chat rate, or the file-transfer rate;
-``charge`` is ``token`` remembered for a QoS 1 PUBLISH queued for its connection's message loop,
-taken before its PUBACK, when the journal decides whether to keep it); ``judge`` is given that
-decision (``rate_ok``) instead of taking a second one, and calls ``token`` itself only when it is
-not (a Last Will, the unit tests).
+A rate token is taken one way, ``token`` (its bucket: the chat rate, or the file-transfer rate),
+by ``judge`` for every publish of every route (imcli/broker/amqtt_adapter.py ``ImBroker.publish``)
+and for a Last Will, except a QoS 1 PUBLISH queued for its connection's message loop: that one
+takes it before its PUBACK, when the journal decides whether to keep it (``charge``, which
+remembers the decision), and ``judge`` is given that decision (``rate_ok``) instead of taking a
+second token.
 
 A rate refusal names the limit that dropped the message (the chat rate, or the file-transfer
 rate of a file's chunks and a download's acknowledgements) and that limit's own retry time. Rate
@@ -165,11 +166,12 @@ class PublishChecks:
             or size <= size_limit(self.access, topic, self.max_payload, self.limits.max_chunk)
         )
 
-    def token(self, sender: str | None, topic: str, now: float | None = None) -> bool:
+    def token(self, sender: str | None, topic: str, now: float | None = None, trusted: bool | None = None) -> bool:
         """The one way a rate token is taken: one of ``sender``'s bucket for ``topic`` (the chat rate,
         or the file-transfer rate of a file's chunks and a download's acknowledgements; a service
-        account has no limit). Whether the rate allowed it (``judge``'s ``rate_ok``)."""
-        if self.access.is_service(sender):
+        account (``trusted``, looked up if not given) has no limit). Whether the rate allowed it
+        (``judge``'s ``rate_ok``)."""
+        if self.access.is_service(sender) if trusted is None else trusted:
             return True
         return self._bucket(topic).allow(sender or "", time.monotonic() if now is None else now)
 
@@ -184,12 +186,12 @@ class PublishChecks:
     def judge(
         self, sender: str | None, topic: str, size: int, *, retain: bool, rate_ok: bool | None = None
     ) -> Decision:
-        """The decision for one publish (or a Last Will when it fires); takes a rate token
-        unless ``rate_ok`` says the one taken before its PUBACK."""
+        """The decision for one publish (or a Last Will when it fires); takes its rate token (``token``)
+        unless ``rate_ok`` says the one taken before its PUBACK (``charge``)."""
         now = time.monotonic()
         trusted = self.access.is_service(sender)
         if rate_ok is None:  # an empty topic ends the connection before any token is taken
-            rate_ok = not topic or self.token(sender, topic, now)
+            rate_ok = not topic or self.token(sender, topic, now, trusted)
         bucket = self._bucket(topic)
         decision = decide_publish(
             self.access,
