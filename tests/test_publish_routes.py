@@ -1,5 +1,5 @@
 """One list of steps for a PUBLISH, whichever route it takes (``ImBroker.publish``, tenth session):
-the message loop's queue, the reader's ``deliver_now`` (QoS 0, QoS 1 with DUP or RETAIN), and the
+the message loop's queue, the reader's ``deliver_now`` (QoS 0, and QoS 1 that no direct path takes), and the
 direct paths of a chat line (``deliver_line``) and of a file's chunk (``deliver_file``).
 
 Through raw sockets: the same hostile publishes (a forged sender, another's DM, a group one is no

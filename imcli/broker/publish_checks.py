@@ -216,7 +216,7 @@ class PublishChecks:
             corr = self._request_id(sender, topic)
             if not self.rate.should_warn(sender or "", now, request=corr is not None):
                 # at most one rate notice a second (and a few about requests); a request's asker
-                # still hears, in the next notice that names the requests held (``received``)
+                # still hears, in the next notice that names the requests held (``tell_sender``)
                 return Decision(deliver=False, unheard=corr)
         return decision
 
