@@ -21,6 +21,7 @@ import json
 import socket
 import sqlite3
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
@@ -331,3 +332,46 @@ def test_the_direct_paths_take_only_their_routes_topics(broker: ServeInfo) -> No
     for kind, topic in _one_of_each_kind().items():
         assert broker.broker.is_line_topic(topic) == (LINE.kinds is not None and kind in LINE.kinds), kind
         assert broker.broker.is_file_topic(topic) == (CHUNK.kinds is not None and kind in CHUNK.kinds), kind
+
+
+def test_amqtts_message_events_fire_on_every_route_while_a_plugin_listens(tmp_path: Path) -> None:
+    """With a plugin listening to amqtt's message events, a QoS 1 chat line is not taken by its direct
+    path (which builds no packet for ``PACKET_RECEIVED``), and every publish fires ``MESSAGE_RECEIVED``
+    and, once let through, ``MESSAGE_BROADCAST`` with the same message, as amqtt's broker does; a
+    refused one fires only the first."""
+    from amqtt.events import BrokerEvents
+
+    from tests.brokers import bare_broker
+
+    with bare_broker(tmp_path / "data", "alice", "bob") as info:
+        assert info.broker is not None
+        routes = Routes(info.broker)
+        events: list[tuple[str, str, int]] = []
+
+        def listener(event: str) -> Any:
+            async def heard(*, client_id: str, message: Any) -> None:
+                events.append((event, message.topic, id(message)))
+
+            return heard
+
+        callbacks = info.broker.plugins_manager._event_plugin_callbacks
+        for event in (BrokerEvents.MESSAGE_RECEIVED, BrokerEvents.MESSAGE_BROADCAST):
+            callbacks[event] = [listener(event.value)]
+        sock = signed_in(info.address, "alice", b"alice:events")
+        with sock:
+            assert wait_until(lambda: _handler_of(info, "alice:events").loop_idle)
+            line, forged = T.dm("bob", "alice"), T.dm("bob", "carol")
+            sock.sendall(
+                publish_packet(line.encode(), chat("one"), qos=1, packet_id=1)
+                + publish_packet(forged.encode(), chat("two"), qos=1, packet_id=2)
+                + publish_packet(line.encode(), chat("three"), qos=0)
+            )
+            _barrier(sock)
+        assert wait_until(lambda: len(events) >= 5)
+    assert routes.taken[line] == ["deliver_now", "deliver_now"] and routes.taken[forged] == ["deliver_now"]
+    assert [(event, topic) for event, topic, _ in events] == [
+        ("broker_message_received", line), ("broker_message_broadcast", line),
+        ("broker_message_received", forged),
+        ("broker_message_received", line), ("broker_message_broadcast", line),
+    ]  # fmt: skip
+    assert events[0][2] == events[1][2] and events[3][2] == events[4][2]  # the same message, received and broadcast

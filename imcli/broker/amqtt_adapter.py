@@ -149,7 +149,8 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
     *_names(_B, "Broker", "called", "_matches _get_handler"),  # handed to fanout.FanOut
     *_names(_B, "Broker", "read", "_servers _sessions _retained_messages"),
     *_names(_B, "Broker", "replaced", "_subscriptions"),  # by sessions.SubscriptionTable
-    # ImBroker.is_file_topic, is_line_topic: chunks and chat lines skip the plugin events while no plugin listens
+    # ImBroker.publish and deliver fire amqtt's message events only if a plugin listens; is_file_topic and
+    # is_line_topic let the direct paths (which build no packet for PACKET_RECEIVED) take a PUBLISH only if none does
     *_names("amqtt.plugins.manager", "PluginManager", "read", "_event_plugin_callbacks"),
     # AckAfterJournal, LightSession and use_light_sessions, below
     *_names(_H, "BrokerProtocolHandler", "overridden", "_handle_qos1_message_flow _handle_qos2_message_flow"),
@@ -1031,7 +1032,9 @@ class ImBroker(Broker):
         if not await publishing.tell_sender(session, decision):
             return False
         if decision.deliver:
-            await self.deliver(session, topic, payload, qos=qos, retain=retain, journal=not journalled, route=route)
+            await self.deliver(
+                session, topic, payload, qos=qos, retain=retain, journal=not journalled, route=route, message=message
+            )
         return True
 
     async def deliver(
@@ -1044,6 +1047,7 @@ class ImBroker(Broker):
         retain: bool,
         journal: bool,
         route: Route = GENERAL,
+        message: ApplicationMessage | None = None,
     ) -> None:
         """A publish the checks let through (``publish``, or a Last Will: imcli/broker/wills.py),
         in this order: a device request answered by the broker itself (imcli/broker/device_service.py),
@@ -1055,7 +1059,7 @@ class ImBroker(Broker):
         if route.device and await self.device_service.intercept(session, topic, payload):  # no copy: chunks
             return
         if self.plugins_manager._event_plugin_callbacks:  # amqtt private (AMQTT_PRIVATE)
-            message = ApplicationMessage(None, topic, qos, payload, retain)
+            message = message or ApplicationMessage(None, topic, qos, payload, retain)  # the one received, if any
             await self.plugins_manager.fire_event(
                 BrokerEvents.MESSAGE_BROADCAST, client_id=session.client_id, message=message
             )
