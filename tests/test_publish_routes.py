@@ -269,11 +269,11 @@ def test_a_route_that_skips_a_rule_is_caught(broker: ServeInfo, routes: Routes) 
         await fan_out.publish({"session": session, "topic": topic, "data": payload})
         return True
 
-    broker_.deliver_line = drifted  # type: ignore[method-assign]
+    broker_.deliver_line = drifted
     try:
         outcomes = {way: send(broker, routes, CASES["forged sender"], way)[0] for way in WAYS[:2]}
     finally:
-        broker_.deliver_line = kept  # type: ignore[method-assign]
+        broker_.deliver_line = kept
     assert outcomes["QoS 0"] != outcomes["QoS 1"]
     assert outcomes["QoS 1"].fanned_out and not outcomes["QoS 0"].fanned_out
 
