@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import secrets
+import socket
 import threading
 import time
 import urllib.request
@@ -466,6 +467,41 @@ def test_nobody_reads_others_messages_through_nats_internal_subjects(cluster: Na
     services.send_dm(on(cluster, 1, "alice"), "bob", ChatMessage(text="for bob only"))
     assert decode(bytes(bob.expect(T.dm("bob", "alice")).payload)).text == "for bob only"  # type: ignore[union-attr]
     assert [m.topic for spy in spies for m in spy.silent(0.5)] == []
+
+
+def nats_protocol(port: int, user: str, *commands: bytes) -> bytes:
+    """A plain NATS client (not MQTT) on a node's client port: CONNECT as ``user``, then ``commands`` and a
+    PING; everything the node sent until its PONG, an error or the end of the connection (2 s at most)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        auth = {"user": user, "pass": password_of(user), "verbose": False, "headers": True, "protocol": 1}
+        sock.sendall(b"CONNECT " + json.dumps(auth).encode() + b"\r\n" + b"".join(commands) + b"PING\r\n")
+        got = b""
+        with contextlib.suppress(OSError):
+            while b"PONG" not in got and b"-ERR" not in got and (chunk := sock.recv(65536)):
+                got += chunk
+        return got
+
+
+def test_nobody_reads_others_deliveries_through_the_nats_client_port(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
+    """Every MQTT session needs the right to subscribe ``$MQTT.sub.>`` (its QoS 1 deliveries), and an MQTT
+    SUBSCRIBE to ``$MQTT/sub/#`` is refused, but the same account on the node's NATS client port (nats.conf's
+    ``listen``: loopback, and open to anyone on the machine) subscribed ``$MQTT.sub.>`` and got every QoS 1
+    delivery of every session in the account: alice's DM to bob, as JetStream handed it to bob's session
+    (seen here with carol's password). Every account of the users file may connect through MQTT only
+    (``allowed_connection_types``): a user, a reader of everything (presence) and the archive are refused on
+    every node, and bob still gets his DM."""
+    bob = raw(3, "bob", client_id=f"bob:{fresh('port')}", clean=False)
+    assert bob.subscribe(T.user_filter("bob")) == 1
+    spy = raw(2, "carol")
+    assert spy.subscribe("$MQTT/sub/#", qos=0) == 128  # the MQTT side refuses it
+    sub = b"SUB $MQTT.sub.> 1\r\nSUB im.> 2\r\nSUB > 3\r\n"
+    for node in cluster.nodes:
+        for user in ("carol", "presence", "archive"):
+            answer = nats_protocol(node.client, user, sub)
+            assert b"-ERR 'Authorization Violation'" in answer and b"PONG" not in answer, (node.name, user, answer)
+    services.send_dm(on(cluster, 1, "alice"), "bob", ChatMessage(text="for bob only, whatever the protocol"))
+    assert decode(bytes(bob.expect(T.dm("bob", "alice")).payload)).text == "for bob only, whatever the protocol"  # type: ignore[union-attr]
+    assert spy.silent(0.5) == []
 
 
 def test_dm_crosses_nodes_and_others_cannot_read_it(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
