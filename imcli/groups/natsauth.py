@@ -286,7 +286,8 @@ class NatsPermissions:
             if name not in passwords and name not in self.ghosts:
                 self.ghosts[name] = (ghost_password(), publish)
         self.published = {}
-        users, parked = [], []
+        users: list[dict[str, object]] = []
+        parked: list[dict[str, object]] = []
         for name in sorted(passwords):
             self.ghosts.pop(name, None)  # given again: a user as any other
             rights = self.service(name) if name in SERVICE_ACCOUNTS else self.user(name)
