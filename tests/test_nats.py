@@ -60,7 +60,7 @@ from imcli.presence.worker import PresenceWorker
 from imcli.serve.host import ServeInfo
 from tests.brokers import free_port
 from tests.natscluster import DEPLOY, NOT_INSTALLED, NatsCluster, nats_available, running_cluster
-from tests.rawmqtt import Raw, barrier, chat, connect_raw, password_of, wait_until
+from tests.rawmqtt import Raw, barrier, chat, connect_raw, field, packet, password_of, read_packets, wait_until
 
 T = Topics()
 EXAMPLE = {"alice": "change-me", "archive": "change-me", "files": "change-me", "groups": "change-me"}
@@ -502,6 +502,18 @@ def test_nobody_reads_others_deliveries_through_the_nats_client_port(cluster: Na
     services.send_dm(on(cluster, 1, "alice"), "bob", ChatMessage(text="for bob only, whatever the protocol"))
     assert decode(bytes(bob.expect(T.dm("bob", "alice")).payload)).text == "for bob only, whatever the protocol"  # type: ignore[union-attr]
     assert spy.silent(0.5) == []
+
+
+def test_mqtt5_is_refused_on_every_node(cluster: NatsCluster) -> None:
+    """nats-server 2.9 speaks MQTT 3.1.1 only: a v5 CONNECT (and its shared subscriptions, topic aliases,
+    delayed Wills, which Mosquitto has: tests/test_mosquitto.py) never gets a session on any node."""
+    body = field(b"MQTT") + bytes([5, 0xC2]) + b"\x00\x1e" + b"\x00" + field(b"carol:v5")
+    connect = packet(0x10, body + field(b"carol") + field(password_of("carol").encode()))
+    for node in cluster.nodes:
+        with socket.create_connection(("127.0.0.1", node.mqtt), timeout=5) as sock:
+            sock.sendall(connect)
+            got, _ = read_packets(sock, lambda p: len(p) >= 1)
+        assert all(first == 0x20 and body[1:2] != b"\x00" for first, body in got), (node.name, got)  # refused
 
 
 def test_dm_crosses_nodes_and_others_cannot_read_it(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
