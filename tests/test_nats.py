@@ -819,6 +819,35 @@ def test_login_keeps_no_password_on_disk(cluster: NatsCluster, tmp_path: Path) -
 # ---------------------------------------------------------------- what NATS 2.9 cannot do
 
 
+def test_a_hijacked_persistent_session_leaks_nothing_and_keeps_its_queue(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
+    """NATS 2.9 lets carol connect with bob's client id (below) and resume his persistent session
+    (``session present``), whose QoS 1 subscription is a JetStream consumer delivering to a
+    ``$MQTT.sub.`` subject she may subscribe. Yet she gets neither the DM queued for bob nor one sent
+    while she holds it (the node checks the session's subscriptions against her rights as it resumes
+    it), and bob, back after her, gets all three, once each: Mosquitto's twin is
+    tests/test_mosquitto.py::test_hijacked_session_leaks_nothing."""
+    session = f"bob:{fresh('phone')}"
+    bob = raw(3, "bob", client_id=session, clean=False)
+    assert bob.subscribe(T.user_filter("bob")) == 1
+    bob.close()
+    alice = raw(1, "alice")
+    texts = ["queued for bob", "sent while carol holds his session", "sent after she left"]
+    alice.publish(T.dm("bob", "alice"), chat(texts[0]))
+    carol = raw(2, "carol", client_id=session, clean=False)
+    assert carol.rc == 0 and carol.session_present
+    assert carol.subscribe(T.room_filter()) == 1  # for the barrier
+    alice.publish(T.dm("bob", "alice"), chat(texts[1]))
+    [seen] = barrier(alice, carol, quiet=1.0)
+    assert [m.topic for m in seen if not m.topic.startswith("im/room/")] == []
+    carol.client.disconnect()
+    time.sleep(1.1)  # nats-server holds back a client id for 1 s after a takeover (mqttSessJailDur)
+    alice.publish(T.dm("bob", "alice"), chat(texts[2]))
+    back = raw(3, "bob", client_id=session, clean=False)
+    got = [decode(bytes(back.expect(T.dm("bob", "alice"), timeout=15).payload)) for _ in texts]
+    assert sorted(m.text for m in got) == sorted(texts)  # type: ignore[union-attr]
+    assert [m.topic for m in back.silent(0.5) if m.topic.startswith("im/user/")] == []
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="NATS 2.9 cannot bind an MQTT client id to its account: any user may connect as 'bob:...' "
