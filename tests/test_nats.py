@@ -843,8 +843,8 @@ def test_a_hijacked_persistent_session_leaks_nothing_and_keeps_its_queue(cluster
     time.sleep(1.1)  # nats-server holds back a client id for 1 s after a takeover (mqttSessJailDur)
     alice.publish(T.dm("bob", "alice"), chat(texts[2]))
     back = raw(3, "bob", client_id=session, clean=False)
-    got = [decode(bytes(back.expect(T.dm("bob", "alice"), timeout=15).payload)) for _ in texts]
-    assert sorted(m.text for m in got) == sorted(texts)  # type: ignore[union-attr]
+    got = [decode_as(bytes(back.expect(T.dm("bob", "alice"), timeout=15).payload), ChatMessage) for _ in texts]
+    assert sorted(m.text for m in got) == sorted(texts)
     assert [m.topic for m in back.silent(0.5) if m.topic.startswith("im/user/")] == []
 
 
