@@ -276,7 +276,8 @@ def running_workers(broker: Mosquitto, archive: bool = True, files: bool = True)
                 )
             )
         # --moments (the default): the group worker's account, a device of its own
-        started.append(stack.enter_context(MomentsWorker(broker.address, creds["groups"], broker.workdir)))
+        moments = MomentsWorker(broker.address, creds["groups"], broker.workdir, max_payload=LIMIT)
+        started.append(stack.enter_context(moments))
         yield started
 
 

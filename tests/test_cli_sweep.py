@@ -531,6 +531,77 @@ def test_the_recorder_sees_what_a_command_sends(sweep: Sweep, tmp_path: Path) ->
     ]
 
 
+# ---------------------------------------------------------------- numbers: one reading for every one
+
+# what Python's int() or float() (or pydantic, under Typer) also takes, and a person typing a count,
+# a port or a rate does not mean: other scripts' digits, digit groups, signs and spaces, hex, a
+# fraction for a whole number; nan, inf, a float that overflows or cannot be held as written
+NOT_WHOLE = ["\u0663", "1_000", "+5", " 7", "7 ", "1.0", "1e3", "0x10", "", "\uff17", "nan", "--1"]
+NOT_REAL = [
+    "nan",
+    "inf",
+    "-inf",
+    "\u0661.\u0665",
+    "1_0.5",
+    "1e-320",
+    "1e-400",
+    "1e400",
+    "0x1p3",
+    " 1.5",
+    "",
+    "1.5.",
+    "e3",
+]
+NUMBER_CASES = [c for c in CASES if kind_of(c[0], c[2]) in ("int", "float")]
+
+
+@pytest.mark.parametrize(("path", "command", "param"), NUMBER_CASES, ids=[case_id(*c) for c in NUMBER_CASES])
+def test_every_number_parameter_reads_ascii_digits_only(
+    path: tuple[str, ...], command: Any, param: Any, tmp_path: Path
+) -> None:
+    """Every whole-number and number option of every command refuses, as it reads the command line and
+    before anything else runs, what only Python's wider readings take: one ``Error:`` line naming the
+    option and the value, exit 2."""
+    values = NOT_WHOLE if kind_of(path, param) == "int" else NOT_REAL
+    positional = [v for p in command.params if p.param_type_name == "argument" and p.required for v in
+                  ({"args": ["bob", "note.txt"], "user": ["bob"]}.get(p.name, ["x"]))]  # fmt: skip
+    failures = []
+    for value in values:
+        args = [*path, param.opts[0], value, *positional]
+        result = CliRunner().invoke(app, args, env={"IMCLI_CONFIG_DIR": str(tmp_path)})
+        lines = result.stderr.strip().splitlines()
+        if not (
+            result.exit_code == 2
+            and len(lines) == 1
+            and FORM.fullmatch(lines[0])
+            and param.opts[0] in lines[0]
+            and repr(value)[:21] in lines[0]
+        ):
+            failures.append(f"imcli {short(args)}: exit {result.exit_code}, {result.stderr.strip()[-500:]!r}")
+    assert not failures, "\n".join(failures)
+
+
+def test_an_environment_variable_is_read_as_the_option_is(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["who"], env={"IMCLI_CONFIG_DIR": str(tmp_path), "IMCLI_PORT": "1_883"})
+    assert result.exit_code == 2, result.stderr
+    assert "'1_883' is not a whole number" in result.stderr
+
+
+def test_what_the_number_readings_take() -> None:
+    import typer
+
+    from imcli.cli.common import real_number, whole_number
+
+    assert [whole_number(t) for t in ("0", "-0", "007", "-3", "65535", "9" * 40)] == [0, 0, 7, -3, 65535, 10**40 - 1]
+    assert [real_number(t) for t in ("0", "0e5", ".5", "5.", "1e3", "-2.5", "2.3e-308", "1.5E+2")] == [
+        0.0, 0.0, 0.5, 5.0, 1000.0, -2.5, 2.3e-308, 150.0,
+    ]  # fmt: skip
+    with pytest.raises(typer.BadParameter, match="too long"):
+        whole_number("9" * 5000)
+    with pytest.raises(typer.BadParameter, match="too large"):
+        real_number("9" * 400)
+
+
 # ---------------------------------------------------------------- topics a pattern ACL lets through
 
 # Mosquitto's `pattern write im/room/+/%u` lets mallory publish (and retain) on a room level that is no

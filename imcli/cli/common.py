@@ -113,7 +113,11 @@ def tidy_help(command: Any) -> None:
         else:
             shown = param.display_type_rich
             param.display_type_rich = lambda ctx, shown=shown: _TYPE_NAMES.get(t := shown(ctx), t.strip("<>").upper())
-        param.process_value = _finite(param.process_value, local_paths=(command.name, param.name) in LOCAL_PATHS)
+        param.process_value = _finite(
+            param.process_value,
+            local_paths=(command.name, param.name) in LOCAL_PATHS,
+            numbers=_number_kinds(param),
+        )
         if param.help and "{default_data_dir}" in param.help:
             from imcli.client.config import default_data_dir
 
@@ -133,10 +137,67 @@ def tidy_help(command: Any) -> None:
 LOCAL_PATHS = frozenset({("send", "args")})
 
 
-def _finite(process: Any, *, local_paths: bool) -> Any:
-    """A parameter's conversion that refuses ``nan`` and ``inf``, and text that is not text: Typer
-    turns ``nan`` into a float like any number, and ``--max-rate nan`` was a traceback far from the
-    option; an argument with bytes that are not UTF-8 (``imcli dm bob $'\xff'``) arrives as lone
+_WHOLE = re.compile(r"-?[0-9]+")
+_REAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
+def whole_number(text: str) -> int:
+    """The one reading of a whole number typed on the command line or in an IMCLI_* variable: ASCII
+    digits, a ``-`` in front for a negative one (each option's own check then says which range it
+    takes: ``invalid port -1 (use 0-65535)``). Not what Python's ``int`` also takes: other scripts'
+    digits (``٣``), ``1_000``, a ``+``, spaces around; nor what pydantic adds (``1.0``)."""
+    if not _WHOLE.fullmatch(text):
+        raise typer.BadParameter(f"{text!r} is not a whole number (digits 0-9 only)")
+    try:
+        return int(text)
+    except ValueError:  # longer than int() reads (4,300 digits)
+        raise typer.BadParameter(f"{text[:20] + '…'!r} is too long for a number") from None
+
+
+def real_number(text: str) -> float:
+    """The one reading of a number with a fraction: ASCII digits with an optional ``.`` and exponent
+    (``2.5``, ``.5``, ``1e3``), a ``-`` in front. Not ``nan``, ``inf``, other scripts' digits
+    (``\\u0661.\\u0665``) or ``1_0``; nor a number too large for a float (``1e400``) or too small to be held as
+    written (``1e-320`` is a subnormal, ``1e-400`` would be 0)."""
+    import math
+    import sys
+
+    if not _REAL.fullmatch(text):
+        raise typer.BadParameter(f"{text!r} is not a number (digits 0-9, a '.', an exponent as in 1e3)")
+    value = float(text)
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"{text[:20]!r} is too large a number")
+    written_zero = not any(c in "123456789" for c in text.lower().partition("e")[0])
+    if (value == 0) != written_zero or 0 < abs(value) < sys.float_info.min:
+        raise typer.BadParameter(f"{text[:20]!r} is too close to 0 (give 0, or at least {sys.float_info.min:.1e})")
+    return value
+
+
+def _read_number(value: Any, kinds: tuple[Any, ...]) -> Any:
+    """A number's text as ``whole_number`` or ``real_number`` reads it, before Typer's own coercion."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_read_number(item, kinds) for item in value)
+    if not isinstance(value, str):
+        return value  # a default, already a number
+    if int in kinds:
+        return whole_number(value)
+    return real_number(value)
+
+
+def _number_kinds(param: Any) -> tuple[Any, ...]:
+    import typing
+
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    kinds = typing.get_args(annotation) or (annotation,)
+    kinds = tuple(k for a in kinds for k in (typing.get_args(a) or (a,)))  # list[int]
+    return kinds if (int in kinds or float in kinds) and bool not in kinds else ()
+
+
+def _finite(process: Any, *, local_paths: bool, numbers: tuple[Any, ...] = ()) -> Any:
+    """A parameter's conversion that reads numbers as ``whole_number`` and ``real_number`` do and
+    refuses text that is not text: Typer turned ``nan`` into a float like any number (``--max-rate
+    nan`` was a traceback far from the option), and takes ``1_000`` and ``1.0`` as whole numbers; an
+    argument with bytes that are not UTF-8 (``imcli dm bob $'\xff'``) arrives as lone
     surrogates, which no payload can carry, and was a traceback wherever it reached the wire
     (``dm``, ``group say``, ``profile set``, ``moments post``, ``get``, …). Every parameter of every
     command, since ``tidy_help`` walks them all; a path (``Path``, or one of ``LOCAL_PATHS``) may
@@ -145,6 +206,8 @@ def _finite(process: Any, *, local_paths: bool) -> Any:
     def finite(ctx: Any, value: Any) -> Any:
         import math
 
+        if numbers:
+            value = _read_number(value, numbers)
         value = process(ctx, value)
         for item in value if isinstance(value, (list, tuple)) else (value,):
             if isinstance(item, float) and not math.isfinite(item):

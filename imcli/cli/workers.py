@@ -227,7 +227,7 @@ def workers(
                 retention_days=history_days,
             )
         )
-    makers += [_moments_worker(address, creds(groups_account), data_dir, nats_users)] if moments else []
+    makers += [_moments_worker(address, creds(groups_account), data_dir, nats_users, max_payload)] if moments else []
     store_dir = (files_dir or data_dir).expanduser()
     if files:
         limits = FileLimits(max_file_mib << 20, file_quota_mib << 20, max_uploads, max_payload)
@@ -274,7 +274,7 @@ def _device(name: str, password: str, nats_users: Path | None) -> str:
 
 
 def _moments_worker(
-    address: BrokerAddress, credentials: Credentials, data_dir: Path, nats_users: Path | None
+    address: BrokerAddress, credentials: Credentials, data_dir: Path, nats_users: Path | None, max_payload: int
 ) -> Callable[[], ServiceWorker]:
     """The moments worker's maker (the group worker's account, a device of its own), its directory made."""
     from imcli.moments.worker import MomentsWorker
@@ -284,7 +284,7 @@ def _moments_worker(
     except OSError as exc:
         raise InvalidInput(f"cannot create the moments directory {data_dir}: {exc}", "check --archive-dir") from exc
     device = _device("workers-moments", credentials.password, nats_users)
-    return lambda: MomentsWorker(address, credentials, data_dir, device=device)
+    return lambda: MomentsWorker(address, credentials, data_dir, device=device, max_payload=max_payload)
 
 
 def _files_worker(

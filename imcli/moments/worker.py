@@ -20,6 +20,7 @@ from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.core.service import ServiceWorker
 from imcli.core.wire import (
     Friends,
+    MomentReply,
     MomentRequest,
     Notice,
     Topic,
@@ -29,7 +30,7 @@ from imcli.core.wire import (
     decode_as,
     encode,
 )
-from imcli.moments.book import MomentsBook
+from imcli.moments.book import MomentsBook, fit
 from imcli.moments.store import MomentStore
 
 
@@ -44,10 +45,14 @@ class MomentsWorker(ServiceWorker):
         topics: Topics | None = None,
         device: str = "moments",
         clock: Callable[[], float] = time.time,
+        max_payload: int | None = None,
     ) -> None:
         super().__init__(address, credentials, topics, device, clock)
         self.store = MomentStore(data_dir)
         self.book = MomentsBook(self.store)
+        # the broker's largest payload for this worker's replies (Mosquitto's message_size_limit: ``imcli
+        # workers --max-payload``); None: none (the embedded broker lets the service accounts past it)
+        self.max_payload = max_payload
 
     def state_filters(self) -> list[str]:
         return [self.topics.friends_filter()]
@@ -72,6 +77,8 @@ class MomentsWorker(ServiceWorker):
         outcome = self.book.apply(sender, request, self.clock())
         for user, text in outcome.notices:
             self.publish(self.topics.notice(user), encode(Notice(code="moments", text=text)))
+        if isinstance(outcome.reply, MomentReply) and self.max_payload is not None:
+            return fit(outcome.reply, self.max_payload)
         return outcome.reply
 
     def __exit__(self, *exc: object) -> None:
