@@ -42,7 +42,7 @@ from imcli.broker.connection_gate import ConnectionGate
 from imcli.broker.device_service import DeviceService
 from imcli.broker.devices import DeviceStore
 from imcli.broker.fanout import FanOut, InFlight, SessionFilters
-from imcli.broker.gcpause import release_stream, release_transport
+from imcli.broker.gcpause import defer_while, release_stream, release_transport
 from imcli.broker.journal import KEPT, ArchiveWriter, Journal
 from imcli.broker.listeners import Connections, peer_host, serve, stop_listening
 from imcli.broker.notices import Notifier, taken_over
@@ -636,6 +636,7 @@ class ImBroker(Broker):
         self.upkeep = SessionUpkeep(self, lim)
         self.ended_sessions = EndedSessions()  # forgotten a slice at a time (imcli/broker/session_sweep.py)
         self.teardown = TeardownGate()  # connections' ends, a slice per loop round (imcli/broker/teardown.py)
+        defer_while(self.teardown)  # no collector's tick while ends wait their turn: a mass leave (gcpause._tick)
         self.notifier = Notifier(self.topics, self.internal_message_broadcast)
         self.device_service = DeviceService(
             self.devices, self._accounts, self.topics, self, self.internal_message_broadcast
