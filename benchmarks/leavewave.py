@@ -1,11 +1,14 @@
 """What a wave of leavers costs the loop's selector, alone: ``--sockets`` asyncio connections each write a
 lone MQTT DISCONNECT at once (no FIN), then one more writes a PINGREQ.
 
-    python -m benchmarks.leavewave [--sockets 8000] [--runs 2]
+    python -m benchmarks.leavewave [--sockets 8000] [--runs 2] [--warm]
 
 asyncio's loop on the broker's selector (imcli/serve/livefirst.py), in this process, with plain protocols
 that pause their reading on a DISCONNECT, as a parked one does (imcli/broker/reader.py): no broker, so the
-figures are the selector's and asyncio's own. Prints the loop thread's CPU (``time.thread_time``) from the
+figures are the selector's and asyncio's own. ``--warm``: the one that writes the PINGREQ has written one
+just before the wave too (served lately, as a chatting client or the stall probe is: the selector peeks it
+at once; docs/PERFORMANCE.md, issue 21, tenth session); else it is silent until then, as the leavers are.
+Prints the loop thread's CPU (``time.thread_time``) from the
 last write to the PINGREQ's ``data_received`` and to the last one's, and the selector's longest polls (CPU
 ms, events returned). The collector is off during the wave. Run it in two worktrees to compare selectors
 (docs/PERFORMANCE.md, issue 21, ninth session).
@@ -27,7 +30,7 @@ from imcli.serve import livefirst
 DISCONNECT, PINGREQ = b"\xe0\x00", b"\xc0\x00"
 
 
-async def _wave(sockets: int) -> dict[str, object]:
+async def _wave(sockets: int, warm: bool = False) -> dict[str, object]:
     loop = asyncio.get_running_loop()
     selector: Any = loop._selector  # type: ignore[attr-defined]  # asyncio private: a benchmark's look inside
     inner = selector.select
@@ -65,6 +68,11 @@ async def _wave(sockets: int) -> dict[str, object]:
     while len(transports) < sockets + 1:
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.2)
+    if warm:
+        live.sendall(PINGREQ)
+        while not heard:
+            await asyncio.sleep(0)
+        heard.clear()
     gc.collect()
     gc.disable()
     polls.clear()
@@ -93,13 +101,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sockets", type=int, default=8000)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--warm", action="store_true", help="the PINGREQ's client has written one just before")
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     for _ in range(args.runs):
         loop = asyncio.SelectorEventLoop(livefirst.new_selector())
         try:
-            print(json.dumps(loop.run_until_complete(_wave(args.sockets))))
+            print(json.dumps(loop.run_until_complete(_wave(args.sockets, args.warm))))
         finally:
             loop.close()
 

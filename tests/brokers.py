@@ -276,14 +276,15 @@ def running_workers(broker: Mosquitto, archive: bool = True, files: bool = True)
                 )
             )
         # --moments (the default): the group worker's account, a device of its own
-        started.append(stack.enter_context(MomentsWorker(broker.address, creds["groups"], broker.workdir)))
+        moments = MomentsWorker(broker.address, creds["groups"], broker.workdir, max_payload=LIMIT)
+        started.append(stack.enter_context(moments))
         yield started
 
 
 def archive_worker(broker: Mosquitto) -> ArchiveWorker:
     """The archive worker of ``running_workers`` (same account, device and directory), not yet started."""
     creds = Credentials("archive", password_of("archive"))
-    return ArchiveWorker(broker.address, creds, broker.workdir / "archive", device="test")
+    return ArchiveWorker(broker.address, creds, broker.workdir / "archive", device="test", max_payload=LIMIT)
 
 
 # ---------------------------------------------------------------- both brokers

@@ -112,6 +112,7 @@ class NatsNode:
     proc: subprocess.Popen[str] | None = None
     max_payload: int | None = None  # the benchmark lifts it, as it lifts Mosquitto's message_size_limit
     http: int = -1  # the monitoring port (loopback), for /connz
+    client: int = -1  # the NATS protocol's port (loopback: `listen` in nats.conf), which no account may use
     consumer_replicas: int | None = None  # nats.conf's commented capacity line, turned on (benchmark only)
 
     @property
@@ -162,8 +163,10 @@ class NatsNode:
             mqtt = re.search(r"Listening for MQTT clients on mqtt://127\.0\.0\.1:(\d+)", text)
             route = re.search(r"Listening for route connections on 127\.0\.0\.1:(\d+)", text)
             http = re.search(r"Starting http monitor on 127\.0\.0\.1:(\d+)", text)
-            if mqtt and route and http:
+            client = re.search(r"Listening for client connections on 127\.0\.0\.1:(\d+)", text)
+            if mqtt and route and http and client:
                 self.mqtt, self.cluster, self.http = int(mqtt.group(1)), int(route.group(1)), int(http.group(1))
+                self.client = int(client.group(1))
                 return
             if self.proc.poll() is not None:
                 break

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from imcli.core.framing import decode_length, encode_length
 from imcli.core.mqtt import BrokerAddress
@@ -142,6 +144,14 @@ def _close_wakeup_pair(client: paho.Client) -> None:
     client._reset_sockets(sockpair_only=True)
 
 
+def v5_properties(packet_type: int, **values: object) -> Properties:
+    """MQTT 5 properties of a packet (``PacketTypes.PUBLISH``, ...): ``TopicAlias=2``, ..."""
+    properties = Properties(packet_type)  # type: ignore[no-untyped-call]
+    for name, value in values.items():
+        setattr(properties, name, value)
+    return properties
+
+
 def connect_raw(
     host: str,
     port: int,
@@ -153,16 +163,20 @@ def connect_raw(
     will: tuple[str, bytes, bool] | None = None,
     transport: str = "tcp",
     ca: str | None = None,
+    v5: bool = False,
+    will_delay: int | None = None,
 ) -> Raw:
     """A connected client, or a refused one (closed at once: paho would keep retrying).
 
-    ``transport="websockets"`` speaks MQTT over WebSocket; ``ca`` turns TLS on, trusting that CA file.
+    ``transport="websockets"`` speaks MQTT over WebSocket; ``ca`` turns TLS on, trusting that CA file;
+    ``v5`` speaks MQTT 5 (Mosquitto's), its Will sent ``will_delay`` seconds after the connection ends.
     """
     client = paho.Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
-        clean_session=clean,
+        clean_session=None if v5 else clean,
         transport=transport,  # type: ignore[arg-type]
+        protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
     )
     if ca is not None:
         client.tls_set(ca_certs=ca)
@@ -170,7 +184,8 @@ def connect_raw(
     if username is not None:
         client.username_pw_set(username, password if password is not None else password_of(username))
     if will is not None:
-        client.will_set(will[0], will[1], qos=1, retain=will[2])
+        delay = v5_properties(PacketTypes.WILLMESSAGE, WillDelayInterval=will_delay) if will_delay else None
+        client.will_set(will[0], will[1], qos=1, retain=will[2], properties=delay)
 
     def on_connect(_c: object, _u: object, flags: object, rc: object, _p: object) -> None:
         if r.rc is None:
@@ -182,7 +197,7 @@ def connect_raw(
     client.on_disconnect = lambda *_a: r.disconnected.set()
     client.on_message = lambda _c, _u, m: r.messages.put(m)
     client.on_subscribe = lambda _c, _u, mid, codes, _p: r.subacks.__setitem__(mid, [c.value for c in codes])
-    client.connect(host, port, keepalive=30)
+    client.connect(host, port, keepalive=30, clean_start=clean if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY)
     client.loop_start()
     assert r.connected.wait(10), "no CONNACK"
     if r.rc != 0:

@@ -342,12 +342,10 @@ def test_will_of_reads_the_will_of_a_connect() -> None:
 
 
 def test_a_will_fires_checked_unless_its_connection_ended_with_disconnect() -> None:
-    delivered: list[tuple[str, bool, bool, int | None]] = []
+    delivered: list[tuple[str, bool, bool, int]] = []
 
-    async def deliver(
-        session: Session, message: ApplicationMessage, *, retain: bool, journal: bool, qos: int | None = None
-    ) -> None:
-        delivered.append((message.topic, retain, journal, qos))
+    async def deliver(session: Session, topic: str, payload: bytes, *, qos: int, retain: bool, journal: bool) -> None:
+        delivered.append((topic, retain, journal, qos))  # qos: the Will's (kept if retained), not forced on copies
 
     wills = LastWills(PublishChecks(access(), Limits(), 100), deliver)
     session = Session()
@@ -362,7 +360,7 @@ def test_a_will_fires_checked_unless_its_connection_ended_with_disconnect() -> N
         await wills.connection_ended(session, status, disconnected=False)
 
     asyncio.run(run())
-    assert delivered == [("im/status/alice/laptop", True, True, None)]
+    assert delivered == [("im/status/alice/laptop", True, True, 1)]
 
 
 # ---------------------------------------------------------------- output bound and pending connections

@@ -253,8 +253,8 @@ def _handled_in_order(info: ServeInfo) -> list[str]:
         return result
 
     info.broker.deliver_now = recorded  # type: ignore[method-assign]
-    info.broker.deliver_file = recorded_file  # type: ignore[method-assign]
-    info.broker.deliver_line = recorded_line  # type: ignore[method-assign]
+    info.broker.deliver_file = recorded_file
+    info.broker.deliver_line = recorded_line
     return order
 
 

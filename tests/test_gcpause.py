@@ -112,6 +112,87 @@ def test_the_tick_collects_and_comes_again() -> None:
     assert scheduled == [(gcpause.TICK, gcpause._tick)]
 
 
+def test_the_tick_waits_while_the_selector_has_a_backlog_but_not_for_ever() -> None:
+    """While the loop's selector has events it has not handed out yet (a mass leave served a slice
+    a round), the tick's full collection waits, at most ``DEFER_TICKS`` ticks in a row; with none
+    waiting it collects at once."""
+    scheduled: list[tuple[float, object, tuple[object, ...]]] = []
+    collections: list[int] = []
+
+    class Selector:
+        waiting = 300
+
+    class Loop:
+        _selector = Selector()
+
+        def call_later(self, delay: float, callback: object, *args: object) -> None:
+            scheduled.append((delay, callback, args[1:]))
+
+    def note(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop":
+            collections.append(info["generation"])
+
+    loop = Loop()
+    gc.callbacks.append(note)
+    try:
+        for deferred in range(gcpause.DEFER_TICKS):
+            gcpause._tick(loop, deferred)  # type: ignore[arg-type]
+        assert collections == [], "collected with a backlog"
+        assert [args for _, _, args in scheduled] == [(n + 1,) for n in range(gcpause.DEFER_TICKS)]
+        gcpause._tick(loop, gcpause.DEFER_TICKS)  # type: ignore[arg-type]
+        assert 2 in collections, "the backlog put the collection off for ever"
+        assert scheduled[-1][2] == ()  # counting again from nothing
+        collections.clear()
+        Selector.waiting = 0
+        gcpause._tick(loop)  # type: ignore[arg-type]
+        assert 2 in collections
+    finally:
+        gc.callbacks.remove(note)
+
+
+def test_the_tick_waits_while_connections_ends_wait_their_turn(server: ServeInfo) -> None:
+    """A mass leave outlasts the selector's backlog: thousands of ends still wait at the broker's
+    teardown gate (imcli/broker/teardown.py) once every DISCONNECT is read, and a tick's collection then
+    walked their state, 30 to 65 ms of CPU in the tenth session's traces. The gate is a queue the tick
+    waits for (``defer_while``); a queue no longer alive is not asked."""
+    scheduled: list[tuple[object, ...]] = []
+    collections: list[int] = []
+
+    class Loop:  # no selector with a backlog
+        def call_later(self, delay: float, callback: object, *args: object) -> None:
+            scheduled.append(args[1:])
+
+    class Queue:
+        def __init__(self, size: int) -> None:
+            self.size = size
+
+        def __len__(self) -> int:
+            return self.size
+
+    def note(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop":
+            collections.append(info["generation"])
+
+    assert server.broker is not None
+    assert server.broker.teardown in set(gcpause._queues)  # the broker's gate is asked
+    ends = Queue(4000)
+    gcpause.defer_while(ends)
+    gc.callbacks.append(note)
+    try:
+        gcpause._tick(Loop(), 0)  # type: ignore[arg-type]
+        assert collections == [] and scheduled == [(1,)], "collected while ends waited"
+        ends.size = 0
+        gcpause._tick(Loop(), 1)  # type: ignore[arg-type]
+        assert 2 in collections and scheduled[-1] == ()
+        ends.size = 4000
+        del ends
+        collections.clear()
+        gcpause._tick(Loop(), 0)  # type: ignore[arg-type]
+        assert 2 in collections, "a queue no longer alive put the collection off"
+    finally:
+        gc.callbacks.remove(note)
+
+
 def test_a_reset_connection_leaves_no_cycle_through_its_exception() -> None:
     """The reader's exception is also its stream's; its traceback would hold the frames that hold the
     stream, the transport and the handler: a cycle that a frozen connection keeps until the compaction.

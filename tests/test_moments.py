@@ -391,3 +391,58 @@ def test_an_unfriended_download_of_a_moments_file_stops(
     b.silent(1.0)  # what was on its way before
     b.publish(T.fetch("bob", get.stream), encode(FileAck(offset=1 << 20)))
     assert [m for m in b.silent(2.0) if m.topic == T.file_data("bob", get.stream)] == []
+
+
+# ---------------------------------------------------------------- replies the broker can carry
+
+
+@pytest.mark.parametrize("broker_kind", ["mosquitto"], indirect=True)  # applies its payload limit to the workers
+def test_a_friends_comment_flood_does_not_silence_anyones_feed(
+    people: dict[str, Cli], server: ServeInfo, raw: Callable[..., Raw]
+) -> None:
+    """bob, alice's friend, comments 520 times (500 characters each) on her moment through a raw client:
+    every reply showing it (a feed, a comment's own answer) grew past Mosquitto's 256 KiB, which it applies
+    to the workers too, so it was dropped and alice's, bob's and every friend's feed went unanswered. Now
+    the moments worker fits each reply to ``imcli workers --max-payload``: the moment comes with its
+    newest comments, and the page says there is more."""
+    alice = ident(server, "alice")
+    post = moments.post(alice, "comment on this").moments[0]
+    spammer = raw("bob", password_of("bob"), "bob:spam")
+    assert spammer.subscribe(T.reply_filter("bob")) == 1
+    for i in range(520):
+        comment = MomentRequest(op="comment", post=post.id, text=f"c{i:04d} " + "x" * 490)
+        spammer.client.publish(T.request("bob", new_id()), encode(comment), qos=1)
+    last = new_id()
+    spammer.publish(T.request("bob", last), encode(MomentRequest(op="feed")))
+    spammer.expect(T.reply("bob", last), timeout=60)  # the worker has taken every comment
+    for who in (alice, ident(server, "bob")):
+        page, _ = moments.feed(who)
+        [shown] = page.moments
+        assert shown.id == post.id and 100 < len(shown.comments) < 520
+        assert shown.comments[-1].text.startswith("c0519")  # the newest kept
+
+
+def test_a_reply_is_fitted_to_the_brokers_payload_limit() -> None:
+    """``moments.book.fit``: moments past the limit go to the next page; a moment too large alone keeps
+    its newest comments, then loses thumbnails from its last image back; a reply that fits is left as is."""
+    from imcli.core.wire import Moment, MomentComment
+    from imcli.moments.book import fit
+    from tests.test_web_hostile import b64, image
+
+    thumb = b64(image("JPEG", (16, 16)))
+    comments = [MomentComment(id=new_id(), author="bob", ts=float(i), text=f"c{i} " + "x" * 400) for i in range(60)]
+    images = [{"file": new_id(), "media_type": "image/jpeg", "thumbnail": thumb} for _ in range(3)]
+    big = Moment(id=new_id(), author="alice", ts=1.0, text="big", comments=comments, images=images)
+    small = [Moment(id=new_id(), author="alice", ts=float(i), text="y" * 1500) for i in range(20)]
+    page = MomentReply(id="r", moments=small)
+    limit = 16384
+    fitted = fit(page, limit)
+    assert len(encode(fitted)) <= limit and fitted.more and fitted.moments == small[: len(fitted.moments)]
+    assert len(fitted.moments) >= 9
+    alone = fit(MomentReply(id="r", moments=[big, *small]), limit)
+    [one] = alone.moments
+    assert alone.more and len(encode(alone)) <= limit and one.comments == comments[-len(one.comments) :]
+    assert [i.thumbnail for i in one.images] == [thumb] * 3  # the comments went first
+    bare = fit(MomentReply(id="r", moments=[big.model_copy(update={"comments": []})]), len(thumb) + 600)
+    assert [bool(i.thumbnail) for i in bare.moments[0].images] == [True, False, False] and not bare.more
+    assert fit(page, 10**6) is page

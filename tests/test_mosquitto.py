@@ -24,6 +24,8 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from typer.testing import CliRunner, Result
 
 from imcli.cli.app import app
@@ -33,7 +35,7 @@ from imcli.serve.host import ServeInfo
 from tests.brokers import NOT_INSTALLED as _NOT_INSTALLED
 from tests.brokers import Mosquitto, mosquitto_available, running_mosquitto, running_workers
 from tests.conftest import Cli, Proc
-from tests.rawmqtt import Raw, barrier, chat, connect_raw, password_of, wait_until
+from tests.rawmqtt import Raw, barrier, chat, connect_raw, password_of, v5_properties, wait_until
 from tests.test_chat import (
     assert_once_in_order,
     away_while_alice_sends_fifty,
@@ -103,6 +105,46 @@ def test_forged_last_will_is_never_delivered(raw: RawFactory, topic: str) -> Non
     carol = raw("carol", client_id="carol:x")
     # alice's lost connection and carol's barrier come on two sockets: a longer silence after it
     assert topics(barrier(carol, bob, spy, quiet=0.5)) == [[], []]
+
+
+def test_mqtt5_features_reach_nothing_private(raw: RawFactory) -> None:
+    """Mosquitto speaks MQTT 5 (the embedded broker and NATS 2.9 refuse it: tests/test_attacks_client.py,
+    tests/test_nats.py). carol, with a v5 client: shared subscriptions over bob's DMs, everyone's
+    requests and replies and the archive's DMs (``$share/<group>/...``, granted like any SUBSCRIBE in
+    2.0, and filtered per delivery) get nothing; a topic alias first set with a PUBLISH to bob's room
+    topic (refused), then used alone, delivers nothing; a Will with a delay interval on bob's topic
+    never comes; an alias on her own topic still works (the barrier), and bob gets his DM."""
+    bob = raw("bob", client_id="bob:phone")
+    spy = raw("presence", client_id="presence:spy")  # reads everything: where it sees nothing, nobody did
+    assert bob.subscribe_all("im/room/+/+", "im/user/bob/#") == [1, 1]
+    assert spy.subscribe_all("#") == [1]
+    carol = raw("carol", client_id="carol:v5", v5=True)
+    assert carol.rc == 0
+    shared = ["$share/x/im/user/bob/#", "$share/x/#", "$share/x/im/request/+/+", "$share/x/im/user/+/reply/+",
+              "$share/archive/im/user/+/dm/+", "$share/x/$SYS/#", "$share/x/$CONTROL/#"]  # fmt: skip
+    carol.subscribe_all(*shared)
+    alice = raw("alice", client_id="alice:x")
+    alice.publish("im/user/bob/dm/alice", chat("for bob"))
+    alice.publish("im/request/alice/" + "a" * 32, b'{"type": "who", "v": 1}')
+    for alias, topic, text in ((2, "im/room/lobby/bob", "alias set"), (2, "", "alias alone")):
+        carol.client.publish(topic, chat(text), qos=1, properties=_alias(alias)).wait_for_publish(5)
+    carol.client.publish("im/room/lobby/carol", chat("own alias"), qos=1, properties=_alias(3)).wait_for_publish(5)
+    carol.client.publish("", chat("own alias alone"), qos=1, properties=_alias(3)).wait_for_publish(5)
+    will = raw(
+        "carol", client_id="carol:will", v5=True, will_delay=1, will=("im/room/lobby/bob", chat("forged"), False)
+    )
+    assert will.rc == 0
+    will.kill()
+    time.sleep(2)  # past the Will's delay
+    to_bob, to_spy, to_carol = topics(barrier(alice, bob, spy, carol, quiet=0.5))
+    assert to_bob == ["im/user/bob/dm/alice", "im/room/lobby/carol", "im/room/lobby/carol"]
+    assert "im/room/lobby/bob" not in to_spy and to_spy.count("im/room/lobby/carol") == 2
+    assert to_carol.count("im/room/lobby/carol") == 2  # her shared subscriptions deliver what she may read
+    assert [t for t in to_carol if not t.startswith(("im/room/", "im/user/carol/"))] == []
+
+
+def _alias(number: int) -> Properties:
+    return v5_properties(PacketTypes.PUBLISH, TopicAlias=number)
 
 
 # ---------------------------------------------------------------- the service accounts (deploy/mosquitto/aclfile)

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import secrets
+import socket
 import threading
 import time
 import urllib.request
@@ -59,7 +60,7 @@ from imcli.presence.worker import PresenceWorker
 from imcli.serve.host import ServeInfo
 from tests.brokers import free_port
 from tests.natscluster import DEPLOY, NOT_INSTALLED, NatsCluster, nats_available, running_cluster
-from tests.rawmqtt import Raw, barrier, chat, connect_raw, password_of, wait_until
+from tests.rawmqtt import Raw, barrier, chat, connect_raw, field, packet, password_of, read_packets, wait_until
 
 T = Topics()
 EXAMPLE = {"alice": "change-me", "archive": "change-me", "files": "change-me", "groups": "change-me"}
@@ -468,6 +469,53 @@ def test_nobody_reads_others_messages_through_nats_internal_subjects(cluster: Na
     assert [m.topic for spy in spies for m in spy.silent(0.5)] == []
 
 
+def nats_protocol(port: int, user: str, *commands: bytes) -> bytes:
+    """A plain NATS client (not MQTT) on a node's client port: CONNECT as ``user``, then ``commands`` and a
+    PING; everything the node sent until its PONG, an error or the end of the connection (2 s at most)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        auth = {"user": user, "pass": password_of(user), "verbose": False, "headers": True, "protocol": 1}
+        sock.sendall(b"CONNECT " + json.dumps(auth).encode() + b"\r\n" + b"".join(commands) + b"PING\r\n")
+        got = b""
+        with contextlib.suppress(OSError):
+            while b"PONG" not in got and b"-ERR" not in got and (chunk := sock.recv(65536)):
+                got += chunk
+        return got
+
+
+def test_nobody_reads_others_deliveries_through_the_nats_client_port(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
+    """Every MQTT session needs the right to subscribe ``$MQTT.sub.>`` (its QoS 1 deliveries), and an MQTT
+    SUBSCRIBE to ``$MQTT/sub/#`` is refused, but the same account on the node's NATS client port (nats.conf's
+    ``listen``: loopback, and open to anyone on the machine) subscribed ``$MQTT.sub.>`` and got every QoS 1
+    delivery of every session in the account: alice's DM to bob, as JetStream handed it to bob's session
+    (seen here with carol's password). Every account of the users file may connect through MQTT only
+    (``allowed_connection_types``): a user, a reader of everything (presence) and the archive are refused on
+    every node, and bob still gets his DM."""
+    bob = raw(3, "bob", client_id=f"bob:{fresh('port')}", clean=False)
+    assert bob.subscribe(T.user_filter("bob")) == 1
+    spy = raw(2, "carol")
+    assert spy.subscribe("$MQTT/sub/#", qos=0) == 128  # the MQTT side refuses it
+    sub = b"SUB $MQTT.sub.> 1\r\nSUB im.> 2\r\nSUB > 3\r\n"
+    for node in cluster.nodes:
+        for user in ("carol", "presence", "archive"):
+            answer = nats_protocol(node.client, user, sub)
+            assert b"-ERR 'Authorization Violation'" in answer and b"PONG" not in answer, (node.name, user, answer)
+    services.send_dm(on(cluster, 1, "alice"), "bob", ChatMessage(text="for bob only, whatever the protocol"))
+    assert decode(bytes(bob.expect(T.dm("bob", "alice")).payload)).text == "for bob only, whatever the protocol"  # type: ignore[union-attr]
+    assert spy.silent(0.5) == []
+
+
+def test_mqtt5_is_refused_on_every_node(cluster: NatsCluster) -> None:
+    """nats-server 2.9 speaks MQTT 3.1.1 only: a v5 CONNECT (and its shared subscriptions, topic aliases,
+    delayed Wills, which Mosquitto has: tests/test_mosquitto.py) never gets a session on any node."""
+    body = field(b"MQTT") + bytes([5, 0xC2]) + b"\x00\x1e" + b"\x00" + field(b"carol:v5")
+    connect = packet(0x10, body + field(b"carol") + field(password_of("carol").encode()))
+    for node in cluster.nodes:
+        with socket.create_connection(("127.0.0.1", node.mqtt), timeout=5) as sock:
+            sock.sendall(connect)
+            got, _ = read_packets(sock, lambda p: len(p) >= 1)
+        assert all(first == 0x20 and body[1:2] != b"\x00" for first, body in got), (node.name, got)  # refused
+
+
 def test_dm_crosses_nodes_and_others_cannot_read_it(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
     bob = raw(3, "bob")
     bob.subscribe(T.user_filter("bob"))
@@ -769,6 +817,51 @@ def test_login_keeps_no_password_on_disk(cluster: NatsCluster, tmp_path: Path) -
 
 
 # ---------------------------------------------------------------- what NATS 2.9 cannot do
+
+
+def test_a_hijacked_persistent_session_leaks_nothing_and_keeps_its_queue(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
+    """NATS 2.9 lets carol connect with bob's client id (below) and resume his persistent session
+    (``session present``), whose QoS 1 subscription is a JetStream consumer delivering to a
+    ``$MQTT.sub.`` subject she may subscribe. Yet she gets neither the DM queued for bob nor one sent
+    while she holds it (the node checks the session's subscriptions against her rights as it resumes
+    it), and bob, back after her, gets all three, once each: Mosquitto's twin is
+    tests/test_mosquitto.py::test_hijacked_session_leaks_nothing."""
+    session = f"bob:{fresh('phone')}"
+    bob = raw(3, "bob", client_id=session, clean=False)
+    assert bob.subscribe(T.user_filter("bob")) == 1
+    bob.close()
+    alice = raw(1, "alice")
+    texts = ["queued for bob", "sent while carol holds his session", "sent after she left"]
+    alice.publish(T.dm("bob", "alice"), chat(texts[0]))
+    carol = raw(2, "carol", client_id=session, clean=False)
+    assert carol.rc == 0 and carol.session_present
+    assert carol.subscribe(T.room_filter()) == 1  # for the barrier
+    alice.publish(T.dm("bob", "alice"), chat(texts[1]))
+    [seen] = barrier(alice, carol, quiet=1.0)
+    assert [m.topic for m in seen if not m.topic.startswith("im/room/")] == []
+    carol.client.disconnect()
+    time.sleep(1.1)  # nats-server holds back a client id for 1 s after a takeover (mqttSessJailDur)
+    alice.publish(T.dm("bob", "alice"), chat(texts[2]))
+    back = raw(3, "bob", client_id=session, clean=False)
+    got = [decode_as(bytes(back.expect(T.dm("bob", "alice"), timeout=15).payload), ChatMessage) for _ in texts]
+    assert sorted(m.text for m in got) == sorted(texts)
+    assert [m.topic for m in back.silent(0.5) if m.topic.startswith("im/user/")] == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="nats-server 2.9.10 does not apply max_payload (16384 in deploy/nats/nats.conf) to MQTT publishes: "
+    "a raw client's 2 MB room line and DM were stored and delivered (nats-io/nats-server#7439, fixed by #7555 "
+    "after 2.12; deploy/nats/README.md)",
+)
+def test_a_payload_over_max_payload_is_dropped(cluster: NatsCluster, raw) -> None:  # type: ignore[no-untyped-def]
+    bob = raw(3, "bob")
+    assert bob.subscribe(T.room_filter()) == 1 and bob.subscribe(T.user_filter("bob")) == 1
+    carol = raw(1, "carol")
+    carol.publish(T.room("lobby", "carol"), b"x" * 20000)
+    carol.publish(T.dm("bob", "carol"), b"y" * 20000)
+    [seen] = barrier(carol, bob)
+    assert [len(m.payload) for m in seen] == []
 
 
 @pytest.mark.xfail(

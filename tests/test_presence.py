@@ -29,7 +29,7 @@ from imcli.core.mqtt import SUBSCRIBE_TRIES, Credentials
 from imcli.core.service import PasswordFileDirectory
 from imcli.core.wire import DeviceStatus, Presence, encode
 from imcli.groups.worker import GroupWorker
-from imcli.presence.roster import Effects, PresenceRoster
+from imcli.presence.roster import MAX_STATUSES, Effects, PresenceRoster
 from imcli.presence.worker import PresenceWorker
 from imcli.serve.host import BackgroundServer, ServeInfo
 from imcli.serve.workers import StoreDirectory
@@ -184,6 +184,41 @@ def test_device_without_last_will_expires(server: ServeInfo, watch: PresenceWatc
     # 2.5 of its 1 s intervals and the worker's 1 s sweep; the default 30 s heartbeat would
     # take 75 s, so a worker that ignored the device's interval fails this wait
     watch.wait("carol", state="offline", timeout=10)
+
+
+def test_a_flood_of_retained_statuses_is_bounded_on_every_broker(
+    server: ServeInfo,
+    watch: PresenceWatch,
+    raw: RawFactory,
+    broker_kind: str,
+    broker_under_test: brokers.BrokerUnderTest,
+) -> None:
+    """carol's raw client retains 60 statuses more than ``MAX_STATUSES``. The embedded broker keeps 20
+    (``--max-statuses``); Mosquitto and NATS keep every one, and each used to become a device name in her
+    presence record and in every ``who`` (261 here), towards the payload limit past which ``who`` would
+    fail for everyone. Now the presence worker counts ``MAX_STATUSES`` at most and clears the rest: her
+    record says so, ``who`` answers, and what stays retained is bounded alike."""
+    bound = 20 if broker_kind == "amqtt" else MAX_STATUSES
+    flood = raw("carol", client_id="carol:flood")
+    status = encode(DeviceStatus(interval=3600))
+    for i in range(MAX_STATUSES + 60):
+        flood.client.publish(f"im/status/carol/d{i:03d}", status, qos=0, retain=True)
+    flood.publish("im/status/carol/last", status, retain=True)
+    watch.wait("carol", timeout=60, state="online", devices=bound)
+    assert [p.devices for p in services.who(ident(server, "bob")) if p.account == "carol"] == [bound]
+    reader = broker_under_test.add_reader()
+
+    def retained() -> int:  # what a new subscriber gets now
+        look = raw(reader, client_id=f"{reader}:statuses{time.monotonic_ns()}")
+        assert look.subscribe("im/status/carol/+", qos=0) == 0
+        held = {m.topic for m in look.silent(1) if m.payload}
+        look.close()
+        return len(held)
+
+    assert wait_until(lambda: retained() <= bound, 60)  # the worker clears the rest as it reads them
+    for i in range(MAX_STATUSES + 60):
+        flood.client.publish(f"im/status/carol/d{i:03d}", b"", qos=0, retain=True)
+    flood.publish("im/status/carol/last", b"", retain=True)
 
 
 # ---------------------------------------------------------------- nicknames

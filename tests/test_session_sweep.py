@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -182,6 +183,40 @@ def test_the_output_check_looks_at_a_slice_of_connections_per_loop_round(monkeyp
     asyncio.run(main())
     assert [size for size, _ in slices[:3]] == [2, 2, 1]
     assert len({tick for _, tick in slices[:3]}) == 3, "the loop ran others between slices"
+
+
+def test_an_ended_connection_is_not_kept_alive_by_the_output_checks_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run`` holds its list of outlets while it checks them a slice a round (and until the next check):
+    a connection forgotten meanwhile is let go of at once, not freed with thousands of others when the
+    list is dropped (a mass leave's 18 to 27 ms step of frees: docs/PERFORMANCE.md, tenth session)."""
+    monkeypatch.setattr(output, "CHECK_SLICE", 1)
+    bound = OutputBound(drop_at=100, close_at=1000, stuck_after=10.0)
+    transports = {f"w{i}": _Transport() for i in range(3)}
+    for writer, transport in transports.items():
+        bound.watch(writer, transport)
+        bound.attach_inbox(writer, asyncio.Queue())
+    del transport  # the loop's last one is w2's
+    left = weakref.ref(transports.pop("w2"))
+    alive: list[bool] = []
+
+    async def main() -> None:
+        checked = bound._check
+
+        def check(outlets: list[Any], now: float) -> None:
+            if not alive:  # the first slice: run holds every outlet in its list now
+                bound.forget("w2")
+                alive.append(left() is not None)
+            checked(outlets, now)
+
+        monkeypatch.setattr(bound, "_check", check)
+        running = asyncio.create_task(bound.run(period=0.001))
+        while not alive:
+            await asyncio.sleep(0.001)
+        running.cancel()
+
+    asyncio.run(main())
+    assert alive == [False], "the forgotten connection's transport lived on in the check's list"
+    assert bound.waiting("w2") == 0 and bound.admit("w2", "w2", 1, 10) is output.Verdict.WRITE
 
 
 # ---------------------------------------------------------------- a new subscription's retained messages

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from functools import partial
+from functools import partial, partialmethod
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,8 +42,8 @@ from imcli.broker.connection_gate import ConnectionGate
 from imcli.broker.device_service import DeviceService
 from imcli.broker.devices import DeviceStore
 from imcli.broker.fanout import FanOut, InFlight, SessionFilters
-from imcli.broker.gcpause import release_stream, release_transport
-from imcli.broker.journal import ArchiveWriter, Journal
+from imcli.broker.gcpause import defer_while, release_stream, release_transport
+from imcli.broker.journal import KEPT, ArchiveWriter, Journal
 from imcli.broker.listeners import Connections, peer_host, serve, stop_listening
 from imcli.broker.notices import Notifier, taken_over
 from imcli.broker.output import OutputBound, ReadGate
@@ -74,6 +74,47 @@ from imcli.core.wire import TopicKind, Topics, build_schemas
 log = logging.getLogger(__name__)
 FILE_BYTES = frozenset({TopicKind.UPLOAD, TopicKind.FILE_DATA})  # a file's chunks (deliver_file)
 CHAT_LINES = frozenset({TopicKind.ROOM, TopicKind.DM, TopicKind.GROUP_MSG})  # chat lines (deliver_line)
+
+
+class Route(NamedTuple):
+    """A way a PUBLISH read from a client reaches ``ImBroker.publish``, the one list of steps: the topic
+    kinds it takes (``None``: any) and, for each step of ``ImBroker.deliver`` that acts on some topics
+    only, whether it runs. A route may skip a step only if none of its topics is one the step acts on
+    (``route`` refuses to make it otherwise; ``STEP_KINDS`` says which topics each step acts on, and
+    tests/test_publish_routes.py that the step's own test agrees)."""
+
+    name: str
+    kinds: frozenset[TopicKind] | None
+    device: bool = True  # a device request answered by the broker (DeviceService.intercept)
+    held: bool = True  # a request to the workers held until the journal commits (ImBroker.is_request)
+    chat_first: bool = True  # a chunk's fan-out a round late while chat waits (ImBroker.carries_file_bytes)
+    sent: bool = True  # a DM's copy for its sender's other devices (ImBroker.sent_copy)
+    journal: bool = True  # chat's row journalled (Journal.record_line)
+    chunks: bool = False  # every topic it takes is a file's chunk: the chat-first look without the topic's test
+
+
+STEP_KINDS: dict[str, frozenset[TopicKind]] = {  # the topics each skippable step acts on
+    "device": frozenset({TopicKind.REQUEST}),
+    "held": frozenset({TopicKind.REQUEST}),
+    "chat_first": FILE_BYTES,
+    "sent": frozenset({TopicKind.DM}),
+    "journal": KEPT,
+}
+
+
+def route(name: str, kinds: frozenset[TopicKind] | None, *skipped: str) -> Route:
+    """A ``Route`` that skips ``skipped`` steps, if none of them can act on its ``kinds``."""
+    for step in skipped:
+        acts_on = STEP_KINDS[step]
+        if kinds is None or not kinds.isdisjoint(acts_on):
+            raise ValueError(f"the {name} route takes topics the {step} step acts on: it cannot skip it")
+    chunks = kinds is not None and kinds <= STEP_KINDS["chat_first"]
+    return Route(name, kinds, **dict.fromkeys(skipped, False), chunks=chunks)
+
+
+GENERAL = route("general", None)  # the message loop's queue, the reader's deliver_now: every topic, every step
+LINE = route("line", CHAT_LINES, "device", "held", "chat_first")  # deliver_line
+CHUNK = route("chunk", FILE_BYTES, "device", "held", "sent", "journal")  # deliver_file
 RETRY_WAIT = 10  # seconds amqtt gives a message sent again on a resumed session (its _retry_deliveries)
 TAKEOVER_NOTICE_WAIT = 1.0  # seconds a connection taken over has to take its notice (ImBroker._tell_taken_over)
 
@@ -108,7 +149,8 @@ AMQTT_PRIVATE: tuple[PrivateName, ...] = (
     *_names(_B, "Broker", "called", "_matches _get_handler"),  # handed to fanout.FanOut
     *_names(_B, "Broker", "read", "_servers _sessions _retained_messages"),
     *_names(_B, "Broker", "replaced", "_subscriptions"),  # by sessions.SubscriptionTable
-    # ImBroker.is_file_topic, is_line_topic: chunks and chat lines skip the plugin events while no plugin listens
+    # ImBroker.publish and deliver fire amqtt's message events only if a plugin listens; is_file_topic and
+    # is_line_topic let the direct paths (which build no packet for PACKET_RECEIVED) take a PUBLISH only if none does
     *_names("amqtt.plugins.manager", "PluginManager", "read", "_event_plugin_callbacks"),
     # AckAfterJournal, LightSession and use_light_sessions, below
     *_names(_H, "BrokerProtocolHandler", "overridden", "_handle_qos1_message_flow _handle_qos2_message_flow"),
@@ -594,6 +636,7 @@ class ImBroker(Broker):
         self.upkeep = SessionUpkeep(self, lim)
         self.ended_sessions = EndedSessions()  # forgotten a slice at a time (imcli/broker/session_sweep.py)
         self.teardown = TeardownGate()  # connections' ends, a slice per loop round (imcli/broker/teardown.py)
+        defer_while(self.teardown)  # no collector's tick while ends wait their turn: a mass leave (gcpause._tick)
         self.notifier = Notifier(self.topics, self.internal_message_broadcast)
         self.device_service = DeviceService(
             self.devices, self._accounts, self.topics, self, self.internal_message_broadcast
@@ -882,22 +925,31 @@ class ImBroker(Broker):
         return await self._received(client_session, wait_deliver.result())
 
     async def _received(self, session: Session, message: ApplicationMessage | None) -> bool:
-        await self.plugins_manager.fire_event(
-            BrokerEvents.MESSAGE_RECEIVED, client_id=session.client_id, message=message
-        )
-        return message is None or await self.publishing.received(session, message, self.deliver)
+        """A message the connection's message loop takes from its queue (a QoS 1 one took its rate
+        token, and was journalled, before its PUBACK: ``_before_ack``), through ``publish``."""
+        if message is None:
+            await self.plugins_manager.fire_event(
+                BrokerEvents.MESSAGE_RECEIVED, client_id=session.client_id, message=None
+            )
+            return True
+        charged, rate_ok = self.publishing.take_charge(message)
+        packet = message.publish_packet
+        retain = packet is not None and bool(packet.retain_flag)
+        return await self.publish(
+            session, message.topic or "", message.data or b"", message.qos or 0, retain,
+            message=message, rate_ok=rate_ok, journalled=charged,
+        )  # fmt: skip
 
     async def deliver_now(self, session: Session, message: ApplicationMessage, acknowledged: bool) -> bool:
-        """A message its connection's reader handles itself (``AckAfterJournal.may_deliver_now``):
-        what the message loop does with it, at once; a QoS 1 one (``acknowledged``) takes its rate
-        token as before its PUBACK and is journalled once its copies are written, before the
-        PUBACK that the reader writes when this returns (imcli/broker/journal.py). False: its
+        """A message its connection's reader handles itself (``AckAfterJournal.may_deliver_now``), through
+        ``publish``: a QoS 1 one (``acknowledged``) is journalled once its copies are written, before
+        the PUBACK that the reader writes when this returns (imcli/broker/journal.py). False: its
         connection is to be closed (an invalid topic)."""
-        keep = acknowledged and self.publishing.charge(session.username, message, len(message.data or b""))
-        delivered = await self._received(session, message)
-        if keep:
-            self._journal.record(session.username, message)
-        return delivered
+        packet = message.publish_packet
+        retain = packet is not None and bool(packet.retain_flag)
+        return await self.publish(
+            session, message.topic or "", message.data or b"", message.qos or 0, retain, message=message
+        )
 
     def carries_file_bytes(self, topic: str) -> bool:
         """Whether ``topic`` carries a file's bytes (an upload's chunks to the files worker, a download's
@@ -909,8 +961,9 @@ class ImBroker(Broker):
         return parsed is not None and parsed.kind in FILE_BYTES
 
     def is_file_topic(self, topic: str) -> bool:
-        """Whether ``topic`` carries a file's bytes that ``deliver_file`` may take: while no amqtt
-        plugin listens to messages."""
+        """Whether a QoS 1 PUBLISH on ``topic`` (neither DUP nor RETAIN) is a file's chunk that
+        ``deliver_file`` may take (a ``CHUNK`` topic), while no amqtt plugin listens to messages (the
+        direct paths build no amqtt packet for ``PACKET_RECEIVED``)."""
         return (
             self.carries_file_bytes(topic)
             and not self.plugins_manager._event_plugin_callbacks  # amqtt private (AMQTT_PRIVATE)
@@ -918,7 +971,8 @@ class ImBroker(Broker):
 
     def is_line_topic(self, topic: str) -> bool:
         """Whether a QoS 1 PUBLISH on ``topic`` (neither DUP nor RETAIN) is a chat line that
-        ``deliver_line`` may take: a room's, a DM's or a group's, while no amqtt plugin listens."""
+        ``deliver_line`` may take (a ``LINE`` topic: a room's, a DM's or a group's), while no amqtt
+        plugin listens."""
         parsed = self.topics.parse(topic)
         return (
             parsed is not None
@@ -926,54 +980,120 @@ class ImBroker(Broker):
             and not self.plugins_manager._event_plugin_callbacks  # amqtt private (AMQTT_PRIVATE)
         )
 
-    async def deliver_line(self, session: Session, topic: str, payload: bytes) -> bool:
-        """A chat line its connection's reader handles itself (``AckAfterJournal.chat_line``: QoS 1,
-        neither DUP nor RETAIN, an ``is_line_topic`` topic): what ``deliver_now`` does with it, in
-        the same order, without amqtt's ``ApplicationMessage`` and the layers between: its rate
-        token taken as before its PUBACK (``PublishChecks.token``), the same checks as every PUBLISH
-        (``PublishChecks.judge``: the rate, the size limit, the ACL decided for this publish), its
-        sender told why one is refused, its copies (``FanOut.publish``), a DM's copy for its sender's
-        other devices, then its row handed to the journal, before the PUBACK that the reader writes
-        after the journal's commit. What ``deliver`` does besides is about other topics: a device
-        request, a request held for the journal, a retained message, and plugin events that nobody
-        listens to (``is_line_topic``). False: its connection is to be closed."""
-        publishing, username = self.publishing, session.username
-        rate_ok, keep = publishing.token(username, topic, len(payload))
-        decision = publishing.judge(username, topic, len(payload), retain=False, rate_ok=rate_ok)
+    async def publish(
+        self,
+        session: Session,
+        topic: str,
+        payload: bytes | bytearray,
+        qos: int,
+        retain: bool,
+        *,
+        route: Route = GENERAL,
+        message: ApplicationMessage | None = None,
+        rate_ok: bool | None = None,
+        journalled: bool = False,
+    ) -> bool:
+        """The one list of steps of a PUBLISH read from a client, whichever way it came (``Route``: the
+        message loop's queue and the reader's ``deliver_now`` are ``GENERAL``; a chat line's and a
+        file chunk's direct paths, ``LINE`` and ``CHUNK``, skip only what cannot act on their topics):
+
+        1. amqtt's ``MESSAGE_RECEIVED``, if a plugin listens (the direct paths are taken only while
+           none does: ``is_line_topic``, ``is_file_topic``; amqtt's message built for it if need be);
+        2. its rate token (``PublishChecks.token``, by ``judge``), unless taken before its PUBACK when it
+           was queued (``rate_ok``, ``_before_ack``; ``journalled``: its row recorded then too);
+        3. the checks (``PublishChecks.judge``: the rate, the size, retain, the topic, the ACL, a status);
+        4. its sender told why it is refused, if it is (false: the connection is to be closed);
+        5. ``deliver``: a device request answered, ``MESSAGE_BROADCAST``, a request held for the
+           journal, a chunk's fan-out a round late while chat waits, the copies, a DM's sent copy,
+           retained, then its row journalled (copies before the row; the PUBACK, which the reader
+           writes once the row is committed, after both)."""
+        listened = self.plugins_manager._event_plugin_callbacks  # amqtt private (AMQTT_PRIVATE)
+        if listened:
+            message = message or ApplicationMessage(None, topic, qos, payload, retain)
+            await self.plugins_manager.fire_event(
+                BrokerEvents.MESSAGE_RECEIVED, client_id=session.client_id, message=message
+            )
+        publishing = self.publishing
+        # its rate token: taken by judge (PublishChecks.token) unless it was before its PUBACK
+        decision = publishing.judge(session.username, topic, len(payload), retain=retain, rate_ok=rate_ok)
         if not await publishing.tell_sender(session, decision):
             return False
         if decision.deliver:
-            await self.fan_out.publish({"session": session, "topic": topic, "data": payload})
-            if (sent := self.sent_copy(topic)) is not None:  # the sender's other devices
-                await self.fan_out.publish({"session": session, "topic": sent, "data": payload})
-        if keep:
-            self._journal.record_line(username, topic, payload)
+            await self.deliver(
+                session, topic, payload, qos=qos, retain=retain, journal=not journalled, route=route, message=message
+            )
         return True
 
-    async def deliver_file(self, session: Session, topic: str, payload: bytes) -> bool:
-        """A file's chunk its connection's reader handles itself (``AckAfterJournal.file_bytes``, for a
-        QoS 1 PUBLISH on an ``is_file_topic`` topic, without DUP or RETAIN): the same checks as every
-        PUBLISH (``PublishChecks.judge``: the file-transfer rate, the chunk limit, the ACL, which
-        lets a user write only to their own upload topics and only the service accounts to a
-        download's), its sender told why one is refused, then its copies (``FanOut.publish``: written
-        at once, or held a round while chat waits; the fan-out itself waits a round if chat came
-        during the checks: issue 16, seventh session). The rest of ``deliver_now`` and ``deliver`` is
-        about other topics: the journal keeps chat only, a device request, a DM's copy for its
-        sender's devices, a request held for the journal and a retained message are no file's
-        bytes, and the plugin events have no listener (``is_file_topic``). False: its connection is
-        to be closed (an invalid topic)."""
-        publishing = self.publishing
-        decision = publishing.judge(session.username, topic, len(payload), retain=False)  # takes the rate token
-        if not await publishing.tell_sender(session, decision):
-            return False
-        if decision.deliver:
-            if chatfirst.for_loop(asyncio.get_running_loop()).chat_waiting():
-                # chat came while this chunk was being read and checked: it is read and handled
-                # before the chunk's fan-out (a timer's wakeup comes after the sockets its round
-                # reads and the reader steps they wake: reader.PacketReader._handle_publish)
-                await asyncio.sleep(AFTER_OTHERS)
-            await self.fan_out.publish({"session": session, "topic": topic, "data": payload})
-        return True
+    # A chat line its connection's reader handles itself (``AckAfterJournal.chat_line``: QoS 1, neither DUP
+    # nor RETAIN, a ``LINE`` topic; issue 16, ninth session) and a file's chunk (``AckAfterJournal.file_bytes``,
+    # a ``CHUNK`` topic; seventh session): ``publish``, as every PUBLISH, without amqtt's packet and message
+    # objects; (session, topic, payload) -> Awaitable[bool], false: the connection is to be closed. Partial
+    # methods rather than coroutines that call ``publish``: a frame less per line and per chunk.
+    deliver_line = partialmethod(publish, qos=QOS_1, retain=False, route=LINE)
+    deliver_file = partialmethod(publish, qos=QOS_1, retain=False, route=CHUNK)
+
+    async def deliver(
+        self,
+        session: Session,
+        topic: str,
+        payload: bytes | bytearray,
+        *,
+        qos: int,
+        retain: bool,
+        journal: bool,
+        route: Route = GENERAL,
+        message: ApplicationMessage | None = None,
+    ) -> None:
+        """A publish the checks let through (``publish``, or a Last Will: imcli/broker/wills.py),
+        in this order: a device request answered by the broker itself (imcli/broker/device_service.py),
+        and nothing more; amqtt's ``MESSAGE_BROADCAST``; a request to the workers held until the journal
+        commits; a file's chunk a round late while chat waits (imcli/broker/chatfirst.py); its copies
+        (imcli/broker/fanout.py, at each subscription's QoS); a DM's copy for its sender's other
+        devices; retained if flagged; its row journalled (``journal``: not before its PUBACK already).
+        ``route`` says which steps cannot act on the topics it takes (``Route``)."""
+        if route.device and await self.device_service.intercept(session, topic, payload):  # no copy: chunks
+            return
+        if self.plugins_manager._event_plugin_callbacks:  # amqtt private (AMQTT_PRIVATE)
+            message = message or ApplicationMessage(None, topic, qos, payload, retain)  # the one received, if any
+            await self.plugins_manager.fire_event(
+                BrokerEvents.MESSAGE_BROADCAST, client_id=session.client_id, message=message
+            )
+        if (
+            route.held
+            and self.is_request(topic)
+            and (self._requests_held or not self._journal.is_kept(self._journal.recorded))
+        ):
+            # Copies of chat go out before their rows are committed (imcli/broker/journal.py), so a
+            # history request sent on seeing a line could reach the archive before the line's row:
+            # a request goes to the workers once every row recorded until now is committed (then an
+            # answer holds everything its asker has been sent), in the order requests came (one held
+            # holds those after it), without holding its asker's connection (its PUBACK, its other
+            # messages) meanwhile.
+            self._requests_held += 1
+
+            def later(_committed: bool) -> None:  # a failed batch: the request goes all the same
+                self._requests_held -= 1
+                self.fan_out.keep(asyncio.ensure_future(self._broadcast_message(session, topic, payload)))
+
+            self._journal.after_commit(later)
+            return
+        fan_out = self.fan_out
+        if (
+            route.chat_first
+            and (route.chunks or self.carries_file_bytes(topic))
+            and chatfirst.for_loop(asyncio.get_running_loop()).chat_waiting()
+        ):
+            # chat came while this chunk was being read and checked: it is read and handled before
+            # the chunk's fan-out (a timer's wakeup comes after the sockets its round reads and the
+            # reader steps they wake: reader.PacketReader._handle_publish)
+            await asyncio.sleep(AFTER_OTHERS)
+        await fan_out.publish({"session": session, "topic": topic, "data": payload})
+        if route.sent and (sent := self.sent_copy(topic)) is not None:  # the sender's other devices
+            await fan_out.publish({"session": session, "topic": sent, "data": payload})
+        if retain:
+            await self.retain_message(session, topic, payload, qos)
+        elif journal and route.journal:  # (a retained message is never chat's: the checks refuse it)
+            self._journal.record_line(session.username, topic, bytes(payload))
 
     async def _handle_disconnect(
         self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]
@@ -995,43 +1115,6 @@ class ImBroker(Broker):
         # amqtt's walks the whole table every second and forgets every ended clean session in one
         # callback (232 ms of CPU when 10,000 users left at once): a slice at a time instead
         await self.ended_sessions.run(self._sessions, self._cleanup_session)
-
-    async def deliver(
-        self, session: Session, message: ApplicationMessage, *, retain: bool, journal: bool, qos: int | None = None
-    ) -> None:
-        """A publish the checks let through: journalled (chat), broadcast, retained if flagged;
-        a device request is answered by the broker itself (imcli/broker/device_service.py)."""
-        if await self.device_service.intercept(session, message.topic or "", message.data or b""):  # no copy: chunks
-            return
-        if journal:
-            self._journal.record(session.username, message)
-        await self.plugins_manager.fire_event(
-            BrokerEvents.MESSAGE_BROADCAST, client_id=session.client_id, message=message
-        )
-        if self.is_request(message.topic or "") and (
-            self._requests_held or not self._journal.is_kept(self._journal.recorded)
-        ):
-            # Copies of chat go out before their rows are committed (imcli/broker/journal.py), so a
-            # history request sent on seeing a line could reach the archive before the line's row:
-            # a request goes to the workers once every row recorded until now is committed (then an
-            # answer holds everything its asker has been sent), in the order requests came (one held
-            # holds those after it), without holding its asker's connection (its PUBACK, its other
-            # messages) meanwhile.
-            self._requests_held += 1
-
-            def later(_committed: bool) -> None:  # a failed batch: the request goes all the same
-                self._requests_held -= 1
-                self.fan_out.keep(
-                    asyncio.ensure_future(self._broadcast_message(session, message.topic, message.data, qos))
-                )
-
-            self._journal.after_commit(later)
-            return
-        await self._broadcast_message(session, message.topic, message.data, qos)
-        if (sent := self.sent_copy(message.topic or "")) is not None:  # the sender's other devices
-            await self._broadcast_message(session, sent, message.data, qos)
-        if retain:
-            await self.retain_message(session, message.topic, message.data, message.qos)
 
     def is_request(self, topic: str) -> bool:
         """Whether ``topic`` is a request to the workers (``<prefix>/request/<me>/<id>``)."""

@@ -65,7 +65,7 @@ from imcli.core.wire import MalformedPayload, Received, TopicKind, Topics, chat_
 
 log = logging.getLogger(__name__)
 
-_CHAT = (TopicKind.ROOM, TopicKind.DM, TopicKind.GROUP_MSG)
+KEPT = frozenset({TopicKind.ROOM, TopicKind.DM, TopicKind.GROUP_MSG})  # the only topics journalled (record_line)
 
 
 class Checkpointer:
@@ -146,7 +146,7 @@ class Journal:
     def record_line(self, username: str | None, topic: str, data: bytes) -> None:
         """``record`` of a message not retained, on ``topic`` with payload ``data``."""
         parsed = self._topics.parse(topic)
-        if parsed is None or parsed.kind not in _CHAT:
+        if parsed is None or parsed.kind not in KEPT:
             return
         if not self._may_publish(username, topic):
             return

@@ -2,8 +2,9 @@
 
 amqtt 0.12.1 has no payload size limit, lets anyone retain anything and drops a publish
 its topic plugin refuses silently, PUBACK included. Every PUBLISH therefore goes through
-``PublishChecks.judge`` (``PublishChecks.received`` for one read from a client) before it
-is broadcast, in this order:
+``PublishChecks.judge`` (called by ``ImBroker.publish``, the one list of steps every route of a
+PUBLISH read from a client runs: imcli/broker/amqtt_adapter.py) before it is broadcast, in this
+order:
 
 1. an empty topic ends the connection (MQTT-4.7.3-1, as amqtt does);
 2. the account's publish rate (workers' service accounts are not limited);
@@ -22,8 +23,12 @@ Will's sender, topic, size and retain flag, exactly as for an ordinary publish (
 included), and broadcasts and journals it only if the decision says ``deliver``; a refusal
 is logged, as its sender is gone.
 
-A QoS 1 PUBLISH takes its rate token before its PUBACK, when the journal decides whether
-to keep it (``charge``); ``judge`` then uses that decision instead of taking a second one.
+A rate token is taken one way, ``token`` (its bucket: the chat rate, or the file-transfer rate),
+by ``judge`` for every publish of every route (imcli/broker/amqtt_adapter.py ``ImBroker.publish``)
+and for a Last Will, except a QoS 1 PUBLISH queued for its connection's message loop: that one
+takes it before its PUBACK, when the journal decides whether to keep it (``charge``, which
+remembers the decision), and ``judge`` is given that decision (``rate_ok``) instead of taking a
+second token.
 
 A rate refusal names the limit that dropped the message (the chat rate, or the file-transfer
 rate of a file's chunks and a download's acknowledgements) and that limit's own retry time. Rate
@@ -42,7 +47,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from amqtt.session import ApplicationMessage, Session
+from amqtt.session import Session
 
 from imcli.broker.acl import FILE_TRANSFER, Access
 from imcli.broker.limits import UNHEARD_REQUESTS, Limits, PublishRate
@@ -118,11 +123,11 @@ def size_limit(access: TopicAccess, topic: str, max_payload: int, max_chunk: int
 
 
 class Deliver(Protocol):
-    """The broker's delivery of a publish the checks let through: journalled (unless it was
-    before its PUBACK), broadcast (at ``qos``, or each subscription's), retained if flagged."""
+    """The broker's delivery of a publish the checks let through (``ImBroker.deliver``): broadcast
+    at each subscription's QoS, retained if flagged, journalled (unless it was before its PUBACK)."""
 
     async def __call__(
-        self, session: Session, message: ApplicationMessage, *, retain: bool, journal: bool, qos: int | None = None
+        self, session: Session, topic: str, payload: bytes, *, qos: int, retain: bool, journal: bool
     ) -> None: ...
 
 
@@ -148,28 +153,27 @@ class PublishChecks:
         parsed = self.access.topics.parse(topic) if "/upload/" in topic or "/fetch/" in topic else None
         return self.file_rate if parsed is not None and parsed.kind in FILE_TRANSFER else self.rate
 
-    def _rate_allows(self, sender: str | None, trusted: bool, now: float, topic: str = "") -> bool:
-        if trusted:
-            return True
-        return self._bucket(topic).allow(sender or "", now)
-
     def charge(self, sender: str | None, message: Any, size: int) -> bool:
-        """A QoS 1 PUBLISH is about to be acknowledged: take its rate token now (``received`` finds
-        it). Whether it is worth journalling (``token``)."""
+        """A QoS 1 PUBLISH queued for its connection's message loop is about to be acknowledged: take
+        its rate token now (``take_charge`` finds it). Whether it is worth journalling (within the
+        rate and the size limit; the journal checks the rest)."""
         now = time.monotonic()
-        allowed, keep = self.token(sender, getattr(message, "topic", None) or "", size, now)
+        topic = getattr(message, "topic", None) or ""
+        allowed = self.token(sender, topic, now)
         self._charged[id(message)] = (message, allowed, now)
-        return keep
-
-    def token(self, sender: str | None, topic: str, size: int, now: float | None = None) -> tuple[bool, bool]:
-        """The rate token of a QoS 1 PUBLISH on ``topic``, taken before its PUBACK: whether the rate
-        allowed it (``judge``'s ``rate_ok``), and whether it is worth journalling (within the rate and
-        the size limit; the journal checks the rest)."""
-        trusted = self.access.is_service(sender)
-        allowed = self._rate_allows(sender, trusted, time.monotonic() if now is None else now, topic)
-        return allowed, allowed and (
-            trusted or size <= size_limit(self.access, topic, self.max_payload, self.limits.max_chunk)
+        return allowed and (
+            self.access.is_service(sender)
+            or size <= size_limit(self.access, topic, self.max_payload, self.limits.max_chunk)
         )
+
+    def token(self, sender: str | None, topic: str, now: float | None = None, trusted: bool | None = None) -> bool:
+        """The one way a rate token is taken: one of ``sender``'s bucket for ``topic`` (the chat rate,
+        or the file-transfer rate of a file's chunks and a download's acknowledgements; a service
+        account (``trusted``, looked up if not given) has no limit). Whether the rate allowed it
+        (``judge``'s ``rate_ok``)."""
+        if self.access.is_service(sender) if trusted is None else trusted:
+            return True
+        return self._bucket(topic).allow(sender or "", time.monotonic() if now is None else now)
 
     def take_charge(self, message: Any) -> tuple[bool, bool | None]:
         """Whether ``charge`` saw ``message`` before its PUBACK (QoS 1), and the rate decision
@@ -182,12 +186,12 @@ class PublishChecks:
     def judge(
         self, sender: str | None, topic: str, size: int, *, retain: bool, rate_ok: bool | None = None
     ) -> Decision:
-        """The decision for one publish (or a Last Will when it fires); takes a rate token
-        unless ``rate_ok`` says the one taken before its PUBACK."""
+        """The decision for one publish (or a Last Will when it fires); takes its rate token (``token``)
+        unless ``rate_ok`` says the one taken before its PUBACK (``charge``)."""
         now = time.monotonic()
         trusted = self.access.is_service(sender)
         if rate_ok is None:  # an empty topic ends the connection before any token is taken
-            rate_ok = not topic or self._rate_allows(sender, trusted, now, topic)
+            rate_ok = not topic or self.token(sender, topic, now, trusted)
         bucket = self._bucket(topic)
         decision = decide_publish(
             self.access,
@@ -212,7 +216,7 @@ class PublishChecks:
             corr = self._request_id(sender, topic)
             if not self.rate.should_warn(sender or "", now, request=corr is not None):
                 # at most one rate notice a second (and a few about requests); a request's asker
-                # still hears, in the next notice that names the requests held (``received``)
+                # still hears, in the next notice that names the requests held (``tell_sender``)
                 return Decision(deliver=False, unheard=corr)
         return decision
 
@@ -250,21 +254,6 @@ class PublishChecks:
             await self.tell(account, telling)
         except Exception:  # a notice that cannot go (the broker stopping) is only logged
             log.warning("could not tell %s of the requests dropped", account, exc_info=True)
-
-    async def received(self, session: Session, message: ApplicationMessage, deliver: Deliver) -> bool:
-        """A PUBLISH read from ``session``'s connection: judged, its sender told why if it is
-        refused, delivered if not. False: its connection is to be closed (an invalid topic)."""
-        charged, rate_ok = self.take_charge(message)
-        packet = message.publish_packet
-        retain = packet is not None and bool(packet.retain_flag)
-        username = session.username
-        decision = self.judge(username, message.topic or "", len(message.data or b""), retain=retain, rate_ok=rate_ok)
-        if not await self.tell_sender(session, decision):
-            return False
-        if decision.deliver:
-            # QoS 0 is never acknowledged: journalled as it is delivered (QoS 1 was, before its PUBACK)
-            await deliver(session, message, retain=retain, journal=not charged)
-        return True
 
     async def tell_sender(self, session: Session, decision: Decision) -> bool:
         """``session``'s sender told why its PUBLISH is refused, if it is; false if its connection is to

@@ -31,7 +31,9 @@ Where each part lives:
   lighter stand-ins for amqtt's per-connection state machine and subscription table;
 * imcli/broker/publish_checks.py: rate, size, retained chat and the topic ACL, with a
   notice to the sender (amqtt drops a refused publish silently, PUBACK included), for
-  every PUBLISH and for every Last Will when it fires;
+  every PUBLISH and for every Last Will when it fires; every route a PUBLISH takes (the
+  message loop's queue, the reader's own handling, a chat line's and a chunk's direct
+  paths) runs one list of steps, ``ImBroker.publish`` (imcli/broker/amqtt_adapter.py);
 * imcli/broker/wills.py: a Last Will held by its own connection, fired at most once,
   checked, unless the connection ended with DISCONNECT;
 * imcli/broker/output.py: what the broker holds for one connection is bounded (QoS 0

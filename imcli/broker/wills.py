@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
-from amqtt.session import ApplicationMessage, Session
+from amqtt.session import Session
 
 from imcli.broker.publish_checks import Deliver, PublishChecks
 
@@ -60,8 +60,7 @@ class LastWills:
             why = decision.telling.text if decision.telling is not None else "over the publish rate"
             log.info("Last Will of %s on %s dropped: %s", session.client_id, will.topic, why)
             return
-        message = ApplicationMessage(None, will.topic, will.qos, will.data, will.retain)
         # journalled like a QoS 0 publish (a Will has no PUBACK), and delivered as an ordinary
         # publish is: at each subscription's QoS. amqtt forced the Will's QoS on every copy: a QoS 2
         # Will went as QoS 2 to QoS 0 subscribers and into the offline queues of their persistent sessions
-        await self.deliver(session, message, retain=will.retain, journal=True)
+        await self.deliver(session, will.topic, will.data, qos=will.qos or 0, retain=will.retain, journal=True)

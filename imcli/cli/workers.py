@@ -225,9 +225,10 @@ def workers(
                 data_dir,
                 device=_device("workers", passwords[archive_account], nats_users),
                 retention_days=history_days,
+                max_payload=max_payload,
             )
         )
-    makers += [_moments_worker(address, creds(groups_account), data_dir, nats_users)] if moments else []
+    makers += [_moments_worker(address, creds(groups_account), data_dir, nats_users, max_payload)] if moments else []
     store_dir = (files_dir or data_dir).expanduser()
     if files:
         limits = FileLimits(max_file_mib << 20, file_quota_mib << 20, max_uploads, max_payload)
@@ -274,7 +275,7 @@ def _device(name: str, password: str, nats_users: Path | None) -> str:
 
 
 def _moments_worker(
-    address: BrokerAddress, credentials: Credentials, data_dir: Path, nats_users: Path | None
+    address: BrokerAddress, credentials: Credentials, data_dir: Path, nats_users: Path | None, max_payload: int
 ) -> Callable[[], ServiceWorker]:
     """The moments worker's maker (the group worker's account, a device of its own), its directory made."""
     from imcli.moments.worker import MomentsWorker
@@ -284,7 +285,7 @@ def _moments_worker(
     except OSError as exc:
         raise InvalidInput(f"cannot create the moments directory {data_dir}: {exc}", "check --archive-dir") from exc
     device = _device("workers-moments", credentials.password, nats_users)
-    return lambda: MomentsWorker(address, credentials, data_dir, device=device)
+    return lambda: MomentsWorker(address, credentials, data_dir, device=device, max_payload=max_payload)
 
 
 def _files_worker(

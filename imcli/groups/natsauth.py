@@ -80,6 +80,13 @@ ACCOUNT = "IM"
 # ``$MQTT.JSA.<id>.RD`` cleared one (tests/test_nats.py: test_nobody_reads_others_messages_through_nats_…
 # and test_nobody_forges_a_retained_message_through_nats_internal_subjects).
 MQTT_INTERNAL = "$MQTT.sub.>"
+# Every user of the users file may connect through MQTT only. That right to subscribe ``$MQTT.sub.>`` is
+# what an MQTT session needs and all nats-server 2.9.10 lets an MQTT client use it for (it refuses an MQTT
+# SUBSCRIBE to ``$MQTT/sub/#``), but a plain NATS client's ``SUB $MQTT.sub.>`` on the node's client port
+# got every QoS 1 delivery of every MQTT session in the account: anyone's DMs, group lines, replies
+# (tests/test_nats.py::test_nobody_reads_others_deliveries_through_the_nats_client_port). imcli's clients
+# and workers speak MQTT only, so no account needs the NATS protocol (the operator has the monitoring port).
+CONNECTION_TYPES = ["MQTT"]
 DEBOUNCE = 0.3  # seconds: changes within this are one reload (each makes every node parse the users file)
 POLL = 2.0  # seconds between looks at the password file
 STAMP_TOPIC = "imcli-reload/{stamp}"  # outside the prefix: no user's or service's rights match it
@@ -171,6 +178,11 @@ def private_device(device: str, password: str) -> str:
 
 def _all(filters: Iterable[str]) -> list[str]:
     return [s for f in filters for s in subjects(f)]
+
+
+def _entry(name: str, password: str, rights: dict[str, dict[str, list[str]]]) -> dict[str, object]:
+    """One user of the users file: MQTT connections only (``CONNECTION_TYPES``)."""
+    return {"user": name, "password": password, "permissions": rights, "allowed_connection_types": CONNECTION_TYPES}
 
 
 def read_passwords(path: Path) -> dict[str, str]:
@@ -274,19 +286,17 @@ class NatsPermissions:
             if name not in passwords and name not in self.ghosts:
                 self.ghosts[name] = (ghost_password(), publish)
         self.published = {}
-        users, parked = [], []
+        users: list[dict[str, object]] = []
+        parked: list[dict[str, object]] = []
         for name in sorted(passwords):
             self.ghosts.pop(name, None)  # given again: a user as any other
             rights = self.service(name) if name in SERVICE_ACCOUNTS else self.user(name)
             self.published[name] = rights["publish"]
             if name in self.muted | self.parked:
                 rights = {"publish": rights["publish"], **MUTED}
-            if name in self.parked:
-                parked.append({"user": name, "password": passwords[name], "permissions": rights})
-                continue
-            users.append({"user": name, "password": passwords[name], "permissions": rights})
+            (parked if name in self.parked else users).append(_entry(name, passwords[name], rights))
         for name, (password, publish) in sorted(self.ghosts.items()):
-            parked.append({"user": name, "password": password, "permissions": {"publish": publish, **MUTED}})
+            parked.append(_entry(name, password, {"publish": publish, **MUTED}))
         body = "[\n" + "".join(f"      {json.dumps(u)}\n" for u in users) + "    ]"
         aside = "[\n" + "".join(f"      {json.dumps(u)}\n" for u in parked) + "    ]"
         return (

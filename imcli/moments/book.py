@@ -21,7 +21,9 @@ from imcli.core.wire import (
     MomentComment,
     MomentReply,
     MomentRequest,
+    encode,
     is_name,
+    most_that_fit,
     new_id,
 )
 from imcli.moments.store import MomentStore
@@ -125,3 +127,32 @@ def _preview(text: str) -> str:
 
 def _error(req: MomentRequest, code: str, text: str) -> Outcome:
     return Outcome(ErrorReply(id=req.id, code=code, text=text))
+
+
+def fit(reply: MomentReply, limit: int) -> MomentReply:
+    """``reply`` as a broker that carries at most ``limit`` bytes will deliver it. A reply past it was
+    dropped by the broker (Mosquitto applies its limit to the workers too), so a friend's few hundred
+    comments on one moment made every feed that showed it go unanswered. The page's last moments are
+    left for the next one (``more``: the client pages on from the last moment it got); a moment too
+    large on its own keeps its newest comments that fit, then loses thumbnails from its last image
+    back, as a client leaves them out of a post that does not fit (imcli.client.moments)."""
+    if len(encode(reply)) <= limit:
+        return reply
+
+    def page(count: int) -> MomentReply:
+        return reply.model_copy(update={"moments": reply.moments[:count], "more": True})
+
+    kept = most_that_fit(len(reply.moments), lambda n: len(encode(page(n))) <= limit)
+    if kept >= 1:
+        return page(kept)
+    moment = reply.moments[0]
+
+    def alone(comments: int, thumbs: int = len(moment.images)) -> MomentReply:
+        images = [i if n < thumbs else i.model_copy(update={"thumbnail": ""}) for n, i in enumerate(moment.images)]
+        shown = moment.comments[len(moment.comments) - comments :] if comments else []
+        one = moment.model_copy(update={"comments": shown, "images": images})
+        return reply.model_copy(update={"moments": [one], "more": reply.more or len(reply.moments) > 1})
+
+    comments = most_that_fit(len(moment.comments), lambda n: len(encode(alone(n))) <= limit)
+    thumbs = most_that_fit(len(moment.images), lambda n: len(encode(alone(comments, n))) <= limit)
+    return alone(comments, thumbs)

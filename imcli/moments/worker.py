@@ -20,6 +20,7 @@ from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.core.service import ServiceWorker
 from imcli.core.wire import (
     Friends,
+    MomentReply,
     MomentRequest,
     Notice,
     Topic,
@@ -29,7 +30,7 @@ from imcli.core.wire import (
     decode_as,
     encode,
 )
-from imcli.moments.book import MomentsBook
+from imcli.moments.book import MomentsBook, fit
 from imcli.moments.store import MomentStore
 
 
@@ -44,10 +45,12 @@ class MomentsWorker(ServiceWorker):
         topics: Topics | None = None,
         device: str = "moments",
         clock: Callable[[], float] = time.time,
+        max_payload: int | None = None,
     ) -> None:
         super().__init__(address, credentials, topics, device, clock)
         self.store = MomentStore(data_dir)
         self.book = MomentsBook(self.store)
+        self.max_payload = max_payload  # imcli workers --max-payload; imcli serve: None (its workers pass)
 
     def state_filters(self) -> list[str]:
         return [self.topics.friends_filter()]
@@ -73,6 +76,9 @@ class MomentsWorker(ServiceWorker):
         for user, text in outcome.notices:
             self.publish(self.topics.notice(user), encode(Notice(code="moments", text=text)))
         return outcome.reply
+
+    def fit(self, reply: WireModel, limit: int) -> WireModel:
+        return fit(reply, limit) if isinstance(reply, MomentReply) else reply
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)

@@ -39,6 +39,13 @@ from imcli.core.wire import (
 )
 
 GRACE_INTERVALS = 2.5  # a device not heard for this many heartbeat intervals is gone
+# Statuses (a device, or a device's session) one account may hold. The embedded broker refuses those past
+# its --max-statuses (20); Mosquitto and NATS bound none, so a raw client retained thousands (2,001 on
+# NATS here), and each became a name in the account's presence record and in every `who` reply, towards
+# the payload limit Mosquitto applies to the workers too (256 KiB: about 25,000 names), past which `who`
+# would fail for everyone.
+# The roster counts at most this many and clears the rest: every broker then holds the same bound.
+MAX_STATUSES = 200
 
 
 @dataclass(slots=True)  # one per signed-in device: no __dict__ (issue 21, the workers' memory)
@@ -114,6 +121,10 @@ class PresenceRoster:
             return self.device_gone(account, device, now)
         user = self._user(account, now)
         known = device in user.devices
+        if not known and len(user.devices) >= MAX_STATUSES:
+            effects = self._take_pending()
+            effects.clear_status.append((account, device))
+            return effects
         user.devices[device] = _Device(now, status.interval)
         if self._resync_seen is not None:
             self._resync_seen.add((account, device))

@@ -29,6 +29,14 @@ key (the interest is set when it is put back) and ``unregister`` only the bookke
 dropped when its key is no longer the one it was polled with (the fd unregistered, its number
 reused by a new connection, or its interest changed by asyncio, which replaces the key): no callback
 of a closed connection is run, and no new connection is handed an event of the old one.
+
+A socket is peeked at once only if it was served in the last ``HOT_FOR`` to twice that seconds (a
+chat, a client's PINGREQs, the stall probe's); the others a poll returns readable and open wait
+unsorted, and at most ``PEEKS`` of them are peeked a round, in the order they were polled: the
+first poll of 10,000 users leaving at once returned 8,000 of them, and peeking every one (about 3.5
+us each, with its bookkeeping) made that poll's round 23 to 42 ms of CPU before any callback ran
+(docs/PERFORMANCE.md, issue 21, tenth session). No closing socket is served while any polled socket
+is still unsorted: one found live later is still served before every closing one.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import math
 import select
 import selectors
 import socket
+import time
 from collections.abc import Callable
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -58,6 +67,9 @@ def _events(event: int) -> int:
         selectors.EVENT_READ if event & ~select.EPOLLOUT else 0
     )
 
+
+# the masks of the events a poll returns most (a dict's lookup, not a call, per event of a large poll)
+_MASKS = {event: _events(event) for event in (select.EPOLLIN, select.EPOLLOUT, select.EPOLLIN | select.EPOLLOUT)}
 
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
@@ -101,6 +113,14 @@ if hasattr(select, "epoll"):
         # a socket whose waiting bytes are exactly these counts as closing too (an MQTT DISCONNECT: a
         # client leaving writes it, its FIN comes later; one MSG_PEEK each, on the sliced path only)
         LAST_WORDS: bytes | None = b"\xe0\x00"
+        # sockets polled readable and open, not served lately, peeked a round at most (2 to 5 us each), and
+        # only while the round's selector has used less than SORT_CPU seconds of CPU (a batch of SORT_BATCH
+        # at least): the rest wait unsorted, and no closing socket is served before they are sorted
+        PEEKS = 1024
+        SORT_CPU = 0.002
+        SORT_BATCH = 32
+        # seconds: a socket served within the last HOT_FOR to twice that is peeked as soon as polled
+        HOT_FOR = 1.0
         _EVENT_READ = select.EPOLLIN | select.EPOLLRDHUP  # the base class's register and modify use it
         # the stdlib's own (selectors' private attributes, not in typeshed): the epoll object, the keys
         _selector: select.epoll
@@ -111,7 +131,13 @@ if hasattr(select, "epoll"):
             super().__init__()
             self._live: Waiting = {}
             self._ending: Waiting = {}
-            self._polled: dict[int, int] = {}  # fd -> the events it was polled with, while it waits
+            self._unsorted: Waiting = {}  # readable and open, not served lately: not yet peeked
+            # fds served in this period of HOT_FOR seconds and in the one before (no time per fd: a set
+            # add per event served), and when this period ends
+            self._served: set[int] = set()
+            self._served_before: set[int] = set()
+            self._period_ends = 0.0
+            self._polled: dict[int, int] = {}  # fd -> the events it was polled with, while it waits (in any queue)
             # fds out of epoll's interest while they wait here (each poll returned every waiting socket
             # again, level-triggered, about 0.5 us each a round), and those taken since the last poll,
             # to be put back in at the next (unless asyncio has unregistered them meanwhile)
@@ -124,14 +150,15 @@ if hasattr(select, "epoll"):
         @property
         def waiting(self) -> int:
             """Events polled and not yet returned."""
-            return len(self._live) + len(self._ending)
+            return len(self._live) + len(self._ending) + len(self._unsorted)
 
         def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+            started = time.thread_time() if self._unsorted else 0.0  # this round's CPU, for _sort
             if self._leaving:
                 self._take_out()
             if self._back:
                 self._put_back()
-            backlog = bool(self._live or self._ending)
+            backlog = bool(self._live or self._ending or self._unsorted)
             if timeout is None:
                 wait = 0.0 if backlog else -1.0
             elif timeout <= 0 or backlog:
@@ -142,38 +169,77 @@ if hasattr(select, "epoll"):
                 fd_events = self._selector.poll(wait, max(len(self._fd_to_key), 1))
             except InterruptedError:
                 fd_events = []
+            now = time.monotonic()
+            if now >= self._period_ends:
+                self._served_before, self._served = self._served, set()
+                self._period_ends = now + self.HOT_FOR
             if not backlog and len(fd_events) <= self.BOUND:
                 ready = []
+                served = self._served
                 for fd, event in fd_events:
                     key = self._fd_to_key.get(fd)
                     if key:
                         ready.append((key, _events(event) & key.events))
+                        served.add(fd)
                 return ready
-            return self._slice(fd_events)
+            return self._slice(fd_events, started)
 
-        def _slice(self, fd_events: list[tuple[int, int]]) -> list[tuple[selectors.SelectorKey, int]]:
-            live, ending, keys, polled = self._live, self._ending, self._fd_to_key, self._polled
+        def _slice(self, fd_events: list[tuple[int, int]], started: float) -> list[tuple[selectors.SelectorKey, int]]:
+            live, ending, unsorted, polled = self._live, self._ending, self._unsorted, self._polled
+            keys = self._fd_to_key
+            served, served_before = self._served, self._served_before
             last = self.LAST_WORDS
+            size, readable = len(last or b""), select.EPOLLIN if last else 0
+            masks = _MASKS
+            began = 0.0 if started else time.thread_time()  # a large poll's own round: its sort counts from here
             fresh = []
-            for fd, event in fd_events:
-                if fd in live or fd in ending:
+            for fd, event in fd_events:  # 8,000 of them in a mass leave's first poll: no call per event
+                if fd in polled:
                     continue  # waiting already, in its place (one that could not be taken out of epoll)
                 key = keys.get(fd)
                 if key:
-                    closing = event & _ENDING or (last and event & select.EPOLLIN and _peek(key, len(last)) == last)
-                    (ending if closing else live)[fd] = key
-                    polled[fd] = _events(event)
+                    polled[fd] = masks.get(event) or _events(event)
                     fresh.append(fd)
+                    if event & _ENDING:
+                        ending[fd] = key
+                    elif not event & readable:
+                        live[fd] = key
+                    elif fd in served or fd in served_before:
+                        (ending if _peek(key, size) == last else live)[fd] = key
+                    else:
+                        unsorted[fd] = key
+            if unsorted:
+                self._sort(started or began)
             ready = self._take()
-            self._leaving = [fd for fd in fresh if fd in live or fd in ending]
+            self._leaving = [fd for fd in fresh if fd in polled]
             return ready
+
+        def _sort(self, started: float) -> None:
+            """Peek unsorted sockets, first polled first, each found closing or live now: at most ``PEEKS``,
+            and once ``SORT_CPU`` seconds of CPU have been used since ``started``, no more than the batch
+            under way (``SORT_BATCH``)."""
+            unsorted, keys, out = self._unsorted, self._fd_to_key, self._out
+            live, ending, polled = self._live, self._ending, self._polled
+            last = self.LAST_WORDS
+            assert last is not None  # no socket is left unsorted without last words to look for
+            size, batch, until = len(last), self.SORT_BATCH, started + self.SORT_CPU
+            for n, (fd, key) in enumerate(list(islice(unsorted.items(), self.PEEKS)), 1):
+                del unsorted[fd]
+                if keys.get(fd) is not key:  # unregistered, or its number reused, or modified since its poll
+                    polled.pop(fd, None)  # its event is dropped: a later poll returns it if it holds
+                    if fd in out:
+                        self._back.append(fd)
+                else:
+                    (ending if _peek(key, size) == last else live)[fd] = key
+                if not n % batch and time.thread_time() >= until:
+                    return
 
         def _take_out(self) -> None:
             """The fds the last poll left waiting out of epoll's interest until taken (unless asyncio has
             unregistered them meanwhile)."""
-            live, ending, out, poller = self._live, self._ending, self._out, self._selector
+            polled, out, poller = self._polled, self._out, self._selector
             for fd in self._leaving:
-                if fd in live or fd in ending:
+                if fd in polled:
                     try:
                         poller.unregister(fd)
                     except OSError:
@@ -182,12 +248,13 @@ if hasattr(select, "epoll"):
             self._leaving = []
 
         def _take(self) -> list[tuple[selectors.SelectorKey, int]]:
-            """At most ``BOUND`` waiting events, live ones first, each the first time it is taken."""
-            keys, out, polled = self._fd_to_key, self._out, self._polled
+            """At most ``BOUND`` waiting events, live ones first, each the first time it is taken; closing
+            ones only once none is unsorted."""
+            keys, out, polled, served = self._fd_to_key, self._out, self._polled, self._served
             ready = []
             room = self.BOUND
             for queue in (self._live, self._ending):
-                if not room or not queue:
+                if not room or not queue or (queue is self._ending and self._unsorted):
                     continue
                 taken = list(islice(queue.items(), room))
                 if len(taken) == len(queue):
@@ -202,6 +269,7 @@ if hasattr(select, "epoll"):
                         self._back.append(fd)
                     if keys.get(fd) is key and events & key.events:  # the same registration, still asking
                         ready.append((key, events & key.events))
+                        served.add(fd)
             return ready
 
         def _put_back(self) -> None:
@@ -240,12 +308,14 @@ if hasattr(select, "epoll"):
                 key = super().unregister(fileobj)
             self._live.pop(key.fd, None)  # not needed for correctness (the key check), frees it early
             self._ending.pop(key.fd, None)
+            self._unsorted.pop(key.fd, None)
             self._polled.pop(key.fd, None)
             return key
 
         def close(self) -> None:
             self._live.clear()
             self._ending.clear()
+            self._unsorted.clear()
             self._polled.clear()
             self._out.clear()
             self._back.clear()
