@@ -124,7 +124,8 @@ def test_chat_in_a_terminal(
     received = services.history(ident(server, "alice", "laptop"), Conversation.parse("@bob")).messages
     assert [(m.sender, m.to, m.text) for m in received] == [("bob", "alice", "just for you")]
     assert alice("dm", "bob", "back at you").exit_code == 0
-    bob.expect(r"\[dm\] alice → you: back at you")
+    since_the_echo = bob.expect(r"\[dm\] alice → you: back at you")
+    assert "just for you" not in since_the_echo  # the broker's copy for bob's devices is not shown again
 
     bob.type("/nick Bobby")
     bob.expect(r"you are now known as Bobby")
