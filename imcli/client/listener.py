@@ -374,6 +374,8 @@ class Listener:
             self._remember_nick(message.payload)
             return
         if parsed is not None and parsed.kind is TopicKind.FRIENDS:
+            if missed and not message.retain:
+                return  # queued while away, so old (a request since accepted): the retained copy says now's
             yield from self._new_requests(message.payload)
             return
         if parsed is not None and parsed.kind is TopicKind.PROFILE:
