@@ -394,6 +394,40 @@ def test_listen_gets_what_was_queued_while_it_was_away_across_a_broker_restart(
         assert all(m.text not in sent for m in _lines_within(again, 1.0))  # and nothing twice
 
 
+def test_listen_does_not_show_a_friend_request_accepted_while_it_was_away(
+    server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli], procs: Callable[..., Proc]
+) -> None:
+    """The friends records queued in bob's session while he was away are old: the request in the first
+    was accepted in the next, so ``listen`` must not offer 'alice wants to be your friend' on its return."""
+    users("alice", "bob", "carol")
+    alice, bob = cli_as("alice"), cli_as("bob")
+    alice.login("alice")
+    bob.login("bob")
+    cli_as("carol").login("carol")
+    env = {"IMCLI_CONFIG_DIR": str(bob.config_dir)}
+    first = procs("listen", env=env)
+    first.wait_stderr("listening as bob")
+    assert first.stop() == 0
+    assert alice("friend", "add", "bob").exit_code == 0
+    assert bob("friend", "accept", "alice").exit_code == 0
+    assert alice("dm", "bob", "queued after the accept").exit_code == 0
+    again = procs("listen", "--json", env=env)
+    shown = [json.loads(again.line(timeout=20))]
+    while "queued after the accept" not in shown[-1]["text"]:
+        shown.append(json.loads(again.line(timeout=20)))
+    assert alice("dm", "bob", "live").exit_code == 0
+    while shown[-1]["text"] != "live":
+        shown.append(json.loads(again.line(timeout=20)))
+    assert [line["text"] for line in shown if "friend" in line["text"]] == []
+    assert again.stop() == 0
+
+    assert cli_as("carol")("friend", "add", "bob").exit_code == 0  # one still waiting is shown
+    third = procs("listen", "--json", env=env)
+    while "wants to be your friend" not in (line := json.loads(third.line(timeout=20)))["text"]:
+        pass
+    assert line["text"] == "carol wants to be your friend (imcli friend accept carol)"
+
+
 def _lines_within(proc: Proc, seconds: float) -> list[Received]:
     got = []
     with contextlib.suppress(AssertionError):
