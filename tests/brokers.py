@@ -284,7 +284,7 @@ def running_workers(broker: Mosquitto, archive: bool = True, files: bool = True)
 def archive_worker(broker: Mosquitto) -> ArchiveWorker:
     """The archive worker of ``running_workers`` (same account, device and directory), not yet started."""
     creds = Credentials("archive", password_of("archive"))
-    return ArchiveWorker(broker.address, creds, broker.workdir / "archive", device="test")
+    return ArchiveWorker(broker.address, creds, broker.workdir / "archive", device="test", max_payload=LIMIT)
 
 
 # ---------------------------------------------------------------- both brokers

@@ -124,7 +124,8 @@ def test_chat_in_a_terminal(
     received = services.history(ident(server, "alice", "laptop"), Conversation.parse("@bob")).messages
     assert [(m.sender, m.to, m.text) for m in received] == [("bob", "alice", "just for you")]
     assert alice("dm", "bob", "back at you").exit_code == 0
-    bob.expect(r"\[dm\] alice → you: back at you")
+    since_the_echo = bob.expect(r"\[dm\] alice → you: back at you")
+    assert "just for you" not in since_the_echo  # the broker's copy for bob's devices is not shown again
 
     bob.type("/nick Bobby")
     bob.expect(r"you are now known as Bobby")
@@ -391,6 +392,40 @@ def test_listen_gets_what_was_queued_while_it_was_away_across_a_broker_restart(
     with BackgroundServer(roomy) as info:  # the broker's queue is gone; the archive is not
         again = listen_again(procs, env, sent, "--port", str(info.address.port))
         assert all(m.text not in sent for m in _lines_within(again, 1.0))  # and nothing twice
+
+
+def test_listen_does_not_show_a_friend_request_accepted_while_it_was_away(
+    server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli], procs: Callable[..., Proc]
+) -> None:
+    """The friends records queued in bob's session while he was away are old: the request in the first
+    was accepted in the next, so ``listen`` must not offer 'alice wants to be your friend' on its return."""
+    users("alice", "bob", "carol")
+    alice, bob = cli_as("alice"), cli_as("bob")
+    alice.login("alice")
+    bob.login("bob")
+    cli_as("carol").login("carol")
+    env = {"IMCLI_CONFIG_DIR": str(bob.config_dir)}
+    first = procs("listen", env=env)
+    first.wait_stderr("listening as bob")
+    assert first.stop() == 0
+    assert alice("friend", "add", "bob").exit_code == 0
+    assert bob("friend", "accept", "alice").exit_code == 0
+    assert alice("dm", "bob", "queued after the accept").exit_code == 0
+    again = procs("listen", "--json", env=env)
+    shown = [json.loads(again.line(timeout=20))]
+    while "queued after the accept" not in shown[-1]["text"]:
+        shown.append(json.loads(again.line(timeout=20)))
+    assert alice("dm", "bob", "live").exit_code == 0
+    while shown[-1]["text"] != "live":
+        shown.append(json.loads(again.line(timeout=20)))
+    assert [line["text"] for line in shown if "friend" in line["text"]] == []
+    assert again.stop() == 0
+
+    assert cli_as("carol")("friend", "add", "bob").exit_code == 0  # one still waiting is shown
+    third = procs("listen", "--json", env=env)
+    while "wants to be your friend" not in (line := json.loads(third.line(timeout=20)))["text"]:
+        pass
+    assert line["text"] == "carol wants to be your friend (imcli friend accept carol)"
 
 
 def _lines_within(proc: Proc, seconds: float) -> list[Received]:

@@ -354,3 +354,22 @@ def test_what_the_broker_drops_is_never_archived(talk: ServeInfo, raw: Callable[
     history_until(bob, Conversation.parse("lobby"), ["honest line"])  # later than the forgeries
     everything = texts(services.history(bob, None, limit=1000))
     assert not [t for t in everything if t.startswith("forged") or t == "retained chat"], everything
+
+
+@pytest.mark.parametrize("broker_kind", ["mosquitto"], indirect=True)  # applies its payload limit to the workers
+def test_others_long_lines_do_not_silence_history(
+    server: ServeInfo, users: Callable[..., None], raw: Callable[..., Raw]
+) -> None:
+    """carol's raw client says two lines of 200 KB in the lobby (Mosquitto's limit is 256 KiB a message):
+    a page of history holding both passed 256 KiB, which Mosquitto applies to the workers too, so it was
+    dropped and ``history lobby`` (and every ``imcli chat``'s catch-up) went unanswered for everyone. Now
+    the archive fits each page to ``imcli workers --max-payload``: the newest lines, and ``more``."""
+    users("bob", "carol")
+    carol = raw("carol", password_of("carol"), "carol:long")
+    for i in range(2):
+        carol.publish(T.room("lobby", "carol"), encode(ChatMessage(text=f"long{i} " + "x" * 200_000)))
+    bob = ident(server, "bob")
+    assert wait_until(lambda: len(services.history(bob, Conversation("room", "lobby")).messages) == 1, 20)
+    page = services.history(bob, Conversation("room", "lobby"))
+    assert page.more and page.messages[0].text.startswith("long1 ")
+    assert services.history(bob, None).messages[-1].text.startswith("long1 ")  # the catch-up too

@@ -41,7 +41,9 @@ from imcli.core.wire import (
     WireModel,
     chat_received,
     decode_as,
+    encode,
     is_name,
+    most_that_fit,
 )
 
 log = logging.getLogger(__name__)
@@ -60,8 +62,10 @@ class ArchiveWorker(ServiceWorker):
         clock: Callable[[], float] = time.time,
         retention_days: float | None = None,
         store_messages: bool = True,
+        max_payload: int | None = None,
     ) -> None:
         super().__init__(address, credentials, topics, device, clock, persistent=True)
+        self.max_payload = max_payload  # imcli workers --max-payload; imcli serve: None (its workers pass)
         self.store = ArchiveStore(data_dir / ARCHIVE_FILE)
         self._groups: dict[str, GroupInfo] = {}
         self._store_messages = store_messages  # False beside the embedded broker, which journals them itself
@@ -121,6 +125,28 @@ class ArchiveWorker(ServiceWorker):
         if isinstance(page, ErrorReply):
             return page
         return HistoryReply(id=request.id, messages=page.messages, more=page.more)
+
+    def fit(self, reply: WireModel, limit: int) -> WireModel:
+        """A page of history that fits ``limit``: its newest messages, ``more`` saying older ones wait (a
+        raw client's two lines of 200 KB on Mosquitto made ``history lobby`` and every ``imcli chat``'s
+        catch-up go unanswered, tests/test_history.py); one message too large alone, its text cut."""
+        if not isinstance(reply, HistoryReply):
+            return reply
+        messages = reply.messages
+
+        def newest(n: int) -> HistoryReply:
+            return reply.model_copy(update={"messages": messages[len(messages) - n :] if n else [], "more": True})
+
+        kept = most_that_fit(len(messages), lambda n: len(encode(newest(n))) <= limit)
+        if kept or not messages:
+            return newest(kept)
+        last = messages[-1]
+
+        def cut(n: int) -> HistoryReply:
+            text = last.text[:n] + f" … ({len(last.text) - n} characters more)"
+            return reply.model_copy(update={"messages": [last.model_copy(update={"text": text})], "more": True})
+
+        return cut(most_that_fit(len(last.text), lambda n: len(encode(cut(n))) <= limit))
 
     def _page(self, sender: str, r: HistoryRequest) -> Page | ErrorReply:
         if r.room is not None:

@@ -179,15 +179,21 @@ class ChatSession:
             return self._publish(topics.room(where.name, self.me), encode(message))  # it comes back to us
         if where.kind == "group":
             return self._publish(topics.group_msg(where.name, self.me), encode(message))
-        queued = self._publish(topics.dm(where.name, self.me), encode(message))
         nicks = self.listener.nicks
         mine, theirs = nicks.get(self.me, self.me), nicks.get(where.name, where.name)
         echo = Received(
             kind="dm", sender=self.me, to=where.name, id=message.id, ts=message.ts, text=message.text,
             nick=mine if mine != self.me else None, to_nick=theirs if theirs != where.name else None,
         )  # fmt: skip
+        # Seen before it is sent: the broker's copy for my devices (im/user/<me>/sent/<to>) reaches
+        # this connection too, before the PUBACK, and would be shown beside the echo.
         self.listener.seen.seen(seen_key(echo))
-        return [*queued, echo]  # a DM I send is not delivered back to me
+        try:
+            queued = self._publish(topics.dm(where.name, self.me), encode(message))
+        except ImcliError:
+            self.listener.seen.forget(seen_key(echo))
+            raise
+        return [*queued, echo]
 
     def _publish(self, topic: str, payload: bytes) -> list[Output]:
         """Send now; while the connection is down, queue it (paho sends it on reconnecting) and say so."""

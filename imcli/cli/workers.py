@@ -225,6 +225,7 @@ def workers(
                 data_dir,
                 device=_device("workers", passwords[archive_account], nats_users),
                 retention_days=history_days,
+                max_payload=max_payload,
             )
         )
     makers += [_moments_worker(address, creds(groups_account), data_dir, nats_users, max_payload)] if moments else []

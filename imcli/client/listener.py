@@ -374,7 +374,7 @@ class Listener:
             self._remember_nick(message.payload)
             return
         if parsed is not None and parsed.kind is TopicKind.FRIENDS:
-            yield from self._new_requests(message.payload)
+            yield from self._new_requests(message, missed)
             return
         if parsed is not None and parsed.kind is TopicKind.PROFILE:
             if not isinstance(message, Received):
@@ -407,10 +407,12 @@ class Listener:
             return
         yield item.model_copy(update={"missed": True}) if missed else item
 
-    def _new_requests(self, payload: bytes) -> Iterator[Received]:
+    def _new_requests(self, message: Message, missed: bool) -> Iterator[Received]:
         """Friend requests waiting in my retained record: they reach me even if I was offline."""
+        if missed and not message.retain:
+            return  # queued while away, so old (a request since accepted): the retained copy says now's
         try:
-            record = decode_as(payload, Friends)
+            record = decode_as(message.payload, Friends)
         except MalformedPayload:
             return
         self.friends = set(record.friends)

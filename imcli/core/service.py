@@ -163,6 +163,9 @@ class ServiceWorker:
         # and ``recoverable_filters`` at QoS 0 there, with no JetStream consumer and no JetStream store
         # (module docstring)
         self.at_most_once = False
+        # the broker's largest payload, which it applies to this worker's replies too (Mosquitto's
+        # message_size_limit: ``imcli workers --max-payload``): a larger reply is ``fit``; None: no limit
+        self.max_payload: int | None = None
         # (sender, corr) -> (when, reply), paho's thread only: a client that lost its connection before the
         # PUBACK sends the request again (paho sets DUP); it gets the same reply, not a second go at it
         self._answered: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()  # encoded replies
@@ -306,12 +309,22 @@ class ServiceWorker:
                 reply = ErrorReply(id=request_id, code="internal", text=text)
         if reply is not None:
             payload = encode(reply)
+            if self.max_payload is not None and len(payload) > self.max_payload:
+                reply = self.fit(reply, self.max_payload)
+                payload = encode(reply)
             if len(payload) <= REPLY_KEPT_BYTES:
                 self._answered[sender, corr] = (now, payload)
                 self._answered_bytes += len(payload)
                 while len(self._answered) > REPLIES_KEPT or self._answered_bytes > REPLIES_KEPT_BYTES:
                     self._answered_bytes -= len(self._answered.popitem(last=False)[1][1])
             self.send_reply(sender, corr, reply, payload)
+
+    def fit(self, reply: WireModel, limit: int) -> WireModel:
+        """``reply`` cut to at most ``limit`` bytes encoded (``max_payload``): a broker that applies its
+        payload limit to the workers too (Mosquitto) drops a larger one, and its asker waits in vain. A
+        worker whose replies are pages overrides it (moments, archive): others' messages and comments can
+        grow a page past any limit. As it is by default."""
+        return reply
 
     def refuse_malformed(self, corr: str, payload: bytes, exc: MalformedPayload) -> ErrorReply | None:
         """The refusal of a request that names one of this worker's ``requests`` types but does not

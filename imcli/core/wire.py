@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
@@ -877,3 +878,16 @@ def chat_received(parsed: Topic, payload: bytes) -> Received:
     if parsed.kind in (TopicKind.DM, TopicKind.SENT):  # SENT: my own DM, from another of my devices
         return Received(kind="dm", sender=parsed.sender, to=parsed.owner, **common)
     raise MalformedPayload(f"not a chat topic: {parsed.kind}")
+
+
+def most_that_fit(top: int, fits: Callable[[int], bool]) -> int:
+    """The largest n in 0..top for which ``fits(n)``, which holds for every smaller n too; 0 if none (a
+    page of a reply cut to the broker's payload limit: ``ServiceWorker.fit``)."""
+    low, high = 0, top
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low

@@ -8,7 +8,7 @@ exist. ``Outcome.notices`` are what the worker tells people on their own notice 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from imcli.core.rules import missing_moment, moment_visible
@@ -23,6 +23,7 @@ from imcli.core.wire import (
     MomentRequest,
     encode,
     is_name,
+    most_that_fit,
     new_id,
 )
 from imcli.moments.store import MomentStore
@@ -141,7 +142,7 @@ def fit(reply: MomentReply, limit: int) -> MomentReply:
     def page(count: int) -> MomentReply:
         return reply.model_copy(update={"moments": reply.moments[:count], "more": True})
 
-    kept = _most(len(reply.moments), lambda n: len(encode(page(n))) <= limit)
+    kept = most_that_fit(len(reply.moments), lambda n: len(encode(page(n))) <= limit)
     if kept >= 1:
         return page(kept)
     moment = reply.moments[0]
@@ -152,18 +153,6 @@ def fit(reply: MomentReply, limit: int) -> MomentReply:
         one = moment.model_copy(update={"comments": shown, "images": images})
         return reply.model_copy(update={"moments": [one], "more": reply.more or len(reply.moments) > 1})
 
-    comments = _most(len(moment.comments), lambda n: len(encode(alone(n))) <= limit)
-    thumbs = _most(len(moment.images), lambda n: len(encode(alone(comments, n))) <= limit)
+    comments = most_that_fit(len(moment.comments), lambda n: len(encode(alone(n))) <= limit)
+    thumbs = most_that_fit(len(moment.images), lambda n: len(encode(alone(comments, n))) <= limit)
     return alone(comments, thumbs)
-
-
-def _most(top: int, fits: Callable[[int], bool]) -> int:
-    """The largest n in 0..top for which ``fits(n)`` (true for every smaller n too); 0 if none."""
-    low, high = 0, top
-    while low < high:
-        middle = (low + high + 1) // 2
-        if fits(middle):
-            low = middle
-        else:
-            high = middle - 1
-    return low

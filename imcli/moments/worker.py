@@ -50,9 +50,7 @@ class MomentsWorker(ServiceWorker):
         super().__init__(address, credentials, topics, device, clock)
         self.store = MomentStore(data_dir)
         self.book = MomentsBook(self.store)
-        # the broker's largest payload for this worker's replies (Mosquitto's message_size_limit: ``imcli
-        # workers --max-payload``); None: none (the embedded broker lets the service accounts past it)
-        self.max_payload = max_payload
+        self.max_payload = max_payload  # imcli workers --max-payload; imcli serve: None (its workers pass)
 
     def state_filters(self) -> list[str]:
         return [self.topics.friends_filter()]
@@ -77,9 +75,10 @@ class MomentsWorker(ServiceWorker):
         outcome = self.book.apply(sender, request, self.clock())
         for user, text in outcome.notices:
             self.publish(self.topics.notice(user), encode(Notice(code="moments", text=text)))
-        if isinstance(outcome.reply, MomentReply) and self.max_payload is not None:
-            return fit(outcome.reply, self.max_payload)
         return outcome.reply
+
+    def fit(self, reply: WireModel, limit: int) -> WireModel:
+        return fit(reply, limit) if isinstance(reply, MomentReply) else reply
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)

@@ -88,6 +88,7 @@ class ChildSupervisor:
         self._proc: asyncio.subprocess.Process | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
+        self._ready = False  # the running child said READY_LINE: it reads its stdin, and stops when it ends
         self.restarts = 0
 
     @property
@@ -100,6 +101,7 @@ class ChildSupervisor:
         self._watch = asyncio.create_task(self._supervise())
 
     async def _spawn(self) -> None:
+        self._ready = False
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "imcli.serve.child", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
         )
@@ -113,10 +115,11 @@ class ChildSupervisor:
         except TimeoutError:
             line = b""
         if line.decode().strip() != READY_LINE:
-            await self._end(proc)
+            await self._end(proc, ready=False)
             raise ImcliError(
                 f"the workers did not start (exit status {proc.returncode})", "see the lines above for why"
             )
+        self._ready = True
 
     async def _supervise(self) -> None:
         failures = 0  # in a row: a child that dies soon after each start is restarted ever more slowly
@@ -141,18 +144,25 @@ class ChildSupervisor:
                 log.warning("the workers' process did not restart: %s", exc)
 
     async def stop(self) -> None:
+        """Stop supervising and end the child: at once if it has not said it runs (a stop request wins
+        over a start or a restart in progress), else by closing its stdin, so its workers leave cleanly."""
         self._stopping = True
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
         if self._proc is not None:
-            await self._end(self._proc)
+            await self._end(self._proc, ready=self._ready)
 
     @staticmethod
-    async def _end(proc: asyncio.subprocess.Process) -> None:
-        if proc.returncode is None and proc.stdin is not None:
+    async def _end(proc: asyncio.subprocess.Process, *, ready: bool) -> None:
+        if proc.returncode is None and ready and proc.stdin is not None:
             proc.stdin.close()  # the child's signal to stop
+        elif proc.returncode is None:
+            # still starting (or hung before its first line): it reads its stdin only once its workers
+            # run, and closing it waited STOP_TIMEOUT for nothing; its workers have no clients yet
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
         try:
             await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
         except TimeoutError:

@@ -10,9 +10,10 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from amqtt.errors import BrokerError as AmqttBrokerError
 
@@ -98,7 +99,8 @@ async def serve_forever(
                     passwords[account] = new_service_password()
                     await asyncio.to_thread(broker.accounts.ensure_service, account, passwords[account])
                 if workers_in_child:
-                    await _start_child(running, settings, local, passwords)
+                    if not await _unless_stopped(_start_child(running, settings, local, passwords), stop):
+                        return  # SIGTERM while the workers' child started: it is ended as the stack unwinds
                 else:
                     await _start_threads(running, settings, broker, local, passwords)
             broker.admission.workers_ready()
@@ -108,6 +110,25 @@ async def serve_forever(
             await stop.wait()
     finally:
         await broker_cm.__aexit__(None, None, None)
+
+
+async def _unless_stopped(step: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Run ``step`` unless ``stop`` is set first, then cancel it and say so: imcli serve stops on a
+    SIGTERM or Ctrl-C even while its workers' child starts (it waited up to START_TIMEOUT)."""
+    task = asyncio.ensure_future(step)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        return False
+    task.result()  # its error, if it failed
+    return True
 
 
 async def _start_child(
@@ -134,8 +155,8 @@ async def _start_child(
             "log_level": logging.getLogger().getEffectiveLevel(),  # `imcli serve --verbose` reaches the workers
         }
     )
+    running.push_async_callback(child.stop)  # before start: a start cancelled half-way is ended too
     await child.start()
-    running.push_async_callback(child.stop)
 
 
 async def _start_threads(
