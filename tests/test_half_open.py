@@ -11,6 +11,7 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -213,6 +214,68 @@ def test_a_burst_of_connections_is_accepted_a_slice_per_loop_round() -> None:
         server.close()
         for client in clients:
             client.close()
+
+    asyncio.run(main())
+    assert len(arrivals) == 100
+    assert max(Counter(arrivals).values()) <= listeners.ACCEPTS_PER_ROUND < 100
+
+
+def test_a_burst_of_websocket_connections_is_accepted_a_slice_per_loop_round() -> None:
+    """The WebSocket listener as the TCP one: websockets builds its server with asyncio's
+    ``create_server`` and accepted up to the full backlog (4,096) in one callback. Counted at each
+    connection's accept (``pending.arrived``), before any handshake: the sockets send nothing."""
+    import asyncio
+    from collections import Counter
+
+    from amqtt.contexts import ListenerType
+
+    from imcli.broker import listeners
+
+    arrivals: list[int] = []
+    rounds = [0]
+
+    class Arrivals:  # PendingConnections' two calls, counting the loop round of each accept
+        def arrived(self, _connection: object, _host: str | None, _abort: object) -> None:
+            arrivals.append(rounds[0])
+
+        def done(self, _connection: object) -> None:
+            pass
+
+    async def main() -> None:
+        async def count_rounds() -> None:
+            while True:
+                rounds[0] += 1
+                await asyncio.sleep(0)
+
+        async def on_stream(_reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
+            raise AssertionError("a WebSocket listener")
+
+        async def on_websocket(_websocket: object) -> None:
+            raise AssertionError("no handshake is sent")
+
+        server = await listeners.serve(
+            ListenerType.WS,
+            on_stream,
+            on_websocket,
+            "127.0.0.1",
+            0,
+            None,
+            Limits().listen_backlog,
+            cast(Any, Arrivals()),
+        )
+        assert server is not None
+        port = server.sockets[0].getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]  # queued by the kernel
+        counter = asyncio.create_task(count_rounds())
+        for _ in range(1000):
+            if len(arrivals) == len(clients):
+                break
+            await asyncio.sleep(0.01)
+        counter.cancel()
+        for client in clients:
+            client.close()
+        server.close()
+        await server.wait_closed()
 
     asyncio.run(main())
     assert len(arrivals) == 100

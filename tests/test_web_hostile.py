@@ -618,3 +618,42 @@ def test_a_failed_websocket_handshake_is_one_line_in_the_log(
     assert all(r.levelno == logging.INFO and r.exc_info is None for r in refused)
     assert "NegotiationError" in refused[0].getMessage() and "127.0.0.1" in refused[0].getMessage()
     assert not [r for r in ours if r.levelno >= logging.WARNING or r.exc_info], [r.getMessage() for r in ours]
+
+
+# ------------------------------------------------------------------ notifications
+
+NOTIFICATIONS = (
+    "window.__notes = []; window.Notification = class {"
+    " constructor(t, o) { window.__notes.push([t, o.body]); }"
+    " static get permission() { return 'granted'; }"
+    " static requestPermission() { return Promise.resolve('granted'); } };"
+)
+# a body cut at 200: in UTF-16 units, String.slice cut this emoji in two (a lone surrogate)
+CUT = "x" * 192 + "\U0001f600 after the cut"
+
+
+def test_notifications_carry_every_payload_as_text(web: ServeInfo) -> None:
+    """A mention raises a notification whose title and body are text the browser hands the system
+    as is (a Notification has no markup): every payload that reaches the page becomes the body, cut
+    at 200 characters and never inside one (no lone surrogate), and runs nothing on the page."""
+    mallory = Person(web, "mallory")
+    try:
+        with chromium() as browser:
+            origin = f"http://127.0.0.1:{web.ws_port}"
+            alice = new_user(browser, origin + "/", "alice")
+            alice.p.context.grant_permissions(["notifications"], origin=origin)
+            alice.p.add_init_script(NOTIFICATIONS)
+            alice.p.reload()
+            alice.sign_in(password_of("alice"))
+            alice.open_room("elsewhere")
+            sent = []
+            for payload in [*PAYLOADS.values(), CUT]:
+                text = f"@alice {payload}"
+                if published("im/room/lobby/mallory", chat)(mallory, text):
+                    sent.append(text)
+            alice.p.wait_for_function(f"() => window.__notes.length >= {len(sent)}", timeout=TIMEOUT_MS)
+            notes = alice.p.evaluate("() => window.__notes.map(([t, b]) => [t, [...b].map((c) => c.codePointAt(0))])")
+            assert [(t, "".join(map(chr, b))) for t, b in notes] == [("mallory in lobby", t[:200]) for t in sent]
+            assert_safe(alice, "notifications")
+    finally:
+        mallory.raw.close()

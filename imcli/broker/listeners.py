@@ -9,7 +9,8 @@
   125 CONNECTs read, 11 to 19 ms of the loop's CPU, in a traced join of 10,000). So the server
   is made with ``ACCEPTS_PER_ROUND`` as its backlog (what asyncio accepts per callback) and its
   sockets then listen with the full one (``deepen``): the kernel's queue holds the flood, and
-  the loop takes it ``ACCEPTS_PER_ROUND`` a round.
+  the loop takes it ``ACCEPTS_PER_ROUND`` a round. The WebSocket listener alike (websockets builds
+  its server with ``loop.create_server`` and passes the backlog on; tenth session).
 * Each accepted connection is pending until its CONNECT is read (imcli/broker/pending.py)
   and has its output bounded (imcli/broker/output.py) until it ends.
 * A WebSocket handshake that fails is the peer's doing (no or another subprotocol, not an
@@ -45,10 +46,10 @@ OnStream = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None
 ACCEPTS_PER_ROUND = 32  # connections asyncio accepts in one callback of the loop (module docstring)
 
 
-def deepen(server: asyncio.AbstractServer, backlog: int) -> None:
-    """Have ``server``'s listening sockets queue up to ``backlog`` connections in the kernel, whatever
-    backlog asyncio made them with (``listen`` again on a listening socket sets its backlog; through a
-    duplicate of its descriptor, as asyncio hands out only wrappers of its sockets)."""
+def deepen(server: Any, backlog: int) -> None:
+    """Have ``server``'s (asyncio's or websockets') listening sockets queue up to ``backlog`` connections
+    in the kernel, whatever backlog asyncio made them with (``listen`` again on a listening socket sets
+    its backlog; through a duplicate of its descriptor, as asyncio hands out only wrappers of its sockets)."""
     for wrapped in getattr(server, "sockets", None) or ():
         with socket.socket(wrapped.family, wrapped.type, wrapped.proto, fileno=os.dup(wrapped.fileno())) as listening:
             listening.listen(backlog)
@@ -135,18 +136,21 @@ async def serve(
                 count.done(websocket)  # handshake over: pending again (as amqtt's writer) until its CONNECT
                 await on_websocket(websocket)
 
-        return await websockets.serve(
+        # websockets hands its keyword arguments to loop.create_server: the same slice a round as TCP's
+        ws_server = await websockets.serve(
             opened,
             address,
             port,
             ssl=ssl_context,
             subprotocols=[websockets.Subprotocol("mqtt")],
-            backlog=backlog,
+            backlog=min(backlog, ACCEPTS_PER_ROUND),  # accepted per callback (module docstring)
             open_timeout=handshake_timeout,
             create_connection=counted_websockets(pending) if pending is not None else None,
             process_request=process_request,
             logger=QuietHandshakes(),
         )
+        deepen(ws_server, backlog)
+        return ws_server
     return None
 
 

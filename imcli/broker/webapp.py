@@ -75,7 +75,7 @@ def csp(host: str) -> str:
             "require-trusted-types-for 'script'; trusted-types default"
         )
     return (
-        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; worker-src blob:; "
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src blob: data:; worker-src blob:; "
         f"connect-src ws://{host} wss://{host}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'; "
         "require-trusted-types-for 'script'; trusted-types default"
     )

@@ -534,7 +534,9 @@
 
   function notify(conv, msg) {
     if (!("Notification" in window) || Notification.permission !== "granted") return;
-    const n = new Notification(`${nickOf(msg.from)} in ${label(conv)}`, { body: msg.text.slice(0, 200), tag: conv.key });
+    // 200 characters, never half of one: String.slice counts UTF-16 units, and cut an emoji in two
+    const body = Array.from(msg.text.slice(0, 400)).slice(0, 200).join("");
+    const n = new Notification(`${nickOf(msg.from)} in ${label(conv)}`, { body, tag: conv.key });
     n.onclick = () => { window.focus(); open(conv); };
   }
 
