@@ -323,6 +323,8 @@ def test_help_reads_as_a_person_reads_it(cli_as: Callable[[str], Cli]) -> None:
         assert "..." not in text.replace("[ARGS]...", ""), text  # no first sentence cut short
     serve = cli("serve", "--help", env={"COLUMNS": "80"}).stdout
     assert "[default: ~/.local/share/imcli/broker]" in serve or "[default: /" in serve
+    moments = " ".join(cli("moments", "--help", env={"COLUMNS": "80"}).stdout.split())
+    assert "the feed: imcli moments [USER] [--limit N] [--before TS] [--json]" in moments  # README's form
 
 
 def test_version(cli_as: Callable[[str], Cli]) -> None:

@@ -31,7 +31,11 @@ class _FeedByDefault(CliGroup):
 
 moments_app = typer.Typer(
     cls=_FeedByDefault,
-    help="Moments: your friends' posts and your own, newest first; post, like, comment, delete.",
+    help=(
+        "Moments: your friends' posts and your own, newest first; post, like, comment, delete.\n\n"
+        "Without a command, the feed: imcli moments [USER] [--limit N] [--before TS] [--json]"
+        " (more: imcli moments feed --help)."
+    ),
     no_args_is_help=False,
 )
 
