@@ -9,7 +9,7 @@ import resource
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -171,98 +171,21 @@ def test_a_burst_of_real_clients_from_one_address_is_not_cut(flooded: ServeInfo)
             sock.close()
 
 
-def test_a_burst_of_connections_is_accepted_a_slice_per_loop_round() -> None:
-    """100 connections waiting in the kernel's queue: the loop takes at most ``ACCEPTS_PER_ROUND`` of them
-    a round, not all 100 in one callback (asyncio accepts up to its backlog per callback, and the backlog is
-    4,096: issue 21, ninth session), and every one is served."""
+def _accept_rounds(start: Callable[[list[int], list[int]], Awaitable[Any]]) -> list[int]:
+    """The loop round each of 100 connections waiting in the kernel's queue was accepted in, by the
+    listener ``start(arrivals, rounds)`` makes (each accept appends ``rounds[0]`` to ``arrivals``)."""
     import asyncio
-    from collections import Counter
-
-    from amqtt.contexts import ListenerType
-
-    from imcli.broker import listeners
-
-    arrivals: list[int] = []  # the loop round each connection's handler started in
-
-    async def main() -> None:
-        rounds = [0]
-
-        async def count_rounds() -> None:
-            while True:
-                rounds[0] += 1
-                await asyncio.sleep(0)
-
-        async def on_stream(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            arrivals.append(rounds[0])
-            writer.close()
-
-        async def on_websocket(_websocket: object) -> None:
-            raise AssertionError("a TCP listener")
-
-        server = await listeners.serve(
-            ListenerType.TCP, on_stream, on_websocket, "127.0.0.1", 0, None, Limits().listen_backlog
-        )
-        assert server is not None
-        port = server.sockets[0].getsockname()[1]
-        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]  # queued by the kernel
-        counter = asyncio.create_task(count_rounds())
-        for _ in range(1000):
-            if len(arrivals) == len(clients):
-                break
-            await asyncio.sleep(0.01)
-        counter.cancel()
-        server.close()
-        for client in clients:
-            client.close()
-
-    asyncio.run(main())
-    assert len(arrivals) == 100
-    assert max(Counter(arrivals).values()) <= listeners.ACCEPTS_PER_ROUND < 100
-
-
-def test_a_burst_of_websocket_connections_is_accepted_a_slice_per_loop_round() -> None:
-    """The WebSocket listener as the TCP one: websockets builds its server with asyncio's
-    ``create_server`` and accepted up to the full backlog (4,096) in one callback. Counted at each
-    connection's accept (``pending.arrived``), before any handshake: the sockets send nothing."""
-    import asyncio
-    from collections import Counter
-
-    from amqtt.contexts import ListenerType
-
-    from imcli.broker import listeners
 
     arrivals: list[int] = []
     rounds = [0]
 
-    class Arrivals:  # PendingConnections' two calls, counting the loop round of each accept
-        def arrived(self, _connection: object, _host: str | None, _abort: object) -> None:
-            arrivals.append(rounds[0])
-
-        def done(self, _connection: object) -> None:
-            pass
-
     async def main() -> None:
         async def count_rounds() -> None:
             while True:
                 rounds[0] += 1
                 await asyncio.sleep(0)
 
-        async def on_stream(_reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
-            raise AssertionError("a WebSocket listener")
-
-        async def on_websocket(_websocket: object) -> None:
-            raise AssertionError("no handshake is sent")
-
-        server = await listeners.serve(
-            ListenerType.WS,
-            on_stream,
-            on_websocket,
-            "127.0.0.1",
-            0,
-            None,
-            Limits().listen_backlog,
-            cast(Any, Arrivals()),
-        )
+        server = await start(arrivals, rounds)
         assert server is not None
         port = server.sockets[0].getsockname()[1]
         clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]  # queued by the kernel
@@ -278,5 +201,73 @@ def test_a_burst_of_websocket_connections_is_accepted_a_slice_per_loop_round() -
         await server.wait_closed()
 
     asyncio.run(main())
+    return arrivals
+
+
+def test_a_burst_of_connections_is_accepted_a_slice_per_loop_round() -> None:
+    """100 connections waiting in the kernel's queue: the loop takes at most ``ACCEPTS_PER_ROUND`` of them
+    a round, not all 100 in one callback (asyncio accepts up to its backlog per callback, and the backlog is
+    4,096: issue 21, ninth session), and every one is served."""
+    import asyncio
+    from collections import Counter
+
+    from amqtt.contexts import ListenerType
+
+    from imcli.broker import listeners
+
+    async def start(arrivals: list[int], rounds: list[int]) -> Any:
+        async def on_stream(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            arrivals.append(rounds[0])  # the loop round this connection's handler started in
+            writer.close()
+
+        async def on_websocket(_websocket: object) -> None:
+            raise AssertionError("a TCP listener")
+
+        return await listeners.serve(
+            ListenerType.TCP, on_stream, on_websocket, "127.0.0.1", 0, None, Limits().listen_backlog
+        )
+
+    arrivals = _accept_rounds(start)
+    assert len(arrivals) == 100
+    assert max(Counter(arrivals).values()) <= listeners.ACCEPTS_PER_ROUND < 100
+
+
+def test_a_burst_of_websocket_connections_is_accepted_a_slice_per_loop_round() -> None:
+    """The WebSocket listener as the TCP one: websockets builds its server with asyncio's
+    ``create_server`` and accepted up to the full backlog (4,096) in one callback. Counted at each
+    connection's accept (``pending.arrived``), before any handshake: the sockets send nothing."""
+    import asyncio
+    from collections import Counter
+
+    from amqtt.contexts import ListenerType
+
+    from imcli.broker import listeners
+
+    async def start(arrivals: list[int], rounds: list[int]) -> Any:
+        class Arrivals:  # PendingConnections' two calls, counting the loop round of each accept
+            def arrived(self, _connection: object, _host: str | None, _abort: object) -> None:
+                arrivals.append(rounds[0])
+
+            def done(self, _connection: object) -> None:
+                pass
+
+        async def on_stream(_reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
+            raise AssertionError("a WebSocket listener")
+
+        async def on_websocket(_websocket: object) -> None:
+            raise AssertionError("no handshake is sent")
+
+        return await listeners.serve(
+            ListenerType.WS,
+            on_stream,
+            on_websocket,
+            "127.0.0.1",
+            0,
+            None,
+            Limits().listen_backlog,
+            cast(Any, Arrivals()),
+        )
+
+    arrivals = _accept_rounds(start)
     assert len(arrivals) == 100
     assert max(Counter(arrivals).values()) <= listeners.ACCEPTS_PER_ROUND < 100
