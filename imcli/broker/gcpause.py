@@ -346,10 +346,10 @@ def calm_collector() -> None:
     _started = True
     young, _, _ = gc.get_threshold()
     gc.set_threshold(young, MIDDLE_COLLECTION_EVERY, FULL_COLLECTION_EVERY)
-    timer = _PauseTimer(_pause_log_ms())
-    gc.callbacks.append(timer)  # first: its "stop" comes before the freeze
     gc.callbacks.append(_freeze_after_full_collection)
-    gc.collect()
+    gc.collect()  # start-up's: what it allocated is frozen; before the first user, so no pause of theirs
+    timer = _PauseTimer(_pause_log_ms())
+    gc.callbacks.insert(0, timer)  # first: its "stop" comes before the freeze
     with contextlib.suppress(RuntimeError):  # no running loop: the thresholds alone
         loop = asyncio.get_running_loop()
         loop.call_later(TICK, _tick, loop)
