@@ -386,3 +386,20 @@ def test_a_catch_up_the_broker_rate_limits_goes_on_with_what_was_queued(
     assert [m.text for m in report.shown if m.sender == "alice"] == ["queued for bob"]  # beside presence events
     assert not report.archive_answered
     assert report.archive_refused.startswith("the broker dropped the request: account bob hit its rate limit")
+
+
+def test_a_missed_dm_shows_its_senders_display_name_as_a_live_one_does(
+    server: ServeInfo, users: Callable[..., None]
+) -> None:
+    """A persistent session's queue comes before the SUBACK, the presence records (display names) after
+    it: ``imcli listen`` showed a DM sent while away as ``alice``, history and chat as ``Mary Ann
+    (@alice)``. The queued lines wait for their senders' records (at most ``Listener.SETTLE``)."""
+    users("alice", "bob")
+    services.rename(ident(server, "alice"), "Mary Ann")
+    with Listener(ident(server, "bob", "laptop"), session="laptop"):
+        pass  # bob's session exists from now: the broker queues his DMs while he is away
+    services.send_dm(ident(server, "alice"), "bob", ChatMessage(text="while you were away"))
+    with Listener(ident(server, "bob", "laptop"), session="laptop") as listener:
+        item = next(m for m in listener if m.text == "while you were away")
+    assert item.missed
+    assert (item.sender, item.nick) == ("alice", "Mary Ann")

@@ -180,6 +180,10 @@ class Listener:
     ``<me>:<session>``); ``None`` for a throw-away clean session.
     """
 
+    # seconds what was queued while away may wait for its senders' presence records (their display
+    # names), which come after our SUBACK, the queue before it (``_settled``)
+    SETTLE = 1.0
+
     def __init__(
         self,
         identity: Identity,
@@ -343,6 +347,7 @@ class Listener:
             return None
 
     def __iter__(self) -> Iterator[Received]:
+        yield from self._settled()
         while not self._stop.is_set():
             if self._logged_out:
                 raise DeviceLoggedOut(self.identity.device)
@@ -354,6 +359,33 @@ class Listener:
                 message, missed = self._inbox.get(timeout=0.5)
             except queue.Empty:
                 continue
+            yield from self.process(message, missed)
+
+    def _settled(self) -> Iterator[Received]:
+        """What arrived first, once the presence records of the senders of what was queued while away are
+        in, or ``SETTLE`` seconds have passed: a missed line shows its sender's display name as a live one
+        does (``process`` names a sender from the records seen so far). Records are taken as they come,
+        everything else in the order it came."""
+        held: list[tuple[Message | Received, bool]] = []
+        waiting_for: set[str] = set()  # senders of queued lines whose record has not come yet
+        deadline = time.monotonic() + self.SETTLE
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                message, missed = self._inbox.get(timeout=0.05)
+            except queue.Empty:
+                if waiting_for - self.nicks.keys():
+                    continue
+                break
+            parsed = None
+            if isinstance(message, Message):
+                parsed = self.identity.topics.parse(message.topic)
+                if parsed is not None and parsed.kind is TopicKind.PRESENCE:
+                    self._remember_nick(message.payload)
+                    continue
+            held.append((message, missed))
+            if missed and parsed is not None and parsed.sender and parsed.sender != self.identity.account:
+                waiting_for.add(parsed.sender)
+        for message, missed in held:
             yield from self.process(message, missed)
 
     def pending(self) -> Iterator[Received]:
