@@ -284,9 +284,13 @@ def test_send_to_a_group_and_list_it_as_a_table(
     plan.write_text("the plan\n")
     sent = alice("send", "#team", str(plan))
     assert sent.exit_code == 0 and sent.output.startswith("sent plan.txt (9 bytes) to #team: "), sent.output
+    long = tmp_path / "the-quarterly-plan-for-every-team-final-version-2026-11.txt"  # wider than 80 columns, all told
+    long.write_text("the long plan\n")
+    assert alice("send", "#team", str(long)).exit_code == 0
     table = bob("files", "#team")
     assert table.exit_code == 0 and "plan.txt" in table.output and "#team" in table.output
     assert "9 bytes" in table.output and file_id(sent.output) in table.output
+    assert long.name in table.output  # piped, a table is never cut to 80 columns (grep finds it)
     outsider = carol("send", "#team", str(plan))
     assert outsider.exit_code == 1 and outsider.output.startswith("Error: no group #team (or it is private)")
     hidden = carol("files", "#team")

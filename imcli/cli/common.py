@@ -305,10 +305,16 @@ DataDirOpt = Annotated[
 ]
 
 
+PIPED_WIDTH = 4096  # columns of a table written to a pipe or a file: a name is never cut ("report.…")
+
+
 def console() -> Any:
+    """Standard output as Rich writes it: on a terminal, to its width; piped, tables as wide as their
+    rows (Rich would cut every column to fit 80), so ``imcli files | grep report`` finds the file."""
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    piped = not sys.stdout.isatty()
+    return Console(highlight=False, soft_wrap=True, width=PIPED_WIDTH if piped else None)
 
 
 def err_console() -> Any:
