@@ -465,3 +465,19 @@ def test_the_sender_deletes_a_file_and_its_content_goes_with_the_last_copy(
     again = alice("rm", second)
     assert again.exit_code == 1 and again.output.count("\n") == 1
     assert again.output.startswith(f"Error: no file {second} of yours (see your files with 'imcli files')")
+
+
+def test_a_file_name_with_terminal_controls_is_shown_inert_when_sent_listed_and_deleted(
+    users: Callable[..., None], cli_as: Callable[[str], Cli], tmp_path: Path
+) -> None:
+    """A name on disk may hold any byte but / and NUL: every line that shows it goes through ``safe``."""
+    (alice,) = logged_in(cli_as, users, "alice")
+    hostile = tmp_path / "red\x1b[31m\x1b]0;owned\x07\r\u202eexe.txt"
+    hostile.write_text("x\n")
+    sent = alice("send", "--room", "lobby", str(hostile))
+    assert sent.exit_code == 0, sent.output
+    listed = alice("files")
+    gone = alice("rm", file_id(sent.output))
+    assert gone.exit_code == 0, gone.output
+    for result in (sent, listed, gone):
+        assert not {"\x1b", "\x07", "\r", "\u202e"} & set(result.output), repr(result.output)

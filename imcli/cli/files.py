@@ -173,8 +173,9 @@ def rm(
 ) -> None:
     """Delete a file you sent: gone from every listing; its content goes when no other file has it."""
     from imcli.client.files import FileConnection
+    from imcli.core.text import safe
 
     with FileConnection(signed_in(host, port), "rm") as connection:
         deleted = connection.delete(file_id)
     kept = "" if deleted.content else " (the same content sent again is kept for that one)"
-    typer.echo(f"deleted {deleted.name} ({deleted.file}){kept}")
+    typer.echo(f"deleted {safe(deleted.name)} ({safe(deleted.file)}){kept}")  # the worker's words: as any
