@@ -472,7 +472,7 @@ def test_a_file_name_with_terminal_controls_is_shown_inert_when_sent_listed_and_
 ) -> None:
     """A name on disk may hold any byte but / and NUL: every line that shows it goes through ``safe``."""
     (alice,) = logged_in(cli_as, users, "alice")
-    hostile = tmp_path / "red\x1b[31m\x1b]0;owned\x07\r\u202eexe.txt"
+    hostile = tmp_path / "red\x1b[31m\x1b]0;owned\x07\r\n\u2028\u2066\u202eexe.txt<b>"
     hostile.write_text("x\n")
     sent = alice("send", "--room", "lobby", str(hostile))
     assert sent.exit_code == 0, sent.output
@@ -480,4 +480,5 @@ def test_a_file_name_with_terminal_controls_is_shown_inert_when_sent_listed_and_
     gone = alice("rm", file_id(sent.output))
     assert gone.exit_code == 0, gone.output
     for result in (sent, listed, gone):
-        assert not {"\x1b", "\x07", "\r", "\u202e"} & set(result.output), repr(result.output)
+        assert not {"\x1b", "\x07", "\r", "\u2028", "\u2066", "\u202e"} & set(result.output), repr(result.output)
+        assert result.output.count("\n") == 1 or result is listed, repr(result.output)  # one line each
