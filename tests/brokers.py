@@ -245,18 +245,29 @@ def running_mosquitto(
 
 
 @contextlib.contextmanager
-def running_workers(broker: Mosquitto, archive: bool = True, files: bool = True) -> Iterator[list[ServiceWorker]]:
+def running_workers(
+    broker: Mosquitto, archive: bool = True, files: bool = True, limit: int = LIMIT
+) -> Iterator[list[ServiceWorker]]:
     """What ``imcli workers --dynsec --accounts-file <passwd> --archive-dir <workdir>/archive
     --files-dir <workdir> --max-payload 262144`` runs, in this process (``archive=False``:
-    ``--no-archive``; ``files=False``: ``--no-files``)."""
+    ``--no-archive``; ``files=False``: ``--no-files``; ``limit``: another ``--max-payload``, for a
+    broker started with that ``message_size_limit``)."""
     directory = PasswordFileDirectory(broker.passwd)
     creds = {name: Credentials(name, password_of(name)) for name in SERVICES}
     with contextlib.ExitStack() as stack:
         started: list[ServiceWorker] = [
-            stack.enter_context(PresenceWorker(broker.address, creds["presence"], directory, device="test")),
+            stack.enter_context(
+                PresenceWorker(broker.address, creds["presence"], directory, device="test", max_payload=limit)
+            ),
             stack.enter_context(
                 GroupWorker(
-                    broker.address, creds["groups"], directory, device="test", dynsec=True, dm_readers=("archive",)
+                    broker.address,
+                    creds["groups"],
+                    directory,
+                    device="test",
+                    dynsec=True,
+                    dm_readers=("archive",),
+                    max_payload=limit,
                 )
             ),
         ]
@@ -271,12 +282,12 @@ def running_workers(broker: Mosquitto, archive: bool = True, files: bool = True)
                         creds["files"],
                         broker.workdir,
                         device="test",
-                        limits=FileLimits(max_payload=LIMIT),
+                        limits=FileLimits(max_payload=limit),
                     )
                 )
             )
         # --moments (the default): the group worker's account, a device of its own
-        moments = MomentsWorker(broker.address, creds["groups"], broker.workdir, max_payload=LIMIT)
+        moments = MomentsWorker(broker.address, creds["groups"], broker.workdir, max_payload=limit)
         started.append(stack.enter_context(moments))
         yield started
 

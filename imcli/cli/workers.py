@@ -145,7 +145,10 @@ def workers(
     file_quota_mib: Annotated[int, typer.Option(help="Storage per account for files, in MiB.")] = 1024,
     max_uploads: Annotated[int, typer.Option(help="Unfinished uploads one account may have going at once.")] = 4,
     max_payload: Annotated[
-        int, typer.Option(help="The broker's largest payload (Mosquitto's message_size_limit): chunks fit in it.")
+        int,
+        typer.Option(
+            help="The broker's largest payload (Mosquitto's message_size_limit): chunks and replies fit in it."
+        ),
     ] = DEFAULT_MAX_PAYLOAD,
     max_groups: Annotated[int, typer.Option(help="Groups one account may own.")] = 50,
     group_rate: Annotated[int, typer.Option(help="Groups one account may create per minute.")] = 10,
@@ -200,6 +203,7 @@ def workers(
             creds(presence_account),
             directory,
             device=_device("workers", passwords[presence_account], nats_users),
+            max_payload=max_payload,
         ),
         lambda: GroupWorker(
             address,
@@ -211,6 +215,7 @@ def workers(
             max_groups=max_groups,
             group_rate=group_rate,
             nats=_nats_auth(nats_users, accounts_file, nats_pidfile or [], dynsec),
+            max_payload=max_payload,
         ),
     ]
     if archive:

@@ -22,9 +22,10 @@ import logging
 import threading
 from collections.abc import Callable
 
+from imcli.client.pages import all_groups
 from imcli.core.errors import ImcliError
 from imcli.core.mqtt import MqttClient
-from imcli.core.wire import GroupList, GroupRequest, Payload, Topics, WireModel
+from imcli.core.wire import GroupList, Payload, Topics, WireModel
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class GroupFollower:
         if not self._client.connected:
             return False  # the reconnect triggers the next one
         try:
-            reply = self._ask(GroupRequest(op="list"))
+            reply = all_groups(self._ask)  # every page: a group on a later one is followed too
         except ImcliError as exc:
             log.info("cannot list my groups: %s", exc)
             return False

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 from imcli.client.identity import Identity, listen_session
+from imcli.client.pages import all_groups, all_profiles, all_users
 from imcli.client.send import check_size, clean_text, publish_to_room
 from imcli.core.errors import (
     AccountError,
@@ -48,7 +49,6 @@ from imcli.core.wire import (
     Payload,
     Presence,
     Profile,
-    ProfileGet,
     ProfileList,
     ProfileSet,
     Received,
@@ -57,7 +57,6 @@ from imcli.core.wire import (
     Resolved,
     ResolveRequest,
     Roster,
-    WhoRequest,
     WireModel,
     check_name,
     device_client_id,
@@ -266,7 +265,8 @@ def who(identity: Identity, include_offline: bool = False) -> list[Presence]:
 
 
 def ask_who(asker: Asker, include_offline: bool = False) -> list[Presence]:
-    return expect(asker.ask(WhoRequest(all=include_offline)), Roster).users
+    """Everyone online (or every account), every page of them (``pages``)."""
+    return expect(all_users(asker.ask, include_offline), Roster).users
 
 
 def rename(identity: Identity, nick: str) -> str:
@@ -317,7 +317,7 @@ def ask_profiles(asker: Asker, accounts: list[str]) -> dict[str, Profile]:
     """The profiles of ``accounts`` (those that are users), by account."""
     if not accounts:
         return {}
-    reply = expect(asker.ask(ProfileGet(users=accounts[:1000])), ProfileList)
+    reply = expect(all_profiles(asker.ask, accounts), ProfileList)
     return {p.account: p for p in reply.profiles}
 
 
@@ -374,7 +374,10 @@ def ask_group(
     if op != "list":
         check_name(group, "group name")
     account = resolve(asker, user) if user is not None else None
-    reply = asker.ask(GroupRequest(op=op, group=group, user=account, private=private))
+    if op == "list":  # every page of it (``pages``)
+        reply = all_groups(asker.ask)
+    else:
+        reply = asker.ask(GroupRequest(op=op, group=group, user=account, private=private))
     if isinstance(reply, GroupList):
         return reply
     return expect(reply, GroupReply, _GROUP_HINTS)

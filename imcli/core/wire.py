@@ -234,18 +234,31 @@ class Event(WireModel):
     device: str | None = None  # device_join, device_leave: a device of a user online on others too
 
 
+WHO_PAGE_MAX = 1000  # users in one ``roster``
+GROUPS_PAGE_MAX = 500  # groups in one ``group_list``
+
+
 class WhoRequest(WireModel):
+    """Who is online (``all``: every account): a page of at most ``limit`` users by account name,
+    those after ``after``; the reply says ``more`` if the next page has some."""
+
     type: Literal["who"] = "who"
     v: Literal[1] = PROTOCOL_VERSION
     id: MessageId = Field(default_factory=new_id)
     all: bool = False
+    after: str | None = None
+    limit: Annotated[int, Field(ge=1, le=WHO_PAGE_MAX)] = WHO_PAGE_MAX
 
 
 class Roster(WireModel):
+    """A page of ``who``, by account name; ``more``: ask again with ``after`` the last one's account
+    (the count, or the broker's payload limit, which Mosquitto applies to the workers too, cut it)."""
+
     type: Literal["roster"] = "roster"
     v: Literal[1] = PROTOCOL_VERSION
     id: str
     users: list[Presence]
+    more: bool = False
 
 
 DeviceOp = Literal["issue", "list", "revoke", "passwd", "token"]
@@ -387,10 +400,14 @@ class ProfileGet(WireModel):
 
 
 class ProfileList(WireModel):
+    """Profiles in the order asked (unknown accounts left out); ``more``: those asked after the last
+    one here were left out (the broker's payload limit): ask for them again."""
+
     type: Literal["profile_list"] = "profile_list"
     v: Literal[1] = PROTOCOL_VERSION
     id: str
     profiles: list[Profile]
+    more: bool = False
 
 
 # --------------------------------------------------------------------------- moments (issue 18)
@@ -480,6 +497,8 @@ class GroupRequest(WireModel):
     group: str = ""
     user: str | None = None  # invite, kick, promote
     private: bool = False  # create
+    after: str | None = None  # list: the groups whose names sort after this one (paging)
+    limit: Annotated[int, Field(ge=1, le=GROUPS_PAGE_MAX)] = GROUPS_PAGE_MAX  # list: groups in one page
 
 
 class GroupReply(WireModel):
@@ -495,6 +514,9 @@ class GroupList(WireModel):
     id: str
     mine: list[GroupInfo]
     public: list[GroupInfo]  # public groups I am not in
+    # a page of both, by name: ask again ``after`` the last name of either list (the count, or the
+    # broker's payload limit, which Mosquitto applies to the workers too, cut it)
+    more: bool = False
 
 
 class Friends(WireModel):

@@ -13,12 +13,27 @@ from dataclasses import dataclass, field
 
 from imcli.core.rules import GROUP_CREATION_WINDOW, group_creation_refusal, group_visible, missing_group
 from imcli.core.service import AccountDirectory, names_a_user
-from imcli.core.wire import RESERVED_NAMES, ErrorReply, GroupInfo, GroupList, GroupReply, GroupRequest, is_name
+from imcli.core.wire import (
+    RESERVED_NAMES,
+    ErrorReply,
+    GroupInfo,
+    GroupList,
+    GroupReply,
+    GroupRequest,
+    encode,
+    is_name,
+    most_that_fit,
+)
 
 DEFAULT_MAX_MEMBERS = 1000
 DEFAULT_MAX_OWNED = 50  # groups one account owns (issue 15)
 DEFAULT_CREATIONS_PER_MINUTE = 10  # groups one account creates per minute (issue 15)
 MAX_REMOVED = 200  # removed members a group's record remembers (the oldest forgotten first): its size stays bounded
+# Groups others may put one account into: an ``invite`` of someone already in this many groups is refused
+# (their own ``join`` and ``create`` are not: what one does to oneself is one's own). An invite needs no
+# consent, so before this carol alone could add bob to every group of hers and of her friends without
+# bound, each record listed whole in his ``group list``. Telegram's cap on the groups one is in is 500.
+MAX_MEMBERSHIPS = 500
 
 
 @dataclass
@@ -36,12 +51,14 @@ class GroupBook:
         *,
         max_owned: int = DEFAULT_MAX_OWNED,
         creations_per_minute: int = DEFAULT_CREATIONS_PER_MINUTE,
+        max_memberships: int = MAX_MEMBERSHIPS,
     ) -> None:
         self._groups: dict[str, GroupInfo] = {}
         self._directory = directory
         self.max_members = max_members
         self.max_owned = max_owned
         self.creations_per_minute = creations_per_minute
+        self.max_memberships = max_memberships
         self._created: defaultdict[str, deque[float]] = defaultdict(deque)  # user -> its recent creations
 
     def load(self, info: GroupInfo) -> None:
@@ -116,6 +133,9 @@ class GroupBook:
             return _error(req, "not_found", f"unknown user {guest!r}")
         if guest in info.members:
             return _error(req, "invalid", f"{guest} is already a member of #{info.name}")
+        if sum(1 for g in self._groups.values() if guest in g.members) >= self.max_memberships:
+            text = f"{guest} is in {self.max_memberships} groups already: ask them to join #{info.name} themselves"
+            return _error(req, "denied", text)
         if len(info.members) >= self.max_members:
             return _error(req, "denied", f"#{info.name} is full ({self.max_members} members)")
         new = info.model_copy(update={"members": [*info.members, guest], "removed": _without(info.removed, guest)})
@@ -160,10 +180,12 @@ class GroupBook:
         return Outcome(GroupReply(id=req.id, group=info)) if info is not None else _missing(req)
 
     def _list(self, user: str, req: GroupRequest, now: float) -> Outcome:
-        groups = sorted(self._groups.values(), key=lambda g: g.name)
-        mine = [g for g in groups if user in g.members]
-        public = [g for g in groups if user not in g.members and group_visible(private=g.private, member=False)]
-        return Outcome(GroupList(id=req.id, mine=mine, public=public))
+        """A page: the first ``limit`` groups by name after ``after`` that ``user`` is in or may join."""
+        after = req.after or ""
+        shown = (g for g in self._groups.values() if group_visible(private=g.private, member=user in g.members))
+        groups = sorted((g for g in shown if g.name > after), key=lambda g: g.name)
+        page = groups[: req.limit]
+        return Outcome(split_groups(req.id, user, page, more=len(groups) > len(page)))
 
     # ---------------------------------------------------------------- helpers
 
@@ -184,6 +206,31 @@ class GroupBook:
     def _store(self, req: GroupRequest, info: GroupInfo, notices: list[tuple[str, str]]) -> Outcome:
         self._groups[info.name] = info
         return Outcome(GroupReply(id=req.id, group=info), changed=[(info.name, info)], notices=notices)
+
+
+def split_groups(request_id: str, user: str, page: list[GroupInfo], *, more: bool) -> GroupList:
+    """A ``group_list`` of ``page`` (by name): those ``user`` is in, and the others."""
+    mine = [g for g in page if user in g.members]
+    return GroupList(id=request_id, mine=mine, public=[g for g in page if user not in g.members], more=more)
+
+
+def fit_groups(reply: GroupList, limit: int) -> GroupList:
+    """``reply`` cut to at most ``limit`` bytes encoded: its first groups by name, ``more`` saying the
+    others wait for the next page; one group too large alone goes as it is (a record is at most 1,000
+    members and 200 removed, about 40 KB: Mosquitto's 256 KiB holds it)."""
+    mine = {g.name for g in reply.mine}
+    page = sorted([*reply.mine, *reply.public], key=lambda g: g.name)
+
+    def first(n: int) -> GroupList:
+        kept = page[:n]
+        return GroupList(
+            id=reply.id,
+            mine=[g for g in kept if g.name in mine],
+            public=[g for g in kept if g.name not in mine],
+            more=n < len(page) or reply.more,
+        )
+
+    return first(max(1, most_that_fit(len(page), lambda n: len(encode(first(n))) <= limit)) if page else 0)
 
 
 def _error(req: GroupRequest, code: str, text: str) -> Outcome:

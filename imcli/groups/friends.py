@@ -12,6 +12,13 @@ from imcli.core.rules import dm_senders, may_dm
 from imcli.core.service import AccountDirectory, names_a_user
 from imcli.core.wire import ErrorReply, FriendReply, FriendRequest, Friends
 
+# Bounds of one record, which is retained and sent whole in every friend reply: each ``add`` from
+# another account grew ``incoming`` without bound, towards the payload limit Mosquitto applies to the
+# workers too (256 KiB), past which the record and ``friend list`` would be dropped. 2,000 friends and
+# 500 waiting each way, of 32-character names, are about 110 KB (Facebook's friends are 5,000).
+MAX_FRIENDS = 2000
+MAX_PENDING = 500
+
 
 @dataclass
 class FriendOutcome:
@@ -62,6 +69,10 @@ class FriendBook:
                     return _error(req, "invalid", f"you already asked {other}; waiting for an answer")
                 if other in mine.incoming:  # they asked first: this is an acceptance
                     return self._befriend(req, mine, theirs)
+                if len(mine.outgoing) >= MAX_PENDING:
+                    return _error(req, "denied", f"{MAX_PENDING} of your friend requests wait for an answer already")
+                if len(theirs.incoming) >= MAX_PENDING:
+                    return _error(req, "denied", f"{other} has {MAX_PENDING} friend requests waiting already")
                 return self._save(
                     req, user,
                     [_add(mine, "outgoing", other), _add(theirs, "incoming", user)],
@@ -83,6 +94,10 @@ class FriendBook:
 
     def _befriend(self, req: FriendRequest, mine: Friends, theirs: Friends) -> FriendOutcome:
         me, other = mine.account, theirs.account
+        for record in (mine, theirs):
+            if len(record.friends) >= MAX_FRIENDS:
+                who = "you have" if record is mine else f"{other} has"
+                return _error(req, "denied", f"{who} {MAX_FRIENDS} friends already")
         mine = _add(_drop(_drop(mine, "incoming", other), "outgoing", other), "friends", other)
         theirs = _add(_drop(_drop(theirs, "outgoing", me), "incoming", me), "friends", me)
         return self._save(req, me, [mine, theirs], [(other, f"{me} accepted your friend request")])

@@ -35,6 +35,7 @@ from imcli.core.wire import (
     WireModel,
     decode_as,
     encode,
+    most_that_fit,
 )
 from imcli.presence.profiles import ProfileBook
 from imcli.presence.roster import Effects, PresenceRoster
@@ -54,8 +55,10 @@ class PresenceWorker(ServiceWorker):
         device: str = "worker",
         expiry_period: float = 1.0,
         clock: Callable[[], float] = time.time,
+        max_payload: int | None = None,
     ) -> None:
         super().__init__(address, credentials, topics, device, clock)
+        self.max_payload = max_payload  # imcli workers --max-payload; imcli serve: None (its workers pass)
         self.roster = PresenceRoster(directory)
         self.profiles = ProfileBook()
         self._expiry_period = expiry_period
@@ -116,7 +119,10 @@ class PresenceWorker(ServiceWorker):
                 return Resolved(id=request.id, account=account, nick=self.roster.nick_of(account))
             return ErrorReply(id=request.id, code="not_found", text=f"unknown user {request.name!r}")
         if isinstance(request, WhoRequest):
-            return Roster(id=request.id, users=self.roster.who(include_offline=request.all))
+            after = request.after or ""
+            listed = [u for u in self.roster.who(include_offline=request.all) if u.account > after]
+            listed.sort(key=lambda u: u.account)  # pages by account: a rename between pages moves nobody
+            return Roster(id=request.id, users=listed[: request.limit], more=len(listed) > request.limit)
         if isinstance(request, RenameRequest):
             reply, effects = self.roster.rename(sender, request.nick, request.id, self.clock())
             self._apply(effects)
@@ -130,6 +136,27 @@ class PresenceWorker(ServiceWorker):
             text = "this broker does not issue device credentials (Mosquitto, NATS: deploy/mosquitto/README.md)"
             return ErrorReply(id=request.id, code="unsupported", text=text)
         return None
+
+    def fit(self, reply: WireModel, limit: int) -> WireModel:
+        """A ``who`` page or a ``profile_get`` answer past the broker's limit keeps its first users
+        (``more``: the asker asks again for the rest): everyone online, each with up to 200 device names,
+        and friends' profiles with their avatars' thumbnails grow them past any limit, and Mosquitto
+        dropped them, so ``who`` and ``friend list`` went unanswered (tests/test_presence.py)."""
+        if isinstance(reply, Roster):
+            users = reply.users
+
+            def roster(n: int) -> Roster:
+                return Roster(id=reply.id, users=users[:n], more=n < len(users) or reply.more)
+
+            return roster(max(1, most_that_fit(len(users), lambda n: len(encode(roster(n))) <= limit)))
+        if isinstance(reply, ProfileList):
+            profiles = reply.profiles
+
+            def listed(n: int) -> ProfileList:
+                return ProfileList(id=reply.id, profiles=profiles[:n], more=n < len(profiles) or reply.more)
+
+            return listed(max(1, most_that_fit(len(profiles), lambda n: len(encode(listed(n))) <= limit)))
+        return reply
 
     def _set_profile(self, sender: str, request: ProfileSet) -> WireModel:
         """The sender's own profile, the only one a request can change (the broker checked the sender)."""

@@ -618,9 +618,24 @@
   // ------------------------------------------------------------------ groups and friends
   async function refreshGroups() {
     try {
-      const r = await request({ type: "group_request", op: "list", group: "", private: false });
-      for (const g of records(r.mine, "group")) S.groups.set(g.name, g);
-      S.publicGroups = records(r.public, "group").map((g) => g.name);
+      // every page (docs/PROTOCOL.md: a page says "more" when the count or the broker's payload limit
+      // cut it): the next one starts after the last name of this one; one that brings nothing new stops
+      const publicGroups = [];
+      let after = null;
+      for (;;) {
+        const ask = { type: "group_request", op: "list", group: "", private: false };
+        if (after !== null) ask.after = after;
+        const r = await request(ask);
+        const mine = records(r.mine, "group"), others = records(r.public, "group");
+        for (const g of mine) S.groups.set(g.name, g);
+        publicGroups.push(...others.map((g) => g.name));
+        const names = [...mine, ...others].map((g) => g.name).sort();
+        const last = names.length ? names[names.length - 1] : null;
+        if (r.more !== true) break;
+        if (last === null || (after !== null && last <= after)) throw new Error("the list stopped in the middle");
+        after = last;
+      }
+      S.publicGroups = publicGroups;
       renderGroups();
     } catch (e) {
       setStatus(`groups: ${e.message}`, true);
