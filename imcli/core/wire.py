@@ -247,7 +247,7 @@ class WhoRequest(WireModel):
     id: MessageId = Field(default_factory=new_id)
     all: bool = False
     after: str | None = None
-    limit: Annotated[int, Field(ge=1, le=WHO_PAGE_MAX)] = WHO_PAGE_MAX
+    limit: Annotated[int, Field(ge=1, le=WHO_PAGE_MAX)] | None = None  # None: WHO_PAGE_MAX
 
 
 class Roster(WireModel):
@@ -498,7 +498,7 @@ class GroupRequest(WireModel):
     user: str | None = None  # invite, kick, promote
     private: bool = False  # create
     after: str | None = None  # list: the groups whose names sort after this one (paging)
-    limit: Annotated[int, Field(ge=1, le=GROUPS_PAGE_MAX)] = GROUPS_PAGE_MAX  # list: groups in one page
+    limit: Annotated[int, Field(ge=1, le=GROUPS_PAGE_MAX)] | None = None  # list: groups in a page (None: the most)
 
 
 class GroupReply(WireModel):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from imcli.core.rules import GROUP_CREATION_WINDOW, group_creation_refusal, group_visible, missing_group
 from imcli.core.service import AccountDirectory, names_a_user
 from imcli.core.wire import (
+    GROUPS_PAGE_MAX,
     RESERVED_NAMES,
     ErrorReply,
     GroupInfo,
@@ -184,7 +185,7 @@ class GroupBook:
         after = req.after or ""
         shown = (g for g in self._groups.values() if group_visible(private=g.private, member=user in g.members))
         groups = sorted((g for g in shown if g.name > after), key=lambda g: g.name)
-        page = groups[: req.limit]
+        page = groups[: req.limit or GROUPS_PAGE_MAX]
         return Outcome(split_groups(req.id, user, page, more=len(groups) > len(page)))
 
     # ---------------------------------------------------------------- helpers

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from imcli.core.mqtt import BrokerAddress, Credentials
 from imcli.core.service import AccountDirectory, ServiceWorker
 from imcli.core.wire import (
+    WHO_PAGE_MAX,
     DeviceRequest,
     DeviceStatus,
     ErrorReply,
@@ -122,7 +123,8 @@ class PresenceWorker(ServiceWorker):
             after = request.after or ""
             listed = [u for u in self.roster.who(include_offline=request.all) if u.account > after]
             listed.sort(key=lambda u: u.account)  # pages by account: a rename between pages moves nobody
-            return Roster(id=request.id, users=listed[: request.limit], more=len(listed) > request.limit)
+            limit = request.limit or WHO_PAGE_MAX
+            return Roster(id=request.id, users=listed[:limit], more=len(listed) > limit)
         if isinstance(request, RenameRequest):
             reply, effects = self.roster.rename(sender, request.nick, request.id, self.clock())
             self._apply(effects)
