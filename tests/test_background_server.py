@@ -5,6 +5,7 @@ threads, and nothing waits for ever."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from pathlib import Path
@@ -29,6 +30,20 @@ def closed(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) != 0
 
 
+def start_in_thread(server: BackgroundServer, outcome: list[BaseException | object]) -> threading.Thread:
+    """A thread that starts ``server`` and puts what the start gave or raised in ``outcome``."""
+
+    def start() -> None:
+        try:
+            outcome.append(server.__enter__())
+        except BaseException as exc:  # what the start ended with is the test's subject
+            outcome.append(exc)
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    return starter
+
+
 def test_a_stop_before_its_loop_runs_ends_the_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The stop arrives while the thread has not yet made its event loop (the window in which a stop
     was lost: the thread then ran the broker for ever, and the stop waited 30 s for it in vain)."""
@@ -43,16 +58,13 @@ def test_a_stop_before_its_loop_runs_ends_the_start(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(loops, "run", held_run)
     server = BackgroundServer(BrokerSettings(data_dir=tmp_path / "data", port=0))
     outcome: list[BaseException | object] = []
+    starter = start_in_thread(server, outcome)
 
-    def start() -> None:
-        try:
-            outcome.append(server.__enter__())
-        except BaseException as exc:  # noqa: BLE001 - what the start ended with is the test's subject
-            outcome.append(exc)
+    def stop() -> None:
+        stop_called.set()
+        server.__exit__(None, None, None)
 
-    starter = threading.Thread(target=start)
-    starter.start()
-    stopper = threading.Thread(target=lambda: (stop_called.set(), server.__exit__(None, None, None)))
+    stopper = threading.Thread(target=stop)
     stopper.start()
     stopper.join(BOUND)
     starter.join(BOUND)
@@ -64,7 +76,7 @@ def test_a_stop_before_its_loop_runs_ends_the_start(tmp_path: Path, monkeypatch:
         assert imcli_threads() <= before, imcli_threads() - before
     finally:
         stop_called.set()
-        server.stop() if hasattr(server, "stop") else server.__exit__(None, None, None)
+        server.__exit__(None, None, None)
 
 
 def test_a_stop_while_the_workers_start_ends_them_and_the_broker(
@@ -80,21 +92,13 @@ def test_a_stop_while_the_workers_start_ends_them_and_the_broker(
     async def held_start(running: Any, settings: Any, broker: Any, *args: Any) -> None:
         ports.append(broker.bound_port())
         starting.set()
-        await host.asyncio.to_thread(go_on.wait, BOUND)
+        await asyncio.to_thread(go_on.wait, BOUND)
         await start_threads(running, settings, broker, *args)
 
     monkeypatch.setattr(host, "_start_threads", held_start)
     server = BackgroundServer(BrokerSettings(data_dir=tmp_path / "data", port=0))
     outcome: list[BaseException | object] = []
-
-    def start() -> None:
-        try:
-            outcome.append(server.__enter__())
-        except BaseException as exc:  # noqa: BLE001
-            outcome.append(exc)
-
-    starter = threading.Thread(target=start)
-    starter.start()
+    starter = start_in_thread(server, outcome)
     assert starting.wait(BOUND)
     stopper = threading.Thread(target=server.stop)
     stopper.start()

@@ -213,14 +213,16 @@ class BackgroundServer:
             if not self._stopping:
                 self._thread.start()
         try:
-            if self._thread.ident is not None and not self._ready.wait(self._start_timeout):
-                raise ImcliError(
-                    f"the embedded broker did not start within {self._start_timeout:g}s",
-                    "see the log; is the machine busy?",
-                )
-        except BaseException:  # the time is up, or Ctrl-C: what started so far is stopped, not left running
+            started = self._thread.ident is None or self._ready.wait(self._start_timeout)
+        except BaseException:  # Ctrl-C: what started so far is stopped, not left running
             self.stop()
             raise
+        if not started:  # nor when the time is up
+            self.stop()
+            raise ImcliError(
+                f"the embedded broker did not start within {self._start_timeout:g}s",
+                "see the log; is the machine busy?",
+            )
         if self._error is not None:
             raise self._error
         if self._stopping or self._info is None:
