@@ -481,9 +481,25 @@ def test_a_malformed_chat_line_is_said_as_the_cli_says_it(web: ServeInfo) -> Non
             mallory.publish(topic, b"not utf-8 \xff\xfe")
             mallory.publish(topic, json.dumps({"type": "chat", "v": 1, "text": ""}).encode())
             alice.p.wait_for_function("() => document.querySelectorAll('#messages li.system.error').length >= 3")
-            said = alice.p.locator("#messages li.system.error").all_text_contents()
+            errors = alice.p.locator("#messages li.system.error")
+            said = errors.all_text_contents()
             assert said == ["(a malformed message from @mallory)"] * 3, said
             expect_absent(alice, f"{MESSAGES} .text", "lone", "a lone surrogate's line")
+            # the lines are kept with the conversation, not only on screen: a line that sorts earlier
+            # redraws the list as a history reply does (kept in the DOM alone, they were wiped when the
+            # history reply came after them), and so does leaving the conversation and coming back
+            earlier = f"an earlier line {secrets.token_hex(4)}"
+            mallory.publish(topic, chat(earlier, ts=time.time() - 3600))
+            alice.see(earlier, sender="mallory")
+            assert errors.all_text_contents() == said
+            # one in a conversation that is not open is said there, when it is opened
+            mallory.publish("im/room/elsewhere/mallory", b"\xc0\xaf")
+            alice.open_conv("room:elsewhere")
+            alice.wait_title("elsewhere")
+            alice.p.wait_for_function("() => document.querySelectorAll('#messages li.system.error').length === 1")
+            alice.open_conv("room:lobby")
+            alice.wait_title("lobby")
+            assert errors.all_text_contents() == said
             still_works(alice, mallory, "room:lobby", topic)
             assert_safe(alice, "malformed chat")
     finally:

@@ -182,7 +182,13 @@ async def _start_threads(
 
 
 class BackgroundServer:
-    """``with BackgroundServer(settings) as info:`` runs the embedded default in a thread."""
+    """``with BackgroundServer(settings) as info:`` runs the embedded default in a thread.
+
+    ``stop()`` (what leaving the ``with`` does) may come from any thread at any time, more than once:
+    before the start, while it starts (the start then ends with an error, and nothing it began is
+    left running), or after the thread has ended."""
+
+    STOP_TIMEOUT = 30.0  # seconds stop() waits for the thread (the workers and the broker close in it)
 
     def __init__(
         self, settings: BrokerSettings, start_timeout: float = 30.0, *, workers: bool = True, loop: str | None = None
@@ -194,33 +200,60 @@ class BackgroundServer:
         self._ready = threading.Event()
         self._info: ServeInfo | None = None
         self._error: BaseException | None = None
+        # the loop and its stop event, and whether stop() was called, are read and set under the lock:
+        # a stop() that finds no loop yet is seen by the loop as it starts, never lost between the two
+        self._lock = threading.Lock()
+        self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, name="imcli-serve", daemon=True)
 
     def __enter__(self) -> ServeInfo:
-        self._thread.start()
-        if not self._ready.wait(self._start_timeout):
+        with self._lock:
+            if not self._stopping:
+                self._thread.start()
+        try:
+            started = self._thread.ident is None or self._ready.wait(self._start_timeout)
+        except BaseException:  # Ctrl-C: what started so far is stopped, not left running
+            self.stop()
+            raise
+        if not started:  # nor when the time is up
+            self.stop()
             raise ImcliError(
                 f"the embedded broker did not start within {self._start_timeout:g}s",
                 "see the log; is the machine busy?",
             )
         if self._error is not None:
             raise self._error
-        assert self._info is not None
+        if self._stopping or self._info is None:
+            self.stop()
+            raise ImcliError("the embedded broker was stopped while it started", "start it again")
         return self._info
 
     def __exit__(self, *exc: object) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop the broker and its workers and wait for the thread (at most ``STOP_TIMEOUT``)."""
+        with self._lock:
+            self._stopping = True
+            loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the thread ends or has ended
+                loop.call_soon_threadsafe(stop.set)
+        if self._thread.ident is not None and self._thread is not threading.current_thread():
+            self._thread.join(self.STOP_TIMEOUT)
 
     def _run(self) -> None:
         async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
+            stop = asyncio.Event()
+            with self._lock:
+                self._loop = asyncio.get_running_loop()
+                self._stop = stop
+                if self._stopping:
+                    stop.set()  # stopped before the loop was there: it starts and stops at once
             await serve_forever(
-                self.settings, self._on_ready, self._stop, workers=self._workers, tune_gc=False, workers_in_child=False
+                self.settings, self._on_ready, stop, workers=self._workers, tune_gc=False, workers_in_child=False
             )
 
         try:

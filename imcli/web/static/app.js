@@ -540,12 +540,15 @@
     n.onclick = () => { window.focus(); open(conv); };
   }
 
+  // A line of the page's own (an event, a notice, a malformed message) is kept with the conversation's
+  // messages, not only in the list on screen: a history reply or a message that sorts earlier redraws
+  // the list, and a line kept in the DOM alone was wiped by it (a malformed line said while the
+  // history request was out was silently gone)
   function system(conv, text, bad) {
-    if (conv !== S.current) return;
-    const li = el("li", bad ? "system error" : "system");
-    li.append(said(text));
-    $("messages").append(li);
-    scrollDown();
+    if (!conv) return;
+    const line = { system: true, bad: !!bad, text, ts: Date.now() / 1000 };
+    conv.messages.push(line);
+    if (conv === S.current) { $("messages").append(messageItem(line)); scrollDown(); }
   }
 
   function open(conv) {
@@ -567,7 +570,8 @@
     $("older").disabled = true;
     const ask = { type: "history", limit: PAGE };
     ask[conv.kind === "dm" ? "user" : conv.kind] = conv.name;
-    if (older && conv.messages.length) ask.before = conv.messages[0].ts;
+    const first = conv.messages.find((m) => !m.system);
+    if (older && first) ask.before = first.ts;
     try {
       const reply = await request(ask);
       conv.loaded = true;
@@ -1158,6 +1162,11 @@
   }
 
   function messageItem(m) {
+    if (m.system) {
+      const line = el("li", m.bad ? "system error" : "system");
+      line.append(said(m.text));
+      return line;
+    }
     const li = el("li", m.mention ? "message mention" : "message");
     li.dataset.from = m.from;
     li.append(el("span", "time", clock(m.ts)), said(nickOf(m.from), "from"));
