@@ -58,9 +58,11 @@ def moments_feed(
     if json_:
         print(page.model_dump_json(include={"moments", "more"}, ensure_ascii=True))
         return
+    from imcli.cli.render import shown
+
     out = console()
     if not page.moments:
-        out.print("no moments yet" if user is None else f"no moments of {user}")
+        out.print("no moments yet" if user is None else f"no moments of {shown(user)}")
         return
     for moment in page.moments:
         for line in moment_lines(moment, names):
