@@ -450,8 +450,10 @@ def local_name(info: FileInfo) -> str:
 
 
 def _destination(output: Path | None, info: FileInfo) -> Path:
+    """Where a download goes, as the user gave it (``imcli get`` says it so): the file's name here
+    (relative, as ``-o .`` says it), in the directory ``output``, or ``output`` itself."""
     name = local_name(info)
     if output is None:
-        return Path.cwd() / name
+        return Path(name)
     output = output.expanduser()
     return output / name if output.is_dir() else output
