@@ -158,7 +158,12 @@ def workers(
     file_quota_mib: Annotated[int, typer.Option(help="Storage per account for files, in MiB.")] = 1024,
     max_uploads: Annotated[int, typer.Option(help="Unfinished uploads one account may have going at once.")] = 4,
     max_payload: Annotated[
-        int, typer.Option(help="The broker's largest payload (Mosquitto's message_size_limit): chunks fit in it.")
+        int,
+        typer.Option(
+            help="The broker's largest payload (Mosquitto's message_size_limit; 262144 in deploy/mosquitto): the"
+            " files' chunks and the archive's and moments' pages fit in it. The default is what any broker set up"
+            " for chat takes; give the broker's own to send files faster and page history less."
+        ),
     ] = DEFAULT_MAX_PAYLOAD,
     max_groups: Annotated[int, typer.Option(help="Groups one account may own.")] = 50,
     group_rate: Annotated[int, typer.Option(help="Groups one account may create per minute.")] = 10,
