@@ -202,13 +202,17 @@ class Proc:
         for line in stream:  # type: ignore[attr-defined]
             sink(line.rstrip("\n"))
 
-    def line(self, timeout: float = 10.0) -> str:
+    # a fresh interpreter's start: ``listen`` says "listening as" about 4 to 9 s after it is started on a
+    # machine with a load of 18 to 20 on two cores (6 runs, eleventh session); quiet, well under 1 s
+    START = 30.0
+
+    def line(self, timeout: float = START) -> str:
         try:
             return self.lines.get(timeout=timeout)
         except queue.Empty:
             raise AssertionError(f"no output within {timeout}s; stderr: {self.err_lines}") from None
 
-    def wait_stderr(self, text: str, timeout: float = 10.0) -> None:
+    def wait_stderr(self, text: str, timeout: float = START) -> None:
         assert wait_until(lambda: any(text in line for line in self.err_lines), timeout), self.err_lines
 
     def stop(self) -> int:

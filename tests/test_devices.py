@@ -18,6 +18,7 @@ from imcli.broker.server import BrokerSettings
 from imcli.serve.host import BackgroundServer, ServeInfo
 from tests.conftest import Cli, Proc, Raw, password_of, wait_until
 from tests.rawmqtt import connect_raw
+from tests.test_cli import wait_listening
 
 CliFactory = Callable[[str], Cli]
 RawFactory = Callable[..., Raw]
@@ -315,23 +316,6 @@ def test_passwd_changes_the_password_and_may_revoke_the_others(
 # ---------------------------------------------------------------- every device sees the conversation
 
 
-def wait_subscribed(p: Proc, sender: Cli) -> None:
-    """``sender`` says pings until the listener ``p`` prints one (its subscription is then active)."""
-    for _ in range(40):
-        assert sender("say", "--room", "ping", "ping").exit_code == 0
-        try:
-            line = json.loads(p.line(timeout=0.5))
-        except AssertionError:
-            continue
-        if line.get("room") == "ping":
-            while True:
-                try:
-                    p.line(timeout=0.3)
-                except AssertionError:
-                    return
-    raise AssertionError("the listener never got a ping")
-
-
 def listen_lines(p: Proc, until: Callable[[dict[str, object]], bool], timeout: float = 10.0) -> list[dict[str, object]]:
     lines: list[dict[str, object]] = []
     while not lines or not until(lines[-1]):
@@ -347,7 +331,7 @@ def test_a_dm_from_one_device_arrives_on_the_other_once(
     login(laptop, "alice")
     login(phone, "alice")
     p = procs("listen", "--json", env={"IMCLI_CONFIG_DIR": str(phone.config_dir)})
-    wait_subscribed(p, laptop)
+    wait_listening(laptop, p)
     assert laptop("dm", "bob", "from my laptop").exit_code == 0
     assert laptop("say", "--room", "end", "marker").exit_code == 0
     lines = listen_lines(p, lambda line: line.get("room") == "end")
@@ -365,7 +349,7 @@ def test_a_dm_sent_while_a_device_was_away_reaches_it_when_it_returns(
     login(phone, "alice")
     env = {"IMCLI_CONFIG_DIR": str(phone.config_dir)}
     first = procs("listen", "--json", env=env)
-    wait_subscribed(first, laptop)
+    wait_listening(laptop, first)
     assert first.stop() == 0  # the device's persistent session keeps what arrives
     assert laptop("dm", "bob", "sent while the phone was off").exit_code == 0
     again = procs("listen", "--json", env=env)

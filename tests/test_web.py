@@ -30,7 +30,7 @@ from imcli.serve.host import BackgroundServer, ServeInfo
 from tests.brokers import NOT_INSTALLED, mosquitto_available, running_mosquitto, running_workers
 from tests.browser import TIMEOUT_MS, WebUser, chromium, new_user, require_chromium
 from tests.conftest import Cli, password_of
-from tests.rawmqtt import chat, connect_raw
+from tests.rawmqtt import chat, connect_raw, wait_until
 
 if TYPE_CHECKING:
     from playwright.sync_api import FilePayload
@@ -74,6 +74,19 @@ def ok(person: Cli, *args: str) -> str:
 
 def history(person: Cli, where: str) -> list[str]:
     return [json.loads(line)["text"] for line in ok(person, "history", where, "--json").splitlines() if line]
+
+
+def archived(person: Cli, where: str, texts: list[str]) -> None:
+    """Wait until ``history`` answers ``texts``, exactly. A page shows its own line at once, before the
+    broker has it (its PUBACK, which comes once the line is archived, is mqtt.js's business): a ``history``
+    asked right after ``say`` could reach the archive before the page's PUBLISH reaches the broker."""
+    got: list[str] = []
+
+    def answered() -> bool:
+        got[:] = history(person, where)
+        return got == texts
+
+    assert wait_until(answered, 15), got
 
 
 def no_errors(*users: WebUser) -> None:
@@ -122,7 +135,7 @@ def test_two_browsers_and_the_cli_chat_in_a_room_a_dm_and_a_group(web: ServeInfo
         alice.open_conv("dm:carol")
         alice.see("a dm from the terminal", sender="carol")
         alice.say("back to you, carol")
-        assert history(carol, "@alice") == ["a dm from the terminal", "back to you, carol"]
+        archived(carol, "@alice", ["a dm from the terminal", "back to you, carol"])
         assert "psst alice" not in alice.texts()  # each conversation shows its own messages
 
         # a group: alice creates it from the page and adds bob and carol
@@ -212,7 +225,7 @@ def test_friend_requests_and_dm_policy(web: ServeInfo, tmp_path: Path) -> None:
             "() => [...document.querySelectorAll('#friends li.friend')].some(li => li.textContent === 'carol')"
         )
         alice.say("now may I?")
-        assert history(carol, "@alice") == ["now may I?"]
+        archived(carol, "@alice", ["now may I?"])
         no_errors(alice, bob)
 
 
@@ -331,7 +344,7 @@ def test_public_groups_are_joined_from_the_list_and_left(web: ServeInfo, tmp_pat
         alice.wait_title("#open-house")
         alice.p.wait_for_function("() => document.getElementById('group-members').textContent.includes('alice')")
         alice.say("hi house")
-        assert history(carol, "#open-house") == ["hi house"]
+        archived(carol, "#open-house", ["hi house"])
         alice.p.click("#leave-button")
         alice.wait_title("lobby")
         assert alice.p.locator("li[data-key='group:open-house']").count() == 0
