@@ -488,4 +488,4 @@ def test_a_dm_reaches_the_senders_other_devices(raw: RawFactory) -> None:
     other_device = raw("alice", None, "alice:phone")
     assert other_device.subscribe("im/user/alice/#") == 1
     raw("alice", None, "alice:laptop").publish("im/user/bob/dm/alice", chat("from the laptop"))
-    assert other_device.expect("im/user/alice/sent/bob", timeout=2.0).payload == chat("from the laptop")
+    assert other_device.expect("im/user/alice/sent/bob").payload == chat("from the laptop")
