@@ -287,6 +287,8 @@ def test_chat_sends_numbers_fetches_and_shows_files_in_one_line(
 # the embedded broker's 16 KiB for replies: deploy/mosquitto's limit is 256 KiB (the files' chunks fill it),
 # which a listing of 100 files (about 30 KiB) never reaches
 @brokers.EMBEDDED_ONLY
+# 70 uploads one after another: 76 s alone at load 30 on two cores, past 120 beside another worker
+@pytest.mark.timeout(300)
 def test_a_long_listing_fits_the_payload_limit_newest_first_kept(
     server: ServeInfo, users: Callable[..., None], tmp_path: Path
 ) -> None:
