@@ -38,7 +38,13 @@ def chat(text: str) -> bytes:
     return encode(ChatMessage(text=text))
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+# how long a test waits for what must come: on CI's two cores, loaded by the suite's other worker and
+# its brokers and browsers, 5 s was one slow moment from a failure. A wait, not a sleep: what comes
+# ends it at once; only a test that is failing waits it out.
+WAIT = 15.0
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -74,7 +80,7 @@ class Raw:
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> None:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        info.wait_for_publish(5)
+        info.wait_for_publish(WAIT)
         assert info.is_published()
 
     def arrivals(self, seconds: float) -> Iterator[paho.MQTTMessage]:
@@ -86,7 +92,7 @@ class Raw:
             except queue.Empty:
                 return
 
-    def expect(self, topic: str | None = None, timeout: float = 5.0) -> paho.MQTTMessage:
+    def expect(self, topic: str | None = None, timeout: float = WAIT) -> paho.MQTTMessage:
         """The next message on ``topic``; others that arrive first are kept for ``silent``."""
         for msg in self.arrivals(timeout):
             if topic is None or msg.topic == topic:
@@ -94,7 +100,7 @@ class Raw:
             self.skipped.append(msg)
         raise AssertionError(f"no message on {topic or 'any topic'} within {timeout}s")
 
-    def until(self, topic: str, payload: bytes | None = None, timeout: float = 5.0) -> list[paho.MQTTMessage]:
+    def until(self, topic: str, payload: bytes | None = None, timeout: float = WAIT) -> list[paho.MQTTMessage]:
         """Every message up to and including the first on ``topic`` (with ``payload``)."""
         got: list[paho.MQTTMessage] = []
         for msg in self.arrivals(timeout):

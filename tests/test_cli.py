@@ -532,7 +532,7 @@ def test_serve_stops_cleanly_and_listen_survives_a_broker_restart(
 
     serve2, port2 = start_serve(procs, data, port)  # same accounts, same port
     assert port2 == port
-    listener.wait_stderr("reconnected", timeout=20)
+    listener.wait_stderr("reconnected")
     wait_listening(bob, listener)
     assert alice("say", "back again").exit_code == 0
     assert json.loads(listener.line())["text"] == "back again"

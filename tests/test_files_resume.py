@@ -216,6 +216,7 @@ def test_an_absent_recipient_gets_the_file_message_when_back(
 
 @brokers.EMBEDDED_ONLY  # its own imcli serve, killed senders: the worker's resume runs on both above
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # 40 MiB sent, sent again and fetched: past 120 s at load 28 on two cores (flake7)
 def test_kill_9_of_the_sender_then_the_same_command_goes_on(
     tmp_path: Path, procs: Callable[..., Proc], cli_as: Callable[[str], Cli]
 ) -> None:

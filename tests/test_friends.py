@@ -139,7 +139,7 @@ def test_a_stranger_skipping_the_dm_policy_check_is_told(people: dict[str, Cli],
     stranger = raw("carol", client_id="carol:raw")
     assert stranger.subscribe("im/user/carol/notice") == 1
     stranger.publish("im/user/bob/dm/carol", encode(ChatMessage(text="sneaky")))
-    notice = json.loads(stranger.expect("im/user/carol/notice", timeout=2).payload)
+    notice = json.loads(stranger.expect("im/user/carol/notice").payload)
     assert notice["text"] == "bob accepts direct messages from friends only"
 
 
@@ -170,7 +170,7 @@ def test_forging_a_friend_record_is_explained_by_a_notice(people: dict[str, Cli]
     assert carol.subscribe("im/user/carol/notice") == 1
     forged = b'{"type":"friends","v":1,"account":"carol","friends":["bob"],"dm_policy":"anyone"}'
     carol.publish("im/user/carol/friends", forged, retain=True)
-    assert json.loads(carol.expect("im/user/carol/notice", timeout=2).payload)["code"] == "denied"
+    assert json.loads(carol.expect("im/user/carol/notice").payload)["code"] == "denied"
 
 
 @brokers.EMBEDDED_ONLY

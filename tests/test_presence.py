@@ -35,7 +35,7 @@ from imcli.serve.host import BackgroundServer, ServeInfo
 from imcli.serve.workers import StoreDirectory
 from tests import brokers
 from tests.conftest import Cli, Proc, Raw, ident, password_of, wait_until
-from tests.rawmqtt import connect_raw
+from tests.rawmqtt import WAIT, connect_raw
 
 RawFactory = Callable[..., Raw]
 # the embedded broker and Mosquitto only (said why above each use)
@@ -80,14 +80,14 @@ class PresenceWatch:
         else:
             self.records[data["account"]] = data
 
-    def wait_events(self, count: int, timeout: float = 10.0) -> list[dict[str, object]]:
+    def wait_events(self, count: int, timeout: float = WAIT) -> list[dict[str, object]]:
         deadline = time.monotonic() + timeout
         while len(self.events) < count and time.monotonic() < deadline:
             self._drain(0.05)
         self._drain(0.2)  # and nothing more than expected
         return self.events
 
-    def wait(self, account: str, timeout: float = 10.0, **expected: object) -> dict[str, object]:
+    def wait(self, account: str, timeout: float = WAIT, **expected: object) -> dict[str, object]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             record = self.records.get(account)
@@ -154,7 +154,7 @@ def bob_listening(cli_as: Callable[[str], Cli], procs: Callable[..., Proc], watc
     bob = cli_as("bob")
     bob.login("bob")
     p = procs("listen", "--json", env={"IMCLI_CONFIG_DIR": str(bob.config_dir)})
-    watch.wait("bob", state="online", timeout=20)
+    watch.wait("bob", state="online", timeout=Proc.START)  # a fresh interpreter's start
     return p
 
 
@@ -164,7 +164,7 @@ def test_killed_client_goes_offline_by_its_last_will(
     p = bob_listening(cli_as, procs, watch)
     p.popen.send_signal(signal.SIGKILL)
     p.popen.wait(10)
-    watch.wait("bob", state="offline", timeout=10)  # far sooner than the 75 s heartbeat expiry
+    watch.wait("bob", state="offline", timeout=30)  # far sooner than the 75 s heartbeat expiry
 
 
 def test_sigterm_makes_listen_say_offline(
@@ -183,7 +183,7 @@ def test_device_without_last_will_expires(server: ServeInfo, watch: PresenceWatc
     ghost.close()  # a clean DISCONNECT: no Last Will, the retained status stays
     # 2.5 of its 1 s intervals and the worker's 1 s sweep; the default 30 s heartbeat would
     # take 75 s, so a worker that ignored the device's interval fails this wait
-    watch.wait("carol", state="offline", timeout=10)
+    watch.wait("carol", state="offline", timeout=30)
 
 
 def test_a_flood_of_retained_statuses_is_bounded_on_every_broker(
@@ -231,7 +231,7 @@ def test_rename_shows_in_presence_who_dm_and_listen(
     alice.login("alice")
     bob.login("bob")
     listener = procs("listen", "--json", env={"IMCLI_CONFIG_DIR": str(bob.config_dir)})
-    watch.wait("bob", state="online", timeout=20)
+    watch.wait("bob", state="online", timeout=Proc.START)  # a fresh interpreter's start
 
     renamed = alice("rename", "Ally")
     assert renamed.exit_code == 0 and renamed.stdout.strip() == "you are now known as Ally"

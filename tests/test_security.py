@@ -301,7 +301,7 @@ def test_the_archive_and_files_accounts_read_nothing_beyond_their_rights(
 def test_refused_publish_is_explained_by_a_notice(alice_bob: tuple[Raw, Raw]) -> None:
     alice, _bob = alice_bob
     alice.publish("im/room/lobby/bob", chat("forged"))
-    notice = json.loads(alice.expect("im/user/alice/notice", timeout=2).payload)
+    notice = json.loads(alice.expect("im/user/alice/notice").payload)
     assert notice["code"] == "denied" and notice["topic"] == "im/room/lobby/bob"
 
 
@@ -447,14 +447,14 @@ def test_service_accounts_are_exempt_from_the_size_limit(
     worker = raw(service, client_id=f"{service}:test")
     big = max(DEFAULT_MAX_PAYLOAD, brokers.LIMIT) + 1  # past chat's limit on either broker
     worker.publish("im/user/alice/reply/big", b"x" * big)
-    assert len(alice.expect("im/user/alice/reply/big", timeout=2).payload) == big
+    assert len(alice.expect("im/user/alice/reply/big").payload) == big
 
 
 @pytest.mark.broker_xfail("mosquitto", reason=NO_NOTICES)
 def test_oversized_payload_sender_is_told(alice_bob: tuple[Raw, Raw]) -> None:
     alice, _bob = alice_bob
     alice.publish("im/room/lobby/alice", b"x" * (DEFAULT_MAX_PAYLOAD + 1))
-    notice = json.loads(alice.expect("im/user/alice/notice", timeout=2).payload)
+    notice = json.loads(alice.expect("im/user/alice/notice").payload)
     assert notice["code"] == "too_large"
 
 
@@ -476,7 +476,7 @@ def test_retained_chat_is_not_stored(alice_bob: tuple[Raw, Raw], raw: RawFactory
 def test_retained_chat_sender_is_told(alice_bob: tuple[Raw, Raw]) -> None:
     alice, _bob = alice_bob
     alice.publish("im/room/lobby/alice", chat("stuck forever?"), retain=True)
-    assert json.loads(alice.expect("im/user/alice/notice", timeout=2).payload)["code"] == "denied"
+    assert json.loads(alice.expect("im/user/alice/notice").payload)["code"] == "denied"
 
 
 # ---------------------------------------------------------------- registration
