@@ -48,6 +48,7 @@ from imcli.broker.topic_access import TopicAccess
 from imcli.cli.app import app
 from imcli.cli.common import LOCAL_PATHS
 from imcli.core.rules import SERVICE_ACCOUNTS
+from imcli.core.text import quoted, safe
 from imcli.core.topics import Topics
 from imcli.serve.host import BackgroundServer, ServeInfo
 from tests.clitree import COMMANDS, ROOT
@@ -95,8 +96,13 @@ TEXT = [
     "\uff21\uff2c\uff29\uff23\uff25",  # ALICE in full width
     "\u0430lice",  # with a Cyrillic a
 ]
-INT = ["", " ", "-1", "0", "-0", "2147483648", "9" * 40, "1e3", "0x10", "nan", "1.5", "٣", "+5", "1_000", "-9" * 20]
-FLOAT = ["", "nan", "inf", "-inf", "1e400", "-1", "0", "-0", "1e308", "1e-320", "9" * 400, "0x1p3", "٣"]
+# a refused number is quoted in its error line: a bidi override, a blank letter and a pile of combining
+# marks must come out as their escapes there (imcli.core.text.quoted), as in every line
+HOSTILE_NUMBERS = ["\u202e12", "\u3164", "1" + "\u0301" * 12, "1\x1b[2J"]
+INT = ["", " ", "-1", "0", "-0", "2147483648", "9" * 40, "1e3", "0x10", "nan", "1.5", "٣", "+5", "1_000", "-9" * 20,
+       *HOSTILE_NUMBERS]  # fmt: skip
+FLOAT = ["", "nan", "inf", "-inf", "1e400", "-1", "0", "-0", "1e308", "1e-320", "9" * 400, "0x1p3", "٣",
+         *HOSTILE_NUMBERS]  # fmt: skip
 # The paths are made per run inside the test's directory: these tests run as root in CI and here, where
 # `--data-dir /` or `get -o ../../../../etc/passwd` would write where they say. The working directory is
 # four levels down in it, so `../../../x` (path traversal) and a relative or empty path stay inside.
@@ -120,6 +126,7 @@ PATHS = [
     "-x",
     "~nosuchuser/x",
     "a\nb",
+    "d\x1b[31m\u202e[bold]x\u3164",  # shown as typed, inert: `serve --data-dir`'s start-up line, errors
 ]
 
 
@@ -371,6 +378,8 @@ def judge(outcome: Outcome, args: list[str]) -> None:
     what = f"imcli {short(args)}"
     assert outcome.exception is None, f"{what}: {outcome.exception!r}"
     assert "Traceback" not in outcome.stdout + outcome.stderr, f"{what}: {outcome.stderr[-3000:]}"
+    raw = [line for line in (outcome.stdout + outcome.stderr).split("\n") if safe(line) != line]
+    assert not raw, f"{what}: a line that safe() would change reached the terminal: {raw[:3]!r}"
     if outcome.code in (0, None):
         return
     lines = outcome.stderr.strip().splitlines()
@@ -536,7 +545,7 @@ def test_the_recorder_sees_what_a_command_sends(sweep: Sweep, tmp_path: Path) ->
 # what Python's int() or float() (or pydantic, under Typer) also takes, and a person typing a count,
 # a port or a rate does not mean: other scripts' digits, digit groups, signs and spaces, hex, a
 # fraction for a whole number; nan, inf, a float that overflows or cannot be held as written
-NOT_WHOLE = ["\u0663", "1_000", "+5", " 7", "7 ", "1.0", "1e3", "0x10", "", "\uff17", "nan", "--1"]
+NOT_WHOLE = ["\u0663", "1_000", "+5", " 7", "7 ", "1.0", "1e3", "0x10", "", "\uff17", "nan", "--1", *HOSTILE_NUMBERS]
 NOT_REAL = [
     "nan",
     "inf",
@@ -551,6 +560,7 @@ NOT_REAL = [
     "",
     "1.5.",
     "e3",
+    *HOSTILE_NUMBERS,
 ]
 NUMBER_CASES = [c for c in CASES if kind_of(c[0], c[2]) in ("int", "float")]
 
@@ -575,7 +585,7 @@ def test_every_number_parameter_reads_ascii_digits_only(
             and len(lines) == 1
             and FORM.fullmatch(lines[0])
             and param.opts[0] in lines[0]
-            and repr(value)[:21] in lines[0]
+            and quoted(value)[:21] in lines[0]
         ):
             failures.append(f"imcli {short(args)}: exit {result.exit_code}, {result.stderr.strip()[-500:]!r}")
     assert not failures, "\n".join(failures)
@@ -600,6 +610,23 @@ def test_what_the_number_readings_take() -> None:
         whole_number("9" * 5000)
     with pytest.raises(typer.BadParameter, match="too large"):
         real_number("9" * 400)
+
+
+@pytest.mark.parametrize("value", [*HOSTILE_NUMBERS, "x" * 100_000, "1e-320\u3164", "\u0301"])
+def test_a_refused_number_is_quoted_inert_and_short(value: str) -> None:
+    """The number readings quote what they refuse as ``quoted`` does: ``safe`` (``repr`` left a blank
+    letter and any pile of combining marks as they are) and cut (``repr`` quoted 100 kB whole)."""
+    import typer
+
+    from imcli.cli.common import real_number, whole_number
+    from imcli.core.text import QUOTED_MAX
+
+    for read in (whole_number, real_number):
+        with pytest.raises(typer.BadParameter) as refused:
+            read(value)
+        message = refused.value.message
+        assert safe(message) == message, message
+        assert len(message) < QUOTED_MAX * 6 + 100, len(message)  # an escape is at most 6 characters
 
 
 # ---------------------------------------------------------------- topics a pattern ACL lets through
@@ -653,3 +680,21 @@ def test_every_client_ignores_a_room_topic_that_is_no_room_alike(tmp_path: Path)
     parsed = json.loads(out)
     assert parsed[-1] == {"kind": "room", "name": "lobby", "from": "mallory"}  # the check can fail
     assert parsed[:-1] == [None] * len(NONSENSE_ROOMS), dict(zip(NONSENSE_ROOMS, parsed, strict=True))
+
+
+def test_paths_as_typed_are_shown_inert(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``imcli serve``'s and ``imcli workers``' start-up lines show the directories as typed, through
+    ``safe`` and as no Rich markup: an ESC, a bidi override or ``[bold]`` in ``--data-dir`` reached
+    the terminal as they were (or vanished, as markup)."""
+    from imcli.cli.render import shown
+    from imcli.cli.workers import _stores
+
+    monkeypatch.chdir(tmp_path)
+    hostile = "d\x1b[31m\u202e[bold]x"
+    outcome = run_apart(["serve", "--port", "0", "--data-dir", hostile], {}, until_stopped=True)
+    lines = [line.split(None, 1) for line in outcome.stdout.splitlines()]
+    assert [words[1] for words in lines if words[:1] == ["data"]] == [safe(hostile)], outcome.stdout
+    assert (
+        _stores(Path(hostile), None, Path(hostile))
+        == f"; archive in {shown(hostile)}; no files; moments in {shown(hostile)}"
+    )

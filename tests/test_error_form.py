@@ -407,3 +407,23 @@ def test_the_exit_code_says_whether_the_command_line_could_be_read(code: int, ar
     result = alice(*args, input="")
     assert_form(result, " ".join(args))
     assert result.exit_code == code, (args, result.stderr)
+
+
+# f-strings that may keep !r: a decoded payload's own type (one of the models' literals), a time stamp (a float)
+REPR_KEPT = {"imcli/core/wire.py": 1, "imcli/cli/moments.py": 1}
+
+
+def test_no_message_quotes_a_value_with_repr() -> None:
+    """What a message quotes (an argument, a file name, a variable, a server's word) is ``quoted``:
+    ``safe`` and cut. ``{value!r}`` leaves blank letters and piles of combining marks as they are
+    and quotes 100 kB whole; print_error's ``safe`` caught the first two, but a message is built
+    once, in one way, wherever it ends up. The packages a person's commands run through are read."""
+    root = Path(__file__).parent.parent
+    found = {}
+    for package in ("cli", "client", "core", "serve"):
+        for source in sorted((root / "imcli" / package).glob("*.py")):
+            name = str(source.relative_to(root))
+            count = len(re.findall(r"!r\}", source.read_text()))
+            if count != REPR_KEPT.get(name, 0):
+                found[name] = count
+    assert not found, found

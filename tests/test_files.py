@@ -88,6 +88,41 @@ def test_send_to_a_person_and_get_it_back(
     assert fid in line["text"]
 
 
+def test_get_says_the_path_as_it_was_given(
+    server: ServeInfo,
+    users: Callable[..., None],
+    cli_as: Callable[[str], Cli],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``imcli get`` says where it wrote the file the way the user named the place: without ``-o``
+    the bare name (it said the absolute path there, and the relative one given ``-o``), with a
+    directory or a file as typed, relative or absolute."""
+    alice, bob = logged_in(cli_as, users, "alice", "bob")
+    fid = file_id(alice("send", "bob", str(write(tmp_path / "r.bin", 1000))).output)
+    here = tmp_path / "here"
+    (here / "sub").mkdir(parents=True)
+    monkeypatch.chdir(here)
+    said = {}
+    for args in ([], ["-o", "."], ["-o", "sub"], ["-o", "sub/renamed.bin"], ["-o", str(here / "sub")]):
+        got = bob("get", fid, *args, "--force")
+        assert got.exit_code == 0, got.output
+        said[" ".join(args)] = got.stdout.strip().removesuffix(" (1000 bytes)")
+    assert said == {
+        "": "saved r.bin",
+        "-o .": "saved r.bin",
+        "-o sub": "saved sub/r.bin",
+        "-o sub/renamed.bin": "saved sub/renamed.bin",
+        f"-o {here / 'sub'}": f"saved {here / 'sub' / 'r.bin'}",
+    }
+    assert (
+        (here / "r.bin").read_bytes()
+        == (here / "sub" / "renamed.bin").read_bytes()
+        == (tmp_path / "r.bin").read_bytes()
+    )
+    assert not list(here.glob(".*.part")), "no partial file is left beside it"
+
+
 def test_get_force_overwrites_only_a_regular_file(
     server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli], tmp_path: Path
 ) -> None:

@@ -19,9 +19,11 @@ from hypothesis import strategies as st
 from imcli.archive.store import ArchiveStore
 from imcli.broker.accounts import AccountStore
 from imcli.broker.server import BrokerSettings
+from imcli.cli.chat import LEFT_OUT_BY_SIZE
 from imcli.cli.common import parse_since
 from imcli.client import services
 from imcli.client.identity import Identity
+from imcli.client.listener import CATCH_UP_LIMIT, catch_up_more
 from imcli.client.services import Conversation
 from imcli.core.errors import InvalidInput, NotAllowed, NotFound
 from imcli.core.wire import ChatMessage, ErrorReply, HistoryReply, HistoryRequest, Received, Topics, decode, encode
@@ -358,7 +360,7 @@ def test_what_the_broker_drops_is_never_archived(talk: ServeInfo, raw: Callable[
 
 @pytest.mark.parametrize("broker_kind", ["mosquitto"], indirect=True)  # applies its payload limit to the workers
 def test_others_long_lines_do_not_silence_history(
-    server: ServeInfo, users: Callable[..., None], raw: Callable[..., Raw]
+    server: ServeInfo, users: Callable[..., None], raw: Callable[..., Raw], cli_as: Callable[[str], Cli]
 ) -> None:
     """carol's raw client says two lines of 200 KB in the lobby (Mosquitto's limit is 256 KiB a message):
     a page of history holding both passed 256 KiB, which Mosquitto applies to the workers too, so it was
@@ -373,3 +375,29 @@ def test_others_long_lines_do_not_silence_history(
     page = services.history(bob, Conversation("room", "lobby"))
     assert page.more and page.messages[0].text.startswith("long1 ")
     assert services.history(bob, None).messages[-1].text.startswith("long1 ")  # the catch-up too
+    # a page cut by size says so: "raise --limit" (or "more than 500 messages", on catching up) was untrue
+    bob_cli = cli_as("bob")
+    bob_cli.login("bob")
+    shown = bob_cli("history", "lobby")
+    assert shown.exit_code == 0, shown.output
+    assert f"(older messages left out: {LEFT_OUT_BY_SIZE})" in shown.stderr, shown.stderr
+    assert "--limit" not in shown.stderr
+    assert "500" not in catch_up_more(len(services.history(bob, None, limit=CATCH_UP_LIMIT).messages))
+
+
+def test_a_full_page_says_raise_the_limit(
+    server: ServeInfo, users: Callable[..., None], cli_as: Callable[[str], Cli]
+) -> None:
+    """The other reason for ``more``: the page is as long as asked."""
+    users("alice")
+    alice = cli_as("alice")
+    alice.login("alice")
+    for i in range(3):
+        assert alice("say", "--room", "full", f"m{i}").exit_code == 0
+    assert wait_until(
+        lambda: len(services.history(ident(server, "alice"), Conversation("room", "full")).messages) == 3, 20
+    )
+    shown = alice("history", "full", "--limit", "2")
+    assert shown.exit_code == 0, shown.output
+    assert "(older messages left out: raise --limit, or use --since)" in shown.stderr, shown.stderr
+    assert catch_up_more(CATCH_UP_LIMIT).startswith(f"more than {CATCH_UP_LIMIT} messages arrived while away")

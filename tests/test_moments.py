@@ -446,3 +446,29 @@ def test_a_reply_is_fitted_to_the_brokers_payload_limit() -> None:
     bare = fit(MomentReply(id="r", moments=[big.model_copy(update={"comments": []})]), len(thumb) + 600)
     assert [bool(i.thumbnail) for i in bare.moments[0].images] == [True, False, False] and not bare.more
     assert fit(page, 10**6) is page
+
+
+def test_the_help_and_the_usage_errors_say_imcli_moments_as_it_is_typed(tmp_path: Path) -> None:
+    """``imcli moments [USER]`` is the feed; ``feed`` is the hidden command that reads it, and no
+    line a person reads names it: the help's usage said ``COMMAND [ARGS]...`` (as if a command were
+    needed) and sent to ``imcli moments feed --help``, a usage error said ``usage: imcli moments feed
+    [OPTIONS] [USER]; more: imcli moments feed --help``."""
+    from typer.testing import CliRunner
+
+    from imcli.cli.app import app
+
+    env = {"IMCLI_CONFIG_DIR": str(tmp_path)}
+    shown = CliRunner().invoke(app, ["moments", "--help"], env=env, prog_name="imcli")
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout.splitlines()[:2] == [
+        "Usage: imcli moments [USER] [OPTIONS]",
+        "   or: imcli moments COMMAND [ARGS]...",
+    ]
+    assert "feed" not in shown.stdout.replace("the feed", "")  # the word a person reads, not the command
+    for option in ("--limit", "--before", "--json", "USER", "post", "delete"):
+        assert option in shown.stdout, option
+    for args in (["moments", "--bogus"], ["moments", "alice", "bob"], ["moments", "--limit", "x"]):
+        refused = CliRunner().invoke(app, args, env=env, prog_name="imcli")
+        assert refused.exit_code == 2, refused.output
+        assert "usage: imcli moments [OPTIONS] [USER]; more: imcli moments --help)" in refused.stderr, refused.stderr
+        assert "feed" not in refused.stderr, refused.stderr

@@ -27,6 +27,7 @@ from imcli.cli.common import (
 )
 from imcli.client.identity import broker_address
 from imcli.core.errors import InvalidInput
+from imcli.core.text import quoted
 
 if TYPE_CHECKING:
     from imcli.core.mqtt import BrokerAddress
@@ -54,7 +55,9 @@ def _remember(name: str, password: str, address: BrokerAddress) -> None:
         )
     )
     if traded.password_kept:
-        err_console().print(KEPT_NOTE.format(path=path), style="yellow")
+        from imcli.cli.render import shown
+
+        err_console().print(KEPT_NOTE.format(path=shown(str(path))), style="yellow")  # IMCLI_CONFIG_DIR: any bytes
 
 
 def register(
@@ -75,7 +78,7 @@ def register(
 
     check_name(name)
     if name in RESERVED_NAMES:
-        raise InvalidInput(f"the name {name!r} is reserved", "choose another name")
+        raise InvalidInput(f"the name {quoted(name)} is reserved", "choose another name")
     password = check_password(ask_password(password_stdin, confirm=True))
     address = broker_address(host, port, tls=tls, ca=ca)
     services.register(address, name, password, invite=invite)
@@ -259,7 +262,7 @@ def token_create(
     from imcli.core.wire import NAME_RULE, is_name
 
     if not is_name(label):
-        raise InvalidInput(f"invalid token label {label!r}", NAME_RULE)
+        raise InvalidInput(f"invalid token label {quoted(label)}", NAME_RULE)
     identity = signed_in(host, port)
     password = ask_password(password_stdin, confirm=False)
     credential = create_token(identity.address, identity.account, password, label)

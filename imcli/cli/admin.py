@@ -9,6 +9,7 @@ import typer
 
 from imcli.cli.common import DataDirOpt, JsonOpt, PasswordStdin, account_store, ask_password, console, sub_app
 from imcli.core.errors import InvalidInput
+from imcli.core.text import quoted
 
 admin_app = sub_app("Operator commands (run on the broker's machine).")
 user_app = sub_app("Accounts in the broker's data directory.")
@@ -92,7 +93,7 @@ def invite(
     store = InviteStore(account_store(data_dir).data_dir)  # the account store makes and checks the directory
     if revoke is not None:
         if not store.revoke(revoke):
-            raise NotFound(f"no invite with id {revoke!r}", "see imcli admin invite --list")
+            raise NotFound(f"no invite with id {quoted(revoke)}", "see imcli admin invite --list")
         console().print(f"revoked invite {revoke}")
         return
     if list_:
@@ -110,7 +111,9 @@ def invite(
         return
     lifetime = parse_duration(expires) if expires and expires != "never" else None
     if lifetime is not None and lifetime > LONGEST_INVITE:  # its end must be a date: 10**40 s was an OverflowError
-        raise InvalidInput(f"invalid duration {expires!r}", f"give at most {LONGEST_INVITE // 86400}d, or never")
+        raise InvalidInput(
+            f"invalid duration {quoted(str(expires))}", f"give at most {LONGEST_INVITE // 86400}d, or never"
+        )
     code, made = store.create(uses, lifetime)
     if json_:
         print(json.dumps({"code": code, "id": made.id, "uses": made.uses, "expires": made.expires}))

@@ -19,6 +19,7 @@ from imcli.client.listener import Listener
 from imcli.client.services import Conversation
 from imcli.core.errors import InvalidInput, NotFound
 from imcli.core.rules import DM_POLICIES
+from imcli.core.text import quoted
 from imcli.core.wire import GroupInfo, GroupList, GroupReply, Received
 
 
@@ -230,7 +231,7 @@ def _nick(chat: ChatSession, rest: str) -> list[Output]:
 def _history(chat: ChatSession, rest: str) -> list[Output]:
     (count,) = args(rest, "/history [N]", 0, 1) or ["20"]
     if not (count.isascii() and count.isdigit()):
-        raise InvalidInput(f"invalid count {count!r}", "/history [N], N from 1 to 1000")
+        raise InvalidInput(f"invalid count {quoted(count)}", "/history [N], N from 1 to 1000")
     page = services.ask_history(chat.listener, chat.here, int(count))
     if not page.messages:
         return dim(f"no messages in {chat.here} yet")
@@ -275,7 +276,7 @@ def _members(chat: ChatSession, rest: str) -> list[Output]:
 def _create(chat: ChatSession, rest: str) -> list[Output]:
     words = args(rest, "/create GROUP [private]", 1, 2)
     if len(words) == 2 and words[1].lower() not in ("private", "--private"):
-        raise InvalidInput(f"unknown option {words[1]!r}", "usage: /create GROUP [private]")
+        raise InvalidInput(f"unknown option {quoted(words[1])}", "usage: /create GROUP [private]")
     name, private = words[0].removeprefix("#"), len(words) == 2
     services.ask_group(chat.listener, "create", name, private=private)
     return [
@@ -345,7 +346,7 @@ def _friend(chat: ChatSession, rest: str) -> list[Output]:
     if not op:
         raise InvalidInput("missing argument", f"usage: {usage}")
     if op.lower() not in _FRIEND_DONE:
-        raise InvalidInput(f"unknown friend action {op!r}", f"usage: {usage}")
+        raise InvalidInput(f"unknown friend action {quoted(op)}", f"usage: {usage}")
     user, _ = user_and_rest(chat, who, usage, last=True)
     services.ask_friend(chat.listener, op.lower(), user)  # type: ignore[arg-type]
     return dim(_FRIEND_DONE[op.lower()].format(user=user.removeprefix("@")))
@@ -368,6 +369,6 @@ def _friends(chat: ChatSession, rest: str) -> list[Output]:
 def _dm_policy(chat: ChatSession, rest: str) -> list[Output]:
     (value,) = args(rest, "/policy anyone|friends", 1, 1)
     if value not in DM_POLICIES:
-        raise InvalidInput(f"invalid dm-policy {value!r}", "use /policy anyone or /policy friends")
+        raise InvalidInput(f"invalid dm-policy {quoted(value)}", "use /policy anyone or /policy friends")
     services.ask_friend(chat.listener, "policy", policy=value)
     return dim(f"dm-policy is now {value}")

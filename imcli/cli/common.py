@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 
 from imcli.cli.say import is_text
 from imcli.core.errors import ImcliError, InvalidInput
+from imcli.core.text import quoted, safe
 
 if TYPE_CHECKING:
     from imcli.broker.accounts import AccountStore
@@ -29,8 +30,6 @@ def print_error(exc: ImcliError) -> None:
     is ``safe``."""
     from rich.console import Console
     from rich.text import Text
-
-    from imcli.core.text import safe
 
     error = Text("Error: ", style="bold red") + Text(safe(str(exc)))
     Console(stderr=True, highlight=False, soft_wrap=True).print(error)
@@ -147,11 +146,11 @@ def whole_number(text: str) -> int:
     takes: ``invalid port -1 (use 0-65535)``). Not what Python's ``int`` also takes: other scripts'
     digits (``٣``), ``1_000``, a ``+``, spaces around; nor what pydantic adds (``1.0``)."""
     if not _WHOLE.fullmatch(text):
-        raise typer.BadParameter(f"{text!r} is not a whole number (digits 0-9 only)")
+        raise typer.BadParameter(f"{quoted(text)} is not a whole number (digits 0-9 only)")
     try:
         return int(text)
     except ValueError:  # longer than int() reads (4,300 digits)
-        raise typer.BadParameter(f"{text[:20] + '…'!r} is too long for a number") from None
+        raise typer.BadParameter(f"{quoted(text)} is too long for a number") from None
 
 
 def real_number(text: str) -> float:
@@ -160,16 +159,15 @@ def real_number(text: str) -> float:
     (``\\u0661.\\u0665``) or ``1_0``; nor a number too large for a float (``1e400``) or too small to be held as
     written (``1e-320`` is a subnormal, ``1e-400`` would be 0)."""
     import math
-    import sys
 
     if not _REAL.fullmatch(text):
-        raise typer.BadParameter(f"{text!r} is not a number (digits 0-9, a '.', an exponent as in 1e3)")
+        raise typer.BadParameter(f"{quoted(text)} is not a number (digits 0-9, a '.', an exponent as in 1e3)")
     value = float(text)
     if not math.isfinite(value):
-        raise typer.BadParameter(f"{text[:20]!r} is too large a number")
+        raise typer.BadParameter(f"{quoted(text)} is too large a number")
     written_zero = not any(c in "123456789" for c in text.lower().partition("e")[0])
     if (value == 0) != written_zero or 0 < abs(value) < sys.float_info.min:
-        raise typer.BadParameter(f"{text[:20]!r} is too close to 0 (give 0, or at least {sys.float_info.min:.1e})")
+        raise typer.BadParameter(f"{quoted(text)} is too close to 0 (give 0, or at least {sys.float_info.min:.1e})")
     return value
 
 
@@ -213,7 +211,7 @@ def _finite(process: Any, *, local_paths: bool, numbers: tuple[Any, ...] = ()) -
             if isinstance(item, float) and not math.isfinite(item):
                 raise typer.BadParameter(f"a finite number is needed, not {item}")
             if isinstance(item, str) and not local_paths and not is_text(item):
-                raise typer.BadParameter(f"{item!r} holds bytes that are not UTF-8 text")
+                raise typer.BadParameter(f"{quoted(item)} holds bytes that are not UTF-8 text")
         if isinstance(value, Path):
             return _home(value)
         if isinstance(value, (list, tuple)) and any(isinstance(item, Path) for item in value):
@@ -232,18 +230,18 @@ def local_path(name: str | Path) -> Path:
     ENAMETOOLONG of whatever opens it: ``get -o``, ``--ca``), a NUL (the ValueError of ``open``)."""
     text = str(name)
     if "\x00" in text:
-        raise InvalidInput(f"invalid file name {text!r}: it holds a NUL", "give the path without it")
+        raise InvalidInput(f"invalid file name {quoted(text)}: it holds a NUL", "give the path without it")
     raw = os.fsencode(text)
     if len(raw) >= PATH_MAX or any(len(part) > NAME_MAX for part in raw.split(b"/")):
         shown = text if len(text) <= 60 else text[:60] + "…"
         raise InvalidInput(
-            f"file name too long: {shown!r}", f"at most {NAME_MAX} bytes a name and {PATH_MAX - 1} a path"
+            f"file name too long: {quoted(shown)}", f"at most {NAME_MAX} bytes a name and {PATH_MAX - 1} a path"
         )
     try:
         return Path(name).expanduser()
     except RuntimeError:
         raise InvalidInput(
-            f"no home directory for {text.split('/', maxsplit=1)[0]!r}", "give the path without ~"
+            f"no home directory for {quoted(text.split('/', maxsplit=1)[0])}", "give the path without ~"
         ) from None
 
 
@@ -408,4 +406,4 @@ def parse_since(text: str, now: float) -> float:
             return max(0.0, parsed.timestamp())  # a date before 1970: since the start
         except (ValueError, OverflowError, OSError):  # year 1: before any local time the platform knows
             return 0.0
-    raise InvalidInput(f"invalid time {text!r}", "give a duration (30m, 2h, 3d) or a time (2026-11-23 09:30)")
+    raise InvalidInput(f"invalid time {quoted(text)}", "give a duration (30m, 2h, 3d) or a time (2026-11-23 09:30)")

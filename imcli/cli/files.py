@@ -18,6 +18,7 @@ import typer
 from imcli.cli.common import HostOpt, JsonOpt, PortOpt, console, local_path
 from imcli.client.identity import signed_in
 from imcli.core.errors import InvalidInput
+from imcli.core.text import quoted
 
 if TYPE_CHECKING:
     from imcli.client.files import Progress
@@ -74,7 +75,7 @@ def send(
     if room is not None:
         where, names = Conversation.parse(room), args
         if where.kind != "room":
-            raise InvalidInput(f"invalid room name {room!r}", "give a room name such as lobby")
+            raise InvalidInput(f"invalid room name {quoted(room)}", "give a room name such as lobby")
     else:
         if len(args) < 2:
             raise InvalidInput("name a recipient and at least one file", "imcli send bob photo.png")

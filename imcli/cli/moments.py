@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer._click.core import Context  # Typer 0.29 vendors click
+from typer.core import TyperCommand
 
 from imcli.cli.common import CliGroup, HostOpt, JsonOpt, PortOpt, console
 from imcli.client.identity import max_payload_bytes, signed_in
@@ -21,20 +23,52 @@ if TYPE_CHECKING:
 
 class _FeedByDefault(CliGroup):
     """``imcli moments`` and ``imcli moments USER`` read the feed: anything that is not one of
-    the sub-commands goes to the hidden ``feed`` command."""
+    the sub-commands goes to the hidden ``feed`` command. Its help says both forms and lists the
+    feed's options; the name ``feed`` appears nowhere a person reads (``_Feed``)."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
             args = ["feed", *args]
         return super().parse_args(ctx, args)
 
+    def format_usage(self, ctx: Any, formatter: Any) -> None:
+        formatter.write_usage(ctx.command_path, "[USER] [OPTIONS]")
+        formatter.write_usage(ctx.command_path, "COMMAND [ARGS]...", prefix="   or: ")
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        """The feed's arguments and options (what ``imcli moments [USER] [OPTIONS]`` takes), then the commands."""
+        feed = self.commands["feed"]
+        feed_ctx = feed.context_class(feed, info_name="feed", parent=ctx)
+        params = feed.get_params(feed_ctx)
+        with formatter.section("Arguments"):
+            formatter.write_dl(
+                [(p.metavar, getattr(p, "help", None) or "") for p in params if p.param_type_name == "argument"]
+            )
+        with formatter.section("Options"):
+            formatter.write_dl(
+                [r for p in params if p.param_type_name == "option" and (r := p.get_help_record(feed_ctx))]
+            )
+        self.format_commands(ctx, formatter)
+
+
+class _FeedContext(Context):
+    """The feed's context: its path is ``imcli moments``, so a usage error says ``usage: imcli
+    moments [OPTIONS] [USER]; more: imcli moments --help``, not the hidden ``feed``."""
+
+    @property
+    def command_path(self) -> str:
+        return self.parent.command_path if self.parent is not None else super().command_path
+
+
+class _Feed(TyperCommand):
+    context_class = _FeedContext
+
 
 moments_app = typer.Typer(
     cls=_FeedByDefault,
     help=(
         "Moments: your friends' posts and your own, newest first; post, like, comment, delete.\n\n"
-        "Without a command, the feed: imcli moments [USER] [--limit N] [--before TS] [--json]"
-        " (more: imcli moments feed --help)."
+        "Without a command, the feed (with USER: that user's moments only), with the options below."
     ),
     no_args_is_help=False,
 )
@@ -42,7 +76,7 @@ moments_app = typer.Typer(
 IdArg = Annotated[str, typer.Argument(help="The moment's id, as 'imcli moments' shows it.")]
 
 
-@moments_app.command("feed", hidden=True)
+@moments_app.command("feed", hidden=True, cls=_Feed)
 def moments_feed(
     user: Annotated[str | None, typer.Argument(help="One user's moments (account or display name).")] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", help="How many, newest first (1-100).")] = 20,
@@ -58,9 +92,11 @@ def moments_feed(
     if json_:
         print(page.model_dump_json(include={"moments", "more"}, ensure_ascii=True))
         return
+    from imcli.cli.render import shown
+
     out = console()
     if not page.moments:
-        out.print("no moments yet" if user is None else f"no moments of {user}")
+        out.print("no moments yet" if user is None else f"no moments of {shown(user)}")
         return
     for moment in page.moments:
         for line in moment_lines(moment, names):

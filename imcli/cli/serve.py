@@ -12,16 +12,20 @@ import typer
 
 from imcli.cli.common import DataDirOpt, check_tls_options, console
 from imcli.core.errors import InvalidInput
+from imcli.core.text import quoted
 from imcli.core.topics import DEFAULT_MAX_CHUNK, DEFAULT_MAX_PAYLOAD
 
 if TYPE_CHECKING:
     from imcli.serve.host import ServeInfo
 
 
-def _open_files(info: ServeInfo) -> str:
-    """The start-up line on the open-file limit (every connection is one), after the data line."""
+def _data_lines(info: ServeInfo) -> str:
+    """The start-up lines on the data directory (as typed: any bytes, ``shown``) and on the open-file
+    limit (every connection is one)."""
+    from imcli.cli.render import shown
+
     files = info.broker.open_files if info.broker is not None else None
-    return "" if files is None else f"\n  open files  {files.line()}"
+    return f"  data        {shown(str(info.data_dir))}" + ("" if files is None else f"\n  open files  {files.line()}")
 
 
 def serve(
@@ -124,7 +128,7 @@ def serve(
     from imcli.serve.host import serve_forever
 
     if registration not in ("open", "invite", "closed"):
-        raise InvalidInput(f"invalid --registration {registration!r}", "use 'open', 'invite' or 'closed'")
+        raise InvalidInput(f"invalid --registration {quoted(registration)}", "use 'open', 'invite' or 'closed'")
     if not 0 <= port < 65536 or (ws_port is not None and not 0 <= ws_port < 65536):
         raise InvalidInput(f"invalid port {port if not 0 <= port < 65536 else ws_port}", "use 0-65535")
     check_tls_options(tls_cert, tls_key)
@@ -147,7 +151,7 @@ def serve(
     try:
         loopback = bind == "localhost" or ipaddress.ip_address(bind).is_loopback
     except ValueError as exc:
-        raise InvalidInput(f"invalid --bind address {bind!r}", "give an IP address such as 127.0.0.1") from exc
+        raise InvalidInput(f"invalid --bind address {quoted(bind)}", "give an IP address such as 127.0.0.1") from exc
     if not loopback and not allow_remote and tls_cert is None:
         raise InvalidInput(
             f"refusing to listen on {bind}: beyond this machine, passwords would travel unencrypted",
@@ -192,7 +196,7 @@ def serve(
                 f"  websocket   {'wss' if a.tls else 'ws'}://{a.host}:{info.ws_port}/mqtt\n"
                 f"  web client  {'https' if a.tls else 'http'}://{a.host}:{info.ws_port}/"
             )
-        out.print(f"  data        {info.data_dir}" + _open_files(info))
+        out.print(_data_lines(info))
         out.print(f"  accounts    registration {info.registration}; presence, group, archive and files workers running")
         tls_hint = " --tls [--ca CA.pem]" if a.tls else ""
         out.print(f"  connect     imcli register NAME --host {a.host} --port {a.port}{tls_hint}")
@@ -230,7 +234,7 @@ def check_origin(origin: str) -> str:
 
     if re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", origin) is None:
         raise InvalidInput(
-            f"invalid --ws-origin {origin!r}", "give scheme://host[:port], e.g. https://chat.example.org"
+            f"invalid --ws-origin {quoted(origin)}", "give scheme://host[:port], e.g. https://chat.example.org"
         )
     return origin
 

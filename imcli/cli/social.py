@@ -17,6 +17,7 @@ from imcli.cli.common import (
 from imcli.client.identity import max_payload_bytes, message_text, signed_in
 from imcli.core.errors import InvalidInput
 from imcli.core.rules import DM_POLICIES
+from imcli.core.text import quoted
 
 group_app = sub_app("Group chat; membership is enforced by the broker.")
 friend_app = sub_app("Friends and friend requests.")
@@ -268,8 +269,8 @@ def config_set(
     from imcli.client import services
 
     if key != "dm-policy":
-        raise InvalidInput(f"unknown setting {key!r}", "settings: dm-policy")
+        raise InvalidInput(f"unknown setting {quoted(key)}", "settings: dm-policy")
     if value not in DM_POLICIES:
-        raise InvalidInput(f"invalid dm-policy {value!r}", "use 'anyone' or 'friends'")
+        raise InvalidInput(f"invalid dm-policy {quoted(value)}", "use 'anyone' or 'friends'")
     services.friend_request(signed_in(host, port), "policy", policy=value)
     console().print(f"dm-policy is now {value}")

@@ -24,6 +24,7 @@ from imcli.cli.common import (
 from imcli.client.identity import broker_address
 from imcli.core.errors import InvalidInput
 from imcli.core.rules import ARCHIVE_ACCOUNT, FILES_ACCOUNT, GROUPS_ACCOUNT, PRESENCE_ACCOUNT
+from imcli.core.text import quoted
 from imcli.core.topics import DEFAULT_MAX_PAYLOAD
 
 if TYPE_CHECKING:
@@ -49,12 +50,22 @@ def _passwords(from_stdin: bool, accounts: list[str]) -> list[str]:
                 value = typer.prompt(f"Password of {account}", hide_input=True)
         if not value:
             raise InvalidInput(
-                f"no password for the service account {account!r}",
+                f"no password for the service account {quoted(account)}",
                 f"give one line per account on stdin (--password-stdin: {', '.join(accounts)}) "
                 f"or set {password_variable(account)}",
             )
         found.append(value)
     return found
+
+
+def _stores(archive: Path | None, files: Path | None, moments: Path | None) -> str:
+    """Where the workers keep what they keep, for the start-up line: as typed (any bytes, ``shown``)."""
+    from imcli.cli.render import shown
+
+    return "".join(
+        f"; {what} in {shown(str(where))}" if where is not None else f"; no {what}"
+        for what, where in (("archive", archive), ("files", files), ("moments", moments))
+    )
 
 
 def _mode(dynsec: bool, nats_users: Path | None) -> str:
@@ -75,7 +86,9 @@ def _nats_auth(users: Path | None, accounts: Path | None, pidfiles: list[Path], 
 
     for path, what in ((users, "--nats-users"), *((p, "--nats-pidfile") for p in pidfiles)):
         if path.exists() and not path.is_file():  # read whole: /dev/zero, a FIFO
-            raise InvalidInput(f"{what} {str(path)!r} is not a regular file", "give a file (or a path to make one)")
+            raise InvalidInput(
+                f"{what} {quoted(str(path))} is not a regular file", "give a file (or a path to make one)"
+            )
     try:
         return NatsAuth(Topics(), accounts.expanduser(), users.expanduser(), pidfiles)
     except (OSError, UnicodeDecodeError) as exc:
@@ -145,7 +158,12 @@ def workers(
     file_quota_mib: Annotated[int, typer.Option(help="Storage per account for files, in MiB.")] = 1024,
     max_uploads: Annotated[int, typer.Option(help="Unfinished uploads one account may have going at once.")] = 4,
     max_payload: Annotated[
-        int, typer.Option(help="The broker's largest payload (Mosquitto's message_size_limit): chunks fit in it.")
+        int,
+        typer.Option(
+            help="The broker's largest payload (Mosquitto's message_size_limit; 262144 in deploy/mosquitto): the"
+            " files' chunks and the archive's and moments' pages fit in it. The default is what any broker set up"
+            " for chat takes; give the broker's own to send files faster and page history less."
+        ),
     ] = DEFAULT_MAX_PAYLOAD,
     max_groups: Annotated[int, typer.Option(help="Groups one account may own.")] = 50,
     group_rate: Annotated[int, typer.Option(help="Groups one account may create per minute.")] = 10,
@@ -244,10 +262,8 @@ def workers(
     with contextlib.ExitStack() as stack:
         for make in makers:  # made one by one: a worker that fails to start closes those before it
             stack.enter_context(_for_broker(make(), nats_users))
-        where = (
-            (f"; archive in {data_dir}" if archive else "; no archive")
-            + (f"; files in {store_dir / 'files'}" if files else "; no files")
-            + (f"; moments in {data_dir}" if moments else "; no moments")
+        where = _stores(
+            data_dir if archive else None, store_dir / "files" if files else None, data_dir if moments else None
         )
         mode = _mode(dynsec, nats_users)
         console().print(f"workers running as {', '.join(accounts)} on {address}{mode}{where} (Ctrl-C to stop)")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imcli.core.errors import ImcliError, NotLoggedIn
+from imcli.core.text import quoted
 
 if TYPE_CHECKING:  # imported where used: `imcli whoami` and `logout` need no MQTT
     from imcli.core.mqtt import BrokerAddress, Credentials
@@ -166,7 +167,7 @@ def load_profile(account: str | None = None) -> Profile:
         raise NotLoggedIn("not logged in", "run 'imcli login NAME' or 'imcli register NAME'")
     if name not in logins.profiles:
         known = ", ".join(sorted(logins.profiles)) or "none"
-        raise NotLoggedIn(f"not logged in as {name!r} (logged in: {known})", f"run 'imcli login {name}'")
+        raise NotLoggedIn(f"not logged in as {quoted(name)} (logged in: {known})", f"run 'imcli login {name}'")
     return logins.profiles[name]
 
 
@@ -185,7 +186,7 @@ def switch_profile(account: str) -> Profile:
     logins = load_logins()
     if account not in logins.profiles:
         known = ", ".join(sorted(logins.profiles)) or "none"
-        raise NotLoggedIn(f"not logged in as {account!r} (logged in: {known})", f"run 'imcli login {account}'")
+        raise NotLoggedIn(f"not logged in as {quoted(account)} (logged in: {known})", f"run 'imcli login {account}'")
     logins.current = account
     save_logins(logins)
     return logins.profiles[account]

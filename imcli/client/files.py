@@ -27,7 +27,7 @@ from imcli.core.bulk import lower_this_thread, run_lowered
 from imcli.core.errors import ImcliError, InvalidInput, NameTaken, NotAllowed, NotFound, RateLimited, RequestTimeout
 from imcli.core.mqtt import Message
 from imcli.core.request_reply import dropped, rate_limited, rate_notice
-from imcli.core.text import human_size, plain_file_name
+from imcli.core.text import human_size, plain_file_name, quoted
 from imcli.core.topics import chunk, is_id, unchunk
 from imcli.core.wire import (
     ChatMessage,
@@ -82,17 +82,21 @@ def check_file(path: Path) -> int:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise InvalidInput(f"no file {str(path)!r}", "check the path") from None
+        raise InvalidInput(f"no file {quoted(str(path))}", "check the path") from None
     except OSError as exc:
-        raise InvalidInput(f"cannot read {str(path)!r}: {exc.strerror}", "check the path and its permissions") from exc
+        raise InvalidInput(
+            f"cannot read {quoted(str(path))}: {exc.strerror}", "check the path and its permissions"
+        ) from exc
     if path.is_dir():
-        raise InvalidInput(f"{str(path)!r} is a directory", "send the files in it one by one, or an archive of it")
+        raise InvalidInput(
+            f"{quoted(str(path))} is a directory", "send the files in it one by one, or an archive of it"
+        )
     if not path.is_file():
-        raise InvalidInput(f"{str(path)!r} is not a regular file", "send a regular file")
+        raise InvalidInput(f"{quoted(str(path))} is not a regular file", "send a regular file")
     if not os.access(path, os.R_OK):
-        raise InvalidInput(f"cannot read {str(path)!r}: permission denied", "check its permissions")
+        raise InvalidInput(f"cannot read {quoted(str(path))}: permission denied", "check its permissions")
     if st.st_size == 0:
-        raise InvalidInput(f"{str(path)!r} is empty", "there is nothing to send")
+        raise InvalidInput(f"{quoted(str(path))} is empty", "there is nothing to send")
     return st.st_size
 
 
@@ -136,7 +140,9 @@ def check_file_id(file_id: str) -> None:
     """A file id as the files worker makes them (letters, digits, ``-`` and ``_``), before it is asked:
     an empty or mistyped one is told as such, not as a file that does not exist."""
     if not is_id(file_id):
-        raise InvalidInput(f"invalid file id {file_id!r}", "'imcli files' lists the ids of the files you may read")
+        raise InvalidInput(
+            f"invalid file id {quoted(file_id)}", "'imcli files' lists the ids of the files you may read"
+        )
 
 
 class FileConnection(Connection):
@@ -444,8 +450,10 @@ def local_name(info: FileInfo) -> str:
 
 
 def _destination(output: Path | None, info: FileInfo) -> Path:
+    """Where a download goes, as the user gave it (``imcli get`` says it so): the file's name here
+    (relative, as ``-o .`` says it), in the directory ``output``, or ``output`` itself."""
     name = local_name(info)
     if output is None:
-        return Path.cwd() / name
+        return Path(name)
     output = output.expanduser()
     return output / name if output.is_dir() else output

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imcli.core.errors import InvalidInput
+from imcli.core.text import quoted
 from imcli.core.topics import DEFAULT_MAX_PAYLOAD, Topics, device_client_id
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ def heartbeat_seconds() -> float:
         value = 0.0
     low, high = HEARTBEAT_RANGE
     if not low <= value <= high:
-        raise InvalidInput(f"invalid IMCLI_HEARTBEAT {raw!r}", f"give seconds between {low:g} and {high:g}")
+        raise InvalidInput(f"invalid IMCLI_HEARTBEAT {quoted(raw)}", f"give seconds between {low:g} and {high:g}")
     return value
 
 
@@ -128,5 +129,5 @@ def max_payload_bytes() -> int:
     if raw is None:
         return DEFAULT_MAX_PAYLOAD
     if not (raw.isascii() and raw.isdigit()) or int(raw) < 64:
-        raise InvalidInput(f"invalid IMCLI_MAX_PAYLOAD {raw!r}", "give a number of bytes, at least 64")
+        raise InvalidInput(f"invalid IMCLI_MAX_PAYLOAD {quoted(raw)}", "give a number of bytes, at least 64")
     return int(raw)

@@ -63,6 +63,19 @@ log = logging.getLogger(__name__)
 CATCH_UP_OVERLAP = 5.0  # seconds before the last known contact: the seen ids drop what was shown already
 CATCH_UP_LIMIT = 500  # the archive's page size (HISTORY_MAX); more than that is said, not shown
 
+
+def catch_up_more(kept: int) -> str:
+    """What a catch-up says when the archive left older messages out (``more``): a full page, or
+    fewer lines than that which filled the reply the broker takes (the archive fits a page to its
+    payload limit, ``imcli workers --max-payload``): "more than 500 messages" was untrue then."""
+    if kept >= CATCH_UP_LIMIT:
+        return f"more than {CATCH_UP_LIMIT} messages arrived while away; the newest follow (imcli history)"
+    return (
+        "more arrived while away than one reply of the archive holds (the broker's payload limit); "
+        "the newest follow (imcli history)"
+    )
+
+
 _SHOWN = (TopicKind.ROOM, TopicKind.DM, TopicKind.SENT, TopicKind.GROUP_MSG, TopicKind.NOTICE, TopicKind.EVENTS)
 
 
@@ -527,7 +540,7 @@ class Listener:
             self._say(f"could not catch up from the archive: {text} (imcli history shows what you missed)")
             return
         if reply.more:
-            self._say(f"more than {CATCH_UP_LIMIT} messages arrived while away; the newest follow (imcli history)")
+            self._say(catch_up_more(len(reply.messages)))
         for item in reply.messages:
             if item.kind not in ("room", "dm", "group"):
                 continue  # the archive keeps chat lines only: a notice or an event is not one of its answers

@@ -14,6 +14,7 @@ from imcli.client.identity import Identity
 from imcli.client.services import MOMENT_HINTS, Connection, display_names, expect, resolve
 from imcli.core.errors import ImcliError, InvalidInput, NotFound, RequestTimeout
 from imcli.core.request_reply import Asker
+from imcli.core.text import quoted
 from imcli.core.wire import (
     DEFAULT_MAX_PAYLOAD,
     MAX_TIMESTAMP,
@@ -85,7 +86,7 @@ def feed(
 def act(identity: Identity, op: MomentOp, post_id: str, text: str | None = None) -> MomentReply:
     """Like, unlike, comment on or delete one moment (by its id, as ``imcli moments`` shows it)."""
     if not is_id(post_id):
-        raise InvalidInput(f"invalid moment id {post_id!r}", "give an id as 'imcli moments' shows it")
+        raise InvalidInput(f"invalid moment id {quoted(post_id)}", "give an id as 'imcli moments' shows it")
     if op == "comment" and not (text or "").strip():
         raise InvalidInput("an empty comment", "give the comment's text")
     with Connection(identity, "moments") as connection:
@@ -96,7 +97,7 @@ def delete(identity: Identity, post_id: str) -> int:
     """Delete one of my moments, then its images from the files worker (``file_delete``, as ``imcli rm``);
     the worker's reply names only the images no other moment of mine shows. How many were removed."""
     if not is_id(post_id):
-        raise InvalidInput(f"invalid moment id {post_id!r}", "give an id as 'imcli moments' shows it")
+        raise InvalidInput(f"invalid moment id {quoted(post_id)}", "give an id as 'imcli moments' shows it")
     with FileConnection(identity, "moments") as connection:
         reply = ask(connection, MomentRequest(op="delete", post=post_id))
         files = list(dict.fromkeys(image.file for moment in reply.moments for image in moment.images))

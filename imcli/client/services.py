@@ -27,6 +27,7 @@ from imcli.core.mqtt import SUBSCRIBE_TRIES, BrokerAddress, Credentials, Message
 from imcli.core.names import clean_display_name
 from imcli.core.request_reply import Asker, RequestClient
 from imcli.core.rules import REGISTER_PREFIX, dm_refusal
+from imcli.core.text import quoted
 from imcli.core.wire import (
     DEFAULT_MAX_PAYLOAD,
     HISTORY_MAX,
@@ -99,7 +100,7 @@ def register(address: BrokerAddress, name: str, password: str, invite: str | Non
             ) from exc
         if exc.code == 4:
             raise NameTaken(  # a CONNACK says no more: which name it looks like is in the broker's log
-                f"cannot register {name!r}: the name is taken or reserved, or looks like an account or display "
+                f"cannot register {quoted(name)}: the name is taken or reserved, or looks like an account or display "
                 "name in use (a1ice beside alice)",
                 "choose another name",
             ) from exc
@@ -230,7 +231,7 @@ def resolve_user(asker: Asker, name: str) -> Resolved:
     if not wanted:
         raise InvalidInput("empty user name", "give an account or display name")
     if not is_nick(wanted):
-        raise InvalidInput(f"invalid user name {wanted!r}", "give an account or display name")
+        raise InvalidInput(f"invalid user name {quoted(wanted)}", "give an account or display name")
     try:
         reply = asker.ask(ResolveRequest(name=wanted))
     except RequestTimeout:
@@ -238,7 +239,7 @@ def resolve_user(asker: Asker, name: str) -> Resolved:
             return Resolved(id="", account=wanted.lower())
         raise
     if isinstance(reply, ErrorReply) and reply.code == "not_found":
-        raise NotFound(f"unknown user {wanted!r}", "check the name with 'imcli who --all'")
+        raise NotFound(f"unknown user {quoted(wanted)}", "check the name with 'imcli who --all'")
     return expect(reply, Resolved)
 
 
@@ -278,14 +279,14 @@ def rename(identity: Identity, nick: str) -> str:
 def check_nick(nick: str) -> str:
     nick = clean_display_name(nick)
     if not is_nick(nick):
-        raise InvalidInput(f"invalid display name {nick!r}", NICK_RULE)
+        raise InvalidInput(f"invalid display name {quoted(nick)}", NICK_RULE)
     return nick
 
 
 def ask_rename(asker: Asker, nick: str) -> str:
     reply = asker.ask(RenameRequest(nick=check_nick(nick)))
     if isinstance(reply, ErrorReply) and reply.code == "taken":
-        raise NameTaken(f"the name {nick!r} is taken (or looks like one that is)", "choose another one")
+        raise NameTaken(f"the name {quoted(nick)} is taken (or looks like one that is)", "choose another one")
     return expect(reply, Renamed).nick
 
 
@@ -309,7 +310,7 @@ def set_profile(
     with Connection(identity, "profile") as connection:
         reply = connection.ask(request)
     if isinstance(reply, ErrorReply) and reply.code == "taken" and name is not None:
-        raise NameTaken(f"the name {name!r} is taken (or looks like one that is)", "choose another one")
+        raise NameTaken(f"the name {quoted(name)} is taken (or looks like one that is)", "choose another one")
     return expect(reply, ProfileList).profiles[0]
 
 
@@ -415,7 +416,7 @@ class Conversation:
         if text.startswith("@"):  # an account or display name (``@张三``): resolved where it is used
             name = clean_display_name(text[1:])
             if not is_nick(name):
-                raise InvalidInput(f"invalid user name {name!r}", "give an account or display name after @")
+                raise InvalidInput(f"invalid user name {quoted(name)}", "give an account or display name after @")
             return cls("dm", name)
         if text.startswith("#"):
             return cls("group", check_name(text[1:], "group name"))
@@ -512,7 +513,9 @@ def expect(reply: Payload, kind: type[_R], hints: dict[str, str] | None = None) 
             or _HINTS.get(reply.code, "try again; the broker's log says more")
         )
         raise _ERRORS.get(reply.code, ImcliError)(reply.text, hint)
-    raise ImcliError(f"a worker answered with an unexpected {reply.type!r}", "is the broker's imcli the same version?")
+    raise ImcliError(
+        f"a worker answered with an unexpected {quoted(reply.type)}", "is the broker's imcli the same version?"
+    )
 
 
 # ---------------------------------------------------------------- request / reply

@@ -24,6 +24,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from imcli.core.errors import AuthenticationFailed, BrokerUnreachable, InvalidInput, PublishFailed, SessionTakenOver
 from imcli.core.rules import DEVICE_CREDENTIAL_PREFIX
+from imcli.core.text import quoted
 
 log = logging.getLogger(__name__)  # INFO only: a command configures no logging, and WARNING would reach its stderr
 
@@ -94,12 +95,14 @@ def _endpoint(part: str, port: int) -> tuple[str, int]:
         host, digits = text, str(port)
     host = host.removeprefix("[").removesuffix("]")
     if not host or not (digits.isascii() and digits.isdigit()) or not 0 < int(digits) < 65536:
-        raise InvalidInput(f"invalid broker address {part!r}", "give host or host:port, several separated by commas")
+        raise InvalidInput(
+            f"invalid broker address {quoted(part)}", "give host or host:port, several separated by commas"
+        )
     try:  # what the resolver is given (socket.getaddrinfo): else a UnicodeError, and a traceback, at connect
         host.encode("idna")
     except UnicodeError:
         shown = host if len(host) <= 64 else host[:61] + "..."
-        raise InvalidInput(f"invalid host {shown!r}", "give a host name or an IP address") from None
+        raise InvalidInput(f"invalid host {quoted(shown)}", "give a host name or an IP address") from None
     return host, int(digits)
 
 

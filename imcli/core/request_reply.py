@@ -35,6 +35,7 @@ from typing import Protocol
 
 from imcli.core.errors import ImcliError, InvalidInput, RateLimited, RequestTimeout
 from imcli.core.mqtt import Message
+from imcli.core.text import quoted
 from imcli.core.wire import (
     MalformedPayload,
     Notice,
@@ -70,7 +71,7 @@ def request_timeout() -> float:
     except ValueError:
         value = 0.0
     if not 0 < value <= 3600:
-        raise InvalidInput(f"invalid IMCLI_REQUEST_TIMEOUT {raw!r}", "give seconds, more than 0 and at most 3600")
+        raise InvalidInput(f"invalid IMCLI_REQUEST_TIMEOUT {quoted(raw)}", "give seconds, more than 0 and at most 3600")
     return value
 
 

@@ -53,7 +53,7 @@ from typing import ClassVar, Protocol
 
 from imcli.core.errors import InvalidInput, RequestTimeout
 from imcli.core.mqtt import BrokerAddress, Credentials, Message, MqttClient
-from imcli.core.text import safe
+from imcli.core.text import quoted, safe
 from imcli.core.topics import is_id
 from imcli.core.wire import (
     RESERVED_NAMES,
@@ -117,7 +117,7 @@ class PasswordFileDirectory:
         try:
             st = self.path.stat()
             if not stat.S_ISREG(st.st_mode):  # /dev/zero was read to a MemoryError, a FIFO waited forever
-                raise InvalidInput(f"the password file {str(self.path)!r} is not a regular file", "give a file")
+                raise InvalidInput(f"the password file {quoted(str(self.path))} is not a regular file", "give a file")
             if (st.st_mtime_ns, st.st_size) != self._stamp:
                 lines = self.path.read_text(encoding="utf-8").splitlines()
                 self._names = frozenset(line.split(":", 1)[0] for line in lines if ":" in line)

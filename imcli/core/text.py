@@ -129,6 +129,17 @@ def safe(text: str) -> str:
     return "".join(out)
 
 
+QUOTED_MAX = 40  # characters of what was typed that a message quotes; longer is cut, with "…"
+
+
+def quoted(text: str, limit: int = QUOTED_MAX) -> str:
+    """What a person typed (an argument, a file name, a variable) or a server sent, quoted in a
+    message: ``safe``, between single quotes, cut after ``limit`` characters (``'xxxx…'``). The one
+    way an error line quotes a value: Python's ``repr`` leaves blank letters (U+3164) and any pile
+    of combining marks as they are, and quotes 100 kB whole."""
+    return "'" + safe(text if len(text) <= limit else text[:limit] + "…") + "'"
+
+
 class SafeFormatter(logging.Formatter):
     """A log line whose message is ``safe``: a client id such as ``x\\x1b]52;c;…`` (a clipboard
     write) or ``x\\n12:00:01 …`` (a forged log line) is logged as its escapes. A traceback

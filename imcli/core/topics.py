@@ -20,6 +20,7 @@ from typing import Final
 
 from imcli.core.errors import InvalidInput
 from imcli.core.rules import SERVICE_ACCOUNTS
+from imcli.core.text import quoted
 
 PROTOCOL_VERSION: Final = 1
 DEFAULT_PREFIX = "im"
@@ -47,7 +48,7 @@ def is_name(value: str) -> bool:
 def check_name(value: str, what: str = "account name") -> str:
     """Return ``value`` if it is a valid name, else raise ``InvalidInput`` stating the rule."""
     if not is_name(value):
-        raise InvalidInput(f"invalid {what} {value!r}", NAME_RULE)
+        raise InvalidInput(f"invalid {what} {quoted(value)}", NAME_RULE)
     return value
 
 
@@ -149,7 +150,7 @@ class Topics:
 
     def __post_init__(self) -> None:
         if _PREFIX.fullmatch(self.prefix) is None:
-            raise InvalidInput(f"invalid topic prefix {self.prefix!r}", "use lowercase words joined by '/'")
+            raise InvalidInput(f"invalid topic prefix {quoted(self.prefix)}", "use lowercase words joined by '/'")
 
     # builders: every argument is checked, so a built topic is always one the parser accepts
     def room(self, room: str, sender: str) -> str:
@@ -204,7 +205,7 @@ class Topics:
     def status(self, user: str, device: str) -> str:
         if not is_device(device):
             raise InvalidInput(
-                f"invalid device name {device!r}", "letters, digits, '_' or '-'; imcli login picks one itself"
+                f"invalid device name {quoted(device)}", "letters, digits, '_' or '-'; imcli login picks one itself"
             )
         return f"{self.prefix}/status/{_n(user)}/{device}"
 
@@ -365,5 +366,5 @@ def _n(value: str) -> str:
 
 def _i(value: str) -> str:
     if not is_id(value):
-        raise InvalidInput(f"invalid id {value!r}", "ids are made by imcli; use the one it printed")
+        raise InvalidInput(f"invalid id {quoted(value)}", "ids are made by imcli; use the one it printed")
     return value

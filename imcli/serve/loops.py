@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from imcli.core.errors import InvalidInput
+from imcli.core.text import quoted
 from imcli.serve import livefirst
 
 LOOPS = ("asyncio", "uvloop")
@@ -33,7 +34,9 @@ def chosen_loop(name: str | None = None) -> str:
     uvloop importable if it is the one."""
     loop = name or os.environ.get(ENV) or DEFAULT_LOOP
     if loop not in LOOPS:
-        raise InvalidInput(f"unknown event loop {loop!r}", "use --loop asyncio or --loop uvloop, in IMCLI_LOOP too")
+        raise InvalidInput(
+            f"unknown event loop {quoted(loop)}", "use --loop asyncio or --loop uvloop, in IMCLI_LOOP too"
+        )
     if loop == "uvloop":
         try:
             import uvloop  # noqa: F401
