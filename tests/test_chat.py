@@ -52,7 +52,7 @@ class Terminal:
             "PROMPT_TOOLKIT_NO_CPR": "1",  # pexpect does not answer cursor position requests
         }
         self.child = pexpect.spawn(
-            sys.executable, ["-m", "imcli", "chat"], env=env, encoding="utf-8", timeout=20, dimensions=(40, 160)
+            sys.executable, ["-m", "imcli", "chat"], env=env, encoding="utf-8", timeout=Proc.START, dimensions=(40, 160)
         )
         self.seen = ""
 
@@ -60,7 +60,7 @@ class Terminal:
         """Wait until ``pattern`` (a regex) appears in the plain text; return that text."""
         while (match := re.search(pattern, self.seen)) is None:
             try:
-                self.seen += ANSI.sub("", self.child.read_nonblocking(4096, timeout=20))
+                self.seen += ANSI.sub("", self.child.read_nonblocking(4096, timeout=Proc.START))
             except pexpect.TIMEOUT:
                 raise AssertionError(f"{pattern!r} did not appear; screen so far:\n{self.seen[-2000:]}") from None
         found, self.seen = self.seen[: match.end()], self.seen[match.end() :]
@@ -70,7 +70,7 @@ class Terminal:
         self.child.sendline(line)
 
     def exit_code(self) -> int:
-        self.child.expect(pexpect.EOF, timeout=20)
+        self.child.expect(pexpect.EOF, timeout=Proc.START)
         self.child.close()
         return int(self.child.exitstatus if self.child.exitstatus is not None else -1)
 
@@ -183,7 +183,7 @@ def test_a_mention_rings_the_bell(
     screen = ""  # unfiltered: the bell is a control character
     while "look" not in screen:
         try:
-            screen += bob.child.read_nonblocking(4096, timeout=20)
+            screen += bob.child.read_nonblocking(4096, timeout=Proc.START)
         except pexpect.TIMEOUT:
             raise AssertionError(screen) from None
     before, _, mention = screen.partition("no names here")

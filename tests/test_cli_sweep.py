@@ -698,3 +698,15 @@ def test_paths_as_typed_are_shown_inert(tmp_path: Path, monkeypatch: pytest.Monk
         _stores(Path(hostile), None, Path(hostile))
         == f"; archive in {shown(hostile)}; no files; moments in {shown(hostile)}"
     )
+
+
+def test_an_error_line_quotes_a_long_value_cut(sweep: Sweep, tmp_path: Path) -> None:
+    """A value of 100 kB is quoted cut, and no hint repeats it whole (``not logged in as …``: the
+    hint said ``run 'imcli login <all of it>'``)."""
+    config = tmp_path / "config"
+    shutil.copytree(sweep.config, config)
+    for value in (LONG, "\u202e" * 5000, "a\x1b[2J" * 1000):
+        outcome = run_here(["--account", value, "whoami"], {"IMCLI_CONFIG_DIR": str(config)})
+        [line] = outcome.stderr.strip().splitlines()
+        assert outcome.code == 1 and FORM.fullmatch(line) and len(line) < 500, (outcome.code, line[:1000])
+        assert "not logged in as " in line and safe(line) == line, line[:1000]

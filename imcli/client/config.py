@@ -167,8 +167,16 @@ def load_profile(account: str | None = None) -> Profile:
         raise NotLoggedIn("not logged in", "run 'imcli login NAME' or 'imcli register NAME'")
     if name not in logins.profiles:
         known = ", ".join(sorted(logins.profiles)) or "none"
-        raise NotLoggedIn(f"not logged in as {quoted(name)} (logged in: {known})", f"run 'imcli login {name}'")
+        raise NotLoggedIn(f"not logged in as {quoted(name)} (logged in: {known})", _login_hint(name))
     return logins.profiles[name]
+
+
+def _login_hint(name: str) -> str:
+    """What to run for a login that is not here: the name itself only if it is one (a typed --account
+    of 100 kB or with escapes is not repeated whole in the error line; the message quotes it cut)."""
+    from imcli.core.topics import is_name
+
+    return f"run 'imcli login {name if is_name(name) else 'NAME'}'"
 
 
 def save_profile(profile: Profile) -> Path:
@@ -186,7 +194,7 @@ def switch_profile(account: str) -> Profile:
     logins = load_logins()
     if account not in logins.profiles:
         known = ", ".join(sorted(logins.profiles)) or "none"
-        raise NotLoggedIn(f"not logged in as {quoted(account)} (logged in: {known})", f"run 'imcli login {account}'")
+        raise NotLoggedIn(f"not logged in as {quoted(account)} (logged in: {known})", _login_hint(account))
     logins.current = account
     save_logins(logins)
     return logins.profiles[account]
