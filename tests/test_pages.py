@@ -48,6 +48,7 @@ from imcli.presence.roster import MAX_STATUSES
 from imcli.presence.worker import PresenceWorker
 from imcli.serve.host import ServeInfo
 from tests import brokers
+from tests.browser import chromium, new_user, require_chromium
 from tests.conftest import Cli, Raw, ident, password_of
 from tests.rawmqtt import connect_raw, wait_until
 
@@ -169,21 +170,7 @@ def test_others_cannot_silence_a_victims_group_list_or_who_on_mosquitto(
     groups = [f"{'g' * 28}{i:04d}" for i in range(SMALL_LIMIT // 7000 + 1)]  # a record is about 7.3 KB
 
     carol = _raw(mosquitto, "carol", "asks")
-    flood = connect_raw("127.0.0.1", mosquitto.port, "carol", "carol:flood", password_of("carol"))
-    for group in groups:
-        assert not isinstance(ask(carol, "carol", GroupRequest(op="create", group=group)), ErrorReply)
-        requests = [GroupRequest(op="invite", group=group, user="bob")]
-        for name in removed:
-            requests += [GroupRequest(op=op, group=group, user=name) for op in ("invite", "kick")]
-        for request in requests:  # pipelined: the worker answers them in order
-            flood.client.publish(T.request("carol", request.id), encode(request), qos=1)
-
-    def flooded() -> bool:  # the last group's last kick done: the worker answers carol in order
-        last = ask(carol, "carol", GroupRequest(op="members", group=groups[-1]))
-        assert isinstance(last, GroupReply) and last.group is not None
-        return last.group.members == ["carol", "bob"] and len(last.group.removed or ()) == len(removed)
-
-    assert wait_until(flooded, 120)
+    _grow_groups(mosquitto, carol, "carol", groups, "bob", removed)
     status = encode(DeviceStatus(interval=3600))  # an hour: none expires during the test
     for name in STATUS_FLOODERS:
         devices = _raw(mosquitto, name, "devices")
@@ -208,8 +195,60 @@ def test_others_cannot_silence_a_victims_group_list_or_who_on_mosquitto(
     assert who.exit_code == 0, who.output
     listed_users = {u["account"]: len(u["device_names"]) for u in json.loads(who.stdout)}
     assert {a: n for a, n in listed_users.items() if a in full} == full
-    for line in (flood, carol):
-        line.close()
+    carol.close()
+
+
+def _grow_groups(
+    mosquitto: brokers.Mosquitto, asker: Raw, owner: str, groups: list[str], guest: str, removed: list[str]
+) -> None:
+    """``owner`` creates ``groups``, adds ``guest`` to each and in each invites then removes every one of
+    ``removed`` (pipelined on a second connection), and waits until the worker has done it all."""
+    flood = connect_raw("127.0.0.1", mosquitto.port, owner, f"{owner}:flood", password_of(owner))
+    for group in groups:
+        assert not isinstance(ask(asker, owner, GroupRequest(op="create", group=group)), ErrorReply)
+        requests = [GroupRequest(op="invite", group=group, user=guest)]
+        for name in removed:
+            requests += [GroupRequest(op=op, group=group, user=name) for op in ("invite", "kick")]
+        for request in requests:  # pipelined: the worker answers them in order
+            flood.client.publish(T.request(owner, request.id), encode(request), qos=1)
+
+    def done() -> bool:  # the last group's last kick done: the worker answers the owner in order
+        last = ask(asker, owner, GroupRequest(op="members", group=groups[-1]))
+        assert isinstance(last, GroupReply) and last.group is not None
+        return last.group.members == [owner, guest] and len(last.group.removed or ()) == len(removed)
+
+    assert wait_until(done, 120)
+    flood.close()
+
+
+@pytest.mark.slow
+def test_the_web_client_lists_every_page_of_groups(tmp_path: Path) -> None:
+    """The same groups as above, seen by alice's web client on Mosquitto as public groups she may join
+    (which only the group list tells): it follows the pages (without the fit the list went unanswered,
+    without its pages it showed the first page as if it were all)."""
+    require_chromium()
+    if not brokers.mosquitto_available():
+        pytest.skip(brokers.NOT_INSTALLED)
+    extra = f"message_size_limit {SMALL_LIMIT}\n"
+    with (
+        brokers.running_mosquitto(tmp_path / "mosquitto", extra=extra, ws=True) as mosquitto,
+        brokers.running_workers(mosquitto, files=False, limit=SMALL_LIMIT),
+    ):
+        removed = [f"{LONG}{i:04d}" for i in range(200)]
+        _accounts_named_only(mosquitto, removed)
+        groups = [f"{'g' * 28}{i:04d}" for i in range(SMALL_LIMIT // 7000 + 1)]
+        carol = _raw(mosquitto, "carol", "asks")
+        _grow_groups(mosquitto, carol, "carol", groups, "bob", removed)
+        with chromium() as browser:
+            alice = new_user(browser, f"http://127.0.0.1:{mosquitto.ws_port}/", "alice")
+            alice.sign_in(password_of("alice"))
+            alice.p.wait_for_function(
+                "n => document.querySelectorAll('#public-groups li').length >= n", arg=len(groups)
+            )
+            shown = alice.p.eval_on_selector_all("#public-groups li", "els => els.map(e => e.textContent)")
+            assert all(any(f"#{g}" in line for line in shown) for g in groups), shown
+            assert alice.errors == []
+        carol.close()
 
 
 def _devices(bob: Identity) -> dict[str, int]:
