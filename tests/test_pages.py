@@ -21,6 +21,7 @@ from imcli.client import pages, services
 from imcli.client.identity import Identity
 from imcli.core.errors import ImcliError
 from imcli.core.wire import (
+    ABOUT_MAX,
     DeviceStatus,
     ErrorReply,
     FriendReply,
@@ -35,6 +36,7 @@ from imcli.core.wire import (
     Profile,
     ProfileGet,
     ProfileList,
+    ProfileSet,
     Roster,
     Topics,
     WhoRequest,
@@ -196,6 +198,33 @@ def test_others_cannot_silence_a_victims_group_list_or_who_on_mosquitto(
     listed_users = {u["account"]: len(u["device_names"]) for u in json.loads(who.stdout)}
     assert {a: n for a, n in listed_users.items() if a in full} == full
     carol.close()
+
+
+@pytest.mark.slow
+def test_friends_large_profiles_do_not_silence_a_friend_list_on_mosquitto(
+    small_mosquitto: brokers.Mosquitto, tmp_path: Path
+) -> None:
+    """Nine friends of bob's, each with an "about" of 1,000 four-byte characters (raw clients): the one
+    ``profile_get`` of ``friend list`` passed the broker's limit and Mosquitto dropped it, and ``friend
+    list`` showed every friend without a signature as if none had one (it takes a timeout there as no
+    presence worker). Now the reply says ``more`` and the client asks for the rest."""
+    mosquitto = small_mosquitto
+    friends = [f"p{i}" for i in range(9)]
+    bob = ident(mosquitto.info(), "bob")
+    for name in friends:
+        mosquitto.add_account(name)
+        client = _raw(mosquitto, name, "profile")
+        profile = ProfileSet(signature=f"sig of {name}", about="😀" * ABOUT_MAX)
+        assert isinstance(ask(client, name, profile), ProfileList)
+        assert not isinstance(ask(client, name, FriendRequest(op="add", user="bob")), ErrorReply)
+        client.close()
+        services.friend_request(bob, "accept", name)
+    cli = Cli(CliRunner(), mosquitto.info(), tmp_path / "config-bob")
+    cli.login("bob")
+    shown = cli("friend", "list", "--json")
+    assert shown.exit_code == 0, shown.output
+    rows = json.loads(shown.stdout)["friends"]
+    assert {r["account"]: r["signature"] for r in rows} == {name: f"sig of {name}" for name in friends}
 
 
 def _grow_groups(
