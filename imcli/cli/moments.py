@@ -68,7 +68,8 @@ moments_app = typer.Typer(
     cls=_FeedByDefault,
     help=(
         "Moments: your friends' posts and your own, newest first; post, like, comment, delete.\n\n"
-        "Without a command, the feed (with USER: that user's moments only), with the options below."
+        "Without a command, the feed: imcli moments [USER] [--limit N] [--before TS] [--json] (with USER:"
+        " that user's moments only; the options are below)."
     ),
     no_args_is_help=False,
 )
