@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from imcli.archive.store import ArchiveStore
 from imcli.broker.accounts import AccountStore
 from imcli.broker.server import BrokerSettings
-from imcli.cli.chat import LEFT_OUT_BY_SIZE
 from imcli.cli.common import parse_since
 from imcli.client import services
 from imcli.client.identity import Identity
@@ -298,6 +297,33 @@ def test_store_keeps_one_copy_per_sender_and_id(tmp_path: Path) -> None:
     store.close()
 
 
+def test_pages_before_the_oldest_at_reach_every_row_once(tmp_path: Path) -> None:
+    """Rows stored in one tick, a clock set back, ``ts`` set to anything by their senders: each row's
+    ``at`` is its own and rises with the rows (also after the store is opened again), so asking one
+    row a time ``before`` the last page's ``at`` walks back through every row once, in order."""
+    store = ArchiveStore(tmp_path / "a.sqlite3")
+    clock = [50.0, 50.0, 50.0, 40.0, 60.0]  # three in one tick, then the clock set back
+    for n, at in enumerate(clock):
+        line = Received(kind="room", sender="alice", room="lobby", id=f"m{n}", ts=[0.0, 9e9][n % 2], text=f"{n}")
+        store.add(line, at=at)
+    store.close()
+    store = ArchiveStore(tmp_path / "a.sqlite3")
+    store.add_many([(Received(kind="room", sender="bob", room="lobby", id="m5", ts=1.0, text="5"), 10.0)])
+    walked: list[str] = []
+    before: float | None = None
+    while True:
+        page = store.conversation_page("room:lobby", 1, before=before)
+        walked += [m.text for m in page.messages]
+        if not page.more:
+            break
+        assert page.messages[0].at is not None
+        before = page.messages[0].at
+    assert walked == ["5", "4", "3", "2", "1", "0"]
+    ats = [m.at or 0.0 for m in store.conversation_page("room:lobby", 10).messages]
+    assert ats == sorted(set(ats)) and len(ats) == 6, ats
+    store.close()
+
+
 def test_a_time_kept_before_times_were_bounded_reads_as_the_archives_own(tmp_path: Path) -> None:
     """An archive written before the wire bounded times holds a raw client's ``"ts": 1e308`` or
     ``Infinity``; its history reply carried ``null`` (JSON has no infinity) and every reader's
@@ -365,24 +391,30 @@ def test_others_long_lines_do_not_silence_history(
     """carol's raw client says two lines of 200 KB in the lobby (Mosquitto's limit is 256 KiB a message):
     a page of history holding both passed 256 KiB, which Mosquitto applies to the workers too, so it was
     dropped and ``history lobby`` (and every ``imcli chat``'s catch-up) went unanswered for everyone. Now
-    the archive fits each page to ``imcli workers --max-payload``: the newest lines, and ``more``."""
+    the archive fits each page to ``imcli workers --max-payload`` (the newest lines, and ``more``), and
+    the clients follow the pages, each ``before`` the oldest ``at`` of the last: both lines, each cut."""
     users("bob", "carol")
     carol = raw("carol", password_of("carol"), "carol:long")
     for i in range(2):
         carol.publish(T.room("lobby", "carol"), encode(ChatMessage(text=f"long{i} " + "x" * 200_000)))
     bob = ident(server, "bob")
-    assert wait_until(lambda: len(services.history(bob, Conversation("room", "lobby")).messages) == 1, 20)
-    page = services.history(bob, Conversation("room", "lobby"))
-    assert page.more and page.messages[0].text.startswith("long1 ")
-    assert services.history(bob, None).messages[-1].text.startswith("long1 ")  # the catch-up too
-    # a page cut by size says so: "raise --limit" (or "more than 500 messages", on catching up) was untrue
+    lobby = Conversation("room", "lobby")
+    assert wait_until(lambda: len(services.history(bob, lobby).messages) == 2, 20)
+    page = services.history(bob, lobby)
+    assert not page.more and [m.text[:6] for m in page.messages] == ["long0 ", "long1 "]
+    catch_up = services.history(bob, None, limit=CATCH_UP_LIMIT)
+    assert not catch_up.more and [m.text[:6] for m in catch_up.messages] == ["long0 ", "long1 "]
+    # one page asked at a time, as a raw client would: one line each, ``more`` until the first
+    first = services.history(bob, lobby, limit=1)
+    assert first.more and first.messages[0].text.startswith("long1 ")
+    older = services.history(bob, lobby, limit=1, before=first.messages[0].at)
+    assert older.messages[0].text.startswith("long0 ")
     bob_cli = cli_as("bob")
     bob_cli.login("bob")
     shown = bob_cli("history", "lobby")
     assert shown.exit_code == 0, shown.output
-    assert f"(older messages left out: {LEFT_OUT_BY_SIZE})" in shown.stderr, shown.stderr
-    assert "--limit" not in shown.stderr
-    assert "500" not in catch_up_more(len(services.history(bob, None, limit=CATCH_UP_LIMIT).messages))
+    assert "long0 " in shown.stdout and "long1 " in shown.stdout, shown.stdout
+    assert "left out" not in shown.stderr, shown.stderr
 
 
 def test_a_full_page_says_raise_the_limit(

@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from imcli.broker.accounts import AccountStore
 from imcli.broker.limits import Limits
 from imcli.broker.server import BrokerSettings
+from imcli.core.wire import ChatMessage, encode
 from imcli.serve.host import BackgroundServer, ServeInfo
 from tests.brokers import NOT_INSTALLED, mosquitto_available, running_mosquitto, running_workers
 from tests.browser import TIMEOUT_MS, WebUser, chromium, new_user, require_chromium
@@ -572,9 +573,16 @@ def test_mentions_count_as_unread_and_notify(web: ServeInfo, tmp_path: Path) -> 
 
 
 def test_history_scrolls_back(web: ServeInfo, tmp_path: Path) -> None:
+    """Past a line whose ``ts`` a raw client set to 0: the older page is asked before the archive's own
+    time of the oldest line it sent (``at``), not the oldest ``ts`` shown, which made it come back empty."""
     carol = cli(web, tmp_path, "carol")
     for i in range(60):
         ok(carol, "say", "--room", "old", f"line {i}")
+    raw = connect_raw("127.0.0.1", web.address.port, "carol", "carol:raw", password_of("carol"))
+    try:
+        raw.publish("im/room/old/carol", encode(ChatMessage(text="from 1970", ts=0)))
+    finally:
+        raw.close()
     with chromium() as browser:
         alice = new_user(browser, url(web), "alice")
         alice.sign_in(password_of("alice"), register=True)
@@ -584,7 +592,7 @@ def test_history_scrolls_back(web: ServeInfo, tmp_path: Path) -> None:
         assert "line 0" not in alice.texts()
         alice.p.click("#older")
         alice.see("line 0")
-        assert alice.texts() == [f"line {i}" for i in range(60)]
+        assert alice.texts() == ["from 1970", *(f"line {i}" for i in range(60))]  # shown by its ts
         no_errors(alice)
 
 

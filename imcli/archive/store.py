@@ -9,6 +9,7 @@ same thing for every sender whatever their clock says; ``ts`` is the sender's.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 from collections.abc import Mapping, Sequence
@@ -108,6 +109,16 @@ class ArchiveStore:
         except sqlite3.DatabaseError as exc:
             raise ImcliError(f"cannot open the message archive {path}: {exc}", "move the damaged file away") from exc
         self._lock = threading.Lock()
+        (last,) = self._db.execute("SELECT max(at) FROM messages").fetchone()
+        self._last_at = float(last) if last is not None else 0.0
+
+    def _rising(self, at: float) -> float:
+        """``at``, or the next time after the last one stored (the lock held): each row's ``at`` is its own
+        and rises with the row, so a page asked ``before`` the oldest ``at`` of the one after it neither
+        skips a row that shares it nor repeats one (two rows in one tick, a clock set back)."""
+        at = max(at, math.nextafter(self._last_at, math.inf))
+        self._last_at = at
+        return at
 
     def close(self) -> None:
         with self._lock:
@@ -121,14 +132,14 @@ class ArchiveStore:
     def add(self, item: Received, at: float) -> bool:
         """Store one message; ``False`` if it was already there (a QoS 1 duplicate)."""
         with self._lock:
-            return self._db.execute(_INSERT, _row(item, at)).rowcount == 1
+            return self._db.execute(_INSERT, _row(item, self._rising(at))).rowcount == 1
 
     def add_many(self, items: Sequence[tuple[Received, float]]) -> None:
         """Store messages (each with its ``at``) in one transaction: all of them once this returns
         (a duplicate is kept once, as by ``add``), none if it raises. The embedded broker's journal
         writes a batch so (imcli/broker/journal.py): a commit per row was most of a row's cost."""
-        rows = [_row(item, at) for item, at in items]
         with self._lock:
+            rows = [_row(item, self._rising(at)) for item, at in items]
             if len(rows) == 1:  # one statement, its own transaction: two statements fewer
                 self._db.execute(_INSERT, rows[0])
                 return
@@ -197,6 +208,7 @@ def _received(row: tuple[str, str, str | None, str, str, float, str, str, str | 
             "ts": ts,
             "text": text,
             "format": fmt,
+            "at": at,
             "file": json.loads(attached) if attached else None,
         }
     )

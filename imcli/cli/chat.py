@@ -18,10 +18,6 @@ from imcli.cli.common import (
 )
 from imcli.client.identity import heartbeat_seconds, max_payload_bytes, signed_in
 
-# why a page of history with fewer lines than asked says ``more``: the archive fits each reply to the
-# broker's payload limit (ArchiveWorker.fit, imcli workers --max-payload)
-LEFT_OUT_BY_SIZE = "the rest did not fit in one reply of the archive, the broker's payload limit"
-
 
 def history(
     where: Annotated[
@@ -54,9 +50,8 @@ def history(
         if target is not None and target.kind == "room":  # `history alice` reads a room of that name
             err_console().print(f"(a direct conversation is @{target.name}, a group #{target.name})", style="dim")
         return
-    if page.more:  # a full page, or fewer lines that filled the reply the broker takes (the archive's fit)
-        why = "raise --limit, or use --since" if len(page.messages) >= limit else LEFT_OUT_BY_SIZE
-        err_console().print(f"(older messages left out: {why})", style="dim")
+    if page.more:  # a full page: pages the archive cut to the broker's payload limit were followed
+        err_console().print("(older messages left out: raise --limit, or use --since)", style="dim")
     for item in page.messages:
         print_line(out, received_line(item, identity.account))
 

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 
 from imcli.client.groupfollow import GroupFollower
 from imcli.client.identity import Identity
+from imcli.client.pages import all_history
 from imcli.core.errors import AuthenticationFailed, DeviceLoggedOut, ImcliError, PublishFailed, SessionTakenOver
 from imcli.core.mqtt import SUBSCRIBE_TRIES, ConnectionListener, Message, MqttClient, Will
 from imcli.core.names import label
@@ -65,15 +66,9 @@ CATCH_UP_LIMIT = 500  # the archive's page size (HISTORY_MAX); more than that is
 
 
 def catch_up_more(kept: int) -> str:
-    """What a catch-up says when the archive left older messages out (``more``): a full page, or
-    fewer lines than that which filled the reply the broker takes (the archive fits a page to its
-    payload limit, ``imcli workers --max-payload``): "more than 500 messages" was untrue then."""
-    if kept >= CATCH_UP_LIMIT:
-        return f"more than {CATCH_UP_LIMIT} messages arrived while away; the newest follow (imcli history)"
-    return (
-        "more arrived while away than one reply of the archive holds (the broker's payload limit); "
-        "the newest follow (imcli history)"
-    )
+    """What a catch-up says when the archive left older messages out (``more``). A page cut to the
+    broker's payload limit is followed to the next (``pages.all_history``), so that is a full one."""
+    return f"more than {kept} messages arrived while away; the newest follow (imcli history)"
 
 
 _SHOWN = (TopicKind.ROOM, TopicKind.DM, TopicKind.SENT, TopicKind.GROUP_MSG, TopicKind.NOTICE, TopicKind.EVENTS)
@@ -531,7 +526,7 @@ class Listener:
     def _catch_up(self, since: float) -> None:
         request = HistoryRequest(limit=CATCH_UP_LIMIT, since=since)
         try:
-            reply = self.requests.ask(request)
+            reply = all_history(self.requests.ask, request)
         except ImcliError as exc:
             self._say(f"could not catch up from the archive: {exc} (imcli history shows what you missed)")
             return

@@ -1,4 +1,4 @@
-"""Replies that come in pages: ``group list``, ``who`` and ``profile_get`` (docs/PROTOCOL.md).
+"""Replies that come in pages: ``group list``, ``who``, ``profile_get`` and ``history`` (docs/PROTOCOL.md).
 
 Others' doings grow these past any payload limit (the groups they put you in, everyone online,
 friends' avatars), and the workers cut each reply to the broker's (``ServiceWorker.fit``), saying
@@ -11,15 +11,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from imcli.core.errors import ImcliError
+from imcli.core.topics import new_id
 from imcli.core.wire import (
     GroupInfo,
     GroupList,
     GroupRequest,
+    HistoryReply,
+    HistoryRequest,
     Payload,
     Presence,
     Profile,
     ProfileGet,
     ProfileList,
+    Received,
     Roster,
     WhoRequest,
     WireModel,
@@ -94,3 +98,23 @@ def all_profiles(ask: Ask, accounts: list[str]) -> Payload:
             asked = asked[: asked.index(reply.profiles[-1].account) + 1]
         wanted = wanted[len(asked) :]
     return ProfileList(id=reply_id, profiles=profiles)
+
+
+def all_history(ask: Ask, request: HistoryRequest) -> Payload:
+    """The newest ``request.limit`` messages as one ``HistoryReply``, oldest first, following the pages
+    the archive cut to the broker's payload limit: the next is asked ``before`` the oldest ``at`` of the
+    last (its own clock's; a sender's ``ts`` may be anything). ``more`` if older ones are left out at the
+    limit. The first reply that is not a ``HistoryReply`` as it came."""
+    messages: list[Received] = []
+    while True:
+        reply = ask(request)
+        if not isinstance(reply, HistoryReply):
+            return reply
+        messages[:0] = reply.messages
+        left = request.limit - len(messages)
+        if not reply.more or left <= 0:
+            return HistoryReply(id=reply.id, messages=messages, more=reply.more)
+        oldest = min((m.at for m in reply.messages if m.at is not None), default=None)
+        if oldest is None or (request.before is not None and oldest >= request.before):
+            raise _stuck("history")
+        request = request.model_copy(update={"id": new_id(), "limit": left, "before": oldest})

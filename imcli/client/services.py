@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 from imcli.client.identity import Identity, listen_session
-from imcli.client.pages import all_groups, all_profiles, all_users
+from imcli.client.pages import all_groups, all_history, all_profiles, all_users
 from imcli.client.send import check_size, clean_text, publish_to_room
 from imcli.core.errors import (
     AccountError,
@@ -465,7 +465,7 @@ def ask_history(
             target[where.kind] = where.name
     request = HistoryRequest(limit=limit, since=since, before=before, **target)
     try:
-        page = expect(asker.ask(request), HistoryReply, _HISTORY_HINTS)
+        page = expect(all_history(asker.ask, request), HistoryReply, _HISTORY_HINTS)
     except RequestTimeout as exc:
         raise RequestTimeout(
             "the archive did not answer", "history needs the archive worker, which 'imcli serve' runs"

@@ -602,6 +602,9 @@ class Received(WireModel):
     format: Literal["json", "text"] = "json"
     missed: bool | None = None  # arrived while the reader was away (queued, or fetched from the archive)
     file: FileInfo | None = None  # a file message (issue 16)
+    # a history reply's: when the archive stored it, by its own clock. ``ts`` is the sender's word and
+    # may be anything (a raw client's 0): the next older page is asked ``before`` the oldest ``at``
+    at: Timestamp | None = None
 
     def to_json(self) -> str:
         # ASCII only: U+2028, U+2029, NEL and bidi controls pass through JSON unescaped, and some

@@ -570,14 +570,17 @@
     $("older").disabled = true;
     const ask = { type: "history", limit: PAGE };
     ask[conv.kind === "dm" ? "user" : conv.kind] = conv.name;
-    const first = conv.messages.find((m) => !m.system);
-    if (older && first) ask.before = first.ts;
+    // the next older page: before the oldest the archive sent, by its own clock (``at``). A line's ``ts``
+    // is its sender's word: a raw client's "ts": 0 made every older page come back empty
+    if (older && conv.oldest !== undefined) ask.before = conv.oldest;
     try {
       const reply = await request(ask);
       conv.loaded = true;
       conv.more = !!reply.more;
       const top = $("log").scrollHeight - $("log").scrollTop;
       for (const r of Array.isArray(reply.messages) ? reply.messages : []) if (isName(r.from) && isStr(r.text) && isStr(r.id)) addMessage(conv, { from: r.from, id: r.id, ts: r.ts, text: r.text, file: fileInfo(r.file) }, false);
+      const ats = (Array.isArray(reply.messages) ? reply.messages : []).map((r) => r.at).filter(Number.isFinite);
+      if (ats.length) conv.oldest = Math.min(conv.oldest ?? Infinity, ...ats);
       if (conv === S.current) {
         renderMessages();
         if (older) $("log").scrollTop = $("log").scrollHeight - top; else scrollDown();
