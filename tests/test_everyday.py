@@ -110,3 +110,37 @@ def test_serve_verbose_logs_this_projects_events_not_amqtts(
     assert "imcli.broker" in logged
     assert "transitions" not in logged, logged  # amqtt's state machine
     assert "amqtt.broker Listener" not in logged and "amqtt.broker Connection from" not in logged, logged
+
+
+def test_a_list_without_what_the_presence_worker_adds_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``who`` and ``friend list`` still show their list when the presence worker does not answer a
+    question they ask it (profiles; presence), but say what is missing: it looked as if nobody had a
+    signature, and every friend's state was "unknown" without a word why."""
+    from typer.testing import CliRunner
+
+    from imcli.cli import app as app_module
+    from imcli.cli import social
+    from imcli.cli.app import app
+    from imcli.client import services
+    from imcli.core.errors import RequestTimeout
+    from imcli.core.wire import Friends, Presence
+
+    def timeout(*_: object, **__: object) -> None:
+        raise RequestTimeout("no worker answered within 5s", "is it running?")
+
+    monkeypatch.setattr(app_module, "signed_in", lambda *_: object())
+    monkeypatch.setattr(social, "signed_in", lambda *_: object())
+    bob = Presence(account="bob", nick="bob", state="online", since=1.0, devices=1)
+    monkeypatch.setattr(services, "who", lambda *_, **__: [bob])
+    monkeypatch.setattr(services, "friend_request", lambda *_: Friends(account="alice", friends=["bob"]))
+    monkeypatch.setattr(services, "profiles_of", lambda *_: None)
+    runner = CliRunner()
+    for args in (["who"], ["who", "--json"], ["friend", "list"], ["friend", "list", "--json"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (args, result.output)
+        assert "bob" in result.stdout, (args, result.stdout)
+        assert result.stderr.strip() == "(signatures not shown: the presence worker did not answer)", args
+    monkeypatch.setattr(services, "who", timeout)
+    result = runner.invoke(app, ["friend", "list"])
+    assert result.exit_code == 0 and "bob" in result.stdout, result.output
+    assert result.stderr.strip() == "(states, names and signatures not shown: the presence worker did not answer)"

@@ -29,6 +29,7 @@ from imcli.cli.common import (
     JsonOpt,
     PortOpt,
     console,
+    not_answered,
 )
 from imcli.cli.files import files, get, rm, send
 from imcli.cli.moments import moments_app
@@ -218,7 +219,10 @@ def who(
 
     identity = signed_in(host, port)
     users = services.who(identity, include_offline=all_)
-    signatures = {a: p.signature for a, p in services.profiles_of(identity, [u.account for u in users]).items()}
+    profiles = services.profiles_of(identity, [u.account for u in users])
+    if profiles is None:
+        not_answered("signatures")
+    signatures = {a: p.signature for a, p in (profiles or {}).items()}
     if json_:
         print(json.dumps([{**u.model_dump(), "signature": signatures.get(u.account, "")} for u in users]))
         return

@@ -321,6 +321,12 @@ def err_console() -> Any:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def not_answered(what: str) -> None:
+    """A list shown without what a worker should have added to it says so, on standard error (a list
+    without signatures looked like one where nobody had any)."""
+    err_console().print(f"({what} not shown: the presence worker did not answer)", style="dim")
+
+
 def check_tls_options(cert: Path | None, key: Path | None) -> None:
     """``imcli serve``'s --tls-cert/--tls-key: both or neither, and a pair that loads."""
     if (cert is None) != (key is None):

@@ -12,6 +12,7 @@ from imcli.cli.common import (
     JsonOpt,
     PortOpt,
     console,
+    not_answered,
     sub_app,
 )
 from imcli.client.identity import max_payload_bytes, message_text, signed_in
@@ -217,8 +218,12 @@ def friend_list(json_: JsonOpt = False, host: HostOpt = None, port: PortOpt = No
     try:
         presence = {u.account: u for u in services.who(identity, include_offline=True)}
     except RequestTimeout:
-        presence = {}  # no presence worker: the list is still worth showing
-    profiles = services.profiles_of(identity, record.friends)
+        presence = None  # no presence worker: the list is still worth showing, and says what it lacks
+    profiles = services.profiles_of(identity, record.friends) if presence is not None else None
+    if presence is None or profiles is None:
+        not_answered("states, names and signatures" if presence is None else "signatures")
+    presence = presence or {}
+    profiles = profiles or {}
     if json_:
         rows = [
             {

@@ -322,15 +322,16 @@ def ask_profiles(asker: Asker, accounts: list[str]) -> dict[str, Profile]:
     return {p.account: p for p in reply.profiles}
 
 
-def profiles_of(identity: Identity, accounts: list[str]) -> dict[str, Profile]:
-    """``ask_profiles`` on a connection of its own; empty if no presence worker answers."""
+def profiles_of(identity: Identity, accounts: list[str]) -> dict[str, Profile] | None:
+    """``ask_profiles`` on a connection of its own; None if no presence worker answers (the caller says
+    so: a list without signatures is still worth showing, but not as if nobody had one)."""
     if not accounts:
         return {}
     try:
         with Connection(identity, "profile") as connection:
             return ask_profiles(connection, accounts)
     except RequestTimeout:
-        return {}
+        return None
 
 
 @dataclass(frozen=True)
