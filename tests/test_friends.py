@@ -11,11 +11,15 @@ from collections.abc import Callable
 
 import pytest
 
-from imcli.core.wire import ChatMessage, encode
+from imcli.core.rules import invitation_refusal
+from imcli.core.topics import Topics
+from imcli.core.wire import ChatMessage, ErrorReply, GroupRequest, decode, encode
 from imcli.serve.host import ServeInfo
 from tests import brokers
 from tests.conftest import Cli, Proc, Raw
 from tests.rawmqtt import barrier
+
+T = Topics()
 
 CliFactory = Callable[[str], Cli]
 
@@ -130,6 +134,36 @@ def test_dm_policy_friends_refuses_strangers_and_accepts_friends(
 
     assert bob("config", "set", "dm-policy", "anyone").exit_code == 0
     assert carol("dm", "bob", "now?").exit_code == 0
+
+
+def test_dm_policy_friends_also_refuses_strangers_invites(people: dict[str, Cli], raw: Callable[..., Raw]) -> None:
+    """In a group every member writes to every other, so a stranger's invite was a way round
+    ``dm-policy friends``: carol made a group, put bob in it and wrote to him there. The group worker
+    now refuses an invite whoever may not write to the guest directly, from any client."""
+    alice, bob, carol = people["alice"], people["bob"], people["carol"]
+    assert bob("config", "set", "dm-policy", "friends").exit_code == 0
+    assert alice("friend", "add", "bob").exit_code == 0
+    assert bob("friend", "accept", "alice").exit_code == 0
+    assert carol("group", "create", "den", "--private").exit_code == 0
+    refused = carol("group", "invite", "den", "bob")
+    assert (refused.exit_code, refused.stderr.strip()) == (
+        1,
+        f"Error: {invitation_refusal('bob')} (become friends first: imcli friend add bob)",
+    )
+    # the same request from a raw client: the worker's refusal, not the CLI's
+    stranger = raw("carol", client_id="carol:raw")
+    assert stranger.subscribe("im/user/carol/reply/+") == 1
+    request = GroupRequest(op="invite", group="den", user="bob")
+    stranger.publish(T.request("carol", "c0ffee" + "0" * 26), encode(request))
+    reply = decode(bytes(stranger.expect().payload))
+    assert isinstance(reply, ErrorReply) and (reply.id, reply.code) == (request.id, "denied"), reply
+    assert "den" not in bob("group", "list").stdout
+    # a friend may; and once bob takes messages from anyone, so may carol
+    assert alice("group", "create", "nook").exit_code == 0
+    assert alice("group", "invite", "nook", "bob").exit_code == 0
+    assert bob("config", "set", "dm-policy", "anyone").exit_code == 0
+    assert carol("group", "invite", "den", "bob").exit_code == 0
+    assert {"#den", "#nook"} <= set(bob("group", "list").stdout.split())
 
 
 @pytest.mark.broker_xfail("mosquitto", reason=brokers.NO_NOTICES)

@@ -94,6 +94,11 @@ def dm_refusal(recipient: str) -> str:
     return f"{recipient} accepts direct messages from friends only"
 
 
+def invitation_refusal(guest: str) -> str:
+    """What an inviter is told when ``guest``'s dm-policy refuses the invite (a group is a way to write to them)."""
+    return f"{guest} accepts direct messages and group invitations from friends only"
+
+
 # --------------------------------------------------------------------------- groups
 
 

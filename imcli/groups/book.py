@@ -9,9 +9,16 @@ answers "no such group", exactly as for a group that does not exist.
 from __future__ import annotations
 
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from imcli.core.rules import GROUP_CREATION_WINDOW, group_creation_refusal, group_visible, missing_group
+from imcli.core.rules import (
+    GROUP_CREATION_WINDOW,
+    group_creation_refusal,
+    group_visible,
+    invitation_refusal,
+    missing_group,
+)
 from imcli.core.service import AccountDirectory, names_a_user
 from imcli.core.wire import (
     GROUPS_PAGE_MAX,
@@ -53,8 +60,13 @@ class GroupBook:
         max_owned: int = DEFAULT_MAX_OWNED,
         creations_per_minute: int = DEFAULT_CREATIONS_PER_MINUTE,
         max_memberships: int = MAX_MEMBERSHIPS,
+        may_invite: Callable[[str, str], bool] | None = None,
     ) -> None:
         self._groups: dict[str, GroupInfo] = {}
+        # (inviter, guest): whether the guest takes invitations from the inviter (``FriendBook.may_add``).
+        # In a group, every member may write to every other: an invite past ``dm-policy friends`` was a
+        # way round it, for anyone who had made a group
+        self._may_invite = may_invite or (lambda _inviter, _guest: True)
         self._directory = directory
         self.max_members = max_members
         self.max_owned = max_owned
@@ -134,6 +146,8 @@ class GroupBook:
             return _error(req, "not_found", f"unknown user {guest!r}")
         if guest in info.members:
             return _error(req, "invalid", f"{guest} is already a member of #{info.name}")
+        if not self._may_invite(user, guest):
+            return _error(req, "denied", invitation_refusal(guest), f"become friends first: imcli friend add {guest}")
         if sum(1 for g in self._groups.values() if guest in g.members) >= self.max_memberships:
             text = f"{guest} is in {self.max_memberships} groups already: ask them to join #{info.name} themselves"
             return _error(req, "denied", text)
@@ -234,8 +248,8 @@ def fit_groups(reply: GroupList, limit: int) -> GroupList:
     return first(max(1, most_that_fit(len(page), lambda n: len(encode(first(n))) <= limit)) if page else 0)
 
 
-def _error(req: GroupRequest, code: str, text: str) -> Outcome:
-    return Outcome(ErrorReply(id=req.id, code=code, text=text))
+def _error(req: GroupRequest, code: str, text: str, hint: str | None = None) -> Outcome:
+    return Outcome(ErrorReply(id=req.id, code=code, text=text, hint=hint))
 
 
 def _missing(req: GroupRequest) -> Outcome:

@@ -41,6 +41,12 @@ class FriendBook:
     def record(self, user: str) -> Friends:
         return self._records.get(user) or Friends(account=user)
 
+    def may_add(self, inviter: str, guest: str) -> bool:
+        """Whether ``inviter`` may put ``guest`` into a group: whoever may write to them directly
+        (``dm-policy``), since a group's members all write to each other."""
+        theirs = self.record(guest)
+        return may_dm(inviter, dm_senders(guest, theirs.dm_policy, theirs.friends))
+
     def apply(self, user: str, req: FriendRequest) -> FriendOutcome:
         if req.op == "list":
             return FriendOutcome(FriendReply(id=req.id, record=self.record(user)))

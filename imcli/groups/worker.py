@@ -66,8 +66,10 @@ class GroupWorker(ServiceWorker):
         super().__init__(address, credentials, topics, device, clock)
         self.max_payload = max_payload  # imcli workers --max-payload; imcli serve: None (its workers pass)
         # max_groups: groups one account owns; group_rate: groups it creates per minute (issue 15)
-        self.book = GroupBook(directory, max_owned=max_groups, creations_per_minute=group_rate)
         self.friends = FriendBook(directory)
+        self.book = GroupBook(
+            directory, max_owned=max_groups, creations_per_minute=group_rate, may_invite=self.friends.may_add
+        )
         self.mirror = dynsec_module.DynsecMirror(self.topics, dm_readers) if dynsec else None
         self._dynsec_answered = threading.Event()
         self.nats = nats
