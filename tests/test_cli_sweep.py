@@ -595,6 +595,12 @@ def test_an_environment_variable_is_read_as_the_option_is(tmp_path: Path) -> Non
     result = CliRunner().invoke(app, ["who"], env={"IMCLI_CONFIG_DIR": str(tmp_path), "IMCLI_PORT": "1_883"})
     assert result.exit_code == 2, result.stderr
     assert "'1_883' is not a whole number" in result.stderr
+    # the error names where the value came from: the variable when it did, only the option when not
+    assert result.stderr.startswith("Error: invalid value for '--port' (from IMCLI_PORT): "), result.stderr
+    given = CliRunner().invoke(
+        app, ["who", "--port", "1_883"], env={"IMCLI_CONFIG_DIR": str(tmp_path), "IMCLI_PORT": "1"}
+    )
+    assert given.stderr.startswith("Error: invalid value for '--port': '1_883' "), given.stderr
 
 
 def test_what_the_number_readings_take() -> None:

@@ -226,7 +226,7 @@ def test_a_host_the_resolver_cannot_take_is_one_error_line(host: str, alice: Cli
         if host == "\udcff":  # not text: a usage error as the option is read
             assert result.exit_code == 2, (args, result.exception)
             assert result.stderr.startswith(
-                "Error: invalid value for '--host' (env var: 'IMCLI_HOST'): '\\udcff' holds"
+                "Error: invalid value for '--host': '\\udcff' holds"  # given as --host, so not "env var"
             )
         else:
             assert result.exit_code == 1, (args, result.exception)

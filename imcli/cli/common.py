@@ -258,6 +258,15 @@ def usage_error(exc: Any) -> InvalidInput:
     ctx = exc.ctx
     if ctx is None:
         return InvalidInput(_sentence(exc.format_message()), "see imcli --help")
+    param = getattr(exc, "param", None)
+    if param is not None and getattr(param, "envvar", None) and getattr(exc, "param_hint", None) is None:
+        # click names the option's variable whether the value came from it or not ("'--port' (env var:
+        # 'IMCLI_PORT')" for --port abc): named only when the value was read from it
+        from typer._click.core import ParameterSource
+
+        opts = " / ".join(f"'{o}'" for o in param.opts)
+        came = ctx.get_parameter_source(param.name) if param.name else None
+        exc.param_hint = f"{opts} (from {param.envvar})" if came is ParameterSource.ENVIRONMENT else opts
     usage = " ".join([ctx.command_path, *ctx.command.collect_usage_pieces(ctx)])
     return InvalidInput(_sentence(exc.format_message()), f"usage: {usage}; more: {ctx.command_path} --help")
 
