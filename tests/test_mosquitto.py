@@ -29,11 +29,13 @@ from paho.mqtt.properties import Properties
 from typer.testing import CliRunner, Result
 
 from imcli.cli.app import app
-from imcli.core.service import ServiceWorker
+from imcli.core.mqtt import Credentials
+from imcli.core.service import PasswordFileDirectory, ServiceWorker
 from imcli.core.wire import DeviceStatus, encode
+from imcli.presence.worker import PresenceWorker
 from imcli.serve.host import ServeInfo
 from tests.brokers import NOT_INSTALLED as _NOT_INSTALLED
-from tests.brokers import Mosquitto, mosquitto_available, running_mosquitto, running_workers
+from tests.brokers import ACCOUNTS, Mosquitto, mosquitto_available, running_mosquitto, running_workers
 from tests.conftest import Cli, Proc
 from tests.rawmqtt import Raw, barrier, chat, connect_raw, password_of, v5_properties, wait_until
 from tests.test_chat import (
@@ -489,3 +491,34 @@ def test_a_dm_reaches_the_senders_other_devices(raw: RawFactory) -> None:
     assert other_device.subscribe("im/user/alice/#") == 1
     raw("alice", None, "alice:laptop").publish("im/user/bob/dm/alice", chat("from the laptop"))
     assert other_device.expect("im/user/alice/sent/bob").payload == chat("from the laptop")
+
+
+# ---------------------------------------------------------------- retained state past the in-flight window
+
+
+def test_the_presence_worker_reads_more_retained_statuses_than_one_clients_window(tmp_path: Path) -> None:
+    """Mosquitto 2.0 inserts a subscription's retained messages for the subscriber all at once, as it
+    grants the SUBSCRIBE, and drops what does not fit in that client's window: ``max_inflight_messages``
+    in flight plus ``max_queued_messages`` queued (src/database.c, db__message_insert). With 1000 and
+    1000 a presence worker (re)starting under 2,400 statuses read 2,000 and dropped the rest and its own
+    sync marker after them, so it never started ("did not read its retained state") and ``who`` of a
+    team past 2,000 devices would be short. deploy/mosquitto/mosquitto.conf now bounds the in-flight
+    window by bytes (max_inflight_messages 0, max_inflight_bytes), and offline queues stay at 1000."""
+    names = tuple(f"u{i:02d}" for i in range(12))
+    devices = 200  # the most statuses the presence worker counts for one account
+    with running_mosquitto(tmp_path / "mosquitto", (*ACCOUNTS, *names)) as broker:
+        for name in names:
+            sender = connect_raw("127.0.0.1", broker.port, name, f"{name}:bot")
+            sent = [
+                sender.client.publish(f"im/status/{name}/d{d:03d}", status(3600), qos=1, retain=True)
+                for d in range(devices)
+            ]
+            for info in sent:
+                info.wait_for_publish(30)
+            sender.close()
+        creds = Credentials("presence", password_of("presence"))
+        with PresenceWorker(broker.address, creds, PasswordFileDirectory(broker.passwd), device="test") as worker:
+            with worker.lock:
+                counted = {p.account: p.devices for p in worker.roster.who()}
+        assert counted == dict.fromkeys(names, devices)
+        assert "being dropped" not in broker.log

@@ -246,9 +246,10 @@ class ServiceWorker:
         self._sync_id = marker.id
         self.client.publish(own, encode(marker), qos=self._qos)
         if not self.synced.wait(SYNC_TIMEOUT):
-            raise RequestTimeout(
-                f"{self.account} did not read its retained state within {SYNC_TIMEOUT:g}s", "start the workers again"
-            )
+            # on Mosquitto, also what a window too small for the retained state does: the marker is dropped
+            # behind it (deploy/mosquitto/mosquitto.conf, max_inflight_bytes), at every start
+            hint = "start the workers again; on Mosquitto, see 'Retained state' in deploy/mosquitto/README.md"
+            raise RequestTimeout(f"{self.account} did not read its retained state within {SYNC_TIMEOUT:g}s", hint)
         with self.lock:
             self.on_synced()
         if self.at_most_once:
