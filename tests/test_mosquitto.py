@@ -34,8 +34,8 @@ from imcli.core.service import PasswordFileDirectory, ServiceWorker
 from imcli.core.wire import DeviceStatus, encode
 from imcli.presence.worker import PresenceWorker
 from imcli.serve.host import ServeInfo
-from tests.brokers import NOT_INSTALLED as _NOT_INSTALLED
 from tests.brokers import ACCOUNTS, Mosquitto, mosquitto_available, running_mosquitto, running_workers
+from tests.brokers import NOT_INSTALLED as _NOT_INSTALLED
 from tests.conftest import Cli, Proc
 from tests.rawmqtt import Raw, barrier, chat, connect_raw, password_of, v5_properties, wait_until
 from tests.test_chat import (
@@ -517,8 +517,8 @@ def test_the_presence_worker_reads_more_retained_statuses_than_one_clients_windo
                 info.wait_for_publish(30)
             sender.close()
         creds = Credentials("presence", password_of("presence"))
-        with PresenceWorker(broker.address, creds, PasswordFileDirectory(broker.passwd), device="test") as worker:
-            with worker.lock:
-                counted = {p.account: p.devices for p in worker.roster.who()}
+        worker = PresenceWorker(broker.address, creds, PasswordFileDirectory(broker.passwd), device="test")
+        with worker, worker.lock:  # started: it read its retained state, its sync marker last
+            counted = {p.account: p.devices for p in worker.roster.who()}
         assert counted == dict.fromkeys(names, devices)
         assert "being dropped" not in broker.log
