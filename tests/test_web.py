@@ -34,7 +34,7 @@ from tests.conftest import Cli, password_of
 from tests.rawmqtt import chat, connect_raw, wait_until
 
 if TYPE_CHECKING:
-    from playwright.sync_api import FilePayload
+    from playwright.sync_api import FilePayload, WebSocketRoute
 
 pytestmark = pytest.mark.slow
 
@@ -569,6 +569,54 @@ def test_mentions_count_as_unread_and_notify(web: ServeInfo, tmp_path: Path) -> 
         alice.open_conv("room:lobby")
         wait_conv(alice, "room:lobby", unread=0)
         assert alice.p.locator("#messages li.message.mention").count() == 1
+        no_errors(alice)
+
+
+def test_a_line_shows_sending_until_the_broker_has_it(web: ServeInfo, tmp_path: Path) -> None:
+    """The page showed its own line as sent at once, even when its PUBLISH had not reached the broker
+    (held here: Playwright stands between the page and the broker's WebSocket). Now it says "sending…"
+    until the PUBACK, and the line is archived once that comes."""
+    held: list[str | bytes] = []
+    servers: list[WebSocketRoute] = []
+    holding = [False]
+
+    def relay(ws: WebSocketRoute) -> None:
+        server = ws.connect_to_server()
+        servers.append(server)
+
+        def to_server(message: str | bytes) -> None:
+            if holding[0]:
+                held.append(message)
+            else:
+                server.send(message)
+
+        ws.on_message(to_server)
+        server.on_message(ws.send)
+
+    with chromium() as browser:
+        alice = new_user(browser, url(web), "alice")
+        alice.p.route_web_socket(re.compile(".*"), relay)
+        alice.p.goto(url(web))  # again, routed: the page opens its socket on sign-in
+        alice.sign_in(password_of("alice"), register=True)
+        alice.open_room("slow")
+        holding[0] = True
+        alice.p.fill("#text", "wait for it")
+        alice.p.press("#text", "Enter")
+        line = alice.p.locator("#messages li.message", has_text="wait for it")
+        line.locator(".state").wait_for()
+        assert line.get_attribute("class") == "message pending"
+        assert line.locator(".state").text_content() == "sending…"
+        assert line.locator(".text").text_content() == "wait for it"
+        assert held, "the PUBLISH was not held"
+        holding[0] = False
+        for message in held:  # the held PUBLISH goes on: the broker's PUBACK clears the state
+            servers[-1].send(message)
+        alice.p.wait_for_function(
+            "() => [...document.querySelectorAll('#messages li.message')].some(li => "
+            "li.querySelector('.text')?.textContent === 'wait for it' && !li.querySelector('.state'))"
+        )
+        assert alice.p.locator("#messages li.pending, #messages li.failed").count() == 0
+        archived(cli(web, tmp_path, "bob"), "slow", ["wait for it"])
         no_errors(alice)
 
 

@@ -162,9 +162,9 @@
   };
   const forgetCredential = (account) => localStorage.removeItem(CRED(account));
 
-  function publish(topic, payload, opts) {
+  function publish(topic, payload, opts, done) {
     const data = typeof payload === "string" ? payload : JSON.stringify(payload);
-    S.client.publish(topic, data, Object.assign({ qos: 1 }, opts || {}));
+    S.client.publish(topic, data, Object.assign({ qos: 1 }, opts || {}), done);
   }
 
   function request(payload) {
@@ -618,8 +618,19 @@
       }
       topic = T.dm(conv.name, S.me);
     }
-    publish(topic, data);
-    addMessage(conv, { from: S.me, id: msg.id, ts: msg.ts, text }, true);
+    // "sending…" until the broker has it (its PUBACK; mqtt.js keeps it while the connection is down and
+    // sends it again on the next): the line was shown as sent at once, even with the broker unreachable
+    const mine = { from: S.me, id: msg.id, ts: msg.ts, text, pending: true };
+    addMessage(conv, mine, true);
+    publish(topic, data, undefined, (err) => {
+      mine.pending = false;
+      mine.failed = !!err;
+      if (conv === S.current) {
+        const li = [...$("messages").children].find((el) => el.dataset.id === mine.id && el.dataset.from === S.me);
+        if (li) li.replaceWith(messageItem(mine));
+      }
+      if (err) setStatus(`not sent: ${err.message}`, true);
+    });
   }
 
   // ------------------------------------------------------------------ groups and friends
@@ -1170,10 +1181,12 @@
       line.append(said(m.text));
       return line;
     }
-    const li = el("li", m.mention ? "message mention" : "message");
+    const li = el("li", ["message", m.mention && "mention", m.pending && "pending", m.failed && "failed"].filter(Boolean).join(" "));
     li.dataset.from = m.from;
+    li.dataset.id = m.id;
     li.append(el("span", "time", clock(m.ts)), said(nickOf(m.from), "from"));
     if (m.file) li.append(fileBox(m.file)); else li.append(said(m.text, "text"));
+    if (m.pending || m.failed) li.append(el("span", "state", m.pending ? "sending…" : "not sent"));
     return li;
   }
 
