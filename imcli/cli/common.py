@@ -233,9 +233,8 @@ def local_path(name: str | Path) -> Path:
         raise InvalidInput(f"invalid file name {quoted(text)}: it holds a NUL", "give the path without it")
     raw = os.fsencode(text)
     if len(raw) >= PATH_MAX or any(len(part) > NAME_MAX for part in raw.split(b"/")):
-        shown = text if len(text) <= 60 else text[:60] + "…"
         raise InvalidInput(
-            f"file name too long: {quoted(shown)}", f"at most {NAME_MAX} bytes a name and {PATH_MAX - 1} a path"
+            f"file name too long: {quoted(text)}", f"at most {NAME_MAX} bytes a name and {PATH_MAX - 1} a path"
         )
     try:
         return Path(name).expanduser()

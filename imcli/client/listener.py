@@ -65,12 +65,6 @@ CATCH_UP_OVERLAP = 5.0  # seconds before the last known contact: the seen ids dr
 CATCH_UP_LIMIT = 500  # the archive's page size (HISTORY_MAX); more than that is said, not shown
 
 
-def catch_up_more(kept: int) -> str:
-    """What a catch-up says when the archive left older messages out (``more``). A page cut to the
-    broker's payload limit is followed to the next (``pages.all_history``), so that is a full one."""
-    return f"more than {kept} messages arrived while away; the newest follow (imcli history)"
-
-
 _SHOWN = (TopicKind.ROOM, TopicKind.DM, TopicKind.SENT, TopicKind.GROUP_MSG, TopicKind.NOTICE, TopicKind.EVENTS)
 
 
@@ -535,7 +529,8 @@ class Listener:
             self._say(f"could not catch up from the archive: {text} (imcli history shows what you missed)")
             return
         if reply.more:
-            self._say(catch_up_more(len(reply.messages)))
+            # a full page: one cut to the broker's payload limit was followed to the next (all_history)
+            self._say(f"more than {CATCH_UP_LIMIT} messages arrived while away; the newest follow (imcli history)")
         for item in reply.messages:
             if item.kind not in ("room", "dm", "group"):
                 continue  # the archive keeps chat lines only: a notice or an event is not one of its answers
